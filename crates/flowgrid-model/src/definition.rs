@@ -1,0 +1,251 @@
+//! Flow definitions as authors write them (YAML or JSON, one model).
+//!
+//! Every struct denies unknown fields so that a typo (`retyr:`) is an error at deploy
+//! time, not a silently ignored setting. Expressions are kept as source text here; the
+//! [`crate::plan`] compiles them.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A named DAG of steps. Deploying it creates an immutable version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowDefinition {
+    /// Flow name: letters, digits, `-` and `_`, at most 128 characters.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Run-level deadline: a run still going after this long ends `timed_out`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Expression for the run's output. Without it the output is an object holding the
+    /// output of every step that no other step depends on, by step id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    pub steps: Vec<Step>,
+}
+
+/// One step. `kind` selects the variant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Step {
+    Task(TaskStep),
+    Choice(ChoiceStep),
+    Map(MapStep),
+    Transform(TransformStep),
+    Succeed(SucceedStep),
+    Fail(FailStep),
+}
+
+/// Work for a worker pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskStep {
+    pub id: String,
+    /// Steps that must finish before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Worker pool that runs the task (`gpu-llm`, `cpu-media`, ...).
+    pub pool: String,
+    /// Task name the worker dispatches on.
+    pub task: String,
+    /// Expression for the task input. Default: the run input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// Expression applied to the worker's result (as `result`) to give the step output.
+    /// Default: the worker's result as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Start-to-close timeout of one attempt; a timed-out attempt fails with code `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Higher runs first among a pool's waiting tasks (0-9, default 5); advisory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// Where a failure goes once retries are exhausted, instead of failing the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub catch: Vec<Catch>,
+}
+
+/// Retry policy of a task (per attempt of a task, or per item of a map).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included. 1 means no retry.
+    pub max_attempts: u32,
+    /// Delay before the second attempt.
+    pub initial_backoff_ms: u64,
+    /// Each further delay is the previous one times this.
+    pub backoff_multiplier: f64,
+    /// Upper bound of one delay.
+    pub max_backoff_ms: u64,
+    /// Random spread of each delay, as a fraction (0.2 = up to 20% shorter).
+    pub jitter: f64,
+    /// Error codes that are retried; `*` retries every code. A worker may also mark an
+    /// error non-retryable, which is never retried.
+    pub retry_on: Vec<String>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff_ms: 200,
+            backoff_multiplier: 2.0,
+            max_backoff_ms: 30_000,
+            jitter: 0.2,
+            retry_on: vec!["*".to_owned()],
+        }
+    }
+}
+
+/// Routes a failure whose code matches `errors` to step `next`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Catch {
+    /// Error codes this catch handles; `*` (the default) handles every code.
+    #[serde(default = "all_errors")]
+    pub errors: Vec<String>,
+    /// The fallback step. It runs only when this catch fires and can read the error as
+    /// `steps.<failed step>.error`.
+    pub next: String,
+}
+
+fn all_errors() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+/// Picks one branch: the first rule whose `when` is true, else `default`. The steps of the
+/// branches not taken are skipped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChoiceStep {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    pub choices: Vec<ChoiceRule>,
+    /// Branch taken when no rule matches. Without it, no match fails the run with
+    /// `no_choice_matched`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChoiceRule {
+    /// Boolean expression.
+    pub when: String,
+    /// Step that runs when this rule is taken.
+    pub next: String,
+}
+
+/// Dynamic fan-out: one task per item of a list, results merged in item order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MapStep {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Expression giving the list to fan out over.
+    pub items: String,
+    pub pool: String,
+    pub task: String,
+    /// Expression for each item's task input; `item` and `index` are in scope.
+    /// Default: the item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// Expression applied to the merged list of item results (as `result`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Items in flight at once. Default: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Items that may fail (after their retries) without failing the step; their place in
+    /// the merged output is `null`. Default 0.
+    #[serde(default)]
+    pub tolerated_failures: u32,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub catch: Vec<Catch>,
+}
+
+/// Computes data inside the engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransformStep {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Expression whose value is the step output.
+    pub output: String,
+}
+
+/// Ends the run as succeeded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SucceedStep {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Expression for the run output. Default: the flow's `output`, else as for a run that
+    /// ends by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+/// Ends the run as failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailStep {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Error code of the run.
+    pub error: String,
+    /// Expression for the error message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Step {
+    pub fn id(&self) -> &str {
+        match self {
+            Step::Task(step) => &step.id,
+            Step::Choice(step) => &step.id,
+            Step::Map(step) => &step.id,
+            Step::Transform(step) => &step.id,
+            Step::Succeed(step) => &step.id,
+            Step::Fail(step) => &step.id,
+        }
+    }
+
+    pub fn after(&self) -> &[String] {
+        match self {
+            Step::Task(step) => &step.after,
+            Step::Choice(step) => &step.after,
+            Step::Map(step) => &step.after,
+            Step::Transform(step) => &step.after,
+            Step::Succeed(step) => &step.after,
+            Step::Fail(step) => &step.after,
+        }
+    }
+
+    /// The kind as written in definitions (`task`, `choice`, ...).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Step::Task(_) => "task",
+            Step::Choice(_) => "choice",
+            Step::Map(_) => "map",
+            Step::Transform(_) => "transform",
+            Step::Succeed(_) => "succeed",
+            Step::Fail(_) => "fail",
+        }
+    }
+}

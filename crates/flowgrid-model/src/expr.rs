@@ -1,0 +1,563 @@
+//! Sandboxed expressions (Rhai) with an evaluation budget.
+//!
+//! Expressions are compiled once per plan and evaluated against a [`Scope`] of JSON
+//! values. Evaluation is deterministic (same scope, same result, same operation count),
+//! which run replay depends on. No expression can touch files, the network or the clock.
+//!
+//! What an expression can use:
+//! - Variables, where the place provides them: `input` (the run input), `steps.<id>`
+//!   (`.status`, `.output`, `.error.code`, `.error.message` of a step that runs before),
+//!   `item` and `index` (a map's item and its position), `result` (a worker's result in
+//!   a task or map `output`). Reading a variable the place does not provide is an error;
+//!   reading a missing property (`input.nope`) gives `()`, which is JSON `null`.
+//! - Literals: `#{name: "x", size: 3}` is an object, `[1, 2]` an array, `()` null.
+//! - Operators, string and array functions (`+`, `==`, `.len()`, `.to_upper()`,
+//!   `.map(|x| x * 2)`, `.filter(..)`, `.reduce(..)`, `` `n=${n}` `` interpolation, ...).
+//!
+//! Invariants:
+//! - An expression is one expression: no statements (`let`, `;`), no loops, no `eval`,
+//!   no printing, no modules, no clock, no sleeping.
+//! - Other steps are readable only as `steps.<id>...`, so [`Expr::step_refs`] lists every
+//!   step an expression can read.
+//! - Every evaluation stays within [`Limits::expression_operations_max`] operations in all
+//!   (closures called by `map`, `filter`, ... included), strings within
+//!   [`Limits::payload_bytes_max`] bytes and arrays and maps within
+//!   [`Limits::map_items_max`] entries.
+//!
+//! ```
+//! use flowgrid_model::{Evaluator, Limits, Scope};
+//! use serde_json::json;
+//!
+//! let evaluator = Evaluator::new(&Limits::default());
+//! let expr = evaluator.compile(r#"#{kind: steps.fetch.output.kind, size: input.size * 2}"#).unwrap();
+//! assert_eq!(&*expr.step_refs, ["fetch".to_owned()]);
+//! let input = json!({"size": 21});
+//! let steps = json!({"fetch": {"status": "succeeded", "output": {"kind": "video"}}});
+//! let scope = Scope { input: Some(&input), steps: steps.as_object(), ..Scope::default() };
+//! assert_eq!(evaluator.eval(&expr, &scope).unwrap(), json!({"kind": "video", "size": 42}));
+//! ```
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use rhai::packages::{
+    ArithmeticPackage, BasicArrayPackage, BasicFnPackage, BasicIteratorPackage, BasicMapPackage, BasicMathPackage,
+    BasicStringPackage, BitFieldPackage, LogicPackage, MoreStringPackage, Package,
+};
+use rhai::{ASTNode, Dynamic, EvalAltResult, Expr as RhaiExpr, Stmt};
+use serde_json::Value;
+
+use crate::limits::Limits;
+
+/// A compiled expression. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Expr {
+    /// The expression as written.
+    pub source: Arc<str>,
+    /// Ids of the steps the expression reads as `steps.<id>`, so the engine puts only
+    /// those into the scope.
+    pub step_refs: Arc<[String]>,
+    ast: Arc<rhai::AST>,
+}
+
+/// What an expression can read. `steps` maps step id to
+/// `{"status": .., "output": .., "error": {"code": .., "message": ..}}`.
+#[derive(Debug, Default)]
+pub struct Scope<'a> {
+    pub input: Option<&'a Value>,
+    pub steps: Option<&'a serde_json::Map<String, Value>>,
+    pub item: Option<&'a Value>,
+    pub index: Option<u32>,
+    pub result: Option<&'a Value>,
+}
+
+/// Why an expression could not be compiled or evaluated.
+#[derive(Debug, thiserror::Error)]
+pub enum ExprError {
+    /// The source does not parse; fix the expression at the reported position.
+    #[error("syntax error in expression `{source_text}`: {message}")]
+    Syntax { source_text: String, message: String },
+    /// Evaluation failed (unknown variable, type error, budget exhausted, ...).
+    #[error("expression `{source_text}` failed: {message}")]
+    Eval { source_text: String, message: String },
+    /// The value is not of the type the place requires (a condition must be a boolean).
+    #[error("expression `{source_text}` gave {found}, expected {expected}")]
+    Type { source_text: String, expected: &'static str, found: String },
+}
+
+/// Compiles and evaluates expressions under [`Limits`]. Cheap to share (`Send + Sync`).
+pub struct Evaluator {
+    engine: rhai::Engine,
+    expression_bytes_max: usize,
+    operations_max: u64,
+}
+
+impl std::fmt::Debug for Evaluator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Evaluator").finish_non_exhaustive()
+    }
+}
+
+/// Nesting of one expression's syntax tree: deep enough for any real mapping, shallow
+/// enough that parsing and evaluation cannot exhaust the stack.
+const EXPR_DEPTH_MAX: usize = 64;
+/// Nesting inside anonymous functions (`.map(|x| ...)` bodies).
+const FUNCTION_EXPR_DEPTH_MAX: usize = 32;
+/// Nested function calls (anonymous functions calling each other): bounds recursion.
+const CALL_LEVELS_MAX: usize = 16;
+/// The call Rhai generates to hand captured variables to an anonymous function.
+const CURRY_FUNCTION: &str = "curry";
+/// The variable through which expressions read other steps.
+const STEPS_VARIABLE: &str = "steps";
+thread_local! {
+    /// Operations of the evaluation running on this thread, across every call context.
+    /// An evaluation never starts another one, so one counter per thread suffices.
+    static OPERATIONS_USED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+/// What an author should write instead of another use of `steps`.
+const STEPS_USAGE_HINT: &str = "refer to another step's data as steps.<id>.output or steps.<id>.error";
+
+impl Evaluator {
+    /// An evaluator whose every evaluation stays within `limits`: at most
+    /// `expression_operations_max` operations, strings up to `payload_bytes_max`, arrays
+    /// and maps up to `map_items_max` entries. It has no `eval`, no printing, no modules,
+    /// no clock and no randomness, so the same scope always gives the same result.
+    pub fn new(limits: &Limits) -> Evaluator {
+        let mut engine = rhai::Engine::new_raw();
+        // The standard library minus what reads the clock (`timestamp`), blocks (`sleep`),
+        // exits the script or parses into unbounded structures.
+        let packages = [
+            ArithmeticPackage::new().as_shared_module(),
+            LogicPackage::new().as_shared_module(),
+            BasicStringPackage::new().as_shared_module(),
+            MoreStringPackage::new().as_shared_module(),
+            BasicIteratorPackage::new().as_shared_module(),
+            BasicFnPackage::new().as_shared_module(),
+            BasicArrayPackage::new().as_shared_module(),
+            BasicMapPackage::new().as_shared_module(),
+            BasicMathPackage::new().as_shared_module(),
+            BitFieldPackage::new().as_shared_module(),
+        ];
+        for package in packages {
+            engine.register_global_module(package);
+        }
+        // Rhai treats 0 as "unlimited"; a zero limit must never lift the budget.
+        engine
+            .set_max_operations(limits.expression_operations_max.max(1))
+            .set_max_call_levels(CALL_LEVELS_MAX)
+            .set_max_expr_depths(EXPR_DEPTH_MAX, FUNCTION_EXPR_DEPTH_MAX)
+            .set_max_string_size(limits.payload_bytes_max.max(1))
+            .set_max_array_size(limits.map_items_max.max(1))
+            .set_max_map_size(limits.map_items_max.max(1))
+            .set_max_modules(0)
+            .set_allow_looping(false)
+            .set_allow_statement_expression(false)
+            .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+        // Rhai counts operations per call context: closures called by native functions
+        // (`map`, `filter`, `reduce`, ...) start from a fresh count, so nested closures
+        // could multiply the work. This counter spans the whole evaluation.
+        let operations_max = limits.expression_operations_max.max(1);
+        engine.on_progress(move |_| {
+            let used = OPERATIONS_USED.with(|used| {
+                used.set(used.get() + 1);
+                used.get()
+            });
+            (used > operations_max).then_some(Dynamic::UNIT)
+        });
+        engine.on_print(|_| {}).on_debug(|_, _, _| {});
+        for symbol in ["eval", "print", "debug", "import", "export"] {
+            engine.disable_symbol(symbol);
+        }
+        Evaluator { engine, expression_bytes_max: limits.expression_bytes_max, operations_max }
+    }
+
+    /// Compiles one expression (no statements) and records the steps it reads.
+    ///
+    /// Other steps are readable only as `steps.<id>...`; any other use of `steps` (an
+    /// index such as `steps["x"]`, the bare map, a method on it) is a syntax error, so
+    /// that [`Expr::step_refs`] is always complete.
+    pub fn compile(&self, source: &str) -> Result<Expr, ExprError> {
+        if source.len() > self.expression_bytes_max {
+            return Err(ExprError::Syntax {
+                source_text: abbreviate(source),
+                message: format!(
+                    "the expression is {} bytes, over the limit of {} bytes: move the computation into a task",
+                    source.len(),
+                    self.expression_bytes_max
+                ),
+            });
+        }
+        let ast = self
+            .engine
+            .compile_expression(source)
+            .map_err(|error| ExprError::Syntax { source_text: source.to_owned(), message: error.to_string() })?;
+        let step_refs =
+            collect_step_refs(&ast).map_err(|message| ExprError::Syntax { source_text: source.to_owned(), message })?;
+        Ok(Expr { source: Arc::from(source), step_refs: step_refs.into(), ast: Arc::new(ast) })
+    }
+
+    /// Evaluates `expr` with the variables of `scope` that are `Some`, and returns its
+    /// value as JSON (`()` becomes `null`). A non-finite number in the result is an error.
+    pub fn eval(&self, expr: &Expr, scope: &Scope) -> Result<Value, ExprError> {
+        let eval_error = |message: String| ExprError::Eval { source_text: expr.source.to_string(), message };
+        let mut rhai_scope = rhai::Scope::new();
+        let json_variables = [("input", scope.input), ("item", scope.item), ("result", scope.result)];
+        for (name, value) in json_variables {
+            if let Some(value) = value {
+                let dynamic = rhai::serde::to_dynamic(value)
+                    .map_err(|error| eval_error(format!("cannot read `{name}`: {error}")))?;
+                rhai_scope.push_dynamic(name, dynamic);
+            }
+        }
+        if let Some(steps) = scope.steps {
+            let dynamic =
+                rhai::serde::to_dynamic(steps).map_err(|error| eval_error(format!("cannot read `steps`: {error}")))?;
+            rhai_scope.push_dynamic(STEPS_VARIABLE, dynamic);
+        }
+        if let Some(index) = scope.index {
+            rhai_scope.push("index", rhai::INT::from(index));
+        }
+        OPERATIONS_USED.with(|used| used.set(0));
+        let value = self
+            .engine
+            .eval_ast_with_scope::<Dynamic>(&mut rhai_scope, &expr.ast)
+            .map_err(|error| eval_error(self.describe_eval_error(&error)))?;
+        if value.is_unit() {
+            return Ok(Value::Null);
+        }
+        if let Some(path) = non_finite_number(&value, &mut String::from("the result")) {
+            return Err(eval_error(format!(
+                "{path} is not a finite number (NaN or infinity cannot be represented in JSON)"
+            )));
+        }
+        rhai::serde::from_dynamic::<Value>(&value).map_err(|error| {
+            eval_error(format!("the result ({}) cannot be turned into JSON: {error}", value.type_name()))
+        })
+    }
+
+    /// Evaluates a condition: the value must be a boolean.
+    pub fn eval_bool(&self, expr: &Expr, scope: &Scope) -> Result<bool, ExprError> {
+        match self.eval(expr, scope)? {
+            Value::Bool(value) => Ok(value),
+            other => Err(ExprError::Type {
+                source_text: expr.source.to_string(),
+                expected: "a boolean",
+                found: describe_json(&other),
+            }),
+        }
+    }
+
+    fn describe_eval_error(&self, error: &EvalAltResult) -> String {
+        let position = error.position();
+        let at = if position.is_none() { String::new() } else { format!(" ({position})") };
+        match error.unwrap_inner() {
+            EvalAltResult::ErrorTooManyOperations(..) | EvalAltResult::ErrorTerminated(..) => format!(
+                "exceeded the expression budget of {} operations{at}: simplify the expression or move the work into a task",
+                self.operations_max
+            ),
+            EvalAltResult::ErrorDataTooLarge(what, ..) => {
+                format!("{what} exceeds the size limit{at}: strings are bounded by the payload limit, arrays and maps by the map item limit")
+            }
+            EvalAltResult::ErrorVariableNotFound(name, ..) => format!(
+                "unknown variable `{name}`{at}: expressions can read input, steps, and where the step provides them item, index and result"
+            ),
+            _ => error.to_string(),
+        }
+    }
+}
+
+/// The steps an expression reads as `steps.<id>`, sorted and unique; an error message for
+/// any other use of `steps`.
+fn collect_step_refs(ast: &rhai::AST) -> Result<Vec<String>, String> {
+    let mut step_refs = BTreeSet::new();
+    let mut misuse: Option<String> = None;
+    ast.walk(&mut |path: &[ASTNode]| {
+        let Some(ASTNode::Expr(node @ RhaiExpr::Variable(variable, ..))) = path.last() else {
+            return true;
+        };
+        if variable.1.as_str() != STEPS_VARIABLE {
+            return true;
+        }
+        let parent = path.len().checked_sub(2).map(|position| &path[position]);
+        match parent.and_then(|parent| step_ref_of(parent, node)) {
+            Some(StepRef::Step(id)) => {
+                step_refs.insert(id);
+                true
+            }
+            Some(StepRef::Captured) => true,
+            None => {
+                misuse = Some(format!("`steps` used at {}: {STEPS_USAGE_HINT}", node.position()));
+                false
+            }
+        }
+    });
+    match misuse {
+        Some(message) => Err(message),
+        None => Ok(step_refs.into_iter().collect()),
+    }
+}
+
+enum StepRef {
+    /// `steps.<id>...`
+    Step(String),
+    /// `steps` captured by an anonymous function, whose body is checked on its own.
+    Captured,
+}
+
+/// How `parent` uses its child `variable` (the `steps` variable), if that use is allowed.
+fn step_ref_of(parent: &ASTNode, variable: &RhaiExpr) -> Option<StepRef> {
+    match parent {
+        ASTNode::Expr(RhaiExpr::Dot(binary, ..)) if std::ptr::eq(&binary.lhs, variable) => {
+            let property = match &binary.rhs {
+                RhaiExpr::Property(property, ..) => property,
+                RhaiExpr::Dot(inner, ..) | RhaiExpr::Index(inner, ..) => match &inner.lhs {
+                    RhaiExpr::Property(property, ..) => property,
+                    _ => return None,
+                },
+                _ => return None,
+            };
+            Some(StepRef::Step(property.2.to_string()))
+        }
+        ASTNode::Expr(RhaiExpr::FnCall(call, ..)) | ASTNode::Stmt(Stmt::FnCall(call, ..))
+            if call.name.as_str() == CURRY_FUNCTION =>
+        {
+            let captured = call.args.iter().skip(1).any(|argument| std::ptr::eq(argument, variable));
+            captured.then_some(StepRef::Captured)
+        }
+        _ => None,
+    }
+}
+
+/// The place of the first NaN or infinity inside `value`, if any.
+fn non_finite_number(value: &Dynamic, path: &mut String) -> Option<String> {
+    if let Ok(number) = value.as_float() {
+        return (!number.is_finite()).then(|| path.clone());
+    }
+    if value.is_array() {
+        let array = value.read_lock::<rhai::Array>()?;
+        for (position, element) in array.iter().enumerate() {
+            let length = path.len();
+            path.push_str(&format!("[{position}]"));
+            if let Some(found) = non_finite_number(element, path) {
+                return Some(found);
+            }
+            path.truncate(length);
+        }
+    } else if value.is_map() {
+        let map = value.read_lock::<rhai::Map>()?;
+        for (key, element) in map.iter() {
+            let length = path.len();
+            path.push_str(&format!(".{key}"));
+            if let Some(found) = non_finite_number(element, path) {
+                return Some(found);
+            }
+            path.truncate(length);
+        }
+    }
+    None
+}
+
+fn describe_json(value: &Value) -> String {
+    let kind = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    let text = value.to_string();
+    if text.len() > 64 {
+        kind.to_owned()
+    } else {
+        format!("{kind} ({text})")
+    }
+}
+
+/// The start of an overlong source, for error messages.
+fn abbreviate(source: &str) -> String {
+    let mut end = source.len().min(80);
+    while !source.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < source.len() {
+        format!("{}...", &source[..end])
+    } else {
+        source.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn evaluator() -> Evaluator {
+        Evaluator::new(&Limits::default())
+    }
+
+    fn eval(source: &str, scope: &Scope) -> Result<Value, ExprError> {
+        let evaluator = evaluator();
+        let expr = evaluator.compile(source)?;
+        evaluator.eval(&expr, scope)
+    }
+
+    fn eval_plain(source: &str) -> Value {
+        eval(source, &Scope::default()).unwrap_or_else(|error| panic!("{source}: {error}"))
+    }
+
+    #[test]
+    fn arithmetic_keeps_integers_and_floats_apart() {
+        assert_eq!(eval_plain("1 + 2 * 3"), json!(7));
+        assert_eq!(eval_plain("7 / 2"), json!(3));
+        assert_eq!(eval_plain("7.0 / 2"), json!(3.5));
+        assert_eq!(eval_plain("2 ** 10"), json!(1024));
+    }
+
+    #[test]
+    fn object_and_array_literals_become_json() {
+        assert_eq!(
+            eval_plain("#{a: 1, b: [1, 2.5, \"x\", true, ()]}"),
+            json!({"a": 1, "b": [1, 2.5, "x", true, null]})
+        );
+        assert_eq!(eval_plain("()"), Value::Null);
+    }
+
+    #[test]
+    fn string_operations_work() {
+        assert_eq!(eval_plain(r#""abc" + "def""#), json!("abcdef"));
+        assert_eq!(eval_plain(r#""Hello".to_upper()"#), json!("HELLO"));
+        assert_eq!(eval_plain(r#""a,b,c".split(",").len()"#), json!(3));
+        assert_eq!(eval_plain(r#"`n=${1 + 1}`"#), json!("n=2"));
+    }
+
+    #[test]
+    fn reads_input_item_index_and_result() {
+        let input = json!({"x": 41, "name": "clip"});
+        let item = json!(21);
+        let result = json!({"width": 640});
+        let scope =
+            Scope { input: Some(&input), item: Some(&item), index: Some(3), result: Some(&result), ..Scope::default() };
+        assert_eq!(eval("input.x + 1", &scope).unwrap(), json!(42));
+        assert_eq!(eval("item * 2", &scope).unwrap(), json!(42));
+        assert_eq!(eval("index", &scope).unwrap(), json!(3));
+        assert_eq!(eval("#{w: result.width, n: input.name}", &scope).unwrap(), json!({"w": 640, "n": "clip"}));
+        assert_eq!(eval("input.missing", &scope).unwrap(), Value::Null);
+    }
+
+    #[test]
+    fn reads_other_steps_and_records_them() {
+        let evaluator = evaluator();
+        let expr =
+            evaluator.compile(r#"steps.fetch.output.kind == "video" && steps.probe.status == "succeeded""#).unwrap();
+        assert_eq!(&*expr.step_refs, ["fetch".to_owned(), "probe".to_owned()]);
+        let steps = json!({
+            "fetch": {"status": "succeeded", "output": {"kind": "video"}},
+            "probe": {"status": "succeeded", "output": null},
+        });
+        let scope = Scope { steps: steps.as_object(), ..Scope::default() };
+        assert!(evaluator.eval_bool(&expr, &scope).unwrap());
+    }
+
+    #[test]
+    fn step_refs_cover_indexing_and_anonymous_functions() {
+        let evaluator = evaluator();
+        let expr = evaluator.compile(r#"steps.a.output["k"] + [1, 2].map(|x| x + steps.b.output).len()"#).unwrap();
+        assert_eq!(&*expr.step_refs, ["a".to_owned(), "b".to_owned()]);
+        let expr = evaluator.compile(r#""steps.fake" + input.steps"#).unwrap();
+        assert!(expr.step_refs.is_empty());
+    }
+
+    #[test]
+    fn other_uses_of_steps_are_refused() {
+        let evaluator = evaluator();
+        for source in [r#"steps["x"]"#, "steps", "steps.keys()", "[1].map(|steps| steps)"] {
+            match evaluator.compile(source) {
+                Err(ExprError::Syntax { message, .. }) => {
+                    assert!(message.contains("steps.<id>.output"), "{source}: {message}")
+                }
+                other => panic!("{source}: expected a syntax error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn statements_and_disabled_features_do_not_compile() {
+        let evaluator = evaluator();
+        for source in ["let x = 1", "x = 1", r#"eval("1")"#, r#"print("x")"#, r#"import "m" as m"#, "1; 2", "loop { }"]
+        {
+            assert!(matches!(evaluator.compile(source), Err(ExprError::Syntax { .. })), "{source} compiled");
+        }
+        for source in ["timestamp()", "sleep(1)", "exit()"] {
+            assert!(matches!(eval(source, &Scope::default()), Err(ExprError::Eval { .. })), "{source} ran");
+        }
+    }
+
+    #[test]
+    fn budget_exhaustion_is_an_eval_error() {
+        let input = json!({"list": vec![1; 1_000]});
+        let item = json!(vec![2; 1_000]);
+        let scope = Scope { input: Some(&input), item: Some(&item), ..Scope::default() };
+        // The budget spans closures called by native functions, so nesting cannot multiply it.
+        assert!(eval("input.list.map(|x| x * 2).reduce(|sum, x| sum + x, 0)", &scope).is_ok());
+        match eval("input.list.map(|x| item.map(|y| x * y).len()).len()", &scope) {
+            Err(ExprError::Eval { message, .. }) => {
+                assert!(message.contains("budget of 100000 operations"), "{message}")
+            }
+            other => panic!("expected an eval error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_values_are_refused() {
+        let limits = Limits { payload_bytes_max: 100, map_items_max: 10, ..Limits::default() };
+        let evaluator = Evaluator::new(&limits);
+        for source in [r#""x".pad(1000, "y")"#, "[0].pad(100, 0)"] {
+            let expr = evaluator.compile(source).unwrap();
+            let error = evaluator.eval(&expr, &Scope::default()).unwrap_err();
+            assert!(error.to_string().contains("size limit"), "{source}: {error}");
+        }
+    }
+
+    #[test]
+    fn overlong_source_is_refused() {
+        let limits = Limits { expression_bytes_max: 10, ..Limits::default() };
+        let error = Evaluator::new(&limits).compile("1 + 2 + 3 + 4").unwrap_err();
+        assert!(error.to_string().contains("over the limit of 10 bytes"), "{error}");
+    }
+
+    #[test]
+    fn unknown_variable_is_an_eval_error() {
+        match eval("nope + 1", &Scope::default()) {
+            Err(ExprError::Eval { message, .. }) => assert!(message.contains("unknown variable `nope`"), "{message}"),
+            other => panic!("expected an eval error, got {other:?}"),
+        }
+        // `item` exists only where the step provides it.
+        assert!(matches!(eval("item", &Scope::default()), Err(ExprError::Eval { .. })));
+    }
+
+    #[test]
+    fn non_finite_numbers_are_eval_errors() {
+        for source in ["0.0 / 0.0", "#{a: [1.0 / 0.0]}"] {
+            match eval(source, &Scope::default()) {
+                Err(ExprError::Eval { message, .. }) => assert!(message.contains("not a finite number"), "{message}"),
+                other => panic!("{source}: expected an eval error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn conditions_must_be_booleans() {
+        let evaluator = evaluator();
+        let expr = evaluator.compile("1 + 1").unwrap();
+        assert!(matches!(evaluator.eval_bool(&expr, &Scope::default()), Err(ExprError::Type { .. })));
+    }
+
+    #[test]
+    fn evaluator_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Evaluator>();
+        assert_send_sync::<Expr>();
+    }
+}

@@ -1,0 +1,22 @@
+//! The flowgrid data model: flow definitions as authors write them, the checks that
+//! reject bad ones with located errors, the compiled [`FlowPlan`] the engine runs, the
+//! sandboxed expression [`Evaluator`], and the identifiers shared by every crate.
+//!
+//! Invariants: this crate does no I/O, reads no clock and spawns nothing. A
+//! [`FlowPlan`] only exists for a definition that passed [`validate`].
+
+pub mod definition;
+pub mod error;
+pub mod expr;
+pub mod ids;
+pub mod limits;
+pub mod plan;
+mod validate;
+
+pub use definition::*;
+pub use error::{DefinitionError, Issue, Result};
+pub use expr::{Evaluator, Expr, ExprError, Scope};
+pub use ids::*;
+pub use limits::Limits;
+pub use plan::{FlowPlan, PlanStep, PlanStepKind, StepIndex};
+pub use validate::{parse_definition, validate};

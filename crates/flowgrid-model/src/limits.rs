@@ -1,0 +1,40 @@
+//! Limits on definitions, payloads and expressions. Each is enforced with an error that
+//! names the limit and the value that broke it.
+
+use serde::{Deserialize, Serialize};
+
+/// Defaults follow DESIGN.md; every field can be raised by configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Serialized definition size: a definition is read whole on every deploy.
+    pub definition_bytes_max: usize,
+    /// Steps per definition: keeps plans, validation and run state small.
+    pub steps_max: usize,
+    /// Nesting depth of any JSON value (inputs, outputs, definitions): bounds recursion.
+    pub nesting_depth_max: usize,
+    /// Items one `map` step fans out over.
+    pub map_items_max: usize,
+    /// Task input or output, serialized: one message must stay well under NATS's payload.
+    pub payload_bytes_max: usize,
+    /// Operations one expression evaluation may take before it is stopped.
+    pub expression_operations_max: u64,
+    /// Expression source length.
+    pub expression_bytes_max: usize,
+    /// Length of a step id, flow name, pool or task name.
+    pub name_bytes_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            definition_bytes_max: 1024 * 1024,
+            steps_max: 1_000,
+            nesting_depth_max: 32,
+            map_items_max: 100_000,
+            payload_bytes_max: 1024 * 1024,
+            expression_operations_max: 100_000,
+            expression_bytes_max: 16 * 1024,
+            name_bytes_max: 128,
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The compiled form of a validated definition: steps by index, expressions compiled,
+//! edges resolved. The engine runs plans, never raw definitions.
+//!
+//! Edge semantics (the engine relies on them):
+//! - `PlanStep::deps` lists each step this one waits for, once: its `after` entries plus
+//!   every choice and catch that names it as `next`.
+//! - `PlanStep::outgoing` lists the edges leaving a step. When a step resolves, an edge is
+//!   *activated* if its [`EdgeWhen`] matches how the step resolved.
+//! - A step becomes ready once all its deps have resolved and at least one incoming edge
+//!   was activated; if all have resolved and none was activated, it is skipped (and a
+//!   skipped step activates no edge). Steps without deps are ready when the run starts.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::definition::{FlowDefinition, RetryPolicy};
+use crate::expr::{Evaluator, Expr};
+use crate::limits::Limits;
+
+/// Position of a step in [`FlowPlan::steps`] (the order of the definition).
+pub type StepIndex = u16;
+
+/// A validated, compiled flow version: what the engine runs.
+#[derive(Debug)]
+pub struct FlowPlan {
+    pub name: String,
+    pub version: u32,
+    pub definition: FlowDefinition,
+    pub steps: Vec<PlanStep>,
+    /// Flow-level output expression.
+    pub output: Option<Expr>,
+    pub timeout_ms: Option<u64>,
+    /// Steps with no outgoing edge: their outputs form the default run output.
+    pub sinks: Vec<StepIndex>,
+    index: HashMap<String, StepIndex>,
+}
+
+/// One step of a plan with its resolved edges.
+#[derive(Debug)]
+pub struct PlanStep {
+    pub id: String,
+    pub kind: PlanStepKind,
+    pub deps: Vec<StepIndex>,
+    pub outgoing: Vec<Edge>,
+}
+
+/// An edge to `to`, activated when its source resolved as `when` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Edge {
+    pub to: StepIndex,
+    pub when: EdgeWhen,
+}
+
+/// How the source of an edge must resolve for the edge to be activated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum EdgeWhen {
+    /// A plain `after` edge: the source succeeded (for a choice: whichever branch it took).
+    Succeeded,
+    /// The choice took rule `n` (0-based).
+    Branch(u16),
+    /// The choice took its `default`.
+    Default,
+    /// The source failed and its catch `n` (0-based) handled the error.
+    Caught(u16),
+}
+
+/// Worker-side settings shared by `task` and `map` steps.
+#[derive(Debug)]
+pub struct TaskSpec {
+    pub pool: String,
+    pub task: String,
+    /// Input expression; `None` means the run input (task) or the item (map).
+    pub input: Option<Expr>,
+    /// Output expression over `result`; `None` means the result as is.
+    pub output: Option<Expr>,
+    pub retry: RetryPolicy,
+    /// Start-to-close timeout of one attempt (the default applied when the definition has none).
+    pub timeout_ms: u64,
+    pub priority: u8,
+    pub catch: Vec<CatchRule>,
+}
+
+/// A compiled catch: where a failure with a handled code goes.
+#[derive(Debug)]
+pub struct CatchRule {
+    /// Error codes handled; `*` handles all.
+    pub errors: Vec<String>,
+    pub next: StepIndex,
+}
+
+/// What a step does, with its expressions compiled and step names resolved to indexes.
+#[derive(Debug)]
+pub enum PlanStepKind {
+    Task(TaskSpec),
+    Map {
+        items: Expr,
+        spec: TaskSpec,
+        /// Items in flight at once (the default: the item limit).
+        max_concurrency: u32,
+        tolerated_failures: u32,
+    },
+    Choice {
+        rules: Vec<(Expr, StepIndex)>,
+        default: Option<StepIndex>,
+    },
+    Transform {
+        output: Expr,
+    },
+    Succeed {
+        output: Option<Expr>,
+    },
+    Fail {
+        error: String,
+        message: Option<Expr>,
+    },
+}
+
+/// Start-to-close timeout of a task attempt when the definition sets none.
+pub const TASK_TIMEOUT_MS_DEFAULT: u64 = 5 * 60 * 1000;
+/// Priority of a task when the definition sets none (0-9).
+pub const PRIORITY_DEFAULT: u8 = 5;
+
+impl FlowPlan {
+    /// Validates `definition` and compiles it. Errors list every located issue.
+    pub fn compile(
+        definition: FlowDefinition,
+        version: u32,
+        evaluator: &Evaluator,
+        limits: &Limits,
+    ) -> crate::Result<FlowPlan> {
+        crate::validate::compile(definition, version, evaluator, limits)
+    }
+
+    pub(crate) fn assemble(
+        definition: FlowDefinition,
+        version: u32,
+        steps: Vec<PlanStep>,
+        output: Option<Expr>,
+    ) -> FlowPlan {
+        let index = steps.iter().enumerate().map(|(position, step)| (step.id.clone(), position as StepIndex)).collect();
+        let sinks = steps
+            .iter()
+            .enumerate()
+            .filter(|(_, step)| step.outgoing.is_empty())
+            .map(|(position, _)| position as StepIndex)
+            .collect();
+        FlowPlan {
+            name: definition.name.clone(),
+            version,
+            timeout_ms: definition.timeout_ms,
+            definition,
+            steps,
+            output,
+            sinks,
+            index,
+        }
+    }
+
+    /// The index of step `id`.
+    pub fn step_index(&self, id: &str) -> Option<StepIndex> {
+        self.index.get(id).copied()
+    }
+
+    /// The step at `index`; panics on an index that is not from this plan.
+    pub fn step(&self, index: StepIndex) -> &PlanStep {
+        &self.steps[usize::from(index)]
+    }
+}
+
+impl CatchRule {
+    /// Whether this catch handles error `code`.
+    pub fn handles(&self, code: &str) -> bool {
+        self.errors.iter().any(|handled| handled == "*" || handled == code)
+    }
+}
+
+impl TaskSpec {
+    /// The catch that handles `code`, if any, with its position.
+    pub fn catch_for(&self, code: &str) -> Option<(u16, &CatchRule)> {
+        self.catch
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| rule.handles(code))
+            .map(|(position, rule)| (position as u16, rule))
+    }
+}

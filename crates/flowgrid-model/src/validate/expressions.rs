@@ -1,0 +1,154 @@
+//! Expression fields: compiling each once, and checking which steps each one reads.
+//!
+//! Invariant: an expression may read `steps.<id>` only for a step that runs before it (a
+//! transitive dependency through the full edge set); the flow-level `output` may read any
+//! step. Task and map `output` expressions read the worker's result as `result`.
+
+use std::collections::HashMap;
+
+use crate::definition::{FlowDefinition, Step};
+use crate::error::Issue;
+use crate::expr::{Evaluator, Expr, ExprError};
+
+use super::graph::Graph;
+use super::{push_issue, step_path};
+
+/// Path of the flow-level output expression.
+pub(super) const FLOW_OUTPUT_PATH: &str = "output";
+
+/// One expression field of a definition.
+struct Slot {
+    path: String,
+    /// The step the expression belongs to; `None` for the flow-level output.
+    step: Option<usize>,
+    /// A task or map `output`, which reads `result`.
+    reads_result: bool,
+}
+
+/// Compiled expressions keyed by their path (`steps[2](route).choices[0].when`).
+pub(super) struct ExpressionTable {
+    compiled: HashMap<String, Expr>,
+    slots: Vec<Slot>,
+}
+
+impl ExpressionTable {
+    /// Compiles every expression field; each failure is an issue at the field's path.
+    pub(super) fn compile(definition: &FlowDefinition, evaluator: &Evaluator, issues: &mut Vec<Issue>) -> Self {
+        let mut table = ExpressionTable { compiled: HashMap::new(), slots: Vec::new() };
+        if let Some(output) = &definition.output {
+            table.add(evaluator, FLOW_OUTPUT_PATH.to_owned(), None, false, output, issues);
+        }
+        for (position, step) in definition.steps.iter().enumerate() {
+            let path = step_path(position, step.id());
+            for (field, source, reads_result) in expression_fields(step) {
+                table.add(evaluator, format!("{path}.{field}"), Some(position), reads_result, source, issues);
+            }
+        }
+        table
+    }
+
+    fn add(
+        &mut self,
+        evaluator: &Evaluator,
+        path: String,
+        step: Option<usize>,
+        reads_result: bool,
+        source: &str,
+        issues: &mut Vec<Issue>,
+    ) {
+        match evaluator.compile(source) {
+            Ok(expr) => {
+                self.slots.push(Slot { path: path.clone(), step, reads_result });
+                self.compiled.insert(path, expr);
+            }
+            Err(error) => push_issue(issues, path, compile_message(&error)),
+        }
+    }
+
+    /// Takes the compiled expression at `path` out of the table.
+    pub(super) fn take(&mut self, path: &str) -> Option<Expr> {
+        self.compiled.remove(path)
+    }
+
+    /// Checks that every `steps.<id>` read names a step that runs before the reader.
+    pub(super) fn check_references(&self, definition: &FlowDefinition, graph: &Graph, issues: &mut Vec<Issue>) {
+        let position_of: HashMap<&str, usize> =
+            definition.steps.iter().enumerate().map(|(position, step)| (step.id(), position)).collect();
+        let mut upstream_cache: HashMap<usize, Vec<bool>> = HashMap::new();
+        for slot in &self.slots {
+            let expr = &self.compiled[&slot.path];
+            for referenced in expr.step_refs.iter() {
+                let Some(&target) = position_of.get(referenced.as_str()) else {
+                    push_issue(issues, &slot.path, unknown_step_message(referenced, definition));
+                    continue;
+                };
+                let Some(reader) = slot.step else { continue };
+                let reader_id = definition.steps[reader].id();
+                if target == reader {
+                    let message = if slot.reads_result {
+                        format!("reads steps.{referenced}, its own step: read the worker's result as `result` instead")
+                    } else {
+                        format!("reads steps.{referenced}, its own step, which has no data yet: read another step or `input`")
+                    };
+                    push_issue(issues, &slot.path, message);
+                    continue;
+                }
+                let upstream = upstream_cache.entry(reader).or_insert_with(|| graph.upstream(reader));
+                if !upstream[target] {
+                    push_issue(
+                        issues,
+                        &slot.path,
+                        format!("reads steps.{referenced}, which does not run before {reader_id}: add it to `after`"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The expression fields of a step that are set: (field path, source, whether it reads
+/// `result`).
+fn expression_fields(step: &Step) -> Vec<(String, &str, bool)> {
+    let fields: Vec<(String, Option<&str>, bool)> = match step {
+        Step::Task(task) => {
+            vec![
+                ("input".to_owned(), task.input.as_deref(), false),
+                ("output".to_owned(), task.output.as_deref(), true),
+            ]
+        }
+        Step::Map(map) => vec![
+            ("items".to_owned(), Some(map.items.as_str()), false),
+            ("input".to_owned(), map.input.as_deref(), false),
+            ("output".to_owned(), map.output.as_deref(), true),
+        ],
+        Step::Choice(choice) => choice
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(rule, choice_rule)| (format!("choices[{rule}].when"), Some(choice_rule.when.as_str()), false))
+            .collect(),
+        Step::Transform(transform) => vec![("output".to_owned(), Some(transform.output.as_str()), false)],
+        Step::Succeed(succeed) => vec![("output".to_owned(), succeed.output.as_deref(), false)],
+        Step::Fail(fail) => vec![("message".to_owned(), fail.message.as_deref(), false)],
+    };
+    fields.into_iter().filter_map(|(field, source, reads_result)| Some((field, source?, reads_result))).collect()
+}
+
+fn compile_message(error: &ExprError) -> String {
+    match error {
+        ExprError::Syntax { message, .. } => format!("the expression does not compile: {message}"),
+        other => other.to_string(),
+    }
+}
+
+fn unknown_step_message(referenced: &str, definition: &FlowDefinition) -> String {
+    let dashed = definition.steps.iter().map(Step::id).find(|id| id.starts_with(&format!("{referenced}-")));
+    match dashed {
+        Some(id) => format!(
+            "reads steps.{referenced}, which does not exist; step `{id}` cannot be read from expressions because `-` means \
+             subtraction there: rename it with `_` (e.g. `{}`)",
+            id.replace('-', "_")
+        ),
+        None => format!("reads steps.{referenced}, which does not exist: use the id of a step of this flow"),
+    }
+}

@@ -1,0 +1,258 @@
+//! Parsing, validation and compilation of flow definitions.
+//!
+//! Invariants:
+//! - [`validate`] reports every problem it finds, each located by a path such as
+//!   `steps[3](resize).retry.max_attempts`, never only the first one.
+//! - A definition that passes [`validate`] has unique step ids, edges that all name
+//!   existing other steps, no cycle over the full edge set (`after`, choice targets and
+//!   catch targets), expressions that compile, and expressions that read only steps that
+//!   run before them. [`compile`] relies on all of it.
+//! - Each expression is compiled once: validation keeps the compiled form for the plan.
+
+mod expressions;
+mod graph;
+mod rules;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+
+use crate::definition::{Catch, FlowDefinition, Step};
+use crate::error::{DefinitionError, Issue, Result};
+use crate::expr::Evaluator;
+use crate::limits::Limits;
+use crate::plan::{
+    CatchRule, Edge, EdgeWhen, FlowPlan, PlanStep, PlanStepKind, StepIndex, TaskSpec, PRIORITY_DEFAULT,
+    TASK_TIMEOUT_MS_DEFAULT,
+};
+
+use self::expressions::ExpressionTable;
+use self::graph::Graph;
+
+/// Reads a definition from YAML or JSON (JSON when the first non-blank character is `{`).
+///
+/// Refuses text over `limits.definition_bytes_max` and JSON nested deeper than
+/// `limits.nesting_depth_max`. Parse errors carry the line and column and name unknown
+/// fields. The result is not validated yet: call [`validate`] or [`FlowPlan::compile`].
+pub fn parse_definition(text: &str, limits: &Limits) -> Result<FlowDefinition> {
+    if text.len() > limits.definition_bytes_max {
+        return Err(DefinitionError::Parse(format!(
+            "the definition is {} bytes, over the limit of {} bytes: split the flow into smaller flows",
+            text.len(),
+            limits.definition_bytes_max
+        )));
+    }
+    if text.trim_start().starts_with('{') {
+        check_json_depth(text, limits.nesting_depth_max)?;
+        serde_json::from_str(text).map_err(|error| DefinitionError::Parse(format!("JSON: {error}")))
+    } else {
+        serde_norway::from_str(text).map_err(|error| DefinitionError::Parse(format!("YAML: {error}")))
+    }
+}
+
+/// Checks `definition` against every rule and lists all problems found as located
+/// [`Issue`]s in [`DefinitionError::Invalid`].
+pub fn validate(definition: &FlowDefinition, evaluator: &Evaluator, limits: &Limits) -> Result<()> {
+    check(definition, evaluator, limits).map(|_| ())
+}
+
+/// Validates `definition` and builds its plan, following the edge semantics documented in
+/// [`crate::plan`].
+pub(crate) fn compile(
+    definition: FlowDefinition,
+    version: u32,
+    evaluator: &Evaluator,
+    limits: &Limits,
+) -> Result<FlowPlan> {
+    let mut expressions = check(&definition, evaluator, limits)?;
+    let index: HashMap<&str, StepIndex> =
+        definition.steps.iter().enumerate().map(|(position, step)| (step.id(), to_index(position))).collect();
+    let graph = Graph::new(&definition.steps);
+    let mut steps = Vec::with_capacity(definition.steps.len());
+    for (position, step) in definition.steps.iter().enumerate() {
+        let kind = plan_kind(position, step, &index, &mut expressions, limits);
+        steps.push(PlanStep {
+            id: step.id().to_owned(),
+            kind,
+            deps: graph.deps(position).into_iter().map(to_index).collect(),
+            outgoing: outgoing_edges(position, step, &definition.steps, &index),
+        });
+    }
+    let output = expressions.take(expressions::FLOW_OUTPUT_PATH);
+    Ok(FlowPlan::assemble(definition, version, steps, output))
+}
+
+/// All checks; on success, the compiled expressions keyed by their path.
+fn check(definition: &FlowDefinition, evaluator: &Evaluator, limits: &Limits) -> Result<ExpressionTable> {
+    let mut issues = Vec::new();
+    rules::check_fields(definition, limits, &mut issues);
+    let graph_ok = graph::check_edges(&definition.steps, &mut issues);
+    let expressions = ExpressionTable::compile(definition, evaluator, &mut issues);
+    if graph_ok {
+        let graph = Graph::new(&definition.steps);
+        if let Some(cycle_issues) = graph.cycle_issues(&definition.steps) {
+            issues.extend(cycle_issues);
+        }
+        expressions.check_references(definition, &graph, &mut issues);
+    }
+    if issues.is_empty() {
+        Ok(expressions)
+    } else {
+        Err(DefinitionError::Invalid(issues))
+    }
+}
+
+/// `steps[3](resize)`: how issues name a step.
+pub(crate) fn step_path(position: usize, id: &str) -> String {
+    if id.is_empty() {
+        format!("steps[{position}]")
+    } else {
+        format!("steps[{position}]({id})")
+    }
+}
+
+fn to_index(position: usize) -> StepIndex {
+    StepIndex::try_from(position).expect("steps_max keeps step positions within StepIndex")
+}
+
+fn plan_kind(
+    position: usize,
+    step: &Step,
+    index: &HashMap<&str, StepIndex>,
+    expressions: &mut ExpressionTable,
+    limits: &Limits,
+) -> PlanStepKind {
+    let path = step_path(position, step.id());
+    let mut take = |field: &str| expressions.take(&format!("{path}.{field}"));
+    let mut required = |field: &str| take(field).expect("validation compiled every required expression");
+    match step {
+        Step::Task(task) => PlanStepKind::Task(TaskSpec {
+            pool: task.pool.clone(),
+            task: task.task.clone(),
+            input: take("input"),
+            output: take("output"),
+            retry: task.retry.clone(),
+            timeout_ms: task.timeout_ms.unwrap_or(TASK_TIMEOUT_MS_DEFAULT),
+            priority: task.priority.unwrap_or(PRIORITY_DEFAULT),
+            catch: catch_rules(&task.catch, index),
+        }),
+        Step::Map(map) => PlanStepKind::Map {
+            items: required("items"),
+            spec: TaskSpec {
+                pool: map.pool.clone(),
+                task: map.task.clone(),
+                input: take("input"),
+                output: take("output"),
+                retry: map.retry.clone(),
+                timeout_ms: map.timeout_ms.unwrap_or(TASK_TIMEOUT_MS_DEFAULT),
+                priority: map.priority.unwrap_or(PRIORITY_DEFAULT),
+                catch: catch_rules(&map.catch, index),
+            },
+            max_concurrency: map
+                .max_concurrency
+                .unwrap_or_else(|| u32::try_from(limits.map_items_max).unwrap_or(u32::MAX)),
+            tolerated_failures: map.tolerated_failures,
+        },
+        Step::Choice(choice) => PlanStepKind::Choice {
+            rules: choice
+                .choices
+                .iter()
+                .enumerate()
+                .map(|(rule, choice_rule)| {
+                    (required(&format!("choices[{rule}].when")), index[choice_rule.next.as_str()])
+                })
+                .collect(),
+            default: choice.default.as_deref().map(|default| index[default]),
+        },
+        Step::Transform(_) => PlanStepKind::Transform { output: required("output") },
+        Step::Succeed(_) => PlanStepKind::Succeed { output: take("output") },
+        Step::Fail(fail) => PlanStepKind::Fail { error: fail.error.clone(), message: take("message") },
+    }
+}
+
+fn catch_rules(catch: &[Catch], index: &HashMap<&str, StepIndex>) -> Vec<CatchRule> {
+    catch.iter().map(|rule| CatchRule { errors: rule.errors.clone(), next: index[rule.next.as_str()] }).collect()
+}
+
+/// The edges leaving step `position`, in the documented order: plain dependents, choice
+/// rules, the choice default, catches.
+fn outgoing_edges(position: usize, step: &Step, steps: &[Step], index: &HashMap<&str, StepIndex>) -> Vec<Edge> {
+    let id = step.id();
+    let mut edges: Vec<Edge> = steps
+        .iter()
+        .enumerate()
+        .filter(|(_, dependent)| dependent.after().iter().any(|after| after == id))
+        .map(|(dependent, _)| Edge { to: to_index(dependent), when: EdgeWhen::Succeeded })
+        .collect();
+    match step {
+        Step::Choice(choice) => {
+            for (rule, choice_rule) in choice.choices.iter().enumerate() {
+                edges.push(Edge { to: index[choice_rule.next.as_str()], when: EdgeWhen::Branch(rule_number(rule)) });
+            }
+            if let Some(default) = &choice.default {
+                edges.push(Edge { to: index[default.as_str()], when: EdgeWhen::Default });
+            }
+        }
+        Step::Task(_) | Step::Map(_) => {
+            for (rule, catch) in catches(step).iter().enumerate() {
+                edges.push(Edge { to: index[catch.next.as_str()], when: EdgeWhen::Caught(rule_number(rule)) });
+            }
+        }
+        Step::Transform(_) | Step::Succeed(_) | Step::Fail(_) => {}
+    }
+    debug_assert!(edges.iter().all(|edge| usize::from(edge.to) != position), "validation refuses self edges");
+    edges
+}
+
+fn rule_number(rule: usize) -> u16 {
+    u16::try_from(rule).expect("a rule list fits in a definition under definition_bytes_max")
+}
+
+/// The catch rules of a task or map step (none for other kinds).
+pub(crate) fn catches(step: &Step) -> &[Catch] {
+    match step {
+        Step::Task(task) => &task.catch,
+        Step::Map(map) => &map.catch,
+        _ => &[],
+    }
+}
+
+/// Refuses JSON whose arrays and objects nest deeper than `depth_max`, before parsing it.
+fn check_json_depth(text: &str, depth_max: usize) -> Result<()> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for character in text.chars() {
+        column += 1;
+        if character == '\n' {
+            (line, column) = (line + 1, 0);
+        }
+        if in_string {
+            match (escaped, character) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match character {
+            '"' => in_string = true,
+            '{' | '[' => {
+                depth += 1;
+                if depth > depth_max {
+                    return Err(DefinitionError::Parse(format!(
+                        "JSON: nesting deeper than the limit of {depth_max} levels at line {line} column {column}: flatten the value"
+                    )));
+                }
+            }
+            '}' | ']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Pushes an issue at `path`.
+pub(crate) fn push_issue(issues: &mut Vec<Issue>, path: impl Into<String>, message: impl Into<String>) {
+    issues.push(Issue { path: path.into(), message: message.into() });
+}

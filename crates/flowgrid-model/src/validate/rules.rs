@@ -1,0 +1,212 @@
+//! Field rules: names, sizes, retry policies, timeouts, priorities and per-kind settings.
+
+use crate::definition::{Catch, FlowDefinition, RetryPolicy, Step};
+use crate::error::Issue;
+use crate::limits::Limits;
+
+use super::{push_issue, step_path};
+
+/// Attempts a retry policy may ask for: more is a loop, not a retry.
+const ATTEMPTS_MAX: u32 = 100;
+/// Highest task priority.
+const PRIORITY_MAX: u8 = 9;
+
+/// Checks every field that can be judged on its own (no edges, no expressions).
+pub(super) fn check_fields(definition: &FlowDefinition, limits: &Limits, issues: &mut Vec<Issue>) {
+    check_name("name", "flow name", &definition.name, limits, issues);
+    check_timeout("timeout_ms", definition.timeout_ms, issues);
+    if definition.steps.is_empty() {
+        push_issue(issues, "steps", "a flow needs at least one step: add a step");
+    }
+    if definition.steps.len() > limits.steps_max {
+        push_issue(
+            issues,
+            "steps",
+            format!(
+                "the flow has {} steps, over the limit of {}: split it into smaller flows",
+                definition.steps.len(),
+                limits.steps_max
+            ),
+        );
+    }
+    for (position, step) in definition.steps.iter().enumerate() {
+        check_step(&step_path(position, step.id()), step, limits, issues);
+    }
+}
+
+fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>) {
+    check_step_id(&format!("{path}.id"), step.id(), limits, issues);
+    match step {
+        Step::Task(task) => {
+            check_name(&format!("{path}.pool"), "pool name", &task.pool, limits, issues);
+            check_name(&format!("{path}.task"), "task name", &task.task, limits, issues);
+            check_worker_settings(path, &task.retry, task.timeout_ms, task.priority, &task.catch, issues);
+        }
+        Step::Map(map) => {
+            check_name(&format!("{path}.pool"), "pool name", &map.pool, limits, issues);
+            check_name(&format!("{path}.task"), "task name", &map.task, limits, issues);
+            check_worker_settings(path, &map.retry, map.timeout_ms, map.priority, &map.catch, issues);
+            if map.max_concurrency == Some(0) {
+                push_issue(
+                    issues,
+                    format!("{path}.max_concurrency"),
+                    "must be at least 1: set the number of items in flight at once, or leave it out for no bound",
+                );
+            }
+        }
+        Step::Choice(choice) => {
+            if choice.choices.is_empty() {
+                push_issue(
+                    issues,
+                    format!("{path}.choices"),
+                    "a choice needs at least one rule (`when` and `next`): add one, or use `after` for an unconditional edge",
+                );
+            }
+        }
+        Step::Fail(fail) => {
+            if fail.error.trim().is_empty() {
+                push_issue(
+                    issues,
+                    format!("{path}.error"),
+                    "must not be empty: give the error code the run fails with",
+                );
+            }
+        }
+        Step::Transform(_) | Step::Succeed(_) => {}
+    }
+}
+
+fn check_worker_settings(
+    path: &str,
+    retry: &RetryPolicy,
+    timeout_ms: Option<u64>,
+    priority: Option<u8>,
+    catch: &[Catch],
+    issues: &mut Vec<Issue>,
+) {
+    check_retry(&format!("{path}.retry"), retry, issues);
+    check_timeout(&format!("{path}.timeout_ms"), timeout_ms, issues);
+    if let Some(priority) = priority.filter(|&priority| priority > PRIORITY_MAX) {
+        push_issue(
+            issues,
+            format!("{path}.priority"),
+            format!("is {priority}: use a priority from 0 to {PRIORITY_MAX} (higher runs first)"),
+        );
+    }
+    for (rule, catch_rule) in catch.iter().enumerate() {
+        if catch_rule.errors.is_empty() || catch_rule.errors.iter().any(|code| code.trim().is_empty()) {
+            push_issue(
+                issues,
+                format!("{path}.catch[{rule}].errors"),
+                "must list error codes, none empty: name the codes to handle, or `*` for all",
+            );
+        }
+    }
+}
+
+fn check_retry(path: &str, retry: &RetryPolicy, issues: &mut Vec<Issue>) {
+    if retry.max_attempts < 1 || retry.max_attempts > ATTEMPTS_MAX {
+        push_issue(
+            issues,
+            format!("{path}.max_attempts"),
+            format!("is {}: use 1 to {ATTEMPTS_MAX} attempts in all (1 means no retry)", retry.max_attempts),
+        );
+    }
+    if !(retry.backoff_multiplier.is_finite() && retry.backoff_multiplier >= 1.0) {
+        push_issue(
+            issues,
+            format!("{path}.backoff_multiplier"),
+            format!("is {}: use a number of at least 1 (1 keeps the delay constant)", retry.backoff_multiplier),
+        );
+    }
+    if !(0.0..=1.0).contains(&retry.jitter) {
+        push_issue(
+            issues,
+            format!("{path}.jitter"),
+            format!("is {}: use a fraction from 0 to 1 (0.2 = up to 20% shorter)", retry.jitter),
+        );
+    }
+    if retry.max_backoff_ms < retry.initial_backoff_ms {
+        push_issue(
+            issues,
+            format!("{path}.max_backoff_ms"),
+            format!(
+                "is {} ms, below initial_backoff_ms ({} ms): raise max_backoff_ms or lower initial_backoff_ms",
+                retry.max_backoff_ms, retry.initial_backoff_ms
+            ),
+        );
+    }
+    if retry.retry_on.iter().any(|code| code.trim().is_empty()) {
+        push_issue(
+            issues,
+            format!("{path}.retry_on"),
+            "holds an empty error code: remove it, or use `*` for all codes",
+        );
+    }
+}
+
+fn check_timeout(path: &str, timeout_ms: Option<u64>, issues: &mut Vec<Issue>) {
+    if timeout_ms == Some(0) {
+        push_issue(issues, path, "must be greater than 0 ms: set a positive timeout, or leave it out for the default");
+    }
+}
+
+/// Names end up in NATS subjects and keys: letters, digits, `-` and `_` only.
+fn check_name(path: &str, what: &str, name: &str, limits: &Limits, issues: &mut Vec<Issue>) {
+    if name.is_empty() {
+        push_issue(issues, path, format!("the {what} must not be empty: use letters, digits, `-` and `_`"));
+        return;
+    }
+    if name.len() > limits.name_bytes_max {
+        push_issue(
+            issues,
+            path,
+            format!("the {what} is {} bytes, over the limit of {}: shorten it", name.len(), limits.name_bytes_max),
+        );
+    }
+    if let Some(bad) = name.chars().find(|&character| !is_name_character(character)) {
+        push_issue(
+            issues,
+            path,
+            format!("the {what} `{name}` contains {bad:?}: use only letters, digits, `-` and `_` (no dots, spaces or wildcards)"),
+        );
+    }
+}
+
+/// Step ids are read in expressions as `steps.<id>`, so they must be identifiers:
+/// a letter or `_`, then letters, digits and `_`, and not a keyword of the expression language.
+fn check_step_id(path: &str, id: &str, limits: &Limits, issues: &mut Vec<Issue>) {
+    check_name(path, "step id", id, limits, issues);
+    if id.is_empty() || id.len() > limits.name_bytes_max {
+        return;
+    }
+    let starts_well = id.chars().next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_');
+    let identifier = starts_well && id.chars().all(|character| character.is_ascii_alphanumeric() || character == '_');
+    if !identifier {
+        let suggestion: String = id.chars().map(|character| if character == '-' { '_' } else { character }).collect();
+        push_issue(
+            issues,
+            path,
+            format!(
+                "the step id `{id}` is not an identifier, so expressions cannot read it as `steps.{id}`: start with a \
+                 letter or `_` and use only letters, digits and `_` (e.g. `{suggestion}`)"
+            ),
+        );
+    } else if is_expression_keyword(id) {
+        push_issue(issues, path, format!("the step id `{id}` is a keyword of the expression language: choose another id"));
+    }
+}
+
+/// Reserved words of the expression language (Rhai) that cannot follow `steps.`.
+fn is_expression_keyword(id: &str) -> bool {
+    const KEYWORDS: [&str; 36] = [
+        "true", "false", "let", "const", "if", "else", "switch", "do", "while", "until", "loop", "for", "in", "continue",
+        "break", "return", "throw", "try", "catch", "fn", "private", "import", "export", "as", "global", "Fn", "call",
+        "curry", "this", "type_of", "print", "debug", "eval", "is_def_var", "is_def_fn", "is_shared",
+    ];
+    KEYWORDS.contains(&id)
+}
+
+fn is_name_character(character: char) -> bool {
+    character.is_ascii_alphanumeric() || character == '-' || character == '_'
+}

@@ -1,0 +1,383 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::definition::{ChoiceRule, ChoiceStep, RetryPolicy, TaskStep};
+use crate::plan::{Edge, EdgeWhen};
+
+const MEDIA_FLOW: &str = r#"
+name: media
+output: '#{result: steps.merge.output}'
+steps:
+  - id: fetch
+    kind: task
+    pool: cpu-media
+    task: fetch
+  - id: route
+    kind: choice
+    after: [fetch]
+    choices:
+      - when: 'steps.fetch.output.kind == "video"'
+        next: transcode
+    default: thumb
+  - id: transcode
+    kind: task
+    pool: gpu
+    task: transcode
+    retry: { max_attempts: 5, initial_backoff_ms: 100 }
+    catch:
+      - errors: [bad_codec]
+        next: fallback
+  - id: fallback
+    kind: transform
+    output: 'steps.transcode.error.message'
+  - id: thumb
+    kind: map
+    pool: cpu-media
+    task: thumb
+    items: 'steps.fetch.output.frames'
+    input: '#{frame: item, position: index}'
+    output: 'result.len()'
+  - id: merge
+    kind: transform
+    after: [transcode, thumb]
+    output: '#{video: steps.transcode.output, thumbs: steps.thumb.output}'
+"#;
+
+fn limits() -> Limits {
+    Limits::default()
+}
+
+fn evaluator() -> Evaluator {
+    Evaluator::new(&limits())
+}
+
+fn parse(text: &str) -> FlowDefinition {
+    parse_definition(text, &limits()).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// The issues of a definition that must be invalid.
+fn issues_of(text: &str) -> Vec<Issue> {
+    match validate(&parse(text), &evaluator(), &limits()) {
+        Err(DefinitionError::Invalid(issues)) => issues,
+        other => panic!("expected issues, got {other:?}"),
+    }
+}
+
+fn assert_issue(issues: &[Issue], path: &str, phrase: &str) {
+    assert!(
+        issues.iter().any(|issue| issue.path == path && issue.message.contains(phrase)),
+        "no issue at `{path}` containing `{phrase}` in {issues:#?}"
+    );
+}
+
+/// A one-step flow whose step is `step` (YAML mapping lines, indented by four spaces).
+fn one_task_flow(extra: &str) -> String {
+    format!("name: f\nsteps:\n  - id: a\n    kind: task\n    pool: p\n    task: t\n{extra}")
+}
+
+#[test]
+fn yaml_and_json_parse_to_the_same_model() {
+    let from_yaml = parse(MEDIA_FLOW);
+    let json = serde_json::to_string_pretty(&from_yaml).unwrap();
+    assert_eq!(parse(&json), from_yaml);
+    assert_eq!(from_yaml.steps.len(), 6);
+    validate(&from_yaml, &evaluator(), &limits()).unwrap();
+}
+
+#[test]
+fn unknown_field_is_a_parse_error_naming_it() {
+    let text = one_task_flow("    retyr: { max_attempts: 2 }\n");
+    let error = parse_definition(&text, &limits()).unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, DefinitionError::Parse(_)));
+    assert!(message.contains("retyr") && message.contains("line"), "{message}");
+    let json = r#"{"name": "f", "steps": [{"id": "a", "kind": "task", "pool": "p", "task": "t", "retry": {"max_attemps": 2}}]}"#;
+    let message = parse_definition(json, &limits()).unwrap_err().to_string();
+    assert!(message.contains("max_attemps") && message.contains("line 1"), "{message}");
+}
+
+#[test]
+fn oversized_and_deep_definitions_are_refused() {
+    let small = Limits { definition_bytes_max: 10, ..limits() };
+    let message = parse_definition(MEDIA_FLOW, &small).unwrap_err().to_string();
+    assert!(message.contains("over the limit of 10 bytes"), "{message}");
+    let deep = format!("{{\"name\": {}1{}}}", "[".repeat(40), "]".repeat(40));
+    let message = parse_definition(&deep, &limits()).unwrap_err().to_string();
+    assert!(message.contains("nesting deeper than the limit of 32"), "{message}");
+}
+
+#[test]
+fn plan_edges_follow_the_documented_semantics() {
+    let plan = FlowPlan::compile(parse(MEDIA_FLOW), 7, &evaluator(), &limits()).unwrap();
+    let index = |id: &str| plan.step_index(id).unwrap();
+    let (fetch, route, transcode, fallback, thumb, merge) =
+        (index("fetch"), index("route"), index("transcode"), index("fallback"), index("thumb"), index("merge"));
+    let edge = |to, when| Edge { to, when };
+    assert_eq!(plan.step(fetch).outgoing, [edge(route, EdgeWhen::Succeeded)]);
+    assert_eq!(plan.step(route).outgoing, [edge(transcode, EdgeWhen::Branch(0)), edge(thumb, EdgeWhen::Default)]);
+    assert_eq!(plan.step(transcode).outgoing, [edge(merge, EdgeWhen::Succeeded), edge(fallback, EdgeWhen::Caught(0))]);
+    assert_eq!(plan.step(thumb).outgoing, [edge(merge, EdgeWhen::Succeeded)]);
+    assert!(plan.step(fallback).outgoing.is_empty());
+    assert!(plan.step(fetch).deps.is_empty());
+    assert_eq!(plan.step(route).deps, [fetch]);
+    assert_eq!(plan.step(transcode).deps, [route]);
+    assert_eq!(plan.step(fallback).deps, [transcode]);
+    assert_eq!(plan.step(thumb).deps, [route]);
+    assert_eq!(plan.step(merge).deps, [transcode, thumb]);
+    assert_eq!(plan.sinks, [fallback, merge]);
+    assert_eq!((plan.name.as_str(), plan.version), ("media", 7));
+    assert_eq!(&*plan.output.as_ref().unwrap().step_refs, ["merge".to_owned()]);
+}
+
+#[test]
+fn plan_applies_defaults_and_keeps_settings() {
+    let plan = FlowPlan::compile(parse(MEDIA_FLOW), 1, &evaluator(), &limits()).unwrap();
+    let PlanStepKind::Task(transcode) = &plan.step(plan.step_index("transcode").unwrap()).kind else {
+        panic!("transcode is a task");
+    };
+    assert_eq!((transcode.pool.as_str(), transcode.task.as_str()), ("gpu", "transcode"));
+    assert_eq!((transcode.timeout_ms, transcode.priority), (TASK_TIMEOUT_MS_DEFAULT, PRIORITY_DEFAULT));
+    assert_eq!((transcode.retry.max_attempts, transcode.retry.initial_backoff_ms), (5, 100));
+    assert!(transcode.input.is_none() && transcode.output.is_none());
+    assert_eq!(transcode.catch_for("bad_codec").map(|(rule, catch)| (rule, catch.next)), Some((0, 3)));
+    assert!(transcode.catch_for("other").is_none());
+    let PlanStepKind::Map { items, spec, max_concurrency, tolerated_failures } = &plan.step(4).kind else {
+        panic!("thumb is a map");
+    };
+    assert_eq!(&*items.step_refs, ["fetch".to_owned()]);
+    assert_eq!((*max_concurrency, *tolerated_failures), (100_000, 0));
+    assert!(spec.input.is_some() && spec.output.is_some());
+    let PlanStepKind::Choice { rules, default } = &plan.step(1).kind else { panic!("route is a choice") };
+    assert_eq!((rules.len(), rules[0].1, *default), (1, 2, Some(4)));
+}
+
+#[test]
+fn names_are_checked() {
+    let issues = issues_of("name: 'bad name'\nsteps:\n  - {id: 'a.b', kind: task, pool: 'p.*', task: ''}\n");
+    assert_issue(&issues, "name", "use only letters, digits");
+    assert_issue(&issues, "steps[0](a.b).id", "contains '.'");
+    assert_issue(&issues, "steps[0](a.b).pool", "no dots, spaces or wildcards");
+    assert_issue(&issues, "steps[0](a.b).task", "must not be empty");
+    let issues = issues_of(&format!("name: ''\nsteps:\n  - {{id: {}, kind: succeed}}\n", "x".repeat(200)));
+    assert_issue(&issues, "name", "must not be empty");
+    assert_issue(&issues, &format!("steps[0]({}).id", "x".repeat(200)), "over the limit of 128");
+}
+
+#[test]
+fn step_count_is_checked() {
+    assert_issue(&issues_of("name: f\nsteps: []\n"), "steps", "at least one step");
+    let small = Limits { steps_max: 1, ..limits() };
+    let definition = parse("name: f\nsteps:\n  - {id: a, kind: succeed}\n  - {id: b, kind: succeed}\n");
+    let issues = validate(&definition, &Evaluator::new(&small), &small).unwrap_err().issues();
+    assert_issue(&issues, "steps", "over the limit of 1");
+}
+
+#[test]
+fn duplicate_ids_name_both_positions() {
+    let issues = issues_of(
+        "name: f\nsteps:\n  - {id: a, kind: succeed}\n  - {id: b, kind: succeed}\n  - {id: a, kind: succeed}\n",
+    );
+    assert_issue(&issues, "steps[2](a).id", "used by steps[0] and steps[2]");
+}
+
+#[test]
+fn edges_must_name_other_existing_steps() {
+    let issues = issues_of(
+        "name: f\nsteps:\n  - {id: a, kind: task, pool: p, task: t, after: [a, zz], catch: [{next: nope}]}\n  \
+         - {id: b, kind: succeed, after: [a, a]}\n  \
+         - {id: c, kind: choice, choices: [{when: 'true', next: ghost}], default: c}\n",
+    );
+    assert_issue(&issues, "steps[0](a).after[0]", "cannot run after itself");
+    assert_issue(&issues, "steps[0](a).after[1]", "names step `zz`, which does not exist");
+    assert_issue(&issues, "steps[0](a).catch[0].next", "names step `nope`");
+    assert_issue(&issues, "steps[1](b).after[1]", "lists `a` twice");
+    assert_issue(&issues, "steps[2](c).choices[0].next", "names step `ghost`");
+    assert_issue(&issues, "steps[2](c).default", "cannot branch to itself");
+}
+
+#[test]
+fn cycles_report_their_path() {
+    let issues = issues_of(
+        "name: f\nsteps:\n  - {id: a, kind: succeed, after: [c]}\n  - {id: b, kind: succeed, after: [a]}\n  \
+         - {id: c, kind: succeed, after: [b]}\n",
+    );
+    assert_issue(&issues, "steps[0](a)", "cycle: a -> b -> c -> a");
+    // A cycle through a catch target and a choice branch.
+    let issues = issues_of(
+        "name: f\nsteps:\n  - {id: a, kind: task, pool: p, task: t, catch: [{next: b}]}\n  \
+         - {id: b, kind: choice, choices: [{when: 'true', next: a}]}\n",
+    );
+    assert_issue(&issues, "steps[0](a)", "cycle: a -> b -> a");
+}
+
+#[test]
+fn retry_timeouts_priority_and_concurrency_are_checked() {
+    let issues = issues_of(&one_task_flow(
+        "    retry: {max_attempts: 0, backoff_multiplier: 0.5, jitter: 2, initial_backoff_ms: 500, max_backoff_ms: 100}\n    \
+         timeout_ms: 0\n    priority: 12\n",
+    ));
+    assert_issue(&issues, "steps[0](a).retry.max_attempts", "use 1 to 100 attempts");
+    assert_issue(&issues, "steps[0](a).retry.backoff_multiplier", "at least 1");
+    assert_issue(&issues, "steps[0](a).retry.jitter", "from 0 to 1");
+    assert_issue(&issues, "steps[0](a).retry.max_backoff_ms", "below initial_backoff_ms");
+    assert_issue(&issues, "steps[0](a).timeout_ms", "greater than 0");
+    assert_issue(&issues, "steps[0](a).priority", "from 0 to 9");
+    let issues = issues_of(&one_task_flow("    retry: {max_attempts: 101}\n"));
+    assert_issue(&issues, "steps[0](a).retry.max_attempts", "is 101");
+    let issues = issues_of(
+        "name: f\ntimeout_ms: 0\nsteps:\n  - {id: m, kind: map, pool: p, task: t, items: '[1]', max_concurrency: 0}\n  \
+         - {id: c, kind: choice, choices: []}\n  - {id: x, kind: fail, error: ''}\n",
+    );
+    assert_issue(&issues, "timeout_ms", "greater than 0");
+    assert_issue(&issues, "steps[0](m).max_concurrency", "at least 1");
+    assert_issue(&issues, "steps[1](c).choices", "at least one rule");
+    assert_issue(&issues, "steps[2](x).error", "must not be empty");
+}
+
+#[test]
+fn expressions_must_compile_where_they_are() {
+    let issues = issues_of(
+        "name: f\noutput: '1 +'\nsteps:\n  - {id: a, kind: task, pool: p, task: t, input: 'let x = 1'}\n  \
+         - {id: c, kind: choice, after: [a], choices: [{when: 'true', next: d}, {when: 'steps[\"a\"]', next: d}]}\n  \
+         - {id: d, kind: succeed}\n",
+    );
+    assert_issue(&issues, "output", "does not compile");
+    assert_issue(&issues, "steps[0](a).input", "does not compile");
+    assert_issue(&issues, "steps[1](c).choices[1].when", "steps.<id>.output or steps.<id>.error");
+}
+
+#[test]
+fn expressions_read_only_upstream_steps() {
+    let issues = issues_of(
+        "name: f\noutput: 'steps.nowhere.output'\nsteps:\n  - {id: thumb, kind: task, pool: p, task: t}\n  \
+         - {id: merge, kind: transform, output: 'steps.thumb.output'}\n  \
+         - {id: own, kind: task, pool: p, task: t, output: 'steps.own.output'}\n  \
+         - {id: echo, kind: transform, output: 'steps.echo.output'}\n  \
+         - {id: resize-img, kind: task, pool: p, task: t}\n  \
+         - {id: use, kind: transform, after: [resize-img], output: 'steps.resize-img.output'}\n",
+    );
+    assert_issue(&issues, "output", "reads steps.nowhere, which does not exist");
+    assert_issue(
+        &issues,
+        "steps[1](merge).output",
+        "reads steps.thumb, which does not run before merge: add it to `after`",
+    );
+    assert_issue(&issues, "steps[2](own).output", "read the worker's result as `result`");
+    assert_issue(&issues, "steps[3](echo).output", "its own step");
+    assert_issue(&issues, "steps[5](use).output", "rename it with `_`");
+}
+
+#[test]
+fn every_issue_is_reported_at_once() {
+    let issues = issues_of(&one_task_flow("    priority: 10\n    timeout_ms: 0\n    after: [ghost]\n"));
+    assert_eq!(issues.len(), 3, "{issues:#?}");
+    let message = DefinitionError::Invalid(issues).to_string();
+    assert!(message.starts_with("invalid definition (3 problems)"), "{message}");
+}
+
+fn task_step(id: String, after: Vec<String>) -> Step {
+    Step::Task(TaskStep {
+        id,
+        after,
+        pool: "pool".to_owned(),
+        task: "work".to_owned(),
+        input: None,
+        output: None,
+        retry: RetryPolicy::default(),
+        timeout_ms: None,
+        priority: None,
+        catch: Vec::new(),
+    })
+}
+
+/// A DAG definition: step `n` runs after a random subset of the steps before it.
+fn dag_definition() -> impl Strategy<Value = FlowDefinition> {
+    (1usize..24)
+        .prop_flat_map(|count| {
+            proptest::collection::vec(proptest::collection::vec(any::<prop::sample::Index>(), 0..4), count)
+        })
+        .prop_map(|parents| {
+            let steps = parents
+                .iter()
+                .enumerate()
+                .map(|(position, picks)| {
+                    let mut after: Vec<String> = if position == 0 {
+                        Vec::new()
+                    } else {
+                        picks.iter().map(|pick| format!("s{}", pick.index(position))).collect()
+                    };
+                    after.sort();
+                    after.dedup();
+                    task_step(format!("s{position}"), after)
+                })
+                .collect();
+            FlowDefinition { name: "dag".to_owned(), description: None, timeout_ms: None, output: None, steps }
+        })
+}
+
+proptest! {
+    #[test]
+    fn random_dags_validate_and_compile(definition in dag_definition()) {
+        let plan = FlowPlan::compile(definition.clone(), 1, &evaluator(), &limits());
+        prop_assert!(plan.is_ok(), "{:?}", plan.err());
+        let plan = plan.unwrap();
+        prop_assert_eq!(plan.steps.len(), definition.steps.len());
+        for (position, step) in plan.steps.iter().enumerate() {
+            prop_assert!(step.deps.iter().all(|&dep| usize::from(dep) < position));
+            prop_assert_eq!(step.deps.len(), definition.steps[position].after().len());
+        }
+    }
+
+    #[test]
+    fn a_back_edge_makes_a_cycle(definition in dag_definition(), pick in any::<prop::sample::Index>()) {
+        let mut definition = definition;
+        // Find a step with a dependency and make that dependency wait for it.
+        let Some(position) = definition.steps.iter().rposition(|step| !step.after().is_empty()) else {
+            return Ok(());
+        };
+        let after = definition.steps[position].after();
+        let upstream_id = after[pick.index(after.len())].clone();
+        let upstream = definition.steps.iter().position(|step| step.id() == upstream_id).unwrap();
+        let Step::Task(task) = &mut definition.steps[upstream] else { unreachable!() };
+        task.after.push(format!("s{position}"));
+        let issues = validate(&definition, &evaluator(), &limits()).unwrap_err().issues();
+        prop_assert!(issues.iter().any(|issue| issue.message.starts_with("cycle: ")), "{:?}", issues);
+    }
+}
+
+#[test]
+fn choice_targets_count_as_edges_for_references() {
+    let definition = FlowDefinition {
+        name: "f".to_owned(),
+        description: None,
+        timeout_ms: None,
+        output: None,
+        steps: vec![
+            task_step("a".to_owned(), Vec::new()),
+            Step::Choice(ChoiceStep {
+                id: "c".to_owned(),
+                after: vec!["a".to_owned()],
+                choices: vec![ChoiceRule { when: "steps.a.output == 1".to_owned(), next: "b".to_owned() }],
+                default: None,
+            }),
+            Step::Transform(crate::definition::TransformStep {
+                id: "b".to_owned(),
+                after: Vec::new(),
+                output: "steps.a.output + 1".to_owned(),
+            }),
+        ],
+    };
+    validate(&definition, &evaluator(), &limits()).unwrap();
+}
+
+#[test]
+fn step_ids_must_be_identifiers_readable_in_expressions() {
+    let with_id = |id: &str| format!("name: ids\nsteps:\n  - id: {id}\n    kind: transform\n    output: '1'\n");
+    let issues = issues_of(&with_id("resize-img"));
+    assert_issue(&issues, "steps[0](resize-img).id", "e.g. `resize_img`");
+    let issues = issues_of(&with_id("'2nd'"));
+    assert_issue(&issues, "steps[0](2nd).id", "not an identifier");
+    let issues = issues_of(&with_id("loop"));
+    assert_issue(&issues, "steps[0](loop).id", "keyword");
+    assert!(validate(&parse(&with_id("_resize_img2")), &evaluator(), &limits()).is_ok());
+}
