@@ -1,0 +1,100 @@
+//! The store contract against the redb backend, one test per promise, plus the promises
+//! only a file-per-shard backend makes (file naming, locking, closing).
+
+use std::path::Path;
+
+use flowgrid_model::ShardId;
+use flowgrid_store::{contract, keys, Error, ShardStore, Store, StoreLimits, WriteBatch};
+use flowgrid_store_redb::RedbStore;
+
+fn store_in(dir: &Path) -> RedbStore {
+    RedbStore::open(dir, StoreLimits::default()).expect("open the store directory")
+}
+
+macro_rules! contract_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let dir = tempfile::tempdir().expect("create a temporary directory");
+                contract::$name(|| store_in(dir.path())).await;
+            }
+        )*
+    };
+}
+
+contract_tests!(
+    acquire_bumps_the_epoch,
+    commit_with_the_current_epoch_is_readable,
+    commit_with_a_stale_epoch_fails_and_changes_nothing,
+    batch_over_a_limit_writes_nothing,
+    values_and_keys_at_the_limit_pass_and_one_byte_over_fails,
+    scan_orders_limits_and_stays_in_range,
+    clear_and_clear_range_remove_keys,
+    chunked_record_round_trips_at_1_1_megabytes,
+    shards_are_independent,
+    committed_data_survives_reopening,
+);
+
+#[tokio::test]
+async fn whole_suite_shares_one_directory() {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    contract::run_all(|| store_in(dir.path())).await;
+}
+
+#[tokio::test]
+async fn open_creates_the_directory_and_a_zero_padded_file() {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    let data = dir.path().join("nested").join("data");
+    let store = store_in(&data);
+    let shard = store.open_shard(ShardId(17)).await.unwrap();
+    assert_eq!(shard.path(), data.join("shard-00017.redb"));
+    assert!(data.join("shard-00017.redb").is_file());
+}
+
+#[tokio::test]
+async fn a_held_shard_is_busy_until_closed() {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    let store = store_in(dir.path());
+    let held = store.open_shard(ShardId(3)).await.unwrap();
+    let epoch = held.acquire().await.unwrap();
+    let other_owner = store_in(dir.path());
+    match other_owner.open_shard(ShardId(3)).await {
+        Err(Error::Busy { shard, detail }) => {
+            assert_eq!(shard, ShardId(3));
+            assert!(detail.contains("shard-00003.redb"), "the error names the file: {detail}");
+        }
+        other => panic!("opening a held shard must fail with Busy, got {other:?}"),
+    }
+    let mut batch = WriteBatch::new();
+    batch.set(keys::run(&flowgrid_model::RunId("r".into())), b"v".to_vec());
+    held.commit(epoch, batch).await.unwrap();
+    held.close().unwrap();
+    let taken = other_owner.open_shard(ShardId(3)).await.expect("a closed shard opens elsewhere");
+    let new_epoch = taken.acquire().await.unwrap();
+    assert_eq!(new_epoch.0, epoch.0 + 1);
+    drop(taken);
+    let again = store.open_shard(ShardId(3)).await.expect("a dropped shard opens elsewhere");
+    assert_eq!(again.current_epoch().await.unwrap(), new_epoch);
+}
+
+#[tokio::test]
+async fn a_slow_transaction_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    // A zero-millisecond budget makes any transaction that takes a millisecond too slow.
+    let limits = StoreLimits { transaction_ms_max: 0, ..StoreLimits::default() };
+    let store = RedbStore::open(dir.path(), limits).unwrap();
+    let shard = store.open_shard(ShardId(4)).await.unwrap();
+    let epoch = shard.acquire().await.unwrap();
+    let mut batch = WriteBatch::new();
+    // Enough work that applying it takes over a millisecond on any disk.
+    for seq in 0..20_000u64 {
+        batch.set(keys::history(&flowgrid_model::RunId("slow".into()), seq), vec![7u8; 400]);
+    }
+    match shard.commit(epoch, batch).await {
+        Err(Error::TooSlow { limit_ms: 0, .. }) => {}
+        other => panic!("a transaction over its time limit must fail with TooSlow, got {other:?}"),
+    }
+    let written = shard.scan(keys::history_range(&flowgrid_model::RunId("slow".into())), 1, false).await.unwrap();
+    assert!(written.is_empty(), "a refused slow transaction wrote data");
+}

@@ -1,0 +1,366 @@
+//! The contract every store backend passes, as async functions a backend's tests call.
+//!
+//! Each function takes `make`, which must return a store over the same key space every
+//! time it is called (the durability test drops the first store and calls `make` again),
+//! configured with [`StoreLimits::default`], and empty when the suite starts. Every test
+//! works in its own shard, so the whole suite can share one key space ([`run_all`]) or each
+//! test can get a fresh one.
+//!
+//! A failure panics with a message naming the broken promise.
+//!
+//! ```ignore
+//! #[tokio::test]
+//! async fn contract() {
+//!     let dir = tempfile::tempdir().unwrap();
+//!     flowgrid_store::contract::run_all(|| MyStore::open(dir.path()).unwrap()).await;
+//! }
+//! ```
+
+use flowgrid_model::{Epoch, RunId, ShardId};
+
+use crate::{join_chunks, join_records, keys, Error, Key, KeyRange, ShardStore, Store, StoreLimits, Value, WriteBatch};
+
+/// Runs every contract test in turn against stores from `make`.
+pub async fn run_all<S: Store>(make: impl Fn() -> S) {
+    acquire_bumps_the_epoch(&make).await;
+    commit_with_the_current_epoch_is_readable(&make).await;
+    commit_with_a_stale_epoch_fails_and_changes_nothing(&make).await;
+    batch_over_a_limit_writes_nothing(&make).await;
+    values_and_keys_at_the_limit_pass_and_one_byte_over_fails(&make).await;
+    scan_orders_limits_and_stays_in_range(&make).await;
+    clear_and_clear_range_remove_keys(&make).await;
+    chunked_record_round_trips_at_1_1_megabytes(&make).await;
+    shards_are_independent(&make).await;
+    committed_data_survives_reopening(&make).await;
+}
+
+fn run_id(text: &str) -> RunId {
+    RunId(text.to_string())
+}
+
+async fn open<S: Store>(store: &S, shard: ShardId) -> S::Shard {
+    store.open_shard(shard).await.unwrap_or_else(|error| panic!("opening shard {shard} failed: {error}"))
+}
+
+async fn commit_ok<T: ShardStore>(shard: &T, epoch: Epoch, batch: WriteBatch) {
+    shard.commit(epoch, batch).await.unwrap_or_else(|error| panic!("commit with epoch {epoch} failed: {error}"));
+}
+
+async fn get<T: ShardStore>(shard: &T, key: &[u8]) -> Option<Value> {
+    shard.get(key).await.unwrap_or_else(|error| panic!("get failed: {error}"))
+}
+
+async fn scan<T: ShardStore>(shard: &T, range: KeyRange, limit: usize, reverse: bool) -> Vec<(Key, Value)> {
+    shard.scan(range, limit, reverse).await.unwrap_or_else(|error| panic!("scan failed: {error}"))
+}
+
+fn keys_of(pairs: &[(Key, Value)]) -> Vec<Key> {
+    pairs.iter().map(|(key, _)| key.clone()).collect()
+}
+
+/// Deterministic, incompressible-looking bytes (xorshift), so chunk boundaries matter.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// A fresh shard starts at epoch 0; each acquire returns the next epoch and stores it.
+pub async fn acquire_bumps_the_epoch<S: Store>(make: impl Fn() -> S) {
+    let store = make();
+    let shard = open(&store, ShardId(101)).await;
+    assert_eq!(shard.current_epoch().await.unwrap(), Epoch(0), "a fresh shard is at epoch 0");
+    assert_eq!(shard.acquire().await.unwrap(), Epoch(1), "the first acquire returns epoch 1");
+    assert_eq!(shard.acquire().await.unwrap(), Epoch(2), "the second acquire returns epoch 2");
+    assert_eq!(shard.current_epoch().await.unwrap(), Epoch(2), "acquire stores the epoch it returns");
+}
+
+/// A commit with the current epoch applies its sets and is readable by get and scan.
+pub async fn commit_with_the_current_epoch_is_readable<S: Store>(make: impl Fn() -> S) {
+    let store = make();
+    let shard = open(&store, ShardId(102)).await;
+    let epoch = shard.acquire().await.unwrap();
+    let run = run_id("run-1");
+    let mut batch = WriteBatch::new();
+    batch.set(keys::run(&run), b"record".to_vec());
+    batch.set(keys::active(&run), Vec::new());
+    commit_ok(&shard, epoch, batch).await;
+    assert_eq!(get(&shard, &keys::run(&run)).await, Some(b"record".to_vec()));
+    assert_eq!(get(&shard, &keys::active(&run)).await, Some(Vec::new()), "an empty value is a present value");
+    assert_eq!(get(&shard, &keys::snapshot(&run)).await, None, "an unwritten key is absent");
+    let active = scan(&shard, keys::active_range(), usize::MAX, false).await;
+    assert_eq!(active, vec![(keys::active(&run), Vec::new())]);
+    commit_ok(&shard, epoch, WriteBatch::new()).await;
+}
+
+/// After another acquire, a commit with the old epoch fails with `StaleEpoch` naming both
+/// epochs, and none of its mutations is visible; the new epoch still commits.
+pub async fn commit_with_a_stale_epoch_fails_and_changes_nothing<S: Store>(make: impl Fn() -> S) {
+    let store = make();
+    let shard = open(&store, ShardId(103)).await;
+    let old = shard.acquire().await.unwrap();
+    let mut first = WriteBatch::new();
+    first.set(keys::run(&run_id("kept")), b"v1".to_vec());
+    commit_ok(&shard, old, first).await;
+    let new = shard.acquire().await.unwrap();
+    let mut stale = WriteBatch::new();
+    stale.set(keys::run(&run_id("kept")), b"overwritten".to_vec());
+    stale.set(keys::run(&run_id("new")), b"v".to_vec());
+    stale.clear_range(keys::active_range());
+    match shard.commit(old, stale).await {
+        Err(Error::StaleEpoch { shard: shard_id, epoch, current }) => {
+            assert_eq!((shard_id, epoch, current), (ShardId(103), old, new), "StaleEpoch names the epochs");
+        }
+        other => panic!("a commit with a stale epoch must fail with StaleEpoch, got {other:?}"),
+    }
+    assert_eq!(get(&shard, &keys::run(&run_id("kept"))).await, Some(b"v1".to_vec()), "stale commit changed a key");
+    assert_eq!(get(&shard, &keys::run(&run_id("new"))).await, None, "stale commit wrote a key");
+    assert!(
+        matches!(shard.commit(old, WriteBatch::new()).await, Err(Error::StaleEpoch { .. })),
+        "even an empty batch is fenced"
+    );
+    assert!(
+        matches!(shard.commit(Epoch(new.0 + 1), WriteBatch::new()).await, Err(Error::StaleEpoch { .. })),
+        "an epoch from the future is refused too"
+    );
+    let mut fresh = WriteBatch::new();
+    fresh.set(keys::run(&run_id("new")), b"v".to_vec());
+    commit_ok(&shard, new, fresh).await;
+    assert_eq!(get(&shard, &keys::run(&run_id("new"))).await, Some(b"v".to_vec()));
+}
+
+/// A batch with one mutation over a limit fails as a whole: nothing of it is written.
+pub async fn batch_over_a_limit_writes_nothing<S: Store>(make: impl Fn() -> S) {
+    let limits = StoreLimits::default();
+    let store = make();
+    let shard = open(&store, ShardId(104)).await;
+    let epoch = shard.acquire().await.unwrap();
+    let good_key = keys::run(&run_id("good"));
+
+    let mut value_over = WriteBatch::new();
+    value_over.set(good_key.clone(), b"v".to_vec());
+    value_over.set(keys::run(&run_id("big")), vec![0u8; limits.value_bytes_max + 1]);
+    assert!(matches!(shard.commit(epoch, value_over).await, Err(Error::TooLarge { what: "value", .. })));
+
+    let mut key_over = WriteBatch::new();
+    key_over.set(good_key.clone(), b"v".to_vec());
+    key_over.set(vec![b'k'; limits.key_bytes_max + 1], b"v".to_vec());
+    assert!(matches!(shard.commit(epoch, key_over).await, Err(Error::TooLarge { what: "key", .. })));
+
+    let mut transaction_over = WriteBatch::new();
+    transaction_over.set(good_key.clone(), b"v".to_vec());
+    let per_value = limits.value_bytes_max;
+    for index in 0..=(limits.transaction_bytes_max / per_value) as u64 {
+        transaction_over.set(keys::history(&run_id("good"), index), vec![1u8; per_value]);
+    }
+    assert!(matches!(shard.commit(epoch, transaction_over).await, Err(Error::TooLarge { what: "transaction", .. })));
+
+    let mut reserved = WriteBatch::new();
+    reserved.set(good_key.clone(), b"v".to_vec());
+    reserved.set(keys::epoch(), keys::encode_epoch(Epoch(99)));
+    assert!(matches!(shard.commit(epoch, reserved).await, Err(Error::ReservedKey { .. })));
+
+    assert_eq!(get(&shard, &good_key).await, None, "a refused batch wrote its valid mutation");
+    assert!(scan(&shard, keys::history_range(&run_id("good")), usize::MAX, false).await.is_empty());
+    assert_eq!(shard.current_epoch().await.unwrap(), epoch, "a refused batch changed the epoch");
+}
+
+/// Values and keys of exactly the limit commit; one byte more is refused.
+pub async fn values_and_keys_at_the_limit_pass_and_one_byte_over_fails<S: Store>(make: impl Fn() -> S) {
+    let limits = StoreLimits::default();
+    let store = make();
+    let shard = open(&store, ShardId(105)).await;
+    let epoch = shard.acquire().await.unwrap();
+    let value_key = keys::run(&run_id("at-limit"));
+    let mut at_limit = WriteBatch::new();
+    at_limit.set(value_key.clone(), pattern(limits.value_bytes_max, 5));
+    let long_key = vec![b'k'; limits.key_bytes_max];
+    at_limit.set(long_key.clone(), b"v".to_vec());
+    commit_ok(&shard, epoch, at_limit).await;
+    assert_eq!(get(&shard, &value_key).await, Some(pattern(limits.value_bytes_max, 5)));
+    assert_eq!(get(&shard, &long_key).await, Some(b"v".to_vec()));
+
+    let mut value_over = WriteBatch::new();
+    value_over.set(value_key.clone(), vec![0u8; limits.value_bytes_max + 1]);
+    match shard.commit(epoch, value_over).await {
+        Err(Error::TooLarge { what: "value", size, limit }) => {
+            assert_eq!((size, limit), (limits.value_bytes_max + 1, limits.value_bytes_max));
+        }
+        other => panic!("a value one byte over the limit must fail with TooLarge, got {other:?}"),
+    }
+    let mut key_over = WriteBatch::new();
+    key_over.set(vec![b'k'; limits.key_bytes_max + 1], b"v".to_vec());
+    match shard.commit(epoch, key_over).await {
+        Err(Error::TooLarge { what: "key", size, limit }) => {
+            assert_eq!((size, limit), (limits.key_bytes_max + 1, limits.key_bytes_max));
+        }
+        other => panic!("a key one byte over the limit must fail with TooLarge, got {other:?}"),
+    }
+    assert_eq!(get(&shard, &value_key).await, Some(pattern(limits.value_bytes_max, 5)), "a refused value was written");
+}
+
+/// Scans return keys in order (or reverse order), honour the limit, and never leave their
+/// range, even when neighbouring ranges hold keys.
+pub async fn scan_orders_limits_and_stays_in_range<S: Store>(make: impl Fn() -> S) {
+    let store = make();
+    let shard = open(&store, ShardId(106)).await;
+    let epoch = shard.acquire().await.unwrap();
+    let ids = ["run-c", "run-a", "run-e", "run-b", "run-d"];
+    let mut batch = WriteBatch::new();
+    for (index, id) in ids.iter().enumerate() {
+        let run = run_id(id);
+        batch.set(keys::active(&run), id.as_bytes().to_vec());
+        batch.set(keys::run(&run), b"record".to_vec());
+        batch.set(keys::created(1_000 - index as u64, &run), Vec::new());
+    }
+    batch.set(keys::catalog("flow", 1), b"definition".to_vec());
+    commit_ok(&shard, epoch, batch).await;
+
+    let sorted: Vec<Key> =
+        ["run-a", "run-b", "run-c", "run-d", "run-e"].iter().map(|id| keys::active(&run_id(id))).collect();
+    let forward = scan(&shard, keys::active_range(), usize::MAX, false).await;
+    assert_eq!(keys_of(&forward), sorted, "forward scan is in key order and holds only its range");
+    assert_eq!(forward[0].1, b"run-a".to_vec(), "scan returns values with their keys");
+    let reverse = scan(&shard, keys::active_range(), usize::MAX, true).await;
+    let mut reversed = sorted.clone();
+    reversed.reverse();
+    assert_eq!(keys_of(&reverse), reversed, "reverse scan is in reverse key order");
+    assert_eq!(keys_of(&scan(&shard, keys::active_range(), 2, false).await), sorted[..2].to_vec(), "limit, forward");
+    assert_eq!(keys_of(&scan(&shard, keys::active_range(), 2, true).await), reversed[..2].to_vec(), "limit, reverse");
+    assert!(scan(&shard, keys::active_range(), 0, false).await.is_empty(), "limit 0 returns nothing");
+
+    let newest_first = scan(&shard, keys::created_range(), 1, true).await;
+    assert_eq!(keys::decode_created(&newest_first[0].0).unwrap(), (1_000, run_id("run-c")), "created index, newest");
+    let catalog = scan(&shard, keys::catalog_range(), usize::MAX, false).await;
+    assert_eq!(keys_of(&catalog), vec![keys::catalog("flow", 1)]);
+    assert!(scan(&shard, keys::catalog_flow_range("flo"), usize::MAX, false).await.is_empty(), "flow range is exact");
+
+    let middle = KeyRange { begin: keys::active(&run_id("run-b")), end: keys::active(&run_id("run-d")) };
+    assert_eq!(keys_of(&scan(&shard, middle, usize::MAX, false).await), sorted[1..3].to_vec(), "begin in, end out");
+    let backwards = KeyRange { begin: keys::active(&run_id("run-d")), end: keys::active(&run_id("run-b")) };
+    assert!(scan(&shard, backwards, usize::MAX, false).await.is_empty(), "a range with begin > end is empty");
+    let prefix = KeyRange::prefix(&keys::active(&run_id("run-a"))[..5]);
+    assert_eq!(scan(&shard, prefix, usize::MAX, false).await.len(), 5, "a raw byte prefix range");
+}
+
+/// `clear` removes one key; `clear_range` removes exactly `[begin, end)`; mutations apply
+/// in order within a batch.
+pub async fn clear_and_clear_range_remove_keys<S: Store>(make: impl Fn() -> S) {
+    let store = make();
+    let shard = open(&store, ShardId(107)).await;
+    let epoch = shard.acquire().await.unwrap();
+    let ids: Vec<RunId> = (0..6).map(|index| run_id(&format!("run-{index}"))).collect();
+    let mut batch = WriteBatch::new();
+    for id in &ids {
+        batch.set(keys::active(id), Vec::new());
+        batch.set(keys::run(id), b"record".to_vec());
+    }
+    commit_ok(&shard, epoch, batch).await;
+
+    let mut clears = WriteBatch::new();
+    clears.clear(keys::run(&ids[0]));
+    clears.clear(keys::run(&run_id("never-written")));
+    clears.clear_range(KeyRange { begin: keys::active(&ids[1]), end: keys::active(&ids[4]) });
+    commit_ok(&shard, epoch, clears).await;
+    assert_eq!(get(&shard, &keys::run(&ids[0])).await, None, "clear removed the key");
+    assert_eq!(get(&shard, &keys::run(&ids[1])).await, Some(b"record".to_vec()), "clear removed only its key");
+    let active = scan(&shard, keys::active_range(), usize::MAX, false).await;
+    let expected: Vec<Key> = [0, 4, 5].iter().map(|&index| keys::active(&ids[index])).collect();
+    assert_eq!(keys_of(&active), expected, "clear_range removed [begin, end) only");
+
+    let mut ordered = WriteBatch::new();
+    ordered.clear_range(keys::active_range());
+    ordered.set(keys::active(&ids[2]), b"again".to_vec());
+    ordered.set(keys::run(&ids[3]), b"first".to_vec());
+    ordered.clear(keys::run(&ids[3]));
+    commit_ok(&shard, epoch, ordered).await;
+    let active = scan(&shard, keys::active_range(), usize::MAX, false).await;
+    assert_eq!(active, vec![(keys::active(&ids[2]), b"again".to_vec())], "a set after a range clear survives");
+    assert_eq!(get(&shard, &keys::run(&ids[3])).await, None, "a clear after a set wins");
+}
+
+/// A 1.1 MB record written with `set_chunked` reads back byte for byte; rewriting it
+/// smaller leaves no stale chunk; many chunked records in one range join in order.
+pub async fn chunked_record_round_trips_at_1_1_megabytes<S: Store>(make: impl Fn() -> S) {
+    let limits = StoreLimits::default();
+    let store = make();
+    let shard = open(&store, ShardId(108)).await;
+    let epoch = shard.acquire().await.unwrap();
+    let run = run_id("run-big");
+    let record_key = keys::snapshot(&run);
+    let big = pattern(1_100_000, 11);
+    let mut batch = WriteBatch::new();
+    assert_eq!(batch.set_chunked(&record_key, &big, &limits), 11);
+    commit_ok(&shard, epoch, batch).await;
+    let chunks = scan(&shard, keys::chunks_range(&record_key), usize::MAX, false).await;
+    assert_eq!(chunks.len(), 11);
+    assert!(join_chunks(chunks).unwrap() == Some(big), "a 1.1 MB record read back differs");
+
+    let small = pattern(150_000, 12);
+    let mut rewrite = WriteBatch::new();
+    rewrite.set_chunked(&record_key, &small, &limits);
+    commit_ok(&shard, epoch, rewrite).await;
+    let chunks = scan(&shard, keys::chunks_range(&record_key), usize::MAX, false).await;
+    assert_eq!(chunks.len(), 2, "rewriting a record smaller leaves no stale chunk");
+    assert!(join_chunks(chunks).unwrap() == Some(small));
+
+    let mut events = WriteBatch::new();
+    for seq in 1..=3u64 {
+        events.set_chunked(&keys::history(&run, seq), &pattern(seq as usize * 90_000, seq), &limits);
+    }
+    commit_ok(&shard, epoch, events).await;
+    let history = scan(&shard, keys::history_range(&run), usize::MAX, false).await;
+    let records = join_records(history).unwrap();
+    assert_eq!(records.len(), 3);
+    for (index, (key, value)) in records.iter().enumerate() {
+        let seq = index as u64 + 1;
+        assert_eq!(keys::decode_history(key).unwrap(), (run.clone(), seq), "history records in seq order");
+        assert!(*value == pattern(seq as usize * 90_000, seq), "history record {seq} differs");
+    }
+}
+
+/// Two shards of one store have separate epochs and separate keys.
+pub async fn shards_are_independent<S: Store>(make: impl Fn() -> S) {
+    let store = make();
+    let first = open(&store, ShardId(109)).await;
+    let second = open(&store, ShardId(110)).await;
+    let first_epoch = first.acquire().await.unwrap();
+    first.acquire().await.unwrap();
+    let second_epoch = second.acquire().await.unwrap();
+    assert_eq!(second_epoch, Epoch(1), "acquiring one shard does not bump another");
+    let key = keys::run(&run_id("shared-id"));
+    let mut batch = WriteBatch::new();
+    batch.set(key.clone(), b"second".to_vec());
+    commit_ok(&second, second_epoch, batch).await;
+    assert_eq!(get(&first, &key).await, None, "a key written in one shard is visible in another");
+    assert!(matches!(first.commit(first_epoch, WriteBatch::new()).await, Err(Error::StaleEpoch { .. })));
+}
+
+/// Data committed, the store dropped and made again: the data and the epoch are still
+/// there.
+pub async fn committed_data_survives_reopening<S: Store>(make: impl Fn() -> S) {
+    let run = run_id("durable");
+    let epoch = {
+        let store = make();
+        let shard = open(&store, ShardId(111)).await;
+        let epoch = shard.acquire().await.unwrap();
+        let mut batch = WriteBatch::new();
+        batch.set(keys::run(&run), b"record".to_vec());
+        batch.set_chunked(&keys::snapshot(&run), &pattern(250_000, 3), &StoreLimits::default());
+        commit_ok(&shard, epoch, batch).await;
+        epoch
+    };
+    let store = make();
+    let shard = open(&store, ShardId(111)).await;
+    assert_eq!(shard.current_epoch().await.unwrap(), epoch, "the epoch survives reopening");
+    assert_eq!(get(&shard, &keys::run(&run)).await, Some(b"record".to_vec()), "a committed key survives reopening");
+    let chunks = scan(&shard, keys::chunks_range(&keys::snapshot(&run)), usize::MAX, false).await;
+    assert!(join_chunks(chunks).unwrap() == Some(pattern(250_000, 3)), "a chunked record survives reopening");
+    assert_eq!(shard.acquire().await.unwrap(), Epoch(epoch.0 + 1), "acquire continues from the stored epoch");
+}

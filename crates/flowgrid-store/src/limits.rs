@@ -1,0 +1,32 @@
+//! FoundationDB's limits, enforced by every backend.
+
+/// FoundationDB's hard limit on a key, prefix included.
+pub const FDB_KEY_BYTES_MAX: usize = 10_000;
+/// FoundationDB's hard limit on a value.
+pub const FDB_VALUE_BYTES_MAX: usize = 100_000;
+
+/// Limits every transaction is checked against before it commits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// FoundationDB refuses keys over 10,000 bytes, counting the backend's prefix (cluster
+    /// root and shard); the default keeps 1,000 bytes of those for the prefix.
+    pub key_bytes_max: usize,
+    /// FoundationDB refuses values over 100,000 bytes; larger records are chunked.
+    pub value_bytes_max: usize,
+    /// FoundationDB refuses transactions over 10,000,000 bytes, counting key prefixes and
+    /// conflict ranges; the default keeps 1,000,000 bytes of those for that overhead.
+    pub transaction_bytes_max: usize,
+    /// FoundationDB aborts transactions older than 5 s.
+    pub transaction_ms_max: u64,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            key_bytes_max: 9_000,
+            value_bytes_max: 100_000,
+            transaction_bytes_max: 9_000_000,
+            transaction_ms_max: 5_000,
+        }
+    }
+}
