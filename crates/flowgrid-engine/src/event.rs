@@ -1,0 +1,89 @@
+//! Events the engine accepts and effects it asks the driver to carry out.
+
+use flowgrid_model::{AttemptId, Millis, RunId};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// An input to a run. Every accepted event is persisted (the run's history) before its
+/// effects are carried out; replaying the history rebuilds the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A worker finished an attempt.
+    TaskSucceeded { attempt: AttemptId, output: Value },
+    /// A worker reported an error for an attempt.
+    TaskFailed { attempt: AttemptId, error: TaskError },
+    /// A timer the run armed came due.
+    TimerFired { timer: TimerKey },
+    /// Someone asked to cancel the run.
+    CancelRequested { reason: String },
+}
+
+/// The result of [`crate::Run::apply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The event changed the run: persist it, then carry out the effects.
+    Accepted,
+    /// The event changed nothing (stale attempt, run already ended, timer no longer
+    /// armed): do not persist it. The string says why, for logs and metrics.
+    Ignored(&'static str),
+}
+
+/// An error reported for an attempt (by a worker, or `timeout` by the engine).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskError {
+    /// Machine-readable code; retry policies and catches match on it.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// `false` means never retry, whatever the policy says.
+    #[serde(default = "default_true")]
+    pub retryable: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// What a timer is for. Timers are scoped to one run.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TimerKey {
+    /// Backoff after a failed attempt is over: dispatch attempt `attempt.attempt`.
+    RetryDue { attempt: AttemptId },
+    /// Start-to-close timeout of an open attempt.
+    AttemptTimeout { attempt: AttemptId },
+    /// The flow's `timeout_ms`.
+    RunTimeout,
+}
+
+/// Work for a worker pool: the driver publishes it to the pool's task subject.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskDispatch {
+    /// The attempt; its message id de-duplicates republished tasks.
+    pub attempt: AttemptId,
+    /// Worker pool whose task subject carries it.
+    pub pool: String,
+    /// Task name the worker dispatches on.
+    pub task: String,
+    /// The evaluated task input.
+    pub input: Value,
+    /// Absolute start-to-close deadline of this attempt.
+    pub deadline_ms: Millis,
+    /// 0-9, higher first; advisory.
+    pub priority: u8,
+}
+
+/// What the driver must do, in order, after persisting the event behind it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Publish a task to its pool.
+    Dispatch(TaskDispatch),
+    /// Arm a timer; when due, feed `Event::TimerFired`. Arming a key again moves it.
+    ArmTimer { run_id: RunId, timer: TimerKey, due_ms: Millis },
+    /// Forget a timer (it would be ignored anyway; this keeps the wheel small).
+    CancelTimer { run_id: RunId, timer: TimerKey },
+    /// The run reached its terminal status (emitted exactly once per run).
+    RunFinished { run_id: RunId, status: crate::RunStatus },
+}

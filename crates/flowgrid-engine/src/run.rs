@@ -1,0 +1,323 @@
+//! One run's state and its transitions.
+//!
+//! The submodules split the transitions by idea: [`steps`] starts a ready step by kind,
+//! [`map`] fans a map step out and in, [`results`] applies results and timers to open
+//! attempts, [`resolve`] propagates a resolved step along its edges, [`retry`] computes
+//! backoff delays, [`scope`] evaluates expressions.
+//!
+//! Invariants kept here:
+//! - `timers` holds exactly the armed timers: an `AttemptTimeout` per open attempt, a
+//!   `RetryDue` per attempt waiting for its backoff, and `RunTimeout` while the run goes;
+//! - `unresolved` counts the steps that have not resolved (pending, running, retrying);
+//! - `agenda` is empty between two calls.
+//!
+//! On a terminal transition the run emits a `CancelTimer` for every armed timer, then
+//! exactly one `RunFinished`; afterwards it arms nothing and accepts no event.
+
+mod map;
+mod resolve;
+mod results;
+mod retry;
+mod scope;
+mod state;
+mod steps;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, PlanStepKind, RunId, StepIndex};
+use serde_json::Value;
+
+use crate::{Applied, Effect, Event, RunStatus, RunView, StepStatus, StepView, TaskDispatch, TaskError, TimerKey};
+use resolve::Agenda;
+use state::{Item, Phase, Slot, StepState, Work};
+
+/// The state of one run. Built by [`Run::start`], advanced by [`Run::apply`].
+#[derive(Debug)]
+pub struct Run {
+    plan: Arc<FlowPlan>,
+    run_id: RunId,
+    input: Value,
+    status: RunStatus,
+    output: Option<Value>,
+    error: Option<TaskError>,
+    created_ms: Millis,
+    ended_ms: Option<Millis>,
+    /// By step index.
+    steps: Vec<StepState>,
+    /// Steps not resolved yet; the run succeeds by itself when this reaches zero.
+    unresolved: usize,
+    timers: BTreeMap<TimerKey, Millis>,
+    /// Work left over from the current transition (always empty between calls).
+    agenda: VecDeque<Agenda>,
+}
+
+/// What one transition needs besides the run: the evaluator, the time and the effects.
+struct Context<'a> {
+    evaluator: &'a Evaluator,
+    now: Millis,
+    effects: &'a mut Vec<Effect>,
+}
+
+impl Run {
+    /// Starts a run of `plan` with `input` at `now`: evaluates and dispatches the steps
+    /// without dependencies, arms the run timeout. A run may end at once (e.g. a flow of
+    /// transforms only), in which case `RunFinished` is among the effects.
+    pub fn start(
+        plan: Arc<FlowPlan>,
+        evaluator: &Evaluator,
+        run_id: RunId,
+        input: Value,
+        now: Millis,
+        effects: &mut Vec<Effect>,
+    ) -> Run {
+        let steps = plan.steps.iter().map(|_| StepState::new()).collect();
+        let mut run = Run {
+            unresolved: plan.steps.len(),
+            plan: Arc::clone(&plan),
+            run_id,
+            input,
+            status: RunStatus::Running,
+            output: None,
+            error: None,
+            created_ms: now,
+            ended_ms: None,
+            steps,
+            timers: BTreeMap::new(),
+            agenda: VecDeque::new(),
+        };
+        let mut context = Context { evaluator, now, effects };
+        if let Some(timeout_ms) = plan.timeout_ms {
+            run.arm_timer(TimerKey::RunTimeout, now.saturating_add(timeout_ms), &mut context);
+        }
+        for (position, step) in plan.steps.iter().enumerate() {
+            if step.deps.is_empty() {
+                run.steps[position].activated = true;
+                run.agenda.push_back(Agenda::Start(position as StepIndex));
+            }
+        }
+        run.work_agenda(&mut context);
+        run
+    }
+
+    /// Applies one event at `now`.
+    pub fn apply(&mut self, evaluator: &Evaluator, now: Millis, event: &Event, effects: &mut Vec<Effect>) -> Applied {
+        if self.status.is_terminal() {
+            return Applied::Ignored("run already ended");
+        }
+        let mut context = Context { evaluator, now, effects };
+        let applied = match event {
+            Event::TaskSucceeded { attempt, output } => self.on_task_succeeded(attempt, output, &mut context),
+            Event::TaskFailed { attempt, error } => self.on_task_failed(attempt, error, &mut context),
+            Event::TimerFired { timer } => self.on_timer(timer, &mut context),
+            Event::CancelRequested { reason } => {
+                let error = TaskError { code: "cancelled".to_owned(), message: reason.clone(), retryable: false };
+                self.finish(RunStatus::Cancelled, None, Some(error), &mut context);
+                Applied::Accepted
+            }
+        };
+        if applied == Applied::Accepted {
+            self.work_agenda(&mut context);
+        }
+        assert!(self.agenda.is_empty(), "agenda left over after an event");
+        applied
+    }
+
+    /// Every attempt that is dispatched and not finished, as it was dispatched: the driver
+    /// republishes these after reloading a shard (duplicates are harmless).
+    pub fn open_dispatches(&self) -> Vec<TaskDispatch> {
+        let mut dispatches = Vec::new();
+        for (position, state) in self.steps.iter().enumerate() {
+            let index = position as StepIndex;
+            match &state.work {
+                Work::Idle => {}
+                Work::Task(slot) => dispatches.extend(self.open_dispatch(index, None, slot)),
+                Work::Map(map) => {
+                    for (item, entry) in map.items.iter().enumerate() {
+                        if let Item::Active(slot) = entry {
+                            dispatches.extend(self.open_dispatch(index, Some(item as u32), slot));
+                        }
+                    }
+                }
+            }
+        }
+        dispatches
+    }
+
+    /// Every armed timer with its due time: the driver re-arms these after a reload.
+    pub fn armed_timers(&self) -> Vec<(TimerKey, Millis)> {
+        self.timers.iter().map(|(timer, due_ms)| (timer.clone(), *due_ms)).collect()
+    }
+
+    /// The run's id.
+    pub fn id(&self) -> &RunId {
+        &self.run_id
+    }
+
+    /// The run's status; terminal once it has ended.
+    pub fn status(&self) -> RunStatus {
+        self.status
+    }
+
+    /// The plan the run executes.
+    pub fn plan(&self) -> &Arc<FlowPlan> {
+        &self.plan
+    }
+
+    /// A snapshot of the run for the API.
+    pub fn view(&self) -> RunView {
+        let steps = self
+            .plan
+            .steps
+            .iter()
+            .zip(&self.steps)
+            .map(|(step, state)| StepView {
+                id: step.id.clone(),
+                kind: kind_name(&step.kind).to_owned(),
+                status: state.status,
+                attempts: state.attempts,
+                started_ms: state.started_ms,
+                ended_ms: state.ended_ms,
+                output: state.output.clone(),
+                error: state.error.clone(),
+                caught: state.caught,
+                items: match &state.work {
+                    Work::Map(map) => Some(map.counts()),
+                    _ => None,
+                },
+            })
+            .collect();
+        RunView {
+            run_id: self.run_id.clone(),
+            flow: self.plan.name.clone(),
+            version: self.plan.version,
+            status: self.status,
+            input: self.input.clone(),
+            output: self.output.clone(),
+            error: self.error.clone(),
+            created_ms: self.created_ms,
+            ended_ms: self.ended_ms,
+            steps,
+        }
+    }
+
+    /// The dispatch of `slot` if its attempt is out.
+    fn open_dispatch(&self, index: StepIndex, item: Option<u32>, slot: &Slot) -> Option<TaskDispatch> {
+        match slot.phase {
+            Phase::Open { deadline_ms } => Some(self.task_dispatch(index, item, slot, deadline_ms)),
+            Phase::New | Phase::Retrying { .. } => None,
+        }
+    }
+
+    /// The task message of the current attempt of `slot`.
+    fn task_dispatch(&self, index: StepIndex, item: Option<u32>, slot: &Slot, deadline_ms: Millis) -> TaskDispatch {
+        let spec = steps::task_spec(&self.plan.step(index).kind).expect("only task and map steps dispatch");
+        TaskDispatch {
+            attempt: self.attempt_id(index, item, slot.attempt),
+            pool: spec.pool.clone(),
+            task: spec.task.clone(),
+            input: slot.input.clone(),
+            deadline_ms,
+            priority: spec.priority,
+        }
+    }
+
+    fn attempt_id(&self, index: StepIndex, item: Option<u32>, attempt: u32) -> AttemptId {
+        AttemptId { run_id: self.run_id.clone(), step: self.plan.step(index).id.clone(), item, attempt }
+    }
+
+    fn state(&mut self, index: StepIndex) -> &mut StepState {
+        &mut self.steps[usize::from(index)]
+    }
+
+    fn arm_timer(&mut self, timer: TimerKey, due_ms: Millis, context: &mut Context<'_>) {
+        assert!(!self.status.is_terminal(), "a finished run arms no timer");
+        context.effects.push(Effect::ArmTimer { run_id: self.run_id.clone(), timer: timer.clone(), due_ms });
+        self.timers.insert(timer, due_ms);
+    }
+
+    fn cancel_timer(&mut self, timer: &TimerKey, context: &mut Context<'_>) {
+        if self.timers.remove(timer).is_some() {
+            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer: timer.clone() });
+        }
+    }
+
+    /// Ends the run: every unresolved step is cancelled, every timer cancelled, and one
+    /// `RunFinished` emitted.
+    fn finish(
+        &mut self,
+        status: RunStatus,
+        output: Option<Value>,
+        error: Option<TaskError>,
+        context: &mut Context<'_>,
+    ) {
+        assert!(!self.status.is_terminal(), "a run finishes once");
+        assert!(status.is_terminal(), "a run finishes in a terminal status");
+        self.status = status;
+        self.output = output;
+        self.error = error;
+        self.ended_ms = Some(context.now);
+        for state in &mut self.steps {
+            if state.is_open() {
+                cancel_step(state, context.now);
+            }
+        }
+        for timer in std::mem::take(&mut self.timers).into_keys() {
+            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer });
+        }
+        self.agenda.clear();
+        context.effects.push(Effect::RunFinished { run_id: self.run_id.clone(), status });
+    }
+
+    /// Fails the run with `error`.
+    fn fail_run(&mut self, error: TaskError, context: &mut Context<'_>) {
+        self.finish(RunStatus::Failed, None, Some(error), context);
+    }
+
+    /// Marks step `index` failed with `error` and fails the run with the same error (an
+    /// error no catch may handle, such as a broken expression).
+    fn fail_step_and_run(&mut self, index: StepIndex, error: TaskError, context: &mut Context<'_>) {
+        let now = context.now;
+        let state = self.state(index);
+        assert!(state.is_open(), "only an unresolved step fails");
+        state.status = StepStatus::Failed;
+        state.error = Some(error.clone());
+        state.ended_ms = Some(now);
+        state.work = abandon(std::mem::replace(&mut state.work, Work::Idle));
+        self.unresolved -= 1;
+        self.fail_run(error, context);
+    }
+}
+
+/// Cancels an unresolved step because the run ended.
+fn cancel_step(state: &mut StepState, now: Millis) {
+    if state.started_ms.is_some() {
+        state.ended_ms = Some(now);
+    }
+    state.status = StepStatus::Cancelled;
+    state.work = abandon(std::mem::replace(&mut state.work, Work::Idle));
+}
+
+/// The work of a step that ended: a task drops its slot, a map keeps its counts and
+/// abandons its active items.
+fn abandon(work: Work) -> Work {
+    match work {
+        Work::Idle | Work::Task(_) => Work::Idle,
+        Work::Map(mut map) => {
+            map.items.clear();
+            map.active = 0;
+            Work::Map(map)
+        }
+    }
+}
+
+fn kind_name(kind: &PlanStepKind) -> &'static str {
+    match kind {
+        PlanStepKind::Task(_) => "task",
+        PlanStepKind::Map { .. } => "map",
+        PlanStepKind::Choice { .. } => "choice",
+        PlanStepKind::Transform { .. } => "transform",
+        PlanStepKind::Succeed { .. } => "succeed",
+        PlanStepKind::Fail { .. } => "fail",
+    }
+}

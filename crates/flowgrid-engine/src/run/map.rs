@@ -1,0 +1,207 @@
+//! Map steps: fan-out over a list, at most `max_concurrency` items in flight, fan-in in
+//! item order.
+//!
+//! Invariants: items below `next_pending` have been started, the others are `Pending`;
+//! `active` counts `Active` items and never exceeds `max_concurrency`; once more items
+//! have failed than the step tolerates, the step fails with `map_failed`, starts no further
+//! item and abandons its active ones (their results are then ignored).
+
+use std::sync::Arc;
+
+use flowgrid_model::plan::TaskSpec;
+use flowgrid_model::{Expr, Limits, PlanStepKind, StepIndex};
+use serde_json::Value;
+
+use super::resolve::Resolution;
+use super::scope::Locals;
+use super::state::{Item, MapState, Phase, Slot, Work};
+use super::{Context, Run};
+use crate::{StepStatus, TaskError, TimerKey};
+
+impl Run {
+    /// Evaluates the items of map step `index` and starts the first of them.
+    pub(super) fn start_map(
+        &mut self,
+        index: StepIndex,
+        items: &Expr,
+        spec: &TaskSpec,
+        max_concurrency: u32,
+        context: &mut Context<'_>,
+    ) {
+        let value = match self.evaluate(context.evaluator, items, Locals::default()) {
+            Ok(value) => value,
+            Err(error) => return self.expression_failed(index, "items", &error, context),
+        };
+        let id = &self.plan.step(index).id;
+        let Value::Array(list) = value else {
+            let message = format!("map `{id}`: `items` gave {}, expected an array", json_kind(&value));
+            let error = TaskError { code: "invalid_items".to_owned(), message, retryable: false };
+            return self.step_failed(index, error, context);
+        };
+        let items_max = Limits::default().map_items_max;
+        if list.len() > items_max {
+            let message = format!("map `{id}`: `items` gave {} items, more than the limit of {items_max}", list.len());
+            let error = TaskError { code: "too_many_items".to_owned(), message, retryable: false };
+            return self.step_failed(index, error, context);
+        }
+        let total = u32::try_from(list.len()).expect("the item limit fits in u32");
+        self.state(index).work = Work::Map(MapState {
+            items: list.into_iter().map(Item::Pending).collect(),
+            total,
+            next_pending: 0,
+            max_concurrency: max_concurrency.max(1),
+            active: 0,
+            succeeded: 0,
+            failed: 0,
+        });
+        self.fill_map(index, spec, context);
+        self.complete_map_if_done(index, context);
+    }
+
+    /// Item `item` of map step `index` succeeded with `output`.
+    pub(super) fn item_succeeded(&mut self, index: StepIndex, item: u32, output: Value, context: &mut Context<'_>) {
+        let map = self.map_mut(index);
+        map.items[item as usize] = Item::Succeeded(output);
+        map.active -= 1;
+        map.succeeded += 1;
+        self.continue_map(index, context);
+    }
+
+    /// Item `item` of map step `index` failed for good with `error`.
+    pub(super) fn item_failed(&mut self, index: StepIndex, item: u32, error: TaskError, context: &mut Context<'_>) {
+        let tolerated = match &self.plan.step(index).kind {
+            PlanStepKind::Map { tolerated_failures, .. } => *tolerated_failures,
+            _ => unreachable!("items belong to map steps"),
+        };
+        let map = self.map_mut(index);
+        map.items[item as usize] = Item::Failed(error);
+        map.active -= 1;
+        map.failed += 1;
+        if map.failed > tolerated {
+            return self.fail_map(index, tolerated, context);
+        }
+        self.continue_map(index, context);
+    }
+
+    fn continue_map(&mut self, index: StepIndex, context: &mut Context<'_>) {
+        let plan = Arc::clone(&self.plan);
+        let spec = super::steps::task_spec(&plan.step(index).kind).expect("items belong to map steps");
+        self.fill_map(index, spec, context);
+        self.complete_map_if_done(index, context);
+    }
+
+    /// Starts pending items while fewer than `max_concurrency` are active.
+    fn fill_map(&mut self, index: StepIndex, spec: &TaskSpec, context: &mut Context<'_>) {
+        while !self.status.is_terminal() {
+            let map = self.map_mut(index);
+            if map.active >= map.max_concurrency || map.next_pending >= map.total {
+                return;
+            }
+            let item = map.next_pending;
+            let Item::Pending(value) = std::mem::replace(&mut map.items[item as usize], Item::Abandoned) else {
+                panic!("items from next_pending on are pending");
+            };
+            map.next_pending += 1;
+            map.active += 1;
+            let input = match &spec.input {
+                Some(expr) => {
+                    let locals = Locals { item: Some(&value), index: Some(item), result: None };
+                    match self.evaluate(context.evaluator, expr, locals) {
+                        Ok(input) => input,
+                        Err(error) => return self.expression_failed(index, "input", &error, context),
+                    }
+                }
+                None => value,
+            };
+            self.map_mut(index).items[item as usize] = Item::Active(Slot { attempt: 0, phase: Phase::New, input });
+            self.dispatch(index, Some(item), context);
+        }
+    }
+
+    /// When every item has ended, merges the outputs in item order and resolves the step.
+    fn complete_map_if_done(&mut self, index: StepIndex, context: &mut Context<'_>) {
+        if self.status.is_terminal() || self.steps[usize::from(index)].status != StepStatus::Running {
+            return;
+        }
+        let map = self.map_mut(index);
+        if !map.is_done() {
+            return;
+        }
+        let merged = map
+            .items
+            .drain(..)
+            .map(|item| match item {
+                Item::Succeeded(output) => output,
+                Item::Failed(_) => Value::Null,
+                Item::Pending(_) | Item::Active(_) | Item::Abandoned => panic!("a finished map has only ended items"),
+            })
+            .collect();
+        let result = Value::Array(merged);
+        let plan = Arc::clone(&self.plan);
+        let spec = super::steps::task_spec(&plan.step(index).kind).expect("items belong to map steps");
+        let output = match &spec.output {
+            Some(expr) => {
+                let locals = Locals { result: Some(&result), ..Locals::default() };
+                match self.evaluate(context.evaluator, expr, locals) {
+                    Ok(output) => output,
+                    Err(error) => return self.expression_failed(index, "output", &error, context),
+                }
+            }
+            None => result,
+        };
+        let state = self.state(index);
+        state.status = StepStatus::Succeeded;
+        state.output = Some(output);
+        self.resolve_step(index, Resolution::Succeeded, context);
+    }
+
+    /// Too many items failed: cancel the timers of the active items and fail the step.
+    fn fail_map(&mut self, index: StepIndex, tolerated: u32, context: &mut Context<'_>) {
+        let mut timers = Vec::new();
+        let mut first_failure = None;
+        let map = self.map_mut(index);
+        let (failed, total) = (map.failed, map.total);
+        for (item, entry) in map.items.iter().enumerate() {
+            match entry {
+                Item::Active(slot) => timers.push((item as u32, slot.attempt, slot.phase)),
+                Item::Failed(error) if first_failure.is_none() => first_failure = Some((item, error.clone())),
+                _ => {}
+            }
+        }
+        for (item, attempt, phase) in timers {
+            let timer = match phase {
+                Phase::Open { .. } => TimerKey::AttemptTimeout { attempt: self.attempt_id(index, Some(item), attempt) },
+                Phase::Retrying { .. } => {
+                    TimerKey::RetryDue { attempt: self.attempt_id(index, Some(item), attempt + 1) }
+                }
+                Phase::New => continue,
+            };
+            self.cancel_timer(&timer, context);
+        }
+        let (item, first) = first_failure.expect("a failed map has a failed item");
+        let message = format!(
+            "{failed} of {total} items failed, more than the {tolerated} tolerated; item {item} failed with `{}`: {}",
+            first.code, first.message
+        );
+        let error = TaskError { code: "map_failed".to_owned(), message, retryable: false };
+        self.step_failed(index, error, context);
+    }
+
+    fn map_mut(&mut self, index: StepIndex) -> &mut MapState {
+        match &mut self.state(index).work {
+            Work::Map(map) => map,
+            _ => panic!("map step {index} has no fan-out state"),
+        }
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,212 @@
+//! Attempts: dispatching them, and applying results and timers to them.
+//!
+//! A result or timer is applied only to the attempt that is open: same run, step, item and
+//! attempt number, with the step still running. Anything else is `Applied::Ignored` and
+//! changes nothing, which makes duplicated and late deliveries harmless.
+
+use std::sync::Arc;
+
+use flowgrid_model::{AttemptId, StepIndex};
+use serde_json::Value;
+
+use super::retry::{backoff_ms, should_retry};
+use super::scope::Locals;
+use super::state::{Item, Phase, Slot, Work};
+use super::steps::task_spec;
+use super::{Context, Run};
+use crate::{Applied, Effect, RunStatus, StepStatus, TaskError, TimerKey};
+
+/// The phase an event expects the attempt's slot to be in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// A result or timeout: the named attempt is out.
+    Open,
+    /// A retry timer: the attempt before the named one failed and waits for its backoff.
+    RetryDue,
+}
+
+impl Run {
+    pub(super) fn on_task_succeeded(
+        &mut self,
+        attempt: &AttemptId,
+        output: &Value,
+        context: &mut Context<'_>,
+    ) -> Applied {
+        let index = match self.find_slot(attempt, Expect::Open) {
+            Ok(index) => index,
+            Err(reason) => return Applied::Ignored(reason),
+        };
+        self.cancel_timer(&TimerKey::AttemptTimeout { attempt: attempt.clone() }, context);
+        match attempt.item {
+            None => self.task_succeeded(index, output.clone(), context),
+            Some(item) => self.item_succeeded(index, item, output.clone(), context),
+        }
+        Applied::Accepted
+    }
+
+    pub(super) fn on_task_failed(
+        &mut self,
+        attempt: &AttemptId,
+        error: &TaskError,
+        context: &mut Context<'_>,
+    ) -> Applied {
+        let index = match self.find_slot(attempt, Expect::Open) {
+            Ok(index) => index,
+            Err(reason) => return Applied::Ignored(reason),
+        };
+        self.cancel_timer(&TimerKey::AttemptTimeout { attempt: attempt.clone() }, context);
+        self.attempt_failed(index, attempt, error.clone(), context);
+        Applied::Accepted
+    }
+
+    pub(super) fn on_timer(&mut self, timer: &TimerKey, context: &mut Context<'_>) -> Applied {
+        if !self.timers.contains_key(timer) {
+            return Applied::Ignored("timer not armed");
+        }
+        match timer {
+            TimerKey::RunTimeout => {
+                self.timers.remove(timer);
+                let timeout_ms = self.plan.timeout_ms.unwrap_or_default();
+                let error = TaskError {
+                    code: "run_timeout".to_owned(),
+                    message: format!("the run did not end within its timeout of {timeout_ms} ms"),
+                    retryable: false,
+                };
+                self.finish(RunStatus::TimedOut, None, Some(error), context);
+            }
+            TimerKey::AttemptTimeout { attempt } => {
+                let index = match self.find_slot(attempt, Expect::Open) {
+                    Ok(index) => index,
+                    Err(reason) => return Applied::Ignored(reason),
+                };
+                self.timers.remove(timer);
+                let error = TaskError {
+                    code: "timeout".to_owned(),
+                    message: format!(
+                        "attempt {} of step `{}` did not finish by its deadline",
+                        attempt.attempt, attempt.step
+                    ),
+                    retryable: true,
+                };
+                self.attempt_failed(index, attempt, error, context);
+            }
+            TimerKey::RetryDue { attempt } => {
+                let index = match self.find_slot(attempt, Expect::RetryDue) {
+                    Ok(index) => index,
+                    Err(reason) => return Applied::Ignored(reason),
+                };
+                self.timers.remove(timer);
+                self.dispatch(index, attempt.item, context);
+            }
+        }
+        Applied::Accepted
+    }
+
+    /// Dispatches the next attempt of the task step `index` or of its item `item`.
+    pub(super) fn dispatch(&mut self, index: StepIndex, item: Option<u32>, context: &mut Context<'_>) {
+        let timeout_ms = task_spec(&self.plan.step(index).kind).expect("only task and map steps dispatch").timeout_ms;
+        let deadline_ms = context.now.saturating_add(timeout_ms);
+        let state = self.state(index);
+        state.attempts += 1;
+        state.status = StepStatus::Running;
+        let slot = self.slot_mut(index, item);
+        assert!(!matches!(slot.phase, Phase::Open { .. }), "one attempt of a slot is open at a time");
+        slot.attempt += 1;
+        slot.phase = Phase::Open { deadline_ms };
+        let dispatch = self.task_dispatch(index, item, self.slot(index, item), deadline_ms);
+        let timer = TimerKey::AttemptTimeout { attempt: dispatch.attempt.clone() };
+        context.effects.push(Effect::Dispatch(dispatch));
+        self.arm_timer(timer, deadline_ms, context);
+    }
+
+    /// The open attempt `attempt` failed: retry it after a backoff if the policy allows,
+    /// else the task step (or map item) fails for good.
+    fn attempt_failed(&mut self, index: StepIndex, attempt: &AttemptId, error: TaskError, context: &mut Context<'_>) {
+        let plan = Arc::clone(&self.plan);
+        let policy = &task_spec(&plan.step(index).kind).expect("only task and map steps have attempts").retry;
+        if should_retry(policy, &error, attempt.attempt) {
+            let due_ms = context.now.saturating_add(backoff_ms(policy, attempt));
+            self.slot_mut(index, attempt.item).phase = Phase::Retrying { due_ms };
+            if attempt.item.is_none() {
+                self.state(index).status = StepStatus::Retrying;
+            }
+            let next = AttemptId { attempt: attempt.attempt + 1, ..attempt.clone() };
+            self.arm_timer(TimerKey::RetryDue { attempt: next }, due_ms, context);
+            return;
+        }
+        match attempt.item {
+            None => {
+                self.state(index).work = Work::Idle;
+                self.step_failed(index, error, context);
+            }
+            Some(item) => self.item_failed(index, item, error, context),
+        }
+    }
+
+    fn task_succeeded(&mut self, index: StepIndex, result: Value, context: &mut Context<'_>) {
+        self.state(index).work = Work::Idle;
+        let plan = Arc::clone(&self.plan);
+        let spec = task_spec(&plan.step(index).kind).expect("a task step has a task spec");
+        let output = match &spec.output {
+            Some(expr) => {
+                let locals = Locals { result: Some(&result), ..Locals::default() };
+                match self.evaluate(context.evaluator, expr, locals) {
+                    Ok(output) => output,
+                    Err(error) => return self.expression_failed(index, "output", &error, context),
+                }
+            }
+            None => result,
+        };
+        let state = self.state(index);
+        state.status = StepStatus::Succeeded;
+        state.output = Some(output);
+        self.resolve_step(index, super::resolve::Resolution::Succeeded, context);
+    }
+
+    /// The step of `attempt` if its slot is in the phase `expect` for exactly this attempt.
+    fn find_slot(&self, attempt: &AttemptId, expect: Expect) -> Result<StepIndex, &'static str> {
+        if attempt.run_id != self.run_id {
+            return Err("attempt of another run");
+        }
+        let index = self.plan.step_index(&attempt.step).ok_or("no such step")?;
+        let state = &self.steps[usize::from(index)];
+        if !matches!(state.status, StepStatus::Running | StepStatus::Retrying) {
+            return Err("step not running");
+        }
+        let slot = match (&state.work, attempt.item) {
+            (Work::Task(slot), None) => slot,
+            (Work::Map(map), Some(item)) => match map.items.get(item as usize) {
+                Some(Item::Active(slot)) => slot,
+                _ => return Err("item not active"),
+            },
+            _ => return Err("attempt does not fit the step"),
+        };
+        match (expect, slot.phase) {
+            (Expect::Open, Phase::Open { .. }) if slot.attempt == attempt.attempt => Ok(index),
+            (Expect::RetryDue, Phase::Retrying { .. }) if slot.attempt + 1 == attempt.attempt => Ok(index),
+            _ => Err("attempt not open"),
+        }
+    }
+
+    fn slot(&self, index: StepIndex, item: Option<u32>) -> &Slot {
+        match (&self.steps[usize::from(index)].work, item) {
+            (Work::Task(slot), None) => slot,
+            (Work::Map(map), Some(item)) => match &map.items[item as usize] {
+                Item::Active(slot) => slot,
+                _ => panic!("item {item} of step {index} is not active"),
+            },
+            _ => panic!("step {index} has no slot for item {item:?}"),
+        }
+    }
+
+    fn slot_mut(&mut self, index: StepIndex, item: Option<u32>) -> &mut Slot {
+        match (&mut self.steps[usize::from(index)].work, item) {
+            (Work::Task(slot), None) => slot,
+            (Work::Map(map), Some(item)) => match &mut map.items[item as usize] {
+                Item::Active(slot) => slot,
+                _ => panic!("item {item} of step {index} is not active"),
+            },
+            _ => panic!("step {index} has no slot for item {item:?}"),
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Expression scopes and evaluation.
+//!
+//! A step's expressions see the run input and only the steps they reference
+//! (`Expr::step_refs`), each as `{"status", "output", "error"}`; the flow output sees
+//! every step. Every evaluator call of the engine goes through this module.
+
+use flowgrid_model::{Evaluator, Expr, ExprError, Scope, StepIndex};
+use serde_json::{json, Map, Value};
+
+use super::Run;
+use crate::TaskError;
+
+/// Values an expression may read besides the run input and the steps.
+#[derive(Default)]
+pub(super) struct Locals<'a> {
+    pub item: Option<&'a Value>,
+    pub index: Option<u32>,
+    pub result: Option<&'a Value>,
+}
+
+impl Run {
+    /// Evaluates `expr` with the steps it references in scope.
+    pub(super) fn evaluate(&self, evaluator: &Evaluator, expr: &Expr, locals: Locals<'_>) -> Result<Value, ExprError> {
+        let steps = self.steps_scope(Some(&expr.step_refs));
+        let scope = self.scope(&steps, &locals);
+        evaluator.eval(expr, &scope)
+    }
+
+    /// Evaluates a condition with the steps it references in scope.
+    pub(super) fn evaluate_bool(&self, evaluator: &Evaluator, expr: &Expr) -> Result<bool, ExprError> {
+        let steps = self.steps_scope(Some(&expr.step_refs));
+        let scope = self.scope(&steps, &Locals::default());
+        evaluator.eval_bool(expr, &scope)
+    }
+
+    /// Evaluates `expr` with every step in scope (the flow output).
+    pub(super) fn evaluate_over_all_steps(&self, evaluator: &Evaluator, expr: &Expr) -> Result<Value, ExprError> {
+        let steps = self.steps_scope(None);
+        let scope = self.scope(&steps, &Locals::default());
+        evaluator.eval(expr, &scope)
+    }
+
+    fn scope<'a>(&'a self, steps: &'a Map<String, Value>, locals: &Locals<'a>) -> Scope<'a> {
+        Scope {
+            input: Some(&self.input),
+            steps: Some(steps),
+            item: locals.item,
+            index: locals.index,
+            result: locals.result,
+        }
+    }
+
+    /// The `steps` object: the steps named in `refs`, or all of them.
+    fn steps_scope(&self, refs: Option<&[String]>) -> Map<String, Value> {
+        let mut steps = Map::new();
+        match refs {
+            Some(refs) => {
+                for id in refs {
+                    if let Some(index) = self.plan.step_index(id) {
+                        steps.insert(id.clone(), self.step_entry(index));
+                    }
+                }
+            }
+            None => {
+                for (position, step) in self.plan.steps.iter().enumerate() {
+                    steps.insert(step.id.clone(), self.step_entry(position as StepIndex));
+                }
+            }
+        }
+        steps
+    }
+
+    fn step_entry(&self, index: StepIndex) -> Value {
+        let state = &self.steps[usize::from(index)];
+        json!({
+            "status": state.status.as_str(),
+            "output": state.output.clone().unwrap_or(Value::Null),
+            "error": state.error.as_ref().map(error_value).unwrap_or(Value::Null),
+        })
+    }
+}
+
+fn error_value(error: &TaskError) -> Value {
+    json!({ "code": error.code, "message": error.message, "retryable": error.retryable })
+}
+
+/// The run error for an expression that failed in `field` of step `step`.
+pub(super) fn expression_error(step: &str, field: &str, error: &ExprError) -> TaskError {
+    TaskError {
+        code: "expression_error".to_owned(),
+        message: format!("step `{step}`, field `{field}`: {error}"),
+        retryable: false,
+    }
+}

@@ -1,0 +1,129 @@
+//! Per-step state of a run.
+//!
+//! Invariants:
+//! - a task step holds a [`Slot`] exactly while it is `Running` or `Retrying`;
+//! - a map item is `Active` exactly while one of its attempts is open or waiting for a
+//!   retry, and `MapState::active` counts those items;
+//! - a slot keeps the evaluated task input once: every attempt and every republish reads it.
+
+use flowgrid_model::Millis;
+use serde_json::Value;
+
+use crate::{ItemCounts, StepStatus, TaskError};
+
+/// What one step of the run is doing and what it produced.
+#[derive(Debug)]
+pub(super) struct StepState {
+    pub status: StepStatus,
+    /// Dependencies that have resolved so far (out of `PlanStep::deps`).
+    pub deps_resolved: usize,
+    /// At least one resolved dependency activated an edge to this step.
+    pub activated: bool,
+    /// Attempts dispatched so far (for a map: over all items).
+    pub attempts: u32,
+    pub started_ms: Option<Millis>,
+    pub ended_ms: Option<Millis>,
+    pub output: Option<Value>,
+    pub error: Option<TaskError>,
+    pub caught: bool,
+    pub work: Work,
+}
+
+/// Worker-side work of a step.
+#[derive(Debug)]
+pub(super) enum Work {
+    /// Nothing in flight (not started, an engine-side step, or finished).
+    Idle,
+    /// A task step's current attempt.
+    Task(Slot),
+    /// A map step's items.
+    Map(MapState),
+}
+
+/// The current attempt of a task step or of one map item.
+#[derive(Debug)]
+pub(super) struct Slot {
+    /// Number of the last dispatched attempt (0 before the first dispatch).
+    pub attempt: u32,
+    pub phase: Phase,
+    /// The evaluated task input, shared by every attempt.
+    pub input: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Not dispatched yet.
+    New,
+    /// Attempt `Slot::attempt` is out, due back by `deadline_ms`.
+    Open { deadline_ms: Millis },
+    /// Attempt `Slot::attempt` failed; the next one is dispatched at `due_ms`.
+    Retrying { due_ms: Millis },
+}
+
+/// The fan-out of a map step.
+#[derive(Debug)]
+pub(super) struct MapState {
+    /// Emptied when the step ends (the counts stay).
+    pub items: Vec<Item>,
+    pub total: u32,
+    /// Items below this index have been started.
+    pub next_pending: u32,
+    pub max_concurrency: u32,
+    pub active: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+}
+
+/// One item of a map step.
+#[derive(Debug)]
+pub(super) enum Item {
+    /// Not started: the item value, evaluated into a task input when it starts.
+    Pending(Value),
+    Active(Slot),
+    Succeeded(Value),
+    Failed(TaskError),
+    /// The step ended while the item was active; its results are ignored.
+    Abandoned,
+}
+
+impl StepState {
+    pub fn new() -> StepState {
+        StepState {
+            status: StepStatus::Pending,
+            deps_resolved: 0,
+            activated: false,
+            attempts: 0,
+            started_ms: None,
+            ended_ms: None,
+            output: None,
+            error: None,
+            caught: false,
+            work: Work::Idle,
+        }
+    }
+
+    /// Pending, running or retrying: the step has not resolved yet.
+    pub fn is_open(&self) -> bool {
+        matches!(self.status, StepStatus::Pending | StepStatus::Running | StepStatus::Retrying)
+    }
+
+    /// An attempt of this step (or of one of its items) is out or waiting for a retry.
+    pub fn has_work_in_flight(&self) -> bool {
+        match &self.work {
+            Work::Idle => false,
+            Work::Task(_) => true,
+            Work::Map(map) => map.active > 0,
+        }
+    }
+}
+
+impl MapState {
+    pub fn counts(&self) -> ItemCounts {
+        ItemCounts { total: self.total, succeeded: self.succeeded, failed: self.failed, running: self.active }
+    }
+
+    /// Every item has been started and none is active.
+    pub fn is_done(&self) -> bool {
+        self.active == 0 && self.next_pending == self.total
+    }
+}

@@ -1,0 +1,198 @@
+//! Starting a ready step, by kind, and the ways a run ends by a step.
+//!
+//! Engine-side steps (choice, transform, succeed, fail) complete inside the transition
+//! that starts them; task and map steps dispatch attempts and wait for results. An
+//! expression error anywhere fails the run with `expression_error`: no catch applies,
+//! since the flow itself is broken for this input.
+
+use std::sync::Arc;
+
+use flowgrid_model::plan::TaskSpec;
+use flowgrid_model::{Expr, ExprError, PlanStepKind, StepIndex};
+use serde_json::{Map, Value};
+
+use super::resolve::Resolution;
+use super::scope::{expression_error, Locals};
+use super::state::{Phase, Slot, Work};
+use super::{abandon, Context, Run};
+use crate::{RunStatus, StepStatus, TaskError};
+
+/// The worker-side settings of a task or map step.
+pub(super) fn task_spec(kind: &PlanStepKind) -> Option<&TaskSpec> {
+    match kind {
+        PlanStepKind::Task(spec) | PlanStepKind::Map { spec, .. } => Some(spec),
+        _ => None,
+    }
+}
+
+impl Run {
+    /// Starts step `index`, whose deps have all resolved and activated it.
+    pub(super) fn start_step(&mut self, index: StepIndex, context: &mut Context<'_>) {
+        let deps = self.plan.step(index).deps.len();
+        let state = self.state(index);
+        assert!(state.status == StepStatus::Pending, "a step starts once");
+        assert!(state.deps_resolved == deps, "a step starts after all its deps resolved");
+        assert!(state.activated, "a step starts only when an edge activated it");
+        state.status = StepStatus::Running;
+        state.started_ms = Some(context.now);
+        let plan = Arc::clone(&self.plan);
+        match &plan.step(index).kind {
+            PlanStepKind::Task(spec) => self.start_task(index, spec, context),
+            PlanStepKind::Map { items, spec, max_concurrency, tolerated_failures: _ } => {
+                self.start_map(index, items, spec, *max_concurrency, context)
+            }
+            PlanStepKind::Choice { rules, default } => self.take_choice(index, rules, default.is_some(), context),
+            PlanStepKind::Transform { output } => self.run_transform(index, output, context),
+            PlanStepKind::Succeed { output } => self.succeed_at_step(index, output.as_ref(), context),
+            PlanStepKind::Fail { error, message } => self.fail_at_step(index, error, message.as_ref(), context),
+        }
+    }
+
+    fn start_task(&mut self, index: StepIndex, spec: &TaskSpec, context: &mut Context<'_>) {
+        let input = match &spec.input {
+            Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
+                Ok(input) => input,
+                Err(error) => return self.expression_failed(index, "input", &error, context),
+            },
+            None => self.input.clone(),
+        };
+        self.state(index).work = Work::Task(Slot { attempt: 0, phase: Phase::New, input });
+        self.dispatch(index, None, context);
+    }
+
+    fn take_choice(
+        &mut self,
+        index: StepIndex,
+        rules: &[(Expr, StepIndex)],
+        has_default: bool,
+        context: &mut Context<'_>,
+    ) {
+        let mut taken = None;
+        for (rule, (condition, _next)) in rules.iter().enumerate() {
+            match self.evaluate_bool(context.evaluator, condition) {
+                Ok(true) => {
+                    taken = Some(Resolution::Branch(rule as u16));
+                    break;
+                }
+                Ok(false) => {}
+                Err(error) => return self.expression_failed(index, &format!("choices[{rule}].when"), &error, context),
+            }
+        }
+        let taken = taken.or(has_default.then_some(Resolution::Default));
+        let Some(resolution) = taken else {
+            let error = TaskError {
+                code: "no_choice_matched".to_owned(),
+                message: format!("choice `{}`: no rule matched and it has no default", self.plan.step(index).id),
+                retryable: false,
+            };
+            return self.fail_step_and_run(index, error, context);
+        };
+        self.state(index).status = StepStatus::Succeeded;
+        self.resolve_step(index, resolution, context);
+    }
+
+    fn run_transform(&mut self, index: StepIndex, output: &Expr, context: &mut Context<'_>) {
+        match self.evaluate(context.evaluator, output, Locals::default()) {
+            Ok(value) => {
+                let state = self.state(index);
+                state.status = StepStatus::Succeeded;
+                state.output = Some(value);
+                self.resolve_step(index, Resolution::Succeeded, context);
+            }
+            Err(error) => self.expression_failed(index, "output", &error, context),
+        }
+    }
+
+    /// A `succeed` step: the run ends `Succeeded` with the step's output expression, else
+    /// the flow's output.
+    fn succeed_at_step(&mut self, index: StepIndex, output: Option<&Expr>, context: &mut Context<'_>) {
+        let value = match output {
+            Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
+                Ok(value) => value,
+                Err(error) => return self.expression_failed(index, "output", &error, context),
+            },
+            None => match self.run_output(context) {
+                Ok(value) => value,
+                Err(error) => return self.fail_step_and_run(index, error, context),
+            },
+        };
+        let now = context.now;
+        let state = self.state(index);
+        state.status = StepStatus::Succeeded;
+        state.ended_ms = Some(now);
+        self.unresolved -= 1;
+        self.finish(RunStatus::Succeeded, Some(value), None, context);
+    }
+
+    /// A `fail` step: the run ends `Failed` with the step's error code and message.
+    fn fail_at_step(&mut self, index: StepIndex, code: &str, message: Option<&Expr>, context: &mut Context<'_>) {
+        let message = match message {
+            Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
+                Ok(Value::String(text)) => text,
+                Ok(other) => other.to_string(),
+                Err(error) => return self.expression_failed(index, "message", &error, context),
+            },
+            None => format!("the flow failed at step `{}`", self.plan.step(index).id),
+        };
+        let error = TaskError { code: code.to_owned(), message, retryable: false };
+        self.fail_step_and_run(index, error, context);
+    }
+
+    /// A task or map step failed for good: a matching catch takes over, else the run
+    /// fails with the step's error.
+    pub(super) fn step_failed(&mut self, index: StepIndex, error: TaskError, context: &mut Context<'_>) {
+        let plan = Arc::clone(&self.plan);
+        let spec = task_spec(&plan.step(index).kind).expect("only task and map steps fail by attempts");
+        let Some((catch, _rule)) = spec.catch_for(&error.code) else {
+            return self.fail_step_and_run(index, error, context);
+        };
+        let state = self.state(index);
+        state.status = StepStatus::Failed;
+        state.error = Some(error);
+        state.caught = true;
+        state.work = abandon(std::mem::replace(&mut state.work, Work::Idle));
+        self.resolve_step(index, Resolution::Caught(catch), context);
+    }
+
+    /// Fails step `index` and the run because expression `field` of the step failed.
+    pub(super) fn expression_failed(
+        &mut self,
+        index: StepIndex,
+        field: &str,
+        error: &ExprError,
+        context: &mut Context<'_>,
+    ) {
+        let error = expression_error(&self.plan.step(index).id, field, error);
+        self.fail_step_and_run(index, error, context);
+    }
+
+    /// Every step resolved and nothing is open: the run succeeds with its output.
+    pub(super) fn finish_by_itself(&mut self, context: &mut Context<'_>) {
+        assert!(self.unresolved == 0, "a run ends by itself only when every step resolved");
+        assert!(self.steps.iter().all(|state| !state.has_work_in_flight()), "no attempt is open at the end");
+        match self.run_output(context) {
+            Ok(output) => self.finish(RunStatus::Succeeded, Some(output), None, context),
+            Err(error) => self.fail_run(error, context),
+        }
+    }
+
+    /// The flow's output expression over every step, else `{sink id: output}` over the
+    /// sinks that succeeded.
+    fn run_output(&self, context: &Context<'_>) -> Result<Value, TaskError> {
+        if let Some(expr) = &self.plan.output {
+            return self.evaluate_over_all_steps(context.evaluator, expr).map_err(|error| TaskError {
+                code: "expression_error".to_owned(),
+                message: format!("flow output: {error}"),
+                retryable: false,
+            });
+        }
+        let mut outputs = Map::new();
+        for &sink in &self.plan.sinks {
+            let state = &self.steps[usize::from(sink)];
+            if let (StepStatus::Succeeded, Some(output)) = (state.status, &state.output) {
+                outputs.insert(self.plan.step(sink).id.clone(), output.clone());
+            }
+        }
+        Ok(Value::Object(outputs))
+    }
+}

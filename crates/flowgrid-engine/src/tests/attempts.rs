@@ -1,0 +1,140 @@
+//! Attempts: retries and backoff, timeouts, duplicate and late results.
+
+use serde_json::json;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::support::{attempt, error, Harness};
+use crate::{Applied, RunStatus, StepStatus, TimerKey};
+
+const RETRY: &str = r##"
+name: retry
+steps:
+  - kind: task
+    id: a
+    pool: cpu
+    task: t
+    timeout_ms: 1000
+    retry:
+      max_attempts: 4
+      initial_backoff_ms: 1000
+      backoff_multiplier: 2.0
+      max_backoff_ms: 3000
+      jitter: 0.5
+      retry_on: ["busy", "timeout"]
+"##;
+
+/// The delay the contract specifies: `min(initial * 2^(n-1), 3000) * (1 - 0.5 h)`.
+fn expected_backoff(number: u32) -> u64 {
+    let base = (1000.0 * 2f64.powi(number as i32 - 1)).min(3000.0);
+    let hash = (xxh3_64(attempt("a", None, number).message_id().as_bytes()) >> 11) as f64 / (1u64 << 53) as f64;
+    (base * (1.0 - 0.5 * hash)).floor() as u64
+}
+
+#[test]
+fn retries_back_off_within_jitter_bounds() {
+    let mut harness = Harness::start(RETRY, json!(null), 0);
+    let mut now = 0;
+    for number in 1..=3u32 {
+        now += 10;
+        assert_eq!(harness.fail(now, "a", None, number, error("busy", true)), Applied::Accepted);
+        assert_eq!(harness.step_status("a"), StepStatus::Retrying);
+        assert!(harness.dispatched().is_empty());
+        let retry = TimerKey::RetryDue { attempt: attempt("a", None, number + 1) };
+        let due = harness.armed(&retry).expect("a retry is armed");
+        let base = (1000u64 << (number - 1)).min(3000);
+        assert!(due - now <= base, "attempt {number}: delay {} over {base}", due - now);
+        assert!(due - now >= base / 2, "attempt {number}: delay {} under half of {base}", due - now);
+        assert_eq!(due - now, expected_backoff(number));
+        // Early or wrong retry timers change nothing.
+        let wrong = TimerKey::RetryDue { attempt: attempt("a", None, number + 2) };
+        assert_eq!(harness.fire(due, wrong), Applied::Ignored("timer not armed"));
+        assert_eq!(harness.fire(due, retry), Applied::Accepted);
+        assert_eq!(harness.dispatched().len(), 1);
+        assert_eq!(harness.dispatched()[0].attempt, attempt("a", None, number + 1));
+        assert_eq!(harness.dispatched()[0].deadline_ms, due + 1000);
+        now = due;
+    }
+    assert_eq!(harness.fail(now + 1, "a", None, 4, error("busy", true)), Applied::Accepted);
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Failed);
+    assert_eq!(view.error, Some(error("busy", true)));
+    assert_eq!(view.steps[0].attempts, 4);
+}
+
+#[test]
+fn backoff_is_the_same_in_every_run_with_the_same_attempts() {
+    let due = |_: ()| {
+        let mut harness = Harness::start(RETRY, json!(null), 0);
+        harness.fail(50, "a", None, 1, error("busy", true));
+        harness.armed(&TimerKey::RetryDue { attempt: attempt("a", None, 2) })
+    };
+    assert_eq!(due(()), due(()));
+}
+
+#[test]
+fn errors_outside_the_policy_are_not_retried() {
+    let mut harness = Harness::start(RETRY, json!(null), 0);
+    harness.fail(5, "a", None, 1, error("bad_input", true));
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+
+    let mut harness = Harness::start(RETRY, json!(null), 0);
+    harness.fail(5, "a", None, 1, error("busy", false));
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+}
+
+#[test]
+fn timeout_then_retry_then_success() {
+    let mut harness = Harness::start(RETRY, json!(null), 0);
+    let timeout = TimerKey::AttemptTimeout { attempt: attempt("a", None, 1) };
+    assert_eq!(harness.run.armed_timers(), vec![(timeout.clone(), 1000)]);
+    assert_eq!(harness.fire(1000, timeout.clone()), Applied::Accepted);
+    assert_eq!(harness.step_status("a"), StepStatus::Retrying);
+    let retry = TimerKey::RetryDue { attempt: attempt("a", None, 2) };
+    let due = harness.armed(&retry).expect("the timeout is retried");
+    assert!(harness.run.open_dispatches().is_empty());
+    // The late result of the timed-out attempt is ignored, as is its timer again.
+    assert_eq!(harness.succeed(1001, "a", None, 1, json!(1)), Applied::Ignored("attempt not open"));
+    assert_eq!(harness.fire(1002, timeout), Applied::Ignored("timer not armed"));
+    harness.fire(due, retry);
+    assert_eq!(harness.run.open_dispatches(), harness.dispatched());
+    assert_eq!(harness.succeed(due + 5, "a", None, 2, json!("ok")), Applied::Accepted);
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Succeeded);
+    assert_eq!(view.output, Some(json!({"a": "ok"})));
+}
+
+#[test]
+fn duplicate_result_is_ignored() {
+    let mut harness = Harness::start(super::flows_chain(), json!({"n": 0}), 0);
+    assert_eq!(harness.succeed(1, "a", None, 1, json!({"n": 1})), Applied::Accepted);
+    assert_eq!(harness.succeed(2, "a", None, 1, json!({"n": 5})), Applied::Ignored("step not running"));
+    assert_eq!(harness.fail(3, "a", None, 1, error("busy", true)), Applied::Ignored("step not running"));
+    assert_eq!(harness.step("a").output, Some(json!({"n": 1})));
+    assert_eq!(harness.history.len(), 1);
+}
+
+#[test]
+fn late_result_from_an_old_attempt_is_ignored() {
+    let mut harness = Harness::start(RETRY, json!(null), 0);
+    harness.fail(10, "a", None, 1, error("busy", true));
+    let retry = TimerKey::RetryDue { attempt: attempt("a", None, 2) };
+    let due = harness.armed(&retry).expect("a retry is armed");
+    assert_eq!(harness.succeed(due - 1, "a", None, 1, json!("old")), Applied::Ignored("attempt not open"));
+    assert_eq!(harness.succeed(due - 1, "a", None, 2, json!("early")), Applied::Ignored("attempt not open"));
+    harness.fire(due, retry);
+    assert_eq!(harness.succeed(due + 1, "a", None, 1, json!("old")), Applied::Ignored("attempt not open"));
+    assert_eq!(harness.succeed(due + 2, "a", None, 2, json!("new")), Applied::Accepted);
+    assert_eq!(harness.step("a").output, Some(json!("new")));
+}
+
+#[test]
+fn results_for_other_runs_steps_or_items_are_ignored() {
+    let mut harness = Harness::start(RETRY, json!(null), 0);
+    let mut other_run = attempt("a", None, 1);
+    other_run.run_id.0 = "run-2".to_owned();
+    let event = crate::Event::TaskSucceeded { attempt: other_run, output: json!(1) };
+    assert_eq!(harness.apply(1, event), Applied::Ignored("attempt of another run"));
+    assert_eq!(harness.succeed(1, "zzz", None, 1, json!(1)), Applied::Ignored("no such step"));
+    assert_eq!(harness.succeed(1, "a", Some(0), 1, json!(1)), Applied::Ignored("attempt does not fit the step"));
+    assert_eq!(harness.run.status(), RunStatus::Running);
+}

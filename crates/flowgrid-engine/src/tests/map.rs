@@ -1,0 +1,176 @@
+//! Map steps: bounded fan-out, fan-in in item order, tolerated and fatal failures.
+
+use serde_json::json;
+
+use super::support::{attempt, error, Harness};
+use crate::{Applied, Effect, ItemCounts, RunStatus, StepStatus, TimerKey};
+
+const MAP: &str = r##"
+name: fan
+steps:
+  - kind: map
+    id: each
+    items: "input.list"
+    pool: cpu
+    task: work
+    input: "#{ value: item, position: index }"
+    max_concurrency: 2
+    tolerated_failures: 1
+    retry: { max_attempts: 1 }
+  - kind: transform
+    id: total
+    after: [each]
+    output: "steps.each.output.len()"
+"##;
+
+#[test]
+fn map_keeps_two_in_flight_and_merges_in_item_order() {
+    let mut harness = Harness::start(MAP, json!({"list": [10, 20, 30, 40, 50]}), 0);
+    let first = harness.dispatched();
+    assert_eq!(harness.dispatched_names(), vec!["each[0]", "each[1]"]);
+    assert_eq!(first[0].input, json!({"value": 10, "position": 0}));
+    assert_eq!(first[1].input, json!({"value": 20, "position": 1}));
+
+    harness.succeed(1, "each", Some(1), 1, json!("r1"));
+    assert_eq!(harness.dispatched_names(), vec!["each[2]"]);
+    harness.fail(2, "each", Some(0), 1, error("broken", true));
+    assert_eq!(harness.dispatched_names(), vec!["each[3]"]);
+    assert_eq!(harness.step("each").items, Some(ItemCounts { total: 5, succeeded: 1, failed: 1, running: 2 }));
+    harness.succeed(3, "each", Some(3), 1, json!("r3"));
+    assert_eq!(harness.dispatched_names(), vec!["each[4]"]);
+    assert_eq!(harness.dispatched()[0].input, json!({"value": 50, "position": 4}));
+    harness.succeed(4, "each", Some(4), 1, json!("r4"));
+    assert!(harness.dispatched().is_empty());
+    assert_eq!(harness.step_status("each"), StepStatus::Running);
+    harness.succeed(5, "each", Some(2), 1, json!("r2"));
+
+    let each = harness.step("each");
+    assert_eq!(each.status, StepStatus::Succeeded);
+    assert_eq!(each.output, Some(json!([null, "r1", "r2", "r3", "r4"])));
+    assert_eq!(each.items, Some(ItemCounts { total: 5, succeeded: 4, failed: 1, running: 0 }));
+    assert_eq!(each.attempts, 5);
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Succeeded);
+    assert_eq!(view.output, Some(json!({"total": 5})));
+}
+
+#[test]
+fn map_items_retry_on_their_own() {
+    let yaml = r##"
+name: fan
+steps:
+  - kind: map
+    id: each
+    items: "input"
+    pool: cpu
+    task: work
+    retry: { max_attempts: 2, jitter: 0.0, initial_backoff_ms: 100 }
+    output: "result.len()"
+"##;
+    let mut harness = Harness::start(yaml, json!(["x", "y"]), 0);
+    assert_eq!(harness.dispatched()[0].input, json!("x"));
+    harness.fail(10, "each", Some(1), 1, error("busy", true));
+    let retry = TimerKey::RetryDue { attempt: attempt("each", Some(1), 2) };
+    assert_eq!(harness.armed(&retry), Some(110));
+    assert_eq!(harness.step_status("each"), StepStatus::Running);
+    harness.fire(110, retry);
+    assert_eq!(harness.dispatched_names(), vec!["each[1]"]);
+    assert_eq!(harness.dispatched()[0].input, json!("y"));
+    harness.succeed(111, "each", Some(0), 1, json!(0));
+    harness.succeed(112, "each", Some(1), 2, json!(1));
+    assert_eq!(harness.run.view().output, Some(json!({"each": 2})));
+}
+
+const STRICT: &str = r##"
+name: strict
+steps:
+  - kind: map
+    id: each
+    items: "input"
+    pool: cpu
+    task: work
+    retry: { max_attempts: 1 }
+"##;
+
+#[test]
+fn too_many_failed_items_fail_the_map_and_abandon_the_rest() {
+    let mut harness = Harness::start(STRICT, json!([1, 2, 3]), 0);
+    assert_eq!(harness.dispatched().len(), 3);
+    harness.fail(5, "each", Some(1), 1, error("broken", false));
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Failed);
+    let run_error = view.error.expect("the run has an error");
+    assert_eq!(run_error.code, "map_failed");
+    assert!(run_error.message.contains("1 of 3"), "{}", run_error.message);
+    assert!(run_error.message.contains("broken"), "{}", run_error.message);
+    for item in [0, 2] {
+        assert!(harness.effects.contains(&Effect::CancelTimer {
+            run_id: harness.run.id().clone(),
+            timer: TimerKey::AttemptTimeout { attempt: attempt("each", Some(item), 1) },
+        }));
+    }
+    assert_eq!(harness.finished(), vec![RunStatus::Failed]);
+}
+
+#[test]
+fn caught_map_failure_ignores_later_item_results() {
+    let yaml = r##"
+name: caught
+steps:
+  - kind: map
+    id: each
+    items: "input"
+    pool: cpu
+    task: work
+    retry: { max_attempts: 1 }
+    catch:
+      - next: fallback
+  - { kind: task, id: fallback, pool: cpu, task: rescue, input: "steps.each.error.code" }
+"##;
+    let mut harness = Harness::start(yaml, json!([1, 2]), 0);
+    harness.fail(5, "each", Some(0), 1, error("broken", true));
+    assert_eq!(harness.dispatched_names(), vec!["fallback"]);
+    assert_eq!(harness.dispatched()[0].input, json!("map_failed"));
+    assert!(harness.effects.contains(&Effect::CancelTimer {
+        run_id: harness.run.id().clone(),
+        timer: TimerKey::AttemptTimeout { attempt: attempt("each", Some(1), 1) },
+    }));
+    assert_eq!(harness.succeed(6, "each", Some(1), 1, json!(2)), Applied::Ignored("step not running"));
+    let open: Vec<_> = harness.run.open_dispatches().into_iter().map(|dispatch| dispatch.attempt).collect();
+    assert_eq!(open, vec![attempt("fallback", None, 1)]);
+    harness.succeed(7, "fallback", None, 1, json!("saved"));
+    assert_eq!(harness.run.view().output, Some(json!({"fallback": "saved"})));
+}
+
+#[test]
+fn empty_map_succeeds_at_once() {
+    let yaml = r##"
+name: empty
+steps:
+  - { kind: map, id: each, items: "input", pool: cpu, task: work }
+  - { kind: task, id: after_each, after: [each], pool: cpu, task: next, input: "steps.each.output" }
+"##;
+    let harness = Harness::start(yaml, json!([]), 0);
+    assert_eq!(harness.step("each").output, Some(json!([])));
+    assert_eq!(harness.dispatched_names(), vec!["after_each"]);
+    assert_eq!(harness.dispatched()[0].input, json!([]));
+}
+
+#[test]
+fn map_over_a_non_array_fails_with_invalid_items() {
+    let harness = Harness::start(STRICT, json!({"not": "a list"}), 0);
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Failed);
+    assert_eq!(view.error.expect("the run has an error").code, "invalid_items");
+}
+
+#[test]
+fn map_over_more_items_than_the_limit_fails_with_too_many_items() {
+    let items_max = flowgrid_model::Limits::default().map_items_max;
+    let list: Vec<usize> = (0..=items_max).collect();
+    let harness = Harness::start(STRICT, json!(list), 0);
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Failed);
+    assert_eq!(view.error.expect("the run has an error").code, "too_many_items");
+    assert!(harness.dispatched().is_empty());
+}

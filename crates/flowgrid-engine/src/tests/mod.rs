@@ -1,0 +1,18 @@
+//! Tests of the run state machine: events in, effects out, no I/O.
+
+mod attempts;
+mod flows;
+mod map;
+mod properties;
+mod replay;
+mod support;
+
+/// A two-step chain shared by several test files.
+fn flows_chain() -> &'static str {
+    r##"
+name: chain
+steps:
+  - { kind: task, id: a, pool: cpu, task: first }
+  - { kind: task, id: b, after: [a], pool: cpu, task: second, input: "steps.a.output.n + 1" }
+"##
+}

@@ -1,0 +1,154 @@
+//! Read-only views of a run, for the API and for final snapshots.
+
+use flowgrid_model::{Millis, RunId};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::TaskError;
+
+/// Where a run is: running, or one of the four terminal statuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Not ended yet.
+    Running,
+    /// Ended by itself or by a `succeed` step; the run has an output.
+    Succeeded,
+    /// A step failed without a catch, a `fail` step ran, or an expression broke.
+    Failed,
+    /// Someone cancelled it.
+    Cancelled,
+    /// It ran past the flow's `timeout_ms`.
+    TimedOut,
+}
+
+impl RunStatus {
+    /// Every status but `Running`: the run accepts no more events.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunStatus::Running)
+    }
+
+    /// The status as the API spells it (`timed_out`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// Where one step of a run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Waiting for its dependencies.
+    Pending,
+    /// Dispatched (or fanned out) and not finished.
+    Running,
+    /// Waiting for a retry backoff to end.
+    Retrying,
+    /// Finished with an output (a choice: took a branch).
+    Succeeded,
+    /// Failed; `caught` in the view says whether a catch took over.
+    Failed,
+    /// Not run: none of its incoming edges was activated.
+    Skipped,
+    /// The run ended while the step was pending or running.
+    Cancelled,
+}
+
+impl StepStatus {
+    /// The status as expressions and the API spell it (`running`, `succeeded`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running => "running",
+            StepStatus::Retrying => "retrying",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::Skipped => "skipped",
+            StepStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Resolved for its dependants: succeeded, failed (caught or not) or skipped.
+    pub fn is_resolved(self) -> bool {
+        matches!(self, StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped)
+    }
+}
+
+/// A run as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunView {
+    /// The run's id.
+    pub run_id: RunId,
+    /// Flow name.
+    pub flow: String,
+    /// Flow version.
+    pub version: u32,
+    /// Running or how it ended.
+    pub status: RunStatus,
+    /// The run input as given.
+    pub input: Value,
+    /// The run output, once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Why the run failed, was cancelled or timed out.
+    pub error: Option<TaskError>,
+    /// When the run started.
+    pub created_ms: Millis,
+    /// When it reached its terminal status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<Millis>,
+    /// In definition order.
+    pub steps: Vec<StepView>,
+}
+
+/// One step of a run as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepView {
+    /// Step id from the definition.
+    pub id: String,
+    /// Step kind as written in definitions (`task`, `map`, ...).
+    pub kind: String,
+    /// Where the step is.
+    pub status: StepStatus,
+    /// Attempts dispatched so far (for a map: over all items).
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// When the step started.
+    pub started_ms: Option<Millis>,
+    /// When it resolved, or was cancelled after it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<Millis>,
+    /// The step output once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// The error it failed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+    /// The failure was handled by a catch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub caught: bool,
+    /// For a map: items in all, finished, failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<ItemCounts>,
+}
+
+/// Item counts of a map step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ItemCounts {
+    /// Items the list held.
+    pub total: u32,
+    /// Items that succeeded.
+    pub succeeded: u32,
+    /// Items that failed after their retries.
+    pub failed: u32,
+    /// Items with an attempt out or waiting for a retry.
+    pub running: u32,
+}

@@ -1,0 +1,118 @@
+//! MessagePack by default, JSON when the message says `Content-Type: application/json`.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    MsgPack,
+    Json,
+}
+
+impl Encoding {
+    /// The encoding a message's `Content-Type` header value selects.
+    pub fn from_content_type(content_type: Option<&str>) -> Encoding {
+        match content_type {
+            Some(value) if value.trim().eq_ignore_ascii_case(JSON_CONTENT_TYPE) => Encoding::Json,
+            _ => Encoding::MsgPack,
+        }
+    }
+
+    /// The header value to send with a message in this encoding (`None` for MessagePack).
+    pub fn content_type(self) -> Option<&'static str> {
+        match self {
+            Encoding::MsgPack => None,
+            Encoding::Json => Some(JSON_CONTENT_TYPE),
+        }
+    }
+}
+
+/// A message could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// The bytes are not a valid message of the expected type; the sender must fix it.
+    #[error("malformed {encoding} message for {expected}: {source}")]
+    Malformed {
+        encoding: &'static str,
+        expected: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// A value could not be encoded (a bug: every wire type is encodable).
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+pub fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Result<Vec<u8>, ProtoError> {
+    let what = short_type_name::<T>();
+    match encoding {
+        Encoding::MsgPack => {
+            rmp_serde::to_vec_named(value).map_err(|source| ProtoError::Encode { what, source: Box::new(source) })
+        }
+        Encoding::Json => serde_json::to_vec(value).map_err(|source| ProtoError::Encode { what, source: Box::new(source) }),
+    }
+}
+
+pub fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, ProtoError> {
+    let expected = short_type_name::<T>();
+    match encoding {
+        Encoding::MsgPack => rmp_serde::from_slice(bytes).map_err(|source| ProtoError::Malformed {
+            encoding: "MessagePack",
+            expected,
+            source: Box::new(source),
+        }),
+        Encoding::Json => serde_json::from_slice(bytes).map_err(|source| ProtoError::Malformed {
+            encoding: "JSON",
+            expected,
+            source: Box::new(source),
+        }),
+    }
+}
+
+fn short_type_name<T>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    full.rsplit("::").next().unwrap_or(full)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{StartRun, TaskResult};
+
+    #[test]
+    fn both_encodings_round_trip() {
+        let start = StartRun {
+            flow: "demo".into(),
+            version: Some(2),
+            input: serde_json::json!({"items": [1, 2, 3], "name": "x"}),
+            idempotency_key: Some("k".into()),
+        };
+        for encoding in [Encoding::MsgPack, Encoding::Json] {
+            let bytes = encode(encoding, &start).unwrap();
+            let back: StartRun = decode(encoding, &bytes).unwrap();
+            assert_eq!(back, start);
+        }
+    }
+
+    #[test]
+    fn malformed_input_names_the_expected_type() {
+        let error = decode::<TaskResult>(Encoding::Json, b"{\"attempt\": 3}").unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("TaskResult"), "{text}");
+        assert!(text.contains("JSON"), "{text}");
+    }
+
+    #[test]
+    fn content_type_selects_json() {
+        assert_eq!(Encoding::from_content_type(Some("application/json")), Encoding::Json);
+        assert_eq!(Encoding::from_content_type(Some("application/msgpack")), Encoding::MsgPack);
+        assert_eq!(Encoding::from_content_type(None), Encoding::MsgPack);
+    }
+}

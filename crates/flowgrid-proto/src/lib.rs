@@ -1,0 +1,40 @@
+//! The flowgrid wire protocol.
+//!
+//! Every message is MessagePack (maps with field names, so any language can read it)
+//! unless it carries the header `Content-Type: application/json`, in which case it is
+//! JSON. A reply uses the encoding of its request. Subjects live under one prefix
+//! (default `flowgrid`); see [`Subjects`]. The JSON Schemas in `schemas/` are generated
+//! from these types by [`schemas`].
+
+mod codec;
+mod messages;
+mod subjects;
+
+pub use codec::{decode, encode, Encoding, ProtoError, CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE};
+pub use messages::*;
+pub use subjects::{Subjects, API_QUEUE_GROUP, DEFAULT_PREFIX};
+
+/// Every wire message type with its schema file name, for `flowgrid schemas`.
+pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
+    use schemars::schema_for;
+    vec![
+        ("flow-definition.json", schema_for!(flowgrid_model::FlowDefinition)),
+        ("deploy-flow.json", schema_for!(DeployFlow)),
+        ("flow-deployed.json", schema_for!(Reply<FlowDeployed>)),
+        ("list-flows.json", schema_for!(ListFlows)),
+        ("flow-list.json", schema_for!(Reply<FlowList>)),
+        ("get-flow.json", schema_for!(GetFlow)),
+        ("flow-info.json", schema_for!(Reply<FlowInfo>)),
+        ("start-run.json", schema_for!(StartRun)),
+        ("run-started.json", schema_for!(Reply<RunStarted>)),
+        ("get-run.json", schema_for!(GetRun)),
+        ("run-view.json", schema_for!(Reply<flowgrid_engine::RunView>)),
+        ("list-runs.json", schema_for!(ListRuns)),
+        ("run-list.json", schema_for!(Reply<RunList>)),
+        ("cancel-run.json", schema_for!(CancelRun)),
+        ("run-cancelled.json", schema_for!(Reply<RunCancelled>)),
+        ("task-message.json", schema_for!(TaskMessage)),
+        ("task-result.json", schema_for!(TaskResult)),
+        ("result-ack.json", schema_for!(Reply<ResultAck>)),
+    ]
+}

@@ -1,0 +1,235 @@
+//! Request, reply and task messages.
+
+use flowgrid_engine::{RunStatus, TaskError};
+use flowgrid_model::{AttemptId, FlowDefinition, Issue, Millis, RunId};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Every API reply: `{"ok": <reply>}` or `{"error": <ApiError>}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply<T> {
+    Ok(T),
+    Error(ApiError),
+}
+
+impl<T> Reply<T> {
+    pub fn into_result(self) -> Result<T, ApiError> {
+        match self {
+            Reply::Ok(value) => Ok(value),
+            Reply::Error(error) => Err(error),
+        }
+    }
+}
+
+/// Why a request was refused. `retryable` says whether the same request may succeed later
+/// (overload, a shard moving); otherwise the request itself must change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Located problems, for `invalid_definition`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub issues: Vec<Issue>,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or a field is invalid.
+    InvalidRequest,
+    /// The flow definition was refused; see `issues`.
+    InvalidDefinition,
+    /// No such flow, version or run.
+    NotFound,
+    /// A payload is over its size limit.
+    PayloadTooLarge,
+    /// The grid is at a bound (queue, in-flight tasks): retry later.
+    Overloaded,
+    /// The shard is moving or not served yet: retry shortly.
+    Unavailable,
+    /// The request conflicts with the current state (e.g. cancelling an ended run).
+    Conflict,
+    /// A bug or a store failure.
+    Internal,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = serde_json::to_value(self).ok().and_then(|value| value.as_str().map(str::to_owned));
+        f.write_str(text.as_deref().unwrap_or("error"))
+    }
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let retryable = matches!(code, ErrorCode::Overloaded | ErrorCode::Unavailable);
+        ApiError { code, message: message.into(), issues: Vec::new(), retryable }
+    }
+}
+
+/// `<prefix>.api.flow.deploy`: deploy a definition (YAML or JSON text) as a new version.
+/// Deploying a definition identical to the latest version returns that version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeployFlow {
+    pub definition: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FlowDeployed {
+    pub name: String,
+    pub version: u32,
+    /// `false` when the definition equals the latest version, which was returned instead.
+    pub created: bool,
+}
+
+/// `<prefix>.api.flow.list`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ListFlows {}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FlowList {
+    pub flows: Vec<FlowSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FlowSummary {
+    pub name: String,
+    pub latest_version: u32,
+    pub deployed_ms: Millis,
+    pub steps: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// `<prefix>.api.flow.get`: one version (the latest when `version` is absent).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GetFlow {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FlowInfo {
+    pub name: String,
+    pub version: u32,
+    pub deployed_ms: Millis,
+    pub definition: FlowDefinition,
+}
+
+/// `<prefix>.api.run.start` (request/reply) or `<prefix>.submit` (durable, no reply).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StartRun {
+    pub flow: String,
+    /// Version to run; the latest when absent. The run keeps this version to its end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    #[serde(default)]
+    pub input: Value,
+    /// Starting again with the same flow and key returns the same run instead of a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunStarted {
+    pub run_id: RunId,
+    pub flow: String,
+    pub version: u32,
+    /// `false` when the idempotency key named a run that already existed.
+    pub created: bool,
+}
+
+/// `<prefix>.api.run.get`: the run's status, steps, output and error (reply: `RunView`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GetRun {
+    pub run_id: RunId,
+}
+
+/// `<prefix>.api.run.list`: newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ListRuns {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<RunStatus>,
+    /// Page size, 1 to 1,000 (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunList {
+    pub runs: Vec<RunSummary>,
+    /// Present when more runs match: pass it as `cursor` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunSummary {
+    pub run_id: RunId,
+    pub flow: String,
+    pub version: u32,
+    pub status: RunStatus,
+    pub created_ms: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<Millis>,
+}
+
+/// `<prefix>.api.run.cancel`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CancelRun {
+    pub run_id: RunId,
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunCancelled {
+    pub run_id: RunId,
+    /// The run's status after the request (`cancelled`, or the status it had already ended in).
+    pub status: RunStatus,
+}
+
+/// A task, as published to `<prefix>.tasks.<pool>`. Everything a worker needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskMessage {
+    /// Echo this back in the result, unchanged.
+    pub attempt: AttemptId,
+    pub pool: String,
+    /// Task name: what the worker should do.
+    pub task: String,
+    pub input: Value,
+    /// The coordinator times the attempt out at this time (Unix ms); work past it is wasted.
+    pub deadline_ms: Millis,
+    /// Subject to send the `TaskResult` to, as a NATS request.
+    pub reply_to: String,
+}
+
+/// A worker's result for one attempt: exactly one of `output` and `error`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskResult {
+    pub attempt: AttemptId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+}
+
+/// Reply to a `TaskResult`: once received, the result is durable and the worker may ack
+/// the task message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ResultAck {
+    /// `false` when the result was for an attempt that is no longer open (a duplicate,
+    /// or too late): it was ignored, and the worker should still ack the task.
+    pub applied: bool,
+}

@@ -1,0 +1,96 @@
+//! NATS subjects, stream and consumer names, all derived from one prefix.
+
+/// Default subject prefix.
+pub const DEFAULT_PREFIX: &str = "flowgrid";
+/// Queue group of the API subjects: each request reaches one coordinator.
+pub const API_QUEUE_GROUP: &str = "flowgrid-api";
+
+/// Names of everything flowgrid puts on NATS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    /// `prefix` must be a valid subject token sequence without wildcards (checked by config).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Subjects { prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// An API verb, e.g. `flowgrid.api.run.start`. Verbs: `flow.deploy`, `flow.list`,
+    /// `flow.get`, `run.start`, `run.get`, `run.list`, `run.cancel`.
+    pub fn api(&self, verb: &str) -> String {
+        format!("{}.api.{verb}", self.prefix)
+    }
+
+    /// Wildcard over every API verb.
+    pub fn api_all(&self) -> String {
+        format!("{}.api.>", self.prefix)
+    }
+
+    /// Subject a worker sends an attempt's result to (request/reply): only the shard's
+    /// owner listens on it.
+    pub fn shard_results(&self, shard: u32) -> String {
+        format!("{}.shard.{shard}.result", self.prefix)
+    }
+
+    /// Wildcard over every shard's subjects of one shard.
+    pub fn shard_all(&self, shard: u32) -> String {
+        format!("{}.shard.{shard}.>", self.prefix)
+    }
+
+    /// Subject a pool's tasks are published to.
+    pub fn tasks(&self, pool: &str) -> String {
+        format!("{}.tasks.{pool}", self.prefix)
+    }
+
+    /// Wildcard over every pool's tasks (the tasks stream's subjects).
+    pub fn tasks_all(&self) -> String {
+        format!("{}.tasks.*", self.prefix)
+    }
+
+    /// JetStream stream holding tasks of every pool (work-queue retention).
+    pub fn tasks_stream(&self) -> String {
+        format!("{}_TASKS", self.prefix.to_uppercase().replace(['.', '-'], "_"))
+    }
+
+    /// Durable pull consumer of one pool, shared by all of the pool's workers.
+    pub fn pool_consumer(&self, pool: &str) -> String {
+        format!("pool-{pool}")
+    }
+
+    /// Durable fire-and-forget submit subject: a `StartRun` published here with a
+    /// JetStream publish is kept until a coordinator has started the run.
+    pub fn submit(&self) -> String {
+        format!("{}.submit", self.prefix)
+    }
+
+    /// JetStream stream behind [`Subjects::submit`].
+    pub fn submit_stream(&self) -> String {
+        format!("{}_SUBMIT", self.prefix.to_uppercase().replace(['.', '-'], "_"))
+    }
+
+    /// Durable consumer coordinators share to drain the submit stream.
+    pub fn submit_consumer(&self) -> String {
+        "coordinators".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_the_prefix() {
+        let subjects = Subjects::new("acme.grid");
+        assert_eq!(subjects.api("run.start"), "acme.grid.api.run.start");
+        assert_eq!(subjects.tasks("gpu-llm"), "acme.grid.tasks.gpu-llm");
+        assert_eq!(subjects.shard_results(17), "acme.grid.shard.17.result");
+        assert_eq!(subjects.tasks_stream(), "ACME_GRID_TASKS");
+        assert_eq!(subjects.submit_stream(), "ACME_GRID_SUBMIT");
+    }
+}
