@@ -1,0 +1,305 @@
+//! The API over NATS: `<prefix>.api.<verb>` in a queue group, so each request reaches one
+//! coordinator, which routes it to the owner of the shard concerned.
+//!
+//! Requests are bounded: at most `api_concurrency_max` are handled at once; past that a
+//! request is refused as `overloaded` at once instead of queueing without bound.
+
+use std::sync::Arc;
+
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+use flowgrid_model::{parse_definition, shard_of, Limits, RunId};
+use flowgrid_proto::{
+    ApiError, CancelRun, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun, ListFlows, ListRuns, Reply,
+    RunList, RunStarted, StartRun,
+};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::clock::now_ms;
+use crate::metrics;
+use crate::shard::{Command, NodeContext, ShardHandle, StartCommand};
+
+/// Page size of `run.list` when the request gives none.
+const LIST_LIMIT_DEFAULT: u32 = 50;
+/// Largest page of `run.list`: bounds one reply.
+const LIST_LIMIT_MAX: u32 = 1_000;
+/// Longest idempotency key: it is hashed, but it is also logged and echoed.
+const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+
+/// Every API verb.
+const VERBS: [&str; 7] = ["flow.deploy", "flow.list", "flow.get", "run.start", "run.get", "run.list", "run.cancel"];
+
+/// Routes API requests to shard actors.
+pub struct Api {
+    pub context: Arc<NodeContext>,
+    pub shards: Vec<ShardHandle>,
+    pub limits: Limits,
+}
+
+/// The encoding a message's `Content-Type` header selects.
+pub fn encoding_of(message: &Message) -> Encoding {
+    let content_type = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(flowgrid_proto::CONTENT_TYPE_HEADER))
+        .map(|value| value.as_str());
+    Encoding::from_content_type(content_type)
+}
+
+/// Serves the API until `shutdown`.
+pub async fn serve(
+    api: Arc<Api>,
+    mut requests: async_nats::Subscriber,
+    concurrency_max: usize,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(concurrency_max));
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = requests.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let Some(reply_to) = message.reply.clone() else {
+            debug!(subject = %message.subject, "API message without a reply subject ignored; use a request");
+            continue;
+        };
+        let encoding = encoding_of(&message);
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            ::metrics::counter!(metrics::API_REJECTED).increment(1);
+            let error =
+                ApiError::new(ErrorCode::Overloaded, "the coordinator is handling too many requests; retry later");
+            send_reply(&api.context.nats, reply_to, encoding, &Reply::<()>::Error(error)).await;
+            continue;
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let verb = message
+                .subject
+                .strip_prefix(&format!("{}.api.", api.context.subjects.prefix()))
+                .unwrap_or("")
+                .to_owned();
+            let (reply, succeeded) = api.dispatch(&verb, encoding, &message.payload).await;
+            let outcome = if succeeded { "ok" } else { "error" };
+            // Only known verbs become label values: labels must stay low-cardinality.
+            let label = VERBS.iter().find(|known| **known == verb).copied().unwrap_or("unknown");
+            ::metrics::counter!(metrics::API_REQUESTS, "verb" => label, "outcome" => outcome).increment(1);
+            publish(&api.context.nats, reply_to, encoding, reply).await;
+            drop(permit);
+        });
+    }
+}
+
+impl Api {
+    /// Handles one request; returns the encoded reply and whether it succeeded.
+    async fn dispatch(&self, verb: &str, encoding: Encoding, payload: &[u8]) -> (Vec<u8>, bool) {
+        match verb {
+            "flow.deploy" => call(encoding, payload, |request| self.deploy(request)).await,
+            "flow.list" => call(encoding, payload, |_: ListFlows| self.list_flows()).await,
+            "flow.get" => call(encoding, payload, |request: GetFlow| self.get_flow(request)).await,
+            "run.start" => call(encoding, payload, |request| self.start_run(request, None)).await,
+            "run.get" => call(encoding, payload, |request: GetRun| self.get_run(request)).await,
+            "run.list" => call(encoding, payload, |request| self.list_runs(request)).await,
+            "run.cancel" => call(encoding, payload, |request| self.cancel_run(request)).await,
+            other => respond::<()>(
+                encoding,
+                Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "unknown API verb {other:?}; verbs are flow.deploy, flow.list, flow.get, run.start, run.get, \
+                         run.list, run.cancel"
+                    ),
+                )),
+            ),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &ShardHandle {
+        let shard = shard_of(key, self.shards.len() as u32);
+        &self.shards[shard.0 as usize]
+    }
+
+    async fn deploy(&self, request: DeployFlow) -> Result<flowgrid_proto::FlowDeployed, ApiError> {
+        let definition = parse_definition(&request.definition, &self.limits).map_err(|error| {
+            let mut api_error = ApiError::new(ErrorCode::InvalidDefinition, error.to_string());
+            api_error.issues = error.issues();
+            api_error
+        })?;
+        let catalog = self.shard(&definition.name);
+        catalog.ask(|reply| Command::Deploy { definition: Box::new(definition), reply }).await
+    }
+
+    async fn list_flows(&self) -> Result<FlowList, ApiError> {
+        let mut flows = Vec::new();
+        for shard in &self.shards {
+            flows.extend(shard.ask(|reply| Command::ListFlows { reply }).await?);
+        }
+        flows.sort_by(|left, right| left.name.cmp(&right.name));
+        Ok(FlowList { flows })
+    }
+
+    async fn get_flow(&self, request: GetFlow) -> Result<flowgrid_proto::FlowInfo, ApiError> {
+        let catalog = self.shard(&request.name);
+        catalog.ask(|reply| Command::GetFlow { name: request.name, version: request.version, reply }).await
+    }
+
+    /// Starts a run. `default_key` is the idempotency key used when the request has none
+    /// (the durable submit path passes the stream sequence, so a redelivery starts nothing new).
+    pub async fn start_run(&self, request: StartRun, default_key: Option<String>) -> Result<RunStarted, ApiError> {
+        self.check_input(&request.input)?;
+        let key = request.idempotency_key.clone().or(default_key);
+        if let Some(key) = &key {
+            if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes, it is {}", key.len()),
+                ));
+            }
+        }
+        let catalog = self.shard(&request.flow);
+        let (name, version) = (request.flow.clone(), request.version);
+        let plan = catalog.ask(|reply| Command::Plan { name, version, reply }).await?;
+        let run_id = match &key {
+            Some(key) => RunId::from_idempotency_key(&request.flow, key),
+            None => RunId::from_parts(now_ms(), uuid::Uuid::new_v4().as_u128()),
+        };
+        let start = StartCommand { run_id: run_id.clone(), plan, input: request.input, idempotent: key.is_some() };
+        self.shard(run_id.as_str()).ask(|reply| Command::Start { start, reply }).await
+    }
+
+    /// Refuses an input over the payload limit or nested too deep, before anything changes.
+    fn check_input(&self, input: &serde_json::Value) -> Result<(), ApiError> {
+        let depth = nesting_depth(input);
+        if depth > self.limits.nesting_depth_max {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("the input is nested {depth} levels deep, over the limit of {}", self.limits.nesting_depth_max),
+            ));
+        }
+        let size = rmp_serde::to_vec_named(input).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
+        if size > self.limits.payload_bytes_max {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the input is {size} bytes, over the limit of {} bytes; pass a reference to large data instead",
+                    self.limits.payload_bytes_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn get_run(&self, request: GetRun) -> Result<flowgrid_engine::RunView, ApiError> {
+        let run_id = request.run_id;
+        self.shard(run_id.as_str()).ask(|reply| Command::Get { run_id, reply }).await
+    }
+
+    async fn cancel_run(&self, request: CancelRun) -> Result<flowgrid_proto::RunCancelled, ApiError> {
+        let CancelRun { run_id, reason } = request;
+        self.shard(run_id.as_str()).ask(|reply| Command::Cancel { run_id, reason, reply }).await
+    }
+
+    /// Newest first over every shard: each shard gives its newest matching runs older than
+    /// the cursor, and the merge keeps the newest `limit`.
+    async fn list_runs(&self, request: ListRuns) -> Result<RunList, ApiError> {
+        let limit = request.limit.unwrap_or(LIST_LIMIT_DEFAULT);
+        if limit == 0 || limit > LIST_LIMIT_MAX {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("limit must be 1 to {LIST_LIMIT_MAX}, it is {limit}"),
+            ));
+        }
+        let limit = limit as usize;
+        let mut runs = Vec::new();
+        for shard in &self.shards {
+            let query = request.clone();
+            runs.extend(shard.ask(|reply| Command::List { query, limit: limit + 1, reply }).await?);
+        }
+        runs.sort_by(|left, right| (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id)));
+        let more = runs.len() > limit;
+        runs.truncate(limit);
+        let next_cursor = if more { runs.last().map(crate::shard::cursor_of) } else { None };
+        Ok(RunList { runs, next_cursor })
+    }
+}
+
+/// Decodes the request, runs `handler`, encodes the reply.
+async fn call<Request, Response, Handler, Pending>(
+    encoding: Encoding,
+    payload: &[u8],
+    handler: Handler,
+) -> (Vec<u8>, bool)
+where
+    Request: DeserializeOwned,
+    Response: Serialize,
+    Handler: FnOnce(Request) -> Pending,
+    Pending: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    let outcome = match flowgrid_proto::decode::<Request>(encoding, payload) {
+        Ok(request) => handler(request).await,
+        Err(error) => Err(ApiError::new(ErrorCode::InvalidRequest, error.to_string())),
+    };
+    respond(encoding, outcome)
+}
+
+fn respond<T: Serialize>(encoding: Encoding, outcome: Result<T, ApiError>) -> (Vec<u8>, bool) {
+    let succeeded = outcome.is_ok();
+    let reply = match outcome {
+        Ok(value) => Reply::Ok(value),
+        Err(error) => Reply::Error(error),
+    };
+    let bytes = flowgrid_proto::encode(encoding, &reply).unwrap_or_else(|error| {
+        warn!(error = %error, "cannot encode a reply");
+        let fallback = Reply::<()>::Error(ApiError::new(ErrorCode::Internal, "the reply could not be encoded"));
+        flowgrid_proto::encode(encoding, &fallback).unwrap_or_default()
+    });
+    (bytes, succeeded)
+}
+
+async fn send_reply<T: Serialize>(
+    nats: &async_nats::Client,
+    reply_to: async_nats::Subject,
+    encoding: Encoding,
+    reply: &Reply<T>,
+) {
+    if let Ok(bytes) = flowgrid_proto::encode(encoding, reply) {
+        publish(nats, reply_to, encoding, bytes).await;
+    }
+}
+
+async fn publish(nats: &async_nats::Client, reply_to: async_nats::Subject, encoding: Encoding, bytes: Vec<u8>) {
+    let mut headers = HeaderMap::new();
+    if let Some(content_type) = encoding.content_type() {
+        headers.insert(flowgrid_proto::CONTENT_TYPE_HEADER, content_type);
+    }
+    if let Err(error) = nats.publish_with_headers(reply_to, headers, Bytes::from(bytes)).await {
+        debug!(error = %error, "cannot send an API reply");
+    }
+}
+
+/// Depth of nested arrays and objects (a scalar is depth 0).
+fn nesting_depth(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => 1 + items.iter().map(nesting_depth).max().unwrap_or(0),
+        serde_json::Value::Object(fields) => 1 + fields.values().map(nesting_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_depth_counts_containers() {
+        assert_eq!(nesting_depth(&serde_json::json!(1)), 0);
+        assert_eq!(nesting_depth(&serde_json::json!({"a": [1, {"b": []}]})), 3);
+    }
+}

@@ -1,0 +1,64 @@
+//! Coordinator configuration: every flag is also read from a `FLOWGRID_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Flags of `flowgrid coordinator`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CoordinatorConfig {
+    /// NATS server to connect to.
+    #[arg(long, env = "FLOWGRID_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Subject prefix: every subject, stream and bucket of this grid lives under it.
+    #[arg(long, env = "FLOWGRID_PREFIX", default_value = flowgrid_proto::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// Directory of the embedded store (one file per shard).
+    #[arg(long, env = "FLOWGRID_DATA_DIR", default_value = ".grid/data")]
+    pub data_dir: PathBuf,
+    /// Number of virtual shards. Fixed when the grid is created: every coordinator of a grid
+    /// must use the same value.
+    #[arg(long, env = "FLOWGRID_SHARDS", default_value_t = 256)]
+    pub shards: u32,
+    /// Address of the Prometheus metrics endpoint (`/metrics`); `off` disables it.
+    #[arg(long, env = "FLOWGRID_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+    /// Events one shard applies per store transaction (group commit).
+    #[arg(long, env = "FLOWGRID_BATCH_EVENTS_MAX", default_value_t = 1024)]
+    pub batch_events_max: usize,
+    /// Commands waiting per shard; past it, requests are refused as overloaded.
+    #[arg(long, env = "FLOWGRID_SHARD_QUEUE_MAX", default_value_t = 4096)]
+    pub shard_queue_max: usize,
+    /// Runs in memory (started, not ended) over the whole coordinator; past it, new runs
+    /// are refused as overloaded. Bounds the coordinator's memory.
+    #[arg(long, env = "FLOWGRID_ACTIVE_RUNS_MAX", default_value_t = 200_000)]
+    pub active_runs_max: u64,
+    /// API requests handled at once; past it, requests are refused as overloaded.
+    #[arg(long, env = "FLOWGRID_API_CONCURRENCY_MAX", default_value_t = 4096)]
+    pub api_concurrency_max: usize,
+}
+
+impl CoordinatorConfig {
+    /// Checks values that clap cannot, with messages that say what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == 0 || self.shards > 65_536 {
+            return Err(format!("--shards is {}; use 1 to 65536 (256 is the default)", self.shards));
+        }
+        let prefix_ok = !self.prefix.is_empty()
+            && self.prefix.split('.').all(|token| {
+                !token.is_empty() && token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        if !prefix_ok {
+            return Err(format!(
+                "--prefix {:?} is not a valid subject prefix; use dot-separated tokens of letters, digits, '-' and '_'",
+                self.prefix
+            ));
+        }
+        if self.metrics_addr != "off" && self.metrics_addr.parse::<SocketAddr>().is_err() {
+            return Err(format!("--metrics-addr {:?} is not host:port (or `off`)", self.metrics_addr));
+        }
+        if self.batch_events_max == 0 || self.shard_queue_max == 0 || self.api_concurrency_max == 0 {
+            return Err("--batch-events-max, --shard-queue-max and --api-concurrency-max must be positive".to_owned());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,37 @@
+//! Errors that stop a coordinator.
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A flag or variable has a bad value; the message says which and what to use.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// NATS is unreachable: check `--nats-url` and that nats-server runs with `-js`.
+    #[error("cannot connect to NATS at {url} (is nats-server running with JetStream, `nats-server -js`?): {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// Stream or consumer setup failed.
+    #[error(transparent)]
+    Broker(#[from] flowgrid_sdk::broker::BrokerError),
+    /// A NATS operation failed (subscribe, publish).
+    #[error("NATS {what} failed: {source}")]
+    Nats {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// The store failed; the data directory may be unwritable or held by another process.
+    #[error("store: {0}")]
+    Store(#[from] flowgrid_store::Error),
+    /// The metrics endpoint could not start (address in use?): pick another `--metrics-addr`.
+    #[error("cannot serve metrics on {addr}: {message}")]
+    Metrics { addr: String, message: String },
+    /// A persisted record could not be decoded: the data directory is corrupt or from an
+    /// incompatible version.
+    #[error("corrupt record {what}: {message}")]
+    Corrupt { what: String, message: String },
+}

@@ -1,0 +1,35 @@
+//! Metric names of the coordinator, in one place, with their descriptions.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const RUNS_STARTED: &str = "flowgrid_runs_started_total";
+pub const RUNS_FINISHED: &str = "flowgrid_runs_finished_total";
+pub const RUNS_ACTIVE: &str = "flowgrid_runs_active";
+pub const TASKS_DISPATCHED: &str = "flowgrid_tasks_dispatched_total";
+pub const TASKS_PUBLISH_FAILED: &str = "flowgrid_tasks_publish_failed_total";
+pub const TASK_RESULTS: &str = "flowgrid_task_results_total";
+pub const TASKS_IN_FLIGHT: &str = "flowgrid_tasks_in_flight";
+pub const COMMIT_SECONDS: &str = "flowgrid_store_commit_seconds";
+pub const COMMIT_BATCH_EVENTS: &str = "flowgrid_store_commit_batch_events";
+pub const COMMIT_FAILED: &str = "flowgrid_store_commit_failed_total";
+pub const SHARDS_OWNED: &str = "flowgrid_shards_owned";
+pub const API_REQUESTS: &str = "flowgrid_api_requests_total";
+pub const API_REJECTED: &str = "flowgrid_api_rejected_total";
+pub const TIMERS_FIRED: &str = "flowgrid_timers_fired_total";
+
+pub fn describe() {
+    describe_counter!(RUNS_STARTED, Unit::Count, "Runs started.");
+    describe_counter!(RUNS_FINISHED, Unit::Count, "Runs that reached a terminal status (label: status).");
+    describe_gauge!(RUNS_ACTIVE, Unit::Count, "Runs started and not yet ended, held in memory.");
+    describe_counter!(TASKS_DISPATCHED, Unit::Count, "Task attempts published to JetStream (label: pool).");
+    describe_counter!(TASKS_PUBLISH_FAILED, Unit::Count, "Task publishes that failed and were retried (label: pool).");
+    describe_counter!(TASK_RESULTS, Unit::Count, "Results received from workers (labels: pool, outcome).");
+    describe_gauge!(TASKS_IN_FLIGHT, Unit::Count, "Task attempts dispatched and not finished (label: pool).");
+    describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Duration of one shard store commit (group commit).");
+    describe_histogram!(COMMIT_BATCH_EVENTS, Unit::Count, "Commands applied in one shard store commit.");
+    describe_counter!(COMMIT_FAILED, Unit::Count, "Shard store commits that failed (label: reason).");
+    describe_gauge!(SHARDS_OWNED, Unit::Count, "Shards this coordinator owns.");
+    describe_counter!(API_REQUESTS, Unit::Count, "API requests handled (labels: verb, outcome).");
+    describe_counter!(API_REJECTED, Unit::Count, "API requests refused because of overload.");
+    describe_counter!(TIMERS_FIRED, Unit::Count, "Durable timers that came due (retries, timeouts).");
+}

@@ -1,0 +1,58 @@
+//! Records the coordinator persists in a shard's key space (see `flowgrid_store::keys`),
+//! encoded as MessagePack.
+//!
+//! A run is persisted as its *history*: record 0 is the [`StartRecord`], every later
+//! record an accepted engine event with the time it was applied. Replaying the history
+//! through the engine rebuilds the run exactly; timers and open attempts are part of the
+//! rebuilt state, so nothing else needs storing while the run is active.
+
+use flowgrid_engine::{Event, RunStatus};
+use flowgrid_model::{FlowDefinition, Millis};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// History record 0 of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StartRecord {
+    pub flow: String,
+    pub version: u32,
+    pub input: Value,
+    pub now_ms: Millis,
+}
+
+/// History records 1..: one accepted event each.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub now_ms: Millis,
+    pub event: Event,
+}
+
+/// The `run` key: what a run is, and its status as of its last commit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub flow: String,
+    pub version: u32,
+    pub status: RunStatus,
+    pub created_ms: Millis,
+    #[serde(default)]
+    pub ended_ms: Option<Millis>,
+}
+
+/// The `catalog` key: one deployed version of a flow.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CatalogRecord {
+    pub deployed_ms: Millis,
+    pub definition: FlowDefinition,
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Records are plain data types; encoding them cannot fail.
+    rmp_serde::to_vec_named(value).expect("records encode to MessagePack")
+}
+
+pub fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(bytes).map_err(|error| Error::Corrupt { what: what.to_owned(), message: error.to_string() })
+}

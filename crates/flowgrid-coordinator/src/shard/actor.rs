@@ -1,0 +1,301 @@
+//! The shard actor's loop: gather a batch, commit it, then carry out its effects.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use flowgrid_engine::Run;
+use flowgrid_model::{Epoch, Millis, RunId, ShardId};
+use flowgrid_proto::{ApiError, ErrorCode, Reply, ResultAck};
+use flowgrid_store::{ShardStore, Store};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::batch::{Batch, ResultReply};
+use super::catalog::CatalogEntry;
+use super::timers::TimerWheel;
+use super::{Command, NodeContext, ShardHandle};
+use crate::clock::now_ms;
+use crate::error::{Error, Result};
+use crate::metrics;
+
+/// One run in memory.
+pub(super) struct ActiveRun {
+    pub run: Run,
+    /// Sequence number of the next history record.
+    pub next_seq: u64,
+    pub created_ms: Millis,
+}
+
+pub(super) struct ShardActor<S: ShardStore> {
+    pub shard: ShardId,
+    pub epoch: Epoch,
+    pub store: Arc<S>,
+    pub context: Arc<NodeContext>,
+    pub runs: HashMap<RunId, ActiveRun>,
+    pub timers: TimerWheel,
+    /// Definitions already pinned in this shard's store.
+    pub pinned: HashSet<(String, u32)>,
+    /// Versions of the flows whose catalog lives in this shard, oldest first.
+    pub catalog: BTreeMap<String, Vec<CatalogEntry>>,
+}
+
+/// Opens `shard`, bumps its epoch, reloads its runs, and starts its actor. Returns once the
+/// shard serves (its active runs reloaded and their open tasks queued for republishing).
+pub async fn spawn_shard<S: Store>(
+    store: &S,
+    shard: ShardId,
+    context: Arc<NodeContext>,
+    queue_max: usize,
+    shutdown: CancellationToken,
+) -> Result<(ShardHandle, tokio::task::JoinHandle<()>)> {
+    let shard_store = Arc::new(store.open_shard(shard).await?);
+    let epoch = shard_store.acquire().await?;
+    let results = context
+        .nats
+        .subscribe(context.subjects.shard_results(shard.0))
+        .await
+        .map_err(|source| Error::Nats { what: "subscribe", source: Box::new(source) })?;
+    let mut actor = ShardActor {
+        shard,
+        epoch,
+        store: shard_store,
+        context,
+        runs: HashMap::new(),
+        timers: TimerWheel::default(),
+        pinned: HashSet::new(),
+        catalog: BTreeMap::new(),
+    };
+    let republish = actor.reload().await?;
+    for task in republish {
+        actor.context.dispatcher.send(shard, task).await;
+    }
+    let (sender, inbox) = mpsc::channel(queue_max);
+    debug!(shard = %shard, epoch = %epoch, runs = actor.runs.len(), "shard acquired");
+    let handle = tokio::spawn(actor.run(inbox, results, shutdown));
+    Ok((ShardHandle { shard, sender }, handle))
+}
+
+impl<S: ShardStore> ShardActor<S> {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Command>,
+        mut results: async_nats::Subscriber,
+        shutdown: CancellationToken,
+    ) {
+        ::metrics::gauge!(metrics::SHARDS_OWNED).increment(1.0);
+        loop {
+            let mut batch = Batch::default();
+            let sleep = sleep_until(self.timers.next_due());
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                command = inbox.recv() => match command {
+                    Some(command) => self.handle(command, &mut batch).await,
+                    None => break,
+                },
+                message = results.next() => match message {
+                    Some(message) => self.handle_result_message(message, &mut batch),
+                    None => break,
+                },
+                _ = sleep => {}
+            }
+            self.fill_batch(&mut inbox, &mut results, &mut batch).await;
+            self.fire_due_timers(&mut batch);
+            if let Err(error) = self.commit(batch).await {
+                match error {
+                    flowgrid_store::Error::StaleEpoch { .. } => {
+                        warn!(shard = %self.shard, epoch = %self.epoch, error = %error, "shard lost to another owner; stopping it");
+                        break;
+                    }
+                    other => {
+                        error!(shard = %self.shard, error = %other, "commit failed; reloading the shard from the store");
+                        if let Err(reload_error) = self.reset_and_reload().await {
+                            error!(shard = %self.shard, error = %reload_error, "reload failed; stopping the shard");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let runs = self.runs.len() as u64;
+        self.context.active_runs.fetch_sub(runs, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(runs as f64);
+        ::metrics::gauge!(metrics::SHARDS_OWNED).decrement(1.0);
+        debug!(shard = %self.shard, "shard actor stopped");
+    }
+
+    /// Takes whatever else is ready right now, up to the batch bound, without waiting.
+    async fn fill_batch(
+        &mut self,
+        inbox: &mut mpsc::Receiver<Command>,
+        results: &mut async_nats::Subscriber,
+        batch: &mut Batch,
+    ) {
+        let commands_max = self.context.batch_events_max;
+        while batch.commands < commands_max {
+            let mut progressed = false;
+            if let Ok(command) = inbox.try_recv() {
+                self.handle(command, batch).await;
+                progressed = true;
+            }
+            if let Some(Some(message)) = results.next().now_or_never() {
+                self.handle_result_message(message, batch);
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    async fn handle(&mut self, command: Command, batch: &mut Batch) {
+        batch.commands += 1;
+        match command {
+            Command::Start { start, reply } => {
+                let outcome = self.start_run(start, batch).await;
+                batch.reply(reply, outcome);
+            }
+            Command::Cancel { run_id, reason, reply } => {
+                let outcome = self.cancel_run(run_id, reason, batch).await;
+                batch.reply(reply, outcome);
+            }
+            Command::Get { run_id, reply } => {
+                let outcome = self.get_run(&run_id).await;
+                batch.reply(reply, outcome);
+            }
+            Command::List { query, limit, reply } => {
+                let outcome = self.list_runs(&query, limit).await;
+                batch.reply(reply, outcome);
+            }
+            Command::Deploy { definition, reply } => {
+                let outcome = self.deploy(*definition, batch);
+                batch.reply(reply, outcome);
+            }
+            Command::Plan { name, version, reply } => {
+                let outcome = self.plan(&name, version);
+                batch.reply(reply, outcome);
+            }
+            Command::GetFlow { name, version, reply } => {
+                let outcome = self.flow_info(&name, version);
+                batch.reply(reply, outcome);
+            }
+            Command::ListFlows { reply } => {
+                let outcome = Ok(self.flow_summaries());
+                batch.reply(reply, outcome);
+            }
+        }
+    }
+
+    fn fire_due_timers(&mut self, batch: &mut Batch) {
+        let room = self.context.batch_events_max.saturating_sub(batch.commands).max(1);
+        let now = now_ms();
+        for (run_id, timer) in self.timers.pop_due(now, room) {
+            ::metrics::counter!(metrics::TIMERS_FIRED).increment(1);
+            batch.commands += 1;
+            self.apply_event(&run_id, flowgrid_engine::Event::TimerFired { timer }, now, batch);
+        }
+    }
+
+    /// Commits the batch, then publishes, replies and acks. Nothing of the batch is visible
+    /// outside before the commit returns.
+    async fn commit(&mut self, batch: Batch) -> std::result::Result<(), flowgrid_store::Error> {
+        let Batch { writes, commands, dispatches, replies, result_replies, finished } = batch;
+        if !writes.is_empty() {
+            let started = Instant::now();
+            let committed = self.store.commit(self.epoch, writes).await;
+            ::metrics::histogram!(metrics::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+            ::metrics::histogram!(metrics::COMMIT_BATCH_EVENTS).record(commands as f64);
+            if let Err(error) = committed {
+                ::metrics::counter!(metrics::COMMIT_FAILED).increment(1);
+                let failure = match &error {
+                    flowgrid_store::Error::StaleEpoch { .. } => ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("shard {} moved to another coordinator; retry", self.shard),
+                    ),
+                    other => ApiError::new(ErrorCode::Internal, format!("store commit failed: {other}")),
+                };
+                for reply in replies {
+                    reply(Some(&failure));
+                }
+                let unavailable =
+                    Reply::<ResultAck>::Error(ApiError::new(ErrorCode::Unavailable, failure.message.clone()));
+                for result_reply in result_replies {
+                    self.send_result_reply(result_reply, &unavailable).await;
+                }
+                return Err(error);
+            }
+        }
+        self.forget_finished(finished);
+        for task in dispatches {
+            self.context.dispatcher.send(self.shard, task).await;
+        }
+        for reply in replies {
+            reply(None);
+        }
+        for result_reply in result_replies {
+            let reply = Reply::Ok(ResultAck { applied: result_reply.applied });
+            self.send_result_reply(result_reply, &reply).await;
+        }
+        Ok(())
+    }
+
+    async fn send_result_reply(&self, result_reply: ResultReply, reply: &Reply<ResultAck>) {
+        let Ok(payload) = flowgrid_proto::encode(result_reply.encoding, reply) else { return };
+        let mut headers = HeaderMap::new();
+        if let Some(content_type) = result_reply.encoding.content_type() {
+            headers.insert(flowgrid_proto::CONTENT_TYPE_HEADER, content_type);
+        }
+        if let Err(error) =
+            self.context.nats.publish_with_headers(result_reply.reply_to, headers, Bytes::from(payload)).await
+        {
+            debug!(shard = %self.shard, error = %error, "cannot answer a result; the worker will send it again");
+        }
+    }
+
+    fn forget_finished(&mut self, finished: Vec<RunId>) {
+        for run_id in finished {
+            if self.runs.remove(&run_id).is_some() {
+                self.timers.cancel_run(&run_id);
+                self.context.active_runs.fetch_sub(1, Ordering::Relaxed);
+                ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(1.0);
+            }
+        }
+    }
+
+    /// Drops the in-memory state and rebuilds it from the store, after a failed commit
+    /// left memory ahead of the store.
+    async fn reset_and_reload(&mut self) -> Result<()> {
+        let runs = self.runs.len() as u64;
+        self.context.active_runs.fetch_sub(runs, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(runs as f64);
+        self.runs.clear();
+        self.timers.clear();
+        self.pinned.clear();
+        self.catalog.clear();
+        // Retry briefly: the failure may be transient (disk full cleared, cluster back).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let republish = self.reload().await?;
+        for task in republish {
+            self.context.dispatcher.send(self.shard, task).await;
+        }
+        info!(shard = %self.shard, runs = self.runs.len(), "shard reloaded");
+        Ok(())
+    }
+}
+
+/// Sleeps until `due` (Unix ms), or forever when there is no timer.
+async fn sleep_until(due: Option<Millis>) {
+    match due {
+        Some(due) => {
+            let wait = due.saturating_sub(now_ms());
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        None => std::future::pending().await,
+    }
+}

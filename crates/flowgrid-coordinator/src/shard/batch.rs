@@ -1,0 +1,46 @@
+//! What one group commit carries: the store writes of every command applied in the
+//! batch, and the effects that may only happen once those writes are durable.
+
+use async_nats::Subject;
+use flowgrid_engine::TaskDispatch;
+use flowgrid_model::RunId;
+use flowgrid_proto::{ApiError, Encoding};
+use flowgrid_store::WriteBatch;
+
+use super::Responder;
+
+/// A reply to send after the commit: the prepared value, or the commit's error.
+type DeferredReply = Box<dyn FnOnce(Option<&ApiError>) + Send>;
+
+/// A worker's result request, answered after the commit.
+pub struct ResultReply {
+    pub reply_to: Subject,
+    pub encoding: Encoding,
+    pub applied: bool,
+}
+
+#[derive(Default)]
+pub struct Batch {
+    pub writes: WriteBatch,
+    /// Commands and events applied; bounds the batch.
+    pub commands: usize,
+    pub dispatches: Vec<TaskDispatch>,
+    pub replies: Vec<DeferredReply>,
+    pub result_replies: Vec<ResultReply>,
+    /// Runs that ended in this batch: dropped from memory after the commit.
+    pub finished: Vec<RunId>,
+}
+
+impl Batch {
+    /// Replies `value` once the batch is durable (or the commit's error if it fails).
+    pub fn reply<T: Send + 'static>(&mut self, responder: Responder<T>, value: Result<T, ApiError>) {
+        self.replies.push(Box::new(move |failure: Option<&ApiError>| {
+            let outcome = match failure {
+                None => value,
+                Some(error) => Err(error.clone()),
+            };
+            // The caller may have given up waiting; nothing to do then.
+            let _ = responder.send(outcome);
+        }));
+    }
+}

@@ -1,0 +1,98 @@
+//! The flow catalog: each flow's versions live in the shard its name hashes to, so the
+//! catalog scales with the shards and every deploy is an epoch-fenced commit.
+//!
+//! Versions are immutable and numbered from 1. Deploying a definition equal to the latest
+//! version returns that version instead of creating a new one.
+
+use std::sync::Arc;
+
+use flowgrid_model::{FlowDefinition, FlowPlan, Millis};
+use flowgrid_proto::{ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowSummary};
+use flowgrid_store::{keys, ShardStore};
+
+use super::actor::ShardActor;
+use super::batch::Batch;
+use crate::clock::now_ms;
+use crate::records::{self, CatalogRecord};
+
+/// One deployed version.
+pub(super) struct CatalogEntry {
+    pub version: u32,
+    pub deployed_ms: Millis,
+    pub plan: Arc<FlowPlan>,
+}
+
+impl<S: ShardStore> ShardActor<S> {
+    pub(super) fn deploy(&mut self, definition: FlowDefinition, batch: &mut Batch) -> Result<FlowDeployed, ApiError> {
+        let name = definition.name.clone();
+        let versions = self.catalog.get(&name);
+        if let Some(latest) = versions.and_then(|versions| versions.last()) {
+            if latest.plan.definition == definition {
+                return Ok(FlowDeployed { name, version: latest.version, created: false });
+            }
+        }
+        let version = versions.and_then(|versions| versions.last()).map_or(1, |latest| latest.version + 1);
+        let plan = self.context.plans.compile(&definition, version).map_err(|error| {
+            let mut api_error = ApiError::new(ErrorCode::InvalidDefinition, error.to_string());
+            api_error.issues = error.issues();
+            api_error
+        })?;
+        let deployed_ms = now_ms();
+        let record = CatalogRecord { deployed_ms, definition };
+        batch.writes.set_chunked(&keys::catalog(&name, version), &records::encode(&record), &self.context.store_limits);
+        self.catalog.entry(name.clone()).or_default().push(CatalogEntry { version, deployed_ms, plan });
+        Ok(FlowDeployed { name, version, created: true })
+    }
+
+    /// The plan of a version (the latest when `version` is `None`).
+    pub(super) fn plan(&self, name: &str, version: Option<u32>) -> Result<Arc<FlowPlan>, ApiError> {
+        self.entry(name, version).map(|entry| entry.plan.clone())
+    }
+
+    pub(super) fn flow_info(&self, name: &str, version: Option<u32>) -> Result<FlowInfo, ApiError> {
+        let entry = self.entry(name, version)?;
+        Ok(FlowInfo {
+            name: name.to_owned(),
+            version: entry.version,
+            deployed_ms: entry.deployed_ms,
+            definition: entry.plan.definition.clone(),
+        })
+    }
+
+    pub(super) fn flow_summaries(&self) -> Vec<FlowSummary> {
+        self.catalog
+            .iter()
+            .filter_map(|(name, versions)| {
+                let latest = versions.last()?;
+                Some(FlowSummary {
+                    name: name.clone(),
+                    latest_version: latest.version,
+                    deployed_ms: latest.deployed_ms,
+                    steps: latest.plan.steps.len() as u32,
+                    description: latest.plan.definition.description.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn entry(&self, name: &str, version: Option<u32>) -> Result<&CatalogEntry, ApiError> {
+        let versions = self.catalog.get(name).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no flow named {name:?}; deploy it first (`flowgrid flow deploy FILE`)"),
+            )
+        })?;
+        match version {
+            None => versions
+                .last()
+                .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("flow {name:?} has no version"))),
+            Some(wanted) => versions.iter().find(|entry| entry.version == wanted).ok_or_else(|| {
+                let latest = versions.last().map_or(0, |entry| entry.version);
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("flow {name:?} has no version {wanted}; versions are 1 to {latest}"),
+                )
+            }),
+        }
+    }
+}

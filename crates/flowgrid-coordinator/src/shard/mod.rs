@@ -1,0 +1,128 @@
+//! Shard actors: one tokio task per owned shard drives the engine for the shard's runs.
+//!
+//! The actor applies a short batch of commands (starts, results, timers, cancels), writes
+//! everything they changed into one store transaction (group commit, epoch-fenced), and
+//! only after that transaction is durable publishes tasks, replies and acks. A failed
+//! commit discards the in-memory state and reloads it from the store; a stale epoch stops
+//! the actor (another owner has the shard).
+
+mod actor;
+mod batch;
+mod catalog;
+mod reload;
+mod runs;
+mod timers;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use flowgrid_engine::RunView;
+use flowgrid_model::{FlowPlan, RunId, ShardId};
+use flowgrid_proto::{
+    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, RunCancelled, RunStarted, RunSummary, Subjects,
+};
+use flowgrid_store::StoreLimits;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+pub use actor::spawn_shard;
+pub use runs::cursor_of;
+
+use crate::dispatch::Dispatcher;
+use crate::plans::PlanCache;
+
+/// Where a reply goes once the commit behind it is durable.
+pub type Responder<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// Everything shard actors of one coordinator share.
+pub struct NodeContext {
+    pub subjects: Subjects,
+    pub nats: async_nats::Client,
+    pub plans: Arc<PlanCache>,
+    pub dispatcher: Dispatcher,
+    pub store_limits: StoreLimits,
+    pub batch_events_max: usize,
+    pub active_runs_max: u64,
+    /// Runs in memory over all shards of this coordinator.
+    pub active_runs: AtomicU64,
+}
+
+/// A run start, resolved to a plan and a run id by the API layer.
+pub struct StartCommand {
+    pub run_id: RunId,
+    pub plan: Arc<FlowPlan>,
+    pub input: Value,
+    /// Set when the caller gave an idempotency key: the run may exist already.
+    pub idempotent: bool,
+}
+
+pub enum Command {
+    Start {
+        start: StartCommand,
+        reply: Responder<RunStarted>,
+    },
+    Cancel {
+        run_id: RunId,
+        reason: String,
+        reply: Responder<RunCancelled>,
+    },
+    Get {
+        run_id: RunId,
+        reply: Responder<RunView>,
+    },
+    List {
+        query: ListRuns,
+        limit: usize,
+        reply: Responder<Vec<RunSummary>>,
+    },
+    Deploy {
+        definition: Box<flowgrid_model::FlowDefinition>,
+        reply: Responder<FlowDeployed>,
+    },
+    /// A flow version's plan (the latest when `version` is `None`), for starting runs.
+    Plan {
+        name: String,
+        version: Option<u32>,
+        reply: Responder<Arc<FlowPlan>>,
+    },
+    GetFlow {
+        name: String,
+        version: Option<u32>,
+        reply: Responder<FlowInfo>,
+    },
+    ListFlows {
+        reply: Responder<Vec<FlowSummary>>,
+    },
+}
+
+/// The sending side of a shard actor's inbox.
+#[derive(Clone)]
+pub struct ShardHandle {
+    pub shard: ShardId,
+    sender: mpsc::Sender<Command>,
+}
+
+impl ShardHandle {
+    /// Sends `command` unless the shard's queue is full (then: overloaded, retry later) or
+    /// the actor has stopped (then: unavailable).
+    pub fn try_send(&self, command: Command) -> Result<(), ApiError> {
+        self.sender.try_send(command).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => ApiError::new(
+                ErrorCode::Overloaded,
+                format!("shard {} has too many requests waiting; retry later", self.shard),
+            ),
+            mpsc::error::TrySendError::Closed(_) => {
+                ApiError::new(ErrorCode::Unavailable, format!("shard {} is not served right now; retry", self.shard))
+            }
+        })
+    }
+
+    /// Sends a command built around a fresh responder and waits for its reply.
+    pub async fn ask<T>(&self, build: impl FnOnce(Responder<T>) -> Command) -> Result<T, ApiError> {
+        let (reply, receiver) = oneshot::channel();
+        self.try_send(build(reply))?;
+        receiver.await.unwrap_or_else(|_| {
+            Err(ApiError::new(ErrorCode::Unavailable, format!("shard {} stopped before replying; retry", self.shard)))
+        })
+    }
+}

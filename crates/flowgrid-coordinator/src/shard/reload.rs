@@ -1,0 +1,105 @@
+//! Rebuilding a shard's memory from its store: the catalog, then every active run by
+//! replaying its history through the engine.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use flowgrid_engine::{Run, TaskDispatch};
+use flowgrid_model::{FlowDefinition, FlowPlan, RunId};
+use flowgrid_store::{join_chunks, join_records, keys, ShardStore};
+
+use super::actor::{ActiveRun, ShardActor};
+use super::catalog::CatalogEntry;
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::records::{self, CatalogRecord, EventRecord, StartRecord};
+
+impl<S: ShardStore> ShardActor<S> {
+    /// Loads the catalog and the active runs; returns the open tasks to publish again
+    /// (duplicates are dropped by JetStream or ignored by attempt id).
+    pub(super) async fn reload(&mut self) -> Result<Vec<TaskDispatch>> {
+        self.reload_catalog().await?;
+        let active = self.store.scan(keys::active_range(), usize::MAX, false).await?;
+        let mut republish = Vec::new();
+        let mut plans: HashMap<(String, u32), Arc<FlowPlan>> = HashMap::new();
+        for (key, _) in active {
+            let run_id = keys::decode_active(&key)?;
+            let active_run = self.replay(&run_id, &mut plans).await?;
+            republish.extend(active_run.run.open_dispatches());
+            for (timer, due_ms) in active_run.run.armed_timers() {
+                self.timers.arm(run_id.clone(), timer, due_ms);
+            }
+            self.runs.insert(run_id, active_run);
+            self.context.active_runs.fetch_add(1, Ordering::Relaxed);
+            ::metrics::gauge!(metrics::RUNS_ACTIVE).increment(1.0);
+        }
+        Ok(republish)
+    }
+
+    async fn reload_catalog(&mut self) -> Result<()> {
+        let entries = join_records(self.store.scan(keys::catalog_range(), usize::MAX, false).await?)?;
+        for (key, value) in entries {
+            let (name, version) = keys::decode_catalog(&key)?;
+            let record: CatalogRecord = records::decode("catalog entry", &value)?;
+            let plan = self.context.plans.compile(&record.definition, version).map_err(|error| Error::Corrupt {
+                what: format!("flow {name} version {version}"),
+                message: error.to_string(),
+            })?;
+            self.catalog.entry(name).or_default().push(CatalogEntry { version, deployed_ms: record.deployed_ms, plan });
+        }
+        Ok(())
+    }
+
+    /// Rebuilds one run from its history.
+    async fn replay(&mut self, run_id: &RunId, plans: &mut HashMap<(String, u32), Arc<FlowPlan>>) -> Result<ActiveRun> {
+        let history = join_records(self.store.scan(keys::history_range(run_id), usize::MAX, false).await?)?;
+        let mut records_iter = history.into_iter();
+        let (_, first) = records_iter.next().ok_or_else(|| Error::Corrupt {
+            what: format!("run {run_id}"),
+            message: "active run without history".to_owned(),
+        })?;
+        let start: StartRecord = records::decode("start record", &first)?;
+        let plan = match plans.get(&(start.flow.clone(), start.version)) {
+            Some(plan) => plan.clone(),
+            None => {
+                let plan = self.pinned_plan(&start.flow, start.version).await?;
+                plans.insert((start.flow.clone(), start.version), plan.clone());
+                plan
+            }
+        };
+        let evaluator = self.context.plans.evaluator().clone();
+        let mut effects = Vec::new();
+        let mut run = Run::start(plan, &evaluator, run_id.clone(), start.input, start.now_ms, &mut effects);
+        let mut next_seq = 1;
+        for (key, value) in records_iter {
+            let (_, seq) = keys::decode_history(&key)?;
+            let record: EventRecord = records::decode("history record", &value)?;
+            effects.clear();
+            run.apply(&evaluator, record.now_ms, &record.event, &mut effects);
+            next_seq = seq + 1;
+        }
+        Ok(ActiveRun { run, next_seq, created_ms: start.now_ms })
+    }
+
+    async fn pinned_plan(&mut self, flow: &str, version: u32) -> Result<Arc<FlowPlan>> {
+        if let Some(plan) = self.context.plans.get(flow, version) {
+            self.pinned.insert((flow.to_owned(), version));
+            return Ok(plan);
+        }
+        let key = keys::pinned_definition(flow, version);
+        let bytes =
+            join_chunks(self.store.scan(keys::chunks_range(&key), usize::MAX, false).await?)?.ok_or_else(|| {
+                Error::Corrupt {
+                    what: format!("flow {flow} version {version}"),
+                    message: "pinned definition missing".to_owned(),
+                }
+            })?;
+        let definition: FlowDefinition = records::decode("pinned definition", &bytes)?;
+        self.pinned.insert((flow.to_owned(), version));
+        self.context.plans.compile(&definition, version).map_err(|error| Error::Corrupt {
+            what: format!("flow {flow} version {version}"),
+            message: error.to_string(),
+        })
+    }
+}

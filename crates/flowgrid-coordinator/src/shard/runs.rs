@@ -1,0 +1,287 @@
+//! Run commands of a shard actor: start, results, timers, cancel, get, list.
+//!
+//! Every accepted engine event is appended to the run's history in the batch; the
+//! effects the engine asked for are queued on the batch and carried out after the commit.
+
+use std::sync::atomic::Ordering;
+
+use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView};
+use flowgrid_model::{Millis, RunId};
+use flowgrid_proto::{ApiError, ErrorCode, ListRuns, RunCancelled, RunStarted, RunSummary, TaskResult};
+use flowgrid_store::{join_chunks, keys, KeyRange, ShardStore};
+use tracing::{debug, warn};
+
+use super::actor::{ActiveRun, ShardActor};
+use super::batch::{Batch, ResultReply};
+use super::StartCommand;
+use crate::clock::now_ms;
+use crate::metrics;
+use crate::records::{self, EventRecord, RunRecord, StartRecord};
+
+/// Index entries one list request may read per shard, matching or not: bounds the work of
+/// a filter that matches few runs.
+const LIST_SCAN_ENTRIES_MAX: usize = 10_000;
+
+impl<S: ShardStore> ShardActor<S> {
+    pub(super) async fn start_run(&mut self, start: StartCommand, batch: &mut Batch) -> Result<RunStarted, ApiError> {
+        let StartCommand { run_id, plan, input, idempotent } = start;
+        if let Some(active) = self.runs.get(&run_id) {
+            let plan = active.run.plan();
+            return Ok(RunStarted { run_id, flow: plan.name.clone(), version: plan.version, created: false });
+        }
+        if idempotent {
+            if let Some(record) = self.run_record(&run_id).await? {
+                return Ok(RunStarted { run_id, flow: record.flow, version: record.version, created: false });
+            }
+        }
+        let context = &self.context;
+        if context.active_runs.load(Ordering::Relaxed) >= context.active_runs_max {
+            ::metrics::counter!(metrics::API_REJECTED).increment(1);
+            return Err(ApiError::new(
+                ErrorCode::Overloaded,
+                format!("{} runs are active, the most this coordinator holds; retry later", context.active_runs_max),
+            ));
+        }
+        let now = now_ms();
+        let pin = (plan.name.clone(), plan.version);
+        if !self.pinned.contains(&pin) {
+            let definition = records::encode(&plan.definition);
+            batch.writes.set_chunked(&keys::pinned_definition(&pin.0, pin.1), &definition, &context.store_limits);
+            self.pinned.insert(pin);
+        }
+        let start_record =
+            StartRecord { flow: plan.name.clone(), version: plan.version, input: input.clone(), now_ms: now };
+        batch.writes.set_chunked(&keys::history(&run_id, 0), &records::encode(&start_record), &context.store_limits);
+        let record = RunRecord {
+            flow: plan.name.clone(),
+            version: plan.version,
+            status: RunStatus::Running,
+            created_ms: now,
+            ended_ms: None,
+        };
+        batch.writes.set(keys::run(&run_id), records::encode(&record));
+        batch.writes.set(keys::active(&run_id), Vec::new());
+        batch.writes.set(keys::created(now, &run_id), records::encode(&summary(&run_id, &record)));
+
+        let mut effects = Vec::new();
+        let evaluator = context.plans.evaluator().clone();
+        let run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, now, &mut effects);
+        self.runs.insert(run_id.clone(), ActiveRun { run, next_seq: 1, created_ms: now });
+        self.context.active_runs.fetch_add(1, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::RUNS_ACTIVE).increment(1.0);
+        ::metrics::counter!(metrics::RUNS_STARTED).increment(1);
+        self.carry_out(&run_id, effects, now, batch);
+        Ok(RunStarted { run_id, flow: plan.name.clone(), version: plan.version, created: true })
+    }
+
+    /// A worker's result, as received on the shard's result subject.
+    pub(super) fn handle_result_message(&mut self, message: async_nats::Message, batch: &mut Batch) {
+        batch.commands += 1;
+        let encoding = crate::api::encoding_of(&message);
+        let Some(reply_to) = message.reply.clone() else {
+            debug!(shard = %self.shard, "result without a reply subject ignored; send results as requests");
+            return;
+        };
+        let result: TaskResult = match flowgrid_proto::decode(encoding, &message.payload) {
+            Ok(result) => result,
+            Err(error) => {
+                warn!(shard = %self.shard, error = %error, "malformed task result");
+                let reply = ApiError::new(ErrorCode::InvalidRequest, error.to_string());
+                self.reply_now(reply_to, encoding, reply);
+                return;
+            }
+        };
+        let event = match (result.output, result.error) {
+            (Some(output), None) => Event::TaskSucceeded { attempt: result.attempt, output },
+            (None, Some(error)) => Event::TaskFailed { attempt: result.attempt, error },
+            _ => {
+                let reply =
+                    ApiError::new(ErrorCode::InvalidRequest, "a task result needs exactly one of `output` and `error`");
+                self.reply_now(reply_to, encoding, reply);
+                return;
+            }
+        };
+        let payload_max = self.context.plans.limits().payload_bytes_max;
+        if message.payload.len() > payload_max {
+            let reply = ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the result is {} bytes, over the limit of {payload_max}; return a reference to large data instead",
+                    message.payload.len()
+                ),
+            );
+            self.reply_now(reply_to, encoding, reply);
+            return;
+        }
+        let (run_id, outcome) = match &event {
+            Event::TaskSucceeded { attempt, .. } => (attempt.run_id.clone(), "succeeded"),
+            Event::TaskFailed { attempt, .. } => (attempt.run_id.clone(), "failed"),
+            _ => unreachable!("built above"),
+        };
+        ::metrics::counter!(metrics::TASK_RESULTS, "outcome" => outcome).increment(1);
+        let applied = self.apply_event(&run_id, event, now_ms(), batch);
+        batch.result_replies.push(ResultReply { reply_to, encoding, applied });
+    }
+
+    /// Applies one event to an active run; returns whether it was accepted.
+    pub(super) fn apply_event(&mut self, run_id: &RunId, event: Event, now: Millis, batch: &mut Batch) -> bool {
+        let Some(active) = self.runs.get_mut(run_id) else {
+            debug!(run = %run_id, "event for a run that is not active ignored");
+            return false;
+        };
+        let mut effects = Vec::new();
+        let evaluator = self.context.plans.evaluator().clone();
+        match active.run.apply(&evaluator, now, &event, &mut effects) {
+            Applied::Ignored(reason) => {
+                debug!(run = %run_id, reason, "event ignored");
+                false
+            }
+            Applied::Accepted => {
+                let record = EventRecord { now_ms: now, event };
+                let key = keys::history(run_id, active.next_seq);
+                active.next_seq += 1;
+                batch.writes.set_chunked(&key, &records::encode(&record), &self.context.store_limits);
+                self.carry_out(run_id, effects, now, batch);
+                true
+            }
+        }
+    }
+
+    /// Queues the engine's effects: tasks to publish after the commit, timers, run end.
+    fn carry_out(&mut self, run_id: &RunId, effects: Vec<Effect>, now: Millis, batch: &mut Batch) {
+        for effect in effects {
+            match effect {
+                Effect::Dispatch(task) => batch.dispatches.push(task),
+                Effect::ArmTimer { run_id, timer, due_ms } => self.timers.arm(run_id, timer, due_ms),
+                Effect::CancelTimer { run_id, timer } => self.timers.cancel(&run_id, &timer),
+                Effect::RunFinished { run_id: finished, status } => self.finish_run(&finished, status, now, batch),
+            }
+        }
+        debug_assert!(self.runs.contains_key(run_id), "effects belong to an active run");
+    }
+
+    fn finish_run(&mut self, run_id: &RunId, status: RunStatus, now: Millis, batch: &mut Batch) {
+        let Some(active) = self.runs.get(run_id) else { return };
+        let plan = active.run.plan();
+        let record = RunRecord {
+            flow: plan.name.clone(),
+            version: plan.version,
+            status,
+            created_ms: active.created_ms,
+            ended_ms: Some(now),
+        };
+        batch.writes.set(keys::run(run_id), records::encode(&record));
+        batch.writes.clear(keys::active(run_id));
+        batch.writes.set(keys::created(active.created_ms, run_id), records::encode(&summary(run_id, &record)));
+        let view = active.run.view();
+        batch.writes.set_chunked(&keys::snapshot(run_id), &records::encode(&view), &self.context.store_limits);
+        batch.finished.push(run_id.clone());
+        ::metrics::counter!(metrics::RUNS_FINISHED, "status" => status.as_str()).increment(1);
+    }
+
+    pub(super) async fn cancel_run(
+        &mut self,
+        run_id: RunId,
+        reason: String,
+        batch: &mut Batch,
+    ) -> Result<RunCancelled, ApiError> {
+        if self.runs.contains_key(&run_id) {
+            let reason = if reason.is_empty() { "cancelled through the API".to_owned() } else { reason };
+            self.apply_event(&run_id, Event::CancelRequested { reason }, now_ms(), batch);
+            let status = self.runs.get(&run_id).map(|active| active.run.status()).unwrap_or(RunStatus::Cancelled);
+            return Ok(RunCancelled { run_id, status });
+        }
+        match self.run_record(&run_id).await? {
+            Some(record) => Ok(RunCancelled { run_id, status: record.status }),
+            None => Err(not_found(&run_id)),
+        }
+    }
+
+    pub(super) async fn get_run(&self, run_id: &RunId) -> Result<RunView, ApiError> {
+        if let Some(active) = self.runs.get(run_id) {
+            return Ok(active.run.view());
+        }
+        let chunks =
+            self.store.scan(keys::chunks_range(&keys::snapshot(run_id)), usize::MAX, false).await.map_err(internal)?;
+        match join_chunks(chunks).map_err(internal)? {
+            Some(bytes) => records::decode("run snapshot", &bytes).map_err(|error| internal(error)),
+            None => Err(not_found(run_id)),
+        }
+    }
+
+    /// Up to `limit` runs of this shard matching `query`, newest first, older than the cursor.
+    pub(super) async fn list_runs(&self, query: &ListRuns, limit: usize) -> Result<Vec<RunSummary>, ApiError> {
+        let mut range = keys::created_range();
+        if let Some(cursor) = &query.cursor {
+            let (created_ms, run_id) = parse_cursor(cursor)?;
+            range = KeyRange { begin: range.begin, end: keys::created(created_ms, &run_id) };
+        }
+        let entries = self.store.scan(range, LIST_SCAN_ENTRIES_MAX, true).await.map_err(internal)?;
+        let mut runs = Vec::new();
+        for (_, value) in entries {
+            let summary: RunSummary = records::decode("run summary", &value).map_err(internal)?;
+            let flow_matches = query.flow.as_ref().is_none_or(|flow| *flow == summary.flow);
+            let status_matches = query.status.is_none_or(|status| status == summary.status);
+            if flow_matches && status_matches {
+                runs.push(summary);
+                if runs.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    async fn run_record(&self, run_id: &RunId) -> Result<Option<RunRecord>, ApiError> {
+        match self.store.get(&keys::run(run_id)).await.map_err(internal)? {
+            Some(bytes) => records::decode("run record", &bytes).map(Some).map_err(internal),
+            None => Ok(None),
+        }
+    }
+
+    /// Answers a result request at once (it changed nothing, so it waits for no commit).
+    fn reply_now(&self, reply_to: async_nats::Subject, encoding: flowgrid_proto::Encoding, error: ApiError) {
+        let nats = self.context.nats.clone();
+        let reply = flowgrid_proto::Reply::<flowgrid_proto::ResultAck>::Error(error);
+        if let Ok(payload) = flowgrid_proto::encode(encoding, &reply) {
+            tokio::spawn(async move {
+                let _ = nats.publish(reply_to, payload.into()).await;
+            });
+        }
+    }
+}
+
+pub(super) fn summary(run_id: &RunId, record: &RunRecord) -> RunSummary {
+    RunSummary {
+        run_id: run_id.clone(),
+        flow: record.flow.clone(),
+        version: record.version,
+        status: record.status,
+        created_ms: record.created_ms,
+        ended_ms: record.ended_ms,
+    }
+}
+
+/// The cursor of a page that ends at this run.
+pub fn cursor_of(summary: &RunSummary) -> String {
+    format!("{}.{}", summary.created_ms, summary.run_id)
+}
+
+fn parse_cursor(cursor: &str) -> Result<(Millis, RunId), ApiError> {
+    let parsed =
+        cursor.split_once('.').and_then(|(created, run_id)| Some((created.parse().ok()?, RunId(run_id.to_owned()))));
+    parsed.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("cursor {cursor:?} is malformed; pass the `next_cursor` of the previous page"),
+        )
+    })
+}
+
+fn not_found(run_id: &RunId) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no run {run_id}"))
+}
+
+fn internal(error: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Internal, format!("store: {error}"))
+}

@@ -1,0 +1,79 @@
+//! The durable submit path: `StartRun` messages published to `<prefix>.submit` wait in a
+//! JetStream stream until a coordinator has started their run, so a service loses no
+//! request while no coordinator is up.
+//!
+//! A message without an idempotency key gets `submit-<stream sequence>` as its key, so a
+//! redelivery (the coordinator died between the commit and the ack) starts nothing new.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::AckKind;
+use flowgrid_proto::StartRun;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::api::{encoding_of, Api};
+
+/// Submitted runs started at once: bounds memory, and leaves room for API requests.
+const SUBMITS_IN_FLIGHT_MAX: usize = 256;
+/// Delay before a refused (overloaded, unavailable) submit is delivered again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+pub async fn serve(api: Arc<Api>, consumer: PullConsumer, shutdown: CancellationToken) {
+    let mut messages = match consumer.stream().max_messages_per_batch(SUBMITS_IN_FLIGHT_MAX).messages().await {
+        Ok(messages) => messages,
+        Err(error) => {
+            warn!(error = %error, "cannot read the submit stream; durable submits wait until a restart");
+            return;
+        }
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(SUBMITS_IN_FLIGHT_MAX));
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = messages.next() => match message {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    debug!(error = %error, "submit stream read failed; continuing");
+                    continue;
+                }
+                None => break,
+            },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let api = api.clone();
+        tokio::spawn(async move {
+            start_submitted(&api, message).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn start_submitted(api: &Api, message: async_nats::jetstream::Message) {
+    let sequence = message.info().map(|info| info.stream_sequence).unwrap_or(0);
+    let request: StartRun = match flowgrid_proto::decode(encoding_of(&message), &message.payload) {
+        Ok(request) => request,
+        Err(error) => {
+            warn!(sequence, error = %error, "malformed submit dropped");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let flow = request.flow.clone();
+    match api.start_run(request, Some(format!("submit-{sequence}"))).await {
+        Ok(started) => {
+            debug!(run = %started.run_id, flow = %flow, "submitted run started");
+            let _ = message.double_ack().await;
+        }
+        Err(error) if error.retryable => {
+            let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+        }
+        Err(error) => {
+            warn!(sequence, flow = %flow, error = %error, "submitted run refused and dropped");
+            let _ = message.ack_with(AckKind::Term).await;
+        }
+    }
+}
