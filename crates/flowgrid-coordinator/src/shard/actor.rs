@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use flowgrid_engine::Run;
-use flowgrid_model::{Epoch, Millis, RunId, ShardId};
+use flowgrid_model::{AttemptId, Epoch, Millis, RunId, ShardId};
 use flowgrid_proto::{ApiError, ErrorCode, Reply, ResultAck};
 use flowgrid_store::{ShardStore, Store};
 use futures::{FutureExt, StreamExt};
@@ -30,6 +30,9 @@ pub(super) struct ActiveRun {
     /// Sequence number of the next history record.
     pub next_seq: u64,
     pub created_ms: Millis,
+    /// Attempts dispatched and not yet closed, with their pool: feeds the in-flight gauge
+    /// and labels results by pool.
+    pub open_attempts: HashMap<AttemptId, Arc<str>>,
 }
 
 pub(super) struct ShardActor<S: ShardStore> {
@@ -124,6 +127,9 @@ impl<S: ShardStore> ShardActor<S> {
             }
         }
         let runs = self.runs.len() as u64;
+        for active in self.runs.values_mut() {
+            close_all_attempts(std::mem::take(&mut active.open_attempts));
+        }
         self.context.active_runs.fetch_sub(runs, Ordering::Relaxed);
         ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(runs as f64);
         ::metrics::gauge!(metrics::SHARDS_OWNED).decrement(1.0);
@@ -260,7 +266,8 @@ impl<S: ShardStore> ShardActor<S> {
 
     fn forget_finished(&mut self, finished: Vec<RunId>) {
         for run_id in finished {
-            if self.runs.remove(&run_id).is_some() {
+            if let Some(active) = self.runs.remove(&run_id) {
+                close_all_attempts(active.open_attempts);
                 self.timers.cancel_run(&run_id);
                 self.context.active_runs.fetch_sub(1, Ordering::Relaxed);
                 ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(1.0);
@@ -272,6 +279,9 @@ impl<S: ShardStore> ShardActor<S> {
     /// left memory ahead of the store.
     async fn reset_and_reload(&mut self) -> Result<()> {
         let runs = self.runs.len() as u64;
+        for active in self.runs.values_mut() {
+            close_all_attempts(std::mem::take(&mut active.open_attempts));
+        }
         self.context.active_runs.fetch_sub(runs, Ordering::Relaxed);
         ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(runs as f64);
         self.runs.clear();
@@ -286,6 +296,14 @@ impl<S: ShardStore> ShardActor<S> {
         }
         info!(shard = %self.shard, runs = self.runs.len(), "shard reloaded");
         Ok(())
+    }
+}
+
+/// Lowers the in-flight gauge for attempts that will never report (their run ended or
+/// the shard stopped serving).
+pub(super) fn close_all_attempts(open_attempts: HashMap<AttemptId, Arc<str>>) {
+    for pool in open_attempts.into_values() {
+        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool.to_string()).decrement(1.0);
     }
 }
 

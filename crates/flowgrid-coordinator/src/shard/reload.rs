@@ -25,8 +25,12 @@ impl<S: ShardStore> ShardActor<S> {
         let mut plans: HashMap<(String, u32), Arc<FlowPlan>> = HashMap::new();
         for (key, _) in active {
             let run_id = keys::decode_active(&key)?;
-            let active_run = self.replay(&run_id, &mut plans).await?;
-            republish.extend(active_run.run.open_dispatches());
+            let mut active_run = self.replay(&run_id, &mut plans).await?;
+            for task in active_run.run.open_dispatches() {
+                ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => task.pool.clone()).increment(1.0);
+                active_run.open_attempts.insert(task.attempt.clone(), Arc::from(task.pool.as_str()));
+                republish.push(task);
+            }
             for (timer, due_ms) in active_run.run.armed_timers() {
                 self.timers.arm(run_id.clone(), timer, due_ms);
             }
@@ -79,7 +83,7 @@ impl<S: ShardStore> ShardActor<S> {
             run.apply(&evaluator, record.now_ms, &record.event, &mut effects);
             next_seq = seq + 1;
         }
-        Ok(ActiveRun { run, next_seq, created_ms: start.now_ms })
+        Ok(ActiveRun { run, next_seq, created_ms: start.now_ms, open_attempts: HashMap::new() })
     }
 
     async fn pinned_plan(&mut self, flow: &str, version: u32) -> Result<Arc<FlowPlan>> {

@@ -3,9 +3,11 @@
 //! Every accepted engine event is appended to the run's history in the batch; the
 //! effects the engine asked for are queued on the batch and carried out after the commit.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView};
+use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, TimerKey};
 use flowgrid_model::{Millis, RunId};
 use flowgrid_proto::{ApiError, ErrorCode, ListRuns, RunCancelled, RunStarted, RunSummary, TaskResult};
 use flowgrid_store::{join_chunks, keys, KeyRange, ShardStore};
@@ -66,7 +68,7 @@ impl<S: ShardStore> ShardActor<S> {
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
         let run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, now, &mut effects);
-        self.runs.insert(run_id.clone(), ActiveRun { run, next_seq: 1, created_ms: now });
+        self.runs.insert(run_id.clone(), ActiveRun { run, next_seq: 1, created_ms: now, open_attempts: HashMap::new() });
         self.context.active_runs.fetch_add(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::RUNS_ACTIVE).increment(1.0);
         ::metrics::counter!(metrics::RUNS_STARTED).increment(1);
@@ -113,12 +115,10 @@ impl<S: ShardStore> ShardActor<S> {
             self.reply_now(reply_to, encoding, reply);
             return;
         }
-        let (run_id, outcome) = match &event {
-            Event::TaskSucceeded { attempt, .. } => (attempt.run_id.clone(), "succeeded"),
-            Event::TaskFailed { attempt, .. } => (attempt.run_id.clone(), "failed"),
+        let run_id = match &event {
+            Event::TaskSucceeded { attempt, .. } | Event::TaskFailed { attempt, .. } => attempt.run_id.clone(),
             _ => unreachable!("built above"),
         };
-        ::metrics::counter!(metrics::TASK_RESULTS, "outcome" => outcome).increment(1);
         let applied = self.apply_event(&run_id, event, now_ms(), batch);
         batch.result_replies.push(ResultReply { reply_to, encoding, applied });
     }
@@ -137,6 +137,7 @@ impl<S: ShardStore> ShardActor<S> {
                 false
             }
             Applied::Accepted => {
+                close_attempt(active, &event);
                 let record = EventRecord { now_ms: now, event };
                 let key = keys::history(run_id, active.next_seq);
                 active.next_seq += 1;
@@ -151,7 +152,14 @@ impl<S: ShardStore> ShardActor<S> {
     fn carry_out(&mut self, run_id: &RunId, effects: Vec<Effect>, now: Millis, batch: &mut Batch) {
         for effect in effects {
             match effect {
-                Effect::Dispatch(task) => batch.dispatches.push(task),
+                Effect::Dispatch(task) => {
+                    if let Some(active) = self.runs.get_mut(run_id) {
+                        let pool: Arc<str> = Arc::from(task.pool.as_str());
+                        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => task.pool.clone()).increment(1.0);
+                        active.open_attempts.insert(task.attempt.clone(), pool);
+                    }
+                    batch.dispatches.push(task);
+                }
                 Effect::ArmTimer { run_id, timer, due_ms } => self.timers.arm(run_id, timer, due_ms),
                 Effect::CancelTimer { run_id, timer } => self.timers.cancel(&run_id, &timer),
                 Effect::RunFinished { run_id: finished, status } => self.finish_run(&finished, status, now, batch),
@@ -248,6 +256,20 @@ impl<S: ShardStore> ShardActor<S> {
                 let _ = nats.publish(reply_to, payload.into()).await;
             });
         }
+    }
+}
+
+/// Closes the attempt an accepted event finished, counting the result by pool.
+fn close_attempt(active: &mut ActiveRun, event: &Event) {
+    let (attempt, outcome) = match event {
+        Event::TaskSucceeded { attempt, .. } => (attempt, "succeeded"),
+        Event::TaskFailed { attempt, .. } => (attempt, "failed"),
+        Event::TimerFired { timer: TimerKey::AttemptTimeout { attempt } } => (attempt, "timed_out"),
+        _ => return,
+    };
+    if let Some(pool) = active.open_attempts.remove(attempt) {
+        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool.to_string()).decrement(1.0);
+        ::metrics::counter!(metrics::TASK_RESULTS, "pool" => pool.to_string(), "outcome" => outcome).increment(1);
     }
 }
 
