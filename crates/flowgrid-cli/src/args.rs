@@ -1,0 +1,205 @@
+//! Command-line flags. Flags that configure a process or a session (`--nats-url`,
+//! `--prefix`, `--json`, worker and wait settings) are also read from `FLOWGRID_*`
+//! variables; flags that name what one invocation acts on (a flow, a version, an input,
+//! a cursor) are not, so that a stray variable cannot silently change which flow runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use flowgrid_coordinator::CoordinatorConfig;
+use flowgrid_engine::RunStatus;
+
+/// flowgrid: flow orchestration and task dispatch over NATS.
+#[derive(Debug, Parser)]
+#[command(name = "flowgrid", version, about, max_term_width = 110)]
+pub struct Cli {
+    /// NATS server to connect to.
+    #[arg(long, global = true, env = "FLOWGRID_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Subject prefix of the grid.
+    #[arg(long, global = true, env = "FLOWGRID_PREFIX", default_value = flowgrid_proto::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// Print replies as JSON (for scripts) instead of tables.
+    #[arg(long, global = true, env = "FLOWGRID_JSON")]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a coordinator until ctrl-c or SIGTERM.
+    Coordinator(CoordinatorConfig),
+    /// Run the built-in demo workers (generate, embed, transcode, ... and test tasks).
+    Worker(WorkerArgs),
+    /// Deploy and inspect flow definitions.
+    #[command(subcommand)]
+    Flow(FlowCommand),
+    /// Start, inspect, list and cancel runs.
+    #[command(subcommand)]
+    Run(RunCommand),
+    /// Write the JSON Schemas of the wire messages, or check them for drift.
+    Schemas(SchemasArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Pools to serve, comma-separated.
+    #[arg(long, env = "FLOWGRID_POOLS", value_delimiter = ',', required = true)]
+    pub pools: Vec<String>,
+    /// Tasks held at once, per pool.
+    #[arg(long, env = "FLOWGRID_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// Scale of the simulated work time (0 = no sleeping, 2 = twice as slow).
+    #[arg(long, env = "FLOWGRID_SPEED", default_value_t = 1.0)]
+    pub speed: f64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlowCommand {
+    /// Deploy a definition file (YAML or JSON; `-` reads stdin) as a new version.
+    Deploy { file: PathBuf },
+    /// List deployed flows.
+    List,
+    /// Print a flow's definition (YAML, or JSON with --json).
+    Show {
+        name: String,
+        /// Version to show (default: the latest).
+        #[arg(long)]
+        version: Option<u32>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunInput {
+    /// Run input as JSON text.
+    #[arg(long, conflicts_with = "input_file")]
+    pub input: Option<String>,
+    /// File holding the run input as JSON (`-` reads stdin).
+    #[arg(long)]
+    pub input_file: Option<PathBuf>,
+    /// Starting again with the same flow and key returns the same run.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// Start a run and print its id; with --wait, wait for it to end and print it.
+    Start {
+        flow: String,
+        /// Flow version (default: the latest).
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        input: RunInput,
+        /// Wait for the run to end; exit 0 if it succeeded, 1 otherwise.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits (e.g. 500ms, 60s, 5m).
+        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Print a run: status, steps, output or error.
+    Get { run_id: String },
+    /// List runs, newest first.
+    List {
+        /// Only runs of this flow.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Only runs in this status.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<RunStatus>,
+        /// Page size (1 to 1000).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Cursor printed by the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Ask a run to stop.
+    Cancel {
+        run_id: String,
+        /// Why, recorded with the run.
+        #[arg(long, default_value = "cancelled from the command line")]
+        reason: String,
+    },
+    /// Durable start: store the request in JetStream even if no coordinator runs now.
+    Submit {
+        flow: String,
+        /// Flow version (default: the latest when the run starts).
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        input: RunInput,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SchemasArgs {
+    /// Directory of the schema files.
+    #[arg(long, env = "FLOWGRID_SCHEMAS_DIR", default_value = "schemas")]
+    pub out: PathBuf,
+    /// Compare the files with the generated schemas instead of writing them.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// `250ms`, `60s`, `5m`, `1h`, or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration; use e.g. 500ms, 60s, 5m"))?;
+    let seconds = match unit {
+        "ms" => value / 1_000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3_600.0,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}; use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+fn parse_status(text: &str) -> Result<RunStatus, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| format!("{text:?} is not a run status; use running, succeeded, failed, cancelled or timed_out"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 days").is_err());
+    }
+
+    #[test]
+    fn statuses_parse_as_the_api_spells_them() {
+        assert_eq!(parse_status("timed_out"), Ok(RunStatus::TimedOut));
+        assert!(parse_status("done").is_err());
+    }
+
+    #[test]
+    fn pools_split_on_commas() {
+        let cli = Cli::try_parse_from(["flowgrid", "worker", "--pools", "gpu-llm,cpu-media", "--speed", "0"]).unwrap();
+        let Command::Worker(worker) = cli.command else { panic!("expected the worker command") };
+        assert_eq!(worker.pools, ["gpu-llm", "cpu-media"]);
+        assert_eq!(worker.speed, 0.0);
+    }
+}

@@ -1,0 +1,42 @@
+//! One module per command group; each returns the exit code or an error for
+//! [`crate::failure::report`].
+
+mod flow;
+mod run;
+mod schemas;
+mod serve;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use flowgrid_sdk::Client;
+
+use crate::args::Command;
+use crate::Session;
+
+pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Coordinator(config) => serve::coordinator(config).await,
+        Command::Worker(args) => serve::worker(args, session).await,
+        Command::Flow(command) => flow::dispatch(command, &connect(session).await?, session).await,
+        Command::Run(command) => run::dispatch(command, &connect(session).await?, session).await,
+        Command::Schemas(args) => schemas::schemas(&args),
+    }
+}
+
+async fn connect(session: &Session) -> anyhow::Result<Client> {
+    Ok(Client::connect(&session.nats_url, session.prefix.clone()).await?)
+}
+
+/// The text of a file, or of stdin for `-`.
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}

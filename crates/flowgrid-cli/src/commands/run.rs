@@ -1,0 +1,255 @@
+//! `flowgrid run start | get | list | cancel | submit`.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use flowgrid_engine::{RunStatus, RunView, StepView};
+use flowgrid_model::RunId;
+use flowgrid_proto::{ListRuns, StartRun};
+use flowgrid_sdk::Client;
+
+use crate::args::{RunCommand, RunInput};
+use crate::output::{duration_ms, print_json, span, utc_time, Table};
+use crate::Session;
+
+pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
+    match command {
+        RunCommand::Start { flow, version, input, wait, timeout } => {
+            let start = start_request(flow, version, input)?;
+            let started = client.start(start).await?;
+            if !wait {
+                if session.json {
+                    print_json(&started)?;
+                } else {
+                    println!("{}", started.run_id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "started run {} of {}@{}; waiting up to {}",
+                started.run_id,
+                started.flow,
+                started.version,
+                duration_ms(timeout.as_millis() as u64)
+            );
+            wait_and_print(client, &started.run_id, timeout, session).await
+        }
+        RunCommand::Get { run_id } => {
+            let view = client.get(&RunId(run_id)).await?;
+            print_run(&view, session)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        RunCommand::List { flow, status, limit, cursor } => {
+            let list = client.list(ListRuns { flow, status, limit, cursor }).await?;
+            if session.json {
+                print_json(&list)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut table = Table::new(&["RUN ID", "FLOW", "STATUS", "CREATED", "DURATION"]);
+            for run in &list.runs {
+                table.row(vec![
+                    run.run_id.to_string(),
+                    format!("{}@{}", run.flow, run.version),
+                    run.status.as_str().to_owned(),
+                    utc_time(run.created_ms),
+                    span(Some(run.created_ms), run.ended_ms),
+                ]);
+            }
+            if table.is_empty() {
+                eprintln!("no runs match");
+            } else {
+                print!("{}", table.render());
+            }
+            if let Some(cursor) = &list.next_cursor {
+                println!("next page: --cursor {cursor}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunCommand::Cancel { run_id, reason } => {
+            let cancelled = client.cancel(&RunId(run_id), reason).await?;
+            if session.json {
+                print_json(&cancelled)?;
+            } else if cancelled.status == RunStatus::Cancelled {
+                println!("run {} is cancelled", cancelled.run_id);
+            } else {
+                println!("run {} had already ended: {}", cancelled.run_id, cancelled.status.as_str());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunCommand::Submit { flow, version, input } => {
+            let submitted = client.submit(start_request(flow, version, input)?).await?;
+            if session.json {
+                print_json(&json!({
+                    "run_id": submitted.run_id,
+                    "idempotency_key": submitted.idempotency_key,
+                    "sequence": submitted.sequence,
+                    "duplicate": submitted.duplicate,
+                }))?;
+            } else {
+                println!("{}", submitted.run_id);
+                let note = if submitted.duplicate { " (a duplicate of an earlier submission)" } else { "" };
+                eprintln!("stored as submission {}{note}; a coordinator starts the run", submitted.sequence);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow::Result<StartRun> {
+    let RunInput { input, input_file, idempotency_key } = input;
+    let input = match (input, input_file) {
+        (Some(text), _) => serde_json::from_str(&text).context("--input is not valid JSON")?,
+        (None, Some(path)) => {
+            let text = super::read_text(&path)?;
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
+        }
+        (None, None) => Value::Null,
+    };
+    Ok(StartRun { flow, version, input, idempotency_key })
+}
+
+/// Waits for the run and prints it; exit 0 only if it succeeded.
+async fn wait_and_print(
+    client: &Client,
+    run_id: &RunId,
+    timeout: Duration,
+    session: &Session,
+) -> anyhow::Result<ExitCode> {
+    let view = match client.wait(run_id, timeout).await {
+        Ok(view) => view,
+        Err(flowgrid_sdk::Error::Timeout { .. }) => {
+            let view = client.get(run_id).await?;
+            print_run(&view, session)?;
+            eprintln!(
+                "run {run_id} is still {} after {}",
+                view.status.as_str(),
+                duration_ms(timeout.as_millis() as u64)
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    print_run(&view, session)?;
+    Ok(if view.status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn print_run(view: &RunView, session: &Session) -> anyhow::Result<()> {
+    if session.json {
+        return print_json(view);
+    }
+    print!("{}", render_run(view));
+    Ok(())
+}
+
+/// A run as `run get` prints it: summary, step table, then output or error.
+fn render_run(view: &RunView) -> String {
+    let mut text = String::new();
+    text.push_str(&format!("run       {}\n", view.run_id));
+    text.push_str(&format!("flow      {}@{}\n", view.flow, view.version));
+    text.push_str(&format!("status    {}\n", view.status.as_str()));
+    text.push_str(&format!("created   {}\n", utc_time(view.created_ms)));
+    let duration = match view.ended_ms {
+        Some(ended) => duration_ms(ended.saturating_sub(view.created_ms)),
+        None => format!("{} so far", duration_ms(now_ms().saturating_sub(view.created_ms))),
+    };
+    text.push_str(&format!("duration  {duration}\n"));
+    if !view.steps.is_empty() {
+        text.push('\n');
+        text.push_str(&step_table(&view.steps).render());
+        for step in &view.steps {
+            if let Some(error) = &step.error {
+                let caught = if step.caught { " (caught)" } else { "" };
+                text.push_str(&format!("step {} failed{caught}: {}: {}\n", step.id, error.code, error.message));
+            }
+        }
+    }
+    if let Some(output) = &view.output {
+        let pretty = serde_json::to_string_pretty(output).unwrap_or_else(|_| output.to_string());
+        text.push_str(&format!("\noutput:\n{pretty}\n"));
+    }
+    if let Some(error) = &view.error {
+        text.push_str(&format!("\nerror: {}: {}\n", error.code, error.message));
+    }
+    text
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|since| since.as_millis() as u64).unwrap_or(0)
+}
+
+fn step_table(steps: &[StepView]) -> Table {
+    let mut table = Table::new(&["STEP", "KIND", "STATUS", "ATTEMPTS", "DURATION MS", "ITEMS"]);
+    for step in steps {
+        let status =
+            if step.caught { format!("{} (caught)", step.status.as_str()) } else { step.status.as_str().to_owned() };
+        let duration = match (step.started_ms, step.ended_ms) {
+            (Some(started), Some(ended)) => ended.saturating_sub(started).to_string(),
+            _ => "-".to_owned(),
+        };
+        let items = match step.items {
+            Some(items) if items.failed > 0 => {
+                format!("{}/{} ({} failed)", items.succeeded + items.failed, items.total, items.failed)
+            }
+            Some(items) => format!("{}/{}", items.succeeded + items.failed, items.total),
+            None => String::new(),
+        };
+        table.row(vec![step.id.clone(), step.kind.clone(), status, step.attempts.to_string(), duration, items]);
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use flowgrid_engine::{ItemCounts, StepStatus, TaskError};
+
+    use super::*;
+
+    #[test]
+    fn a_run_prints_its_steps_items_and_output() {
+        let step = |id: &str, kind: &str, items| StepView {
+            id: id.into(),
+            kind: kind.into(),
+            status: StepStatus::Succeeded,
+            attempts: 2,
+            started_ms: Some(1_000),
+            ended_ms: Some(1_042),
+            output: None,
+            error: None,
+            caught: false,
+            items,
+        };
+        let mut fan_out = step("fan", "map", Some(ItemCounts { total: 10, succeeded: 9, failed: 1, running: 0 }));
+        fan_out.error = Some(TaskError { code: "boom".into(), message: "item 3".into(), retryable: true });
+        fan_out.caught = true;
+        let view = RunView {
+            run_id: RunId("r-1".into()),
+            flow: "demo".into(),
+            version: 3,
+            status: RunStatus::Succeeded,
+            input: Value::Null,
+            output: Some(json!({"n": 1})),
+            error: None,
+            created_ms: 0,
+            ended_ms: Some(1_500),
+            steps: vec![step("first", "task", None), fan_out],
+        };
+        let text = render_run(&view);
+        assert!(text.contains("flow      demo@3\n"), "{text}");
+        assert!(text.contains("duration  1.5s\n"), "{text}");
+        assert!(text.contains("first  task  succeeded           2         42"), "{text}");
+        assert!(text.contains("10/10 (1 failed)"), "{text}");
+        assert!(text.contains("step fan failed (caught): boom: item 3"), "{text}");
+        assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");
+    }
+
+    #[test]
+    fn input_comes_from_json_text() {
+        let input = RunInput { input: Some("{\"a\": [1]}".into()), input_file: None, idempotency_key: None };
+        assert_eq!(start_request("f".into(), None, input).unwrap().input, json!({"a": [1]}));
+        let broken = RunInput { input: Some("{a".into()), input_file: None, idempotency_key: None };
+        assert!(start_request("f".into(), None, broken).unwrap_err().to_string().contains("--input"));
+    }
+}

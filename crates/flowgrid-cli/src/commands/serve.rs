@@ -1,0 +1,112 @@
+//! `flowgrid coordinator` and `flowgrid worker`: long-running processes that stop on
+//! ctrl-c or SIGTERM (a second signal exits at once).
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use flowgrid_coordinator::CoordinatorConfig;
+use flowgrid_sdk::Worker;
+
+use crate::args::WorkerArgs;
+use crate::demo_workers::DemoWorkers;
+use crate::Session;
+
+/// Exit code after a second interrupt (128 + SIGINT).
+const EXIT_INTERRUPTED: i32 = 130;
+
+pub(crate) async fn coordinator(config: CoordinatorConfig) -> anyhow::Result<ExitCode> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let outcome = flowgrid_coordinator::run(config, shutdown).await;
+    signals.abort();
+    outcome.context("the coordinator stopped")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn worker(args: WorkerArgs, session: &Session) -> anyhow::Result<ExitCode> {
+    validate_worker(&args)?;
+    let nats = async_nats::ConnectOptions::new()
+        .name("flowgrid-demo-worker")
+        .connect(&session.nats_url)
+        .await
+        .map_err(|source| flowgrid_sdk::Error::Connect { url: session.nats_url.clone(), source })?;
+    let handler = DemoWorkers::new(args.speed);
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+    info!(pools = ?args.pools, concurrency = args.concurrency, speed = args.speed, "demo workers starting");
+
+    let mut workers = JoinSet::new();
+    for pool in &args.pools {
+        let worker = Worker::new(nats.clone(), session.prefix.clone(), pool.clone()).concurrency(args.concurrency);
+        let pool = pool.clone();
+        let run = worker.run(handler.clone(), shutdown.clone());
+        workers.spawn(async move { run.await.with_context(|| format!("worker of pool {pool} failed")) });
+    }
+    let mut failure = None;
+    while let Some(joined) = workers.join_next().await {
+        let outcome = joined.context("a worker task panicked").and_then(|outcome| outcome);
+        if let Err(error) = outcome {
+            // One pool failing stops the others: a half-served set of pools is a surprise.
+            shutdown.cancel();
+            failure.get_or_insert(error);
+        }
+    }
+    signals.abort();
+    if let Err(error) = nats.flush().await {
+        warn!(error = %error, "flushing the NATS connection failed");
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn validate_worker(args: &WorkerArgs) -> anyhow::Result<()> {
+    for pool in &args.pools {
+        let valid = !pool.is_empty() && pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            bail!("--pools: {pool:?} is not a pool name; use letters, digits, '-' and '_', comma-separated");
+        }
+    }
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if !args.speed.is_finite() || args.speed < 0.0 {
+        bail!("--speed is {}; use 0 (no sleeping) or a positive factor such as 1.0", args.speed);
+    }
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first ctrl-c or SIGTERM; exits the process on the second.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    if interrupted().await.is_err() {
+        warn!("cannot listen for signals; stop the process with SIGKILL");
+        return;
+    }
+    info!("shutdown requested; finishing in-flight work (signal again to exit at once)");
+    shutdown.cancel();
+    if interrupted().await.is_ok() {
+        warn!("second signal; exiting without a clean shutdown");
+        std::process::exit(EXIT_INTERRUPTED);
+    }
+}
+
+async fn interrupted() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            outcome = tokio::signal::ctrl_c() => outcome,
+            _ = terminate.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}

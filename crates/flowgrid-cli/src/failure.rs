@@ -1,0 +1,112 @@
+//! Turning an error into a message that says what to fix, and an exit code.
+
+use std::process::ExitCode;
+
+use flowgrid_proto::{ApiError, ErrorCode, Reply};
+
+use crate::output::print_json;
+use crate::Session;
+
+/// Exit code of an invalid flow definition (and of bad usage, as clap does).
+pub const EXIT_INVALID: u8 = 2;
+
+/// Prints `error` (and a hint) to stderr, and under `--json` a refusal as
+/// `{"error": ...}` to stdout; returns the exit code.
+pub fn report(error: &anyhow::Error, session: &Session) -> ExitCode {
+    if let Some(refusal) = find::<flowgrid_sdk::Error>(error).and_then(flowgrid_sdk::Error::api) {
+        return report_refusal(refusal, session);
+    }
+    eprintln!("error: {}", render_chain(error));
+    if let Some(hint) = hint(error, session) {
+        eprintln!("hint: {hint}");
+    }
+    ExitCode::FAILURE
+}
+
+fn report_refusal(refusal: &ApiError, session: &Session) -> ExitCode {
+    if session.json {
+        let _ = print_json(&Reply::<()>::Error(refusal.clone()));
+    }
+    if refusal.issues.is_empty() {
+        eprintln!("error: {refusal}");
+    } else {
+        let count = refusal.issues.len();
+        eprintln!("error: {}: {count} problem{}:", refusal.code, if count == 1 { "" } else { "s" });
+    }
+    for issue in &refusal.issues {
+        eprintln!("  {issue}");
+    }
+    let hint = match refusal.code {
+        ErrorCode::NotFound => Some("check the name or id with `flowgrid flow list` or `flowgrid run list`"),
+        ErrorCode::Overloaded | ErrorCode::Unavailable => Some("the grid is busy or moving shards; try again shortly"),
+        ErrorCode::InvalidDefinition => Some("fix the definition at the paths above and deploy again"),
+        _ => None,
+    };
+    if let Some(hint) = hint {
+        eprintln!("hint: {hint}");
+    }
+    if refusal.code == ErrorCode::InvalidDefinition {
+        ExitCode::from(EXIT_INVALID)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
+    let start_nats = |url: &str| format!("is nats-server running at {url}? start one with `make up`");
+    if let Some(sdk_error) = find::<flowgrid_sdk::Error>(error) {
+        return match sdk_error {
+            flowgrid_sdk::Error::Connect { url, .. } => Some(start_nats(url)),
+            flowgrid_sdk::Error::Broker(_) => {
+                Some("start nats-server with JetStream enabled (`nats-server -js`)".into())
+            }
+            flowgrid_sdk::Error::Timeout { .. } => {
+                Some("the coordinator did not answer in time; it may be overloaded or restarting, try again".into())
+            }
+            other if other.is_no_responders() => Some(format!(
+                "no coordinator answers under prefix {:?}; start one with `flowgrid coordinator` (or `make up`) \
+                 and check --prefix",
+                session.prefix
+            )),
+            _ => None,
+        };
+    }
+    if let Some(flowgrid_coordinator::Error::Connect { url, .. }) = find::<flowgrid_coordinator::Error>(error) {
+        return Some(start_nats(url));
+    }
+    None
+}
+
+/// The error and its causes joined by `: `, leaving out a cause whose text the message
+/// already holds (many errors print their source themselves).
+fn render_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
+}
+
+/// The first error of type `E` in the chain.
+fn find<E: std::error::Error + 'static>(error: &anyhow::Error) -> Option<&E> {
+    error.chain().find_map(|cause| cause.downcast_ref::<E>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let root = std::io::Error::other("connection refused");
+        let error = anyhow::Error::new(root).context("cannot connect: connection refused").context("flow list failed");
+        assert_eq!(render_chain(&error), "flow list failed: cannot connect: connection refused");
+    }
+}

@@ -1,0 +1,86 @@
+//! The `flowgrid` command: run coordinators and demo workers, deploy flows, start and
+//! inspect runs, and keep the wire schemas in sync.
+//!
+//! Data goes to stdout (tables by default, JSON with `--json`); logs and diagnostics go
+//! to stderr. Exit codes: 0 success, 1 failure (including a run that did not succeed
+//! under `run start --wait`), 2 bad usage or an invalid flow definition.
+
+mod args;
+mod commands;
+pub mod demo_workers;
+mod failure;
+mod output;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
+use tracing_subscriber::EnvFilter;
+
+pub use args::{parse_duration, Cli, Command};
+
+/// How long leftover background work may delay the exit once a command is done.
+const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
+
+/// What every command needs from the global flags.
+#[derive(Clone, Debug)]
+pub(crate) struct Session {
+    pub nats_url: String,
+    pub prefix: String,
+    pub json: bool,
+}
+
+/// Parses the command line, runs the command and returns the process exit code.
+pub fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let session = Session { nats_url: cli.nats_url.clone(), prefix: cli.prefix.clone(), json: cli.json };
+    let mut command = cli.command;
+    // `flowgrid --nats-url X coordinator`: the flag before the subcommand wins over the
+    // coordinator's own default.
+    if let Command::Coordinator(config) = &mut command {
+        if given("nats_url") {
+            config.nats_url = session.nats_url.clone();
+        }
+        if given("prefix") {
+            config.prefix = session.prefix.clone();
+        }
+    }
+    let serving = matches!(command, Command::Coordinator(_) | Command::Worker(_));
+    init_tracing(if serving { "info" } else { "warn" });
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(commands::dispatch(command, &session));
+    // Work still pending here (a detached blocking call) must not delay the exit.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
+    match outcome {
+        Ok(code) => code,
+        Err(error) => failure::report(&error, &session),
+    }
+}
+
+/// Logs go to stderr, filtered by `FLOWGRID_LOG`, else `RUST_LOG`, else `default_level`.
+fn init_tracing(default_level: &str) {
+    let directives = std::env::var("FLOWGRID_LOG").or_else(|_| std::env::var("RUST_LOG")).ok();
+    let filter = directives
+        .as_deref()
+        .and_then(|directives| match EnvFilter::try_new(directives) {
+            Ok(filter) => Some(filter),
+            Err(error) => {
+                eprintln!("warning: ignoring the log filter {directives:?}: {error}");
+                None
+            }
+        })
+        .unwrap_or_else(|| EnvFilter::new(default_level));
+    let colored = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colored).init();
+}

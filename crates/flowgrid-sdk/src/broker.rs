@@ -1,0 +1,156 @@
+//! JetStream streams and consumers, created on demand with bounded sizes.
+//!
+//! The tasks stream holds every pool's tasks under `<prefix>.tasks.<pool>` with
+//! work-queue retention: a message leaves the stream when a worker acks it. Each pool has
+//! one durable pull consumer that all of its workers share. Limits are explicit so that a
+//! stalled pool fills up and is refused (`discard new`) instead of growing without bound.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use flowgrid_proto::Subjects;
+
+/// Settings of the streams and consumers; defaults fit a laptop.
+#[derive(Clone, Debug)]
+pub struct BrokerLimits {
+    /// Tasks waiting in the stream over all pools; past it, publishes are refused.
+    pub tasks_stream_messages_max: i64,
+    /// Bytes of waiting tasks over all pools.
+    pub tasks_stream_bytes_max: i64,
+    /// Window in which JetStream drops a republished task with the same message id.
+    pub duplicate_window: Duration,
+    /// How long a worker may hold a task without acking or heartbeating before
+    /// JetStream hands it to another worker.
+    pub ack_wait: Duration,
+    /// Deliveries of one task message; after that the coordinator's attempt timeout
+    /// takes over (a poison task must not loop forever).
+    pub deliveries_max: i64,
+    /// Tasks of one pool delivered and not yet acked, over all its workers.
+    pub pool_ack_pending_max: i64,
+    /// Runs waiting in the durable submit stream.
+    pub submit_stream_messages_max: i64,
+}
+
+impl Default for BrokerLimits {
+    fn default() -> Self {
+        BrokerLimits {
+            tasks_stream_messages_max: 1_000_000,
+            tasks_stream_bytes_max: 1024 * 1024 * 1024,
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(30),
+            deliveries_max: 10,
+            pool_ack_pending_max: 20_000,
+            submit_stream_messages_max: 1_000_000,
+        }
+    }
+}
+
+/// Errors of stream and consumer setup. Usually NATS is unreachable or JetStream is not
+/// enabled (`nats-server -js`).
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot create or open stream {name} (is JetStream enabled on the server, `nats-server -js`?): {source}")]
+    Stream {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    #[error("cannot create or open consumer {name} on stream {stream}: {source}")]
+    Consumer {
+        stream: String,
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+/// Creates the tasks stream if it does not exist and returns it.
+pub async fn tasks_stream(
+    jetstream: &jetstream::Context,
+    subjects: &Subjects,
+    limits: &BrokerLimits,
+) -> Result<stream::Stream, BrokerError> {
+    let name = subjects.tasks_stream();
+    let config = stream::Config {
+        name: name.clone(),
+        subjects: vec![subjects.tasks_all()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::New,
+        max_messages: limits.tasks_stream_messages_max,
+        max_bytes: limits.tasks_stream_bytes_max,
+        duplicate_window: limits.duplicate_window,
+        ..Default::default()
+    };
+    jetstream
+        .get_or_create_stream(config)
+        .await
+        .map_err(|source| BrokerError::Stream { name, source: Box::new(source) })
+}
+
+/// Creates the durable submit stream if it does not exist and returns it.
+pub async fn submit_stream(
+    jetstream: &jetstream::Context,
+    subjects: &Subjects,
+    limits: &BrokerLimits,
+) -> Result<stream::Stream, BrokerError> {
+    let name = subjects.submit_stream();
+    let config = stream::Config {
+        name: name.clone(),
+        subjects: vec![subjects.submit()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::New,
+        max_messages: limits.submit_stream_messages_max,
+        duplicate_window: limits.duplicate_window,
+        ..Default::default()
+    };
+    jetstream
+        .get_or_create_stream(config)
+        .await
+        .map_err(|source| BrokerError::Stream { name, source: Box::new(source) })
+}
+
+/// The pull consumer of `pool`, created on first use with the shared settings.
+pub async fn pool_consumer(
+    tasks: &stream::Stream,
+    subjects: &Subjects,
+    pool: &str,
+    limits: &BrokerLimits,
+) -> Result<consumer::PullConsumer, BrokerError> {
+    let name = subjects.pool_consumer(pool);
+    let config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        filter_subject: subjects.tasks(pool),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: limits.ack_wait,
+        max_deliver: limits.deliveries_max,
+        max_ack_pending: limits.pool_ack_pending_max,
+        ..Default::default()
+    };
+    tasks.get_or_create_consumer(&name, config).await.map_err(|source| BrokerError::Consumer {
+        stream: subjects.tasks_stream(),
+        name,
+        source: Box::new(source),
+    })
+}
+
+/// The durable consumer coordinators share to drain the submit stream.
+pub async fn submit_consumer(
+    submit: &stream::Stream,
+    subjects: &Subjects,
+    limits: &BrokerLimits,
+) -> Result<consumer::PullConsumer, BrokerError> {
+    let name = subjects.submit_consumer();
+    let config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: limits.ack_wait,
+        ..Default::default()
+    };
+    submit.get_or_create_consumer(&name, config).await.map_err(|source| BrokerError::Consumer {
+        stream: subjects.submit_stream(),
+        name,
+        source: Box::new(source),
+    })
+}

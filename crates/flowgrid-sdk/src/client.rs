@@ -1,0 +1,331 @@
+//! The API client: deploy flows, start, query, list and cancel runs.
+//!
+//! Every call is a NATS request on `<prefix>.api.<verb>` in MessagePack. A call that is
+//! refused as retryable (`overloaded`, `unavailable`) or that nobody answers (no
+//! coordinator subscribed, e.g. during a restart) is retried with backoff until the retry
+//! budget is spent, so callers ride over a coordinator restart or a moving shard. A call
+//! that times out is not retried: the coordinator may have applied it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::OnceCell;
+use tracing::debug;
+
+use flowgrid_engine::RunView;
+use flowgrid_model::RunId;
+use flowgrid_proto::{
+    decode, encode, CancelRun, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList, GetFlow, GetRun, ListFlows,
+    ListRuns, Reply, RunCancelled, RunList, RunStarted, StartRun, Subjects, CONTENT_TYPE_HEADER,
+};
+
+use crate::backoff::Backoff;
+use crate::broker::{self, BrokerLimits};
+use crate::error::{Error, Result};
+
+/// How long one request waits for its reply.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call keeps retrying refusals that are retryable; long enough to ride over a
+/// coordinator restart.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(15);
+/// First and largest pause between retries of a call.
+const RETRY_DELAY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(1);
+/// First and largest pause between two polls of [`Client::wait`].
+const WAIT_POLL_FIRST: Duration = Duration::from_millis(20);
+const WAIT_POLL_MAX: Duration = Duration::from_millis(500);
+
+/// A handle on one flowgrid grid. Cheap to clone; clones share the NATS connection.
+///
+/// ```no_run
+/// # async fn demo() -> flowgrid_sdk::Result<()> {
+/// use std::time::Duration;
+/// use flowgrid_sdk::{Client, StartRun};
+///
+/// let client = Client::connect("nats://127.0.0.1:4222", "flowgrid").await?;
+/// let deployed = client.deploy(std::fs::read_to_string("flows/hello.yaml").unwrap()).await?;
+/// let started = client
+///     .start(StartRun {
+///         flow: deployed.name,
+///         version: None,
+///         input: serde_json::json!({"name": "world"}),
+///         idempotency_key: Some("order-42".into()),
+///     })
+///     .await?;
+/// let run = client.wait(&started.run_id, Duration::from_secs(60)).await?;
+/// println!("{} ended {}: {:?}", run.run_id, run.status.as_str(), run.output);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Client {
+    nats: async_nats::Client,
+    jetstream: jetstream::Context,
+    subjects: Subjects,
+    request_timeout: Duration,
+    retry_budget: Duration,
+    submit_stream_ready: Arc<OnceCell<()>>,
+}
+
+/// The outcome of a durable [`Client::submit`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// The id the run gets once a coordinator starts it (derived from the idempotency key).
+    pub run_id: RunId,
+    /// The idempotency key the submission carries (the caller's, or a fresh one).
+    pub idempotency_key: String,
+    /// Position in the submit stream.
+    pub sequence: u64,
+    /// JetStream already held a submission with the same key (inside its duplicate window).
+    pub duplicate: bool,
+}
+
+impl Client {
+    /// Connects to NATS at `url` and talks to the grid under `prefix` (usually `flowgrid`).
+    pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Client> {
+        let nats = async_nats::ConnectOptions::new()
+            .name("flowgrid-client")
+            .connect(url)
+            .await
+            .map_err(|source| Error::Connect { url: url.to_owned(), source })?;
+        Ok(Client::new(nats, prefix))
+    }
+
+    /// Uses an existing NATS connection.
+    pub fn new(nats: async_nats::Client, prefix: impl Into<String>) -> Client {
+        let jetstream = jetstream::new(nats.clone());
+        Client {
+            nats,
+            jetstream,
+            subjects: Subjects::new(prefix),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            retry_budget: DEFAULT_RETRY_BUDGET,
+            submit_stream_ready: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// How long one request waits for its reply (default 10 s).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Client {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How long a call retries retryable refusals and missing coordinators (default 15 s;
+    /// zero disables retries).
+    pub fn with_retry_budget(mut self, budget: Duration) -> Client {
+        self.retry_budget = budget;
+        self
+    }
+
+    /// The underlying NATS connection.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    /// The subjects of this grid.
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// Deploys a definition (YAML or JSON text) as a new version of its flow. A definition
+    /// equal to the latest version returns that version with `created: false`. A refused
+    /// definition is an [`Error::Api`] with code `invalid_definition` and located `issues`.
+    pub async fn deploy(&self, definition: impl Into<String>) -> Result<FlowDeployed> {
+        self.call("flow.deploy", &DeployFlow { definition: definition.into() }).await
+    }
+
+    /// Every deployed flow with its latest version.
+    pub async fn flows(&self) -> Result<FlowList> {
+        self.call("flow.list", &ListFlows {}).await
+    }
+
+    /// One version of a flow (the latest when `version` is `None`).
+    pub async fn flow(&self, name: &str, version: Option<u32>) -> Result<FlowInfo> {
+        self.call("flow.get", &GetFlow { name: name.to_owned(), version }).await
+    }
+
+    /// Starts a run and returns its id. With an idempotency key, starting again returns
+    /// the same run (`created: false`), so a start that timed out can be repeated safely.
+    pub async fn start(&self, start: StartRun) -> Result<RunStarted> {
+        self.call("run.start", &start).await
+    }
+
+    /// A run's status, steps, output and error.
+    pub async fn get(&self, run_id: &RunId) -> Result<RunView> {
+        self.call("run.get", &GetRun { run_id: run_id.clone() }).await
+    }
+
+    /// One page of runs, newest first; pass `next_cursor` back as `cursor` for the next.
+    pub async fn list(&self, query: ListRuns) -> Result<RunList> {
+        self.call("run.list", &query).await
+    }
+
+    /// Asks to cancel a run. Cancelling a run that already ended returns its status.
+    pub async fn cancel(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunCancelled> {
+        self.call("run.cancel", &CancelRun { run_id: run_id.clone(), reason: reason.into() }).await
+    }
+
+    /// Polls the run (every 20 ms, slowing to every 500 ms) until it ends, and returns it.
+    /// [`Error::Timeout`] when it is still running after `timeout`.
+    pub async fn wait(&self, run_id: &RunId, timeout: Duration) -> Result<RunView> {
+        let started = Instant::now();
+        let mut backoff = Backoff::new(WAIT_POLL_FIRST, WAIT_POLL_MAX);
+        loop {
+            let view = self.get(run_id).await?;
+            if view.status.is_terminal() {
+                return Ok(view);
+            }
+            let remaining = timeout.saturating_sub(started.elapsed());
+            match backoff.next_delay_within(remaining) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(Error::Timeout { what: format!("waiting for run {run_id}"), after: timeout }),
+            }
+        }
+    }
+
+    /// Durable fire-and-forget start: publishes the request to the submit stream and
+    /// returns once JetStream has stored it, even if no coordinator is running; a
+    /// coordinator starts the run when it drains the stream.
+    ///
+    /// A submission without an idempotency key gets a fresh one, so the run id is known
+    /// up front and a retried publish cannot start the run twice.
+    pub async fn submit(&self, mut start: StartRun) -> Result<Submitted> {
+        self.ensure_submit_stream().await?;
+        let key = start.idempotency_key.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
+        let run_id = RunId::from_idempotency_key(&start.flow, &key);
+        let payload = Bytes::from(encode(Encoding::MsgPack, &start)?);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, run_id.as_str());
+        let subject = self.subjects.submit();
+        let started = Instant::now();
+        let mut backoff = Backoff::new(RETRY_DELAY_FIRST, RETRY_DELAY_MAX);
+        loop {
+            let attempt = self.publish_once(&subject, headers.clone(), payload.clone()).await;
+            let error = match attempt {
+                Ok(ack) => {
+                    return Ok(Submitted {
+                        run_id,
+                        idempotency_key: key,
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    })
+                }
+                Err(error) => error,
+            };
+            // The message id makes a repeated publish harmless, so every failure is retried.
+            match backoff.next_delay_within(self.retry_budget.saturating_sub(started.elapsed())) {
+                Some(delay) => {
+                    debug!(subject = %subject, error = %error, delay_ms = delay.as_millis() as u64, "retrying submit");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(error),
+            }
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        subject: &str,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+    ) -> Result<jetstream::publish::PublishAck> {
+        let context = || format!("durable submit to {subject} failed");
+        let pending = self
+            .jetstream
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
+            .map_err(|source| Error::Nats { context: context(), source: Box::new(source) })?;
+        pending.await.map_err(|source| Error::Nats { context: context(), source: Box::new(source) })
+    }
+
+    async fn ensure_submit_stream(&self) -> Result<()> {
+        self.submit_stream_ready
+            .get_or_try_init(|| async {
+                broker::submit_stream(&self.jetstream, &self.subjects, &BrokerLimits::default()).await?;
+                Ok::<(), Error>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Sends one API request, retrying what [`should_retry`] allows within the budget.
+    async fn call<Request: Serialize, Response: DeserializeOwned>(
+        &self,
+        verb: &str,
+        request: &Request,
+    ) -> Result<Response> {
+        let subject = self.subjects.api(verb);
+        let payload = Bytes::from(encode(Encoding::MsgPack, request)?);
+        let started = Instant::now();
+        let mut backoff = Backoff::new(RETRY_DELAY_FIRST, RETRY_DELAY_MAX);
+        loop {
+            let attempt = self.request_once(&subject, payload.clone()).await;
+            let error = match attempt {
+                Err(error) if should_retry(&error) => error,
+                done => return done,
+            };
+            match backoff.next_delay_within(self.retry_budget.saturating_sub(started.elapsed())) {
+                Some(delay) => {
+                    debug!(subject = %subject, error = %error, delay_ms = delay.as_millis() as u64, "retrying request");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(error),
+            }
+        }
+    }
+
+    async fn request_once<Response: DeserializeOwned>(&self, subject: &str, payload: Bytes) -> Result<Response> {
+        let request = async_nats::Request::new().payload(payload).timeout(Some(self.request_timeout));
+        let message = self.nats.send_request(subject.to_owned(), request).await.map_err(|source| {
+            if source.kind() == async_nats::RequestErrorKind::TimedOut {
+                Error::Timeout { what: format!("request on {subject}"), after: self.request_timeout }
+            } else {
+                Error::Nats { context: format!("request on {subject} failed"), source: Box::new(source) }
+            }
+        })?;
+        let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
+        let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+        let reply: Reply<Response> = decode(encoding, &message.payload)?;
+        reply.into_result().map_err(Error::Api)
+    }
+}
+
+/// A call is repeated when the grid says it may succeed later, or when nobody answered
+/// (no coordinator subscribed yet). Timeouts are not repeated: the request may have been
+/// applied.
+fn should_retry(error: &Error) -> bool {
+    match error {
+        Error::Api(refusal) => refusal.retryable,
+        other => other.is_no_responders(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flowgrid_proto::{ApiError, ErrorCode};
+
+    use super::*;
+
+    fn request_error(kind: async_nats::RequestErrorKind) -> Error {
+        Error::Nats { context: "request".into(), source: Box::new(async_nats::RequestError::new(kind)) }
+    }
+
+    #[test]
+    fn retryable_refusals_and_missing_coordinators_are_retried() {
+        assert!(should_retry(&Error::Api(ApiError::new(ErrorCode::Unavailable, "shard moving"))));
+        assert!(should_retry(&Error::Api(ApiError::new(ErrorCode::Overloaded, "queue full"))));
+        assert!(should_retry(&request_error(async_nats::RequestErrorKind::NoResponders)));
+    }
+
+    #[test]
+    fn final_refusals_and_timeouts_are_not_retried() {
+        assert!(!should_retry(&Error::Api(ApiError::new(ErrorCode::NotFound, "no such run"))));
+        assert!(!should_retry(&Error::Api(ApiError::new(ErrorCode::InvalidDefinition, "bad"))));
+        assert!(!should_retry(&Error::Timeout { what: "request".into(), after: Duration::from_secs(10) }));
+        assert!(!should_retry(&request_error(async_nats::RequestErrorKind::Other)));
+    }
+}

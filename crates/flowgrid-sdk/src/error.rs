@@ -1,0 +1,72 @@
+//! The SDK's one error type. Each variant says what the caller should do.
+
+use std::time::Duration;
+
+use flowgrid_proto::{ApiError, ErrorCode, ProtoError};
+
+use crate::broker::BrokerError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a client or worker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The grid refused the request. `code`, `message` and `issues` say what to change;
+    /// when `retryable` is set the SDK has already retried for its whole retry budget.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// NATS could not be reached at `url`: start a server there or fix the URL.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A NATS operation failed (connection lost, nobody answered, JetStream refused a
+    /// publish). `context` names the operation and subject; retry later.
+    #[error("{context}: {source}")]
+    Nats {
+        context: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    /// No answer in time. For `wait` the run is still going; for a request the
+    /// coordinator may have applied it, so only repeat requests that are idempotent
+    /// (reads, cancels, starts with an idempotency key).
+    #[error("{what} timed out after {after:?}")]
+    Timeout { what: String, after: Duration },
+    /// A message could not be encoded or decoded: the client and the grid disagree on the
+    /// protocol (upgrade one of them).
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    /// The tasks stream or a pool consumer could not be created or opened (is JetStream
+    /// enabled on the server?).
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl Error {
+    /// The grid's refusal, if this is one.
+    pub fn api(&self) -> Option<&ApiError> {
+        match self {
+            Error::Api(error) => Some(error),
+            _ => None,
+        }
+    }
+
+    /// True when the request was refused because a flow, version or run does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.api().is_some_and(|error| error.code == ErrorCode::NotFound)
+    }
+
+    /// True when nobody answered on the API subject: no coordinator is running (or none
+    /// has subscribed yet).
+    pub fn is_no_responders(&self) -> bool {
+        match self {
+            Error::Nats { source, .. } => source
+                .downcast_ref::<async_nats::RequestError>()
+                .is_some_and(|error| error.kind() == async_nats::RequestErrorKind::NoResponders),
+            _ => false,
+        }
+    }
+}

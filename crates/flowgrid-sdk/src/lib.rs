@@ -1,0 +1,28 @@
+//! The flowgrid SDK.
+//!
+//! - [`Client`]: deploy flows, start, query, list and cancel runs over NATS, and submit
+//!   runs durably.
+//! - [`Worker`]: serve one pool's tasks with bounded concurrency, heartbeats and result
+//!   reporting.
+//! - [`broker`]: the JetStream streams and consumers flowgrid uses (shared by the
+//!   coordinator and workers so they agree on every setting).
+
+pub mod backoff;
+pub mod broker;
+mod client;
+mod error;
+mod worker;
+
+pub use client::{Client, Submitted, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET};
+pub use error::{Error, Result};
+pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE};
+
+/// The future a [`TaskHandler`] returns.
+pub use futures::future::BoxFuture;
+
+pub use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView, TaskError};
+pub use flowgrid_model::{AttemptId, Millis, RunId};
+pub use flowgrid_proto::{
+    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowSummary, ListRuns, RunCancelled, RunList, RunStarted,
+    RunSummary, StartRun,
+};

@@ -1,0 +1,478 @@
+//! The worker: serves one pool's tasks from JetStream with bounded concurrency.
+//!
+//! Invariants:
+//! - at most `concurrency` task messages are held (delivered and not yet acked) at once:
+//!   a pull asks for exactly as many messages as there are free slots;
+//! - a held message is heartbeated (`AckKind::Progress`) every `ack_wait / 3` until it
+//!   is settled, so JetStream does not hand it to another worker while it is worked on;
+//! - a message is acked only after the coordinator confirmed the result
+//!   (`Reply<ResultAck>`); if the coordinator stays unreachable past the task's deadline
+//!   plus a grace period the message is nak'ed and delivered again later;
+//! - a malformed message is logged and terminated, never retried.
+
+mod report;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use flowgrid_engine::TaskError;
+use flowgrid_model::{AttemptId, Millis};
+use flowgrid_proto::{decode, Encoding, Subjects, TaskMessage, TaskResult, CONTENT_TYPE_HEADER};
+
+use crate::backoff::Backoff;
+use crate::broker::{self, BrokerLimits};
+use crate::error::Result;
+use report::{report, Settle};
+
+/// Default tasks held at once by one worker.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+/// How long a shutdown waits for in-flight tasks before abandoning them (JetStream then
+/// delivers them again after its ack wait).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long one pull request waits at the server for messages; an idle worker sends one
+/// pull per period.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// After shutdown, how long to keep reading a pull's messages that are already on their
+/// way, to hand them back at once instead of after the ack wait.
+const PULL_DRAIN: Duration = Duration::from_millis(100);
+/// A handler may overrun the task's deadline by this much (clock skew between hosts)
+/// before it is abandoned.
+const DEADLINE_GRACE: Duration = Duration::from_secs(1);
+/// Floor of the heartbeat period, whatever the ack wait.
+const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
+
+/// One task as a handler sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    attempt: AttemptId,
+    pool: String,
+    name: String,
+    input: Value,
+    deadline_ms: Millis,
+}
+
+impl Task {
+    pub fn new(
+        attempt: AttemptId,
+        pool: impl Into<String>,
+        name: impl Into<String>,
+        input: Value,
+        deadline_ms: Millis,
+    ) -> Task {
+        Task { attempt, pool: pool.into(), name: name.into(), input, deadline_ms }
+    }
+
+    /// The attempt this task is: run, step, map item and attempt number.
+    pub fn attempt(&self) -> &AttemptId {
+        &self.attempt
+    }
+
+    /// The 1-based attempt number (2 on the first retry).
+    pub fn attempt_number(&self) -> u32 {
+        self.attempt.attempt
+    }
+
+    /// The pool the task was published to.
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    /// The task name: what to do.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn input(&self) -> &Value {
+        &self.input
+    }
+
+    pub fn into_input(self) -> Value {
+        self.input
+    }
+
+    /// When the coordinator times the attempt out (Unix ms); work past it is wasted.
+    pub fn deadline_ms(&self) -> Millis {
+        self.deadline_ms
+    }
+
+    /// Time left until the deadline, by this host's clock.
+    pub fn time_left(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms.saturating_sub(now_ms()))
+    }
+}
+
+/// Runs tasks. Implemented for every `Fn(Task) -> impl Future<Output = Result<Value,
+/// TaskError>>`; implement it by hand for handlers with state.
+pub trait TaskHandler: Send + Sync + 'static {
+    /// Does the work of one task: its output, or an error whose `retryable` decides
+    /// whether the grid may try again.
+    fn handle(&self, task: Task) -> BoxFuture<'static, Result<Value, TaskError>>;
+}
+
+impl<F, Fut> TaskHandler for F
+where
+    F: Fn(Task) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
+{
+    fn handle(&self, task: Task) -> BoxFuture<'static, Result<Value, TaskError>> {
+        Box::pin(self(task))
+    }
+}
+
+/// A shared handler, e.g. one serving several pools.
+#[derive(Clone)]
+pub struct SharedHandler(pub Arc<dyn TaskHandler>);
+
+impl TaskHandler for SharedHandler {
+    fn handle(&self, task: Task) -> BoxFuture<'static, Result<Value, TaskError>> {
+        self.0.handle(task)
+    }
+}
+
+/// Serves the tasks of one pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use flowgrid_sdk::{Task, TaskError, Worker};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let nats = async_nats::connect("nats://127.0.0.1:4222").await?;
+/// let shutdown = CancellationToken::new();
+/// let handler = |task: Task| async move {
+///     match task.name() {
+///         "echo" => Ok(task.into_input()),
+///         other => Err(TaskError { code: "unknown_task".into(), message: format!("no task {other}"), retryable: false }),
+///     }
+/// };
+/// Worker::new(nats, "flowgrid", "cpu-media").concurrency(32).run(handler, shutdown).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Worker {
+    nats: async_nats::Client,
+    subjects: Subjects,
+    pool: String,
+    concurrency: usize,
+    limits: BrokerLimits,
+    shutdown_grace: Duration,
+}
+
+impl Worker {
+    /// A worker for `pool` of the grid under `prefix`.
+    pub fn new(nats: async_nats::Client, prefix: impl Into<String>, pool: impl Into<String>) -> Worker {
+        Worker {
+            nats,
+            subjects: Subjects::new(prefix),
+            pool: pool.into(),
+            concurrency: DEFAULT_CONCURRENCY,
+            limits: BrokerLimits::default(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+
+    /// Tasks held at once (at least 1).
+    pub fn concurrency(mut self, tasks: usize) -> Worker {
+        self.concurrency = tasks.max(1);
+        self
+    }
+
+    /// Stream and consumer settings, when the stream or consumer does not exist yet (an
+    /// existing consumer keeps its settings; its ack wait sets the heartbeat period).
+    pub fn broker_limits(mut self, limits: BrokerLimits) -> Worker {
+        self.limits = limits;
+        self
+    }
+
+    /// How long a shutdown waits for in-flight tasks (default 30 s).
+    pub fn shutdown_grace(mut self, grace: Duration) -> Worker {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Pulls and runs tasks until `shutdown` is cancelled, then stops pulling, waits for
+    /// the tasks in flight (up to the shutdown grace) and returns. Fails only if the
+    /// tasks stream or the pool's consumer cannot be opened at start.
+    pub async fn run<H: TaskHandler>(self, handler: H, shutdown: CancellationToken) -> Result<()> {
+        let jetstream = jetstream::new(self.nats.clone());
+        let mut consumer = self.bind(&jetstream).await?;
+        let ack_wait = consumer.cached_info().config.ack_wait;
+        let shared = Arc::new(Shared {
+            nats: self.nats.clone(),
+            handler: Arc::new(handler),
+            heartbeat_every: heartbeat_period(ack_wait),
+        });
+        info!(pool = %self.pool, concurrency = self.concurrency, ack_wait_ms = ack_wait.as_millis() as u64, "worker started");
+
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let mut in_flight = JoinSet::new();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            while in_flight.try_join_next().is_some() {}
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                permit = slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
+            };
+            let mut permits = vec![first];
+            permits.extend(std::iter::from_fn(|| slots.clone().try_acquire_owned().ok()));
+            match self.pull(&consumer, permits, &shared, &mut in_flight, &shutdown).await {
+                Ok(()) => backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    warn!(pool = %self.pool, error = %error, delay_ms = delay.as_millis() as u64, "pulling tasks failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    match self.bind(&jetstream).await {
+                        Ok(rebound) => consumer = rebound,
+                        Err(error) => warn!(pool = %self.pool, error = %error, "reopening the pool consumer failed"),
+                    }
+                }
+            }
+        }
+        self.finish(in_flight).await;
+        Ok(())
+    }
+
+    async fn bind(&self, jetstream: &jetstream::Context) -> Result<PullConsumer> {
+        let stream = broker::tasks_stream(jetstream, &self.subjects, &self.limits).await?;
+        Ok(broker::pool_consumer(&stream, &self.subjects, &self.pool, &self.limits).await?)
+    }
+
+    /// One pull for as many messages as `permits`; each message takes one permit into its
+    /// task, and the permits left over are released when the pull ends.
+    async fn pull(
+        &self,
+        consumer: &PullConsumer,
+        mut permits: Vec<OwnedSemaphorePermit>,
+        shared: &Arc<Shared>,
+        in_flight: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) -> std::result::Result<(), async_nats::Error> {
+        let mut batch = consumer.batch().max_messages(permits.len()).expires(PULL_EXPIRES).messages().await?;
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    hand_back_unstarted(&mut batch).await;
+                    return Ok(());
+                }
+                next = batch.next() => next,
+            };
+            let message = match next {
+                None => return Ok(()),
+                Some(Err(error)) => return Err(error),
+                Some(Ok(message)) => message,
+            };
+            match permits.pop() {
+                Some(permit) => {
+                    in_flight.spawn(serve(shared.clone(), message, permit));
+                }
+                None => {
+                    // The server never sends more than asked; hand back anything extra.
+                    warn!(pool = %self.pool, "pull delivered more messages than requested");
+                    settle(&message, Settle::Nak).await;
+                }
+            }
+        }
+    }
+
+    async fn finish(&self, mut in_flight: JoinSet<()>) {
+        let running = in_flight.len();
+        info!(pool = %self.pool, in_flight = running, "worker stopping");
+        let drained =
+            tokio::time::timeout(self.shutdown_grace, async { while in_flight.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(
+                pool = %self.pool,
+                abandoned = in_flight.len(),
+                grace_ms = self.shutdown_grace.as_millis() as u64,
+                "tasks still running after the shutdown grace; they will be delivered again"
+            );
+            in_flight.shutdown().await;
+        }
+        info!(pool = %self.pool, "worker stopped");
+    }
+}
+
+/// What every task of a worker shares.
+struct Shared {
+    nats: async_nats::Client,
+    handler: Arc<dyn TaskHandler>,
+    heartbeat_every: Duration,
+}
+
+/// Messages of a pull that arrive after shutdown are handed back at once.
+async fn hand_back_unstarted(batch: &mut jetstream::consumer::pull::Batch) {
+    let _ = tokio::time::timeout(PULL_DRAIN, async {
+        while let Some(Ok(message)) = batch.next().await {
+            settle(&message, Settle::Nak).await;
+        }
+    })
+    .await;
+}
+
+/// Runs one task message to its end: decode, run, report, settle. Holds its slot until
+/// the message is settled.
+async fn serve(shared: Arc<Shared>, message: jetstream::Message, _slot: OwnedSemaphorePermit) {
+    let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
+    let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+    let task_message: TaskMessage = match decode(encoding, &message.payload) {
+        Ok(task_message) => task_message,
+        Err(error) => {
+            warn!(subject = %message.subject, error = %error, "malformed task message, terminating it");
+            settle(&message, Settle::Term).await;
+            return;
+        }
+    };
+    let attempt = task_message.attempt.clone();
+    debug!(attempt = %attempt, task = %task_message.task, "task received");
+    let outcome = tokio::select! {
+        outcome = work(&shared, task_message) => outcome,
+        never = heartbeat(&message, shared.heartbeat_every) => match never {},
+    };
+    debug!(attempt = %attempt, outcome = ?outcome, "task settled");
+    settle(&message, outcome).await;
+}
+
+/// Runs the handler and reports its result; returns how to settle the message.
+async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
+    let TaskMessage { attempt, pool, task, input, deadline_ms, reply_to } = task_message;
+    let task = Task::new(attempt.clone(), pool, task, input, deadline_ms);
+    let outcome = run_handler(shared.handler.clone(), task).await;
+    let result = match outcome {
+        Ok(output) => TaskResult { attempt, output: Some(output), error: None },
+        Err(error) => TaskResult { attempt, output: None, error: Some(error) },
+    };
+    report(&shared.nats, &reply_to, result, deadline_ms.saturating_add(report::REPORT_GRACE_MS)).await
+}
+
+/// Runs the handler in its own task, so that a panic becomes an error result and an
+/// overrun is abandoned at the deadline.
+async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> std::result::Result<Value, TaskError> {
+    let Some(budget) = handler_budget(task.deadline_ms(), now_ms()) else {
+        return Err(deadline_exceeded());
+    };
+    let mut running = tokio::spawn(handler.handle(task));
+    match tokio::time::timeout(budget, &mut running).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(join_error)) => Err(TaskError {
+            code: "worker_panic".into(),
+            message: format!("the task handler panicked: {join_error}"),
+            retryable: true,
+        }),
+        Err(_elapsed) => {
+            running.abort();
+            Err(deadline_exceeded())
+        }
+    }
+}
+
+fn deadline_exceeded() -> TaskError {
+    TaskError {
+        code: "deadline_exceeded".into(),
+        message: "the task ran past its deadline and was abandoned by the worker".into(),
+        retryable: true,
+    }
+}
+
+/// How long the handler may run: until the deadline plus a grace for clock skew; `None`
+/// when that is already over.
+fn handler_budget(deadline_ms: Millis, now: Millis) -> Option<Duration> {
+    let end = deadline_ms.saturating_add(DEADLINE_GRACE.as_millis() as u64);
+    (end > now).then(|| Duration::from_millis(end - now))
+}
+
+/// A third of the ack wait, so that two heartbeats may be lost before JetStream gives up.
+fn heartbeat_period(ack_wait: Duration) -> Duration {
+    (ack_wait / 3).max(HEARTBEAT_MIN)
+}
+
+/// Tells JetStream the message is still being worked on, forever (cancelled by dropping).
+async fn heartbeat(message: &jetstream::Message, period: Duration) -> std::convert::Infallible {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = message.ack_with(AckKind::Progress).await {
+            debug!(subject = %message.subject, error = %error, "heartbeat failed");
+        }
+    }
+}
+
+async fn settle(message: &jetstream::Message, outcome: Settle) {
+    let kind = match outcome {
+        Settle::Ack => AckKind::Ack,
+        Settle::Nak => AckKind::Nak(None),
+        Settle::Term => AckKind::Term,
+    };
+    if let Err(error) = message.ack_with(kind).await {
+        // JetStream delivers the message again after its ack wait; the coordinator ignores
+        // a duplicate result.
+        warn!(subject = %message.subject, error = %error, "settling a task message failed");
+    }
+}
+
+pub(crate) fn now_ms() -> Millis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|since| since.as_millis() as Millis).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_budget_runs_to_the_deadline_plus_grace() {
+        assert_eq!(handler_budget(10_000, 9_000), Some(Duration::from_millis(2_000)));
+        assert_eq!(handler_budget(10_000, 10_500), Some(Duration::from_millis(500)));
+        assert_eq!(handler_budget(10_000, 11_000), None);
+        assert_eq!(handler_budget(10_000, 20_000), None);
+    }
+
+    #[test]
+    fn heartbeats_come_three_times_per_ack_wait() {
+        assert_eq!(heartbeat_period(Duration::from_secs(30)), Duration::from_secs(10));
+        assert_eq!(heartbeat_period(Duration::from_millis(30)), HEARTBEAT_MIN);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_becomes_a_retryable_error() {
+        let handler: Arc<dyn TaskHandler> = Arc::new(|_task: Task| async move {
+            if true {
+                panic!("bad input");
+            }
+            Ok(Value::Null)
+        });
+        let task = Task::new(attempt(), "pool", "explode", Value::Null, now_ms() + 60_000);
+        let error = run_handler(handler, task).await.unwrap_err();
+        assert_eq!(error.code, "worker_panic");
+        assert!(error.retryable);
+    }
+
+    #[tokio::test]
+    async fn a_handler_past_its_deadline_is_abandoned() {
+        let handler: Arc<dyn TaskHandler> = Arc::new(|_task: Task| async move {
+            tokio::time::sleep(Duration::from_secs(3_600)).await;
+            Ok(Value::Null)
+        });
+        let task = Task::new(attempt(), "pool", "slow", Value::Null, now_ms().saturating_sub(500));
+        let started = std::time::Instant::now();
+        let error = run_handler(handler, task).await.unwrap_err();
+        assert_eq!(error.code, "deadline_exceeded");
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+
+    fn attempt() -> AttemptId {
+        AttemptId { run_id: flowgrid_model::RunId("run-1".into()), step: "step".into(), item: None, attempt: 1 }
+    }
+}

@@ -1,0 +1,217 @@
+//! Sending a task's result to the coordinator, and deciding what happens to the task
+//! message afterwards.
+//!
+//! The decision ([`decide`]) is a pure function of what the send returned, the time and
+//! the give-up time, so the rules are unit-tested without a server:
+//! - confirmed (applied or not): ack;
+//! - refused as retryable, or no answer (coordinator restarting, shard moving): retry
+//!   with backoff until the give-up time, then nak so the task is delivered again;
+//! - refused as too large: replace the output by a non-retryable `result_too_large`
+//!   error and send that instead;
+//! - refused for good: terminate the message (sending it again cannot help).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use flowgrid_engine::TaskError;
+use flowgrid_model::Millis;
+use flowgrid_proto::{
+    decode, encode, ApiError, Encoding, ErrorCode, Reply, ResultAck, TaskResult, CONTENT_TYPE_HEADER,
+};
+
+use crate::backoff::Backoff;
+
+use super::now_ms;
+
+/// After a task's deadline, a worker keeps trying to report its result this much longer
+/// (a coordinator restart takes a few seconds) before handing the task back.
+pub(crate) const REPORT_GRACE_MS: Millis = 30_000;
+/// How long one result request waits for the coordinator's confirmation.
+const RESULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and largest pause between two tries of a result.
+const RETRY_DELAY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
+/// Code of the error sent in place of an output the grid refused as too large.
+const RESULT_TOO_LARGE: &str = "result_too_large";
+
+/// What to do with a task message once its result is dealt with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// The result is durable (or was a duplicate): remove the task.
+    Ack,
+    /// The result could not be delivered: deliver the task again later.
+    Nak,
+    /// The task can never succeed as is (malformed, or refused for good): drop it.
+    Term,
+}
+
+/// What one result request returned.
+#[derive(Debug)]
+pub(crate) enum Sent {
+    /// The coordinator confirmed the result.
+    Confirmed(ResultAck),
+    /// The coordinator refused the result.
+    Refused(ApiError),
+    /// The result is over the server's maximum message size.
+    TooLarge,
+    /// No confirmation: nobody listening, timeout, lost connection or an unreadable reply.
+    NoAnswer(String),
+}
+
+/// The next move after one send.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Next {
+    Settle(Settle),
+    RetryLater,
+    SendInstead(TaskResult),
+}
+
+/// Sends `result` to `reply_to` until it is confirmed or `give_up_ms` passes.
+pub(crate) async fn report(
+    nats: &async_nats::Client,
+    reply_to: &str,
+    result: TaskResult,
+    give_up_ms: Millis,
+) -> Settle {
+    let mut result = result;
+    let mut backoff = Backoff::new(RETRY_DELAY_FIRST, RETRY_DELAY_MAX);
+    loop {
+        let sent = send(nats, reply_to, &result).await;
+        let next = decide(&sent, &result, now_ms(), give_up_ms);
+        match next {
+            Next::Settle(settle) => {
+                match &sent {
+                    Sent::Confirmed(ack) => {
+                        debug!(attempt = %result.attempt, applied = ack.applied, "result confirmed")
+                    }
+                    Sent::Refused(refusal) => {
+                        warn!(attempt = %result.attempt, error = %refusal, "coordinator refused the result")
+                    }
+                    Sent::NoAnswer(reason) => warn!(
+                        attempt = %result.attempt,
+                        reason = %reason,
+                        "no coordinator confirmed the result in time; handing the task back"
+                    ),
+                    Sent::TooLarge => {}
+                }
+                return settle;
+            }
+            Next::SendInstead(replacement) => {
+                warn!(attempt = %result.attempt, "the result is too large; reporting an error instead");
+                result = replacement;
+            }
+            Next::RetryLater => {
+                let remaining = Duration::from_millis(give_up_ms.saturating_sub(now_ms()));
+                let delay = backoff.next_delay().min(remaining);
+                debug!(attempt = %result.attempt, sent = ?sent, delay_ms = delay.as_millis() as u64, "retrying result");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn send(nats: &async_nats::Client, reply_to: &str, result: &TaskResult) -> Sent {
+    let payload = match encode(Encoding::MsgPack, result) {
+        Ok(payload) => Bytes::from(payload),
+        // Every TaskResult encodes; should one not, retrying cannot help.
+        Err(error) => return Sent::Refused(ApiError::new(ErrorCode::Internal, error.to_string())),
+    };
+    let request = async_nats::Request::new().payload(payload).timeout(Some(RESULT_REQUEST_TIMEOUT));
+    let message = match nats.send_request(reply_to.to_owned(), request).await {
+        Ok(message) => message,
+        Err(error) if error.kind() == async_nats::RequestErrorKind::MaxPayloadExceeded => return Sent::TooLarge,
+        Err(error) => return Sent::NoAnswer(error.to_string()),
+    };
+    let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
+    let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+    match decode::<Reply<ResultAck>>(encoding, &message.payload) {
+        Ok(Reply::Ok(ack)) => Sent::Confirmed(ack),
+        Ok(Reply::Error(refusal)) => Sent::Refused(refusal),
+        Err(error) => Sent::NoAnswer(error.to_string()),
+    }
+}
+
+/// The rules of the module doc, as a pure function.
+pub(crate) fn decide(sent: &Sent, result: &TaskResult, now: Millis, give_up_ms: Millis) -> Next {
+    let retry_or_hand_back = || if now < give_up_ms { Next::RetryLater } else { Next::Settle(Settle::Nak) };
+    match sent {
+        Sent::Confirmed(_) => Next::Settle(Settle::Ack),
+        Sent::TooLarge => replace_too_large(result),
+        Sent::Refused(refusal) if refusal.code == ErrorCode::PayloadTooLarge => replace_too_large(result),
+        Sent::Refused(refusal) if refusal.retryable => retry_or_hand_back(),
+        Sent::Refused(_) => Next::Settle(Settle::Term),
+        Sent::NoAnswer(_) => retry_or_hand_back(),
+    }
+}
+
+fn replace_too_large(result: &TaskResult) -> Next {
+    let already_replaced = result.error.as_ref().is_some_and(|error| error.code == RESULT_TOO_LARGE);
+    if already_replaced {
+        return Next::Settle(Settle::Term);
+    }
+    Next::SendInstead(TaskResult {
+        attempt: result.attempt.clone(),
+        output: None,
+        error: Some(TaskError {
+            code: RESULT_TOO_LARGE.into(),
+            message: "the task's result is over the grid's payload limit".into(),
+            retryable: false,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use flowgrid_model::{AttemptId, RunId};
+    use serde_json::json;
+
+    use super::*;
+
+    const NOW: Millis = 1_000_000;
+
+    fn output() -> TaskResult {
+        let attempt = AttemptId { run_id: RunId("run".into()), step: "s".into(), item: Some(3), attempt: 2 };
+        TaskResult { attempt, output: Some(json!({"ok": true})), error: None }
+    }
+
+    #[test]
+    fn a_confirmed_result_acks_even_when_not_applied() {
+        for applied in [true, false] {
+            let next = decide(&Sent::Confirmed(ResultAck { applied }), &output(), NOW, NOW + 1);
+            assert_eq!(next, Next::Settle(Settle::Ack));
+        }
+    }
+
+    #[test]
+    fn no_answer_retries_until_the_give_up_time_then_hands_back() {
+        let sent = Sent::NoAnswer("no responders".into());
+        assert_eq!(decide(&sent, &output(), NOW, NOW + 1), Next::RetryLater);
+        assert_eq!(decide(&sent, &output(), NOW, NOW), Next::Settle(Settle::Nak));
+    }
+
+    #[test]
+    fn retryable_refusals_retry_and_final_ones_terminate() {
+        let moving = Sent::Refused(ApiError::new(ErrorCode::Unavailable, "shard moving"));
+        assert_eq!(decide(&moving, &output(), NOW, NOW + 1), Next::RetryLater);
+        assert_eq!(decide(&moving, &output(), NOW + 1, NOW), Next::Settle(Settle::Nak));
+        let invalid = Sent::Refused(ApiError::new(ErrorCode::InvalidRequest, "bad attempt"));
+        assert_eq!(decide(&invalid, &output(), NOW, NOW + 1), Next::Settle(Settle::Term));
+    }
+
+    #[test]
+    fn a_too_large_output_is_replaced_once_by_an_error() {
+        for sent in [Sent::TooLarge, Sent::Refused(ApiError::new(ErrorCode::PayloadTooLarge, "2 MiB"))] {
+            let Next::SendInstead(replacement) = decide(&sent, &output(), NOW, NOW + 1) else {
+                panic!("expected a replacement for {sent:?}");
+            };
+            assert_eq!(replacement.attempt, output().attempt);
+            assert_eq!(replacement.output, None);
+            let error = replacement.error.as_ref().expect("replacement carries an error");
+            assert_eq!(error.code, RESULT_TOO_LARGE);
+            assert!(!error.retryable);
+            assert_eq!(decide(&sent, &replacement, NOW, NOW + 1), Next::Settle(Settle::Term));
+        }
+    }
+}
