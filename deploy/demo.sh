@@ -50,7 +50,10 @@ STARTED=() # "pid name" of every process we started, in start order
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
     local status=$? index pid name
-    trap - EXIT INT TERM
+    trap - EXIT INT TERM HUP
+    # Output may go to a closed pipe by now; stopping the processes matters more than
+    # reporting it.
+    trap '' PIPE
     # Stop in reverse start order: workers, coordinator, then the broker.
     for ((index = ${#STARTED[@]} - 1; index >= 0; index--)); do
         read -r pid name <<<"${STARTED[index]}"
@@ -67,6 +70,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'exit 129' HUP
+trap 'exit 141' PIPE
 
 started() {
     STARTED+=("$STARTED_PID $1")

@@ -23,7 +23,11 @@ pub fn describe() {
     describe_gauge!(RUNS_ACTIVE, Unit::Count, "Runs started and not yet ended, held in memory.");
     describe_counter!(TASKS_DISPATCHED, Unit::Count, "Task attempts published to JetStream (label: pool).");
     describe_counter!(TASKS_PUBLISH_FAILED, Unit::Count, "Task publishes that failed and were retried (label: pool).");
-    describe_counter!(TASK_RESULTS, Unit::Count, "Attempts closed by a result or a timeout (labels: pool, outcome: succeeded, failed, timed_out).");
+    describe_counter!(
+        TASK_RESULTS,
+        Unit::Count,
+        "Attempts closed by a result or a timeout (labels: pool, outcome: succeeded, failed, timed_out)."
+    );
     describe_gauge!(TASKS_IN_FLIGHT, Unit::Count, "Task attempts dispatched and not finished (label: pool).");
     describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Duration of one shard store commit (group commit).");
     describe_histogram!(COMMIT_BATCH_EVENTS, Unit::Count, "Commands applied in one shard store commit.");

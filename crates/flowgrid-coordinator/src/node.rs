@@ -21,6 +21,10 @@ use crate::metrics;
 use crate::plans::PlanCache;
 use crate::shard::{spawn_shard, NodeContext};
 
+/// Longest wait for each of the last stop steps (draining publishes, flushing NATS): a
+/// stop must finish even when the NATS server is already gone.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Shards opened and reloaded at once during startup: enough to overlap store reads.
 const SHARD_OPENS_IN_FLIGHT_MAX: usize = 16;
 
@@ -106,8 +110,13 @@ pub async fn run_with_store<S: Store>(config: CoordinatorConfig, store: S, shutd
     }
     drop(api);
     workers_shutdown.cancel();
-    let _ = dispatcher_task.await;
-    if let Err(error) = nats.flush().await {
+    // Publishes still awaiting acks are bounded by JetStream's ack timeout; what is cut
+    // off here is republished when the shards reload.
+    if tokio::time::timeout(STOP_WAIT, dispatcher_task).await.is_err() {
+        tracing::warn!("task publishing did not drain in time; open tasks are republished on the next start");
+    }
+    // Without a server (it stopped first), a flush would wait for a reconnect forever.
+    if let Err(error) = tokio::time::timeout(STOP_WAIT, nats.flush()).await.unwrap_or(Ok(())) {
         tracing::debug!(error = %error, "flush on stop failed");
     }
     info!("coordinator stopped");

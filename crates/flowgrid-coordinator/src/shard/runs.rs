@@ -68,7 +68,8 @@ impl<S: ShardStore> ShardActor<S> {
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
         let run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, now, &mut effects);
-        self.runs.insert(run_id.clone(), ActiveRun { run, next_seq: 1, created_ms: now, open_attempts: HashMap::new() });
+        self.runs
+            .insert(run_id.clone(), ActiveRun { run, next_seq: 1, created_ms: now, open_attempts: HashMap::new() });
         self.context.active_runs.fetch_add(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::RUNS_ACTIVE).increment(1.0);
         ::metrics::counter!(metrics::RUNS_STARTED).increment(1);
