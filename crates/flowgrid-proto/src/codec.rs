@@ -56,7 +56,9 @@ pub fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Result<Vec<u8>, Pr
         Encoding::MsgPack => {
             rmp_serde::to_vec_named(value).map_err(|source| ProtoError::Encode { what, source: Box::new(source) })
         }
-        Encoding::Json => serde_json::to_vec(value).map_err(|source| ProtoError::Encode { what, source: Box::new(source) }),
+        Encoding::Json => {
+            serde_json::to_vec(value).map_err(|source| ProtoError::Encode { what, source: Box::new(source) })
+        }
     }
 }
 

@@ -193,16 +193,53 @@ fn check_step_id(path: &str, id: &str, limits: &Limits, issues: &mut Vec<Issue>)
             ),
         );
     } else if is_expression_keyword(id) {
-        push_issue(issues, path, format!("the step id `{id}` is a keyword of the expression language: choose another id"));
+        push_issue(
+            issues,
+            path,
+            format!("the step id `{id}` is a keyword of the expression language: choose another id"),
+        );
     }
 }
 
 /// Reserved words of the expression language (Rhai) that cannot follow `steps.`.
 fn is_expression_keyword(id: &str) -> bool {
     const KEYWORDS: [&str; 36] = [
-        "true", "false", "let", "const", "if", "else", "switch", "do", "while", "until", "loop", "for", "in", "continue",
-        "break", "return", "throw", "try", "catch", "fn", "private", "import", "export", "as", "global", "Fn", "call",
-        "curry", "this", "type_of", "print", "debug", "eval", "is_def_var", "is_def_fn", "is_shared",
+        "true",
+        "false",
+        "let",
+        "const",
+        "if",
+        "else",
+        "switch",
+        "do",
+        "while",
+        "until",
+        "loop",
+        "for",
+        "in",
+        "continue",
+        "break",
+        "return",
+        "throw",
+        "try",
+        "catch",
+        "fn",
+        "private",
+        "import",
+        "export",
+        "as",
+        "global",
+        "Fn",
+        "call",
+        "curry",
+        "this",
+        "type_of",
+        "print",
+        "debug",
+        "eval",
+        "is_def_var",
+        "is_def_fn",
+        "is_shared",
     ];
     KEYWORDS.contains(&id)
 }
