@@ -1,0 +1,328 @@
+//! The API: idempotent starts, refused definitions and requests, cancel, list and paging.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use flowgrid_proto::{decode, encode, Encoding, Reply, RunStarted, CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE};
+use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{step, wait_for, Grid};
+use serde_json::json;
+
+use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
+
+const ECHO_FLOW: &str = r#"
+name: echo-once
+output: 'steps.echo.output'
+steps:
+  - id: echo
+    kind: task
+    pool: a
+    task: echo
+"#;
+
+/// A task on a pool that no worker serves: runs of this flow stay running.
+const IDLE_FLOW: &str = r#"
+name: idle
+steps:
+  - id: wait
+    kind: task
+    pool: idle
+    task: echo
+"#;
+
+fn start(flow: &str, input: serde_json::Value, key: Option<&str>) -> StartRun {
+    StartRun { flow: flow.into(), version: None, input, idempotency_key: key.map(str::to_owned) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_idempotency_key_gives_the_same_run_also_after_it_ended() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+
+    let first = client.start(start("echo-once", json!({"n": 1}), Some("order-1"))).await.or_logs(&grid)?;
+    assert!(first.created, "{first:?}");
+    assert_eq!(first.run_id, RunId::from_idempotency_key("echo-once", "order-1"), "run id derives from the key");
+    let again = client.start(start("echo-once", json!({"n": 2}), Some("order-1"))).await.or_logs(&grid)?;
+    assert_eq!((again.run_id.clone(), again.created), (first.run_id.clone(), false), "{again:?}");
+
+    let view = grid.wait_run(&client, &first.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output, Some(json!({"n": 1})), "the first start's input wins: {view:?}");
+
+    let after_end = client.start(start("echo-once", json!({"n": 3}), Some("order-1"))).await.or_logs(&grid)?;
+    assert_eq!((after_end.run_id.clone(), after_end.created), (first.run_id.clone(), false), "{after_end:?}");
+    let other = client.start(start("echo-once", json!({"n": 4}), Some("order-2"))).await.or_logs(&grid)?;
+    assert!(other.created && other.run_id != first.run_id, "another key is another run: {other:?}");
+
+    let runs =
+        client.list(ListRuns { flow: Some("echo-once".into()), status: None, limit: None, cursor: None }).await?;
+    assert_eq!(runs.runs.len(), 2, "two keys, two runs: {runs:?}");
+    let view = client.get(&first.run_id).await.or_logs(&grid)?;
+    assert_eq!(view.input, json!({"n": 1}), "repeated starts do not touch the run");
+    Ok(())
+}
+
+/// (flow name, definition, expected issue path, text the issue message must contain).
+const INVALID_DEFINITIONS: &[(&str, &str, &str, &str)] = &[
+    (
+        "bad-cycle",
+        r#"
+name: bad-cycle
+steps:
+  - {id: first, kind: task, pool: a, task: echo, after: [second]}
+  - {id: second, kind: task, pool: a, task: echo, after: [first]}
+"#,
+        "steps[0](first)",
+        "second",
+    ),
+    (
+        "bad-after",
+        r#"
+name: bad-after
+steps:
+  - {id: first, kind: task, pool: a, task: echo}
+  - {id: second, kind: task, pool: a, task: echo, after: [frist]}
+"#,
+        "steps[1](second).after[0]",
+        "frist",
+    ),
+    (
+        "bad-duplicate",
+        r#"
+name: bad-duplicate
+steps:
+  - {id: same, kind: task, pool: a, task: echo}
+  - {id: same, kind: transform, output: '1'}
+"#,
+        "steps[1](same).id",
+        "same",
+    ),
+    (
+        "bad-field",
+        r#"
+name: bad-field
+steps:
+  - id: first
+    kind: task
+    pool: a
+    task: echo
+    retyr: {max_attempts: 2}
+"#,
+        "definition",
+        "retyr",
+    ),
+    (
+        "bad-expression",
+        r#"
+name: bad-expression
+steps:
+  - id: first
+    kind: task
+    pool: a
+    task: echo
+    input: '#{ a: input.x +  }'
+"#,
+        "steps[0](first).input",
+        "",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_definitions_are_refused_with_located_issues_and_nothing_is_deployed() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+
+    for (name, definition, path, mentions) in INVALID_DEFINITIONS {
+        let error = match client.deploy(*definition).await {
+            Ok(deployed) => panic!("{name} was deployed: {deployed:?}\n{}", grid.logs()),
+            Err(error) => error,
+        };
+        let refused = refusal(&error);
+        assert_eq!(refused.code, ErrorCode::InvalidDefinition, "{name}: {refused:?}");
+        assert!(!refused.retryable, "{name}: a refused definition is not retryable: {refused:?}");
+        let issue = refused.issues.iter().find(|issue| issue.path == *path);
+        let issue = issue.unwrap_or_else(|| panic!("{name}: no issue at `{path}`: {:?}", refused.issues));
+        assert!(issue.message.contains(mentions), "{name}: the issue should mention `{mentions}`: {issue:?}");
+        if *name == "bad-cycle" {
+            let cycle = refused.issues.iter().find(|issue| issue.message.contains("cycle"));
+            let cycle = cycle.unwrap_or_else(|| panic!("bad-cycle: no issue names the cycle: {:?}", refused.issues));
+            assert!(cycle.message.contains("first") && cycle.message.contains("second"), "the cycle's path: {cycle:?}");
+        }
+    }
+
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let flows = client.flows().await.or_logs(&grid)?;
+    let names: Vec<&str> = flows.flows.iter().map(|flow| flow.name.as_str()).collect();
+    assert_eq!(names, vec!["echo-once"], "only the valid flow is deployed");
+    for (name, ..) in INVALID_DEFINITIONS {
+        let error = client.flow(name, None).await.expect_err("a refused flow does not exist");
+        assert!(error.is_not_found(), "{name}: {error:?}");
+    }
+    Ok(())
+}
+
+/// Sends raw bytes to an API verb and returns the reply's payload and whether it was JSON.
+async fn raw_request(grid: &Grid, verb: &str, payload: Vec<u8>, json: bool) -> anyhow::Result<(Vec<u8>, bool)> {
+    let nats = grid.nats_client().await?;
+    let mut request = async_nats::Request::new().payload(payload.into()).timeout(Some(Duration::from_secs(10)));
+    if json {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE);
+        request = request.headers(headers);
+    }
+    let reply = nats.send_request(format!("{}.api.{verb}", grid.prefix), request).await?;
+    let content_type = reply.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
+    let reply_json = Encoding::from_content_type(content_type.map(|value| value.as_str())) == Encoding::Json;
+    Ok((reply.payload.to_vec(), reply_json))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, IDLE_FLOW).await?;
+
+    let blob = "x".repeat(2 * 1024 * 1024);
+    let error = client.start(start("idle", json!({"blob": blob}), None)).await.expect_err("a 2 MiB input is refused");
+    assert_eq!(refusal(&error).code, ErrorCode::PayloadTooLarge, "{error:?}\n{}", grid.logs());
+    assert!(!refusal(&error).retryable, "{error:?}");
+
+    let error = client.start(start("no-such-flow", json!({}), None)).await.expect_err("an unknown flow is refused");
+    assert_eq!(refusal(&error).code, ErrorCode::NotFound, "{error:?}");
+
+    let (payload, reply_json) =
+        raw_request(&grid, "run.start", vec![0xc1, 0xff, 0x00, 0x13, 0x37], false).await.or_logs(&grid)?;
+    assert!(!reply_json, "a MessagePack request gets a MessagePack reply");
+    let reply: Reply<RunStarted> = decode(Encoding::MsgPack, &payload)?;
+    match reply {
+        Reply::Error(error) => {
+            assert_eq!(error.code, ErrorCode::InvalidRequest, "{error:?}");
+            assert!(!error.message.is_empty() && !error.retryable, "{error:?}");
+        }
+        Reply::Ok(started) => panic!("garbage started a run: {started:?}"),
+    }
+
+    let missing_flow = br#"{"input": {"x": 1}}"#.to_vec();
+    let (payload, reply_json) = raw_request(&grid, "run.start", missing_flow, true).await.or_logs(&grid)?;
+    assert!(reply_json, "a JSON request gets a JSON reply: {}", String::from_utf8_lossy(&payload));
+    let reply: Reply<RunStarted> = serde_json::from_slice(&payload)?;
+    assert!(matches!(&reply, Reply::Error(error) if error.code == ErrorCode::InvalidRequest), "{reply:?}");
+
+    let good = serde_json::to_vec(&json!({"flow": "idle", "input": {"via": "json"}}))?;
+    let (payload, reply_json) = raw_request(&grid, "run.start", good, true).await.or_logs(&grid)?;
+    assert!(reply_json, "a JSON request gets a JSON reply");
+    let text: serde_json::Value = serde_json::from_slice(&payload)?;
+    let started: Reply<RunStarted> = serde_json::from_value(text.clone())?;
+    let started = started.into_result().map_err(|error| anyhow::anyhow!("JSON start refused: {error:?}"))?;
+    assert!(started.created && started.flow == "idle", "{text}");
+    assert!(text["ok"]["run_id"].is_string(), "the reply is plain JSON: {text}");
+
+    let runs = client.list(ListRuns { flow: None, status: None, limit: None, cursor: None }).await.or_logs(&grid)?;
+    let ids: Vec<&RunId> = runs.runs.iter().map(|run| &run.run_id).collect();
+    assert_eq!(ids, vec![&started.run_id], "only the JSON start created a run: {runs:?}");
+    let view = client.get(&started.run_id).await.or_logs(&grid)?;
+    assert_eq!(view.input, json!({"via": "json"}));
+
+    // The encoding round trip of an ordinary request still works after all that.
+    let bytes = encode(Encoding::MsgPack, &start("idle", json!(1), Some("k")))?;
+    let (payload, _) = raw_request(&grid, "run.start", bytes, false).await.or_logs(&grid)?;
+    let reply: Reply<RunStarted> = decode(Encoding::MsgPack, &payload)?;
+    assert!(matches!(reply, Reply::Ok(RunStarted { created: true, .. })), "{reply:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_run_ends_it_cancelled() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, IDLE_FLOW).await?;
+    let run = client.start(start("idle", json!({}), None)).await.or_logs(&grid)?;
+
+    wait_for("the task step to be running", RUN_DEADLINE, || {
+        let client = client.clone();
+        let run_id = run.run_id.clone();
+        async move {
+            let view = client.get(&run_id).await.ok()?;
+            (step(&view, "wait").status == StepStatus::Running).then_some(())
+        }
+    })
+    .await
+    .or_logs(&grid)?;
+
+    let cancelled = client.cancel(&run.run_id, "test asked").await.or_logs(&grid)?;
+    assert_eq!(cancelled.status, RunStatus::Cancelled, "{cancelled:?}");
+    let view = client.get(&run.run_id).await.or_logs(&grid)?;
+    assert_eq!(view.status, RunStatus::Cancelled, "{view:?}");
+    assert!(view.ended_ms.is_some(), "{view:?}");
+    assert_eq!(step(&view, "wait").status, StepStatus::Cancelled, "{view:?}");
+
+    let again = client.cancel(&run.run_id, "twice").await.or_logs(&grid)?;
+    assert_eq!(again.status, RunStatus::Cancelled, "cancelling an ended run returns its status: {again:?}");
+    let error = client.cancel(&RunId("no-such-run".into()), "x").await.expect_err("unknown run");
+    assert!(error.is_not_found(), "{error:?}");
+    Ok(())
+}
+
+fn query(flow: Option<&str>, status: Option<RunStatus>, limit: Option<u32>, cursor: Option<String>) -> ListRuns {
+    ListRuns { flow: flow.map(str::to_owned), status, limit, cursor }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_list_filters_by_flow_and_status_and_pages_with_a_cursor() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    deploy(&grid, &client, IDLE_FLOW).await?;
+
+    let mut finished = Vec::new();
+    for n in 0..5 {
+        let run = client.start(start("echo-once", json!({"n": n}), None)).await.or_logs(&grid)?;
+        let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+        finished.push(run.run_id);
+    }
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(client.start(start("idle", json!({}), None)).await.or_logs(&grid)?.run_id);
+    }
+
+    let echo_runs = client.list(query(Some("echo-once"), None, None, None)).await.or_logs(&grid)?;
+    let ids: HashSet<&RunId> = echo_runs.runs.iter().map(|run| &run.run_id).collect();
+    assert_eq!(ids, finished.iter().collect(), "{echo_runs:?}");
+    assert!(echo_runs.runs.iter().all(|run| run.flow == "echo-once" && run.status == RunStatus::Succeeded));
+    assert!(echo_runs.next_cursor.is_none(), "everything fit in one page: {echo_runs:?}");
+
+    let running = client.list(query(None, Some(RunStatus::Running), None, None)).await.or_logs(&grid)?;
+    let ids: HashSet<&RunId> = running.runs.iter().map(|run| &run.run_id).collect();
+    assert_eq!(ids, idle.iter().collect(), "{running:?}");
+    let none = client.list(query(Some("echo-once"), Some(RunStatus::Running), None, None)).await.or_logs(&grid)?;
+    assert!(none.runs.is_empty(), "{none:?}");
+    let succeeded = client.list(query(None, Some(RunStatus::Succeeded), None, None)).await.or_logs(&grid)?;
+    assert_eq!(succeeded.runs.len(), finished.len(), "{succeeded:?}");
+
+    // Pages of two: 2 + 2 + 1, newest first, each run once.
+    let mut paged = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let page = client.list(query(Some("echo-once"), None, Some(2), cursor)).await.or_logs(&grid)?;
+        assert!(page.runs.len() <= 2, "{page:?}");
+        pages += 1;
+        paged.extend(page.runs);
+        cursor = page.next_cursor;
+        if cursor.is_none() || pages > 5 {
+            break;
+        }
+    }
+    assert_eq!(pages, 3, "five runs in pages of two: {paged:?}");
+    let paged_ids: Vec<RunId> = paged.iter().map(|run| run.run_id.clone()).collect();
+    let mut newest_first = finished.clone();
+    newest_first.reverse();
+    assert_eq!(paged_ids, newest_first, "pages list each run once, newest first");
+    assert!(paged.windows(2).all(|pair| pair[0].created_ms >= pair[1].created_ms), "{paged:?}");
+
+    let error = client.list(query(None, None, Some(0), None)).await.expect_err("limit 0 is refused");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Crashes: a coordinator killed mid-run resumes from its store; a durable submit waits
+//! for a coordinator.
+
+use std::time::Duration;
+
+use flowgrid_engine::ItemCounts;
+use flowgrid_sdk::{ListRuns, RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{step, Grid};
+use serde_json::{json, Value};
+
+use crate::{deploy, OrLogs, RUN_DEADLINE};
+
+const ITEMS: u32 = 1_000;
+
+const CRASH_FLOW: &str = r#"
+name: crash-map
+output: 'steps.counted.output'
+steps:
+  - id: counted
+    kind: map
+    items: input.items
+    pool: a
+    task: count
+    max_concurrency: 50
+"#;
+
+/// Polls the run until its map has at least `done` items succeeded; returns that count, or
+/// an error if the run ended first.
+async fn wait_for_progress(
+    grid: &Grid,
+    client: &flowgrid_sdk::Client,
+    run_id: &RunId,
+    done: u32,
+) -> anyhow::Result<u32> {
+    let deadline = tokio::time::Instant::now() + RUN_DEADLINE;
+    loop {
+        let view = client.get(run_id).await.or_logs(grid)?;
+        let succeeded = step(&view, "counted").items.map(|items| items.succeeded).unwrap_or(0);
+        if view.status.is_terminal() {
+            anyhow::bail!("the run ended ({:?}) before the kill, at {succeeded} items: make it slower", view.status);
+        }
+        if succeeded >= done {
+            return Ok(succeeded);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("only {succeeded} of {ITEMS} items done after {RUN_DEADLINE:?}\n{}", grid.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_mid_map_resumes_and_applies_every_item_once() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, CRASH_FLOW).await?;
+    let items: Vec<Value> = (0..ITEMS).map(|i| json!({"i": i, "label": format!("item-{i}")})).collect();
+    let start =
+        StartRun { flow: "crash-map".into(), version: None, input: json!({"items": items}), idempotency_key: None };
+    let run = client.start(start).await.or_logs(&grid)?;
+
+    let done_at_kill = wait_for_progress(&grid, &client, &run.run_id, ITEMS / 3).await?;
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    let resumed = client.get(&run.run_id).await.or_logs(&grid)?;
+    eprintln!(
+        "killed the coordinator at {done_at_kill} of {ITEMS} items; after the restart: {:?} {:?}",
+        resumed.status,
+        step(&resumed, "counted").items
+    );
+
+    let view = grid.wait_run(&client, &run.run_id, Duration::from_secs(60)).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "killed at {done_at_kill} items: {:?}\n{}", view.error, grid.logs());
+    let output = view.output.as_ref().and_then(Value::as_array).expect("the output is the list of item results");
+    assert_eq!(output.len(), items.len(), "one result per item");
+    for (index, (got, want)) in output.iter().zip(&items).enumerate() {
+        assert_eq!(got, want, "item {index}: wrong result (killed at {done_at_kill} items)");
+    }
+    let counted = step(&view, "counted");
+    assert_eq!(counted.status, StepStatus::Succeeded, "{counted:?}");
+    let all_done = ItemCounts { total: ITEMS, succeeded: ITEMS, failed: 0, running: 0 };
+    assert_eq!(counted.items, Some(all_done), "every item applied exactly once: {counted:?}");
+    assert_eq!(
+        counted.attempts, ITEMS,
+        "the restarted coordinator must resume the open attempts, not open new ones (killed at {done_at_kill} items): {counted:?}\n{}",
+        grid.logs()
+    );
+    Ok(())
+}
+
+const SUBMIT_FLOW: &str = r#"
+name: durable-submit
+output: 'steps.echo.output'
+steps:
+  - id: echo
+    kind: task
+    pool: a
+    task: echo
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SUBMIT_FLOW).await?;
+    grid.coordinators[0].stop(Duration::from_secs(10));
+
+    let input = json!({"order": 7});
+    let start = StartRun {
+        flow: "durable-submit".into(),
+        version: None,
+        input: input.clone(),
+        idempotency_key: Some("submit-7".into()),
+    };
+    let submitted = client.submit(start).await.or_logs(&grid)?;
+    assert_eq!(submitted.run_id, RunId::from_idempotency_key("durable-submit", "submit-7"));
+    assert!(!submitted.duplicate, "{submitted:?}");
+    let again = StartRun {
+        flow: "durable-submit".into(),
+        version: None,
+        input: json!({"order": 8}),
+        idempotency_key: Some("submit-7".into()),
+    };
+    let resubmitted = client.submit(again).await.or_logs(&grid)?;
+    assert_eq!(resubmitted.run_id, submitted.run_id);
+    assert!(resubmitted.duplicate, "a republish with the same key is dropped by JetStream: {resubmitted:?}");
+    let unanswered = client.clone().with_retry_budget(Duration::ZERO).flows().await;
+    assert!(unanswered.is_err_and(|error| error.is_no_responders()), "no coordinator should be serving");
+
+    grid.start_coordinator().await?;
+    let deadline = tokio::time::Instant::now() + RUN_DEADLINE;
+    let view = loop {
+        match client.get(&submitted.run_id).await {
+            Ok(view) if view.status.is_terminal() => break view,
+            Ok(_) => {}
+            Err(error) if error.is_not_found() => {}
+            Err(error) => return Err(error).or_logs(&grid),
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the submitted run did not end within {RUN_DEADLINE:?}\n{}", grid.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output, Some(input), "{view:?}");
+    assert_eq!(view.flow, "durable-submit");
+    let runs =
+        client.list(ListRuns { flow: Some("durable-submit".into()), status: None, limit: None, cursor: None }).await?;
+    assert_eq!(runs.runs.len(), 1, "two submits with one key start one run: {runs:?}");
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Failures: retries with backoff, catches, attempt timeouts.
+
+use std::time::Duration;
+
+use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{step, Grid};
+use serde_json::json;
+
+use crate::{deploy, OrLogs, RUN_DEADLINE};
+
+fn start(flow: &str, input: serde_json::Value) -> StartRun {
+    StartRun { flow: flow.into(), version: None, input, idempotency_key: None }
+}
+
+const FLAKY_FLOW: &str = r#"
+name: flaky-retry
+output: 'steps.shaky.output'
+steps:
+  - id: shaky
+    kind: task
+    pool: a
+    task: flaky
+    input: '#{ succeed_on_attempt: 3, tag: input.tag }'
+    retry: {max_attempts: 3, initial_backoff_ms: 300, backoff_multiplier: 2.0, jitter: 0.0}
+"#;
+
+const FLAKY_EXHAUSTED_FLOW: &str = r#"
+name: flaky-exhausted
+steps:
+  - id: shaky
+    kind: task
+    pool: a
+    task: flaky
+    input: '#{ succeed_on_attempt: 3 }'
+    retry: {max_attempts: 2, initial_backoff_ms: 50, jitter: 0.0}
+"#;
+
+/// The delays before attempts 2 and 3 of `FLAKY_FLOW`: 300 ms, then 300 * 2.0, no jitter.
+const FLAKY_BACKOFF_TOTAL_MS: u64 = 300 + 600;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_failing_twice_succeeds_on_the_third_attempt_after_backoff() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, FLAKY_FLOW).await?;
+    deploy(&grid, &client, FLAKY_EXHAUSTED_FLOW).await?;
+
+    let run = client.start(start("flaky-retry", json!({"tag": "t-1"}))).await.or_logs(&grid)?;
+    let exhausted = client.start(start("flaky-exhausted", json!({}))).await.or_logs(&grid)?;
+
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output, Some(json!({"succeed_on_attempt": 3, "tag": "t-1"})), "{view:?}");
+    let shaky = step(&view, "shaky");
+    assert_eq!(shaky.status, StepStatus::Succeeded, "{shaky:?}");
+    assert_eq!(shaky.attempts, 3, "two failures then a success: {shaky:?}");
+    let ended_ms = view.ended_ms.expect("an ended run has ended_ms");
+    let took_ms = ended_ms.saturating_sub(view.created_ms);
+    assert!(
+        took_ms >= FLAKY_BACKOFF_TOTAL_MS,
+        "the run took {took_ms} ms, less than its backoffs ({FLAKY_BACKOFF_TOTAL_MS} ms): backoff not applied: {view:?}"
+    );
+
+    // The same task with one retry too few: the policy's limit holds.
+    let view = grid.wait_run(&client, &exhausted.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.error.as_ref().map(|error| error.code.as_str()), Some("transient"), "{view:?}");
+    let shaky = step(&view, "shaky");
+    assert_eq!(shaky.attempts, 2, "max_attempts 2: {shaky:?}");
+    assert_eq!(shaky.status, StepStatus::Failed, "{shaky:?}");
+    Ok(())
+}
+
+const CATCH_FLOW: &str = r#"
+name: catch-fallback
+output: 'steps.refund.output'
+steps:
+  - id: charge
+    kind: task
+    pool: a
+    task: fail
+    input: '#{ code: "card_declined", retryable: false }'
+    retry: {max_attempts: 3, initial_backoff_ms: 50}
+    catch:
+      - errors: [insufficient_funds]
+        next: alert
+      - errors: [card_declined]
+        next: refund
+  - id: refund
+    kind: task
+    pool: a
+    task: echo
+    input: '#{ reason: steps.charge.error.code, order: input.order }'
+  - id: alert
+    kind: transform
+    output: '"alerted"'
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caught_failure_routes_to_the_fallback_which_reads_the_error() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, CATCH_FLOW).await?;
+
+    let run = client.start(start("catch-fallback", json!({"order": 42}))).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output, Some(json!({"reason": "card_declined", "order": 42})), "{view:?}");
+    let charge = step(&view, "charge");
+    assert_eq!(charge.status, StepStatus::Failed, "{charge:?}");
+    assert!(charge.caught, "the failed step must show the catch took over: {charge:?}");
+    assert_eq!(charge.error.as_ref().map(|error| error.code.as_str()), Some("card_declined"), "{charge:?}");
+    assert_eq!(charge.attempts, 1, "a non-retryable error is never retried: {charge:?}");
+    assert_eq!(step(&view, "refund").status, StepStatus::Succeeded);
+    assert_eq!(step(&view, "alert").status, StepStatus::Skipped, "the other catch did not fire");
+    assert!(view.error.is_none(), "a succeeded run has no error: {view:?}");
+    Ok(())
+}
+
+const TIMEOUT_FLOW: &str = r#"
+name: slow-timeout
+steps:
+  - id: slow
+    kind: task
+    pool: a
+    task: sleep
+    input: '#{ ms: 3000 }'
+    timeout_ms: 300
+    retry: {max_attempts: 2, initial_backoff_ms: 50, jitter: 0.0}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempt_timeout_is_retried_then_fails_the_run_with_code_timeout() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, TIMEOUT_FLOW).await?;
+
+    let run = client.start(start("slow-timeout", json!({}))).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.error.as_ref().map(|error| error.code.as_str()), Some("timeout"), "{view:?}");
+    let slow = step(&view, "slow");
+    assert_eq!(slow.attempts, 2, "the timed-out attempt is retried once: {slow:?}");
+    assert_eq!(slow.status, StepStatus::Failed, "{slow:?}");
+    assert_eq!(slow.error.as_ref().map(|error| error.code.as_str()), Some("timeout"), "{slow:?}");
+    let took = Duration::from_millis(view.ended_ms.expect("ended").saturating_sub(view.created_ms));
+    assert!(took >= Duration::from_millis(600), "two attempts of 300 ms each timed out, yet the run took {took:?}");
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Control flow: a choice between two maps, a join after both branches, transforms.
+
+use flowgrid_engine::ItemCounts;
+use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{step, Grid};
+use serde_json::{json, Value};
+
+use crate::{deploy, OrLogs, RUN_DEADLINE};
+
+const ITEMS: i64 = 100;
+
+const CHOICE_MAP_FLOW: &str = r#"
+name: choice-map-join
+output: 'steps.summary.output'
+steps:
+  - id: route
+    kind: choice
+    choices:
+      - when: 'input.mode == "double"'
+        next: doubled
+    default: echoed
+  - id: doubled
+    kind: map
+    items: input.numbers
+    pool: a
+    task: double
+    max_concurrency: 20
+  - id: echoed
+    kind: map
+    items: input.numbers
+    pool: b
+    task: echo
+    input: '#{ value: item, index: index }'
+    output: 'result.map(|r| r.value * 1000 + r.index)'
+  - id: join
+    kind: transform
+    after: [doubled, echoed]
+    output: 'if steps.doubled.status == "succeeded" { #{ branch: "double", values: steps.doubled.output } } else { #{ branch: "echo", values: steps.echoed.output } }'
+  - id: summary
+    kind: transform
+    after: [join]
+    output: '#{ branch: steps.join.output.branch, values: steps.join.output.values, count: steps.join.output.values.len(), sum: steps.join.output.values.reduce(|sum, x| sum + x, 0) }'
+"#;
+
+fn expected_summary(branch: &str, values: Vec<i64>) -> Value {
+    let sum: i64 = values.iter().sum();
+    json!({"branch": branch, "count": values.len(), "sum": sum, "values": values})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choice_then_map_over_100_items_then_join_gives_the_computed_output() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a", "b"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, CHOICE_MAP_FLOW).await?;
+
+    let numbers: Vec<i64> = (0..ITEMS).map(|i| i * 7 - 150).collect();
+    let mut started = Vec::new();
+    for mode in ["double", "echo"] {
+        let start = StartRun {
+            flow: "choice-map-join".into(),
+            version: None,
+            input: json!({"mode": mode, "numbers": numbers}),
+            idempotency_key: None,
+        };
+        started.push((mode, client.start(start).await.or_logs(&grid)?));
+    }
+
+    for (mode, run) in started {
+        let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "mode {mode}: {view:?}\n{}", grid.logs());
+        let (taken, skipped, expected) = if mode == "double" {
+            ("doubled", "echoed", expected_summary("double", numbers.iter().map(|n| n * 2).collect()))
+        } else {
+            let values = numbers.iter().zip(0..).map(|(n, index)| n * 1000 + index).collect();
+            ("echoed", "doubled", expected_summary("echo", values))
+        };
+        assert_eq!(view.output.as_ref(), Some(&expected), "mode {mode}: wrong output\n{}", grid.logs());
+
+        let map = step(&view, taken);
+        assert_eq!(map.status, StepStatus::Succeeded, "mode {mode}: {map:?}");
+        let all_done = ItemCounts { total: ITEMS as u32, succeeded: ITEMS as u32, failed: 0, running: 0 };
+        assert_eq!(map.items, Some(all_done), "mode {mode}: {map:?}");
+        assert_eq!(map.attempts, ITEMS as u32, "mode {mode}: one attempt per item: {map:?}");
+        assert_eq!(step(&view, skipped).status, StepStatus::Skipped, "mode {mode}: branch not taken must be skipped");
+        assert_eq!(step(&view, skipped).attempts, 0, "mode {mode}: a skipped map dispatches nothing");
+        assert_eq!(step(&view, "route").status, StepStatus::Succeeded);
+        assert_eq!(step(&view, "join").status, StepStatus::Succeeded, "the join after both branches runs");
+    }
+    Ok(())
+}

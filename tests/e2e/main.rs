@@ -1,0 +1,41 @@
+//! End-to-end tests: each test starts its own nats-server (random port, temporary store),
+//! real `flowgrid` coordinator and worker processes, and drives them through the SDK or
+//! raw NATS requests. A failing test prints the processes' logs.
+//!
+//! Build the binary first: `cargo build --bins` (make test does).
+
+mod api;
+mod crash;
+mod failures;
+mod flows;
+mod python;
+mod results;
+
+use std::time::Duration;
+
+use flowgrid_sdk::{ApiError, Client, FlowDeployed};
+use flowgrid_tests::Grid;
+
+/// How long a small run may take from start to end.
+const RUN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Adds the grid's logs to an error, so that a failing `?` shows what the processes did.
+trait OrLogs<T> {
+    fn or_logs(self, grid: &Grid) -> anyhow::Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> OrLogs<T> for Result<T, E> {
+    fn or_logs(self, grid: &Grid) -> anyhow::Result<T> {
+        self.map_err(|error| error.into().context(format!("grid logs:\n{}", grid.logs())))
+    }
+}
+
+/// Deploys a definition that must be accepted.
+async fn deploy(grid: &Grid, client: &Client, definition: &str) -> anyhow::Result<FlowDeployed> {
+    client.deploy(definition).await.map_err(|error| anyhow::anyhow!("deploy refused: {error:?}\n{}", grid.logs()))
+}
+
+/// The grid's refusal inside an SDK error; panics with the error otherwise.
+fn refusal(error: &flowgrid_sdk::Error) -> &ApiError {
+    error.api().unwrap_or_else(|| panic!("expected a refusal from the grid, got {error:?}"))
+}

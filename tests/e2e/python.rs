@@ -1,0 +1,88 @@
+//! A worker written in Python from docs/protocol.md serves a pool of its own.
+
+use std::process::Command;
+
+use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{python_bin, repo_root, step, Grid};
+use serde_json::json;
+
+use crate::{deploy, OrLogs, RUN_DEADLINE};
+
+const PYTHON_FLOW: &str = r#"
+name: python-pool
+output: '#{ echo: steps.echoed.output, upper: steps.shout.output.text, double: steps.twice.output.value, doubled: steps.doubled.output }'
+steps:
+  - id: echoed
+    kind: task
+    pool: py
+    task: echo
+    input: '#{ text: input.text, tags: input.tags }'
+  - id: shout
+    kind: task
+    pool: py
+    task: upper
+    after: [echoed]
+    input: '#{ text: steps.echoed.output.text }'
+  - id: twice
+    kind: task
+    pool: py
+    task: double
+    input: '#{ value: input.n }'
+  - id: doubled
+    kind: map
+    pool: py
+    task: double
+    items: input.values
+"#;
+
+/// Tasks one run of `PYTHON_FLOW` gives: three task steps and five map items.
+const PYTHON_TASKS: usize = 8;
+
+/// Fails (never skips) when the interpreter or its modules are missing.
+fn check_python() {
+    let python = python_bin();
+    let probe = Command::new(&python).args(["-c", "import nats, msgpack"]).output();
+    match probe {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => panic!(
+            "{} cannot import the `nats` and `msgpack` modules ({}): run `make setup`",
+            python.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+        Err(error) => panic!("cannot run {} ({error}): run `make setup`", python.display()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_completes_its_pools_tasks() -> anyhow::Result<()> {
+    check_python();
+    let mut grid = Grid::start(&[]).await?;
+    let script = repo_root().join("tests/python_worker/worker.py");
+    let mut command = Command::new(python_bin());
+    command
+        .arg(script)
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "--pool", "py"])
+        .args(["--max-tasks", &PYTHON_TASKS.to_string()]);
+    grid.spawn_worker("python-worker", &mut command)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, PYTHON_FLOW).await?;
+
+    let input = json!({"text": "héllo grid", "tags": ["a", 1, null, 2.5], "n": 21, "values": [1, 2, 3, 4, 5]});
+    let start = StartRun { flow: "python-pool".into(), version: None, input, idempotency_key: None };
+    let run = client.start(start).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let expected = json!({
+        "echo": {"text": "héllo grid", "tags": ["a", 1, null, 2.5]},
+        "upper": "héllo grid".to_uppercase(),
+        "double": 42,
+        "doubled": [2, 4, 6, 8, 10],
+    });
+    assert_eq!(view.output, Some(expected), "{view:?}\n{}", grid.logs());
+    for id in ["echoed", "shout", "twice", "doubled"] {
+        assert_eq!(step(&view, id).status, StepStatus::Succeeded, "{:?}", step(&view, id));
+    }
+    assert_eq!(step(&view, "doubled").attempts, 5, "{:?}", step(&view, "doubled"));
+    Ok(())
+}

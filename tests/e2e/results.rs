@@ -1,0 +1,125 @@
+//! Result application: a result is applied once, whatever is sent again.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use flowgrid_proto::{
+    decode, encode, Encoding, Reply, ResultAck, Subjects, TaskMessage, TaskResult, CONTENT_TYPE_HEADER,
+};
+use flowgrid_sdk::broker::{self, BrokerLimits};
+use flowgrid_sdk::{RunStatus, StartRun, StepStatus, TaskError};
+use flowgrid_tests::{step, Grid};
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::{deploy, OrLogs, RUN_DEADLINE};
+
+/// A pool no worker serves: the test plays the worker.
+const MANUAL_FLOW: &str = r#"
+name: manual-pool
+output: 'steps.only.output'
+steps:
+  - id: only
+    kind: task
+    pool: manual
+    task: echo
+    input: '#{ question: input.question }'
+"#;
+
+/// Pulls the next task of `pool` like a worker would.
+async fn pull_task(grid: &Grid, pool: &str, deadline: Duration) -> anyhow::Result<(jetstream::Message, Encoding)> {
+    let nats = grid.nats_client().await?;
+    let context = jetstream::new(nats);
+    let subjects = Subjects::new(grid.prefix.clone());
+    let limits = BrokerLimits::default();
+    let stream = broker::tasks_stream(&context, &subjects, &limits).await?;
+    let consumer = broker::pool_consumer(&stream, &subjects, pool, &limits).await?;
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        let mut batch = consumer.fetch().max_messages(1).expires(Duration::from_millis(500)).messages().await?;
+        if let Some(message) = batch.next().await {
+            let message = message.map_err(|error| anyhow::anyhow!("fetch from pool {pool}: {error}"))?;
+            let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
+            let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+            return Ok((message, encoding));
+        }
+    }
+    anyhow::bail!("no task arrived on pool {pool} within {deadline:?}\n{}", grid.logs())
+}
+
+/// Sends a result to `reply_to` as a request, in `encoding`, and decodes the reply.
+async fn send_result(
+    nats: &async_nats::Client,
+    reply_to: &str,
+    encoding: Encoding,
+    result: &TaskResult,
+) -> anyhow::Result<Reply<ResultAck>> {
+    let mut request =
+        async_nats::Request::new().payload(encode(encoding, result)?.into()).timeout(Some(Duration::from_secs(10)));
+    if let Some(content_type) = encoding.content_type() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(CONTENT_TYPE_HEADER, content_type);
+        request = request.headers(headers);
+    }
+    let reply = nats.send_request(reply_to.to_owned(), request).await?;
+    let content_type = reply.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
+    let reply_encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+    Ok(decode(reply_encoding, &reply.payload)?)
+}
+
+fn applied(reply: Reply<ResultAck>, grid: &Grid) -> bool {
+    match reply {
+        Reply::Ok(ack) => ack.applied,
+        Reply::Error(error) => panic!("the result was refused: {error:?}\n{}", grid.logs()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_result_is_applied_once() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, MANUAL_FLOW).await?;
+    let start = StartRun {
+        flow: "manual-pool".into(),
+        version: None,
+        input: json!({"question": "six times seven"}),
+        idempotency_key: None,
+    };
+    let run = client.start(start).await.or_logs(&grid)?;
+
+    let (message, encoding) = pull_task(&grid, "manual", RUN_DEADLINE).await?;
+    let task: TaskMessage = decode(encoding, &message.payload)?;
+    assert_eq!(task.attempt.run_id, run.run_id, "{task:?}");
+    assert_eq!((task.attempt.step.as_str(), task.attempt.item, task.attempt.attempt), ("only", None, 1), "{task:?}");
+    assert_eq!((task.pool.as_str(), task.task.as_str()), ("manual", "echo"), "{task:?}");
+    assert_eq!(task.input, json!({"question": "six times seven"}), "{task:?}");
+
+    let nats = grid.nats_client().await?;
+    let answer = json!({"answer": 42});
+    let result = TaskResult { attempt: task.attempt.clone(), output: Some(answer.clone()), error: None };
+    let first = send_result(&nats, &task.reply_to, encoding, &result).await.or_logs(&grid)?;
+    assert!(applied(first, &grid), "the first result must be applied\n{}", grid.logs());
+    let second = send_result(&nats, &task.reply_to, encoding, &result).await.or_logs(&grid)?;
+    assert!(!applied(second, &grid), "the same result sent again must not be applied\n{}", grid.logs());
+
+    // A contradicting error for the closed attempt, and a result for an attempt that was
+    // never opened, change nothing either.
+    let error = TaskError { code: "late".into(), message: "too late".into(), retryable: true };
+    let late_error = TaskResult { attempt: task.attempt.clone(), output: None, error: Some(error) };
+    let late = send_result(&nats, &task.reply_to, encoding, &late_error).await.or_logs(&grid)?;
+    assert!(!applied(late, &grid), "an error for a closed attempt must not be applied");
+    let mut never_opened = task.attempt.clone();
+    never_opened.attempt = 2;
+    let stray = TaskResult { attempt: never_opened, output: Some(json!("stray")), error: None };
+    let stray = send_result(&nats, &task.reply_to, encoding, &stray).await.or_logs(&grid)?;
+    assert!(!applied(stray, &grid), "a result for an attempt never opened must not be applied");
+    message.ack().await.map_err(|error| anyhow::anyhow!("ack: {error}"))?;
+
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output, Some(answer), "{view:?}");
+    let only = step(&view, "only");
+    assert_eq!((only.status, only.attempts), (StepStatus::Succeeded, 1), "one attempt, one success: {only:?}");
+    assert!(only.error.is_none(), "{only:?}");
+    Ok(())
+}

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""A flowgrid worker in Python, written from docs/protocol.md only.
+
+It pulls tasks of one pool from JetStream, runs them, sends each result to the
+coordinator as a NATS request, waits for the acknowledgement, and only then acks the
+task message. Tasks: `echo` (returns its input), `upper` ({"text": s} -> {"text": S}),
+`double` ({"value": n} -> {"value": 2n}, or a bare number -> its double). Any other task
+name is reported as a non-retryable `unknown_task` error.
+
+usage: worker.py --nats-url nats://127.0.0.1:4222 --prefix flowgrid --pool tests [--max-tasks N]
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+
+import msgpack
+import nats
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+JSON_CONTENT_TYPE = "application/json"
+# Settings a pool consumer is created with when no one created it yet (docs/protocol.md).
+ACK_WAIT_SECONDS = 30
+DELIVERIES_MAX = 10
+POOL_ACK_PENDING_MAX = 20_000
+# Heartbeat well inside ack_wait so that JetStream never hands a task we work on to another worker.
+HEARTBEAT_SECONDS = ACK_WAIT_SECONDS / 3
+RESULT_REQUEST_TIMEOUT_SECONDS = 5
+RESULT_RETRY_DELAY_SECONDS = 0.5
+
+log = logging.getLogger("python-worker")
+
+
+class TaskError(Exception):
+    def __init__(self, code, message, retryable=True):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+def tasks_stream_name(prefix):
+    return prefix.upper().replace(".", "_").replace("-", "_") + "_TASKS"
+
+
+def is_json(msg):
+    headers = msg.headers or {}
+    return headers.get("Content-Type", "").strip().lower() == JSON_CONTENT_TYPE
+
+
+def decode(data, json_encoded):
+    return json.loads(data) if json_encoded else msgpack.unpackb(data, raw=False)
+
+
+def encode(value, json_encoded):
+    return json.dumps(value).encode() if json_encoded else msgpack.packb(value, use_bin_type=True)
+
+
+async def run_task(name, task_input):
+    if name == "echo":
+        return task_input
+    if name == "upper":
+        if not isinstance(task_input, dict) or not isinstance(task_input.get("text"), str):
+            raise TaskError("invalid_input", 'upper expects {"text": <string>}', retryable=False)
+        return {"text": task_input["text"].upper()}
+    if name == "double":
+        if isinstance(task_input, (int, float)) and not isinstance(task_input, bool):
+            return task_input * 2
+        if isinstance(task_input, dict) and isinstance(task_input.get("value"), (int, float)):
+            return {"value": task_input["value"] * 2}
+        raise TaskError("invalid_input", 'double expects a number or {"value": <number>}', retryable=False)
+    raise TaskError("unknown_task", f"this worker does not know task {name!r}", retryable=False)
+
+
+async def heartbeat(msg):
+    """Tells JetStream we are still working (an in-progress ack) until cancelled."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+        try:
+            await msg.in_progress()
+        except Exception as error:  # the connection may be reconnecting; keep trying
+            log.warning("heartbeat failed: %s", error)
+
+
+async def send_result(nc, task, result, json_encoded):
+    """Sends the result until the coordinator acknowledges it; False when the task's
+    deadline passed first (the coordinator has timed the attempt out by then)."""
+    headers = {"Content-Type": JSON_CONTENT_TYPE} if json_encoded else None
+    payload = encode(result, json_encoded)
+    while True:
+        try:
+            reply = await nc.request(task["reply_to"], payload, timeout=RESULT_REQUEST_TIMEOUT_SECONDS, headers=headers)
+            answer = decode(reply.data, is_json(reply))
+            if "ok" in answer:
+                if not answer["ok"].get("applied", False):
+                    log.info("result for %s was not applied (duplicate or late)", task["attempt"])
+                return True
+            error = answer.get("error", {})
+            if not error.get("retryable", False):
+                log.error("result for %s refused: %s", task["attempt"], error)
+                return True
+            log.warning("result for %s refused for now: %s", task["attempt"], error.get("code"))
+        except (NatsTimeoutError, NoRespondersError) as error:
+            log.warning("no answer for the result of %s: %r", task["attempt"], error)
+        if time.time() * 1000 > task["deadline_ms"]:
+            return False
+        await asyncio.sleep(RESULT_RETRY_DELAY_SECONDS)
+
+
+async def handle(nc, msg):
+    json_encoded = is_json(msg)
+    try:
+        task = decode(msg.data, json_encoded)
+    except Exception as error:
+        log.error("undecodable task message, terminating it: %s", error)
+        await msg.term()
+        return
+    if time.time() * 1000 > task["deadline_ms"]:
+        log.info("task %s is past its deadline, dropping it", task["attempt"])
+        await msg.ack()
+        return
+    beating = asyncio.create_task(heartbeat(msg))
+    try:
+        try:
+            output = await run_task(task["task"], task.get("input"))
+            result = {"attempt": task["attempt"], "output": output}
+        except TaskError as error:
+            result = {
+                "attempt": task["attempt"],
+                "error": {"code": error.code, "message": error.message, "retryable": error.retryable},
+            }
+        except Exception as error:  # a bug in a task is an error result, not a lost task
+            result = {"attempt": task["attempt"], "error": {"code": "worker_error", "message": repr(error)}}
+        await send_result(nc, task, result, json_encoded)
+    finally:
+        beating.cancel()
+    # The coordinator has the result durably (or the attempt is over): now the task may go.
+    await msg.ack()
+
+
+async def subscribe(js, prefix, pool):
+    stream = tasks_stream_name(prefix)
+    config = api.ConsumerConfig(
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=ACK_WAIT_SECONDS,
+        max_deliver=DELIVERIES_MAX,
+        max_ack_pending=POOL_ACK_PENDING_MAX,
+    )
+    while True:
+        try:
+            return await js.pull_subscribe(f"{prefix}.tasks.{pool}", durable=f"pool-{pool}", stream=stream, config=config)
+        except NotFoundError:
+            log.info("stream %s does not exist yet (is a coordinator running?); retrying", stream)
+            await asyncio.sleep(1)
+
+
+async def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--prefix", default="flowgrid")
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--max-tasks", type=int, default=0, help="exit after this many tasks (0: never)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+
+    nc = await nats.connect(args.nats_url, name=f"python-worker-{args.pool}")
+    js = nc.jetstream()
+    subscription = await subscribe(js, args.prefix, args.pool)
+    log.info("serving pool %s on %s", args.pool, args.nats_url)
+    done = 0
+    try:
+        while args.max_tasks == 0 or done < args.max_tasks:
+            try:
+                messages = await subscription.fetch(1, timeout=5)
+            except NatsTimeoutError:
+                continue
+            for msg in messages:
+                await handle(nc, msg)
+                done += 1
+    finally:
+        await nc.drain()
+    log.info("handled %d tasks, exiting", done)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,325 @@
+//! Test support: a real `nats-server` per test on a random port with a temporary store
+//! directory, and real `flowgrid` coordinator and worker processes. Every process is
+//! killed when its handle drops, so a failing test leaves nothing running.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use flowgrid_sdk::{RunId, RunView, StepView};
+
+/// How long a process may take to come up before the test fails.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A free TCP port on loopback (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// The `flowgrid` binary built next to this test binary (`make test` builds it first).
+pub fn flowgrid_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("FLOWGRID_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current test binary");
+    // target/debug/deps/e2e-xxxx -> target/debug/flowgrid
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("flowgrid");
+    assert!(bin.exists(), "{} is missing: run `cargo build --bins` first (make test does)", bin.display());
+    bin
+}
+
+fn nats_server_bin() -> PathBuf {
+    std::env::var("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("nats-server"))
+}
+
+/// A child process killed on drop.
+pub struct Process {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(name: &str, command: &mut Command, log_dir: &Path) -> Result<Process> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start {name}: {command:?}"))?;
+        Ok(Process { name: name.to_owned(), child: Some(child), log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `grace` before SIGKILL.
+    pub fn stop(&mut self, grace: Duration) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// True once the process has exited (or was stopped).
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    /// The process's log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+/// A grid for one test: nats-server plus coordinators and workers, in a temporary dir.
+pub struct Grid {
+    pub dir: tempfile::TempDir,
+    pub nats_url: String,
+    pub prefix: String,
+    pub shards: u32,
+    pub nats: Process,
+    pub coordinators: Vec<Process>,
+    pub workers: Vec<Process>,
+}
+
+impl Grid {
+    /// Starts nats-server (JetStream, random port, temporary store dir).
+    pub fn start_nats() -> Result<Grid> {
+        let dir = tempfile::Builder::new().prefix("flowgrid-e2e-").tempdir()?;
+        let port = free_port();
+        let store_dir = dir.path().join("nats");
+        // `max_payload` is a config-file setting only (no command-line flag): room for the
+        // tests that send oversized requests and expect flowgrid, not NATS, to refuse them.
+        let config = dir.path().join("nats-server.conf");
+        std::fs::write(&config, "max_payload: 8MB\n").with_context(|| format!("write {}", config.display()))?;
+        let mut nats = Process::spawn(
+            "nats-server",
+            Command::new(nats_server_bin())
+                .arg("-c")
+                .arg(&config)
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                .arg(&store_dir),
+            dir.path(),
+        )
+        .context("start nats-server: install it with `make setup` or set NATS_SERVER_BIN")?;
+        wait_for_port(port, &mut nats)?;
+        Ok(Grid {
+            dir,
+            nats_url: format!("nats://127.0.0.1:{port}"),
+            prefix: "flowgrid".to_owned(),
+            shards: 8,
+            nats,
+            coordinators: Vec::new(),
+            workers: Vec::new(),
+        })
+    }
+
+    /// nats-server plus one coordinator and demo workers for `pools`.
+    pub async fn start(pools: &[&str]) -> Result<Grid> {
+        let mut grid = Grid::start_nats()?;
+        grid.start_coordinator().await?;
+        if !pools.is_empty() {
+            grid.start_workers(pools, 32)?;
+        }
+        Ok(grid)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts a coordinator on the grid's data dir and waits until it serves the API.
+    pub async fn start_coordinator(&mut self) -> Result<()> {
+        let name = format!("coordinator-{}", self.coordinators.len());
+        let process = Process::spawn(
+            &name,
+            Command::new(flowgrid_bin())
+                .arg("coordinator")
+                .args(["--nats-url", &self.nats_url, "--prefix", &self.prefix])
+                .arg("--data-dir")
+                .arg(self.data_dir())
+                .args(["--shards", &self.shards.to_string(), "--metrics-addr", "off"])
+                .env("FLOWGRID_LOG", "flowgrid=debug,info"),
+            self.dir.path(),
+        )?;
+        self.coordinators.push(process);
+        self.wait_until_serving().await
+    }
+
+    /// Waits until a coordinator answers `flow.list`.
+    pub async fn wait_until_serving(&self) -> Result<()> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        loop {
+            let attempt = tokio::time::timeout(Duration::from_secs(2), client.flows()).await;
+            if let Ok(Ok(_)) = attempt {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs =
+                    self.coordinators.iter().map(|c| format!("--- {}\n{}", c.name, c.log_tail(40))).collect::<Vec<_>>();
+                bail!("no coordinator served within {STARTUP_DEADLINE:?}:\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts demo workers (`flowgrid worker`) for `pools`, without simulated delays.
+    pub fn start_workers(&mut self, pools: &[&str], concurrency: u32) -> Result<()> {
+        let name = format!("worker-{}", self.workers.len());
+        let process = Process::spawn(
+            &name,
+            Command::new(flowgrid_bin())
+                .arg("worker")
+                .args(["--nats-url", &self.nats_url, "--prefix", &self.prefix])
+                .args(["--pools", &pools.join(","), "--concurrency", &concurrency.to_string(), "--speed", "0"]),
+            self.dir.path(),
+        )?;
+        self.workers.push(process);
+        Ok(())
+    }
+
+    pub async fn nats_client(&self) -> Result<async_nats::Client> {
+        Ok(async_nats::connect(&self.nats_url).await?)
+    }
+
+    pub async fn client(&self) -> Result<flowgrid_sdk::Client> {
+        Ok(flowgrid_sdk::Client::new(self.nats_client().await?, self.prefix.clone()))
+    }
+
+    /// Adds a process that is not a demo worker (e.g. a worker in another language); its
+    /// log goes with the grid's logs and it is killed with the grid.
+    pub fn spawn_worker(&mut self, name: &str, command: &mut Command) -> Result<()> {
+        let process = Process::spawn(name, command, self.dir.path())?;
+        self.workers.push(process);
+        Ok(())
+    }
+
+    /// Polls the run until it ends, or fails after `deadline` with the last view and the logs.
+    pub async fn wait_run(&self, client: &flowgrid_sdk::Client, run_id: &RunId, deadline: Duration) -> Result<RunView> {
+        let until = Instant::now() + deadline;
+        loop {
+            let last_seen = match client.get(run_id).await {
+                Ok(view) if view.status.is_terminal() => return Ok(view),
+                Ok(view) => format!("{view:?}"),
+                Err(error) => format!("error: {error}"),
+            };
+            if Instant::now() > until {
+                bail!("run {run_id} did not end within {deadline:?}; last seen: {last_seen}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Logs of every process, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for process in self.coordinators.iter().chain(self.workers.iter()) {
+            out.push_str(&format!("--- {} ---\n{}\n", process.name, process.log_tail(60)));
+        }
+        out
+    }
+}
+
+impl Drop for Grid {
+    /// A test that panics (a failed assert) shows what the processes did.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("grid logs at the failure:\n{}", self.logs());
+        }
+    }
+}
+
+fn wait_for_port(port: u16, process: &mut Process) -> Result<()> {
+    let deadline = Instant::now() + STARTUP_DEADLINE;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if process.has_exited() {
+            bail!("{} exited before listening on {port}:\n{}", process.name, process.log_tail(40));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{} did not listen on {port}:\n{}", process.name, process.log_tail(40))
+}
+
+/// Polls `check` until it returns `Some`, or fails after `deadline` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() > until {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The step `id` of `view`; panics with the view when the run has no such step.
+pub fn step<'a>(view: &'a RunView, id: &str) -> &'a StepView {
+    view.steps.iter().find(|step| step.id == id).unwrap_or_else(|| panic!("run has no step `{id}`: {view:?}"))
+}
+
+/// The repository root (the parent of `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The Python interpreter `make setup` prepared: `GRID_PYTHON` from the environment or from
+/// `.grid/tools.env`, else `python3` from `PATH`.
+pub fn python_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("GRID_PYTHON") {
+        return PathBuf::from(path);
+    }
+    let tools = std::fs::read_to_string(repo_root().join(".grid/tools.env")).unwrap_or_default();
+    let configured =
+        tools.lines().find_map(|line| line.strip_prefix("GRID_PYTHON=")).map(|value| PathBuf::from(value.trim()));
+    match configured {
+        Some(path) if path.exists() => path,
+        _ => PathBuf::from("python3"),
+    }
+}
