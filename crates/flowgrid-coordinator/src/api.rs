@@ -300,6 +300,6 @@ mod tests {
     #[test]
     fn nesting_depth_counts_containers() {
         assert_eq!(nesting_depth(&serde_json::json!(1)), 0);
-        assert_eq!(nesting_depth(&serde_json::json!({"a": [1, {"b": []}]})), 3);
+        assert_eq!(nesting_depth(&serde_json::json!({"a": [1, {"b": []}]})), 4);
     }
 }

@@ -70,22 +70,13 @@ pub async fn tasks_stream(
     subjects: &Subjects,
     limits: &BrokerLimits,
 ) -> Result<stream::Stream, BrokerError> {
-    let name = subjects.tasks_stream();
     let config = stream::Config {
-        name: name.clone(),
         subjects: vec![subjects.tasks_all()],
-        retention: stream::RetentionPolicy::WorkQueue,
-        storage: stream::StorageType::File,
-        discard: stream::DiscardPolicy::New,
         max_messages: limits.tasks_stream_messages_max,
         max_bytes: limits.tasks_stream_bytes_max,
-        duplicate_window: limits.duplicate_window,
-        ..Default::default()
+        ..work_queue_stream(subjects.tasks_stream(), limits)
     };
-    jetstream
-        .get_or_create_stream(config)
-        .await
-        .map_err(|source| BrokerError::Stream { name, source: Box::new(source) })
+    open_stream(jetstream, config).await
 }
 
 /// Creates the durable submit stream if it does not exist and returns it.
@@ -94,21 +85,12 @@ pub async fn submit_stream(
     subjects: &Subjects,
     limits: &BrokerLimits,
 ) -> Result<stream::Stream, BrokerError> {
-    let name = subjects.submit_stream();
     let config = stream::Config {
-        name: name.clone(),
         subjects: vec![subjects.submit()],
-        retention: stream::RetentionPolicy::WorkQueue,
-        storage: stream::StorageType::File,
-        discard: stream::DiscardPolicy::New,
         max_messages: limits.submit_stream_messages_max,
-        duplicate_window: limits.duplicate_window,
-        ..Default::default()
+        ..work_queue_stream(subjects.submit_stream(), limits)
     };
-    jetstream
-        .get_or_create_stream(config)
-        .await
-        .map_err(|source| BrokerError::Stream { name, source: Box::new(source) })
+    open_stream(jetstream, config).await
 }
 
 /// The pull consumer of `pool`, created on first use with the shared settings.
@@ -118,21 +100,13 @@ pub async fn pool_consumer(
     pool: &str,
     limits: &BrokerLimits,
 ) -> Result<consumer::PullConsumer, BrokerError> {
-    let name = subjects.pool_consumer(pool);
     let config = consumer::pull::Config {
-        durable_name: Some(name.clone()),
         filter_subject: subjects.tasks(pool),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: limits.ack_wait,
         max_deliver: limits.deliveries_max,
         max_ack_pending: limits.pool_ack_pending_max,
-        ..Default::default()
+        ..durable_pull_consumer(subjects.pool_consumer(pool), limits)
     };
-    tasks.get_or_create_consumer(&name, config).await.map_err(|source| BrokerError::Consumer {
-        stream: subjects.tasks_stream(),
-        name,
-        source: Box::new(source),
-    })
+    open_consumer(tasks, &subjects.tasks_stream(), config).await
 }
 
 /// The durable consumer coordinators share to drain the submit stream.
@@ -141,15 +115,48 @@ pub async fn submit_consumer(
     subjects: &Subjects,
     limits: &BrokerLimits,
 ) -> Result<consumer::PullConsumer, BrokerError> {
-    let name = subjects.submit_consumer();
-    let config = consumer::pull::Config {
-        durable_name: Some(name.clone()),
+    let config = durable_pull_consumer(subjects.submit_consumer(), limits);
+    open_consumer(submit, &subjects.submit_stream(), config).await
+}
+
+/// A file-backed work-queue stream that refuses new messages when full.
+fn work_queue_stream(name: String, limits: &BrokerLimits) -> stream::Config {
+    stream::Config {
+        name,
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: limits.duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// A durable pull consumer with explicit acks.
+fn durable_pull_consumer(name: String, limits: &BrokerLimits) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: limits.ack_wait,
         ..Default::default()
-    };
-    submit.get_or_create_consumer(&name, config).await.map_err(|source| BrokerError::Consumer {
-        stream: subjects.submit_stream(),
+    }
+}
+
+async fn open_stream(jetstream: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, BrokerError> {
+    let name = config.name.clone();
+    jetstream
+        .get_or_create_stream(config)
+        .await
+        .map_err(|source| BrokerError::Stream { name, source: Box::new(source) })
+}
+
+async fn open_consumer(
+    stream: &stream::Stream,
+    stream_name: &str,
+    config: consumer::pull::Config,
+) -> Result<consumer::PullConsumer, BrokerError> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    stream.get_or_create_consumer(&name, config).await.map_err(|source| BrokerError::Consumer {
+        stream: stream_name.to_owned(),
         name,
         source: Box::new(source),
     })

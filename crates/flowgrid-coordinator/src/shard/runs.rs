@@ -213,7 +213,7 @@ impl<S: ShardStore> ShardActor<S> {
         let chunks =
             self.store.scan(keys::chunks_range(&keys::snapshot(run_id)), usize::MAX, false).await.map_err(internal)?;
         match join_chunks(chunks).map_err(internal)? {
-            Some(bytes) => records::decode("run snapshot", &bytes).map_err(|error| internal(error)),
+            Some(bytes) => records::decode("run snapshot", &bytes).map_err(internal),
             None => Err(not_found(run_id)),
         }
     }

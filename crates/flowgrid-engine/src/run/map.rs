@@ -12,7 +12,6 @@ use flowgrid_model::plan::TaskSpec;
 use flowgrid_model::{Expr, Limits, PlanStepKind, StepIndex};
 use serde_json::Value;
 
-use super::resolve::Resolution;
 use super::scope::Locals;
 use super::state::{Item, MapState, Phase, Slot, Work};
 use super::{Context, Run};
@@ -136,23 +135,7 @@ impl Run {
                 Item::Pending(_) | Item::Active(_) | Item::Abandoned => panic!("a finished map has only ended items"),
             })
             .collect();
-        let result = Value::Array(merged);
-        let plan = Arc::clone(&self.plan);
-        let spec = super::steps::task_spec(&plan.step(index).kind).expect("items belong to map steps");
-        let output = match &spec.output {
-            Some(expr) => {
-                let locals = Locals { result: Some(&result), ..Locals::default() };
-                match self.evaluate(context.evaluator, expr, locals) {
-                    Ok(output) => output,
-                    Err(error) => return self.expression_failed(index, "output", &error, context),
-                }
-            }
-            None => result,
-        };
-        let state = self.state(index);
-        state.status = StepStatus::Succeeded;
-        state.output = Some(output);
-        self.resolve_step(index, Resolution::Succeeded, context);
+        self.succeed_with_result(index, Value::Array(merged), context);
     }
 
     /// Too many items failed: cancel the timers of the active items and fail the step.

@@ -145,8 +145,15 @@ impl Run {
 
     fn task_succeeded(&mut self, index: StepIndex, result: Value, context: &mut Context<'_>) {
         self.state(index).work = Work::Idle;
+        self.succeed_with_result(index, result, context);
+    }
+
+    /// Ends a task or map step that produced `result`: applies the step's `output` mapping
+    /// (over `result`) and resolves the step as succeeded, or fails the run if the mapping
+    /// fails.
+    pub(super) fn succeed_with_result(&mut self, index: StepIndex, result: Value, context: &mut Context<'_>) {
         let plan = Arc::clone(&self.plan);
-        let spec = task_spec(&plan.step(index).kind).expect("a task step has a task spec");
+        let spec = task_spec(&plan.step(index).kind).expect("only task and map steps produce results");
         let output = match &spec.output {
             Some(expr) => {
                 let locals = Locals { result: Some(&result), ..Locals::default() };
