@@ -18,11 +18,13 @@
 #   make fmt         cargo fmt
 #   make lint        cargo fmt --check and clippy with warnings denied
 #   make clean-grid  delete the local grid's data (.grid/data, .grid/nats); the grid must be down
+#   make loadtest    build release binaries and run the load-test harness on a throw-away grid
+#                    (LOADTEST_ARGS, default: a 60 s closed-loop chain-of-3 run; see docs/performance.md)
 #   make help        this text
 #
 # Variables (override on the command line, e.g. `make up NATS_PORT=4333`):
 #   CARGO=cargo NATS_PORT=4222 METRICS_PORT=9464 SHARDS=256 WORKER_POOLS=gpu-llm,cpu-media
-#   TARGET_DIR=$CARGO_TARGET_DIR or target
+#   TARGET_DIR=$CARGO_TARGET_DIR or target  LOADTEST_ARGS="run --workload single --duration 30s"
 
 CARGO ?= cargo
 NATS_PORT ?= 4222
@@ -30,6 +32,7 @@ METRICS_PORT ?= 9464
 SHARDS ?= 256
 WORKER_POOLS ?= gpu-llm,cpu-media
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+LOADTEST_ARGS ?= run --workload chain --tasks-per-run 3 --mode closed --concurrency 256 --duration 60s
 FLOWGRID_BIN ?= $(TARGET_DIR)/debug/flowgrid
 
 # Every recipe line runs in bash and stops at the first failing command.
@@ -41,7 +44,7 @@ export CARGO NATS_PORT METRICS_PORT SHARDS WORKER_POOLS FLOWGRID_BIN
 # Loads NATS_SERVER_BIN (the pinned nats-server) written by deploy/setup.sh.
 LOAD_TOOLS := source deploy/lib.sh && load_tools "$$PWD"
 
-.PHONY: help setup tools build demo test up down status schemas check-fdb check-deps fmt lint clean-grid
+.PHONY: help setup tools build demo test up down status schemas check-fdb check-deps fmt lint clean-grid loadtest
 
 help:
 	@awk 'NR == 1, !/^#/ { if (/^#/) { sub(/^# ?/, ""); print } }' $(firstword $(MAKEFILE_LIST))
@@ -110,3 +113,8 @@ lint:
 
 clean-grid:
 	./deploy/grid.sh clean
+
+# Starts its own nats-server and coordinator (release build) on free ports and stops them at the end.
+loadtest: tools
+	$(CARGO) build --release --bins -p flowgrid-cli -p flowgrid-loadtest
+	$(LOAD_TOOLS); $(TARGET_DIR)/release/flowgrid-loadtest $(LOADTEST_ARGS)

@@ -1,0 +1,266 @@
+//! Command-line flags. Every flag is also read from a `FLOWGRID_LT_*` variable, except the
+//! ones that pick what a run measures (workload, mode), so that a stray variable cannot
+//! silently change which figure is reported.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::service_time::ServiceTime;
+
+/// flowgrid-loadtest: drive a flowgrid grid with simulated workers and measure it.
+#[derive(Debug, Parser)]
+#[command(name = "flowgrid-loadtest", version, about, max_term_width = 110)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Throughput and latency of one workload, after the broker floor of the same sizes.
+    Run(RunArgs),
+    /// Coordinator memory per active run: start runs whose tasks no worker takes.
+    Memory(MemoryArgs),
+    /// Overload: workers stop, starts continue; report rejections and RSS over time.
+    Overload(OverloadArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// One task per run.
+    Single,
+    /// A chain of `--tasks-per-run` task steps.
+    Chain,
+    /// A map over `--tasks-per-run` items, merged by a transform.
+    Map,
+    /// A chain on pool lt-a next to a map on pool lt-b, joined by a transform.
+    Mix,
+}
+
+impl Workload {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Workload::Single => "single",
+            Workload::Chain => "chain",
+            Workload::Map => "map",
+            Workload::Mix => "mix",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LoopMode {
+    /// Starts scheduled at `--rate` per second from a fixed clock; latency counts from the
+    /// scheduled time (no coordinated omission).
+    Open,
+    /// `--concurrency` loops, each starting a run and waiting for its end.
+    Closed,
+}
+
+/// Where the grid comes from.
+#[derive(Clone, Debug, Args)]
+pub struct GridArgs {
+    /// Target a running grid at this NATS URL instead of starting one.
+    #[arg(long, env = "FLOWGRID_LT_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Subject prefix of the grid.
+    #[arg(long, env = "FLOWGRID_LT_PREFIX", default_value = flowgrid_proto::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// Coordinator process to read RSS from when targeting a running grid.
+    #[arg(long, env = "FLOWGRID_LT_COORDINATOR_PID")]
+    pub coordinator_pid: Option<u32>,
+    /// The `flowgrid` binary for a started grid (default: target/release/flowgrid next to
+    /// this binary).
+    #[arg(long, env = "FLOWGRID_BIN")]
+    pub flowgrid_bin: Option<PathBuf>,
+    /// Virtual shards of a started coordinator.
+    #[arg(long, env = "FLOWGRID_LT_SHARDS", default_value_t = 256)]
+    pub shards: u32,
+    /// Extra flags for a started coordinator, space-separated
+    /// (e.g. "--active-runs-max 50000 --batch-events-max 4096").
+    #[arg(long, env = "FLOWGRID_LT_COORDINATOR_ARGS", allow_hyphen_values = true, default_value = "")]
+    pub coordinator_args: String,
+    /// Keep the started grid's logs and data in this directory instead of a temporary one.
+    #[arg(long, env = "FLOWGRID_LT_KEEP_DIR")]
+    pub keep_dir: Option<PathBuf>,
+}
+
+/// The simulated workers.
+#[derive(Clone, Debug, Args)]
+pub struct WorkerArgs {
+    /// Simulated workers per pool (each with its own NATS connection).
+    #[arg(long, env = "FLOWGRID_LT_WORKERS_PER_POOL", default_value_t = 4)]
+    pub workers_per_pool: usize,
+    /// Tasks one simulated worker holds at once.
+    #[arg(long, env = "FLOWGRID_LT_WORKER_CONCURRENCY", default_value_t = 256)]
+    pub worker_concurrency: usize,
+    /// Fixed service time per task (e.g. 0ms, 2ms).
+    #[arg(long, env = "FLOWGRID_LT_SERVICE_TIME", default_value = "0ms", value_parser = ServiceTime::parse_fixed,
+          conflicts_with = "service_time_dist")]
+    pub service_time: ServiceTime,
+    /// Service time distribution: `exp:2ms` (exponential, mean 2 ms) or `uniform:1ms..3ms`.
+    #[arg(long, env = "FLOWGRID_LT_SERVICE_TIME_DIST", value_parser = ServiceTime::parse_distribution)]
+    pub service_time_dist: Option<ServiceTime>,
+}
+
+impl WorkerArgs {
+    pub fn service_time(&self) -> ServiceTime {
+        self.service_time_dist.clone().unwrap_or_else(|| self.service_time.clone())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// What each run does.
+    #[arg(long, value_enum, default_value_t = Workload::Chain)]
+    pub workload: Workload,
+    /// Chain length, or map items (for `mix`, both); `single` ignores it.
+    #[arg(long, default_value_t = 3)]
+    pub tasks_per_run: u32,
+    /// Open loop (target rate) or closed loop (fixed concurrency).
+    #[arg(long, value_enum, default_value_t = LoopMode::Closed)]
+    pub mode: LoopMode,
+    /// Open loop: run starts per second.
+    #[arg(long, default_value_t = 1_000.0)]
+    pub rate: f64,
+    /// Closed loop: runs in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Measured time, after the warm-up.
+    #[arg(long, env = "FLOWGRID_LT_DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Load before the measurement starts; nothing of it is recorded.
+    #[arg(long, env = "FLOWGRID_LT_WARMUP", default_value = "5s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// After the measured time, how long runs still in flight may take to finish.
+    #[arg(long, env = "FLOWGRID_LT_DRAIN", default_value = "10s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// Measure the broker floor before the engine run.
+    #[arg(long, env = "FLOWGRID_LT_FLOOR", default_value_t = true, overrides_with = "no_floor")]
+    pub floor: bool,
+    /// Skip the broker floor.
+    #[arg(long, overrides_with = "floor")]
+    pub no_floor: bool,
+    /// Measured time of the broker floor.
+    #[arg(long, env = "FLOWGRID_LT_FLOOR_DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub floor_duration: Duration,
+    /// Share of finished runs checked with `run.get` (must have succeeded).
+    #[arg(long, env = "FLOWGRID_LT_VERIFY_SHARE", default_value_t = 0.01)]
+    pub verify_share: f64,
+    /// Print only the final JSON line on stdout (no table).
+    #[arg(long)]
+    pub json_only: bool,
+    /// No progress line on stderr.
+    #[arg(long, env = "FLOWGRID_LT_QUIET")]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub grid: GridArgs,
+    #[command(flatten)]
+    pub workers: WorkerArgs,
+}
+
+impl RunArgs {
+    pub fn floor_enabled(&self) -> bool {
+        self.floor && !self.no_floor
+    }
+
+    /// Checks values clap cannot, with messages that say what to change.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.tasks_per_run >= 1, "--tasks-per-run must be at least 1");
+        anyhow::ensure!(self.tasks_per_run <= 100_000, "--tasks-per-run is at most 100000 (the map item limit)");
+        anyhow::ensure!(
+            self.rate.is_finite() && self.rate > 0.0,
+            "--rate must be a positive number of runs per second"
+        );
+        anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
+        anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive (e.g. 60s)");
+        anyhow::ensure!((0.0..=1.0).contains(&self.verify_share), "--verify-share is a fraction from 0 to 1");
+        validate_workers(&self.workers)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MemoryArgs {
+    /// Runs to start; their tasks go to a pool without workers, so they all stay active.
+    #[arg(long, default_value_t = 100_000)]
+    pub runs: u64,
+    /// Start requests in flight at once.
+    #[arg(long, default_value_t = 512)]
+    pub concurrency: usize,
+    /// Wait after the last start before reading RSS again (lets the dispatcher settle).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub settle: Duration,
+    #[command(flatten)]
+    pub grid: GridArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct OverloadArgs {
+    /// How long starts continue after the workers stopped.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Load with workers running before they stop.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Start requests per second (open loop), before and after the workers stop.
+    #[arg(long, default_value_t = 5_000.0)]
+    pub rate: f64,
+    /// A started coordinator's `--active-runs-max` (default: the coordinator's own).
+    #[arg(long)]
+    pub active_runs_max: Option<u64>,
+    #[command(flatten)]
+    pub grid: GridArgs,
+    #[command(flatten)]
+    pub workers: WorkerArgs,
+}
+
+pub fn validate_workers(workers: &WorkerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(workers.workers_per_pool >= 1, "--workers-per-pool must be at least 1");
+    anyhow::ensure!(workers.worker_concurrency >= 1, "--worker-concurrency must be at least 1");
+    Ok(())
+}
+
+/// `250ms`, `60s`, `5m`, or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration; use e.g. 500ms, 60s, 5m"))?;
+    let seconds = match unit {
+        "us" => value / 1_000_000.0,
+        "ms" => value / 1_000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}; use us, ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn floor_can_be_switched_off() {
+        let cli = Cli::try_parse_from(["flowgrid-loadtest", "run", "--no-floor"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("expected run") };
+        assert!(!run.floor_enabled());
+    }
+}

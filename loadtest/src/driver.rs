@@ -1,0 +1,181 @@
+//! Starting runs: open loop at a target rate, closed loop at a fixed concurrency.
+//!
+//! Open loop: start `i` is scheduled at `t0 + i / rate` from a fixed clock, and every
+//! latency of that run counts from its scheduled time, so a slow grid (or a slow harness)
+//! cannot hide its delay by delaying the next start (no coordinated omission).
+//! Closed loop: each of `concurrency` loops starts a run, waits for its end, and starts
+//! the next.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use flowgrid_sdk::{Client, StartRun};
+
+use crate::flows::Plan;
+use crate::tracker::Tracker;
+
+/// Start requests awaiting their reply at once in the open loop; past it a start is
+/// counted as an error (`harness_backlog`) instead of queueing without bound.
+const OPEN_LOOP_PENDING_MAX: usize = 50_000;
+/// How long a closed loop waits for its run before counting it as unfinished.
+const CLOSED_LOOP_RUN_WAIT: Duration = Duration::from_secs(60);
+
+/// Errors by kind (`overloaded`, `timeout`, `run_failed`, ...).
+#[derive(Default)]
+pub struct Errors {
+    kinds: Mutex<BTreeMap<String, u64>>,
+    total: AtomicU64,
+}
+
+impl Errors {
+    pub fn add(&self, kind: &str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.total.fetch_add(count, Ordering::Relaxed);
+        *self.kinds.lock().expect("errors lock").entry(kind.to_owned()).or_default() += count;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    pub fn kinds(&self) -> BTreeMap<String, u64> {
+        self.kinds.lock().expect("errors lock").clone()
+    }
+
+    pub fn count(&self, kind: &str) -> u64 {
+        self.kinds.lock().expect("errors lock").get(kind).copied().unwrap_or(0)
+    }
+}
+
+/// What the driver needs to start runs.
+#[derive(Clone)]
+pub struct Starter {
+    pub client: Client,
+    pub plan: Arc<Plan>,
+    pub tracker: Arc<Tracker>,
+    pub errors: Arc<Errors>,
+    pub sequence: Arc<AtomicU64>,
+}
+
+impl Starter {
+    /// Sends one start; on success the tracker knows the run from `started`.
+    async fn start(&self, started: Instant, waiter: Option<oneshot::Sender<crate::tracker::RunEnd>>) -> bool {
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let request = StartRun {
+            flow: self.plan.flow_name.clone(),
+            version: None,
+            input: self.plan.run_input(sequence),
+            idempotency_key: None,
+        };
+        match self.client.start(request).await {
+            Ok(reply) => {
+                self.tracker.started(reply.run_id.0, started, waiter);
+                true
+            }
+            Err(error) => {
+                self.errors.add(&error_kind(&error), 1);
+                false
+            }
+        }
+    }
+}
+
+/// The error's code for the report: the API code, `timeout`, or `nats`.
+pub fn error_kind(error: &flowgrid_sdk::Error) -> String {
+    match error {
+        flowgrid_sdk::Error::Api(refusal) => format!("start_{}", refusal.code),
+        flowgrid_sdk::Error::Timeout { .. } => "start_timeout".to_owned(),
+        _ => "start_nats".to_owned(),
+    }
+}
+
+/// Starts runs at `rate` per second until `stop`.
+pub async fn open_loop(starter: Starter, rate: f64, stop: CancellationToken) {
+    let pending = Arc::new(Semaphore::new(OPEN_LOOP_PENDING_MAX));
+    let origin = tokio::time::Instant::now();
+    let mut in_flight = JoinSet::new();
+    for index in 0u64.. {
+        let scheduled = origin + Duration::from_secs_f64(index as f64 / rate);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(scheduled) => {}
+        }
+        while in_flight.try_join_next().is_some() {}
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            starter.errors.add("harness_backlog", 1);
+            continue;
+        };
+        let starter = starter.clone();
+        in_flight.spawn(async move {
+            starter.start(scheduled.into_std(), None).await;
+            drop(permit);
+        });
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// `concurrency` loops of start-and-wait until `stop`.
+pub async fn closed_loop(starter: Starter, concurrency: usize, stop: CancellationToken) {
+    let mut loops = JoinSet::new();
+    for _ in 0..concurrency {
+        let starter = starter.clone();
+        let stop = stop.clone();
+        loops.spawn(async move {
+            while !stop.is_cancelled() {
+                let (sender, receiver) = oneshot::channel();
+                if !starter.start(Instant::now(), Some(sender)).await {
+                    // A refused start: do not spin on a grid that refuses everything.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                if tokio::time::timeout(CLOSED_LOOP_RUN_WAIT, receiver).await.is_err() {
+                    starter.errors.add("run_wait_timeout", 1);
+                }
+            }
+        });
+    }
+    while loops.join_next().await.is_some() {}
+}
+
+/// Checks sampled finished runs with `run.get`: each must have succeeded.
+pub async fn verify(
+    client: Client,
+    mut runs: tokio::sync::mpsc::UnboundedReceiver<String>,
+    errors: Arc<Errors>,
+    checked: Arc<AtomicU64>,
+) {
+    while let Some(run_id) = runs.recv().await {
+        let run_id = flowgrid_sdk::RunId(run_id);
+        // The ack of the last result follows the commit that ends the run; allow a little
+        // time anyway in case the end is one tick later.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match client.get(&run_id).await {
+                Ok(view) if view.status == flowgrid_sdk::RunStatus::Succeeded => break,
+                Ok(view) if view.status.is_terminal() => {
+                    errors.add(&format!("run_{}", view.status.as_str()), 1);
+                    break;
+                }
+                Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                Ok(_) => {
+                    errors.add("run_not_ended_after_last_ack", 1);
+                    break;
+                }
+                Err(error) => {
+                    errors.add("verify_get_failed", 1);
+                    eprintln!("verify: run.get {run_id} failed: {error}");
+                    break;
+                }
+            }
+        }
+        checked.fetch_add(1, Ordering::Relaxed);
+    }
+}

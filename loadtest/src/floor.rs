@@ -1,0 +1,204 @@
+//! The broker floor: the engine's message flow with no engine.
+//!
+//! A publisher publishes task messages of the workload's size (with `Nats-Msg-Id`, like
+//! the coordinator) to a stream of its own made with the grid's settings (work-queue,
+//! file storage, same pool consumers, under the prefix `ltfloor`); the same simulated
+//! workers, as many and as concurrent as in the engine run, pull them and send a result
+//! of the workload's size as a request to a responder that answers a `ResultAck` at
+//! once, then ack the task. Tasks per second of that is what NATS itself can do on this
+//! machine with these sizes: the ceiling of the engine's throughput.
+//!
+//! The publisher keeps at most twice the workers' total concurrency of tasks outstanding,
+//! so the floor measures throughput, not an ever-growing backlog.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use flowgrid_model::{AttemptId, RunId};
+use flowgrid_proto::{encode, Encoding, Subjects, TaskMessage};
+use flowgrid_sdk::broker::{self, BrokerLimits};
+
+use crate::args::WorkerArgs;
+use crate::flows::{result_ack_bytes, Plan, TASK_NAME};
+use crate::grid::Grid;
+use crate::tracker::TaskSink;
+use crate::worker::{run_worker, WorkerSpec};
+
+/// Prefix of the floor's subjects and stream.
+const FLOOR_PREFIX: &str = "ltfloor";
+/// JetStream publishes awaiting their ack at once (the coordinator's dispatcher uses the same).
+const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
+/// Warm-up of the floor before it is measured.
+const FLOOR_WARMUP: Duration = Duration::from_secs(2);
+
+pub struct FloorResult {
+    pub tasks_per_s: f64,
+    pub errors: u64,
+}
+
+struct FloorSink {
+    outstanding: Arc<Semaphore>,
+    measuring: AtomicBool,
+    acked_measured: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl TaskSink for FloorSink {
+    fn received(&self, _attempt: &AttemptId, _at: Instant) {}
+
+    fn acked(&self, _attempt: &AttemptId, _sent: Instant, _acked: Instant) {
+        if self.measuring.load(Ordering::Relaxed) {
+            self.acked_measured.fetch_add(1, Ordering::Relaxed);
+        }
+        self.outstanding.add_permits(1);
+    }
+
+    fn failed(&self, _attempt: &AttemptId, _reason: &str) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.outstanding.add_permits(1);
+    }
+}
+
+/// Measures the floor for `duration` after a short warm-up.
+pub async fn measure(grid: &Grid, plan: &Plan, workers: &WorkerArgs, duration: Duration) -> Result<FloorResult> {
+    let subjects = Subjects::new(FLOOR_PREFIX);
+    let limits = BrokerLimits::default();
+    let admin = grid.connect("flowgrid-loadtest-floor-admin").await?;
+    let jetstream = jetstream::new(admin.clone());
+    let stream = broker::tasks_stream(&jetstream, &subjects, &limits).await?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let responder = grid.connect("flowgrid-loadtest-floor-responder").await?;
+    let mut results = responder.subscribe(format!("{FLOOR_PREFIX}.shard.*.result")).await?;
+    let ack = Bytes::from(result_ack_bytes());
+    tasks.spawn(async move {
+        while let Some(message) = results.next().await {
+            if let Some(reply) = message.reply {
+                let _ = responder.publish(reply, ack.clone()).await;
+            }
+        }
+    });
+
+    let outstanding_max = 2 * workers.workers_per_pool * workers.worker_concurrency * plan.pools.len();
+    let sink = Arc::new(FloorSink {
+        outstanding: Arc::new(Semaphore::new(outstanding_max)),
+        measuring: AtomicBool::new(false),
+        acked_measured: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+    for pool in &plan.pools {
+        let consumer = broker::pool_consumer(&stream, &subjects, pool, &limits).await?;
+        for index in 0..workers.workers_per_pool {
+            let nats = grid.connect("flowgrid-loadtest-floor-worker").await?;
+            let spec = WorkerSpec {
+                concurrency: workers.worker_concurrency,
+                service_time: workers.service_time(),
+                seed: 1_000 + index as u64,
+            };
+            let sink: Arc<dyn TaskSink> = sink.clone();
+            tasks.spawn({
+                let consumer = consumer.clone();
+                let shutdown = shutdown.clone();
+                async move {
+                    if let Err(error) = run_worker(nats, consumer, spec, sink, shutdown).await {
+                        eprintln!("floor worker: {error:#}");
+                    }
+                }
+            });
+        }
+    }
+
+    let publisher = grid.connect("flowgrid-loadtest-floor-publisher").await?;
+    tasks.spawn(publish(jetstream::new(publisher), subjects.clone(), plan.clone(), sink.clone(), shutdown.clone()));
+
+    tokio::time::sleep(FLOOR_WARMUP).await;
+    sink.measuring.store(true, Ordering::SeqCst);
+    let measured_from = Instant::now();
+    tokio::time::sleep(duration).await;
+    sink.measuring.store(false, Ordering::SeqCst);
+    let elapsed = measured_from.elapsed().as_secs_f64();
+    shutdown.cancel();
+    sink.outstanding.close();
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    jetstream
+        .delete_stream(subjects.tasks_stream())
+        .await
+        .with_context(|| format!("delete the floor stream {}", subjects.tasks_stream()))?;
+    Ok(FloorResult {
+        tasks_per_s: sink.acked_measured.load(Ordering::Relaxed) as f64 / elapsed,
+        errors: sink.failed.load(Ordering::Relaxed),
+    })
+}
+
+/// Publishes task messages round-robin over the plan's pools while there is room.
+async fn publish(
+    jetstream: jetstream::Context,
+    subjects: Subjects,
+    plan: Plan,
+    sink: Arc<FloorSink>,
+    shutdown: CancellationToken,
+) {
+    let (acks, mut pending) = mpsc::channel::<jetstream::context::PublishAckFuture>(PUBLISHES_IN_FLIGHT_MAX);
+    tokio::spawn(async move {
+        while let Some(ack) = pending.recv().await {
+            let _ = ack.await;
+        }
+    });
+    let origin: flowgrid_sdk::Millis = 1_767_225_600_000;
+    for sequence in 0u64.. {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            permit = sink.outstanding.acquire() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => return,
+            },
+        };
+        permit.forget();
+        let pool = plan.pools[(sequence % plan.pools.len() as u64) as usize];
+        let attempt = AttemptId {
+            run_id: RunId::from_parts(origin + sequence / 1_000, u128::from(sequence)),
+            step: "s1".to_owned(),
+            item: (plan.map_items > 0).then(|| (sequence % u64::from(plan.map_items)) as u32),
+            attempt: 1,
+        };
+        let input = match attempt.item {
+            Some(item) => serde_json::json!(item),
+            None => plan.run_input(sequence),
+        };
+        let message = TaskMessage {
+            attempt: attempt.clone(),
+            pool: pool.to_owned(),
+            task: TASK_NAME.to_owned(),
+            input,
+            deadline_ms: origin + 300_000,
+            reply_to: subjects.shard_results((sequence % 256) as u32),
+        };
+        let Ok(payload) = encode(Encoding::MsgPack, &message) else { return };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", attempt.message_id().as_str());
+        match jetstream.publish_with_headers(subjects.tasks(pool), headers, Bytes::from(payload)).await {
+            Ok(ack) => {
+                if acks.send(ack).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                sink.failed.fetch_add(1, Ordering::Relaxed);
+                sink.outstanding.add_permits(1);
+                eprintln!("floor: publish failed: {error}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}

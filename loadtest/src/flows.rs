@@ -1,0 +1,215 @@
+//! The flows a workload deploys, how many tasks a run of each has, which step follows
+//! which (for step overhead), and the message sizes the broker floor must copy.
+
+use serde_json::{json, Value};
+
+use flowgrid_model::{AttemptId, RunId};
+use flowgrid_proto::{encode, Encoding, Reply, ResultAck, TaskMessage, TaskResult};
+
+use crate::args::Workload;
+
+/// Pool of chains and maps.
+pub const POOL_A: &str = "lt-a";
+/// Pool of the map half of `mix`.
+pub const POOL_B: &str = "lt-b";
+/// Pool that no simulated worker serves (memory mode).
+pub const POOL_IDLE: &str = "lt-idle";
+/// The one task name of every simulated task.
+pub const TASK_NAME: &str = "noop";
+
+/// One workload made concrete: its flow and the shape of its runs.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub workload: Workload,
+    pub flow_name: String,
+    pub definition: String,
+    /// Tasks one run sends to workers; the run is done when this many results are acked.
+    pub tasks_per_run: u32,
+    /// Map items per run (0 without a map).
+    pub map_items: u32,
+    pub pools: Vec<&'static str>,
+}
+
+impl Plan {
+    pub fn new(workload: Workload, tasks_per_run: u32) -> Plan {
+        let length = tasks_per_run.max(1);
+        match workload {
+            Workload::Single => Plan {
+                workload,
+                flow_name: "lt-single".to_owned(),
+                definition: chain_definition("lt-single", POOL_A, 1, ""),
+                tasks_per_run: 1,
+                map_items: 0,
+                pools: vec![POOL_A],
+            },
+            Workload::Chain => {
+                let name = format!("lt-chain-{length}");
+                Plan {
+                    workload,
+                    definition: chain_definition(&name, POOL_A, length, ""),
+                    flow_name: name,
+                    tasks_per_run: length,
+                    map_items: 0,
+                    pools: vec![POOL_A],
+                }
+            }
+            Workload::Map => {
+                let name = format!("lt-map-{length}");
+                Plan {
+                    workload,
+                    definition: map_definition(&name, POOL_A),
+                    flow_name: name,
+                    tasks_per_run: length,
+                    map_items: length,
+                    pools: vec![POOL_A],
+                }
+            }
+            Workload::Mix => {
+                let name = format!("lt-mix-{length}");
+                Plan {
+                    workload,
+                    definition: mix_definition(&name, length),
+                    flow_name: name,
+                    tasks_per_run: 2 * length,
+                    map_items: length,
+                    pools: vec![POOL_A, POOL_B],
+                }
+            }
+        }
+    }
+
+    /// A one-task flow on the pool nobody serves.
+    pub fn idle() -> Plan {
+        Plan {
+            workload: Workload::Single,
+            flow_name: "lt-idle".to_owned(),
+            definition: chain_definition("lt-idle", POOL_IDLE, 1, ""),
+            tasks_per_run: 1,
+            map_items: 0,
+            pools: vec![POOL_IDLE],
+        }
+    }
+
+    /// The input of one run.
+    pub fn run_input(&self, sequence: u64) -> Value {
+        if self.map_items == 0 {
+            json!({ "n": sequence })
+        } else {
+            json!({ "n": sequence, "items": (0..self.map_items).collect::<Vec<u32>>() })
+        }
+    }
+
+    /// Bytes of a typical task message of this workload and of its result, as the
+    /// coordinator and the simulated workers encode them.
+    pub fn message_sizes(&self) -> (usize, usize) {
+        let attempt = AttemptId {
+            run_id: RunId::from_parts(1_767_225_600_000, 0x1234_5678_9abc_def0),
+            step: if self.map_items > 0 && self.workload == Workload::Map { "m".into() } else { "s1".into() },
+            item: (self.workload == Workload::Map).then_some(self.map_items / 2),
+            attempt: 1,
+        };
+        let input = if self.workload == Workload::Map { json!(self.map_items / 2) } else { json!({ "n": 123_456 }) };
+        let task = TaskMessage {
+            attempt: attempt.clone(),
+            pool: POOL_A.to_owned(),
+            task: TASK_NAME.to_owned(),
+            input,
+            deadline_ms: 1_767_225_900_000,
+            reply_to: "flowgrid.shard.127.result".to_owned(),
+        };
+        let result = TaskResult { attempt, output: Some(task_output()), error: None };
+        let task_bytes = encode(Encoding::MsgPack, &task).map(|bytes| bytes.len()).unwrap_or(0);
+        let result_bytes = encode(Encoding::MsgPack, &result).map(|bytes| bytes.len()).unwrap_or(0);
+        (task_bytes, result_bytes)
+    }
+}
+
+/// What every simulated task returns.
+pub fn task_output() -> Value {
+    json!({ "ok": true })
+}
+
+/// The reply the floor's responder sends, the size of the coordinator's `ResultAck`.
+pub fn result_ack_bytes() -> Vec<u8> {
+    encode(Encoding::MsgPack, &Reply::<ResultAck>::Ok(ResultAck { applied: true })).unwrap_or_default()
+}
+
+/// Position of a chain step (`s3` is 3); `None` for map items and other steps.
+pub fn chain_position(step: &str) -> Option<u32> {
+    step.strip_prefix('s')?.parse().ok()
+}
+
+fn chain_steps(pool: &str, length: u32) -> String {
+    let mut steps = String::new();
+    for position in 1..=length {
+        steps.push_str(&format!("  - id: s{position}\n    kind: task\n    pool: {pool}\n    task: {TASK_NAME}\n"));
+        if position > 1 {
+            steps.push_str(&format!("    after: [s{}]\n", position - 1));
+        }
+    }
+    steps
+}
+
+fn chain_definition(name: &str, pool: &str, length: u32, extra: &str) -> String {
+    format!(
+        "name: {name}\ndescription: load test, a chain of {length} no-op tasks\nsteps:\n{}{extra}",
+        chain_steps(pool, length)
+    )
+}
+
+fn map_step(pool: &str) -> String {
+    format!(
+        "  - id: m\n    kind: map\n    items: input.items\n    pool: {pool}\n    task: {TASK_NAME}\n    input: item\n"
+    )
+}
+
+fn map_definition(name: &str, pool: &str) -> String {
+    format!(
+        "name: {name}\ndescription: load test, a map of no-op tasks merged by a transform\nsteps:\n{}\
+         \x20 - id: merge\n    kind: transform\n    after: [m]\n    output: '#{{ count: steps.m.output.len() }}'\n",
+        map_step(pool)
+    )
+}
+
+fn mix_definition(name: &str, length: u32) -> String {
+    format!(
+        "name: {name}\ndescription: load test, a chain on {POOL_A} next to a map on {POOL_B}\nsteps:\n{}{}\
+         \x20 - id: merge\n    kind: transform\n    after: [s{length}, m]\n    output: '#{{ count: steps.m.output.len() }}'\n",
+        chain_steps(POOL_A, length),
+        map_step(POOL_B)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_definition_is_valid() {
+        for (workload, tasks) in [(Workload::Single, 1), (Workload::Chain, 3), (Workload::Map, 10), (Workload::Mix, 3)]
+        {
+            let plan = Plan::new(workload, tasks);
+            let limits = flowgrid_model::Limits::default();
+            let parsed = flowgrid_model::parse_definition(&plan.definition, &limits);
+            let definition = parsed.unwrap_or_else(|error| panic!("{}: {error}\n{}", plan.flow_name, plan.definition));
+            let evaluator = flowgrid_model::Evaluator::new(&limits);
+            let valid = flowgrid_model::validate(&definition, &evaluator, &limits);
+            assert!(valid.is_ok(), "{}: {:?}\n{}", plan.flow_name, valid.err(), plan.definition);
+        }
+    }
+
+    #[test]
+    fn chain_positions_come_from_step_ids() {
+        assert_eq!(chain_position("s1"), Some(1));
+        assert_eq!(chain_position("s12"), Some(12));
+        assert_eq!(chain_position("m"), None);
+        assert_eq!(chain_position("merge"), None);
+    }
+
+    #[test]
+    fn mix_runs_have_both_halves() {
+        let plan = Plan::new(Workload::Mix, 3);
+        assert_eq!(plan.tasks_per_run, 6);
+        assert_eq!(plan.pools, [POOL_A, POOL_B]);
+    }
+}

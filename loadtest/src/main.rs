@@ -1,0 +1,48 @@
+//! flowgrid-loadtest: drives a flowgrid grid with simulated workers and measures it
+//! against the broker floor. See docs/performance.md for the method and the figures.
+
+mod args;
+mod driver;
+mod floor;
+mod flows;
+mod grid;
+mod memory;
+mod overload;
+mod report;
+mod run;
+mod service_time;
+mod tracker;
+mod worker;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = async {
+        match cli.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Memory(args) => memory::memory(args).await,
+            Command::Overload(args) => overload::overload(args).await,
+        }
+    };
+    // On ctrl-c the command is dropped, and with it the grid it started.
+    let outcome = tokio::select! {
+        outcome = command => outcome,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted; stopping what was started");
+            return ExitCode::from(130);
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

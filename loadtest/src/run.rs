@@ -1,0 +1,259 @@
+//! `flowgrid-loadtest run`: the broker floor, then the engine under one workload.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::{LoopMode, RunArgs};
+use crate::driver::{self, Errors, Starter};
+use crate::floor::{self, FloorResult};
+use crate::flows::Plan;
+use crate::grid::Grid;
+use crate::report::{self, describe_errors, describe_latency, print_table, quantiles_ms, round1, round3};
+use crate::tracker::{TaskSink, Tracker};
+use crate::worker::spawn_pool_workers;
+
+/// Period of the progress line and of RSS samples.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What the timeline observed.
+struct Observed {
+    measured_s: f64,
+    rss_end_mb: Option<f64>,
+    rss_max_mb: Option<f64>,
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    args.validate()?;
+    let plan = Arc::new(Plan::new(args.workload, args.tasks_per_run));
+    let mut grid = Grid::open(&args.grid, &[]).await?;
+    let client = grid.client().await?.with_retry_budget(Duration::ZERO);
+    let deployed = client.deploy(plan.definition.clone()).await.context("deploy the load-test flow")?;
+    eprintln!("deployed {} version {}", deployed.name, deployed.version);
+
+    let floor = if args.floor_enabled() {
+        eprintln!("broker floor: {:?} of publish, pull, result and ack without the engine", args.floor_duration);
+        let floor = floor::measure(&grid, &plan, &args.workers, args.floor_duration).await?;
+        eprintln!("broker floor: {:.0} tasks/s", floor.tasks_per_s);
+        Some(floor)
+    } else {
+        None
+    };
+
+    let (verify_sender, verify_receiver) = tokio::sync::mpsc::unbounded_channel();
+    let tracker = Tracker::new(plan.tasks_per_run, Some(verify_sender), args.verify_share);
+    let errors = Arc::new(Errors::default());
+    let workers_shutdown = CancellationToken::new();
+    let mut workers = JoinSet::new();
+    let sink: Arc<dyn TaskSink> = tracker.clone();
+    spawn_pool_workers(&grid, &plan.pools, &args.workers, sink, &workers_shutdown, &mut workers).await?;
+
+    let verified = Arc::new(AtomicU64::new(0));
+    let verifier =
+        tokio::spawn(driver::verify(grid.client().await?, verify_receiver, errors.clone(), verified.clone()));
+    let starter = Starter {
+        client: client.clone(),
+        plan: plan.clone(),
+        tracker: tracker.clone(),
+        errors: errors.clone(),
+        sequence: Arc::new(AtomicU64::new(0)),
+    };
+    let stop = CancellationToken::new();
+    let driver = match args.mode {
+        LoopMode::Open => tokio::spawn(driver::open_loop(starter, args.rate, stop.clone())),
+        LoopMode::Closed => tokio::spawn(driver::closed_loop(starter, args.concurrency, stop.clone())),
+    };
+
+    let observed = timeline(&args, &grid, &tracker, &errors, &stop).await;
+    let drain_deadline = Instant::now() + args.drain;
+    let drained = tokio::time::timeout(args.drain, async {
+        let _ = driver.await;
+        while tracker.open_measured() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if drained.is_err() || Instant::now() > drain_deadline {
+        eprintln!("runs still open after the drain time ({:?}); counting them as unfinished", args.drain);
+    }
+    errors.add("run_unfinished", tracker.unfinished_measured());
+    workers_shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while workers.join_next().await.is_some() {} }).await;
+    workers.abort_all();
+    // Let the verifier check the runs it was sent.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while verified.load(Ordering::Relaxed) < tracker.counters.runs_sampled.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    verifier.abort();
+    grid.stop();
+
+    let summary =
+        summarize(&args, &plan, &tracker, &errors, floor.as_ref(), &observed, verified.load(Ordering::Relaxed));
+    if !args.json_only {
+        print_summary_table(&summary);
+    }
+    report::print_json_line(&summary);
+    Ok(())
+}
+
+/// Warm-up, measured window, stop; prints the progress line every second.
+async fn timeline(
+    args: &RunArgs,
+    grid: &Grid,
+    tracker: &Tracker,
+    errors: &Errors,
+    stop: &CancellationToken,
+) -> Observed {
+    let origin = Instant::now();
+    let window_start = origin + args.warmup;
+    let window_end = window_start + args.duration;
+    let mut ticks = tokio::time::interval(TICK);
+    let mut last_tasks = 0;
+    let mut rss_max_mb: Option<f64> = None;
+    let mut measured_from = None;
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        if measured_from.is_none() && now >= window_start {
+            tracker.set_measuring(true);
+            measured_from = Some(now);
+        }
+        let rss = grid.coordinator_rss_mb();
+        if measured_from.is_some() {
+            rss_max_mb = match (rss_max_mb, rss) {
+                (Some(max), Some(now)) => Some(max.max(now)),
+                (max, now) => max.or(now),
+            };
+        }
+        let tasks = tracker.counters.tasks_acked.load(Ordering::Relaxed);
+        if !args.quiet {
+            let phase = if measured_from.is_some() { "measure" } else { "warmup" };
+            eprintln!(
+                "[{:>6.1}s {phase}] runs started {} done {} in flight {} | tasks/s {} | errors {} | e2e p99 {:.2} ms | rss {}",
+                origin.elapsed().as_secs_f64(),
+                tracker.counters.runs_started.load(Ordering::Relaxed),
+                tracker.counters.runs_done.load(Ordering::Relaxed),
+                tracker.in_flight(),
+                tasks - last_tasks,
+                errors.total() + tracker.counters.task_failures.load(Ordering::Relaxed),
+                tracker.e2e_p99_us() as f64 / 1_000.0,
+                rss.map(|mb| format!("{mb:.0} MB")).unwrap_or_else(|| "n/a".to_owned()),
+            );
+        }
+        last_tasks = tasks;
+        if now >= window_end {
+            break;
+        }
+    }
+    tracker.set_measuring(false);
+    stop.cancel();
+    let measured_s = measured_from.map(|from| from.elapsed().as_secs_f64()).unwrap_or(0.0);
+    Observed { measured_s, rss_end_mb: grid.coordinator_rss_mb(), rss_max_mb }
+}
+
+fn summarize(
+    args: &RunArgs,
+    plan: &Plan,
+    tracker: &Tracker,
+    errors: &Errors,
+    floor: Option<&FloorResult>,
+    observed: &Observed,
+    verified: u64,
+) -> serde_json::Value {
+    let histograms = tracker.histograms();
+    let measured_s = observed.measured_s.max(f64::EPSILON);
+    let tasks_per_s = tracker.counters.tasks_acked_measured.load(Ordering::Relaxed) as f64 / measured_s;
+    let runs_per_s = tracker.counters.runs_done_measured.load(Ordering::Relaxed) as f64 / measured_s;
+    let task_failures = tracker.counters.task_failures.load(Ordering::Relaxed);
+    errors.add("task_result_failed", task_failures);
+    let floor_tasks_per_s = floor.map(|floor| round1(floor.tasks_per_s));
+    let ratio = floor.filter(|floor| floor.tasks_per_s > 0.0).map(|floor| round3(tasks_per_s / floor.tasks_per_s));
+    let (task_bytes, result_bytes) = plan.message_sizes();
+    json!({
+        "workload": plan.workload.as_str(),
+        "flow": plan.flow_name,
+        "tasks_per_run": plan.tasks_per_run,
+        "mode": match args.mode { LoopMode::Open => "open", LoopMode::Closed => "closed" },
+        "rate": (args.mode == LoopMode::Open).then_some(args.rate),
+        "concurrency": (args.mode == LoopMode::Closed).then_some(args.concurrency),
+        "duration_s": round3(measured_s),
+        "runs_per_s": round1(runs_per_s),
+        "tasks_per_s": round1(tasks_per_s),
+        "floor_tasks_per_s": floor_tasks_per_s,
+        "ratio_to_floor": ratio,
+        "run_e2e_ms": quantiles_ms(&histograms.run_e2e),
+        "start_overhead_ms": quantiles_ms(&histograms.start_overhead),
+        "step_overhead_ms": quantiles_ms(&histograms.step_overhead),
+        "coordinator_rss_mb": observed.rss_end_mb.map(round1),
+        "coordinator_rss_max_mb": observed.rss_max_mb.map(round1),
+        "errors": errors.total(),
+        "error_kinds": errors.kinds(),
+        "runs_started": tracker.counters.runs_started.load(Ordering::Relaxed),
+        "runs_done": tracker.counters.runs_done.load(Ordering::Relaxed),
+        "runs_verified": verified,
+        "task_bytes": task_bytes,
+        "result_bytes": result_bytes,
+        "workers_per_pool": args.workers.workers_per_pool,
+        "worker_concurrency": args.workers.worker_concurrency,
+        "service_time": args.workers.service_time().describe(),
+        "floor_errors": floor.map(|floor| floor.errors),
+    })
+}
+
+fn print_summary_table(summary: &serde_json::Value) {
+    let text = |key: &str| match &summary[key] {
+        serde_json::Value::Null => "n/a".to_owned(),
+        serde_json::Value::String(value) => value.clone(),
+        other => other.to_string(),
+    };
+    let load = match (summary["rate"].as_f64(), summary["concurrency"].as_u64()) {
+        (Some(rate), _) => format!("open loop, {rate} runs/s scheduled"),
+        (_, Some(concurrency)) => format!("closed loop, {concurrency} runs in flight"),
+        _ => "n/a".to_owned(),
+    };
+    let errors: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(summary["error_kinds"].clone()).unwrap_or_default();
+    let rows = vec![
+        (
+            "workload".to_owned(),
+            format!("{} ({}, {} tasks per run)", text("workload"), text("flow"), text("tasks_per_run")),
+        ),
+        ("load".to_owned(), load),
+        ("measured".to_owned(), format!("{} s", text("duration_s"))),
+        (
+            "workers".to_owned(),
+            format!(
+                "{} per pool x {} tasks each, service time {}",
+                text("workers_per_pool"),
+                text("worker_concurrency"),
+                text("service_time")
+            ),
+        ),
+        ("message sizes".to_owned(), format!("task {} B, result {} B", text("task_bytes"), text("result_bytes"))),
+        ("runs/s".to_owned(), text("runs_per_s")),
+        ("tasks/s".to_owned(), text("tasks_per_s")),
+        ("broker floor tasks/s".to_owned(), text("floor_tasks_per_s")),
+        ("ratio to floor".to_owned(), text("ratio_to_floor")),
+        ("run e2e".to_owned(), describe_latency(&summary["run_e2e_ms"])),
+        ("start overhead".to_owned(), describe_latency(&summary["start_overhead_ms"])),
+        ("step overhead".to_owned(), describe_latency(&summary["step_overhead_ms"])),
+        (
+            "coordinator RSS".to_owned(),
+            format!("{} MB (max {} MB)", text("coordinator_rss_mb"), text("coordinator_rss_max_mb")),
+        ),
+        (
+            "runs started / done / verified".to_owned(),
+            format!("{} / {} / {}", text("runs_started"), text("runs_done"), text("runs_verified")),
+        ),
+        ("errors".to_owned(), describe_errors(summary["errors"].as_u64().unwrap_or(0), &errors)),
+    ];
+    print_table("flowgrid load test", &rows);
+}

@@ -1,0 +1,314 @@
+//! Correlates what the driver and the simulated workers see, per run, into latencies.
+//!
+//! - start overhead: start request sent (for the open loop: its *scheduled* time) to the
+//!   first task of the run received by a worker;
+//! - step overhead: a chain step's result sent by the worker to the next chain step of the
+//!   same run received by a worker (both NATS hops included, so an upper bound of the
+//!   engine's own overhead);
+//! - run end-to-end: start request sent (or scheduled) to the result of the run's last
+//!   task acknowledged by the coordinator (the ack follows the commit that ends the run).
+//!
+//! The driver learns a run's id from the start reply, which may arrive after the run's
+//! first task reached a worker; whichever comes first creates the run's entry, and a
+//! latency is recorded once both of its ends are known. Start and end-to-end latencies
+//! are recorded for runs started inside the measured window; step overhead and task
+//! throughput for what happens inside it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use tokio::sync::{mpsc, oneshot};
+
+use flowgrid_model::AttemptId;
+
+use crate::flows::chain_position;
+
+/// Latencies are recorded in microseconds, up to an hour, with 3 significant digits.
+const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3).expect("valid histogram bounds")
+}
+
+fn record(histogram: &mut Histogram<u64>, from: Instant, to: Instant) {
+    let micros = to.saturating_duration_since(from).as_micros() as u64;
+    histogram.saturating_record(micros.clamp(1, HISTOGRAM_MAX_US));
+}
+
+/// How a run ended, as seen from outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Every task's result was acked by the coordinator.
+    Done,
+}
+
+/// What the simulated workers report.
+pub trait TaskSink: Send + Sync + 'static {
+    fn received(&self, attempt: &AttemptId, at: Instant);
+    /// The coordinator acked the result sent at `sent`.
+    fn acked(&self, attempt: &AttemptId, sent: Instant, acked: Instant);
+    /// The result was refused for good or never confirmed.
+    fn failed(&self, attempt: &AttemptId, reason: &str);
+}
+
+#[derive(Default)]
+struct RunTrack {
+    /// Start request sent (closed loop) or scheduled (open loop); `None` until the start
+    /// reply named the run.
+    started: Option<Instant>,
+    /// Started inside the measured window.
+    measured: bool,
+    first_task: Option<Instant>,
+    /// Last chain step whose result was sent, and when.
+    chain_result: Option<(u32, Instant)>,
+    tasks_acked: u32,
+    done: Option<Instant>,
+    waiter: Option<oneshot::Sender<RunEnd>>,
+}
+
+/// Latency histograms, in microseconds.
+pub struct Histograms {
+    pub run_e2e: Histogram<u64>,
+    pub start_overhead: Histogram<u64>,
+    pub step_overhead: Histogram<u64>,
+}
+
+struct Inner {
+    runs: HashMap<String, RunTrack>,
+    histograms: Histograms,
+}
+
+/// Counters read by the progress line and the report.
+#[derive(Default)]
+pub struct Counters {
+    pub runs_started: AtomicU64,
+    pub runs_done: AtomicU64,
+    /// Runs finished while the window was open.
+    pub runs_done_measured: AtomicU64,
+    pub tasks_acked: AtomicU64,
+    /// Task results acked while the window was open.
+    pub tasks_acked_measured: AtomicU64,
+    pub task_failures: AtomicU64,
+    /// Finished runs sent for a `run.get` check.
+    pub runs_sampled: AtomicU64,
+}
+
+pub struct Tracker {
+    inner: Mutex<Inner>,
+    tasks_per_run: u32,
+    measuring: AtomicBool,
+    pub counters: Counters,
+    /// Finished runs sampled for a `run.get` check.
+    verify: Option<mpsc::UnboundedSender<String>>,
+    verify_share: f64,
+    verify_seed: AtomicU64,
+}
+
+impl Tracker {
+    pub fn new(tasks_per_run: u32, verify: Option<mpsc::UnboundedSender<String>>, verify_share: f64) -> Arc<Tracker> {
+        Arc::new(Tracker {
+            inner: Mutex::new(Inner {
+                runs: HashMap::new(),
+                histograms: Histograms {
+                    run_e2e: new_histogram(),
+                    start_overhead: new_histogram(),
+                    step_overhead: new_histogram(),
+                },
+            }),
+            tasks_per_run,
+            measuring: AtomicBool::new(false),
+            counters: Counters::default(),
+            verify,
+            verify_share,
+            verify_seed: AtomicU64::new(0x5EED),
+        })
+    }
+
+    pub fn set_measuring(&self, on: bool) {
+        self.measuring.store(on, Ordering::SeqCst);
+    }
+
+    pub fn measuring(&self) -> bool {
+        self.measuring.load(Ordering::Relaxed)
+    }
+
+    /// The start reply named `run_id`. `started` is when the start was sent (or
+    /// scheduled); `waiter` hears when the run ends.
+    pub fn started(&self, run_id: String, started: Instant, waiter: Option<oneshot::Sender<RunEnd>>) {
+        self.counters.runs_started.fetch_add(1, Ordering::Relaxed);
+        let measured = self.measuring();
+        let mut inner = self.inner.lock().expect("tracker lock");
+        let Inner { runs, histograms } = &mut *inner;
+        let track = runs.entry(run_id.clone()).or_default();
+        track.started = Some(started);
+        track.measured = measured;
+        track.waiter = waiter;
+        if let (true, Some(first)) = (measured, track.first_task) {
+            record(&mut histograms.start_overhead, started, first);
+        }
+        self.finish_if_done(&mut inner, run_id);
+    }
+
+    /// Runs whose end is still unknown.
+    pub fn in_flight(&self) -> usize {
+        self.inner.lock().expect("tracker lock").runs.values().filter(|track| track.started.is_some()).count()
+    }
+
+    /// Runs started inside the window that have not ended yet.
+    pub fn open_measured(&self) -> usize {
+        self.inner.lock().expect("tracker lock").runs.values().filter(|track| track.measured).count()
+    }
+
+    /// Runs started inside the window that have not ended; forgets every open run.
+    pub fn unfinished_measured(&self) -> u64 {
+        let mut inner = self.inner.lock().expect("tracker lock");
+        let count = inner.runs.values().filter(|track| track.measured && track.done.is_none()).count();
+        inner.runs.clear();
+        count as u64
+    }
+
+    /// A copy of the histograms so far.
+    pub fn histograms(&self) -> Histograms {
+        let inner = self.inner.lock().expect("tracker lock");
+        Histograms {
+            run_e2e: inner.histograms.run_e2e.clone(),
+            start_overhead: inner.histograms.start_overhead.clone(),
+            step_overhead: inner.histograms.step_overhead.clone(),
+        }
+    }
+
+    pub fn e2e_p99_us(&self) -> u64 {
+        self.inner.lock().expect("tracker lock").histograms.run_e2e.value_at_quantile(0.99)
+    }
+
+    fn finish_if_done(&self, inner: &mut Inner, run_id: String) {
+        let Some(track) = inner.runs.get(&run_id) else { return };
+        let (Some(started), Some(done)) = (track.started, track.done) else { return };
+        let mut track = inner.runs.remove(&run_id).expect("present");
+        self.counters.runs_done.fetch_add(1, Ordering::Relaxed);
+        if self.measuring() {
+            self.counters.runs_done_measured.fetch_add(1, Ordering::Relaxed);
+        }
+        if track.measured {
+            record(&mut inner.histograms.run_e2e, started, done);
+        }
+        if let Some(waiter) = track.waiter.take() {
+            let _ = waiter.send(RunEnd::Done);
+        }
+        self.maybe_verify(run_id);
+    }
+
+    fn maybe_verify(&self, run_id: String) {
+        let Some(verify) = &self.verify else { return };
+        // A cheap deterministic sample: splitmix64 over a counter.
+        let mut x = self.verify_seed.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        if (x as f64 / u64::MAX as f64) < self.verify_share {
+            self.counters.runs_sampled.fetch_add(1, Ordering::Relaxed);
+            let _ = verify.send(run_id);
+        }
+    }
+}
+
+impl TaskSink for Tracker {
+    fn received(&self, attempt: &AttemptId, at: Instant) {
+        let measuring = self.measuring();
+        let mut inner = self.inner.lock().expect("tracker lock");
+        let Inner { runs, histograms } = &mut *inner;
+        let track = runs.entry(attempt.run_id.0.clone()).or_default();
+        if track.first_task.is_none() {
+            track.first_task = Some(at);
+            if let (true, Some(started)) = (track.measured, track.started) {
+                record(&mut histograms.start_overhead, started, at);
+            }
+        }
+        if let (Some(position), Some((previous, result_sent))) = (chain_position(&attempt.step), track.chain_result) {
+            if measuring && position == previous + 1 && attempt.item.is_none() {
+                record(&mut histograms.step_overhead, result_sent, at);
+            }
+        }
+    }
+
+    fn acked(&self, attempt: &AttemptId, sent: Instant, acked: Instant) {
+        self.counters.tasks_acked.fetch_add(1, Ordering::Relaxed);
+        if self.measuring() {
+            self.counters.tasks_acked_measured.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut inner = self.inner.lock().expect("tracker lock");
+        let track = inner.runs.entry(attempt.run_id.0.clone()).or_default();
+        if let (Some(position), None) = (chain_position(&attempt.step), attempt.item) {
+            track.chain_result = Some((position, sent));
+        }
+        track.tasks_acked += 1;
+        if track.tasks_acked >= self.tasks_per_run && track.done.is_none() {
+            track.done = Some(acked);
+            self.finish_if_done(&mut inner, attempt.run_id.0.clone());
+        }
+    }
+
+    fn failed(&self, _attempt: &AttemptId, _reason: &str) {
+        self.counters.task_failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use flowgrid_model::RunId;
+
+    use super::*;
+
+    fn attempt(run: &str, step: &str) -> AttemptId {
+        AttemptId { run_id: RunId(run.into()), step: step.into(), item: None, attempt: 1 }
+    }
+
+    #[test]
+    fn a_chain_gives_start_step_and_end_to_end_samples() {
+        let tracker = Tracker::new(2, None, 0.0);
+        tracker.set_measuring(true);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // The first task arrives before the start reply names the run.
+        tracker.received(&attempt("r", "s1"), at(2));
+        tracker.started("r".into(), t0, None);
+        tracker.acked(&attempt("r", "s1"), at(3), at(4));
+        tracker.received(&attempt("r", "s2"), at(6));
+        tracker.acked(&attempt("r", "s2"), at(7), at(9));
+        let histograms = tracker.histograms();
+        assert_eq!(histograms.start_overhead.len(), 1);
+        assert!(histograms.start_overhead.equivalent(histograms.start_overhead.max(), 2_000));
+        assert!(histograms.step_overhead.equivalent(histograms.step_overhead.max(), 3_000));
+        assert!(histograms.run_e2e.equivalent(histograms.run_e2e.max(), 9_000));
+        assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 1);
+        assert_eq!(tracker.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_run_done_before_its_start_reply_ends_at_the_reply() {
+        let tracker = Tracker::new(1, None, 0.0);
+        let t0 = Instant::now();
+        tracker.received(&attempt("r", "s1"), t0);
+        tracker.acked(&attempt("r", "s1"), t0, t0);
+        assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
+        let (sender, mut receiver) = oneshot::channel();
+        tracker.started("r".into(), t0, Some(sender));
+        assert_eq!(receiver.try_recv(), Ok(RunEnd::Done));
+    }
+
+    #[test]
+    fn nothing_is_recorded_outside_the_window() {
+        let tracker = Tracker::new(1, None, 0.0);
+        let t0 = Instant::now();
+        tracker.started("r".into(), t0, None);
+        tracker.received(&attempt("r", "s1"), t0);
+        tracker.acked(&attempt("r", "s1"), t0, t0);
+        assert!(tracker.histograms().run_e2e.is_empty());
+        assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,205 @@
+//! Simulated workers: the protocol's worker loop on raw async-nats, with time stamps.
+//!
+//! Each worker has its own NATS connection and consumes its pool's durable pull consumer
+//! with at most `concurrency` tasks in hand (plus one pull batch buffered by the client).
+//! Per task: decode, stamp the receipt, sleep the service time, send the result as a
+//! request to `reply_to`, stamp the send and the coordinator's ack, then ack the task
+//! message, in the order docs/protocol.md prescribes. It does not heartbeat: simulated
+//! tasks last far less than the ack wait. The same code serves the broker floor, whose
+//! "coordinator" is a responder that answers at once.
+//!
+//! The SDK's `Worker` is not used because it hides the moments the harness must stamp
+//! (result sent, ack received); the loop here does the same NATS operations per task.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::consumer::PullConsumer;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use flowgrid_proto::{decode, encode, Encoding, Reply, ResultAck, TaskMessage, TaskResult, CONTENT_TYPE_HEADER};
+
+use crate::flows::task_output;
+use crate::service_time::{ServiceTime, XorShift};
+use crate::tracker::TaskSink;
+
+/// How long one result request waits for the coordinator's ack.
+const RESULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tries of one result before the task is handed back (nak).
+const RESULT_TRIES_MAX: u32 = 20;
+/// Pause between two tries of a result.
+const RESULT_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+pub struct WorkerSpec {
+    pub concurrency: usize,
+    pub service_time: ServiceTime,
+    pub seed: u64,
+}
+
+/// Serves `consumer` until `shutdown`; tasks in hand are finished before it returns.
+pub async fn run_worker(
+    nats: async_nats::Client,
+    consumer: PullConsumer,
+    spec: WorkerSpec,
+    sink: Arc<dyn TaskSink>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(spec.concurrency)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .context("open the pull stream")?;
+    let slots = Arc::new(Semaphore::new(spec.concurrency));
+    let mut random = XorShift::new(spec.seed);
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = messages.next() => next,
+        };
+        let message = match message {
+            Some(Ok(message)) => message,
+            Some(Err(error)) => {
+                // Missed heartbeats and the like: the stream keeps going.
+                eprintln!("worker: pull error: {error}");
+                continue;
+            }
+            None => break,
+        };
+        let service = spec.service_time.sample(&mut random);
+        let nats = nats.clone();
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            serve(&nats, message, service, sink.as_ref()).await;
+            drop(slot);
+        });
+    }
+    // Let the tasks in hand finish (each holds a slot).
+    let _ = tokio::time::timeout(Duration::from_secs(10), slots.acquire_many(spec.concurrency as u32)).await;
+    Ok(())
+}
+
+async fn serve(
+    nats: &async_nats::Client,
+    message: async_nats::jetstream::Message,
+    service: Duration,
+    sink: &dyn TaskSink,
+) {
+    let received = Instant::now();
+    let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
+    let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+    let task: TaskMessage = match decode(encoding, &message.payload) {
+        Ok(task) => task,
+        Err(error) => {
+            eprintln!("worker: malformed task message: {error}");
+            let _ = message.ack_with(async_nats::jetstream::AckKind::Term).await;
+            return;
+        }
+    };
+    sink.received(&task.attempt, received);
+    if !service.is_zero() {
+        tokio::time::sleep(service).await;
+    }
+    let result = TaskResult { attempt: task.attempt.clone(), output: Some(task_output()), error: None };
+    let payload = match encode(encoding, &result) {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(error) => {
+            sink.failed(&task.attempt, &error.to_string());
+            return;
+        }
+    };
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let sent = Instant::now();
+        match send_result(nats, &task.reply_to, payload.clone(), encoding).await {
+            Ok(()) => {
+                sink.acked(&task.attempt, sent, Instant::now());
+                let _ = message.ack().await;
+                return;
+            }
+            Err(Refusal::Final(reason)) => {
+                sink.failed(&task.attempt, &reason);
+                let _ = message.ack_with(async_nats::jetstream::AckKind::Term).await;
+                return;
+            }
+            Err(Refusal::Retry(reason)) if tries >= RESULT_TRIES_MAX => {
+                sink.failed(&task.attempt, &reason);
+                let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                return;
+            }
+            Err(Refusal::Retry(_)) => tokio::time::sleep(RESULT_RETRY_DELAY).await,
+        }
+    }
+}
+
+enum Refusal {
+    Retry(String),
+    Final(String),
+}
+
+async fn send_result(
+    nats: &async_nats::Client,
+    reply_to: &str,
+    payload: Bytes,
+    encoding: Encoding,
+) -> Result<(), Refusal> {
+    let mut request = async_nats::Request::new().payload(payload).timeout(Some(RESULT_TIMEOUT));
+    if let Some(content_type) = encoding.content_type() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(CONTENT_TYPE_HEADER, content_type);
+        request = request.headers(headers);
+    }
+    let reply =
+        nats.send_request(reply_to.to_owned(), request).await.map_err(|error| Refusal::Retry(error.to_string()))?;
+    match decode::<Reply<ResultAck>>(encoding, &reply.payload) {
+        Ok(Reply::Ok(_)) => Ok(()),
+        Ok(Reply::Error(refusal)) if refusal.retryable => Err(Refusal::Retry(refusal.to_string())),
+        Ok(Reply::Error(refusal)) => Err(Refusal::Final(refusal.to_string())),
+        Err(error) => Err(Refusal::Retry(error.to_string())),
+    }
+}
+
+/// Starts `workers.workers_per_pool` simulated workers (one NATS connection each) for
+/// every pool of the grid under `prefix`.
+pub async fn spawn_pool_workers(
+    grid: &crate::grid::Grid,
+    pools: &[&str],
+    workers: &crate::args::WorkerArgs,
+    sink: Arc<dyn TaskSink>,
+    shutdown: &CancellationToken,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<()> {
+    use flowgrid_sdk::broker::{self, BrokerLimits};
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    let limits = BrokerLimits::default();
+    let admin = async_nats::jetstream::new(grid.connect("flowgrid-loadtest-admin").await?);
+    let stream = broker::tasks_stream(&admin, &subjects, &limits).await?;
+    let mut seed = 1;
+    for pool in pools {
+        let consumer = broker::pool_consumer(&stream, &subjects, pool, &limits).await?;
+        for _ in 0..workers.workers_per_pool {
+            seed += 1;
+            let nats = grid.connect(&format!("flowgrid-loadtest-worker-{pool}")).await?;
+            let spec =
+                WorkerSpec { concurrency: workers.worker_concurrency, service_time: workers.service_time(), seed };
+            let (consumer, sink, shutdown) = (consumer.clone(), sink.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(error) = run_worker(nats, consumer, spec, sink, shutdown).await {
+                    eprintln!("worker: {error:#}");
+                }
+            });
+        }
+    }
+    Ok(())
+}
