@@ -15,6 +15,10 @@ pub struct CoordinatorConfig {
     /// Directory of the embedded store (one file per shard).
     #[arg(long, env = "FLOWGRID_DATA_DIR", default_value = ".grid/data")]
     pub data_dir: PathBuf,
+    /// Page cache of the embedded store over all shards, in MiB (split evenly between the
+    /// shard files). The hot state is in memory; this cache only speeds up reloads and lists.
+    #[arg(long, env = "FLOWGRID_STORE_CACHE_MB", default_value_t = 64)]
+    pub store_cache_mb: usize,
     /// Number of virtual shards. Fixed when the grid is created: every coordinator of a grid
     /// must use the same value.
     #[arg(long, env = "FLOWGRID_SHARDS", default_value_t = 256)]

@@ -31,7 +31,9 @@ const SHARD_OPENS_IN_FLIGHT_MAX: usize = 16;
 /// Runs a coordinator on the embedded store until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
     config.validate().map_err(Error::Config)?;
-    let store = RedbStore::open(&config.data_dir, StoreLimits::default())?;
+    let cache_bytes_per_shard = config.store_cache_mb * 1024 * 1024 / config.shards as usize;
+    let store =
+        RedbStore::open(&config.data_dir, StoreLimits::default())?.with_cache_bytes_per_shard(cache_bytes_per_shard);
     run_with_store(config, store, shutdown).await
 }
 

@@ -57,6 +57,9 @@ pub struct Expr {
     /// Ids of the steps the expression reads as `steps.<id>`, so the engine puts only
     /// those into the scope.
     pub step_refs: Arc<[String]>,
+    /// Whether the expression reads `input`: converting a large run input for every
+    /// evaluation (e.g. once per map item) would cost more than the evaluation itself.
+    pub reads_input: bool,
     ast: Arc<rhai::AST>,
 }
 
@@ -109,6 +112,7 @@ const CALL_LEVELS_MAX: usize = 16;
 const CURRY_FUNCTION: &str = "curry";
 /// The variable through which expressions read other steps.
 const STEPS_VARIABLE: &str = "steps";
+const INPUT_VARIABLE: &str = "input";
 thread_local! {
     /// Operations of the evaluation running on this thread, across every call context.
     /// An evaluation never starts another one, so one counter per thread suffices.
@@ -193,7 +197,8 @@ impl Evaluator {
             .map_err(|error| ExprError::Syntax { source_text: source.to_owned(), message: error.to_string() })?;
         let step_refs =
             collect_step_refs(&ast).map_err(|message| ExprError::Syntax { source_text: source.to_owned(), message })?;
-        Ok(Expr { source: Arc::from(source), step_refs: step_refs.into(), ast: Arc::new(ast) })
+        let reads_input = reads_variable(&ast, INPUT_VARIABLE);
+        Ok(Expr { source: Arc::from(source), step_refs: step_refs.into(), reads_input, ast: Arc::new(ast) })
     }
 
     /// Evaluates `expr` with the variables of `scope` that are `Some`, and returns its
@@ -201,7 +206,11 @@ impl Evaluator {
     pub fn eval(&self, expr: &Expr, scope: &Scope) -> Result<Value, ExprError> {
         let eval_error = |message: String| ExprError::Eval { source_text: expr.source.to_string(), message };
         let mut rhai_scope = rhai::Scope::new();
-        let json_variables = [("input", scope.input), ("item", scope.item), ("result", scope.result)];
+        let json_variables = [
+            (INPUT_VARIABLE, scope.input.filter(|_| expr.reads_input)),
+            ("item", scope.item),
+            ("result", scope.result),
+        ];
         for (name, value) in json_variables {
             if let Some(value) = value {
                 let dynamic = rhai::serde::to_dynamic(value)
@@ -264,6 +273,19 @@ impl Evaluator {
             _ => error.to_string(),
         }
     }
+}
+
+/// Whether the expression reads the variable `name` anywhere (anonymous functions that
+/// read it capture it, so the capture shows in the expression's own tree).
+fn reads_variable(ast: &rhai::AST, name: &str) -> bool {
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Expr(RhaiExpr::Variable(variable, ..))) = path.last() {
+            found |= variable.1.as_str() == name;
+        }
+        !found
+    });
+    found
 }
 
 /// The steps an expression reads as `steps.<id>`, sorted and unique; an error message for
@@ -559,5 +581,17 @@ mod tests {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Evaluator>();
         assert_send_sync::<Expr>();
+    }
+
+    #[test]
+    fn reads_input_is_recorded_also_through_closures() {
+        let evaluator = Evaluator::new(&Limits::default());
+        assert!(!evaluator.compile("#{ value: item }").unwrap().reads_input);
+        assert!(evaluator.compile("input.items.len()").unwrap().reads_input);
+        let captured = evaluator.compile("[1, 2].map(|x| x + input.k)").unwrap();
+        assert!(captured.reads_input);
+        let input = serde_json::json!({"k": 10});
+        let scope = Scope { input: Some(&input), ..Scope::default() };
+        assert_eq!(evaluator.eval(&captured, &scope).unwrap(), serde_json::json!([11, 12]));
     }
 }

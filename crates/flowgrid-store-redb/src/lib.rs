@@ -43,15 +43,17 @@ use flowgrid_store::{keys, Error, Key, KeyRange, Mutation, Result, ShardStore, S
 /// The one table of a shard file.
 const KV: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("kv");
 
-/// redb's page cache per shard file. A process may hold 256 shards; the hot state lives in
-/// the coordinator's memory, so the store's cache only serves reloads and listings.
-const CACHE_BYTES_PER_SHARD: usize = 4 * 1024 * 1024;
+/// redb's page cache per shard file unless [`RedbStore::with_cache_bytes_per_shard`] says
+/// otherwise. A process may hold hundreds of shards and the hot state lives in the
+/// coordinator's memory, so the store's cache only serves reloads and listings: keep it small.
+pub const CACHE_BYTES_PER_SHARD_DEFAULT: usize = 256 * 1024;
 
 /// Opens shard files under one data directory. Cheap to share; holds no file itself.
 #[derive(Clone, Debug)]
 pub struct RedbStore {
     dir: PathBuf,
     limits: StoreLimits,
+    cache_bytes_per_shard: usize,
 }
 
 impl RedbStore {
@@ -61,7 +63,14 @@ impl RedbStore {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir)
             .map_err(|error| backend(PathError::new("create the data directory", &dir, error)))?;
-        Ok(RedbStore { dir, limits })
+        Ok(RedbStore { dir, limits, cache_bytes_per_shard: CACHE_BYTES_PER_SHARD_DEFAULT })
+    }
+
+    /// Sets redb's page cache of each shard file opened from now on (the process holds up
+    /// to this times the number of its shards).
+    pub fn with_cache_bytes_per_shard(mut self, cache_bytes_per_shard: usize) -> RedbStore {
+        self.cache_bytes_per_shard = cache_bytes_per_shard;
+        self
     }
 
     /// The data directory.
@@ -80,13 +89,13 @@ impl Store for RedbStore {
 
     async fn open_shard(&self, shard: ShardId) -> Result<RedbShard> {
         let path = self.shard_path(shard);
-        let limits = self.limits;
-        blocking(move || open_shard_file(shard, path, limits)).await
+        let (limits, cache_bytes) = (self.limits, self.cache_bytes_per_shard);
+        blocking(move || open_shard_file(shard, path, limits, cache_bytes)).await
     }
 }
 
-fn open_shard_file(shard: ShardId, path: PathBuf, limits: StoreLimits) -> Result<RedbShard> {
-    let db = Database::builder().set_cache_size(CACHE_BYTES_PER_SHARD).create(&path).map_err(|error| match error {
+fn open_shard_file(shard: ShardId, path: PathBuf, limits: StoreLimits, cache_bytes: usize) -> Result<RedbShard> {
+    let db = Database::builder().set_cache_size(cache_bytes).create(&path).map_err(|error| match error {
         DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => Error::Busy {
             shard,
             detail: format!(
