@@ -33,7 +33,7 @@ SHARDS ?= 256
 WORKER_POOLS ?= gpu-llm,cpu-media
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 LOADTEST_ARGS ?= run --workload chain --tasks-per-run 3 --mode closed --concurrency 256 --duration 60s
-FLOWGRID_BIN ?= $(TARGET_DIR)/debug/flowgrid
+FLOWGRID_BIN ?= $(abspath $(TARGET_DIR)/debug/flowgrid)
 
 # Every recipe line runs in bash and stops at the first failing command.
 SHELL := bash

