@@ -379,15 +379,20 @@ fn non_finite_number(value: &Dynamic, path: &mut String) -> Option<String> {
     None
 }
 
-fn describe_json(value: &Value) -> String {
-    let kind = match value {
+/// The kind of a JSON value, for error messages ("an array", "null", ...).
+pub fn json_kind(value: &Value) -> &'static str {
+    match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
         Value::Number(_) => "a number",
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
-    };
+    }
+}
+
+fn describe_json(value: &Value) -> String {
+    let kind = json_kind(value);
     let text = value.to_string();
     if text.len() > 64 {
         kind.to_owned()

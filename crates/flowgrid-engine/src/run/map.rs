@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use flowgrid_model::expr::json_kind;
 use flowgrid_model::plan::TaskSpec;
 use flowgrid_model::{Expr, Limits, PlanStepKind, StepIndex};
 use serde_json::Value;
@@ -175,16 +176,5 @@ impl Run {
             Work::Map(map) => map,
             _ => panic!("map step {index} has no fan-out state"),
         }
-    }
-}
-
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }

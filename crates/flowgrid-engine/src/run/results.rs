@@ -32,16 +32,27 @@ impl Run {
         output: &Value,
         context: &mut Context<'_>,
     ) -> Applied {
-        let index = match self.find_slot(attempt, Expect::Open) {
+        let index = match self.close_open_attempt(attempt, context) {
             Ok(index) => index,
             Err(reason) => return Applied::Ignored(reason),
         };
-        self.cancel_timer(&TimerKey::AttemptTimeout { attempt: attempt.clone() }, context);
         match attempt.item {
             None => self.task_succeeded(index, output.clone(), context),
             Some(item) => self.item_succeeded(index, item, output.clone(), context),
         }
         Applied::Accepted
+    }
+
+    /// The slot of `attempt` if it is the open attempt, whose timeout it disarms; else why
+    /// the result must be ignored.
+    fn close_open_attempt(
+        &mut self,
+        attempt: &AttemptId,
+        context: &mut Context<'_>,
+    ) -> Result<StepIndex, &'static str> {
+        let index = self.find_slot(attempt, Expect::Open)?;
+        self.cancel_timer(&TimerKey::AttemptTimeout { attempt: attempt.clone() }, context);
+        Ok(index)
     }
 
     pub(super) fn on_task_failed(
@@ -50,11 +61,10 @@ impl Run {
         error: &TaskError,
         context: &mut Context<'_>,
     ) -> Applied {
-        let index = match self.find_slot(attempt, Expect::Open) {
+        let index = match self.close_open_attempt(attempt, context) {
             Ok(index) => index,
             Err(reason) => return Applied::Ignored(reason),
         };
-        self.cancel_timer(&TimerKey::AttemptTimeout { attempt: attempt.clone() }, context);
         self.attempt_failed(index, attempt, error.clone(), context);
         Applied::Accepted
     }
