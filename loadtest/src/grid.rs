@@ -4,74 +4,17 @@
 //! Every process started here is killed when its handle drops, which also happens on
 //! ctrl-c (the main task returns) and on a panic (unwinding drops the handles).
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use flowgrid_testkit::{free_port, nats_server_bin, wait_for_port, Process};
 
 use crate::args::GridArgs;
 
 /// How long nats-server or the coordinator may take to come up.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
-
-/// A child process, killed (SIGTERM, then SIGKILL) when dropped.
-pub struct Process {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Process {
-    fn spawn(name: &str, command: &mut Command, log_dir: &Path) -> Result<Process> {
-        let log = log_dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("start {name}: {command:?}"))?;
-        Ok(Process { name: name.to_owned(), child: Some(child), log })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child.as_mut().is_none_or(|child| matches!(child.try_wait(), Ok(Some(_))))
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// SIGTERM, up to `grace` to exit, then SIGKILL.
-    fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else { return };
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("{} (pid {}) ignored SIGTERM; killing it", self.name, child.id());
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(5));
-    }
-}
 
 /// The grid a command measures.
 pub struct Grid {
@@ -121,8 +64,9 @@ impl Grid {
                 .arg(path.join("nats")),
             &path,
         )
-        .context("start nats-server: install it with `make setup` or set NATS_SERVER_BIN")?;
-        wait_for_port(nats_port, &mut nats).await?;
+        .context("start nats-server: install it with `make setup` or set NATS_SERVER_BIN")?
+        .with_drop_grace(Duration::from_secs(5));
+        wait_for_port(nats_port, &mut nats, STARTUP_DEADLINE)?;
         let nats_url = format!("nats://127.0.0.1:{nats_port}");
 
         let mut command = Command::new(&flowgrid);
@@ -135,7 +79,7 @@ impl Grid {
             .args(args.coordinator_args.split_whitespace())
             .args(extra_coordinator_args)
             .env("FLOWGRID_LOG", std::env::var("FLOWGRID_LOG").unwrap_or_else(|_| "warn".to_owned()));
-        let coordinator = Process::spawn("coordinator", &mut command, &path)?;
+        let coordinator = Process::spawn("coordinator", &mut command, &path)?.with_drop_grace(Duration::from_secs(5));
         let mut grid = Grid {
             nats_url,
             prefix: args.prefix.clone(),
@@ -190,7 +134,7 @@ impl Grid {
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), client.flows()).await {
                 return Ok(());
             }
-            let exited = self.coordinator.as_mut().is_some_and(Process::exited);
+            let exited = self.coordinator.as_mut().is_some_and(Process::has_exited);
             if exited || Instant::now() > deadline {
                 let tail = self.coordinator.as_ref().map(|c| c.log_tail(40)).unwrap_or_default();
                 bail!(
@@ -207,28 +151,6 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-async fn wait_for_port(port: u16, process: &mut Process) -> Result<()> {
-    let deadline = Instant::now() + STARTUP_DEADLINE;
-    loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok(());
-        }
-        if process.exited() || Instant::now() > deadline {
-            bail!("{} did not listen on port {port}; its log ends with:\n{}", process.name, process.log_tail(20));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn nats_server_bin() -> PathBuf {
-    std::env::var("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("nats-server"))
 }
 
 /// `--flowgrid-bin`, else `flowgrid` next to this binary (both live in target/release).

@@ -2,24 +2,16 @@
 //! directory, and real `flowgrid` coordinator and worker processes. Every process is
 //! killed when its handle drops, so a failing test leaves nothing running.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use flowgrid_sdk::{RunId, RunView, StepView};
+pub use flowgrid_testkit::{free_port, nats_server_bin, wait_for_port, Process};
 
 /// How long a process may take to come up before the test fails.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
-
-/// A free TCP port on loopback (bound then released; good enough for tests).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind 127.0.0.1:0")
-}
 
 /// The `flowgrid` binary built next to this test binary (`make test` builds it first).
 pub fn flowgrid_bin() -> PathBuf {
@@ -34,80 +26,6 @@ pub fn flowgrid_bin() -> PathBuf {
     let bin = dir.join("flowgrid");
     assert!(bin.exists(), "{} is missing: run `cargo build --bins` first (make test does)", bin.display());
     bin
-}
-
-fn nats_server_bin() -> PathBuf {
-    std::env::var("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("nats-server"))
-}
-
-/// A child process killed on drop.
-pub struct Process {
-    pub name: String,
-    child: Option<Child>,
-    pub log: PathBuf,
-}
-
-impl Process {
-    pub fn spawn(name: &str, command: &mut Command, log_dir: &Path) -> Result<Process> {
-        let log = log_dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("start {name}: {command:?}"))?;
-        Ok(Process { name: name.to_owned(), child: Some(child), log })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
-    }
-
-    /// SIGKILL, then reap.
-    pub fn kill_hard(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then wait up to `grace` before SIGKILL.
-    pub fn stop(&mut self, grace: Duration) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// True once the process has exited (or was stopped).
-    pub fn has_exited(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => !matches!(child.try_wait(), Ok(None)),
-            None => true,
-        }
-    }
-
-    /// The process's log, for failure messages.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill_hard();
-    }
 }
 
 /// A grid for one test: nats-server plus coordinators and workers, in a temporary dir.
@@ -125,7 +43,7 @@ impl Grid {
     /// Starts nats-server (JetStream, random port, temporary store dir).
     pub fn start_nats() -> Result<Grid> {
         let dir = tempfile::Builder::new().prefix("flowgrid-e2e-").tempdir()?;
-        let port = free_port();
+        let port = free_port()?;
         let store_dir = dir.path().join("nats");
         // `max_payload` is a config-file setting only (no command-line flag): room for the
         // tests that send oversized requests and expect flowgrid, not NATS, to refuse them.
@@ -141,7 +59,7 @@ impl Grid {
             dir.path(),
         )
         .context("start nats-server: install it with `make setup` or set NATS_SERVER_BIN")?;
-        wait_for_port(port, &mut nats)?;
+        wait_for_port(port, &mut nats, STARTUP_DEADLINE)?;
         Ok(Grid {
             dir,
             nats_url: format!("nats://127.0.0.1:{port}"),
@@ -267,20 +185,6 @@ impl Drop for Grid {
             eprintln!("grid logs at the failure:\n{}", self.logs());
         }
     }
-}
-
-fn wait_for_port(port: u16, process: &mut Process) -> Result<()> {
-    let deadline = Instant::now() + STARTUP_DEADLINE;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        if process.has_exited() {
-            bail!("{} exited before listening on {port}:\n{}", process.name, process.log_tail(40));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("{} did not listen on {port}:\n{}", process.name, process.log_tail(40))
 }
 
 /// Polls `check` until it returns `Some`, or fails after `deadline` with `what`.

@@ -1,0 +1,152 @@
+//! Real processes for end-to-end tests and harnesses (nats-server, coordinators, workers):
+//! each writes to its own log file and is stopped when its [`Process`] handle drops, so a
+//! failing test or an interrupted harness leaves nothing running.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A child process with its log file; stopped on drop.
+pub struct Process {
+    pub name: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+    /// On drop: SIGTERM and this long to exit before SIGKILL; zero means SIGKILL at once.
+    drop_grace: Duration,
+}
+
+impl Process {
+    /// Starts `command` with stdin closed and stdout and stderr going to `<log_dir>/<name>.log`.
+    pub fn spawn(name: &str, command: &mut Command, log_dir: &Path) -> Result<Process> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start {name}: {command:?}"))?;
+        Ok(Process { name: name.to_owned(), log, child: Some(child), drop_grace: Duration::ZERO })
+    }
+
+    /// Stops the process gracefully on drop (SIGTERM, then SIGKILL after `grace`).
+    pub fn with_drop_grace(mut self, grace: Duration) -> Process {
+        self.drop_grace = grace;
+        self
+    }
+
+    /// The process id (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then up to `grace` to exit before SIGKILL.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// True once the process has exited (or was stopped).
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    /// The last `lines` lines of the process's log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.drop_grace.is_zero() {
+            self.kill_hard();
+        } else {
+            self.stop(self.drop_grace);
+        }
+    }
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The nats-server binary: `NATS_SERVER_BIN` (set by `make setup`), else `nats-server` on PATH.
+pub fn nats_server_bin() -> PathBuf {
+    std::env::var("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("nats-server"))
+}
+
+/// Waits until something listens on `port` of loopback; fails with the process's log when
+/// it exits first or `deadline` passes.
+pub fn wait_for_port(port: u16, process: &mut Process, deadline: Duration) -> Result<()> {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if process.has_exited() {
+            bail!(
+                "{} exited before listening on port {port}; its log ends with:\n{}",
+                process.name,
+                process.log_tail(40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "{} did not listen on port {port} within {deadline:?}; its log ends with:\n{}",
+        process.name,
+        process.log_tail(40)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_is_stopped_on_drop_and_its_log_is_kept() {
+        let dir = std::env::temp_dir().join(format!("flowgrid-testkit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let process = Process::spawn("sleeper", Command::new("sh").args(["-c", "echo ready; sleep 30"]), &dir).unwrap();
+        let pid = process.pid();
+        assert!(pid > 0);
+        let started = Instant::now();
+        while process.log_tail(1) != "ready" {
+            assert!(started.elapsed() < Duration::from_secs(10), "the child never wrote its log");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(process);
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z");
+        assert!(!alive, "the child outlived its handle");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
