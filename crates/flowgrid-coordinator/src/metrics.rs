@@ -31,7 +31,7 @@ pub fn describe() {
     describe_gauge!(TASKS_IN_FLIGHT, Unit::Count, "Task attempts dispatched and not finished (label: pool).");
     describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Duration of one shard store commit (group commit).");
     describe_histogram!(COMMIT_BATCH_EVENTS, Unit::Count, "Commands applied in one shard store commit.");
-    describe_counter!(COMMIT_FAILED, Unit::Count, "Shard store commits that failed (label: reason).");
+    describe_counter!(COMMIT_FAILED, Unit::Count, "Shard store commits that failed.");
     describe_gauge!(SHARDS_OWNED, Unit::Count, "Shards this coordinator owns.");
     describe_counter!(API_REQUESTS, Unit::Count, "API requests handled (labels: verb, outcome).");
     describe_counter!(API_REJECTED, Unit::Count, "API requests refused because of overload.");
