@@ -25,6 +25,9 @@ use crate::shard::{spawn_shard, NodeContext};
 /// stop must finish even when the NATS server is already gone.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long startup waits for another coordinator of the same prefix to answer.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Shards opened and reloaded at once during startup: enough to overlap store reads.
 const SHARD_OPENS_IN_FLIGHT_MAX: usize = 16;
 
@@ -49,6 +52,7 @@ pub async fn run_with_store<S: Store>(config: CoordinatorConfig, store: S, shutd
         .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let subjects = Subjects::new(config.prefix.clone());
+    refuse_second_coordinator(&nats, &subjects).await?;
     let broker_limits = BrokerLimits::default();
     let tasks_stream = broker::tasks_stream(&jetstream, &subjects, &broker_limits).await?;
     let submit_stream = broker::submit_stream(&jetstream, &subjects, &broker_limits).await?;
@@ -123,6 +127,22 @@ pub async fn run_with_store<S: Store>(config: CoordinatorConfig, store: S, shutd
     }
     info!("coordinator stopped");
     Ok(())
+}
+
+/// One coordinator serves a grid (a prefix) for now; a second one on another data
+/// directory would split the runs' state. Refuses to start when a coordinator answers.
+async fn refuse_second_coordinator(nats: &async_nats::Client, subjects: &Subjects) -> Result<()> {
+    let probe = flowgrid_proto::encode(flowgrid_proto::Encoding::MsgPack, &flowgrid_proto::ListFlows {})
+        .expect("an empty request encodes");
+    let answered = tokio::time::timeout(PROBE_WAIT, nats.request(subjects.api("flow.list"), probe.into())).await;
+    match answered {
+        Ok(Ok(_)) => Err(Error::Config(format!(
+            "another coordinator already serves prefix {:?} on this NATS server; one coordinator per grid is \
+             supported for now: stop it, or give this grid another --prefix",
+            subjects.prefix()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn serve_metrics(addr: &str) -> Result<()> {
