@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use flowgrid_engine::Run;
+use flowgrid_engine::{Run, TaskDispatch};
 use flowgrid_model::{AttemptId, Epoch, Millis, RunId, ShardId};
 use flowgrid_proto::{ApiError, ErrorCode, Reply, ResultAck};
 use flowgrid_store::{ShardStore, Store};
@@ -24,6 +24,10 @@ use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::metrics;
 
+/// Pause before reloading a shard after a failed commit: a transient store failure gets
+/// a moment to clear, and a persistent one does not spin the shard.
+const RELOAD_PAUSE: Duration = Duration::from_millis(200);
+
 /// One run in memory.
 pub(super) struct ActiveRun {
     pub run: Run,
@@ -33,6 +37,15 @@ pub(super) struct ActiveRun {
     /// Attempts dispatched and not yet closed, with their pool: feeds the in-flight gauge
     /// and labels results by pool.
     pub open_attempts: HashMap<AttemptId, Arc<str>>,
+}
+
+impl ActiveRun {
+    /// Records a dispatched attempt as open, for the in-flight gauge.
+    pub fn open_attempt(&mut self, task: &TaskDispatch) {
+        let pool: Arc<str> = Arc::from(task.pool.as_str());
+        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool.clone()).increment(1.0);
+        self.open_attempts.insert(task.attempt.clone(), pool);
+    }
 }
 
 pub(super) struct ShardActor<S: ShardStore> {
@@ -288,8 +301,8 @@ impl<S: ShardStore> ShardActor<S> {
         self.timers.clear();
         self.pinned.clear();
         self.catalog.clear();
-        // Retry briefly: the failure may be transient (disk full cleared, cluster back).
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The failure may be transient (disk full cleared, cluster back): pause before reading.
+        tokio::time::sleep(RELOAD_PAUSE).await;
         let republish = self.reload().await?;
         for task in republish {
             self.context.dispatcher.send(self.shard, task).await;
@@ -303,7 +316,7 @@ impl<S: ShardStore> ShardActor<S> {
 /// the shard stopped serving).
 pub(super) fn close_all_attempts(open_attempts: HashMap<AttemptId, Arc<str>>) {
     for pool in open_attempts.into_values() {
-        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool.to_string()).decrement(1.0);
+        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool).decrement(1.0);
     }
 }
 

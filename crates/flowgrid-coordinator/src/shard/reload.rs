@@ -27,8 +27,7 @@ impl<S: ShardStore> ShardActor<S> {
             let run_id = keys::decode_active(&key)?;
             let mut active_run = self.replay(&run_id, &mut plans).await?;
             for task in active_run.run.open_dispatches() {
-                ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => task.pool.clone()).increment(1.0);
-                active_run.open_attempts.insert(task.attempt.clone(), Arc::from(task.pool.as_str()));
+                active_run.open_attempt(&task);
                 republish.push(task);
             }
             for (timer, due_ms) in active_run.run.armed_timers() {

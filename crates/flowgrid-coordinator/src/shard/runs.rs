@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, TimerKey};
 use flowgrid_model::{Millis, RunId};
@@ -155,9 +154,7 @@ impl<S: ShardStore> ShardActor<S> {
             match effect {
                 Effect::Dispatch(task) => {
                     if let Some(active) = self.runs.get_mut(run_id) {
-                        let pool: Arc<str> = Arc::from(task.pool.as_str());
-                        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => task.pool.clone()).increment(1.0);
-                        active.open_attempts.insert(task.attempt.clone(), pool);
+                        active.open_attempt(&task);
                     }
                     batch.dispatches.push(task);
                 }
@@ -269,8 +266,8 @@ fn close_attempt(active: &mut ActiveRun, event: &Event) {
         _ => return,
     };
     if let Some(pool) = active.open_attempts.remove(attempt) {
-        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool.to_string()).decrement(1.0);
-        ::metrics::counter!(metrics::TASK_RESULTS, "pool" => pool.to_string(), "outcome" => outcome).increment(1);
+        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool.clone()).decrement(1.0);
+        ::metrics::counter!(metrics::TASK_RESULTS, "pool" => pool, "outcome" => outcome).increment(1);
     }
 }
 
