@@ -104,7 +104,10 @@ impl Api {
             "flow.deploy" => call(encoding, payload, |request| self.deploy(request)).await,
             "flow.list" => call(encoding, payload, |_: ListFlows| self.list_flows()).await,
             "flow.get" => call(encoding, payload, |request: GetFlow| self.get_flow(request)).await,
-            "run.start" => call(encoding, payload, |request| self.start_run(request, None)).await,
+            "run.start" => {
+                let request_bytes = msgpack_request_bytes(encoding, payload);
+                call(encoding, payload, |request| self.start_run(request, None, request_bytes)).await
+            }
             "run.get" => call(encoding, payload, |request: GetRun| self.get_run(request)).await,
             "run.list" => call(encoding, payload, |request| self.list_runs(request)).await,
             "run.cancel" => call(encoding, payload, |request| self.cancel_run(request)).await,
@@ -152,8 +155,15 @@ impl Api {
 
     /// Starts a run. `default_key` is the idempotency key used when the request has none
     /// (the durable submit path passes the stream sequence, so a redelivery starts nothing new).
-    pub async fn start_run(&self, request: StartRun, default_key: Option<String>) -> Result<RunStarted, ApiError> {
-        self.check_input(&request.input)?;
+    /// `request_bytes` is the size of the request when it came as MessagePack (see
+    /// [`msgpack_request_bytes`]).
+    pub async fn start_run(
+        &self,
+        request: StartRun,
+        default_key: Option<String>,
+        request_bytes: Option<usize>,
+    ) -> Result<RunStarted, ApiError> {
+        self.check_input(&request.input, request_bytes)?;
         let key = request.idempotency_key.clone().or(default_key);
         if let Some(key) = &key {
             if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
@@ -175,13 +185,17 @@ impl Api {
     }
 
     /// Refuses an input over the payload limit or nested too deep, before anything changes.
-    fn check_input(&self, input: &serde_json::Value) -> Result<(), ApiError> {
+    /// The input is encoded to measure it only when the request's size does not bound it.
+    fn check_input(&self, input: &serde_json::Value, request_bytes: Option<usize>) -> Result<(), ApiError> {
         let depth = nesting_depth(input);
         if depth > self.limits.nesting_depth_max {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
                 format!("the input is nested {depth} levels deep, over the limit of {}", self.limits.nesting_depth_max),
             ));
+        }
+        if request_bytes.is_some_and(|bytes| bytes <= self.limits.payload_bytes_max) {
+            return Ok(());
         }
         let size = rmp_serde::to_vec_named(input).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
         if size > self.limits.payload_bytes_max {
@@ -282,6 +296,12 @@ async fn publish(nats: &async_nats::Client, reply_to: async_nats::Subject, encod
     if let Err(error) = nats.publish_with_headers(reply_to, headers, Bytes::from(bytes)).await {
         debug!(error = %error, "cannot send an API reply");
     }
+}
+
+/// The size of a MessagePack request, which bounds the encoded size of any value in it
+/// (the value's bytes are a slice of the request); `None` for JSON, whose size does not.
+pub fn msgpack_request_bytes(encoding: Encoding, payload: &[u8]) -> Option<usize> {
+    (encoding == Encoding::MsgPack).then_some(payload.len())
 }
 
 /// Depth of nested arrays and objects (a scalar is depth 0).

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::api::{encoding_of, Api};
+use crate::api::{encoding_of, msgpack_request_bytes, Api};
 
 /// Submitted runs started at once: bounds memory, and leaves room for API requests.
 const SUBMITS_IN_FLIGHT_MAX: usize = 256;
@@ -54,7 +54,8 @@ pub async fn serve(api: Arc<Api>, consumer: PullConsumer, shutdown: Cancellation
 
 async fn start_submitted(api: &Api, message: async_nats::jetstream::Message) {
     let sequence = message.info().map(|info| info.stream_sequence).unwrap_or(0);
-    let request: StartRun = match flowgrid_proto::decode(encoding_of(&message), &message.payload) {
+    let encoding = encoding_of(&message);
+    let request: StartRun = match flowgrid_proto::decode(encoding, &message.payload) {
         Ok(request) => request,
         Err(error) => {
             warn!(sequence, error = %error, "malformed submit dropped");
@@ -63,7 +64,8 @@ async fn start_submitted(api: &Api, message: async_nats::jetstream::Message) {
         }
     };
     let flow = request.flow.clone();
-    match api.start_run(request, Some(format!("submit-{sequence}"))).await {
+    let request_bytes = msgpack_request_bytes(encoding, &message.payload);
+    match api.start_run(request, Some(format!("submit-{sequence}")), request_bytes).await {
         Ok(started) => {
             debug!(run = %started.run_id, flow = %flow, "submitted run started");
             let _ = message.double_ack().await;
