@@ -72,7 +72,16 @@ struct Publisher {
     pools_ready: HashSet<String>,
 }
 
-type PublishOutcome = (ShardId, TaskDispatch, u32, Result<(), String>);
+/// One task, encoded once; a retried publish sends the same bytes.
+struct Publication {
+    subject: String,
+    pool: Arc<str>,
+    /// The attempt's message id: the `Nats-Msg-Id` header, and the attempt in logs.
+    message_id: String,
+    payload: Bytes,
+}
+
+type PublishOutcome = (Publication, u32, Result<(), String>);
 
 impl Publisher {
     async fn run(mut self, mut receiver: mpsc::Receiver<(ShardId, TaskDispatch)>, shutdown: CancellationToken) {
@@ -83,7 +92,9 @@ impl Publisher {
                 received = receiver.recv(), if in_flight.len() < PUBLISHES_IN_FLIGHT_MAX => {
                     let Some((shard, task)) = received else { break };
                     self.ensure_pool(&task.pool).await;
-                    in_flight.push(self.publish(shard, task, 1));
+                    if let Some(publication) = self.encode(shard, task) {
+                        in_flight.push(self.publish(publication, 1));
+                    }
                 }
                 Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
                     if let Some(retry) = self.after_publish(outcome) {
@@ -112,57 +123,67 @@ impl Publisher {
         }
     }
 
-    /// Starts one publish; the returned future resolves when JetStream acked (or refused) it.
-    fn publish(&self, shard: ShardId, task: TaskDispatch, try_number: u32) -> BoxFuture<'static, PublishOutcome> {
+    /// The task's message, moved out of the dispatch (no copy of the input).
+    fn encode(&self, shard: ShardId, task: TaskDispatch) -> Option<Publication> {
+        let subject = self.subjects.tasks(&task.pool);
+        let pool: Arc<str> = Arc::from(task.pool.as_str());
+        let message_id = task.attempt.message_id();
         let message = TaskMessage {
-            attempt: task.attempt.clone(),
-            pool: task.pool.clone(),
-            task: task.task.clone(),
-            input: task.input.clone(),
+            attempt: task.attempt,
+            pool: task.pool,
+            task: task.task,
+            input: task.input,
             deadline_ms: task.deadline_ms,
             reply_to: self.subjects.shard_results(shard.0),
         };
-        let payload = match flowgrid_proto::encode(Encoding::MsgPack, &message) {
-            Ok(bytes) => Bytes::from(bytes),
+        match flowgrid_proto::encode(Encoding::MsgPack, &message) {
+            Ok(bytes) => Some(Publication { subject, pool, message_id, payload: Bytes::from(bytes) }),
             Err(error) => {
-                warn!(attempt = %task.attempt, error = %error, "cannot encode a task");
-                return Box::pin(async move { (shard, task, PUBLISH_TRIES_MAX, Err("encoding failed".to_owned())) });
+                // Every task is plain data; the attempt timeout retries it if this ever happens.
+                warn!(attempt = %message_id, error = %error, "cannot encode a task");
+                None
             }
-        };
+        }
+    }
+
+    /// Starts one publish; the returned future resolves when JetStream acked (or refused) it.
+    fn publish(&self, publication: Publication, try_number: u32) -> BoxFuture<'static, PublishOutcome> {
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", task.attempt.message_id().as_str());
-        let subject = self.subjects.tasks(&task.pool);
+        headers.insert("Nats-Msg-Id", publication.message_id.as_str());
         let jetstream = self.jetstream.clone();
         let delay = retry_delay(try_number);
         Box::pin(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let result = match jetstream.publish_with_headers(subject, headers, payload).await {
+            let subject = publication.subject.clone();
+            let result = match jetstream.publish_with_headers(subject, headers, publication.payload.clone()).await {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
                 Err(error) => Err(error.to_string()),
             };
-            (shard, task, try_number, result)
+            (publication, try_number, result)
         })
     }
 
     fn after_publish(
         &self,
-        (shard, task, try_number, result): PublishOutcome,
+        (publication, try_number, result): PublishOutcome,
     ) -> Option<BoxFuture<'static, PublishOutcome>> {
+        let pool = publication.pool.clone();
         match result {
             Ok(()) => {
-                ::metrics::counter!(metrics::TASKS_DISPATCHED, "pool" => task.pool.clone()).increment(1);
+                ::metrics::counter!(metrics::TASKS_DISPATCHED, "pool" => pool).increment(1);
                 None
             }
             Err(error) => {
-                ::metrics::counter!(metrics::TASKS_PUBLISH_FAILED, "pool" => task.pool.clone()).increment(1);
+                ::metrics::counter!(metrics::TASKS_PUBLISH_FAILED, "pool" => pool).increment(1);
+                let attempt = &publication.message_id;
                 if try_number >= PUBLISH_TRIES_MAX {
-                    warn!(attempt = %task.attempt, error = %error, "task publish keeps failing; the attempt timeout will retry it");
+                    warn!(attempt = %attempt, error = %error, "task publish keeps failing; the attempt timeout will retry it");
                     return None;
                 }
-                debug!(attempt = %task.attempt, error = %error, try_number, "task publish failed; retrying");
-                Some(self.publish(shard, task, try_number + 1))
+                debug!(attempt = %attempt, error = %error, try_number, "task publish failed; retrying");
+                Some(self.publish(publication, try_number + 1))
             }
         }
     }
