@@ -11,18 +11,14 @@ pub struct TimerWheel {
     due: BTreeSet<(Millis, RunId, TimerKey)>,
     /// Armed timers by run, so that forgetting a run's timers does not scan the wheel.
     armed: HashMap<RunId, HashMap<TimerKey, Millis>>,
-    len: usize,
 }
 
 impl TimerWheel {
     /// Arms `timer` at `due_ms`, moving it if it was armed already.
     pub fn arm(&mut self, run_id: RunId, timer: TimerKey, due_ms: Millis) {
         let run_timers = self.armed.entry(run_id.clone()).or_default();
-        match run_timers.insert(timer.clone(), due_ms) {
-            Some(previous) => {
-                self.due.remove(&(previous, run_id.clone(), timer.clone()));
-            }
-            None => self.len += 1,
+        if let Some(previous) = run_timers.insert(timer.clone(), due_ms) {
+            self.due.remove(&(previous, run_id.clone(), timer.clone()));
         }
         self.due.insert((due_ms, run_id, timer));
     }
@@ -30,7 +26,6 @@ impl TimerWheel {
     pub fn cancel(&mut self, run_id: &RunId, timer: &TimerKey) {
         let Some(run_timers) = self.armed.get_mut(run_id) else { return };
         if let Some(previous) = run_timers.remove(timer) {
-            self.len -= 1;
             self.due.remove(&(previous, run_id.clone(), timer.clone()));
         }
         if run_timers.is_empty() {
@@ -41,7 +36,6 @@ impl TimerWheel {
     /// Forgets every timer of a run.
     pub fn cancel_run(&mut self, run_id: &RunId) {
         let Some(run_timers) = self.armed.remove(run_id) else { return };
-        self.len -= run_timers.len();
         for (timer, due) in run_timers {
             self.due.remove(&(due, run_id.clone(), timer));
         }
@@ -65,7 +59,6 @@ impl TimerWheel {
                             self.armed.remove(&run_id);
                         }
                     }
-                    self.len -= 1;
                     fired.push((run_id, timer));
                 }
                 _ => break,
@@ -77,12 +70,11 @@ impl TimerWheel {
     pub fn clear(&mut self) {
         self.due.clear();
         self.armed.clear();
-        self.len = 0;
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.len
+        self.due.len()
     }
 }
 
