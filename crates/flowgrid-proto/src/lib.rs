@@ -6,10 +6,12 @@
 //! (default `flowgrid`); see [`Subjects`]. The JSON Schemas in `schemas/` are generated
 //! from these types by [`schemas`].
 
+mod cluster;
 mod codec;
 mod messages;
 mod subjects;
 
+pub use cluster::{shard_key, shard_of_key, GridConfig, MemberRecord, ShardClaim, ShardState, GRID_KEY};
 pub use codec::{decode, encode, Encoding, ProtoError, CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE};
 pub use messages::*;
 pub use subjects::{Subjects, API_QUEUE_GROUP, DEFAULT_PREFIX};

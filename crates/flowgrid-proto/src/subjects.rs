@@ -38,6 +38,26 @@ impl Subjects {
         format!("{}.shard.{shard}.result", self.prefix)
     }
 
+    /// Subject on which a shard's owner takes requests forwarded by other coordinators
+    /// (request/reply): only the owner listens on it.
+    pub fn shard_commands(&self, shard: u32) -> String {
+        format!("{}.shard.{shard}.cmd", self.prefix)
+    }
+
+    /// NATS KV bucket of the grid's coordinators (see [`crate::MemberRecord`]).
+    pub fn members_bucket(&self) -> String {
+        format!("{}_MEMBERS", self.bucket_stem())
+    }
+
+    /// NATS KV bucket of the shard claims and the grid's settings (see [`crate::ShardClaim`]).
+    pub fn shards_bucket(&self) -> String {
+        format!("{}_SHARDS", self.bucket_stem())
+    }
+
+    fn bucket_stem(&self) -> String {
+        self.prefix.to_uppercase().replace(['.', '-'], "_")
+    }
+
     /// Wildcard over every shard's subjects of one shard.
     pub fn shard_all(&self, shard: u32) -> String {
         format!("{}.shard.{shard}.>", self.prefix)
@@ -55,7 +75,7 @@ impl Subjects {
 
     /// JetStream stream holding tasks of every pool (work-queue retention).
     pub fn tasks_stream(&self) -> String {
-        format!("{}_TASKS", self.prefix.to_uppercase().replace(['.', '-'], "_"))
+        format!("{}_TASKS", self.bucket_stem())
     }
 
     /// Durable pull consumer of one pool, shared by all of the pool's workers.
@@ -71,7 +91,7 @@ impl Subjects {
 
     /// JetStream stream behind [`Subjects::submit`].
     pub fn submit_stream(&self) -> String {
-        format!("{}_SUBMIT", self.prefix.to_uppercase().replace(['.', '-'], "_"))
+        format!("{}_SUBMIT", self.bucket_stem())
     }
 
     /// Durable consumer coordinators share to drain the submit stream.

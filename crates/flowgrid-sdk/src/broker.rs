@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer, kv, stream};
 use flowgrid_proto::Subjects;
 
 /// Settings of the streams and consumers; defaults fit a laptop.
@@ -51,6 +51,12 @@ impl Default for BrokerLimits {
 pub enum BrokerError {
     #[error("cannot create or open stream {name} (is JetStream enabled on the server, `nats-server -js`?): {source}")]
     Stream {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    #[error("cannot create or open key-value bucket {name} (is JetStream enabled on the server, `nats-server -js`?): {source}")]
+    Bucket {
         name: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
@@ -117,6 +123,52 @@ pub async fn submit_consumer(
 ) -> Result<consumer::PullConsumer, BrokerError> {
     let config = durable_pull_consumer(subjects.submit_consumer(), limits);
     open_consumer(submit, &subjects.submit_stream(), config).await
+}
+
+/// How long the members bucket keeps a record nobody rewrites: a dead coordinator stays
+/// visible (as dead) this long in `flowgrid members`, then disappears.
+pub const MEMBERS_KEPT: Duration = Duration::from_secs(60);
+
+/// The members bucket (one record per coordinator, see [`flowgrid_proto::MemberRecord`]),
+/// created if missing.
+pub async fn members_kv(jetstream: &jetstream::Context, subjects: &Subjects) -> Result<kv::Store, BrokerError> {
+    let config = kv::Config {
+        bucket: subjects.members_bucket(),
+        description: "flowgrid coordinators: one record per live process, rewritten every heartbeat".to_owned(),
+        history: 1,
+        max_age: MEMBERS_KEPT,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    open_kv(jetstream, config).await
+}
+
+/// The shards bucket (one claim per shard and the grid's settings, see
+/// [`flowgrid_proto::ShardClaim`]), created if missing.
+pub async fn shards_kv(jetstream: &jetstream::Context, subjects: &Subjects) -> Result<kv::Store, BrokerError> {
+    let config = kv::Config {
+        bucket: subjects.shards_bucket(),
+        description: "flowgrid shard claims (compare-and-set) and grid settings".to_owned(),
+        history: 1,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    open_kv(jetstream, config).await
+}
+
+async fn open_kv(jetstream: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BrokerError> {
+    let name = config.bucket.clone();
+    if let Ok(store) = jetstream.get_key_value(&name).await {
+        return Ok(store);
+    }
+    match jetstream.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another process may have created it in between.
+        Err(source) => jetstream
+            .get_key_value(&name)
+            .await
+            .map_err(|_| BrokerError::Bucket { name, source: Box::new(source) }),
+    }
 }
 
 /// A file-backed work-queue stream that refuses new messages when full.
