@@ -21,6 +21,10 @@ pub struct StartRecord {
     pub version: u32,
     pub input: Value,
     pub now_ms: Millis,
+    /// The shard's epoch the record was committed under (audits check that it never
+    /// goes down along a run's history).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// History records 1..: one accepted event each.
@@ -28,6 +32,9 @@ pub struct StartRecord {
 pub struct EventRecord {
     pub now_ms: Millis,
     pub event: Event,
+    /// The shard's epoch the record was committed under.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// The `run` key: what a run is, and its status as of its last commit.

@@ -51,7 +51,13 @@ impl<S: ShardStore> ShardActor<S> {
             self.pinned.insert(pin);
         }
         let start_record =
-            StartRecord { flow: plan.name.clone(), version: plan.version, input: input.clone(), now_ms: now };
+            StartRecord {
+            flow: plan.name.clone(),
+            version: plan.version,
+            input: input.clone(),
+            now_ms: now,
+            epoch: self.epoch.0,
+        };
         batch.writes.set_chunked(&keys::history(&run_id, 0), &records::encode(&start_record), &context.store_limits);
         let record = RunRecord {
             flow: plan.name.clone(),
@@ -138,7 +144,7 @@ impl<S: ShardStore> ShardActor<S> {
             }
             Applied::Accepted => {
                 close_attempt(active, &event);
-                let record = EventRecord { now_ms: now, event };
+                let record = EventRecord { now_ms: now, event, epoch: self.epoch.0 };
                 let key = keys::history(run_id, active.next_seq);
                 active.next_seq += 1;
                 batch.writes.set_chunked(&key, &records::encode(&record), &self.context.store_limits);
