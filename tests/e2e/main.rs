@@ -5,6 +5,8 @@
 //! Build the binary first: `cargo build --bins` (make test does).
 
 mod api;
+mod chaos;
+mod cluster;
 mod crash;
 mod failures;
 mod flows;

@@ -9,6 +9,7 @@
 //! - `dispatch`: task publishing to JetStream.
 
 mod api;
+pub mod audit;
 mod clock;
 pub mod config;
 mod dispatch;

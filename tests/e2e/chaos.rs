@@ -1,0 +1,1 @@
+//! Short chaos run: see loadtest `chaos`.

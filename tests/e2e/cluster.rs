@@ -1,0 +1,1 @@
+//! Several coordinators on one grid: forwarding, hand-over, takeover.
