@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use flowgrid_proto::{ShardClaim, ShardState};
 use flowgrid_sdk::{RunId, RunView, StepView};
 pub use flowgrid_testkit::{free_port, nats_server_bin, wait_for_port, Process};
 
@@ -87,6 +88,13 @@ impl Grid {
 
     /// Starts a coordinator on the grid's data dir and waits until it serves the API.
     pub async fn start_coordinator(&mut self) -> Result<()> {
+        self.spawn_coordinator()?;
+        self.wait_until_serving().await
+    }
+
+    /// Starts one more coordinator on the grid's data dir without waiting for it; returns
+    /// its index in `coordinators`.
+    pub fn spawn_coordinator(&mut self) -> Result<usize> {
         let name = format!("coordinator-{}", self.coordinators.len());
         let process = Process::spawn(
             &name,
@@ -100,7 +108,46 @@ impl Grid {
             self.dir.path(),
         )?;
         self.coordinators.push(process);
-        self.wait_until_serving().await
+        Ok(self.coordinators.len() - 1)
+    }
+
+    /// The claim of every shard (`None`: never claimed), read from the shards bucket.
+    pub async fn shard_claims(&self) -> Result<Vec<Option<ShardClaim>>> {
+        let jetstream = async_nats::jetstream::new(self.nats_client().await?);
+        let kv = jetstream.get_key_value(flowgrid_proto::Subjects::new(self.prefix.clone()).shards_bucket()).await?;
+        let mut claims = Vec::new();
+        for shard in 0..self.shards {
+            let entry = kv.entry(flowgrid_proto::shard_key(shard)).await?;
+            claims.push(match entry {
+                Some(entry) if !entry.value.is_empty() => Some(rmp_serde::from_slice(&entry.value)?),
+                _ => None,
+            });
+        }
+        Ok(claims)
+    }
+
+    /// Waits until every shard is served and the serving owners are exactly `owners`
+    /// distinct members; returns the owner of each shard.
+    pub async fn wait_shards_served_by(&self, owners: usize, deadline: Duration) -> Result<Vec<String>> {
+        let until = Instant::now() + deadline;
+        loop {
+            let claims = self.shard_claims().await.unwrap_or_default();
+            let serving: Vec<String> = claims
+                .iter()
+                .filter_map(|claim| claim.as_ref().filter(|claim| claim.state == ShardState::Serving))
+                .filter_map(|claim| claim.owner.clone())
+                .collect();
+            let mut distinct = serving.clone();
+            distinct.sort();
+            distinct.dedup();
+            if serving.len() == self.shards as usize && distinct.len() == owners {
+                return Ok(serving);
+            }
+            if Instant::now() > until {
+                bail!("shards not served by {owners} coordinators within {deadline:?}: {claims:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until a coordinator answers `flow.list`.

@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
-use flowgrid_model::{parse_definition, shard_of, Limits, RunId};
+use flowgrid_model::{parse_definition, Limits, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun, ListFlows, ListRuns, Reply,
     RunList, RunStarted, StartRun,
 };
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use crate::clock::now_ms;
 use crate::metrics;
-use crate::shard::{Command, NodeContext, ShardHandle, StartCommand};
+use crate::routing::{unexpected, Router, ShardReply, ShardRequest};
 
 /// Page size of `run.list` when the request gives none.
 const LIST_LIMIT_DEFAULT: u32 = 50;
@@ -34,12 +34,14 @@ const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 /// Every API verb.
 const VERBS: [&str; 7] = ["flow.deploy", "flow.list", "flow.get", "run.start", "run.get", "run.list", "run.cancel"];
 
-/// Routes API requests to shard actors.
+/// Serves API requests by asking the owners of the shards concerned.
 pub struct Api {
-    pub context: Arc<NodeContext>,
-    pub shards: Vec<ShardHandle>,
+    pub router: Arc<Router>,
     pub limits: Limits,
 }
+
+/// Shards asked at once by requests that cover every shard (lists).
+const FAN_OUT_MAX: usize = 32;
 
 /// The encoding a message's `Content-Type` header selects.
 pub fn encoding_of(message: &Message) -> Encoding {
@@ -76,14 +78,14 @@ pub async fn serve(
             ::metrics::counter!(metrics::API_REJECTED).increment(1);
             let error =
                 ApiError::new(ErrorCode::Overloaded, "the coordinator is handling too many requests; retry later");
-            send_reply(&api.context.nats, reply_to, encoding, &Reply::<()>::Error(error)).await;
+            send_reply(&api.router.context.nats, reply_to, encoding, &Reply::<()>::Error(error)).await;
             continue;
         };
         let api = api.clone();
         tokio::spawn(async move {
             let verb = message
                 .subject
-                .strip_prefix(&format!("{}.api.", api.context.subjects.prefix()))
+                .strip_prefix(&format!("{}.api.", api.router.context.subjects.prefix()))
                 .unwrap_or("")
                 .to_owned();
             let (reply, succeeded) = api.dispatch(&verb, encoding, &message.payload).await;
@@ -91,7 +93,7 @@ pub async fn serve(
             // Only known verbs become label values: labels must stay low-cardinality.
             let label = VERBS.iter().find(|known| **known == verb).copied().unwrap_or("unknown");
             ::metrics::counter!(metrics::API_REQUESTS, "verb" => label, "outcome" => outcome).increment(1);
-            publish(&api.context.nats, reply_to, encoding, reply).await;
+            publish(&api.router.context.nats, reply_to, encoding, reply).await;
             drop(permit);
         });
     }
@@ -124,9 +126,29 @@ impl Api {
         }
     }
 
-    fn shard(&self, key: &str) -> &ShardHandle {
-        let shard = shard_of(key, self.shards.len() as u32);
-        &self.shards[shard.0 as usize]
+    /// Asks the owner of `shard` and picks the expected kind of reply.
+    async fn ask<T>(
+        &self,
+        shard: ShardId,
+        request: ShardRequest,
+        pick: impl FnOnce(ShardReply) -> Result<T, ShardReply>,
+    ) -> Result<T, ApiError> {
+        let reply = self.router.call(shard, request).await?;
+        pick(reply).map_err(|other| unexpected(&other))
+    }
+
+    /// Asks every shard, a few at a time.
+    async fn ask_all<T>(
+        &self,
+        request: ShardRequest,
+        pick: impl Fn(ShardReply) -> Result<Vec<T>, ShardReply> + Copy,
+    ) -> Result<Vec<T>, ApiError> {
+        let answers: Vec<Vec<T>> = futures::stream::iter((0..self.router.shards()).map(ShardId))
+            .map(|shard| self.ask(shard, request.clone(), pick))
+            .buffer_unordered(FAN_OUT_MAX)
+            .try_collect()
+            .await?;
+        Ok(answers.into_iter().flatten().collect())
     }
 
     async fn deploy(&self, request: DeployFlow) -> Result<flowgrid_proto::FlowDeployed, ApiError> {
@@ -135,22 +157,34 @@ impl Api {
             api_error.issues = error.issues();
             api_error
         })?;
-        let catalog = self.shard(&definition.name);
-        catalog.ask(|reply| Command::Deploy { definition: Box::new(definition), reply }).await
+        let catalog = self.router.shard_of(&definition.name);
+        let request = ShardRequest::Deploy { definition: Box::new(definition) };
+        self.ask(catalog, request, |reply| match reply {
+            ShardReply::Deployed(deployed) => Ok(deployed),
+            other => Err(other),
+        })
+        .await
     }
 
     async fn list_flows(&self) -> Result<FlowList, ApiError> {
-        let mut flows = Vec::new();
-        for shard in &self.shards {
-            flows.extend(shard.ask(|reply| Command::ListFlows { reply }).await?);
-        }
+        let mut flows = self
+            .ask_all(ShardRequest::ListFlows, |reply| match reply {
+                ShardReply::Flows(flows) => Ok(flows),
+                other => Err(other),
+            })
+            .await?;
         flows.sort_by(|left, right| left.name.cmp(&right.name));
         Ok(FlowList { flows })
     }
 
     async fn get_flow(&self, request: GetFlow) -> Result<flowgrid_proto::FlowInfo, ApiError> {
-        let catalog = self.shard(&request.name);
-        catalog.ask(|reply| Command::GetFlow { name: request.name, version: request.version, reply }).await
+        let catalog = self.router.shard_of(&request.name);
+        let request = ShardRequest::GetFlow { name: request.name, version: request.version };
+        self.ask(catalog, request, |reply| match reply {
+            ShardReply::Flow(info) => Ok(*info),
+            other => Err(other),
+        })
+        .await
     }
 
     /// Starts a run. `default_key` is the idempotency key used when the request has none
@@ -173,15 +207,24 @@ impl Api {
                 ));
             }
         }
-        let catalog = self.shard(&request.flow);
-        let (name, version) = (request.flow.clone(), request.version);
-        let plan = catalog.ask(|reply| Command::Plan { name, version, reply }).await?;
+        let plan = self.router.plan(&request.flow, request.version).await?;
         let run_id = match &key {
             Some(key) => RunId::from_idempotency_key(&request.flow, key),
             None => RunId::from_parts(now_ms(), uuid::Uuid::new_v4().as_u128()),
         };
-        let start = StartCommand { run_id: run_id.clone(), plan, input: request.input, idempotent: key.is_some() };
-        self.shard(run_id.as_str()).ask(|reply| Command::Start { start, reply }).await
+        let shard = self.router.shard_of(run_id.as_str());
+        let start = ShardRequest::Start {
+            run_id,
+            flow: request.flow,
+            version: plan.version,
+            input: request.input,
+            idempotent: key.is_some(),
+        };
+        self.ask(shard, start, |reply| match reply {
+            ShardReply::Started(started) => Ok(started),
+            other => Err(other),
+        })
+        .await
     }
 
     /// Refuses an input over the payload limit or nested too deep, before anything changes.
@@ -211,13 +254,22 @@ impl Api {
     }
 
     async fn get_run(&self, request: GetRun) -> Result<flowgrid_engine::RunView, ApiError> {
-        let run_id = request.run_id;
-        self.shard(run_id.as_str()).ask(|reply| Command::Get { run_id, reply }).await
+        let shard = self.router.shard_of(request.run_id.as_str());
+        self.ask(shard, ShardRequest::Get { run_id: request.run_id }, |reply| match reply {
+            ShardReply::Run(view) => Ok(*view),
+            other => Err(other),
+        })
+        .await
     }
 
     async fn cancel_run(&self, request: CancelRun) -> Result<flowgrid_proto::RunCancelled, ApiError> {
         let CancelRun { run_id, reason } = request;
-        self.shard(run_id.as_str()).ask(|reply| Command::Cancel { run_id, reason, reply }).await
+        let shard = self.router.shard_of(run_id.as_str());
+        self.ask(shard, ShardRequest::Cancel { run_id, reason }, |reply| match reply {
+            ShardReply::Cancelled(cancelled) => Ok(cancelled),
+            other => Err(other),
+        })
+        .await
     }
 
     /// Newest first over every shard: each shard gives its newest matching runs older than
@@ -231,11 +283,13 @@ impl Api {
             ));
         }
         let limit = limit as usize;
-        let mut runs = Vec::new();
-        for shard in &self.shards {
-            let query = request.clone();
-            runs.extend(shard.ask(|reply| Command::List { query, limit: limit + 1, reply }).await?);
-        }
+        let query = ShardRequest::List { query: request, limit: limit + 1 };
+        let mut runs = self
+            .ask_all(query, |reply| match reply {
+                ShardReply::Runs(runs) => Ok(runs),
+                other => Err(other),
+            })
+            .await?;
         runs.sort_by(|left, right| (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id)));
         let more = runs.len() > limit;
         runs.truncate(limit);

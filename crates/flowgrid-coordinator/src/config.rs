@@ -39,6 +39,15 @@ pub struct CoordinatorConfig {
     /// API requests handled at once; past it, requests are refused as overloaded.
     #[arg(long, env = "FLOWGRID_API_CONCURRENCY_MAX", default_value_t = 4096)]
     pub api_concurrency_max: usize,
+    /// How long this coordinator may go without a heartbeat before the others take its
+    /// shards, in ms. Shorter: faster takeover after a crash; longer: fewer false takeovers
+    /// on a loaded host. Every coordinator announces its own.
+    #[arg(long, env = "FLOWGRID_LEASE_MS", default_value_t = 1500)]
+    pub lease_ms: u64,
+    /// On shutdown, how long to wait for every shard to be handed over before leaving
+    /// anyway (the others then take the rest after the lease), in ms.
+    #[arg(long, env = "FLOWGRID_DRAIN_TIMEOUT_MS", default_value_t = 15_000)]
+    pub drain_timeout_ms: u64,
 }
 
 impl CoordinatorConfig {
@@ -62,6 +71,9 @@ impl CoordinatorConfig {
         }
         if self.batch_events_max == 0 || self.shard_queue_max == 0 || self.api_concurrency_max == 0 {
             return Err("--batch-events-max, --shard-queue-max and --api-concurrency-max must be positive".to_owned());
+        }
+        if !(300..=60_000).contains(&self.lease_ms) {
+            return Err(format!("--lease-ms is {}; use 300 to 60000 (1500 is the default)", self.lease_ms));
         }
         Ok(())
     }

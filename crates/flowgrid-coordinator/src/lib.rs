@@ -3,7 +3,9 @@
 //! publishes tasks to JetStream, replies and acks.
 //!
 //! Layout:
-//! - [`node`]: process lifecycle (connect, streams, shards, API, shutdown);
+//! - [`node`]: process lifecycle (connect, streams, join the grid, API, drain on shutdown);
+//! - `cluster`: membership, leases, placement and the shard manager (hand-overs);
+//! - `routing`: requests to a shard's owner, here or forwarded over NATS;
 //! - `shard`: one actor per shard (batching, commit, effects, reload);
 //! - `api`: NATS request/reply API and routing to shards; `submit`: the durable submit path;
 //! - `dispatch`: task publishing to JetStream.
@@ -11,6 +13,7 @@
 mod api;
 pub mod audit;
 mod clock;
+mod cluster;
 pub mod config;
 mod dispatch;
 mod error;
@@ -18,6 +21,7 @@ pub mod metrics;
 pub mod node;
 mod plans;
 mod records;
+mod routing;
 mod shard;
 mod submit;
 

@@ -16,6 +16,10 @@ pub const SHARDS_OWNED: &str = "flowgrid_shards_owned";
 pub const API_REQUESTS: &str = "flowgrid_api_requests_total";
 pub const API_REJECTED: &str = "flowgrid_api_rejected_total";
 pub const TIMERS_FIRED: &str = "flowgrid_timers_fired_total";
+pub const LEASE_LOST: &str = "flowgrid_lease_lost_total";
+pub const SHARD_ACQUIRE_SECONDS: &str = "flowgrid_shard_acquire_seconds";
+pub const SHARD_RELEASE_SECONDS: &str = "flowgrid_shard_release_seconds";
+pub const SHARD_TAKEOVERS: &str = "flowgrid_shard_takeovers_total";
 
 pub fn describe() {
     describe_counter!(RUNS_STARTED, Unit::Count, "Runs started.");
@@ -36,4 +40,20 @@ pub fn describe() {
     describe_counter!(API_REQUESTS, Unit::Count, "API requests handled (labels: verb, outcome).");
     describe_counter!(API_REJECTED, Unit::Count, "API requests refused because of overload.");
     describe_counter!(TIMERS_FIRED, Unit::Count, "Durable timers that came due (retries, timeouts).");
+    describe_counter!(
+        LEASE_LOST,
+        Unit::Count,
+        "Times this coordinator's lease ran out before a heartbeat got through."
+    );
+    describe_histogram!(
+        SHARD_ACQUIRE_SECONDS,
+        Unit::Seconds,
+        "From claiming a shard to serving it (file open, epoch bump, reload)."
+    );
+    describe_histogram!(
+        SHARD_RELEASE_SECONDS,
+        Unit::Seconds,
+        "From stopping work on a shard to releasing its claim (last commit, close)."
+    );
+    describe_counter!(SHARD_TAKEOVERS, Unit::Count, "Shards taken from a coordinator whose lease ran out.");
 }

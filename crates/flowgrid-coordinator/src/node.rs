@@ -1,35 +1,35 @@
-//! One coordinator process: connect, set up streams, acquire shards, serve until shutdown.
+//! One coordinator process: connect, set up streams, join the grid (member record and
+//! lease), serve the shards placement gives it, and on shutdown hand them over and leave.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use flowgrid_model::{Evaluator, Limits, ShardId};
-use flowgrid_proto::{Subjects, API_QUEUE_GROUP};
+use async_nats::jetstream::kv;
+use flowgrid_model::{Evaluator, Limits};
+use flowgrid_proto::{GridConfig, MemberRecord, Subjects, API_QUEUE_GROUP, GRID_KEY};
 use flowgrid_sdk::broker::{self, BrokerLimits};
 use flowgrid_store::{Store, StoreLimits};
 use flowgrid_store_redb::RedbStore;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::api::{self, Api};
+use crate::clock::now_ms;
+use crate::cluster::{Lease, ManagerContext, Membership, ShardManager};
 use crate::config::CoordinatorConfig;
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::plans::PlanCache;
-use crate::shard::{spawn_shard, NodeContext};
+use crate::routing::{Router, ShardTable};
+use crate::shard::NodeContext;
 
 /// Longest wait for each of the last stop steps (draining publishes, flushing NATS): a
 /// stop must finish even when the NATS server is already gone.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// How long startup waits for another coordinator of the same prefix to answer.
-const PROBE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Shards opened and reloaded at once during startup: enough to overlap store reads.
-const SHARD_OPENS_IN_FLIGHT_MAX: usize = 16;
 
 /// Runs a coordinator on the embedded store until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
@@ -37,11 +37,20 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let cache_bytes_per_shard = config.store_cache_mb * 1024 * 1024 / config.shards as usize;
     let store =
         RedbStore::open(&config.data_dir, StoreLimits::default())?.with_cache_bytes_per_shard(cache_bytes_per_shard);
-    run_with_store(config, store, shutdown).await
+    let dir = std::fs::canonicalize(store.dir()).unwrap_or_else(|_| store.dir().to_path_buf());
+    let store_id = format!("redb:{}:{}", host_name(), dir.display());
+    run_with_store(config, store, store_id, shutdown).await
 }
 
-/// Runs a coordinator on `store` until `shutdown` is cancelled.
-pub async fn run_with_store<S: Store>(config: CoordinatorConfig, store: S, shutdown: CancellationToken) -> Result<()> {
+/// Runs a coordinator on `store` until `shutdown` is cancelled, then hands its shards to
+/// the other coordinators and leaves. `store_id` names where shard state lives (every
+/// coordinator of a grid must name the same).
+pub async fn run_with_store<S: Store>(
+    config: CoordinatorConfig,
+    store: S,
+    store_id: String,
+    shutdown: CancellationToken,
+) -> Result<()> {
     config.validate().map_err(Error::Config)?;
     let started = Instant::now();
     serve_metrics(&config.metrics_addr)?;
@@ -52,10 +61,13 @@ pub async fn run_with_store<S: Store>(config: CoordinatorConfig, store: S, shutd
         .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let subjects = Subjects::new(config.prefix.clone());
-    refuse_second_coordinator(&nats, &subjects).await?;
     let broker_limits = BrokerLimits::default();
     let tasks_stream = broker::tasks_stream(&jetstream, &subjects, &broker_limits).await?;
     let submit_stream = broker::submit_stream(&jetstream, &subjects, &broker_limits).await?;
+    let members_kv = broker::members_kv(&jetstream, &subjects).await?;
+    let shards_kv = broker::shards_kv(&jetstream, &subjects).await?;
+    check_grid_config(&shards_kv, config.shards).await?;
+    check_same_store(&members_kv, &store_id).await?;
 
     let limits = Limits::default();
     let evaluator = Arc::new(Evaluator::new(&limits));
@@ -68,6 +80,7 @@ pub async fn run_with_store<S: Store>(config: CoordinatorConfig, store: S, shutd
         broker_limits.clone(),
         workers_shutdown.clone(),
     );
+    let lease = Arc::new(Lease::new(Duration::from_millis(config.lease_ms)));
     let context = Arc::new(NodeContext {
         subjects: subjects.clone(),
         nats: nats.clone(),
@@ -77,49 +90,92 @@ pub async fn run_with_store<S: Store>(config: CoordinatorConfig, store: S, shutd
         batch_events_max: config.batch_events_max,
         active_runs_max: config.active_runs_max,
         active_runs: AtomicU64::new(0),
+        lease: lease.clone(),
     });
+    let table = Arc::new(ShardTable::new(config.shards));
+    let router = Arc::new(Router::new(context.clone(), table.clone(), config.shards));
 
-    let shards_shutdown = CancellationToken::new();
-    let mut opened: Vec<_> = futures::stream::iter((0..config.shards).map(ShardId))
-        .map(|shard| spawn_shard(&store, shard, context.clone(), config.shard_queue_max, shards_shutdown.clone()))
-        .buffered(SHARD_OPENS_IN_FLIGHT_MAX)
-        .try_collect()
-        .await?;
-    opened.sort_by_key(|(handle, _)| handle.shard);
-    let (handles, shard_tasks): (Vec<_>, Vec<_>) = opened.into_iter().unzip();
-    info!(shards = config.shards, elapsed_ms = started.elapsed().as_millis() as u64, "shards acquired");
+    // Join: the first heartbeat makes this member visible and starts its lease.
+    let me = member_id();
+    let record = MemberRecord {
+        id: me.clone(),
+        host: host_name(),
+        pid: std::process::id(),
+        started_ms: now_ms(),
+        heartbeat_ms: now_ms(),
+        lease_ms: config.lease_ms,
+        draining: false,
+        shards_serving: 0,
+        store: store_id,
+        metrics_addr: (config.metrics_addr != "off").then(|| config.metrics_addr.clone()),
+    };
+    let membership = Arc::new(Membership::new(members_kv.clone(), record, lease.clone(), table.clone()));
+    membership.beat().await?;
+    let heartbeat_stop = CancellationToken::new();
+    let heartbeat_task = tokio::spawn(membership.clone().run(heartbeat_stop.clone()));
+    let manager = ShardManager::new(
+        ManagerContext {
+            me: me.clone(),
+            store,
+            router: router.clone(),
+            shards_kv,
+            lease,
+            membership: membership.clone(),
+            queue_max: config.shard_queue_max,
+            forward_permits: Arc::new(Semaphore::new(config.api_concurrency_max)),
+        },
+        config.shards,
+    );
+    let drain = CancellationToken::new();
+    let mut manager_task = tokio::spawn(manager.run(members_kv, drain.clone()));
 
-    let api = Arc::new(Api { context: context.clone(), shards: handles, limits });
+    let api = Arc::new(Api { router, limits });
     let requests = nats
         .queue_subscribe(subjects.api_all(), API_QUEUE_GROUP.to_owned())
         .await
         .map_err(|source| Error::Nats { what: "subscribe to the API", source: Box::new(source) })?;
-    let api_task = tokio::spawn(api::serve(api.clone(), requests, config.api_concurrency_max, shutdown.clone()));
+    let api_stop = CancellationToken::new();
+    let api_task = tokio::spawn(api::serve(api.clone(), requests, config.api_concurrency_max, api_stop.clone()));
     let submit_consumer = broker::submit_consumer(&submit_stream, &subjects, &broker_limits).await?;
-    let submit_task = tokio::spawn(crate::submit::serve(api.clone(), submit_consumer, shutdown.clone()));
+    let submit_task = tokio::spawn(crate::submit::serve(api.clone(), submit_consumer, api_stop.clone()));
     info!(
+        member = %me,
         nats = %config.nats_url,
         prefix = %config.prefix,
         data_dir = %config.data_dir.display(),
         elapsed_ms = started.elapsed().as_millis() as u64,
-        "coordinator serving"
+        "coordinator joined the grid"
     );
 
-    shutdown.cancelled().await;
-    info!("coordinator stopping");
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = &mut manager_task => {
+            error!("the shard manager stopped unexpectedly; leaving the grid");
+        }
+    }
+    info!("coordinator stopping: handing its shards over");
+    // New requests go to the other coordinators; what is in progress finishes.
+    api_stop.cancel();
     let _ = api_task.await;
     let _ = submit_task.await;
-    // Shards stop after their current commit; then the dispatcher drains its queue.
-    shards_shutdown.cancel();
-    for task in shard_tasks {
-        let _ = task.await;
+    drain.cancel();
+    let drain_timeout = Duration::from_millis(config.drain_timeout_ms);
+    if !manager_task.is_finished() && tokio::time::timeout(drain_timeout, &mut manager_task).await.is_err() {
+        warn!(
+            timeout_ms = config.drain_timeout_ms,
+            "shards not all handed over in time; the others take the rest when the lease runs out"
+        );
+        manager_task.abort();
     }
+    heartbeat_stop.cancel();
+    let _ = heartbeat_task.await;
+    membership.leave().await;
     drop(api);
     workers_shutdown.cancel();
     // Publishes still awaiting acks are bounded by JetStream's ack timeout; what is cut
-    // off here is republished when the shards reload.
+    // off here is republished by the shards' next owners.
     if tokio::time::timeout(STOP_WAIT, dispatcher_task).await.is_err() {
-        tracing::warn!("task publishing did not drain in time; open tasks are republished on the next start");
+        warn!("task publishing did not drain in time; open tasks are republished by the next owners");
     }
     // Without a server (it stopped first), a flush would wait for a reconnect forever.
     if let Err(error) = tokio::time::timeout(STOP_WAIT, nats.flush()).await.unwrap_or(Ok(())) {
@@ -129,19 +185,72 @@ pub async fn run_with_store<S: Store>(config: CoordinatorConfig, store: S, shutd
     Ok(())
 }
 
-/// One coordinator serves a grid (a prefix) for now; a second one on another data
-/// directory would split the runs' state. Refuses to start when a coordinator answers.
-async fn refuse_second_coordinator(nats: &async_nats::Client, subjects: &Subjects) -> Result<()> {
-    let probe = flowgrid_proto::encode(flowgrid_proto::Encoding::MsgPack, &flowgrid_proto::ListFlows {})
-        .expect("an empty request encodes");
-    let answered = tokio::time::timeout(PROBE_WAIT, nats.request(subjects.api("flow.list"), probe.into())).await;
-    match answered {
-        Ok(Ok(_)) => Err(Error::Config(format!(
-            "another coordinator already serves prefix {:?} on this NATS server; one coordinator per grid is \
-             supported for now: stop it, or give this grid another --prefix",
-            subjects.prefix()
-        ))),
-        _ => Ok(()),
+/// Records the grid's shard count on first start; refuses a coordinator that disagrees
+/// (runs are placed by hashing over the shard count, which can never change).
+async fn check_grid_config(shards_kv: &kv::Store, shards: u32) -> Result<()> {
+    let config = GridConfig { shards, created_ms: now_ms() };
+    let value = rmp_serde::to_vec_named(&config).expect("grid settings encode");
+    if shards_kv.create(GRID_KEY, value.into()).await.is_ok() {
+        return Ok(());
+    }
+    let entry = shards_kv
+        .entry(GRID_KEY)
+        .await
+        .map_err(|source| Error::Nats { what: "read the grid settings", source: Box::new(source) })?;
+    let Some(entry) = entry else { return Ok(()) };
+    let existing: GridConfig = rmp_serde::from_slice(&entry.value)
+        .map_err(|error| Error::Corrupt { what: "grid settings".to_owned(), message: error.to_string() })?;
+    if existing.shards != shards {
+        return Err(Error::Config(format!(
+            "this grid has {} shards (fixed when it was created), this coordinator was started with --shards {shards}: \
+             start it with --shards {}",
+            existing.shards, existing.shards
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses to join when a live coordinator keeps its shards elsewhere: with the embedded
+/// store every coordinator of a grid must share one data directory on one host.
+async fn check_same_store(members_kv: &kv::Store, store_id: &str) -> Result<()> {
+    let keys: Vec<String> = match members_kv.keys().await {
+        Ok(keys) => keys.filter_map(|key| async move { key.ok() }).collect().await,
+        Err(_) => return Ok(()),
+    };
+    for key in keys {
+        let Ok(Some(entry)) = members_kv.entry(key).await else { continue };
+        let Ok(member) = rmp_serde::from_slice::<MemberRecord>(&entry.value) else { continue };
+        let fresh = now_ms().saturating_sub(member.heartbeat_ms) <= member.lease_ms.saturating_mul(2);
+        if fresh && member.store != store_id {
+            return Err(Error::Config(format!(
+                "coordinator {} (pid {} on {}) keeps this grid's shards in {}, this one would use {store_id}: \
+                 coordinators of one grid must share the store (the same --data-dir on one host), or use another \
+                 --prefix for a separate grid",
+                member.id, member.pid, member.host, member.store
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A member id unique to this process start: `<host>-<pid>-<4 hex digits>`.
+fn member_id() -> String {
+    let salt = uuid::Uuid::new_v4().as_u128() as u16;
+    format!("{}-{}-{salt:04x}", host_name(), std::process::id())
+}
+
+/// This host's name, reduced to characters a KV key allows.
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    let name: String =
+        name.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
+    if name.is_empty() {
+        "localhost".to_owned()
+    } else {
+        name
     }
 }
 

@@ -164,10 +164,9 @@ async fn open_kv(jetstream: &jetstream::Context, config: kv::Config) -> Result<k
     match jetstream.create_key_value(config).await {
         Ok(store) => Ok(store),
         // Another process may have created it in between.
-        Err(source) => jetstream
-            .get_key_value(&name)
-            .await
-            .map_err(|_| BrokerError::Bucket { name, source: Box::new(source) }),
+        Err(source) => {
+            jetstream.get_key_value(&name).await.map_err(|_| BrokerError::Bucket { name, source: Box::new(source) })
+        }
     }
 }
 

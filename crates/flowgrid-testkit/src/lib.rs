@@ -51,19 +51,21 @@ impl Process {
         }
     }
 
-    /// SIGTERM, then up to `grace` to exit before SIGKILL.
-    pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else { return };
+    /// SIGTERM, then up to `grace` to exit before SIGKILL. True when it exited by itself
+    /// with status 0 within `grace`.
+    pub fn stop(&mut self, grace: Duration) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
+        false
     }
 
     /// True once the process has exited (or was stopped).

@@ -10,13 +10,13 @@ use bytes::Bytes;
 use flowgrid_engine::{Run, TaskDispatch};
 use flowgrid_model::{AttemptId, Epoch, Millis, RunId, ShardId};
 use flowgrid_proto::{ApiError, ErrorCode, Reply, ResultAck};
-use flowgrid_store::{ShardStore, Store};
+use flowgrid_store::ShardStore;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::batch::{Batch, ResultReply};
+use super::batch::{Batch, DeferredReply, ResultReply};
 use super::catalog::CatalogEntry;
 use super::timers::TimerWheel;
 use super::{Command, NodeContext, ShardHandle};
@@ -61,16 +61,17 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub catalog: BTreeMap<String, Vec<CatalogEntry>>,
 }
 
-/// Opens `shard`, bumps its epoch, reloads its runs, and starts its actor. Returns once the
-/// shard serves (its active runs reloaded and their open tasks queued for republishing).
-pub async fn spawn_shard<S: Store>(
-    store: &S,
+/// Takes over an opened shard: bumps its epoch, reloads its runs, and starts its actor.
+/// Returns once the shard serves (its active runs reloaded and their open tasks queued
+/// for republishing), with the epoch it serves under.
+pub async fn spawn_shard<S: ShardStore>(
+    shard_store: S,
     shard: ShardId,
     context: Arc<NodeContext>,
     queue_max: usize,
     shutdown: CancellationToken,
-) -> Result<(ShardHandle, tokio::task::JoinHandle<()>)> {
-    let shard_store = Arc::new(store.open_shard(shard).await?);
+) -> Result<(ShardHandle, Epoch, tokio::task::JoinHandle<()>)> {
+    let shard_store = Arc::new(shard_store);
     let epoch = shard_store.acquire().await?;
     let results = context
         .nats
@@ -94,7 +95,7 @@ pub async fn spawn_shard<S: Store>(
     let (sender, inbox) = mpsc::channel(queue_max);
     debug!(shard = %shard, epoch = %epoch, runs = actor.runs.len(), "shard acquired");
     let handle = tokio::spawn(actor.run(inbox, results, shutdown));
-    Ok((ShardHandle { shard, sender }, handle))
+    Ok((ShardHandle { shard, sender }, epoch, handle))
 }
 
 impl<S: ShardStore> ShardActor<S> {
@@ -123,6 +124,12 @@ impl<S: ShardStore> ShardActor<S> {
             }
             self.fill_batch(&mut inbox, &mut results, &mut batch).await;
             self.fire_due_timers(&mut batch);
+            if !self.context.lease.valid() {
+                // Others may take the shard soon: nothing more is committed or sent from here.
+                warn!(shard = %self.shard, "lease not renewed in time; the shard stops serving here");
+                self.refuse(batch, "its coordinator lost its lease").await;
+                break;
+            }
             if let Err(error) = self.commit(batch).await {
                 match error {
                     flowgrid_store::Error::StaleEpoch { .. } => {
@@ -139,14 +146,52 @@ impl<S: ShardStore> ShardActor<S> {
                 }
             }
         }
+        self.forget_all_runs();
+        // Results already received get an answer, so their workers send them again at once
+        // (to the next owner) instead of waiting for a timeout.
+        let _ = results.unsubscribe().await;
+        let unavailable = Reply::<ResultAck>::Error(ApiError::new(
+            ErrorCode::Unavailable,
+            format!("shard {} is moving to another coordinator; retry", self.shard),
+        ));
+        while let Some(Some(message)) = results.next().now_or_never() {
+            let encoding = crate::api::encoding_of(&message);
+            if let Some(reply_to) = message.reply {
+                self.send_result_reply(ResultReply { reply_to, encoding, applied: false }, &unavailable).await;
+            }
+        }
+        ::metrics::gauge!(metrics::SHARDS_OWNED).decrement(1.0);
+        debug!(shard = %self.shard, "shard actor stopped");
+    }
+
+    /// Answers every caller of a batch that will not be committed.
+    async fn refuse(&self, batch: Batch, why: &str) {
+        let failure =
+            ApiError::new(ErrorCode::Unavailable, format!("shard {} is not served here ({why}); retry", self.shard));
+        self.fail(batch.replies, batch.result_replies, &failure).await;
+    }
+
+    /// Answers callers with `failure`; workers always get a retryable refusal, since
+    /// their result was not recorded.
+    async fn fail(&self, replies: Vec<DeferredReply>, result_replies: Vec<ResultReply>, failure: &ApiError) {
+        for reply in replies {
+            reply(Some(failure));
+        }
+        let unavailable = Reply::<ResultAck>::Error(ApiError::new(ErrorCode::Unavailable, failure.message.clone()));
+        for result_reply in result_replies {
+            self.send_result_reply(result_reply, &unavailable).await;
+        }
+    }
+
+    /// Drops every run from memory, lowering the gauges they raised.
+    fn forget_all_runs(&mut self) {
         let runs = self.runs.len() as u64;
         for active in self.runs.values_mut() {
             close_all_attempts(std::mem::take(&mut active.open_attempts));
         }
+        self.runs.clear();
         self.context.active_runs.fetch_sub(runs, Ordering::Relaxed);
         ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(runs as f64);
-        ::metrics::gauge!(metrics::SHARDS_OWNED).decrement(1.0);
-        debug!(shard = %self.shard, "shard actor stopped");
     }
 
     /// Takes whatever else is ready right now, up to the batch bound, without waiting.
@@ -239,14 +284,7 @@ impl<S: ShardStore> ShardActor<S> {
                     ),
                     other => ApiError::new(ErrorCode::Internal, format!("store commit failed: {other}")),
                 };
-                for reply in replies {
-                    reply(Some(&failure));
-                }
-                let unavailable =
-                    Reply::<ResultAck>::Error(ApiError::new(ErrorCode::Unavailable, failure.message.clone()));
-                for result_reply in result_replies {
-                    self.send_result_reply(result_reply, &unavailable).await;
-                }
+                self.fail(replies, result_replies, &failure).await;
                 return Err(error);
             }
         }
@@ -291,13 +329,7 @@ impl<S: ShardStore> ShardActor<S> {
     /// Drops the in-memory state and rebuilds it from the store, after a failed commit
     /// left memory ahead of the store.
     async fn reset_and_reload(&mut self) -> Result<()> {
-        let runs = self.runs.len() as u64;
-        for active in self.runs.values_mut() {
-            close_all_attempts(std::mem::take(&mut active.open_attempts));
-        }
-        self.context.active_runs.fetch_sub(runs, Ordering::Relaxed);
-        ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(runs as f64);
-        self.runs.clear();
+        self.forget_all_runs();
         self.timers.clear();
         self.pinned.clear();
         self.catalog.clear();

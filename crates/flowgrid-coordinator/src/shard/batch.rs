@@ -10,7 +10,7 @@ use flowgrid_store::WriteBatch;
 use super::Responder;
 
 /// A reply to send after the commit: the prepared value, or the commit's error.
-type DeferredReply = Box<dyn FnOnce(Option<&ApiError>) + Send>;
+pub type DeferredReply = Box<dyn FnOnce(Option<&ApiError>) + Send>;
 
 /// A worker's result request, answered after the commit.
 pub struct ResultReply {

@@ -45,6 +45,8 @@ pub struct NodeContext {
     pub active_runs_max: u64,
     /// Runs in memory over all shards of this coordinator.
     pub active_runs: AtomicU64,
+    /// This coordinator's lease: a shard commits nothing once it has run out.
+    pub lease: Arc<crate::cluster::Lease>,
 }
 
 /// A run start, resolved to a plan and a run id by the API layer.

@@ -50,8 +50,7 @@ impl<S: ShardStore> ShardActor<S> {
             batch.writes.set_chunked(&keys::pinned_definition(&pin.0, pin.1), &definition, &context.store_limits);
             self.pinned.insert(pin);
         }
-        let start_record =
-            StartRecord {
+        let start_record = StartRecord {
             flow: plan.name.clone(),
             version: plan.version,
             input: input.clone(),

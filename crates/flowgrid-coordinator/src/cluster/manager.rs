@@ -1,0 +1,498 @@
+//! The shard manager: one task per coordinator that keeps the shards it serves in line
+//! with the placement over the live members.
+//!
+//! It watches the members and shards buckets and, on every change (and every tick, for
+//! leases running out), reconciles:
+//! - a shard served here that placement gives to another member is *released*: its claim
+//!   goes to `releasing`, the shard leaves the routing table, its actor commits what it
+//!   holds and stops, its file closes, and the claim goes to `released`;
+//! - a shard placement gives to this member is *acquired* once its claim is free
+//!   (released, never claimed, or held by a member whose lease ran out): the claim goes to
+//!   `acquiring` by compare-and-set (so only one member wins), the shard is opened (the
+//!   embedded store waits for the previous owner's file lock), its epoch bumped, its runs
+//!   reloaded, and the claim goes to `serving`.
+//!
+//! If this member's own lease runs out, every shard stops at once, without touching the
+//! claims (others may hold them already); when the lease is renewed, reconciling starts over.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::{self, Operation};
+use bytes::Bytes;
+use flowgrid_model::{Epoch, ShardId};
+use flowgrid_proto::{shard_key, shard_of_key, MemberRecord, ShardClaim, ShardState};
+use flowgrid_store::Store;
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::placement::owner_of;
+use super::view::ClusterView;
+use super::{Lease, Membership};
+use crate::clock::now_ms;
+use crate::metrics;
+use crate::routing::{serve_shard_commands, Router};
+use crate::shard::{spawn_shard, ShardHandle};
+
+/// How often the manager looks at leases even when nothing changes.
+const TICK: Duration = Duration::from_millis(100);
+/// Shards opened and reloaded at once.
+const ACQUIRES_IN_FLIGHT_MAX: usize = 16;
+/// Pauses while a shard file is still locked by its previous owner.
+const BUSY_RETRY_FIRST: Duration = Duration::from_millis(20);
+const BUSY_RETRY_MAX: Duration = Duration::from_millis(200);
+/// Pause before trying a shard again after an acquire failed.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
+
+/// Everything the manager and its hand-over tasks share.
+pub struct ManagerContext<S: Store> {
+    pub me: String,
+    pub store: S,
+    pub router: Arc<Router>,
+    pub shards_kv: kv::Store,
+    pub lease: Arc<Lease>,
+    pub membership: Arc<Membership>,
+    pub queue_max: usize,
+    /// Bounds forwarded requests handled at once over all shards served here.
+    pub forward_permits: Arc<Semaphore>,
+}
+
+/// A shard served here.
+struct Owned {
+    handle: ShardHandle,
+    epoch: Epoch,
+    /// Revision of the shard's claim as this member last wrote it.
+    revision: u64,
+    stop: CancellationToken,
+    actor: JoinHandle<()>,
+    commands: JoinHandle<()>,
+}
+
+impl Owned {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.actor.await;
+        let _ = self.commands.await;
+    }
+}
+
+enum Transition {
+    Acquired(u32, Owned),
+    AcquireFailed(u32),
+    Released(u32),
+}
+
+pub struct ShardManager<S: Store> {
+    shared: Arc<ManagerContext<S>>,
+    shards: u32,
+    view: ClusterView,
+    owned: HashMap<u32, Owned>,
+    /// Shards being acquired or released.
+    busy: HashSet<u32>,
+    retry_at: HashMap<u32, Instant>,
+    transitions: JoinSet<Transition>,
+    acquire_permits: Arc<Semaphore>,
+    draining: bool,
+}
+
+impl<S: Store> ShardManager<S> {
+    pub fn new(shared: ManagerContext<S>, shards: u32) -> ShardManager<S> {
+        let view = ClusterView::new(shared.me.clone(), shards, shared.lease.duration(), Instant::now());
+        ShardManager {
+            shared: Arc::new(shared),
+            shards,
+            view,
+            owned: HashMap::new(),
+            busy: HashSet::new(),
+            retry_at: HashMap::new(),
+            transitions: JoinSet::new(),
+            acquire_permits: Arc::new(Semaphore::new(ACQUIRES_IN_FLIGHT_MAX)),
+            draining: false,
+        }
+    }
+
+    /// Serves shards until `drain` is cancelled, then hands every shard over and returns
+    /// once none is left here.
+    pub async fn run(mut self, members_kv: kv::Store, drain: CancellationToken) {
+        let mut members = None;
+        let mut claims = None;
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if members.is_none() {
+                members = self.load_members(&members_kv).await;
+            }
+            if claims.is_none() {
+                claims = self.load_claims().await;
+            }
+            tokio::select! {
+                entry = next_entry(&mut members) => match entry {
+                    Some(entry) => self.member_changed(entry),
+                    None => members = None,
+                },
+                entry = next_entry(&mut claims) => match entry {
+                    Some(entry) => self.claim_changed(entry),
+                    None => claims = None,
+                },
+                Some(done) = self.transitions.join_next() => match done {
+                    Ok(transition) => self.transition_done(transition).await,
+                    Err(error) => warn!(error = %error, "a shard hand-over task failed"),
+                },
+                _ = ticks.tick() => {}
+                _ = drain.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    info!(shards = self.owned.len(), "draining: handing every shard to the other coordinators");
+                    if let Err(error) = self.shared.membership.set_draining().await {
+                        warn!(error = %error, "cannot announce draining; handing shards over anyway");
+                    }
+                }
+            }
+            if !self.shared.lease.valid() {
+                self.stop_all().await;
+                if self.draining {
+                    break;
+                }
+                continue;
+            }
+            self.reconcile();
+            if self.draining && self.owned.is_empty() && self.busy.is_empty() {
+                break;
+            }
+        }
+        // Hand-over tasks still running (only when the lease ran out while draining).
+        while let Some(done) = self.transitions.join_next().await {
+            if let Ok(Transition::Acquired(_, owned)) = done {
+                owned.stop().await;
+            }
+        }
+        self.stop_all().await;
+    }
+
+    /// Starts a watch on the members bucket and reads what is there now.
+    async fn load_members(&mut self, members_kv: &kv::Store) -> Option<kv::Watch> {
+        let watch = members_kv.watch_all().await.map_err(|error| warn!(error = %error, "cannot watch members")).ok()?;
+        for entry in read_all(members_kv).await {
+            self.member_changed(entry);
+        }
+        Some(watch)
+    }
+
+    async fn load_claims(&mut self) -> Option<kv::Watch> {
+        let kv = &self.shared.shards_kv;
+        let watch = kv.watch_all().await.map_err(|error| warn!(error = %error, "cannot watch shard claims")).ok()?;
+        for entry in read_all(kv).await {
+            self.claim_changed(entry);
+        }
+        Some(watch)
+    }
+
+    fn member_changed(&mut self, entry: kv::Entry) {
+        match entry.operation {
+            Operation::Put => match rmp_serde::from_slice::<MemberRecord>(&entry.value) {
+                Ok(record) => self.view.member_put(record, entry.revision, Instant::now()),
+                Err(error) => warn!(key = %entry.key, error = %error, "unreadable member record ignored"),
+            },
+            Operation::Delete | Operation::Purge => self.view.member_deleted(&entry.key),
+        }
+    }
+
+    fn claim_changed(&mut self, entry: kv::Entry) {
+        let Some(shard) = shard_of_key(&entry.key) else { return };
+        let claim = match entry.operation {
+            Operation::Put => match rmp_serde::from_slice::<ShardClaim>(&entry.value) {
+                Ok(claim) => Some(claim),
+                Err(error) => {
+                    warn!(key = %entry.key, error = %error, "unreadable shard claim ignored");
+                    return;
+                }
+            },
+            Operation::Delete | Operation::Purge => None,
+        };
+        self.view.claim_put(shard, claim, entry.revision);
+    }
+
+    async fn transition_done(&mut self, transition: Transition) {
+        match transition {
+            Transition::Acquired(shard, owned) => {
+                self.busy.remove(&shard);
+                if !self.shared.lease.valid() {
+                    owned.stop().await;
+                    return;
+                }
+                self.shared.router.table.insert(owned.handle.clone());
+                self.owned.insert(shard, owned);
+                self.settled();
+            }
+            Transition::AcquireFailed(shard) => {
+                self.busy.remove(&shard);
+                self.retry_at.insert(shard, Instant::now() + RETRY_AFTER_FAILURE);
+            }
+            Transition::Released(shard) => {
+                self.busy.remove(&shard);
+                self.settled();
+            }
+        }
+    }
+
+    fn settled(&self) {
+        if self.busy.is_empty() {
+            info!(serving = self.owned.len(), "shards settled");
+        }
+    }
+
+    /// Compares what is served here with the placement and starts the hand-overs needed.
+    fn reconcile(&mut self) {
+        let now = Instant::now();
+        self.retry_at.retain(|_, at| *at > now);
+        let me = self.shared.me.clone();
+        let candidates = self.view.candidates(!self.draining, now);
+        let placed_here: Vec<bool> =
+            (0..self.shards).map(|shard| owner_of(shard, &candidates) == Some(me.as_str())).collect();
+        for shard in 0..self.shards {
+            if self.busy.contains(&shard) || self.retry_at.contains_key(&shard) {
+                continue;
+            }
+            let mine = placed_here[shard as usize];
+            if self.owned.contains_key(&shard) {
+                if !mine {
+                    let owned = self.owned.remove(&shard).expect("owned");
+                    self.start_release(shard, owned);
+                }
+                continue;
+            }
+            let Some(known) = self.view.claim(shard) else {
+                if mine {
+                    self.start_acquire(shard, None, 0, false);
+                }
+                continue;
+            };
+            let claim = &known.claim;
+            let (revision, epoch) = (known.revision, claim.epoch);
+            match claim.owner.as_deref() {
+                // A claim left here by an earlier stop (lost lease): take it back or let it go.
+                Some(owner) if owner == me => {
+                    if mine {
+                        self.start_acquire(shard, Some(revision), epoch, false);
+                    } else if claim.state != ShardState::Released {
+                        self.start_give_back(shard, revision, epoch);
+                    }
+                }
+                None if mine => self.start_acquire(shard, Some(revision), epoch, false),
+                Some(owner) if mine && !self.view.alive(owner, now) => {
+                    debug!(shard, dead = owner, "taking over a shard whose owner's lease ran out");
+                    self.start_acquire(shard, Some(revision), epoch, true);
+                }
+                _ => {}
+            }
+        }
+        self.view.forget_dead(now);
+    }
+
+    fn start_acquire(&mut self, shard: u32, revision: Option<u64>, epoch: u64, takeover: bool) {
+        self.busy.insert(shard);
+        let shared = self.shared.clone();
+        let permits = self.acquire_permits.clone();
+        self.transitions.spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else { return Transition::AcquireFailed(shard) };
+            let started = Instant::now();
+            match acquire(&shared, shard, revision, epoch).await {
+                Some(owned) => {
+                    ::metrics::histogram!(metrics::SHARD_ACQUIRE_SECONDS).record(started.elapsed().as_secs_f64());
+                    if takeover {
+                        ::metrics::counter!(metrics::SHARD_TAKEOVERS).increment(1);
+                    }
+                    Transition::Acquired(shard, owned)
+                }
+                None => Transition::AcquireFailed(shard),
+            }
+        });
+    }
+
+    fn start_release(&mut self, shard: u32, owned: Owned) {
+        self.busy.insert(shard);
+        self.shared.router.table.remove(owned.handle.shard);
+        let shared = self.shared.clone();
+        self.transitions.spawn(async move {
+            let started = Instant::now();
+            let releasing = claim_value(&shared.me, ShardState::Releasing, owned.epoch.0);
+            let revision = shared.shards_kv.update(shard_key(shard), releasing, owned.revision).await;
+            let epoch = owned.epoch.0;
+            owned.stop().await;
+            match revision {
+                Ok(revision) => {
+                    let released = claim_value_free(epoch);
+                    if let Err(error) = shared.shards_kv.update(shard_key(shard), released, revision).await {
+                        warn!(shard, error = %error, "cannot mark the shard released; it moves once the lease runs out");
+                    }
+                }
+                Err(error) => warn!(shard, error = %error, "shard claim changed under its owner; released anyway"),
+            }
+            ::metrics::histogram!(metrics::SHARD_RELEASE_SECONDS).record(started.elapsed().as_secs_f64());
+            Transition::Released(shard)
+        });
+    }
+
+    /// Frees a claim this member still holds on paper but no longer serves.
+    fn start_give_back(&mut self, shard: u32, revision: u64, epoch: u64) {
+        self.busy.insert(shard);
+        let shared = self.shared.clone();
+        self.transitions.spawn(async move {
+            let _ = shared.shards_kv.update(shard_key(shard), claim_value_free(epoch), revision).await;
+            Transition::Released(shard)
+        });
+    }
+
+    /// Stops every shard here at once, leaving the claims as they are.
+    async fn stop_all(&mut self) {
+        if self.owned.is_empty() {
+            return;
+        }
+        warn!(shards = self.owned.len(), "lease ran out: every shard stops serving here");
+        for (_, owned) in self.owned.drain() {
+            self.shared.router.table.remove(owned.handle.shard);
+            owned.stop().await;
+        }
+    }
+}
+
+/// Claims, opens, reloads and announces one shard; `None` when another member won it or
+/// it could not be opened (the claim is given back then).
+async fn acquire<S: Store>(shared: &ManagerContext<S>, shard: u32, revision: Option<u64>, epoch: u64) -> Option<Owned> {
+    let key = shard_key(shard);
+    let acquiring = claim_value(&shared.me, ShardState::Acquiring, epoch);
+    let claimed = match revision {
+        Some(revision) => shared.shards_kv.update(&key, acquiring, revision).await.map_err(|error| error.to_string()),
+        None => shared.shards_kv.create(&key, acquiring).await.map_err(|error| error.to_string()),
+    };
+    let revision = match claimed {
+        Ok(revision) => revision,
+        Err(error) => {
+            debug!(shard, error = %error, "another coordinator claimed the shard first");
+            return None;
+        }
+    };
+    let give_back = |revision: u64| async move {
+        let _ = shared.shards_kv.update(&shard_key(shard), claim_value_free(epoch), revision).await;
+    };
+    let Some(shard_store) = open_when_free(shared, shard).await else {
+        give_back(revision).await;
+        return None;
+    };
+    let router = &shared.router;
+    let stop = CancellationToken::new();
+    let spawned =
+        spawn_shard(shard_store, ShardId(shard), router.context.clone(), shared.queue_max, stop.clone()).await;
+    let (handle, epoch, actor) = match spawned {
+        Ok(spawned) => spawned,
+        Err(error) => {
+            warn!(shard, error = %error, "cannot load the shard; trying again shortly");
+            give_back(revision).await;
+            return None;
+        }
+    };
+    let nats = &router.context.nats;
+    let commands = match nats.subscribe(router.context.subjects.shard_commands(shard)).await {
+        Ok(subscriber) => subscriber,
+        Err(error) => {
+            warn!(shard, error = %error, "cannot subscribe to the shard's commands");
+            stop.cancel();
+            let _ = actor.await;
+            give_back(revision).await;
+            return None;
+        }
+    };
+    let commands = tokio::spawn(serve_shard_commands(
+        router.clone(),
+        handle.clone(),
+        commands,
+        shared.forward_permits.clone(),
+        stop.clone(),
+    ));
+    let _ = nats.flush().await;
+    let owned = Owned { handle, epoch, revision, stop, actor, commands };
+    match shared.shards_kv.update(&key, claim_value(&shared.me, ShardState::Serving, epoch.0), revision).await {
+        Ok(revision) => Some(Owned { revision, ..owned }),
+        Err(error) => {
+            warn!(shard, error = %error, "shard claim changed while loading it; letting it go");
+            owned.stop().await;
+            None
+        }
+    }
+}
+
+/// Opens a shard's store, waiting while the previous owner still holds it (a paused
+/// process keeps its file lock until it resumes or dies). Gives up when the lease runs out.
+async fn open_when_free<S: Store>(shared: &ManagerContext<S>, shard: u32) -> Option<S::Shard> {
+    let mut delay = BUSY_RETRY_FIRST;
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        if !shared.lease.valid() {
+            return None;
+        }
+        match shared.store.open_shard(ShardId(shard)).await {
+            Ok(opened) => return Some(opened),
+            Err(flowgrid_store::Error::Busy { detail, .. }) => {
+                if !told && started.elapsed() > Duration::from_secs(2) {
+                    info!(shard, detail = %detail, "waiting for the previous owner to let go of the shard");
+                    told = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(BUSY_RETRY_MAX);
+            }
+            Err(error) => {
+                warn!(shard, error = %error, "cannot open the shard");
+                return None;
+            }
+        }
+    }
+}
+
+fn claim_value(owner: &str, state: ShardState, epoch: u64) -> Bytes {
+    encode_claim(&ShardClaim { owner: Some(owner.to_owned()), state, epoch, changed_ms: now_ms() })
+}
+
+fn claim_value_free(epoch: u64) -> Bytes {
+    encode_claim(&ShardClaim { owner: None, state: ShardState::Released, epoch, changed_ms: now_ms() })
+}
+
+fn encode_claim(claim: &ShardClaim) -> Bytes {
+    Bytes::from(rmp_serde::to_vec_named(claim).expect("a shard claim encodes"))
+}
+
+/// The next entry of a watch; pending forever without one, `None` when it ended.
+async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<kv::Entry> {
+    let Some(stream) = watch.as_mut() else {
+        tokio::time::sleep(TICK).await;
+        return None;
+    };
+    match stream.next().await {
+        Some(Ok(entry)) => Some(entry),
+        Some(Err(error)) => {
+            warn!(error = %error, "KV watch failed; starting it again");
+            None
+        }
+        None => None,
+    }
+}
+
+/// Every current entry of a bucket.
+async fn read_all(kv: &kv::Store) -> Vec<kv::Entry> {
+    let keys: Vec<String> = match kv.keys().await {
+        Ok(keys) => keys.filter_map(|key| async move { key.ok() }).collect().await,
+        Err(error) => {
+            warn!(error = %error, "cannot list a bucket's keys");
+            return Vec::new();
+        }
+    };
+    futures::stream::iter(keys)
+        .map(|key| async move { kv.entry(key).await.ok().flatten() })
+        .buffer_unordered(32)
+        .filter_map(|entry| async move { entry })
+        .collect()
+        .await
+}

@@ -1,0 +1,113 @@
+//! This coordinator's record in the members bucket: written when it joins, rewritten
+//! every heartbeat (compare-and-set on its last revision), deleted when it leaves.
+//! Every confirmed write renews the [`Lease`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use flowgrid_proto::MemberRecord;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Lease;
+use crate::clock::now_ms;
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::routing::ShardTable;
+
+/// Heartbeats per lease: a member may miss a few before its lease runs out.
+const HEARTBEATS_PER_LEASE: u32 = 5;
+
+pub struct Membership {
+    kv: kv::Store,
+    lease: Arc<Lease>,
+    table: Arc<ShardTable>,
+    draining: AtomicBool,
+    /// The record and the revision it was last written at (`None`: not written yet).
+    state: Mutex<(MemberRecord, Option<u64>)>,
+}
+
+impl Membership {
+    pub fn new(kv: kv::Store, record: MemberRecord, lease: Arc<Lease>, table: Arc<ShardTable>) -> Membership {
+        Membership { kv, lease, table, draining: AtomicBool::new(false), state: Mutex::new((record, None)) }
+    }
+
+    /// Writes the record once; a success renews the lease.
+    pub async fn beat(&self) -> Result<()> {
+        let mut state = self.state.lock().await;
+        let (record, revision) = &mut *state;
+        record.heartbeat_ms = now_ms();
+        record.shards_serving = self.table.served();
+        record.draining = self.draining.load(Ordering::Acquire);
+        let value = Bytes::from(rmp_serde::to_vec_named(record).expect("a member record encodes"));
+        let sent = Instant::now();
+        let written = match *revision {
+            Some(last) => self.kv.update(&record.id, value.clone(), last).await.map_err(|error| error.to_string()),
+            None => self.kv.create(&record.id, value.clone()).await.map_err(|error| error.to_string()),
+        };
+        let written = match written {
+            Ok(next) => Ok(next),
+            // The record is not where this member left it (the server lost it, or this
+            // member was paused past its lease and the record expired): write it again.
+            Err(first) => {
+                warn!(member = %record.id, error = %first, "member record out of step; writing it again");
+                self.kv.put(&record.id, value).await.map_err(|error| error.to_string())
+            }
+        };
+        match written {
+            Ok(next) => {
+                *revision = Some(next);
+                self.lease.renewed(sent);
+                Ok(())
+            }
+            Err(message) => Err(Error::Nats { what: "member heartbeat", source: message.into() }),
+        }
+    }
+
+    /// Heartbeats until `stop`. A heartbeat that fails is logged and tried again at the
+    /// next beat; the lease runs out on its own if none gets through.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let period = self.lease.duration() / HEARTBEATS_PER_LEASE;
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_valid = true;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            match tokio::time::timeout(period.max(Duration::from_millis(100)), self.beat()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(error = %error, "member heartbeat failed"),
+                Err(_) => warn!("member heartbeat timed out"),
+            }
+            let valid = self.lease.valid();
+            if was_valid && !valid {
+                ::metrics::counter!(metrics::LEASE_LOST).increment(1);
+                warn!("lease ran out before a heartbeat got through; shards stop here until it is renewed");
+            } else if !was_valid && valid {
+                info!("lease renewed again");
+            }
+            was_valid = valid;
+        }
+    }
+
+    /// Marks this member as leaving and tells the others at once.
+    pub async fn set_draining(&self) -> Result<()> {
+        self.draining.store(true, Ordering::Release);
+        self.beat().await
+    }
+
+    /// Deletes the record: the others see the member gone at once.
+    pub async fn leave(&self) {
+        self.lease.revoke();
+        let state = self.state.lock().await;
+        if let Err(error) = self.kv.delete(&state.0.id).await {
+            warn!(error = %error, "cannot delete the member record; it expires on its own");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! What this member knows of the others and of the shard claims, fed by KV watches.
+//!
+//! Liveness is judged by this member's own clock: a member is alive while its record
+//! changed less than its lease ago (as seen here). Wall clocks of other hosts are never
+//! compared. An owner named by a claim but never seen (e.g. a record that expired, or one
+//! not read yet) gets one lease from when this view started, so that a restarted member
+//! never takes shards from a live owner it has not heard of yet.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use flowgrid_proto::{MemberRecord, ShardClaim};
+
+struct Member {
+    record: MemberRecord,
+    revision: u64,
+    changed: Instant,
+}
+
+/// A shard's claim and the KV revision it is at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claim {
+    pub claim: ShardClaim,
+    pub revision: u64,
+}
+
+pub struct ClusterView {
+    me: String,
+    lease: Duration,
+    started: Instant,
+    members: HashMap<String, Member>,
+    claims: Vec<Option<Claim>>,
+}
+
+impl ClusterView {
+    pub fn new(me: String, shards: u32, lease: Duration, now: Instant) -> ClusterView {
+        ClusterView { me, lease, started: now, members: HashMap::new(), claims: vec![None; shards as usize] }
+    }
+
+    /// A member record at `revision` (from a watch or a read); older revisions are ignored.
+    pub fn member_put(&mut self, record: MemberRecord, revision: u64, now: Instant) {
+        match self.members.get_mut(&record.id) {
+            Some(member) if member.revision >= revision => {}
+            Some(member) => {
+                member.record = record;
+                member.revision = revision;
+                member.changed = now;
+            }
+            None => {
+                self.members.insert(record.id.clone(), Member { record, revision, changed: now });
+            }
+        }
+    }
+
+    /// A member deleted its record: it left.
+    pub fn member_deleted(&mut self, id: &str) {
+        self.members.remove(id);
+    }
+
+    /// A claim at `revision`; older revisions are ignored. `None`: the key was deleted.
+    pub fn claim_put(&mut self, shard: u32, claim: Option<ShardClaim>, revision: u64) {
+        let Some(slot) = self.claims.get_mut(shard as usize) else { return };
+        if slot.as_ref().is_some_and(|known| known.revision >= revision) {
+            return;
+        }
+        *slot = claim.map(|claim| Claim { claim, revision });
+    }
+
+    pub fn claim(&self, shard: u32) -> Option<&Claim> {
+        self.claims.get(shard as usize).and_then(Option::as_ref)
+    }
+
+    /// Whether member `id` counts as alive at `now`.
+    pub fn alive(&self, id: &str, now: Instant) -> bool {
+        if id == self.me {
+            return true;
+        }
+        match self.members.get(id) {
+            Some(member) => now.saturating_duration_since(member.changed) <= lease_of(&member.record, self.lease),
+            None => now.saturating_duration_since(self.started) <= self.lease,
+        }
+    }
+
+    /// Live members that take shards (not draining), sorted; `me` is included when `me_active`.
+    pub fn candidates(&self, me_active: bool, now: Instant) -> Vec<&str> {
+        let mut live: Vec<&str> = self
+            .members
+            .values()
+            .filter(|member| member.record.id != self.me && !member.record.draining)
+            .filter(|member| self.alive(&member.record.id, now))
+            .map(|member| member.record.id.as_str())
+            .collect();
+        if me_active {
+            live.push(self.me.as_str());
+        }
+        live.sort_unstable();
+        live
+    }
+
+    /// Forgets members dead for long: they own nothing any more once their shards moved.
+    pub fn forget_dead(&mut self, now: Instant) {
+        let lease = self.lease;
+        self.members.retain(|_, member| now.saturating_duration_since(member.changed) <= lease * 20);
+    }
+}
+
+/// The lease a member announced, or this grid's default for an unreadable value.
+fn lease_of(record: &MemberRecord, default: Duration) -> Duration {
+    if record.lease_ms == 0 {
+        default
+    } else {
+        Duration::from_millis(record.lease_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flowgrid_proto::ShardState;
+
+    use super::*;
+
+    const LEASE: Duration = Duration::from_millis(1500);
+
+    fn record(id: &str, draining: bool) -> MemberRecord {
+        MemberRecord {
+            id: id.to_owned(),
+            host: "h".into(),
+            pid: 1,
+            started_ms: 0,
+            heartbeat_ms: 0,
+            lease_ms: LEASE.as_millis() as u64,
+            draining,
+            shards_serving: 0,
+            store: "s".into(),
+            metrics_addr: None,
+        }
+    }
+
+    #[test]
+    fn a_member_dies_a_lease_after_its_last_change_seen_here() {
+        let start = Instant::now();
+        let mut view = ClusterView::new("me".into(), 4, LEASE, start);
+        view.member_put(record("a", false), 1, start);
+        assert!(view.alive("a", start + LEASE));
+        assert!(!view.alive("a", start + LEASE + Duration::from_millis(1)));
+        // The same revision again is no sign of life.
+        view.member_put(record("a", false), 1, start + LEASE);
+        assert!(!view.alive("a", start + LEASE + Duration::from_millis(1)));
+        view.member_put(record("a", false), 2, start + LEASE);
+        assert!(view.alive("a", start + LEASE * 2));
+        assert!(view.alive("me", start + LEASE * 10));
+    }
+
+    #[test]
+    fn an_unknown_owner_gets_one_lease_from_the_start_of_the_view() {
+        let start = Instant::now();
+        let view = ClusterView::new("me".into(), 4, LEASE, start);
+        assert!(view.alive("ghost", start + LEASE));
+        assert!(!view.alive("ghost", start + LEASE + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn candidates_leave_out_draining_and_dead_members() {
+        let start = Instant::now();
+        let mut view = ClusterView::new("me".into(), 4, LEASE, start);
+        view.member_put(record("b", false), 1, start);
+        view.member_put(record("a", false), 1, start);
+        view.member_put(record("c", true), 1, start);
+        assert_eq!(view.candidates(true, start), vec!["a", "b", "me"]);
+        assert_eq!(view.candidates(false, start), vec!["a", "b"]);
+        assert_eq!(view.candidates(true, start + LEASE * 2), vec!["me"]);
+        view.member_deleted("a");
+        assert_eq!(view.candidates(false, start), vec!["b"]);
+    }
+
+    #[test]
+    fn older_claim_revisions_are_ignored() {
+        let mut view = ClusterView::new("me".into(), 2, LEASE, Instant::now());
+        let claim = |owner: &str| ShardClaim {
+            owner: Some(owner.to_owned()),
+            state: ShardState::Serving,
+            epoch: 1,
+            changed_ms: 0,
+        };
+        view.claim_put(1, Some(claim("a")), 5);
+        view.claim_put(1, Some(claim("b")), 4);
+        assert_eq!(view.claim(1).map(|known| known.claim.owner.clone()), Some(Some("a".to_owned())));
+        view.claim_put(7, Some(claim("a")), 1);
+        assert_eq!(view.claim(0), None);
+    }
+}

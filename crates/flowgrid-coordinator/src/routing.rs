@@ -1,0 +1,331 @@
+//! Routing a request to the owner of its shard, wherever that is.
+//!
+//! A shard this coordinator serves is asked directly (its actor's inbox). Any other shard
+//! is asked over NATS on `<prefix>.shard.<n>.cmd`, where only its owner listens
+//! ([`serve_shard_commands`]). While a shard moves nobody listens for a moment: the router
+//! waits and asks again for up to [`MOVE_WAIT`], then answers `unavailable` (retryable),
+//! which the SDK and the CLI retry by themselves.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flowgrid_engine::RunView;
+use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, RunId, ShardId};
+use flowgrid_proto::{
+    ApiError, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, Reply, RunCancelled, RunStarted,
+    RunSummary,
+};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::shard::{Command, NodeContext, ShardHandle, StartCommand};
+
+/// How long a request waits for a shard that nobody serves (it is moving) before it is
+/// answered `unavailable`.
+pub const MOVE_WAIT: Duration = Duration::from_secs(3);
+/// How long a forwarded request waits for the owner's answer.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and largest pause between two tries to reach a moving shard.
+const RETRY_DELAY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_DELAY_MAX: Duration = Duration::from_millis(200);
+
+/// A request for one shard, as forwarded between coordinators (MessagePack).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardRequest {
+    /// Starts a run of an exact flow version (the caller resolved "latest").
+    Start {
+        run_id: RunId,
+        flow: String,
+        version: u32,
+        input: Value,
+        idempotent: bool,
+    },
+    Cancel {
+        run_id: RunId,
+        reason: String,
+    },
+    Get {
+        run_id: RunId,
+    },
+    List {
+        query: ListRuns,
+        limit: usize,
+    },
+    Deploy {
+        definition: Box<FlowDefinition>,
+    },
+    GetFlow {
+        name: String,
+        version: Option<u32>,
+    },
+    ListFlows,
+}
+
+/// The answer to a [`ShardRequest`], one variant per request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardReply {
+    Started(RunStarted),
+    Cancelled(RunCancelled),
+    Run(Box<RunView>),
+    Runs(Vec<RunSummary>),
+    Deployed(FlowDeployed),
+    Flow(Box<FlowInfo>),
+    Flows(Vec<FlowSummary>),
+}
+
+/// The shards this coordinator serves right now, by shard number.
+pub struct ShardTable {
+    slots: RwLock<Vec<Option<ShardHandle>>>,
+}
+
+impl ShardTable {
+    pub fn new(shards: u32) -> ShardTable {
+        ShardTable { slots: RwLock::new(vec![None; shards as usize]) }
+    }
+
+    pub fn get(&self, shard: ShardId) -> Option<ShardHandle> {
+        self.slots.read().expect("shard table lock").get(shard.0 as usize).cloned().flatten()
+    }
+
+    pub fn insert(&self, handle: ShardHandle) {
+        let index = handle.shard.0 as usize;
+        self.slots.write().expect("shard table lock")[index] = Some(handle);
+    }
+
+    pub fn remove(&self, shard: ShardId) {
+        self.slots.write().expect("shard table lock")[shard.0 as usize] = None;
+    }
+
+    /// How many shards are served here.
+    pub fn served(&self) -> u32 {
+        self.slots.read().expect("shard table lock").iter().filter(|slot| slot.is_some()).count() as u32
+    }
+}
+
+/// Sends shard requests to their owners.
+pub struct Router {
+    pub context: Arc<NodeContext>,
+    pub table: Arc<ShardTable>,
+    shards: u32,
+}
+
+impl Router {
+    pub fn new(context: Arc<NodeContext>, table: Arc<ShardTable>, shards: u32) -> Router {
+        Router { context, table, shards }
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// The shard of a key (a run id, or a flow name for the catalog).
+    pub fn shard_of(&self, key: &str) -> ShardId {
+        shard_of(key, self.shards)
+    }
+
+    /// Asks the owner of `shard`, here or elsewhere.
+    pub async fn call(&self, shard: ShardId, request: ShardRequest) -> Result<ShardReply, ApiError> {
+        if let Some(handle) = self.table.get(shard) {
+            return self.execute(&handle, request).await;
+        }
+        let payload = Bytes::from(flowgrid_proto::encode(Encoding::MsgPack, &request).map_err(internal)?);
+        let subject = self.context.subjects.shard_commands(shard.0);
+        let started = Instant::now();
+        let mut delay = RETRY_DELAY_FIRST;
+        loop {
+            let answer =
+                tokio::time::timeout(FORWARD_TIMEOUT, self.context.nats.request(subject.clone(), payload.clone()))
+                    .await;
+            let refusal = match answer {
+                Ok(Ok(message)) => {
+                    match flowgrid_proto::decode::<Reply<ShardReply>>(Encoding::MsgPack, &message.payload) {
+                        Ok(Reply::Ok(reply)) => return Ok(reply),
+                        Ok(Reply::Error(error)) if error.code == ErrorCode::Unavailable => error,
+                        Ok(Reply::Error(error)) => return Err(error),
+                        Err(error) => return Err(internal(error)),
+                    }
+                }
+                Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::NoResponders => ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("shard {shard} is moving between coordinators; retry"),
+                ),
+                Ok(Err(error)) => {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("shard {shard} could not be reached ({error}); retry"),
+                    ))
+                }
+                Err(_) => {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("shard {shard} did not answer within {FORWARD_TIMEOUT:?}; retry"),
+                    ))
+                }
+            };
+            if started.elapsed() + delay > MOVE_WAIT {
+                return Err(refusal);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_DELAY_MAX);
+            if let Some(handle) = self.table.get(shard) {
+                return self.execute(&handle, request).await;
+            }
+        }
+    }
+
+    /// The plan of a flow version (the latest when `version` is `None`), from the flow's
+    /// catalog shard; compiled once per coordinator.
+    pub async fn plan(&self, name: &str, version: Option<u32>) -> Result<Arc<FlowPlan>, ApiError> {
+        if let Some(plan) = version.and_then(|version| self.context.plans.get(name, version)) {
+            return Ok(plan);
+        }
+        let catalog = self.shard_of(name);
+        if let Some(handle) = self.table.get(catalog) {
+            let name = name.to_owned();
+            return handle.ask(|reply| Command::Plan { name, version, reply }).await;
+        }
+        let info = match self.call(catalog, ShardRequest::GetFlow { name: name.to_owned(), version }).await? {
+            ShardReply::Flow(info) => info,
+            other => return Err(unexpected(&other)),
+        };
+        self.context
+            .plans
+            .compile(&info.definition, info.version)
+            .map_err(|error| ApiError::new(ErrorCode::Internal, format!("a deployed flow does not compile: {error}")))
+    }
+
+    /// Runs `request` on a shard served here.
+    async fn execute(&self, handle: &ShardHandle, request: ShardRequest) -> Result<ShardReply, ApiError> {
+        match request {
+            ShardRequest::Start { run_id, flow, version, input, idempotent } => {
+                let plan = Box::pin(self.plan(&flow, Some(version))).await?;
+                let start = StartCommand { run_id, plan, input, idempotent };
+                handle.ask(|reply| Command::Start { start, reply }).await.map(ShardReply::Started)
+            }
+            ShardRequest::Cancel { run_id, reason } => {
+                handle.ask(|reply| Command::Cancel { run_id, reason, reply }).await.map(ShardReply::Cancelled)
+            }
+            ShardRequest::Get { run_id } => {
+                handle.ask(|reply| Command::Get { run_id, reply }).await.map(|view| ShardReply::Run(Box::new(view)))
+            }
+            ShardRequest::List { query, limit } => {
+                handle.ask(|reply| Command::List { query, limit, reply }).await.map(ShardReply::Runs)
+            }
+            ShardRequest::Deploy { definition } => {
+                handle.ask(|reply| Command::Deploy { definition, reply }).await.map(ShardReply::Deployed)
+            }
+            ShardRequest::GetFlow { name, version } => handle
+                .ask(|reply| Command::GetFlow { name, version, reply })
+                .await
+                .map(|info| ShardReply::Flow(Box::new(info))),
+            ShardRequest::ListFlows => handle.ask(|reply| Command::ListFlows { reply }).await.map(ShardReply::Flows),
+        }
+    }
+}
+
+/// Answers requests forwarded to a shard served here until `stop`; then answers what is
+/// still queued with `unavailable`, so that callers try the next owner at once.
+pub async fn serve_shard_commands(
+    router: Arc<Router>,
+    handle: ShardHandle,
+    mut requests: async_nats::Subscriber,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => break,
+            message = requests.next() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        let Some(reply_to) = message.reply.clone() else { continue };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let error =
+                ApiError::new(ErrorCode::Overloaded, "the coordinator is handling too many requests; retry later");
+            reply(&router, reply_to, Reply::<ShardReply>::Error(error)).await;
+            continue;
+        };
+        let (router, handle) = (router.clone(), handle.clone());
+        tokio::spawn(async move {
+            let outcome = match flowgrid_proto::decode::<ShardRequest>(Encoding::MsgPack, &message.payload) {
+                Ok(request) => router.execute(&handle, request).await,
+                Err(error) => Err(ApiError::new(ErrorCode::InvalidRequest, error.to_string())),
+            };
+            let answer = match outcome {
+                Ok(value) => Reply::Ok(value),
+                Err(error) => Reply::Error(error),
+            };
+            reply(&router, reply_to, answer).await;
+            drop(permit);
+        });
+    }
+    let _ = requests.unsubscribe().await;
+    let moving = Reply::<ShardReply>::Error(ApiError::new(
+        ErrorCode::Unavailable,
+        format!("shard {} is moving to another coordinator; retry", handle.shard),
+    ));
+    while let Some(Some(message)) = futures::FutureExt::now_or_never(requests.next()) {
+        if let Some(reply_to) = message.reply {
+            reply(&router, reply_to, moving.clone()).await;
+        }
+    }
+}
+
+async fn reply(router: &Router, reply_to: async_nats::Subject, answer: Reply<ShardReply>) {
+    let Ok(bytes) = flowgrid_proto::encode(Encoding::MsgPack, &answer) else { return };
+    if let Err(error) = router.context.nats.publish(reply_to, Bytes::from(bytes)).await {
+        debug!(error = %error, "cannot answer a forwarded request");
+    }
+}
+
+fn internal(error: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Internal, format!("forwarding between coordinators failed: {error}"))
+}
+
+/// A reply of the wrong kind: coordinators of different versions talking.
+pub fn unexpected(reply: &ShardReply) -> ApiError {
+    ApiError::new(ErrorCode::Internal, format!("unexpected reply from the shard's owner: {reply:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_requests_round_trip_in_messagepack() {
+        let request = ShardRequest::Start {
+            run_id: RunId("r-1".into()),
+            flow: "media".into(),
+            version: 3,
+            input: serde_json::json!({"n": 1, "tags": ["a"]}),
+            idempotent: true,
+        };
+        let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
+        let decoded: ShardRequest = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();
+        assert_eq!(format!("{decoded:?}"), format!("{request:?}"));
+        let bytes = flowgrid_proto::encode(Encoding::MsgPack, &ShardRequest::ListFlows).unwrap();
+        assert!(matches!(flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap(), ShardRequest::ListFlows));
+    }
+
+    #[test]
+    fn a_flow_definition_survives_forwarding() {
+        let yaml =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/flows/chain.yaml")).unwrap();
+        let definition = flowgrid_model::parse_definition(&yaml, &flowgrid_model::Limits::default()).unwrap();
+        let request = ShardRequest::Deploy { definition: Box::new(definition.clone()) };
+        let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
+        match flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap() {
+            ShardRequest::Deploy { definition: decoded } => assert_eq!(*decoded, definition),
+            other => panic!("decoded {other:?}"),
+        }
+    }
+}
