@@ -74,7 +74,10 @@ async fn two_coordinators_split_the_shards_and_either_serves_any_request() -> an
     check_runs(&grid, &client, &ids).await?;
     // Requests reach either coordinator (queue group) and are forwarded to the owner:
     // every run is readable and listable from any of them.
-    let listed = client.list(flowgrid_sdk::ListRuns { flow: None, status: None, limit: Some(100), cursor: None }).await.or_logs(&grid)?;
+    let listed = client
+        .list(flowgrid_sdk::ListRuns { flow: None, status: None, limit: Some(100), cursor: None })
+        .await
+        .or_logs(&grid)?;
     assert_eq!(listed.runs.len(), ids.len());
     let first = owners[0].clone();
     assert!(owners.iter().any(|owner| *owner != first), "both coordinators own shards: {owners:?}");
@@ -116,6 +119,27 @@ async fn shards_of_a_killed_coordinator_are_taken_over_after_its_lease() -> anyh
     grid.coordinators[1].kill_hard();
     grid.wait_shards_served_by(1, SETTLE).await?;
     eprintln!("shards served again {} ms after the kill", killed_at.elapsed().as_millis());
+    check_runs(&grid, &client, &ids).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_paused_past_its_lease_gives_its_shards_up_when_it_resumes() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    grid.spawn_coordinator()?;
+    grid.wait_shards_served_by(2, SETTLE).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SLOW_MAP).await?;
+    let ids = start_runs(&grid, &client, 8).await?;
+
+    let paused = grid.coordinators[1].pid().to_string();
+    let signal = |name: &str| std::process::Command::new("kill").args([name, &paused]).status();
+    signal("-STOP")?;
+    // Longer than the lease (1.5 s): the other coordinator claims the paused one's shards,
+    // but the shard files stay locked until the paused process resumes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal("-CONT")?;
+    grid.wait_shards_served_by(2, SETTLE).await?;
     check_runs(&grid, &client, &ids).await?;
     Ok(())
 }

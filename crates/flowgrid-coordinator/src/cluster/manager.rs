@@ -97,6 +97,8 @@ pub struct ShardManager<S: Store> {
     transitions: JoinSet<Transition>,
     acquire_permits: Arc<Semaphore>,
     draining: bool,
+    /// The lease term the shards served here were acquired in.
+    term: u64,
 }
 
 impl<S: Store> ShardManager<S> {
@@ -112,6 +114,7 @@ impl<S: Store> ShardManager<S> {
             transitions: JoinSet::new(),
             acquire_permits: Arc::new(Semaphore::new(ACQUIRES_IN_FLIGHT_MAX)),
             draining: false,
+            term: 0,
         }
     }
 
@@ -151,12 +154,17 @@ impl<S: Store> ShardManager<S> {
                     }
                 }
             }
-            if !self.shared.lease.valid() {
+            let lease = self.shared.lease.clone();
+            if !lease.holds(self.term) {
+                // Out of lease, or renewed after a gap in which others may have taken shards.
                 self.stop_all().await;
+                self.term = lease.term();
                 if self.draining {
                     break;
                 }
-                continue;
+                if !lease.valid() {
+                    continue;
+                }
             }
             self.reconcile();
             if self.draining && self.owned.is_empty() && self.busy.is_empty() {
@@ -219,7 +227,7 @@ impl<S: Store> ShardManager<S> {
         match transition {
             Transition::Acquired(shard, owned) => {
                 self.busy.remove(&shard);
-                if !self.shared.lease.valid() {
+                if !self.shared.lease.holds(self.term) {
                     owned.stop().await;
                     return;
                 }
@@ -257,8 +265,16 @@ impl<S: Store> ShardManager<S> {
                 continue;
             }
             let mine = placed_here[shard as usize];
-            if self.owned.contains_key(&shard) {
-                if !mine {
+            if let Some(owned) = self.owned.get(&shard) {
+                let taken = self.view.claim(shard).is_some_and(|known| {
+                    known.revision > owned.revision && known.claim.owner.as_deref() != Some(me.as_str())
+                });
+                if taken {
+                    // Another member claimed it (it thought this one dead): stop at once.
+                    warn!(shard, "shard claimed by another coordinator; it stops serving here");
+                    let owned = self.owned.remove(&shard).expect("owned");
+                    self.start_stop(shard, owned);
+                } else if !mine {
                     let owned = self.owned.remove(&shard).expect("owned");
                     self.start_release(shard, owned);
                 }
@@ -297,9 +313,8 @@ impl<S: Store> ShardManager<S> {
         let shared = self.shared.clone();
         let permits = self.acquire_permits.clone();
         self.transitions.spawn(async move {
-            let Ok(_permit) = permits.acquire_owned().await else { return Transition::AcquireFailed(shard) };
             let started = Instant::now();
-            match acquire(&shared, shard, revision, epoch).await {
+            match acquire(&shared, &permits, shard, revision, epoch).await {
                 Some(owned) => {
                     ::metrics::histogram!(metrics::SHARD_ACQUIRE_SECONDS).record(started.elapsed().as_secs_f64());
                     if takeover {
@@ -336,6 +351,16 @@ impl<S: Store> ShardManager<S> {
         });
     }
 
+    /// Stops serving a shard another member has claimed, leaving its claim alone.
+    fn start_stop(&mut self, shard: u32, owned: Owned) {
+        self.busy.insert(shard);
+        self.shared.router.table.remove(owned.handle.shard);
+        self.transitions.spawn(async move {
+            owned.stop().await;
+            Transition::Released(shard)
+        });
+    }
+
     /// Frees a claim this member still holds on paper but no longer serves.
     fn start_give_back(&mut self, shard: u32, revision: u64, epoch: u64) {
         self.busy.insert(shard);
@@ -361,7 +386,13 @@ impl<S: Store> ShardManager<S> {
 
 /// Claims, opens, reloads and announces one shard; `None` when another member won it or
 /// it could not be opened (the claim is given back then).
-async fn acquire<S: Store>(shared: &ManagerContext<S>, shard: u32, revision: Option<u64>, epoch: u64) -> Option<Owned> {
+async fn acquire<S: Store>(
+    shared: &ManagerContext<S>,
+    permits: &Semaphore,
+    shard: u32,
+    revision: Option<u64>,
+    epoch: u64,
+) -> Option<Owned> {
     let key = shard_key(shard);
     let acquiring = claim_value(&shared.me, ShardState::Acquiring, epoch);
     let claimed = match revision {
@@ -382,6 +413,8 @@ async fn acquire<S: Store>(shared: &ManagerContext<S>, shard: u32, revision: Opt
         give_back(revision).await;
         return None;
     };
+    // Loading is what costs: bound it, not the wait for the file.
+    let Ok(_permit) = permits.acquire().await else { return None };
     let router = &shared.router;
     let stop = CancellationToken::new();
     let spawned =

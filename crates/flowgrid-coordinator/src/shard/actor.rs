@@ -51,6 +51,8 @@ impl ActiveRun {
 pub(super) struct ShardActor<S: ShardStore> {
     pub shard: ShardId,
     pub epoch: Epoch,
+    /// The lease term the shard was acquired in: it serves only while that term lasts.
+    pub term: u64,
     pub store: Arc<S>,
     pub context: Arc<NodeContext>,
     pub runs: HashMap<RunId, ActiveRun>,
@@ -72,6 +74,7 @@ pub async fn spawn_shard<S: ShardStore>(
     shutdown: CancellationToken,
 ) -> Result<(ShardHandle, Epoch, tokio::task::JoinHandle<()>)> {
     let shard_store = Arc::new(shard_store);
+    let term = context.lease.term();
     let epoch = shard_store.acquire().await?;
     let results = context
         .nats
@@ -81,6 +84,7 @@ pub async fn spawn_shard<S: ShardStore>(
     let mut actor = ShardActor {
         shard,
         epoch,
+        term,
         store: shard_store,
         context,
         runs: HashMap::new(),
@@ -124,7 +128,7 @@ impl<S: ShardStore> ShardActor<S> {
             }
             self.fill_batch(&mut inbox, &mut results, &mut batch).await;
             self.fire_due_timers(&mut batch);
-            if !self.context.lease.valid() {
+            if !self.context.lease.holds(self.term) {
                 // Others may take the shard soon: nothing more is committed or sent from here.
                 warn!(shard = %self.shard, "lease not renewed in time; the shard stops serving here");
                 self.refuse(batch, "its coordinator lost its lease").await;
