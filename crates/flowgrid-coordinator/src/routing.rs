@@ -28,8 +28,9 @@ use crate::shard::{Command, NodeContext, ShardHandle, StartCommand};
 /// How long a request waits for a shard that nobody serves (it is moving) before it is
 /// answered `unavailable`.
 pub const MOVE_WAIT: Duration = Duration::from_secs(3);
-/// How long a forwarded request waits for the owner's answer.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a forwarded request waits for the owner's answer (a paused owner never
+/// answers; the caller's retry then finds the next one).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// First and largest pause between two tries to reach a moving shard.
 const RETRY_DELAY_FIRST: Duration = Duration::from_millis(10);
 const RETRY_DELAY_MAX: Duration = Duration::from_millis(200);

@@ -125,6 +125,8 @@ impl<S: Store> ShardManager<S> {
         let mut claims = None;
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stall = self.shared.lease.duration() / 3;
+        let mut last_turn = Instant::now();
         loop {
             if members.is_none() {
                 members = self.load_members(&members_kv).await;
@@ -155,6 +157,12 @@ impl<S: Store> ShardManager<S> {
                 }
             }
             let lease = self.shared.lease.clone();
+            let now = Instant::now();
+            if now.saturating_duration_since(last_turn) > stall || !lease.holds(self.term) {
+                // This member stalled: the others' heartbeats it missed meanwhile prove nothing.
+                self.view.refresh_all(now);
+            }
+            last_turn = now;
             if !lease.holds(self.term) {
                 // Out of lease, or renewed after a gap in which others may have taken shards.
                 self.stop_all().await;
@@ -183,8 +191,15 @@ impl<S: Store> ShardManager<S> {
     /// Starts a watch on the members bucket and reads what is there now.
     async fn load_members(&mut self, members_kv: &kv::Store) -> Option<kv::Watch> {
         let watch = members_kv.watch_all().await.map_err(|error| warn!(error = %error, "cannot watch members")).ok()?;
+        let (now, now_ms) = (Instant::now(), now_ms());
         for entry in read_all(members_kv).await {
-            self.member_changed(entry);
+            if entry.operation != Operation::Put {
+                continue;
+            }
+            match rmp_serde::from_slice::<MemberRecord>(&entry.value) {
+                Ok(record) => self.view.member_loaded(record, entry.revision, now, now_ms),
+                Err(error) => warn!(key = %entry.key, error = %error, "unreadable member record ignored"),
+            }
         }
         Some(watch)
     }

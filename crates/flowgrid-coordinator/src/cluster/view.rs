@@ -52,6 +52,23 @@ impl ClusterView {
         }
     }
 
+    /// A member record read at startup: its age by the wall clock (`now_ms` against its
+    /// heartbeat) counts against its lease, so that a member long dead for everyone else
+    /// is not given a fresh lease here (placements would disagree until it ran out).
+    pub fn member_loaded(&mut self, record: MemberRecord, revision: u64, now: Instant, now_ms: u64) {
+        let age = Duration::from_millis(now_ms.saturating_sub(record.heartbeat_ms));
+        let seen = now.checked_sub(age).unwrap_or(now);
+        self.member_put(record, revision, seen);
+    }
+
+    /// Gives every member a fresh lease from `now`: after this member itself stalled (paused
+    /// process, lost lease) it saw no heartbeats for a while, which says nothing about the others.
+    pub fn refresh_all(&mut self, now: Instant) {
+        for member in self.members.values_mut() {
+            member.changed = member.changed.max(now);
+        }
+    }
+
     /// A member deleted its record: it left.
     pub fn member_deleted(&mut self, id: &str) {
         self.members.remove(id);
@@ -149,6 +166,23 @@ mod tests {
         view.member_put(record("a", false), 2, start + LEASE);
         assert!(view.alive("a", start + LEASE * 2));
         assert!(view.alive("me", start + LEASE * 10));
+    }
+
+    #[test]
+    fn a_loaded_record_counts_its_age_and_a_refresh_gives_a_fresh_lease() {
+        let start = Instant::now() + Duration::from_secs(60);
+        let mut view = ClusterView::new("me".into(), 4, LEASE, start);
+        let mut old = record("old", false);
+        old.heartbeat_ms = 10_000;
+        view.member_loaded(old, 1, start, 10_000 + 5_000);
+        let mut fresh = record("fresh", false);
+        fresh.heartbeat_ms = 10_000;
+        view.member_loaded(fresh, 2, start, 10_000 + 200);
+        assert!(!view.alive("old", start));
+        assert!(view.alive("fresh", start + Duration::from_millis(1_200)));
+        assert!(!view.alive("fresh", start + Duration::from_millis(1_400)));
+        view.refresh_all(start + Duration::from_secs(10));
+        assert!(view.alive("old", start + Duration::from_secs(11)));
     }
 
     #[test]
