@@ -42,6 +42,32 @@ pub enum Command {
     Run(RunCommand),
     /// Write the JSON Schemas of the wire messages, or check them for drift.
     Schemas(SchemasArgs),
+    /// List the grid's coordinators: alive, draining or dead, shards served, heartbeat, uptime.
+    Members,
+    /// Who serves the grid's shards: a summary per coordinator, or every shard with --all.
+    Shards(ShardsArgs),
+    /// Coordinators, shard summary and the backlog of every pool and of durable submits.
+    Status,
+    /// Audit a stopped grid's store for double-applied results, stale-epoch commits and
+    /// history gaps (exit 1 if any).
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShardsArgs {
+    /// One line per shard: owner, state, epoch and how long since it last changed.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Data directory of the grid's coordinators (they must all be stopped).
+    #[arg(long, env = "FLOWGRID_DATA_DIR", default_value = ".grid/data")]
+    pub data_dir: PathBuf,
+    /// Number of shards of the grid, as given to the coordinators.
+    #[arg(long, env = "FLOWGRID_SHARDS", default_value_t = 256)]
+    pub shards: u32,
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +214,17 @@ mod tests {
     fn statuses_parse_as_the_api_spells_them() {
         assert_eq!(parse_status("timed_out"), Ok(RunStatus::TimedOut));
         assert!(parse_status("done").is_err());
+    }
+
+    #[test]
+    fn cluster_commands_take_their_flags_after_the_subcommand() {
+        let cli = Cli::try_parse_from(["flowgrid", "shards", "--all", "--json"]).unwrap();
+        assert!(cli.json);
+        let Command::Shards(shards) = cli.command else { panic!("expected the shards command") };
+        assert!(shards.all);
+        let cli = Cli::try_parse_from(["flowgrid", "audit", "--data-dir", "d", "--shards", "8"]).unwrap();
+        let Command::Audit(audit) = cli.command else { panic!("expected the audit command") };
+        assert_eq!((audit.data_dir, audit.shards), (PathBuf::from("d"), 8));
     }
 
     #[test]

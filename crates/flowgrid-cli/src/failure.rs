@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use flowgrid_proto::{ApiError, ErrorCode, Reply};
 
+use crate::commands::{not_joined_hint, NotJoined};
 use crate::output::print_json;
 use crate::Session;
 
@@ -70,6 +71,9 @@ fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
             )),
             _ => None,
         };
+    }
+    if let Some(not_joined) = find::<NotJoined>(error) {
+        return Some(not_joined_hint(not_joined));
     }
     if let Some(flowgrid_coordinator::Error::Connect { url, .. }) = find::<flowgrid_coordinator::Error>(error) {
         return Some(start_nats(url));

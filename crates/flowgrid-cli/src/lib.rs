@@ -9,6 +9,7 @@ mod args;
 mod commands;
 pub mod demo_workers;
 mod failure;
+mod grid_view;
 mod output;
 
 use std::io::IsTerminal;

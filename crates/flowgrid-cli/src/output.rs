@@ -2,6 +2,8 @@
 //! callers write diagnostics to stderr themselves.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -49,10 +51,38 @@ impl Table {
     }
 }
 
+/// Writes command output to stdout. A reader that stopped reading (`flowgrid run list |
+/// head`) is not an error: it has what it wanted, and the command finishes quietly.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
+        _ => Ok(()),
+    }
+}
+
+/// `print!` through [`emit`]; evaluates to its `anyhow::Result`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::emit(&format!($($arg)*))
+    };
+}
+
+/// `println!` through [`emit`]; evaluates to its `anyhow::Result`.
+macro_rules! outln {
+    () => {
+        $crate::output::emit("\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::output::emit(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+pub(crate) use {out, outln};
+
 /// Prints a value as pretty JSON on stdout.
 pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    outln!("{}", serde_json::to_string_pretty(value)?)
 }
 
 /// `850ms`, `12.3s`, `4m05s`, `2h03m`.
@@ -63,6 +93,11 @@ pub fn duration_ms(ms: u64) -> String {
         60_000..=3_599_999 => format!("{}m{:02}s", ms / 60_000, (ms / 1_000) % 60),
         _ => format!("{}h{:02}m", ms / 3_600_000, (ms / 60_000) % 60),
     }
+}
+
+/// Wall-clock time in Unix milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> Millis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|since| since.as_millis() as Millis).unwrap_or(0)
 }
 
 /// The time between `start` and `end`, or `-` when either is unknown.

@@ -1,15 +1,42 @@
 //! Offline audit of a stopped grid's embedded store: reads every run of every shard file
 //! and checks the invariants a grid must keep through crashes and hand-overs.
+//!
+//! Per run, from its history (`("hist", run, seq)`, record 0 the start, then one record per
+//! accepted event, each with the epoch it was committed under):
+//! - the sequence numbers are contiguous from 0 (a gap means a lost commit or a torn write);
+//! - no attempt's result (`TaskSucceeded` / `TaskFailed`) is recorded twice (a result is
+//!   applied at most once, whichever coordinator owned the shard);
+//! - the epoch never goes down along the history (a lower epoch after a higher one means a
+//!   fenced-out owner committed after the shard had moved on).
+//!
+//! and across the shard: every run record has a history and every history a run record,
+//! ended runs have their final snapshot and no `active` entry, running runs have one, and
+//! every run lives in the shard its id hashes to.
+//!
+//! [`audit_runs`] also returns what the store says about each run (status, output), so
+//! that a harness can compare it with what it expected.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use flowgrid_engine::{Event, RunStatus, RunView, TaskError};
+use flowgrid_model::{shard_of, AttemptId, RunId, ShardId};
+use flowgrid_store::{join_records, keys, Key, ShardStore, Store, StoreLimits, Value};
+use flowgrid_store_redb::RedbStore;
+use serde_json::Value as Json;
 
 use crate::error::{Error, Result};
+use crate::records::{self, EventRecord, RunRecord, StartRecord};
+
+/// Problems described in [`AuditReport::problems`]; later ones are only counted.
+pub const PROBLEMS_SHOWN_MAX: usize = 20;
 
 /// What an audit found.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct AuditReport {
     pub shards: u32,
+    /// Shard files found and read (a shard never acquired has no file).
+    pub shard_files: u32,
     pub runs: u64,
     /// Runs still marked active (not ended).
     pub runs_active: u64,
@@ -21,13 +48,685 @@ pub struct AuditReport {
     pub results_double_applied: u64,
     /// History records committed under a lower epoch than an earlier record of the same run.
     pub stale_epoch_commits: u64,
+    /// Run records without any history, and histories without a run record.
+    pub runs_without_history: u64,
+    pub histories_without_run: u64,
+    /// Ended runs without their final snapshot.
+    pub ended_runs_without_snapshot: u64,
+    /// Runs whose `active` index entry disagrees with their status (running without an
+    /// entry, ended with one, or an entry without a run).
+    pub active_index_mismatches: u64,
+    /// Runs stored in a shard other than the one their id hashes to.
+    pub runs_misplaced: u64,
+    /// Records that did not decode.
+    pub corrupt_records: u64,
+    /// Every problem found, of which `problems` describes the first [`PROBLEMS_SHOWN_MAX`].
+    pub problems_total: u64,
     /// The first problems found, described for a person.
     pub problems: Vec<String>,
+}
+
+impl AuditReport {
+    /// True when nothing was found wrong.
+    pub fn is_clean(&self) -> bool {
+        self.problems_total == 0
+    }
+
+    fn problem(&mut self, description: String) {
+        self.problems_total += 1;
+        if self.problems.len() < PROBLEMS_SHOWN_MAX {
+            self.problems.push(description);
+        }
+    }
+}
+
+/// What the store holds about one run.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RunFacts {
+    pub run_id: RunId,
+    /// The shard file it was found in.
+    pub shard: u32,
+    /// From the run record, else from the start record; empty when neither decodes.
+    pub flow: String,
+    pub version: u32,
+    /// The status of the run record; `None` when the run has a history but no record.
+    pub status: Option<RunStatus>,
+    /// The output of the final snapshot (ended runs that succeeded).
+    pub output: Option<Json>,
+    /// The error of the final snapshot (failed, cancelled or timed-out runs).
+    pub error: Option<TaskError>,
+    /// The run input of the start record.
+    pub input: Option<Json>,
+    /// History records, the start record included.
+    pub history_records: u64,
+    /// `TaskSucceeded` and `TaskFailed` records.
+    pub results: u64,
+    /// Results recorded again for an attempt that already had one.
+    pub results_double_applied: u64,
+    /// Records committed under a lower epoch than an earlier record.
+    pub stale_epoch_commits: u64,
+    /// The history's sequence numbers are not 0, 1, 2, ...
+    pub history_gap: bool,
+    /// Epochs of the first and the last history record.
+    pub first_epoch: u64,
+    pub last_epoch: u64,
+}
+
+/// An audit's report and the facts of every run it read.
+#[derive(Clone, Debug, Default)]
+pub struct Audit {
+    pub report: AuditReport,
+    pub runs: BTreeMap<RunId, RunFacts>,
 }
 
 /// Audits the shard files `shard-00000.redb`.. under `data_dir`. Every coordinator using
 /// the directory must be stopped (the files are locked while open).
 pub async fn audit(data_dir: &Path, shards: u32) -> Result<AuditReport> {
-    let _ = (data_dir, shards);
-    Err(Error::Config("audit is not implemented yet".to_owned()))
+    Ok(audit_runs(data_dir, shards).await?.report)
+}
+
+/// Like [`audit`], and returns the facts of every run as well.
+pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
+    if shards == 0 {
+        return Err(Error::Config("an audit needs the grid's shard count (at least 1)".to_owned()));
+    }
+    if !data_dir.is_dir() {
+        return Err(Error::Config(format!("the data directory {} does not exist", data_dir.display())));
+    }
+    // Opening a missing shard would create its file: look before opening.
+    let store = RedbStore::open(data_dir, StoreLimits::default())?;
+    let mut audit = Audit { report: AuditReport { shards, ..AuditReport::default() }, runs: BTreeMap::new() };
+    for extra in shard_files_beyond(data_dir, shards) {
+        audit
+            .report
+            .problem(format!("{} is beyond the {shards} shards audited: is the shard count right?", extra.display()));
+    }
+    for shard in 0..shards {
+        let path = store.shard_path(ShardId(shard));
+        if !path.exists() {
+            continue;
+        }
+        let file = store.open_shard(ShardId(shard)).await.map_err(|error| match error {
+            flowgrid_store::Error::Busy { .. } => Error::Config(format!(
+                "{} is open in another process ({error}); stop every coordinator using {} before auditing",
+                path.display(),
+                data_dir.display()
+            )),
+            other => Error::Store(other),
+        })?;
+        let read = read_shard(&file).await;
+        // Release the lock whatever happened; a read error is the one to report.
+        let closed = file.close();
+        let contents = read?;
+        closed?;
+        audit.report.shard_files += 1;
+        audit_shard(shard, shards, contents, &mut audit);
+    }
+    Ok(audit)
+}
+
+/// Everything of one shard the audit reads, as stored.
+#[derive(Default)]
+struct ShardContents {
+    runs: Vec<(Key, Value)>,
+    active: Vec<Key>,
+    /// Joined history records, by run then seq.
+    history: Vec<(Key, Value)>,
+    /// Joined snapshots, by run.
+    snapshots: Vec<(Key, Value)>,
+}
+
+async fn read_shard<S: ShardStore>(file: &S) -> Result<ShardContents> {
+    let runs = file.scan(keys::run_range(), usize::MAX, false).await?;
+    let active = file.scan(keys::active_range(), usize::MAX, false).await?.into_iter().map(|(key, _)| key).collect();
+    let history = join_records(file.scan(keys::history_all_range(), usize::MAX, false).await?)?;
+    let snapshots = join_records(file.scan(keys::snapshot_range(), usize::MAX, false).await?)?;
+    Ok(ShardContents { runs, active, history, snapshots })
+}
+
+/// One history record, decoded as far as the checks need.
+#[derive(Clone, Debug, PartialEq)]
+struct HistoryEntry {
+    seq: u64,
+    epoch: u64,
+    /// The attempt a result record reports on.
+    result_of: Option<AttemptId>,
+}
+
+/// What the checks of one history found.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct HistoryFindings {
+    gap: Option<String>,
+    results: u64,
+    double_applied: Vec<AttemptId>,
+    /// `(seq, epoch, highest earlier epoch)` of each record committed under a lower epoch.
+    stale_epochs: Vec<(u64, u64, u64)>,
+}
+
+/// Checks one run's history, given in `seq` order.
+fn check_history(entries: &[HistoryEntry]) -> HistoryFindings {
+    let mut findings = HistoryFindings::default();
+    for (expected, entry) in entries.iter().enumerate() {
+        if entry.seq != expected as u64 {
+            findings.gap = Some(format!("record {} found where record {expected} was expected", entry.seq));
+            break;
+        }
+    }
+    let mut seen: HashSet<&AttemptId> = HashSet::new();
+    let mut highest_epoch = 0;
+    for entry in entries {
+        if let Some(attempt) = &entry.result_of {
+            findings.results += 1;
+            if !seen.insert(attempt) {
+                findings.double_applied.push(attempt.clone());
+            }
+        }
+        if entry.epoch < highest_epoch {
+            findings.stale_epochs.push((entry.seq, entry.epoch, highest_epoch));
+        }
+        highest_epoch = highest_epoch.max(entry.epoch);
+    }
+    findings
+}
+
+fn audit_shard(shard: u32, shards: u32, contents: ShardContents, audit: &mut Audit) {
+    let Audit { report, runs } = audit;
+    let mut shard_runs: BTreeMap<RunId, RunFacts> = BTreeMap::new();
+    let new_facts = |run_id: &RunId| RunFacts {
+        run_id: run_id.clone(),
+        shard,
+        flow: String::new(),
+        version: 0,
+        status: None,
+        output: None,
+        error: None,
+        input: None,
+        history_records: 0,
+        results: 0,
+        results_double_applied: 0,
+        stale_epoch_commits: 0,
+        history_gap: false,
+        first_epoch: 0,
+        last_epoch: 0,
+    };
+
+    // Run records.
+    for (key, value) in &contents.runs {
+        let run_id = match keys::decode_run(key) {
+            Ok(run_id) => run_id,
+            Err(error) => {
+                report.corrupt_records += 1;
+                report.problem(format!("shard {shard}: {error}"));
+                continue;
+            }
+        };
+        let facts = shard_runs.entry(run_id.clone()).or_insert_with(|| new_facts(&run_id));
+        match records::decode::<RunRecord>("run record", value) {
+            Ok(record) => {
+                facts.flow = record.flow;
+                facts.version = record.version;
+                facts.status = Some(record.status);
+            }
+            Err(error) => {
+                report.corrupt_records += 1;
+                report.problem(format!("shard {shard}, run {run_id}: {error}"));
+            }
+        }
+    }
+
+    // Histories.
+    let mut histories: BTreeMap<RunId, Vec<HistoryEntry>> = BTreeMap::new();
+    for (key, value) in &contents.history {
+        let (run_id, seq) = match keys::decode_history(key) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                report.corrupt_records += 1;
+                report.problem(format!("shard {shard}: {error}"));
+                continue;
+            }
+        };
+        let entry = if seq == 0 {
+            match records::decode::<StartRecord>("start record", value) {
+                Ok(start) => {
+                    let facts = shard_runs.entry(run_id.clone()).or_insert_with(|| new_facts(&run_id));
+                    if facts.flow.is_empty() {
+                        facts.flow = start.flow;
+                        facts.version = start.version;
+                    }
+                    facts.input = Some(start.input);
+                    Some(HistoryEntry { seq, epoch: start.epoch, result_of: None })
+                }
+                Err(error) => {
+                    report.corrupt_records += 1;
+                    report.problem(format!("shard {shard}, run {run_id}, history record 0: {error}"));
+                    None
+                }
+            }
+        } else {
+            match records::decode::<EventRecord>("history record", value) {
+                Ok(record) => {
+                    let result_of = match record.event {
+                        Event::TaskSucceeded { attempt, .. } | Event::TaskFailed { attempt, .. } => Some(attempt),
+                        _ => None,
+                    };
+                    Some(HistoryEntry { seq, epoch: record.epoch, result_of })
+                }
+                Err(error) => {
+                    report.corrupt_records += 1;
+                    report.problem(format!("shard {shard}, run {run_id}, history record {seq}: {error}"));
+                    None
+                }
+            }
+        };
+        // An undecodable record still takes its place in the sequence, with the epoch of
+        // the record before it (so that it neither hides nor invents a stale epoch).
+        let entries = histories.entry(run_id).or_default();
+        let entry = entry.unwrap_or_else(|| HistoryEntry {
+            seq,
+            epoch: entries.last().map(|last| last.epoch).unwrap_or(0),
+            result_of: None,
+        });
+        entries.push(entry);
+    }
+    for (run_id, entries) in &histories {
+        let findings = check_history(entries);
+        let facts = shard_runs.entry(run_id.clone()).or_insert_with(|| new_facts(run_id));
+        facts.history_records = entries.len() as u64;
+        facts.results = findings.results;
+        facts.first_epoch = entries.first().map(|entry| entry.epoch).unwrap_or(0);
+        facts.last_epoch = entries.last().map(|entry| entry.epoch).unwrap_or(0);
+        if let Some(gap) = findings.gap {
+            facts.history_gap = true;
+            report.history_gaps += 1;
+            report.problem(format!("shard {shard}, run {run_id}: history gap: {gap}"));
+        }
+        for attempt in &findings.double_applied {
+            facts.results_double_applied += 1;
+            report.results_double_applied += 1;
+            report.problem(format!(
+                "shard {shard}, run {run_id}: the result of attempt {} of step {}{} is recorded twice",
+                attempt.attempt,
+                attempt.step,
+                attempt.item.map(|item| format!(" item {item}")).unwrap_or_default()
+            ));
+        }
+        for (seq, epoch, highest) in &findings.stale_epochs {
+            facts.stale_epoch_commits += 1;
+            report.stale_epoch_commits += 1;
+            report.problem(format!(
+                "shard {shard}, run {run_id}: history record {seq} was committed under epoch {epoch}, \
+                 after a record committed under epoch {highest}"
+            ));
+        }
+    }
+
+    // Snapshots: the final view of ended runs.
+    let mut snapshotted: HashSet<RunId> = HashSet::new();
+    for (key, value) in &contents.snapshots {
+        let run_id = match keys::decode_snapshot(key) {
+            Ok(run_id) => run_id,
+            Err(error) => {
+                report.corrupt_records += 1;
+                report.problem(format!("shard {shard}: {error}"));
+                continue;
+            }
+        };
+        snapshotted.insert(run_id.clone());
+        match records::decode::<RunView>("run snapshot", value) {
+            Ok(view) => {
+                let facts = shard_runs.entry(run_id.clone()).or_insert_with(|| new_facts(&run_id));
+                facts.output = view.output;
+                facts.error = view.error;
+            }
+            Err(error) => {
+                report.corrupt_records += 1;
+                report.problem(format!("shard {shard}, run {run_id}, snapshot: {error}"));
+            }
+        }
+    }
+
+    // The active index.
+    let mut active: HashSet<RunId> = HashSet::new();
+    for key in &contents.active {
+        match keys::decode_active(key) {
+            Ok(run_id) => {
+                active.insert(run_id);
+            }
+            Err(error) => {
+                report.corrupt_records += 1;
+                report.problem(format!("shard {shard}: {error}"));
+            }
+        }
+    }
+    for run_id in &active {
+        if shard_runs.get(run_id).is_none_or(|facts| facts.status.is_none()) {
+            report.active_index_mismatches += 1;
+            report.problem(format!("shard {shard}, run {run_id}: in the active index but has no run record"));
+        }
+    }
+
+    for (run_id, facts) in shard_runs {
+        let has_record = facts.status.is_some();
+        let has_history = facts.history_records > 0;
+        if has_record {
+            report.runs += 1;
+        }
+        if has_record && !has_history {
+            report.runs_without_history += 1;
+            report.problem(format!("shard {shard}, run {run_id}: a run record without history"));
+        }
+        if has_history && !has_record {
+            report.histories_without_run += 1;
+            report.problem(format!("shard {shard}, run {run_id}: a history without a run record"));
+        }
+        if let Some(status) = facts.status {
+            *report.runs_by_status.entry(status.as_str().to_owned()).or_default() += 1;
+            let indexed = active.contains(&run_id);
+            if status.is_terminal() {
+                if indexed {
+                    report.active_index_mismatches += 1;
+                    report.problem(format!(
+                        "shard {shard}, run {run_id}: ended {} but still in the active index",
+                        status.as_str()
+                    ));
+                }
+                if !snapshotted.contains(&run_id) {
+                    report.ended_runs_without_snapshot += 1;
+                    report
+                        .problem(format!("shard {shard}, run {run_id}: ended {} without a snapshot", status.as_str()));
+                }
+            } else {
+                report.runs_active += 1;
+                if !indexed {
+                    report.active_index_mismatches += 1;
+                    report.problem(format!("shard {shard}, run {run_id}: running but not in the active index"));
+                }
+            }
+        }
+        let home = shard_of(run_id.as_str(), shards).0;
+        if home != shard {
+            report.runs_misplaced += 1;
+            report.problem(format!("run {run_id} is stored in shard {shard}, but its id hashes to shard {home}"));
+        }
+        if let Some(previous) = runs.insert(run_id.clone(), facts) {
+            report.problem(format!("run {run_id} is stored in shards {} and {shard}", previous.shard));
+        }
+    }
+}
+
+/// Files `shard-NNNNN.redb` under `dir` whose number is `shards` or more.
+fn shard_files_beyond(dir: &Path, shards: u32) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut extra: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+            let number = name.strip_prefix("shard-").and_then(|rest| rest.strip_suffix(".redb"));
+            number.and_then(|number| number.parse::<u32>().ok()).is_some_and(|number| number >= shards)
+        })
+        .collect();
+    extra.sort();
+    extra
+}
+
+#[cfg(test)]
+mod tests {
+    use flowgrid_engine::TimerKey;
+    use flowgrid_model::Epoch;
+    use flowgrid_store::WriteBatch;
+    use serde_json::json;
+
+    use super::*;
+
+    const SHARDS: u32 = 2;
+
+    /// A directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let unique = format!(
+                "flowgrid-audit-{name}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+            );
+            let path = std::env::temp_dir().join(unique);
+            std::fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn attempt(run_id: &RunId, step: &str, number: u32) -> AttemptId {
+        AttemptId { run_id: run_id.clone(), step: step.to_owned(), item: None, attempt: number }
+    }
+
+    fn succeeded(run_id: &RunId, step: &str, number: u32, epoch: u64) -> EventRecord {
+        EventRecord {
+            now_ms: 1_000,
+            event: Event::TaskSucceeded { attempt: attempt(run_id, step, number), output: json!(number) },
+            epoch,
+        }
+    }
+
+    fn failed(run_id: &RunId, step: &str, number: u32, epoch: u64) -> EventRecord {
+        let error = TaskError { code: "boom".into(), message: "boom".into(), retryable: true };
+        EventRecord { now_ms: 1_000, event: Event::TaskFailed { attempt: attempt(run_id, step, number), error }, epoch }
+    }
+
+    /// A run id that hashes to `shard`.
+    fn run_in_shard(shard: u32, name: &str) -> RunId {
+        (0..)
+            .map(|index| RunId::from_idempotency_key("audit-test", &format!("{name}-{index}")))
+            .find(|run_id| shard_of(run_id.as_str(), SHARDS).0 == shard)
+            .expect("some key hashes to every shard")
+    }
+
+    /// Writes a run as a coordinator would: run record, active entry or snapshot, history
+    /// records at the given sequence numbers.
+    fn write_run(
+        batch: &mut WriteBatch,
+        run_id: &RunId,
+        status: RunStatus,
+        output: Option<Json>,
+        events: &[(u64, EventRecord)],
+        start_epoch: u64,
+    ) {
+        let limits = StoreLimits::default();
+        let record = RunRecord {
+            flow: "f".into(),
+            version: 1,
+            status,
+            created_ms: 1_000,
+            ended_ms: status.is_terminal().then_some(2_000),
+        };
+        batch.set(keys::run(run_id), records::encode(&record));
+        let start =
+            StartRecord { flow: "f".into(), version: 1, input: json!({"value": 1}), now_ms: 1_000, epoch: start_epoch };
+        batch.set_chunked(&keys::history(run_id, 0), &records::encode(&start), &limits);
+        for (seq, event) in events {
+            batch.set_chunked(&keys::history(run_id, *seq), &records::encode(event), &limits);
+        }
+        if status.is_terminal() {
+            let view = RunView {
+                run_id: run_id.clone(),
+                flow: "f".into(),
+                version: 1,
+                status,
+                input: json!({"value": 1}),
+                output,
+                error: None,
+                created_ms: 1_000,
+                ended_ms: Some(2_000),
+                steps: Vec::new(),
+            };
+            batch.set_chunked(&keys::snapshot(run_id), &records::encode(&view), &limits);
+        } else {
+            batch.set(keys::active(run_id), Vec::new());
+        }
+    }
+
+    async fn commit(dir: &Path, shard: u32, batch: WriteBatch) {
+        let store = RedbStore::open(dir, StoreLimits::default()).unwrap();
+        let file = store.open_shard(ShardId(shard)).await.unwrap();
+        let mut epoch = file.acquire().await.unwrap();
+        while epoch < Epoch(3) {
+            epoch = file.acquire().await.unwrap();
+        }
+        file.commit(epoch, batch).await.unwrap();
+        file.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn crafted_histories_are_counted() {
+        let dir = TempDir::new("crafted");
+        let clean = run_in_shard(0, "clean");
+        let double = run_in_shard(0, "double");
+        let gap = run_in_shard(1, "gap");
+        let stale = run_in_shard(1, "stale");
+        let running = run_in_shard(1, "running");
+
+        let mut batch = WriteBatch::new();
+        let clean_events = [
+            (1, succeeded(&clean, "s1", 1, 2)),
+            (2, failed(&clean, "s2", 1, 2)),
+            (3, EventRecord { now_ms: 1_500, event: Event::TimerFired { timer: TimerKey::RunTimeout }, epoch: 3 }),
+            (4, succeeded(&clean, "s2", 2, 3)),
+        ];
+        write_run(&mut batch, &clean, RunStatus::Succeeded, Some(json!({"value": 8})), &clean_events, 2);
+        // The same attempt's result twice (once as a success, once as a failure), and
+        // another attempt's result twice.
+        let double_events = [
+            (1, succeeded(&double, "s1", 1, 1)),
+            (2, failed(&double, "s1", 1, 2)),
+            (3, succeeded(&double, "s2", 1, 2)),
+            (4, succeeded(&double, "s2", 1, 2)),
+        ];
+        write_run(&mut batch, &double, RunStatus::Succeeded, Some(json!(4)), &double_events, 1);
+        commit(&dir.0, 0, batch).await;
+
+        let mut batch = WriteBatch::new();
+        // Record 2 is missing.
+        let gap_events = [(1, succeeded(&gap, "s1", 1, 1)), (3, succeeded(&gap, "s2", 1, 1))];
+        write_run(&mut batch, &gap, RunStatus::Failed, None, &gap_events, 1);
+        // The epoch goes 1, 3, 2, 3, 1: two records under a lower epoch than an earlier one.
+        let stale_events = [
+            (1, succeeded(&stale, "s1", 1, 3)),
+            (2, succeeded(&stale, "s2", 1, 2)),
+            (3, succeeded(&stale, "s3", 1, 3)),
+            (4, succeeded(&stale, "s4", 1, 1)),
+        ];
+        write_run(&mut batch, &stale, RunStatus::Succeeded, Some(json!(16)), &stale_events, 1);
+        write_run(&mut batch, &running, RunStatus::Running, None, &[(1, succeeded(&running, "s1", 1, 1))], 1);
+        commit(&dir.0, 1, batch).await;
+
+        let found = audit_runs(&dir.0, SHARDS).await.unwrap();
+        let report = &found.report;
+        assert_eq!(report.shard_files, 2);
+        assert_eq!(report.runs, 5, "{report:#?}");
+        assert_eq!(report.runs_active, 1, "{report:#?}");
+        assert_eq!(report.runs_by_status.get("succeeded"), Some(&3));
+        assert_eq!(report.runs_by_status.get("failed"), Some(&1));
+        assert_eq!(report.runs_by_status.get("running"), Some(&1));
+        assert_eq!(report.history_gaps, 1, "{report:#?}");
+        assert_eq!(report.results_double_applied, 2, "{report:#?}");
+        assert_eq!(report.stale_epoch_commits, 2, "{report:#?}");
+        assert_eq!(report.runs_misplaced, 0, "{report:#?}");
+        assert_eq!(report.active_index_mismatches, 0, "{report:#?}");
+        assert_eq!(report.ended_runs_without_snapshot, 0, "{report:#?}");
+        assert_eq!(report.problems_total, 5, "{report:#?}");
+        assert_eq!(report.problems.len(), 5);
+        assert!(report.problems.iter().any(|problem| problem.contains(&gap.0) && problem.contains("gap")));
+        assert!(report.problems.iter().any(|problem| problem.contains(&stale.0) && problem.contains("epoch 1")));
+
+        let facts = &found.runs[&clean];
+        assert_eq!(facts.status, Some(RunStatus::Succeeded));
+        assert_eq!(facts.output, Some(json!({"value": 8})));
+        assert_eq!(facts.input, Some(json!({"value": 1})));
+        assert_eq!((facts.history_records, facts.results), (5, 3));
+        assert_eq!((facts.first_epoch, facts.last_epoch), (2, 3));
+        assert_eq!((facts.results_double_applied, facts.stale_epoch_commits, facts.history_gap), (0, 0, false));
+        assert_eq!(found.runs[&double].results_double_applied, 2);
+        assert!(found.runs[&gap].history_gap);
+        assert_eq!(found.runs[&stale].stale_epoch_commits, 2);
+        assert_eq!(found.runs[&running].status, Some(RunStatus::Running));
+        assert_eq!(found.runs[&running].output, None);
+
+        let report_only = audit(&dir.0, SHARDS).await.unwrap();
+        assert_eq!(report_only.results_double_applied, 2);
+    }
+
+    #[tokio::test]
+    async fn index_and_placement_problems_are_counted() {
+        let dir = TempDir::new("index");
+        let misplaced = run_in_shard(1, "misplaced");
+        let ended_active = run_in_shard(0, "ended-active");
+        let orphan_history = run_in_shard(0, "orphan");
+        let mut batch = WriteBatch::new();
+        write_run(&mut batch, &misplaced, RunStatus::Succeeded, Some(json!(1)), &[], 1);
+        write_run(&mut batch, &ended_active, RunStatus::Succeeded, Some(json!(1)), &[], 1);
+        batch.set(keys::active(&ended_active), Vec::new());
+        let start = StartRecord { flow: "f".into(), version: 1, input: json!(1), now_ms: 1, epoch: 1 };
+        batch.set_chunked(&keys::history(&orphan_history, 0), &records::encode(&start), &StoreLimits::default());
+        commit(&dir.0, 0, batch).await;
+
+        let found = audit_runs(&dir.0, SHARDS).await.unwrap();
+        let report = &found.report;
+        assert_eq!(report.shard_files, 1);
+        assert_eq!(report.runs, 2, "{report:#?}");
+        assert_eq!(report.runs_misplaced, 1, "{report:#?}");
+        assert_eq!(report.active_index_mismatches, 1, "{report:#?}");
+        assert_eq!(report.histories_without_run, 1, "{report:#?}");
+        assert_eq!(found.runs[&orphan_history].status, None);
+        assert!(!report.is_clean());
+    }
+
+    #[tokio::test]
+    async fn a_shard_held_open_is_reported_with_its_file() {
+        let dir = TempDir::new("busy");
+        let store = RedbStore::open(&dir.0, StoreLimits::default()).unwrap();
+        let held = store.open_shard(ShardId(1)).await.unwrap();
+        let error = audit(&dir.0, SHARDS).await.unwrap_err().to_string();
+        assert!(error.contains("shard-00001.redb"), "{error}");
+        assert!(error.contains("stop every coordinator"), "{error}");
+        held.close().unwrap();
+        let report = audit(&dir.0, SHARDS).await.unwrap();
+        assert_eq!((report.shard_files, report.runs), (1, 0));
+        assert!(report.is_clean(), "{report:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_or_extra_shard_files_are_reported() {
+        let dir = TempDir::new("extra");
+        let missing = dir.0.join("nothing-here");
+        assert!(audit(&missing, SHARDS).await.unwrap_err().to_string().contains("does not exist"));
+        commit(&dir.0, 3, WriteBatch::new()).await;
+        let report = audit(&dir.0, SHARDS).await.unwrap();
+        assert_eq!(report.shard_files, 0);
+        assert_eq!(report.problems_total, 1, "{report:#?}");
+        assert!(report.problems[0].contains("shard-00003.redb"), "{report:#?}");
+    }
+
+    #[test]
+    fn history_checks_on_their_own() {
+        let run_id = RunId("r".into());
+        let entry = |seq, epoch, result: Option<u32>| HistoryEntry {
+            seq,
+            epoch,
+            result_of: result.map(|number| attempt(&run_id, "s", number)),
+        };
+        assert_eq!(check_history(&[]), HistoryFindings::default());
+        let clean = check_history(&[entry(0, 1, None), entry(1, 1, Some(1)), entry(2, 2, Some(2))]);
+        assert_eq!((clean.gap, clean.results, clean.double_applied.len(), clean.stale_epochs.len()), (None, 2, 0, 0));
+        let no_start = check_history(&[entry(1, 1, None)]);
+        assert!(no_start.gap.is_some());
+        let down = check_history(&[entry(0, 5, None), entry(1, 4, Some(1)), entry(2, 5, Some(1))]);
+        assert_eq!(down.stale_epochs, vec![(1, 4, 5)]);
+        assert_eq!(down.double_applied, vec![attempt(&run_id, "s", 1)]);
+    }
 }

@@ -79,6 +79,17 @@ pub fn run(run_id: &RunId) -> Vec<u8> {
     pack(&("run", run_id.as_str()))
 }
 
+/// Every run record, by run id.
+pub fn run_range() -> KeyRange {
+    tuple_range(&("run",))
+}
+
+/// Decodes a [`run`] key into its run id.
+pub fn decode_run(key: &[u8]) -> Result<RunId> {
+    let (_, run_id): (String, String) = decode("run", "run", key)?;
+    Ok(RunId(run_id))
+}
+
 /// A run that has not ended yet: `("active", run_id)`.
 pub fn active(run_id: &RunId) -> Vec<u8> {
     pack(&("active", run_id.as_str()))
@@ -103,6 +114,11 @@ pub fn history(run_id: &RunId, seq: u64) -> Vec<u8> {
 /// Every event chunk of a run, in `seq` order.
 pub fn history_range(run_id: &RunId) -> KeyRange {
     tuple_range(&("hist", run_id.as_str()))
+}
+
+/// Every event chunk of every run of the shard, by run id then `seq` (for audits).
+pub fn history_all_range() -> KeyRange {
+    tuple_range(&("hist",))
 }
 
 /// Decodes a [`history`] record key (as returned by [`crate::join_records`]) into
@@ -131,6 +147,17 @@ pub fn decode_created(key: &[u8]) -> Result<(u64, RunId)> {
 /// The record key of the final view of an ended run: `("snap", run_id)`. Chunked.
 pub fn snapshot(run_id: &RunId) -> Vec<u8> {
     pack(&("snap", run_id.as_str()))
+}
+
+/// Every chunk of every snapshot of the shard, by run id (for audits).
+pub fn snapshot_range() -> KeyRange {
+    tuple_range(&("snap",))
+}
+
+/// Decodes a [`snapshot`] record key (as returned by [`crate::join_records`]) into its run id.
+pub fn decode_snapshot(key: &[u8]) -> Result<RunId> {
+    let (_, run_id): (String, String) = decode("snap", "snapshot", key)?;
+    Ok(RunId(run_id))
 }
 
 /// Every chunk of the chunked record at `record_key` (and nothing else).
@@ -172,6 +199,8 @@ mod tests {
     fn scanned_kinds_round_trip() {
         assert_eq!(decode_catalog(&catalog("orders", 7)).unwrap(), ("orders".to_string(), 7));
         assert_eq!(decode_active(&active(&run_id("r1"))).unwrap(), run_id("r1"));
+        assert_eq!(decode_run(&run(&run_id("r1"))).unwrap(), run_id("r1"));
+        assert_eq!(decode_snapshot(&snapshot(&run_id("r1"))).unwrap(), run_id("r1"));
         assert_eq!(decode_history(&history(&run_id("r1"), 42)).unwrap(), (run_id("r1"), 42));
         assert_eq!(
             decode_created(&created(1_700_000_000_000, &run_id("r1"))).unwrap(),
@@ -192,8 +221,16 @@ mod tests {
             created(5, &id),
             snapshot(&id),
         ];
-        let ranges = [catalog_range(), active_range(), history_range(&id), created_range()];
-        let owners = [1, 4, 5, 6];
+        let ranges = [
+            catalog_range(),
+            run_range(),
+            active_range(),
+            history_range(&id),
+            history_all_range(),
+            created_range(),
+            snapshot_range(),
+        ];
+        let owners = [1, 3, 4, 5, 5, 6, 7];
         for (range, owner) in ranges.iter().zip(owners) {
             for (index, key) in all.iter().enumerate() {
                 assert_eq!(range.contains(key), index == owner, "key {index} in range of key {owner}");
@@ -217,6 +254,8 @@ mod tests {
         assert!(!range.contains(&catalog("orders", 1)));
         let history_range_r1 = history_range(&run_id("r1"));
         assert!(!history_range_r1.contains(&history(&run_id("r10"), 1)));
+        assert!(history_all_range().contains(&history(&run_id("r10"), 1)));
+        assert!(!run_range().contains(&snapshot(&run_id("run"))));
     }
 
     #[test]
@@ -227,6 +266,8 @@ mod tests {
         assert!(matches!(decode_history(b"\x02hist\x00\xff"), Err(Error::MalformedKey { kind: "history", .. })));
         assert!(matches!(decode_created(&active(&run_id("r1"))), Err(Error::MalformedKey { .. })));
         assert!(matches!(decode_catalog(b""), Err(Error::MalformedKey { .. })));
+        assert!(matches!(decode_run(&active(&run_id("r1"))), Err(Error::MalformedKey { kind: "run", .. })));
+        assert!(matches!(decode_snapshot(&run(&run_id("r1"))), Err(Error::MalformedKey { kind: "snapshot", .. })));
     }
 
     #[test]

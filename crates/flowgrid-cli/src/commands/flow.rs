@@ -7,7 +7,7 @@ use anyhow::Context;
 use flowgrid_sdk::Client;
 
 use crate::args::FlowCommand;
-use crate::output::{print_json, utc_time, Table};
+use crate::output::{out, outln, print_json, utc_time, Table};
 use crate::Session;
 
 pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
@@ -18,12 +18,13 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
             if session.json {
                 print_json(&deployed)?;
             } else if deployed.created {
-                println!("deployed {} version {}", deployed.name, deployed.version);
+                outln!("deployed {} version {}", deployed.name, deployed.version)?;
             } else {
-                println!(
+                outln!(
                     "{} version {} is unchanged (identical to the latest version)",
-                    deployed.name, deployed.version
-                );
+                    deployed.name,
+                    deployed.version
+                )?;
             }
         }
         FlowCommand::List => {
@@ -43,7 +44,7 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
                         flow.description.clone().unwrap_or_default(),
                     ]);
                 }
-                print!("{}", table.render());
+                out!("{}", table.render())?;
             }
         }
         FlowCommand::Show { name, version } => {
@@ -52,8 +53,8 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
                 print_json(&info.definition)?;
             } else {
                 let yaml = serde_norway::to_string(&info.definition).context("cannot write the definition as YAML")?;
-                println!("# flow {} version {}, deployed {}", info.name, info.version, utc_time(info.deployed_ms));
-                print!("{yaml}");
+                outln!("# flow {} version {}, deployed {}", info.name, info.version, utc_time(info.deployed_ms))?;
+                out!("{yaml}")?;
             }
         }
     }

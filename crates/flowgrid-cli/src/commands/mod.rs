@@ -1,7 +1,9 @@
 //! One module per command group; each returns the exit code or an error for
 //! [`crate::failure::report`].
 
+mod audit;
 mod flow;
+mod grid;
 mod run;
 mod schemas;
 mod serve;
@@ -17,6 +19,8 @@ use flowgrid_sdk::Client;
 use crate::args::Command;
 use crate::Session;
 
+pub(crate) use grid::{not_joined_hint, NotJoined};
+
 pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Result<ExitCode> {
     match command {
         Command::Coordinator(config) => serve::coordinator(config).await,
@@ -24,6 +28,10 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
         Command::Flow(command) => flow::dispatch(command, &connect(session).await?, session).await,
         Command::Run(command) => run::dispatch(command, &connect(session).await?, session).await,
         Command::Schemas(args) => schemas::schemas(&args),
+        Command::Members => grid::members(session).await,
+        Command::Shards(args) => grid::shards(&args, session).await,
+        Command::Status => grid::status(session).await,
+        Command::Audit(args) => audit::audit(&args, session).await,
     }
 }
 

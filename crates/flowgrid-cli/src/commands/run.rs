@@ -1,7 +1,7 @@
 //! `flowgrid run start | get | list | cancel | submit`.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{json, Value};
@@ -12,7 +12,7 @@ use flowgrid_proto::{ListRuns, StartRun};
 use flowgrid_sdk::Client;
 
 use crate::args::{RunCommand, RunInput};
-use crate::output::{duration_ms, print_json, span, utc_time, Table};
+use crate::output::{duration_ms, now_ms, out, outln, print_json, span, utc_time, Table};
 use crate::Session;
 
 pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
@@ -24,7 +24,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 if session.json {
                     print_json(&started)?;
                 } else {
-                    println!("{}", started.run_id);
+                    outln!("{}", started.run_id)?;
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -61,10 +61,10 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             if table.is_empty() {
                 eprintln!("no runs match");
             } else {
-                print!("{}", table.render());
+                out!("{}", table.render())?;
             }
             if let Some(cursor) = &list.next_cursor {
-                println!("next page: --cursor {cursor}");
+                outln!("next page: --cursor {cursor}")?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -73,9 +73,9 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             if session.json {
                 print_json(&cancelled)?;
             } else if cancelled.status == RunStatus::Cancelled {
-                println!("run {} is cancelled", cancelled.run_id);
+                outln!("run {} is cancelled", cancelled.run_id)?;
             } else {
-                println!("run {} had already ended: {}", cancelled.run_id, cancelled.status.as_str());
+                outln!("run {} had already ended: {}", cancelled.run_id, cancelled.status.as_str())?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -89,7 +89,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                     "duplicate": submitted.duplicate,
                 }))?;
             } else {
-                println!("{}", submitted.run_id);
+                outln!("{}", submitted.run_id)?;
                 let note = if submitted.duplicate { " (a duplicate of an earlier submission)" } else { "" };
                 eprintln!("stored as submission {}{note}; a coordinator starts the run", submitted.sequence);
             }
@@ -140,7 +140,7 @@ fn print_run(view: &RunView, session: &Session) -> anyhow::Result<()> {
     if session.json {
         return print_json(view);
     }
-    print!("{}", render_run(view));
+    out!("{}", render_run(view))?;
     Ok(())
 }
 
@@ -174,10 +174,6 @@ fn render_run(view: &RunView) -> String {
         text.push_str(&format!("\nerror: {}: {}\n", error.code, error.message));
     }
     text
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|since| since.as_millis() as u64).unwrap_or(0)
 }
 
 fn step_table(steps: &[StepView]) -> Table {

@@ -1,0 +1,343 @@
+//! `flowgrid members | shards | status`: reads the grid's members and shards buckets and
+//! the backlog of its streams. Read-only: a missing bucket or stream is reported, never
+//! created, so that looking at a grid cannot change it.
+
+use std::fmt;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, kv, stream};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use flowgrid_proto::{decode, shard_of_key, Encoding, GridConfig, ShardClaim, Subjects, GRID_KEY};
+
+use crate::args::ShardsArgs;
+use crate::grid_view::{
+    member_views, members_table, render_backlog, render_shard_summary, shard_lines, shard_lines_table, shard_summary,
+    Backlog, GridSnapshot, MemberView, PoolBacklog, ShardLine, ShardSummary, SubmitBacklog,
+};
+use crate::output::{now_ms, out, outln, print_json};
+use crate::Session;
+
+/// How long reading one bucket or stream may take before the command gives up.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bucket values fetched at once (one request each).
+const READS_IN_FLIGHT_MAX: usize = 64;
+/// Name prefix of the pools' durable consumers on the tasks stream.
+const POOL_CONSUMER_PREFIX: &str = "pool-";
+
+pub(crate) async fn members(session: &Session) -> anyhow::Result<ExitCode> {
+    let reader = GridReader::connect(session).await?;
+    let snapshot = reader.snapshot().await?;
+    let views = member_views(&snapshot);
+    if session.json {
+        print_json(&views)?;
+    } else if views.is_empty() {
+        eprintln!(
+            "no coordinator is a member of this grid right now; start one with `make up` or `flowgrid coordinator`"
+        );
+    } else {
+        out!("{}", members_table(&views).render())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn shards(args: &ShardsArgs, session: &Session) -> anyhow::Result<ExitCode> {
+    let reader = GridReader::connect(session).await?;
+    let snapshot = reader.snapshot().await?;
+    let summary = shard_summary(&snapshot);
+    if session.json {
+        let claims = args.all.then(|| shard_lines(&snapshot));
+        print_json(&ShardsJson { summary: &summary, all_serving: summary.all_serving(), claims })?;
+    } else if args.all {
+        out!("{}", shard_lines_table(&shard_lines(&snapshot), snapshot.now_ms).render())?;
+    } else {
+        out!("{}", render_shard_summary(&summary))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn status(session: &Session) -> anyhow::Result<ExitCode> {
+    let reader = GridReader::connect(session).await?;
+    // The backlog is worth showing even before any coordinator joined (durable submits).
+    let (snapshot, backlog) = tokio::join!(reader.snapshot(), reader.backlog());
+    let backlog = backlog?;
+    let snapshot = match snapshot {
+        Ok(snapshot) => Some(snapshot),
+        Err(error) if error.downcast_ref::<NotJoined>().is_some() => None,
+        Err(error) => return Err(error),
+    };
+    if session.json {
+        let members = snapshot.as_ref().map(member_views).unwrap_or_default();
+        let shards = snapshot.as_ref().map(shard_summary);
+        print_json(&StatusJson { members, shards, backlog })?;
+    } else {
+        match &snapshot {
+            Some(snapshot) => {
+                let views = member_views(snapshot);
+                outln!("members: {}", views.len())?;
+                if !views.is_empty() {
+                    out!("{}", members_table(&views).render())?;
+                }
+                outln!()?;
+                out!("{}", render_shard_summary(&shard_summary(snapshot)))?;
+            }
+            None => {
+                let not_joined = reader.not_joined();
+                outln!("members: none; {not_joined}")?;
+                eprintln!("hint: {}", not_joined_hint(&not_joined));
+            }
+        }
+        outln!()?;
+        out!("{}", render_backlog(&backlog))?;
+    }
+    Ok(if snapshot.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `flowgrid shards --json`: the summary, and every shard's claim with `--all`.
+#[derive(Serialize)]
+struct ShardsJson<'a> {
+    #[serde(flatten)]
+    summary: &'a ShardSummary,
+    all_serving: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    claims: Option<Vec<ShardLine>>,
+}
+
+/// `flowgrid status --json`; `shards` is null while no coordinator has joined.
+#[derive(Serialize)]
+struct StatusJson {
+    members: Vec<MemberView>,
+    shards: Option<ShardSummary>,
+    backlog: Backlog,
+}
+
+/// No members bucket under the prefix: no coordinator of this release ever started there.
+#[derive(Debug)]
+pub(crate) struct NotJoined {
+    pub nats_url: String,
+    pub prefix: String,
+    pub bucket: String,
+}
+
+impl fmt::Display for NotJoined {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            formatter,
+            "no coordinator has joined this grid yet (NATS at {} has no bucket {} for prefix {:?})",
+            self.nats_url, self.bucket, self.prefix
+        )
+    }
+}
+
+impl std::error::Error for NotJoined {}
+
+/// Read access to one grid's buckets and streams.
+struct GridReader {
+    jetstream: jetstream::Context,
+    subjects: Subjects,
+    nats_url: String,
+}
+
+impl GridReader {
+    async fn connect(session: &Session) -> anyhow::Result<GridReader> {
+        let nats = async_nats::ConnectOptions::new()
+            .name("flowgrid-cli")
+            .connect(&session.nats_url)
+            .await
+            .map_err(|source| flowgrid_sdk::Error::Connect { url: session.nats_url.clone(), source })?;
+        Ok(GridReader {
+            jetstream: jetstream::new(nats),
+            subjects: Subjects::new(session.prefix.clone()),
+            nats_url: session.nats_url.clone(),
+        })
+    }
+
+    fn not_joined(&self) -> NotJoined {
+        NotJoined {
+            nats_url: self.nats_url.clone(),
+            prefix: self.subjects.prefix().to_owned(),
+            bucket: self.subjects.members_bucket(),
+        }
+    }
+
+    /// Members, grid settings and shard claims as of now. Fails with [`NotJoined`] when the
+    /// members bucket does not exist.
+    async fn snapshot(&self) -> anyhow::Result<GridSnapshot> {
+        let members_bucket = self.subjects.members_bucket();
+        let Some(members) = self.bucket(&members_bucket).await? else {
+            return Err(self.not_joined().into());
+        };
+        let shards_bucket = self.subjects.shards_bucket();
+        let (members, shards) = tokio::join!(self.values(&members, &members_bucket), async {
+            match self.bucket(&shards_bucket).await? {
+                Some(shards) => self.values(&shards, &shards_bucket).await,
+                None => Ok(Vec::new()),
+            }
+        });
+        let mut snapshot = GridSnapshot {
+            members: members?
+                .into_iter()
+                .filter_map(|(key, value)| decode_record(&members_bucket, &key, &value))
+                .collect(),
+            ..Default::default()
+        };
+        for (key, value) in shards? {
+            if key == GRID_KEY {
+                snapshot.grid = decode_record::<GridConfig>(&shards_bucket, &key, &value);
+            } else if let Some(shard) = shard_of_key(&key) {
+                if let Some(claim) = decode_record::<ShardClaim>(&shards_bucket, &key, &value) {
+                    snapshot.claims.insert(shard, claim);
+                }
+            }
+        }
+        // Read the clock after the records so that fresh heartbeats never look older than they are.
+        snapshot.now_ms = now_ms();
+        Ok(snapshot)
+    }
+
+    /// Tasks waiting and in flight per pool, and durable submits waiting.
+    async fn backlog(&self) -> anyhow::Result<Backlog> {
+        let mut backlog = Backlog::default();
+        if let Some(tasks) = self.stream(&self.subjects.tasks_stream()).await? {
+            let mut pools: Vec<PoolBacklog> = self
+                .consumers(&tasks)
+                .await?
+                .into_iter()
+                .filter_map(|info| {
+                    let pool = info.name.strip_prefix(POOL_CONSUMER_PREFIX)?.to_owned();
+                    Some(PoolBacklog { pool, pending: info.num_pending, in_flight: info.num_ack_pending as u64 })
+                })
+                .collect();
+            pools.sort_by(|left, right| left.pool.cmp(&right.pool));
+            backlog.pools = Some(pools);
+        }
+        if let Some(submit) = self.stream(&self.subjects.submit_stream()).await? {
+            let consumer_name = self.subjects.submit_consumer();
+            let consumer = self.consumers(&submit).await?.into_iter().find(|info| info.name == consumer_name);
+            backlog.submit = Some(match consumer {
+                Some(info) => SubmitBacklog { waiting: info.num_pending, in_flight: info.num_ack_pending as u64 },
+                // No coordinator has drained it yet: everything in it waits.
+                None => SubmitBacklog { waiting: submit.cached_info().state.messages, in_flight: 0 },
+            });
+        }
+        Ok(backlog)
+    }
+
+    /// The stream `name`, or `None` when it does not exist.
+    async fn stream(&self, name: &str) -> anyhow::Result<Option<stream::Stream>> {
+        let lookup = tokio::time::timeout(READ_TIMEOUT, self.jetstream.get_stream(name)).await;
+        match lookup {
+            Err(_) => Err(self.read_timed_out(name)),
+            Ok(Ok(stream)) => Ok(Some(stream)),
+            Ok(Err(error)) => match error.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(jetstream_error)
+                    if jetstream_error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(None)
+                }
+                _ => Err(anyhow::Error::new(error).context(format!(
+                    "cannot look up stream {name} on NATS at {} (is JetStream enabled, `nats-server -js`?)",
+                    self.nats_url
+                ))),
+            },
+        }
+    }
+
+    /// The bucket `name`, or `None` when it does not exist.
+    async fn bucket(&self, name: &str) -> anyhow::Result<Option<kv::Store>> {
+        if self.stream(&format!("KV_{name}")).await?.is_none() {
+            return Ok(None);
+        }
+        let store = tokio::time::timeout(READ_TIMEOUT, self.jetstream.get_key_value(name))
+            .await
+            .map_err(|_| self.read_timed_out(name))?
+            .with_context(|| format!("cannot open bucket {name} on NATS at {}", self.nats_url))?;
+        Ok(Some(store))
+    }
+
+    /// Every live key of `store` with its value.
+    async fn values(&self, store: &kv::Store, name: &str) -> anyhow::Result<Vec<(String, Bytes)>> {
+        let read = async {
+            let keys: Vec<String> = store.keys().await?.try_collect().await?;
+            let values: Vec<(String, Option<Bytes>)> = futures::stream::iter(keys)
+                .map(|key| async move {
+                    let value = store.get(key.as_str()).await?;
+                    Ok::<_, async_nats::Error>((key, value))
+                })
+                .buffer_unordered(READS_IN_FLIGHT_MAX)
+                .try_collect()
+                .await?;
+            // A key deleted between listing and reading is simply gone.
+            Ok::<_, async_nats::Error>(
+                values.into_iter().filter_map(|(key, value)| Some((key, value?))).collect::<Vec<_>>(),
+            )
+        };
+        tokio::time::timeout(READ_TIMEOUT, read)
+            .await
+            .map_err(|_| self.read_timed_out(name))?
+            .map_err(|error| anyhow::anyhow!(error))
+            .with_context(|| format!("cannot read bucket {name} on NATS at {}", self.nats_url))
+    }
+
+    /// Every consumer of `stream`.
+    async fn consumers(&self, stream: &stream::Stream) -> anyhow::Result<Vec<jetstream::consumer::Info>> {
+        let name = &stream.cached_info().config.name;
+        tokio::time::timeout(READ_TIMEOUT, stream.consumers().try_collect::<Vec<_>>())
+            .await
+            .map_err(|_| self.read_timed_out(name))?
+            .with_context(|| format!("cannot list the consumers of stream {name} on NATS at {}", self.nats_url))
+    }
+
+    fn read_timed_out(&self, what: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "reading {what} on NATS at {} took longer than {}s; is the server overloaded?",
+            self.nats_url,
+            READ_TIMEOUT.as_secs()
+        )
+    }
+}
+
+/// Decodes one bucket value; a value that is not the expected record (a newer or older
+/// release wrote it) is skipped with a warning instead of hiding everything else.
+fn decode_record<T: DeserializeOwned>(bucket: &str, key: &str, value: &[u8]) -> Option<T> {
+    match decode(Encoding::MsgPack, value) {
+        Ok(record) => Some(record),
+        Err(error) => {
+            eprintln!("warning: skipping {bucket} key {key:?}: {error}");
+            None
+        }
+    }
+}
+
+/// Hint for [`crate::failure`]: a grid nobody joined yet.
+pub(crate) fn not_joined_hint(error: &NotJoined) -> String {
+    format!(
+        "start the grid with `make up` (or `flowgrid coordinator --prefix {}`), or check --nats-url and --prefix",
+        error.prefix
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_joined_names_the_url_the_bucket_and_the_prefix() {
+        let error = NotJoined {
+            nats_url: "nats://127.0.0.1:4333".into(),
+            prefix: "flowgrid".into(),
+            bucket: "FLOWGRID_MEMBERS".into(),
+        };
+        assert_eq!(
+            error.to_string(),
+            "no coordinator has joined this grid yet (NATS at nats://127.0.0.1:4333 has no bucket FLOWGRID_MEMBERS \
+             for prefix \"flowgrid\")"
+        );
+        assert!(not_joined_hint(&error).contains("make up"));
+    }
+}
