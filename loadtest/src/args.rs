@@ -25,6 +25,9 @@ pub enum Command {
     Memory(MemoryArgs),
     /// Overload: workers stop, starts continue; report rejections and RSS over time.
     Overload(OverloadArgs),
+    /// Chaos: several coordinators under steady load while they are killed, paused, added
+    /// and removed; then every accepted run is checked and the store audited.
+    Chaos(ChaosArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -216,6 +219,71 @@ pub struct OverloadArgs {
     pub workers: WorkerArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    /// How long faults are injected under load.
+    #[arg(long, env = "FLOWGRID_LT_DURATION", default_value = "600s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Coordinators sharing the grid (at least 3: one may be down while two keep serving).
+    #[arg(long, default_value_t = 3)]
+    pub coordinators: usize,
+    /// Run starts per second (open loop, one idempotency key per run).
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Seed of the fault schedule (default: from the clock; printed, so a run can be repeated).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// The `flowgrid` binary (default: `flowgrid` next to this binary).
+    #[arg(long, env = "FLOWGRID_BIN")]
+    pub flowgrid_bin: Option<PathBuf>,
+    /// Virtual shards of the grid.
+    #[arg(long, env = "FLOWGRID_LT_SHARDS", default_value_t = 32)]
+    pub shards: u32,
+    /// Passed to every coordinator as `--lease-ms` (default: the coordinator's own); a
+    /// pause lasts the lease plus one second.
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Mean time between two fault actions (each action waits 80..120% of it).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub fault_interval: Duration,
+    /// `flowgrid worker` processes serving the flow's pool.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Tasks one worker process holds at once.
+    #[arg(long, default_value_t = 64)]
+    pub worker_concurrency: usize,
+    /// After the faults end, how long accepted runs may take to finish.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// Subject prefix of the grid.
+    #[arg(long, default_value = flowgrid_proto::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// Keep logs and data in this directory (default: a temporary one, kept only when the
+    /// run finds a problem).
+    #[arg(long, env = "FLOWGRID_LT_KEEP_DIR")]
+    pub keep_dir: Option<PathBuf>,
+}
+
+impl ChaosArgs {
+    /// Checks values clap cannot, with messages that say what to change.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.coordinators >= 3,
+            "--coordinators must be at least 3: one is killed or paused at a time and two must keep serving"
+        );
+        anyhow::ensure!(
+            self.rate.is_finite() && self.rate > 0.0,
+            "--rate must be a positive number of runs per second"
+        );
+        anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive (e.g. 600s)");
+        anyhow::ensure!(self.shards >= 1, "--shards must be at least 1");
+        anyhow::ensure!(self.workers >= 1, "--workers must be at least 1");
+        anyhow::ensure!(self.worker_concurrency >= 1, "--worker-concurrency must be at least 1");
+        anyhow::ensure!(self.fault_interval >= Duration::from_millis(100), "--fault-interval must be at least 100ms");
+        Ok(())
+    }
+}
+
 pub fn validate_workers(workers: &WorkerArgs) -> anyhow::Result<()> {
     anyhow::ensure!(workers.workers_per_pool >= 1, "--workers-per-pool must be at least 1");
     anyhow::ensure!(workers.worker_concurrency >= 1, "--worker-concurrency must be at least 1");
@@ -249,6 +317,17 @@ mod tests {
         assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn chaos_defaults_are_valid_and_two_coordinators_are_refused() {
+        let cli = Cli::try_parse_from(["flowgrid-loadtest", "chaos", "--duration", "45s", "--seed", "7"]).unwrap();
+        let Command::Chaos(chaos) = cli.command else { panic!("expected chaos") };
+        assert_eq!((chaos.duration, chaos.coordinators, chaos.seed), (Duration::from_secs(45), 3, Some(7)));
+        chaos.validate().unwrap();
+        let cli = Cli::try_parse_from(["flowgrid-loadtest", "chaos", "--coordinators", "2"]).unwrap();
+        let Command::Chaos(chaos) = cli.command else { panic!("expected chaos") };
+        assert!(chaos.validate().unwrap_err().to_string().contains("at least 3"));
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The grid under test: started here (nats-server on a random port with a temporary store
-//! dir, and one coordinator from the release binary) or a running one given by URL.
+//! dir, and one coordinator from the release binary) or a running one given by URL; and,
+//! for `chaos`, a [`Cluster`]: several coordinators sharing one data dir, whose processes
+//! the harness kills, pauses, adds and removes, plus `flowgrid worker` processes.
 //!
 //! Every process started here is killed when its handle drops, which also happens on
 //! ctrl-c (the main task returns) and on a panic (unwinding drops the handles).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -56,18 +58,7 @@ impl Grid {
             }
         };
         let flowgrid = flowgrid_bin(args)?;
-        let nats_port = free_port()?;
-        let mut nats = Process::spawn(
-            "nats-server",
-            Command::new(nats_server_bin())
-                .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
-                .arg(path.join("nats")),
-            &path,
-        )
-        .context("start nats-server: install it with `make setup` or set NATS_SERVER_BIN")?
-        .with_drop_grace(Duration::from_secs(5));
-        wait_for_port(nats_port, &mut nats, STARTUP_DEADLINE)?;
-        let nats_url = format!("nats://127.0.0.1:{nats_port}");
+        let (nats, nats_url) = start_nats(&path)?;
 
         let mut command = Command::new(&flowgrid);
         command
@@ -155,17 +146,363 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
 
 /// `--flowgrid-bin`, else `flowgrid` next to this binary (both live in target/release).
 fn flowgrid_bin(args: &GridArgs) -> Result<PathBuf> {
-    if let Some(path) = &args.flowgrid_bin {
-        return Ok(path.clone());
+    locate_flowgrid_bin(args.flowgrid_bin.as_deref())
+}
+
+/// nats-server with JetStream on a random loopback port, its store under `dir/nats`, its log
+/// in `dir`; returns the process and its URL.
+pub fn start_nats(dir: &Path) -> Result<(Process, String)> {
+    let nats_port = free_port()?;
+    let mut nats = Process::spawn(
+        "nats-server",
+        Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
+            .arg(dir.join("nats")),
+        dir,
+    )
+    .context("start nats-server: install it with `make setup` or set NATS_SERVER_BIN")?
+    .with_drop_grace(Duration::from_secs(5));
+    wait_for_port(nats_port, &mut nats, STARTUP_DEADLINE)?;
+    Ok((nats, format!("nats://127.0.0.1:{nats_port}")))
+}
+
+/// `explicit`, else `flowgrid` next to this binary (both live in the same target dir).
+pub fn locate_flowgrid_bin(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        if !path.exists() {
+            bail!("{} is missing: build it with `cargo build --bins -p flowgrid-cli`", path.display());
+        }
+        return Ok(path.to_path_buf());
     }
     let exe = std::env::current_exe().context("locate the flowgrid-loadtest binary")?;
     let bin = exe.with_file_name("flowgrid");
     if !bin.exists() {
         bail!(
-            "{} is missing: build it with `cargo build --release --bins -p flowgrid-cli` (make loadtest does) \
-             or pass --flowgrid-bin",
+            "{} is missing: build it with `cargo build --bins -p flowgrid-cli` (`--release` for measurements; \
+             make loadtest does) or pass --flowgrid-bin",
             bin.display()
         );
     }
     Ok(bin)
+}
+
+/// A coordinator process of a [`Cluster`]: killed hard, paused, resumed, stopped
+/// gracefully, with its exit status kept. On drop it is resumed if paused, asked to stop,
+/// and killed after a short grace.
+pub struct CoordinatorProcess {
+    /// `coordinator-<slot>`.
+    pub name: String,
+    /// This incarnation's log (a restarted coordinator gets a new one).
+    pub log: PathBuf,
+    pub started: Instant,
+    /// When it was asked to leave (SIGTERM).
+    pub leave_requested: Option<Instant>,
+    child: std::process::Child,
+    paused: bool,
+    exit: Option<std::process::ExitStatus>,
+}
+
+impl CoordinatorProcess {
+    fn spawn(name: &str, command: &mut Command, log: PathBuf) -> Result<CoordinatorProcess> {
+        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start {name}: {command:?}"))?;
+        Ok(CoordinatorProcess {
+            name: name.to_owned(),
+            log,
+            started: Instant::now(),
+            leave_requested: None,
+            child,
+            paused: false,
+            exit: None,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The exit status once the process has exited (reaped here).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        if self.exit.is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exit = Some(status);
+            }
+        }
+        self.exit
+    }
+
+    pub fn has_exited(&mut self) -> bool {
+        self.exit_status().is_some()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill_hard(&mut self) {
+        if self.has_exited() {
+            return;
+        }
+        let _ = self.child.kill();
+        if let Ok(status) = self.child.wait() {
+            self.exit = Some(status);
+        }
+        self.paused = false;
+    }
+
+    /// SIGSTOP: the process freezes with its connections and file locks held.
+    pub fn pause(&mut self) -> Result<()> {
+        self.signal("STOP")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// SIGCONT after [`CoordinatorProcess::pause`].
+    pub fn resume(&mut self) -> Result<()> {
+        if self.paused {
+            self.signal("CONT")?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM (resuming it first if paused): a graceful leave.
+    pub fn terminate(&mut self) -> Result<()> {
+        self.resume()?;
+        self.signal("TERM")?;
+        self.leave_requested.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// The last `lines` lines of this incarnation's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn signal(&mut self, signal: &str) -> Result<()> {
+        // A process not yet reaped keeps its pid, so the signal cannot reach another one.
+        if self.has_exited() {
+            bail!("{} (pid {}) has already exited", self.name, self.pid());
+        }
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().context("run kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {} ({}) failed: {status}", self.pid(), self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        if self.has_exited() {
+            return;
+        }
+        let _ = self.terminate();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if self.has_exited() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill_hard();
+    }
+}
+
+/// What a [`Cluster`] runs.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub flowgrid: PathBuf,
+    pub prefix: String,
+    pub shards: u32,
+    /// Extra flags of every coordinator (e.g. `--lease-ms 1500`).
+    pub coordinator_args: Vec<String>,
+    /// Logs and data here instead of a temporary directory.
+    pub keep_dir: Option<PathBuf>,
+}
+
+/// nats-server, coordinators sharing one data dir (`<dir>/data`), and `flowgrid worker`
+/// processes; all on loopback, all stopped when the cluster drops.
+pub struct Cluster {
+    pub nats_url: String,
+    pub spec: ClusterSpec,
+    /// Coordinator slots; a slot is empty between a kill and its restart, or after a
+    /// scale-in.
+    pub coordinators: Vec<Option<CoordinatorProcess>>,
+    /// Coordinators asked to leave (SIGTERM), until they exit.
+    pub leaving: Vec<CoordinatorProcess>,
+    // Dropped in field order: coordinators first (above), then workers, nats-server, and
+    // the directory.
+    workers: Vec<Process>,
+    nats: Option<Process>,
+    dir: PathBuf,
+    temp: Option<tempfile::TempDir>,
+    incarnations: u64,
+}
+
+impl Cluster {
+    /// Starts nats-server; coordinators and workers are started with their own calls.
+    pub fn start_nats(spec: ClusterSpec) -> Result<Cluster> {
+        let (temp, dir) = match &spec.keep_dir {
+            Some(path) => {
+                std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
+                (None, path.clone())
+            }
+            None => {
+                let temp = tempfile::Builder::new().prefix("flowgrid-chaos-").tempdir()?;
+                let dir = temp.path().to_path_buf();
+                (Some(temp), dir)
+            }
+        };
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let (nats, nats_url) = start_nats(&dir)?;
+        Ok(Cluster {
+            nats_url,
+            spec,
+            coordinators: Vec::new(),
+            leaving: Vec::new(),
+            workers: Vec::new(),
+            nats: Some(nats),
+            dir,
+            temp,
+            incarnations: 0,
+        })
+    }
+
+    /// Logs, data, and the NATS store live here.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The coordinators' shared data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Keeps the directory after the cluster drops (a temporary one is deleted otherwise);
+    /// returns it.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        if let Some(temp) = self.temp.take() {
+            let _ = temp.keep();
+        }
+        self.dir.clone()
+    }
+
+    /// Starts a coordinator in `slot` (a new slot when `slot` is the number of slots).
+    pub fn spawn_coordinator(&mut self, slot: usize) -> Result<u32> {
+        anyhow::ensure!(slot <= self.coordinators.len(), "slot {slot} is past the end");
+        if slot == self.coordinators.len() {
+            self.coordinators.push(None);
+        }
+        anyhow::ensure!(self.coordinators[slot].is_none(), "slot {slot} is taken");
+        self.incarnations += 1;
+        let name = format!("coordinator-{slot}");
+        let log = self.dir.join("logs").join(format!("{name}.{}.log", self.incarnations));
+        let mut command = Command::new(&self.spec.flowgrid);
+        command
+            .arg("coordinator")
+            .args(["--nats-url", &self.nats_url, "--prefix", &self.spec.prefix])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--shards", &self.spec.shards.to_string(), "--metrics-addr", "off"])
+            .args(&self.spec.coordinator_args)
+            .env("FLOWGRID_LOG", std::env::var("FLOWGRID_LOG").unwrap_or_else(|_| "info".to_owned()));
+        let process = CoordinatorProcess::spawn(&name, &mut command, log)?;
+        let pid = process.pid();
+        self.coordinators[slot] = Some(process);
+        Ok(pid)
+    }
+
+    /// Starts `count` `flowgrid worker` processes serving `pool` without simulated delays.
+    pub fn spawn_workers(&mut self, count: usize, pool: &str, concurrency: usize) -> Result<()> {
+        for _ in 0..count {
+            let name = format!("worker-{}", self.workers.len());
+            let process = Process::spawn(
+                &name,
+                Command::new(&self.spec.flowgrid)
+                    .arg("worker")
+                    .args(["--nats-url", &self.nats_url, "--prefix", &self.spec.prefix])
+                    .args(["--pools", pool, "--concurrency", &concurrency.to_string(), "--speed", "0"]),
+                &self.dir.join("logs"),
+            )?
+            .with_drop_grace(Duration::from_secs(5));
+            self.workers.push(process);
+        }
+        Ok(())
+    }
+
+    /// Stops the workers (SIGTERM, then SIGKILL after `grace`).
+    pub fn stop_workers(&mut self, grace: Duration) {
+        for worker in &mut self.workers {
+            worker.stop(grace);
+        }
+    }
+
+    /// Workers that exited on their own (they should not).
+    pub fn workers_exited(&mut self) -> Vec<String> {
+        self.workers.iter_mut().filter_map(|worker| worker.has_exited().then(|| worker.name.clone())).collect()
+    }
+
+    /// Stops nats-server.
+    pub fn stop_nats(&mut self) {
+        if let Some(mut nats) = self.nats.take() {
+            nats.stop(Duration::from_secs(5));
+        }
+    }
+
+    pub async fn connect(&self, name: &str) -> Result<async_nats::Client> {
+        async_nats::ConnectOptions::new()
+            .name(name)
+            .connect(&self.nats_url)
+            .await
+            .with_context(|| format!("connect to NATS at {}", self.nats_url))
+    }
+
+    pub async fn client(&self, name: &str) -> Result<flowgrid_sdk::Client> {
+        Ok(flowgrid_sdk::Client::new(self.connect(name).await?, self.spec.prefix.clone()))
+    }
+
+    /// Waits until some coordinator answers `flow.list`.
+    pub async fn wait_until_serving(&mut self) -> Result<()> {
+        let client = self.client("flowgrid-chaos-probe").await?.with_retry_budget(Duration::ZERO);
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        loop {
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), client.flows()).await {
+                return Ok(());
+            }
+            let exited: Vec<String> = self
+                .coordinators
+                .iter_mut()
+                .flatten()
+                .filter_map(|process| process.has_exited().then(|| process.name.clone()))
+                .collect();
+            if !exited.is_empty() || Instant::now() > deadline {
+                bail!(
+                    "no coordinator served within {STARTUP_DEADLINE:?} (exited: {exited:?}); logs:\n{}",
+                    self.coordinator_logs(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The log tails of every running coordinator, for failure messages.
+    pub fn coordinator_logs(&self, lines: usize) -> String {
+        self.coordinators
+            .iter()
+            .flatten()
+            .chain(self.leaving.iter())
+            .map(|process| format!("--- {} ({})\n{}", process.name, process.log.display(), process.log_tail(lines)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }

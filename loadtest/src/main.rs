@@ -1,7 +1,10 @@
 //! flowgrid-loadtest: drives a flowgrid grid with simulated workers and measures it
 //! against the broker floor. See docs/performance.md for the method and the figures.
+//! `chaos` instead runs several coordinators under load while it kills, pauses, adds and
+//! removes them, and checks that no accepted run is lost (see `chaos/mod.rs`).
 
 mod args;
+mod chaos;
 mod driver;
 mod floor;
 mod flows;
@@ -28,6 +31,7 @@ async fn main() -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Memory(args) => memory::memory(args).await,
             Command::Overload(args) => overload::overload(args).await,
+            Command::Chaos(args) => chaos::chaos(args).await,
         }
     };
     // On ctrl-c the command is dropped, and with it the grid it started.

@@ -1,0 +1,271 @@
+//! The steady load of a chaos run: runs of a chain of three `double` tasks started at a
+//! fixed rate, each with its own idempotency key (so a start that timed out or met a moving
+//! shard is repeated safely), and a poller that reads how each accepted run ended.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use flowgrid_sdk::{Client, RunId, RunStatus, StartRun};
+
+use crate::driver::Errors;
+
+/// The flow every run starts, its pool and how its output follows from its input.
+pub const FLOW: &str = "chaos-chain";
+pub const POOL: &str = "chaos";
+pub const DEFINITION: &str = r#"name: chaos-chain
+description: chaos test, three doublings in a row (output value = input value * 8)
+output: 'steps.s3.output'
+steps:
+  - id: s1
+    kind: task
+    pool: chaos
+    task: double
+    timeout_ms: 20000
+  - id: s2
+    kind: task
+    pool: chaos
+    task: double
+    after: [s1]
+    input: 'steps.s1.output'
+    timeout_ms: 20000
+  - id: s3
+    kind: task
+    pool: chaos
+    task: double
+    after: [s2]
+    input: 'steps.s2.output'
+    timeout_ms: 20000
+"#;
+
+/// Start requests awaiting their reply at once; past it a start is skipped and counted.
+const STARTS_PENDING_MAX: usize = 2_000;
+/// How long one start keeps trying (timeouts and retryable refusals) before it gives up.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+/// One request's wait for its reply.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A run is first polled this long after it was accepted, then every poll period.
+const POLL_AFTER: Duration = Duration::from_millis(500);
+const POLL_PERIOD: Duration = Duration::from_secs(1);
+/// `run.get` requests in flight at once while polling.
+const POLL_CONCURRENCY: usize = 32;
+
+/// The input of run `index` and the output it must end with.
+pub fn run_input(seed: u64, index: u64) -> (Value, Value) {
+    let value = i64::try_from(index % 1_000_000).unwrap_or(0) + 1;
+    let tag = format!("{seed}-{index}");
+    (json!({ "value": value, "tag": tag }), json!({ "value": value * 8, "tag": tag }))
+}
+
+/// How an accepted run ended, as `run.get` showed it.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub status: RunStatus,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    /// Attempts over all steps (3 when nothing was retried).
+    pub attempts: u32,
+}
+
+/// One accepted run.
+#[derive(Clone, Debug)]
+pub struct AcceptedRun {
+    pub run_id: RunId,
+    pub index: u64,
+    pub expected: Value,
+    pub accepted_at: Instant,
+    pub outcome: Option<Outcome>,
+}
+
+/// The accepted runs and counters the progress line shows.
+#[derive(Default)]
+pub struct Ledger {
+    pub runs: Mutex<Vec<AcceptedRun>>,
+    pub accepted: AtomicU64,
+    pub finished: AtomicU64,
+    pub scheduled: AtomicU64,
+    /// Starts that needed more than one try to be accepted.
+    pub start_retried: AtomicU64,
+    /// Starts that were not accepted, by kind.
+    pub start_errors: Errors,
+    /// `run.get` calls of the poller that failed, by kind (the run is asked again later).
+    pub get_errors: Errors,
+}
+
+impl Ledger {
+    fn accept(&self, run: AcceptedRun) {
+        self.runs.lock().expect("ledger lock").push(run);
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Accepted runs not seen ended yet.
+    pub fn unfinished(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed).saturating_sub(self.finished.load(Ordering::Relaxed))
+    }
+}
+
+/// Starts runs at `rate` per second until `stop`; returns once every start sent has its
+/// answer (or gave up).
+pub async fn start_loop(client: Client, seed: u64, rate: f64, ledger: Arc<Ledger>, stop: CancellationToken) {
+    let pending = Arc::new(Semaphore::new(STARTS_PENDING_MAX));
+    let origin = tokio::time::Instant::now();
+    let mut in_flight = JoinSet::new();
+    for index in 0u64.. {
+        let scheduled = origin + Duration::from_secs_f64(index as f64 / rate);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(scheduled) => {}
+        }
+        while in_flight.try_join_next().is_some() {}
+        ledger.scheduled.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            ledger.start_errors.add("start_skipped_backlog", 1);
+            continue;
+        };
+        let (client, ledger) = (client.clone(), ledger.clone());
+        in_flight.spawn(async move {
+            start_one(&client, seed, index, &ledger).await;
+            drop(permit);
+        });
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+async fn start_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
+    let (input, expected) = run_input(seed, index);
+    let key = format!("chaos-{seed}-{index}");
+    let request = StartRun { flow: FLOW.to_owned(), version: None, input, idempotency_key: Some(key.clone()) };
+    let deadline = Instant::now() + START_DEADLINE;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match client.start(request.clone()).await {
+            Ok(started) => {
+                if started.run_id != RunId::from_idempotency_key(FLOW, &key) {
+                    ledger.start_errors.add("start_unexpected_run_id", 1);
+                }
+                if tries > 1 {
+                    ledger.start_retried.fetch_add(1, Ordering::Relaxed);
+                }
+                ledger.accept(AcceptedRun {
+                    run_id: started.run_id,
+                    index,
+                    expected,
+                    accepted_at: Instant::now(),
+                    outcome: None,
+                });
+                return;
+            }
+            Err(error) => {
+                // With the idempotency key, repeating any start is safe; refusals that
+                // cannot change (invalid input, unknown flow) are not repeated.
+                let final_refusal = error.api().is_some_and(|refusal| !refusal.retryable);
+                if final_refusal || Instant::now() + Duration::from_millis(100) > deadline {
+                    ledger.start_errors.add(&start_error_kind(&error), 1);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn start_error_kind(error: &flowgrid_sdk::Error) -> String {
+    match error {
+        flowgrid_sdk::Error::Api(refusal) => format!("start_{}", refusal.code),
+        flowgrid_sdk::Error::Timeout { .. } => "start_timeout".to_owned(),
+        other if other.is_no_responders() => "start_no_responders".to_owned(),
+        _ => "start_nats".to_owned(),
+    }
+}
+
+/// Polls accepted runs with `run.get` until `stop`, recording how each ended.
+pub async fn poll_loop(client: Client, ledger: Arc<Ledger>, stop: CancellationToken) {
+    loop {
+        poll_once(&client, &ledger, POLL_AFTER).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(POLL_PERIOD) => {}
+        }
+    }
+}
+
+/// Polls until every accepted run has ended or `deadline` passes; returns the runs still
+/// not seen ended.
+pub async fn poll_until_finished(client: &Client, ledger: &Ledger, deadline: Duration) -> u64 {
+    let until = Instant::now() + deadline;
+    loop {
+        poll_once(client, ledger, Duration::ZERO).await;
+        let unfinished = ledger.unfinished();
+        if unfinished == 0 || Instant::now() >= until {
+            return unfinished;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One `run.get` of every accepted run older than `age` not yet seen ended.
+async fn poll_once(client: &Client, ledger: &Ledger, age: Duration) {
+    let due: Vec<(usize, RunId)> = {
+        let runs = ledger.runs.lock().expect("ledger lock");
+        runs.iter()
+            .enumerate()
+            .filter(|(_, run)| run.outcome.is_none() && run.accepted_at.elapsed() >= age)
+            .map(|(position, run)| (position, run.run_id.clone()))
+            .collect()
+    };
+    let results: Vec<(usize, Result<flowgrid_sdk::RunView, flowgrid_sdk::Error>)> = futures::stream::iter(
+        due.into_iter().map(|(position, run_id)| async move { (position, client.get(&run_id).await) }),
+    )
+    .buffer_unordered(POLL_CONCURRENCY)
+    .collect()
+    .await;
+    let mut runs = ledger.runs.lock().expect("ledger lock");
+    for (position, result) in results {
+        match result {
+            Ok(view) if view.status.is_terminal() => {
+                let attempts = view.steps.iter().map(|step| step.attempts).sum();
+                runs[position].outcome = Some(Outcome {
+                    status: view.status,
+                    output: view.output,
+                    error: view.error.map(|error| format!("{}: {}", error.code, error.message)),
+                    attempts,
+                });
+                ledger.finished.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(error) if error.is_not_found() => ledger.get_errors.add("not_found", 1),
+            Err(flowgrid_sdk::Error::Timeout { .. }) => ledger.get_errors.add("timeout", 1),
+            Err(flowgrid_sdk::Error::Api(refusal)) => ledger.get_errors.add(&refusal.code.to_string(), 1),
+            Err(_) => ledger.get_errors.add("nats", 1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flow_is_valid() {
+        let limits = flowgrid_model::Limits::default();
+        let definition = flowgrid_model::parse_definition(DEFINITION, &limits).expect("parses");
+        assert_eq!(definition.name, FLOW);
+        let evaluator = flowgrid_model::Evaluator::new(&limits);
+        let valid = flowgrid_model::validate(&definition, &evaluator, &limits);
+        assert!(valid.is_ok(), "{:?}", valid.err());
+    }
+
+    #[test]
+    fn expected_outputs_are_eight_times_the_input() {
+        let (input, output) = run_input(7, 41);
+        assert_eq!(input, json!({"value": 42, "tag": "7-41"}));
+        assert_eq!(output, json!({"value": 336, "tag": "7-41"}));
+    }
+}
