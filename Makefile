@@ -9,9 +9,13 @@
 #   make build       cargo build --bins (debug)
 #   make tools       the Python tools only (nats-server, nats-py, msgpack); no system packages
 #   make up          start a local grid in the background: nats-server on 127.0.0.1:NATS_PORT,
-#                    a coordinator (data .grid/data), demo workers for gpu-llm and cpu-media
-#   make down        stop what `make up` started (safe to run twice)
-#   make status      processes of the local grid and the deployed flows
+#                    COORDINATORS coordinators sharing .grid/data (metrics on METRICS_PORT,
+#                    METRICS_PORT+1, ...), demo workers for gpu-llm and cpu-media; waits until
+#                    every shard is served
+#   make scale       bring the running grid to COORDINATORS coordinators: start the missing ones,
+#                    or stop the highest-numbered ones one at a time (graceful leave); no rebuild
+#   make down        stop what `make up` and `make scale` started (safe to run twice)
+#   make status      processes of the local grid, members, shards, backlog and deployed flows
 #   make schemas     regenerate the JSON Schemas in schemas/ from the Rust types
 #   make check-fdb   type-check the FoundationDB backend (needs libclang-dev)
 #   make check-deps  the pure core crates must not depend on tokio, async-nats, redb, foundationdb
@@ -20,10 +24,15 @@
 #   make clean-grid  delete the local grid's data (.grid/data, .grid/nats); the grid must be down
 #   make loadtest    build release binaries and run the load-test harness on a throw-away grid
 #                    (LOADTEST_ARGS, default: a 60 s closed-loop chain-of-3 run; see docs/performance.md)
+#   make chaos       build release binaries and run the chaos test for DURATION seconds: several
+#                    coordinators under load, killed, paused, added and removed; then every run is
+#                    checked and the store audited (see docs/operations.md)
 #   make help        this text
 #
 # Variables (override on the command line, e.g. `make up NATS_PORT=4333`):
 #   CARGO=cargo NATS_PORT=4222 METRICS_PORT=9464 SHARDS=256 WORKER_POOLS=gpu-llm,cpu-media
+#   COORDINATORS=1 (make up, make scale)  DURATION=120 (make chaos, seconds; or 10m)
+#   CHAOS_ARGS="--seed 7 --coordinators 5" (more flags of `flowgrid-loadtest chaos`)
 #   TARGET_DIR=$CARGO_TARGET_DIR or target  LOADTEST_ARGS="run --workload single --duration 30s"
 
 CARGO ?= cargo
@@ -33,18 +42,24 @@ SHARDS ?= 256
 WORKER_POOLS ?= gpu-llm,cpu-media
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 LOADTEST_ARGS ?= run --workload chain --tasks-per-run 3 --mode closed --concurrency 256 --duration 60s
+COORDINATORS ?= 1
+DURATION ?= 120
+CHAOS_ARGS ?=
 FLOWGRID_BIN ?= $(abspath $(TARGET_DIR)/debug/flowgrid)
+# The harnesses start the release build of flowgrid, whatever FLOWGRID_BIN says.
+RELEASE_FLOWGRID_BIN := $(abspath $(TARGET_DIR)/release/flowgrid)
 
 # Every recipe line runs in bash and stops at the first failing command.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
-export CARGO NATS_PORT METRICS_PORT SHARDS WORKER_POOLS FLOWGRID_BIN
+export CARGO NATS_PORT METRICS_PORT SHARDS WORKER_POOLS COORDINATORS FLOWGRID_BIN
 
 # Loads NATS_SERVER_BIN (the pinned nats-server) written by deploy/setup.sh.
 LOAD_TOOLS := source deploy/lib.sh && load_tools "$$PWD"
 
-.PHONY: help setup tools build demo test up down status schemas check-fdb check-deps fmt lint clean-grid loadtest
+.PHONY: help setup tools build demo test up scale down status schemas check-fdb check-deps fmt lint clean-grid loadtest \
+	chaos
 
 help:
 	@awk 'NR == 1, !/^#/ { if (/^#/) { sub(/^# ?/, ""); print } }' $(firstword $(MAKEFILE_LIST))
@@ -89,6 +104,10 @@ test: setup
 up: tools build
 	./deploy/grid.sh up
 
+# Uses the binary the grid runs (no rebuild): one grid, one version.
+scale:
+	./deploy/grid.sh scale
+
 down:
 	./deploy/grid.sh down
 
@@ -117,4 +136,12 @@ clean-grid:
 # Starts its own nats-server and coordinator (release build) on free ports and stops them at the end.
 loadtest: tools
 	$(CARGO) build --release --bins -p flowgrid-cli -p flowgrid-loadtest
-	$(LOAD_TOOLS); $(TARGET_DIR)/release/flowgrid-loadtest $(LOADTEST_ARGS)
+	$(LOAD_TOOLS); FLOWGRID_BIN=$(RELEASE_FLOWGRID_BIN) $(TARGET_DIR)/release/flowgrid-loadtest $(LOADTEST_ARGS)
+
+# Its own nats-server, coordinators and workers on free ports, all stopped at the end; exits
+# non-zero when a run was lost, ended twice, or the audit of the store finds a violation.
+chaos: tools
+	$(CARGO) build --release --bins -p flowgrid-cli -p flowgrid-loadtest
+	$(LOAD_TOOLS); duration='$(DURATION)'; [[ "$$duration" =~ ^[0-9]+$$ ]] && duration+=s; \
+	$(TARGET_DIR)/release/flowgrid-loadtest chaos --duration "$$duration" --flowgrid-bin $(RELEASE_FLOWGRID_BIN) \
+	    $(CHAOS_ARGS)

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# A local grid in the background, for make up / down / status:
+# A local grid in the background, for make up / scale / down / status:
 #   nats-server (JetStream, store .grid/nats) on 127.0.0.1:$NATS_PORT,
-#   one coordinator (data dir .grid/data, metrics on 127.0.0.1:$METRICS_PORT),
+#   $COORDINATORS coordinators coordinator-1..N sharing the data dir .grid/data and the
+#   $SHARDS shards; coordinator-i serves metrics on 127.0.0.1:$((METRICS_PORT + i - 1)),
 #   one demo worker process serving the pools $WORKER_POOLS.
-# Pid files and logs live in .grid/. `down` stops only what `up` started (by pid file)
-# and is safe to run twice.
+# Pid files and logs live in .grid/ (coordinator-<i>.pid, coordinator-<i>.log, ...). `down`
+# stops only what `up` and `scale` started (by pid file) and is safe to run twice.
 #
-# usage: deploy/grid.sh up|down|status|clean
-# env:   NATS_PORT (4222) METRICS_PORT (9464) SHARDS (256) WORKER_POOLS (gpu-llm,cpu-media)
-#        FLOWGRID_BIN (target/debug/flowgrid) GRID_DIR (.grid) UP_TIMEOUT_SECONDS (60)
+# usage: deploy/grid.sh up|scale|down|status|clean
+# env:   COORDINATORS (1) NATS_PORT (4222) METRICS_PORT (9464) SHARDS (256)
+#        WORKER_POOLS (gpu-llm,cpu-media) FLOWGRID_BIN (target/debug/flowgrid) GRID_DIR (.grid)
+#        UP_TIMEOUT_SECONDS (60) LEAVE_TIMEOUT_SECONDS (30: a coordinator's graceful leave)
 set -euo pipefail
 
 # shellcheck source=deploy/lib.sh
@@ -16,6 +18,7 @@ set -euo pipefail
 ROOT=$(repo_root)
 cd "$ROOT"
 
+COORDINATORS=${COORDINATORS:-1}
 NATS_PORT=${NATS_PORT:-4222}
 METRICS_PORT=${METRICS_PORT:-9464}
 SHARDS=${SHARDS:-256}
@@ -23,9 +26,11 @@ WORKER_POOLS=${WORKER_POOLS:-gpu-llm,cpu-media}
 FLOWGRID_BIN=${FLOWGRID_BIN:-target/debug/flowgrid}
 GRID_DIR=${GRID_DIR:-.grid}
 UP_TIMEOUT_SECONDS=${UP_TIMEOUT_SECONDS:-60}
+LEAVE_TIMEOUT_SECONDS=${LEAVE_TIMEOUT_SECONDS:-30}
 NATS_URL=nats://127.0.0.1:$NATS_PORT
-# Stop order: workers first (they hold tasks), then the coordinator, then the broker.
-COMPONENTS=(worker coordinator nats)
+# Shard ownership must hold still this many polls (0.5 s apart) to count as settled: a
+# coordinator that just joined takes its shards a moment after it appears.
+SETTLE_POLLS=4
 
 pid_file() {
     printf '%s/%s.pid' "$GRID_DIR" "$1"
@@ -48,19 +53,135 @@ live_pid() {
     rm -f "$file"
 }
 
+# Indices of the coordinators with a live pid file, ascending, one per line.
+coordinator_indices() {
+    local file index
+    for file in "$GRID_DIR"/coordinator-*.pid; do
+        [[ -f "$file" ]] || continue
+        index=${file##*/coordinator-}
+        index=${index%.pid}
+        [[ "$index" =~ ^[0-9]+$ ]] || continue
+        if [[ -n "$(live_pid "coordinator-$index")" ]]; then
+            printf '%s\n' "$index"
+        fi
+    done | sort -n
+}
+
+coordinator_log() {
+    printf '%s/coordinator-%s.log' "$GRID_DIR" "$1"
+}
+
+metrics_port() {
+    printf '%s' $((METRICS_PORT + $1 - 1))
+}
+
 flowgrid() {
     "$FLOWGRID_BIN" --nats-url "$NATS_URL" "$@"
 }
 
-up() {
-    local component running=()
-    for component in "${COMPONENTS[@]}"; do
-        if [[ -n "$(live_pid "$component")" ]]; then
-            running+=("$component")
+# COORDINATORS must be a number from 1 up; $1 says what 0 would mean.
+check_coordinators() {
+    [[ "$COORDINATORS" =~ ^[0-9]+$ ]] || die "COORDINATORS=$COORDINATORS is not a number; use e.g. COORDINATORS=3"
+    ((COORDINATORS >= 1)) || die "COORDINATORS=0 $1"
+}
+
+# Starts coordinator-$1 and records its pid; STARTED_PID is its pid.
+start_coordinator() {
+    local index=$1 port log
+    port=$(metrics_port "$index")
+    log=$(coordinator_log "$index")
+    say "starting coordinator-$index (metrics http://127.0.0.1:$port/metrics, log $log)"
+    start_bg "$log" "$FLOWGRID_BIN" coordinator --nats-url "$NATS_URL" \
+        --data-dir "$GRID_DIR/data" --shards "$SHARDS" --metrics-addr "127.0.0.1:$port"
+    echo "$STARTED_PID" >"$(pid_file "coordinator-$index")"
+}
+
+# Dies when a metrics port of the coordinators $@ is taken.
+check_metrics_ports() {
+    local index port
+    for index in "$@"; do
+        port=$(metrics_port "$index")
+        if port_open "$port"; then
+            die "127.0.0.1:$port (metrics of coordinator-$index) is in use by another program: stop it or use METRICS_PORT=..."
         fi
     done
-    if ((${#running[@]} == ${#COMPONENTS[@]})); then
-        say "grid is already up (${running[*]}); 'make down' stops it"
+}
+
+# True when the process $1 is an alive (not draining, not dead) member of the grid.
+member_alive() {
+    flowgrid members --json | python3 -c '
+import json, sys
+pid = int(sys.argv[1])
+sys.exit(0 if any(m["pid"] == pid and m["state"] == "alive" for m in json.load(sys.stdin)) else 1)
+' "$1"
+}
+
+# Prints `moving` while some shard has no serving live owner, else a digest of who owns
+# which shard.
+shard_ownership() {
+    flowgrid shards --all --json | python3 -c '
+import hashlib, json, sys
+shards = json.load(sys.stdin)
+if not shards["all_serving"]:
+    print("moving")
+else:
+    owners = ",".join(str(claim.get("owner")) for claim in shards["claims"])
+    print(hashlib.sha256(owners.encode()).hexdigest())
+'
+}
+
+# wait_settled SECONDS: waits until every shard is served by a live coordinator and the
+# owners held still for SETTLE_POLLS polls. Each pid in WATCH_PIDS must stay alive.
+wait_settled() {
+    local seconds=$1 deadline=$((SECONDS + $1)) ownership last="" same=0 pid
+    while :; do
+        ownership=$(shard_ownership 2>/dev/null || echo unknown)
+        if [[ "$ownership" != moving && "$ownership" != unknown && "$ownership" == "$last" ]]; then
+            same=$((same + 1))
+        else
+            same=0
+        fi
+        last=$ownership
+        ((same + 1 >= SETTLE_POLLS)) && return 0
+        for pid in ${WATCH_PIDS:-}; do
+            alive "$pid" || { say "process $pid exited while waiting for the shards to settle"; return 1; }
+        done
+        if ((SECONDS >= deadline)); then
+            say "timed out after ${seconds}s waiting for every shard to be served; shards now:"
+            flowgrid shards >&2 || true
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+# wait_joined INDEX...: waits until each coordinator-<index> is an alive member.
+wait_joined() {
+    local index pid
+    for index in "$@"; do
+        pid=$(live_pid "coordinator-$index")
+        [[ -n "$pid" ]] || { say "coordinator-$index exited"; return 1; }
+        WATCH_PIDS="$pid" wait_until "$UP_TIMEOUT_SECONDS" "coordinator-$index (pid $pid) to join the grid" \
+            member_alive "$pid" || return 1
+    done
+}
+
+up() {
+    local running=() indices=() index nats_pid worker_pid watch=""
+    check_coordinators "starts no coordinator: a grid needs at least one (COORDINATORS=1 is the default)"
+    nats_pid=$(live_pid nats)
+    worker_pid=$(live_pid worker)
+    mapfile -t indices < <(coordinator_indices)
+    [[ -n "$nats_pid" ]] && running+=(nats)
+    [[ -n "$worker_pid" ]] && running+=(worker)
+    ((${#indices[@]} > 0)) && running+=("${#indices[@]} coordinator(s)")
+    [[ -n "$(live_pid coordinator)" ]] && running+=("coordinator (from an older make up)")
+    if [[ -n "$nats_pid" && -n "$worker_pid" && ${#indices[@]} -gt 0 ]]; then
+        if ((${#indices[@]} == COORDINATORS)); then
+            say "grid is already up (nats, worker, ${#indices[@]} coordinator(s)); 'make down' stops it"
+        else
+            say "grid is already up with ${#indices[@]} coordinator(s); 'make scale COORDINATORS=$COORDINATORS' changes that"
+        fi
         return 0
     fi
     if ((${#running[@]} > 0)); then
@@ -69,6 +190,7 @@ up() {
     [[ -x "$FLOWGRID_BIN" ]] || die "$FLOWGRID_BIN not found: run 'make build'"
     load_tools "$ROOT"
     port_open "$NATS_PORT" && die "127.0.0.1:$NATS_PORT is in use by another program: stop it or use NATS_PORT=..."
+    check_metrics_ports $(seq 1 "$COORDINATORS")
     mkdir -p "$GRID_DIR/nats" "$GRID_DIR/data"
 
     say "starting nats-server on 127.0.0.1:$NATS_PORT (store $GRID_DIR/nats, log $GRID_DIR/nats.log)"
@@ -77,28 +199,32 @@ up() {
     WATCH_PIDS="$STARTED_PID" wait_until 15 "nats-server on port $NATS_PORT" port_open "$NATS_PORT" \
         || fail_up
 
-    say "starting coordinator (data $GRID_DIR/data, metrics http://127.0.0.1:$METRICS_PORT/metrics, log $GRID_DIR/coordinator.log)"
-    start_bg "$GRID_DIR/coordinator.log" "$FLOWGRID_BIN" coordinator --nats-url "$NATS_URL" \
-        --data-dir "$GRID_DIR/data" --shards "$SHARDS" --metrics-addr "127.0.0.1:$METRICS_PORT"
-    echo "$STARTED_PID" >"$(pid_file coordinator)"
-    local coordinator_pid=$STARTED_PID
+    say "starting $COORDINATORS coordinator(s) on data dir $GRID_DIR/data with $SHARDS shards"
+    for index in $(seq 1 "$COORDINATORS"); do
+        start_coordinator "$index"
+        watch+=" $STARTED_PID"
+    done
 
     say "starting demo workers for $WORKER_POOLS (log $GRID_DIR/worker.log)"
     start_bg "$GRID_DIR/worker.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" worker --pools "$WORKER_POOLS"
     echo "$STARTED_PID" >"$(pid_file worker)"
 
-    say "waiting for the coordinator to answer (up to ${UP_TIMEOUT_SECONDS}s)"
-    WATCH_PIDS="$coordinator_pid" wait_until "$UP_TIMEOUT_SECONDS" "the coordinator to answer 'flowgrid flow list'" \
+    say "waiting for the coordinators to join and serve all $SHARDS shards (up to ${UP_TIMEOUT_SECONDS}s each)"
+    wait_joined $(seq 1 "$COORDINATORS") || fail_up
+    WATCH_PIDS="$watch" wait_settled "$UP_TIMEOUT_SECONDS" || fail_up
+    WATCH_PIDS="$watch" wait_until "$UP_TIMEOUT_SECONDS" "the coordinators to answer 'flowgrid flow list'" \
         flowgrid flow list || fail_up
 
+    flowgrid shards >&2 || true
     cat <<USAGE
-flowgrid is up: NATS $NATS_URL, metrics http://127.0.0.1:$METRICS_PORT/metrics, logs in $GRID_DIR/
+flowgrid is up: NATS $NATS_URL, $COORDINATORS coordinator(s) (metrics from http://127.0.0.1:$METRICS_PORT/metrics), logs in $GRID_DIR/
 
   $FLOWGRID_BIN flow deploy deploy/flows/media-pipeline.yaml
   $FLOWGRID_BIN run start media-pipeline --input '{"video": "talk.mp4", "segments": [{"index": 0}], "language_hint": "auto"}' --wait
   $FLOWGRID_BIN run list
-  make status        # processes and deployed flows
-  make down          # stop the grid (data stays in $GRID_DIR/data; make clean-grid removes it)
+  make status                    # processes, members, shards, backlog, deployed flows
+  make scale COORDINATORS=3      # add or remove coordinators
+  make down                      # stop the grid (data stays in $GRID_DIR/data; make clean-grid removes it)
 USAGE
     if [[ "$NATS_PORT" != 4222 ]]; then
         echo "(NATS is not on the default port: pass --nats-url $NATS_URL to flowgrid.)"
@@ -106,21 +232,103 @@ USAGE
 }
 
 fail_up() {
-    print_log_tails "$GRID_DIR/nats.log" "$GRID_DIR/coordinator.log" "$GRID_DIR/worker.log"
+    local logs=("$GRID_DIR/nats.log") index
+    for index in $(seq 1 "$COORDINATORS"); do
+        logs+=("$(coordinator_log "$index")")
+    done
+    logs+=("$GRID_DIR/worker.log")
+    print_log_tails "${logs[@]}"
     down
     die "the grid did not come up (logs above)"
 }
 
-down() {
-    local component pid stopped=0
-    for component in "${COMPONENTS[@]}"; do
-        pid=$(live_pid "$component")
-        if [[ -n "$pid" ]]; then
-            stop_pid "$pid" "$component"
-            stopped=$((stopped + 1))
+# Brings the running grid to $COORDINATORS coordinators: starts the lowest missing indices,
+# or stops the highest ones one at a time with SIGTERM (a graceful leave).
+scale() {
+    local indices=() index pid current started=() watch=""
+    check_coordinators "would stop every coordinator: use 'make down' to stop the grid"
+    [[ -n "$(live_pid nats)" ]] || die "the grid is not up: run 'make up COORDINATORS=$COORDINATORS'"
+    [[ -x "$FLOWGRID_BIN" ]] || die "$FLOWGRID_BIN not found: run 'make build'"
+    mapfile -t indices < <(coordinator_indices)
+    current=${#indices[@]}
+    if ((current == COORDINATORS)); then
+        say "the grid already runs $current coordinator(s)"
+    elif ((current < COORDINATORS)); then
+        say "scaling out from $current to $COORDINATORS coordinators"
+        index=0
+        while ((current + ${#started[@]} < COORDINATORS)); do
+            index=$((index + 1))
+            [[ -n "$(live_pid "coordinator-$index")" ]] && continue
+            check_metrics_ports "$index"
+            start_coordinator "$index"
+            started+=("$index")
+            watch+=" $STARTED_PID"
+        done
+        if ! wait_joined "${started[@]}" || ! WATCH_PIDS="$watch" wait_settled "$UP_TIMEOUT_SECONDS"; then
+            for index in "${started[@]}"; do
+                print_log_tails "$(coordinator_log "$index")"
+            done
+            die "scaling out did not finish (logs above); 'make status' shows the grid, 'make scale' retries"
         fi
-        rm -f "$(pid_file "$component")"
+    else
+        say "scaling in from $current to $COORDINATORS coordinators, one at a time"
+        while ((current > COORDINATORS)); do
+            index=${indices[current - 1]}
+            pid=$(live_pid "coordinator-$index")
+            if [[ -n "$pid" ]]; then
+                leave "$index" "$pid"
+            fi
+            rm -f "$(pid_file "coordinator-$index")"
+            current=$((current - 1))
+            # The next one leaves once its peers serve every shard again.
+            wait_settled "$UP_TIMEOUT_SECONDS" \
+                || die "the shards did not settle after coordinator-$index left; 'make status' shows the grid"
+        done
+    fi
+    flowgrid shards
+}
+
+# leave INDEX PID: SIGTERM, then waits for the graceful leave (bounded) before kill -9.
+leave() {
+    local index=$1 pid=$2 since=$SECONDS
+    say "stopping coordinator-$index (pid $pid) with SIGTERM: it hands its shards over and leaves"
+    kill -TERM "$pid" 2>/dev/null || return 0
+    if wait_gone "$LEAVE_TIMEOUT_SECONDS" "$pid"; then
+        say "coordinator-$index left after $((SECONDS - since))s"
+    else
+        say "coordinator-$index did not leave within ${LEAVE_TIMEOUT_SECONDS}s; killed it with kill -9" \
+            "(the others take its shards once its lease runs out)"
+        kill -KILL "$pid" 2>/dev/null || true
+        print_log_tails "$(coordinator_log "$index")"
+    fi
+}
+
+down() {
+    local pid stopped=0 index coordinators=()
+    pid=$(live_pid worker)
+    if [[ -n "$pid" ]]; then
+        stop_pid "$pid" worker
+        stopped=$((stopped + 1))
+    fi
+    rm -f "$(pid_file worker)"
+    # Every coordinator at once: none is left to take shards over, so each only commits
+    # and releases what it holds.
+    for index in $(coordinator_indices); do
+        coordinators+=("$(live_pid "coordinator-$index") coordinator-$index")
     done
+    pid=$(live_pid coordinator)
+    [[ -n "$pid" ]] && coordinators+=("$pid coordinator")
+    if ((${#coordinators[@]} > 0)); then
+        stop_pids "$LEAVE_TIMEOUT_SECONDS" "${coordinators[@]}"
+        stopped=$((stopped + ${#coordinators[@]}))
+    fi
+    rm -f "$GRID_DIR"/coordinator-*.pid "$(pid_file coordinator)"
+    pid=$(live_pid nats)
+    if [[ -n "$pid" ]]; then
+        stop_pid "$pid" nats
+        stopped=$((stopped + 1))
+    fi
+    rm -f "$(pid_file nats)"
     if ((stopped == 0)); then
         say "grid is not running"
     else
@@ -129,35 +337,46 @@ down() {
 }
 
 status() {
-    local component pid
-    for component in "${COMPONENTS[@]}"; do
+    local component pid index live=0
+    for component in nats worker; do
         pid=$(live_pid "$component")
         if [[ -n "$pid" ]]; then
-            printf '%-12s running  pid %s\n' "$component" "$pid"
+            printf '%-15s running  pid %s\n' "$component" "$pid"
         else
-            printf '%-12s stopped\n' "$component"
+            printf '%-15s stopped\n' "$component"
         fi
     done
-    if [[ -n "$(live_pid coordinator)" ]]; then
+    for index in $(coordinator_indices); do
+        printf '%-15s running  pid %s, metrics http://127.0.0.1:%s/metrics\n' "coordinator-$index" \
+            "$(live_pid "coordinator-$index")" "$(metrics_port "$index")"
+        live=$((live + 1))
+    done
+    ((live > 0)) || printf '%-15s none running\n' "coordinators"
+    [[ -n "$(live_pid nats)" ]] || return 0
+    printf '\n'
+    flowgrid status || true
+    if ((live > 0)); then
         printf '\nflows:\n'
-        flowgrid flow list
+        flowgrid flow list || true
     fi
 }
 
 # Removes the grid's state (store and broker data); refuses while the grid runs.
 clean() {
     local component
-    for component in "${COMPONENTS[@]}"; do
+    for component in nats worker coordinator; do
         [[ -z "$(live_pid "$component")" ]] || die "the grid is running ($component): run 'make down' first"
     done
+    [[ -z "$(coordinator_indices)" ]] || die "the grid is running (coordinators): run 'make down' first"
     say "removing $GRID_DIR/data and $GRID_DIR/nats"
     rm -rf "$GRID_DIR/data" "$GRID_DIR/nats"
 }
 
 case "${1:-}" in
     up) up ;;
+    scale) scale ;;
     down) down ;;
     status) status ;;
     clean) clean ;;
-    *) die "usage: $0 up|down|status|clean" ;;
+    *) die "usage: $0 up|scale|down|status|clean" ;;
 esac

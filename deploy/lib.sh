@@ -50,22 +50,55 @@ wait_until() {
     done
 }
 
-# stop_pid PID NAME: SIGTERM, wait up to 10 s, then SIGKILL. Quiet when already gone.
+# stop_pid PID NAME [SECONDS]: SIGTERM, wait up to SECONDS (10), then SIGKILL. Quiet when
+# already gone.
 stop_pid() {
-    local pid=$1 name=$2 waited=0
+    local pid=$1 name=$2 seconds=${3:-10}
     alive "$pid" || return 0
     say "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || return 0
-    while alive "$pid" && ((waited < 50)); do
-        sleep 0.2
-        waited=$((waited + 1))
-    done
+    wait_gone "$seconds" "$pid" || true
     if alive "$pid"; then
-        say "$name (pid $pid) ignored SIGTERM for 10s; killing it"
+        say "$name (pid $pid) ignored SIGTERM for ${seconds}s; killing it (kill -9)"
         kill -KILL "$pid" 2>/dev/null || true
     fi
     # Reap it when it is our child; harmless otherwise.
     wait "$pid" 2>/dev/null || true
+}
+
+# stop_pids SECONDS "PID NAME"...: SIGTERM to all at once, wait up to SECONDS for all of
+# them, then SIGKILL those still alive. For processes that stop in parallel.
+stop_pids() {
+    local seconds=$1 entry pid name pids=()
+    shift
+    for entry in "$@"; do
+        read -r pid name <<<"$entry"
+        alive "$pid" || continue
+        say "stopping $name (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+    done
+    ((${#pids[@]} > 0)) || return 0
+    wait_gone "$seconds" "${pids[@]}" || true
+    for entry in "$@"; do
+        read -r pid name <<<"$entry"
+        if alive "$pid"; then
+            say "$name (pid $pid) did not stop within ${seconds}s of SIGTERM; killing it (kill -9)"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+}
+
+# wait_gone SECONDS PID...: true once every PID has exited, false after SECONDS.
+wait_gone() {
+    local deadline=$((SECONDS + $1)) pid
+    shift
+    for pid in "$@"; do
+        while alive "$pid"; do
+            ((SECONDS < deadline)) || return 1
+            sleep 0.2
+        done
+    done
 }
 
 # Loads .grid/tools.env written by deploy/setup.sh (NATS_SERVER_BIN, GRID_PYTHON) unless
