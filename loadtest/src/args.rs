@@ -78,9 +78,13 @@ pub struct GridArgs {
     /// this binary).
     #[arg(long, env = "FLOWGRID_BIN")]
     pub flowgrid_bin: Option<PathBuf>,
-    /// Virtual shards of a started coordinator.
+    /// Virtual shards of a started grid.
     #[arg(long, env = "FLOWGRID_LT_SHARDS", default_value_t = 256)]
     pub shards: u32,
+    /// Coordinators of a started grid; they share its data dir and its shards.
+    #[arg(long, env = "FLOWGRID_LT_COORDINATORS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub coordinators: u32,
     /// Extra flags for a started coordinator, space-separated
     /// (e.g. "--active-runs-max 50000 --batch-events-max 4096").
     #[arg(long, env = "FLOWGRID_LT_COORDINATOR_ARGS", allow_hyphen_values = true, default_value = "")]

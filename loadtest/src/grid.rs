@@ -1,5 +1,6 @@
 //! The grid under test: started here (nats-server on a random port with a temporary store
-//! dir, and one coordinator from the release binary) or a running one given by URL; and,
+//! dir, and `--coordinators` coordinators from the release binary sharing one data dir) or
+//! a running one given by URL; and,
 //! for `chaos`, a [`Cluster`]: several coordinators sharing one data dir, whose processes
 //! the harness kills, pauses, adds and removes, plus `flowgrid worker` processes.
 //!
@@ -22,9 +23,9 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 pub struct Grid {
     pub nats_url: String,
     pub prefix: String,
-    coordinator_pid: Option<u32>,
-    // Dropped in field order: the coordinator stops before nats-server, then the directory goes.
-    coordinator: Option<Process>,
+    coordinator_pids: Vec<u32>,
+    // Dropped in field order: the coordinators stop before nats-server, then the directory goes.
+    coordinators: Vec<Process>,
     nats: Option<Process>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -36,8 +37,8 @@ impl Grid {
             Some(url) => Ok(Grid {
                 nats_url: url.clone(),
                 prefix: args.prefix.clone(),
-                coordinator_pid: args.coordinator_pid,
-                coordinator: None,
+                coordinator_pids: args.coordinator_pid.into_iter().collect(),
+                coordinators: Vec::new(),
                 nats: None,
                 _dir: None,
             }),
@@ -60,39 +61,48 @@ impl Grid {
         let flowgrid = flowgrid_bin(args)?;
         let (nats, nats_url) = start_nats(&path)?;
 
-        let mut command = Command::new(&flowgrid);
-        command
-            .arg("coordinator")
-            .args(["--nats-url", &nats_url, "--prefix", &args.prefix])
-            .arg("--data-dir")
-            .arg(path.join("data"))
-            .args(["--shards", &args.shards.to_string(), "--metrics-addr", "off"])
-            .args(args.coordinator_args.split_whitespace())
-            .args(extra_coordinator_args)
-            .env("FLOWGRID_LOG", std::env::var("FLOWGRID_LOG").unwrap_or_else(|_| "warn".to_owned()));
-        let coordinator = Process::spawn("coordinator", &mut command, &path)?.with_drop_grace(Duration::from_secs(5));
+        let mut coordinators = Vec::new();
+        for index in 1..=args.coordinators {
+            let mut command = Command::new(&flowgrid);
+            command
+                .arg("coordinator")
+                .args(["--nats-url", &nats_url, "--prefix", &args.prefix])
+                .arg("--data-dir")
+                .arg(path.join("data"))
+                .args(["--shards", &args.shards.to_string(), "--metrics-addr", "off"])
+                .args(args.coordinator_args.split_whitespace())
+                .args(extra_coordinator_args)
+                .env("FLOWGRID_LOG", std::env::var("FLOWGRID_LOG").unwrap_or_else(|_| "warn".to_owned()));
+            let name = if args.coordinators == 1 { "coordinator".to_owned() } else { format!("coordinator-{index}") };
+            coordinators.push(Process::spawn(&name, &mut command, &path)?.with_drop_grace(Duration::from_secs(5)));
+        }
         let mut grid = Grid {
             nats_url,
             prefix: args.prefix.clone(),
-            coordinator_pid: Some(coordinator.pid()),
-            coordinator: Some(coordinator),
+            coordinator_pids: coordinators.iter().map(Process::pid).collect(),
+            coordinators,
             nats: Some(nats),
             _dir: dir,
         };
         grid.wait_until_serving().await?;
         eprintln!(
-            "grid: nats-server {} and coordinator pid {} ({}), logs in {}",
+            "grid: nats-server {} and {} coordinator(s), pids {:?} ({}), logs in {}",
             grid.nats_url,
-            grid.coordinator_pid.unwrap_or(0),
+            grid.coordinator_pids.len(),
+            grid.coordinator_pids,
             flowgrid.display(),
             path.display()
         );
         Ok(grid)
     }
 
-    /// The coordinator's resident set, in MiB, when its pid is known.
+    /// The coordinators' resident set (summed over all of them), in MiB, when their pids are known.
     pub fn coordinator_rss_mb(&self) -> Option<f64> {
-        self.coordinator_pid.and_then(rss_kb).map(|kb| kb as f64 / 1024.0)
+        if self.coordinator_pids.is_empty() {
+            return None;
+        }
+        let kb: Option<u64> = self.coordinator_pids.iter().map(|pid| rss_kb(*pid)).sum();
+        kb.map(|kb| kb as f64 / 1024.0)
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client> {
@@ -108,9 +118,9 @@ impl Grid {
         Ok(flowgrid_sdk::Client::new(nats, self.prefix.clone()))
     }
 
-    /// Stops the coordinator now (before the workers of the harness go away).
+    /// Stops the coordinators now (before the workers of the harness go away).
     pub fn stop(&mut self) {
-        if let Some(mut coordinator) = self.coordinator.take() {
+        for mut coordinator in self.coordinators.drain(..) {
             coordinator.stop(Duration::from_secs(10));
         }
         if let Some(mut nats) = self.nats.take() {
@@ -125,11 +135,13 @@ impl Grid {
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), client.flows()).await {
                 return Ok(());
             }
-            let exited = self.coordinator.as_mut().is_some_and(Process::has_exited);
+            let exited = self.coordinators.iter_mut().any(Process::has_exited);
             if exited || Instant::now() > deadline {
-                let tail = self.coordinator.as_ref().map(|c| c.log_tail(40)).unwrap_or_default();
+                let tails: Vec<String> =
+                    self.coordinators.iter().map(|c| format!("--- {}\n{}", c.name, c.log_tail(40))).collect();
                 bail!(
-                    "the coordinator did not serve (exited or {STARTUP_DEADLINE:?} passed); its log ends with:\n{tail}"
+                    "the coordinators did not serve (one exited or {STARTUP_DEADLINE:?} passed); logs:\n{}",
+                    tails.join("\n")
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

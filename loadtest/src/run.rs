@@ -201,6 +201,7 @@ fn summarize(
         "runs_verified": verified,
         "task_bytes": task_bytes,
         "result_bytes": result_bytes,
+        "coordinators": args.grid.nats_url.is_none().then_some(args.grid.coordinators),
         "workers_per_pool": args.workers.workers_per_pool,
         "worker_concurrency": args.workers.worker_concurrency,
         "service_time": args.workers.service_time().describe(),

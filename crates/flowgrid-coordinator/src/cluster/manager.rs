@@ -82,7 +82,11 @@ impl Owned {
 
 enum Transition {
     Acquired(u32, Owned),
-    AcquireFailed(u32),
+    /// `conflict`: the claim had moved past the revision tried (this member's view was behind).
+    AcquireFailed {
+        shard: u32,
+        conflict: Option<u64>,
+    },
     Released(u32),
 }
 
@@ -94,6 +98,8 @@ pub struct ShardManager<S: Store> {
     /// Shards being acquired or released.
     busy: HashSet<u32>,
     retry_at: HashMap<u32, Instant>,
+    /// Claim revisions an acquire lost on: not tried again before the view shows a newer one.
+    lost_at: HashMap<u32, u64>,
     transitions: JoinSet<Transition>,
     acquire_permits: Arc<Semaphore>,
     draining: bool,
@@ -111,6 +117,7 @@ impl<S: Store> ShardManager<S> {
             owned: HashMap::new(),
             busy: HashSet::new(),
             retry_at: HashMap::new(),
+            lost_at: HashMap::new(),
             transitions: JoinSet::new(),
             acquire_permits: Arc::new(Semaphore::new(ACQUIRES_IN_FLIGHT_MAX)),
             draining: false,
@@ -160,7 +167,7 @@ impl<S: Store> ShardManager<S> {
             let now = Instant::now();
             if now.saturating_duration_since(last_turn) > stall || !lease.holds(self.term) {
                 // This member stalled: the others' heartbeats it missed meanwhile prove nothing.
-                self.view.refresh_all(now);
+                self.view.refresh_after_stall(last_turn, now);
             }
             last_turn = now;
             if !lease.holds(self.term) {
@@ -250,7 +257,11 @@ impl<S: Store> ShardManager<S> {
                 self.owned.insert(shard, owned);
                 self.settled();
             }
-            Transition::AcquireFailed(shard) => {
+            Transition::AcquireFailed { shard, conflict: Some(revision) } => {
+                self.busy.remove(&shard);
+                self.lost_at.insert(shard, revision);
+            }
+            Transition::AcquireFailed { shard, conflict: None } => {
                 self.busy.remove(&shard);
                 self.retry_at.insert(shard, Instant::now() + RETRY_AFTER_FAILURE);
             }
@@ -271,12 +282,14 @@ impl<S: Store> ShardManager<S> {
     fn reconcile(&mut self) {
         let now = Instant::now();
         self.retry_at.retain(|_, at| *at > now);
+        let view = &self.view;
+        self.lost_at.retain(|shard, lost| view.claim(*shard).map_or(0, |known| known.revision) <= *lost);
         let me = self.shared.me.clone();
         let candidates = self.view.candidates(!self.draining, now);
         let placed_here: Vec<bool> =
             (0..self.shards).map(|shard| owner_of(shard, &candidates) == Some(me.as_str())).collect();
         for shard in 0..self.shards {
-            if self.busy.contains(&shard) || self.retry_at.contains_key(&shard) {
+            if self.busy.contains(&shard) || self.retry_at.contains_key(&shard) || self.lost_at.contains_key(&shard) {
                 continue;
             }
             let mine = placed_here[shard as usize];
@@ -330,14 +343,15 @@ impl<S: Store> ShardManager<S> {
         self.transitions.spawn(async move {
             let started = Instant::now();
             match acquire(&shared, &permits, shard, revision, epoch).await {
-                Some(owned) => {
+                Ok(owned) => {
                     ::metrics::histogram!(metrics::SHARD_ACQUIRE_SECONDS).record(started.elapsed().as_secs_f64());
                     if takeover {
                         ::metrics::counter!(metrics::SHARD_TAKEOVERS).increment(1);
                     }
                     Transition::Acquired(shard, owned)
                 }
-                None => Transition::AcquireFailed(shard),
+                Err(Lost::Race) => Transition::AcquireFailed { shard, conflict: Some(revision.unwrap_or(0)) },
+                Err(Lost::Failed) => Transition::AcquireFailed { shard, conflict: None },
             }
         });
     }
@@ -399,15 +413,23 @@ impl<S: Store> ShardManager<S> {
     }
 }
 
-/// Claims, opens, reloads and announces one shard; `None` when another member won it or
-/// it could not be opened (the claim is given back then).
+/// Why an acquire did not end with the shard served here.
+enum Lost {
+    /// The claim had changed since this member read it: another member won, or the view
+    /// was behind.
+    Race,
+    /// Opening or loading failed, or the lease ran out; the claim was given back.
+    Failed,
+}
+
+/// Claims, opens, reloads and announces one shard.
 async fn acquire<S: Store>(
     shared: &ManagerContext<S>,
     permits: &Semaphore,
     shard: u32,
     revision: Option<u64>,
     epoch: u64,
-) -> Option<Owned> {
+) -> Result<Owned, Lost> {
     let key = shard_key(shard);
     let acquiring = claim_value(&shared.me, ShardState::Acquiring, epoch);
     let claimed = match revision {
@@ -418,7 +440,7 @@ async fn acquire<S: Store>(
         Ok(revision) => revision,
         Err(error) => {
             debug!(shard, error = %error, "another coordinator claimed the shard first");
-            return None;
+            return Err(Lost::Race);
         }
     };
     let give_back = |revision: u64| async move {
@@ -426,10 +448,10 @@ async fn acquire<S: Store>(
     };
     let Some(shard_store) = open_when_free(shared, shard).await else {
         give_back(revision).await;
-        return None;
+        return Err(Lost::Failed);
     };
     // Loading is what costs: bound it, not the wait for the file.
-    let Ok(_permit) = permits.acquire().await else { return None };
+    let Ok(_permit) = permits.acquire().await else { return Err(Lost::Failed) };
     let router = &shared.router;
     let stop = CancellationToken::new();
     let spawned =
@@ -439,7 +461,7 @@ async fn acquire<S: Store>(
         Err(error) => {
             warn!(shard, error = %error, "cannot load the shard; trying again shortly");
             give_back(revision).await;
-            return None;
+            return Err(Lost::Failed);
         }
     };
     let nats = &router.context.nats;
@@ -450,7 +472,7 @@ async fn acquire<S: Store>(
             stop.cancel();
             let _ = actor.await;
             give_back(revision).await;
-            return None;
+            return Err(Lost::Failed);
         }
     };
     let commands = tokio::spawn(serve_shard_commands(
@@ -463,11 +485,11 @@ async fn acquire<S: Store>(
     let _ = nats.flush().await;
     let owned = Owned { handle, epoch, revision, stop, actor, commands };
     match shared.shards_kv.update(&key, claim_value(&shared.me, ShardState::Serving, epoch.0), revision).await {
-        Ok(revision) => Some(Owned { revision, ..owned }),
+        Ok(revision) => Ok(Owned { revision, ..owned }),
         Err(error) => {
             warn!(shard, error = %error, "shard claim changed while loading it; letting it go");
             owned.stop().await;
-            None
+            Err(Lost::Race)
         }
     }
 }

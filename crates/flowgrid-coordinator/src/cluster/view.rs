@@ -61,11 +61,17 @@ impl ClusterView {
         self.member_put(record, revision, seen);
     }
 
-    /// Gives every member a fresh lease from `now`: after this member itself stalled (paused
-    /// process, lost lease) it saw no heartbeats for a while, which says nothing about the others.
-    pub fn refresh_all(&mut self, now: Instant) {
+    /// Gives every member that was alive at `stalled_since` a fresh lease from `now`: this
+    /// member itself stalled (paused process, lost lease) and saw no heartbeats meanwhile,
+    /// which says nothing about the others. Members already dead before stay dead.
+    pub fn refresh_after_stall(&mut self, stalled_since: Instant, now: Instant) {
+        let default = self.lease;
         for member in self.members.values_mut() {
-            member.changed = member.changed.max(now);
+            let alive_then =
+                stalled_since.saturating_duration_since(member.changed) <= lease_of(&member.record, default);
+            if alive_then {
+                member.changed = member.changed.max(now);
+            }
         }
     }
 
@@ -169,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn a_loaded_record_counts_its_age_and_a_refresh_gives_a_fresh_lease() {
+    fn a_loaded_record_counts_its_age_and_a_stall_renews_only_the_living() {
         let start = Instant::now() + Duration::from_secs(60);
         let mut view = ClusterView::new("me".into(), 4, LEASE, start);
         let mut old = record("old", false);
@@ -181,8 +187,10 @@ mod tests {
         assert!(!view.alive("old", start));
         assert!(view.alive("fresh", start + Duration::from_millis(1_200)));
         assert!(!view.alive("fresh", start + Duration::from_millis(1_400)));
-        view.refresh_all(start + Duration::from_secs(10));
-        assert!(view.alive("old", start + Duration::from_secs(11)));
+        // A stall from +1 s to +10 s: "fresh" was alive when it began, "old" was not.
+        view.refresh_after_stall(start + Duration::from_secs(1), start + Duration::from_secs(10));
+        assert!(view.alive("fresh", start + Duration::from_secs(11)));
+        assert!(!view.alive("old", start + Duration::from_secs(10)));
     }
 
     #[test]
