@@ -47,17 +47,7 @@ impl Grid {
     }
 
     async fn start(args: &GridArgs, extra_coordinator_args: &[String]) -> Result<Grid> {
-        let (dir, path) = match &args.keep_dir {
-            Some(path) => {
-                std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
-                (None, path.clone())
-            }
-            None => {
-                let dir = tempfile::Builder::new().prefix("flowgrid-loadtest-").tempdir()?;
-                let path = dir.path().to_path_buf();
-                (Some(dir), path)
-            }
-        };
+        let (dir, path) = work_dir(args.keep_dir.as_deref(), "flowgrid-loadtest-")?;
         let flowgrid = flowgrid_bin(args)?;
         let (nats, nats_url) = start_nats(&path)?;
 
@@ -145,6 +135,22 @@ impl Grid {
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The directory for a started grid's logs and data: `keep` (created if missing), else a
+/// temporary one named `prefix...`, deleted when the returned handle drops.
+fn work_dir(keep: Option<&Path>, prefix: &str) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
+    match keep {
+        Some(path) => {
+            std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
+            Ok((None, path.to_path_buf()))
+        }
+        None => {
+            let temp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            let path = temp.path().to_path_buf();
+            Ok((Some(temp), path))
         }
     }
 }
@@ -364,17 +370,7 @@ pub struct Cluster {
 impl Cluster {
     /// Starts nats-server; coordinators and workers are started with their own calls.
     pub fn start_nats(spec: ClusterSpec) -> Result<Cluster> {
-        let (temp, dir) = match &spec.keep_dir {
-            Some(path) => {
-                std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
-                (None, path.clone())
-            }
-            None => {
-                let temp = tempfile::Builder::new().prefix("flowgrid-chaos-").tempdir()?;
-                let dir = temp.path().to_path_buf();
-                (Some(temp), dir)
-            }
-        };
+        let (temp, dir) = work_dir(spec.keep_dir.as_deref(), "flowgrid-chaos-")?;
         std::fs::create_dir_all(dir.join("logs"))?;
         let (nats, nats_url) = start_nats(&dir)?;
         Ok(Cluster {

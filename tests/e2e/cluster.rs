@@ -63,6 +63,18 @@ async fn check_runs(grid: &Grid, client: &flowgrid_sdk::Client, ids: &[flowgrid_
     Ok(())
 }
 
+/// Two coordinators serving every shard, the slow map deployed and 8 runs started.
+async fn two_coordinators_with_runs_in_flight() -> anyhow::Result<(Grid, flowgrid_sdk::Client, Vec<flowgrid_sdk::RunId>)>
+{
+    let mut grid = Grid::start(&["a"]).await?;
+    grid.spawn_coordinator()?;
+    grid.wait_shards_served_by(2, SETTLE).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SLOW_MAP).await?;
+    let ids = start_runs(&grid, &client, 8).await?;
+    Ok((grid, client, ids))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_split_the_shards_and_either_serves_any_request() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;
@@ -108,12 +120,7 @@ async fn scale_out_then_graceful_leave_moves_shards_without_losing_runs() -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_of_a_killed_coordinator_are_taken_over_after_its_lease() -> anyhow::Result<()> {
-    let mut grid = Grid::start(&["a"]).await?;
-    grid.spawn_coordinator()?;
-    grid.wait_shards_served_by(2, SETTLE).await?;
-    let client = grid.client().await?;
-    deploy(&grid, &client, SLOW_MAP).await?;
-    let ids = start_runs(&grid, &client, 8).await?;
+    let (mut grid, client, ids) = two_coordinators_with_runs_in_flight().await?;
 
     let killed_at = Instant::now();
     grid.coordinators[1].kill_hard();
@@ -125,12 +132,7 @@ async fn shards_of_a_killed_coordinator_are_taken_over_after_its_lease() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_paused_past_its_lease_gives_its_shards_up_when_it_resumes() -> anyhow::Result<()> {
-    let mut grid = Grid::start(&["a"]).await?;
-    grid.spawn_coordinator()?;
-    grid.wait_shards_served_by(2, SETTLE).await?;
-    let client = grid.client().await?;
-    deploy(&grid, &client, SLOW_MAP).await?;
-    let ids = start_runs(&grid, &client, 8).await?;
+    let (grid, client, ids) = two_coordinators_with_runs_in_flight().await?;
 
     let paused = grid.coordinators[1].pid().to_string();
     let signal = |name: &str| std::process::Command::new("kill").args([name, &paused]).status();
