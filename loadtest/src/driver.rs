@@ -99,7 +99,37 @@ pub fn error_kind(error: &flowgrid_sdk::Error) -> String {
 
 /// Starts runs at `rate` per second until `stop`.
 pub async fn open_loop(starter: Starter, rate: f64, stop: CancellationToken) {
-    let pending = Arc::new(Semaphore::new(OPEN_LOOP_PENDING_MAX));
+    let errors = starter.errors.clone();
+    paced(
+        rate,
+        OPEN_LOOP_PENDING_MAX,
+        stop,
+        || errors.add("harness_backlog", 1),
+        move |_, scheduled| {
+            let starter = starter.clone();
+            async move {
+                starter.start(scheduled.into_std(), None).await;
+            }
+        },
+    )
+    .await;
+}
+
+/// Calls `start(index, scheduled)` at `rate` per second from a fixed clock (a late start
+/// does not shift the later ones) until `stop`, with at most `pending_max` starts pending;
+/// one due while that many are pending is skipped and reported to `skipped`. Returns once
+/// every start has finished.
+pub async fn paced<Start, Pending>(
+    rate: f64,
+    pending_max: usize,
+    stop: CancellationToken,
+    mut skipped: impl FnMut(),
+    mut start: Start,
+) where
+    Start: FnMut(u64, tokio::time::Instant) -> Pending,
+    Pending: std::future::Future<Output = ()> + Send + 'static,
+{
+    let pending = Arc::new(Semaphore::new(pending_max));
     let origin = tokio::time::Instant::now();
     let mut in_flight = JoinSet::new();
     for index in 0u64.. {
@@ -110,12 +140,12 @@ pub async fn open_loop(starter: Starter, rate: f64, stop: CancellationToken) {
         }
         while in_flight.try_join_next().is_some() {}
         let Ok(permit) = pending.clone().try_acquire_owned() else {
-            starter.errors.add("harness_backlog", 1);
+            skipped();
             continue;
         };
-        let starter = starter.clone();
+        let started = start(index, scheduled);
         in_flight.spawn(async move {
-            starter.start(scheduled.into_std(), None).await;
+            started.await;
             drop(permit);
         });
     }

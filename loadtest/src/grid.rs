@@ -96,11 +96,7 @@ impl Grid {
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client> {
-        async_nats::ConnectOptions::new()
-            .name(name)
-            .connect(&self.nats_url)
-            .await
-            .with_context(|| format!("connect to NATS at {}", self.nats_url))
+        connect(&self.nats_url, name).await
     }
 
     pub async fn client(&self) -> Result<flowgrid_sdk::Client> {
@@ -153,6 +149,15 @@ fn work_dir(keep: Option<&Path>, prefix: &str) -> Result<(Option<tempfile::TempD
             Ok((Some(temp), path))
         }
     }
+}
+
+/// A NATS connection named `name` (the name shows in the server's connection list).
+async fn connect(nats_url: &str, name: &str) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connect(nats_url)
+        .await
+        .with_context(|| format!("connect to NATS at {nats_url}"))
 }
 
 /// VmRSS of a process, in KiB.
@@ -468,11 +473,7 @@ impl Cluster {
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client> {
-        async_nats::ConnectOptions::new()
-            .name(name)
-            .connect(&self.nats_url)
-            .await
-            .with_context(|| format!("connect to NATS at {}", self.nats_url))
+        connect(&self.nats_url, name).await
     }
 
     pub async fn client(&self, name: &str) -> Result<flowgrid_sdk::Client> {

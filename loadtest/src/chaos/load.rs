@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use flowgrid_sdk::{Client, RunId, RunStatus, StartRun};
@@ -113,28 +111,17 @@ impl Ledger {
 /// Starts runs at `rate` per second until `stop`; returns once every start sent has its
 /// answer (or gave up).
 pub async fn start_loop(client: Client, seed: u64, rate: f64, ledger: Arc<Ledger>, stop: CancellationToken) {
-    let pending = Arc::new(Semaphore::new(STARTS_PENDING_MAX));
-    let origin = tokio::time::Instant::now();
-    let mut in_flight = JoinSet::new();
-    for index in 0u64.. {
-        let scheduled = origin + Duration::from_secs_f64(index as f64 / rate);
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(scheduled) => {}
-        }
-        while in_flight.try_join_next().is_some() {}
+    let skipped_ledger = ledger.clone();
+    let skipped = move || {
+        skipped_ledger.scheduled.fetch_add(1, Ordering::Relaxed);
+        skipped_ledger.start_errors.add("start_skipped_backlog", 1);
+    };
+    crate::driver::paced(rate, STARTS_PENDING_MAX, stop, skipped, move |index, _| {
         ledger.scheduled.fetch_add(1, Ordering::Relaxed);
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            ledger.start_errors.add("start_skipped_backlog", 1);
-            continue;
-        };
         let (client, ledger) = (client.clone(), ledger.clone());
-        in_flight.spawn(async move {
-            start_one(&client, seed, index, &ledger).await;
-            drop(permit);
-        });
-    }
-    while in_flight.join_next().await.is_some() {}
+        async move { start_one(&client, seed, index, &ledger).await }
+    })
+    .await;
 }
 
 async fn start_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {

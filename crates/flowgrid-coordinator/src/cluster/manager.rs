@@ -45,6 +45,8 @@ const ACQUIRES_IN_FLIGHT_MAX: usize = 16;
 /// Pauses while a shard file is still locked by its previous owner.
 const BUSY_RETRY_FIRST: Duration = Duration::from_millis(20);
 const BUSY_RETRY_MAX: Duration = Duration::from_millis(200);
+/// How long a shard file may stay locked before the wait is logged (a paused previous owner).
+const BUSY_REPORT_AFTER: Duration = Duration::from_secs(2);
 /// Pause before trying a shard again after an acquire failed.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
@@ -507,7 +509,7 @@ async fn open_when_free<S: Store>(shared: &ManagerContext<S>, shard: u32) -> Opt
         match shared.store.open_shard(ShardId(shard)).await {
             Ok(opened) => return Some(opened),
             Err(flowgrid_store::Error::Busy { detail, .. }) => {
-                if !told && started.elapsed() > Duration::from_secs(2) {
+                if !told && started.elapsed() > BUSY_REPORT_AFTER {
                     info!(shard, detail = %detail, "waiting for the previous owner to let go of the shard");
                     told = true;
                 }

@@ -21,6 +21,8 @@ use crate::routing::ShardTable;
 
 /// Heartbeats per lease: a member may miss a few before its lease runs out.
 const HEARTBEATS_PER_LEASE: u32 = 5;
+/// Shortest wait for one heartbeat write, however short the lease.
+const HEARTBEAT_WRITE_WAIT_MIN: Duration = Duration::from_millis(100);
 
 pub struct Membership {
     kv: kv::Store,
@@ -80,7 +82,7 @@ impl Membership {
                 _ = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            match tokio::time::timeout(period.max(Duration::from_millis(100)), self.beat()).await {
+            match tokio::time::timeout(period.max(HEARTBEAT_WRITE_WAIT_MIN), self.beat()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => warn!(error = %error, "member heartbeat failed"),
                 Err(_) => warn!("member heartbeat timed out"),

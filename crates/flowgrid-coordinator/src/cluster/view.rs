@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use flowgrid_proto::{MemberRecord, ShardClaim};
 
+/// Leases after which a dead member is forgotten: long past any hand-over of its shards.
+const DEAD_MEMBER_KEPT_LEASES: u32 = 20;
+
 struct Member {
     record: MemberRecord,
     revision: u64,
@@ -123,7 +126,8 @@ impl ClusterView {
     /// Forgets members dead for long: they own nothing any more once their shards moved.
     pub fn forget_dead(&mut self, now: Instant) {
         let lease = self.lease;
-        self.members.retain(|_, member| now.saturating_duration_since(member.changed) <= lease * 20);
+        self.members
+            .retain(|_, member| now.saturating_duration_since(member.changed) <= lease * DEAD_MEMBER_KEPT_LEASES);
     }
 }
 
