@@ -294,7 +294,10 @@ fn internal(error: impl std::fmt::Display) -> ApiError {
 
 /// A reply of the wrong kind: coordinators of different versions talking.
 pub fn unexpected(reply: &ShardReply) -> ApiError {
-    ApiError::new(ErrorCode::Internal, format!("unexpected reply from the shard's owner: {reply:?}"))
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("unexpected reply from the shard's owner (do all coordinators run the same version?): {reply:?}"),
+    )
 }
 
 #[cfg(test)]
