@@ -6,13 +6,24 @@
 //! - A shard's file is open in at most one process: redb locks the file, and a second
 //!   open fails with [`Error::Busy`]. Several coordinator processes on one host can hand a
 //!   shard to each other by closing it ([`RedbShard::close`] or drop) and opening it there.
-//! - Every commit is one redb write transaction that reads the epoch, compares it, applies
-//!   the batch in order and commits with [`Durability::Immediate`] (fsync): when `commit`
+//! - A commit checks the epoch, then appends the batch to the process journal
+//!   ([`journal`]), which all shards of the process share: one `fdatasync` makes every
+//!   batch that arrived meanwhile durable (group commit across shards). When `commit`
 //!   returns `Ok`, the batch is on disk; when it returns an error, nothing of it is.
-//! - Limits are FoundationDB's ([`StoreLimits`]): the batch is checked before the
-//!   transaction starts, and a transaction that ran past `transaction_ms_max` is aborted
-//!   before its commit, so that what passes here passes in a cluster.
-//! - redb is blocking: every call runs on tokio's blocking pool, never on a runtime worker.
+//! - A committed batch is read from memory (the shard's overlay) until a checkpoint writes
+//!   it to the shard file in one durable redb transaction, at most
+//!   [`CHECKPOINT_INTERVAL_DEFAULT`] later, and records how far into the journal the file
+//!   is. Opening a shard first replays whatever its last writer journaled after that point
+//!   (that writer died, or closed the shard without its checkpoint completing).
+//! - Only the epoch holder writes: the epoch is bumped in the file by
+//!   [`ShardStore::acquire`], and the file lock keeps every other process out while the
+//!   shard is open here, so the epoch this handle holds is the file's.
+//! - Limits are FoundationDB's ([`StoreLimits`]): the batch is checked before anything is
+//!   written, and a batch whose preparation ran past `transaction_ms_max` is refused, so
+//!   that what passes here passes in a cluster.
+//! - redb and the journal are blocking: file work runs on tokio's blocking pool, the
+//!   journal's writer thread or the checkpointer thread, never on a runtime worker
+//!   (except a drop, which checkpoints what is left).
 //!
 //! ```no_run
 //! # async fn example() -> flowgrid_store::Result<()> {
@@ -31,29 +42,74 @@
 //! # }
 //! ```
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
-use redb::{AccessGuard, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use redb::{
+    AccessGuard, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    WriteTransaction,
+};
 
 use flowgrid_model::{Epoch, ShardId};
 use flowgrid_store::{keys, Error, Key, KeyRange, Mutation, Result, ShardStore, Store, StoreLimits, Value, WriteBatch};
 
-/// The one table of a shard file.
+mod journal;
+mod overlay;
+
+use journal::{Journal, Position};
+use overlay::{Layer, Lookup, Overlay};
+
+/// The one table of shard data in a shard file.
 const KV: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("kv");
+/// Where the shard's newest commits are journaled: the writer id (`writer`) and the
+/// journal position up to which they are in this file (`applied`).
+const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("journal");
+const META_WRITER: &str = "writer";
+const META_APPLIED: &str = "applied";
 
 /// redb's page cache per shard file unless [`RedbStore::with_cache_bytes_per_shard`] says
 /// otherwise. A process may hold hundreds of shards and the hot state lives in the
 /// coordinator's memory, so the store's cache only serves reloads and listings: keep it small.
 pub const CACHE_BYTES_PER_SHARD_DEFAULT: usize = 256 * 1024;
+/// How long a shard's commits may stay in the journal only, unless
+/// [`RedbStore::with_checkpoint_interval`] says otherwise. Longer means fewer, larger
+/// writes to the shard files and a longer replay after a crash.
+pub const CHECKPOINT_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
+/// A shard whose journal-only writes reach this many bytes is checkpointed at once:
+/// bounds the memory they hold.
+pub const CHECKPOINT_BYTES: usize = 8 << 20;
+/// How often the checkpointer looks for shards due.
+const CHECKPOINT_TICK: Duration = Duration::from_millis(50);
+/// How often the checkpointer looks for the journals of dead processes to delete.
+const DEAD_JOURNAL_SWEEP: Duration = Duration::from_secs(60);
+/// How long [`RedbShard::close`] waits for a checkpoint still running to let the file go.
+const CLOSE_WAIT_MAX: Duration = Duration::from_secs(5);
 
-/// Opens shard files under one data directory. Cheap to share; holds no file itself.
-#[derive(Clone, Debug)]
+/// Opens shard files under one data directory. Cheap to clone; clones share one journal.
+#[derive(Clone)]
 pub struct RedbStore {
     dir: PathBuf,
     limits: StoreLimits,
     cache_bytes_per_shard: usize,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("RedbStore").field("dir", &self.dir).field("limits", &self.limits).finish()
+    }
+}
+
+/// What a store's shards share: the journal, the open shards and the checkpointer.
+struct Shared {
+    journal: Journal,
+    open: Mutex<HashMap<ShardId, Weak<ShardCore>>>,
+    checkpoint_interval: Mutex<Duration>,
+    /// Wakes the checkpointer early (a shard over [`CHECKPOINT_BYTES`]); set once it runs.
+    checkpointer: OnceLock<Mutex<mpsc::Sender<()>>>,
 }
 
 impl RedbStore {
@@ -63,13 +119,26 @@ impl RedbStore {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir)
             .map_err(|error| backend(PathError::new("create the data directory", &dir, error)))?;
-        Ok(RedbStore { dir, limits, cache_bytes_per_shard: CACHE_BYTES_PER_SHARD_DEFAULT })
+        let shared = Arc::new(Shared {
+            journal: Journal::new(&dir),
+            open: Mutex::new(HashMap::new()),
+            checkpoint_interval: Mutex::new(CHECKPOINT_INTERVAL_DEFAULT),
+            checkpointer: OnceLock::new(),
+        });
+        Ok(RedbStore { dir, limits, cache_bytes_per_shard: CACHE_BYTES_PER_SHARD_DEFAULT, shared })
     }
 
     /// Sets redb's page cache of each shard file opened from now on (the process holds up
     /// to this times the number of its shards).
     pub fn with_cache_bytes_per_shard(mut self, cache_bytes_per_shard: usize) -> RedbStore {
         self.cache_bytes_per_shard = cache_bytes_per_shard;
+        self
+    }
+
+    /// Sets how long commits may stay in the journal before they are written to their
+    /// shard file ([`CHECKPOINT_INTERVAL_DEFAULT`]).
+    pub fn with_checkpoint_interval(self, interval: Duration) -> RedbStore {
+        *lock(&self.shared.checkpoint_interval) = interval;
         self
     }
 
@@ -82,6 +151,11 @@ impl RedbStore {
     pub fn shard_path(&self, shard: ShardId) -> PathBuf {
         self.dir.join(format!("shard-{:05}.redb", shard.0))
     }
+
+    /// This process's journal directory (it exists once something was committed).
+    pub fn journal_dir(&self) -> PathBuf {
+        self.shared.journal.root().join(self.shared.journal.writer())
+    }
 }
 
 impl Store for RedbStore {
@@ -90,11 +164,71 @@ impl Store for RedbStore {
     async fn open_shard(&self, shard: ShardId) -> Result<RedbShard> {
         let path = self.shard_path(shard);
         let (limits, cache_bytes) = (self.limits, self.cache_bytes_per_shard);
-        blocking(move || open_shard_file(shard, path, limits, cache_bytes)).await
+        let shared = Arc::clone(&self.shared);
+        let core = blocking(move || open_shard_file(shard, path, limits, cache_bytes, shared)).await?;
+        lock(&self.shared.open).insert(shard, Arc::downgrade(&core));
+        Shared::start_checkpointer(&self.shared);
+        Ok(RedbShard { core: Some(core) })
     }
 }
 
-fn open_shard_file(shard: ShardId, path: PathBuf, limits: StoreLimits, cache_bytes: usize) -> Result<RedbShard> {
+impl Shared {
+    /// Starts the checkpointer thread once. It ends when the store and its shards are gone.
+    fn start_checkpointer(shared: &Arc<Shared>) {
+        shared.checkpointer.get_or_init(|| {
+            let (wake, woken) = mpsc::channel();
+            let weak = Arc::downgrade(shared);
+            std::thread::Builder::new()
+                .name("flowgrid-checkpoint".into())
+                .spawn(move || checkpointer(weak, woken))
+                .expect("the checkpointer thread starts");
+            Mutex::new(wake)
+        });
+    }
+
+    fn wake_checkpointer(&self) {
+        if let Some(wake) = self.checkpointer.get() {
+            let _ = lock(wake).send(());
+        }
+    }
+}
+
+/// Writes every shard's journal-only commits to its file once they are old or large
+/// enough, and now and then deletes the journals of dead processes nobody needs.
+fn checkpointer(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
+    let mut last_sweep: Option<Instant> = None;
+    loop {
+        match woken.recv_timeout(CHECKPOINT_TICK) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let Some(shared) = shared.upgrade() else { return };
+        if last_sweep.is_none_or(|at| at.elapsed() >= DEAD_JOURNAL_SWEEP) {
+            journal::collect_dead_journals(shared.journal.root(), shared.journal.writer());
+            last_sweep = Some(Instant::now());
+        }
+        let interval = *lock(&shared.checkpoint_interval);
+        let cores: Vec<Arc<ShardCore>> = {
+            let mut open = lock(&shared.open);
+            open.retain(|_, core| core.strong_count() > 0);
+            open.values().filter_map(Weak::upgrade).collect()
+        };
+        for core in cores {
+            if core.checkpoint_due(interval) {
+                // A failure leaves the writes in the overlay and the journal; retried next tick.
+                let _ = core.checkpoint();
+            }
+        }
+    }
+}
+
+fn open_shard_file(
+    shard: ShardId,
+    path: PathBuf,
+    limits: StoreLimits,
+    cache_bytes: usize,
+    shared: Arc<Shared>,
+) -> Result<Arc<ShardCore>> {
     let db = Database::builder().set_cache_size(cache_bytes).create(&path).map_err(|error| match error {
         DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => Error::Busy {
             shard,
@@ -106,86 +240,284 @@ fn open_shard_file(shard: ShardId, path: PathBuf, limits: StoreLimits, cache_byt
         },
         other => backend(PathError::new("open the shard file", &path, other)),
     })?;
-    // Create the table once, so that reads never meet a missing table.
+    // Create the tables once, so that reads never meet a missing table.
     let txn = db.begin_write().map_err(backend)?;
-    txn.open_table(KV).map_err(backend)?;
+    let (epoch, writer, applied) = {
+        let kv = txn.open_table(KV).map_err(backend)?;
+        let meta = txn.open_table(META).map_err(backend)?;
+        let writer =
+            meta.get(META_WRITER).map_err(backend)?.map(|guard| String::from_utf8_lossy(guard.value()).into_owned());
+        let applied = meta.get(META_APPLIED).map_err(backend)?.and_then(|guard| Position::decode(guard.value()));
+        (read_epoch(&kv)?, writer, applied.unwrap_or_default())
+    };
     txn.commit().map_err(backend)?;
-    Ok(RedbShard { shard, path, db: Arc::new(db), limits })
+    if let Some(writer) = writer {
+        replay(&db, shard, epoch, &shared.journal, &writer, applied)?;
+    }
+    Ok(Arc::new(ShardCore {
+        shard,
+        path,
+        db,
+        limits,
+        epoch: Mutex::new(epoch),
+        overlay: Mutex::new(Overlay::default()),
+        commit_order: tokio::sync::Mutex::new(()),
+        checkpointing: Mutex::new(()),
+        wrote: Mutex::new(false),
+        shared,
+    }))
+}
+
+/// Brings the file up to date with the shard's commits that only reached the journal of
+/// `writer` (the last process that owned it, which died or closed it): every data frame
+/// of the shard after `applied`, in one durable transaction.
+fn replay(
+    db: &Database,
+    shard: ShardId,
+    epoch: Epoch,
+    journal: &Journal,
+    writer: &str,
+    applied: Position,
+) -> Result<()> {
+    let dir = journal.root().join(writer);
+    let mut mutations = Vec::new();
+    let mut through = None;
+    journal::read_frames(&dir, applied, |frame| {
+        if frame.shard != shard || frame.clean {
+            return Ok(());
+        }
+        if frame.epoch != epoch {
+            return Err(Error::Corrupt {
+                key: format!("journal {}", dir.display()),
+                detail: format!(
+                    "shard {shard} has a commit under epoch {} after its last checkpoint, but the file holds epoch {epoch}",
+                    frame.epoch
+                ),
+            });
+        }
+        mutations.extend(frame.mutations()?);
+        through = Some(frame.end);
+        Ok(())
+    })?;
+    if let Some(through) = through {
+        let mut layer = Layer::default();
+        layer.apply(mutations, through);
+        write_layer(db, &layer)?;
+    }
+    if writer != journal.writer() {
+        journal::note_replayed(journal.root(), writer, shard)?;
+    }
+    Ok(())
+}
+
+/// Writes a layer to the file in one durable transaction, with the journal position it
+/// covers.
+fn write_layer(db: &Database, layer: &Layer) -> Result<()> {
+    let txn = begin_durable(db)?;
+    {
+        let mut table = txn.open_table(KV).map_err(backend)?;
+        for range in &layer.cleared {
+            apply(&mut table, Mutation::ClearRange(range.clone()))?;
+        }
+        for (key, value) in &layer.entries {
+            match value {
+                Some(value) => table.insert(key.as_slice(), value.as_slice()).map_err(backend)?,
+                None => table.remove(key.as_slice()).map_err(backend)?,
+            };
+        }
+        if let Some(through) = layer.through {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            meta.insert(META_APPLIED, through.encode().as_slice()).map_err(backend)?;
+        }
+    }
+    txn.commit().map_err(backend)
+}
+
+fn begin_durable(db: &Database) -> Result<WriteTransaction> {
+    let mut txn = db.begin_write().map_err(backend)?;
+    txn.set_durability(Durability::Immediate).map_err(backend)?;
+    Ok(txn)
 }
 
 /// One open shard file. Holding it holds the file lock: drop it or call
 /// [`RedbShard::close`] to let another process open the shard.
+///
+/// A commit is durable once its batch is in the process journal; the batch is kept in
+/// memory (and read from there) until a checkpoint writes it to the file. Closing or
+/// dropping the shard checkpoints it first.
 #[derive(Debug)]
 pub struct RedbShard {
+    /// Always `Some` until `close` takes it.
+    core: Option<Arc<ShardCore>>,
+}
+
+struct ShardCore {
     shard: ShardId,
     path: PathBuf,
-    db: Arc<Database>,
+    db: Database,
     limits: StoreLimits,
+    /// The epoch in the file: only this process changes it while it holds the file.
+    epoch: Mutex<Epoch>,
+    overlay: Mutex<Overlay>,
+    /// Commits enter the overlay in journal order.
+    commit_order: tokio::sync::Mutex<()>,
+    /// One checkpoint at a time.
+    checkpointing: Mutex<()>,
+    /// True once this process journaled a commit of the shard: closing then writes a
+    /// `clean` frame.
+    wrote: Mutex<bool>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ShardCore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("ShardCore").field("shard", &self.shard).field("path", &self.path).finish()
+    }
+}
+
+impl ShardCore {
+    fn epoch(&self) -> Epoch {
+        *lock(&self.epoch)
+    }
+
+    fn checkpoint_due(&self, interval: Duration) -> bool {
+        let overlay = lock(&self.overlay);
+        overlay.frozen.is_some()
+            || (!overlay.active.is_empty()
+                && (overlay.active.bytes >= CHECKPOINT_BYTES
+                    || overlay.active.since.is_some_and(|since| since.elapsed() >= interval)))
+    }
+
+    /// Writes the overlay to the file; blocking.
+    fn checkpoint(&self) -> Result<()> {
+        let _one_at_a_time = lock(&self.checkpointing);
+        loop {
+            let layer = {
+                let mut overlay = lock(&self.overlay);
+                match &overlay.frozen {
+                    // A failed checkpoint's layer goes first.
+                    Some(frozen) => Arc::clone(frozen),
+                    None if overlay.active.is_empty() => return Ok(()),
+                    None => {
+                        let layer = Arc::new(std::mem::take(&mut overlay.active));
+                        overlay.frozen = Some(Arc::clone(&layer));
+                        layer
+                    }
+                }
+            };
+            write_layer(&self.db, &layer)?;
+            lock(&self.overlay).frozen = None;
+            if let Some(through) = layer.through {
+                self.shared.journal.checkpointed(self.shard, through);
+            }
+            if lock(&self.overlay).active.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Checkpoints and notes in the journal that nothing of the shard is needed there.
+    fn finish(&self) -> Result<()> {
+        self.checkpoint()?;
+        if std::mem::take(&mut *lock(&self.wrote)) {
+            self.shared.journal.append_clean_blocking(self.shard, self.epoch())?;
+        }
+        self.shared.journal.forget(self.shard);
+        Ok(())
+    }
+}
+
+impl Drop for ShardCore {
+    fn drop(&mut self) {
+        // A failure here leaves the commits in the journal, and the next owner replays them.
+        let _ = self.finish();
+    }
 }
 
 impl RedbShard {
+    fn core(&self) -> &Arc<ShardCore> {
+        self.core.as_ref().expect("a shard is used only until it is closed")
+    }
+
     /// The shard this file holds.
     pub fn shard(&self) -> ShardId {
-        self.shard
+        self.core().shard
     }
 
     /// The shard's file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.core().path
     }
 
-    /// Closes the file and releases its lock, reporting any error that dropping would
-    /// ignore. If a blocking call of a cancelled future still runs, the file closes when it
-    /// ends (within `transaction_ms_max`), and this returns `Ok`.
-    pub fn close(self) -> Result<()> {
-        match Arc::try_unwrap(self.db) {
-            Ok(db) => db.close().map_err(|error| backend(PathError::new("close the shard file", &self.path, error))),
-            Err(_still_in_use) => Ok(()),
+    /// Writes every commit to the file, closes it and releases its lock, reporting any
+    /// error that dropping would ignore. Blocks while it writes; call it off the runtime's
+    /// worker threads when that matters.
+    pub fn close(mut self) -> Result<()> {
+        let mut core = self.core.take().expect("closed once");
+        core.finish()?;
+        let started = Instant::now();
+        // The checkpointer may hold the shard for a moment; the file closes when the last
+        // holder lets go.
+        while started.elapsed() < CLOSE_WAIT_MAX {
+            match Arc::try_unwrap(core) {
+                Ok(_closed) => return Ok(()),
+                Err(still_shared) => {
+                    core = still_shared;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
         }
+        Ok(())
     }
 
     fn run_blocking<T, F>(&self, work: F) -> impl std::future::Future<Output = Result<T>> + Send + 'static
     where
         T: Send + 'static,
-        F: FnOnce(&Database, ShardId, StoreLimits) -> Result<T> + Send + 'static,
+        F: FnOnce(&ShardCore) -> Result<T> + Send + 'static,
     {
-        let db = Arc::clone(&self.db);
-        let (shard, limits) = (self.shard, self.limits);
-        blocking(move || work(&db, shard, limits))
+        let core = Arc::clone(self.core());
+        blocking(move || work(&core))
     }
 }
 
 impl ShardStore for RedbShard {
     async fn acquire(&self) -> Result<Epoch> {
-        self.run_blocking(|db, _, _| {
-            let mut txn = db.begin_write().map_err(backend)?;
-            txn.set_durability(Durability::Immediate).map_err(backend)?;
+        self.run_blocking(|core| {
+            // Whatever this process journaled under the old epoch goes to the file first:
+            // from here on a replay starts after it.
+            core.checkpoint()?;
+            let txn = begin_durable(&core.db)?;
             let next = {
                 let mut table = txn.open_table(KV).map_err(backend)?;
                 let current = read_epoch(&table)?;
                 let next = Epoch(current.0.checked_add(1).expect("an epoch of 2^64 acquisitions is unreachable"));
                 table.insert(keys::epoch().as_slice(), keys::encode_epoch(next).as_slice()).map_err(backend)?;
+                let journal = &core.shared.journal;
+                let mut meta = txn.open_table(META).map_err(backend)?;
+                meta.insert(META_WRITER, journal.writer().as_bytes()).map_err(backend)?;
+                meta.insert(META_APPLIED, journal.end().encode().as_slice()).map_err(backend)?;
                 next
             };
             txn.commit().map_err(backend)?;
+            *lock(&core.epoch) = next;
             Ok(next)
         })
         .await
     }
 
     async fn current_epoch(&self) -> Result<Epoch> {
-        self.run_blocking(|db, _, _| {
-            let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(KV).map_err(backend)?;
-            read_epoch(&table)
-        })
-        .await
+        Ok(self.core().epoch())
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Value>> {
+        match lock(&self.core().overlay).get(key) {
+            Lookup::Value(value) => return Ok(Some(value)),
+            Lookup::Absent => return Ok(None),
+            Lookup::Unknown => {}
+        }
         let key = key.to_vec();
-        self.run_blocking(move |db, _, _| {
-            let txn = db.begin_read().map_err(backend)?;
+        self.run_blocking(move |core| {
+            let txn = core.db.begin_read().map_err(backend)?;
             let table = txn.open_table(KV).map_err(backend)?;
             let value = table.get(key.as_slice()).map_err(backend)?;
             Ok(value.map(|guard| guard.value().to_vec()))
@@ -197,44 +529,53 @@ impl ShardStore for RedbShard {
         if range.is_empty() || limit == 0 {
             return Ok(Vec::new());
         }
-        self.run_blocking(move |db, _, _| {
-            let txn = db.begin_read().map_err(backend)?;
+        let view = lock(&self.core().overlay).view(&range);
+        self.run_blocking(move |core| {
+            let txn = core.db.begin_read().map_err(backend)?;
             let table = txn.open_table(KV).map_err(backend)?;
             let entries = table.range(range.begin.as_slice()..range.end.as_slice()).map_err(backend)?;
+            let pairs = entries.map(|entry| {
+                let (key, value): Entry<'_> = entry.map_err(backend)?;
+                Ok((key.value().to_vec(), value.value().to_vec()))
+            });
             if reverse {
-                collect_pairs(entries.rev(), limit)
+                view.merge(pairs.rev(), limit, true)
             } else {
-                collect_pairs(entries, limit)
+                view.merge(pairs, limit, false)
             }
         })
         .await
     }
 
     async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> Result<()> {
-        batch.check(&self.limits)?;
-        self.run_blocking(move |db, shard, limits| {
-            let started = Instant::now();
-            let mut txn = db.begin_write().map_err(backend)?;
-            txn.set_durability(Durability::Immediate).map_err(backend)?;
-            {
-                let mut table = txn.open_table(KV).map_err(backend)?;
-                let current = read_epoch(&table)?;
-                if current != epoch {
-                    // Dropping the transaction aborts it; nothing was written.
-                    return Err(Error::StaleEpoch { shard, epoch, current });
-                }
-                for mutation in batch.into_mutations() {
-                    apply(&mut table, mutation)?;
-                }
-            }
-            let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            if elapsed_ms > limits.transaction_ms_max {
-                txn.abort().map_err(backend)?;
-                return Err(Error::TooSlow { elapsed_ms, limit_ms: limits.transaction_ms_max });
-            }
-            txn.commit().map_err(backend)
-        })
-        .await
+        batch.check(&self.core().limits)?;
+        let core = self.core();
+        let started = Instant::now();
+        let current = core.epoch();
+        if current != epoch {
+            return Err(Error::StaleEpoch { shard: core.shard, epoch, current });
+        }
+        let mutations = batch.into_mutations();
+        if mutations.is_empty() {
+            return Ok(());
+        }
+        let frame = journal::encode_data(core.shard, epoch, &mutations);
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if elapsed_ms > core.limits.transaction_ms_max {
+            return Err(Error::TooSlow { elapsed_ms, limit_ms: core.limits.transaction_ms_max });
+        }
+        let _in_order = core.commit_order.lock().await;
+        let through = core.shared.journal.append(core.shard, frame).await?;
+        *lock(&core.wrote) = true;
+        let over = {
+            let mut overlay = lock(&core.overlay);
+            overlay.active.apply(mutations, through);
+            overlay.bytes() >= CHECKPOINT_BYTES
+        };
+        if over {
+            core.shared.wake_checkpointer();
+        }
+        Ok(())
     }
 }
 
@@ -257,17 +598,8 @@ fn apply(table: &mut Table<'_, &'static [u8], &'static [u8]>, mutation: Mutation
 
 type Entry<'a> = (AccessGuard<'a, &'static [u8]>, AccessGuard<'a, &'static [u8]>);
 
-fn collect_pairs<'a>(
-    entries: impl Iterator<Item = Result<Entry<'a>, redb::StorageError>>,
-    limit: usize,
-) -> Result<Vec<(Key, Value)>> {
-    entries
-        .take(limit)
-        .map(|entry| {
-            let (key, value) = entry.map_err(backend)?;
-            Ok((key.value().to_vec(), value.value().to_vec()))
-        })
-        .collect()
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn read_epoch(table: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<Epoch> {
@@ -288,14 +620,14 @@ where
     }
 }
 
-fn backend(error: impl std::error::Error + Send + Sync + 'static) -> Error {
+pub(crate) fn backend(error: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Backend(Box::new(error))
 }
 
 /// A failure on a named file, with its cause chained.
 #[derive(Debug, thiserror::Error)]
 #[error("could not {action} {}: {source}", path.display())]
-struct PathError<E: std::error::Error + 'static> {
+pub(crate) struct PathError<E: std::error::Error + 'static> {
     action: &'static str,
     path: PathBuf,
     #[source]
@@ -303,7 +635,7 @@ struct PathError<E: std::error::Error + 'static> {
 }
 
 impl<E: std::error::Error + 'static> PathError<E> {
-    fn new(action: &'static str, path: &Path, source: E) -> Self {
+    pub(crate) fn new(action: &'static str, path: &Path, source: E) -> Self {
         PathError { action, path: path.to_path_buf(), source }
     }
 }

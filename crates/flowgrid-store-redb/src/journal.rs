@@ -1,0 +1,673 @@
+//! The write-ahead journal a process's shards share: one append and one `fdatasync` make
+//! the batches of every shard that committed meanwhile durable (group commit across shards).
+//! The shard files catch up later, in checkpoints ([`crate::RedbShard`]).
+//!
+//! Layout under the data directory: `journal/<writer>/` per process (a fresh writer id per
+//! start), holding segment files `0000000001.log`, ..., a `lock` file the writer holds
+//! while it lives, and `replayed`, where the processes that replayed one of its shards
+//! after it died note that shard.
+//!
+//! A frame is `u32 length | u32 crc32 | payload`; the payload is a kind byte, the shard
+//! (`u32`), the epoch (`u64`) and, for data frames, the batch's mutations. Integers are
+//! little-endian. A `clean` frame says the shard was checkpointed and closed: nothing of it
+//! in this journal is needed any more.
+//!
+//! Invariants:
+//! - An append is answered only after the `fdatasync` that covers it returned.
+//! - Frames are written in one order; a torn or corrupt frame can only be the last one of
+//!   the last segment of a writer that died (nothing after it was ever answered).
+//! - A segment is deleted only when every frame in it is in its shard file durably, which
+//!   the writer learns from [`Journal::checkpointed`]. A writer that ends with every shard
+//!   clean deletes its directory.
+//! - A dead writer's directory is deleted once every shard it left dirty was replayed by
+//!   whoever opened that shard next ([`collect_dead_journals`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use flowgrid_model::{Epoch, ShardId};
+use flowgrid_store::{Error, KeyRange, Mutation, Result};
+
+use crate::{backend, PathError};
+
+/// A segment is closed and a new one begun once it holds this much: small enough that a
+/// replay reads little and checkpointed segments are freed soon.
+pub(crate) const SEGMENT_BYTES_MAX: u64 = 8 << 20;
+/// At most this much is written per `fdatasync`: bounds the latency of the first append
+/// of a group.
+const GROUP_BYTES_MAX: usize = 4 << 20;
+const FRAME_HEADER_BYTES: usize = 8;
+const KIND_DATA: u8 = 1;
+const KIND_CLEAN: u8 = 2;
+const TAG_SET: u8 = 1;
+const TAG_CLEAR: u8 = 2;
+const TAG_CLEAR_RANGE: u8 = 3;
+
+/// A place in a writer's journal: a segment and a byte offset in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl Position {
+    /// 16 bytes, for the shard file's meta table.
+    pub(crate) fn encode(self) -> [u8; 16] {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.segment.to_le_bytes());
+        bytes[8..].copy_from_slice(&self.offset.to_le_bytes());
+        bytes
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Position> {
+        let segment = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+        let offset = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(Position { segment, offset })
+    }
+}
+
+/// One process's journal. Files appear with the first append.
+pub(crate) struct Journal {
+    root: PathBuf,
+    writer: String,
+    state: Arc<Mutex<State>>,
+    sender: OnceLock<Mutex<Sender<Append>>>,
+}
+
+/// What the writer thread and the checkpoints share.
+#[derive(Default)]
+struct State {
+    /// Where the next frame goes.
+    end: Position,
+    /// Per shard: a position at or before its oldest frame that is not yet checkpointed.
+    unchecked: HashMap<ShardId, Position>,
+    /// Per shard: the end of its last data frame.
+    last_appended: HashMap<ShardId, Position>,
+    /// Segments on disk, oldest first.
+    segments: BTreeSet<u64>,
+    /// Set when a write or sync failed: the file's state is unknown, so nothing more is
+    /// appended and every commit fails with this message.
+    failed: Option<String>,
+}
+
+struct Append {
+    shard: ShardId,
+    data: bool,
+    frame: Vec<u8>,
+    done: Done,
+}
+
+type Answer = std::result::Result<Position, String>;
+
+/// Where an append's outcome goes: an async caller or a blocked thread.
+enum Done {
+    Async(tokio::sync::oneshot::Sender<Answer>),
+    Blocking(mpsc::SyncSender<Answer>),
+}
+
+impl Done {
+    fn send(self, answer: Answer) {
+        // The caller may have given up waiting; nothing to do then.
+        let _ = match self {
+            Done::Async(sender) => sender.send(answer).map_err(|_| ()),
+            Done::Blocking(sender) => sender.send(answer).map_err(|_| ()),
+        };
+    }
+}
+
+impl Journal {
+    pub(crate) fn new(data_dir: &Path) -> Journal {
+        Journal {
+            root: data_dir.join("journal"),
+            writer: uuid::Uuid::new_v4().simple().to_string(),
+            state: Arc::new(Mutex::new(State { end: Position { segment: 1, offset: 0 }, ..State::default() })),
+            sender: OnceLock::new(),
+        }
+    }
+
+    /// This process's writer id (the name of its journal directory).
+    pub(crate) fn writer(&self) -> &str {
+        &self.writer
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the next frame goes: every frame appended from now on starts at or after it.
+    pub(crate) fn end(&self) -> Position {
+        lock(&self.state).end
+    }
+
+    /// Appends a data frame and waits until it is durable. Returns the end of the frame.
+    pub(crate) async fn append(&self, shard: ShardId, frame: Vec<u8>) -> Result<Position> {
+        self.send(shard, true, frame).await
+    }
+
+    /// Appends a `clean` frame for `shard` and waits, blocking the thread, until it is
+    /// durable.
+    pub(crate) fn append_clean_blocking(&self, shard: ShardId, epoch: Epoch) -> Result<()> {
+        let frame = encode_frame(KIND_CLEAN, shard, epoch, &[]);
+        let (done, answer) = mpsc::sync_channel(1);
+        self.submit(Append { shard, data: false, frame, done: Done::Blocking(done) })?;
+        match answer.recv() {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(failure)) => Err(journal_failed(&failure)),
+            Err(_) => Err(journal_failed("the journal writer stopped")),
+        }
+    }
+
+    async fn send(&self, shard: ShardId, data: bool, frame: Vec<u8>) -> Result<Position> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.submit(Append { shard, data, frame, done: Done::Async(done) })?;
+        match answer.await {
+            Ok(Ok(end)) => Ok(end),
+            Ok(Err(failure)) => Err(journal_failed(&failure)),
+            Err(_) => Err(journal_failed("the journal writer stopped")),
+        }
+    }
+
+    fn submit(&self, append: Append) -> Result<()> {
+        if let Some(failure) = &lock(&self.state).failed {
+            return Err(journal_failed(failure));
+        }
+        let sender = self.sender.get_or_init(|| Mutex::new(self.start_writer()));
+        lock(sender).send(append).map_err(|_| journal_failed("the journal writer stopped"))
+    }
+
+    fn start_writer(&self) -> Sender<Append> {
+        let (sender, receiver) = mpsc::channel();
+        let writer = Writer { dir: self.root.join(&self.writer), state: Arc::clone(&self.state), file: None };
+        std::thread::Builder::new()
+            .name("flowgrid-journal".into())
+            .spawn(move || writer.run(receiver))
+            .expect("the journal writer thread starts");
+        sender
+    }
+
+    /// Notes that every data frame of `shard` ending at or before `through` is durable in
+    /// its shard file, and deletes the segments nothing needs any more.
+    pub(crate) fn checkpointed(&self, shard: ShardId, through: Position) {
+        let mut state = lock(&self.state);
+        let fully = state.last_appended.get(&shard).is_none_or(|last| *last <= through);
+        if fully {
+            state.unchecked.remove(&shard);
+        } else {
+            state.unchecked.insert(shard, through);
+        }
+        let keep_from = state.unchecked.values().map(|position| position.segment).min().unwrap_or(u64::MAX);
+        let keep_from = keep_from.min(state.end.segment);
+        let obsolete: Vec<u64> = state.segments.range(..keep_from).copied().collect();
+        for segment in obsolete {
+            // A segment that cannot be deleted now is retried after the next checkpoint.
+            if fs::remove_file(segment_path(&self.root.join(&self.writer), segment)).is_ok() {
+                state.segments.remove(&segment);
+            }
+        }
+    }
+
+    /// Forgets `shard` after it was closed clean.
+    pub(crate) fn forget(&self, shard: ShardId) {
+        let mut state = lock(&self.state);
+        state.unchecked.remove(&shard);
+        state.last_appended.remove(&shard);
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // Stop the writer; with every shard clean, the whole directory is garbage.
+        self.sender.take();
+        let state = lock(&self.state);
+        if state.unchecked.is_empty() && state.failed.is_none() {
+            let dir = self.root.join(&self.writer);
+            if dir.exists() {
+                let _ = fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+/// The writer thread: gathers every append waiting, writes them at once, syncs, answers.
+struct Writer {
+    dir: PathBuf,
+    state: Arc<Mutex<State>>,
+    file: Option<(File, File)>,
+}
+
+impl Writer {
+    fn run(mut self, receiver: Receiver<Append>) {
+        let mut buffer = Vec::with_capacity(GROUP_BYTES_MAX);
+        let mut group = Vec::new();
+        while let Ok(first) = receiver.recv() {
+            let mut bytes = first.frame.len();
+            group.push(first);
+            while bytes < GROUP_BYTES_MAX {
+                match receiver.try_recv() {
+                    Ok(append) => {
+                        bytes += append.frame.len();
+                        group.push(append);
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            let outcome = self.write_group(&mut group, &mut buffer);
+            for (append, result) in group.drain(..).zip(outcome) {
+                append.done.send(result);
+            }
+            buffer.clear();
+        }
+    }
+
+    /// Writes the group and syncs; one result per append, in order.
+    fn write_group(
+        &mut self,
+        group: &mut [Append],
+        buffer: &mut Vec<u8>,
+    ) -> Vec<std::result::Result<Position, String>> {
+        if let Some(failure) = lock(&self.state).failed.clone() {
+            return vec![Err(failure); group.len()];
+        }
+        let bytes: usize = group.iter().map(|append| append.frame.len()).sum();
+        let written = self.prepare(bytes as u64).and_then(|start| {
+            let mut ends = Vec::with_capacity(group.len());
+            let mut offset = start.offset;
+            for append in group.iter_mut() {
+                buffer.extend_from_slice(&append.frame);
+                offset += append.frame.len() as u64;
+                ends.push(Position { segment: start.segment, offset });
+            }
+            let (file, _) = self.file.as_mut().expect("prepare opened a segment");
+            file.write_all(buffer).map_err(|error| error.to_string())?;
+            file.sync_data().map_err(|error| error.to_string())?;
+            Ok(ends)
+        });
+        let mut state = lock(&self.state);
+        match written {
+            Ok(ends) => {
+                state.end = *ends.last().expect("a group is never empty");
+                for (append, end) in group.iter().zip(&ends) {
+                    if append.data {
+                        state.last_appended.insert(append.shard, *end);
+                        let start = Position { segment: end.segment, offset: end.offset - append.frame.len() as u64 };
+                        state.unchecked.entry(append.shard).or_insert(start);
+                    }
+                }
+                ends.into_iter().map(Ok).collect()
+            }
+            Err(error) => {
+                let failure = format!("journal write to {} failed: {error}", self.dir.display());
+                state.failed = Some(failure.clone());
+                vec![Err(failure); group.len()]
+            }
+        }
+    }
+
+    /// Makes room for `bytes`: opens the first segment, or a new one when the current one
+    /// is full. Returns where the group starts.
+    fn prepare(&mut self, bytes: u64) -> std::result::Result<Position, String> {
+        let end = lock(&self.state).end;
+        let roll = self.file.is_some() && end.offset > 0 && end.offset + bytes > SEGMENT_BYTES_MAX;
+        if self.file.is_some() && !roll {
+            return Ok(end);
+        }
+        let start = if roll { Position { segment: end.segment + 1, offset: 0 } } else { end };
+        let file = (|| -> io::Result<File> {
+            fs::create_dir_all(&self.dir)?;
+            let file = OpenOptions::new().create(true).append(true).open(segment_path(&self.dir, start.segment))?;
+            sync_dir(&self.dir)?;
+            Ok(file)
+        })()
+        .map_err(|error| format!("cannot open a journal segment in {}: {error}", self.dir.display()))?;
+        let lock_file = match self.file.take() {
+            Some((_, held)) => held,
+            None => take_writer_lock(&self.dir).map_err(|error| error.to_string())?,
+        };
+        self.file = Some((file, lock_file));
+        let mut state = lock(&self.state);
+        state.end = start;
+        state.segments.insert(start.segment);
+        Ok(start)
+    }
+}
+
+/// Holds `<dir>/lock` for the life of the writer: others see the writer alive.
+fn take_writer_lock(dir: &Path) -> io::Result<File> {
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    file.try_lock().map_err(|error| io::Error::other(format!("journal lock {}: {error}", dir.display())))?;
+    Ok(file)
+}
+
+fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("{segment:010}.log"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn journal_failed(failure: &str) -> Error {
+    backend(io::Error::other(format!("{failure}; restart the coordinator once the disk is healthy")))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Encodes a frame. Data frames carry `mutations`.
+pub(crate) fn encode_frame(kind: u8, shard: ShardId, epoch: Epoch, mutations: &[Mutation]) -> Vec<u8> {
+    let payload_bytes: usize = 13
+        + mutations
+            .iter()
+            .map(|mutation| match mutation {
+                Mutation::Set(key, value) => 9 + key.len() + value.len(),
+                Mutation::Clear(key) => 5 + key.len(),
+                Mutation::ClearRange(range) => 9 + range.begin.len() + range.end.len(),
+            })
+            .sum::<usize>();
+    let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload_bytes);
+    frame.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    frame.push(kind);
+    frame.extend_from_slice(&shard.0.to_le_bytes());
+    frame.extend_from_slice(&epoch.0.to_le_bytes());
+    for mutation in mutations {
+        match mutation {
+            Mutation::Set(key, value) => {
+                frame.push(TAG_SET);
+                put_bytes(&mut frame, key);
+                put_bytes(&mut frame, value);
+            }
+            Mutation::Clear(key) => {
+                frame.push(TAG_CLEAR);
+                put_bytes(&mut frame, key);
+            }
+            Mutation::ClearRange(range) => {
+                frame.push(TAG_CLEAR_RANGE);
+                put_bytes(&mut frame, &range.begin);
+                put_bytes(&mut frame, &range.end);
+            }
+        }
+    }
+    let payload_len = (frame.len() - FRAME_HEADER_BYTES) as u32;
+    let crc = crc32fast::hash(&frame[FRAME_HEADER_BYTES..]);
+    frame[..4].copy_from_slice(&payload_len.to_le_bytes());
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    frame
+}
+
+/// A data frame.
+pub(crate) fn encode_data(shard: ShardId, epoch: Epoch, mutations: &[Mutation]) -> Vec<u8> {
+    encode_frame(KIND_DATA, shard, epoch, mutations)
+}
+
+fn put_bytes(frame: &mut Vec<u8>, bytes: &[u8]) {
+    frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    frame.extend_from_slice(bytes);
+}
+
+/// A frame read back.
+pub(crate) struct Frame {
+    pub end: Position,
+    pub clean: bool,
+    pub shard: ShardId,
+    pub epoch: Epoch,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    pub(crate) fn mutations(&self) -> Result<Vec<Mutation>> {
+        let mut reader = Reader { bytes: &self.payload[13..] };
+        let mut mutations = Vec::new();
+        while !reader.bytes.is_empty() {
+            let tag = reader.byte()?;
+            mutations.push(match tag {
+                TAG_SET => Mutation::Set(reader.bytes()?, reader.bytes()?),
+                TAG_CLEAR => Mutation::Clear(reader.bytes()?),
+                TAG_CLEAR_RANGE => Mutation::ClearRange(KeyRange { begin: reader.bytes()?, end: reader.bytes()? }),
+                other => return Err(corrupt(self.end, format!("unknown mutation tag {other}"))),
+            });
+        }
+        Ok(mutations)
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl Reader<'_> {
+    fn byte(&mut self) -> Result<u8> {
+        let (&first, rest) = self.bytes.split_first().ok_or_else(|| short())?;
+        self.bytes = rest;
+        Ok(first)
+    }
+
+    fn bytes(&mut self) -> Result<Vec<u8>> {
+        if self.bytes.len() < 4 {
+            return Err(short());
+        }
+        let len = u32::from_le_bytes(self.bytes[..4].try_into().expect("four bytes")) as usize;
+        let rest = &self.bytes[4..];
+        if rest.len() < len {
+            return Err(short());
+        }
+        self.bytes = &rest[len..];
+        Ok(rest[..len].to_vec())
+    }
+}
+
+fn short() -> Error {
+    Error::Corrupt { key: "journal frame".into(), detail: "a mutation runs past the end of its frame".into() }
+}
+
+fn corrupt(at: Position, detail: String) -> Error {
+    Error::Corrupt { key: format!("journal segment {} offset {}", at.segment, at.offset), detail }
+}
+
+/// Reads the frames of writer directory `dir` from `from` on, in order, calling `visit`
+/// for each. A frame cut short or failing its checksum ends the reading when it is in the
+/// last segment (a writer that died mid-write); anywhere else it is corruption. Missing
+/// segments were deleted because everything in them was checkpointed.
+pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Frame) -> Result<()>) -> Result<()> {
+    let segments = list_segments(dir)?;
+    let last = segments.last().copied();
+    for segment in segments.into_iter().filter(|segment| *segment >= from.segment) {
+        let path = segment_path(dir, segment);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(backend(PathError::new("read the journal segment", &path, error))),
+        };
+        let mut offset = if segment == from.segment { from.offset as usize } else { 0 };
+        while offset < bytes.len() {
+            let at = Position { segment, offset: offset as u64 };
+            match parse_frame(&bytes[offset..]) {
+                Some((frame_len, payload)) => {
+                    offset += frame_len;
+                    let end = Position { segment, offset: offset as u64 };
+                    let frame = Frame {
+                        end,
+                        clean: payload[0] == KIND_CLEAN,
+                        shard: ShardId(u32::from_le_bytes(payload[1..5].try_into().expect("four bytes"))),
+                        epoch: Epoch(u64::from_le_bytes(payload[5..13].try_into().expect("eight bytes"))),
+                        payload: payload.to_vec(),
+                    };
+                    visit(frame)?;
+                }
+                None if Some(segment) == last => return Ok(()),
+                None => {
+                    return Err(corrupt(
+                        at,
+                        format!("a frame in {} is cut short or fails its checksum", path.display()),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A whole, valid frame at the start of `bytes`: its length and payload.
+fn parse_frame(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let header = bytes.get(..FRAME_HEADER_BYTES)?;
+    let len = u32::from_le_bytes(header[..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
+    let payload = bytes.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len)?;
+    (len >= 13 && crc32fast::hash(payload) == crc && matches!(payload[0], KIND_DATA | KIND_CLEAN))
+        .then_some((FRAME_HEADER_BYTES + len, payload))
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(backend(PathError::new("list the journal", dir, error))),
+    };
+    let mut segments: Vec<u64> = entries
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| entry.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+        .collect();
+    segments.sort_unstable();
+    Ok(segments)
+}
+
+/// Notes in a dead writer's directory that `shard` was replayed into its file.
+pub(crate) fn note_replayed(root: &Path, writer: &str, shard: ShardId) -> Result<()> {
+    let path = root.join(writer).join("replayed");
+    let mut file = match OpenOptions::new().append(true).open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound && !root.join(writer).exists() => return Ok(()),
+        Err(_) => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))?,
+    };
+    file.write_all(format!("{}\n", shard.0).as_bytes())
+        .and_then(|()| file.sync_data())
+        .map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))
+}
+
+/// Deletes the journals of writers that died once every shard they left dirty was replayed
+/// by its next owner. Returns how many were deleted. A journal whose writer lives (its
+/// lock is held) is never touched.
+pub(crate) fn collect_dead_journals(root: &Path, own: &str) -> usize {
+    let Ok(entries) = fs::read_dir(root) else { return 0 };
+    let mut deleted = 0;
+    for entry in entries.filter_map(|entry| entry.ok()) {
+        let dir = entry.path();
+        let Some(writer) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        if writer == own || !dir.is_dir() {
+            continue;
+        }
+        let Ok(held) = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")) else {
+            continue;
+        };
+        if held.try_lock().is_err() {
+            continue; // alive
+        }
+        let mut dirty = HashMap::new();
+        let read = read_frames(&dir, Position::default(), |frame| {
+            dirty.insert(frame.shard, !frame.clean);
+            Ok(())
+        });
+        if read.is_err() {
+            continue;
+        }
+        let replayed: BTreeSet<u32> = fs::read_to_string(dir.join("replayed"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .collect();
+        if dirty.iter().all(|(shard, is_dirty)| !is_dirty || replayed.contains(&shard.0)) {
+            drop(held);
+            if fs::remove_dir_all(&dir).is_ok() {
+                deleted += 1;
+            }
+        }
+    }
+    deleted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_a_torn_tail_ends_the_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let mutations = vec![
+            Mutation::Set(b"k".to_vec(), b"v".to_vec()),
+            Mutation::Clear(b"gone".to_vec()),
+            Mutation::ClearRange(KeyRange { begin: b"a".to_vec(), end: b"b".to_vec() }),
+        ];
+        let mut bytes = encode_data(ShardId(7), Epoch(3), &mutations);
+        bytes.extend_from_slice(&encode_frame(KIND_CLEAN, ShardId(7), Epoch(3), &[]));
+        let torn = encode_data(ShardId(8), Epoch(1), &mutations);
+        bytes.extend_from_slice(&torn[..torn.len() - 3]);
+        fs::write(segment_path(dir.path(), 1), &bytes).unwrap();
+        let mut seen = Vec::new();
+        read_frames(dir.path(), Position::default(), |frame| {
+            seen.push((frame.shard, frame.epoch, frame.clean, frame.mutations().unwrap()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 2, "the torn third frame is not read");
+        assert_eq!(seen[0], (ShardId(7), Epoch(3), false, mutations));
+        assert_eq!(seen[1], (ShardId(7), Epoch(3), true, Vec::new()));
+    }
+
+    #[test]
+    fn a_bad_frame_before_the_last_segment_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = encode_data(ShardId(1), Epoch(1), &[Mutation::Clear(b"k".to_vec())]);
+        let last = first.len() - 1;
+        first[last] ^= 0xFF;
+        fs::write(segment_path(dir.path(), 1), &first).unwrap();
+        fs::write(segment_path(dir.path(), 2), encode_data(ShardId(1), Epoch(1), &[])).unwrap();
+        let read = read_frames(dir.path(), Position::default(), |_| Ok(()));
+        assert!(matches!(read, Err(Error::Corrupt { .. })), "got {read:?}");
+    }
+
+    #[tokio::test]
+    async fn appends_are_durable_positions_grow_and_a_clean_journal_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        let writer_dir = journal.root().join(journal.writer());
+        let first = journal.append(ShardId(1), encode_data(ShardId(1), Epoch(1), &[])).await.unwrap();
+        let second = journal.append(ShardId(2), encode_data(ShardId(2), Epoch(1), &[])).await.unwrap();
+        assert!(first < second);
+        assert_eq!(journal.end(), second);
+        let mut shards = Vec::new();
+        read_frames(&writer_dir, Position::default(), |frame| {
+            shards.push(frame.shard);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(shards, vec![ShardId(1), ShardId(2)]);
+        journal.checkpointed(ShardId(1), first);
+        journal.checkpointed(ShardId(2), second);
+        drop(journal);
+        assert!(!writer_dir.exists(), "a journal with every shard clean is removed when its writer ends");
+    }
+
+    #[test]
+    fn a_dead_journal_goes_once_its_dirty_shards_were_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("journal");
+        let dead = root.join("dead");
+        fs::create_dir_all(&dead).unwrap();
+        let mut bytes = encode_data(ShardId(1), Epoch(1), &[]);
+        bytes.extend_from_slice(&encode_data(ShardId(2), Epoch(1), &[]));
+        bytes.extend_from_slice(&encode_frame(KIND_CLEAN, ShardId(2), Epoch(1), &[]));
+        fs::write(segment_path(&dead, 1), &bytes).unwrap();
+        assert_eq!(collect_dead_journals(&root, "me"), 0, "shard 1 was left dirty and is not replayed yet");
+        note_replayed(&root, "dead", ShardId(1)).unwrap();
+        assert_eq!(collect_dead_journals(&root, "me"), 1);
+        assert!(!dead.exists());
+    }
+}

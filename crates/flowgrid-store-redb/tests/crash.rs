@@ -1,0 +1,90 @@
+//! A process that dies after its commits reached the journal but before any checkpoint:
+//! the next process to open each shard replays them, and the dead journal is deleted once
+//! every shard it held was replayed.
+//!
+//! The dying process is this test binary run again with `CRASH_CHILD_DIR` set: it commits
+//! and then aborts, skipping every drop and checkpoint.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use flowgrid_model::{RunId, ShardId};
+use flowgrid_store::{keys, ShardStore, Store, StoreLimits, WriteBatch};
+use flowgrid_store_redb::RedbStore;
+
+const CHILD_ENV: &str = "CRASH_CHILD_DIR";
+const SHARDS: [u32; 2] = [5, 6];
+const COMMITS: u64 = 50;
+
+fn run(index: u64) -> RunId {
+    RunId(format!("run-{index}"))
+}
+
+/// Runs in the child: commits, then dies without a checkpoint.
+async fn commit_then_abort(dir: &Path) {
+    let store =
+        RedbStore::open(dir, StoreLimits::default()).unwrap().with_checkpoint_interval(Duration::from_secs(3600));
+    for shard in SHARDS {
+        let opened = store.open_shard(ShardId(shard)).await.unwrap();
+        let epoch = opened.acquire().await.unwrap();
+        for index in 0..COMMITS {
+            let mut batch = WriteBatch::new();
+            batch.set(keys::run(&run(index)), format!("{shard}:{index}").into_bytes());
+            if index > 0 {
+                batch.clear(keys::active(&run(index - 1)));
+            }
+            batch.set(keys::active(&run(index)), Vec::new());
+            opened.commit(epoch, batch).await.unwrap();
+        }
+        std::mem::forget(opened);
+    }
+    std::process::abort();
+}
+
+#[tokio::test]
+async fn commits_in_the_journal_survive_a_crash_before_any_checkpoint() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        commit_then_abort(Path::new(&dir)).await;
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "commits_in_the_journal_survive_a_crash_before_any_checkpoint", "--nocapture"])
+        .env(CHILD_ENV, dir.path())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child process was meant to abort");
+    let journals = std::fs::read_dir(dir.path().join("journal")).unwrap().count();
+    assert_eq!(journals, 1, "the dead process left its journal");
+
+    let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+    for shard in SHARDS {
+        let opened = store.open_shard(ShardId(shard)).await.unwrap();
+        assert_eq!(opened.current_epoch().await.unwrap().0, 1, "the epoch acquired before the crash");
+        for index in 0..COMMITS {
+            let value = opened.get(&keys::run(&run(index))).await.unwrap();
+            assert_eq!(value, Some(format!("{shard}:{index}").into_bytes()), "shard {shard} run {index}");
+        }
+        let active = opened.scan(keys::active_range(), usize::MAX, false).await.unwrap();
+        assert_eq!(active.len(), 1, "only the last run is active: the clears were replayed too");
+        opened.close().unwrap();
+    }
+    // Every shard the dead process left dirty was replayed: its journal is garbage now.
+    let replayed = std::fs::read_dir(dir.path().join("journal")).unwrap().next().unwrap().unwrap().path();
+    let noted = std::fs::read_to_string(replayed.join("replayed")).unwrap();
+    assert_eq!(noted.lines().count(), SHARDS.len(), "each replayed shard is noted: {noted}");
+
+    // A second opening replays nothing twice and the data is now in the file itself.
+    let again = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+    let opened = again.open_shard(ShardId(SHARDS[0])).await.unwrap();
+    let epoch = opened.acquire().await.unwrap();
+    assert_eq!(epoch.0, 2);
+    assert_eq!(opened.scan(keys::run_range(), usize::MAX, false).await.unwrap().len(), COMMITS as usize);
+    // The checkpointer of a store sweeps dead journals when it starts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while replayed.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!replayed.exists(), "the dead journal {} was not deleted", replayed.display());
+}
