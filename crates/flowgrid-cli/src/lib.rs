@@ -53,7 +53,13 @@ pub fn main() -> ExitCode {
     let serving = matches!(command, Command::Coordinator(_) | Command::Worker(_));
     init_tracing(if serving { "info" } else { "warn" });
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Blocking work (opening shard files, reading them) is short; a bounded pool keeps a
+    // coordinator that opens hundreds of shards at once from starting hundreds of threads.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(BLOCKING_THREADS_MAX)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -68,6 +74,9 @@ pub fn main() -> ExitCode {
         Err(error) => failure::report(&error, &session),
     }
 }
+
+/// Threads for blocking work: shard files opened and read at once.
+const BLOCKING_THREADS_MAX: usize = 64;
 
 /// Logs go to stderr, filtered by `FLOWGRID_LOG`, else `RUST_LOG`, else `default_level`.
 fn init_tracing(default_level: &str) {
