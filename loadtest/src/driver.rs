@@ -2,7 +2,9 @@
 //!
 //! Open loop: start `i` is scheduled at `t0 + i / rate` from a fixed clock, and every
 //! latency of that run counts from its scheduled time, so a slow grid (or a slow harness)
-//! cannot hide its delay by delaying the next start (no coordinated omission).
+//! cannot hide its delay by delaying the next start (no coordinated omission). Since
+//! tokio's timer ends a sleep up to 1 ms late, the pacer wakes up to 1 ms early; a start sent
+//! before its scheduled time counts from when it was sent.
 //! Closed loop: each of `concurrency` loops starts a run, waits for its end, and starts
 //! the next.
 
@@ -115,10 +117,11 @@ pub async fn open_loop(starter: Starter, rate: f64, stop: CancellationToken) {
     .await;
 }
 
-/// Calls `start(index, scheduled)` at `rate` per second from a fixed clock (a late start
+/// Calls `start(index, origin)` at `rate` per second from a fixed clock (a late start
 /// does not shift the later ones) until `stop`, with at most `pending_max` starts pending;
-/// one due while that many are pending is skipped and reported to `skipped`. Returns once
-/// every start has finished.
+/// one due while that many are pending is skipped and reported to `skipped`. `origin` is
+/// where the start's latency counts from: the later of its schedule and its sending. Returns once every start
+/// has finished.
 pub async fn paced<Start, Pending>(
     rate: f64,
     pending_max: usize,
@@ -134,16 +137,18 @@ pub async fn paced<Start, Pending>(
     let mut in_flight = JoinSet::new();
     for index in 0u64.. {
         let scheduled = origin + Duration::from_secs_f64(index as f64 / rate);
+        // Wake up to one timer tick early: tokio's sleeps end up to a tick late, and a start
+        // sent early counts from when it was sent, one sent late from its schedule.
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(scheduled) => {}
+            _ = tokio::time::sleep_until(scheduled - TIMER_RESOLUTION) => {}
         }
         while in_flight.try_join_next().is_some() {}
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             skipped();
             continue;
         };
-        let started = start(index, scheduled);
+        let started = start(index, scheduled.max(tokio::time::Instant::now()));
         in_flight.spawn(async move {
             started.await;
             drop(permit);
@@ -151,6 +156,9 @@ pub async fn paced<Start, Pending>(
     }
     while in_flight.join_next().await.is_some() {}
 }
+
+/// The resolution of tokio's timer: a sleep ends up to this much after its deadline.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
 /// `concurrency` loops of start-and-wait until `stop`.
 pub async fn closed_loop(starter: Starter, concurrency: usize, stop: CancellationToken) {

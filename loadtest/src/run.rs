@@ -191,6 +191,7 @@ fn summarize(
         "ratio_to_floor": ratio,
         "run_e2e_ms": quantiles_ms(&histograms.run_e2e),
         "start_overhead_ms": quantiles_ms(&histograms.start_overhead),
+        "start_reply_ms": quantiles_ms(&histograms.start_reply),
         "step_overhead_ms": quantiles_ms(&histograms.step_overhead),
         "coordinator_rss_mb": observed.rss_end_mb.map(round1),
         "coordinator_rss_max_mb": observed.rss_max_mb.map(round1),
@@ -245,6 +246,7 @@ fn print_summary_table(summary: &serde_json::Value) {
         ("ratio to floor".to_owned(), text("ratio_to_floor")),
         ("run e2e".to_owned(), describe_latency(&summary["run_e2e_ms"])),
         ("start overhead".to_owned(), describe_latency(&summary["start_overhead_ms"])),
+        ("start reply".to_owned(), describe_latency(&summary["start_reply_ms"])),
         ("step overhead".to_owned(), describe_latency(&summary["step_overhead_ms"])),
         (
             "coordinator RSS".to_owned(),

@@ -73,6 +73,9 @@ struct RunTrack {
 pub struct Histograms {
     pub run_e2e: Histogram<u64>,
     pub start_overhead: Histogram<u64>,
+    /// Start request to its reply: the part of the start overhead before the first task
+    /// is published.
+    pub start_reply: Histogram<u64>,
     pub step_overhead: Histogram<u64>,
 }
 
@@ -115,6 +118,7 @@ impl Tracker {
                 histograms: Histograms {
                     run_e2e: new_histogram(),
                     start_overhead: new_histogram(),
+                    start_reply: new_histogram(),
                     step_overhead: new_histogram(),
                 },
             }),
@@ -146,6 +150,9 @@ impl Tracker {
         track.started = Some(started);
         track.measured = measured;
         track.waiter = waiter;
+        if measured {
+            record(&mut histograms.start_reply, started, Instant::now());
+        }
         if let (true, Some(first)) = (measured, track.first_task) {
             record(&mut histograms.start_overhead, started, first);
         }
@@ -176,6 +183,7 @@ impl Tracker {
         Histograms {
             run_e2e: inner.histograms.run_e2e.clone(),
             start_overhead: inner.histograms.start_overhead.clone(),
+            start_reply: inner.histograms.start_reply.clone(),
             step_overhead: inner.histograms.step_overhead.clone(),
         }
     }

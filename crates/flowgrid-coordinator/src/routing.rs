@@ -184,7 +184,11 @@ impl Router {
     /// The plan of a flow version (the latest when `version` is `None`), from the flow's
     /// catalog shard; compiled once per coordinator.
     pub async fn plan(&self, name: &str, version: Option<u32>) -> Result<Arc<FlowPlan>, ApiError> {
-        if let Some(plan) = version.and_then(|version| self.context.plans.get(name, version)) {
+        let known = match version {
+            Some(version) => self.context.plans.get(name, version),
+            None => self.context.plans.latest(name),
+        };
+        if let Some(plan) = known {
             return Ok(plan);
         }
         let catalog = self.shard_of(name);

@@ -151,6 +151,7 @@ impl<S: ShardStore> ShardActor<S> {
             }
         }
         self.forget_all_runs();
+        self.context.plans.forget_latest(self.catalog.keys());
         // Results already received get an answer, so their workers send them again at once
         // (to the next owner) instead of waiting for a timeout.
         let _ = results.unsubscribe().await;
@@ -273,7 +274,7 @@ impl<S: ShardStore> ShardActor<S> {
     /// Commits the batch, then publishes, replies and acks. Nothing of the batch is visible
     /// outside before the commit returns.
     async fn commit(&mut self, batch: Batch) -> std::result::Result<(), flowgrid_store::Error> {
-        let Batch { writes, commands, dispatches, replies, result_replies, finished } = batch;
+        let Batch { writes, commands, dispatches, replies, result_replies, finished, deployed } = batch;
         if !writes.is_empty() {
             let started = Instant::now();
             let committed = self.store.commit(self.epoch, writes).await;
@@ -293,6 +294,9 @@ impl<S: ShardStore> ShardActor<S> {
             }
         }
         self.forget_finished(finished);
+        for plan in deployed {
+            self.context.plans.set_latest(plan);
+        }
         for task in dispatches {
             self.context.dispatcher.send(self.shard, task).await;
         }
@@ -336,6 +340,7 @@ impl<S: ShardStore> ShardActor<S> {
         self.forget_all_runs();
         self.timers.clear();
         self.pinned.clear();
+        self.context.plans.forget_latest(self.catalog.keys());
         self.catalog.clear();
         // The failure may be transient (disk full cleared, cluster back): pause before reading.
         tokio::time::sleep(RELOAD_PAUSE).await;

@@ -3,7 +3,9 @@
 
 use async_nats::Subject;
 use flowgrid_engine::TaskDispatch;
-use flowgrid_model::RunId;
+use std::sync::Arc;
+
+use flowgrid_model::{FlowPlan, RunId};
 use flowgrid_proto::{ApiError, Encoding};
 use flowgrid_store::WriteBatch;
 
@@ -29,6 +31,8 @@ pub struct Batch {
     pub result_replies: Vec<ResultReply>,
     /// Runs that ended in this batch: dropped from memory after the commit.
     pub finished: Vec<RunId>,
+    /// Flow versions deployed in this batch: published as latest after the commit.
+    pub deployed: Vec<Arc<FlowPlan>>,
 }
 
 impl Batch {

@@ -40,6 +40,7 @@ impl<S: ShardStore> ShardActor<S> {
         let deployed_ms = now_ms();
         let record = CatalogRecord { deployed_ms, definition };
         batch.writes.set_chunked(&keys::catalog(&name, version), &records::encode(&record), &self.context.store_limits);
+        batch.deployed.push(plan.clone());
         self.catalog.entry(name.clone()).or_default().push(CatalogEntry { version, deployed_ms, plan });
         Ok(FlowDeployed { name, version, created: true })
     }

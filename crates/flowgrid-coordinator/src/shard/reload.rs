@@ -51,6 +51,11 @@ impl<S: ShardStore> ShardActor<S> {
             })?;
             self.catalog.entry(name).or_default().push(CatalogEntry { version, deployed_ms: record.deployed_ms, plan });
         }
+        for versions in self.catalog.values() {
+            if let Some(latest) = versions.last() {
+                self.context.plans.set_latest(latest.plan.clone());
+            }
+        }
         Ok(())
     }
 
