@@ -5,7 +5,7 @@
 //! Layout under the data directory: `journal/<writer>/` per process (a fresh writer id per
 //! start), holding segment files `0000000001.log`, ..., a `lock` file the writer holds
 //! while it lives, and `replayed`, where the processes that replayed one of its shards
-//! after it died note that shard.
+//! note the shard and the epoch they replayed.
 //!
 //! A frame is `u32 length | u32 crc32 | payload`; the payload is a kind byte, the shard
 //! (`u32`), the epoch (`u64`) and, for data frames, the batch's mutations. Integers are
@@ -19,8 +19,10 @@
 //! - A segment is deleted only when every frame in it is in its shard file durably, which
 //!   the writer learns from [`Journal::checkpointed`]. A writer that ends with every shard
 //!   clean deletes its directory.
-//! - A dead writer's directory is deleted once every shard it left dirty was replayed by
-//!   whoever opened that shard next ([`collect_dead_journals`]).
+//! - A dead writer's directory is deleted once every shard it left dirty was replayed, under
+//!   the epoch of its last frames, by whoever opened that shard next
+//!   ([`collect_dead_journals`]). A note for an older epoch does not count: the writer may
+//!   have owned the shard again since.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -316,16 +318,27 @@ impl Writer {
             return Ok(end);
         }
         let start = if roll { Position { segment: end.segment + 1, offset: 0 } } else { end };
-        let file = (|| -> io::Result<File> {
-            fs::create_dir_all(&self.dir)?;
-            let file = OpenOptions::new().create(true).append(true).open(segment_path(&self.dir, start.segment))?;
-            sync_dir(&self.dir)?;
-            Ok(file)
-        })()
-        .map_err(|error| format!("cannot open a journal segment in {}: {error}", self.dir.display()))?;
+        // The lock comes before the first segment: a journal with segments and a free lock
+        // belongs to a dead writer.
         let lock_file = match self.file.take() {
             Some((_, held)) => held,
-            None => take_writer_lock(&self.dir).map_err(|error| error.to_string())?,
+            None => fs::create_dir_all(&self.dir)
+                .and_then(|()| take_writer_lock(&self.dir))
+                .map_err(|error| format!("cannot lock the journal {}: {error}", self.dir.display()))?,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&self.dir, start.segment))
+            .and_then(|file| sync_dir(&self.dir).map(|()| file))
+            .map_err(|error| format!("cannot open a journal segment in {}: {error}", self.dir.display()));
+        let file = match file {
+            Ok(file) => file,
+            Err(error) => {
+                self.file = None;
+                drop(lock_file);
+                return Err(error);
+            }
         };
         self.file = Some((file, lock_file));
         let mut state = lock(&self.state);
@@ -535,8 +548,9 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     Ok(segments)
 }
 
-/// Notes in a dead writer's directory that `shard` was replayed into its file.
-pub(crate) fn note_replayed(root: &Path, writer: &str, shard: ShardId) -> Result<()> {
+/// Notes in a writer's directory that its frames of `shard` under `epoch` were replayed
+/// into the shard file.
+pub(crate) fn note_replayed(root: &Path, writer: &str, shard: ShardId, epoch: Epoch) -> Result<()> {
     let path = root.join(writer).join("replayed");
     let mut file = match OpenOptions::new().append(true).open(&path) {
         Ok(file) => file,
@@ -547,14 +561,15 @@ pub(crate) fn note_replayed(root: &Path, writer: &str, shard: ShardId) -> Result
             .open(&path)
             .map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))?,
     };
-    file.write_all(format!("{}\n", shard.0).as_bytes())
+    file.write_all(format!("{} {}\n", shard.0, epoch.0).as_bytes())
         .and_then(|()| file.sync_data())
         .map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))
 }
 
 /// Deletes the journals of writers that died once every shard they left dirty was replayed
-/// by its next owner. Returns how many were deleted. A journal whose writer lives (its
-/// lock is held) is never touched.
+/// by its next owner, under the epoch of the shard's last frames. Returns how many were
+/// deleted. A journal whose writer lives (its lock is held) is never touched, nor one
+/// without segments (its writer may be creating it).
 pub(crate) fn collect_dead_journals(root: &Path, own: &str) -> usize {
     let Ok(entries) = fs::read_dir(root) else { return 0 };
     let mut deleted = 0;
@@ -570,20 +585,31 @@ pub(crate) fn collect_dead_journals(root: &Path, own: &str) -> usize {
         if held.try_lock().is_err() {
             continue; // alive
         }
-        let mut dirty = HashMap::new();
+        if list_segments(&dir).map_or(true, |segments| segments.is_empty()) {
+            continue;
+        }
+        // Per shard: the epoch of its last frame when that frame is data (it is dirty).
+        let mut dirty: HashMap<ShardId, Option<Epoch>> = HashMap::new();
         let read = read_frames(&dir, Position::default(), |frame| {
-            dirty.insert(frame.shard, !frame.clean);
+            dirty.insert(frame.shard, (!frame.clean).then_some(frame.epoch));
             Ok(())
         });
         if read.is_err() {
             continue;
         }
-        let replayed: BTreeSet<u32> = fs::read_to_string(dir.join("replayed"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| line.trim().parse().ok())
-            .collect();
-        if dirty.iter().all(|(shard, is_dirty)| !is_dirty || replayed.contains(&shard.0)) {
+        let mut replayed: HashMap<u32, u64> = HashMap::new();
+        for line in fs::read_to_string(dir.join("replayed")).unwrap_or_default().lines() {
+            let mut fields = line.split_whitespace().map(str::parse::<u64>);
+            if let (Some(Ok(shard)), Some(Ok(epoch))) = (fields.next(), fields.next()) {
+                let noted = replayed.entry(shard as u32).or_default();
+                *noted = (*noted).max(epoch);
+            }
+        }
+        let all_replayed = dirty.iter().all(|(shard, dirty_epoch)| match dirty_epoch {
+            None => true,
+            Some(epoch) => replayed.get(&shard.0).is_some_and(|noted| *noted >= epoch.0),
+        });
+        if all_replayed {
             drop(held);
             if fs::remove_dir_all(&dir).is_ok() {
                 deleted += 1;
@@ -665,8 +691,13 @@ mod tests {
         bytes.extend_from_slice(&encode_data(ShardId(2), Epoch(1), &[]));
         bytes.extend_from_slice(&encode_frame(KIND_CLEAN, ShardId(2), Epoch(1), &[]));
         fs::write(segment_path(&dead, 1), &bytes).unwrap();
+        fs::write(dead.join("lock"), b"").unwrap();
         assert_eq!(collect_dead_journals(&root, "me"), 0, "shard 1 was left dirty and is not replayed yet");
-        note_replayed(&root, "dead", ShardId(1)).unwrap();
+        // A replay under an older epoch (the writer owned the shard again since) does not count.
+        fs::write(segment_path(&dead, 2), encode_data(ShardId(1), Epoch(3), &[])).unwrap();
+        note_replayed(&root, "dead", ShardId(1), Epoch(1)).unwrap();
+        assert_eq!(collect_dead_journals(&root, "me"), 0, "shard 1 has frames of epoch 3 nobody replayed");
+        note_replayed(&root, "dead", ShardId(1), Epoch(3)).unwrap();
         assert_eq!(collect_dead_journals(&root, "me"), 1);
         assert!(!dead.exists());
     }

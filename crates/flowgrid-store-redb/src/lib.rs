@@ -305,7 +305,7 @@ fn replay(
         write_layer(db, &layer)?;
     }
     if writer != journal.writer() {
-        journal::note_replayed(journal.root(), writer, shard)?;
+        journal::note_replayed(journal.root(), writer, shard, epoch)?;
     }
     Ok(())
 }
