@@ -80,10 +80,12 @@ pub struct TaskDispatch {
 pub enum Effect {
     /// Publish a task to its pool.
     Dispatch(TaskDispatch),
-    /// Arm a timer; when due, feed `Event::TimerFired`. Arming a key again moves it.
-    ArmTimer { run_id: RunId, timer: TimerKey, due_ms: Millis },
-    /// Forget a timer (it would be ignored anyway; this keeps the wheel small).
-    CancelTimer { run_id: RunId, timer: TimerKey },
+    /// Arm a timer; when due, feed `Event::TimerFired`. Arming a key again moves it:
+    /// `previous_due_ms` is where it was armed before, if it was.
+    ArmTimer { run_id: RunId, timer: TimerKey, due_ms: Millis, previous_due_ms: Option<Millis> },
+    /// Forget a timer armed at `due_ms` (it would be ignored anyway; this keeps the wheel
+    /// small).
+    CancelTimer { run_id: RunId, timer: TimerKey, due_ms: Millis },
     /// The run reached its terminal status (emitted exactly once per run).
     RunFinished { run_id: RunId, status: crate::RunStatus },
 }

@@ -22,7 +22,8 @@ mod scope;
 mod state;
 mod steps;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, PlanStepKind, RunId, StepIndex};
@@ -47,7 +48,9 @@ pub struct Run {
     steps: Vec<StepState>,
     /// Steps not resolved yet; the run succeeds by itself when this reaches zero.
     unresolved: usize,
-    timers: BTreeMap<TimerKey, Millis>,
+    /// A hash map with a fixed hasher: small for the usual one or two timers (a B-tree
+    /// allocates a node for eleven), and deterministic like the rest of the engine.
+    timers: HashMap<TimerKey, Millis, BuildHasherDefault<std::collections::hash_map::DefaultHasher>>,
     /// Work left over from the current transition (always empty between calls).
     agenda: VecDeque<Agenda>,
 }
@@ -83,7 +86,7 @@ impl Run {
             created_ms: now,
             ended_ms: None,
             steps,
-            timers: BTreeMap::new(),
+            timers: HashMap::default(),
             agenda: VecDeque::new(),
         };
         let mut context = Context { evaluator, now, effects };
@@ -146,7 +149,10 @@ impl Run {
 
     /// Every armed timer with its due time: the driver re-arms these after a reload.
     pub fn armed_timers(&self) -> Vec<(TimerKey, Millis)> {
-        self.timers.iter().map(|(timer, due_ms)| (timer.clone(), *due_ms)).collect()
+        let mut armed: Vec<(TimerKey, Millis)> =
+            self.timers.iter().map(|(timer, due_ms)| (timer.clone(), *due_ms)).collect();
+        armed.sort_unstable();
+        armed
     }
 
     /// The run's id.
@@ -232,13 +238,13 @@ impl Run {
 
     fn arm_timer(&mut self, timer: TimerKey, due_ms: Millis, context: &mut Context<'_>) {
         assert!(!self.status.is_terminal(), "a finished run arms no timer");
-        context.effects.push(Effect::ArmTimer { run_id: self.run_id.clone(), timer: timer.clone(), due_ms });
-        self.timers.insert(timer, due_ms);
+        let previous_due_ms = self.timers.insert(timer.clone(), due_ms);
+        context.effects.push(Effect::ArmTimer { run_id: self.run_id.clone(), timer, due_ms, previous_due_ms });
     }
 
     fn cancel_timer(&mut self, timer: &TimerKey, context: &mut Context<'_>) {
-        if self.timers.remove(timer).is_some() {
-            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer: timer.clone() });
+        if let Some(due_ms) = self.timers.remove(timer) {
+            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer: timer.clone(), due_ms });
         }
     }
 
@@ -262,8 +268,10 @@ impl Run {
                 cancel_step(state, context.now);
             }
         }
-        for timer in std::mem::take(&mut self.timers).into_keys() {
-            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer });
+        let mut armed: Vec<(TimerKey, Millis)> = std::mem::take(&mut self.timers).into_iter().collect();
+        armed.sort_unstable();
+        for (timer, due_ms) in armed {
+            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer, due_ms });
         }
         self.agenda.clear();
         context.effects.push(Effect::RunFinished { run_id: self.run_id.clone(), status });

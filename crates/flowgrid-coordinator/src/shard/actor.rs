@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use flowgrid_engine::{Run, TaskDispatch};
-use flowgrid_model::{AttemptId, Epoch, Millis, RunId, ShardId};
+use flowgrid_model::{Epoch, Millis, PlanStepKind, RunId, ShardId};
 use flowgrid_proto::{ApiError, ErrorCode, Reply, ResultAck};
 use flowgrid_store::ShardStore;
 use futures::{FutureExt, StreamExt};
@@ -34,17 +34,43 @@ pub(super) struct ActiveRun {
     /// Sequence number of the next history record.
     pub next_seq: u64,
     pub created_ms: Millis,
-    /// Attempts dispatched and not yet closed, with their pool: feeds the in-flight gauge
-    /// and labels results by pool.
-    pub open_attempts: HashMap<AttemptId, Arc<str>>,
+    /// Attempts dispatched and not yet closed, counted by pool: feeds the in-flight gauge
+    /// and labels results by pool. Usually one pool, so a short list.
+    pub open_attempts: Vec<(Arc<str>, u32)>,
 }
 
 impl ActiveRun {
     /// Records a dispatched attempt as open, for the in-flight gauge.
     pub fn open_attempt(&mut self, task: &TaskDispatch) {
-        let pool: Arc<str> = Arc::from(task.pool.as_str());
-        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool.clone()).increment(1.0);
-        self.open_attempts.insert(task.attempt.clone(), pool);
+        let pool = match self.open_attempts.iter_mut().find(|(pool, _)| **pool == *task.pool) {
+            Some((pool, count)) => {
+                *count += 1;
+                pool.clone()
+            }
+            None => {
+                let pool: Arc<str> = Arc::from(task.pool.as_str());
+                self.open_attempts.push((pool.clone(), 1));
+                pool
+            }
+        };
+        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool).increment(1.0);
+    }
+
+    /// Closes an open attempt of `step` (the engine accepted its end); returns its pool.
+    pub fn close_attempt(&mut self, step: &str) -> Option<Arc<str>> {
+        let plan = self.run.plan();
+        let step_pool = plan.step_index(step).and_then(|index| match &plan.step(index).kind {
+            PlanStepKind::Task(spec) | PlanStepKind::Map { spec, .. } => Some(spec.pool.as_str()),
+            _ => None,
+        })?;
+        let position = self.open_attempts.iter().position(|(pool, count)| **pool == *step_pool && *count > 0)?;
+        let (pool, count) = &mut self.open_attempts[position];
+        *count -= 1;
+        let pool = pool.clone();
+        if *count == 0 {
+            self.open_attempts.swap_remove(position);
+        }
+        Some(pool)
     }
 }
 
@@ -55,7 +81,8 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub term: u64,
     pub store: Arc<S>,
     pub context: Arc<NodeContext>,
-    pub runs: HashMap<RunId, ActiveRun>,
+    /// Boxed: the table's slots stay small, and a run's state does not move when it grows.
+    pub runs: HashMap<RunId, Box<ActiveRun>>,
     pub timers: TimerWheel,
     /// Definitions already pinned in this shard's store.
     pub pinned: HashSet<(String, u32)>,
@@ -326,8 +353,8 @@ impl<S: ShardStore> ShardActor<S> {
     fn forget_finished(&mut self, finished: Vec<RunId>) {
         for run_id in finished {
             if let Some(active) = self.runs.remove(&run_id) {
+                // Its timers left the wheel with the `CancelTimer`s of its end.
                 close_all_attempts(active.open_attempts);
-                self.timers.cancel_run(&run_id);
                 self.context.active_runs.fetch_sub(1, Ordering::Relaxed);
                 ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(1.0);
             }
@@ -355,9 +382,9 @@ impl<S: ShardStore> ShardActor<S> {
 
 /// Lowers the in-flight gauge for attempts that will never report (their run ended or
 /// the shard stopped serving).
-pub(super) fn close_all_attempts(open_attempts: HashMap<AttemptId, Arc<str>>) {
-    for pool in open_attempts.into_values() {
-        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool).decrement(1.0);
+pub(super) fn close_all_attempts(open_attempts: Vec<(Arc<str>, u32)>) {
+    for (pool, count) in open_attempts {
+        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool).decrement(f64::from(count));
     }
 }
 

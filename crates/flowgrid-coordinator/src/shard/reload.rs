@@ -31,9 +31,9 @@ impl<S: ShardStore> ShardActor<S> {
                 republish.push(task);
             }
             for (timer, due_ms) in active_run.run.armed_timers() {
-                self.timers.arm(run_id.clone(), timer, due_ms);
+                self.timers.arm(run_id.clone(), timer, due_ms, None);
             }
-            self.runs.insert(run_id, active_run);
+            self.runs.insert(run_id, Box::new(active_run));
             self.context.active_runs.fetch_add(1, Ordering::Relaxed);
             ::metrics::gauge!(metrics::RUNS_ACTIVE).increment(1.0);
         }
@@ -87,7 +87,7 @@ impl<S: ShardStore> ShardActor<S> {
             run.apply(&evaluator, record.now_ms, &record.event, &mut effects);
             next_seq = seq + 1;
         }
-        Ok(ActiveRun { run, next_seq, created_ms: start.now_ms, open_attempts: HashMap::new() })
+        Ok(ActiveRun { run, next_seq, created_ms: start.now_ms, open_attempts: Vec::new() })
     }
 
     async fn pinned_plan(&mut self, flow: &str, version: u32) -> Result<Arc<FlowPlan>> {

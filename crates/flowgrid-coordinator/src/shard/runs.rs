@@ -3,7 +3,6 @@
 //! Every accepted engine event is appended to the run's history in the batch; the
 //! effects the engine asked for are queued on the batch and carried out after the commit.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, TimerKey};
@@ -72,8 +71,8 @@ impl<S: ShardStore> ShardActor<S> {
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
         let run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, now, &mut effects);
-        self.runs
-            .insert(run_id.clone(), ActiveRun { run, next_seq: 1, created_ms: now, open_attempts: HashMap::new() });
+        let active = ActiveRun { run, next_seq: 1, created_ms: now, open_attempts: Vec::new() };
+        self.runs.insert(run_id.clone(), Box::new(active));
         self.context.active_runs.fetch_add(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::RUNS_ACTIVE).increment(1.0);
         ::metrics::counter!(metrics::RUNS_STARTED).increment(1);
@@ -163,8 +162,10 @@ impl<S: ShardStore> ShardActor<S> {
                     }
                     batch.dispatches.push(task);
                 }
-                Effect::ArmTimer { run_id, timer, due_ms } => self.timers.arm(run_id, timer, due_ms),
-                Effect::CancelTimer { run_id, timer } => self.timers.cancel(&run_id, &timer),
+                Effect::ArmTimer { run_id, timer, due_ms, previous_due_ms } => {
+                    self.timers.arm(run_id, timer, due_ms, previous_due_ms)
+                }
+                Effect::CancelTimer { run_id, timer, due_ms } => self.timers.cancel(run_id, timer, due_ms),
                 Effect::RunFinished { run_id: finished, status } => self.finish_run(&finished, status, now, batch),
             }
         }
@@ -270,7 +271,7 @@ fn close_attempt(active: &mut ActiveRun, event: &Event) {
         Event::TimerFired { timer: TimerKey::AttemptTimeout { attempt } } => (attempt, "timed_out"),
         _ => return,
     };
-    if let Some(pool) = active.open_attempts.remove(attempt) {
+    if let Some(pool) = active.close_attempt(&attempt.step) {
         ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool.clone()).decrement(1.0);
         ::metrics::counter!(metrics::TASK_RESULTS, "pool" => pool, "outcome" => outcome).increment(1);
     }

@@ -1,44 +1,32 @@
 //! The in-memory timer wheel of one shard. Timers are durable because they are part of
 //! each run's state (rebuilt from history); this wheel only schedules them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use flowgrid_engine::TimerKey;
 use flowgrid_model::{Millis, RunId};
 
+/// Armed timers in due order. Moving or cancelling a timer names its due time (the run
+/// knows it), so the wheel needs no index by run.
 #[derive(Default)]
 pub struct TimerWheel {
     due: BTreeSet<(Millis, RunId, TimerKey)>,
-    /// Armed timers by run, so that forgetting a run's timers does not scan the wheel.
-    armed: HashMap<RunId, HashMap<TimerKey, Millis>>,
 }
 
 impl TimerWheel {
-    /// Arms `timer` at `due_ms`, moving it if it was armed already.
-    pub fn arm(&mut self, run_id: RunId, timer: TimerKey, due_ms: Millis) {
-        let run_timers = self.armed.entry(run_id.clone()).or_default();
-        if let Some(previous) = run_timers.insert(timer.clone(), due_ms) {
-            self.due.remove(&(previous, run_id.clone(), timer.clone()));
+    /// Arms `timer` at `due_ms`; `previous_due_ms` is where it was armed before, if it was.
+    pub fn arm(&mut self, run_id: RunId, timer: TimerKey, due_ms: Millis, previous_due_ms: Option<Millis>) {
+        let mut entry = (previous_due_ms.unwrap_or(due_ms), run_id, timer);
+        if previous_due_ms.is_some() {
+            self.due.remove(&entry);
         }
-        self.due.insert((due_ms, run_id, timer));
+        entry.0 = due_ms;
+        self.due.insert(entry);
     }
 
-    pub fn cancel(&mut self, run_id: &RunId, timer: &TimerKey) {
-        let Some(run_timers) = self.armed.get_mut(run_id) else { return };
-        if let Some(previous) = run_timers.remove(timer) {
-            self.due.remove(&(previous, run_id.clone(), timer.clone()));
-        }
-        if run_timers.is_empty() {
-            self.armed.remove(run_id);
-        }
-    }
-
-    /// Forgets every timer of a run.
-    pub fn cancel_run(&mut self, run_id: &RunId) {
-        let Some(run_timers) = self.armed.remove(run_id) else { return };
-        for (timer, due) in run_timers {
-            self.due.remove(&(due, run_id.clone(), timer));
-        }
+    /// Forgets `timer`, armed at `due_ms`.
+    pub fn cancel(&mut self, run_id: RunId, timer: TimerKey, due_ms: Millis) {
+        self.due.remove(&(due_ms, run_id, timer));
     }
 
     /// The earliest due time.
@@ -53,12 +41,6 @@ impl TimerWheel {
             match self.due.first() {
                 Some((due, _, _)) if *due <= now => {
                     let (_, run_id, timer) = self.due.pop_first().expect("checked above");
-                    if let Some(run_timers) = self.armed.get_mut(&run_id) {
-                        run_timers.remove(&timer);
-                        if run_timers.is_empty() {
-                            self.armed.remove(&run_id);
-                        }
-                    }
                     fired.push((run_id, timer));
                 }
                 _ => break,
@@ -69,7 +51,6 @@ impl TimerWheel {
 
     pub fn clear(&mut self) {
         self.due.clear();
-        self.armed.clear();
     }
 
     #[cfg(test)]
@@ -86,9 +67,9 @@ mod tests {
     fn fires_in_due_order_and_rearming_moves_a_timer() {
         let mut wheel = TimerWheel::default();
         let run = RunId("r".into());
-        wheel.arm(run.clone(), TimerKey::RunTimeout, 50);
-        wheel.arm(RunId("s".into()), TimerKey::RunTimeout, 10);
-        wheel.arm(run.clone(), TimerKey::RunTimeout, 30);
+        wheel.arm(run.clone(), TimerKey::RunTimeout, 50, None);
+        wheel.arm(RunId("s".into()), TimerKey::RunTimeout, 10, None);
+        wheel.arm(run.clone(), TimerKey::RunTimeout, 30, Some(50));
         assert_eq!(wheel.len(), 2);
         assert_eq!(wheel.next_due(), Some(10));
         let fired = wheel.pop_due(40, 10);
@@ -98,11 +79,11 @@ mod tests {
     }
 
     #[test]
-    fn cancel_run_forgets_its_timers_only() {
+    fn cancel_forgets_that_timer_only() {
         let mut wheel = TimerWheel::default();
-        wheel.arm(RunId("a".into()), TimerKey::RunTimeout, 5);
-        wheel.arm(RunId("b".into()), TimerKey::RunTimeout, 5);
-        wheel.cancel_run(&RunId("a".into()));
+        wheel.arm(RunId("a".into()), TimerKey::RunTimeout, 5, None);
+        wheel.arm(RunId("b".into()), TimerKey::RunTimeout, 5, None);
+        wheel.cancel(RunId("a".into()), TimerKey::RunTimeout, 5);
         let fired = wheel.pop_due(10, 10);
         assert_eq!(fired, vec![(RunId("b".into()), TimerKey::RunTimeout)]);
     }

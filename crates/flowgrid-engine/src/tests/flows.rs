@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use super::support::{attempt, error, Harness};
-use crate::{Applied, Effect, Event, RunStatus, StepStatus, TimerKey};
+use crate::{Applied, Event, RunStatus, StepStatus, TimerKey};
 
 const CHAIN: &str = r##"
 name: chain
@@ -33,10 +33,7 @@ fn linear_chain_runs_step_after_step() {
     assert_eq!(harness.step_status("b"), StepStatus::Pending);
 
     assert_eq!(harness.succeed(200, "a", None, 1, json!({"n": 1})), Applied::Accepted);
-    assert!(harness.effects.contains(&Effect::CancelTimer {
-        run_id: harness.run.id().clone(),
-        timer: TimerKey::AttemptTimeout { attempt: attempt("a", None, 1) },
-    }));
+    assert!(harness.cancelled(&TimerKey::AttemptTimeout { attempt: attempt("a", None, 1) }));
     let second = harness.dispatched();
     assert_eq!(second.len(), 1);
     assert_eq!(second[0].attempt, attempt("b", None, 1));
@@ -236,10 +233,7 @@ fn succeed_step_ends_the_run_and_cancels_the_rest() {
     assert_eq!(harness.step_status("done"), StepStatus::Succeeded);
     assert_eq!(harness.step_status("side"), StepStatus::Cancelled);
     assert_eq!(harness.step_status("bad"), StepStatus::Skipped);
-    assert!(harness.effects.contains(&Effect::CancelTimer {
-        run_id: harness.run.id().clone(),
-        timer: TimerKey::AttemptTimeout { attempt: attempt("side", None, 1) },
-    }));
+    assert!(harness.cancelled(&TimerKey::AttemptTimeout { attempt: attempt("side", None, 1) }));
     assert_eq!(harness.finished(), vec![RunStatus::Succeeded]);
     assert_eq!(harness.succeed(6, "side", None, 1, json!(1)), Applied::Ignored("run already ended"));
 }
@@ -286,10 +280,7 @@ steps:
     assert_eq!(view.status, RunStatus::TimedOut);
     assert_eq!(view.error.expect("the run has an error").code, "run_timeout");
     assert_eq!(harness.step_status("a"), StepStatus::Cancelled);
-    assert!(harness.effects.contains(&Effect::CancelTimer {
-        run_id: harness.run.id().clone(),
-        timer: TimerKey::AttemptTimeout { attempt: attempt("a", None, 1) },
-    }));
+    assert!(harness.cancelled(&TimerKey::AttemptTimeout { attempt: attempt("a", None, 1) }));
     assert_eq!(harness.finished(), vec![RunStatus::TimedOut]);
 }
 

@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use super::support::{attempt, error, Harness};
-use crate::{Applied, Effect, ItemCounts, RunStatus, StepStatus, TimerKey};
+use crate::{Applied, ItemCounts, RunStatus, StepStatus, TimerKey};
 
 const MAP: &str = r##"
 name: fan
@@ -104,10 +104,7 @@ fn too_many_failed_items_fail_the_map_and_abandon_the_rest() {
     assert!(run_error.message.contains("1 of 3"), "{}", run_error.message);
     assert!(run_error.message.contains("broken"), "{}", run_error.message);
     for item in [0, 2] {
-        assert!(harness.effects.contains(&Effect::CancelTimer {
-            run_id: harness.run.id().clone(),
-            timer: TimerKey::AttemptTimeout { attempt: attempt("each", Some(item), 1) },
-        }));
+        assert!(harness.cancelled(&TimerKey::AttemptTimeout { attempt: attempt("each", Some(item), 1) }));
     }
     assert_eq!(harness.finished(), vec![RunStatus::Failed]);
 }
@@ -131,10 +128,7 @@ steps:
     harness.fail(5, "each", Some(0), 1, error("broken", true));
     assert_eq!(harness.dispatched_names(), vec!["fallback"]);
     assert_eq!(harness.dispatched()[0].input, json!("map_failed"));
-    assert!(harness.effects.contains(&Effect::CancelTimer {
-        run_id: harness.run.id().clone(),
-        timer: TimerKey::AttemptTimeout { attempt: attempt("each", Some(1), 1) },
-    }));
+    assert!(harness.cancelled(&TimerKey::AttemptTimeout { attempt: attempt("each", Some(1), 1) }));
     assert_eq!(harness.succeed(6, "each", Some(1), 1, json!(2)), Applied::Ignored("step not running"));
     let open: Vec<_> = harness.run.open_dispatches().into_iter().map(|dispatch| dispatch.attempt).collect();
     assert_eq!(open, vec![attempt("fallback", None, 1)]);

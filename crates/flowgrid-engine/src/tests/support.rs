@@ -104,6 +104,13 @@ impl Harness {
             .collect()
     }
 
+    /// True when the last transition cancelled `timer`.
+    pub fn cancelled(&self, timer: &TimerKey) -> bool {
+        self.effects.iter().any(|effect| {
+            matches!(effect, Effect::CancelTimer { run_id, timer: cancelled, .. } if cancelled == timer && run_id == self.run.id())
+        })
+    }
+
     /// Due time of `timer` armed by the last transition.
     pub fn armed(&self, timer: &TimerKey) -> Option<Millis> {
         self.effects.iter().find_map(|effect| match effect {
