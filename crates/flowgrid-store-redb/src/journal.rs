@@ -77,7 +77,7 @@ pub(crate) struct Journal {
     root: PathBuf,
     writer: String,
     state: Arc<Mutex<State>>,
-    sender: OnceLock<Mutex<Sender<Append>>>,
+    sender: OnceLock<Sender<Append>>,
 }
 
 /// What the writer thread and the checkpoints share.
@@ -147,7 +147,13 @@ impl Journal {
 
     /// Appends a data frame and waits until it is durable. Returns the end of the frame.
     pub(crate) async fn append(&self, shard: ShardId, frame: Vec<u8>) -> Result<Position> {
-        self.send(shard, true, frame).await
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.submit(Append { shard, data: true, frame, done: Done::Async(done) })?;
+        match answer.await {
+            Ok(Ok(end)) => Ok(end),
+            Ok(Err(failure)) => Err(journal_failed(&failure)),
+            Err(_) => Err(journal_failed("the journal writer stopped")),
+        }
     }
 
     /// Appends a `clean` frame for `shard` and waits, blocking the thread, until it is
@@ -163,22 +169,14 @@ impl Journal {
         }
     }
 
-    async fn send(&self, shard: ShardId, data: bool, frame: Vec<u8>) -> Result<Position> {
-        let (done, answer) = tokio::sync::oneshot::channel();
-        self.submit(Append { shard, data, frame, done: Done::Async(done) })?;
-        match answer.await {
-            Ok(Ok(end)) => Ok(end),
-            Ok(Err(failure)) => Err(journal_failed(&failure)),
-            Err(_) => Err(journal_failed("the journal writer stopped")),
-        }
-    }
-
+    /// Hands an append to the writer thread, started with the first one. The queue is
+    /// bounded by its callers: each shard waits for its commit before the next.
     fn submit(&self, append: Append) -> Result<()> {
         if let Some(failure) = &lock(&self.state).failed {
             return Err(journal_failed(failure));
         }
-        let sender = self.sender.get_or_init(|| Mutex::new(self.start_writer()));
-        lock(sender).send(append).map_err(|_| journal_failed("the journal writer stopped"))
+        let sender = self.sender.get_or_init(|| self.start_writer());
+        sender.send(append).map_err(|_| journal_failed("the journal writer stopped"))
     }
 
     fn start_writer(&self) -> Sender<Append> {

@@ -109,7 +109,7 @@ struct Shared {
     open: Mutex<HashMap<ShardId, Weak<ShardCore>>>,
     checkpoint_interval: Mutex<Duration>,
     /// Wakes the checkpointer early (a shard over [`CHECKPOINT_BYTES`]); set once it runs.
-    checkpointer: OnceLock<Mutex<mpsc::Sender<()>>>,
+    checkpointer: OnceLock<mpsc::Sender<()>>,
 }
 
 impl RedbStore {
@@ -151,11 +151,6 @@ impl RedbStore {
     pub fn shard_path(&self, shard: ShardId) -> PathBuf {
         self.dir.join(format!("shard-{:05}.redb", shard.0))
     }
-
-    /// This process's journal directory (it exists once something was committed).
-    pub fn journal_dir(&self) -> PathBuf {
-        self.shared.journal.root().join(self.shared.journal.writer())
-    }
 }
 
 impl Store for RedbStore {
@@ -182,13 +177,13 @@ impl Shared {
                 .name("flowgrid-checkpoint".into())
                 .spawn(move || checkpointer(weak, woken))
                 .expect("the checkpointer thread starts");
-            Mutex::new(wake)
+            wake
         });
     }
 
     fn wake_checkpointer(&self) {
         if let Some(wake) = self.checkpointer.get() {
-            let _ = lock(wake).send(());
+            let _ = wake.send(());
         }
     }
 }
@@ -388,20 +383,21 @@ impl ShardCore {
                     || overlay.active.since.is_some_and(|since| since.elapsed() >= interval)))
     }
 
-    /// Writes the overlay to the file; blocking.
+    /// Writes the overlay, as it is now, to the file; blocking. Commits that arrive
+    /// meanwhile wait for the next checkpoint.
     fn checkpoint(&self) -> Result<()> {
         let _one_at_a_time = lock(&self.checkpointing);
-        loop {
-            let layer = {
+        // A failed checkpoint's layer goes first, then the active one: two rounds at most.
+        for _ in 0..2 {
+            let (layer, retried) = {
                 let mut overlay = lock(&self.overlay);
                 match &overlay.frozen {
-                    // A failed checkpoint's layer goes first.
-                    Some(frozen) => Arc::clone(frozen),
+                    Some(frozen) => (Arc::clone(frozen), true),
                     None if overlay.active.is_empty() => return Ok(()),
                     None => {
                         let layer = Arc::new(std::mem::take(&mut overlay.active));
                         overlay.frozen = Some(Arc::clone(&layer));
-                        layer
+                        (layer, false)
                     }
                 }
             };
@@ -410,10 +406,11 @@ impl ShardCore {
             if let Some(through) = layer.through {
                 self.shared.journal.checkpointed(self.shard, through);
             }
-            if lock(&self.overlay).active.is_empty() {
-                return Ok(());
+            if !retried {
+                break;
             }
         }
+        Ok(())
     }
 
     /// Checkpoints and notes in the journal that nothing of the shard is needed there.
