@@ -29,6 +29,12 @@ pub fn flowgrid_bin() -> PathBuf {
     bin
 }
 
+/// Shards of a test grid. Placement is rendezvous hashing, so with two coordinators each
+/// shard lands on either one at random: with 8 shards all of them went to one coordinator
+/// in 1 of 128 grids, and the tests that wait for both to serve failed; with 32, in 1 of
+/// 2 billion.
+const SHARDS: u32 = 32;
+
 /// A grid for one test: nats-server plus coordinators and workers, in a temporary dir.
 pub struct Grid {
     pub dir: tempfile::TempDir,
@@ -65,7 +71,7 @@ impl Grid {
             dir,
             nats_url: format!("nats://127.0.0.1:{port}"),
             prefix: "flowgrid".to_owned(),
-            shards: 8,
+            shards: SHARDS,
             nats,
             coordinators: Vec::new(),
             workers: Vec::new(),
