@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use flowgrid_sdk::parse_duration;
 
 use crate::service_time::ServiceTime;
 
@@ -294,16 +295,6 @@ pub fn validate_workers(workers: &WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `250ms`, `60s`, `5m`, or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    match text.parse::<u64>() {
-        Ok(seconds) => Ok(Duration::from_secs(seconds)),
-        Err(_) => humantime::parse_duration(text)
-            .map_err(|error| format!("{text:?} is not a duration ({error}); use e.g. 500ms, 60s, 5m")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -313,14 +304,6 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn durations_take_units() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
-        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::args::parse_duration;
+use flowgrid_sdk::parse_duration;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum ServiceTime {

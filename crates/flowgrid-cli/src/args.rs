@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use flowgrid_sdk::parse_duration;
 
 use flowgrid_coordinator::CoordinatorConfig;
 use flowgrid_engine::RunStatus;
@@ -173,16 +174,6 @@ pub struct SchemasArgs {
     pub check: bool,
 }
 
-/// `250ms`, `60s`, `5m`, `1h`, or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    match text.parse::<u64>() {
-        Ok(seconds) => Ok(Duration::from_secs(seconds)),
-        Err(_) => humantime::parse_duration(text)
-            .map_err(|error| format!("{text:?} is not a duration ({error}); use e.g. 500ms, 60s, 5m")),
-    }
-}
-
 fn parse_status(text: &str) -> Result<RunStatus, String> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .map_err(|_| format!("{text:?} is not a run status; use running, succeeded, failed, cancelled or timed_out"))
@@ -197,17 +188,6 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn durations_take_units() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
-        assert!(parse_duration("soon").is_err());
-        assert_eq!(parse_duration("2 days"), Ok(Duration::from_secs(2 * 86_400)));
-        assert!(parse_duration("5 parsecs").is_err());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
-pub use args::{parse_duration, Cli, Command};
+pub use args::{Cli, Command};
 
 /// How long leftover background work may delay the exit once a command is done.
 const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(200);

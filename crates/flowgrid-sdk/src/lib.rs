@@ -10,10 +10,12 @@
 pub mod backoff;
 pub mod broker;
 mod client;
+mod duration;
 mod error;
 mod worker;
 
 pub use client::{Client, Submitted, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET};
+pub use duration::parse_duration;
 pub use error::{Error, Result};
 pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE};
 
