@@ -43,6 +43,8 @@ pub(crate) const SEGMENT_BYTES_MAX: u64 = 8 << 20;
 /// of a group.
 const GROUP_BYTES_MAX: usize = 4 << 20;
 const FRAME_HEADER_BYTES: usize = 8;
+/// A payload starts with its kind (1 byte), shard (4) and epoch (8); mutations follow.
+const PAYLOAD_HEADER_BYTES: usize = 13;
 const KIND_DATA: u8 = 1;
 const KIND_CLEAN: u8 = 2;
 const TAG_SET: u8 = 1;
@@ -236,6 +238,7 @@ impl Drop for Journal {
 struct Writer {
     dir: PathBuf,
     state: Arc<Mutex<State>>,
+    /// The segment being written, and the lock file held while the writer lives.
     file: Option<(File, File)>,
 }
 
@@ -371,7 +374,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Encodes a frame. Data frames carry `mutations`.
 pub(crate) fn encode_frame(kind: u8, shard: ShardId, epoch: Epoch, mutations: &[Mutation]) -> Vec<u8> {
-    let payload_bytes: usize = 13
+    let payload_bytes: usize = PAYLOAD_HEADER_BYTES
         + mutations
             .iter()
             .map(|mutation| match mutation {
@@ -431,7 +434,7 @@ pub(crate) struct Frame {
 
 impl Frame {
     pub(crate) fn mutations(&self) -> Result<Vec<Mutation>> {
-        let mut reader = Reader { bytes: &self.payload[13..] };
+        let mut reader = Reader { bytes: &self.payload[PAYLOAD_HEADER_BYTES..] };
         let mut mutations = Vec::new();
         while !reader.bytes.is_empty() {
             let tag = reader.byte()?;
@@ -504,7 +507,9 @@ pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Fram
                         end,
                         clean: payload[0] == KIND_CLEAN,
                         shard: ShardId(u32::from_le_bytes(payload[1..5].try_into().expect("four bytes"))),
-                        epoch: Epoch(u64::from_le_bytes(payload[5..13].try_into().expect("eight bytes"))),
+                        epoch: Epoch(u64::from_le_bytes(
+                            payload[5..PAYLOAD_HEADER_BYTES].try_into().expect("eight bytes"),
+                        )),
                         payload: payload.to_vec(),
                     };
                     visit(frame)?;
@@ -528,7 +533,7 @@ fn parse_frame(bytes: &[u8]) -> Option<(usize, &[u8])> {
     let len = u32::from_le_bytes(header[..4].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
     let payload = bytes.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len)?;
-    (len >= 13 && crc32fast::hash(payload) == crc && matches!(payload[0], KIND_DATA | KIND_CLEAN))
+    (len >= PAYLOAD_HEADER_BYTES && crc32fast::hash(payload) == crc && matches!(payload[0], KIND_DATA | KIND_CLEAN))
         .then_some((FRAME_HEADER_BYTES + len, payload))
 }
 

@@ -44,6 +44,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -258,7 +259,7 @@ fn open_shard_file(
         overlay: Mutex::new(Overlay::default()),
         commit_order: tokio::sync::Mutex::new(()),
         checkpointing: Mutex::new(()),
-        wrote: Mutex::new(false),
+        wrote: AtomicBool::new(false),
         shared,
     }))
 }
@@ -285,7 +286,9 @@ fn replay(
             return Err(Error::Corrupt {
                 key: format!("journal {}", dir.display()),
                 detail: format!(
-                    "shard {shard} has a commit under epoch {} after its last checkpoint, but the file holds epoch {epoch}",
+                    "shard {shard} has a commit under epoch {} after its last checkpoint, but the file holds epoch \
+                     {epoch}: the shard file and this journal do not belong together (a file restored without its \
+                     journal?); restore the whole data directory from one backup",
                     frame.epoch
                 ),
             });
@@ -360,7 +363,7 @@ struct ShardCore {
     checkpointing: Mutex<()>,
     /// True once this process journaled a commit of the shard: closing then writes a
     /// `clean` frame.
-    wrote: Mutex<bool>,
+    wrote: AtomicBool,
     shared: Arc<Shared>,
 }
 
@@ -416,7 +419,7 @@ impl ShardCore {
     /// Checkpoints and notes in the journal that nothing of the shard is needed there.
     fn finish(&self) -> Result<()> {
         self.checkpoint()?;
-        if std::mem::take(&mut *lock(&self.wrote)) {
+        if self.wrote.swap(false, Ordering::Relaxed) {
             self.shared.journal.append_clean_blocking(self.shard, self.epoch())?;
         }
         self.shared.journal.forget(self.shard);
@@ -563,7 +566,7 @@ impl ShardStore for RedbShard {
         }
         let _in_order = core.commit_order.lock().await;
         let through = core.shared.journal.append(core.shard, frame).await?;
-        *lock(&core.wrote) = true;
+        core.wrote.store(true, Ordering::Relaxed);
         let over = {
             let mut overlay = lock(&core.overlay);
             overlay.active.apply(mutations, through);

@@ -16,12 +16,10 @@ pub struct TimerWheel {
 impl TimerWheel {
     /// Arms `timer` at `due_ms`; `previous_due_ms` is where it was armed before, if it was.
     pub fn arm(&mut self, run_id: RunId, timer: TimerKey, due_ms: Millis, previous_due_ms: Option<Millis>) {
-        let mut entry = (previous_due_ms.unwrap_or(due_ms), run_id, timer);
-        if previous_due_ms.is_some() {
-            self.due.remove(&entry);
+        if let Some(previous) = previous_due_ms {
+            self.due.remove(&(previous, run_id.clone(), timer.clone()));
         }
-        entry.0 = due_ms;
-        self.due.insert(entry);
+        self.due.insert((due_ms, run_id, timer));
     }
 
     /// Forgets `timer`, armed at `due_ms`.
