@@ -79,7 +79,7 @@ impl Starter {
         };
         match self.client.start(request).await {
             Ok(reply) => {
-                self.tracker.started(reply.run_id.0, started, waiter);
+                self.tracker.started(reply.run_id, started, waiter);
                 true
             }
             Err(error) => {
@@ -186,12 +186,11 @@ pub async fn closed_loop(starter: Starter, concurrency: usize, stop: Cancellatio
 /// Checks sampled finished runs with `run.get`: each must have succeeded.
 pub async fn verify(
     client: Client,
-    mut runs: tokio::sync::mpsc::UnboundedReceiver<String>,
+    mut runs: tokio::sync::mpsc::UnboundedReceiver<flowgrid_sdk::RunId>,
     errors: Arc<Errors>,
     checked: Arc<AtomicU64>,
 ) {
     while let Some(run_id) = runs.recv().await {
-        let run_id = flowgrid_sdk::RunId(run_id);
         // The ack of the last result follows the commit that ends the run; allow a little
         // time anyway in case the end is one tick later.
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -178,9 +178,9 @@ async fn publish(
         };
         let message = TaskMessage {
             attempt: attempt.clone(),
-            pool: pool.to_owned(),
-            task: TASK_NAME.to_owned(),
-            input,
+            pool: pool.into(),
+            task: TASK_NAME.into(),
+            input: input.into(),
             deadline_ms: origin + 300_000,
             reply_to: subjects.shard_results((sequence % 256) as u32),
         };

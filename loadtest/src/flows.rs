@@ -111,9 +111,9 @@ impl Plan {
         let input = if self.workload == Workload::Map { json!(self.map_items / 2) } else { json!({ "n": 123_456 }) };
         let task = TaskMessage {
             attempt: attempt.clone(),
-            pool: POOL_A.to_owned(),
-            task: TASK_NAME.to_owned(),
-            input,
+            pool: POOL_A.into(),
+            task: TASK_NAME.into(),
+            input: input.into(),
             deadline_ms: 1_767_225_900_000,
             reply_to: "flowgrid.shard.127.result".to_owned(),
         };

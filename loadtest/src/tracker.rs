@@ -22,7 +22,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
-use flowgrid_model::AttemptId;
+use flowgrid_model::{AttemptId, RunId};
 
 use crate::flows::chain_position;
 
@@ -80,7 +80,7 @@ pub struct Histograms {
 }
 
 struct Inner {
-    runs: HashMap<String, RunTrack>,
+    runs: HashMap<RunId, RunTrack>,
     histograms: Histograms,
 }
 
@@ -105,13 +105,13 @@ pub struct Tracker {
     measuring: AtomicBool,
     pub counters: Counters,
     /// Finished runs sampled for a `run.get` check.
-    verify: Option<mpsc::UnboundedSender<String>>,
+    verify: Option<mpsc::UnboundedSender<RunId>>,
     verify_share: f64,
     verify_seed: AtomicU64,
 }
 
 impl Tracker {
-    pub fn new(tasks_per_run: u32, verify: Option<mpsc::UnboundedSender<String>>, verify_share: f64) -> Arc<Tracker> {
+    pub fn new(tasks_per_run: u32, verify: Option<mpsc::UnboundedSender<RunId>>, verify_share: f64) -> Arc<Tracker> {
         Arc::new(Tracker {
             inner: Mutex::new(Inner {
                 runs: HashMap::new(),
@@ -141,7 +141,7 @@ impl Tracker {
 
     /// The start reply named `run_id`. `started` is when the start was sent (or
     /// scheduled); `waiter` hears when the run ends.
-    pub fn started(&self, run_id: String, started: Instant, waiter: Option<oneshot::Sender<RunEnd>>) {
+    pub fn started(&self, run_id: RunId, started: Instant, waiter: Option<oneshot::Sender<RunEnd>>) {
         self.counters.runs_started.fetch_add(1, Ordering::Relaxed);
         let measured = self.measuring();
         let mut inner = self.inner.lock().expect("tracker lock");
@@ -192,7 +192,7 @@ impl Tracker {
         self.inner.lock().expect("tracker lock").histograms.run_e2e.value_at_quantile(0.99)
     }
 
-    fn finish_if_done(&self, inner: &mut Inner, run_id: String) {
+    fn finish_if_done(&self, inner: &mut Inner, run_id: RunId) {
         let Some(track) = inner.runs.get(&run_id) else { return };
         let (Some(started), Some(done)) = (track.started, track.done) else { return };
         let mut track = inner.runs.remove(&run_id).expect("present");
@@ -209,7 +209,7 @@ impl Tracker {
         self.maybe_verify(run_id);
     }
 
-    fn maybe_verify(&self, run_id: String) {
+    fn maybe_verify(&self, run_id: RunId) {
         let Some(verify) = &self.verify else { return };
         // A cheap deterministic sample: splitmix64 over a counter.
         let mut x = self.verify_seed.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
@@ -228,7 +228,7 @@ impl TaskSink for Tracker {
         let measuring = self.measuring();
         let mut inner = self.inner.lock().expect("tracker lock");
         let Inner { runs, histograms } = &mut *inner;
-        let track = runs.entry(attempt.run_id.0.clone()).or_default();
+        let track = runs.entry(attempt.run_id.clone()).or_default();
         if track.first_task.is_none() {
             track.first_task = Some(at);
             if let (true, Some(started)) = (track.measured, track.started) {
@@ -248,14 +248,14 @@ impl TaskSink for Tracker {
             self.counters.tasks_acked_measured.fetch_add(1, Ordering::Relaxed);
         }
         let mut inner = self.inner.lock().expect("tracker lock");
-        let track = inner.runs.entry(attempt.run_id.0.clone()).or_default();
+        let track = inner.runs.entry(attempt.run_id.clone()).or_default();
         if let (Some(position), None) = (chain_position(&attempt.step), attempt.item) {
             track.chain_result = Some((position, sent));
         }
         track.tasks_acked += 1;
         if track.tasks_acked >= self.tasks_per_run && track.done.is_none() {
             track.done = Some(acked);
-            self.finish_if_done(&mut inner, attempt.run_id.0.clone());
+            self.finish_if_done(&mut inner, attempt.run_id.clone());
         }
     }
 
@@ -284,7 +284,7 @@ mod tests {
         let at = |ms| t0 + Duration::from_millis(ms);
         // The first task arrives before the start reply names the run.
         tracker.received(&attempt("r", "s1"), at(2));
-        tracker.started("r".into(), t0, None);
+        tracker.started(RunId("r".into()), t0, None);
         tracker.acked(&attempt("r", "s1"), at(3), at(4));
         tracker.received(&attempt("r", "s2"), at(6));
         tracker.acked(&attempt("r", "s2"), at(7), at(9));
@@ -305,7 +305,7 @@ mod tests {
         tracker.acked(&attempt("r", "s1"), t0, t0);
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
         let (sender, mut receiver) = oneshot::channel();
-        tracker.started("r".into(), t0, Some(sender));
+        tracker.started(RunId("r".into()), t0, Some(sender));
         assert_eq!(receiver.try_recv(), Ok(RunEnd::Done));
     }
 
@@ -313,7 +313,7 @@ mod tests {
     fn nothing_is_recorded_outside_the_window() {
         let tracker = Tracker::new(1, None, 0.0);
         let t0 = Instant::now();
-        tracker.started("r".into(), t0, None);
+        tracker.started(RunId("r".into()), t0, None);
         tracker.received(&attempt("r", "s1"), t0);
         tracker.acked(&attempt("r", "s1"), t0, t0);
         assert!(tracker.histograms().run_e2e.is_empty());

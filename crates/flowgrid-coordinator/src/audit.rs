@@ -641,8 +641,8 @@ mod tests {
         assert_eq!(report.ended_runs_without_snapshot, 0, "{report:#?}");
         assert_eq!(report.problems_total, 5, "{report:#?}");
         assert_eq!(report.problems.len(), 5);
-        assert!(report.problems.iter().any(|problem| problem.contains(&gap.0) && problem.contains("gap")));
-        assert!(report.problems.iter().any(|problem| problem.contains(&stale.0) && problem.contains("epoch 1")));
+        assert!(report.problems.iter().any(|problem| problem.contains(gap.as_str()) && problem.contains("gap")));
+        assert!(report.problems.iter().any(|problem| problem.contains(stale.as_str()) && problem.contains("epoch 1")));
 
         let facts = &found.runs[&clean];
         assert_eq!(facts.status, Some(RunStatus::Succeeded));

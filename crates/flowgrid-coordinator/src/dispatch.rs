@@ -126,7 +126,7 @@ impl Publisher {
     /// The task's message, moved out of the dispatch (no copy of the input).
     fn encode(&self, shard: ShardId, task: TaskDispatch) -> Option<Publication> {
         let subject = self.subjects.tasks(&task.pool);
-        let pool: Arc<str> = Arc::from(task.pool.as_str());
+        let pool = Arc::clone(&task.pool);
         let message_id = task.attempt.message_id();
         let message = TaskMessage {
             attempt: task.attempt,

@@ -1,5 +1,7 @@
 //! Events the engine accepts and effects it asks the driver to carry out.
 
+use std::sync::Arc;
+
 use flowgrid_model::{AttemptId, Millis, RunId};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -64,11 +66,12 @@ pub struct TaskDispatch {
     /// The attempt; its message id de-duplicates republished tasks.
     pub attempt: AttemptId,
     /// Worker pool whose task subject carries it.
-    pub pool: String,
+    pub pool: Arc<str>,
     /// Task name the worker dispatches on.
-    pub task: String,
-    /// The evaluated task input.
-    pub input: Value,
+    pub task: Arc<str>,
+    /// The evaluated task input, shared with the run's state (a task without an `input`
+    /// mapping gets the run input itself).
+    pub input: Arc<Value>,
     /// Absolute start-to-close deadline of this attempt.
     pub deadline_ms: Millis,
     /// 0-9, higher first; advisory.
@@ -80,9 +83,8 @@ pub struct TaskDispatch {
 pub enum Effect {
     /// Publish a task to its pool.
     Dispatch(TaskDispatch),
-    /// Arm a timer; when due, feed `Event::TimerFired`. Arming a key again moves it:
-    /// `previous_due_ms` is where it was armed before, if it was.
-    ArmTimer { run_id: RunId, timer: TimerKey, due_ms: Millis, previous_due_ms: Option<Millis> },
+    /// Arm a timer; when due, feed `Event::TimerFired`. A timer key is armed at most once.
+    ArmTimer { run_id: RunId, timer: TimerKey, due_ms: Millis },
     /// Forget a timer armed at `due_ms` (it would be ignored anyway; this keeps the wheel
     /// small).
     CancelTimer { run_id: RunId, timer: TimerKey, due_ms: Millis },

@@ -6,8 +6,9 @@
 //! backoff delays, [`scope`] evaluates expressions.
 //!
 //! Invariants kept here:
-//! - `timers` holds exactly the armed timers: an `AttemptTimeout` per open attempt, a
-//!   `RetryDue` per attempt waiting for its backoff, and `RunTimeout` while the run goes;
+//! - the armed timers follow from the state alone, so the run stores none: an
+//!   `AttemptTimeout` per open attempt (due at its deadline), a `RetryDue` per attempt
+//!   waiting for its backoff, and `RunTimeout` while the run goes (if the flow has one);
 //! - `unresolved` counts the steps that have not resolved (pending, running, retrying);
 //! - `agenda` is empty between two calls.
 //!
@@ -22,8 +23,7 @@ mod scope;
 mod state;
 mod steps;
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, PlanStepKind, RunId, StepIndex};
@@ -38,19 +38,17 @@ use state::{Item, Phase, Slot, StepState, Work};
 pub struct Run {
     plan: Arc<FlowPlan>,
     run_id: RunId,
-    input: Value,
+    input: Arc<Value>,
     status: RunStatus,
     output: Option<Value>,
-    error: Option<TaskError>,
+    /// Boxed: most runs never fail, and every active run carries this field.
+    error: Option<Box<TaskError>>,
     created_ms: Millis,
     ended_ms: Option<Millis>,
     /// By step index.
     steps: Vec<StepState>,
     /// Steps not resolved yet; the run succeeds by itself when this reaches zero.
     unresolved: usize,
-    /// A hash map with a fixed hasher: small for the usual one or two timers (a B-tree
-    /// allocates a node for eleven), and deterministic like the rest of the engine.
-    timers: HashMap<TimerKey, Millis, BuildHasherDefault<std::collections::hash_map::DefaultHasher>>,
     /// Work left over from the current transition (always empty between calls).
     agenda: VecDeque<Agenda>,
 }
@@ -79,14 +77,13 @@ impl Run {
             unresolved: plan.steps.len(),
             plan: Arc::clone(&plan),
             run_id,
-            input,
+            input: Arc::new(input),
             status: RunStatus::Running,
             output: None,
             error: None,
             created_ms: now,
             ended_ms: None,
             steps,
-            timers: HashMap::default(),
             agenda: VecDeque::new(),
         };
         let mut context = Context { evaluator, now, effects };
@@ -147,17 +144,53 @@ impl Run {
         dispatches
     }
 
-    /// Every armed timer with its due time: the driver re-arms these after a reload.
+    /// Every armed timer with its due time, in key order: the driver re-arms these after a
+    /// reload. They follow from the state: the slots' phases and the run timeout.
     pub fn armed_timers(&self) -> Vec<(TimerKey, Millis)> {
-        let mut armed: Vec<(TimerKey, Millis)> =
-            self.timers.iter().map(|(timer, due_ms)| (timer.clone(), *due_ms)).collect();
+        let mut armed = Vec::new();
+        if let (false, Some(timeout_ms)) = (self.status.is_terminal(), self.plan.timeout_ms) {
+            armed.push((TimerKey::RunTimeout, self.created_ms.saturating_add(timeout_ms)));
+        }
+        for (position, state) in self.steps.iter().enumerate() {
+            let index = position as StepIndex;
+            match &state.work {
+                Work::Idle => {}
+                Work::Task(slot) => armed.extend(self.slot_timer(index, None, slot)),
+                Work::Map(map) => {
+                    for (item, entry) in map.items.iter().enumerate() {
+                        if let Item::Active(slot) = entry {
+                            armed.extend(self.slot_timer(index, Some(item as u32), slot));
+                        }
+                    }
+                }
+            }
+        }
         armed.sort_unstable();
         armed
+    }
+
+    /// The timer `slot` has armed, if any: its attempt's timeout while it is out, its next
+    /// attempt's retry while it waits for the backoff.
+    fn slot_timer(&self, index: StepIndex, item: Option<u32>, slot: &Slot) -> Option<(TimerKey, Millis)> {
+        match slot.phase {
+            Phase::New => None,
+            Phase::Open { deadline_ms } => {
+                Some((TimerKey::AttemptTimeout { attempt: self.attempt_id(index, item, slot.attempt) }, deadline_ms))
+            }
+            Phase::Retrying { due_ms } => {
+                Some((TimerKey::RetryDue { attempt: self.attempt_id(index, item, slot.attempt + 1) }, due_ms))
+            }
+        }
     }
 
     /// The run's id.
     pub fn id(&self) -> &RunId {
         &self.run_id
+    }
+
+    /// When the run started.
+    pub fn created_ms(&self) -> Millis {
+        self.created_ms
     }
 
     /// The run's status; terminal once it has ended.
@@ -185,7 +218,7 @@ impl Run {
                 started_ms: state.started_ms,
                 ended_ms: state.ended_ms,
                 output: state.output.clone(),
-                error: state.error.clone(),
+                error: state.error.as_deref().cloned(),
                 caught: state.caught,
                 items: match &state.work {
                     Work::Map(map) => Some(map.counts()),
@@ -198,9 +231,9 @@ impl Run {
             flow: self.plan.name.clone(),
             version: self.plan.version,
             status: self.status,
-            input: self.input.clone(),
+            input: Value::clone(&self.input),
             output: self.output.clone(),
-            error: self.error.clone(),
+            error: self.error.as_deref().cloned(),
             created_ms: self.created_ms,
             ended_ms: self.ended_ms,
             steps,
@@ -222,7 +255,7 @@ impl Run {
             attempt: self.attempt_id(index, item, slot.attempt),
             pool: spec.pool.clone(),
             task: spec.task.clone(),
-            input: slot.input.clone(),
+            input: Arc::clone(&slot.input),
             deadline_ms,
             priority: spec.priority,
         }
@@ -236,15 +269,18 @@ impl Run {
         &mut self.steps[usize::from(index)]
     }
 
-    fn arm_timer(&mut self, timer: TimerKey, due_ms: Millis, context: &mut Context<'_>) {
+    /// Tells the driver about a timer the state just armed (a slot's new phase, or the run
+    /// timeout at the start).
+    fn arm_timer(&self, timer: TimerKey, due_ms: Millis, context: &mut Context<'_>) {
         assert!(!self.status.is_terminal(), "a finished run arms no timer");
-        let previous_due_ms = self.timers.insert(timer.clone(), due_ms);
-        context.effects.push(Effect::ArmTimer { run_id: self.run_id.clone(), timer, due_ms, previous_due_ms });
+        context.effects.push(Effect::ArmTimer { run_id: self.run_id.clone(), timer, due_ms });
     }
 
-    fn cancel_timer(&mut self, timer: &TimerKey, context: &mut Context<'_>) {
-        if let Some(due_ms) = self.timers.remove(timer) {
-            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer: timer.clone(), due_ms });
+    /// Tells the driver to forget the timer `slot` has armed, if any; the caller then
+    /// moves the slot out of that phase.
+    fn cancel_slot_timer(&self, index: StepIndex, item: Option<u32>, slot: &Slot, context: &mut Context<'_>) {
+        if let Some((timer, due_ms)) = self.slot_timer(index, item, slot) {
+            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer, due_ms });
         }
     }
 
@@ -259,19 +295,21 @@ impl Run {
     ) {
         assert!(!self.status.is_terminal(), "a run finishes once");
         assert!(status.is_terminal(), "a run finishes in a terminal status");
+        for (timer, due_ms) in self.armed_timers() {
+            // A run times out only when its `RunTimeout` fires: the driver has dropped that one.
+            if status == RunStatus::TimedOut && timer == TimerKey::RunTimeout {
+                continue;
+            }
+            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer, due_ms });
+        }
         self.status = status;
         self.output = output;
-        self.error = error;
+        self.error = error.map(Box::new);
         self.ended_ms = Some(context.now);
         for state in &mut self.steps {
             if state.is_open() {
                 cancel_step(state, context.now);
             }
-        }
-        let mut armed: Vec<(TimerKey, Millis)> = std::mem::take(&mut self.timers).into_iter().collect();
-        armed.sort_unstable();
-        for (timer, due_ms) in armed {
-            context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer, due_ms });
         }
         self.agenda.clear();
         context.effects.push(Effect::RunFinished { run_id: self.run_id.clone(), status });
@@ -289,7 +327,7 @@ impl Run {
         let state = self.state(index);
         assert!(state.is_open(), "only an unresolved step fails");
         state.status = StepStatus::Failed;
-        state.error = Some(error.clone());
+        state.error = Some(Box::new(error.clone()));
         state.ended_ms = Some(now);
         state.work = abandon(std::mem::replace(&mut state.work, Work::Idle));
         self.unresolved -= 1;

@@ -2,6 +2,7 @@
 //! newtypes and fixed-width integers.
 
 use std::fmt;
+use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -10,9 +11,11 @@ use serde::{Deserialize, Serialize};
 pub type Millis = u64;
 
 /// The id of one run: a UUID in text form.
+// Shared, not copied: a run's id sits in its table entry, its state, its timers and
+// every attempt id, and a clone only bumps a count.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
-pub struct RunId(pub String);
+pub struct RunId(pub Arc<str>);
 
 impl RunId {
     /// A fresh, time-ordered run id (UUID v7) from a caller-supplied timestamp and random bits.
@@ -20,14 +23,14 @@ impl RunId {
         let bytes = ((u128::from(now) & 0xFFFF_FFFF_FFFF) << 80) | (random & ((1u128 << 80) - 1));
         let mut uuid = uuid::Builder::from_u128(bytes);
         uuid.set_version(uuid::Version::SortRand).set_variant(uuid::Variant::RFC4122);
-        RunId(uuid.into_uuid().to_string())
+        RunId(uuid.into_uuid().to_string().into())
     }
 
     /// The run id an idempotency key maps to: the same flow and key always give the same
     /// run, which is what makes a repeated start return the existing run.
     pub fn from_idempotency_key(flow: &str, key: &str) -> Self {
         let name = format!("{flow}\u{0}{key}");
-        RunId(uuid::Uuid::new_v5(&RUN_ID_NAMESPACE, name.as_bytes()).to_string())
+        RunId(uuid::Uuid::new_v5(&RUN_ID_NAMESPACE, name.as_bytes()).to_string().into())
     }
 
     pub fn as_str(&self) -> &str {

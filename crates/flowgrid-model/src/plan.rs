@@ -11,6 +11,7 @@
 //!   skipped step activates no edge). Steps without deps are ready when the run starts.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -68,8 +69,9 @@ pub enum EdgeWhen {
 /// Worker-side settings shared by `task` and `map` steps.
 #[derive(Debug)]
 pub struct TaskSpec {
-    pub pool: String,
-    pub task: String,
+    /// Shared with every dispatch of the step (and the metrics labels of its pool).
+    pub pool: Arc<str>,
+    pub task: Arc<str>,
     /// Input expression; `None` means the run input (task) or the item (map).
     pub input: Option<Expr>,
     /// Output expression over `result`; `None` means the result as is.

@@ -1,5 +1,7 @@
 //! Request, reply and task messages.
 
+use std::sync::Arc;
+
 use flowgrid_engine::{RunStatus, TaskError};
 use flowgrid_model::{AttemptId, FlowDefinition, Issue, Millis, RunId};
 use schemars::JsonSchema;
@@ -205,10 +207,12 @@ pub struct RunCancelled {
 pub struct TaskMessage {
     /// Echo this back in the result, unchanged.
     pub attempt: AttemptId,
-    pub pool: String,
+    pub pool: Arc<str>,
     /// Task name: what the worker should do.
-    pub task: String,
-    pub input: Value,
+    pub task: Arc<str>,
+    /// What the task works on: the step's evaluated `input`.
+    // Shared with the coordinator's run state, which publishes it without a copy.
+    pub input: Arc<Value>,
     /// The coordinator times the attempt out at this time (Unix ms); work past it is wasted.
     pub deadline_ms: Millis,
     /// Subject to send the `TaskResult` to, as a NATS request.

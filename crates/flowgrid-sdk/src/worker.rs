@@ -349,7 +349,8 @@ async fn serve(shared: Arc<Shared>, message: jetstream::Message, _slot: OwnedSem
 /// Runs the handler and reports its result; returns how to settle the message.
 async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
     let TaskMessage { attempt, pool, task, input, deadline_ms, reply_to } = task_message;
-    let task = Task::new(attempt.clone(), pool, task, input, deadline_ms);
+    let input = Arc::unwrap_or_clone(input);
+    let task = Task::new(attempt.clone(), &*pool, &*task, input, deadline_ms);
     let outcome = run_handler(shared.handler.clone(), task).await;
     let result = match outcome {
         Ok(output) => TaskResult { attempt, output: Some(output), error: None },

@@ -18,7 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let epoch = shard.acquire().await?;
     let mut latencies = Vec::with_capacity(commits);
     for seq in 0..commits as u64 {
-        let run = RunId(format!("run-{seq}"));
+        let run = RunId(format!("run-{seq}").into());
         let mut batch = WriteBatch::new();
         batch.set(keys::run(&run), vec![1u8; 200]);
         batch.set(keys::active(&run), Vec::new());

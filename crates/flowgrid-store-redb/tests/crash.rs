@@ -18,7 +18,7 @@ const SHARDS: [u32; 2] = [5, 6];
 const COMMITS: u64 = 50;
 
 fn run(index: u64) -> RunId {
-    RunId(format!("run-{index}"))
+    RunId(format!("run-{index}").into())
 }
 
 /// Runs in the child: commits, then dies without a checkpoint.

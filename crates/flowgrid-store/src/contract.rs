@@ -35,7 +35,7 @@ pub async fn run_all<S: Store>(make: impl Fn() -> S) {
 }
 
 fn run_id(text: &str) -> RunId {
-    RunId(text.to_string())
+    RunId(text.into())
 }
 
 async fn open<S: Store>(store: &S, shard: ShardId) -> S::Shard {

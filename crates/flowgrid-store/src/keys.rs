@@ -87,7 +87,7 @@ pub fn run_range() -> KeyRange {
 /// Decodes a [`run`] key into its run id.
 pub fn decode_run(key: &[u8]) -> Result<RunId> {
     let (_, run_id): (String, String) = decode("run", "run", key)?;
-    Ok(RunId(run_id))
+    Ok(RunId(run_id.into()))
 }
 
 /// A run that has not ended yet: `("active", run_id)`.
@@ -103,7 +103,7 @@ pub fn active_range() -> KeyRange {
 /// Decodes an [`active`] key into its run id.
 pub fn decode_active(key: &[u8]) -> Result<RunId> {
     let (_, run_id): (String, String) = decode("active", "active", key)?;
-    Ok(RunId(run_id))
+    Ok(RunId(run_id.into()))
 }
 
 /// The record key of event `seq` of a run: `("hist", run_id, seq)`. Chunked.
@@ -125,7 +125,7 @@ pub fn history_all_range() -> KeyRange {
 /// `(run_id, seq)`.
 pub fn decode_history(key: &[u8]) -> Result<(RunId, u64)> {
     let (_, run_id, seq): (String, String, u64) = decode("hist", "history", key)?;
-    Ok((RunId(run_id), seq))
+    Ok((RunId(run_id.into()), seq))
 }
 
 /// The listing index: `("created", created_ms, run_id)`, newest last.
@@ -141,7 +141,7 @@ pub fn created_range() -> KeyRange {
 /// Decodes a [`created`] key into `(created_ms, run_id)`.
 pub fn decode_created(key: &[u8]) -> Result<(u64, RunId)> {
     let (_, created_ms, run_id): (String, u64, String) = decode("created", "created", key)?;
-    Ok((created_ms, RunId(run_id)))
+    Ok((created_ms, RunId(run_id.into())))
 }
 
 /// The record key of the final view of an ended run: `("snap", run_id)`. Chunked.
@@ -157,7 +157,7 @@ pub fn snapshot_range() -> KeyRange {
 /// Decodes a [`snapshot`] record key (as returned by [`crate::join_records`]) into its run id.
 pub fn decode_snapshot(key: &[u8]) -> Result<RunId> {
     let (_, run_id): (String, String) = decode("snap", "snapshot", key)?;
-    Ok(RunId(run_id))
+    Ok(RunId(run_id.into()))
 }
 
 /// Every chunk of the chunked record at `record_key` (and nothing else).
@@ -192,7 +192,7 @@ mod tests {
     use super::*;
 
     fn run_id(text: &str) -> RunId {
-        RunId(text.to_string())
+        RunId(text.into())
     }
 
     #[test]

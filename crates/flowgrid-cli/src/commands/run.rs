@@ -38,7 +38,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             wait_and_print(client, &started.run_id, timeout, session).await
         }
         RunCommand::Get { run_id } => {
-            let view = client.get(&RunId(run_id)).await?;
+            let view = client.get(&RunId(run_id.into())).await?;
             print_run(&view, session)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -69,7 +69,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             Ok(ExitCode::SUCCESS)
         }
         RunCommand::Cancel { run_id, reason } => {
-            let cancelled = client.cancel(&RunId(run_id), reason).await?;
+            let cancelled = client.cancel(&RunId(run_id.into()), reason).await?;
             if session.json {
                 print_json(&cancelled)?;
             } else if cancelled.status == RunStatus::Cancelled {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use flowgrid_engine::{Run, TaskDispatch};
-use flowgrid_model::{Epoch, Millis, PlanStepKind, RunId, ShardId};
+use flowgrid_engine::{Run, TimerKey};
+use flowgrid_model::{Epoch, Millis, RunId, ShardId};
 use flowgrid_proto::{ApiError, ErrorCode, Reply, ResultAck};
 use flowgrid_store::ShardStore;
 use futures::{FutureExt, StreamExt};
@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use super::batch::{Batch, DeferredReply, ResultReply};
 use super::catalog::CatalogEntry;
+use super::runs::attempt_closed;
 use super::timers::TimerWheel;
 use super::{Command, NodeContext, ShardHandle};
 use crate::clock::now_ms;
@@ -28,50 +29,12 @@ use crate::metrics;
 /// a moment to clear, and a persistent one does not spin the shard.
 const RELOAD_PAUSE: Duration = Duration::from_millis(200);
 
-/// One run in memory.
+/// One run in memory: its state and where its history goes on. Everything else a run
+/// needs follows from its state, so that a waiting run costs little memory.
 pub(super) struct ActiveRun {
     pub run: Run,
     /// Sequence number of the next history record.
     pub next_seq: u64,
-    pub created_ms: Millis,
-    /// Attempts dispatched and not yet closed, counted by pool: feeds the in-flight gauge
-    /// and labels results by pool. Usually one pool, so a short list.
-    pub open_attempts: Vec<(Arc<str>, u32)>,
-}
-
-impl ActiveRun {
-    /// Records a dispatched attempt as open, for the in-flight gauge.
-    pub fn open_attempt(&mut self, task: &TaskDispatch) {
-        let pool = match self.open_attempts.iter_mut().find(|(pool, _)| **pool == *task.pool) {
-            Some((pool, count)) => {
-                *count += 1;
-                pool.clone()
-            }
-            None => {
-                let pool: Arc<str> = Arc::from(task.pool.as_str());
-                self.open_attempts.push((pool.clone(), 1));
-                pool
-            }
-        };
-        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool).increment(1.0);
-    }
-
-    /// Closes an open attempt of `step` (the engine accepted its end); returns its pool.
-    pub fn close_attempt(&mut self, step: &str) -> Option<Arc<str>> {
-        let plan = self.run.plan();
-        let step_pool = plan.step_index(step).and_then(|index| match &plan.step(index).kind {
-            PlanStepKind::Task(spec) | PlanStepKind::Map { spec, .. } => Some(spec.pool.as_str()),
-            _ => None,
-        })?;
-        let position = self.open_attempts.iter().position(|(pool, count)| **pool == *step_pool && *count > 0)?;
-        let (pool, count) = &mut self.open_attempts[position];
-        *count -= 1;
-        let pool = pool.clone();
-        if *count == 0 {
-            self.open_attempts.swap_remove(position);
-        }
-        Some(pool)
-    }
 }
 
 pub(super) struct ShardActor<S: ShardStore> {
@@ -218,8 +181,12 @@ impl<S: ShardStore> ShardActor<S> {
     /// Drops every run from memory, lowering the gauges they raised.
     fn forget_all_runs(&mut self) {
         let runs = self.runs.len() as u64;
-        for active in self.runs.values_mut() {
-            close_all_attempts(std::mem::take(&mut active.open_attempts));
+        for active in self.runs.values() {
+            for (timer, _) in active.run.armed_timers() {
+                if let TimerKey::AttemptTimeout { attempt } = timer {
+                    attempt_closed(active.run.plan(), &attempt);
+                }
+            }
         }
         self.runs.clear();
         self.context.active_runs.fetch_sub(runs, Ordering::Relaxed);
@@ -352,9 +319,9 @@ impl<S: ShardStore> ShardActor<S> {
 
     fn forget_finished(&mut self, finished: Vec<RunId>) {
         for run_id in finished {
-            if let Some(active) = self.runs.remove(&run_id) {
-                // Its timers left the wheel with the `CancelTimer`s of its end.
-                close_all_attempts(active.open_attempts);
+            if self.runs.remove(&run_id).is_some() {
+                // Its timers left the wheel, and its attempts the in-flight gauge, with the
+                // `CancelTimer`s of its end.
                 self.context.active_runs.fetch_sub(1, Ordering::Relaxed);
                 ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(1.0);
             }
@@ -377,14 +344,6 @@ impl<S: ShardStore> ShardActor<S> {
         }
         info!(shard = %self.shard, runs = self.runs.len(), "shard reloaded");
         Ok(())
-    }
-}
-
-/// Lowers the in-flight gauge for attempts that will never report (their run ended or
-/// the shard stopped serving).
-pub(super) fn close_all_attempts(open_attempts: Vec<(Arc<str>, u32)>) {
-    for (pool, count) in open_attempts {
-        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool).decrement(f64::from(count));
     }
 }
 

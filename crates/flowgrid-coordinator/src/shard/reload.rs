@@ -11,6 +11,7 @@ use flowgrid_store::{join_chunks, join_records, keys, ShardStore};
 
 use super::actor::{ActiveRun, ShardActor};
 use super::catalog::CatalogEntry;
+use super::runs::attempt_opened;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::records::{self, CatalogRecord, EventRecord, StartRecord};
@@ -25,13 +26,13 @@ impl<S: ShardStore> ShardActor<S> {
         let mut plans: HashMap<(String, u32), Arc<FlowPlan>> = HashMap::new();
         for (key, _) in active {
             let run_id = keys::decode_active(&key)?;
-            let mut active_run = self.replay(&run_id, &mut plans).await?;
+            let active_run = self.replay(&run_id, &mut plans).await?;
             for task in active_run.run.open_dispatches() {
-                active_run.open_attempt(&task);
+                attempt_opened(&task);
                 republish.push(task);
             }
             for (timer, due_ms) in active_run.run.armed_timers() {
-                self.timers.arm(run_id.clone(), timer, due_ms, None);
+                self.timers.arm(run_id.clone(), timer, due_ms);
             }
             self.runs.insert(run_id, Box::new(active_run));
             self.context.active_runs.fetch_add(1, Ordering::Relaxed);
@@ -87,7 +88,7 @@ impl<S: ShardStore> ShardActor<S> {
             run.apply(&evaluator, record.now_ms, &record.event, &mut effects);
             next_seq = seq + 1;
         }
-        Ok(ActiveRun { run, next_seq, created_ms: start.now_ms, open_attempts: Vec::new() })
+        Ok(ActiveRun { run, next_seq })
     }
 
     async fn pinned_plan(&mut self, flow: &str, version: u32) -> Result<Arc<FlowPlan>> {

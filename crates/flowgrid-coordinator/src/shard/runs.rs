@@ -5,8 +5,10 @@
 
 use std::sync::atomic::Ordering;
 
-use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, TimerKey};
-use flowgrid_model::{Millis, RunId};
+use std::sync::Arc;
+
+use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, TaskDispatch, TimerKey};
+use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{ApiError, ErrorCode, ListRuns, RunCancelled, RunStarted, RunSummary, TaskResult};
 use flowgrid_store::{join_chunks, keys, KeyRange, ShardStore};
 use tracing::{debug, warn};
@@ -71,7 +73,7 @@ impl<S: ShardStore> ShardActor<S> {
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
         let run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, now, &mut effects);
-        let active = ActiveRun { run, next_seq: 1, created_ms: now, open_attempts: Vec::new() };
+        let active = ActiveRun { run, next_seq: 1 };
         self.runs.insert(run_id.clone(), Box::new(active));
         self.context.active_runs.fetch_add(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::RUNS_ACTIVE).increment(1.0);
@@ -141,7 +143,7 @@ impl<S: ShardStore> ShardActor<S> {
                 false
             }
             Applied::Accepted => {
-                close_attempt(active, &event);
+                count_result(active.run.plan(), &event);
                 let record = EventRecord { now_ms: now, event, epoch: self.epoch.0 };
                 let key = keys::history(run_id, active.next_seq);
                 active.next_seq += 1;
@@ -157,15 +159,16 @@ impl<S: ShardStore> ShardActor<S> {
         for effect in effects {
             match effect {
                 Effect::Dispatch(task) => {
-                    if let Some(active) = self.runs.get_mut(run_id) {
-                        active.open_attempt(&task);
-                    }
+                    attempt_opened(&task);
                     batch.dispatches.push(task);
                 }
-                Effect::ArmTimer { run_id, timer, due_ms, previous_due_ms } => {
-                    self.timers.arm(run_id, timer, due_ms, previous_due_ms)
+                Effect::ArmTimer { run_id, timer, due_ms } => self.timers.arm(run_id, timer, due_ms),
+                Effect::CancelTimer { run_id, timer, due_ms } => {
+                    if let (TimerKey::AttemptTimeout { attempt }, Some(active)) = (&timer, self.runs.get(&run_id)) {
+                        attempt_closed(active.run.plan(), attempt);
+                    }
+                    self.timers.cancel(run_id, timer, due_ms);
                 }
-                Effect::CancelTimer { run_id, timer, due_ms } => self.timers.cancel(run_id, timer, due_ms),
                 Effect::RunFinished { run_id: finished, status } => self.finish_run(&finished, status, now, batch),
             }
         }
@@ -175,16 +178,12 @@ impl<S: ShardStore> ShardActor<S> {
     fn finish_run(&mut self, run_id: &RunId, status: RunStatus, now: Millis, batch: &mut Batch) {
         let Some(active) = self.runs.get(run_id) else { return };
         let plan = active.run.plan();
-        let record = RunRecord {
-            flow: plan.name.clone(),
-            version: plan.version,
-            status,
-            created_ms: active.created_ms,
-            ended_ms: Some(now),
-        };
+        let created_ms = active.run.created_ms();
+        let record =
+            RunRecord { flow: plan.name.clone(), version: plan.version, status, created_ms, ended_ms: Some(now) };
         batch.writes.set(keys::run(run_id), records::encode(&record));
         batch.writes.clear(keys::active(run_id));
-        batch.writes.set(keys::created(active.created_ms, run_id), records::encode(&summary(run_id, &record)));
+        batch.writes.set(keys::created(created_ms, run_id), records::encode(&summary(run_id, &record)));
         let view = active.run.view();
         batch.writes.set_chunked(&keys::snapshot(run_id), &records::encode(&view), &self.context.store_limits);
         batch.finished.push(run_id.clone());
@@ -263,18 +262,41 @@ impl<S: ShardStore> ShardActor<S> {
     }
 }
 
-/// Closes the attempt an accepted event finished, counting the result by pool.
-fn close_attempt(active: &mut ActiveRun, event: &Event) {
+// The in-flight gauge counts an attempt from its dispatch until its timeout leaves the
+// wheel: cancelled (a result closed it, or its step or run ended) or fired.
+
+pub(super) fn attempt_opened(task: &TaskDispatch) {
+    ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => Arc::clone(&task.pool)).increment(1.0);
+}
+
+pub(super) fn attempt_closed(plan: &FlowPlan, attempt: &AttemptId) {
+    if let Some(pool) = pool_of(plan, &attempt.step) {
+        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool).decrement(1.0);
+    }
+}
+
+/// Counts the result an accepted event applied, by pool and outcome. A fired timeout
+/// also closes its attempt (it left the wheel without a `CancelTimer`).
+fn count_result(plan: &FlowPlan, event: &Event) {
     let (attempt, outcome) = match event {
         Event::TaskSucceeded { attempt, .. } => (attempt, "succeeded"),
         Event::TaskFailed { attempt, .. } => (attempt, "failed"),
-        Event::TimerFired { timer: TimerKey::AttemptTimeout { attempt } } => (attempt, "timed_out"),
+        Event::TimerFired { timer: TimerKey::AttemptTimeout { attempt } } => {
+            attempt_closed(plan, attempt);
+            (attempt, "timed_out")
+        }
         _ => return,
     };
-    if let Some(pool) = active.close_attempt(&attempt.step) {
-        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool.clone()).decrement(1.0);
+    if let Some(pool) = pool_of(plan, &attempt.step) {
         ::metrics::counter!(metrics::TASK_RESULTS, "pool" => pool, "outcome" => outcome).increment(1);
     }
+}
+
+fn pool_of(plan: &FlowPlan, step: &str) -> Option<Arc<str>> {
+    plan.step_index(step).and_then(|index| match &plan.step(index).kind {
+        PlanStepKind::Task(spec) | PlanStepKind::Map { spec, .. } => Some(Arc::clone(&spec.pool)),
+        _ => None,
+    })
 }
 
 pub(super) fn summary(run_id: &RunId, record: &RunRecord) -> RunSummary {
@@ -295,7 +317,7 @@ pub fn cursor_of(summary: &RunSummary) -> String {
 
 fn parse_cursor(cursor: &str) -> Result<(Millis, RunId), ApiError> {
     let parsed =
-        cursor.split_once('.').and_then(|(created, run_id)| Some((created.parse().ok()?, RunId(run_id.to_owned()))));
+        cursor.split_once('.').and_then(|(created, run_id)| Some((created.parse().ok()?, RunId(run_id.into()))));
     parsed.ok_or_else(|| {
         ApiError::new(
             ErrorCode::InvalidRequest,

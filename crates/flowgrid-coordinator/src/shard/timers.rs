@@ -14,11 +14,8 @@ pub struct TimerWheel {
 }
 
 impl TimerWheel {
-    /// Arms `timer` at `due_ms`; `previous_due_ms` is where it was armed before, if it was.
-    pub fn arm(&mut self, run_id: RunId, timer: TimerKey, due_ms: Millis, previous_due_ms: Option<Millis>) {
-        if let Some(previous) = previous_due_ms {
-            self.due.remove(&(previous, run_id.clone(), timer.clone()));
-        }
+    /// Arms `timer` at `due_ms` (the engine arms a key once).
+    pub fn arm(&mut self, run_id: RunId, timer: TimerKey, due_ms: Millis) {
         self.due.insert((due_ms, run_id, timer));
     }
 
@@ -62,25 +59,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fires_in_due_order_and_rearming_moves_a_timer() {
+    fn fires_in_due_order_up_to_now() {
         let mut wheel = TimerWheel::default();
-        let run = RunId("r".into());
-        wheel.arm(run.clone(), TimerKey::RunTimeout, 50, None);
-        wheel.arm(RunId("s".into()), TimerKey::RunTimeout, 10, None);
-        wheel.arm(run.clone(), TimerKey::RunTimeout, 30, Some(50));
-        assert_eq!(wheel.len(), 2);
+        wheel.arm(RunId("r".into()), TimerKey::RunTimeout, 50);
+        wheel.arm(RunId("s".into()), TimerKey::RunTimeout, 10);
+        wheel.arm(RunId("t".into()), TimerKey::RunTimeout, 30);
         assert_eq!(wheel.next_due(), Some(10));
         let fired = wheel.pop_due(40, 10);
-        assert_eq!(fired.len(), 2);
-        assert_eq!(fired[0].0, RunId("s".into()));
-        assert!(wheel.pop_due(1_000, 10).is_empty(), "the moved timer must not fire twice");
+        assert_eq!(fired.iter().map(|(run, _)| run.as_str()).collect::<Vec<_>>(), ["s", "t"]);
+        assert_eq!(wheel.len(), 1);
+        assert_eq!(wheel.pop_due(1_000, 10).len(), 1);
+        assert!(wheel.pop_due(1_000, 10).is_empty(), "a timer fires once");
     }
 
     #[test]
     fn cancel_forgets_that_timer_only() {
         let mut wheel = TimerWheel::default();
-        wheel.arm(RunId("a".into()), TimerKey::RunTimeout, 5, None);
-        wheel.arm(RunId("b".into()), TimerKey::RunTimeout, 5, None);
+        wheel.arm(RunId("a".into()), TimerKey::RunTimeout, 5);
+        wheel.arm(RunId("b".into()), TimerKey::RunTimeout, 5);
         wheel.cancel(RunId("a".into()), TimerKey::RunTimeout, 5);
         let fired = wheel.pop_due(10, 10);
         assert_eq!(fired, vec![(RunId("b".into()), TimerKey::RunTimeout)]);

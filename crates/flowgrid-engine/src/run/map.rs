@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::scope::Locals;
 use super::state::{Item, MapState, Phase, Slot, Work};
 use super::{Context, Run};
-use crate::{StepStatus, TaskError, TimerKey};
+use crate::{StepStatus, TaskError};
 
 impl Run {
     /// Evaluates the items of map step `index` and starts the first of them.
@@ -45,7 +45,7 @@ impl Run {
             return self.step_failed(index, error, context);
         }
         let total = u32::try_from(list.len()).expect("the item limit fits in u32");
-        self.state(index).work = Work::Map(MapState {
+        self.state(index).work = Work::Map(Box::new(MapState {
             items: list.into_iter().map(Item::Pending).collect(),
             total,
             next_pending: 0,
@@ -53,7 +53,7 @@ impl Run {
             active: 0,
             succeeded: 0,
             failed: 0,
-        });
+        }));
         self.fill_map(index, spec, context);
         self.complete_map_if_done(index, context);
     }
@@ -113,7 +113,8 @@ impl Run {
                 }
                 None => value,
             };
-            self.map_mut(index).items[item as usize] = Item::Active(Slot { attempt: 0, phase: Phase::New, input });
+            let slot = Slot { attempt: 0, phase: Phase::New, input: Arc::new(input) };
+            self.map_mut(index).items[item as usize] = Item::Active(slot);
             self.dispatch(index, Some(item), context);
         }
     }
@@ -139,28 +140,18 @@ impl Run {
         self.succeed_with_result(index, Value::Array(merged), context);
     }
 
-    /// Too many items failed: cancel the timers of the active items and fail the step.
+    /// Too many items failed: cancel the timers of the active items and fail the step
+    /// (which abandons those items).
     fn fail_map(&mut self, index: StepIndex, tolerated: u32, context: &mut Context<'_>) {
-        let mut timers = Vec::new();
         let mut first_failure = None;
-        let map = self.map_mut(index);
+        let Work::Map(map) = &self.steps[usize::from(index)].work else { unreachable!("items belong to map steps") };
         let (failed, total) = (map.failed, map.total);
         for (item, entry) in map.items.iter().enumerate() {
             match entry {
-                Item::Active(slot) => timers.push((item as u32, slot.attempt, slot.phase)),
+                Item::Active(slot) => self.cancel_slot_timer(index, Some(item as u32), slot, context),
                 Item::Failed(error) if first_failure.is_none() => first_failure = Some((item, error.clone())),
                 _ => {}
             }
-        }
-        for (item, attempt, phase) in timers {
-            let timer = match phase {
-                Phase::Open { .. } => TimerKey::AttemptTimeout { attempt: self.attempt_id(index, Some(item), attempt) },
-                Phase::Retrying { .. } => {
-                    TimerKey::RetryDue { attempt: self.attempt_id(index, Some(item), attempt + 1) }
-                }
-                Phase::New => continue,
-            };
-            self.cancel_timer(&timer, context);
         }
         let (item, first) = first_failure.expect("a failed map has a failed item");
         let message = format!(

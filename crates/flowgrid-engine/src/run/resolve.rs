@@ -93,7 +93,7 @@ impl Run {
     }
 
     fn dependency_resolved(&mut self, target: StepIndex, activated: bool, context: &Context<'_>) {
-        let deps = self.plan.step(target).deps.len();
+        let deps = self.plan.step(target).deps.len() as u32;
         let state = self.state(target);
         assert!(state.status == StepStatus::Pending, "a step waiting for deps is pending");
         assert!(state.deps_resolved < deps, "a dependency resolves once");

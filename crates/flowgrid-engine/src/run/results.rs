@@ -43,15 +43,16 @@ impl Run {
         Applied::Accepted
     }
 
-    /// The slot of `attempt` if it is the open attempt, whose timeout it disarms; else why
-    /// the result must be ignored.
+    /// The step of `attempt` if it is the open attempt, which it closes (disarming its
+    /// timeout); else why the result must be ignored.
     fn close_open_attempt(
         &mut self,
         attempt: &AttemptId,
         context: &mut Context<'_>,
     ) -> Result<StepIndex, &'static str> {
         let index = self.find_slot(attempt, Expect::Open)?;
-        self.cancel_timer(&TimerKey::AttemptTimeout { attempt: attempt.clone() }, context);
+        self.cancel_slot_timer(index, attempt.item, self.slot(index, attempt.item), context);
+        self.slot_mut(index, attempt.item).phase = Phase::New;
         Ok(index)
     }
 
@@ -69,13 +70,13 @@ impl Run {
         Applied::Accepted
     }
 
+    /// A timer fired; the driver has dropped it. Applied only if the state still arms it.
     pub(super) fn on_timer(&mut self, timer: &TimerKey, context: &mut Context<'_>) -> Applied {
-        if !self.timers.contains_key(timer) {
-            return Applied::Ignored("timer not armed");
-        }
         match timer {
             TimerKey::RunTimeout => {
-                self.timers.remove(timer);
+                if self.plan.timeout_ms.is_none() {
+                    return Applied::Ignored("timer not armed");
+                }
                 let timeout_ms = self.plan.timeout_ms.unwrap_or_default();
                 let error = TaskError {
                     code: "run_timeout".to_owned(),
@@ -87,9 +88,9 @@ impl Run {
             TimerKey::AttemptTimeout { attempt } => {
                 let index = match self.find_slot(attempt, Expect::Open) {
                     Ok(index) => index,
-                    Err(reason) => return Applied::Ignored(reason),
+                    Err(_) => return Applied::Ignored("timer not armed"),
                 };
-                self.timers.remove(timer);
+                self.slot_mut(index, attempt.item).phase = Phase::New;
                 let error = TaskError {
                     code: "timeout".to_owned(),
                     message: format!(
@@ -103,9 +104,8 @@ impl Run {
             TimerKey::RetryDue { attempt } => {
                 let index = match self.find_slot(attempt, Expect::RetryDue) {
                     Ok(index) => index,
-                    Err(reason) => return Applied::Ignored(reason),
+                    Err(_) => return Applied::Ignored("timer not armed"),
                 };
-                self.timers.remove(timer);
                 self.dispatch(index, attempt.item, context);
             }
         }

@@ -42,7 +42,7 @@ mod tests {
     use super::*;
 
     fn attempt(number: u32) -> AttemptId {
-        AttemptId { run_id: RunId("run-1".to_owned()), step: "fetch".to_owned(), item: None, attempt: number }
+        AttemptId { run_id: RunId("run-1".into()), step: "fetch".to_owned(), item: None, attempt: number }
     }
 
     fn error(code: &str, retryable: bool) -> TaskError {

@@ -75,7 +75,7 @@ impl Run {
         json!({
             "status": state.status.as_str(),
             "output": state.output.clone().unwrap_or(Value::Null),
-            "error": state.error.as_ref().map(error_value).unwrap_or(Value::Null),
+            "error": state.error.as_deref().map(error_value).unwrap_or(Value::Null),
         })
     }
 }

@@ -6,6 +6,8 @@
 //!   retry, and `MapState::active` counts those items;
 //! - a slot keeps the evaluated task input once: every attempt and every republish reads it.
 
+use std::sync::Arc;
+
 use flowgrid_model::Millis;
 use serde_json::Value;
 
@@ -16,7 +18,7 @@ use crate::{ItemCounts, StepStatus, TaskError};
 pub(super) struct StepState {
     pub status: StepStatus,
     /// Dependencies that have resolved so far (out of `PlanStep::deps`).
-    pub deps_resolved: usize,
+    pub deps_resolved: u32,
     /// At least one resolved dependency activated an edge to this step.
     pub activated: bool,
     /// Attempts dispatched so far (for a map: over all items).
@@ -24,7 +26,9 @@ pub(super) struct StepState {
     pub started_ms: Option<Millis>,
     pub ended_ms: Option<Millis>,
     pub output: Option<Value>,
-    pub error: Option<TaskError>,
+    /// Boxed, like every rarely set field of the per-step state: a run keeps one of these
+    /// per step for as long as it is active.
+    pub error: Option<Box<TaskError>>,
     pub caught: bool,
     pub work: Work,
 }
@@ -37,7 +41,7 @@ pub(super) enum Work {
     /// A task step's current attempt.
     Task(Slot),
     /// A map step's items.
-    Map(MapState),
+    Map(Box<MapState>),
 }
 
 /// The current attempt of a task step or of one map item.
@@ -46,13 +50,15 @@ pub(super) struct Slot {
     /// Number of the last dispatched attempt (0 before the first dispatch).
     pub attempt: u32,
     pub phase: Phase,
-    /// The evaluated task input, shared by every attempt.
-    pub input: Value,
+    /// The evaluated task input, shared by every attempt and its dispatches (and with the
+    /// run input when the step has no `input` mapping).
+    pub input: Arc<Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {
-    /// Not dispatched yet.
+    /// No attempt out and none waiting: before the first dispatch, and between the end
+    /// of an attempt and what follows it.
     New,
     /// Attempt `Slot::attempt` is out, due back by `deadline_ms`.
     Open { deadline_ms: Millis },

@@ -28,7 +28,7 @@ pub(super) fn task_spec(kind: &PlanStepKind) -> Option<&TaskSpec> {
 impl Run {
     /// Starts step `index`, whose deps have all resolved and activated it.
     pub(super) fn start_step(&mut self, index: StepIndex, context: &mut Context<'_>) {
-        let deps = self.plan.step(index).deps.len();
+        let deps = self.plan.step(index).deps.len() as u32;
         let state = self.state(index);
         assert!(state.status == StepStatus::Pending, "a step starts once");
         assert!(state.deps_resolved == deps, "a step starts after all its deps resolved");
@@ -51,10 +51,10 @@ impl Run {
     fn start_task(&mut self, index: StepIndex, spec: &TaskSpec, context: &mut Context<'_>) {
         let input = match &spec.input {
             Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
-                Ok(input) => input,
+                Ok(input) => Arc::new(input),
                 Err(error) => return self.expression_failed(index, "input", &error, context),
             },
-            None => self.input.clone(),
+            None => Arc::clone(&self.input),
         };
         self.state(index).work = Work::Task(Slot { attempt: 0, phase: Phase::New, input });
         self.dispatch(index, None, context);
@@ -148,7 +148,7 @@ impl Run {
         };
         let state = self.state(index);
         state.status = StepStatus::Failed;
-        state.error = Some(error);
+        state.error = Some(Box::new(error));
         state.caught = true;
         state.work = abandon(std::mem::replace(&mut state.work, Work::Idle));
         self.resolve_step(index, Resolution::Caught(catch), context);

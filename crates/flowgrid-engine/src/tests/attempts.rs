@@ -131,7 +131,7 @@ fn late_result_from_an_old_attempt_is_ignored() {
 fn results_for_other_runs_steps_or_items_are_ignored() {
     let mut harness = Harness::start(RETRY, json!(null), 0);
     let mut other_run = attempt("a", None, 1);
-    other_run.run_id.0 = "run-2".to_owned();
+    other_run.run_id.0 = "run-2".into();
     let event = crate::Event::TaskSucceeded { attempt: other_run, output: json!(1) };
     assert_eq!(harness.apply(1, event), Applied::Ignored("attempt of another run"));
     assert_eq!(harness.succeed(1, "zzz", None, 1, json!(1)), Applied::Ignored("no such step"));

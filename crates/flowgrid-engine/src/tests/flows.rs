@@ -26,8 +26,8 @@ fn linear_chain_runs_step_after_step() {
     let first = harness.dispatched();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, attempt("a", None, 1));
-    assert_eq!(first[0].input, json!({"n": 0}));
-    assert_eq!(first[0].pool, "cpu");
+    assert_eq!(*first[0].input, json!({"n": 0}));
+    assert_eq!(&*first[0].pool, "cpu");
     assert_eq!(first[0].deadline_ms, 100 + flowgrid_model::plan::TASK_TIMEOUT_MS_DEFAULT);
     assert_eq!(harness.armed(&TimerKey::AttemptTimeout { attempt: attempt("a", None, 1) }), Some(first[0].deadline_ms));
     assert_eq!(harness.step_status("b"), StepStatus::Pending);
@@ -37,7 +37,7 @@ fn linear_chain_runs_step_after_step() {
     let second = harness.dispatched();
     assert_eq!(second.len(), 1);
     assert_eq!(second[0].attempt, attempt("b", None, 1));
-    assert_eq!(second[0].input, json!(2));
+    assert_eq!(*second[0].input, json!(2));
 
     assert_eq!(harness.succeed(300, "b", None, 1, json!("done")), Applied::Accepted);
     let view = harness.run.view();
@@ -75,7 +75,7 @@ steps:
     harness.succeed(3, "b", None, 1, json!("b"));
     let joined = harness.dispatched();
     assert_eq!(joined.len(), 1);
-    assert_eq!(joined[0].input, json!(["b", "c"]));
+    assert_eq!(*joined[0].input, json!(["b", "c"]));
     harness.succeed(4, "d", None, 1, json!("d"));
     assert_eq!(harness.run.view().output, Some(json!({"d": "d"})));
 }

@@ -28,8 +28,8 @@ fn map_keeps_two_in_flight_and_merges_in_item_order() {
     let mut harness = Harness::start(MAP, json!({"list": [10, 20, 30, 40, 50]}), 0);
     let first = harness.dispatched();
     assert_eq!(harness.dispatched_names(), vec!["each[0]", "each[1]"]);
-    assert_eq!(first[0].input, json!({"value": 10, "position": 0}));
-    assert_eq!(first[1].input, json!({"value": 20, "position": 1}));
+    assert_eq!(*first[0].input, json!({"value": 10, "position": 0}));
+    assert_eq!(*first[1].input, json!({"value": 20, "position": 1}));
 
     harness.succeed(1, "each", Some(1), 1, json!("r1"));
     assert_eq!(harness.dispatched_names(), vec!["each[2]"]);
@@ -38,7 +38,7 @@ fn map_keeps_two_in_flight_and_merges_in_item_order() {
     assert_eq!(harness.step("each").items, Some(ItemCounts { total: 5, succeeded: 1, failed: 1, running: 2 }));
     harness.succeed(3, "each", Some(3), 1, json!("r3"));
     assert_eq!(harness.dispatched_names(), vec!["each[4]"]);
-    assert_eq!(harness.dispatched()[0].input, json!({"value": 50, "position": 4}));
+    assert_eq!(*harness.dispatched()[0].input, json!({"value": 50, "position": 4}));
     harness.succeed(4, "each", Some(4), 1, json!("r4"));
     assert!(harness.dispatched().is_empty());
     assert_eq!(harness.step_status("each"), StepStatus::Running);
@@ -68,14 +68,14 @@ steps:
     output: "result.len()"
 "##;
     let mut harness = Harness::start(yaml, json!(["x", "y"]), 0);
-    assert_eq!(harness.dispatched()[0].input, json!("x"));
+    assert_eq!(*harness.dispatched()[0].input, json!("x"));
     harness.fail(10, "each", Some(1), 1, error("busy", true));
     let retry = TimerKey::RetryDue { attempt: attempt("each", Some(1), 2) };
     assert_eq!(harness.armed(&retry), Some(110));
     assert_eq!(harness.step_status("each"), StepStatus::Running);
     harness.fire(110, retry);
     assert_eq!(harness.dispatched_names(), vec!["each[1]"]);
-    assert_eq!(harness.dispatched()[0].input, json!("y"));
+    assert_eq!(*harness.dispatched()[0].input, json!("y"));
     harness.succeed(111, "each", Some(0), 1, json!(0));
     harness.succeed(112, "each", Some(1), 2, json!(1));
     assert_eq!(harness.run.view().output, Some(json!({"each": 2})));
@@ -127,7 +127,7 @@ steps:
     let mut harness = Harness::start(yaml, json!([1, 2]), 0);
     harness.fail(5, "each", Some(0), 1, error("broken", true));
     assert_eq!(harness.dispatched_names(), vec!["fallback"]);
-    assert_eq!(harness.dispatched()[0].input, json!("map_failed"));
+    assert_eq!(*harness.dispatched()[0].input, json!("map_failed"));
     assert!(harness.cancelled(&TimerKey::AttemptTimeout { attempt: attempt("each", Some(1), 1) }));
     assert_eq!(harness.succeed(6, "each", Some(1), 1, json!(2)), Applied::Ignored("step not running"));
     let open: Vec<_> = harness.run.open_dispatches().into_iter().map(|dispatch| dispatch.attempt).collect();
@@ -147,7 +147,7 @@ steps:
     let harness = Harness::start(yaml, json!([]), 0);
     assert_eq!(harness.step("each").output, Some(json!([])));
     assert_eq!(harness.dispatched_names(), vec!["after_each"]);
-    assert_eq!(harness.dispatched()[0].input, json!([]));
+    assert_eq!(*harness.dispatched()[0].input, json!([]));
 }
 
 #[test]

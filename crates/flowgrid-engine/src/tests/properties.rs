@@ -1,6 +1,6 @@
 //! Property tests over random DAGs of task steps fed random results in random order.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use proptest::prelude::*;
@@ -11,9 +11,13 @@ use super::support::{dispatches, Harness};
 use crate::{Applied, Effect, Event, TaskError, TimerKey};
 
 /// Steps of a random flow: a bit mask of the earlier steps each one runs after, and its
-/// attempts in all.
-fn flow_yaml(steps: &[(u64, u32)]) -> String {
-    let mut yaml = String::from("name: random\nsteps:\n");
+/// attempts in all; and the run timeout, if any.
+fn flow_yaml(steps: &[(u64, u32)], timeout_ms: Option<u64>) -> String {
+    let mut yaml = String::from("name: random\n");
+    if let Some(timeout_ms) = timeout_ms {
+        writeln!(yaml, "timeout_ms: {timeout_ms}").expect("writing to a string");
+    }
+    yaml.push_str("steps:\n");
     for (position, (mask, max_attempts)) in steps.iter().enumerate() {
         let after: Vec<String> =
             (0..position).filter(|earlier| mask & (1 << earlier) != 0).map(|earlier| format!("s{earlier}")).collect();
@@ -28,11 +32,15 @@ fn flow_yaml(steps: &[(u64, u32)]) -> String {
 }
 
 /// Checks the effects of one transition and records what they dispatched and armed.
+#[derive(Default)]
 struct Checker {
     dispatched: Vec<crate::TaskDispatch>,
     timers: Vec<TimerKey>,
     sent: Vec<Event>,
     applied_results: BTreeSet<String>,
+    /// The driver's wheel, kept from the effects alone: it must always hold exactly the
+    /// timers the run's state arms.
+    wheel: BTreeMap<TimerKey, u64>,
 }
 
 impl Checker {
@@ -47,14 +55,27 @@ impl Checker {
             self.dispatched.push(dispatch);
         }
         for effect in &harness.effects {
-            if let Effect::ArmTimer { timer, .. } = effect {
-                self.timers.push(timer.clone());
+            match effect {
+                Effect::ArmTimer { timer, due_ms, .. } => {
+                    self.timers.push(timer.clone());
+                    assert_eq!(self.wheel.insert(timer.clone(), *due_ms), None, "{timer:?} armed twice");
+                }
+                Effect::CancelTimer { timer, due_ms, .. } => {
+                    assert_eq!(self.wheel.remove(timer), Some(*due_ms), "{timer:?} cancelled but not armed there");
+                }
+                _ => {}
             }
         }
+        let wheel: Vec<(TimerKey, u64)> = self.wheel.iter().map(|(timer, due_ms)| (timer.clone(), *due_ms)).collect();
+        assert_eq!(wheel, harness.run.armed_timers(), "the wheel and the run's state disagree");
         assert!(harness.finished().len() <= 1, "a run finishes at most once");
     }
 
     fn send(&mut self, harness: &mut Harness, now: u64, event: Event) {
+        if let Event::TimerFired { timer } = &event {
+            // The wheel hands a timer over when it fires.
+            self.wheel.remove(timer);
+        }
         let applied = harness.apply(now, event.clone());
         if applied == Applied::Accepted {
             let result_of = match &event {
@@ -81,10 +102,11 @@ proptest! {
     #[test]
     fn random_flows_end_exactly_once(
         steps in proptest::collection::vec((any::<u64>(), 1..=3u32), 1..8),
+        timeout_ms in proptest::option::of(1..80u64),
         actions in proptest::collection::vec((any::<u32>(), 0..6u8), 0..60),
     ) {
-        let mut harness = Harness::start(&flow_yaml(&steps), json!({"seed": 1}), 0);
-        let mut checker = Checker { dispatched: Vec::new(), timers: Vec::new(), sent: Vec::new(), applied_results: BTreeSet::new() };
+        let mut harness = Harness::start(&flow_yaml(&steps, timeout_ms), json!({"seed": 1}), 0);
+        let mut checker = Checker::default();
         checker.after_transition(&harness);
         let mut now = 0;
         for (pick, kind) in actions {

@@ -34,7 +34,7 @@ pub fn replay(harness: &Harness) -> (Run, Vec<Effect>) {
     let mut run = Run::start(
         Arc::clone(&harness.plan),
         evaluator(),
-        RunId(RUN.to_owned()),
+        RunId(RUN.into()),
         harness.input.clone(),
         harness.started_ms,
         &mut effects,

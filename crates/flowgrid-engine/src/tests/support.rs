@@ -21,7 +21,7 @@ pub fn plan(yaml: &str) -> Arc<FlowPlan> {
 }
 
 pub fn attempt(step: &str, item: Option<u32>, number: u32) -> AttemptId {
-    AttemptId { run_id: RunId(RUN.to_owned()), step: step.to_owned(), item, attempt: number }
+    AttemptId { run_id: RunId(RUN.into()), step: step.to_owned(), item, attempt: number }
 }
 
 pub fn error(code: &str, retryable: bool) -> TaskError {
@@ -46,7 +46,7 @@ impl Harness {
     pub fn start(yaml: &str, input: Value, now: Millis) -> Harness {
         let plan = plan(yaml);
         let mut effects = Vec::new();
-        let run = Run::start(Arc::clone(&plan), evaluator(), RunId(RUN.to_owned()), input.clone(), now, &mut effects);
+        let run = Run::start(Arc::clone(&plan), evaluator(), RunId(RUN.into()), input.clone(), now, &mut effects);
         Harness { plan, run, input, started_ms: now, all_effects: effects.clone(), effects, history: Vec::new() }
     }
 

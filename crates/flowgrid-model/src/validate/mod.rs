@@ -127,8 +127,8 @@ fn plan_kind(
     let mut required = |field: &str| take(field).expect("validation compiled every required expression");
     match step {
         Step::Task(task) => PlanStepKind::Task(TaskSpec {
-            pool: task.pool.clone(),
-            task: task.task.clone(),
+            pool: task.pool.as_str().into(),
+            task: task.task.as_str().into(),
             input: take("input"),
             output: take("output"),
             retry: task.retry.clone(),
@@ -139,8 +139,8 @@ fn plan_kind(
         Step::Map(map) => PlanStepKind::Map {
             items: required("items"),
             spec: TaskSpec {
-                pool: map.pool.clone(),
-                task: map.task.clone(),
+                pool: map.pool.as_str().into(),
+                task: map.task.as_str().into(),
                 input: take("input"),
                 output: take("output"),
                 retry: map.retry.clone(),

@@ -135,7 +135,7 @@ fn plan_applies_defaults_and_keeps_settings() {
     let PlanStepKind::Task(transcode) = &plan.step(plan.step_index("transcode").unwrap()).kind else {
         panic!("transcode is a task");
     };
-    assert_eq!((transcode.pool.as_str(), transcode.task.as_str()), ("gpu", "transcode"));
+    assert_eq!((&*transcode.pool, &*transcode.task), ("gpu", "transcode"));
     assert_eq!((transcode.timeout_ms, transcode.priority), (TASK_TIMEOUT_MS_DEFAULT, PRIORITY_DEFAULT));
     assert_eq!((transcode.retry.max_attempts, transcode.retry.initial_backoff_ms), (5, 100));
     assert!(transcode.input.is_none() && transcode.output.is_none());
