@@ -17,7 +17,7 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// Page cache of the embedded store over all shards, in MiB (split evenly between the
     /// shard files). The hot state is in memory; this cache only speeds up reloads and lists.
-    #[arg(long, env = "FLOWGRID_STORE_CACHE_MB", default_value_t = 64)]
+    #[arg(long, env = "FLOWGRID_STORE_CACHE_MB", default_value_t = 16)]
     pub store_cache_mb: usize,
     /// Number of virtual shards. Fixed when the grid is created: every coordinator of a grid
     /// must use the same value.
