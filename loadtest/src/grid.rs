@@ -95,6 +95,15 @@ impl Grid {
         kb.map(|kb| kb as f64 / 1024.0)
     }
 
+    /// CPU time (user and system) the coordinators have used so far, summed over all of
+    /// them, when their pids are known.
+    pub fn coordinator_cpu(&self) -> Option<Duration> {
+        if self.coordinator_pids.is_empty() {
+            return None;
+        }
+        self.coordinator_pids.iter().map(|pid| cpu_time(*pid)).sum()
+    }
+
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client> {
         connect(&self.nats_url, name).await
     }
@@ -165,6 +174,18 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time (user and system) a process has used, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3, the state;
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks_per_s > 0).then(|| Duration::from_secs_f64(ticks as f64 / ticks_per_s as f64))
 }
 
 /// `--flowgrid-bin`, else `flowgrid` next to this binary (both live in target/release).

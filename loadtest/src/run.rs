@@ -26,6 +26,8 @@ struct Observed {
     measured_s: f64,
     rss_end_mb: Option<f64>,
     rss_max_mb: Option<f64>,
+    /// CPU time the coordinators used in the measured window.
+    coordinator_cpu: Option<Duration>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -119,12 +121,14 @@ async fn timeline(
     let mut last_tasks = 0;
     let mut rss_max_mb: Option<f64> = None;
     let mut measured_from = None;
+    let mut cpu_from = None;
     loop {
         ticks.tick().await;
         let now = Instant::now();
         if measured_from.is_none() && now >= window_start {
             tracker.set_measuring(true);
             measured_from = Some(now);
+            cpu_from = grid.coordinator_cpu();
         }
         let rss = grid.coordinator_rss_mb();
         if measured_from.is_some() {
@@ -156,7 +160,11 @@ async fn timeline(
     tracker.set_measuring(false);
     stop.cancel();
     let measured_s = measured_from.map(|from| from.elapsed().as_secs_f64()).unwrap_or(0.0);
-    Observed { measured_s, rss_end_mb: grid.coordinator_rss_mb(), rss_max_mb }
+    let coordinator_cpu = match (cpu_from, grid.coordinator_cpu()) {
+        (Some(from), Some(to)) => Some(to.saturating_sub(from)),
+        _ => None,
+    };
+    Observed { measured_s, rss_end_mb: grid.coordinator_rss_mb(), rss_max_mb, coordinator_cpu }
 }
 
 fn summarize(
@@ -170,7 +178,9 @@ fn summarize(
 ) -> serde_json::Value {
     let histograms = tracker.histograms();
     let measured_s = observed.measured_s.max(f64::EPSILON);
-    let tasks_per_s = tracker.counters.tasks_acked_measured.load(Ordering::Relaxed) as f64 / measured_s;
+    let tasks_measured = tracker.counters.tasks_acked_measured.load(Ordering::Relaxed);
+    let tasks_per_s = tasks_measured as f64 / measured_s;
+    let cpu_s = observed.coordinator_cpu.map(|cpu| cpu.as_secs_f64());
     let runs_per_s = tracker.counters.runs_done_measured.load(Ordering::Relaxed) as f64 / measured_s;
     let task_failures = tracker.counters.task_failures.load(Ordering::Relaxed);
     errors.add("task_result_failed", task_failures);
@@ -195,6 +205,8 @@ fn summarize(
         "step_overhead_ms": quantiles_ms(&histograms.step_overhead),
         "coordinator_rss_mb": observed.rss_end_mb.map(round1),
         "coordinator_rss_max_mb": observed.rss_max_mb.map(round1),
+        "coordinator_cpu_cores": cpu_s.map(|cpu_s| round3(cpu_s / measured_s)),
+        "coordinator_cpu_us_per_task": cpu_s.filter(|_| tasks_measured > 0).map(|cpu_s| round1(cpu_s * 1e6 / tasks_measured as f64)),
         "errors": errors.total(),
         "error_kinds": errors.kinds(),
         "runs_started": tracker.counters.runs_started.load(Ordering::Relaxed),
@@ -251,6 +263,10 @@ fn print_summary_table(summary: &serde_json::Value) {
         (
             "coordinator RSS".to_owned(),
             format!("{} MB (max {} MB)", text("coordinator_rss_mb"), text("coordinator_rss_max_mb")),
+        ),
+        (
+            "coordinator CPU".to_owned(),
+            format!("{} cores, {} µs per task", text("coordinator_cpu_cores"), text("coordinator_cpu_us_per_task")),
         ),
         (
             "runs started / done / verified".to_owned(),

@@ -84,8 +84,17 @@ impl WriteBatch {
     /// assert_eq!(join_chunks(stored).unwrap(), Some(b"0123456789".to_vec()));
     /// ```
     pub fn set_chunked(&mut self, record_key: &[u8], value: &[u8], limits: &StoreLimits) -> usize {
-        assert!(limits.value_bytes_max > 0, "value_bytes_max must be positive to chunk a record");
         self.clear_range(keys::chunks_range(record_key));
+        self.insert_chunked(record_key, value, limits)
+    }
+
+    /// Like [`WriteBatch::set_chunked`], for a record key that was never written: a
+    /// history record (its sequence number is new) or the snapshot of a run that is
+    /// ending. It skips the clear of earlier chunks, a range clear that costs every
+    /// backend a range operation. Writing a key that does exist this way can leave chunks
+    /// of both versions, which readers reject as a broken record.
+    pub fn insert_chunked(&mut self, record_key: &[u8], value: &[u8], limits: &StoreLimits) -> usize {
+        assert!(limits.value_bytes_max > 0, "value_bytes_max must be positive to chunk a record");
         let count = value.len().div_ceil(limits.value_bytes_max).max(1);
         let count_u32 = u32::try_from(count).expect("a record over 4 billion chunks is over every transaction limit");
         for index in 0..count_u32 {
@@ -360,6 +369,18 @@ mod tests {
         assert_eq!(join_chunks(pairs.clone()).unwrap(), Some(value));
         pairs.remove(7);
         assert!(matches!(join_chunks(pairs), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn insert_chunked_writes_the_same_chunks_without_the_clear() {
+        let limits = StoreLimits { value_bytes_max: 4, ..StoreLimits::default() };
+        let record_key = keys::history(&RunId("run-1".into()), 3);
+        let (mut set, mut insert) = (WriteBatch::new(), WriteBatch::new());
+        assert_eq!(set.set_chunked(&record_key, b"0123456789", &limits), 3);
+        assert_eq!(insert.insert_chunked(&record_key, b"0123456789", &limits), 3);
+        assert!(insert.mutations().iter().all(|mutation| matches!(mutation, Mutation::Set(..))));
+        assert_eq!(sets(&insert), sets(&set));
+        assert_eq!(join_chunks(sets(&insert)).unwrap(), Some(b"0123456789".to_vec()));
     }
 
     #[test]

@@ -58,7 +58,8 @@ impl<S: ShardStore> ShardActor<S> {
             now_ms: now,
             epoch: self.epoch.0,
         };
-        batch.writes.set_chunked(&keys::history(&run_id, 0), &records::encode(&start_record), &context.store_limits);
+        // A new run: its history starts here.
+        batch.writes.insert_chunked(&keys::history(&run_id, 0), &records::encode(&start_record), &context.store_limits);
         let record = RunRecord {
             flow: plan.name.clone(),
             version: plan.version,
@@ -147,7 +148,8 @@ impl<S: ShardStore> ShardActor<S> {
                 let record = EventRecord { now_ms: now, event, epoch: self.epoch.0 };
                 let key = keys::history(run_id, active.next_seq);
                 active.next_seq += 1;
-                batch.writes.set_chunked(&key, &records::encode(&record), &self.context.store_limits);
+                // `next_seq` is past every record of the history (reload counts them).
+                batch.writes.insert_chunked(&key, &records::encode(&record), &self.context.store_limits);
                 self.carry_out(run_id, effects, now, batch);
                 true
             }
@@ -185,7 +187,8 @@ impl<S: ShardStore> ShardActor<S> {
         batch.writes.clear(keys::active(run_id));
         batch.writes.set(keys::created(created_ms, run_id), records::encode(&summary(run_id, &record)));
         let view = active.run.view();
-        batch.writes.set_chunked(&keys::snapshot(run_id), &records::encode(&view), &self.context.store_limits);
+        // A run ends once, and only then gets a snapshot.
+        batch.writes.insert_chunked(&keys::snapshot(run_id), &records::encode(&view), &self.context.store_limits);
         batch.finished.push(run_id.clone());
         ::metrics::counter!(metrics::RUNS_FINISHED, "status" => status.as_str()).increment(1);
     }
