@@ -19,6 +19,11 @@ pub struct CoordinatorConfig {
     /// shard files). The hot state is in memory; this cache only speeds up reloads and lists.
     #[arg(long, env = "FLOWGRID_STORE_CACHE_MB", default_value_t = 16)]
     pub store_cache_mb: usize,
+    /// How often the embedded store writes each shard's recent commits from its journal
+    /// into the shard file, in ms. Longer: less CPU and disk per commit; more memory held
+    /// and more journal to replay after a crash.
+    #[arg(long, env = "FLOWGRID_CHECKPOINT_INTERVAL_MS", default_value_t = 1000)]
+    pub checkpoint_interval_ms: u64,
     /// Number of virtual shards. Fixed when the grid is created: every coordinator of a grid
     /// must use the same value.
     #[arg(long, env = "FLOWGRID_SHARDS", default_value_t = 256)]
@@ -71,6 +76,12 @@ impl CoordinatorConfig {
         }
         if self.batch_events_max == 0 || self.shard_queue_max == 0 || self.api_concurrency_max == 0 {
             return Err("--batch-events-max, --shard-queue-max and --api-concurrency-max must be positive".to_owned());
+        }
+        if !(50..=60_000).contains(&self.checkpoint_interval_ms) {
+            return Err(format!(
+                "--checkpoint-interval-ms is {}; use 50 to 60000 (1000 is the default)",
+                self.checkpoint_interval_ms
+            ));
         }
         if !(300..=60_000).contains(&self.lease_ms) {
             return Err(format!("--lease-ms is {}; use 300 to 60000 (1500 is the default)", self.lease_ms));

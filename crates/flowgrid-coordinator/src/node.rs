@@ -35,8 +35,9 @@ const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
     config.validate().map_err(Error::Config)?;
     let cache_bytes_per_shard = config.store_cache_mb * 1024 * 1024 / config.shards as usize;
-    let store =
-        RedbStore::open(&config.data_dir, StoreLimits::default())?.with_cache_bytes_per_shard(cache_bytes_per_shard);
+    let store = RedbStore::open(&config.data_dir, StoreLimits::default())?
+        .with_cache_bytes_per_shard(cache_bytes_per_shard)
+        .with_checkpoint_interval(std::time::Duration::from_millis(config.checkpoint_interval_ms));
     let dir = std::fs::canonicalize(store.dir()).unwrap_or_else(|_| store.dir().to_path_buf());
     let store_id = format!("redb:{}:{}", host_name(), dir.display());
     run_with_store(config, store, store_id, shutdown).await

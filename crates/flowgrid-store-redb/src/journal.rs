@@ -455,7 +455,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn byte(&mut self) -> Result<u8> {
-        let (&first, rest) = self.bytes.split_first().ok_or_else(|| short())?;
+        let (&first, rest) = self.bytes.split_first().ok_or_else(short)?;
         self.bytes = rest;
         Ok(first)
     }

@@ -9,9 +9,12 @@
 //! A range clear removes the layer's earlier entries in the range, so an entry present in
 //! a cleared range was written after the clear, and a checkpoint applies a layer's
 //! cleared ranges before its entries.
+//!
+//! A layer's entries are a hash map: every commit inserts into it, while only reloads and
+//! listings read a range of it (sorting what they take), and a checkpoint needs no order.
+//! A B-tree spent most of a commit's overlay time comparing keys that share long prefixes.
 
-use std::collections::BTreeMap;
-use std::ops::Bound;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,7 +24,7 @@ use crate::journal::Position;
 
 #[derive(Debug, Default)]
 pub(crate) struct Layer {
-    pub entries: BTreeMap<Key, Option<Value>>,
+    pub entries: HashMap<Key, Option<Value>, foldhash::fast::RandomState>,
     pub cleared: Vec<KeyRange>,
     /// Bytes of keys and values held, for the checkpoint trigger.
     pub bytes: usize,
@@ -51,14 +54,7 @@ impl Layer {
                     if range.is_empty() {
                         continue;
                     }
-                    let inside: Vec<Key> = self
-                        .entries
-                        .range::<[u8], _>((Bound::Included(&range.begin[..]), Bound::Excluded(&range.end[..])))
-                        .map(|(key, _)| key.clone())
-                        .collect();
-                    for key in inside {
-                        self.entries.remove(&key);
-                    }
+                    self.entries.retain(|key, _| !range.contains(key));
                     self.bytes += range.begin.len() + range.end.len();
                     self.cleared.push(range);
                 }
@@ -114,18 +110,18 @@ impl Overlay {
     }
 
     pub fn view(&self, range: &KeyRange) -> RangeView {
-        let bounds = (Bound::Included(&range.begin[..]), Bound::Excluded(&range.end[..]));
+        let in_range = |(key, _): &(&Key, &Option<Value>)| range.contains(key);
         let mut entries: BTreeMap<Key, Option<Value>> = BTreeMap::new();
         let mut cleared = Vec::new();
         if let Some(frozen) = &self.frozen {
-            for (key, value) in frozen.entries.range::<[u8], _>(bounds) {
+            for (key, value) in frozen.entries.iter().filter(in_range) {
                 if !self.active.cleared.iter().any(|cleared| cleared.contains(key)) {
                     entries.insert(key.clone(), value.clone());
                 }
             }
             cleared.extend(frozen.cleared.iter().cloned());
         }
-        for (key, value) in self.active.entries.range::<[u8], _>(bounds) {
+        for (key, value) in self.active.entries.iter().filter(in_range) {
             entries.insert(key.clone(), value.clone());
         }
         cleared.extend(self.active.cleared.iter().cloned());
