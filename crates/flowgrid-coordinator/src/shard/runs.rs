@@ -4,7 +4,6 @@
 //! effects the engine asked for are queued on the batch and carried out after the commit.
 
 use std::sync::atomic::Ordering;
-
 use std::sync::Arc;
 
 use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, TaskDispatch, TimerKey};
