@@ -126,22 +126,7 @@ impl Run {
     /// Every attempt that is dispatched and not finished, as it was dispatched: the driver
     /// republishes these after reloading a shard (duplicates are harmless).
     pub fn open_dispatches(&self) -> Vec<TaskDispatch> {
-        let mut dispatches = Vec::new();
-        for (position, state) in self.steps.iter().enumerate() {
-            let index = position as StepIndex;
-            match &state.work {
-                Work::Idle => {}
-                Work::Task(slot) => dispatches.extend(self.open_dispatch(index, None, slot)),
-                Work::Map(map) => {
-                    for (item, entry) in map.items.iter().enumerate() {
-                        if let Item::Active(slot) = entry {
-                            dispatches.extend(self.open_dispatch(index, Some(item as u32), slot));
-                        }
-                    }
-                }
-            }
-        }
-        dispatches
+        self.slots().filter_map(|(index, item, slot)| self.open_dispatch(index, item, slot)).collect()
     }
 
     /// Every armed timer with its due time, in key order: the driver re-arms these after a
@@ -151,22 +136,30 @@ impl Run {
         if let (false, Some(timeout_ms)) = (self.status.is_terminal(), self.plan.timeout_ms) {
             armed.push((TimerKey::RunTimeout, self.created_ms.saturating_add(timeout_ms)));
         }
-        for (position, state) in self.steps.iter().enumerate() {
-            let index = position as StepIndex;
-            match &state.work {
-                Work::Idle => {}
-                Work::Task(slot) => armed.extend(self.slot_timer(index, None, slot)),
-                Work::Map(map) => {
-                    for (item, entry) in map.items.iter().enumerate() {
-                        if let Item::Active(slot) = entry {
-                            armed.extend(self.slot_timer(index, Some(item as u32), slot));
-                        }
-                    }
-                }
-            }
-        }
+        armed.extend(self.slots().filter_map(|(index, item, slot)| self.slot_timer(index, item, slot)));
         armed.sort_unstable();
         armed
+    }
+
+    /// Every slot in use, with its step and item: a task step's current attempt, a map's
+    /// active items.
+    fn slots(&self) -> impl Iterator<Item = (StepIndex, Option<u32>, &Slot)> + '_ {
+        self.steps.iter().enumerate().flat_map(|(position, state)| {
+            let index = position as StepIndex;
+            let task = match &state.work {
+                Work::Task(slot) => Some((index, None, slot)),
+                _ => None,
+            };
+            let items = match &state.work {
+                Work::Map(map) => map.items.as_slice(),
+                _ => &[],
+            };
+            let active = items.iter().enumerate().filter_map(move |(item, entry)| match entry {
+                Item::Active(slot) => Some((index, Some(item as u32), slot)),
+                _ => None,
+            });
+            task.into_iter().chain(active)
+        })
     }
 
     /// The timer `slot` has armed, if any: its attempt's timeout while it is out, its next
