@@ -30,7 +30,7 @@
 #   make help        this text
 #
 # Variables (override on the command line, e.g. `make up NATS_PORT=4333`):
-#   CARGO=cargo NATS_PORT=4222 METRICS_PORT=9464 SHARDS=256 WORKER_POOLS=gpu-llm,cpu-media
+#   CARGO=cargo NATS_PORT=4222 METRICS_PORT=9464 SHARDS=64 WORKER_POOLS=gpu-llm,cpu-media
 #   COORDINATORS=1 (make up, make scale)  DURATION=120 (make chaos, seconds; or 10m)
 #   CHAOS_ARGS="--seed 7 --coordinators 5" (more flags of `flowgrid-loadtest chaos`)
 #   TARGET_DIR=$CARGO_TARGET_DIR or target  LOADTEST_ARGS="run --workload single --duration 30s"
@@ -38,7 +38,7 @@
 CARGO ?= cargo
 NATS_PORT ?= 4222
 METRICS_PORT ?= 9464
-SHARDS ?= 256
+SHARDS ?= 64
 WORKER_POOLS ?= gpu-llm,cpu-media
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 LOADTEST_ARGS ?= run --workload chain --tasks-per-run 3 --mode closed --concurrency 256 --duration 60s

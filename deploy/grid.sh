@@ -8,7 +8,7 @@
 # stops only what `up` and `scale` started (by pid file) and is safe to run twice.
 #
 # usage: deploy/grid.sh up|scale|down|status|clean
-# env:   COORDINATORS (1) NATS_PORT (4222) METRICS_PORT (9464) SHARDS (256)
+# env:   COORDINATORS (1) NATS_PORT (4222) METRICS_PORT (9464) SHARDS (64)
 #        WORKER_POOLS (gpu-llm,cpu-media) FLOWGRID_BIN (target/debug/flowgrid) GRID_DIR (.grid)
 #        UP_TIMEOUT_SECONDS (60) LEAVE_TIMEOUT_SECONDS (30: a coordinator's graceful leave)
 set -euo pipefail
@@ -21,7 +21,7 @@ cd "$ROOT"
 COORDINATORS=${COORDINATORS:-1}
 NATS_PORT=${NATS_PORT:-4222}
 METRICS_PORT=${METRICS_PORT:-9464}
-SHARDS=${SHARDS:-256}
+SHARDS=${SHARDS:-64}
 WORKER_POOLS=${WORKER_POOLS:-gpu-llm,cpu-media}
 FLOWGRID_BIN=${FLOWGRID_BIN:-target/debug/flowgrid}
 GRID_DIR=${GRID_DIR:-.grid}

@@ -80,7 +80,7 @@ pub struct GridArgs {
     #[arg(long, env = "FLOWGRID_BIN")]
     pub flowgrid_bin: Option<PathBuf>,
     /// Virtual shards of a started grid.
-    #[arg(long, env = "FLOWGRID_LT_SHARDS", default_value_t = 256)]
+    #[arg(long, env = "FLOWGRID_LT_SHARDS", default_value_t = flowgrid_model::SHARDS_DEFAULT)]
     pub shards: u32,
     /// Coordinators of a started grid; they share its data dir and its shards.
     #[arg(long, env = "FLOWGRID_LT_COORDINATORS", default_value_t = 1,

@@ -67,7 +67,7 @@ pub struct AuditArgs {
     #[arg(long, env = "FLOWGRID_DATA_DIR", default_value = ".grid/data")]
     pub data_dir: PathBuf,
     /// Number of shards of the grid, as given to the coordinators.
-    #[arg(long, env = "FLOWGRID_SHARDS", default_value_t = 256)]
+    #[arg(long, env = "FLOWGRID_SHARDS", default_value_t = flowgrid_model::SHARDS_DEFAULT)]
     pub shards: u32,
 }
 

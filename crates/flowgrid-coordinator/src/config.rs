@@ -25,8 +25,8 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "FLOWGRID_CHECKPOINT_INTERVAL_MS", default_value_t = 1000)]
     pub checkpoint_interval_ms: u64,
     /// Number of virtual shards. Fixed when the grid is created: every coordinator of a grid
-    /// must use the same value.
-    #[arg(long, env = "FLOWGRID_SHARDS", default_value_t = 256)]
+    /// must use the same value. A grid spreads over at most this many coordinators.
+    #[arg(long, env = "FLOWGRID_SHARDS", default_value_t = flowgrid_model::SHARDS_DEFAULT)]
     pub shards: u32,
     /// Address of the Prometheus metrics endpoint (`/metrics`); `off` disables it.
     #[arg(long, env = "FLOWGRID_METRICS_ADDR", default_value = "127.0.0.1:9464")]
@@ -59,7 +59,11 @@ impl CoordinatorConfig {
     /// Checks values that clap cannot, with messages that say what to change.
     pub fn validate(&self) -> Result<(), String> {
         if self.shards == 0 || self.shards > 65_536 {
-            return Err(format!("--shards is {}; use 1 to 65536 (256 is the default)", self.shards));
+            return Err(format!(
+                "--shards is {}; use 1 to 65536 ({} is the default)",
+                self.shards,
+                flowgrid_model::SHARDS_DEFAULT
+            ));
         }
         let prefix_ok = !self.prefix.is_empty()
             && self.prefix.split('.').all(|token| {

@@ -58,6 +58,11 @@ impl fmt::Display for ShardId {
     }
 }
 
+/// Virtual shards of a grid created without `--shards`. Each shard costs its owner a store
+/// file, a checkpoint per second and a commit per batch, so a few per coordinator core do
+/// best; 64 still spreads a grid over up to 64 coordinators (ADR 0007).
+pub const SHARDS_DEFAULT: u32 = 64;
+
 /// The shard a key (a run id, or a flow name for the catalog) belongs to. The hash is
 /// fixed forever: changing it would move every persisted run.
 pub fn shard_of(key: &str, shards: u32) -> ShardId {

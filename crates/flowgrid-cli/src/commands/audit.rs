@@ -21,7 +21,7 @@ pub(crate) async fn audit(args: &AuditArgs, session: &Session) -> anyhow::Result
         );
     }
     if args.shards == 0 {
-        bail!("--shards is 0; pass the --shards the coordinators used (256 by default)");
+        bail!("--shards is 0; pass the --shards the coordinators used ({} by default)", flowgrid_model::SHARDS_DEFAULT);
     }
     // The audit's own errors say what to fix (e.g. a coordinator still holds a shard file).
     let report = audit_store(&args.data_dir, args.shards)
