@@ -398,7 +398,8 @@ impl ShardCore {
                     Some(frozen) => (Arc::clone(frozen), true),
                     None if overlay.active.is_empty() => return Ok(()),
                     None => {
-                        let layer = Arc::new(std::mem::take(&mut overlay.active));
+                        let successor = overlay.active.successor();
+                        let layer = Arc::new(std::mem::replace(&mut overlay.active, successor));
                         overlay.frozen = Some(Arc::clone(&layer));
                         (layer, false)
                     }

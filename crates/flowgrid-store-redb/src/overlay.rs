@@ -35,6 +35,14 @@ pub(crate) struct Layer {
 }
 
 impl Layer {
+    /// An empty layer with room for as many entries as this one holds: the layer that
+    /// takes over after a checkpoint receives about as many writes, and growing a hash map
+    /// from empty rehashes every entry again at each doubling.
+    pub fn successor(&self) -> Layer {
+        let entries = HashMap::with_capacity_and_hasher(self.entries.len(), Default::default());
+        Layer { entries, ..Layer::default() }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty() && self.cleared.is_empty()
     }
