@@ -317,7 +317,11 @@ fn write_layer(db: &Database, layer: &Layer) -> Result<()> {
         for range in &layer.cleared {
             apply(&mut table, Mutation::ClearRange(range.clone()))?;
         }
-        for (key, value) in &layer.entries {
+        // In key order: neighbouring keys share leaf pages, which stay in the cache and are
+        // copied once per transaction instead of once per key in the hash map's order.
+        let mut entries: Vec<(&Key, &Option<Value>)> = layer.entries.iter().collect();
+        entries.sort_unstable_by(|left, right| left.0.cmp(right.0));
+        for (key, value) in entries {
             match value {
                 Some(value) => table.insert(key.as_slice(), value.as_slice()).map_err(backend)?,
                 None => table.remove(key.as_slice()).map_err(backend)?,
