@@ -182,7 +182,8 @@ async fn publish(
             task: TASK_NAME.into(),
             input: input.into(),
             deadline_ms: origin + 300_000,
-            reply_to: subjects.shard_results((sequence % 256) as u32),
+            // Spread over as many result subjects as a grid of the default size has.
+            reply_to: subjects.shard_results((sequence % u64::from(flowgrid_model::SHARDS_DEFAULT)) as u32),
         };
         let Ok(payload) = encode(Encoding::MsgPack, &message) else { return };
         let mut headers = async_nats::HeaderMap::new();

@@ -320,7 +320,7 @@ fn write_layer(db: &Database, layer: &Layer) -> Result<()> {
         // In key order: neighbouring keys share leaf pages, which stay in the cache and are
         // copied once per transaction instead of once per key in the hash map's order.
         let mut entries: Vec<(&Key, &Option<Value>)> = layer.entries.iter().collect();
-        entries.sort_unstable_by(|left, right| left.0.cmp(right.0));
+        entries.sort_unstable_by_key(|(key, _)| *key);
         for (key, value) in entries {
             match value {
                 Some(value) => table.insert(key.as_slice(), value.as_slice()).map_err(backend)?,

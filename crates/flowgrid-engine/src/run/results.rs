@@ -74,10 +74,9 @@ impl Run {
     pub(super) fn on_timer(&mut self, timer: &TimerKey, context: &mut Context<'_>) -> Applied {
         match timer {
             TimerKey::RunTimeout => {
-                if self.plan.timeout_ms.is_none() {
+                let Some(timeout_ms) = self.plan.timeout_ms else {
                     return Applied::Ignored("timer not armed");
-                }
-                let timeout_ms = self.plan.timeout_ms.unwrap_or_default();
+                };
                 let error = TaskError {
                     code: "run_timeout".to_owned(),
                     message: format!("the run did not end within its timeout of {timeout_ms} ms"),
