@@ -136,6 +136,12 @@ pub struct RunArgs {
     /// Closed loop: runs in flight at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// Starts sent together in one `run.start_many` request, at most, by the SDK's
+    /// StartBatcher (a lone start still goes out at once); 1 sends each start as its own
+    /// `run.start` request.
+    #[arg(long, env = "FLOWGRID_LT_START_BATCH_MAX", default_value_t = flowgrid_sdk::DEFAULT_START_BATCH_MAX as u32,
+          value_parser = clap::value_parser!(u32).range(1..=flowgrid_sdk::START_MANY_RUNS_MAX as i64))]
+    pub start_batch_max: u32,
     /// Measured time, after the warm-up.
     #[arg(long, env = "FLOWGRID_LT_DURATION", default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,

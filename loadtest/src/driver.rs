@@ -17,7 +17,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use flowgrid_sdk::{Client, StartRun};
+use flowgrid_sdk::{Client, StartBatcher, StartRun};
 
 use crate::flows::Plan;
 use crate::tracker::Tracker;
@@ -61,6 +61,8 @@ impl Errors {
 #[derive(Clone)]
 pub struct Starter {
     pub client: Client,
+    /// Sends starts in batches; `None`: each start is a request of its own.
+    pub batcher: Option<StartBatcher>,
     pub plan: Arc<Plan>,
     pub tracker: Arc<Tracker>,
     pub errors: Arc<Errors>,
@@ -77,7 +79,11 @@ impl Starter {
             input: self.plan.run_input(sequence),
             idempotency_key: None,
         };
-        match self.client.start(request).await {
+        let outcome = match &self.batcher {
+            Some(batcher) => batcher.start(request).await,
+            None => self.client.start(request).await,
+        };
+        match outcome {
             Ok(reply) => {
                 self.tracker.started(reply.run_id, started, waiter);
                 true

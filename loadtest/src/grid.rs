@@ -59,10 +59,13 @@ impl Grid {
                 .args(["--nats-url", &nats_url, "--prefix", &args.prefix])
                 .arg("--data-dir")
                 .arg(path.join("data"))
-                .args(["--shards", &args.shards.to_string(), "--metrics-addr", "off"])
+                .args(["--shards", &args.shards.to_string()])
                 .args(args.coordinator_args.split_whitespace())
                 .args(extra_coordinator_args)
                 .env("FLOWGRID_LOG", std::env::var("FLOWGRID_LOG").unwrap_or_else(|_| "warn".to_owned()));
+            if !args.coordinator_args.contains("--metrics-addr") {
+                command.args(["--metrics-addr", "off"]);
+            }
             let name = if args.coordinators == 1 { "coordinator".to_owned() } else { format!("coordinator-{index}") };
             coordinators.push(Process::spawn(&name, &mut command, &path)?.with_drop_grace(Duration::from_secs(5)));
         }

@@ -43,8 +43,10 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
     let mut workers = JoinSet::new();
     let sink: Arc<dyn TaskSink> = tracker.clone();
     spawn_pool_workers(&grid, &plan.pools, &args.workers, sink, &workers_shutdown, &mut workers).await?;
+    // Each start on its own: the report counts every refusal, and a batch would retry them.
     let starter = Starter {
         client,
+        batcher: None,
         plan: plan.clone(),
         tracker: tracker.clone(),
         errors: errors.clone(),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use flowgrid_sdk::StartBatcher;
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -58,8 +59,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let verified = Arc::new(AtomicU64::new(0));
     let verifier =
         tokio::spawn(driver::verify(grid.client().await?, verify_receiver, errors.clone(), verified.clone()));
+    let batch_max = args.start_batch_max as usize;
     let starter = Starter {
         client: client.clone(),
+        batcher: (batch_max > 1)
+            .then(|| StartBatcher::new(client.clone(), batch_max, flowgrid_sdk::DEFAULT_START_REQUESTS_MAX)),
         plan: plan.clone(),
         tracker: tracker.clone(),
         errors: errors.clone(),
@@ -194,6 +198,7 @@ fn summarize(
         "mode": match args.mode { LoopMode::Open => "open", LoopMode::Closed => "closed" },
         "rate": (args.mode == LoopMode::Open).then_some(args.rate),
         "concurrency": (args.mode == LoopMode::Closed).then_some(args.concurrency),
+        "start_batch_max": args.start_batch_max,
         "duration_s": round3(measured_s),
         "runs_per_s": round1(runs_per_s),
         "tasks_per_s": round1(tasks_per_s),

@@ -178,6 +178,70 @@ async fn raw_request(grid: &Grid, verb: &str, payload: Vec<u8>, json: bool) -> a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_many_starts_each_run_and_refuses_a_bad_start_alone() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+
+    let blob = "x".repeat(2 * 1024 * 1024);
+    let starts = vec![
+        start("echo-once", json!({"n": 1}), None),
+        start("no-such-flow", json!({}), None),
+        start("echo-once", json!({"n": 2}), Some("batch-key")),
+        start("echo-once", json!({"blob": blob}), None),
+        start("echo-once", json!({"n": 3}), Some("batch-key")),
+    ];
+    let outcomes = client.start_many(&starts).await.or_logs(&grid)?;
+    assert_eq!(outcomes.len(), starts.len(), "one outcome per start: {outcomes:?}");
+    let first = outcomes[0].as_ref().map_err(|error| anyhow::anyhow!("{error}\n{}", grid.logs()))?.clone();
+    assert!(first.created, "{first:?}");
+    let unknown = outcomes[1].as_ref().expect_err("an unknown flow is refused");
+    assert_eq!(refusal(unknown).code, ErrorCode::NotFound, "{unknown:?}");
+    let keyed = outcomes[2].as_ref().map_err(|error| anyhow::anyhow!("{error}"))?.clone();
+    assert_eq!(keyed.run_id, RunId::from_idempotency_key("echo-once", "batch-key"));
+    let too_large = outcomes[3].as_ref().expect_err("a 2 MiB input is refused");
+    assert_eq!(refusal(too_large).code, ErrorCode::PayloadTooLarge, "{too_large:?}");
+    let again = outcomes[4].as_ref().map_err(|error| anyhow::anyhow!("{error}"))?;
+    assert_eq!(again.run_id, keyed.run_id, "the same key in one batch is the same run: {outcomes:?}");
+    assert!(keyed.created != again.created, "exactly one of the two starts created it: {outcomes:?}");
+
+    for (run, input) in [(&first, json!({"n": 1})), (&keyed, json!({"n": 2}))] {
+        let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+        if run.run_id == first.run_id {
+            assert_eq!(view.output, Some(input), "{view:?}");
+        }
+    }
+    let runs = client.list(ListRuns { flow: None, status: None, limit: None, cursor: None }).await.or_logs(&grid)?;
+    assert_eq!(runs.runs.len(), 2, "the refused starts created nothing: {runs:?}");
+
+    for count in [0, flowgrid_sdk::START_MANY_RUNS_MAX + 1] {
+        let starts = vec![start("echo-once", json!({}), None); count];
+        let error = client.start_many(&starts).await.expect_err("an empty or oversized batch is refused");
+        assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+        assert!(refusal(&error).message.contains("1 to 1000 starts"), "{error:?}");
+    }
+
+    // Starts from many tasks through the batcher: each gets its own run, and each run ends.
+    let batcher = flowgrid_sdk::StartBatcher::new(client.clone(), 16, 2);
+    let mut started = tokio::task::JoinSet::new();
+    for n in 0..100 {
+        let batcher = batcher.clone();
+        started.spawn(async move { batcher.start(start("echo-once", json!({"n": n}), None)).await });
+    }
+    let mut ids = HashSet::new();
+    while let Some(outcome) = started.join_next().await {
+        ids.insert(outcome?.or_logs(&grid)?.run_id);
+    }
+    assert_eq!(ids.len(), 100, "100 starts, 100 runs");
+    for run_id in &ids {
+        let view = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_malformed_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     let grid = Grid::start(&[]).await?;
     let client = grid.client().await?;

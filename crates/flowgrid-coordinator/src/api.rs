@@ -11,7 +11,7 @@ use bytes::Bytes;
 use flowgrid_model::{parse_definition, Limits, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun, ListFlows, ListRuns, Reply,
-    RunList, RunStarted, StartRun,
+    RunList, RunStarted, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -32,7 +32,8 @@ const LIST_LIMIT_MAX: u32 = 1_000;
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 /// Every API verb.
-const VERBS: [&str; 7] = ["flow.deploy", "flow.list", "flow.get", "run.start", "run.get", "run.list", "run.cancel"];
+const VERBS: [&str; 8] =
+    ["flow.deploy", "flow.list", "flow.get", "run.start", "run.start_many", "run.get", "run.list", "run.cancel"];
 
 /// Serves API requests by asking the owners of the shards concerned.
 pub struct Api {
@@ -110,6 +111,10 @@ impl Api {
                 let request_bytes = msgpack_request_bytes(encoding, payload);
                 call(encoding, payload, |request| self.start_run(request, None, request_bytes)).await
             }
+            "run.start_many" => {
+                let request_bytes = msgpack_request_bytes(encoding, payload);
+                call(encoding, payload, |request| self.start_runs(request, request_bytes)).await
+            }
             "run.get" => call(encoding, payload, |request: GetRun| self.get_run(request)).await,
             "run.list" => call(encoding, payload, |request| self.list_runs(request)).await,
             "run.cancel" => call(encoding, payload, |request| self.cancel_run(request)).await,
@@ -118,8 +123,8 @@ impl Api {
                 Err(ApiError::new(
                     ErrorCode::InvalidRequest,
                     format!(
-                        "unknown API verb {other:?}; verbs are flow.deploy, flow.list, flow.get, run.start, run.get, \
-                         run.list, run.cancel"
+                        "unknown API verb {other:?}; verbs are flow.deploy, flow.list, flow.get, run.start, \
+                         run.start_many, run.get, run.list, run.cancel"
                     ),
                 )),
             ),
@@ -227,6 +232,21 @@ impl Api {
         .await
     }
 
+    /// Starts each run of the request as [`Api::start_run`] would, all at once, so that
+    /// their shards commit them in few batches. The request's size bounds each input's.
+    async fn start_runs(&self, request: StartRuns, request_bytes: Option<usize>) -> Result<RunsStarted, ApiError> {
+        let count = request.runs.len();
+        if count == 0 || count > START_MANY_RUNS_MAX {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("runs must hold 1 to {START_MANY_RUNS_MAX} starts, it holds {count}"),
+            ));
+        }
+        let starts = request.runs.into_iter().map(|start| self.start_run(start, None, request_bytes));
+        let results = futures::future::join_all(starts).await.into_iter().map(Reply::from).collect();
+        Ok(RunsStarted { results })
+    }
+
     /// Refuses an input over the payload limit or nested too deep, before anything changes.
     /// The input is encoded to measure it only when the request's size does not bound it.
     fn check_input(&self, input: &serde_json::Value, request_bytes: Option<usize>) -> Result<(), ApiError> {
@@ -319,10 +339,7 @@ where
 
 fn respond<T: Serialize>(encoding: Encoding, outcome: Result<T, ApiError>) -> (Vec<u8>, bool) {
     let succeeded = outcome.is_ok();
-    let reply = match outcome {
-        Ok(value) => Reply::Ok(value),
-        Err(error) => Reply::Error(error),
-    };
+    let reply = Reply::from(outcome);
     let bytes = flowgrid_proto::encode(encoding, &reply).unwrap_or_else(|error| {
         warn!(error = %error, "cannot encode a reply");
         let fallback = Reply::<()>::Error(ApiError::new(ErrorCode::Internal, "the reply could not be encoded"));

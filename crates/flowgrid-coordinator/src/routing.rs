@@ -265,11 +265,7 @@ pub async fn serve_shard_commands(
                 Ok(request) => router.execute(&handle, request).await,
                 Err(error) => Err(ApiError::new(ErrorCode::InvalidRequest, error.to_string())),
             };
-            let answer = match outcome {
-                Ok(value) => Reply::Ok(value),
-                Err(error) => Reply::Error(error),
-            };
-            reply(&router, reply_to, answer).await;
+            reply(&router, reply_to, Reply::from(outcome)).await;
             drop(permit);
         });
     }

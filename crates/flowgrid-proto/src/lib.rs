@@ -29,6 +29,8 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("flow-info.json", schema_for!(Reply<FlowInfo>)),
         ("start-run.json", schema_for!(StartRun)),
         ("run-started.json", schema_for!(Reply<RunStarted>)),
+        ("start-runs.json", schema_for!(StartRuns)),
+        ("runs-started.json", schema_for!(Reply<RunsStarted>)),
         ("get-run.json", schema_for!(GetRun)),
         ("run-view.json", schema_for!(Reply<flowgrid_engine::RunView>)),
         ("list-runs.json", schema_for!(ListRuns)),

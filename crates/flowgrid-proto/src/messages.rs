@@ -16,6 +16,15 @@ pub enum Reply<T> {
     Error(ApiError),
 }
 
+impl<T> From<Result<T, ApiError>> for Reply<T> {
+    fn from(outcome: Result<T, ApiError>) -> Self {
+        match outcome {
+            Ok(value) => Reply::Ok(value),
+            Err(error) => Reply::Error(error),
+        }
+    }
+}
+
 impl<T> Reply<T> {
     pub fn into_result(self) -> Result<T, ApiError> {
         match self {
@@ -145,6 +154,25 @@ pub struct RunStarted {
     pub version: u32,
     /// `false` when the idempotency key named a run that already existed.
     pub created: bool,
+}
+
+/// `<prefix>.api.run.start_many`: many starts in one request, each applied as a
+/// `run.start` of its own. A service that starts runs at a high rate sends far fewer
+/// messages this way.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StartRuns {
+    /// 1 to [`START_MANY_RUNS_MAX`] starts.
+    pub runs: Vec<StartRun>,
+}
+
+/// Most starts in one `run.start_many` request.
+pub const START_MANY_RUNS_MAX: usize = 1_000;
+
+/// The outcome of each start of a `run.start_many`, in request order: one start can be
+/// refused (an unknown flow, overload) while the others start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunsStarted {
+    pub results: Vec<Reply<RunStarted>>,
 }
 
 /// `<prefix>.api.run.get`: the run's status, steps, output and error (reply: `RunView`).

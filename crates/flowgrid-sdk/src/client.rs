@@ -20,7 +20,8 @@ use flowgrid_engine::RunView;
 use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList, GetFlow, GetRun, ListFlows,
-    ListRuns, Reply, RunCancelled, RunList, RunStarted, StartRun, Subjects, CONTENT_TYPE_HEADER,
+    ListRuns, ProtoError, Reply, RunCancelled, RunList, RunStarted, RunsStarted, StartRun, Subjects,
+    CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -152,6 +153,29 @@ impl Client {
     /// the same run (`created: false`), so a start that timed out can be repeated safely.
     pub async fn start(&self, start: StartRun) -> Result<RunStarted> {
         self.call("run.start", &start).await
+    }
+
+    /// Starts up to [`START_MANY_RUNS_MAX`](crate::START_MANY_RUNS_MAX) runs in one request; one outcome per start, in
+    /// order. Each start is applied like [`Client::start`], except that a start refused as
+    /// retryable is returned as such rather than retried ([`StartBatcher`] retries them).
+    ///
+    /// [`StartBatcher`]: crate::StartBatcher
+    pub async fn start_many(&self, starts: &[StartRun]) -> Result<Vec<Result<RunStarted>>> {
+        // `StartRuns` borrowed: the starts are encoded without a copy.
+        #[derive(Serialize)]
+        struct StartRunsRef<'a> {
+            runs: &'a [StartRun],
+        }
+        let started: RunsStarted = self.call("run.start_many", &StartRunsRef { runs: starts }).await?;
+        if started.results.len() != starts.len() {
+            let mismatch = format!("{} outcomes for {} starts", started.results.len(), starts.len());
+            return Err(Error::Proto(ProtoError::Malformed {
+                encoding: "msgpack",
+                expected: "RunsStarted",
+                source: mismatch.into(),
+            }));
+        }
+        Ok(started.results.into_iter().map(|reply| reply.into_result().map_err(Error::Api)).collect())
     }
 
     /// A run's status, steps, output and error.

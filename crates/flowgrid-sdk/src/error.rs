@@ -59,6 +59,16 @@ impl Error {
         self.api().is_some_and(|error| error.code == ErrorCode::NotFound)
     }
 
+    /// The same failure for each call a batched request carried (the source error itself
+    /// cannot be shared, so it is kept as text).
+    pub(crate) fn copy_for_batch(&self) -> Error {
+        match self {
+            Error::Api(refusal) => Error::Api(refusal.clone()),
+            Error::Timeout { what, after } => Error::Timeout { what: what.clone(), after: *after },
+            other => Error::Nats { context: "batched request failed".to_owned(), source: other.to_string().into() },
+        }
+    }
+
     /// True when nobody answered on the API subject: no coordinator is running (or none
     /// has subscribed yet).
     pub fn is_no_responders(&self) -> bool {

@@ -1,7 +1,7 @@
 //! The flowgrid SDK.
 //!
 //! - [`Client`]: deploy flows, start, query, list and cancel runs over NATS, and submit
-//!   runs durably.
+//!   runs durably; [`StartBatcher`] sends the starts of many tasks as few requests.
 //! - [`Worker`]: serve one pool's tasks with bounded concurrency, heartbeats and result
 //!   reporting.
 //! - [`broker`]: the JetStream streams and consumers flowgrid uses (shared by the
@@ -12,11 +12,13 @@ pub mod broker;
 mod client;
 mod duration;
 mod error;
+mod starts;
 mod worker;
 
 pub use client::{Client, Submitted, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET};
 pub use duration::parse_duration;
 pub use error::{Error, Result};
+pub use starts::{StartBatcher, DEFAULT_START_BATCH_MAX, DEFAULT_START_REQUESTS_MAX};
 pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE};
 
 /// The future a [`TaskHandler`] returns.
@@ -26,5 +28,5 @@ pub use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView, TaskError};
 pub use flowgrid_model::{AttemptId, Millis, RunId};
 pub use flowgrid_proto::{
     ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowSummary, ListRuns, RunCancelled, RunList, RunStarted,
-    RunSummary, StartRun,
+    RunSummary, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };

@@ -1,0 +1,114 @@
+//! Starts from many tasks of one process, sent as few `run.start_many` requests.
+//!
+//! Each [`StartBatcher::start`] joins a queue. A sender takes whatever waits there (up to
+//! `batch_max` starts) whenever fewer than `requests_max` requests are out: a lone start
+//! goes out at once, alone, and the starts that arrive while requests are out share the
+//! next one. Under load a start costs a fraction of a request and of a reply, for the
+//! client, the broker and the coordinator.
+//!
+//! A start that the grid refuses as retryable (overload, a moving shard) is sent again on
+//! its own by [`Client::start`], which retries it within the client's retry budget; every
+//! other outcome is the one the grid gave.
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use flowgrid_proto::{RunStarted, StartRun, START_MANY_RUNS_MAX};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+
+/// Starts a batch holds unless [`StartBatcher::new`] says otherwise.
+pub const DEFAULT_START_BATCH_MAX: usize = 256;
+/// Batches awaiting their reply at once unless [`StartBatcher::new`] says otherwise.
+pub const DEFAULT_START_REQUESTS_MAX: usize = 4;
+
+/// Sends the starts of many tasks as batches. Cheap to clone; clones share the queue.
+///
+/// ```no_run
+/// # async fn demo(client: flowgrid_sdk::Client) -> flowgrid_sdk::Result<()> {
+/// use flowgrid_sdk::{StartBatcher, StartRun};
+///
+/// let starts = StartBatcher::new(client, 256, 4);
+/// let started = starts
+///     .start(StartRun { flow: "resize".into(), version: None, input: serde_json::json!({}), idempotency_key: None })
+///     .await?;
+/// println!("started {}", started.run_id);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct StartBatcher {
+    queue: mpsc::Sender<Queued>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    start: StartRun,
+    outcome: oneshot::Sender<Result<RunStarted>>,
+}
+
+impl StartBatcher {
+    /// Starts the sender on the current tokio runtime. `batch_max` is capped at
+    /// [`START_MANY_RUNS_MAX`]; both bounds are at least 1. At most `batch_max *
+    /// requests_max` starts wait in the queue; past that, [`StartBatcher::start`] waits.
+    pub fn new(client: Client, batch_max: usize, requests_max: usize) -> StartBatcher {
+        let batch_max = batch_max.clamp(1, START_MANY_RUNS_MAX);
+        let requests_max = requests_max.max(1);
+        let (queue, waiting) = mpsc::channel(batch_max * requests_max);
+        tokio::spawn(send_batches(client, waiting, batch_max, requests_max));
+        StartBatcher { queue }
+    }
+
+    /// Starts a run, like [`Client::start`], as part of the next batch.
+    pub async fn start(&self, start: StartRun) -> Result<RunStarted> {
+        let (outcome, answer) = oneshot::channel();
+        let stopped =
+            || Error::Nats { context: "the start batcher stopped".to_owned(), source: "runtime shut down".into() };
+        self.queue.send(Queued { start, outcome }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// Takes what waits whenever a request may go out, until every [`StartBatcher`] is dropped.
+async fn send_batches(client: Client, mut waiting: mpsc::Receiver<Queued>, batch_max: usize, requests_max: usize) {
+    let requests = std::sync::Arc::new(Semaphore::new(requests_max));
+    loop {
+        let Ok(request) = requests.clone().acquire_owned().await else { return };
+        let mut batch = Vec::with_capacity(batch_max);
+        if waiting.recv_many(&mut batch, batch_max).await == 0 {
+            return;
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            send_batch(&client, batch).await;
+            drop(request);
+        });
+    }
+}
+
+async fn send_batch(client: &Client, batch: Vec<Queued>) {
+    let (starts, outcomes): (Vec<StartRun>, Vec<_>) =
+        batch.into_iter().map(|queued| (queued.start, queued.outcome)).unzip();
+    match client.start_many(&starts).await {
+        Ok(results) => {
+            for ((start, outcome), result) in starts.into_iter().zip(outcomes).zip(results) {
+                match result {
+                    Err(Error::Api(refusal)) if refusal.retryable => {
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let _ = outcome.send(client.start(start).await);
+                        });
+                    }
+                    result => {
+                        let _ = outcome.send(result);
+                    }
+                }
+            }
+        }
+        Err(error) => {
+            for outcome in outcomes {
+                let _ = outcome.send(Err(error.copy_for_batch()));
+            }
+        }
+    }
+}
