@@ -140,7 +140,7 @@ pub struct RunArgs {
     /// Starts sent together in one `run.start_many` request, at most, by the SDK's
     /// StartBatcher (a lone start still goes out at once); 1 sends each start as its own
     /// `run.start` request.
-    #[arg(long, env = "FLOWGRID_LT_START_BATCH_MAX", default_value_t = flowgrid_sdk::DEFAULT_START_BATCH_MAX as u32,
+    #[arg(long, default_value_t = flowgrid_sdk::DEFAULT_START_BATCH_MAX as u32,
           value_parser = clap::value_parser!(u32).range(1..=flowgrid_sdk::START_MANY_RUNS_MAX as i64))]
     pub start_batch_max: u32,
     /// Measured time, after the warm-up.
