@@ -239,7 +239,7 @@ impl Api {
         if count == 0 || count > START_MANY_RUNS_MAX {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
-                format!("runs must hold 1 to {START_MANY_RUNS_MAX} starts, it holds {count}"),
+                format!("runs must hold 1 to {START_MANY_RUNS_MAX} starts, it holds {count}; split larger batches"),
             ));
         }
         let starts = request.runs.into_iter().map(|start| self.start_run(start, None, request_bytes));

@@ -161,11 +161,14 @@ pub struct RunStarted {
 /// messages this way.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StartRuns {
-    /// 1 to [`START_MANY_RUNS_MAX`] starts.
+    /// 1 to 1,000 starts.
+    // The bound is `START_MANY_RUNS_MAX`.
     pub runs: Vec<StartRun>,
 }
 
-/// Most starts in one `run.start_many` request.
+/// Most starts in one `run.start_many` request: one API request slot admits this much
+/// work into the shards' queues at once, and its reply stays far below NATS's default
+/// 1 MiB payload limit.
 pub const START_MANY_RUNS_MAX: usize = 1_000;
 
 /// The outcome of each start of a `run.start_many`, in request order: one start can be

@@ -10,6 +10,8 @@
 //! its own by [`Client::start`], which retries it within the client's retry budget; every
 //! other outcome is the one the grid gave.
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use flowgrid_proto::{RunStarted, StartRun, START_MANY_RUNS_MAX};
@@ -71,7 +73,7 @@ impl StartBatcher {
 
 /// Takes what waits whenever a request may go out, until every [`StartBatcher`] is dropped.
 async fn send_batches(client: Client, mut waiting: mpsc::Receiver<Queued>, batch_max: usize, requests_max: usize) {
-    let requests = std::sync::Arc::new(Semaphore::new(requests_max));
+    let requests = Arc::new(Semaphore::new(requests_max));
     loop {
         let Ok(request) = requests.clone().acquire_owned().await else { return };
         let mut batch = Vec::with_capacity(batch_max);
