@@ -4,8 +4,15 @@
 //!
 //! Layout under the data directory: `journal/<writer>/` per process (a fresh writer id per
 //! start), holding segment files `0000000001.log`, ..., a `lock` file the writer holds
-//! while it lives, and `replayed`, where the processes that replayed one of its shards
-//! note the shard and the epoch they replayed.
+//! while it lives, `replayed`, where the processes that replayed one of its shards note
+//! the shard and the epoch they replayed, and `spare.prep`, the next segment being made.
+//!
+//! Segments after the first are preallocated: a spare file of [`SEGMENT_BYTES_MAX`] zeros,
+//! written and synced in the background once the current segment is half full, is renamed
+//! into place when the writer moves on. Frames are then written over zeros, so an
+//! `fdatasync` flushes the data alone, without the inode update a growing file needs
+//! (measured on ext4: one disk write instead of two per sync). An all-zero frame header
+//! ends a segment's frames.
 //!
 //! A frame is `u32 length | u32 crc32 | payload`; the payload is a kind byte, the shard
 //! (`u32`), the epoch (`u64`) and, for data frames, the batch's mutations. Integers are
@@ -16,6 +23,8 @@
 //! - An append is answered only after the `fdatasync` that covers it returned.
 //! - Frames are written in one order; a torn or corrupt frame can only be the last one of
 //!   the last segment of a writer that died (nothing after it was ever answered).
+//! - A segment gets a successor only once every frame in it is durable, so the zeros after
+//!   the frames of any segment but the last were never written to.
 //! - A segment is deleted only when every frame in it is in its shard file durably, which
 //!   the writer learns from [`Journal::checkpointed`]. A writer that ends with every shard
 //!   clean deletes its directory.
@@ -27,9 +36,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+use tracing::warn;
 
 use flowgrid_model::{Epoch, ShardId};
 use flowgrid_store::{Error, KeyRange, Mutation, Result};
@@ -43,6 +57,10 @@ pub(crate) const SEGMENT_BYTES_MAX: u64 = 8 << 20;
 /// of a group.
 const GROUP_BYTES_MAX: usize = 4 << 20;
 const FRAME_HEADER_BYTES: usize = 8;
+/// Zeros written per call while a spare segment is made; the writer's shutdown waits for
+/// at most one such write.
+const SPARE_CHUNK_BYTES: usize = 1 << 20;
+const SPARE_NAME: &str = "spare.prep";
 /// A payload starts with its kind (1 byte), shard (4) and epoch (8); mutations follow.
 const PAYLOAD_HEADER_BYTES: usize = 13;
 const KIND_DATA: u8 = 1;
@@ -80,6 +98,9 @@ pub(crate) struct Journal {
     writer: String,
     state: Arc<Mutex<State>>,
     sender: OnceLock<Sender<Append>>,
+    /// The writer thread, joined on drop so that its files are settled before the
+    /// directory may be removed.
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// What the writer thread and the checkpoints share.
@@ -130,6 +151,7 @@ impl Journal {
             writer: uuid::Uuid::new_v4().simple().to_string(),
             state: Arc::new(Mutex::new(State { end: Position { segment: 1, offset: 0 }, ..State::default() })),
             sender: OnceLock::new(),
+            thread: Mutex::new(None),
         }
     }
 
@@ -183,11 +205,13 @@ impl Journal {
 
     fn start_writer(&self) -> Sender<Append> {
         let (sender, receiver) = mpsc::channel();
-        let writer = Writer { dir: self.root.join(&self.writer), state: Arc::clone(&self.state), file: None };
-        std::thread::Builder::new()
+        let writer =
+            Writer { dir: self.root.join(&self.writer), state: Arc::clone(&self.state), file: None, spare: None };
+        let thread = std::thread::Builder::new()
             .name("flowgrid-journal".into())
             .spawn(move || writer.run(receiver))
             .expect("the journal writer thread starts");
+        *lock(&self.thread) = Some(thread);
         sender
     }
 
@@ -224,6 +248,9 @@ impl Drop for Journal {
     fn drop(&mut self) {
         // Stop the writer; with every shard clean, the whole directory is garbage.
         self.sender.take();
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
         let state = lock(&self.state);
         if state.unchecked.is_empty() && state.failed.is_none() {
             let dir = self.root.join(&self.writer);
@@ -240,6 +267,66 @@ struct Writer {
     state: Arc<Mutex<State>>,
     /// The segment being written, and the lock file held while the writer lives.
     file: Option<(File, File)>,
+    /// The next segment, being made in the background.
+    spare: Option<Spare>,
+}
+
+/// A preallocated segment in the making: `spare.prep`, zero-filled and synced by its own
+/// thread.
+struct Spare {
+    thread: JoinHandle<io::Result<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Spare {
+    /// `None` when no thread can be started now; the writer tries again after its next sync.
+    fn start(dir: &Path) -> Option<Spare> {
+        let path = dir.join(SPARE_NAME);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("flowgrid-journal-spare".into())
+            .spawn({
+                let stop = Arc::clone(&stop);
+                move || zero_fill(&path, SEGMENT_BYTES_MAX, &stop)
+            })
+            .ok()?;
+        Some(Spare { thread, stop })
+    }
+
+    /// Waits for the spare; true when it is ready to be renamed into place.
+    fn finish(self, dir: &Path) -> bool {
+        match self.thread.join() {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                warn!(journal = %dir.display(), error = %error, "cannot preallocate the next journal segment; it will grow as it is written, which makes each sync slower");
+                false
+            }
+            Err(_panic) => false,
+        }
+    }
+
+    /// Stops making the spare and removes it.
+    fn abandon(self, dir: &Path) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        let _ = fs::remove_file(dir.join(SPARE_NAME));
+    }
+}
+
+/// Writes `bytes` zeros to a new file at `path` and syncs it; stops early when `stop` is set.
+fn zero_fill(path: &Path, bytes: u64, stop: &AtomicBool) -> io::Result<()> {
+    let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
+    let zeros = vec![0u8; SPARE_CHUNK_BYTES];
+    let mut written = 0;
+    while written < bytes {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::Error::other("stopped"));
+        }
+        let chunk = (bytes - written).min(SPARE_CHUNK_BYTES as u64) as usize;
+        file.write_all(&zeros[..chunk])?;
+        written += chunk as u64;
+    }
+    file.sync_data()
 }
 
 impl Writer {
@@ -263,6 +350,24 @@ impl Writer {
                 append.done.send(result);
             }
             buffer.clear();
+            self.make_spare_if_due();
+        }
+        if let Some(spare) = self.spare.take() {
+            spare.abandon(&self.dir);
+        }
+    }
+
+    /// Starts making the next segment once the current one is half full.
+    fn make_spare_if_due(&mut self) {
+        if self.spare.is_some() || self.file.is_none() {
+            return;
+        }
+        let due = {
+            let state = lock(&self.state);
+            state.end.offset >= SEGMENT_BYTES_MAX / 2 && state.failed.is_none()
+        };
+        if due {
+            self.spare = Spare::start(&self.dir);
         }
     }
 
@@ -285,7 +390,7 @@ impl Writer {
                 ends.push(Position { segment: start.segment, offset });
             }
             let (file, _) = self.file.as_mut().expect("prepare opened a segment");
-            file.write_all(buffer).map_err(|error| error.to_string())?;
+            file.write_all_at(buffer, start.offset).map_err(|error| error.to_string())?;
             file.sync_data().map_err(|error| error.to_string())?;
             Ok(ends)
         });
@@ -327,10 +432,18 @@ impl Writer {
                 .and_then(|()| take_writer_lock(&self.dir))
                 .map_err(|error| format!("cannot lock the journal {}: {error}", self.dir.display()))?,
         };
+        let path = segment_path(&self.dir, start.segment);
+        // Every frame of the current segment is durable: its successor may appear.
+        if self.spare.take().is_some_and(|spare| spare.finish(&self.dir)) {
+            if let Err(error) = fs::rename(self.dir.join(SPARE_NAME), &path) {
+                warn!(journal = %self.dir.display(), error = %error, "cannot use the preallocated journal segment");
+            }
+        }
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
-            .open(segment_path(&self.dir, start.segment))
+            .truncate(false)
+            .write(true)
+            .open(&path)
             .and_then(|file| sync_dir(&self.dir).map(|()| file))
             .map_err(|error| format!("cannot open a journal segment in {}: {error}", self.dir.display()));
         let file = match file {
@@ -483,9 +596,10 @@ fn corrupt(at: Position, detail: String) -> Error {
 }
 
 /// Reads the frames of writer directory `dir` from `from` on, in order, calling `visit`
-/// for each. A frame cut short or failing its checksum ends the reading when it is in the
-/// last segment (a writer that died mid-write); anywhere else it is corruption. Missing
-/// segments were deleted because everything in them was checkpointed.
+/// for each. An all-zero frame header ends a segment (the rest was preallocated). A frame
+/// cut short or failing its checksum ends the reading when it is in the last segment (a
+/// writer that died mid-write); anywhere else it is corruption. Missing segments were
+/// deleted because everything in them was checkpointed.
 pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Frame) -> Result<()>) -> Result<()> {
     let segments = list_segments(dir)?;
     let last = segments.last().copied();
@@ -499,6 +613,9 @@ pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Fram
         let mut offset = if segment == from.segment { from.offset as usize } else { 0 };
         while offset < bytes.len() {
             let at = Position { segment, offset: offset as u64 };
+            if is_unwritten(&bytes[offset..]) {
+                break;
+            }
             match parse_frame(&bytes[offset..]) {
                 Some((frame_len, payload)) => {
                     offset += frame_len;
@@ -525,6 +642,13 @@ pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Fram
         }
     }
     Ok(())
+}
+
+/// Whether `bytes` start with an all-zero frame header (or the zeros that remain are too
+/// few for one): the preallocated part of a segment that no frame reached. A frame always
+/// has a nonzero length.
+fn is_unwritten(bytes: &[u8]) -> bool {
+    bytes.iter().take(FRAME_HEADER_BYTES).all(|byte| *byte == 0)
 }
 
 /// A whole, valid frame at the start of `bytes`: its length and payload.
@@ -660,6 +784,56 @@ mod tests {
         fs::write(segment_path(dir.path(), 2), encode_data(ShardId(1), Epoch(1), &[])).unwrap();
         let read = read_frames(dir.path(), Position::default(), |_| Ok(()));
         assert!(matches!(read, Err(Error::Corrupt { .. })), "got {read:?}");
+    }
+
+    #[test]
+    fn zeros_after_the_frames_end_a_segment_that_is_not_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = encode_data(ShardId(1), Epoch(1), &[Mutation::Clear(b"a".to_vec())]);
+        first.resize(first.len() + 4_096, 0);
+        fs::write(segment_path(dir.path(), 1), &first).unwrap();
+        fs::write(segment_path(dir.path(), 2), encode_data(ShardId(2), Epoch(1), &[])).unwrap();
+        let mut shards = Vec::new();
+        read_frames(dir.path(), Position::default(), |frame| {
+            shards.push(frame.shard);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(shards, vec![ShardId(1), ShardId(2)]);
+    }
+
+    #[tokio::test]
+    async fn segments_after_the_first_are_preallocated_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        let writer_dir = journal.root().join(journal.writer());
+        let value = vec![7u8; 1 << 20];
+        let mut last = Position::default();
+        // Seven frames fit in a segment; the five in the second pass its half, so the next
+        // spare is in the making when the writer ends.
+        for index in 0..12u32 {
+            let frame = encode_data(ShardId(index), Epoch(1), &[Mutation::Set(b"k".to_vec(), value.clone())]);
+            last = journal.append(ShardId(index), frame).await.unwrap();
+        }
+        assert_eq!(last.segment, 2, "twelve frames of 1 MiB fill more than one segment");
+        let second = fs::metadata(segment_path(&writer_dir, 2)).unwrap().len();
+        assert_eq!(second, SEGMENT_BYTES_MAX, "the second segment was preallocated");
+        assert!(last.offset < second);
+        let mut shards = Vec::new();
+        read_frames(&writer_dir, Position::default(), |frame| {
+            assert_eq!(frame.mutations().unwrap(), vec![Mutation::Set(b"k".to_vec(), value.clone())]);
+            shards.push(frame.shard.0);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(shards, (0..12).collect::<Vec<_>>());
+        // Shard 0 stays dirty: the directory outlives the writer, without a spare in it.
+        for index in 1..12 {
+            journal.checkpointed(ShardId(index), last);
+        }
+        drop(journal);
+        assert!(writer_dir.join("0000000002.log").exists());
+        assert!(!writer_dir.join(SPARE_NAME).exists(), "a spare in the making is removed when the writer ends");
     }
 
     #[tokio::test]
