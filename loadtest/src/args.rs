@@ -152,13 +152,13 @@ pub struct RunArgs {
     /// After the measured time, how long runs still in flight may take to finish.
     #[arg(long, env = "FLOWGRID_LT_DRAIN", default_value = "10s", value_parser = parse_duration)]
     pub drain: Duration,
-    /// Measure the broker floor before the engine run.
+    /// Measure the broker floor before and after the engine run.
     #[arg(long, env = "FLOWGRID_LT_FLOOR", default_value_t = true, overrides_with = "no_floor")]
     pub floor: bool,
     /// Skip the broker floor.
     #[arg(long, overrides_with = "floor")]
     pub no_floor: bool,
-    /// Measured time of the broker floor.
+    /// Measured time of the broker floor, on each side of the engine run.
     #[arg(long, env = "FLOWGRID_LT_FLOOR_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub floor_duration: Duration,
     /// Share of finished runs checked with `run.get` (must have succeeded).

@@ -1,4 +1,9 @@
-//! `flowgrid-loadtest run`: the broker floor, then the engine under one workload.
+//! `flowgrid-loadtest run`: the broker floor, the engine under one workload, and the
+//! broker floor again.
+//!
+//! The floor is measured on both sides of the engine run, because a shared host's speed
+//! drifts over a minute: the ratio to the floor compares the engine with the mean of the
+//! two, and a report whose two floors differ by more than [`FLOOR_DRIFT_WARN`] says so.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +26,35 @@ use crate::worker::spawn_pool_workers;
 
 /// Period of the progress line and of RSS samples.
 const TICK: Duration = Duration::from_secs(1);
+/// Relative difference between the floors before and after the engine run past which the
+/// report warns that the host's speed changed during the run.
+const FLOOR_DRIFT_WARN: f64 = 0.2;
+
+/// The broker floor measured before and after the engine run.
+struct Floors {
+    before: FloorResult,
+    after: FloorResult,
+}
+
+impl Floors {
+    fn tasks_per_s(&self) -> f64 {
+        (self.before.tasks_per_s + self.after.tasks_per_s) / 2.0
+    }
+
+    fn errors(&self) -> u64 {
+        self.before.errors + self.after.errors
+    }
+
+    /// Difference between the two floors, relative to their mean.
+    fn drift(&self) -> f64 {
+        let mean = self.tasks_per_s();
+        if mean > 0.0 {
+            (self.before.tasks_per_s - self.after.tasks_per_s).abs() / mean
+        } else {
+            0.0
+        }
+    }
+}
 
 /// What the timeline observed.
 struct Observed {
@@ -39,14 +73,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let deployed = client.deploy(plan.definition.clone()).await.context("deploy the load-test flow")?;
     eprintln!("deployed {} version {}", deployed.name, deployed.version);
 
-    let floor = if args.floor_enabled() {
-        eprintln!("broker floor: {:?} of publish, pull, result and ack without the engine", args.floor_duration);
-        let floor = floor::measure(&grid, &plan, &args.workers, args.floor_duration).await?;
-        eprintln!("broker floor: {:.0} tasks/s", floor.tasks_per_s);
-        Some(floor)
-    } else {
-        None
-    };
+    let floor_before =
+        if args.floor_enabled() { Some(measure_floor(&args, &grid, &plan, "before").await?) } else { None };
 
     let (verify_sender, verify_receiver) = tokio::sync::mpsc::unbounded_channel();
     let tracker = Tracker::new(plan.tasks_per_run, Some(verify_sender), args.verify_share);
@@ -91,6 +119,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     workers_shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while workers.join_next().await.is_some() {} }).await;
     workers.abort_all();
+    let floors = match floor_before {
+        Some(before) => {
+            let after = measure_floor(&args, &grid, &plan, "after").await?;
+            let floors = Floors { before, after };
+            if floors.drift() > FLOOR_DRIFT_WARN {
+                eprintln!(
+                    "warning: the broker floor moved from {:.0} to {:.0} tasks/s during the run: this host's speed changed, so the ratio to the floor is uncertain; run again",
+                    floors.before.tasks_per_s, floors.after.tasks_per_s
+                );
+            }
+            Some(floors)
+        }
+        None => None,
+    };
     // Let the verifier check the runs it was sent.
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while verified.load(Ordering::Relaxed) < tracker.counters.runs_sampled.load(Ordering::Relaxed) {
@@ -102,12 +144,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     grid.stop();
 
     let summary =
-        summarize(&args, &plan, &tracker, &errors, floor.as_ref(), &observed, verified.load(Ordering::Relaxed));
+        summarize(&args, &plan, &tracker, &errors, floors.as_ref(), &observed, verified.load(Ordering::Relaxed));
     if !args.json_only {
         print_summary_table(&summary);
     }
     report::print_json_line(&summary);
     Ok(())
+}
+
+async fn measure_floor(args: &RunArgs, grid: &Grid, plan: &Plan, when: &str) -> Result<FloorResult> {
+    eprintln!(
+        "broker floor {when} the engine run: {:?} of publish, pull, result and ack without the engine",
+        args.floor_duration
+    );
+    let floor = floor::measure(grid, plan, &args.workers, args.floor_duration).await?;
+    eprintln!("broker floor {when} the engine run: {:.0} tasks/s", floor.tasks_per_s);
+    Ok(floor)
 }
 
 /// Warm-up, measured window, stop; prints the progress line every second.
@@ -176,7 +228,7 @@ fn summarize(
     plan: &Plan,
     tracker: &Tracker,
     errors: &Errors,
-    floor: Option<&FloorResult>,
+    floors: Option<&Floors>,
     observed: &Observed,
     verified: u64,
 ) -> serde_json::Value {
@@ -188,8 +240,9 @@ fn summarize(
     let runs_per_s = tracker.counters.runs_done_measured.load(Ordering::Relaxed) as f64 / measured_s;
     let task_failures = tracker.counters.task_failures.load(Ordering::Relaxed);
     errors.add("task_result_failed", task_failures);
-    let floor_tasks_per_s = floor.map(|floor| round1(floor.tasks_per_s));
-    let ratio = floor.filter(|floor| floor.tasks_per_s > 0.0).map(|floor| round3(tasks_per_s / floor.tasks_per_s));
+    let floor_tasks_per_s = floors.map(|floors| round1(floors.tasks_per_s()));
+    let ratio =
+        floors.filter(|floors| floors.tasks_per_s() > 0.0).map(|floors| round3(tasks_per_s / floors.tasks_per_s()));
     let (task_bytes, result_bytes) = plan.message_sizes();
     json!({
         "workload": plan.workload.as_str(),
@@ -203,6 +256,8 @@ fn summarize(
         "runs_per_s": round1(runs_per_s),
         "tasks_per_s": round1(tasks_per_s),
         "floor_tasks_per_s": floor_tasks_per_s,
+        "floor_before_tasks_per_s": floors.map(|floors| round1(floors.before.tasks_per_s)),
+        "floor_after_tasks_per_s": floors.map(|floors| round1(floors.after.tasks_per_s)),
         "ratio_to_floor": ratio,
         "run_e2e_ms": quantiles_ms(&histograms.run_e2e),
         "start_overhead_ms": quantiles_ms(&histograms.start_overhead),
@@ -223,7 +278,7 @@ fn summarize(
         "workers_per_pool": args.workers.workers_per_pool,
         "worker_concurrency": args.workers.worker_concurrency,
         "service_time": args.workers.service_time().describe(),
-        "floor_errors": floor.map(|floor| floor.errors),
+        "floor_errors": floors.map(Floors::errors),
     })
 }
 
@@ -259,7 +314,15 @@ fn print_summary_table(summary: &serde_json::Value) {
         ("message sizes".to_owned(), format!("task {} B, result {} B", text("task_bytes"), text("result_bytes"))),
         ("runs/s".to_owned(), text("runs_per_s")),
         ("tasks/s".to_owned(), text("tasks_per_s")),
-        ("broker floor tasks/s".to_owned(), text("floor_tasks_per_s")),
+        (
+            "broker floor tasks/s".to_owned(),
+            format!(
+                "{} (mean of {} before and {} after)",
+                text("floor_tasks_per_s"),
+                text("floor_before_tasks_per_s"),
+                text("floor_after_tasks_per_s")
+            ),
+        ),
         ("ratio to floor".to_owned(), text("ratio_to_floor")),
         ("run e2e".to_owned(), describe_latency(&summary["run_e2e_ms"])),
         ("start overhead".to_owned(), describe_latency(&summary["start_overhead_ms"])),
