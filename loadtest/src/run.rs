@@ -119,6 +119,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     workers_shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while workers.join_next().await.is_some() {} }).await;
     workers.abort_all();
+    // Let the verifier check the runs it was sent.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while verified.load(Ordering::Relaxed) < tracker.counters.runs_sampled.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    verifier.abort();
     let floors = match floor_before {
         Some(before) => {
             let after = measure_floor(&args, &grid, &plan, "after").await?;
@@ -133,14 +141,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    // Let the verifier check the runs it was sent.
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while verified.load(Ordering::Relaxed) < tracker.counters.runs_sampled.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    verifier.abort();
     grid.stop();
 
     let summary =

@@ -10,6 +10,7 @@ mod cluster;
 mod crash;
 mod failures;
 mod flows;
+mod harness;
 mod python;
 mod results;
 

@@ -1,0 +1,132 @@
+//! The load-test harness as its users run it: `flowgrid-loadtest` as a process that starts
+//! its own grid, prints one JSON line last, and stops everything it started.
+
+use std::io::Read;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use flowgrid_tests::flowgrid_bin;
+use serde_json::Value;
+
+/// What a harness run printed.
+pub struct Harnessed {
+    pub status: ExitStatus,
+    /// Exit status, stdout and stderr, for failure messages.
+    pub output: String,
+    /// The JSON line, last on stdout.
+    pub summary: Value,
+    pub line: String,
+}
+
+impl Harnessed {
+    /// A count in the JSON line; panics with the output when it is not one.
+    pub fn count(&self, key: &str) -> u64 {
+        self.summary[key].as_u64().unwrap_or_else(|| panic!("{key} is not a count in {}\n{}", self.line, self.output))
+    }
+
+    /// A number in the JSON line; panics with the output when it is not one.
+    pub fn number(&self, key: &str) -> f64 {
+        self.summary[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number in {}\n{}", self.line, self.output))
+    }
+}
+
+/// Runs `flowgrid-loadtest` with `args` against the `flowgrid` binary under test. Past
+/// `deadline` it is interrupted (ctrl-c lets it stop every process it started) and the
+/// test fails.
+pub fn run_harness(args: &[&str], deadline: Duration) -> Harnessed {
+    let flowgrid = flowgrid_bin();
+    let harness = flowgrid.with_file_name("flowgrid-loadtest");
+    assert!(harness.exists(), "{} is missing: run `cargo build --bins` first (make test does)", harness.display());
+    let mut child = Command::new(&harness)
+        .args(args)
+        .arg("--flowgrid-bin")
+        .arg(&flowgrid)
+        .env_remove("FLOWGRID_LT_KEEP_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flowgrid-loadtest");
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+
+    let started = Instant::now();
+    let mut interrupted = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the harness") {
+            break status;
+        }
+        if started.elapsed() > deadline && !interrupted {
+            let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).status();
+            interrupted = true;
+        }
+        if started.elapsed() > deadline + Duration::from_secs(15) {
+            let _ = child.kill();
+            break child.wait().expect("wait for the killed harness");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    let output = format!("exit status: {status}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(!interrupted, "the harness ran over {deadline:?}\n{output}");
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|line| line.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line\n{output}"))
+        .to_owned();
+    let summary: Value = serde_json::from_str(&line).unwrap_or_else(|error| panic!("bad JSON line: {error}\n{output}"));
+    Harnessed { status, output, summary, line }
+}
+
+/// A short closed-loop chain run with the floor measured on both sides: every started run
+/// ends, and the ratio is taken against the mean of the two floors.
+#[test]
+fn a_run_reports_its_throughput_against_the_floor_before_and_after() {
+    let run = run_harness(
+        &[
+            "run",
+            "--workload",
+            "chain",
+            "--concurrency",
+            "16",
+            "--warmup",
+            "1s",
+            "--duration",
+            "3s",
+            "--drain",
+            "10s",
+            "--floor-duration",
+            "1s",
+            "--json-only",
+        ],
+        Duration::from_secs(90),
+    );
+    let output = &run.output;
+    assert!(run.status.success(), "the harness failed\n{output}");
+    assert_eq!(run.count("errors"), 0, "errors in the run\n{output}");
+    assert!(run.count("runs_started") > 0, "no run started\n{output}");
+    assert_eq!(run.count("runs_started"), run.count("runs_done"), "runs left unfinished\n{output}");
+    let (before, after) = (run.number("floor_before_tasks_per_s"), run.number("floor_after_tasks_per_s"));
+    assert!(before > 0.0 && after > 0.0, "a floor measured nothing\n{output}");
+    let floor = run.number("floor_tasks_per_s");
+    assert!((floor - (before + after) / 2.0).abs() <= 0.1, "the floor is not the mean of the two\n{output}");
+    let ratio = run.number("ratio_to_floor");
+    let expected = run.number("tasks_per_s") / floor;
+    assert!((ratio - expected).abs() <= 0.001, "ratio {ratio}, tasks/s over the floor {expected}\n{output}");
+    for key in ["run_e2e_ms", "start_overhead_ms", "step_overhead_ms"] {
+        assert!(run.summary[key]["p99"].as_f64().is_some(), "{key} has no p99\n{output}");
+    }
+    eprintln!("{}", run.line);
+}
