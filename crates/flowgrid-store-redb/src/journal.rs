@@ -60,7 +60,12 @@ const FRAME_HEADER_BYTES: usize = 8;
 /// Zeros written per call while a spare segment is made; the writer's shutdown waits for
 /// at most one such write.
 const SPARE_CHUNK_BYTES: usize = 1 << 20;
+/// The next segment while it is being made; renamed to its segment's name when used.
 const SPARE_NAME: &str = "spare.prep";
+/// The next segment is made once the current one holds this much: zero-filling takes tens
+/// of milliseconds, far less than writing the other half takes under any load, and a
+/// journal that never fills half a segment never pays for a spare.
+const SPARE_FROM_BYTES: u64 = SEGMENT_BYTES_MAX / 2;
 /// A payload starts with its kind (1 byte), shard (4) and epoch (8); mutations follow.
 const PAYLOAD_HEADER_BYTES: usize = 13;
 const KIND_DATA: u8 = 1;
@@ -301,7 +306,10 @@ impl Spare {
                 warn!(journal = %dir.display(), error = %error, "cannot preallocate the next journal segment; it will grow as it is written, which makes each sync slower");
                 false
             }
-            Err(_panic) => false,
+            Err(_panic) => {
+                warn!(journal = %dir.display(), "preallocating the next journal segment panicked; it will grow as it is written");
+                false
+            }
         }
     }
 
@@ -346,27 +354,24 @@ impl Writer {
                 }
             }
             let outcome = self.write_group(&mut group, &mut buffer);
+            let end = outcome.last().and_then(|last| last.as_ref().ok()).copied();
             for (append, result) in group.drain(..).zip(outcome) {
                 append.done.send(result);
             }
             buffer.clear();
-            self.make_spare_if_due();
+            if let Some(end) = end {
+                self.make_spare_if_due(end);
+            }
         }
         if let Some(spare) = self.spare.take() {
             spare.abandon(&self.dir);
         }
     }
 
-    /// Starts making the next segment once the current one is half full.
-    fn make_spare_if_due(&mut self) {
-        if self.spare.is_some() || self.file.is_none() {
-            return;
-        }
-        let due = {
-            let state = lock(&self.state);
-            state.end.offset >= SEGMENT_BYTES_MAX / 2 && state.failed.is_none()
-        };
-        if due {
+    /// Starts making the next segment once the current one, written up to `end`, holds
+    /// [`SPARE_FROM_BYTES`].
+    fn make_spare_if_due(&mut self, end: Position) {
+        if self.spare.is_none() && end.offset >= SPARE_FROM_BYTES {
             self.spare = Spare::start(&self.dir);
         }
     }
@@ -436,7 +441,7 @@ impl Writer {
         // Every frame of the current segment is durable: its successor may appear.
         if self.spare.take().is_some_and(|spare| spare.finish(&self.dir)) {
             if let Err(error) = fs::rename(self.dir.join(SPARE_NAME), &path) {
-                warn!(journal = %self.dir.display(), error = %error, "cannot use the preallocated journal segment");
+                warn!(journal = %self.dir.display(), error = %error, "cannot rename the preallocated journal segment into place; writing the segment without preallocation");
             }
         }
         let file = OpenOptions::new()
