@@ -80,7 +80,8 @@ pub struct Histograms {
 }
 
 struct Inner {
-    runs: HashMap<RunId, RunTrack>,
+    /// foldhash: every task looks its run up twice.
+    runs: HashMap<RunId, RunTrack, foldhash::fast::RandomState>,
     histograms: Histograms,
 }
 
@@ -114,7 +115,7 @@ impl Tracker {
     pub fn new(tasks_per_run: u32, verify: Option<mpsc::UnboundedSender<RunId>>, verify_share: f64) -> Arc<Tracker> {
         Arc::new(Tracker {
             inner: Mutex::new(Inner {
-                runs: HashMap::new(),
+                runs: HashMap::default(),
                 histograms: Histograms {
                     run_e2e: new_histogram(),
                     start_overhead: new_histogram(),

@@ -6,12 +6,12 @@
 //! fails is retried with backoff; if it keeps failing the engine's attempt timeout
 //! eventually retries the attempt, so a task is never silently lost.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use flowgrid_engine::TaskDispatch;
 use flowgrid_model::ShardId;
@@ -50,8 +50,15 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> (Dispatcher, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_TASKS_MAX);
-        let publisher =
-            Publisher { jetstream, tasks_stream, subjects: Arc::new(subjects), limits, pools_ready: HashSet::new() };
+        let publisher = Publisher {
+            jetstream,
+            tasks_stream,
+            subjects: Arc::new(subjects),
+            limits,
+            pools_ready: HashSet::new(),
+            task_subjects: HashMap::new(),
+            result_subjects: HashMap::new(),
+        };
         let handle = tokio::spawn(publisher.run(receiver, shutdown));
         (Dispatcher { sender }, handle)
     }
@@ -70,11 +77,14 @@ struct Publisher {
     subjects: Arc<Subjects>,
     limits: BrokerLimits,
     pools_ready: HashSet<String>,
+    /// Each pool's task subject and each shard's result subject, formatted once.
+    task_subjects: HashMap<Arc<str>, Subject>,
+    result_subjects: HashMap<ShardId, String>,
 }
 
 /// One task, encoded once; a retried publish sends the same bytes.
 struct Publication {
-    subject: String,
+    subject: Subject,
     pool: Arc<str>,
     /// The attempt's message id: the `Nats-Msg-Id` header, and the attempt in logs.
     message_id: String,
@@ -124,8 +134,14 @@ impl Publisher {
     }
 
     /// The task's message, moved out of the dispatch (no copy of the input).
-    fn encode(&self, shard: ShardId, task: TaskDispatch) -> Option<Publication> {
-        let subject = self.subjects.tasks(&task.pool);
+    fn encode(&mut self, shard: ShardId, task: TaskDispatch) -> Option<Publication> {
+        let subjects = &self.subjects;
+        let subject = self
+            .task_subjects
+            .entry(Arc::clone(&task.pool))
+            .or_insert_with_key(|pool| subjects.tasks(pool).into())
+            .clone();
+        let reply_to = self.result_subjects.entry(shard).or_insert_with(|| subjects.shard_results(shard.0)).clone();
         let pool = Arc::clone(&task.pool);
         let message_id = task.attempt.message_id();
         let message = TaskMessage {
@@ -134,7 +150,7 @@ impl Publisher {
             task: task.task,
             input: task.input,
             deadline_ms: task.deadline_ms,
-            reply_to: self.subjects.shard_results(shard.0),
+            reply_to,
         };
         match flowgrid_proto::encode(Encoding::MsgPack, &message) {
             Ok(bytes) => Some(Publication { subject, pool, message_id, payload: Bytes::from(bytes) }),

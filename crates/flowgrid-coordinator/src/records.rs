@@ -55,9 +55,15 @@ pub struct CatalogRecord {
     pub definition: FlowDefinition,
 }
 
+/// Bytes reserved up front for an encoded record: most records fit, so encoding them
+/// does not grow the buffer step by step.
+const RECORD_BYTES_HINT: usize = 256;
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(RECORD_BYTES_HINT);
     // Records are plain data types; encoding them cannot fail.
-    rmp_serde::to_vec_named(value).expect("records encode to MessagePack")
+    rmp_serde::encode::write_named(&mut bytes, value).expect("records encode to MessagePack");
+    bytes
 }
 
 pub fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {

@@ -100,10 +100,15 @@ impl AttemptId {
     /// The JetStream message id of this attempt's task (`Nats-Msg-Id`), so that the broker
     /// drops a republished duplicate inside its de-duplication window.
     pub fn message_id(&self) -> String {
-        match self.item {
-            Some(item) => format!("{}:{}:{}:{}", self.run_id, self.step, item, self.attempt),
-            None => format!("{}:{}::{}", self.run_id, self.step, self.attempt),
-        }
+        use std::fmt::Write;
+        // Sized once: the two numbers take at most 20 digits together in practice.
+        let mut id = String::with_capacity(self.run_id.as_str().len() + self.step.len() + 24);
+        // Writing to a `String` cannot fail.
+        let _ = match self.item {
+            Some(item) => write!(id, "{}:{}:{}:{}", self.run_id, self.step, item, self.attempt),
+            None => write!(id, "{}:{}::{}", self.run_id, self.step, self.attempt),
+        };
+        id
     }
 }
 

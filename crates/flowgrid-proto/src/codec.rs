@@ -6,6 +6,10 @@ use serde::Serialize;
 pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
+/// Bytes reserved up front for an encoded MessagePack message: most messages fit, so
+/// encoding them does not grow the buffer step by step.
+const MESSAGE_BYTES_HINT: usize = 256;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encoding {
     MsgPack,
@@ -54,7 +58,10 @@ pub fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Result<Vec<u8>, Pr
     let what = short_type_name::<T>();
     match encoding {
         Encoding::MsgPack => {
-            rmp_serde::to_vec_named(value).map_err(|source| ProtoError::Encode { what, source: Box::new(source) })
+            let mut bytes = Vec::with_capacity(MESSAGE_BYTES_HINT);
+            rmp_serde::encode::write_named(&mut bytes, value)
+                .map_err(|source| ProtoError::Encode { what, source: Box::new(source) })?;
+            Ok(bytes)
         }
         Encoding::Json => {
             serde_json::to_vec(value).map_err(|source| ProtoError::Encode { what, source: Box::new(source) })

@@ -11,7 +11,7 @@
 //!   by index, and every chunk names how many chunks the record has, so a reader can tell a
 //!   complete record from a cut one.
 
-use foundationdb_tuple::{pack, unpack, Element, Subspace};
+use foundationdb_tuple::{pack, pack_into, unpack, Element};
 
 use crate::{keys, printable_key, Error, Key, KeyRange, Result, StoreLimits, Value};
 
@@ -184,8 +184,11 @@ fn check_key(key: &[u8], epoch_key: &[u8], limits: &StoreLimits) -> Result<()> {
 
 /// The key of chunk `index` of `count` of the record at `record_key`.
 fn chunk_key(record_key: &[u8], index: u32, count: u32) -> Key {
-    let mut key = Subspace::from_bytes(record_key).pack(&(index, count));
-    key.shrink_to_fit();
+    // What `Subspace::from_bytes(record_key).pack(&(index, count))` gives, in one
+    // allocation: two packed integers take at most 10 bytes.
+    let mut key = Vec::with_capacity(record_key.len() + 10);
+    key.extend_from_slice(record_key);
+    pack_into(&(index, count), &mut key);
     key
 }
 
@@ -296,6 +299,15 @@ mod tests {
     use flowgrid_model::RunId;
 
     use super::*;
+
+    #[test]
+    fn chunk_keys_are_the_record_key_extended_by_index_and_count() {
+        let record_key = keys::history(&RunId("run-1".into()), 7);
+        for (index, count) in [(0, 1), (3, 200), (u32::MAX - 1, u32::MAX)] {
+            let expected = foundationdb_tuple::Subspace::from_bytes(record_key.as_slice()).pack(&(index, count));
+            assert_eq!(chunk_key(&record_key, index, count), expected, "chunk {index} of {count}");
+        }
+    }
 
     fn sets(batch: &WriteBatch) -> Vec<(Key, Value)> {
         batch

@@ -24,7 +24,7 @@
 //! - The layout is persisted: changing an element or its type is a data migration.
 
 use flowgrid_model::{Epoch, RunId};
-use foundationdb_tuple::{pack, unpack, Element, PackError, Subspace, TupleUnpack};
+use foundationdb_tuple::{pack, pack_into, unpack, Element, PackError, Subspace, TuplePack, TupleUnpack};
 
 use crate::{printable_key, Error, KeyRange, Result};
 
@@ -50,7 +50,7 @@ pub fn decode_epoch(value: Option<&[u8]>) -> Result<Epoch> {
 
 /// A flow definition in the catalog: `("catalog", flow, version)`.
 pub fn catalog(flow: &str, version: u32) -> Vec<u8> {
-    pack(&("catalog", flow, version))
+    packed(&("catalog", flow, version))
 }
 
 /// Every version of `flow` in the catalog, oldest first.
@@ -71,12 +71,12 @@ pub fn decode_catalog(key: &[u8]) -> Result<(String, u32)> {
 
 /// The copy of a definition that runs of this shard use: `("def", flow, version)`.
 pub fn pinned_definition(flow: &str, version: u32) -> Vec<u8> {
-    pack(&("def", flow, version))
+    packed(&("def", flow, version))
 }
 
 /// A run record: `("run", run_id)`.
 pub fn run(run_id: &RunId) -> Vec<u8> {
-    pack(&("run", run_id.as_str()))
+    packed(&("run", run_id.as_str()))
 }
 
 /// Every run record, by run id.
@@ -92,7 +92,7 @@ pub fn decode_run(key: &[u8]) -> Result<RunId> {
 
 /// A run that has not ended yet: `("active", run_id)`.
 pub fn active(run_id: &RunId) -> Vec<u8> {
-    pack(&("active", run_id.as_str()))
+    packed(&("active", run_id.as_str()))
 }
 
 /// Every active run, by run id.
@@ -108,7 +108,7 @@ pub fn decode_active(key: &[u8]) -> Result<RunId> {
 
 /// The record key of event `seq` of a run: `("hist", run_id, seq)`. Chunked.
 pub fn history(run_id: &RunId, seq: u64) -> Vec<u8> {
-    pack(&("hist", run_id.as_str(), seq))
+    packed(&("hist", run_id.as_str(), seq))
 }
 
 /// Every event chunk of a run, in `seq` order.
@@ -130,7 +130,7 @@ pub fn decode_history(key: &[u8]) -> Result<(RunId, u64)> {
 
 /// The listing index: `("created", created_ms, run_id)`, newest last.
 pub fn created(created_ms: u64, run_id: &RunId) -> Vec<u8> {
-    pack(&("created", created_ms, run_id.as_str()))
+    packed(&("created", created_ms, run_id.as_str()))
 }
 
 /// The whole listing index, oldest first (scan in reverse for newest first).
@@ -146,7 +146,7 @@ pub fn decode_created(key: &[u8]) -> Result<(u64, RunId)> {
 
 /// The record key of the final view of an ended run: `("snap", run_id)`. Chunked.
 pub fn snapshot(run_id: &RunId) -> Vec<u8> {
-    pack(&("snap", run_id.as_str()))
+    packed(&("snap", run_id.as_str()))
 }
 
 /// Every chunk of every snapshot of the shard, by run id (for audits).
@@ -158,6 +158,17 @@ pub fn snapshot_range() -> KeyRange {
 pub fn decode_snapshot(key: &[u8]) -> Result<RunId> {
     let (_, run_id): (String, String) = decode("snap", "snapshot", key)?;
     Ok(RunId(run_id.into()))
+}
+
+/// Room for a typical key: a kind name, a run id and two integers, plus a chunk suffix.
+const KEY_BYTES_HINT: usize = 80;
+
+/// `pack(tuple)` into a buffer sized once: keys are built several times per transition,
+/// and packing into an empty one grows it step by step.
+fn packed<T: TuplePack>(tuple: &T) -> Vec<u8> {
+    let mut key = Vec::with_capacity(KEY_BYTES_HINT);
+    pack_into(tuple, &mut key);
+    key
 }
 
 /// Every chunk of the chunked record at `record_key` (and nothing else).

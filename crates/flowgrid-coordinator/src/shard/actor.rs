@@ -45,7 +45,9 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub store: Arc<S>,
     pub context: Arc<NodeContext>,
     /// Boxed: the table's slots stay small, and a run's state does not move when it grows.
-    pub runs: HashMap<RunId, Box<ActiveRun>>,
+    /// Hashed with foldhash (randomly seeded, so still safe against crafted ids): a task
+    /// looks its run up several times.
+    pub runs: HashMap<RunId, Box<ActiveRun>, foldhash::fast::RandomState>,
     pub timers: TimerWheel,
     /// Definitions already pinned in this shard's store.
     pub pinned: HashSet<(String, u32)>,
@@ -77,7 +79,7 @@ pub async fn spawn_shard<S: ShardStore>(
         term,
         store: shard_store,
         context,
-        runs: HashMap::new(),
+        runs: HashMap::default(),
         timers: TimerWheel::default(),
         pinned: HashSet::new(),
         catalog: BTreeMap::new(),
