@@ -101,8 +101,8 @@ impl AttemptId {
     /// drops a republished duplicate inside its de-duplication window.
     pub fn message_id(&self) -> String {
         use std::fmt::Write;
-        // Sized once: the two numbers take at most 20 digits together in practice.
-        let mut id = String::with_capacity(self.run_id.as_str().len() + self.step.len() + 24);
+        // Sized once: three separators and two `u32`s take at most 23 bytes.
+        let mut id = String::with_capacity(self.run_id.as_str().len() + self.step.len() + 23);
         // Writing to a `String` cannot fail.
         let _ = match self.item {
             Some(item) => write!(id, "{}:{}:{}:{}", self.run_id, self.step, item, self.attempt),

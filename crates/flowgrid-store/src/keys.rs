@@ -160,7 +160,7 @@ pub fn decode_snapshot(key: &[u8]) -> Result<RunId> {
     Ok(RunId(run_id.into()))
 }
 
-/// Room for a typical key: a kind name, a run id and two integers, plus a chunk suffix.
+/// Room for a typical key: a kind name, a run id and an integer or two.
 const KEY_BYTES_HINT: usize = 80;
 
 /// `pack(tuple)` into a buffer sized once: keys are built several times per transition,
