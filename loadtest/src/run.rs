@@ -316,12 +316,16 @@ fn print_summary_table(summary: &serde_json::Value) {
         ("tasks/s".to_owned(), text("tasks_per_s")),
         (
             "broker floor tasks/s".to_owned(),
-            format!(
-                "{} (mean of {} before and {} after)",
-                text("floor_tasks_per_s"),
-                text("floor_before_tasks_per_s"),
-                text("floor_after_tasks_per_s")
-            ),
+            if summary["floor_tasks_per_s"].is_null() {
+                "not measured (--no-floor)".to_owned()
+            } else {
+                format!(
+                    "{} (mean of {} before and {} after)",
+                    text("floor_tasks_per_s"),
+                    text("floor_before_tasks_per_s"),
+                    text("floor_after_tasks_per_s")
+                )
+            },
         ),
         ("ratio to floor".to_owned(), text("ratio_to_floor")),
         ("run e2e".to_owned(), describe_latency(&summary["run_e2e_ms"])),

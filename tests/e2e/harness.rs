@@ -47,18 +47,8 @@ pub fn run_harness(args: &[&str], deadline: Duration) -> Harnessed {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start flowgrid-loadtest");
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let out = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let err = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
+    let out = read_to_end(child.stdout.take().expect("piped"));
+    let err = read_to_end(child.stderr.take().expect("piped"));
 
     let started = Instant::now();
     let mut interrupted = false;
@@ -88,6 +78,16 @@ pub fn run_harness(args: &[&str], deadline: Duration) -> Harnessed {
         .to_owned();
     let summary: Value = serde_json::from_str(&line).unwrap_or_else(|error| panic!("bad JSON line: {error}\n{output}"));
     Harnessed { status, output, summary, line }
+}
+
+/// Reads a child's pipe to its end on a thread of its own, so that neither pipe fills up
+/// while the other is read.
+fn read_to_end(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
 }
 
 /// A short closed-loop chain run with the floor measured on both sides: every started run

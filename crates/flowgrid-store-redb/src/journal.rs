@@ -837,7 +837,7 @@ mod tests {
             journal.checkpointed(ShardId(index), last);
         }
         drop(journal);
-        assert!(writer_dir.join("0000000002.log").exists());
+        assert!(segment_path(&writer_dir, 2).exists());
         assert!(!writer_dir.join(SPARE_NAME).exists(), "a spare in the making is removed when the writer ends");
     }
 
