@@ -53,7 +53,7 @@ struct FloorSink {
 }
 
 impl TaskSink for FloorSink {
-    fn received(&self, _attempt: &AttemptId, _at: Instant) {}
+    fn received(&self, _attempt: &AttemptId, _stored: Instant, _at: Instant) {}
 
     fn acked(&self, _attempt: &AttemptId, _sent: Instant, _acked: Instant) {
         if self.measuring.load(Ordering::Relaxed) {

@@ -263,6 +263,7 @@ fn summarize(
         "start_overhead_ms": quantiles_ms(&histograms.start_overhead),
         "start_reply_ms": quantiles_ms(&histograms.start_reply),
         "step_overhead_ms": quantiles_ms(&histograms.step_overhead),
+        "step_round_trip_ms": quantiles_ms(&histograms.step_round_trip),
         "coordinator_rss_mb": observed.rss_end_mb.map(round1),
         "coordinator_rss_max_mb": observed.rss_max_mb.map(round1),
         "coordinator_cpu_cores": cpu_s.map(|cpu_s| round3(cpu_s / measured_s)),
@@ -332,6 +333,7 @@ fn print_summary_table(summary: &serde_json::Value) {
         ("start overhead".to_owned(), describe_latency(&summary["start_overhead_ms"])),
         ("start reply".to_owned(), describe_latency(&summary["start_reply_ms"])),
         ("step overhead".to_owned(), describe_latency(&summary["step_overhead_ms"])),
+        ("step round trip".to_owned(), describe_latency(&summary["step_round_trip_ms"])),
         (
             "coordinator RSS".to_owned(),
             format!("{} MB (max {} MB)", text("coordinator_rss_mb"), text("coordinator_rss_max_mb")),

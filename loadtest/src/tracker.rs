@@ -3,8 +3,11 @@
 //! - start overhead: start request sent (for the open loop: its *scheduled* time) to the
 //!   first task of the run received by a worker;
 //! - step overhead: a chain step's result sent by the worker to the next chain step of the
-//!   same run received by a worker (both NATS hops included, so an upper bound of the
-//!   engine's own overhead);
+//!   same run stored in JetStream (the stream's time stamp): the engine's overhead from a
+//!   result to the next task's publish, plus the result's hop to the coordinator, so an
+//!   upper bound;
+//! - step round trip: the same result sent to that next task received by a worker (both
+//!   NATS hops and the delivery of the pull consumer included);
 //! - run end-to-end: start request sent (or scheduled) to the result of the run's last
 //!   task acknowledged by the coordinator (the ack follows the commit that ends the run).
 //!
@@ -47,7 +50,8 @@ pub enum RunEnd {
 
 /// What the simulated workers report.
 pub trait TaskSink: Send + Sync + 'static {
-    fn received(&self, attempt: &AttemptId, at: Instant);
+    /// A worker received a task at `at` that JetStream stored at `stored`.
+    fn received(&self, attempt: &AttemptId, stored: Instant, at: Instant);
     /// The coordinator acked the result sent at `sent`.
     fn acked(&self, attempt: &AttemptId, sent: Instant, acked: Instant);
     /// The result was refused for good or never confirmed.
@@ -77,6 +81,7 @@ pub struct Histograms {
     /// is published.
     pub start_reply: Histogram<u64>,
     pub step_overhead: Histogram<u64>,
+    pub step_round_trip: Histogram<u64>,
 }
 
 struct Inner {
@@ -121,6 +126,7 @@ impl Tracker {
                     start_overhead: new_histogram(),
                     start_reply: new_histogram(),
                     step_overhead: new_histogram(),
+                    step_round_trip: new_histogram(),
                 },
             }),
             tasks_per_run,
@@ -186,6 +192,7 @@ impl Tracker {
             start_overhead: inner.histograms.start_overhead.clone(),
             start_reply: inner.histograms.start_reply.clone(),
             step_overhead: inner.histograms.step_overhead.clone(),
+            step_round_trip: inner.histograms.step_round_trip.clone(),
         }
     }
 
@@ -225,7 +232,7 @@ impl Tracker {
 }
 
 impl TaskSink for Tracker {
-    fn received(&self, attempt: &AttemptId, at: Instant) {
+    fn received(&self, attempt: &AttemptId, stored: Instant, at: Instant) {
         let measuring = self.measuring();
         let mut inner = self.inner.lock().expect("tracker lock");
         let Inner { runs, histograms } = &mut *inner;
@@ -238,7 +245,8 @@ impl TaskSink for Tracker {
         }
         if let (Some(position), Some((previous, result_sent))) = (chain_position(&attempt.step), track.chain_result) {
             if measuring && position == previous + 1 && attempt.item.is_none() {
-                record(&mut histograms.step_overhead, result_sent, at);
+                record(&mut histograms.step_overhead, result_sent, stored);
+                record(&mut histograms.step_round_trip, result_sent, at);
             }
         }
     }
@@ -284,15 +292,16 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
         // The first task arrives before the start reply names the run.
-        tracker.received(&attempt("r", "s1"), at(2));
+        tracker.received(&attempt("r", "s1"), at(1), at(2));
         tracker.started(RunId("r".into()), t0, None);
         tracker.acked(&attempt("r", "s1"), at(3), at(4));
-        tracker.received(&attempt("r", "s2"), at(6));
+        tracker.received(&attempt("r", "s2"), at(5), at(6));
         tracker.acked(&attempt("r", "s2"), at(7), at(9));
         let histograms = tracker.histograms();
         assert_eq!(histograms.start_overhead.len(), 1);
         assert!(histograms.start_overhead.equivalent(histograms.start_overhead.max(), 2_000));
-        assert!(histograms.step_overhead.equivalent(histograms.step_overhead.max(), 3_000));
+        assert!(histograms.step_overhead.equivalent(histograms.step_overhead.max(), 2_000), "result sent to stored");
+        assert!(histograms.step_round_trip.equivalent(histograms.step_round_trip.max(), 3_000), "sent to received");
         assert!(histograms.run_e2e.equivalent(histograms.run_e2e.max(), 9_000));
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 1);
         assert_eq!(tracker.in_flight(), 0);
@@ -302,7 +311,7 @@ mod tests {
     fn a_run_done_before_its_start_reply_ends_at_the_reply() {
         let tracker = Tracker::new(1, None, 0.0);
         let t0 = Instant::now();
-        tracker.received(&attempt("r", "s1"), t0);
+        tracker.received(&attempt("r", "s1"), t0, t0);
         tracker.acked(&attempt("r", "s1"), t0, t0);
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
         let (sender, mut receiver) = oneshot::channel();
@@ -315,7 +324,7 @@ mod tests {
         let tracker = Tracker::new(1, None, 0.0);
         let t0 = Instant::now();
         tracker.started(RunId("r".into()), t0, None);
-        tracker.received(&attempt("r", "s1"), t0);
+        tracker.received(&attempt("r", "s1"), t0, t0);
         tracker.acked(&attempt("r", "s1"), t0, t0);
         assert!(tracker.histograms().run_e2e.is_empty());
         assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 0);

@@ -2,9 +2,9 @@
 //!
 //! Each worker has its own NATS connection and consumes its pool's durable pull consumer
 //! with at most `concurrency` tasks in hand (plus one pull batch buffered by the client).
-//! Per task: decode, stamp the receipt, sleep the service time, send the result as a
-//! request to `reply_to`, stamp the send and the coordinator's ack, then ack the task
-//! message, in the order docs/protocol.md prescribes. It does not heartbeat: simulated
+//! Per task: decode, stamp the receipt (and read when JetStream stored the task), sleep the
+//! service time, send the result as a request to `reply_to`, stamp the send and the
+//! coordinator's ack, then ack the task message, in the order docs/protocol.md prescribes. It does not heartbeat: simulated
 //! tasks last far less than the ack wait. The same code serves the broker floor, whose
 //! "coordinator" is a responder that answers at once.
 //!
@@ -12,7 +12,7 @@
 //! (result sent, ack received); the loop here does the same NATS operations per task.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::consumer::PullConsumer;
@@ -106,7 +106,7 @@ async fn serve(
             return;
         }
     };
-    sink.received(&task.attempt, received);
+    sink.received(&task.attempt, stored_at(&message, received), received);
     if !service.is_zero() {
         tokio::time::sleep(service).await;
     }
@@ -141,6 +141,17 @@ async fn serve(
             Err(Refusal::Retry(_)) => tokio::time::sleep(RESULT_RETRY_DELAY).await,
         }
     }
+}
+
+/// When JetStream stored the task, on the monotonic clock of `received`: the stream's time
+/// stamp comes from nats-server's wall clock, so this holds when nats-server runs on this
+/// host (or on one whose clock is in step). `received` when the message has no stamp; never
+/// after `received`.
+fn stored_at(message: &async_nats::jetstream::Message, received: Instant) -> Instant {
+    let Ok(info) = message.info() else { return received };
+    let now_ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |since| since.as_nanos() as i128);
+    let age_ns = u64::try_from(now_ns - info.published.unix_timestamp_nanos()).unwrap_or(0);
+    received.checked_sub(Duration::from_nanos(age_ns)).unwrap_or(received)
 }
 
 enum Refusal {

@@ -125,8 +125,14 @@ fn a_run_reports_its_throughput_against_the_floor_before_and_after() {
     let ratio = run.number("ratio_to_floor");
     let expected = run.number("tasks_per_s") / floor;
     assert!((ratio - expected).abs() <= 0.001, "ratio {ratio}, tasks/s over the floor {expected}\n{output}");
-    for key in ["run_e2e_ms", "start_overhead_ms", "step_overhead_ms"] {
+    for key in ["run_e2e_ms", "start_overhead_ms", "step_overhead_ms", "step_round_trip_ms"] {
         assert!(run.summary[key]["p99"].as_f64().is_some(), "{key} has no p99\n{output}");
     }
+    let p50 = |key: &str| run.summary[key]["p50"].as_f64().expect("its p99 is there");
+    let (step, round_trip) = (p50("step_overhead_ms"), p50("step_round_trip_ms"));
+    assert!(
+        step < round_trip,
+        "the step overhead ends when JetStream stored the task, before a worker receives it: {step} vs {round_trip} ms\n{output}"
+    );
     eprintln!("{}", run.line);
 }
