@@ -2,11 +2,11 @@
 //!
 //! Each worker has its own NATS connection and consumes its pool's durable pull consumer
 //! with at most `concurrency` tasks in hand (plus one pull batch buffered by the client).
-//! Per task: decode, stamp the receipt (and read when JetStream stored the task), sleep the
-//! service time, send the result as a request to `reply_to`, stamp the send and the
-//! coordinator's ack, then ack the task message, in the order docs/protocol.md prescribes. It does not heartbeat: simulated
-//! tasks last far less than the ack wait. The same code serves the broker floor, whose
-//! "coordinator" is a responder that answers at once.
+//! Per task: stamp the receipt (and read when JetStream stored the task), decode, sleep
+//! the service time, send the result as a request to `reply_to`, stamp the send and the
+//! coordinator's ack, then ack the task message, in the order docs/protocol.md prescribes.
+//! It does not heartbeat: simulated tasks last far less than the ack wait. The same code
+//! serves the broker floor, whose "coordinator" is a responder that answers at once.
 //!
 //! The SDK's `Worker` is not used because it hides the moments the harness must stamp
 //! (result sent, ack received); the loop here does the same NATS operations per task.
@@ -96,6 +96,7 @@ async fn serve(
     sink: &dyn TaskSink,
 ) {
     let received = Instant::now();
+    let stored = stored_at(&message, received, SystemTime::now());
     let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
     let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
     let task: TaskMessage = match decode(encoding, &message.payload) {
@@ -106,7 +107,7 @@ async fn serve(
             return;
         }
     };
-    sink.received(&task.attempt, stored_at(&message, received), received);
+    sink.received(&task.attempt, stored, received);
     if !service.is_zero() {
         tokio::time::sleep(service).await;
     }
@@ -143,14 +144,14 @@ async fn serve(
     }
 }
 
-/// When JetStream stored the task, on the monotonic clock of `received`: the stream's time
-/// stamp comes from nats-server's wall clock, so this holds when nats-server runs on this
-/// host (or on one whose clock is in step). `received` when the message has no stamp; never
-/// after `received`.
-fn stored_at(message: &async_nats::jetstream::Message, received: Instant) -> Instant {
+/// When JetStream stored the task, on the monotonic clock of `received` (`received_wall`
+/// is the same moment on the wall clock): the stream's time stamp comes from nats-server's
+/// wall clock, so this holds when nats-server runs on this host (or on one whose clock is
+/// in step). `received` when the message has no stamp; never after `received`.
+fn stored_at(message: &async_nats::jetstream::Message, received: Instant, received_wall: SystemTime) -> Instant {
     let Ok(info) = message.info() else { return received };
-    let now_ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |since| since.as_nanos() as i128);
-    let age_ns = u64::try_from(now_ns - info.published.unix_timestamp_nanos()).unwrap_or(0);
+    let wall_ns = received_wall.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |since| since.as_nanos() as i128);
+    let age_ns = u64::try_from(wall_ns - info.published.unix_timestamp_nanos()).unwrap_or(0);
     received.checked_sub(Duration::from_nanos(age_ns)).unwrap_or(received)
 }
 
