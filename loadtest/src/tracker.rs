@@ -74,6 +74,7 @@ struct RunTrack {
 }
 
 /// Latency histograms, in microseconds.
+#[derive(Clone)]
 pub struct Histograms {
     pub run_e2e: Histogram<u64>,
     pub start_overhead: Histogram<u64>,
@@ -186,14 +187,7 @@ impl Tracker {
 
     /// A copy of the histograms so far.
     pub fn histograms(&self) -> Histograms {
-        let inner = self.inner.lock().expect("tracker lock");
-        Histograms {
-            run_e2e: inner.histograms.run_e2e.clone(),
-            start_overhead: inner.histograms.start_overhead.clone(),
-            start_reply: inner.histograms.start_reply.clone(),
-            step_overhead: inner.histograms.step_overhead.clone(),
-            step_round_trip: inner.histograms.step_round_trip.clone(),
-        }
+        self.inner.lock().expect("tracker lock").histograms.clone()
     }
 
     pub fn e2e_p99_us(&self) -> u64 {

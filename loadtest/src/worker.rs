@@ -96,6 +96,7 @@ async fn serve(
     sink: &dyn TaskSink,
 ) {
     let received = Instant::now();
+    // Read for every task, the floor's too (which ignores it): both sides of the ratio pay for it.
     let stored = stored_at(&message, received, SystemTime::now());
     let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
     let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
