@@ -19,13 +19,14 @@ use anyhow::{Context, Result};
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use flowgrid_model::{AttemptId, RunId};
 use flowgrid_proto::{encode, Encoding, Subjects, TaskMessage};
 use flowgrid_sdk::broker::{self, BrokerLimits};
+use flowgrid_sdk::{PublishFailure, StreamPublisher};
 
 use crate::args::WorkerArgs;
 use crate::flows::{result_ack_bytes, Plan, TASK_NAME};
@@ -35,8 +36,10 @@ use crate::worker::{run_worker, WorkerSpec};
 
 /// Prefix of the floor's subjects and stream.
 const FLOOR_PREFIX: &str = "ltfloor";
-/// JetStream publishes awaiting their ack at once (the coordinator's dispatcher uses the same).
+/// JetStream publishes awaiting their ack at once, and how long one waits (the
+/// coordinator's dispatcher uses the same).
 const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
+const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Warm-up of the floor before it is measured.
 const FLOOR_WARMUP: Duration = Duration::from_secs(2);
 
@@ -119,7 +122,9 @@ pub async fn measure(grid: &Grid, plan: &Plan, workers: &WorkerArgs, duration: D
     }
 
     let publisher = grid.connect("flowgrid-loadtest-floor-publisher").await?;
-    tasks.spawn(publish(jetstream::new(publisher), subjects.clone(), plan.clone(), sink.clone(), shutdown.clone()));
+    let publisher =
+        StreamPublisher::new(publisher, PUBLISH_ACK_TIMEOUT).await.context("subscribe to the floor's acks")?;
+    tasks.spawn(publish(publisher, subjects.clone(), plan.clone(), sink.clone(), shutdown.clone()));
 
     tokio::time::sleep(FLOOR_WARMUP).await;
     sink.measuring.store(true, Ordering::SeqCst);
@@ -141,28 +146,30 @@ pub async fn measure(grid: &Grid, plan: &Plan, workers: &WorkerArgs, duration: D
     })
 }
 
-/// Publishes task messages round-robin over the plan's pools while there is room.
+/// Publishes task messages round-robin over the plan's pools while there is room, the
+/// way the coordinator's dispatcher does.
 async fn publish(
-    jetstream: jetstream::Context,
+    mut publisher: StreamPublisher<()>,
     subjects: Subjects,
     plan: Plan,
     sink: Arc<FloorSink>,
     shutdown: CancellationToken,
 ) {
-    let (acks, mut pending) = mpsc::channel::<jetstream::context::PublishAckFuture>(PUBLISHES_IN_FLIGHT_MAX);
-    tokio::spawn(async move {
-        while let Some(ack) = pending.recv().await {
-            let _ = ack.await;
-        }
-    });
     let origin: flowgrid_sdk::Millis = 1_767_225_600_000;
     for sequence in 0u64.. {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            permit = sink.outstanding.acquire() => match permit {
-                Ok(permit) => permit,
-                Err(_closed) => return,
-            },
+        let permit = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                permit = sink.outstanding.acquire(), if publisher.in_flight() < PUBLISHES_IN_FLIGHT_MAX => match permit {
+                    Ok(permit) => break permit,
+                    Err(_closed) => return,
+                },
+                Some(((), outcome)) = publisher.next(), if publisher.in_flight() > 0 => {
+                    if let Err(error) = outcome {
+                        floor_publish_failed(&sink, &error);
+                    }
+                }
+            }
         };
         permit.forget();
         let pool = plan.pools[(sequence % plan.pools.len() as u64) as usize];
@@ -188,18 +195,18 @@ async fn publish(
         let Ok(payload) = encode(Encoding::MsgPack, &message) else { return };
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", attempt.message_id().as_str());
-        match jetstream.publish_with_headers(subjects.tasks(pool), headers, Bytes::from(payload)).await {
-            Ok(ack) => {
-                if acks.send(ack).await.is_err() {
-                    return;
-                }
-            }
-            Err(error) => {
-                sink.failed.fetch_add(1, Ordering::Relaxed);
-                sink.outstanding.add_permits(1);
-                eprintln!("floor: publish failed: {error}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        if let Err(((), error)) =
+            publisher.publish(subjects.tasks(pool).into(), headers, Bytes::from(payload), ()).await
+        {
+            floor_publish_failed(&sink, &error);
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// A task that will never reach a worker: counted, and its room given back.
+fn floor_publish_failed(sink: &FloorSink, error: &PublishFailure) {
+    sink.failed.fetch_add(1, Ordering::Relaxed);
+    sink.outstanding.add_permits(1);
+    eprintln!("floor: publish failed: {error}");
 }

@@ -2,21 +2,22 @@
 //!
 //! Each publish carries `Nats-Msg-Id` = the attempt id, so republishing the same attempt
 //! (after a reload, or a retried publish) is dropped by JetStream inside its duplicate
-//! window. Publishes are pipelined (many acks awaited at once, bounded). A publish that
-//! fails is retried with backoff; if it keeps failing the engine's attempt timeout
-//! eventually retries the attempt, so a task is never silently lost.
+//! window. Publishes are pipelined through one [`StreamPublisher`] (many acks awaited at
+//! once, bounded). A publish that fails is retried with backoff; if it keeps failing the
+//! engine's attempt timeout eventually retries the attempt, so a task is never silently
+//! lost.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use flowgrid_engine::TaskDispatch;
 use flowgrid_model::ShardId;
 use flowgrid_proto::{Encoding, Subjects, TaskMessage};
 use flowgrid_sdk::broker::{self, BrokerLimits};
+use flowgrid_sdk::{PublishFailure, StreamPublisher};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -24,15 +25,19 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::error::{Error, Result};
 use crate::metrics;
 
 /// Tasks waiting to be published, over all shards: bounds memory; shard actors wait
 /// (back-pressure) when it is full.
 const QUEUE_TASKS_MAX: usize = 16_384;
-/// Publishes awaiting their JetStream ack at once: enough to keep the broker busy.
+/// Publishes awaiting their JetStream ack (or their retry's backoff) at once: enough to
+/// keep the broker busy.
 const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
 /// Tries per task before the attempt timeout is left to recover it.
 const PUBLISH_TRIES_MAX: u32 = 8;
+/// How long a publish waits for JetStream's ack before it is retried.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where shard actors hand tasks to publish.
 #[derive(Clone)]
@@ -41,17 +46,20 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Starts the publishing task.
-    pub fn spawn(
-        jetstream: jetstream::Context,
-        tasks_stream: jetstream::stream::Stream,
+    /// Subscribes for the acks and starts the publishing task.
+    pub async fn spawn(
+        nats: async_nats::Client,
+        tasks_stream: async_nats::jetstream::stream::Stream,
         subjects: Subjects,
         limits: BrokerLimits,
         shutdown: CancellationToken,
-    ) -> (Dispatcher, tokio::task::JoinHandle<()>) {
+    ) -> Result<(Dispatcher, tokio::task::JoinHandle<()>)> {
+        let stream = StreamPublisher::new(nats, ACK_TIMEOUT)
+            .await
+            .map_err(|source| Error::Nats { what: "subscribe to task publish acks", source: Box::new(source) })?;
         let (sender, receiver) = mpsc::channel(QUEUE_TASKS_MAX);
         let publisher = Publisher {
-            jetstream,
+            stream,
             tasks_stream,
             subjects: Arc::new(subjects),
             limits,
@@ -60,7 +68,7 @@ impl Dispatcher {
             result_subjects: HashMap::new(),
         };
         let handle = tokio::spawn(publisher.run(receiver, shutdown));
-        (Dispatcher { sender }, handle)
+        Ok((Dispatcher { sender }, handle))
     }
 
     /// Queues a task; waits while the queue is full.
@@ -72,8 +80,8 @@ impl Dispatcher {
 }
 
 struct Publisher {
-    jetstream: jetstream::Context,
-    tasks_stream: jetstream::stream::Stream,
+    stream: StreamPublisher<(Publication, u32)>,
+    tasks_stream: async_nats::jetstream::stream::Stream,
     subjects: Arc<Subjects>,
     limits: BrokerLimits,
     pools_ready: HashSet<String>,
@@ -91,31 +99,36 @@ struct Publication {
     payload: Bytes,
 }
 
-type PublishOutcome = (Publication, u32, Result<(), String>);
+/// Retries waiting out their backoff: the publication and its try number.
+type Backoffs = FuturesUnordered<BoxFuture<'static, (Publication, u32)>>;
 
 impl Publisher {
     async fn run(mut self, mut receiver: mpsc::Receiver<(ShardId, TaskDispatch)>, shutdown: CancellationToken) {
-        let mut in_flight = FuturesUnordered::new();
+        let mut backoffs = Backoffs::new();
         loop {
+            let room = self.stream.in_flight() + backoffs.len() < PUBLISHES_IN_FLIGHT_MAX;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                received = receiver.recv(), if in_flight.len() < PUBLISHES_IN_FLIGHT_MAX => {
+                received = receiver.recv(), if room => {
                     let Some((shard, task)) = received else { break };
                     self.ensure_pool(&task.pool).await;
                     if let Some(publication) = self.encode(shard, task) {
-                        in_flight.push(self.publish(publication, 1));
+                        self.publish(publication, 1, &mut backoffs).await;
                     }
                 }
-                Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Some(retry) = self.after_publish(outcome) {
-                        in_flight.push(retry);
-                    }
+                Some(outcome) = self.stream.next(), if self.stream.in_flight() > 0 => {
+                    self.after_publish(outcome, &mut backoffs);
+                }
+                Some((publication, try_number)) = backoffs.next(), if !backoffs.is_empty() => {
+                    self.publish(publication, try_number, &mut backoffs).await;
                 }
             }
         }
-        // Drain acks of what was sent, so a clean stop loses nothing in flight.
-        while let Some(outcome) = in_flight.next().await {
-            let _ = self.after_publish(outcome);
+        // Wait for the acks of what was sent, so a clean stop loses nothing in flight;
+        // retries still in backoff are left to the attempt timeout.
+        while self.stream.in_flight() > 0 {
+            let Some(outcome) = self.stream.next().await else { break };
+            self.after_publish(outcome, &mut Backoffs::new());
         }
     }
 
@@ -162,46 +175,42 @@ impl Publisher {
         }
     }
 
-    /// Starts one publish; the returned future resolves when JetStream acked (or refused) it.
-    fn publish(&self, publication: Publication, try_number: u32) -> BoxFuture<'static, PublishOutcome> {
+    /// Sends one try; its ack comes from `self.stream.next()`.
+    async fn publish(&mut self, publication: Publication, try_number: u32, backoffs: &mut Backoffs) {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", publication.message_id.as_str());
-        let jetstream = self.jetstream.clone();
-        let delay = retry_delay(try_number);
-        Box::pin(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            let subject = publication.subject.clone();
-            let result = match jetstream.publish_with_headers(subject, headers, publication.payload.clone()).await {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-            (publication, try_number, result)
-        })
+        let (subject, payload) = (publication.subject.clone(), publication.payload.clone());
+        if let Err(refused) = self.stream.publish(subject, headers, payload, (publication, try_number)).await {
+            self.after_publish((refused.0, Err(refused.1)), backoffs);
+        }
     }
 
+    /// Counts the outcome; a failed try is queued to be retried after its backoff.
     fn after_publish(
         &self,
-        (publication, try_number, result): PublishOutcome,
-    ) -> Option<BoxFuture<'static, PublishOutcome>> {
+        ((publication, try_number), result): ((Publication, u32), Result<(), PublishFailure>),
+        backoffs: &mut Backoffs,
+    ) {
         let pool = publication.pool.clone();
-        match result {
+        let error = match result {
             Ok(()) => {
                 ::metrics::counter!(metrics::TASKS_DISPATCHED, "pool" => pool).increment(1);
-                None
+                return;
             }
-            Err(error) => {
-                ::metrics::counter!(metrics::TASKS_PUBLISH_FAILED, "pool" => pool).increment(1);
-                let attempt = &publication.message_id;
-                if try_number >= PUBLISH_TRIES_MAX {
-                    warn!(attempt = %attempt, error = %error, "task publish keeps failing; the attempt timeout will retry it");
-                    return None;
-                }
-                debug!(attempt = %attempt, error = %error, try_number, "task publish failed; retrying");
-                Some(self.publish(publication, try_number + 1))
-            }
+            Err(error) => error,
+        };
+        ::metrics::counter!(metrics::TASKS_PUBLISH_FAILED, "pool" => pool).increment(1);
+        let attempt = &publication.message_id;
+        if try_number >= PUBLISH_TRIES_MAX {
+            warn!(attempt = %attempt, error = %error, "task publish keeps failing; the attempt timeout will retry it");
+            return;
         }
+        debug!(attempt = %attempt, error = %error, try_number, "task publish failed; retrying");
+        let delay = retry_delay(try_number + 1);
+        backoffs.push(Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            (publication, try_number + 1)
+        }));
     }
 }
 

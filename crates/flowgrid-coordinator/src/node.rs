@@ -75,12 +75,13 @@ pub async fn run_with_store<S: Store>(
     let plans = Arc::new(PlanCache::new(evaluator, limits.clone()));
     let workers_shutdown = CancellationToken::new();
     let (dispatcher, dispatcher_task) = Dispatcher::spawn(
-        jetstream.clone(),
+        nats.clone(),
         tasks_stream,
         subjects.clone(),
         broker_limits.clone(),
         workers_shutdown.clone(),
-    );
+    )
+    .await?;
     let lease = Arc::new(Lease::new(Duration::from_millis(config.lease_ms)));
     let context = Arc::new(NodeContext {
         subjects: subjects.clone(),

@@ -6,18 +6,21 @@
 //!   reporting.
 //! - [`broker`]: the JetStream streams and consumers flowgrid uses (shared by the
 //!   coordinator and workers so they agree on every setting).
+//! - [`StreamPublisher`]: pipelined JetStream publishing, every ack on one subscription.
 
 pub mod backoff;
 pub mod broker;
 mod client;
 mod duration;
 mod error;
+mod publisher;
 mod starts;
 mod worker;
 
 pub use client::{Client, Submitted, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET};
 pub use duration::parse_duration;
 pub use error::{Error, Result};
+pub use publisher::{PublishFailure, StreamPublisher, TIMEOUT_CHECK};
 pub use starts::{StartBatcher, DEFAULT_START_BATCH_MAX, DEFAULT_START_REQUESTS_MAX};
 pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE};
 

@@ -1,0 +1,67 @@
+//! Pipelined JetStream publishing: every publish ends in one outcome that says what happened.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use flowgrid_sdk::{PublishFailure, StreamPublisher};
+use flowgrid_tests::Grid;
+
+/// Waits for the next outcome, at most `deadline`.
+async fn outcome(publisher: &mut StreamPublisher<u32>, deadline: Duration) -> (u32, Result<(), PublishFailure>) {
+    tokio::time::timeout(deadline, publisher.next())
+        .await
+        .expect("every publish ends in an outcome")
+        .expect("the ack subscription stays open")
+}
+
+fn message_id(id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    headers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_refusals_missing_streams_and_silence_each_end_a_publish() -> anyhow::Result<()> {
+    let grid = Grid::start_nats()?;
+    let nats = grid.nats_client().await?;
+    let context = jetstream::new(nats.clone());
+    context
+        .create_stream(stream::Config {
+            name: "one".into(),
+            subjects: vec!["one.>".into()],
+            max_messages: 1,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await?;
+    // A plain subscriber makes the subject have interest, so no "no responders" comes back,
+    // and it never answers: the publish can only time out.
+    let _silent = nats.subscribe("silent.>").await?;
+    let mut publisher = StreamPublisher::new(nats.clone(), Duration::from_millis(300)).await?;
+    let wait = Duration::from_secs(5);
+
+    publisher.publish("one.a".into(), message_id("m1"), Bytes::from_static(b"1"), 1).await.map_err(|(_, e)| e)?;
+    assert_eq!(outcome(&mut publisher, wait).await, (1, Ok(())));
+    // The same message id again: JetStream drops it as a duplicate and acks it.
+    publisher.publish("one.a".into(), message_id("m1"), Bytes::from_static(b"1"), 2).await.map_err(|(_, e)| e)?;
+    assert_eq!(outcome(&mut publisher, wait).await, (2, Ok(())));
+    // A new message into the full stream (one message, discard new) is refused.
+    publisher.publish("one.b".into(), message_id("m2"), Bytes::from_static(b"2"), 3).await.map_err(|(_, e)| e)?;
+    let (tag, refused) = outcome(&mut publisher, wait).await;
+    assert_eq!(tag, 3);
+    assert!(
+        matches!(refused, Err(PublishFailure::Refused(ref why)) if why.contains("maximum messages")),
+        "{refused:?}"
+    );
+
+    publisher.publish("nowhere.x".into(), HeaderMap::new(), Bytes::from_static(b"x"), 4).await.map_err(|(_, e)| e)?;
+    assert_eq!(outcome(&mut publisher, wait).await, (4, Err(PublishFailure::NoStream)));
+
+    publisher.publish("silent.x".into(), HeaderMap::new(), Bytes::from_static(b"x"), 5).await.map_err(|(_, e)| e)?;
+    assert_eq!(publisher.in_flight(), 1);
+    assert_eq!(outcome(&mut publisher, wait).await, (5, Err(PublishFailure::TimedOut)));
+    assert_eq!(publisher.in_flight(), 0);
+    Ok(())
+}
