@@ -1,5 +1,5 @@
-//! Crashes: a coordinator killed mid-run resumes from its store; a durable submit waits
-//! for a coordinator.
+//! Crashes: a coordinator killed mid-run resumes from its store; a restarted nats-server
+//! loses nothing; a durable submit waits for a coordinator.
 
 use std::time::Duration;
 
@@ -85,6 +85,38 @@ async fn coordinator_killed_mid_map_resumes_and_applies_every_item_once() -> any
         "the restarted coordinator must resume the open attempts, not open new ones (killed at {done_at_kill} items): {counted:?}\n{}",
         grid.logs()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_restarted_mid_map_loses_no_item() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, CRASH_FLOW).await?;
+    let items: Vec<Value> = (0..ITEMS).map(|i| json!({"i": i, "label": format!("item-{i}")})).collect();
+    let start =
+        StartRun { flow: "crash-map".into(), version: None, input: json!({"items": items}), idempotency_key: None };
+    let run = client.start(start).await.or_logs(&grid)?;
+
+    let done_at_restart = wait_for_progress(&grid, &client, &run.run_id, ITEMS / 3).await?;
+    // Publishes, results and acks in flight when the broker dies are lost with it; the
+    // coordinator's publisher, the workers and the client must all recover on reconnect.
+    grid.restart_nats(Duration::from_millis(500))?;
+
+    let view = grid.wait_run(&client, &run.run_id, Duration::from_secs(90)).await?;
+    assert_eq!(
+        view.status,
+        RunStatus::Succeeded,
+        "restarted at {done_at_restart} items: {:?}\n{}",
+        view.error,
+        grid.logs()
+    );
+    let output = view.output.as_ref().and_then(Value::as_array).expect("the output is the list of item results");
+    assert_eq!(output, &items, "one result per item, in order (restarted at {done_at_restart} items)");
+    let counted = step(&view, "counted");
+    let all_done = ItemCounts { total: ITEMS, succeeded: ITEMS, failed: 0, running: 0 };
+    assert_eq!(counted.items, Some(all_done), "every item applied exactly once: {counted:?}");
+    assert!(!grid.coordinators[0].has_exited(), "the coordinator rides out the broker's restart\n{}", grid.logs());
     Ok(())
 }
 

@@ -14,6 +14,23 @@ pub use flowgrid_testkit::{free_port, nats_server_bin, wait_for_port, Process};
 /// How long a process may take to come up before the test fails.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Runs nats-server with JetStream on `port`, its config and store under `dir`, and waits
+/// until it accepts connections.
+fn spawn_nats(dir: &Path, port: u16) -> Result<Process> {
+    let mut nats = Process::spawn(
+        "nats-server",
+        Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(dir.join("nats-server.conf"))
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.join("nats")),
+        dir,
+    )
+    .context("start nats-server: install it with `make setup` or set NATS_SERVER_BIN")?;
+    wait_for_port(port, &mut nats, STARTUP_DEADLINE)?;
+    Ok(nats)
+}
+
 /// The `flowgrid` binary built next to this test binary (`make test` builds it first).
 pub fn flowgrid_bin() -> PathBuf {
     if let Ok(path) = std::env::var("FLOWGRID_BIN") {
@@ -51,22 +68,11 @@ impl Grid {
     pub fn start_nats() -> Result<Grid> {
         let dir = tempfile::Builder::new().prefix("flowgrid-e2e-").tempdir()?;
         let port = free_port()?;
-        let store_dir = dir.path().join("nats");
         // `max_payload` is a config-file setting only (no command-line flag): room for the
         // tests that send oversized requests and expect flowgrid, not NATS, to refuse them.
         let config = dir.path().join("nats-server.conf");
         std::fs::write(&config, "max_payload: 8MB\n").with_context(|| format!("write {}", config.display()))?;
-        let mut nats = Process::spawn(
-            "nats-server",
-            Command::new(nats_server_bin())
-                .arg("-c")
-                .arg(&config)
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-                .arg(&store_dir),
-            dir.path(),
-        )
-        .context("start nats-server: install it with `make setup` or set NATS_SERVER_BIN")?;
-        wait_for_port(port, &mut nats, STARTUP_DEADLINE)?;
+        let nats = spawn_nats(dir.path(), port)?;
         Ok(Grid {
             dir,
             nats_url: format!("nats://127.0.0.1:{port}"),
@@ -76,6 +82,16 @@ impl Grid {
             coordinators: Vec::new(),
             workers: Vec::new(),
         })
+    }
+
+    /// Kills nats-server and starts it again on the same port and store dir: clients
+    /// reconnect, and the streams keep what they held.
+    pub fn restart_nats(&mut self, down_for: Duration) -> Result<()> {
+        self.nats.kill_hard();
+        std::thread::sleep(down_for);
+        let port = self.nats_url.rsplit(':').next().and_then(|port| port.parse().ok()).context("the grid's port")?;
+        self.nats = spawn_nats(self.dir.path(), port)?;
+        Ok(())
     }
 
     /// nats-server plus one coordinator and demo workers for `pools`.
