@@ -1,9 +1,9 @@
 //! Pipelined JetStream publishing with one subscription for every acknowledgement.
 //!
 //! `async_nats::jetstream::Context::publish` makes each publish a request: a fresh inbox,
-//! a oneshot channel, a semaphore permit, a timer, and an untagged JSON parse of the ack.
-//! At tens of thousands of tasks a second that is a tenth of a coordinator's CPU. A
-//! [`StreamPublisher`] instead gives each publish the reply subject `<inbox>.<token>`,
+//! a oneshot channel, a semaphore permit, two timers, and an untagged JSON parse of the
+//! ack; at tens of thousands of tasks a second that shows in a coordinator's profile
+//! (docs/performance.md). A [`StreamPublisher`] instead gives each publish the reply subject `<inbox>.<token>`,
 //! receives every ack on one wildcard subscription, and matches it to the caller's tag by
 //! the token.
 //!
