@@ -36,9 +36,9 @@ use crate::worker::{run_worker, WorkerSpec};
 
 /// Prefix of the floor's subjects and stream.
 const FLOOR_PREFIX: &str = "ltfloor";
-/// JetStream publishes awaiting their ack at once, and how long one waits (the
-/// coordinator's dispatcher uses the same).
+/// JetStream publishes awaiting their ack at once (the coordinator's dispatcher uses the same).
 const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
+/// How long a publish waits for its ack before it counts as failed (the dispatcher's timeout).
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Warm-up of the floor before it is measured.
 const FLOOR_WARMUP: Duration = Duration::from_secs(2);

@@ -49,27 +49,34 @@ async fn wait_for_progress(
     }
 }
 
+/// Deploys the map flow and starts one run over [`ITEMS`] items; returns its id and the
+/// items, which are also the expected output.
+async fn start_crash_map(grid: &Grid, client: &flowgrid_sdk::Client) -> anyhow::Result<(RunId, Vec<Value>)> {
+    deploy(grid, client, CRASH_FLOW).await?;
+    let items: Vec<Value> = (0..ITEMS).map(|i| json!({"i": i, "label": format!("item-{i}")})).collect();
+    let start =
+        StartRun { flow: "crash-map".into(), version: None, input: json!({"items": items}), idempotency_key: None };
+    let run = client.start(start).await.or_logs(grid)?;
+    Ok((run.run_id, items))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_mid_map_resumes_and_applies_every_item_once() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
-    deploy(&grid, &client, CRASH_FLOW).await?;
-    let items: Vec<Value> = (0..ITEMS).map(|i| json!({"i": i, "label": format!("item-{i}")})).collect();
-    let start =
-        StartRun { flow: "crash-map".into(), version: None, input: json!({"items": items}), idempotency_key: None };
-    let run = client.start(start).await.or_logs(&grid)?;
+    let (run_id, items) = start_crash_map(&grid, &client).await?;
 
-    let done_at_kill = wait_for_progress(&grid, &client, &run.run_id, ITEMS / 3).await?;
+    let done_at_kill = wait_for_progress(&grid, &client, &run_id, ITEMS / 3).await?;
     grid.coordinators[0].kill_hard();
     grid.start_coordinator().await?;
-    let resumed = client.get(&run.run_id).await.or_logs(&grid)?;
+    let resumed = client.get(&run_id).await.or_logs(&grid)?;
     eprintln!(
         "killed the coordinator at {done_at_kill} of {ITEMS} items; after the restart: {:?} {:?}",
         resumed.status,
         step(&resumed, "counted").items
     );
 
-    let view = grid.wait_run(&client, &run.run_id, Duration::from_secs(60)).await?;
+    let view = grid.wait_run(&client, &run_id, Duration::from_secs(60)).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "killed at {done_at_kill} items: {:?}\n{}", view.error, grid.logs());
     let output = view.output.as_ref().and_then(Value::as_array).expect("the output is the list of item results");
     assert_eq!(output.len(), items.len(), "one result per item");
@@ -92,18 +99,14 @@ async fn coordinator_killed_mid_map_resumes_and_applies_every_item_once() -> any
 async fn nats_server_restarted_mid_map_loses_no_item() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
-    deploy(&grid, &client, CRASH_FLOW).await?;
-    let items: Vec<Value> = (0..ITEMS).map(|i| json!({"i": i, "label": format!("item-{i}")})).collect();
-    let start =
-        StartRun { flow: "crash-map".into(), version: None, input: json!({"items": items}), idempotency_key: None };
-    let run = client.start(start).await.or_logs(&grid)?;
+    let (run_id, items) = start_crash_map(&grid, &client).await?;
 
-    let done_at_restart = wait_for_progress(&grid, &client, &run.run_id, ITEMS / 3).await?;
+    let done_at_restart = wait_for_progress(&grid, &client, &run_id, ITEMS / 3).await?;
     // Publishes, results and acks in flight when the broker dies are lost with it; the
     // coordinator's publisher, the workers and the client must all recover on reconnect.
     grid.restart_nats(Duration::from_millis(500))?;
 
-    let view = grid.wait_run(&client, &run.run_id, Duration::from_secs(90)).await?;
+    let view = grid.wait_run(&client, &run_id, Duration::from_secs(90)).await?;
     assert_eq!(
         view.status,
         RunStatus::Succeeded,

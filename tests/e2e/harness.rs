@@ -128,7 +128,7 @@ fn a_run_reports_its_throughput_against_the_floor_before_and_after() {
     for key in ["run_e2e_ms", "start_overhead_ms", "step_overhead_ms", "step_round_trip_ms"] {
         assert!(run.summary[key]["p99"].as_f64().is_some(), "{key} has no p99\n{output}");
     }
-    let p50 = |key: &str| run.summary[key]["p50"].as_f64().expect("its p99 is there");
+    let p50 = |key: &str| run.summary[key]["p50"].as_f64().expect("a latency with a p99 has a p50");
     let (step, round_trip) = (p50("step_overhead_ms"), p50("step_round_trip_ms"));
     assert!(
         step < round_trip,
