@@ -233,12 +233,16 @@ impl Journal {
         let keep_from = state.unchecked.values().map(|position| position.segment).min().unwrap_or(u64::MAX);
         let keep_from = keep_from.min(state.end.segment);
         let obsolete: Vec<u64> = state.segments.range(..keep_from).copied().collect();
-        for segment in obsolete {
-            // A segment that cannot be deleted now is retried after the next checkpoint.
-            if fs::remove_file(segment_path(&self.root.join(&self.writer), segment)).is_ok() {
-                state.segments.remove(&segment);
-            }
+        for segment in &obsolete {
+            state.segments.remove(segment);
         }
+        // Deleting a segment takes a while; the writer needs the state for every group.
+        drop(state);
+        let dir = self.root.join(&self.writer);
+        let kept: Vec<u64> =
+            obsolete.into_iter().filter(|segment| fs::remove_file(segment_path(&dir, *segment)).is_err()).collect();
+        // A segment that cannot be deleted now is retried after the next checkpoint.
+        lock(&self.state).segments.extend(kept);
     }
 
     /// Forgets `shard` after it was closed clean.
@@ -839,6 +843,29 @@ mod tests {
         drop(journal);
         assert!(segment_path(&writer_dir, 2).exists());
         assert!(!writer_dir.join(SPARE_NAME).exists(), "a spare in the making is removed when the writer ends");
+    }
+
+    #[tokio::test]
+    async fn a_segment_is_deleted_once_every_shard_in_it_is_checkpointed() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        let writer_dir = journal.root().join(journal.writer());
+        let value = vec![7u8; 1 << 20];
+        let mut ends = Vec::new();
+        for index in 0..9u32 {
+            let frame = encode_data(ShardId(index), Epoch(1), &[Mutation::Set(b"k".to_vec(), value.clone())]);
+            ends.push(journal.append(ShardId(index), frame).await.unwrap());
+        }
+        assert_eq!(ends.last().unwrap().segment, 2, "nine frames of 1 MiB fill more than one segment");
+        for index in 1..9u32 {
+            journal.checkpointed(ShardId(index), ends[index as usize]);
+        }
+        assert!(segment_path(&writer_dir, 1).exists(), "shard 0 still needs the first segment");
+        journal.checkpointed(ShardId(0), ends[0]);
+        assert!(!segment_path(&writer_dir, 1).exists(), "no shard needs the first segment any more");
+        assert!(segment_path(&writer_dir, 2).exists(), "the writer still appends to the second");
+        let later = journal.append(ShardId(0), encode_data(ShardId(0), Epoch(1), &[])).await.unwrap();
+        assert!(later > *ends.last().unwrap());
     }
 
     #[tokio::test]
