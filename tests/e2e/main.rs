@@ -11,6 +11,7 @@ mod crash;
 mod failures;
 mod flows;
 mod harness;
+mod metrics;
 mod publish;
 mod python;
 mod results;

@@ -117,6 +117,11 @@ impl Grid {
     /// Starts one more coordinator on the grid's data dir without waiting for it; returns
     /// its index in `coordinators`.
     pub fn spawn_coordinator(&mut self) -> Result<usize> {
+        self.spawn_coordinator_with_metrics("off")
+    }
+
+    /// [`Grid::spawn_coordinator`], serving Prometheus metrics on `metrics_addr`.
+    pub fn spawn_coordinator_with_metrics(&mut self, metrics_addr: &str) -> Result<usize> {
         let name = format!("coordinator-{}", self.coordinators.len());
         let process = Process::spawn(
             &name,
@@ -125,7 +130,7 @@ impl Grid {
                 .args(["--nats-url", &self.nats_url, "--prefix", &self.prefix])
                 .arg("--data-dir")
                 .arg(self.data_dir())
-                .args(["--shards", &self.shards.to_string(), "--metrics-addr", "off"])
+                .args(["--shards", &self.shards.to_string(), "--metrics-addr", metrics_addr])
                 .env("FLOWGRID_LOG", "flowgrid=debug,info"),
             self.dir.path(),
         )?;

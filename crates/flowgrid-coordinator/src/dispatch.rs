@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
@@ -42,7 +42,14 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where shard actors hand tasks to publish.
 #[derive(Clone)]
 pub struct Dispatcher {
-    sender: mpsc::Sender<(ShardId, TaskDispatch)>,
+    sender: mpsc::Sender<Queued>,
+}
+
+/// A task on its way to the publisher, with when its commit handed it over.
+struct Queued {
+    shard: ShardId,
+    task: TaskDispatch,
+    at: Instant,
 }
 
 impl Dispatcher {
@@ -73,7 +80,7 @@ impl Dispatcher {
 
     /// Queues a task; waits while the queue is full.
     pub async fn send(&self, shard: ShardId, task: TaskDispatch) {
-        if self.sender.send((shard, task)).await.is_err() {
+        if self.sender.send(Queued { shard, task, at: Instant::now() }).await.is_err() {
             debug!("dispatcher stopped; the task will be republished when its shard reloads");
         }
     }
@@ -97,22 +104,24 @@ struct Publication {
     /// The attempt's message id: the `Nats-Msg-Id` header, and the attempt in logs.
     message_id: String,
     payload: Bytes,
+    /// When the commit handed the task over: its publish latency starts there.
+    queued: Instant,
 }
 
 /// Retries waiting out their backoff: the publication and its try number.
 type Backoffs = FuturesUnordered<BoxFuture<'static, (Publication, u32)>>;
 
 impl Publisher {
-    async fn run(mut self, mut receiver: mpsc::Receiver<(ShardId, TaskDispatch)>, shutdown: CancellationToken) {
+    async fn run(mut self, mut receiver: mpsc::Receiver<Queued>, shutdown: CancellationToken) {
         let mut backoffs = Backoffs::new();
         loop {
             let room = self.stream.in_flight() + backoffs.len() < PUBLISHES_IN_FLIGHT_MAX;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 received = receiver.recv(), if room => {
-                    let Some((shard, task)) = received else { break };
-                    self.ensure_pool(&task.pool).await;
-                    if let Some(publication) = self.encode(shard, task) {
+                    let Some(queued) = received else { break };
+                    self.ensure_pool(&queued.task.pool).await;
+                    if let Some(publication) = self.encode(queued) {
                         self.publish(publication, 1, &mut backoffs).await;
                     }
                 }
@@ -147,7 +156,7 @@ impl Publisher {
     }
 
     /// The task's message, moved out of the dispatch (no copy of the input).
-    fn encode(&mut self, shard: ShardId, task: TaskDispatch) -> Option<Publication> {
+    fn encode(&mut self, Queued { shard, task, at }: Queued) -> Option<Publication> {
         let subjects = &self.subjects;
         let subject = self
             .task_subjects
@@ -166,7 +175,7 @@ impl Publisher {
             reply_to,
         };
         match flowgrid_proto::encode(Encoding::MsgPack, &message) {
-            Ok(bytes) => Some(Publication { subject, pool, message_id, payload: Bytes::from(bytes) }),
+            Ok(bytes) => Some(Publication { subject, pool, message_id, payload: Bytes::from(bytes), queued: at }),
             Err(error) => {
                 // Every task is plain data; the attempt timeout retries it if this ever happens.
                 warn!(attempt = %message_id, error = %error, "cannot encode a task");
@@ -194,6 +203,7 @@ impl Publisher {
         let pool = publication.pool.clone();
         let error = match result {
             Ok(()) => {
+                ::metrics::histogram!(metrics::TASK_PUBLISH_SECONDS).record(publication.queued.elapsed().as_secs_f64());
                 ::metrics::counter!(metrics::TASKS_DISPATCHED, "pool" => pool).increment(1);
                 return;
             }

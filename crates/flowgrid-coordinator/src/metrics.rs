@@ -7,6 +7,7 @@ pub const RUNS_FINISHED: &str = "flowgrid_runs_finished_total";
 pub const RUNS_ACTIVE: &str = "flowgrid_runs_active";
 pub const TASKS_DISPATCHED: &str = "flowgrid_tasks_dispatched_total";
 pub const TASKS_PUBLISH_FAILED: &str = "flowgrid_tasks_publish_failed_total";
+pub const TASK_PUBLISH_SECONDS: &str = "flowgrid_task_publish_seconds";
 pub const TASK_RESULTS: &str = "flowgrid_task_results_total";
 pub const TASKS_IN_FLIGHT: &str = "flowgrid_tasks_in_flight";
 pub const COMMIT_SECONDS: &str = "flowgrid_store_commit_seconds";
@@ -27,6 +28,11 @@ pub fn describe() {
     describe_gauge!(RUNS_ACTIVE, Unit::Count, "Runs started and not yet ended, held in memory.");
     describe_counter!(TASKS_DISPATCHED, Unit::Count, "Task attempts published to JetStream (label: pool).");
     describe_counter!(TASKS_PUBLISH_FAILED, Unit::Count, "Task publishes that failed and were retried (label: pool).");
+    describe_histogram!(
+        TASK_PUBLISH_SECONDS,
+        Unit::Seconds,
+        "From the commit that dispatched a task to JetStream's ack of its publish (queue, retries included)."
+    );
     describe_counter!(
         TASK_RESULTS,
         Unit::Count,
