@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
@@ -66,6 +67,11 @@ const SPARE_NAME: &str = "spare.prep";
 /// of milliseconds, far less than writing the other half takes under any load, and a
 /// journal that never fills half a segment never pays for a spare.
 const SPARE_FROM_BYTES: u64 = SEGMENT_BYTES_MAX / 2;
+/// A group whose write and `fdatasync` take longer than this is logged: every shard's
+/// commits waited for it.
+const SLOW_SYNC: Duration = Duration::from_millis(100);
+/// At most one slow-sync warning per this long; the others are counted into the next.
+const SLOW_SYNC_WARN_EVERY: Duration = Duration::from_secs(10);
 /// A payload starts with its kind (1 byte), shard (4) and epoch (8); mutations follow.
 const PAYLOAD_HEADER_BYTES: usize = 13;
 const KIND_DATA: u8 = 1;
@@ -210,8 +216,13 @@ impl Journal {
 
     fn start_writer(&self) -> Sender<Append> {
         let (sender, receiver) = mpsc::channel();
-        let writer =
-            Writer { dir: self.root.join(&self.writer), state: Arc::clone(&self.state), file: None, spare: None };
+        let writer = Writer {
+            dir: self.root.join(&self.writer),
+            state: Arc::clone(&self.state),
+            file: None,
+            spare: None,
+            slow_syncs: SlowSyncs::default(),
+        };
         let thread = std::thread::Builder::new()
             .name("flowgrid-journal".into())
             .spawn(move || writer.run(receiver))
@@ -278,6 +289,38 @@ struct Writer {
     file: Option<(File, File)>,
     /// The next segment, being made in the background.
     spare: Option<Spare>,
+    slow_syncs: SlowSyncs,
+}
+
+/// Slow groups since the last warning, and when that was.
+#[derive(Default)]
+struct SlowSyncs {
+    warned: Option<Instant>,
+    unreported: u64,
+    worst: Duration,
+}
+
+impl SlowSyncs {
+    fn record(&mut self, dir: &Path, took: Duration, bytes: usize) {
+        if took < SLOW_SYNC {
+            return;
+        }
+        self.unreported += 1;
+        self.worst = self.worst.max(took);
+        if self.warned.is_some_and(|warned| warned.elapsed() < SLOW_SYNC_WARN_EVERY) {
+            return;
+        }
+        warn!(
+            journal = %dir.display(),
+            took_ms = took.as_millis() as u64,
+            bytes,
+            slow_groups = self.unreported,
+            worst_ms = self.worst.as_millis() as u64,
+            "a journal write and sync was slow, and every shard's commits waited for it: the disk stalls (shared, \
+             throttled or busy with other writes); put the data dir on a disk of its own",
+        );
+        *self = SlowSyncs { warned: Some(Instant::now()), unreported: 0, worst: Duration::ZERO };
+    }
 }
 
 /// A preallocated segment in the making: `spare.prep`, zero-filled and synced by its own
@@ -399,8 +442,10 @@ impl Writer {
                 ends.push(Position { segment: start.segment, offset });
             }
             let (file, _) = self.file.as_mut().expect("prepare opened a segment");
+            let started = Instant::now();
             file.write_all_at(buffer, start.offset).map_err(|error| error.to_string())?;
             file.sync_data().map_err(|error| error.to_string())?;
+            self.slow_syncs.record(&self.dir, started.elapsed(), buffer.len());
             Ok(ends)
         });
         let mut state = lock(&self.state);
@@ -843,6 +888,20 @@ mod tests {
         drop(journal);
         assert!(segment_path(&writer_dir, 2).exists());
         assert!(!writer_dir.join(SPARE_NAME).exists(), "a spare in the making is removed when the writer ends");
+    }
+
+    #[test]
+    fn slow_syncs_are_warned_at_most_once_per_interval_and_counted_meanwhile() {
+        let dir = Path::new("journal");
+        let mut slow = SlowSyncs::default();
+        slow.record(dir, SLOW_SYNC / 2, 10);
+        assert!(slow.warned.is_none() && slow.unreported == 0, "a fast group is not slow");
+        slow.record(dir, SLOW_SYNC * 3, 10);
+        assert!(slow.warned.is_some(), "the first slow group is warned at once");
+        assert_eq!((slow.unreported, slow.worst), (0, Duration::ZERO), "and reported");
+        slow.record(dir, SLOW_SYNC * 2, 10);
+        slow.record(dir, SLOW_SYNC * 4, 10);
+        assert_eq!((slow.unreported, slow.worst), (2, SLOW_SYNC * 4), "later ones wait for the next warning");
     }
 
     #[tokio::test]
