@@ -35,7 +35,12 @@ async fn scrape(addr: &str) -> anyhow::Result<String> {
 /// The value of the sample whose name and labels start with `prefix` (`name{label="v"` or
 /// `name ` for a sample without labels).
 fn sample(body: &str, prefix: &str) -> Option<f64> {
-    body.lines().filter(|line| line.starts_with(prefix)).find_map(|line| line.rsplit(' ').next()?.parse().ok())
+    body.lines().filter(|line| line.starts_with(prefix)).find_map(value)
+}
+
+/// The value of one sample line: its last field.
+fn value(line: &str) -> Option<f64> {
+    line.rsplit(' ').next()?.parse().ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +83,7 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
         "one coordinator owns every shard"
     );
     for line in body.lines().filter(|line| line.starts_with("flowgrid_task_publish_seconds{quantile=")) {
-        let seconds: f64 = line.rsplit(' ').next().and_then(|value| value.parse().ok()).unwrap_or(f64::NAN);
+        let seconds = value(line).unwrap_or(f64::NAN);
         assert!((0.0..RUN_DEADLINE.as_secs_f64()).contains(&seconds), "publish latency out of range: {line}");
     }
     Ok(())
