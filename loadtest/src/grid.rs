@@ -7,12 +7,13 @@
 //! Every process started here is killed when its handle drops, which also happens on
 //! ctrl-c (the main task returns) and on a panic (unwinding drops the handles).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flowgrid_testkit::{free_port, nats_server_bin, wait_for_port, Process};
+use flowgrid_testkit::{free_port, nats_server_bin, scrape_metrics, wait_for_port, Process};
 
 use crate::args::GridArgs;
 
@@ -24,6 +25,8 @@ pub struct Grid {
     pub nats_url: String,
     pub prefix: String,
     coordinator_pids: Vec<u32>,
+    /// The metrics endpoints of the coordinators this harness started.
+    metrics_addrs: Vec<String>,
     // Dropped in field order: the coordinators stop before nats-server, then the directory goes.
     coordinators: Vec<Process>,
     nats: Option<Process>,
@@ -38,6 +41,7 @@ impl Grid {
                 nats_url: url.clone(),
                 prefix: args.prefix.clone(),
                 coordinator_pids: args.coordinator_pid.into_iter().collect(),
+                metrics_addrs: Vec::new(),
                 coordinators: Vec::new(),
                 nats: None,
                 _dir: None,
@@ -52,6 +56,7 @@ impl Grid {
         let (nats, nats_url) = start_nats(&path)?;
 
         let mut coordinators = Vec::new();
+        let mut metrics_addrs = Vec::new();
         for index in 1..=args.coordinators {
             let mut command = Command::new(&flowgrid);
             command
@@ -63,8 +68,17 @@ impl Grid {
                 .args(args.coordinator_args.split_whitespace())
                 .args(extra_coordinator_args)
                 .env("FLOWGRID_LOG", std::env::var("FLOWGRID_LOG").unwrap_or_else(|_| "warn".to_owned()));
-            if !args.coordinator_args.contains("--metrics-addr") {
-                command.args(["--metrics-addr", "off"]);
+            // Served as in production, so that the report can read the coordinator's own timings.
+            let metrics_addr = match flag_value(&args.coordinator_args, "--metrics-addr") {
+                Some(addr) => addr,
+                None => {
+                    let addr = format!("127.0.0.1:{}", free_port()?);
+                    command.args(["--metrics-addr", &addr]);
+                    addr
+                }
+            };
+            if metrics_addr != "off" {
+                metrics_addrs.push(metrics_addr);
             }
             let name = if args.coordinators == 1 { "coordinator".to_owned() } else { format!("coordinator-{index}") };
             coordinators.push(Process::spawn(&name, &mut command, &path)?.with_drop_grace(Duration::from_secs(5)));
@@ -73,6 +87,7 @@ impl Grid {
             nats_url,
             prefix: args.prefix.clone(),
             coordinator_pids: coordinators.iter().map(Process::pid).collect(),
+            metrics_addrs,
             coordinators,
             nats: Some(nats),
             _dir: dir,
@@ -87,6 +102,15 @@ impl Grid {
             path.display()
         );
         Ok(grid)
+    }
+
+    /// The Prometheus metrics of each coordinator whose endpoint is known, by address; an
+    /// endpoint that does not answer is left out.
+    pub async fn coordinator_metrics(&self) -> HashMap<String, String> {
+        let addrs = self.metrics_addrs.clone();
+        let scrape =
+            move || addrs.into_iter().filter_map(|addr| Some((addr.clone(), scrape_metrics(&addr).ok()?))).collect();
+        tokio::task::spawn_blocking(scrape).await.unwrap_or_default()
     }
 
     /// The coordinators' resident set (summed over all of them), in MiB, when their pids are known.
@@ -537,5 +561,33 @@ impl Cluster {
             .map(|process| format!("--- {} ({})\n{}", process.name, process.log.display(), process.log_tail(lines)))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// The value after `flag` in space-separated `args` (`--flag value` or `--flag=value`).
+fn flag_value(args: &str, flag: &str) -> Option<String> {
+    let mut words = args.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == flag {
+            return words.next().map(str::to_owned);
+        }
+        if let Some(value) = word.strip_prefix(flag).and_then(|rest| rest.strip_prefix('=')) {
+            return Some(value.to_owned());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flag_value;
+
+    #[test]
+    fn flag_values_are_read_in_both_forms() {
+        let args = "--active-runs-max 5 --metrics-addr 127.0.0.1:9 --x";
+        assert_eq!(flag_value(args, "--metrics-addr").as_deref(), Some("127.0.0.1:9"));
+        assert_eq!(flag_value("--metrics-addr=off", "--metrics-addr").as_deref(), Some("off"));
+        assert_eq!(flag_value("--metrics-address 1", "--metrics-addr"), None);
+        assert_eq!(flag_value("--metrics-addr", "--metrics-addr"), None);
     }
 }

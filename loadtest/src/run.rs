@@ -5,12 +5,14 @@
 //! drifts over a minute: the ratio to the floor compares the engine with the mean of the
 //! two, and a report whose two floors differ by more than [`FLOOR_DRIFT_WARN`] says so.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use flowgrid_sdk::StartBatcher;
+use flowgrid_testkit::metric_value;
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +65,9 @@ struct Observed {
     rss_max_mb: Option<f64>,
     /// CPU time the coordinators used in the measured window.
     coordinator_cpu: Option<Duration>,
+    /// The coordinators' metrics when the window began and when it ended, by address.
+    metrics_from: HashMap<String, String>,
+    metrics_to: HashMap<String, String>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -178,6 +183,7 @@ async fn timeline(
     let mut rss_max_mb: Option<f64> = None;
     let mut measured_from = None;
     let mut cpu_from = None;
+    let mut metrics_from = HashMap::new();
     loop {
         ticks.tick().await;
         let now = Instant::now();
@@ -185,6 +191,7 @@ async fn timeline(
             tracker.set_measuring(true);
             measured_from = Some(now);
             cpu_from = grid.coordinator_cpu();
+            metrics_from = grid.coordinator_metrics().await;
         }
         let rss = grid.coordinator_rss_mb();
         if measured_from.is_some() {
@@ -220,7 +227,14 @@ async fn timeline(
         (Some(from), Some(to)) => Some(to.saturating_sub(from)),
         _ => None,
     };
-    Observed { measured_s, rss_end_mb: grid.coordinator_rss_mb(), rss_max_mb, coordinator_cpu }
+    Observed {
+        measured_s,
+        rss_end_mb: grid.coordinator_rss_mb(),
+        rss_max_mb,
+        coordinator_cpu,
+        metrics_from,
+        metrics_to: grid.coordinator_metrics().await,
+    }
 }
 
 fn summarize(
@@ -268,6 +282,8 @@ fn summarize(
         "coordinator_rss_max_mb": observed.rss_max_mb.map(round1),
         "coordinator_cpu_cores": cpu_s.map(|cpu_s| round3(cpu_s / measured_s)),
         "coordinator_cpu_us_per_task": cpu_s.filter(|_| tasks_measured > 0).map(|cpu_s| round1(cpu_s * 1e6 / tasks_measured as f64)),
+        "coordinator_commit_ms": coordinator_timing_ms(COMMIT_SECONDS, observed),
+        "coordinator_publish_ms": coordinator_timing_ms(PUBLISH_SECONDS, observed),
         "errors": errors.total(),
         "error_kinds": errors.kinds(),
         "runs_started": tracker.counters.runs_started.load(Ordering::Relaxed),
@@ -281,6 +297,44 @@ fn summarize(
         "service_time": args.workers.service_time().describe(),
         "floor_errors": floors.map(Floors::errors),
     })
+}
+
+/// The coordinator's histogram of one store commit, and of a task's commit to its publish ack.
+const COMMIT_SECONDS: &str = "flowgrid_store_commit_seconds";
+const PUBLISH_SECONDS: &str = "flowgrid_task_publish_seconds";
+
+/// One of the coordinators' timing histograms, in ms: its mean over the measured window (from
+/// the change of its sum and count) and the p50 and p99 its exporter reports at the end (over
+/// about the last minute); the worst over the coordinators. Null where no endpoint answered.
+fn coordinator_timing_ms(metric: &str, observed: &Observed) -> serde_json::Value {
+    let (mut mean, mut p50, mut p99): (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
+    let worst = |current: Option<f64>, value: Option<f64>| match (current, value) {
+        (Some(current), Some(value)) => Some(current.max(value)),
+        (current, value) => current.or(value),
+    };
+    for (addr, body) in &observed.metrics_to {
+        let at_start = |suffix: &str| {
+            observed.metrics_from.get(addr).and_then(|from| metric_value(from, &format!("{metric}_{suffix} ")))
+        };
+        let at_end = |suffix: &str| metric_value(body, &format!("{metric}_{suffix} "));
+        let count = at_end("count").zip(at_start("count")).map(|(end, start)| end - start);
+        let sum = at_end("sum").zip(at_start("sum")).map(|(end, start)| end - start);
+        let window_mean = sum.zip(count.filter(|count| *count > 0.0)).map(|(sum, count)| sum / count * 1e3);
+        let quantile = |q: &str| metric_value(body, &format!("{metric}{{quantile=\"{q}\"}}")).map(|s| s * 1e3);
+        mean = worst(mean, window_mean);
+        p50 = worst(p50, quantile("0.5"));
+        p99 = worst(p99, quantile("0.99"));
+    }
+    json!({ "mean": mean.map(round3), "p50": p50.map(round3), "p99": p99.map(round3) })
+}
+
+fn describe_coordinator_timing(value: &serde_json::Value) -> String {
+    match (value["mean"].as_f64(), value["p50"].as_f64(), value["p99"].as_f64()) {
+        (Some(mean), Some(p50), Some(p99)) => {
+            format!("mean {mean:.3} ms over the window   p50 {p50:.3} ms   p99 {p99:.3} ms (last minute)")
+        }
+        _ => "n/a (no metrics endpoint of the coordinators known)".to_owned(),
+    }
 }
 
 fn print_summary_table(summary: &serde_json::Value) {
@@ -341,6 +395,11 @@ fn print_summary_table(summary: &serde_json::Value) {
         (
             "coordinator CPU".to_owned(),
             format!("{} cores, {} µs per task", text("coordinator_cpu_cores"), text("coordinator_cpu_us_per_task")),
+        ),
+        ("commit (coordinator)".to_owned(), describe_coordinator_timing(&summary["coordinator_commit_ms"])),
+        (
+            "commit to publish ack (coordinator)".to_owned(),
+            describe_coordinator_timing(&summary["coordinator_publish_ms"]),
         ),
         (
             "runs started / done / verified".to_owned(),

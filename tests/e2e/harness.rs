@@ -128,6 +128,15 @@ fn a_run_reports_its_throughput_against_the_floor_before_and_after() {
     for key in ["run_e2e_ms", "start_overhead_ms", "step_overhead_ms", "step_round_trip_ms"] {
         assert!(run.summary[key]["p99"].as_f64().is_some(), "{key} has no p99\n{output}");
     }
+    for key in ["coordinator_commit_ms", "coordinator_publish_ms"] {
+        for field in ["mean", "p50", "p99"] {
+            let ms = run.summary[key][field].as_f64().unwrap_or(f64::NAN);
+            assert!(
+                ms > 0.0 && ms < 10_000.0,
+                "{key}.{field} is {ms}: the coordinator's metrics were not read\n{output}"
+            );
+        }
+    }
     let p50 = |key: &str| run.summary[key]["p50"].as_f64().expect("a latency with a p99 has a p50");
     let (step, round_trip) = (p50("step_overhead_ms"), p50("step_round_trip_ms"));
     assert!(

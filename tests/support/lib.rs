@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use flowgrid_proto::{ShardClaim, ShardState};
 use flowgrid_sdk::{RunId, RunView, StepView};
-pub use flowgrid_testkit::{free_port, nats_server_bin, wait_for_port, Process};
+pub use flowgrid_testkit::{free_port, metric_value, nats_server_bin, scrape_metrics, wait_for_port, Process};
 
 /// How long a process may take to come up before the test fails.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);

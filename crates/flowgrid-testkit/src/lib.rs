@@ -2,12 +2,13 @@
 //! each writes to its own log file and is stopped when its [`Process`] handle drops, so a
 //! failing test or an interrupted harness leaves nothing running.
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// A child process with its log file; stopped on drop.
 pub struct Process {
@@ -98,6 +99,27 @@ impl Drop for Process {
 pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// How long a metrics scrape may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET /metrics` from the Prometheus endpoint at `addr` (host:port); the body.
+pub fn scrape_metrics(addr: &str) -> Result<String> {
+    let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
+    stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
+    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).with_context(|| format!("read /metrics from {addr}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    ensure!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "GET /metrics from {addr} answered {head}");
+    Ok(body.to_owned())
+}
+
+/// The value of the first sample of a scraped `body` whose line starts with `prefix`
+/// (`name{label="v"`, or `name ` for a sample without labels).
+pub fn metric_value(body: &str, prefix: &str) -> Option<f64> {
+    body.lines().filter(|line| line.starts_with(prefix)).find_map(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 /// The nats-server binary: `NATS_SERVER_BIN` (set by `make setup`), else `nats-server` on PATH.
