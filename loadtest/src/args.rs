@@ -87,8 +87,9 @@ pub struct GridArgs {
           value_parser = clap::value_parser!(u32).range(1..=16))]
     pub coordinators: u32,
     /// Extra flags for a started coordinator, space-separated
-    /// (e.g. "--active-runs-max 50000 --batch-events-max 4096"). Its metrics endpoint is off
-    /// unless these flags give "--metrics-addr".
+    /// (e.g. "--active-runs-max 50000 --batch-events-max 4096"). Its metrics endpoint is on a
+    /// free port of 127.0.0.1 unless these flags give "--metrics-addr" (the report reads the
+    /// coordinator's commit and publish times from it).
     #[arg(long, env = "FLOWGRID_LT_COORDINATOR_ARGS", allow_hyphen_values = true, default_value = "")]
     pub coordinator_args: String,
     /// Keep the started grid's logs and data in this directory instead of a temporary one.
