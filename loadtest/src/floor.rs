@@ -40,6 +40,9 @@ const FLOOR_PREFIX: &str = "ltfloor";
 const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
 /// How long a publish waits for its ack before it counts as failed (the dispatcher's timeout).
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a publish that could not be sent (connection closed or reconnecting), a pause
+/// before the next one, so a broken connection is not spun on.
+const NOT_SENT_PAUSE: Duration = Duration::from_millis(10);
 /// Warm-up of the floor before it is measured.
 const FLOOR_WARMUP: Duration = Duration::from_secs(2);
 
@@ -199,7 +202,7 @@ async fn publish(
             publisher.publish(subjects.tasks(pool).into(), headers, Bytes::from(payload), ()).await
         {
             floor_publish_failed(&sink, &error);
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(NOT_SENT_PAUSE).await;
         }
     }
 }

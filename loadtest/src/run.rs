@@ -195,10 +195,7 @@ async fn timeline(
         }
         let rss = grid.coordinator_rss_mb();
         if measured_from.is_some() {
-            rss_max_mb = match (rss_max_mb, rss) {
-                (Some(max), Some(now)) => Some(max.max(now)),
-                (max, now) => max.or(now),
-            };
+            rss_max_mb = larger(rss_max_mb, rss);
         }
         let tasks = tracker.counters.tasks_acked.load(Ordering::Relaxed);
         if !args.quiet {
@@ -308,10 +305,6 @@ const PUBLISH_SECONDS: &str = "flowgrid_task_publish_seconds";
 /// about the last minute); the worst over the coordinators. Null where no endpoint answered.
 fn coordinator_timing_ms(metric: &str, observed: &Observed) -> serde_json::Value {
     let (mut mean, mut p50, mut p99): (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
-    let worst = |current: Option<f64>, value: Option<f64>| match (current, value) {
-        (Some(current), Some(value)) => Some(current.max(value)),
-        (current, value) => current.or(value),
-    };
     for (addr, body) in &observed.metrics_to {
         let at_start = |suffix: &str| {
             observed.metrics_from.get(addr).and_then(|from| metric_value(from, &format!("{metric}_{suffix} ")))
@@ -321,11 +314,19 @@ fn coordinator_timing_ms(metric: &str, observed: &Observed) -> serde_json::Value
         let sum = at_end("sum").zip(at_start("sum")).map(|(end, start)| end - start);
         let window_mean = sum.zip(count.filter(|count| *count > 0.0)).map(|(sum, count)| sum / count * 1e3);
         let quantile = |q: &str| metric_value(body, &format!("{metric}{{quantile=\"{q}\"}}")).map(|s| s * 1e3);
-        mean = worst(mean, window_mean);
-        p50 = worst(p50, quantile("0.5"));
-        p99 = worst(p99, quantile("0.99"));
+        mean = larger(mean, window_mean);
+        p50 = larger(p50, quantile("0.5"));
+        p99 = larger(p99, quantile("0.99"));
     }
     json!({ "mean": mean.map(round3), "p50": p50.map(round3), "p99": p99.map(round3) })
+}
+
+/// The larger of two values that may be unknown; unknown only if both are.
+fn larger(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 fn describe_coordinator_timing(value: &serde_json::Value) -> String {

@@ -8,17 +8,7 @@ use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::json;
 
-use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
-
-const ECHO_FLOW: &str = r#"
-name: echo-once
-output: 'steps.echo.output'
-steps:
-  - id: echo
-    kind: task
-    pool: a
-    task: echo
-"#;
+use crate::{deploy, refusal, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 
 /// A task on a pool that no worker serves: runs of this flow stay running.
 const IDLE_FLOW: &str = r#"

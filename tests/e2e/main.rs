@@ -24,6 +24,17 @@ use flowgrid_tests::Grid;
 /// How long a small run may take from start to end.
 const RUN_DEADLINE: Duration = Duration::from_secs(30);
 
+/// One echo task on pool `a`: the smallest flow that runs through a worker.
+const ECHO_FLOW: &str = r#"
+name: echo-once
+output: 'steps.echo.output'
+steps:
+  - id: echo
+    kind: task
+    pool: a
+    task: echo
+"#;
+
 /// Adds the grid's logs to an error, so that a failing `?` shows what the processes did.
 trait OrLogs<T> {
     fn or_logs(self, grid: &Grid) -> anyhow::Result<T>;

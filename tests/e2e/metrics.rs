@@ -4,17 +4,7 @@ use flowgrid_sdk::{RunStatus, StartRun};
 use flowgrid_tests::{free_port, metric_value, scrape_metrics, Grid};
 use serde_json::json;
 
-use crate::{deploy, OrLogs, RUN_DEADLINE};
-
-const ECHO_FLOW: &str = r#"
-name: metrics-echo
-output: 'steps.echo.output'
-steps:
-  - id: echo
-    kind: task
-    pool: a
-    task: echo
-"#;
+use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 
 const RUNS: u64 = 20;
 
@@ -28,12 +18,8 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
     let client = grid.client().await?;
     deploy(&grid, &client, ECHO_FLOW).await?;
     for index in 0..RUNS {
-        let start = StartRun {
-            flow: "metrics-echo".into(),
-            version: None,
-            input: json!({ "n": index }),
-            idempotency_key: None,
-        };
+        let start =
+            StartRun { flow: "echo-once".into(), version: None, input: json!({ "n": index }), idempotency_key: None };
         let run = client.start(start).await.or_logs(&grid)?;
         let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
         assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());

@@ -856,26 +856,35 @@ mod tests {
         assert_eq!(shards, vec![ShardId(1), ShardId(2)]);
     }
 
+    fn mib_value() -> Vec<u8> {
+        vec![7u8; 1 << 20]
+    }
+
+    /// Appends `count` frames of one 1 MiB value each, frame `i` for shard `i`; their ends.
+    async fn append_mib_frames(journal: &Journal, count: u32) -> Vec<Position> {
+        let mut ends = Vec::new();
+        for index in 0..count {
+            let frame = encode_data(ShardId(index), Epoch(1), &[Mutation::Set(b"k".to_vec(), mib_value())]);
+            ends.push(journal.append(ShardId(index), frame).await.unwrap());
+        }
+        ends
+    }
+
     #[tokio::test]
     async fn segments_after_the_first_are_preallocated_and_read_back_whole() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::new(dir.path());
         let writer_dir = journal.root().join(journal.writer());
-        let value = vec![7u8; 1 << 20];
-        let mut last = Position::default();
         // Seven frames fit in a segment; the five in the second pass its half, so the next
         // spare is in the making when the writer ends.
-        for index in 0..12u32 {
-            let frame = encode_data(ShardId(index), Epoch(1), &[Mutation::Set(b"k".to_vec(), value.clone())]);
-            last = journal.append(ShardId(index), frame).await.unwrap();
-        }
+        let last = *append_mib_frames(&journal, 12).await.last().unwrap();
         assert_eq!(last.segment, 2, "twelve frames of 1 MiB fill more than one segment");
         let second = fs::metadata(segment_path(&writer_dir, 2)).unwrap().len();
         assert_eq!(second, SEGMENT_BYTES_MAX, "the second segment was preallocated");
         assert!(last.offset < second);
         let mut shards = Vec::new();
         read_frames(&writer_dir, Position::default(), |frame| {
-            assert_eq!(frame.mutations().unwrap(), vec![Mutation::Set(b"k".to_vec(), value.clone())]);
+            assert_eq!(frame.mutations().unwrap(), vec![Mutation::Set(b"k".to_vec(), mib_value())]);
             shards.push(frame.shard.0);
             Ok(())
         })
@@ -909,12 +918,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::new(dir.path());
         let writer_dir = journal.root().join(journal.writer());
-        let value = vec![7u8; 1 << 20];
-        let mut ends = Vec::new();
-        for index in 0..9u32 {
-            let frame = encode_data(ShardId(index), Epoch(1), &[Mutation::Set(b"k".to_vec(), value.clone())]);
-            ends.push(journal.append(ShardId(index), frame).await.unwrap());
-        }
+        let ends = append_mib_frames(&journal, 9).await;
         assert_eq!(ends.last().unwrap().segment, 2, "nine frames of 1 MiB fill more than one segment");
         for index in 1..9u32 {
             journal.checkpointed(ShardId(index), ends[index as usize]);
