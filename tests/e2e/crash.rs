@@ -8,7 +8,7 @@ use flowgrid_sdk::{ListRuns, RunId, RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, Grid};
 use serde_json::{json, Value};
 
-use crate::{deploy, OrLogs, RUN_DEADLINE};
+use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 
 const ITEMS: u32 = 1_000;
 
@@ -123,35 +123,25 @@ async fn nats_server_restarted_mid_map_loses_no_item() -> anyhow::Result<()> {
     Ok(())
 }
 
-const SUBMIT_FLOW: &str = r#"
-name: durable-submit
-output: 'steps.echo.output'
-steps:
-  - id: echo
-    kind: task
-    pool: a
-    task: echo
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
-    deploy(&grid, &client, SUBMIT_FLOW).await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
     grid.coordinators[0].stop(Duration::from_secs(10));
 
     let input = json!({"order": 7});
     let start = StartRun {
-        flow: "durable-submit".into(),
+        flow: "echo-once".into(),
         version: None,
         input: input.clone(),
         idempotency_key: Some("submit-7".into()),
     };
     let submitted = client.submit(start).await.or_logs(&grid)?;
-    assert_eq!(submitted.run_id, RunId::from_idempotency_key("durable-submit", "submit-7"));
+    assert_eq!(submitted.run_id, RunId::from_idempotency_key("echo-once", "submit-7"));
     assert!(!submitted.duplicate, "{submitted:?}");
     let again = StartRun {
-        flow: "durable-submit".into(),
+        flow: "echo-once".into(),
         version: None,
         input: json!({"order": 8}),
         idempotency_key: Some("submit-7".into()),
@@ -178,9 +168,9 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
     };
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     assert_eq!(view.output, Some(input), "{view:?}");
-    assert_eq!(view.flow, "durable-submit");
+    assert_eq!(view.flow, "echo-once");
     let runs =
-        client.list(ListRuns { flow: Some("durable-submit".into()), status: None, limit: None, cursor: None }).await?;
+        client.list(ListRuns { flow: Some("echo-once".into()), status: None, limit: None, cursor: None }).await?;
     assert_eq!(runs.runs.len(), 1, "two submits with one key start one run: {runs:?}");
     Ok(())
 }
