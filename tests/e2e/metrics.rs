@@ -34,10 +34,12 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
     expect_at_least("flowgrid_runs_started_total ", runs);
     expect_at_least("flowgrid_runs_finished_total{status=\"succeeded\"", runs);
     expect_at_least("flowgrid_tasks_dispatched_total{pool=\"a\"", runs);
-    expect_at_least("flowgrid_task_results_total{", runs);
+    expect_at_least("flowgrid_task_results_total{pool=\"a\",outcome=\"succeeded\"}", runs);
+    expect_at_least("flowgrid_api_requests_total{verb=\"run.start\",outcome=\"ok\"}", runs);
     expect_at_least("flowgrid_task_publish_seconds_count ", runs);
     expect_at_least("flowgrid_store_commit_seconds_count ", 2.0 * runs);
     assert_eq!(metric_value(&body, "flowgrid_runs_active "), Some(0.0), "every run ended:\n{body}");
+    assert_eq!(metric_value(&body, "flowgrid_tasks_in_flight{pool=\"a\"}"), Some(0.0), "every attempt closed:\n{body}");
     assert_eq!(
         metric_value(&body, "flowgrid_shards_owned "),
         Some(f64::from(grid.shards)),

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use flowgrid_model::{parse_definition, Limits, RunId, ShardId};
@@ -39,6 +40,27 @@ const VERBS: [&str; 8] =
 pub struct Api {
     pub router: Arc<Router>,
     pub limits: Limits,
+    pub requests: RequestCounters,
+}
+
+/// Requests handled, by verb (in the order of [`VERBS`], then unknown verbs) and outcome.
+pub struct RequestCounters([[Counter; 2]; VERBS.len() + 1]);
+
+impl RequestCounters {
+    pub fn register() -> RequestCounters {
+        // Only known verbs become label values: labels must stay low-cardinality.
+        let verbs: [&'static str; VERBS.len() + 1] =
+            std::array::from_fn(|index| VERBS.get(index).copied().unwrap_or("unknown"));
+        RequestCounters(verbs.map(|verb| {
+            ["ok", "error"]
+                .map(|outcome| ::metrics::counter!(metrics::API_REQUESTS, "verb" => verb, "outcome" => outcome))
+        }))
+    }
+
+    fn count(&self, verb: &str, succeeded: bool) {
+        let verb = VERBS.iter().position(|known| *known == verb).unwrap_or(VERBS.len());
+        self.0[verb][usize::from(!succeeded)].increment(1);
+    }
 }
 
 /// Shards asked at once by requests that cover every shard (lists).
@@ -90,10 +112,7 @@ pub async fn serve(
                 .unwrap_or("")
                 .to_owned();
             let (reply, succeeded) = api.dispatch(&verb, encoding, &message.payload).await;
-            let outcome = if succeeded { "ok" } else { "error" };
-            // Only known verbs become label values: labels must stay low-cardinality.
-            let label = VERBS.iter().find(|known| **known == verb).copied().unwrap_or("unknown");
-            ::metrics::counter!(metrics::API_REQUESTS, "verb" => label, "outcome" => outcome).increment(1);
+            api.requests.count(&verb, succeeded);
             publish(&api.router.context.nats, reply_to, encoding, reply).await;
             drop(permit);
         });

@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ::metrics::{Counter, Histogram};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use flowgrid_engine::TaskDispatch;
@@ -71,8 +72,9 @@ impl Dispatcher {
             subjects: Arc::new(subjects),
             limits,
             pools_ready: HashSet::new(),
-            task_subjects: HashMap::new(),
+            pools: HashMap::new(),
             result_subjects: HashMap::new(),
+            publish_seconds: ::metrics::histogram!(metrics::TASK_PUBLISH_SECONDS),
         };
         let handle = tokio::spawn(publisher.run(receiver, shutdown));
         Ok((Dispatcher { sender }, handle))
@@ -92,15 +94,22 @@ struct Publisher {
     subjects: Arc<Subjects>,
     limits: BrokerLimits,
     pools_ready: HashSet<String>,
-    /// Each pool's task subject and each shard's result subject, formatted once.
-    task_subjects: HashMap<Arc<str>, Subject>,
+    /// Each pool's task subject and counters, and each shard's result subject, made once.
+    pools: HashMap<Arc<str>, Arc<PoolTarget>>,
     result_subjects: HashMap<ShardId, String>,
+    publish_seconds: Histogram,
+}
+
+/// Where a pool's tasks go, and what counts them.
+struct PoolTarget {
+    subject: Subject,
+    dispatched: Counter,
+    publish_failed: Counter,
 }
 
 /// One task, encoded once; a retried publish sends the same bytes.
 struct Publication {
-    subject: Subject,
-    pool: Arc<str>,
+    pool: Arc<PoolTarget>,
     /// The attempt's message id: the `Nats-Msg-Id` header, and the attempt in logs.
     message_id: String,
     payload: Bytes,
@@ -158,13 +167,14 @@ impl Publisher {
     /// The task's message, moved out of the dispatch (no copy of the input).
     fn encode(&mut self, Queued { shard, task, at }: Queued) -> Option<Publication> {
         let subjects = &self.subjects;
-        let subject = self
-            .task_subjects
-            .entry(Arc::clone(&task.pool))
-            .or_insert_with_key(|pool| subjects.tasks(pool).into())
-            .clone();
+        let pool = Arc::clone(self.pools.entry(Arc::clone(&task.pool)).or_insert_with_key(|pool| {
+            Arc::new(PoolTarget {
+                subject: subjects.tasks(pool).into(),
+                dispatched: ::metrics::counter!(metrics::TASKS_DISPATCHED, "pool" => Arc::clone(pool)),
+                publish_failed: ::metrics::counter!(metrics::TASKS_PUBLISH_FAILED, "pool" => Arc::clone(pool)),
+            })
+        }));
         let reply_to = self.result_subjects.entry(shard).or_insert_with(|| subjects.shard_results(shard.0)).clone();
-        let pool = Arc::clone(&task.pool);
         let message_id = task.attempt.message_id();
         let message = TaskMessage {
             attempt: task.attempt,
@@ -175,7 +185,7 @@ impl Publisher {
             reply_to,
         };
         match flowgrid_proto::encode(Encoding::MsgPack, &message) {
-            Ok(bytes) => Some(Publication { subject, pool, message_id, payload: Bytes::from(bytes), queued: at }),
+            Ok(bytes) => Some(Publication { pool, message_id, payload: Bytes::from(bytes), queued: at }),
             Err(error) => {
                 // Every task is plain data; the attempt timeout retries it if this ever happens.
                 warn!(attempt = %message_id, error = %error, "cannot encode a task");
@@ -188,7 +198,7 @@ impl Publisher {
     async fn publish(&mut self, publication: Publication, try_number: u32, backoffs: &mut Backoffs) {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", publication.message_id.as_str());
-        let (subject, payload) = (publication.subject.clone(), publication.payload.clone());
+        let (subject, payload) = (publication.pool.subject.clone(), publication.payload.clone());
         if let Err(refused) = self.stream.publish(subject, headers, payload, (publication, try_number)).await {
             self.after_publish((refused.0, Err(refused.1)), backoffs);
         }
@@ -200,16 +210,15 @@ impl Publisher {
         ((publication, try_number), result): ((Publication, u32), Result<(), PublishFailure>),
         backoffs: &mut Backoffs,
     ) {
-        let pool = publication.pool.clone();
         let error = match result {
             Ok(()) => {
-                ::metrics::histogram!(metrics::TASK_PUBLISH_SECONDS).record(publication.queued.elapsed().as_secs_f64());
-                ::metrics::counter!(metrics::TASKS_DISPATCHED, "pool" => pool).increment(1);
+                self.publish_seconds.record(publication.queued.elapsed().as_secs_f64());
+                publication.pool.dispatched.increment(1);
                 return;
             }
             Err(error) => error,
         };
-        ::metrics::counter!(metrics::TASKS_PUBLISH_FAILED, "pool" => pool).increment(1);
+        publication.pool.publish_failed.increment(1);
         let attempt = &publication.message_id;
         if try_number >= PUBLISH_TRIES_MAX {
             warn!(attempt = %attempt, error = %error, "task publish keeps failing; the attempt timeout will retry it");

@@ -1,6 +1,18 @@
-//! Metric names of the coordinator, in one place, with their descriptions.
+//! Metric names of the coordinator, in one place, with their descriptions, and the
+//! handles the per-task path records to.
+//!
+//! A `counter!` or `gauge!` call builds its key, hashes it and looks it up in the
+//! recorder's registry every time, and with labels it also allocates them. The paths that
+//! run for every task (a shard actor's starts, results and commits, the dispatcher's
+//! publishes, the API's requests) register their handles once and keep them.
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use flowgrid_engine::RunStatus;
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Gauge, Histogram, Unit,
+};
 
 pub const RUNS_STARTED: &str = "flowgrid_runs_started_total";
 pub const RUNS_FINISHED: &str = "flowgrid_runs_finished_total";
@@ -62,4 +74,59 @@ pub fn describe() {
         "From stopping work on a shard to releasing its claim (last commit, close)."
     );
     describe_counter!(SHARD_TAKEOVERS, Unit::Count, "Shards taken from a coordinator whose lease ran out.");
+}
+
+/// What a shard actor records, registered when the actor starts.
+pub struct ShardMetrics {
+    pub runs_started: Counter,
+    pub runs_active: Gauge,
+    pub commit_seconds: Histogram,
+    pub commit_batch_events: Histogram,
+    /// Runs ended, by status, in the order of [`ENDED`].
+    runs_finished: [Counter; 4],
+    pools: HashMap<Arc<str>, TaskMetrics>,
+}
+
+/// A pool's task attempts, as a shard actor sees them.
+pub struct TaskMetrics {
+    pub in_flight: Gauge,
+    pub succeeded: Counter,
+    pub failed: Counter,
+    pub timed_out: Counter,
+}
+
+/// The statuses a run ends in.
+const ENDED: [RunStatus; 4] = [RunStatus::Succeeded, RunStatus::Failed, RunStatus::Cancelled, RunStatus::TimedOut];
+
+impl ShardMetrics {
+    pub fn register() -> ShardMetrics {
+        ShardMetrics {
+            runs_started: counter!(RUNS_STARTED),
+            runs_active: gauge!(RUNS_ACTIVE),
+            commit_seconds: histogram!(COMMIT_SECONDS),
+            commit_batch_events: histogram!(COMMIT_BATCH_EVENTS),
+            runs_finished: ENDED.map(|status| counter!(RUNS_FINISHED, "status" => status.as_str())),
+            pools: HashMap::new(),
+        }
+    }
+
+    pub fn run_finished(&self, status: RunStatus) {
+        if let Some(index) = ENDED.iter().position(|ended| *ended == status) {
+            self.runs_finished[index].increment(1);
+        }
+    }
+
+    /// The pool's handles, registered the first time the pool is seen (pools are few).
+    pub fn pool(&mut self, pool: &Arc<str>) -> &TaskMetrics {
+        self.pools.entry(Arc::clone(pool)).or_insert_with_key(|pool| {
+            let result =
+                |outcome: &'static str| counter!(TASK_RESULTS, "pool" => Arc::clone(pool), "outcome" => outcome);
+            TaskMetrics {
+                in_flight: gauge!(TASKS_IN_FLIGHT, "pool" => Arc::clone(pool)),
+                succeeded: result("succeeded"),
+                failed: result("failed"),
+                timed_out: result("timed_out"),
+            }
+        })
+    }
 }

@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::api::{self, Api};
+use crate::api::{self, Api, RequestCounters};
 use crate::clock::now_ms;
 use crate::cluster::{Lease, ManagerContext, Membership, ShardManager};
 use crate::config::CoordinatorConfig;
@@ -131,7 +131,7 @@ pub async fn run_with_store<S: Store>(
     let drain = CancellationToken::new();
     let mut manager_task = tokio::spawn(manager.run(members_kv, drain.clone()));
 
-    let api = Arc::new(Api { router, limits });
+    let api = Arc::new(Api { router, limits, requests: RequestCounters::register() });
     let requests = nats
         .queue_subscribe(subjects.api_all(), API_QUEUE_GROUP.to_owned())
         .await

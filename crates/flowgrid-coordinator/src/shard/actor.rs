@@ -23,7 +23,7 @@ use super::timers::TimerWheel;
 use super::{Command, NodeContext, ShardHandle};
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::metrics;
+use crate::metrics::{self, ShardMetrics};
 
 /// Pause before reloading a shard after a failed commit: a transient store failure gets
 /// a moment to clear, and a persistent one does not spin the shard.
@@ -53,6 +53,7 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub pinned: HashSet<(String, u32)>,
     /// Versions of the flows whose catalog lives in this shard, oldest first.
     pub catalog: BTreeMap<String, Vec<CatalogEntry>>,
+    pub metrics: ShardMetrics,
 }
 
 /// Takes over an opened shard: bumps its epoch, reloads its runs, and starts its actor.
@@ -83,6 +84,7 @@ pub async fn spawn_shard<S: ShardStore>(
         timers: TimerWheel::default(),
         pinned: HashSet::new(),
         catalog: BTreeMap::new(),
+        metrics: ShardMetrics::register(),
     };
     let republish = actor.reload().await?;
     for task in republish {
@@ -186,13 +188,13 @@ impl<S: ShardStore> ShardActor<S> {
         for active in self.runs.values() {
             for (timer, _) in active.run.armed_timers() {
                 if let TimerKey::AttemptTimeout { attempt } = timer {
-                    attempt_closed(active.run.plan(), &attempt);
+                    attempt_closed(&mut self.metrics, active.run.plan(), &attempt);
                 }
             }
         }
         self.runs.clear();
         self.context.active_runs.fetch_sub(runs, Ordering::Relaxed);
-        ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(runs as f64);
+        self.metrics.runs_active.decrement(runs as f64);
     }
 
     /// Takes whatever else is ready right now, up to the batch bound, without waiting.
@@ -274,8 +276,8 @@ impl<S: ShardStore> ShardActor<S> {
         if !writes.is_empty() {
             let started = Instant::now();
             let committed = self.store.commit(self.epoch, writes).await;
-            ::metrics::histogram!(metrics::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-            ::metrics::histogram!(metrics::COMMIT_BATCH_EVENTS).record(commands as f64);
+            self.metrics.commit_seconds.record(started.elapsed().as_secs_f64());
+            self.metrics.commit_batch_events.record(commands as f64);
             if let Err(error) = committed {
                 ::metrics::counter!(metrics::COMMIT_FAILED).increment(1);
                 let failure = match &error {
@@ -325,7 +327,7 @@ impl<S: ShardStore> ShardActor<S> {
                 // Its timers left the wheel, and its attempts the in-flight gauge, with the
                 // `CancelTimer`s of its end.
                 self.context.active_runs.fetch_sub(1, Ordering::Relaxed);
-                ::metrics::gauge!(metrics::RUNS_ACTIVE).decrement(1.0);
+                self.metrics.runs_active.decrement(1.0);
             }
         }
     }

@@ -13,7 +13,6 @@ use super::actor::{ActiveRun, ShardActor};
 use super::catalog::CatalogEntry;
 use super::runs::attempt_opened;
 use crate::error::{Error, Result};
-use crate::metrics;
 use crate::records::{self, CatalogRecord, EventRecord, StartRecord};
 
 impl<S: ShardStore> ShardActor<S> {
@@ -28,7 +27,7 @@ impl<S: ShardStore> ShardActor<S> {
             let run_id = keys::decode_active(&key)?;
             let active_run = self.replay(&run_id, &mut plans).await?;
             for task in active_run.run.open_dispatches() {
-                attempt_opened(&task);
+                attempt_opened(&mut self.metrics, &task);
                 republish.push(task);
             }
             for (timer, due_ms) in active_run.run.armed_timers() {
@@ -36,7 +35,7 @@ impl<S: ShardStore> ShardActor<S> {
             }
             self.runs.insert(run_id, Box::new(active_run));
             self.context.active_runs.fetch_add(1, Ordering::Relaxed);
-            ::metrics::gauge!(metrics::RUNS_ACTIVE).increment(1.0);
+            self.metrics.runs_active.increment(1.0);
         }
         Ok(republish)
     }

@@ -16,7 +16,7 @@ use super::actor::{ActiveRun, ShardActor};
 use super::batch::{Batch, ResultReply};
 use super::StartCommand;
 use crate::clock::now_ms;
-use crate::metrics;
+use crate::metrics::{self, ShardMetrics, TaskMetrics};
 use crate::records::{self, EventRecord, RunRecord, StartRecord};
 
 /// Index entries one list request may read per shard, matching or not: bounds the work of
@@ -76,8 +76,8 @@ impl<S: ShardStore> ShardActor<S> {
         let active = ActiveRun { run, next_seq: 1 };
         self.runs.insert(run_id.clone(), Box::new(active));
         self.context.active_runs.fetch_add(1, Ordering::Relaxed);
-        ::metrics::gauge!(metrics::RUNS_ACTIVE).increment(1.0);
-        ::metrics::counter!(metrics::RUNS_STARTED).increment(1);
+        self.metrics.runs_active.increment(1.0);
+        self.metrics.runs_started.increment(1);
         self.carry_out(&run_id, effects, now, batch);
         Ok(RunStarted { run_id, flow: plan.name.clone(), version: plan.version, created: true })
     }
@@ -143,7 +143,7 @@ impl<S: ShardStore> ShardActor<S> {
                 false
             }
             Applied::Accepted => {
-                count_result(active.run.plan(), &event);
+                count_result(&mut self.metrics, active.run.plan(), &event);
                 let record = EventRecord { now_ms: now, event, epoch: self.epoch.0 };
                 let key = keys::history(run_id, active.next_seq);
                 active.next_seq += 1;
@@ -160,13 +160,13 @@ impl<S: ShardStore> ShardActor<S> {
         for effect in effects {
             match effect {
                 Effect::Dispatch(task) => {
-                    attempt_opened(&task);
+                    attempt_opened(&mut self.metrics, &task);
                     batch.dispatches.push(task);
                 }
                 Effect::ArmTimer { run_id, timer, due_ms } => self.timers.arm(run_id, timer, due_ms),
                 Effect::CancelTimer { run_id, timer, due_ms } => {
                     if let (TimerKey::AttemptTimeout { attempt }, Some(active)) = (&timer, self.runs.get(&run_id)) {
-                        attempt_closed(active.run.plan(), attempt);
+                        attempt_closed(&mut self.metrics, active.run.plan(), attempt);
                     }
                     self.timers.cancel(run_id, timer, due_ms);
                 }
@@ -189,7 +189,7 @@ impl<S: ShardStore> ShardActor<S> {
         // A run ends once, and only then gets a snapshot.
         batch.writes.insert_chunked(&keys::snapshot(run_id), &records::encode(&view), &self.context.store_limits);
         batch.finished.push(run_id.clone());
-        ::metrics::counter!(metrics::RUNS_FINISHED, "status" => status.as_str()).increment(1);
+        self.metrics.run_finished(status);
     }
 
     pub(super) async fn cancel_run(
@@ -267,36 +267,36 @@ impl<S: ShardStore> ShardActor<S> {
 // The in-flight gauge counts an attempt from its dispatch until its timeout leaves the
 // wheel: cancelled (a result closed it, or its step or run ended) or fired.
 
-pub(super) fn attempt_opened(task: &TaskDispatch) {
-    ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => Arc::clone(&task.pool)).increment(1.0);
+pub(super) fn attempt_opened(metrics: &mut ShardMetrics, task: &TaskDispatch) {
+    metrics.pool(&task.pool).in_flight.increment(1.0);
 }
 
-pub(super) fn attempt_closed(plan: &FlowPlan, attempt: &AttemptId) {
+pub(super) fn attempt_closed(metrics: &mut ShardMetrics, plan: &FlowPlan, attempt: &AttemptId) {
     if let Some(pool) = pool_of(plan, &attempt.step) {
-        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, "pool" => pool).decrement(1.0);
+        metrics.pool(pool).in_flight.decrement(1.0);
     }
 }
 
 /// Counts the result an accepted event applied, by pool and outcome. A fired timeout
 /// also closes its attempt (it left the wheel without a `CancelTimer`).
-fn count_result(plan: &FlowPlan, event: &Event) {
-    let (attempt, outcome) = match event {
-        Event::TaskSucceeded { attempt, .. } => (attempt, "succeeded"),
-        Event::TaskFailed { attempt, .. } => (attempt, "failed"),
-        Event::TimerFired { timer: TimerKey::AttemptTimeout { attempt } } => {
-            attempt_closed(plan, attempt);
-            (attempt, "timed_out")
-        }
+fn count_result(metrics: &mut ShardMetrics, plan: &FlowPlan, event: &Event) {
+    let (attempt, count): (_, fn(&TaskMetrics)) = match event {
+        Event::TaskSucceeded { attempt, .. } => (attempt, |pool| pool.succeeded.increment(1)),
+        Event::TaskFailed { attempt, .. } => (attempt, |pool| pool.failed.increment(1)),
+        Event::TimerFired { timer: TimerKey::AttemptTimeout { attempt } } => (attempt, |pool| {
+            pool.timed_out.increment(1);
+            pool.in_flight.decrement(1.0);
+        }),
         _ => return,
     };
     if let Some(pool) = pool_of(plan, &attempt.step) {
-        ::metrics::counter!(metrics::TASK_RESULTS, "pool" => pool, "outcome" => outcome).increment(1);
+        count(metrics.pool(pool));
     }
 }
 
-fn pool_of(plan: &FlowPlan, step: &str) -> Option<Arc<str>> {
+fn pool_of<'plan>(plan: &'plan FlowPlan, step: &str) -> Option<&'plan Arc<str>> {
     plan.step_index(step).and_then(|index| match &plan.step(index).kind {
-        PlanStepKind::Task(spec) | PlanStepKind::Map { spec, .. } => Some(Arc::clone(&spec.pool)),
+        PlanStepKind::Task(spec) | PlanStepKind::Map { spec, .. } => Some(&spec.pool),
         _ => None,
     })
 }
