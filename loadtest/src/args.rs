@@ -170,6 +170,15 @@ pub struct RunArgs {
     /// Print only the final JSON line on stdout (no table).
     #[arg(long)]
     pub json_only: bool,
+    /// Sample the coordinators with `perf` from the start of the measured window and write
+    /// a flame graph (coordinator.svg) and the folded stacks into this directory; prints
+    /// where their CPU went. Needs `perf` (or $PERF) and coordinators the harness started
+    /// (or --coordinator-pid).
+    #[arg(long, value_name = "DIR")]
+    pub profile: Option<std::path::PathBuf>,
+    /// How long --profile samples (at most the measured duration).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub profile_duration: Duration,
     /// No progress line on stderr.
     #[arg(long, env = "FLOWGRID_LT_QUIET")]
     pub quiet: bool,
@@ -195,6 +204,10 @@ impl RunArgs {
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
         anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive (e.g. 60s)");
         anyhow::ensure!((0.0..=1.0).contains(&self.verify_share), "--verify-share is a fraction from 0 to 1");
+        if self.profile.is_some() {
+            anyhow::ensure!(!self.profile_duration.is_zero(), "--profile-duration must be positive (e.g. 5s)");
+            crate::profile::check()?;
+        }
         validate_workers(&self.workers)
     }
 }

@@ -113,6 +113,11 @@ impl Grid {
         tokio::task::spawn_blocking(scrape).await.unwrap_or_default()
     }
 
+    /// The coordinators' pids, when known (started here, or given by --coordinator-pid).
+    pub fn coordinator_pids(&self) -> &[u32] {
+        &self.coordinator_pids
+    }
+
     /// The coordinators' resident set (summed over all of them), in MiB, when their pids are known.
     pub fn coordinator_rss_mb(&self) -> Option<f64> {
         if self.coordinator_pids.is_empty() {

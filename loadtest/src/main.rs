@@ -11,6 +11,7 @@ mod flows;
 mod grid;
 mod memory;
 mod overload;
+mod profile;
 mod report;
 mod run;
 mod service_time;

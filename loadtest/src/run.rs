@@ -22,6 +22,7 @@ use crate::driver::{self, Errors, Starter};
 use crate::floor::{self, FloorResult};
 use crate::flows::Plan;
 use crate::grid::Grid;
+use crate::profile::{self, Recording};
 use crate::report::{self, describe_errors, describe_latency, print_table, quantiles_ms, round1, round3};
 use crate::tracker::{TaskSink, Tracker};
 use crate::worker::spawn_pool_workers;
@@ -68,6 +69,8 @@ struct Observed {
     /// The coordinators' metrics when the window began and when it ended, by address.
     metrics_from: HashMap<String, String>,
     metrics_to: HashMap<String, String>,
+    /// The `perf` recording `--profile` started with the window.
+    recording: Option<Result<Recording>>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -108,7 +111,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         LoopMode::Closed => tokio::spawn(driver::closed_loop(starter, args.concurrency, stop.clone())),
     };
 
-    let observed = timeline(&args, &grid, &tracker, &errors, &stop).await;
+    let mut observed = timeline(&args, &grid, &tracker, &errors, &stop).await;
     let drain_deadline = Instant::now() + args.drain;
     let drained = tokio::time::timeout(args.drain, async {
         let _ = driver.await;
@@ -147,11 +150,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None => None,
     };
     grid.stop();
+    let profile = match observed.recording.take() {
+        Some(recording) => {
+            eprintln!("folding the coordinator profile (perf script takes a while)");
+            Some(tokio::task::spawn_blocking(move || recording?.finish()).await??)
+        }
+        None => None,
+    };
 
-    let summary =
+    let mut summary =
         summarize(&args, &plan, &tracker, &errors, floors.as_ref(), &observed, verified.load(Ordering::Relaxed));
+    if let Some(profile) = &profile {
+        summary["profile"] = json!({ "flamegraph": profile.flamegraph, "cpu_s": round3(profile.cpu.as_secs_f64()) });
+    }
     if !args.json_only {
         print_summary_table(&summary);
+        if let Some(profile) = &profile {
+            profile.print();
+        }
     }
     report::print_json_line(&summary);
     Ok(())
@@ -184,6 +200,7 @@ async fn timeline(
     let mut measured_from = None;
     let mut cpu_from = None;
     let mut metrics_from = HashMap::new();
+    let mut recording = None;
     loop {
         ticks.tick().await;
         let now = Instant::now();
@@ -192,6 +209,10 @@ async fn timeline(
             measured_from = Some(now);
             cpu_from = grid.coordinator_cpu();
             metrics_from = grid.coordinator_metrics().await;
+            if let Some(dir) = &args.profile {
+                recording =
+                    Some(profile::start(dir, grid.coordinator_pids(), args.profile_duration.min(args.duration)));
+            }
         }
         let rss = grid.coordinator_rss_mb();
         if measured_from.is_some() {
@@ -231,6 +252,7 @@ async fn timeline(
         coordinator_cpu,
         metrics_from,
         metrics_to: grid.coordinator_metrics().await,
+        recording,
     }
 }
 

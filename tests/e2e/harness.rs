@@ -145,3 +145,55 @@ fn a_run_reports_its_throughput_against_the_floor_before_and_after() {
     );
     eprintln!("{}", run.line);
 }
+
+/// `--profile`: the coordinator is sampled during the window, and the run writes a flame
+/// graph and the folded stacks and prints where the coordinator's CPU went. Needs `perf`
+/// allowed to sample this user's processes; without it the test says so and does not run.
+#[test]
+fn a_profiled_run_writes_a_flame_graph_of_the_coordinator() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let probe = Command::new(std::env::var("PERF").unwrap_or_else(|_| "perf".to_owned()))
+        .args(["record", "--quiet", "-e", "cpu-clock", "-o"])
+        .arg(dir.path().join("probe.data"))
+        .args(["--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !probe.is_ok_and(|status| status.success()) {
+        eprintln!("SKIPPED: `perf record` cannot run here (install linux-perf, or lower kernel.perf_event_paranoid)");
+        return;
+    }
+    let profile = dir.path().join("profile");
+    let profile_arg = profile.to_str().expect("a UTF-8 temporary path");
+    let run = run_harness(
+        &[
+            "run",
+            "--workload",
+            "single",
+            "--concurrency",
+            "16",
+            "--warmup",
+            "1s",
+            "--duration",
+            "3s",
+            "--no-floor",
+            "--quiet",
+            "--profile",
+            profile_arg,
+            "--profile-duration",
+            "2s",
+        ],
+        Duration::from_secs(90),
+    );
+    let output = &run.output;
+    assert!(run.status.success(), "the harness failed\n{output}");
+    let cpu_s = run.summary["profile"]["cpu_s"].as_f64().unwrap_or(0.0);
+    assert!(cpu_s > 0.0, "the profile sampled no coordinator CPU\n{output}");
+    for file in ["coordinator.svg", "coordinator.folded"] {
+        let bytes = std::fs::metadata(profile.join(file)).map(|meta| meta.len()).unwrap_or(0);
+        assert!(bytes > 0, "{file} is missing or empty\n{output}");
+    }
+    let svg = std::fs::read_to_string(profile.join("coordinator.svg")).expect("read the flame graph");
+    assert!(svg.starts_with("<?xml") && svg.contains("tokio-rt-worker"), "not a flame graph of the coordinator");
+    assert!(output.contains("by thread") && output.contains("flowgrid_coordinator::"), "no summary\n{output}");
+}
