@@ -11,7 +11,7 @@
 //!   batch that arrived meanwhile durable (group commit across shards). When `commit`
 //!   returns `Ok`, the batch is on disk; when it returns an error, nothing of it is.
 //! - A committed batch is read from memory (the shard's overlay) until a checkpoint writes
-//!   it to the shard file in one durable redb transaction, at most
+//!   it to the shard file in one durable redb transaction, about
 //!   [`CHECKPOINT_INTERVAL_DEFAULT`] later, and records how far into the journal the file
 //!   is. Opening a shard first replays whatever its last writer journaled after that point
 //!   (that writer died, or closed the shard without its checkpoint completing).
@@ -75,9 +75,10 @@ const META_APPLIED: &str = "applied";
 /// otherwise. A process may hold hundreds of shards and the hot state lives in the
 /// coordinator's memory, so the store's cache only serves reloads and listings: keep it small.
 pub const CACHE_BYTES_PER_SHARD_DEFAULT: usize = 256 * 1024;
-/// How long a shard's commits may stay in the journal only, unless
-/// [`RedbStore::with_checkpoint_interval`] says otherwise. Longer means fewer, larger
-/// writes to the shard files and a longer replay after a crash.
+/// How long a shard's commits stay in the journal only, unless
+/// [`RedbStore::with_checkpoint_interval`] says otherwise (a little longer when many shards
+/// are due at once: see `checkpoints_per_tick`). Longer means fewer, larger writes to the
+/// shard files and a longer replay after a crash.
 pub const CHECKPOINT_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 /// A shard whose journal-only writes reach this many bytes is checkpointed at once:
 /// bounds the memory they hold.
@@ -209,13 +210,40 @@ fn checkpointer(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
             open.retain(|_, core| core.strong_count() > 0);
             open.values().filter_map(Weak::upgrade).collect()
         };
-        for core in cores {
-            if core.checkpoint_due(interval) {
-                // A failure leaves the writes in the overlay and the journal; retried next tick.
-                let _ = core.checkpoint();
+        let mut budget = checkpoints_per_tick(cores.len(), interval);
+        let mut due: Vec<(Due, Arc<ShardCore>)> =
+            cores.into_iter().filter_map(|core| Some((core.checkpoint_due(interval)?, core))).collect();
+        due.sort_unstable_by_key(|(due, _)| *due);
+        for (due, core) in due {
+            if due != Due::Full {
+                if budget == 0 {
+                    break;
+                }
+                budget -= 1;
             }
+            // A failure leaves the writes in the overlay and the journal; retried next tick.
+            let _ = core.checkpoint();
         }
     }
+}
+
+/// Checkpoints of shards whose interval has passed that one tick writes: the rate that
+/// writes every open shard once per interval, plus one. Under steady load the shards'
+/// checkpoints then spread over the interval instead of following each other in a burst
+/// that takes a core from the shard actors once a second (layers that must go, frozen or
+/// full, always go).
+fn checkpoints_per_tick(open: usize, interval: Duration) -> usize {
+    let per_tick = (open as u128 * CHECKPOINT_TICK.as_nanos()).div_ceil(interval.as_nanos().max(1));
+    usize::try_from(per_tick).unwrap_or(usize::MAX).saturating_add(1)
+}
+
+/// How urgent a shard's checkpoint is; the most urgent sorts first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    /// A frozen layer, or one over [`CHECKPOINT_BYTES`].
+    Full,
+    /// The interval has passed since this write, the layer's oldest.
+    Since(Instant),
 }
 
 fn open_shard_file(
@@ -382,12 +410,13 @@ impl ShardCore {
         *lock(&self.epoch)
     }
 
-    fn checkpoint_due(&self, interval: Duration) -> bool {
+    fn checkpoint_due(&self, interval: Duration) -> Option<Due> {
         let overlay = lock(&self.overlay);
-        overlay.frozen.is_some()
-            || (!overlay.active.is_empty()
-                && (overlay.active.bytes >= CHECKPOINT_BYTES
-                    || overlay.active.since.is_some_and(|since| since.elapsed() >= interval)))
+        if overlay.frozen.is_some() || overlay.active.bytes >= CHECKPOINT_BYTES {
+            return Some(Due::Full);
+        }
+        let since = overlay.active.since.filter(|since| since.elapsed() >= interval)?;
+        (!overlay.active.is_empty()).then_some(Due::Since(since))
     }
 
     /// Writes the overlay, as it is now, to the file; blocking. Commits that arrive
@@ -642,5 +671,30 @@ pub(crate) struct PathError<E: std::error::Error + 'static> {
 impl<E: std::error::Error + 'static> PathError<E> {
     pub(crate) fn new(action: &'static str, path: &Path, source: E) -> Self {
         PathError { action, path: path.to_path_buf(), source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tick_checkpoints_each_shard_once_per_interval_plus_one() {
+        let second = Duration::from_secs(1);
+        // 64 shards, 50 ms ticks, 1 s: 3.2 a tick, rounded up, plus one.
+        assert_eq!(checkpoints_per_tick(64, second), 5);
+        assert_eq!(checkpoints_per_tick(1, second), 2);
+        assert_eq!(checkpoints_per_tick(0, second), 1);
+        // An interval shorter than the tick: every shard each tick.
+        assert_eq!(checkpoints_per_tick(64, Duration::from_millis(10)), 321);
+        assert!(checkpoints_per_tick(3, Duration::ZERO) > 3);
+    }
+
+    #[test]
+    fn full_layers_come_first_then_the_oldest() {
+        let now = Instant::now();
+        let mut due = vec![Due::Since(now), Due::Full, Due::Since(now - Duration::from_secs(2))];
+        due.sort_unstable();
+        assert_eq!(due, vec![Due::Full, Due::Since(now - Duration::from_secs(2)), Due::Since(now)]);
     }
 }
