@@ -44,11 +44,21 @@ pub fn check() -> Result<()> {
     Ok(())
 }
 
-/// A `perf record` running over the coordinators.
+/// A `perf record` running over the coordinators; dropping it stops the recording.
 pub struct Recording {
-    child: std::process::Child,
+    /// `None` once `finish` took it.
+    child: Option<std::process::Child>,
     dir: PathBuf,
     data: PathBuf,
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Starts sampling `pids` for `length`, writing into `dir`.
@@ -70,7 +80,7 @@ pub fn start(dir: &Path, pids: &[u32], length: Duration) -> Result<Recording> {
         .stderr(Stdio::piped())
         .spawn()
         .context("start perf record")?;
-    Ok(Recording { child, dir: dir.to_owned(), data })
+    Ok(Recording { child: Some(child), dir: dir.to_owned(), data })
 }
 
 /// What a recording found.
@@ -91,8 +101,9 @@ pub struct Profile {
 impl Recording {
     /// Waits for the recording to end, then folds it and draws the flame graph (blocking:
     /// `perf script` takes seconds).
-    pub fn finish(self) -> Result<Profile> {
-        let Recording { child, dir, data } = self;
+    pub fn finish(mut self) -> Result<Profile> {
+        let (dir, data) = (self.dir.clone(), self.data.clone());
+        let child = self.child.take().context("the recording was already finished")?;
         let output = child.wait_with_output().context("wait for perf record")?;
         if !output.status.success() {
             bail!("perf record failed: {}", String::from_utf8_lossy(&output.stderr).trim());
