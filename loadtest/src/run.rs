@@ -150,12 +150,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None => None,
     };
     grid.stop();
-    let profile = match observed.recording.take() {
+    // A profile that failed still lets the run report; the error is returned after the report.
+    let (profile, profile_error) = match observed.recording.take() {
         Some(recording) => {
             eprintln!("folding the coordinator profile (perf script takes a while)");
-            Some(tokio::task::spawn_blocking(move || recording?.finish()).await??)
+            match tokio::task::spawn_blocking(move || recording?.finish()).await {
+                Ok(Ok(profile)) => (Some(profile), None),
+                Ok(Err(error)) => (None, Some(error)),
+                Err(panicked) => (None, Some(anyhow::Error::new(panicked).context("fold the profile"))),
+            }
         }
-        None => None,
+        None => (None, None),
     };
 
     let mut summary =
@@ -170,7 +175,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     report::print_json_line(&summary);
-    Ok(())
+    match profile_error {
+        Some(error) => Err(error.context("--profile")),
+        None => Ok(()),
+    }
 }
 
 async fn measure_floor(args: &RunArgs, grid: &Grid, plan: &Plan, when: &str) -> Result<FloorResult> {
