@@ -112,7 +112,7 @@ impl Recording {
             .args(["script", "--no-inline", "-i"])
             .arg(&data)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .context("start perf script")?;
         let stdout = script.stdout.take().context("perf script has no output")?;
@@ -122,7 +122,11 @@ impl Recording {
             .context("fold perf script's stacks")?;
         let status = script.wait().context("wait for perf script")?;
         if !status.success() || folded.is_empty() {
-            bail!("perf script found no samples in {} (status {status})", data.display());
+            bail!(
+                "perf script found no samples of the coordinators in {} (status {status}; its messages are above); \
+                 check that perf can sample them (kernel.perf_event_paranoid) and that --profile-duration is not too short",
+                data.display()
+            );
         }
         let folded_path = dir.join("coordinator.folded");
         std::fs::write(&folded_path, &folded).with_context(|| format!("write {}", folded_path.display()))?;

@@ -90,29 +90,19 @@ fn read_to_end(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<
     })
 }
 
+/// `run --workload <workload>` for 3 s after 1 s of warm-up, 16 runs in flight, with `extra`
+/// flags; interrupted past 90 s.
+fn run_short(workload: &str, extra: &[&str]) -> Harnessed {
+    let mut args = vec!["run", "--workload", workload, "--concurrency", "16", "--warmup", "1s", "--duration", "3s"];
+    args.extend_from_slice(extra);
+    run_harness(&args, Duration::from_secs(90))
+}
+
 /// A short closed-loop chain run with the floor measured on both sides: every started run
 /// ends, and the ratio is taken against the mean of the two floors.
 #[test]
 fn a_run_reports_its_throughput_against_the_floor_before_and_after() {
-    let run = run_harness(
-        &[
-            "run",
-            "--workload",
-            "chain",
-            "--concurrency",
-            "16",
-            "--warmup",
-            "1s",
-            "--duration",
-            "3s",
-            "--drain",
-            "10s",
-            "--floor-duration",
-            "1s",
-            "--json-only",
-        ],
-        Duration::from_secs(90),
-    );
+    let run = run_short("chain", &["--drain", "10s", "--floor-duration", "1s", "--json-only"]);
     let output = &run.output;
     assert!(run.status.success(), "the harness failed\n{output}");
     assert_eq!(run.count("errors"), 0, "errors in the run\n{output}");
@@ -165,26 +155,7 @@ fn a_profiled_run_writes_a_flame_graph_of_the_coordinator() {
     }
     let profile = dir.path().join("profile");
     let profile_arg = profile.to_str().expect("a UTF-8 temporary path");
-    let run = run_harness(
-        &[
-            "run",
-            "--workload",
-            "single",
-            "--concurrency",
-            "16",
-            "--warmup",
-            "1s",
-            "--duration",
-            "3s",
-            "--no-floor",
-            "--quiet",
-            "--profile",
-            profile_arg,
-            "--profile-duration",
-            "2s",
-        ],
-        Duration::from_secs(90),
-    );
+    let run = run_short("single", &["--no-floor", "--quiet", "--profile", profile_arg, "--profile-duration", "2s"]);
     let output = &run.output;
     assert!(run.status.success(), "the harness failed\n{output}");
     let cpu_s = run.summary["profile"]["cpu_s"].as_f64().unwrap_or(0.0);
