@@ -24,6 +24,9 @@
 #   make clean-grid  delete the local grid's data (.grid/data, .grid/nats); the grid must be down
 #   make loadtest    build release binaries and run the load-test harness on a throw-away grid
 #                    (LOADTEST_ARGS, default: a 60 s closed-loop chain-of-3 run; see docs/performance.md)
+#   make targets     every performance target in one go (chain-of-3 and 1-task throughput against
+#                    the broker floor, half-load latencies, map, memory, overload), each step on a
+#                    grid of its own, then a table of target, measured value and verdict (~7 min)
 #   make profile     a load-test run (PROFILE_ARGS) with the coordinator sampled by perf: a flame
 #                    graph, the folded stacks and a summary in TARGET_DIR/profile (needs perf)
 #   make chaos       build release binaries and run the chaos test for DURATION seconds: several
@@ -37,6 +40,7 @@
 #   CHAOS_ARGS="--seed 7 --coordinators 5" (more flags of `flowgrid-loadtest chaos`)
 #   TARGET_DIR=$CARGO_TARGET_DIR or target  LOADTEST_ARGS="run --workload single --duration 30s"
 #   PROFILE_ARGS="run --workload chain --duration 20s --no-floor --profile-duration 10s"
+#   TARGETS_ARGS="--steps chain,half-load --fail-on-miss" (more flags of `flowgrid-loadtest targets`)
 
 CARGO ?= cargo
 NATS_PORT ?= 4222
@@ -48,6 +52,7 @@ LOADTEST_ARGS ?= run --workload chain --tasks-per-run 3 --mode closed --concurre
 COORDINATORS ?= 1
 DURATION ?= 120
 CHAOS_ARGS ?=
+TARGETS_ARGS ?=
 PROFILE_ARGS ?= run --workload single --mode closed --concurrency 512 --duration 20s --no-floor --profile-duration 10s
 FLOWGRID_BIN ?= $(abspath $(TARGET_DIR)/debug/flowgrid)
 # The harnesses start the release build of flowgrid, whatever FLOWGRID_BIN says.
@@ -63,7 +68,7 @@ export CARGO NATS_PORT METRICS_PORT SHARDS WORKER_POOLS COORDINATORS FLOWGRID_BI
 LOAD_TOOLS := source deploy/lib.sh && load_tools "$$PWD"
 
 .PHONY: help setup tools build demo test up scale down status schemas check-fdb check-deps fmt lint clean-grid loadtest \
-	profile chaos
+	targets profile chaos
 
 help:
 	@awk 'NR == 1, !/^#/ { if (/^#/) { sub(/^# ?/, ""); print } }' $(firstword $(MAKEFILE_LIST))
@@ -141,6 +146,9 @@ clean-grid:
 loadtest: tools
 	$(CARGO) build --release --bins -p flowgrid-cli -p flowgrid-loadtest
 	$(LOAD_TOOLS); FLOWGRID_BIN=$(RELEASE_FLOWGRID_BIN) $(TARGET_DIR)/release/flowgrid-loadtest $(LOADTEST_ARGS)
+
+targets:
+	$(MAKE) loadtest LOADTEST_ARGS="targets $(TARGETS_ARGS)"
 
 profile:
 	$(MAKE) loadtest LOADTEST_ARGS="$(PROFILE_ARGS) --profile $(abspath $(TARGET_DIR))/profile"

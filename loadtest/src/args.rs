@@ -29,6 +29,9 @@ pub enum Command {
     /// Chaos: several coordinators under steady load while they are killed, paused, added
     /// and removed; then every accepted run is checked and the store audited.
     Chaos(ChaosArgs),
+    /// Every performance target of docs/performance.md in one go: each step on a grid of its
+    /// own, then a table of target, measured value and verdict.
+    Targets(TargetsArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -247,6 +250,80 @@ pub struct OverloadArgs {
     pub workers: WorkerArgs,
 }
 
+/// A step of `targets`: one harness run and the targets it measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Step {
+    /// Chain-of-3 runs, closed loop of 512, with the broker floor: tasks/s and ratio.
+    Chain,
+    /// 1-task runs, closed loop of 512, with the broker floor: tasks/s and ratio.
+    Single,
+    /// Chain-of-3 runs, open loop at half the `chain` step's runs/s: latencies.
+    HalfLoad,
+    /// A map over 10,000 items, one run at a time: time to finish.
+    Map,
+    /// 100,000 runs waiting on a worker: coordinator memory per run.
+    Memory,
+    /// Workers stopped, starts going on at 4,000/s for 70 s: rejections and a memory plateau.
+    Overload,
+}
+
+impl Step {
+    pub const ALL: [Step; 6] = [Step::Chain, Step::Single, Step::HalfLoad, Step::Map, Step::Memory, Step::Overload];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Chain => "chain",
+            Step::Single => "single",
+            Step::HalfLoad => "half-load",
+            Step::Map => "map",
+            Step::Memory => "memory",
+            Step::Overload => "overload",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TargetsArgs {
+    /// Measured time of each throughput step (`chain`, `single`); `half-load` lasts half of
+    /// it and `map` a sixth (at least 3 s).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Load before each run step's measurement starts.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Measured time of the broker floor, on each side of a throughput step.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub floor_duration: Duration,
+    /// Steps to run, comma-separated; they run in the order listed under --help.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Step::ALL)]
+    pub steps: Vec<Step>,
+    /// Exit with status 1 when a target is missed (otherwise only when a step fails to run).
+    #[arg(long)]
+    pub fail_on_miss: bool,
+    /// The `flowgrid` binary (default: target/release/flowgrid next to this binary).
+    #[arg(long, env = "FLOWGRID_BIN")]
+    pub flowgrid_bin: Option<PathBuf>,
+    /// Extra flags for every started coordinator, space-separated.
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    pub coordinator_args: String,
+}
+
+impl TargetsArgs {
+    /// Checks values clap cannot, with messages that say what to change.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.duration >= Duration::from_secs(2),
+            "--duration must be at least 2s (the half-load step lasts half of it)"
+        );
+        anyhow::ensure!(!self.floor_duration.is_zero(), "--floor-duration must be positive (e.g. 10s)");
+        anyhow::ensure!(
+            !self.steps.contains(&Step::HalfLoad) || self.steps.contains(&Step::Chain),
+            "the half-load step runs at half the chain step's maximum: add `chain` to --steps"
+        );
+        Ok(())
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ChaosArgs {
     /// How long faults are injected under load.
@@ -338,6 +415,18 @@ mod tests {
         let cli = Cli::try_parse_from(["flowgrid-loadtest", "chaos", "--coordinators", "2"]).unwrap();
         let Command::Chaos(chaos) = cli.command else { panic!("expected chaos") };
         assert!(chaos.validate().unwrap_err().to_string().contains("at least 3"));
+    }
+
+    #[test]
+    fn targets_run_every_step_unless_told_and_half_load_needs_chain() {
+        let cli = Cli::try_parse_from(["flowgrid-loadtest", "targets"]).unwrap();
+        let Command::Targets(targets) = cli.command else { panic!("expected targets") };
+        assert_eq!(targets.steps, Step::ALL);
+        targets.validate().unwrap();
+        let cli = Cli::try_parse_from(["flowgrid-loadtest", "targets", "--steps", "half-load,map"]).unwrap();
+        let Command::Targets(targets) = cli.command else { panic!("expected targets") };
+        assert!(targets.validate().unwrap_err().to_string().contains("add `chain`"));
+        assert!(Cli::try_parse_from(["flowgrid-loadtest", "targets", "--steps", "chain,fast"]).is_err());
     }
 
     #[test]

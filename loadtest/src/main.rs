@@ -15,6 +15,7 @@ mod profile;
 mod report;
 mod run;
 mod service_time;
+mod targets;
 mod tracker;
 mod worker;
 
@@ -39,6 +40,7 @@ async fn main() -> ExitCode {
             Command::Memory(args) => memory::memory(args).await,
             Command::Overload(args) => overload::overload(args).await,
             Command::Chaos(args) => chaos::chaos(args).await,
+            Command::Targets(args) => targets::targets(args).await,
         }
     };
     // On ctrl-c the command is dropped, and with it the grid it started.

@@ -168,3 +168,41 @@ fn a_profiled_run_writes_a_flame_graph_of_the_coordinator() {
     assert!(svg.starts_with("<?xml") && svg.contains("tokio-rt-worker"), "not a flame graph of the coordinator");
     assert!(output.contains("by thread") && output.contains("flowgrid_coordinator::"), "no summary\n{output}");
 }
+
+/// `targets`: the chain step's maximum sets the half-load rate, and every verdict agrees
+/// with the figure it was taken from.
+#[test]
+fn targets_measure_each_step_and_judge_every_figure() {
+    let args =
+        ["targets", "--steps", "chain,half-load", "--duration", "3s", "--warmup", "1s", "--floor-duration", "1s"];
+    let run = run_harness(&args, Duration::from_secs(150));
+    let output = &run.output;
+    assert!(run.status.success(), "the harness failed\n{output}");
+    assert_eq!(run.summary["mode"], "targets", "{output}");
+    let steps = &run.summary["steps"];
+    let chain_runs_per_s = steps["chain"]["runs_per_s"].as_f64().unwrap_or_else(|| panic!("no chain step\n{output}"));
+    let half_rate = steps["half-load"]["rate"].as_f64().unwrap_or_else(|| panic!("no half-load step\n{output}"));
+    assert!(
+        (half_rate - chain_runs_per_s / 2.0).abs() <= 0.5,
+        "half-load at {half_rate}/s, chain {chain_runs_per_s}/s\n{output}"
+    );
+    assert_eq!(steps["half-load"]["mode"], "open", "{output}");
+    let verdicts = run.summary["targets"].as_array().unwrap_or_else(|| panic!("no targets\n{output}"));
+    // chain: tasks/s, ratio, errors; half-load: four latencies, errors.
+    assert_eq!(verdicts.len(), 8, "{output}");
+    for verdict in verdicts {
+        let target = verdict["target"].as_str().expect("a target names itself");
+        let measured = verdict["measured"].as_f64().unwrap_or_else(|| panic!("{target}: not measured\n{output}"));
+        let (bound, at_least) = match target.rsplit_once(" >= ") {
+            Some((_, bound)) => (bound, true),
+            None => (target.rsplit_once(" <= ").map_or("0", |(_, bound)| bound), false),
+        };
+        let bound: f64 = bound.parse().unwrap_or_else(|_| panic!("{target}: no bound\n{output}"));
+        let met = if at_least { measured >= bound } else { measured <= bound };
+        assert_eq!(verdict["met"], met, "{target}: measured {measured}\n{output}");
+    }
+    let met = verdicts.iter().filter(|verdict| verdict["met"] == true).count() as u64;
+    assert_eq!(run.count("met"), met, "{output}");
+    assert_eq!(run.count("missed"), verdicts.len() as u64 - met, "{output}");
+    assert!(run.output.contains("flowgrid performance targets"), "no table\n{output}");
+}

@@ -1,0 +1,437 @@
+//! `targets`: every performance target of docs/performance.md in one command.
+//!
+//! Each step is this harness run again as a child process (`run`, `memory`, `overload`),
+//! on a grid of its own, with the flags the figure is defined by; its table and JSON line
+//! pass through. The half-load step runs at half the runs/s the chain step reached. Then
+//! a table gives each target, the measured value and the verdict, and a JSON line (last)
+//! holds the verdicts and every step's JSON line.
+//!
+//! Children get none of the `FLOWGRID_LT_*` variables: a stray one (a running grid's
+//! URL, a kept directory, the floor switched off) would change what a figure means.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::args::{Step, TargetsArgs};
+use crate::report::{print_json_line, print_table};
+
+/// Tasks per second both throughput steps must sustain.
+const TASKS_PER_S_MIN: f64 = 15_000.0;
+/// Engine throughput over the broker floor of the same run.
+const RATIO_TO_FLOOR_MIN: f64 = 0.5;
+/// Runs in flight in the throughput steps (the `run` default, written out).
+const CLOSED_LOOP_CONCURRENCY: &str = "512";
+/// Items of the map step's one run.
+const MAP_ITEMS: &str = "10000";
+/// Waiting runs the memory step starts.
+const MEMORY_RUNS: &str = "100000";
+/// Coordinator memory per waiting run, at most.
+const BYTES_PER_ACTIVE_RUN_MAX: f64 = 2_048.0;
+/// Overload: start rate and how long starts go on after the workers stop. Long enough for
+/// the active-run bound to be reached and the memory series to show whether it levels off.
+const OVERLOAD_RATE: &str = "4000";
+const OVERLOAD_DURATION: &str = "70s";
+
+enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+    /// A JSON `true`.
+    Holds,
+}
+
+/// One target: the step that measures it, where its value is in that step's JSON line.
+struct Target {
+    step: Step,
+    name: &'static str,
+    path: &'static [&'static str],
+    bound: Bound,
+}
+
+const TARGETS: &[Target] = &[
+    Target { step: Step::Chain, name: "tasks/s", path: &["tasks_per_s"], bound: Bound::AtLeast(TASKS_PER_S_MIN) },
+    Target {
+        step: Step::Chain,
+        name: "ratio to floor",
+        path: &["ratio_to_floor"],
+        bound: Bound::AtLeast(RATIO_TO_FLOOR_MIN),
+    },
+    Target { step: Step::Single, name: "tasks/s", path: &["tasks_per_s"], bound: Bound::AtLeast(TASKS_PER_S_MIN) },
+    Target {
+        step: Step::Single,
+        name: "ratio to floor",
+        path: &["ratio_to_floor"],
+        bound: Bound::AtLeast(RATIO_TO_FLOOR_MIN),
+    },
+    Target {
+        step: Step::HalfLoad,
+        name: "step overhead p50 ms",
+        path: &["step_overhead_ms", "p50"],
+        bound: Bound::AtMost(1.0),
+    },
+    Target {
+        step: Step::HalfLoad,
+        name: "step overhead p99 ms",
+        path: &["step_overhead_ms", "p99"],
+        bound: Bound::AtMost(10.0),
+    },
+    Target {
+        step: Step::HalfLoad,
+        name: "start overhead p99 ms",
+        path: &["start_overhead_ms", "p99"],
+        bound: Bound::AtMost(10.0),
+    },
+    Target { step: Step::HalfLoad, name: "run e2e p50 ms", path: &["run_e2e_ms", "p50"], bound: Bound::AtMost(3.0) },
+    Target { step: Step::Map, name: "run e2e max ms", path: &["run_e2e_ms", "max"], bound: Bound::AtMost(2_000.0) },
+    Target {
+        step: Step::Memory,
+        name: "bytes per waiting run",
+        path: &["bytes_per_active_run"],
+        bound: Bound::AtMost(BYTES_PER_ACTIVE_RUN_MAX),
+    },
+    Target {
+        step: Step::Overload,
+        name: "starts refused `overloaded`",
+        path: &["rejected_overloaded"],
+        bound: Bound::AtLeast(1.0),
+    },
+    Target { step: Step::Overload, name: "memory plateau", path: &["plateau"], bound: Bound::Holds },
+];
+
+/// What one step gave: its JSON line, or why there is none.
+type Outcome = std::result::Result<Value, String>;
+
+pub async fn targets(args: TargetsArgs) -> Result<()> {
+    args.validate()?;
+    let exe = std::env::current_exe().context("find this harness's own binary to run each step with")?;
+    let mut steps = args.steps.clone();
+    steps.sort_unstable();
+    steps.dedup();
+    let mut outcomes: BTreeMap<Step, Outcome> = BTreeMap::new();
+    for (index, &step) in steps.iter().enumerate() {
+        let chain_runs_per_s =
+            outcomes.get(&Step::Chain).and_then(|outcome| outcome.as_ref().ok()?["runs_per_s"].as_f64());
+        let outcome = match step_args(step, &args, chain_runs_per_s) {
+            Ok(step_args) => {
+                eprintln!(
+                    "== step {} of {}: {}: flowgrid-loadtest {}",
+                    index + 1,
+                    steps.len(),
+                    step.as_str(),
+                    step_args.join(" ")
+                );
+                run_step(&exe, &step_args).await.map_err(|error| format!("{error:#}"))
+            }
+            Err(reason) => Err(reason),
+        };
+        if let Err(reason) = &outcome {
+            eprintln!("== step {}: {reason}", step.as_str());
+        }
+        outcomes.insert(step, outcome);
+    }
+
+    let verdicts = verdicts(&outcomes);
+    let rows: Vec<(String, String)> = verdicts
+        .iter()
+        .map(|verdict| {
+            (
+                format!("{:<10} {}", verdict["step"].as_str().unwrap_or(""), verdict["target"].as_str().unwrap_or("")),
+                verdict["verdict"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    print_table("flowgrid performance targets", &rows);
+    let met = verdicts.iter().filter(|verdict| verdict["met"] == json!(true)).count();
+    let missed = verdicts.len() - met;
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter_map(|(step, outcome)| outcome.as_ref().err().map(|reason| format!("{}: {reason}", step.as_str())))
+        .collect();
+    println!("{met} of {} targets met", verdicts.len());
+    let steps_json: serde_json::Map<String, Value> = outcomes
+        .iter()
+        .map(|(step, outcome)| {
+            let value = match outcome {
+                Ok(line) => line.clone(),
+                Err(reason) => json!({ "failed": reason }),
+            };
+            (step.as_str().to_owned(), value)
+        })
+        .collect();
+    print_json_line(&json!({
+        "mode": "targets",
+        "met": met,
+        "missed": missed,
+        "targets": verdicts,
+        "steps": steps_json,
+    }));
+    if !failed.is_empty() {
+        bail!("{} of {} steps did not run to the end: {}", failed.len(), steps.len(), failed.join("; "));
+    }
+    if args.fail_on_miss && missed > 0 {
+        bail!("{missed} of {} targets missed (--fail-on-miss)", met + missed);
+    }
+    Ok(())
+}
+
+/// The harness command line of `step`; `Err` says why it cannot run.
+fn step_args(
+    step: Step,
+    args: &TargetsArgs,
+    chain_runs_per_s: Option<f64>,
+) -> std::result::Result<Vec<String>, String> {
+    let ms = |duration: Duration| format!("{}ms", duration.as_millis());
+    let run = |workload: &str, duration: Duration| {
+        let mut line = vec!["run", "--workload", workload].into_iter().map(str::to_owned).collect::<Vec<_>>();
+        line.extend(["--duration".to_owned(), ms(duration), "--warmup".to_owned(), ms(args.warmup)]);
+        line
+    };
+    let throughput = |workload: &str| {
+        let mut line = run(workload, args.duration);
+        line.extend(["--mode", "closed", "--concurrency", CLOSED_LOOP_CONCURRENCY].map(str::to_owned));
+        line.extend(["--floor-duration".to_owned(), ms(args.floor_duration)]);
+        line
+    };
+    let mut line = match step {
+        Step::Chain => {
+            let mut line = throughput("chain");
+            line.extend(["--tasks-per-run", "3"].map(str::to_owned));
+            line
+        }
+        Step::Single => throughput("single"),
+        Step::HalfLoad => {
+            let Some(runs_per_s) = chain_runs_per_s.filter(|rate| *rate >= 2.0) else {
+                return Err("not run: the chain step gave no maximum to take half of".to_owned());
+            };
+            let mut line = run("chain", args.duration / 2);
+            line.extend(["--tasks-per-run", "3", "--mode", "open", "--no-floor", "--rate"].map(str::to_owned));
+            line.push(format!("{:.0}", runs_per_s / 2.0));
+            line
+        }
+        Step::Map => {
+            let mut line = run("map", (args.duration / 6).max(Duration::from_secs(3)));
+            line.extend(
+                ["--tasks-per-run", MAP_ITEMS, "--mode", "closed", "--concurrency", "1", "--no-floor"]
+                    .map(str::to_owned),
+            );
+            line
+        }
+        Step::Memory => ["memory", "--runs", MEMORY_RUNS].map(str::to_owned).to_vec(),
+        Step::Overload => {
+            ["overload", "--rate", OVERLOAD_RATE, "--duration", OVERLOAD_DURATION].map(str::to_owned).to_vec()
+        }
+    };
+    if let Some(bin) = &args.flowgrid_bin {
+        line.extend(["--flowgrid-bin".to_owned(), bin.display().to_string()]);
+    }
+    if !args.coordinator_args.trim().is_empty() {
+        line.push(format!("--coordinator-args={}", args.coordinator_args));
+    }
+    Ok(line)
+}
+
+/// Runs this harness with `step_args`, passing its output through; returns its JSON line.
+async fn run_step(exe: &Path, step_args: &[String]) -> Result<Value> {
+    let mut command = tokio::process::Command::new(exe);
+    command.args(step_args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FLOWGRID_LT_") {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command.spawn().with_context(|| format!("start {}", exe.display()))?;
+    // Dropped early (ctrl-c, an error), the step is interrupted the way a user would, so
+    // that it stops the grid it started.
+    let mut interrupt = InterruptOnDrop(child.id());
+    let mut lines = BufReader::new(child.stdout.take().context("the step's stdout")?).lines();
+    let mut json_line = None;
+    while let Some(line) = lines.next_line().await.context("read the step's output")? {
+        println!("{line}");
+        if line.starts_with('{') {
+            json_line = Some(line);
+        }
+    }
+    let status = child.wait().await.context("wait for the step")?;
+    interrupt.0 = None;
+    if !status.success() {
+        bail!("the step failed ({status}); its messages are above");
+    }
+    let line = json_line.context("the step printed no JSON line")?;
+    serde_json::from_str(&line).context("the step's JSON line does not parse")
+}
+
+/// Sends SIGINT to a child process when dropped, unless the pid was taken out (the child
+/// ended).
+struct InterruptOnDrop(Option<u32>);
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|pid| libc::pid_t::try_from(pid).ok()) {
+            // SAFETY: kill(2) takes plain integers; the child is not reaped yet (its
+            // handle is still alive), so the pid is still its own.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+    }
+}
+
+/// One verdict per target of the steps that were asked for, in the order of [`TARGETS`],
+/// plus one per step on its errors.
+fn verdicts(outcomes: &BTreeMap<Step, Outcome>) -> Vec<Value> {
+    const NO_ERRORS: Target =
+        Target { step: Step::Chain, name: "errors", path: &["errors"], bound: Bound::AtMost(0.0) };
+    let error_targets = outcomes.keys().map(|&step| Target { step, ..NO_ERRORS });
+    let mut targets: Vec<&Target> = TARGETS.iter().filter(|target| outcomes.contains_key(&target.step)).collect();
+    let error_targets: Vec<Target> = error_targets.collect();
+    targets.extend(error_targets.iter());
+    targets.sort_by_key(|target| target.step);
+    targets.iter().map(|target| verdict(target, outcomes.get(&target.step))).collect()
+}
+
+fn verdict(target: &Target, outcome: Option<&Outcome>) -> Value {
+    let measured = outcome
+        .and_then(|outcome| outcome.as_ref().ok())
+        .map(|line| target.path.iter().fold(line, |value, key| &value[*key]));
+    let (bound, measured_text, met, short) = match (&target.bound, measured) {
+        (Bound::Holds, Some(Value::Bool(holds))) => {
+            ("holds".to_owned(), if *holds { "yes" } else { "no" }.to_owned(), *holds, None)
+        }
+        (Bound::AtLeast(bound), Some(value)) if value.is_number() => {
+            let value = value.as_f64().unwrap_or(f64::NAN);
+            let short = (value < *bound).then(|| format!("{:.0}% short", (1.0 - value / bound) * 100.0));
+            (format!(">= {}", number(*bound)), number(value), value >= *bound, short)
+        }
+        (Bound::AtMost(bound), Some(value)) if value.is_number() => {
+            let value = value.as_f64().unwrap_or(f64::NAN);
+            let short = (value > *bound).then(|| match *bound {
+                0.0 => "over".to_owned(),
+                _ => format!("{:.1}x the bound", value / bound),
+            });
+            let bound_text = if *bound == 0.0 { "= 0".to_owned() } else { format!("<= {}", number(*bound)) };
+            (bound_text, number(value), value <= *bound, short)
+        }
+        (bound, _) => {
+            let bound = match bound {
+                Bound::AtLeast(bound) => format!(">= {}", number(*bound)),
+                Bound::AtMost(bound) => format!("<= {}", number(*bound)),
+                Bound::Holds => "holds".to_owned(),
+            };
+            (bound, "not measured".to_owned(), false, None)
+        }
+    };
+    let verdict = match (met, short) {
+        (true, _) => format!("{measured_text}  met"),
+        (false, Some(short)) => format!("{measured_text}  MISSED ({short})"),
+        (false, None) => format!("{measured_text}  MISSED"),
+    };
+    json!({
+        "step": target.step.as_str(),
+        "target": format!("{} {bound}", target.name),
+        "measured": measured.cloned().unwrap_or(Value::Null),
+        "met": met,
+        "verdict": verdict,
+    })
+}
+
+/// A figure as the table shows it: whole numbers and figures from 100 up without decimals,
+/// others with three.
+fn number(value: f64) -> String {
+    if value.fract() == 0.0 || value.abs() >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcomes(entries: &[(Step, Outcome)]) -> BTreeMap<Step, Outcome> {
+        entries.iter().cloned().collect()
+    }
+
+    fn verdict_of<'a>(verdicts: &'a [Value], step: &str, target: &str) -> &'a Value {
+        verdicts
+            .iter()
+            .find(|verdict| verdict["step"] == step && verdict["target"].as_str().unwrap().starts_with(target))
+            .unwrap_or_else(|| panic!("no verdict for {step} {target} in {verdicts:?}"))
+    }
+
+    #[test]
+    fn bounds_are_checked_both_ways_and_say_by_how_much() {
+        let chain = json!({"tasks_per_s": 12_000.0, "ratio_to_floor": 0.55, "errors": 0});
+        let half = json!({"step_overhead_ms": {"p50": 2.5, "p99": 9.0}, "start_overhead_ms": {"p50": 1.0, "p99": 10.0}, "run_e2e_ms": {"p50": 3.1}, "errors": 2});
+        let verdicts = verdicts(&outcomes(&[(Step::Chain, Ok(chain)), (Step::HalfLoad, Ok(half))]));
+        let tasks = verdict_of(&verdicts, "chain", "tasks/s");
+        assert_eq!(tasks["met"], false);
+        assert_eq!(tasks["verdict"], "12000  MISSED (20% short)");
+        assert_eq!(tasks["target"], "tasks/s >= 15000");
+        assert_eq!(verdict_of(&verdicts, "chain", "ratio")["met"], true);
+        assert_eq!(
+            verdict_of(&verdicts, "half-load", "step overhead p50")["verdict"],
+            "2.500  MISSED (2.5x the bound)"
+        );
+        assert_eq!(verdict_of(&verdicts, "half-load", "step overhead p99")["met"], true);
+        // A bound is inclusive.
+        assert_eq!(verdict_of(&verdicts, "half-load", "start overhead p99")["met"], true);
+        let errors = verdict_of(&verdicts, "half-load", "errors");
+        assert_eq!(
+            (errors["target"].clone(), errors["verdict"].clone()),
+            (json!("errors = 0"), json!("2  MISSED (over)"))
+        );
+        assert_eq!(verdict_of(&verdicts, "chain", "errors")["met"], true);
+        // Only the steps asked for have verdicts: 2 + 4 targets, and one errors row each.
+        assert_eq!(verdicts.len(), 8);
+    }
+
+    #[test]
+    fn a_step_that_failed_or_a_missing_figure_is_a_miss() {
+        let map = json!({"run_e2e_ms": {"p50": null, "max": null, "count": 0}, "errors": 0});
+        let verdicts =
+            verdicts(&outcomes(&[(Step::Map, Ok(map)), (Step::Overload, Err("the step failed".to_owned()))]));
+        let map = verdict_of(&verdicts, "map", "run e2e max");
+        assert_eq!((map["met"].clone(), map["verdict"].clone()), (json!(false), json!("not measured  MISSED")));
+        let plateau = verdict_of(&verdicts, "overload", "memory plateau");
+        assert_eq!(plateau["met"], false);
+        assert_eq!(verdict_of(&verdicts, "overload", "errors")["met"], false);
+    }
+
+    #[test]
+    fn the_plateau_must_be_true() {
+        let overload = json!({"rejected_overloaded": 10, "plateau": true, "errors": 0});
+        let verdicts = verdicts(&outcomes(&[(Step::Overload, Ok(overload))]));
+        assert_eq!(verdict_of(&verdicts, "overload", "memory plateau")["verdict"], "yes  met");
+        assert_eq!(verdict_of(&verdicts, "overload", "starts refused")["met"], true);
+    }
+
+    #[test]
+    fn half_load_runs_at_half_the_chain_maximum_and_steps_keep_their_defining_flags() {
+        let cli = <crate::args::Cli as clap::Parser>::try_parse_from([
+            "flowgrid-loadtest",
+            "targets",
+            "--duration",
+            "60s",
+            "--coordinator-args",
+            "--batch-events-max 4096",
+        ])
+        .unwrap();
+        let crate::args::Command::Targets(args) = cli.command else { panic!("expected targets") };
+        let half = step_args(Step::HalfLoad, &args, Some(4_180.4)).unwrap().join(" ");
+        assert!(
+            half.contains("--mode open") && half.contains("--rate 2090") && half.contains("--duration 30000ms"),
+            "{half}"
+        );
+        assert!(half.ends_with("--coordinator-args=--batch-events-max 4096"), "{half}");
+        assert!(step_args(Step::HalfLoad, &args, None).unwrap_err().contains("no maximum"));
+        let single = step_args(Step::Single, &args, None).unwrap().join(" ");
+        assert!(single.contains("--workload single") && single.contains("--concurrency 512"), "{single}");
+        assert!(!single.contains("--no-floor"), "{single}");
+        let map = step_args(Step::Map, &args, None).unwrap().join(" ");
+        assert!(map.contains("--tasks-per-run 10000") && map.contains("--duration 10000ms"), "{map}");
+    }
+}
