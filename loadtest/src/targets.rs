@@ -307,9 +307,10 @@ fn verdict(target: &Target, outcome: Option<&Outcome>) -> Value {
         }
         (Bound::AtMost(bound), Some(value)) if value.is_number() => {
             let value = value.as_f64().unwrap_or(f64::NAN);
-            let short = (value > *bound).then(|| match *bound {
-                0.0 => "over".to_owned(),
-                _ => format!("{:.1}x the bound", value / bound),
+            let short = (value > *bound).then(|| match value / bound {
+                times if !times.is_finite() => "over".to_owned(),
+                times if times < 2.0 => format!("{:.0}% over", (times - 1.0) * 100.0),
+                times => format!("{times:.1}x the bound"),
             });
             let bound_text = if *bound == 0.0 { "= 0".to_owned() } else { format!("<= {}", number(*bound)) };
             (bound_text, number(value), value <= *bound, short)
@@ -376,6 +377,7 @@ mod tests {
             verdict_of(&verdicts, "half-load", "step overhead p50")["verdict"],
             "2.500  MISSED (2.5x the bound)"
         );
+        assert_eq!(verdict_of(&verdicts, "half-load", "run e2e p50")["verdict"], "3.100  MISSED (3% over)");
         assert_eq!(verdict_of(&verdicts, "half-load", "step overhead p99")["met"], true);
         // A bound is inclusive.
         assert_eq!(verdict_of(&verdicts, "half-load", "start overhead p99")["met"], true);
