@@ -311,6 +311,7 @@ fn summarize(
         "coordinator_cpu_us_per_task": cpu_s.filter(|_| tasks_measured > 0).map(|cpu_s| round1(cpu_s * 1e6 / tasks_measured as f64)),
         "coordinator_commit_ms": coordinator_timing_ms(COMMIT_SECONDS, observed),
         "coordinator_publish_ms": coordinator_timing_ms(PUBLISH_SECONDS, observed),
+        "coordinator_step_ms": coordinator_timing_ms(STEP_SECONDS, observed),
         "errors": errors.total(),
         "error_kinds": errors.kinds(),
         "runs_started": tracker.counters.runs_started.load(Ordering::Relaxed),
@@ -326,9 +327,11 @@ fn summarize(
     })
 }
 
-/// The coordinator's histogram of one store commit, and of a task's commit to its publish ack.
+/// The coordinator's histograms of one store commit, of a task's commit to its publish ack,
+/// and of a step (a result taken by its shard to the publish ack of the next task).
 const COMMIT_SECONDS: &str = "flowgrid_store_commit_seconds";
 const PUBLISH_SECONDS: &str = "flowgrid_task_publish_seconds";
+const STEP_SECONDS: &str = "flowgrid_step_seconds";
 
 /// One of the coordinators' timing histograms, in ms: its mean over the measured window (from
 /// the change of its sum and count) and the p50 and p99 its exporter reports at the end (over
@@ -431,6 +434,14 @@ fn print_summary_table(summary: &serde_json::Value) {
         (
             "commit to publish ack (coordinator)".to_owned(),
             describe_coordinator_timing(&summary["coordinator_publish_ms"]),
+        ),
+        (
+            "step overhead (coordinator)".to_owned(),
+            if summary["coordinator_step_ms"]["p50"].is_null() && !summary["coordinator_commit_ms"]["p50"].is_null() {
+                "no samples (no run had a second task)".to_owned()
+            } else {
+                describe_coordinator_timing(&summary["coordinator_step_ms"])
+            },
         ),
         (
             "runs started / done / verified".to_owned(),

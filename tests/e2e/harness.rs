@@ -118,7 +118,7 @@ fn a_run_reports_its_throughput_against_the_floor_before_and_after() {
     for key in ["run_e2e_ms", "start_overhead_ms", "step_overhead_ms", "step_round_trip_ms"] {
         assert!(run.summary[key]["p99"].as_f64().is_some(), "{key} has no p99\n{output}");
     }
-    for key in ["coordinator_commit_ms", "coordinator_publish_ms"] {
+    for key in ["coordinator_commit_ms", "coordinator_publish_ms", "coordinator_step_ms"] {
         for field in ["mean", "p50", "p99"] {
             let ms = run.summary[key][field].as_f64().unwrap_or(f64::NAN);
             assert!(
@@ -188,8 +188,8 @@ fn targets_measure_each_step_and_judge_every_figure() {
     );
     assert_eq!(steps["half-load"]["mode"], "open", "{output}");
     let verdicts = run.summary["targets"].as_array().unwrap_or_else(|| panic!("no targets\n{output}"));
-    // chain: tasks/s, ratio, errors; half-load: four latencies, errors.
-    assert_eq!(verdicts.len(), 8, "{output}");
+    // chain: tasks/s, ratio, errors; half-load: six latencies, errors.
+    assert_eq!(verdicts.len(), 10, "{output}");
     for verdict in verdicts {
         let target = verdict["target"].as_str().expect("a target names itself");
         let measured = verdict["measured"].as_f64().unwrap_or_else(|| panic!("{target}: not measured\n{output}"));

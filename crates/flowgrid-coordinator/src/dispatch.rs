@@ -51,6 +51,7 @@ struct Queued {
     shard: ShardId,
     task: TaskDispatch,
     at: Instant,
+    result_taken: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -75,14 +76,16 @@ impl Dispatcher {
             pools: HashMap::new(),
             result_subjects: HashMap::new(),
             publish_seconds: ::metrics::histogram!(metrics::TASK_PUBLISH_SECONDS),
+            step_seconds: ::metrics::histogram!(metrics::STEP_SECONDS),
         };
         let handle = tokio::spawn(publisher.run(receiver, shutdown));
         Ok((Dispatcher { sender }, handle))
     }
 
-    /// Queues a task; waits while the queue is full.
-    pub async fn send(&self, shard: ShardId, task: TaskDispatch) {
-        if self.sender.send(Queued { shard, task, at: Instant::now() }).await.is_err() {
+    /// Queues a task; waits while the queue is full. `result_taken`: when the shard took
+    /// the result that led to the task, for the step overhead.
+    pub async fn send(&self, shard: ShardId, task: TaskDispatch, result_taken: Option<Instant>) {
+        if self.sender.send(Queued { shard, task, at: Instant::now(), result_taken }).await.is_err() {
             debug!("dispatcher stopped; the task will be republished when its shard reloads");
         }
     }
@@ -98,6 +101,7 @@ struct Publisher {
     pools: HashMap<Arc<str>, Arc<PoolTarget>>,
     result_subjects: HashMap<ShardId, String>,
     publish_seconds: Histogram,
+    step_seconds: Histogram,
 }
 
 /// Where a pool's tasks go, and what counts them.
@@ -115,6 +119,8 @@ struct Publication {
     payload: Bytes,
     /// When the commit handed the task over: its publish latency starts there.
     queued: Instant,
+    /// When the shard took the result that led to the task: its step overhead starts there.
+    result_taken: Option<Instant>,
 }
 
 /// Retries waiting out their backoff: the publication and its try number.
@@ -165,7 +171,7 @@ impl Publisher {
     }
 
     /// The task's message, moved out of the dispatch (no copy of the input).
-    fn encode(&mut self, Queued { shard, task, at }: Queued) -> Option<Publication> {
+    fn encode(&mut self, Queued { shard, task, at, result_taken }: Queued) -> Option<Publication> {
         let subjects = &self.subjects;
         let pool = Arc::clone(self.pools.entry(Arc::clone(&task.pool)).or_insert_with_key(|pool| {
             Arc::new(PoolTarget {
@@ -185,7 +191,7 @@ impl Publisher {
             reply_to,
         };
         match flowgrid_proto::encode(Encoding::MsgPack, &message) {
-            Ok(bytes) => Some(Publication { pool, message_id, payload: Bytes::from(bytes), queued: at }),
+            Ok(bytes) => Some(Publication { pool, message_id, payload: Bytes::from(bytes), queued: at, result_taken }),
             Err(error) => {
                 // Every task is plain data; the attempt timeout retries it if this ever happens.
                 warn!(attempt = %message_id, error = %error, "cannot encode a task");
@@ -213,6 +219,9 @@ impl Publisher {
         let error = match result {
             Ok(()) => {
                 self.publish_seconds.record(publication.queued.elapsed().as_secs_f64());
+                if let Some(taken) = publication.result_taken {
+                    self.step_seconds.record(taken.elapsed().as_secs_f64());
+                }
                 publication.pool.dispatched.increment(1);
                 return;
             }

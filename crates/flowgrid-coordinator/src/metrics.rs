@@ -20,6 +20,7 @@ pub const RUNS_ACTIVE: &str = "flowgrid_runs_active";
 pub const TASKS_DISPATCHED: &str = "flowgrid_tasks_dispatched_total";
 pub const TASKS_PUBLISH_FAILED: &str = "flowgrid_tasks_publish_failed_total";
 pub const TASK_PUBLISH_SECONDS: &str = "flowgrid_task_publish_seconds";
+pub const STEP_SECONDS: &str = "flowgrid_step_seconds";
 pub const TASK_RESULTS: &str = "flowgrid_task_results_total";
 pub const TASKS_IN_FLIGHT: &str = "flowgrid_tasks_in_flight";
 pub const COMMIT_SECONDS: &str = "flowgrid_store_commit_seconds";
@@ -44,6 +45,11 @@ pub fn describe() {
         TASK_PUBLISH_SECONDS,
         Unit::Seconds,
         "From the commit that dispatched a task to JetStream's ack of its publish (queue, retries included)."
+    );
+    describe_histogram!(
+        STEP_SECONDS,
+        Unit::Seconds,
+        "Step overhead: from a shard taking a worker's result to JetStream's ack of the next task it led to."
     );
     describe_counter!(
         TASK_RESULTS,

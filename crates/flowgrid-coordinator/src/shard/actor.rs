@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::batch::{Batch, DeferredReply, ResultReply};
+use super::batch::{Batch, DeferredReply, Dispatch, ResultReply};
 use super::catalog::CatalogEntry;
 use super::runs::attempt_closed;
 use super::timers::TimerWheel;
@@ -88,7 +88,7 @@ pub async fn spawn_shard<S: ShardStore>(
     };
     let republish = actor.reload().await?;
     for task in republish {
-        actor.context.dispatcher.send(shard, task).await;
+        actor.context.dispatcher.send(shard, task, None).await;
     }
     let (sender, inbox) = mpsc::channel(queue_max);
     debug!(shard = %shard, epoch = %epoch, runs = actor.runs.len(), "shard acquired");
@@ -295,8 +295,8 @@ impl<S: ShardStore> ShardActor<S> {
         for plan in deployed {
             self.context.plans.set_latest(plan);
         }
-        for task in dispatches {
-            self.context.dispatcher.send(self.shard, task).await;
+        for Dispatch { task, result_taken } in dispatches {
+            self.context.dispatcher.send(self.shard, task, result_taken).await;
         }
         for reply in replies {
             reply(None);
@@ -344,7 +344,7 @@ impl<S: ShardStore> ShardActor<S> {
         tokio::time::sleep(RELOAD_PAUSE).await;
         let republish = self.reload().await?;
         for task in republish {
-            self.context.dispatcher.send(self.shard, task).await;
+            self.context.dispatcher.send(self.shard, task, None).await;
         }
         info!(shard = %self.shard, runs = self.runs.len(), "shard reloaded");
         Ok(())

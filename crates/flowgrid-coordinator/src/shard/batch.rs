@@ -1,9 +1,11 @@
 //! What one group commit carries: the store writes of every command applied in the
 //! batch, and the effects that may only happen once those writes are durable.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use async_nats::Subject;
 use flowgrid_engine::TaskDispatch;
-use std::sync::Arc;
 
 use flowgrid_model::{FlowPlan, RunId};
 use flowgrid_proto::{ApiError, Encoding};
@@ -21,12 +23,20 @@ pub struct ResultReply {
     pub applied: bool,
 }
 
+/// A task to publish after the commit.
+pub struct Dispatch {
+    pub task: TaskDispatch,
+    /// When the shard took the worker's result that led to this task: the task's step
+    /// overhead starts there. `None` for a run's first tasks, retries and timers.
+    pub result_taken: Option<Instant>,
+}
+
 #[derive(Default)]
 pub struct Batch {
     pub writes: WriteBatch,
     /// Commands and events applied; bounds the batch.
     pub commands: usize,
-    pub dispatches: Vec<TaskDispatch>,
+    pub dispatches: Vec<Dispatch>,
     pub replies: Vec<DeferredReply>,
     pub result_replies: Vec<ResultReply>,
     /// Runs that ended in this batch: dropped from memory after the commit.

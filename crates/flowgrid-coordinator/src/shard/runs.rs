@@ -5,6 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, TaskDispatch, TimerKey};
 use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
@@ -13,7 +14,7 @@ use flowgrid_store::{join_chunks, keys, KeyRange, ShardStore};
 use tracing::{debug, warn};
 
 use super::actor::{ActiveRun, ShardActor};
-use super::batch::{Batch, ResultReply};
+use super::batch::{Batch, Dispatch, ResultReply};
 use super::StartCommand;
 use crate::clock::now_ms;
 use crate::metrics::{self, ShardMetrics, TaskMetrics};
@@ -84,6 +85,7 @@ impl<S: ShardStore> ShardActor<S> {
 
     /// A worker's result, as received on the shard's result subject.
     pub(super) fn handle_result_message(&mut self, message: async_nats::Message, batch: &mut Batch) {
+        let taken = Instant::now();
         batch.commands += 1;
         let encoding = crate::api::encoding_of(&message);
         let Some(reply_to) = message.reply.clone() else {
@@ -125,7 +127,11 @@ impl<S: ShardStore> ShardActor<S> {
             Event::TaskSucceeded { attempt, .. } | Event::TaskFailed { attempt, .. } => attempt.run_id.clone(),
             _ => unreachable!("built above"),
         };
+        let dispatched_before = batch.dispatches.len();
         let applied = self.apply_event(&run_id, event, now_ms(), batch);
+        for dispatch in &mut batch.dispatches[dispatched_before..] {
+            dispatch.result_taken = Some(taken);
+        }
         batch.result_replies.push(ResultReply { reply_to, encoding, applied });
     }
 
@@ -161,7 +167,7 @@ impl<S: ShardStore> ShardActor<S> {
             match effect {
                 Effect::Dispatch(task) => {
                     attempt_opened(&mut self.metrics, &task);
-                    batch.dispatches.push(task);
+                    batch.dispatches.push(Dispatch { task, result_taken: None });
                 }
                 Effect::ArmTimer { run_id, timer, due_ms } => self.timers.arm(run_id, timer, due_ms),
                 Effect::CancelTimer { run_id, timer, due_ms } => {
