@@ -309,9 +309,9 @@ fn summarize(
         "coordinator_rss_max_mb": observed.rss_max_mb.map(round1),
         "coordinator_cpu_cores": cpu_s.map(|cpu_s| round3(cpu_s / measured_s)),
         "coordinator_cpu_us_per_task": cpu_s.filter(|_| tasks_measured > 0).map(|cpu_s| round1(cpu_s * 1e6 / tasks_measured as f64)),
-        "coordinator_commit_ms": coordinator_timing_ms(COMMIT_SECONDS, observed),
-        "coordinator_publish_ms": coordinator_timing_ms(PUBLISH_SECONDS, observed),
-        "coordinator_step_ms": coordinator_timing_ms(STEP_SECONDS, observed),
+        "coordinator_commit_ms": coordinator_timing_ms(COMMIT_SECONDS, &observed.metrics_from, &observed.metrics_to),
+        "coordinator_publish_ms": coordinator_timing_ms(PUBLISH_SECONDS, &observed.metrics_from, &observed.metrics_to),
+        "coordinator_step_ms": coordinator_timing_ms(STEP_SECONDS, &observed.metrics_from, &observed.metrics_to),
         "errors": errors.total(),
         "error_kinds": errors.kinds(),
         "runs_started": tracker.counters.runs_started.load(Ordering::Relaxed),
@@ -335,14 +335,23 @@ const STEP_SECONDS: &str = "flowgrid_step_seconds";
 
 /// One of the coordinators' timing histograms, in ms: its mean over the measured window (from
 /// the change of its sum and count) and the p50 and p99 its exporter reports at the end (over
-/// about the last minute); the worst over the coordinators. Null where no endpoint answered.
-fn coordinator_timing_ms(metric: &str, observed: &Observed) -> serde_json::Value {
+/// about the last minute); the worst over the coordinators. `metrics_from` and `metrics_to`
+/// are each coordinator's metrics page at the start and the end of the window, by address.
+/// Null where no endpoint answered, and where the histogram never had a sample (its exporter
+/// then reports quantiles of 0).
+fn coordinator_timing_ms(
+    metric: &str,
+    metrics_from: &HashMap<String, String>,
+    metrics_to: &HashMap<String, String>,
+) -> serde_json::Value {
     let (mut mean, mut p50, mut p99): (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
-    for (addr, body) in &observed.metrics_to {
-        let at_start = |suffix: &str| {
-            observed.metrics_from.get(addr).and_then(|from| metric_value(from, &format!("{metric}_{suffix} ")))
-        };
+    for (addr, body) in metrics_to {
+        let at_start =
+            |suffix: &str| metrics_from.get(addr).and_then(|from| metric_value(from, &format!("{metric}_{suffix} ")));
         let at_end = |suffix: &str| metric_value(body, &format!("{metric}_{suffix} "));
+        if !at_end("count").is_some_and(|count| count > 0.0) {
+            continue;
+        }
         let count = at_end("count").zip(at_start("count")).map(|(end, start)| end - start);
         let sum = at_end("sum").zip(at_start("sum")).map(|(end, start)| end - start);
         let window_mean = sum.zip(count.filter(|count| *count > 0.0)).map(|(sum, count)| sum / count * 1e3);
@@ -450,4 +459,35 @@ fn print_summary_table(summary: &serde_json::Value) {
         ("errors".to_owned(), describe_errors(summary["errors"].as_u64().unwrap_or(0), &errors)),
     ];
     print_table("flowgrid load test", &rows);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(count: u64, sum: f64, p50: f64) -> String {
+        format!(
+            "flowgrid_step_seconds{{quantile=\"0.5\"}} {p50}\nflowgrid_step_seconds{{quantile=\"0.99\"}} {p50}\n\
+             flowgrid_step_seconds_sum {sum}\nflowgrid_step_seconds_count {count}\n"
+        )
+    }
+
+    #[test]
+    fn a_coordinator_histogram_gives_its_window_mean_and_quantiles_in_ms() {
+        let from = HashMap::from([("a".to_owned(), page(10, 0.010, 0.001))]);
+        let to = HashMap::from([("a".to_owned(), page(30, 0.070, 0.002))]);
+        let timing = coordinator_timing_ms(STEP_SECONDS, &from, &to);
+        // 20 samples and 60 ms in the window.
+        assert_eq!(timing, json!({ "mean": 3.0, "p50": 2.0, "p99": 2.0 }));
+    }
+
+    #[test]
+    fn a_histogram_without_samples_gives_nulls_not_zeros() {
+        let from = HashMap::from([("a".to_owned(), page(0, 0.0, 0.0))]);
+        let to = HashMap::from([("a".to_owned(), page(0, 0.0, 0.0))]);
+        let timing = coordinator_timing_ms(STEP_SECONDS, &from, &to);
+        assert_eq!(timing, json!({ "mean": null, "p50": null, "p99": null }));
+        let none = coordinator_timing_ms(STEP_SECONDS, &HashMap::new(), &HashMap::new());
+        assert_eq!(none, json!({ "mean": null, "p50": null, "p99": null }));
+    }
 }

@@ -127,6 +127,23 @@ type Outcome = std::result::Result<Value, String>;
 pub async fn targets(args: TargetsArgs) -> Result<()> {
     args.validate()?;
     let exe = std::env::current_exe().context("find this harness's own binary to run each step with")?;
+    let outcomes = run_steps(&exe, &args).await;
+    let (met, missed) = report(&outcomes);
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter_map(|(step, outcome)| outcome.as_ref().err().map(|reason| format!("{}: {reason}", step.as_str())))
+        .collect();
+    if !failed.is_empty() {
+        bail!("{} of {} steps did not run to the end: {}", failed.len(), outcomes.len(), failed.join("; "));
+    }
+    if args.fail_on_miss && missed > 0 {
+        bail!("{missed} of {} targets missed (--fail-on-miss)", met + missed);
+    }
+    Ok(())
+}
+
+/// Runs the steps asked for, once each, in their order.
+async fn run_steps(exe: &Path, args: &TargetsArgs) -> BTreeMap<Step, Outcome> {
     let mut steps = args.steps.clone();
     steps.sort_unstable();
     steps.dedup();
@@ -134,16 +151,11 @@ pub async fn targets(args: TargetsArgs) -> Result<()> {
     for (index, &step) in steps.iter().enumerate() {
         let chain_runs_per_s =
             outcomes.get(&Step::Chain).and_then(|outcome| outcome.as_ref().ok()?["runs_per_s"].as_f64());
-        let outcome = match step_args(step, &args, chain_runs_per_s) {
+        let outcome = match step_args(step, args, chain_runs_per_s) {
             Ok(step_args) => {
-                eprintln!(
-                    "== step {} of {}: {}: flowgrid-loadtest {}",
-                    index + 1,
-                    steps.len(),
-                    step.as_str(),
-                    step_args.join(" ")
-                );
-                run_step(&exe, &step_args).await.map_err(|error| format!("{error:#}"))
+                let (number, name, line) = (index + 1, step.as_str(), step_args.join(" "));
+                eprintln!("== step {number} of {}: {name}: flowgrid-loadtest {line}", steps.len());
+                run_step(exe, &step_args).await.map_err(|error| format!("{error:#}"))
             }
             Err(reason) => Err(reason),
         };
@@ -152,49 +164,30 @@ pub async fn targets(args: TargetsArgs) -> Result<()> {
         }
         outcomes.insert(step, outcome);
     }
+    outcomes
+}
 
-    let verdicts = verdicts(&outcomes);
+/// Prints the verdict table and the JSON line (last); returns the targets met and missed.
+fn report(outcomes: &BTreeMap<Step, Outcome>) -> (usize, usize) {
+    let verdicts = verdicts(outcomes);
+    let text = |verdict: &Value, key: &str| verdict[key].as_str().unwrap_or_default().to_owned();
     let rows: Vec<(String, String)> = verdicts
         .iter()
-        .map(|verdict| {
-            (
-                format!("{:<10} {}", verdict["step"].as_str().unwrap_or(""), verdict["target"].as_str().unwrap_or("")),
-                verdict["verdict"].as_str().unwrap_or("").to_owned(),
-            )
-        })
+        .map(|verdict| (format!("{:<10} {}", text(verdict, "step"), text(verdict, "target")), text(verdict, "verdict")))
         .collect();
     print_table("flowgrid performance targets", &rows);
     let met = verdicts.iter().filter(|verdict| verdict["met"] == json!(true)).count();
     let missed = verdicts.len() - met;
-    let failed: Vec<String> = outcomes
-        .iter()
-        .filter_map(|(step, outcome)| outcome.as_ref().err().map(|reason| format!("{}: {reason}", step.as_str())))
-        .collect();
     println!("{met} of {} targets met", verdicts.len());
-    let steps_json: serde_json::Map<String, Value> = outcomes
+    let steps: serde_json::Map<String, Value> = outcomes
         .iter()
         .map(|(step, outcome)| {
-            let value = match outcome {
-                Ok(line) => line.clone(),
-                Err(reason) => json!({ "failed": reason }),
-            };
-            (step.as_str().to_owned(), value)
+            let line = outcome.clone().unwrap_or_else(|reason| json!({ "failed": reason }));
+            (step.as_str().to_owned(), line)
         })
         .collect();
-    print_json_line(&json!({
-        "mode": "targets",
-        "met": met,
-        "missed": missed,
-        "targets": verdicts,
-        "steps": steps_json,
-    }));
-    if !failed.is_empty() {
-        bail!("{} of {} steps did not run to the end: {}", failed.len(), steps.len(), failed.join("; "));
-    }
-    if args.fail_on_miss && missed > 0 {
-        bail!("{missed} of {} targets missed (--fail-on-miss)", met + missed);
-    }
-    Ok(())
+    print_json_line(&json!({ "mode": "targets", "met": met, "missed": missed, "targets": verdicts, "steps": steps }));
+    (met, missed)
 }
 
 /// The harness command line of `step`; `Err` says why it cannot run.
@@ -300,12 +293,12 @@ impl Drop for InterruptOnDrop {
 /// One verdict per target of the steps that were asked for, in the order of [`TARGETS`],
 /// plus one per step on its errors.
 fn verdicts(outcomes: &BTreeMap<Step, Outcome>) -> Vec<Value> {
-    const NO_ERRORS: Target =
-        Target { step: Step::Chain, name: "errors", path: &["errors"], bound: Bound::AtMost(0.0) };
-    let error_targets = outcomes.keys().map(|&step| Target { step, ..NO_ERRORS });
-    let mut targets: Vec<&Target> = TARGETS.iter().filter(|target| outcomes.contains_key(&target.step)).collect();
-    let error_targets: Vec<Target> = error_targets.collect();
-    targets.extend(error_targets.iter());
+    let no_errors: Vec<Target> = outcomes
+        .keys()
+        .map(|&step| Target { step, name: "errors", path: &["errors"], bound: Bound::AtMost(0.0) })
+        .collect();
+    let mut targets: Vec<&Target> =
+        TARGETS.iter().filter(|target| outcomes.contains_key(&target.step)).chain(&no_errors).collect();
     targets.sort_by_key(|target| target.step);
     targets.iter().map(|target| verdict(target, outcomes.get(&target.step))).collect()
 }
@@ -314,46 +307,57 @@ fn verdict(target: &Target, outcome: Option<&Outcome>) -> Value {
     let measured = outcome
         .and_then(|outcome| outcome.as_ref().ok())
         .map(|line| target.path.iter().fold(line, |value, key| &value[*key]));
-    let (bound, measured_text, met, short) = match (&target.bound, measured) {
-        (Bound::Holds, Some(Value::Bool(holds))) => {
-            ("holds".to_owned(), if *holds { "yes" } else { "no" }.to_owned(), *holds, None)
-        }
-        (Bound::AtLeast(bound), Some(value)) if value.is_number() => {
-            let value = value.as_f64().unwrap_or(f64::NAN);
-            let short = (value < *bound).then(|| format!("{:.0}% short", (1.0 - value / bound) * 100.0));
-            (format!(">= {}", number(*bound)), number(value), value >= *bound, short)
-        }
-        (Bound::AtMost(bound), Some(value)) if value.is_number() => {
-            let value = value.as_f64().unwrap_or(f64::NAN);
-            let short = (value > *bound).then(|| match value / bound {
-                times if !times.is_finite() => "over".to_owned(),
-                times if times < 2.0 => format!("{:.0}% over", (times - 1.0) * 100.0),
-                times => format!("{times:.1}x the bound"),
-            });
-            let bound_text = if *bound == 0.0 { "= 0".to_owned() } else { format!("<= {}", number(*bound)) };
-            (bound_text, number(value), value <= *bound, short)
-        }
-        (bound, _) => {
-            let bound = match bound {
-                Bound::AtLeast(bound) => format!(">= {}", number(*bound)),
-                Bound::AtMost(bound) => format!("<= {}", number(*bound)),
-                Bound::Holds => "holds".to_owned(),
-            };
-            (bound, "not measured".to_owned(), false, None)
-        }
-    };
-    let verdict = match (met, short) {
-        (true, _) => format!("{measured_text}  met"),
-        (false, Some(short)) => format!("{measured_text}  MISSED ({short})"),
-        (false, None) => format!("{measured_text}  MISSED"),
+    let judged = measured.and_then(|measured| target.bound.judge(measured));
+    let (met, verdict) = match judged {
+        Some((shown, None)) => (true, format!("{shown}  met")),
+        Some((shown, Some(off))) if off.is_empty() => (false, format!("{shown}  MISSED")),
+        Some((shown, Some(off))) => (false, format!("{shown}  MISSED ({off})")),
+        None => (false, "not measured  MISSED".to_owned()),
     };
     json!({
         "step": target.step.as_str(),
-        "target": format!("{} {bound}", target.name),
+        "target": format!("{} {}", target.name, target.bound.describe()),
         "measured": measured.cloned().unwrap_or(Value::Null),
         "met": met,
         "verdict": verdict,
     })
+}
+
+impl Bound {
+    fn describe(&self) -> String {
+        match self {
+            Bound::AtLeast(bound) => format!(">= {}", number(*bound)),
+            Bound::AtMost(bound) if *bound == 0.0 => "= 0".to_owned(),
+            Bound::AtMost(bound) => format!("<= {}", number(*bound)),
+            Bound::Holds => "holds".to_owned(),
+        }
+    }
+
+    /// The measured value as the table shows it, and `None` if it meets the bound, else
+    /// by how much it misses (empty when there is no measure of it). `None` altogether
+    /// when the value is missing or not of the bound's kind.
+    fn judge(&self, measured: &Value) -> Option<(String, Option<String>)> {
+        match (self, measured) {
+            (Bound::Holds, Value::Bool(holds)) => {
+                Some((if *holds { "yes" } else { "no" }.to_owned(), (!holds).then(String::new)))
+            }
+            (Bound::AtLeast(bound), Value::Number(value)) => {
+                let value = value.as_f64()?;
+                let off = (value < *bound).then(|| format!("{:.0}% short", (1.0 - value / bound) * 100.0));
+                Some((number(value), off))
+            }
+            (Bound::AtMost(bound), Value::Number(value)) => {
+                let value = value.as_f64()?;
+                let off = (value > *bound).then(|| match value / bound {
+                    times if !times.is_finite() => "over".to_owned(),
+                    times if times < 2.0 => format!("{:.0}% over", (times - 1.0) * 100.0),
+                    times => format!("{times:.1}x the bound"),
+                });
+                Some((number(value), off))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A figure as the table shows it: whole numbers and figures from 100 up without decimals,
