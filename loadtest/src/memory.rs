@@ -22,7 +22,7 @@ use crate::grid::Grid;
 use crate::report::{self, describe_errors, print_table, round1};
 
 /// The target: at most this much coordinator memory per active run.
-const TARGET_BYTES_PER_RUN: u64 = 2_048;
+pub const TARGET_BYTES_PER_RUN: u64 = 2_048;
 
 pub async fn memory(args: MemoryArgs) -> Result<()> {
     anyhow::ensure!(args.runs >= 1 && args.concurrency >= 1, "--runs and --concurrency must be at least 1");
