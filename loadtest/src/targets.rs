@@ -67,77 +67,41 @@ struct Target {
     bound: Bound,
 }
 
+const fn target(step: Step, name: &'static str, path: &'static [&'static str], bound: Bound) -> Target {
+    Target { step, name, path, bound }
+}
+
 const TARGETS: &[Target] = &[
-    Target { step: Step::Chain, name: "tasks/s", path: &["tasks_per_s"], bound: Bound::AtLeast(TASKS_PER_S_MIN) },
-    Target {
-        step: Step::Chain,
-        name: "ratio to floor",
-        path: &["ratio_to_floor"],
-        bound: Bound::AtLeast(RATIO_TO_FLOOR_MIN),
-    },
-    Target { step: Step::Single, name: "tasks/s", path: &["tasks_per_s"], bound: Bound::AtLeast(TASKS_PER_S_MIN) },
-    Target {
-        step: Step::Single,
-        name: "ratio to floor",
-        path: &["ratio_to_floor"],
-        bound: Bound::AtLeast(RATIO_TO_FLOOR_MIN),
-    },
-    Target {
-        step: Step::HalfLoad,
-        name: "step overhead p50 ms",
-        path: &["step_overhead_ms", "p50"],
-        bound: Bound::AtMost(STEP_P50_MS_MAX),
-    },
-    Target {
-        step: Step::HalfLoad,
-        name: "step overhead p99 ms",
-        path: &["step_overhead_ms", "p99"],
-        bound: Bound::AtMost(STEP_P99_MS_MAX),
-    },
-    Target {
-        step: Step::HalfLoad,
-        name: "step overhead p50 ms, coordinator",
-        path: &["coordinator_step_ms", "p50"],
-        bound: Bound::AtMost(STEP_P50_MS_MAX),
-    },
-    Target {
-        step: Step::HalfLoad,
-        name: "step overhead p99 ms, coordinator",
-        path: &["coordinator_step_ms", "p99"],
-        bound: Bound::AtMost(STEP_P99_MS_MAX),
-    },
-    Target {
-        step: Step::HalfLoad,
-        name: "start overhead p99 ms",
-        path: &["start_overhead_ms", "p99"],
-        bound: Bound::AtMost(START_P99_MS_MAX),
-    },
-    Target {
-        step: Step::HalfLoad,
-        name: "run e2e p50 ms",
-        path: &["run_e2e_ms", "p50"],
-        bound: Bound::AtMost(RUN_E2E_P50_MS_MAX),
-    },
-    Target {
-        step: Step::Map,
-        name: "run e2e max ms",
-        path: &["run_e2e_ms", "max"],
-        bound: Bound::AtMost(MAP_RUN_MS_MAX),
-    },
-    Target {
-        step: Step::Memory,
-        name: "bytes per waiting run",
-        path: &["bytes_per_active_run"],
-        bound: Bound::AtMost(crate::memory::TARGET_BYTES_PER_RUN as f64),
-    },
-    Target {
-        step: Step::Overload,
-        name: "starts refused `overloaded`",
-        path: &["rejected_overloaded"],
-        // Any: the grid refused explicitly once its bound was reached.
-        bound: Bound::AtLeast(1.0),
-    },
-    Target { step: Step::Overload, name: "memory plateau", path: &["plateau"], bound: Bound::Holds },
+    target(Step::Chain, "tasks/s", &["tasks_per_s"], Bound::AtLeast(TASKS_PER_S_MIN)),
+    target(Step::Chain, "ratio to floor", &["ratio_to_floor"], Bound::AtLeast(RATIO_TO_FLOOR_MIN)),
+    target(Step::Single, "tasks/s", &["tasks_per_s"], Bound::AtLeast(TASKS_PER_S_MIN)),
+    target(Step::Single, "ratio to floor", &["ratio_to_floor"], Bound::AtLeast(RATIO_TO_FLOOR_MIN)),
+    target(Step::HalfLoad, "step overhead p50 ms", &["step_overhead_ms", "p50"], Bound::AtMost(STEP_P50_MS_MAX)),
+    target(Step::HalfLoad, "step overhead p99 ms", &["step_overhead_ms", "p99"], Bound::AtMost(STEP_P99_MS_MAX)),
+    target(
+        Step::HalfLoad,
+        "step overhead p50 ms, coordinator",
+        &["coordinator_step_ms", "p50"],
+        Bound::AtMost(STEP_P50_MS_MAX),
+    ),
+    target(
+        Step::HalfLoad,
+        "step overhead p99 ms, coordinator",
+        &["coordinator_step_ms", "p99"],
+        Bound::AtMost(STEP_P99_MS_MAX),
+    ),
+    target(Step::HalfLoad, "start overhead p99 ms", &["start_overhead_ms", "p99"], Bound::AtMost(START_P99_MS_MAX)),
+    target(Step::HalfLoad, "run e2e p50 ms", &["run_e2e_ms", "p50"], Bound::AtMost(RUN_E2E_P50_MS_MAX)),
+    target(Step::Map, "run e2e max ms", &["run_e2e_ms", "max"], Bound::AtMost(MAP_RUN_MS_MAX)),
+    target(
+        Step::Memory,
+        "bytes per waiting run",
+        &["bytes_per_active_run"],
+        Bound::AtMost(crate::memory::TARGET_BYTES_PER_RUN as f64),
+    ),
+    // Any refusal: the grid said `overloaded` once its bound was reached.
+    target(Step::Overload, "starts refused `overloaded`", &["rejected_overloaded"], Bound::AtLeast(1.0)),
+    target(Step::Overload, "memory plateau", &["plateau"], Bound::Holds),
 ];
 
 /// What one step gave: its JSON line, or why there is none.
@@ -312,10 +276,8 @@ impl Drop for InterruptOnDrop {
 /// One verdict per target of the steps that were asked for, in the order of [`TARGETS`],
 /// plus one per step on its errors.
 fn verdicts(outcomes: &BTreeMap<Step, Outcome>) -> Vec<Value> {
-    let no_errors: Vec<Target> = outcomes
-        .keys()
-        .map(|&step| Target { step, name: "errors", path: &["errors"], bound: Bound::AtMost(0.0) })
-        .collect();
+    let no_errors: Vec<Target> =
+        outcomes.keys().map(|&step| target(step, "errors", &["errors"], Bound::AtMost(0.0))).collect();
     let mut targets: Vec<&Target> =
         TARGETS.iter().filter(|target| outcomes.contains_key(&target.step)).chain(&no_errors).collect();
     targets.sort_by_key(|target| target.step);

@@ -193,9 +193,11 @@ fn targets_measure_each_step_and_judge_every_figure() {
     for verdict in verdicts {
         let target = verdict["target"].as_str().expect("a target names itself");
         let measured = verdict["measured"].as_f64().unwrap_or_else(|| panic!("{target}: not measured\n{output}"));
-        let (bound, at_least) = match target.rsplit_once(" >= ") {
-            Some((_, bound)) => (bound, true),
-            None => (target.rsplit_once(" <= ").map_or("0", |(_, bound)| bound), false),
+        // "name >= x" is a lower bound; "name <= x" and "errors = 0" are upper bounds.
+        let (bound, at_least) = match (target.rsplit_once(" >= "), target.rsplit_once(" <= ")) {
+            (Some((_, bound)), _) => (bound, true),
+            (None, Some((_, bound))) => (bound, false),
+            (None, None) => (target.rsplit_once(" = ").map_or("", |(_, bound)| bound), false),
         };
         let bound: f64 = bound.parse().unwrap_or_else(|_| panic!("{target}: no bound\n{output}"));
         let met = if at_least { measured >= bound } else { measured <= bound };
