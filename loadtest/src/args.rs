@@ -100,14 +100,19 @@ pub struct GridArgs {
     pub keep_dir: Option<PathBuf>,
 }
 
+/// Simulated workers per pool, by default.
+pub const WORKERS_PER_POOL_DEFAULT: usize = 4;
+/// Tasks one simulated worker holds at once, by default.
+pub const WORKER_CONCURRENCY_DEFAULT: usize = 256;
+
 /// The simulated workers.
 #[derive(Clone, Debug, Args)]
 pub struct WorkerArgs {
     /// Simulated workers per pool (each with its own NATS connection).
-    #[arg(long, env = "FLOWGRID_LT_WORKERS_PER_POOL", default_value_t = 4)]
+    #[arg(long, env = "FLOWGRID_LT_WORKERS_PER_POOL", default_value_t = WORKERS_PER_POOL_DEFAULT)]
     pub workers_per_pool: usize,
     /// Tasks one simulated worker holds at once.
-    #[arg(long, env = "FLOWGRID_LT_WORKER_CONCURRENCY", default_value_t = 256)]
+    #[arg(long, env = "FLOWGRID_LT_WORKER_CONCURRENCY", default_value_t = WORKER_CONCURRENCY_DEFAULT)]
     pub worker_concurrency: usize,
     /// Fixed service time per task (e.g. 0ms, 2ms).
     #[arg(long, env = "FLOWGRID_LT_SERVICE_TIME", default_value = "0ms", value_parser = ServiceTime::parse_fixed,
@@ -140,7 +145,8 @@ pub struct RunArgs {
     pub rate: f64,
     /// Closed loop: runs in flight at once. 512 keeps the grid's queues deep enough to batch
     /// (with 256, chain-of-3 reached about a tenth less), with run latencies still well
-    /// under 100 ms.
+    /// under 100 ms; 2,048 (the broker floor's depth) gives more throughput at several
+    /// times the latency.
     #[arg(long, default_value_t = 512)]
     pub concurrency: usize,
     /// Starts sent together in one `run.start_many` request, at most, by the SDK's
@@ -253,9 +259,11 @@ pub struct OverloadArgs {
 /// A step of `targets`: one harness run and the targets it measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Step {
-    /// Chain-of-3 runs, closed loop of 512, with the broker floor: tasks/s and ratio.
+    /// Chain-of-3 runs, closed loop as deep as the floor's (2,048), with the broker floor:
+    /// tasks/s and ratio.
     Chain,
-    /// 1-task runs, closed loop of 512, with the broker floor: tasks/s and ratio.
+    /// 1-task runs, closed loop as deep as the floor's (2,048), with the broker floor:
+    /// tasks/s and ratio.
     Single,
     /// Chain-of-3 runs, open loop at half the `chain` step's runs/s: latencies.
     HalfLoad,

@@ -74,6 +74,12 @@ impl TaskSink for FloorSink {
     }
 }
 
+/// Tasks the floor keeps outstanding: twice the simulated workers' slots, so that every
+/// worker has its next pull batch waiting in the stream.
+pub fn outstanding_max(workers_per_pool: usize, worker_concurrency: usize, pools: usize) -> usize {
+    2 * workers_per_pool * worker_concurrency * pools
+}
+
 /// Measures the floor for `duration` after a short warm-up.
 pub async fn measure(grid: &Grid, plan: &Plan, workers: &WorkerArgs, duration: Duration) -> Result<FloorResult> {
     let subjects = Subjects::new(FLOOR_PREFIX);
@@ -95,7 +101,7 @@ pub async fn measure(grid: &Grid, plan: &Plan, workers: &WorkerArgs, duration: D
         }
     });
 
-    let outstanding_max = 2 * workers.workers_per_pool * workers.worker_concurrency * plan.pools.len();
+    let outstanding_max = outstanding_max(workers.workers_per_pool, workers.worker_concurrency, plan.pools.len());
     let sink = Arc::new(FloorSink {
         outstanding: Arc::new(Semaphore::new(outstanding_max)),
         measuring: AtomicBool::new(false),

@@ -24,15 +24,14 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::args::{Step, TargetsArgs};
+use crate::args::{Step, TargetsArgs, WORKERS_PER_POOL_DEFAULT, WORKER_CONCURRENCY_DEFAULT};
+use crate::floor;
 use crate::report::{print_json_line, print_table};
 
 /// Tasks per second both throughput steps must sustain.
 const TASKS_PER_S_MIN: f64 = 15_000.0;
 /// Engine throughput over the broker floor of the same run.
 const RATIO_TO_FLOOR_MIN: f64 = 0.5;
-/// Runs in flight in the throughput steps (the `run` default, written out).
-const CLOSED_LOOP_CONCURRENCY: &str = "512";
 /// Tasks of each run of the chain and half-load steps.
 const CHAIN_TASKS: &str = "3";
 /// Items of the map step's one run.
@@ -187,7 +186,8 @@ fn step_args(
     };
     let throughput = |workload: &str| {
         let mut line = run(workload, args.duration);
-        line.extend(["--mode", "closed", "--concurrency", CLOSED_LOOP_CONCURRENCY].map(str::to_owned));
+        line.extend(["--mode", "closed", "--concurrency"].map(str::to_owned));
+        line.push(throughput_concurrency().to_string());
         line.extend(["--floor-duration".to_owned(), ms(args.floor_duration)]);
         line
     };
@@ -227,6 +227,14 @@ fn step_args(
         line.push(format!("--coordinator-args={}", args.coordinator_args));
     }
     Ok(line)
+}
+
+/// Runs in flight in the throughput steps: as many as the broker floor keeps tasks
+/// outstanding (one pool, the default workers), so that the engine and the floor are
+/// compared with the same depth of work queued. `run`'s default of 512 gives lower latency
+/// and less throughput (docs/performance.md).
+fn throughput_concurrency() -> usize {
+    floor::outstanding_max(WORKERS_PER_POOL_DEFAULT, WORKER_CONCURRENCY_DEFAULT, 1)
 }
 
 /// Runs this harness with `step_args`, passing its output through; returns its JSON line.
@@ -439,7 +447,7 @@ mod tests {
         assert!(half.ends_with("--coordinator-args=--batch-events-max 4096"), "{half}");
         assert!(step_args(Step::HalfLoad, &args, None).unwrap_err().contains("no maximum"));
         let single = step_args(Step::Single, &args, None).unwrap().join(" ");
-        assert!(single.contains("--workload single") && single.contains("--concurrency 512"), "{single}");
+        assert!(single.contains("--workload single") && single.contains("--concurrency 2048"), "{single}");
         assert!(!single.contains("--no-floor"), "{single}");
         let map = step_args(Step::Map, &args, None).unwrap().join(" ");
         assert!(map.contains("--tasks-per-run 10000") && map.contains("--duration 10000ms"), "{map}");
