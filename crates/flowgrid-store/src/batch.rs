@@ -183,7 +183,7 @@ fn check_key(key: &[u8], epoch_key: &[u8], limits: &StoreLimits) -> Result<()> {
 }
 
 /// The key of chunk `index` of `count` of the record at `record_key`.
-fn chunk_key(record_key: &[u8], index: u32, count: u32) -> Key {
+pub(crate) fn chunk_key(record_key: &[u8], index: u32, count: u32) -> Key {
     // What `Subspace::from_bytes(record_key).pack(&(index, count))` gives, in one
     // allocation: two packed integers take at most 10 bytes.
     let mut key = Vec::with_capacity(record_key.len() + 10);

@@ -300,7 +300,8 @@ pub async fn chunked_record_round_trips_at_1_1_megabytes<S: Store>(make: impl Fn
     commit_ok(&shard, epoch, batch).await;
     let chunks = scan(&shard, keys::chunks_range(&record_key), usize::MAX, false).await;
     assert_eq!(chunks.len(), 11);
-    assert!(join_chunks(chunks).unwrap() == Some(big), "a 1.1 MB record read back differs");
+    assert!(join_chunks(chunks).unwrap().as_ref() == Some(&big), "a 1.1 MB record read back differs");
+    assert!(shard.get_chunked(&record_key).await.unwrap() == Some(big), "get_chunked joins 11 chunks");
 
     let small = pattern(150_000, 12);
     let mut rewrite = WriteBatch::new();
@@ -308,7 +309,20 @@ pub async fn chunked_record_round_trips_at_1_1_megabytes<S: Store>(make: impl Fn
     commit_ok(&shard, epoch, rewrite).await;
     let chunks = scan(&shard, keys::chunks_range(&record_key), usize::MAX, false).await;
     assert_eq!(chunks.len(), 2, "rewriting a record smaller leaves no stale chunk");
-    assert!(join_chunks(chunks).unwrap() == Some(small));
+    assert!(join_chunks(chunks).unwrap().as_ref() == Some(&small));
+    assert!(shard.get_chunked(&record_key).await.unwrap() == Some(small), "get_chunked joins two chunks");
+
+    // One chunk, then three again: the point read of chunk 0 of 1 must not answer for a
+    // record that has more chunks now.
+    for (size, seed, count) in [(1_000, 13, 1), (250_000, 14, 3)] {
+        let value = pattern(size, seed);
+        let mut rewrite = WriteBatch::new();
+        assert_eq!(rewrite.set_chunked(&record_key, &value, &limits), count);
+        commit_ok(&shard, epoch, rewrite).await;
+        let read = shard.get_chunked(&record_key).await.unwrap();
+        assert!(read == Some(value), "get_chunked after rewriting the record as {count} chunk(s) differs");
+    }
+    assert_eq!(shard.get_chunked(&keys::snapshot(&run_id("run-none"))).await.unwrap(), None);
 
     let mut events = WriteBatch::new();
     for seq in 1..=3u64 {

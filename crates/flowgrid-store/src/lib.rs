@@ -153,4 +153,19 @@ pub trait ShardStore: Send + Sync + 'static {
     /// Applies `batch` atomically and durably if the stored epoch still equals `epoch`.
     /// When it returns `Ok`, the batch is on disk (or committed in the cluster).
     fn commit(&self, epoch: Epoch, batch: WriteBatch) -> impl Future<Output = Result<()>> + Send;
+
+    /// The chunked record at `record_key` (see [`WriteBatch::set_chunked`]), joined;
+    /// `None` when it does not exist. A record of one chunk, the usual case, is one point
+    /// read; only a larger (or absent) one costs a scan of its chunk range, which for the
+    /// embedded backend also means a pass over the shard's writes not yet in its file.
+    fn get_chunked(&self, record_key: &[u8]) -> impl Future<Output = Result<Option<Value>>> + Send {
+        async move {
+            // A record's chunk keys name its chunk count, and writing a record clears its
+            // earlier chunks: chunk 0 of 1 is the whole record when it exists.
+            if let Some(value) = self.get(&batch::chunk_key(record_key, 0, 1)).await? {
+                return Ok(Some(value));
+            }
+            join_chunks(self.scan(keys::chunks_range(record_key), usize::MAX, false).await?)
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use flowgrid_engine::{Run, TaskDispatch};
 use flowgrid_model::{FlowDefinition, FlowPlan, RunId};
-use flowgrid_store::{join_chunks, join_records, keys, ShardStore};
+use flowgrid_store::{join_records, keys, ShardStore};
 
 use super::actor::{ActiveRun, ShardActor};
 use super::catalog::CatalogEntry;
@@ -96,13 +96,10 @@ impl<S: ShardStore> ShardActor<S> {
             return Ok(plan);
         }
         let key = keys::pinned_definition(flow, version);
-        let bytes =
-            join_chunks(self.store.scan(keys::chunks_range(&key), usize::MAX, false).await?)?.ok_or_else(|| {
-                Error::Corrupt {
-                    what: format!("flow {flow} version {version}"),
-                    message: "pinned definition missing".to_owned(),
-                }
-            })?;
+        let bytes = self.store.get_chunked(&key).await?.ok_or_else(|| Error::Corrupt {
+            what: format!("flow {flow} version {version}"),
+            message: "pinned definition missing".to_owned(),
+        })?;
         let definition: FlowDefinition = records::decode("pinned definition", &bytes)?;
         self.pinned.insert((flow.to_owned(), version));
         self.context.plans.compile(&definition, version).map_err(|error| Error::Corrupt {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, TaskDispatch, TimerKey};
 use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{ApiError, ErrorCode, ListRuns, RunCancelled, RunStarted, RunSummary, TaskResult};
-use flowgrid_store::{join_chunks, keys, KeyRange, ShardStore};
+use flowgrid_store::{keys, KeyRange, ShardStore};
 use tracing::{debug, warn};
 
 use super::actor::{ActiveRun, ShardActor};
@@ -220,9 +220,7 @@ impl<S: ShardStore> ShardActor<S> {
         if let Some(active) = self.runs.get(run_id) {
             return Ok(active.run.view());
         }
-        let chunks =
-            self.store.scan(keys::chunks_range(&keys::snapshot(run_id)), usize::MAX, false).await.map_err(internal)?;
-        match join_chunks(chunks).map_err(internal)? {
+        match self.store.get_chunked(&keys::snapshot(run_id)).await.map_err(internal)? {
             Some(bytes) => records::decode("run snapshot", &bytes).map_err(internal),
             None => Err(not_found(run_id)),
         }
