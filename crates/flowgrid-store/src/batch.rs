@@ -63,8 +63,8 @@ impl WriteBatch {
     /// [`keys::snapshot`] or [`keys::history`]): first clears every chunk the record had,
     /// then writes chunks of at most `limits.value_bytes_max` bytes. A value that fits in
     /// one chunk is still written as one chunk, so readers have one path. Returns the
-    /// number of chunks. Read the record back with [`join_chunks`] over
-    /// [`keys::chunks_range`]`(record_key)`.
+    /// number of chunks. Read the record back with [`crate::ShardStore::get_chunked`], or
+    /// with [`join_chunks`] over a scan of [`keys::chunks_range`]`(record_key)`.
     ///
     /// ```
     /// use flowgrid_store::{keys, join_chunks, Mutation, StoreLimits, WriteBatch};

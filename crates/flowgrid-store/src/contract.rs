@@ -286,7 +286,8 @@ pub async fn clear_and_clear_range_remove_keys<S: Store>(make: impl Fn() -> S) {
 }
 
 /// A 1.1 MB record written with `set_chunked` reads back byte for byte; rewriting it
-/// smaller leaves no stale chunk; many chunked records in one range join in order.
+/// smaller leaves no stale chunk; `get_chunked` reads it at every chunk count; many
+/// chunked records in one range join in order.
 pub async fn chunked_record_round_trips_at_1_1_megabytes<S: Store>(make: impl Fn() -> S) {
     let limits = StoreLimits::default();
     let store = make();
