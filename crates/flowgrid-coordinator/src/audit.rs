@@ -290,10 +290,10 @@ fn audit_shard(shard: u32, shards: u32, contents: ShardContents, audit: &mut Aud
                 Ok(start) => {
                     let facts = shard_runs.entry(run_id.clone()).or_insert_with(|| new_facts(&run_id));
                     if facts.flow.is_empty() {
-                        facts.flow = start.flow;
+                        facts.flow = start.flow.into_owned();
                         facts.version = start.version;
                     }
-                    facts.input = Some(start.input);
+                    facts.input = Some(start.input.into_owned());
                     Some(HistoryEntry { seq, epoch: start.epoch, result_of: None })
                 }
                 Err(error) => {
@@ -471,6 +471,8 @@ fn shard_files_beyond(dir: &Path, shards: u32) -> Vec<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use flowgrid_engine::TimerKey;
     use flowgrid_model::Epoch;
     use flowgrid_store::WriteBatch;
@@ -546,8 +548,13 @@ mod tests {
             ended_ms: status.is_terminal().then_some(2_000),
         };
         batch.set(keys::run(run_id), records::encode(&record));
-        let start =
-            StartRecord { flow: "f".into(), version: 1, input: json!({"value": 1}), now_ms: 1_000, epoch: start_epoch };
+        let start = StartRecord {
+            flow: "f".into(),
+            version: 1,
+            input: Cow::Owned(json!({"value": 1})),
+            now_ms: 1_000,
+            epoch: start_epoch,
+        };
         batch.set_chunked(&keys::history(run_id, 0), &records::encode(&start), &limits);
         for (seq, event) in events {
             batch.set_chunked(&keys::history(run_id, *seq), &records::encode(event), &limits);
@@ -671,7 +678,7 @@ mod tests {
         write_run(&mut batch, &misplaced, RunStatus::Succeeded, Some(json!(1)), &[], 1);
         write_run(&mut batch, &ended_active, RunStatus::Succeeded, Some(json!(1)), &[], 1);
         batch.set(keys::active(&ended_active), Vec::new());
-        let start = StartRecord { flow: "f".into(), version: 1, input: json!(1), now_ms: 1, epoch: 1 };
+        let start = StartRecord { flow: "f".into(), version: 1, input: Cow::Owned(json!(1)), now_ms: 1, epoch: 1 };
         batch.set_chunked(&keys::history(&orphan_history, 0), &records::encode(&start), &StoreLimits::default());
         commit(&dir.0, 0, batch).await;
 

@@ -6,6 +6,8 @@
 //! through the engine rebuilds the run exactly; timers and open attempts are part of the
 //! rebuilt state, so nothing else needs storing while the run is active.
 
+use std::borrow::Cow;
+
 use flowgrid_engine::{Event, RunStatus};
 use flowgrid_model::{FlowDefinition, Millis};
 use serde::de::DeserializeOwned;
@@ -14,12 +16,13 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// History record 0 of a run.
+/// History record 0 of a run. Borrowed where it is written (the run keeps its input),
+/// owned where it is read.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StartRecord {
-    pub flow: String,
+pub struct StartRecord<'a> {
+    pub flow: Cow<'a, str>,
     pub version: u32,
-    pub input: Value,
+    pub input: Cow<'a, Value>,
     pub now_ms: Millis,
     /// The shard's epoch the record was committed under (audits check that it never
     /// goes down along a run's history).

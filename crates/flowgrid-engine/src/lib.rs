@@ -22,7 +22,7 @@ mod view;
 
 pub use event::{Applied, Effect, Event, TaskDispatch, TaskError, TimerKey};
 pub use run::Run;
-pub use view::{ItemCounts, RunStatus, RunView, StepStatus, StepView};
+pub use view::{ItemCounts, RunStatus, RunView, RunViewRef, StepStatus, StepView};
 
 #[cfg(test)]
 mod tests;

@@ -29,7 +29,8 @@ use std::sync::Arc;
 use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, PlanStepKind, RunId, StepIndex};
 use serde_json::Value;
 
-use crate::{Applied, Effect, Event, RunStatus, RunView, StepStatus, StepView, TaskDispatch, TaskError, TimerKey};
+use crate::view::{RunViewRef, StepViewRef};
+use crate::{Applied, Effect, Event, RunStatus, RunView, StepStatus, TaskDispatch, TaskError, TimerKey};
 use resolve::Agenda;
 use state::{Item, Phase, Slot, StepState, Work};
 
@@ -198,20 +199,26 @@ impl Run {
 
     /// A snapshot of the run for the API.
     pub fn view(&self) -> RunView {
+        self.view_ref().to_view()
+    }
+
+    /// The run's view borrowed from the run: it serializes exactly as [`Run::view`] does,
+    /// without copying the input and outputs (a final snapshot is encoded from it).
+    pub fn view_ref(&self) -> RunViewRef<'_> {
         let steps = self
             .plan
             .steps
             .iter()
             .zip(&self.steps)
-            .map(|(step, state)| StepView {
-                id: step.id.clone(),
-                kind: kind_name(&step.kind).to_owned(),
+            .map(|(step, state)| StepViewRef {
+                id: &step.id,
+                kind: kind_name(&step.kind),
                 status: state.status,
                 attempts: state.attempts,
                 started_ms: state.started_ms,
                 ended_ms: state.ended_ms,
-                output: state.output.clone(),
-                error: state.error.as_deref().cloned(),
+                output: state.output.as_ref(),
+                error: state.error.as_deref(),
                 caught: state.caught,
                 items: match &state.work {
                     Work::Map(map) => Some(map.counts()),
@@ -219,14 +226,14 @@ impl Run {
                 },
             })
             .collect();
-        RunView {
-            run_id: self.run_id.clone(),
-            flow: self.plan.name.clone(),
+        RunViewRef {
+            run_id: &self.run_id,
+            flow: &self.plan.name,
             version: self.plan.version,
             status: self.status,
-            input: Value::clone(&self.input),
-            output: self.output.clone(),
-            error: self.error.as_deref().cloned(),
+            input: &self.input,
+            output: self.output.as_ref(),
+            error: self.error.as_deref(),
             created_ms: self.created_ms,
             ended_ms: self.ended_ms,
             steps,

@@ -140,6 +140,82 @@ pub struct StepView {
     pub items: Option<ItemCounts>,
 }
 
+/// A [`RunView`] borrowed from its run ([`Run::view_ref`](crate::Run::view_ref)): the
+/// same fields, names, order and omissions, so that it serializes exactly as the owned
+/// view does (a test holds the two together) without copying the run's values.
+#[derive(Debug, Serialize)]
+pub struct RunViewRef<'a> {
+    pub(crate) run_id: &'a RunId,
+    pub(crate) flow: &'a str,
+    pub(crate) version: u32,
+    pub(crate) status: RunStatus,
+    pub(crate) input: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) output: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<&'a TaskError>,
+    pub(crate) created_ms: Millis,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ended_ms: Option<Millis>,
+    pub(crate) steps: Vec<StepViewRef<'a>>,
+}
+
+/// A [`StepView`] borrowed from its run.
+#[derive(Debug, Serialize)]
+pub(crate) struct StepViewRef<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) kind: &'static str,
+    pub(crate) status: StepStatus,
+    pub(crate) attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) started_ms: Option<Millis>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ended_ms: Option<Millis>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) output: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<&'a TaskError>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) caught: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) items: Option<ItemCounts>,
+}
+
+impl RunViewRef<'_> {
+    /// The owned view, for the API.
+    pub fn to_view(&self) -> RunView {
+        RunView {
+            run_id: self.run_id.clone(),
+            flow: self.flow.to_owned(),
+            version: self.version,
+            status: self.status,
+            input: self.input.clone(),
+            output: self.output.cloned(),
+            error: self.error.cloned(),
+            created_ms: self.created_ms,
+            ended_ms: self.ended_ms,
+            steps: self.steps.iter().map(StepViewRef::to_view).collect(),
+        }
+    }
+}
+
+impl StepViewRef<'_> {
+    fn to_view(&self) -> StepView {
+        StepView {
+            id: self.id.to_owned(),
+            kind: self.kind.to_owned(),
+            status: self.status,
+            attempts: self.attempts,
+            started_ms: self.started_ms,
+            ended_ms: self.ended_ms,
+            output: self.output.cloned(),
+            error: self.error.cloned(),
+            caught: self.caught,
+            items: self.items,
+        }
+    }
+}
+
 /// Item counts of a map step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ItemCounts {

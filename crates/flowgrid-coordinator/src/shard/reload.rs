@@ -68,17 +68,19 @@ impl<S: ShardStore> ShardActor<S> {
             message: "active run without history".to_owned(),
         })?;
         let start: StartRecord = records::decode("start record", &first)?;
-        let plan = match plans.get(&(start.flow.clone(), start.version)) {
+        let flow = start.flow.into_owned();
+        let plan = match plans.get(&(flow.clone(), start.version)) {
             Some(plan) => plan.clone(),
             None => {
-                let plan = self.pinned_plan(&start.flow, start.version).await?;
-                plans.insert((start.flow.clone(), start.version), plan.clone());
+                let plan = self.pinned_plan(&flow, start.version).await?;
+                plans.insert((flow, start.version), plan.clone());
                 plan
             }
         };
         let evaluator = self.context.plans.evaluator().clone();
         let mut effects = Vec::new();
-        let mut run = Run::start(plan, &evaluator, run_id.clone(), start.input, start.now_ms, &mut effects);
+        let mut run =
+            Run::start(plan, &evaluator, run_id.clone(), start.input.into_owned(), start.now_ms, &mut effects);
         let mut next_seq = 1;
         for (key, value) in records_iter {
             let (_, seq) = keys::decode_history(&key)?;

@@ -3,6 +3,7 @@
 //! Every accepted engine event is appended to the run's history in the batch; the
 //! effects the engine asked for are queued on the batch and carried out after the commit.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,9 +53,9 @@ impl<S: ShardStore> ShardActor<S> {
             self.pinned.insert(pin);
         }
         let start_record = StartRecord {
-            flow: plan.name.clone(),
+            flow: Cow::Borrowed(&plan.name),
             version: plan.version,
-            input: input.clone(),
+            input: Cow::Borrowed(&input),
             now_ms: now,
             epoch: self.epoch.0,
         };
@@ -191,9 +192,9 @@ impl<S: ShardStore> ShardActor<S> {
         batch.writes.set(keys::run(run_id), records::encode(&record));
         batch.writes.clear(keys::active(run_id));
         batch.writes.set(keys::created(created_ms, run_id), records::encode(&summary(run_id, &record)));
-        let view = active.run.view();
         // A run ends once, and only then gets a snapshot.
-        batch.writes.insert_chunked(&keys::snapshot(run_id), &records::encode(&view), &self.context.store_limits);
+        let view = records::encode(&active.run.view_ref());
+        batch.writes.insert_chunked(&keys::snapshot(run_id), &view, &self.context.store_limits);
         batch.finished.push(run_id.clone());
         self.metrics.run_finished(status);
     }

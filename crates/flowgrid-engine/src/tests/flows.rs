@@ -296,3 +296,34 @@ steps:
     assert_eq!(harness.finished(), vec![RunStatus::Succeeded]);
     assert_eq!(harness.run.view().output, Some(json!(41)));
 }
+
+/// The borrowed view must serialize exactly as the owned one: final snapshots are encoded
+/// from it and read back as `RunView`.
+#[test]
+fn borrowed_view_serializes_as_the_owned_view() {
+    let same = |harness: &Harness, what: &str| {
+        let borrowed = serde_json::to_string(&harness.run.view_ref()).expect("encodes");
+        let owned = serde_json::to_string(&harness.run.view()).expect("encodes");
+        assert_eq!(borrowed, owned, "{what}");
+    };
+    // Running: no output, no end; a cancelled and a skipped step later on.
+    let mut harness = Harness::start(CATCH, json!({"given": [1, "two"]}), 0);
+    same(&harness, "a running run");
+    // Failed: a run error, a step error, cancelled steps.
+    harness.fail(10, "fetch", None, 1, error("forbidden", true));
+    same(&harness, "a failed run");
+    // Succeeded after a caught failure of a map: item counts, `caught`, outputs.
+    let caught_map = r##"
+name: caught
+steps:
+  - { kind: map, id: each, items: "input", pool: cpu, task: work, retry: { max_attempts: 1 }, catch: [ { next: fallback } ] }
+  - { kind: task, id: fallback, pool: cpu, task: rescue, input: "steps.each.error.code" }
+"##;
+    let mut harness = Harness::start(caught_map, json!([1, 2]), 0);
+    harness.fail(5, "each", Some(0), 1, error("broken", true));
+    harness.succeed(7, "fallback", None, 1, json!({"saved": true}));
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Succeeded);
+    assert!(view.steps[0].caught && view.steps[0].items.is_some() && view.steps[0].error.is_some());
+    same(&harness, "a run that succeeded after a caught map failure");
+}
