@@ -193,8 +193,8 @@ impl<S: ShardStore> ShardActor<S> {
         batch.writes.clear(keys::active(run_id));
         batch.writes.set(keys::created(created_ms, run_id), records::encode(&summary(run_id, &record)));
         // A run ends once, and only then gets a snapshot.
-        let view = records::encode(&active.run.view_ref());
-        batch.writes.insert_chunked(&keys::snapshot(run_id), &view, &self.context.store_limits);
+        let snapshot = records::encode(&active.run.view_ref());
+        batch.writes.insert_chunked(&keys::snapshot(run_id), &snapshot, &self.context.store_limits);
         batch.finished.push(run_id.clone());
         self.metrics.run_finished(status);
     }

@@ -306,10 +306,10 @@ fn borrowed_view_serializes_as_the_owned_view() {
         let owned = serde_json::to_string(&harness.run.view()).expect("encodes");
         assert_eq!(borrowed, owned, "{what}");
     };
-    // Running: no output, no end; a cancelled and a skipped step later on.
+    // Running: no output and no end yet.
     let mut harness = Harness::start(CATCH, json!({"given": [1, "two"]}), 0);
     same(&harness, "a running run");
-    // Failed: a run error, a step error, cancelled steps.
+    // Failed: a run error, a step error, a cancelled step.
     harness.fail(10, "fetch", None, 1, error("forbidden", true));
     same(&harness, "a failed run");
     // Succeeded after a caught failure of a map: item counts, `caught`, outputs.
