@@ -182,8 +182,8 @@ pub(crate) struct StepViewRef<'a> {
 }
 
 impl RunViewRef<'_> {
-    /// The owned view, for the API.
-    pub fn to_view(&self) -> RunView {
+    /// The owned view, for the API ([`Run::view`](crate::Run::view)).
+    pub(crate) fn to_view(&self) -> RunView {
         RunView {
             run_id: self.run_id.clone(),
             flow: self.flow.to_owned(),
