@@ -38,6 +38,10 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
     expect_at_least("flowgrid_api_requests_total{verb=\"run.start\",outcome=\"ok\"}", runs);
     expect_at_least("flowgrid_task_publish_seconds_count ", runs);
     expect_at_least("flowgrid_store_commit_seconds_count ", 2.0 * runs);
+    // One run after the other: each start waits for a journal group of its own.
+    expect_at_least("flowgrid_store_journal_sync_seconds_count ", runs);
+    expect_at_least("flowgrid_store_journal_bytes_total ", 100.0 * runs);
+    assert_eq!(metric_value(&body, "flowgrid_store_checkpoint_failed_total "), Some(0.0), "{body}");
     assert_eq!(metric_value(&body, "flowgrid_runs_active "), Some(0.0), "every run ended:\n{body}");
     assert_eq!(metric_value(&body, "flowgrid_tasks_in_flight{pool=\"a\"}"), Some(0.0), "every attempt closed:\n{body}");
     assert_eq!(
@@ -45,6 +49,16 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
         Some(f64::from(grid.shards)),
         "one coordinator owns every shard"
     );
+    // The shards' commits reach their files within the checkpoint interval (1 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let body = scrape_metrics(&metrics_addr).or_logs(&grid)?;
+        if metric_value(&body, "flowgrid_store_checkpoint_seconds_count ").is_some_and(|count| count >= 1.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint within 10 s:\n{body}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     for quantile in ["0.5", "0.99"] {
         let prefix = format!("flowgrid_task_publish_seconds{{quantile=\"{quantile}\"}}");
         let seconds = metric_value(&body, &prefix).unwrap_or(f64::NAN);

@@ -36,6 +36,7 @@ pub const SHARD_RELEASE_SECONDS: &str = "flowgrid_shard_release_seconds";
 pub const SHARD_TAKEOVERS: &str = "flowgrid_shard_takeovers_total";
 
 pub fn describe() {
+    flowgrid_store_redb::describe_metrics();
     describe_counter!(RUNS_STARTED, Unit::Count, "Runs started.");
     describe_counter!(RUNS_FINISHED, Unit::Count, "Runs that reached a terminal status (label: status).");
     describe_gauge!(RUNS_ACTIVE, Unit::Count, "Runs started and not yet ended, held in memory.");

@@ -222,6 +222,9 @@ impl Journal {
             file: None,
             spare: None,
             slow_syncs: SlowSyncs::default(),
+            // Made here, on the first append: the metrics recorder is installed by then.
+            bytes_written: metrics::counter!(crate::JOURNAL_BYTES),
+            sync_seconds: metrics::histogram!(crate::JOURNAL_SYNC_SECONDS),
         };
         let thread = std::thread::Builder::new()
             .name("flowgrid-journal".into())
@@ -290,6 +293,8 @@ struct Writer {
     /// The next segment, being made in the background.
     spare: Option<Spare>,
     slow_syncs: SlowSyncs,
+    bytes_written: metrics::Counter,
+    sync_seconds: metrics::Histogram,
 }
 
 /// Slow groups since the last warning, and when that was.
@@ -445,7 +450,10 @@ impl Writer {
             let started = Instant::now();
             file.write_all_at(buffer, start.offset).map_err(|error| error.to_string())?;
             file.sync_data().map_err(|error| error.to_string())?;
-            self.slow_syncs.record(&self.dir, started.elapsed(), buffer.len());
+            let took = started.elapsed();
+            self.sync_seconds.record(took.as_secs_f64());
+            self.bytes_written.increment(buffer.len() as u64);
+            self.slow_syncs.record(&self.dir, took, buffer.len());
             Ok(ends)
         });
         let mut state = lock(&self.state);

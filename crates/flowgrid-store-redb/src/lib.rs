@@ -56,12 +56,13 @@ use redb::{
 
 use flowgrid_model::{Epoch, ShardId};
 use flowgrid_store::{keys, Error, Key, KeyRange, Mutation, Result, ShardStore, Store, StoreLimits, Value, WriteBatch};
+use tracing::{info, warn};
 
 mod journal;
 mod overlay;
 
 use journal::{Journal, Position};
-use overlay::{Layer, Lookup, Overlay};
+use overlay::{CheckpointFailure, Layer, Lookup, Overlay};
 
 /// The one table of shard data in a shard file.
 const KV: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("kv");
@@ -83,12 +84,44 @@ pub const CHECKPOINT_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 /// A shard whose journal-only writes reach this many bytes is checkpointed at once:
 /// bounds the memory they hold.
 pub const CHECKPOINT_BYTES: usize = 8 << 20;
+/// A shard whose commits waiting for their checkpoint reach this many bytes refuses new
+/// ones until a checkpoint succeeds: they are held in memory, and only a checkpoint that
+/// keeps failing (or a disk far slower than the commits) lets them pile up this far.
+pub const WAITING_BYTES_MAX: usize = 4 * CHECKPOINT_BYTES;
+/// How long a shard waits after a failed checkpoint before it tries again.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 /// How often the checkpointer looks for shards due.
 const CHECKPOINT_TICK: Duration = Duration::from_millis(50);
 /// How often the checkpointer looks for the journals of dead processes to delete.
 const DEAD_JOURNAL_SWEEP: Duration = Duration::from_secs(60);
 /// How long [`RedbShard::close`] waits for a checkpoint still running to let the file go.
 const CLOSE_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// Bytes written to the process journal (a counter).
+pub const JOURNAL_BYTES: &str = "flowgrid_store_journal_bytes_total";
+/// One journal group's write and `fdatasync`, which every commit in the group waited for.
+pub const JOURNAL_SYNC_SECONDS: &str = "flowgrid_store_journal_sync_seconds";
+/// One shard's checkpoint: its commits written from memory into its file.
+pub const CHECKPOINT_SECONDS: &str = "flowgrid_store_checkpoint_seconds";
+/// Checkpoints that failed (their commits stay in memory and in the journal, and are retried).
+pub const CHECKPOINT_FAILED: &str = "flowgrid_store_checkpoint_failed_total";
+
+/// Describes the store's metrics to the installed recorder.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_counter!(JOURNAL_BYTES, Unit::Bytes, "Bytes written to the process journal.");
+    describe_histogram!(
+        JOURNAL_SYNC_SECONDS,
+        Unit::Seconds,
+        "One journal group's write and fdatasync, which every commit of the group waited for."
+    );
+    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "One shard checkpoint: its commits written into its file.");
+    describe_counter!(
+        CHECKPOINT_FAILED,
+        Unit::Count,
+        "Shard checkpoints that failed; their commits stay in memory and in the journal until a retry succeeds."
+    );
+}
 
 /// Opens shard files under one data directory. Cheap to clone; clones share one journal.
 #[derive(Clone)]
@@ -173,6 +206,8 @@ impl Shared {
     /// Starts the checkpointer thread once. It ends when the store and its shards are gone.
     fn start_checkpointer(shared: &Arc<Shared>) {
         shared.checkpointer.get_or_init(|| {
+            // Present at 0 from the start, so that an alert needs no `absent()`.
+            metrics::counter!(CHECKPOINT_FAILED).increment(0);
             let (wake, woken) = mpsc::channel();
             let weak = Arc::downgrade(shared);
             std::thread::Builder::new()
@@ -289,6 +324,8 @@ fn open_shard_file(
         checkpointing: Mutex::new(()),
         wrote: AtomicBool::new(false),
         shared,
+        #[cfg(test)]
+        fail_checkpoints: AtomicBool::new(false),
     }))
 }
 
@@ -397,6 +434,8 @@ struct ShardCore {
     /// `clean` frame.
     wrote: AtomicBool,
     shared: Arc<Shared>,
+    #[cfg(test)]
+    fail_checkpoints: AtomicBool,
 }
 
 impl std::fmt::Debug for ShardCore {
@@ -412,6 +451,9 @@ impl ShardCore {
 
     fn checkpoint_due(&self, interval: Duration) -> Option<Due> {
         let overlay = lock(&self.overlay);
+        if overlay.failure.as_ref().is_some_and(|failure| failure.retry_at > Instant::now()) {
+            return None;
+        }
         if overlay.frozen.is_some() || overlay.active.bytes >= CHECKPOINT_BYTES {
             return Some(Due::Full);
         }
@@ -420,16 +462,56 @@ impl ShardCore {
     }
 
     /// Writes the overlay, as it is now, to the file; blocking. Commits that arrive
-    /// meanwhile wait for the next checkpoint.
+    /// meanwhile wait for the next checkpoint. A failure is logged (the first of a streak),
+    /// counted, and retried after [`CHECKPOINT_RETRY`].
     fn checkpoint(&self) -> Result<()> {
+        let started = Instant::now();
+        match self.write_overlay() {
+            Ok(wrote) => {
+                if wrote {
+                    metrics::histogram!(CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
+                }
+                if let Some(failure) = lock(&self.overlay).failure.take() {
+                    info!(shard = %self.shard, failures = failure.failures, "checkpoints of the shard succeed again");
+                }
+                Ok(())
+            }
+            Err(error) => {
+                metrics::counter!(CHECKPOINT_FAILED).increment(1);
+                let mut overlay = lock(&self.overlay);
+                let failures = overlay.failure.as_ref().map_or(0, |failure| failure.failures) + 1;
+                if failures == 1 {
+                    warn!(
+                        shard = %self.shard,
+                        file = %self.path.display(),
+                        error = %error,
+                        "a checkpoint into the shard file failed; its commits stay in memory and in the journal and it is \
+                         retried every {CHECKPOINT_RETRY:?}; the shard refuses new commits once {} MiB wait",
+                        WAITING_BYTES_MAX >> 20,
+                    );
+                }
+                let retry_at = Instant::now() + CHECKPOINT_RETRY;
+                overlay.failure = Some(CheckpointFailure { message: error.to_string(), failures, retry_at });
+                Err(error)
+            }
+        }
+    }
+
+    /// The checkpoint's work: true when it wrote something.
+    fn write_overlay(&self) -> Result<bool> {
         let _one_at_a_time = lock(&self.checkpointing);
+        #[cfg(test)]
+        if self.fail_checkpoints.load(Ordering::Relaxed) {
+            return Err(backend(std::io::Error::other("a checkpoint failure the test injected")));
+        }
+        let mut wrote = false;
         // A failed checkpoint's layer goes first, then the active one: two rounds at most.
         for _ in 0..2 {
             let (layer, retried) = {
                 let mut overlay = lock(&self.overlay);
                 match &overlay.frozen {
                     Some(frozen) => (Arc::clone(frozen), true),
-                    None if overlay.active.is_empty() => return Ok(()),
+                    None if overlay.active.is_empty() => return Ok(wrote),
                     None => {
                         let successor = overlay.active.successor();
                         let layer = Arc::new(std::mem::replace(&mut overlay.active, successor));
@@ -439,6 +521,7 @@ impl ShardCore {
                 }
             };
             write_layer(&self.db, &layer)?;
+            wrote = true;
             lock(&self.overlay).frozen = None;
             if let Some(through) = layer.through {
                 self.shared.journal.checkpointed(self.shard, through);
@@ -447,7 +530,31 @@ impl ShardCore {
                 break;
             }
         }
-        Ok(())
+        Ok(wrote)
+    }
+
+    /// Refuses a commit while too many commits wait for their checkpoint: they are held in
+    /// memory, so a checkpoint that keeps failing must not let them grow without bound.
+    fn check_waiting(&self) -> Result<()> {
+        let overlay = lock(&self.overlay);
+        let waiting = overlay.bytes();
+        if waiting < WAITING_BYTES_MAX {
+            return Ok(());
+        }
+        let why = match &overlay.failure {
+            Some(failure) => {
+                format!("its last {} checkpoints failed, the last one with: {}", failure.failures, failure.message)
+            }
+            None => "its checkpoints do not keep up with its commits".to_owned(),
+        };
+        Err(backend(std::io::Error::other(format!(
+            "shard {}: {} MiB of commits wait to be written to {}, the most a shard holds in memory ({} MiB), \
+             because {why}; new commits are refused until a checkpoint succeeds",
+            self.shard,
+            waiting >> 20,
+            self.path.display(),
+            WAITING_BYTES_MAX >> 20,
+        ))))
     }
 
     /// Checkpoints and notes in the journal that nothing of the shard is needed there.
@@ -598,6 +705,7 @@ impl ShardStore for RedbShard {
         if elapsed_ms > core.limits.transaction_ms_max {
             return Err(Error::TooSlow { elapsed_ms, limit_ms: core.limits.transaction_ms_max });
         }
+        core.check_waiting()?;
         let _in_order = core.commit_order.lock().await;
         let through = core.shared.journal.append(core.shard, frame).await?;
         core.wrote.store(true, Ordering::Relaxed);
@@ -688,6 +796,69 @@ mod tests {
         // An interval shorter than the tick: every shard each tick.
         assert_eq!(checkpoints_per_tick(64, Duration::from_millis(10)), 321);
         assert!(checkpoints_per_tick(3, Duration::ZERO) > 3);
+    }
+
+    /// Commits of `count` values of 64 KiB each under keys `prefix00000`, ... in batches
+    /// of 100; stops at the first refusal and returns it with the number committed.
+    async fn commit_values(shard: &RedbShard, epoch: Epoch, prefix: &str, count: usize) -> (usize, Option<Error>) {
+        let value = vec![7u8; 64 * 1024];
+        let mut committed = 0;
+        while committed < count {
+            let mut batch = WriteBatch::new();
+            for index in committed..(committed + 100).min(count) {
+                batch.set(format!("{prefix}{index:05}").into_bytes(), value.clone());
+            }
+            let size = batch.len();
+            if let Err(error) = shard.commit(epoch, batch).await {
+                return (committed, Some(error));
+            }
+            committed += size;
+        }
+        (committed, None)
+    }
+
+    #[tokio::test]
+    async fn failing_checkpoints_bound_the_commits_held_in_memory_and_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default())
+            .unwrap()
+            .with_checkpoint_interval(Duration::from_millis(10));
+        let shard = store.open_shard(ShardId(3)).await.unwrap();
+        let epoch = shard.acquire().await.unwrap();
+        shard.core().fail_checkpoints.store(true, Ordering::Relaxed);
+
+        let (committed, refusal) = commit_values(&shard, epoch, "k", 2_000).await;
+        let refusal = refusal.expect("commits must be refused while checkpoints fail");
+        let text = refusal.to_string();
+        assert!(text.contains("new commits are refused") && text.contains("the test injected"), "{text}");
+        let held = lock(&shard.core().overlay).bytes();
+        assert!(held < WAITING_BYTES_MAX + 7 * 1024 * 1024, "{held} bytes held");
+        // Refused at the first commit past the bound, not before: one batch is 6.25 MiB.
+        assert!(committed * 64 * 1024 >= WAITING_BYTES_MAX, "refused after {committed} values");
+        // What was committed is still read, from memory.
+        assert_eq!(shard.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+
+        // Once checkpoints work again, the backlog goes to the file and commits pass.
+        shard.core().fail_checkpoints.store(false, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, refusal) = commit_values(&shard, epoch, "after", 1).await;
+            match refusal {
+                None => break,
+                Some(error) => assert!(Instant::now() < deadline, "still refused: {error}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The failure is forgotten once the checkpoint that wrote the backlog returns.
+        while lock(&shard.core().overlay).failure.is_some() {
+            assert!(Instant::now() < deadline, "the failure is still recorded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shard.close().unwrap();
+        let shard = store.open_shard(ShardId(3)).await.unwrap();
+        let last = format!("k{:05}", committed - 1);
+        assert_eq!(shard.get(last.as_bytes()).await.unwrap().map(|value| value.len()), Some(64 * 1024));
+        assert_eq!(shard.get(b"after00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
     }
 
     #[test]

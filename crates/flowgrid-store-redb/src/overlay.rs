@@ -85,6 +85,17 @@ impl Layer {
 pub(crate) struct Overlay {
     pub active: Layer,
     pub frozen: Option<Arc<Layer>>,
+    /// Set while the shard's checkpoints fail; cleared by the next one that succeeds.
+    pub failure: Option<CheckpointFailure>,
+}
+
+/// Why the shard's last checkpoint failed, how many failed in a row, and when the next
+/// one may try.
+#[derive(Debug)]
+pub(crate) struct CheckpointFailure {
+    pub message: String,
+    pub failures: u64,
+    pub retry_at: Instant,
 }
 
 /// What the overlay says about one key.
@@ -219,7 +230,7 @@ mod tests {
             vec![Mutation::Set(key("b"), key("frozen")), Mutation::Set(key("d"), key("frozen"))],
             Position::default(),
         );
-        let mut overlay = Overlay { active: Layer::default(), frozen: Some(Arc::new(frozen)) };
+        let mut overlay = Overlay { active: Layer::default(), frozen: Some(Arc::new(frozen)), failure: None };
         overlay.active.apply(
             vec![
                 Mutation::ClearRange(range("c", "e")),
