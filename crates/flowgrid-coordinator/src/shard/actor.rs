@@ -285,6 +285,13 @@ impl<S: ShardStore> ShardActor<S> {
                         ErrorCode::Unavailable,
                         format!("shard {} moved to another coordinator; retry", self.shard),
                     ),
+                    // Nothing was committed and the shard reloads: the same request may pass later.
+                    flowgrid_store::Error::Backend(_)
+                    | flowgrid_store::Error::TooSlow { .. }
+                    | flowgrid_store::Error::Busy { .. } => ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("store commit failed, nothing was changed: {error}; retry"),
+                    ),
                     other => ApiError::new(ErrorCode::Internal, format!("store commit failed: {other}")),
                 };
                 self.fail(replies, result_replies, &failure).await;
