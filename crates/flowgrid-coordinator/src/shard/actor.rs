@@ -280,20 +280,7 @@ impl<S: ShardStore> ShardActor<S> {
             self.metrics.commit_batch_events.record(commands as f64);
             if let Err(error) = committed {
                 ::metrics::counter!(metrics::COMMIT_FAILED).increment(1);
-                let failure = match &error {
-                    flowgrid_store::Error::StaleEpoch { .. } => ApiError::new(
-                        ErrorCode::Unavailable,
-                        format!("shard {} moved to another coordinator; retry", self.shard),
-                    ),
-                    // Nothing was committed and the shard reloads: the same request may pass later.
-                    flowgrid_store::Error::Backend(_)
-                    | flowgrid_store::Error::TooSlow { .. }
-                    | flowgrid_store::Error::Busy { .. } => ApiError::new(
-                        ErrorCode::Unavailable,
-                        format!("store commit failed, nothing was changed: {error}; retry"),
-                    ),
-                    other => ApiError::new(ErrorCode::Internal, format!("store commit failed: {other}")),
-                };
+                let failure = commit_failure(self.shard, &error);
                 self.fail(replies, result_replies, &failure).await;
                 return Err(error);
             }
@@ -358,6 +345,21 @@ impl<S: ShardStore> ShardActor<S> {
     }
 }
 
+/// What the callers of a batch whose commit failed are told.
+fn commit_failure(shard: ShardId, error: &flowgrid_store::Error) -> ApiError {
+    use flowgrid_store::Error;
+    match error {
+        Error::StaleEpoch { .. } => {
+            ApiError::new(ErrorCode::Unavailable, format!("shard {shard} moved to another coordinator; retry"))
+        }
+        // Nothing was committed and the shard reloads: the same request may pass later.
+        Error::Backend(_) | Error::TooSlow { .. } | Error::Busy { .. } => {
+            ApiError::new(ErrorCode::Unavailable, format!("store commit failed, nothing was changed: {error}; retry"))
+        }
+        other => ApiError::new(ErrorCode::Internal, format!("store commit failed: {other}")),
+    }
+}
+
 /// Sleeps until `due` (Unix ms), or forever when there is no timer.
 async fn sleep_until(due: Option<Millis>) {
     match due {
@@ -366,5 +368,25 @@ async fn sleep_until(due: Option<Millis>) {
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_commit_is_retryable_unless_the_batch_or_the_data_is_at_fault() {
+        let shard = ShardId(7);
+        let io = flowgrid_store::Error::Backend(Box::new(std::io::Error::other("No space left on device")));
+        let refusal = commit_failure(shard, &io);
+        assert_eq!(refusal.code, ErrorCode::Unavailable);
+        assert!(refusal.retryable && refusal.message.contains("No space left"), "{refusal:?}");
+        let stale = flowgrid_store::Error::StaleEpoch { shard, epoch: Epoch(1), current: Epoch(2) };
+        assert!(commit_failure(shard, &stale).retryable);
+        let too_large = flowgrid_store::Error::TooLarge { what: "a value", size: 200_000, limit: 100_000 };
+        let refusal = commit_failure(shard, &too_large);
+        assert_eq!(refusal.code, ErrorCode::Internal);
+        assert!(!refusal.retryable, "{refusal:?}");
     }
 }
