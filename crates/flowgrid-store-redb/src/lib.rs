@@ -15,6 +15,9 @@
 //!   [`CHECKPOINT_INTERVAL_DEFAULT`] later, and records how far into the journal the file
 //!   is. Opening a shard first replays whatever its last writer journaled after that point
 //!   (that writer died, or closed the shard without its checkpoint completing).
+//! - A failed checkpoint is retried after a pause; the commits it did not write stay in
+//!   memory and in the journal. Once [`WAITING_BYTES_MAX`] of them wait, the shard refuses
+//!   new commits until a checkpoint succeeds, so memory stays bounded.
 //! - Only the epoch holder writes: the epoch is bumped in the file by
 //!   [`ShardStore::acquire`], and the file lock keeps every other process out while the
 //!   shard is open here, so the epoch this handle holds is the file's.
