@@ -27,6 +27,14 @@ pub enum Error {
     /// The store failed; the data directory may be unwritable or held by another process.
     #[error("store: {0}")]
     Store(#[from] flowgrid_store::Error),
+    /// The store can take no more commits in this process (its journal failed a write or a
+    /// sync); the coordinator handed its shards over and stopped.
+    #[error(
+        "the store takes no more commits in this process ({0}); the coordinator released its shards for the other \
+         coordinators and stopped. Free or fix the data directory's disk, then start it again: the shards' commits \
+         are replayed from its journal"
+    )]
+    StoreBroken(String),
     /// The metrics endpoint could not start (address in use?): pick another `--metrics-addr`.
     #[error("cannot serve metrics on {addr}: {message}")]
     Metrics { addr: String, message: String },

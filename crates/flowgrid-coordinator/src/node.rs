@@ -149,11 +149,14 @@ pub async fn run_with_store<S: Store>(
         "coordinator joined the grid"
     );
 
+    let mut broken = None;
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        _ = &mut manager_task => {
-            error!("the shard manager stopped unexpectedly; leaving the grid");
-        }
+        stopped = &mut manager_task => match stopped {
+            // It has handed its shards over already.
+            Ok(Some(failure)) => broken = Some(failure),
+            _ => error!("the shard manager stopped unexpectedly; leaving the grid"),
+        },
     }
     info!("coordinator stopping: handing its shards over");
     // New requests go to the other coordinators; what is in progress finishes.
@@ -184,7 +187,10 @@ pub async fn run_with_store<S: Store>(
         tracing::debug!(error = %error, "flush on stop failed");
     }
     info!("coordinator stopped");
-    Ok(())
+    match broken {
+        Some(failure) => Err(Error::StoreBroken(failure)),
+        None => Ok(()),
+    }
 }
 
 /// Records the grid's shard count on first start; refuses a coordinator that disagrees

@@ -234,6 +234,17 @@ impl Journal {
         sender
     }
 
+    /// Why the journal takes no more appends (a write or sync failed), or `None`.
+    pub(crate) fn failure(&self) -> Option<String> {
+        lock(&self.state).failed.clone()
+    }
+
+    /// Makes every later append fail as a failed write would.
+    #[cfg(test)]
+    pub(crate) fn fail_for_test(&self, failure: &str) {
+        lock(&self.state).failed = Some(failure.to_owned());
+    }
+
     /// Notes that every data frame of `shard` ending at or before `through` is durable in
     /// its shard file, and deletes the segments nothing needs any more.
     pub(crate) fn checkpointed(&self, shard: ShardId, through: Position) {

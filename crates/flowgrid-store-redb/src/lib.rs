@@ -194,6 +194,10 @@ impl RedbStore {
 impl Store for RedbStore {
     type Shard = RedbShard;
 
+    fn broken(&self) -> Option<String> {
+        self.shared.journal.failure()
+    }
+
     async fn open_shard(&self, shard: ShardId) -> Result<RedbShard> {
         let path = self.shard_path(shard);
         let (limits, cache_bytes) = (self.limits, self.cache_bytes_per_shard);
@@ -862,6 +866,22 @@ mod tests {
         let last = format!("k{:05}", committed - 1);
         assert_eq!(shard.get(last.as_bytes()).await.unwrap().map(|value| value.len()), Some(64 * 1024));
         assert_eq!(shard.get(b"after00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+    }
+
+    #[tokio::test]
+    async fn a_failed_journal_breaks_the_store_for_every_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let shard = store.open_shard(ShardId(1)).await.unwrap();
+        let epoch = shard.acquire().await.unwrap();
+        let (committed, refusal) = commit_values(&shard, epoch, "k", 1).await;
+        assert!(committed == 1 && refusal.is_none(), "{refusal:?}");
+        assert_eq!(store.broken(), None);
+        store.shared.journal.fail_for_test("journal write failed: No space left on device (os error 28)");
+        assert!(store.broken().is_some_and(|failure| failure.contains("No space left")), "{:?}", store.broken());
+        let (_, refusal) = commit_values(&shard, epoch, "after", 1).await;
+        let refusal = refusal.expect("no commit passes a failed journal");
+        assert!(refusal.to_string().contains("No space left"), "{refusal}");
     }
 
     #[test]

@@ -129,6 +129,13 @@ pub trait Store: Send + Sync + 'static {
     /// Opens `shard` for this process. The embedded backend takes the shard's file lock
     /// here and fails with [`Error::Busy`] while another process holds it.
     fn open_shard(&self, shard: ShardId) -> impl Future<Output = Result<Self::Shard>> + Send;
+
+    /// Why this process can commit nothing more to any shard of the store (the embedded
+    /// backend's journal failed a write or a sync), or `None` while it can. A coordinator
+    /// then hands its shards to the others and stops.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One shard's key space, held by its owner.

@@ -28,7 +28,7 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::placement::owner_of;
 use super::view::ClusterView;
@@ -128,8 +128,10 @@ impl<S: Store> ShardManager<S> {
     }
 
     /// Serves shards until `drain` is cancelled, then hands every shard over and returns
-    /// once none is left here.
-    pub async fn run(mut self, members_kv: kv::Store, drain: CancellationToken) {
+    /// once none is left here. It drains by itself when the store can take no more
+    /// commits in this process, and then returns why.
+    pub async fn run(mut self, members_kv: kv::Store, drain: CancellationToken) -> Option<String> {
+        let mut broken = None;
         let mut members = None;
         let mut claims = None;
         let mut ticks = tokio::time::interval(TICK);
@@ -158,11 +160,20 @@ impl<S: Store> ShardManager<S> {
                 },
                 _ = ticks.tick() => {}
                 _ = drain.cancelled(), if !self.draining => {
-                    self.draining = true;
                     info!(shards = self.owned.len(), "draining: handing every shard to the other coordinators");
-                    if let Err(error) = self.shared.membership.set_draining().await {
-                        warn!(error = %error, "cannot announce draining; handing shards over anyway");
-                    }
+                    self.start_draining().await;
+                }
+            }
+            if !self.draining {
+                if let Some(failure) = self.shared.store.broken() {
+                    error!(
+                        shards = self.owned.len(),
+                        failure = %failure,
+                        "the store takes no more commits in this process: handing every shard to the other \
+                         coordinators, then stopping"
+                    );
+                    self.start_draining().await;
+                    broken = Some(failure);
                 }
             }
             let lease = self.shared.lease.clone();
@@ -195,6 +206,15 @@ impl<S: Store> ShardManager<S> {
             }
         }
         self.stop_all().await;
+        broken
+    }
+
+    /// From now on every shard here is handed over, and none is taken.
+    async fn start_draining(&mut self) {
+        self.draining = true;
+        if let Err(error) = self.shared.membership.set_draining().await {
+            warn!(error = %error, "cannot announce draining; handing shards over anyway");
+        }
     }
 
     /// Starts a watch on the members bucket and reads what is there now.
