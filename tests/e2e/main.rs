@@ -15,6 +15,7 @@ mod metrics;
 mod publish;
 mod python;
 mod results;
+mod store_failure;
 
 use std::time::Duration;
 

@@ -27,4 +27,4 @@ mod submit;
 
 pub use config::CoordinatorConfig;
 pub use error::{Error, Result};
-pub use node::{run, run_with_store};
+pub use node::{embedded_store_id, run, run_with_store};

@@ -38,9 +38,15 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let store = RedbStore::open(&config.data_dir, StoreLimits::default())?
         .with_cache_bytes_per_shard(cache_bytes_per_shard)
         .with_checkpoint_interval(std::time::Duration::from_millis(config.checkpoint_interval_ms));
-    let dir = std::fs::canonicalize(store.dir()).unwrap_or_else(|_| store.dir().to_path_buf());
-    let store_id = format!("redb:{}:{}", host_name(), dir.display());
+    let store_id = embedded_store_id(store.dir());
     run_with_store(config, store, store_id, shutdown).await
+}
+
+/// What a coordinator on the embedded store in `dir` names its store: the host and the
+/// directory. Every coordinator of a grid must name the same store.
+pub fn embedded_store_id(dir: &std::path::Path) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    format!("redb:{}:{}", host_name(), dir.display())
 }
 
 /// Runs a coordinator on `store` until `shutdown` is cancelled, then hands its shards to
