@@ -1,21 +1,26 @@
-//! A coordinator whose store can take no more commits (its journal failed a write or a
-//! sync) hands its shards to the other coordinators and stops with an error that says
-//! what to do (ADR 0008).
+//! Store failures a coordinator recovers from:
+//! - a store that can take no more commits (its journal failed a write or a sync): the
+//!   coordinator hands its shards to the others and stops with an error that says what to
+//!   do (ADR 0008);
+//! - a shard whose commit and then reload failed, so that its actor stopped: the
+//!   coordinator lets the shard's claim go and opens the shard again.
 //!
-//! A failing disk cannot be made on demand here, so this coordinator runs in the test's
-//! process on the real embedded store, wrapped to report itself broken when the test says
-//! so. Everything else is real: nats-server, a second coordinator process on the same
-//! data directory, and worker processes. What a real journal failure does to `broken()`
-//! is tested in the store's own crate.
+//! A failing disk cannot be made on demand here, so the coordinator under test runs in the
+//! test's process on the real embedded store, wrapped so that the test can make it report
+//! itself broken, or make its shards' commits and scans fail. Everything else is real:
+//! nats-server, worker processes and, where a test needs one, a second coordinator process
+//! on the same data directory. What a real journal failure does to `broken()` is tested in
+//! the store's own crate.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
 use flowgrid_coordinator::{embedded_store_id, run_with_store, CoordinatorConfig};
-use flowgrid_model::ShardId;
+use flowgrid_model::{shard_of, Epoch, RunId, ShardId};
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_store::{Store, StoreLimits};
+use flowgrid_store::{Key, KeyRange, ShardStore, Store, StoreLimits, Value, WriteBatch};
 use flowgrid_store_redb::{RedbShard, RedbStore};
 use flowgrid_tests::Grid;
 use serde_json::json;
@@ -26,21 +31,70 @@ use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 /// How long shards may take to settle after a change (debug builds, 2 cores).
 const SETTLE: Duration = Duration::from_secs(30);
 
-/// The embedded store, with a switch that makes it report itself broken.
+/// The embedded store, with switches: one makes it report itself broken, the other
+/// makes every shard's commits and scans fail.
+#[derive(Clone)]
 struct BreakableStore {
     inner: RedbStore,
     broken: Arc<Mutex<Option<String>>>,
+    failing: Arc<AtomicBool>,
+}
+
+impl BreakableStore {
+    fn open(grid: &Grid) -> anyhow::Result<BreakableStore> {
+        let inner = RedbStore::open(grid.data_dir(), StoreLimits::default())?;
+        Ok(BreakableStore { inner, broken: Arc::default(), failing: Arc::default() })
+    }
 }
 
 impl Store for BreakableStore {
-    type Shard = RedbShard;
+    type Shard = BreakableShard;
 
-    async fn open_shard(&self, shard: ShardId) -> flowgrid_store::Result<RedbShard> {
-        self.inner.open_shard(shard).await
+    async fn open_shard(&self, shard: ShardId) -> flowgrid_store::Result<BreakableShard> {
+        let inner = self.inner.open_shard(shard).await?;
+        Ok(BreakableShard { inner, failing: self.failing.clone() })
     }
 
     fn broken(&self) -> Option<String> {
         self.broken.lock().unwrap().clone()
+    }
+}
+
+struct BreakableShard {
+    inner: RedbShard,
+    failing: Arc<AtomicBool>,
+}
+
+impl BreakableShard {
+    fn check(&self) -> flowgrid_store::Result<()> {
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(flowgrid_store::Error::Backend("an I/O error the test injected".into()));
+        }
+        Ok(())
+    }
+}
+
+impl ShardStore for BreakableShard {
+    async fn acquire(&self) -> flowgrid_store::Result<Epoch> {
+        self.inner.acquire().await
+    }
+
+    async fn current_epoch(&self) -> flowgrid_store::Result<Epoch> {
+        self.inner.current_epoch().await
+    }
+
+    async fn get(&self, key: &[u8]) -> flowgrid_store::Result<Option<Value>> {
+        self.inner.get(key).await
+    }
+
+    async fn scan(&self, range: KeyRange, limit: usize, reverse: bool) -> flowgrid_store::Result<Vec<(Key, Value)>> {
+        self.check()?;
+        self.inner.scan(range, limit, reverse).await
+    }
+
+    async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> flowgrid_store::Result<()> {
+        self.check()?;
+        self.inner.commit(epoch, batch).await
     }
 }
 
@@ -51,18 +105,11 @@ struct Flags {
     config: CoordinatorConfig,
 }
 
-async fn run_echo(grid: &Grid, client: &flowgrid_sdk::Client, index: usize) -> anyhow::Result<()> {
-    let start =
-        StartRun { flow: "echo-once".into(), version: None, input: json!({ "n": index }), idempotency_key: None };
-    let run = client.start(start).await.or_logs(grid)?;
-    let view = grid.wait_run(client, &run.run_id, RUN_DEADLINE).await?;
-    assert_eq!(view.status, RunStatus::Succeeded, "run {index}: {view:?}\n{}", grid.logs());
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coordinator_whose_store_breaks_hands_its_shards_over_and_stops_with_an_error() -> anyhow::Result<()> {
-    let mut grid = Grid::start_nats()?;
+/// A coordinator in this process on `store`, with the flags `flowgrid coordinator` would get.
+fn spawn_coordinator(
+    grid: &Grid,
+    store: BreakableStore,
+) -> anyhow::Result<tokio::task::JoinHandle<flowgrid_coordinator::Result<()>>> {
     let data_dir = grid.data_dir();
     let data_dir_text = data_dir.display().to_string();
     let shards = grid.shards.to_string();
@@ -79,10 +126,48 @@ async fn a_coordinator_whose_store_breaks_hands_its_shards_over_and_stops_with_a
         "--metrics-addr",
         "off",
     ])?;
-    let broken = Arc::new(Mutex::new(None));
-    let store = BreakableStore { inner: RedbStore::open(&data_dir, StoreLimits::default())?, broken: broken.clone() };
-    let coordinator =
-        tokio::spawn(run_with_store(flags.config, store, embedded_store_id(&data_dir), CancellationToken::new()));
+    let store_id = embedded_store_id(&data_dir);
+    Ok(tokio::spawn(run_with_store(flags.config, store, store_id, CancellationToken::new())))
+}
+
+/// For each shard, an idempotency key whose run of `echo-once` lands on that shard (a run
+/// started without a key gets a fresh id, so a retried start may land anywhere).
+fn a_key_per_shard(shards: u32) -> Vec<String> {
+    let mut keys = vec![None; shards as usize];
+    let mut candidate = 0u64;
+    while keys.iter().any(Option::is_none) {
+        let key = format!("key-{candidate}");
+        let shard = shard_of(RunId::from_idempotency_key("echo-once", &key).as_str(), shards);
+        keys[shard.0 as usize].get_or_insert(key);
+        candidate += 1;
+    }
+    keys.into_iter().flatten().collect()
+}
+
+fn echo_start(key: &str) -> StartRun {
+    StartRun {
+        flow: "echo-once".into(),
+        version: None,
+        input: json!({ "key": key }),
+        idempotency_key: Some(key.into()),
+    }
+}
+
+async fn run_echo(grid: &Grid, client: &flowgrid_sdk::Client, index: usize) -> anyhow::Result<()> {
+    let start =
+        StartRun { flow: "echo-once".into(), version: None, input: json!({ "n": index }), idempotency_key: None };
+    let run = client.start(start).await.or_logs(grid)?;
+    let view = grid.wait_run(client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "run {index}: {view:?}\n{}", grid.logs());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_whose_store_breaks_hands_its_shards_over_and_stops_with_an_error() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats()?;
+    let store = BreakableStore::open(&grid)?;
+    let broken = store.broken.clone();
+    let coordinator = spawn_coordinator(&grid, store)?;
     grid.wait_shards_served_by(1, SETTLE).await?;
     grid.spawn_coordinator()?;
     grid.wait_shards_served_by(2, SETTLE).await?;
@@ -104,6 +189,40 @@ async fn a_coordinator_whose_store_breaks_hands_its_shards_over_and_stops_with_a
     grid.wait_shards_served_by(1, SETTLE).await?;
     for index in 4..8 {
         run_echo(&grid, &client, index).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_stopped_after_a_failed_commit_and_reload_is_opened_again() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats()?;
+    let store = BreakableStore::open(&grid)?;
+    let failing = store.failing.clone();
+    let _coordinator = spawn_coordinator(&grid, store)?;
+    grid.wait_shards_served_by(1, SETTLE).await?;
+    grid.start_workers(&["a"], 8)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    run_echo(&grid, &client, 0).await?;
+
+    // A start on every shard while commits and scans fail: each shard fails its commit,
+    // then the reload that follows it (200 ms later), and its actor stops.
+    let keys = a_key_per_shard(grid.shards);
+    let impatient = grid.client().await?.with_retry_budget(Duration::ZERO);
+    failing.store(true, Ordering::Relaxed);
+    for key in &keys {
+        let refused = impatient.start(echo_start(key)).await.expect_err("no start commits while the store fails");
+        assert!(refused.api().is_some_and(|error| error.retryable), "a failed commit is retryable: {refused:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    failing.store(false, Ordering::Relaxed);
+
+    // Every shard is opened again and serves: the same start on each succeeds (the client
+    // retries a shard not served yet for up to 15 s).
+    for key in &keys {
+        let run = client.start(echo_start(key)).await.or_logs(&grid)?;
+        let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "key {key}: {view:?}\n{}", grid.logs());
     }
     Ok(())
 }

@@ -324,6 +324,13 @@ impl<S: Store> ShardManager<S> {
                     warn!(shard, "shard claimed by another coordinator; it stops serving here");
                     let owned = self.owned.remove(&shard).expect("owned");
                     self.start_stop(shard, owned);
+                } else if owned.actor.is_finished() {
+                    // Its actor gave up (a commit failed and so did the reload that followed):
+                    // let the claim go, then open the shard afresh, here or elsewhere.
+                    warn!(shard, "the shard stopped serving here (see the errors above); it is opened again shortly");
+                    let owned = self.owned.remove(&shard).expect("owned");
+                    self.retry_at.insert(shard, now + RETRY_AFTER_FAILURE);
+                    self.start_release(shard, owned);
                 } else if !mine {
                     let owned = self.owned.remove(&shard).expect("owned");
                     self.start_release(shard, owned);
