@@ -12,6 +12,7 @@
 //! on the same data directory. What a real journal failure does to `broken()` is tested in
 //! the store's own crate.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use flowgrid_model::{shard_of, Epoch, RunId, ShardId};
 use flowgrid_sdk::{RunStatus, StartRun};
 use flowgrid_store::{Key, KeyRange, ShardStore, Store, StoreLimits, Value, WriteBatch};
 use flowgrid_store_redb::{RedbShard, RedbStore};
-use flowgrid_tests::Grid;
+use flowgrid_tests::{wait_for, Grid};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -38,12 +39,22 @@ struct BreakableStore {
     inner: RedbStore,
     broken: Arc<Mutex<Option<String>>>,
     failing: Arc<AtomicBool>,
+    /// Shards a commit failed for while `failing`.
+    failed_commits: Arc<Mutex<HashSet<ShardId>>>,
+    /// Shards a scan failed for while `failing`: a reload scans first, so their actors stop.
+    failed_scans: Arc<Mutex<HashSet<ShardId>>>,
 }
 
 impl BreakableStore {
     fn open(grid: &Grid) -> anyhow::Result<BreakableStore> {
         let inner = RedbStore::open(grid.data_dir(), StoreLimits::default())?;
-        Ok(BreakableStore { inner, broken: Arc::default(), failing: Arc::default() })
+        Ok(BreakableStore {
+            inner,
+            broken: Arc::default(),
+            failing: Arc::default(),
+            failed_commits: Arc::default(),
+            failed_scans: Arc::default(),
+        })
     }
 }
 
@@ -52,7 +63,7 @@ impl Store for BreakableStore {
 
     async fn open_shard(&self, shard: ShardId) -> flowgrid_store::Result<BreakableShard> {
         let inner = self.inner.open_shard(shard).await?;
-        Ok(BreakableShard { inner, failing: self.failing.clone() })
+        Ok(BreakableShard { inner, shard, store: self.clone() })
     }
 
     fn broken(&self) -> Option<String> {
@@ -62,12 +73,15 @@ impl Store for BreakableStore {
 
 struct BreakableShard {
     inner: RedbShard,
-    failing: Arc<AtomicBool>,
+    shard: ShardId,
+    store: BreakableStore,
 }
 
 impl BreakableShard {
-    fn check(&self) -> flowgrid_store::Result<()> {
-        if self.failing.load(Ordering::Relaxed) {
+    /// Fails while the store is `failing`, noting the shard in `failed`.
+    fn check(&self, failed: &Mutex<HashSet<ShardId>>) -> flowgrid_store::Result<()> {
+        if self.store.failing.load(Ordering::Relaxed) {
+            failed.lock().unwrap().insert(self.shard);
             return Err(flowgrid_store::Error::Backend("an I/O error the test injected".into()));
         }
         Ok(())
@@ -88,15 +102,18 @@ impl ShardStore for BreakableShard {
     }
 
     async fn scan(&self, range: KeyRange, limit: usize, reverse: bool) -> flowgrid_store::Result<Vec<(Key, Value)>> {
-        self.check()?;
+        self.check(&self.store.failed_scans)?;
         self.inner.scan(range, limit, reverse).await
     }
 
     async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> flowgrid_store::Result<()> {
-        self.check()?;
+        self.check(&self.store.failed_commits)?;
         self.inner.commit(epoch, batch).await
     }
 }
+
+/// A coordinator running in this process.
+type Coordinator = tokio::task::JoinHandle<flowgrid_coordinator::Result<()>>;
 
 /// The coordinator's flags, parsed as `flowgrid coordinator` parses them.
 #[derive(Parser)]
@@ -106,10 +123,7 @@ struct Flags {
 }
 
 /// A coordinator in this process on `store`, with the flags `flowgrid coordinator` would get.
-fn spawn_coordinator(
-    grid: &Grid,
-    store: BreakableStore,
-) -> anyhow::Result<tokio::task::JoinHandle<flowgrid_coordinator::Result<()>>> {
+fn spawn_coordinator(grid: &Grid, store: BreakableStore) -> anyhow::Result<Coordinator> {
     let data_dir = grid.data_dir();
     let data_dir_text = data_dir.display().to_string();
     let shards = grid.shards.to_string();
@@ -144,41 +158,49 @@ fn a_key_per_shard(shards: u32) -> Vec<String> {
     keys.into_iter().flatten().collect()
 }
 
-fn echo_start(key: &str) -> StartRun {
+fn echo_start(idempotency_key: Option<&str>) -> StartRun {
     StartRun {
         flow: "echo-once".into(),
         version: None,
-        input: json!({ "key": key }),
-        idempotency_key: Some(key.into()),
+        input: json!({}),
+        idempotency_key: idempotency_key.map(str::to_owned),
     }
 }
 
-async fn run_echo(grid: &Grid, client: &flowgrid_sdk::Client, index: usize) -> anyhow::Result<()> {
-    let start =
-        StartRun { flow: "echo-once".into(), version: None, input: json!({ "n": index }), idempotency_key: None };
+/// Starts `start` and waits until the run has succeeded.
+async fn run_echo(grid: &Grid, client: &flowgrid_sdk::Client, start: StartRun) -> anyhow::Result<()> {
+    let key = start.idempotency_key.clone();
     let run = client.start(start).await.or_logs(grid)?;
     let view = grid.wait_run(client, &run.run_id, RUN_DEADLINE).await?;
-    assert_eq!(view.status, RunStatus::Succeeded, "run {index}: {view:?}\n{}", grid.logs());
+    assert_eq!(view.status, RunStatus::Succeeded, "key {key:?}: {view:?}\n{}", grid.logs());
     Ok(())
+}
+
+/// nats-server, a coordinator in this process on a breakable store serving every shard,
+/// workers for pool `a`, and `echo-once` deployed and run once.
+async fn grid_with_breakable_coordinator() -> anyhow::Result<(Grid, BreakableStore, Coordinator, flowgrid_sdk::Client)>
+{
+    let mut grid = Grid::start_nats()?;
+    let store = BreakableStore::open(&grid)?;
+    let coordinator = spawn_coordinator(&grid, store.clone())?;
+    grid.wait_shards_served_by(1, SETTLE).await?;
+    grid.start_workers(&["a"], 8)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    run_echo(&grid, &client, echo_start(None)).await?;
+    Ok((grid, store, coordinator, client))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_whose_store_breaks_hands_its_shards_over_and_stops_with_an_error() -> anyhow::Result<()> {
-    let mut grid = Grid::start_nats()?;
-    let store = BreakableStore::open(&grid)?;
-    let broken = store.broken.clone();
-    let coordinator = spawn_coordinator(&grid, store)?;
-    grid.wait_shards_served_by(1, SETTLE).await?;
+    let (mut grid, store, coordinator, client) = grid_with_breakable_coordinator().await?;
     grid.spawn_coordinator()?;
     grid.wait_shards_served_by(2, SETTLE).await?;
-    grid.start_workers(&["a"], 8)?;
-    let client = grid.client().await?;
-    deploy(&grid, &client, ECHO_FLOW).await?;
-    for index in 0..4 {
-        run_echo(&grid, &client, index).await?;
+    for _ in 0..4 {
+        run_echo(&grid, &client, echo_start(None)).await?;
     }
 
-    *broken.lock().unwrap() = Some("journal write failed: No space left on device (os error 28)".to_owned());
+    *store.broken.lock().unwrap() = Some("journal write failed: No space left on device (os error 28)".to_owned());
     let stopped = tokio::time::timeout(SETTLE, coordinator).await.or_logs(&grid)??;
     let error = stopped.expect_err("a coordinator whose store broke stops with an error");
     let message = error.to_string();
@@ -187,42 +209,40 @@ async fn a_coordinator_whose_store_breaks_hands_its_shards_over_and_stops_with_a
 
     // The other coordinator took every shard, and serves runs as before.
     grid.wait_shards_served_by(1, SETTLE).await?;
-    for index in 4..8 {
-        run_echo(&grid, &client, index).await?;
+    for _ in 0..4 {
+        run_echo(&grid, &client, echo_start(None)).await?;
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_that_stopped_after_a_failed_commit_and_reload_is_opened_again() -> anyhow::Result<()> {
-    let mut grid = Grid::start_nats()?;
-    let store = BreakableStore::open(&grid)?;
-    let failing = store.failing.clone();
-    let _coordinator = spawn_coordinator(&grid, store)?;
-    grid.wait_shards_served_by(1, SETTLE).await?;
-    grid.start_workers(&["a"], 8)?;
-    let client = grid.client().await?;
-    deploy(&grid, &client, ECHO_FLOW).await?;
-    run_echo(&grid, &client, 0).await?;
+    let (grid, store, _coordinator, client) = grid_with_breakable_coordinator().await?;
 
-    // A start on every shard while commits and scans fail: each shard fails its commit,
-    // then the reload that follows it (200 ms later), and its actor stops.
+    // A start on every shard at once while commits and scans fail: each shard fails its
+    // commit, then the reload that follows it (200 ms later), and its actor stops. (One
+    // after the other, the starts after the stop of the shard holding the flow's catalog
+    // would be refused earlier, when they ask it for the flow's plan.)
     let keys = a_key_per_shard(grid.shards);
-    let impatient = grid.client().await?.with_retry_budget(Duration::ZERO);
-    failing.store(true, Ordering::Relaxed);
-    for key in &keys {
-        let refused = impatient.start(echo_start(key)).await.expect_err("no start commits while the store fails");
-        assert!(refused.api().is_some_and(|error| error.retryable), "a failed commit is retryable: {refused:?}");
+    let impatient = client.clone().with_retry_budget(Duration::ZERO);
+    store.failing.store(true, Ordering::Relaxed);
+    let starts = keys.iter().map(|key| impatient.start(echo_start(Some(key))));
+    for refused in futures::future::join_all(starts).await {
+        let refused = refused.expect_err("no start commits while the store fails");
+        assert!(refused.api().is_some_and(|error| error.retryable), "a refusal is retryable: {refused:?}");
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    failing.store(false, Ordering::Relaxed);
+    wait_for("every shard that failed a commit to fail its reload", SETTLE, || async {
+        let failed_commits = store.failed_commits.lock().unwrap().clone();
+        let stopped = store.failed_scans.lock().unwrap().is_superset(&failed_commits);
+        (!failed_commits.is_empty() && stopped).then_some(())
+    })
+    .await?;
+    store.failing.store(false, Ordering::Relaxed);
 
     // Every shard is opened again and serves: the same start on each succeeds (the client
     // retries a shard not served yet for up to 15 s).
     for key in &keys {
-        let run = client.start(echo_start(key)).await.or_logs(&grid)?;
-        let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
-        assert_eq!(view.status, RunStatus::Succeeded, "key {key}: {view:?}\n{}", grid.logs());
+        run_echo(&grid, &client, echo_start(Some(key))).await?;
     }
     Ok(())
 }
