@@ -556,7 +556,8 @@ impl ShardCore {
         };
         Err(backend(std::io::Error::other(format!(
             "shard {}: {} MiB of commits wait to be written to {}, the most a shard holds in memory ({} MiB), \
-             because {why}; new commits are refused until a checkpoint succeeds",
+             because {why}; new commits are refused until a checkpoint succeeds (the coordinator's log has the \
+             checkpoint errors; free or fix the data directory's disk)",
             self.shard,
             waiting >> 20,
             self.path.display(),
