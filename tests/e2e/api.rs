@@ -374,6 +374,28 @@ async fn run_list_filters_by_flow_and_status_and_pages_with_a_cursor() -> anyhow
     assert_eq!(paged_ids, newest_first, "pages list each run once, newest first");
     assert!(paged.windows(2).all(|pair| pair[0].created_ms >= pair[1].created_ms), "{paged:?}");
 
+    // Running runs (listed from the shards' memory) and ended ones (from the listing
+    // index) page together, newest first: the idle runs (in any order, they may share a
+    // millisecond), then the finished ones.
+    let mut paged = Vec::new();
+    let mut cursor = None;
+    for _ in 0..5 {
+        let page = client.list(query(None, None, Some(3), cursor)).await.or_logs(&grid)?;
+        paged.extend(page.runs);
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(paged.len(), idle.len() + finished.len(), "{paged:?}");
+    let (newest, oldest) = paged.split_at(idle.len());
+    let newest_ids: HashSet<&RunId> = newest.iter().map(|run| &run.run_id).collect();
+    assert_eq!(newest_ids, idle.iter().collect(), "{paged:?}");
+    assert!(newest.iter().all(|run| run.status == RunStatus::Running && run.ended_ms.is_none()), "{paged:?}");
+    let oldest_ids: Vec<RunId> = oldest.iter().map(|run| run.run_id.clone()).collect();
+    assert_eq!(oldest_ids, newest_first, "{paged:?}");
+    assert!(paged.windows(2).all(|pair| pair[0].created_ms >= pair[1].created_ms), "{paged:?}");
+
     let error = client.list(query(None, None, Some(0), None)).await.expect_err("limit 0 is refused");
     assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
     Ok(())

@@ -48,13 +48,14 @@ pub struct AuditReport {
     pub results_double_applied: u64,
     /// History records committed under a lower epoch than an earlier record of the same run.
     pub stale_epoch_commits: u64,
-    /// Run records without any history, and histories without a run record.
+    /// Run records without any history, and histories of runs neither ended (no run
+    /// record) nor active.
     pub runs_without_history: u64,
     pub histories_without_run: u64,
     /// Ended runs without their final snapshot.
     pub ended_runs_without_snapshot: u64,
     /// Runs whose `active` index entry disagrees with their status (running without an
-    /// entry, ended with one, or an entry without a run).
+    /// entry, ended with one, or an entry without a history).
     pub active_index_mismatches: u64,
     /// Runs stored in a shard other than the one their id hashes to.
     pub runs_misplaced: u64,
@@ -89,7 +90,8 @@ pub struct RunFacts {
     /// From the run record, else from the start record; empty when neither decodes.
     pub flow: String,
     pub version: u32,
-    /// The status of the run record; `None` when the run has a history but no record.
+    /// The status of the run record, or `running` for a run in the active index (its
+    /// record is written when it ends); `None` for a history that is neither.
     pub status: Option<RunStatus>,
     /// The output of the final snapshot (ended runs that succeeded).
     pub output: Option<Json>,
@@ -398,10 +400,16 @@ fn audit_shard(shard: u32, shards: u32, contents: ShardContents, audit: &mut Aud
             }
         }
     }
+    // A run gets its run record when it ends: an indexed run without one is running.
     for run_id in &active {
-        if shard_runs.get(run_id).is_none_or(|facts| facts.status.is_none()) {
-            report.active_index_mismatches += 1;
-            report.problem(format!("shard {shard}, run {run_id}: in the active index but has no run record"));
+        match shard_runs.get_mut(run_id) {
+            Some(facts) if facts.history_records > 0 => {
+                facts.status.get_or_insert(RunStatus::Running);
+            }
+            _ => {
+                report.active_index_mismatches += 1;
+                report.problem(format!("shard {shard}, run {run_id}: in the active index but has no history"));
+            }
         }
     }
 
@@ -417,7 +425,9 @@ fn audit_shard(shard: u32, shards: u32, contents: ShardContents, audit: &mut Aud
         }
         if has_history && !has_record {
             report.histories_without_run += 1;
-            report.problem(format!("shard {shard}, run {run_id}: a history without a run record"));
+            report.problem(format!(
+                "shard {shard}, run {run_id}: a history without a run record, and not in the active index"
+            ));
         }
         if let Some(status) = facts.status {
             *report.runs_by_status.entry(status.as_str().to_owned()).or_default() += 1;
@@ -529,8 +539,8 @@ mod tests {
             .expect("some key hashes to every shard")
     }
 
-    /// Writes a run as a coordinator would: run record, active entry or snapshot, history
-    /// records at the given sequence numbers.
+    /// Writes a run as a coordinator would: history records at the given sequence numbers,
+    /// then the active entry of a running run, or the run record and snapshot of an ended one.
     fn write_run(
         batch: &mut WriteBatch,
         run_id: &RunId,
@@ -540,14 +550,9 @@ mod tests {
         start_epoch: u64,
     ) {
         let limits = StoreLimits::default();
-        let record = RunRecord {
-            flow: "f".into(),
-            version: 1,
-            status,
-            created_ms: 1_000,
-            ended_ms: status.is_terminal().then_some(2_000),
-        };
-        batch.set(keys::run(run_id), records::encode(&record));
+        if status.is_terminal() {
+            batch.set(keys::run(run_id), records::encode(&run_record(status)));
+        }
         let start = StartRecord {
             flow: "f".into(),
             version: 1,
@@ -578,6 +583,16 @@ mod tests {
         }
     }
 
+    fn run_record(status: RunStatus) -> RunRecord {
+        RunRecord {
+            flow: "f".into(),
+            version: 1,
+            status,
+            created_ms: 1_000,
+            ended_ms: status.is_terminal().then_some(2_000),
+        }
+    }
+
     async fn commit(dir: &Path, shard: u32, batch: WriteBatch) {
         let store = RedbStore::open(dir, StoreLimits::default()).unwrap();
         let file = store.open_shard(ShardId(shard)).await.unwrap();
@@ -597,6 +612,7 @@ mod tests {
         let gap = run_in_shard(1, "gap");
         let stale = run_in_shard(1, "stale");
         let running = run_in_shard(1, "running");
+        let running_with_record = run_in_shard(1, "running-with-record");
 
         let mut batch = WriteBatch::new();
         let clean_events = [
@@ -630,16 +646,19 @@ mod tests {
         ];
         write_run(&mut batch, &stale, RunStatus::Succeeded, Some(json!(16)), &stale_events, 1);
         write_run(&mut batch, &running, RunStatus::Running, None, &[(1, succeeded(&running, "s1", 1, 1))], 1);
+        // Versions before ADR 0009 also wrote a run record when a run started.
+        write_run(&mut batch, &running_with_record, RunStatus::Running, None, &[], 1);
+        batch.set(keys::run(&running_with_record), records::encode(&run_record(RunStatus::Running)));
         commit(&dir.0, 1, batch).await;
 
         let found = audit_runs(&dir.0, SHARDS).await.unwrap();
         let report = &found.report;
         assert_eq!(report.shard_files, 2);
-        assert_eq!(report.runs, 5, "{report:#?}");
-        assert_eq!(report.runs_active, 1, "{report:#?}");
+        assert_eq!(report.runs, 6, "{report:#?}");
+        assert_eq!(report.runs_active, 2, "{report:#?}");
         assert_eq!(report.runs_by_status.get("succeeded"), Some(&3));
         assert_eq!(report.runs_by_status.get("failed"), Some(&1));
-        assert_eq!(report.runs_by_status.get("running"), Some(&1));
+        assert_eq!(report.runs_by_status.get("running"), Some(&2));
         assert_eq!(report.history_gaps, 1, "{report:#?}");
         assert_eq!(report.results_double_applied, 2, "{report:#?}");
         assert_eq!(report.stale_epoch_commits, 2, "{report:#?}");
@@ -674,10 +693,12 @@ mod tests {
         let misplaced = run_in_shard(1, "misplaced");
         let ended_active = run_in_shard(0, "ended-active");
         let orphan_history = run_in_shard(0, "orphan");
+        let indexed_only = run_in_shard(0, "indexed-only");
         let mut batch = WriteBatch::new();
         write_run(&mut batch, &misplaced, RunStatus::Succeeded, Some(json!(1)), &[], 1);
         write_run(&mut batch, &ended_active, RunStatus::Succeeded, Some(json!(1)), &[], 1);
         batch.set(keys::active(&ended_active), Vec::new());
+        batch.set(keys::active(&indexed_only), Vec::new());
         let start = StartRecord { flow: "f".into(), version: 1, input: Cow::Owned(json!(1)), now_ms: 1, epoch: 1 };
         batch.set_chunked(&keys::history(&orphan_history, 0), &records::encode(&start), &StoreLimits::default());
         commit(&dir.0, 0, batch).await;
@@ -687,7 +708,11 @@ mod tests {
         assert_eq!(report.shard_files, 1);
         assert_eq!(report.runs, 2, "{report:#?}");
         assert_eq!(report.runs_misplaced, 1, "{report:#?}");
-        assert_eq!(report.active_index_mismatches, 1, "{report:#?}");
+        assert_eq!(report.active_index_mismatches, 2, "{report:#?}");
+        assert!(report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(indexed_only.as_str()) && problem.contains("no history")));
         assert_eq!(report.histories_without_run, 1, "{report:#?}");
         assert_eq!(found.runs[&orphan_history].status, None);
         assert!(!report.is_clean());

@@ -5,10 +5,10 @@
 //! | epoch | `("meta", "epoch")` | u64 big-endian ([`encode_epoch`]) |
 //! | catalog | `("catalog", flow, version)` | flow definition (flows whose name hashes to this shard) |
 //! | pinned definition | `("def", flow, version)` | the definition a run of this shard uses |
-//! | run | `("run", run_id)` | run record |
+//! | run | `("run", run_id)` | run record, written when the run ends |
 //! | active | `("active", run_id)` | index of runs not yet ended |
 //! | history | `("hist", run_id, seq)` + chunk | events, chunked |
-//! | created | `("created", created_ms, run_id)` | listing index, newest last |
+//! | created | `("created", created_ms, run_id)` | listing index of ended runs, newest last |
 //! | snapshot | `("snap", run_id)` + chunk | final view of an ended run, chunked |
 //!
 //! Invariants:
@@ -21,6 +21,9 @@
 //! - Chunked kinds (history, snapshot) are record keys: the stored keys are the record key
 //!   followed by the chunk index and count (see [`crate::WriteBatch::set_chunked`]); scan
 //!   [`chunks_range`] and join with [`crate::join_chunks`] / [`crate::join_records`].
+//! - A running run is its history and its `active` entry; its run record and listing
+//!   entry are written when it ends. Stores written before that rule (ADR 0009) also
+//!   hold them for running runs, and readers accept both.
 //! - The layout is persisted: changing an element or its type is a data migration.
 
 use flowgrid_model::{Epoch, RunId};

@@ -59,18 +59,10 @@ impl<S: ShardStore> ShardActor<S> {
             now_ms: now,
             epoch: self.epoch.0,
         };
-        // A new run: its history starts here.
+        // A new run: its history starts here. Its run record and listing entry are written
+        // when it ends; until then the shard answers for it from memory (ADR 0009).
         batch.writes.insert_chunked(&keys::history(&run_id, 0), &records::encode(&start_record), &context.store_limits);
-        let record = RunRecord {
-            flow: plan.name.clone(),
-            version: plan.version,
-            status: RunStatus::Running,
-            created_ms: now,
-            ended_ms: None,
-        };
-        batch.writes.set(keys::run(&run_id), records::encode(&record));
         batch.writes.set(keys::active(&run_id), Vec::new());
-        batch.writes.set(keys::created(now, &run_id), records::encode(&summary(&run_id, &record)));
 
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
@@ -228,25 +220,50 @@ impl<S: ShardStore> ShardActor<S> {
     }
 
     /// Up to `limit` runs of this shard matching `query`, newest first, older than the cursor.
+    ///
+    /// Ended runs come from the listing index, active runs from memory: an active run has
+    /// no listing entry of its own (one written by an earlier version is skipped).
     pub(super) async fn list_runs(&self, query: &ListRuns, limit: usize) -> Result<Vec<RunSummary>, ApiError> {
+        let cursor = query.cursor.as_deref().map(parse_cursor).transpose()?;
+        let matches = |summary: &RunSummary| {
+            query.flow.as_ref().is_none_or(|flow| *flow == summary.flow)
+                && query.status.is_none_or(|status| status == summary.status)
+        };
+        let newest_first = |summary: &RunSummary| std::cmp::Reverse((summary.created_ms, summary.run_id.clone()));
+        let mut active: Vec<RunSummary> = self
+            .runs
+            .iter()
+            .map(|(run_id, active)| active_summary(run_id, &active.run))
+            .filter(|summary| {
+                matches(summary)
+                    && cursor.as_ref().is_none_or(|(created_ms, run_id)| {
+                        (summary.created_ms, &summary.run_id) < (*created_ms, run_id)
+                    })
+            })
+            .collect();
+        active.sort_unstable_by_key(newest_first);
+        active.truncate(limit);
+
         let mut range = keys::created_range();
-        if let Some(cursor) = &query.cursor {
-            let (created_ms, run_id) = parse_cursor(cursor)?;
-            range = KeyRange { begin: range.begin, end: keys::created(created_ms, &run_id) };
+        if let Some((created_ms, run_id)) = &cursor {
+            range = KeyRange { begin: range.begin, end: keys::created(*created_ms, run_id) };
         }
         let entries = self.store.scan(range, LIST_SCAN_ENTRIES_MAX, true).await.map_err(internal)?;
-        let mut runs = Vec::new();
+        let mut ended = Vec::new();
         for (_, value) in entries {
             let summary: RunSummary = records::decode("run summary", &value).map_err(internal)?;
-            let flow_matches = query.flow.as_ref().is_none_or(|flow| *flow == summary.flow);
-            let status_matches = query.status.is_none_or(|status| status == summary.status);
-            if flow_matches && status_matches {
-                runs.push(summary);
-                if runs.len() == limit {
+            if matches(&summary) && !self.runs.contains_key(&summary.run_id) {
+                ended.push(summary);
+                if ended.len() == limit {
                     break;
                 }
             }
         }
+        // Both lists are newest first: merge them and keep the newest `limit`.
+        let mut runs = active;
+        runs.extend(ended);
+        runs.sort_by_key(newest_first);
+        runs.truncate(limit);
         Ok(runs)
     }
 
@@ -304,6 +321,19 @@ fn pool_of<'plan>(plan: &'plan FlowPlan, step: &str) -> Option<&'plan Arc<str>> 
         PlanStepKind::Task(spec) | PlanStepKind::Map { spec, .. } => Some(&spec.pool),
         _ => None,
     })
+}
+
+/// The listing line of a run that has not ended (or whose end is not committed yet).
+fn active_summary(run_id: &RunId, run: &Run) -> RunSummary {
+    let plan = run.plan();
+    RunSummary {
+        run_id: run_id.clone(),
+        flow: plan.name.clone(),
+        version: plan.version,
+        status: run.status(),
+        created_ms: run.created_ms(),
+        ended_ms: None,
+    }
 }
 
 pub(super) fn summary(run_id: &RunId, record: &RunRecord) -> RunSummary {
