@@ -229,20 +229,20 @@ impl<S: ShardStore> ShardActor<S> {
             query.flow.as_ref().is_none_or(|flow| *flow == summary.flow)
                 && query.status.is_none_or(|status| status == summary.status)
         };
-        let newest_first = |summary: &RunSummary| std::cmp::Reverse((summary.created_ms, summary.run_id.clone()));
-        let mut active: Vec<RunSummary> = self
+        // The newest `limit` matching active runs, found without copying the others.
+        let mut active: Vec<(Millis, &RunId, &Run)> = self
             .runs
             .iter()
-            .map(|(run_id, active)| active_summary(run_id, &active.run))
-            .filter(|summary| {
-                matches(summary)
-                    && cursor.as_ref().is_none_or(|(created_ms, run_id)| {
-                        (summary.created_ms, &summary.run_id) < (*created_ms, run_id)
-                    })
+            .map(|(run_id, active)| (active.run.created_ms(), run_id, &active.run))
+            .filter(|(created_ms, run_id, run)| {
+                query.flow.as_deref().is_none_or(|flow| flow == run.plan().name.as_str())
+                    && query.status.is_none_or(|status| status == run.status())
+                    && cursor.as_ref().is_none_or(|cursor| (*created_ms, *run_id) < (cursor.0, &cursor.1))
             })
             .collect();
-        active.sort_unstable_by_key(newest_first);
+        active.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
         active.truncate(limit);
+        let active: Vec<RunSummary> = active.into_iter().map(|(_, run_id, run)| active_summary(run_id, run)).collect();
 
         let mut range = keys::created_range();
         if let Some((created_ms, run_id)) = &cursor {
@@ -262,7 +262,7 @@ impl<S: ShardStore> ShardActor<S> {
         // Both lists are newest first: merge them and keep the newest `limit`.
         let mut runs = active;
         runs.extend(ended);
-        runs.sort_by_key(newest_first);
+        runs.sort_by(|a, b| (b.created_ms, &b.run_id).cmp(&(a.created_ms, &a.run_id)));
         runs.truncate(limit);
         Ok(runs)
     }
