@@ -22,8 +22,10 @@ use crate::report::{self, describe_errors, print_table, round1};
 use crate::tracker::{TaskSink, Tracker};
 use crate::worker::spawn_pool_workers;
 
-/// RSS grew less than this share over the last third of the overload: a plateau.
+/// RSS grew less than this share from the first refused start to the end: a plateau.
 const PLATEAU_GROWTH_MAX: f64 = 0.05;
+/// Seconds of refusals needed to judge a plateau.
+const PLATEAU_SAMPLES_MIN: usize = 10;
 
 pub async fn overload(args: OverloadArgs) -> Result<()> {
     validate_workers(&args.workers)?;
@@ -87,11 +89,8 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
     grid.stop();
 
     let rss: Vec<f64> = samples.iter().filter_map(|sample| sample["rss_mb"].as_f64()).collect();
-    let third = rss.len() / 3;
-    let (growth_last_third_mb, plateau) = match (rss.get(rss.len().saturating_sub(third + 1)), rss.last()) {
-        (Some(from), Some(to)) if third > 0 => (to - from, (to - from) <= from * PLATEAU_GROWTH_MAX),
-        _ => (0.0, false),
-    };
+    let refusals: Vec<u64> = samples.iter().filter_map(|sample| sample["refused_overloaded"].as_u64()).collect();
+    let plateau = Plateau::judge(&rss, &refusals);
     let refused = errors.count("start_overloaded");
     let accepted = tracker.counters.runs_started.load(Ordering::Relaxed) - started_at_stop;
     let summary = json!({
@@ -105,8 +104,10 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
         "error_kinds": errors.kinds(),
         "rss_start_mb": rss.first().copied().map(round1),
         "rss_end_mb": rss.last().copied().map(round1),
-        "rss_growth_last_third_mb": round1(growth_last_third_mb),
-        "plateau": plateau,
+        "bound_reached_s": plateau.bound_reached.map(|index| samples[index]["t_s"].clone()),
+        "rss_at_bound_mb": plateau.rss_at_bound_mb.map(round1),
+        "rss_growth_after_bound_mb": plateau.growth_mb.map(round1),
+        "plateau": plateau.holds,
         "rss_mb_series": samples,
     });
     print_table(
@@ -117,15 +118,96 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
             (
                 "coordinator RSS".to_owned(),
                 format!(
-                    "{:.1} MB at the stop, {:.1} MB at the end, {growth_last_third_mb:+.1} MB over the last third",
+                    "{:.1} MB at the stop, {:.1} MB at the end",
                     rss.first().copied().unwrap_or(0.0),
                     rss.last().copied().unwrap_or(0.0)
                 ),
             ),
-            ("plateau".to_owned(), plateau.to_string()),
+            ("plateau".to_owned(), plateau.describe()),
             ("other errors".to_owned(), describe_errors(errors.total() - refused, &errors.kinds())),
         ],
     );
     report::print_json_line(&summary);
     Ok(())
+}
+
+/// Whether the coordinator's memory stopped growing once it refused starts: judged from
+/// the first second with a refusal (its bound reached) to the end, so that the growth
+/// before the bound never counts, however long it took to reach it.
+#[derive(Debug, PartialEq)]
+struct Plateau {
+    /// Index of the first sample with a refusal.
+    bound_reached: Option<usize>,
+    rss_at_bound_mb: Option<f64>,
+    growth_mb: Option<f64>,
+    holds: bool,
+}
+
+impl Plateau {
+    /// `rss` and `refusals` (cumulative) are sampled once a second.
+    fn judge(rss: &[f64], refusals: &[u64]) -> Plateau {
+        let bound_reached = refusals.iter().position(|&refused| refused > 0);
+        let Some(first) = bound_reached else {
+            return Plateau { bound_reached, rss_at_bound_mb: None, growth_mb: None, holds: false };
+        };
+        let (at_bound, end) = (rss[first], rss[rss.len() - 1]);
+        let growth = end - at_bound;
+        let long_enough = rss.len() - first >= PLATEAU_SAMPLES_MIN;
+        Plateau {
+            bound_reached,
+            rss_at_bound_mb: Some(at_bound),
+            growth_mb: Some(growth),
+            holds: long_enough && growth <= at_bound * PLATEAU_GROWTH_MAX,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match (self.bound_reached, self.growth_mb) {
+            (Some(first), Some(growth)) => format!(
+                "{} ({growth:+.1} MB from the first refusal, {}s after the stop, to the end; at most {}% over {} s \
+                 or more)",
+                self.holds,
+                first + 1,
+                PLATEAU_GROWTH_MAX * 100.0,
+                PLATEAU_SAMPLES_MIN
+            ),
+            _ => "false (no start was refused: the bound was not reached; lengthen --duration or raise --rate)"
+                .to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_before_the_bound_does_not_count() {
+        // 45 s of growth to the bound, then 15 s flat: a plateau, though the last third of
+        // the samples grew 12%.
+        let rss: Vec<f64> = (0..60).map(|second| 60.0 + 5.0 * second.min(45) as f64).collect();
+        let refusals: Vec<u64> = (0..60).map(|second| if second >= 45 { (second - 44) * 4_000 } else { 0 }).collect();
+        let plateau = Plateau::judge(&rss, &refusals);
+        assert_eq!(plateau.bound_reached, Some(45));
+        assert_eq!(plateau.growth_mb, Some(0.0));
+        assert!(plateau.holds, "{plateau:?}");
+    }
+
+    #[test]
+    fn growth_after_the_bound_or_no_bound_or_too_short_is_no_plateau() {
+        let growing: Vec<f64> = (0..60).map(|second| 60.0 + 5.0 * second as f64).collect();
+        let refused_from_40: Vec<u64> = (0..60).map(|second| if second >= 40 { 1 } else { 0 }).collect();
+        let plateau = Plateau::judge(&growing, &refused_from_40);
+        assert_eq!(plateau.growth_mb, Some(95.0));
+        assert!(!plateau.holds);
+
+        let never_refused = vec![0; 60];
+        let plateau = Plateau::judge(&growing, &never_refused);
+        assert_eq!((plateau.bound_reached, plateau.holds), (None, false));
+        assert!(plateau.describe().contains("not reached"), "{}", plateau.describe());
+
+        let flat = vec![100.0; 60];
+        let refused_from_55: Vec<u64> = (0..60).map(|second| if second >= 55 { 1 } else { 0 }).collect();
+        assert!(!Plateau::judge(&flat, &refused_from_55).holds, "five seconds of refusals are too few to judge");
+    }
 }
