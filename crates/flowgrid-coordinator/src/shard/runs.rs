@@ -221,13 +221,13 @@ impl<S: ShardStore> ShardActor<S> {
 
     /// Up to `limit` runs of this shard matching `query`, newest first, older than the cursor.
     ///
-    /// Ended runs come from the listing index, active runs from memory: an active run has
+    /// Active runs come from memory, ended runs from the listing index: an active run has
     /// no listing entry of its own (one written by an earlier version is skipped).
     pub(super) async fn list_runs(&self, query: &ListRuns, limit: usize) -> Result<Vec<RunSummary>, ApiError> {
         let cursor = query.cursor.as_deref().map(parse_cursor).transpose()?;
-        let matches = |summary: &RunSummary| {
-            query.flow.as_ref().is_none_or(|flow| *flow == summary.flow)
-                && query.status.is_none_or(|status| status == summary.status)
+        let matches = |flow: &str, status: RunStatus| {
+            query.flow.as_deref().is_none_or(|wanted| wanted == flow)
+                && query.status.is_none_or(|wanted| wanted == status)
         };
         // The newest `limit` matching active runs, found without copying the others.
         let mut active: Vec<(Millis, &RunId, &Run)> = self
@@ -235,33 +235,36 @@ impl<S: ShardStore> ShardActor<S> {
             .iter()
             .map(|(run_id, active)| (active.run.created_ms(), run_id, &active.run))
             .filter(|(created_ms, run_id, run)| {
-                query.flow.as_deref().is_none_or(|flow| flow == run.plan().name.as_str())
-                    && query.status.is_none_or(|status| status == run.status())
+                matches(&run.plan().name, run.status())
                     && cursor.as_ref().is_none_or(|cursor| (*created_ms, *run_id) < (cursor.0, &cursor.1))
             })
             .collect();
         active.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
         active.truncate(limit);
-        let active: Vec<RunSummary> = active.into_iter().map(|(_, run_id, run)| active_summary(run_id, run)).collect();
+        let mut runs: Vec<RunSummary> =
+            active.into_iter().map(|(_, run_id, run)| active_summary(run_id, run)).collect();
+        if query.status == Some(RunStatus::Running) {
+            // The listing index holds no running run that is not in memory.
+            return Ok(runs);
+        }
 
         let mut range = keys::created_range();
         if let Some((created_ms, run_id)) = &cursor {
             range = KeyRange { begin: range.begin, end: keys::created(*created_ms, run_id) };
         }
         let entries = self.store.scan(range, LIST_SCAN_ENTRIES_MAX, true).await.map_err(internal)?;
-        let mut ended = Vec::new();
+        let mut ended = 0;
         for (_, value) in entries {
             let summary: RunSummary = records::decode("run summary", &value).map_err(internal)?;
-            if matches(&summary) && !self.runs.contains_key(&summary.run_id) {
-                ended.push(summary);
-                if ended.len() == limit {
+            if matches(&summary.flow, summary.status) && !self.runs.contains_key(&summary.run_id) {
+                runs.push(summary);
+                ended += 1;
+                if ended == limit {
                     break;
                 }
             }
         }
-        // Both lists are newest first: merge them and keep the newest `limit`.
-        let mut runs = active;
-        runs.extend(ended);
+        // Both parts are newest first: merge them and keep the newest `limit`.
         runs.sort_by(|a, b| (b.created_ms, &b.run_id).cmp(&(a.created_ms, &a.run_id)));
         runs.truncate(limit);
         Ok(runs)
