@@ -91,6 +91,7 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
     let rss: Vec<f64> = samples.iter().filter_map(|sample| sample["rss_mb"].as_f64()).collect();
     let refusals: Vec<u64> = samples.iter().filter_map(|sample| sample["refused_overloaded"].as_u64()).collect();
     let plateau = Plateau::judge(&rss, &refusals);
+    let bound_reached_s = plateau.bound_reached.and_then(|index| samples[index]["t_s"].as_f64());
     let refused = errors.count("start_overloaded");
     let accepted = tracker.counters.runs_started.load(Ordering::Relaxed) - started_at_stop;
     let summary = json!({
@@ -104,7 +105,7 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
         "error_kinds": errors.kinds(),
         "rss_start_mb": rss.first().copied().map(round1),
         "rss_end_mb": rss.last().copied().map(round1),
-        "bound_reached_s": plateau.bound_reached.map(|index| samples[index]["t_s"].clone()),
+        "bound_reached_s": bound_reached_s,
         "rss_at_bound_mb": plateau.rss_at_bound_mb.map(round1),
         "rss_growth_after_bound_mb": plateau.growth_mb.map(round1),
         "plateau": plateau.holds,
@@ -122,6 +123,13 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
                     rss.first().copied().unwrap_or(0.0),
                     rss.last().copied().unwrap_or(0.0)
                 ),
+            ),
+            (
+                "bound reached".to_owned(),
+                match (bound_reached_s, plateau.rss_at_bound_mb) {
+                    (Some(at), Some(rss)) => format!("{at:.0} s after the stop, at {rss:.1} MB"),
+                    _ => "no".to_owned(),
+                },
             ),
             ("plateau".to_owned(), plateau.describe()),
             ("other errors".to_owned(), describe_errors(errors.total() - refused, &errors.kinds())),
@@ -162,16 +170,15 @@ impl Plateau {
     }
 
     fn describe(&self) -> String {
-        match (self.bound_reached, self.growth_mb) {
-            (Some(first), Some(growth)) => format!(
-                "{} ({growth:+.1} MB from the first refusal, {}s after the stop, to the end; at most {}% over {} s \
+        match self.growth_mb {
+            Some(growth) => format!(
+                "{} ({growth:+.1} MB from the first refused start to the end; a plateau grows at most {}% over {} s \
                  or more)",
                 self.holds,
-                first + 1,
                 PLATEAU_GROWTH_MAX * 100.0,
                 PLATEAU_SAMPLES_MIN
             ),
-            _ => "false (no start was refused: the bound was not reached; lengthen --duration or raise --rate)"
+            None => "false (no start was refused: the bound was not reached; lengthen --duration or raise --rate)"
                 .to_owned(),
         }
     }
