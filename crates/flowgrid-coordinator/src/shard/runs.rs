@@ -213,7 +213,7 @@ impl<S: ShardStore> ShardActor<S> {
         if let Some(active) = self.runs.get(run_id) {
             return Ok(active.run.view());
         }
-        match self.store.get_chunked(&keys::snapshot(run_id)).await.map_err(internal)? {
+        match self.store.get_chunked(&keys::snapshot(run_id)).await.map_err(read_failure)? {
             Some(bytes) => records::decode("run snapshot", &bytes).map_err(internal),
             None => Err(not_found(run_id)),
         }
@@ -252,7 +252,7 @@ impl<S: ShardStore> ShardActor<S> {
         if let Some((created_ms, run_id)) = &cursor {
             range = KeyRange { begin: range.begin, end: keys::created(*created_ms, run_id) };
         }
-        let entries = self.store.scan(range, LIST_SCAN_ENTRIES_MAX, true).await.map_err(internal)?;
+        let entries = self.store.scan(range, LIST_SCAN_ENTRIES_MAX, true).await.map_err(read_failure)?;
         let mut ended = 0;
         for (_, value) in entries {
             let summary: RunSummary = records::decode("run summary", &value).map_err(internal)?;
@@ -271,7 +271,7 @@ impl<S: ShardStore> ShardActor<S> {
     }
 
     async fn run_record(&self, run_id: &RunId) -> Result<Option<RunRecord>, ApiError> {
-        match self.store.get(&keys::run(run_id)).await.map_err(internal)? {
+        match self.store.get(&keys::run(run_id)).await.map_err(read_failure)? {
             Some(bytes) => records::decode("run record", &bytes).map(Some).map_err(internal),
             None => Ok(None),
         }
@@ -370,6 +370,34 @@ fn not_found(run_id: &RunId) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("no run {run_id}"))
 }
 
+/// What a caller is told when a store read fails: retryable when the store may answer later.
+fn read_failure(error: flowgrid_store::Error) -> ApiError {
+    use flowgrid_store::Error;
+    match error {
+        Error::Backend(_) | Error::TooSlow { .. } | Error::Busy { .. } => {
+            ApiError::new(ErrorCode::Unavailable, format!("store read failed: {error}; retry"))
+        }
+        other => internal(other),
+    }
+}
+
 fn internal(error: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, format!("store: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_read_is_retryable_unless_the_data_is_at_fault() {
+        let io = flowgrid_store::Error::Backend(Box::new(std::io::Error::other("Input/output error")));
+        let refusal = read_failure(io);
+        assert_eq!(refusal.code, ErrorCode::Unavailable);
+        assert!(refusal.retryable && refusal.message.contains("Input/output error"), "{refusal:?}");
+        let corrupt = flowgrid_store::Error::Corrupt { key: "run/x".into(), detail: "truncated".into() };
+        let refusal = read_failure(corrupt);
+        assert_eq!(refusal.code, ErrorCode::Internal);
+        assert!(!refusal.retryable, "{refusal:?}");
+    }
 }
