@@ -192,6 +192,11 @@ impl Run {
         self.status
     }
 
+    /// When the run ended; `None` while it runs.
+    pub fn ended_ms(&self) -> Option<Millis> {
+        self.ended_ms
+    }
+
     /// The plan the run executes.
     pub fn plan(&self) -> &Arc<FlowPlan> {
         &self.plan

@@ -326,7 +326,8 @@ fn pool_of<'plan>(plan: &'plan FlowPlan, step: &str) -> Option<&'plan Arc<str>> 
     })
 }
 
-/// The listing line of a run that has not ended (or whose end is not committed yet).
+/// The listing line of a run in memory: one that has not ended, or whose end is not
+/// committed yet (listed as `run get` shows it).
 fn active_summary(run_id: &RunId, run: &Run) -> RunSummary {
     let plan = run.plan();
     RunSummary {
@@ -335,7 +336,7 @@ fn active_summary(run_id: &RunId, run: &Run) -> RunSummary {
         version: plan.version,
         status: run.status(),
         created_ms: run.created_ms(),
-        ended_ms: None,
+        ended_ms: run.ended_ms(),
     }
 }
 
