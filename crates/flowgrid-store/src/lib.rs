@@ -72,6 +72,15 @@ pub enum Error {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
+impl Error {
+    /// True when the same operation may succeed later unchanged: the backend failed, the
+    /// transaction ran too long, or another process held the shard. False when the data,
+    /// the batch or the caller is at fault, and for a stale epoch (the shard moved).
+    pub fn may_pass_later(&self) -> bool {
+        matches!(self, Error::Backend(_) | Error::TooSlow { .. } | Error::Busy { .. })
+    }
+}
+
 /// A key as readable text for error messages: printable ASCII as is, other bytes as
 /// `\xNN` (the form FoundationDB's tools print), cut at 200 bytes.
 pub fn printable_key(key: &[u8]) -> String {

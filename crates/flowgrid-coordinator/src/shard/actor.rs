@@ -347,13 +347,12 @@ impl<S: ShardStore> ShardActor<S> {
 
 /// What the callers of a batch whose commit failed are told.
 fn commit_failure(shard: ShardId, error: &flowgrid_store::Error) -> ApiError {
-    use flowgrid_store::Error;
     match error {
-        Error::StaleEpoch { .. } => {
+        flowgrid_store::Error::StaleEpoch { .. } => {
             ApiError::new(ErrorCode::Unavailable, format!("shard {shard} moved to another coordinator; retry"))
         }
         // Nothing was committed and the shard reloads: the same request may pass later.
-        Error::Backend(_) | Error::TooSlow { .. } | Error::Busy { .. } => {
+        transient if transient.may_pass_later() => {
             ApiError::new(ErrorCode::Unavailable, format!("store commit failed, nothing was changed: {error}; retry"))
         }
         other => ApiError::new(ErrorCode::Internal, format!("store commit failed: {other}")),

@@ -373,12 +373,10 @@ fn not_found(run_id: &RunId) -> ApiError {
 
 /// What a caller is told when a store read fails: retryable when the store may answer later.
 fn read_failure(error: flowgrid_store::Error) -> ApiError {
-    use flowgrid_store::Error;
-    match error {
-        Error::Backend(_) | Error::TooSlow { .. } | Error::Busy { .. } => {
-            ApiError::new(ErrorCode::Unavailable, format!("store read failed: {error}; retry"))
-        }
-        other => internal(other),
+    if error.may_pass_later() {
+        ApiError::new(ErrorCode::Unavailable, format!("store read failed: {error}; retry"))
+    } else {
+        internal(error)
     }
 }
 
