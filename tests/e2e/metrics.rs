@@ -1,7 +1,7 @@
 //! The coordinator's Prometheus endpoint, scraped after real work as an operator would.
 
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{free_port, metric_value, scrape_metrics, Grid};
+use flowgrid_tests::{free_port, metric_value, scrape_metrics, wait_for, Grid};
 use serde_json::json;
 
 use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
@@ -50,15 +50,12 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
         "one coordinator owns every shard"
     );
     // The shards' commits reach their files within the checkpoint interval (1 s).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let body = scrape_metrics(&metrics_addr).or_logs(&grid)?;
-        if metric_value(&body, "flowgrid_store_checkpoint_seconds_count ").is_some_and(|count| count >= 1.0) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no checkpoint within 10 s:\n{body}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for("a checkpoint", std::time::Duration::from_secs(10), || async {
+        let body = scrape_metrics(&metrics_addr).ok()?;
+        metric_value(&body, "flowgrid_store_checkpoint_seconds_count ").filter(|count| *count >= 1.0)
+    })
+    .await
+    .or_logs(&grid)?;
     for quantile in ["0.5", "0.99"] {
         let prefix = format!("flowgrid_task_publish_seconds{{quantile=\"{quantile}\"}}");
         let seconds = metric_value(&body, &prefix).unwrap_or(f64::NAN);
