@@ -389,11 +389,7 @@ fn write_layer(db: &Database, layer: &Layer) -> Result<()> {
         for range in &layer.cleared {
             apply(&mut table, Mutation::ClearRange(range.clone()))?;
         }
-        // In key order: neighbouring keys share leaf pages, which stay in the cache and are
-        // copied once per transaction instead of once per key in the hash map's order.
-        let mut entries: Vec<(&Key, &Option<Value>)> = layer.entries.iter().collect();
-        entries.sort_unstable_by_key(|(key, _)| *key);
-        for (key, value) in entries {
+        for (key, value) in layer.latest_by_key() {
             match value {
                 Some(value) => table.insert(key.as_slice(), value.as_slice()).map_err(backend)?,
                 None => table.remove(key.as_slice()).map_err(backend)?,
