@@ -63,9 +63,11 @@ use tracing::{info, warn};
 
 mod journal;
 mod overlay;
+mod reader;
 
 use journal::{Journal, Position};
 use overlay::{CheckpointFailure, Layer, Lookup, Overlay};
+use reader::Reader;
 
 /// The one table of shard data in a shard file.
 const KV: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("kv");
@@ -141,9 +143,12 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
-/// What a store's shards share: the journal, the open shards and the checkpointer.
+/// What a store's shards share: the journal, the open shards, the checkpointer and the
+/// reader thread.
 struct Shared {
     journal: Journal,
+    /// Runs the shards' point reads.
+    reader: Reader,
     open: Mutex<HashMap<ShardId, Weak<ShardCore>>>,
     checkpoint_interval: Mutex<Duration>,
     /// Wakes the checkpointer early (a shard over [`CHECKPOINT_BYTES`]); set once it runs.
@@ -159,6 +164,7 @@ impl RedbStore {
             .map_err(|error| backend(PathError::new("create the data directory", &dir, error)))?;
         let shared = Arc::new(Shared {
             journal: Journal::new(&dir),
+            reader: Reader::start(),
             open: Mutex::new(HashMap::new()),
             checkpoint_interval: Mutex::new(CHECKPOINT_INTERVAL_DEFAULT),
             checkpointer: OnceLock::new(),
@@ -661,13 +667,17 @@ impl ShardStore for RedbShard {
             Lookup::Unknown => {}
         }
         let key = key.to_vec();
-        self.run_blocking(move |core| {
-            let txn = core.db.begin_read().map_err(backend)?;
-            let table = txn.open_table(KV).map_err(backend)?;
-            let value = table.get(key.as_slice()).map_err(backend)?;
-            Ok(value.map(|guard| guard.value().to_vec()))
-        })
-        .await
+        let core = Arc::clone(self.core());
+        self.core()
+            .shared
+            .reader
+            .run(move || {
+                let txn = core.db.begin_read().map_err(backend)?;
+                let table = txn.open_table(KV).map_err(backend)?;
+                let value = table.get(key.as_slice()).map_err(backend)?;
+                Ok(value.map(|guard| guard.value().to_vec()))
+            })
+            .await
     }
 
     async fn scan(&self, range: KeyRange, limit: usize, reverse: bool) -> Result<Vec<(Key, Value)>> {
