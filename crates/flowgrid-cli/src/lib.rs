@@ -53,7 +53,7 @@ pub fn main() -> ExitCode {
     let serving = matches!(command, Command::Coordinator(_) | Command::Worker(_));
     init_tracing(if serving { "info" } else { "warn" });
 
-    // Blocking work (opening shard files, reading them) is short; a bounded pool keeps a
+    // Blocking work (opening shard files, scanning them) is short; a bounded pool keeps a
     // coordinator that opens hundreds of shards at once from starting hundreds of threads.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(BLOCKING_THREADS_MAX)
@@ -75,7 +75,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Threads for blocking work: shard files opened and read at once.
+/// Threads for blocking work: shard files opened and scanned at once.
 const BLOCKING_THREADS_MAX: usize = 64;
 
 /// Logs go to stderr, filtered by `FLOWGRID_LOG`, else `RUST_LOG`, else `default_level`.

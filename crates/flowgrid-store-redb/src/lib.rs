@@ -24,9 +24,10 @@
 //! - Limits are FoundationDB's ([`StoreLimits`]): the batch is checked before anything is
 //!   written, and a batch whose preparation ran past `transaction_ms_max` is refused, so
 //!   that what passes here passes in a cluster.
-//! - redb and the journal are blocking: file work runs on tokio's blocking pool, the
-//!   journal's writer thread or the checkpointer thread, never on a runtime worker
-//!   (except a drop, which checkpoints what is left).
+//! - redb and the journal are blocking: file work runs on the reader thread (point
+//!   reads), tokio's blocking pool (opening files, range scans), the journal's writer
+//!   thread or the checkpointer thread, never on a runtime worker (except a drop, which
+//!   checkpoints what is left).
 //!
 //! ```no_run
 //! # async fn example() -> flowgrid_store::Result<()> {
