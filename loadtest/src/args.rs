@@ -155,6 +155,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = flowgrid_sdk::DEFAULT_START_BATCH_MAX as u32,
           value_parser = clap::value_parser!(u32).range(1..=flowgrid_sdk::START_MANY_RUNS_MAX as i64))]
     pub start_batch_max: u32,
+    /// Give each start an idempotency key, as a durable submit always has: the
+    /// coordinator then also looks each start's run id up in the store.
+    #[arg(long)]
+    pub idempotency_keys: bool,
     /// Measured time, after the warm-up.
     #[arg(long, env = "FLOWGRID_LT_DURATION", default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,

@@ -67,6 +67,8 @@ pub struct Starter {
     pub tracker: Arc<Tracker>,
     pub errors: Arc<Errors>,
     pub sequence: Arc<AtomicU64>,
+    /// With idempotency keys: their prefix, unique to this harness run.
+    pub key_prefix: Option<String>,
 }
 
 impl Starter {
@@ -77,7 +79,7 @@ impl Starter {
             flow: self.plan.flow_name.clone(),
             version: None,
             input: self.plan.run_input(sequence),
-            idempotency_key: None,
+            idempotency_key: self.key_prefix.as_ref().map(|prefix| format!("{prefix}-{sequence}")),
         };
         let outcome = match &self.batcher {
             Some(batcher) => batcher.start(request).await,

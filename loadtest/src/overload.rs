@@ -53,6 +53,7 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
         tracker: tracker.clone(),
         errors: errors.clone(),
         sequence: Arc::new(AtomicU64::new(0)),
+        key_prefix: None,
     };
     let stop = CancellationToken::new();
     let driver = tokio::spawn(driver::open_loop(starter, args.rate, stop.clone()));

@@ -104,6 +104,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tracker: tracker.clone(),
         errors: errors.clone(),
         sequence: Arc::new(AtomicU64::new(0)),
+        key_prefix: args.idempotency_keys.then(key_prefix),
     };
     let stop = CancellationToken::new();
     let driver = match args.mode {
@@ -293,6 +294,7 @@ fn summarize(
         "rate": (args.mode == LoopMode::Open).then_some(args.rate),
         "concurrency": (args.mode == LoopMode::Closed).then_some(args.concurrency),
         "start_batch_max": args.start_batch_max,
+        "idempotency_keys": args.idempotency_keys,
         "duration_s": round3(measured_s),
         "runs_per_s": round1(runs_per_s),
         "tasks_per_s": round1(tasks_per_s),
@@ -459,6 +461,12 @@ fn print_summary_table(summary: &serde_json::Value) {
         ("errors".to_owned(), describe_errors(summary["errors"].as_u64().unwrap_or(0), &errors)),
     ];
     print_table("flowgrid load test", &rows);
+}
+
+/// A prefix for this run's idempotency keys that no earlier run against the same grid used.
+fn key_prefix() -> String {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("lt-{}-{}", std::process::id(), since_epoch.as_nanos())
 }
 
 #[cfg(test)]

@@ -136,6 +136,20 @@ fn a_run_reports_its_throughput_against_the_floor_before_and_after() {
     eprintln!("{}", run.line);
 }
 
+/// `--idempotency-keys`: every start carries a key of its own, as a durable submit does,
+/// so every start is looked up in the store; a key used twice would hand back an ended run
+/// whose end the harness never sees, and count as unfinished.
+#[test]
+fn a_run_with_idempotency_keys_starts_a_new_run_per_key() {
+    let run = run_short("single", &["--no-floor", "--drain", "10s", "--idempotency-keys", "--json-only"]);
+    let output = &run.output;
+    assert!(run.status.success(), "the harness failed\n{output}");
+    assert_eq!(run.summary["idempotency_keys"], true, "{output}");
+    assert_eq!(run.count("errors"), 0, "errors in the run\n{output}");
+    assert!(run.count("runs_started") > 0, "no run started\n{output}");
+    assert_eq!(run.count("runs_started"), run.count("runs_done"), "runs left unfinished\n{output}");
+}
+
 /// `--profile`: the coordinator is sampled during the window, and the run writes a flame
 /// graph and the folded stacks and prints where the coordinator's CPU went. Needs `perf`
 /// allowed to sample this user's processes; without it the test says so and does not run.
