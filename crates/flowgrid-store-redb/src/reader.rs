@@ -7,7 +7,6 @@
 //! those that arrive while it works without another wake-up. Range scans, which may be
 //! long, stay on the blocking pool, so a point read never waits behind one.
 
-use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc;
 
@@ -53,14 +52,10 @@ impl Reader {
         }
         match answer.await {
             Ok(Ok(result)) => result,
-            Ok(Err(panic)) => resume(panic),
+            Ok(Err(panic)) => panic::resume_unwind(panic),
             Err(_) => Err(stopped()),
         }
     }
-}
-
-fn resume(panic: Box<dyn Any + Send>) -> ! {
-    panic::resume_unwind(panic)
 }
 
 fn stopped() -> flowgrid_store::Error {
