@@ -5,7 +5,9 @@
 //! the read: with a lookup per start (idempotency keys, durable submits) the hand-offs took
 //! about a sixth of the coordinator's CPU. Here reads queue for one thread, which takes
 //! those that arrive while it works without another wake-up. Range scans, which may be
-//! long, stay on the blocking pool, so a point read never waits behind one.
+//! long, stay on the blocking pool, so a point read never waits behind one. The price: a
+//! point read that waits for the disk (its pages neither in redb's cache nor the system's)
+//! holds up the reads queued behind it.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc;
