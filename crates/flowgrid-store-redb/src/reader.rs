@@ -61,7 +61,9 @@ impl Reader {
 }
 
 fn stopped() -> flowgrid_store::Error {
-    backend(std::io::Error::other("the store's reader thread has stopped"))
+    backend(std::io::Error::other(
+        "the store's reader thread has stopped, so no shard file can be read; restart the coordinator",
+    ))
 }
 
 #[cfg(test)]
