@@ -8,6 +8,7 @@ mod api;
 mod chaos;
 mod cluster;
 mod crash;
+mod disk_full;
 mod failures;
 mod flows;
 mod harness;

@@ -5,9 +5,10 @@
 //! - a shard whose commit and then reload failed, so that its actor stopped: the
 //!   coordinator lets the shard's claim go and opens the shard again.
 //!
-//! A failing disk cannot be made on demand here, so the coordinator under test runs in the
-//! test's process on the real embedded store, wrapped so that the test can make it report
-//! itself broken, or make its shards' commits and scans fail. Everything else is real:
+//! A failing disk (other than a full one: see `disk_full.rs`) cannot be made on demand
+//! here, so the coordinator under test runs in the test's process on the real embedded
+//! store, wrapped so that the test can make it report itself broken, or make its shards'
+//! commits and scans fail. Everything else is real:
 //! nats-server, worker processes and, where a test needs one, a second coordinator process
 //! on the same data directory. What a real journal failure does to `broken()` is tested in
 //! the store's own crate.

@@ -17,7 +17,10 @@
 //!   (that writer died, or closed the shard without its checkpoint completing).
 //! - A failed checkpoint is retried after a pause; the commits it did not write stay in
 //!   memory and in the journal. Once [`WAITING_BYTES_MAX`] of them wait, the shard refuses
-//!   new commits until a checkpoint succeeds, so memory stays bounded.
+//!   new commits until a checkpoint succeeds, so memory stays bounded. A failed write
+//!   (a full disk, an I/O error) latches redb's file: every later read and write of it
+//!   fails until it is opened again, so the retry first opens the file again. The file
+//!   then holds its last successful checkpoint, and the retry writes what followed.
 //! - Only the epoch holder writes: the epoch is bumped in the file by
 //!   [`ShardStore::acquire`], and the file lock keeps every other process out while the
 //!   shard is open here, so the epoch this handle holds is the file's.
@@ -50,12 +53,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use redb::{
-    AccessGuard, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition,
-    WriteTransaction,
+    AccessGuard, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError, Table,
+    TableDefinition, TransactionError, WriteTransaction,
 };
 
 use flowgrid_model::{Epoch, ShardId};
@@ -154,6 +157,9 @@ struct Shared {
     checkpoint_interval: Mutex<Duration>,
     /// Wakes the checkpointer early (a shard over [`CHECKPOINT_BYTES`]); set once it runs.
     checkpointer: OnceLock<mpsc::Sender<()>>,
+    /// Makes every write to the shard files fail while set, as a full disk would.
+    #[cfg(test)]
+    fail_writes: Arc<AtomicBool>,
 }
 
 impl RedbStore {
@@ -169,6 +175,8 @@ impl RedbStore {
             open: Mutex::new(HashMap::new()),
             checkpoint_interval: Mutex::new(CHECKPOINT_INTERVAL_DEFAULT),
             checkpointer: OnceLock::new(),
+            #[cfg(test)]
+            fail_writes: Arc::default(),
         });
         Ok(RedbStore { dir, limits, cache_bytes_per_shard: CACHE_BYTES_PER_SHARD_DEFAULT, shared })
     }
@@ -217,6 +225,27 @@ impl Store for RedbStore {
 }
 
 impl Shared {
+    /// Opens (or creates) the file of `shard` at `path`.
+    fn open_database(&self, shard: ShardId, path: &Path, cache_bytes: usize) -> Result<Database> {
+        let mut builder = Database::builder();
+        builder.set_cache_size(cache_bytes);
+        #[cfg(not(test))]
+        let opened = builder.create(path);
+        #[cfg(test)]
+        let opened = tests::FlakyFile::open(path, &self.fail_writes).and_then(|file| builder.create_with_backend(file));
+        opened.map_err(|error| match error {
+            DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => Error::Busy {
+                shard,
+                detail: format!(
+                    "{} is locked ({error}); it is open in another process (or already in this one): \
+                     close it there first, or wait until its owner gives the shard up",
+                    path.display()
+                ),
+            },
+            other => backend(PathError::new("open the shard file", path, other)),
+        })
+    }
+
     /// Starts the checkpointer thread once. It ends when the store and its shards are gone.
     fn start_checkpointer(shared: &Arc<Shared>) {
         shared.checkpointer.get_or_init(|| {
@@ -302,17 +331,7 @@ fn open_shard_file(
     cache_bytes: usize,
     shared: Arc<Shared>,
 ) -> Result<Arc<ShardCore>> {
-    let db = Database::builder().set_cache_size(cache_bytes).create(&path).map_err(|error| match error {
-        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => Error::Busy {
-            shard,
-            detail: format!(
-                "{} is locked ({error}); it is open in another process (or already in this one): \
-                 close it there first, or wait until its owner gives the shard up",
-                path.display()
-            ),
-        },
-        other => backend(PathError::new("open the shard file", &path, other)),
-    })?;
+    let db = shared.open_database(shard, &path, cache_bytes)?;
     // Create the tables once, so that reads never meet a missing table.
     let txn = db.begin_write().map_err(backend)?;
     let (epoch, writer, applied) = {
@@ -330,7 +349,8 @@ fn open_shard_file(
     Ok(Arc::new(ShardCore {
         shard,
         path,
-        db,
+        db: RwLock::new(Some(db)),
+        cache_bytes,
         limits,
         epoch: Mutex::new(epoch),
         overlay: Mutex::new(Overlay::default()),
@@ -338,8 +358,6 @@ fn open_shard_file(
         checkpointing: Mutex::new(()),
         wrote: AtomicBool::new(false),
         shared,
-        #[cfg(test)]
-        fail_checkpoints: AtomicBool::new(false),
     }))
 }
 
@@ -431,7 +449,10 @@ pub struct RedbShard {
 struct ShardCore {
     shard: ShardId,
     path: PathBuf,
-    db: Database,
+    /// The open file; `None` while opening it again after a failed write fails (see
+    /// [`ShardCore::reopen_if_latched`]).
+    db: RwLock<Option<Database>>,
+    cache_bytes: usize,
     limits: StoreLimits,
     /// The epoch in the file: only this process changes it while it holds the file.
     epoch: Mutex<Epoch>,
@@ -444,8 +465,6 @@ struct ShardCore {
     /// `clean` frame.
     wrote: AtomicBool,
     shared: Arc<Shared>,
-    #[cfg(test)]
-    fail_checkpoints: AtomicBool,
 }
 
 impl std::fmt::Debug for ShardCore {
@@ -510,9 +529,8 @@ impl ShardCore {
     /// The checkpoint's work: true when it wrote something.
     fn write_overlay(&self) -> Result<bool> {
         let _one_at_a_time = lock(&self.checkpointing);
-        #[cfg(test)]
-        if self.fail_checkpoints.load(Ordering::Relaxed) {
-            return Err(backend(std::io::Error::other("a checkpoint failure the test injected")));
+        if lock(&self.overlay).failure.is_some() {
+            self.reopen_if_latched()?;
         }
         let mut wrote = false;
         // A failed checkpoint's layer goes first, then the active one: two rounds at most.
@@ -530,7 +548,7 @@ impl ShardCore {
                     }
                 }
             };
-            write_layer(&self.db, &layer)?;
+            self.with_db(|db| write_layer(db, &layer))?;
             wrote = true;
             lock(&self.overlay).frozen = None;
             if let Some(through) = layer.through {
@@ -541,6 +559,38 @@ impl ShardCore {
             }
         }
         Ok(wrote)
+    }
+
+    /// Runs `work` on the open file.
+    fn with_db<T>(&self, work: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        match &*read_lock(&self.db) {
+            Some(db) => work(db),
+            None => Err(backend(std::io::Error::other(format!(
+                "shard {}: {} could not be opened again after a failed write; the next checkpoint retries \
+                 (the coordinator's log has the checkpoint errors; free or fix the data directory's disk)",
+                self.shard,
+                self.path.display()
+            )))),
+        }
+    }
+
+    /// Opens the file again if a failed write latched it in redb (which then fails every
+    /// read and write of it until it is reopened). Opening rolls the file back to its last
+    /// successful checkpoint; the commits after it are still in memory and in the journal.
+    fn reopen_if_latched(&self) -> Result<()> {
+        let latched = match &*read_lock(&self.db) {
+            Some(db) => matches!(db.begin_write(), Err(TransactionError::Storage(StorageError::PreviousIo))),
+            None => true,
+        };
+        if !latched {
+            return Ok(());
+        }
+        let mut db = write_lock(&self.db);
+        // The old handle goes first: it holds the file's lock.
+        *db = None;
+        *db = Some(self.shared.open_database(self.shard, &self.path, self.cache_bytes)?);
+        info!(shard = %self.shard, file = %self.path.display(), "opened the shard file again after a failed write");
+        Ok(())
     }
 
     /// Refuses a commit while too many commits wait for their checkpoint: they are held in
@@ -638,19 +688,22 @@ impl ShardStore for RedbShard {
             // Whatever this process journaled under the old epoch goes to the file first:
             // from here on a replay starts after it.
             core.checkpoint()?;
-            let txn = begin_durable(&core.db)?;
-            let next = {
-                let mut table = txn.open_table(KV).map_err(backend)?;
-                let current = read_epoch(&table)?;
-                let next = Epoch(current.0.checked_add(1).expect("an epoch of 2^64 acquisitions is unreachable"));
-                table.insert(keys::epoch().as_slice(), keys::encode_epoch(next).as_slice()).map_err(backend)?;
-                let journal = &core.shared.journal;
-                let mut meta = txn.open_table(META).map_err(backend)?;
-                meta.insert(META_WRITER, journal.writer().as_bytes()).map_err(backend)?;
-                meta.insert(META_APPLIED, journal.end().encode().as_slice()).map_err(backend)?;
-                next
-            };
-            txn.commit().map_err(backend)?;
+            let next = core.with_db(|db| {
+                let txn = begin_durable(db)?;
+                let next = {
+                    let mut table = txn.open_table(KV).map_err(backend)?;
+                    let current = read_epoch(&table)?;
+                    let next = Epoch(current.0.checked_add(1).expect("an epoch of 2^64 acquisitions is unreachable"));
+                    table.insert(keys::epoch().as_slice(), keys::encode_epoch(next).as_slice()).map_err(backend)?;
+                    let journal = &core.shared.journal;
+                    let mut meta = txn.open_table(META).map_err(backend)?;
+                    meta.insert(META_WRITER, journal.writer().as_bytes()).map_err(backend)?;
+                    meta.insert(META_APPLIED, journal.end().encode().as_slice()).map_err(backend)?;
+                    next
+                };
+                txn.commit().map_err(backend)?;
+                Ok(next)
+            })?;
             *lock(&core.epoch) = next;
             Ok(next)
         })
@@ -673,10 +726,11 @@ impl ShardStore for RedbShard {
             .shared
             .reader
             .run(move || {
-                let txn = core.db.begin_read().map_err(backend)?;
-                let table = txn.open_table(KV).map_err(backend)?;
-                let value = table.get(key.as_slice()).map_err(backend)?;
-                Ok(value.map(|guard| guard.value().to_vec()))
+                core.with_db(|db| {
+                    let table = db.begin_read().map_err(backend)?.open_table(KV).map_err(backend)?;
+                    let value = table.get(key.as_slice()).map_err(backend)?;
+                    Ok(value.map(|guard| guard.value().to_vec()))
+                })
             })
             .await
     }
@@ -687,18 +741,19 @@ impl ShardStore for RedbShard {
         }
         let view = lock(&self.core().overlay).view(&range);
         self.run_blocking(move |core| {
-            let txn = core.db.begin_read().map_err(backend)?;
-            let table = txn.open_table(KV).map_err(backend)?;
-            let entries = table.range(range.begin.as_slice()..range.end.as_slice()).map_err(backend)?;
-            let pairs = entries.map(|entry| {
-                let (key, value): Entry<'_> = entry.map_err(backend)?;
-                Ok((key.value().to_vec(), value.value().to_vec()))
-            });
-            if reverse {
-                view.merge(pairs.rev(), limit, true)
-            } else {
-                view.merge(pairs, limit, false)
-            }
+            core.with_db(|db| {
+                let table = db.begin_read().map_err(backend)?.open_table(KV).map_err(backend)?;
+                let entries = table.range(range.begin.as_slice()..range.end.as_slice()).map_err(backend)?;
+                let pairs = entries.map(|entry| {
+                    let (key, value): Entry<'_> = entry.map_err(backend)?;
+                    Ok((key.value().to_vec(), value.value().to_vec()))
+                });
+                if reverse {
+                    view.merge(pairs.rev(), limit, true)
+                } else {
+                    view.merge(pairs, limit, false)
+                }
+            })
         })
         .await
     }
@@ -759,6 +814,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn read_epoch(table: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<Epoch> {
     let stored = table.get(keys::epoch().as_slice()).map_err(backend)?;
     keys::decode_epoch(stored.as_ref().map(|guard| guard.value()))
@@ -799,7 +862,88 @@ impl<E: std::error::Error + 'static> PathError<E> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+    use std::ops::Bound;
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, StorageBackend};
+
     use super::*;
+
+    /// A shard file whose writes, length changes and syncs fail while `fail` is set, with
+    /// the error a full disk gives.
+    #[derive(Debug)]
+    pub(super) struct FlakyFile {
+        file: FileBackend,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl FlakyFile {
+        pub(super) fn open(path: &Path, fail: &Arc<AtomicBool>) -> std::result::Result<FlakyFile, DatabaseError> {
+            let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+            Ok(FlakyFile { file: FileBackend::new(file)?, fail: Arc::clone(fail) })
+        }
+
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+            }
+            Ok(())
+        }
+    }
+
+    impl StorageBackend for FlakyFile {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.file.sync_data()
+        }
+
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+
+        fn close(&self) -> std::io::Result<()> {
+            self.file.close()
+        }
+
+        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<bool, BackendError> {
+            self.file.try_lock_range(start, end)
+        }
+
+        fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<bool, BackendError> {
+            self.file.try_lock_shared_range(start, end)
+        }
+
+        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<(), BackendError> {
+            self.file.lock_range(start, end)
+        }
+
+        fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<(), BackendError> {
+            self.file.lock_shared_range(start, end)
+        }
+
+        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<(), BackendError> {
+            self.file.unlock_range(start, end)
+        }
+
+        fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> std::result::Result<bool, BackendError> {
+            self.file.query_lock_range(start, end)
+        }
+    }
 
     #[test]
     fn a_tick_checkpoints_each_shard_once_per_interval_plus_one() {
@@ -840,12 +984,16 @@ mod tests {
             .with_checkpoint_interval(Duration::from_millis(10));
         let shard = store.open_shard(ShardId(3)).await.unwrap();
         let epoch = shard.acquire().await.unwrap();
-        shard.core().fail_checkpoints.store(true, Ordering::Relaxed);
+        let (_, refusal) = commit_values(&shard, epoch, "before", 1).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+        shard.core().checkpoint().unwrap();
+        let fail_writes = &store.shared.fail_writes;
+        fail_writes.store(true, Ordering::Relaxed);
 
         let (committed, refusal) = commit_values(&shard, epoch, "k", 2_000).await;
         let refusal = refusal.expect("commits must be refused while checkpoints fail");
         let text = refusal.to_string();
-        assert!(text.contains("new commits are refused") && text.contains("the test injected"), "{text}");
+        assert!(text.contains("new commits are refused") && text.contains("no storage space"), "{text}");
         let held = lock(&shard.core().overlay).bytes();
         assert!(held < WAITING_BYTES_MAX + 7 * 1024 * 1024, "{held} bytes held");
         // Refused at the first commit past the bound, not before: one batch is 6.25 MiB.
@@ -853,8 +1001,9 @@ mod tests {
         // What was committed is still read, from memory.
         assert_eq!(shard.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
 
-        // Once checkpoints work again, the backlog goes to the file and commits pass.
-        shard.core().fail_checkpoints.store(false, Ordering::Relaxed);
+        // Once the disk takes writes again, the backlog goes to the file and commits pass:
+        // the file, which redb latched at the first failed write, is opened again.
+        fail_writes.store(false, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let (_, refusal) = commit_values(&shard, epoch, "after", 1).await;
@@ -869,6 +1018,9 @@ mod tests {
             assert!(Instant::now() < deadline, "the failure is still recorded");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The file is read again too, without closing the shard.
+        assert!(matches!(lock(&shard.core().overlay).get(b"before00000"), Lookup::Unknown));
+        assert_eq!(shard.get(b"before00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
         shard.close().unwrap();
         let shard = store.open_shard(ShardId(3)).await.unwrap();
         let last = format!("k{:05}", committed - 1);
