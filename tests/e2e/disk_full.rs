@@ -6,6 +6,8 @@
 //! - Only the shard files on the full disk (the journal elsewhere): runs go on from the
 //!   journal while checkpoints fail, and once space is freed the checkpoints succeed again
 //!   without a restart.
+//! - A coordinator started on a full disk cannot create its shard files, and serves once
+//!   space is freed, without a restart.
 //!
 //! Mounting a tmpfs needs root (or CAP_SYS_ADMIN); without it the tests say SKIPPED and why.
 
@@ -206,4 +208,23 @@ async fn shard_files_on_a_full_disk_recover_without_a_restart_once_space_is_free
     assert!(grid.coordinators[0].stop(NOTICE), "a clean stop\n{}", grid.logs());
     grid.start_coordinator().await?;
     wait_all_succeeded(&grid, &client, &done).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_started_on_a_full_disk_serves_once_space_is_freed() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats()?;
+    let test = "a_coordinator_started_on_a_full_disk_serves_once_space_is_freed";
+    let Some(disk) = SmallDisk::mount(&grid.data_dir(), 8, test)? else { return Ok(()) };
+    disk.fill()?;
+    grid.spawn_coordinator()?;
+    wait_for_log(&grid, 0, &["cannot open the shard", "No space left on device"], "a shard to fail to open").await?;
+
+    // The shard files it began to create hold only zeros; they are created again.
+    disk.free()?;
+    grid.wait_shards_served_by(1, NOTICE).await?;
+    grid.start_workers(&["a"], 8)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let run = client.start(big_start()).await.or_logs(&grid)?;
+    wait_all_succeeded(&grid, &client, &[run.run_id]).await
 }

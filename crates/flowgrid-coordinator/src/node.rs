@@ -131,6 +131,7 @@ pub async fn run_with_store<S: Store>(
             membership: membership.clone(),
             queue_max: config.shard_queue_max,
             forward_permits: Arc::new(Semaphore::new(config.api_concurrency_max)),
+            open_failures: Default::default(),
         },
         config.shards,
     );

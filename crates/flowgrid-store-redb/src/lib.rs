@@ -227,23 +227,40 @@ impl Store for RedbStore {
 impl Shared {
     /// Opens (or creates) the file of `shard` at `path`.
     fn open_database(&self, shard: ShardId, path: &Path, cache_bytes: usize) -> Result<Database> {
-        let mut builder = Database::builder();
-        builder.set_cache_size(cache_bytes);
-        #[cfg(not(test))]
-        let opened = builder.create(path);
-        #[cfg(test)]
-        let opened = tests::FlakyFile::open(path, &self.fail_writes).and_then(|file| builder.create_with_backend(file));
+        let opened = match self.open_database_once(path, cache_bytes) {
+            // A creation that failed part way (a full disk) leaves a file of zeros, which
+            // redb refuses as not its own; it holds nothing, so it is created afresh.
+            Err(error) if !is_busy(&error) && holds_only_zeros(path) => {
+                warn!(shard = %shard, file = %path.display(), error = %error, "the shard file holds only zeros (its creation failed part way); creating it again");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|file| file.set_len(0))
+                    .map_err(|error| backend(PathError::new("empty the shard file", path, error)))?;
+                self.open_database_once(path, cache_bytes)
+            }
+            opened => opened,
+        };
         opened.map_err(|error| match error {
-            DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => Error::Busy {
+            busy if is_busy(&busy) => Error::Busy {
                 shard,
                 detail: format!(
-                    "{} is locked ({error}); it is open in another process (or already in this one): \
+                    "{} is locked ({busy}); it is open in another process (or already in this one): \
                      close it there first, or wait until its owner gives the shard up",
                     path.display()
                 ),
             },
             other => backend(PathError::new("open the shard file", path, other)),
         })
+    }
+
+    fn open_database_once(&self, path: &Path, cache_bytes: usize) -> std::result::Result<Database, DatabaseError> {
+        let mut builder = Database::builder();
+        builder.set_cache_size(cache_bytes);
+        #[cfg(not(test))]
+        return builder.create(path);
+        #[cfg(test)]
+        return tests::FlakyFile::open(path, &self.fail_writes).and_then(|file| builder.create_with_backend(file));
     }
 
     /// Starts the checkpointer thread once. It ends when the store and its shards are gone.
@@ -426,6 +443,30 @@ fn write_layer(db: &Database, layer: &Layer) -> Result<()> {
         }
     }
     txn.commit().map_err(backend)
+}
+
+/// The file is locked by another handle.
+fn is_busy(error: &DatabaseError) -> bool {
+    matches!(error, DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)
+}
+
+/// True when the file at `path` is no larger than a new shard file and holds only zeros:
+/// nothing was ever written to it. A larger file is never taken for one.
+fn holds_only_zeros(path: &Path) -> bool {
+    use std::io::Read;
+    const NEW_FILE_BYTES_MAX: u64 = 16 << 20;
+    let Ok(mut file) = std::fs::File::open(path) else { return false };
+    if file.metadata().map_or(true, |metadata| metadata.len() > NEW_FILE_BYTES_MAX) {
+        return false;
+    }
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(read) if chunk[..read].iter().all(|&byte| byte == 0) => {}
+            Ok(_) | Err(_) => return false,
+        }
+    }
 }
 
 fn begin_durable(db: &Database) -> Result<WriteTransaction> {
@@ -1026,6 +1067,29 @@ mod tests {
         let last = format!("k{:05}", committed - 1);
         assert_eq!(shard.get(last.as_bytes()).await.unwrap().map(|value| value.len()), Some(64 * 1024));
         assert_eq!(shard.get(b"after00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+    }
+
+    #[tokio::test]
+    async fn a_shard_file_of_zeros_is_created_again_and_any_other_unreadable_file_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        // What a creation on a full disk leaves: the file's first region, never written.
+        std::fs::write(store.shard_path(ShardId(5)), vec![0u8; 1 << 20]).unwrap();
+        let shard = store.open_shard(ShardId(5)).await.unwrap();
+        let epoch = shard.acquire().await.unwrap();
+        let (committed, refusal) = commit_values(&shard, epoch, "k", 1).await;
+        assert!(committed == 1 && refusal.is_none(), "{refusal:?}");
+        shard.close().unwrap();
+        let shard = store.open_shard(ShardId(5)).await.unwrap();
+        assert_eq!(shard.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+
+        // One byte that is not zero: it may be someone's data, so it is not touched.
+        let mut foreign = vec![0u8; 1 << 20];
+        foreign[4096] = 1;
+        std::fs::write(store.shard_path(ShardId(6)), &foreign).unwrap();
+        let error = store.open_shard(ShardId(6)).await.unwrap_err().to_string();
+        assert!(error.contains("could not open the shard file"), "{error}");
+        assert_eq!(std::fs::read(store.shard_path(ShardId(6))).unwrap(), foreign);
     }
 
     #[tokio::test]

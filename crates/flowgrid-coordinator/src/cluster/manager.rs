@@ -49,6 +49,9 @@ const BUSY_RETRY_MAX: Duration = Duration::from_millis(200);
 const BUSY_REPORT_AFTER: Duration = Duration::from_secs(2);
 /// Pause before trying a shard again after an acquire failed.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
+/// Shard opens that fail alike (a full disk fails every shard, twice a second) are warned
+/// about at most this often.
+const OPEN_FAILURE_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Everything the manager and its hand-over tasks share.
 pub struct ManagerContext<S: Store> {
@@ -61,6 +64,37 @@ pub struct ManagerContext<S: Store> {
     pub queue_max: usize,
     /// Bounds forwarded requests handled at once over all shards served here.
     pub forward_permits: Arc<Semaphore>,
+    pub open_failures: OpenFailures,
+}
+
+/// Shard opens that failed other than on a busy file (a full or failing disk), retried
+/// every [`RETRY_AFTER_FAILURE`]: the first is warned about, then at most one warning per
+/// [`OPEN_FAILURE_WARN_EVERY`] with how many failed since; the others go to debug.
+#[derive(Default)]
+pub struct OpenFailures {
+    /// Failed opens since the last warning, and when it was.
+    state: std::sync::Mutex<(u64, Option<Instant>)>,
+}
+
+impl OpenFailures {
+    fn report(&self, shard: u32, error: &flowgrid_store::Error) {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (since_warning, warned) = &mut *state;
+        *since_warning += 1;
+        if warned.is_some_and(|at| at.elapsed() < OPEN_FAILURE_WARN_EVERY) {
+            debug!(shard, error = %error, "cannot open the shard");
+            return;
+        }
+        warn!(
+            shard,
+            error = %error,
+            failed_opens = *since_warning,
+            "cannot open the shard; it is retried every {RETRY_AFTER_FAILURE:?}, and this warning comes at most every \
+             {OPEN_FAILURE_WARN_EVERY:?} (failed_opens: of any shard, since the last one)"
+        );
+        *since_warning = 0;
+        *warned = Some(Instant::now());
+    }
 }
 
 /// A shard served here.
@@ -544,7 +578,7 @@ async fn open_when_free<S: Store>(shared: &ManagerContext<S>, shard: u32) -> Opt
                 delay = (delay * 2).min(BUSY_RETRY_MAX);
             }
             Err(error) => {
-                warn!(shard, error = %error, "cannot open the shard");
+                shared.open_failures.report(shard, &error);
                 return None;
             }
         }
