@@ -8,6 +8,8 @@
 //!   without a restart.
 //! - A coordinator started on a full disk cannot create its shard files, and serves once
 //!   space is freed, without a restart.
+//! - A nats-server with less JetStream storage than the tasks stream's limit: the
+//!   coordinator says so and how to fix it, and starts with a smaller limit.
 //!
 //! Mounting a tmpfs needs root (or CAP_SYS_ADMIN); without it the tests say SKIPPED and why.
 
@@ -222,6 +224,29 @@ async fn a_coordinator_started_on_a_full_disk_serves_once_space_is_freed() -> an
     // The shard files it began to create hold only zeros; they are created again.
     disk.free()?;
     grid.wait_shards_served_by(1, NOTICE).await?;
+    grid.start_workers(&["a"], 8)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let run = client.start(big_start()).await.or_logs(&grid)?;
+    wait_all_succeeded(&grid, &client, &[run.run_id]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_with_little_jetstream_storage_is_named_and_a_smaller_tasks_stream_fits() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats_with_config("jetstream { max_file_store: 64MB }")?;
+    grid.spawn_coordinator()?;
+    wait_for("the coordinator to stop", NOTICE, || {
+        let exited = grid.coordinators[0].has_exited();
+        async move { exited.then_some(()) }
+    })
+    .await
+    .or_logs(&grid)?;
+    let log = grid.coordinators[0].log_tail(5);
+    assert!(log.contains("less JetStream storage left than the stream's limit of 1024 MiB"), "{log}");
+    assert!(log.contains("--tasks-stream-max-mb"), "{log}");
+
+    grid.spawn_coordinator_with_args(&["--metrics-addr", "off", "--tasks-stream-max-mb", "32"])?;
+    grid.wait_until_serving().await?;
     grid.start_workers(&["a"], 8)?;
     let client = grid.client().await?;
     deploy(&grid, &client, ECHO_FLOW).await?;

@@ -66,12 +66,18 @@ pub struct Grid {
 impl Grid {
     /// Starts nats-server (JetStream, random port, temporary store dir).
     pub fn start_nats() -> Result<Grid> {
+        Grid::start_nats_with_config("")
+    }
+
+    /// [`Grid::start_nats`] with more lines of nats-server configuration.
+    pub fn start_nats_with_config(more: &str) -> Result<Grid> {
         let dir = tempfile::Builder::new().prefix("flowgrid-e2e-").tempdir()?;
         let port = free_port()?;
         // `max_payload` is a config-file setting only (no command-line flag): room for the
         // tests that send oversized requests and expect flowgrid, not NATS, to refuse them.
         let config = dir.path().join("nats-server.conf");
-        std::fs::write(&config, "max_payload: 8MB\n").with_context(|| format!("write {}", config.display()))?;
+        std::fs::write(&config, format!("max_payload: 8MB\n{more}\n"))
+            .with_context(|| format!("write {}", config.display()))?;
         let nats = spawn_nats(dir.path(), port)?;
         Ok(Grid {
             dir,
@@ -122,6 +128,11 @@ impl Grid {
 
     /// [`Grid::spawn_coordinator`], serving Prometheus metrics on `metrics_addr`.
     pub fn spawn_coordinator_with_metrics(&mut self, metrics_addr: &str) -> Result<usize> {
+        self.spawn_coordinator_with_args(&["--metrics-addr", metrics_addr])
+    }
+
+    /// [`Grid::spawn_coordinator`] with more flags (`--metrics-addr` among them).
+    pub fn spawn_coordinator_with_args(&mut self, more: &[&str]) -> Result<usize> {
         let name = format!("coordinator-{}", self.coordinators.len());
         let process = Process::spawn(
             &name,
@@ -130,7 +141,8 @@ impl Grid {
                 .args(["--nats-url", &self.nats_url, "--prefix", &self.prefix])
                 .arg("--data-dir")
                 .arg(self.data_dir())
-                .args(["--shards", &self.shards.to_string(), "--metrics-addr", metrics_addr])
+                .args(["--shards", &self.shards.to_string()])
+                .args(more)
                 .env("FLOWGRID_LOG", "flowgrid=debug,info"),
             self.dir.path(),
         )?;

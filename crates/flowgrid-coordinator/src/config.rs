@@ -19,6 +19,12 @@ pub struct CoordinatorConfig {
     /// shard files). The hot state is in memory; this cache only speeds up reloads and lists.
     #[arg(long, env = "FLOWGRID_STORE_CACHE_MB", default_value_t = 16)]
     pub store_cache_mb: usize,
+    /// The most bytes of waiting tasks JetStream's tasks stream holds over all pools, in
+    /// MiB; past it, task publishes are refused and retried later. Used when this
+    /// coordinator creates the stream (the first to start does): nats-server must have this
+    /// much JetStream storage left.
+    #[arg(long, env = "FLOWGRID_TASKS_STREAM_MAX_MB", default_value_t = 1024)]
+    pub tasks_stream_max_mb: i64,
     /// How often the embedded store writes each shard's recent commits from its journal
     /// into the shard file, in ms. Longer: less CPU and disk per commit; more memory held
     /// and more journal to replay after a crash.
@@ -55,6 +61,9 @@ pub struct CoordinatorConfig {
     pub drain_timeout_ms: u64,
 }
 
+/// The largest `--tasks-stream-max-mb`: 16 TiB.
+const TASKS_STREAM_MB_MAX: i64 = 16 << 20;
+
 impl CoordinatorConfig {
     /// Checks values that clap cannot, with messages that say what to change.
     pub fn validate(&self) -> Result<(), String> {
@@ -80,6 +89,12 @@ impl CoordinatorConfig {
         }
         if self.batch_events_max == 0 || self.shard_queue_max == 0 || self.api_concurrency_max == 0 {
             return Err("--batch-events-max, --shard-queue-max and --api-concurrency-max must be positive".to_owned());
+        }
+        if !(1..=TASKS_STREAM_MB_MAX).contains(&self.tasks_stream_max_mb) {
+            return Err(format!(
+                "--tasks-stream-max-mb is {}; use 1 to {TASKS_STREAM_MB_MAX} (1024 is the default)",
+                self.tasks_stream_max_mb
+            ));
         }
         if !(50..=60_000).contains(&self.checkpoint_interval_ms) {
             return Err(format!(

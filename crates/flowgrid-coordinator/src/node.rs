@@ -68,7 +68,8 @@ pub async fn run_with_store<S: Store>(
         .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let subjects = Subjects::new(config.prefix.clone());
-    let broker_limits = BrokerLimits::default();
+    let broker_limits =
+        BrokerLimits { tasks_stream_bytes_max: config.tasks_stream_max_mb << 20, ..BrokerLimits::default() };
     let tasks_stream = broker::tasks_stream(&jetstream, &subjects, &broker_limits).await?;
     let submit_stream = broker::submit_stream(&jetstream, &subjects, &broker_limits).await?;
     let members_kv = broker::members_kv(&jetstream, &subjects).await?;

@@ -55,6 +55,18 @@ pub enum BrokerError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    #[error(
+        "cannot create stream {name}: nats-server has less JetStream storage left than the stream's limit of {} MiB \
+         (its `jetstream {{ max_file_store }}`, by default 75% of the disk space free when it started): give it more, \
+         or have the stream created smaller by starting a coordinator with --tasks-stream-max-mb first: {source}",
+        bytes_max >> 20
+    )]
+    StreamStorage {
+        name: String,
+        bytes_max: i64,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     #[error("cannot create or open key-value bucket {name} (is JetStream enabled on the server, `nats-server -js`?): {source}")]
     Bucket {
         name: String,
@@ -193,11 +205,15 @@ fn durable_pull_consumer(name: String, limits: &BrokerLimits) -> consumer::pull:
 }
 
 async fn open_stream(jetstream: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, BrokerError> {
-    let name = config.name.clone();
-    jetstream
-        .get_or_create_stream(config)
-        .await
-        .map_err(|source| BrokerError::Stream { name, source: Box::new(source) })
+    let (name, bytes_max) = (config.name.clone(), config.max_bytes);
+    jetstream.get_or_create_stream(config).await.map_err(|source| match source.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStream(error)
+            if error.error_code() == jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED =>
+        {
+            BrokerError::StreamStorage { name, bytes_max, source: Box::new(source) }
+        }
+        _ => BrokerError::Stream { name, source: Box::new(source) },
+    })
 }
 
 async fn open_consumer(
