@@ -197,7 +197,7 @@ async fn shard_files_on_a_full_disk_recover_without_a_restart_once_space_is_free
     wait_for_log(
         &grid,
         0,
-        &["opened the shard file again after a failed write", "checkpoints of the shard succeed again"],
+        &["opened the shard file again after a failed read or write", "checkpoints of the shard succeed again"],
         "the checkpoints to succeed again",
     )
     .await?;

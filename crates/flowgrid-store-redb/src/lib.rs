@@ -18,9 +18,10 @@
 //! - A failed checkpoint is retried after a pause; the commits it did not write stay in
 //!   memory and in the journal. Once [`WAITING_BYTES_MAX`] of them wait, the shard refuses
 //!   new commits until a checkpoint succeeds, so memory stays bounded. A failed write
-//!   (a full disk, an I/O error) latches redb's file: every later read and write of it
-//!   fails until it is opened again, so the retry first opens the file again. The file
-//!   then holds its last successful checkpoint, and the retry writes what followed.
+//!   or read (a full disk, an I/O error) latches redb's file: every later read and write
+//!   of it fails until it is opened again, so the checkpointer opens the file again
+//!   first (after a failed read too, with nothing to write). The file then holds its last
+//!   successful checkpoint, and the retry writes what followed.
 //! - Only the epoch holder writes: the epoch is bumped in the file by
 //!   [`ShardStore::acquire`], and the file lock keeps every other process out while the
 //!   shard is open here, so the epoch this handle holds is the file's.
@@ -157,9 +158,9 @@ struct Shared {
     checkpoint_interval: Mutex<Duration>,
     /// Wakes the checkpointer early (a shard over [`CHECKPOINT_BYTES`]); set once it runs.
     checkpointer: OnceLock<mpsc::Sender<()>>,
-    /// Makes every write to the shard files fail while set, as a full disk would.
+    /// Makes reads or writes of the shard files fail, as a failing or full disk would.
     #[cfg(test)]
-    fail_writes: Arc<AtomicBool>,
+    faults: Arc<tests::Faults>,
 }
 
 impl RedbStore {
@@ -176,7 +177,7 @@ impl RedbStore {
             checkpoint_interval: Mutex::new(CHECKPOINT_INTERVAL_DEFAULT),
             checkpointer: OnceLock::new(),
             #[cfg(test)]
-            fail_writes: Arc::default(),
+            faults: Arc::default(),
         });
         Ok(RedbStore { dir, limits, cache_bytes_per_shard: CACHE_BYTES_PER_SHARD_DEFAULT, shared })
     }
@@ -260,7 +261,7 @@ impl Shared {
         #[cfg(not(test))]
         return builder.create(path);
         #[cfg(test)]
-        return tests::FlakyFile::open(path, &self.fail_writes).and_then(|file| builder.create_with_backend(file));
+        return tests::FlakyFile::open(path, &self.faults).and_then(|file| builder.create_with_backend(file));
     }
 
     /// Starts the checkpointer thread once. It ends when the store and its shards are gone.
@@ -368,6 +369,7 @@ fn open_shard_file(
         path,
         db: RwLock::new(Some(db)),
         cache_bytes,
+        latched: AtomicBool::new(false),
         limits,
         epoch: Mutex::new(epoch),
         overlay: Mutex::new(Overlay::default()),
@@ -445,6 +447,11 @@ fn write_layer(db: &Database, layer: &Layer) -> Result<()> {
     txn.commit().map_err(backend)
 }
 
+/// True when redb refuses every access to the file since a read or write of it failed.
+fn is_latched(db: &Database) -> bool {
+    matches!(db.begin_write(), Err(TransactionError::Storage(StorageError::PreviousIo)))
+}
+
 /// The file is locked by another handle.
 fn is_busy(error: &DatabaseError) -> bool {
     matches!(error, DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)
@@ -490,10 +497,13 @@ pub struct RedbShard {
 struct ShardCore {
     shard: ShardId,
     path: PathBuf,
-    /// The open file; `None` while opening it again after a failed write fails (see
+    /// The open file; `None` while opening it again after a failed access fails (see
     /// [`ShardCore::reopen_if_latched`]).
     db: RwLock<Option<Database>>,
     cache_bytes: usize,
+    /// A read found the file latched by redb after a failed read or write: the
+    /// checkpointer opens it again even with nothing to write.
+    latched: AtomicBool,
     limits: StoreLimits,
     /// The epoch in the file: only this process changes it while it holds the file.
     epoch: Mutex<Epoch>,
@@ -524,7 +534,8 @@ impl ShardCore {
         if overlay.failure.as_ref().is_some_and(|failure| failure.retry_at > Instant::now()) {
             return None;
         }
-        if overlay.frozen.is_some() || overlay.active.bytes >= CHECKPOINT_BYTES {
+        if overlay.frozen.is_some() || overlay.active.bytes >= CHECKPOINT_BYTES || self.latched.load(Ordering::Relaxed)
+        {
             return Some(Due::Full);
         }
         let since = overlay.active.since.filter(|since| since.elapsed() >= interval)?;
@@ -570,7 +581,7 @@ impl ShardCore {
     /// The checkpoint's work: true when it wrote something.
     fn write_overlay(&self) -> Result<bool> {
         let _one_at_a_time = lock(&self.checkpointing);
-        if lock(&self.overlay).failure.is_some() {
+        if lock(&self.overlay).failure.is_some() || self.latched.load(Ordering::Relaxed) {
             self.reopen_if_latched()?;
         }
         let mut wrote = false;
@@ -602,12 +613,19 @@ impl ShardCore {
         Ok(wrote)
     }
 
-    /// Runs `work` on the open file.
+    /// Runs `work` on the open file. A failure that latched the file is noted, so that the
+    /// checkpointer opens it again.
     fn with_db<T>(&self, work: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
         match &*read_lock(&self.db) {
-            Some(db) => work(db),
+            Some(db) => {
+                let done = work(db);
+                if done.is_err() && is_latched(db) {
+                    self.latched.store(true, Ordering::Relaxed);
+                }
+                done
+            }
             None => Err(backend(std::io::Error::other(format!(
-                "shard {}: {} could not be opened again after a failed write; the next checkpoint retries \
+                "shard {}: {} could not be opened again after a failed access; the next checkpoint retries \
                  (the coordinator's log has the checkpoint errors; free or fix the data directory's disk)",
                 self.shard,
                 self.path.display()
@@ -615,22 +633,21 @@ impl ShardCore {
         }
     }
 
-    /// Opens the file again if a failed write latched it in redb (which then fails every
-    /// read and write of it until it is reopened). Opening rolls the file back to its last
+    /// Opens the file again if a failed read or write latched it in redb (which then fails
+    /// every read and write of it until it is reopened). Opening rolls the file back to its last
     /// successful checkpoint; the commits after it are still in memory and in the journal.
     fn reopen_if_latched(&self) -> Result<()> {
-        let latched = match &*read_lock(&self.db) {
-            Some(db) => matches!(db.begin_write(), Err(TransactionError::Storage(StorageError::PreviousIo))),
-            None => true,
-        };
+        let latched = read_lock(&self.db).as_ref().is_none_or(is_latched);
         if !latched {
+            self.latched.store(false, Ordering::Relaxed);
             return Ok(());
         }
         let mut db = write_lock(&self.db);
         // The old handle goes first: it holds the file's lock.
         *db = None;
         *db = Some(self.shared.open_database(self.shard, &self.path, self.cache_bytes)?);
-        info!(shard = %self.shard, file = %self.path.display(), "opened the shard file again after a failed write");
+        self.latched.store(false, Ordering::Relaxed);
+        info!(shard = %self.shard, file = %self.path.display(), "opened the shard file again after a failed read or write");
         Ok(())
     }
 
@@ -911,22 +928,30 @@ mod tests {
 
     use super::*;
 
-    /// A shard file whose writes, length changes and syncs fail while `fail` is set, with
-    /// the error a full disk gives.
+    /// Failures the test turns on for every shard file of a store.
+    #[derive(Debug, Default)]
+    pub(super) struct Faults {
+        /// Writes, length changes and syncs fail as on a full disk.
+        writes: AtomicBool,
+        /// Reads fail as on a failing disk.
+        reads: AtomicBool,
+    }
+
+    /// A shard file that fails as its store's [`Faults`] say.
     #[derive(Debug)]
     pub(super) struct FlakyFile {
         file: FileBackend,
-        fail: Arc<AtomicBool>,
+        faults: Arc<Faults>,
     }
 
     impl FlakyFile {
-        pub(super) fn open(path: &Path, fail: &Arc<AtomicBool>) -> std::result::Result<FlakyFile, DatabaseError> {
+        pub(super) fn open(path: &Path, faults: &Arc<Faults>) -> std::result::Result<FlakyFile, DatabaseError> {
             let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-            Ok(FlakyFile { file: FileBackend::new(file)?, fail: Arc::clone(fail) })
+            Ok(FlakyFile { file: FileBackend::new(file)?, faults: Arc::clone(faults) })
         }
 
-        fn check(&self) -> std::io::Result<()> {
-            if self.fail.load(Ordering::Relaxed) {
+        fn check_write(&self) -> std::io::Result<()> {
+            if self.faults.writes.load(Ordering::Relaxed) {
                 return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
             }
             Ok(())
@@ -939,21 +964,24 @@ mod tests {
         }
 
         fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            if self.faults.reads.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("an unreadable sector the test made"));
+            }
             self.file.read(offset, out)
         }
 
         fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.check()?;
+            self.check_write()?;
             self.file.set_len(len)
         }
 
         fn sync_data(&self) -> std::io::Result<()> {
-            self.check()?;
+            self.check_write()?;
             self.file.sync_data()
         }
 
         fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            self.check()?;
+            self.check_write()?;
             self.file.write(offset, data)
         }
 
@@ -1028,7 +1056,7 @@ mod tests {
         let (_, refusal) = commit_values(&shard, epoch, "before", 1).await;
         assert!(refusal.is_none(), "{refusal:?}");
         shard.core().checkpoint().unwrap();
-        let fail_writes = &store.shared.fail_writes;
+        let fail_writes = &store.shared.faults.writes;
         fail_writes.store(true, Ordering::Relaxed);
 
         let (committed, refusal) = commit_values(&shard, epoch, "k", 2_000).await;
@@ -1067,6 +1095,40 @@ mod tests {
         let last = format!("k{:05}", committed - 1);
         assert_eq!(shard.get(last.as_bytes()).await.unwrap().map(|value| value.len()), Some(64 * 1024));
         assert_eq!(shard.get(b"after00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_latches_the_file_and_the_checkpointer_opens_it_again_with_nothing_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        // No page cache: every read of the file goes to the disk.
+        let store = RedbStore::open(dir.path(), StoreLimits::default())
+            .unwrap()
+            .with_cache_bytes_per_shard(0)
+            .with_checkpoint_interval(Duration::from_millis(10));
+        let shard = store.open_shard(ShardId(2)).await.unwrap();
+        let epoch = shard.acquire().await.unwrap();
+        let (_, refusal) = commit_values(&shard, epoch, "k", 1).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+        shard.core().checkpoint().unwrap();
+        assert!(matches!(lock(&shard.core().overlay).get(b"k00000"), Lookup::Unknown));
+
+        store.shared.faults.reads.store(true, Ordering::Relaxed);
+        let error = shard.get(b"k00000").await.unwrap_err().to_string();
+        assert!(error.contains("unreadable sector"), "{error}");
+        store.shared.faults.reads.store(false, Ordering::Relaxed);
+        // The shard has nothing to write; the checkpointer opens its file again all the same.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match shard.get(b"k00000").await {
+                Ok(value) => {
+                    assert_eq!(value.map(|value| value.len()), Some(64 * 1024));
+                    break;
+                }
+                Err(error) => assert!(Instant::now() < deadline, "still failing: {error}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!shard.core().latched.load(Ordering::Relaxed));
     }
 
     #[tokio::test]
