@@ -104,6 +104,17 @@ async fn wait_for_log(grid: &Grid, coordinator: usize, needles: &[&str], what: &
     .or_logs(grid)
 }
 
+/// Waits until coordinator `index` has exited; returns the last `lines` of its log.
+async fn wait_stopped(grid: &mut Grid, index: usize, lines: usize) -> anyhow::Result<String> {
+    wait_for("the coordinator to stop", NOTICE, || {
+        let exited = grid.coordinators[index].has_exited();
+        async move { exited.then_some(()) }
+    })
+    .await
+    .or_logs(grid)?;
+    Ok(grid.coordinators[index].log_tail(lines))
+}
+
 /// Waits until every run in `runs` has succeeded.
 async fn wait_all_succeeded(grid: &Grid, client: &flowgrid_sdk::Client, runs: &[RunId]) -> anyhow::Result<()> {
     for run_id in runs {
@@ -144,13 +155,7 @@ async fn a_full_disk_stops_the_coordinator_with_an_error_and_loses_no_accepted_r
     assert!(refusal.retryable, "a full disk is worth retrying once it is freed: {refusal:?}");
 
     // The coordinator leaves the grid, and says why and what to do.
-    wait_for("the coordinator to stop", NOTICE, || {
-        let exited = grid.coordinators[0].has_exited();
-        async move { exited.then_some(()) }
-    })
-    .await
-    .or_logs(&grid)?;
-    let log = grid.coordinators[0].log_tail(20);
+    let log = wait_stopped(&mut grid, 0, 20).await?;
     assert!(log.contains("No space left on device") && log.contains("Free or fix the data directory's disk"), "{log}");
 
     // Freed and restarted, it has every run it accepted, and they all run to the end.
@@ -235,13 +240,7 @@ async fn a_coordinator_started_on_a_full_disk_serves_once_space_is_freed() -> an
 async fn a_nats_server_with_little_jetstream_storage_is_named_and_a_smaller_tasks_stream_fits() -> anyhow::Result<()> {
     let mut grid = Grid::start_nats_with_config("jetstream { max_file_store: 64MB }")?;
     grid.spawn_coordinator()?;
-    wait_for("the coordinator to stop", NOTICE, || {
-        let exited = grid.coordinators[0].has_exited();
-        async move { exited.then_some(()) }
-    })
-    .await
-    .or_logs(&grid)?;
-    let log = grid.coordinators[0].log_tail(5);
+    let log = wait_stopped(&mut grid, 0, 5).await?;
     assert!(log.contains("less JetStream storage left than the stream's limit of 1024 MiB"), "{log}");
     assert!(log.contains("--tasks-stream-max-mb"), "{log}");
 

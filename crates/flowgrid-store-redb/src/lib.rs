@@ -501,8 +501,8 @@ struct ShardCore {
     /// [`ShardCore::reopen_if_latched`]).
     db: RwLock<Option<Database>>,
     cache_bytes: usize,
-    /// A read found the file latched by redb after a failed read or write: the
-    /// checkpointer opens it again even with nothing to write.
+    /// An access failed and left the file latched by redb: the checkpointer opens it
+    /// again, even with nothing to write.
     latched: AtomicBool,
     limits: StoreLimits,
     /// The epoch in the file: only this process changes it while it holds the file.

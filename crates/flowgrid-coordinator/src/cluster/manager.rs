@@ -64,6 +64,7 @@ pub struct ManagerContext<S: Store> {
     pub queue_max: usize,
     /// Bounds forwarded requests handled at once over all shards served here.
     pub forward_permits: Arc<Semaphore>,
+    /// Warns about shards that fail to open, at a bounded rate.
     pub open_failures: OpenFailures,
 }
 
@@ -89,8 +90,8 @@ impl OpenFailures {
             shard,
             error = %error,
             failed_opens = *since_warning,
-            "cannot open the shard; it is retried every {RETRY_AFTER_FAILURE:?}, and this warning comes at most every \
-             {OPEN_FAILURE_WARN_EVERY:?} (failed_opens: of any shard, since the last one)"
+            "cannot open the shard; it is retried every {RETRY_AFTER_FAILURE:?}; this warning comes at most every \
+             {OPEN_FAILURE_WARN_EVERY:?}, and failed_opens counts the failed opens of every shard since the last one"
         );
         *since_warning = 0;
         *warned = Some(Instant::now());
