@@ -5,8 +5,11 @@
 //! Per task: stamp the receipt (and read when JetStream stored the task), decode, sleep
 //! the service time, send the result as a request to `reply_to`, stamp the send and the
 //! coordinator's ack, then ack the task message, in the order docs/protocol.md prescribes.
-//! It does not heartbeat: simulated tasks last far less than the ack wait. The same code
-//! serves the broker floor, whose "coordinator" is a responder that answers at once.
+//! A result that finds no coordinator (one restarting, a shard moving) is sent again with
+//! backoff until the task's deadline plus a grace, as the SDK's worker does; only then is
+//! the task handed back. Simulated tasks last far less than the ack wait, so a task
+//! message is heartbeated only while its result is retried. The same code serves the
+//! broker floor, whose "coordinator" is a responder that answers at once.
 //!
 //! The SDK's `Worker` is not used because it hides the moments the harness must stamp
 //! (result sent, ack received); the loop here does the same NATS operations per task.
@@ -16,12 +19,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::AckKind;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use flowgrid_proto::{decode, encode, Encoding, Reply, ResultAck, TaskMessage, TaskResult, CONTENT_TYPE_HEADER};
+use flowgrid_sdk::backoff::Backoff;
+use flowgrid_sdk::broker::BrokerLimits;
 
 use crate::flows::task_output;
 use crate::service_time::{ServiceTime, XorShift};
@@ -29,10 +35,12 @@ use crate::tracker::TaskSink;
 
 /// How long one result request waits for the coordinator's ack.
 const RESULT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Tries of one result before the task is handed back (nak).
-const RESULT_TRIES_MAX: u32 = 20;
-/// Pause between two tries of a result.
-const RESULT_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// After the task's deadline, its result is still sent again this long (as by the SDK's
+/// worker) before the task is handed back (nak).
+const RESULT_GRACE: Duration = Duration::from_secs(30);
+/// First and largest pause between two tries of a result (the SDK worker's).
+const RESULT_RETRY_FIRST: Duration = Duration::from_millis(50);
+const RESULT_RETRY_MAX: Duration = Duration::from_secs(2);
 
 pub struct WorkerSpec {
     pub concurrency: usize,
@@ -104,7 +112,7 @@ async fn serve(
         Ok(task) => task,
         Err(error) => {
             eprintln!("worker: malformed task message: {error}");
-            let _ = message.ack_with(async_nats::jetstream::AckKind::Term).await;
+            let _ = message.ack_with(AckKind::Term).await;
             return;
         }
     };
@@ -120,9 +128,12 @@ async fn serve(
             return;
         }
     };
-    let mut tries = 0;
+    let wall_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64);
+    let give_up = Instant::now() + Duration::from_millis(task.deadline_ms.saturating_sub(wall_ms)) + RESULT_GRACE;
+    let mut backoff = Backoff::new(RESULT_RETRY_FIRST, RESULT_RETRY_MAX);
+    let progress_every = BrokerLimits::default().ack_wait / 3;
+    let mut progressed = Instant::now();
     loop {
-        tries += 1;
         let sent = Instant::now();
         match send_result(nats, &task.reply_to, payload.clone(), encoding).await {
             Ok(()) => {
@@ -132,15 +143,22 @@ async fn serve(
             }
             Err(Refusal::Final(reason)) => {
                 sink.failed(&task.attempt, &reason);
-                let _ = message.ack_with(async_nats::jetstream::AckKind::Term).await;
+                let _ = message.ack_with(AckKind::Term).await;
                 return;
             }
-            Err(Refusal::Retry(reason)) if tries >= RESULT_TRIES_MAX => {
-                sink.failed(&task.attempt, &reason);
-                let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
-                return;
+            Err(Refusal::Retry(reason)) => {
+                let Some(delay) = backoff.next_delay_within(give_up.saturating_duration_since(Instant::now())) else {
+                    sink.failed(&task.attempt, &reason);
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    return;
+                };
+                // Keeps JetStream from delivering the task again while its result waits.
+                if progressed.elapsed() >= progress_every {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    progressed = Instant::now();
+                }
+                tokio::time::sleep(delay).await;
             }
-            Err(Refusal::Retry(_)) => tokio::time::sleep(RESULT_RETRY_DELAY).await,
         }
     }
 }
@@ -193,7 +211,7 @@ pub async fn spawn_pool_workers(
     shutdown: &CancellationToken,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<()> {
-    use flowgrid_sdk::broker::{self, BrokerLimits};
+    use flowgrid_sdk::broker;
     let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
     let limits = BrokerLimits::default();
     let admin = async_nats::jetstream::new(grid.connect("flowgrid-loadtest-admin").await?);

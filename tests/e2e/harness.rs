@@ -5,7 +5,7 @@ use std::io::Read;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use flowgrid_tests::flowgrid_bin;
+use flowgrid_tests::{flowgrid_bin, Grid};
 use serde_json::Value;
 
 /// What a harness run printed.
@@ -148,6 +148,54 @@ fn a_run_with_idempotency_keys_starts_a_new_run_per_key() {
     assert_eq!(run.count("errors"), 0, "errors in the run\n{output}");
     assert!(run.count("runs_started") > 0, "no run started\n{output}");
     assert_eq!(run.count("runs_started"), run.count("runs_done"), "runs left unfinished\n{output}");
+}
+
+/// A coordinator down for longer than JetStream's 10 deliveries of a task last (each a
+/// 500 ms task and its result's first tries): the simulated workers send their results
+/// again until a coordinator is back, so no task is given up and every accepted run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_across_a_coordinator_outage_gives_up_no_task() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats()?;
+    grid.start_coordinator().await?;
+    let url = grid.nats_url.clone();
+    let harness = tokio::task::spawn_blocking(move || {
+        let args = [
+            "run",
+            "--nats-url",
+            &url,
+            "--workload",
+            "single",
+            "--mode",
+            "open",
+            "--rate",
+            "200",
+            "--service-time",
+            "500ms",
+            "--warmup",
+            "1s",
+            "--duration",
+            "25s",
+            "--no-floor",
+            "--drain",
+            "60s",
+            "--json-only",
+        ];
+        run_harness(&args, Duration::from_secs(150))
+    });
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    grid.coordinators[0].kill_hard();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    grid.spawn_coordinator()?;
+    let run = harness.await?;
+    let output = &run.output;
+    assert!(run.status.success(), "the harness failed\n{output}\n{}", grid.logs());
+    let kinds = &run.summary["error_kinds"];
+    assert!(kinds.get("start_nats").is_some(), "starts were refused while no coordinator ran\n{output}");
+    for given_up in ["task_result_failed", "run_unfinished"] {
+        assert!(kinds.get(given_up).is_none(), "{given_up} after the outage\n{output}\n{}", grid.logs());
+    }
+    assert!(run.count("runs_done") > 1_000, "too few runs ended\n{output}");
+    Ok(())
 }
 
 /// `--profile`: the coordinator is sampled during the window, and the run writes a flame
