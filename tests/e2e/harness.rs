@@ -159,27 +159,11 @@ async fn a_run_across_a_coordinator_outage_gives_up_no_task() -> anyhow::Result<
     grid.start_coordinator().await?;
     let url = grid.nats_url.clone();
     let harness = tokio::task::spawn_blocking(move || {
-        let args = [
-            "run",
-            "--nats-url",
-            &url,
-            "--workload",
-            "single",
-            "--mode",
-            "open",
-            "--rate",
-            "200",
-            "--service-time",
-            "500ms",
-            "--warmup",
-            "1s",
-            "--duration",
-            "25s",
-            "--no-floor",
-            "--drain",
-            "60s",
-            "--json-only",
-        ];
+        let args = format!(
+            "run --nats-url {url} --workload single --mode open --rate 200 --service-time 500ms --warmup 1s \
+             --duration 25s --no-floor --drain 60s --json-only"
+        );
+        let args: Vec<&str> = args.split_whitespace().collect();
         run_harness(&args, Duration::from_secs(150))
     });
     tokio::time::sleep(Duration::from_secs(6)).await;
