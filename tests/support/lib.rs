@@ -265,11 +265,17 @@ impl Grid {
 }
 
 impl Drop for Grid {
-    /// A test that panics (a failed assert) shows what the processes did.
+    /// A test that panics (a failed assert) shows what the processes did. The processes
+    /// are killed here, before the fields drop: `dir` drops first, and a process still
+    /// running could write into it while it is being removed.
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("grid logs at the failure:\n{}", self.logs());
         }
+        for process in self.workers.iter_mut().chain(self.coordinators.iter_mut()) {
+            process.kill_hard();
+        }
+        self.nats.kill_hard();
     }
 }
 
