@@ -128,11 +128,8 @@ async fn serve(
             return;
         }
     };
-    let wall_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64);
-    let give_up = Instant::now() + Duration::from_millis(task.deadline_ms.saturating_sub(wall_ms)) + RESULT_GRACE;
-    let mut backoff = Backoff::new(RESULT_RETRY_FIRST, RESULT_RETRY_MAX);
-    let progress_every = BrokerLimits::default().ack_wait / 3;
-    let mut progressed = Instant::now();
+    // Made at the first refusal: most results pass at once.
+    let mut retrying: Option<Retrying> = None;
     loop {
         let sent = Instant::now();
         match send_result(nats, &task.reply_to, payload.clone(), encoding).await {
@@ -147,18 +144,51 @@ async fn serve(
                 return;
             }
             Err(Refusal::Retry(reason)) => {
-                let Some(delay) = backoff.next_delay_within(give_up.saturating_duration_since(Instant::now())) else {
+                let retrying = retrying.get_or_insert_with(|| Retrying::until(task.deadline_ms));
+                let Some(delay) = retrying.next_delay() else {
                     sink.failed(&task.attempt, &reason);
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                     return;
                 };
-                // Keeps JetStream from delivering the task again while its result waits.
-                if progressed.elapsed() >= progress_every {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                    progressed = Instant::now();
-                }
+                retrying.heartbeat(&message).await;
                 tokio::time::sleep(delay).await;
             }
+        }
+    }
+}
+
+/// A result being sent again: until when, the pauses between tries, and when its task
+/// message was last heartbeated.
+struct Retrying {
+    give_up: Instant,
+    backoff: Backoff,
+    progressed: Instant,
+}
+
+impl Retrying {
+    /// Retries until `deadline_ms` (Unix ms, the task's) plus [`RESULT_GRACE`].
+    fn until(deadline_ms: u64) -> Retrying {
+        let now_ms =
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64);
+        let now = Instant::now();
+        Retrying {
+            give_up: now + Duration::from_millis(deadline_ms.saturating_sub(now_ms)) + RESULT_GRACE,
+            backoff: Backoff::new(RESULT_RETRY_FIRST, RESULT_RETRY_MAX),
+            progressed: now,
+        }
+    }
+
+    /// The pause before the next try; `None` once it is time to give up.
+    fn next_delay(&mut self) -> Option<Duration> {
+        self.backoff.next_delay_within(self.give_up.saturating_duration_since(Instant::now()))
+    }
+
+    /// Keeps JetStream from delivering the task again while its result waits: a progress
+    /// ack every third of the ack wait.
+    async fn heartbeat(&mut self, message: &async_nats::jetstream::Message) {
+        if self.progressed.elapsed() >= BrokerLimits::default().ack_wait / 3 {
+            let _ = message.ack_with(AckKind::Progress).await;
+            self.progressed = Instant::now();
         }
     }
 }

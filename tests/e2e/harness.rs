@@ -166,6 +166,8 @@ async fn a_run_across_a_coordinator_outage_gives_up_no_task() -> anyhow::Result<
         let args: Vec<&str> = args.split_whitespace().collect();
         run_harness(&args, Duration::from_secs(150))
     });
+    // Durations, not conditions: the kill lands inside the measured window (after the 1 s
+    // warm-up and the harness's start), and the outage must outlast 10 deliveries.
     tokio::time::sleep(Duration::from_secs(6)).await;
     grid.coordinators[0].kill_hard();
     tokio::time::sleep(Duration::from_secs(20)).await;

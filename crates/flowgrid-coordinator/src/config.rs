@@ -61,7 +61,8 @@ pub struct CoordinatorConfig {
     pub drain_timeout_ms: u64,
 }
 
-/// The largest `--tasks-stream-max-mb`: 16 TiB.
+/// The largest `--tasks-stream-max-mb`: 16 TiB, far past any JetStream store, and small
+/// enough that the limit in bytes fits the stream config's `i64`.
 const TASKS_STREAM_MB_MAX: i64 = 16 << 20;
 
 impl CoordinatorConfig {

@@ -461,6 +461,8 @@ fn is_busy(error: &DatabaseError) -> bool {
 /// nothing was ever written to it. A larger file is never taken for one.
 fn holds_only_zeros(path: &Path) -> bool {
     use std::io::Read;
+    /// A creation sizes the file to redb's first region (1 MiB here); 16 times that
+    /// leaves room for other page and region sizes, and bounds what is read to tell.
     const NEW_FILE_BYTES_MAX: u64 = 16 << 20;
     let Ok(mut file) = std::fs::File::open(path) else { return false };
     if file.metadata().map_or(true, |metadata| metadata.len() > NEW_FILE_BYTES_MAX) {
@@ -1045,17 +1047,24 @@ mod tests {
         (committed, None)
     }
 
+    /// Shard `shard` of `store`, acquired, with one value under `prefix` committed and
+    /// checkpointed into its file.
+    async fn shard_with_a_checkpointed_value(store: &RedbStore, shard: ShardId, prefix: &str) -> (RedbShard, Epoch) {
+        let shard = store.open_shard(shard).await.unwrap();
+        let epoch = shard.acquire().await.unwrap();
+        let (_, refusal) = commit_values(&shard, epoch, prefix, 1).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+        shard.core().checkpoint().unwrap();
+        (shard, epoch)
+    }
+
     #[tokio::test]
     async fn failing_checkpoints_bound_the_commits_held_in_memory_and_recover() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path(), StoreLimits::default())
             .unwrap()
             .with_checkpoint_interval(Duration::from_millis(10));
-        let shard = store.open_shard(ShardId(3)).await.unwrap();
-        let epoch = shard.acquire().await.unwrap();
-        let (_, refusal) = commit_values(&shard, epoch, "before", 1).await;
-        assert!(refusal.is_none(), "{refusal:?}");
-        shard.core().checkpoint().unwrap();
+        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(3), "before").await;
         let fail_writes = &store.shared.faults.writes;
         fail_writes.store(true, Ordering::Relaxed);
 
@@ -1105,11 +1114,7 @@ mod tests {
             .unwrap()
             .with_cache_bytes_per_shard(0)
             .with_checkpoint_interval(Duration::from_millis(10));
-        let shard = store.open_shard(ShardId(2)).await.unwrap();
-        let epoch = shard.acquire().await.unwrap();
-        let (_, refusal) = commit_values(&shard, epoch, "k", 1).await;
-        assert!(refusal.is_none(), "{refusal:?}");
-        shard.core().checkpoint().unwrap();
+        let (shard, _) = shard_with_a_checkpointed_value(&store, ShardId(2), "k").await;
         assert!(matches!(lock(&shard.core().overlay).get(b"k00000"), Lookup::Unknown));
 
         store.shared.faults.reads.store(true, Ordering::Relaxed);
