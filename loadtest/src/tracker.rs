@@ -52,6 +52,8 @@ pub enum RunEnd {
 pub trait TaskSink: Send + Sync + 'static {
     /// A worker received a task at `at` that JetStream stored at `stored`.
     fn received(&self, attempt: &AttemptId, stored: Instant, at: Instant);
+    /// A worker is sending the task's result for the first time, at `at`.
+    fn result_sent(&self, _attempt: &AttemptId, _at: Instant) {}
     /// The coordinator acked the result sent at `sent`.
     fn acked(&self, attempt: &AttemptId, sent: Instant, acked: Instant);
     /// The result was refused for good or never confirmed.
@@ -66,7 +68,7 @@ struct RunTrack {
     /// Started inside the measured window.
     measured: bool,
     first_task: Option<Instant>,
-    /// Last chain step whose result was sent, and when.
+    /// Last chain step whose result was sent, and when it was first sent.
     chain_result: Option<(u32, Instant)>,
     tasks_acked: u32,
     done: Option<Instant>,
@@ -245,16 +247,21 @@ impl TaskSink for Tracker {
         }
     }
 
-    fn acked(&self, attempt: &AttemptId, sent: Instant, acked: Instant) {
+    /// Noted at the send, not at the ack: the coordinator may publish the next step before
+    /// the worker has the ack of this one, and that step's overhead starts at this send.
+    fn result_sent(&self, attempt: &AttemptId, at: Instant) {
+        let (Some(position), None) = (chain_position(&attempt.step), attempt.item) else { return };
+        let mut inner = self.inner.lock().expect("tracker lock");
+        inner.runs.entry(attempt.run_id.clone()).or_default().chain_result = Some((position, at));
+    }
+
+    fn acked(&self, attempt: &AttemptId, _sent: Instant, acked: Instant) {
         self.counters.tasks_acked.fetch_add(1, Ordering::Relaxed);
         if self.measuring() {
             self.counters.tasks_acked_measured.fetch_add(1, Ordering::Relaxed);
         }
         let mut inner = self.inner.lock().expect("tracker lock");
         let track = inner.runs.entry(attempt.run_id.clone()).or_default();
-        if let (Some(position), None) = (chain_position(&attempt.step), attempt.item) {
-            track.chain_result = Some((position, sent));
-        }
         track.tasks_acked += 1;
         if track.tasks_acked >= self.tasks_per_run && track.done.is_none() {
             track.done = Some(acked);
@@ -288,8 +295,10 @@ mod tests {
         // The first task arrives before the start reply names the run.
         tracker.received(&attempt("r", "s1"), at(1), at(2));
         tracker.started(RunId("r".into()), t0, None);
+        tracker.result_sent(&attempt("r", "s1"), at(3));
         tracker.acked(&attempt("r", "s1"), at(3), at(4));
         tracker.received(&attempt("r", "s2"), at(5), at(6));
+        tracker.result_sent(&attempt("r", "s2"), at(7));
         tracker.acked(&attempt("r", "s2"), at(7), at(9));
         let histograms = tracker.histograms();
         assert_eq!(histograms.start_overhead.len(), 1);
@@ -299,6 +308,22 @@ mod tests {
         assert!(histograms.run_e2e.equivalent(histograms.run_e2e.max(), 9_000));
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 1);
         assert_eq!(tracker.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_step_counts_when_the_next_task_arrives_before_the_ack_of_the_result() {
+        let tracker = Tracker::new(2, None, 0.0);
+        tracker.set_measuring(true);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        tracker.started(RunId("r".into()), t0, None);
+        tracker.received(&attempt("r", "s1"), at(1), at(1));
+        tracker.result_sent(&attempt("r", "s1"), at(2));
+        tracker.received(&attempt("r", "s2"), at(3), at(4));
+        tracker.acked(&attempt("r", "s1"), at(2), at(5));
+        let histograms = tracker.histograms();
+        assert_eq!(histograms.step_overhead.len(), 1, "the step was not counted");
+        assert!(histograms.step_overhead.equivalent(histograms.step_overhead.max(), 1_000), "sent to stored");
     }
 
     #[test]

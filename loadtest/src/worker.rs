@@ -132,6 +132,9 @@ async fn serve(
     let mut retrying: Option<Retrying> = None;
     loop {
         let sent = Instant::now();
+        if retrying.is_none() {
+            sink.result_sent(&task.attempt, sent);
+        }
         match send_result(nats, &task.reply_to, payload.clone(), encoding).await {
             Ok(()) => {
                 sink.acked(&task.attempt, sent, Instant::now());
