@@ -177,6 +177,12 @@ pub struct RunArgs {
     /// Measured time of the broker floor, on each side of the engine run.
     #[arg(long, env = "FLOWGRID_LT_FLOOR_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub floor_duration: Duration,
+    /// After the engine run, time the same open loop with no engine for --floor-duration:
+    /// a responder in the coordinator's place publishes each run's next task as soon as a
+    /// result arrives. Its latencies are the broker's and the workers' share of the
+    /// engine's at this rate. Open loop, `single` and `chain` only.
+    #[arg(long, env = "FLOWGRID_LT_LATENCY_FLOOR")]
+    pub latency_floor: bool,
     /// Share of finished runs checked with `run.get` (must have succeeded).
     #[arg(long, env = "FLOWGRID_LT_VERIFY_SHARE", default_value_t = 0.01)]
     pub verify_share: f64,
@@ -217,6 +223,17 @@ impl RunArgs {
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
         anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive (e.g. 60s)");
         anyhow::ensure!((0.0..=1.0).contains(&self.verify_share), "--verify-share is a fraction from 0 to 1");
+        if self.latency_floor {
+            anyhow::ensure!(
+                self.mode == LoopMode::Open,
+                "--latency-floor times an open loop at --rate: add --mode open"
+            );
+            anyhow::ensure!(
+                matches!(self.workload, Workload::Single | Workload::Chain),
+                "--latency-floor mirrors `single` and `chain` runs only (a map's fan-in is the engine's work)"
+            );
+            anyhow::ensure!(!self.floor_duration.is_zero(), "--floor-duration must be positive (e.g. 10s)");
+        }
         if self.profile.is_some() {
             anyhow::ensure!(!self.profile_duration.is_zero(), "--profile-duration must be positive (e.g. 5s)");
             crate::profile::check()?;
@@ -439,6 +456,21 @@ mod tests {
         let Command::Targets(targets) = cli.command else { panic!("expected targets") };
         assert!(targets.validate().unwrap_err().to_string().contains("add `chain`"));
         assert!(Cli::try_parse_from(["flowgrid-loadtest", "targets", "--steps", "chain,fast"]).is_err());
+    }
+
+    #[test]
+    fn the_latency_floor_needs_an_open_loop_of_single_or_chain_runs() {
+        let validate = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["flowgrid-loadtest", "run", "--latency-floor"], args].concat()).unwrap();
+            let Command::Run(run) = cli.command else { panic!("not a run") };
+            run.validate().map_err(|error| error.to_string())
+        };
+        assert!(validate(&["--mode", "open", "--workload", "chain"]).is_ok());
+        assert!(validate(&["--mode", "open", "--workload", "single"]).is_ok());
+        let closed = validate(&["--mode", "closed"]).unwrap_err();
+        assert!(closed.contains("--mode open"), "{closed}");
+        let map = validate(&["--mode", "open", "--workload", "map"]).unwrap_err();
+        assert!(map.contains("`single` and `chain`"), "{map}");
     }
 
     #[test]

@@ -35,16 +35,18 @@ use crate::tracker::TaskSink;
 use crate::worker::{run_worker, WorkerSpec};
 
 /// Prefix of the floor's subjects and stream.
-const FLOOR_PREFIX: &str = "ltfloor";
+pub(crate) const FLOOR_PREFIX: &str = "ltfloor";
 /// JetStream publishes awaiting their ack at once (the coordinator's dispatcher uses the same).
 const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
 /// How long a publish waits for its ack before it counts as failed (the dispatcher's timeout).
-const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a publish that could not be sent (connection closed or reconnecting), a pause
 /// before the next one, so a broken connection is not spun on.
 const NOT_SENT_PAUSE: Duration = Duration::from_millis(10);
 /// Warm-up of the floor before it is measured.
-const FLOOR_WARMUP: Duration = Duration::from_secs(2);
+pub(crate) const FLOOR_WARMUP: Duration = Duration::from_secs(2);
+/// The creation time of the floor's run ids (2026-01-01), and the origin of its deadlines.
+const FLOOR_ORIGIN_MS: flowgrid_sdk::Millis = 1_767_225_600_000;
 
 pub struct FloorResult {
     pub tasks_per_s: f64,
@@ -82,25 +84,6 @@ pub fn outstanding_max(workers_per_pool: usize, worker_concurrency: usize, pools
 
 /// Measures the floor for `duration` after a short warm-up.
 pub async fn measure(grid: &Grid, plan: &Plan, workers: &WorkerArgs, duration: Duration) -> Result<FloorResult> {
-    let subjects = Subjects::new(FLOOR_PREFIX);
-    let limits = BrokerLimits::default();
-    let admin = grid.connect("flowgrid-loadtest-floor-admin").await?;
-    let jetstream = jetstream::new(admin.clone());
-    let stream = broker::tasks_stream(&jetstream, &subjects, &limits).await?;
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-
-    let responder = grid.connect("flowgrid-loadtest-floor-responder").await?;
-    let mut results = responder.subscribe(format!("{FLOOR_PREFIX}.shard.*.result")).await?;
-    let ack = Bytes::from(result_ack_bytes());
-    tasks.spawn(async move {
-        while let Some(message) = results.next().await {
-            if let Some(reply) = message.reply {
-                let _ = responder.publish(reply, ack.clone()).await;
-            }
-        }
-    });
-
     let outstanding_max = outstanding_max(workers.workers_per_pool, workers.worker_concurrency, plan.pools.len());
     let sink = Arc::new(FloorSink {
         outstanding: Arc::new(Semaphore::new(outstanding_max)),
@@ -108,32 +91,23 @@ pub async fn measure(grid: &Grid, plan: &Plan, workers: &WorkerArgs, duration: D
         acked_measured: AtomicU64::new(0),
         failed: AtomicU64::new(0),
     });
-    for pool in &plan.pools {
-        let consumer = broker::pool_consumer(&stream, &subjects, pool, &limits).await?;
-        for index in 0..workers.workers_per_pool {
-            let nats = grid.connect("flowgrid-loadtest-floor-worker").await?;
-            let spec = WorkerSpec {
-                concurrency: workers.worker_concurrency,
-                service_time: workers.service_time(),
-                seed: 1_000 + index as u64,
-            };
-            let sink: Arc<dyn TaskSink> = sink.clone();
-            tasks.spawn({
-                let consumer = consumer.clone();
-                let shutdown = shutdown.clone();
-                async move {
-                    if let Err(error) = run_worker(nats, consumer, spec, sink, shutdown).await {
-                        eprintln!("floor worker: {error:#}");
-                    }
-                }
-            });
+    let mut floor = FloorStream::start(grid, plan, workers, sink.clone()).await?;
+
+    let responder = grid.connect("flowgrid-loadtest-floor-responder").await?;
+    let mut results = responder.subscribe(format!("{FLOOR_PREFIX}.shard.*.result")).await?;
+    let ack = Bytes::from(result_ack_bytes());
+    floor.tasks.spawn(async move {
+        while let Some(message) = results.next().await {
+            if let Some(reply) = message.reply {
+                let _ = responder.publish(reply, ack.clone()).await;
+            }
         }
-    }
+    });
 
     let publisher = grid.connect("flowgrid-loadtest-floor-publisher").await?;
     let publisher =
         StreamPublisher::new(publisher, PUBLISH_ACK_TIMEOUT).await.context("subscribe to the floor's acks")?;
-    tasks.spawn(publish(publisher, subjects.clone(), plan.clone(), sink.clone(), shutdown.clone()));
+    floor.tasks.spawn(publish(publisher, floor.subjects.clone(), plan.clone(), sink.clone(), floor.shutdown.clone()));
 
     tokio::time::sleep(FLOOR_WARMUP).await;
     sink.measuring.store(true, Ordering::SeqCst);
@@ -141,18 +115,91 @@ pub async fn measure(grid: &Grid, plan: &Plan, workers: &WorkerArgs, duration: D
     tokio::time::sleep(duration).await;
     sink.measuring.store(false, Ordering::SeqCst);
     let elapsed = measured_from.elapsed().as_secs_f64();
-    shutdown.cancel();
     sink.outstanding.close();
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
-    jetstream
-        .delete_stream(subjects.tasks_stream())
-        .await
-        .with_context(|| format!("delete the floor stream {}", subjects.tasks_stream()))?;
+    floor.stop().await?;
     Ok(FloorResult {
         tasks_per_s: sink.acked_measured.load(Ordering::Relaxed) as f64 / elapsed,
         errors: sink.failed.load(Ordering::Relaxed),
     })
+}
+
+/// The floor's own stream, made with the grid's settings, and the simulated workers that
+/// serve it; [`FloorStream::stop`] stops every task spawned on it and deletes the stream.
+pub(crate) struct FloorStream {
+    pub subjects: Subjects,
+    jetstream: jetstream::Context,
+    pub shutdown: CancellationToken,
+    pub tasks: JoinSet<()>,
+}
+
+impl FloorStream {
+    /// Creates the stream and starts the same simulated workers as the engine run has,
+    /// reporting to `sink`.
+    pub async fn start(grid: &Grid, plan: &Plan, workers: &WorkerArgs, sink: Arc<dyn TaskSink>) -> Result<FloorStream> {
+        let subjects = Subjects::new(FLOOR_PREFIX);
+        let limits = BrokerLimits::default();
+        let jetstream = jetstream::new(grid.connect("flowgrid-loadtest-floor-admin").await?);
+        let stream = broker::tasks_stream(&jetstream, &subjects, &limits).await?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for pool in &plan.pools {
+            let consumer = broker::pool_consumer(&stream, &subjects, pool, &limits).await?;
+            for index in 0..workers.workers_per_pool {
+                let nats = grid.connect("flowgrid-loadtest-floor-worker").await?;
+                let spec = WorkerSpec {
+                    concurrency: workers.worker_concurrency,
+                    service_time: workers.service_time(),
+                    seed: 1_000 + index as u64,
+                };
+                let (consumer, sink, shutdown) = (consumer.clone(), sink.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    if let Err(error) = run_worker(nats, consumer, spec, sink, shutdown).await {
+                        eprintln!("floor worker: {error:#}");
+                    }
+                });
+            }
+        }
+        Ok(FloorStream { subjects, jetstream, shutdown, tasks })
+    }
+
+    pub async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        self.jetstream
+            .delete_stream(self.subjects.tasks_stream())
+            .await
+            .with_context(|| format!("delete the floor stream {}", self.subjects.tasks_stream()))?;
+        Ok(())
+    }
+}
+
+/// The id of the floor's run number `sequence`.
+pub(crate) fn floor_run_id(sequence: u64) -> RunId {
+    RunId::from_parts(FLOOR_ORIGIN_MS + sequence / 1_000, u128::from(sequence))
+}
+
+/// A task message as the coordinator publishes it: MessagePack, `Nats-Msg-Id` the
+/// attempt's message id; its result goes to `reply_to`.
+pub(crate) fn task_message(
+    subjects: &Subjects,
+    pool: &str,
+    attempt: AttemptId,
+    input: serde_json::Value,
+    reply_to: String,
+) -> Option<(async_nats::Subject, async_nats::HeaderMap, Bytes)> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", attempt.message_id().as_str());
+    let message = TaskMessage {
+        attempt,
+        pool: pool.into(),
+        task: TASK_NAME.into(),
+        input: input.into(),
+        deadline_ms: FLOOR_ORIGIN_MS + 300_000,
+        reply_to,
+    };
+    let payload = encode(Encoding::MsgPack, &message).ok()?;
+    Some((subjects.tasks(pool).into(), headers, Bytes::from(payload)))
 }
 
 /// Publishes task messages round-robin over the plan's pools while there is room, the
@@ -164,7 +211,6 @@ async fn publish(
     sink: Arc<FloorSink>,
     shutdown: CancellationToken,
 ) {
-    let origin: flowgrid_sdk::Millis = 1_767_225_600_000;
     for sequence in 0u64.. {
         let permit = loop {
             tokio::select! {
@@ -183,7 +229,7 @@ async fn publish(
         permit.forget();
         let pool = plan.pools[(sequence % plan.pools.len() as u64) as usize];
         let attempt = AttemptId {
-            run_id: RunId::from_parts(origin + sequence / 1_000, u128::from(sequence)),
+            run_id: floor_run_id(sequence),
             step: "s1".to_owned(),
             item: (plan.map_items > 0).then(|| (sequence % u64::from(plan.map_items)) as u32),
             attempt: 1,
@@ -192,21 +238,12 @@ async fn publish(
             Some(item) => serde_json::json!(item),
             None => plan.run_input(sequence),
         };
-        let message = TaskMessage {
-            attempt: attempt.clone(),
-            pool: pool.into(),
-            task: TASK_NAME.into(),
-            input: input.into(),
-            deadline_ms: origin + 300_000,
-            // Spread over as many result subjects as a grid of the default size has.
-            reply_to: subjects.shard_results((sequence % u64::from(flowgrid_model::SHARDS_DEFAULT)) as u32),
+        // Spread over as many result subjects as a grid of the default size has.
+        let reply_to = subjects.shard_results((sequence % u64::from(flowgrid_model::SHARDS_DEFAULT)) as u32);
+        let Some((subject, headers, payload)) = task_message(&subjects, pool, attempt, input, reply_to) else {
+            return;
         };
-        let Ok(payload) = encode(Encoding::MsgPack, &message) else { return };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", attempt.message_id().as_str());
-        if let Err(((), error)) =
-            publisher.publish(subjects.tasks(pool).into(), headers, Bytes::from(payload), ()).await
-        {
+        if let Err(((), error)) = publisher.publish(subject, headers, payload, ()).await {
             floor_publish_failed(&sink, &error);
             tokio::time::sleep(NOT_SENT_PAUSE).await;
         }

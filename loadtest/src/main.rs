@@ -9,6 +9,7 @@ mod driver;
 mod floor;
 mod flows;
 mod grid;
+mod latency_floor;
 mod memory;
 mod overload;
 mod profile;

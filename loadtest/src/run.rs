@@ -22,6 +22,7 @@ use crate::driver::{self, Errors, Starter};
 use crate::floor::{self, FloorResult};
 use crate::flows::Plan;
 use crate::grid::Grid;
+use crate::latency_floor::{self, LatencyFloor};
 use crate::profile::{self, Recording};
 use crate::report::{self, describe_errors, describe_latency, print_table, quantiles_ms, round1, round3};
 use crate::tracker::{TaskSink, Tracker};
@@ -136,6 +137,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     })
     .await;
     verifier.abort();
+    let latency_floor = if args.latency_floor { Some(measure_latency_floor(&args, &grid, &plan).await?) } else { None };
     let floors = match floor_before {
         Some(before) => {
             let after = measure_floor(&args, &grid, &plan, "after").await?;
@@ -166,6 +168,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut summary =
         summarize(&args, &plan, &tracker, &errors, floors.as_ref(), &observed, verified.load(Ordering::Relaxed));
+    summary["latency_floor"] = latency_floor.as_ref().map_or(serde_json::Value::Null, describe_latency_floor);
     if let Some(profile) = &profile {
         summary["profile"] = json!({ "flamegraph": profile.flamegraph, "cpu_s": round3(profile.cpu.as_secs_f64()) });
     }
@@ -190,6 +193,32 @@ async fn measure_floor(args: &RunArgs, grid: &Grid, plan: &Plan, when: &str) -> 
     let floor = floor::measure(grid, plan, &args.workers, args.floor_duration).await?;
     eprintln!("broker floor {when} the engine run: {:.0} tasks/s", floor.tasks_per_s);
     Ok(floor)
+}
+
+async fn measure_latency_floor(args: &RunArgs, grid: &Grid, plan: &Plan) -> Result<LatencyFloor> {
+    eprintln!(
+        "latency floor: {:?} of the same open loop at {} runs/s, a responder in the coordinator's place",
+        args.floor_duration, args.rate
+    );
+    let floor = latency_floor::measure(grid, plan, &args.workers, args.rate, args.floor_duration).await?;
+    eprintln!(
+        "latency floor: step overhead p50 {:.3} ms, run e2e p50 {:.3} ms",
+        floor.histograms.step_overhead.value_at_quantile(0.5) as f64 / 1e3,
+        floor.histograms.run_e2e.value_at_quantile(0.5) as f64 / 1e3
+    );
+    Ok(floor)
+}
+
+fn describe_latency_floor(floor: &LatencyFloor) -> serde_json::Value {
+    let histograms = &floor.histograms;
+    json!({
+        "runs_per_s": round1(floor.runs_per_s),
+        "run_e2e_ms": quantiles_ms(&histograms.run_e2e),
+        "start_overhead_ms": quantiles_ms(&histograms.start_overhead),
+        "step_overhead_ms": quantiles_ms(&histograms.step_overhead),
+        "step_round_trip_ms": quantiles_ms(&histograms.step_round_trip),
+        "errors": floor.errors,
+    })
 }
 
 /// Warm-up, measured window, stop; prints the progress line every second.
@@ -433,6 +462,7 @@ fn print_summary_table(summary: &serde_json::Value) {
         ("start reply".to_owned(), describe_latency(&summary["start_reply_ms"])),
         ("step overhead".to_owned(), describe_latency(&summary["step_overhead_ms"])),
         ("step round trip".to_owned(), describe_latency(&summary["step_round_trip_ms"])),
+        ("latency floor".to_owned(), describe_floor_latencies(&summary["latency_floor"])),
         (
             "coordinator RSS".to_owned(),
             format!("{} MB (max {} MB)", text("coordinator_rss_mb"), text("coordinator_rss_max_mb")),
@@ -461,6 +491,26 @@ fn print_summary_table(summary: &serde_json::Value) {
         ("errors".to_owned(), describe_errors(summary["errors"].as_u64().unwrap_or(0), &errors)),
     ];
     print_table("flowgrid load test", &rows);
+}
+
+/// The latency floor's figures in one cell: what the broker and the workers alone take.
+fn describe_floor_latencies(floor: &serde_json::Value) -> String {
+    if floor.is_null() {
+        return "not measured (--latency-floor)".to_owned();
+    }
+    let ms = |key: &str, quantile: &str| match floor[key][quantile].as_f64() {
+        Some(ms) => format!("{ms:.3} ms"),
+        None => "n/a".to_owned(),
+    };
+    format!(
+        "no engine, {} runs/s: step overhead p50 {} p99 {}, start overhead p99 {}, run e2e p50 {}, errors {}",
+        floor["runs_per_s"],
+        ms("step_overhead_ms", "p50"),
+        ms("step_overhead_ms", "p99"),
+        ms("start_overhead_ms", "p99"),
+        ms("run_e2e_ms", "p50"),
+        floor["errors"]
+    )
 }
 
 /// A prefix for this run's idempotency keys that no earlier run against the same grid used.

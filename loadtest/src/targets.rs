@@ -161,6 +161,9 @@ fn report(outcomes: &BTreeMap<Step, Outcome>) -> (usize, usize) {
     let met = verdicts.iter().filter(|verdict| verdict["met"] == json!(true)).count();
     let missed = verdicts.len() - met;
     println!("{met} of {} targets met", verdicts.len());
+    if let Some(Ok(half_load)) = outcomes.get(&Step::HalfLoad) {
+        print_latency_floor(half_load);
+    }
     let steps: serde_json::Map<String, Value> = outcomes
         .iter()
         .map(|(step, outcome)| {
@@ -170,6 +173,23 @@ fn report(outcomes: &BTreeMap<Step, Outcome>) -> (usize, usize) {
         .collect();
     print_json_line(&json!({ "mode": "targets", "met": met, "missed": missed, "targets": verdicts, "steps": steps }));
     (met, missed)
+}
+
+/// What the half-load latencies are without the engine, for comparison with their targets.
+fn print_latency_floor(half_load: &Value) {
+    let floor = &half_load["latency_floor"];
+    let ms =
+        |key: &str, quantile: &str| floor[key][quantile].as_f64().map_or("n/a".to_owned(), |ms| format!("{ms:.3}"));
+    if floor.is_object() {
+        println!(
+            "the same half load without the engine (latency floor, {} runs/s): step overhead p50 {} ms, p99 {} ms; start overhead p99 {} ms; run e2e p50 {} ms",
+            floor["runs_per_s"],
+            ms("step_overhead_ms", "p50"),
+            ms("step_overhead_ms", "p99"),
+            ms("start_overhead_ms", "p99"),
+            ms("run_e2e_ms", "p50"),
+        );
+    }
 }
 
 /// The harness command line of `step`; `Err` says why it cannot run.
@@ -205,6 +225,7 @@ fn step_args(
             let mut line = run("chain", args.duration / 2);
             line.extend(["--tasks-per-run", CHAIN_TASKS, "--mode", "open", "--no-floor", "--rate"].map(str::to_owned));
             line.push(format!("{:.0}", runs_per_s / 2.0));
+            line.extend(["--latency-floor".to_owned(), "--floor-duration".to_owned(), ms(args.floor_duration)]);
             line
         }
         Step::Map => {

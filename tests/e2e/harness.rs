@@ -136,6 +136,49 @@ fn a_run_reports_its_throughput_against_the_floor_before_and_after() {
     eprintln!("{}", run.line);
 }
 
+/// `--latency-floor`: after the engine's open loop, the same loop with a responder in the
+/// coordinator's place; it runs at the rate asked for, every run it starts ends, and its
+/// latencies are measured the way the engine's are.
+#[test]
+fn an_open_loop_run_times_the_same_load_without_the_engine() {
+    let args = [
+        "run",
+        "--workload",
+        "chain",
+        "--mode",
+        "open",
+        "--rate",
+        "200",
+        "--warmup",
+        "1s",
+        "--duration",
+        "3s",
+        "--no-floor",
+        "--latency-floor",
+        "--floor-duration",
+        "3s",
+        "--json-only",
+    ];
+    let run = run_harness(&args, Duration::from_secs(90));
+    let output = &run.output;
+    assert!(run.status.success(), "the harness failed\n{output}");
+    assert_eq!(run.count("errors"), 0, "errors in the engine run\n{output}");
+    let floor = &run.summary["latency_floor"];
+    assert_eq!(floor["errors"], 0, "errors in the latency floor\n{output}");
+    let runs_per_s = floor["runs_per_s"].as_f64().unwrap_or_else(|| panic!("no latency floor\n{output}"));
+    assert!((160.0..=240.0).contains(&runs_per_s), "the floor ran {runs_per_s} runs/s, not 200\n{output}");
+    let samples = |key: &str| floor[key]["count"].as_u64().unwrap_or(0);
+    // 3 s at 200 runs/s: ~600 runs, each with a first task and two steps.
+    assert!(samples("run_e2e_ms") >= 400, "{} runs timed\n{output}", samples("run_e2e_ms"));
+    assert!(samples("step_overhead_ms") >= 2 * samples("run_e2e_ms") - 20, "steps missing\n{output}");
+    let p50 = |key: &str| floor[key]["p50"].as_f64().unwrap_or(f64::NAN);
+    assert!(p50("step_overhead_ms") > 0.0, "{output}");
+    assert!(
+        p50("run_e2e_ms") > 2.0 * p50("step_overhead_ms"),
+        "a run of three tasks takes two steps and more\n{output}"
+    );
+}
+
 /// `--idempotency-keys`: every start carries a key of its own, as a durable submit does,
 /// so every start is looked up in the store; a key used twice would hand back an ended run
 /// whose end the harness never sees, and count as unfinished.
@@ -235,6 +278,9 @@ fn targets_measure_each_step_and_judge_every_figure() {
         "half-load at {half_rate}/s, chain {chain_runs_per_s}/s\n{output}"
     );
     assert_eq!(steps["half-load"]["mode"], "open", "{output}");
+    let floor_step = &steps["half-load"]["latency_floor"]["step_overhead_ms"]["p50"];
+    assert!(floor_step.as_f64().is_some_and(|ms| ms > 0.0), "no latency floor at half load\n{output}");
+    assert!(output.contains("the same half load without the engine"), "{output}");
     let verdicts = run.summary["targets"].as_array().unwrap_or_else(|| panic!("no targets\n{output}"));
     // chain: tasks/s, ratio, errors; half-load: six latencies, errors.
     assert_eq!(verdicts.len(), 10, "{output}");
