@@ -128,8 +128,9 @@ pub async fn open_loop(starter: Starter, rate: f64, stop: CancellationToken) {
 /// Calls `start(index, origin)` at `rate` per second from a fixed clock (a late start
 /// does not shift the later ones) until `stop`, with at most `pending_max` starts pending;
 /// one due while that many are pending is skipped and reported to `skipped`. `origin` is
-/// where the start's latency counts from: the later of its schedule and its sending. Returns once every start
-/// has finished.
+/// where the start's latency counts from: the earlier of its schedule and its sending (a start
+/// sent early is timed from its sending, one sent late from its schedule). Returns once every
+/// start has finished.
 pub async fn paced<Start, Pending>(
     rate: f64,
     pending_max: usize,
@@ -156,7 +157,7 @@ pub async fn paced<Start, Pending>(
             skipped();
             continue;
         };
-        let started = start(index, scheduled.max(tokio::time::Instant::now()));
+        let started = start(index, scheduled.min(tokio::time::Instant::now()));
         in_flight.spawn(async move {
             started.await;
             drop(permit);
@@ -222,5 +223,32 @@ pub async fn verify(
             }
         }
         checked.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pacer wakes up to a timer tick early; a start sent before its schedule must be
+    /// timed from its sending, or its latency would count from a moment still to come.
+    #[tokio::test]
+    async fn a_start_is_never_timed_from_a_moment_after_its_sending() {
+        let origins = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let pacer = tokio::spawn(paced(1_000.0, 100, stop.clone(), || {}, {
+            let origins = origins.clone();
+            move |_, origin| {
+                origins.lock().expect("origins").push((origin, tokio::time::Instant::now()));
+                async {}
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.cancel();
+        pacer.await.expect("the pacer ends");
+        let origins = origins.lock().expect("origins");
+        assert!(origins.len() >= 50, "{} starts in 100 ms at 1,000/s", origins.len());
+        let future = origins.iter().filter(|(origin, sent)| origin > sent).count();
+        assert_eq!(future, 0, "{future} of {} starts timed from after their sending", origins.len());
     }
 }
