@@ -493,8 +493,8 @@ fn print_summary_table(summary: &serde_json::Value) {
     print_table("flowgrid load test", &rows);
 }
 
-/// The latency floor's figures in one cell: what the broker and the workers alone take.
-fn describe_floor_latencies(floor: &serde_json::Value) -> String {
+/// The latency floor's figures on one line: what the broker and the workers alone take.
+pub fn describe_floor_latencies(floor: &serde_json::Value) -> String {
     if floor.is_null() {
         return "not measured (--latency-floor)".to_owned();
     }

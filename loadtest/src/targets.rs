@@ -27,6 +27,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::args::{Step, TargetsArgs, WORKERS_PER_POOL_DEFAULT, WORKER_CONCURRENCY_DEFAULT};
 use crate::floor;
 use crate::report::{print_json_line, print_table};
+use crate::run::describe_floor_latencies;
 
 /// Tasks per second both throughput steps must sustain.
 const TASKS_PER_S_MIN: f64 = 15_000.0;
@@ -178,17 +179,8 @@ fn report(outcomes: &BTreeMap<Step, Outcome>) -> (usize, usize) {
 /// What the half-load latencies are without the engine, for comparison with their targets.
 fn print_latency_floor(half_load: &Value) {
     let floor = &half_load["latency_floor"];
-    let ms =
-        |key: &str, quantile: &str| floor[key][quantile].as_f64().map_or("n/a".to_owned(), |ms| format!("{ms:.3}"));
     if floor.is_object() {
-        println!(
-            "the same half load without the engine (latency floor, {} runs/s): step overhead p50 {} ms, p99 {} ms; start overhead p99 {} ms; run e2e p50 {} ms",
-            floor["runs_per_s"],
-            ms("step_overhead_ms", "p50"),
-            ms("step_overhead_ms", "p99"),
-            ms("start_overhead_ms", "p99"),
-            ms("run_e2e_ms", "p50"),
-        );
+        println!("the same half load without the engine (latency floor): {}", describe_floor_latencies(floor));
     }
 }
 
