@@ -243,7 +243,13 @@ mod tests {
                 async {}
             }
         }));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // 100 starts take 100 ms at this rate; the bound only keeps a broken pacer from hanging.
+        let made = async {
+            while origins.lock().expect("origins").len() < 100 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), made).await;
         stop.cancel();
         pacer.await.expect("the pacer ends");
         let origins = origins.lock().expect("origins");

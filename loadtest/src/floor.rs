@@ -63,7 +63,7 @@ struct FloorSink {
 impl TaskSink for FloorSink {
     fn received(&self, _attempt: &AttemptId, _stored: Instant, _at: Instant) {}
 
-    fn acked(&self, _attempt: &AttemptId, _sent: Instant, _acked: Instant) {
+    fn acked(&self, _attempt: &AttemptId, _acked: Instant) {
         if self.measuring.load(Ordering::Relaxed) {
             self.acked_measured.fetch_add(1, Ordering::Relaxed);
         }

@@ -46,11 +46,6 @@ pub struct LatencyFloor {
     pub errors: u64,
 }
 
-/// Whether the latency floor can mirror `plan`: one pool, runs that are one task or a chain.
-pub fn supports(plan: &Plan) -> bool {
-    plan.map_items == 0 && plan.pools.len() == 1
-}
-
 /// Starts `rate` runs a second for `duration` after a short warm-up, and times them.
 pub async fn measure(
     grid: &Grid,
@@ -59,7 +54,10 @@ pub async fn measure(
     rate: f64,
     duration: Duration,
 ) -> Result<LatencyFloor> {
-    anyhow::ensure!(supports(plan), "the latency floor mirrors single and chain runs only");
+    anyhow::ensure!(
+        plan.map_items == 0 && plan.pools.len() == 1,
+        "the latency floor mirrors single and chain runs only"
+    );
     let tracker = Tracker::new(plan.tasks_per_run, None, 0.0);
     let mut floor = FloorStream::start(grid, plan, workers, tracker.clone()).await?;
     let errors = Arc::new(AtomicU64::new(0));
@@ -109,12 +107,7 @@ pub async fn measure(
     let elapsed = measured_from.elapsed().as_secs_f64();
     stop.cancel();
     let _ = pacer.await;
-    let _ = tokio::time::timeout(DRAIN, async {
-        while tracker.open_measured() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout(DRAIN, tracker.measured_runs_ended()).await;
     let unfinished = tracker.unfinished_measured();
     floor.stop().await?;
     let failed_results = tracker.counters.task_failures.load(Ordering::Relaxed);

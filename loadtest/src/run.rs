@@ -117,9 +117,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let drain_deadline = Instant::now() + args.drain;
     let drained = tokio::time::timeout(args.drain, async {
         let _ = driver.await;
-        while tracker.open_measured() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tracker.measured_runs_ended().await;
     })
     .await;
     if drained.is_err() || Instant::now() > drain_deadline {

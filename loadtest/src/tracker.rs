@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
@@ -54,8 +54,8 @@ pub trait TaskSink: Send + Sync + 'static {
     fn received(&self, attempt: &AttemptId, stored: Instant, at: Instant);
     /// A worker is sending the task's result for the first time, at `at`.
     fn result_sent(&self, _attempt: &AttemptId, _at: Instant) {}
-    /// The coordinator acked the result sent at `sent`.
-    fn acked(&self, attempt: &AttemptId, sent: Instant, acked: Instant);
+    /// The coordinator acked the task's result at `acked`.
+    fn acked(&self, attempt: &AttemptId, acked: Instant);
     /// The result was refused for good or never confirmed.
     fn failed(&self, attempt: &AttemptId, reason: &str);
 }
@@ -179,6 +179,13 @@ impl Tracker {
         self.inner.lock().expect("tracker lock").runs.values().filter(|track| track.measured).count()
     }
 
+    /// Returns once every run started inside the window has ended (callers bound the wait).
+    pub async fn measured_runs_ended(&self) {
+        while self.open_measured() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Runs started inside the window that have not ended; forgets every open run.
     pub fn unfinished_measured(&self) -> u64 {
         let mut inner = self.inner.lock().expect("tracker lock");
@@ -255,7 +262,7 @@ impl TaskSink for Tracker {
         inner.runs.entry(attempt.run_id.clone()).or_default().chain_result = Some((position, at));
     }
 
-    fn acked(&self, attempt: &AttemptId, _sent: Instant, acked: Instant) {
+    fn acked(&self, attempt: &AttemptId, acked: Instant) {
         self.counters.tasks_acked.fetch_add(1, Ordering::Relaxed);
         if self.measuring() {
             self.counters.tasks_acked_measured.fetch_add(1, Ordering::Relaxed);
@@ -296,10 +303,10 @@ mod tests {
         tracker.received(&attempt("r", "s1"), at(1), at(2));
         tracker.started(RunId("r".into()), t0, None);
         tracker.result_sent(&attempt("r", "s1"), at(3));
-        tracker.acked(&attempt("r", "s1"), at(3), at(4));
+        tracker.acked(&attempt("r", "s1"), at(4));
         tracker.received(&attempt("r", "s2"), at(5), at(6));
         tracker.result_sent(&attempt("r", "s2"), at(7));
-        tracker.acked(&attempt("r", "s2"), at(7), at(9));
+        tracker.acked(&attempt("r", "s2"), at(9));
         let histograms = tracker.histograms();
         assert_eq!(histograms.start_overhead.len(), 1);
         assert!(histograms.start_overhead.equivalent(histograms.start_overhead.max(), 2_000));
@@ -320,7 +327,7 @@ mod tests {
         tracker.received(&attempt("r", "s1"), at(1), at(1));
         tracker.result_sent(&attempt("r", "s1"), at(2));
         tracker.received(&attempt("r", "s2"), at(3), at(4));
-        tracker.acked(&attempt("r", "s1"), at(2), at(5));
+        tracker.acked(&attempt("r", "s1"), at(5));
         let histograms = tracker.histograms();
         assert_eq!(histograms.step_overhead.len(), 1, "the step was not counted");
         assert!(histograms.step_overhead.equivalent(histograms.step_overhead.max(), 1_000), "sent to stored");
@@ -331,7 +338,7 @@ mod tests {
         let tracker = Tracker::new(1, None, 0.0);
         let t0 = Instant::now();
         tracker.received(&attempt("r", "s1"), t0, t0);
-        tracker.acked(&attempt("r", "s1"), t0, t0);
+        tracker.acked(&attempt("r", "s1"), t0);
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
         let (sender, mut receiver) = oneshot::channel();
         tracker.started(RunId("r".into()), t0, Some(sender));
@@ -344,7 +351,7 @@ mod tests {
         let t0 = Instant::now();
         tracker.started(RunId("r".into()), t0, None);
         tracker.received(&attempt("r", "s1"), t0, t0);
-        tracker.acked(&attempt("r", "s1"), t0, t0);
+        tracker.acked(&attempt("r", "s1"), t0);
         assert!(tracker.histograms().run_e2e.is_empty());
         assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 0);
     }

@@ -131,13 +131,12 @@ async fn serve(
     // Made at the first refusal: most results pass at once.
     let mut retrying: Option<Retrying> = None;
     loop {
-        let sent = Instant::now();
         if retrying.is_none() {
-            sink.result_sent(&task.attempt, sent);
+            sink.result_sent(&task.attempt, Instant::now());
         }
         match send_result(nats, &task.reply_to, payload.clone(), encoding).await {
             Ok(()) => {
-                sink.acked(&task.attempt, sent, Instant::now());
+                sink.acked(&task.attempt, Instant::now());
                 let _ = message.ack().await;
                 return;
             }
