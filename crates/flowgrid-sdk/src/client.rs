@@ -4,7 +4,9 @@
 //! refused as retryable (`overloaded`, `unavailable`) or that nobody answers (no
 //! coordinator subscribed, e.g. during a restart) is retried with backoff until the retry
 //! budget is spent, so callers ride over a coordinator restart or a moving shard. A call
-//! that times out is not retried: the coordinator may have applied it.
+//! that times out (its coordinator was cut off from NATS, say) is retried the same way
+//! when repeating it is safe: reads, deploys, cancels, and starts that all carry an
+//! idempotency key. Any other start returns the timeout: the coordinator may have applied it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -133,26 +135,29 @@ impl Client {
     }
 
     /// Deploys a definition (YAML or JSON text) as a new version of its flow. A definition
-    /// equal to the latest version returns that version with `created: false`. A refused
+    /// equal to the latest version returns that version with `created: false` (so does a
+    /// deploy sent again after a timeout, when the first one was applied). A refused
     /// definition is an [`Error::Api`] with code `invalid_definition` and located `issues`.
     pub async fn deploy(&self, definition: impl Into<String>) -> Result<FlowDeployed> {
-        self.call("flow.deploy", &DeployFlow { definition: definition.into() }).await
+        self.call("flow.deploy", &DeployFlow { definition: definition.into() }, OnTimeout::Retry).await
     }
 
     /// Every deployed flow with its latest version.
     pub async fn flows(&self) -> Result<FlowList> {
-        self.call("flow.list", &ListFlows {}).await
+        self.call("flow.list", &ListFlows {}, OnTimeout::Retry).await
     }
 
     /// One version of a flow (the latest when `version` is `None`).
     pub async fn flow(&self, name: &str, version: Option<u32>) -> Result<FlowInfo> {
-        self.call("flow.get", &GetFlow { name: name.to_owned(), version }).await
+        self.call("flow.get", &GetFlow { name: name.to_owned(), version }, OnTimeout::Retry).await
     }
 
     /// Starts a run and returns its id. With an idempotency key, starting again returns
-    /// the same run (`created: false`), so a start that timed out can be repeated safely.
+    /// the same run (`created: false`), so a start whose request timed out is sent again
+    /// (within the retry budget); without one, the timeout is returned, since the run may
+    /// have started.
     pub async fn start(&self, start: StartRun) -> Result<RunStarted> {
-        self.call("run.start", &start).await
+        self.call("run.start", &start, OnTimeout::retry_if(start.idempotency_key.is_some())).await
     }
 
     /// Starts up to [`START_MANY_RUNS_MAX`](crate::START_MANY_RUNS_MAX) runs in one request; one outcome per start, in
@@ -166,7 +171,8 @@ impl Client {
         struct StartRunsRef<'a> {
             runs: &'a [StartRun],
         }
-        let started: RunsStarted = self.call("run.start_many", &StartRunsRef { runs: starts }).await?;
+        let on_timeout = OnTimeout::retry_if(starts.iter().all(|start| start.idempotency_key.is_some()));
+        let started: RunsStarted = self.call("run.start_many", &StartRunsRef { runs: starts }, on_timeout).await?;
         if started.results.len() != starts.len() {
             let mismatch = format!("{} outcomes for {} starts", started.results.len(), starts.len());
             return Err(Error::Proto(ProtoError::Malformed {
@@ -180,17 +186,18 @@ impl Client {
 
     /// A run's status, steps, output and error.
     pub async fn get(&self, run_id: &RunId) -> Result<RunView> {
-        self.call("run.get", &GetRun { run_id: run_id.clone() }).await
+        self.call("run.get", &GetRun { run_id: run_id.clone() }, OnTimeout::Retry).await
     }
 
     /// One page of runs, newest first; pass `next_cursor` back as `cursor` for the next.
     pub async fn list(&self, query: ListRuns) -> Result<RunList> {
-        self.call("run.list", &query).await
+        self.call("run.list", &query, OnTimeout::Retry).await
     }
 
     /// Asks to cancel a run. Cancelling a run that already ended returns its status.
     pub async fn cancel(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunCancelled> {
-        self.call("run.cancel", &CancelRun { run_id: run_id.clone(), reason: reason.into() }).await
+        let cancel = CancelRun { run_id: run_id.clone(), reason: reason.into() };
+        self.call("run.cancel", &cancel, OnTimeout::Retry).await
     }
 
     /// Polls the run (every 20 ms, slowing to every 500 ms) until it ends, and returns it.
@@ -281,6 +288,7 @@ impl Client {
         &self,
         verb: &str,
         request: &Request,
+        on_timeout: OnTimeout,
     ) -> Result<Response> {
         let subject = self.subjects.api(verb);
         let payload = Bytes::from(encode(Encoding::MsgPack, request)?);
@@ -289,7 +297,7 @@ impl Client {
         loop {
             let attempt = self.request_once(&subject, payload.clone()).await;
             let error = match attempt {
-                Err(error) if should_retry(&error) => error,
+                Err(error) if should_retry(&error, on_timeout) => error,
                 done => return done,
             };
             match backoff.next_delay_within(self.retry_budget.saturating_sub(started.elapsed())) {
@@ -318,12 +326,31 @@ impl Client {
     }
 }
 
-/// A call is repeated when the grid says it may succeed later, or when nobody answered
-/// (no coordinator subscribed yet). Timeouts are not repeated: the request may have been
-/// applied.
-fn should_retry(error: &Error) -> bool {
+/// What a call does when its request times out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnTimeout {
+    /// Sends it again: it only reads, or applying it twice is applying it once.
+    Retry,
+    /// Returns the timeout: the coordinator may have applied the request.
+    Fail,
+}
+
+impl OnTimeout {
+    fn retry_if(safe: bool) -> OnTimeout {
+        if safe {
+            OnTimeout::Retry
+        } else {
+            OnTimeout::Fail
+        }
+    }
+}
+
+/// A call is repeated when the grid says it may succeed later, when nobody answered (no
+/// coordinator subscribed yet), or when it timed out and repeating it is safe.
+fn should_retry(error: &Error, on_timeout: OnTimeout) -> bool {
     match error {
         Error::Api(refusal) => refusal.retryable,
+        Error::Timeout { .. } => on_timeout == OnTimeout::Retry,
         other => other.is_no_responders(),
     }
 }
@@ -340,16 +367,22 @@ mod tests {
 
     #[test]
     fn retryable_refusals_and_missing_coordinators_are_retried() {
-        assert!(should_retry(&Error::Api(ApiError::new(ErrorCode::Unavailable, "shard moving"))));
-        assert!(should_retry(&Error::Api(ApiError::new(ErrorCode::Overloaded, "queue full"))));
-        assert!(should_retry(&request_error(async_nats::RequestErrorKind::NoResponders)));
+        for on_timeout in [OnTimeout::Retry, OnTimeout::Fail] {
+            assert!(should_retry(&Error::Api(ApiError::new(ErrorCode::Unavailable, "shard moving")), on_timeout));
+            assert!(should_retry(&Error::Api(ApiError::new(ErrorCode::Overloaded, "queue full")), on_timeout));
+            assert!(should_retry(&request_error(async_nats::RequestErrorKind::NoResponders), on_timeout));
+        }
     }
 
     #[test]
-    fn final_refusals_and_timeouts_are_not_retried() {
-        assert!(!should_retry(&Error::Api(ApiError::new(ErrorCode::NotFound, "no such run"))));
-        assert!(!should_retry(&Error::Api(ApiError::new(ErrorCode::InvalidDefinition, "bad"))));
-        assert!(!should_retry(&Error::Timeout { what: "request".into(), after: Duration::from_secs(10) }));
-        assert!(!should_retry(&request_error(async_nats::RequestErrorKind::Other)));
+    fn final_refusals_are_not_retried_and_timeouts_only_when_repeating_is_safe() {
+        let timeout = Error::Timeout { what: "request".into(), after: Duration::from_secs(10) };
+        for on_timeout in [OnTimeout::Retry, OnTimeout::Fail] {
+            assert!(!should_retry(&Error::Api(ApiError::new(ErrorCode::NotFound, "no such run")), on_timeout));
+            assert!(!should_retry(&Error::Api(ApiError::new(ErrorCode::InvalidDefinition, "bad")), on_timeout));
+            assert!(!should_retry(&request_error(async_nats::RequestErrorKind::Other), on_timeout));
+        }
+        assert!(should_retry(&timeout, OnTimeout::Retry));
+        assert!(!should_retry(&timeout, OnTimeout::Fail));
     }
 }

@@ -30,9 +30,9 @@ pub enum Error {
         #[source]
         source: async_nats::Error,
     },
-    /// No answer in time. For `wait` the run is still going; for a request the
-    /// coordinator may have applied it, so only repeat requests that are idempotent
-    /// (reads, cancels, starts with an idempotency key).
+    /// No answer in time. For `wait` the run is still going. A request that is safe to
+    /// repeat (reads, deploys, cancels, starts with an idempotency key) was already sent
+    /// again within the retry budget; any other request may have been applied.
     #[error("{what} timed out after {after:?}")]
     Timeout { what: String, after: Duration },
     /// A message could not be encoded or decoded: the client and the grid disagree on the
