@@ -16,6 +16,7 @@
 //! claims (others may hold them already); when the lease is renewed, reconciling starts over.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,11 @@ const BUSY_RETRY_MAX: Duration = Duration::from_millis(200);
 const BUSY_REPORT_AFTER: Duration = Duration::from_secs(2);
 /// Pause before trying a shard again after an acquire failed.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
+/// How long starting a bucket's watch and reading the bucket may take before the manager
+/// goes on without it and tries again. A request sent while the connection was already
+/// dead (cut off from NATS) would otherwise hold the manager for the client's whole request
+/// timeout after the connection is back.
+const WATCH_START_TIMEOUT: Duration = Duration::from_secs(2);
 /// Shard opens that fail alike (a full disk fails every shard, twice a second) are warned
 /// about at most this often.
 const OPEN_FAILURE_WARN_EVERY: Duration = Duration::from_secs(10);
@@ -175,10 +181,10 @@ impl<S: Store> ShardManager<S> {
         let mut last_turn = Instant::now();
         loop {
             if members.is_none() {
-                members = self.load_members(&members_kv).await;
+                members = within_watch_start(self.load_members(&members_kv)).await;
             }
             if claims.is_none() {
-                claims = self.load_claims().await;
+                claims = within_watch_start(self.load_claims()).await;
             }
             tokio::select! {
                 entry = next_entry(&mut members) => match entry {
@@ -596,6 +602,17 @@ fn claim_value_free(epoch: u64) -> Bytes {
 
 fn encode_claim(claim: &ShardClaim) -> Bytes {
     Bytes::from(rmp_serde::to_vec_named(claim).expect("a shard claim encodes"))
+}
+
+/// A watch started within [`WATCH_START_TIMEOUT`], or `None` (the caller tries again).
+async fn within_watch_start(start: impl Future<Output = Option<kv::Watch>>) -> Option<kv::Watch> {
+    match tokio::time::timeout(WATCH_START_TIMEOUT, start).await {
+        Ok(watch) => watch,
+        Err(_) => {
+            warn!(timeout = ?WATCH_START_TIMEOUT, "starting a KV watch took too long; starting it again");
+            None
+        }
+    }
 }
 
 /// The next entry of a watch; pending forever without one, `None` when it ended.
