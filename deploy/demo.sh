@@ -87,7 +87,7 @@ flowgrid() {
 }
 
 say "demo: starting nats-server on 127.0.0.1:$NATS_PORT"
-start_bg "$WORK_DIR/nats.log" "$NATS_SERVER_BIN" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK_DIR/nats"
+start_bg "$WORK_DIR/nats.log" "$NATS_SERVER_BIN" -c "$ROOT/deploy/nats-server.conf" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK_DIR/nats"
 started nats-server
 WATCH_PIDS=$STARTED_PID wait_until 15 "nats-server on port $NATS_PORT" port_open "$NATS_PORT"
 

@@ -194,7 +194,7 @@ up() {
     mkdir -p "$GRID_DIR/nats" "$GRID_DIR/data"
 
     say "starting nats-server on 127.0.0.1:$NATS_PORT (store $GRID_DIR/nats, log $GRID_DIR/nats.log)"
-    start_bg "$GRID_DIR/nats.log" "$NATS_SERVER_BIN" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$GRID_DIR/nats"
+    start_bg "$GRID_DIR/nats.log" "$NATS_SERVER_BIN" -c "$ROOT/deploy/nats-server.conf" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$GRID_DIR/nats"
     echo "$STARTED_PID" >"$(pid_file nats)"
     WATCH_PIDS="$STARTED_PID" wait_until 15 "nats-server on port $NATS_PORT" port_open "$NATS_PORT" \
         || fail_up

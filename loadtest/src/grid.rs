@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flowgrid_testkit::{free_port, nats_server_bin, scrape_metrics, wait_for_port, Process};
+use flowgrid_testkit::{free_port, nats_server_bin, scrape_metrics, wait_for_port, write_nats_config, Process};
 
 use crate::args::GridArgs;
 
@@ -229,9 +229,12 @@ fn flowgrid_bin(args: &GridArgs) -> Result<PathBuf> {
 /// in `dir`; returns the process and its URL.
 pub fn start_nats(dir: &Path) -> Result<(Process, String)> {
     let nats_port = free_port()?;
+    let config = write_nats_config(dir, "")?;
     let mut nats = Process::spawn(
         "nats-server",
         Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(config)
             .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
             .arg(dir.join("nats")),
         dir,

@@ -122,6 +122,19 @@ pub fn metric_value(body: &str, prefix: &str) -> Option<f64> {
     body.lines().filter(|line| line.starts_with(prefix)).find_map(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
+/// The nats-server settings of every grid this repository starts (`deploy/nats-server.conf`,
+/// which `make up` and `make demo` pass as they are).
+pub const NATS_SERVER_CONFIG: &str = include_str!("../../../deploy/nats-server.conf");
+
+/// Writes [`NATS_SERVER_CONFIG`] and then `more` (more lines of configuration) to
+/// `dir/nats-server.conf`, for `nats-server -c`; returns its path.
+pub fn write_nats_config(dir: &Path, more: &str) -> Result<PathBuf> {
+    let config = dir.join("nats-server.conf");
+    std::fs::write(&config, format!("{NATS_SERVER_CONFIG}\n{more}\n"))
+        .with_context(|| format!("write {}", config.display()))?;
+    Ok(config)
+}
+
 /// The nats-server binary: `NATS_SERVER_BIN` (set by `make setup`), else `nats-server` on PATH.
 pub fn nats_server_bin() -> PathBuf {
     std::env::var("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("nats-server"))
