@@ -13,6 +13,7 @@ mod failures;
 mod flows;
 mod harness;
 mod metrics;
+mod partition;
 mod publish;
 mod python;
 mod results;

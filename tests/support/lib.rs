@@ -9,20 +9,22 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use flowgrid_proto::{ShardClaim, ShardState};
 use flowgrid_sdk::{RunId, RunView, StepView};
-pub use flowgrid_testkit::{free_port, metric_value, nats_server_bin, scrape_metrics, wait_for_port, Process};
+pub use flowgrid_testkit::{
+    free_port, metric_value, nats_server_bin, scrape_metrics, wait_for_port, write_nats_config, Process,
+};
 
 /// How long a process may take to come up before the test fails.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Runs nats-server with JetStream on `port`, its config and store under `dir`, and waits
-/// until it accepts connections.
-fn spawn_nats(dir: &Path, port: u16) -> Result<Process> {
+/// Runs nats-server with JetStream on `listen`:`port`, its config and store under `dir`,
+/// and waits until it accepts connections.
+fn spawn_nats(dir: &Path, listen: &str, port: u16) -> Result<Process> {
     let mut nats = Process::spawn(
         "nats-server",
         Command::new(nats_server_bin())
             .arg("-c")
             .arg(dir.join("nats-server.conf"))
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .args(["-js", "-a", listen, "-p", &port.to_string(), "-sd"])
             .arg(dir.join("nats")),
         dir,
     )
@@ -56,6 +58,8 @@ const SHARDS: u32 = 32;
 pub struct Grid {
     pub dir: tempfile::TempDir,
     pub nats_url: String,
+    /// The address nats-server listens on (loopback unless the test asked otherwise).
+    pub nats_listen: String,
     pub prefix: String,
     pub shards: u32,
     pub nats: Process,
@@ -71,17 +75,22 @@ impl Grid {
 
     /// [`Grid::start_nats`] with more lines of nats-server configuration.
     pub fn start_nats_with_config(more: &str) -> Result<Grid> {
+        Grid::start_nats_on("127.0.0.1", more)
+    }
+
+    /// [`Grid::start_nats_with_config`], listening on `listen` (`0.0.0.0` for processes in
+    /// other network namespaces); clients of the grid still connect through loopback.
+    pub fn start_nats_on(listen: &str, more: &str) -> Result<Grid> {
         let dir = tempfile::Builder::new().prefix("flowgrid-e2e-").tempdir()?;
         let port = free_port()?;
         // `max_payload` is a config-file setting only (no command-line flag): room for the
         // tests that send oversized requests and expect flowgrid, not NATS, to refuse them.
-        let config = dir.path().join("nats-server.conf");
-        std::fs::write(&config, format!("max_payload: 8MB\n{more}\n"))
-            .with_context(|| format!("write {}", config.display()))?;
-        let nats = spawn_nats(dir.path(), port)?;
+        write_nats_config(dir.path(), &format!("max_payload: 8MB\n{more}"))?;
+        let nats = spawn_nats(dir.path(), listen, port)?;
         Ok(Grid {
             dir,
             nats_url: format!("nats://127.0.0.1:{port}"),
+            nats_listen: listen.to_owned(),
             prefix: "flowgrid".to_owned(),
             shards: SHARDS,
             nats,
@@ -96,7 +105,7 @@ impl Grid {
         self.nats.kill_hard();
         std::thread::sleep(down_for);
         let port = self.nats_url.rsplit(':').next().and_then(|port| port.parse().ok()).context("the grid's port")?;
-        self.nats = spawn_nats(self.dir.path(), port)?;
+        self.nats = spawn_nats(self.dir.path(), &self.nats_listen, port)?;
         Ok(())
     }
 
@@ -133,19 +142,30 @@ impl Grid {
 
     /// [`Grid::spawn_coordinator`] with more flags (`--metrics-addr` among them).
     pub fn spawn_coordinator_with_args(&mut self, more: &[&str]) -> Result<usize> {
+        let mut command = Command::new(flowgrid_bin());
+        command.args(["--nats-url", &self.nats_url]);
+        self.spawn_coordinator_command(command, more)
+    }
+
+    /// Starts one more coordinator inside the network namespace `netns` (`ip netns exec`),
+    /// reaching nats-server at `nats_url`; returns its index in `coordinators`.
+    pub fn spawn_coordinator_in_netns(&mut self, netns: &str, nats_url: &str) -> Result<usize> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns]).arg(flowgrid_bin()).args(["--nats-url", nats_url]);
+        self.spawn_coordinator_command(command, &["--metrics-addr", "off"])
+    }
+
+    /// Runs `command` (the `flowgrid` binary and its NATS URL) as a coordinator of this grid.
+    fn spawn_coordinator_command(&mut self, mut command: Command, more: &[&str]) -> Result<usize> {
         let name = format!("coordinator-{}", self.coordinators.len());
-        let process = Process::spawn(
-            &name,
-            Command::new(flowgrid_bin())
-                .arg("coordinator")
-                .args(["--nats-url", &self.nats_url, "--prefix", &self.prefix])
-                .arg("--data-dir")
-                .arg(self.data_dir())
-                .args(["--shards", &self.shards.to_string()])
-                .args(more)
-                .env("FLOWGRID_LOG", "flowgrid=debug,info"),
-            self.dir.path(),
-        )?;
+        command
+            .args(["coordinator", "--prefix", &self.prefix])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--shards", &self.shards.to_string()])
+            .args(more)
+            .env("FLOWGRID_LOG", "flowgrid=debug,info");
+        let process = Process::spawn(&name, &mut command, self.dir.path())?;
         self.coordinators.push(process);
         Ok(self.coordinators.len() - 1)
     }
@@ -260,6 +280,7 @@ impl Grid {
         for process in self.coordinators.iter().chain(self.workers.iter()) {
             out.push_str(&format!("--- {} ---\n{}\n", process.name, process.log_tail(60)));
         }
+        out.push_str(&format!("--- {} ---\n{}\n", self.nats.name, self.nats.log_tail(20)));
         out
     }
 }
