@@ -1,10 +1,11 @@
-//! A coordinator cut off from NATS by the network while it keeps running: it sits in a
-//! Linux network namespace of its own, joined to the host by a veth pair, and the host's
-//! end of the pair goes down. Its TCP connection stays open (nothing resets it), as in a
+//! A coordinator, or a worker, cut off from NATS by the network while it keeps running: it
+//! sits in a Linux network namespace of its own, joined to the host by a veth pair, and the
+//! host's end of the pair goes down. Its TCP connection stays open (nothing resets it), as in a
 //! real partition. Creating the namespace needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and
 //! iproute2's `ip`; without them the test says SKIPPED and why.
 
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -43,8 +44,11 @@ impl Netns {
     /// Creates the namespace and the pair, with `10.x.y.1` on the host and `10.x.y.2` inside;
     /// `None` (after saying why) when this machine does not allow it.
     fn create(test: &str) -> anyhow::Result<Option<Netns>> {
-        let id = std::process::id();
-        let (a, b) = (100 + (id / 256) % 100, id % 256);
+        static CREATED: AtomicU32 = AtomicU32::new(0);
+        // Unique on this host: tests of one process share its id.
+        let id = format!("{}x{}", std::process::id(), CREATED.fetch_add(1, Ordering::Relaxed));
+        let key = std::process::id().wrapping_mul(8).wrapping_add(CREATED.load(Ordering::Relaxed));
+        let (a, b) = (100 + (key / 256) % 100, key % 256);
         let netns = Netns {
             name: format!("flowgrid-e2e-{id}"),
             host_link: format!("fgh{id}"),
@@ -52,7 +56,7 @@ impl Netns {
         };
         if let Err(error) = ip(&["netns", "add", &netns.name]) {
             eprintln!(
-                "SKIPPED: {test}: a network namespace to cut a coordinator off in needs root and iproute2's `ip` \
+                "SKIPPED: {test}: a network namespace to cut a process off in needs root and iproute2's `ip` \
                  ({error:#})"
             );
             return Ok(None);
@@ -67,6 +71,12 @@ impl Netns {
         inside(&["link", "set", &inner_link, "up"])?;
         inside(&["link", "set", "lo", "up"])?;
         Ok(Some(netns))
+    }
+
+    /// `nats_url` as seen from inside the namespace.
+    fn nats_url(&self, grid: &Grid) -> anyhow::Result<String> {
+        let port = grid.nats_url.rsplit(':').next().context("the grid's port")?;
+        Ok(format!("nats://{}:{port}", self.host_address))
     }
 
     /// Cuts the namespace off (`false`) or joins it again (`true`).
@@ -131,8 +141,8 @@ async fn a_coordinator_cut_off_from_nats_hands_its_shards_over_and_no_request_or
     let mut grid = Grid::start_nats_on("0.0.0.0", "")?;
     grid.start_coordinator().await?;
     grid.start_workers(&["a"], 32)?;
-    let port = grid.nats_url.rsplit(':').next().context("the grid's port")?.to_owned();
-    grid.spawn_coordinator_in_netns(&netns.name, &format!("nats://{}:{port}", netns.host_address))?;
+    let nats_url = netns.nats_url(&grid)?;
+    grid.spawn_coordinator_in_netns(&netns.name, &nats_url)?;
     grid.wait_shards_served_by(2, SETTLE).await?;
     let client = grid.client().await?.with_request_timeout(REQUEST_TIMEOUT);
     deploy(&grid, &client, ECHO_FLOW).await?;
@@ -200,4 +210,106 @@ async fn a_coordinator_cut_off_from_nats_hands_its_shards_over_and_no_request_or
     assert!(report.is_clean(), "the audit found problems: {report:?}");
     assert_eq!(report.runs, starts.runs.len() as u64, "every run started, and no other, is in the store");
     Ok(())
+}
+
+/// A map whose items each take a second and a half, with attempts that time out after
+/// three: an item whose worker was cut off is tried again elsewhere.
+const SLOW_ITEMS: &str = r#"
+name: slow-items
+output: 'steps.items.output'
+steps:
+  - id: items
+    kind: map
+    items: input.items
+    pool: a
+    task: sleep
+    input: '#{ ms: 1500, value: item }'
+    output: 'result.map(|entry| entry.value)'
+    timeout_ms: 3000
+    retry: {max_attempts: 4, initial_backoff_ms: 100}
+"#;
+
+/// Items of the map.
+const ITEMS: i64 = 24;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_of_a_worker_cut_off_from_nats_are_done_elsewhere_and_its_late_results_are_not_applied(
+) -> anyhow::Result<()> {
+    let Some(netns) = Netns::create("partition")? else { return Ok(()) };
+    let mut grid = Grid::start_nats_on("0.0.0.0", "")?;
+    grid.start_coordinator().await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SLOW_ITEMS).await?;
+    // Only the worker that will be cut off serves the pool at first, so it takes every item.
+    let nats_url = netns.nats_url(&grid)?;
+    grid.spawn_worker(
+        "worker-cut-off",
+        Command::new("ip")
+            .args(["netns", "exec", &netns.name])
+            .arg(flowgrid_tests::flowgrid_bin())
+            .args(["--nats-url", &nats_url, "worker", "--pools", "a", "--concurrency", "64", "--speed", "0"])
+            // Its log says how the coordinator answered each result.
+            .env("FLOWGRID_LOG", "flowgrid_sdk=debug,info"),
+    )?;
+    let cut_off_log = grid.workers.last().context("the worker just started")?.log.clone();
+    let items: Vec<i64> = (0..ITEMS).collect();
+    let start =
+        StartRun { flow: "slow-items".into(), version: None, input: json!({"items": items}), idempotency_key: None };
+    let run_id = client.start(start).await.or_logs(&grid)?.run_id;
+    wait_items_running(&grid, &client, &run_id).await?;
+    // The worker pulls them at once; leave it a moment to hold them all.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    netns.set_linked(false)?;
+    let cut_at = Instant::now();
+    grid.start_workers(&["a"], 64)?;
+    // The first attempts time out (3 s) and the items run again on the other worker;
+    // the cut-off worker finishes its attempts meanwhile and holds their results.
+    let view = grid.wait_run(&client, &run_id, SETTLE).await?;
+    let ended = cut_at.elapsed();
+    netns.set_linked(true)?;
+    let healed_at = Instant::now();
+    assert_eq!(view.status, RunStatus::Succeeded, "{:?}\n{}", view.error, grid.logs());
+    assert_eq!(view.output, Some(json!(items)), "every item once, in order");
+    // The late results get through and are answered "not applied".
+    let until = Instant::now() + SETTLE;
+    let late = loop {
+        let log = std::fs::read_to_string(&cut_off_log)?;
+        let late =
+            log.lines().filter(|line| line.contains("result confirmed") && line.contains("applied=false")).count();
+        if late >= ITEMS as usize || Instant::now() > until {
+            break late;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "the run ended {} ms after the cut; {late} late results answered `not applied` within {} ms of the heal",
+        ended.as_millis(),
+        healed_at.elapsed().as_millis()
+    );
+    assert_eq!(late, ITEMS as usize, "late results answered `not applied`\n{}", grid.logs());
+    let again = client.get(&run_id).await?;
+    assert_eq!(again.output, view.output, "a late result changed the run");
+    for coordinator in &mut grid.coordinators {
+        coordinator.stop(Duration::from_secs(20));
+    }
+    let report = flowgrid_coordinator::audit::audit(&grid.data_dir(), grid.shards).await?;
+    assert!(report.is_clean(), "the audit found problems: {report:?}");
+    Ok(())
+}
+
+/// Waits until every item of the run has an attempt running.
+async fn wait_items_running(grid: &Grid, client: &flowgrid_sdk::Client, run_id: &RunId) -> anyhow::Result<()> {
+    let until = Instant::now() + SETTLE;
+    loop {
+        let view = client.get(run_id).await?;
+        let items = flowgrid_tests::step(&view, "items").items;
+        if items.as_ref().is_some_and(|items| items.running as i64 == ITEMS) {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("the items did not all run within {SETTLE:?}: {items:?}\n{}", grid.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
