@@ -61,9 +61,18 @@ fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
             flowgrid_sdk::Error::Broker(_) => {
                 Some("start nats-server with JetStream enabled (`nats-server -js`)".into())
             }
-            flowgrid_sdk::Error::Timeout { .. } => {
-                Some("the coordinator did not answer in time; it may be overloaded or restarting, try again".into())
-            }
+            // A start without an idempotency key is the one request the SDK does not repeat.
+            flowgrid_sdk::Error::Timeout { what, .. } if what.ends_with(".run.start") => Some(
+                "the coordinator that took the start did not answer in time (overloaded, paused, or cut off from \
+                 NATS), and the run may have started: look for it with `flowgrid run list` before starting it \
+                 again, or start with --idempotency-key, which makes starting again safe"
+                    .into(),
+            ),
+            flowgrid_sdk::Error::Timeout { .. } => Some(
+                "no coordinator answered in time, even when asked again; they may be overloaded or restarting: \
+                 check `flowgrid members` and try again"
+                    .into(),
+            ),
             other if other.is_no_responders() => Some(format!(
                 "no coordinator answers under prefix {:?}; start one with `flowgrid coordinator` (or `make up`) \
                  and check --prefix",
@@ -106,6 +115,21 @@ fn find<E: std::error::Error + 'static>(error: &anyhow::Error) -> Option<&E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timed_out_start_is_told_apart_from_requests_already_asked_again() {
+        let session = Session { nats_url: "nats://127.0.0.1:4222".into(), prefix: "flowgrid".into(), json: false };
+        let timeout = |subject: &str| {
+            anyhow::Error::new(flowgrid_sdk::Error::Timeout {
+                what: format!("request on {subject}"),
+                after: std::time::Duration::from_secs(10),
+            })
+        };
+        let start = hint(&timeout("flowgrid.api.run.start"), &session).unwrap();
+        assert!(start.contains("may have started") && start.contains("--idempotency-key"), "{start}");
+        let get = hint(&timeout("flowgrid.api.run.get"), &session).unwrap();
+        assert!(get.contains("even when asked again") && !get.contains("may have started"), "{get}");
+    }
 
     #[test]
     fn causes_already_in_the_message_are_not_repeated() {
