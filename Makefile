@@ -30,8 +30,8 @@
 #   make profile     a load-test run (PROFILE_ARGS) with the coordinator sampled by perf: a flame
 #                    graph, the folded stacks and a summary in TARGET_DIR/profile (needs perf)
 #   make chaos       build release binaries and run the chaos test for DURATION seconds: several
-#                    coordinators under load, killed, paused, added and removed; then every run is
-#                    checked and the store audited (see docs/operations.md)
+#                    coordinators under load, killed, paused, cut off from NATS (as root), added and
+#                    removed; then every run is checked and the store audited (see docs/operations.md)
 #   make help        this text
 #
 # Variables (override on the command line, e.g. `make up NATS_PORT=4333`):

@@ -26,8 +26,9 @@ pub enum Command {
     Memory(MemoryArgs),
     /// Overload: workers stop, starts continue; report rejections and RSS over time.
     Overload(OverloadArgs),
-    /// Chaos: several coordinators under steady load while they are killed, paused, added
-    /// and removed; then every accepted run is checked and the store audited.
+    /// Chaos: several coordinators under steady load while they are killed, paused, cut off
+    /// from NATS (as root), added and removed; then every accepted run is checked and the
+    /// store audited.
     Chaos(ChaosArgs),
     /// Every performance target of docs/performance.md in one go: each step on a grid of its
     /// own, then a table of target, measured value and verdict.

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flowgrid_testkit::{free_port, nats_server_bin, scrape_metrics, wait_for_port, write_nats_config, Process};
+use flowgrid_testkit::{free_port, nats_server_bin, scrape_metrics, wait_for_port, write_nats_config, Netns, Process};
 
 use crate::args::GridArgs;
 
@@ -53,7 +53,7 @@ impl Grid {
     async fn start(args: &GridArgs, extra_coordinator_args: &[String]) -> Result<Grid> {
         let (dir, path) = work_dir(args.keep_dir.as_deref(), "flowgrid-loadtest-")?;
         let flowgrid = flowgrid_bin(args)?;
-        let (nats, nats_url) = start_nats(&path)?;
+        let (nats, nats_url) = start_nats(&path, "127.0.0.1")?;
 
         let mut coordinators = Vec::new();
         let mut metrics_addrs = Vec::new();
@@ -225,9 +225,10 @@ fn flowgrid_bin(args: &GridArgs) -> Result<PathBuf> {
     locate_flowgrid_bin(args.flowgrid_bin.as_deref())
 }
 
-/// nats-server with JetStream on a random loopback port, its store under `dir/nats`, its log
-/// in `dir`; returns the process and its URL.
-pub fn start_nats(dir: &Path) -> Result<(Process, String)> {
+/// nats-server with JetStream on a random port of `listen` (`0.0.0.0` for processes in other
+/// network namespaces), its store under `dir/nats`, its log in `dir`; returns the process and
+/// its loopback URL.
+pub fn start_nats(dir: &Path, listen: &str) -> Result<(Process, String)> {
     let nats_port = free_port()?;
     let config = write_nats_config(dir, "")?;
     let mut nats = Process::spawn(
@@ -235,7 +236,7 @@ pub fn start_nats(dir: &Path) -> Result<(Process, String)> {
         Command::new(nats_server_bin())
             .arg("-c")
             .arg(config)
-            .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
+            .args(["-js", "-a", listen, "-p", &nats_port.to_string(), "-sd"])
             .arg(dir.join("nats")),
         dir,
     )
@@ -423,17 +424,21 @@ pub struct Cluster {
     // the directory.
     workers: Vec<Process>,
     nats: Option<Process>,
+    /// Where the coordinator of slot 0 runs, to be cut off from NATS ([`Cluster::set_cut`]).
+    netns: Option<Netns>,
     dir: PathBuf,
     temp: Option<tempfile::TempDir>,
     incarnations: u64,
 }
 
 impl Cluster {
-    /// Starts nats-server; coordinators and workers are started with their own calls.
-    pub fn start_nats(spec: ClusterSpec) -> Result<Cluster> {
+    /// Starts nats-server; coordinators and workers are started with their own calls. With
+    /// `netns`, the coordinator of slot 0 runs in it, and nats-server listens beyond loopback
+    /// to be reached from there.
+    pub fn start_nats(spec: ClusterSpec, netns: Option<Netns>) -> Result<Cluster> {
         let (temp, dir) = work_dir(spec.keep_dir.as_deref(), "flowgrid-chaos-")?;
         std::fs::create_dir_all(dir.join("logs"))?;
-        let (nats, nats_url) = start_nats(&dir)?;
+        let (nats, nats_url) = start_nats(&dir, if netns.is_some() { "0.0.0.0" } else { "127.0.0.1" })?;
         Ok(Cluster {
             nats_url,
             spec,
@@ -441,6 +446,7 @@ impl Cluster {
             leaving: Vec::new(),
             workers: Vec::new(),
             nats: Some(nats),
+            netns,
             dir,
             temp,
             incarnations: 0,
@@ -476,10 +482,16 @@ impl Cluster {
         self.incarnations += 1;
         let name = format!("coordinator-{slot}");
         let log = self.dir.join("logs").join(format!("{name}.{}.log", self.incarnations));
-        let mut command = Command::new(&self.spec.flowgrid);
+        let (mut command, nats_url) = match (&self.netns, self.cut_slot() == Some(slot)) {
+            (Some(netns), true) => {
+                let port = self.nats_url.rsplit(':').next().unwrap_or_default();
+                (netns.command(&self.spec.flowgrid), netns.nats_url(port))
+            }
+            _ => (Command::new(&self.spec.flowgrid), self.nats_url.clone()),
+        };
         command
             .arg("coordinator")
-            .args(["--nats-url", &self.nats_url, "--prefix", &self.spec.prefix])
+            .args(["--nats-url", &nats_url, "--prefix", &self.spec.prefix])
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--shards", &self.spec.shards.to_string(), "--metrics-addr", "off"])
@@ -489,6 +501,17 @@ impl Cluster {
         let pid = process.pid();
         self.coordinators[slot] = Some(process);
         Ok(pid)
+    }
+
+    /// The slot whose coordinator can be cut off from NATS: 0, when the cluster has a
+    /// network namespace for it.
+    pub fn cut_slot(&self) -> Option<usize> {
+        self.netns.as_ref().map(|_| 0)
+    }
+
+    /// Cuts the coordinator of [`Cluster::cut_slot`] off from NATS (`true`), or joins it again.
+    pub fn set_cut(&self, cut: bool) -> Result<()> {
+        self.netns.as_ref().context("no coordinator of this cluster can be cut off")?.set_linked(!cut)
     }
 
     /// Starts `count` `flowgrid worker` processes serving `pool` without simulated delays.

@@ -4,13 +4,12 @@
 //! real partition. Creating the namespace needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and
 //! iproute2's `ip`; without them the test says SKIPPED and why.
 
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use flowgrid_sdk::{RunId, RunStatus, StartRun};
 use flowgrid_tests::Grid;
+use flowgrid_tests::Netns;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -32,72 +31,24 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Concurrent starters, each starting runs one after another.
 const STARTERS: u64 = 8;
 
-/// A network namespace and the veth pair that joins it to the host; both are deleted on
-/// drop, even when the test fails.
-struct Netns {
-    name: String,
-    host_link: String,
-    host_address: String,
-}
-
-impl Netns {
-    /// Creates the namespace and the pair, with `10.x.y.1` on the host and `10.x.y.2` inside;
-    /// `None` (after saying why) when this machine does not allow it.
-    fn create(test: &str) -> anyhow::Result<Option<Netns>> {
-        static CREATED: AtomicU32 = AtomicU32::new(0);
-        // Unique on this host: tests of one process share its id.
-        let id = format!("{}x{}", std::process::id(), CREATED.fetch_add(1, Ordering::Relaxed));
-        let key = std::process::id().wrapping_mul(8).wrapping_add(CREATED.load(Ordering::Relaxed));
-        let (a, b) = (100 + (key / 256) % 100, key % 256);
-        let netns = Netns {
-            name: format!("flowgrid-e2e-{id}"),
-            host_link: format!("fgh{id}"),
-            host_address: format!("10.{a}.{b}.1"),
-        };
-        if let Err(error) = ip(&["netns", "add", &netns.name]) {
+/// A namespace to cut a process off in; `None` (after saying why) when this machine does not
+/// allow one.
+fn netns(test: &str) -> Option<Netns> {
+    match Netns::create() {
+        Ok(netns) => Some(netns),
+        Err(error) => {
             eprintln!(
                 "SKIPPED: {test}: a network namespace to cut a process off in needs root and iproute2's `ip` \
                  ({error:#})"
             );
-            return Ok(None);
+            None
         }
-        let inner_link = format!("fgn{id}");
-        ip(&["link", "add", &netns.host_link, "type", "veth", "peer", "name", &inner_link])?;
-        ip(&["link", "set", &inner_link, "netns", &netns.name])?;
-        ip(&["addr", "add", &format!("{}/30", netns.host_address), "dev", &netns.host_link])?;
-        ip(&["link", "set", &netns.host_link, "up"])?;
-        let inside = |args: &[&str]| ip(&[&["netns", "exec", &netns.name, "ip"], args].concat());
-        inside(&["addr", "add", &format!("10.{a}.{b}.2/30"), "dev", &inner_link])?;
-        inside(&["link", "set", &inner_link, "up"])?;
-        inside(&["link", "set", "lo", "up"])?;
-        Ok(Some(netns))
-    }
-
-    /// `nats_url` as seen from inside the namespace.
-    fn nats_url(&self, grid: &Grid) -> anyhow::Result<String> {
-        let port = grid.nats_url.rsplit(':').next().context("the grid's port")?;
-        Ok(format!("nats://{}:{port}", self.host_address))
-    }
-
-    /// Cuts the namespace off (`false`) or joins it again (`true`).
-    fn set_linked(&self, linked: bool) -> anyhow::Result<()> {
-        ip(&["link", "set", &self.host_link, if linked { "up" } else { "down" }])
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_link]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new("ip").args(args).output().with_context(|| format!("run ip {}", args.join(" ")))?;
-    if !output.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
-    }
-    Ok(())
+/// The grid's NATS URL as seen from inside `netns`.
+fn nats_url_inside(grid: &Grid, netns: &Netns) -> anyhow::Result<String> {
+    Ok(netns.nats_url(grid.nats_url.rsplit(':').next().context("the grid's port")?))
 }
 
 /// What one starter saw: the runs it started, when it sent each start and how long the
@@ -137,12 +88,12 @@ async fn start_runs(client: flowgrid_sdk::Client, starter: u64, stop: Cancellati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_cut_off_from_nats_hands_its_shards_over_and_no_request_or_run_is_lost() -> anyhow::Result<()> {
-    let Some(netns) = Netns::create("partition")? else { return Ok(()) };
+    let Some(netns) = netns("partition") else { return Ok(()) };
     let mut grid = Grid::start_nats_on("0.0.0.0", "")?;
     grid.start_coordinator().await?;
     grid.start_workers(&["a"], 32)?;
-    let nats_url = netns.nats_url(&grid)?;
-    grid.spawn_coordinator_in_netns(&netns.name, &nats_url)?;
+    let nats_url = nats_url_inside(&grid, &netns)?;
+    grid.spawn_coordinator_in_netns(&netns, &nats_url)?;
     grid.wait_shards_served_by(2, SETTLE).await?;
     let client = grid.client().await?.with_request_timeout(REQUEST_TIMEOUT);
     deploy(&grid, &client, ECHO_FLOW).await?;
@@ -235,18 +186,17 @@ const ITEMS: i64 = 24;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_of_a_worker_cut_off_from_nats_are_done_elsewhere_and_its_late_results_are_not_applied(
 ) -> anyhow::Result<()> {
-    let Some(netns) = Netns::create("partition")? else { return Ok(()) };
+    let Some(netns) = netns("partition") else { return Ok(()) };
     let mut grid = Grid::start_nats_on("0.0.0.0", "")?;
     grid.start_coordinator().await?;
     let client = grid.client().await?;
     deploy(&grid, &client, SLOW_ITEMS).await?;
     // Only the worker that will be cut off serves the pool at first, so it takes every item.
-    let nats_url = netns.nats_url(&grid)?;
+    let nats_url = nats_url_inside(&grid, &netns)?;
     grid.spawn_worker(
         "worker-cut-off",
-        Command::new("ip")
-            .args(["netns", "exec", &netns.name])
-            .arg(flowgrid_tests::flowgrid_bin())
+        netns
+            .command(&flowgrid_tests::flowgrid_bin())
             .args(["--nats-url", &nats_url, "worker", "--pools", "a", "--concurrency", "64", "--speed", "0"])
             // Its log says how the coordinator answered each result.
             .env("FLOWGRID_LOG", "flowgrid_sdk=debug,info"),

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use flowgrid_proto::{ShardClaim, ShardState};
 use flowgrid_sdk::{RunId, RunView, StepView};
 pub use flowgrid_testkit::{
-    free_port, metric_value, nats_server_bin, scrape_metrics, wait_for_port, write_nats_config, Process,
+    free_port, metric_value, nats_server_bin, scrape_metrics, wait_for_port, write_nats_config, Netns, Process,
 };
 
 /// How long a process may take to come up before the test fails.
@@ -147,11 +147,11 @@ impl Grid {
         self.spawn_coordinator_command(command, more)
     }
 
-    /// Starts one more coordinator inside the network namespace `netns` (`ip netns exec`),
+    /// Starts one more coordinator inside the network namespace `netns`,
     /// reaching nats-server at `nats_url`; returns its index in `coordinators`.
-    pub fn spawn_coordinator_in_netns(&mut self, netns: &str, nats_url: &str) -> Result<usize> {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", netns]).arg(flowgrid_bin()).args(["--nats-url", nats_url]);
+    pub fn spawn_coordinator_in_netns(&mut self, netns: &Netns, nats_url: &str) -> Result<usize> {
+        let mut command = netns.command(&flowgrid_bin());
+        command.args(["--nats-url", nats_url]);
         self.spawn_coordinator_command(command, &["--metrics-addr", "off"])
     }
 

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -120,6 +121,80 @@ pub fn scrape_metrics(addr: &str) -> Result<String> {
 /// (`name{label="v"`, or `name ` for a sample without labels).
 pub fn metric_value(body: &str, prefix: &str) -> Option<f64> {
     body.lines().filter(|line| line.starts_with(prefix)).find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// A Linux network namespace joined to the host by a veth pair, to cut the processes in it
+/// off the network while they keep running ([`Netns::set_linked`] takes the host's end of
+/// the pair down): their TCP connections stay open, since nothing resets them, as in a real
+/// partition. Making one needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2's `ip`.
+/// The namespace and the pair are deleted on drop.
+pub struct Netns {
+    pub name: String,
+    host_link: String,
+    /// The host's address on the pair: how processes inside reach servers of the host that
+    /// listen on it (or on `0.0.0.0`).
+    pub host_address: String,
+}
+
+impl Netns {
+    /// Makes the namespace and the pair, with `10.x.y.1` on the host and `10.x.y.2` inside
+    /// (`x.y` from the process id and a counter, so that several may exist at once).
+    pub fn create() -> Result<Netns> {
+        static CREATED: AtomicU32 = AtomicU32::new(0);
+        let pid = std::process::id();
+        let count = CREATED.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{pid}x{count}");
+        let key = pid.wrapping_mul(8).wrapping_add(count);
+        let (a, b) = (100 + (key / 256) % 100, key % 256);
+        ip(&["netns", "add", &format!("flowgrid-{id}")])?;
+        let netns = Netns {
+            name: format!("flowgrid-{id}"),
+            host_link: format!("fgh{id}"),
+            host_address: format!("10.{a}.{b}.1"),
+        };
+        let inner_link = format!("fgn{id}");
+        ip(&["link", "add", &netns.host_link, "type", "veth", "peer", "name", &inner_link])?;
+        ip(&["link", "set", &inner_link, "netns", &netns.name])?;
+        ip(&["addr", "add", &format!("{}/30", netns.host_address), "dev", &netns.host_link])?;
+        ip(&["link", "set", &netns.host_link, "up"])?;
+        let inside = |args: &[&str]| ip(&[&["netns", "exec", &netns.name, "ip"], args].concat());
+        inside(&["addr", "add", &format!("10.{a}.{b}.2/30"), "dev", &inner_link])?;
+        inside(&["link", "set", &inner_link, "up"])?;
+        inside(&["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).arg(program);
+        command
+    }
+
+    /// `nats://<host address>:<port>`: a server of the host on `port`, seen from inside.
+    pub fn nats_url(&self, port: &str) -> String {
+        format!("nats://{}:{port}", self.host_address)
+    }
+
+    /// Cuts the namespace off (`false`) or joins it again (`true`).
+    pub fn set_linked(&self, linked: bool) -> Result<()> {
+        ip(&["link", "set", &self.host_link, if linked { "up" } else { "down" }])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_link]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let output = Command::new("ip").args(args).output().with_context(|| format!("run ip {}", args.join(" ")))?;
+    if !output.status.success() {
+        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
 }
 
 /// The nats-server settings of every grid this repository starts (`deploy/nats-server.conf`,

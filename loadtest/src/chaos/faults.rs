@@ -1,12 +1,15 @@
 //! The fault schedule: one action every `--fault-interval` (80..120% of it, seeded), in the
-//! cycle kill, pause, kill, scale event:
+//! cycle kill, pause, kill, scale event, or, when a coordinator can be cut off from NATS
+//! (the cluster has a network namespace for slot 0), kill, pause, kill, cut, kill, scale event:
 //! - kill: kill -9 of a random coordinator (restarted at once);
 //! - pause: SIGSTOP of a random coordinator for its lease plus one second, then SIGCONT;
+//! - cut: slot 0's coordinator cut off from NATS for its lease plus [`CUT_BEYOND_LEASE`]
+//!   (long enough for nats-server to drop its connection), then joined again;
 //! - scale event: a coordinator added, or the added one asked to leave (SIGTERM).
 //!
 //! The cycle is fixed so that a short run sees every kind; the targets and the times come
-//! from the seed. A kill or pause only happens while at least three coordinators serve, so
-//! that two keep serving.
+//! from the seed. A kill, pause or cut only happens while at least three coordinators serve,
+//! so that two keep serving.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -25,6 +28,9 @@ const READY_WAIT_MAX: Duration = Duration::from_secs(20);
 pub const LEAVE_DEADLINE: Duration = Duration::from_secs(30);
 /// A coordinator that exited by itself is restarted, but not sooner than this after its start.
 const RESTART_BACKOFF: Duration = Duration::from_secs(2);
+/// A cut lasts the coordinator's lease plus this: past the 6-8 s nats-server takes to drop a
+/// client that stopped answering its pings (deploy/nats-server.conf).
+const CUT_BEYOND_LEASE: Duration = Duration::from_secs(8);
 /// Lease assumed when neither the member record nor `--lease-ms` gives one.
 pub const LEASE_MS_DEFAULT: u64 = 1_500;
 
@@ -33,6 +39,8 @@ pub const LEASE_MS_DEFAULT: u64 = 1_500;
 pub struct FaultStats {
     pub kills: AtomicU64,
     pub sigstops: AtomicU64,
+    /// Cuts from NATS.
+    pub cuts: AtomicU64,
     pub scale_events: AtomicU64,
     /// Actions skipped because too few coordinators were serving.
     pub skipped: AtomicU64,
@@ -52,6 +60,7 @@ pub struct FaultStats {
 enum Action {
     Kill,
     Pause,
+    Cut,
     ScaleOut,
     ScaleIn,
 }
@@ -79,10 +88,14 @@ pub async fn run(cluster: &mut Cluster, watch: &Watch, schedule: &Schedule, stat
         if Instant::now() >= until {
             break;
         }
+        // With cuts the cycle is kill, pause, kill, cut, kill, scale; without, kill, pause, kill, scale.
+        let cycle = if cluster.cut_slot().is_some() { 6 } else { 4 };
         let action = if step.is_multiple_of(2) {
             Action::Kill
-        } else if step % 4 == 1 {
+        } else if step % cycle == 1 {
             Action::Pause
+        } else if cycle == 6 && step % cycle == 3 {
+            Action::Cut
         } else if cluster.coordinators.get(schedule.base).is_some_and(Option::is_some) {
             Action::ScaleIn
         } else {
@@ -147,6 +160,32 @@ async fn act(
                 watch.resumed(&member, Instant::now());
                 watch.note(&format!("SIGCONT {} pid {pid}", process.name));
             }
+        }
+        Action::Cut => {
+            let slot = cluster.cut_slot().expect("a cut is scheduled only when a slot can be cut");
+            let Some(ready) = wait_ready(cluster, watch, stats).await.filter(|ready| ready.contains(&slot)) else {
+                stats.skipped.fetch_add(1, Ordering::Relaxed);
+                watch.note(&format!("{action:?} skipped: coordinator-{slot} does not serve, or too few others do"));
+                return Ok(());
+            };
+            debug_assert!(ready.len() >= READY_FOR_FAULT_MIN);
+            let process = cluster.coordinators[slot].as_ref().expect("a ready slot holds a process");
+            let (pid, name) = (process.pid(), process.name.clone());
+            let member = watch.with(|state| state.member_of_pid(pid)).unwrap_or_default();
+            let lease_ms =
+                watch.with(|state| state.lease_ms_of(&member)).or(schedule.lease_ms).unwrap_or(LEASE_MS_DEFAULT);
+            let cut_for = Duration::from_millis(lease_ms) + CUT_BEYOND_LEASE;
+            let at = Instant::now();
+            cluster.set_cut(true)?;
+            let orphaned = watch.expect_takeover(&member, Cause::Cut, at);
+            stats.cuts.fetch_add(1, Ordering::Relaxed);
+            watch.note(&format!(
+                "CUT {name} pid {pid} member {member} off from NATS for {cut_for:?}: {orphaned} shards"
+            ));
+            tokio::time::sleep(cut_for).await;
+            cluster.set_cut(false)?;
+            watch.resumed(&member, Instant::now());
+            watch.note(&format!("JOINED {name} pid {pid} to NATS again"));
         }
         Action::ScaleOut => {
             let pid = cluster.spawn_coordinator(schedule.base)?;

@@ -1,7 +1,8 @@
 //! `flowgrid-loadtest chaos`: several coordinators share one grid (one data dir, one
 //! nats-server) under a steady load of checkable runs while a seeded schedule kills them
-//! (kill -9, restarted at once), pauses them (SIGSTOP past their lease), adds one and asks
-//! it to leave (SIGTERM). Afterwards every accepted run must have succeeded with the output
+//! (kill -9, restarted at once), pauses them (SIGSTOP past their lease), cuts one off from
+//! NATS (a network namespace whose link goes down; root only), adds one and asks it to leave
+//! (SIGTERM). Afterwards every accepted run must have succeeded with the output
 //! its input implies, and the audit of the stopped grid's store must find no result applied
 //! twice and no commit under a stale epoch.
 //!
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use flowgrid_coordinator::audit::{self, Audit};
 use flowgrid_sdk::RunStatus;
+use flowgrid_testkit::Netns;
 
 use crate::args::ChaosArgs;
 use crate::grid::{locate_flowgrid_bin, Cluster, ClusterSpec};
@@ -62,7 +64,18 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
         coordinator_args,
         keep_dir: args.keep_dir.clone(),
     };
-    let mut cluster = Cluster::start_nats(spec)?;
+    // Cutting a coordinator off from NATS needs a network namespace, and so root.
+    let netns = match Netns::create() {
+        Ok(netns) => Some(netns),
+        Err(error) => {
+            eprintln!(
+                "chaos: NO CUTS: cutting a coordinator off from NATS needs a network namespace, which needs root \
+                 and iproute2's `ip` ({error:#}); kills, pauses and scale events only"
+            );
+            None
+        }
+    };
+    let mut cluster = Cluster::start_nats(spec, netns)?;
     let origin = Instant::now();
     eprintln!(
         "chaos: seed {seed}; {} coordinators ({}), {} shards, {} runs/s for {:?}; logs in {}",
@@ -433,18 +446,27 @@ impl Findings<'_> {
 
     fn report(self) -> Verdict {
         let checks = self.check_runs();
-        let (takeover, pause_takeover, handoff, claim_changes, watch_errors, undecodable, taken_from_live) =
-            self.watch.with(|state| {
-                (
-                    state.takeover_ms.clone(),
-                    state.pause_takeover_ms.clone(),
-                    state.handoff_ms.clone(),
-                    state.claim_changes,
-                    state.watch_errors,
-                    state.undecodable,
-                    state.taken_from_live.clone(),
-                )
-            });
+        let (
+            takeover,
+            pause_takeover,
+            cut_takeover,
+            handoff,
+            claim_changes,
+            watch_errors,
+            undecodable,
+            taken_from_live,
+        ) = self.watch.with(|state| {
+            (
+                state.takeover_ms.clone(),
+                state.pause_takeover_ms.clone(),
+                state.cut_takeover_ms.clone(),
+                state.handoff_ms.clone(),
+                state.claim_changes,
+                state.watch_errors,
+                state.undecodable,
+                state.taken_from_live.clone(),
+            )
+        });
         let stats = self.stats;
         let kills = stats.kills.load(Ordering::Relaxed);
         let accepted = self.ledger.accepted.load(Ordering::Relaxed);
@@ -515,14 +537,16 @@ impl Findings<'_> {
             (
                 "faults".to_owned(),
                 format!(
-                    "{kills} kills, {} sigstops, {} scale events, {} skipped",
+                    "{kills} kills, {} sigstops, {} cuts from NATS, {} scale events, {} skipped",
                     stats.sigstops.load(Ordering::Relaxed),
+                    stats.cuts.load(Ordering::Relaxed),
                     stats.scale_events.load(Ordering::Relaxed),
                     stats.skipped.load(Ordering::Relaxed)
                 ),
             ),
             ("takeover after kill".to_owned(), ms(&takeover)),
             ("takeover after pause".to_owned(), ms(&pause_takeover)),
+            ("takeover after cut from NATS".to_owned(), ms(&cut_takeover)),
             ("hand-over".to_owned(), ms(&handoff)),
             ("graceful leave (scale-in)".to_owned(), ms(&leave_ms)),
             (
@@ -546,7 +570,7 @@ impl Findings<'_> {
             ),
             (
                 "claims taken from live members".to_owned(),
-                format!("{} (neither killed nor paused by the harness)", taken_from_live.len()),
+                format!("{} (neither killed, paused nor cut off by the harness)", taken_from_live.len()),
             ),
         ];
         match report {
@@ -614,6 +638,9 @@ impl Findings<'_> {
             ("takeovers", json!(takeover.len())),
             ("pause_takeover_ms_p50", percentile_value(&pause_takeover, 0.5)),
             ("pause_takeover_ms_p99", percentile_value(&pause_takeover, 0.99)),
+            ("cuts", json!(stats.cuts.load(Ordering::Relaxed))),
+            ("cut_takeover_ms_p50", percentile_value(&cut_takeover, 0.5)),
+            ("cut_takeover_ms_p99", percentile_value(&cut_takeover, 0.99)),
             ("handoff_ms_p50", percentile_value(&handoff, 0.5)),
             ("handoff_ms_p99", percentile_value(&handoff, 0.99)),
             ("handoffs", json!(handoff.len())),

@@ -1,8 +1,8 @@
 //! Watches the grid's members and shard claims (NATS KV) and times what the faults cause,
 //! on the harness's own clock:
 //!
-//! - takeover: a coordinator is killed (or paused); for each shard it held, the time from
-//!   the kill (or the pause) to a claim of the shard in state `serving` by another member;
+//! - takeover: a coordinator is killed (or paused, or cut off from NATS); for each shard it
+//!   held, the time from the fault to a claim of the shard in state `serving` by another member;
 //! - hand-over: a shard's claim goes to `releasing` (its owner gives it away: a member
 //!   joins or leaves); the time from there to `serving` by the new owner.
 //!
@@ -28,6 +28,8 @@ use flowgrid_sdk::broker;
 pub enum Cause {
     Kill,
     Pause,
+    /// Cut off from NATS by the network.
+    Cut,
 }
 
 #[derive(Clone, Debug)]
@@ -54,6 +56,8 @@ pub struct WatchState {
     pub takeover_ms: Vec<u64>,
     /// Takeovers after a pause, in milliseconds.
     pub pause_takeover_ms: Vec<u64>,
+    /// Takeovers after a cut from NATS, in milliseconds.
+    pub cut_takeover_ms: Vec<u64>,
     /// Hand-overs, in milliseconds.
     pub handoff_ms: Vec<u64>,
     pub last_takeover_ms: Option<u64>,
@@ -164,6 +168,7 @@ impl WatchState {
                                 self.last_takeover_ms = Some(elapsed);
                             }
                             Cause::Pause => self.pause_takeover_ms.push(elapsed),
+                            Cause::Cut => self.cut_takeover_ms.push(elapsed),
                         }
                     }
                     // Served again by the paused member itself: nothing to time.
@@ -405,5 +410,19 @@ mod tests {
         assert_eq!(state.pause_takeover_ms, vec![3_000]);
         assert!(state.takeover_ms.is_empty());
         assert!(state.pending_takeovers().is_empty());
+    }
+
+    #[test]
+    fn a_cut_off_members_shards_are_timed_apart_and_are_not_taken_from_a_live_member() {
+        let mut state = WatchState::default();
+        let start = Instant::now();
+        state.claim_changed(0, claim(Some("a"), ShardState::Serving), start);
+        state.expect_takeover("a", Cause::Cut, start);
+        let taken = start + Duration::from_millis(1_400);
+        assert!(state.claim_changed(0, claim(Some("b"), ShardState::Acquiring), taken).is_none(), "a is cut off");
+        state.claim_changed(0, claim(Some("b"), ShardState::Serving), taken);
+        assert_eq!(state.cut_takeover_ms, vec![1_400]);
+        assert!(state.takeover_ms.is_empty() && state.pause_takeover_ms.is_empty());
+        assert!(state.taken_from_live.is_empty());
     }
 }
