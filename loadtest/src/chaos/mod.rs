@@ -319,8 +319,8 @@ async fn progress(origin: Instant, watch: &Watch, ledger: &Ledger, stats: &Fault
             )
         });
         eprintln!(
-            "[{:>6.1}s] runs accepted {} finished {} open {} | start errors {} | kills {} sigstops {} scale {} | \
-             takeover last {} p50 {} | pause takeovers {pause_n} hand-overs {handoffs} | coordinators up {}",
+            "[{:>6.1}s] runs accepted {} finished {} open {} | start errors {} | kills {} sigstops {} cuts {} scale {} \
+             | takeover last {} p50 {} | pause takeovers {pause_n} hand-overs {handoffs} | coordinators up {}",
             origin.elapsed().as_secs_f64(),
             ledger.accepted.load(Ordering::Relaxed),
             ledger.finished.load(Ordering::Relaxed),
@@ -328,6 +328,7 @@ async fn progress(origin: Instant, watch: &Watch, ledger: &Ledger, stats: &Fault
             ledger.start_errors.total(),
             stats.kills.load(Ordering::Relaxed),
             stats.sigstops.load(Ordering::Relaxed),
+            stats.cuts.load(Ordering::Relaxed),
             stats.scale_events.load(Ordering::Relaxed),
             describe_ms(last),
             describe_ms(p50),
