@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use flowgrid_sdk::{RunId, RunStatus, StartRun};
-use flowgrid_tests::Grid;
-use flowgrid_tests::Netns;
+use flowgrid_tests::{Grid, Netns};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
