@@ -397,7 +397,10 @@ impl<S: Store> ShardManager<S> {
                 }
                 None if mine => self.start_acquire(shard, Some(revision), epoch, false),
                 Some(owner) if mine && !self.view.alive(owner, now) => {
-                    debug!(shard, dead = owner, "taking over a shard whose owner's lease ran out");
+                    // Rare, and what an operator looks for after a takeover nobody expected.
+                    // `silent_ms`: since the owner's record last changed, as seen here (none: never seen).
+                    let silent_ms = self.view.silent_for(owner, now).map(|silent| silent.as_millis() as u64);
+                    info!(shard, dead = owner, state = ?claim.state, silent_ms, "taking over a shard whose owner's lease ran out");
                     self.start_acquire(shard, Some(revision), epoch, true);
                 }
                 _ => {}

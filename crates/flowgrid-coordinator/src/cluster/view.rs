@@ -123,6 +123,11 @@ impl ClusterView {
         live
     }
 
+    /// How long ago `id`'s record last changed as seen here; `None` for a member never seen.
+    pub fn silent_for(&self, id: &str, now: Instant) -> Option<Duration> {
+        self.members.get(id).map(|member| now.saturating_duration_since(member.changed))
+    }
+
     /// Forgets members dead for long: they own nothing any more once their shards moved.
     pub fn forget_dead(&mut self, now: Instant) {
         let lease = self.lease;
@@ -176,6 +181,8 @@ mod tests {
         view.member_put(record("a", false), 2, start + LEASE);
         assert!(view.alive("a", start + LEASE * 2));
         assert!(view.alive("me", start + LEASE * 10));
+        assert_eq!(view.silent_for("a", start + LEASE * 3), Some(LEASE * 2));
+        assert_eq!(view.silent_for("never-seen", start), None);
     }
 
     #[test]
