@@ -64,8 +64,8 @@ fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
             // A start without an idempotency key is the one request the SDK does not repeat.
             flowgrid_sdk::Error::Timeout { what, .. } if what.ends_with(".run.start") => Some(
                 "the coordinator that took the start did not answer in time (overloaded, paused, or cut off from \
-                 NATS), and the run may have started: look for it with `flowgrid run list` before starting it \
-                 again, or start with --idempotency-key, which makes starting again safe"
+                 NATS). Without --idempotency-key the run may have started: look for it with `flowgrid run list` \
+                 before starting it again; with one, starting again is safe"
                     .into(),
             ),
             flowgrid_sdk::Error::Timeout { .. } => Some(
