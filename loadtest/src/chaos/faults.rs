@@ -143,9 +143,7 @@ async fn act(
                 let new_pid = cluster.spawn_coordinator(slot)?;
                 watch.note(&format!("RESTART coordinator-{slot} pid {new_pid}"));
             } else {
-                let lease_ms =
-                    watch.with(|state| state.lease_ms_of(&member)).or(schedule.lease_ms).unwrap_or(LEASE_MS_DEFAULT);
-                let pause = Duration::from_millis(lease_ms + 1_000);
+                let pause = lease_of(watch, schedule, &member) + Duration::from_secs(1);
                 let at = Instant::now();
                 process.pause()?;
                 let orphaned = watch.expect_takeover(&member, Cause::Pause, at);
@@ -172,9 +170,7 @@ async fn act(
             let process = cluster.coordinators[slot].as_ref().expect("a ready slot holds a process");
             let (pid, name) = (process.pid(), process.name.clone());
             let member = watch.with(|state| state.member_of_pid(pid)).unwrap_or_default();
-            let lease_ms =
-                watch.with(|state| state.lease_ms_of(&member)).or(schedule.lease_ms).unwrap_or(LEASE_MS_DEFAULT);
-            let cut_for = Duration::from_millis(lease_ms) + CUT_BEYOND_LEASE;
+            let cut_for = lease_of(watch, schedule, &member) + CUT_BEYOND_LEASE;
             let at = Instant::now();
             cluster.set_cut(true)?;
             let orphaned = watch.expect_takeover(&member, Cause::Cut, at);
@@ -203,6 +199,12 @@ async fn act(
         }
     }
     Ok(())
+}
+
+/// The lease `member` announced, else `--lease-ms`, else the default.
+fn lease_of(watch: &Watch, schedule: &Schedule, member: &str) -> Duration {
+    let lease_ms = watch.with(|state| state.lease_ms_of(member)).or(schedule.lease_ms).unwrap_or(LEASE_MS_DEFAULT);
+    Duration::from_millis(lease_ms)
 }
 
 /// Slots whose coordinator runs, is not paused, and has a member record that is not

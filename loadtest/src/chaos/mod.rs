@@ -447,27 +447,17 @@ impl Findings<'_> {
 
     fn report(self) -> Verdict {
         let checks = self.check_runs();
-        let (
-            takeover,
-            pause_takeover,
-            cut_takeover,
-            handoff,
-            claim_changes,
-            watch_errors,
-            undecodable,
-            taken_from_live,
-        ) = self.watch.with(|state| {
+        let (takeover, pause_takeover, cut_takeover, handoff) = self.watch.with(|state| {
             (
                 state.takeover_ms.clone(),
                 state.pause_takeover_ms.clone(),
                 state.cut_takeover_ms.clone(),
                 state.handoff_ms.clone(),
-                state.claim_changes,
-                state.watch_errors,
-                state.undecodable,
-                state.taken_from_live.clone(),
             )
         });
+        let (claim_changes, watch_errors, undecodable, taken_from_live) = self
+            .watch
+            .with(|state| (state.claim_changes, state.watch_errors, state.undecodable, state.taken_from_live.clone()));
         let stats = self.stats;
         let kills = stats.kills.load(Ordering::Relaxed);
         let accepted = self.ledger.accepted.load(Ordering::Relaxed);

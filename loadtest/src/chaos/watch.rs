@@ -46,8 +46,8 @@ pub struct WatchState {
     pub members: HashMap<String, MemberRecord>,
     pending: HashMap<u32, PendingTakeover>,
     releasing: HashMap<u32, (Instant, String)>,
-    /// Members the harness killed (`None`) or paused (`None` while paused, then the time
-    /// they were resumed).
+    /// Members the harness killed (`None`), or paused or cut off from NATS (`None` until
+    /// they were resumed or joined again, then that time).
     down: HashMap<String, Option<Instant>>,
     /// Claims taken (straight to `acquiring` by another member) from a member the harness
     /// had neither killed nor paused: `(shard, from, to)`.
@@ -124,8 +124,8 @@ impl WatchState {
         shards.len()
     }
 
-    /// True when the harness has not killed `member`, and has not paused it within
-    /// `grace` (its lease) of `now`.
+    /// True when the harness has not killed `member`, and has not paused it or cut it off
+    /// within `grace` (its lease) of `now`.
     fn is_live(&self, member: &str, now: Instant, grace: std::time::Duration) -> bool {
         match self.down.get(member) {
             None => true,
