@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use async_nats::jetstream::consumer::pull;
 use flowgrid_sdk::{RunId, RunStatus, StartRun};
 use flowgrid_tests::{Grid, Netns};
 use serde_json::json;
@@ -205,9 +206,7 @@ async fn tasks_of_a_worker_cut_off_from_nats_are_done_elsewhere_and_its_late_res
     let start =
         StartRun { flow: "slow-items".into(), version: None, input: json!({"items": items}), idempotency_key: None };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
-    wait_items_running(&grid, &client, &run_id).await?;
-    // The worker pulls them at once; leave it a moment to hold them all.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_items_held(&grid).await?;
 
     netns.set_linked(false)?;
     let cut_at = Instant::now();
@@ -247,17 +246,26 @@ async fn tasks_of_a_worker_cut_off_from_nats_are_done_elsewhere_and_its_late_res
     Ok(())
 }
 
-/// Waits until every item of the run has an attempt running.
-async fn wait_items_running(grid: &Grid, client: &flowgrid_sdk::Client, run_id: &RunId) -> anyhow::Result<()> {
+/// Waits until the worker holds every item: all of them delivered by the pool's consumer
+/// and none acked yet.
+async fn wait_items_held(grid: &Grid) -> anyhow::Result<()> {
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
     let until = Instant::now() + SETTLE;
     loop {
-        let view = client.get(run_id).await?;
-        let items = flowgrid_tests::step(&view, "items").items;
-        if items.as_ref().is_some_and(|items| items.running as i64 == ITEMS) {
+        // Nothing is held until the pool's consumer exists.
+        let held = async {
+            let stream = jetstream.get_stream(subjects.tasks_stream()).await.ok()?;
+            let mut consumer = stream.get_consumer::<pull::Config>(&subjects.pool_consumer("a")).await.ok()?;
+            Some(consumer.info().await.ok()?.num_ack_pending as i64)
+        }
+        .await
+        .unwrap_or(0);
+        if held == ITEMS {
             return Ok(());
         }
         if Instant::now() > until {
-            bail!("the items did not all run within {SETTLE:?}: {items:?}\n{}", grid.logs());
+            bail!("the worker held {held} of {ITEMS} items after {SETTLE:?}\n{}", grid.logs());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
