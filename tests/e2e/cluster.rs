@@ -4,8 +4,12 @@
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::kv;
+use flowgrid_proto::{ShardClaim, ShardState};
+use flowgrid_sdk::broker;
 use flowgrid_sdk::{RunStatus, StartRun};
 use flowgrid_tests::{step, Grid};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::{deploy, OrLogs};
@@ -143,5 +147,39 @@ async fn a_coordinator_paused_past_its_lease_gives_its_shards_up_when_it_resumes
     signal("-CONT")?;
     grid.wait_shards_served_by(2, SETTLE).await?;
     check_runs(&grid, &client, &ids).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_revision_of_a_hand_over_can_be_read_back_also_from_a_bucket_made_with_one() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats()?;
+    // The shards bucket as earlier versions made it: one revision per claim.
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let bucket = flowgrid_proto::Subjects::new(grid.prefix.clone()).shards_bucket();
+    jetstream.create_key_value(kv::Config { bucket: bucket.clone(), history: 1, ..Default::default() }).await?;
+
+    grid.start_coordinator().await?;
+    let first = grid.wait_shards_served_by(1, SETTLE).await?[0].clone();
+    let kv = jetstream.get_key_value(&bucket).await?;
+    assert_eq!(kv.status().await?.history(), broker::CLAIM_REVISIONS_KEPT, "the coordinator raises it");
+
+    // A second coordinator takes half of the shards: each moves released, then acquiring.
+    grid.spawn_coordinator()?;
+    let owners = grid.wait_shards_served_by(2, SETTLE).await?;
+    let (shard, newcomer) = owners.iter().enumerate().find(|(_, owner)| **owner != first).expect("two owners");
+    let mut states = Vec::new();
+    let mut history = kv.history(flowgrid_proto::shard_key(shard as u32)).await?;
+    while let Some(entry) = history.next().await {
+        let claim: ShardClaim = rmp_serde::from_slice(&entry?.value)?;
+        states.push((claim.state, claim.owner));
+    }
+    let tail = &states[states.len().saturating_sub(4)..];
+    let expected = [
+        (ShardState::Releasing, Some(first.clone())),
+        (ShardState::Released, None),
+        (ShardState::Acquiring, Some(newcomer.clone())),
+        (ShardState::Serving, Some(newcomer.clone())),
+    ];
+    assert_eq!(tail, expected, "the last revisions of shard {shard}'s claim: {states:?}");
     Ok(())
 }

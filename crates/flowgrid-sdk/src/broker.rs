@@ -155,13 +155,20 @@ pub async fn members_kv(jetstream: &jetstream::Context, subjects: &Subjects) -> 
     open_kv(jetstream, config).await
 }
 
+/// Revisions the shards bucket keeps of each claim. A watch reads the stream behind the
+/// bucket; with one revision kept, a claim changed twice in quick succession (`released`,
+/// then `acquiring` by another member) can lose its first change before a watch delivers
+/// it, and the watcher sees the claim move straight from one owner to another. Kept
+/// revisions also let an operator read a shard's last hand-overs (`nats kv history`).
+pub const CLAIM_REVISIONS_KEPT: i64 = 8;
+
 /// The shards bucket (one claim per shard and the grid's settings, see
 /// [`flowgrid_proto::ShardClaim`]), created if missing.
 pub async fn shards_kv(jetstream: &jetstream::Context, subjects: &Subjects) -> Result<kv::Store, BrokerError> {
     let config = kv::Config {
         bucket: subjects.shards_bucket(),
         description: "flowgrid shard claims (compare-and-set) and grid settings".to_owned(),
-        history: 1,
+        history: CLAIM_REVISIONS_KEPT,
         storage: stream::StorageType::File,
         ..Default::default()
     };
@@ -171,6 +178,10 @@ pub async fn shards_kv(jetstream: &jetstream::Context, subjects: &Subjects) -> R
 async fn open_kv(jetstream: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BrokerError> {
     let name = config.bucket.clone();
     if let Ok(store) = jetstream.get_key_value(&name).await {
+        // Kept revisions help watchers and operators; nothing depends on them.
+        if let Err(error) = raise_history(jetstream, &store, config.history).await {
+            tracing::warn!(bucket = %name, history = config.history, error = %error, "cannot raise the revisions the bucket keeps per key");
+        }
         return Ok(store);
     }
     match jetstream.create_key_value(config).await {
@@ -180,6 +191,23 @@ async fn open_kv(jetstream: &jetstream::Context, config: kv::Config) -> Result<k
             jetstream.get_key_value(&name).await.map_err(|_| BrokerError::Bucket { name, source: Box::new(source) })
         }
     }
+}
+
+/// Raises the revisions a bucket made by an earlier version keeps per key to `history`;
+/// never lowers them (an operator may keep more).
+async fn raise_history(
+    jetstream: &jetstream::Context,
+    store: &kv::Store,
+    history: i64,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let status = store.status().await?;
+    if status.history() >= history {
+        return Ok(());
+    }
+    let mut config = status.info.config;
+    config.max_messages_per_subject = history;
+    jetstream.update_stream(config).await?;
+    Ok(())
 }
 
 /// A file-backed work-queue stream that refuses new messages when full.
