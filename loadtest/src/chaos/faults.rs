@@ -29,7 +29,8 @@ pub const LEAVE_DEADLINE: Duration = Duration::from_secs(30);
 /// A coordinator that exited by itself is restarted, but not sooner than this after its start.
 const RESTART_BACKOFF: Duration = Duration::from_secs(2);
 /// A cut lasts the coordinator's lease plus this: past the 6-8 s nats-server takes to drop a
-/// client that stopped answering its pings (deploy/nats-server.conf).
+/// client that stopped answering its pings, or whose socket stopped taking writes for 2 s
+/// (deploy/nats-server.conf).
 const CUT_BEYOND_LEASE: Duration = Duration::from_secs(8);
 /// Lease assumed when neither the member record nor `--lease-ms` gives one.
 pub const LEASE_MS_DEFAULT: u64 = 1_500;
