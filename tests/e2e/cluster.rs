@@ -181,5 +181,21 @@ async fn every_revision_of_a_hand_over_can_be_read_back_also_from_a_bucket_made_
         (ShardState::Serving, Some(newcomer.clone())),
     ];
     assert_eq!(tail, expected, "the last revisions of shard {shard}'s claim: {states:?}");
+
+    // `flowgrid shards --history` reads the same revisions back for an operator.
+    let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--json", "shards", "--history", &shard.to_string()])
+        .output()?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let shown: Value = serde_json::from_slice(&output.stdout)?;
+    let shown: Vec<(String, Value)> = shown["revisions"]
+        .as_array()
+        .expect("revisions")
+        .iter()
+        .map(|revision| (revision["state"].as_str().unwrap_or_default().to_owned(), revision["owner"].clone()))
+        .collect();
+    let expected: Vec<(String, Value)> =
+        expected.iter().map(|(state, owner)| (format!("{state:?}").to_lowercase(), json!(owner))).collect();
+    assert_eq!(shown[shown.len().saturating_sub(4)..], expected[..], "flowgrid shards --history {shard}");
     Ok(())
 }

@@ -45,7 +45,8 @@ pub enum Command {
     Schemas(SchemasArgs),
     /// List the grid's coordinators: alive, draining or dead, shards served, heartbeat, uptime.
     Members,
-    /// Who serves the grid's shards: a summary per coordinator, or every shard with --all.
+    /// Who serves the grid's shards: a summary per coordinator, every shard with --all, or
+    /// one shard's last moves with --history.
     Shards(ShardsArgs),
     /// Coordinators, shard summary and the backlog of every pool and of durable submits.
     Status,
@@ -59,6 +60,10 @@ pub struct ShardsArgs {
     /// One line per shard: owner, state, epoch and how long since it last changed.
     #[arg(long)]
     pub all: bool,
+    /// The last changes of this shard's claim, oldest first (the grid keeps 8): who held
+    /// it, in which state, under which epoch, and when.
+    #[arg(long, value_name = "SHARD", conflicts_with = "all")]
+    pub history: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +207,10 @@ mod tests {
         assert!(cli.json);
         let Command::Shards(shards) = cli.command else { panic!("expected the shards command") };
         assert!(shards.all);
+        let cli = Cli::try_parse_from(["flowgrid", "shards", "--history", "17"]).unwrap();
+        let Command::Shards(shards) = cli.command else { panic!("expected the shards command") };
+        assert_eq!(shards.history, Some(17));
+        assert!(Cli::try_parse_from(["flowgrid", "shards", "--all", "--history", "1"]).is_err());
         let cli = Cli::try_parse_from(["flowgrid", "audit", "--data-dir", "d", "--shards", "8"]).unwrap();
         let Command::Audit(audit) = cli.command else { panic!("expected the audit command") };
         assert_eq!((audit.data_dir, audit.shards), (PathBuf::from("d"), 8));

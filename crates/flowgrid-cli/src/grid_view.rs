@@ -267,22 +267,54 @@ pub fn shard_lines(snapshot: &GridSnapshot) -> Vec<ShardLine> {
     known
         .into_iter()
         .map(|shard| match snapshot.claims.get(&shard) {
-            Some(claim) => ShardLine {
-                shard,
-                owner: claim.owner.clone(),
-                owner_state: claim.owner.as_deref().and_then(|owner| states.get(owner).copied()),
-                state: Some(claim.state),
-                epoch: Some(claim.epoch),
-                changed_ms: Some(claim.changed_ms),
-            },
+            Some(claim) => shard_line(&states, shard, claim),
             None => ShardLine { shard, owner: None, owner_state: None, state: None, epoch: None, changed_ms: None },
         })
         .collect()
 }
 
 pub fn shard_lines_table(lines: &[ShardLine], now_ms: Millis) -> Table {
-    let mut table = Table::new(&["SHARD", "OWNER", "STATE", "EPOCH", "SINCE"]);
-    for line in lines {
+    claims_table("SHARD", lines.iter().map(|line| (line.shard.to_string(), line)), now_ms)
+}
+
+/// One kept revision of a shard's claim, as `flowgrid shards --history` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClaimRevision {
+    /// The bucket's revision: increases with every change of any key of the bucket.
+    pub revision: u64,
+    #[serde(flatten)]
+    pub claim: ShardLine,
+}
+
+/// `shard`'s kept claims, each with its revision, oldest first; owners' member states as
+/// `snapshot` has them.
+pub fn claim_revisions(snapshot: &GridSnapshot, shard: u32, claims: &[(u64, ShardClaim)]) -> Vec<ClaimRevision> {
+    let states = snapshot.states();
+    claims
+        .iter()
+        .map(|(revision, claim)| ClaimRevision { revision: *revision, claim: shard_line(&states, shard, claim) })
+        .collect()
+}
+
+fn shard_line(states: &BTreeMap<&str, MemberState>, shard: u32, claim: &ShardClaim) -> ShardLine {
+    ShardLine {
+        shard,
+        owner: claim.owner.clone(),
+        owner_state: claim.owner.as_deref().and_then(|owner| states.get(owner).copied()),
+        state: Some(claim.state),
+        epoch: Some(claim.epoch),
+        changed_ms: Some(claim.changed_ms),
+    }
+}
+
+pub fn claim_history_table(revisions: &[ClaimRevision], now_ms: Millis) -> Table {
+    claims_table("REVISION", revisions.iter().map(|revision| (revision.revision.to_string(), &revision.claim)), now_ms)
+}
+
+/// A table of claims, each row named by `first` (a shard, a revision).
+fn claims_table<'a>(first: &str, rows: impl Iterator<Item = (String, &'a ShardLine)>, now_ms: Millis) -> Table {
+    let mut table = Table::new(&[first, "OWNER", "STATE", "EPOCH", "SINCE"]);
+    for (name, line) in rows {
         let owner = match (&line.owner, line.owner_state) {
             (None, _) => "-".to_owned(),
             (Some(owner), Some(state)) if state.is_live() => owner.clone(),
@@ -294,7 +326,7 @@ pub fn shard_lines_table(lines: &[ShardLine], now_ms: Millis) -> Table {
             None => "unclaimed".to_owned(),
         };
         table.row(vec![
-            line.shard.to_string(),
+            name,
             owner,
             state,
             line.epoch.map_or_else(|| "-".to_owned(), |epoch| epoch.to_string()),
@@ -573,6 +605,29 @@ mod tests {
                         1      dead (dead)  serving    1      3.0s ago\n\
                         2      -            unclaimed  -      -\n\
                         3      gone (gone)  releasing  1      3.0s ago\n";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_shards_history_lists_each_kept_claim_by_revision() {
+        let snapshot = GridSnapshot {
+            now_ms: NOW,
+            members: vec![member("a", 0, false), member("b", 9_000, false)],
+            grid: Some(GridConfig { shards: 4, created_ms: 0 }),
+            claims: BTreeMap::new(),
+        };
+        let kept = [
+            (7, claim(Some("b"), ShardState::Releasing, 3)),
+            (9, claim(None, ShardState::Released, 3)),
+            (12, claim(Some("a"), ShardState::Acquiring, 3)),
+        ];
+        let revisions = claim_revisions(&snapshot, 2, &kept);
+        assert!(revisions.iter().all(|revision| revision.claim.shard == 2));
+        let text = claim_history_table(&revisions, NOW).render();
+        let expected = "REVISION  OWNER     STATE      EPOCH  SINCE\n\
+                        7         b (dead)  releasing  3      3.0s ago\n\
+                        9         -         released   3      3.0s ago\n\
+                        12        a         acquiring  3      3.0s ago\n";
         assert_eq!(text, expected);
     }
 }

@@ -13,12 +13,13 @@ use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use flowgrid_proto::{decode, shard_of_key, Encoding, GridConfig, ShardClaim, Subjects, GRID_KEY};
+use flowgrid_proto::{decode, shard_key, shard_of_key, Encoding, GridConfig, ShardClaim, Subjects, GRID_KEY};
 
 use crate::args::ShardsArgs;
 use crate::grid_view::{
-    member_views, members_table, render_backlog, render_shard_summary, shard_lines, shard_lines_table, shard_summary,
-    Backlog, GridSnapshot, MemberView, PoolBacklog, ShardLine, ShardSummary, SubmitBacklog,
+    claim_history_table, claim_revisions, member_views, members_table, render_backlog, render_shard_summary,
+    shard_lines, shard_lines_table, shard_summary, Backlog, ClaimRevision, GridSnapshot, MemberView, PoolBacklog,
+    ShardLine, ShardSummary, SubmitBacklog,
 };
 use crate::output::{now_ms, out, outln, print_json};
 use crate::Session;
@@ -49,6 +50,9 @@ pub(crate) async fn members(session: &Session) -> anyhow::Result<ExitCode> {
 pub(crate) async fn shards(args: &ShardsArgs, session: &Session) -> anyhow::Result<ExitCode> {
     let reader = GridReader::connect(session).await?;
     let snapshot = reader.snapshot().await?;
+    if let Some(shard) = args.history {
+        return shard_history(&reader, &snapshot, shard, session).await;
+    }
     let summary = shard_summary(&snapshot);
     if session.json {
         let claims = args.all.then(|| shard_lines(&snapshot));
@@ -57,6 +61,28 @@ pub(crate) async fn shards(args: &ShardsArgs, session: &Session) -> anyhow::Resu
         out!("{}", shard_lines_table(&shard_lines(&snapshot), snapshot.now_ms).render())?;
     } else {
         out!("{}", render_shard_summary(&summary))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flowgrid shards --history SHARD`.
+async fn shard_history(
+    reader: &GridReader,
+    snapshot: &GridSnapshot,
+    shard: u32,
+    session: &Session,
+) -> anyhow::Result<ExitCode> {
+    let shards = snapshot.shard_count();
+    if shard >= shards {
+        anyhow::bail!("shard {shard} does not exist: this grid has {shards} shards (0-{})", shards.saturating_sub(1));
+    }
+    let revisions = claim_revisions(snapshot, shard, &reader.claim_history(shard).await?);
+    if session.json {
+        print_json(&ShardHistoryJson { shard, revisions })?;
+    } else if revisions.is_empty() {
+        outln!("shard {shard} has not been claimed yet")?;
+    } else {
+        out!("{}", claim_history_table(&revisions, snapshot.now_ms).render())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -106,6 +132,13 @@ struct ShardsJson<'a> {
     all_serving: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     claims: Option<Vec<ShardLine>>,
+}
+
+/// `flowgrid shards --history SHARD --json`.
+#[derive(Serialize)]
+struct ShardHistoryJson {
+    shard: u32,
+    revisions: Vec<ClaimRevision>,
 }
 
 /// `flowgrid status --json`; `shards` is null while no coordinator has joined.
@@ -198,6 +231,29 @@ impl GridReader {
         // Read the clock after the records so that fresh heartbeats never look older than they are.
         snapshot.now_ms = now_ms();
         Ok(snapshot)
+    }
+
+    /// The kept revisions of `shard`'s claim, oldest first, with their bucket revisions.
+    async fn claim_history(&self, shard: u32) -> anyhow::Result<Vec<(u64, ShardClaim)>> {
+        let name = self.subjects.shards_bucket();
+        let Some(store) = self.bucket(&name).await? else { return Ok(Vec::new()) };
+        let key = shard_key(shard);
+        let read = async {
+            let entries: Vec<kv::Entry> = store.history(&key).await?.try_collect().await?;
+            Ok::<_, async_nats::Error>(entries)
+        };
+        let entries = tokio::time::timeout(READ_TIMEOUT, read)
+            .await
+            .map_err(|_| self.read_timed_out(&name))?
+            .map_err(|error| anyhow::anyhow!(error))
+            .with_context(|| {
+                format!("cannot read the history of {key} in bucket {name} on NATS at {}", self.nats_url)
+            })?;
+        Ok(entries
+            .into_iter()
+            .filter(|entry| entry.operation == kv::Operation::Put)
+            .filter_map(|entry| Some((entry.revision, decode_record(&name, &key, &entry.value)?)))
+            .collect())
     }
 
     /// Tasks waiting and in flight per pool, and durable submits waiting.
