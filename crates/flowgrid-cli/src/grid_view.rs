@@ -274,13 +274,13 @@ pub fn shard_lines(snapshot: &GridSnapshot) -> Vec<ShardLine> {
 }
 
 pub fn shard_lines_table(lines: &[ShardLine], now_ms: Millis) -> Table {
-    claims_table("SHARD", lines.iter().map(|line| (line.shard.to_string(), line)), now_ms)
+    claims_table(["SHARD", "SINCE"], lines.iter().map(|line| (line.shard.to_string(), line)), now_ms)
 }
 
 /// One kept revision of a shard's claim, as `flowgrid shards --history` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ClaimRevision {
-    /// The bucket's revision: increases with every change of any key of the bucket.
+    /// The bucket's revision: grows with every change of any claim (and of the grid's settings).
     pub revision: u64,
     #[serde(flatten)]
     pub claim: ShardLine,
@@ -308,12 +308,18 @@ fn shard_line(states: &BTreeMap<&str, MemberState>, shard: u32, claim: &ShardCla
 }
 
 pub fn claim_history_table(revisions: &[ClaimRevision], now_ms: Millis) -> Table {
-    claims_table("REVISION", revisions.iter().map(|revision| (revision.revision.to_string(), &revision.claim)), now_ms)
+    let rows = revisions.iter().map(|revision| (revision.revision.to_string(), &revision.claim));
+    claims_table(["REVISION", "WRITTEN"], rows, now_ms)
 }
 
-/// A table of claims, each row named by `first` (a shard, a revision).
-fn claims_table<'a>(first: &str, rows: impl Iterator<Item = (String, &'a ShardLine)>, now_ms: Millis) -> Table {
-    let mut table = Table::new(&[first, "OWNER", "STATE", "EPOCH", "SINCE"]);
+/// A table of claims, each row named by its first cell (a shard, a revision); `[first, last]`
+/// are the headers of the name and of the claim's age.
+fn claims_table<'a>(
+    [first, last]: [&str; 2],
+    rows: impl Iterator<Item = (String, &'a ShardLine)>,
+    now_ms: Millis,
+) -> Table {
+    let mut table = Table::new(&[first, "OWNER", "STATE", "EPOCH", last]);
     for (name, line) in rows {
         let owner = match (&line.owner, line.owner_state) {
             (None, _) => "-".to_owned(),
@@ -624,7 +630,7 @@ mod tests {
         let revisions = claim_revisions(&snapshot, 2, &kept);
         assert!(revisions.iter().all(|revision| revision.claim.shard == 2));
         let text = claim_history_table(&revisions, NOW).render();
-        let expected = "REVISION  OWNER     STATE      EPOCH  SINCE\n\
+        let expected = "REVISION  OWNER     STATE      EPOCH  WRITTEN\n\
                         7         b (dead)  releasing  3      3.0s ago\n\
                         9         -         released   3      3.0s ago\n\
                         12        a         acquiring  3      3.0s ago\n";

@@ -72,9 +72,12 @@ async fn shard_history(
     shard: u32,
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
-    let shards = snapshot.shard_count();
-    if shard >= shards {
-        anyhow::bail!("shard {shard} does not exist: this grid has {shards} shards (0-{})", shards.saturating_sub(1));
+    match snapshot.shard_count() {
+        0 => anyhow::bail!("this grid has no shards yet: no coordinator has claimed one"),
+        shards if shard >= shards => {
+            anyhow::bail!("shard {shard} does not exist: this grid has {shards} shards (0-{})", shards - 1)
+        }
+        _ => {}
     }
     let revisions = claim_revisions(snapshot, shard, &reader.claim_history(shard).await?);
     if session.json {
