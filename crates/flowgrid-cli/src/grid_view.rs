@@ -24,6 +24,9 @@ const SHARD_GROUPS_SHOWN_MAX: usize = 24;
 #[serde(rename_all = "snake_case")]
 pub enum MemberState {
     Alive,
+    /// Alive, but not watching the buckets yet (starting, or back after losing NATS): it
+    /// keeps the shards it serves and is given no others.
+    CatchingUp,
     Draining,
     Dead,
 }
@@ -32,6 +35,7 @@ impl MemberState {
     pub fn as_str(self) -> &'static str {
         match self {
             MemberState::Alive => "alive",
+            MemberState::CatchingUp => "catching-up",
             MemberState::Draining => "draining",
             MemberState::Dead => "dead",
         }
@@ -49,6 +53,8 @@ pub fn member_state(record: &MemberRecord, now_ms: Millis) -> MemberState {
         MemberState::Dead
     } else if record.draining {
         MemberState::Draining
+    } else if record.catching_up {
+        MemberState::CatchingUp
     } else {
         MemberState::Alive
     }
@@ -447,6 +453,7 @@ mod tests {
             heartbeat_ms: NOW - heartbeat_ago_ms,
             lease_ms: 1_500,
             draining,
+            catching_up: false,
             shards_serving: 0,
             store: "redb:box:.grid/data".to_owned(),
             metrics_addr: None,
@@ -464,6 +471,9 @@ mod tests {
         assert_eq!(member_state(&member("a", 1_501, false), NOW), MemberState::Dead);
         assert_eq!(member_state(&member("a", 300, true), NOW), MemberState::Draining);
         assert_eq!(member_state(&member("a", 9_000, true), NOW), MemberState::Dead);
+        let catching_up = MemberRecord { catching_up: true, ..member("a", 300, false) };
+        assert_eq!(member_state(&catching_up, NOW), MemberState::CatchingUp);
+        assert!(MemberState::CatchingUp.is_live());
         // A heartbeat stamped ahead of our clock is fresh, not an underflow.
         assert_eq!(member_state(&member("a", 0, false), NOW - 500), MemberState::Alive);
     }

@@ -61,8 +61,20 @@ pub async fn run_with_store<S: Store>(
     config.validate().map_err(Error::Config)?;
     let started = Instant::now();
     serve_metrics(&config.metrics_addr)?;
+    // Counts connections to NATS: the shard manager drops a bucket watch it was starting
+    // when the connection comes back, as the request may have gone out on the dead one.
+    let (connections_tx, connections) = tokio::sync::watch::channel(0u64);
+    let connections_tx = Arc::new(connections_tx);
     let nats = async_nats::ConnectOptions::new()
         .name("flowgrid-coordinator")
+        .event_callback(move |event| {
+            let connections_tx = connections_tx.clone();
+            async move {
+                if matches!(event, async_nats::Event::Connected) {
+                    connections_tx.send_modify(|count| *count += 1);
+                }
+            }
+        })
         .connect(&config.nats_url)
         .await
         .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
@@ -114,6 +126,7 @@ pub async fn run_with_store<S: Store>(
         heartbeat_ms: now_ms(),
         lease_ms: config.lease_ms,
         draining: false,
+        catching_up: true,
         shards_serving: 0,
         store: store_id,
         metrics_addr: (config.metrics_addr != "off").then(|| config.metrics_addr.clone()),
@@ -133,6 +146,7 @@ pub async fn run_with_store<S: Store>(
             queue_max: config.shard_queue_max,
             forward_permits: Arc::new(Semaphore::new(config.api_concurrency_max)),
             open_failures: Default::default(),
+            connections,
         },
         config.shards,
     );

@@ -42,6 +42,11 @@ pub struct MemberRecord {
     pub lease_ms: u64,
     /// A draining member is leaving: it gives its shards away and takes none.
     pub draining: bool,
+    /// A member catching up (starting, or back after losing NATS) is not watching the
+    /// buckets yet, so it could not take a shard handed to it: the others place none on it
+    /// until it says it is done. Absent in records of earlier versions: not catching up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catching_up: bool,
     /// Shards this member serves right now.
     pub shards_serving: u32,
     /// Where the member keeps shard state, e.g. `redb:<host>:<data dir>`; every member of

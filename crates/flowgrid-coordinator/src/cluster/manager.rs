@@ -72,6 +72,8 @@ pub struct ManagerContext<S: Store> {
     pub forward_permits: Arc<Semaphore>,
     /// Warns about shards that fail to open, at a bounded rate.
     pub open_failures: OpenFailures,
+    /// Changes each time the client connects to NATS again.
+    pub connections: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Shard opens that failed other than on a busy file (a full or failing disk), retried
@@ -180,12 +182,17 @@ impl<S: Store> ShardManager<S> {
         let stall = self.shared.lease.duration() / 3;
         let mut last_turn = Instant::now();
         loop {
+            // Without both watches this member could not take a shard handed to it: the
+            // others place none on it meanwhile (after a start, or back from losing NATS).
+            let membership = self.shared.membership.clone();
+            membership.set_catching_up(members.is_none() || claims.is_none());
             if members.is_none() {
-                members = within_watch_start(self.load_members(&members_kv)).await;
+                members = within_watch_start(self.shared.connections.clone(), self.load_members(&members_kv)).await;
             }
             if claims.is_none() {
-                claims = within_watch_start(self.load_claims()).await;
+                claims = within_watch_start(self.shared.connections.clone(), self.load_claims()).await;
             }
+            membership.set_catching_up(members.is_none() || claims.is_none());
             tokio::select! {
                 entry = next_entry(&mut members) => match entry {
                     Some(entry) => self.member_changed(entry),
@@ -607,12 +614,25 @@ fn encode_claim(claim: &ShardClaim) -> Bytes {
     Bytes::from(rmp_serde::to_vec_named(claim).expect("a shard claim encodes"))
 }
 
-/// A watch started within [`WATCH_START_TIMEOUT`], or `None` (the caller tries again).
-async fn within_watch_start(start: impl Future<Output = Option<kv::Watch>>) -> Option<kv::Watch> {
-    match tokio::time::timeout(WATCH_START_TIMEOUT, start).await {
-        Ok(watch) => watch,
-        Err(_) => {
-            warn!(timeout = ?WATCH_START_TIMEOUT, "starting a KV watch took too long; starting it again");
+/// A watch started within [`WATCH_START_TIMEOUT`], or `None` (the caller tries again at
+/// once): also when the connection to NATS comes back meanwhile, as the start's request
+/// may have gone out on the dead connection and have no answer coming (`connections`
+/// changes on each connect).
+async fn within_watch_start(
+    mut connections: tokio::sync::watch::Receiver<u64>,
+    start: impl Future<Output = Option<kv::Watch>>,
+) -> Option<kv::Watch> {
+    connections.mark_unchanged();
+    tokio::select! {
+        watch = tokio::time::timeout(WATCH_START_TIMEOUT, start) => match watch {
+            Ok(watch) => watch,
+            Err(_) => {
+                warn!(timeout = ?WATCH_START_TIMEOUT, "starting a KV watch took too long; starting it again");
+                None
+            }
+        },
+        Ok(()) = connections.changed() => {
+            info!("connected to NATS again while starting a KV watch; starting it again");
             None
         }
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use flowgrid_proto::MemberRecord;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -29,13 +29,25 @@ pub struct Membership {
     lease: Arc<Lease>,
     table: Arc<ShardTable>,
     draining: AtomicBool,
+    /// Not watching the buckets yet; true until the shard manager says otherwise.
+    catching_up: AtomicBool,
+    /// Asks the heartbeat loop to write the record now rather than at its next tick.
+    beat_now: Notify,
     /// The record and the revision it was last written at (`None`: not written yet).
     state: Mutex<(MemberRecord, Option<u64>)>,
 }
 
 impl Membership {
     pub fn new(kv: kv::Store, record: MemberRecord, lease: Arc<Lease>, table: Arc<ShardTable>) -> Membership {
-        Membership { kv, lease, table, draining: AtomicBool::new(false), state: Mutex::new((record, None)) }
+        Membership {
+            kv,
+            lease,
+            table,
+            draining: AtomicBool::new(false),
+            catching_up: AtomicBool::new(true),
+            beat_now: Notify::new(),
+            state: Mutex::new((record, None)),
+        }
     }
 
     /// Writes the record once; a success renews the lease.
@@ -45,6 +57,7 @@ impl Membership {
         record.heartbeat_ms = now_ms();
         record.shards_serving = self.table.served();
         record.draining = self.draining.load(Ordering::Acquire);
+        record.catching_up = self.catching_up.load(Ordering::Acquire);
         let value = Bytes::from(rmp_serde::to_vec_named(record).expect("a member record encodes"));
         let sent = Instant::now();
         let written = match *revision {
@@ -81,6 +94,7 @@ impl Membership {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = ticks.tick() => {}
+                _ = self.beat_now.notified() => {}
             }
             match tokio::time::timeout(period.max(HEARTBEAT_WRITE_WAIT_MIN), self.beat()).await {
                 Ok(Ok(())) => {}
@@ -95,6 +109,14 @@ impl Membership {
                 info!("lease renewed again");
             }
             was_valid = valid;
+        }
+    }
+
+    /// Whether the shard manager is catching up (its bucket watches not running); a change
+    /// is written at once by the heartbeat loop, without waiting here.
+    pub fn set_catching_up(&self, catching_up: bool) {
+        if self.catching_up.swap(catching_up, Ordering::AcqRel) != catching_up {
+            self.beat_now.notify_one();
         }
     }
 

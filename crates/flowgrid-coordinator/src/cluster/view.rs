@@ -107,12 +107,13 @@ impl ClusterView {
         }
     }
 
-    /// Live members that take shards (not draining), sorted; `me` is included when `me_active`.
+    /// Live members that take shards (neither draining nor catching up), sorted; `me` is
+    /// included when `me_active`.
     pub fn candidates(&self, me_active: bool, now: Instant) -> Vec<&str> {
         let mut live: Vec<&str> = self
             .members
             .values()
-            .filter(|member| member.record.id != self.me && !member.record.draining)
+            .filter(|member| member.record.id != self.me && !member.record.draining && !member.record.catching_up)
             .filter(|member| self.alive(&member.record.id, now))
             .map(|member| member.record.id.as_str())
             .collect();
@@ -162,6 +163,7 @@ mod tests {
             heartbeat_ms: 0,
             lease_ms: LEASE.as_millis() as u64,
             draining,
+            catching_up: false,
             shards_serving: 0,
             store: "s".into(),
             metrics_addr: None,
@@ -213,13 +215,18 @@ mod tests {
     }
 
     #[test]
-    fn candidates_leave_out_draining_and_dead_members() {
+    fn candidates_leave_out_draining_catching_up_and_dead_members() {
         let start = Instant::now();
         let mut view = ClusterView::new("me".into(), 4, LEASE, start);
         view.member_put(record("b", false), 1, start);
         view.member_put(record("a", false), 1, start);
         view.member_put(record("c", true), 1, start);
+        view.member_put(MemberRecord { catching_up: true, ..record("d", false) }, 1, start);
         assert_eq!(view.candidates(true, start), vec!["a", "b", "me"]);
+        // Caught up: it takes shards from now on.
+        view.member_put(record("d", false), 2, start);
+        assert_eq!(view.candidates(true, start), vec!["a", "b", "d", "me"]);
+        view.member_deleted("d");
         assert_eq!(view.candidates(false, start), vec!["a", "b"]);
         assert_eq!(view.candidates(true, start + LEASE * 2), vec!["me"]);
         view.member_deleted("a");
