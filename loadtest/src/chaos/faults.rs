@@ -181,7 +181,7 @@ async fn act(
             ));
             tokio::time::sleep(cut_for).await;
             cluster.set_cut(false)?;
-            watch.resumed(&member, Instant::now());
+            watch.rejoined(&member, Instant::now());
             watch.note(&format!("JOINED {name} pid {pid} to NATS again"));
         }
         Action::ScaleOut => {

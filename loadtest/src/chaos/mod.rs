@@ -447,12 +447,13 @@ impl Findings<'_> {
 
     fn report(self) -> Verdict {
         let checks = self.check_runs();
-        let (takeover, pause_takeover, cut_takeover, handoff) = self.watch.with(|state| {
+        let (takeover, pause_takeover, cut_takeover, handoff, serving_again) = self.watch.with(|state| {
             (
                 state.takeover_ms.clone(),
                 state.pause_takeover_ms.clone(),
                 state.cut_takeover_ms.clone(),
                 state.handoff_ms.clone(),
+                state.serving_again_ms.clone(),
             )
         });
         let (claim_changes, watch_errors, undecodable, taken_from_live) = self
@@ -539,6 +540,7 @@ impl Findings<'_> {
             ("takeover after pause".to_owned(), ms(&pause_takeover)),
             ("takeover after cut from NATS".to_owned(), ms(&cut_takeover)),
             ("hand-over".to_owned(), ms(&handoff)),
+            ("serving again after a cut".to_owned(), ms(&serving_again)),
             ("graceful leave (scale-in)".to_owned(), ms(&leave_ms)),
             (
                 "coordinator trouble".to_owned(),
@@ -635,6 +637,8 @@ impl Findings<'_> {
             ("handoff_ms_p50", percentile_value(&handoff, 0.5)),
             ("handoff_ms_p99", percentile_value(&handoff, 0.99)),
             ("handoffs", json!(handoff.len())),
+            ("serving_again_ms_p50", percentile_value(&serving_again, 0.5)),
+            ("serving_again_ms_max", json!(serving_again.iter().max())),
             ("runs_finished", json!(finished)),
             ("runs_wrong_output", json!(checks.wrong_output)),
             ("runs_missing", json!(checks.missing_from_store)),

@@ -60,6 +60,10 @@ pub struct WatchState {
     pub cut_takeover_ms: Vec<u64>,
     /// Hand-overs, in milliseconds.
     pub handoff_ms: Vec<u64>,
+    /// Members back on NATS after a cut that serve no shard yet, and since when.
+    rejoined: HashMap<String, Instant>,
+    /// From a cut's end to its member serving a shard again, in milliseconds.
+    pub serving_again_ms: Vec<u64>,
     pub last_takeover_ms: Option<u64>,
     pub claim_changes: u64,
     pub watch_errors: u64,
@@ -124,6 +128,12 @@ impl WatchState {
         shards.len()
     }
 
+    /// See [`Watch::rejoined`].
+    fn rejoined(&mut self, member: &str, at: Instant) {
+        self.down.insert(member.to_owned(), Some(at));
+        self.rejoined.insert(member.to_owned(), at);
+    }
+
     /// True when the harness has not killed `member`, and has not paused it or cut it off
     /// within `grace` (its lease) of `now`.
     fn is_live(&self, member: &str, now: Instant, grace: std::time::Duration) -> bool {
@@ -178,6 +188,9 @@ impl WatchState {
                     if from != owner {
                         self.handoff_ms.push(millis(now, since));
                     }
+                }
+                if let Some(since) = self.rejoined.remove(owner) {
+                    self.serving_again_ms.push(millis(now, since));
                 }
             }
             _ => {}
@@ -274,6 +287,12 @@ impl Watch {
     pub fn resumed(&self, member: &str, at: Instant) {
         self.state.lock().expect("watch state lock").down.insert(member.to_owned(), Some(at));
     }
+
+    /// `member` reaches NATS again after a cut: as [`Watch::resumed`], and the time until it
+    /// serves a shard again is measured.
+    pub fn rejoined(&self, member: &str, at: Instant) {
+        self.state.lock().expect("watch state lock").rejoined(member, at);
+    }
 }
 
 fn apply_shard_entry(state: &mut WatchState, timeline: &mut Timeline, entry: Entry, now: Instant) {
@@ -309,14 +328,18 @@ fn apply_member_entry(state: &mut WatchState, timeline: &mut Timeline, entry: En
         Operation::Put => match rmp_serde::from_slice::<MemberRecord>(&entry.value) {
             Ok(record) => {
                 let known = state.members.get(&record.id);
-                let changed = known.is_none_or(|known| known.draining != record.draining);
+                let changed = known
+                    .is_none_or(|known| (known.draining, known.catching_up) != (record.draining, record.catching_up));
                 if changed {
+                    let status = match (record.draining, record.catching_up) {
+                        (true, _) => "draining",
+                        (false, true) => "catching up",
+                        (false, false) if known.is_some() => "caught up",
+                        (false, false) => "joined",
+                    };
                     timeline.line(&format!(
-                        "member {} pid {} {} (lease {} ms)",
-                        record.id,
-                        record.pid,
-                        if record.draining { "draining" } else { "joined" },
-                        record.lease_ms
+                        "member {} pid {} {status} (lease {} ms)",
+                        record.id, record.pid, record.lease_ms
                     ));
                 }
                 state.members.insert(record.id.clone(), record);
@@ -396,6 +419,24 @@ mod tests {
         state.claim_changed(3, claim(Some("b"), ShardState::Serving), start + Duration::from_millis(120));
         assert_eq!(state.handoff_ms, vec![120]);
         assert_eq!(state.shards_not_serving(4), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_member_back_from_a_cut_is_timed_until_it_serves_a_shard_again() {
+        let mut state = WatchState::default();
+        let start = Instant::now();
+        state.claim_changed(0, claim(Some("a"), ShardState::Serving), start);
+        state.expect_takeover("a", Cause::Cut, start);
+        state.claim_changed(0, claim(Some("b"), ShardState::Serving), start + Duration::from_secs(2));
+        let back = start + Duration::from_secs(10);
+        state.rejoined("a", back);
+        state.claim_changed(0, claim(Some("b"), ShardState::Releasing), back + Duration::from_millis(700));
+        state.claim_changed(0, claim(Some("a"), ShardState::Acquiring), back + Duration::from_millis(710));
+        assert!(state.serving_again_ms.is_empty(), "acquiring is not serving yet");
+        state.claim_changed(0, claim(Some("a"), ShardState::Serving), back + Duration::from_millis(720));
+        state.claim_changed(1, claim(Some("a"), ShardState::Serving), back + Duration::from_millis(900));
+        assert_eq!(state.serving_again_ms, vec![720], "timed once, at its first shard");
+        assert_eq!(state.handoff_ms, vec![20]);
     }
 
     #[test]
