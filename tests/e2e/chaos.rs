@@ -2,7 +2,7 @@
 //! grid under steady load, killed with SIGKILL, paused past their lease, one cut off from
 //! NATS when the harness may make a network namespace (root), a fourth added and asked to
 //! leave) for 45 s. No accepted run may be lost, no result applied twice, no commit made
-//! under a stale epoch.
+//! under a stale epoch; at the end every shard is served and every coordinator caught up.
 
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ fn coordinators_killed_paused_and_scaled_under_load_lose_no_run() {
     assert_eq!(count("results_double_applied"), 0, "results were applied twice\n{output}");
     assert_eq!(count("stale_epoch_commits"), 0, "commits under a stale epoch\n{output}");
     assert!(count("kills") >= 2, "fewer than 2 kills in 45 s\n{output}");
+    assert_eq!(count("shards_not_serving"), 0, "shards left without an owner\n{output}");
+    assert_eq!(count("members_catching_up"), 0, "coordinators that never caught up\n{output}");
     if output.contains("NO CUTS") {
         eprintln!("SKIPPED: cuts from NATS: the harness could not make a network namespace (see its output)");
     } else {

@@ -157,7 +157,7 @@ async fn drive(args: &ChaosArgs, seed: u64, cluster: &mut Cluster, origin: Insta
     );
     let unfinished = load::poll_until_finished(&client, &ledger, args.drain).await;
     watch.note(&format!("drained: {unfinished} runs not seen finished"));
-    let (not_serving, pending_takeovers) = settle(cluster, &watch, &stats, args.shards).await;
+    let settled = settle(cluster, &watch, &stats, args.shards).await;
 
     let workers_exited = cluster.workers_exited();
     cluster.stop_workers(Duration::from_secs(5));
@@ -178,8 +178,7 @@ async fn drive(args: &ChaosArgs, seed: u64, cluster: &mut Cluster, origin: Insta
         watch: &watch,
         audit: audited.as_ref().ok(),
         audit_error: audited.as_ref().err().map(ToString::to_string),
-        not_serving,
-        pending_takeovers,
+        settled,
         stopped,
         workers_exited,
     };
@@ -214,27 +213,51 @@ async fn wait_for_grid(cluster: &mut Cluster, watch: &Watch, coordinators: usize
     }
 }
 
-/// Waits (bounded) until every shard is served and every takeover a kill expected has
-/// happened; returns the shards still not served and the takeovers still expected.
-async fn settle(cluster: &mut Cluster, watch: &Watch, stats: &FaultStats, shards: u32) -> (Vec<u32>, usize) {
+/// How the grid looked once the faults were over and it had had time to settle.
+struct Settled {
+    not_serving: Vec<u32>,
+    /// Takeovers a kill made expected that never happened.
+    pending_takeovers: usize,
+    /// Live members still catching up.
+    catching_up: Vec<String>,
+}
+
+impl Settled {
+    fn is_settled(&self) -> bool {
+        self.not_serving.is_empty() && self.pending_takeovers == 0 && self.catching_up.is_empty()
+    }
+}
+
+/// Waits (bounded) until every shard is served, every takeover a kill expected has
+/// happened and no live member is catching up any more.
+async fn settle(cluster: &mut Cluster, watch: &Watch, stats: &FaultStats, shards: u32) -> Settled {
     let until = Instant::now() + SETTLE_DEADLINE;
     loop {
         faults::tend(cluster, watch, stats);
-        let (not_serving, pending) =
-            watch.with(|state| (state.shards_not_serving(shards), state.pending_kill_takeovers()));
-        if (not_serving.is_empty() && pending == 0) || Instant::now() > until {
-            if !not_serving.is_empty() || pending > 0 {
+        let settled = watch.with(|state| Settled {
+            not_serving: state.shards_not_serving(shards),
+            pending_takeovers: state.pending_kill_takeovers(),
+            catching_up: state.members_catching_up(),
+        });
+        if settled.is_settled() || Instant::now() > until {
+            if !settled.is_settled() {
                 let detail = watch.with(|state| {
-                    let claims: Vec<String> = not_serving
+                    let claims: Vec<String> = settled
+                        .not_serving
                         .iter()
                         .map(|shard| format!("shard-{shard}: {:?}", state.claims.get(shard)))
                         .collect();
-                    format!("not served: {}; takeovers expected: {:?}", claims.join(", "), state.pending_takeovers())
+                    format!(
+                        "not served: {}; takeovers expected: {:?}; members catching up: {:?}",
+                        claims.join(", "),
+                        state.pending_takeovers(),
+                        settled.catching_up
+                    )
                 });
-                watch.note(&format!("claims did not settle within {SETTLE_DEADLINE:?}: {detail}"));
-                eprintln!("chaos: claims did not settle within {SETTLE_DEADLINE:?}: {detail}");
+                watch.note(&format!("the grid did not settle within {SETTLE_DEADLINE:?}: {detail}"));
+                eprintln!("chaos: the grid did not settle within {SETTLE_DEADLINE:?}: {detail}");
             }
-            return (not_serving, pending);
+            return settled;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -365,8 +388,7 @@ struct Findings<'a> {
     watch: &'a Watch,
     audit: Option<&'a Audit>,
     audit_error: Option<String>,
-    not_serving: Vec<u32>,
-    pending_takeovers: usize,
+    settled: Settled,
     stopped: Stopped,
     workers_exited: Vec<String>,
 }
@@ -486,6 +508,13 @@ impl Findings<'_> {
                 self.audit_error.clone().unwrap_or_else(|| "unknown error".to_owned())
             )),
         }
+        let settled = &self.settled;
+        if !settled.not_serving.is_empty() {
+            failures.push(format!("{} shards not served at the end", settled.not_serving.len()));
+        }
+        if !settled.catching_up.is_empty() {
+            failures.push(format!("coordinators still catching up at the end: {}", settled.catching_up.join(", ")));
+        }
 
         let start_errors = self.ledger.start_errors.kinds();
         let get_errors = self.ledger.get_errors.kinds();
@@ -556,9 +585,11 @@ impl Findings<'_> {
             (
                 "claims at the end".to_owned(),
                 format!(
-                    "{} shards not served, {} takeovers never seen, {claim_changes} changes watched",
-                    self.not_serving.len(),
-                    self.pending_takeovers
+                    "{} shards not served, {} takeovers never seen, {claim_changes} changes watched, {} coordinators \
+                     still catching up",
+                    settled.not_serving.len(),
+                    settled.pending_takeovers,
+                    settled.catching_up.len()
                 ),
             ),
             (
@@ -655,7 +686,8 @@ impl Findings<'_> {
                 "leave_failures",
                 json!(stats.leave_failures.load(Ordering::Relaxed) + self.stopped.failures.len() as u64),
             ),
-            ("shards_not_serving", json!(self.not_serving.len())),
+            ("shards_not_serving", json!(settled.not_serving.len())),
+            ("members_catching_up", json!(settled.catching_up.len())),
             ("claims_taken_from_live", json!(taken_from_live.len())),
             ("final_stop_ms_max", json!(self.stopped.leave_ms.iter().max())),
             ("audit_problems", json!(report.map(|report| report.problems_total))),

@@ -97,6 +97,19 @@ impl WatchState {
             .collect()
     }
 
+    /// Members whose record says they are catching up (not watching the buckets yet), but
+    /// for those the harness killed: their last record stays as it was.
+    pub fn members_catching_up(&self) -> Vec<String> {
+        let mut members: Vec<String> = self
+            .members
+            .values()
+            .filter(|member| member.catching_up && self.down.get(&member.id) != Some(&None))
+            .map(|member| member.id.clone())
+            .collect();
+        members.sort();
+        members
+    }
+
     /// Takeovers still expected after a kill.
     pub fn pending_kill_takeovers(&self) -> usize {
         self.pending.values().filter(|pending| pending.cause == Cause::Kill).count()
@@ -437,6 +450,34 @@ mod tests {
         state.claim_changed(1, claim(Some("a"), ShardState::Serving), back + Duration::from_millis(900));
         assert_eq!(state.serving_again_ms, vec![720], "timed once, at its first shard");
         assert_eq!(state.handoff_ms, vec![20]);
+    }
+
+    #[test]
+    fn members_catching_up_leave_out_the_killed_ones() {
+        let mut state = WatchState::default();
+        let start = Instant::now();
+        for (id, catching_up) in [("a", true), ("b", true), ("c", false)] {
+            let record = MemberRecord {
+                id: id.to_owned(),
+                host: "h".to_owned(),
+                pid: 1,
+                started_ms: 0,
+                heartbeat_ms: 0,
+                lease_ms: 1_500,
+                draining: false,
+                catching_up,
+                shards_serving: 0,
+                store: "s".to_owned(),
+                metrics_addr: None,
+            };
+            state.members.insert(id.to_owned(), record);
+        }
+        state.expect_takeover("a", Cause::Kill, start);
+        assert_eq!(state.members_catching_up(), vec!["b".to_owned()]);
+        // Cut off, then back: it has to catch up like any other.
+        state.expect_takeover("b", Cause::Cut, start);
+        state.rejoined("b", start);
+        assert_eq!(state.members_catching_up(), vec!["b".to_owned()]);
     }
 
     #[test]
