@@ -220,16 +220,23 @@ struct Settled {
     pending_takeovers: usize,
     /// Live members still catching up.
     catching_up: Vec<String>,
+    /// Members back from a cut that serve no shard yet: waited for, so that the last cut
+    /// is timed too, but not a failure.
+    rejoined_not_serving: Vec<String>,
 }
 
 impl Settled {
     fn is_settled(&self) -> bool {
-        self.not_serving.is_empty() && self.pending_takeovers == 0 && self.catching_up.is_empty()
+        self.not_serving.is_empty()
+            && self.pending_takeovers == 0
+            && self.catching_up.is_empty()
+            && self.rejoined_not_serving.is_empty()
     }
 }
 
 /// Waits (bounded) until every shard is served, every takeover a kill expected has
-/// happened and no live member is catching up any more.
+/// happened, no live member is catching up any more and every member back from a cut
+/// serves a shard again.
 async fn settle(cluster: &mut Cluster, watch: &Watch, stats: &FaultStats, shards: u32) -> Settled {
     let until = Instant::now() + SETTLE_DEADLINE;
     loop {
@@ -238,6 +245,7 @@ async fn settle(cluster: &mut Cluster, watch: &Watch, stats: &FaultStats, shards
             not_serving: state.shards_not_serving(shards),
             pending_takeovers: state.pending_kill_takeovers(),
             catching_up: state.members_catching_up(),
+            rejoined_not_serving: state.rejoined_not_serving(),
         });
         if settled.is_settled() || Instant::now() > until {
             if !settled.is_settled() {
@@ -248,10 +256,12 @@ async fn settle(cluster: &mut Cluster, watch: &Watch, stats: &FaultStats, shards
                         .map(|shard| format!("shard-{shard}: {:?}", state.claims.get(shard)))
                         .collect();
                     format!(
-                        "not served: {}; takeovers expected: {:?}; members catching up: {:?}",
+                        "not served: {}; takeovers expected: {:?}; members catching up: {:?}; back from a cut and \
+                         serving nothing: {:?}",
                         claims.join(", "),
                         state.pending_takeovers(),
-                        settled.catching_up
+                        settled.catching_up,
+                        settled.rejoined_not_serving
                     )
                 });
                 watch.note(&format!("the grid did not settle within {SETTLE_DEADLINE:?}: {detail}"));

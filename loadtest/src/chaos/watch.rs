@@ -110,6 +110,13 @@ impl WatchState {
         members
     }
 
+    /// Members back from a cut that serve no shard yet.
+    pub fn rejoined_not_serving(&self) -> Vec<String> {
+        let mut members: Vec<String> = self.rejoined.keys().cloned().collect();
+        members.sort();
+        members
+    }
+
     /// Takeovers still expected after a kill.
     pub fn pending_kill_takeovers(&self) -> usize {
         self.pending.values().filter(|pending| pending.cause == Cause::Kill).count()
@@ -132,6 +139,8 @@ impl WatchState {
     /// from `since` to then is a takeover of `cause`.
     fn expect_takeover(&mut self, member: &str, cause: Cause, since: Instant) -> usize {
         self.down.insert(member.to_owned(), None);
+        // A fault after a cut ends the wait for it to serve again untimed.
+        self.rejoined.remove(member);
         let shards = self.shards_of(member);
         for shard in &shards {
             // A hand-over the member had started ends as a takeover now.
@@ -365,6 +374,7 @@ fn apply_member_entry(state: &mut WatchState, timeline: &mut Timeline, entry: En
         Operation::Delete | Operation::Purge => {
             timeline.line(&format!("member {} left", entry.key));
             state.members.remove(&entry.key);
+            state.rejoined.remove(&entry.key);
         }
     }
 }
@@ -450,6 +460,14 @@ mod tests {
         state.claim_changed(1, claim(Some("a"), ShardState::Serving), back + Duration::from_millis(900));
         assert_eq!(state.serving_again_ms, vec![720], "timed once, at its first shard");
         assert_eq!(state.handoff_ms, vec![20]);
+        assert!(state.rejoined_not_serving().is_empty());
+        // Killed after its cut, before it served again: not timed.
+        state.expect_takeover("a", Cause::Cut, back);
+        state.rejoined("a", back + Duration::from_secs(10));
+        assert_eq!(state.rejoined_not_serving(), vec!["a".to_owned()]);
+        state.expect_takeover("a", Cause::Kill, back + Duration::from_secs(11));
+        assert!(state.rejoined_not_serving().is_empty());
+        assert_eq!(state.serving_again_ms.len(), 1);
     }
 
     #[test]
