@@ -159,7 +159,7 @@ pub async fn members_kv(jetstream: &jetstream::Context, subjects: &Subjects) -> 
 /// bucket; with one revision kept, a claim changed twice in quick succession (`released`,
 /// then `acquiring` by another member) can lose its first change before a watch delivers
 /// it, and the watcher sees the claim move straight from one owner to another. Kept
-/// revisions also let an operator read a shard's last hand-overs (`nats kv history`).
+/// revisions also let an operator read a shard's last hand-overs (`flowgrid shards --history`).
 pub const CLAIM_REVISIONS_KEPT: i64 = 8;
 
 /// The shards bucket (one claim per shard and the grid's settings, see
@@ -180,7 +180,14 @@ async fn open_kv(jetstream: &jetstream::Context, config: kv::Config) -> Result<k
     if let Ok(store) = jetstream.get_key_value(&name).await {
         // Kept revisions help watchers and operators; nothing depends on them.
         if let Err(error) = raise_history(jetstream, &store, config.history).await {
-            tracing::warn!(bucket = %name, history = config.history, error = %error, "cannot raise the revisions the bucket keeps per key");
+            tracing::warn!(
+                bucket = %name,
+                history = config.history,
+                error = %error,
+                "cannot raise the revisions the bucket keeps per key; the grid works as before, but watchers may miss \
+                 a quick change and `flowgrid shards --history` shows less (raise it by hand: `nats stream edit \
+                 KV_<bucket> --max-msgs-per-subject <history>`, which needs the permission to update streams)"
+            );
         }
         return Ok(store);
     }

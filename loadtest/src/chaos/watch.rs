@@ -103,7 +103,7 @@ impl WatchState {
         let mut members: Vec<String> = self
             .members
             .values()
-            .filter(|member| member.catching_up && self.down.get(&member.id) != Some(&None))
+            .filter(|member| member.catching_up && !self.killed(&member.id))
             .map(|member| member.id.clone())
             .collect();
         members.sort();
@@ -154,6 +154,11 @@ impl WatchState {
     fn rejoined(&mut self, member: &str, at: Instant) {
         self.down.insert(member.to_owned(), Some(at));
         self.rejoined.insert(member.to_owned(), at);
+    }
+
+    /// True when the harness killed `member` (its last record stays as it was).
+    fn killed(&self, member: &str) -> bool {
+        self.down.get(member) == Some(&None)
     }
 
     /// True when the harness has not killed `member`, and has not paused it or cut it off
@@ -444,12 +449,18 @@ mod tests {
         assert_eq!(state.shards_not_serving(4), vec![0, 1, 2]);
     }
 
-    #[test]
-    fn a_member_back_from_a_cut_is_timed_until_it_serves_a_shard_again() {
+    /// Shard 0 served by `a`, then `a` cut off from NATS at `start`.
+    fn a_cut_off_at(start: Instant) -> WatchState {
         let mut state = WatchState::default();
-        let start = Instant::now();
         state.claim_changed(0, claim(Some("a"), ShardState::Serving), start);
         state.expect_takeover("a", Cause::Cut, start);
+        state
+    }
+
+    #[test]
+    fn a_member_back_from_a_cut_is_timed_until_it_serves_a_shard_again() {
+        let start = Instant::now();
+        let mut state = a_cut_off_at(start);
         state.claim_changed(0, claim(Some("b"), ShardState::Serving), start + Duration::from_secs(2));
         let back = start + Duration::from_secs(10);
         state.rejoined("a", back);
@@ -514,10 +525,8 @@ mod tests {
 
     #[test]
     fn a_cut_off_members_shards_are_timed_apart_and_are_not_taken_from_a_live_member() {
-        let mut state = WatchState::default();
         let start = Instant::now();
-        state.claim_changed(0, claim(Some("a"), ShardState::Serving), start);
-        state.expect_takeover("a", Cause::Cut, start);
+        let mut state = a_cut_off_at(start);
         let taken = start + Duration::from_millis(1_400);
         assert!(state.claim_changed(0, claim(Some("b"), ShardState::Acquiring), taken).is_none(), "a is cut off");
         state.claim_changed(0, claim(Some("b"), ShardState::Serving), taken);

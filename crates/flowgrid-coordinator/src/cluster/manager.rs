@@ -184,15 +184,14 @@ impl<S: Store> ShardManager<S> {
         loop {
             // Without both watches this member could not take a shard handed to it: the
             // others place none on it meanwhile (after a start, or back from losing NATS).
-            let membership = self.shared.membership.clone();
-            membership.set_catching_up(members.is_none() || claims.is_none());
+            self.shared.membership.set_catching_up(members.is_none() || claims.is_none());
             if members.is_none() {
                 members = within_watch_start(self.shared.connections.clone(), self.load_members(&members_kv)).await;
             }
             if claims.is_none() {
                 claims = within_watch_start(self.shared.connections.clone(), self.load_claims()).await;
             }
-            membership.set_catching_up(members.is_none() || claims.is_none());
+            self.shared.membership.set_catching_up(members.is_none() || claims.is_none());
             tokio::select! {
                 entry = next_entry(&mut members) => match entry {
                     Some(entry) => self.member_changed(entry),
