@@ -35,7 +35,7 @@
 #   make help        this text
 #
 # Variables (override on the command line, e.g. `make up NATS_PORT=4333`):
-#   CARGO=cargo NATS_PORT=4222 METRICS_PORT=9464 SHARDS=64 WORKER_POOLS=gpu-llm,cpu-media
+#   CARGO=cargo NATS_PORT=4222 METRICS_PORT=9464 SHARDS=64 WORKER_POOLS=gpu-llm,cpu-media,tests
 #   COORDINATORS=1 (make up, make scale)  DURATION=120 (make chaos, seconds; or 10m)
 #   CHAOS_ARGS="--seed 7 --coordinators 5" (more flags of `flowgrid-loadtest chaos`)
 #   TARGET_DIR=$CARGO_TARGET_DIR or target  LOADTEST_ARGS="run --workload single --duration 30s"
@@ -46,7 +46,7 @@ CARGO ?= cargo
 NATS_PORT ?= 4222
 METRICS_PORT ?= 9464
 SHARDS ?= 64
-WORKER_POOLS ?= gpu-llm,cpu-media
+WORKER_POOLS ?= gpu-llm,cpu-media,tests
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 LOADTEST_ARGS ?= run --workload chain --tasks-per-run 3 --mode closed --concurrency 512 --duration 60s
 COORDINATORS ?= 1

@@ -9,7 +9,7 @@
 #
 # usage: deploy/grid.sh up|scale|down|status|clean
 # env:   COORDINATORS (1) NATS_PORT (4222) METRICS_PORT (9464) SHARDS (64)
-#        WORKER_POOLS (gpu-llm,cpu-media) FLOWGRID_BIN (target/debug/flowgrid) GRID_DIR (.grid)
+#        WORKER_POOLS (gpu-llm,cpu-media,tests) FLOWGRID_BIN (target/debug/flowgrid) GRID_DIR (.grid)
 #        UP_TIMEOUT_SECONDS (60) LEAVE_TIMEOUT_SECONDS (30: a coordinator's graceful leave)
 set -euo pipefail
 
@@ -22,7 +22,7 @@ COORDINATORS=${COORDINATORS:-1}
 NATS_PORT=${NATS_PORT:-4222}
 METRICS_PORT=${METRICS_PORT:-9464}
 SHARDS=${SHARDS:-64}
-WORKER_POOLS=${WORKER_POOLS:-gpu-llm,cpu-media}
+WORKER_POOLS=${WORKER_POOLS:-gpu-llm,cpu-media,tests}
 FLOWGRID_BIN=${FLOWGRID_BIN:-target/debug/flowgrid}
 GRID_DIR=${GRID_DIR:-.grid}
 UP_TIMEOUT_SECONDS=${UP_TIMEOUT_SECONDS:-60}

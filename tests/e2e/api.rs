@@ -400,3 +400,49 @@ async fn run_list_filters_by_flow_and_status_and_pages_with_a_cursor() -> anyhow
     assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
     Ok(())
 }
+
+/// `flowgrid` run against the grid: its exit status, stdout and stderr.
+fn flowgrid_cli(grid: &Grid, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix])
+        .args(args)
+        .output()?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    Ok((output.status.success(), text(&output.stdout), text(&output.stderr)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_run_get_name_a_pool_whose_tasks_wait_with_no_worker() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, IDLE_FLOW).await?;
+    let run_id = client.start(start("idle", json!({"n": 1}), None)).await.or_logs(&grid)?.run_id;
+
+    let no_worker = "pool idle: 1 task waits and no worker is pulling from it; start a worker for pool `idle`";
+    wait_for("`flowgrid status` to name the pool without a worker", RUN_DEADLINE, || async {
+        let (ok, stdout, _) = flowgrid_cli(&grid, &["status"]).ok()?;
+        (ok && stdout.contains(no_worker)).then_some(())
+    })
+    .await?;
+    let (ok, stdout, stderr) = flowgrid_cli(&grid, &["run", "get", run_id.as_str()])?;
+    assert!(ok && stdout.contains("running"), "{stdout}\n{stderr}");
+    assert!(stderr.contains(&format!("hint: step wait waits on {no_worker}")), "{stderr}");
+
+    grid.start_workers(&["idle"], 4)?;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    // An idle worker keeps a pull request open: the pool has a worker waiting, and no hint.
+    let pool = wait_for("the worker's open pull to show", RUN_DEADLINE, || async {
+        let (_, stdout, _) = flowgrid_cli(&grid, &["--json", "status"]).ok()?;
+        let status: serde_json::Value = serde_json::from_str(&stdout).ok()?;
+        let pools = status["backlog"]["pools"].as_array()?.clone();
+        pools.into_iter().find(|pool| pool["pool"] == "idle" && pool["pulls_waiting"].as_u64() >= Some(1))
+    })
+    .await?;
+    assert_eq!((pool["pending"].as_u64(), pool["in_flight"].as_u64()), (Some(0), Some(0)), "{pool}");
+    let (_, stdout, _) = flowgrid_cli(&grid, &["status"])?;
+    assert!(!stdout.contains("no worker is pulling"), "{stdout}");
+    let (_, _, stderr) = flowgrid_cli(&grid, &["run", "get", run_id.as_str()])?;
+    assert!(!stderr.contains("hint"), "an ended run gets no hint: {stderr}");
+    Ok(())
+}

@@ -363,6 +363,26 @@ pub struct PoolBacklog {
     pub pool: String,
     pub pending: u64,
     pub in_flight: u64,
+    /// Pull requests open on the pool's consumer: each worker with room for more tasks
+    /// keeps one open.
+    pub pulls_waiting: u64,
+}
+
+impl PoolBacklog {
+    /// Tasks wait and no worker is there to take them: none holds a task of the pool and
+    /// none asks for one.
+    pub fn has_no_worker(&self) -> bool {
+        self.pending > 0 && self.in_flight == 0 && self.pulls_waiting == 0
+    }
+}
+
+/// Says what to do about a pool whose tasks wait with no worker to take them.
+pub fn no_worker_hint(pool: &PoolBacklog) -> String {
+    let tasks = if pool.pending == 1 { "task waits" } else { "tasks wait" };
+    format!(
+        "pool {}: {} {tasks} and no worker is pulling from it; start a worker for pool `{}`",
+        pool.pool, pool.pending, pool.pool
+    )
 }
 
 /// Durable submits: not yet taken, and taken by a coordinator that has not started the run yet.
@@ -388,11 +408,19 @@ pub fn render_backlog(backlog: &Backlog) -> String {
             text.push_str("pools: none yet (a pool appears when its first worker starts)\n")
         }
         Some(pools) => {
-            let mut table = Table::new(&["POOL", "PENDING", "IN FLIGHT"]);
+            let mut table = Table::new(&["POOL", "PENDING", "IN FLIGHT", "WORKERS WAITING"]);
             for pool in pools {
-                table.row(vec![pool.pool.clone(), pool.pending.to_string(), pool.in_flight.to_string()]);
+                table.row(vec![
+                    pool.pool.clone(),
+                    pool.pending.to_string(),
+                    pool.in_flight.to_string(),
+                    pool.pulls_waiting.to_string(),
+                ]);
             }
             text.push_str(&table.render());
+            for pool in pools.iter().filter(|pool| pool.has_no_worker()) {
+                let _ = writeln!(text, "{}", no_worker_hint(pool));
+            }
         }
     }
     match &backlog.submit {
@@ -587,14 +615,20 @@ mod tests {
     fn the_backlog_shows_each_pool_and_the_submits() {
         let backlog = Backlog {
             pools: Some(vec![
-                PoolBacklog { pool: "cpu-media".into(), pending: 0, in_flight: 3 },
-                PoolBacklog { pool: "gpu-llm".into(), pending: 1_200, in_flight: 64 },
+                PoolBacklog { pool: "cpu-media".into(), pending: 0, in_flight: 3, pulls_waiting: 1 },
+                PoolBacklog { pool: "gpu-llm".into(), pending: 1_200, in_flight: 64, pulls_waiting: 0 },
+                PoolBacklog { pool: "tests".into(), pending: 2, in_flight: 0, pulls_waiting: 0 },
             ]),
             submit: Some(SubmitBacklog { waiting: 5, in_flight: 1 }),
         };
         assert_eq!(
             render_backlog(&backlog),
-            "POOL       PENDING  IN FLIGHT\ncpu-media  0        3\ngpu-llm    1200     64\nsubmit: 5 waiting, 1 being started\n"
+            "POOL       PENDING  IN FLIGHT  WORKERS WAITING\n\
+             cpu-media  0        3          1\n\
+             gpu-llm    1200     64         0\n\
+             tests      2        0          0\n\
+             pool tests: 2 tasks wait and no worker is pulling from it; start a worker for pool `tests`\n\
+             submit: 5 waiting, 1 being started\n"
         );
         let empty = render_backlog(&Backlog::default());
         assert!(empty.contains("no tasks stream yet") && empty.contains("no submit stream yet"), "{empty}");

@@ -237,6 +237,16 @@ impl Step {
         }
     }
 
+    /// The worker pool a task or map step sends its tasks to; `None` for steps that run
+    /// inside the engine.
+    pub fn pool(&self) -> Option<&str> {
+        match self {
+            Step::Task(step) => Some(&step.pool),
+            Step::Map(step) => Some(&step.pool),
+            Step::Choice(_) | Step::Transform(_) | Step::Succeed(_) | Step::Fail(_) => None,
+        }
+    }
+
     /// The kind as written in definitions (`task`, `choice`, ...).
     pub fn kind_name(&self) -> &'static str {
         match self {

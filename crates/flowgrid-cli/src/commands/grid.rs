@@ -127,6 +127,12 @@ pub(crate) async fn status(session: &Session) -> anyhow::Result<ExitCode> {
     Ok(if snapshot.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Each pool's backlog, for a hint about a run that waits; empty before the tasks stream exists.
+pub(crate) async fn pool_backlogs(session: &Session) -> anyhow::Result<Vec<PoolBacklog>> {
+    let reader = GridReader::connect(session).await?;
+    Ok(reader.backlog().await?.pools.unwrap_or_default())
+}
+
 /// `flowgrid shards --json`: the summary, and every shard's claim with `--all`.
 #[derive(Serialize)]
 struct ShardsJson<'a> {
@@ -269,7 +275,12 @@ impl GridReader {
                 .into_iter()
                 .filter_map(|info| {
                     let pool = info.name.strip_prefix(POOL_CONSUMER_PREFIX)?.to_owned();
-                    Some(PoolBacklog { pool, pending: info.num_pending, in_flight: info.num_ack_pending as u64 })
+                    Some(PoolBacklog {
+                        pool,
+                        pending: info.num_pending,
+                        in_flight: info.num_ack_pending as u64,
+                        pulls_waiting: info.num_waiting as u64,
+                    })
                 })
                 .collect();
             pools.sort_by(|left, right| left.pool.cmp(&right.pool));

@@ -6,12 +6,14 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use flowgrid_engine::{RunStatus, RunView, StepView};
-use flowgrid_model::RunId;
+use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
+use flowgrid_model::{RunId, Step};
 use flowgrid_proto::{ListRuns, StartRun};
 use flowgrid_sdk::Client;
 
+use super::grid::pool_backlogs;
 use crate::args::{RunCommand, RunInput};
+use crate::grid_view::no_worker_hint;
 use crate::output::{duration_ms, now_ms, out, outln, print_json, span, utc_time, Table};
 use crate::Session;
 
@@ -40,6 +42,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         RunCommand::Get { run_id } => {
             let view = client.get(&RunId(run_id.into())).await?;
             print_run(&view, session)?;
+            hint_steps_without_workers(client, &view, session).await;
             Ok(ExitCode::SUCCESS)
         }
         RunCommand::List { flow, status, limit, cursor } => {
@@ -128,12 +131,39 @@ async fn wait_and_print(
                 view.status.as_str(),
                 duration_ms(timeout.as_millis() as u64)
             );
+            hint_steps_without_workers(client, &view, session).await;
             return Ok(ExitCode::FAILURE);
         }
         Err(error) => return Err(error.into()),
     };
     print_run(&view, session)?;
     Ok(if view.status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Names, on stderr, each running step of a running run whose pool has tasks waiting and
+/// no worker: the usual reason a run seems stuck. Best effort: what cannot be read is
+/// left out, and a run that is not stuck prints nothing.
+async fn hint_steps_without_workers(client: &Client, view: &RunView, session: &Session) {
+    if session.json || view.status != RunStatus::Running {
+        return;
+    }
+    let running: Vec<&StepView> = view.steps.iter().filter(|step| step.status == StepStatus::Running).collect();
+    if running.is_empty() {
+        return;
+    }
+    let (Ok(flow), Ok(pools)) = tokio::join!(client.flow(&view.flow, Some(view.version)), pool_backlogs(session))
+    else {
+        return;
+    };
+    for step in running {
+        let Some(pool) = flow.definition.steps.iter().find(|defined| defined.id() == step.id).and_then(Step::pool)
+        else {
+            continue;
+        };
+        if let Some(backlog) = pools.iter().find(|backlog| backlog.pool == pool && backlog.has_no_worker()) {
+            eprintln!("hint: step {} waits on {}", step.id, no_worker_hint(backlog));
+        }
+    }
 }
 
 fn print_run(view: &RunView, session: &Session) -> anyhow::Result<()> {
