@@ -96,6 +96,7 @@ pub enum FlowCommand {
     /// List deployed flows.
     List,
     /// Print a flow's definition (YAML, or JSON with --json).
+    #[command(visible_alias = "get")]
     Show {
         name: String,
         /// Version to show (default: the latest).
@@ -214,6 +215,13 @@ mod tests {
         let cli = Cli::try_parse_from(["flowgrid", "audit", "--data-dir", "d", "--shards", "8"]).unwrap();
         let Command::Audit(audit) = cli.command else { panic!("expected the audit command") };
         assert_eq!((audit.data_dir, audit.shards), (PathBuf::from("d"), 8));
+    }
+
+    #[test]
+    fn flow_get_is_flow_show() {
+        let cli = Cli::try_parse_from(["flowgrid", "flow", "get", "chain", "--version", "2"]).unwrap();
+        let Command::Flow(FlowCommand::Show { name, version }) = cli.command else { panic!("expected flow show") };
+        assert_eq!((name.as_str(), version), ("chain", Some(2)));
     }
 
     #[test]
