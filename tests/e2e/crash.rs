@@ -174,3 +174,44 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
     assert_eq!(runs.runs.len(), 1, "two submits with one key start one run: {runs:?}");
     Ok(())
 }
+
+const WAIT_FLOW: &str = r#"
+name: cool-down
+steps:
+  - { id: first, kind: task, pool: a, task: echo }
+  - { id: pause, kind: wait, after: [first], duration: 'steps.first.output.wait_ms' }
+  - { id: then, kind: task, pool: a, task: echo, after: [pause], input: 'steps.pause.output' }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_holds_the_run_for_its_time_also_across_a_coordinator_crash() -> anyhow::Result<()> {
+    const WAIT_MS: u64 = 3_000;
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, WAIT_FLOW).await?;
+    let start = StartRun {
+        flow: "cool-down".into(),
+        version: None,
+        input: json!({ "wait_ms": WAIT_MS }),
+        idempotency_key: None,
+    };
+    let run_id = client.start(start).await.or_logs(&grid)?.run_id;
+    let waiting = flowgrid_tests::wait_for("the wait step to start", RUN_DEADLINE, || async {
+        let view = client.get(&run_id).await.ok()?;
+        (step(&view, "pause").status == StepStatus::Running).then_some(view)
+    })
+    .await?;
+    assert_eq!(step(&waiting, "then").status, StepStatus::Pending, "nothing runs while the wait goes on");
+
+    // The timer lives in the run's state: a new coordinator arms it again from the store.
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let pause = step(&view, "pause");
+    let waited = pause.ended_ms.unwrap() - pause.started_ms.unwrap();
+    assert!(waited >= WAIT_MS, "the wait ended after {waited} ms, before its {WAIT_MS} ms");
+    assert!(waited < WAIT_MS + 10_000, "the wait ended {waited} ms after it started, long after its time");
+    assert_eq!(view.output, Some(json!({ "then": { "waited_ms": WAIT_MS } })), "{view:?}");
+    Ok(())
+}

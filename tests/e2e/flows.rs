@@ -88,3 +88,69 @@ async fn choice_then_map_over_100_items_then_join_gives_the_computed_output() ->
     }
     Ok(())
 }
+
+/// What an example flow's header comment documents: `# Input: {...}` (continued on the
+/// comment lines after it), then maybe `Output: {...}` (the run's) or ``Output of `step`: {...}``.
+struct Documented {
+    input: Value,
+    /// The step whose output is documented (`None`: the run's), and that output.
+    output: Option<(Option<String>, Value)>,
+}
+
+fn documented_example(path: &std::path::Path, text: &str) -> Documented {
+    let json = |what: &str, text: &str| -> Value {
+        serde_json::from_str(text).unwrap_or_else(|error| panic!("{}: {what}: {error}", path.display()))
+    };
+    let mut lines = text.lines().skip_while(|line| !line.starts_with("# Input: "));
+    let first = lines.next().unwrap_or_else(|| panic!("{} documents no `# Input:`", path.display()));
+    let first = first.trim_start_matches("# Input: ");
+    let (mut input, output) = match first.split_once("   Output") {
+        None => (first.to_owned(), None),
+        Some((input, rest)) => {
+            let output = match rest.strip_prefix(": ") {
+                Some(run_output) => (None, json("Output", run_output)),
+                None => {
+                    let (step, step_output) = rest
+                        .strip_prefix(" of `")
+                        .and_then(|rest| rest.split_once("`: "))
+                        .unwrap_or_else(|| panic!("{}: `Output: ` or ``Output of `step`: ``", path.display()));
+                    (Some(step.to_owned()), json("Output", step_output))
+                }
+            };
+            (input.to_owned(), Some(output))
+        }
+    };
+    for line in lines.take_while(|line| line.starts_with("#  ")) {
+        input.push_str(line.trim_start_matches('#'));
+    }
+    Documented { input: json("Input", &input), output }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_flow_runs_with_the_input_it_documents() -> anyhow::Result<()> {
+    let grid = Grid::start(&["tests", "gpu-llm", "cpu-media"]).await?;
+    let client = grid.client().await?;
+    let dir = flowgrid_tests::repo_root().join("deploy/flows");
+    let mut paths: Vec<_> =
+        std::fs::read_dir(&dir)?.map(|entry| entry.map(|entry| entry.path())).collect::<Result<_, _>>()?;
+    paths.sort();
+    assert!(paths.len() >= 5, "examples in {}: {paths:?}", dir.display());
+    for path in paths {
+        let text = std::fs::read_to_string(&path)?;
+        let deployed = deploy(&grid, &client, &text).await?;
+        let documented = documented_example(&path, &text);
+        let start =
+            StartRun { flow: deployed.name.clone(), version: None, input: documented.input, idempotency_key: None };
+        let run_id = client.start(start).await.or_logs(&grid)?.run_id;
+        let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{}: {view:?}\n{}", path.display(), grid.logs());
+        match documented.output {
+            Some((None, output)) => assert_eq!(view.output, Some(output), "{}: the run's output", path.display()),
+            Some((Some(id), output)) => {
+                assert_eq!(step(&view, &id).output, Some(output), "{}: the output of `{id}`", path.display())
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}

@@ -58,6 +58,8 @@ pub enum TimerKey {
     AttemptTimeout { attempt: AttemptId },
     /// The flow's `timeout_ms`.
     RunTimeout,
+    /// The time of `wait` step `step` is over.
+    WaitOver { step: String },
 }
 
 /// Work for a worker pool: the driver publishes it to the pool's task subject.

@@ -8,7 +8,8 @@
 //! Invariants kept here:
 //! - the armed timers follow from the state alone, so the run stores none: an
 //!   `AttemptTimeout` per open attempt (due at its deadline), a `RetryDue` per attempt
-//!   waiting for its backoff, and `RunTimeout` while the run goes (if the flow has one);
+//!   waiting for its backoff, a `WaitOver` per wait step waiting, and `RunTimeout` while
+//!   the run goes (if the flow has one);
 //! - `unresolved` counts the steps that have not resolved (pending, running, retrying);
 //! - `agenda` is empty between two calls.
 //!
@@ -138,6 +139,10 @@ impl Run {
             armed.push((TimerKey::RunTimeout, self.created_ms.saturating_add(timeout_ms)));
         }
         armed.extend(self.slots().filter_map(|(index, item, slot)| self.slot_timer(index, item, slot)));
+        armed.extend(self.steps.iter().zip(&self.plan.steps).filter_map(|(state, step)| match state.work {
+            Work::Wait { due_ms, .. } => Some((TimerKey::WaitOver { step: step.id.clone() }, due_ms)),
+            _ => None,
+        }));
         armed.sort_unstable();
         armed
     }
@@ -353,7 +358,7 @@ fn cancel_step(state: &mut StepState, now: Millis) {
 /// abandons its active items.
 fn abandon(work: Work) -> Work {
     match work {
-        Work::Idle | Work::Task(_) => Work::Idle,
+        Work::Idle | Work::Task(_) | Work::Wait { .. } => Work::Idle,
         Work::Map(mut map) => {
             map.items.clear();
             map.active = 0;
@@ -370,5 +375,6 @@ fn kind_name(kind: &PlanStepKind) -> &'static str {
         PlanStepKind::Transform { .. } => "transform",
         PlanStepKind::Succeed { .. } => "succeed",
         PlanStepKind::Fail { .. } => "fail",
+        PlanStepKind::Wait(_) => "wait",
     }
 }

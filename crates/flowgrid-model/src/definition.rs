@@ -35,6 +35,7 @@ pub enum Step {
     Transform(TransformStep),
     Succeed(SucceedStep),
     Fail(FailStep),
+    Wait(WaitStep),
 }
 
 /// Work for a worker pool.
@@ -214,6 +215,23 @@ pub struct FailStep {
     pub message: Option<String>,
 }
 
+/// Waits inside the engine, on a durable timer: for a fixed time (`duration_ms`) or for
+/// as long as an expression says (`duration`). Its output is `{"waited_ms": n}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitStep {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// How long to wait, in milliseconds. Give this or `duration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Expression giving how long to wait, in milliseconds (a number; 0 goes on at once).
+    /// Give this or `duration_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+}
+
 impl Step {
     pub fn id(&self) -> &str {
         match self {
@@ -223,6 +241,7 @@ impl Step {
             Step::Transform(step) => &step.id,
             Step::Succeed(step) => &step.id,
             Step::Fail(step) => &step.id,
+            Step::Wait(step) => &step.id,
         }
     }
 
@@ -234,6 +253,7 @@ impl Step {
             Step::Transform(step) => &step.after,
             Step::Succeed(step) => &step.after,
             Step::Fail(step) => &step.after,
+            Step::Wait(step) => &step.after,
         }
     }
 
@@ -243,7 +263,7 @@ impl Step {
         match self {
             Step::Task(step) => Some(&step.pool),
             Step::Map(step) => Some(&step.pool),
-            Step::Choice(_) | Step::Transform(_) | Step::Succeed(_) | Step::Fail(_) => None,
+            Step::Choice(_) | Step::Transform(_) | Step::Succeed(_) | Step::Fail(_) | Step::Wait(_) => None,
         }
     }
 
@@ -256,6 +276,7 @@ impl Step {
             Step::Transform(_) => "transform",
             Step::Succeed(_) => "succeed",
             Step::Fail(_) => "fail",
+            Step::Wait(_) => "wait",
         }
     }
 }

@@ -244,6 +244,20 @@ impl Evaluator {
         })
     }
 
+    /// Evaluates a wait's length: a number of milliseconds from 0 to
+    /// [`WAIT_MS_MAX`](crate::plan::WAIT_MS_MAX); a fraction is rounded up.
+    pub fn eval_wait_ms(&self, expr: &Expr, scope: &Scope) -> Result<u64, ExprError> {
+        let value = self.eval(expr, scope)?;
+        match value.as_f64() {
+            Some(millis) if (0.0..=crate::plan::WAIT_MS_MAX as f64).contains(&millis) => Ok(millis.ceil() as u64),
+            _ => Err(ExprError::Type {
+                source_text: expr.source.to_string(),
+                expected: "a number of milliseconds from 0 to 31622400000 (366 days)",
+                found: describe_json(&value),
+            }),
+        }
+    }
+
     /// Evaluates a condition: the value must be a boolean.
     pub fn eval_bool(&self, expr: &Expr, scope: &Scope) -> Result<bool, ExprError> {
         match self.eval(expr, scope)? {

@@ -116,7 +116,21 @@ pub enum PlanStepKind {
         error: String,
         message: Option<Expr>,
     },
+    Wait(WaitFor),
 }
+
+/// How long a `wait` step waits.
+#[derive(Debug)]
+pub enum WaitFor {
+    /// A fixed number of milliseconds.
+    Fixed(u64),
+    /// An expression giving the milliseconds when the step starts.
+    Expr(Expr),
+}
+
+/// The longest wait a `wait` step may ask for (a year): a longer one is a mistake in the
+/// definition or in the data its expression reads.
+pub const WAIT_MS_MAX: u64 = 366 * 24 * 60 * 60 * 1000;
 
 /// Start-to-close timeout of a task attempt when the definition sets none.
 pub const TASK_TIMEOUT_MS_DEFAULT: u64 = 5 * 60 * 1000;

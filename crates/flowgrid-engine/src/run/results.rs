@@ -100,6 +100,16 @@ impl Run {
                 };
                 self.attempt_failed(index, attempt, error, context);
             }
+            TimerKey::WaitOver { step } => {
+                let Some(index) = self.plan.step_index(step) else {
+                    return Applied::Ignored("timer not armed");
+                };
+                let state = &self.steps[usize::from(index)];
+                let Work::Wait { waited_ms, .. } = state.work else {
+                    return Applied::Ignored("timer not armed");
+                };
+                self.wait_over(index, waited_ms, context);
+            }
             TimerKey::RetryDue { attempt } => {
                 let index = match self.find_slot(attempt, Expect::RetryDue) {
                     Ok(index) => index,

@@ -33,6 +33,13 @@ impl Run {
         evaluator.eval_bool(expr, &scope)
     }
 
+    /// Evaluates a wait's length in milliseconds with the steps it references in scope.
+    pub(super) fn evaluate_wait_ms(&self, evaluator: &Evaluator, expr: &Expr) -> Result<u64, ExprError> {
+        let steps = self.steps_scope(Some(&expr.step_refs));
+        let scope = self.scope(&steps, &Locals::default());
+        evaluator.eval_wait_ms(expr, &scope)
+    }
+
     /// Evaluates `expr` with every step in scope (the flow output).
     pub(super) fn evaluate_over_all_steps(&self, evaluator: &Evaluator, expr: &Expr) -> Result<Value, ExprError> {
         let steps = self.steps_scope(None);

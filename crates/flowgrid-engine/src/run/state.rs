@@ -42,6 +42,8 @@ pub(super) enum Work {
     Task(Slot),
     /// A map step's items.
     Map(Box<MapState>),
+    /// A wait step's timer, armed for `due_ms`, `waited_ms` after the step started.
+    Wait { due_ms: Millis, waited_ms: u64 },
 }
 
 /// The current attempt of a task step or of one map item.
@@ -113,11 +115,12 @@ impl StepState {
         matches!(self.status, StepStatus::Pending | StepStatus::Running | StepStatus::Retrying)
     }
 
-    /// An attempt of this step (or of one of its items) is out or waiting for a retry.
+    /// An attempt of this step (or of one of its items) is out or waiting for a retry, or
+    /// its wait is not over.
     pub fn has_work_in_flight(&self) -> bool {
         match &self.work {
             Work::Idle => false,
-            Work::Task(_) => true,
+            Work::Task(_) | Work::Wait { .. } => true,
             Work::Map(map) => map.active > 0,
         }
     }

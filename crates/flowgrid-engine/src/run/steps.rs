@@ -1,21 +1,22 @@
 //! Starting a ready step, by kind, and the ways a run ends by a step.
 //!
 //! Engine-side steps (choice, transform, succeed, fail) complete inside the transition
-//! that starts them; task and map steps dispatch attempts and wait for results. An
+//! that starts them; task and map steps dispatch attempts and wait for results; a wait
+//! step arms a timer and completes when it fires. An
 //! expression error anywhere fails the run with `expression_error`: no catch applies,
 //! since the flow itself is broken for this input.
 
 use std::sync::Arc;
 
 use flowgrid_model::plan::TaskSpec;
-use flowgrid_model::{Expr, ExprError, PlanStepKind, StepIndex};
-use serde_json::{Map, Value};
+use flowgrid_model::{Expr, ExprError, PlanStepKind, StepIndex, WaitFor};
+use serde_json::{json, Map, Value};
 
 use super::resolve::Resolution;
 use super::scope::{expression_error, Locals};
 use super::state::{Phase, Slot, Work};
 use super::{abandon, Context, Run};
-use crate::{RunStatus, StepStatus, TaskError};
+use crate::{RunStatus, StepStatus, TaskError, TimerKey};
 
 /// The worker-side settings of a task or map step.
 pub(super) fn task_spec(kind: &PlanStepKind) -> Option<&TaskSpec> {
@@ -45,7 +46,35 @@ impl Run {
             PlanStepKind::Transform { output } => self.run_transform(index, output, context),
             PlanStepKind::Succeed { output } => self.succeed_at_step(index, output.as_ref(), context),
             PlanStepKind::Fail { error, message } => self.fail_at_step(index, error, message.as_ref(), context),
+            PlanStepKind::Wait(wait_for) => self.start_wait(index, wait_for, context),
         }
+    }
+
+    /// A `wait` step arms its timer; a wait of 0 ms is over at once.
+    fn start_wait(&mut self, index: StepIndex, wait_for: &WaitFor, context: &mut Context<'_>) {
+        let waited_ms = match wait_for {
+            WaitFor::Fixed(duration_ms) => *duration_ms,
+            WaitFor::Expr(expr) => match self.evaluate_wait_ms(context.evaluator, expr) {
+                Ok(duration_ms) => duration_ms,
+                Err(error) => return self.expression_failed(index, "duration", &error, context),
+            },
+        };
+        if waited_ms == 0 {
+            return self.wait_over(index, 0, context);
+        }
+        let due_ms = context.now.saturating_add(waited_ms);
+        self.state(index).work = Work::Wait { due_ms, waited_ms };
+        let timer = TimerKey::WaitOver { step: self.plan.step(index).id.clone() };
+        self.arm_timer(timer, due_ms, context);
+    }
+
+    /// The wait of step `index` is over: it succeeds with `{"waited_ms": n}`.
+    pub(super) fn wait_over(&mut self, index: StepIndex, waited_ms: u64, context: &mut Context<'_>) {
+        let state = self.state(index);
+        state.work = Work::Idle;
+        state.status = StepStatus::Succeeded;
+        state.output = Some(json!({ "waited_ms": waited_ms }));
+        self.resolve_step(index, Resolution::Succeeded, context);
     }
 
     fn start_task(&mut self, index: StepIndex, spec: &TaskSpec, context: &mut Context<'_>) {

@@ -6,6 +6,7 @@ mod map;
 mod properties;
 mod replay;
 mod support;
+mod wait;
 
 /// A two-step chain shared by several test files.
 fn flows_chain() -> &'static str {

@@ -22,7 +22,7 @@ use crate::error::{DefinitionError, Issue, Result};
 use crate::expr::Evaluator;
 use crate::limits::Limits;
 use crate::plan::{
-    CatchRule, Edge, EdgeWhen, FlowPlan, PlanStep, PlanStepKind, StepIndex, TaskSpec, PRIORITY_DEFAULT,
+    CatchRule, Edge, EdgeWhen, FlowPlan, PlanStep, PlanStepKind, StepIndex, TaskSpec, WaitFor, PRIORITY_DEFAULT,
     TASK_TIMEOUT_MS_DEFAULT,
 };
 
@@ -167,6 +167,10 @@ fn plan_kind(
         Step::Transform(_) => PlanStepKind::Transform { output: required("output") },
         Step::Succeed(_) => PlanStepKind::Succeed { output: take("output") },
         Step::Fail(fail) => PlanStepKind::Fail { error: fail.error.clone(), message: take("message") },
+        Step::Wait(wait) => PlanStepKind::Wait(match wait.duration_ms {
+            Some(duration_ms) => WaitFor::Fixed(duration_ms),
+            None => WaitFor::Expr(required("duration")),
+        }),
     }
 }
 
@@ -198,7 +202,7 @@ fn outgoing_edges(position: usize, step: &Step, steps: &[Step], index: &HashMap<
                 edges.push(Edge { to: index[catch.next.as_str()], when: EdgeWhen::Caught(rule_number(rule)) });
             }
         }
-        Step::Transform(_) | Step::Succeed(_) | Step::Fail(_) => {}
+        Step::Transform(_) | Step::Succeed(_) | Step::Fail(_) | Step::Wait(_) => {}
     }
     debug_assert!(edges.iter().all(|edge| usize::from(edge.to) != position), "validation refuses self edges");
     edges

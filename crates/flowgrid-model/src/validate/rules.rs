@@ -3,6 +3,7 @@
 use crate::definition::{Catch, FlowDefinition, RetryPolicy, Step};
 use crate::error::Issue;
 use crate::limits::Limits;
+use crate::plan::WAIT_MS_MAX;
 
 use super::{push_issue, step_path};
 
@@ -72,7 +73,30 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
                 );
             }
         }
+        Step::Wait(wait) => check_wait(path, wait.duration_ms, wait.duration.is_some(), issues),
         Step::Transform(_) | Step::Succeed(_) => {}
+    }
+}
+
+/// A wait says how long in exactly one way, and a fixed wait is at most [`WAIT_MS_MAX`].
+fn check_wait(path: &str, duration_ms: Option<u64>, has_expression: bool, issues: &mut Vec<Issue>) {
+    match (duration_ms, has_expression) {
+        (None, false) => push_issue(
+            issues,
+            path,
+            "a wait needs `duration_ms` (milliseconds) or `duration` (an expression giving milliseconds): add one",
+        ),
+        (Some(_), true) => push_issue(
+            issues,
+            path,
+            "a wait takes `duration_ms` or `duration`, not both: keep the fixed time or the expression",
+        ),
+        (Some(duration_ms), false) if duration_ms > WAIT_MS_MAX => push_issue(
+            issues,
+            format!("{path}.duration_ms"),
+            format!("is {duration_ms} ms, over the longest wait of {WAIT_MS_MAX} ms (366 days): wait less"),
+        ),
+        _ => {}
     }
 }
 

@@ -381,3 +381,26 @@ fn step_ids_must_be_identifiers_readable_in_expressions() {
     assert_issue(&issues, "steps[0](loop).id", "keyword");
     assert!(validate(&parse(&with_id("_resize_img2")), &evaluator(), &limits()).is_ok());
 }
+
+#[test]
+fn a_wait_says_how_long_in_exactly_one_way() {
+    let flow = |wait: &str| {
+        format!("name: f\nsteps:\n  - {{ kind: task, id: a, pool: p, task: t }}\n  - {{ kind: wait, id: w, after: [a]{wait} }}\n")
+    };
+    let plan = FlowPlan::compile(parse(&flow(", duration_ms: 1500")), 1, &evaluator(), &limits()).unwrap();
+    assert!(matches!(plan.step(1).kind, PlanStepKind::Wait(WaitFor::Fixed(1_500))));
+    let plan = FlowPlan::compile(parse(&flow(", duration: 'steps.a.output.ms'")), 1, &evaluator(), &limits()).unwrap();
+    assert!(matches!(plan.step(1).kind, PlanStepKind::Wait(WaitFor::Expr(_))));
+
+    assert_issue(&issues_of(&flow("")), "steps[1](w)", "needs `duration_ms` (milliseconds) or `duration`");
+    assert_issue(&issues_of(&flow(", duration_ms: 1, duration: '2'")), "steps[1](w)", "not both");
+    assert_issue(
+        &issues_of(&flow(", duration_ms: 99999999999999")),
+        "steps[1](w).duration_ms",
+        "over the longest wait",
+    );
+    assert_issue(&issues_of(&flow(", duration: 'steps.zz.output'")), "steps[1](w).duration", "steps.zz");
+    assert_issue(&issues_of(&flow(", duration: '1 +'")), "steps[1](w).duration", "does not compile");
+    let message = parse_definition(&flow(", duration_ms: 10, retry: {}"), &limits()).unwrap_err().to_string();
+    assert!(message.contains("unknown field `retry`"), "{message}");
+}
