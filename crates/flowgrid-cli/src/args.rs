@@ -152,6 +152,18 @@ pub enum RunCommand {
         #[arg(long)]
         cursor: Option<String>,
     },
+    /// Send a signal to a signal step of a run: its data becomes the step's output.
+    Signal {
+        run_id: String,
+        /// The signal step.
+        step: String,
+        /// The signal's data as JSON text (default: null).
+        #[arg(long, conflicts_with = "data_file")]
+        data: Option<String>,
+        /// File holding the signal's data as JSON (`-` reads stdin).
+        #[arg(long)]
+        data_file: Option<PathBuf>,
+    },
     /// Ask a run to stop.
     Cancel {
         run_id: String,
@@ -215,6 +227,19 @@ mod tests {
         let cli = Cli::try_parse_from(["flowgrid", "audit", "--data-dir", "d", "--shards", "8"]).unwrap();
         let Command::Audit(audit) = cli.command else { panic!("expected the audit command") };
         assert_eq!((audit.data_dir, audit.shards), (PathBuf::from("d"), 8));
+    }
+
+    #[test]
+    fn a_signal_names_the_run_and_the_step_and_takes_data_one_way() {
+        let cli = Cli::try_parse_from(["flowgrid", "run", "signal", "r1", "approve", "--data", "{}"]).unwrap();
+        let Command::Run(RunCommand::Signal { run_id, step, data, data_file }) = cli.command else {
+            panic!("expected run signal")
+        };
+        assert_eq!((run_id.as_str(), step.as_str(), data.as_deref(), data_file), ("r1", "approve", Some("{}"), None));
+        assert!(
+            Cli::try_parse_from(["flowgrid", "run", "signal", "r1", "s", "--data", "1", "--data-file", "f"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["flowgrid", "run", "signal", "r1"]).is_err(), "the step is required");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use flowgrid_model::{parse_definition, Limits, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun, ListFlows, ListRuns, Reply,
-    RunList, RunStarted, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
+    RunList, RunStarted, RunsStarted, SignalRun, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -33,8 +33,17 @@ const LIST_LIMIT_MAX: u32 = 1_000;
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 /// Every API verb.
-const VERBS: [&str; 8] =
-    ["flow.deploy", "flow.list", "flow.get", "run.start", "run.start_many", "run.get", "run.list", "run.cancel"];
+const VERBS: [&str; 9] = [
+    "flow.deploy",
+    "flow.list",
+    "flow.get",
+    "run.start",
+    "run.start_many",
+    "run.get",
+    "run.list",
+    "run.cancel",
+    "run.signal",
+];
 
 /// Serves API requests by asking the owners of the shards concerned.
 pub struct Api {
@@ -137,14 +146,15 @@ impl Api {
             "run.get" => call(encoding, payload, |request: GetRun| self.get_run(request)).await,
             "run.list" => call(encoding, payload, |request| self.list_runs(request)).await,
             "run.cancel" => call(encoding, payload, |request| self.cancel_run(request)).await,
+            "run.signal" => {
+                let request_bytes = msgpack_request_bytes(encoding, payload);
+                call(encoding, payload, |request| self.signal_run(request, request_bytes)).await
+            }
             other => respond::<()>(
                 encoding,
                 Err(ApiError::new(
                     ErrorCode::InvalidRequest,
-                    format!(
-                        "unknown API verb {other:?}; verbs are flow.deploy, flow.list, flow.get, run.start, \
-                         run.start_many, run.get, run.list, run.cancel"
-                    ),
+                    format!("unknown API verb {other:?}; verbs are {}", VERBS.join(", ")),
                 )),
             ),
         }
@@ -221,7 +231,7 @@ impl Api {
         default_key: Option<String>,
         request_bytes: Option<usize>,
     ) -> Result<RunStarted, ApiError> {
-        self.check_input(&request.input, request_bytes)?;
+        self.check_payload("input", &request.input, request_bytes)?;
         let key = request.idempotency_key.clone().or(default_key);
         if let Some(key) = &key {
             if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
@@ -266,14 +276,23 @@ impl Api {
         Ok(RunsStarted { results })
     }
 
-    /// Refuses an input over the payload limit or nested too deep, before anything changes.
-    /// The input is encoded to measure it only when the request's size does not bound it.
-    fn check_input(&self, input: &serde_json::Value, request_bytes: Option<usize>) -> Result<(), ApiError> {
+    /// Refuses a run input or signal data (`what`) over the payload limit or nested too
+    /// deep, before anything changes. The value is encoded to measure it only when the
+    /// request's size does not bound it.
+    fn check_payload(
+        &self,
+        what: &str,
+        input: &serde_json::Value,
+        request_bytes: Option<usize>,
+    ) -> Result<(), ApiError> {
         let depth = nesting_depth(input);
         if depth > self.limits.nesting_depth_max {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
-                format!("the input is nested {depth} levels deep, over the limit of {}", self.limits.nesting_depth_max),
+                format!(
+                    "the {what} is nested {depth} levels deep, over the limit of {}",
+                    self.limits.nesting_depth_max
+                ),
             ));
         }
         if request_bytes.is_some_and(|bytes| bytes <= self.limits.payload_bytes_max) {
@@ -284,7 +303,7 @@ impl Api {
             return Err(ApiError::new(
                 ErrorCode::PayloadTooLarge,
                 format!(
-                    "the input is {size} bytes, over the limit of {} bytes; pass a reference to large data instead",
+                    "the {what} is {size} bytes, over the limit of {} bytes; pass a reference to large data instead",
                     self.limits.payload_bytes_max
                 ),
             ));
@@ -306,6 +325,21 @@ impl Api {
         let shard = self.router.shard_of(run_id.as_str());
         self.ask(shard, ShardRequest::Cancel { run_id, reason }, |reply| match reply {
             ShardReply::Cancelled(cancelled) => Ok(cancelled),
+            other => Err(other),
+        })
+        .await
+    }
+
+    async fn signal_run(
+        &self,
+        request: SignalRun,
+        request_bytes: Option<usize>,
+    ) -> Result<flowgrid_proto::RunSignalled, ApiError> {
+        let SignalRun { run_id, step, data } = request;
+        self.check_payload("signal data", &data, request_bytes)?;
+        let shard = self.router.shard_of(run_id.as_str());
+        self.ask(shard, ShardRequest::Signal { run_id, step, data }, |reply| match reply {
+            ShardReply::Signalled(signalled) => Ok(signalled),
             other => Err(other),
         })
         .await

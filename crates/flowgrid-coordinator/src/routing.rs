@@ -13,8 +13,8 @@ use bytes::Bytes;
 use flowgrid_engine::RunView;
 use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, Reply, RunCancelled, RunStarted,
-    RunSummary,
+    ApiError, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, Reply, RunCancelled, RunSignalled,
+    RunStarted, RunSummary,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,11 @@ pub enum ShardRequest {
         run_id: RunId,
         reason: String,
     },
+    Signal {
+        run_id: RunId,
+        step: String,
+        data: Value,
+    },
     Get {
         run_id: RunId,
     },
@@ -74,6 +79,7 @@ pub enum ShardRequest {
 pub enum ShardReply {
     Started(RunStarted),
     Cancelled(RunCancelled),
+    Signalled(RunSignalled),
     Run(Box<RunView>),
     Runs(Vec<RunSummary>),
     Deployed(FlowDeployed),
@@ -216,6 +222,9 @@ impl Router {
             }
             ShardRequest::Cancel { run_id, reason } => {
                 handle.ask(|reply| Command::Cancel { run_id, reason, reply }).await.map(ShardReply::Cancelled)
+            }
+            ShardRequest::Signal { run_id, step, data } => {
+                handle.ask(|reply| Command::Signal { run_id, step, data, reply }).await.map(ShardReply::Signalled)
             }
             ShardRequest::Get { run_id } => {
                 handle.ask(|reply| Command::Get { run_id, reply }).await.map(|view| ShardReply::Run(Box::new(view)))

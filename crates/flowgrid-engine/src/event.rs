@@ -20,6 +20,22 @@ pub enum Event {
     TimerFired { timer: TimerKey },
     /// Someone asked to cancel the run.
     CancelRequested { reason: String },
+    /// A signal for signal step `step` came from outside the run, carrying `data`.
+    SignalReceived { step: String, data: Value },
+}
+
+/// Why a run does not take a signal for a step: see [`crate::Run::signal_refused`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignalRefused {
+    /// The run's flow has no step of that id.
+    NoSuchStep,
+    /// The step is of another kind (`task`, `wait`, ...).
+    NotASignalStep { kind: &'static str },
+    /// The step has not started: the steps before it are still going.
+    NotStarted,
+    /// The step is over: it took a signal already, timed out, was skipped or cancelled,
+    /// or the run ended.
+    Over { status: crate::StepStatus },
 }
 
 /// The result of [`crate::Run::apply`].
@@ -60,6 +76,8 @@ pub enum TimerKey {
     RunTimeout,
     /// The time of `wait` step `step` is over.
     WaitOver { step: String },
+    /// Signal step `step` got no signal within its `timeout_ms`.
+    SignalTimeout { step: String },
 }
 
 /// Work for a worker pool: the driver publishes it to the pool's task subject.

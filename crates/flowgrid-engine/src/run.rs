@@ -2,14 +2,15 @@
 //!
 //! The submodules split the transitions by idea: [`steps`] starts a ready step by kind,
 //! [`map`] fans a map step out and in, [`results`] applies results and timers to open
-//! attempts, [`resolve`] propagates a resolved step along its edges, [`retry`] computes
+//! attempts, [`signals`] takes signals from outside, [`resolve`] propagates a resolved step along its edges, [`retry`] computes
 //! backoff delays, [`scope`] evaluates expressions.
 //!
 //! Invariants kept here:
 //! - the armed timers follow from the state alone, so the run stores none: an
 //!   `AttemptTimeout` per open attempt (due at its deadline), a `RetryDue` per attempt
-//!   waiting for its backoff, a `WaitOver` per wait step waiting, and `RunTimeout` while
-//!   the run goes (if the flow has one);
+//!   waiting for its backoff, a `WaitOver` per wait step waiting, a `SignalTimeout` per
+//!   signal step waiting with a timeout, and `RunTimeout` while the run goes (if the flow
+//!   has one);
 //! - `unresolved` counts the steps that have not resolved (pending, running, retrying);
 //! - `agenda` is empty between two calls.
 //!
@@ -21,13 +22,14 @@ mod resolve;
 mod results;
 mod retry;
 mod scope;
+mod signals;
 mod state;
 mod steps;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, PlanStepKind, RunId, StepIndex};
+use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, PlanStep, PlanStepKind, RunId, StepIndex};
 use serde_json::Value;
 
 use crate::view::{RunViewRef, StepViewRef};
@@ -112,6 +114,7 @@ impl Run {
             Event::TaskSucceeded { attempt, output } => self.on_task_succeeded(attempt, output, &mut context),
             Event::TaskFailed { attempt, error } => self.on_task_failed(attempt, error, &mut context),
             Event::TimerFired { timer } => self.on_timer(timer, &mut context),
+            Event::SignalReceived { step, data } => self.on_signal(step, data, &mut context),
             Event::CancelRequested { reason } => {
                 let error = TaskError { code: "cancelled".to_owned(), message: reason.clone(), retryable: false };
                 self.finish(RunStatus::Cancelled, None, Some(error), &mut context);
@@ -139,10 +142,7 @@ impl Run {
             armed.push((TimerKey::RunTimeout, self.created_ms.saturating_add(timeout_ms)));
         }
         armed.extend(self.slots().filter_map(|(index, item, slot)| self.slot_timer(index, item, slot)));
-        armed.extend(self.steps.iter().zip(&self.plan.steps).filter_map(|(state, step)| match state.work {
-            Work::Wait { due_ms, .. } => Some((TimerKey::WaitOver { step: step.id.clone() }, due_ms)),
-            _ => None,
-        }));
+        armed.extend(self.steps.iter().zip(&self.plan.steps).filter_map(|(state, step)| step_timer(state, step)));
         armed.sort_unstable();
         armed
     }
@@ -358,7 +358,7 @@ fn cancel_step(state: &mut StepState, now: Millis) {
 /// abandons its active items.
 fn abandon(work: Work) -> Work {
     match work {
-        Work::Idle | Work::Task(_) | Work::Wait { .. } => Work::Idle,
+        Work::Idle | Work::Task(_) | Work::Wait { .. } | Work::Signal { .. } => Work::Idle,
         Work::Map(mut map) => {
             map.items.clear();
             map.active = 0;
@@ -376,5 +376,18 @@ fn kind_name(kind: &PlanStepKind) -> &'static str {
         PlanStepKind::Succeed { .. } => "succeed",
         PlanStepKind::Fail { .. } => "fail",
         PlanStepKind::Wait(_) => "wait",
+        PlanStepKind::Signal { .. } => "signal",
+    }
+}
+
+/// The timer a wait or signal step has armed, if any: the end of its wait, or its
+/// signal's timeout.
+fn step_timer(state: &StepState, step: &PlanStep) -> Option<(TimerKey, Millis)> {
+    match state.work {
+        Work::Wait { due_ms, .. } => Some((TimerKey::WaitOver { step: step.id.clone() }, due_ms)),
+        Work::Signal { deadline_ms: Some(deadline_ms) } => {
+            Some((TimerKey::SignalTimeout { step: step.id.clone() }, deadline_ms))
+        }
+        _ => None,
     }
 }

@@ -36,6 +36,7 @@ pub enum Step {
     Succeed(SucceedStep),
     Fail(FailStep),
     Wait(WaitStep),
+    Signal(SignalStep),
 }
 
 /// Work for a worker pool.
@@ -232,6 +233,24 @@ pub struct WaitStep {
     pub duration: Option<String>,
 }
 
+/// Waits for a signal sent to the run from outside (`run.signal`: an approval, a
+/// webhook, a job finished elsewhere). The first signal for the step is its output; later
+/// ones change nothing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalStep {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// How long to wait for the signal; without one the step fails with code `timeout`.
+    /// Default: no limit (the flow's `timeout_ms` still applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Where a timeout goes instead of failing the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub catch: Vec<Catch>,
+}
+
 impl Step {
     pub fn id(&self) -> &str {
         match self {
@@ -242,6 +261,7 @@ impl Step {
             Step::Succeed(step) => &step.id,
             Step::Fail(step) => &step.id,
             Step::Wait(step) => &step.id,
+            Step::Signal(step) => &step.id,
         }
     }
 
@@ -254,6 +274,7 @@ impl Step {
             Step::Succeed(step) => &step.after,
             Step::Fail(step) => &step.after,
             Step::Wait(step) => &step.after,
+            Step::Signal(step) => &step.after,
         }
     }
 
@@ -263,7 +284,12 @@ impl Step {
         match self {
             Step::Task(step) => Some(&step.pool),
             Step::Map(step) => Some(&step.pool),
-            Step::Choice(_) | Step::Transform(_) | Step::Succeed(_) | Step::Fail(_) | Step::Wait(_) => None,
+            Step::Choice(_)
+            | Step::Transform(_)
+            | Step::Succeed(_)
+            | Step::Fail(_)
+            | Step::Wait(_)
+            | Step::Signal(_) => None,
         }
     }
 
@@ -277,6 +303,7 @@ impl Step {
             Step::Succeed(_) => "succeed",
             Step::Fail(_) => "fail",
             Step::Wait(_) => "wait",
+            Step::Signal(_) => "signal",
         }
     }
 }

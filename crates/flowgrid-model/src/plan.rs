@@ -117,6 +117,11 @@ pub enum PlanStepKind {
         message: Option<Expr>,
     },
     Wait(WaitFor),
+    Signal {
+        /// No signal by then fails the step with code `timeout`.
+        timeout_ms: Option<u64>,
+        catch: Vec<CatchRule>,
+    },
 }
 
 /// How long a `wait` step waits.
@@ -184,20 +189,22 @@ impl FlowPlan {
     }
 }
 
+impl PlanStepKind {
+    /// The catch that handles `code` for a step that can fail on its own (task, map,
+    /// signal), with its position.
+    pub fn catch_for(&self, code: &str) -> Option<(u16, &CatchRule)> {
+        let catch = match self {
+            PlanStepKind::Task(spec) | PlanStepKind::Map { spec, .. } => &spec.catch,
+            PlanStepKind::Signal { catch, .. } => catch,
+            _ => return None,
+        };
+        catch.iter().enumerate().find(|(_, rule)| rule.handles(code)).map(|(position, rule)| (position as u16, rule))
+    }
+}
+
 impl CatchRule {
     /// Whether this catch handles error `code`.
     pub fn handles(&self, code: &str) -> bool {
         self.errors.iter().any(|handled| handled == "*" || handled == code)
-    }
-}
-
-impl TaskSpec {
-    /// The catch that handles `code`, if any, with its position.
-    pub fn catch_for(&self, code: &str) -> Option<(u16, &CatchRule)> {
-        self.catch
-            .iter()
-            .enumerate()
-            .find(|(_, rule)| rule.handles(code))
-            .map(|(position, rule)| (position as u16, rule))
     }
 }

@@ -37,6 +37,8 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("run-list.json", schema_for!(Reply<RunList>)),
         ("cancel-run.json", schema_for!(CancelRun)),
         ("run-cancelled.json", schema_for!(Reply<RunCancelled>)),
+        ("signal-run.json", schema_for!(SignalRun)),
+        ("run-signalled.json", schema_for!(Reply<RunSignalled>)),
         ("task-message.json", schema_for!(TaskMessage)),
         ("task-result.json", schema_for!(TaskResult)),
         ("result-ack.json", schema_for!(Reply<ResultAck>)),

@@ -233,6 +233,27 @@ pub struct RunCancelled {
     pub status: RunStatus,
 }
 
+/// `<prefix>.api.run.signal`: a signal for signal step `step` of a run. The step takes the
+/// first signal sent while it waits; `data` becomes its output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SignalRun {
+    pub run_id: RunId,
+    pub step: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunSignalled {
+    pub run_id: RunId,
+    pub step: String,
+    /// `true`: this signal is the step's output and the run goes on. `false`: the step was
+    /// over already (it took an earlier signal, timed out, or the run ended); nothing changed.
+    pub applied: bool,
+    /// The run's status after the request.
+    pub status: RunStatus,
+}
+
 /// A task, as published to `<prefix>.tasks.<pool>`. Everything a worker needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskMessage {

@@ -22,7 +22,8 @@ impl Subjects {
     }
 
     /// An API verb, e.g. `flowgrid.api.run.start`. Verbs: `flow.deploy`, `flow.list`,
-    /// `flow.get`, `run.start`, `run.get`, `run.list`, `run.cancel`.
+    /// `flow.get`, `run.start`, `run.start_many`, `run.get`, `run.list`, `run.cancel`,
+    /// `run.signal`.
     pub fn api(&self, verb: &str) -> String {
         format!("{}.api.{verb}", self.prefix)
     }

@@ -1,4 +1,4 @@
-//! The API client: deploy flows, start, query, list and cancel runs.
+//! The API client: deploy flows, start, query, list, signal and cancel runs.
 //!
 //! Every call is a NATS request on `<prefix>.api.<verb>` in MessagePack. A call that is
 //! refused as retryable (`overloaded`, `unavailable`) or that nobody answers (no
@@ -22,8 +22,8 @@ use flowgrid_engine::RunView;
 use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList, GetFlow, GetRun, ListFlows,
-    ListRuns, ProtoError, Reply, RunCancelled, RunList, RunStarted, RunsStarted, StartRun, Subjects,
-    CONTENT_TYPE_HEADER,
+    ListRuns, ProtoError, Reply, RunCancelled, RunList, RunSignalled, RunStarted, RunsStarted, SignalRun, StartRun,
+    Subjects, CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -198,6 +198,19 @@ impl Client {
     pub async fn cancel(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunCancelled> {
         let cancel = CancelRun { run_id: run_id.clone(), reason: reason.into() };
         self.call("run.cancel", &cancel, OnTimeout::Retry).await
+    }
+
+    /// Sends a signal to signal step `step` of a run; `data` becomes the step's output.
+    /// The step takes the first signal sent while it waits: `applied` is `false` when it
+    /// had taken one already (or timed out, or the run ended), so repeating a signal is safe.
+    pub async fn signal(
+        &self,
+        run_id: &RunId,
+        step: impl Into<String>,
+        data: serde_json::Value,
+    ) -> Result<RunSignalled> {
+        let signal = SignalRun { run_id: run_id.clone(), step: step.into(), data };
+        self.call("run.signal", &signal, OnTimeout::Retry).await
     }
 
     /// Polls the run (every 20 ms, slowing to every 500 ms) until it ends, and returns it.

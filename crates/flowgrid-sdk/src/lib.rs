@@ -30,6 +30,6 @@ pub use futures::future::BoxFuture;
 pub use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView, TaskError};
 pub use flowgrid_model::{AttemptId, Millis, RunId};
 pub use flowgrid_proto::{
-    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowSummary, ListRuns, RunCancelled, RunList, RunStarted,
-    RunSummary, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
+    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowSummary, ListRuns, RunCancelled, RunList, RunSignalled,
+    RunStarted, RunSummary, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };

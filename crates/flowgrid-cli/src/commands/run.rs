@@ -1,4 +1,4 @@
-//! `flowgrid run start | get | list | cancel | submit`.
+//! `flowgrid run start | get | list | signal | cancel | submit`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -42,7 +42,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         RunCommand::Get { run_id } => {
             let view = client.get(&RunId(run_id.into())).await?;
             print_run(&view, session)?;
-            hint_steps_without_workers(client, &view, session).await;
+            hint_waiting_steps(client, &view, session).await;
             Ok(ExitCode::SUCCESS)
         }
         RunCommand::List { flow, status, limit, cursor } => {
@@ -68,6 +68,29 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             }
             if let Some(cursor) = &list.next_cursor {
                 outln!("next page: --cursor {cursor}")?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunCommand::Signal { run_id, step, data, data_file } => {
+            let data = json_argument("--data", data, data_file)?;
+            let signalled = client.signal(&RunId(run_id.into()), step, data).await?;
+            if session.json {
+                print_json(&signalled)?;
+            } else if signalled.applied {
+                outln!(
+                    "step {} of run {} took the signal; the run is {}",
+                    signalled.step,
+                    signalled.run_id,
+                    signalled.status.as_str()
+                )?;
+            } else {
+                outln!(
+                    "step {} of run {} was over already (it took an earlier signal, timed out, or the run ended: {}); \
+                     nothing changed",
+                    signalled.step,
+                    signalled.run_id,
+                    signalled.status.as_str()
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -103,15 +126,20 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
 
 fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow::Result<StartRun> {
     let RunInput { input, input_file, idempotency_key } = input;
-    let input = match (input, input_file) {
-        (Some(text), _) => serde_json::from_str(&text).context("--input is not valid JSON")?,
+    let input = json_argument("--input", input, input_file)?;
+    Ok(StartRun { flow, version, input, idempotency_key })
+}
+
+/// A JSON value given as text (`flag`) or in a file (`-` for stdin); null when neither.
+fn json_argument(flag: &str, text: Option<String>, file: Option<std::path::PathBuf>) -> anyhow::Result<Value> {
+    Ok(match (text, file) {
+        (Some(text), _) => serde_json::from_str(&text).with_context(|| format!("{flag} is not valid JSON"))?,
         (None, Some(path)) => {
             let text = super::read_text(&path)?;
             serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
         }
         (None, None) => Value::Null,
-    };
-    Ok(StartRun { flow, version, input, idempotency_key })
+    })
 }
 
 /// Waits for the run and prints it; exit 0 only if it succeeded.
@@ -131,7 +159,7 @@ async fn wait_and_print(
                 view.status.as_str(),
                 duration_ms(timeout.as_millis() as u64)
             );
-            hint_steps_without_workers(client, &view, session).await;
+            hint_waiting_steps(client, &view, session).await;
             return Ok(ExitCode::FAILURE);
         }
         Err(error) => return Err(error.into()),
@@ -140,15 +168,21 @@ async fn wait_and_print(
     Ok(if view.status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// Names, on stderr, each running step of a running run whose pool has tasks waiting and
-/// no worker: the usual reason a run seems stuck. Best effort: what cannot be read is
-/// left out, and a run that is not stuck prints nothing.
-async fn hint_steps_without_workers(client: &Client, view: &RunView, session: &Session) {
+/// Names, on stderr, what a running run waits for that only its user can give: a signal,
+/// or a worker for a pool whose tasks wait with none (the usual reasons a run seems
+/// stuck). Best effort: what cannot be read is left out.
+async fn hint_waiting_steps(client: &Client, view: &RunView, session: &Session) {
     if session.json || view.status != RunStatus::Running {
         return;
     }
     let running: Vec<&StepView> = view.steps.iter().filter(|step| step.status == StepStatus::Running).collect();
-    if running.is_empty() {
+    for step in running.iter().filter(|step| step.kind == "signal") {
+        eprintln!(
+            "hint: step {} waits for a signal: flowgrid run signal {} {} --data JSON",
+            step.id, view.run_id, step.id
+        );
+    }
+    if !running.iter().any(|step| matches!(step.kind.as_str(), "task" | "map")) {
         return;
     }
     let (Ok(flow), Ok(pools)) = tokio::join!(client.flow(&view.flow, Some(view.version)), pool_backlogs(session))

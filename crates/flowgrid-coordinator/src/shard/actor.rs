@@ -232,6 +232,10 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = self.cancel_run(run_id, reason, batch).await;
                 batch.reply(reply, outcome);
             }
+            Command::Signal { run_id, step, data, reply } => {
+                let outcome = self.signal_run(run_id, step, data, batch).await;
+                batch.reply(reply, outcome);
+            }
             Command::Get { run_id, reply } => {
                 let outcome = self.get_run(&run_id).await;
                 batch.reply(reply, outcome);

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use flowgrid_engine::RunView;
 use flowgrid_model::{FlowPlan, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, RunCancelled, RunStarted, RunSummary, Subjects,
+    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, RunCancelled, RunSignalled, RunStarted,
+    RunSummary, Subjects,
 };
 use flowgrid_store::StoreLimits;
 use serde_json::Value;
@@ -67,6 +68,12 @@ pub enum Command {
         run_id: RunId,
         reason: String,
         reply: Responder<RunCancelled>,
+    },
+    Signal {
+        run_id: RunId,
+        step: String,
+        data: Value,
+        reply: Responder<RunSignalled>,
     },
     Get {
         run_id: RunId,

@@ -8,10 +8,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, TaskDispatch, TimerKey};
+use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey};
 use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
-use flowgrid_proto::{ApiError, ErrorCode, ListRuns, RunCancelled, RunStarted, RunSummary, TaskResult};
+use flowgrid_proto::{ApiError, ErrorCode, ListRuns, RunCancelled, RunSignalled, RunStarted, RunSummary, TaskResult};
 use flowgrid_store::{keys, KeyRange, ShardStore};
+use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::actor::{ActiveRun, ShardActor};
@@ -209,6 +210,32 @@ impl<S: ShardStore> ShardActor<S> {
         }
     }
 
+    /// A signal for a signal step: applied if the step waits for one. A step that is over
+    /// (or a run that ended) answers `applied: false`, so that a repeated signal is not an
+    /// error; a step that is not a signal step, or has not started, is refused.
+    pub(super) async fn signal_run(
+        &mut self,
+        run_id: RunId,
+        step: String,
+        data: Value,
+        batch: &mut Batch,
+    ) -> Result<RunSignalled, ApiError> {
+        let Some(active) = self.runs.get(&run_id) else {
+            return match self.run_record(&run_id).await? {
+                Some(record) => Ok(RunSignalled { run_id, step, applied: false, status: record.status }),
+                None => Err(not_found(&run_id)),
+            };
+        };
+        let applied = match active.run.signal_refused(&step) {
+            None => self.apply_event(&run_id, Event::SignalReceived { step: step.clone(), data }, now_ms(), batch),
+            Some(SignalRefused::Over { .. }) => false,
+            Some(refused) => return Err(signal_refusal(&run_id, &step, &refused)),
+        };
+        // A run the signal ended stays in memory until its batch commits.
+        let status = self.runs.get(&run_id).map_or(RunStatus::Succeeded, |active| active.run.status());
+        Ok(RunSignalled { run_id, step, applied, status })
+    }
+
     pub(super) async fn get_run(&self, run_id: &RunId) -> Result<RunView, ApiError> {
         if let Some(active) = self.runs.get(run_id) {
             return Ok(active.run.view());
@@ -285,6 +312,30 @@ impl<S: ShardStore> ShardActor<S> {
             tokio::spawn(async move {
                 let _ = nats.publish(reply_to, payload.into()).await;
             });
+        }
+    }
+}
+
+/// Why a signal is refused, and what to do about it.
+fn signal_refusal(run_id: &RunId, step: &str, refused: &SignalRefused) -> ApiError {
+    match refused {
+        SignalRefused::NoSuchStep => ApiError::new(
+            ErrorCode::NotFound,
+            format!("the flow of run {run_id} has no step `{step}`: name a signal step of it"),
+        ),
+        SignalRefused::NotASignalStep { kind } => ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("step `{step}` of run {run_id} is a {kind} step; only a `signal` step takes signals"),
+        ),
+        SignalRefused::NotStarted => ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "step `{step}` of run {run_id} has not started: the steps before it are still going; send the \
+                 signal once it waits (`flowgrid run get` shows it `running`)"
+            ),
+        ),
+        SignalRefused::Over { status } => {
+            ApiError::new(ErrorCode::Conflict, format!("step `{step}` of run {run_id} is over ({})", status.as_str()))
         }
     }
 }

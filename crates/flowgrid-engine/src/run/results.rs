@@ -100,6 +100,7 @@ impl Run {
                 };
                 self.attempt_failed(index, attempt, error, context);
             }
+            TimerKey::SignalTimeout { step } => return self.on_signal_timeout(step, context),
             TimerKey::WaitOver { step } => {
                 let Some(index) = self.plan.step_index(step) else {
                     return Applied::Ignored("timer not armed");

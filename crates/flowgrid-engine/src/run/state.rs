@@ -44,6 +44,8 @@ pub(super) enum Work {
     Map(Box<MapState>),
     /// A wait step's timer, armed for `due_ms`, `waited_ms` after the step started.
     Wait { due_ms: Millis, waited_ms: u64 },
+    /// A signal step waiting for its signal, until `deadline_ms` if it has a timeout.
+    Signal { deadline_ms: Option<Millis> },
 }
 
 /// The current attempt of a task step or of one map item.
@@ -115,12 +117,12 @@ impl StepState {
         matches!(self.status, StepStatus::Pending | StepStatus::Running | StepStatus::Retrying)
     }
 
-    /// An attempt of this step (or of one of its items) is out or waiting for a retry, or
-    /// its wait is not over.
+    /// An attempt of this step (or of one of its items) is out or waiting for a retry, its
+    /// wait is not over, or it waits for a signal.
     pub fn has_work_in_flight(&self) -> bool {
         match &self.work {
             Work::Idle => false,
-            Work::Task(_) | Work::Wait { .. } => true,
+            Work::Task(_) | Work::Wait { .. } | Work::Signal { .. } => true,
             Work::Map(map) => map.active > 0,
         }
     }

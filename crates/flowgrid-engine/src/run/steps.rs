@@ -2,7 +2,7 @@
 //!
 //! Engine-side steps (choice, transform, succeed, fail) complete inside the transition
 //! that starts them; task and map steps dispatch attempts and wait for results; a wait
-//! step arms a timer and completes when it fires. An
+//! step arms a timer and completes when it fires; a signal step waits for a signal. An
 //! expression error anywhere fails the run with `expression_error`: no catch applies,
 //! since the flow itself is broken for this input.
 
@@ -47,6 +47,7 @@ impl Run {
             PlanStepKind::Succeed { output } => self.succeed_at_step(index, output.as_ref(), context),
             PlanStepKind::Fail { error, message } => self.fail_at_step(index, error, message.as_ref(), context),
             PlanStepKind::Wait(wait_for) => self.start_wait(index, wait_for, context),
+            PlanStepKind::Signal { timeout_ms, .. } => self.start_signal(index, *timeout_ms, context),
         }
     }
 
@@ -167,12 +168,11 @@ impl Run {
         self.fail_step_and_run(index, error, context);
     }
 
-    /// A task or map step failed for good: a matching catch takes over, else the run
-    /// fails with the step's error.
+    /// A task, map or signal step failed for good: a matching catch takes over, else the
+    /// run fails with the step's error.
     pub(super) fn step_failed(&mut self, index: StepIndex, error: TaskError, context: &mut Context<'_>) {
         let plan = Arc::clone(&self.plan);
-        let spec = task_spec(&plan.step(index).kind).expect("only task and map steps fail by attempts");
-        let Some((catch, _rule)) = spec.catch_for(&error.code) else {
+        let Some((catch, _rule)) = plan.step(index).kind.catch_for(&error.code) else {
             return self.fail_step_and_run(index, error, context);
         };
         let state = self.state(index);

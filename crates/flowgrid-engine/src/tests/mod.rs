@@ -5,6 +5,7 @@ mod flows;
 mod map;
 mod properties;
 mod replay;
+mod signals;
 mod support;
 mod wait;
 

@@ -131,6 +131,7 @@ fn expression_fields(step: &Step) -> Vec<(String, &str, bool)> {
         Step::Succeed(succeed) => vec![("output".to_owned(), succeed.output.as_deref(), false)],
         Step::Fail(fail) => vec![("message".to_owned(), fail.message.as_deref(), false)],
         Step::Wait(wait) => vec![("duration".to_owned(), wait.duration.as_deref(), false)],
+        Step::Signal(_) => Vec::new(),
     };
     fields.into_iter().filter_map(|(field, source, reads_result)| Some((field, source?, reads_result))).collect()
 }

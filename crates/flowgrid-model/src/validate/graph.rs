@@ -203,7 +203,7 @@ impl Graph {
     }
 }
 
-/// The steps a choice branches to and a task or map catches into.
+/// The steps a choice branches to and a task, map or signal step catches into.
 fn branch_targets(step: &Step) -> Vec<&str> {
     let mut targets: Vec<&str> = catches(step).iter().map(|catch| catch.next.as_str()).collect();
     if let Step::Choice(choice) = step {

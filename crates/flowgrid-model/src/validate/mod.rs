@@ -167,6 +167,9 @@ fn plan_kind(
         Step::Transform(_) => PlanStepKind::Transform { output: required("output") },
         Step::Succeed(_) => PlanStepKind::Succeed { output: take("output") },
         Step::Fail(fail) => PlanStepKind::Fail { error: fail.error.clone(), message: take("message") },
+        Step::Signal(signal) => {
+            PlanStepKind::Signal { timeout_ms: signal.timeout_ms, catch: catch_rules(&signal.catch, index) }
+        }
         Step::Wait(wait) => PlanStepKind::Wait(match wait.duration_ms {
             Some(duration_ms) => WaitFor::Fixed(duration_ms),
             None => WaitFor::Expr(required("duration")),
@@ -197,7 +200,7 @@ fn outgoing_edges(position: usize, step: &Step, steps: &[Step], index: &HashMap<
                 edges.push(Edge { to: index[default.as_str()], when: EdgeWhen::Default });
             }
         }
-        Step::Task(_) | Step::Map(_) => {
+        Step::Task(_) | Step::Map(_) | Step::Signal(_) => {
             for (rule, catch) in catches(step).iter().enumerate() {
                 edges.push(Edge { to: index[catch.next.as_str()], when: EdgeWhen::Caught(rule_number(rule)) });
             }
@@ -212,11 +215,12 @@ fn rule_number(rule: usize) -> u16 {
     u16::try_from(rule).expect("a rule list fits in a definition under definition_bytes_max")
 }
 
-/// The catch rules of a task or map step (none for other kinds).
+/// The catch rules of a task, map or signal step (none for other kinds).
 pub(crate) fn catches(step: &Step) -> &[Catch] {
     match step {
         Step::Task(task) => &task.catch,
         Step::Map(map) => &map.catch,
+        Step::Signal(signal) => &signal.catch,
         _ => &[],
     }
 }

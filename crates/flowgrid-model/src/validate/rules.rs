@@ -74,6 +74,10 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
             }
         }
         Step::Wait(wait) => check_wait(path, wait.duration_ms, wait.duration.is_some(), issues),
+        Step::Signal(signal) => {
+            check_timeout(&format!("{path}.timeout_ms"), signal.timeout_ms, issues);
+            check_catch(path, &signal.catch, issues);
+        }
         Step::Transform(_) | Step::Succeed(_) => {}
     }
 }
@@ -117,6 +121,10 @@ fn check_worker_settings(
             format!("is {priority}: use a priority from 0 to {PRIORITY_MAX} (higher runs first)"),
         );
     }
+    check_catch(path, catch, issues);
+}
+
+fn check_catch(path: &str, catch: &[Catch], issues: &mut Vec<Issue>) {
     for (rule, catch_rule) in catch.iter().enumerate() {
         if catch_rule.errors.is_empty() || catch_rule.errors.iter().any(|code| code.trim().is_empty()) {
             push_issue(

@@ -132,15 +132,16 @@ fn plan_edges_follow_the_documented_semantics() {
 #[test]
 fn plan_applies_defaults_and_keeps_settings() {
     let plan = FlowPlan::compile(parse(MEDIA_FLOW), 1, &evaluator(), &limits()).unwrap();
-    let PlanStepKind::Task(transcode) = &plan.step(plan.step_index("transcode").unwrap()).kind else {
+    let transcode_kind = &plan.step(plan.step_index("transcode").unwrap()).kind;
+    let PlanStepKind::Task(transcode) = transcode_kind else {
         panic!("transcode is a task");
     };
     assert_eq!((&*transcode.pool, &*transcode.task), ("gpu", "transcode"));
     assert_eq!((transcode.timeout_ms, transcode.priority), (TASK_TIMEOUT_MS_DEFAULT, PRIORITY_DEFAULT));
     assert_eq!((transcode.retry.max_attempts, transcode.retry.initial_backoff_ms), (5, 100));
     assert!(transcode.input.is_none() && transcode.output.is_none());
-    assert_eq!(transcode.catch_for("bad_codec").map(|(rule, catch)| (rule, catch.next)), Some((0, 3)));
-    assert!(transcode.catch_for("other").is_none());
+    assert_eq!(transcode_kind.catch_for("bad_codec").map(|(rule, catch)| (rule, catch.next)), Some((0, 3)));
+    assert!(transcode_kind.catch_for("other").is_none());
     let PlanStepKind::Map { items, spec, max_concurrency, tolerated_failures } = &plan.step(4).kind else {
         panic!("thumb is a map");
     };
@@ -403,4 +404,30 @@ fn a_wait_says_how_long_in_exactly_one_way() {
     assert_issue(&issues_of(&flow(", duration: '1 +'")), "steps[1](w).duration", "does not compile");
     let message = parse_definition(&flow(", duration_ms: 10, retry: {}"), &limits()).unwrap_err().to_string();
     assert!(message.contains("unknown field `retry`"), "{message}");
+}
+
+#[test]
+fn a_signal_step_checks_its_timeout_and_catches_like_a_task() {
+    let flow = |signal: &str| {
+        format!("name: f\nsteps:\n  - {{ kind: signal, id: s{signal} }}\n  - {{ kind: transform, id: late, output: '1' }}\n")
+    };
+    let plan = FlowPlan::compile(
+        parse(&flow(", timeout_ms: 500, catch: [{ errors: [timeout], next: late }]")),
+        1,
+        &evaluator(),
+        &limits(),
+    )
+    .unwrap();
+    let PlanStepKind::Signal { timeout_ms, .. } = &plan.step(0).kind else { panic!("a signal step") };
+    assert_eq!(*timeout_ms, Some(500));
+    assert_eq!(plan.step(0).kind.catch_for("timeout").map(|(rule, catch)| (rule, catch.next)), Some((0, 1)));
+    assert_eq!(plan.step(0).outgoing, [Edge { to: 1, when: EdgeWhen::Caught(0) }]);
+
+    assert_issue(&issues_of(&flow(", timeout_ms: 0")), "steps[0](s).timeout_ms", "greater than 0");
+    assert_issue(&issues_of(&flow(", catch: [{ next: nope }]")), "steps[0](s).catch[0].next", "nope");
+    assert_issue(
+        &issues_of(&flow(", catch: [{ errors: [], next: late }]")),
+        "steps[0](s).catch[0].errors",
+        "must list",
+    );
 }

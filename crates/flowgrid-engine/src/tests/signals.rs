@@ -1,0 +1,94 @@
+//! Signal steps: a run waits for a signal from outside; the first one is the step's output.
+
+use serde_json::json;
+
+use super::replay::replay;
+use super::support::Harness;
+use crate::{Applied, Event, RunStatus, SignalRefused, StepStatus, TimerKey};
+
+const APPROVAL: &str = r##"
+name: approval
+steps:
+  - { kind: task, id: draft, pool: cpu, task: draft }
+  - kind: signal
+    id: approve
+    after: [draft]
+    timeout_ms: 60000
+    catch: [{ errors: [timeout], next: escalate }]
+  - { kind: task, id: publish, after: [approve], pool: cpu, task: publish, input: "steps.approve.output" }
+  - { kind: transform, id: escalate, output: '"nobody approved"' }
+"##;
+
+fn signal(step: &str, data: serde_json::Value) -> Event {
+    Event::SignalReceived { step: step.to_owned(), data }
+}
+
+fn timeout(step: &str) -> TimerKey {
+    TimerKey::SignalTimeout { step: step.to_owned() }
+}
+
+#[test]
+fn the_first_signal_is_the_output_and_later_ones_change_nothing() {
+    let mut harness = Harness::start(APPROVAL, json!({}), 1_000);
+    assert_eq!(harness.run.signal_refused("approve"), Some(SignalRefused::NotStarted));
+    assert_eq!(
+        harness.apply(1_010, signal("approve", json!("early"))),
+        Applied::Ignored("the signal step has not started")
+    );
+    assert_eq!(harness.run.signal_refused("draft"), Some(SignalRefused::NotASignalStep { kind: "task" }));
+    assert_eq!(harness.run.signal_refused("nope"), Some(SignalRefused::NoSuchStep));
+
+    harness.succeed(1_100, "draft", None, 1, json!("text"));
+    assert_eq!(harness.armed(&timeout("approve")), Some(61_100));
+    assert_eq!(harness.step_status("approve"), StepStatus::Running);
+    assert_eq!(harness.run.signal_refused("approve"), None);
+
+    assert_eq!(harness.apply(2_000, signal("approve", json!({"by": "ana"}))), Applied::Accepted);
+    assert!(harness.cancelled(&timeout("approve")), "the timeout is dropped");
+    let approve = harness.step("approve");
+    assert_eq!((approve.status, approve.output.clone()), (StepStatus::Succeeded, Some(json!({"by": "ana"}))));
+    assert_eq!(harness.dispatched_names(), ["publish"]);
+    assert_eq!(*harness.dispatched()[0].input, json!({"by": "ana"}));
+
+    assert_eq!(harness.run.signal_refused("approve"), Some(SignalRefused::Over { status: StepStatus::Succeeded }));
+    assert_eq!(
+        harness.apply(2_001, signal("approve", json!({"by": "bob"}))),
+        Applied::Ignored("the signal step is over")
+    );
+    assert_eq!(harness.fire(61_100, timeout("approve")), Applied::Ignored("timer not armed"));
+    assert_eq!(harness.step("approve").output, Some(json!({"by": "ana"})), "exactly one signal counts");
+
+    harness.succeed(2_100, "publish", None, 1, json!("published"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view(), "the history rebuilds the signal");
+}
+
+#[test]
+fn no_signal_in_time_fails_the_step_with_timeout_and_its_catch_takes_over() {
+    let mut harness = Harness::start(APPROVAL, json!({}), 0);
+    harness.succeed(100, "draft", None, 1, json!("text"));
+    assert!(harness.run.armed_timers().contains(&(timeout("approve"), 60_100)));
+    assert_eq!(harness.fire(60_100, timeout("approve")), Applied::Accepted);
+    let approve = harness.step("approve");
+    assert_eq!((approve.status, approve.caught), (StepStatus::Failed, true));
+    assert_eq!(approve.error.expect("an error").code, "timeout");
+    assert_eq!(harness.step_status("publish"), StepStatus::Skipped);
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.view().output, Some(json!({"escalate": "nobody approved"})));
+    assert_eq!(harness.apply(60_200, signal("approve", json!(1))), Applied::Ignored("run already ended"));
+}
+
+#[test]
+fn a_signal_step_without_timeout_waits_until_the_run_ends() {
+    let yaml = r##"
+name: forever
+steps:
+  - { kind: signal, id: go }
+"##;
+    let mut harness = Harness::start(yaml, json!({}), 0);
+    assert!(harness.run.armed_timers().is_empty(), "no timeout, no timer");
+    assert_eq!(harness.apply(5, Event::CancelRequested { reason: "stop".into() }), Applied::Accepted);
+    assert_eq!(harness.step_status("go"), StepStatus::Cancelled);
+    assert_eq!(harness.run.signal_refused("go"), Some(SignalRefused::Over { status: StepStatus::Cancelled }));
+}

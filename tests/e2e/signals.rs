@@ -1,0 +1,152 @@
+//! Signal steps: a run waits for a signal from outside, takes the first one exactly once,
+//! refuses signals it cannot take with a reason, times out into a catch, and keeps what
+//! it took across a coordinator crash.
+
+use std::time::Duration;
+
+use flowgrid_sdk::{ErrorCode, RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{step, wait_for, Grid};
+use serde_json::{json, Value};
+
+use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
+
+/// A draft on pool `a`, an approval signal (a timeout caught by `escalate`), then a publish
+/// step that reads the approval.
+const APPROVAL_FLOW: &str = r#"
+name: approval
+steps:
+  - { id: draft, kind: task, pool: a, task: echo }
+  - id: approve
+    kind: signal
+    after: [draft]
+    timeout_ms: 60000
+    catch: [{ errors: [timeout], next: escalate }]
+  - { id: publish, kind: task, pool: a, task: echo, after: [approve], input: 'steps.approve.output' }
+  - { id: escalate, kind: transform, output: '"nobody approved in time"' }
+"#;
+
+async fn start_waiting(grid: &Grid, client: &flowgrid_sdk::Client, flow: &str) -> anyhow::Result<RunId> {
+    let start = StartRun { flow: flow.into(), version: None, input: json!({}), idempotency_key: None };
+    let run_id = client.start(start).await.or_logs(grid)?.run_id;
+    wait_for("the signal step to wait", RUN_DEADLINE, || async {
+        let view = client.get(&run_id).await.ok()?;
+        (step(&view, "approve").status == StepStatus::Running).then_some(())
+    })
+    .await?;
+    Ok(run_id)
+}
+
+fn flowgrid_cli(grid: &Grid, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix])
+        .args(args)
+        .output()?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    Ok((output.status.success(), text(&output.stdout), text(&output.stderr)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_signal_goes_on_with_its_data_and_a_repeat_changes_nothing() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, APPROVAL_FLOW).await?;
+    let run_id = start_waiting(&grid, &client, "approval").await?;
+
+    let (_, _, stderr) = flowgrid_cli(&grid, &["run", "get", run_id.as_str()])?;
+    assert!(
+        stderr.contains(&format!("hint: step approve waits for a signal: flowgrid run signal {run_id} approve")),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) =
+        flowgrid_cli(&grid, &["run", "signal", run_id.as_str(), "approve", "--data", r#"{"by": "ana"}"#])?;
+    assert!(ok && stdout.contains("took the signal"), "{stdout}\n{stderr}");
+
+    let again = client.signal(&run_id, "approve", json!({"by": "bob"})).await.or_logs(&grid)?;
+    assert!(!again.applied, "a second signal is not applied: {again:?}");
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(step(&view, "approve").output, Some(json!({"by": "ana"})));
+    assert_eq!(step(&view, "publish").output, Some(json!({"by": "ana"})), "the step after reads the signal");
+    assert_eq!(step(&view, "escalate").status, StepStatus::Skipped);
+
+    let after_end = client.signal(&run_id, "approve", Value::Null).await.or_logs(&grid)?;
+    assert_eq!((after_end.applied, after_end.status), (false, RunStatus::Succeeded), "{after_end:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_the_run_cannot_take_is_refused_with_the_reason() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, APPROVAL_FLOW).await?;
+    // No worker serves pool `a`: the draft stays open and the approval has not started.
+    let start = StartRun { flow: "approval".into(), version: None, input: json!({}), idempotency_key: None };
+    let run_id = client.start(start).await.or_logs(&grid)?.run_id;
+
+    let cases = [
+        ("approve", ErrorCode::Conflict, "has not started"),
+        ("draft", ErrorCode::InvalidRequest, "is a task step"),
+        ("nope", ErrorCode::NotFound, "no step `nope`"),
+    ];
+    for (target, code, phrase) in cases {
+        let error = client.signal(&run_id, target, json!(1)).await.expect_err("refused");
+        let refused = refusal(&error);
+        assert_eq!(refused.code, code, "{target}: {refused:?}");
+        assert!(refused.message.contains(phrase), "{target}: {refused:?}");
+    }
+    let error = client.signal(&RunId("no-such-run".into()), "approve", json!(1)).await.expect_err("refused");
+    assert_eq!(refusal(&error).code, ErrorCode::NotFound, "{error:?}");
+    let blob = "x".repeat(2 * 1024 * 1024);
+    let error = client.signal(&run_id, "approve", json!({ "blob": blob })).await.expect_err("too large");
+    assert_eq!(refusal(&error).code, ErrorCode::PayloadTooLarge, "{error:?}");
+
+    let view = client.get(&run_id).await.or_logs(&grid)?;
+    assert_eq!((view.status, step(&view, "approve").status), (RunStatus::Running, StepStatus::Pending), "unchanged");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_signal_in_time_goes_to_the_catch() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, &APPROVAL_FLOW.replace("name: approval", "name: approval-quick").replace("60000", "300"))
+        .await?;
+    let start = StartRun { flow: "approval-quick".into(), version: None, input: json!({}), idempotency_key: None };
+    let run_id = client.start(start).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let approve = step(&view, "approve");
+    assert_eq!((approve.status, approve.caught), (StepStatus::Failed, true), "{approve:?}");
+    assert_eq!(approve.error.as_ref().map(|error| error.code.as_str()), Some("timeout"));
+    assert!(approve.ended_ms.unwrap() - approve.started_ms.unwrap() >= 300, "{approve:?}");
+    assert_eq!(step(&view, "escalate").output, Some(json!("nobody approved in time")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_step_and_a_taken_signal_survive_a_coordinator_crash() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, APPROVAL_FLOW).await?;
+    let waiting = start_waiting(&grid, &client, "approval").await?;
+    let signalled = start_waiting(&grid, &client, "approval").await?;
+    // Stop the worker pool's progress after the signal: the publish step stays open, so the
+    // run is still going when the coordinator dies.
+    grid.workers[0].kill_hard();
+    let taken = client.signal(&signalled, "approve", json!("yes")).await.or_logs(&grid)?;
+    assert!(taken.applied, "{taken:?}");
+
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    grid.start_workers(&["a"], 8)?;
+    let view = grid.wait_run(&client, &signalled, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(step(&view, "publish").output, Some(json!("yes")), "the signal taken before the crash counts");
+
+    let view = client.get(&waiting).await.or_logs(&grid)?;
+    assert_eq!(step(&view, "approve").status, StepStatus::Running, "still waiting after the restart");
+    assert!(client.signal(&waiting, "approve", json!("later")).await.or_logs(&grid)?.applied);
+    let view = grid.wait_run(&client, &waiting, Duration::from_secs(30)).await?;
+    assert_eq!(step(&view, "publish").output, Some(json!("later")), "{view:?}");
+    Ok(())
+}
