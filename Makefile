@@ -10,8 +10,8 @@
 #   make tools       the Python tools only (nats-server, nats-py, msgpack); no system packages
 #   make up          start a local grid in the background: nats-server on 127.0.0.1:NATS_PORT,
 #                    COORDINATORS coordinators sharing .grid/data (metrics on METRICS_PORT,
-#                    METRICS_PORT+1, ...), demo workers for gpu-llm and cpu-media; waits until
-#                    every shard is served
+#                    METRICS_PORT+1, ...), demo workers for WORKER_POOLS, the web UI on
+#                    http://127.0.0.1:UI_PORT/; waits until every shard is served
 #   make scale       bring the running grid to COORDINATORS coordinators: start the missing ones,
 #                    or stop the highest-numbered ones one at a time (graceful leave); no rebuild
 #   make down        stop what `make up` and `make scale` started (safe to run twice)
@@ -35,7 +35,7 @@
 #   make help        this text
 #
 # Variables (override on the command line, e.g. `make up NATS_PORT=4333`):
-#   CARGO=cargo NATS_PORT=4222 METRICS_PORT=9464 SHARDS=64 WORKER_POOLS=gpu-llm,cpu-media,tests
+#   CARGO=cargo NATS_PORT=4222 METRICS_PORT=9464 UI_PORT=8480 SHARDS=64 WORKER_POOLS=gpu-llm,cpu-media,tests
 #   COORDINATORS=1 (make up, make scale)  DURATION=120 (make chaos, seconds; or 10m)
 #   CHAOS_ARGS="--seed 7 --coordinators 5" (more flags of `flowgrid-loadtest chaos`)
 #   TARGET_DIR=$CARGO_TARGET_DIR or target  LOADTEST_ARGS="run --workload single --duration 30s"
@@ -45,6 +45,7 @@
 CARGO ?= cargo
 NATS_PORT ?= 4222
 METRICS_PORT ?= 9464
+UI_PORT ?= 8480
 SHARDS ?= 64
 WORKER_POOLS ?= gpu-llm,cpu-media,tests
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
@@ -62,7 +63,7 @@ RELEASE_FLOWGRID_BIN := $(abspath $(TARGET_DIR)/release/flowgrid)
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
-export CARGO NATS_PORT METRICS_PORT SHARDS WORKER_POOLS COORDINATORS FLOWGRID_BIN
+export CARGO NATS_PORT METRICS_PORT UI_PORT SHARDS WORKER_POOLS COORDINATORS FLOWGRID_BIN
 
 # Loads NATS_SERVER_BIN (the pinned nats-server) written by deploy/setup.sh.
 LOAD_TOOLS := source deploy/lib.sh && load_tools "$$PWD"

@@ -3,12 +3,13 @@
 #   nats-server (JetStream, store .grid/nats) on 127.0.0.1:$NATS_PORT,
 #   $COORDINATORS coordinators coordinator-1..N sharing the data dir .grid/data and the
 #   $SHARDS shards; coordinator-i serves metrics on 127.0.0.1:$((METRICS_PORT + i - 1)),
-#   one demo worker process serving the pools $WORKER_POOLS.
+#   one demo worker process serving the pools $WORKER_POOLS, and the web UI
+#   (flowgrid ui) on http://127.0.0.1:$UI_PORT/.
 # Pid files and logs live in .grid/ (coordinator-<i>.pid, coordinator-<i>.log, ...). `down`
 # stops only what `up` and `scale` started (by pid file) and is safe to run twice.
 #
 # usage: deploy/grid.sh up|scale|down|status|clean
-# env:   COORDINATORS (1) NATS_PORT (4222) METRICS_PORT (9464) SHARDS (64)
+# env:   COORDINATORS (1) NATS_PORT (4222) METRICS_PORT (9464) UI_PORT (8480) SHARDS (64)
 #        WORKER_POOLS (gpu-llm,cpu-media,tests) FLOWGRID_BIN (target/debug/flowgrid) GRID_DIR (.grid)
 #        UP_TIMEOUT_SECONDS (60) LEAVE_TIMEOUT_SECONDS (30: a coordinator's graceful leave)
 set -euo pipefail
@@ -21,6 +22,7 @@ cd "$ROOT"
 COORDINATORS=${COORDINATORS:-1}
 NATS_PORT=${NATS_PORT:-4222}
 METRICS_PORT=${METRICS_PORT:-9464}
+UI_PORT=${UI_PORT:-8480}
 SHARDS=${SHARDS:-64}
 WORKER_POOLS=${WORKER_POOLS:-gpu-llm,cpu-media,tests}
 FLOWGRID_BIN=${FLOWGRID_BIN:-target/debug/flowgrid}
@@ -190,6 +192,7 @@ up() {
     [[ -x "$FLOWGRID_BIN" ]] || die "$FLOWGRID_BIN not found: run 'make build'"
     load_tools "$ROOT"
     port_open "$NATS_PORT" && die "127.0.0.1:$NATS_PORT is in use by another program: stop it or use NATS_PORT=..."
+    port_open "$UI_PORT" && die "127.0.0.1:$UI_PORT is in use by another program: stop it or use UI_PORT=..."
     check_metrics_ports $(seq 1 "$COORDINATORS")
     mkdir -p "$GRID_DIR/nats" "$GRID_DIR/data"
 
@@ -209,6 +212,10 @@ up() {
     start_bg "$GRID_DIR/worker.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" worker --pools "$WORKER_POOLS"
     echo "$STARTED_PID" >"$(pid_file worker)"
 
+    say "starting the web UI on http://127.0.0.1:$UI_PORT/ (log $GRID_DIR/ui.log)"
+    start_bg "$GRID_DIR/ui.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" ui --listen "127.0.0.1:$UI_PORT"
+    echo "$STARTED_PID" >"$(pid_file ui)"
+
     say "waiting for the coordinators to join and serve all $SHARDS shards (up to ${UP_TIMEOUT_SECONDS}s each)"
     wait_joined $(seq 1 "$COORDINATORS") || fail_up
     WATCH_PIDS="$watch" wait_settled "$UP_TIMEOUT_SECONDS" || fail_up
@@ -218,6 +225,7 @@ up() {
     flowgrid shards >&2 || true
     cat <<USAGE
 flowgrid is up: NATS $NATS_URL, $COORDINATORS coordinator(s) (metrics from http://127.0.0.1:$METRICS_PORT/metrics), logs in $GRID_DIR/
+Web UI: http://127.0.0.1:$UI_PORT/ (flows, runs step by step, coordinators and backlog)
 
   $FLOWGRID_BIN flow deploy deploy/flows/media-pipeline.yaml
   $FLOWGRID_BIN run start media-pipeline --input '{"video": "talk.mp4", "segments": [{"index": 0}], "language_hint": "auto"}' --wait
@@ -236,7 +244,7 @@ fail_up() {
     for index in $(seq 1 "$COORDINATORS"); do
         logs+=("$(coordinator_log "$index")")
     done
-    logs+=("$GRID_DIR/worker.log")
+    logs+=("$GRID_DIR/worker.log" "$GRID_DIR/ui.log")
     print_log_tails "${logs[@]}"
     down
     die "the grid did not come up (logs above)"
@@ -304,13 +312,15 @@ leave() {
 }
 
 down() {
-    local pid stopped=0 index coordinators=()
-    pid=$(live_pid worker)
-    if [[ -n "$pid" ]]; then
-        stop_pid "$pid" worker
-        stopped=$((stopped + 1))
-    fi
-    rm -f "$(pid_file worker)"
+    local pid stopped=0 index coordinators=() component
+    for component in ui worker; do
+        pid=$(live_pid "$component")
+        if [[ -n "$pid" ]]; then
+            stop_pid "$pid" "$component"
+            stopped=$((stopped + 1))
+        fi
+        rm -f "$(pid_file "$component")"
+    done
     # Every coordinator at once: none is left to take shards over, so each only commits
     # and releases what it holds.
     for index in $(coordinator_indices); do
@@ -338,9 +348,11 @@ down() {
 
 status() {
     local component pid index live=0
-    for component in nats worker; do
+    for component in nats worker ui; do
         pid=$(live_pid "$component")
-        if [[ -n "$pid" ]]; then
+        if [[ "$component" == ui && -n "$pid" ]]; then
+            printf '%-15s running  pid %s, http://127.0.0.1:%s/\n' "$component" "$pid" "$UI_PORT"
+        elif [[ -n "$pid" ]]; then
             printf '%-15s running  pid %s\n' "$component" "$pid"
         else
             printf '%-15s stopped\n' "$component"
@@ -364,7 +376,7 @@ status() {
 # Removes the grid's state (store and broker data); refuses while the grid runs.
 clean() {
     local component
-    for component in nats worker coordinator; do
+    for component in nats worker ui coordinator; do
         [[ -z "$(live_pid "$component")" ]] || die "the grid is running ($component): run 'make down' first"
     done
     [[ -z "$(coordinator_indices)" ]] || die "the grid is running (coordinators): run 'make down' first"

@@ -19,6 +19,7 @@ mod python;
 mod results;
 mod signals;
 mod store_failure;
+mod ui;
 
 use std::time::Duration;
 

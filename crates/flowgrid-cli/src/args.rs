@@ -50,6 +50,9 @@ pub enum Command {
     Shards(ShardsArgs),
     /// Coordinators, shard summary and the backlog of every pool and of durable submits.
     Status,
+    /// Serve a read-only web UI of the grid: coordinators, backlog, flows drawn as graphs,
+    /// runs step by step.
+    Ui(UiArgs),
     /// Audit a stopped grid's store for double-applied results, stale-epoch commits and
     /// history gaps (exit 1 if any).
     Audit(AuditArgs),
@@ -183,6 +186,13 @@ pub enum RunCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct UiArgs {
+    /// Address to serve the UI on (port 0 picks a free one).
+    #[arg(long, env = "FLOWGRID_UI_LISTEN", default_value = "127.0.0.1:8480")]
+    pub listen: std::net::SocketAddr,
+}
+
+#[derive(Debug, Args)]
 pub struct SchemasArgs {
     /// Directory of the schema files.
     #[arg(long, env = "FLOWGRID_SCHEMAS_DIR", default_value = "schemas")]
@@ -192,7 +202,7 @@ pub struct SchemasArgs {
     pub check: bool,
 }
 
-fn parse_status(text: &str) -> Result<RunStatus, String> {
+pub(crate) fn parse_status(text: &str) -> Result<RunStatus, String> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .map_err(|_| format!("{text:?} is not a run status; use running, succeeded, failed, cancelled or timed_out"))
 }

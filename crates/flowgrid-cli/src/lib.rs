@@ -11,6 +11,7 @@ pub mod demo_workers;
 mod failure;
 mod grid_view;
 mod output;
+mod ui;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -9,6 +9,16 @@ use serde::Serialize;
 
 use flowgrid_model::Millis;
 
+/// A map step's progress: `done/total`, and how many failed.
+pub fn item_counts(items: &flowgrid_engine::ItemCounts) -> String {
+    let done = items.succeeded + items.failed;
+    if items.failed > 0 {
+        format!("{done}/{} ({} failed)", items.total, items.failed)
+    } else {
+        format!("{done}/{}", items.total)
+    }
+}
+
 /// A table with a header row; columns are padded to their widest cell.
 #[derive(Debug, Default)]
 pub struct Table {

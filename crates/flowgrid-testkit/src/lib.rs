@@ -107,14 +107,26 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET /metrics` from the Prometheus endpoint at `addr` (host:port); the body.
 pub fn scrape_metrics(addr: &str) -> Result<String> {
+    let (status, body) = http_get(addr, "/metrics")?;
+    ensure!(status == 200, "GET /metrics from {addr} answered {status}: {body}");
+    Ok(body)
+}
+
+/// `GET path` from the HTTP server at `addr` (HTTP/1.0, so the server closes the
+/// connection after its answer): the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
-    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).with_context(|| format!("read /metrics from {addr}"))?;
+    stream.read_to_string(&mut response).with_context(|| format!("read {path} from {addr}"))?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    ensure!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "GET /metrics from {addr} answered {head}");
-    Ok(body.to_owned())
+    let status = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("GET {path} from {addr} answered {head}"))?;
+    Ok((status, body.to_owned()))
 }
 
 /// The value of the first sample of a scraped `body` whose line starts with `prefix`

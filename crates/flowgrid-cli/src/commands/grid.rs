@@ -105,26 +105,32 @@ pub(crate) async fn status(session: &Session) -> anyhow::Result<ExitCode> {
         let shards = snapshot.as_ref().map(shard_summary);
         print_json(&StatusJson { members, shards, backlog })?;
     } else {
-        match &snapshot {
-            Some(snapshot) => {
-                let views = member_views(snapshot);
-                outln!("members: {}", views.len())?;
-                if !views.is_empty() {
-                    out!("{}", members_table(&views).render())?;
-                }
-                outln!()?;
-                out!("{}", render_shard_summary(&shard_summary(snapshot)))?;
-            }
-            None => {
-                let not_joined = reader.not_joined();
-                outln!("members: none; {not_joined}")?;
-                eprintln!("hint: {}", not_joined_hint(&not_joined));
-            }
+        out!("{}", status_text(&reader, snapshot.as_ref(), &backlog))?;
+        if snapshot.is_none() {
+            eprintln!("hint: {}", not_joined_hint(&reader.not_joined()));
         }
-        outln!()?;
-        out!("{}", render_backlog(&backlog))?;
     }
     Ok(if snapshot.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// What `flowgrid status` prints: members, shards, then the backlog.
+pub(crate) fn status_text(reader: &GridReader, snapshot: Option<&GridSnapshot>, backlog: &Backlog) -> String {
+    let mut text = String::new();
+    match snapshot {
+        Some(snapshot) => {
+            let views = member_views(snapshot);
+            text.push_str(&format!("members: {}\n", views.len()));
+            if !views.is_empty() {
+                text.push_str(&members_table(&views).render());
+            }
+            text.push('\n');
+            text.push_str(&render_shard_summary(&shard_summary(snapshot)));
+        }
+        None => text.push_str(&format!("members: none; {}\n", reader.not_joined())),
+    }
+    text.push('\n');
+    text.push_str(&render_backlog(backlog));
+    text
 }
 
 /// Each pool's backlog, for a hint about a run that waits; empty before the tasks stream exists.
@@ -179,14 +185,14 @@ impl fmt::Display for NotJoined {
 impl std::error::Error for NotJoined {}
 
 /// Read access to one grid's buckets and streams.
-struct GridReader {
+pub(crate) struct GridReader {
     jetstream: jetstream::Context,
     subjects: Subjects,
     nats_url: String,
 }
 
 impl GridReader {
-    async fn connect(session: &Session) -> anyhow::Result<GridReader> {
+    pub(crate) async fn connect(session: &Session) -> anyhow::Result<GridReader> {
         let nats = async_nats::ConnectOptions::new()
             .name("flowgrid-cli")
             .connect(&session.nats_url)
@@ -209,7 +215,7 @@ impl GridReader {
 
     /// Members, grid settings and shard claims as of now. Fails with [`NotJoined`] when the
     /// members bucket does not exist.
-    async fn snapshot(&self) -> anyhow::Result<GridSnapshot> {
+    pub(crate) async fn snapshot(&self) -> anyhow::Result<GridSnapshot> {
         let members_bucket = self.subjects.members_bucket();
         let Some(members) = self.bucket(&members_bucket).await? else {
             return Err(self.not_joined().into());
@@ -266,7 +272,7 @@ impl GridReader {
     }
 
     /// Tasks waiting and in flight per pool, and durable submits waiting.
-    async fn backlog(&self) -> anyhow::Result<Backlog> {
+    pub(crate) async fn backlog(&self) -> anyhow::Result<Backlog> {
         let mut backlog = Backlog::default();
         if let Some(tasks) = self.stream(&self.subjects.tasks_stream()).await? {
             let mut pools: Vec<PoolBacklog> = self

@@ -19,7 +19,7 @@ use flowgrid_sdk::Client;
 use crate::args::Command;
 use crate::Session;
 
-pub(crate) use grid::{not_joined_hint, NotJoined};
+pub(crate) use grid::{not_joined_hint, status_text, GridReader, NotJoined};
 
 pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Result<ExitCode> {
     match command {
@@ -32,6 +32,7 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
         Command::Shards(args) => grid::shards(&args, session).await,
         Command::Status => grid::status(session).await,
         Command::Audit(args) => audit::audit(&args, session).await,
+        Command::Ui(args) => crate::ui::serve(args.listen, session).await,
     }
 }
 

@@ -14,7 +14,7 @@ use flowgrid_sdk::Client;
 use super::grid::pool_backlogs;
 use crate::args::{RunCommand, RunInput};
 use crate::grid_view::no_worker_hint;
-use crate::output::{duration_ms, now_ms, out, outln, print_json, span, utc_time, Table};
+use crate::output::{duration_ms, item_counts, now_ms, out, outln, print_json, span, utc_time, Table};
 use crate::Session;
 
 pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
@@ -249,13 +249,7 @@ fn step_table(steps: &[StepView]) -> Table {
             (Some(started), Some(ended)) => ended.saturating_sub(started).to_string(),
             _ => "-".to_owned(),
         };
-        let items = match step.items {
-            Some(items) if items.failed > 0 => {
-                format!("{}/{} ({} failed)", items.succeeded + items.failed, items.total, items.failed)
-            }
-            Some(items) => format!("{}/{}", items.succeeded + items.failed, items.total),
-            None => String::new(),
-        };
+        let items = step.items.as_ref().map(item_counts).unwrap_or_default();
         table.row(vec![step.id.clone(), step.kind.clone(), status, step.attempts.to_string(), duration, items]);
     }
     table

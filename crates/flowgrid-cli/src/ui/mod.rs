@@ -1,0 +1,150 @@
+//! `flowgrid ui`: a read-only web view of a grid: its coordinators and backlog, its flows
+//! drawn as graphs, and its runs step by step, refreshed while they go. It talks to the
+//! grid only through the API and the buckets `flowgrid status` reads, so it needs no
+//! access to a coordinator's host and changes nothing.
+
+mod dag;
+mod pages;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use maud::Markup;
+use serde::Deserialize;
+
+use flowgrid_model::RunId;
+use flowgrid_proto::ListRuns;
+use flowgrid_sdk::Client;
+
+use crate::commands::GridReader;
+use crate::Session;
+
+/// Runs listed on the overview and on a flow's page.
+const RECENT_RUNS: u32 = 20;
+/// Runs on one page of the runs list.
+const RUNS_PAGE: u32 = 50;
+
+struct Ui {
+    client: Client,
+    grid: GridReader,
+}
+
+/// Serves the UI on `listen` until ctrl-c.
+pub(crate) async fn serve(listen: SocketAddr, session: &Session) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(&session.nats_url, session.prefix.clone()).await?;
+    let grid = GridReader::connect(session).await?;
+    let ui = Arc::new(Ui { client, grid });
+    let app = Router::new()
+        .route("/", get(overview))
+        .route("/flows/{name}", get(flow))
+        .route("/runs", get(runs))
+        .route("/runs/{run_id}", get(run))
+        .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page") })
+        .with_state(ui);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}: pick a free address with --listen"))?;
+    let address = listener.local_addr()?;
+    eprintln!(
+        "flowgrid UI on http://{address}/ (NATS {}, prefix {:?}); ctrl-c stops it",
+        session.nats_url, session.prefix
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("the UI server failed")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn overview(State(ui): State<Arc<Ui>>) -> Response {
+    let (snapshot, backlog, flows, recent) = tokio::join!(
+        ui.grid.snapshot(),
+        ui.grid.backlog(),
+        ui.client.flows(),
+        ui.client.list(ListRuns { flow: None, status: None, limit: Some(RECENT_RUNS), cursor: None })
+    );
+    // A grid no coordinator joined yet still has a backlog to show.
+    let snapshot = snapshot.ok();
+    let status = match backlog {
+        Ok(backlog) => crate::commands::status_text(&ui.grid, snapshot.as_ref(), &backlog),
+        Err(error) => format!("cannot read the grid's streams: {error:#}"),
+    };
+    let flows = flows.map(|list| list.flows).map_err(|error| error.to_string());
+    let recent = recent.map(|list| list.runs).map_err(|error| error.to_string());
+    page(pages::overview(&status, &flows, &recent))
+}
+
+#[derive(Deserialize)]
+struct FlowQuery {
+    version: Option<u32>,
+}
+
+async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Query(query): Query<FlowQuery>) -> Response {
+    let recent = ListRuns { flow: Some(name.clone()), status: None, limit: Some(RECENT_RUNS), cursor: None };
+    let (info, recent) = tokio::join!(ui.client.flow(&name, query.version), ui.client.list(recent));
+    match info {
+        Ok(info) => page(pages::flow(&info, &recent.map(|list| list.runs).map_err(|error| error.to_string()))),
+        Err(error) => api_failure(&error),
+    }
+}
+
+#[derive(Deserialize)]
+struct RunsQuery {
+    flow: Option<String>,
+    status: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn runs(State(ui): State<Arc<Ui>>, Query(query): Query<RunsQuery>) -> Response {
+    let flow = query.flow.filter(|flow| !flow.is_empty());
+    let status = match query.status.as_deref().filter(|status| !status.is_empty()) {
+        None => None,
+        Some(text) => match crate::args::parse_status(text) {
+            Ok(status) => Some(status),
+            Err(error) => return failure(StatusCode::BAD_REQUEST, &error),
+        },
+    };
+    let filter = pages::RunsFilter { flow: flow.clone(), status };
+    let list = ListRuns { flow, status, limit: Some(RUNS_PAGE), cursor: query.cursor };
+    match ui.client.list(list).await {
+        Ok(list) => page(pages::runs(&filter, &list)),
+        Err(error) => api_failure(&error),
+    }
+}
+
+async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
+    let view = match ui.client.get(&RunId(run_id.into())).await {
+        Ok(view) => view,
+        Err(error) => return api_failure(&error),
+    };
+    // The run's own version, for its graph; a flow deleted since cannot be, but be lenient.
+    let definition = ui.client.flow(&view.flow, Some(view.version)).await.ok().map(|info| info.definition);
+    page(pages::run(&view, definition.as_ref()))
+}
+
+fn page(markup: Markup) -> Response {
+    markup.into_response()
+}
+
+/// A refusal of the grid as a page with the status it calls for.
+fn api_failure(error: &flowgrid_sdk::Error) -> Response {
+    let status = match error.api().map(|refusal| refusal.code) {
+        Some(flowgrid_sdk::ErrorCode::NotFound) => StatusCode::NOT_FOUND,
+        Some(flowgrid_sdk::ErrorCode::InvalidRequest) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    failure(status, &error.to_string())
+}
+
+fn failure(status: StatusCode, message: &str) -> Response {
+    (status, pages::failure(status.as_u16(), message)).into_response()
+}

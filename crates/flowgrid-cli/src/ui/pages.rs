@@ -1,0 +1,311 @@
+//! The UI's pages. Every value from the grid goes through maud, which escapes it.
+
+use std::collections::HashMap;
+
+use maud::{html, Markup, PreEscaped, DOCTYPE};
+use serde_json::Value;
+
+use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
+use flowgrid_model::FlowDefinition;
+use flowgrid_proto::{FlowInfo, FlowSummary, RunList, RunSummary};
+
+use super::dag::Layout;
+use crate::output::{duration_ms, item_counts, now_ms, span, utc_time};
+
+/// Seconds between reloads of a page that shows something still going.
+const REFRESH_S: u32 = 2;
+
+const STYLE: &str = r#"
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9; }
+header { background: #1d2330; color: #fff; padding: 10px 24px; display: flex; gap: 24px; align-items: baseline; }
+header a { color: #cdd6e6; text-decoration: none; } header a:hover { color: #fff; }
+header .brand { font-weight: 700; color: #fff; font-size: 16px; }
+main { padding: 16px 24px; max-width: 1280px; }
+h1 { font-size: 20px; margin: 8px 0 12px; } h2 { font-size: 16px; margin: 20px 0 8px; }
+table { border-collapse: collapse; background: #fff; width: 100%; }
+th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid #e3e6eb; vertical-align: top; }
+th { background: #eef0f4; font-weight: 600; }
+pre { background: #fff; border: 1px solid #e3e6eb; padding: 10px; overflow: auto; max-height: 480px; }
+.status { font-weight: 600; } .succeeded { color: #1e7a38; } .failed, .timed_out { color: #b3261e; }
+.running, .retrying { color: #1f5fbf; } .cancelled, .skipped, .pending { color: #6b7280; }
+.notice { background: #fff8e1; border: 1px solid #f0d48a; padding: 8px 12px; margin: 8px 0; }
+.error { background: #fdecea; border: 1px solid #f3b4ae; padding: 8px 12px; margin: 8px 0; }
+.muted { color: #6b7280; } form.filter { margin: 8px 0 12px; display: flex; gap: 8px; align-items: center; }
+.bar { position: relative; height: 12px; background: #eef0f4; min-width: 160px; }
+.bar span { position: absolute; top: 0; height: 12px; background: #7aa7e6; min-width: 2px; }
+svg.dag { background: #fff; border: 1px solid #e3e6eb; max-width: 100%; height: auto; }
+svg .node rect { fill: #fff; stroke: #8a93a6; } svg .node text { font-size: 12px; fill: #1d2330; }
+svg .node .step-kind { fill: #6b7280; font-size: 11px; }
+svg .node.succeeded rect { fill: #dff3e4; stroke: #1e7a38; } svg .node.failed rect { fill: #fbe1df; stroke: #b3261e; }
+svg .node.running rect, svg .node.retrying rect { fill: #dce8fb; stroke: #1f5fbf; stroke-width: 2; }
+svg .node.skipped rect, svg .node.cancelled rect { fill: #f0f1f3; stroke: #b9bec8; stroke-dasharray: 4 3; }
+svg .edge { fill: none; stroke: #8a93a6; stroke-width: 1.4; } svg .edge.branch { stroke-dasharray: 5 3; }
+svg .edge-label { font-size: 10px; fill: #6b7280; }
+"#;
+
+/// The frame of every page; `refresh` reloads it every [`REFRESH_S`] seconds.
+fn layout(title: &str, refresh: bool, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                @if refresh { meta http-equiv="refresh" content=(REFRESH_S); }
+                title { (title) " · flowgrid" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                header {
+                    a.brand href="/" { "flowgrid" }
+                    a href="/" { "Overview" }
+                    a href="/runs" { "Runs" }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+fn status_badge(status: &str) -> Markup {
+    html! { span class=(format!("status {status}")) { (status) } }
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+}
+
+fn runs_table(runs: &[RunSummary]) -> Markup {
+    html! {
+        table {
+            tr { th { "Run" } th { "Flow" } th { "Status" } th { "Created (UTC)" } th { "Duration" } }
+            @for run in runs {
+                tr {
+                    td { a href=(format!("/runs/{}", run.run_id)) { code { (run.run_id) } } }
+                    td { a href=(format!("/flows/{}?version={}", run.flow, run.version)) { (run.flow) "@" (run.version) } }
+                    td { (status_badge(run.status.as_str())) }
+                    td { (utc_time(run.created_ms)) }
+                    td {
+                        @match run.ended_ms {
+                            Some(_) => (span(Some(run.created_ms), run.ended_ms)),
+                            None => { (duration_ms(now_ms().saturating_sub(run.created_ms))) " so far" }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unavailable(what: &str, error: &str) -> Markup {
+    html! { div.error { "Cannot read " (what) ": " (error) } }
+}
+
+pub fn overview(
+    status: &str,
+    flows: &Result<Vec<FlowSummary>, String>,
+    recent: &Result<Vec<RunSummary>, String>,
+) -> Markup {
+    layout(
+        "Overview",
+        true,
+        html! {
+            h1 { "Grid" }
+            pre { (status) }
+            h2 { "Flows" }
+            @match flows {
+                Err(error) => (unavailable("the flows", error)),
+                Ok(flows) if flows.is_empty() => p.muted { "No flow deployed yet: " code { "flowgrid flow deploy FILE" } },
+                Ok(flows) => table {
+                    tr { th { "Flow" } th { "Latest" } th { "Steps" } th { "Deployed (UTC)" } th { "Description" } }
+                    @for flow in flows {
+                        tr {
+                            td { a href=(format!("/flows/{}", flow.name)) { (flow.name) } }
+                            td { (flow.latest_version) }
+                            td { (flow.steps) }
+                            td { (utc_time(flow.deployed_ms)) }
+                            td { (flow.description.as_deref().unwrap_or("")) }
+                        }
+                    }
+                },
+            }
+            h2 { "Latest runs " a href="/runs" { "(all)" } }
+            @match recent {
+                Err(error) => (unavailable("the runs", error)),
+                Ok(runs) if runs.is_empty() => p.muted { "No run yet." },
+                Ok(runs) => (runs_table(runs)),
+            }
+        },
+    )
+}
+
+pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>) -> Markup {
+    let definition = &info.definition;
+    let yaml = serde_norway::to_string(definition).unwrap_or_else(|error| format!("cannot print it: {error}"));
+    layout(
+        &info.name,
+        false,
+        html! {
+            h1 { "Flow " (info.name) " version " (info.version) }
+            @if let Some(description) = &definition.description { p { (description) } }
+            p.muted {
+                "Deployed " (utc_time(info.deployed_ms)) " UTC. "
+                @if info.version > 1 {
+                    "Other versions: "
+                    @for version in (1..=info.version).rev().skip(1) {
+                        a href=(format!("/flows/{}?version={version}", info.name)) { (version) } " "
+                    }
+                }
+            }
+            (Layout::of(definition).svg(&HashMap::new()))
+            h2 { "Latest runs of this flow" }
+            @match recent {
+                Err(error) => (unavailable("the runs", error)),
+                Ok(runs) if runs.is_empty() => p.muted { "No run yet: " code { "flowgrid run start " (info.name) " --input JSON" } },
+                Ok(runs) => (runs_table(runs)),
+            }
+            h2 { "Definition" }
+            pre { (yaml) }
+        },
+    )
+}
+
+/// What the runs list is filtered by.
+pub struct RunsFilter {
+    pub flow: Option<String>,
+    pub status: Option<RunStatus>,
+}
+
+pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
+    let statuses = ["running", "succeeded", "failed", "cancelled", "timed_out"];
+    let chosen = filter.status.map(RunStatus::as_str);
+    let next_page = list.next_cursor.as_ref().map(|cursor| {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query.append_pair("cursor", cursor);
+        if let Some(flow) = &filter.flow {
+            query.append_pair("flow", flow);
+        }
+        if let Some(status) = chosen {
+            query.append_pair("status", status);
+        }
+        format!("/runs?{}", query.finish())
+    });
+    layout(
+        "Runs",
+        false,
+        html! {
+            h1 { "Runs" }
+            form.filter method="get" action="/runs" {
+                label { "Flow " input type="text" name="flow" value=(filter.flow.as_deref().unwrap_or("")) placeholder="any"; }
+                label {
+                    "Status "
+                    select name="status" {
+                        option value="" selected[chosen.is_none()] { "any" }
+                        @for status in statuses { option value=(status) selected[chosen == Some(status)] { (status) } }
+                    }
+                }
+                button type="submit" { "Filter" }
+            }
+            @if list.runs.is_empty() { p.muted { "No run matches." } } @else { (runs_table(&list.runs)) }
+            @if let Some(next_page) = next_page { p { a href=(next_page) { "Older runs →" } } }
+        },
+    )
+}
+
+pub fn run(view: &RunView, definition: Option<&FlowDefinition>) -> Markup {
+    let running = view.status == RunStatus::Running;
+    let now = now_ms();
+    let end = view.ended_ms.unwrap_or(now);
+    let total = end.saturating_sub(view.created_ms).max(1);
+    let statuses: HashMap<&str, StepStatus> = view.steps.iter().map(|step| (step.id.as_str(), step.status)).collect();
+    let signals: Vec<&StepView> =
+        view.steps.iter().filter(|step| step.kind == "signal" && step.status == StepStatus::Running).collect();
+    layout(
+        &format!("Run {}", view.run_id),
+        running,
+        html! {
+            h1 { "Run " code { (view.run_id) } " " (status_badge(view.status.as_str())) }
+            table {
+                tr { th { "Flow" } td { a href=(format!("/flows/{}?version={}", view.flow, view.version)) { (view.flow) "@" (view.version) } } }
+                tr { th { "Created (UTC)" } td { (utc_time(view.created_ms)) } }
+                tr { th { "Duration" } td { (duration_ms(end.saturating_sub(view.created_ms))) @if running { " so far (this page reloads every " (REFRESH_S) " s)" } } }
+            }
+            @if let Some(error) = &view.error {
+                div.error { strong { (error.code) } ": " (error.message) }
+            }
+            @for step in &signals {
+                div.notice {
+                    "Step " strong { (step.id) } " waits for a signal: "
+                    code { "flowgrid run signal " (view.run_id) " " (step.id) " --data JSON" }
+                }
+            }
+            @if let Some(definition) = definition {
+                h2 { "Steps" }
+                (Layout::of(definition).svg(&statuses))
+            }
+            table {
+                tr { th { "Step" } th { "Kind" } th { "Status" } th { "Attempts" } th { "Items" } th { "Duration" } th { "Timeline" } }
+                @for step in &view.steps {
+                    tr {
+                        td { (step.id) }
+                        td { (step.kind) }
+                        td { (status_badge(step.status.as_str())) @if step.caught { " (caught)" } }
+                        td { (step.attempts) }
+                        td { (step.items.as_ref().map(item_counts).unwrap_or_default()) }
+                        td { (step_duration(step, now)) }
+                        td { (timeline(step, view.created_ms, total, now)) }
+                    }
+                    @if let Some(error) = &step.error {
+                        tr { td {} td colspan="6" { span.failed { (error.code) } ": " (error.message) } }
+                    }
+                }
+            }
+            h2 { "Input" }
+            pre { (pretty(&view.input)) }
+            @if let Some(output) = &view.output {
+                h2 { "Output" }
+                pre { (pretty(output)) }
+            }
+            @let outputs: Vec<&StepView> = view.steps.iter().filter(|step| step.output.is_some()).collect();
+            @if !outputs.is_empty() {
+                h2 { "Step outputs" }
+                @for step in outputs {
+                    details { summary { (step.id) } pre { (pretty(step.output.as_ref().expect("filtered"))) } }
+                }
+            }
+        },
+    )
+}
+
+fn step_duration(step: &StepView, now: u64) -> String {
+    match (step.started_ms, step.ended_ms) {
+        (Some(started), Some(ended)) => duration_ms(ended.saturating_sub(started)),
+        (Some(started), None) => format!("{} so far", duration_ms(now.saturating_sub(started))),
+        _ => String::new(),
+    }
+}
+
+/// Where a step ran within its run: a bar from its start to its end (or now).
+fn timeline(step: &StepView, created_ms: u64, total: u64, now: u64) -> Markup {
+    let Some(started) = step.started_ms else { return html! {} };
+    let ended = step.ended_ms.unwrap_or(now);
+    let left = started.saturating_sub(created_ms) as f64 * 100.0 / total as f64;
+    let width = ended.saturating_sub(started) as f64 * 100.0 / total as f64;
+    html! {
+        div.bar title=(format!("{} to {} ms after the run started", started.saturating_sub(created_ms), ended.saturating_sub(created_ms))) {
+            span style=(format!("left: {left:.2}%; width: {:.2}%", width.min(100.0 - left))) {}
+        }
+    }
+}
+
+pub fn failure(status: u16, message: &str) -> Markup {
+    layout(
+        "Error",
+        false,
+        html! {
+            h1 { "Error " (status) }
+            div.error { (message) }
+            p { a href="/" { "Back to the overview" } }
+        },
+    )
+}
