@@ -9,6 +9,7 @@ use std::sync::Arc;
 use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
+use flowgrid_model::limits::nesting_depth;
 use flowgrid_model::{parse_definition, Limits, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun, ListFlows, ListRuns, Reply,
@@ -426,24 +427,4 @@ async fn publish(nats: &async_nats::Client, reply_to: async_nats::Subject, encod
 /// (the value's bytes are a slice of the request); `None` for JSON, whose size does not.
 pub fn msgpack_request_bytes(encoding: Encoding, payload: &[u8]) -> Option<usize> {
     (encoding == Encoding::MsgPack).then_some(payload.len())
-}
-
-/// Depth of nested arrays and objects (a scalar is depth 0).
-fn nesting_depth(value: &serde_json::Value) -> usize {
-    match value {
-        serde_json::Value::Array(items) => 1 + items.iter().map(nesting_depth).max().unwrap_or(0),
-        serde_json::Value::Object(fields) => 1 + fields.values().map(nesting_depth).max().unwrap_or(0),
-        _ => 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nesting_depth_counts_containers() {
-        assert_eq!(nesting_depth(&serde_json::json!(1)), 0);
-        assert_eq!(nesting_depth(&serde_json::json!({"a": [1, {"b": []}]})), 4);
-    }
 }

@@ -22,7 +22,29 @@ pub struct FlowDefinition {
     /// output of every step that no other step depends on, by step id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Starts runs of the flow on a timetable (the latest version's schedule is the one
+    /// that runs; deploy a version without one to stop it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
     pub steps: Vec<Step>,
+}
+
+/// When the grid starts runs of a flow by itself: every `every_ms`, or at the minutes a
+/// `cron` expression matches (UTC). Give exactly one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// A run at every multiple of this many milliseconds since the Unix epoch (1,000 to
+    /// 366 days): 60000 starts one at the start of every minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
+    /// A cron expression of 5 fields, in UTC: minute, hour, day of month, month, day of
+    /// week (`0 */6 * * *`: every six hours on the hour).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// The input of every run it starts.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub input: serde_json::Value,
 }
 
 /// One step. `kind` selects the variant.

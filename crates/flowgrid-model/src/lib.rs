@@ -11,6 +11,7 @@ pub mod expr;
 pub mod ids;
 pub mod limits;
 pub mod plan;
+pub mod schedule;
 mod validate;
 
 pub use definition::*;

@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::definition::{FlowDefinition, RetryPolicy};
 use crate::expr::{Evaluator, Expr};
 use crate::limits::Limits;
+use crate::schedule::Timetable;
 
 /// Position of a step in [`FlowPlan::steps`] (the order of the definition).
 pub type StepIndex = u16;
@@ -34,6 +35,8 @@ pub struct FlowPlan {
     pub timeout_ms: Option<u64>,
     /// Steps with no outgoing edge: their outputs form the default run output.
     pub sinks: Vec<StepIndex>,
+    /// When the grid starts runs of this version by itself.
+    pub schedule: Option<Timetable>,
     index: HashMap<String, StepIndex>,
 }
 
@@ -166,10 +169,16 @@ impl FlowPlan {
             .filter(|(_, step)| step.outgoing.is_empty())
             .map(|(position, _)| position as StepIndex)
             .collect();
+        let schedule = definition.schedule.as_ref().map(|schedule| match (&schedule.every_ms, &schedule.cron) {
+            (Some(every_ms), _) => Timetable::Every(*every_ms),
+            (None, Some(cron)) => Timetable::cron(cron).expect("validation parsed the cron expression"),
+            (None, None) => unreachable!("validation requires every_ms or cron"),
+        });
         FlowPlan {
             name: definition.name.clone(),
             version,
             timeout_ms: definition.timeout_ms,
+            schedule,
             definition,
             steps,
             output,

@@ -148,6 +148,18 @@ pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>) -> Markup
         html! {
             h1 { "Flow " (info.name) " version " (info.version) }
             @if let Some(description) = &definition.description { p { (description) } }
+            @if let Some(schedule) = &definition.schedule {
+                p.notice {
+                    "Scheduled: a run "
+                    @match (schedule.every_ms, &schedule.cron) {
+                        (Some(every_ms), _) => { "every " (duration_ms(every_ms)) }
+                        (None, Some(cron)) => { "at " code { (cron) } " (cron, UTC)" }
+                        (None, None) => {}
+                    }
+                    @if !schedule.input.is_null() { " with input " code { (schedule.input) } }
+                    "."
+                }
+            }
             p.muted {
                 "Deployed " (utc_time(info.deployed_ms)) " UTC. "
                 @if info.version > 1 {

@@ -53,6 +53,8 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub pinned: HashSet<(String, u32)>,
     /// Versions of the flows whose catalog lives in this shard, oldest first.
     pub catalog: BTreeMap<String, Vec<CatalogEntry>>,
+    /// The next slot of each flow of the catalog that has a schedule.
+    pub schedules: BTreeMap<String, Millis>,
     pub metrics: ShardMetrics,
 }
 
@@ -84,6 +86,7 @@ pub async fn spawn_shard<S: ShardStore>(
         timers: TimerWheel::default(),
         pinned: HashSet::new(),
         catalog: BTreeMap::new(),
+        schedules: BTreeMap::new(),
         metrics: ShardMetrics::register(),
     };
     let republish = actor.reload().await?;
@@ -106,7 +109,8 @@ impl<S: ShardStore> ShardActor<S> {
         ::metrics::gauge!(metrics::SHARDS_OWNED).increment(1.0);
         loop {
             let mut batch = Batch::default();
-            let sleep = sleep_until(self.timers.next_due());
+            let next_due = [self.timers.next_due(), self.next_schedule_due()].into_iter().flatten().min();
+            let sleep = sleep_until(next_due);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -122,6 +126,7 @@ impl<S: ShardStore> ShardActor<S> {
             }
             self.fill_batch(&mut inbox, &mut results, &mut batch).await;
             self.fire_due_timers(&mut batch);
+            self.start_due_schedules(now_ms());
             if !self.context.lease.holds(self.term) {
                 // Others may take the shard soon: nothing more is committed or sent from here.
                 warn!(shard = %self.shard, "lease not renewed in time; the shard stops serving here");
@@ -291,6 +296,7 @@ impl<S: ShardStore> ShardActor<S> {
         }
         self.forget_finished(finished);
         for plan in deployed {
+            self.arm_schedule(&plan, now_ms());
             self.context.plans.set_latest(plan);
         }
         for Dispatch { task, result_taken } in dispatches {
@@ -338,6 +344,7 @@ impl<S: ShardStore> ShardActor<S> {
         self.pinned.clear();
         self.context.plans.forget_latest(self.catalog.keys());
         self.catalog.clear();
+        self.schedules.clear();
         // The failure may be transient (disk full cleared, cluster back): pause before reading.
         tokio::time::sleep(RELOAD_PAUSE).await;
         let republish = self.reload().await?;

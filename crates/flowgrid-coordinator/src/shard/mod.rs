@@ -11,6 +11,7 @@ mod batch;
 mod catalog;
 mod reload;
 mod runs;
+mod schedules;
 mod timers;
 
 use std::sync::atomic::AtomicU64;

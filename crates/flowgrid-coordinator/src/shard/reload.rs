@@ -6,12 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use flowgrid_engine::{Run, TaskDispatch};
-use flowgrid_model::{FlowDefinition, FlowPlan, RunId};
+use flowgrid_model::{FlowDefinition, FlowPlan, Millis, RunId};
 use flowgrid_store::{join_records, keys, ShardStore};
 
 use super::actor::{ActiveRun, ShardActor};
 use super::catalog::CatalogEntry;
 use super::runs::attempt_opened;
+use super::schedules::CATCH_UP_MS;
+use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::records::{self, CatalogRecord, EventRecord, StartRecord};
 
@@ -51,10 +53,17 @@ impl<S: ShardStore> ShardActor<S> {
             })?;
             self.catalog.entry(name).or_default().push(CatalogEntry { version, deployed_ms: record.deployed_ms, plan });
         }
-        for versions in self.catalog.values() {
-            if let Some(latest) = versions.last() {
-                self.context.plans.set_latest(latest.plan.clone());
-            }
+        let latest: Vec<(Arc<FlowPlan>, Millis)> = self
+            .catalog
+            .values()
+            .filter_map(|versions| versions.last())
+            .map(|latest| (latest.plan.clone(), latest.deployed_ms))
+            .collect();
+        let now = now_ms();
+        for (plan, deployed_ms) in latest {
+            // No slot from before the version was deployed.
+            self.arm_schedule_catching_up(&plan, now.saturating_sub(CATCH_UP_MS).max(deployed_ms), now);
+            self.context.plans.set_latest(plan);
         }
         Ok(())
     }

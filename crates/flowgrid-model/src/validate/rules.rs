@@ -1,9 +1,10 @@
 //! Field rules: names, sizes, retry policies, timeouts, priorities and per-kind settings.
 
-use crate::definition::{Catch, FlowDefinition, RetryPolicy, Step};
+use crate::definition::{Catch, FlowDefinition, RetryPolicy, Schedule, Step};
 use crate::error::Issue;
 use crate::limits::Limits;
 use crate::plan::WAIT_MS_MAX;
+use crate::schedule::{Timetable, EVERY_MS_MAX, EVERY_MS_MIN};
 
 use super::{push_issue, step_path};
 
@@ -16,6 +17,9 @@ const PRIORITY_MAX: u8 = 9;
 pub(super) fn check_fields(definition: &FlowDefinition, limits: &Limits, issues: &mut Vec<Issue>) {
     check_name("name", "flow name", &definition.name, limits, issues);
     check_timeout("timeout_ms", definition.timeout_ms, issues);
+    if let Some(schedule) = &definition.schedule {
+        check_schedule(schedule, limits, issues);
+    }
     if definition.steps.is_empty() {
         push_issue(issues, "steps", "a flow needs at least one step: add a step");
     }
@@ -79,6 +83,55 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
             check_catch(path, &signal.catch, issues);
         }
         Step::Transform(_) | Step::Succeed(_) => {}
+    }
+}
+
+/// A schedule has exactly one timetable, one that parses and is not too short, and an
+/// input a run may take.
+fn check_schedule(schedule: &Schedule, limits: &Limits, issues: &mut Vec<Issue>) {
+    match (schedule.every_ms, &schedule.cron) {
+        (None, None) => push_issue(
+            issues,
+            "schedule",
+            "a schedule needs `every_ms` (a period) or `cron` (an expression in UTC): add one",
+        ),
+        (Some(_), Some(_)) => {
+            push_issue(issues, "schedule", "a schedule takes `every_ms` or `cron`, not both: keep one")
+        }
+        (Some(every_ms), None) if !(EVERY_MS_MIN..=EVERY_MS_MAX).contains(&every_ms) => push_issue(
+            issues,
+            "schedule.every_ms",
+            format!("is {every_ms}: use {EVERY_MS_MIN} ms (a second) to {EVERY_MS_MAX} ms (366 days)"),
+        ),
+        (None, Some(cron)) => {
+            if let Err(error) = Timetable::cron(cron) {
+                push_issue(
+                    issues,
+                    "schedule.cron",
+                    format!(
+                        "`{cron}` is not a cron expression ({error}): use 5 fields, minute hour day-of-month month \
+                         day-of-week, e.g. `0 */6 * * *`"
+                    ),
+                );
+            }
+        }
+        _ => {}
+    }
+    let depth = crate::limits::nesting_depth(&schedule.input);
+    if depth > limits.nesting_depth_max {
+        push_issue(
+            issues,
+            "schedule.input",
+            format!("is nested {depth} levels deep, over the limit of {}", limits.nesting_depth_max),
+        );
+    }
+    let bytes = serde_json::to_vec(&schedule.input).map_or(usize::MAX, |bytes| bytes.len());
+    if bytes > limits.payload_bytes_max {
+        push_issue(
+            issues,
+            "schedule.input",
+            format!("is {bytes} bytes, over the limit of {}: pass a reference to large data", limits.payload_bytes_max),
+        );
     }
 }
 

@@ -312,7 +312,14 @@ fn dag_definition() -> impl Strategy<Value = FlowDefinition> {
                     task_step(format!("s{position}"), after)
                 })
                 .collect();
-            FlowDefinition { name: "dag".to_owned(), description: None, timeout_ms: None, output: None, steps }
+            FlowDefinition {
+                name: "dag".to_owned(),
+                description: None,
+                timeout_ms: None,
+                output: None,
+                schedule: None,
+                steps,
+            }
         })
 }
 
@@ -353,6 +360,7 @@ fn choice_targets_count_as_edges_for_references() {
         description: None,
         timeout_ms: None,
         output: None,
+        schedule: None,
         steps: vec![
             task_step("a".to_owned(), Vec::new()),
             Step::Choice(ChoiceStep {
@@ -430,4 +438,23 @@ fn a_signal_step_checks_its_timeout_and_catches_like_a_task() {
         "steps[0](s).catch[0].errors",
         "must list",
     );
+}
+
+#[test]
+fn a_schedule_has_one_timetable_that_parses_and_an_input_a_run_may_take() {
+    let flow = |schedule: &str| {
+        format!("name: f\nschedule: {schedule}\nsteps:\n  - {{ kind: task, id: a, pool: p, task: t }}\n")
+    };
+    let plan =
+        FlowPlan::compile(parse(&flow("{ every_ms: 60000, input: { n: 1 } }")), 1, &evaluator(), &limits()).unwrap();
+    assert_eq!(plan.schedule.as_ref().and_then(|timetable| timetable.next_after(0)), Some(60_000));
+    let plan = FlowPlan::compile(parse(&flow("{ cron: '0 */6 * * *' }")), 1, &evaluator(), &limits()).unwrap();
+    assert!(matches!(plan.schedule, Some(crate::schedule::Timetable::Cron(_))));
+
+    assert_issue(&issues_of(&flow("{ input: 1 }")), "schedule", "needs `every_ms`");
+    assert_issue(&issues_of(&flow("{ every_ms: 60000, cron: '* * * * *' }")), "schedule", "not both");
+    assert_issue(&issues_of(&flow("{ every_ms: 10 }")), "schedule.every_ms", "use 1000 ms");
+    assert_issue(&issues_of(&flow("{ cron: 'every monday' }")), "schedule.cron", "is not a cron expression");
+    let deep = format!("{{ every_ms: 60000, input: {}1{} }}", "[".repeat(40), "]".repeat(40));
+    assert_issue(&issues_of(&flow(&deep)), "schedule.input", "nested 40 levels deep");
 }

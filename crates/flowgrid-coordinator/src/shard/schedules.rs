@@ -1,0 +1,92 @@
+//! Scheduled runs: the shard that holds a flow's catalog starts the runs of its schedule.
+//!
+//! The latest version's schedule is the one that runs. Each slot's run is started through
+//! the API like any other, with the idempotency key `schedule-<slot ms>`: the run id
+//! follows from it, so a slot starts one run however often it is fired (a retried
+//! request, a shard that moved and fires the slot again, two owners for a moment).
+//! A shard that is acquired (or reloaded) fires the newest slot of the last
+//! [`CATCH_UP_MS`] (one it may have missed during the hand-over); older ones are skipped.
+
+use flowgrid_model::schedule::Timetable;
+use flowgrid_model::{FlowPlan, Millis};
+use flowgrid_proto::StartRun;
+use flowgrid_store::ShardStore;
+use tracing::{info, warn};
+
+use super::actor::ShardActor;
+
+/// How far back a shard that starts serving looks for slots it may have missed.
+pub(super) const CATCH_UP_MS: Millis = 60_000;
+
+impl<S: ShardStore> ShardActor<S> {
+    /// Arms the schedule of `plan`, the latest version of its flow, at its first slot after
+    /// `after_ms`; a version without a schedule stops the flow's.
+    pub(super) fn arm_schedule(&mut self, plan: &FlowPlan, after_ms: Millis) {
+        match plan.schedule.as_ref().and_then(|timetable| timetable.next_after(after_ms)) {
+            Some(slot) => {
+                self.schedules.insert(plan.name.clone(), slot);
+            }
+            None => {
+                self.schedules.remove(&plan.name);
+            }
+        }
+    }
+
+    /// Arms the schedule of `plan` for a shard that starts serving: at the newest slot
+    /// since `from_ms` that is due by `now` (it may have been missed while the shard had no
+    /// owner), else at the first slot after `now`.
+    pub(super) fn arm_schedule_catching_up(&mut self, plan: &FlowPlan, from_ms: Millis, now: Millis) {
+        let Some(timetable) = &plan.schedule else {
+            self.schedules.remove(&plan.name);
+            return;
+        };
+        let mut newest_due = None;
+        let mut slot = timetable.next_after(from_ms);
+        while let Some(due) = slot.filter(|&due| due <= now) {
+            newest_due = Some(due);
+            slot = timetable.next_after(due);
+        }
+        match newest_due.or(slot) {
+            Some(slot) => self.schedules.insert(plan.name.clone(), slot),
+            None => self.schedules.remove(&plan.name),
+        };
+    }
+
+    /// The earliest slot armed.
+    pub(super) fn next_schedule_due(&self) -> Option<Millis> {
+        self.schedules.values().min().copied()
+    }
+
+    /// Starts the run of every slot due by `now` and arms each schedule's next slot after
+    /// `now` (slots missed meanwhile are skipped).
+    pub(super) fn start_due_schedules(&mut self, now: Millis) {
+        let due: Vec<(String, Millis)> =
+            self.schedules.iter().filter(|(_, &slot)| slot <= now).map(|(flow, &slot)| (flow.clone(), slot)).collect();
+        for (flow, slot) in due {
+            let Some(plan) =
+                self.catalog.get(&flow).and_then(|versions| versions.last()).map(|latest| latest.plan.clone())
+            else {
+                self.schedules.remove(&flow);
+                continue;
+            };
+            let input = plan.definition.schedule.as_ref().map(|schedule| schedule.input.clone()).unwrap_or_default();
+            let start =
+                StartRun { flow: flow.clone(), version: None, input, idempotency_key: Some(Timetable::run_key(slot)) };
+            let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
+            tokio::spawn(async move {
+                match client.start(start).await {
+                    Ok(started) if started.created => {
+                        info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run started")
+                    }
+                    Ok(started) => {
+                        info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run was started already")
+                    }
+                    Err(error) => {
+                        warn!(flow = %flow, slot_ms = slot, error = %error, "cannot start a scheduled run; this slot is skipped")
+                    }
+                }
+            });
+            self.arm_schedule(&plan, now.max(slot));
+        }
+    }
+}
