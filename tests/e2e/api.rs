@@ -401,16 +401,6 @@ async fn run_list_filters_by_flow_and_status_and_pages_with_a_cursor() -> anyhow
     Ok(())
 }
 
-/// `flowgrid` run against the grid: its exit status, stdout and stderr.
-fn flowgrid_cli(grid: &Grid, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
-        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix])
-        .args(args)
-        .output()?;
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    Ok((output.status.success(), text(&output.stdout), text(&output.stderr)))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_run_get_name_a_pool_whose_tasks_wait_with_no_worker() -> anyhow::Result<()> {
     let mut grid = Grid::start(&[]).await?;
@@ -420,11 +410,11 @@ async fn status_and_run_get_name_a_pool_whose_tasks_wait_with_no_worker() -> any
 
     let no_worker = "pool idle: 1 task waits and no worker is pulling from it; start a worker for pool `idle`";
     wait_for("`flowgrid status` to name the pool without a worker", RUN_DEADLINE, || async {
-        let (ok, stdout, _) = flowgrid_cli(&grid, &["status"]).ok()?;
+        let (ok, stdout, _) = grid.cli(&["status"]).ok()?;
         (ok && stdout.contains(no_worker)).then_some(())
     })
     .await?;
-    let (ok, stdout, stderr) = flowgrid_cli(&grid, &["run", "get", run_id.as_str()])?;
+    let (ok, stdout, stderr) = grid.cli(&["run", "get", run_id.as_str()])?;
     assert!(ok && stdout.contains("running"), "{stdout}\n{stderr}");
     assert!(stderr.contains(&format!("hint: step wait waits on {no_worker}")), "{stderr}");
 
@@ -433,16 +423,16 @@ async fn status_and_run_get_name_a_pool_whose_tasks_wait_with_no_worker() -> any
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     // An idle worker keeps a pull request open: the pool has a worker waiting, and no hint.
     let pool = wait_for("the worker's open pull to show", RUN_DEADLINE, || async {
-        let (_, stdout, _) = flowgrid_cli(&grid, &["--json", "status"]).ok()?;
+        let (_, stdout, _) = grid.cli(&["--json", "status"]).ok()?;
         let status: serde_json::Value = serde_json::from_str(&stdout).ok()?;
         let pools = status["backlog"]["pools"].as_array()?.clone();
         pools.into_iter().find(|pool| pool["pool"] == "idle" && pool["pulls_waiting"].as_u64() >= Some(1))
     })
     .await?;
     assert_eq!((pool["pending"].as_u64(), pool["in_flight"].as_u64()), (Some(0), Some(0)), "{pool}");
-    let (_, stdout, _) = flowgrid_cli(&grid, &["status"])?;
+    let (_, stdout, _) = grid.cli(&["status"])?;
     assert!(!stdout.contains("no worker is pulling"), "{stdout}");
-    let (_, _, stderr) = flowgrid_cli(&grid, &["run", "get", run_id.as_str()])?;
+    let (_, _, stderr) = grid.cli(&["run", "get", run_id.as_str()])?;
     assert!(!stderr.contains("hint"), "an ended run gets no hint: {stderr}");
     Ok(())
 }

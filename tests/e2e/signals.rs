@@ -36,15 +36,6 @@ async fn start_waiting(grid: &Grid, client: &flowgrid_sdk::Client, flow: &str) -
     Ok(run_id)
 }
 
-fn flowgrid_cli(grid: &Grid, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
-        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix])
-        .args(args)
-        .output()?;
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    Ok((output.status.success(), text(&output.stdout), text(&output.stderr)))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_signal_goes_on_with_its_data_and_a_repeat_changes_nothing() -> anyhow::Result<()> {
     let grid = Grid::start(&["a"]).await?;
@@ -52,13 +43,13 @@ async fn the_first_signal_goes_on_with_its_data_and_a_repeat_changes_nothing() -
     deploy(&grid, &client, APPROVAL_FLOW).await?;
     let run_id = start_waiting(&grid, &client, "approval").await?;
 
-    let (_, _, stderr) = flowgrid_cli(&grid, &["run", "get", run_id.as_str()])?;
+    let (_, _, stderr) = grid.cli(&["run", "get", run_id.as_str()])?;
     assert!(
         stderr.contains(&format!("hint: step approve waits for a signal: flowgrid run signal {run_id} approve")),
         "{stderr}"
     );
     let (ok, stdout, stderr) =
-        flowgrid_cli(&grid, &["run", "signal", run_id.as_str(), "approve", "--data", r#"{"by": "ana"}"#])?;
+        grid.cli(&["run", "signal", run_id.as_str(), "approve", "--data", r#"{"by": "ana"}"#])?;
     assert!(ok && stdout.contains("took the signal"), "{stdout}\n{stderr}");
 
     let again = client.signal(&run_id, "approve", json!({"by": "bob"})).await.or_logs(&grid)?;

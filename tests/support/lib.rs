@@ -275,6 +275,16 @@ impl Grid {
         }
     }
 
+    /// `flowgrid ARGS` run against this grid: whether it succeeded, its stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let output = Command::new(flowgrid_bin())
+            .args(["--nats-url", &self.nats_url, "--prefix", &self.prefix])
+            .args(args)
+            .output()?;
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        Ok((output.status.success(), text(&output.stdout), text(&output.stderr)))
+    }
+
     /// Logs of every process, for a failure message.
     pub fn logs(&self) -> String {
         let mut out = String::new();
