@@ -4,7 +4,7 @@
 #   $COORDINATORS coordinators coordinator-1..N sharing the data dir .grid/data and the
 #   $SHARDS shards; coordinator-i serves metrics on 127.0.0.1:$((METRICS_PORT + i - 1)),
 #   one demo worker process serving the pools $WORKER_POOLS, and the web UI
-#   (flowgrid ui) on http://127.0.0.1:$UI_PORT/.
+#   (flowgrid ui --actions) on http://127.0.0.1:$UI_PORT/.
 # Pid files and logs live in .grid/ (coordinator-<i>.pid, coordinator-<i>.log, ...). `down`
 # stops only what `up` and `scale` started (by pid file) and is safe to run twice.
 #
@@ -213,7 +213,7 @@ up() {
     echo "$STARTED_PID" >"$(pid_file worker)"
 
     say "starting the web UI on http://127.0.0.1:$UI_PORT/ (log $GRID_DIR/ui.log)"
-    start_bg "$GRID_DIR/ui.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" ui --listen "127.0.0.1:$UI_PORT"
+    start_bg "$GRID_DIR/ui.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" ui --listen "127.0.0.1:$UI_PORT" --actions
     echo "$STARTED_PID" >"$(pid_file ui)"
 
     say "waiting for the coordinators to join and serve all $SHARDS shards (up to ${UP_TIMEOUT_SECONDS}s each)"
@@ -225,7 +225,7 @@ up() {
     flowgrid shards >&2 || true
     cat <<USAGE
 flowgrid is up: NATS $NATS_URL, $COORDINATORS coordinator(s) (metrics from http://127.0.0.1:$METRICS_PORT/metrics), logs in $GRID_DIR/
-Web UI: http://127.0.0.1:$UI_PORT/ (flows, runs step by step, coordinators and backlog)
+Web UI: http://127.0.0.1:$UI_PORT/ (flows, runs step by step, coordinators and backlog; deploy, start, signal, cancel)
 
   $FLOWGRID_BIN flow deploy deploy/flows/media-pipeline.yaml
   $FLOWGRID_BIN run start media-pipeline --input '{"video": "talk.mp4", "segments": [{"index": 0}], "language_hint": "auto"}' --wait

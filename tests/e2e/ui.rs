@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{free_port, http_get, wait_for, Grid};
+use flowgrid_tests::{free_port, http_get, http_post_form, wait_for, Grid};
 use serde_json::json;
 
 use crate::{deploy, OrLogs, RUN_DEADLINE};
@@ -32,11 +32,7 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
     let start = StartRun { flow: "ui-flow".into(), version: None, input: json!({"fast": true}), idempotency_key: None };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
 
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let mut ui = Command::new(flowgrid_tests::flowgrid_bin());
-    ui.args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "ui", "--listen", &addr]);
-    grid.spawn_worker("ui", &mut ui)?;
-    wait_for("the UI to answer", RUN_DEADLINE, || async { http_get(&addr, "/").ok() }).await?;
+    let addr = start_ui(&mut grid, &[]).await?;
 
     let (status, overview) = http_get(&addr, "/")?;
     assert_eq!(status, 200, "{overview}");
@@ -74,5 +70,94 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
     assert_eq!(status, 404, "{page}");
     let (status, _) = http_get(&addr, "/flows/no-such-flow")?;
     assert_eq!(status, 404);
+    Ok(())
+}
+
+/// Starts `flowgrid ui` on a free port of the grid, with `more` flags; returns its address.
+async fn start_ui(grid: &mut Grid, more: &[&str]) -> anyhow::Result<String> {
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let mut ui = Command::new(flowgrid_tests::flowgrid_bin());
+    ui.args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "ui", "--listen", &addr]).args(more);
+    grid.spawn_worker("ui", &mut ui)?;
+    wait_for("the UI to answer", RUN_DEADLINE, || async { http_get(&addr, "/").ok() }).await?;
+    Ok(addr)
+}
+
+/// The value of the form token in a page of a UI started with `--actions`.
+fn token_of(page: &str) -> String {
+    let marker = r#"name="token" value=""#;
+    let start = page.find(marker).unwrap_or_else(|| panic!("no form token in {page}")) + marker.len();
+    page[start..].chars().take_while(|character| *character != '"').collect()
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    let mut body = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in pairs {
+        body.append_pair(name, value);
+    }
+    body.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_actions_the_ui_deploys_starts_signals_and_cancels_and_without_it_refuses() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let read_only = start_ui(&mut grid, &[]).await?;
+    let (_, overview) = http_get(&read_only, "/")?;
+    assert!(!overview.contains(r#"name="token""#), "a read-only UI shows no form: {overview}");
+    let (status, _, page) = http_post_form(&read_only, "/flows", &form(&[("token", ""), ("definition", UI_FLOW)]))?;
+    assert_eq!(status, 403, "{page}");
+    assert!(page.contains("read-only"), "{page}");
+    assert!(client.flows().await?.flows.is_empty(), "nothing was deployed");
+
+    assert_eq!(http_get(&read_only, "/deploy")?.0, 403, "a read-only UI has no deploy form");
+
+    let addr = start_ui(&mut grid, &["--actions"]).await?;
+    let (status, deploy_page) = http_get(&addr, "/deploy")?;
+    assert_eq!(status, 200, "{deploy_page}");
+    let token = token_of(&deploy_page);
+    let (status, _, _) = http_post_form(&addr, "/flows", &form(&[("token", "forged"), ("definition", UI_FLOW)]))?;
+    assert_eq!(status, 403, "a form without this UI's token is refused");
+    let (status, _, page) = http_post_form(&addr, "/flows", &form(&[("token", &token), ("definition", "name: [")]))?;
+    assert_eq!(status, 400, "a bad definition is refused with its problems: {page}");
+
+    let (status, location, _) = http_post_form(&addr, "/flows", &form(&[("token", &token), ("definition", UI_FLOW)]))?;
+    assert_eq!((status, location.as_deref()), (303, Some("/flows/ui-flow?version=1")));
+    let (status, location, _) = http_post_form(
+        &addr,
+        "/runs",
+        &form(&[("token", &token), ("flow", "ui-flow"), ("input", r#"{"fast": false}"#)]),
+    )?;
+    assert_eq!(status, 303);
+    let run_path = location.expect("the new run's page");
+    let run_id = flowgrid_sdk::RunId(run_path.trim_start_matches("/runs/").into());
+    wait_for("the run to wait for its signal", RUN_DEADLINE, || async {
+        let view = client.get(&run_id).await.ok()?;
+        (flowgrid_tests::step(&view, "approve").status == flowgrid_sdk::StepStatus::Running).then_some(())
+    })
+    .await?;
+    let (_, waiting) = http_get(&addr, &run_path)?;
+    assert!(waiting.contains("Send the signal"), "{waiting}");
+    assert!(!waiting.contains(r#"http-equiv="refresh""#), "a page with a form to fill in does not reload: {waiting}");
+    let (status, _, _) = http_post_form(
+        &addr,
+        &format!("{run_path}/signal"),
+        &form(&[("token", &token), ("step", "approve"), ("data", r#"{"by": "web"}"#)]),
+    )?;
+    assert_eq!(status, 303);
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    assert_eq!(flowgrid_tests::step(&view, "approve").output, Some(json!({"by": "web"})));
+
+    let (_, location, _) = http_post_form(
+        &addr,
+        "/runs",
+        &form(&[("token", &token), ("flow", "ui-flow"), ("input", r#"{"fast": true}"#)]),
+    )?;
+    let run_path = location.expect("the new run's page");
+    let (status, _, _) = http_post_form(&addr, &format!("{run_path}/cancel"), &form(&[("token", &token)]))?;
+    assert_eq!(status, 303);
+    let view = client.get(&flowgrid_sdk::RunId(run_path.trim_start_matches("/runs/").into())).await?;
+    assert_eq!(view.status, RunStatus::Cancelled, "{view:?}");
     Ok(())
 }

@@ -50,8 +50,8 @@ pub enum Command {
     Shards(ShardsArgs),
     /// Coordinators, shard summary and the backlog of every pool and of durable submits.
     Status,
-    /// Serve a read-only web UI of the grid: coordinators, backlog, flows drawn as graphs,
-    /// runs step by step.
+    /// Serve a web UI of the grid: coordinators, backlog, flows drawn as graphs, runs step
+    /// by step (read-only unless --actions).
     Ui(UiArgs),
     /// Audit a stopped grid's store for double-applied results, stale-epoch commits and
     /// history gaps (exit 1 if any).
@@ -190,6 +190,10 @@ pub struct UiArgs {
     /// Address to serve the UI on (port 0 picks a free one).
     #[arg(long, env = "FLOWGRID_UI_LISTEN", default_value = "127.0.0.1:8480")]
     pub listen: std::net::SocketAddr,
+    /// Let the UI change the grid: deploy flows, start runs, send signals, cancel runs.
+    /// It has no login: only for a UI that only trusted users reach.
+    #[arg(long, env = "FLOWGRID_UI_ACTIONS")]
+    pub actions: bool,
 }
 
 #[derive(Debug, Args)]

@@ -112,21 +112,45 @@ pub fn scrape_metrics(addr: &str) -> Result<String> {
     Ok(body)
 }
 
-/// `GET path` from the HTTP server at `addr` (HTTP/1.0, so the server closes the
-/// connection after its answer): the status code and the body.
+/// `GET path` from the HTTP server at `addr`: the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let (status, _, body) = http_request(addr, "GET", path, None)?;
+    Ok((status, body))
+}
+
+/// A form (`application/x-www-form-urlencoded` `body`) posted to `path`: the status code,
+/// the `Location` header if any, and the body.
+pub fn http_post_form(addr: &str, path: &str, body: &str) -> Result<(u16, Option<String>, String)> {
+    http_request(addr, "POST", path, Some(body))
+}
+
+/// One HTTP/1.0 request (the server closes the connection after its answer).
+fn http_request(addr: &str, method: &str, path: &str, form: Option<&str>) -> Result<(u16, Option<String>, String)> {
     let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(form) = form {
+        request.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            form.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes())?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).with_context(|| format!("read {path} from {addr}"))?;
+    stream.read_to_string(&mut response).with_context(|| format!("read {method} {path} from {addr}"))?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head
         .strip_prefix("HTTP/1.")
         .and_then(|rest| rest.get(2..5))
         .and_then(|code| code.parse().ok())
-        .with_context(|| format!("GET {path} from {addr} answered {head}"))?;
-    Ok((status, body.to_owned()))
+        .with_context(|| format!("{method} {path} from {addr} answered {head}"))?;
+    let location = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("location").then(|| value.trim().to_owned())
+    });
+    Ok((status, location, body.to_owned()))
 }
 
 /// The value of the first sample of a scraped `body` whose line starts with `prefix`

@@ -32,7 +32,7 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
         Command::Shards(args) => grid::shards(&args, session).await,
         Command::Status => grid::status(session).await,
         Command::Audit(args) => audit::audit(&args, session).await,
-        Command::Ui(args) => crate::ui::serve(args.listen, session).await,
+        Command::Ui(args) => crate::ui::serve(args.listen, args.actions, session).await,
     }
 }
 

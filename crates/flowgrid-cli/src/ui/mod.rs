@@ -1,7 +1,9 @@
-//! `flowgrid ui`: a read-only web view of a grid: its coordinators and backlog, its flows
-//! drawn as graphs, and its runs step by step, refreshed while they go. It talks to the
-//! grid only through the API and the buckets `flowgrid status` reads, so it needs no
-//! access to a coordinator's host and changes nothing.
+//! `flowgrid ui`: a web view of a grid: its coordinators and backlog, its flows drawn as
+//! graphs, and its runs step by step, refreshed while they go. It talks to the grid only
+//! through the API and the buckets `flowgrid status` reads, so it needs no access to a
+//! coordinator's host. It changes nothing unless started with `--actions`: then its
+//! forms deploy flows, start runs, send signals and cancel runs, each form carrying a
+//! token of this process so that another site cannot post them on a user's behalf.
 
 mod dag;
 mod pages;
@@ -13,14 +15,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
 use maud::Markup;
 use serde::Deserialize;
 
 use flowgrid_model::RunId;
-use flowgrid_proto::ListRuns;
+use flowgrid_proto::{ListRuns, StartRun};
 use flowgrid_sdk::Client;
 
 use crate::commands::GridReader;
@@ -34,18 +36,31 @@ const RUNS_PAGE: u32 = 50;
 struct Ui {
     client: Client,
     grid: GridReader,
+    /// With `--actions`: the token every form must send back.
+    token: Option<String>,
 }
 
-/// Serves the UI on `listen` until ctrl-c.
-pub(crate) async fn serve(listen: SocketAddr, session: &Session) -> anyhow::Result<ExitCode> {
+impl Ui {
+    fn actions(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+}
+
+/// Serves the UI on `listen` until ctrl-c; `actions` enables its forms.
+pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) -> anyhow::Result<ExitCode> {
     let client = Client::connect(&session.nats_url, session.prefix.clone()).await?;
     let grid = GridReader::connect(session).await?;
-    let ui = Arc::new(Ui { client, grid });
+    let token = actions.then(|| uuid::Uuid::new_v4().simple().to_string());
+    let ui = Arc::new(Ui { client, grid, token });
     let app = Router::new()
         .route("/", get(overview))
+        .route("/deploy", get(deploy_form))
+        .route("/flows", post(deploy))
         .route("/flows/{name}", get(flow))
-        .route("/runs", get(runs))
+        .route("/runs", get(runs).post(start))
         .route("/runs/{run_id}", get(run))
+        .route("/runs/{run_id}/signal", post(signal))
+        .route("/runs/{run_id}/cancel", post(cancel))
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page") })
         .with_state(ui);
     let listener = tokio::net::TcpListener::bind(listen)
@@ -80,7 +95,7 @@ async fn overview(State(ui): State<Arc<Ui>>) -> Response {
     };
     let flows = flows.map(|list| list.flows).map_err(|error| error.to_string());
     let recent = recent.map(|list| list.runs).map_err(|error| error.to_string());
-    page(pages::overview(&status, &flows, &recent))
+    page(pages::overview(&status, &flows, &recent, ui.actions()))
 }
 
 #[derive(Deserialize)]
@@ -92,7 +107,9 @@ async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Query(query):
     let recent = ListRuns { flow: Some(name.clone()), status: None, limit: Some(RECENT_RUNS), cursor: None };
     let (info, recent) = tokio::join!(ui.client.flow(&name, query.version), ui.client.list(recent));
     match info {
-        Ok(info) => page(pages::flow(&info, &recent.map(|list| list.runs).map_err(|error| error.to_string()))),
+        Ok(info) => {
+            page(pages::flow(&info, &recent.map(|list| list.runs).map_err(|error| error.to_string()), ui.actions()))
+        }
         Err(error) => api_failure(&error),
     }
 }
@@ -128,7 +145,123 @@ async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response 
     };
     // The run's own version, for its graph; a flow deleted since cannot be, but be lenient.
     let definition = ui.client.flow(&view.flow, Some(view.version)).await.ok().map(|info| info.definition);
-    page(pages::run(&view, definition.as_ref()))
+    page(pages::run(&view, definition.as_ref(), ui.actions()))
+}
+
+async fn deploy_form(State(ui): State<Arc<Ui>>) -> Response {
+    match ui.actions() {
+        Some(token) => page(pages::deploy(token)),
+        None => read_only(),
+    }
+}
+
+#[derive(Deserialize)]
+struct DeployForm {
+    token: String,
+    definition: String,
+}
+
+async fn deploy(State(ui): State<Arc<Ui>>, Form(form): Form<DeployForm>) -> Response {
+    if let Err(refused) = ui.check_token(&form.token) {
+        return refused;
+    }
+    match ui.client.deploy(form.definition).await {
+        Ok(deployed) => Redirect::to(&format!("/flows/{}?version={}", deployed.name, deployed.version)).into_response(),
+        Err(error) => api_failure(&error),
+    }
+}
+
+#[derive(Deserialize)]
+struct StartForm {
+    token: String,
+    flow: String,
+    #[serde(default)]
+    input: String,
+}
+
+async fn start(State(ui): State<Arc<Ui>>, Form(form): Form<StartForm>) -> Response {
+    if let Err(refused) = ui.check_token(&form.token) {
+        return refused;
+    }
+    let input = match json_field("input", &form.input) {
+        Ok(input) => input,
+        Err(refused) => return refused,
+    };
+    let start = StartRun { flow: form.flow, version: None, input, idempotency_key: None };
+    match ui.client.start(start).await {
+        Ok(started) => Redirect::to(&format!("/runs/{}", started.run_id)).into_response(),
+        Err(error) => api_failure(&error),
+    }
+}
+
+#[derive(Deserialize)]
+struct SignalForm {
+    token: String,
+    step: String,
+    #[serde(default)]
+    data: String,
+}
+
+async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<SignalForm>) -> Response {
+    if let Err(refused) = ui.check_token(&form.token) {
+        return refused;
+    }
+    let data = match json_field("data", &form.data) {
+        Ok(data) => data,
+        Err(refused) => return refused,
+    };
+    match ui.client.signal(&RunId(run_id.clone().into()), form.step, data).await {
+        Ok(_) => Redirect::to(&format!("/runs/{run_id}")).into_response(),
+        Err(error) => api_failure(&error),
+    }
+}
+
+#[derive(Deserialize)]
+struct CancelForm {
+    token: String,
+}
+
+async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<CancelForm>) -> Response {
+    if let Err(refused) = ui.check_token(&form.token) {
+        return refused;
+    }
+    match ui.client.cancel(&RunId(run_id.clone().into()), "cancelled from the web UI").await {
+        Ok(_) => Redirect::to(&format!("/runs/{run_id}")).into_response(),
+        Err(error) => api_failure(&error),
+    }
+}
+
+impl Ui {
+    /// A form is taken only with actions on and this process's token.
+    #[allow(clippy::result_large_err)]
+    fn check_token(&self, token: &str) -> Result<(), Response> {
+        match &self.token {
+            None => Err(read_only()),
+            Some(expected) if expected == token => Ok(()),
+            Some(_) => Err(failure(
+                StatusCode::FORBIDDEN,
+                "the form's token is not this UI's (it restarted, or the form came from another site): reload the page \
+                 and send it again",
+            )),
+        }
+    }
+}
+
+fn read_only() -> Response {
+    failure(
+        StatusCode::FORBIDDEN,
+        "this UI is read-only: start it with `flowgrid ui --actions` to deploy, start, signal and cancel",
+    )
+}
+
+/// A JSON form field; empty is null.
+#[allow(clippy::result_large_err)]
+fn json_field(name: &str, text: &str) -> Result<serde_json::Value, Response> {
+    if text.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(text)
+        .map_err(|error| failure(StatusCode::BAD_REQUEST, &format!("the {name} is not valid JSON: {error}")))
 }
 
 fn page(markup: Markup) -> Response {
@@ -139,7 +272,11 @@ fn page(markup: Markup) -> Response {
 fn api_failure(error: &flowgrid_sdk::Error) -> Response {
     let status = match error.api().map(|refusal| refusal.code) {
         Some(flowgrid_sdk::ErrorCode::NotFound) => StatusCode::NOT_FOUND,
-        Some(flowgrid_sdk::ErrorCode::InvalidRequest) => StatusCode::BAD_REQUEST,
+        Some(flowgrid_sdk::ErrorCode::InvalidRequest | flowgrid_sdk::ErrorCode::InvalidDefinition) => {
+            StatusCode::BAD_REQUEST
+        }
+        Some(flowgrid_sdk::ErrorCode::PayloadTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+        Some(flowgrid_sdk::ErrorCode::Conflict) => StatusCode::CONFLICT,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     failure(status, &error.to_string())

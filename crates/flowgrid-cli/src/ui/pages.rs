@@ -31,6 +31,9 @@ pre { background: #fff; border: 1px solid #e3e6eb; padding: 10px; overflow: auto
 .notice { background: #fff8e1; border: 1px solid #f0d48a; padding: 8px 12px; margin: 8px 0; }
 .error { background: #fdecea; border: 1px solid #f3b4ae; padding: 8px 12px; margin: 8px 0; }
 .muted { color: #6b7280; } form.filter { margin: 8px 0 12px; display: flex; gap: 8px; align-items: center; }
+form.action { margin: 8px 0; display: flex; gap: 8px; align-items: flex-end; flex-wrap: wrap; }
+form.action textarea { font: 13px/1.4 ui-monospace, monospace; min-width: 420px; }
+form.action textarea.wide { width: 100%; box-sizing: border-box; }
 .bar { position: relative; height: 12px; background: #eef0f4; min-width: 160px; }
 .bar span { position: absolute; top: 0; height: 12px; background: #7aa7e6; min-width: 2px; }
 svg.dag { background: #fff; border: 1px solid #e3e6eb; max-width: 100%; height: auto; }
@@ -101,10 +104,28 @@ fn unavailable(what: &str, error: &str) -> Markup {
     html! { div.error { "Cannot read " (what) ": " (error) } }
 }
 
+/// The form that deploys a definition (`flowgrid ui --actions`).
+pub fn deploy(token: &str) -> Markup {
+    layout(
+        "Deploy a flow",
+        false,
+        html! {
+            h1 { "Deploy a flow" }
+            p.muted { "A definition in YAML or JSON (see docs/flows.md); an existing name gets a new version." }
+            form.action method="post" action="/flows" {
+                input type="hidden" name="token" value=(token);
+                textarea.wide name="definition" rows="18" placeholder="name: my-flow\nsteps:\n  - { id: first, kind: task, pool: tests, task: echo }" {}
+                button type="submit" { "Deploy" }
+            }
+        },
+    )
+}
+
 pub fn overview(
     status: &str,
     flows: &Result<Vec<FlowSummary>, String>,
     recent: &Result<Vec<RunSummary>, String>,
+    actions: Option<&str>,
 ) -> Markup {
     layout(
         "Overview",
@@ -129,6 +150,7 @@ pub fn overview(
                     }
                 },
             }
+            @if actions.is_some() { p { a href="/deploy" { "Deploy a flow" } } }
             h2 { "Latest runs " a href="/runs" { "(all)" } }
             @match recent {
                 Err(error) => (unavailable("the runs", error)),
@@ -139,7 +161,7 @@ pub fn overview(
     )
 }
 
-pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>) -> Markup {
+pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>, actions: Option<&str>) -> Markup {
     let definition = &info.definition;
     let yaml = serde_norway::to_string(definition).unwrap_or_else(|error| format!("cannot print it: {error}"));
     layout(
@@ -170,6 +192,14 @@ pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>) -> Markup
                 }
             }
             (Layout::of(definition).svg(&HashMap::new()))
+            @if let Some(token) = actions {
+                form.action method="post" action="/runs" {
+                    input type="hidden" name="token" value=(token);
+                    input type="hidden" name="flow" value=(info.name);
+                    label { "Input (JSON) " textarea name="input" rows="3" placeholder="{}" {} }
+                    button type="submit" { "Start a run of the latest version" }
+                }
+            }
             h2 { "Latest runs of this flow" }
             @match recent {
                 Err(error) => (unavailable("the runs", error)),
@@ -224,7 +254,7 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
     )
 }
 
-pub fn run(view: &RunView, definition: Option<&FlowDefinition>) -> Markup {
+pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<&str>) -> Markup {
     let running = view.status == RunStatus::Running;
     let now = now_ms();
     let end = view.ended_ms.unwrap_or(now);
@@ -232,23 +262,47 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>) -> Markup {
     let statuses: HashMap<&str, StepStatus> = view.steps.iter().map(|step| (step.id.as_str(), step.status)).collect();
     let signals: Vec<&StepView> =
         view.steps.iter().filter(|step| step.kind == "signal" && step.status == StepStatus::Running).collect();
+    // A page with a form to fill in does not reload under the user's hands.
+    let refresh = running && (actions.is_none() || signals.is_empty());
     layout(
         &format!("Run {}", view.run_id),
-        running,
+        refresh,
         html! {
             h1 { "Run " code { (view.run_id) } " " (status_badge(view.status.as_str())) }
             table {
                 tr { th { "Flow" } td { a href=(format!("/flows/{}?version={}", view.flow, view.version)) { (view.flow) "@" (view.version) } } }
                 tr { th { "Created (UTC)" } td { (utc_time(view.created_ms)) } }
-                tr { th { "Duration" } td { (duration_ms(end.saturating_sub(view.created_ms))) @if running { " so far (this page reloads every " (REFRESH_S) " s)" } } }
+                tr {
+                    th { "Duration" }
+                    td {
+                        (duration_ms(end.saturating_sub(view.created_ms)))
+                        @if refresh { " so far (this page reloads every " (REFRESH_S) " s)" }
+                        @else if running { " so far (reload the page to follow the run)" }
+                    }
+                }
             }
             @if let Some(error) = &view.error {
                 div.error { strong { (error.code) } ": " (error.message) }
             }
             @for step in &signals {
                 div.notice {
-                    "Step " strong { (step.id) } " waits for a signal: "
-                    code { "flowgrid run signal " (view.run_id) " " (step.id) " --data JSON" }
+                    "Step " strong { (step.id) } " waits for a signal"
+                    @if let Some(token) = actions {
+                        form.action method="post" action=(format!("/runs/{}/signal", view.run_id)) {
+                            input type="hidden" name="token" value=(token);
+                            input type="hidden" name="step" value=(step.id);
+                            label { "Data (JSON) " textarea name="data" rows="2" placeholder="null" {} }
+                            button type="submit" { "Send the signal" }
+                        }
+                    } @else {
+                        ": " code { "flowgrid run signal " (view.run_id) " " (step.id) " --data JSON" }
+                    }
+                }
+            }
+            @if let (true, Some(token)) = (running, actions) {
+                form.action method="post" action=(format!("/runs/{}/cancel", view.run_id)) {
+                    input type="hidden" name="token" value=(token);
+                    button type="submit" { "Cancel this run" }
                 }
             }
             @if let Some(definition) = definition {
