@@ -17,6 +17,7 @@ mod partition;
 mod publish;
 mod python;
 mod results;
+mod retention;
 mod schedules;
 mod signals;
 mod store_failure;

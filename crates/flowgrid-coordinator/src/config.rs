@@ -55,6 +55,11 @@ pub struct CoordinatorConfig {
     /// on a loaded host. Every coordinator announces its own.
     #[arg(long, env = "FLOWGRID_LEASE_MS", default_value_t = 1500)]
     pub lease_ms: u64,
+    /// How long an ended run stays in the store (its record, history, snapshot and listing
+    /// entry) after it ended, e.g. `30d`, `12h`; `0` keeps every run. Idempotency keys
+    /// hold for as long as their run is kept.
+    #[arg(long, env = "FLOWGRID_RETAIN_ENDED_RUNS", default_value = "30d", value_parser = flowgrid_sdk::parse_duration)]
+    pub retain_ended_runs: std::time::Duration,
     /// On shutdown, how long to wait for every shard to be handed over before leaving
     /// anyway (the others then take the rest after the lease), in ms.
     #[arg(long, env = "FLOWGRID_DRAIN_TIMEOUT_MS", default_value_t = 15_000)]

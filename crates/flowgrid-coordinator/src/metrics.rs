@@ -34,6 +34,8 @@ pub const LEASE_LOST: &str = "flowgrid_lease_lost_total";
 pub const SHARD_ACQUIRE_SECONDS: &str = "flowgrid_shard_acquire_seconds";
 pub const SHARD_RELEASE_SECONDS: &str = "flowgrid_shard_release_seconds";
 pub const SHARD_TAKEOVERS: &str = "flowgrid_shard_takeovers_total";
+pub const RUNS_PRUNED: &str = "flowgrid_runs_pruned_total";
+pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
 
 pub fn describe() {
     flowgrid_store_redb::describe_metrics();
@@ -64,7 +66,13 @@ pub fn describe() {
     describe_gauge!(SHARDS_OWNED, Unit::Count, "Shards this coordinator owns.");
     describe_counter!(API_REQUESTS, Unit::Count, "API requests handled (labels: verb, outcome).");
     describe_counter!(API_REJECTED, Unit::Count, "API requests refused because of overload.");
-    describe_counter!(TIMERS_FIRED, Unit::Count, "Durable timers that came due (retries, timeouts).");
+    describe_counter!(TIMERS_FIRED, Unit::Count, "Durable timers that came due (retries, timeouts, waits).");
+    describe_counter!(RUNS_PRUNED, Unit::Count, "Ended runs deleted from the store after --retain-ended-runs.");
+    describe_counter!(
+        SCHEDULED_RUNS,
+        Unit::Count,
+        "Slots of flow schedules fired (label outcome: started, already_started, failed)."
+    );
     describe_counter!(
         LEASE_LOST,
         Unit::Count,

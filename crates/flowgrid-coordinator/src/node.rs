@@ -112,6 +112,7 @@ pub async fn run_with_store<S: Store>(
         active_runs_max: config.active_runs_max,
         active_runs: AtomicU64::new(0),
         lease: lease.clone(),
+        retain_ended_ms: Some(config.retain_ended_runs.as_millis() as u64).filter(|&ms| ms > 0),
     });
     let table = Arc::new(ShardTable::new(config.shards));
     let router = Arc::new(Router::new(context.clone(), table.clone(), config.shards));

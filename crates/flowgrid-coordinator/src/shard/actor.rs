@@ -55,6 +55,8 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub catalog: BTreeMap<String, Vec<CatalogEntry>>,
     /// The next slot of each flow of the catalog that has a schedule.
     pub schedules: BTreeMap<String, Millis>,
+    /// When the next retention pass is due (with `--retain-ended-runs`).
+    pub next_prune_ms: Millis,
     pub metrics: ShardMetrics,
 }
 
@@ -76,6 +78,7 @@ pub async fn spawn_shard<S: ShardStore>(
         .subscribe(context.subjects.shard_results(shard.0))
         .await
         .map_err(|source| Error::Nats { what: "subscribe", source: Box::new(source) })?;
+    let context_prune_interval = context.retain_ended_ms.map_or(0, super::retention::prune_interval_ms);
     let mut actor = ShardActor {
         shard,
         epoch,
@@ -87,6 +90,7 @@ pub async fn spawn_shard<S: ShardStore>(
         pinned: HashSet::new(),
         catalog: BTreeMap::new(),
         schedules: BTreeMap::new(),
+        next_prune_ms: now_ms() + context_prune_interval,
         metrics: ShardMetrics::register(),
     };
     let republish = actor.reload().await?;
@@ -109,7 +113,8 @@ impl<S: ShardStore> ShardActor<S> {
         ::metrics::gauge!(metrics::SHARDS_OWNED).increment(1.0);
         loop {
             let mut batch = Batch::default();
-            let next_due = [self.timers.next_due(), self.next_schedule_due()].into_iter().flatten().min();
+            let next_prune = self.context.retain_ended_ms.map(|_| self.next_prune_ms);
+            let next_due = [self.timers.next_due(), self.next_schedule_due(), next_prune].into_iter().flatten().min();
             let sleep = sleep_until(next_due);
             tokio::select! {
                 biased;
@@ -127,6 +132,12 @@ impl<S: ShardStore> ShardActor<S> {
             self.fill_batch(&mut inbox, &mut results, &mut batch).await;
             self.fire_due_timers(&mut batch);
             self.start_due_schedules(now_ms());
+            if let Some(retain_ms) = self.context.retain_ended_ms {
+                let now = now_ms();
+                if now >= self.next_prune_ms {
+                    self.next_prune_ms = self.prune_ended_runs(retain_ms, now, &mut batch).await;
+                }
+            }
             if !self.context.lease.holds(self.term) {
                 // Others may take the shard soon: nothing more is committed or sent from here.
                 warn!(shard = %self.shard, "lease not renewed in time; the shard stops serving here");

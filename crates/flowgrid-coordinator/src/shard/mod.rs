@@ -10,6 +10,7 @@ mod actor;
 mod batch;
 mod catalog;
 mod reload;
+mod retention;
 mod runs;
 mod schedules;
 mod timers;
@@ -49,6 +50,8 @@ pub struct NodeContext {
     pub active_runs: AtomicU64,
     /// This coordinator's lease: a shard commits nothing once it has run out.
     pub lease: Arc<crate::cluster::Lease>,
+    /// How long an ended run stays in the store; `None` keeps every run.
+    pub retain_ended_ms: Option<u64>,
 }
 
 /// A run start, resolved to a plan and a run id by the API layer.

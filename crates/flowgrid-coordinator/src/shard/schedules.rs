@@ -74,17 +74,21 @@ impl<S: ShardStore> ShardActor<S> {
                 StartRun { flow: flow.clone(), version: None, input, idempotency_key: Some(Timetable::run_key(slot)) };
             let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
             tokio::spawn(async move {
-                match client.start(start).await {
+                let outcome = match client.start(start).await {
                     Ok(started) if started.created => {
-                        info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run started")
+                        info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run started");
+                        "started"
                     }
                     Ok(started) => {
-                        info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run was started already")
+                        info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run was started already");
+                        "already_started"
                     }
                     Err(error) => {
-                        warn!(flow = %flow, slot_ms = slot, error = %error, "cannot start a scheduled run; this slot is skipped")
+                        warn!(flow = %flow, slot_ms = slot, error = %error, "cannot start a scheduled run; this slot is skipped");
+                        "failed"
                     }
-                }
+                };
+                ::metrics::counter!(crate::metrics::SCHEDULED_RUNS, "outcome" => outcome).increment(1);
             });
             self.arm_schedule(&plan, now.max(slot));
         }

@@ -1,0 +1,71 @@
+//! Retention: a shard deletes the runs that ended longer ago than `--retain-ended-runs`.
+//!
+//! The listing index holds ended runs by creation time, oldest first, so each pass reads
+//! its start and deletes every run there that ended before the cutoff: its record,
+//! history, snapshot and listing entry, in the batch the actor commits next (epoch-fenced
+//! like every other write, and all of a run or none of it). A pass reads at most
+//! [`PRUNE_SCAN_MAX`] entries and deletes at most [`PRUNE_RUNS_MAX`] runs; a pass that
+//! found that many comes again soon, so a backlog drains in steps that keep commits small.
+
+use flowgrid_model::{Millis, RunId};
+use flowgrid_proto::RunSummary;
+use flowgrid_store::{keys, KeyRange, ShardStore};
+use tracing::{debug, warn};
+
+use super::actor::ShardActor;
+use super::batch::Batch;
+use crate::metrics;
+use crate::records;
+
+/// Listing entries one pass reads.
+const PRUNE_SCAN_MAX: usize = 2_000;
+/// Runs one pass deletes.
+const PRUNE_RUNS_MAX: usize = 500;
+/// The next pass after one that deleted [`PRUNE_RUNS_MAX`] runs (a backlog).
+const PRUNE_BACKLOG_PAUSE_MS: Millis = 1_000;
+
+/// How often a shard looks for runs past the retention: a quarter of it, from 1 s to 1 min.
+pub(super) fn prune_interval_ms(retain_ms: u64) -> Millis {
+    (retain_ms / 4).clamp(1_000, 60_000)
+}
+
+impl<S: ShardStore> ShardActor<S> {
+    /// Queues the deletion of the runs that ended before `now - retain_ms` on `batch`;
+    /// returns when the next pass is due.
+    pub(super) async fn prune_ended_runs(&mut self, retain_ms: u64, now: Millis, batch: &mut Batch) -> Millis {
+        let cutoff = now.saturating_sub(retain_ms);
+        // Only runs created before the cutoff can have ended before it.
+        let range = KeyRange { begin: keys::created_range().begin, end: keys::created(cutoff, &RunId("".into())) };
+        let entries = match self.store.scan(range, PRUNE_SCAN_MAX, false).await {
+            Ok(entries) => entries,
+            Err(error) => {
+                warn!(shard = %self.shard, error = %error, "cannot read the runs listing to apply the retention; trying again later");
+                return now + prune_interval_ms(retain_ms);
+            }
+        };
+        let mut pruned = 0;
+        for (key, value) in entries {
+            let Ok((created_ms, run_id)) = keys::decode_created(&key) else { continue };
+            if created_ms >= cutoff || pruned == PRUNE_RUNS_MAX {
+                break;
+            }
+            let Ok(summary) = records::decode::<RunSummary>("run summary", &value) else { continue };
+            // A running run (a listing entry written by an older release) stays.
+            let ended_before_cutoff = summary.ended_ms.is_some_and(|ended| ended < cutoff);
+            if !ended_before_cutoff || self.runs.contains_key(&run_id) {
+                continue;
+            }
+            batch.writes.clear(keys::run(&run_id));
+            batch.writes.clear_range(keys::history_range(&run_id));
+            batch.writes.clear_range(keys::chunks_range(&keys::snapshot(&run_id)));
+            batch.writes.clear(key);
+            pruned += 1;
+        }
+        if pruned > 0 {
+            ::metrics::counter!(metrics::RUNS_PRUNED).increment(pruned as u64);
+            debug!(shard = %self.shard, runs = pruned, "ended runs past the retention deleted");
+        }
+        let pause = if pruned == PRUNE_RUNS_MAX { PRUNE_BACKLOG_PAUSE_MS } else { prune_interval_ms(retain_ms) };
+        now + pause
+    }
+}
