@@ -14,11 +14,13 @@ use flowgrid_sdk::{Client, RunId, RunStatus, StartRun};
 
 use crate::driver::Errors;
 
-/// The flow every run starts, its pool and how its output follows from its input.
+/// The flow every run starts, its pool and how its output follows from its input. Its
+/// wait puts a durable timer in every run, so kills, cuts and hand-overs also hit runs
+/// waiting on one.
 pub const FLOW: &str = "chaos-chain";
 pub const POOL: &str = "chaos";
 pub const DEFINITION: &str = r#"name: chaos-chain
-description: chaos test, three doublings in a row (output value = input value * 8)
+description: chaos test, three doublings in a row with a durable wait before the last (output value = input value * 8)
 output: 'steps.s3.output'
 steps:
   - id: s1
@@ -33,11 +35,15 @@ steps:
     after: [s1]
     input: 'steps.s1.output'
     timeout_ms: 20000
+  - id: pause
+    kind: wait
+    after: [s2]
+    duration_ms: 300
   - id: s3
     kind: task
     pool: chaos
     task: double
-    after: [s2]
+    after: [pause]
     input: 'steps.s2.output'
     timeout_ms: 20000
 "#;

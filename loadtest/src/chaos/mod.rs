@@ -545,7 +545,13 @@ impl Findings<'_> {
                     self.args.coordinators, self.args.shards, self.args.workers, self.seed
                 ),
             ),
-            ("load".to_owned(), format!("{} runs/s for {:.0} s (chain of 3 doublings)", self.args.rate, self.faults_s)),
+            (
+                "load".to_owned(),
+                format!(
+                    "{} runs/s for {:.0} s (3 doublings with a 300 ms wait before the last)",
+                    self.args.rate, self.faults_s
+                ),
+            ),
             ("runs accepted / finished".to_owned(), format!("{accepted} / {finished} (seen ended through the API)")),
             (
                 "runs lost".to_owned(),
