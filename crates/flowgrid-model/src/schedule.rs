@@ -25,11 +25,14 @@ pub enum Timetable {
 
 impl Timetable {
     /// Parses a cron expression: 5 fields (minute, hour, day of month, month, day of week).
+    /// One that never matches (`0 0 30 2 *`) is refused too.
     pub fn cron(expression: &str) -> Result<Timetable, String> {
-        croner::Cron::new(expression)
-            .parse()
-            .map(|cron| Timetable::Cron(Box::new(cron)))
-            .map_err(|error| error.to_string())
+        let cron = croner::Cron::new(expression).parse().map_err(|error| error.to_string())?;
+        let timetable = Timetable::Cron(Box::new(cron));
+        match timetable.next_after(0) {
+            Some(_) => Ok(timetable),
+            None => Err("it never matches".to_owned()),
+        }
     }
 
     /// The first slot strictly after `after_ms`; `None` when there is none (a cron
@@ -72,6 +75,9 @@ mod tests {
         assert_eq!(six_hourly.next_after(midnight - 1), Some(midnight));
         assert!(Timetable::cron("61 * * * *").is_err());
         assert!(Timetable::cron("not a cron").is_err());
+        let started = std::time::Instant::now();
+        assert_eq!(Timetable::cron("0 0 30 2 *").err().as_deref(), Some("it never matches"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "took {:?}", started.elapsed());
         assert_eq!(Timetable::run_key(midnight), "schedule-1767225600000");
     }
 }

@@ -455,6 +455,7 @@ fn a_schedule_has_one_timetable_that_parses_and_an_input_a_run_may_take() {
     assert_issue(&issues_of(&flow("{ every_ms: 60000, cron: '* * * * *' }")), "schedule", "not both");
     assert_issue(&issues_of(&flow("{ every_ms: 10 }")), "schedule.every_ms", "use 1000 ms");
     assert_issue(&issues_of(&flow("{ cron: 'every monday' }")), "schedule.cron", "is not a cron expression");
+    assert_issue(&issues_of(&flow("{ cron: '0 0 30 2 *' }")), "schedule.cron", "it never matches");
     let deep = format!("{{ every_ms: 60000, input: {}1{} }}", "[".repeat(40), "]".repeat(40));
     assert_issue(&issues_of(&flow(&deep)), "schedule.input", "nested 40 levels deep");
 }
