@@ -67,8 +67,9 @@ pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) 
         .await
         .with_context(|| format!("cannot listen on {listen}: pick a free address with --listen"))?;
     let address = listener.local_addr()?;
+    let mode = if actions { "with actions" } else { "read-only" };
     eprintln!(
-        "flowgrid UI on http://{address}/ (NATS {}, prefix {:?}); ctrl-c stops it",
+        "flowgrid UI on http://{address}/ ({mode}; NATS {}, prefix {:?}); ctrl-c stops it",
         session.nats_url, session.prefix
     );
     axum::serve(listener, app)
