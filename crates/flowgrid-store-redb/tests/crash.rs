@@ -75,14 +75,19 @@ async fn commits_in_the_journal_survive_a_crash_before_any_checkpoint() {
     let noted = std::fs::read_to_string(replayed.join("replayed")).unwrap();
     assert_eq!(noted.lines().count(), SHARDS.len(), "each replayed shard is noted: {noted}");
 
-    // A second opening replays nothing twice and the data is now in the file itself.
+    // A second opening replays nothing twice and the data is now in the file itself. The
+    // first store goes first, so that its checkpointer is not sweeping the dead journal (and
+    // holding its lock) when the second one's first sweep looks at it.
+    drop(store);
     let again = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
     let opened = again.open_shard(ShardId(SHARDS[0])).await.unwrap();
     let epoch = opened.acquire().await.unwrap();
     assert_eq!(epoch.0, 2);
     assert_eq!(opened.scan(keys::run_range(), usize::MAX, false).await.unwrap().len(), COMMITS as usize);
-    // The checkpointer of a store sweeps dead journals when it starts.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // The checkpointer of a store sweeps dead journals when it starts, then once a minute: a
+    // first sweep that found the journal still locked by a sweep of the dropped store's
+    // checkpointer leaves it to the next one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(75);
     while replayed.exists() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
