@@ -1,5 +1,7 @@
 //! Control flow: a choice between two maps, a join after both branches, transforms.
 
+use std::time::Duration;
+
 use flowgrid_engine::ItemCounts;
 use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, Grid};
@@ -152,5 +154,38 @@ async fn every_example_flow_runs_with_the_input_it_documents() -> anyhow::Result
             None => {}
         }
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_that_publishes_its_ends_announces_each_run_once_it_ended() -> anyhow::Result<()> {
+    use futures::StreamExt;
+
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let announced = "name: announced\npublish_ended: true\nsteps:\n  - { id: echo, kind: task, pool: a, task: echo }\n";
+    let quiet = "name: quiet\nsteps:\n  - { id: echo, kind: task, pool: a, task: echo }\n";
+    deploy(&grid, &client, announced).await?;
+    deploy(&grid, &client, quiet).await?;
+    let nats = grid.nats_client().await?;
+    let mut ends = nats.subscribe(flowgrid_proto::Subjects::new(grid.prefix.clone()).run_ended_all()).await?;
+    nats.flush().await?;
+
+    let start =
+        |flow: &str| StartRun { flow: flow.into(), version: None, input: json!({"n": 7}), idempotency_key: None };
+    let quiet_run = client.start(start("quiet")).await.or_logs(&grid)?.run_id;
+    grid.wait_run(&client, &quiet_run, RUN_DEADLINE).await?;
+    let run_id = client.start(start("announced")).await.or_logs(&grid)?.run_id;
+    let message = tokio::time::timeout(RUN_DEADLINE, ends.next()).await?.expect("an announcement");
+    assert_eq!(message.subject.as_str(), format!("{}.runs.ended.announced", grid.prefix), "only the flow that asks");
+    let ended: flowgrid_proto::RunEnded = serde_json::from_slice(&message.payload)?;
+    assert_eq!(
+        (ended.run_id, ended.status, ended.output),
+        (run_id.clone(), RunStatus::Succeeded, Some(json!({"echo": {"n": 7}})))
+    );
+    assert!(ended.ended_ms >= ended.created_ms);
+    // Announced after the commit: the run reads as ended already.
+    assert_eq!(client.get(&run_id).await?.status, RunStatus::Succeeded);
+    assert!(tokio::time::timeout(Duration::from_millis(500), ends.next()).await.is_err(), "one announcement per run");
     Ok(())
 }

@@ -202,6 +202,16 @@ impl Run {
         self.ended_ms
     }
 
+    /// The run's output once it succeeded.
+    pub fn output(&self) -> Option<&Value> {
+        self.output.as_ref()
+    }
+
+    /// The error it ended with, if it did not succeed.
+    pub fn error(&self) -> Option<&TaskError> {
+        self.error.as_deref()
+    }
+
     /// The plan the run executes.
     pub fn plan(&self) -> &Arc<FlowPlan> {
         &self.plan

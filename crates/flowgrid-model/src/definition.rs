@@ -26,6 +26,11 @@ pub struct FlowDefinition {
     /// that runs; deploy a version without one to stop it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// Publish a message on `<prefix>.runs.ended.<flow>` when a run of the flow ends (its
+    /// status, output or error): a notification, at most once, for services that react to
+    /// runs ending instead of polling them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_ended: bool,
     pub steps: Vec<Step>,
 }
 

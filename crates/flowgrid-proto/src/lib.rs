@@ -39,6 +39,7 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("run-cancelled.json", schema_for!(Reply<RunCancelled>)),
         ("signal-run.json", schema_for!(SignalRun)),
         ("run-signalled.json", schema_for!(Reply<RunSignalled>)),
+        ("run-ended.json", schema_for!(RunEnded)),
         ("task-message.json", schema_for!(TaskMessage)),
         ("task-result.json", schema_for!(TaskResult)),
         ("result-ack.json", schema_for!(Reply<ResultAck>)),

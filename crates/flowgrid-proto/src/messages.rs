@@ -254,6 +254,22 @@ pub struct RunSignalled {
     pub status: RunStatus,
 }
 
+/// Published as JSON on `<prefix>.runs.ended.<flow>` after the commit that ended a run of
+/// a flow with `publish_ended: true`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunEnded {
+    pub run_id: RunId,
+    pub flow: String,
+    pub version: u32,
+    pub status: RunStatus,
+    pub created_ms: Millis,
+    pub ended_ms: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+}
+
 /// A task, as published to `<prefix>.tasks.<pool>`. Everything a worker needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskMessage {

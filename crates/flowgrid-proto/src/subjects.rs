@@ -84,6 +84,16 @@ impl Subjects {
         format!("pool-{pool}")
     }
 
+    /// Where the end of a run of `flow` is announced (flows with `publish_ended: true`).
+    pub fn run_ended(&self, flow: &str) -> String {
+        format!("{}.runs.ended.{flow}", self.prefix)
+    }
+
+    /// Wildcard over the run-ended announcements of every flow.
+    pub fn run_ended_all(&self) -> String {
+        format!("{}.runs.ended.>", self.prefix)
+    }
+
     /// Durable fire-and-forget submit subject: a `StartRun` published here with a
     /// JetStream publish is kept until a coordinator has started the run.
     pub fn submit(&self) -> String {

@@ -43,6 +43,8 @@ pub struct Batch {
     pub finished: Vec<RunId>,
     /// Flow versions deployed in this batch: published as latest after the commit.
     pub deployed: Vec<Arc<FlowPlan>>,
+    /// Run ends to announce after the commit: subject and JSON payload.
+    pub announcements: Vec<(String, Vec<u8>)>,
 }
 
 impl Batch {

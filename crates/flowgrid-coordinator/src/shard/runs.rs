@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey};
 use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
-use flowgrid_proto::{ApiError, ErrorCode, ListRuns, RunCancelled, RunSignalled, RunStarted, RunSummary, TaskResult};
+use flowgrid_proto::{
+    ApiError, ErrorCode, ListRuns, RunCancelled, RunEnded, RunSignalled, RunStarted, RunSummary, TaskResult,
+};
 use flowgrid_store::{keys, KeyRange, ShardStore};
 use serde_json::Value;
 use tracing::{debug, warn};
@@ -188,6 +190,22 @@ impl<S: ShardStore> ShardActor<S> {
         // A run ends once, and only then gets a snapshot.
         let snapshot = records::encode(&active.run.view_ref());
         batch.writes.insert_chunked(&keys::snapshot(run_id), &snapshot, &self.context.store_limits);
+        if plan.definition.publish_ended {
+            let ended = RunEnded {
+                run_id: run_id.clone(),
+                flow: plan.name.clone(),
+                version: plan.version,
+                status,
+                created_ms,
+                ended_ms: now,
+                output: active.run.output().cloned(),
+                error: active.run.error().cloned(),
+            };
+            match serde_json::to_vec(&ended) {
+                Ok(payload) => batch.announcements.push((self.context.subjects.run_ended(&plan.name), payload)),
+                Err(error) => warn!(run = %run_id, error = %error, "cannot encode a run's end to announce it"),
+            }
+        }
         batch.finished.push(run_id.clone());
         self.metrics.run_finished(status);
     }

@@ -318,6 +318,7 @@ fn dag_definition() -> impl Strategy<Value = FlowDefinition> {
                 timeout_ms: None,
                 output: None,
                 schedule: None,
+                publish_ended: false,
                 steps,
             }
         })
@@ -361,6 +362,7 @@ fn choice_targets_count_as_edges_for_references() {
         timeout_ms: None,
         output: None,
         schedule: None,
+        publish_ended: false,
         steps: vec![
             task_step("a".to_owned(), Vec::new()),
             Step::Choice(ChoiceStep {
