@@ -185,11 +185,12 @@ pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>, actions: 
             p.muted {
                 "Deployed " (utc_time(info.deployed_ms)) " UTC. "
                 @if info.version > 1 {
-                    "Other versions: "
-                    @for version in (1..=info.version).rev().skip(1) {
+                    "Earlier versions: "
+                    @for version in (1..info.version).rev() {
                         a href=(format!("/flows/{}?version={version}", info.name)) { (version) } " "
                     }
                 }
+                a href=(format!("/flows/{}", info.name)) { "the latest version" }
             }
             (Layout::of(definition).svg(&HashMap::new()))
             @if let Some(token) = actions {
