@@ -283,10 +283,10 @@ impl Api {
     fn check_payload(
         &self,
         what: &str,
-        input: &serde_json::Value,
+        value: &serde_json::Value,
         request_bytes: Option<usize>,
     ) -> Result<(), ApiError> {
-        let depth = nesting_depth(input);
+        let depth = nesting_depth(value);
         if depth > self.limits.nesting_depth_max {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
@@ -299,7 +299,7 @@ impl Api {
         if request_bytes.is_some_and(|bytes| bytes <= self.limits.payload_bytes_max) {
             return Ok(());
         }
-        let size = rmp_serde::to_vec_named(input).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
+        let size = rmp_serde::to_vec_named(value).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
         if size > self.limits.payload_bytes_max {
             return Err(ApiError::new(
                 ErrorCode::PayloadTooLarge,

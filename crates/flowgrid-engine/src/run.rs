@@ -2,8 +2,9 @@
 //!
 //! The submodules split the transitions by idea: [`steps`] starts a ready step by kind,
 //! [`map`] fans a map step out and in, [`results`] applies results and timers to open
-//! attempts, [`signals`] takes signals from outside, [`resolve`] propagates a resolved step along its edges, [`retry`] computes
-//! backoff delays, [`scope`] evaluates expressions.
+//! attempts, [`signals`] takes signals from outside, [`resolve`] propagates a resolved
+//! step along its edges, [`retry`] computes backoff delays, [`scope`] evaluates
+//! expressions.
 //!
 //! Invariants kept here:
 //! - the armed timers follow from the state alone, so the run stores none: an

@@ -252,7 +252,7 @@ impl Evaluator {
             Some(millis) if (0.0..=crate::plan::WAIT_MS_MAX as f64).contains(&millis) => Ok(millis.ceil() as u64),
             _ => Err(ExprError::Type {
                 source_text: expr.source.to_string(),
-                expected: "a number of milliseconds from 0 to 31622400000 (366 days)",
+                expected: crate::plan::WAIT_MS_EXPECTED,
                 found: describe_json(&value),
             }),
         }

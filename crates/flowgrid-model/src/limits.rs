@@ -39,6 +39,10 @@ impl Default for Limits {
     }
 }
 
+/// The longest time a definition may name, 366 days (a `wait`, a schedule's `every_ms`):
+/// anything longer is a mistake in the definition, or in the data an expression reads.
+pub const DURATION_MS_MAX: u64 = 366 * 24 * 60 * 60 * 1000;
+
 /// Depth of nested arrays and objects (a scalar is depth 0).
 pub fn nesting_depth(value: &serde_json::Value) -> usize {
     match value {
@@ -51,6 +55,11 @@ pub fn nesting_depth(value: &serde_json::Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_wait_is_the_one_its_error_message_names() {
+        assert!(crate::plan::WAIT_MS_EXPECTED.contains(&crate::plan::WAIT_MS_MAX.to_string()));
+    }
 
     #[test]
     fn nesting_depth_counts_containers() {

@@ -136,9 +136,11 @@ pub enum WaitFor {
     Expr(Expr),
 }
 
-/// The longest wait a `wait` step may ask for (a year): a longer one is a mistake in the
-/// definition or in the data its expression reads.
-pub const WAIT_MS_MAX: u64 = 366 * 24 * 60 * 60 * 1000;
+/// The longest wait a `wait` step may ask for.
+pub const WAIT_MS_MAX: u64 = crate::limits::DURATION_MS_MAX;
+/// What a `wait` step's `duration` expression must give, for its error message (a test
+/// keeps it in step with [`WAIT_MS_MAX`]).
+pub(crate) const WAIT_MS_EXPECTED: &str = "a number of milliseconds from 0 to 31622400000 (366 days)";
 
 /// Start-to-close timeout of a task attempt when the definition sets none.
 pub const TASK_TIMEOUT_MS_DEFAULT: u64 = 5 * 60 * 1000;

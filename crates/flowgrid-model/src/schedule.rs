@@ -12,7 +12,7 @@ use crate::Millis;
 /// The shortest `every_ms`: a schedule is for periodic work, not a loop.
 pub const EVERY_MS_MIN: u64 = 1_000;
 /// The longest `every_ms` (366 days).
-pub const EVERY_MS_MAX: u64 = 366 * 24 * 60 * 60 * 1000;
+pub const EVERY_MS_MAX: u64 = crate::limits::DURATION_MS_MAX;
 
 /// When a schedule starts runs.
 #[derive(Clone, Debug)]

@@ -3,6 +3,7 @@
 //! created, so that looking at a grid cannot change it.
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -119,14 +120,16 @@ pub(crate) fn status_text(reader: &GridReader, snapshot: Option<&GridSnapshot>, 
     match snapshot {
         Some(snapshot) => {
             let views = member_views(snapshot);
-            text.push_str(&format!("members: {}\n", views.len()));
+            let _ = writeln!(text, "members: {}", views.len());
             if !views.is_empty() {
                 text.push_str(&members_table(&views).render());
             }
             text.push('\n');
             text.push_str(&render_shard_summary(&shard_summary(snapshot)));
         }
-        None => text.push_str(&format!("members: none; {}\n", reader.not_joined())),
+        None => {
+            let _ = writeln!(text, "members: none; {}", reader.not_joined());
+        }
     }
     text.push('\n');
     text.push_str(&render_backlog(backlog));

@@ -302,7 +302,7 @@ steps:
     }
 
     #[test]
-    fn the_drawing_escapes_ids_and_colours_steps_by_status() {
+    fn the_drawing_shortens_long_ids_and_colours_steps_by_status() {
         let layout = Layout::of(&definition(
             "name: f\nsteps:\n  - { kind: task, id: a_very_long_step_identifier, pool: p, task: t }\n",
         ));

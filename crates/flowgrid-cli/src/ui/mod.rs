@@ -163,13 +163,12 @@ struct DeployForm {
 }
 
 async fn deploy(State(ui): State<Arc<Ui>>, Form(form): Form<DeployForm>) -> Response {
-    if let Err(refused) = ui.check_token(&form.token) {
+    if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
-    match ui.client.deploy(form.definition).await {
-        Ok(deployed) => Redirect::to(&format!("/flows/{}?version={}", deployed.name, deployed.version)).into_response(),
-        Err(error) => api_failure(&error),
-    }
+    after_action(ui.client.deploy(form.definition).await, |deployed| {
+        format!("/flows/{}?version={}", deployed.name, deployed.version)
+    })
 }
 
 #[derive(Deserialize)]
@@ -181,18 +180,15 @@ struct StartForm {
 }
 
 async fn start(State(ui): State<Arc<Ui>>, Form(form): Form<StartForm>) -> Response {
-    if let Err(refused) = ui.check_token(&form.token) {
+    if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
     let input = match json_field("input", &form.input) {
         Ok(input) => input,
-        Err(refused) => return refused,
+        Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
     };
     let start = StartRun { flow: form.flow, version: None, input, idempotency_key: None };
-    match ui.client.start(start).await {
-        Ok(started) => Redirect::to(&format!("/runs/{}", started.run_id)).into_response(),
-        Err(error) => api_failure(&error),
-    }
+    after_action(ui.client.start(start).await, |started| format!("/runs/{}", started.run_id))
 }
 
 #[derive(Deserialize)]
@@ -204,17 +200,15 @@ struct SignalForm {
 }
 
 async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<SignalForm>) -> Response {
-    if let Err(refused) = ui.check_token(&form.token) {
+    if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
     let data = match json_field("data", &form.data) {
         Ok(data) => data,
-        Err(refused) => return refused,
+        Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
     };
-    match ui.client.signal(&RunId(run_id.clone().into()), form.step, data).await {
-        Ok(_) => Redirect::to(&format!("/runs/{run_id}")).into_response(),
-        Err(error) => api_failure(&error),
-    }
+    let signalled = ui.client.signal(&RunId(run_id.clone().into()), form.step, data).await;
+    after_action(signalled, |_| format!("/runs/{run_id}"))
 }
 
 #[derive(Deserialize)]
@@ -223,23 +217,20 @@ struct CancelForm {
 }
 
 async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<CancelForm>) -> Response {
-    if let Err(refused) = ui.check_token(&form.token) {
+    if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
-    match ui.client.cancel(&RunId(run_id.clone().into()), "cancelled from the web UI").await {
-        Ok(_) => Redirect::to(&format!("/runs/{run_id}")).into_response(),
-        Err(error) => api_failure(&error),
-    }
+    let cancelled = ui.client.cancel(&RunId(run_id.clone().into()), "cancelled from the web UI").await;
+    after_action(cancelled, |_| format!("/runs/{run_id}"))
 }
 
 impl Ui {
-    /// A form is taken only with actions on and this process's token.
-    #[allow(clippy::result_large_err)]
-    fn check_token(&self, token: &str) -> Result<(), Response> {
+    /// Why a form is refused: a form is taken only with actions on and this process's token.
+    fn refusal(&self, token: &str) -> Option<Response> {
         match &self.token {
-            None => Err(read_only()),
-            Some(expected) if expected == token => Ok(()),
-            Some(_) => Err(failure(
+            None => Some(read_only()),
+            Some(expected) if expected == token => None,
+            Some(_) => Some(failure(
                 StatusCode::FORBIDDEN,
                 "the form's token is not this UI's (it restarted, or the form came from another site): reload the page \
                  and send it again",
@@ -255,14 +246,20 @@ fn read_only() -> Response {
     )
 }
 
-/// A JSON form field; empty is null.
-#[allow(clippy::result_large_err)]
-fn json_field(name: &str, text: &str) -> Result<serde_json::Value, Response> {
+/// A JSON form field; empty is null. The error says which field and why.
+fn json_field(name: &str, text: &str) -> Result<serde_json::Value, String> {
     if text.trim().is_empty() {
         return Ok(serde_json::Value::Null);
     }
-    serde_json::from_str(text)
-        .map_err(|error| failure(StatusCode::BAD_REQUEST, &format!("the {name} is not valid JSON: {error}")))
+    serde_json::from_str(text).map_err(|error| format!("the {name} is not valid JSON: {error}"))
+}
+
+/// Where a form's action leads: the page it changed, or a page that says why it failed.
+fn after_action<T>(outcome: Result<T, flowgrid_sdk::Error>, page_of: impl FnOnce(T) -> String) -> Response {
+    match outcome {
+        Ok(done) => Redirect::to(&page_of(done)).into_response(),
+        Err(error) => api_failure(&error),
+    }
 }
 
 fn page(markup: Markup) -> Response {

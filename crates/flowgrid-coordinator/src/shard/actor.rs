@@ -55,8 +55,8 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub catalog: BTreeMap<String, Vec<CatalogEntry>>,
     /// The next slot of each flow of the catalog that has a schedule.
     pub schedules: BTreeMap<String, Millis>,
-    /// When the next retention pass is due (with `--retain-ended-runs`).
-    pub next_prune_ms: Millis,
+    /// When the next retention pass is due; `None` without `--retain-ended-runs`.
+    pub next_prune_ms: Option<Millis>,
     pub metrics: ShardMetrics,
 }
 
@@ -78,7 +78,8 @@ pub async fn spawn_shard<S: ShardStore>(
         .subscribe(context.subjects.shard_results(shard.0))
         .await
         .map_err(|source| Error::Nats { what: "subscribe", source: Box::new(source) })?;
-    let context_prune_interval = context.retain_ended_ms.map_or(0, super::retention::prune_interval_ms);
+    let next_prune_ms =
+        context.retain_ended_ms.map(|retain_ms| now_ms() + super::retention::prune_interval_ms(retain_ms));
     let mut actor = ShardActor {
         shard,
         epoch,
@@ -90,7 +91,7 @@ pub async fn spawn_shard<S: ShardStore>(
         pinned: HashSet::new(),
         catalog: BTreeMap::new(),
         schedules: BTreeMap::new(),
-        next_prune_ms: now_ms() + context_prune_interval,
+        next_prune_ms,
         metrics: ShardMetrics::register(),
     };
     let republish = actor.reload().await?;
@@ -113,8 +114,8 @@ impl<S: ShardStore> ShardActor<S> {
         ::metrics::gauge!(metrics::SHARDS_OWNED).increment(1.0);
         loop {
             let mut batch = Batch::default();
-            let next_prune = self.context.retain_ended_ms.map(|_| self.next_prune_ms);
-            let next_due = [self.timers.next_due(), self.next_schedule_due(), next_prune].into_iter().flatten().min();
+            let next_due =
+                [self.timers.next_due(), self.next_schedule_due(), self.next_prune_ms].into_iter().flatten().min();
             let sleep = sleep_until(next_due);
             tokio::select! {
                 biased;
@@ -130,14 +131,10 @@ impl<S: ShardStore> ShardActor<S> {
                 _ = sleep => {}
             }
             self.fill_batch(&mut inbox, &mut results, &mut batch).await;
-            self.fire_due_timers(&mut batch);
-            self.start_due_schedules(now_ms());
-            if let Some(retain_ms) = self.context.retain_ended_ms {
-                let now = now_ms();
-                if now >= self.next_prune_ms {
-                    self.next_prune_ms = self.prune_ended_runs(retain_ms, now, &mut batch).await;
-                }
-            }
+            let now = now_ms();
+            self.fire_due_timers(now, &mut batch);
+            self.start_due_schedules(now);
+            self.prune_if_due(now, &mut batch).await;
             if !self.context.lease.holds(self.term) {
                 // Others may take the shard soon: nothing more is committed or sent from here.
                 warn!(shard = %self.shard, "lease not renewed in time; the shard stops serving here");
@@ -279,9 +276,8 @@ impl<S: ShardStore> ShardActor<S> {
         }
     }
 
-    fn fire_due_timers(&mut self, batch: &mut Batch) {
+    fn fire_due_timers(&mut self, now: Millis, batch: &mut Batch) {
         let room = self.context.batch_events_max.saturating_sub(batch.commands).max(1);
-        let now = now_ms();
         for (run_id, timer) in self.timers.pop_due(now, room) {
             ::metrics::counter!(metrics::TIMERS_FIRED).increment(1);
             batch.commands += 1;

@@ -30,9 +30,17 @@ pub(super) fn prune_interval_ms(retain_ms: u64) -> Millis {
 }
 
 impl<S: ShardStore> ShardActor<S> {
+    /// Runs a retention pass when one is due (never without `--retain-ended-runs`).
+    pub(super) async fn prune_if_due(&mut self, now: Millis, batch: &mut Batch) {
+        let (Some(retain_ms), Some(due)) = (self.context.retain_ended_ms, self.next_prune_ms) else { return };
+        if now >= due {
+            self.next_prune_ms = Some(self.prune_ended_runs(retain_ms, now, batch).await);
+        }
+    }
+
     /// Queues the deletion of the runs that ended before `now - retain_ms` on `batch`;
     /// returns when the next pass is due.
-    pub(super) async fn prune_ended_runs(&mut self, retain_ms: u64, now: Millis, batch: &mut Batch) -> Millis {
+    async fn prune_ended_runs(&mut self, retain_ms: u64, now: Millis, batch: &mut Batch) -> Millis {
         let cutoff = now.saturating_sub(retain_ms);
         // Only runs created before the cutoff can have ended before it.
         let range = KeyRange { begin: keys::created_range().begin, end: keys::created(cutoff, &RunId("".into())) };

@@ -246,8 +246,10 @@ impl<S: ShardStore> ShardActor<S> {
         };
         let applied = match active.run.signal_refused(&step) {
             None => self.apply_event(&run_id, Event::SignalReceived { step: step.clone(), data }, now_ms(), batch),
-            Some(SignalRefused::Over { .. }) => false,
-            Some(refused) => return Err(signal_refusal(&run_id, &step, &refused)),
+            Some(refused) => match signal_refusal(&run_id, &step, &refused) {
+                Some(error) => return Err(error),
+                None => false,
+            },
         };
         // A run the signal ended stays in memory until its batch commits.
         let status = self.runs.get(&run_id).map_or(RunStatus::Succeeded, |active| active.run.status());
@@ -334,9 +336,10 @@ impl<S: ShardStore> ShardActor<S> {
     }
 }
 
-/// Why a signal is refused, and what to do about it.
-fn signal_refusal(run_id: &RunId, step: &str, refused: &SignalRefused) -> ApiError {
-    match refused {
+/// Why a signal is refused, and what to do about it; `None` for a step that is over, whose
+/// repeated signal is answered `applied: false` instead.
+fn signal_refusal(run_id: &RunId, step: &str, refused: &SignalRefused) -> Option<ApiError> {
+    Some(match refused {
         SignalRefused::NoSuchStep => ApiError::new(
             ErrorCode::NotFound,
             format!("the flow of run {run_id} has no step `{step}`: name a signal step of it"),
@@ -352,10 +355,8 @@ fn signal_refusal(run_id: &RunId, step: &str, refused: &SignalRefused) -> ApiErr
                  signal once it waits (`flowgrid run get` shows it `running`)"
             ),
         ),
-        SignalRefused::Over { status } => {
-            ApiError::new(ErrorCode::Conflict, format!("step `{step}` of run {run_id} is over ({})", status.as_str()))
-        }
-    }
+        SignalRefused::Over { .. } => return None,
+    })
 }
 
 // The in-flight gauge counts an attempt from its dispatch until its timeout leaves the

@@ -60,6 +60,9 @@ impl<S: ShardStore> ShardActor<S> {
     /// Starts the run of every slot due by `now` and arms each schedule's next slot after
     /// `now` (slots missed meanwhile are skipped).
     pub(super) fn start_due_schedules(&mut self, now: Millis) {
+        if self.next_schedule_due().is_none_or(|due| due > now) {
+            return;
+        }
         let due: Vec<(String, Millis)> =
             self.schedules.iter().filter(|(_, &slot)| slot <= now).map(|(flow, &slot)| (flow.clone(), slot)).collect();
         for (flow, slot) in due {

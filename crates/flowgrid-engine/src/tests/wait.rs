@@ -71,7 +71,11 @@ steps:
 
 #[test]
 fn a_duration_that_is_not_a_number_of_milliseconds_fails_the_run() {
-    for (bad, found) in [(json!("soon"), "string"), (json!(-5), "-5"), (json!(1e15), "number")] {
+    for (bad, found) in [
+        (json!("soon"), "gave a string (\"soon\")"),
+        (json!(-5), "gave a number (-5)"),
+        (json!(1e15), "gave a number (1"),
+    ] {
         let mut harness = Harness::start(COOL_DOWN, json!({}), 0);
         harness.succeed(10, "fetch", None, 1, json!({ "retry_after_ms": bad }));
         let view = harness.run.view();
