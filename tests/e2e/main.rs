@@ -21,6 +21,7 @@ mod retention;
 mod schedules;
 mod signals;
 mod store_failure;
+mod subflows;
 mod ui;
 
 use std::time::Duration;

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
-use flowgrid_model::limits::nesting_depth;
-use flowgrid_model::{parse_definition, Limits, RunId, ShardId};
+use flowgrid_model::limits::{nesting_depth, SUBFLOW_DEPTH_MAX};
+use flowgrid_model::{parse_definition, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, CancelRun, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun, ListFlows, ListRuns, Reply,
-    RunList, RunStarted, RunsStarted, SignalRun, StartRun, StartRuns, START_MANY_RUNS_MAX,
+    ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun,
+    ListFlows, ListRuns, Reply, RunList, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, StartRuns,
+    START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -34,7 +35,7 @@ const LIST_LIMIT_MAX: u32 = 1_000;
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 /// Every API verb.
-const VERBS: [&str; 9] = [
+const VERBS: [&str; 11] = [
     "flow.deploy",
     "flow.list",
     "flow.get",
@@ -44,6 +45,8 @@ const VERBS: [&str; 9] = [
     "run.list",
     "run.cancel",
     "run.signal",
+    "run.start_child",
+    "run.child_ended",
 ];
 
 /// Serves API requests by asking the owners of the shards concerned.
@@ -138,8 +141,13 @@ impl Api {
             "flow.get" => call(encoding, payload, |request: GetFlow| self.get_flow(request)).await,
             "run.start" => {
                 let request_bytes = msgpack_request_bytes(encoding, payload);
-                call(encoding, payload, |request| self.start_run(request, None, request_bytes)).await
+                call(encoding, payload, |request| self.start_run(request, None, request_bytes, None)).await
             }
+            "run.start_child" => {
+                let request_bytes = msgpack_request_bytes(encoding, payload);
+                call(encoding, payload, |request| self.start_child(request, request_bytes)).await
+            }
+            "run.child_ended" => call(encoding, payload, |request| self.child_ended(request)).await,
             "run.start_many" => {
                 let request_bytes = msgpack_request_bytes(encoding, payload);
                 call(encoding, payload, |request| self.start_runs(request, request_bytes)).await
@@ -225,12 +233,13 @@ impl Api {
     /// Starts a run. `default_key` is the idempotency key used when the request has none
     /// (the durable submit path passes the stream sequence, so a redelivery starts nothing new).
     /// `request_bytes` is the size of the request when it came as MessagePack (see
-    /// [`msgpack_request_bytes`]).
+    /// [`msgpack_request_bytes`]). `parent` is set for the child run of a subflow step.
     pub async fn start_run(
         &self,
         request: StartRun,
         default_key: Option<String>,
         request_bytes: Option<usize>,
+        parent: Option<ParentRef>,
     ) -> Result<RunStarted, ApiError> {
         self.check_payload("input", &request.input, request_bytes)?;
         let key = request.idempotency_key.clone().or(default_key);
@@ -254,6 +263,7 @@ impl Api {
             version: plan.version,
             input: request.input,
             idempotent: key.is_some(),
+            parent,
         };
         self.ask(shard, start, |reply| match reply {
             ShardReply::Started(started) => Ok(started),
@@ -272,9 +282,38 @@ impl Api {
                 format!("runs must hold 1 to {START_MANY_RUNS_MAX} starts, it holds {count}; split larger batches"),
             ));
         }
-        let starts = request.runs.into_iter().map(|start| self.start_run(start, None, request_bytes));
+        let starts = request.runs.into_iter().map(|start| self.start_run(start, None, request_bytes, None));
         let results = futures::future::join_all(starts).await.into_iter().map(Reply::from).collect();
         Ok(RunsStarted { results })
+    }
+
+    /// Starts the child run of a subflow step, with the idempotency key that follows from
+    /// its parent: sent again, it returns the same child.
+    async fn start_child(&self, request: StartChildRun, request_bytes: Option<usize>) -> Result<RunStarted, ApiError> {
+        let StartChildRun { flow, version, input, parent } = request;
+        if parent.depth > SUBFLOW_DEPTH_MAX {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "sub-flows nest {SUBFLOW_DEPTH_MAX} deep at most; step `{}` of run {} would start a run of \
+                     flow `{flow}` {} deep: does the flow start itself without end?",
+                    parent.step, parent.run_id, parent.depth
+                ),
+            ));
+        }
+        let key = ParentRef::child_key(&parent.run_id, &parent.step);
+        let start = StartRun { flow, version, input, idempotency_key: Some(key) };
+        self.start_run(start, None, request_bytes, Some(parent)).await
+    }
+
+    /// Hands a child run's end to the shard of its parent run.
+    async fn child_ended(&self, ended: ChildRunEnded) -> Result<ChildEndTaken, ApiError> {
+        let shard = self.router.shard_of(ended.parent.as_str());
+        self.ask(shard, ShardRequest::ChildEnded(ended), |reply| match reply {
+            ShardReply::ChildEndTaken(taken) => Ok(taken),
+            other => Err(other),
+        })
+        .await
     }
 
     /// Refuses a run input or signal data (`what`) over the payload limit or nested too

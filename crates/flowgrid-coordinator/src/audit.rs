@@ -559,6 +559,7 @@ mod tests {
             input: Cow::Owned(json!({"value": 1})),
             now_ms: 1_000,
             epoch: start_epoch,
+            parent: None,
         };
         batch.set_chunked(&keys::history(run_id, 0), &records::encode(&start), &limits);
         for (seq, event) in events {
@@ -575,6 +576,7 @@ mod tests {
                 error: None,
                 created_ms: 1_000,
                 ended_ms: Some(2_000),
+                parent: None,
                 steps: Vec::new(),
             };
             batch.set_chunked(&keys::snapshot(run_id), &records::encode(&view), &limits);
@@ -699,7 +701,14 @@ mod tests {
         write_run(&mut batch, &ended_active, RunStatus::Succeeded, Some(json!(1)), &[], 1);
         batch.set(keys::active(&ended_active), Vec::new());
         batch.set(keys::active(&indexed_only), Vec::new());
-        let start = StartRecord { flow: "f".into(), version: 1, input: Cow::Owned(json!(1)), now_ms: 1, epoch: 1 };
+        let start = StartRecord {
+            flow: "f".into(),
+            version: 1,
+            input: Cow::Owned(json!(1)),
+            now_ms: 1,
+            epoch: 1,
+            parent: None,
+        };
         batch.set_chunked(&keys::history(&orphan_history, 0), &records::encode(&start), &StoreLimits::default());
         commit(&dir.0, 0, batch).await;
 

@@ -113,6 +113,8 @@ pub async fn run_with_store<S: Store>(
         active_runs: AtomicU64::new(0),
         lease: lease.clone(),
         retain_ended_ms: Some(config.retain_ended_runs.as_millis() as u64).filter(|&ms| ms > 0),
+        client: flowgrid_sdk::Client::new(nats.clone(), subjects.prefix()),
+        messages_in_flight: Arc::new(tokio::sync::Semaphore::new(crate::shard::MESSAGES_IN_FLIGHT_MAX)),
     });
     let table = Arc::new(ShardTable::new(config.shards));
     let router = Arc::new(Router::new(context.clone(), table.clone(), config.shards));

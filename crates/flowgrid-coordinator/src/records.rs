@@ -9,7 +9,8 @@
 use std::borrow::Cow;
 
 use flowgrid_engine::{Event, RunStatus};
-use flowgrid_model::{FlowDefinition, Millis};
+use flowgrid_model::{FlowDefinition, Millis, ParentRef, RunId};
+use flowgrid_proto::ChildRunEnded;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,6 +29,9 @@ pub struct StartRecord<'a> {
     /// goes down along a run's history).
     #[serde(default)]
     pub epoch: u64,
+    /// The subflow step that started the run, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Cow<'a, ParentRef>>,
 }
 
 /// History records 1..: one accepted event each.
@@ -56,6 +60,17 @@ pub struct RunRecord {
 pub struct CatalogRecord {
     pub deployed_ms: Millis,
     pub definition: FlowDefinition,
+}
+
+/// The `outbox` key: a message for another run's shard, written in the commit that
+/// decided it and deleted once its receiver took it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxRecord {
+    /// A child run ended: its parent's subflow step is to take the end.
+    ChildEnded(ChildRunEnded),
+    /// A parent ended while its child run went on: the child is to be cancelled.
+    CancelChild { child: RunId, reason: String },
 }
 
 /// Bytes reserved up front for an encoded record: most records fit, so encoding them

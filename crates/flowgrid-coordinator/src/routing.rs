@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flowgrid_engine::RunView;
-use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, RunId, ShardId};
+use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, Reply, RunCancelled, RunSignalled,
-    RunStarted, RunSummary,
+    ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, Reply,
+    RunCancelled, RunSignalled, RunStarted, RunSummary,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,9 @@ pub enum ShardRequest {
         version: u32,
         input: Value,
         idempotent: bool,
+        /// Set for the child run of a subflow step.
+        #[serde(default)]
+        parent: Option<ParentRef>,
     },
     Cancel {
         run_id: RunId,
@@ -71,6 +74,8 @@ pub enum ShardRequest {
         version: Option<u32>,
     },
     ListFlows,
+    /// A child run's end, for its parent run's shard.
+    ChildEnded(ChildRunEnded),
 }
 
 /// The answer to a [`ShardRequest`], one variant per request.
@@ -85,6 +90,7 @@ pub enum ShardReply {
     Deployed(FlowDeployed),
     Flow(Box<FlowInfo>),
     Flows(Vec<FlowSummary>),
+    ChildEndTaken(ChildEndTaken),
 }
 
 /// The shards this coordinator serves right now, by shard number.
@@ -215,9 +221,9 @@ impl Router {
     /// Runs `request` on a shard served here.
     async fn execute(&self, handle: &ShardHandle, request: ShardRequest) -> Result<ShardReply, ApiError> {
         match request {
-            ShardRequest::Start { run_id, flow, version, input, idempotent } => {
+            ShardRequest::Start { run_id, flow, version, input, idempotent, parent } => {
                 let plan = Box::pin(self.plan(&flow, Some(version))).await?;
-                let start = StartCommand { run_id, plan, input, idempotent };
+                let start = StartCommand { run_id, plan, input, idempotent, parent };
                 handle.ask(|reply| Command::Start { start, reply }).await.map(ShardReply::Started)
             }
             ShardRequest::Cancel { run_id, reason } => {
@@ -240,6 +246,9 @@ impl Router {
                 .await
                 .map(|info| ShardReply::Flow(Box::new(info))),
             ShardRequest::ListFlows => handle.ask(|reply| Command::ListFlows { reply }).await.map(ShardReply::Flows),
+            ShardRequest::ChildEnded(ended) => {
+                handle.ask(|reply| Command::ChildEnded { ended, reply }).await.map(ShardReply::ChildEndTaken)
+            }
         }
     }
 }
@@ -321,6 +330,7 @@ mod tests {
             version: 3,
             input: serde_json::json!({"n": 1, "tags": ["a"]}),
             idempotent: true,
+            parent: Some(ParentRef { run_id: RunId("p-1".into()), step: "call".into(), depth: 1 }),
         };
         let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
         let decoded: ShardRequest = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();

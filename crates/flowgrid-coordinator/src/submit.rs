@@ -65,7 +65,7 @@ async fn start_submitted(api: &Api, message: async_nats::jetstream::Message) {
     };
     let flow = request.flow.clone();
     let request_bytes = msgpack_request_bytes(encoding, &message.payload);
-    match api.start_run(request, Some(format!("submit-{sequence}")), request_bytes).await {
+    match api.start_run(request, Some(format!("submit-{sequence}")), request_bytes, None).await {
         Ok(started) => {
             debug!(run = %started.run_id, flow = %flow, "submitted run started");
             let _ = message.double_ack().await;

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use flowgrid_model::{AttemptId, Millis, RunId};
+
+use crate::RunStatus;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -22,6 +24,17 @@ pub enum Event {
     CancelRequested { reason: String },
     /// A signal for signal step `step` came from outside the run, carrying `data`.
     SignalReceived { step: String, data: Value },
+    /// Child run `child`, started by subflow step `step`, ended with `status` (and its
+    /// output or error); also sent when the child could not be started at all.
+    ChildEnded {
+        step: String,
+        child: RunId,
+        status: RunStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<TaskError>,
+    },
 }
 
 /// Why a run does not take a signal for a step: see [`crate::Run::signal_refused`].
@@ -98,6 +111,22 @@ pub struct TaskDispatch {
     pub priority: u8,
 }
 
+/// The child run a subflow step starts: the driver starts it through the API with the
+/// idempotency key [`flowgrid_model::ParentRef::child_key`], so starting it again (after
+/// a reload) starts nothing new.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChildStart {
+    /// The child's run id, which follows from the parent, the step and the flow.
+    pub child: RunId,
+    /// The parent run and its subflow step.
+    pub parent: RunId,
+    pub step: String,
+    pub flow: String,
+    /// `None`: the latest version.
+    pub version: Option<u32>,
+    pub input: Arc<Value>,
+}
+
 /// What the driver must do, in order, after persisting the event behind it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
@@ -108,6 +137,11 @@ pub enum Effect {
     /// Forget a timer armed at `due_ms` (it would be ignored anyway; this keeps the wheel
     /// small).
     CancelTimer { run_id: RunId, timer: TimerKey, due_ms: Millis },
+    /// Start a subflow step's child run.
+    StartChild(ChildStart),
+    /// Cancel a child run that is still going: its parent ended (emitted before
+    /// `RunFinished`).
+    CancelChild { child: RunId, reason: String },
     /// The run reached its terminal status (emitted exactly once per run).
     RunFinished { run_id: RunId, status: crate::RunStatus },
 }

@@ -20,7 +20,7 @@ mod event;
 mod run;
 mod view;
 
-pub use event::{Applied, Effect, Event, SignalRefused, TaskDispatch, TaskError, TimerKey};
+pub use event::{Applied, ChildStart, Effect, Event, SignalRefused, TaskDispatch, TaskError, TimerKey};
 pub use run::Run;
 pub use view::{ItemCounts, RunStatus, RunView, RunViewRef, StepStatus, StepView};
 

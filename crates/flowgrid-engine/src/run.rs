@@ -2,7 +2,8 @@
 //!
 //! The submodules split the transitions by idea: [`steps`] starts a ready step by kind,
 //! [`map`] fans a map step out and in, [`results`] applies results and timers to open
-//! attempts, [`signals`] takes signals from outside, [`resolve`] propagates a resolved
+//! attempts, [`signals`] takes signals from outside, [`subflows`] starts child runs and
+//! takes their ends, [`resolve`] propagates a resolved
 //! step along its edges, [`retry`] computes backoff delays, [`scope`] evaluates
 //! expressions.
 //!
@@ -15,8 +16,9 @@
 //! - `unresolved` counts the steps that have not resolved (pending, running, retrying);
 //! - `agenda` is empty between two calls.
 //!
-//! On a terminal transition the run emits a `CancelTimer` for every armed timer, then
-//! exactly one `RunFinished`; afterwards it arms nothing and accepts no event.
+//! On a terminal transition the run emits a `CancelTimer` for every armed timer, a
+//! `CancelChild` for every child run still going, then exactly one `RunFinished`;
+//! afterwards it arms nothing and accepts no event.
 
 mod map;
 mod resolve;
@@ -26,11 +28,12 @@ mod scope;
 mod signals;
 mod state;
 mod steps;
+mod subflows;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, PlanStep, PlanStepKind, RunId, StepIndex};
+use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex};
 use serde_json::Value;
 
 use crate::view::{RunViewRef, StepViewRef};
@@ -50,6 +53,8 @@ pub struct Run {
     error: Option<Box<TaskError>>,
     created_ms: Millis,
     ended_ms: Option<Millis>,
+    /// The subflow step that started this run, if one did (boxed: most runs have none).
+    parent: Option<Box<ParentRef>>,
     /// By step index.
     steps: Vec<StepState>,
     /// Steps not resolved yet; the run succeeds by itself when this reaches zero.
@@ -88,6 +93,7 @@ impl Run {
             error: None,
             created_ms: now,
             ended_ms: None,
+            parent: None,
             steps,
             agenda: VecDeque::new(),
         };
@@ -116,6 +122,9 @@ impl Run {
             Event::TaskFailed { attempt, error } => self.on_task_failed(attempt, error, &mut context),
             Event::TimerFired { timer } => self.on_timer(timer, &mut context),
             Event::SignalReceived { step, data } => self.on_signal(step, data, &mut context),
+            Event::ChildEnded { step, child, status, output, error } => {
+                self.on_child_ended(step, child, *status, output.as_ref(), error.as_ref(), &mut context)
+            }
             Event::CancelRequested { reason } => {
                 let error = TaskError { code: "cancelled".to_owned(), message: reason.clone(), retryable: false };
                 self.finish(RunStatus::Cancelled, None, Some(error), &mut context);
@@ -188,6 +197,17 @@ impl Run {
         &self.run_id
     }
 
+    /// Records the subflow step that started this run (right after [`Run::start`], and
+    /// before its effects are carried out): its end is reported there.
+    pub fn set_parent(&mut self, parent: ParentRef) {
+        self.parent = Some(Box::new(parent));
+    }
+
+    /// The subflow step that started this run, if one did.
+    pub fn parent(&self) -> Option<&ParentRef> {
+        self.parent.as_deref()
+    }
+
     /// When the run started.
     pub fn created_ms(&self) -> Millis {
         self.created_ms
@@ -245,6 +265,7 @@ impl Run {
                     Work::Map(map) => Some(map.counts()),
                     _ => None,
                 },
+                child_run: self.started_child(step, state),
             })
             .collect();
         RunViewRef {
@@ -257,6 +278,7 @@ impl Run {
             error: self.error.as_deref(),
             created_ms: self.created_ms,
             ended_ms: self.ended_ms,
+            parent: self.parent.as_deref(),
             steps,
         }
     }
@@ -327,6 +349,7 @@ impl Run {
         self.output = output;
         self.error = error.map(Box::new);
         self.ended_ms = Some(context.now);
+        self.cancel_children(status, context);
         for state in &mut self.steps {
             if state.is_open() {
                 cancel_step(state, context.now);
@@ -369,7 +392,7 @@ fn cancel_step(state: &mut StepState, now: Millis) {
 /// abandons its active items.
 fn abandon(work: Work) -> Work {
     match work {
-        Work::Idle | Work::Task(_) | Work::Wait { .. } | Work::Signal { .. } => Work::Idle,
+        Work::Idle | Work::Task(_) | Work::Wait { .. } | Work::Signal { .. } | Work::Child { .. } => Work::Idle,
         Work::Map(mut map) => {
             map.items.clear();
             map.active = 0;
@@ -388,6 +411,7 @@ fn kind_name(kind: &PlanStepKind) -> &'static str {
         PlanStepKind::Fail { .. } => "fail",
         PlanStepKind::Wait(_) => "wait",
         PlanStepKind::Signal { .. } => "signal",
+        PlanStepKind::Subflow(_) => "subflow",
     }
 }
 

@@ -1,6 +1,6 @@
 //! Read-only views of a run, for the API and for final snapshots.
 
-use flowgrid_model::{Millis, RunId};
+use flowgrid_model::{Millis, ParentRef, RunId};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -105,6 +105,9 @@ pub struct RunView {
     /// When it reached its terminal status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_ms: Option<Millis>,
+    /// The subflow step that started this run, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
     /// In definition order.
     pub steps: Vec<StepView>,
 }
@@ -138,6 +141,9 @@ pub struct StepView {
     /// For a map: items in all, finished, failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<ItemCounts>,
+    /// For a subflow step that started: its child run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_run: Option<RunId>,
 }
 
 /// A [`RunView`] borrowed from its run ([`Run::view_ref`](crate::Run::view_ref)): the
@@ -157,6 +163,8 @@ pub struct RunViewRef<'a> {
     pub(crate) created_ms: Millis,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) ended_ms: Option<Millis>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) parent: Option<&'a ParentRef>,
     pub(crate) steps: Vec<StepViewRef<'a>>,
 }
 
@@ -179,6 +187,8 @@ pub(crate) struct StepViewRef<'a> {
     pub(crate) caught: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) items: Option<ItemCounts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) child_run: Option<RunId>,
 }
 
 impl RunViewRef<'_> {
@@ -194,6 +204,7 @@ impl RunViewRef<'_> {
             error: self.error.cloned(),
             created_ms: self.created_ms,
             ended_ms: self.ended_ms,
+            parent: self.parent.cloned(),
             steps: self.steps.iter().map(StepViewRef::to_view).collect(),
         }
     }
@@ -212,6 +223,7 @@ impl StepViewRef<'_> {
             error: self.error.cloned(),
             caught: self.caught,
             items: self.items,
+            child_run: self.child_run.clone(),
         }
     }
 }

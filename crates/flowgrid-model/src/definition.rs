@@ -64,6 +64,7 @@ pub enum Step {
     Fail(FailStep),
     Wait(WaitStep),
     Signal(SignalStep),
+    Subflow(SubflowStep),
 }
 
 /// Work for a worker pool.
@@ -278,6 +279,28 @@ pub struct SignalStep {
     pub catch: Vec<Catch>,
 }
 
+/// Runs another flow as a step and waits for it: the child run's output is the step's
+/// output; a child that fails, times out or is cancelled fails the step with its error
+/// (which a `catch` may take). Cancelling the parent cancels the child.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubflowStep {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// The flow the child run runs.
+    pub flow: String,
+    /// Its version; default: the latest when the step starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// Expression giving the child run's input; default: this run's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// Where a failed child goes instead of failing the run, by the child's error code.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub catch: Vec<Catch>,
+}
+
 impl Step {
     pub fn id(&self) -> &str {
         match self {
@@ -289,6 +312,7 @@ impl Step {
             Step::Fail(step) => &step.id,
             Step::Wait(step) => &step.id,
             Step::Signal(step) => &step.id,
+            Step::Subflow(step) => &step.id,
         }
     }
 
@@ -302,6 +326,7 @@ impl Step {
             Step::Fail(step) => &step.after,
             Step::Wait(step) => &step.after,
             Step::Signal(step) => &step.after,
+            Step::Subflow(step) => &step.after,
         }
     }
 
@@ -316,7 +341,8 @@ impl Step {
             | Step::Succeed(_)
             | Step::Fail(_)
             | Step::Wait(_)
-            | Step::Signal(_) => None,
+            | Step::Signal(_)
+            | Step::Subflow(_) => None,
         }
     }
 
@@ -331,6 +357,7 @@ impl Step {
             Step::Fail(_) => "fail",
             Step::Wait(_) => "wait",
             Step::Signal(_) => "signal",
+            Step::Subflow(_) => "subflow",
         }
     }
 }

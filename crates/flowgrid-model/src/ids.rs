@@ -38,6 +38,29 @@ impl RunId {
     }
 }
 
+/// The run and step a child run reports its end to (set on runs a `subflow` step starts).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ParentRef {
+    pub run_id: RunId,
+    pub step: String,
+    /// 1 for the child of a run nobody started as a child, one more per level below.
+    pub depth: u32,
+}
+
+impl ParentRef {
+    /// The idempotency key the child run of step `step` of run `parent` is started with:
+    /// the child's run id follows from it (see [`ParentRef::child_run_id`]), so starting it
+    /// again starts nothing new.
+    pub fn child_key(parent: &RunId, step: &str) -> String {
+        format!("subflow/{parent}/{step}")
+    }
+
+    /// The run id of the child run of flow `flow` that step `step` of run `parent` starts.
+    pub fn child_run_id(flow: &str, parent: &RunId, step: &str) -> RunId {
+        RunId::from_idempotency_key(flow, &ParentRef::child_key(parent, step))
+    }
+}
+
 /// Namespace for idempotency-derived run ids (fixed forever: changing it would change ids).
 const RUN_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1e_2d8a_4c4b_4f1f_9a3e_5b7c_2d10_a9e4);
 

@@ -19,5 +19,5 @@ pub use error::{DefinitionError, Issue, Result};
 pub use expr::{Evaluator, Expr, ExprError, Scope};
 pub use ids::*;
 pub use limits::Limits;
-pub use plan::{FlowPlan, PlanStep, PlanStepKind, StepIndex, WaitFor};
+pub use plan::{FlowPlan, PlanStep, PlanStepKind, StepIndex, SubflowSpec, WaitFor};
 pub use validate::{parse_definition, validate};

@@ -39,6 +39,10 @@ impl Default for Limits {
     }
 }
 
+/// How deep sub-flows may nest: a run started by a `subflow` step of a run started by a
+/// `subflow` step ... A flow that calls itself without end is stopped here.
+pub const SUBFLOW_DEPTH_MAX: u32 = 8;
+
 /// The longest time a definition may name, 366 days (a `wait`, a schedule's `every_ms`):
 /// anything longer is a mistake in the definition, or in the data an expression reads.
 pub const DURATION_MS_MAX: u64 = 366 * 24 * 60 * 60 * 1000;

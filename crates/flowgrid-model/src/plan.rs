@@ -125,6 +125,18 @@ pub enum PlanStepKind {
         timeout_ms: Option<u64>,
         catch: Vec<CatchRule>,
     },
+    Subflow(SubflowSpec),
+}
+
+/// A step that runs another flow as a child run.
+#[derive(Debug)]
+pub struct SubflowSpec {
+    pub flow: String,
+    /// `None`: the latest version when the step starts.
+    pub version: Option<u32>,
+    /// Input expression; `None` means the run input.
+    pub input: Option<Expr>,
+    pub catch: Vec<CatchRule>,
 }
 
 /// How long a `wait` step waits.
@@ -202,11 +214,12 @@ impl FlowPlan {
 
 impl PlanStepKind {
     /// The catch that handles `code` for a step that can fail on its own (task, map,
-    /// signal), with its position.
+    /// signal, subflow), with its position.
     pub fn catch_for(&self, code: &str) -> Option<(u16, &CatchRule)> {
         let catch = match self {
             PlanStepKind::Task(spec) | PlanStepKind::Map { spec, .. } => &spec.catch,
             PlanStepKind::Signal { catch, .. } => catch,
+            PlanStepKind::Subflow(spec) => &spec.catch,
             _ => return None,
         };
         catch.iter().enumerate().find(|(_, rule)| rule.handles(code)).map(|(position, rule)| (position as u16, rule))

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use flowgrid_engine::{RunStatus, TaskError};
-use flowgrid_model::{AttemptId, FlowDefinition, Issue, Millis, RunId};
+use flowgrid_model::{AttemptId, FlowDefinition, Issue, Millis, ParentRef, RunId};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -252,6 +252,44 @@ pub struct RunSignalled {
     pub applied: bool,
     /// The run's status after the request.
     pub status: RunStatus,
+}
+
+/// `<prefix>.api.run.start_child`: the start of the child run of a subflow step, sent by
+/// the coordinator of the parent run. It is a `run.start` whose idempotency key follows
+/// from the parent ([`ParentRef::child_key`]): sending it again starts nothing new. The
+/// reply is a `RunStarted`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StartChildRun {
+    pub flow: String,
+    /// Version to run; the latest when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    #[serde(default)]
+    pub input: Value,
+    /// The subflow step the child reports its end to.
+    pub parent: ParentRef,
+}
+
+/// `<prefix>.api.run.child_ended`: a child run ended (or could not be started); sent by
+/// the coordinator of the child until the parent's coordinator has taken it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChildRunEnded {
+    /// The parent run and its subflow step.
+    pub parent: RunId,
+    pub step: String,
+    pub child: RunId,
+    pub status: RunStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChildEndTaken {
+    /// `true`: the step took this end. `false`: it had taken it already, or the parent
+    /// ended; nothing changed.
+    pub applied: bool,
 }
 
 /// Published as JSON on `<prefix>.runs.ended.<flow>` after the commit that ended a run of

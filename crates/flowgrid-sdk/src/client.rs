@@ -21,9 +21,9 @@ use tracing::debug;
 use flowgrid_engine::RunView;
 use flowgrid_model::RunId;
 use flowgrid_proto::{
-    decode, encode, CancelRun, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList, GetFlow, GetRun, ListFlows,
-    ListRuns, ProtoError, Reply, RunCancelled, RunList, RunSignalled, RunStarted, RunsStarted, SignalRun, StartRun,
-    Subjects, CONTENT_TYPE_HEADER,
+    decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
+    GetFlow, GetRun, ListFlows, ListRuns, ProtoError, Reply, RunCancelled, RunList, RunSignalled, RunStarted,
+    RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -211,6 +211,18 @@ impl Client {
     ) -> Result<RunSignalled> {
         let signal = SignalRun { run_id: run_id.clone(), step: step.into(), data };
         self.call("run.signal", &signal, OnTimeout::Retry).await
+    }
+
+    /// Starts the child run of a subflow step (coordinators send this; a repeat returns the
+    /// same child with `created: false`).
+    pub async fn start_child(&self, start: &StartChildRun) -> Result<RunStarted> {
+        self.call("run.start_child", start, OnTimeout::Retry).await
+    }
+
+    /// Reports a child run's end to its parent (coordinators send this; a repeat answers
+    /// `applied: false`).
+    pub async fn child_ended(&self, ended: &ChildRunEnded) -> Result<ChildEndTaken> {
+        self.call("run.child_ended", ended, OnTimeout::Retry).await
     }
 
     /// Polls the run (every 20 ms, slowing to every 500 ms) until it ends, and returns it.

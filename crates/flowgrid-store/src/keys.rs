@@ -10,6 +10,7 @@
 //! | history | `("hist", run_id, seq)` + chunk | events, chunked |
 //! | created | `("created", created_ms, run_id)` | listing index of ended runs, newest last |
 //! | snapshot | `("snap", run_id)` + chunk | final view of an ended run, chunked |
+//! | outbox | `("outbox", run_id, what)` + chunk | a message about a run for another shard, until taken |
 //!
 //! Invariants:
 //! - Every key is a packed tuple whose first element names its kind, so the kinds never
@@ -161,6 +162,17 @@ pub fn snapshot_range() -> KeyRange {
 pub fn decode_snapshot(key: &[u8]) -> Result<RunId> {
     let (_, run_id): (String, String) = decode("snap", "snapshot", key)?;
     Ok(RunId(run_id.into()))
+}
+
+/// The record key of message `what` about run `run_id` in the shard's outbox:
+/// `("outbox", run_id, what)`. Chunked.
+pub fn outbox(run_id: &RunId, what: &str) -> Vec<u8> {
+    packed(&("outbox", run_id.as_str(), what))
+}
+
+/// Every chunk of every message in the shard's outbox.
+pub fn outbox_range() -> KeyRange {
+    tuple_range(&("outbox",))
 }
 
 /// Room for a typical key: a kind name, a run id and an integer or two.

@@ -214,6 +214,9 @@ fn render_run(view: &RunView) -> String {
     text.push_str(&format!("run       {}\n", view.run_id));
     text.push_str(&format!("flow      {}@{}\n", view.flow, view.version));
     text.push_str(&format!("status    {}\n", view.status.as_str()));
+    if let Some(parent) = &view.parent {
+        text.push_str(&format!("parent    {} (step {})\n", parent.run_id, parent.step));
+    }
     text.push_str(&format!("created   {}\n", utc_time(view.created_ms)));
     let duration = match view.ended_ms {
         Some(ended) => duration_ms(ended.saturating_sub(view.created_ms)),
@@ -224,6 +227,9 @@ fn render_run(view: &RunView) -> String {
         text.push('\n');
         text.push_str(&step_table(&view.steps).render());
         for step in &view.steps {
+            if let Some(child) = &step.child_run {
+                text.push_str(&format!("step {} runs child run {child}\n", step.id));
+            }
             if let Some(error) = &step.error {
                 let caught = if step.caught { " (caught)" } else { "" };
                 text.push_str(&format!("step {} failed{caught}: {}: {}\n", step.id, error.code, error.message));
@@ -258,6 +264,7 @@ fn step_table(steps: &[StepView]) -> Table {
 #[cfg(test)]
 mod tests {
     use flowgrid_engine::{ItemCounts, StepStatus, TaskError};
+    use flowgrid_model::ParentRef;
 
     use super::*;
 
@@ -274,10 +281,13 @@ mod tests {
             error: None,
             caught: false,
             items,
+            child_run: None,
         };
         let mut fan_out = step("fan", "map", Some(ItemCounts { total: 10, succeeded: 9, failed: 1, running: 0 }));
         fan_out.error = Some(TaskError { code: "boom".into(), message: "item 3".into(), retryable: true });
         fan_out.caught = true;
+        let mut child = step("encode", "subflow", None);
+        child.child_run = Some(RunId("c-1".into()));
         let view = RunView {
             run_id: RunId("r-1".into()),
             flow: "demo".into(),
@@ -288,14 +298,17 @@ mod tests {
             error: None,
             created_ms: 0,
             ended_ms: Some(1_500),
-            steps: vec![step("first", "task", None), fan_out],
+            parent: Some(ParentRef { run_id: RunId("p-1".into()), step: "call".into(), depth: 1 }),
+            steps: vec![step("first", "task", None), fan_out, child],
         };
         let text = render_run(&view);
         assert!(text.contains("flow      demo@3\n"), "{text}");
         assert!(text.contains("duration  1.5s\n"), "{text}");
-        assert!(text.contains("first  task  succeeded           2         42"), "{text}");
+        assert!(text.contains("first   task     succeeded           2         42"), "{text}");
         assert!(text.contains("10/10 (1 failed)"), "{text}");
         assert!(text.contains("step fan failed (caught): boom: item 3"), "{text}");
+        assert!(text.contains("parent    p-1 (step call)\n"), "{text}");
+        assert!(text.contains("step encode runs child run c-1\n"), "{text}");
         assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");
     }
 

@@ -196,6 +196,7 @@ fn branch_targets(step: &Step) -> Vec<(&str, String)> {
         Step::Task(task) => task.catch.as_slice(),
         Step::Map(map) => map.catch.as_slice(),
         Step::Signal(signal) => signal.catch.as_slice(),
+        Step::Subflow(subflow) => subflow.catch.as_slice(),
         Step::Choice(choice) => {
             let mut targets: Vec<(&str, String)> = choice
                 .choices

@@ -272,6 +272,12 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
             h1 { "Run " code { (view.run_id) } " " (status_badge(view.status.as_str())) }
             table {
                 tr { th { "Flow" } td { a href=(format!("/flows/{}?version={}", view.flow, view.version)) { (view.flow) "@" (view.version) } } }
+                @if let Some(parent) = &view.parent {
+                    tr {
+                        th { "Parent" }
+                        td { a href=(format!("/runs/{}", parent.run_id)) { code { (parent.run_id) } } " (step " (parent.step) ")" }
+                    }
+                }
                 tr { th { "Created (UTC)" } td { (utc_time(view.created_ms)) } }
                 tr {
                     th { "Duration" }
@@ -321,6 +327,9 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                         td { (step.items.as_ref().map(item_counts).unwrap_or_default()) }
                         td { (step_duration(step, now)) }
                         td { (timeline(step, view.created_ms, total, now)) }
+                    }
+                    @if let Some(child) = &step.child_run {
+                        tr { td {} td colspan="6" { "Child run " a href=(format!("/runs/{child}")) { code { (child) } } } }
                     }
                     @if let Some(error) = &step.error {
                         tr { td {} td colspan="6" { span.failed { (error.code) } ": " (error.message) } }

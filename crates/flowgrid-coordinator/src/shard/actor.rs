@@ -58,6 +58,10 @@ pub(super) struct ShardActor<S: ShardStore> {
     /// When the next retention pass is due; `None` without `--retain-ended-runs`.
     pub next_prune_ms: Option<Millis>,
     pub metrics: ShardMetrics,
+    /// The actor's own inbox, for tasks it spawned (weak: it does not keep the actor alive).
+    pub inbox: mpsc::WeakSender<Command>,
+    /// Cancelled when the actor stops: the tasks it spawned stop with it.
+    pub stopped: CancellationToken,
 }
 
 /// Takes over an opened shard: bumps its epoch, reloads its runs, and starts its actor.
@@ -80,6 +84,7 @@ pub async fn spawn_shard<S: ShardStore>(
         .map_err(|source| Error::Nats { what: "subscribe", source: Box::new(source) })?;
     let next_prune_ms =
         context.retain_ended_ms.map(|retain_ms| now_ms() + super::retention::prune_interval_ms(retain_ms));
+    let (sender, inbox) = mpsc::channel(queue_max);
     let mut actor = ShardActor {
         shard,
         epoch,
@@ -93,12 +98,11 @@ pub async fn spawn_shard<S: ShardStore>(
         schedules: BTreeMap::new(),
         next_prune_ms,
         metrics: ShardMetrics::register(),
+        inbox: sender.downgrade(),
+        stopped: shutdown.child_token(),
     };
-    let republish = actor.reload().await?;
-    for task in republish {
-        actor.context.dispatcher.send(shard, task, None).await;
-    }
-    let (sender, inbox) = mpsc::channel(queue_max);
+    let reloaded = actor.reload().await?;
+    actor.resume(reloaded).await;
     debug!(shard = %shard, epoch = %epoch, runs = actor.runs.len(), "shard acquired");
     let handle = tokio::spawn(actor.run(inbox, results, shutdown));
     Ok((ShardHandle { shard, sender }, epoch, handle))
@@ -112,6 +116,7 @@ impl<S: ShardStore> ShardActor<S> {
         shutdown: CancellationToken,
     ) {
         ::metrics::gauge!(metrics::SHARDS_OWNED).increment(1.0);
+        let _stop_spawned = self.stopped.clone().drop_guard();
         loop {
             let mut batch = Batch::default();
             let next_due =
@@ -273,6 +278,11 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = Ok(self.flow_summaries());
                 batch.reply(reply, outcome);
             }
+            Command::ChildEnded { ended, reply } => {
+                let outcome = self.take_child_end(ended, batch).await;
+                batch.reply(reply, outcome);
+            }
+            Command::OutboxDelivered { key } => batch.writes.clear_range(flowgrid_store::keys::chunks_range(&key)),
         }
     }
 
@@ -288,7 +298,18 @@ impl<S: ShardStore> ShardActor<S> {
     /// Commits the batch, then publishes, replies and acks. Nothing of the batch is visible
     /// outside before the commit returns.
     async fn commit(&mut self, batch: Batch) -> std::result::Result<(), flowgrid_store::Error> {
-        let Batch { writes, commands, dispatches, replies, result_replies, finished, deployed, announcements } = batch;
+        let Batch {
+            writes,
+            commands,
+            dispatches,
+            replies,
+            result_replies,
+            finished,
+            deployed,
+            announcements,
+            child_starts,
+            outbox,
+        } = batch;
         if !writes.is_empty() {
             let started = Instant::now();
             let committed = self.store.commit(self.epoch, writes).await;
@@ -320,6 +341,12 @@ impl<S: ShardStore> ShardActor<S> {
         for result_reply in result_replies {
             let reply = Reply::Ok(ResultAck { applied: result_reply.applied });
             self.send_result_reply(result_reply, &reply).await;
+        }
+        for (start, depth) in child_starts {
+            self.start_child(start, depth);
+        }
+        for (key, record) in outbox {
+            self.deliver(key, record);
         }
         Ok(())
     }
@@ -359,10 +386,8 @@ impl<S: ShardStore> ShardActor<S> {
         self.schedules.clear();
         // The failure may be transient (disk full cleared, cluster back): pause before reading.
         tokio::time::sleep(RELOAD_PAUSE).await;
-        let republish = self.reload().await?;
-        for task in republish {
-            self.context.dispatcher.send(self.shard, task, None).await;
-        }
+        let reloaded = self.reload().await?;
+        self.resume(reloaded).await;
         info!(shard = %self.shard, runs = self.runs.len(), "shard reloaded");
         Ok(())
     }

@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::Subject;
-use flowgrid_engine::TaskDispatch;
+use flowgrid_engine::{ChildStart, TaskDispatch};
 
 use flowgrid_model::{FlowPlan, RunId};
 use flowgrid_proto::{ApiError, Encoding};
 use flowgrid_store::WriteBatch;
 
 use super::Responder;
+use crate::records::OutboxRecord;
 
 /// A reply to send after the commit: the prepared value, or the commit's error.
 pub type DeferredReply = Box<dyn FnOnce(Option<&ApiError>) + Send>;
@@ -45,6 +46,10 @@ pub struct Batch {
     pub deployed: Vec<Arc<FlowPlan>>,
     /// Run ends to announce after the commit: subject and JSON payload.
     pub announcements: Vec<(String, Vec<u8>)>,
+    /// Child runs to start after the commit, each with its depth below the top run.
+    pub child_starts: Vec<(ChildStart, u32)>,
+    /// Messages put into the outbox by this batch: sent after the commit.
+    pub outbox: Vec<(Vec<u8>, OutboxRecord)>,
 }
 
 impl Batch {

@@ -9,6 +9,7 @@
 mod actor;
 mod batch;
 mod catalog;
+mod outbox;
 mod reload;
 mod retention;
 mod runs;
@@ -19,16 +20,17 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use flowgrid_engine::RunView;
-use flowgrid_model::{FlowPlan, RunId, ShardId};
+use flowgrid_model::{FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, RunCancelled, RunSignalled, RunStarted,
-    RunSummary, Subjects,
+    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, RunCancelled,
+    RunSignalled, RunStarted, RunSummary, Subjects,
 };
 use flowgrid_store::StoreLimits;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 pub use actor::spawn_shard;
+pub use outbox::IN_FLIGHT_MAX as MESSAGES_IN_FLIGHT_MAX;
 pub use runs::cursor_of;
 
 use crate::dispatch::Dispatcher;
@@ -52,6 +54,10 @@ pub struct NodeContext {
     pub lease: Arc<crate::cluster::Lease>,
     /// How long an ended run stays in the store; `None` keeps every run.
     pub retain_ended_ms: Option<u64>,
+    /// The API as a client: shards start child runs and send their outbox through it.
+    pub client: flowgrid_sdk::Client,
+    /// Bounds the requests for other shards' runs out at once.
+    pub messages_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// A run start, resolved to a plan and a run id by the API layer.
@@ -61,6 +67,8 @@ pub struct StartCommand {
     pub input: Value,
     /// Set when the caller gave an idempotency key: the run may exist already.
     pub idempotent: bool,
+    /// The subflow step that starts this run, if one does.
+    pub parent: Option<ParentRef>,
 }
 
 pub enum Command {
@@ -105,6 +113,15 @@ pub enum Command {
     },
     ListFlows {
         reply: Responder<Vec<FlowSummary>>,
+    },
+    /// A child run of one of this shard's runs ended.
+    ChildEnded {
+        ended: ChildRunEnded,
+        reply: Responder<ChildEndTaken>,
+    },
+    /// A message of this shard's outbox was taken by its receiver: delete it.
+    OutboxDelivered {
+        key: Vec<u8>,
     },
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use flowgrid_engine::{Run, TaskDispatch};
+use flowgrid_engine::{ChildStart, Run, TaskDispatch};
 use flowgrid_model::{FlowDefinition, FlowPlan, Millis, RunId};
 use flowgrid_store::{join_records, keys, ShardStore};
 
@@ -15,23 +15,37 @@ use super::runs::attempt_opened;
 use super::schedules::CATCH_UP_MS;
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::records::{self, CatalogRecord, EventRecord, StartRecord};
+use crate::records::{self, CatalogRecord, EventRecord, OutboxRecord, StartRecord};
+
+/// What a reloaded shard sends again once it serves: each is harmless if it was sent
+/// before.
+#[derive(Default)]
+pub(super) struct Reloaded {
+    /// Open tasks (duplicates are dropped by JetStream or ignored by attempt id).
+    tasks: Vec<TaskDispatch>,
+    /// Child runs that subflow steps wait for, with their depth (one that exists is not
+    /// started again).
+    child_starts: Vec<(ChildStart, u32)>,
+    /// Messages left in the outbox.
+    outbox: Vec<(Vec<u8>, OutboxRecord)>,
+}
 
 impl<S: ShardStore> ShardActor<S> {
-    /// Loads the catalog and the active runs; returns the open tasks to publish again
-    /// (duplicates are dropped by JetStream or ignored by attempt id).
-    pub(super) async fn reload(&mut self) -> Result<Vec<TaskDispatch>> {
+    /// Loads the catalog, the active runs and the outbox; returns what to send again.
+    pub(super) async fn reload(&mut self) -> Result<Reloaded> {
         self.reload_catalog().await?;
         let active = self.store.scan(keys::active_range(), usize::MAX, false).await?;
-        let mut republish = Vec::new();
+        let mut reloaded = Reloaded { outbox: self.load_outbox().await?, ..Reloaded::default() };
         let mut plans: HashMap<(String, u32), Arc<FlowPlan>> = HashMap::new();
         for (key, _) in active {
             let run_id = keys::decode_active(&key)?;
             let active_run = self.replay(&run_id, &mut plans).await?;
             for task in active_run.run.open_dispatches() {
                 attempt_opened(&mut self.metrics, &task);
-                republish.push(task);
+                reloaded.tasks.push(task);
             }
+            let depth = child_depth(&active_run.run);
+            reloaded.child_starts.extend(active_run.run.open_child_starts().into_iter().map(|start| (start, depth)));
             for (timer, due_ms) in active_run.run.armed_timers() {
                 self.timers.arm(run_id.clone(), timer, due_ms);
             }
@@ -39,7 +53,20 @@ impl<S: ShardStore> ShardActor<S> {
             self.context.active_runs.fetch_add(1, Ordering::Relaxed);
             self.metrics.runs_active.increment(1.0);
         }
-        Ok(republish)
+        Ok(reloaded)
+    }
+
+    /// Sends again what a reload found open.
+    pub(super) async fn resume(&self, reloaded: Reloaded) {
+        for task in reloaded.tasks {
+            self.context.dispatcher.send(self.shard, task, None).await;
+        }
+        for (start, depth) in reloaded.child_starts {
+            self.start_child(start, depth);
+        }
+        for (key, record) in reloaded.outbox {
+            self.deliver(key, record);
+        }
     }
 
     async fn reload_catalog(&mut self) -> Result<()> {
@@ -90,6 +117,9 @@ impl<S: ShardStore> ShardActor<S> {
         let mut effects = Vec::new();
         let mut run =
             Run::start(plan, &evaluator, run_id.clone(), start.input.into_owned(), start.now_ms, &mut effects);
+        if let Some(parent) = start.parent {
+            run.set_parent(parent.into_owned());
+        }
         let mut next_seq = 1;
         for (key, value) in records_iter {
             let (_, seq) = keys::decode_history(&key)?;
@@ -118,4 +148,9 @@ impl<S: ShardStore> ShardActor<S> {
             message: error.to_string(),
         })
     }
+}
+
+/// The depth of the child runs `run` starts: one below its own.
+pub(super) fn child_depth(run: &Run) -> u32 {
+    run.parent().map_or(1, |parent| parent.depth + 1)
 }

@@ -11,7 +11,8 @@ use std::time::Instant;
 use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey};
 use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
-    ApiError, ErrorCode, ListRuns, RunCancelled, RunEnded, RunSignalled, RunStarted, RunSummary, TaskResult,
+    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, RunCancelled, RunEnded, RunSignalled, RunStarted,
+    RunSummary, TaskResult,
 };
 use flowgrid_store::{keys, KeyRange, ShardStore};
 use serde_json::Value;
@@ -22,7 +23,7 @@ use super::batch::{Batch, Dispatch, ResultReply};
 use super::StartCommand;
 use crate::clock::now_ms;
 use crate::metrics::{self, ShardMetrics, TaskMetrics};
-use crate::records::{self, EventRecord, RunRecord, StartRecord};
+use crate::records::{self, EventRecord, OutboxRecord, RunRecord, StartRecord};
 
 /// Index entries one list request may read per shard, matching or not: bounds the work of
 /// a filter that matches few runs.
@@ -30,7 +31,7 @@ const LIST_SCAN_ENTRIES_MAX: usize = 10_000;
 
 impl<S: ShardStore> ShardActor<S> {
     pub(super) async fn start_run(&mut self, start: StartCommand, batch: &mut Batch) -> Result<RunStarted, ApiError> {
-        let StartCommand { run_id, plan, input, idempotent } = start;
+        let StartCommand { run_id, plan, input, idempotent, parent } = start;
         if let Some(active) = self.runs.get(&run_id) {
             let plan = active.run.plan();
             return Ok(RunStarted { run_id, flow: plan.name.clone(), version: plan.version, created: false });
@@ -61,6 +62,7 @@ impl<S: ShardStore> ShardActor<S> {
             input: Cow::Borrowed(&input),
             now_ms: now,
             epoch: self.epoch.0,
+            parent: parent.as_ref().map(Cow::Borrowed),
         };
         // A new run: its history starts here. Its run record and listing entry are written
         // when it ends; until then the shard answers for it from memory (ADR 0009).
@@ -69,7 +71,10 @@ impl<S: ShardStore> ShardActor<S> {
 
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
-        let run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, now, &mut effects);
+        let mut run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, now, &mut effects);
+        if let Some(parent) = parent {
+            run.set_parent(parent);
+        }
         let active = ActiveRun { run, next_seq: 1 };
         self.runs.insert(run_id.clone(), Box::new(active));
         self.context.active_runs.fetch_add(1, Ordering::Relaxed);
@@ -172,6 +177,14 @@ impl<S: ShardStore> ShardActor<S> {
                     }
                     self.timers.cancel(run_id, timer, due_ms);
                 }
+                Effect::StartChild(start) => {
+                    let depth = self.runs.get(run_id).map_or(1, |active| super::reload::child_depth(&active.run));
+                    batch.child_starts.push((start, depth));
+                }
+                Effect::CancelChild { child, reason } => {
+                    let key = keys::outbox(&child, "cancel");
+                    self.send_after_commit(key, OutboxRecord::CancelChild { child, reason }, batch);
+                }
                 Effect::RunFinished { run_id: finished, status } => self.finish_run(&finished, status, now, batch),
             }
         }
@@ -206,8 +219,38 @@ impl<S: ShardStore> ShardActor<S> {
                 Err(error) => warn!(run = %run_id, error = %error, "cannot encode a run's end to announce it"),
             }
         }
+        if let Some(parent) = active.run.parent() {
+            let ended = ChildRunEnded {
+                parent: parent.run_id.clone(),
+                step: parent.step.clone(),
+                child: run_id.clone(),
+                status,
+                output: active.run.output().cloned(),
+                error: active.run.error().cloned(),
+            };
+            self.send_after_commit(keys::outbox(run_id, "ended"), OutboxRecord::ChildEnded(ended), batch);
+        }
         batch.finished.push(run_id.clone());
         self.metrics.run_finished(status);
+    }
+
+    /// The end of a child run of one of this shard's runs: the parent's subflow step takes
+    /// it if it waits for that child. A parent that ended answers `applied: false`.
+    pub(super) async fn take_child_end(
+        &mut self,
+        ended: ChildRunEnded,
+        batch: &mut Batch,
+    ) -> Result<ChildEndTaken, ApiError> {
+        let ChildRunEnded { parent, step, child, status, output, error } = ended;
+        if !self.runs.contains_key(&parent) {
+            return match self.run_record(&parent).await? {
+                Some(_) => Ok(ChildEndTaken { applied: false }),
+                None => Err(not_found(&parent)),
+            };
+        }
+        let event = Event::ChildEnded { step, child, status, output, error };
+        let applied = self.apply_event(&parent, event, now_ms(), batch);
+        Ok(ChildEndTaken { applied })
     }
 
     pub(super) async fn cancel_run(

@@ -91,10 +91,13 @@ fn error_value(error: &TaskError) -> Value {
     json!({ "code": error.code, "message": error.message, "retryable": error.retryable })
 }
 
+/// The error code of a broken expression: no catch takes it.
+pub(super) const EXPRESSION_ERROR: &str = "expression_error";
+
 /// The run error for an expression that failed in `field` of step `step`.
 pub(super) fn expression_error(step: &str, field: &str, error: &ExprError) -> TaskError {
     TaskError {
-        code: "expression_error".to_owned(),
+        code: EXPRESSION_ERROR.to_owned(),
         message: format!("step `{step}`, field `{field}`: {error}"),
         retryable: false,
     }

@@ -46,6 +46,9 @@ pub(super) enum Work {
     Wait { due_ms: Millis, waited_ms: u64 },
     /// A signal step waiting for its signal, until `deadline_ms` if it has a timeout.
     Signal { deadline_ms: Option<Millis> },
+    /// A subflow step waiting for its child run, started with `input` (kept to start it
+    /// again after a reload).
+    Child { input: Arc<Value> },
 }
 
 /// The current attempt of a task step or of one map item.
@@ -118,11 +121,11 @@ impl StepState {
     }
 
     /// An attempt of this step (or of one of its items) is out or waiting for a retry, its
-    /// wait is not over, or it waits for a signal.
+    /// wait is not over, or it waits for a signal or a child run.
     pub fn has_work_in_flight(&self) -> bool {
         match &self.work {
             Work::Idle => false,
-            Work::Task(_) | Work::Wait { .. } | Work::Signal { .. } => true,
+            Work::Task(_) | Work::Wait { .. } | Work::Signal { .. } | Work::Child { .. } => true,
             Work::Map(map) => map.active > 0,
         }
     }

@@ -2,9 +2,9 @@
 //!
 //! Engine-side steps (choice, transform, succeed, fail) complete inside the transition
 //! that starts them; task and map steps dispatch attempts and wait for results; a wait
-//! step arms a timer and completes when it fires; a signal step waits for a signal. An
-//! expression error anywhere fails the run with `expression_error`: no catch applies,
-//! since the flow itself is broken for this input.
+//! step arms a timer and completes when it fires; a signal step waits for a signal, a
+//! subflow step for its child run. An expression error anywhere fails the run with
+//! `expression_error`: no catch applies, since the flow itself is broken for this input.
 
 use std::sync::Arc;
 
@@ -48,6 +48,7 @@ impl Run {
             PlanStepKind::Fail { error, message } => self.fail_at_step(index, error, message.as_ref(), context),
             PlanStepKind::Wait(wait_for) => self.start_wait(index, wait_for, context),
             PlanStepKind::Signal { timeout_ms, .. } => self.start_signal(index, *timeout_ms, context),
+            PlanStepKind::Subflow(spec) => self.start_subflow(index, spec, context),
         }
     }
 
@@ -168,7 +169,7 @@ impl Run {
         self.fail_step_and_run(index, error, context);
     }
 
-    /// A task, map or signal step failed for good: a matching catch takes over, else the
+    /// A task, map, signal or subflow step failed for good: a matching catch takes over, else the
     /// run fails with the step's error.
     pub(super) fn step_failed(&mut self, index: StepIndex, error: TaskError, context: &mut Context<'_>) {
         let plan = Arc::clone(&self.plan);
@@ -210,7 +211,7 @@ impl Run {
     fn run_output(&self, context: &Context<'_>) -> Result<Value, TaskError> {
         if let Some(expr) = &self.plan.output {
             return self.evaluate_over_all_steps(context.evaluator, expr).map_err(|error| TaskError {
-                code: "expression_error".to_owned(),
+                code: super::scope::EXPRESSION_ERROR.to_owned(),
                 message: format!("flow output: {error}"),
                 retryable: false,
             });

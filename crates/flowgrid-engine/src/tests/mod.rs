@@ -6,6 +6,7 @@ mod map;
 mod properties;
 mod replay;
 mod signals;
+mod subflows;
 mod support;
 mod wait;
 

@@ -22,8 +22,8 @@ use crate::error::{DefinitionError, Issue, Result};
 use crate::expr::Evaluator;
 use crate::limits::Limits;
 use crate::plan::{
-    CatchRule, Edge, EdgeWhen, FlowPlan, PlanStep, PlanStepKind, StepIndex, TaskSpec, WaitFor, PRIORITY_DEFAULT,
-    TASK_TIMEOUT_MS_DEFAULT,
+    CatchRule, Edge, EdgeWhen, FlowPlan, PlanStep, PlanStepKind, StepIndex, SubflowSpec, TaskSpec, WaitFor,
+    PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
 };
 
 use self::expressions::ExpressionTable;
@@ -170,6 +170,12 @@ fn plan_kind(
         Step::Signal(signal) => {
             PlanStepKind::Signal { timeout_ms: signal.timeout_ms, catch: catch_rules(&signal.catch, index) }
         }
+        Step::Subflow(subflow) => PlanStepKind::Subflow(SubflowSpec {
+            flow: subflow.flow.clone(),
+            version: subflow.version,
+            input: take("input"),
+            catch: catch_rules(&subflow.catch, index),
+        }),
         Step::Wait(wait) => PlanStepKind::Wait(match wait.duration_ms {
             Some(duration_ms) => WaitFor::Fixed(duration_ms),
             None => WaitFor::Expr(required("duration")),
@@ -200,7 +206,7 @@ fn outgoing_edges(position: usize, step: &Step, steps: &[Step], index: &HashMap<
                 edges.push(Edge { to: index[default.as_str()], when: EdgeWhen::Default });
             }
         }
-        Step::Task(_) | Step::Map(_) | Step::Signal(_) => {
+        Step::Task(_) | Step::Map(_) | Step::Signal(_) | Step::Subflow(_) => {
             for (rule, catch) in catches(step).iter().enumerate() {
                 edges.push(Edge { to: index[catch.next.as_str()], when: EdgeWhen::Caught(rule_number(rule)) });
             }
@@ -215,12 +221,13 @@ fn rule_number(rule: usize) -> u16 {
     u16::try_from(rule).expect("a rule list fits in a definition under definition_bytes_max")
 }
 
-/// The catch rules of a task, map or signal step (none for other kinds).
+/// The catch rules of a task, map, signal or subflow step (none for other kinds).
 pub(crate) fn catches(step: &Step) -> &[Catch] {
     match step {
         Step::Task(task) => &task.catch,
         Step::Map(map) => &map.catch,
         Step::Signal(signal) => &signal.catch,
+        Step::Subflow(subflow) => &subflow.catch,
         _ => &[],
     }
 }

@@ -82,6 +82,17 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
             check_timeout(&format!("{path}.timeout_ms"), signal.timeout_ms, issues);
             check_catch(path, &signal.catch, issues);
         }
+        Step::Subflow(subflow) => {
+            check_name(&format!("{path}.flow"), "flow name", &subflow.flow, limits, issues);
+            if subflow.version == Some(0) {
+                push_issue(
+                    issues,
+                    format!("{path}.version"),
+                    "versions start at 1: name a deployed version, or leave it out for the latest",
+                );
+            }
+            check_catch(path, &subflow.catch, issues);
+        }
         Step::Transform(_) | Step::Succeed(_) => {}
     }
 }

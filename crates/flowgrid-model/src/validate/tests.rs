@@ -417,6 +417,26 @@ fn a_wait_says_how_long_in_exactly_one_way() {
 }
 
 #[test]
+fn a_subflow_step_names_a_flow_compiles_its_input_and_catches_like_a_task() {
+    let flow = |subflow: &str| {
+        format!("name: f\nsteps:\n  - {{ kind: subflow, id: s{subflow} }}\n  - {{ kind: transform, id: late, output: '1' }}\n")
+    };
+    let text = flow(", flow: encode, version: 2, input: '#{ url: input.u }', catch: [{ errors: [bad], next: late }]");
+    let plan = FlowPlan::compile(parse(&text), 1, &evaluator(), &limits()).unwrap();
+    let PlanStepKind::Subflow(spec) = &plan.step(0).kind else { panic!("a subflow step") };
+    assert_eq!((spec.flow.as_str(), spec.version, spec.input.is_some()), ("encode", Some(2), true));
+    assert_eq!(plan.step(0).kind.catch_for("bad").map(|(rule, catch)| (rule, catch.next)), Some((0, 1)));
+    assert_eq!(plan.step(0).outgoing, [Edge { to: 1, when: EdgeWhen::Caught(0) }]);
+
+    let message = parse_definition(&flow(""), &limits()).unwrap_err().to_string();
+    assert!(message.contains("missing field `flow`"), "{message}");
+    assert_issue(&issues_of(&flow(", flow: 'a b'")), "steps[0](s).flow", "flow name");
+    assert_issue(&issues_of(&flow(", flow: x, version: 0")), "steps[0](s).version", "start at 1");
+    assert_issue(&issues_of(&flow(", flow: x, input: '1 +'")), "steps[0](s).input", "does not compile");
+    assert_issue(&issues_of(&flow(", flow: x, catch: [{ next: nope }]")), "steps[0](s).catch[0].next", "nope");
+}
+
+#[test]
 fn a_signal_step_checks_its_timeout_and_catches_like_a_task() {
     let flow = |signal: &str| {
         format!("name: f\nsteps:\n  - {{ kind: signal, id: s{signal} }}\n  - {{ kind: transform, id: late, output: '1' }}\n")

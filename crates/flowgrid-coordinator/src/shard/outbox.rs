@@ -1,0 +1,202 @@
+//! Messages between runs of different shards: a subflow step's child start, the child's
+//! end for its parent, and the cancel of a child whose parent ended.
+//!
+//! A child's end and a child's cancel are decided in a commit of one shard and must reach
+//! another shard, whoever owns it then. They are written to the deciding shard's outbox
+//! in that same commit (`("outbox", run, what)`), sent through the API after it, and
+//! deleted once the receiver took them (its own commit is durable); a shard that is
+//! acquired or reloaded sends every message left in its outbox again. Receivers take a
+//! message once (a child's end only while the step waits for that child; a cancel of a
+//! run that ended changes nothing), so sending one twice is harmless.
+//!
+//! A child's start needs no outbox: the parent's state says which children it waits
+//! for, and a reload starts them again (the child's run id follows from its parent, so
+//! a child that exists is not started twice).
+//!
+//! Each message is sent by a task of its own until it is taken or the shard stops here,
+//! waiting longer between tries (up to [`RETRY_MAX`]); at most [`IN_FLIGHT_MAX`] requests
+//! are out at once per coordinator.
+
+use std::time::Duration;
+
+use flowgrid_engine::{ChildStart, RunStatus, TaskError};
+use flowgrid_model::ParentRef;
+use flowgrid_proto::{ChildRunEnded, ErrorCode, StartChildRun};
+use flowgrid_sdk::backoff::Backoff;
+use flowgrid_sdk::Error as ClientError;
+use flowgrid_store::{join_records, keys, ShardStore};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::actor::ShardActor;
+use super::batch::Batch;
+use super::Command;
+use crate::error::Result;
+use crate::records::{self, OutboxRecord};
+
+/// Requests for other shards' runs out at once per coordinator.
+pub const IN_FLIGHT_MAX: usize = 64;
+/// First and longest pause between two tries of one message.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long a cancel for a child that does not exist yet is tried again: its start may
+/// still be on its way.
+const CANCEL_NOT_FOUND_TRIES: u32 = 20;
+
+/// What one try of a message came to.
+enum Sent {
+    /// The receiver took it (or will never need it): done.
+    Taken,
+    /// Not this time: try again later.
+    Again,
+}
+
+impl<S: ShardStore> ShardActor<S> {
+    /// Puts `record` into the shard's outbox in this batch; it is sent after the commit.
+    pub(super) fn send_after_commit(&self, key: Vec<u8>, record: OutboxRecord, batch: &mut Batch) {
+        batch.writes.set_chunked(&key, &records::encode(&record), &self.context.store_limits);
+        batch.outbox.push((key, record));
+    }
+
+    /// Every message left in the outbox (after a reload: sent again).
+    pub(super) async fn load_outbox(&self) -> Result<Vec<(Vec<u8>, OutboxRecord)>> {
+        let entries = join_records(self.store.scan(keys::outbox_range(), usize::MAX, false).await?)?;
+        entries.into_iter().map(|(key, value)| Ok((key, records::decode("outbox message", &value)?))).collect()
+    }
+
+    /// Sends an outbox message until its receiver takes it, then deletes it from the outbox.
+    pub(super) fn deliver(&self, key: Vec<u8>, record: OutboxRecord) {
+        let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
+        let (inbox, stopped, shard) = (self.inbox.clone(), self.stopped.clone(), self.shard);
+        tokio::spawn(async move {
+            if !send_until_taken(&client, &permits, &record, &stopped).await {
+                return;
+            }
+            // Deleted by the shard's next commit; if the shard moved meanwhile, its next
+            // owner sends the message again, and the receiver ignores the repeat.
+            let deleted = match inbox.upgrade() {
+                Some(inbox) => inbox.send(Command::OutboxDelivered { key }).await.is_ok(),
+                None => false,
+            };
+            if !deleted {
+                debug!(shard = %shard, "shard stopped before deleting a delivered message");
+            }
+        });
+    }
+
+    /// Starts the child run of a subflow step. A start the grid refuses for good (no such
+    /// flow, a bad input, too deep) is reported to the step as the child's failure.
+    pub(super) fn start_child(&self, start: ChildStart, depth: u32) {
+        let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
+        let stopped = self.stopped.clone();
+        tokio::spawn(async move {
+            let request = StartChildRun {
+                flow: start.flow.clone(),
+                version: start.version,
+                input: (*start.input).clone(),
+                parent: ParentRef { run_id: start.parent.clone(), step: start.step.clone(), depth },
+            };
+            let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+            let refusal = loop {
+                let outcome = {
+                    let Ok(_permit) = permits.acquire().await else { return };
+                    tokio::select! {
+                        _ = stopped.cancelled() => return,
+                        outcome = client.start_child(&request) => outcome,
+                    }
+                };
+                match outcome {
+                    Ok(started) => {
+                        debug!(parent = %start.parent, step = %start.step, child = %started.run_id, created = started.created, "child run started");
+                        return;
+                    }
+                    Err(ClientError::Api(refusal)) if !refusal.retryable => break refusal,
+                    Err(error) => {
+                        debug!(parent = %start.parent, step = %start.step, error = %error, "cannot start a child run yet; trying again");
+                        tokio::select! {
+                            _ = stopped.cancelled() => return,
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        }
+                    }
+                }
+            };
+            info!(parent = %start.parent, step = %start.step, flow = %start.flow, error = %refusal.message, "child run refused; its step fails");
+            let ended = ChildRunEnded {
+                parent: start.parent.clone(),
+                step: start.step.clone(),
+                child: start.child.clone(),
+                status: RunStatus::Failed,
+                output: None,
+                error: Some(TaskError {
+                    code: refusal.code.to_string(),
+                    message: format!("the child run could not start: {}", refusal.message),
+                    retryable: false,
+                }),
+            };
+            // Not in the outbox: if this is lost, the parent's next owner starts the child
+            // again and is refused again.
+            send_until_taken(&client, &permits, &OutboxRecord::ChildEnded(ended), &stopped).await;
+        });
+    }
+}
+
+/// Sends `record` until its receiver takes it, waiting longer between tries; `false`
+/// when the shard stopped serving here first.
+async fn send_until_taken(
+    client: &flowgrid_sdk::Client,
+    permits: &Semaphore,
+    record: &OutboxRecord,
+    stopped: &CancellationToken,
+) -> bool {
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+    let mut not_found = 0;
+    loop {
+        let sent = {
+            let Ok(_permit) = permits.acquire().await else { return false };
+            tokio::select! {
+                _ = stopped.cancelled() => return false,
+                sent = send(client, record, &mut not_found) => sent,
+            }
+        };
+        if let Sent::Taken = sent {
+            return true;
+        }
+        tokio::select! {
+            _ = stopped.cancelled() => return false,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// One try of an outbox message.
+async fn send(client: &flowgrid_sdk::Client, record: &OutboxRecord, not_found: &mut u32) -> Sent {
+    let outcome = match record {
+        OutboxRecord::ChildEnded(ended) => client.child_ended(ended).await.map(|_| ()),
+        OutboxRecord::CancelChild { child, reason } => client.cancel(child, reason.clone()).await.map(|_| ()),
+    };
+    match outcome {
+        Ok(()) => Sent::Taken,
+        Err(ClientError::Api(refusal)) if refusal.code == ErrorCode::NotFound => match record {
+            // The parent is gone (its retention passed): nobody waits for this end.
+            OutboxRecord::ChildEnded(_) => Sent::Taken,
+            OutboxRecord::CancelChild { child, .. } => {
+                *not_found += 1;
+                if *not_found >= CANCEL_NOT_FOUND_TRIES {
+                    debug!(child = %child, "no child run to cancel: it never started");
+                    return Sent::Taken;
+                }
+                Sent::Again
+            }
+        },
+        Err(error) => {
+            let level_warn = matches!(&error, ClientError::Api(refusal) if !refusal.retryable);
+            if level_warn {
+                warn!(error = %error, "a message for another run was refused; trying again later");
+            } else {
+                debug!(error = %error, "cannot send a message for another run yet; trying again");
+            }
+            Sent::Again
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Subflow steps: a run starts a child run and takes its end, exactly once.
+
+use serde_json::json;
+
+use super::replay::replay;
+use super::support::{Harness, RUN};
+use crate::{Applied, ChildStart, Effect, Event, RunStatus, StepStatus, TaskError};
+use flowgrid_model::{ParentRef, RunId};
+
+const PARENT: &str = r##"
+name: parent
+steps:
+  - kind: subflow
+    id: encode
+    flow: transcode
+    input: '#{ url: input.video }'
+    catch: [{ errors: [bad_codec], next: fallback }]
+  - { kind: transform, id: done, after: [encode], output: "steps.encode.output.size" }
+  - { kind: transform, id: fallback, output: '"kept the original"' }
+"##;
+
+fn child_id() -> RunId {
+    ParentRef::child_run_id("transcode", &RunId(RUN.into()), "encode")
+}
+
+fn starts(effects: &[Effect]) -> Vec<ChildStart> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::StartChild(start) => Some(start.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ended(child: RunId, status: RunStatus, output: Option<serde_json::Value>, error: Option<TaskError>) -> Event {
+    Event::ChildEnded { step: "encode".to_owned(), child, status, output, error }
+}
+
+#[test]
+fn a_subflow_step_starts_its_child_and_takes_its_output() {
+    let mut harness = Harness::start(PARENT, json!({"video": "v.mp4"}), 1_000);
+    let asked = starts(&harness.effects);
+    assert_eq!(asked.len(), 1, "{:?}", harness.effects);
+    let start = &asked[0];
+    assert_eq!((start.child.clone(), start.flow.as_str(), start.step.as_str()), (child_id(), "transcode", "encode"));
+    assert_eq!((start.parent.as_str(), start.version), (RUN, None));
+    assert_eq!(*start.input, json!({"url": "v.mp4"}));
+    assert_eq!(harness.run.open_child_starts(), asked, "a reload starts the same child again");
+    assert_eq!(harness.step("encode").child_run, Some(child_id()));
+    assert_eq!(harness.step_status("encode"), StepStatus::Running);
+
+    let stranger = RunId("someone-else".into());
+    let applied = harness.apply(1_500, ended(stranger, RunStatus::Succeeded, Some(json!({"size": 1})), None));
+    assert_eq!(applied, Applied::Ignored("not the child of this step"));
+
+    let applied = harness.apply(2_000, ended(child_id(), RunStatus::Succeeded, Some(json!({"size": 42})), None));
+    assert_eq!(applied, Applied::Accepted);
+    assert_eq!(harness.step("encode").output, Some(json!({"size": 42})));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.view().output, Some(json!({"done": 42})));
+    assert!(harness.run.open_child_starts().is_empty());
+
+    let (replayed, effects) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view(), "the history rebuilds the child's end");
+    assert_eq!(starts(&effects).len(), 1, "replaying asks for the same child");
+}
+
+#[test]
+fn a_failed_child_fails_the_step_with_its_error_and_a_catch_takes_it() {
+    let mut harness = Harness::start(PARENT, json!({"video": "v.mp4"}), 0);
+    let error = TaskError { code: "bad_codec".into(), message: "no decoder for vp9".into(), retryable: false };
+    assert_eq!(harness.apply(10, ended(child_id(), RunStatus::Failed, None, Some(error))), Applied::Accepted);
+    let encode = harness.step("encode");
+    assert_eq!((encode.status, encode.caught), (StepStatus::Failed, true));
+    let error = encode.error.expect("the child's error");
+    assert_eq!(error.code, "bad_codec");
+    assert!(error.message.contains(child_id().as_str()) && error.message.contains("no decoder"), "{error:?}");
+    assert_eq!(harness.run.view().output, Some(json!({"fallback": "kept the original"})));
+    let again = harness.apply(20, ended(child_id(), RunStatus::Failed, None, None));
+    assert_eq!(again, Applied::Ignored("run already ended"));
+}
+
+#[test]
+fn an_uncaught_child_failure_fails_the_run_and_a_cancelled_child_says_so() {
+    let mut harness = Harness::start(PARENT, json!({"video": "v.mp4"}), 0);
+    assert_eq!(harness.apply(10, ended(child_id(), RunStatus::Cancelled, None, None)), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+    let error = harness.run.error().expect("the run's error").clone();
+    assert_eq!(error.code, "cancelled", "{error:?}");
+}
+
+#[test]
+fn a_parent_that_ends_cancels_its_child_still_going() {
+    let mut harness = Harness::start(PARENT, json!({"video": "v.mp4"}), 0);
+    assert_eq!(harness.apply(5, Event::CancelRequested { reason: "stop".into() }), Applied::Accepted);
+    let cancels: Vec<&Effect> =
+        harness.effects.iter().filter(|effect| matches!(effect, Effect::CancelChild { .. })).collect();
+    assert_eq!(cancels.len(), 1, "{:?}", harness.effects);
+    let Effect::CancelChild { child, reason } = cancels[0] else { unreachable!() };
+    assert_eq!(*child, child_id());
+    assert!(reason.contains("cancelled"), "{reason}");
+    let finished = harness.effects.iter().position(|effect| matches!(effect, Effect::RunFinished { .. }));
+    let cancel = harness.effects.iter().position(|effect| matches!(effect, Effect::CancelChild { .. }));
+    assert!(cancel < finished, "the cancel comes before the end");
+    assert_eq!(harness.step_status("encode"), StepStatus::Cancelled);
+    assert!(harness.run.open_child_starts().is_empty());
+}
+
+#[test]
+fn a_broken_input_fails_the_run_without_asking_for_a_child() {
+    let yaml = r##"
+name: broken
+steps:
+  - { kind: subflow, id: invoke, flow: other, input: "input.a.b" }
+"##;
+    let harness = Harness::start(yaml, json!({}), 0);
+    assert!(starts(&harness.effects).is_empty(), "{:?}", harness.effects);
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+    assert_eq!(harness.step("invoke").child_run, None, "no child was asked for");
+}

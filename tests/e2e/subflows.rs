@@ -1,0 +1,229 @@
+//! Subflow steps: a run starts a child run of another flow and goes on with its output;
+//! a failed child reaches the parent's catch, a refused one fails the step with the
+//! reason, a flow that calls itself stops at the depth limit, cancelling the parent
+//! cancels the child, and a child's start and end reach their runs across coordinator
+//! crashes.
+
+use std::time::Duration;
+
+use flowgrid_model::{shard_of, ParentRef};
+use flowgrid_sdk::{RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{step, wait_for, Grid};
+use serde_json::json;
+
+use crate::{deploy, OrLogs, RUN_DEADLINE};
+
+/// The child: doubles `value` on pool `a`.
+const DOUBLER: &str = r#"
+name: doubler
+output: 'steps.double.output'
+steps:
+  - { id: double, kind: task, pool: a, task: double, input: '#{ value: input.n }' }
+"#;
+
+/// The parent: runs the doubler on its input, then adds one to the child's output; a
+/// child that fails goes to `fallback`.
+const PARENT: &str = r#"
+name: parent
+steps:
+  - id: invoke
+    kind: subflow
+    flow: doubler
+    input: '#{ n: input.n }'
+    catch: [{ errors: [boom, not_found], next: fallback }]
+  - { id: after, kind: transform, after: [invoke], output: 'steps.invoke.output.value + 1' }
+  - { id: fallback, kind: transform, output: '"caught " + steps.invoke.error.code' }
+"#;
+
+/// A child that waits for a signal `approve`, then echoes its data.
+const WAITER: &str = r#"
+name: waiter
+output: 'steps.approve.output'
+steps:
+  - { id: approve, kind: signal }
+"#;
+
+/// A parent of the waiter.
+const WAITING_PARENT: &str = r#"
+name: waiting-parent
+output: 'steps.invoke.output'
+steps:
+  - { id: invoke, kind: subflow, flow: waiter }
+"#;
+
+fn start(flow: &str, input: serde_json::Value) -> StartRun {
+    StartRun { flow: flow.into(), version: None, input, idempotency_key: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subflow_step_runs_its_child_and_a_failed_or_refused_child_reaches_the_catch() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, DOUBLER).await?;
+    deploy(&grid, &client, PARENT).await?;
+
+    let run_id = client.start(start("parent", json!({"n": 21}))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(step(&view, "invoke").output, Some(json!({"value": 42})), "the child's output");
+    assert_eq!(view.output, Some(json!({"after": 43})), "{view:?}");
+    let child_id = step(&view, "invoke").child_run.clone().expect("the step names its child");
+    let child = client.get(&child_id).await.or_logs(&grid)?;
+    assert_eq!((child.flow.as_str(), child.status), ("doubler", RunStatus::Succeeded), "{child:?}");
+    let parent = child.parent.expect("the child names its parent");
+    assert_eq!((parent.run_id, parent.step.as_str(), parent.depth), (run_id.clone(), "invoke", 1));
+    let (ok, stdout, _) = grid.cli(&["run", "get", child_id.as_str()])?;
+    assert!(ok && stdout.contains(&format!("parent    {run_id} (step invoke)")), "{stdout}");
+
+    // A new version of the child whose task fails with code `boom`: the parent's catch takes it.
+    let failing = DOUBLER.replace(
+        "task: double, input: '#{ value: input.n }'",
+        r#"task: fail, input: '#{ code: "boom", retryable: false }'"#,
+    );
+    deploy(&grid, &client, &failing).await?;
+    let run_id = client.start(start("parent", json!({"n": 1}))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let invoke = step(&view, "invoke");
+    assert_eq!((invoke.status, invoke.caught), (StepStatus::Failed, true), "{invoke:?}");
+    assert_eq!(step(&view, "fallback").output, Some(json!("caught boom")), "{view:?}");
+    assert!(invoke.error.as_ref().unwrap().message.contains("child run"), "{invoke:?}");
+
+    // A child flow that does not exist: the step fails with `not_found`, which is caught.
+    deploy(&grid, &client, &PARENT.replace("name: parent", "name: orphan").replace("flow: doubler", "flow: nowhere"))
+        .await?;
+    let run_id = client.start(start("orphan", json!({"n": 1}))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(step(&view, "fallback").output, Some(json!("caught not_found")), "{view:?}\n{}", grid.logs());
+    assert!(step(&view, "invoke").error.as_ref().unwrap().message.contains("nowhere"), "{view:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_that_calls_itself_stops_at_the_depth_limit() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, "name: forever\nsteps:\n  - { id: again, kind: subflow, flow: forever }\n").await?;
+    let run_id = client.start(start("forever", json!({}))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
+    let error = view.error.expect("an error");
+    assert_eq!(error.code, "invalid_request", "{error:?}");
+    assert!(error.message.contains("nest 8 deep at most"), "{error:?}");
+    // Eight levels below the top run, each failed with the same cause.
+    let mut depth = 0;
+    let mut parent = run_id;
+    while let Some(child) = step(&client.get(&parent).await.or_logs(&grid)?, "again").child_run.clone() {
+        let Ok(view) = client.get(&child).await else { break };
+        assert_eq!(view.status, RunStatus::Failed, "{view:?}");
+        depth += 1;
+        parent = child;
+    }
+    assert_eq!(depth, 8, "the runs below the top one");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_parent_cancels_its_child() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, WAITER).await?;
+    deploy(&grid, &client, WAITING_PARENT).await?;
+    let run_id = client.start(start("waiting-parent", json!({}))).await.or_logs(&grid)?.run_id;
+    let child_id = wait_child_waiting(&grid, &client, &run_id).await?;
+
+    client.cancel(&run_id, "not needed").await.or_logs(&grid)?;
+    let child = grid.wait_run(&client, &child_id, RUN_DEADLINE).await?;
+    assert_eq!(child.status, RunStatus::Cancelled, "{child:?}\n{}", grid.logs());
+    assert!(child.error.as_ref().unwrap().message.contains("cancelled"), "{child:?}");
+    let parent = client.get(&run_id).await.or_logs(&grid)?;
+    assert_eq!((parent.status, step(&parent, "invoke").status), (RunStatus::Cancelled, StepStatus::Cancelled));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_starts_and_ends_reach_their_runs_across_coordinator_crashes() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, WAITER).await?;
+    deploy(&grid, &client, WAITING_PARENT).await?;
+
+    // A child's start: the parents' coordinator commits the parents, cannot reach the
+    // children's shards (their owner is dead), and dies too. The next coordinator starts
+    // the children from the parents' state.
+    grid.spawn_coordinator()?;
+    let owners = grid.wait_shards_served_by(2, Duration::from_secs(30)).await?;
+    let split = split_keys(&grid, &owners, [0, 1], "start");
+    grid.coordinators[1].kill_hard();
+    let mut parents = Vec::new();
+    for key in &split {
+        let start = StartRun { idempotency_key: Some(key.clone()), ..start("waiting-parent", json!({})) };
+        parents.push(client.start(start).await.or_logs(&grid)?.run_id);
+    }
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    for (index, parent) in parents.iter().enumerate() {
+        let child = wait_child_waiting(&grid, &client, parent).await?;
+        assert!(client.signal(&child, "approve", json!({"n": index})).await.or_logs(&grid)?.applied);
+    }
+    for (index, parent) in parents.iter().enumerate() {
+        let view = grid.wait_run(&client, parent, RUN_DEADLINE).await?;
+        assert_eq!(view.output, Some(json!({"n": index})), "{view:?}\n{}", grid.logs());
+    }
+
+    // A child's end: the children's coordinator commits their ends while the parents'
+    // owner is dead, and dies too. The next coordinator sends the ends from its outbox.
+    let first = grid.coordinators.len() - 1;
+    grid.spawn_coordinator()?;
+    let owners = grid.wait_shards_served_by(2, Duration::from_secs(30)).await?;
+    let split = split_keys(&grid, &owners, [first, first + 1], "end");
+    let mut parents = Vec::new();
+    let mut children = Vec::new();
+    for key in &split {
+        let start = StartRun { idempotency_key: Some(key.clone()), ..start("waiting-parent", json!({})) };
+        let parent = client.start(start).await.or_logs(&grid)?.run_id;
+        children.push(wait_child_waiting(&grid, &client, &parent).await?);
+        parents.push(parent);
+    }
+    grid.coordinators[first].kill_hard();
+    for (index, child) in children.iter().enumerate() {
+        assert!(client.signal(child, "approve", json!({"n": index})).await.or_logs(&grid)?.applied);
+    }
+    grid.coordinators[first + 1].kill_hard();
+    grid.start_coordinator().await?;
+    for (index, parent) in parents.iter().enumerate() {
+        let view = grid.wait_run(&client, parent, RUN_DEADLINE).await?;
+        assert_eq!(view.output, Some(json!({"n": index})), "{view:?}\n{}", grid.logs());
+    }
+    Ok(())
+}
+
+/// Three idempotency keys whose `waiting-parent` run lands on a shard of coordinator
+/// `on[0]` and whose child lands on a shard of coordinator `on[1]` (`owners`: each shard's
+/// owner, as served now).
+fn split_keys(grid: &Grid, owners: &[String], on: [usize; 2], tag: &str) -> Vec<String> {
+    let owned_by = |run_id: &RunId, coordinator: usize| {
+        let owner = &owners[shard_of(run_id.as_str(), grid.shards).0 as usize];
+        owner.contains(&format!("-{}-", grid.coordinators[coordinator].pid()))
+    };
+    let keys = (0..10_000).map(|n| format!("{tag}-{n}")).filter(|key| {
+        let parent = RunId::from_idempotency_key("waiting-parent", key);
+        let child = ParentRef::child_run_id("waiter", &parent, "invoke");
+        owned_by(&parent, on[0]) && owned_by(&child, on[1])
+    });
+    let keys: Vec<String> = keys.take(3).collect();
+    assert_eq!(keys.len(), 3, "keys that split parent and child between {on:?}: {owners:?}");
+    keys
+}
+
+/// The child of `parent`'s step `invoke`, once it waits for its signal.
+async fn wait_child_waiting(grid: &Grid, client: &flowgrid_sdk::Client, parent: &RunId) -> anyhow::Result<RunId> {
+    wait_for("the child run to wait for its signal", RUN_DEADLINE, || async {
+        let view = client.get(parent).await.ok()?;
+        let child = step(&view, "invoke").child_run.clone()?;
+        let child_view = client.get(&child).await.ok()?;
+        (step(&child_view, "approve").status == StepStatus::Running).then_some(child)
+    })
+    .await
+    .or_logs(grid)
+}
