@@ -1,5 +1,5 @@
-//! The steady load of a chaos run: runs of a chain of three `double` tasks started at a
-//! fixed rate, each with its own idempotency key (so a start that timed out or met a moving
+//! The steady load of a chaos run: runs of a chain of three `double` tasks (the last one
+//! in a child run) started at a fixed rate, each with its own idempotency key (so a start that timed out or met a moving
 //! shard is repeated safely), and a poller that reads how each accepted run ended.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,12 +15,13 @@ use flowgrid_sdk::{Client, RunId, RunStatus, StartRun};
 use crate::driver::Errors;
 
 /// The flow every run starts, its pool and how its output follows from its input. Its
-/// wait puts a durable timer in every run, so kills, cuts and hand-overs also hit runs
-/// waiting on one.
+/// wait puts a durable timer in every run, and its last doubling runs in a child run (a
+/// subflow step), so kills, cuts and hand-overs also hit runs waiting on a timer, child
+/// starts, and child ends on their way to their parents.
 pub const FLOW: &str = "chaos-chain";
 pub const POOL: &str = "chaos";
 pub const DEFINITION: &str = r#"name: chaos-chain
-description: chaos test, three doublings in a row with a durable wait before the last (output value = input value * 8)
+description: chaos test, three doublings in a row with a durable wait before the last, which runs in a child run (output value = input value * 8)
 output: 'steps.s3.output'
 steps:
   - id: s1
@@ -40,11 +41,21 @@ steps:
     after: [s2]
     duration_ms: 300
   - id: s3
+    kind: subflow
+    flow: chaos-double
+    after: [pause]
+    input: 'steps.s2.output'
+"#;
+
+/// The child flow of the last doubling: deployed before [`DEFINITION`].
+pub const CHILD_DEFINITION: &str = r#"name: chaos-double
+description: chaos test, the child run of the last doubling
+output: 'steps.d.output'
+steps:
+  - id: d
     kind: task
     pool: chaos
     task: double
-    after: [pause]
-    input: 'steps.s2.output'
     timeout_ms: 20000
 "#;
 

@@ -127,6 +127,7 @@ async fn drive(args: &ChaosArgs, seed: u64, cluster: &mut Cluster, origin: Insta
     watch.note("grid up");
 
     let client = cluster.client("flowgrid-chaos-client").await?.with_request_timeout(load::REQUEST_TIMEOUT);
+    client.deploy(load::CHILD_DEFINITION).await.context("deploy the chaos flow's child")?;
     client.deploy(load::DEFINITION).await.context("deploy the chaos flow")?;
     cluster.spawn_workers(args.workers, load::POOL, args.worker_concurrency)?;
 
