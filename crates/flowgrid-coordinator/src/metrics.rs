@@ -36,6 +36,8 @@ pub const SHARD_RELEASE_SECONDS: &str = "flowgrid_shard_release_seconds";
 pub const SHARD_TAKEOVERS: &str = "flowgrid_shard_takeovers_total";
 pub const RUNS_PRUNED: &str = "flowgrid_runs_pruned_total";
 pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
+pub const RUN_MESSAGES_PENDING: &str = "flowgrid_run_messages_pending";
+pub const RUN_MESSAGES_RETRIED: &str = "flowgrid_run_messages_retried_total";
 
 pub fn describe() {
     flowgrid_store_redb::describe_metrics();
@@ -68,6 +70,16 @@ pub fn describe() {
     describe_counter!(API_REJECTED, Unit::Count, "API requests refused because of overload.");
     describe_counter!(TIMERS_FIRED, Unit::Count, "Durable timers that came due (retries, timeouts, waits).");
     describe_counter!(RUNS_PRUNED, Unit::Count, "Ended runs deleted from the store after --retain-ended-runs.");
+    describe_gauge!(
+        RUN_MESSAGES_PENDING,
+        Unit::Count,
+        "Messages for runs of other shards being sent: child starts, child ends, child cancels (label: kind)."
+    );
+    describe_counter!(
+        RUN_MESSAGES_RETRIED,
+        Unit::Count,
+        "Tries of a message for a run of another shard that did not get through and were repeated (label: kind)."
+    );
     describe_counter!(
         SCHEDULED_RUNS,
         Unit::Count,

@@ -73,6 +73,16 @@ pub enum OutboxRecord {
     CancelChild { child: RunId, reason: String },
 }
 
+impl OutboxRecord {
+    /// The kind of message, for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OutboxRecord::ChildEnded(_) => "child_ended",
+            OutboxRecord::CancelChild { .. } => "cancel_child",
+        }
+    }
+}
+
 /// Bytes reserved up front for an encoded record: most records fit, so encoding them
 /// does not grow the buffer step by step.
 const RECORD_BYTES_HINT: usize = 256;

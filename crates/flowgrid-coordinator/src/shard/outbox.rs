@@ -33,6 +33,7 @@ use super::actor::ShardActor;
 use super::batch::Batch;
 use super::Command;
 use crate::error::Result;
+use crate::metrics;
 use crate::records::{self, OutboxRecord};
 
 /// Requests for other shards' runs out at once per coordinator.
@@ -69,7 +70,9 @@ impl<S: ShardStore> ShardActor<S> {
     pub(super) fn deliver(&self, key: Vec<u8>, record: OutboxRecord) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
         let (inbox, stopped, shard) = (self.inbox.clone(), self.stopped.clone(), self.shard);
+        let pending = Pending::new(record.kind());
         tokio::spawn(async move {
+            let _pending = pending;
             if !send_until_taken(&client, &permits, &record, &stopped).await {
                 return;
             }
@@ -90,7 +93,9 @@ impl<S: ShardStore> ShardActor<S> {
     pub(super) fn start_child(&self, start: ChildStart, depth: u32) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
         let stopped = self.stopped.clone();
+        let pending = Pending::new(START_CHILD);
         tokio::spawn(async move {
+            let _pending = pending;
             let request = StartChildRun {
                 flow: start.flow.clone(),
                 version: start.version,
@@ -113,6 +118,7 @@ impl<S: ShardStore> ShardActor<S> {
                     }
                     Err(ClientError::Api(refusal)) if !refusal.retryable => break refusal,
                     Err(error) => {
+                        ::metrics::counter!(metrics::RUN_MESSAGES_RETRIED, "kind" => START_CHILD).increment(1);
                         debug!(parent = %start.parent, step = %start.step, error = %error, "cannot start a child run yet; trying again");
                         tokio::select! {
                             _ = stopped.cancelled() => return,
@@ -162,10 +168,31 @@ async fn send_until_taken(
         if let Sent::Taken = sent {
             return true;
         }
+        ::metrics::counter!(metrics::RUN_MESSAGES_RETRIED, "kind" => record.kind()).increment(1);
         tokio::select! {
             _ = stopped.cancelled() => return false,
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
+    }
+}
+
+/// The kind of message a child's start is, for metrics.
+const START_CHILD: &str = "start_child";
+
+/// Counts a message as pending from its creation until it is dropped (sent, or its shard
+/// stopped here).
+struct Pending(&'static str);
+
+impl Pending {
+    fn new(kind: &'static str) -> Pending {
+        ::metrics::gauge!(metrics::RUN_MESSAGES_PENDING, "kind" => kind).increment(1.0);
+        Pending(kind)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        ::metrics::gauge!(metrics::RUN_MESSAGES_PENDING, "kind" => self.0).decrement(1.0);
     }
 }
 
