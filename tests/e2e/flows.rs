@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use flowgrid_engine::ItemCounts;
 use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
-use flowgrid_tests::{step, Grid};
+use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::{json, Value};
 
 use crate::{deploy, OrLogs, RUN_DEADLINE};
@@ -187,5 +187,36 @@ async fn a_flow_that_publishes_its_ends_announces_each_run_once_it_ended() -> an
     // Announced after the commit: the run reads as ended already.
     assert_eq!(client.get(&run_id).await?.status, RunStatus::Succeeded);
     assert!(tokio::time::timeout(Duration::from_millis(500), ends.next()).await.is_err(), "one announcement per run");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announcement_the_stream_did_not_take_is_published_by_the_next_coordinator() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let announced = "name: announced\npublish_ended: true\nsteps:\n  - { id: echo, kind: task, pool: a, task: echo }\n";
+    deploy(&grid, &client, announced).await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    // Without the run-ends stream JetStream refuses the announcement: it stays in the outbox.
+    jetstream.delete_stream(subjects.run_ends_stream()).await?;
+    let start = StartRun { flow: "announced".into(), version: None, input: json!({"n": 1}), idempotency_key: None };
+    let run_id = client.start(start).await.or_logs(&grid)?.run_id;
+    assert_eq!(grid.wait_run(&client, &run_id, RUN_DEADLINE).await?.status, RunStatus::Succeeded);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The next coordinator creates the stream again and publishes what the outbox held.
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    let mut stream = jetstream.get_stream(subjects.run_ends_stream()).await?;
+    let subject = subjects.run_ended("announced");
+    let ended: flowgrid_proto::RunEnded = wait_for("the announcement in the run-ends stream", RUN_DEADLINE, || async {
+        let message = stream.get_last_raw_message_by_subject(&subject).await.ok()?;
+        serde_json::from_slice(&message.payload).ok()
+    })
+    .await
+    .or_logs(&grid)?;
+    assert_eq!((ended.run_id, ended.status), (run_id, RunStatus::Succeeded));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stream.info().await?.state.messages, 1, "one announcement per run");
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! Subflow steps: a run starts a child run of another flow and goes on with its output;
-//! a failed child reaches the parent's catch, a refused one fails the step with the
+//! Subflow steps: a run starts a child run of another flow (or one per item) and goes on
+//! with its output; a failed child reaches the parent's catch, a refused one fails the step with the
 //! reason, a flow that calls itself stops at the depth limit, cancelling the parent
 //! cancels the child, and a child's start and end reach their runs across coordinator
 //! crashes.
@@ -96,6 +96,28 @@ async fn a_subflow_step_runs_its_child_and_a_failed_or_refused_child_reaches_the
     let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
     assert_eq!(step(&view, "fallback").output, Some(json!("caught not_found")), "{view:?}\n{}", grid.logs());
     assert!(step(&view, "invoke").error.as_ref().unwrap().message.contains("nowhere"), "{view:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subflow_step_with_items_runs_one_child_per_item() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, DOUBLER).await?;
+    let fan = "name: fan\nsteps:\n  - { id: each, kind: subflow, flow: doubler, items: 'input.numbers', \
+               input: '#{ n: item }', max_concurrency: 2 }\n";
+    deploy(&grid, &client, fan).await?;
+    let run_id = client.start(start("fan", json!({"numbers": [1, 2, 3, 4, 5]}))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let outputs = json!([{"value": 2}, {"value": 4}, {"value": 6}, {"value": 8}, {"value": 10}]);
+    assert_eq!(step(&view, "each").output, Some(outputs), "the children's outputs in item order");
+    let counts = step(&view, "each").items.expect("item counts");
+    assert_eq!((counts.total, counts.succeeded), (5, 5));
+    let third = ParentRef::child_run_id("doubler", &run_id, "each", Some(2));
+    let child = client.get(&third).await.or_logs(&grid)?;
+    let parent = child.parent.expect("the child names its parent");
+    assert_eq!((parent.run_id, parent.item, child.input), (run_id, Some(2), json!({"n": 3})));
     Ok(())
 }
 
@@ -208,7 +230,7 @@ fn split_keys(grid: &Grid, owners: &[String], on: [usize; 2], tag: &str) -> Vec<
     };
     let keys = (0..10_000).map(|n| format!("{tag}-{n}")).filter(|key| {
         let parent = RunId::from_idempotency_key("waiting-parent", key);
-        let child = ParentRef::child_run_id("waiter", &parent, "invoke");
+        let child = ParentRef::child_run_id("waiter", &parent, "invoke", None);
         owned_by(&parent, on[0]) && owned_by(&child, on[1])
     });
     let keys: Vec<String> = keys.take(3).collect();

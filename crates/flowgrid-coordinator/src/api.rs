@@ -301,7 +301,7 @@ impl Api {
                 ),
             ));
         }
-        let key = ParentRef::child_key(&parent.run_id, &parent.step);
+        let key = ParentRef::child_key(&parent.run_id, &parent.step, parent.item);
         let start = StartRun { flow, version, input, idempotency_key: Some(key) };
         self.start_run(start, None, request_bytes, Some(parent)).await
     }

@@ -84,6 +84,15 @@ pub async fn run_with_store<S: Store>(
         BrokerLimits { tasks_stream_bytes_max: config.tasks_stream_max_mb << 20, ..BrokerLimits::default() };
     let tasks_stream = broker::tasks_stream(&jetstream, &subjects, &broker_limits).await?;
     let submit_stream = broker::submit_stream(&jetstream, &subjects, &broker_limits).await?;
+    if let Err(error) = broker::run_ends_stream(&jetstream, &subjects, &broker_limits).await {
+        // A stream of the operator's own may capture these subjects already (one created by
+        // hand before the grid made its own); announcements are then acknowledged by it.
+        warn!(
+            error = %error,
+            "cannot create the run-ends stream; run-end announcements are kept only by a stream that captures {}",
+            subjects.run_ended_all()
+        );
+    }
     let members_kv = broker::members_kv(&jetstream, &subjects).await?;
     let shards_kv = broker::shards_kv(&jetstream, &subjects).await?;
     check_grid_config(&shards_kv, config.shards).await?;

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use flowgrid_engine::{Event, RunStatus};
 use flowgrid_model::{FlowDefinition, Millis, ParentRef, RunId};
-use flowgrid_proto::ChildRunEnded;
+use flowgrid_proto::{ChildRunEnded, RunEnded};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -62,8 +62,8 @@ pub struct CatalogRecord {
     pub definition: FlowDefinition,
 }
 
-/// The `outbox` key: a message for another run's shard, written in the commit that
-/// decided it and deleted once its receiver took it.
+/// The `outbox` key: a message for another run's shard (or the run-ends stream), written
+/// in the commit that decided it and deleted once its receiver took it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutboxRecord {
@@ -71,6 +71,8 @@ pub enum OutboxRecord {
     ChildEnded(ChildRunEnded),
     /// A parent ended while its child run went on: the child is to be cancelled.
     CancelChild { child: RunId, reason: String },
+    /// A run of a flow with `publish_ended` ended: announce it on the run-ends stream.
+    RunEnded(RunEnded),
 }
 
 impl OutboxRecord {
@@ -79,6 +81,7 @@ impl OutboxRecord {
         match self {
             OutboxRecord::ChildEnded(_) => "child_ended",
             OutboxRecord::CancelChild { .. } => "cancel_child",
+            OutboxRecord::RunEnded(_) => "run_ended",
         }
     }
 }

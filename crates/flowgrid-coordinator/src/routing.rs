@@ -330,7 +330,7 @@ mod tests {
             version: 3,
             input: serde_json::json!({"n": 1, "tags": ["a"]}),
             idempotent: true,
-            parent: Some(ParentRef { run_id: RunId("p-1".into()), step: "call".into(), depth: 1 }),
+            parent: Some(ParentRef { run_id: RunId("p-1".into()), step: "call".into(), item: None, depth: 1 }),
         };
         let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
         let decoded: ShardRequest = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();

@@ -28,6 +28,9 @@ pub enum Event {
     /// output or error); also sent when the child could not be started at all.
     ChildEnded {
         step: String,
+        /// The item, for a subflow step with `items`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        item: Option<u32>,
         child: RunId,
         status: RunStatus,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,9 +121,10 @@ pub struct TaskDispatch {
 pub struct ChildStart {
     /// The child's run id, which follows from the parent, the step and the flow.
     pub child: RunId,
-    /// The parent run and its subflow step.
+    /// The parent run and its subflow step (and item, for a step with `items`).
     pub parent: RunId,
     pub step: String,
+    pub item: Option<u32>,
     pub flow: String,
     /// `None`: the latest version.
     pub version: Option<u32>,

@@ -122,8 +122,10 @@ impl Run {
             Event::TaskFailed { attempt, error } => self.on_task_failed(attempt, error, &mut context),
             Event::TimerFired { timer } => self.on_timer(timer, &mut context),
             Event::SignalReceived { step, data } => self.on_signal(step, data, &mut context),
-            Event::ChildEnded { step, child, status, output, error } => {
-                self.on_child_ended(step, child, *status, output.as_ref(), error.as_ref(), &mut context)
+            Event::ChildEnded { step, item, child, status, output, error } => {
+                let ended =
+                    subflows::ChildEnd { child, status: *status, output: output.as_ref(), error: error.as_ref() };
+                self.on_child_ended(step, *item, ended, &mut context)
             }
             Event::CancelRequested { reason } => {
                 let error = TaskError { code: "cancelled".to_owned(), message: reason.clone(), retryable: false };
@@ -251,7 +253,8 @@ impl Run {
             .steps
             .iter()
             .zip(&self.steps)
-            .map(|(step, state)| StepViewRef {
+            .enumerate()
+            .map(|(position, (step, state))| StepViewRef {
                 id: &step.id,
                 kind: kind_name(&step.kind),
                 status: state.status,
@@ -265,7 +268,7 @@ impl Run {
                     Work::Map(map) => Some(map.counts()),
                     _ => None,
                 },
-                child_run: self.started_child(step, state),
+                child_run: self.started_child(position as StepIndex, state),
             })
             .collect();
         RunViewRef {

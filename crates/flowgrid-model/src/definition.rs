@@ -281,7 +281,8 @@ pub struct SignalStep {
 
 /// Runs another flow as a step and waits for it: the child run's output is the step's
 /// output; a child that fails, times out or is cancelled fails the step with its error
-/// (which a `catch` may take). Cancelling the parent cancels the child.
+/// (which a `catch` may take). Cancelling the parent cancels the child. With `items`,
+/// runs one child per item, like a `map` step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubflowStep {
@@ -293,12 +294,28 @@ pub struct SubflowStep {
     /// Its version; default: the latest when the step starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
-    /// Expression giving the child run's input; default: this run's input.
+    /// Expression giving the child run's input (with `item` and `index` when `items` is
+    /// set); default: this run's input, or the item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<String>,
-    /// Where a failed child goes instead of failing the run, by the child's error code.
+    /// Expression giving a list: one child run per item, the step's output their outputs
+    /// in item order (a failed child's place is `null`). Without it, one child run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<String>,
+    /// With `items`: child runs going at once. Default: no bound below the item limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// With `items`: children that may fail before the step fails with `map_failed`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tolerated_failures: u32,
+    /// Where a failed child goes instead of failing the run, by the child's error code
+    /// (with `items`: by `map_failed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub catch: Vec<Catch>,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 impl Step {

@@ -43,21 +43,28 @@ impl RunId {
 pub struct ParentRef {
     pub run_id: RunId,
     pub step: String,
+    /// The item of a subflow step with `items`; absent for a step with one child.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<u32>,
     /// 1 for the child of a run nobody started as a child, one more per level below.
     pub depth: u32,
 }
 
 impl ParentRef {
-    /// The idempotency key the child run of step `step` of run `parent` is started with:
-    /// the child's run id follows from it (see [`ParentRef::child_run_id`]), so starting it
-    /// again starts nothing new.
-    pub fn child_key(parent: &RunId, step: &str) -> String {
-        format!("subflow/{parent}/{step}")
+    /// The idempotency key the child run of step `step` (item `item`) of run `parent` is
+    /// started with: the child's run id follows from it (see [`ParentRef::child_run_id`]),
+    /// so starting it again starts nothing new.
+    pub fn child_key(parent: &RunId, step: &str, item: Option<u32>) -> String {
+        match item {
+            Some(item) => format!("subflow/{parent}/{step}/{item}"),
+            None => format!("subflow/{parent}/{step}"),
+        }
     }
 
-    /// The run id of the child run of flow `flow` that step `step` of run `parent` starts.
-    pub fn child_run_id(flow: &str, parent: &RunId, step: &str) -> RunId {
-        RunId::from_idempotency_key(flow, &ParentRef::child_key(parent, step))
+    /// The run id of the child run of flow `flow` that step `step` (item `item`) of run
+    /// `parent` starts.
+    pub fn child_run_id(flow: &str, parent: &RunId, step: &str, item: Option<u32>) -> RunId {
+        RunId::from_idempotency_key(flow, &ParentRef::child_key(parent, step, item))
     }
 }
 

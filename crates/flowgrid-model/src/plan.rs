@@ -128,15 +128,26 @@ pub enum PlanStepKind {
     Subflow(SubflowSpec),
 }
 
-/// A step that runs another flow as a child run.
+/// A step that runs another flow as a child run, or one per item.
 #[derive(Debug)]
 pub struct SubflowSpec {
     pub flow: String,
     /// `None`: the latest version when the step starts.
     pub version: Option<u32>,
-    /// Input expression; `None` means the run input.
+    /// Input expression; `None` means the run input (the item, with `items`).
     pub input: Option<Expr>,
+    /// Set when the step runs one child per item.
+    pub items: Option<FlowItems>,
     pub catch: Vec<CatchRule>,
+}
+
+/// The fan-out of a subflow step over a list.
+#[derive(Debug)]
+pub struct FlowItems {
+    pub items: Expr,
+    /// Children going at once (the default: the item limit).
+    pub max_concurrency: u32,
+    pub tolerated_failures: u32,
 }
 
 /// How long a `wait` step waits.

@@ -274,9 +274,11 @@ pub struct StartChildRun {
 /// the coordinator of the child until the parent's coordinator has taken it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ChildRunEnded {
-    /// The parent run and its subflow step.
+    /// The parent run and its subflow step (and the item, for a step with `items`).
     pub parent: RunId,
     pub step: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<u32>,
     pub child: RunId,
     pub status: RunStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]

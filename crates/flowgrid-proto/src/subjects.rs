@@ -94,6 +94,11 @@ impl Subjects {
         format!("{}.runs.ended.>", self.prefix)
     }
 
+    /// JetStream stream that keeps the run-ended announcements (limits retention).
+    pub fn run_ends_stream(&self) -> String {
+        format!("{}_RUN_ENDS", self.bucket_stem())
+    }
+
     /// Durable fire-and-forget submit subject: a `StartRun` published here with a
     /// JetStream publish is kept until a coordinator has started the run.
     pub fn submit(&self) -> String {
@@ -123,5 +128,6 @@ mod tests {
         assert_eq!(subjects.shard_results(17), "acme.grid.shard.17.result");
         assert_eq!(subjects.tasks_stream(), "ACME_GRID_TASKS");
         assert_eq!(subjects.submit_stream(), "ACME_GRID_SUBMIT");
+        assert_eq!(subjects.run_ends_stream(), "ACME_GRID_RUN_ENDS");
     }
 }

@@ -29,6 +29,10 @@ pub struct BrokerLimits {
     pub pool_ack_pending_max: i64,
     /// Runs waiting in the durable submit stream.
     pub submit_stream_messages_max: i64,
+    /// Bytes of run-ended announcements kept; past it, the oldest go.
+    pub run_ends_stream_bytes_max: i64,
+    /// How long a run-ended announcement is kept.
+    pub run_ends_kept: Duration,
 }
 
 impl Default for BrokerLimits {
@@ -41,6 +45,8 @@ impl Default for BrokerLimits {
             deliveries_max: 10,
             pool_ack_pending_max: 20_000,
             submit_stream_messages_max: 1_000_000,
+            run_ends_stream_bytes_max: 256 * 1024 * 1024,
+            run_ends_kept: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }
 }
@@ -107,6 +113,28 @@ pub async fn submit_stream(
         subjects: vec![subjects.submit()],
         max_messages: limits.submit_stream_messages_max,
         ..work_queue_stream(subjects.submit_stream(), limits)
+    };
+    open_stream(jetstream, config).await
+}
+
+/// Creates the stream that keeps run-ended announcements if it does not exist and
+/// returns it: services read it with a durable consumer of their own, so that they miss
+/// no run's end while they are down (within `run_ends_kept` and its size bound).
+pub async fn run_ends_stream(
+    jetstream: &jetstream::Context,
+    subjects: &Subjects,
+    limits: &BrokerLimits,
+) -> Result<stream::Stream, BrokerError> {
+    let config = stream::Config {
+        name: subjects.run_ends_stream(),
+        subjects: vec![subjects.run_ended_all()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        max_bytes: limits.run_ends_stream_bytes_max,
+        max_age: limits.run_ends_kept,
+        duplicate_window: limits.duplicate_window,
+        ..Default::default()
     };
     open_stream(jetstream, config).await
 }

@@ -549,7 +549,7 @@ impl Findings<'_> {
             (
                 "load".to_owned(),
                 format!(
-                    "{} runs/s for {:.0} s (3 doublings with a 300 ms wait before the last)",
+                    "{} runs/s for {:.0} s (3 doublings with a 300 ms wait before the last, which runs in a child run)",
                     self.args.rate, self.faults_s
                 ),
             ),

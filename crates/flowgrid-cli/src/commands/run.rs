@@ -298,7 +298,7 @@ mod tests {
             error: None,
             created_ms: 0,
             ended_ms: Some(1_500),
-            parent: Some(ParentRef { run_id: RunId("p-1".into()), step: "call".into(), depth: 1 }),
+            parent: Some(ParentRef { run_id: RunId("p-1".into()), step: "call".into(), item: None, depth: 1 }),
             steps: vec![step("first", "task", None), fan_out, child],
         };
         let text = render_run(&view);

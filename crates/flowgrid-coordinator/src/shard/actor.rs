@@ -298,18 +298,8 @@ impl<S: ShardStore> ShardActor<S> {
     /// Commits the batch, then publishes, replies and acks. Nothing of the batch is visible
     /// outside before the commit returns.
     async fn commit(&mut self, batch: Batch) -> std::result::Result<(), flowgrid_store::Error> {
-        let Batch {
-            writes,
-            commands,
-            dispatches,
-            replies,
-            result_replies,
-            finished,
-            deployed,
-            announcements,
-            child_starts,
-            outbox,
-        } = batch;
+        let Batch { writes, commands, dispatches, replies, result_replies, finished, deployed, child_starts, outbox } =
+            batch;
         if !writes.is_empty() {
             let started = Instant::now();
             let committed = self.store.commit(self.epoch, writes).await;
@@ -332,11 +322,6 @@ impl<S: ShardStore> ShardActor<S> {
         }
         for reply in replies {
             reply(None);
-        }
-        for (subject, payload) in announcements {
-            if let Err(error) = self.context.nats.publish(subject, payload.into()).await {
-                debug!(shard = %self.shard, error = %error, "cannot announce a run's end");
-            }
         }
         for result_reply in result_replies {
             let reply = Reply::Ok(ResultAck { applied: result_reply.applied });

@@ -44,8 +44,6 @@ pub struct Batch {
     pub finished: Vec<RunId>,
     /// Flow versions deployed in this batch: published as latest after the commit.
     pub deployed: Vec<Arc<FlowPlan>>,
-    /// Run ends to announce after the commit: subject and JSON payload.
-    pub announcements: Vec<(String, Vec<u8>)>,
     /// Child runs to start after the commit, each with its depth below the top run.
     pub child_starts: Vec<(ChildStart, u32)>,
     /// Messages put into the outbox by this batch: sent after the commit.

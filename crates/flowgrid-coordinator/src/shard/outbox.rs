@@ -1,13 +1,16 @@
-//! Messages between runs of different shards: a subflow step's child start, the child's
-//! end for its parent, and the cancel of a child whose parent ended.
+//! Messages a shard's commits decide and others must get: a subflow step's child start,
+//! the child's end for its parent, the cancel of a child whose parent ended, and the
+//! announcement of a run's end (flows with `publish_ended`).
 //!
-//! A child's end and a child's cancel are decided in a commit of one shard and must reach
-//! another shard, whoever owns it then. They are written to the deciding shard's outbox
-//! in that same commit (`("outbox", run, what)`), sent through the API after it, and
-//! deleted once the receiver took them (its own commit is durable); a shard that is
-//! acquired or reloaded sends every message left in its outbox again. Receivers take a
-//! message once (a child's end only while the step waits for that child; a cancel of a
-//! run that ended changes nothing), so sending one twice is harmless.
+//! A child's end, a child's cancel and a run's announcement are decided in a commit of
+//! one shard and must reach another shard (whoever owns it then) or the run-ends stream.
+//! They are written to the deciding shard's outbox in that same commit
+//! (`("outbox", run, what)`), sent after it, and deleted once the receiver took them (its
+//! own commit is durable, or the stream acknowledged); a shard that is acquired or
+//! reloaded sends every message left in its outbox again. Receivers take a message once
+//! (a child's end only while the step waits for that child; a cancel of a run that ended
+//! changes nothing; the stream drops an announcement it has within its duplicate window),
+//! so sending one twice is harmless.
 //!
 //! A child's start needs no outbox: the parent's state says which children it waits
 //! for, and a reload starts them again (the child's run id follows from its parent, so
@@ -21,7 +24,7 @@ use std::time::Duration;
 
 use flowgrid_engine::{ChildStart, RunStatus, TaskError};
 use flowgrid_model::ParentRef;
-use flowgrid_proto::{ChildRunEnded, ErrorCode, StartChildRun};
+use flowgrid_proto::{ChildRunEnded, ErrorCode, RunEnded, StartChildRun};
 use flowgrid_sdk::backoff::Backoff;
 use flowgrid_sdk::Error as ClientError;
 use flowgrid_store::{join_records, keys, ShardStore};
@@ -100,7 +103,7 @@ impl<S: ShardStore> ShardActor<S> {
                 flow: start.flow.clone(),
                 version: start.version,
                 input: (*start.input).clone(),
-                parent: ParentRef { run_id: start.parent.clone(), step: start.step.clone(), depth },
+                parent: ParentRef { run_id: start.parent.clone(), step: start.step.clone(), item: start.item, depth },
             };
             let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
             let refusal = loop {
@@ -131,6 +134,7 @@ impl<S: ShardStore> ShardActor<S> {
             let ended = ChildRunEnded {
                 parent: start.parent.clone(),
                 step: start.step.clone(),
+                item: start.item,
                 child: start.child.clone(),
                 status: RunStatus::Failed,
                 output: None,
@@ -201,12 +205,13 @@ async fn send(client: &flowgrid_sdk::Client, record: &OutboxRecord, not_found: &
     let outcome = match record {
         OutboxRecord::ChildEnded(ended) => client.child_ended(ended).await.map(|_| ()),
         OutboxRecord::CancelChild { child, reason } => client.cancel(child, reason.clone()).await.map(|_| ()),
+        OutboxRecord::RunEnded(ended) => return announce(client, ended).await,
     };
     match outcome {
         Ok(()) => Sent::Taken,
         Err(ClientError::Api(refusal)) if refusal.code == ErrorCode::NotFound => match record {
             // The parent is gone (its retention passed): nobody waits for this end.
-            OutboxRecord::ChildEnded(_) => Sent::Taken,
+            OutboxRecord::ChildEnded(_) | OutboxRecord::RunEnded(_) => Sent::Taken,
             OutboxRecord::CancelChild { child, .. } => {
                 *not_found += 1;
                 if *not_found >= CANCEL_NOT_FOUND_TRIES {
@@ -223,6 +228,34 @@ async fn send(client: &flowgrid_sdk::Client, record: &OutboxRecord, not_found: &
             } else {
                 debug!(error = %error, "cannot send a message for another run yet; trying again");
             }
+            Sent::Again
+        }
+    }
+}
+
+/// Publishes a run's end on its flow's subject through JetStream, with the run id as the
+/// message id: the run-ends stream keeps it (and drops a repeat within its duplicate
+/// window), and core subscribers get it too. Taken once the stream acknowledged it.
+async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
+    let payload = match serde_json::to_vec(ended) {
+        Ok(payload) => payload,
+        Err(error) => {
+            warn!(run = %ended.run_id, error = %error, "cannot encode a run's end; it is not announced");
+            return Sent::Taken;
+        }
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, ended.run_id.as_str());
+    let subject = client.subjects().run_ended(&ended.flow);
+    let jetstream = async_nats::jetstream::new(client.nats().clone());
+    let acked = match jetstream.publish_with_headers(subject, headers, payload.into()).await {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    match acked {
+        Ok(()) => Sent::Taken,
+        Err(error) => {
+            debug!(run = %ended.run_id, error = %error, "cannot announce a run's end yet; trying again");
             Sent::Again
         }
     }

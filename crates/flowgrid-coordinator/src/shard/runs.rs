@@ -214,15 +214,13 @@ impl<S: ShardStore> ShardActor<S> {
                 output: active.run.output().cloned(),
                 error: active.run.error().cloned(),
             };
-            match serde_json::to_vec(&ended) {
-                Ok(payload) => batch.announcements.push((self.context.subjects.run_ended(&plan.name), payload)),
-                Err(error) => warn!(run = %run_id, error = %error, "cannot encode a run's end to announce it"),
-            }
+            self.send_after_commit(keys::outbox(run_id, "announce"), OutboxRecord::RunEnded(ended), batch);
         }
         if let Some(parent) = active.run.parent() {
             let ended = ChildRunEnded {
                 parent: parent.run_id.clone(),
                 step: parent.step.clone(),
+                item: parent.item,
                 child: run_id.clone(),
                 status,
                 output: active.run.output().cloned(),
@@ -241,14 +239,14 @@ impl<S: ShardStore> ShardActor<S> {
         ended: ChildRunEnded,
         batch: &mut Batch,
     ) -> Result<ChildEndTaken, ApiError> {
-        let ChildRunEnded { parent, step, child, status, output, error } = ended;
+        let ChildRunEnded { parent, step, item, child, status, output, error } = ended;
         if !self.runs.contains_key(&parent) {
             return match self.run_record(&parent).await? {
                 Some(_) => Ok(ChildEndTaken { applied: false }),
                 None => Err(not_found(&parent)),
             };
         }
-        let event = Event::ChildEnded { step, child, status, output, error };
+        let event = Event::ChildEnded { step, item, child, status, output, error };
         let applied = self.apply_event(&parent, event, now_ms(), batch);
         Ok(ChildEndTaken { applied })
     }

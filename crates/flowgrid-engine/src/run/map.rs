@@ -1,5 +1,5 @@
-//! Map steps: fan-out over a list, at most `max_concurrency` items in flight, fan-in in
-//! item order.
+//! Map steps, and subflow steps with `items`: fan-out over a list, at most
+//! `max_concurrency` items in flight (tasks, or child runs), fan-in in item order.
 //!
 //! Invariants: items below `next_pending` have been started, the others are `Pending`;
 //! `active` counts `Active` items and never exceeds `max_concurrency`; once more items
@@ -9,8 +9,7 @@
 use std::sync::Arc;
 
 use flowgrid_model::expr::json_kind;
-use flowgrid_model::plan::TaskSpec;
-use flowgrid_model::{Expr, Limits, PlanStepKind, StepIndex};
+use flowgrid_model::{Expr, Limits, PlanStepKind, StepIndex, SubflowSpec};
 use serde_json::Value;
 
 use super::scope::Locals;
@@ -24,7 +23,6 @@ impl Run {
         &mut self,
         index: StepIndex,
         items: &Expr,
-        spec: &TaskSpec,
         max_concurrency: u32,
         context: &mut Context<'_>,
     ) {
@@ -54,7 +52,7 @@ impl Run {
             succeeded: 0,
             failed: 0,
         }));
-        self.fill_map(index, spec, context);
+        self.fill_map(index, context);
         self.complete_map_if_done(index, context);
     }
 
@@ -71,6 +69,7 @@ impl Run {
     pub(super) fn item_failed(&mut self, index: StepIndex, item: u32, error: TaskError, context: &mut Context<'_>) {
         let tolerated = match &self.plan.step(index).kind {
             PlanStepKind::Map { tolerated_failures, .. } => *tolerated_failures,
+            PlanStepKind::Subflow(SubflowSpec { items: Some(items), .. }) => items.tolerated_failures,
             _ => unreachable!("items belong to map steps"),
         };
         let map = self.map_mut(index);
@@ -84,14 +83,19 @@ impl Run {
     }
 
     fn continue_map(&mut self, index: StepIndex, context: &mut Context<'_>) {
-        let plan = Arc::clone(&self.plan);
-        let spec = super::steps::task_spec(&plan.step(index).kind).expect("items belong to map steps");
-        self.fill_map(index, spec, context);
+        self.fill_map(index, context);
         self.complete_map_if_done(index, context);
     }
 
-    /// Starts pending items while fewer than `max_concurrency` are active.
-    fn fill_map(&mut self, index: StepIndex, spec: &TaskSpec, context: &mut Context<'_>) {
+    /// Starts pending items while fewer than `max_concurrency` are active: dispatches a
+    /// task, or asks for a child run.
+    fn fill_map(&mut self, index: StepIndex, context: &mut Context<'_>) {
+        let plan = Arc::clone(&self.plan);
+        let (input_expr, children) = match &plan.step(index).kind {
+            PlanStepKind::Map { spec, .. } => (spec.input.as_ref(), false),
+            PlanStepKind::Subflow(spec) => (spec.input.as_ref(), true),
+            _ => unreachable!("items belong to map and subflow steps"),
+        };
         while !self.status.is_terminal() {
             let map = self.map_mut(index);
             if map.active >= map.max_concurrency || map.next_pending >= map.total {
@@ -103,7 +107,7 @@ impl Run {
             };
             map.next_pending += 1;
             map.active += 1;
-            let input = match &spec.input {
+            let input = match input_expr {
                 Some(expr) => {
                     let locals = Locals { item: Some(&value), index: Some(item), result: None };
                     match self.evaluate(context.evaluator, expr, locals) {
@@ -113,9 +117,14 @@ impl Run {
                 }
                 None => value,
             };
-            let slot = Slot { attempt: 0, phase: Phase::New, input: Arc::new(input) };
+            let input = Arc::new(input);
+            let slot = Slot { attempt: 0, phase: Phase::New, input: Arc::clone(&input) };
             self.map_mut(index).items[item as usize] = Item::Active(slot);
-            self.dispatch(index, Some(item), context);
+            if children {
+                self.ask_for_child(index, Some(item), input, context);
+            } else {
+                self.dispatch(index, Some(item), context);
+            }
         }
     }
 
@@ -154,6 +163,8 @@ impl Run {
             }
         }
         let (item, first) = first_failure.expect("a failed map has a failed item");
+        let why = format!("map step `{}` of its parent run {} failed", self.plan.step(index).id, self.run_id);
+        self.cancel_step_children(index, &why, context);
         let message = format!(
             "{failed} of {total} items failed, more than the {tolerated} tolerated; item {item} failed with `{}`: {}",
             first.code, first.message

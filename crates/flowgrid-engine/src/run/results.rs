@@ -173,8 +173,8 @@ impl Run {
     /// fails.
     pub(super) fn succeed_with_result(&mut self, index: StepIndex, result: Value, context: &mut Context<'_>) {
         let plan = Arc::clone(&self.plan);
-        let spec = task_spec(&plan.step(index).kind).expect("only task and map steps produce results");
-        let output = match &spec.output {
+        // A subflow step's merged items are its output as they are.
+        let output = match task_spec(&plan.step(index).kind).and_then(|spec| spec.output.as_ref()) {
             Some(expr) => {
                 let locals = Locals { result: Some(&result), ..Locals::default() };
                 match self.evaluate(context.evaluator, expr, locals) {

@@ -39,9 +39,7 @@ impl Run {
         let plan = Arc::clone(&self.plan);
         match &plan.step(index).kind {
             PlanStepKind::Task(spec) => self.start_task(index, spec, context),
-            PlanStepKind::Map { items, spec, max_concurrency, tolerated_failures: _ } => {
-                self.start_map(index, items, spec, *max_concurrency, context)
-            }
+            PlanStepKind::Map { items, max_concurrency, .. } => self.start_map(index, items, *max_concurrency, context),
             PlanStepKind::Choice { rules, default } => self.take_choice(index, rules, default.is_some(), context),
             PlanStepKind::Transform { output } => self.run_transform(index, output, context),
             PlanStepKind::Succeed { output } => self.succeed_at_step(index, output.as_ref(), context),

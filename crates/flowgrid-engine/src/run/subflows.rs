@@ -1,26 +1,41 @@
-//! Subflow steps: a step that starts a child run of another flow and waits for its end.
+//! Subflow steps: a step that starts a child run of another flow (or one per item) and
+//! waits for its end.
 //!
-//! The child's run id follows from the parent's, the step's and the flow's
+//! A child's run id follows from the parent's id, the step, the item and the flow
 //! ([`ParentRef::child_run_id`]), so the step knows its child before it exists, starting
 //! it again starts nothing new, and only that child's end is taken. The child's end comes
 //! back as [`Event::ChildEnded`](crate::Event::ChildEnded): its output is the step's
 //! output; any other end fails the step with the child's error, which a catch may take.
-//! A parent that ends while a child goes asks for the child to be cancelled.
+//! With `items` the step is a map whose items are child runs ([`super::map`]): each
+//! child's end is its item's result. A parent that ends while children go asks for them to
+//! be cancelled, and so does a map that fails.
 
 use std::sync::Arc;
 
-use flowgrid_model::{ParentRef, PlanStep, PlanStepKind, RunId, StepIndex, SubflowSpec};
+use flowgrid_model::{ParentRef, PlanStepKind, RunId, StepIndex, SubflowSpec};
 use serde_json::Value;
 
 use super::resolve::Resolution;
 use super::scope::Locals;
-use super::state::{StepState, Work};
+use super::state::{Item, StepState, Work};
 use super::{Context, Run};
 use crate::{Applied, ChildStart, Effect, RunStatus, StepStatus, TaskError};
 
+/// How a child run ended, as its end came back.
+pub(super) struct ChildEnd<'a> {
+    pub child: &'a RunId,
+    pub status: RunStatus,
+    pub output: Option<&'a Value>,
+    pub error: Option<&'a TaskError>,
+}
+
 impl Run {
-    /// Starts subflow step `index`: evaluates the child's input and asks for the child.
+    /// Starts subflow step `index`: fans out over its items, or evaluates the one child's
+    /// input and asks for the child.
     pub(super) fn start_subflow(&mut self, index: StepIndex, spec: &SubflowSpec, context: &mut Context<'_>) {
+        if let Some(items) = &spec.items {
+            return self.start_map(index, &items.items, items.max_concurrency, context);
+        }
         let input = match &spec.input {
             Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
                 Ok(input) => Arc::new(input),
@@ -28,98 +43,151 @@ impl Run {
             },
             None => Arc::clone(&self.input),
         };
-        let start = self.child_start(index, spec, Arc::clone(&input));
-        self.state(index).work = Work::Child { input };
+        self.state(index).work = Work::Child { input: Arc::clone(&input) };
+        self.ask_for_child(index, None, input, context);
+    }
+
+    /// Asks the driver to start the child of step `index` (item `item`) with `input`.
+    pub(super) fn ask_for_child(
+        &self,
+        index: StepIndex,
+        item: Option<u32>,
+        input: Arc<Value>,
+        context: &mut Context<'_>,
+    ) {
+        let start = self.child_start(index, item, input).expect("only subflow steps have children");
         context.effects.push(Effect::StartChild(start));
     }
 
     /// The start of every child run a subflow step waits for: the driver starts them
     /// again after reloading a shard (a child that exists already is not started twice).
     pub fn open_child_starts(&self) -> Vec<ChildStart> {
-        let waiting = self.plan.steps.iter().zip(&self.steps).enumerate();
-        waiting
-            .filter_map(|(position, (step, state))| match (&step.kind, &state.work) {
-                (PlanStepKind::Subflow(spec), Work::Child { input }) => {
-                    Some(self.child_start(position as StepIndex, spec, Arc::clone(input)))
-                }
-                _ => None,
-            })
-            .collect()
+        self.waiting_children().filter_map(|(index, item, input)| self.child_start(index, item, input)).collect()
     }
 
-    fn child_start(&self, index: StepIndex, spec: &SubflowSpec, input: Arc<Value>) -> ChildStart {
-        let step = &self.plan.step(index).id;
-        ChildStart {
-            child: ParentRef::child_run_id(&spec.flow, &self.run_id, step),
+    /// Every child a subflow step waits for: its step, item and input.
+    fn waiting_children(&self) -> impl Iterator<Item = (StepIndex, Option<u32>, Arc<Value>)> + '_ {
+        let subflows = self.plan.steps.iter().zip(&self.steps).enumerate().filter_map(|(position, (step, state))| {
+            matches!(step.kind, PlanStepKind::Subflow(_)).then_some((position as StepIndex, state))
+        });
+        subflows.flat_map(|(index, state)| {
+            let single = match &state.work {
+                Work::Child { input } => Some((index, None, Arc::clone(input))),
+                _ => None,
+            };
+            let items = match &state.work {
+                Work::Map(map) => map.items.as_slice(),
+                _ => &[],
+            };
+            let active = items.iter().enumerate().filter_map(move |(item, entry)| match entry {
+                Item::Active(slot) => Some((index, Some(item as u32), Arc::clone(&slot.input))),
+                _ => None,
+            });
+            single.into_iter().chain(active)
+        })
+    }
+
+    fn child_start(&self, index: StepIndex, item: Option<u32>, input: Arc<Value>) -> Option<ChildStart> {
+        let step = self.plan.step(index);
+        let PlanStepKind::Subflow(spec) = &step.kind else { return None };
+        Some(ChildStart {
+            child: ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id, item),
             parent: self.run_id.clone(),
-            step: step.clone(),
+            step: step.id.clone(),
+            item,
             flow: spec.flow.clone(),
             version: spec.version,
             input,
-        }
+        })
     }
 
-    /// The child run of a subflow step that started one (for the view).
-    pub(super) fn started_child(&self, step: &PlanStep, state: &StepState) -> Option<RunId> {
-        let PlanStepKind::Subflow(spec) = &step.kind else { return None };
+    /// The child run of a subflow step with one child that asked for it (for the view).
+    pub(super) fn started_child(&self, index: StepIndex, state: &StepState) -> Option<RunId> {
+        let step = self.plan.step(index);
+        let PlanStepKind::Subflow(SubflowSpec { flow, items: None, .. }) = &step.kind else { return None };
         // A step whose input expression failed never asked for its child.
         let asked = state.started_ms.is_some()
             && state.error.as_ref().is_none_or(|error| error.code != super::scope::EXPRESSION_ERROR);
-        asked.then(|| ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id))
+        asked.then(|| ParentRef::child_run_id(flow, &self.run_id, &step.id, None))
     }
 
-    /// Child run `child` of step `step` ended: the step succeeds with its output, or fails
-    /// with its error. An end from a child the step does not wait for changes nothing.
+    /// A child run of step `step` (item `item`) ended: the step, or its item, succeeds with
+    /// the child's output or fails with its error. An end from a child the step does not
+    /// wait for changes nothing.
     pub(super) fn on_child_ended(
         &mut self,
         step: &str,
-        child: &RunId,
-        status: RunStatus,
-        output: Option<&Value>,
-        error: Option<&TaskError>,
+        item: Option<u32>,
+        ended: ChildEnd<'_>,
         context: &mut Context<'_>,
     ) -> Applied {
         let Some(index) = self.plan.step_index(step) else { return Applied::Ignored("no step of that id") };
         let PlanStepKind::Subflow(spec) = &self.plan.step(index).kind else {
             return Applied::Ignored("not a subflow step");
         };
-        if !matches!(self.steps[usize::from(index)].work, Work::Child { .. }) {
-            return Applied::Ignored("the subflow step does not wait for a child");
+        let waits = match (&self.steps[usize::from(index)].work, item) {
+            (Work::Child { .. }, None) => true,
+            (Work::Map(map), Some(item)) => matches!(map.items.get(item as usize), Some(Item::Active(_))),
+            _ => false,
+        };
+        if !waits {
+            return Applied::Ignored("the subflow step does not wait for that child");
         }
-        if *child != ParentRef::child_run_id(&spec.flow, &self.run_id, step) {
+        if *ended.child != ParentRef::child_run_id(&spec.flow, &self.run_id, step, item) {
             return Applied::Ignored("not the child of this step");
         }
-        if status == RunStatus::Succeeded {
-            let state = self.state(index);
-            state.work = Work::Idle;
-            state.status = StepStatus::Succeeded;
-            state.output = Some(output.cloned().unwrap_or(Value::Null));
-            self.resolve_step(index, Resolution::Succeeded, context);
-        } else {
-            let (code, message) = match error {
-                Some(error) => (error.code.clone(), error.message.as_str()),
-                None => (status.as_str().to_owned(), "no error given"),
-            };
-            let error = TaskError {
-                code,
-                message: format!("child run {child} of flow `{}` {}: {message}", spec.flow, status.as_str()),
-                retryable: false,
-            };
-            self.state(index).work = Work::Idle;
-            self.step_failed(index, error, context);
+        let error = (ended.status != RunStatus::Succeeded).then(|| child_error(&spec.flow, &ended));
+        let output = ended.output.cloned().unwrap_or(Value::Null);
+        match (item, error) {
+            (Some(item), None) => self.item_succeeded(index, item, output, context),
+            (Some(item), Some(error)) => self.item_failed(index, item, error, context),
+            (None, None) => {
+                let state = self.state(index);
+                state.work = Work::Idle;
+                state.status = StepStatus::Succeeded;
+                state.output = Some(output);
+                self.resolve_step(index, Resolution::Succeeded, context);
+            }
+            (None, Some(error)) => {
+                self.state(index).work = Work::Idle;
+                self.step_failed(index, error, context);
+            }
         }
         Applied::Accepted
     }
 
+    /// Asks for every child of step `index` still going to be cancelled: the run ends with
+    /// `status`, or the step's map failed.
+    pub(super) fn cancel_step_children(&self, index: StepIndex, why: &str, context: &mut Context<'_>) {
+        let step = self.plan.step(index);
+        let PlanStepKind::Subflow(spec) = &step.kind else { return };
+        for (_, item, _) in self.waiting_children().filter(|(waiting, _, _)| *waiting == index) {
+            context.effects.push(Effect::CancelChild {
+                child: ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id, item),
+                reason: why.to_owned(),
+            });
+        }
+    }
+
     /// The run ends with `status`: every child run still going is to be cancelled.
     pub(super) fn cancel_children(&self, status: RunStatus, context: &mut Context<'_>) {
-        for (step, state) in self.plan.steps.iter().zip(&self.steps) {
-            if let (PlanStepKind::Subflow(spec), Work::Child { .. }) = (&step.kind, &state.work) {
-                context.effects.push(Effect::CancelChild {
-                    child: ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id),
-                    reason: format!("its parent run {} {}", self.run_id, status.as_str()),
-                });
-            }
+        let why = format!("its parent run {} {}", self.run_id, status.as_str());
+        for position in 0..self.plan.steps.len() {
+            self.cancel_step_children(position as StepIndex, &why, context);
         }
+    }
+}
+
+/// The error a child that did not succeed fails its step (or item) with: the child's own
+/// code, and a message naming the child.
+fn child_error(flow: &str, ended: &ChildEnd<'_>) -> TaskError {
+    let (code, message) = match ended.error {
+        Some(error) => (error.code.clone(), error.message.as_str()),
+        None => (ended.status.as_str().to_owned(), "no error given"),
+    };
+    TaskError {
+        code,
+        message: format!("child run {} of flow `{flow}` {}: {message}", ended.child, ended.status.as_str()),
+        retryable: false,
     }
 }

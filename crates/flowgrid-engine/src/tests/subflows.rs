@@ -20,7 +20,7 @@ steps:
 "##;
 
 fn child_id() -> RunId {
-    ParentRef::child_run_id("transcode", &RunId(RUN.into()), "encode")
+    ParentRef::child_run_id("transcode", &RunId(RUN.into()), "encode", None)
 }
 
 fn starts(effects: &[Effect]) -> Vec<ChildStart> {
@@ -34,7 +34,7 @@ fn starts(effects: &[Effect]) -> Vec<ChildStart> {
 }
 
 fn ended(child: RunId, status: RunStatus, output: Option<serde_json::Value>, error: Option<TaskError>) -> Event {
-    Event::ChildEnded { step: "encode".to_owned(), child, status, output, error }
+    Event::ChildEnded { step: "encode".to_owned(), item: None, child, status, output, error }
 }
 
 #[test]
@@ -118,4 +118,89 @@ steps:
     assert!(starts(&harness.effects).is_empty(), "{:?}", harness.effects);
     assert_eq!(harness.run.status(), RunStatus::Failed);
     assert_eq!(harness.step("invoke").child_run, None, "no child was asked for");
+}
+
+const FAN: &str = r##"
+name: fan
+steps:
+  - kind: subflow
+    id: each
+    flow: transcode
+    items: 'input.videos'
+    input: '#{ url: item, n: index }'
+    max_concurrency: 2
+    tolerated_failures: TOLERATED
+"##;
+
+fn item_id(item: u32) -> RunId {
+    ParentRef::child_run_id("transcode", &RunId(RUN.into()), "each", Some(item))
+}
+
+fn item_ended(item: u32, status: RunStatus, output: Option<serde_json::Value>) -> Event {
+    let error = (status != RunStatus::Succeeded).then(|| TaskError {
+        code: "bad_codec".into(),
+        message: format!("item {item}"),
+        retryable: false,
+    });
+    Event::ChildEnded { step: "each".to_owned(), item: Some(item), child: item_id(item), status, output, error }
+}
+
+#[test]
+fn a_subflow_step_with_items_runs_a_child_per_item_within_its_concurrency() {
+    let yaml = FAN.replace("TOLERATED", "1");
+    let mut harness = Harness::start(&yaml, json!({"videos": ["a", "b", "c"]}), 0);
+    let asked = starts(&harness.effects);
+    let children: Vec<(RunId, Option<u32>)> = asked.iter().map(|start| (start.child.clone(), start.item)).collect();
+    assert_eq!(children, [(item_id(0), Some(0)), (item_id(1), Some(1))], "two at once");
+    assert_eq!(*asked[1].input, json!({"url": "b", "n": 1}));
+    assert_ne!(item_id(0), child_id(), "each item has a child of its own");
+    assert_eq!(harness.run.open_child_starts(), asked);
+    assert_eq!(harness.step("each").child_run, None, "the items' children are not one step's child");
+
+    let wrong = Event::ChildEnded {
+        step: "each".to_owned(),
+        item: Some(0),
+        child: item_id(1),
+        status: RunStatus::Succeeded,
+        output: None,
+        error: None,
+    };
+    assert_eq!(harness.apply(5, wrong), Applied::Ignored("not the child of this step"));
+    assert_eq!(harness.apply(10, item_ended(1, RunStatus::Succeeded, Some(json!("B")))), Applied::Accepted);
+    let next = starts(&harness.effects);
+    assert_eq!((next.len(), next[0].item), (1, Some(2)), "a finished child makes room for the next item");
+    assert_eq!(
+        harness.apply(11, item_ended(1, RunStatus::Succeeded, Some(json!("B")))),
+        Applied::Ignored("the subflow step does not wait for that child")
+    );
+    assert_eq!(harness.apply(20, item_ended(0, RunStatus::Failed, None)), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Running, "one failure is tolerated");
+    assert_eq!(harness.apply(30, item_ended(2, RunStatus::Succeeded, Some(json!("C")))), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.step("each").output, Some(json!([null, "B", "C"])), "outputs in item order");
+    let counts = harness.step("each").items.expect("item counts");
+    assert_eq!((counts.total, counts.succeeded, counts.failed), (3, 2, 1));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+#[test]
+fn too_many_failed_children_fail_the_step_and_cancel_the_children_still_going() {
+    let yaml = FAN.replace("TOLERATED", "0");
+    let mut harness = Harness::start(&yaml, json!({"videos": ["a", "b", "c"]}), 0);
+    assert_eq!(harness.apply(10, item_ended(0, RunStatus::TimedOut, None)), Applied::Accepted);
+    let cancelled: Vec<RunId> = harness
+        .effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::CancelChild { child, .. } => Some(child.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled, [item_id(1)], "the child still going is cancelled, no later item starts");
+    assert!(starts(&harness.effects).is_empty());
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+    let error = harness.run.error().expect("an error").clone();
+    assert_eq!(error.code, "map_failed", "{error:?}");
+    assert!(error.message.contains("bad_codec"), "{error:?}");
 }

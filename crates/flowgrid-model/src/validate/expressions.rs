@@ -132,7 +132,10 @@ fn expression_fields(step: &Step) -> Vec<(String, &str, bool)> {
         Step::Fail(fail) => vec![("message".to_owned(), fail.message.as_deref(), false)],
         Step::Wait(wait) => vec![("duration".to_owned(), wait.duration.as_deref(), false)],
         Step::Signal(_) => Vec::new(),
-        Step::Subflow(subflow) => vec![("input".to_owned(), subflow.input.as_deref(), false)],
+        Step::Subflow(subflow) => vec![
+            ("items".to_owned(), subflow.items.as_deref(), false),
+            ("input".to_owned(), subflow.input.as_deref(), false),
+        ],
     };
     fields.into_iter().filter_map(|(field, source, reads_result)| Some((field, source?, reads_result))).collect()
 }

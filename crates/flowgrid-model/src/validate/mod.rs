@@ -22,7 +22,7 @@ use crate::error::{DefinitionError, Issue, Result};
 use crate::expr::Evaluator;
 use crate::limits::Limits;
 use crate::plan::{
-    CatchRule, Edge, EdgeWhen, FlowPlan, PlanStep, PlanStepKind, StepIndex, SubflowSpec, TaskSpec, WaitFor,
+    CatchRule, Edge, EdgeWhen, FlowItems, FlowPlan, PlanStep, PlanStepKind, StepIndex, SubflowSpec, TaskSpec, WaitFor,
     PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
 };
 
@@ -148,9 +148,7 @@ fn plan_kind(
                 priority: map.priority.unwrap_or(PRIORITY_DEFAULT),
                 catch: catch_rules(&map.catch, index),
             },
-            max_concurrency: map
-                .max_concurrency
-                .unwrap_or_else(|| u32::try_from(limits.map_items_max).unwrap_or(u32::MAX)),
+            max_concurrency: map.max_concurrency.unwrap_or_else(|| items_max(limits)),
             tolerated_failures: map.tolerated_failures,
         },
         Step::Choice(choice) => PlanStepKind::Choice {
@@ -174,6 +172,11 @@ fn plan_kind(
             flow: subflow.flow.clone(),
             version: subflow.version,
             input: take("input"),
+            items: take("items").map(|items| FlowItems {
+                items,
+                max_concurrency: subflow.max_concurrency.unwrap_or_else(|| items_max(limits)),
+                tolerated_failures: subflow.tolerated_failures,
+            }),
             catch: catch_rules(&subflow.catch, index),
         }),
         Step::Wait(wait) => PlanStepKind::Wait(match wait.duration_ms {
@@ -181,6 +184,11 @@ fn plan_kind(
             None => WaitFor::Expr(required("duration")),
         }),
     }
+}
+
+/// The most items a map may have in flight: the item limit.
+fn items_max(limits: &Limits) -> u32 {
+    u32::try_from(limits.map_items_max).unwrap_or(u32::MAX)
 }
 
 fn catch_rules(catch: &[Catch], index: &HashMap<&str, StepIndex>) -> Vec<CatchRule> {

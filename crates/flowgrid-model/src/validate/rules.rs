@@ -91,6 +91,20 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
                     "versions start at 1: name a deployed version, or leave it out for the latest",
                 );
             }
+            if subflow.max_concurrency == Some(0) {
+                push_issue(
+                    issues,
+                    format!("{path}.max_concurrency"),
+                    "must be at least 1: set the number of child runs going at once, or leave it out for no bound",
+                );
+            }
+            if subflow.items.is_none() && (subflow.max_concurrency.is_some() || subflow.tolerated_failures > 0) {
+                push_issue(
+                    issues,
+                    path,
+                    "max_concurrency and tolerated_failures apply to one child per item: add `items`, or remove them",
+                );
+            }
             check_catch(path, &subflow.catch, issues);
         }
         Step::Transform(_) | Step::Succeed(_) => {}

@@ -434,6 +434,19 @@ fn a_subflow_step_names_a_flow_compiles_its_input_and_catches_like_a_task() {
     assert_issue(&issues_of(&flow(", flow: x, version: 0")), "steps[0](s).version", "start at 1");
     assert_issue(&issues_of(&flow(", flow: x, input: '1 +'")), "steps[0](s).input", "does not compile");
     assert_issue(&issues_of(&flow(", flow: x, catch: [{ next: nope }]")), "steps[0](s).catch[0].next", "nope");
+
+    let text = flow(", flow: encode, items: 'input.videos', max_concurrency: 4, tolerated_failures: 1");
+    let plan = FlowPlan::compile(parse(&text), 1, &evaluator(), &limits()).unwrap();
+    let PlanStepKind::Subflow(spec) = &plan.step(0).kind else { panic!("a subflow step") };
+    let items = spec.items.as_ref().expect("one child per item");
+    assert_eq!((items.max_concurrency, items.tolerated_failures), (4, 1));
+    assert_issue(
+        &issues_of(&flow(", flow: x, items: 'input.v', max_concurrency: 0")),
+        "steps[0](s).max_concurrency",
+        "at least 1",
+    );
+    assert_issue(&issues_of(&flow(", flow: x, tolerated_failures: 2")), "steps[0](s)", "add `items`");
+    assert_issue(&issues_of(&flow(", flow: x, items: '1 +'")), "steps[0](s).items", "does not compile");
 }
 
 #[test]
