@@ -302,7 +302,7 @@ impl Api {
             ));
         }
         let key = ParentRef::child_key(&parent.run_id, &parent.step, parent.item);
-        let start = StartRun { flow, version, input, idempotency_key: Some(key) };
+        let start = StartRun { flow, version, input: Arc::unwrap_or_clone(input), idempotency_key: Some(key) };
         self.start_run(start, None, request_bytes, Some(parent)).await
     }
 

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use flowgrid_engine::{Event, RunStatus};
 use flowgrid_model::{FlowDefinition, Millis, ParentRef, RunId};
 use flowgrid_proto::{ChildRunEnded, RunEnded};
+use flowgrid_store::keys;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -76,13 +77,39 @@ pub enum OutboxRecord {
 }
 
 impl OutboxRecord {
-    /// The kind of message, for metrics and logs.
+    /// The kind of message: the last element of its outbox key, and its name in metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            OutboxRecord::ChildEnded(_) => "child_ended",
-            OutboxRecord::CancelChild { .. } => "cancel_child",
-            OutboxRecord::RunEnded(_) => "run_ended",
+            OutboxRecord::ChildEnded(_) => OUTBOX_CHILD_ENDED,
+            OutboxRecord::CancelChild { .. } => OUTBOX_CANCEL_CHILD,
+            OutboxRecord::RunEnded(_) => OUTBOX_RUN_ENDED,
         }
+    }
+
+    /// Its key in the outbox: one message of each kind per run (the child, or the run
+    /// that ended).
+    pub fn key(&self) -> Vec<u8> {
+        let run_id = match self {
+            OutboxRecord::ChildEnded(ended) => &ended.child,
+            OutboxRecord::CancelChild { child, .. } => child,
+            OutboxRecord::RunEnded(ended) => &ended.run_id,
+        };
+        keys::outbox(run_id, self.kind())
+    }
+}
+
+/// The last element of an outbox key, by kind of message (also the kind's name in metrics).
+pub const OUTBOX_CHILD_ENDED: &str = "child_ended";
+pub const OUTBOX_CANCEL_CHILD: &str = "cancel_child";
+pub const OUTBOX_RUN_ENDED: &str = "run_ended";
+
+/// The kind of the message at outbox key `key`, for metrics and logs.
+pub fn outbox_kind(key: &[u8]) -> &'static str {
+    match keys::decode_outbox(key).map(|(_, what)| what).as_deref() {
+        Ok(OUTBOX_CHILD_ENDED) => OUTBOX_CHILD_ENDED,
+        Ok(OUTBOX_CANCEL_CHILD) => OUTBOX_CANCEL_CHILD,
+        Ok(OUTBOX_RUN_ENDED) => OUTBOX_RUN_ENDED,
+        _ => "unknown",
     }
 }
 

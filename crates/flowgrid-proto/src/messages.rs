@@ -264,8 +264,9 @@ pub struct StartChildRun {
     /// Version to run; the latest when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
+    // Shared with the parent's run state, which sends it without a copy.
     #[serde(default)]
-    pub input: Value,
+    pub input: Arc<Value>,
     /// The subflow step the child reports its end to.
     pub parent: ParentRef,
 }

@@ -175,6 +175,12 @@ pub fn outbox_range() -> KeyRange {
     tuple_range(&("outbox",))
 }
 
+/// Decodes an [`outbox`] record key into `(run_id, what)`.
+pub fn decode_outbox(key: &[u8]) -> Result<(RunId, String)> {
+    let (_, run_id, what): (String, String, String) = decode("outbox", "outbox", key)?;
+    Ok((RunId(run_id.into()), what))
+}
+
 /// Room for a typical key: a kind name, a run id and an integer or two.
 const KEY_BYTES_HINT: usize = 80;
 

@@ -6,7 +6,7 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use serde_json::Value;
 
 use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
-use flowgrid_model::FlowDefinition;
+use flowgrid_model::{FlowDefinition, ParentRef, RunId, Step};
 use flowgrid_proto::{FlowInfo, FlowSummary, RunList, RunSummary};
 
 use super::dag::Layout;
@@ -255,6 +255,24 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
     )
 }
 
+/// Child runs linked from a subflow step with items, at most this many.
+const ITEM_CHILDREN_SHOWN: u32 = 50;
+
+/// The child runs a subflow step with items started, by item (their ids follow from the
+/// run, the step and the flow): at most [`ITEM_CHILDREN_SHOWN`].
+fn item_children(view: &RunView, definition: Option<&FlowDefinition>, step: &StepView) -> Vec<(u32, RunId)> {
+    let (Some(definition), Some(counts)) = (definition, &step.items) else { return Vec::new() };
+    let flow = definition.steps.iter().find_map(|candidate| match candidate {
+        Step::Subflow(subflow) if subflow.id == step.id => Some(subflow.flow.as_str()),
+        _ => None,
+    });
+    let Some(flow) = flow else { return Vec::new() };
+    let started = counts.succeeded + counts.failed + counts.running;
+    (0..started.min(ITEM_CHILDREN_SHOWN))
+        .map(|item| (item, ParentRef::child_run_id(flow, &view.run_id, &step.id, Some(item))))
+        .collect()
+}
+
 pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<&str>) -> Markup {
     let running = view.status == RunStatus::Running;
     let now = now_ms();
@@ -330,6 +348,19 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                     }
                     @if let Some(child) = &step.child_run {
                         tr { td {} td colspan="6" { "Child run " a href=(format!("/runs/{child}")) { code { (child) } } } }
+                    }
+                    @let children = item_children(view, definition, step);
+                    @if !children.is_empty() {
+                        tr {
+                            td {}
+                            td colspan="6" {
+                                "Child runs by item: "
+                                @for (item, child) in &children { a href=(format!("/runs/{child}")) { (item) } " " }
+                                @if let Some(counts) = &step.items {
+                                    @if counts.total as usize > children.len() { "(the first " (children.len()) " of " (counts.total) ")" }
+                                }
+                            }
+                        }
                     }
                     @if let Some(error) = &step.error {
                         tr { td {} td colspan="6" { span.failed { (error.code) } ": " (error.message) } }

@@ -330,8 +330,8 @@ impl<S: ShardStore> ShardActor<S> {
         for (start, depth) in child_starts {
             self.start_child(start, depth);
         }
-        for (key, record) in outbox {
-            self.deliver(key, record);
+        for key in outbox {
+            self.deliver(key);
         }
         Ok(())
     }

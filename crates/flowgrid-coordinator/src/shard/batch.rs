@@ -12,7 +12,6 @@ use flowgrid_proto::{ApiError, Encoding};
 use flowgrid_store::WriteBatch;
 
 use super::Responder;
-use crate::records::OutboxRecord;
 
 /// A reply to send after the commit: the prepared value, or the commit's error.
 pub type DeferredReply = Box<dyn FnOnce(Option<&ApiError>) + Send>;
@@ -46,8 +45,8 @@ pub struct Batch {
     pub deployed: Vec<Arc<FlowPlan>>,
     /// Child runs to start after the commit, each with its depth below the top run.
     pub child_starts: Vec<(ChildStart, u32)>,
-    /// Messages put into the outbox by this batch: sent after the commit.
-    pub outbox: Vec<(Vec<u8>, OutboxRecord)>,
+    /// Keys of the messages put into the outbox by this batch: sent after the commit.
+    pub outbox: Vec<Vec<u8>>,
 }
 
 impl Batch {

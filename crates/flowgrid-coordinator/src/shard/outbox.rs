@@ -18,8 +18,11 @@
 //!
 //! Each message is sent by a task of its own until it is taken or the shard stops here,
 //! waiting longer between tries (up to [`RETRY_MAX`]); at most [`IN_FLIGHT_MAX`] requests
-//! are out at once per coordinator.
+//! (and outbox reads) are out at once per coordinator. A message waiting for its turn
+//! holds only its key: it is read from the store when sent, so an outage of a receiver
+//! does not fill memory with child outputs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use flowgrid_engine::{ChildStart, RunStatus, TaskError};
@@ -58,24 +61,28 @@ enum Sent {
 
 impl<S: ShardStore> ShardActor<S> {
     /// Puts `record` into the shard's outbox in this batch; it is sent after the commit.
-    pub(super) fn send_after_commit(&self, key: Vec<u8>, record: OutboxRecord, batch: &mut Batch) {
+    pub(super) fn send_after_commit(&self, record: OutboxRecord, batch: &mut Batch) {
+        let key = record.key();
         batch.writes.set_chunked(&key, &records::encode(&record), &self.context.store_limits);
-        batch.outbox.push((key, record));
+        batch.outbox.push(key);
     }
 
-    /// Every message left in the outbox (after a reload: sent again).
-    pub(super) async fn load_outbox(&self) -> Result<Vec<(Vec<u8>, OutboxRecord)>> {
+    /// The keys of every message left in the outbox (after a reload: sent again).
+    pub(super) async fn load_outbox(&self) -> Result<Vec<Vec<u8>>> {
         let entries = join_records(self.store.scan(keys::outbox_range(), usize::MAX, false).await?)?;
-        entries.into_iter().map(|(key, value)| Ok((key, records::decode("outbox message", &value)?))).collect()
+        Ok(entries.into_iter().map(|(key, _)| key).collect())
     }
 
-    /// Sends an outbox message until its receiver takes it, then deletes it from the outbox.
-    pub(super) fn deliver(&self, key: Vec<u8>, record: OutboxRecord) {
+    /// Sends the outbox message at `key` until its receiver takes it, then deletes it from
+    /// the outbox. The message is read from the store when its turn comes: a message
+    /// waiting for a receiver that is down holds only its key in memory.
+    pub(super) fn deliver(&self, key: Vec<u8>) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
-        let (inbox, stopped, shard) = (self.inbox.clone(), self.stopped.clone(), self.shard);
-        let pending = Pending::new(record.kind());
+        let (inbox, stopped, shard, store) = (self.inbox.clone(), self.stopped.clone(), self.shard, self.store.clone());
+        let pending = Pending::new(records::outbox_kind(&key));
         tokio::spawn(async move {
             let _pending = pending;
+            let Some(record) = read_message(&*store, &key, &permits, &stopped).await else { return };
             if !send_until_taken(&client, &permits, &record, &stopped).await {
                 return;
             }
@@ -102,7 +109,7 @@ impl<S: ShardStore> ShardActor<S> {
             let request = StartChildRun {
                 flow: start.flow.clone(),
                 version: start.version,
-                input: (*start.input).clone(),
+                input: Arc::clone(&start.input),
                 parent: ParentRef { run_id: start.parent.clone(), step: start.step.clone(), item: start.item, depth },
             };
             let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
@@ -148,6 +155,39 @@ impl<S: ShardStore> ShardActor<S> {
             // again and is refused again.
             send_until_taken(&client, &permits, &OutboxRecord::ChildEnded(ended), &stopped).await;
         });
+    }
+}
+
+/// Reads the outbox message at `key`; `None` when it is gone (delivered and deleted), is
+/// unreadable, or the shard stopped serving here first. A failed read is tried again.
+async fn read_message<S: ShardStore>(
+    store: &S,
+    key: &[u8],
+    permits: &Semaphore,
+    stopped: &CancellationToken,
+) -> Option<OutboxRecord> {
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+    loop {
+        let read = {
+            let Ok(_permit) = permits.acquire().await else { return None };
+            tokio::select! {
+                _ = stopped.cancelled() => return None,
+                read = store.get_chunked(key) => read,
+            }
+        };
+        match read {
+            Ok(Some(bytes)) => {
+                return records::decode("outbox message", &bytes)
+                    .inspect_err(|error| warn!(error = %error, "an outbox message cannot be read; it is not sent"))
+                    .ok()
+            }
+            Ok(None) => return None,
+            Err(error) => debug!(error = %error, "cannot read an outbox message yet; trying again"),
+        }
+        tokio::select! {
+            _ = stopped.cancelled() => return None,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
     }
 }
 

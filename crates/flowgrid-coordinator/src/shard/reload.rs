@@ -15,7 +15,7 @@ use super::runs::attempt_opened;
 use super::schedules::CATCH_UP_MS;
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::records::{self, CatalogRecord, EventRecord, OutboxRecord, StartRecord};
+use crate::records::{self, CatalogRecord, EventRecord, StartRecord};
 
 /// What a reloaded shard sends again once it serves: each is harmless if it was sent
 /// before.
@@ -26,8 +26,8 @@ pub(super) struct Reloaded {
     /// Child runs that subflow steps wait for, with their depth (one that exists is not
     /// started again).
     child_starts: Vec<(ChildStart, u32)>,
-    /// Messages left in the outbox.
-    outbox: Vec<(Vec<u8>, OutboxRecord)>,
+    /// Keys of the messages left in the outbox.
+    outbox: Vec<Vec<u8>>,
 }
 
 impl<S: ShardStore> ShardActor<S> {
@@ -64,8 +64,8 @@ impl<S: ShardStore> ShardActor<S> {
         for (start, depth) in reloaded.child_starts {
             self.start_child(start, depth);
         }
-        for (key, record) in reloaded.outbox {
-            self.deliver(key, record);
+        for key in reloaded.outbox {
+            self.deliver(key);
         }
     }
 

@@ -182,8 +182,7 @@ impl<S: ShardStore> ShardActor<S> {
                     batch.child_starts.push((start, depth));
                 }
                 Effect::CancelChild { child, reason } => {
-                    let key = keys::outbox(&child, "cancel");
-                    self.send_after_commit(key, OutboxRecord::CancelChild { child, reason }, batch);
+                    self.send_after_commit(OutboxRecord::CancelChild { child, reason }, batch)
                 }
                 Effect::RunFinished { run_id: finished, status } => self.finish_run(&finished, status, now, batch),
             }
@@ -214,7 +213,7 @@ impl<S: ShardStore> ShardActor<S> {
                 output: active.run.output().cloned(),
                 error: active.run.error().cloned(),
             };
-            self.send_after_commit(keys::outbox(run_id, "announce"), OutboxRecord::RunEnded(ended), batch);
+            self.send_after_commit(OutboxRecord::RunEnded(ended), batch);
         }
         if let Some(parent) = active.run.parent() {
             let ended = ChildRunEnded {
@@ -226,7 +225,7 @@ impl<S: ShardStore> ShardActor<S> {
                 output: active.run.output().cloned(),
                 error: active.run.error().cloned(),
             };
-            self.send_after_commit(keys::outbox(run_id, "ended"), OutboxRecord::ChildEnded(ended), batch);
+            self.send_after_commit(OutboxRecord::ChildEnded(ended), batch);
         }
         batch.finished.push(run_id.clone());
         self.metrics.run_finished(status);
