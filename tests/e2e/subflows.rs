@@ -96,6 +96,7 @@ async fn a_subflow_step_runs_its_child_and_a_failed_or_refused_child_reaches_the
     let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
     assert_eq!(step(&view, "fallback").output, Some(json!("caught not_found")), "{view:?}\n{}", grid.logs());
     assert!(step(&view, "invoke").error.as_ref().unwrap().message.contains("nowhere"), "{view:?}");
+    assert_eq!(step(&view, "invoke").child_run, None, "a child that never started is not named");
     Ok(())
 }
 

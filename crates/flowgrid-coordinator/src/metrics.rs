@@ -73,12 +73,12 @@ pub fn describe() {
     describe_gauge!(
         RUN_MESSAGES_PENDING,
         Unit::Count,
-        "Messages for runs of other shards being sent: child starts, child ends, child cancels (label: kind)."
+        "Messages a commit decided, being sent: child starts, child ends, child cancels, run-end announcements (label: kind)."
     );
     describe_counter!(
         RUN_MESSAGES_RETRIED,
         Unit::Count,
-        "Tries of a message for a run of another shard that did not get through and were repeated (label: kind)."
+        "Tries of such a message that did not get through and were repeated (label: kind)."
     );
     describe_counter!(
         SCHEDULED_RUNS,

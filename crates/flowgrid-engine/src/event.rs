@@ -37,6 +37,9 @@ pub enum Event {
         output: Option<Value>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<TaskError>,
+        /// `false` when the child could not be started at all (the grid refused its start).
+        #[serde(default = "default_true", skip_serializing_if = "is_true")]
+        started: bool,
     },
 }
 
@@ -78,6 +81,10 @@ pub struct TaskError {
 
 fn default_true() -> bool {
     true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// What a timer is for. Timers are scoped to one run.

@@ -286,6 +286,17 @@ pub struct ChildRunEnded {
     pub output: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+    /// `false` when the child could not be started at all (its start was refused).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub started: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(value: &bool) -> bool {
+    *value
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -215,7 +215,8 @@ fn render_run(view: &RunView) -> String {
     text.push_str(&format!("flow      {}@{}\n", view.flow, view.version));
     text.push_str(&format!("status    {}\n", view.status.as_str()));
     if let Some(parent) = &view.parent {
-        text.push_str(&format!("parent    {} (step {})\n", parent.run_id, parent.step));
+        let item = parent.item.map(|item| format!(", item {item}")).unwrap_or_default();
+        text.push_str(&format!("parent    {} (step {}{item})\n", parent.run_id, parent.step));
     }
     text.push_str(&format!("created   {}\n", utc_time(view.created_ms)));
     let duration = match view.ended_ms {

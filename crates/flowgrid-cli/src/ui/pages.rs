@@ -293,7 +293,10 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                 @if let Some(parent) = &view.parent {
                     tr {
                         th { "Parent" }
-                        td { a href=(format!("/runs/{}", parent.run_id)) { code { (parent.run_id) } } " (step " (parent.step) ")" }
+                        td {
+                            a href=(format!("/runs/{}", parent.run_id)) { code { (parent.run_id) } }
+                            " (step " (parent.step) @if let Some(item) = parent.item { ", item " (item) } ")"
+                        }
                     }
                 }
                 tr { th { "Created (UTC)" } td { (utc_time(view.created_ms)) } }

@@ -150,6 +150,7 @@ impl<S: ShardStore> ShardActor<S> {
                     message: format!("the child run could not start: {}", refusal.message),
                     retryable: false,
                 }),
+                started: false,
             };
             // Not in the outbox: if this is lost, the parent's next owner starts the child
             // again and is refused again.

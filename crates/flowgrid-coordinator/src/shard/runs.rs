@@ -224,6 +224,7 @@ impl<S: ShardStore> ShardActor<S> {
                 status,
                 output: active.run.output().cloned(),
                 error: active.run.error().cloned(),
+                started: true,
             };
             self.send_after_commit(OutboxRecord::ChildEnded(ended), batch);
         }
@@ -238,14 +239,14 @@ impl<S: ShardStore> ShardActor<S> {
         ended: ChildRunEnded,
         batch: &mut Batch,
     ) -> Result<ChildEndTaken, ApiError> {
-        let ChildRunEnded { parent, step, item, child, status, output, error } = ended;
+        let ChildRunEnded { parent, step, item, child, status, output, error, started } = ended;
         if !self.runs.contains_key(&parent) {
             return match self.run_record(&parent).await? {
                 Some(_) => Ok(ChildEndTaken { applied: false }),
                 None => Err(not_found(&parent)),
             };
         }
-        let event = Event::ChildEnded { step, item, child, status, output, error };
+        let event = Event::ChildEnded { step, item, child, status, output, error, started };
         let applied = self.apply_event(&parent, event, now_ms(), batch);
         Ok(ChildEndTaken { applied })
     }

@@ -121,6 +121,7 @@ impl Run {
             let slot = Slot { attempt: 0, phase: Phase::New, input: Arc::clone(&input) };
             self.map_mut(index).items[item as usize] = Item::Active(slot);
             if children {
+                self.state(index).attempts += 1;
                 self.ask_for_child(index, Some(item), input, context);
             } else {
                 self.dispatch(index, Some(item), context);

@@ -27,6 +27,8 @@ pub(super) struct ChildEnd<'a> {
     pub status: RunStatus,
     pub output: Option<&'a Value>,
     pub error: Option<&'a TaskError>,
+    /// `false`: the grid refused to start the child, so it does not exist.
+    pub started: bool,
 }
 
 impl Run {
@@ -43,7 +45,9 @@ impl Run {
             },
             None => Arc::clone(&self.input),
         };
-        self.state(index).work = Work::Child { input: Arc::clone(&input) };
+        let state = self.state(index);
+        state.work = Work::Child { input: Arc::clone(&input) };
+        state.attempts = 1;
         self.ask_for_child(index, None, input, context);
     }
 
@@ -101,14 +105,12 @@ impl Run {
         })
     }
 
-    /// The child run of a subflow step with one child that asked for it (for the view).
+    /// The child run of a subflow step with one child, once it exists (for the view). A
+    /// subflow step's `attempts` counts its children asked for and not refused.
     pub(super) fn started_child(&self, index: StepIndex, state: &StepState) -> Option<RunId> {
         let step = self.plan.step(index);
         let PlanStepKind::Subflow(SubflowSpec { flow, items: None, .. }) = &step.kind else { return None };
-        // A step whose input expression failed never asked for its child.
-        let asked = state.started_ms.is_some()
-            && state.error.as_ref().is_none_or(|error| error.code != super::scope::EXPRESSION_ERROR);
-        asked.then(|| ParentRef::child_run_id(flow, &self.run_id, &step.id, None))
+        (state.attempts > 0).then(|| ParentRef::child_run_id(flow, &self.run_id, &step.id, None))
     }
 
     /// A child run of step `step` (item `item`) ended: the step, or its item, succeeds with
@@ -137,6 +139,10 @@ impl Run {
             return Applied::Ignored("not the child of this step");
         }
         let error = (ended.status != RunStatus::Succeeded).then(|| child_error(&spec.flow, &ended));
+        if !ended.started {
+            let state = self.state(index);
+            state.attempts = state.attempts.saturating_sub(1);
+        }
         let output = ended.output.cloned().unwrap_or(Value::Null);
         match (item, error) {
             (Some(item), None) => self.item_succeeded(index, item, output, context),

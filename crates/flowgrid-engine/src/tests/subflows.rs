@@ -34,7 +34,7 @@ fn starts(effects: &[Effect]) -> Vec<ChildStart> {
 }
 
 fn ended(child: RunId, status: RunStatus, output: Option<serde_json::Value>, error: Option<TaskError>) -> Event {
-    Event::ChildEnded { step: "encode".to_owned(), item: None, child, status, output, error }
+    Event::ChildEnded { step: "encode".to_owned(), item: None, child, status, output, error, started: true }
 }
 
 #[test]
@@ -79,6 +79,25 @@ fn a_failed_child_fails_the_step_with_its_error_and_a_catch_takes_it() {
     assert_eq!(harness.run.view().output, Some(json!({"fallback": "kept the original"})));
     let again = harness.apply(20, ended(child_id(), RunStatus::Failed, None, None));
     assert_eq!(again, Applied::Ignored("run already ended"));
+}
+
+#[test]
+fn a_child_the_grid_refused_to_start_fails_the_step_and_is_not_named() {
+    let mut harness = Harness::start(PARENT, json!({"video": "v.mp4"}), 0);
+    let refused = TaskError { code: "not_found".into(), message: "no flow named transcode".into(), retryable: false };
+    let event = Event::ChildEnded {
+        step: "encode".to_owned(),
+        item: None,
+        child: child_id(),
+        status: RunStatus::Failed,
+        output: None,
+        error: Some(refused),
+        started: false,
+    };
+    assert_eq!(harness.apply(10, event), Applied::Accepted);
+    let encode = harness.step("encode");
+    assert_eq!((encode.status, encode.child_run.as_ref()), (StepStatus::Failed, None), "{encode:?}");
+    assert_eq!(harness.run.status(), RunStatus::Failed, "no catch for not_found");
 }
 
 #[test]
@@ -142,7 +161,15 @@ fn item_ended(item: u32, status: RunStatus, output: Option<serde_json::Value>) -
         message: format!("item {item}"),
         retryable: false,
     });
-    Event::ChildEnded { step: "each".to_owned(), item: Some(item), child: item_id(item), status, output, error }
+    Event::ChildEnded {
+        step: "each".to_owned(),
+        item: Some(item),
+        child: item_id(item),
+        status,
+        output,
+        error,
+        started: true,
+    }
 }
 
 #[test]
@@ -164,6 +191,7 @@ fn a_subflow_step_with_items_runs_a_child_per_item_within_its_concurrency() {
         status: RunStatus::Succeeded,
         output: None,
         error: None,
+        started: true,
     };
     assert_eq!(harness.apply(5, wrong), Applied::Ignored("not the child of this step"));
     assert_eq!(harness.apply(10, item_ended(1, RunStatus::Succeeded, Some(json!("B")))), Applied::Accepted);
