@@ -61,6 +61,11 @@ pub struct AuditReport {
     pub runs_misplaced: u64,
     /// Records that did not decode.
     pub corrupt_records: u64,
+    /// Messages still in the shards' outboxes (child ends, child cancels, announcements):
+    /// not a problem by itself (a message taken just before its coordinator stopped is
+    /// deleted by the shard's next owner), but one that stays means a receiver never
+    /// took it.
+    pub outbox_messages_left: u64,
     /// Every problem found, of which `problems` describes the first [`PROBLEMS_SHOWN_MAX`].
     pub problems_total: u64,
     /// The first problems found, described for a person.
@@ -162,6 +167,7 @@ pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
         let contents = read?;
         closed?;
         audit.report.shard_files += 1;
+        audit.report.outbox_messages_left += contents.outbox;
         audit_shard(shard, shards, contents, &mut audit);
     }
     Ok(audit)
@@ -176,6 +182,8 @@ struct ShardContents {
     history: Vec<(Key, Value)>,
     /// Joined snapshots, by run.
     snapshots: Vec<(Key, Value)>,
+    /// Records in the outbox.
+    outbox: u64,
 }
 
 async fn read_shard<S: ShardStore>(file: &S) -> Result<ShardContents> {
@@ -183,7 +191,8 @@ async fn read_shard<S: ShardStore>(file: &S) -> Result<ShardContents> {
     let active = file.scan(keys::active_range(), usize::MAX, false).await?.into_iter().map(|(key, _)| key).collect();
     let history = join_records(file.scan(keys::history_all_range(), usize::MAX, false).await?)?;
     let snapshots = join_records(file.scan(keys::snapshot_range(), usize::MAX, false).await?)?;
-    Ok(ShardContents { runs, active, history, snapshots })
+    let outbox = join_records(file.scan(keys::outbox_range(), usize::MAX, false).await?)?.len() as u64;
+    Ok(ShardContents { runs, active, history, snapshots, outbox })
 }
 
 /// One history record, decoded as far as the checks need.
@@ -710,11 +719,14 @@ mod tests {
             parent: None,
         };
         batch.set_chunked(&keys::history(&orphan_history, 0), &records::encode(&start), &StoreLimits::default());
+        let cancel = records::OutboxRecord::CancelChild { child: run_in_shard(0, "child"), reason: "test".into() };
+        batch.set_chunked(&cancel.key(), &records::encode(&cancel), &StoreLimits::default());
         commit(&dir.0, 0, batch).await;
 
         let found = audit_runs(&dir.0, SHARDS).await.unwrap();
         let report = &found.report;
         assert_eq!(report.shard_files, 1);
+        assert_eq!(report.outbox_messages_left, 1, "{report:#?}");
         assert_eq!(report.runs, 2, "{report:#?}");
         assert_eq!(report.runs_misplaced, 1, "{report:#?}");
         assert_eq!(report.active_index_mismatches, 2, "{report:#?}");

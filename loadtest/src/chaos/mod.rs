@@ -619,14 +619,16 @@ impl Findings<'_> {
                 rows.push((
                     "audit".to_owned(),
                     format!(
-                        "{} runs in {} shard files, {:?}; gaps {}, double-applied {}, stale epochs {}, problems {}",
+                        "{} runs in {} shard files, {:?}; gaps {}, double-applied {}, stale epochs {}, problems {}; \
+                         outbox messages left {}",
                         report.runs,
                         report.shard_files,
                         report.runs_by_status,
                         report.history_gaps,
                         report.results_double_applied,
                         report.stale_epoch_commits,
-                        report.problems_total
+                        report.problems_total,
+                        report.outbox_messages_left
                     ),
                 ));
             }
@@ -709,6 +711,7 @@ impl Findings<'_> {
             ("final_stop_ms_max", json!(self.stopped.leave_ms.iter().max())),
             ("audit_problems", json!(report.map(|report| report.problems_total))),
             ("history_gaps", json!(report.map(|report| report.history_gaps))),
+            ("outbox_messages_left", json!(report.map(|report| report.outbox_messages_left))),
             ("coordinators", json!(self.args.coordinators)),
             ("shards", json!(self.args.shards)),
             ("rate", json!(self.args.rate)),
