@@ -165,6 +165,26 @@ async fn cancelling_a_parent_cancels_its_child() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subflow_step_that_times_out_cancels_its_child_and_its_catch_takes_over() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, WAITER).await?;
+    let impatient = "name: impatient\nsteps:\n  - { id: invoke, kind: subflow, flow: waiter, timeout_ms: 300, \
+                     catch: [{ errors: [timeout], next: gave_up }] }\n  - { id: gave_up, kind: transform, output: '1' }\n";
+    deploy(&grid, &client, impatient).await?;
+    let run_id = client.start(start("impatient", json!({}))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let invoke = step(&view, "invoke");
+    assert_eq!((invoke.status, invoke.caught), (StepStatus::Failed, true), "{invoke:?}");
+    assert_eq!(invoke.error.as_ref().map(|error| error.code.as_str()), Some("timeout"));
+    assert!(invoke.ended_ms.unwrap() - invoke.started_ms.unwrap() >= 300, "{invoke:?}");
+    let child = grid.wait_run(&client, invoke.child_run.as_ref().expect("its child"), RUN_DEADLINE).await?;
+    assert_eq!(child.status, RunStatus::Cancelled, "{child:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_starts_and_ends_reach_their_runs_across_coordinator_crashes() -> anyhow::Result<()> {
     let mut grid = Grid::start(&[]).await?;
     let client = grid.client().await?;

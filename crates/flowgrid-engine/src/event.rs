@@ -101,6 +101,8 @@ pub enum TimerKey {
     WaitOver { step: String },
     /// Signal step `step` got no signal within its `timeout_ms`.
     SignalTimeout { step: String },
+    /// Subflow step `step`'s children did not all end within its `timeout_ms`.
+    SubflowTimeout { step: String },
 }
 
 /// Work for a worker pool: the driver publishes it to the pool's task subject.

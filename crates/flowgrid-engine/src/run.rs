@@ -11,8 +11,9 @@
 //! - the armed timers follow from the state alone, so the run stores none: an
 //!   `AttemptTimeout` per open attempt (due at its deadline), a `RetryDue` per attempt
 //!   waiting for its backoff, a `WaitOver` per wait step waiting, a `SignalTimeout` per
-//!   signal step waiting with a timeout, and `RunTimeout` while the run goes (if the flow
-//!   has one);
+//!   signal step waiting with a timeout, a `SubflowTimeout` per subflow step with a
+//!   timeout waiting for children, and `RunTimeout` while the run goes (if the flow has
+//!   one);
 //! - `unresolved` counts the steps that have not resolved (pending, running, retrying);
 //! - `agenda` is empty between two calls.
 //!
@@ -423,14 +424,15 @@ fn kind_name(kind: &PlanStepKind) -> &'static str {
     }
 }
 
-/// The timer a wait or signal step has armed, if any: the end of its wait, or its
-/// signal's timeout.
+/// The timer a wait, signal or subflow step has armed, if any: the end of its wait, its
+/// signal's timeout, or its children's.
 fn step_timer(state: &StepState, step: &PlanStep) -> Option<(TimerKey, Millis)> {
     match state.work {
         Work::Wait { due_ms, .. } => Some((TimerKey::WaitOver { step: step.id.clone() }, due_ms)),
         Work::Signal { deadline_ms: Some(deadline_ms) } => {
             Some((TimerKey::SignalTimeout { step: step.id.clone() }, deadline_ms))
         }
-        _ => None,
+        _ => subflows::subflow_deadline(state, step)
+            .map(|deadline_ms| (TimerKey::SubflowTimeout { step: step.id.clone() }, deadline_ms)),
     }
 }

@@ -308,6 +308,11 @@ pub struct SubflowStep {
     /// With `items`: children that may fail before the step fails with `map_failed`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tolerated_failures: u32,
+    /// How long the step waits for its children; past it, they are cancelled and the
+    /// step fails with code `timeout`. Default: no limit (each child flow's own
+    /// `timeout_ms` still applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
     /// Where a failed child goes instead of failing the run, by the child's error code
     /// (with `items`: by `map_failed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -138,6 +138,8 @@ pub struct SubflowSpec {
     pub input: Option<Expr>,
     /// Set when the step runs one child per item.
     pub items: Option<FlowItems>,
+    /// Past it the children are cancelled and the step fails with code `timeout`.
+    pub timeout_ms: Option<u64>,
     pub catch: Vec<CatchRule>,
 }
 

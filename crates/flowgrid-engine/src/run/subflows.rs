@@ -12,14 +12,14 @@
 
 use std::sync::Arc;
 
-use flowgrid_model::{ParentRef, PlanStepKind, RunId, StepIndex, SubflowSpec};
+use flowgrid_model::{Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex, SubflowSpec};
 use serde_json::Value;
 
 use super::resolve::Resolution;
 use super::scope::Locals;
 use super::state::{Item, StepState, Work};
 use super::{Context, Run};
-use crate::{Applied, ChildStart, Effect, RunStatus, StepStatus, TaskError};
+use crate::{Applied, ChildStart, Effect, RunStatus, StepStatus, TaskError, TimerKey};
 
 /// How a child run ended, as its end came back.
 pub(super) struct ChildEnd<'a> {
@@ -36,19 +36,26 @@ impl Run {
     /// input and asks for the child.
     pub(super) fn start_subflow(&mut self, index: StepIndex, spec: &SubflowSpec, context: &mut Context<'_>) {
         if let Some(items) = &spec.items {
-            return self.start_map(index, &items.items, items.max_concurrency, context);
+            self.start_map(index, &items.items, items.max_concurrency, context);
+        } else {
+            let input = match &spec.input {
+                Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
+                    Ok(input) => Arc::new(input),
+                    Err(error) => return self.expression_failed(index, "input", &error, context),
+                },
+                None => Arc::clone(&self.input),
+            };
+            let state = self.state(index);
+            state.work = Work::Child { input: Arc::clone(&input) };
+            state.attempts = 1;
+            self.ask_for_child(index, None, input, context);
         }
-        let input = match &spec.input {
-            Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
-                Ok(input) => Arc::new(input),
-                Err(error) => return self.expression_failed(index, "input", &error, context),
-            },
-            None => Arc::clone(&self.input),
-        };
-        let state = self.state(index);
-        state.work = Work::Child { input: Arc::clone(&input) };
-        state.attempts = 1;
-        self.ask_for_child(index, None, input, context);
+        let step = self.plan.step(index);
+        if let (false, Some(deadline_ms)) =
+            (self.status.is_terminal(), subflow_deadline(&self.steps[usize::from(index)], step))
+        {
+            self.arm_timer(TimerKey::SubflowTimeout { step: step.id.clone() }, deadline_ms, context);
+        }
     }
 
     /// Asks the driver to start the child of step `index` (item `item`) with `input`.
@@ -124,9 +131,11 @@ impl Run {
         context: &mut Context<'_>,
     ) -> Applied {
         let Some(index) = self.plan.step_index(step) else { return Applied::Ignored("no step of that id") };
-        let PlanStepKind::Subflow(spec) = &self.plan.step(index).kind else {
+        let plan = Arc::clone(&self.plan);
+        let PlanStepKind::Subflow(spec) = &plan.step(index).kind else {
             return Applied::Ignored("not a subflow step");
         };
+        let deadline_ms = subflow_deadline(&self.steps[usize::from(index)], plan.step(index));
         let waits = match (&self.steps[usize::from(index)].work, item) {
             (Work::Child { .. }, None) => true,
             (Work::Map(map), Some(item)) => matches!(map.items.get(item as usize), Some(Item::Active(_))),
@@ -159,6 +168,45 @@ impl Run {
                 self.step_failed(index, error, context);
             }
         }
+        let resolved = subflow_deadline(&self.steps[usize::from(index)], plan.step(index)).is_none();
+        if let (true, Some(due_ms)) = (resolved, deadline_ms) {
+            // Before the run's end, if this end ended it too: a finished run's last effect
+            // is its `RunFinished`.
+            let timer = TimerKey::SubflowTimeout { step: step.to_owned() };
+            let cancel = Effect::CancelTimer { run_id: self.run_id.clone(), timer, due_ms };
+            match context.effects.iter().position(|effect| matches!(effect, Effect::RunFinished { .. })) {
+                Some(position) => context.effects.insert(position, cancel),
+                None => context.effects.push(cancel),
+            }
+        }
+        Applied::Accepted
+    }
+
+    /// The timeout of subflow step `step` fired: its children still going are cancelled
+    /// and it fails with code `timeout` (a catch may take it).
+    pub(super) fn on_subflow_timeout(&mut self, step: &str, context: &mut Context<'_>) -> Applied {
+        let Some(index) = self.plan.step_index(step) else { return Applied::Ignored("timer not armed") };
+        let plan = Arc::clone(&self.plan);
+        let (PlanStepKind::Subflow(spec), Some(_)) =
+            (&plan.step(index).kind, subflow_deadline(&self.steps[usize::from(index)], plan.step(index)))
+        else {
+            return Applied::Ignored("timer not armed");
+        };
+        let timeout_ms = spec.timeout_ms.unwrap_or_default();
+        self.cancel_step_children(
+            index,
+            &format!("step `{step}` of its parent run {} timed out", self.run_id),
+            context,
+        );
+        let error = TaskError {
+            code: "timeout".to_owned(),
+            message: format!(
+                "the child runs of step `{step}` (flow `{}`) did not end within {timeout_ms} ms",
+                spec.flow
+            ),
+            retryable: false,
+        };
+        self.step_failed(index, error, context);
         Applied::Accepted
     }
 
@@ -196,4 +244,11 @@ fn child_error(flow: &str, ended: &ChildEnd<'_>) -> TaskError {
         message: format!("child run {} of flow `{flow}` {}: {message}", ended.child, ended.status.as_str()),
         retryable: false,
     }
+}
+
+/// When subflow step `step` times out, while it waits for children and has a timeout.
+pub(super) fn subflow_deadline(state: &StepState, step: &PlanStep) -> Option<Millis> {
+    let PlanStepKind::Subflow(SubflowSpec { timeout_ms: Some(timeout_ms), .. }) = &step.kind else { return None };
+    let waiting = state.status == StepStatus::Running && state.has_work_in_flight();
+    waiting.then_some(state.started_ms?.saturating_add(*timeout_ms))
 }

@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::replay::replay;
 use super::support::{Harness, RUN};
-use crate::{Applied, ChildStart, Effect, Event, RunStatus, StepStatus, TaskError};
+use crate::{Applied, ChildStart, Effect, Event, RunStatus, StepStatus, TaskError, TimerKey};
 use flowgrid_model::{ParentRef, RunId};
 
 const PARENT: &str = r##"
@@ -231,4 +231,42 @@ fn too_many_failed_children_fail_the_step_and_cancel_the_children_still_going() 
     let error = harness.run.error().expect("an error").clone();
     assert_eq!(error.code, "map_failed", "{error:?}");
     assert!(error.message.contains("bad_codec"), "{error:?}");
+}
+
+#[test]
+fn a_subflow_step_timeout_cancels_its_child_and_fails_the_step_with_timeout() {
+    let yaml = PARENT
+        .replace("    flow: transcode\n", "    flow: transcode\n    timeout_ms: 1000\n")
+        .replace("[bad_codec]", "[timeout]");
+    let mut harness = Harness::start(&yaml, json!({"video": "v.mp4"}), 100);
+    let timer = TimerKey::SubflowTimeout { step: "encode".to_owned() };
+    assert_eq!(harness.armed(&timer), Some(1_100));
+    assert!(harness.run.armed_timers().contains(&(timer.clone(), 1_100)), "the timer follows from the state");
+    assert_eq!(harness.fire(1_100, timer.clone()), Applied::Accepted);
+    assert!(
+        harness
+            .effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::CancelChild { child, .. } if *child == child_id())),
+        "{:?}",
+        harness.effects
+    );
+    let encode = harness.step("encode");
+    assert_eq!((encode.status, encode.caught), (StepStatus::Failed, true));
+    assert_eq!(encode.error.expect("an error").code, "timeout");
+    assert_eq!(harness.run.view().output, Some(json!({"fallback": "kept the original"})));
+    let late = ended(child_id(), RunStatus::Cancelled, None, None);
+    assert_eq!(harness.apply(1_200, late), Applied::Ignored("run already ended"));
+
+    // A child that ends in time drops the timer, before the run's end.
+    let mut harness = Harness::start(&yaml, json!({"video": "v.mp4"}), 100);
+    assert_eq!(
+        harness.apply(500, ended(child_id(), RunStatus::Succeeded, Some(json!({"size": 1})), None)),
+        Applied::Accepted
+    );
+    assert!(harness.cancelled(&timer), "{:?}", harness.effects);
+    let cancel = harness.effects.iter().position(|effect| matches!(effect, Effect::CancelTimer { .. }));
+    let finished = harness.effects.iter().position(|effect| matches!(effect, Effect::RunFinished { .. }));
+    assert!(cancel < finished, "{:?}", harness.effects);
+    assert_eq!(harness.fire(1_100, timer), Applied::Ignored("run already ended"));
 }

@@ -177,6 +177,7 @@ fn plan_kind(
                 max_concurrency: subflow.max_concurrency.unwrap_or_else(|| items_max(limits)),
                 tolerated_failures: subflow.tolerated_failures,
             }),
+            timeout_ms: subflow.timeout_ms,
             catch: catch_rules(&subflow.catch, index),
         }),
         Step::Wait(wait) => PlanStepKind::Wait(match wait.duration_ms {

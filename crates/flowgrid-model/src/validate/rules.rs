@@ -84,6 +84,7 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
         }
         Step::Subflow(subflow) => {
             check_name(&format!("{path}.flow"), "flow name", &subflow.flow, limits, issues);
+            check_timeout(&format!("{path}.timeout_ms"), subflow.timeout_ms, issues);
             if subflow.version == Some(0) {
                 push_issue(
                     issues,

@@ -447,6 +447,7 @@ fn a_subflow_step_names_a_flow_compiles_its_input_and_catches_like_a_task() {
     );
     assert_issue(&issues_of(&flow(", flow: x, tolerated_failures: 2")), "steps[0](s)", "add `items`");
     assert_issue(&issues_of(&flow(", flow: x, items: '1 +'")), "steps[0](s).items", "does not compile");
+    assert_issue(&issues_of(&flow(", flow: x, timeout_ms: 0")), "steps[0](s).timeout_ms", "greater than 0");
 }
 
 #[test]
