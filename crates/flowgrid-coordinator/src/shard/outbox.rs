@@ -22,6 +22,7 @@
 //! holds only its key: it is read from the store when sent, so an outage of a receiver
 //! does not fill memory with child outputs.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,31 +113,21 @@ impl<S: ShardStore> ShardActor<S> {
                 input: Arc::clone(&start.input),
                 parent: ParentRef { run_id: start.parent.clone(), step: start.step.clone(), item: start.item, depth },
             };
-            let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
-            let refusal = loop {
-                let outcome = {
-                    let Ok(_permit) = permits.acquire().await else { return };
-                    tokio::select! {
-                        _ = stopped.cancelled() => return,
-                        outcome = client.start_child(&request) => outcome,
-                    }
-                };
-                match outcome {
+            let outcome = until_done(&permits, &stopped, Some(START_CHILD), || async {
+                match client.start_child(&request).await {
                     Ok(started) => {
                         debug!(parent = %start.parent, step = %start.step, child = %started.run_id, created = started.created, "child run started");
-                        return;
+                        Some(None)
                     }
-                    Err(ClientError::Api(refusal)) if !refusal.retryable => break refusal,
+                    Err(ClientError::Api(refusal)) if !refusal.retryable => Some(Some(refusal)),
                     Err(error) => {
-                        ::metrics::counter!(metrics::RUN_MESSAGES_RETRIED, "kind" => START_CHILD).increment(1);
                         debug!(parent = %start.parent, step = %start.step, error = %error, "cannot start a child run yet; trying again");
-                        tokio::select! {
-                            _ = stopped.cancelled() => return,
-                            _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        }
+                        None
                     }
                 }
-            };
+            })
+            .await;
+            let Some(Some(refusal)) = outcome else { return };
             info!(parent = %start.parent, step = %start.step, flow = %start.flow, error = %refusal.message, "child run refused; its step fails");
             let ended = ChildRunEnded {
                 parent: start.parent.clone(),
@@ -167,29 +158,19 @@ async fn read_message<S: ShardStore>(
     permits: &Semaphore,
     stopped: &CancellationToken,
 ) -> Option<OutboxRecord> {
-    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
-    loop {
-        let read = {
-            let Ok(_permit) = permits.acquire().await else { return None };
-            tokio::select! {
-                _ = stopped.cancelled() => return None,
-                read = store.get_chunked(key) => read,
+    let read = until_done(permits, stopped, None, || async {
+        match store.get_chunked(key).await {
+            Ok(bytes) => Some(bytes),
+            Err(error) => {
+                debug!(error = %error, "cannot read an outbox message yet; trying again");
+                None
             }
-        };
-        match read {
-            Ok(Some(bytes)) => {
-                return records::decode("outbox message", &bytes)
-                    .inspect_err(|error| warn!(error = %error, "an outbox message cannot be read; it is not sent"))
-                    .ok()
-            }
-            Ok(None) => return None,
-            Err(error) => debug!(error = %error, "cannot read an outbox message yet; trying again"),
         }
-        tokio::select! {
-            _ = stopped.cancelled() => return None,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-        }
-    }
+    })
+    .await;
+    records::decode("outbox message", &read??)
+        .inspect_err(|error| warn!(error = %error, "an outbox message cannot be read; it is not sent"))
+        .ok()
 }
 
 /// Sends `record` until its receiver takes it, waiting longer between tries; `false`
@@ -200,22 +181,47 @@ async fn send_until_taken(
     record: &OutboxRecord,
     stopped: &CancellationToken,
 ) -> bool {
+    let not_found = AtomicU32::new(0);
+    let sent = until_done(permits, stopped, Some(record.kind()), || async {
+        match send(client, record, &not_found).await {
+            Sent::Taken => Some(()),
+            Sent::Again => None,
+        }
+    })
+    .await;
+    sent.is_some()
+}
+
+/// Tries `attempt` until it gives `Some`, each try within the coordinator's bound on
+/// requests out, waiting longer between tries; `None` when the shard stopped serving here
+/// first. A repeated try counts in `flowgrid_run_messages_retried_total` under `retried`.
+async fn until_done<T, Attempt, Tried>(
+    permits: &Semaphore,
+    stopped: &CancellationToken,
+    retried: Option<&'static str>,
+    mut attempt: Attempt,
+) -> Option<T>
+where
+    Attempt: FnMut() -> Tried,
+    Tried: std::future::Future<Output = Option<T>>,
+{
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
-    let mut not_found = 0;
     loop {
-        let sent = {
-            let Ok(_permit) = permits.acquire().await else { return false };
+        let done = {
+            let Ok(_permit) = permits.acquire().await else { return None };
             tokio::select! {
-                _ = stopped.cancelled() => return false,
-                sent = send(client, record, &mut not_found) => sent,
+                _ = stopped.cancelled() => return None,
+                done = attempt() => done,
             }
         };
-        if let Sent::Taken = sent {
-            return true;
+        if done.is_some() {
+            return done;
         }
-        ::metrics::counter!(metrics::RUN_MESSAGES_RETRIED, "kind" => record.kind()).increment(1);
+        if let Some(kind) = retried {
+            ::metrics::counter!(metrics::RUN_MESSAGES_RETRIED, "kind" => kind).increment(1);
+        }
         tokio::select! {
-            _ = stopped.cancelled() => return false,
+            _ = stopped.cancelled() => return None,
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
@@ -242,7 +248,7 @@ impl Drop for Pending {
 }
 
 /// One try of an outbox message.
-async fn send(client: &flowgrid_sdk::Client, record: &OutboxRecord, not_found: &mut u32) -> Sent {
+async fn send(client: &flowgrid_sdk::Client, record: &OutboxRecord, not_found: &AtomicU32) -> Sent {
     let outcome = match record {
         OutboxRecord::ChildEnded(ended) => client.child_ended(ended).await.map(|_| ()),
         OutboxRecord::CancelChild { child, reason } => client.cancel(child, reason.clone()).await.map(|_| ()),
@@ -254,8 +260,7 @@ async fn send(client: &flowgrid_sdk::Client, record: &OutboxRecord, not_found: &
             // The parent is gone (its retention passed): nobody waits for this end.
             OutboxRecord::ChildEnded(_) | OutboxRecord::RunEnded(_) => Sent::Taken,
             OutboxRecord::CancelChild { child, .. } => {
-                *not_found += 1;
-                if *not_found >= CANCEL_NOT_FOUND_TRIES {
+                if not_found.fetch_add(1, Ordering::Relaxed) + 1 >= CANCEL_NOT_FOUND_TRIES {
                     debug!(child = %child, "no child run to cancel: it never started");
                     return Sent::Taken;
                 }
