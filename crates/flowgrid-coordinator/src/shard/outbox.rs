@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowgrid_engine::{ChildStart, RunStatus, TaskError};
+use flowgrid_engine::{ChildStart, Run, RunStatus, TaskError};
 use flowgrid_model::ParentRef;
 use flowgrid_proto::{ChildRunEnded, ErrorCode, RunEnded, StartChildRun};
 use flowgrid_sdk::backoff::Backoff;
@@ -148,6 +148,11 @@ impl<S: ShardStore> ShardActor<S> {
             send_until_taken(&client, &permits, &OutboxRecord::ChildEnded(ended), &stopped).await;
         });
     }
+}
+
+/// The depth of the child runs `run` starts: one below its own.
+pub(super) fn child_depth(run: &Run) -> u32 {
+    run.parent().map_or(1, |parent| parent.depth + 1)
 }
 
 /// Reads the outbox message at `key`; `None` when it is gone (delivered and deleted), is

@@ -44,7 +44,7 @@ impl<S: ShardStore> ShardActor<S> {
                 attempt_opened(&mut self.metrics, &task);
                 reloaded.tasks.push(task);
             }
-            let depth = child_depth(&active_run.run);
+            let depth = super::outbox::child_depth(&active_run.run);
             reloaded.child_starts.extend(active_run.run.open_child_starts().into_iter().map(|start| (start, depth)));
             for (timer, due_ms) in active_run.run.armed_timers() {
                 self.timers.arm(run_id.clone(), timer, due_ms);
@@ -148,9 +148,4 @@ impl<S: ShardStore> ShardActor<S> {
             message: error.to_string(),
         })
     }
-}
-
-/// The depth of the child runs `run` starts: one below its own.
-pub(super) fn child_depth(run: &Run) -> u32 {
-    run.parent().map_or(1, |parent| parent.depth + 1)
 }

@@ -178,7 +178,7 @@ impl<S: ShardStore> ShardActor<S> {
                     self.timers.cancel(run_id, timer, due_ms);
                 }
                 Effect::StartChild(start) => {
-                    let depth = self.runs.get(run_id).map_or(1, |active| super::reload::child_depth(&active.run));
+                    let depth = self.runs.get(run_id).map_or(1, |active| super::outbox::child_depth(&active.run));
                     batch.child_starts.push((start, depth));
                 }
                 Effect::CancelChild { child, reason } => {
