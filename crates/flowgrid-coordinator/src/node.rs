@@ -124,6 +124,7 @@ pub async fn run_with_store<S: Store>(
         retain_ended_ms: Some(config.retain_ended_runs.as_millis() as u64).filter(|&ms| ms > 0),
         client: flowgrid_sdk::Client::new(nats.clone(), subjects.prefix()),
         messages_in_flight: Arc::new(tokio::sync::Semaphore::new(crate::shard::MESSAGES_IN_FLIGHT_MAX)),
+        children_starting: Arc::default(),
     });
     let table = Arc::new(ShardTable::new(config.shards));
     let router = Arc::new(Router::new(context.clone(), table.clone(), config.shards));

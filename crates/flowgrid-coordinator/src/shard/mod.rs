@@ -58,6 +58,8 @@ pub struct NodeContext {
     pub client: flowgrid_sdk::Client,
     /// Bounds the requests for other shards' runs out at once.
     pub messages_in_flight: Arc<tokio::sync::Semaphore>,
+    /// Child runs being started by this coordinator.
+    pub children_starting: Arc<outbox::ChildrenStarting>,
 }
 
 /// A run start, resolved to a plan and a run id by the API layer.

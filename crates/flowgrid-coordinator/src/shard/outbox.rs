@@ -22,12 +22,13 @@
 //! holds only its key: it is read from the store when sent, so an outage of a receiver
 //! does not fill memory with child outputs.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flowgrid_engine::{ChildStart, Run, RunStatus, TaskError};
-use flowgrid_model::ParentRef;
+use flowgrid_model::{ParentRef, RunId};
 use flowgrid_proto::{ChildRunEnded, ErrorCode, RunEnded, StartChildRun};
 use flowgrid_sdk::backoff::Backoff;
 use flowgrid_sdk::Error as ClientError;
@@ -48,9 +49,45 @@ pub const IN_FLIGHT_MAX: usize = 64;
 /// First and longest pause between two tries of one message.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
-/// How long a cancel for a child that does not exist yet is tried again: its start may
-/// still be on its way.
+/// How often a cancel that finds no child is tried again when this coordinator is not
+/// starting that child: its start may still be on its way from another one.
 const CANCEL_NOT_FOUND_TRIES: u32 = 20;
+
+/// The child runs this coordinator is starting right now. A cancel that finds no child
+/// waits while the child's start is on its way here, so a child started just after its
+/// parent ended is cancelled too.
+#[derive(Default)]
+pub struct ChildrenStarting(Mutex<HashMap<RunId, u32>>);
+
+impl ChildrenStarting {
+    /// Marks `child` as being started until the guard is dropped.
+    fn begin(self: &Arc<Self>, child: RunId) -> StartingGuard {
+        *self.0.lock().expect("children starting lock").entry(child.clone()).or_default() += 1;
+        StartingGuard { starting: Arc::clone(self), child }
+    }
+
+    fn contains(&self, child: &RunId) -> bool {
+        self.0.lock().expect("children starting lock").contains_key(child)
+    }
+}
+
+/// Unmarks a child when its start is over.
+struct StartingGuard {
+    starting: Arc<ChildrenStarting>,
+    child: RunId,
+}
+
+impl Drop for StartingGuard {
+    fn drop(&mut self) {
+        let mut starting = self.starting.0.lock().expect("children starting lock");
+        if let Some(count) = starting.get_mut(&self.child) {
+            *count -= 1;
+            if *count == 0 {
+                starting.remove(&self.child);
+            }
+        }
+    }
+}
 
 /// What one try of a message came to.
 enum Sent {
@@ -79,12 +116,13 @@ impl<S: ShardStore> ShardActor<S> {
     /// waiting for a receiver that is down holds only its key in memory.
     pub(super) fn deliver(&self, key: Vec<u8>) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
+        let starting = Arc::clone(&self.context.children_starting);
         let (inbox, stopped, shard, store) = (self.inbox.clone(), self.stopped.clone(), self.shard, self.store.clone());
         let pending = Pending::new(records::outbox_kind(&key));
         tokio::spawn(async move {
             let _pending = pending;
             let Some(record) = read_message(&*store, &key, &permits, &stopped).await else { return };
-            if !send_until_taken(&client, &permits, &record, &stopped).await {
+            if !send_until_taken(&client, &permits, &starting, &record, &stopped).await {
                 return;
             }
             // Deleted by the shard's next commit; if the shard moved meanwhile, its next
@@ -103,10 +141,12 @@ impl<S: ShardStore> ShardActor<S> {
     /// flow, a bad input, too deep) is reported to the step as the child's failure.
     pub(super) fn start_child(&self, start: ChildStart, depth: u32) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
+        let starting = Arc::clone(&self.context.children_starting);
         let stopped = self.stopped.clone();
         let pending = Pending::new(START_CHILD);
         tokio::spawn(async move {
             let _pending = pending;
+            let starting_guard = starting.begin(start.child.clone());
             let request = StartChildRun {
                 flow: start.flow.clone(),
                 version: start.version,
@@ -127,6 +167,7 @@ impl<S: ShardStore> ShardActor<S> {
                 }
             })
             .await;
+            drop(starting_guard);
             let Some(Some(refusal)) = outcome else { return };
             info!(parent = %start.parent, step = %start.step, flow = %start.flow, error = %refusal.message, "child run refused; its step fails");
             let ended = ChildRunEnded {
@@ -145,7 +186,7 @@ impl<S: ShardStore> ShardActor<S> {
             };
             // Not in the outbox: if this is lost, the parent's next owner starts the child
             // again and is refused again.
-            send_until_taken(&client, &permits, &OutboxRecord::ChildEnded(ended), &stopped).await;
+            send_until_taken(&client, &permits, &starting, &OutboxRecord::ChildEnded(ended), &stopped).await;
         });
     }
 }
@@ -183,12 +224,13 @@ async fn read_message<S: ShardStore>(
 async fn send_until_taken(
     client: &flowgrid_sdk::Client,
     permits: &Semaphore,
+    starting: &ChildrenStarting,
     record: &OutboxRecord,
     stopped: &CancellationToken,
 ) -> bool {
     let not_found = AtomicU32::new(0);
     let sent = until_done(permits, stopped, Some(record.kind()), || async {
-        match send(client, record, &not_found).await {
+        match send(client, record, starting, &not_found).await {
             Sent::Taken => Some(()),
             Sent::Again => None,
         }
@@ -253,7 +295,12 @@ impl Drop for Pending {
 }
 
 /// One try of an outbox message.
-async fn send(client: &flowgrid_sdk::Client, record: &OutboxRecord, not_found: &AtomicU32) -> Sent {
+async fn send(
+    client: &flowgrid_sdk::Client,
+    record: &OutboxRecord,
+    starting: &ChildrenStarting,
+    not_found: &AtomicU32,
+) -> Sent {
     let outcome = match record {
         OutboxRecord::ChildEnded(ended) => client.child_ended(ended).await.map(|_| ()),
         OutboxRecord::CancelChild { child, reason } => client.cancel(child, reason.clone()).await.map(|_| ()),
@@ -265,6 +312,9 @@ async fn send(client: &flowgrid_sdk::Client, record: &OutboxRecord, not_found: &
             // The parent is gone (its retention passed): nobody waits for this end.
             OutboxRecord::ChildEnded(_) | OutboxRecord::RunEnded(_) => Sent::Taken,
             OutboxRecord::CancelChild { child, .. } => {
+                if starting.contains(child) {
+                    return Sent::Again;
+                }
                 if not_found.fetch_add(1, Ordering::Relaxed) + 1 >= CANCEL_NOT_FOUND_TRIES {
                     debug!(child = %child, "no child run to cancel: it never started");
                     return Sent::Taken;
@@ -309,5 +359,24 @@ async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
             debug!(run = %ended.run_id, error = %error, "cannot announce a run's end yet; trying again");
             Sent::Again
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_counts_as_starting_until_its_last_start_is_over() {
+        let starting = Arc::new(ChildrenStarting::default());
+        let child = RunId("child".into());
+        let first = starting.begin(child.clone());
+        let again = starting.begin(child.clone());
+        assert!(starting.contains(&child));
+        drop(first);
+        assert!(starting.contains(&child), "a second start of the same child is still on its way");
+        drop(again);
+        assert!(!starting.contains(&child));
+        assert!(starting.0.lock().unwrap().is_empty(), "nothing is kept once every start is over");
     }
 }
