@@ -202,8 +202,8 @@ async fn an_announcement_the_stream_did_not_take_is_published_by_the_next_coordi
     jetstream.delete_stream(subjects.run_ends_stream()).await?;
     let start = StartRun { flow: "announced".into(), version: None, input: json!({"n": 1}), idempotency_key: None };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
+    // Read as ended only once the end (and its announcement in the outbox) is committed.
     assert_eq!(grid.wait_run(&client, &run_id, RUN_DEADLINE).await?.status, RunStatus::Succeeded);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // The next coordinator creates the stream again and publishes what the outbox held.
     grid.coordinators[0].kill_hard();
     grid.start_coordinator().await?;

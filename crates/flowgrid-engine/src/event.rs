@@ -37,9 +37,9 @@ pub enum Event {
         output: Option<Value>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<TaskError>,
-        /// `false` when the child could not be started at all (the grid refused its start).
-        #[serde(default = "default_true", skip_serializing_if = "is_true")]
-        started: bool,
+        /// The child could not be started at all: the grid refused its start.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        refused: bool,
     },
 }
 
@@ -81,10 +81,6 @@ pub struct TaskError {
 
 fn default_true() -> bool {
     true
-}
-
-fn is_true(value: &bool) -> bool {
-    *value
 }
 
 /// What a timer is for. Timers are scoped to one run.

@@ -123,13 +123,13 @@ impl Run {
             Event::TaskFailed { attempt, error } => self.on_task_failed(attempt, error, &mut context),
             Event::TimerFired { timer } => self.on_timer(timer, &mut context),
             Event::SignalReceived { step, data } => self.on_signal(step, data, &mut context),
-            Event::ChildEnded { step, item, child, status, output, error, started } => {
+            Event::ChildEnded { step, item, child, status, output, error, refused } => {
                 let ended = subflows::ChildEnd {
                     child,
                     status: *status,
                     output: output.as_ref(),
                     error: error.as_ref(),
-                    started: *started,
+                    refused: *refused,
                 };
                 self.on_child_ended(step, *item, ended, &mut context)
             }

@@ -286,17 +286,9 @@ pub struct ChildRunEnded {
     pub output: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
-    /// `false` when the child could not be started at all (its start was refused).
-    #[serde(default = "yes", skip_serializing_if = "is_yes")]
-    pub started: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn is_yes(value: &bool) -> bool {
-    *value
+    /// The child could not be started at all: its start was refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -29,9 +29,11 @@ pub struct BrokerLimits {
     pub pool_ack_pending_max: i64,
     /// Runs waiting in the durable submit stream.
     pub submit_stream_messages_max: i64,
-    /// Bytes of run-ended announcements kept; past it, the oldest go.
+    /// Bytes of run-ended announcements kept; past it, the oldest go. Bounds the stream's
+    /// disk use whatever the run rate (about a million small announcements).
     pub run_ends_stream_bytes_max: i64,
-    /// How long a run-ended announcement is kept.
+    /// How long a run-ended announcement is kept: long enough for a service to be down over
+    /// a weekend and still read every end it missed.
     pub run_ends_kept: Duration,
 }
 

@@ -124,6 +124,11 @@ impl Client {
         self
     }
 
+    /// The JetStream context of that connection.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
     /// The underlying NATS connection.
     pub fn nats(&self) -> &async_nats::Client {
         &self.nats

@@ -182,7 +182,7 @@ impl<S: ShardStore> ShardActor<S> {
                     message: format!("the child run could not start: {}", refusal.message),
                     retryable: false,
                 }),
-                started: false,
+                refused: true,
             };
             // Not in the outbox: if this is lost, the parent's next owner starts the child
             // again and is refused again.
@@ -348,8 +348,7 @@ async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, ended.run_id.as_str());
     let subject = client.subjects().run_ended(&ended.flow);
-    let jetstream = async_nats::jetstream::new(client.nats().clone());
-    let acked = match jetstream.publish_with_headers(subject, headers, payload.into()).await {
+    let acked = match client.jetstream().publish_with_headers(subject, headers, payload.into()).await {
         Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
         Err(error) => Err(error.to_string()),
     };

@@ -224,7 +224,7 @@ impl<S: ShardStore> ShardActor<S> {
                 status,
                 output: active.run.output().cloned(),
                 error: active.run.error().cloned(),
-                started: true,
+                refused: false,
             };
             self.send_after_commit(OutboxRecord::ChildEnded(ended), batch);
         }
@@ -239,14 +239,12 @@ impl<S: ShardStore> ShardActor<S> {
         ended: ChildRunEnded,
         batch: &mut Batch,
     ) -> Result<ChildEndTaken, ApiError> {
-        let ChildRunEnded { parent, step, item, child, status, output, error, started } = ended;
+        let ChildRunEnded { parent, step, item, child, status, output, error, refused } = ended;
         if !self.runs.contains_key(&parent) {
-            return match self.run_record(&parent).await? {
-                Some(_) => Ok(ChildEndTaken { applied: false }),
-                None => Err(not_found(&parent)),
-            };
+            self.ended_run(&parent).await?;
+            return Ok(ChildEndTaken { applied: false });
         }
-        let event = Event::ChildEnded { step, item, child, status, output, error, started };
+        let event = Event::ChildEnded { step, item, child, status, output, error, refused };
         let applied = self.apply_event(&parent, event, now_ms(), batch);
         Ok(ChildEndTaken { applied })
     }
@@ -263,10 +261,8 @@ impl<S: ShardStore> ShardActor<S> {
             let status = self.runs.get(&run_id).map(|active| active.run.status()).unwrap_or(RunStatus::Cancelled);
             return Ok(RunCancelled { run_id, status });
         }
-        match self.run_record(&run_id).await? {
-            Some(record) => Ok(RunCancelled { run_id, status: record.status }),
-            None => Err(not_found(&run_id)),
-        }
+        let status = self.ended_run(&run_id).await?.status;
+        Ok(RunCancelled { run_id, status })
     }
 
     /// A signal for a signal step: applied if the step waits for one. A step that is over
@@ -280,10 +276,8 @@ impl<S: ShardStore> ShardActor<S> {
         batch: &mut Batch,
     ) -> Result<RunSignalled, ApiError> {
         let Some(active) = self.runs.get(&run_id) else {
-            return match self.run_record(&run_id).await? {
-                Some(record) => Ok(RunSignalled { run_id, step, applied: false, status: record.status }),
-                None => Err(not_found(&run_id)),
-            };
+            let status = self.ended_run(&run_id).await?.status;
+            return Ok(RunSignalled { run_id, step, applied: false, status });
         };
         let applied = match active.run.signal_refused(&step) {
             None => self.apply_event(&run_id, Event::SignalReceived { step: step.clone(), data }, now_ms(), batch),
@@ -356,6 +350,12 @@ impl<S: ShardStore> ShardActor<S> {
         runs.sort_by(|a, b| (b.created_ms, &b.run_id).cmp(&(a.created_ms, &a.run_id)));
         runs.truncate(limit);
         Ok(runs)
+    }
+
+    /// The record of a run that is not in memory, so has ended; `not_found` when there is
+    /// no such run (or it was deleted after its retention).
+    async fn ended_run(&self, run_id: &RunId) -> Result<RunRecord, ApiError> {
+        self.run_record(run_id).await?.ok_or_else(|| not_found(run_id))
     }
 
     async fn run_record(&self, run_id: &RunId) -> Result<Option<RunRecord>, ApiError> {

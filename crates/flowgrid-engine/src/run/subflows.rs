@@ -27,8 +27,8 @@ pub(super) struct ChildEnd<'a> {
     pub status: RunStatus,
     pub output: Option<&'a Value>,
     pub error: Option<&'a TaskError>,
-    /// `false`: the grid refused to start the child, so it does not exist.
-    pub started: bool,
+    /// The grid refused to start the child, so it does not exist.
+    pub refused: bool,
 }
 
 impl Run {
@@ -148,7 +148,7 @@ impl Run {
             return Applied::Ignored("not the child of this step");
         }
         let error = (ended.status != RunStatus::Succeeded).then(|| child_error(&spec.flow, &ended));
-        if !ended.started {
+        if ended.refused {
             let state = self.state(index);
             state.attempts = state.attempts.saturating_sub(1);
         }
@@ -210,24 +210,27 @@ impl Run {
         Applied::Accepted
     }
 
-    /// Asks for every child of step `index` still going to be cancelled: the run ends with
-    /// `status`, or the step's map failed.
+    /// Asks for every child of step `index` still going to be cancelled: its map failed,
+    /// or it timed out.
     pub(super) fn cancel_step_children(&self, index: StepIndex, why: &str, context: &mut Context<'_>) {
-        let step = self.plan.step(index);
-        let PlanStepKind::Subflow(spec) = &step.kind else { return };
-        for (_, item, _) in self.waiting_children().filter(|(waiting, _, _)| *waiting == index) {
-            context.effects.push(Effect::CancelChild {
-                child: ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id, item),
-                reason: why.to_owned(),
-            });
-        }
+        self.cancel_waiting_children(Some(index), || why.to_owned(), context);
     }
 
     /// The run ends with `status`: every child run still going is to be cancelled.
     pub(super) fn cancel_children(&self, status: RunStatus, context: &mut Context<'_>) {
-        let why = format!("its parent run {} {}", self.run_id, status.as_str());
-        for position in 0..self.plan.steps.len() {
-            self.cancel_step_children(position as StepIndex, &why, context);
+        let why = || format!("its parent run {} {}", self.run_id, status.as_str());
+        self.cancel_waiting_children(None, why, context);
+    }
+
+    /// Asks for the children still going, of step `only` or of every step, to be
+    /// cancelled; the reason is built only when there is one (a run without children
+    /// ends without it).
+    fn cancel_waiting_children(&self, only: Option<StepIndex>, why: impl Fn() -> String, context: &mut Context<'_>) {
+        for (index, item, _) in self.waiting_children().filter(|(index, _, _)| only.is_none_or(|only| only == *index)) {
+            let step = self.plan.step(index);
+            let PlanStepKind::Subflow(spec) = &step.kind else { continue };
+            let child = ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id, item);
+            context.effects.push(Effect::CancelChild { child, reason: why() });
         }
     }
 }

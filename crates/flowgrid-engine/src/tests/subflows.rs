@@ -34,7 +34,7 @@ fn starts(effects: &[Effect]) -> Vec<ChildStart> {
 }
 
 fn ended(child: RunId, status: RunStatus, output: Option<serde_json::Value>, error: Option<TaskError>) -> Event {
-    Event::ChildEnded { step: "encode".to_owned(), item: None, child, status, output, error, started: true }
+    Event::ChildEnded { step: "encode".to_owned(), item: None, child, status, output, error, refused: false }
 }
 
 #[test]
@@ -92,7 +92,7 @@ fn a_child_the_grid_refused_to_start_fails_the_step_and_is_not_named() {
         status: RunStatus::Failed,
         output: None,
         error: Some(refused),
-        started: false,
+        refused: true,
     };
     assert_eq!(harness.apply(10, event), Applied::Accepted);
     let encode = harness.step("encode");
@@ -168,7 +168,7 @@ fn item_ended(item: u32, status: RunStatus, output: Option<serde_json::Value>) -
         status,
         output,
         error,
-        started: true,
+        refused: false,
     }
 }
 
@@ -191,7 +191,7 @@ fn a_subflow_step_with_items_runs_a_child_per_item_within_its_concurrency() {
         status: RunStatus::Succeeded,
         output: None,
         error: None,
-        started: true,
+        refused: false,
     };
     assert_eq!(harness.apply(5, wrong), Applied::Ignored("not the child of this step"));
     assert_eq!(harness.apply(10, item_ended(1, RunStatus::Succeeded, Some(json!("B")))), Applied::Accepted);

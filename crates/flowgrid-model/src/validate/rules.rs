@@ -51,13 +51,7 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
             check_name(&format!("{path}.pool"), "pool name", &map.pool, limits, issues);
             check_name(&format!("{path}.task"), "task name", &map.task, limits, issues);
             check_worker_settings(path, &map.retry, map.timeout_ms, map.priority, &map.catch, issues);
-            if map.max_concurrency == Some(0) {
-                push_issue(
-                    issues,
-                    format!("{path}.max_concurrency"),
-                    "must be at least 1: set the number of items in flight at once, or leave it out for no bound",
-                );
-            }
+            check_max_concurrency(path, map.max_concurrency, "items in flight", issues);
         }
         Step::Choice(choice) => {
             if choice.choices.is_empty() {
@@ -92,13 +86,7 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
                     "versions start at 1: name a deployed version, or leave it out for the latest",
                 );
             }
-            if subflow.max_concurrency == Some(0) {
-                push_issue(
-                    issues,
-                    format!("{path}.max_concurrency"),
-                    "must be at least 1: set the number of child runs going at once, or leave it out for no bound",
-                );
-            }
+            check_max_concurrency(path, subflow.max_concurrency, "child runs going", issues);
             if subflow.items.is_none() && (subflow.max_concurrency.is_some() || subflow.tolerated_failures > 0) {
                 push_issue(
                     issues,
@@ -201,6 +189,17 @@ fn check_worker_settings(
         );
     }
     check_catch(path, catch, issues);
+}
+
+/// A fan-out's bound on `what` at once is at least 1 when it is set.
+fn check_max_concurrency(path: &str, max_concurrency: Option<u32>, what: &str, issues: &mut Vec<Issue>) {
+    if max_concurrency == Some(0) {
+        push_issue(
+            issues,
+            format!("{path}.max_concurrency"),
+            format!("must be at least 1: set the number of {what} at once, or leave it out for no bound"),
+        );
+    }
 }
 
 fn check_catch(path: &str, catch: &[Catch], issues: &mut Vec<Issue>) {
