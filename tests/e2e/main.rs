@@ -16,6 +16,7 @@ mod metrics;
 mod partition;
 mod publish;
 mod python;
+mod redrive;
 mod results;
 mod retention;
 mod schedules;

@@ -115,7 +115,7 @@ async fn a_subflow_step_with_items_runs_one_child_per_item() -> anyhow::Result<(
     assert_eq!(step(&view, "each").output, Some(outputs), "the children's outputs in item order");
     let counts = step(&view, "each").items.expect("item counts");
     assert_eq!((counts.total, counts.succeeded), (5, 5));
-    let third = ParentRef::child_run_id("doubler", &run_id, "each", Some(2));
+    let third = ParentRef::child_run_id("doubler", &run_id, "each", Some(2), 0);
     let child = client.get(&third).await.or_logs(&grid)?;
     let parent = child.parent.expect("the child names its parent");
     assert_eq!((parent.run_id, parent.item, child.input), (run_id, Some(2), json!({"n": 3})));
@@ -251,7 +251,7 @@ fn split_keys(grid: &Grid, owners: &[String], on: [usize; 2], tag: &str) -> Vec<
     };
     let keys = (0..10_000).map(|n| format!("{tag}-{n}")).filter(|key| {
         let parent = RunId::from_idempotency_key("waiting-parent", key);
-        let child = ParentRef::child_run_id("waiter", &parent, "invoke", None);
+        let child = ParentRef::child_run_id("waiter", &parent, "invoke", None, 0);
         owned_by(&parent, on[0]) && owned_by(&child, on[1])
     });
     let keys: Vec<String> = keys.take(3).collect();

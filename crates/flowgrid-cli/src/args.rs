@@ -174,6 +174,20 @@ pub enum RunCommand {
         #[arg(long, default_value = "cancelled from the command line")]
         reason: String,
     },
+    /// Run a run that failed, timed out or was cancelled again, from the steps that did not
+    /// succeed (those that did keep their outputs).
+    Redrive {
+        run_id: String,
+        /// Why, recorded in the run's history.
+        #[arg(long, default_value = "redriven from the command line")]
+        reason: String,
+        /// Wait for the run to end again; exit 0 if it succeeded, 1 otherwise.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits (e.g. 500ms, 60s, 5m).
+        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Durable start: store the request in JetStream even if no coordinator runs now.
     Submit {
         flow: String,

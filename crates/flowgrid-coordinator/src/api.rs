@@ -13,8 +13,8 @@ use flowgrid_model::limits::{nesting_depth, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{parse_definition, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun,
-    ListFlows, ListRuns, Reply, RunList, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, StartRuns,
-    START_MANY_RUNS_MAX,
+    ListFlows, ListRuns, RedriveRun, Reply, RunList, RunRedriven, RunStarted, RunsStarted, SignalRun, StartChildRun,
+    StartRun, StartRuns, START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -35,7 +35,7 @@ const LIST_LIMIT_MAX: u32 = 1_000;
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 /// Every API verb.
-const VERBS: [&str; 11] = [
+const VERBS: [&str; 12] = [
     "flow.deploy",
     "flow.list",
     "flow.get",
@@ -44,6 +44,7 @@ const VERBS: [&str; 11] = [
     "run.get",
     "run.list",
     "run.cancel",
+    "run.redrive",
     "run.signal",
     "run.start_child",
     "run.child_ended",
@@ -155,6 +156,7 @@ impl Api {
             "run.get" => call(encoding, payload, |request: GetRun| self.get_run(request)).await,
             "run.list" => call(encoding, payload, |request| self.list_runs(request)).await,
             "run.cancel" => call(encoding, payload, |request| self.cancel_run(request)).await,
+            "run.redrive" => call(encoding, payload, |request| self.redrive_run(request)).await,
             "run.signal" => {
                 let request_bytes = msgpack_request_bytes(encoding, payload);
                 call(encoding, payload, |request| self.signal_run(request, request_bytes)).await
@@ -301,7 +303,7 @@ impl Api {
                 ),
             ));
         }
-        let key = ParentRef::child_key(&parent.run_id, &parent.step, parent.item);
+        let key = ParentRef::child_key(&parent.run_id, &parent.step, parent.item, parent.round);
         let start = StartRun { flow, version, input: Arc::unwrap_or_clone(input), idempotency_key: Some(key) };
         self.start_run(start, None, request_bytes, Some(parent)).await
     }
@@ -365,6 +367,16 @@ impl Api {
         let shard = self.router.shard_of(run_id.as_str());
         self.ask(shard, ShardRequest::Cancel { run_id, reason }, |reply| match reply {
             ShardReply::Cancelled(cancelled) => Ok(cancelled),
+            other => Err(other),
+        })
+        .await
+    }
+
+    async fn redrive_run(&self, request: RedriveRun) -> Result<RunRedriven, ApiError> {
+        let RedriveRun { run_id, reason } = request;
+        let shard = self.router.shard_of(run_id.as_str());
+        self.ask(shard, ShardRequest::Redrive { run_id, reason }, |reply| match reply {
+            ShardReply::Redriven(redriven) => Ok(redriven),
             other => Err(other),
         })
         .await

@@ -586,6 +586,7 @@ mod tests {
                 created_ms: 1_000,
                 ended_ms: Some(2_000),
                 parent: None,
+                redriven: None,
                 steps: Vec::new(),
             };
             batch.set_chunked(&keys::snapshot(run_id), &records::encode(&view), &limits);

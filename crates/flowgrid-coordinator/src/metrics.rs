@@ -35,6 +35,7 @@ pub const SHARD_ACQUIRE_SECONDS: &str = "flowgrid_shard_acquire_seconds";
 pub const SHARD_RELEASE_SECONDS: &str = "flowgrid_shard_release_seconds";
 pub const SHARD_TAKEOVERS: &str = "flowgrid_shard_takeovers_total";
 pub const RUNS_PRUNED: &str = "flowgrid_runs_pruned_total";
+pub const RUNS_REDRIVEN: &str = "flowgrid_runs_redriven_total";
 pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
 pub const RUN_MESSAGES_PENDING: &str = "flowgrid_run_messages_pending";
 pub const RUN_MESSAGES_RETRIED: &str = "flowgrid_run_messages_retried_total";
@@ -70,6 +71,7 @@ pub fn describe() {
     describe_counter!(API_REJECTED, Unit::Count, "API requests refused because of overload.");
     describe_counter!(TIMERS_FIRED, Unit::Count, "Durable timers that came due (retries, timeouts, waits).");
     describe_counter!(RUNS_PRUNED, Unit::Count, "Ended runs deleted from the store after --retain-ended-runs.");
+    describe_counter!(RUNS_REDRIVEN, Unit::Count, "Ended runs redriven (run.redrive) and active again.");
     describe_gauge!(
         RUN_MESSAGES_PENDING,
         Unit::Count,

@@ -14,7 +14,7 @@ use flowgrid_engine::RunView;
 use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, Reply,
-    RunCancelled, RunSignalled, RunStarted, RunSummary,
+    RunCancelled, RunRedriven, RunSignalled, RunStarted, RunSummary,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,10 @@ pub enum ShardRequest {
         run_id: RunId,
         reason: String,
     },
+    Redrive {
+        run_id: RunId,
+        reason: String,
+    },
     Signal {
         run_id: RunId,
         step: String,
@@ -84,6 +88,7 @@ pub enum ShardRequest {
 pub enum ShardReply {
     Started(RunStarted),
     Cancelled(RunCancelled),
+    Redriven(RunRedriven),
     Signalled(RunSignalled),
     Run(Box<RunView>),
     Runs(Vec<RunSummary>),
@@ -229,6 +234,9 @@ impl Router {
             ShardRequest::Cancel { run_id, reason } => {
                 handle.ask(|reply| Command::Cancel { run_id, reason, reply }).await.map(ShardReply::Cancelled)
             }
+            ShardRequest::Redrive { run_id, reason } => {
+                handle.ask(|reply| Command::Redrive { run_id, reason, reply }).await.map(ShardReply::Redriven)
+            }
             ShardRequest::Signal { run_id, step, data } => {
                 handle.ask(|reply| Command::Signal { run_id, step, data, reply }).await.map(ShardReply::Signalled)
             }
@@ -330,7 +338,13 @@ mod tests {
             version: 3,
             input: serde_json::json!({"n": 1, "tags": ["a"]}),
             idempotent: true,
-            parent: Some(ParentRef { run_id: RunId("p-1".into()), step: "call".into(), item: None, depth: 1 }),
+            parent: Some(ParentRef {
+                run_id: RunId("p-1".into()),
+                step: "call".into(),
+                item: None,
+                depth: 1,
+                round: 0,
+            }),
         };
         let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
         let decoded: ShardRequest = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();

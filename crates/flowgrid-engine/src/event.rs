@@ -41,6 +41,9 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         refused: bool,
     },
+    /// Someone asked to run a run that failed, timed out or was cancelled again, from the
+    /// steps that did not succeed (see [`crate::Run::redrive_refused`]).
+    Redriven { reason: String },
 }
 
 /// Why a run does not take a signal for a step: see [`crate::Run::signal_refused`].
@@ -55,6 +58,19 @@ pub enum SignalRefused {
     /// The step is over: it took a signal already, timed out, was skipped or cancelled,
     /// or the run ended.
     Over { status: crate::StepStatus },
+}
+
+/// Why a run cannot be redriven: see [`crate::Run::redrive_refused`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedriveRefused {
+    /// It has not ended.
+    Going,
+    /// It succeeded: there is nothing to run again.
+    Succeeded,
+    /// A subflow step started it: its parent took its end already.
+    Child { parent: flowgrid_model::ParentRef },
+    /// It was redriven [`flowgrid_model::limits::REDRIVES_MAX`] times.
+    TooOften { times: u32 },
 }
 
 /// The result of [`crate::Run::apply`].
@@ -130,6 +146,8 @@ pub struct ChildStart {
     pub parent: RunId,
     pub step: String,
     pub item: Option<u32>,
+    /// The step's round ([`flowgrid_model::ParentRef::round`]).
+    pub round: u32,
     pub flow: String,
     /// `None`: the latest version.
     pub version: Option<u32>,

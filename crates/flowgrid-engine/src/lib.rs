@@ -20,9 +20,9 @@ mod event;
 mod run;
 mod view;
 
-pub use event::{Applied, ChildStart, Effect, Event, SignalRefused, TaskDispatch, TaskError, TimerKey};
+pub use event::{Applied, ChildStart, Effect, Event, RedriveRefused, SignalRefused, TaskDispatch, TaskError, TimerKey};
 pub use run::Run;
-pub use view::{ItemCounts, RunStatus, RunView, RunViewRef, StepStatus, StepView};
+pub use view::{ItemCounts, Redriven, RunStatus, RunView, RunViewRef, StepStatus, StepView};
 
 #[cfg(test)]
 mod tests;

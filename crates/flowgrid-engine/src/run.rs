@@ -3,7 +3,7 @@
 //! The submodules split the transitions by idea: [`steps`] starts a ready step by kind,
 //! [`map`] fans a map step out and in, [`results`] applies results and timers to open
 //! attempts, [`signals`] takes signals from outside, [`subflows`] starts child runs and
-//! takes their ends, [`resolve`] propagates a resolved
+//! takes their ends, [`redrive`] runs an ended run again, [`resolve`] propagates a resolved
 //! step along its edges, [`retry`] computes backoff delays, [`scope`] evaluates
 //! expressions.
 //!
@@ -19,9 +19,10 @@
 //!
 //! On a terminal transition the run emits a `CancelTimer` for every armed timer, a
 //! `CancelChild` for every child run still going, then exactly one `RunFinished`;
-//! afterwards it arms nothing and accepts no event.
+//! afterwards it arms nothing and accepts no event but a redrive, which makes it go again.
 
 mod map;
+mod redrive;
 mod resolve;
 mod results;
 mod retry;
@@ -38,7 +39,7 @@ use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, ParentRef, PlanStep
 use serde_json::Value;
 
 use crate::view::{RunViewRef, StepViewRef};
-use crate::{Applied, Effect, Event, RunStatus, RunView, StepStatus, TaskDispatch, TaskError, TimerKey};
+use crate::{Applied, Effect, Event, Redriven, RunStatus, RunView, StepStatus, TaskDispatch, TaskError, TimerKey};
 use resolve::Agenda;
 use state::{Item, Phase, Slot, StepState, Work};
 
@@ -56,6 +57,8 @@ pub struct Run {
     ended_ms: Option<Millis>,
     /// The subflow step that started this run, if one did (boxed: most runs have none).
     parent: Option<Box<ParentRef>>,
+    /// How often the run was redriven, and when last (boxed: most runs never are).
+    redriven: Option<Box<Redriven>>,
     /// By step index.
     steps: Vec<StepState>,
     /// Steps not resolved yet; the run succeeds by itself when this reaches zero.
@@ -95,6 +98,7 @@ impl Run {
             created_ms: now,
             ended_ms: None,
             parent: None,
+            redriven: None,
             steps,
             agenda: VecDeque::new(),
         };
@@ -114,10 +118,13 @@ impl Run {
 
     /// Applies one event at `now`.
     pub fn apply(&mut self, evaluator: &Evaluator, now: Millis, event: &Event, effects: &mut Vec<Effect>) -> Applied {
+        let mut context = Context { evaluator, now, effects };
+        if let Event::Redriven { .. } = event {
+            return self.redrive(&mut context);
+        }
         if self.status.is_terminal() {
             return Applied::Ignored("run already ended");
         }
-        let mut context = Context { evaluator, now, effects };
         let applied = match event {
             Event::TaskSucceeded { attempt, output } => self.on_task_succeeded(attempt, output, &mut context),
             Event::TaskFailed { attempt, error } => self.on_task_failed(attempt, error, &mut context),
@@ -138,6 +145,7 @@ impl Run {
                 self.finish(RunStatus::Cancelled, None, Some(error), &mut context);
                 Applied::Accepted
             }
+            Event::Redriven { .. } => unreachable!("taken above"),
         };
         if applied == Applied::Accepted {
             self.work_agenda(&mut context);
@@ -157,7 +165,7 @@ impl Run {
     pub fn armed_timers(&self) -> Vec<(TimerKey, Millis)> {
         let mut armed = Vec::new();
         if let (false, Some(timeout_ms)) = (self.status.is_terminal(), self.plan.timeout_ms) {
-            armed.push((TimerKey::RunTimeout, self.created_ms.saturating_add(timeout_ms)));
+            armed.push((TimerKey::RunTimeout, self.went_ms().saturating_add(timeout_ms)));
         }
         armed.extend(self.slots().filter_map(|(index, item, slot)| self.slot_timer(index, item, slot)));
         armed.extend(self.steps.iter().zip(&self.plan.steps).filter_map(|(state, step)| step_timer(state, step)));
@@ -221,6 +229,17 @@ impl Run {
         self.created_ms
     }
 
+    /// When the run last started going: its start, or its last redrive. Its timeout
+    /// counts from here.
+    fn went_ms(&self) -> Millis {
+        self.redriven.as_ref().map_or(self.created_ms, |redriven| redriven.last_ms)
+    }
+
+    /// How often the run was redriven, and when last.
+    pub fn redriven(&self) -> Option<Redriven> {
+        self.redriven.as_deref().copied()
+    }
+
     /// The run's status; terminal once it has ended.
     pub fn status(&self) -> RunStatus {
         self.status
@@ -275,6 +294,10 @@ impl Run {
                     _ => None,
                 },
                 child_run: self.started_child(position as StepIndex, state),
+                child_round: match (&step.kind, &state.work) {
+                    (PlanStepKind::Subflow(_), Work::Map(map)) => map.first,
+                    _ => 0,
+                },
             })
             .collect();
         RunViewRef {
@@ -288,6 +311,7 @@ impl Run {
             created_ms: self.created_ms,
             ended_ms: self.ended_ms,
             parent: self.parent.as_deref(),
+            redriven: self.redriven(),
             steps,
         }
     }

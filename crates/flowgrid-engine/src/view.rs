@@ -108,8 +108,21 @@ pub struct RunView {
     /// The subflow step that started this run, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// How often the run was redriven, and when last; absent if never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redriven: Option<Redriven>,
     /// In definition order.
     pub steps: Vec<StepView>,
+}
+
+/// How often a run was redriven (started again from the steps that did not succeed after
+/// it failed, timed out or was cancelled), and when last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Redriven {
+    /// Redrives so far.
+    pub times: u32,
+    /// When the last one went through; the run's timeout counts from here.
+    pub last_ms: Millis,
 }
 
 /// One step of a run as the API shows it.
@@ -141,9 +154,18 @@ pub struct StepView {
     /// For a map: items in all, finished, failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<ItemCounts>,
-    /// For a subflow step that started: its child run.
+    /// For a subflow step that started: its (latest) child run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_run: Option<RunId>,
+    /// For a subflow step with items: the round of its children
+    /// ([`ParentRef::round`]), which their ids follow from; 0 until a redrive starts the
+    /// step again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub child_round: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 /// A [`RunView`] borrowed from its run ([`Run::view_ref`](crate::Run::view_ref)): the
@@ -165,6 +187,8 @@ pub struct RunViewRef<'a> {
     pub(crate) ended_ms: Option<Millis>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) parent: Option<&'a ParentRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) redriven: Option<Redriven>,
     pub(crate) steps: Vec<StepViewRef<'a>>,
 }
 
@@ -189,6 +213,8 @@ pub(crate) struct StepViewRef<'a> {
     pub(crate) items: Option<ItemCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) child_run: Option<RunId>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) child_round: u32,
 }
 
 impl RunViewRef<'_> {
@@ -205,6 +231,7 @@ impl RunViewRef<'_> {
             created_ms: self.created_ms,
             ended_ms: self.ended_ms,
             parent: self.parent.cloned(),
+            redriven: self.redriven,
             steps: self.steps.iter().map(StepViewRef::to_view).collect(),
         }
     }
@@ -224,6 +251,7 @@ impl StepViewRef<'_> {
             caught: self.caught,
             items: self.items,
             child_run: self.child_run.clone(),
+            child_round: self.child_round,
         }
     }
 }

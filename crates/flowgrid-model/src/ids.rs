@@ -48,23 +48,36 @@ pub struct ParentRef {
     pub item: Option<u32>,
     /// 1 for the child of a run nobody started as a child, one more per level below.
     pub depth: u32,
+    /// Which start of the step this child belongs to: 0 for the first, more once the
+    /// parent was redriven and the step ran again (each round gets children of its own).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub round: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 impl ParentRef {
-    /// The idempotency key the child run of step `step` (item `item`) of run `parent` is
-    /// started with: the child's run id follows from it (see [`ParentRef::child_run_id`]),
-    /// so starting it again starts nothing new.
-    pub fn child_key(parent: &RunId, step: &str, item: Option<u32>) -> String {
-        match item {
+    /// The idempotency key the child run of step `step` (item `item`, round `round`) of
+    /// run `parent` is started with: the child's run id follows from it (see
+    /// [`ParentRef::child_run_id`]), so starting it again starts nothing new.
+    pub fn child_key(parent: &RunId, step: &str, item: Option<u32>, round: u32) -> String {
+        let mut key = match item {
             Some(item) => format!("subflow/{parent}/{step}/{item}"),
             None => format!("subflow/{parent}/{step}"),
+        };
+        if round > 0 {
+            // Items are numbers, so `r<n>` cannot be mistaken for one.
+            key.push_str(&format!("/r{round}"));
         }
+        key
     }
 
-    /// The run id of the child run of flow `flow` that step `step` (item `item`) of run
-    /// `parent` starts.
-    pub fn child_run_id(flow: &str, parent: &RunId, step: &str, item: Option<u32>) -> RunId {
-        RunId::from_idempotency_key(flow, &ParentRef::child_key(parent, step, item))
+    /// The run id of the child run of flow `flow` that step `step` (item `item`, round
+    /// `round`) of run `parent` starts.
+    pub fn child_run_id(flow: &str, parent: &RunId, step: &str, item: Option<u32>, round: u32) -> RunId {
+        RunId::from_idempotency_key(flow, &ParentRef::child_key(parent, step, item, round))
     }
 }
 

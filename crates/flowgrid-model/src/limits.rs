@@ -43,6 +43,10 @@ impl Default for Limits {
 /// `subflow` step ... A flow that calls itself without end is stopped here.
 pub const SUBFLOW_DEPTH_MAX: u32 = 8;
 
+/// How often one run may be redriven: each redrive adds to its history, which a shard
+/// replays when it loads the run.
+pub const REDRIVES_MAX: u32 = 100;
+
 /// The longest time a definition may name, 366 days (a `wait`, a schedule's `every_ms`):
 /// anything longer is a mistake in the definition, or in the data an expression reads.
 pub const DURATION_MS_MAX: u64 = 366 * 24 * 60 * 60 * 1000;

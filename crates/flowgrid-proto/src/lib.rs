@@ -37,6 +37,8 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("run-list.json", schema_for!(Reply<RunList>)),
         ("cancel-run.json", schema_for!(CancelRun)),
         ("run-cancelled.json", schema_for!(Reply<RunCancelled>)),
+        ("redrive-run.json", schema_for!(RedriveRun)),
+        ("run-redriven.json", schema_for!(Reply<RunRedriven>)),
         ("signal-run.json", schema_for!(SignalRun)),
         ("run-signalled.json", schema_for!(Reply<RunSignalled>)),
         ("run-ended.json", schema_for!(RunEnded)),

@@ -233,6 +233,26 @@ pub struct RunCancelled {
     pub status: RunStatus,
 }
 
+/// `<prefix>.api.run.redrive`: runs a run that failed, timed out or was cancelled again,
+/// from the steps that did not succeed (steps that succeeded keep their outputs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RedriveRun {
+    pub run_id: RunId,
+    /// Why, for the run's history and logs.
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunRedriven {
+    pub run_id: RunId,
+    /// The run's status after the request: `running`, or the status it ended in again at
+    /// once (a run whose flow fails the same way without any task).
+    pub status: RunStatus,
+    /// Redrives of the run so far, this one included.
+    pub times: u32,
+}
+
 /// `<prefix>.api.run.signal`: a signal for signal step `step` of a run. The step takes the
 /// first signal sent while it waits; `data` becomes its output.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -312,6 +332,14 @@ pub struct RunEnded {
     pub output: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+    /// How often the run was redriven before this end: each end of a redriven run is
+    /// announced once more.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redriven: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 /// A task, as published to `<prefix>.tasks.<pool>`. Everything a worker needs.

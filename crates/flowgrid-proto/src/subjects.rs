@@ -23,7 +23,7 @@ impl Subjects {
 
     /// An API verb, e.g. `flowgrid.api.run.start`. Verbs: `flow.deploy`, `flow.list`,
     /// `flow.get`, `run.start`, `run.start_many`, `run.get`, `run.list`, `run.cancel`,
-    /// `run.signal`.
+    /// `run.redrive`, `run.signal`.
     pub fn api(&self, verb: &str) -> String {
         format!("{}.api.{verb}", self.prefix)
     }

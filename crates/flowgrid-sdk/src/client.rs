@@ -22,8 +22,8 @@ use flowgrid_engine::RunView;
 use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
-    GetFlow, GetRun, ListFlows, ListRuns, ProtoError, Reply, RunCancelled, RunList, RunSignalled, RunStarted,
-    RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
+    GetFlow, GetRun, ListFlows, ListRuns, ProtoError, RedriveRun, Reply, RunCancelled, RunList, RunRedriven,
+    RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -203,6 +203,14 @@ impl Client {
     pub async fn cancel(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunCancelled> {
         let cancel = CancelRun { run_id: run_id.clone(), reason: reason.into() };
         self.call("run.cancel", &cancel, OnTimeout::Retry).await
+    }
+
+    /// Runs a run that failed, timed out or was cancelled again, from the steps that did not
+    /// succeed. Not safe to repeat blindly: a repeat after the redriven run ended again
+    /// redrives it once more, so a timeout is returned instead of a retry.
+    pub async fn redrive(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunRedriven> {
+        let redrive = RedriveRun { run_id: run_id.clone(), reason: reason.into() };
+        self.call("run.redrive", &redrive, OnTimeout::Fail).await
     }
 
     /// Sends a signal to signal step `step` of a run; `data` becomes the step's output.

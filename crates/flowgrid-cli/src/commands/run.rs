@@ -1,4 +1,4 @@
-//! `flowgrid run start | get | list | signal | cancel | submit`.
+//! `flowgrid run start | get | list | signal | cancel | redrive | submit`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -104,6 +104,29 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 outln!("run {} had already ended: {}", cancelled.run_id, cancelled.status.as_str())?;
             }
             Ok(ExitCode::SUCCESS)
+        }
+        RunCommand::Redrive { run_id, reason, wait, timeout } => {
+            let run_id = RunId(run_id.into());
+            let redriven = client.redrive(&run_id, reason).await?;
+            if !wait {
+                if session.json {
+                    print_json(&redriven)?;
+                } else {
+                    outln!(
+                        "run {} is {} again (redrive {})",
+                        redriven.run_id,
+                        redriven.status.as_str(),
+                        redriven.times
+                    )?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "redrove run {run_id} (redrive {}); waiting up to {}",
+                redriven.times,
+                duration_ms(timeout.as_millis() as u64)
+            );
+            wait_and_print(client, &run_id, timeout, session).await
         }
         RunCommand::Submit { flow, version, input } => {
             let submitted = client.submit(start_request(flow, version, input)?).await?;
@@ -219,6 +242,10 @@ fn render_run(view: &RunView) -> String {
         text.push_str(&format!("parent    {} (step {}{item})\n", parent.run_id, parent.step));
     }
     text.push_str(&format!("created   {}\n", utc_time(view.created_ms)));
+    if let Some(redriven) = &view.redriven {
+        let times = if redriven.times == 1 { "once".to_owned() } else { format!("{} times", redriven.times) };
+        text.push_str(&format!("redriven  {times}, last at {}\n", utc_time(redriven.last_ms)));
+    }
     let duration = match view.ended_ms {
         Some(ended) => duration_ms(ended.saturating_sub(view.created_ms)),
         None => format!("{} so far", duration_ms(now_ms().saturating_sub(view.created_ms))),
@@ -264,7 +291,7 @@ fn step_table(steps: &[StepView]) -> Table {
 
 #[cfg(test)]
 mod tests {
-    use flowgrid_engine::{ItemCounts, StepStatus, TaskError};
+    use flowgrid_engine::{ItemCounts, Redriven, StepStatus, TaskError};
     use flowgrid_model::ParentRef;
 
     use super::*;
@@ -283,6 +310,7 @@ mod tests {
             caught: false,
             items,
             child_run: None,
+            child_round: 0,
         };
         let mut fan_out = step("fan", "map", Some(ItemCounts { total: 10, succeeded: 9, failed: 1, running: 0 }));
         fan_out.error = Some(TaskError { code: "boom".into(), message: "item 3".into(), retryable: true });
@@ -299,7 +327,14 @@ mod tests {
             error: None,
             created_ms: 0,
             ended_ms: Some(1_500),
-            parent: Some(ParentRef { run_id: RunId("p-1".into()), step: "call".into(), item: None, depth: 1 }),
+            parent: Some(ParentRef {
+                run_id: RunId("p-1".into()),
+                step: "call".into(),
+                item: None,
+                depth: 1,
+                round: 0,
+            }),
+            redriven: Some(Redriven { times: 2, last_ms: 1_000 }),
             steps: vec![step("first", "task", None), fan_out, child],
         };
         let text = render_run(&view);
@@ -309,6 +344,7 @@ mod tests {
         assert!(text.contains("10/10 (1 failed)"), "{text}");
         assert!(text.contains("step fan failed (caught): boom: item 3"), "{text}");
         assert!(text.contains("parent    p-1 (step call)\n"), "{text}");
+        assert!(text.contains("redriven  2 times, last at 1970-01-01"), "{text}");
         assert!(text.contains("step encode runs child run c-1\n"), "{text}");
         assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");
     }

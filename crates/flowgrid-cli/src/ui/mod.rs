@@ -2,7 +2,7 @@
 //! graphs, and its runs step by step, refreshed while they go. It talks to the grid only
 //! through the API and the buckets `flowgrid status` reads, so it needs no access to a
 //! coordinator's host. It changes nothing unless started with `--actions`: then its
-//! forms deploy flows, start runs, send signals and cancel runs, each form carrying a
+//! forms deploy flows, start runs, send signals, cancel and redrive runs, each form carrying a
 //! token of this process so that another site cannot post them on a user's behalf.
 
 mod dag;
@@ -61,6 +61,7 @@ pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) 
         .route("/runs/{run_id}", get(run))
         .route("/runs/{run_id}/signal", post(signal))
         .route("/runs/{run_id}/cancel", post(cancel))
+        .route("/runs/{run_id}/redrive", post(redrive))
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page") })
         .with_state(ui);
     let listener = tokio::net::TcpListener::bind(listen)
@@ -211,17 +212,26 @@ async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form
     after_action(signalled, |_| format!("/runs/{run_id}"))
 }
 
+/// A form that carries nothing but the token (cancel, redrive).
 #[derive(Deserialize)]
-struct CancelForm {
+struct TokenForm {
     token: String,
 }
 
-async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<CancelForm>) -> Response {
+async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
     if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
     let cancelled = ui.client.cancel(&RunId(run_id.clone().into()), "cancelled from the web UI").await;
     after_action(cancelled, |_| format!("/runs/{run_id}"))
+}
+
+async fn redrive(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+    if let Some(refused) = ui.refusal(&form.token) {
+        return refused;
+    }
+    let redriven = ui.client.redrive(&RunId(run_id.clone().into()), "redriven from the web UI").await;
+    after_action(redriven, |_| format!("/runs/{run_id}"))
 }
 
 impl Ui {
@@ -242,7 +252,7 @@ impl Ui {
 fn read_only() -> Response {
     failure(
         StatusCode::FORBIDDEN,
-        "this UI is read-only: start it with `flowgrid ui --actions` to deploy, start, signal and cancel",
+        "this UI is read-only: start it with `flowgrid ui --actions` to deploy, start, signal, cancel and redrive",
     )
 }
 

@@ -269,12 +269,15 @@ fn item_children(view: &RunView, definition: Option<&FlowDefinition>, step: &Ste
     let Some(flow) = flow else { return Vec::new() };
     let started = counts.succeeded + counts.failed + counts.running;
     (0..started.min(ITEM_CHILDREN_SHOWN))
-        .map(|item| (item, ParentRef::child_run_id(flow, &view.run_id, &step.id, Some(item))))
+        .map(|item| (item, ParentRef::child_run_id(flow, &view.run_id, &step.id, Some(item), step.child_round)))
         .collect()
 }
 
 pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<&str>) -> Markup {
     let running = view.status == RunStatus::Running;
+    // A child run is redriven through its parent.
+    let redrivable =
+        matches!(view.status, RunStatus::Failed | RunStatus::Cancelled | RunStatus::TimedOut) && view.parent.is_none();
     let now = now_ms();
     let end = view.ended_ms.unwrap_or(now);
     let total = end.saturating_sub(view.created_ms).max(1);
@@ -300,6 +303,9 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                     }
                 }
                 tr { th { "Created (UTC)" } td { (utc_time(view.created_ms)) } }
+                @if let Some(redriven) = &view.redriven {
+                    tr { th { "Redriven" } td { (redriven.times) " time(s), last at " (utc_time(redriven.last_ms)) } }
+                }
                 tr {
                     th { "Duration" }
                     td {
@@ -331,6 +337,13 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                 form.action method="post" action=(format!("/runs/{}/cancel", view.run_id)) {
                     input type="hidden" name="token" value=(token);
                     button type="submit" { "Cancel this run" }
+                }
+            }
+            @if let (true, Some(token)) = (redrivable, actions) {
+                form.action method="post" action=(format!("/runs/{}/redrive", view.run_id)) {
+                    input type="hidden" name="token" value=(token);
+                    button type="submit" { "Redrive this run" }
+                    " from the steps that did not succeed"
                 }
             }
             @if let Some(definition) = definition {

@@ -23,7 +23,7 @@ use flowgrid_engine::RunView;
 use flowgrid_model::{FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, RunCancelled,
-    RunSignalled, RunStarted, RunSummary, Subjects,
+    RunRedriven, RunSignalled, RunStarted, RunSummary, Subjects,
 };
 use flowgrid_store::StoreLimits;
 use serde_json::Value;
@@ -82,6 +82,11 @@ pub enum Command {
         run_id: RunId,
         reason: String,
         reply: Responder<RunCancelled>,
+    },
+    Redrive {
+        run_id: RunId,
+        reason: String,
+        reply: Responder<RunRedriven>,
     },
     Signal {
         run_id: RunId,

@@ -151,7 +151,13 @@ impl<S: ShardStore> ShardActor<S> {
                 flow: start.flow.clone(),
                 version: start.version,
                 input: Arc::clone(&start.input),
-                parent: ParentRef { run_id: start.parent.clone(), step: start.step.clone(), item: start.item, depth },
+                parent: ParentRef {
+                    run_id: start.parent.clone(),
+                    step: start.step.clone(),
+                    item: start.item,
+                    depth,
+                    round: start.round,
+                },
             };
             let outcome = until_done(&permits, &stopped, Some(START_CHILD), || async {
                 match client.start_child(&request).await {
@@ -334,9 +340,10 @@ async fn send(
     }
 }
 
-/// Publishes a run's end on its flow's subject through JetStream, with the run id as the
-/// message id: the run-ends stream keeps it (and drops a repeat within its duplicate
-/// window), and core subscribers get it too. Taken once the stream acknowledged it.
+/// Publishes a run's end on its flow's subject through JetStream, with the run id (and the
+/// redrive it ended after, if any) as the message id: the run-ends stream keeps it (and
+/// drops a repeat within its duplicate window), and core subscribers get it too. Taken once
+/// the stream acknowledged it.
 async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
     let payload = match serde_json::to_vec(ended) {
         Ok(payload) => payload,
@@ -346,7 +353,11 @@ async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
         }
     };
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, ended.run_id.as_str());
+    let message_id = match ended.redriven {
+        0 => ended.run_id.to_string(),
+        times => format!("{}/r{times}", ended.run_id),
+    };
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
     let subject = client.subjects().run_ended(&ended.flow);
     let acked = match client.jetstream().publish_with_headers(subject, headers, payload.into()).await {
         Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),

@@ -96,7 +96,11 @@ impl<S: ShardStore> ShardActor<S> {
     }
 
     /// Rebuilds one run from its history.
-    async fn replay(&mut self, run_id: &RunId, plans: &mut HashMap<(String, u32), Arc<FlowPlan>>) -> Result<ActiveRun> {
+    pub(super) async fn replay(
+        &mut self,
+        run_id: &RunId,
+        plans: &mut HashMap<(String, u32), Arc<FlowPlan>>,
+    ) -> Result<ActiveRun> {
         let history = join_records(self.store.scan(keys::history_range(run_id), usize::MAX, false).await?)?;
         let mut records_iter = history.into_iter();
         let (_, first) = records_iter.next().ok_or_else(|| Error::Corrupt {

@@ -4,15 +4,18 @@
 //! effects the engine asked for are queued on the batch and carried out after the commit.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flowgrid_engine::{Applied, Effect, Event, Run, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey};
+use flowgrid_engine::{
+    Applied, Effect, Event, RedriveRefused, Run, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey,
+};
 use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
-    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, RunCancelled, RunEnded, RunSignalled, RunStarted,
-    RunSummary, TaskResult,
+    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, RunCancelled, RunEnded, RunRedriven, RunSignalled,
+    RunStarted, RunSummary, TaskResult,
 };
 use flowgrid_store::{keys, KeyRange, ShardStore};
 use serde_json::Value;
@@ -212,6 +215,7 @@ impl<S: ShardStore> ShardActor<S> {
                 ended_ms: now,
                 output: active.run.output().cloned(),
                 error: active.run.error().cloned(),
+                redriven: active.run.redriven().map_or(0, |redriven| redriven.times),
             };
             self.send_after_commit(OutboxRecord::RunEnded(ended), batch);
         }
@@ -263,6 +267,64 @@ impl<S: ShardStore> ShardActor<S> {
         }
         let status = self.ended_run(&run_id).await?.status;
         Ok(RunCancelled { run_id, status })
+    }
+
+    /// Redrives a run that ended: rebuilds it from its history, applies the redrive and
+    /// keeps it in memory again. Its run record, listing entry and snapshot go in the same
+    /// commit (an active run has none, ADR 0009) and come back when it ends again.
+    pub(super) async fn redrive_run(
+        &mut self,
+        run_id: RunId,
+        reason: String,
+        batch: &mut Batch,
+    ) -> Result<RunRedriven, ApiError> {
+        if let Some(active) = self.runs.get(&run_id) {
+            return Err(match active.run.redrive_refused() {
+                Some(refused) => redrive_refusal(&run_id, &refused),
+                // Ended in a batch not committed yet.
+                None => ApiError::new(ErrorCode::Unavailable, format!("run {run_id} is ending right now; retry")),
+            });
+        }
+        let record = self.ended_run(&run_id).await?;
+        if record.status == RunStatus::Succeeded {
+            return Err(redrive_refusal(&run_id, &RedriveRefused::Succeeded));
+        }
+        if self.store.get(&keys::outbox(&run_id, records::OUTBOX_RUN_ENDED)).await.map_err(read_failure)?.is_some() {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the end of run {run_id} is not announced on the run-ends stream yet (is the stream \
+                     available?); redrive it once it is"
+                ),
+            ));
+        }
+        let context = &self.context;
+        if context.active_runs.load(Ordering::Relaxed) >= context.active_runs_max {
+            ::metrics::counter!(metrics::API_REJECTED).increment(1);
+            return Err(ApiError::new(
+                ErrorCode::Overloaded,
+                format!("{} runs are active, the most this coordinator holds; retry later", context.active_runs_max),
+            ));
+        }
+        let active = self.replay(&run_id, &mut HashMap::new()).await.map_err(|error| {
+            ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
+        })?;
+        if let Some(refused) = active.run.redrive_refused() {
+            return Err(redrive_refusal(&run_id, &refused));
+        }
+        batch.writes.set(keys::active(&run_id), Vec::new());
+        batch.writes.clear(keys::run(&run_id));
+        batch.writes.clear(keys::created(record.created_ms, &run_id));
+        batch.writes.clear_range(keys::chunks_range(&keys::snapshot(&run_id)));
+        self.runs.insert(run_id.clone(), Box::new(active));
+        self.context.active_runs.fetch_add(1, Ordering::Relaxed);
+        self.metrics.runs_active.increment(1.0);
+        ::metrics::counter!(metrics::RUNS_REDRIVEN).increment(1);
+        let reason = if reason.is_empty() { "redriven through the API".to_owned() } else { reason };
+        self.apply_event(&run_id, Event::Redriven { reason }, now_ms(), batch);
+        let run = &self.runs.get(&run_id).expect("a run that ends stays until its batch commits").run;
+        let times = run.redriven().map_or(0, |redriven| redriven.times);
+        Ok(RunRedriven { run_id, status: run.status(), times })
     }
 
     /// A signal for a signal step: applied if the step waits for one. A step that is over
@@ -374,6 +436,32 @@ impl<S: ShardStore> ShardActor<S> {
                 let _ = nats.publish(reply_to, payload.into()).await;
             });
         }
+    }
+}
+
+/// Why a redrive is refused, and what to do instead.
+fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
+    match refused {
+        RedriveRefused::Going => ApiError::new(
+            ErrorCode::Conflict,
+            format!("run {run_id} is still running; only a run that failed, timed out or was cancelled is redriven"),
+        ),
+        RedriveRefused::Succeeded => ApiError::new(
+            ErrorCode::Conflict,
+            format!("run {run_id} succeeded; there is nothing to run again: start a new run"),
+        ),
+        RedriveRefused::Child { parent } => ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "run {run_id} is a child run of step `{}` of run {}, which took its end already; redrive run {} \
+                 instead: the step starts a new child",
+                parent.step, parent.run_id, parent.run_id
+            ),
+        ),
+        RedriveRefused::TooOften { times } => ApiError::new(
+            ErrorCode::Conflict,
+            format!("run {run_id} was redriven {times} times, the most a run may be; start a new run"),
+        ),
     }
 }
 

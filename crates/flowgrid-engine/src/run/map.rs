@@ -13,7 +13,7 @@ use flowgrid_model::{Expr, Limits, PlanStepKind, StepIndex, SubflowSpec};
 use serde_json::Value;
 
 use super::scope::Locals;
-use super::state::{Item, MapState, Phase, Slot, Work};
+use super::state::{Item, MapState, Slot, Work};
 use super::{Context, Run};
 use crate::{StepStatus, TaskError};
 
@@ -43,8 +43,10 @@ impl Run {
             return self.step_failed(index, error, context);
         }
         let total = u32::try_from(list.len()).expect("the item limit fits in u32");
-        self.state(index).work = Work::Map(Box::new(MapState {
+        let state = self.state(index);
+        state.work = Work::Map(Box::new(MapState {
             items: list.into_iter().map(Item::Pending).collect(),
+            first: state.attempts,
             total,
             next_pending: 0,
             max_concurrency: max_concurrency.max(1),
@@ -118,11 +120,12 @@ impl Run {
                 None => value,
             };
             let input = Arc::new(input);
-            let slot = Slot { attempt: 0, phase: Phase::New, input: Arc::clone(&input) };
-            self.map_mut(index).items[item as usize] = Item::Active(slot);
+            let map = self.map_mut(index);
+            let round = map.first;
+            map.items[item as usize] = Item::Active(Slot::new(round, Arc::clone(&input)));
             if children {
                 self.state(index).attempts += 1;
-                self.ask_for_child(index, Some(item), input, context);
+                self.ask_for_child(index, Some(item), input, round, context);
             } else {
                 self.dispatch(index, Some(item), context);
             }

@@ -145,8 +145,9 @@ impl Run {
     fn attempt_failed(&mut self, index: StepIndex, attempt: &AttemptId, error: TaskError, context: &mut Context<'_>) {
         let plan = Arc::clone(&self.plan);
         let policy = &task_spec(&plan.step(index).kind).expect("only task and map steps have attempts").retry;
-        if should_retry(policy, &error, attempt.attempt) {
-            let due_ms = context.now.saturating_add(backoff_ms(policy, attempt));
+        let tries = self.slot(index, attempt.item).tries();
+        if should_retry(policy, &error, tries) {
+            let due_ms = context.now.saturating_add(backoff_ms(policy, attempt, tries));
             self.slot_mut(index, attempt.item).phase = Phase::Retrying { due_ms };
             if attempt.item.is_none() {
                 self.state(index).status = StepStatus::Retrying;

@@ -9,17 +9,18 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::TaskError;
 
-/// Whether a failed attempt (`failed_attempt` is its 1-based number) is retried.
-pub(super) fn should_retry(policy: &RetryPolicy, error: &TaskError, failed_attempt: u32) -> bool {
+/// Whether a failed attempt is retried; `tries` counts it and the attempts of its slot
+/// before it (1 for the first).
+pub(super) fn should_retry(policy: &RetryPolicy, error: &TaskError, tries: u32) -> bool {
     error.retryable
-        && failed_attempt < policy.max_attempts
+        && tries < policy.max_attempts
         && policy.retry_on.iter().any(|code| code == "*" || *code == error.code)
 }
 
-/// The delay after `failed` before its next attempt:
-/// `min(initial * multiplier^(n-1), max)`, shortened by up to `jitter` of itself.
-pub(super) fn backoff_ms(policy: &RetryPolicy, failed: &AttemptId) -> Millis {
-    let exponent = i32::try_from(failed.attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+/// The delay after `failed`, the `tries`-th attempt of its slot, before its next attempt:
+/// `min(initial * multiplier^(tries-1), max)`, shortened by up to `jitter` of itself.
+pub(super) fn backoff_ms(policy: &RetryPolicy, failed: &AttemptId, tries: u32) -> Millis {
+    let exponent = i32::try_from(tries.saturating_sub(1)).unwrap_or(i32::MAX);
     let grown = policy.initial_backoff_ms as f64 * policy.backoff_multiplier.powi(exponent);
     let ceiling = policy.max_backoff_ms as f64;
     // A NaN or infinite growth (absurd multipliers) is capped like any other long delay.
@@ -58,7 +59,7 @@ mod tests {
             jitter: 0.0,
             ..RetryPolicy::default()
         };
-        let delays: Vec<Millis> = (1..=4).map(|number| backoff_ms(&policy, &attempt(number))).collect();
+        let delays: Vec<Millis> = (1..=4).map(|number| backoff_ms(&policy, &attempt(number), number)).collect();
         assert_eq!(delays, vec![100, 300, 900, 1_000]);
     }
 
@@ -68,10 +69,10 @@ mod tests {
         for number in 1..50 {
             let failed = attempt(number);
             let full = (1_000.0 * 2f64.powi(number as i32 - 1)).min(30_000.0);
-            let delay = backoff_ms(&policy, &failed) as f64;
+            let delay = backoff_ms(&policy, &failed, number) as f64;
             assert!(delay <= full);
             assert!(delay >= (full * 0.5).floor());
-            assert_eq!(backoff_ms(&policy, &failed), backoff_ms(&policy, &failed));
+            assert_eq!(backoff_ms(&policy, &failed, number), backoff_ms(&policy, &failed, number));
         }
     }
 

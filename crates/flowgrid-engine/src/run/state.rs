@@ -54,8 +54,13 @@ pub(super) enum Work {
 /// The current attempt of a task step or of one map item.
 #[derive(Debug)]
 pub(super) struct Slot {
-    /// Number of the last dispatched attempt (0 before the first dispatch).
+    /// Number of the last dispatched attempt (`first` before the first dispatch).
     pub attempt: u32,
+    /// The number before this slot's first attempt: 0, or the step's attempts before it
+    /// started again after a redrive, so that no attempt number of a step is used twice
+    /// (a late result of an earlier attempt never passes for a new one). Retry policies
+    /// count from here.
+    pub first: u32,
     pub phase: Phase,
     /// The evaluated task input, shared by every attempt and its dispatches (and with the
     /// run input when the step has no `input` mapping).
@@ -78,6 +83,8 @@ pub(super) enum Phase {
 pub(super) struct MapState {
     /// Emptied when the step ends (the counts stay).
     pub items: Vec<Item>,
+    /// The `first` of every item's slot: the step's attempts when it started.
+    pub first: u32,
     pub total: u32,
     /// Items below this index have been started.
     pub next_pending: u32,
@@ -128,6 +135,18 @@ impl StepState {
             Work::Task(_) | Work::Wait { .. } | Work::Signal { .. } | Work::Child { .. } => true,
             Work::Map(map) => map.active > 0,
         }
+    }
+}
+
+impl Slot {
+    /// A slot whose first attempt will be number `first + 1`.
+    pub fn new(first: u32, input: Arc<Value>) -> Slot {
+        Slot { attempt: first, first, phase: Phase::New, input }
+    }
+
+    /// Attempts of this slot dispatched so far.
+    pub fn tries(&self) -> u32 {
+        self.attempt - self.first
     }
 }
 

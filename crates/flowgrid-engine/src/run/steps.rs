@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::resolve::Resolution;
 use super::scope::{expression_error, Locals};
-use super::state::{Phase, Slot, Work};
+use super::state::{Slot, Work};
 use super::{abandon, Context, Run};
 use crate::{RunStatus, StepStatus, TaskError, TimerKey};
 
@@ -85,7 +85,8 @@ impl Run {
             },
             None => Arc::clone(&self.input),
         };
-        self.state(index).work = Work::Task(Slot { attempt: 0, phase: Phase::New, input });
+        let state = self.state(index);
+        state.work = Work::Task(Slot::new(state.attempts, input));
         self.dispatch(index, None, context);
     }
 

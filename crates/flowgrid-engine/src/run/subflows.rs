@@ -45,10 +45,12 @@ impl Run {
                 },
                 None => Arc::clone(&self.input),
             };
+            // Its round: the children this step started before (after a redrive).
             let state = self.state(index);
+            let round = state.attempts;
             state.work = Work::Child { input: Arc::clone(&input) };
-            state.attempts = 1;
-            self.ask_for_child(index, None, input, context);
+            state.attempts += 1;
+            self.ask_for_child(index, None, input, round, context);
         }
         let step = self.plan.step(index);
         if let (false, Some(deadline_ms)) =
@@ -58,32 +60,36 @@ impl Run {
         }
     }
 
-    /// Asks the driver to start the child of step `index` (item `item`) with `input`.
+    /// Asks the driver to start the child of step `index` (item `item`, round `round`)
+    /// with `input`.
     pub(super) fn ask_for_child(
         &self,
         index: StepIndex,
         item: Option<u32>,
         input: Arc<Value>,
+        round: u32,
         context: &mut Context<'_>,
     ) {
-        let start = self.child_start(index, item, input).expect("only subflow steps have children");
+        let start = self.child_start(index, item, input, round).expect("only subflow steps have children");
         context.effects.push(Effect::StartChild(start));
     }
 
     /// The start of every child run a subflow step waits for: the driver starts them
     /// again after reloading a shard (a child that exists already is not started twice).
     pub fn open_child_starts(&self) -> Vec<ChildStart> {
-        self.waiting_children().filter_map(|(index, item, input)| self.child_start(index, item, input)).collect()
+        self.waiting_children()
+            .filter_map(|(index, item, input, round)| self.child_start(index, item, input, round))
+            .collect()
     }
 
-    /// Every child a subflow step waits for: its step, item and input.
-    fn waiting_children(&self) -> impl Iterator<Item = (StepIndex, Option<u32>, Arc<Value>)> + '_ {
+    /// Every child a subflow step waits for: its step, item, input and round.
+    fn waiting_children(&self) -> impl Iterator<Item = (StepIndex, Option<u32>, Arc<Value>, u32)> + '_ {
         let subflows = self.plan.steps.iter().zip(&self.steps).enumerate().filter_map(|(position, (step, state))| {
             matches!(step.kind, PlanStepKind::Subflow(_)).then_some((position as StepIndex, state))
         });
         subflows.flat_map(|(index, state)| {
             let single = match &state.work {
-                Work::Child { input } => Some((index, None, Arc::clone(input))),
+                Work::Child { input } => Some((index, None, Arc::clone(input), single_round(state))),
                 _ => None,
             };
             let items = match &state.work {
@@ -91,33 +97,34 @@ impl Run {
                 _ => &[],
             };
             let active = items.iter().enumerate().filter_map(move |(item, entry)| match entry {
-                Item::Active(slot) => Some((index, Some(item as u32), Arc::clone(&slot.input))),
+                Item::Active(slot) => Some((index, Some(item as u32), Arc::clone(&slot.input), slot.first)),
                 _ => None,
             });
             single.into_iter().chain(active)
         })
     }
 
-    fn child_start(&self, index: StepIndex, item: Option<u32>, input: Arc<Value>) -> Option<ChildStart> {
+    fn child_start(&self, index: StepIndex, item: Option<u32>, input: Arc<Value>, round: u32) -> Option<ChildStart> {
         let step = self.plan.step(index);
         let PlanStepKind::Subflow(spec) = &step.kind else { return None };
         Some(ChildStart {
-            child: ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id, item),
+            child: ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id, item, round),
             parent: self.run_id.clone(),
             step: step.id.clone(),
             item,
+            round,
             flow: spec.flow.clone(),
             version: spec.version,
             input,
         })
     }
 
-    /// The child run of a subflow step with one child, once it exists (for the view). A
-    /// subflow step's `attempts` counts its children asked for and not refused.
+    /// The latest child run of a subflow step with one child, once it exists (for the
+    /// view). A subflow step's `attempts` counts its children asked for and not refused.
     pub(super) fn started_child(&self, index: StepIndex, state: &StepState) -> Option<RunId> {
         let step = self.plan.step(index);
         let PlanStepKind::Subflow(SubflowSpec { flow, items: None, .. }) = &step.kind else { return None };
-        (state.attempts > 0).then(|| ParentRef::child_run_id(flow, &self.run_id, &step.id, None))
+        (state.attempts > 0).then(|| ParentRef::child_run_id(flow, &self.run_id, &step.id, None, single_round(state)))
     }
 
     /// A child run of step `step` (item `item`) ended: the step, or its item, succeeds with
@@ -136,15 +143,16 @@ impl Run {
             return Applied::Ignored("not a subflow step");
         };
         let deadline_ms = subflow_deadline(&self.steps[usize::from(index)], plan.step(index));
-        let waits = match (&self.steps[usize::from(index)].work, item) {
-            (Work::Child { .. }, None) => true,
-            (Work::Map(map), Some(item)) => matches!(map.items.get(item as usize), Some(Item::Active(_))),
-            _ => false,
+        let state = &self.steps[usize::from(index)];
+        let round = match (&state.work, item) {
+            (Work::Child { .. }, None) => single_round(state),
+            (Work::Map(map), Some(item)) => match map.items.get(item as usize) {
+                Some(Item::Active(slot)) => slot.first,
+                _ => return Applied::Ignored("the subflow step does not wait for that child"),
+            },
+            _ => return Applied::Ignored("the subflow step does not wait for that child"),
         };
-        if !waits {
-            return Applied::Ignored("the subflow step does not wait for that child");
-        }
-        if *ended.child != ParentRef::child_run_id(&spec.flow, &self.run_id, step, item) {
+        if *ended.child != ParentRef::child_run_id(&spec.flow, &self.run_id, step, item, round) {
             return Applied::Ignored("not the child of this step");
         }
         let error = (ended.status != RunStatus::Succeeded).then(|| child_error(&spec.flow, &ended));
@@ -226,10 +234,11 @@ impl Run {
     /// cancelled; the reason is built only when there is one (a run without children
     /// ends without it).
     fn cancel_waiting_children(&self, only: Option<StepIndex>, why: impl Fn() -> String, context: &mut Context<'_>) {
-        for (index, item, _) in self.waiting_children().filter(|(index, _, _)| only.is_none_or(|only| only == *index)) {
+        let waiting = self.waiting_children().filter(|(index, ..)| only.is_none_or(|only| only == *index));
+        for (index, item, _, round) in waiting {
             let step = self.plan.step(index);
             let PlanStepKind::Subflow(spec) = &step.kind else { continue };
-            let child = ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id, item);
+            let child = ParentRef::child_run_id(&spec.flow, &self.run_id, &step.id, item, round);
             context.effects.push(Effect::CancelChild { child, reason: why() });
         }
     }
@@ -247,6 +256,12 @@ fn child_error(flow: &str, ended: &ChildEnd<'_>) -> TaskError {
         message: format!("child run {} of flow `{flow}` {}: {message}", ended.child, ended.status.as_str()),
         retryable: false,
     }
+}
+
+/// The round of the latest child of a subflow step with one child: one child per round,
+/// so the children it started before.
+fn single_round(state: &StepState) -> u32 {
+    state.attempts.saturating_sub(1)
 }
 
 /// When subflow step `step` times out, while it waits for children and has a timeout.

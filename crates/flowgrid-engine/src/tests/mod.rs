@@ -4,6 +4,7 @@ mod attempts;
 mod flows;
 mod map;
 mod properties;
+mod redrive;
 mod replay;
 mod signals;
 mod subflows;

@@ -20,7 +20,7 @@ steps:
 "##;
 
 fn child_id() -> RunId {
-    ParentRef::child_run_id("transcode", &RunId(RUN.into()), "encode", None)
+    ParentRef::child_run_id("transcode", &RunId(RUN.into()), "encode", None, 0)
 }
 
 fn starts(effects: &[Effect]) -> Vec<ChildStart> {
@@ -152,7 +152,7 @@ steps:
 "##;
 
 fn item_id(item: u32) -> RunId {
-    ParentRef::child_run_id("transcode", &RunId(RUN.into()), "each", Some(item))
+    ParentRef::child_run_id("transcode", &RunId(RUN.into()), "each", Some(item), 0)
 }
 
 fn item_ended(item: u32, status: RunStatus, output: Option<serde_json::Value>) -> Event {

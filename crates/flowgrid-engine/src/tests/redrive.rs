@@ -1,0 +1,222 @@
+//! Redrive: an ended run goes again from the steps that did not succeed.
+
+use flowgrid_model::limits::REDRIVES_MAX;
+use flowgrid_model::{ParentRef, RunId};
+use serde_json::json;
+
+use super::replay::replay;
+use super::support::{attempt, error, Harness, RUN};
+use crate::{Applied, Effect, Event, RedriveRefused, RunStatus, StepStatus, TimerKey};
+
+const CHAIN: &str = r##"
+name: chain
+timeout_ms: 10000
+steps:
+  - { kind: task, id: fetch, pool: cpu, task: fetch, retry: { max_attempts: 2, initial_backoff_ms: 100, jitter: 0 } }
+  - { kind: task, id: encode, after: [fetch], pool: cpu, task: encode, input: "steps.fetch.output" }
+  - { kind: task, id: store, after: [encode], pool: cpu, task: store, input: "steps.encode.output" }
+"##;
+
+fn redrive(harness: &mut Harness, now: u64) -> Applied {
+    harness.apply(now, Event::Redriven { reason: "fixed the encoder".to_owned() })
+}
+
+#[test]
+fn a_failed_run_goes_again_from_its_failed_step_and_keeps_what_succeeded() {
+    let mut harness = Harness::start(CHAIN, json!({"url": "a"}), 1_000);
+    harness.succeed(1_010, "fetch", None, 1, json!({"bytes": 7}));
+    assert_eq!(harness.fail(1_020, "encode", None, 1, error("bad_codec", false)), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+    assert_eq!(harness.run.redrive_refused(), None);
+
+    assert_eq!(redrive(&mut harness, 5_000), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Running);
+    assert_eq!(harness.run.error(), None);
+    assert_eq!(harness.run.ended_ms(), None);
+    let view = harness.run.view();
+    assert_eq!(view.redriven.map(|redriven| (redriven.times, redriven.last_ms)), Some((1, 5_000)));
+    assert_eq!(harness.step_status("fetch"), StepStatus::Succeeded, "a step that succeeded stays");
+    assert_eq!(harness.step("fetch").output, Some(json!({"bytes": 7})));
+    assert_eq!(harness.step_status("store"), StepStatus::Pending, "a step never reached waits again");
+    // The failed step runs again, with the next attempt number and the same input.
+    let dispatched = harness.dispatched();
+    assert_eq!(dispatched.len(), 1, "{:?}", harness.effects);
+    assert_eq!(dispatched[0].attempt, attempt("encode", None, 2));
+    assert_eq!(*dispatched[0].input, json!({"bytes": 7}));
+    assert_eq!(harness.step("encode").attempts, 2, "attempts count over every round");
+    // The run's timeout counts from the redrive.
+    assert_eq!(harness.armed(&TimerKey::RunTimeout), Some(15_000));
+    assert!(harness.run.armed_timers().contains(&(TimerKey::RunTimeout, 15_000)));
+
+    // A late result of the attempt from before is not the new attempt's.
+    let late = harness.succeed(5_010, "encode", None, 1, json!("late"));
+    assert_eq!(late, Applied::Ignored("attempt not open"));
+    harness.succeed(5_020, "encode", None, 2, json!({"encoded": true}));
+    harness.succeed(5_030, "store", None, 1, json!("stored"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.finished(), vec![RunStatus::Failed, RunStatus::Succeeded]);
+    assert_eq!(harness.run.redrive_refused(), Some(RedriveRefused::Succeeded));
+
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view(), "the history rebuilds the redriven run");
+}
+
+#[test]
+fn retries_count_anew_after_a_redrive() {
+    let mut harness = Harness::start(CHAIN, json!({}), 0);
+    harness.fail(10, "fetch", None, 1, error("busy", true));
+    harness.fire(110, TimerKey::RetryDue { attempt: attempt("fetch", None, 2) });
+    harness.fail(120, "fetch", None, 2, error("busy", true));
+    assert_eq!(harness.run.status(), RunStatus::Failed, "two attempts, the most the policy allows");
+
+    redrive(&mut harness, 1_000);
+    assert_eq!(harness.dispatched()[0].attempt, attempt("fetch", None, 3));
+    harness.fail(1_010, "fetch", None, 3, error("busy", true));
+    assert_eq!(harness.run.status(), RunStatus::Running, "the redriven step has its own two attempts");
+    let retry = TimerKey::RetryDue { attempt: attempt("fetch", None, 4) };
+    assert_eq!(harness.armed(&retry), Some(1_110), "the first backoff again");
+    harness.fire(1_110, retry);
+    assert_eq!(harness.dispatched()[0].attempt, attempt("fetch", None, 4));
+}
+
+#[test]
+fn a_timed_out_or_cancelled_run_restarts_the_steps_it_cut_off() {
+    let mut harness = Harness::start(CHAIN, json!({}), 0);
+    harness.succeed(10, "fetch", None, 1, json!(1));
+    assert_eq!(harness.fire(10_000, TimerKey::RunTimeout), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::TimedOut);
+    assert_eq!(harness.step_status("encode"), StepStatus::Cancelled);
+    redrive(&mut harness, 20_000);
+    assert_eq!(harness.dispatched_names(), vec!["encode"]);
+    assert_eq!(harness.armed(&TimerKey::RunTimeout), Some(30_000));
+
+    harness.apply(20_100, Event::CancelRequested { reason: "operator".to_owned() });
+    assert_eq!(harness.run.status(), RunStatus::Cancelled);
+    redrive(&mut harness, 21_000);
+    assert_eq!(harness.dispatched()[0].attempt, attempt("encode", None, 3));
+    assert_eq!(harness.run.view().redriven.map(|redriven| redriven.times), Some(2));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+    assert_eq!(replayed.armed_timers(), harness.run.armed_timers());
+}
+
+#[test]
+fn a_run_that_goes_or_succeeded_is_not_redriven() {
+    let mut harness = Harness::start(CHAIN, json!({}), 0);
+    assert_eq!(harness.run.redrive_refused(), Some(RedriveRefused::Going));
+    assert_eq!(redrive(&mut harness, 5), Applied::Ignored("the run cannot be redriven"));
+    assert_eq!(harness.step("fetch").attempts, 1);
+}
+
+#[test]
+fn a_run_is_redriven_a_bounded_number_of_times() {
+    let mut harness = Harness::start(CHAIN, json!({}), 0);
+    for round in 0..REDRIVES_MAX {
+        let now = u64::from(round) * 10 + 1;
+        harness.apply(now, Event::CancelRequested { reason: "again".to_owned() });
+        assert_eq!(redrive(&mut harness, now + 1), Applied::Accepted, "redrive {round}");
+    }
+    harness.apply(1_000_000, Event::CancelRequested { reason: "again".to_owned() });
+    assert_eq!(harness.run.redrive_refused(), Some(RedriveRefused::TooOften { times: REDRIVES_MAX }));
+    assert_eq!(redrive(&mut harness, 1_000_001), Applied::Ignored("the run cannot be redriven"));
+}
+
+const CAUGHT: &str = r##"
+name: caught
+steps:
+  - kind: task
+    id: fetch
+    pool: cpu
+    task: fetch
+    catch: [{ errors: [missing], next: placeholder }]
+  - { kind: transform, id: placeholder, output: '"none"' }
+  - { kind: task, id: publish, after: [fetch], pool: cpu, task: publish }
+  - { kind: task, id: notify, pool: cpu, task: notify }
+"##;
+
+#[test]
+fn a_caught_failure_stays_caught_and_only_the_failed_branch_runs_again() {
+    let mut harness = Harness::start(CAUGHT, json!({}), 0);
+    harness.fail(10, "fetch", None, 1, error("missing", false));
+    assert_eq!(harness.step_status("placeholder"), StepStatus::Succeeded);
+    harness.fail(20, "notify", None, 1, error("smtp_down", false));
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+
+    redrive(&mut harness, 100);
+    assert_eq!(harness.dispatched_names(), vec!["notify"], "the caught step and its catch stay");
+    let fetch = harness.step("fetch");
+    assert_eq!((fetch.status, fetch.caught), (StepStatus::Failed, true));
+    assert_eq!(harness.step_status("publish"), StepStatus::Skipped);
+    harness.succeed(110, "notify", None, 2, json!("sent"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+}
+
+const MAP: &str = r##"
+name: fan
+steps:
+  - { kind: map, id: each, items: "input", pool: cpu, task: work }
+"##;
+
+#[test]
+fn a_failed_map_runs_all_its_items_again_with_attempt_numbers_of_their_own() {
+    let mut harness = Harness::start(MAP, json!(["a", "b"]), 0);
+    harness.succeed(10, "each", Some(0), 1, json!("A"));
+    harness.fail(20, "each", Some(1), 1, error("broken", false));
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+
+    redrive(&mut harness, 100);
+    let attempts: Vec<_> = harness.dispatched().into_iter().map(|dispatch| dispatch.attempt).collect();
+    assert_eq!(attempts, vec![attempt("each", Some(0), 3), attempt("each", Some(1), 3)]);
+    assert_eq!(harness.succeed(110, "each", Some(1), 1, json!("late")), Applied::Ignored("attempt not open"));
+    harness.succeed(120, "each", Some(0), 3, json!("A"));
+    harness.succeed(130, "each", Some(1), 3, json!("B"));
+    assert_eq!(harness.run.view().output, Some(json!({"each": ["A", "B"]})));
+}
+
+const PARENT: &str = r##"
+name: parent
+steps:
+  - { kind: subflow, id: encode, flow: transcode }
+"##;
+
+#[test]
+fn a_redriven_subflow_step_starts_a_child_of_its_own() {
+    let run_id = RunId(RUN.into());
+    let first = ParentRef::child_run_id("transcode", &run_id, "encode", None, 0);
+    let mut harness = Harness::start(PARENT, json!({}), 0);
+    let ended = |child: &RunId, status| Event::ChildEnded {
+        step: "encode".to_owned(),
+        item: None,
+        child: child.clone(),
+        status,
+        output: Some(json!({"size": 1})),
+        error: None,
+        refused: false,
+    };
+    harness.apply(10, ended(&first, RunStatus::Failed));
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+
+    redrive(&mut harness, 100);
+    let second = ParentRef::child_run_id("transcode", &run_id, "encode", None, 1);
+    assert_ne!(first, second);
+    let start = harness
+        .effects
+        .iter()
+        .find_map(|effect| match effect {
+            Effect::StartChild(start) => Some(start.clone()),
+            _ => None,
+        })
+        .expect("a new child is asked for");
+    assert_eq!((start.child.clone(), start.round), (second.clone(), 1));
+    assert_eq!(harness.step("encode").child_run, Some(second.clone()));
+    assert_eq!(harness.run.open_child_starts(), vec![start]);
+    assert_eq!(harness.apply(110, ended(&first, RunStatus::Succeeded)), Applied::Ignored("not the child of this step"));
+    harness.apply(120, ended(&second, RunStatus::Succeeded));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+
+    let mut child = Harness::start(PARENT, json!({}), 0);
+    let parent = ParentRef { run_id: RunId("p".into()), step: "s".into(), item: None, depth: 1, round: 0 };
+    child.run.set_parent(parent.clone());
+    child.apply(5, Event::CancelRequested { reason: "parent ended".to_owned() });
+    assert_eq!(child.run.redrive_refused(), Some(RedriveRefused::Child { parent }));
+}

@@ -1,0 +1,162 @@
+//! Redrive: a run that failed goes again from the steps that did not succeed, through the
+//! CLI and the SDK; refusals say why; a redrive survives a coordinator crash; a parent
+//! redriven after its child flow was fixed starts a new child.
+
+use std::time::Duration;
+
+use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{step, wait_for, Grid};
+use serde_json::json;
+
+use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
+
+/// An echo, then a task that fails its first attempt (no retries), then an echo; each end
+/// announced on the run-ends stream.
+const SHAKY_FLOW: &str = r#"
+name: shaky
+publish_ended: true
+steps:
+  - { id: fetch, kind: task, pool: a, task: echo }
+  - id: convert
+    kind: task
+    after: [fetch]
+    pool: a
+    task: flaky
+    input: '#{ fail_times: 1, got: steps.fetch.output }'
+    retry: { max_attempts: 1 }
+  - { id: store, kind: task, after: [convert], pool: a, task: echo, input: 'steps.convert.output.got' }
+"#;
+
+async fn failed_run(grid: &Grid, client: &flowgrid_sdk::Client) -> anyhow::Result<RunId> {
+    let start = StartRun { flow: "shaky".into(), version: None, input: json!({"n": 5}), idempotency_key: None };
+    let run_id = client.start(start).await.or_logs(grid)?.run_id;
+    let view = grid.wait_run(client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
+    assert_eq!(step(&view, "convert").error.as_ref().map(|error| error.code.as_str()), Some("transient"));
+    assert_eq!(step(&view, "store").status, StepStatus::Cancelled);
+    Ok(run_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SHAKY_FLOW).await?;
+    let run_id = failed_run(&grid, &client).await?;
+
+    let (ok, stdout, stderr) = grid.cli(&["run", "redrive", run_id.as_str(), "--wait", "--reason", "worker fixed"])?;
+    assert!(ok, "the redriven run succeeds: {stdout}\n{stderr}\n{}", grid.logs());
+    assert!(stderr.contains("redrive 1"), "{stderr}");
+    assert!(stdout.contains("status    succeeded") && stdout.contains("redriven  once"), "{stdout}");
+    let view = client.get(&run_id).await.or_logs(&grid)?;
+    assert_eq!(view.output, Some(json!({"store": {"n": 5}})), "{view:?}");
+    assert_eq!(step(&view, "fetch").attempts, 1, "a step that succeeded does not run again");
+    assert_eq!(step(&view, "convert").attempts, 2, "the failed step ran again, as attempt 2");
+    assert_eq!(view.redriven.map(|redriven| redriven.times), Some(1));
+    assert!(view.ended_ms > view.redriven.map(|redriven| redriven.last_ms));
+
+    // Listed once, as it is now.
+    let listed = client
+        .list(ListRuns { flow: Some("shaky".into()), status: None, limit: None, cursor: None })
+        .await
+        .or_logs(&grid)?;
+    let statuses: Vec<_> = listed.runs.iter().map(|run| (run.run_id.clone(), run.status)).collect();
+    assert_eq!(statuses, vec![(run_id.clone(), RunStatus::Succeeded)]);
+
+    // Both ends are on the run-ends stream: the failure and the success.
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    wait_for("both ends on the run-ends stream", RUN_DEADLINE, || async {
+        let mut stream = jetstream.get_stream(subjects.run_ends_stream()).await.ok()?;
+        (stream.info().await.ok()?.state.messages == 2).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    let stream = jetstream.get_stream(subjects.run_ends_stream()).await?;
+    let last = stream.get_last_raw_message_by_subject(&subjects.run_ended("shaky")).await?;
+    let ended: flowgrid_proto::RunEnded = serde_json::from_slice(&last.payload)?;
+    assert_eq!((ended.run_id, ended.status, ended.redriven), (run_id.clone(), RunStatus::Succeeded, 1));
+
+    // A run that succeeded, one that goes, and one that does not exist are refused.
+    let error = client.redrive(&run_id, "again").await.expect_err("refused");
+    assert_eq!(refusal(&error).code, ErrorCode::Conflict, "{error:?}");
+    assert!(refusal(&error).message.contains("succeeded"), "{error:?}");
+    let error = client.redrive(&RunId("no-such-run".into()), "").await.expect_err("refused");
+    assert_eq!(refusal(&error).code, ErrorCode::NotFound, "{error:?}");
+    deploy(&grid, &client, "name: idle\nsteps:\n  - { id: wait, kind: signal }\n").await?;
+    let start = StartRun { flow: "idle".into(), version: None, input: json!({}), idempotency_key: None };
+    let going = client.start(start).await.or_logs(&grid)?.run_id;
+    let error = client.redrive(&going, "").await.expect_err("refused");
+    assert_eq!(refusal(&error).code, ErrorCode::Conflict, "{error:?}");
+    assert!(refusal(&error).message.contains("still running"), "{error:?}");
+    let (ok, _, stderr) = grid.cli(&["run", "redrive", going.as_str()])?;
+    assert!(!ok && stderr.contains("still running"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_survives_a_coordinator_crash() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SHAKY_FLOW).await?;
+    let run_id = failed_run(&grid, &client).await?;
+    // No worker: the redriven step stays out while the coordinator dies.
+    grid.workers[0].kill_hard();
+    let redriven = client.redrive(&run_id, "").await.or_logs(&grid)?;
+    assert_eq!((redriven.status, redriven.times), (RunStatus::Running, 1));
+    grid.coordinators[0].kill_hard();
+    // The redrive's commit made the run active again: no run record, listing entry or
+    // snapshot of its earlier end is left.
+    let report = flowgrid_coordinator::audit::audit(&grid.data_dir(), grid.shards).await?;
+    assert!(report.is_clean(), "the audit found problems: {report:?}");
+    assert_eq!((report.runs, report.runs_active), (1, 1), "{report:?}");
+    grid.start_coordinator().await?;
+    let view = client.get(&run_id).await.or_logs(&grid)?;
+    assert_eq!(view.status, RunStatus::Running, "still redriven after the restart: {view:?}");
+    assert_eq!(step(&view, "convert").status, StepStatus::Running);
+    grid.start_workers(&["a"], 8)?;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(step(&view, "convert").attempts, 2);
+    for coordinator in &mut grid.coordinators {
+        coordinator.stop(Duration::from_secs(20));
+    }
+    let report = flowgrid_coordinator::audit::audit(&grid.data_dir(), grid.shards).await?;
+    assert!(report.is_clean(), "the audit found problems: {report:?}");
+    assert_eq!((report.runs, report.runs_active), (1, 0), "{report:?}");
+    assert_eq!(report.runs_by_status.get("succeeded"), Some(&1), "{report:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_redriven_after_its_child_flow_was_fixed_starts_a_new_child() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let broken = "name: convert\nsteps:\n  - { id: work, kind: task, pool: a, task: fail, input: '#{ code: \"bug\", retryable: false }' }\n";
+    deploy(&grid, &client, broken).await?;
+    let parent_flow = "name: pipeline\noutput: 'steps.invoke.output'\nsteps:\n  - { id: invoke, kind: subflow, flow: convert, input: '#{ n: 2 }' }\n";
+    deploy(&grid, &client, parent_flow).await?;
+    let start = StartRun { flow: "pipeline".into(), version: None, input: json!({}), idempotency_key: None };
+    let parent = client.start(start).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
+    let first_child = step(&view, "invoke").child_run.clone().expect("a child ran");
+
+    // The child is redriven through its parent.
+    let error = client.redrive(&first_child, "").await.expect_err("refused");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+    assert!(refusal(&error).message.contains(&format!("redrive run {parent}")), "{error:?}");
+
+    deploy(&grid, &client, "name: convert\nsteps:\n  - { id: work, kind: task, pool: a, task: echo }\n").await?;
+    client.redrive(&parent, "convert fixed").await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output, Some(json!({"work": {"n": 2}})));
+    let second_child = step(&view, "invoke").child_run.clone().expect("a new child ran");
+    assert_ne!(second_child, first_child, "the new round has a child of its own");
+    let child = client.get(&second_child).await.or_logs(&grid)?;
+    assert_eq!((child.version, child.parent.map(|parent| parent.round)), (2, Some(1)));
+    let old = client.get(&first_child).await.or_logs(&grid)?;
+    assert_eq!(old.status, RunStatus::Failed, "the first child stays as it ended");
+    Ok(())
+}
