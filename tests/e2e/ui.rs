@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use flowgrid_sdk::{RunStatus, StartRun};
+use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{free_port, http_get, http_post_form, wait_for, Grid};
 use serde_json::json;
 
@@ -99,7 +99,8 @@ fn form(pairs: &[(&str, &str)]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_actions_the_ui_deploys_starts_signals_and_cancels_and_without_it_refuses() -> anyhow::Result<()> {
+async fn with_actions_the_ui_deploys_starts_signals_cancels_and_redrives_and_without_it_refuses() -> anyhow::Result<()>
+{
     let mut grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
     let read_only = start_ui(&mut grid, &[]).await?;
@@ -157,7 +158,19 @@ async fn with_actions_the_ui_deploys_starts_signals_and_cancels_and_without_it_r
     let run_path = location.expect("the new run's page");
     let (status, _, _) = http_post_form(&addr, &format!("{run_path}/cancel"), &form(&[("token", &token)]))?;
     assert_eq!(status, 303);
-    let view = client.get(&flowgrid_sdk::RunId(run_path.trim_start_matches("/runs/").into())).await?;
+    let run_id = flowgrid_sdk::RunId(run_path.trim_start_matches("/runs/").into());
+    let view = client.get(&run_id).await?;
     assert_eq!(view.status, RunStatus::Cancelled, "{view:?}");
+
+    // The cancelled run's page offers a redrive: the cancelled signal step waits again.
+    let (_, page) = http_get(&addr, &run_path)?;
+    assert!(page.contains(&format!(r#"action="{run_path}/redrive""#)), "{page}");
+    let (status, _, _) = http_post_form(&addr, &format!("{run_path}/redrive"), &form(&[("token", &token)]))?;
+    assert_eq!(status, 303);
+    let view = client.get(&run_id).await?;
+    assert_eq!(view.status, RunStatus::Running, "{view:?}");
+    assert_eq!(flowgrid_tests::step(&view, "approve").status, StepStatus::Running, "{view:?}");
+    let (_, page) = http_get(&addr, &run_path)?;
+    assert!(page.contains("Redriven") && page.contains("once, last at"), "{page}");
     Ok(())
 }

@@ -119,6 +119,12 @@ pub fn span(start: Option<Millis>, end: Option<Millis>) -> String {
 }
 
 /// Unix milliseconds as `2025-03-01T12:34:56Z`.
+/// How often a run was redriven, and when last: `once, last at ...` or `3 times, last at ...`.
+pub fn redriven(redriven: &flowgrid_engine::Redriven) -> String {
+    let times = if redriven.times == 1 { "once".to_owned() } else { format!("{} times", redriven.times) };
+    format!("{times}, last at {}", utc_time(redriven.last_ms))
+}
+
 pub fn utc_time(ms: Millis) -> String {
     let seconds = ms / 1_000;
     let (days, second_of_day) = ((seconds / 86_400) as i64, seconds % 86_400);

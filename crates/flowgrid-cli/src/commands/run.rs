@@ -14,7 +14,7 @@ use flowgrid_sdk::Client;
 use super::grid::pool_backlogs;
 use crate::args::{RunCommand, RunInput};
 use crate::grid_view::no_worker_hint;
-use crate::output::{duration_ms, item_counts, now_ms, out, outln, print_json, span, utc_time, Table};
+use crate::output::{self, duration_ms, item_counts, now_ms, out, outln, print_json, span, utc_time, Table};
 use crate::Session;
 
 pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
@@ -111,12 +111,14 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             if !wait {
                 if session.json {
                     print_json(&redriven)?;
+                } else if redriven.status == RunStatus::Running {
+                    outln!("run {} is running again (redrive {})", redriven.run_id, redriven.times)?;
                 } else {
                     outln!(
-                        "run {} is {} again (redrive {})",
+                        "run {} was redriven (redrive {}) and ended again at once: {}",
                         redriven.run_id,
-                        redriven.status.as_str(),
-                        redriven.times
+                        redriven.times,
+                        redriven.status.as_str()
                     )?;
                 }
                 return Ok(ExitCode::SUCCESS);
@@ -243,8 +245,7 @@ fn render_run(view: &RunView) -> String {
     }
     text.push_str(&format!("created   {}\n", utc_time(view.created_ms)));
     if let Some(redriven) = &view.redriven {
-        let times = if redriven.times == 1 { "once".to_owned() } else { format!("{} times", redriven.times) };
-        text.push_str(&format!("redriven  {times}, last at {}\n", utc_time(redriven.last_ms)));
+        text.push_str(&format!("redriven  {}\n", output::redriven(redriven)));
     }
     let duration = match view.ended_ms {
         Some(ended) => duration_ms(ended.saturating_sub(view.created_ms)),

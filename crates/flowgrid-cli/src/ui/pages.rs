@@ -10,7 +10,7 @@ use flowgrid_model::{FlowDefinition, ParentRef, RunId, Step};
 use flowgrid_proto::{FlowInfo, FlowSummary, RunList, RunSummary};
 
 use super::dag::Layout;
-use crate::output::{duration_ms, item_counts, now_ms, span, utc_time};
+use crate::output::{self, duration_ms, item_counts, now_ms, span, utc_time};
 
 /// Seconds between reloads of a page that shows something still going.
 const REFRESH_S: u32 = 2;
@@ -304,7 +304,7 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                 }
                 tr { th { "Created (UTC)" } td { (utc_time(view.created_ms)) } }
                 @if let Some(redriven) = &view.redriven {
-                    tr { th { "Redriven" } td { (redriven.times) " time(s), last at " (utc_time(redriven.last_ms)) } }
+                    tr { th { "Redriven" } td { (output::redriven(redriven)) } }
                 }
                 tr {
                     th { "Duration" }
