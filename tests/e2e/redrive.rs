@@ -160,3 +160,26 @@ async fn a_parent_redriven_after_its_child_flow_was_fixed_starts_a_new_child() -
     assert_eq!(old.status, RunStatus::Failed, "the first child stays as it ended");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failed_run_of_a_flow_is_redriven_in_one_command() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SHAKY_FLOW).await?;
+    let mut failed = Vec::new();
+    for _ in 0..3 {
+        failed.push(failed_run(&grid, &client).await?);
+    }
+    let (ok, stdout, stderr) = grid.cli(&["run", "redrive", "--flow", "shaky", "--status", "failed"])?;
+    assert!(ok && stdout.contains("redrove 3 of 3 run(s); 0 refused"), "{stdout}\n{stderr}");
+    for run_id in &failed {
+        let view = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
+        assert_eq!((view.status, view.redriven.map(|redriven| redriven.times)), (RunStatus::Succeeded, Some(1)));
+    }
+    let (ok, stdout, _) = grid.cli(&["run", "redrive", "--flow", "shaky"])?;
+    assert!(ok && stdout.contains("redrove 0 of 0"), "nothing failed any more: {stdout}");
+    let (ok, stdout, _) = grid.cli(&["run", "redrive", failed[0].as_str(), "no-such-run"])?;
+    assert!(!ok, "refusals make the command fail: {stdout}");
+    assert!(stdout.contains("redrove 0 of 2 run(s); 2 refused") && stdout.contains("no-such-run: "), "{stdout}");
+    Ok(())
+}

@@ -174,15 +174,28 @@ pub enum RunCommand {
         #[arg(long, default_value = "cancelled from the command line")]
         reason: String,
     },
-    /// Run a run that failed, timed out or was cancelled again, from the steps that did not
-    /// succeed (those that did keep their outputs).
+    /// Run runs that failed, timed out or were cancelled again, from the steps that did
+    /// not succeed (those that did keep their outputs): the runs named, or with --flow or
+    /// --status every run that matches.
+    #[command(arg_required_else_help = true)]
     Redrive {
-        run_id: String,
-        /// Why, recorded in the run's history.
+        /// Runs to redrive.
+        #[arg(conflicts_with_all = ["flow", "status"])]
+        run_ids: Vec<String>,
+        /// Redrive every run of this flow that ended in --status (default: failed).
+        #[arg(long)]
+        flow: Option<String>,
+        /// Redrive every run that ended in this status: failed, timed_out or cancelled.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<RunStatus>,
+        /// With --flow or --status: redrive at most this many (newest first).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Why, recorded in each run's history.
         #[arg(long, default_value = "redriven from the command line")]
         reason: String,
-        /// Wait for the run to end again; exit 0 if it succeeded, 1 otherwise.
-        #[arg(long)]
+        /// Wait for the one run named to end again; exit 0 if it succeeded, 1 otherwise.
+        #[arg(long, conflicts_with_all = ["flow", "status"])]
         wait: bool,
         /// How long --wait waits (e.g. 500ms, 60s, 5m).
         #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
@@ -255,6 +268,23 @@ mod tests {
         let cli = Cli::try_parse_from(["flowgrid", "audit", "--data-dir", "d", "--shards", "8"]).unwrap();
         let Command::Audit(audit) = cli.command else { panic!("expected the audit command") };
         assert_eq!((audit.data_dir, audit.shards), (PathBuf::from("d"), 8));
+    }
+
+    #[test]
+    fn a_redrive_names_runs_or_selects_them_but_not_both() {
+        let cli = Cli::try_parse_from(["flowgrid", "run", "redrive", "r1", "r2"]).unwrap();
+        let Command::Run(RunCommand::Redrive { run_ids, flow, status, .. }) = cli.command else {
+            panic!("expected run redrive")
+        };
+        assert_eq!((run_ids, flow, status), (vec!["r1".to_owned(), "r2".to_owned()], None, None));
+        let cli = Cli::try_parse_from(["flowgrid", "run", "redrive", "--flow", "f", "--status", "timed_out"]).unwrap();
+        let Command::Run(RunCommand::Redrive { run_ids, flow, status, .. }) = cli.command else {
+            panic!("expected run redrive")
+        };
+        assert_eq!((run_ids.len(), flow.as_deref(), status), (0, Some("f"), Some(RunStatus::TimedOut)));
+        assert!(Cli::try_parse_from(["flowgrid", "run", "redrive", "r1", "--flow", "f"]).is_err());
+        assert!(Cli::try_parse_from(["flowgrid", "run", "redrive", "--flow", "f", "--wait"]).is_err());
+        assert!(Cli::try_parse_from(["flowgrid", "run", "redrive"]).is_err(), "names no run");
     }
 
     #[test]

@@ -105,8 +105,17 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             }
             Ok(ExitCode::SUCCESS)
         }
-        RunCommand::Redrive { run_id, reason, wait, timeout } => {
-            let run_id = RunId(run_id.into());
+        RunCommand::Redrive { run_ids, flow, status, limit, reason, wait, timeout } => {
+            if flow.is_some() || status.is_some() {
+                let runs = matching_runs(client, flow, status.unwrap_or(RunStatus::Failed), limit).await?;
+                return redrive_many(client, runs, &reason, session).await;
+            }
+            let mut run_ids: Vec<RunId> = run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect();
+            if run_ids.len() != 1 {
+                anyhow::ensure!(!wait, "--wait waits for one run; name exactly one");
+                return redrive_many(client, run_ids, &reason, session).await;
+            }
+            let run_id = run_ids.remove(0);
             let redriven = client.redrive(&run_id, reason).await?;
             if !wait {
                 if session.json {
@@ -147,6 +156,80 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Redrives at once at most this many runs of a bulk redrive.
+const REDRIVES_IN_FLIGHT: usize = 16;
+
+/// The ids of the runs of `flow` (or of every flow) that ended in `status`, newest first,
+/// at most `limit`.
+async fn matching_runs(
+    client: &Client,
+    flow: Option<String>,
+    status: RunStatus,
+    limit: Option<u64>,
+) -> anyhow::Result<Vec<RunId>> {
+    anyhow::ensure!(
+        matches!(status, RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled),
+        "--status {}: only runs that failed, timed out or were cancelled are redriven",
+        status.as_str()
+    );
+    let limit = limit.unwrap_or(u64::MAX) as usize;
+    let mut runs = Vec::new();
+    let mut cursor = None;
+    while runs.len() < limit {
+        let query = ListRuns { flow: flow.clone(), status: Some(status), limit: Some(1_000), cursor };
+        let page = client.list(query).await?;
+        runs.extend(page.runs.into_iter().map(|run| run.run_id).take(limit - runs.len()));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Ok(runs)
+}
+
+/// Redrives `runs`, a few at a time, with a progress line every second; prints what was
+/// redriven and every refusal. Exit 1 if any was refused.
+async fn redrive_many(client: &Client, runs: Vec<RunId>, reason: &str, session: &Session) -> anyhow::Result<ExitCode> {
+    use futures::StreamExt;
+
+    let total = runs.len();
+    let mut redrives = futures::stream::iter(runs)
+        .map(|run_id| async move {
+            let outcome = client.redrive(&run_id, reason).await;
+            (run_id, outcome)
+        })
+        .buffer_unordered(REDRIVES_IN_FLIGHT);
+    let (mut redriven, mut refused) = (0usize, Vec::new());
+    let mut progress = tokio::time::interval(Duration::from_secs(1));
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            next = redrives.next() => match next {
+                Some((_, Ok(_))) => redriven += 1,
+                Some((run_id, Err(error))) => refused.push((run_id, error)),
+                None => break,
+            },
+            _ = progress.tick() => eprintln!("redriving: {}/{total} done, {} refused", redriven + refused.len(), refused.len()),
+        }
+    }
+    if session.json {
+        let refused: Vec<Value> = refused
+            .iter()
+            .map(|(run_id, error)| match error.api() {
+                Some(api) => json!({"run_id": run_id, "code": api.code, "message": api.message}),
+                None => json!({"run_id": run_id, "message": error.to_string()}),
+            })
+            .collect();
+        print_json(&json!({"matched": total, "redriven": redriven, "refused": refused}))?;
+    } else {
+        outln!("redrove {redriven} of {total} run(s); {} refused", refused.len())?;
+        for (run_id, error) in &refused {
+            outln!("{run_id}: {error}")?;
+        }
+    }
+    Ok(if refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow::Result<StartRun> {
