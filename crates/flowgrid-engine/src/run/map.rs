@@ -1,7 +1,8 @@
 //! Map steps, and subflow steps with `items`: fan-out over a list, at most
 //! `max_concurrency` items in flight (tasks, or child runs), fan-in in item order.
 //!
-//! Invariants: items below `next_pending` have been started, the others are `Pending`;
+//! Invariants: items below `next_pending` have been started (or kept), the others are
+//! `Pending`, or `Succeeded` when kept from before a redrive;
 //! `active` counts `Active` items and never exceeds `max_concurrency`; once more items
 //! have failed than the step tolerates, the step fails with `map_failed`, starts no further
 //! item and abandons its active ones (their results are then ignored).
@@ -44,14 +45,31 @@ impl Run {
         }
         let total = u32::try_from(list.len()).expect("the item limit fits in u32");
         let state = self.state(index);
+        // A map started again by a redrive keeps the items that succeeded before (the same
+        // list: the items expression reads only what the redrive kept).
+        let mut kept = match std::mem::replace(&mut state.work, Work::Idle) {
+            Work::Map(before) if before.items.len() == list.len() => before.items.into_iter(),
+            _ => Vec::new().into_iter(),
+        };
+        let mut succeeded = 0;
+        let items = list
+            .into_iter()
+            .map(|value| match kept.next() {
+                Some(Item::Succeeded(output)) => {
+                    succeeded += 1;
+                    Item::Succeeded(output)
+                }
+                _ => Item::Pending(value),
+            })
+            .collect();
         state.work = Work::Map(Box::new(MapState {
-            items: list.into_iter().map(Item::Pending).collect(),
+            items,
             first: state.attempts,
             total,
             next_pending: 0,
             max_concurrency: max_concurrency.max(1),
             active: 0,
-            succeeded: 0,
+            succeeded,
             failed: 0,
         }));
         self.fill_map(index, context);
@@ -104,8 +122,14 @@ impl Run {
                 return;
             }
             let item = map.next_pending;
-            let Item::Pending(value) = std::mem::replace(&mut map.items[item as usize], Item::Abandoned) else {
-                panic!("items from next_pending on are pending");
+            let value = match std::mem::replace(&mut map.items[item as usize], Item::Abandoned) {
+                Item::Pending(value) => value,
+                kept @ Item::Succeeded(_) => {
+                    map.items[item as usize] = kept;
+                    map.next_pending += 1;
+                    continue;
+                }
+                _ => panic!("items from next_pending on are pending, or kept from before a redrive"),
             };
             map.next_pending += 1;
             map.active += 1;

@@ -4,8 +4,8 @@
 //! What stays: every step that succeeded or was skipped, and every failure a catch took
 //! (with whatever its catch started). What starts again: every step that failed without a
 //! catch or was cancelled when the run ended. Such a step starts anew once its
-//! dependencies have resolved (a map with all its items, a subflow step with new child
-//! runs); one that waited for dependencies waits again. Attempt numbers go on from where
+//! dependencies have resolved (a map with its items that did not succeed, a subflow step
+//! with new child runs for all its items); one that waited for dependencies waits again. Attempt numbers go on from where
 //! the step left them, so a late result of an earlier attempt never passes for a new one,
 //! and a child of the new round has an id of its own. The run's timeout counts from the
 //! redrive.
@@ -63,12 +63,16 @@ impl Run {
     }
 }
 
-/// A step that goes again: pending, with the dependencies it had and its attempts counted.
+/// A step that goes again: pending, with the dependencies it had and its attempts counted;
+/// a map keeps its items that succeeded for its next start.
 fn reset(state: &mut StepState) {
     state.status = StepStatus::Pending;
     state.started_ms = None;
     state.ended_ms = None;
     state.output = None;
     state.error = None;
-    state.work = Work::Idle;
+    state.work = match std::mem::replace(&mut state.work, Work::Idle) {
+        Work::Map(map) if !map.items.is_empty() => Work::Map(map),
+        _ => Work::Idle,
+    };
 }

@@ -153,24 +153,44 @@ fn a_caught_failure_stays_caught_and_only_the_failed_branch_runs_again() {
 
 const MAP: &str = r##"
 name: fan
+timeout_ms: 1000
 steps:
-  - { kind: map, id: each, items: "input", pool: cpu, task: work }
+  - { kind: map, id: each, items: "input", pool: cpu, task: work, max_concurrency: 2 }
 "##;
 
 #[test]
-fn a_failed_map_runs_all_its_items_again_with_attempt_numbers_of_their_own() {
-    let mut harness = Harness::start(MAP, json!(["a", "b"]), 0);
+fn a_failed_map_runs_again_only_its_items_that_did_not_succeed() {
+    let mut harness = Harness::start(MAP, json!(["a", "b", "c", "d"]), 0);
     harness.succeed(10, "each", Some(0), 1, json!("A"));
     harness.fail(20, "each", Some(1), 1, error("broken", false));
-    assert_eq!(harness.run.status(), RunStatus::Failed);
+    assert_eq!(harness.run.status(), RunStatus::Failed, "item 2 was active, item 3 never started");
 
     redrive(&mut harness, 100);
+    let items = harness.step("each").items.expect("a map has counts");
+    assert_eq!((items.succeeded, items.running), (1, 2), "item 0 is kept");
     let attempts: Vec<_> = harness.dispatched().into_iter().map(|dispatch| dispatch.attempt).collect();
-    assert_eq!(attempts, vec![attempt("each", Some(0), 3), attempt("each", Some(1), 3)]);
+    assert_eq!(attempts, vec![attempt("each", Some(1), 4), attempt("each", Some(2), 4)]);
     assert_eq!(harness.succeed(110, "each", Some(1), 1, json!("late")), Applied::Ignored("attempt not open"));
-    harness.succeed(120, "each", Some(0), 3, json!("A"));
-    harness.succeed(130, "each", Some(1), 3, json!("B"));
-    assert_eq!(harness.run.view().output, Some(json!({"each": ["A", "B"]})));
+    harness.succeed(120, "each", Some(1), 4, json!("B"));
+    assert_eq!(harness.dispatched_names(), vec!["each[3]"]);
+    harness.succeed(130, "each", Some(2), 4, json!("C"));
+    harness.succeed(140, "each", Some(3), 4, json!("D"));
+    assert_eq!(harness.run.view().output, Some(json!({"each": ["A", "B", "C", "D"]})));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+#[test]
+fn a_map_cut_off_by_the_run_timeout_keeps_its_items_that_succeeded() {
+    let mut harness = Harness::start(MAP, json!(["a", "b", "c"]), 0);
+    harness.succeed(10, "each", Some(1), 1, json!("B"));
+    harness.fire(1_000, TimerKey::RunTimeout);
+    assert_eq!(harness.run.status(), RunStatus::TimedOut);
+    redrive(&mut harness, 2_000);
+    assert_eq!(harness.dispatched_names(), vec!["each[0]", "each[2]"]);
+    harness.succeed(2_010, "each", Some(0), 4, json!("A"));
+    harness.succeed(2_020, "each", Some(2), 4, json!("C"));
+    assert_eq!(harness.run.view().output, Some(json!({"each": ["A", "B", "C"]})));
 }
 
 const PARENT: &str = r##"
@@ -219,4 +239,45 @@ fn a_redriven_subflow_step_starts_a_child_of_its_own() {
     child.run.set_parent(parent.clone());
     child.apply(5, Event::CancelRequested { reason: "parent ended".to_owned() });
     assert_eq!(child.run.redrive_refused(), Some(RedriveRefused::Child { parent }));
+}
+
+const EACH_CHILD: &str = r##"
+name: parent
+steps:
+  - { kind: subflow, id: each, flow: transcode, items: "input" }
+"##;
+
+#[test]
+fn a_redriven_subflow_step_with_items_starts_a_new_round_of_children_for_every_item() {
+    let run_id = RunId(RUN.into());
+    let child = |item, round| ParentRef::child_run_id("transcode", &run_id, "each", Some(item), round);
+    let ended = |item, round, status| Event::ChildEnded {
+        step: "each".to_owned(),
+        item: Some(item),
+        child: child(item, round),
+        status,
+        output: Some(json!(item)),
+        error: None,
+        refused: false,
+    };
+    let mut harness = Harness::start(EACH_CHILD, json!(["a", "b"]), 0);
+    harness.apply(10, ended(0, 0, RunStatus::Succeeded));
+    harness.apply(20, ended(1, 0, RunStatus::Failed));
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+
+    redrive(&mut harness, 100);
+    let asked: Vec<_> = harness
+        .effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::StartChild(start) => Some((start.item, start.round, start.child.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, vec![(Some(0), 2, child(0, 2)), (Some(1), 2, child(1, 2))], "the round is the children so far");
+    assert_eq!(harness.step("each").child_round, 2);
+    assert_eq!(harness.apply(110, ended(1, 0, RunStatus::Succeeded)), Applied::Ignored("not the child of this step"));
+    harness.apply(120, ended(0, 2, RunStatus::Succeeded));
+    harness.apply(130, ended(1, 2, RunStatus::Succeeded));
+    assert_eq!(harness.run.view().output, Some(json!({"each": [0, 1]})));
 }
