@@ -1,6 +1,8 @@
 //! The steady load of a chaos run: runs of a chain of three `double` tasks (the last one
 //! in a child run) started at a fixed rate, each with its own idempotency key (so a start that timed out or met a moving
-//! shard is repeated safely), and a poller that reads how each accepted run ended.
+//! shard is repeated safely), and a poller that reads how each accepted run ended. Every
+//! [`REDRIVE_EVERY`]th run is cancelled soon after its start and then redriven, so cancels
+//! and redrives meet the same faults; it must still end with its expected output.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +12,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use flowgrid_sdk::{Client, RunId, RunStatus, StartRun};
+use flowgrid_sdk::{Client, ErrorCode, RunId, RunStatus, StartRun};
 
 use crate::driver::Errors;
 
@@ -58,6 +60,9 @@ steps:
     task: double
     timeout_ms: 20000
 "#;
+
+/// One run in this many is cancelled and redriven.
+pub const REDRIVE_EVERY: u64 = 10;
 
 /// Start requests awaiting their reply at once; past it a start is skipped and counted.
 const STARTS_PENDING_MAX: usize = 2_000;
@@ -111,6 +116,10 @@ pub struct Ledger {
     pub start_errors: Errors,
     /// `run.get` calls of the poller that failed, by kind (the run is asked again later).
     pub get_errors: Errors,
+    /// Runs cancelled and then redriven.
+    pub redriven: AtomicU64,
+    /// Cancels and redrives that were not answered before the start deadline, by kind.
+    pub redrive_errors: Errors,
 }
 
 impl Ledger {
@@ -157,6 +166,9 @@ async fn start_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
                 if tries > 1 {
                     ledger.start_retried.fetch_add(1, Ordering::Relaxed);
                 }
+                if index.is_multiple_of(REDRIVE_EVERY) {
+                    cancel_and_redrive(client, &started.run_id, index, ledger).await;
+                }
                 ledger.accept(AcceptedRun {
                     run_id: started.run_id,
                     index,
@@ -169,23 +181,63 @@ async fn start_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
             Err(error) => {
                 // With the idempotency key, repeating any start is safe; refusals that
                 // cannot change (invalid input, unknown flow) are not repeated.
-                let final_refusal = error.api().is_some_and(|refusal| !refusal.retryable);
-                if final_refusal || Instant::now() + Duration::from_millis(100) > deadline {
-                    ledger.start_errors.add(&start_error_kind(&error), 1);
+                if !try_again(&error, deadline).await {
+                    ledger.start_errors.add(&error_kind("start", &error), 1);
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-fn start_error_kind(error: &flowgrid_sdk::Error) -> String {
+/// Cancels a run a little after its start, then redrives it once the cancel went
+/// through. Both are repeated until answered: a repeated cancel changes nothing, and a
+/// repeated redrive whose first try went through is refused with `conflict` (the run goes
+/// or ended again), which counts as done.
+async fn cancel_and_redrive(client: &Client, run_id: &RunId, index: u64, ledger: &Ledger) {
+    tokio::time::sleep(Duration::from_millis(50 + (index * 37) % 200)).await;
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        match client.cancel(run_id, "chaos: cancelled, to be redriven").await {
+            // It ended before the cancel: nothing to redrive.
+            Ok(answer) if answer.status != RunStatus::Cancelled => return,
+            Ok(_) => break,
+            Err(error) if !try_again(&error, deadline).await => {
+                return ledger.redrive_errors.add(&error_kind("cancel", &error), 1);
+            }
+            Err(_) => {}
+        }
+    }
+    loop {
+        match client.redrive(run_id, "chaos").await {
+            Ok(_) => break,
+            Err(error) if error.api().is_some_and(|refusal| refusal.code == ErrorCode::Conflict) => break,
+            Err(error) if !try_again(&error, deadline).await => {
+                return ledger.redrive_errors.add(&error_kind("redrive", &error), 1);
+            }
+            Err(_) => {}
+        }
+    }
+    ledger.redriven.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Whether a request that failed with `error` is tried again before `deadline` (after a
+/// pause): not a refusal that cannot change (invalid input, unknown flow or run).
+async fn try_again(error: &flowgrid_sdk::Error, deadline: Instant) -> bool {
+    let final_refusal = error.api().is_some_and(|refusal| !refusal.retryable);
+    if final_refusal || Instant::now() + Duration::from_millis(100) > deadline {
+        return false;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    true
+}
+
+fn error_kind(what: &str, error: &flowgrid_sdk::Error) -> String {
     match error {
-        flowgrid_sdk::Error::Api(refusal) => format!("start_{}", refusal.code),
-        flowgrid_sdk::Error::Timeout { .. } => "start_timeout".to_owned(),
-        other if other.is_no_responders() => "start_no_responders".to_owned(),
-        _ => "start_nats".to_owned(),
+        flowgrid_sdk::Error::Api(refusal) => format!("{what}_{}", refusal.code),
+        flowgrid_sdk::Error::Timeout { .. } => format!("{what}_timeout"),
+        other if other.is_no_responders() => format!("{what}_no_responders"),
+        _ => format!("{what}_nats"),
     }
 }
 

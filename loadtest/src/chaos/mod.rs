@@ -562,6 +562,15 @@ impl Findings<'_> {
                 ),
             ),
             ("runs retried (attempt timeout)".to_owned(), checks.retried.to_string()),
+            (
+                "runs cancelled and redriven".to_owned(),
+                format!(
+                    "{} (one in {}; not done in time: {})",
+                    self.ledger.redriven.load(Ordering::Relaxed),
+                    load::REDRIVE_EVERY,
+                    describe_errors(self.ledger.redrive_errors.total(), &self.ledger.redrive_errors.kinds())
+                ),
+            ),
             ("run.get errors (asked again)".to_owned(), describe_errors(self.ledger.get_errors.total(), &get_errors)),
             ("API view != store".to_owned(), checks.api_store_mismatches.to_string()),
             (
@@ -696,6 +705,8 @@ impl Findings<'_> {
             ("runs_retried", json!(checks.retried)),
             ("api_store_mismatches", json!(checks.api_store_mismatches)),
             ("start_errors", json!(self.ledger.start_errors.total())),
+            ("runs_redriven", json!(self.ledger.redriven.load(Ordering::Relaxed))),
+            ("redrive_errors", json!(self.ledger.redrive_errors.total())),
             ("get_errors", json!(self.ledger.get_errors.total())),
             ("sigstops", json!(stats.sigstops.load(Ordering::Relaxed))),
             ("scale_events", json!(stats.scale_events.load(Ordering::Relaxed))),
