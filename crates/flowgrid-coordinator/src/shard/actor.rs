@@ -124,7 +124,10 @@ impl<S: ShardStore> ShardActor<S> {
             let sleep = sleep_until(next_due);
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => {
+                    self.forget_delivered(&mut inbox).await;
+                    break;
+                }
                 command = inbox.recv() => match command {
                     Some(command) => self.handle(command, &mut batch).await,
                     None => break,
@@ -179,6 +182,25 @@ impl<S: ShardStore> ShardActor<S> {
         }
         ::metrics::gauge!(metrics::SHARDS_OWNED).decrement(1.0);
         debug!(shard = %self.shard, "shard actor stopped");
+    }
+
+    /// On a graceful stop: deletes the outbox messages whose receivers took them since the
+    /// last commit, so that the shard's next owner does not send them again (which would be
+    /// harmless, but slower). Other queued commands are dropped, as on any stop: their
+    /// callers are told the shard is unavailable and try its next owner.
+    async fn forget_delivered(&mut self, inbox: &mut mpsc::Receiver<Command>) {
+        let mut batch = Batch::default();
+        while let Ok(command) = inbox.try_recv() {
+            if let Command::OutboxDelivered { key } = command {
+                batch.writes.clear_range(flowgrid_store::keys::chunks_range(&key));
+            }
+        }
+        if batch.writes.is_empty() || !self.context.lease.holds(self.term) {
+            return;
+        }
+        if let Err(error) = self.commit(batch).await {
+            debug!(shard = %self.shard, error = %error, "delivered outbox messages not deleted at the stop; the next owner sends them again");
+        }
     }
 
     /// Answers every caller of a batch that will not be committed.
