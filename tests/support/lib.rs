@@ -141,7 +141,8 @@ impl Grid {
         self.spawn_coordinator_with_args(&["--metrics-addr", metrics_addr])
     }
 
-    /// [`Grid::spawn_coordinator`] with more flags (`--metrics-addr` among them).
+    /// [`Grid::spawn_coordinator`] with more flags; metrics are off unless they name a
+    /// `--metrics-addr` (a grid of `make up` may hold the default port).
     pub fn spawn_coordinator_with_args(&mut self, more: &[&str]) -> Result<usize> {
         let mut command = Command::new(flowgrid_bin());
         command.args(["--nats-url", &self.nats_url]);
@@ -153,7 +154,7 @@ impl Grid {
     pub fn spawn_coordinator_in_netns(&mut self, netns: &Netns, nats_url: &str) -> Result<usize> {
         let mut command = netns.command(&flowgrid_bin());
         command.args(["--nats-url", nats_url]);
-        self.spawn_coordinator_command(command, &["--metrics-addr", "off"])
+        self.spawn_coordinator_command(command, &[])
     }
 
     /// Runs `command` (the `flowgrid` binary and its NATS URL) as a coordinator of this grid.
@@ -166,6 +167,9 @@ impl Grid {
             .args(["--shards", &self.shards.to_string()])
             .args(more)
             .env("FLOWGRID_LOG", "flowgrid=debug,info");
+        if !more.contains(&"--metrics-addr") {
+            command.args(["--metrics-addr", "off"]);
+        }
         let process = Process::spawn(&name, &mut command, self.dir.path())?;
         self.coordinators.push(process);
         Ok(self.coordinators.len() - 1)
