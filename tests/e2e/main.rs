@@ -23,6 +23,7 @@ mod schedules;
 mod signals;
 mod store_failure;
 mod subflows;
+mod triggers;
 mod ui;
 
 use std::time::Duration;

@@ -202,6 +202,9 @@ impl Api {
             api_error.issues = error.issues();
             api_error
         })?;
+        if let Some(trigger) = &definition.trigger {
+            self.check_trigger_stream(&trigger.stream).await?;
+        }
         let catalog = self.router.shard_of(&definition.name);
         let request = ShardRequest::Deploy { definition: Box::new(definition) };
         self.ask(catalog, request, |reply| match reply {
@@ -209,6 +212,32 @@ impl Api {
             other => Err(other),
         })
         .await
+    }
+
+    /// Refuses a trigger whose stream does not exist: its runs would never start.
+    async fn check_trigger_stream(&self, stream: &str) -> Result<(), ApiError> {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        match self.router.context.client.jetstream().get_stream(stream).await {
+            Ok(_) => Ok(()),
+            Err(error) if matches!(error.kind(), GetStreamErrorKind::JetStream(_)) => {
+                let mut refusal = ApiError::new(
+                    ErrorCode::InvalidDefinition,
+                    format!(
+                        "invalid definition: trigger.stream: there is no JetStream stream {stream:?} on this grid's \
+                         NATS; create it first (e.g. `nats stream add {stream} --subjects 'orders.>'`)"
+                    ),
+                );
+                refusal.issues = vec![flowgrid_model::Issue {
+                    path: "trigger.stream".to_owned(),
+                    message: format!("there is no JetStream stream {stream:?}: create it first"),
+                }];
+                Err(refusal)
+            }
+            Err(error) => Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("cannot look up the trigger's stream {stream:?} ({error}); retry"),
+            )),
+        }
     }
 
     async fn list_flows(&self) -> Result<FlowList, ApiError> {

@@ -36,6 +36,7 @@ pub const SHARD_RELEASE_SECONDS: &str = "flowgrid_shard_release_seconds";
 pub const SHARD_TAKEOVERS: &str = "flowgrid_shard_takeovers_total";
 pub const RUNS_PRUNED: &str = "flowgrid_runs_pruned_total";
 pub const RUNS_REDRIVEN: &str = "flowgrid_runs_redriven_total";
+pub const TRIGGER_MESSAGES: &str = "flowgrid_trigger_messages_total";
 pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
 pub const RUN_MESSAGES_PENDING: &str = "flowgrid_run_messages_pending";
 pub const RUN_MESSAGES_RETRIED: &str = "flowgrid_run_messages_retried_total";
@@ -72,6 +73,11 @@ pub fn describe() {
     describe_counter!(TIMERS_FIRED, Unit::Count, "Durable timers that came due (retries, timeouts, waits).");
     describe_counter!(RUNS_PRUNED, Unit::Count, "Ended runs deleted from the store after --retain-ended-runs.");
     describe_counter!(RUNS_REDRIVEN, Unit::Count, "Ended runs redriven (run.redrive) and active again.");
+    describe_counter!(
+        TRIGGER_MESSAGES,
+        Unit::Count,
+        "Messages of a flow's trigger stream, by flow and outcome: started (a run), malformed (not JSON) or refused."
+    );
     describe_gauge!(
         RUN_MESSAGES_PENDING,
         Unit::Count,

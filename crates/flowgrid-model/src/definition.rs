@@ -26,9 +26,14 @@ pub struct FlowDefinition {
     /// that runs; deploy a version without one to stop it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// Starts a run of the flow for every message of a JetStream stream, with the message
+    /// (JSON) as its input, exactly once per message (the latest version's trigger is the
+    /// one that runs; deploy a version without one to stop it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Trigger>,
     /// Publish a message on `<prefix>.runs.ended.<flow>` when a run of the flow ends (its
-    /// status, output or error): a notification, at most once, for services that react to
-    /// runs ending instead of polling them.
+    /// status, output or error), kept in the grid's run-ends stream: for services that
+    /// react to runs ending instead of polling them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub publish_ended: bool,
     pub steps: Vec<Step>,
@@ -50,6 +55,20 @@ pub struct Schedule {
     /// The input of every run it starts.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub input: serde_json::Value,
+}
+
+/// Where the events that start runs of a flow come from: the messages of a JetStream
+/// stream (of the operator's own), from the first one published after the trigger was
+/// first deployed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    /// The stream's name; it must exist when the flow is deployed.
+    pub stream: String,
+    /// Only the stream's messages on this subject (wildcards `*` and `>` allowed); every
+    /// message of the stream when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// One step. `kind` selects the variant.

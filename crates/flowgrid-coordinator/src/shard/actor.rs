@@ -55,6 +55,8 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub catalog: BTreeMap<String, Vec<CatalogEntry>>,
     /// The next slot of each flow of the catalog that has a schedule.
     pub schedules: BTreeMap<String, Millis>,
+    /// The triggers of the flows of the catalog whose latest version has one.
+    pub triggers: super::triggers::Triggers,
     /// When the next retention pass is due; `None` without `--retain-ended-runs`.
     pub next_prune_ms: Option<Millis>,
     pub metrics: ShardMetrics,
@@ -96,6 +98,7 @@ pub async fn spawn_shard<S: ShardStore>(
         pinned: HashSet::new(),
         catalog: BTreeMap::new(),
         schedules: BTreeMap::new(),
+        triggers: Default::default(),
         next_prune_ms,
         metrics: ShardMetrics::register(),
         inbox: sender.downgrade(),
@@ -341,6 +344,7 @@ impl<S: ShardStore> ShardActor<S> {
         self.forget_finished(finished);
         for plan in deployed {
             self.arm_schedule(&plan, now_ms());
+            self.update_trigger(&plan);
             self.context.plans.set_latest(plan);
         }
         for Dispatch { task, result_taken } in dispatches {

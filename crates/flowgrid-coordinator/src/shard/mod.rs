@@ -15,6 +15,7 @@ mod retention;
 mod runs;
 mod schedules;
 mod timers;
+mod triggers;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

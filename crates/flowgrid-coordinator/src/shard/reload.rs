@@ -90,6 +90,7 @@ impl<S: ShardStore> ShardActor<S> {
         for (plan, deployed_ms) in latest {
             // No slot from before the version was deployed.
             self.arm_schedule_catching_up(&plan, now.saturating_sub(CATCH_UP_MS).max(deployed_ms), now);
+            self.update_trigger(&plan);
             self.context.plans.set_latest(plan);
         }
         Ok(())

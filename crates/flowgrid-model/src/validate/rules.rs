@@ -1,6 +1,6 @@
 //! Field rules: names, sizes, retry policies, timeouts, priorities and per-kind settings.
 
-use crate::definition::{Catch, FlowDefinition, RetryPolicy, Schedule, Step};
+use crate::definition::{Catch, FlowDefinition, RetryPolicy, Schedule, Step, Trigger};
 use crate::error::Issue;
 use crate::limits::Limits;
 use crate::plan::WAIT_MS_MAX;
@@ -17,6 +17,9 @@ const PRIORITY_MAX: u8 = 9;
 pub(super) fn check_fields(definition: &FlowDefinition, limits: &Limits, issues: &mut Vec<Issue>) {
     check_name("name", "flow name", &definition.name, limits, issues);
     check_timeout("timeout_ms", definition.timeout_ms, issues);
+    if let Some(trigger) = &definition.trigger {
+        check_trigger(trigger, issues);
+    }
     if let Some(schedule) = &definition.schedule {
         check_schedule(schedule, limits, issues);
     }
@@ -97,6 +100,43 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
             check_catch(path, &subflow.catch, issues);
         }
         Step::Transform(_) | Step::Succeed(_) => {}
+    }
+}
+
+/// A trigger names a stream as JetStream spells stream names, and a subject of non-empty
+/// tokens.
+fn check_trigger(trigger: &Trigger, issues: &mut Vec<Issue>) {
+    let stream = &trigger.stream;
+    let bad_stream = stream.is_empty()
+        || stream.len() > 255
+        || stream.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\'));
+    if bad_stream {
+        push_issue(
+            issues,
+            "trigger.stream",
+            format!(
+                "{stream:?} is not a stream name: use 1 to 255 characters without spaces, `.`, `*`, `>`, `/` or `\\`"
+            ),
+        );
+    }
+    if let Some(subject) = &trigger.subject {
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let bad_token = tokens.iter().enumerate().any(|(position, token)| {
+            token.is_empty()
+                || token.chars().any(char::is_whitespace)
+                || (token.contains(['*', '>']) && token.len() > 1)
+                || (*token == ">" && position + 1 != tokens.len())
+        });
+        if bad_token {
+            push_issue(
+                issues,
+                "trigger.subject",
+                format!(
+                    "{subject:?} is not a subject: use tokens separated by `.`, each non-empty and without spaces, `*` \
+                     for one token, `>` only at the end"
+                ),
+            );
+        }
     }
 }
 

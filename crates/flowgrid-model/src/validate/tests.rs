@@ -318,6 +318,7 @@ fn dag_definition() -> impl Strategy<Value = FlowDefinition> {
                 timeout_ms: None,
                 output: None,
                 schedule: None,
+                trigger: None,
                 publish_ended: false,
                 steps,
             }
@@ -362,6 +363,7 @@ fn choice_targets_count_as_edges_for_references() {
         timeout_ms: None,
         output: None,
         schedule: None,
+        trigger: None,
         publish_ended: false,
         steps: vec![
             task_step("a".to_owned(), Vec::new()),
@@ -494,4 +496,23 @@ fn a_schedule_has_one_timetable_that_parses_and_an_input_a_run_may_take() {
     assert_issue(&issues_of(&flow("{ cron: '0 0 30 2 *' }")), "schedule.cron", "it never matches");
     let deep = format!("{{ every_ms: 60000, input: {}1{} }}", "[".repeat(40), "]".repeat(40));
     assert_issue(&issues_of(&flow(&deep)), "schedule.input", "nested 40 levels deep");
+}
+
+#[test]
+fn a_trigger_names_a_stream_and_maybe_a_subject() {
+    let flow =
+        |trigger: &str| format!("name: f\ntrigger: {trigger}\nsteps:\n  - {{ kind: task, id: a, pool: p, task: t }}\n");
+    let plan =
+        FlowPlan::compile(parse(&flow("{ stream: ORDERS, subject: 'orders.*.created' }")), 1, &evaluator(), &limits())
+            .unwrap();
+    let trigger = plan.definition.trigger.as_ref().expect("kept in the plan's definition");
+    assert_eq!((trigger.stream.as_str(), trigger.subject.as_deref()), ("ORDERS", Some("orders.*.created")));
+    assert!(validate(&parse(&flow("{ stream: ORDERS, subject: 'orders.>' }")), &evaluator(), &limits()).is_ok());
+
+    assert_issue(&issues_of(&flow("{ stream: 'my.orders' }")), "trigger.stream", "is not a stream name");
+    assert_issue(&issues_of(&flow("{ stream: '' }")), "trigger.stream", "is not a stream name");
+    assert_issue(&issues_of(&flow("{ stream: S, subject: 'a..b' }")), "trigger.subject", "is not a subject");
+    assert_issue(&issues_of(&flow("{ stream: S, subject: 'a.>.b' }")), "trigger.subject", "`>` only at the end");
+    assert_issue(&issues_of(&flow("{ stream: S, subject: 'a.b*' }")), "trigger.subject", "is not a subject");
+    assert!(parse_definition(&flow("{ stream: S, subjects: x }"), &limits()).is_err(), "unknown fields are errors");
 }

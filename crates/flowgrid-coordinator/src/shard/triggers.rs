@@ -1,0 +1,197 @@
+//! Triggers: the owner of a flow's catalog shard starts a run of the flow's latest version
+//! for every message of the stream its `trigger` names.
+//!
+//! One durable pull consumer per flow (`<grid>_trigger_<flow>` on the trigger's stream)
+//! keeps the place in the stream, so a catalog shard that moves to another coordinator
+//! goes on where its last owner stopped, and a message out but not acknowledged comes back
+//! after the consumer's ack wait. A run's idempotency key is `trigger/<stream>/<stream
+//! sequence>`: a message delivered twice starts one run. A message is acknowledged once the
+//! run's start is committed; one that is not JSON, or whose start is refused for good (an
+//! input over the payload limit), is logged, counted and not delivered again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::{AckKind, Message};
+use flowgrid_model::{FlowPlan, Trigger};
+use flowgrid_proto::StartRun;
+use flowgrid_sdk::Client;
+use flowgrid_store::ShardStore;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::actor::ShardActor;
+use crate::metrics;
+
+/// Messages of one trigger being started at once.
+const STARTS_IN_FLIGHT_MAX: usize = 64;
+/// How long a message may be out before the stream delivers it again.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// Pause before a refused (overloaded, unavailable) start's message comes back.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Pause before the consumer is opened again after the stream could not be read.
+const REOPEN_PAUSE: Duration = Duration::from_secs(5);
+
+/// The triggers this shard's actor runs: one per flow of its catalog whose latest version
+/// has one.
+#[derive(Default)]
+pub(super) struct Triggers {
+    running: HashMap<String, (u32, CancellationToken)>,
+}
+
+impl<S: ShardStore> ShardActor<S> {
+    /// Starts, moves to the new version, or stops the trigger of `plan`'s flow, of which
+    /// `plan` is now the latest version.
+    pub(super) fn update_trigger(&mut self, plan: &Arc<FlowPlan>) {
+        let running = &mut self.triggers.running;
+        let Some(trigger) = &plan.definition.trigger else {
+            if let Some((_, stop)) = running.remove(&plan.name) {
+                info!(flow = %plan.name, "trigger stopped: the latest version has none");
+                stop.cancel();
+            }
+            return;
+        };
+        if running.get(&plan.name).is_some_and(|(version, _)| *version == plan.version) {
+            return;
+        }
+        if let Some((_, stop)) = running.remove(&plan.name) {
+            stop.cancel();
+        }
+        let stop = self.stopped.child_token();
+        let consumer = TriggerConsumer {
+            client: self.context.client.clone(),
+            name: consumer_name(self.context.subjects.prefix(), &plan.name),
+            flow: plan.name.clone(),
+            version: plan.version,
+            trigger: trigger.clone(),
+        };
+        tokio::spawn(consumer.run(stop.clone()));
+        running.insert(plan.name.clone(), (plan.version, stop));
+    }
+}
+
+/// The durable consumer of a grid's trigger for `flow`.
+fn consumer_name(prefix: &str, flow: &str) -> String {
+    format!("{}_trigger_{flow}", prefix.replace(['.', '*', '>'], "_"))
+}
+
+struct TriggerConsumer {
+    client: Client,
+    name: String,
+    flow: String,
+    version: u32,
+    trigger: Trigger,
+}
+
+impl TriggerConsumer {
+    /// Reads the stream and starts runs until `stop`; opens the consumer again after a
+    /// failure (a stream deleted and made again, NATS away).
+    async fn run(self, stop: CancellationToken) {
+        let this = Arc::new(self);
+        let permits = Arc::new(tokio::sync::Semaphore::new(STARTS_IN_FLIGHT_MAX));
+        let mut warned = false;
+        while !stop.is_cancelled() {
+            match this.consume(&permits, &stop).await {
+                Ok(()) => return,
+                Err(error) => {
+                    if !warned {
+                        warn!(flow = %this.flow, stream = %this.trigger.stream, error = %error, "trigger cannot read its stream; trying again every few seconds");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(REOPEN_PAUSE) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        self: &Arc<Self>,
+        permits: &Arc<tokio::sync::Semaphore>,
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        let stream =
+            self.client.jetstream().get_stream(&self.trigger.stream).await.map_err(|error| error.to_string())?;
+        let config = pull::Config {
+            durable_name: Some(self.name.clone()),
+            description: Some(format!("flowgrid: starts a run of flow {} per message", self.flow)),
+            filter_subject: self.trigger.subject.clone().unwrap_or_default(),
+            deliver_policy: DeliverPolicy::New,
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            ..Default::default()
+        };
+        let consumer = stream.create_consumer(config).await.map_err(|error| error.to_string())?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(STARTS_IN_FLIGHT_MAX)
+            .messages()
+            .await
+            .map_err(|error| error.to_string())?;
+        debug!(flow = %self.flow, consumer = %self.name, "trigger reading its stream");
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                message = messages.next() => match message {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
+                        debug!(flow = %self.flow, error = %error, "trigger read failed; continuing");
+                        continue;
+                    }
+                    None => return Err("the consumer's messages ended".to_owned()),
+                },
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else { return Ok(()) };
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.start(message).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Starts the run of one message; acknowledges it once the start is committed.
+    async fn start(&self, message: Message) {
+        let sequence = message.info().map(|info| info.stream_sequence).unwrap_or(0);
+        let input: serde_json::Value = match serde_json::from_slice(&message.payload) {
+            Ok(input) => input,
+            Err(error) => {
+                warn!(flow = %self.flow, stream = %self.trigger.stream, sequence, error = %error, "trigger message is not JSON; no run started for it");
+                count(&self.flow, "malformed");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let start = StartRun {
+            flow: self.flow.clone(),
+            version: Some(self.version),
+            input,
+            idempotency_key: Some(format!("trigger/{}/{sequence}", self.trigger.stream)),
+        };
+        match self.client.start(start).await {
+            Ok(started) => {
+                debug!(flow = %self.flow, sequence, run = %started.run_id, created = started.created, "trigger started a run");
+                count(&self.flow, "started");
+                let _ = message.double_ack().await;
+            }
+            Err(error) if error.api().is_some_and(|refusal| !refusal.retryable) => {
+                warn!(flow = %self.flow, stream = %self.trigger.stream, sequence, error = %error, "trigger message refused; no run started for it");
+                count(&self.flow, "refused");
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+            Err(error) => {
+                debug!(flow = %self.flow, sequence, error = %error, "trigger start not taken yet; the message comes back");
+                let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+            }
+        }
+    }
+}
+
+fn count(flow: &str, outcome: &'static str) {
+    ::metrics::counter!(metrics::TRIGGER_MESSAGES, "flow" => flow.to_owned(), "outcome" => outcome).increment(1);
+}

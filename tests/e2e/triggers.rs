@@ -1,0 +1,118 @@
+//! Triggers: every message of a stream starts exactly one run of the flow, with the message
+//! as its input, across a coordinator crash; a message that is not JSON starts nothing; a
+//! trigger on a stream that does not exist is refused at deploy; a version without a
+//! trigger stops it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::jetstream::stream;
+use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus};
+use flowgrid_tests::{wait_for, Grid};
+use serde_json::Value;
+
+use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
+
+const TRIGGERED: &str = r#"
+name: on-order
+trigger: { stream: ORDERS, subject: 'orders.*.created' }
+output: 'steps.echo.output'
+steps:
+  - { id: echo, kind: task, pool: a, task: echo }
+"#;
+
+/// The ids and inputs of the runs of `on-order`, once there are `count` and all succeeded.
+async fn runs_once(
+    grid: &Grid,
+    client: &flowgrid_sdk::Client,
+    count: usize,
+    deadline: Duration,
+) -> anyhow::Result<Vec<(RunId, Value)>> {
+    let runs = wait_for(&format!("{count} runs of on-order"), deadline, || async {
+        let query = ListRuns { flow: Some("on-order".into()), status: None, limit: Some(100), cursor: None };
+        let runs = client.list(query).await.ok()?.runs;
+        (runs.len() >= count && runs.iter().all(|run| run.status == RunStatus::Succeeded)).then_some(runs)
+    })
+    .await
+    .or_logs(grid)?;
+    let mut inputs = Vec::new();
+    for run in runs {
+        let input = client.get(&run.run_id).await?.input;
+        inputs.push((run.run_id, input));
+    }
+    Ok(inputs)
+}
+
+/// Publishes `payload` on `subject`; the run it starts has the id that follows from its
+/// stream sequence, whatever delivers it how often.
+async fn publish(jetstream: &async_nats::jetstream::Context, subject: &str, payload: String) -> anyhow::Result<RunId> {
+    let ack = jetstream.publish(subject.to_owned(), payload.into()).await?.await?;
+    Ok(RunId::from_idempotency_key("on-order", &format!("trigger/ORDERS/{}", ack.sequence)))
+}
+
+fn ids_and_orders(runs: &[(RunId, Value)]) -> BTreeSet<(RunId, Option<i64>)> {
+    runs.iter().map(|(run_id, input)| (run_id.clone(), input["order"].as_i64())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let nats = grid.nats_client().await?;
+    let jetstream = async_nats::jetstream::new(nats.clone());
+
+    let error = client.deploy(TRIGGERED).await.expect_err("no stream yet");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidDefinition, "{error:?}");
+    assert!(refusal(&error).message.contains("no JetStream stream \"ORDERS\""), "{error:?}");
+
+    jetstream
+        .create_stream(stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    // Published before the trigger exists: not a run.
+    publish(&jetstream, "orders.eu.created", r#"{"order": 0}"#.to_owned()).await?;
+    deploy(&grid, &client, TRIGGERED).await?;
+    let consumer = format!("{}_trigger_on-order", grid.prefix);
+    wait_for("the trigger's consumer", RUN_DEADLINE, || async {
+        jetstream.get_stream("ORDERS").await.ok()?.consumer_info(&consumer).await.ok().map(|_| ())
+    })
+    .await
+    .or_logs(&grid)?;
+
+    let mut expected = BTreeSet::new();
+    for order in 1..=3 {
+        expected
+            .insert((publish(&jetstream, "orders.eu.created", format!(r#"{{"order": {order}}}"#)).await?, Some(order)));
+    }
+    publish(&jetstream, "orders.eu.cancelled", r#"{"order": 9}"#.to_owned()).await?;
+    publish(&jetstream, "orders.us.created", "not json".to_owned()).await?;
+    let runs = runs_once(&grid, &client, 3, RUN_DEADLINE).await?;
+    assert_eq!(ids_and_orders(&runs), expected, "one run per message of the subject, keyed by its sequence");
+
+    // A message published as its coordinator dies, and messages published while none
+    // runs, start one run each, once (one out when the coordinator died comes back after
+    // the consumer's ack wait).
+    expected.insert((publish(&jetstream, "orders.us.created", r#"{"order": 4}"#.to_owned()).await?, Some(4)));
+    grid.coordinators[0].kill_hard();
+    for order in 5..=6 {
+        expected
+            .insert((publish(&jetstream, "orders.us.created", format!(r#"{{"order": {order}}}"#)).await?, Some(order)));
+    }
+    grid.start_coordinator().await?;
+    runs_once(&grid, &client, 6, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = runs_once(&grid, &client, 6, RUN_DEADLINE).await?;
+    assert_eq!(ids_and_orders(&runs), expected, "no message started a second run");
+
+    // A version without a trigger stops it.
+    deploy(&grid, &client, &TRIGGERED.replace("trigger: { stream: ORDERS, subject: 'orders.*.created' }\n", ""))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(&jetstream, "orders.eu.created", r#"{"order": 7}"#.to_owned()).await?;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(runs_once(&grid, &client, 6, RUN_DEADLINE).await?.len(), 6, "no run after the trigger was removed");
+    Ok(())
+}
