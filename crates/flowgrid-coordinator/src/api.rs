@@ -203,7 +203,7 @@ impl Api {
             api_error
         })?;
         if let Some(trigger) = &definition.trigger {
-            self.check_trigger_stream(&trigger.stream).await?;
+            self.check_trigger_stream(trigger).await?;
         }
         let catalog = self.router.shard_of(&definition.name);
         let request = ShardRequest::Deploy { definition: Box::new(definition) };
@@ -215,22 +215,22 @@ impl Api {
     }
 
     /// Refuses a trigger whose stream does not exist: its runs would never start.
-    async fn check_trigger_stream(&self, stream: &str) -> Result<(), ApiError> {
+    async fn check_trigger_stream(&self, trigger: &flowgrid_model::Trigger) -> Result<(), ApiError> {
         use async_nats::jetstream::context::GetStreamErrorKind;
+        let stream = &trigger.stream;
         match self.router.context.client.jetstream().get_stream(stream).await {
             Ok(_) => Ok(()),
             Err(error) if matches!(error.kind(), GetStreamErrorKind::JetStream(_)) => {
+                let subjects = trigger.subject.as_deref().unwrap_or("events.>");
+                let message = format!(
+                    "there is no JetStream stream {stream:?} on this grid's NATS: create it first, e.g. `nats stream \
+                     add {stream} --subjects '{subjects}' --defaults`"
+                );
                 let mut refusal = ApiError::new(
                     ErrorCode::InvalidDefinition,
-                    format!(
-                        "invalid definition: trigger.stream: there is no JetStream stream {stream:?} on this grid's \
-                         NATS; create it first (e.g. `nats stream add {stream} --subjects 'orders.>'`)"
-                    ),
+                    format!("invalid definition: trigger.stream: {message}"),
                 );
-                refusal.issues = vec![flowgrid_model::Issue {
-                    path: "trigger.stream".to_owned(),
-                    message: format!("there is no JetStream stream {stream:?}: create it first"),
-                }];
+                refusal.issues = vec![flowgrid_model::Issue { path: "trigger.stream".to_owned(), message }];
                 Err(refusal)
             }
             Err(error) => Err(ApiError::new(
