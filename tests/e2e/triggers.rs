@@ -116,3 +116,32 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
     assert_eq!(runs_once(&grid, &client, 6, RUN_DEADLINE).await?.len(), 6, "no run after the trigger was removed");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_made_by_hand_before_the_deploy_is_used_as_it_is() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let orders = jetstream
+        .create_stream(stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    let earlier = publish(&jetstream, "orders.eu.created", r#"{"order": 1}"#.to_owned()).await?;
+    // To start runs for the messages already in the stream too: deliver them all.
+    orders
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(format!("{}_trigger_on-order", grid.prefix)),
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    deploy(&grid, &client, TRIGGERED).await?;
+    let later = publish(&jetstream, "orders.eu.created", r#"{"order": 2}"#.to_owned()).await?;
+    let runs = runs_once(&grid, &client, 2, RUN_DEADLINE).await?;
+    assert_eq!(ids_and_orders(&runs), BTreeSet::from([(earlier, Some(1)), (later, Some(2))]));
+    Ok(())
+}

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{AckKind, Message};
 use flowgrid_model::{FlowPlan, Trigger};
 use flowgrid_proto::StartRun;
@@ -126,7 +126,16 @@ impl TriggerConsumer {
             ack_wait: ACK_WAIT,
             ..Default::default()
         };
-        let consumer = stream.create_consumer(config).await.map_err(|error| error.to_string())?;
+        // Created, or updated to the latest version's subject; one made otherwise (by hand,
+        // with another deliver policy) is used as it is.
+        let consumer: PullConsumer = match stream.create_consumer(config).await {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                let existing = stream.get_consumer(&self.name).await.map_err(|_| error.to_string())?;
+                debug!(flow = %self.flow, consumer = %self.name, error = %error, "trigger uses its consumer as it is");
+                existing
+            }
+        };
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(STARTS_IN_FLIGHT_MAX)
