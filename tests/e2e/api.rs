@@ -45,8 +45,9 @@ async fn same_idempotency_key_gives_the_same_run_also_after_it_ended() -> anyhow
     let other = client.start(start("echo-once", json!({"n": 4}), Some("order-2"))).await.or_logs(&grid)?;
     assert!(other.created && other.run_id != first.run_id, "another key is another run: {other:?}");
 
-    let runs =
-        client.list(ListRuns { flow: Some("echo-once".into()), status: None, limit: None, cursor: None }).await?;
+    let runs = client
+        .list(ListRuns { parent: None, flow: Some("echo-once".into()), status: None, limit: None, cursor: None })
+        .await?;
     assert_eq!(runs.runs.len(), 2, "two keys, two runs: {runs:?}");
     let view = client.get(&first.run_id).await.or_logs(&grid)?;
     assert_eq!(view.input, json!({"n": 1}), "repeated starts do not touch the run");
@@ -200,7 +201,10 @@ async fn start_many_starts_each_run_and_refuses_a_bad_start_alone() -> anyhow::R
     assert_eq!(view.output, Some(json!({"n": 1})), "{view:?}");
     let view = grid.wait_run(&client, &keyed.run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
-    let runs = client.list(ListRuns { flow: None, status: None, limit: None, cursor: None }).await.or_logs(&grid)?;
+    let runs = client
+        .list(ListRuns { parent: None, flow: None, status: None, limit: None, cursor: None })
+        .await
+        .or_logs(&grid)?;
     assert_eq!(runs.runs.len(), 2, "the refused starts created nothing: {runs:?}");
 
     for count in [0, flowgrid_sdk::START_MANY_RUNS_MAX + 1] {
@@ -270,7 +274,10 @@ async fn oversized_and_malformed_requests_are_refused_and_change_nothing() -> an
     assert!(started.created && started.flow == "idle", "{text}");
     assert!(text["ok"]["run_id"].is_string(), "the reply is plain JSON: {text}");
 
-    let runs = client.list(ListRuns { flow: None, status: None, limit: None, cursor: None }).await.or_logs(&grid)?;
+    let runs = client
+        .list(ListRuns { parent: None, flow: None, status: None, limit: None, cursor: None })
+        .await
+        .or_logs(&grid)?;
     let ids: Vec<&RunId> = runs.runs.iter().map(|run| &run.run_id).collect();
     assert_eq!(ids, vec![&started.run_id], "only the JSON start created a run: {runs:?}");
     let view = client.get(&started.run_id).await.or_logs(&grid)?;
@@ -317,7 +324,7 @@ async fn cancelling_a_running_run_ends_it_cancelled() -> anyhow::Result<()> {
 }
 
 fn query(flow: Option<&str>, status: Option<RunStatus>, limit: Option<u32>, cursor: Option<String>) -> ListRuns {
-    ListRuns { flow: flow.map(str::to_owned), status, limit, cursor }
+    ListRuns { parent: None, flow: flow.map(str::to_owned), status, limit, cursor }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,7 +91,7 @@ async fn two_coordinators_split_the_shards_and_either_serves_any_request() -> an
     // Requests reach either coordinator (queue group) and are forwarded to the owner:
     // every run is readable and listable from any of them.
     let listed = client
-        .list(flowgrid_sdk::ListRuns { flow: None, status: None, limit: Some(100), cursor: None })
+        .list(flowgrid_sdk::ListRuns { parent: None, flow: None, status: None, limit: Some(100), cursor: None })
         .await
         .or_logs(&grid)?;
     assert_eq!(listed.runs.len(), ids.len());

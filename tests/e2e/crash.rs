@@ -169,8 +169,9 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     assert_eq!(view.output, Some(input), "{view:?}");
     assert_eq!(view.flow, "echo-once");
-    let runs =
-        client.list(ListRuns { flow: Some("echo-once".into()), status: None, limit: None, cursor: None }).await?;
+    let runs = client
+        .list(ListRuns { parent: None, flow: Some("echo-once".into()), status: None, limit: None, cursor: None })
+        .await?;
     assert_eq!(runs.runs.len(), 1, "two submits with one key start one run: {runs:?}");
     Ok(())
 }

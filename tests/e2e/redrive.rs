@@ -57,7 +57,7 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
 
     // Listed once, as it is now.
     let listed = client
-        .list(ListRuns { flow: Some("shaky".into()), status: None, limit: None, cursor: None })
+        .list(ListRuns { parent: None, flow: Some("shaky".into()), status: None, limit: None, cursor: None })
         .await
         .or_logs(&grid)?;
     let statuses: Vec<_> = listed.runs.iter().map(|run| (run.run_id.clone(), run.status)).collect();

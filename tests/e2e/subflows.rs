@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use flowgrid_model::{shard_of, ParentRef};
-use flowgrid_sdk::{RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_sdk::{ListRuns, RunId, RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::json;
 
@@ -118,7 +118,18 @@ async fn a_subflow_step_with_items_runs_one_child_per_item() -> anyhow::Result<(
     let third = ParentRef::child_run_id("doubler", &run_id, "each", Some(2), 0);
     let child = client.get(&third).await.or_logs(&grid)?;
     let parent = child.parent.expect("the child names its parent");
-    assert_eq!((parent.run_id, parent.item, child.input), (run_id, Some(2), json!({"n": 3})));
+    assert_eq!((parent.run_id, parent.item, child.input), (run_id.clone(), Some(2), json!({"n": 3})));
+
+    // The children are listed by their parent, through the API and the CLI.
+    let query = ListRuns { parent: Some(run_id.clone()), flow: None, status: None, limit: None, cursor: None };
+    let children = client.list(query).await.or_logs(&grid)?.runs;
+    assert_eq!(children.len(), 5, "{children:?}");
+    assert!(children.iter().all(|child| child.flow == "doubler" && child.parent.as_ref() == Some(&run_id)));
+    assert!(children.iter().any(|child| child.run_id == third));
+    let (ok, stdout, stderr) = grid.cli(&["run", "list", "--parent", run_id.as_str()])?;
+    assert!(ok && stdout.contains(third.as_str()) && stdout.matches("doubler@1").count() == 5, "{stdout}\n{stderr}");
+    let (_, stdout, _) = grid.cli(&["run", "list", "--parent", third.as_str()])?;
+    assert!(!stdout.contains("doubler@1"), "a run without children lists none: {stdout}");
     Ok(())
 }
 

@@ -29,7 +29,8 @@ async fn runs_once(
     deadline: Duration,
 ) -> anyhow::Result<Vec<(RunId, Value)>> {
     let runs = wait_for(&format!("{count} runs of on-order"), deadline, || async {
-        let query = ListRuns { flow: Some("on-order".into()), status: None, limit: Some(100), cursor: None };
+        let query =
+            ListRuns { parent: None, flow: Some("on-order".into()), status: None, limit: Some(100), cursor: None };
         let runs = client.list(query).await.ok()?.runs;
         (runs.len() >= count && runs.iter().all(|run| run.status == RunStatus::Succeeded)).then_some(runs)
     })

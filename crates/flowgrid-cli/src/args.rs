@@ -148,6 +148,9 @@ pub enum RunCommand {
         /// Only runs in this status.
         #[arg(long, value_parser = parse_status)]
         status: Option<RunStatus>,
+        /// Only the child runs that subflow steps of this run started.
+        #[arg(long)]
+        parent: Option<String>,
         /// Page size (1 to 1000).
         #[arg(long)]
         limit: Option<u32>,

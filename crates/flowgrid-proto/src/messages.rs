@@ -189,6 +189,9 @@ pub struct GetRun {
 pub struct ListRuns {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow: Option<String>,
+    /// Only the child runs that subflow steps of this run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<RunId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RunStatus>,
     /// Page size, 1 to 1,000 (default 50).
@@ -216,6 +219,9 @@ pub struct RunSummary {
     pub created_ms: Millis,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_ms: Option<Millis>,
+    /// The run whose subflow step started this one, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<RunId>,
 }
 
 /// `<prefix>.api.run.cancel`.

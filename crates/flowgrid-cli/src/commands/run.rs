@@ -45,8 +45,9 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             hint_waiting_steps(client, &view, session).await;
             Ok(ExitCode::SUCCESS)
         }
-        RunCommand::List { flow, status, limit, cursor } => {
-            let list = client.list(ListRuns { flow, status, limit, cursor }).await?;
+        RunCommand::List { flow, status, parent, limit, cursor } => {
+            let parent = parent.map(|parent| RunId(parent.into()));
+            let list = client.list(ListRuns { parent, flow, status, limit, cursor }).await?;
             if session.json {
                 print_json(&list)?;
                 return Ok(ExitCode::SUCCESS);
@@ -178,7 +179,7 @@ async fn matching_runs(
     let mut runs = Vec::new();
     let mut cursor = None;
     while runs.len() < limit {
-        let query = ListRuns { flow: flow.clone(), status: Some(status), limit: Some(1_000), cursor };
+        let query = ListRuns { parent: None, flow: flow.clone(), status: Some(status), limit: Some(1_000), cursor };
         let page = client.list(query).await?;
         runs.extend(page.runs.into_iter().map(|run| run.run_id).take(limit - runs.len()));
         match page.next_cursor {

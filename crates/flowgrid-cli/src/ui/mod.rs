@@ -87,7 +87,7 @@ async fn overview(State(ui): State<Arc<Ui>>) -> Response {
         ui.grid.snapshot(),
         ui.grid.backlog(),
         ui.client.flows(),
-        ui.client.list(ListRuns { flow: None, status: None, limit: Some(RECENT_RUNS), cursor: None })
+        ui.client.list(ListRuns { parent: None, flow: None, status: None, limit: Some(RECENT_RUNS), cursor: None })
     );
     // A grid no coordinator joined yet still has a backlog to show.
     let snapshot = snapshot.ok();
@@ -106,7 +106,8 @@ struct FlowQuery {
 }
 
 async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Query(query): Query<FlowQuery>) -> Response {
-    let recent = ListRuns { flow: Some(name.clone()), status: None, limit: Some(RECENT_RUNS), cursor: None };
+    let recent =
+        ListRuns { parent: None, flow: Some(name.clone()), status: None, limit: Some(RECENT_RUNS), cursor: None };
     let (info, recent) = tokio::join!(ui.client.flow(&name, query.version), ui.client.list(recent));
     match info {
         Ok(info) => {
@@ -120,6 +121,7 @@ async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Query(query):
 struct RunsQuery {
     flow: Option<String>,
     status: Option<String>,
+    parent: Option<String>,
     cursor: Option<String>,
 }
 
@@ -132,8 +134,9 @@ async fn runs(State(ui): State<Arc<Ui>>, Query(query): Query<RunsQuery>) -> Resp
             Err(error) => return failure(StatusCode::BAD_REQUEST, &error),
         },
     };
-    let filter = pages::RunsFilter { flow: flow.clone(), status };
-    let list = ListRuns { flow, status, limit: Some(RUNS_PAGE), cursor: query.cursor };
+    let parent = query.parent.filter(|parent| !parent.is_empty()).map(|parent| RunId(parent.into()));
+    let filter = pages::RunsFilter { flow: flow.clone(), status, parent: parent.clone() };
+    let list = ListRuns { parent, flow, status, limit: Some(RUNS_PAGE), cursor: query.cursor };
     match ui.client.list(list).await {
         Ok(list) => page(pages::runs(&filter, &list)),
         Err(error) => api_failure(&error),

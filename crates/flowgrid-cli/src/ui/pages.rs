@@ -217,6 +217,8 @@ pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>, actions: 
 pub struct RunsFilter {
     pub flow: Option<String>,
     pub status: Option<RunStatus>,
+    /// Only the child runs of this run.
+    pub parent: Option<RunId>,
 }
 
 pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
@@ -231,6 +233,9 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
         if let Some(status) = chosen {
             query.append_pair("status", status);
         }
+        if let Some(parent) = &filter.parent {
+            query.append_pair("parent", parent.as_str());
+        }
         format!("/runs?{}", query.finish())
     });
     layout(
@@ -238,7 +243,11 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
         false,
         html! {
             h1 { "Runs" }
+            @if let Some(parent) = &filter.parent {
+                p { "Child runs of run " a href=(format!("/runs/{parent}")) { code { (parent) } } }
+            }
             form.filter method="get" action="/runs" {
+                @if let Some(parent) = &filter.parent { input type="hidden" name="parent" value=(parent); }
                 label { "Flow " input type="text" name="flow" value=(filter.flow.as_deref().unwrap_or("")) placeholder="any"; }
                 label {
                     "Status "
@@ -373,8 +382,9 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                                 "Child runs by item: "
                                 @for (item, child) in &children { a href=(format!("/runs/{child}")) { (item) } " " }
                                 @if let Some(counts) = &step.items {
-                                    @if counts.total as usize > children.len() { "(the first " (children.len()) " of " (counts.total) ")" }
+                                    @if counts.total as usize > children.len() { "(the first " (children.len()) " of " (counts.total) ") " }
                                 }
+                                a href=(format!("/runs?parent={}", view.run_id)) { "all child runs" }
                             }
                         }
                     }

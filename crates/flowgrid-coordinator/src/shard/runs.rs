@@ -201,7 +201,8 @@ impl<S: ShardStore> ShardActor<S> {
             RunRecord { flow: plan.name.clone(), version: plan.version, status, created_ms, ended_ms: Some(now) };
         batch.writes.set(keys::run(run_id), records::encode(&record));
         batch.writes.clear(keys::active(run_id));
-        batch.writes.set(keys::created(created_ms, run_id), records::encode(&summary(run_id, &record)));
+        let parent = active.run.parent().map(|parent| parent.run_id.clone());
+        batch.writes.set(keys::created(created_ms, run_id), records::encode(&summary(run_id, &record, parent)));
         // A run ends once, and only then gets a snapshot.
         let snapshot = records::encode(&active.run.view_ref());
         batch.writes.insert_chunked(&keys::snapshot(run_id), &snapshot, &self.context.store_limits);
@@ -369,9 +370,10 @@ impl<S: ShardStore> ShardActor<S> {
     /// no listing entry of its own (one written by an earlier version is skipped).
     pub(super) async fn list_runs(&self, query: &ListRuns, limit: usize) -> Result<Vec<RunSummary>, ApiError> {
         let cursor = query.cursor.as_deref().map(parse_cursor).transpose()?;
-        let matches = |flow: &str, status: RunStatus| {
+        let matches = |flow: &str, status: RunStatus, parent: Option<&RunId>| {
             query.flow.as_deref().is_none_or(|wanted| wanted == flow)
                 && query.status.is_none_or(|wanted| wanted == status)
+                && query.parent.as_ref().is_none_or(|wanted| Some(wanted) == parent)
         };
         // The newest `limit` matching active runs, found without copying the others.
         let mut active: Vec<(Millis, &RunId, &Run)> = self
@@ -379,7 +381,7 @@ impl<S: ShardStore> ShardActor<S> {
             .iter()
             .map(|(run_id, active)| (active.run.created_ms(), run_id, &active.run))
             .filter(|(created_ms, run_id, run)| {
-                matches(&run.plan().name, run.status())
+                matches(&run.plan().name, run.status(), run.parent().map(|parent| &parent.run_id))
                     && cursor.as_ref().is_none_or(|cursor| (*created_ms, *run_id) < (cursor.0, &cursor.1))
             })
             .collect();
@@ -400,7 +402,9 @@ impl<S: ShardStore> ShardActor<S> {
         let mut ended = 0;
         for (_, value) in entries {
             let summary: RunSummary = records::decode("run summary", &value).map_err(internal)?;
-            if matches(&summary.flow, summary.status) && !self.runs.contains_key(&summary.run_id) {
+            if matches(&summary.flow, summary.status, summary.parent.as_ref())
+                && !self.runs.contains_key(&summary.run_id)
+            {
                 runs.push(summary);
                 ended += 1;
                 if ended == limit {
@@ -536,10 +540,12 @@ fn active_summary(run_id: &RunId, run: &Run) -> RunSummary {
         status: run.status(),
         created_ms: run.created_ms(),
         ended_ms: run.ended_ms(),
+        parent: run.parent().map(|parent| parent.run_id.clone()),
     }
 }
 
-pub(super) fn summary(run_id: &RunId, record: &RunRecord) -> RunSummary {
+/// The listing entry of a run that ended with `record`.
+fn summary(run_id: &RunId, record: &RunRecord, parent: Option<RunId>) -> RunSummary {
     RunSummary {
         run_id: run_id.clone(),
         flow: record.flow.clone(),
@@ -547,6 +553,7 @@ pub(super) fn summary(run_id: &RunId, record: &RunRecord) -> RunSummary {
         status: record.status,
         created_ms: record.created_ms,
         ended_ms: record.ended_ms,
+        parent,
     }
 }
 
