@@ -343,6 +343,12 @@ fn render_run(view: &RunView) -> String {
             if let Some(child) = &step.child_run {
                 text.push_str(&format!("step {} runs child run {child}\n", step.id));
             }
+            if let (Some(items), "subflow") = (&step.items, step.kind.as_str()) {
+                text.push_str(&format!(
+                    "step {} runs a child run per item ({}): flowgrid run list --parent {}\n",
+                    step.id, items.total, view.run_id
+                ));
+            }
             if let Some(error) = &step.error {
                 let caught = if step.caught { " (caught)" } else { "" };
                 text.push_str(&format!("step {} failed{caught}: {}: {}\n", step.id, error.code, error.message));
@@ -420,7 +426,12 @@ mod tests {
                 round: 0,
             }),
             redriven: Some(Redriven { times: 2, last_ms: 1_000 }),
-            steps: vec![step("first", "task", None), fan_out, child],
+            steps: vec![
+                step("first", "task", None),
+                fan_out,
+                child,
+                step("each", "subflow", Some(ItemCounts { total: 4, succeeded: 4, failed: 0, running: 0 })),
+            ],
         };
         let text = render_run(&view);
         assert!(text.contains("flow      demo@3\n"), "{text}");
@@ -431,6 +442,7 @@ mod tests {
         assert!(text.contains("parent    p-1 (step call)\n"), "{text}");
         assert!(text.contains("redriven  2 times, last at 1970-01-01"), "{text}");
         assert!(text.contains("step encode runs child run c-1\n"), "{text}");
+        assert!(text.contains("step each runs a child run per item (4): flowgrid run list --parent r-1\n"), "{text}");
         assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");
     }
 
