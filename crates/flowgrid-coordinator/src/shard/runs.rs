@@ -44,14 +44,8 @@ impl<S: ShardStore> ShardActor<S> {
                 return Ok(RunStarted { run_id, flow: record.flow, version: record.version, created: false });
             }
         }
+        self.check_room()?;
         let context = &self.context;
-        if context.active_runs.load(Ordering::Relaxed) >= context.active_runs_max {
-            ::metrics::counter!(metrics::API_REJECTED).increment(1);
-            return Err(ApiError::new(
-                ErrorCode::Overloaded,
-                format!("{} runs are active, the most this coordinator holds; retry later", context.active_runs_max),
-            ));
-        }
         let now = now_ms();
         let pin = (plan.name.clone(), plan.version);
         if !self.pinned.contains(&pin) {
@@ -85,6 +79,19 @@ impl<S: ShardStore> ShardActor<S> {
         self.metrics.runs_started.increment(1);
         self.carry_out(&run_id, effects, now, batch);
         Ok(RunStarted { run_id, flow: plan.name.clone(), version: plan.version, created: true })
+    }
+
+    /// Refuses one more active run when the coordinator holds as many as it may.
+    fn check_room(&self) -> Result<(), ApiError> {
+        let context = &self.context;
+        if context.active_runs.load(Ordering::Relaxed) < context.active_runs_max {
+            return Ok(());
+        }
+        ::metrics::counter!(metrics::API_REJECTED).increment(1);
+        Err(ApiError::new(
+            ErrorCode::Overloaded,
+            format!("{} runs are active, the most this coordinator holds; retry later", context.active_runs_max),
+        ))
     }
 
     /// A worker's result, as received on the shard's result subject.
@@ -299,14 +306,7 @@ impl<S: ShardStore> ShardActor<S> {
                 ),
             ));
         }
-        let context = &self.context;
-        if context.active_runs.load(Ordering::Relaxed) >= context.active_runs_max {
-            ::metrics::counter!(metrics::API_REJECTED).increment(1);
-            return Err(ApiError::new(
-                ErrorCode::Overloaded,
-                format!("{} runs are active, the most this coordinator holds; retry later", context.active_runs_max),
-            ));
-        }
+        self.check_room()?;
         let active = self.replay(&run_id, &mut HashMap::new()).await.map_err(|error| {
             ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
         })?;

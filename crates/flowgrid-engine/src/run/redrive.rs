@@ -5,10 +5,10 @@
 //! (with whatever its catch started). What starts again: every step that failed without a
 //! catch or was cancelled when the run ended. Such a step starts anew once its
 //! dependencies have resolved (a map with its items that did not succeed, a subflow step
-//! with new child runs for all its items); one that waited for dependencies waits again. Attempt numbers go on from where
-//! the step left them, so a late result of an earlier attempt never passes for a new one,
-//! and a child of the new round has an id of its own. The run's timeout counts from the
-//! redrive.
+//! with new child runs for all its items); one that waited for dependencies waits again.
+//! Attempt numbers go on from where the step left them, so a late result of an earlier
+//! attempt never passes for a new one, and a child of the new round has an id of its own.
+//! The run's timeout counts from the redrive.
 
 use flowgrid_model::limits::REDRIVES_MAX;
 use flowgrid_model::StepIndex;
@@ -21,14 +21,17 @@ use crate::{Applied, RedriveRefused, Redriven, RunStatus, StepStatus, TimerKey};
 impl Run {
     /// Why the run cannot be redriven now, if it cannot.
     pub fn redrive_refused(&self) -> Option<RedriveRefused> {
-        let times = self.redriven.as_ref().map_or(0, |redriven| redriven.times);
-        Some(match self.status {
-            RunStatus::Running => RedriveRefused::Going,
-            RunStatus::Succeeded => RedriveRefused::Succeeded,
-            _ if self.parent.is_some() => RedriveRefused::Child { parent: self.parent.as_deref()?.clone() },
-            _ if times >= REDRIVES_MAX => RedriveRefused::TooOften { times },
-            RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled => return None,
-        })
+        match self.status {
+            RunStatus::Running => Some(RedriveRefused::Going),
+            RunStatus::Succeeded => Some(RedriveRefused::Succeeded),
+            RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled => {
+                if let Some(parent) = self.parent.as_deref() {
+                    return Some(RedriveRefused::Child { parent: parent.clone() });
+                }
+                let times = self.redriven.as_ref().map_or(0, |redriven| redriven.times);
+                (times >= REDRIVES_MAX).then_some(RedriveRefused::TooOften { times })
+            }
+        }
     }
 
     /// Puts the steps that did not succeed back to pending and starts those whose
