@@ -92,6 +92,9 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
     publish(&jetstream, "orders.us.created", "not json".to_owned()).await?;
     let runs = runs_once(&grid, &client, 3, RUN_DEADLINE).await?;
     assert_eq!(ids_and_orders(&runs), expected, "one run per message of the subject, keyed by its sequence");
+    let (ok, stdout, stderr) = grid.cli(&["status"])?;
+    let line = stdout.lines().find(|line| line.starts_with("on-order")).unwrap_or_default();
+    assert!(ok && line.contains("ORDERS") && line.contains("orders.*.created"), "{stdout}\n{stderr}");
 
     // A message published as its coordinator dies, and messages published while none
     // runs, start one run each, once (one out when the coordinator died comes back after

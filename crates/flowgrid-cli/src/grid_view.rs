@@ -392,11 +392,26 @@ pub struct SubmitBacklog {
     pub in_flight: u64,
 }
 
+/// The messages of a flow's trigger stream not yet started as runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TriggerBacklog {
+    pub flow: String,
+    pub stream: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Not yet delivered to the coordinator that reads the stream.
+    pub pending: u64,
+    /// Delivered, their runs not yet started.
+    pub in_flight: u64,
+}
+
 /// What waits in the grid's streams; `None` where the stream does not exist yet.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Backlog {
     pub pools: Option<Vec<PoolBacklog>>,
     pub submit: Option<SubmitBacklog>,
+    /// The triggers of deployed flows (their consumers on the operator's streams).
+    pub triggers: Vec<TriggerBacklog>,
 }
 
 /// The backlog as `flowgrid status` prints it.
@@ -428,6 +443,19 @@ pub fn render_backlog(backlog: &Backlog) -> String {
         Some(submit) => {
             let _ = writeln!(text, "submit: {} waiting, {} being started", submit.waiting, submit.in_flight);
         }
+    }
+    if !backlog.triggers.is_empty() {
+        let mut table = Table::new(&["TRIGGER OF FLOW", "STREAM", "SUBJECT", "PENDING", "IN FLIGHT"]);
+        for trigger in &backlog.triggers {
+            table.row(vec![
+                trigger.flow.clone(),
+                trigger.stream.clone(),
+                trigger.subject.clone().unwrap_or_else(|| "(all)".to_owned()),
+                trigger.pending.to_string(),
+                trigger.in_flight.to_string(),
+            ]);
+        }
+        text.push_str(&table.render());
     }
     text
 }
@@ -612,7 +640,7 @@ mod tests {
     }
 
     #[test]
-    fn the_backlog_shows_each_pool_and_the_submits() {
+    fn the_backlog_shows_each_pool_the_submits_and_the_triggers() {
         let backlog = Backlog {
             pools: Some(vec![
                 PoolBacklog { pool: "cpu-media".into(), pending: 0, in_flight: 3, pulls_waiting: 1 },
@@ -620,6 +648,13 @@ mod tests {
                 PoolBacklog { pool: "tests".into(), pending: 2, in_flight: 0, pulls_waiting: 0 },
             ]),
             submit: Some(SubmitBacklog { waiting: 5, in_flight: 1 }),
+            triggers: vec![TriggerBacklog {
+                flow: "on-order".into(),
+                stream: "ORDERS".into(),
+                subject: Some("orders.*.created".into()),
+                pending: 7,
+                in_flight: 2,
+            }],
         };
         assert_eq!(
             render_backlog(&backlog),
@@ -628,7 +663,9 @@ mod tests {
              gpu-llm    1200     64         0\n\
              tests      2        0          0\n\
              pool tests: 2 tasks wait and no worker is pulling from it; start a worker for pool `tests`\n\
-             submit: 5 waiting, 1 being started\n"
+             submit: 5 waiting, 1 being started\n\
+             TRIGGER OF FLOW  STREAM  SUBJECT           PENDING  IN FLIGHT\n\
+             on-order         ORDERS  orders.*.created  7        2\n"
         );
         let empty = render_backlog(&Backlog::default());
         assert!(empty.contains("no tasks stream yet") && empty.contains("no submit stream yet"), "{empty}");

@@ -114,6 +114,16 @@ impl Subjects {
     pub fn submit_consumer(&self) -> String {
         "coordinators".to_owned()
     }
+
+    /// Durable consumer through which this grid reads the trigger stream of `flow`.
+    pub fn trigger_consumer(&self, flow: &str) -> String {
+        format!("{}{flow}", self.trigger_consumer_prefix())
+    }
+
+    /// What the names of this grid's trigger consumers start with (the flow follows).
+    pub fn trigger_consumer_prefix(&self) -> String {
+        format!("{}_trigger_", self.prefix.replace(['.', '*', '>'], "_"))
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use crate::args::ShardsArgs;
 use crate::grid_view::{
     claim_history_table, claim_revisions, member_views, members_table, render_backlog, render_shard_summary,
     shard_lines, shard_lines_table, shard_summary, Backlog, ClaimRevision, GridSnapshot, MemberView, PoolBacklog,
-    ShardLine, ShardSummary, SubmitBacklog,
+    ShardLine, ShardSummary, SubmitBacklog, TriggerBacklog,
 };
 use crate::output::{now_ms, out, outln, print_json};
 use crate::Session;
@@ -304,7 +304,34 @@ impl GridReader {
                 None => SubmitBacklog { waiting: submit.cached_info().state.messages, in_flight: 0 },
             });
         }
+        backlog.triggers = self.trigger_backlogs().await?;
         Ok(backlog)
+    }
+
+    /// The consumers of this grid's triggers, found on every stream of the server.
+    async fn trigger_backlogs(&self) -> anyhow::Result<Vec<TriggerBacklog>> {
+        let prefix = self.subjects.trigger_consumer_prefix();
+        let names: Vec<String> = tokio::time::timeout(READ_TIMEOUT, self.jetstream.stream_names().try_collect())
+            .await
+            .map_err(|_| self.read_timed_out("the stream names"))?
+            .with_context(|| format!("cannot list the streams on NATS at {}", self.nats_url))?;
+        let mut triggers = Vec::new();
+        for name in names.iter().filter(|name| !name.starts_with("KV_")) {
+            let Some(stream) = self.stream(name).await? else { continue };
+            for info in self.consumers(&stream).await? {
+                let Some(flow) = info.name.strip_prefix(&prefix) else { continue };
+                let subject = Some(info.config.filter_subject.clone()).filter(|subject| !subject.is_empty());
+                triggers.push(TriggerBacklog {
+                    flow: flow.to_owned(),
+                    stream: name.clone(),
+                    subject,
+                    pending: info.num_pending,
+                    in_flight: info.num_ack_pending as u64,
+                });
+            }
+        }
+        triggers.sort_by(|left, right| left.flow.cmp(&right.flow));
+        Ok(triggers)
     }
 
     /// The stream `name`, or `None` when it does not exist.

@@ -63,7 +63,7 @@ impl<S: ShardStore> ShardActor<S> {
         let stop = self.stopped.child_token();
         let consumer = TriggerConsumer {
             client: self.context.client.clone(),
-            name: consumer_name(self.context.subjects.prefix(), &plan.name),
+            name: self.context.subjects.trigger_consumer(&plan.name),
             flow: plan.name.clone(),
             version: plan.version,
             trigger: trigger.clone(),
@@ -71,11 +71,6 @@ impl<S: ShardStore> ShardActor<S> {
         tokio::spawn(consumer.run(stop.clone()));
         running.insert(plan.name.clone(), (plan.version, stop));
     }
-}
-
-/// The durable consumer of a grid's trigger for `flow`.
-fn consumer_name(prefix: &str, flow: &str) -> String {
-    format!("{}_trigger_{flow}", prefix.replace(['.', '*', '>'], "_"))
 }
 
 struct TriggerConsumer {
