@@ -23,6 +23,7 @@ fn coordinators_killed_paused_and_scaled_under_load_lose_no_run() {
     assert!(count("runs_accepted") > 0, "no run was accepted\n{output}");
     assert_eq!(count("runs_lost"), 0, "accepted runs were lost\n{output}");
     assert!(count("runs_redriven") > 0, "no run was cancelled and redriven\n{output}");
+    assert!(count("runs_triggered") > 0, "no run was started by an event\n{output}");
     assert_eq!(count("redrive_errors"), 0, "cancels or redrives not done in time\n{output}");
     assert_eq!(count("results_double_applied"), 0, "results were applied twice\n{output}");
     assert_eq!(count("stale_epoch_commits"), 0, "commits under a stale epoch\n{output}");

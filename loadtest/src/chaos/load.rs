@@ -19,12 +19,14 @@ use crate::driver::Errors;
 /// The flow every run starts, its pool and how its output follows from its input. Its
 /// wait puts a durable timer in every run, and its last doubling runs in a child run (a
 /// subflow step), so kills, cuts and hand-overs also hit runs waiting on a timer, child
-/// starts, and child ends on their way to their parents.
+/// starts, and child ends on their way to their parents. Its trigger starts the runs of
+/// the messages on [`EVENTS_STREAM`], so they meet the faults too.
 pub const FLOW: &str = "chaos-chain";
 pub const POOL: &str = "chaos";
 pub const DEFINITION: &str = r#"name: chaos-chain
 description: chaos test, three doublings in a row with a durable wait before the last, which runs in a child run (output value = input value * 8)
 output: 'steps.s3.output'
+trigger: { stream: CHAOS_EVENTS }
 steps:
   - id: s1
     kind: task
@@ -63,6 +65,12 @@ steps:
 
 /// One run in this many is cancelled and redriven.
 pub const REDRIVE_EVERY: u64 = 10;
+/// The stream whose messages the flow's trigger starts runs for, and its subject.
+pub const EVENTS_STREAM: &str = "CHAOS_EVENTS";
+pub const EVENTS_SUBJECT: &str = "chaos.events";
+/// One run in this many (the fifth of each ten) is started by a message on the events
+/// stream instead of through the API.
+const EVENT_EVERY: u64 = 10;
 
 /// Start requests awaiting their reply at once; past it a start is skipped and counted.
 const STARTS_PENDING_MAX: usize = 2_000;
@@ -118,6 +126,8 @@ pub struct Ledger {
     pub get_errors: Errors,
     /// Runs cancelled and then redriven.
     pub redriven: AtomicU64,
+    /// Runs started by a message on the events stream.
+    pub triggered: AtomicU64,
     /// Cancels and redrives that were not answered before the start deadline, by kind.
     pub redrive_errors: Errors,
 }
@@ -151,6 +161,9 @@ pub async fn start_loop(client: Client, seed: u64, rate: f64, ledger: Arc<Ledger
 }
 
 async fn start_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
+    if index % EVENT_EVERY == EVENT_EVERY / 2 {
+        return publish_one(client, seed, index, ledger).await;
+    }
     let (input, expected) = run_input(seed, index);
     let key = format!("chaos-{seed}-{index}");
     let request = StartRun { flow: FLOW.to_owned(), version: None, input, idempotency_key: Some(key.clone()) };
@@ -186,6 +199,41 @@ async fn start_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Publishes the input of run `index` on the events stream (repeated until acknowledged;
+/// its message id makes a repeat one message) and accepts the run its sequence names.
+async fn publish_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
+    let (input, expected) = run_input(seed, index);
+    let payload = bytes::Bytes::from(serde_json::to_vec(&input).expect("a JSON value encodes"));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("chaos-{seed}-{index}").as_str());
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let published = client.jetstream().publish_with_headers(EVENTS_SUBJECT, headers.clone(), payload.clone()).await;
+        let acked = match published {
+            Ok(ack) => ack.await.map_err(|error| error.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match acked {
+            Ok(ack) => {
+                let key = format!("trigger/{EVENTS_STREAM}/{}", ack.sequence);
+                ledger.triggered.fetch_add(1, Ordering::Relaxed);
+                ledger.accept(AcceptedRun {
+                    run_id: RunId::from_idempotency_key(FLOW, &key),
+                    index,
+                    expected,
+                    accepted_at: Instant::now(),
+                    outcome: None,
+                });
+                return;
+            }
+            Err(_) if Instant::now() + Duration::from_millis(100) < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => return ledger.start_errors.add("event_publish", 1),
         }
     }
 }

@@ -128,7 +128,14 @@ async fn drive(args: &ChaosArgs, seed: u64, cluster: &mut Cluster, origin: Insta
 
     let client = cluster.client("flowgrid-chaos-client").await?.with_request_timeout(load::REQUEST_TIMEOUT);
     client.deploy(load::CHILD_DEFINITION).await.context("deploy the chaos flow's child")?;
+    let events = async_nats::jetstream::stream::Config {
+        name: load::EVENTS_STREAM.to_owned(),
+        subjects: vec![load::EVENTS_SUBJECT.to_owned()],
+        ..Default::default()
+    };
+    client.jetstream().get_or_create_stream(events).await.context("create the chaos events stream")?;
     client.deploy(load::DEFINITION).await.context("deploy the chaos flow")?;
+    wait_for_trigger(&client, &args.prefix).await?;
     cluster.spawn_workers(args.workers, load::POOL, args.worker_concurrency)?;
 
     let ledger = Arc::new(Ledger::default());
@@ -184,6 +191,24 @@ async fn drive(args: &ChaosArgs, seed: u64, cluster: &mut Cluster, origin: Insta
         workers_exited,
     };
     Ok(findings.report())
+}
+
+/// Waits until the chaos flow's trigger reads its stream: it starts runs for the messages
+/// published from then on.
+async fn wait_for_trigger(client: &flowgrid_sdk::Client, prefix: &str) -> Result<()> {
+    let consumer = flowgrid_proto::Subjects::new(prefix.to_owned()).trigger_consumer(load::FLOW);
+    let deadline = Instant::now() + STARTUP_DEADLINE;
+    loop {
+        if let Ok(stream) = client.jetstream().get_stream(load::EVENTS_STREAM).await {
+            if stream.consumer_info(&consumer).await.is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the chaos flow's trigger did not create its consumer {consumer} within {STARTUP_DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until `coordinators` members are known and every shard is served.
@@ -563,6 +588,14 @@ impl Findings<'_> {
             ),
             ("runs retried (attempt timeout)".to_owned(), checks.retried.to_string()),
             (
+                "runs started by events".to_owned(),
+                format!(
+                    "{} (messages on {} that the flow's trigger starts)",
+                    self.ledger.triggered.load(Ordering::Relaxed),
+                    load::EVENTS_STREAM
+                ),
+            ),
+            (
                 "runs cancelled and redriven".to_owned(),
                 format!(
                     "{} (one in {}; not done in time: {})",
@@ -706,6 +739,7 @@ impl Findings<'_> {
             ("api_store_mismatches", json!(checks.api_store_mismatches)),
             ("start_errors", json!(self.ledger.start_errors.total())),
             ("runs_redriven", json!(self.ledger.redriven.load(Ordering::Relaxed))),
+            ("runs_triggered", json!(self.ledger.triggered.load(Ordering::Relaxed))),
             ("redrive_errors", json!(self.ledger.redrive_errors.total())),
             ("get_errors", json!(self.ledger.get_errors.total())),
             ("sigstops", json!(stats.sigstops.load(Ordering::Relaxed))),
