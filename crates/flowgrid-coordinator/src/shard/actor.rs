@@ -104,7 +104,14 @@ pub async fn spawn_shard<S: ShardStore>(
         inbox: sender.downgrade(),
         stopped: shutdown.child_token(),
     };
-    let reloaded = actor.reload().await?;
+    let reloaded = match actor.reload().await {
+        Ok(reloaded) => reloaded,
+        Err(error) => {
+            // Stops what the reload started already (a flow's trigger).
+            actor.stopped.cancel();
+            return Err(error);
+        }
+    };
     actor.resume(reloaded).await;
     debug!(shard = %shard, epoch = %epoch, runs = actor.runs.len(), "shard acquired");
     let handle = tokio::spawn(actor.run(inbox, results, shutdown));
