@@ -92,6 +92,8 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
     publish(&jetstream, "orders.us.created", "not json".to_owned()).await?;
     let runs = runs_once(&grid, &client, 3, RUN_DEADLINE).await?;
     assert_eq!(ids_and_orders(&runs), expected, "one run per message of the subject, keyed by its sequence");
+    let (ok, stdout, stderr) = grid.cli(&["flow", "list"])?;
+    assert!(ok && stdout.contains("stream ORDERS (orders.*.created)"), "{stdout}\n{stderr}");
     let (ok, stdout, stderr) = grid.cli(&["status"])?;
     let line = stdout.lines().find(|line| line.starts_with("on-order")).unwrap_or_default();
     assert!(ok && line.contains("ORDERS") && line.contains("orders.*.created"), "{stdout}\n{stderr}");

@@ -119,6 +119,30 @@ pub fn span(start: Option<Millis>, end: Option<Millis>) -> String {
 }
 
 /// Unix milliseconds as `2025-03-01T12:34:56Z`.
+/// What starts runs of a flow besides its callers: its schedule and its trigger, `-` for
+/// neither.
+pub fn started_by(flow: &flowgrid_proto::FlowSummary) -> String {
+    let mut parts = Vec::new();
+    if let Some(schedule) = &flow.schedule {
+        match (&schedule.every_ms, &schedule.cron) {
+            (Some(every_ms), _) => parts.push(format!("every {}", duration_ms(*every_ms))),
+            (None, Some(cron)) => parts.push(format!("cron {cron}")),
+            (None, None) => {}
+        }
+    }
+    if let Some(trigger) = &flow.trigger {
+        match &trigger.subject {
+            Some(subject) => parts.push(format!("stream {} ({subject})", trigger.stream)),
+            None => parts.push(format!("stream {}", trigger.stream)),
+        }
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// How often a run was redriven, and when last: `once, last at ...` or `3 times, last at ...`.
 pub fn redriven(redriven: &flowgrid_engine::Redriven) -> String {
     let times = if redriven.times == 1 { "once".to_owned() } else { format!("{} times", redriven.times) };
@@ -154,6 +178,32 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flow_is_started_by_its_schedule_its_trigger_or_only_its_callers() {
+        let mut flow = flowgrid_proto::FlowSummary {
+            name: "f".into(),
+            latest_version: 1,
+            deployed_ms: 0,
+            steps: 1,
+            description: None,
+            schedule: None,
+            trigger: None,
+        };
+        assert_eq!(started_by(&flow), "-");
+        flow.schedule =
+            Some(flowgrid_model::Schedule { every_ms: Some(60_000), cron: None, input: serde_json::Value::Null });
+        flow.trigger =
+            Some(flowgrid_model::Trigger { stream: "ORDERS".into(), subject: Some("orders.*.created".into()) });
+        assert_eq!(started_by(&flow), "every 1m00s, stream ORDERS (orders.*.created)");
+        flow.schedule = Some(flowgrid_model::Schedule {
+            every_ms: None,
+            cron: Some("0 */6 * * *".into()),
+            input: serde_json::Value::Null,
+        });
+        flow.trigger = Some(flowgrid_model::Trigger { stream: "ORDERS".into(), subject: None });
+        assert_eq!(started_by(&flow), "cron 0 */6 * * *, stream ORDERS");
+    }
 
     #[test]
     fn tables_pad_columns_to_the_widest_cell() {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use flowgrid_engine::{RunStatus, TaskError};
-use flowgrid_model::{AttemptId, FlowDefinition, Issue, Millis, ParentRef, RunId};
+use flowgrid_model::{AttemptId, FlowDefinition, Issue, Millis, ParentRef, RunId, Schedule, Trigger};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -115,6 +115,12 @@ pub struct FlowSummary {
     pub steps: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// The latest version's schedule, if it has one: the grid starts its runs on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    /// The latest version's trigger, if it has one: the grid starts a run per message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Trigger>,
 }
 
 /// `<prefix>.api.flow.get`: one version (the latest when `version` is absent).

@@ -34,12 +34,13 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
             } else if list.flows.is_empty() {
                 eprintln!("no flows deployed yet; deploy one with `flowgrid flow deploy FILE`");
             } else {
-                let mut table = Table::new(&["NAME", "LATEST", "STEPS", "DEPLOYED", "DESCRIPTION"]);
+                let mut table = Table::new(&["NAME", "LATEST", "STEPS", "STARTED BY", "DEPLOYED", "DESCRIPTION"]);
                 for flow in &list.flows {
                     table.row(vec![
                         flow.name.clone(),
                         flow.latest_version.to_string(),
                         flow.steps.to_string(),
+                        crate::output::started_by(flow),
                         utc_time(flow.deployed_ms),
                         flow.description.clone().unwrap_or_default(),
                     ]);

@@ -138,12 +138,13 @@ pub fn overview(
                 Err(error) => (unavailable("the flows", error)),
                 Ok(flows) if flows.is_empty() => p.muted { "No flow deployed yet: " code { "flowgrid flow deploy FILE" } },
                 Ok(flows) => table {
-                    tr { th { "Flow" } th { "Latest" } th { "Steps" } th { "Deployed (UTC)" } th { "Description" } }
+                    tr { th { "Flow" } th { "Latest" } th { "Steps" } th { "Started by" } th { "Deployed (UTC)" } th { "Description" } }
                     @for flow in flows {
                         tr {
                             td { a href=(format!("/flows/{}", flow.name)) { (flow.name) } }
                             td { (flow.latest_version) }
                             td { (flow.steps) }
+                            td { (output::started_by(flow)) }
                             td { (utc_time(flow.deployed_ms)) }
                             td { (flow.description.as_deref().unwrap_or("")) }
                         }

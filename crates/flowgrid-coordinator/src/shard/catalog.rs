@@ -71,6 +71,8 @@ impl<S: ShardStore> ShardActor<S> {
                     deployed_ms: latest.deployed_ms,
                     steps: latest.plan.steps.len() as u32,
                     description: latest.plan.definition.description.clone(),
+                    schedule: latest.plan.definition.schedule.clone(),
+                    trigger: latest.plan.definition.trigger.clone(),
                 })
             })
             .collect()
