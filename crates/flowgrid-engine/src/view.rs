@@ -160,12 +160,8 @@ pub struct StepView {
     /// For a subflow step with items: the round of its children
     /// ([`ParentRef::round`]), which their ids follow from; 0 until a redrive starts the
     /// step again.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
     pub child_round: u32,
-}
-
-fn is_zero(value: &u32) -> bool {
-    *value == 0
 }
 
 /// A [`RunView`] borrowed from its run ([`Run::view_ref`](crate::Run::view_ref)): the
@@ -213,7 +209,7 @@ pub(crate) struct StepViewRef<'a> {
     pub(crate) items: Option<ItemCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) child_run: Option<RunId>,
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(skip_serializing_if = "flowgrid_model::is_zero")]
     pub(crate) child_round: u32,
 }
 

@@ -325,7 +325,7 @@ pub struct SubflowStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
     /// With `items`: children that may fail before the step fails with `map_failed`.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::is_zero")]
     pub tolerated_failures: u32,
     /// How long the step waits for its children; past it, they are cancelled and the
     /// step fails with code `timeout`. Default: no limit (each child flow's own
@@ -336,10 +336,6 @@ pub struct SubflowStep {
     /// (with `items`: by `map_failed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub catch: Vec<Catch>,
-}
-
-fn is_zero(value: &u32) -> bool {
-    *value == 0
 }
 
 impl Step {

@@ -50,12 +50,8 @@ pub struct ParentRef {
     pub depth: u32,
     /// Which start of the step this child belongs to: 0 for the first, more once the
     /// parent was redriven and the step ran again (each round gets children of its own).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::is_zero")]
     pub round: u32,
-}
-
-fn is_zero(value: &u32) -> bool {
-    *value == 0
 }
 
 impl ParentRef {

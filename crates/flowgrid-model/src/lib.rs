@@ -21,3 +21,9 @@ pub use ids::*;
 pub use limits::Limits;
 pub use plan::{FlowPlan, PlanStep, PlanStepKind, StepIndex, SubflowSpec, WaitFor};
 pub use validate::{parse_definition, validate};
+
+/// For `#[serde(skip_serializing_if = "flowgrid_model::is_zero")]`: a count that is 0
+/// (the default) is left out of the encoded record or message.
+pub fn is_zero(value: &u32) -> bool {
+    *value == 0
+}

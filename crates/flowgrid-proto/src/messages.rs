@@ -346,12 +346,8 @@ pub struct RunEnded {
     pub error: Option<TaskError>,
     /// How often the run was redriven before this end: each end of a redriven run is
     /// announced once more.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
     pub redriven: u32,
-}
-
-fn is_zero(value: &u32) -> bool {
-    *value == 0
 }
 
 /// A task, as published to `<prefix>.tasks.<pool>`. Everything a worker needs.

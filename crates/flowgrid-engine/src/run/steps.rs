@@ -78,13 +78,7 @@ impl Run {
     }
 
     fn start_task(&mut self, index: StepIndex, spec: &TaskSpec, context: &mut Context<'_>) {
-        let input = match &spec.input {
-            Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
-                Ok(input) => Arc::new(input),
-                Err(error) => return self.expression_failed(index, "input", &error, context),
-            },
-            None => Arc::clone(&self.input),
-        };
+        let Some(input) = self.step_input(index, spec.input.as_ref(), context) else { return };
         let state = self.state(index);
         state.work = Work::Task(Slot::new(state.attempts, input));
         self.dispatch(index, None, context);
@@ -181,6 +175,25 @@ impl Run {
         state.caught = true;
         state.work = abandon(std::mem::replace(&mut state.work, Work::Idle));
         self.resolve_step(index, Resolution::Caught(catch), context);
+    }
+
+    /// The input of step `index`: its `input` expression evaluated over the run, or the
+    /// run's input without one. `None` when the expression failed, which failed the step
+    /// and the run.
+    pub(super) fn step_input(
+        &mut self,
+        index: StepIndex,
+        expr: Option<&Expr>,
+        context: &mut Context<'_>,
+    ) -> Option<Arc<Value>> {
+        let Some(expr) = expr else { return Some(Arc::clone(&self.input)) };
+        match self.evaluate(context.evaluator, expr, Locals::default()) {
+            Ok(input) => Some(Arc::new(input)),
+            Err(error) => {
+                self.expression_failed(index, "input", &error, context);
+                None
+            }
+        }
     }
 
     /// Fails step `index` and the run because expression `field` of the step failed.

@@ -16,7 +16,6 @@ use flowgrid_model::{Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex
 use serde_json::Value;
 
 use super::resolve::Resolution;
-use super::scope::Locals;
 use super::state::{Item, StepState, Work};
 use super::{Context, Run};
 use crate::{Applied, ChildStart, Effect, RunStatus, StepStatus, TaskError, TimerKey};
@@ -38,13 +37,7 @@ impl Run {
         if let Some(items) = &spec.items {
             self.start_map(index, &items.items, items.max_concurrency, context);
         } else {
-            let input = match &spec.input {
-                Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
-                    Ok(input) => Arc::new(input),
-                    Err(error) => return self.expression_failed(index, "input", &error, context),
-                },
-                None => Arc::clone(&self.input),
-            };
+            let Some(input) = self.step_input(index, spec.input.as_ref(), context) else { return };
             // Its round: the children this step started before (after a redrive).
             let state = self.state(index);
             let round = state.attempts;
