@@ -91,6 +91,24 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
     assert!(refusal(&error).message.contains("still running"), "{error:?}");
     let (ok, _, stderr) = grid.cli(&["run", "redrive", going.as_str()])?;
     assert!(!ok && stderr.contains("still running"), "{stderr}");
+
+    // Named a step, the succeeded run goes again from it: that step and the one after it.
+    let (ok, stdout, stderr) = grid.cli(&["run", "redrive", run_id.as_str(), "--from", "convert", "--wait"])?;
+    assert!(ok, "{stdout}\n{stderr}\n{}", grid.logs());
+    assert!(stderr.contains("from step `convert` (redrive 2)"), "{stderr}");
+    let view = client.get(&run_id).await.or_logs(&grid)?;
+    let attempts: Vec<u32> = ["fetch", "convert", "store"].iter().map(|id| step(&view, id).attempts).collect();
+    assert_eq!((view.status, attempts), (RunStatus::Succeeded, vec![1, 3, 2]), "{view:?}");
+    let (ok, _, stderr) = grid.cli(&["run", "redrive", run_id.as_str(), "--from", "nope"])?;
+    assert!(!ok && stderr.contains("no step `nope`"), "{stderr}");
+    let (ok, _, stderr) = grid.cli(&["run", "redrive", "--flow", "shaky", "--status", "succeeded"])?;
+    assert!(!ok && stderr.contains("--from"), "succeeded runs only from a step: {stderr}");
+    let (ok, stdout, stderr) =
+        grid.cli(&["run", "redrive", "--flow", "shaky", "--status", "succeeded", "--from", "store"])?;
+    assert!(ok && stdout.contains("redrove 1 of 1 run(s) from step `store`; 0 refused"), "{stdout}\n{stderr}");
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!((view.status, step(&view, "store").attempts), (RunStatus::Succeeded, 3), "{view:?}");
+    assert_eq!(view.redriven.map(|redriven| redriven.times), Some(3));
     Ok(())
 }
 

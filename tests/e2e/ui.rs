@@ -150,6 +150,16 @@ async fn with_actions_the_ui_deploys_starts_signals_cancels_and_redrives_and_wit
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
     assert_eq!(flowgrid_tests::step(&view, "approve").output, Some(json!({"by": "web"})));
 
+    // The succeeded run's page offers a redrive from a step: the signal step waits again.
+    let (_, page) = http_get(&addr, &run_path)?;
+    assert!(page.contains("Redrive from this step") && page.contains(r#"<option value="approve">"#), "{page}");
+    let redrive = form(&[("token", &token), ("from", "approve")]);
+    let (status, _, _) = http_post_form(&addr, &format!("{run_path}/redrive"), &redrive)?;
+    assert_eq!(status, 303);
+    let view = client.get(&run_id).await?;
+    let approve = flowgrid_tests::step(&view, "approve");
+    assert_eq!((view.status, approve.status, approve.output.clone()), (RunStatus::Running, StepStatus::Running, None));
+
     let (_, location, _) = http_post_form(
         &addr,
         "/runs",

@@ -178,8 +178,9 @@ pub enum RunCommand {
         reason: String,
     },
     /// Run runs that failed, timed out or were cancelled again, from the steps that did
-    /// not succeed (those that did keep their outputs): the runs named, or with --flow or
-    /// --status every run that matches.
+    /// not succeed (those that did keep their outputs), and with --from any run that ended
+    /// again from a step on: the runs named, or with --flow or --status every run that
+    /// matches.
     #[command(arg_required_else_help = true)]
     Redrive {
         /// Runs to redrive.
@@ -188,9 +189,14 @@ pub enum RunCommand {
         /// Redrive every run of this flow that ended in --status (default: failed).
         #[arg(long)]
         flow: Option<String>,
-        /// Redrive every run that ended in this status: failed, timed_out or cancelled.
+        /// Redrive every run that ended in this status: failed, timed_out or cancelled
+        /// (succeeded too with --from).
         #[arg(long, value_parser = parse_status)]
         status: Option<RunStatus>,
+        /// Run this step again, and every step after it, even if it succeeded (repeat for
+        /// several steps). A succeeded run is redriven only with a step named.
+        #[arg(long = "from", value_name = "STEP")]
+        from: Vec<String>,
         /// With --flow or --status: redrive at most this many (newest first).
         #[arg(long)]
         limit: Option<u64>,
@@ -288,6 +294,9 @@ mod tests {
         assert!(Cli::try_parse_from(["flowgrid", "run", "redrive", "r1", "--flow", "f"]).is_err());
         assert!(Cli::try_parse_from(["flowgrid", "run", "redrive", "--flow", "f", "--wait"]).is_err());
         assert!(Cli::try_parse_from(["flowgrid", "run", "redrive"]).is_err(), "names no run");
+        let cli = Cli::try_parse_from(["flowgrid", "run", "redrive", "r1", "--from", "a", "--from", "b"]).unwrap();
+        let Command::Run(RunCommand::Redrive { from, .. }) = cli.command else { panic!("expected run redrive") };
+        assert_eq!(from, ["a", "b"]);
     }
 
     #[test]

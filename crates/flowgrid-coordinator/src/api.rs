@@ -402,9 +402,8 @@ impl Api {
     }
 
     async fn redrive_run(&self, request: RedriveRun) -> Result<RunRedriven, ApiError> {
-        let RedriveRun { run_id, reason } = request;
-        let shard = self.router.shard_of(run_id.as_str());
-        self.ask(shard, ShardRequest::Redrive { run_id, reason }, |reply| match reply {
+        let shard = self.router.shard_of(request.run_id.as_str());
+        self.ask(shard, ShardRequest::Redrive(request), |reply| match reply {
             ShardReply::Redriven(redriven) => Ok(redriven),
             other => Err(other),
         })

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use flowgrid_engine::RunView;
 use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, Reply,
-    RunCancelled, RunRedriven, RunSignalled, RunStarted, RunSummary,
+    ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns,
+    RedriveRun, Reply, RunCancelled, RunRedriven, RunSignalled, RunStarted, RunSummary,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -54,10 +54,7 @@ pub enum ShardRequest {
         run_id: RunId,
         reason: String,
     },
-    Redrive {
-        run_id: RunId,
-        reason: String,
-    },
+    Redrive(RedriveRun),
     Signal {
         run_id: RunId,
         step: String,
@@ -234,8 +231,8 @@ impl Router {
             ShardRequest::Cancel { run_id, reason } => {
                 handle.ask(|reply| Command::Cancel { run_id, reason, reply }).await.map(ShardReply::Cancelled)
             }
-            ShardRequest::Redrive { run_id, reason } => {
-                handle.ask(|reply| Command::Redrive { run_id, reason, reply }).await.map(ShardReply::Redriven)
+            ShardRequest::Redrive(request) => {
+                handle.ask(|reply| Command::Redrive { request, reply }).await.map(ShardReply::Redriven)
             }
             ShardRequest::Signal { run_id, step, data } => {
                 handle.ask(|reply| Command::Signal { run_id, step, data, reply }).await.map(ShardReply::Signalled)

@@ -41,9 +41,14 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         refused: bool,
     },
-    /// Someone asked to run a run that failed, timed out or was cancelled again, from the
-    /// steps that did not succeed (see [`crate::Run::redrive_refused`]).
-    Redriven { reason: String },
+    /// Someone asked to run a run that ended again: from the steps that did not succeed,
+    /// and from steps `from` (with every step after them) even if they succeeded (see
+    /// [`crate::Run::redrive_refused`]).
+    Redriven {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        from: Vec<String>,
+    },
 }
 
 /// Why a run does not take a signal for a step: see [`crate::Run::signal_refused`].
@@ -65,12 +70,16 @@ pub enum SignalRefused {
 pub enum RedriveRefused {
     /// It has not ended.
     Going,
-    /// It succeeded: there is nothing to run again.
+    /// It succeeded and no step to run again from was named: there is nothing to run again.
     Succeeded,
     /// A subflow step started it: its parent took its end already.
     Child { parent: flowgrid_model::ParentRef },
     /// It was redriven [`flowgrid_model::limits::REDRIVES_MAX`] times.
     TooOften { times: u32 },
+    /// A step to run again from is not a step of the run's flow version.
+    NoSuchStep { step: String },
+    /// A step to run again from was skipped: the steps before it would skip it again.
+    Skipped { step: String },
 }
 
 /// The result of [`crate::Run::apply`].

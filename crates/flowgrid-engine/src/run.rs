@@ -119,8 +119,8 @@ impl Run {
     /// Applies one event at `now`.
     pub fn apply(&mut self, evaluator: &Evaluator, now: Millis, event: &Event, effects: &mut Vec<Effect>) -> Applied {
         let mut context = Context { evaluator, now, effects };
-        if let Event::Redriven { .. } = event {
-            return self.redrive(&mut context);
+        if let Event::Redriven { from, .. } = event {
+            return self.redrive(from, &mut context);
         }
         if self.status.is_terminal() {
             return Applied::Ignored("run already ended");

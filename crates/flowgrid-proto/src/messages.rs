@@ -245,14 +245,19 @@ pub struct RunCancelled {
     pub status: RunStatus,
 }
 
-/// `<prefix>.api.run.redrive`: runs a run that failed, timed out or was cancelled again,
-/// from the steps that did not succeed (steps that succeeded keep their outputs).
+/// `<prefix>.api.run.redrive`: runs a run that ended again, from the steps that did not
+/// succeed (steps that succeeded keep their outputs), and from the steps in `from` with
+/// every step after them, even if they succeeded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RedriveRun {
     pub run_id: RunId,
     /// Why, for the run's history and logs.
     #[serde(default)]
     pub reason: String,
+    /// Steps (ids) to run again from, with every step after them; a succeeded run needs at
+    /// least one. Empty: only the steps that did not succeed, of a run that did not succeed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

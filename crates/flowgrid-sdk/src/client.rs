@@ -209,7 +209,18 @@ impl Client {
     /// succeed. Not safe to repeat blindly: a repeat after the redriven run ended again
     /// redrives it once more, so a timeout is returned instead of a retry.
     pub async fn redrive(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunRedriven> {
-        let redrive = RedriveRun { run_id: run_id.clone(), reason: reason.into() };
+        self.redrive_from(run_id, Vec::new(), reason).await
+    }
+
+    /// As [`Client::redrive`], and steps `from` (ids) run again with every step after
+    /// them, even if they succeeded; with a step named, a succeeded run is redriven too.
+    pub async fn redrive_from(
+        &self,
+        run_id: &RunId,
+        from: Vec<String>,
+        reason: impl Into<String>,
+    ) -> Result<RunRedriven> {
+        let redrive = RedriveRun { run_id: run_id.clone(), reason: reason.into(), from };
         self.call("run.redrive", &redrive, OnTimeout::Fail).await
     }
 

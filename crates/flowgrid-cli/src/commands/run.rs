@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
 use flowgrid_model::{RunId, Step};
-use flowgrid_proto::{ListRuns, StartRun};
+use flowgrid_proto::{ListRuns, RunRedriven, StartRun};
 use flowgrid_sdk::Client;
 
 use super::grid::pool_backlogs;
@@ -106,23 +106,26 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             }
             Ok(ExitCode::SUCCESS)
         }
-        RunCommand::Redrive { run_ids, flow, status, limit, reason, wait, timeout } => {
+        RunCommand::Redrive { run_ids, flow, status, from, limit, reason, wait, timeout } => {
+            let redrive = Redrive { from, reason };
             if flow.is_some() || status.is_some() {
-                let runs = matching_runs(client, flow, status.unwrap_or(RunStatus::Failed), limit).await?;
-                return redrive_many(client, runs, &reason, session).await;
+                let status = status.unwrap_or(RunStatus::Failed);
+                let runs = matching_runs(client, flow, status, !redrive.from.is_empty(), limit).await?;
+                return redrive_many(client, runs, &redrive, session).await;
             }
             let mut run_ids: Vec<RunId> = run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect();
             if run_ids.len() != 1 {
                 anyhow::ensure!(!wait, "--wait waits for one run; name exactly one");
-                return redrive_many(client, run_ids, &reason, session).await;
+                return redrive_many(client, run_ids, &redrive, session).await;
             }
             let run_id = run_ids.remove(0);
-            let redriven = client.redrive(&run_id, reason).await?;
+            let redriven = redrive.send(client, &run_id).await?;
             if !wait {
                 if session.json {
                     print_json(&redriven)?;
                 } else if redriven.status == RunStatus::Running {
-                    outln!("run {} is running again (redrive {})", redriven.run_id, redriven.times)?;
+                    let from = redrive.steps_named();
+                    outln!("run {} is running again{from} (redrive {})", redriven.run_id, redriven.times)?;
                 } else {
                     outln!(
                         "run {} was redriven (redrive {}) and ended again at once: {}",
@@ -134,7 +137,8 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 return Ok(ExitCode::SUCCESS);
             }
             eprintln!(
-                "redrove run {run_id} (redrive {}); waiting up to {}",
+                "redrove run {run_id}{} (redrive {}); waiting up to {}",
+                redrive.steps_named(),
                 redriven.times,
                 duration_ms(timeout.as_millis() as u64)
             );
@@ -162,17 +166,42 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
 /// Redrives at once at most this many runs of a bulk redrive.
 const REDRIVES_IN_FLIGHT: usize = 16;
 
+/// What `run redrive` asks of each run.
+struct Redrive {
+    from: Vec<String>,
+    reason: String,
+}
+
+impl Redrive {
+    async fn send(&self, client: &Client, run_id: &RunId) -> flowgrid_sdk::Result<RunRedriven> {
+        client.redrive_from(run_id, self.from.clone(), self.reason.as_str()).await
+    }
+
+    /// ` from step `a`` (or steps), for the line that says the run goes again.
+    fn steps_named(&self) -> String {
+        let steps: Vec<String> = self.from.iter().map(|step| format!("`{step}`")).collect();
+        match steps.len() {
+            0 => String::new(),
+            1 => format!(" from step {}", steps[0]),
+            _ => format!(" from steps {}", steps.join(", ")),
+        }
+    }
+}
+
 /// The ids of the runs of `flow` (or of every flow) that ended in `status`, newest first,
-/// at most `limit`.
+/// at most `limit`. Succeeded runs are redriven only from a step (`from_a_step`).
 async fn matching_runs(
     client: &Client,
     flow: Option<String>,
     status: RunStatus,
+    from_a_step: bool,
     limit: Option<u64>,
 ) -> anyhow::Result<Vec<RunId>> {
     anyhow::ensure!(
-        matches!(status, RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled),
-        "--status {}: only runs that failed, timed out or were cancelled are redriven",
+        matches!(status, RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled)
+            || (status == RunStatus::Succeeded && from_a_step),
+        "--status {}: only runs that failed, timed out or were cancelled are redriven, and succeeded runs from \
+         a step named with --from",
         status.as_str()
     );
     let limit = limit.unwrap_or(u64::MAX) as usize;
@@ -192,13 +221,18 @@ async fn matching_runs(
 
 /// Redrives `runs`, a few at a time, with a progress line every second; prints what was
 /// redriven and every refusal. Exit 1 if any was refused.
-async fn redrive_many(client: &Client, runs: Vec<RunId>, reason: &str, session: &Session) -> anyhow::Result<ExitCode> {
+async fn redrive_many(
+    client: &Client,
+    runs: Vec<RunId>,
+    redrive: &Redrive,
+    session: &Session,
+) -> anyhow::Result<ExitCode> {
     use futures::StreamExt;
 
     let total = runs.len();
     let mut redrives = futures::stream::iter(runs)
         .map(|run_id| async move {
-            let outcome = client.redrive(&run_id, reason).await;
+            let outcome = redrive.send(client, &run_id).await;
             (run_id, outcome)
         })
         .buffer_unordered(REDRIVES_IN_FLIGHT);
@@ -225,7 +259,7 @@ async fn redrive_many(client: &Client, runs: Vec<RunId>, reason: &str, session: 
             .collect();
         print_json(&json!({"matched": total, "redriven": redriven, "refused": refused}))?;
     } else {
-        outln!("redrove {redriven} of {total} run(s); {} refused", refused.len())?;
+        outln!("redrove {redriven} of {total} run(s){}; {} refused", redrive.steps_named(), refused.len())?;
         for (run_id, error) in &refused {
             outln!("{run_id}: {error}")?;
         }

@@ -215,7 +215,7 @@ async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form
     after_action(signalled, |_| format!("/runs/{run_id}"))
 }
 
-/// A form that carries nothing but the token (cancel, redrive).
+/// A form that carries nothing but the token (cancel).
 #[derive(Deserialize)]
 struct TokenForm {
     token: String,
@@ -229,11 +229,20 @@ async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form
     after_action(cancelled, |_| format!("/runs/{run_id}"))
 }
 
-async fn redrive(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+/// A redrive: from the steps that did not succeed, and from step `from` if one is chosen.
+#[derive(Deserialize)]
+struct RedriveForm {
+    token: String,
+    #[serde(default)]
+    from: String,
+}
+
+async fn redrive(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<RedriveForm>) -> Response {
     if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
-    let redriven = ui.client.redrive(&RunId(run_id.clone().into()), "redriven from the web UI").await;
+    let from = if form.from.is_empty() { Vec::new() } else { vec![form.from] };
+    let redriven = ui.client.redrive_from(&RunId(run_id.clone().into()), from, "redriven from the web UI").await;
     after_action(redriven, |_| format!("/runs/{run_id}"))
 }
 

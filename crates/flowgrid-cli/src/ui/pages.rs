@@ -285,9 +285,9 @@ fn item_children(view: &RunView, definition: Option<&FlowDefinition>, step: &Ste
 
 pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<&str>) -> Markup {
     let running = view.status == RunStatus::Running;
-    // A child run is redriven through its parent.
-    let redrivable =
-        matches!(view.status, RunStatus::Failed | RunStatus::Cancelled | RunStatus::TimedOut) && view.parent.is_none();
+    // A child run is redriven through its parent; a succeeded run only from a step.
+    let ended = view.status.is_terminal() && view.parent.is_none();
+    let redrivable = ended && view.status != RunStatus::Succeeded;
     let now = now_ms();
     let end = view.ended_ms.unwrap_or(now);
     let total = end.saturating_sub(view.created_ms).max(1);
@@ -354,6 +354,22 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                     input type="hidden" name="token" value=(token);
                     button type="submit" { "Redrive this run" }
                     " from the steps that did not succeed"
+                }
+            }
+            @if let (true, Some(token)) = (ended, actions) {
+                form.action method="post" action=(format!("/runs/{}/redrive", view.run_id)) {
+                    input type="hidden" name="token" value=(token);
+                    label {
+                        "Run again from step "
+                        select name="from" {
+                            @for step in view.steps.iter().filter(|step| step.status != StepStatus::Skipped) {
+                                option value=(step.id) { (step.id) }
+                            }
+                        }
+                    }
+                    " "
+                    button type="submit" { "Redrive from this step" }
+                    " (it and every step after it run again)"
                 }
             }
             @if let Some(definition) = definition {

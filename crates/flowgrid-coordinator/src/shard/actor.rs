@@ -282,8 +282,8 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = self.cancel_run(run_id, reason, batch).await;
                 batch.reply(reply, outcome);
             }
-            Command::Redrive { run_id, reason, reply } => {
-                let outcome = self.redrive_run(run_id, reason, batch).await;
+            Command::Redrive { request, reply } => {
+                let outcome = self.redrive_run(request, batch).await;
                 batch.reply(reply, outcome);
             }
             Command::Signal { run_id, step, data, reply } => {

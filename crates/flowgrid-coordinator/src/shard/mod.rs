@@ -23,8 +23,8 @@ use std::sync::Arc;
 use flowgrid_engine::RunView;
 use flowgrid_model::{FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, RunCancelled,
-    RunRedriven, RunSignalled, RunStarted, RunSummary, Subjects,
+    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, RedriveRun,
+    RunCancelled, RunRedriven, RunSignalled, RunStarted, RunSummary, Subjects,
 };
 use flowgrid_store::StoreLimits;
 use serde_json::Value;
@@ -85,8 +85,7 @@ pub enum Command {
         reply: Responder<RunCancelled>,
     },
     Redrive {
-        run_id: RunId,
-        reason: String,
+        request: RedriveRun,
         reply: Responder<RunRedriven>,
     },
     Signal {

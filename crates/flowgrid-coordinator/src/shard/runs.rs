@@ -14,8 +14,8 @@ use flowgrid_engine::{
 };
 use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
-    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, RunCancelled, RunEnded, RunRedriven, RunSignalled,
-    RunStarted, RunSummary, TaskResult,
+    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, RedriveRun, RunCancelled, RunEnded, RunRedriven,
+    RunSignalled, RunStarted, RunSummary, TaskResult,
 };
 use flowgrid_store::{keys, KeyRange, ShardStore};
 use serde_json::Value;
@@ -277,24 +277,25 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(RunCancelled { run_id, status })
     }
 
-    /// Redrives a run that ended: rebuilds it from its history, applies the redrive and
-    /// keeps it in memory again. Its run record, listing entry and snapshot go in the same
-    /// commit (an active run has none, ADR 0009) and come back when it ends again.
+    /// Redrives a run that ended (from the steps named in the request, if any): rebuilds it
+    /// from its history, applies the redrive and keeps it in memory again. Its run record,
+    /// listing entry and snapshot go in the same commit (an active run has none, ADR 0009)
+    /// and come back when it ends again.
     pub(super) async fn redrive_run(
         &mut self,
-        run_id: RunId,
-        reason: String,
+        request: RedriveRun,
         batch: &mut Batch,
     ) -> Result<RunRedriven, ApiError> {
+        let RedriveRun { run_id, reason, from } = request;
         if let Some(active) = self.runs.get(&run_id) {
-            return Err(match active.run.redrive_refused() {
+            return Err(match active.run.redrive_refused(&from) {
                 Some(refused) => redrive_refusal(&run_id, &refused),
                 // Ended in a batch not committed yet.
                 None => ApiError::new(ErrorCode::Unavailable, format!("run {run_id} is ending right now; retry")),
             });
         }
         let record = self.ended_run(&run_id).await?;
-        if record.status == RunStatus::Succeeded {
+        if record.status == RunStatus::Succeeded && from.is_empty() {
             return Err(redrive_refusal(&run_id, &RedriveRefused::Succeeded));
         }
         if self.store.get(&keys::outbox(&run_id, records::OUTBOX_RUN_ENDED)).await.map_err(read_failure)?.is_some() {
@@ -310,7 +311,7 @@ impl<S: ShardStore> ShardActor<S> {
         let active = self.replay(&run_id, &mut HashMap::new()).await.map_err(|error| {
             ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
         })?;
-        if let Some(refused) = active.run.redrive_refused() {
+        if let Some(refused) = active.run.redrive_refused(&from) {
             return Err(redrive_refusal(&run_id, &refused));
         }
         batch.writes.set(keys::active(&run_id), Vec::new());
@@ -322,7 +323,7 @@ impl<S: ShardStore> ShardActor<S> {
         self.metrics.runs_active.increment(1.0);
         ::metrics::counter!(metrics::RUNS_REDRIVEN).increment(1);
         let reason = if reason.is_empty() { "redriven through the API".to_owned() } else { reason };
-        self.apply_event(&run_id, Event::Redriven { reason }, now_ms(), batch);
+        self.apply_event(&run_id, Event::Redriven { reason, from }, now_ms(), batch);
         let run = &self.runs.get(&run_id).expect("a run that ends stays until its batch commits").run;
         let times = run.redriven().map_or(0, |redriven| redriven.times);
         Ok(RunRedriven { run_id, status: run.status(), times })
@@ -452,7 +453,10 @@ fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
         ),
         RedriveRefused::Succeeded => ApiError::new(
             ErrorCode::Conflict,
-            format!("run {run_id} succeeded; there is nothing to run again: start a new run"),
+            format!(
+                "run {run_id} succeeded; there is nothing to run again unless you name a step to run again \
+                 from (`from`, `--from` on the command line), or start a new run"
+            ),
         ),
         RedriveRefused::Child { parent } => ApiError::new(
             ErrorCode::InvalidRequest,
@@ -465,6 +469,17 @@ fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
         RedriveRefused::TooOften { times } => ApiError::new(
             ErrorCode::Conflict,
             format!("run {run_id} was redriven {times} times, the most a run may be; start a new run"),
+        ),
+        RedriveRefused::NoSuchStep { step } => ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("run {run_id} has no step `{step}` to run again from (see its steps with `flowgrid run get`)"),
+        ),
+        RedriveRefused::Skipped { step } => ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "step `{step}` of run {run_id} was skipped, and the steps before it would skip it again; run \
+                 again from the step that decided (a choice, a step whose failure a catch took) or one before it"
+            ),
         ),
     }
 }

@@ -1,43 +1,57 @@
-//! Redrive: a run that failed, timed out or was cancelled goes again from the steps that
-//! did not succeed.
+//! Redrive: a run that ended goes again from the steps that did not succeed, and from
+//! the steps it is asked to run again from.
 //!
 //! What stays: every step that succeeded or was skipped, and every failure a catch took
-//! (with whatever its catch started). What starts again: every step that failed without a
-//! catch or was cancelled when the run ended. Such a step starts anew once its
-//! dependencies have resolved (a map with its items that did not succeed, a subflow step
-//! with new child runs for all its items); one that waited for dependencies waits again.
-//! Attempt numbers go on from where the step left them, so a late result of an earlier
+//! (with whatever its catch started), unless it is one of the steps named to run again
+//! from or comes after one. What starts again: every step that failed without a catch or
+//! was cancelled when the run ended, once its dependencies have resolved (a map with its
+//! items that did not succeed, a subflow step with new child runs for all its items); one
+//! that waited for dependencies waits again. A step named to run again from, and every
+//! step its edges lead to, start from scratch: each counts only the dependencies before
+//! the named steps as resolved, as they resolved then (the branch a choice took, the catch
+//! that took a failure), and waits for the others; a map runs all its items again.
+//! Attempt numbers go on from where each step left them, so a late result of an earlier
 //! attempt never passes for a new one, and a child of the new round has an id of its own.
 //! The run's timeout counts from the redrive.
 
 use flowgrid_model::limits::REDRIVES_MAX;
 use flowgrid_model::StepIndex;
 
-use super::resolve::Agenda;
+use super::resolve::{edges_to, Agenda, Resolution};
 use super::state::{StepState, Work};
 use super::{Context, Run};
 use crate::{Applied, RedriveRefused, Redriven, RunStatus, StepStatus, TimerKey};
 
 impl Run {
-    /// Why the run cannot be redriven now, if it cannot.
-    pub fn redrive_refused(&self) -> Option<RedriveRefused> {
-        match self.status {
-            RunStatus::Running => Some(RedriveRefused::Going),
-            RunStatus::Succeeded => Some(RedriveRefused::Succeeded),
-            RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled => {
-                if let Some(parent) = self.parent.as_deref() {
-                    return Some(RedriveRefused::Child { parent: parent.clone() });
-                }
-                let times = self.redriven.as_ref().map_or(0, |redriven| redriven.times);
-                (times >= REDRIVES_MAX).then_some(RedriveRefused::TooOften { times })
+    /// Why the run cannot be redriven now (from steps `from`, none for only the steps that
+    /// did not succeed), if it cannot.
+    pub fn redrive_refused(&self, from: &[String]) -> Option<RedriveRefused> {
+        if self.status == RunStatus::Running {
+            return Some(RedriveRefused::Going);
+        }
+        if let Some(parent) = self.parent.as_deref() {
+            return Some(RedriveRefused::Child { parent: parent.clone() });
+        }
+        let times = self.redriven.as_ref().map_or(0, |redriven| redriven.times);
+        if times >= REDRIVES_MAX {
+            return Some(RedriveRefused::TooOften { times });
+        }
+        for step in from {
+            let Some(index) = self.plan.step_index(step) else {
+                return Some(RedriveRefused::NoSuchStep { step: step.clone() });
+            };
+            if self.steps[usize::from(index)].status == StepStatus::Skipped {
+                return Some(RedriveRefused::Skipped { step: step.clone() });
             }
         }
+        (self.status == RunStatus::Succeeded && from.is_empty()).then_some(RedriveRefused::Succeeded)
     }
 
-    /// Puts the steps that did not succeed back to pending and starts those whose
-    /// dependencies have resolved.
-    pub(super) fn redrive(&mut self, context: &mut Context<'_>) -> Applied {
-        if self.redrive_refused().is_some() {
+    /// Puts the steps that did not succeed back to pending, and the steps from `from` on
+    /// back to where they were before they started, and starts those whose dependencies
+    /// have resolved.
+    pub(super) fn redrive(&mut self, from: &[String], context: &mut Context<'_>) -> Applied {
+        if self.redrive_refused(from).is_some() {
             return Applied::Ignored("the run cannot be redriven");
         }
         self.status = RunStatus::Running;
@@ -47,22 +61,68 @@ impl Run {
         let redriven = self.redriven.get_or_insert_with(|| Box::new(Redriven { times: 0, last_ms: 0 }));
         redriven.times += 1;
         redriven.last_ms = context.now;
-        for (position, (state, step)) in self.steps.iter_mut().zip(&self.plan.steps).enumerate() {
-            let again = state.status == StepStatus::Cancelled || (state.status == StepStatus::Failed && !state.caught);
-            if !again {
-                continue;
-            }
-            reset(state);
-            if state.activated && state.deps_resolved as usize == step.deps.len() {
-                self.agenda.push_back(Agenda::Start(position as StepIndex));
+        let anew = self.steps_from(from);
+        for (state, &anew) in self.steps.iter_mut().zip(&anew) {
+            if anew {
+                reset_to_new(state);
+            } else if state.status == StepStatus::Cancelled || (state.status == StepStatus::Failed && !state.caught) {
+                reset(state);
             }
         }
+        for target in (0..self.steps.len()).filter(|&position| anew[position]) {
+            self.recount_deps(target as StepIndex, &anew);
+        }
         self.unresolved = self.steps.iter().filter(|state| state.is_open()).count();
+        for position in 0..self.steps.len() {
+            let state = &self.steps[position];
+            let deps = self.plan.steps[position].deps.len();
+            if state.status != StepStatus::Pending || state.deps_resolved as usize != deps {
+                continue;
+            }
+            if state.activated {
+                self.agenda.push_back(Agenda::Start(position as StepIndex));
+            } else {
+                // Only a step started anew gets here: the steps before it skip it again.
+                self.steps[position].status = StepStatus::Skipped;
+                self.resolve_step(position as StepIndex, Resolution::Skipped, context);
+            }
+        }
         if let Some(timeout_ms) = self.plan.timeout_ms {
             self.arm_timer(TimerKey::RunTimeout, context.now.saturating_add(timeout_ms), context);
         }
         self.work_agenda(context);
         Applied::Accepted
+    }
+
+    /// Which steps start anew: those named in `from` and every step their edges lead to.
+    fn steps_from(&self, from: &[String]) -> Vec<bool> {
+        let mut anew = vec![false; self.steps.len()];
+        let mut queue: Vec<StepIndex> = from.iter().filter_map(|step| self.plan.step_index(step)).collect();
+        while let Some(index) = queue.pop() {
+            if std::mem::replace(&mut anew[usize::from(index)], true) {
+                continue;
+            }
+            queue.extend(self.plan.step(index).outgoing.iter().map(|edge| edge.to));
+        }
+        anew
+    }
+
+    /// Step `target` starts anew: it counts the dependencies that stay and have resolved,
+    /// activated as they resolved; those that start anew resolve again later.
+    fn recount_deps(&mut self, target: StepIndex, anew: &[bool]) {
+        let deps = &self.plan.step(target).deps;
+        let mut resolved = 0;
+        let mut activated = deps.is_empty();
+        for &dep in deps {
+            let Some(resolution) = self.steps[usize::from(dep)].resolved_as.filter(|_| !anew[usize::from(dep)]) else {
+                continue;
+            };
+            resolved += 1;
+            activated |= edges_to(&self.plan.step(dep).outgoing, target).any(|edge| resolution.activates(edge.when));
+        }
+        let state = self.state(target);
+        state.deps_resolved = resolved;
+        state.activated = activated;
     }
 }
 
@@ -78,4 +138,13 @@ fn reset(state: &mut StepState) {
         Work::Map(map) if !map.items.is_empty() => Work::Map(map),
         _ => Work::Idle,
     };
+}
+
+/// A step that starts anew: as [`reset`], but nothing of what it did stays (its
+/// dependencies are counted again) except its attempts, whose numbers go on.
+fn reset_to_new(state: &mut StepState) {
+    reset(state);
+    state.caught = false;
+    state.resolved_as = None;
+    state.work = Work::Idle;
 }

@@ -38,7 +38,7 @@ pub(super) enum Agenda {
 }
 
 impl Resolution {
-    fn activates(self, when: EdgeWhen) -> bool {
+    pub(super) fn activates(self, when: EdgeWhen) -> bool {
         match when {
             EdgeWhen::Succeeded => {
                 matches!(self, Resolution::Succeeded | Resolution::Branch(_) | Resolution::Default)
@@ -58,6 +58,7 @@ impl Run {
         assert!(state.status.is_resolved(), "a step resolves with a resolved status");
         assert!(!state.has_work_in_flight(), "a resolved step has no attempt in flight");
         state.ended_ms = Some(context.now);
+        state.resolved_as = Some(resolution);
         self.unresolved -= 1;
         self.agenda.push_back(Agenda::Propagate(index, resolution));
     }
@@ -111,6 +112,6 @@ impl Run {
     }
 }
 
-fn edges_to(outgoing: &[Edge], target: StepIndex) -> impl Iterator<Item = &Edge> {
+pub(super) fn edges_to(outgoing: &[Edge], target: StepIndex) -> impl Iterator<Item = &Edge> {
     outgoing.iter().filter(move |edge| edge.to == target)
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use flowgrid_model::Millis;
 use serde_json::Value;
 
+use super::resolve::Resolution;
 use crate::{ItemCounts, StepStatus, TaskError};
 
 /// What one step of the run is doing and what it produced.
@@ -30,6 +31,9 @@ pub(super) struct StepState {
     /// per step for as long as it is active.
     pub error: Option<Box<TaskError>>,
     pub caught: bool,
+    /// How the step resolved, once it has: what its outgoing edges saw (which branch a
+    /// choice took, which catch took a failure). A redrive from a later step reads it.
+    pub resolved_as: Option<Resolution>,
     pub work: Work,
 }
 
@@ -118,6 +122,7 @@ impl StepState {
             output: None,
             error: None,
             caught: false,
+            resolved_as: None,
             work: Work::Idle,
         }
     }

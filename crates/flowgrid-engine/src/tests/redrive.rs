@@ -18,7 +18,7 @@ steps:
 "##;
 
 fn redrive(harness: &mut Harness, now: u64) -> Applied {
-    harness.apply(now, Event::Redriven { reason: "fixed the encoder".to_owned() })
+    harness.apply(now, Event::Redriven { reason: "fixed the encoder".to_owned(), from: Vec::new() })
 }
 
 #[test]
@@ -27,7 +27,7 @@ fn a_failed_run_goes_again_from_its_failed_step_and_keeps_what_succeeded() {
     harness.succeed(1_010, "fetch", None, 1, json!({"bytes": 7}));
     assert_eq!(harness.fail(1_020, "encode", None, 1, error("bad_codec", false)), Applied::Accepted);
     assert_eq!(harness.run.status(), RunStatus::Failed);
-    assert_eq!(harness.run.redrive_refused(), None);
+    assert_eq!(harness.run.redrive_refused(&[]), None);
 
     assert_eq!(redrive(&mut harness, 5_000), Applied::Accepted);
     assert_eq!(harness.run.status(), RunStatus::Running);
@@ -55,7 +55,7 @@ fn a_failed_run_goes_again_from_its_failed_step_and_keeps_what_succeeded() {
     harness.succeed(5_030, "store", None, 1, json!("stored"));
     assert_eq!(harness.run.status(), RunStatus::Succeeded);
     assert_eq!(harness.finished(), vec![RunStatus::Failed, RunStatus::Succeeded]);
-    assert_eq!(harness.run.redrive_refused(), Some(RedriveRefused::Succeeded));
+    assert_eq!(harness.run.redrive_refused(&[]), Some(RedriveRefused::Succeeded));
 
     let (replayed, _) = replay(&harness);
     assert_eq!(replayed.view(), harness.run.view(), "the history rebuilds the redriven run");
@@ -103,7 +103,7 @@ fn a_timed_out_or_cancelled_run_restarts_the_steps_it_cut_off() {
 #[test]
 fn a_run_that_goes_or_succeeded_is_not_redriven() {
     let mut harness = Harness::start(CHAIN, json!({}), 0);
-    assert_eq!(harness.run.redrive_refused(), Some(RedriveRefused::Going));
+    assert_eq!(harness.run.redrive_refused(&[]), Some(RedriveRefused::Going));
     assert_eq!(redrive(&mut harness, 5), Applied::Ignored("the run cannot be redriven"));
     assert_eq!(harness.step("fetch").attempts, 1);
 }
@@ -117,7 +117,7 @@ fn a_run_is_redriven_a_bounded_number_of_times() {
         assert_eq!(redrive(&mut harness, now + 1), Applied::Accepted, "redrive {round}");
     }
     harness.apply(1_000_000, Event::CancelRequested { reason: "again".to_owned() });
-    assert_eq!(harness.run.redrive_refused(), Some(RedriveRefused::TooOften { times: REDRIVES_MAX }));
+    assert_eq!(harness.run.redrive_refused(&[]), Some(RedriveRefused::TooOften { times: REDRIVES_MAX }));
     assert_eq!(redrive(&mut harness, 1_000_001), Applied::Ignored("the run cannot be redriven"));
 }
 
@@ -238,7 +238,7 @@ fn a_redriven_subflow_step_starts_a_child_of_its_own() {
     let parent = ParentRef { run_id: RunId("p".into()), step: "s".into(), item: None, depth: 1, round: 0 };
     child.run.set_parent(parent.clone());
     child.apply(5, Event::CancelRequested { reason: "parent ended".to_owned() });
-    assert_eq!(child.run.redrive_refused(), Some(RedriveRefused::Child { parent }));
+    assert_eq!(child.run.redrive_refused(&[]), Some(RedriveRefused::Child { parent }));
 }
 
 const EACH_CHILD: &str = r##"
@@ -280,4 +280,178 @@ fn a_redriven_subflow_step_with_items_starts_a_new_round_of_children_for_every_i
     harness.apply(120, ended(0, 2, RunStatus::Succeeded));
     harness.apply(130, ended(1, 2, RunStatus::Succeeded));
     assert_eq!(harness.run.view().output, Some(json!({"each": [0, 1]})));
+}
+
+fn redrive_from(harness: &mut Harness, now: u64, from: &[&str]) -> Applied {
+    let from = from.iter().map(|step| (*step).to_owned()).collect();
+    harness.apply(now, Event::Redriven { reason: "new model".to_owned(), from })
+}
+
+#[test]
+fn a_succeeded_run_goes_again_from_a_named_step_and_every_step_after_it() {
+    let mut harness = Harness::start(CHAIN, json!({}), 0);
+    harness.succeed(10, "fetch", None, 1, json!("page"));
+    harness.succeed(20, "encode", None, 1, json!("v1"));
+    harness.succeed(30, "store", None, 1, json!("stored v1"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.redrive_refused(&[]), Some(RedriveRefused::Succeeded));
+    assert_eq!(harness.run.redrive_refused(&["encode".to_owned()]), None);
+
+    assert_eq!(redrive_from(&mut harness, 1_000, &["encode"]), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Running);
+    assert_eq!(harness.run.view().output, None);
+    assert_eq!(harness.step("fetch").output, Some(json!("page")), "the step before stays");
+    let store = harness.step("store");
+    assert_eq!((store.status, store.output, store.attempts), (StepStatus::Pending, None, 1));
+    let dispatched = harness.dispatched();
+    assert_eq!(dispatched.len(), 1, "{:?}", harness.effects);
+    assert_eq!(dispatched[0].attempt, attempt("encode", None, 2));
+    assert_eq!(*dispatched[0].input, json!("page"), "it reads the output of the step before again");
+    assert_eq!(harness.succeed(1_005, "store", None, 1, json!("late")), Applied::Ignored("step not running"));
+
+    harness.succeed(1_010, "encode", None, 2, json!("v2"));
+    let dispatched = harness.dispatched();
+    assert_eq!(
+        (dispatched[0].attempt.clone(), (*dispatched[0].input).clone()),
+        (attempt("store", None, 2), json!("v2"))
+    );
+    harness.succeed(1_020, "store", None, 2, json!("stored v2"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.view().output, Some(json!({"store": "stored v2"})));
+    assert_eq!(harness.finished(), vec![RunStatus::Succeeded, RunStatus::Succeeded]);
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view(), "the history rebuilds the run redriven from a step");
+}
+
+#[test]
+fn a_failed_run_redriven_from_an_earlier_step_runs_it_and_what_failed_after_it() {
+    let mut harness = Harness::start(CHAIN, json!({}), 0);
+    harness.succeed(10, "fetch", None, 1, json!("stale page"));
+    harness.fail(20, "encode", None, 1, error("bad_page", false));
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+
+    redrive_from(&mut harness, 100, &["fetch"]);
+    assert_eq!(harness.dispatched()[0].attempt, attempt("fetch", None, 2));
+    assert_eq!(harness.step_status("encode"), StepStatus::Pending, "it waits for the step before again");
+    harness.succeed(110, "fetch", None, 2, json!("fresh page"));
+    assert_eq!(*harness.dispatched()[0].input, json!("fresh page"));
+    assert_eq!(harness.dispatched()[0].attempt, attempt("encode", None, 2));
+}
+
+const ROUTED: &str = r##"
+name: routed
+steps:
+  - { kind: task, id: measure, pool: cpu, task: measure }
+  - kind: choice
+    id: route
+    after: [measure]
+    choices:
+      - when: "steps.measure.output > 10"
+        next: big
+    default: small
+  - { kind: task, id: big, pool: gpu, task: big }
+  - { kind: task, id: small, pool: cpu, task: small }
+  - { kind: task, id: report, after: [big, small], pool: cpu, task: report }
+"##;
+
+#[test]
+fn steps_started_anew_see_their_dependencies_as_they_resolved() {
+    let mut harness = Harness::start(ROUTED, json!({}), 0);
+    harness.succeed(10, "measure", None, 1, json!(3));
+    assert_eq!(harness.dispatched_names(), vec!["small"]);
+    harness.succeed(20, "small", None, 1, json!("s1"));
+    harness.succeed(30, "report", None, 1, json!("r1"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.step_status("big"), StepStatus::Skipped);
+
+    // The branch the choice took stays taken; the step after both branches waits for it.
+    redrive_from(&mut harness, 100, &["small"]);
+    assert_eq!(harness.dispatched_names(), vec!["small"]);
+    assert_eq!(harness.step_status("report"), StepStatus::Pending);
+    assert_eq!(harness.step_status("big"), StepStatus::Skipped, "the branch not taken stays skipped");
+    harness.succeed(110, "small", None, 2, json!("s2"));
+    assert_eq!(harness.dispatched_names(), vec!["report"]);
+    harness.succeed(120, "report", None, 2, json!("r2"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+
+    // A step the choice skipped is refused: it would be skipped again.
+    let refused = harness.run.redrive_refused(&["big".to_owned()]);
+    assert_eq!(refused, Some(RedriveRefused::Skipped { step: "big".to_owned() }));
+    assert_eq!(redrive_from(&mut harness, 200, &["big"]), Applied::Ignored("the run cannot be redriven"));
+    let unknown = harness.run.redrive_refused(&["nope".to_owned()]);
+    assert_eq!(unknown, Some(RedriveRefused::NoSuchStep { step: "nope".to_owned() }));
+
+    // From the step before the choice, the choice decides again on the new output.
+    redrive_from(&mut harness, 300, &["measure"]);
+    assert_eq!(harness.step_status("big"), StepStatus::Pending);
+    harness.succeed(310, "measure", None, 2, json!(50));
+    assert_eq!(harness.dispatched_names(), vec!["big"]);
+    assert_eq!(harness.step_status("small"), StepStatus::Skipped);
+    harness.succeed(320, "big", None, 1, json!("b1"));
+    harness.succeed(330, "report", None, 3, json!("r3"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.view().redriven.map(|redriven| redriven.times), Some(2));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+#[test]
+fn a_caught_failure_redriven_from_its_step_runs_it_again_and_its_catch_only_if_it_fails_again() {
+    let mut harness = Harness::start(CAUGHT, json!({}), 0);
+    harness.fail(10, "fetch", None, 1, error("missing", false));
+    harness.succeed(20, "notify", None, 1, json!("sent"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.step_status("placeholder"), StepStatus::Succeeded);
+
+    redrive_from(&mut harness, 100, &["fetch"]);
+    assert_eq!(harness.dispatched_names(), vec!["fetch"], "the other branch stays as it ended");
+    let fetch = harness.step("fetch");
+    assert_eq!((fetch.status, fetch.caught, fetch.error), (StepStatus::Running, false, None));
+    assert_eq!(harness.step_status("placeholder"), StepStatus::Pending);
+    harness.succeed(110, "fetch", None, 2, json!("found"));
+    assert_eq!(harness.step_status("placeholder"), StepStatus::Skipped, "no failure to catch this time");
+    assert_eq!(harness.dispatched_names(), vec!["publish"]);
+    harness.succeed(120, "publish", None, 1, json!("published"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+}
+
+#[test]
+fn a_map_redriven_from_its_step_runs_every_item_again() {
+    let mut harness = Harness::start(MAP, json!(["a", "b"]), 0);
+    harness.succeed(10, "each", Some(0), 1, json!("A"));
+    harness.succeed(20, "each", Some(1), 1, json!("B"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+
+    redrive_from(&mut harness, 100, &["each"]);
+    let attempts: Vec<_> = harness.dispatched().into_iter().map(|dispatch| dispatch.attempt).collect();
+    assert_eq!(attempts, vec![attempt("each", Some(0), 3), attempt("each", Some(1), 3)]);
+    let items = harness.step("each").items.expect("a map has counts");
+    assert_eq!((items.succeeded, items.running), (0, 2));
+    harness.succeed(110, "each", Some(0), 3, json!("A2"));
+    harness.succeed(120, "each", Some(1), 3, json!("B2"));
+    assert_eq!(harness.run.view().output, Some(json!({"each": ["A2", "B2"]})));
+}
+
+#[test]
+fn a_subflow_step_redriven_from_starts_a_child_of_a_new_round() {
+    let run_id = RunId(RUN.into());
+    let first = ParentRef::child_run_id("transcode", &run_id, "encode", None, 0);
+    let mut harness = Harness::start(PARENT, json!({}), 0);
+    let ended = |child: RunId| Event::ChildEnded {
+        step: "encode".to_owned(),
+        item: None,
+        child,
+        status: RunStatus::Succeeded,
+        output: Some(json!({"size": 1})),
+        error: None,
+        refused: false,
+    };
+    harness.apply(10, ended(first.clone()));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    redrive_from(&mut harness, 100, &["encode"]);
+    let second = ParentRef::child_run_id("transcode", &run_id, "encode", None, 1);
+    assert_eq!(harness.step("encode").child_run, Some(second.clone()));
+    assert_eq!(harness.apply(110, ended(first)), Applied::Ignored("not the child of this step"));
+    harness.apply(120, ended(second));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
 }
