@@ -14,6 +14,7 @@ mod flows;
 mod harness;
 mod metrics;
 mod partition;
+mod pause;
 mod publish;
 mod python;
 mod redrive;

@@ -99,8 +99,8 @@ fn form(pairs: &[(&str, &str)]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_actions_the_ui_deploys_starts_signals_cancels_and_redrives_and_without_it_refuses() -> anyhow::Result<()>
-{
+async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_and_without_it_refuses(
+) -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
     let read_only = start_ui(&mut grid, &[]).await?;
@@ -166,9 +166,18 @@ async fn with_actions_the_ui_deploys_starts_signals_cancels_and_redrives_and_wit
         &form(&[("token", &token), ("flow", "ui-flow"), ("input", r#"{"fast": true}"#)]),
     )?;
     let run_path = location.expect("the new run's page");
+    let run_id = flowgrid_sdk::RunId(run_path.trim_start_matches("/runs/").into());
+    // A running run's page pauses it, then resumes it.
+    let (status, _, _) = http_post_form(&addr, &format!("{run_path}/pause"), &form(&[("token", &token)]))?;
+    assert_eq!(status, 303);
+    assert!(client.get(&run_id).await?.paused.is_some(), "paused from the page");
+    let (_, page) = http_get(&addr, &run_path)?;
+    assert!(page.contains("Resume this run") && page.contains("paused from the web UI"), "{page}");
+    let (status, _, _) = http_post_form(&addr, &format!("{run_path}/resume"), &form(&[("token", &token)]))?;
+    assert_eq!(status, 303);
+    assert_eq!(client.get(&run_id).await?.paused, None, "resumed from the page");
     let (status, _, _) = http_post_form(&addr, &format!("{run_path}/cancel"), &form(&[("token", &token)]))?;
     assert_eq!(status, 303);
-    let run_id = flowgrid_sdk::RunId(run_path.trim_start_matches("/runs/").into());
     let view = client.get(&run_id).await?;
     assert_eq!(view.status, RunStatus::Cancelled, "{view:?}");
 

@@ -210,6 +210,25 @@ pub enum RunCommand {
         #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Pause running runs: they start no step until resumed; what they started goes on
+    /// (attempts out, their retries, a map's items, waits, child runs).
+    #[command(arg_required_else_help = true)]
+    Pause {
+        #[command(flatten)]
+        runs: RunSelection,
+        /// Why, recorded in each run's history and shown with it.
+        #[arg(long, default_value = "paused from the command line")]
+        reason: String,
+    },
+    /// Resume paused runs: the steps they held start.
+    #[command(arg_required_else_help = true)]
+    Resume {
+        #[command(flatten)]
+        runs: RunSelection,
+        /// Why, recorded in each run's history.
+        #[arg(long, default_value = "resumed from the command line")]
+        reason: String,
+    },
     /// Durable start: store the request in JetStream even if no coordinator runs now.
     Submit {
         flow: String,
@@ -219,6 +238,20 @@ pub enum RunCommand {
         #[command(flatten)]
         input: RunInput,
     },
+}
+
+/// Runs named, or every running run of a flow.
+#[derive(Debug, Args)]
+pub struct RunSelection {
+    /// Runs to act on.
+    #[arg(conflicts_with = "flow")]
+    pub run_ids: Vec<String>,
+    /// Every running run of this flow (newest first).
+    #[arg(long)]
+    pub flow: Option<String>,
+    /// With --flow: at most this many.
+    #[arg(long)]
+    pub limit: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -297,6 +330,18 @@ mod tests {
         let cli = Cli::try_parse_from(["flowgrid", "run", "redrive", "r1", "--from", "a", "--from", "b"]).unwrap();
         let Command::Run(RunCommand::Redrive { from, .. }) = cli.command else { panic!("expected run redrive") };
         assert_eq!(from, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_pause_names_runs_or_a_flow_but_not_both() {
+        let cli = Cli::try_parse_from(["flowgrid", "run", "pause", "r1", "r2"]).unwrap();
+        let Command::Run(RunCommand::Pause { runs, .. }) = cli.command else { panic!("expected run pause") };
+        assert_eq!((runs.run_ids, runs.flow), (vec!["r1".to_owned(), "r2".to_owned()], None));
+        let cli = Cli::try_parse_from(["flowgrid", "run", "resume", "--flow", "f", "--limit", "3"]).unwrap();
+        let Command::Run(RunCommand::Resume { runs, .. }) = cli.command else { panic!("expected run resume") };
+        assert_eq!((runs.flow.as_deref(), runs.limit), (Some("f"), Some(3)));
+        assert!(Cli::try_parse_from(["flowgrid", "run", "pause", "r1", "--flow", "f"]).is_err());
+        assert!(Cli::try_parse_from(["flowgrid", "run", "resume"]).is_err(), "names no run");
     }
 
     #[test]

@@ -149,6 +149,16 @@ pub fn redriven(redriven: &flowgrid_engine::Redriven) -> String {
     format!("{times}, last at {}", utc_time(redriven.last_ms))
 }
 
+/// `since <time>: <reason>; holding steps a, b` for a paused run.
+pub fn paused(paused: &flowgrid_engine::Paused) -> String {
+    let held = match paused.held.len() {
+        0 => String::new(),
+        1 => format!("; holding step {}", paused.held[0]),
+        _ => format!("; holding steps {}", paused.held.join(", ")),
+    };
+    format!("since {}: {}{held}", utc_time(paused.since_ms), paused.reason)
+}
+
 pub fn utc_time(ms: Millis) -> String {
     let seconds = ms / 1_000;
     let (days, second_of_day) = ((seconds / 86_400) as i64, seconds % 86_400);

@@ -13,8 +13,8 @@ use flowgrid_model::limits::{nesting_depth, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{parse_definition, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun,
-    ListFlows, ListRuns, RedriveRun, Reply, RunList, RunRedriven, RunStarted, RunsStarted, SignalRun, StartChildRun,
-    StartRun, StartRuns, START_MANY_RUNS_MAX,
+    ListFlows, ListRuns, PauseRun, RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted, RunsStarted,
+    SignalRun, StartChildRun, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -35,7 +35,7 @@ const LIST_LIMIT_MAX: u32 = 1_000;
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 /// Every API verb.
-const VERBS: [&str; 12] = [
+const VERBS: [&str; 14] = [
     "flow.deploy",
     "flow.list",
     "flow.get",
@@ -45,6 +45,8 @@ const VERBS: [&str; 12] = [
     "run.list",
     "run.cancel",
     "run.redrive",
+    "run.pause",
+    "run.resume",
     "run.signal",
     "run.start_child",
     "run.child_ended",
@@ -157,6 +159,8 @@ impl Api {
             "run.list" => call(encoding, payload, |request| self.list_runs(request)).await,
             "run.cancel" => call(encoding, payload, |request| self.cancel_run(request)).await,
             "run.redrive" => call(encoding, payload, |request| self.redrive_run(request)).await,
+            "run.pause" => call(encoding, payload, |request| self.pause_run(request, true)).await,
+            "run.resume" => call(encoding, payload, |request| self.pause_run(request, false)).await,
             "run.signal" => {
                 let request_bytes = msgpack_request_bytes(encoding, payload);
                 call(encoding, payload, |request| self.signal_run(request, request_bytes)).await
@@ -405,6 +409,15 @@ impl Api {
         let shard = self.router.shard_of(request.run_id.as_str());
         self.ask(shard, ShardRequest::Redrive(request), |reply| match reply {
             ShardReply::Redriven(redriven) => Ok(redriven),
+            other => Err(other),
+        })
+        .await
+    }
+
+    async fn pause_run(&self, request: PauseRun, pause: bool) -> Result<RunPaused, ApiError> {
+        let shard = self.router.shard_of(request.run_id.as_str());
+        self.ask(shard, ShardRequest::Pause { request, pause }, |reply| match reply {
+            ShardReply::Paused(paused) => Ok(paused),
             other => Err(other),
         })
         .await

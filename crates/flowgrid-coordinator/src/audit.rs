@@ -587,6 +587,7 @@ mod tests {
                 ended_ms: Some(2_000),
                 parent: None,
                 redriven: None,
+                paused: None,
                 steps: Vec::new(),
             };
             batch.set_chunked(&keys::snapshot(run_id), &records::encode(&view), &limits);

@@ -36,6 +36,8 @@ pub const SHARD_RELEASE_SECONDS: &str = "flowgrid_shard_release_seconds";
 pub const SHARD_TAKEOVERS: &str = "flowgrid_shard_takeovers_total";
 pub const RUNS_PRUNED: &str = "flowgrid_runs_pruned_total";
 pub const RUNS_REDRIVEN: &str = "flowgrid_runs_redriven_total";
+pub const RUNS_PAUSED: &str = "flowgrid_runs_paused_total";
+pub const RUNS_RESUMED: &str = "flowgrid_runs_resumed_total";
 pub const TRIGGER_MESSAGES: &str = "flowgrid_trigger_messages_total";
 pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
 pub const RUN_MESSAGES_PENDING: &str = "flowgrid_run_messages_pending";
@@ -73,6 +75,8 @@ pub fn describe() {
     describe_counter!(TIMERS_FIRED, Unit::Count, "Durable timers that came due (retries, timeouts, waits).");
     describe_counter!(RUNS_PRUNED, Unit::Count, "Ended runs deleted from the store after --retain-ended-runs.");
     describe_counter!(RUNS_REDRIVEN, Unit::Count, "Ended runs redriven (run.redrive) and active again.");
+    describe_counter!(RUNS_PAUSED, Unit::Count, "Running runs paused (run.pause).");
+    describe_counter!(RUNS_RESUMED, Unit::Count, "Paused runs resumed (run.resume).");
     describe_counter!(
         TRIGGER_MESSAGES,
         Unit::Count,

@@ -14,7 +14,7 @@ use flowgrid_engine::RunView;
 use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns,
-    RedriveRun, Reply, RunCancelled, RunRedriven, RunSignalled, RunStarted, RunSummary,
+    PauseRun, RedriveRun, Reply, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,11 @@ pub enum ShardRequest {
         reason: String,
     },
     Redrive(RedriveRun),
+    /// Pause (`pause`) or resume the run.
+    Pause {
+        request: PauseRun,
+        pause: bool,
+    },
     Signal {
         run_id: RunId,
         step: String,
@@ -86,6 +91,7 @@ pub enum ShardReply {
     Started(RunStarted),
     Cancelled(RunCancelled),
     Redriven(RunRedriven),
+    Paused(RunPaused),
     Signalled(RunSignalled),
     Run(Box<RunView>),
     Runs(Vec<RunSummary>),
@@ -233,6 +239,9 @@ impl Router {
             }
             ShardRequest::Redrive(request) => {
                 handle.ask(|reply| Command::Redrive { request, reply }).await.map(ShardReply::Redriven)
+            }
+            ShardRequest::Pause { request, pause } => {
+                handle.ask(|reply| Command::Pause { request, pause, reply }).await.map(ShardReply::Paused)
             }
             ShardRequest::Signal { run_id, step, data } => {
                 handle.ask(|reply| Command::Signal { run_id, step, data, reply }).await.map(ShardReply::Signalled)

@@ -41,6 +41,11 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         refused: bool,
     },
+    /// Someone asked to pause the run: it starts no more steps until it is resumed (see
+    /// [`crate::Run::paused`]).
+    PauseRequested { reason: String },
+    /// Someone asked a paused run to go on: the steps it held start.
+    ResumeRequested { reason: String },
     /// Someone asked to run a run that ended again: from the steps that did not succeed,
     /// and from steps `from` (with every step after them) even if they succeeded (see
     /// [`crate::Run::redrive_refused`]).

@@ -3,7 +3,8 @@
 //! The submodules split the transitions by idea: [`steps`] starts a ready step by kind,
 //! [`map`] fans a map step out and in, [`results`] applies results and timers to open
 //! attempts, [`signals`] takes signals from outside, [`subflows`] starts child runs and
-//! takes their ends, [`redrive`] runs an ended run again, [`resolve`] propagates a resolved
+//! takes their ends, [`pause`] holds the steps of a paused run, [`redrive`] runs an ended
+//! run again, [`resolve`] propagates a resolved
 //! step along its edges, [`retry`] computes backoff delays, [`scope`] evaluates
 //! expressions.
 //!
@@ -22,6 +23,7 @@
 //! afterwards it arms nothing and accepts no event but a redrive, which makes it go again.
 
 mod map;
+mod pause;
 mod redrive;
 mod resolve;
 mod results;
@@ -59,6 +61,8 @@ pub struct Run {
     parent: Option<Box<ParentRef>>,
     /// How often the run was redriven, and when last (boxed: most runs never are).
     redriven: Option<Box<Redriven>>,
+    /// Set while the run is paused, with the steps it holds (boxed: most runs never are).
+    paused: Option<Box<pause::Pause>>,
     /// By step index.
     steps: Vec<StepState>,
     /// Steps not resolved yet; the run succeeds by itself when this reaches zero.
@@ -99,6 +103,7 @@ impl Run {
             ended_ms: None,
             parent: None,
             redriven: None,
+            paused: None,
             steps,
             agenda: VecDeque::new(),
         };
@@ -140,6 +145,8 @@ impl Run {
                 };
                 self.on_child_ended(step, *item, ended, &mut context)
             }
+            Event::PauseRequested { reason } => self.pause(reason, &mut context),
+            Event::ResumeRequested { .. } => self.resume(),
             Event::CancelRequested { reason } => {
                 let error = TaskError { code: "cancelled".to_owned(), message: reason.clone(), retryable: false };
                 self.finish(RunStatus::Cancelled, None, Some(error), &mut context);
@@ -312,6 +319,7 @@ impl Run {
             ended_ms: self.ended_ms,
             parent: self.parent.as_deref(),
             redriven: self.redriven(),
+            paused: self.paused(),
             steps,
         }
     }
@@ -382,6 +390,8 @@ impl Run {
         self.output = output;
         self.error = error.map(Box::new);
         self.ended_ms = Some(context.now);
+        // The steps it held are cancelled with the others; a redrive starts them.
+        self.paused = None;
         self.cancel_children(status, context);
         for (state, step) in self.steps.iter_mut().zip(&self.plan.steps) {
             if state.is_open() {

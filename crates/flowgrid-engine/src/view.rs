@@ -111,8 +111,23 @@ pub struct RunView {
     /// How often the run was redriven, and when last; absent if never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redriven: Option<Redriven>,
+    /// Since when and why the run is paused; absent while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<Paused>,
     /// In definition order.
     pub steps: Vec<StepView>,
+}
+
+/// A paused run: it starts no step until it is resumed; the steps it started go on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Paused {
+    /// When it was paused.
+    pub since_ms: Millis,
+    /// Why, as the pause request said.
+    pub reason: String,
+    /// Steps ready to start that wait for the resume (ids, in the order they became ready).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<String>,
 }
 
 /// How often a run was redriven (started again from the steps that did not succeed after
@@ -185,6 +200,8 @@ pub struct RunViewRef<'a> {
     pub(crate) parent: Option<&'a ParentRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) redriven: Option<Redriven>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) paused: Option<Paused>,
     pub(crate) steps: Vec<StepViewRef<'a>>,
 }
 
@@ -228,6 +245,7 @@ impl RunViewRef<'_> {
             ended_ms: self.ended_ms,
             parent: self.parent.cloned(),
             redriven: self.redriven,
+            paused: self.paused.clone(),
             steps: self.steps.iter().map(StepViewRef::to_view).collect(),
         }
     }

@@ -228,6 +228,9 @@ pub struct RunSummary {
     /// The run whose subflow step started this one, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<RunId>,
+    /// The run is paused (`run.pause`): it starts no step until it is resumed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// `<prefix>.api.run.cancel`.
@@ -268,6 +271,28 @@ pub struct RunRedriven {
     pub status: RunStatus,
     /// Redrives of the run so far, this one included.
     pub times: u32,
+}
+
+/// `<prefix>.api.run.pause` and `<prefix>.api.run.resume`: pauses a running run (it starts
+/// no step until it is resumed; what it started goes on) or resumes a paused one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PauseRun {
+    pub run_id: RunId,
+    /// Why, for the run's history and view.
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunPaused {
+    pub run_id: RunId,
+    /// The run's status after the request.
+    pub status: RunStatus,
+    /// The run is paused after the request.
+    pub paused: bool,
+    /// The request changed the run: `false` for a pause of a paused run, a resume of a run
+    /// that is not paused, and a run that ended (repeating either request is safe).
+    pub applied: bool,
 }
 
 /// `<prefix>.api.run.signal`: a signal for signal step `step` of a run. The step takes the

@@ -22,8 +22,9 @@ use flowgrid_engine::RunView;
 use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
-    GetFlow, GetRun, ListFlows, ListRuns, ProtoError, RedriveRun, Reply, RunCancelled, RunList, RunRedriven,
-    RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
+    GetFlow, GetRun, ListFlows, ListRuns, PauseRun, ProtoError, RedriveRun, Reply, RunCancelled, RunList, RunPaused,
+    RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects,
+    CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -203,6 +204,21 @@ impl Client {
     pub async fn cancel(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunCancelled> {
         let cancel = CancelRun { run_id: run_id.clone(), reason: reason.into() };
         self.call("run.cancel", &cancel, OnTimeout::Retry).await
+    }
+
+    /// Pauses a running run: it starts no step until it is resumed (what it started goes
+    /// on). `applied` is `false` for a run paused already or one that ended, so repeating
+    /// it is safe.
+    pub async fn pause(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunPaused> {
+        let pause = PauseRun { run_id: run_id.clone(), reason: reason.into() };
+        self.call("run.pause", &pause, OnTimeout::Retry).await
+    }
+
+    /// Resumes a paused run: the steps it held start. `applied` is `false` for a run that is
+    /// not paused, so repeating it is safe.
+    pub async fn resume(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunPaused> {
+        let resume = PauseRun { run_id: run_id.clone(), reason: reason.into() };
+        self.call("run.resume", &resume, OnTimeout::Retry).await
     }
 
     /// Runs a run that failed, timed out or was cancelled again, from the steps that did not

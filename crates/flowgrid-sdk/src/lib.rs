@@ -27,9 +27,9 @@ pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, 
 /// The future a [`TaskHandler`] returns.
 pub use futures::future::BoxFuture;
 
-pub use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView, TaskError};
+pub use flowgrid_engine::{Paused, RunStatus, RunView, StepStatus, StepView, TaskError};
 pub use flowgrid_model::{AttemptId, Millis, RunId};
 pub use flowgrid_proto::{
-    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowSummary, ListRuns, RunCancelled, RunList, RunSignalled,
-    RunStarted, RunSummary, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
+    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowSummary, ListRuns, RunCancelled, RunList, RunPaused,
+    RunRedriven, RunSignalled, RunStarted, RunSummary, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };

@@ -4,6 +4,7 @@
 mod audit;
 mod flow;
 mod grid;
+mod many;
 mod run;
 mod schemas;
 mod serve;

@@ -1,4 +1,4 @@
-//! `flowgrid run start | get | list | signal | cancel | redrive | submit`.
+//! `flowgrid run start | get | list | signal | cancel | redrive | pause | resume | submit`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -12,7 +12,8 @@ use flowgrid_proto::{ListRuns, RunRedriven, StartRun};
 use flowgrid_sdk::Client;
 
 use super::grid::pool_backlogs;
-use crate::args::{RunCommand, RunInput};
+use super::many::{for_each_run, matching_runs, Verb};
+use crate::args::{RunCommand, RunInput, RunSelection};
 use crate::grid_view::no_worker_hint;
 use crate::output::{self, duration_ms, item_counts, now_ms, out, outln, print_json, span, utc_time, Table};
 use crate::Session;
@@ -57,7 +58,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 table.row(vec![
                     run.run_id.to_string(),
                     format!("{}@{}", run.flow, run.version),
-                    run.status.as_str().to_owned(),
+                    if run.paused { "running (paused)".to_owned() } else { run.status.as_str().to_owned() },
                     utc_time(run.created_ms),
                     span(Some(run.created_ms), run.ended_ms),
                 ]);
@@ -110,13 +111,13 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             let redrive = Redrive { from, reason };
             if flow.is_some() || status.is_some() {
                 let status = status.unwrap_or(RunStatus::Failed);
-                let runs = matching_runs(client, flow, status, !redrive.from.is_empty(), limit).await?;
-                return redrive_many(client, runs, &redrive, session).await;
+                let runs = runs_to_redrive(client, flow, status, &redrive, limit).await?;
+                return redrive.many(client, runs, session).await;
             }
             let mut run_ids: Vec<RunId> = run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect();
             if run_ids.len() != 1 {
                 anyhow::ensure!(!wait, "--wait waits for one run; name exactly one");
-                return redrive_many(client, run_ids, &redrive, session).await;
+                return redrive.many(client, run_ids, session).await;
             }
             let run_id = run_ids.remove(0);
             let redriven = redrive.send(client, &run_id).await?;
@@ -144,6 +145,8 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             );
             wait_and_print(client, &run_id, timeout, session).await
         }
+        RunCommand::Pause { runs, reason } => pause_or_resume(client, true, runs, reason, session).await,
+        RunCommand::Resume { runs, reason } => pause_or_resume(client, false, runs, reason, session).await,
         RunCommand::Submit { flow, version, input } => {
             let submitted = client.submit(start_request(flow, version, input)?).await?;
             if session.json {
@@ -162,9 +165,6 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         }
     }
 }
-
-/// Redrives at once at most this many runs of a bulk redrive.
-const REDRIVES_IN_FLIGHT: usize = 16;
 
 /// What `run redrive` asks of each run.
 struct Redrive {
@@ -186,85 +186,80 @@ impl Redrive {
             _ => format!(" from steps {}", steps.join(", ")),
         }
     }
+
+    /// Redrives `runs`, a few at a time, with progress; exit 1 if any was refused.
+    async fn many(&self, client: &Client, runs: Vec<RunId>, session: &Session) -> anyhow::Result<ExitCode> {
+        let verb = Verb { doing: "redriving", did: "redrove", key: "redriven" };
+        for_each_run(runs, verb, &self.steps_named(), session, |run_id| async move {
+            let outcome = self.send(client, &run_id).await.map(|_| true);
+            (run_id, outcome)
+        })
+        .await
+    }
 }
 
-/// The ids of the runs of `flow` (or of every flow) that ended in `status`, newest first,
-/// at most `limit`. Succeeded runs are redriven only from a step (`from_a_step`).
-async fn matching_runs(
+/// The runs `run redrive --flow/--status` redrives: those that ended in `status` (succeeded
+/// ones only from a step).
+async fn runs_to_redrive(
     client: &Client,
     flow: Option<String>,
     status: RunStatus,
-    from_a_step: bool,
+    redrive: &Redrive,
     limit: Option<u64>,
 ) -> anyhow::Result<Vec<RunId>> {
     anyhow::ensure!(
         matches!(status, RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled)
-            || (status == RunStatus::Succeeded && from_a_step),
+            || (status == RunStatus::Succeeded && !redrive.from.is_empty()),
         "--status {}: only runs that failed, timed out or were cancelled are redriven, and succeeded runs from \
          a step named with --from",
         status.as_str()
     );
-    let limit = limit.unwrap_or(u64::MAX) as usize;
-    let mut runs = Vec::new();
-    let mut cursor = None;
-    while runs.len() < limit {
-        let query = ListRuns { parent: None, flow: flow.clone(), status: Some(status), limit: Some(1_000), cursor };
-        let page = client.list(query).await?;
-        runs.extend(page.runs.into_iter().map(|run| run.run_id).take(limit - runs.len()));
-        match page.next_cursor {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
-    Ok(runs)
+    matching_runs(client, flow, status, limit, |_| true).await
 }
 
-/// Redrives `runs`, a few at a time, with a progress line every second; prints what was
-/// redriven and every refusal. Exit 1 if any was refused.
-async fn redrive_many(
+/// Pauses (`pause`) or resumes runs: those named, or the running runs of `flow` (for a
+/// resume, those paused).
+async fn pause_or_resume(
     client: &Client,
-    runs: Vec<RunId>,
-    redrive: &Redrive,
+    pause: bool,
+    selection: RunSelection,
+    reason: String,
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
-    use futures::StreamExt;
-
-    let total = runs.len();
-    let mut redrives = futures::stream::iter(runs)
-        .map(|run_id| async move {
-            let outcome = redrive.send(client, &run_id).await;
-            (run_id, outcome)
-        })
-        .buffer_unordered(REDRIVES_IN_FLIGHT);
-    let (mut redriven, mut refused) = (0usize, Vec::new());
-    let mut progress = tokio::time::interval(Duration::from_secs(1));
-    progress.tick().await;
-    loop {
-        tokio::select! {
-            next = redrives.next() => match next {
-                Some((_, Ok(_))) => redriven += 1,
-                Some((run_id, Err(error))) => refused.push((run_id, error)),
-                None => break,
-            },
-            _ = progress.tick() => eprintln!("redriving: {}/{total} done, {} refused", redriven + refused.len(), refused.len()),
+    let RunSelection { run_ids, flow, limit } = selection;
+    let verb = if pause { "pause" } else { "resume" };
+    anyhow::ensure!(flow.is_some() || !run_ids.is_empty(), "name the runs to {verb}, or --flow for a flow's runs");
+    anyhow::ensure!(flow.is_some() || limit.is_none(), "--limit goes with --flow");
+    let runs = match flow {
+        Some(flow) => matching_runs(client, Some(flow), RunStatus::Running, limit, |run| pause || run.paused).await?,
+        None => run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect(),
+    };
+    let reason = reason.as_str();
+    if let [run_id] = runs.as_slice() {
+        let outcome = if pause { client.pause(run_id, reason).await? } else { client.resume(run_id, reason).await? };
+        if session.json {
+            print_json(&outcome)?;
+        } else if outcome.status.is_terminal() {
+            outln!("run {} had already ended: {}; nothing changed", outcome.run_id, outcome.status.as_str())?;
+        } else {
+            let state = if outcome.paused { "paused" } else { "running, not paused" };
+            let change = if outcome.applied { "" } else { " already; nothing changed" };
+            outln!("run {} is {state}{change}", outcome.run_id)?;
         }
+        return Ok(ExitCode::SUCCESS);
     }
-    if session.json {
-        let refused: Vec<Value> = refused
-            .iter()
-            .map(|(run_id, error)| match error.api() {
-                Some(api) => json!({"run_id": run_id, "code": api.code, "message": api.message}),
-                None => json!({"run_id": run_id, "message": error.to_string()}),
-            })
-            .collect();
-        print_json(&json!({"matched": total, "redriven": redriven, "refused": refused}))?;
-    } else {
-        outln!("redrove {redriven} of {total} run(s){}; {} refused", redrive.steps_named(), refused.len())?;
-        for (run_id, error) in &refused {
-            outln!("{run_id}: {error}")?;
-        }
-    }
-    Ok(if refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let verb = match pause {
+        true => Verb { doing: "pausing", did: "paused", key: "paused" },
+        false => Verb { doing: "resuming", did: "resumed", key: "resumed" },
+    };
+    for_each_run(runs, verb, "", session, |run_id| async move {
+        let outcome = match pause {
+            true => client.pause(&run_id, reason).await,
+            false => client.resume(&run_id, reason).await,
+        };
+        (run_id, outcome.map(|outcome| outcome.applied))
+    })
+    .await
 }
 
 fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow::Result<StartRun> {
@@ -365,6 +360,9 @@ fn render_run(view: &RunView) -> String {
     if let Some(redriven) = &view.redriven {
         text.push_str(&format!("redriven  {}\n", output::redriven(redriven)));
     }
+    if let Some(paused) = &view.paused {
+        text.push_str(&format!("paused    {} (`flowgrid run resume {}`)\n", output::paused(paused), view.run_id));
+    }
     let duration = match view.ended_ms {
         Some(ended) => duration_ms(ended.saturating_sub(view.created_ms)),
         None => format!("{} so far", duration_ms(now_ms().saturating_sub(view.created_ms))),
@@ -416,7 +414,7 @@ fn step_table(steps: &[StepView]) -> Table {
 
 #[cfg(test)]
 mod tests {
-    use flowgrid_engine::{ItemCounts, Redriven, StepStatus, TaskError};
+    use flowgrid_engine::{ItemCounts, Paused, Redriven, StepStatus, TaskError};
     use flowgrid_model::ParentRef;
 
     use super::*;
@@ -460,6 +458,7 @@ mod tests {
                 round: 0,
             }),
             redriven: Some(Redriven { times: 2, last_ms: 1_000 }),
+            paused: Some(Paused { since_ms: 1_200, reason: "db down".into(), held: vec!["store".into()] }),
             steps: vec![
                 step("first", "task", None),
                 fan_out,
@@ -475,6 +474,8 @@ mod tests {
         assert!(text.contains("step fan failed (caught): boom: item 3"), "{text}");
         assert!(text.contains("parent    p-1 (step call)\n"), "{text}");
         assert!(text.contains("redriven  2 times, last at 1970-01-01"), "{text}");
+        let paused = "paused    since 1970-01-01T00:00:01Z: db down; holding step store (`flowgrid run resume r-1`)\n";
+        assert!(text.contains(paused), "{text}");
         assert!(text.contains("step encode runs child run c-1\n"), "{text}");
         assert!(text.contains("step each runs a child run per item (4): flowgrid run list --parent r-1\n"), "{text}");
         assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");

@@ -2,7 +2,7 @@
 //! graphs, and its runs step by step, refreshed while they go. It talks to the grid only
 //! through the API and the buckets `flowgrid status` reads, so it needs no access to a
 //! coordinator's host. It changes nothing unless started with `--actions`: then its
-//! forms deploy flows, start runs, send signals, cancel and redrive runs, each form carrying a
+//! forms deploy flows, start runs, send signals, pause, resume, cancel and redrive runs, each form carrying a
 //! token of this process so that another site cannot post them on a user's behalf.
 
 mod dag;
@@ -62,6 +62,8 @@ pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) 
         .route("/runs/{run_id}/signal", post(signal))
         .route("/runs/{run_id}/cancel", post(cancel))
         .route("/runs/{run_id}/redrive", post(redrive))
+        .route("/runs/{run_id}/pause", post(pause))
+        .route("/runs/{run_id}/resume", post(resume))
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page") })
         .with_state(ui);
     let listener = tokio::net::TcpListener::bind(listen)
@@ -215,7 +217,7 @@ async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form
     after_action(signalled, |_| format!("/runs/{run_id}"))
 }
 
-/// A form that carries nothing but the token (cancel).
+/// A form that carries nothing but the token (cancel, pause, resume).
 #[derive(Deserialize)]
 struct TokenForm {
     token: String,
@@ -235,6 +237,22 @@ struct RedriveForm {
     token: String,
     #[serde(default)]
     from: String,
+}
+
+async fn pause(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+    if let Some(refused) = ui.refusal(&form.token) {
+        return refused;
+    }
+    let paused = ui.client.pause(&RunId(run_id.clone().into()), "paused from the web UI").await;
+    after_action(paused, |_| format!("/runs/{run_id}"))
+}
+
+async fn resume(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+    if let Some(refused) = ui.refusal(&form.token) {
+        return refused;
+    }
+    let resumed = ui.client.resume(&RunId(run_id.clone().into()), "resumed from the web UI").await;
+    after_action(resumed, |_| format!("/runs/{run_id}"))
 }
 
 async fn redrive(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<RedriveForm>) -> Response {
@@ -264,7 +282,8 @@ impl Ui {
 fn read_only() -> Response {
     failure(
         StatusCode::FORBIDDEN,
-        "this UI is read-only: start it with `flowgrid ui --actions` to deploy, start, signal, cancel and redrive",
+        "this UI is read-only: start it with `flowgrid ui --actions` to deploy, start, signal, pause, resume, cancel and \
+         redrive",
     )
 }
 

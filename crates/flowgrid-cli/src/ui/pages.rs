@@ -316,6 +316,9 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                 @if let Some(redriven) = &view.redriven {
                     tr { th { "Redriven" } td { (output::redriven(redriven)) } }
                 }
+                @if let Some(paused) = &view.paused {
+                    tr { th { "Paused" } td { (output::paused(paused)) } }
+                }
                 tr {
                     th { "Duration" }
                     td {
@@ -344,6 +347,11 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                 }
             }
             @if let (true, Some(token)) = (running, actions) {
+                @let (verb, label) = if view.paused.is_some() { ("resume", "Resume this run") } else { ("pause", "Pause this run") };
+                form.action method="post" action=(format!("/runs/{}/{verb}", view.run_id)) {
+                    input type="hidden" name="token" value=(token);
+                    button type="submit" { (label) }
+                }
                 form.action method="post" action=(format!("/runs/{}/cancel", view.run_id)) {
                     input type="hidden" name="token" value=(token);
                     button type="submit" { "Cancel this run" }

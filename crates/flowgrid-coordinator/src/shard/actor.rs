@@ -286,6 +286,10 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = self.redrive_run(request, batch).await;
                 batch.reply(reply, outcome);
             }
+            Command::Pause { request, pause, reply } => {
+                let outcome = self.pause_run(request, pause, batch).await;
+                batch.reply(reply, outcome);
+            }
             Command::Signal { run_id, step, data, reply } => {
                 let outcome = self.signal_run(run_id, step, data, batch).await;
                 batch.reply(reply, outcome);

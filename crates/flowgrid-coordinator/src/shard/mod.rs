@@ -23,8 +23,8 @@ use std::sync::Arc;
 use flowgrid_engine::RunView;
 use flowgrid_model::{FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, RedriveRun,
-    RunCancelled, RunRedriven, RunSignalled, RunStarted, RunSummary, Subjects,
+    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, PauseRun,
+    RedriveRun, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, Subjects,
 };
 use flowgrid_store::StoreLimits;
 use serde_json::Value;
@@ -87,6 +87,12 @@ pub enum Command {
     Redrive {
         request: RedriveRun,
         reply: Responder<RunRedriven>,
+    },
+    /// Pause (`pause`) or resume the run.
+    Pause {
+        request: PauseRun,
+        pause: bool,
+        reply: Responder<RunPaused>,
     },
     Signal {
         run_id: RunId,

@@ -14,8 +14,8 @@ use flowgrid_engine::{
 };
 use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
-    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, RedriveRun, RunCancelled, RunEnded, RunRedriven,
-    RunSignalled, RunStarted, RunSummary, TaskResult,
+    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
+    RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, TaskResult,
 };
 use flowgrid_store::{keys, KeyRange, ShardStore};
 use serde_json::Value;
@@ -329,6 +329,38 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(RunRedriven { run_id, status: run.status(), times })
     }
 
+    /// Pauses a running run (`pause`) or resumes a paused one. A repeat, or a run that
+    /// ended, changes nothing and answers `applied: false`.
+    pub(super) async fn pause_run(
+        &mut self,
+        request: PauseRun,
+        pause: bool,
+        batch: &mut Batch,
+    ) -> Result<RunPaused, ApiError> {
+        let PauseRun { run_id, reason } = request;
+        let Some(active) = self.runs.get(&run_id) else {
+            let status = self.ended_run(&run_id).await?.status;
+            return Ok(RunPaused { run_id, status, paused: false, applied: false });
+        };
+        let (event, counter) = match (pause, reason.is_empty()) {
+            (true, true) => {
+                (Event::PauseRequested { reason: "paused through the API".to_owned() }, metrics::RUNS_PAUSED)
+            }
+            (true, false) => (Event::PauseRequested { reason }, metrics::RUNS_PAUSED),
+            (false, true) => {
+                (Event::ResumeRequested { reason: "resumed through the API".to_owned() }, metrics::RUNS_RESUMED)
+            }
+            (false, false) => (Event::ResumeRequested { reason }, metrics::RUNS_RESUMED),
+        };
+        let applied = active.run.paused().is_some() != pause && self.apply_event(&run_id, event, now_ms(), batch);
+        if applied {
+            ::metrics::counter!(counter).increment(1);
+        }
+        // A run that ends stays in memory until its batch commits.
+        let run = &self.runs.get(&run_id).expect("an active run stays until its batch commits").run;
+        Ok(RunPaused { run_id, status: run.status(), paused: run.paused().is_some(), applied })
+    }
+
     /// A signal for a signal step: applied if the step waits for one. A step that is over
     /// (or a run that ended) answers `applied: false`, so that a repeated signal is not an
     /// error; a step that is not a signal step, or has not started, is refused.
@@ -556,6 +588,7 @@ fn active_summary(run_id: &RunId, run: &Run) -> RunSummary {
         created_ms: run.created_ms(),
         ended_ms: run.ended_ms(),
         parent: run.parent().map(|parent| parent.run_id.clone()),
+        paused: run.paused().is_some(),
     }
 }
 
@@ -569,6 +602,7 @@ fn summary(run_id: &RunId, record: &RunRecord, parent: Option<RunId>) -> RunSumm
         created_ms: record.created_ms,
         ended_ms: record.ended_ms,
         parent,
+        paused: false,
     }
 }
 

@@ -71,7 +71,11 @@ impl Run {
                 break;
             }
             match work {
-                Agenda::Start(index) => self.start_step(index, context),
+                Agenda::Start(index) => {
+                    if !self.hold(index) {
+                        self.start_step(index, context);
+                    }
+                }
                 Agenda::Propagate(index, resolution) => self.propagate(index, resolution, context),
             }
         }

@@ -3,6 +3,7 @@
 mod attempts;
 mod flows;
 mod map;
+mod pause;
 mod properties;
 mod redrive;
 mod replay;

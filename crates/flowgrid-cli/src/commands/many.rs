@@ -1,0 +1,107 @@
+//! Commands that act on many runs at once (`run redrive`, `run pause`, `run resume`):
+//! finding the runs, and sending one request per run a few at a time with progress.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use flowgrid_engine::RunStatus;
+use flowgrid_model::RunId;
+use flowgrid_proto::{ListRuns, RunSummary};
+use flowgrid_sdk::Client;
+
+use crate::output::{outln, print_json};
+use crate::Session;
+
+/// Requests in flight at once.
+const IN_FLIGHT: usize = 16;
+
+/// The ids of the runs of `flow` (or of every flow) in `status` that `keep` keeps, newest
+/// first, at most `limit`.
+pub(super) async fn matching_runs(
+    client: &Client,
+    flow: Option<String>,
+    status: RunStatus,
+    limit: Option<u64>,
+    keep: impl Fn(&RunSummary) -> bool,
+) -> anyhow::Result<Vec<RunId>> {
+    let limit = limit.unwrap_or(u64::MAX) as usize;
+    let mut runs = Vec::new();
+    let mut cursor = None;
+    while runs.len() < limit {
+        let query = ListRuns { parent: None, flow: flow.clone(), status: Some(status), limit: Some(1_000), cursor };
+        let page = client.list(query).await?;
+        runs.extend(page.runs.into_iter().filter(&keep).map(|run| run.run_id).take(limit - runs.len()));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Ok(runs)
+}
+
+/// How a command on many runs speaks of what it does: `redriving`, `redrove`, and the
+/// JSON key of the count (`redriven`).
+pub(super) struct Verb {
+    pub doing: &'static str,
+    pub did: &'static str,
+    pub key: &'static str,
+}
+
+/// Sends `act` for every run of `runs`, a few at a time, with a progress line every
+/// second; prints how many it changed (`act` answers whether it did), how many it left as
+/// they were, and every refusal. Exit 1 if any was refused.
+pub(super) async fn for_each_run<F, Fut>(
+    runs: Vec<RunId>,
+    verb: Verb,
+    detail: &str,
+    session: &Session,
+    act: F,
+) -> anyhow::Result<ExitCode>
+where
+    F: Fn(RunId) -> Fut,
+    Fut: Future<Output = (RunId, flowgrid_sdk::Result<bool>)>,
+{
+    use futures::StreamExt;
+
+    let total = runs.len();
+    let mut requests = futures::stream::iter(runs).map(act).buffer_unordered(IN_FLIGHT);
+    let (mut changed, mut unchanged, mut refused) = (0usize, 0usize, Vec::new());
+    let mut progress = tokio::time::interval(Duration::from_secs(1));
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            next = requests.next() => match next {
+                Some((_, Ok(true))) => changed += 1,
+                Some((_, Ok(false))) => unchanged += 1,
+                Some((run_id, Err(error))) => refused.push((run_id, error)),
+                None => break,
+            },
+            _ = progress.tick() => eprintln!(
+                "{}: {}/{total} done, {} refused",
+                verb.doing,
+                changed + unchanged + refused.len(),
+                refused.len()
+            ),
+        }
+    }
+    if session.json {
+        let refused: Vec<Value> = refused
+            .iter()
+            .map(|(run_id, error)| match error.api() {
+                Some(api) => json!({"run_id": run_id, "code": api.code, "message": api.message}),
+                None => json!({"run_id": run_id, "message": error.to_string()}),
+            })
+            .collect();
+        print_json(&json!({"matched": total, (verb.key): changed, "unchanged": unchanged, "refused": refused}))?;
+    } else {
+        let unchanged = if unchanged > 0 { format!(" ({unchanged} as they were)") } else { String::new() };
+        outln!("{} {changed} of {total} run(s){detail}{unchanged}; {} refused", verb.did, refused.len())?;
+        for (run_id, error) in &refused {
+            outln!("{run_id}: {error}")?;
+        }
+    }
+    Ok(if refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,64 @@
+//! Pause and resume: a paused run starts no step until it is resumed.
+//!
+//! A step whose dependencies resolve while the run is paused is held, pending, in the
+//! order it became ready; the resume starts the held steps in that order. What a step had
+//! started before the pause goes on: its attempts, their retries, a map's further items,
+//! a wait, a signal step waiting, a child run. The run's timeout keeps counting, a cancel
+//! ends the run as ever, and a run that ends while paused is no longer paused (the steps
+//! it held are cancelled with the others).
+
+use flowgrid_model::{Millis, StepIndex};
+
+use super::resolve::Agenda;
+use super::{Context, Run};
+use crate::{Applied, Paused};
+
+/// The state of a paused run.
+#[derive(Debug)]
+pub(super) struct Pause {
+    since_ms: Millis,
+    reason: String,
+    /// Steps ready to start, held until the resume.
+    held: Vec<StepIndex>,
+}
+
+impl Run {
+    /// Since when and why the run is paused, with the steps it holds; `None` while it is not.
+    pub fn paused(&self) -> Option<Paused> {
+        self.paused.as_deref().map(|pause| Paused {
+            since_ms: pause.since_ms,
+            reason: pause.reason.clone(),
+            held: pause.held.iter().map(|&index| self.plan.step(index).id.clone()).collect(),
+        })
+    }
+
+    /// Pauses the run; a run paused already stays as it is.
+    pub(super) fn pause(&mut self, reason: &str, context: &mut Context<'_>) -> Applied {
+        if self.paused.is_some() {
+            return Applied::Ignored("the run is paused already");
+        }
+        let pause = Pause { since_ms: context.now, reason: reason.to_owned(), held: Vec::new() };
+        self.paused = Some(Box::new(pause));
+        Applied::Accepted
+    }
+
+    /// Resumes a paused run: the steps it held start, in the order they became ready.
+    pub(super) fn resume(&mut self) -> Applied {
+        let Some(pause) = self.paused.take() else {
+            return Applied::Ignored("the run is not paused");
+        };
+        self.agenda.extend(pause.held.into_iter().map(Agenda::Start));
+        Applied::Accepted
+    }
+
+    /// Holds step `index`, ready to start, if the run is paused: `true` if it did.
+    pub(super) fn hold(&mut self, index: StepIndex) -> bool {
+        match self.paused.as_deref_mut() {
+            Some(pause) => {
+                pause.held.push(index);
+                true
+            }
+            None => false,
+        }
+    }
+}

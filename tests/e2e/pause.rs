@@ -1,0 +1,93 @@
+//! Pause and resume: a paused run holds the steps that become ready, also across a
+//! coordinator crash, and starts them when resumed; runs of a flow are paused and resumed
+//! in one command.
+
+use std::time::Duration;
+
+use flowgrid_sdk::{RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{step, Grid};
+use serde_json::json;
+
+use crate::{deploy, OrLogs, RUN_DEADLINE};
+
+/// A signal step, then a task: the signal makes the task ready while the test holds the run.
+const GATED_FLOW: &str = r#"
+name: gated
+steps:
+  - { id: approve, kind: signal }
+  - { id: store, kind: task, after: [approve], pool: a, task: echo, input: 'steps.approve.output' }
+"#;
+
+async fn gated_run(grid: &Grid, client: &flowgrid_sdk::Client) -> anyhow::Result<RunId> {
+    let start = StartRun { flow: "gated".into(), version: None, input: json!({}), idempotency_key: None };
+    Ok(client.start(start).await.or_logs(grid)?.run_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_run_holds_its_next_step_across_a_crash_until_it_is_resumed() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, GATED_FLOW).await?;
+    let run_id = gated_run(&grid, &client).await?;
+
+    let (ok, stdout, stderr) = grid.cli(&["run", "pause", run_id.as_str(), "--reason", "db maintenance"])?;
+    assert!(ok && stdout.contains("is paused"), "{stdout}\n{stderr}");
+    let (ok, stdout, _) = grid.cli(&["run", "pause", run_id.as_str()])?;
+    assert!(ok && stdout.contains("paused already; nothing changed"), "a repeat changes nothing: {stdout}");
+    let signalled = client.signal(&run_id, "approve", json!({"row": 7})).await.or_logs(&grid)?;
+    assert!(signalled.applied, "a step that waited before the pause takes its signal");
+    // The time a held step would need to run and the run to end, were it not held.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let view = client.get(&run_id).await.or_logs(&grid)?;
+    assert_eq!((view.status, step(&view, "approve").status), (RunStatus::Running, StepStatus::Succeeded));
+    assert_eq!((step(&view, "store").status, step(&view, "store").attempts), (StepStatus::Pending, 0), "{view:?}");
+    let paused = view.paused.clone().expect("the view says the run is paused");
+    assert_eq!((paused.reason.as_str(), paused.held), ("db maintenance", vec!["store".to_owned()]));
+    let (_, stdout, _) = grid.cli(&["run", "get", run_id.as_str()])?;
+    assert!(stdout.contains("paused    since ") && stdout.contains("holding step store"), "{stdout}");
+    let (_, stdout, _) = grid.cli(&["run", "list", "--flow", "gated"])?;
+    assert!(stdout.contains("running (paused)"), "{stdout}");
+
+    // The pause is in the run's history: a new coordinator holds the step too.
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    let view = client.get(&run_id).await.or_logs(&grid)?;
+    assert_eq!(view.paused.map(|paused| paused.held), Some(vec!["store".to_owned()]), "still paused after a crash");
+
+    let (ok, stdout, stderr) = grid.cli(&["run", "resume", run_id.as_str()])?;
+    assert!(ok && stdout.contains("running, not paused"), "{stdout}\n{stderr}");
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"store": {"row": 7}}))));
+    assert_eq!(view.paused, None);
+    let (ok, stdout, _) = grid.cli(&["run", "pause", run_id.as_str()])?;
+    assert!(ok && stdout.contains("had already ended: succeeded"), "{stdout}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_runs_of_a_flow_are_paused_and_resumed_in_one_command() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, GATED_FLOW).await?;
+    let runs = [gated_run(&grid, &client).await?, gated_run(&grid, &client).await?];
+
+    let (ok, stdout, stderr) = grid.cli(&["run", "pause", "--flow", "gated"])?;
+    assert!(ok && stdout.contains("paused 2 of 2 run(s); 0 refused"), "{stdout}\n{stderr}");
+    let (ok, stdout, _) = grid.cli(&["run", "pause", "--flow", "gated"])?;
+    assert!(ok && stdout.contains("paused 0 of 2 run(s) (2 as they were); 0 refused"), "{stdout}");
+    for run_id in &runs {
+        client.signal(run_id, "approve", json!(1)).await.or_logs(&grid)?;
+    }
+    let (ok, stdout, stderr) = grid.cli(&["run", "resume", "--flow", "gated"])?;
+    assert!(ok && stdout.contains("resumed 2 of 2 run(s); 0 refused"), "{stdout}\n{stderr}");
+    for run_id in &runs {
+        assert_eq!(grid.wait_run(&client, run_id, RUN_DEADLINE).await?.status, RunStatus::Succeeded);
+    }
+    let (ok, _, stderr) = grid.cli(&["run", "resume", "--reason", "x"])?;
+    assert!(!ok && stderr.contains("name the runs to resume"), "{stderr}");
+    let (ok, _, stderr) = grid.cli(&["run", "resume", runs[0].as_str(), "--limit", "1"])?;
+    assert!(!ok && stderr.contains("--limit goes with --flow"), "{stderr}");
+    let (ok, stdout, _) = grid.cli(&["run", "pause", "no-such-run", runs[0].as_str()])?;
+    assert!(!ok && stdout.contains("paused 0 of 2 run(s) (1 as they were); 1 refused"), "{stdout}");
+    Ok(())
+}
