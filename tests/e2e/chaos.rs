@@ -25,6 +25,8 @@ fn coordinators_killed_paused_and_scaled_under_load_lose_no_run() {
     assert!(count("runs_redriven") > 0, "no run was cancelled and redriven\n{output}");
     assert!(count("runs_triggered") > 0, "no run was started by an event\n{output}");
     assert_eq!(count("redrive_errors"), 0, "cancels or redrives not done in time\n{output}");
+    assert!(count("runs_paused") > 0, "no run was paused and resumed\n{output}");
+    assert_eq!(count("pause_errors"), 0, "pauses or resumes not done in time\n{output}");
     assert_eq!(count("results_double_applied"), 0, "results were applied twice\n{output}");
     assert_eq!(count("stale_epoch_commits"), 0, "commits under a stale epoch\n{output}");
     assert!(count("kills") >= 2, "fewer than 2 kills in 45 s\n{output}");

@@ -1,8 +1,9 @@
 //! The steady load of a chaos run: runs of a chain of three `double` tasks (the last one
 //! in a child run) started at a fixed rate, each with its own idempotency key (so a start that timed out or met a moving
 //! shard is repeated safely), and a poller that reads how each accepted run ended. Every
-//! [`REDRIVE_EVERY`]th run is cancelled soon after its start and then redriven, so cancels
-//! and redrives meet the same faults; it must still end with its expected output.
+//! [`REDRIVE_EVERY`]th run is cancelled soon after its start and then redriven, and one
+//! other in as many is paused and then resumed, so cancels, redrives, pauses and resumes
+//! meet the same faults; each must still end with its expected output.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,8 +64,10 @@ steps:
     timeout_ms: 20000
 "#;
 
-/// One run in this many is cancelled and redriven.
+/// One run in this many is cancelled and redriven, and another (the third of each ten)
+/// paused and resumed.
 pub const REDRIVE_EVERY: u64 = 10;
+const PAUSE_AT: u64 = 3;
 /// The stream whose messages the flow's trigger starts runs for, and its subject.
 pub const EVENTS_STREAM: &str = "CHAOS_EVENTS";
 pub const EVENTS_SUBJECT: &str = "chaos.events";
@@ -130,6 +133,10 @@ pub struct Ledger {
     pub triggered: AtomicU64,
     /// Cancels and redrives that were not answered before the start deadline, by kind.
     pub redrive_errors: Errors,
+    /// Runs paused and then resumed.
+    pub paused: AtomicU64,
+    /// Pauses and resumes that were not answered before the start deadline, by kind.
+    pub pause_errors: Errors,
 }
 
 impl Ledger {
@@ -181,6 +188,8 @@ async fn start_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
                 }
                 if index.is_multiple_of(REDRIVE_EVERY) {
                     cancel_and_redrive(client, &started.run_id, index, ledger).await;
+                } else if index % REDRIVE_EVERY == PAUSE_AT {
+                    pause_and_resume(client, &started.run_id, index, ledger).await;
                 }
                 ledger.accept(AcceptedRun {
                     run_id: started.run_id,
@@ -267,6 +276,35 @@ async fn cancel_and_redrive(client: &Client, run_id: &RunId, index: u64, ledger:
         }
     }
     ledger.redriven.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Pauses a run a little after its start and resumes it a little later. Both are repeated
+/// until answered (a repeat changes nothing); a run that ended before its pause needs no
+/// resume.
+async fn pause_and_resume(client: &Client, run_id: &RunId, index: u64, ledger: &Ledger) {
+    tokio::time::sleep(Duration::from_millis(50 + (index * 37) % 200)).await;
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        match client.pause(run_id, "chaos: paused, to be resumed").await {
+            Ok(answer) if answer.status.is_terminal() => return,
+            Ok(_) => break,
+            Err(error) if !try_again(&error, deadline).await => {
+                return ledger.pause_errors.add(&error_kind("pause", &error), 1);
+            }
+            Err(_) => {}
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200 + (index * 53) % 500)).await;
+    loop {
+        match client.resume(run_id, "chaos").await {
+            Ok(_) => break,
+            Err(error) if !try_again(&error, deadline).await => {
+                return ledger.pause_errors.add(&error_kind("resume", &error), 1);
+            }
+            Err(_) => {}
+        }
+    }
+    ledger.paused.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Whether a request that failed with `error` is tried again before `deadline` (after a

@@ -604,6 +604,15 @@ impl Findings<'_> {
                     describe_errors(self.ledger.redrive_errors.total(), &self.ledger.redrive_errors.kinds())
                 ),
             ),
+            (
+                "runs paused and resumed".to_owned(),
+                format!(
+                    "{} (one in {}; not done in time: {})",
+                    self.ledger.paused.load(Ordering::Relaxed),
+                    load::REDRIVE_EVERY,
+                    describe_errors(self.ledger.pause_errors.total(), &self.ledger.pause_errors.kinds())
+                ),
+            ),
             ("run.get errors (asked again)".to_owned(), describe_errors(self.ledger.get_errors.total(), &get_errors)),
             ("API view != store".to_owned(), checks.api_store_mismatches.to_string()),
             (
@@ -741,6 +750,8 @@ impl Findings<'_> {
             ("runs_redriven", json!(self.ledger.redriven.load(Ordering::Relaxed))),
             ("runs_triggered", json!(self.ledger.triggered.load(Ordering::Relaxed))),
             ("redrive_errors", json!(self.ledger.redrive_errors.total())),
+            ("runs_paused", json!(self.ledger.paused.load(Ordering::Relaxed))),
+            ("pause_errors", json!(self.ledger.pause_errors.total())),
             ("get_errors", json!(self.ledger.get_errors.total())),
             ("sigstops", json!(stats.sigstops.load(Ordering::Relaxed))),
             ("scale_events", json!(stats.scale_events.load(Ordering::Relaxed))),
