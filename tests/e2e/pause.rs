@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use flowgrid_sdk::{RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_sdk::{ErrorCode, RunId, RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, Grid};
 use serde_json::json;
 
-use crate::{deploy, OrLogs, RUN_DEADLINE};
+use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
 
 /// A signal step, then a task: the signal makes the task ready while the test holds the run.
 const GATED_FLOW: &str = r#"
@@ -83,6 +83,9 @@ async fn the_running_runs_of_a_flow_are_paused_and_resumed_in_one_command() -> a
     for run_id in &runs {
         assert_eq!(grid.wait_run(&client, run_id, RUN_DEADLINE).await?.status, RunStatus::Succeeded);
     }
+    let error = client.pause(&runs[0], "x".repeat(2_000)).await.expect_err("refused");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+    assert!(refusal(&error).message.contains("2000 bytes; at most 1024"), "{error:?}");
     let (ok, _, stderr) = grid.cli(&["run", "resume", "--reason", "x"])?;
     assert!(!ok && stderr.contains("name the runs to resume"), "{stderr}");
     let (ok, _, stderr) = grid.cli(&["run", "resume", runs[0].as_str(), "--limit", "1"])?;

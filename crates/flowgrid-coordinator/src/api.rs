@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
-use flowgrid_model::limits::{nesting_depth, SUBFLOW_DEPTH_MAX};
+use flowgrid_model::limits::{nesting_depth, REASON_BYTES_MAX, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{parse_definition, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun,
@@ -397,6 +397,7 @@ impl Api {
 
     async fn cancel_run(&self, request: CancelRun) -> Result<flowgrid_proto::RunCancelled, ApiError> {
         let CancelRun { run_id, reason } = request;
+        check_reason(&reason)?;
         let shard = self.router.shard_of(run_id.as_str());
         self.ask(shard, ShardRequest::Cancel { run_id, reason }, |reply| match reply {
             ShardReply::Cancelled(cancelled) => Ok(cancelled),
@@ -406,6 +407,13 @@ impl Api {
     }
 
     async fn redrive_run(&self, request: RedriveRun) -> Result<RunRedriven, ApiError> {
+        check_reason(&request.reason)?;
+        if request.from.len() > self.limits.steps_max {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("`from` names {} steps; a flow has at most {}", request.from.len(), self.limits.steps_max),
+            ));
+        }
         let shard = self.router.shard_of(request.run_id.as_str());
         self.ask(shard, ShardRequest::Redrive(request), |reply| match reply {
             ShardReply::Redriven(redriven) => Ok(redriven),
@@ -415,6 +423,7 @@ impl Api {
     }
 
     async fn pause_run(&self, request: PauseRun, pause: bool) -> Result<RunPaused, ApiError> {
+        check_reason(&request.reason)?;
         let shard = self.router.shard_of(request.run_id.as_str());
         self.ask(shard, ShardRequest::Pause { request, pause }, |reply| match reply {
             ShardReply::Paused(paused) => Ok(paused),
@@ -519,4 +528,16 @@ async fn publish(nats: &async_nats::Client, reply_to: async_nats::Subject, encod
 /// (the value's bytes are a slice of the request); `None` for JSON, whose size does not.
 pub fn msgpack_request_bytes(encoding: Encoding, payload: &[u8]) -> Option<usize> {
     (encoding == Encoding::MsgPack).then_some(payload.len())
+}
+
+/// A reason (of a cancel, redrive, pause or resume) is kept in the run's history: refused
+/// past [`REASON_BYTES_MAX`].
+fn check_reason(reason: &str) -> Result<(), ApiError> {
+    if reason.len() <= REASON_BYTES_MAX {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!("the reason is {} bytes; at most {REASON_BYTES_MAX} are kept with a run: shorten it", reason.len()),
+    ))
 }

@@ -63,6 +63,8 @@ pub struct Run {
     redriven: Option<Box<Redriven>>,
     /// Set while the run is paused, with the steps it holds (boxed: most runs never are).
     paused: Option<Box<pause::Pause>>,
+    /// Pauses so far (at most [`flowgrid_model::limits::PAUSES_MAX`]).
+    pauses: u32,
     /// By step index.
     steps: Vec<StepState>,
     /// Steps not resolved yet; the run succeeds by itself when this reaches zero.
@@ -104,6 +106,7 @@ impl Run {
             parent: None,
             redriven: None,
             paused: None,
+            pauses: 0,
             steps,
             agenda: VecDeque::new(),
         };

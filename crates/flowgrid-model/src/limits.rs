@@ -47,6 +47,13 @@ pub const SUBFLOW_DEPTH_MAX: u32 = 8;
 /// replays when it loads the run.
 pub const REDRIVES_MAX: u32 = 100;
 
+/// How often one run may be paused: each pause and resume adds to its history.
+pub const PAUSES_MAX: u32 = 1_000;
+
+/// The longest reason a cancel, redrive, pause or resume may give (bytes): it is kept in
+/// the run's history, and a pause's in its view.
+pub const REASON_BYTES_MAX: usize = 1_024;
+
 /// The longest time a definition may name, 366 days (a `wait`, a schedule's `every_ms`):
 /// anything longer is a mistake in the definition, or in the data an expression reads.
 pub const DURATION_MS_MAX: u64 = 366 * 24 * 60 * 60 * 1000;

@@ -12,6 +12,7 @@ use std::time::Instant;
 use flowgrid_engine::{
     Applied, Effect, Event, RedriveRefused, Run, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey,
 };
+use flowgrid_model::limits::PAUSES_MAX;
 use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
@@ -342,6 +343,12 @@ impl<S: ShardStore> ShardActor<S> {
             let status = self.ended_run(&run_id).await?.status;
             return Ok(RunPaused { run_id, status, paused: false, applied: false });
         };
+        if pause && active.run.paused().is_none() && active.run.pauses() >= PAUSES_MAX {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("run {run_id} was paused {PAUSES_MAX} times, the most a run may be"),
+            ));
+        }
         let (event, counter) = match (pause, reason.is_empty()) {
             (true, true) => {
                 (Event::PauseRequested { reason: "paused through the API".to_owned() }, metrics::RUNS_PAUSED)

@@ -7,6 +7,7 @@
 //! ends the run as ever, and a run that ends while paused is no longer paused (the steps
 //! it held are cancelled with the others).
 
+use flowgrid_model::limits::PAUSES_MAX;
 use flowgrid_model::{Millis, StepIndex};
 
 use super::resolve::Agenda;
@@ -32,11 +33,20 @@ impl Run {
         })
     }
 
+    /// Pauses so far, none refused.
+    pub fn pauses(&self) -> u32 {
+        self.pauses
+    }
+
     /// Pauses the run; a run paused already stays as it is.
     pub(super) fn pause(&mut self, reason: &str, context: &mut Context<'_>) -> Applied {
         if self.paused.is_some() {
             return Applied::Ignored("the run is paused already");
         }
+        if self.pauses >= PAUSES_MAX {
+            return Applied::Ignored("the run was paused the most times a run may be");
+        }
+        self.pauses += 1;
         let pause = Pause { since_ms: context.now, reason: reason.to_owned(), held: Vec::new() };
         self.paused = Some(Box::new(pause));
         Applied::Accepted

@@ -77,3 +77,16 @@ fn a_paused_run_still_times_out_and_is_cancelled_and_its_redrive_is_not_paused()
     harness.apply(20_020, Event::CancelRequested { reason: "enough".to_owned() });
     assert_eq!((harness.run.status(), harness.run.paused()), (RunStatus::Cancelled, None));
 }
+
+#[test]
+fn a_run_is_paused_a_bounded_number_of_times() {
+    let mut harness = Harness::start(CHAIN, json!({}), 0);
+    for round in 0..flowgrid_model::limits::PAUSES_MAX {
+        let now = u64::from(round) * 2 + 1;
+        assert_eq!(pause(&mut harness, now), Applied::Accepted, "pause {round}");
+        assert_eq!(resume(&mut harness, now + 1), Applied::Accepted);
+    }
+    assert_eq!(harness.run.pauses(), flowgrid_model::limits::PAUSES_MAX);
+    assert_eq!(pause(&mut harness, 9_000), Applied::Ignored("the run was paused the most times a run may be"));
+    assert_eq!(harness.run.paused(), None);
+}
