@@ -152,3 +152,91 @@ async fn a_consumer_made_by_hand_before_the_deploy_is_used_as_it_is() -> anyhow:
     assert_eq!(ids_and_orders(&runs), BTreeSet::from([(earlier, Some(1)), (later, Some(2))]));
     Ok(())
 }
+
+/// Charges an invoice: fails with `card_declined` when the input says so.
+const INVOICE: &str = r#"
+name: invoice
+publish_ended: true
+steps:
+  - id: route
+    kind: choice
+    choices: [{ when: 'input.declined == true', next: decline }]
+    default: charge
+  - { id: charge, kind: task, pool: a, task: echo }
+  - { id: decline, kind: task, pool: a, task: fail, input: '#{ code: "card_declined", retryable: false }' }
+"#;
+
+/// Reacts to every failed invoice run: a run for each end of `invoice`, which reports
+/// the failed ones and succeeds at once for the others.
+fn on_invoice_failure(subjects: &flowgrid_proto::Subjects) -> String {
+    format!(
+        r#"
+name: invoice-failures
+trigger: {{ stream: {stream}, subject: '{subject}' }}
+output: 'steps.report.output'
+steps:
+  - id: check
+    kind: choice
+    choices: [{{ when: 'input.status != "succeeded"', next: report }}]
+    default: fine
+  - {{ id: report, kind: transform, output: '#{{ failed_run: input.run_id, code: input.error.code }}' }}
+  - {{ id: fine, kind: succeed }}
+"#,
+        stream = subjects.run_ends_stream(),
+        subject = subjects.run_ended("invoice"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_on_the_run_ends_stream_starts_a_run_for_each_end_of_another_flow() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+
+    // A flow that would read its own ends is refused: each run would start another.
+    let looping = format!(
+        "name: loop\npublish_ended: true\ntrigger: {{ stream: {} }}\nsteps:\n  - {{ id: s, kind: task, pool: a, task: echo }}\n",
+        subjects.run_ends_stream()
+    );
+    let error = client.deploy(&looping).await.expect_err("a trigger on its own ends");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidDefinition, "{error:?}");
+    assert!(refusal(&error).message.contains("without end"), "{error:?}");
+
+    deploy(&grid, &client, INVOICE).await?;
+    deploy(&grid, &client, &on_invoice_failure(&subjects)).await?;
+    let mut ended = Vec::new();
+    for declined in [false, true] {
+        let start = flowgrid_sdk::StartRun {
+            flow: "invoice".into(),
+            version: None,
+            input: serde_json::json!({ "declined": declined }),
+            idempotency_key: None,
+        };
+        let run_id = client.start(start).await.or_logs(&grid)?.run_id;
+        ended.push((run_id.clone(), grid.wait_run(&client, &run_id, RUN_DEADLINE).await?.status));
+    }
+    assert_eq!(ended.iter().map(|(_, status)| *status).collect::<Vec<_>>(), [RunStatus::Succeeded, RunStatus::Failed]);
+
+    let handlers = wait_for("a handler run per invoice end", RUN_DEADLINE, || async {
+        let query = ListRuns {
+            parent: None,
+            flow: Some("invoice-failures".into()),
+            status: Some(RunStatus::Succeeded),
+            limit: None,
+            cursor: None,
+        };
+        let runs = client.list(query).await.ok()?.runs;
+        (runs.len() == 2).then_some(runs)
+    })
+    .await
+    .or_logs(&grid)?;
+    let mut outputs = Vec::new();
+    for run in handlers {
+        outputs.push(client.get(&run.run_id).await?.output);
+    }
+    let failed = &ended[1].0;
+    let report = serde_json::json!({ "failed_run": failed, "code": "card_declined" });
+    assert!(outputs.contains(&Some(report)), "the failed invoice is reported: {outputs:?}");
+    assert!(outputs.contains(&None), "the one that succeeded is not (its output is null): {outputs:?}");
+    Ok(())
+}

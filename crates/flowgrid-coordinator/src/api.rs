@@ -207,6 +207,7 @@ impl Api {
             api_error
         })?;
         if let Some(trigger) = &definition.trigger {
+            check_trigger_loop(&self.router.context.subjects, &definition, trigger)?;
             self.check_trigger_stream(trigger).await?;
         }
         let catalog = self.router.shard_of(&definition.name);
@@ -540,4 +541,29 @@ fn check_reason(reason: &str) -> Result<(), ApiError> {
         ErrorCode::InvalidRequest,
         format!("the reason is {} bytes; at most {REASON_BYTES_MAX} are kept with a run: shorten it", reason.len()),
     ))
+}
+
+/// Refuses a flow that announces its ends on the run-ends stream and whose trigger reads its
+/// own announcements: each of its runs would start another, without end.
+fn check_trigger_loop(
+    subjects: &flowgrid_proto::Subjects,
+    definition: &flowgrid_model::FlowDefinition,
+    trigger: &flowgrid_model::Trigger,
+) -> Result<(), ApiError> {
+    let own_ends = subjects.run_ended(&definition.name);
+    let reads_own_ends = definition.publish_ended
+        && trigger.stream == subjects.run_ends_stream()
+        && trigger.subject.as_deref().is_none_or(|filter| flowgrid_proto::subject_matches(filter, &own_ends));
+    if !reads_own_ends {
+        return Ok(());
+    }
+    let message = format!(
+        "the flow announces its ends on {own_ends:?}, which its trigger reads: each run would start another, without \
+         end; narrow `trigger.subject` to the flows it watches (e.g. {:?})",
+        subjects.run_ended("invoice")
+    );
+    let mut refusal =
+        ApiError::new(ErrorCode::InvalidDefinition, format!("invalid definition: trigger.subject: {message}"));
+    refusal.issues = vec![flowgrid_model::Issue { path: "trigger.subject".to_owned(), message }];
+    Err(refusal)
 }

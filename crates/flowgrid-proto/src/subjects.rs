@@ -126,9 +126,36 @@ impl Subjects {
     }
 }
 
+/// Whether subject `filter` (with `*` for one token and `>` for the rest) takes `subject`.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut subject_tokens = subject.split('.');
+    for token in filter.split('.') {
+        match (token, subject_tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (token, Some(other)) if token == other => {}
+            _ => return false,
+        }
+    }
+    subject_tokens.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_takes_the_subjects_its_wildcards_cover() {
+        assert!(subject_matches("g.runs.ended.invoice", "g.runs.ended.invoice"));
+        assert!(subject_matches("g.runs.ended.*", "g.runs.ended.invoice"));
+        assert!(subject_matches("g.runs.>", "g.runs.ended.invoice"));
+        assert!(subject_matches("*.runs.ended.invoice", "g.runs.ended.invoice"));
+        assert!(!subject_matches("g.runs.ended.other", "g.runs.ended.invoice"));
+        assert!(!subject_matches("g.runs.ended", "g.runs.ended.invoice"), "shorter");
+        assert!(!subject_matches("g.runs.ended.invoice.x", "g.runs.ended.invoice"), "longer");
+        assert!(!subject_matches("g.runs.ended.invoice.>", "g.runs.ended.invoice"), "`>` takes one token or more");
+        assert!(!subject_matches("g.runs.*", "g.runs.ended.invoice"));
+    }
 
     #[test]
     fn names_derive_from_the_prefix() {
