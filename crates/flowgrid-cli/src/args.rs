@@ -35,10 +35,10 @@ pub enum Command {
     Coordinator(CoordinatorConfig),
     /// Run the built-in demo workers (generate, embed, transcode, ... and test tasks).
     Worker(WorkerArgs),
-    /// Deploy and inspect flow definitions.
+    /// Deploy, check and inspect flow definitions.
     #[command(subcommand)]
     Flow(FlowCommand),
-    /// Start, inspect, list and cancel runs.
+    /// Start, inspect, list, signal, pause, cancel and redrive runs.
     #[command(subcommand)]
     Run(RunCommand),
     /// Write the JSON Schemas of the wire messages, or check them for drift.
@@ -96,6 +96,10 @@ pub struct WorkerArgs {
 pub enum FlowCommand {
     /// Deploy a definition file (YAML or JSON; `-` reads stdin) as a new version.
     Deploy { file: PathBuf },
+    /// Check definition files without a grid: every problem a deploy would refuse, each
+    /// with its path (exit 1 if any file has one). A trigger's stream is checked at deploy.
+    #[command(arg_required_else_help = true)]
+    Check { files: Vec<PathBuf> },
     /// List deployed flows.
     List,
     /// Print a flow's definition (YAML, or JSON with --json).
@@ -177,10 +181,11 @@ pub enum RunCommand {
         #[arg(long, default_value = "cancelled from the command line")]
         reason: String,
     },
-    /// Run runs that failed, timed out or were cancelled again, from the steps that did
-    /// not succeed (those that did keep their outputs), and with --from any run that ended
-    /// again from a step on: the runs named, or with --flow or --status every run that
-    /// matches.
+    /// Run ended runs again: those that did not succeed from their failed steps, any run
+    /// from a step on with --from.
+    ///
+    /// Steps that succeeded keep their outputs, unless --from names them or a step before
+    /// them. The runs named, or with --flow or --status every run that matches.
     #[command(arg_required_else_help = true)]
     Redrive {
         /// Runs to redrive.
@@ -210,8 +215,10 @@ pub enum RunCommand {
         #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
         timeout: Duration,
     },
-    /// Pause running runs: they start no step until resumed; what they started goes on
-    /// (attempts out, their retries, a map's items, waits, child runs).
+    /// Pause running runs: they start no step until resumed.
+    ///
+    /// What they started goes on (attempts out, their retries, a map's items, waits,
+    /// child runs). The runs named, or with --flow every running run of the flow.
     #[command(arg_required_else_help = true)]
     Pause {
         #[command(flatten)]

@@ -1,8 +1,12 @@
-//! `flowgrid flow deploy | list | show`.
+//! `flowgrid flow deploy | check | list | show`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use serde_json::json;
+
+use flowgrid_model::{parse_definition, Evaluator, FlowPlan, Limits};
 
 use flowgrid_sdk::Client;
 
@@ -48,6 +52,7 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
                 out!("{}", table.render())?;
             }
         }
+        FlowCommand::Check { files } => return check(&files, session),
         FlowCommand::Show { name, version } => {
             let info = client.flow(&name, version).await?;
             if session.json {
@@ -60,4 +65,69 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `flow check`: parses and compiles each file as a deploy would, with the default limits.
+pub(crate) fn check(files: &[PathBuf], session: &Session) -> anyhow::Result<ExitCode> {
+    let limits = Limits::default();
+    let evaluator = Evaluator::new(&limits);
+    let mut reports = Vec::new();
+    for file in files {
+        let checked = super::read_text(file).map_err(|error| vec![format!("definition: {error:#}")]).and_then(|text| {
+            let definition = parse_definition(&text, &limits).map_err(issues)?;
+            let plan = FlowPlan::compile(definition, 1, &evaluator, &limits).map_err(issues)?;
+            Ok((plan.name.clone(), plan.steps.len()))
+        });
+        reports.push((file.display().to_string(), checked));
+    }
+    let valid = reports.iter().all(|(_, checked)| checked.is_ok());
+    if session.json {
+        let reports: Vec<_> = reports
+            .iter()
+            .map(|(file, checked)| match checked {
+                Ok((name, steps)) => json!({"file": file, "valid": true, "flow": name, "steps": steps}),
+                Err(problems) => json!({"file": file, "valid": false, "problems": problems}),
+            })
+            .collect();
+        print_json(&reports)?;
+    } else {
+        for (file, checked) in &reports {
+            match checked {
+                Ok((name, steps)) => outln!("ok       {file}: flow {name}, {steps} step(s)")?,
+                Err(problems) => {
+                    outln!("invalid  {file}: {} problem(s)", problems.len())?;
+                    for problem in problems {
+                        outln!("  {problem}")?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(if valid { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn issues(error: flowgrid_model::DefinitionError) -> Vec<String> {
+    error.issues().iter().map(ToString::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_passes_the_bundled_flows_and_fails_a_file_with_problems() {
+        let session = Session { nats_url: String::new(), prefix: "flowgrid".into(), json: true };
+        let bundled: Vec<PathBuf> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/flows"))
+            .expect("the bundled flows")
+            .map(|entry| entry.expect("a directory entry").path())
+            .collect();
+        assert!(bundled.len() >= 5, "{bundled:?}");
+        assert_eq!(check(&bundled, &session).unwrap(), ExitCode::SUCCESS);
+
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, "name: bad\nsteps:\n  - { id: b, kind: transform, after: [zz], output: '1' }\n").unwrap();
+        assert_eq!(check(&[bundled[0].clone(), bad], &session).unwrap(), ExitCode::FAILURE);
+        assert_eq!(check(&[dir.path().join("missing.yaml")], &session).unwrap(), ExitCode::FAILURE);
+    }
 }

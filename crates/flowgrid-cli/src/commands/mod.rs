@@ -17,7 +17,7 @@ use anyhow::Context;
 
 use flowgrid_sdk::Client;
 
-use crate::args::Command;
+use crate::args::{Command, FlowCommand};
 use crate::Session;
 
 pub(crate) use grid::{not_joined_hint, status_text, GridReader, NotJoined};
@@ -26,6 +26,7 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
     match command {
         Command::Coordinator(config) => serve::coordinator(config).await,
         Command::Worker(args) => serve::worker(args, session).await,
+        Command::Flow(FlowCommand::Check { files }) => flow::check(&files, session),
         Command::Flow(command) => flow::dispatch(command, &connect(session).await?, session).await,
         Command::Run(command) => run::dispatch(command, &connect(session).await?, session).await,
         Command::Schemas(args) => schemas::schemas(&args),
