@@ -61,3 +61,73 @@ async fn a_schedule_starts_one_run_per_slot_until_a_version_without_it() -> anyh
     assert_eq!(runs_of(&client).await?.len(), stopped, "a version without a schedule starts no more runs");
     Ok(())
 }
+
+/// A schedule and a trigger on the same flow: both stop while the flow is paused.
+const TICKER_AND_EVENTS: &str = r#"
+name: ticker
+schedule: { every_ms: 1000, input: { from: schedule } }
+trigger: { stream: TICKS }
+steps:
+  - { id: tick, kind: task, pool: a, task: echo }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_flow_starts_no_run_by_schedule_or_trigger_until_it_is_resumed() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "TICKS".into(),
+            subjects: vec!["ticks".into()],
+            ..Default::default()
+        })
+        .await?;
+    deploy(&grid, &client, TICKER_AND_EVENTS).await?;
+    wait_for("a scheduled run", Duration::from_secs(20), || async {
+        runs_of(&client).await.ok().filter(|runs| !runs.is_empty())
+    })
+    .await
+    .or_logs(&grid)?;
+
+    let (ok, stdout, stderr) = grid.cli(&["flow", "pause", "ticker", "--reason", "incident 42"])?;
+    assert!(ok && stdout.contains("flow ticker is paused"), "{stdout}\n{stderr}");
+    let (_, stdout, _) = grid.cli(&["flow", "list"])?;
+    assert!(stdout.contains("every 1.0s, stream TICKS (paused)"), "{stdout}");
+    let flows = client.flows().await.or_logs(&grid)?.flows;
+    assert_eq!(flows[0].paused.as_ref().map(|pause| pause.reason.as_str()), Some("incident 42"));
+    // A run of a slot due as the pause went through may still be starting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paused_at = runs_of(&client).await?.len();
+    let mut from_messages = Vec::new();
+    for tick in 0..2 {
+        let ack = jetstream.publish("ticks", format!("{{\"tick\": {tick}}}").into()).await?.await?;
+        from_messages.push(RunId::from_idempotency_key("ticker", &format!("trigger/TICKS/{}", ack.sequence)));
+    }
+    // Two slots of the schedule, and the time the messages' runs would need to start.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(runs_of(&client).await?.len(), paused_at, "a paused flow starts no run");
+
+    // The pause is kept with the flow: a restarted coordinator keeps it.
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(runs_of(&client).await?.len(), paused_at, "still paused after a restart");
+
+    let (ok, stdout, stderr) = grid.cli(&["flow", "resume", "ticker"])?;
+    assert!(ok && stdout.contains("flow ticker is not paused"), "{stdout}\n{stderr}");
+    let runs = wait_for("the messages' runs and a scheduled run", Duration::from_secs(20), || async {
+        let runs = runs_of(&client).await.ok()?;
+        let ids: Vec<&RunId> = runs.iter().map(|run| &run.run_id).collect();
+        let messages_started = from_messages.iter().all(|run_id| ids.contains(&run_id));
+        (messages_started && runs.len() >= paused_at + 3).then_some(runs)
+    })
+    .await
+    .or_logs(&grid)?;
+    assert!(runs.len() >= paused_at + 3, "{runs:?}");
+    let (ok, stdout, _) = grid.cli(&["flow", "resume", "ticker"])?;
+    assert!(ok && stdout.contains("it was already; nothing changed"), "{stdout}");
+    let (ok, _, stderr) = grid.cli(&["flow", "pause", "no-such-flow"])?;
+    assert!(!ok && stderr.contains("no flow named"), "{stderr}");
+    Ok(())
+}

@@ -122,6 +122,17 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     let (status, _, page) = http_post_form(&addr, "/flows", &form(&[("token", &token), ("definition", "name: [")]))?;
     assert_eq!(status, 400, "a bad definition is refused with its problems: {page}");
 
+    // A scheduled flow's page pauses its schedule.
+    let hourly =
+        "name: hourly\nschedule: { every_ms: 3600000 }\nsteps:\n  - { id: s, kind: task, pool: a, task: echo }\n";
+    deploy(&grid, &client, hourly).await?;
+    let (_, page) = http_get(&addr, "/flows/hourly")?;
+    assert!(page.contains("Pause its schedule and trigger"), "{page}");
+    let (status, _, _) = http_post_form(&addr, "/flows/hourly/pause", &form(&[("token", &token)]))?;
+    assert_eq!(status, 303);
+    let (_, page) = http_get(&addr, "/flows/hourly")?;
+    assert!(page.contains("paused from the web UI") && page.contains("Resume its schedule and trigger"), "{page}");
+
     let (status, location, _) = http_post_form(&addr, "/flows", &form(&[("token", &token), ("definition", UI_FLOW)]))?;
     assert_eq!((status, location.as_deref()), (303, Some("/flows/ui-flow?version=1")));
     let (status, location, _) = http_post_form(

@@ -100,6 +100,25 @@ pub enum FlowCommand {
     /// with its path (exit 1 if any file has one). A trigger's stream is checked at deploy.
     #[command(arg_required_else_help = true)]
     Check { files: Vec<PathBuf> },
+    /// Stop the flow's schedule and trigger from starting runs until `flow resume`.
+    ///
+    /// Its trigger's messages wait in their stream; the slots of its schedule meanwhile are
+    /// skipped. Runs started through the API, and running runs, go on (`run pause --flow`
+    /// pauses those).
+    #[command(arg_required_else_help = true)]
+    Pause {
+        name: String,
+        /// Why, shown with the flow.
+        #[arg(long, default_value = "paused from the command line")]
+        reason: String,
+    },
+    /// Let a paused flow's schedule and trigger start runs again.
+    #[command(arg_required_else_help = true)]
+    Resume {
+        name: String,
+        #[arg(long, default_value = "resumed from the command line")]
+        reason: String,
+    },
     /// List deployed flows.
     List,
     /// Print a flow's definition (YAML, or JSON with --json).

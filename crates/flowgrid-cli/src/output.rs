@@ -136,10 +136,10 @@ pub fn started_by(flow: &flowgrid_proto::FlowSummary) -> String {
             None => parts.push(format!("stream {}", trigger.stream)),
         }
     }
-    if parts.is_empty() {
-        "-".to_owned()
-    } else {
-        parts.join(", ")
+    match (parts.is_empty(), &flow.paused) {
+        (true, _) => "-".to_owned(),
+        (false, None) => parts.join(", "),
+        (false, Some(_)) => format!("{} (paused)", parts.join(", ")),
     }
 }
 
@@ -199,6 +199,7 @@ mod tests {
             description: None,
             schedule: None,
             trigger: None,
+            paused: None,
         };
         assert_eq!(started_by(&flow), "-");
         flow.schedule =
@@ -213,6 +214,8 @@ mod tests {
         });
         flow.trigger = Some(flowgrid_model::Trigger { stream: "ORDERS".into(), subject: None });
         assert_eq!(started_by(&flow), "cron 0 */6 * * *, stream ORDERS");
+        flow.paused = Some(flowgrid_proto::FlowPause { since_ms: 0, reason: "incident".into() });
+        assert_eq!(started_by(&flow), "cron 0 */6 * * *, stream ORDERS (paused)");
     }
 
     #[test]

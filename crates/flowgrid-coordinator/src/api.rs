@@ -12,9 +12,9 @@ use bytes::Bytes;
 use flowgrid_model::limits::{nesting_depth, REASON_BYTES_MAX, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{parse_definition, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, GetFlow, GetRun,
-    ListFlows, ListRuns, PauseRun, RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted, RunsStarted,
-    SignalRun, StartChildRun, StartRun, StartRuns, START_MANY_RUNS_MAX,
+    ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused, GetFlow,
+    GetRun, ListFlows, ListRuns, PauseFlow, PauseRun, RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted,
+    RunsStarted, SignalRun, StartChildRun, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -35,10 +35,12 @@ const LIST_LIMIT_MAX: u32 = 1_000;
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 /// Every API verb.
-const VERBS: [&str; 14] = [
+const VERBS: [&str; 16] = [
     "flow.deploy",
     "flow.list",
     "flow.get",
+    "flow.pause",
+    "flow.resume",
     "run.start",
     "run.start_many",
     "run.get",
@@ -142,6 +144,8 @@ impl Api {
             "flow.deploy" => call(encoding, payload, |request| self.deploy(request)).await,
             "flow.list" => call(encoding, payload, |_: ListFlows| self.list_flows()).await,
             "flow.get" => call(encoding, payload, |request: GetFlow| self.get_flow(request)).await,
+            "flow.pause" => call(encoding, payload, |request| self.pause_flow(request, true)).await,
+            "flow.resume" => call(encoding, payload, |request| self.pause_flow(request, false)).await,
             "run.start" => {
                 let request_bytes = msgpack_request_bytes(encoding, payload);
                 call(encoding, payload, |request| self.start_run(request, None, request_bytes, None)).await
@@ -243,6 +247,16 @@ impl Api {
                 format!("cannot look up the trigger's stream {stream:?} ({error}); retry"),
             )),
         }
+    }
+
+    async fn pause_flow(&self, request: PauseFlow, pause: bool) -> Result<FlowPaused, ApiError> {
+        check_reason(&request.reason)?;
+        let catalog = self.router.shard_of(&request.name);
+        self.ask(catalog, ShardRequest::PauseFlow { request, pause }, |reply| match reply {
+            ShardReply::FlowPaused(paused) => Ok(paused),
+            other => Err(other),
+        })
+        .await
     }
 
     async fn list_flows(&self) -> Result<FlowList, ApiError> {

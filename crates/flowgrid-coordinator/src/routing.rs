@@ -75,6 +75,11 @@ pub enum ShardRequest {
     Deploy {
         definition: Box<FlowDefinition>,
     },
+    /// Pause (`pause`) or resume the flow's schedule and trigger.
+    PauseFlow {
+        request: flowgrid_proto::PauseFlow,
+        pause: bool,
+    },
     GetFlow {
         name: String,
         version: Option<u32>,
@@ -92,6 +97,7 @@ pub enum ShardReply {
     Cancelled(RunCancelled),
     Redriven(RunRedriven),
     Paused(RunPaused),
+    FlowPaused(flowgrid_proto::FlowPaused),
     Signalled(RunSignalled),
     Run(Box<RunView>),
     Runs(Vec<RunSummary>),
@@ -254,6 +260,9 @@ impl Router {
             }
             ShardRequest::Deploy { definition } => {
                 handle.ask(|reply| Command::Deploy { definition, reply }).await.map(ShardReply::Deployed)
+            }
+            ShardRequest::PauseFlow { request, pause } => {
+                handle.ask(|reply| Command::PauseFlow { request, pause, reply }).await.map(ShardReply::FlowPaused)
             }
             ShardRequest::GetFlow { name, version } => handle
                 .ask(|reply| Command::GetFlow { name, version, reply })

@@ -39,6 +39,8 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("run-cancelled.json", schema_for!(Reply<RunCancelled>)),
         ("redrive-run.json", schema_for!(RedriveRun)),
         ("run-redriven.json", schema_for!(Reply<RunRedriven>)),
+        ("pause-flow.json", schema_for!(PauseFlow)),
+        ("flow-paused.json", schema_for!(Reply<FlowPaused>)),
         ("pause-run.json", schema_for!(PauseRun)),
         ("run-paused.json", schema_for!(Reply<RunPaused>)),
         ("signal-run.json", schema_for!(SignalRun)),

@@ -121,6 +121,37 @@ pub struct FlowSummary {
     /// The latest version's trigger, if it has one: the grid starts a run per message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<Trigger>,
+    /// Set while the flow's schedule and trigger start no runs (`flow.pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<FlowPause>,
+}
+
+/// Since when and why a flow's automatic starts are paused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FlowPause {
+    pub since_ms: Millis,
+    pub reason: String,
+}
+
+/// `<prefix>.api.flow.pause` and `<prefix>.api.flow.resume`: stops the runs a flow's
+/// schedule and trigger start, or lets them start again. Runs started through the API are
+/// not affected, nor are running runs (`run.pause` pauses those).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PauseFlow {
+    pub name: String,
+    /// Why, shown with the flow.
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FlowPaused {
+    pub name: String,
+    /// The flow's automatic starts are paused after the request.
+    pub paused: bool,
+    /// The request changed the flow: `false` for a pause of a paused flow or a resume of
+    /// one that is not paused (repeating either is safe).
+    pub applied: bool,
 }
 
 /// `<prefix>.api.flow.get`: one version (the latest when `version` is absent).
@@ -137,6 +168,9 @@ pub struct FlowInfo {
     pub version: u32,
     pub deployed_ms: Millis,
     pub definition: FlowDefinition,
+    /// Set while the flow's schedule and trigger start no runs (`flow.pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<FlowPause>,
 }
 
 /// `<prefix>.api.run.start` (request/reply) or `<prefix>.submit` (durable, no reply).

@@ -22,9 +22,9 @@ use flowgrid_engine::RunView;
 use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
-    GetFlow, GetRun, ListFlows, ListRuns, PauseRun, ProtoError, RedriveRun, Reply, RunCancelled, RunList, RunPaused,
-    RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects,
-    CONTENT_TYPE_HEADER,
+    FlowPaused, GetFlow, GetRun, ListFlows, ListRuns, PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, RunCancelled,
+    RunList, RunPaused, RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun,
+    Subjects, CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -204,6 +204,22 @@ impl Client {
     pub async fn cancel(&self, run_id: &RunId, reason: impl Into<String>) -> Result<RunCancelled> {
         let cancel = CancelRun { run_id: run_id.clone(), reason: reason.into() };
         self.call("run.cancel", &cancel, OnTimeout::Retry).await
+    }
+
+    /// Pauses the runs a flow's schedule and trigger start (its trigger's messages wait in
+    /// their stream); runs started through the API and running runs are not affected.
+    /// `applied` is `false` for a flow paused already, so repeating it is safe.
+    pub async fn pause_flow(&self, name: &str, reason: impl Into<String>) -> Result<FlowPaused> {
+        let pause = PauseFlow { name: name.to_owned(), reason: reason.into() };
+        self.call("flow.pause", &pause, OnTimeout::Retry).await
+    }
+
+    /// Lets a paused flow's schedule and trigger start runs again: the trigger goes on with
+    /// the messages published meanwhile; the schedule with its next slot (those of the
+    /// pause are skipped).
+    pub async fn resume_flow(&self, name: &str, reason: impl Into<String>) -> Result<FlowPaused> {
+        let resume = PauseFlow { name: name.to_owned(), reason: reason.into() };
+        self.call("flow.resume", &resume, OnTimeout::Retry).await
     }
 
     /// Pauses a running run: it starts no step until it is resumed (what it started goes

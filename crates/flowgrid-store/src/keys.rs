@@ -73,6 +73,22 @@ pub fn decode_catalog(key: &[u8]) -> Result<(String, u32)> {
     Ok((flow, version))
 }
 
+/// A flow whose automatic starts (schedule, trigger) are paused: `("flow_paused", flow)`.
+pub fn flow_paused(flow: &str) -> Vec<u8> {
+    packed(&("flow_paused", flow))
+}
+
+/// Every paused flow of the shard's catalog.
+pub fn flow_paused_range() -> KeyRange {
+    tuple_range(&("flow_paused",))
+}
+
+/// Decodes a [`flow_paused`] key into the flow's name.
+pub fn decode_flow_paused(key: &[u8]) -> Result<String> {
+    let (_, flow): (String, String) = decode("flow_paused", "flow_paused", key)?;
+    Ok(flow)
+}
+
 /// The copy of a definition that runs of this shard use: `("def", flow, version)`.
 pub fn pinned_definition(flow: &str, version: u32) -> Vec<u8> {
     packed(&("def", flow, version))

@@ -53,6 +53,8 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
             }
         }
         FlowCommand::Check { files } => return check(&files, session),
+        FlowCommand::Pause { name, reason } => print_paused(&client.pause_flow(&name, reason).await?, session)?,
+        FlowCommand::Resume { name, reason } => print_paused(&client.resume_flow(&name, reason).await?, session)?,
         FlowCommand::Show { name, version } => {
             let info = client.flow(&name, version).await?;
             if session.json {
@@ -65,6 +67,16 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_paused(paused: &flowgrid_sdk::FlowPaused, session: &Session) -> anyhow::Result<()> {
+    if session.json {
+        return print_json(paused);
+    }
+    let state = if paused.paused { "paused: its schedule and trigger start no runs" } else { "not paused" };
+    let change = if paused.applied { "" } else { " (it was already; nothing changed)" };
+    outln!("flow {} is {state}{change}", paused.name)?;
+    Ok(())
 }
 
 /// `flow check`: parses and compiles each file as a deploy would, with the default limits.

@@ -57,6 +57,8 @@ pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) 
         .route("/deploy", get(deploy_form))
         .route("/flows", post(deploy))
         .route("/flows/{name}", get(flow))
+        .route("/flows/{name}/pause", post(pause_flow))
+        .route("/flows/{name}/resume", post(resume_flow))
         .route("/runs", get(runs).post(start))
         .route("/runs/{run_id}", get(run))
         .route("/runs/{run_id}/signal", post(signal))
@@ -237,6 +239,22 @@ struct RedriveForm {
     token: String,
     #[serde(default)]
     from: String,
+}
+
+async fn pause_flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Form(form): Form<TokenForm>) -> Response {
+    if let Some(refused) = ui.refusal(&form.token) {
+        return refused;
+    }
+    let paused = ui.client.pause_flow(&name, "paused from the web UI").await;
+    after_action(paused, |_| format!("/flows/{name}"))
+}
+
+async fn resume_flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Form(form): Form<TokenForm>) -> Response {
+    if let Some(refused) = ui.refusal(&form.token) {
+        return refused;
+    }
+    let resumed = ui.client.resume_flow(&name, "resumed from the web UI").await;
+    after_action(resumed, |_| format!("/flows/{name}"))
 }
 
 async fn pause(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {

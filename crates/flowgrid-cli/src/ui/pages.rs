@@ -193,6 +193,19 @@ pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>, actions: 
                 }
                 a href=(format!("/flows/{}", info.name)) { "the latest version" }
             }
+            @if let Some(pause) = &info.paused {
+                p.notice {
+                    (status_badge("paused")) " since " (utc_time(pause.since_ms)) " UTC: " (pause.reason)
+                    ". Its schedule and trigger start no runs until it is resumed."
+                }
+            }
+            @if let (true, Some(token)) = (definition.schedule.is_some() || definition.trigger.is_some(), actions) {
+                @let (verb, label) = if info.paused.is_some() { ("resume", "Resume its schedule and trigger") } else { ("pause", "Pause its schedule and trigger") };
+                form.action method="post" action=(format!("/flows/{}/{verb}", info.name)) {
+                    input type="hidden" name="token" value=(token);
+                    button type="submit" { (label) }
+                }
+            }
             (Layout::of(definition).svg(&HashMap::new()))
             @if let Some(token) = actions {
                 form.action method="post" action="/runs" {

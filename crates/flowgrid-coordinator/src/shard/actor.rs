@@ -53,7 +53,9 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub pinned: HashSet<(String, u32)>,
     /// Versions of the flows whose catalog lives in this shard, oldest first.
     pub catalog: BTreeMap<String, Vec<CatalogEntry>>,
-    /// The next slot of each flow of the catalog that has a schedule.
+    /// The flows of the catalog whose schedule and trigger are paused.
+    pub flow_pauses: BTreeMap<String, flowgrid_proto::FlowPause>,
+    /// The next slot of each flow of the catalog that has a schedule (and is not paused).
     pub schedules: BTreeMap<String, Millis>,
     /// The triggers of the flows of the catalog whose latest version has one.
     pub triggers: super::triggers::Triggers,
@@ -97,6 +99,7 @@ pub async fn spawn_shard<S: ShardStore>(
         timers: TimerWheel::default(),
         pinned: HashSet::new(),
         catalog: BTreeMap::new(),
+        flow_pauses: BTreeMap::new(),
         schedules: BTreeMap::new(),
         triggers: Default::default(),
         next_prune_ms,
@@ -304,6 +307,10 @@ impl<S: ShardStore> ShardActor<S> {
             }
             Command::Deploy { definition, reply } => {
                 let outcome = self.deploy(*definition, batch);
+                batch.reply(reply, outcome);
+            }
+            Command::PauseFlow { request, pause, reply } => {
+                let outcome = self.pause_flow(request, pause, batch);
                 batch.reply(reply, outcome);
             }
             Command::Plan { name, version, reply } => {

@@ -41,7 +41,8 @@ pub struct Batch {
     pub result_replies: Vec<ResultReply>,
     /// Runs that ended in this batch: dropped from memory after the commit.
     pub finished: Vec<RunId>,
-    /// Flow versions deployed in this batch: published as latest after the commit.
+    /// Flow versions deployed in this batch, and latest versions of flows paused or
+    /// resumed: published as latest, their schedule and trigger armed, after the commit.
     pub deployed: Vec<Arc<FlowPlan>>,
     /// Child runs to start after the commit, each with its depth below the top run.
     pub child_starts: Vec<(ChildStart, u32)>,

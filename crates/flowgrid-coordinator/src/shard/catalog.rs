@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use flowgrid_model::{FlowDefinition, FlowPlan, Millis};
-use flowgrid_proto::{ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowSummary};
+use flowgrid_proto::{ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowPause, FlowPaused, FlowSummary, PauseFlow};
 use flowgrid_store::{keys, ShardStore};
 
 use super::actor::ShardActor;
@@ -45,6 +45,32 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(FlowDeployed { name, version, created: true })
     }
 
+    /// Pauses (`pause`) or resumes the runs the flow's schedule and trigger start. The
+    /// schedule and trigger follow after the commit, as after a deploy.
+    pub(super) fn pause_flow(
+        &mut self,
+        request: PauseFlow,
+        pause: bool,
+        batch: &mut Batch,
+    ) -> Result<FlowPaused, ApiError> {
+        let PauseFlow { name, reason } = request;
+        let latest = self.entry(&name, None)?.plan.clone();
+        if self.flow_pauses.contains_key(&name) == pause {
+            return Ok(FlowPaused { name, paused: pause, applied: false });
+        }
+        if pause {
+            let reason = if reason.is_empty() { "paused through the API".to_owned() } else { reason };
+            let record = FlowPause { since_ms: now_ms(), reason };
+            batch.writes.set(keys::flow_paused(&name), records::encode(&record));
+            self.flow_pauses.insert(name.clone(), record);
+        } else {
+            batch.writes.clear(keys::flow_paused(&name));
+            self.flow_pauses.remove(&name);
+        }
+        batch.deployed.push(latest);
+        Ok(FlowPaused { name, paused: pause, applied: true })
+    }
+
     /// The plan of a version (the latest when `version` is `None`).
     pub(super) fn plan(&self, name: &str, version: Option<u32>) -> Result<Arc<FlowPlan>, ApiError> {
         self.entry(name, version).map(|entry| entry.plan.clone())
@@ -57,6 +83,7 @@ impl<S: ShardStore> ShardActor<S> {
             version: entry.version,
             deployed_ms: entry.deployed_ms,
             definition: entry.plan.definition.clone(),
+            paused: self.flow_pauses.get(name).cloned(),
         })
     }
 
@@ -73,6 +100,7 @@ impl<S: ShardStore> ShardActor<S> {
                     description: latest.plan.definition.description.clone(),
                     schedule: latest.plan.definition.schedule.clone(),
                     trigger: latest.plan.definition.trigger.clone(),
+                    paused: self.flow_pauses.get(name).cloned(),
                 })
             })
             .collect()

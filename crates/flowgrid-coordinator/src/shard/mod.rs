@@ -113,6 +113,12 @@ pub enum Command {
         definition: Box<flowgrid_model::FlowDefinition>,
         reply: Responder<FlowDeployed>,
     },
+    /// Pause (`pause`) or resume the flow's schedule and trigger.
+    PauseFlow {
+        request: flowgrid_proto::PauseFlow,
+        pause: bool,
+        reply: Responder<flowgrid_proto::FlowPaused>,
+    },
     /// A flow version's plan (the latest when `version` is `None`), for starting runs.
     Plan {
         name: String,

@@ -70,6 +70,10 @@ impl<S: ShardStore> ShardActor<S> {
     }
 
     async fn reload_catalog(&mut self) -> Result<()> {
+        for (key, value) in self.store.scan(keys::flow_paused_range(), usize::MAX, false).await? {
+            let flow = keys::decode_flow_paused(&key)?;
+            self.flow_pauses.insert(flow, records::decode("flow pause", &value)?);
+        }
         let entries = join_records(self.store.scan(keys::catalog_range(), usize::MAX, false).await?)?;
         for (key, value) in entries {
             let (name, version) = keys::decode_catalog(&key)?;

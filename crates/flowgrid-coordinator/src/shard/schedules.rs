@@ -20,9 +20,11 @@ pub(super) const CATCH_UP_MS: Millis = 60_000;
 
 impl<S: ShardStore> ShardActor<S> {
     /// Arms the schedule of `plan`, the latest version of its flow, at its first slot after
-    /// `after_ms`; a version without a schedule stops the flow's.
+    /// `after_ms`; a version without a schedule, or a paused flow, stops the flow's (the
+    /// slots of a pause are skipped).
     pub(super) fn arm_schedule(&mut self, plan: &FlowPlan, after_ms: Millis) {
-        match plan.schedule.as_ref().and_then(|timetable| timetable.next_after(after_ms)) {
+        let timetable = plan.schedule.as_ref().filter(|_| !self.flow_pauses.contains_key(&plan.name));
+        match timetable.and_then(|timetable| timetable.next_after(after_ms)) {
             Some(slot) => {
                 self.schedules.insert(plan.name.clone(), slot);
             }
@@ -36,7 +38,7 @@ impl<S: ShardStore> ShardActor<S> {
     /// since `from_ms` that is due by `now` (it may have been missed while the shard had no
     /// owner), else at the first slot after `now`.
     pub(super) fn arm_schedule_catching_up(&mut self, plan: &FlowPlan, from_ms: Millis, now: Millis) {
-        let Some(timetable) = &plan.schedule else {
+        let Some(timetable) = plan.schedule.as_ref().filter(|_| !self.flow_pauses.contains_key(&plan.name)) else {
             self.schedules.remove(&plan.name);
             return;
         };

@@ -44,12 +44,15 @@ pub(super) struct Triggers {
 
 impl<S: ShardStore> ShardActor<S> {
     /// Starts, moves to the new version, or stops the trigger of `plan`'s flow, of which
-    /// `plan` is now the latest version.
+    /// `plan` is now the latest version. A paused flow's trigger stops; its consumer keeps
+    /// its place, so the messages published meanwhile start their runs on the resume.
     pub(super) fn update_trigger(&mut self, plan: &Arc<FlowPlan>) {
+        let paused = self.flow_pauses.contains_key(&plan.name);
         let running = &mut self.triggers.running;
-        let Some(trigger) = &plan.definition.trigger else {
+        let Some(trigger) = plan.definition.trigger.as_ref().filter(|_| !paused) else {
             if let Some((_, stop)) = running.remove(&plan.name) {
-                info!(flow = %plan.name, "trigger stopped: the latest version has none");
+                let why = if paused { "the flow is paused" } else { "the latest version has none" };
+                info!(flow = %plan.name, "trigger stopped: {why}");
                 stop.cancel();
             }
             return;
