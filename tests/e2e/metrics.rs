@@ -33,6 +33,9 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
     let runs = RUNS as f64;
     expect_at_least("flowgrid_runs_started_total ", runs);
     expect_at_least("flowgrid_runs_finished_total{status=\"succeeded\"", runs);
+    expect_at_least("flowgrid_run_duration_seconds_count{flow=\"echo-once\",status=\"succeeded\"}", runs);
+    // A real histogram (buckets, not quantiles), so that coordinators' series add up.
+    expect_at_least("flowgrid_run_duration_seconds_bucket{flow=\"echo-once\",status=\"succeeded\",le=\"60\"}", runs);
     expect_at_least("flowgrid_tasks_dispatched_total{pool=\"a\"", runs);
     expect_at_least("flowgrid_task_results_total{pool=\"a\",outcome=\"succeeded\"}", runs);
     expect_at_least("flowgrid_api_requests_total{verb=\"run.start\",outcome=\"ok\"}", runs);

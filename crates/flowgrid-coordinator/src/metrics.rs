@@ -16,6 +16,10 @@ use metrics::{
 
 pub const RUNS_STARTED: &str = "flowgrid_runs_started_total";
 pub const RUNS_FINISHED: &str = "flowgrid_runs_finished_total";
+pub const RUN_DURATION: &str = "flowgrid_run_duration_seconds";
+/// Buckets of [`RUN_DURATION`]: from a few milliseconds (a run of engine steps) to an hour.
+pub const RUN_DURATION_BUCKETS: [f64; 16] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1_800.0, 3_600.0];
 pub const RUNS_ACTIVE: &str = "flowgrid_runs_active";
 pub const TASKS_DISPATCHED: &str = "flowgrid_tasks_dispatched_total";
 pub const TASKS_PUBLISH_FAILED: &str = "flowgrid_tasks_publish_failed_total";
@@ -47,6 +51,11 @@ pub fn describe() {
     flowgrid_store_redb::describe_metrics();
     describe_counter!(RUNS_STARTED, Unit::Count, "Runs started.");
     describe_counter!(RUNS_FINISHED, Unit::Count, "Runs that reached a terminal status (label: status).");
+    describe_histogram!(
+        RUN_DURATION,
+        Unit::Seconds,
+        "From a run's start to its end, by flow and status (its count: runs ended by flow and status)."
+    );
     describe_gauge!(RUNS_ACTIVE, Unit::Count, "Runs started and not yet ended, held in memory.");
     describe_counter!(TASKS_DISPATCHED, Unit::Count, "Task attempts published to JetStream (label: pool).");
     describe_counter!(TASKS_PUBLISH_FAILED, Unit::Count, "Task publishes that failed and were retried (label: pool).");
@@ -123,6 +132,8 @@ pub struct ShardMetrics {
     pub commit_batch_events: Histogram,
     /// Runs ended, by status, in the order of [`ENDED`].
     runs_finished: [Counter; 4],
+    /// Run durations by flow, then by status in the order of [`ENDED`].
+    flows: HashMap<String, [Histogram; 4]>,
     pools: HashMap<Arc<str>, TaskMetrics>,
 }
 
@@ -145,14 +156,21 @@ impl ShardMetrics {
             commit_seconds: histogram!(COMMIT_SECONDS),
             commit_batch_events: histogram!(COMMIT_BATCH_EVENTS),
             runs_finished: ENDED.map(|status| counter!(RUNS_FINISHED, "status" => status.as_str())),
+            flows: HashMap::new(),
             pools: HashMap::new(),
         }
     }
 
-    pub fn run_finished(&self, status: RunStatus) {
-        if let Some(index) = ENDED.iter().position(|ended| *ended == status) {
-            self.runs_finished[index].increment(1);
+    /// A run of `flow` ended in `status`, `seconds` after it started.
+    pub fn run_finished(&mut self, flow: &str, status: RunStatus, seconds: f64) {
+        let Some(index) = ENDED.iter().position(|ended| *ended == status) else { return };
+        self.runs_finished[index].increment(1);
+        if !self.flows.contains_key(flow) {
+            let durations =
+                ENDED.map(|status| histogram!(RUN_DURATION, "flow" => flow.to_owned(), "status" => status.as_str()));
+            self.flows.insert(flow.to_owned(), durations);
         }
+        self.flows[flow][index].record(seconds);
     }
 
     /// The pool's handles, registered the first time the pool is seen (pools are few).

@@ -305,6 +305,11 @@ fn serve_metrics(addr: &str) -> Result<()> {
         addr.parse().map_err(|_| Error::Config(format!("--metrics-addr {addr:?} is not host:port")))?;
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(socket)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(metrics::RUN_DURATION.to_owned()),
+            &metrics::RUN_DURATION_BUCKETS,
+        )
+        .map_err(|error| Error::Metrics { addr: addr.to_owned(), message: error.to_string() })?
         .install()
         .map_err(|error| Error::Metrics { addr: addr.to_owned(), message: error.to_string() })?;
     metrics::describe();

@@ -242,7 +242,8 @@ impl<S: ShardStore> ShardActor<S> {
             self.send_after_commit(OutboxRecord::ChildEnded(ended), batch);
         }
         batch.finished.push(run_id.clone());
-        self.metrics.run_finished(status);
+        let seconds = now.saturating_sub(created_ms) as f64 / 1_000.0;
+        self.metrics.run_finished(&plan.name, status, seconds);
     }
 
     /// The end of a child run of one of this shard's runs: the parent's subflow step takes
