@@ -133,7 +133,7 @@ pub struct ShardMetrics {
     /// Runs ended, by status, in the order of [`ENDED`].
     runs_finished: [Counter; 4],
     /// Run durations by flow, then by status in the order of [`ENDED`].
-    flows: HashMap<String, [Histogram; 4]>,
+    flows: HashMap<String, [Histogram; 4], foldhash::fast::RandomState>,
     pools: HashMap<Arc<str>, TaskMetrics>,
 }
 
@@ -156,7 +156,7 @@ impl ShardMetrics {
             commit_seconds: histogram!(COMMIT_SECONDS),
             commit_batch_events: histogram!(COMMIT_BATCH_EVENTS),
             runs_finished: ENDED.map(|status| counter!(RUNS_FINISHED, "status" => status.as_str())),
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             pools: HashMap::new(),
         }
     }
