@@ -225,12 +225,35 @@ struct TokenForm {
     token: String,
 }
 
-async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
+/// Sends `action` if the form carries this UI's token, then shows `back` (or the refusal).
+async fn token_action<T>(
+    ui: &Ui,
+    token: &str,
+    action: impl std::future::Future<Output = flowgrid_sdk::Result<T>>,
+    back: String,
+) -> Response {
+    if let Some(refused) = ui.refusal(token) {
         return refused;
     }
-    let cancelled = ui.client.cancel(&RunId(run_id.clone().into()), "cancelled from the web UI").await;
-    after_action(cancelled, |_| format!("/runs/{run_id}"))
+    after_action(action.await, |_| back)
+}
+
+async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+    let run = RunId(run_id.clone().into());
+    let cancel = ui.client.cancel(&run, "cancelled from the web UI");
+    token_action(&ui, &form.token, cancel, format!("/runs/{run_id}")).await
+}
+
+async fn pause(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+    let run = RunId(run_id.clone().into());
+    let pause = ui.client.pause(&run, "paused from the web UI");
+    token_action(&ui, &form.token, pause, format!("/runs/{run_id}")).await
+}
+
+async fn resume(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+    let run = RunId(run_id.clone().into());
+    let resume = ui.client.resume(&run, "resumed from the web UI");
+    token_action(&ui, &form.token, resume, format!("/runs/{run_id}")).await
 }
 
 /// A redrive: from the steps that did not succeed, and from step `from` if one is chosen.
@@ -241,45 +264,21 @@ struct RedriveForm {
     from: String,
 }
 
+async fn redrive(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<RedriveForm>) -> Response {
+    let run = RunId(run_id.clone().into());
+    let from = if form.from.is_empty() { Vec::new() } else { vec![form.from] };
+    let redrive = ui.client.redrive_from(&run, from, "redriven from the web UI");
+    token_action(&ui, &form.token, redrive, format!("/runs/{run_id}")).await
+}
+
 async fn pause_flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Form(form): Form<TokenForm>) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
-        return refused;
-    }
-    let paused = ui.client.pause_flow(&name, "paused from the web UI").await;
-    after_action(paused, |_| format!("/flows/{name}"))
+    let pause = ui.client.pause_flow(&name, "paused from the web UI");
+    token_action(&ui, &form.token, pause, format!("/flows/{name}")).await
 }
 
 async fn resume_flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Form(form): Form<TokenForm>) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
-        return refused;
-    }
-    let resumed = ui.client.resume_flow(&name, "resumed from the web UI").await;
-    after_action(resumed, |_| format!("/flows/{name}"))
-}
-
-async fn pause(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
-        return refused;
-    }
-    let paused = ui.client.pause(&RunId(run_id.clone().into()), "paused from the web UI").await;
-    after_action(paused, |_| format!("/runs/{run_id}"))
-}
-
-async fn resume(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
-        return refused;
-    }
-    let resumed = ui.client.resume(&RunId(run_id.clone().into()), "resumed from the web UI").await;
-    after_action(resumed, |_| format!("/runs/{run_id}"))
-}
-
-async fn redrive(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<RedriveForm>) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
-        return refused;
-    }
-    let from = if form.from.is_empty() { Vec::new() } else { vec![form.from] };
-    let redriven = ui.client.redrive_from(&RunId(run_id.clone().into()), from, "redriven from the web UI").await;
-    after_action(redriven, |_| format!("/runs/{run_id}"))
+    let resume = ui.client.resume_flow(&name, "resumed from the web UI");
+    token_action(&ui, &form.token, resume, format!("/flows/{name}")).await
 }
 
 impl Ui {
