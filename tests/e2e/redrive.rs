@@ -180,6 +180,43 @@ async fn a_parent_redriven_after_its_child_flow_was_fixed_starts_a_new_child() -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redriven_fan_out_of_child_runs_keeps_the_children_that_succeeded() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    // The child fails for odd numbers until it is fixed.
+    let picky = "name: convert\nsteps:\n  - id: pick\n    kind: choice\n    choices: [{ when: 'input % 2 == 1', next: refuse }]\n    default: work\n  - { id: work, kind: task, pool: a, task: echo }\n  - { id: refuse, kind: fail, error: odd }\n";
+    deploy(&grid, &client, picky).await?;
+    let parent_flow = "name: fan\noutput: 'steps.each.output'\nsteps:\n  - { id: each, kind: subflow, flow: convert, items: 'input', max_concurrency: 1 }\n";
+    deploy(&grid, &client, parent_flow).await?;
+    let start = StartRun { flow: "fan".into(), version: None, input: json!([2, 3, 4]), idempotency_key: None };
+    let parent = client.start(start).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
+    let children = |parent: &RunId| {
+        let parent = parent.clone();
+        let client = client.clone();
+        async move {
+            let query = ListRuns { parent: Some(parent), flow: None, status: None, limit: None, cursor: None };
+            client.list(query).await.map(|list| list.runs)
+        }
+    };
+    let before = children(&parent).await.or_logs(&grid)?;
+
+    deploy(&grid, &client, "name: convert\nsteps:\n  - { id: work, kind: task, pool: a, task: echo }\n").await?;
+    client.redrive(&parent, "convert fixed").await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output, Some(json!([{"work": 2}, {"work": 3}, {"work": 4}])), "{view:?}");
+    let after = children(&parent).await.or_logs(&grid)?;
+    // The items' children that succeeded are not started again: the new round has only
+    // children for the items that did not succeed.
+    let succeeded_before = before.iter().filter(|run| run.status == RunStatus::Succeeded).count();
+    assert_eq!(after.len(), before.len() + (3 - succeeded_before), "before {before:?}\nafter {after:?}");
+    assert!(succeeded_before >= 1, "{before:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_failed_run_of_a_flow_is_redriven_in_one_command() -> anyhow::Result<()> {
     let grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;

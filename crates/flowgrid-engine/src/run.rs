@@ -396,10 +396,8 @@ impl Run {
         // The steps it held are cancelled with the others; a redrive starts them.
         self.paused = None;
         self.cancel_children(status, context);
-        for (state, step) in self.steps.iter_mut().zip(&self.plan.steps) {
-            if state.is_open() {
-                cancel_step(state, step, context.now);
-            }
+        for state in self.steps.iter_mut().filter(|state| state.is_open()) {
+            cancel_step(state, context.now);
         }
         self.agenda.clear();
         context.effects.push(Effect::RunFinished { run_id: self.run_id.clone(), status });
@@ -414,33 +412,32 @@ impl Run {
     /// error no catch may handle, such as a broken expression).
     fn fail_step_and_run(&mut self, index: StepIndex, error: TaskError, context: &mut Context<'_>) {
         let now = context.now;
-        let step = &self.plan.steps[usize::from(index)];
         let state = &mut self.steps[usize::from(index)];
         assert!(state.is_open(), "only an unresolved step fails");
         state.status = StepStatus::Failed;
         state.error = Some(Box::new(error.clone()));
         state.ended_ms = Some(now);
-        state.work = abandon_with_run(std::mem::replace(&mut state.work, Work::Idle), step);
+        state.work = abandon_with_run(std::mem::replace(&mut state.work, Work::Idle));
         self.unresolved -= 1;
         self.fail_run(error, context);
     }
 }
 
 /// Cancels an unresolved step because the run ended.
-fn cancel_step(state: &mut StepState, step: &PlanStep, now: Millis) {
+fn cancel_step(state: &mut StepState, now: Millis) {
     if state.started_ms.is_some() {
         state.ended_ms = Some(now);
     }
     state.status = StepStatus::Cancelled;
-    state.work = abandon_with_run(std::mem::replace(&mut state.work, Work::Idle), step);
+    state.work = abandon_with_run(std::mem::replace(&mut state.work, Work::Idle));
 }
 
-/// The work of a step that ends with its run: as [`abandon`], but a `map` step keeps the
-/// outputs of its items that succeeded, which a redrive of the run does not run again.
-/// (A subflow step's items are child runs: a redrive starts a new round of them all.)
-fn abandon_with_run(work: Work, step: &PlanStep) -> Work {
+/// The work of a step that ends with its run: as [`abandon`], but a `map` step, or a
+/// `subflow` step with items, keeps the outputs of its items that succeeded (tasks, or
+/// child runs), which a redrive of the run does not run again.
+fn abandon_with_run(work: Work) -> Work {
     match work {
-        Work::Map(mut map) if matches!(step.kind, PlanStepKind::Map { .. }) => {
+        Work::Map(mut map) => {
             if map.items.iter().any(|item| matches!(item, Item::Succeeded(_))) {
                 for item in map.items.iter_mut().filter(|item| !matches!(item, Item::Succeeded(_))) {
                     *item = Item::Abandoned;

@@ -172,9 +172,10 @@ pub struct StepView {
     /// For a subflow step that started: its (latest) child run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_run: Option<RunId>,
-    /// For a subflow step with items: the round of its children
+    /// For a subflow step with items: the round of the children it started last
     /// ([`ParentRef::round`]), which their ids follow from; 0 until a redrive starts the
-    /// step again.
+    /// step again. Children of items that succeeded in an earlier round are kept, with the
+    /// ids of their round (list them all by their parent).
     #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
     pub child_round: u32,
 }

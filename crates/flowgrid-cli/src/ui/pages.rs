@@ -282,9 +282,14 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
 const ITEM_CHILDREN_SHOWN: u32 = 50;
 
 /// The child runs a subflow step with items started, by item (their ids follow from the
-/// run, the step and the flow): at most [`ITEM_CHILDREN_SHOWN`].
+/// run, the step and the flow): at most [`ITEM_CHILDREN_SHOWN`]. None for a step a redrive
+/// started again: the children it kept have ids of earlier rounds (the list of the run's
+/// children has them all).
 fn item_children(view: &RunView, definition: Option<&FlowDefinition>, step: &StepView) -> Vec<(u32, RunId)> {
     let (Some(definition), Some(counts)) = (definition, &step.items) else { return Vec::new() };
+    if step.child_round > 0 {
+        return Vec::new();
+    }
     let flow = definition.steps.iter().find_map(|candidate| match candidate {
         Step::Subflow(subflow) if subflow.id == step.id => Some(subflow.flow.as_str()),
         _ => None,
@@ -416,14 +421,16 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                         tr { td {} td colspan="6" { "Child run " a href=(format!("/runs/{child}")) { code { (child) } } } }
                     }
                     @let children = item_children(view, definition, step);
-                    @if !children.is_empty() {
+                    @if !children.is_empty() || (step.kind == "subflow" && step.child_round > 0) {
                         tr {
                             td {}
                             td colspan="6" {
-                                "Child runs by item: "
-                                @for (item, child) in &children { a href=(format!("/runs/{child}")) { (item) } " " }
-                                @if let Some(counts) = &step.items {
-                                    @if counts.total as usize > children.len() { "(the first " (children.len()) " of " (counts.total) ") " }
+                                @if !children.is_empty() {
+                                    "Child runs by item: "
+                                    @for (item, child) in &children { a href=(format!("/runs/{child}")) { (item) } " " }
+                                    @if let Some(counts) = &step.items {
+                                        @if counts.total as usize > children.len() { "(the first " (children.len()) " of " (counts.total) ") " }
+                                    }
                                 }
                                 a href=(format!("/runs?parent={}", view.run_id)) { "all child runs" }
                             }

@@ -4,9 +4,9 @@
 //! What stays: every step that succeeded or was skipped, and every failure a catch took
 //! (with whatever its catch started), unless it is one of the steps named to run again
 //! from or comes after one. What starts again: every step that failed without a catch or
-//! was cancelled when the run ended, once its dependencies have resolved (a map with its
-//! items that did not succeed, a subflow step with new child runs for all its items); one
-//! that waited for dependencies waits again. A step named to run again from, and every
+//! was cancelled when the run ended, once its dependencies have resolved (a map, or a
+//! subflow step with items, with its items that did not succeed; a subflow step with a new
+//! child run); one that waited for dependencies waits again. A step named to run again from, and every
 //! step its edges lead to, start from scratch: each counts only the dependencies before
 //! the named steps as resolved, as they resolved then (the branch a choice took, the catch
 //! that took a failure), and waits for the others; a map runs all its items again.
@@ -127,7 +127,7 @@ impl Run {
 }
 
 /// A step that goes again: pending, with the dependencies it had and its attempts counted;
-/// a map keeps its items that succeeded for its next start.
+/// a map (or a subflow step's items) keeps its items that succeeded for its next start.
 fn reset(state: &mut StepState) {
     state.status = StepStatus::Pending;
     state.started_ms = None;
