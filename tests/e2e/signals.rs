@@ -141,3 +141,33 @@ async fn a_waiting_step_and_a_taken_signal_survive_a_coordinator_crash() -> anyh
     assert_eq!(step(&view, "publish").output, Some(json!("later")), "{view:?}");
     Ok(())
 }
+
+/// A wait before a signal step that keeps early signals: the signal arrives first.
+const PAYMENT_FLOW: &str = r#"
+name: payment
+output: 'steps.ship.output'
+steps:
+  - { id: check, kind: wait, duration_ms: 400 }
+  - { id: paid, kind: signal, after: [check], keep_early: true }
+  - { id: ship, kind: task, pool: a, task: echo, after: [paid], input: 'steps.paid.output' }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_keeps_early_signals_takes_one_sent_before_it_started() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, PAYMENT_FLOW).await?;
+    let start = StartRun { flow: "payment".into(), version: None, input: json!({}), idempotency_key: None };
+    let run_id = client.start(start).await.or_logs(&grid)?.run_id;
+    let kept = client.signal(&run_id, "paid", json!({"amount": 12})).await.or_logs(&grid)?;
+    assert!(kept.applied, "kept for the step: {kept:?}");
+    let view = client.get(&run_id).await.or_logs(&grid)?;
+    let paid = step(&view, "paid");
+    assert_eq!((paid.status, paid.output.clone()), (StepStatus::Pending, Some(json!({"amount": 12}))), "{view:?}");
+    let again = client.signal(&run_id, "paid", json!({"amount": 99})).await.or_logs(&grid)?;
+    assert!(!again.applied, "a second early signal changes nothing: {again:?}");
+
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"amount": 12}))));
+    Ok(())
+}

@@ -63,10 +63,11 @@ pub enum SignalRefused {
     NoSuchStep,
     /// The step is of another kind (`task`, `wait`, ...).
     NotASignalStep { kind: &'static str },
-    /// The step has not started: the steps before it are still going.
+    /// The step has not started (the steps before it are still going) and does not keep
+    /// early signals.
     NotStarted,
-    /// The step is over: it took a signal already, timed out, was skipped or cancelled,
-    /// or the run ended.
+    /// The step is over: it took a signal already (or keeps one sent before it started),
+    /// timed out, was skipped or cancelled, or the run ended.
     Over { status: crate::StepStatus },
 }
 

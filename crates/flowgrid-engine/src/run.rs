@@ -427,6 +427,9 @@ impl Run {
 fn cancel_step(state: &mut StepState, now: Millis) {
     if state.started_ms.is_some() {
         state.ended_ms = Some(now);
+    } else {
+        // A signal kept for a step that never started is dropped.
+        state.output = None;
     }
     state.status = StepStatus::Cancelled;
     state.work = abandon_with_run(std::mem::replace(&mut state.work, Work::Idle));

@@ -296,6 +296,11 @@ pub struct SignalStep {
     /// Where a timeout goes instead of failing the run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub catch: Vec<Catch>,
+    /// Keep a signal sent before the step starts, and take it when the step starts.
+    /// Default: such a signal is refused, so that nothing is decided before the step is
+    /// reached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_early: bool,
 }
 
 /// Runs another flow as a step and waits for it: the child run's output is the step's

@@ -124,6 +124,8 @@ pub enum PlanStepKind {
         /// No signal by then fails the step with code `timeout`.
         timeout_ms: Option<u64>,
         catch: Vec<CatchRule>,
+        /// A signal sent before the step starts is kept for it.
+        keep_early: bool,
     },
     Subflow(SubflowSpec),
 }

@@ -540,7 +540,8 @@ fn signal_refusal(run_id: &RunId, step: &str, refused: &SignalRefused) -> Option
             ErrorCode::Conflict,
             format!(
                 "step `{step}` of run {run_id} has not started: the steps before it are still going; send the \
-                 signal once it waits (`flowgrid run get` shows it `running`)"
+                 signal once it waits (`flowgrid run get` shows it `running`), or give the step `keep_early: true` \
+                 in a new version of the flow to keep signals sent before it starts"
             ),
         ),
         SignalRefused::Over { .. } => return None,

@@ -110,7 +110,10 @@ impl Run {
         if state.activated {
             self.agenda.push_back(Agenda::Start(target));
         } else {
-            self.state(target).status = StepStatus::Skipped;
+            let state = self.state(target);
+            state.status = StepStatus::Skipped;
+            // A signal kept for a step that never starts is dropped.
+            state.output = None;
             self.resolve_step(target, Resolution::Skipped, context);
         }
     }

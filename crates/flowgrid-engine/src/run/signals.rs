@@ -1,8 +1,11 @@
 //! Signal steps: a step that waits for a signal sent to the run from outside.
 //!
 //! The step takes the first signal that arrives while it waits: the signal's data is its
-//! output. A signal before the step starts, or after it is over, changes nothing and says
-//! why ([`SignalRefused`]), so a sender can tell a repeated signal from a mistake.
+//! output. A signal before the step starts is refused, unless the step keeps early
+//! signals (`keep_early`): then the first one is kept as the step's output while it is
+//! pending, and the step succeeds with it as soon as it starts. A signal after the step is
+//! over (or once one is kept) changes nothing and says why ([`SignalRefused`]), so a
+//! sender can tell a repeated signal from a mistake.
 
 use flowgrid_model::{PlanStepKind, StepIndex};
 use serde_json::Value;
@@ -13,8 +16,13 @@ use super::{Context, Run};
 use crate::{Applied, Effect, SignalRefused, StepStatus, TaskError, TimerKey};
 
 impl Run {
-    /// Starts signal step `index`: it waits, until `timeout_ms` from now if it has one.
+    /// Starts signal step `index`: it takes the signal kept for it, else it waits, until
+    /// `timeout_ms` from now if it has one.
     pub(super) fn start_signal(&mut self, index: StepIndex, timeout_ms: Option<u64>, context: &mut Context<'_>) {
+        if self.steps[usize::from(index)].output.is_some() {
+            self.state(index).status = StepStatus::Succeeded;
+            return self.resolve_step(index, Resolution::Succeeded, context);
+        }
         let deadline_ms = timeout_ms.map(|timeout_ms| context.now.saturating_add(timeout_ms));
         self.state(index).work = Work::Signal { deadline_ms };
         if let Some(deadline_ms) = deadline_ms {
@@ -30,10 +38,13 @@ impl Run {
         if !matches!(kind, PlanStepKind::Signal { .. }) {
             return Some(SignalRefused::NotASignalStep { kind: super::kind_name(kind) });
         }
+        let keep_early = matches!(kind, PlanStepKind::Signal { keep_early: true, .. });
         let state = &self.steps[usize::from(index)];
         match (&state.work, state.status) {
-            (Work::Signal { .. }, _) if !self.status.is_terminal() => None,
-            (_, StepStatus::Pending) if !self.status.is_terminal() => Some(SignalRefused::NotStarted),
+            _ if self.status.is_terminal() => Some(SignalRefused::Over { status: state.status }),
+            (Work::Signal { .. }, _) => None,
+            (_, StepStatus::Pending) if !keep_early => Some(SignalRefused::NotStarted),
+            (_, StepStatus::Pending) if state.output.is_none() => None,
             (_, status) => Some(SignalRefused::Over { status }),
         }
     }
@@ -49,6 +60,11 @@ impl Run {
             });
         }
         let index = self.plan.step_index(step).expect("signal_refused checked the step");
+        if self.steps[usize::from(index)].status == StepStatus::Pending {
+            // Kept for the step (`keep_early`): it succeeds with it when it starts.
+            self.state(index).output = Some(data.clone());
+            return Applied::Accepted;
+        }
         if let Work::Signal { deadline_ms: Some(deadline_ms) } = self.steps[usize::from(index)].work {
             let timer = TimerKey::SignalTimeout { step: step.to_owned() };
             context.effects.push(Effect::CancelTimer { run_id: self.run_id.clone(), timer, due_ms: deadline_ms });

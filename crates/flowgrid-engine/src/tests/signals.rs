@@ -92,3 +92,37 @@ steps:
     assert_eq!(harness.step_status("go"), StepStatus::Cancelled);
     assert_eq!(harness.run.signal_refused("go"), Some(SignalRefused::Over { status: StepStatus::Cancelled }));
 }
+
+const EARLY: &str = r##"
+name: early
+steps:
+  - { kind: task, id: draft, pool: cpu, task: draft }
+  - { kind: signal, id: approve, after: [draft], keep_early: true, timeout_ms: 60000 }
+  - { kind: task, id: publish, after: [approve], pool: cpu, task: publish, input: "steps.approve.output" }
+"##;
+
+#[test]
+fn a_step_that_keeps_early_signals_takes_the_first_one_sent_before_it_started() {
+    let mut harness = Harness::start(EARLY, json!({}), 0);
+    assert_eq!(harness.run.signal_refused("approve"), None);
+    assert_eq!(harness.apply(10, signal("approve", json!({"by": "ana"}))), Applied::Accepted);
+    let approve = harness.step("approve");
+    assert_eq!((approve.status, approve.output), (StepStatus::Pending, Some(json!({"by": "ana"}))), "kept");
+    assert_eq!(harness.run.signal_refused("approve"), Some(SignalRefused::Over { status: StepStatus::Pending }));
+    assert_eq!(harness.apply(20, signal("approve", json!({"by": "bob"}))), Applied::Ignored("the signal step is over"));
+
+    harness.succeed(100, "draft", None, 1, json!("text"));
+    let approve = harness.step("approve");
+    assert_eq!((approve.status, approve.output), (StepStatus::Succeeded, Some(json!({"by": "ana"}))));
+    assert!(harness.armed(&timeout("approve")).is_none(), "no wait, so no timeout");
+    assert_eq!(*harness.dispatched()[0].input, json!({"by": "ana"}), "the steps after it go on at once");
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+
+    // A kept signal of a run that ends before the step starts is dropped with it.
+    let mut harness = Harness::start(EARLY, json!({}), 0);
+    harness.apply(10, signal("approve", json!("kept")));
+    harness.apply(20, Event::CancelRequested { reason: "no".to_owned() });
+    let approve = harness.step("approve");
+    assert_eq!((approve.status, approve.output), (StepStatus::Cancelled, None));
+}

@@ -165,9 +165,11 @@ fn plan_kind(
         Step::Transform(_) => PlanStepKind::Transform { output: required("output") },
         Step::Succeed(_) => PlanStepKind::Succeed { output: take("output") },
         Step::Fail(fail) => PlanStepKind::Fail { error: fail.error.clone(), message: take("message") },
-        Step::Signal(signal) => {
-            PlanStepKind::Signal { timeout_ms: signal.timeout_ms, catch: catch_rules(&signal.catch, index) }
-        }
+        Step::Signal(signal) => PlanStepKind::Signal {
+            timeout_ms: signal.timeout_ms,
+            catch: catch_rules(&signal.catch, index),
+            keep_early: signal.keep_early,
+        },
         Step::Subflow(subflow) => PlanStepKind::Subflow(SubflowSpec {
             flow: subflow.flow.clone(),
             version: subflow.version,
