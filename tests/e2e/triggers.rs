@@ -240,3 +240,55 @@ async fn a_trigger_on_the_run_ends_stream_starts_a_run_for_each_end_of_another_f
     assert!(outputs.contains(&None), "the one that succeeded is not (its output is null): {outputs:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_s_input_expression_makes_the_run_input_from_the_message_and_its_subject() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    jetstream
+        .create_stream(stream::Config {
+            name: "SHIPMENTS".into(),
+            subjects: vec!["shipments.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    let reads_steps = "name: ship\ntrigger: { stream: SHIPMENTS, input: 'steps.s.output' }\nsteps:\n  - { id: s, kind: task, pool: a, task: echo }\n";
+    let error = client.deploy(reads_steps).await.expect_err("a trigger input reading steps");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidDefinition, "{error:?}");
+    assert!(refusal(&error).message.contains("trigger.input"), "{error:?}");
+
+    let flow = r#"
+name: ship
+trigger:
+  stream: SHIPMENTS
+  input: '#{ id: input.message.id, region: input.subject.split(".")[1], sequence: input.sequence }'
+output: 'steps.s.output'
+steps:
+  - { id: s, kind: task, pool: a, task: echo }
+"#;
+    deploy(&grid, &client, flow).await?;
+    // Once the trigger's consumer exists, a message starts a run.
+    let consumer = format!("{}_trigger_ship", grid.prefix);
+    wait_for("the trigger's consumer", RUN_DEADLINE, || async {
+        jetstream
+            .get_stream("SHIPMENTS")
+            .await
+            .ok()?
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&consumer)
+            .await
+            .ok()
+    })
+    .await
+    .or_logs(&grid)?;
+    let ack = jetstream.publish("shipments.eu.ready", r#"{"id": 7, "weight": 3}"#.into()).await?.await?;
+    let run_id = RunId::from_idempotency_key("ship", &format!("trigger/SHIPMENTS/{}", ack.sequence));
+    let view = wait_for("the message's run", RUN_DEADLINE, || async {
+        client.get(&run_id).await.ok().filter(|view| view.status.is_terminal())
+    })
+    .await
+    .or_logs(&grid)?;
+    let expected = serde_json::json!({"id": 7, "region": "eu", "sequence": ack.sequence});
+    assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(expected)), "{}", grid.logs());
+    Ok(())
+}

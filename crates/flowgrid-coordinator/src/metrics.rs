@@ -89,7 +89,7 @@ pub fn describe() {
     describe_counter!(
         TRIGGER_MESSAGES,
         Unit::Count,
-        "Messages of a flow's trigger stream, by flow and outcome: started (a run), malformed (not JSON) or refused."
+        "Messages of a flow's trigger stream, by flow and outcome: started (a run), malformed (not JSON), input_failed (the input expression failed) or refused."
     );
     describe_gauge!(
         RUN_MESSAGES_PENDING,

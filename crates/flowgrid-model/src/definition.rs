@@ -69,6 +69,11 @@ pub struct Trigger {
     /// message of the stream when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    /// An expression giving each run's input from its message, which it reads as
+    /// `input.message` (the payload, JSON), `input.subject` and `input.sequence` (in the
+    /// stream). Default: the message's payload as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
 }
 
 /// One step. `kind` selects the variant.

@@ -37,6 +37,8 @@ pub struct FlowPlan {
     pub sinks: Vec<StepIndex>,
     /// When the grid starts runs of this version by itself.
     pub schedule: Option<Timetable>,
+    /// The trigger's input expression, over its message.
+    pub trigger_input: Option<Expr>,
     index: HashMap<String, StepIndex>,
 }
 
@@ -190,6 +192,7 @@ impl FlowPlan {
         version: u32,
         steps: Vec<PlanStep>,
         output: Option<Expr>,
+        trigger_input: Option<Expr>,
     ) -> FlowPlan {
         let index = steps.iter().enumerate().map(|(position, step)| (step.id.clone(), position as StepIndex)).collect();
         let sinks = steps
@@ -211,6 +214,7 @@ impl FlowPlan {
             definition,
             steps,
             output,
+            trigger_input,
             sinks,
             index,
         }

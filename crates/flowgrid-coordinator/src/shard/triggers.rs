@@ -6,8 +6,9 @@
 //! goes on where its last owner stopped, and a message out but not acknowledged comes back
 //! after the consumer's ack wait. A run's idempotency key is `trigger/<stream>/<stream
 //! sequence>`: a message delivered twice starts one run. A message is acknowledged once the
-//! run's start is committed; one that is not JSON, or whose start is refused for good (an
-//! input over the payload limit), is logged, counted and not delivered again.
+//! run's start is committed; one that is not JSON, whose input expression fails, or whose
+//! start is refused for good (an input over the payload limit), is logged, counted and not
+//! delivered again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,11 +16,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{AckKind, Message};
-use flowgrid_model::{FlowPlan, Trigger};
+use flowgrid_model::{Evaluator, Expr, ExprError, FlowPlan, Scope, Trigger};
 use flowgrid_proto::StartRun;
 use flowgrid_sdk::Client;
 use flowgrid_store::ShardStore;
 use futures::StreamExt;
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -70,6 +72,7 @@ impl<S: ShardStore> ShardActor<S> {
             flow: plan.name.clone(),
             version: plan.version,
             trigger: trigger.clone(),
+            input: plan.trigger_input.clone().map(|expr| (expr, Arc::clone(self.context.plans.evaluator()))),
         };
         tokio::spawn(consumer.run(stop.clone()));
         running.insert(plan.name.clone(), (plan.version, stop));
@@ -82,6 +85,8 @@ struct TriggerConsumer {
     flow: String,
     version: u32,
     trigger: Trigger,
+    /// The trigger's input expression, and the evaluator to run it.
+    input: Option<(Expr, Arc<Evaluator>)>,
 }
 
 impl TriggerConsumer {
@@ -162,14 +167,31 @@ impl TriggerConsumer {
         }
     }
 
+    /// The input of the run of a message: its payload, or what the trigger's `input`
+    /// expression makes of it.
+    fn input(&self, payload: Value, subject: &str, sequence: u64) -> Result<Value, ExprError> {
+        let Some((expr, evaluator)) = &self.input else { return Ok(payload) };
+        let message = json!({ "message": payload, "subject": subject, "sequence": sequence });
+        evaluator.eval(expr, &Scope { input: Some(&message), ..Scope::default() })
+    }
+
     /// Starts the run of one message; acknowledges it once the start is committed.
     async fn start(&self, message: Message) {
         let sequence = message.info().map(|info| info.stream_sequence).unwrap_or(0);
-        let input: serde_json::Value = match serde_json::from_slice(&message.payload) {
-            Ok(input) => input,
+        let payload: serde_json::Value = match serde_json::from_slice(&message.payload) {
+            Ok(payload) => payload,
             Err(error) => {
                 warn!(flow = %self.flow, stream = %self.trigger.stream, sequence, error = %error, "trigger message is not JSON; no run started for it");
                 count(&self.flow, "malformed");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let input = match self.input(payload, message.subject.as_str(), sequence) {
+            Ok(input) => input,
+            Err(error) => {
+                warn!(flow = %self.flow, stream = %self.trigger.stream, sequence, error = %error, "the trigger's input expression failed for this message; no run started for it");
+                count(&self.flow, "input_failed");
                 let _ = message.ack_with(AckKind::Term).await;
                 return;
             }

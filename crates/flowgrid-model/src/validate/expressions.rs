@@ -15,6 +15,8 @@ use super::{push_issue, step_path};
 
 /// Path of the flow-level output expression.
 pub(super) const FLOW_OUTPUT_PATH: &str = "output";
+/// Path of the trigger's input expression, which reads its message and no step.
+pub(super) const TRIGGER_INPUT_PATH: &str = "trigger.input";
 
 /// One expression field of a definition.
 struct Slot {
@@ -37,6 +39,9 @@ impl ExpressionTable {
         let mut table = ExpressionTable { compiled: HashMap::new(), slots: Vec::new() };
         if let Some(output) = &definition.output {
             table.add(evaluator, FLOW_OUTPUT_PATH.to_owned(), None, false, output, issues);
+        }
+        if let Some(input) = definition.trigger.as_ref().and_then(|trigger| trigger.input.as_ref()) {
+            table.add(evaluator, TRIGGER_INPUT_PATH.to_owned(), None, false, input, issues);
         }
         for (position, step) in definition.steps.iter().enumerate() {
             let path = step_path(position, step.id());
@@ -77,6 +82,12 @@ impl ExpressionTable {
         let mut upstream_cache: HashMap<usize, Vec<bool>> = HashMap::new();
         for slot in &self.slots {
             let expr = &self.compiled[&slot.path];
+            if slot.path == TRIGGER_INPUT_PATH && !expr.step_refs.is_empty() {
+                let message = "reads `steps`, which a run has none of before it starts: read the message as \
+                               `input.message` (and `input.subject`, `input.sequence`)";
+                push_issue(issues, &slot.path, message.to_owned());
+                continue;
+            }
             for referenced in expr.step_refs.iter() {
                 let Some(&target) = position_of.get(referenced.as_str()) else {
                     push_issue(issues, &slot.path, unknown_step_message(referenced, definition));

@@ -79,7 +79,8 @@ pub(crate) fn compile(
         });
     }
     let output = expressions.take(expressions::FLOW_OUTPUT_PATH);
-    Ok(FlowPlan::assemble(definition, version, steps, output))
+    let trigger_input = expressions.take(expressions::TRIGGER_INPUT_PATH);
+    Ok(FlowPlan::assemble(definition, version, steps, output, trigger_input))
 }
 
 /// All checks; on success, the compiled expressions keyed by their path.
