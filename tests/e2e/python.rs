@@ -1,8 +1,9 @@
-//! A worker written in Python from docs/protocol.md serves a pool of its own.
+//! A worker written in Python from docs/protocol.md serves a pool of its own, and a client
+//! written in Python the same way starts a run and waits for it.
 
 use std::process::Command;
 
-use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
+use flowgrid_sdk::{RunId, RunStatus, StepStatus};
 use flowgrid_tests::{python_bin, repo_root, step, Grid};
 use serde_json::json;
 
@@ -68,9 +69,18 @@ async fn python_worker_completes_its_pools_tasks() -> anyhow::Result<()> {
     deploy(&grid, &client, PYTHON_FLOW).await?;
 
     let input = json!({"text": "héllo grid", "tags": ["a", 1, null, 2.5], "n": 21, "values": [1, 2, 3, 4, 5]});
-    let start = StartRun { flow: "python-pool".into(), version: None, input, idempotency_key: None };
-    let run = client.start(start).await.or_logs(&grid)?;
-    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    let output = Command::new(python_bin())
+        .arg(repo_root().join("tests/python_worker/client.py"))
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "--flow", "python-pool"])
+        .args(["--input", &input.to_string(), "--idempotency-key", "order-1", "--wait", "30"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the Python client: {stdout}\n{stderr}\n{}", grid.logs());
+    let printed: flowgrid_sdk::RunView = serde_json::from_str(stdout.trim())?;
+    assert_eq!(printed.run_id, RunId::from_idempotency_key("python-pool", "order-1"), "the key names the run");
+    let view = client.get(&printed.run_id).await.or_logs(&grid)?;
+    assert_eq!(printed, view, "the client printed the run as the grid has it");
 
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     let expected = json!({
