@@ -7,7 +7,7 @@ use flowgrid_sdk::{RunId, RunStatus, StepStatus};
 use flowgrid_tests::{python_bin, repo_root, step, Grid};
 use serde_json::json;
 
-use crate::{deploy, OrLogs, RUN_DEADLINE};
+use crate::{deploy, OrLogs};
 
 const PYTHON_FLOW: &str = r#"
 name: python-pool
