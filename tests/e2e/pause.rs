@@ -56,6 +56,15 @@ async fn a_paused_run_holds_its_next_step_across_a_crash_until_it_is_resumed() -
 
     let (ok, stdout, stderr) = grid.cli(&["run", "resume", run_id.as_str()])?;
     assert!(ok && stdout.contains("running, not paused"), "{stdout}\n{stderr}");
+    // `run watch` follows it to its end.
+    let (ok, stdout, stderr) = grid.cli(&["run", "watch", run_id.as_str(), "--timeout", "30s"])?;
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("run            started (gated@1)"), "{stdout}");
+    assert!(stdout.contains("approve        succeeded in "), "{stdout}");
+    assert!(
+        stdout.contains("store          succeeded in ") && stdout.contains("run            succeeded in "),
+        "{stdout}"
+    );
     let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
     assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"store": {"row": 7}}))));
     assert_eq!(view.paused, None);

@@ -163,6 +163,14 @@ pub enum RunCommand {
     },
     /// Print a run: status, steps, output or error.
     Get { run_id: String },
+    /// Print a run's steps as they start, retry and end, until the run ends (exit 0 if it
+    /// succeeded, 1 otherwise or at the timeout).
+    Watch {
+        run_id: String,
+        /// How long to watch (e.g. 60s, 10m).
+        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// List runs, newest first.
     List {
         /// Only runs of this flow.

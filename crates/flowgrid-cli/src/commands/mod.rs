@@ -8,6 +8,7 @@ mod many;
 mod run;
 mod schemas;
 mod serve;
+mod watch;
 
 use std::io::Read;
 use std::path::Path;

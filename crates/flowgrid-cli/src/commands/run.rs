@@ -46,6 +46,9 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             hint_waiting_steps(client, &view, session).await;
             Ok(ExitCode::SUCCESS)
         }
+        RunCommand::Watch { run_id, timeout } => {
+            super::watch::watch(client, &RunId(run_id.into()), timeout, session).await
+        }
         RunCommand::List { flow, status, parent, limit, cursor } => {
             let parent = parent.map(|parent| RunId(parent.into()));
             let list = client.list(ListRuns { parent, flow, status, limit, cursor }).await?;
