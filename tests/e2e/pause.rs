@@ -55,7 +55,7 @@ async fn a_paused_run_holds_its_next_step_across_a_crash_until_it_is_resumed() -
     assert_eq!(view.paused.map(|paused| paused.held), Some(vec!["store".to_owned()]), "still paused after a crash");
 
     let (ok, stdout, stderr) = grid.cli(&["run", "resume", run_id.as_str()])?;
-    assert!(ok && stdout.contains("running, not paused"), "{stdout}\n{stderr}");
+    assert!(ok && stdout.contains("is running again"), "{stdout}\n{stderr}");
     // `run watch` follows it to its end.
     let (ok, stdout, stderr) = grid.cli(&["run", "watch", run_id.as_str(), "--timeout", "30s"])?;
     assert!(ok, "{stdout}\n{stderr}");

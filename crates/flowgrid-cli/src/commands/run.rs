@@ -245,9 +245,13 @@ async fn pause_or_resume(
         } else if outcome.status.is_terminal() {
             outln!("run {} had already ended: {}; nothing changed", outcome.run_id, outcome.status.as_str())?;
         } else {
-            let state = if outcome.paused { "paused" } else { "running, not paused" };
-            let change = if outcome.applied { "" } else { " already; nothing changed" };
-            outln!("run {} is {state}{change}", outcome.run_id)?;
+            let state = match (outcome.paused, outcome.applied) {
+                (true, true) => "is paused",
+                (true, false) => "is paused already; nothing changed",
+                (false, true) => "is running again",
+                (false, false) => "is not paused; nothing changed",
+            };
+            outln!("run {} {state}", outcome.run_id)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
