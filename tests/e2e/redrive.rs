@@ -39,7 +39,7 @@ async fn failed_run(grid: &Grid, client: &flowgrid_sdk::Client) -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -> anyhow::Result<()> {
-    let grid = Grid::start(&["a"]).await?;
+    let mut grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
     deploy(&grid, &client, SHAKY_FLOW).await?;
     let run_id = failed_run(&grid, &client).await?;
@@ -109,6 +109,13 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
     let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
     assert_eq!((view.status, step(&view, "store").attempts), (RunStatus::Succeeded, 3), "{view:?}");
     assert_eq!(view.redriven.map(|redriven| redriven.times), Some(3));
+    // A succeeded run redriven from a step ended again with the records of an ended run.
+    for coordinator in &mut grid.coordinators {
+        coordinator.stop(Duration::from_secs(20));
+    }
+    let report = flowgrid_coordinator::audit::audit(&grid.data_dir(), grid.shards).await?;
+    assert!(report.is_clean(), "the audit found problems: {report:?}");
+    assert_eq!(report.runs_by_status.get("succeeded"), Some(&1), "{report:?}");
     Ok(())
 }
 

@@ -489,7 +489,10 @@ fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
     match refused {
         RedriveRefused::Going => ApiError::new(
             ErrorCode::Conflict,
-            format!("run {run_id} is still running; only a run that failed, timed out or was cancelled is redriven"),
+            format!(
+                "run {run_id} is still running; a run is redriven once it has ended (to hold its next steps \
+                 meanwhile, pause it: `flowgrid run pause {run_id}`)"
+            ),
         ),
         RedriveRefused::Succeeded => ApiError::new(
             ErrorCode::Conflict,
