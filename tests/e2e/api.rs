@@ -21,7 +21,13 @@ steps:
 "#;
 
 fn start(flow: &str, input: serde_json::Value, key: Option<&str>) -> StartRun {
-    StartRun { flow: flow.into(), version: None, input, idempotency_key: key.map(str::to_owned) }
+    StartRun {
+        flow: flow.into(),
+        version: None,
+        input,
+        idempotency_key: key.map(str::to_owned),
+        labels: Default::default(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +52,14 @@ async fn same_idempotency_key_gives_the_same_run_also_after_it_ended() -> anyhow
     assert!(other.created && other.run_id != first.run_id, "another key is another run: {other:?}");
 
     let runs = client
-        .list(ListRuns { parent: None, flow: Some("echo-once".into()), status: None, limit: None, cursor: None })
+        .list(ListRuns {
+            parent: None,
+            flow: Some("echo-once".into()),
+            status: None,
+            limit: None,
+            cursor: None,
+            labels: Default::default(),
+        })
         .await?;
     assert_eq!(runs.runs.len(), 2, "two keys, two runs: {runs:?}");
     let view = client.get(&first.run_id).await.or_logs(&grid)?;
@@ -202,7 +215,14 @@ async fn start_many_starts_each_run_and_refuses_a_bad_start_alone() -> anyhow::R
     let view = grid.wait_run(&client, &keyed.run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     let runs = client
-        .list(ListRuns { parent: None, flow: None, status: None, limit: None, cursor: None })
+        .list(ListRuns {
+            parent: None,
+            flow: None,
+            status: None,
+            limit: None,
+            cursor: None,
+            labels: Default::default(),
+        })
         .await
         .or_logs(&grid)?;
     assert_eq!(runs.runs.len(), 2, "the refused starts created nothing: {runs:?}");
@@ -275,7 +295,14 @@ async fn oversized_and_malformed_requests_are_refused_and_change_nothing() -> an
     assert!(text["ok"]["run_id"].is_string(), "the reply is plain JSON: {text}");
 
     let runs = client
-        .list(ListRuns { parent: None, flow: None, status: None, limit: None, cursor: None })
+        .list(ListRuns {
+            parent: None,
+            flow: None,
+            status: None,
+            limit: None,
+            cursor: None,
+            labels: Default::default(),
+        })
         .await
         .or_logs(&grid)?;
     let ids: Vec<&RunId> = runs.runs.iter().map(|run| &run.run_id).collect();
@@ -324,7 +351,7 @@ async fn cancelling_a_running_run_ends_it_cancelled() -> anyhow::Result<()> {
 }
 
 fn query(flow: Option<&str>, status: Option<RunStatus>, limit: Option<u32>, cursor: Option<String>) -> ListRuns {
-    ListRuns { parent: None, flow: flow.map(str::to_owned), status, limit, cursor }
+    ListRuns { parent: None, flow: flow.map(str::to_owned), status, limit, cursor, labels: Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,5 +468,54 @@ async fn status_and_run_get_name_a_pool_whose_tasks_wait_with_no_worker() -> any
     assert!(!stdout.contains("no worker is pulling"), "{stdout}");
     let (_, _, stderr) = grid.cli(&["run", "get", run_id.as_str()])?;
     assert!(!stderr.contains("hint"), "an ended run gets no hint: {stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_started_with_labels_are_listed_by_them() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let labelled = |customer: &str| {
+        let mut start = start("echo-once", json!({"n": 1}), None);
+        start.labels = [("customer".to_owned(), customer.to_owned()), ("tier".to_owned(), "gold".to_owned())].into();
+        start
+    };
+    let acme = client.start(labelled("acme")).await.or_logs(&grid)?.run_id;
+    let other = client.start(labelled("initech")).await.or_logs(&grid)?.run_id;
+    for run_id in [&acme, &other] {
+        grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
+    }
+    // One that still runs: a signal step waits.
+    deploy(&grid, &client, "name: idle\nsteps:\n  - { id: wait, kind: signal }\n").await?;
+    let mut waiting = start("idle", json!({}), None);
+    waiting.labels = [("customer".to_owned(), "acme".to_owned())].into();
+    let going = client.start(waiting).await.or_logs(&grid)?.run_id;
+
+    let view = client.get(&acme).await.or_logs(&grid)?;
+    assert_eq!(view.labels.get("customer").map(String::as_str), Some("acme"), "{view:?}");
+    let (ok, stdout, stderr) = grid.cli(&["run", "list", "--label", "customer=acme"])?;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(acme.as_str()) && stdout.contains(going.as_str()), "{stdout}");
+    assert!(!stdout.contains(other.as_str()), "{stdout}");
+    let query = ListRuns {
+        flow: None,
+        parent: None,
+        status: None,
+        labels: [("customer".to_owned(), "acme".to_owned()), ("tier".to_owned(), "gold".to_owned())].into(),
+        limit: None,
+        cursor: None,
+    };
+    let listed: Vec<RunId> = client.list(query).await.or_logs(&grid)?.runs.into_iter().map(|run| run.run_id).collect();
+    assert_eq!(listed, vec![acme.clone()], "both labels: only the ended run of acme");
+    let (_, stdout, _) = grid.cli(&["run", "get", acme.as_str()])?;
+    assert!(stdout.contains("labels    customer=acme, tier=gold"), "{stdout}");
+    let (ok, _, stderr) = grid.cli(&["run", "start", "echo-once", "--label", "bad key=x"])?;
+    assert!(!ok && stderr.contains("label key"), "{stderr}");
+    // The labels are in the run's history: a run rebuilt after a crash has them.
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    let view = client.get(&going).await.or_logs(&grid)?;
+    assert_eq!((view.status, view.labels.get("customer").cloned()), (RunStatus::Running, Some("acme".to_owned())));
     Ok(())
 }

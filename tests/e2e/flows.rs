@@ -63,6 +63,7 @@ async fn choice_then_map_over_100_items_then_join_gives_the_computed_output() ->
             version: None,
             input: json!({"mode": mode, "numbers": numbers}),
             idempotency_key: None,
+            labels: Default::default(),
         };
         started.push((mode, client.start(start).await.or_logs(&grid)?));
     }
@@ -141,8 +142,13 @@ async fn every_example_flow_runs_with_the_input_it_documents() -> anyhow::Result
         let text = std::fs::read_to_string(&path)?;
         let deployed = deploy(&grid, &client, &text).await?;
         let documented = documented_example(&path, &text);
-        let start =
-            StartRun { flow: deployed.name.clone(), version: None, input: documented.input, idempotency_key: None };
+        let start = StartRun {
+            flow: deployed.name.clone(),
+            version: None,
+            input: documented.input,
+            idempotency_key: None,
+            labels: Default::default(),
+        };
         let run_id = client.start(start).await.or_logs(&grid)?.run_id;
         let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
         assert_eq!(view.status, RunStatus::Succeeded, "{}: {view:?}\n{}", path.display(), grid.logs());
@@ -171,8 +177,13 @@ async fn a_flow_that_publishes_its_ends_announces_each_run_once_it_ended() -> an
     let mut ends = nats.subscribe(flowgrid_proto::Subjects::new(grid.prefix.clone()).run_ended_all()).await?;
     nats.flush().await?;
 
-    let start =
-        |flow: &str| StartRun { flow: flow.into(), version: None, input: json!({"n": 7}), idempotency_key: None };
+    let start = |flow: &str| StartRun {
+        flow: flow.into(),
+        version: None,
+        input: json!({"n": 7}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let quiet_run = client.start(start("quiet")).await.or_logs(&grid)?.run_id;
     grid.wait_run(&client, &quiet_run, RUN_DEADLINE).await?;
     let run_id = client.start(start("announced")).await.or_logs(&grid)?.run_id;
@@ -200,7 +211,13 @@ async fn an_announcement_the_stream_did_not_take_is_published_by_the_next_coordi
     let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
     // Without the run-ends stream JetStream refuses the announcement: it stays in the outbox.
     jetstream.delete_stream(subjects.run_ends_stream()).await?;
-    let start = StartRun { flow: "announced".into(), version: None, input: json!({"n": 1}), idempotency_key: None };
+    let start = StartRun {
+        flow: "announced".into(),
+        version: None,
+        input: json!({"n": 1}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
     // Read as ended only once the end (and its announcement in the outbox) is committed.
     assert_eq!(grid.wait_run(&client, &run_id, RUN_DEADLINE).await?.status, RunStatus::Succeeded);

@@ -18,8 +18,13 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
     let client = grid.client().await?;
     deploy(&grid, &client, ECHO_FLOW).await?;
     for index in 0..RUNS {
-        let start =
-            StartRun { flow: "echo-once".into(), version: None, input: json!({ "n": index }), idempotency_key: None };
+        let start = StartRun {
+            flow: "echo-once".into(),
+            version: None,
+            input: json!({ "n": index }),
+            idempotency_key: None,
+            labels: Default::default(),
+        };
         let run = client.start(start).await.or_logs(&grid)?;
         let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
         assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());

@@ -19,7 +19,13 @@ steps:
 "#;
 
 async fn gated_run(grid: &Grid, client: &flowgrid_sdk::Client) -> anyhow::Result<RunId> {
-    let start = StartRun { flow: "gated".into(), version: None, input: json!({}), idempotency_key: None };
+    let start = StartRun {
+        flow: "gated".into(),
+        version: None,
+        input: json!({}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     Ok(client.start(start).await.or_logs(grid)?.run_id)
 }
 

@@ -28,7 +28,13 @@ steps:
 "#;
 
 async fn failed_run(grid: &Grid, client: &flowgrid_sdk::Client) -> anyhow::Result<RunId> {
-    let start = StartRun { flow: "shaky".into(), version: None, input: json!({"n": 5}), idempotency_key: None };
+    let start = StartRun {
+        flow: "shaky".into(),
+        version: None,
+        input: json!({"n": 5}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let run_id = client.start(start).await.or_logs(grid)?.run_id;
     let view = grid.wait_run(client, &run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
@@ -57,7 +63,14 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
 
     // Listed once, as it is now.
     let listed = client
-        .list(ListRuns { parent: None, flow: Some("shaky".into()), status: None, limit: None, cursor: None })
+        .list(ListRuns {
+            parent: None,
+            flow: Some("shaky".into()),
+            status: None,
+            limit: None,
+            cursor: None,
+            labels: Default::default(),
+        })
         .await
         .or_logs(&grid)?;
     let statuses: Vec<_> = listed.runs.iter().map(|run| (run.run_id.clone(), run.status)).collect();
@@ -84,7 +97,13 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
     let error = client.redrive(&RunId("no-such-run".into()), "").await.expect_err("refused");
     assert_eq!(refusal(&error).code, ErrorCode::NotFound, "{error:?}");
     deploy(&grid, &client, "name: idle\nsteps:\n  - { id: wait, kind: signal }\n").await?;
-    let start = StartRun { flow: "idle".into(), version: None, input: json!({}), idempotency_key: None };
+    let start = StartRun {
+        flow: "idle".into(),
+        version: None,
+        input: json!({}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let going = client.start(start).await.or_logs(&grid)?.run_id;
     let error = client.redrive(&going, "").await.expect_err("refused");
     assert_eq!(refusal(&error).code, ErrorCode::Conflict, "{error:?}");
@@ -161,7 +180,13 @@ async fn a_parent_redriven_after_its_child_flow_was_fixed_starts_a_new_child() -
     deploy(&grid, &client, broken).await?;
     let parent_flow = "name: pipeline\noutput: 'steps.invoke.output'\nsteps:\n  - { id: invoke, kind: subflow, flow: convert, input: '#{ n: 2 }' }\n";
     deploy(&grid, &client, parent_flow).await?;
-    let start = StartRun { flow: "pipeline".into(), version: None, input: json!({}), idempotency_key: None };
+    let start = StartRun {
+        flow: "pipeline".into(),
+        version: None,
+        input: json!({}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let parent = client.start(start).await.or_logs(&grid)?.run_id;
     let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
@@ -195,7 +220,13 @@ async fn a_redriven_fan_out_of_child_runs_keeps_the_children_that_succeeded() ->
     deploy(&grid, &client, picky).await?;
     let parent_flow = "name: fan\noutput: 'steps.each.output'\nsteps:\n  - { id: each, kind: subflow, flow: convert, items: 'input', max_concurrency: 1 }\n";
     deploy(&grid, &client, parent_flow).await?;
-    let start = StartRun { flow: "fan".into(), version: None, input: json!([2, 3, 4]), idempotency_key: None };
+    let start = StartRun {
+        flow: "fan".into(),
+        version: None,
+        input: json!([2, 3, 4]),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let parent = client.start(start).await.or_logs(&grid)?.run_id;
     let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
@@ -203,7 +234,14 @@ async fn a_redriven_fan_out_of_child_runs_keeps_the_children_that_succeeded() ->
         let parent = parent.clone();
         let client = client.clone();
         async move {
-            let query = ListRuns { parent: Some(parent), flow: None, status: None, limit: None, cursor: None };
+            let query = ListRuns {
+                parent: Some(parent),
+                flow: None,
+                status: None,
+                limit: None,
+                cursor: None,
+                labels: Default::default(),
+            };
             client.list(query).await.map(|list| list.runs)
         }
     };

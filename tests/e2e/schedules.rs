@@ -18,7 +18,14 @@ steps:
 "#;
 
 async fn runs_of(client: &flowgrid_sdk::Client) -> anyhow::Result<Vec<RunSummary>> {
-    let query = ListRuns { parent: None, flow: Some("ticker".into()), status: None, limit: Some(1000), cursor: None };
+    let query = ListRuns {
+        parent: None,
+        flow: Some("ticker".into()),
+        status: None,
+        limit: Some(1000),
+        cursor: None,
+        labels: Default::default(),
+    };
     Ok(client.list(query).await?.runs)
 }
 

@@ -26,7 +26,13 @@ steps:
 "#;
 
 async fn start_waiting(grid: &Grid, client: &flowgrid_sdk::Client, flow: &str) -> anyhow::Result<RunId> {
-    let start = StartRun { flow: flow.into(), version: None, input: json!({}), idempotency_key: None };
+    let start = StartRun {
+        flow: flow.into(),
+        version: None,
+        input: json!({}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let run_id = client.start(start).await.or_logs(grid)?.run_id;
     wait_for("the signal step to wait", RUN_DEADLINE, || async {
         let view = client.get(&run_id).await.ok()?;
@@ -71,7 +77,13 @@ async fn a_signal_the_run_cannot_take_is_refused_with_the_reason() -> anyhow::Re
     let client = grid.client().await?;
     deploy(&grid, &client, APPROVAL_FLOW).await?;
     // No worker serves pool `a`: the draft stays open and the approval has not started.
-    let start = StartRun { flow: "approval".into(), version: None, input: json!({}), idempotency_key: None };
+    let start = StartRun {
+        flow: "approval".into(),
+        version: None,
+        input: json!({}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
 
     let cases = [
@@ -102,7 +114,13 @@ async fn no_signal_in_time_goes_to_the_catch() -> anyhow::Result<()> {
     let client = grid.client().await?;
     deploy(&grid, &client, &APPROVAL_FLOW.replace("name: approval", "name: approval-quick").replace("60000", "300"))
         .await?;
-    let start = StartRun { flow: "approval-quick".into(), version: None, input: json!({}), idempotency_key: None };
+    let start = StartRun {
+        flow: "approval-quick".into(),
+        version: None,
+        input: json!({}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
     let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
@@ -157,7 +175,13 @@ async fn a_step_that_keeps_early_signals_takes_one_sent_before_it_started() -> a
     let grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
     deploy(&grid, &client, PAYMENT_FLOW).await?;
-    let start = StartRun { flow: "payment".into(), version: None, input: json!({}), idempotency_key: None };
+    let start = StartRun {
+        flow: "payment".into(),
+        version: None,
+        input: json!({}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
     let kept = client.signal(&run_id, "paid", json!({"amount": 12})).await.or_logs(&grid)?;
     assert!(kept.applied, "kept for the step: {kept:?}");

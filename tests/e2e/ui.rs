@@ -29,7 +29,13 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
     let mut grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
     deploy(&grid, &client, UI_FLOW).await?;
-    let start = StartRun { flow: "ui-flow".into(), version: None, input: json!({"fast": true}), idempotency_key: None };
+    let start = StartRun {
+        flow: "ui-flow".into(),
+        version: None,
+        input: json!({"fast": true}),
+        idempotency_key: None,
+        labels: Default::default(),
+    };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
 
     let addr = start_ui(&mut grid, &[]).await?;

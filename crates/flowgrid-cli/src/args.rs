@@ -142,6 +142,9 @@ pub struct RunInput {
     /// Starting again with the same flow and key returns the same run.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// A label to find the run by, `key=value` (repeat for several): `run list --label`.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,6 +185,9 @@ pub enum RunCommand {
         /// Only the child runs that subflow steps of this run started.
         #[arg(long)]
         parent: Option<String>,
+        /// Only runs with this label, `key=value` (repeat: runs with all of them).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         /// Page size (1 to 1000).
         #[arg(long)]
         limit: Option<u32>,
@@ -307,6 +313,14 @@ pub struct SchemasArgs {
     /// Compare the files with the generated schemas instead of writing them.
     #[arg(long)]
     pub check: bool,
+}
+
+/// `key=value` (the value may be empty or hold `=`).
+pub(crate) fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not a label; write key=value")),
+    }
 }
 
 pub(crate) fn parse_status(text: &str) -> Result<RunStatus, String> {

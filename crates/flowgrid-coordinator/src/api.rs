@@ -292,6 +292,8 @@ impl Api {
         parent: Option<ParentRef>,
     ) -> Result<RunStarted, ApiError> {
         self.check_payload("input", &request.input, request_bytes)?;
+        flowgrid_model::check_labels(&request.labels)
+            .map_err(|message| ApiError::new(ErrorCode::InvalidRequest, message))?;
         let key = request.idempotency_key.clone().or(default_key);
         if let Some(key) = &key {
             if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
@@ -314,6 +316,7 @@ impl Api {
             input: request.input,
             idempotent: key.is_some(),
             parent,
+            labels: request.labels,
         };
         self.ask(shard, start, |reply| match reply {
             ShardReply::Started(started) => Ok(started),
@@ -352,7 +355,13 @@ impl Api {
             ));
         }
         let key = ParentRef::child_key(&parent.run_id, &parent.step, parent.item, parent.round);
-        let start = StartRun { flow, version, input: Arc::unwrap_or_clone(input), idempotency_key: Some(key) };
+        let start = StartRun {
+            flow,
+            version,
+            input: Arc::unwrap_or_clone(input),
+            idempotency_key: Some(key),
+            labels: Default::default(),
+        };
         self.start_run(start, None, request_bytes, Some(parent)).await
     }
 

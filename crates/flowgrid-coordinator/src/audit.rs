@@ -569,6 +569,7 @@ mod tests {
             now_ms: 1_000,
             epoch: start_epoch,
             parent: None,
+            labels: Default::default(),
         };
         batch.set_chunked(&keys::history(run_id, 0), &records::encode(&start), &limits);
         for (seq, event) in events {
@@ -589,6 +590,7 @@ mod tests {
                 redriven: None,
                 paused: None,
                 steps: Vec::new(),
+                labels: Default::default(),
             };
             batch.set_chunked(&keys::snapshot(run_id), &records::encode(&view), &limits);
         } else {
@@ -719,6 +721,7 @@ mod tests {
             now_ms: 1,
             epoch: 1,
             parent: None,
+            labels: Default::default(),
         };
         batch.set_chunked(&keys::history(&orphan_history, 0), &records::encode(&start), &StoreLimits::default());
         let cancel = records::OutboxRecord::CancelChild { child: run_in_shard(0, "child"), reason: "test".into() };

@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 
 use flowgrid_engine::{Event, RunStatus};
-use flowgrid_model::{FlowDefinition, Millis, ParentRef, RunId};
+use flowgrid_model::{FlowDefinition, Labels, Millis, ParentRef, RunId};
 use flowgrid_proto::{ChildRunEnded, RunEnded};
 use flowgrid_store::keys;
 use serde::de::DeserializeOwned;
@@ -33,6 +33,9 @@ pub struct StartRecord<'a> {
     /// The subflow step that started the run, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<Cow<'a, ParentRef>>,
+    /// The labels it was started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Cow<'a, Labels>>,
 }
 
 /// History records 1..: one accepted event each.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flowgrid_engine::RunView;
-use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, ParentRef, RunId, ShardId};
+use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, Labels, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns,
     PauseRun, RedriveRun, Reply, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary,
@@ -49,6 +49,8 @@ pub enum ShardRequest {
         /// Set for the child run of a subflow step.
         #[serde(default)]
         parent: Option<ParentRef>,
+        #[serde(default, skip_serializing_if = "Labels::is_empty")]
+        labels: Labels,
     },
     Cancel {
         run_id: RunId,
@@ -235,9 +237,9 @@ impl Router {
     /// Runs `request` on a shard served here.
     async fn execute(&self, handle: &ShardHandle, request: ShardRequest) -> Result<ShardReply, ApiError> {
         match request {
-            ShardRequest::Start { run_id, flow, version, input, idempotent, parent } => {
+            ShardRequest::Start { run_id, flow, version, input, idempotent, parent, labels } => {
                 let plan = Box::pin(self.plan(&flow, Some(version))).await?;
-                let start = StartCommand { run_id, plan, input, idempotent, parent };
+                let start = StartCommand { run_id, plan, input, idempotent, parent, labels };
                 handle.ask(|reply| Command::Start { start, reply }).await.map(ShardReply::Started)
             }
             ShardRequest::Cancel { run_id, reason } => {
@@ -360,6 +362,7 @@ mod tests {
                 depth: 1,
                 round: 0,
             }),
+            labels: [("customer".to_owned(), "acme".to_owned())].into(),
         };
         let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
         let decoded: ShardRequest = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();

@@ -37,7 +37,9 @@ mod subflows;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use flowgrid_model::{AttemptId, Evaluator, FlowPlan, Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex};
+use flowgrid_model::{
+    AttemptId, Evaluator, FlowPlan, Labels, Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex,
+};
 use serde_json::Value;
 
 use crate::view::{RunViewRef, StepViewRef};
@@ -59,6 +61,8 @@ pub struct Run {
     ended_ms: Option<Millis>,
     /// The subflow step that started this run, if one did (boxed: most runs have none).
     parent: Option<Box<ParentRef>>,
+    /// The labels it was started with (boxed: many runs have none).
+    labels: Option<Box<Labels>>,
     /// How often the run was redriven, and when last (boxed: most runs never are).
     redriven: Option<Box<Redriven>>,
     /// Set while the run is paused, with the steps it holds (boxed: most runs never are).
@@ -104,6 +108,7 @@ impl Run {
             created_ms: now,
             ended_ms: None,
             parent: None,
+            labels: None,
             redriven: None,
             paused: None,
             pauses: 0,
@@ -234,6 +239,16 @@ impl Run {
         self.parent.as_deref()
     }
 
+    /// Records the labels the run was started with (right after [`Run::start`]).
+    pub fn set_labels(&mut self, labels: Labels) {
+        self.labels = (!labels.is_empty()).then(|| Box::new(labels));
+    }
+
+    /// The labels the run was started with, if any.
+    pub fn labels(&self) -> Option<&Labels> {
+        self.labels.as_deref()
+    }
+
     /// When the run started.
     pub fn created_ms(&self) -> Millis {
         self.created_ms
@@ -321,6 +336,7 @@ impl Run {
             created_ms: self.created_ms,
             ended_ms: self.ended_ms,
             parent: self.parent.as_deref(),
+            labels: self.labels.as_deref(),
             redriven: self.redriven(),
             paused: self.paused(),
             steps,

@@ -1,6 +1,6 @@
 //! Read-only views of a run, for the API and for final snapshots.
 
-use flowgrid_model::{Millis, ParentRef, RunId};
+use flowgrid_model::{Labels, Millis, ParentRef, RunId};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -108,6 +108,9 @@ pub struct RunView {
     /// The subflow step that started this run, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// The labels it was started with.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
     /// How often the run was redriven, and when last; absent if never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redriven: Option<Redriven>,
@@ -200,6 +203,8 @@ pub struct RunViewRef<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) parent: Option<&'a ParentRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) labels: Option<&'a Labels>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) redriven: Option<Redriven>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) paused: Option<Paused>,
@@ -245,6 +250,7 @@ impl RunViewRef<'_> {
             created_ms: self.created_ms,
             ended_ms: self.ended_ms,
             parent: self.parent.cloned(),
+            labels: self.labels.cloned().unwrap_or_default(),
             redriven: self.redriven,
             paused: self.paused.clone(),
             steps: self.steps.iter().map(StepViewRef::to_view).collect(),

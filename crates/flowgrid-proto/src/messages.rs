@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use flowgrid_engine::{RunStatus, TaskError};
-use flowgrid_model::{AttemptId, FlowDefinition, Issue, Millis, ParentRef, RunId, Schedule, Trigger};
+use flowgrid_model::{AttemptId, FlowDefinition, Issue, Labels, Millis, ParentRef, RunId, Schedule, Trigger};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -185,6 +185,10 @@ pub struct StartRun {
     /// Starting again with the same flow and key returns the same run instead of a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// `key: value` pairs to find the run by (`ListRuns::labels`): at most 16, keys of 1 to
+    /// 64 characters of `A-Z a-z 0-9 _ - . /`, values of at most 256 bytes.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -234,6 +238,9 @@ pub struct ListRuns {
     pub parent: Option<RunId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RunStatus>,
+    /// Only the runs started with all of these labels.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
     /// Page size, 1 to 1,000 (default 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
@@ -265,6 +272,9 @@ pub struct RunSummary {
     /// The run is paused (`run.pause`): it starts no step until it is resumed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// The labels it was started with.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 /// `<prefix>.api.run.cancel`.

@@ -173,7 +173,13 @@ async fn start_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
     }
     let (input, expected) = run_input(seed, index);
     let key = format!("chaos-{seed}-{index}");
-    let request = StartRun { flow: FLOW.to_owned(), version: None, input, idempotency_key: Some(key.clone()) };
+    let request = StartRun {
+        flow: FLOW.to_owned(),
+        version: None,
+        input,
+        idempotency_key: Some(key.clone()),
+        labels: Default::default(),
+    };
     let deadline = Instant::now() + START_DEADLINE;
     let mut tries = 0;
     loop {

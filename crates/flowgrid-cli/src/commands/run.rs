@@ -49,9 +49,10 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         RunCommand::Watch { run_id, timeout } => {
             super::watch::watch(client, &RunId(run_id.into()), timeout, session).await
         }
-        RunCommand::List { flow, status, parent, limit, cursor } => {
+        RunCommand::List { flow, status, parent, labels, limit, cursor } => {
             let parent = parent.map(|parent| RunId(parent.into()));
-            let list = client.list(ListRuns { parent, flow, status, limit, cursor }).await?;
+            let labels = labels.into_iter().collect();
+            let list = client.list(ListRuns { parent, flow, status, labels, limit, cursor }).await?;
             if session.json {
                 print_json(&list)?;
                 return Ok(ExitCode::SUCCESS);
@@ -270,9 +271,9 @@ async fn pause_or_resume(
 }
 
 fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow::Result<StartRun> {
-    let RunInput { input, input_file, idempotency_key } = input;
+    let RunInput { input, input_file, idempotency_key, labels } = input;
     let input = json_argument("--input", input, input_file)?;
-    Ok(StartRun { flow, version, input, idempotency_key })
+    Ok(StartRun { flow, version, input, idempotency_key, labels: labels.into_iter().collect() })
 }
 
 /// A JSON value given as text (`flag`) or in a file (`-` for stdin); null when neither.
@@ -364,6 +365,10 @@ fn render_run(view: &RunView) -> String {
         text.push_str(&format!("parent    {} (step {}{item})\n", parent.run_id, parent.step));
     }
     text.push_str(&format!("created   {}\n", utc_time(view.created_ms)));
+    if !view.labels.is_empty() {
+        let labels: Vec<String> = view.labels.iter().map(|(key, value)| format!("{key}={value}")).collect();
+        text.push_str(&format!("labels    {}\n", labels.join(", ")));
+    }
     if let Some(redriven) = &view.redriven {
         text.push_str(&format!("redriven  {}\n", output::redriven(redriven)));
     }
@@ -472,6 +477,7 @@ mod tests {
                 child,
                 step("each", "subflow", Some(ItemCounts { total: 4, succeeded: 4, failed: 0, running: 0 })),
             ],
+            labels: Default::default(),
         };
         let text = render_run(&view);
         assert!(text.contains("flow      demo@3\n"), "{text}");
@@ -490,9 +496,14 @@ mod tests {
 
     #[test]
     fn input_comes_from_json_text() {
-        let input = RunInput { input: Some("{\"a\": [1]}".into()), input_file: None, idempotency_key: None };
+        let input = RunInput {
+            input: Some("{\"a\": [1]}".into()),
+            input_file: None,
+            idempotency_key: None,
+            labels: Vec::new(),
+        };
         assert_eq!(start_request("f".into(), None, input).unwrap().input, json!({"a": [1]}));
-        let broken = RunInput { input: Some("{a".into()), input_file: None, idempotency_key: None };
+        let broken = RunInput { input: Some("{a".into()), input_file: None, idempotency_key: None, labels: Vec::new() };
         assert!(start_request("f".into(), None, broken).unwrap_err().to_string().contains("--input"));
     }
 }

@@ -172,6 +172,7 @@ mod tests {
             redriven: None,
             paused: None,
             steps,
+            labels: Default::default(),
         }
     }
 

@@ -334,6 +334,9 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                     }
                 }
                 tr { th { "Created (UTC)" } td { (utc_time(view.created_ms)) } }
+                @if !view.labels.is_empty() {
+                    tr { th { "Labels" } td { @for (key, value) in &view.labels { code { (key) "=" (value) } " " } } }
+                }
                 @if let Some(redriven) = &view.redriven {
                     tr { th { "Redriven" } td { (output::redriven(redriven)) } }
                 }

@@ -72,6 +72,8 @@ pub struct StartCommand {
     pub idempotent: bool,
     /// The subflow step that starts this run, if one does.
     pub parent: Option<ParentRef>,
+    /// The labels it is started with.
+    pub labels: flowgrid_model::Labels,
 }
 
 pub enum Command {

@@ -129,6 +129,9 @@ impl<S: ShardStore> ShardActor<S> {
         if let Some(parent) = start.parent {
             run.set_parent(parent.into_owned());
         }
+        if let Some(labels) = start.labels {
+            run.set_labels(labels.into_owned());
+        }
         let mut next_seq = 1;
         for (key, value) in records_iter {
             let (_, seq) = keys::decode_history(&key)?;

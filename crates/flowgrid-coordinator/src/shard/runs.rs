@@ -13,7 +13,7 @@ use flowgrid_engine::{
     Applied, Effect, Event, RedriveRefused, Run, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey,
 };
 use flowgrid_model::limits::PAUSES_MAX;
-use flowgrid_model::{AttemptId, FlowPlan, Millis, PlanStepKind, RunId};
+use flowgrid_model::{has_labels, AttemptId, FlowPlan, Labels, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
     RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, TaskResult,
@@ -35,7 +35,7 @@ const LIST_SCAN_ENTRIES_MAX: usize = 10_000;
 
 impl<S: ShardStore> ShardActor<S> {
     pub(super) async fn start_run(&mut self, start: StartCommand, batch: &mut Batch) -> Result<RunStarted, ApiError> {
-        let StartCommand { run_id, plan, input, idempotent, parent } = start;
+        let StartCommand { run_id, plan, input, idempotent, parent, labels } = start;
         if let Some(active) = self.runs.get(&run_id) {
             let plan = active.run.plan();
             return Ok(RunStarted { run_id, flow: plan.name.clone(), version: plan.version, created: false });
@@ -61,6 +61,7 @@ impl<S: ShardStore> ShardActor<S> {
             now_ms: now,
             epoch: self.epoch.0,
             parent: parent.as_ref().map(Cow::Borrowed),
+            labels: (!labels.is_empty()).then_some(Cow::Borrowed(&labels)),
         };
         // A new run: its history starts here. Its run record and listing entry are written
         // when it ends; until then the shard answers for it from memory (ADR 0009).
@@ -73,6 +74,7 @@ impl<S: ShardStore> ShardActor<S> {
         if let Some(parent) = parent {
             run.set_parent(parent);
         }
+        run.set_labels(labels);
         let active = ActiveRun { run, next_seq: 1 };
         self.runs.insert(run_id.clone(), Box::new(active));
         self.context.active_runs.fetch_add(1, Ordering::Relaxed);
@@ -210,7 +212,9 @@ impl<S: ShardStore> ShardActor<S> {
         batch.writes.set(keys::run(run_id), records::encode(&record));
         batch.writes.clear(keys::active(run_id));
         let parent = active.run.parent().map(|parent| parent.run_id.clone());
-        batch.writes.set(keys::created(created_ms, run_id), records::encode(&summary(run_id, &record, parent)));
+        let labels = active.run.labels().cloned().unwrap_or_default();
+        let entry = summary(run_id, &record, parent, labels);
+        batch.writes.set(keys::created(created_ms, run_id), records::encode(&entry));
         // A run ends once, and only then gets a snapshot.
         let snapshot = records::encode(&active.run.view_ref());
         batch.writes.insert_chunked(&keys::snapshot(run_id), &snapshot, &self.context.store_limits);
@@ -411,10 +415,11 @@ impl<S: ShardStore> ShardActor<S> {
     /// no listing entry of its own (one written by an earlier version is skipped).
     pub(super) async fn list_runs(&self, query: &ListRuns, limit: usize) -> Result<Vec<RunSummary>, ApiError> {
         let cursor = query.cursor.as_deref().map(parse_cursor).transpose()?;
-        let matches = |flow: &str, status: RunStatus, parent: Option<&RunId>| {
+        let matches = |flow: &str, status: RunStatus, parent: Option<&RunId>, labels: Option<&Labels>| {
             query.flow.as_deref().is_none_or(|wanted| wanted == flow)
                 && query.status.is_none_or(|wanted| wanted == status)
                 && query.parent.as_ref().is_none_or(|wanted| Some(wanted) == parent)
+                && has_labels(labels, &query.labels)
         };
         // The newest `limit` matching active runs, found without copying the others.
         let mut active: Vec<(Millis, &RunId, &Run)> = self
@@ -422,7 +427,7 @@ impl<S: ShardStore> ShardActor<S> {
             .iter()
             .map(|(run_id, active)| (active.run.created_ms(), run_id, &active.run))
             .filter(|(created_ms, run_id, run)| {
-                matches(&run.plan().name, run.status(), run.parent().map(|parent| &parent.run_id))
+                matches(&run.plan().name, run.status(), run.parent().map(|parent| &parent.run_id), run.labels())
                     && cursor.as_ref().is_none_or(|cursor| (*created_ms, *run_id) < (cursor.0, &cursor.1))
             })
             .collect();
@@ -443,7 +448,7 @@ impl<S: ShardStore> ShardActor<S> {
         let mut ended = 0;
         for (_, value) in entries {
             let summary: RunSummary = records::decode("run summary", &value).map_err(internal)?;
-            if matches(&summary.flow, summary.status, summary.parent.as_ref())
+            if matches(&summary.flow, summary.status, summary.parent.as_ref(), Some(&summary.labels))
                 && !self.runs.contains_key(&summary.run_id)
             {
                 runs.push(summary);
@@ -601,11 +606,12 @@ fn active_summary(run_id: &RunId, run: &Run) -> RunSummary {
         ended_ms: run.ended_ms(),
         parent: run.parent().map(|parent| parent.run_id.clone()),
         paused: run.paused().is_some(),
+        labels: run.labels().cloned().unwrap_or_default(),
     }
 }
 
 /// The listing entry of a run that ended with `record`.
-fn summary(run_id: &RunId, record: &RunRecord, parent: Option<RunId>) -> RunSummary {
+fn summary(run_id: &RunId, record: &RunRecord, parent: Option<RunId>, labels: Labels) -> RunSummary {
     RunSummary {
         run_id: run_id.clone(),
         flow: record.flow.clone(),
@@ -615,6 +621,7 @@ fn summary(run_id: &RunId, record: &RunRecord, parent: Option<RunId>) -> RunSumm
         ended_ms: record.ended_ms,
         parent,
         paused: false,
+        labels,
     }
 }
 

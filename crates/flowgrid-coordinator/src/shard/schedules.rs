@@ -75,8 +75,13 @@ impl<S: ShardStore> ShardActor<S> {
                 continue;
             };
             let input = plan.definition.schedule.as_ref().map(|schedule| schedule.input.clone()).unwrap_or_default();
-            let start =
-                StartRun { flow: flow.clone(), version: None, input, idempotency_key: Some(Timetable::run_key(slot)) };
+            let start = StartRun {
+                flow: flow.clone(),
+                version: None,
+                input,
+                idempotency_key: Some(Timetable::run_key(slot)),
+                labels: Default::default(),
+            };
             let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
             tokio::spawn(async move {
                 let outcome = match client.start(start).await {

@@ -1,0 +1,70 @@
+//! Labels: `key=value` pairs a run is started with, to find it again (`run list --label
+//! customer=acme`). They are the caller's; the grid only keeps, shows and filters them.
+
+use std::collections::BTreeMap;
+
+/// A run's labels, by key.
+pub type Labels = BTreeMap<String, String>;
+
+/// Labels one run may have.
+pub const LABELS_MAX: usize = 16;
+/// Bytes of one label's key.
+pub const LABEL_KEY_BYTES_MAX: usize = 64;
+/// Bytes of one label's value.
+pub const LABEL_VALUE_BYTES_MAX: usize = 256;
+
+/// Why `labels` cannot be a run's, if they cannot: too many, a key that is not 1 to 64
+/// characters of `A-Z a-z 0-9 _ - . /`, or a value over 256 bytes.
+pub fn check_labels(labels: &Labels) -> Result<(), String> {
+    if labels.len() > LABELS_MAX {
+        return Err(format!("{} labels; a run has at most {LABELS_MAX}", labels.len()));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= LABEL_KEY_BYTES_MAX
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'));
+        if !key_ok {
+            return Err(format!(
+                "label key {key:?}: use 1 to {LABEL_KEY_BYTES_MAX} characters of A-Z, a-z, 0-9, `_`, `-`, `.` and `/`"
+            ));
+        }
+        if value.len() > LABEL_VALUE_BYTES_MAX {
+            return Err(format!("label {key}: its value is {} bytes; at most {LABEL_VALUE_BYTES_MAX}", value.len()));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `labels` has every label of `wanted`.
+pub fn has_labels(labels: Option<&Labels>, wanted: &Labels) -> bool {
+    wanted.iter().all(|(key, value)| labels.and_then(|labels| labels.get(key)) == Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect()
+    }
+
+    #[test]
+    fn labels_are_bounded_and_keys_are_plain() {
+        assert!(check_labels(&labels(&[("customer", "acme"), ("team/x.y-z_1", "")])).is_ok());
+        assert!(check_labels(&labels(&[("", "a")])).unwrap_err().contains("label key"));
+        assert!(check_labels(&labels(&[("has space", "a")])).is_err());
+        assert!(check_labels(&labels(&[("k", &"v".repeat(257))])).unwrap_err().contains("257 bytes"));
+        let many: Labels = (0..17).map(|n| (format!("k{n}"), String::new())).collect();
+        assert!(check_labels(&many).unwrap_err().contains("17 labels"));
+    }
+
+    #[test]
+    fn a_filter_matches_runs_with_all_its_labels() {
+        let run = labels(&[("customer", "acme"), ("tier", "gold")]);
+        assert!(has_labels(Some(&run), &labels(&[("customer", "acme")])));
+        assert!(has_labels(Some(&run), &Labels::new()));
+        assert!(!has_labels(Some(&run), &labels(&[("customer", "acme"), ("tier", "silver")])));
+        assert!(!has_labels(None, &labels(&[("customer", "acme")])));
+        assert!(has_labels(None, &Labels::new()));
+    }
+}
