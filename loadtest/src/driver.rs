@@ -80,7 +80,7 @@ impl Starter {
             version: None,
             input: self.plan.run_input(sequence),
             idempotency_key: self.key_prefix.as_ref().map(|prefix| format!("{prefix}-{sequence}")),
-            labels: Default::default(),
+            ..Default::default()
         };
         let outcome = match &self.batcher {
             Some(batcher) => batcher.start(request).await,

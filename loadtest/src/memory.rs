@@ -40,7 +40,7 @@ pub async fn memory(args: MemoryArgs) -> Result<()> {
             version: None,
             input: plan.run_input(0),
             idempotency_key: None,
-            labels: Default::default(),
+            ..Default::default()
         })
         .await;
     tokio::time::sleep(args.settle).await;
@@ -60,7 +60,7 @@ pub async fn memory(args: MemoryArgs) -> Result<()> {
             version: None,
             input: plan.run_input(sequence),
             idempotency_key: None,
-            labels: Default::default(),
+            ..Default::default()
         };
         requests.spawn(async move {
             match client.start(request).await {

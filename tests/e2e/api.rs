@@ -51,16 +51,7 @@ async fn same_idempotency_key_gives_the_same_run_also_after_it_ended() -> anyhow
     let other = client.start(start("echo-once", json!({"n": 4}), Some("order-2"))).await.or_logs(&grid)?;
     assert!(other.created && other.run_id != first.run_id, "another key is another run: {other:?}");
 
-    let runs = client
-        .list(ListRuns {
-            parent: None,
-            flow: Some("echo-once".into()),
-            status: None,
-            limit: None,
-            cursor: None,
-            labels: Default::default(),
-        })
-        .await?;
+    let runs = client.list(ListRuns { flow: Some("echo-once".into()), ..Default::default() }).await?;
     assert_eq!(runs.runs.len(), 2, "two keys, two runs: {runs:?}");
     let view = client.get(&first.run_id).await.or_logs(&grid)?;
     assert_eq!(view.input, json!({"n": 1}), "repeated starts do not touch the run");
@@ -214,17 +205,7 @@ async fn start_many_starts_each_run_and_refuses_a_bad_start_alone() -> anyhow::R
     assert_eq!(view.output, Some(json!({"n": 1})), "{view:?}");
     let view = grid.wait_run(&client, &keyed.run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
-    let runs = client
-        .list(ListRuns {
-            parent: None,
-            flow: None,
-            status: None,
-            limit: None,
-            cursor: None,
-            labels: Default::default(),
-        })
-        .await
-        .or_logs(&grid)?;
+    let runs = client.list(ListRuns { ..Default::default() }).await.or_logs(&grid)?;
     assert_eq!(runs.runs.len(), 2, "the refused starts created nothing: {runs:?}");
 
     for count in [0, flowgrid_sdk::START_MANY_RUNS_MAX + 1] {
@@ -294,17 +275,7 @@ async fn oversized_and_malformed_requests_are_refused_and_change_nothing() -> an
     assert!(started.created && started.flow == "idle", "{text}");
     assert!(text["ok"]["run_id"].is_string(), "the reply is plain JSON: {text}");
 
-    let runs = client
-        .list(ListRuns {
-            parent: None,
-            flow: None,
-            status: None,
-            limit: None,
-            cursor: None,
-            labels: Default::default(),
-        })
-        .await
-        .or_logs(&grid)?;
+    let runs = client.list(ListRuns { ..Default::default() }).await.or_logs(&grid)?;
     let ids: Vec<&RunId> = runs.runs.iter().map(|run| &run.run_id).collect();
     assert_eq!(ids, vec![&started.run_id], "only the JSON start created a run: {runs:?}");
     let view = client.get(&started.run_id).await.or_logs(&grid)?;
@@ -499,12 +470,8 @@ async fn runs_started_with_labels_are_listed_by_them() -> anyhow::Result<()> {
     assert!(stdout.contains(acme.as_str()) && stdout.contains(going.as_str()), "{stdout}");
     assert!(!stdout.contains(other.as_str()), "{stdout}");
     let query = ListRuns {
-        flow: None,
-        parent: None,
-        status: None,
         labels: [("customer".to_owned(), "acme".to_owned()), ("tier".to_owned(), "gold".to_owned())].into(),
-        limit: None,
-        cursor: None,
+        ..Default::default()
     };
     let listed: Vec<RunId> = client.list(query).await.or_logs(&grid)?.runs.into_iter().map(|run| run.run_id).collect();
     assert_eq!(listed, vec![acme.clone()], "both labels: only the ended run of acme");

@@ -48,7 +48,7 @@ async fn start_runs(
             version: None,
             input: json!({"numbers": numbers(run)}),
             idempotency_key: Some(format!("run-{run}")),
-            labels: Default::default(),
+            ..Default::default()
         };
         ids.push(client.start(start).await.or_logs(grid)?.run_id);
     }
@@ -91,17 +91,7 @@ async fn two_coordinators_split_the_shards_and_either_serves_any_request() -> an
     check_runs(&grid, &client, &ids).await?;
     // Requests reach either coordinator (queue group) and are forwarded to the owner:
     // every run is readable and listable from any of them.
-    let listed = client
-        .list(flowgrid_sdk::ListRuns {
-            parent: None,
-            flow: None,
-            status: None,
-            limit: Some(100),
-            cursor: None,
-            labels: Default::default(),
-        })
-        .await
-        .or_logs(&grid)?;
+    let listed = client.list(flowgrid_sdk::ListRuns { limit: Some(100), ..Default::default() }).await.or_logs(&grid)?;
     assert_eq!(listed.runs.len(), ids.len());
     let first = owners[0].clone();
     assert!(owners.iter().any(|owner| *owner != first), "both coordinators own shards: {owners:?}");

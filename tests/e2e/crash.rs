@@ -59,7 +59,7 @@ async fn start_crash_map(grid: &Grid, client: &flowgrid_sdk::Client) -> anyhow::
         version: None,
         input: json!({"items": items}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run = client.start(start).await.or_logs(grid)?;
     Ok((run.run_id, items))
@@ -141,7 +141,7 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
         version: None,
         input: input.clone(),
         idempotency_key: Some("submit-7".into()),
-        labels: Default::default(),
+        ..Default::default()
     };
     let submitted = client.submit(start).await.or_logs(&grid)?;
     assert_eq!(submitted.run_id, RunId::from_idempotency_key("echo-once", "submit-7"));
@@ -151,7 +151,7 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
         version: None,
         input: json!({"order": 8}),
         idempotency_key: Some("submit-7".into()),
-        labels: Default::default(),
+        ..Default::default()
     };
     let resubmitted = client.submit(again).await.or_logs(&grid)?;
     assert_eq!(resubmitted.run_id, submitted.run_id);
@@ -176,16 +176,7 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     assert_eq!(view.output, Some(input), "{view:?}");
     assert_eq!(view.flow, "echo-once");
-    let runs = client
-        .list(ListRuns {
-            parent: None,
-            flow: Some("echo-once".into()),
-            status: None,
-            limit: None,
-            cursor: None,
-            labels: Default::default(),
-        })
-        .await?;
+    let runs = client.list(ListRuns { flow: Some("echo-once".into()), ..Default::default() }).await?;
     assert_eq!(runs.runs.len(), 1, "two submits with one key start one run: {runs:?}");
     Ok(())
 }
@@ -209,7 +200,7 @@ async fn a_wait_holds_the_run_for_its_time_also_across_a_coordinator_crash() -> 
         version: None,
         input: json!({ "wait_ms": WAIT_MS }),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
     let waiting = flowgrid_tests::wait_for("the wait step to start", RUN_DEADLINE, || async {

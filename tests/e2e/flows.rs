@@ -63,7 +63,7 @@ async fn choice_then_map_over_100_items_then_join_gives_the_computed_output() ->
             version: None,
             input: json!({"mode": mode, "numbers": numbers}),
             idempotency_key: None,
-            labels: Default::default(),
+            ..Default::default()
         };
         started.push((mode, client.start(start).await.or_logs(&grid)?));
     }
@@ -147,7 +147,7 @@ async fn every_example_flow_runs_with_the_input_it_documents() -> anyhow::Result
             version: None,
             input: documented.input,
             idempotency_key: None,
-            labels: Default::default(),
+            ..Default::default()
         };
         let run_id = client.start(start).await.or_logs(&grid)?.run_id;
         let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
@@ -182,7 +182,7 @@ async fn a_flow_that_publishes_its_ends_announces_each_run_once_it_ended() -> an
         version: None,
         input: json!({"n": 7}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let quiet_run = client.start(start("quiet")).await.or_logs(&grid)?.run_id;
     grid.wait_run(&client, &quiet_run, RUN_DEADLINE).await?;
@@ -216,7 +216,7 @@ async fn an_announcement_the_stream_did_not_take_is_published_by_the_next_coordi
         version: None,
         input: json!({"n": 1}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
     // Read as ended only once the end (and its announcement in the outbox) is committed.

@@ -23,7 +23,7 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
             version: None,
             input: json!({ "n": index }),
             idempotency_key: None,
-            labels: Default::default(),
+            ..Default::default()
         };
         let run = client.start(start).await.or_logs(&grid)?;
         let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;

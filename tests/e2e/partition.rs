@@ -73,7 +73,7 @@ async fn start_runs(client: flowgrid_sdk::Client, starter: u64, stop: Cancellati
             version: None,
             input: json!({"value": value}),
             idempotency_key: Some(format!("partition-{value}")),
-            labels: Default::default(),
+            ..Default::default()
         };
         let sent = Instant::now();
         let outcome = client.start(start).await;
@@ -209,7 +209,7 @@ async fn tasks_of_a_worker_cut_off_from_nats_are_done_elsewhere_and_its_late_res
         version: None,
         input: json!({"items": items}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
     wait_items_held(&grid).await?;

@@ -19,13 +19,8 @@ steps:
 "#;
 
 async fn gated_run(grid: &Grid, client: &flowgrid_sdk::Client) -> anyhow::Result<RunId> {
-    let start = StartRun {
-        flow: "gated".into(),
-        version: None,
-        input: json!({}),
-        idempotency_key: None,
-        labels: Default::default(),
-    };
+    let start =
+        StartRun { flow: "gated".into(), version: None, input: json!({}), idempotency_key: None, ..Default::default() };
     Ok(client.start(start).await.or_logs(grid)?.run_id)
 }
 

@@ -33,7 +33,7 @@ async fn failed_run(grid: &Grid, client: &flowgrid_sdk::Client) -> anyhow::Resul
         version: None,
         input: json!({"n": 5}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run_id = client.start(start).await.or_logs(grid)?.run_id;
     let view = grid.wait_run(client, &run_id, RUN_DEADLINE).await?;
@@ -62,17 +62,7 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
     assert!(view.ended_ms > view.redriven.map(|redriven| redriven.last_ms));
 
     // Listed once, as it is now.
-    let listed = client
-        .list(ListRuns {
-            parent: None,
-            flow: Some("shaky".into()),
-            status: None,
-            limit: None,
-            cursor: None,
-            labels: Default::default(),
-        })
-        .await
-        .or_logs(&grid)?;
+    let listed = client.list(ListRuns { flow: Some("shaky".into()), ..Default::default() }).await.or_logs(&grid)?;
     let statuses: Vec<_> = listed.runs.iter().map(|run| (run.run_id.clone(), run.status)).collect();
     assert_eq!(statuses, vec![(run_id.clone(), RunStatus::Succeeded)]);
 
@@ -97,13 +87,8 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
     let error = client.redrive(&RunId("no-such-run".into()), "").await.expect_err("refused");
     assert_eq!(refusal(&error).code, ErrorCode::NotFound, "{error:?}");
     deploy(&grid, &client, "name: idle\nsteps:\n  - { id: wait, kind: signal }\n").await?;
-    let start = StartRun {
-        flow: "idle".into(),
-        version: None,
-        input: json!({}),
-        idempotency_key: None,
-        labels: Default::default(),
-    };
+    let start =
+        StartRun { flow: "idle".into(), version: None, input: json!({}), idempotency_key: None, ..Default::default() };
     let going = client.start(start).await.or_logs(&grid)?.run_id;
     let error = client.redrive(&going, "").await.expect_err("refused");
     assert_eq!(refusal(&error).code, ErrorCode::Conflict, "{error:?}");
@@ -185,7 +170,7 @@ async fn a_parent_redriven_after_its_child_flow_was_fixed_starts_a_new_child() -
         version: None,
         input: json!({}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let parent = client.start(start).await.or_logs(&grid)?.run_id;
     let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
@@ -225,7 +210,7 @@ async fn a_redriven_fan_out_of_child_runs_keeps_the_children_that_succeeded() ->
         version: None,
         input: json!([2, 3, 4]),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let parent = client.start(start).await.or_logs(&grid)?.run_id;
     let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
@@ -234,14 +219,7 @@ async fn a_redriven_fan_out_of_child_runs_keeps_the_children_that_succeeded() ->
         let parent = parent.clone();
         let client = client.clone();
         async move {
-            let query = ListRuns {
-                parent: Some(parent),
-                flow: None,
-                status: None,
-                limit: None,
-                cursor: None,
-                labels: Default::default(),
-            };
+            let query = ListRuns { parent: Some(parent), ..Default::default() };
             client.list(query).await.map(|list| list.runs)
         }
     };

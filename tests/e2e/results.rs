@@ -84,7 +84,7 @@ async fn duplicated_result_is_applied_once() -> anyhow::Result<()> {
         version: None,
         input: json!({"question": "six times seven"}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run = client.start(start).await.or_logs(&grid)?;
 

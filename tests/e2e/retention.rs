@@ -29,7 +29,7 @@ async fn ended_runs_past_the_retention_are_deleted_and_running_ones_stay() -> an
         version: None,
         input: json!({ "n": n }),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let mut ended = Vec::new();
     for n in 0..5 {
@@ -38,14 +38,7 @@ async fn ended_runs_past_the_retention_are_deleted_and_running_ones_stay() -> an
         ended.push(run_id);
     }
     let running = client.start(start("idle", 0)).await.or_logs(&grid)?.run_id;
-    let query = || ListRuns {
-        parent: None,
-        flow: Some("echo-once".into()),
-        status: None,
-        limit: None,
-        cursor: None,
-        labels: Default::default(),
-    };
+    let query = || ListRuns { flow: Some("echo-once".into()), ..Default::default() };
     assert_eq!(client.list(query()).await?.runs.len(), 5);
 
     wait_for("the ended runs to be deleted", Duration::from_secs(20), || async {

@@ -18,14 +18,7 @@ steps:
 "#;
 
 async fn runs_of(client: &flowgrid_sdk::Client) -> anyhow::Result<Vec<RunSummary>> {
-    let query = ListRuns {
-        parent: None,
-        flow: Some("ticker".into()),
-        status: None,
-        limit: Some(1000),
-        cursor: None,
-        labels: Default::default(),
-    };
+    let query = ListRuns { flow: Some("ticker".into()), limit: Some(1000), ..Default::default() };
     Ok(client.list(query).await?.runs)
 }
 

@@ -26,13 +26,8 @@ steps:
 "#;
 
 async fn start_waiting(grid: &Grid, client: &flowgrid_sdk::Client, flow: &str) -> anyhow::Result<RunId> {
-    let start = StartRun {
-        flow: flow.into(),
-        version: None,
-        input: json!({}),
-        idempotency_key: None,
-        labels: Default::default(),
-    };
+    let start =
+        StartRun { flow: flow.into(), version: None, input: json!({}), idempotency_key: None, ..Default::default() };
     let run_id = client.start(start).await.or_logs(grid)?.run_id;
     wait_for("the signal step to wait", RUN_DEADLINE, || async {
         let view = client.get(&run_id).await.ok()?;
@@ -82,7 +77,7 @@ async fn a_signal_the_run_cannot_take_is_refused_with_the_reason() -> anyhow::Re
         version: None,
         input: json!({}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
 
@@ -119,7 +114,7 @@ async fn no_signal_in_time_goes_to_the_catch() -> anyhow::Result<()> {
         version: None,
         input: json!({}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
     let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
@@ -180,7 +175,7 @@ async fn a_step_that_keeps_early_signals_takes_one_sent_before_it_started() -> a
         version: None,
         input: json!({}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
     let kept = client.signal(&run_id, "paid", json!({"amount": 12})).await.or_logs(&grid)?;

@@ -121,14 +121,7 @@ async fn a_subflow_step_with_items_runs_one_child_per_item() -> anyhow::Result<(
     assert_eq!((parent.run_id, parent.item, child.input), (run_id.clone(), Some(2), json!({"n": 3})));
 
     // The children are listed by their parent, through the API and the CLI.
-    let query = ListRuns {
-        parent: Some(run_id.clone()),
-        flow: None,
-        status: None,
-        limit: None,
-        cursor: None,
-        labels: Default::default(),
-    };
+    let query = ListRuns { parent: Some(run_id.clone()), ..Default::default() };
     let children = client.list(query).await.or_logs(&grid)?.runs;
     assert_eq!(children.len(), 5, "{children:?}");
     assert!(children.iter().all(|child| child.flow == "doubler" && child.parent.as_ref() == Some(&run_id)));

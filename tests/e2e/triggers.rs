@@ -29,14 +29,7 @@ async fn runs_once(
     deadline: Duration,
 ) -> anyhow::Result<Vec<(RunId, Value)>> {
     let runs = wait_for(&format!("{count} runs of on-order"), deadline, || async {
-        let query = ListRuns {
-            parent: None,
-            flow: Some("on-order".into()),
-            status: None,
-            limit: Some(100),
-            cursor: None,
-            labels: Default::default(),
-        };
+        let query = ListRuns { flow: Some("on-order".into()), limit: Some(100), ..Default::default() };
         let runs = client.list(query).await.ok()?.runs;
         (runs.len() >= count && runs.iter().all(|run| run.status == RunStatus::Succeeded)).then_some(runs)
     })
@@ -217,7 +210,7 @@ async fn a_trigger_on_the_run_ends_stream_starts_a_run_for_each_end_of_another_f
             version: None,
             input: serde_json::json!({ "declined": declined }),
             idempotency_key: None,
-            labels: Default::default(),
+            ..Default::default()
         };
         let run_id = client.start(start).await.or_logs(&grid)?.run_id;
         ended.push((run_id.clone(), grid.wait_run(&client, &run_id, RUN_DEADLINE).await?.status));
@@ -226,12 +219,9 @@ async fn a_trigger_on_the_run_ends_stream_starts_a_run_for_each_end_of_another_f
 
     let handlers = wait_for("a handler run per invoice end", RUN_DEADLINE, || async {
         let query = ListRuns {
-            parent: None,
             flow: Some("invoice-failures".into()),
             status: Some(RunStatus::Succeeded),
-            limit: None,
-            cursor: None,
-            labels: Default::default(),
+            ..Default::default()
         };
         let runs = client.list(query).await.ok()?.runs;
         (runs.len() == 2).then_some(runs)

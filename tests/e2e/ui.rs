@@ -34,7 +34,7 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
         version: None,
         input: json!({"fast": true}),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     };
     let run_id = client.start(start).await.or_logs(&grid)?.run_id;
 

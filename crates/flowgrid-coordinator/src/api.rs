@@ -360,7 +360,7 @@ impl Api {
             version,
             input: Arc::unwrap_or_clone(input),
             idempotency_key: Some(key),
-            labels: Default::default(),
+            ..Default::default()
         };
         self.start_run(start, None, request_bytes, Some(parent)).await
     }

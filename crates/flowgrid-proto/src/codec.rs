@@ -102,7 +102,7 @@ mod tests {
             version: Some(2),
             input: serde_json::json!({"items": [1, 2, 3], "name": "x"}),
             idempotency_key: Some("k".into()),
-            labels: Default::default(),
+            ..Default::default()
         };
         for encoding in [Encoding::MsgPack, Encoding::Json] {
             let bytes = encode(encoding, &start).unwrap();

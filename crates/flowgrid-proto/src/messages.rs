@@ -174,7 +174,7 @@ pub struct FlowInfo {
 }
 
 /// `<prefix>.api.run.start` (request/reply) or `<prefix>.submit` (durable, no reply).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StartRun {
     pub flow: String,
     /// Version to run; the latest when absent. The run keeps this version to its end.
@@ -229,7 +229,7 @@ pub struct GetRun {
 }
 
 /// `<prefix>.api.run.list`: newest first.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ListRuns {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow: Option<String>,

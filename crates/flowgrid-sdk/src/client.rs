@@ -58,7 +58,8 @@ const WAIT_POLL_MAX: Duration = Duration::from_millis(500);
 ///         version: None,
 ///         input: serde_json::json!({"name": "world"}),
 ///         idempotency_key: Some("order-42".into()),
-///, labels: Default::default(),     })
+///         labels: [("customer".to_owned(), "acme".to_owned())].into(),
+///     })
 ///     .await?;
 /// let run = client.wait(&started.run_id, Duration::from_secs(60)).await?;
 /// println!("{} ended {}: {:?}", run.run_id, run.status.as_str(), run.output);

@@ -32,7 +32,7 @@ pub const DEFAULT_START_REQUESTS_MAX: usize = 4;
 ///
 /// let starts = StartBatcher::new(client, 256, 4);
 /// let started = starts
-///     .start(StartRun { flow: "resize".into(), version: None, input: serde_json::json!({}), idempotency_key: None, labels: Default::default()  })
+///     .start(StartRun { flow: "resize".into(), version: None, input: serde_json::json!({}), idempotency_key: None, ..Default::default() })
 ///     .await?;
 /// println!("started {}", started.run_id);
 /// # Ok(())

@@ -178,7 +178,7 @@ async fn start_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
         version: None,
         input,
         idempotency_key: Some(key.clone()),
-        labels: Default::default(),
+        ..Default::default()
     };
     let deadline = Instant::now() + START_DEADLINE;
     let mut tries = 0;

@@ -31,14 +31,8 @@ pub(super) async fn matching_runs(
     let mut runs = Vec::new();
     let mut cursor = None;
     while runs.len() < limit {
-        let query = ListRuns {
-            parent: None,
-            flow: flow.clone(),
-            status: Some(status),
-            limit: Some(1_000),
-            cursor,
-            labels: Default::default(),
-        };
+        let query =
+            ListRuns { flow: flow.clone(), status: Some(status), limit: Some(1_000), cursor, ..Default::default() };
         let page = client.list(query).await?;
         runs.extend(page.runs.into_iter().filter(&keep).map(|run| run.run_id).take(limit - runs.len()));
         match page.next_cursor {

@@ -91,14 +91,7 @@ async fn overview(State(ui): State<Arc<Ui>>) -> Response {
         ui.grid.snapshot(),
         ui.grid.backlog(),
         ui.client.flows(),
-        ui.client.list(ListRuns {
-            parent: None,
-            flow: None,
-            status: None,
-            limit: Some(RECENT_RUNS),
-            cursor: None,
-            labels: Default::default()
-        })
+        ui.client.list(ListRuns { limit: Some(RECENT_RUNS), ..Default::default() })
     );
     // A grid no coordinator joined yet still has a backlog to show.
     let snapshot = snapshot.ok();
@@ -117,14 +110,7 @@ struct FlowQuery {
 }
 
 async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Query(query): Query<FlowQuery>) -> Response {
-    let recent = ListRuns {
-        parent: None,
-        flow: Some(name.clone()),
-        status: None,
-        limit: Some(RECENT_RUNS),
-        cursor: None,
-        labels: Default::default(),
-    };
+    let recent = ListRuns { flow: Some(name.clone()), limit: Some(RECENT_RUNS), ..Default::default() };
     let (info, recent) = tokio::join!(ui.client.flow(&name, query.version), ui.client.list(recent));
     match info {
         Ok(info) => {
@@ -153,8 +139,7 @@ async fn runs(State(ui): State<Arc<Ui>>, Query(query): Query<RunsQuery>) -> Resp
     };
     let parent = query.parent.filter(|parent| !parent.is_empty()).map(|parent| RunId(parent.into()));
     let filter = pages::RunsFilter { flow: flow.clone(), status, parent: parent.clone() };
-    let list =
-        ListRuns { parent, flow, status, limit: Some(RUNS_PAGE), cursor: query.cursor, labels: Default::default() };
+    let list = ListRuns { parent, flow, status, limit: Some(RUNS_PAGE), cursor: query.cursor, ..Default::default() };
     match ui.client.list(list).await {
         Ok(list) => page(pages::runs(&filter, &list)),
         Err(error) => api_failure(&error),
@@ -209,7 +194,7 @@ async fn start(State(ui): State<Arc<Ui>>, Form(form): Form<StartForm>) -> Respon
         Ok(input) => input,
         Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
     };
-    let start = StartRun { flow: form.flow, version: None, input, idempotency_key: None, labels: Default::default() };
+    let start = StartRun { flow: form.flow, version: None, input, idempotency_key: None, ..Default::default() };
     after_action(ui.client.start(start).await, |started| format!("/runs/{}", started.run_id))
 }
 

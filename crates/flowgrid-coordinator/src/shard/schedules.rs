@@ -80,7 +80,7 @@ impl<S: ShardStore> ShardActor<S> {
                 version: None,
                 input,
                 idempotency_key: Some(Timetable::run_key(slot)),
-                labels: Default::default(),
+                ..Default::default()
             };
             let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
             tokio::spawn(async move {

@@ -201,7 +201,7 @@ impl TriggerConsumer {
             version: Some(self.version),
             input,
             idempotency_key: Some(format!("trigger/{}/{sequence}", self.trigger.stream)),
-            labels: Default::default(),
+            ..Default::default()
         };
         match self.client.start(start).await {
             Ok(started) => {
