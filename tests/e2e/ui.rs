@@ -69,6 +69,23 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
     let (status, runs) = http_get(&addr, "/runs?status=succeeded&flow=ui-flow")?;
     assert_eq!(status, 200, "{runs}");
     assert!(runs.contains(run_id.as_str()), "{runs}");
+
+    // Runs by label; a signal step that keeps early signals says so before it starts.
+    let early = "name: early\nsteps:\n  - { id: hold, kind: wait, duration_ms: 60000 }\n  - { id: paid, kind: signal, after: [hold], keep_early: true }\n";
+    deploy(&grid, &client, early).await?;
+    let labelled = StartRun {
+        flow: "early".into(),
+        labels: [("customer".to_owned(), "acme".to_owned())].into(),
+        ..Default::default()
+    };
+    let waiting = client.start(labelled).await.or_logs(&grid)?.run_id;
+    let (status, runs) = http_get(&addr, "/runs?label=customer%3Dacme")?;
+    assert_eq!(status, 200, "{runs}");
+    assert!(runs.contains(waiting.as_str()) && !runs.contains(run_id.as_str()), "{runs}");
+    assert_eq!(http_get(&addr, "/runs?label=nokey")?.0, 400);
+    let (_, page) = http_get(&addr, &format!("/runs/{waiting}"))?;
+    assert!(page.contains("keeps a signal sent before it starts") && page.contains("customer=acme"), "{page}");
+    assert!(page.contains(&format!("flowgrid run signal {waiting} paid")), "{page}");
     let (status, page) = http_get(&addr, "/runs?status=bogus")?;
     assert_eq!(status, 400, "{page}");
     assert!(page.contains("is not a run status"), "{page}");

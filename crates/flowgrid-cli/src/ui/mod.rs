@@ -125,6 +125,8 @@ struct RunsQuery {
     flow: Option<String>,
     status: Option<String>,
     parent: Option<String>,
+    /// `key=value`: only runs with this label.
+    label: Option<String>,
     cursor: Option<String>,
 }
 
@@ -138,8 +140,16 @@ async fn runs(State(ui): State<Arc<Ui>>, Query(query): Query<RunsQuery>) -> Resp
         },
     };
     let parent = query.parent.filter(|parent| !parent.is_empty()).map(|parent| RunId(parent.into()));
-    let filter = pages::RunsFilter { flow: flow.clone(), status, parent: parent.clone() };
-    let list = ListRuns { parent, flow, status, limit: Some(RUNS_PAGE), cursor: query.cursor, ..Default::default() };
+    let label = match query.label.as_deref().filter(|label| !label.is_empty()) {
+        None => None,
+        Some(text) => match crate::args::parse_label(text) {
+            Ok(label) => Some(label),
+            Err(error) => return failure(StatusCode::BAD_REQUEST, &error),
+        },
+    };
+    let filter = pages::RunsFilter { flow: flow.clone(), status, parent: parent.clone(), label: label.clone() };
+    let labels = label.into_iter().collect();
+    let list = ListRuns { parent, flow, status, labels, limit: Some(RUNS_PAGE), cursor: query.cursor };
     match ui.client.list(list).await {
         Ok(list) => page(pages::runs(&filter, &list)),
         Err(error) => api_failure(&error),

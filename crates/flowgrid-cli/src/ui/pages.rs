@@ -233,6 +233,8 @@ pub struct RunsFilter {
     pub status: Option<RunStatus>,
     /// Only the child runs of this run.
     pub parent: Option<RunId>,
+    /// Only the runs with this label.
+    pub label: Option<(String, String)>,
 }
 
 pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
@@ -250,6 +252,9 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
         if let Some(parent) = &filter.parent {
             query.append_pair("parent", parent.as_str());
         }
+        if let Some((key, value)) = &filter.label {
+            query.append_pair("label", &format!("{key}={value}"));
+        }
         format!("/runs?{}", query.finish())
     });
     layout(
@@ -263,6 +268,8 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
             form.filter method="get" action="/runs" {
                 @if let Some(parent) = &filter.parent { input type="hidden" name="parent" value=(parent); }
                 label { "Flow " input type="text" name="flow" value=(filter.flow.as_deref().unwrap_or("")) placeholder="any"; }
+                @let label = filter.label.as_ref().map(|(key, value)| format!("{key}={value}")).unwrap_or_default();
+                label { "Label " input type="text" name="label" value=(label) placeholder="key=value"; }
                 label {
                     "Status "
                     select name="status" {
@@ -310,8 +317,24 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
     let end = view.ended_ms.unwrap_or(now);
     let total = end.saturating_sub(view.created_ms).max(1);
     let statuses: HashMap<&str, StepStatus> = view.steps.iter().map(|step| (step.id.as_str(), step.status)).collect();
-    let signals: Vec<&StepView> =
-        view.steps.iter().filter(|step| step.kind == "signal" && step.status == StepStatus::Running).collect();
+    // Signal steps that take a signal now: waiting, or not started and keeping one sent early.
+    let keeps_early = |id: &str| {
+        definition.is_some_and(|definition| {
+            definition
+                .steps
+                .iter()
+                .any(|step| matches!(step, Step::Signal(signal) if signal.id == id && signal.keep_early))
+        })
+    };
+    let signals: Vec<&StepView> = view
+        .steps
+        .iter()
+        .filter(|step| step.kind == "signal")
+        .filter(|step| {
+            step.status == StepStatus::Running
+                || (running && step.status == StepStatus::Pending && step.output.is_none() && keeps_early(&step.id))
+        })
+        .collect();
     // A page with a form to fill in does not reload under the user's hands.
     let refresh = running && (actions.is_none() || signals.is_empty());
     layout(
@@ -357,7 +380,8 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
             }
             @for step in &signals {
                 div.notice {
-                    "Step " strong { (step.id) } " waits for a signal"
+                    "Step " strong { (step.id) }
+                    @if step.status == StepStatus::Pending { " keeps a signal sent before it starts" } @else { " waits for a signal" }
                     @if let Some(token) = actions {
                         form.action method="post" action=(format!("/runs/{}/signal", view.run_id)) {
                             input type="hidden" name="token" value=(token);
