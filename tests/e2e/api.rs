@@ -479,6 +479,25 @@ async fn runs_started_with_labels_are_listed_by_them() -> anyhow::Result<()> {
     assert!(stdout.contains("labels    customer=acme, tier=gold"), "{stdout}");
     let (ok, _, stderr) = grid.cli(&["run", "start", "echo-once", "--label", "bad key=x"])?;
     assert!(!ok && stderr.contains("label key"), "{stderr}");
+    // A child run carries its parent's labels.
+    deploy(&grid, &client, "name: parent\nsteps:\n  - { id: invoke, kind: subflow, flow: echo-once }\n").await?;
+    let parent_start = StartRun {
+        flow: "parent".into(),
+        input: json!({"n": 2}),
+        labels: [("customer".to_owned(), "hooli".to_owned())].into(),
+        ..Default::default()
+    };
+    let parent = client.start(parent_start).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
+    let child = step(&view, "invoke").child_run.clone().expect("a child ran");
+    let query = ListRuns { labels: [("customer".to_owned(), "hooli".to_owned())].into(), ..Default::default() };
+    let mut listed: Vec<RunId> =
+        client.list(query).await.or_logs(&grid)?.runs.into_iter().map(|run| run.run_id).collect();
+    listed.sort();
+    let mut expected = vec![parent.clone(), child.clone()];
+    expected.sort();
+    assert_eq!(listed, expected, "the parent and its child");
+
     // The labels are in the run's history: a run rebuilt after a crash has them.
     grid.coordinators[0].kill_hard();
     grid.start_coordinator().await?;

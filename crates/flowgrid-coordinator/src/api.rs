@@ -343,7 +343,7 @@ impl Api {
     /// Starts the child run of a subflow step, with the idempotency key that follows from
     /// its parent: sent again, it returns the same child.
     async fn start_child(&self, request: StartChildRun, request_bytes: Option<usize>) -> Result<RunStarted, ApiError> {
-        let StartChildRun { flow, version, input, parent } = request;
+        let StartChildRun { flow, version, input, parent, labels } = request;
         if parent.depth > SUBFLOW_DEPTH_MAX {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
@@ -355,13 +355,7 @@ impl Api {
             ));
         }
         let key = ParentRef::child_key(&parent.run_id, &parent.step, parent.item, parent.round);
-        let start = StartRun {
-            flow,
-            version,
-            input: Arc::unwrap_or_clone(input),
-            idempotency_key: Some(key),
-            ..Default::default()
-        };
+        let start = StartRun { flow, version, input: Arc::unwrap_or_clone(input), idempotency_key: Some(key), labels };
         self.start_run(start, None, request_bytes, Some(parent)).await
     }
 

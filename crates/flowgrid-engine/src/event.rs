@@ -167,6 +167,8 @@ pub struct ChildStart {
     /// `None`: the latest version.
     pub version: Option<u32>,
     pub input: Arc<Value>,
+    /// The parent's labels, which the child carries too.
+    pub labels: flowgrid_model::Labels,
 }
 
 /// What the driver must do, in order, after persisting the event behind it.

@@ -85,14 +85,16 @@ struct Context<'a> {
 }
 
 impl Run {
-    /// Starts a run of `plan` with `input` at `now`: evaluates and dispatches the steps
-    /// without dependencies, arms the run timeout. A run may end at once (e.g. a flow of
-    /// transforms only), in which case `RunFinished` is among the effects.
+    /// Starts a run of `plan` with `input` (and `labels`, which its child runs carry too) at
+    /// `now`: evaluates and dispatches the steps without dependencies, arms the run timeout.
+    /// A run may end at once (e.g. a flow of transforms only), in which case `RunFinished`
+    /// is among the effects.
     pub fn start(
         plan: Arc<FlowPlan>,
         evaluator: &Evaluator,
         run_id: RunId,
         input: Value,
+        labels: Labels,
         now: Millis,
         effects: &mut Vec<Effect>,
     ) -> Run {
@@ -108,7 +110,7 @@ impl Run {
             created_ms: now,
             ended_ms: None,
             parent: None,
-            labels: None,
+            labels: (!labels.is_empty()).then(|| Box::new(labels)),
             redriven: None,
             paused: None,
             pauses: 0,
@@ -237,11 +239,6 @@ impl Run {
     /// The subflow step that started this run, if one did.
     pub fn parent(&self) -> Option<&ParentRef> {
         self.parent.as_deref()
-    }
-
-    /// Records the labels the run was started with (right after [`Run::start`]).
-    pub fn set_labels(&mut self, labels: Labels) {
-        self.labels = (!labels.is_empty()).then(|| Box::new(labels));
     }
 
     /// The labels the run was started with, if any.

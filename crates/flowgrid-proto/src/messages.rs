@@ -375,6 +375,9 @@ pub struct StartChildRun {
     pub input: Arc<Value>,
     /// The subflow step the child reports its end to.
     pub parent: ParentRef,
+    /// The parent's labels, which the child carries too.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 /// `<prefix>.api.run.child_ended`: a child run ended (or could not be started); sent by

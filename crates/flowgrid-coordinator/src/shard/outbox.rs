@@ -158,6 +158,7 @@ impl<S: ShardStore> ShardActor<S> {
                     depth,
                     round: start.round,
                 },
+                labels: start.labels.clone(),
             };
             let outcome = until_done(&permits, &stopped, Some(START_CHILD), || async {
                 match client.start_child(&request).await {

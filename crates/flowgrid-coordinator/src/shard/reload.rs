@@ -1,6 +1,7 @@
 //! Rebuilding a shard's memory from its store: the catalog, then every active run by
 //! replaying its history through the engine.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -124,13 +125,11 @@ impl<S: ShardStore> ShardActor<S> {
         };
         let evaluator = self.context.plans.evaluator().clone();
         let mut effects = Vec::new();
-        let mut run =
-            Run::start(plan, &evaluator, run_id.clone(), start.input.into_owned(), start.now_ms, &mut effects);
+        let labels = start.labels.map(Cow::into_owned).unwrap_or_default();
+        let input = start.input.into_owned();
+        let mut run = Run::start(plan, &evaluator, run_id.clone(), input, labels, start.now_ms, &mut effects);
         if let Some(parent) = start.parent {
             run.set_parent(parent.into_owned());
-        }
-        if let Some(labels) = start.labels {
-            run.set_labels(labels.into_owned());
         }
         let mut next_seq = 1;
         for (key, value) in records_iter {

@@ -70,11 +70,10 @@ impl<S: ShardStore> ShardActor<S> {
 
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
-        let mut run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, now, &mut effects);
+        let mut run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, labels, now, &mut effects);
         if let Some(parent) = parent {
             run.set_parent(parent);
         }
-        run.set_labels(labels);
         let active = ActiveRun { run, next_seq: 1 };
         self.runs.insert(run_id.clone(), Box::new(active));
         self.context.active_runs.fetch_add(1, Ordering::Relaxed);

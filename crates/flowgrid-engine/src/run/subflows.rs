@@ -109,6 +109,7 @@ impl Run {
             flow: spec.flow.clone(),
             version: spec.version,
             input,
+            labels: self.labels.as_deref().cloned().unwrap_or_default(),
         })
     }
 

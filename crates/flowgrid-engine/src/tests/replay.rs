@@ -36,6 +36,7 @@ pub fn replay(harness: &Harness) -> (Run, Vec<Effect>) {
         evaluator(),
         RunId(RUN.into()),
         harness.input.clone(),
+        flowgrid_model::Labels::new(),
         harness.started_ms,
         &mut effects,
     );

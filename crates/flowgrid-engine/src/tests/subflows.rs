@@ -270,3 +270,29 @@ fn a_subflow_step_timeout_cancels_its_child_and_fails_the_step_with_timeout() {
     assert!(cancel < finished, "{:?}", harness.effects);
     assert_eq!(harness.fire(1_100, timer), Applied::Ignored("run already ended"));
 }
+
+#[test]
+fn a_child_run_carries_its_parents_labels() {
+    let plan = super::support::plan("name: parent\nsteps:\n  - { kind: subflow, id: encode, flow: transcode }\n");
+    let labels: flowgrid_model::Labels = [("customer".to_owned(), "acme".to_owned())].into();
+    let mut effects = Vec::new();
+    let run = crate::Run::start(
+        plan,
+        super::support::evaluator(),
+        RunId(RUN.into()),
+        json!({}),
+        labels.clone(),
+        0,
+        &mut effects,
+    );
+    let start = effects
+        .iter()
+        .find_map(|effect| match effect {
+            Effect::StartChild(start) => Some(start.clone()),
+            _ => None,
+        })
+        .expect("the subflow step asks for its child at once");
+    assert_eq!(start.labels, labels, "the child start, as the run starts");
+    assert_eq!(run.open_child_starts()[0].labels, labels, "and as a reload asks for it again");
+    assert_eq!(run.labels(), Some(&labels));
+}

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use flowgrid_model::{parse_definition, AttemptId, Evaluator, FlowPlan, Limits, Millis, RunId};
+use flowgrid_model::{parse_definition, AttemptId, Evaluator, FlowPlan, Labels, Limits, Millis, RunId};
 use serde_json::Value;
 
 use crate::{Applied, Effect, Event, Run, RunStatus, StepStatus, StepView, TaskDispatch, TaskError, TimerKey};
@@ -46,7 +46,9 @@ impl Harness {
     pub fn start(yaml: &str, input: Value, now: Millis) -> Harness {
         let plan = plan(yaml);
         let mut effects = Vec::new();
-        let run = Run::start(Arc::clone(&plan), evaluator(), RunId(RUN.into()), input.clone(), now, &mut effects);
+        let labels = Labels::new();
+        let run =
+            Run::start(Arc::clone(&plan), evaluator(), RunId(RUN.into()), input.clone(), labels, now, &mut effects);
         Harness { plan, run, input, started_ms: now, all_effects: effects.clone(), effects, history: Vec::new() }
     }
 
