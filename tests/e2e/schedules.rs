@@ -12,7 +12,7 @@ use crate::{deploy, OrLogs};
 
 const TICKER: &str = r#"
 name: ticker
-schedule: { every_ms: 1000, input: { from: schedule } }
+schedule: { every_ms: 1000, input: { from: schedule }, labels: { source: ticker } }
 steps:
   - { id: tick, kind: task, pool: a, task: echo }
 "#;
@@ -43,6 +43,7 @@ async fn a_schedule_starts_one_run_per_slot_until_a_version_without_it() -> anyh
     }
     let view = client.get(&runs[0].run_id).await.or_logs(&grid)?;
     assert_eq!(view.input, json!({"from": "schedule"}), "the schedule's input");
+    assert_eq!(view.labels.get("source").map(String::as_str), Some("ticker"), "the schedule's labels");
 
     // The schedule lives in the store with the flow: a restarted coordinator keeps it going.
     grid.coordinators[0].kill_hard();
@@ -54,7 +55,12 @@ async fn a_schedule_starts_one_run_per_slot_until_a_version_without_it() -> anyh
     .await
     .or_logs(&grid)?;
 
-    deploy(&grid, &client, &TICKER.replace("schedule: { every_ms: 1000, input: { from: schedule } }\n", "")).await?;
+    deploy(
+        &grid,
+        &client,
+        &TICKER.replace("schedule: { every_ms: 1000, input: { from: schedule }, labels: { source: ticker } }\n", ""),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let stopped = runs_of(&client).await?.len();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -65,7 +71,7 @@ async fn a_schedule_starts_one_run_per_slot_until_a_version_without_it() -> anyh
 /// A schedule and a trigger on the same flow: both stop while the flow is paused.
 const TICKER_AND_EVENTS: &str = r#"
 name: ticker
-schedule: { every_ms: 1000, input: { from: schedule } }
+schedule: { every_ms: 1000, input: { from: schedule }, labels: { source: ticker } }
 trigger: { stream: TICKS }
 steps:
   - { id: tick, kind: task, pool: a, task: echo }

@@ -261,6 +261,7 @@ name: ship
 trigger:
   stream: SHIPMENTS
   input: '#{ id: input.message.id, region: input.subject.split(".")[1], sequence: input.sequence }'
+  labels: { source: shipments }
 output: 'steps.s.output'
 steps:
   - { id: s, kind: task, pool: a, task: echo }
@@ -288,5 +289,6 @@ steps:
     .or_logs(&grid)?;
     let expected = serde_json::json!({"id": 7, "region": "eu", "sequence": ack.sequence});
     assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(expected)), "{}", grid.logs());
+    assert_eq!(view.labels.get("source").map(String::as_str), Some("shipments"), "the trigger's labels");
     Ok(())
 }

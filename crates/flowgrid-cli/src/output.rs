@@ -202,20 +202,15 @@ mod tests {
             paused: None,
         };
         assert_eq!(started_by(&flow), "-");
-        flow.schedule =
-            Some(flowgrid_model::Schedule { every_ms: Some(60_000), cron: None, input: serde_json::Value::Null });
+        flow.schedule = Some(flowgrid_model::Schedule { every_ms: Some(60_000), ..Default::default() });
         flow.trigger = Some(flowgrid_model::Trigger {
             stream: "ORDERS".into(),
             subject: Some("orders.*.created".into()),
-            input: None,
+            ..Default::default()
         });
         assert_eq!(started_by(&flow), "every 1m00s, stream ORDERS (orders.*.created)");
-        flow.schedule = Some(flowgrid_model::Schedule {
-            every_ms: None,
-            cron: Some("0 */6 * * *".into()),
-            input: serde_json::Value::Null,
-        });
-        flow.trigger = Some(flowgrid_model::Trigger { stream: "ORDERS".into(), subject: None, input: None });
+        flow.schedule = Some(flowgrid_model::Schedule { cron: Some("0 */6 * * *".into()), ..Default::default() });
+        flow.trigger = Some(flowgrid_model::Trigger { stream: "ORDERS".into(), ..Default::default() });
         assert_eq!(started_by(&flow), "cron 0 */6 * * *, stream ORDERS");
         flow.paused = Some(flowgrid_proto::FlowPause { since_ms: 0, reason: "incident".into() });
         assert_eq!(started_by(&flow), "cron 0 */6 * * *, stream ORDERS (paused)");

@@ -41,7 +41,7 @@ pub struct FlowDefinition {
 
 /// When the grid starts runs of a flow by itself: every `every_ms`, or at the minutes a
 /// `cron` expression matches (UTC). Give exactly one.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
     /// A run at every multiple of this many milliseconds since the Unix epoch (1,000 to
@@ -55,12 +55,15 @@ pub struct Schedule {
     /// The input of every run it starts.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub input: serde_json::Value,
+    /// The labels of every run it starts (`run list --label`).
+    #[serde(default, skip_serializing_if = "crate::Labels::is_empty")]
+    pub labels: crate::Labels,
 }
 
 /// Where the events that start runs of a flow come from: the messages of a JetStream
 /// stream (of the operator's own), from the first one published after the trigger was
 /// first deployed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Trigger {
     /// The stream's name; it must exist when the flow is deployed.
@@ -74,6 +77,9 @@ pub struct Trigger {
     /// stream). Default: the message's payload as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<String>,
+    /// The labels of every run it starts (`run list --label`).
+    #[serde(default, skip_serializing_if = "crate::Labels::is_empty")]
+    pub labels: crate::Labels,
 }
 
 /// One step. `kind` selects the variant.

@@ -74,13 +74,18 @@ impl<S: ShardStore> ShardActor<S> {
                 self.schedules.remove(&flow);
                 continue;
             };
-            let input = plan.definition.schedule.as_ref().map(|schedule| schedule.input.clone()).unwrap_or_default();
+            let (input, labels) = plan
+                .definition
+                .schedule
+                .as_ref()
+                .map(|schedule| (schedule.input.clone(), schedule.labels.clone()))
+                .unwrap_or_default();
             let start = StartRun {
                 flow: flow.clone(),
                 version: None,
                 input,
                 idempotency_key: Some(Timetable::run_key(slot)),
-                ..Default::default()
+                labels,
             };
             let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
             tokio::spawn(async move {

@@ -201,7 +201,7 @@ impl TriggerConsumer {
             version: Some(self.version),
             input,
             idempotency_key: Some(format!("trigger/{}/{sequence}", self.trigger.stream)),
-            ..Default::default()
+            labels: self.trigger.labels.clone(),
         };
         match self.client.start(start).await {
             Ok(started) => {

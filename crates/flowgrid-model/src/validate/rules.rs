@@ -106,6 +106,9 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
 /// A trigger names a stream as JetStream spells stream names, and a subject of non-empty
 /// tokens.
 fn check_trigger(trigger: &Trigger, issues: &mut Vec<Issue>) {
+    if let Err(message) = crate::check_labels(&trigger.labels) {
+        push_issue(issues, "trigger.labels", message);
+    }
     let stream = &trigger.stream;
     let bad_stream = stream.is_empty()
         || stream.len() > 255
@@ -143,6 +146,9 @@ fn check_trigger(trigger: &Trigger, issues: &mut Vec<Issue>) {
 /// A schedule has exactly one timetable, one that parses and is not too short, and an
 /// input a run may take.
 fn check_schedule(schedule: &Schedule, limits: &Limits, issues: &mut Vec<Issue>) {
+    if let Err(message) = crate::check_labels(&schedule.labels) {
+        push_issue(issues, "schedule.labels", message);
+    }
     match (schedule.every_ms, &schedule.cron) {
         (None, None) => push_issue(
             issues,

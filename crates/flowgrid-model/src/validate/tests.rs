@@ -516,3 +516,11 @@ fn a_trigger_names_a_stream_and_maybe_a_subject() {
     assert_issue(&issues_of(&flow("{ stream: S, subject: 'a.b*' }")), "trigger.subject", "is not a subject");
     assert!(parse_definition(&flow("{ stream: S, subjects: x }"), &limits()).is_err(), "unknown fields are errors");
 }
+
+#[test]
+fn the_labels_of_a_schedule_or_a_trigger_are_checked_like_a_start_s() {
+    let yaml = "name: f\nschedule: { every_ms: 60000, labels: { 'bad key': x } }\ntrigger: { stream: S, labels: { ok: y } }\nsteps:\n  - { kind: transform, id: t, output: '1' }\n";
+    let issues = issues_of(yaml);
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_issue(&issues, "schedule.labels", "label key");
+}
