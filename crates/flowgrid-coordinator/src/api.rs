@@ -576,8 +576,8 @@ fn check_trigger_loop(
     }
     let message = format!(
         "the flow announces its ends on {own_ends:?}, which its trigger reads: each run would start another, without \
-         end; narrow `trigger.subject` to the flows it watches (e.g. {:?})",
-        subjects.run_ended("invoice")
+         end; narrow `trigger.subject` to the flows it watches ({:?} for flow <name>)",
+        subjects.run_ended("<name>")
     );
     let mut refusal =
         ApiError::new(ErrorCode::InvalidDefinition, format!("invalid definition: trigger.subject: {message}"));

@@ -310,7 +310,7 @@ impl Run {
                 ended_ms: state.ended_ms,
                 output: state.output.as_ref(),
                 error: state.error.as_deref(),
-                caught: state.caught,
+                caught: state.caught(),
                 items: match &state.work {
                     Work::Map(map) => Some(map.counts()),
                     _ => None,

@@ -347,29 +347,32 @@ impl<S: ShardStore> ShardActor<S> {
             let status = self.ended_run(&run_id).await?.status;
             return Ok(RunPaused { run_id, status, paused: false, applied: false });
         };
-        if pause && active.run.paused().is_none() && active.run.pauses() >= PAUSES_MAX {
+        if active.run.is_paused() == pause {
+            return Ok(RunPaused { run_id, status: active.run.status(), paused: pause, applied: false });
+        }
+        if pause && active.run.pauses() >= PAUSES_MAX {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
-                format!("run {run_id} was paused {PAUSES_MAX} times, the most a run may be"),
+                format!(
+                    "run {run_id} was paused {PAUSES_MAX} times, the most a run may be (each pause is kept in its \
+                     history); let it run to its end, or cancel it"
+                ),
             ));
         }
-        let (event, counter) = match (pause, reason.is_empty()) {
-            (true, true) => {
-                (Event::PauseRequested { reason: "paused through the API".to_owned() }, metrics::RUNS_PAUSED)
-            }
-            (true, false) => (Event::PauseRequested { reason }, metrics::RUNS_PAUSED),
-            (false, true) => {
-                (Event::ResumeRequested { reason: "resumed through the API".to_owned() }, metrics::RUNS_RESUMED)
-            }
-            (false, false) => (Event::ResumeRequested { reason }, metrics::RUNS_RESUMED),
+        let (event, counter) = if pause {
+            let reason = if reason.is_empty() { "paused through the API".to_owned() } else { reason };
+            (Event::PauseRequested { reason }, metrics::RUNS_PAUSED)
+        } else {
+            let reason = if reason.is_empty() { "resumed through the API".to_owned() } else { reason };
+            (Event::ResumeRequested { reason }, metrics::RUNS_RESUMED)
         };
-        let applied = active.run.paused().is_some() != pause && self.apply_event(&run_id, event, now_ms(), batch);
+        let applied = self.apply_event(&run_id, event, now_ms(), batch);
         if applied {
             ::metrics::counter!(counter).increment(1);
         }
         // A run that ends stays in memory until its batch commits.
         let run = &self.runs.get(&run_id).expect("an active run stays until its batch commits").run;
-        Ok(RunPaused { run_id, status: run.status(), paused: run.paused().is_some(), applied })
+        Ok(RunPaused { run_id, status: run.status(), paused: run.is_paused(), applied })
     }
 
     /// A signal for a signal step: applied if the step waits for one. A step that is over
@@ -604,7 +607,7 @@ fn active_summary(run_id: &RunId, run: &Run) -> RunSummary {
         created_ms: run.created_ms(),
         ended_ms: run.ended_ms(),
         parent: run.parent().map(|parent| parent.run_id.clone()),
-        paused: run.paused().is_some(),
+        paused: run.is_paused(),
         labels: run.labels().cloned().unwrap_or_default(),
     }
 }

@@ -33,6 +33,11 @@ impl Run {
         })
     }
 
+    /// Whether the run is paused now (without building its [`Paused`] view).
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
     /// Pauses so far, none refused.
     pub fn pauses(&self) -> u32 {
         self.pauses

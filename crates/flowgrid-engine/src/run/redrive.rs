@@ -65,7 +65,7 @@ impl Run {
         for (state, &anew) in self.steps.iter_mut().zip(&anew) {
             if anew {
                 reset_to_new(state);
-            } else if state.status == StepStatus::Cancelled || (state.status == StepStatus::Failed && !state.caught) {
+            } else if state.status == StepStatus::Cancelled || (state.status == StepStatus::Failed && !state.caught()) {
                 reset(state);
             }
         }
@@ -144,7 +144,6 @@ fn reset(state: &mut StepState) {
 /// dependencies are counted again) except its attempts, whose numbers go on.
 fn reset_to_new(state: &mut StepState) {
     reset(state);
-    state.caught = false;
     state.resolved_as = None;
     state.work = Work::Idle;
 }

@@ -30,7 +30,6 @@ pub(super) struct StepState {
     /// Boxed, like every rarely set field of the per-step state: a run keeps one of these
     /// per step for as long as it is active.
     pub error: Option<Box<TaskError>>,
-    pub caught: bool,
     /// How the step resolved, once it has: what its outgoing edges saw (which branch a
     /// choice took, which catch took a failure). A redrive from a later step reads it.
     pub resolved_as: Option<Resolution>,
@@ -121,10 +120,14 @@ impl StepState {
             ended_ms: None,
             output: None,
             error: None,
-            caught: false,
             resolved_as: None,
             work: Work::Idle,
         }
+    }
+
+    /// It failed and a catch took the failure.
+    pub fn caught(&self) -> bool {
+        matches!(self.resolved_as, Some(Resolution::Caught(_)))
     }
 
     /// Pending, running or retrying: the step has not resolved yet.

@@ -172,7 +172,6 @@ impl Run {
         let state = self.state(index);
         state.status = StepStatus::Failed;
         state.error = Some(Box::new(error));
-        state.caught = true;
         state.work = abandon(std::mem::replace(&mut state.work, Work::Idle));
         self.resolve_step(index, Resolution::Caught(catch), context);
     }
