@@ -156,6 +156,11 @@ pub struct RunArgs {
     #[arg(long, default_value_t = flowgrid_sdk::DEFAULT_START_BATCH_MAX as u32,
           value_parser = clap::value_parser!(u32).range(1..=flowgrid_sdk::START_MANY_RUNS_MAX as i64))]
     pub start_batch_max: u32,
+    /// Start batches awaiting their reply at once, at most (the SDK's StartBatcher): fewer
+    /// make larger batches, more make each start wait less for a request to go out.
+    #[arg(long, default_value_t = flowgrid_sdk::DEFAULT_START_REQUESTS_MAX as u32,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub start_requests_max: u32,
     /// Give each start an idempotency key, as a durable submit always has: the
     /// coordinator then also looks each start's run id up in the store.
     #[arg(long)]

@@ -100,7 +100,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let starter = Starter {
         client: client.clone(),
         batcher: (batch_max > 1)
-            .then(|| StartBatcher::new(client.clone(), batch_max, flowgrid_sdk::DEFAULT_START_REQUESTS_MAX)),
+            .then(|| StartBatcher::new(client.clone(), batch_max, args.start_requests_max as usize)),
         plan: plan.clone(),
         tracker: tracker.clone(),
         errors: errors.clone(),
@@ -321,6 +321,7 @@ fn summarize(
         "rate": (args.mode == LoopMode::Open).then_some(args.rate),
         "concurrency": (args.mode == LoopMode::Closed).then_some(args.concurrency),
         "start_batch_max": args.start_batch_max,
+        "start_requests_max": args.start_requests_max,
         "idempotency_keys": args.idempotency_keys,
         "duration_s": round3(measured_s),
         "runs_per_s": round1(runs_per_s),

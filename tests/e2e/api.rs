@@ -322,7 +322,7 @@ async fn cancelling_a_running_run_ends_it_cancelled() -> anyhow::Result<()> {
 }
 
 fn query(flow: Option<&str>, status: Option<RunStatus>, limit: Option<u32>, cursor: Option<String>) -> ListRuns {
-    ListRuns { parent: None, flow: flow.map(str::to_owned), status, limit, cursor, labels: Default::default() }
+    ListRuns { flow: flow.map(str::to_owned), status, limit, cursor, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,4 +504,84 @@ async fn runs_started_with_labels_are_listed_by_them() -> anyhow::Result<()> {
     let view = client.get(&going).await.or_logs(&grid)?;
     assert_eq!((view.status, view.labels.get("customer").cloned()), (RunStatus::Running, Some("acme".to_owned())));
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_listed_and_paused_by_when_they_started() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let mut ended = Vec::new();
+    for n in 0..3 {
+        let run_id = client.start(start("echo-once", json!({"n": n}), None)).await.or_logs(&grid)?.run_id;
+        let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+        ended.push((view.created_ms, run_id));
+        // Each run starts in a millisecond of its own.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let [(at0, run0), (at1, run1), (at2, run2)] = <[(u64, RunId); 3]>::try_from(ended).expect("three runs");
+    let listed = |since_ms: Option<u64>, until_ms: Option<u64>| {
+        let client = client.clone();
+        async move {
+            let query = ListRuns { flow: Some("echo-once".into()), since_ms, until_ms, ..Default::default() };
+            let runs = client.list(query).await?.runs;
+            anyhow::Ok(runs.into_iter().map(|run| run.run_id).collect::<Vec<_>>())
+        }
+    };
+    assert_eq!(listed(Some(at1), Some(at2)).await?, vec![run1.clone()], "the window of the middle run");
+    assert_eq!(listed(Some(at1), None).await?, vec![run2.clone(), run1.clone()], "since, newest first");
+    assert_eq!(listed(None, Some(at1)).await?, vec![run0.clone()], "until: the end is open");
+    assert_eq!(listed(Some(at2 + 1), None).await?, Vec::<RunId>::new(), "after the last run");
+
+    // Pages within a window.
+    let mut paged = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = ListRuns { since_ms: Some(at0), until_ms: Some(at2 + 1), ..query(None, None, Some(1), cursor) };
+        let page = client.list(page).await.or_logs(&grid)?;
+        paged.extend(page.runs.into_iter().map(|run| run.run_id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, vec![run2.clone(), run1.clone(), run0.clone()], "one run a page, in the window");
+
+    let empty = ListRuns { since_ms: Some(at1), until_ms: Some(at1), ..Default::default() };
+    let error = client.list(empty).await.expect_err("an empty window");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+    assert!(error.to_string().contains("must be before until_ms"), "{error}");
+
+    // The command line reads times and durations ago.
+    let since = rfc3339(at1);
+    let (ok, stdout, stderr) = grid.cli(&["run", "list", "--flow", "echo-once", "--since", &since])?;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(run1.as_str()) && stdout.contains(run2.as_str()), "{stdout}");
+    assert!(!stdout.contains(run0.as_str()), "{stdout}");
+    let (ok, stdout, _) = grid.cli(&["run", "list", "--flow", "echo-once", "--since", "1h"])?;
+    assert!(ok && [&run0, &run1, &run2].iter().all(|run| stdout.contains(run.as_str())), "{stdout}");
+    let (ok, _, stderr) = grid.cli(&["run", "list", "--since", "yesterday"])?;
+    assert!(!ok && stderr.contains("use e.g. 2026-12-05T10:00:00Z"), "{stderr}");
+    let (ok, _, stderr) = grid.cli(&["run", "redrive", run0.as_str(), "--since", "1h"])?;
+    assert!(!ok && stderr.contains("go with --flow or --status"), "{stderr}");
+
+    // Running runs (listed from the shard's memory) too: pause only the later of two.
+    deploy(&grid, &client, IDLE_FLOW).await?;
+    let early = client.start(start("idle", json!({}), None)).await.or_logs(&grid)?.run_id;
+    let early_ms = client.get(&early).await.or_logs(&grid)?.created_ms;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let late = client.start(start("idle", json!({}), None)).await.or_logs(&grid)?.run_id;
+    let late_ms = client.get(&late).await.or_logs(&grid)?.created_ms;
+    assert!(late_ms > early_ms);
+    let (ok, stdout, stderr) = grid.cli(&["run", "pause", "--flow", "idle", "--since", &rfc3339(late_ms)])?;
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), format!("run {late} is paused"), "only the later run matched");
+    assert!(client.get(&late).await.or_logs(&grid)?.paused.is_some(), "the later run is paused");
+    assert!(client.get(&early).await.or_logs(&grid)?.paused.is_none(), "the earlier one is not");
+    Ok(())
+}
+
+/// `ms` as RFC 3339 with milliseconds, as `--since` reads it.
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }

@@ -99,7 +99,7 @@ async fn the_running_runs_of_a_flow_are_paused_and_resumed_in_one_command() -> a
     let (ok, _, stderr) = grid.cli(&["run", "resume", "--reason", "x"])?;
     assert!(!ok && stderr.contains("name the runs to resume"), "{stderr}");
     let (ok, _, stderr) = grid.cli(&["run", "resume", runs[0].as_str(), "--limit", "1"])?;
-    assert!(!ok && stderr.contains("--limit goes with --flow"), "{stderr}");
+    assert!(!ok && stderr.contains("--limit, --label, --since and --until go with --flow"), "{stderr}");
     let (ok, stdout, _) = grid.cli(&["run", "pause", "no-such-run", runs[0].as_str()])?;
     assert!(!ok && stdout.contains("paused 0 of 2 run(s) (1 as they were); 1 refused"), "{stdout}");
     Ok(())

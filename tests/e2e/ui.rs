@@ -2,6 +2,7 @@
 //! answers a wrong address with a page that says so.
 
 use std::process::Command;
+use std::time::Duration;
 
 use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{free_port, http_get, http_post_form, wait_for, Grid};
@@ -83,6 +84,17 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
     assert_eq!(status, 200, "{runs}");
     assert!(runs.contains(waiting.as_str()) && !runs.contains(run_id.as_str()), "{runs}");
     assert_eq!(http_get(&addr, "/runs?label=nokey")?.0, 400);
+    // By when runs started: the labelled run started after the first one.
+    let since = client.get(&waiting).await.or_logs(&grid)?.created_ms;
+    let since = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(since)).to_string();
+    let (status, runs) = http_get(&addr, &format!("/runs?since={since}"))?;
+    assert_eq!(status, 200, "{runs}");
+    assert!(runs.contains(waiting.as_str()) && !runs.contains(run_id.as_str()), "{runs}");
+    assert!(runs.contains(&format!("value=\"{since}\"")), "the form shows the time: {runs}");
+    let (status, runs) = http_get(&addr, &format!("/runs?until={since}"))?;
+    assert!(status == 200 && runs.contains(run_id.as_str()) && !runs.contains(waiting.as_str()), "{runs}");
+    let (status, page) = http_get(&addr, "/runs?since=soonish")?;
+    assert!(status == 400 && page.contains("use e.g."), "{page}");
     let (_, page) = http_get(&addr, &format!("/runs/{waiting}"))?;
     assert!(page.contains("keeps a signal sent before it starts") && page.contains("customer=acme"), "{page}");
     assert!(page.contains(&format!("flowgrid run signal {waiting} paid")), "{page}");

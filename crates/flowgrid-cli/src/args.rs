@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use flowgrid_sdk::parse_duration;
 
 use flowgrid_coordinator::CoordinatorConfig;
 use flowgrid_engine::RunStatus;
+use flowgrid_model::Millis;
+use flowgrid_proto::ListRuns;
+use flowgrid_sdk::{parse_duration, parse_time};
 
 /// flowgrid: flow orchestration and task dispatch over NATS.
 #[derive(Debug, Parser)]
@@ -185,9 +187,8 @@ pub enum RunCommand {
         /// Only the child runs that subflow steps of this run started.
         #[arg(long)]
         parent: Option<String>,
-        /// Only runs with this label, `key=value` (repeat: runs with all of them).
-        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        filter: RunFilter,
         /// Page size (1 to 1000).
         #[arg(long)]
         limit: Option<u32>,
@@ -238,6 +239,9 @@ pub enum RunCommand {
         /// With --flow or --status: redrive at most this many (newest first).
         #[arg(long)]
         limit: Option<u64>,
+        /// With --flow or --status: only the runs that also match these.
+        #[command(flatten)]
+        filter: RunFilter,
         /// Why, recorded in each run's history.
         #[arg(long, default_value = "redriven from the command line")]
         reason: String,
@@ -292,6 +296,41 @@ pub struct RunSelection {
     /// With --flow: at most this many.
     #[arg(long)]
     pub limit: Option<u64>,
+    /// With --flow: only the runs that also match these.
+    #[command(flatten)]
+    pub filter: RunFilter,
+}
+
+/// Which runs to list or act on, besides their flow and status.
+#[derive(Debug, Default, Args)]
+pub struct RunFilter {
+    /// Only runs with this label, `key=value` (repeat: runs with all of them).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Only runs started at or after this time: 2026-12-05T10:00:00Z (UTC without an
+    /// offset), 2026-12-05 (its midnight, UTC), or a duration ago (90m, 2h, 7d).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<Millis>,
+    /// Only runs started before this time (the same forms as --since).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<Millis>,
+}
+
+impl RunFilter {
+    /// Whether any of the filter's options was given.
+    pub fn is_set(&self) -> bool {
+        !self.labels.is_empty() || self.since.is_some() || self.until.is_some()
+    }
+
+    /// A run listing query for the runs that pass the filter.
+    pub fn query(self) -> ListRuns {
+        ListRuns {
+            labels: self.labels.into_iter().collect(),
+            since_ms: self.since,
+            until_ms: self.until,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -160,29 +160,17 @@ pub fn paused(paused: &flowgrid_engine::Paused) -> String {
 }
 
 pub fn utc_time(ms: Millis) -> String {
-    let seconds = ms / 1_000;
-    let (days, second_of_day) = ((seconds / 86_400) as i64, seconds % 86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        second_of_day / 3_600,
-        (second_of_day / 60) % 60,
-        second_of_day % 60
-    )
+    utc_time_as(ms, chrono::SecondsFormat::Secs)
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let shifted = days + 719_468;
-    let era = shifted.div_euclid(146_097);
-    let day_of_era = shifted.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// The time to the millisecond, as `--since` and `--until` read it back.
+pub fn utc_time_ms(ms: Millis) -> String {
+    utc_time_as(ms, chrono::SecondsFormat::Millis)
+}
+
+fn utc_time_as(ms: Millis, format: chrono::SecondsFormat) -> String {
+    let moment = i64::try_from(ms).ok().and_then(chrono::DateTime::from_timestamp_millis);
+    moment.map_or_else(|| format!("{ms} ms"), |moment| moment.to_rfc3339_opts(format, true))
 }
 
 #[cfg(test)]
@@ -238,5 +226,7 @@ mod tests {
         assert_eq!(utc_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc_time(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(utc_time(1_740_832_496_789), "2025-03-01T12:34:56Z");
+        assert_eq!(utc_time_ms(1_740_832_496_789), "2025-03-01T12:34:56.789Z");
+        assert_eq!(flowgrid_sdk::parse_time(&utc_time_ms(1_740_832_496_789)), Ok(1_740_832_496_789));
     }
 }

@@ -475,6 +475,14 @@ impl Api {
                 format!("limit must be 1 to {LIST_LIMIT_MAX}, it is {limit}"),
             ));
         }
+        if let (Some(since_ms), Some(until_ms)) = (request.since_ms, request.until_ms) {
+            if since_ms >= until_ms {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("since_ms ({since_ms}) must be before until_ms ({until_ms}): the window holds no time"),
+                ));
+            }
+        }
         let limit = limit as usize;
         let query = ShardRequest::List { query: request, limit: limit + 1 };
         let mut runs = self

@@ -241,6 +241,12 @@ pub struct ListRuns {
     /// Only the runs started with all of these labels.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
+    /// Only the runs started at or after this time (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<Millis>,
+    /// Only the runs started before this time (Unix ms); after `since_ms` when both are set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<Millis>,
     /// Page size, 1 to 1,000 (default 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,

@@ -158,6 +158,18 @@ pub fn created_range() -> KeyRange {
     tuple_range(&("created",))
 }
 
+/// The part of the listing index of runs created at or after `since_ms` and before
+/// `until_ms` (either bound may be open).
+pub fn created_between(since_ms: Option<u64>, until_ms: Option<u64>) -> KeyRange {
+    let whole = created_range();
+    // A run's key extends the packed `("created", ms)`, so that prefix sorts before every
+    // run of that millisecond and after every run of an earlier one.
+    KeyRange {
+        begin: since_ms.map_or(whole.begin, |since_ms| packed(&("created", since_ms))),
+        end: until_ms.map_or(whole.end, |until_ms| packed(&("created", until_ms))),
+    }
+}
+
 /// Decodes a [`created`] key into `(created_ms, run_id)`.
 pub fn decode_created(key: &[u8]) -> Result<(u64, RunId)> {
     let (_, created_ms, run_id): (String, u64, String) = decode("created", "created", key)?;
@@ -254,6 +266,22 @@ mod tests {
             decode_created(&created(1_700_000_000_000, &run_id("r1"))).unwrap(),
             (1_700_000_000_000, run_id("r1"))
         );
+    }
+
+    #[test]
+    fn a_window_of_the_listing_index_holds_the_runs_created_in_it() {
+        let at = |ms: u64, id: &str| created(ms, &run_id(id));
+        let window = created_between(Some(1_000), Some(2_000));
+        assert!(!window.contains(&at(999, "zz")), "before the window");
+        assert!(window.contains(&at(1_000, "")) && window.contains(&at(1_000, "zz")), "its first millisecond");
+        assert!(window.contains(&at(1_999, "zz")), "its last millisecond");
+        assert!(!window.contains(&at(2_000, "")), "its end is open");
+        // Packed integers grow in length with their value; the order holds across lengths.
+        assert!(created_between(Some(255), None).contains(&at(256, "a")));
+        assert!(!created_between(None, Some(256)).contains(&at(65_536, "a")));
+        let open = created_between(None, None);
+        assert_eq!((open.begin, open.end), (created_range().begin, created_range().end));
+        assert!(!created_between(Some(0), None).contains(&snapshot(&run_id("r1"))), "other kinds stay out");
     }
 
     #[test]

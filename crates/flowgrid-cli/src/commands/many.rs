@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use flowgrid_engine::RunStatus;
 use flowgrid_model::RunId;
 use flowgrid_proto::{ListRuns, RunSummary};
 use flowgrid_sdk::Client;
@@ -18,25 +17,22 @@ use crate::Session;
 /// Requests in flight at once.
 const IN_FLIGHT: usize = 16;
 
-/// The ids of the runs of `flow` (or of every flow) in `status` that `keep` keeps, newest
-/// first, at most `limit`.
+/// The ids of the runs that `query` lists (its page size and cursor aside) and `keep`
+/// keeps, newest first, at most `limit`.
 pub(super) async fn matching_runs(
     client: &Client,
-    flow: Option<String>,
-    status: RunStatus,
+    mut query: ListRuns,
     limit: Option<u64>,
     keep: impl Fn(&RunSummary) -> bool,
 ) -> anyhow::Result<Vec<RunId>> {
     let limit = limit.unwrap_or(u64::MAX) as usize;
     let mut runs = Vec::new();
-    let mut cursor = None;
+    query.limit = Some(1_000);
     while runs.len() < limit {
-        let query =
-            ListRuns { flow: flow.clone(), status: Some(status), limit: Some(1_000), cursor, ..Default::default() };
-        let page = client.list(query).await?;
+        let page = client.list(query.clone()).await?;
         runs.extend(page.runs.into_iter().filter(&keep).map(|run| run.run_id).take(limit - runs.len()));
         match page.next_cursor {
-            Some(next) => cursor = Some(next),
+            Some(next) => query.cursor = Some(next),
             None => break,
         }
     }

@@ -49,10 +49,9 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         RunCommand::Watch { run_id, timeout } => {
             super::watch::watch(client, &RunId(run_id.into()), timeout, session).await
         }
-        RunCommand::List { flow, status, parent, labels, limit, cursor } => {
+        RunCommand::List { flow, status, parent, filter, limit, cursor } => {
             let parent = parent.map(|parent| RunId(parent.into()));
-            let labels = labels.into_iter().collect();
-            let list = client.list(ListRuns { parent, flow, status, labels, limit, cursor }).await?;
+            let list = client.list(ListRuns { parent, flow, status, limit, cursor, ..filter.query() }).await?;
             if session.json {
                 print_json(&list)?;
                 return Ok(ExitCode::SUCCESS);
@@ -111,13 +110,15 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             }
             Ok(ExitCode::SUCCESS)
         }
-        RunCommand::Redrive { run_ids, flow, status, from, limit, reason, wait, timeout } => {
+        RunCommand::Redrive { run_ids, flow, status, from, limit, filter, reason, wait, timeout } => {
             let redrive = Redrive { from, reason };
             if flow.is_some() || status.is_some() {
                 let status = status.unwrap_or(RunStatus::Failed);
-                let runs = runs_to_redrive(client, flow, status, &redrive, limit).await?;
+                let query = ListRuns { flow, ..filter.query() };
+                let runs = runs_to_redrive(client, query, status, &redrive, limit).await?;
                 return redrive.many(client, runs, session).await;
             }
+            anyhow::ensure!(!filter.is_set(), "--label, --since and --until go with --flow or --status");
             let mut run_ids: Vec<RunId> = run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect();
             if run_ids.len() != 1 {
                 anyhow::ensure!(!wait, "--wait waits for one run; name exactly one");
@@ -202,11 +203,11 @@ impl Redrive {
     }
 }
 
-/// The runs `run redrive --flow/--status` redrives: those that ended in `status` (succeeded
-/// ones only from a step).
+/// The runs `run redrive --flow/--status` redrives: those `query` lists that ended in
+/// `status` (succeeded ones only from a step).
 async fn runs_to_redrive(
     client: &Client,
-    flow: Option<String>,
+    query: ListRuns,
     status: RunStatus,
     redrive: &Redrive,
     limit: Option<u64>,
@@ -218,7 +219,7 @@ async fn runs_to_redrive(
          a step named with --from",
         status.as_str()
     );
-    matching_runs(client, flow, status, limit, |_| true).await
+    matching_runs(client, ListRuns { status: Some(status), ..query }, limit, |_| true).await
 }
 
 /// Pauses (`pause`) or resumes runs: those named, or the running runs of `flow` (for a
@@ -230,12 +231,18 @@ async fn pause_or_resume(
     reason: String,
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
-    let RunSelection { run_ids, flow, limit } = selection;
+    let RunSelection { run_ids, flow, limit, filter } = selection;
     let verb = if pause { "pause" } else { "resume" };
     anyhow::ensure!(flow.is_some() || !run_ids.is_empty(), "name the runs to {verb}, or --flow for a flow's runs");
-    anyhow::ensure!(flow.is_some() || limit.is_none(), "--limit goes with --flow");
+    anyhow::ensure!(
+        flow.is_some() || (limit.is_none() && !filter.is_set()),
+        "--limit, --label, --since and --until go with --flow"
+    );
     let runs = match flow {
-        Some(flow) => matching_runs(client, Some(flow), RunStatus::Running, limit, |run| pause || run.paused).await?,
+        Some(flow) => {
+            let query = ListRuns { flow: Some(flow), status: Some(RunStatus::Running), ..filter.query() };
+            matching_runs(client, query, limit, |run| pause || run.paused).await?
+        }
         None => run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect(),
     };
     let reason = reason.as_str();

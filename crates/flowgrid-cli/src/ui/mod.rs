@@ -127,6 +127,9 @@ struct RunsQuery {
     parent: Option<String>,
     /// `key=value`: only runs with this label.
     label: Option<String>,
+    /// Only runs started at or after this time, and before `until` (as `--since` reads them).
+    since: Option<String>,
+    until: Option<String>,
     cursor: Option<String>,
 }
 
@@ -147,9 +150,25 @@ async fn runs(State(ui): State<Arc<Ui>>, Query(query): Query<RunsQuery>) -> Resp
             Err(error) => return failure(StatusCode::BAD_REQUEST, &error),
         },
     };
-    let filter = pages::RunsFilter { flow: flow.clone(), status, parent: parent.clone(), label: label.clone() };
+    let [since, until] = match [query.since, query.until]
+        .map(|time| time.filter(|time| !time.is_empty()).map(|time| flowgrid_sdk::parse_time(&time)).transpose())
+    {
+        [Ok(since), Ok(until)] => [since, until],
+        [Err(error), _] | [_, Err(error)] => return failure(StatusCode::BAD_REQUEST, &error),
+    };
+    let filter =
+        pages::RunsFilter { flow: flow.clone(), status, parent: parent.clone(), label: label.clone(), since, until };
     let labels = label.into_iter().collect();
-    let list = ListRuns { parent, flow, status, labels, limit: Some(RUNS_PAGE), cursor: query.cursor };
+    let list = ListRuns {
+        parent,
+        flow,
+        status,
+        labels,
+        since_ms: since,
+        until_ms: until,
+        limit: Some(RUNS_PAGE),
+        cursor: query.cursor,
+    };
     match ui.client.list(list).await {
         Ok(list) => page(pages::runs(&filter, &list)),
         Err(error) => api_failure(&error),

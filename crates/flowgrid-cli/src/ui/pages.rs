@@ -6,11 +6,11 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use serde_json::Value;
 
 use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
-use flowgrid_model::{FlowDefinition, ParentRef, RunId, Step};
+use flowgrid_model::{FlowDefinition, Millis, ParentRef, RunId, Step};
 use flowgrid_proto::{FlowInfo, FlowSummary, RunList, RunSummary};
 
 use super::dag::Layout;
-use crate::output::{self, duration_ms, item_counts, now_ms, span, utc_time};
+use crate::output::{self, duration_ms, item_counts, now_ms, span, utc_time, utc_time_ms};
 
 /// Seconds between reloads of a page that shows something still going.
 const REFRESH_S: u32 = 2;
@@ -235,6 +235,9 @@ pub struct RunsFilter {
     pub parent: Option<RunId>,
     /// Only the runs with this label.
     pub label: Option<(String, String)>,
+    /// Only the runs started at or after this time (Unix ms), and before `until`.
+    pub since: Option<Millis>,
+    pub until: Option<Millis>,
 }
 
 pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
@@ -255,6 +258,11 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
         if let Some((key, value)) = &filter.label {
             query.append_pair("label", &format!("{key}={value}"));
         }
+        for (name, time) in [("since", filter.since), ("until", filter.until)] {
+            if let Some(time) = time {
+                query.append_pair(name, &utc_time_ms(time));
+            }
+        }
         format!("/runs?{}", query.finish())
     });
     layout(
@@ -270,6 +278,10 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
                 label { "Flow " input type="text" name="flow" value=(filter.flow.as_deref().unwrap_or("")) placeholder="any"; }
                 @let label = filter.label.as_ref().map(|(key, value)| format!("{key}={value}")).unwrap_or_default();
                 label { "Label " input type="text" name="label" value=(label) placeholder="key=value"; }
+                @let since = filter.since.map(utc_time_ms).unwrap_or_default();
+                label { "Since " input type="text" name="since" value=(since) placeholder="2h, or 2026-12-05T10:00:00Z"; }
+                @let until = filter.until.map(utc_time_ms).unwrap_or_default();
+                label { "Until " input type="text" name="until" value=(until) placeholder="any"; }
                 label {
                     "Status "
                     select name="status" {

@@ -18,7 +18,7 @@ use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
     RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, TaskResult,
 };
-use flowgrid_store::{keys, KeyRange, ShardStore};
+use flowgrid_store::{keys, ShardStore};
 use serde_json::Value;
 use tracing::{debug, warn};
 
@@ -417,6 +417,10 @@ impl<S: ShardStore> ShardActor<S> {
     /// no listing entry of its own (one written by an earlier version is skipped).
     pub(super) async fn list_runs(&self, query: &ListRuns, limit: usize) -> Result<Vec<RunSummary>, ApiError> {
         let cursor = query.cursor.as_deref().map(parse_cursor).transpose()?;
+        let in_window = |created_ms: Millis| {
+            query.since_ms.is_none_or(|since_ms| created_ms >= since_ms)
+                && query.until_ms.is_none_or(|until_ms| created_ms < until_ms)
+        };
         let matches = |flow: &str, status: RunStatus, parent: Option<&RunId>, labels: Option<&Labels>| {
             query.flow.as_deref().is_none_or(|wanted| wanted == flow)
                 && query.status.is_none_or(|wanted| wanted == status)
@@ -429,7 +433,8 @@ impl<S: ShardStore> ShardActor<S> {
             .iter()
             .map(|(run_id, active)| (active.run.created_ms(), run_id, &active.run))
             .filter(|(created_ms, run_id, run)| {
-                matches(&run.plan().name, run.status(), run.parent().map(|parent| &parent.run_id), run.labels())
+                in_window(*created_ms)
+                    && matches(&run.plan().name, run.status(), run.parent().map(|parent| &parent.run_id), run.labels())
                     && cursor.as_ref().is_none_or(|cursor| (*created_ms, *run_id) < (cursor.0, &cursor.1))
             })
             .collect();
@@ -442,9 +447,9 @@ impl<S: ShardStore> ShardActor<S> {
             return Ok(runs);
         }
 
-        let mut range = keys::created_range();
+        let mut range = keys::created_between(query.since_ms, query.until_ms);
         if let Some((created_ms, run_id)) = &cursor {
-            range = KeyRange { begin: range.begin, end: keys::created(*created_ms, run_id) };
+            range.end = range.end.min(keys::created(*created_ms, run_id));
         }
         let entries = self.store.scan(range, LIST_SCAN_ENTRIES_MAX, true).await.map_err(read_failure)?;
         let mut ended = 0;
