@@ -585,3 +585,68 @@ async fn runs_are_listed_and_paused_by_when_they_started() -> anyhow::Result<()>
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
+
+/// A flow whose runs' input must name a video and list segments.
+const SCHEMA_FLOW: &str = r#"
+name: checked
+input_schema:
+  type: object
+  required: [video, segments]
+  properties:
+    video: { type: string, minLength: 1 }
+    segments: { type: array, items: { type: object, required: [index] } }
+steps:
+  - { id: t, kind: transform, output: 'input.video' }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_input_does_not_match_the_input_schema_is_refused_and_starts_nothing() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SCHEMA_FLOW).await?;
+    let good = json!({"video": "talk.mp4", "segments": [{"index": 0}]});
+    let run_id = client.start(start("checked", good.clone(), None)).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"t": "talk.mp4"}))));
+
+    let bad = json!({"video": 7, "segments": [{"index": 0}, {"start": 1}]});
+    let error = client.start(start("checked", bad.clone(), Some("order-9"))).await.expect_err("refused");
+    let refused = refusal(&error);
+    assert_eq!(refused.code, ErrorCode::InvalidRequest, "{error:?}");
+    assert!(refused.message.contains("does not match the input_schema of flow `checked` (version 1)"), "{error:?}");
+    let paths: Vec<&str> = refused.issues.iter().map(|issue| issue.path.as_str()).collect();
+    assert_eq!(paths, ["input/video", "input/segments/1"], "{error:?}");
+    assert!(!refused.retryable);
+    let many = client.start_many(&[start("checked", good, None), start("checked", bad, None)]).await?;
+    assert!(many[0].is_ok(), "{many:?}");
+    let error = many[1].as_ref().expect_err("the bad one is refused");
+    assert_eq!(refusal(error).issues.len(), 2, "{error:?}");
+    let runs = client.list(ListRuns { flow: Some("checked".into()), ..Default::default() }).await?.runs;
+    assert_eq!(runs.len(), 2, "only the two good inputs started runs: {runs:?}");
+
+    let (ok, _, stderr) = grid.cli(&["run", "start", "checked", "--input", r#"{"segments": "none"}"#])?;
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("error: the input does not match the input_schema of flow `checked` (version 1):"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("  input: \"video\" is a required property"), "{stderr}");
+    assert!(stderr.contains("  input/segments: \"none\" is not of type \"array\""), "{stderr}");
+
+    // A child run's input is checked too: the parent's step fails with the refusal.
+    let parent = "name: parent\nsteps:\n  - { id: invoke, kind: subflow, flow: checked, input: '#{video: \"\"}' }\n";
+    deploy(&grid, &client, parent).await?;
+    let parent = client.start(start("parent", json!({}), None)).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &parent, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}");
+    let failed = step(&view, "invoke").error.clone().expect("the step's error");
+    assert_eq!(failed.code, "invalid_request", "{failed:?}");
+    assert!(failed.message.contains("input_schema"), "{failed:?}");
+
+    // A schedule whose input would be refused is refused at deploy.
+    let scheduled = SCHEMA_FLOW.replace("steps:", "schedule: { every_ms: 60000, input: { video: a.mp4 } }\nsteps:");
+    let error = client.deploy(&scheduled).await.expect_err("refused");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidDefinition, "{error:?}");
+    assert_eq!(refusal(&error).issues[0].path, "schedule.input", "{error:?}");
+    Ok(())
+}

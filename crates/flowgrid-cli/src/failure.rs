@@ -30,9 +30,11 @@ fn report_refusal(refusal: &ApiError, session: &Session) -> ExitCode {
     }
     if refusal.issues.is_empty() {
         eprintln!("error: {refusal}");
-    } else {
+    } else if refusal.code == ErrorCode::InvalidDefinition {
         let count = refusal.issues.len();
         eprintln!("error: {}: {count} problem{}:", refusal.code, if count == 1 { "" } else { "s" });
+    } else {
+        eprintln!("error: {}:", refusal.message);
     }
     for issue in &refusal.issues {
         eprintln!("  {issue}");

@@ -10,7 +10,7 @@ use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use flowgrid_model::limits::{nesting_depth, REASON_BYTES_MAX, SUBFLOW_DEPTH_MAX};
-use flowgrid_model::{parse_definition, Limits, ParentRef, RunId, ShardId};
+use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused, GetFlow,
     GetRun, ListFlows, ListRuns, PauseFlow, PauseRun, RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted,
@@ -304,6 +304,9 @@ impl Api {
             }
         }
         let plan = self.router.plan(&request.flow, request.version).await?;
+        if let Some(schema) = &plan.input_schema {
+            check_input(&plan, schema, &request.input)?;
+        }
         let run_id = match &key {
             Some(key) => RunId::from_idempotency_key(&request.flow, key),
             None => RunId::from_parts(now_ms(), uuid::Uuid::new_v4().as_u128()),
@@ -497,6 +500,20 @@ impl Api {
         let next_cursor = if more { runs.last().map(crate::shard::cursor_of) } else { None };
         Ok(RunList { runs, next_cursor })
     }
+}
+
+/// Refuses an input that does not match the flow's `input_schema`, with each problem.
+fn check_input(plan: &FlowPlan, schema: &InputSchema, input: &serde_json::Value) -> Result<(), ApiError> {
+    let issues = schema.check(input, "input");
+    if issues.is_empty() {
+        return Ok(());
+    }
+    let mut refusal = ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!("the input does not match the input_schema of flow `{}` (version {})", plan.name, plan.version),
+    );
+    refusal.issues = issues;
+    Err(refusal)
 }
 
 /// Decodes the request, runs `handler`, encodes the reply.

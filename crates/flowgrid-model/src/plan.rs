@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::definition::{FlowDefinition, RetryPolicy};
 use crate::expr::{Evaluator, Expr};
+use crate::input_schema::InputSchema;
 use crate::limits::Limits;
 use crate::schedule::Timetable;
 
@@ -39,6 +40,8 @@ pub struct FlowPlan {
     pub schedule: Option<Timetable>,
     /// The trigger's input expression, over its message.
     pub trigger_input: Option<Expr>,
+    /// What every run's input must match.
+    pub input_schema: Option<InputSchema>,
     index: HashMap<String, StepIndex>,
 }
 
@@ -206,6 +209,10 @@ impl FlowPlan {
             (None, Some(cron)) => Timetable::cron(cron).expect("validation parsed the cron expression"),
             (None, None) => unreachable!("validation requires every_ms or cron"),
         });
+        let input_schema = definition
+            .input_schema
+            .as_ref()
+            .map(|schema| InputSchema::compile(schema).expect("validation compiled the input schema"));
         FlowPlan {
             name: definition.name.clone(),
             version,
@@ -215,6 +222,7 @@ impl FlowPlan {
             steps,
             output,
             trigger_input,
+            input_schema,
             sinks,
             index,
         }

@@ -41,7 +41,8 @@ impl<T> Reply<T> {
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
-    /// Located problems, for `invalid_definition`.
+    /// Located problems: of a definition (`invalid_definition`), or of a run's input that
+    /// does not match its flow's `input_schema` (`invalid_request`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub issues: Vec<Issue>,
     #[serde(default)]

@@ -2,6 +2,7 @@
 
 use crate::definition::{Catch, FlowDefinition, RetryPolicy, Schedule, Step, Trigger};
 use crate::error::Issue;
+use crate::input_schema::InputSchema;
 use crate::limits::Limits;
 use crate::plan::WAIT_MS_MAX;
 use crate::schedule::{Timetable, EVERY_MS_MAX, EVERY_MS_MIN};
@@ -17,6 +18,17 @@ const PRIORITY_MAX: u8 = 9;
 pub(super) fn check_fields(definition: &FlowDefinition, limits: &Limits, issues: &mut Vec<Issue>) {
     check_name("name", "flow name", &definition.name, limits, issues);
     check_timeout("timeout_ms", definition.timeout_ms, issues);
+    if let Some(schema) = &definition.input_schema {
+        match InputSchema::compile(schema) {
+            Err(message) => push_issue(issues, "input_schema", message),
+            // The runs a schedule starts would all be refused.
+            Ok(schema) => {
+                if let Some(schedule) = &definition.schedule {
+                    issues.extend(schema.check(&schedule.input, "schedule.input"));
+                }
+            }
+        }
+    }
     if let Some(trigger) = &definition.trigger {
         check_trigger(trigger, issues);
     }

@@ -312,16 +312,7 @@ fn dag_definition() -> impl Strategy<Value = FlowDefinition> {
                     task_step(format!("s{position}"), after)
                 })
                 .collect();
-            FlowDefinition {
-                name: "dag".to_owned(),
-                description: None,
-                timeout_ms: None,
-                output: None,
-                schedule: None,
-                trigger: None,
-                publish_ended: false,
-                steps,
-            }
+            FlowDefinition { name: "dag".to_owned(), steps, ..Default::default() }
         })
 }
 
@@ -359,12 +350,6 @@ proptest! {
 fn choice_targets_count_as_edges_for_references() {
     let definition = FlowDefinition {
         name: "f".to_owned(),
-        description: None,
-        timeout_ms: None,
-        output: None,
-        schedule: None,
-        trigger: None,
-        publish_ended: false,
         steps: vec![
             task_step("a".to_owned(), Vec::new()),
             Step::Choice(ChoiceStep {
@@ -379,6 +364,7 @@ fn choice_targets_count_as_edges_for_references() {
                 output: "steps.a.output + 1".to_owned(),
             }),
         ],
+        ..Default::default()
     };
     validate(&definition, &evaluator(), &limits()).unwrap();
 }
@@ -523,4 +509,28 @@ fn the_labels_of_a_schedule_or_a_trigger_are_checked_like_a_start_s() {
     let issues = issues_of(yaml);
     assert_eq!(issues.len(), 1, "{issues:?}");
     assert_issue(&issues, "schedule.labels", "label key");
+}
+
+#[test]
+fn an_input_schema_must_compile_and_a_schedule_s_input_must_match_it() {
+    let schema = "input_schema:\n  type: object\n  required: [region]\n  properties: { region: { enum: [eu, us] } }\n";
+    let flow =
+        |schedule: &str| format!("name: f\n{schema}{schedule}steps:\n  - {{ kind: transform, id: t, output: '1' }}\n");
+    let plan = FlowPlan::compile(parse(&flow("")), 1, &evaluator(), &limits()).expect("valid");
+    let schema = plan.input_schema.as_ref().expect("compiled into the plan");
+    assert!(schema.check(&serde_json::json!({"region": "eu"}), "input").is_empty());
+    assert_eq!(schema.check(&serde_json::json!({"region": "mars"}), "input")[0].path, "input/region");
+
+    let issues = issues_of(&flow("schedule: { every_ms: 60000, input: { region: mars } }\n"));
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_issue(&issues, "schedule.input/region", "is not one of");
+    let issues = issues_of(&flow("schedule: { every_ms: 60000 }\n"));
+    assert_issue(&issues, "schedule.input", "is not of type \"object\"");
+    let valid = flow("schedule: { every_ms: 60000, input: { region: us } }\n");
+    assert!(validate(&parse(&valid), &evaluator(), &limits()).is_ok());
+
+    let bad = "name: f\ninput_schema: { type: strnig }\nsteps:\n  - { kind: transform, id: t, output: '1' }\n";
+    assert_issue(&issues_of(bad), "input_schema", "not a JSON Schema this grid can use");
+    let remote = "name: f\ninput_schema: { $ref: 'https://example.com/s.json' }\nsteps:\n  - { kind: transform, id: t, output: '1' }\n";
+    assert_issue(&issues_of(remote), "input_schema", "not a JSON Schema this grid can use");
 }

@@ -1,0 +1,95 @@
+//! A flow's `input_schema`: the JSON Schema every run's input must match.
+//!
+//! Compiled once per flow version; checked where a start enters the grid (the API), so a
+//! run that does not match is refused before anything is written. References are
+//! resolved only inside the schema itself: nothing is fetched.
+
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::error::Issue;
+
+/// Problems reported for one input, at most: the first ones say what to fix.
+pub const ISSUES_MAX: usize = 10;
+
+/// A compiled input schema.
+pub struct InputSchema {
+    validator: jsonschema::Validator,
+}
+
+impl InputSchema {
+    /// Compiles `schema`; the error says what is wrong with it.
+    pub fn compile(schema: &Value) -> Result<InputSchema, String> {
+        jsonschema::validator_for(schema)
+            .map(|validator| InputSchema { validator })
+            .map_err(|error| format!("not a JSON Schema this grid can use: {error}"))
+    }
+
+    /// The ways `input` does not match, each located under `root` (`input`, or
+    /// `schedule.input`) by the JSON pointer of the value at fault; at most
+    /// [`ISSUES_MAX`]. Empty when it matches.
+    pub fn check(&self, input: &Value, root: &str) -> Vec<Issue> {
+        if self.validator.is_valid(input) {
+            return Vec::new();
+        }
+        self.validator
+            .iter_errors(input)
+            .take(ISSUES_MAX)
+            .map(|error| Issue { path: format!("{root}{}", error.instance_path()), message: error.to_string() })
+            .collect()
+    }
+}
+
+impl fmt::Debug for InputSchema {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("InputSchema")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn an_input_is_checked_against_the_schema_and_each_problem_is_located() {
+        let schema = json!({
+            "type": "object",
+            "required": ["video", "segments"],
+            "properties": {
+                "video": {"type": "string", "minLength": 1},
+                "segments": {"type": "array", "items": {"type": "object", "required": ["index"]}},
+            },
+        });
+        let schema = InputSchema::compile(&schema).expect("a valid schema");
+        assert!(schema.check(&json!({"video": "a.mp4", "segments": [{"index": 0}]}), "input").is_empty());
+        let issues = schema.check(&json!({"video": 7, "segments": [{"index": 0}, {}]}), "input");
+        let paths: Vec<&str> = issues.iter().map(|issue| issue.path.as_str()).collect();
+        assert_eq!(paths, ["input/video", "input/segments/1"], "{issues:?}");
+        assert_eq!(issues[0].message, "7 is not of type \"string\"", "{issues:?}");
+        let issues = schema.check(&json!({}), "schedule.input");
+        assert_eq!(issues.len(), 2, "{issues:?}");
+        assert!(issues.iter().all(|issue| issue.path == "schedule.input"), "{issues:?}");
+        assert!(issues[0].message.contains("is a required property"), "{issues:?}");
+    }
+
+    #[test]
+    fn a_bad_schema_or_a_remote_reference_is_refused() {
+        let bad = InputSchema::compile(&json!({"type": "strnig"})).unwrap_err();
+        assert!(bad.starts_with("not a JSON Schema this grid can use"), "{bad}");
+        let remote = InputSchema::compile(&json!({"$ref": "https://example.com/order.json"})).unwrap_err();
+        assert!(remote.contains("example.com"), "{remote}");
+        let local = json!({"$defs": {"id": {"type": "integer"}}, "properties": {"id": {"$ref": "#/$defs/id"}}});
+        let local = InputSchema::compile(&local).expect("a reference inside the schema");
+        assert_eq!(local.check(&json!({"id": "x"}), "input")[0].path, "input/id");
+    }
+
+    #[test]
+    fn many_problems_are_cut_to_the_first_ones() {
+        let schema = InputSchema::compile(&json!({"type": "array", "items": {"type": "integer"}})).unwrap();
+        let input = Value::Array((0..50).map(|n| json!(format!("{n}"))).collect());
+        assert_eq!(schema.check(&input, "input").len(), ISSUES_MAX);
+    }
+}
