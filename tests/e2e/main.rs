@@ -7,6 +7,7 @@
 mod api;
 mod chaos;
 mod cluster;
+mod concurrency;
 mod crash;
 mod disk_full;
 mod failures;

@@ -151,12 +151,22 @@ pub fn redriven(redriven: &flowgrid_engine::Redriven) -> String {
 
 /// `since <time>: <reason>; holding steps a, b` for a paused run.
 pub fn paused(paused: &flowgrid_engine::Paused) -> String {
-    let held = match paused.held.len() {
+    format!("since {}: {}{}", utc_time(paused.since_ms), paused.reason, holding(&paused.held))
+}
+
+/// A queued run's line: since when it waits and what it holds.
+pub fn queued(queued: &flowgrid_engine::Queued) -> String {
+    let since = utc_time(queued.since_ms);
+    format!("since {since}: waiting for a slot of its flow's concurrency limit{}", holding(&queued.held))
+}
+
+/// `; holding step a` (or steps), for the steps a paused or queued run holds.
+fn holding(held: &[String]) -> String {
+    match held.len() {
         0 => String::new(),
-        1 => format!("; holding step {}", paused.held[0]),
-        _ => format!("; holding steps {}", paused.held.join(", ")),
-    };
-    format!("since {}: {}{held}", utc_time(paused.since_ms), paused.reason)
+        1 => format!("; holding step {}", held[0]),
+        _ => format!("; holding steps {}", held.join(", ")),
+    }
 }
 
 pub fn utc_time(ms: Millis) -> String {

@@ -12,9 +12,10 @@ use bytes::Bytes;
 use flowgrid_model::limits::{nesting_depth, REASON_BYTES_MAX, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused, GetFlow,
-    GetRun, ListFlows, ListRuns, PauseFlow, PauseRun, RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted,
-    RunsStarted, SignalRun, StartChildRun, StartRun, StartRuns, START_MANY_RUNS_MAX,
+    ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused,
+    GateMessage, GateTaken, GetFlow, GetRun, ListFlows, ListRuns, PauseFlow, PauseRun, RedriveRun, Reply, RunList,
+    RunPaused, RunRedriven, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, StartRuns,
+    START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -26,6 +27,7 @@ use tracing::{debug, warn};
 use crate::clock::now_ms;
 use crate::metrics;
 use crate::routing::{unexpected, Router, ShardReply, ShardRequest};
+use crate::shard::{gate_routing_key, GateVerb};
 
 /// Page size of `run.list` when the request gives none.
 const LIST_LIMIT_DEFAULT: u32 = 50;
@@ -35,7 +37,7 @@ const LIST_LIMIT_MAX: u32 = 1_000;
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 /// Every API verb.
-const VERBS: [&str; 16] = [
+const VERBS: [&str; 19] = [
     "flow.deploy",
     "flow.list",
     "flow.get",
@@ -52,6 +54,9 @@ const VERBS: [&str; 16] = [
     "run.signal",
     "run.start_child",
     "run.child_ended",
+    "gate.acquire",
+    "gate.release",
+    "run.admit",
 ];
 
 /// Serves API requests by asking the owners of the shards concerned.
@@ -155,6 +160,9 @@ impl Api {
                 call(encoding, payload, |request| self.start_child(request, request_bytes)).await
             }
             "run.child_ended" => call(encoding, payload, |request| self.child_ended(request)).await,
+            "gate.acquire" => call(encoding, payload, |request| self.gate(GateVerb::Acquire, request)).await,
+            "gate.release" => call(encoding, payload, |request| self.gate(GateVerb::Release, request)).await,
+            "run.admit" => call(encoding, payload, |request| self.gate(GateVerb::Admit, request)).await,
             "run.start_many" => {
                 let request_bytes = msgpack_request_bytes(encoding, payload);
                 call(encoding, payload, |request| self.start_runs(request, request_bytes)).await
@@ -367,6 +375,22 @@ impl Api {
         let shard = self.router.shard_of(ended.parent.as_str());
         self.ask(shard, ShardRequest::ChildEnded(ended), |reply| match reply {
             ShardReply::ChildEndTaken(taken) => Ok(taken),
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// Hands a message about a run's place under a concurrency limit to the limit's shard
+    /// (acquire, release) or to the run's (admit).
+    async fn gate(&self, verb: GateVerb, message: GateMessage) -> Result<GateTaken, ApiError> {
+        let shard = match verb {
+            GateVerb::Acquire | GateVerb::Release => {
+                self.router.shard_of(&gate_routing_key(&message.flow, &message.key))
+            }
+            GateVerb::Admit => self.router.shard_of(message.run_id.as_str()),
+        };
+        self.ask(shard, ShardRequest::Gate { verb, message }, |reply| match reply {
+            ShardReply::GateTaken(taken) => Ok(taken),
             other => Err(other),
         })
         .await

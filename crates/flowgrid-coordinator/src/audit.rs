@@ -570,6 +570,7 @@ mod tests {
             epoch: start_epoch,
             parent: None,
             labels: Default::default(),
+            queued: false,
         };
         batch.set_chunked(&keys::history(run_id, 0), &records::encode(&start), &limits);
         for (seq, event) in events {
@@ -589,6 +590,7 @@ mod tests {
                 parent: None,
                 redriven: None,
                 paused: None,
+                queued: None,
                 steps: Vec::new(),
                 labels: Default::default(),
             };
@@ -722,6 +724,7 @@ mod tests {
             epoch: 1,
             parent: None,
             labels: Default::default(),
+            queued: false,
         };
         batch.set_chunked(&keys::history(&orphan_history, 0), &records::encode(&start), &StoreLimits::default());
         let cancel = records::OutboxRecord::CancelChild { child: run_in_shard(0, "child"), reason: "test".into() };

@@ -41,6 +41,8 @@ pub const SHARD_TAKEOVERS: &str = "flowgrid_shard_takeovers_total";
 pub const RUNS_PRUNED: &str = "flowgrid_runs_pruned_total";
 pub const RUNS_REDRIVEN: &str = "flowgrid_runs_redriven_total";
 pub const RUNS_PAUSED: &str = "flowgrid_runs_paused_total";
+pub const RUNS_QUEUED: &str = "flowgrid_runs_queued_total";
+pub const RUNS_ADMITTED: &str = "flowgrid_runs_admitted_total";
 pub const RUNS_RESUMED: &str = "flowgrid_runs_resumed_total";
 pub const TRIGGER_MESSAGES: &str = "flowgrid_trigger_messages_total";
 pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
@@ -85,6 +87,12 @@ pub fn describe() {
     describe_counter!(RUNS_PRUNED, Unit::Count, "Ended runs deleted from the store after --retain-ended-runs.");
     describe_counter!(RUNS_REDRIVEN, Unit::Count, "Ended runs redriven (run.redrive) and active again.");
     describe_counter!(RUNS_PAUSED, Unit::Count, "Running runs paused (run.pause).");
+    describe_counter!(
+        RUNS_QUEUED,
+        Unit::Count,
+        "Runs of flows with a concurrency limit that started (or were redriven) queued, asking for a slot."
+    );
+    describe_counter!(RUNS_ADMITTED, Unit::Count, "Queued runs admitted by their flow's concurrency limit.");
     describe_counter!(RUNS_RESUMED, Unit::Count, "Paused runs resumed (run.resume).");
     describe_counter!(
         TRIGGER_MESSAGES,

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use flowgrid_engine::{Event, RunStatus};
 use flowgrid_model::{FlowDefinition, Labels, Millis, ParentRef, RunId};
-use flowgrid_proto::{ChildRunEnded, RunEnded};
+use flowgrid_proto::{ChildRunEnded, GateMessage, RunEnded};
 use flowgrid_store::keys;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,9 @@ pub struct StartRecord<'a> {
     /// The labels it was started with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<Cow<'a, Labels>>,
+    /// It started queued: its flow's concurrency limit admits it later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
 }
 
 /// History records 1..: one accepted event each.
@@ -46,6 +49,19 @@ pub struct EventRecord {
     /// The shard's epoch the record was committed under.
     #[serde(default)]
     pub epoch: u64,
+}
+
+/// A run's place under a concurrency limit, kept by the limit's shard (`keys::gate`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GateRecord {
+    /// The run's round (see [`GateMessage::round`]).
+    pub round: u32,
+    /// It holds a slot (`true`), or waits in the queue.
+    pub admitted: bool,
+    /// When it asked: the queue's order.
+    pub since_ms: Millis,
+    /// The limit's `max` as the run's request gave it.
+    pub max: u32,
 }
 
 /// The `run` key: what a run is, and its status as of its last commit.
@@ -77,6 +93,12 @@ pub enum OutboxRecord {
     CancelChild { child: RunId, reason: String },
     /// A run of a flow with `publish_ended` ended: announce it on the run-ends stream.
     RunEnded(RunEnded),
+    /// A run queued for its flow's concurrency limit asks the limit's shard for a slot.
+    GateAcquire(GateMessage),
+    /// A run of a flow with a concurrency limit ended: its slot goes back to the limit.
+    GateRelease(GateMessage),
+    /// The limit admits a queued run: its shard is to start the steps it holds.
+    Admit(GateMessage),
 }
 
 impl OutboxRecord {
@@ -86,16 +108,23 @@ impl OutboxRecord {
             OutboxRecord::ChildEnded(_) => OUTBOX_CHILD_ENDED,
             OutboxRecord::CancelChild { .. } => OUTBOX_CANCEL_CHILD,
             OutboxRecord::RunEnded(_) => OUTBOX_RUN_ENDED,
+            OutboxRecord::GateAcquire(_) => OUTBOX_GATE_ACQUIRE,
+            OutboxRecord::GateRelease(_) => OUTBOX_GATE_RELEASE,
+            OutboxRecord::Admit(_) => OUTBOX_ADMIT,
         }
     }
 
     /// Its key in the outbox: one message of each kind per run (the child, or the run
-    /// that ended).
+    /// that ended), and per round of the run for the concurrency limit's messages (a
+    /// redriven run's messages do not replace those of its earlier round).
     pub fn key(&self) -> Vec<u8> {
         let run_id = match self {
             OutboxRecord::ChildEnded(ended) => &ended.child,
             OutboxRecord::CancelChild { child, .. } => child,
             OutboxRecord::RunEnded(ended) => &ended.run_id,
+            OutboxRecord::GateAcquire(message) | OutboxRecord::GateRelease(message) | OutboxRecord::Admit(message) => {
+                return keys::outbox(&message.run_id, &format!("{}.{}", self.kind(), message.round));
+            }
         };
         keys::outbox(run_id, self.kind())
     }
@@ -105,13 +134,21 @@ impl OutboxRecord {
 pub const OUTBOX_CHILD_ENDED: &str = "child_ended";
 pub const OUTBOX_CANCEL_CHILD: &str = "cancel_child";
 pub const OUTBOX_RUN_ENDED: &str = "run_ended";
+pub const OUTBOX_GATE_ACQUIRE: &str = "gate_acquire";
+pub const OUTBOX_GATE_RELEASE: &str = "gate_release";
+pub const OUTBOX_ADMIT: &str = "admit";
 
 /// The kind of the message at outbox key `key`, for metrics and logs.
 pub fn outbox_kind(key: &[u8]) -> &'static str {
-    match keys::decode_outbox(key).map(|(_, what)| what).as_deref() {
-        Ok(OUTBOX_CHILD_ENDED) => OUTBOX_CHILD_ENDED,
-        Ok(OUTBOX_CANCEL_CHILD) => OUTBOX_CANCEL_CHILD,
-        Ok(OUTBOX_RUN_ENDED) => OUTBOX_RUN_ENDED,
+    let Ok((_, what)) = keys::decode_outbox(key) else { return "unknown" };
+    // A concurrency limit's message carries its round after a dot.
+    match what.split('.').next() {
+        Some(OUTBOX_CHILD_ENDED) => OUTBOX_CHILD_ENDED,
+        Some(OUTBOX_CANCEL_CHILD) => OUTBOX_CANCEL_CHILD,
+        Some(OUTBOX_RUN_ENDED) => OUTBOX_RUN_ENDED,
+        Some(OUTBOX_GATE_ACQUIRE) => OUTBOX_GATE_ACQUIRE,
+        Some(OUTBOX_GATE_RELEASE) => OUTBOX_GATE_RELEASE,
+        Some(OUTBOX_ADMIT) => OUTBOX_ADMIT,
         _ => "unknown",
     }
 }

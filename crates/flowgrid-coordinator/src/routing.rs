@@ -13,8 +13,9 @@ use bytes::Bytes;
 use flowgrid_engine::RunView;
 use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, Labels, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns,
-    PauseRun, RedriveRun, Reply, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary,
+    ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, GateMessage,
+    GateTaken, ListRuns, PauseRun, RedriveRun, Reply, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted,
+    RunSummary,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::shard::{Command, NodeContext, ShardHandle, StartCommand};
+use crate::shard::{Command, GateVerb, NodeContext, ShardHandle, StartCommand};
 
 /// How long a request waits for a shard that nobody serves (it is moving) before it is
 /// answered `unavailable`.
@@ -89,6 +90,12 @@ pub enum ShardRequest {
     ListFlows,
     /// A child run's end, for its parent run's shard.
     ChildEnded(ChildRunEnded),
+    /// A message about a run's place under a concurrency limit, for the limit's shard
+    /// (acquire, release) or the run's (admit).
+    Gate {
+        verb: GateVerb,
+        message: GateMessage,
+    },
 }
 
 /// The answer to a [`ShardRequest`], one variant per request.
@@ -107,6 +114,7 @@ pub enum ShardReply {
     Flow(Box<FlowInfo>),
     Flows(Vec<FlowSummary>),
     ChildEndTaken(ChildEndTaken),
+    GateTaken(GateTaken),
 }
 
 /// The shards this coordinator serves right now, by shard number.
@@ -273,6 +281,9 @@ impl Router {
             ShardRequest::ListFlows => handle.ask(|reply| Command::ListFlows { reply }).await.map(ShardReply::Flows),
             ShardRequest::ChildEnded(ended) => {
                 handle.ask(|reply| Command::ChildEnded { ended, reply }).await.map(ShardReply::ChildEndTaken)
+            }
+            ShardRequest::Gate { verb, message } => {
+                handle.ask(|reply| Command::Gate { verb, message, reply }).await.map(ShardReply::GateTaken)
             }
         }
     }

@@ -53,7 +53,12 @@ pub enum Event {
         reason: String,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         from: Vec<String>,
+        /// The run goes again queued: its flow's concurrency limit admits it later.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        queued: bool,
     },
+    /// The flow's concurrency limit admitted a queued run: the steps it held start.
+    Admitted,
 }
 
 /// Why a run does not take a signal for a step: see [`crate::Run::signal_refused`].

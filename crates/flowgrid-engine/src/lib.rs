@@ -22,7 +22,7 @@ mod view;
 
 pub use event::{Applied, ChildStart, Effect, Event, RedriveRefused, SignalRefused, TaskDispatch, TaskError, TimerKey};
 pub use run::Run;
-pub use view::{ItemCounts, Paused, Redriven, RunStatus, RunView, RunViewRef, StepStatus, StepView};
+pub use view::{ItemCounts, Paused, Queued, Redriven, RunStatus, RunView, RunViewRef, StepStatus, StepView};
 
 #[cfg(test)]
 mod tests;

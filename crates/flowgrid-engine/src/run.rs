@@ -24,6 +24,7 @@
 
 mod map;
 mod pause;
+mod queue;
 mod redrive;
 mod resolve;
 mod results;
@@ -67,6 +68,9 @@ pub struct Run {
     redriven: Option<Box<Redriven>>,
     /// Set while the run is paused, with the steps it holds (boxed: most runs never are).
     paused: Option<Box<pause::Pause>>,
+    /// Set while the run waits for its flow's concurrency limit to admit it, with the steps
+    /// it holds (boxed: most flows have no limit).
+    queued: Option<Box<queue::Queue>>,
     /// Pauses so far (at most [`flowgrid_model::limits::PAUSES_MAX`]).
     pauses: u32,
     /// By step index.
@@ -98,6 +102,34 @@ impl Run {
         now: Millis,
         effects: &mut Vec<Effect>,
     ) -> Run {
+        Run::begin(plan, evaluator, run_id, input, labels, now, false, effects)
+    }
+
+    /// Starts a run as [`Run::start`] does, but queued: it holds the steps it would start
+    /// until [`Event::Admitted`] (its flow's concurrency limit had no room).
+    pub fn start_queued(
+        plan: Arc<FlowPlan>,
+        evaluator: &Evaluator,
+        run_id: RunId,
+        input: Value,
+        labels: Labels,
+        now: Millis,
+        effects: &mut Vec<Effect>,
+    ) -> Run {
+        Run::begin(plan, evaluator, run_id, input, labels, now, true, effects)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn begin(
+        plan: Arc<FlowPlan>,
+        evaluator: &Evaluator,
+        run_id: RunId,
+        input: Value,
+        labels: Labels,
+        now: Millis,
+        queued: bool,
+        effects: &mut Vec<Effect>,
+    ) -> Run {
         let steps = plan.steps.iter().map(|_| StepState::new()).collect();
         let mut run = Run {
             unresolved: plan.steps.len(),
@@ -113,6 +145,7 @@ impl Run {
             labels: (!labels.is_empty()).then(|| Box::new(labels)),
             redriven: None,
             paused: None,
+            queued: queued.then(|| queue::Queue::new(now)),
             pauses: 0,
             steps,
             agenda: VecDeque::new(),
@@ -134,8 +167,8 @@ impl Run {
     /// Applies one event at `now`.
     pub fn apply(&mut self, evaluator: &Evaluator, now: Millis, event: &Event, effects: &mut Vec<Effect>) -> Applied {
         let mut context = Context { evaluator, now, effects };
-        if let Event::Redriven { from, .. } = event {
-            return self.redrive(from, &mut context);
+        if let Event::Redriven { from, queued, .. } = event {
+            return self.redrive(from, *queued, &mut context);
         }
         if self.status.is_terminal() {
             return Applied::Ignored("run already ended");
@@ -157,6 +190,7 @@ impl Run {
             }
             Event::PauseRequested { reason } => self.pause(reason, &mut context),
             Event::ResumeRequested { .. } => self.resume(),
+            Event::Admitted => self.admit(),
             Event::CancelRequested { reason } => {
                 let error = TaskError { code: "cancelled".to_owned(), message: reason.clone(), retryable: false };
                 self.finish(RunStatus::Cancelled, None, Some(error), &mut context);
@@ -223,6 +257,11 @@ impl Run {
                 Some((TimerKey::RetryDue { attempt: self.attempt_id(index, item, slot.attempt + 1) }, due_ms))
             }
         }
+    }
+
+    /// The input the run started with.
+    pub fn input(&self) -> &Value {
+        &self.input
     }
 
     /// The run's id.
@@ -336,6 +375,7 @@ impl Run {
             labels: self.labels.as_deref(),
             redriven: self.redriven(),
             paused: self.paused(),
+            queued: self.queued(),
             steps,
         }
     }
@@ -408,6 +448,7 @@ impl Run {
         self.ended_ms = Some(context.now);
         // The steps it held are cancelled with the others; a redrive starts them.
         self.paused = None;
+        self.queued = None;
         self.cancel_children(status, context);
         for state in self.steps.iter_mut().filter(|state| state.is_open()) {
             cancel_step(state, context.now);

@@ -117,6 +117,10 @@ pub struct RunView {
     /// Since when and why the run is paused; absent while it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<Paused>,
+    /// Since when the run waits for its flow's concurrency limit to admit it; absent once
+    /// it was admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<Queued>,
     /// In definition order.
     pub steps: Vec<StepView>,
 }
@@ -129,6 +133,16 @@ pub struct Paused {
     /// Why, as the pause request said.
     pub reason: String,
     /// Steps ready to start that wait for the resume (ids, in the order they became ready).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<String>,
+}
+
+/// A run that waits for its flow's concurrency limit to admit it: it starts no step until then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Queued {
+    /// Since when it waits (its start, or its redrive).
+    pub since_ms: Millis,
+    /// Steps ready to start that wait for the admission (ids, in the order they became ready).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<String>,
 }
@@ -208,6 +222,8 @@ pub struct RunViewRef<'a> {
     pub(crate) redriven: Option<Redriven>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) paused: Option<Paused>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) queued: Option<Queued>,
     pub(crate) steps: Vec<StepViewRef<'a>>,
 }
 
@@ -253,6 +269,7 @@ impl RunViewRef<'_> {
             labels: self.labels.cloned().unwrap_or_default(),
             redriven: self.redriven,
             paused: self.paused.clone(),
+            queued: self.queued.clone(),
             steps: self.steps.iter().map(StepViewRef::to_view).collect(),
         }
     }

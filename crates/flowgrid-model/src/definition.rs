@@ -19,6 +19,10 @@ pub struct FlowDefinition {
     /// refused with each problem located (`input/...`), and nothing is started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_schema: Option<serde_json::Value>,
+    /// At most this many runs of the flow go at once (of each key): the others wait,
+    /// queued, in the order they started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
     /// Run-level deadline: a run still going after this long ends `timed_out`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -41,6 +45,20 @@ pub struct FlowDefinition {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub publish_ended: bool,
     pub steps: Vec<Step>,
+}
+
+/// How many runs of a flow may go at once: `max` in all, or `max` of each value `key`
+/// gives (e.g. per customer).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    /// Runs that go at once, 1 to 100,000; a run started past it waits, queued, until one
+    /// of them ends.
+    pub max: u32,
+    /// An expression over the run's `input` (e.g. `input.customer`): the limit counts the
+    /// runs of each value apart. One limit for the whole flow when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// When the grid starts runs of a flow by itself: every `every_ms`, or at the minutes a

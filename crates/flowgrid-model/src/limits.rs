@@ -54,6 +54,13 @@ pub const PAUSES_MAX: u32 = 1_000;
 /// the run's history, and a pause's in its view.
 pub const REASON_BYTES_MAX: usize = 1_024;
 
+/// Runs of one flow (of one concurrency key) that may go at once, at most, by a flow's
+/// `concurrency.max`.
+pub const CONCURRENCY_MAX: u32 = 100_000;
+
+/// Bytes of a run's concurrency key (what `concurrency.key` gives), at most.
+pub const CONCURRENCY_KEY_BYTES_MAX: usize = 256;
+
 /// The longest time a definition may name, 366 days (a `wait`, a schedule's `every_ms`):
 /// anything longer is a mistake in the definition, or in the data an expression reads.
 pub const DURATION_MS_MAX: u64 = 366 * 24 * 60 * 60 * 1000;

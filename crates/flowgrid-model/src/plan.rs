@@ -14,11 +14,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::definition::{FlowDefinition, RetryPolicy};
-use crate::expr::{Evaluator, Expr};
+use crate::expr::{Evaluator, Expr, Scope};
 use crate::input_schema::InputSchema;
-use crate::limits::Limits;
+use crate::limits::{Limits, CONCURRENCY_KEY_BYTES_MAX};
 use crate::schedule::Timetable;
 
 /// Position of a step in [`FlowPlan::steps`] (the order of the definition).
@@ -42,7 +43,40 @@ pub struct FlowPlan {
     pub trigger_input: Option<Expr>,
     /// What every run's input must match.
     pub input_schema: Option<InputSchema>,
+    /// How many runs may go at once.
+    pub concurrency: Option<PlanConcurrency>,
     index: HashMap<String, StepIndex>,
+}
+
+/// A flow's concurrency limit: at most `max` runs at once of each key.
+#[derive(Debug)]
+pub struct PlanConcurrency {
+    pub max: u32,
+    /// Gives a run's key from its input; one key for every run when absent.
+    pub key: Option<Expr>,
+}
+
+impl PlanConcurrency {
+    /// The key a run with `input` counts under: what the key expression gives (a string as
+    /// it is, any other value as JSON), or `""` without one. Fails when the expression
+    /// does, or gives more than [`CONCURRENCY_KEY_BYTES_MAX`] bytes.
+    pub fn key_of(&self, evaluator: &Evaluator, input: &Value) -> Result<String, String> {
+        let Some(expr) = &self.key else { return Ok(String::new()) };
+        let value = evaluator
+            .eval(expr, &Scope { input: Some(input), ..Scope::default() })
+            .map_err(|error| format!("concurrency.key: {error}"))?;
+        let key = match value {
+            Value::String(key) => key,
+            other => other.to_string(),
+        };
+        if key.len() > CONCURRENCY_KEY_BYTES_MAX {
+            return Err(format!(
+                "concurrency.key gives {} bytes for this input, over the limit of {CONCURRENCY_KEY_BYTES_MAX}",
+                key.len()
+            ));
+        }
+        Ok(key)
+    }
 }
 
 /// One step of a plan with its resolved edges.
@@ -196,6 +230,7 @@ impl FlowPlan {
         steps: Vec<PlanStep>,
         output: Option<Expr>,
         trigger_input: Option<Expr>,
+        concurrency_key: Option<Expr>,
     ) -> FlowPlan {
         let index = steps.iter().enumerate().map(|(position, step)| (step.id.clone(), position as StepIndex)).collect();
         let sinks = steps
@@ -209,6 +244,10 @@ impl FlowPlan {
             (None, Some(cron)) => Timetable::cron(cron).expect("validation parsed the cron expression"),
             (None, None) => unreachable!("validation requires every_ms or cron"),
         });
+        let concurrency = definition
+            .concurrency
+            .as_ref()
+            .map(|concurrency| PlanConcurrency { max: concurrency.max, key: concurrency_key });
         let input_schema = definition
             .input_schema
             .as_ref()
@@ -223,6 +262,7 @@ impl FlowPlan {
             output,
             trigger_input,
             input_schema,
+            concurrency,
             sinks,
             index,
         }

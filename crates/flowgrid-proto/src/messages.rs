@@ -279,6 +279,9 @@ pub struct RunSummary {
     /// The run is paused (`run.pause`): it starts no step until it is resumed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// The run waits for its flow's concurrency limit to admit it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
     /// The labels it was started with.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
@@ -411,6 +414,35 @@ pub struct ChildRunEnded {
 pub struct ChildEndTaken {
     /// `true`: the step took this end. `false`: it had taken it already, or the parent
     /// ended; nothing changed.
+    pub applied: bool,
+}
+
+/// A message about one run's place under its flow's concurrency limit, sent between
+/// coordinators until taken:
+/// - `<prefix>.api.gate.acquire`: a run that started (or was redriven) queued asks for a
+///   slot; the limit's shard admits it when it has room, in the order asked;
+/// - `<prefix>.api.gate.release`: a run ended and gives its slot (or its place in the
+///   queue) back;
+/// - `<prefix>.api.run.admit`: the limit admits the run; its shard starts the steps it held
+///   (a run that ended or went again meanwhile gives the slot back instead).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct GateMessage {
+    /// The limit: the flow and the run's concurrency key (`""` without one).
+    pub flow: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
+    pub run_id: RunId,
+    /// Which start of the run it is about: 0 for its start, `n` after its `n`th redrive.
+    #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
+    pub round: u32,
+    /// With an acquire: the limit's `max` in the run's flow version.
+    #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
+    pub max: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GateTaken {
+    /// `false`: a repeat, or nothing to change.
     pub applied: bool,
 }
 

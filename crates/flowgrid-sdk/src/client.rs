@@ -22,9 +22,9 @@ use flowgrid_engine::RunView;
 use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
-    FlowPaused, GetFlow, GetRun, ListFlows, ListRuns, PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, RunCancelled,
-    RunList, RunPaused, RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun,
-    Subjects, CONTENT_TYPE_HEADER,
+    FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, ListFlows, ListRuns, PauseFlow, PauseRun, ProtoError,
+    RedriveRun, Reply, RunCancelled, RunList, RunPaused, RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun,
+    StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -280,6 +280,13 @@ impl Client {
     /// `applied: false`).
     pub async fn child_ended(&self, ended: &ChildRunEnded) -> Result<ChildEndTaken> {
         self.call("run.child_ended", ended, OnTimeout::Retry).await
+    }
+
+    /// Sends a message about a run's place under its flow's concurrency limit: `verb` is
+    /// `gate.acquire`, `gate.release` or `run.admit` (coordinators send these; a repeat
+    /// answers `applied: false`).
+    pub async fn gate(&self, verb: &str, message: &GateMessage) -> Result<GateTaken> {
+        self.call(verb, message, OnTimeout::Retry).await
     }
 
     /// Polls the run (every 20 ms, slowing to every 500 ms) until it ends, and returns it.

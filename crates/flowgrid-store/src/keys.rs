@@ -209,6 +209,22 @@ pub fn decode_outbox(key: &[u8]) -> Result<(RunId, String)> {
     Ok((RunId(run_id.into()), what))
 }
 
+/// A run's place under a concurrency limit this shard keeps: `("gate", flow, key, run_id)`.
+pub fn gate(flow: &str, key: &str, run_id: &RunId) -> Vec<u8> {
+    packed(&("gate", flow, key, run_id.as_str()))
+}
+
+/// Every place under every concurrency limit the shard keeps.
+pub fn gate_range() -> KeyRange {
+    tuple_range(&("gate",))
+}
+
+/// Decodes a [`gate`] key into `(flow, key, run_id)`.
+pub fn decode_gate(key: &[u8]) -> Result<(String, String, RunId)> {
+    let (_, flow, gate_key, run_id): (String, String, String, String) = decode("gate", "gate", key)?;
+    Ok((flow, gate_key, RunId(run_id.into())))
+}
+
 /// Room for a typical key: a kind name, a run id and an integer or two.
 const KEY_BYTES_HINT: usize = 80;
 
@@ -266,6 +282,11 @@ mod tests {
             decode_created(&created(1_700_000_000_000, &run_id("r1"))).unwrap(),
             (1_700_000_000_000, run_id("r1"))
         );
+        assert_eq!(
+            decode_gate(&gate("f", "acme", &run_id("r1"))).unwrap(),
+            ("f".to_owned(), "acme".to_owned(), run_id("r1"))
+        );
+        assert!(gate_range().contains(&gate("f", "", &run_id("r1"))) && !gate_range().contains(&epoch()));
     }
 
     #[test]

@@ -61,7 +61,11 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 table.row(vec![
                     run.run_id.to_string(),
                     format!("{}@{}", run.flow, run.version),
-                    if run.paused { "running (paused)".to_owned() } else { run.status.as_str().to_owned() },
+                    match (run.paused, run.queued) {
+                        (true, _) => "running (paused)".to_owned(),
+                        (false, true) => "running (queued)".to_owned(),
+                        (false, false) => run.status.as_str().to_owned(),
+                    },
                     utc_time(run.created_ms),
                     span(Some(run.created_ms), run.ended_ms),
                 ]);
@@ -382,6 +386,9 @@ fn render_run(view: &RunView) -> String {
     if let Some(paused) = &view.paused {
         text.push_str(&format!("paused    {} (`flowgrid run resume {}`)\n", output::paused(paused), view.run_id));
     }
+    if let Some(queued) = &view.queued {
+        text.push_str(&format!("queued    {}\n", output::queued(queued)));
+    }
     let duration = match view.ended_ms {
         Some(ended) => duration_ms(ended.saturating_sub(view.created_ms)),
         None => format!("{} so far", duration_ms(now_ms().saturating_sub(view.created_ms))),
@@ -433,7 +440,7 @@ fn step_table(steps: &[StepView]) -> Table {
 
 #[cfg(test)]
 mod tests {
-    use flowgrid_engine::{ItemCounts, Paused, Redriven, StepStatus, TaskError};
+    use flowgrid_engine::{ItemCounts, Paused, Queued, Redriven, StepStatus, TaskError};
     use flowgrid_model::ParentRef;
 
     use super::*;
@@ -478,6 +485,7 @@ mod tests {
             }),
             redriven: Some(Redriven { times: 2, last_ms: 1_000 }),
             paused: Some(Paused { since_ms: 1_200, reason: "db down".into(), held: vec!["store".into()] }),
+            queued: Some(Queued { since_ms: 1_000, held: Vec::new() }),
             steps: vec![
                 step("first", "task", None),
                 fan_out,
@@ -496,6 +504,8 @@ mod tests {
         assert!(text.contains("redriven  2 times, last at 1970-01-01"), "{text}");
         let paused = "paused    since 1970-01-01T00:00:01Z: db down; holding step store (`flowgrid run resume r-1`)\n";
         assert!(text.contains(paused), "{text}");
+        let queued = "queued    since 1970-01-01T00:00:01Z: waiting for a slot of its flow's concurrency limit\n";
+        assert!(text.contains(queued), "{text}");
         assert!(text.contains("step encode runs child run c-1\n"), "{text}");
         assert!(text.contains("step each runs a child run per item (4): flowgrid run list --parent r-1\n"), "{text}");
         assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");

@@ -171,6 +171,7 @@ mod tests {
             parent: None,
             redriven: None,
             paused: None,
+            queued: None,
             steps,
             labels: Default::default(),
         }

@@ -59,6 +59,8 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub schedules: BTreeMap<String, Millis>,
     /// The triggers of the flows of the catalog whose latest version has one.
     pub triggers: super::triggers::Triggers,
+    /// The concurrency limits whose gate is in this shard.
+    pub gates: super::gates::Gates,
     /// When the next retention pass is due; `None` without `--retain-ended-runs`.
     pub next_prune_ms: Option<Millis>,
     pub metrics: ShardMetrics,
@@ -102,6 +104,7 @@ pub async fn spawn_shard<S: ShardStore>(
         flow_pauses: BTreeMap::new(),
         schedules: BTreeMap::new(),
         triggers: Default::default(),
+        gates: Default::default(),
         next_prune_ms,
         metrics: ShardMetrics::register(),
         inbox: sender.downgrade(),
@@ -329,6 +332,10 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = self.take_child_end(ended, batch).await;
                 batch.reply(reply, outcome);
             }
+            Command::Gate { verb, message, reply } => {
+                let outcome = self.take_gate_message(verb, message, batch);
+                batch.reply(reply, outcome);
+            }
             Command::OutboxDelivered { key } => batch.writes.clear_range(flowgrid_store::keys::chunks_range(&key)),
         }
     }
@@ -417,6 +424,7 @@ impl<S: ShardStore> ShardActor<S> {
         self.context.plans.forget_latest(self.catalog.keys());
         self.catalog.clear();
         self.schedules.clear();
+        self.gates = Default::default();
         // The failure may be transient (disk full cleared, cluster back): pause before reading.
         tokio::time::sleep(RELOAD_PAUSE).await;
         let reloaded = self.reload().await?;

@@ -9,6 +9,7 @@
 mod actor;
 mod batch;
 mod catalog;
+mod gates;
 mod outbox;
 mod reload;
 mod retention;
@@ -31,6 +32,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 pub use actor::spawn_shard;
+pub use gates::{gate_routing_key, GateVerb};
 pub use outbox::IN_FLIGHT_MAX as MESSAGES_IN_FLIGHT_MAX;
 pub use runs::cursor_of;
 
@@ -139,6 +141,12 @@ pub enum Command {
     ChildEnded {
         ended: ChildRunEnded,
         reply: Responder<ChildEndTaken>,
+    },
+    /// A message about a run's place under a concurrency limit (see [`GateVerb`]).
+    Gate {
+        verb: GateVerb,
+        message: flowgrid_proto::GateMessage,
+        reply: Responder<flowgrid_proto::GateTaken>,
     },
     /// A message of this shard's outbox was taken by its receiver: delete it.
     OutboxDelivered {

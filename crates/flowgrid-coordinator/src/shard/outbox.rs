@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 
 use super::actor::ShardActor;
 use super::batch::Batch;
+use super::gates::GateVerb;
 use super::Command;
 use crate::error::Result;
 use crate::metrics;
@@ -312,12 +313,17 @@ async fn send(
         OutboxRecord::ChildEnded(ended) => client.child_ended(ended).await.map(|_| ()),
         OutboxRecord::CancelChild { child, reason } => client.cancel(child, reason.clone()).await.map(|_| ()),
         OutboxRecord::RunEnded(ended) => return announce(client, ended).await,
+        OutboxRecord::GateAcquire(message) => client.gate(GateVerb::Acquire.api_verb(), message).await.map(|_| ()),
+        OutboxRecord::GateRelease(message) => client.gate(GateVerb::Release.api_verb(), message).await.map(|_| ()),
+        OutboxRecord::Admit(message) => client.gate(GateVerb::Admit.api_verb(), message).await.map(|_| ()),
     };
     match outcome {
         Ok(()) => Sent::Taken,
         Err(ClientError::Api(refusal)) if refusal.code == ErrorCode::NotFound => match record {
             // The parent is gone (its retention passed): nobody waits for this end.
             OutboxRecord::ChildEnded(_) | OutboxRecord::RunEnded(_) => Sent::Taken,
+            // Never refused as missing: a run that is gone gives its admission back.
+            OutboxRecord::GateAcquire(_) | OutboxRecord::GateRelease(_) | OutboxRecord::Admit(_) => Sent::Again,
             OutboxRecord::CancelChild { child, .. } => {
                 if starting.contains(child) {
                     return Sent::Again;

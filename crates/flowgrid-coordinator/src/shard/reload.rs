@@ -35,6 +35,7 @@ impl<S: ShardStore> ShardActor<S> {
     /// Loads the catalog, the active runs and the outbox; returns what to send again.
     pub(super) async fn reload(&mut self) -> Result<Reloaded> {
         self.reload_catalog().await?;
+        self.load_gates().await?;
         let active = self.store.scan(keys::active_range(), usize::MAX, false).await?;
         let mut reloaded = Reloaded { outbox: self.load_outbox().await?, ..Reloaded::default() };
         let mut plans: HashMap<(String, u32), Arc<FlowPlan>> = HashMap::new();
@@ -127,7 +128,8 @@ impl<S: ShardStore> ShardActor<S> {
         let mut effects = Vec::new();
         let labels = start.labels.map(Cow::into_owned).unwrap_or_default();
         let input = start.input.into_owned();
-        let mut run = Run::start(plan, &evaluator, run_id.clone(), input, labels, start.now_ms, &mut effects);
+        let begin = if start.queued { Run::start_queued } else { Run::start };
+        let mut run = begin(plan, &evaluator, run_id.clone(), input, labels, start.now_ms, &mut effects);
         if let Some(parent) = start.parent {
             run.set_parent(parent.into_owned());
         }

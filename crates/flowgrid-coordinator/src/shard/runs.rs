@@ -47,6 +47,15 @@ impl<S: ShardStore> ShardActor<S> {
         }
         self.check_room()?;
         let context = &self.context;
+        // A run of a flow with a concurrency limit starts queued; its key must be computable.
+        let queued = match &plan.concurrency {
+            Some(concurrency) => {
+                let key = concurrency.key_of(context.plans.evaluator(), &input);
+                key.map_err(|message| ApiError::new(ErrorCode::InvalidRequest, message))?;
+                true
+            }
+            None => false,
+        };
         let now = now_ms();
         let pin = (plan.name.clone(), plan.version);
         if !self.pinned.contains(&pin) {
@@ -62,6 +71,7 @@ impl<S: ShardStore> ShardActor<S> {
             epoch: self.epoch.0,
             parent: parent.as_ref().map(Cow::Borrowed),
             labels: (!labels.is_empty()).then_some(Cow::Borrowed(&labels)),
+            queued,
         };
         // A new run: its history starts here. Its run record and listing entry are written
         // when it ends; until then the shard answers for it from memory (ADR 0009).
@@ -70,7 +80,11 @@ impl<S: ShardStore> ShardActor<S> {
 
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
-        let mut run = Run::start(plan.clone(), &evaluator, run_id.clone(), input, labels, now, &mut effects);
+        let begin = if queued { Run::start_queued } else { Run::start };
+        let mut run = begin(plan.clone(), &evaluator, run_id.clone(), input, labels, now, &mut effects);
+        if queued {
+            self.ask_for_slot(&run, batch);
+        }
         if let Some(parent) = parent {
             run.set_parent(parent);
         }
@@ -231,6 +245,7 @@ impl<S: ShardStore> ShardActor<S> {
             };
             self.send_after_commit(OutboxRecord::RunEnded(ended), batch);
         }
+        self.give_slot_back(&active.run, batch);
         if let Some(parent) = active.run.parent() {
             let ended = ChildRunEnded {
                 parent: parent.run_id.clone(),
@@ -328,8 +343,12 @@ impl<S: ShardStore> ShardActor<S> {
         self.metrics.runs_active.increment(1.0);
         ::metrics::counter!(metrics::RUNS_REDRIVEN).increment(1);
         let reason = if reason.is_empty() { "redriven through the API".to_owned() } else { reason };
-        self.apply_event(&run_id, Event::Redriven { reason, from }, now_ms(), batch);
+        let queued = self.runs[&run_id].run.plan().concurrency.is_some();
+        self.apply_event(&run_id, Event::Redriven { reason, from, queued }, now_ms(), batch);
         let run = &self.runs.get(&run_id).expect("a run that ends stays until its batch commits").run;
+        if run.is_queued() {
+            self.ask_for_slot(run, batch);
+        }
         let times = run.redriven().map_or(0, |redriven| redriven.times);
         Ok(RunRedriven { run_id, status: run.status(), times })
     }
@@ -613,6 +632,7 @@ fn active_summary(run_id: &RunId, run: &Run) -> RunSummary {
         ended_ms: run.ended_ms(),
         parent: run.parent().map(|parent| parent.run_id.clone()),
         paused: run.is_paused(),
+        queued: run.is_queued(),
         labels: run.labels().cloned().unwrap_or_default(),
     }
 }
@@ -628,6 +648,7 @@ fn summary(run_id: &RunId, record: &RunRecord, parent: Option<RunId>, labels: La
         ended_ms: record.ended_ms,
         parent,
         paused: false,
+        queued: false,
         labels,
     }
 }

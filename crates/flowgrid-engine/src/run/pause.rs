@@ -57,17 +57,26 @@ impl Run {
         Applied::Accepted
     }
 
-    /// Resumes a paused run: the steps it held start, in the order they became ready.
+    /// Resumes a paused run: the steps it held start, in the order they became ready
+    /// (or wait for the run's admission, if it is queued).
     pub(super) fn resume(&mut self) -> Applied {
         let Some(pause) = self.paused.take() else {
             return Applied::Ignored("the run is not paused");
         };
-        self.agenda.extend(pause.held.into_iter().map(Agenda::Start));
+        for index in pause.held {
+            if !self.hold(index) {
+                self.agenda.push_back(Agenda::Start(index));
+            }
+        }
         Applied::Accepted
     }
 
-    /// Holds step `index`, ready to start, if the run is paused: `true` if it did.
+    /// Holds step `index`, ready to start, if the run is queued or paused: `true` if it did.
     pub(super) fn hold(&mut self, index: StepIndex) -> bool {
+        if let Some(queue) = self.queued.as_deref_mut() {
+            queue.hold(index);
+            return true;
+        }
         match self.paused.as_deref_mut() {
             Some(pause) => {
                 pause.held.push(index);

@@ -49,8 +49,8 @@ impl Run {
 
     /// Puts the steps that did not succeed back to pending, and the steps from `from` on
     /// back to where they were before they started, and starts those whose dependencies
-    /// have resolved.
-    pub(super) fn redrive(&mut self, from: &[String], context: &mut Context<'_>) -> Applied {
+    /// have resolved (holds them, `queued`, until the run is admitted).
+    pub(super) fn redrive(&mut self, from: &[String], queued: bool, context: &mut Context<'_>) -> Applied {
         if self.redrive_refused(from).is_some() {
             return Applied::Ignored("the run cannot be redriven");
         }
@@ -58,6 +58,7 @@ impl Run {
         self.output = None;
         self.error = None;
         self.ended_ms = None;
+        self.queued = queued.then(|| super::queue::Queue::new(context.now));
         let redriven = self.redriven.get_or_insert_with(|| Box::new(Redriven { times: 0, last_ms: 0 }));
         redriven.times += 1;
         redriven.last_ms = context.now;

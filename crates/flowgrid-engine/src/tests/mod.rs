@@ -5,6 +5,7 @@ mod flows;
 mod map;
 mod pause;
 mod properties;
+mod queue;
 mod redrive;
 mod replay;
 mod signals;

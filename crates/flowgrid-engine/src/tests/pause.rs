@@ -71,7 +71,7 @@ fn a_paused_run_still_times_out_and_is_cancelled_and_its_redrive_is_not_paused()
     assert_eq!(harness.step_status("encode"), StepStatus::Cancelled, "the held step is cancelled");
     assert_eq!(pause(&mut harness, 10_001), Applied::Ignored("run already ended"));
 
-    harness.apply(20_000, Event::Redriven { reason: "again".to_owned(), from: Vec::new() });
+    harness.apply(20_000, Event::Redriven { reason: "again".to_owned(), from: Vec::new(), queued: false });
     assert_eq!(harness.dispatched()[0].attempt, attempt("encode", Some(0), 1));
     pause(&mut harness, 20_010);
     harness.apply(20_020, Event::CancelRequested { reason: "enough".to_owned() });

@@ -18,7 +18,7 @@ steps:
 "##;
 
 fn redrive(harness: &mut Harness, now: u64) -> Applied {
-    harness.apply(now, Event::Redriven { reason: "fixed the encoder".to_owned(), from: Vec::new() })
+    harness.apply(now, Event::Redriven { reason: "fixed the encoder".to_owned(), from: Vec::new(), queued: false })
 }
 
 #[test]
@@ -288,7 +288,7 @@ fn a_redriven_subflow_step_with_items_keeps_its_children_that_succeeded_and_star
 
 fn redrive_from(harness: &mut Harness, now: u64, from: &[&str]) -> Applied {
     let from = from.iter().map(|step| (*step).to_owned()).collect();
-    harness.apply(now, Event::Redriven { reason: "new model".to_owned(), from })
+    harness.apply(now, Event::Redriven { reason: "new model".to_owned(), from, queued: false })
 }
 
 #[test]

@@ -1,12 +1,9 @@
 //! Replay: the same start and the same accepted events at the same times rebuild the
 //! same run.
 
-use std::sync::Arc;
-
-use flowgrid_model::RunId;
 use serde_json::json;
 
-use super::support::{error, evaluator, Harness, RUN};
+use super::support::{error, evaluator, start_run, Harness};
 use crate::{Effect, Run, TimerKey};
 
 const FLOW: &str = r##"
@@ -31,15 +28,7 @@ steps:
 /// Rebuilds a run from the harness's start and history, returning it with its effects.
 pub fn replay(harness: &Harness) -> (Run, Vec<Effect>) {
     let mut effects = Vec::new();
-    let mut run = Run::start(
-        Arc::clone(&harness.plan),
-        evaluator(),
-        RunId(RUN.into()),
-        harness.input.clone(),
-        flowgrid_model::Labels::new(),
-        harness.started_ms,
-        &mut effects,
-    );
+    let mut run = start_run(&harness.plan, &harness.input, harness.started_ms, harness.queued, &mut effects);
     for (now, event) in &harness.history {
         assert_eq!(run.apply(evaluator(), *now, event, &mut effects), crate::Applied::Accepted);
     }

@@ -40,16 +40,26 @@ pub struct Harness {
     pub all_effects: Vec<Effect>,
     /// Accepted events with their times.
     pub history: Vec<(Millis, Event)>,
+    /// Whether the run started queued.
+    pub queued: bool,
 }
 
 impl Harness {
     pub fn start(yaml: &str, input: Value, now: Millis) -> Harness {
+        Harness::begin(yaml, input, now, false)
+    }
+
+    /// Starts the run queued, as a run of a flow whose concurrency limit has no room.
+    pub fn start_queued(yaml: &str, input: Value, now: Millis) -> Harness {
+        Harness::begin(yaml, input, now, true)
+    }
+
+    fn begin(yaml: &str, input: Value, now: Millis, queued: bool) -> Harness {
         let plan = plan(yaml);
         let mut effects = Vec::new();
-        let labels = Labels::new();
-        let run =
-            Run::start(Arc::clone(&plan), evaluator(), RunId(RUN.into()), input.clone(), labels, now, &mut effects);
-        Harness { plan, run, input, started_ms: now, all_effects: effects.clone(), effects, history: Vec::new() }
+        let run = start_run(&plan, &input, now, queued, &mut effects);
+        let all_effects = effects.clone();
+        Harness { plan, run, input, started_ms: now, all_effects, effects, history: Vec::new(), queued }
     }
 
     pub fn apply(&mut self, now: Millis, event: Event) -> Applied {
@@ -119,6 +129,16 @@ impl Harness {
             Effect::ArmTimer { timer: armed, due_ms, .. } if armed == timer => Some(*due_ms),
             _ => None,
         })
+    }
+}
+
+/// Starts the test run of `plan` (queued or not).
+pub fn start_run(plan: &Arc<FlowPlan>, input: &Value, now: Millis, queued: bool, effects: &mut Vec<Effect>) -> Run {
+    let (run_id, input, labels) = (RunId(RUN.into()), input.clone(), Labels::new());
+    if queued {
+        Run::start_queued(Arc::clone(plan), evaluator(), run_id, input, labels, now, effects)
+    } else {
+        Run::start(Arc::clone(plan), evaluator(), run_id, input, labels, now, effects)
     }
 }
 

@@ -17,6 +17,8 @@ use super::{push_issue, step_path};
 pub(super) const FLOW_OUTPUT_PATH: &str = "output";
 /// Path of the trigger's input expression, which reads its message and no step.
 pub(super) const TRIGGER_INPUT_PATH: &str = "trigger.input";
+/// Path of the concurrency key, which reads the run's input and no step.
+pub(super) const CONCURRENCY_KEY_PATH: &str = "concurrency.key";
 
 /// One expression field of a definition.
 struct Slot {
@@ -42,6 +44,9 @@ impl ExpressionTable {
         }
         if let Some(input) = definition.trigger.as_ref().and_then(|trigger| trigger.input.as_ref()) {
             table.add(evaluator, TRIGGER_INPUT_PATH.to_owned(), None, false, input, issues);
+        }
+        if let Some(key) = definition.concurrency.as_ref().and_then(|concurrency| concurrency.key.as_ref()) {
+            table.add(evaluator, CONCURRENCY_KEY_PATH.to_owned(), None, false, key, issues);
         }
         for (position, step) in definition.steps.iter().enumerate() {
             let path = step_path(position, step.id());
@@ -82,10 +87,16 @@ impl ExpressionTable {
         let mut upstream_cache: HashMap<usize, Vec<bool>> = HashMap::new();
         for slot in &self.slots {
             let expr = &self.compiled[&slot.path];
-            if slot.path == TRIGGER_INPUT_PATH && !expr.step_refs.is_empty() {
-                let message = "reads `steps`, which a run has none of before it starts: read the message as \
-                               `input.message` (and `input.subject`, `input.sequence`)";
-                push_issue(issues, &slot.path, message.to_owned());
+            let before_start = match slot.path.as_str() {
+                TRIGGER_INPUT_PATH => {
+                    Some("read the message as `input.message` (and `input.subject`, `input.sequence`)")
+                }
+                CONCURRENCY_KEY_PATH => Some("read the run's `input`"),
+                _ => None,
+            };
+            if let (Some(advice), false) = (before_start, expr.step_refs.is_empty()) {
+                let message = format!("reads `steps`, which a run has none of before it starts: {advice}");
+                push_issue(issues, &slot.path, message);
                 continue;
             }
             for referenced in expr.step_refs.iter() {

@@ -80,7 +80,8 @@ pub(crate) fn compile(
     }
     let output = expressions.take(expressions::FLOW_OUTPUT_PATH);
     let trigger_input = expressions.take(expressions::TRIGGER_INPUT_PATH);
-    Ok(FlowPlan::assemble(definition, version, steps, output, trigger_input))
+    let concurrency_key = expressions.take(expressions::CONCURRENCY_KEY_PATH);
+    Ok(FlowPlan::assemble(definition, version, steps, output, trigger_input, concurrency_key))
 }
 
 /// All checks; on success, the compiled expressions keyed by their path.

@@ -3,7 +3,7 @@
 use crate::definition::{Catch, FlowDefinition, RetryPolicy, Schedule, Step, Trigger};
 use crate::error::Issue;
 use crate::input_schema::InputSchema;
-use crate::limits::Limits;
+use crate::limits::{Limits, CONCURRENCY_MAX};
 use crate::plan::WAIT_MS_MAX;
 use crate::schedule::{Timetable, EVERY_MS_MAX, EVERY_MS_MIN};
 
@@ -18,6 +18,11 @@ const PRIORITY_MAX: u8 = 9;
 pub(super) fn check_fields(definition: &FlowDefinition, limits: &Limits, issues: &mut Vec<Issue>) {
     check_name("name", "flow name", &definition.name, limits, issues);
     check_timeout("timeout_ms", definition.timeout_ms, issues);
+    if let Some(concurrency) = &definition.concurrency {
+        if !(1..=CONCURRENCY_MAX).contains(&concurrency.max) {
+            push_issue(issues, "concurrency.max", format!("must be 1 to {CONCURRENCY_MAX}, it is {}", concurrency.max));
+        }
+    }
     if let Some(schema) = &definition.input_schema {
         match InputSchema::compile(schema) {
             Err(message) => push_issue(issues, "input_schema", message),

@@ -534,3 +534,28 @@ fn an_input_schema_must_compile_and_a_schedule_s_input_must_match_it() {
     let remote = "name: f\ninput_schema: { $ref: 'https://example.com/s.json' }\nsteps:\n  - { kind: transform, id: t, output: '1' }\n";
     assert_issue(&issues_of(remote), "input_schema", "not a JSON Schema this grid can use");
 }
+
+#[test]
+fn a_concurrency_limit_is_at_least_one_and_its_key_reads_only_the_input() {
+    let flow = |concurrency: &str| {
+        format!("name: f\nconcurrency: {concurrency}\nsteps:\n  - {{ kind: transform, id: t, output: '1' }}\n")
+    };
+    assert_issue(&issues_of(&flow("{ max: 0 }")), "concurrency.max", "must be 1 to 100000");
+    assert_issue(&issues_of(&flow("{ max: 100001 }")), "concurrency.max", "must be 1 to 100000");
+    assert_issue(&issues_of(&flow("{ max: 2, key: 'steps.t.output' }")), "concurrency.key", "read the run's `input`");
+    assert_issue(&issues_of(&flow("{ max: 2, key: 'input.' }")), "concurrency.key", "does not compile");
+    assert!(parse_definition(&flow("{ max: 2, keys: x }"), &limits()).is_err(), "unknown fields are errors");
+
+    let plan = FlowPlan::compile(parse(&flow("{ max: 2, key: 'input.customer' }")), 1, &evaluator(), &limits());
+    let plan = plan.expect("valid");
+    let concurrency = plan.concurrency.as_ref().expect("compiled");
+    assert_eq!(concurrency.max, 2);
+    let key = |input| concurrency.key_of(&evaluator(), &input);
+    assert_eq!(key(serde_json::json!({"customer": "acme"})), Ok("acme".to_owned()), "a string as it is");
+    assert_eq!(key(serde_json::json!({"customer": 42})), Ok("42".to_owned()), "anything else as JSON");
+    assert_eq!(key(serde_json::json!({})), Ok("null".to_owned()), "absent: one key for all such runs");
+    let long = key(serde_json::json!({"customer": "x".repeat(300)})).unwrap_err();
+    assert!(long.contains("gives 300 bytes for this input, over the limit of 256"), "{long}");
+    let unkeyed = FlowPlan::compile(parse(&flow("{ max: 1 }")), 1, &evaluator(), &limits()).unwrap();
+    assert_eq!(unkeyed.concurrency.as_ref().unwrap().key_of(&evaluator(), &serde_json::json!(7)), Ok(String::new()));
+}

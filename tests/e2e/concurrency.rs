@@ -1,0 +1,152 @@
+//! Concurrency limits: at most `max` runs of a flow (of each key) go at once; the others
+//! wait, queued, and go in the order they started as slots free up, across coordinators,
+//! crashes, cancels and redrives.
+
+use std::time::Duration;
+
+use flowgrid_sdk::{Client, ErrorCode, ListRuns, RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_tests::{step, wait_for, Grid};
+use serde_json::json;
+
+use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
+
+/// Two runs at once; each waits for a signal.
+const LIMITED_FLOW: &str = r#"
+name: limited
+concurrency: { max: 2 }
+steps:
+  - { id: go, kind: signal }
+"#;
+
+/// One run at once per customer.
+const PER_CUSTOMER_FLOW: &str = r#"
+name: per-customer
+concurrency: { max: 1, key: input.customer }
+steps:
+  - { id: go, kind: signal }
+"#;
+
+/// Time for a slot to be handed on, were it to be (acquire, commit, admit, commit).
+const SETTLE: Duration = Duration::from_millis(500);
+
+async fn start(grid: &Grid, client: &Client, flow: &str, input: serde_json::Value) -> anyhow::Result<RunId> {
+    let start = StartRun { flow: flow.into(), input, ..Default::default() };
+    Ok(client.start(start).await.or_logs(grid)?.run_id)
+}
+
+/// Whether each run was admitted (its signal step waits) or waits queued (the step is
+/// pending); fails on anything else.
+async fn admitted(client: &Client, runs: &[&RunId]) -> anyhow::Result<Vec<bool>> {
+    let mut states = Vec::new();
+    for run_id in runs {
+        let view = client.get(run_id).await?;
+        let state = (view.status, view.queued.is_some(), step(&view, "go").status);
+        states.push(match state {
+            (RunStatus::Running, false, StepStatus::Running) => true,
+            (RunStatus::Running, true, StepStatus::Pending) => false,
+            other => anyhow::bail!("run {run_id} is neither admitted nor queued: {other:?}"),
+        });
+    }
+    Ok(states)
+}
+
+/// Waits until the runs are admitted (or queued) as `expected` says.
+async fn wait_admitted(grid: &Grid, client: &Client, runs: &[&RunId], expected: &[bool]) -> anyhow::Result<()> {
+    wait_for(&format!("admitted: {expected:?}"), RUN_DEADLINE, || async {
+        admitted(client, runs).await.ok().filter(|states| states == expected)
+    })
+    .await
+    .or_logs(grid)?;
+    // And it stays so: no slot is handed out twice.
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(admitted(client, runs).await?, expected, "the runs stay as they were");
+    Ok(())
+}
+
+async fn finish(grid: &Grid, client: &Client, run_id: &RunId) -> anyhow::Result<()> {
+    client.signal(run_id, "go", json!({"done": true})).await.or_logs(grid)?;
+    let view = grid.wait_run(client, run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_past_the_limit_wait_queued_and_go_in_order_as_slots_free_up() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    // Two coordinators: a run's shard and its limit's are mostly in different processes.
+    grid.spawn_coordinator()?;
+    grid.wait_shards_served_by(2, RUN_DEADLINE).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, LIMITED_FLOW).await?;
+    let mut runs = Vec::new();
+    for n in 0..5 {
+        runs.push(start(&grid, &client, "limited", json!({"n": n})).await?);
+        // Each asks for its slot before the next: the queue's order is the start order.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let [r0, r1, r2, r3, r4] = <[RunId; 5]>::try_from(runs).expect("five runs");
+    wait_admitted(&grid, &client, &[&r0, &r1, &r2, &r3, &r4], &[true, true, false, false, false]).await?;
+
+    let (ok, stdout, _) = grid.cli(&["run", "list", "--flow", "limited"])?;
+    assert!(ok && stdout.matches("running (queued)").count() == 3, "{stdout}");
+    let (_, stdout, _) = grid.cli(&["run", "get", r2.as_str()])?;
+    assert!(stdout.contains("waiting for a slot of its flow's concurrency limit; holding step go"), "{stdout}");
+    let error = client.signal(&r2, "go", json!({})).await.expect_err("a queued run's signal step has not started");
+    assert_eq!(refusal(&error).code, ErrorCode::Conflict, "{error:?}");
+
+    // A run ends: the first in the queue takes its slot.
+    finish(&grid, &client, &r0).await?;
+    wait_admitted(&grid, &client, &[&r1, &r2, &r3, &r4], &[true, true, false, false]).await?;
+    // A queued run that is cancelled leaves the queue; the one after it moves up.
+    let cancelled = client.cancel(&r3, "not needed").await.or_logs(&grid)?;
+    assert_eq!(cancelled.status, RunStatus::Cancelled);
+    finish(&grid, &client, &r1).await?;
+    wait_admitted(&grid, &client, &[&r2, &r4], &[true, true]).await?;
+    for run_id in [&r2, &r4] {
+        finish(&grid, &client, run_id).await?;
+    }
+
+    // A redriven run queues again; it goes once a slot is free.
+    let blockers =
+        [start(&grid, &client, "limited", json!({})).await?, start(&grid, &client, "limited", json!({})).await?];
+    wait_admitted(&grid, &client, &[&blockers[0], &blockers[1]], &[true, true]).await?;
+    let redriven = client.redrive(&r3, "needed after all").await.or_logs(&grid)?;
+    assert_eq!(redriven.status, RunStatus::Running);
+    wait_admitted(&grid, &client, &[&r3], &[false]).await?;
+    finish(&grid, &client, &blockers[0]).await?;
+    wait_admitted(&grid, &client, &[&r3, &blockers[1]], &[true, true]).await?;
+    for run_id in [&r3, &blockers[1]] {
+        finish(&grid, &client, run_id).await?;
+    }
+    let runs = client.list(ListRuns { flow: Some("limited".into()), ..Default::default() }).await?.runs;
+    assert!(runs.iter().all(|run| run.status == RunStatus::Succeeded), "{runs:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_per_key_holds_across_a_coordinator_crash() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, PER_CUSTOMER_FLOW).await?;
+    let acme = start(&grid, &client, "per-customer", json!({"customer": "acme"})).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let acme_next = start(&grid, &client, "per-customer", json!({"customer": "acme"})).await?;
+    let initech = start(&grid, &client, "per-customer", json!({"customer": "initech"})).await?;
+    wait_admitted(&grid, &client, &[&acme, &acme_next, &initech], &[true, false, true]).await?;
+
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    wait_admitted(&grid, &client, &[&acme, &acme_next, &initech], &[true, false, true]).await?;
+    finish(&grid, &client, &acme).await?;
+    wait_admitted(&grid, &client, &[&acme_next, &initech], &[true, true]).await?;
+    for run_id in [&acme_next, &initech] {
+        finish(&grid, &client, run_id).await?;
+    }
+
+    let long = json!({"customer": "x".repeat(300)});
+    let error = client.start(StartRun { flow: "per-customer".into(), input: long, ..Default::default() }).await;
+    let error = error.expect_err("a key over its limit is refused");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+    assert!(refusal(&error).message.contains("concurrency.key gives 300 bytes"), "{error:?}");
+    Ok(())
+}
