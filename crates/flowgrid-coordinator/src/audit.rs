@@ -11,7 +11,10 @@
 //!
 //! and across the shard: every run record has a history and every history a run record,
 //! ended runs have their final snapshot and no `active` entry, running runs have one, and
-//! every run lives in the shard its id hashes to.
+//! every run lives in the shard its id hashes to. Across shards: every place a
+//! concurrency limit keeps (a slot held, or a place in its queue) belongs to a running
+//! run, or a message on its way will free it (a release, or an admission its run's shard
+//! answers with one); any other place is a slot lost for good.
 //!
 //! [`audit_runs`] also returns what the store says about each run (status, output), so
 //! that a harness can compare it with what it expected.
@@ -26,7 +29,7 @@ use flowgrid_store_redb::RedbStore;
 use serde_json::Value as Json;
 
 use crate::error::{Error, Result};
-use crate::records::{self, EventRecord, RunRecord, StartRecord};
+use crate::records::{self, EventRecord, GateRecord, OutboxRecord, RunRecord, StartRecord};
 
 /// Problems described in [`AuditReport::problems`]; later ones are only counted.
 pub const PROBLEMS_SHOWN_MAX: usize = 20;
@@ -66,6 +69,10 @@ pub struct AuditReport {
     /// deleted by the shard's next owner), but one that stays means a receiver never
     /// took it.
     pub outbox_messages_left: u64,
+    /// Places concurrency limits keep (slots held, places in queues).
+    pub gate_places: u64,
+    /// Places kept for a run that ended, with no message on its way to free them.
+    pub gate_places_leaked: u64,
     /// Every problem found, of which `problems` describes the first [`PROBLEMS_SHOWN_MAX`].
     pub problems_total: u64,
     /// The first problems found, described for a person.
@@ -143,6 +150,7 @@ pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
     // Opening a missing shard would create its file: look before opening.
     let store = RedbStore::open(data_dir, StoreLimits::default())?;
     let mut audit = Audit { report: AuditReport { shards, ..AuditReport::default() }, runs: BTreeMap::new() };
+    let (mut gate_places, mut freeing) = (Vec::new(), Vec::new());
     for extra in shard_files_beyond(data_dir, shards) {
         audit
             .report
@@ -161,16 +169,37 @@ pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
             )),
             other => Error::Store(other),
         })?;
-        let read = read_shard(&file).await;
+        let read = read_shard(shard, &file).await;
         // Release the lock whatever happened; a read error is the one to report.
         let closed = file.close();
-        let contents = read?;
+        let mut contents = read?;
         closed?;
         audit.report.shard_files += 1;
         audit.report.outbox_messages_left += contents.outbox;
+        gate_places.append(&mut contents.gate_places);
+        freeing.append(&mut contents.freeing);
         audit_shard(shard, shards, contents, &mut audit);
     }
+    audit_gates(gate_places, &freeing, &mut audit);
     Ok(audit)
+}
+
+/// Checks that every place a concurrency limit keeps is a running run's, or will be freed
+/// by a message on its way.
+fn audit_gates(places: Vec<GatePlace>, freeing: &[(RunId, u32)], audit: &mut Audit) {
+    let freeing: HashSet<&(RunId, u32)> = freeing.iter().collect();
+    audit.report.gate_places = places.len() as u64;
+    for GatePlace { shard, flow, key, run_id, round } in places {
+        let running = audit.runs.get(&run_id).is_some_and(|facts| facts.status == Some(RunStatus::Running));
+        if running || freeing.contains(&(run_id.clone(), round)) {
+            continue;
+        }
+        audit.report.gate_places_leaked += 1;
+        audit.report.problem(format!(
+            "shard {shard}: flow {flow}'s concurrency limit (key {key:?}) keeps a place for run {run_id} (round \
+             {round}), which is not running, and no message on its way frees it"
+        ));
+    }
 }
 
 /// Everything of one shard the audit reads, as stored.
@@ -184,15 +213,42 @@ struct ShardContents {
     snapshots: Vec<(Key, Value)>,
     /// Records in the outbox.
     outbox: u64,
+    /// Places kept by the concurrency limits whose gate is in the shard.
+    gate_places: Vec<GatePlace>,
+    /// Runs (and rounds) whose place a message in the outbox frees: a release, or an
+    /// admission the run's shard answers with a release if the run is gone.
+    freeing: Vec<(RunId, u32)>,
 }
 
-async fn read_shard<S: ShardStore>(file: &S) -> Result<ShardContents> {
+/// A place a concurrency limit keeps for a run.
+struct GatePlace {
+    shard: u32,
+    flow: String,
+    key: String,
+    run_id: RunId,
+    round: u32,
+}
+
+async fn read_shard<S: ShardStore>(shard: u32, file: &S) -> Result<ShardContents> {
     let runs = file.scan(keys::run_range(), usize::MAX, false).await?;
     let active = file.scan(keys::active_range(), usize::MAX, false).await?.into_iter().map(|(key, _)| key).collect();
     let history = join_records(file.scan(keys::history_all_range(), usize::MAX, false).await?)?;
     let snapshots = join_records(file.scan(keys::snapshot_range(), usize::MAX, false).await?)?;
-    let outbox = join_records(file.scan(keys::outbox_range(), usize::MAX, false).await?)?.len() as u64;
-    Ok(ShardContents { runs, active, history, snapshots, outbox })
+    let outbox = join_records(file.scan(keys::outbox_range(), usize::MAX, false).await?)?;
+    let freeing = outbox
+        .iter()
+        .filter_map(|(_, value)| match records::decode::<OutboxRecord>("outbox message", value).ok()? {
+            OutboxRecord::GateRelease(message) | OutboxRecord::Admit(message) => Some((message.run_id, message.round)),
+            _ => None,
+        })
+        .collect();
+    let mut gate_places = Vec::new();
+    for (key, value) in file.scan(keys::gate_range(), usize::MAX, false).await? {
+        let (flow, key, run_id) = keys::decode_gate(&key)?;
+        let record: GateRecord = records::decode("gate record", &value)?;
+        gate_places.push(GatePlace { shard, flow, key, run_id, round: record.round });
+    }
+    Ok(ShardContents { runs, active, history, snapshots, outbox: outbox.len() as u64, gate_places, freeing })
 }
 
 /// One history record, decoded as far as the checks need.
@@ -494,6 +550,7 @@ mod tests {
 
     use flowgrid_engine::TimerKey;
     use flowgrid_model::Epoch;
+    use flowgrid_proto::GateMessage;
     use flowgrid_store::WriteBatch;
     use serde_json::json;
 
@@ -745,6 +802,48 @@ mod tests {
         assert_eq!(report.histories_without_run, 1, "{report:#?}");
         assert_eq!(found.runs[&orphan_history].status, None);
         assert!(!report.is_clean());
+    }
+
+    #[tokio::test]
+    async fn a_concurrency_slot_kept_for_an_ended_run_with_nothing_to_free_it_is_lost() {
+        let dir = TempDir::new("gates");
+        let (running, freed, admitted, lost) = (
+            run_in_shard(0, "running"),
+            run_in_shard(0, "freed"),
+            run_in_shard(0, "admitted"),
+            run_in_shard(0, "lost"),
+        );
+        let mut batch = WriteBatch::new();
+        write_run(&mut batch, &running, RunStatus::Running, None, &[], 1);
+        for ended in [&freed, &admitted, &lost] {
+            write_run(&mut batch, ended, RunStatus::Succeeded, Some(json!(1)), &[], 1);
+        }
+        let place = GateRecord { round: 2, admitted: true, since_ms: 1, max: 4 };
+        for run_id in [&running, &freed, &admitted, &lost] {
+            batch.set(keys::gate("f", "acme", run_id), records::encode(&place));
+        }
+        let message = |run_id: &RunId, round| GateMessage {
+            flow: "f".into(),
+            key: "acme".into(),
+            run_id: run_id.clone(),
+            round,
+            max: 0,
+        };
+        // A release of the round held frees its place; an admission its run's shard answers
+        // with one; a release of another round frees nothing.
+        for record in [
+            OutboxRecord::GateRelease(message(&freed, 2)),
+            OutboxRecord::Admit(message(&admitted, 2)),
+            OutboxRecord::GateRelease(message(&lost, 1)),
+        ] {
+            batch.set_chunked(&record.key(), &records::encode(&record), &StoreLimits::default());
+        }
+        commit(&dir.0, 0, batch).await;
+
+        let report = audit(&dir.0, SHARDS).await.unwrap();
+        assert_eq!((report.gate_places, report.gate_places_leaked), (4, 1), "{report:#?}");
+        assert_eq!(report.problems_total, 1, "{report:#?}");
+        assert!(report.problems[0].contains(&format!("run {lost} (round 2)")), "{report:#?}");
     }
 
     #[tokio::test]

@@ -52,10 +52,13 @@ steps:
     input: 'steps.s2.output'
 "#;
 
-/// The child flow of the last doubling: deployed before [`DEFINITION`].
+/// The child flow of the last doubling: deployed before [`DEFINITION`]. Its concurrency limit
+/// (4 at once per key) queues children whenever more go at once, so kills, cuts and
+/// hand-overs also hit the messages of its limits (acquire, admit, release).
 pub const CHILD_DEFINITION: &str = r#"name: chaos-double
-description: chaos test, the child run of the last doubling
+description: chaos test, the child run of the last doubling, at most 4 at once of each of 3 keys
 output: 'steps.d.output'
+concurrency: { max: 4, key: 'input.value % 3' }
 steps:
   - id: d
     kind: task

@@ -670,14 +670,15 @@ impl Findings<'_> {
                 rows.push((
                     "audit".to_owned(),
                     format!(
-                        "{} runs in {} shard files, {:?}; gaps {}, double-applied {}, stale epochs {}, problems {}; \
-                         outbox messages left {}",
+                        "{} runs in {} shard files, {:?}; gaps {}, double-applied {}, stale epochs {}, \
+                         concurrency slots lost {}, problems {}; outbox messages left {}",
                         report.runs,
                         report.shard_files,
                         report.runs_by_status,
                         report.history_gaps,
                         report.results_double_applied,
                         report.stale_epoch_commits,
+                        report.gate_places_leaked,
                         report.problems_total,
                         report.outbox_messages_left
                     ),
@@ -768,6 +769,7 @@ impl Findings<'_> {
             ("audit_problems", json!(report.map(|report| report.problems_total))),
             ("history_gaps", json!(report.map(|report| report.history_gaps))),
             ("outbox_messages_left", json!(report.map(|report| report.outbox_messages_left))),
+            ("gate_places_leaked", json!(report.map(|report| report.gate_places_leaked))),
             ("coordinators", json!(self.args.coordinators)),
             ("shards", json!(self.args.shards)),
             ("rate", json!(self.args.rate)),

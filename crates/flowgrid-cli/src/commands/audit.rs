@@ -37,11 +37,11 @@ pub(crate) async fn audit(args: &AuditArgs, session: &Session) -> anyhow::Result
 
 /// Broken invariants found: each one is a promise of the grid that did not hold.
 fn violations(report: &AuditReport) -> u64 {
-    report.results_double_applied + report.stale_epoch_commits + report.history_gaps
+    report.results_double_applied + report.stale_epoch_commits + report.history_gaps + report.gate_places_leaked
 }
 
 /// Fields of the report printed by name; every other count is listed under "other checks".
-const REPORTED_FIELDS: [&str; 8] = [
+const REPORTED_FIELDS: [&str; 9] = [
     "shards",
     "runs",
     "runs_active",
@@ -49,6 +49,7 @@ const REPORTED_FIELDS: [&str; 8] = [
     "results_double_applied",
     "stale_epoch_commits",
     "history_gaps",
+    "gate_places_leaked",
     "problems",
 ];
 
@@ -61,6 +62,7 @@ fn render_report(report: &AuditReport, data_dir: &str) -> String {
     rows.push(("results applied twice".into(), report.results_double_applied.to_string()));
     rows.push(("stale-epoch commits".into(), report.stale_epoch_commits.to_string()));
     rows.push(("history gaps".into(), report.history_gaps.to_string()));
+    rows.push(("concurrency slots lost".into(), report.gate_places_leaked.to_string()));
     let others = other_counts(report);
     if !others.is_empty() {
         rows.push(("other checks:".into(), String::new()));
@@ -82,7 +84,7 @@ fn render_report(report: &AuditReport, data_dir: &str) -> String {
     }
     let broken = violations(report);
     if broken == 0 {
-        text.push_str("ok: no result applied twice, no stale-epoch commit, no history gap\n");
+        text.push_str("ok: no result applied twice, no stale-epoch commit, no history gap, no concurrency slot lost\n");
     } else {
         let _ = writeln!(text, "FAILED: {broken} violation{}", if broken == 1 { "" } else { "s" });
     }
@@ -122,7 +124,12 @@ mod tests {
         for line in text.lines().skip(1).take(5) {
             assert!(line.len() > width && line.as_bytes()[width - 1] == b' ', "values align: {text}");
         }
-        assert!(text.ends_with("ok: no result applied twice, no stale-epoch commit, no history gap\n"), "{text}");
+        assert!(
+            text.ends_with(
+                "ok: no result applied twice, no stale-epoch commit, no history gap, no concurrency slot lost\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
