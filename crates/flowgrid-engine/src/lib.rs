@@ -21,7 +21,7 @@ mod run;
 mod view;
 
 pub use event::{Applied, ChildStart, Effect, Event, RedriveRefused, SignalRefused, TaskDispatch, TaskError, TimerKey};
-pub use run::Run;
+pub use run::{Run, RunStart};
 pub use view::{ItemCounts, Paused, Queued, Redriven, RunStatus, RunView, RunViewRef, StepStatus, StepView};
 
 #[cfg(test)]

@@ -48,6 +48,18 @@ use crate::{Applied, Effect, Event, Redriven, RunStatus, RunView, StepStatus, Ta
 use resolve::Agenda;
 use state::{Item, Phase, Slot, StepState, Work};
 
+/// What a run starts with.
+#[derive(Clone, Debug)]
+pub struct RunStart {
+    pub run_id: RunId,
+    pub input: Value,
+    /// Its labels, which its child runs carry too.
+    pub labels: Labels,
+    pub now: Millis,
+    /// Its flow's concurrency limit had no room: it holds its steps until it is admitted.
+    pub queued: bool,
+}
+
 /// The state of one run. Built by [`Run::start`], advanced by [`Run::apply`].
 #[derive(Debug)]
 pub struct Run {
@@ -89,47 +101,12 @@ struct Context<'a> {
 }
 
 impl Run {
-    /// Starts a run of `plan` with `input` (and `labels`, which its child runs carry too) at
-    /// `now`: evaluates and dispatches the steps without dependencies, arms the run timeout.
-    /// A run may end at once (e.g. a flow of transforms only), in which case `RunFinished`
-    /// is among the effects.
-    pub fn start(
-        plan: Arc<FlowPlan>,
-        evaluator: &Evaluator,
-        run_id: RunId,
-        input: Value,
-        labels: Labels,
-        now: Millis,
-        effects: &mut Vec<Effect>,
-    ) -> Run {
-        Run::begin(plan, evaluator, run_id, input, labels, now, false, effects)
-    }
-
-    /// Starts a run as [`Run::start`] does, but queued: it holds the steps it would start
-    /// until [`Event::Admitted`] (its flow's concurrency limit had no room).
-    pub fn start_queued(
-        plan: Arc<FlowPlan>,
-        evaluator: &Evaluator,
-        run_id: RunId,
-        input: Value,
-        labels: Labels,
-        now: Millis,
-        effects: &mut Vec<Effect>,
-    ) -> Run {
-        Run::begin(plan, evaluator, run_id, input, labels, now, true, effects)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn begin(
-        plan: Arc<FlowPlan>,
-        evaluator: &Evaluator,
-        run_id: RunId,
-        input: Value,
-        labels: Labels,
-        now: Millis,
-        queued: bool,
-        effects: &mut Vec<Effect>,
-    ) -> Run {
+    /// Starts a run of `plan` as `start` says: evaluates and dispatches the steps without
+    /// dependencies (holds them, for a queued start, until [`Event::Admitted`]) and arms the
+    /// run timeout. A run may end at once (e.g. a flow of transforms only), in which case
+    /// `RunFinished` is among the effects.
+    pub fn start(plan: Arc<FlowPlan>, evaluator: &Evaluator, start: RunStart, effects: &mut Vec<Effect>) -> Run {
+        let RunStart { run_id, input, labels, now, queued } = start;
         let steps = plan.steps.iter().map(|_| StepState::new()).collect();
         let mut run = Run {
             unresolved: plan.steps.len(),

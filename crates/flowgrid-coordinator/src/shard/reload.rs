@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use flowgrid_engine::{ChildStart, Run, TaskDispatch};
+use flowgrid_engine::{ChildStart, Run, RunStart, TaskDispatch};
 use flowgrid_model::{FlowDefinition, FlowPlan, Millis, RunId};
 use flowgrid_store::{join_records, keys, ShardStore};
 
@@ -128,8 +128,8 @@ impl<S: ShardStore> ShardActor<S> {
         let mut effects = Vec::new();
         let labels = start.labels.map(Cow::into_owned).unwrap_or_default();
         let input = start.input.into_owned();
-        let begin = if start.queued { Run::start_queued } else { Run::start };
-        let mut run = begin(plan, &evaluator, run_id.clone(), input, labels, start.now_ms, &mut effects);
+        let begin = RunStart { run_id: run_id.clone(), input, labels, now: start.now_ms, queued: start.queued };
+        let mut run = Run::start(plan, &evaluator, begin, &mut effects);
         if let Some(parent) = start.parent {
             run.set_parent(parent.into_owned());
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flowgrid_engine::{
-    Applied, Effect, Event, RedriveRefused, Run, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey,
+    Applied, Effect, Event, RedriveRefused, Run, RunStart, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey,
 };
 use flowgrid_model::limits::PAUSES_MAX;
 use flowgrid_model::{has_labels, AttemptId, FlowPlan, Labels, Millis, PlanStepKind, RunId};
@@ -80,8 +80,8 @@ impl<S: ShardStore> ShardActor<S> {
 
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
-        let begin = if queued { Run::start_queued } else { Run::start };
-        let mut run = begin(plan.clone(), &evaluator, run_id.clone(), input, labels, now, &mut effects);
+        let start = RunStart { run_id: run_id.clone(), input, labels, now, queued };
+        let mut run = Run::start(plan.clone(), &evaluator, start, &mut effects);
         if queued {
             self.ask_for_slot(&run, batch);
         }

@@ -63,12 +63,18 @@ impl Run {
         let Some(pause) = self.paused.take() else {
             return Applied::Ignored("the run is not paused");
         };
-        for index in pause.held {
+        self.release(pause.held);
+        Applied::Accepted
+    }
+
+    /// Starts the steps a pause or a queue held, in the order they became ready, unless
+    /// the run still holds them for the other.
+    pub(super) fn release(&mut self, held: Vec<StepIndex>) {
+        for index in held {
             if !self.hold(index) {
                 self.agenda.push_back(Agenda::Start(index));
             }
         }
-        Applied::Accepted
     }
 
     /// Holds step `index`, ready to start, if the run is queued or paused: `true` if it did.

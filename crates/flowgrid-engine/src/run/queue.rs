@@ -8,7 +8,6 @@
 
 use flowgrid_model::{Millis, StepIndex};
 
-use super::resolve::Agenda;
 use super::Run;
 use crate::{Applied, Queued};
 
@@ -51,11 +50,7 @@ impl Run {
         let Some(queue) = self.queued.take() else {
             return Applied::Ignored("the run is not queued");
         };
-        for index in queue.held {
-            if !self.hold(index) {
-                self.agenda.push_back(Agenda::Start(index));
-            }
-        }
+        self.release(queue.held);
         Applied::Accepted
     }
 }

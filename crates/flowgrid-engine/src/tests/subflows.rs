@@ -276,15 +276,9 @@ fn a_child_run_carries_its_parents_labels() {
     let plan = super::support::plan("name: parent\nsteps:\n  - { kind: subflow, id: encode, flow: transcode }\n");
     let labels: flowgrid_model::Labels = [("customer".to_owned(), "acme".to_owned())].into();
     let mut effects = Vec::new();
-    let run = crate::Run::start(
-        plan,
-        super::support::evaluator(),
-        RunId(RUN.into()),
-        json!({}),
-        labels.clone(),
-        0,
-        &mut effects,
-    );
+    let start =
+        crate::RunStart { run_id: RunId(RUN.into()), input: json!({}), labels: labels.clone(), now: 0, queued: false };
+    let run = crate::Run::start(plan, super::support::evaluator(), start, &mut effects);
     let start = effects
         .iter()
         .find_map(|effect| match effect {

@@ -5,7 +5,9 @@ use std::sync::{Arc, OnceLock};
 use flowgrid_model::{parse_definition, AttemptId, Evaluator, FlowPlan, Labels, Limits, Millis, RunId};
 use serde_json::Value;
 
-use crate::{Applied, Effect, Event, Run, RunStatus, StepStatus, StepView, TaskDispatch, TaskError, TimerKey};
+use crate::{
+    Applied, Effect, Event, Run, RunStart, RunStatus, StepStatus, StepView, TaskDispatch, TaskError, TimerKey,
+};
 
 pub const RUN: &str = "run-1";
 
@@ -134,12 +136,8 @@ impl Harness {
 
 /// Starts the test run of `plan` (queued or not).
 pub fn start_run(plan: &Arc<FlowPlan>, input: &Value, now: Millis, queued: bool, effects: &mut Vec<Effect>) -> Run {
-    let (run_id, input, labels) = (RunId(RUN.into()), input.clone(), Labels::new());
-    if queued {
-        Run::start_queued(Arc::clone(plan), evaluator(), run_id, input, labels, now, effects)
-    } else {
-        Run::start(Arc::clone(plan), evaluator(), run_id, input, labels, now, effects)
-    }
+    let start = RunStart { run_id: RunId(RUN.into()), input: input.clone(), labels: Labels::new(), now, queued };
+    Run::start(Arc::clone(plan), evaluator(), start, effects)
 }
 
 pub fn dispatches(effects: &[Effect]) -> Vec<TaskDispatch> {
