@@ -201,9 +201,10 @@ impl<S: ShardStore> ShardActor<S> {
     }
 
     /// Queues a run of a flow with a concurrency limit (its start or redrive in this
-    /// batch left it queued): it asks the limit's gate for a slot.
-    pub(super) fn ask_for_slot(&self, run: &Run, batch: &mut Batch) {
-        if let Some(message) = self.gate_message(run) {
+    /// batch left it queued): it asks the limit's gate for a slot. `key`: the run's key,
+    /// if its start computed it already.
+    pub(super) fn ask_for_slot(&self, run: &Run, key: Option<String>, batch: &mut Batch) {
+        if let Some(message) = self.gate_message(run, key) {
             ::metrics::counter!(metrics::RUNS_QUEUED).increment(1);
             self.send_after_commit(OutboxRecord::GateAcquire(message), batch);
         }
@@ -212,23 +213,24 @@ impl<S: ShardStore> ShardActor<S> {
     /// A run of a flow with a concurrency limit ended: its slot (or its place in the
     /// queue) goes back.
     pub(super) fn give_slot_back(&self, run: &Run, batch: &mut Batch) {
-        if let Some(message) = self.gate_message(run) {
+        if let Some(message) = self.gate_message(run, None) {
             self.send_after_commit(OutboxRecord::GateRelease(GateMessage { max: 0, ..message }), batch);
         }
     }
 
-    /// The message about `run`'s place under its flow's limit; `None` without a limit.
-    fn gate_message(&self, run: &Run) -> Option<GateMessage> {
+    /// The message about `run`'s place under its flow's limit (under `key`, else the key
+    /// computed from its input); `None` without a limit.
+    fn gate_message(&self, run: &Run, key: Option<String>) -> Option<GateMessage> {
         let plan = run.plan();
         let concurrency = plan.concurrency.as_ref()?;
-        let key = match concurrency.key_of(self.context.plans.evaluator(), run.input()) {
+        let key = key.unwrap_or_else(|| match concurrency.key_of(self.context.plans.evaluator(), run.input()) {
             Ok(key) => key,
             Err(error) => {
-                // Its start checked the key; only a changed evaluator could fail here.
+                // Its start computed the key; only a changed evaluator could fail here.
                 warn!(run = %run.id(), error = %error, "cannot compute the run's concurrency key; it counts under no key");
                 String::new()
             }
-        };
+        });
         Some(GateMessage {
             flow: plan.name.clone(),
             key,

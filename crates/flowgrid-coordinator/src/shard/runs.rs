@@ -47,15 +47,16 @@ impl<S: ShardStore> ShardActor<S> {
         }
         self.check_room()?;
         let context = &self.context;
-        // A run of a flow with a concurrency limit starts queued; its key must be computable.
-        let queued = match &plan.concurrency {
-            Some(concurrency) => {
-                let key = concurrency.key_of(context.plans.evaluator(), &input);
-                key.map_err(|message| ApiError::new(ErrorCode::InvalidRequest, message))?;
-                true
-            }
-            None => false,
+        // A run of a flow with a concurrency limit starts queued, under its key.
+        let gate_key = match &plan.concurrency {
+            Some(concurrency) => Some(
+                concurrency
+                    .key_of(context.plans.evaluator(), &input)
+                    .map_err(|message| ApiError::new(ErrorCode::InvalidRequest, message))?,
+            ),
+            None => None,
         };
+        let queued = gate_key.is_some();
         let now = now_ms();
         let pin = (plan.name.clone(), plan.version);
         if !self.pinned.contains(&pin) {
@@ -83,7 +84,7 @@ impl<S: ShardStore> ShardActor<S> {
         let start = RunStart { run_id: run_id.clone(), input, labels, now, queued };
         let mut run = Run::start(plan.clone(), &evaluator, start, &mut effects);
         if queued {
-            self.ask_for_slot(&run, batch);
+            self.ask_for_slot(&run, gate_key, batch);
         }
         if let Some(parent) = parent {
             run.set_parent(parent);
@@ -347,7 +348,7 @@ impl<S: ShardStore> ShardActor<S> {
         self.apply_event(&run_id, Event::Redriven { reason, from, queued }, now_ms(), batch);
         let run = &self.runs.get(&run_id).expect("a run that ends stays until its batch commits").run;
         if run.is_queued() {
-            self.ask_for_slot(run, batch);
+            self.ask_for_slot(run, None, batch);
         }
         let times = run.redriven().map_or(0, |redriven| redriven.times);
         Ok(RunRedriven { run_id, status: run.status(), times })
