@@ -26,7 +26,8 @@ steps:
   - { id: go, kind: signal }
 "#;
 
-/// Time for a slot to be handed on, were it to be (acquire, commit, admit, commit).
+/// The time a slot handed out wrongly would need to show (acquire, commit, admit, commit):
+/// how long the runs must stay as they are once they got there.
 const SETTLE: Duration = Duration::from_millis(500);
 
 async fn start(grid: &Grid, client: &Client, flow: &str, input: serde_json::Value) -> anyhow::Result<RunId> {
@@ -57,7 +58,7 @@ async fn wait_admitted(grid: &Grid, client: &Client, runs: &[&RunId], expected: 
     })
     .await
     .or_logs(grid)?;
-    // And it stays so: no slot is handed out twice.
+    // And it stays so: no further slot is handed out (nothing to wait for but time).
     tokio::time::sleep(SETTLE).await;
     assert_eq!(admitted(client, runs).await?, expected, "the runs stay as they were");
     Ok(())

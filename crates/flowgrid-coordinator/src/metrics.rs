@@ -87,13 +87,13 @@ pub fn describe() {
     describe_counter!(RUNS_PRUNED, Unit::Count, "Ended runs deleted from the store after --retain-ended-runs.");
     describe_counter!(RUNS_REDRIVEN, Unit::Count, "Ended runs redriven (run.redrive) and active again.");
     describe_counter!(RUNS_PAUSED, Unit::Count, "Running runs paused (run.pause).");
+    describe_counter!(RUNS_RESUMED, Unit::Count, "Paused runs resumed (run.resume).");
     describe_counter!(
         RUNS_QUEUED,
         Unit::Count,
         "Runs of flows with a concurrency limit that started (or were redriven) queued, asking for a slot."
     );
     describe_counter!(RUNS_ADMITTED, Unit::Count, "Queued runs admitted by their flow's concurrency limit.");
-    describe_counter!(RUNS_RESUMED, Unit::Count, "Paused runs resumed (run.resume).");
     describe_counter!(
         TRIGGER_MESSAGES,
         Unit::Count,
@@ -102,7 +102,7 @@ pub fn describe() {
     describe_gauge!(
         RUN_MESSAGES_PENDING,
         Unit::Count,
-        "Messages a commit decided, being sent: child starts, child ends, child cancels, run-end announcements (label: kind)."
+        "Messages a commit decided, being sent: child starts, child ends, child cancels, run-end announcements, concurrency limits' acquires, admissions and releases (label: kind)."
     );
     describe_counter!(
         RUN_MESSAGES_RETRIED,
@@ -173,12 +173,16 @@ impl ShardMetrics {
     pub fn run_finished(&mut self, flow: &str, status: RunStatus, seconds: f64) {
         let Some(index) = ENDED.iter().position(|ended| *ended == status) else { return };
         self.runs_finished[index].increment(1);
-        if !self.flows.contains_key(flow) {
-            let durations =
-                ENDED.map(|status| histogram!(RUN_DURATION, "flow" => flow.to_owned(), "status" => status.as_str()));
-            self.flows.insert(flow.to_owned(), durations);
+        // One lookup for a flow seen before; its handles are registered the first time.
+        match self.flows.get(flow) {
+            Some(durations) => durations[index].record(seconds),
+            None => {
+                let durations = ENDED
+                    .map(|status| histogram!(RUN_DURATION, "flow" => flow.to_owned(), "status" => status.as_str()));
+                durations[index].record(seconds);
+                self.flows.insert(flow.to_owned(), durations);
+            }
         }
-        self.flows[flow][index].record(seconds);
     }
 
     /// The pool's handles, registered the first time the pool is seen (pools are few).

@@ -54,11 +54,12 @@ pub const PAUSES_MAX: u32 = 1_000;
 /// the run's history, and a pause's in its view.
 pub const REASON_BYTES_MAX: usize = 1_024;
 
-/// Runs of one flow (of one concurrency key) that may go at once, at most, by a flow's
-/// `concurrency.max`.
+/// The largest `concurrency.max` a flow may give: a limit's gate keeps every slot it hands
+/// out in one shard's memory and store, and a larger bound is no limit in practice.
 pub const CONCURRENCY_MAX: u32 = 100_000;
 
-/// Bytes of a run's concurrency key (what `concurrency.key` gives), at most.
+/// Bytes of a run's concurrency key (what `concurrency.key` gives), at most: the key is
+/// part of every store key and message of its limit, as an idempotency key is of a start.
 pub const CONCURRENCY_KEY_BYTES_MAX: usize = 256;
 
 /// The longest time a definition may name, 366 days (a `wait`, a schedule's `every_ms`):
