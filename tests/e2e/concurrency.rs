@@ -91,7 +91,7 @@ async fn runs_past_the_limit_wait_queued_and_go_in_order_as_slots_free_up() -> a
     let (ok, stdout, _) = grid.cli(&["run", "list", "--flow", "limited"])?;
     assert!(ok && stdout.matches("running (queued)").count() == 3, "{stdout}");
     let (_, stdout, _) = grid.cli(&["run", "get", r2.as_str()])?;
-    assert!(stdout.contains("waiting for a slot of its flow's concurrency limit; holding step go"), "{stdout}");
+    assert!(stdout.contains("waiting for its turn under its flow's concurrency limit; holding step go"), "{stdout}");
     let error = client.signal(&r2, "go", json!({})).await.expect_err("a queued run's signal step has not started");
     assert_eq!(refusal(&error).code, ErrorCode::Conflict, "{error:?}");
 
@@ -149,5 +149,71 @@ async fn a_limit_per_key_holds_across_a_coordinator_crash() -> anyhow::Result<()
     let error = error.expect_err("a key over its limit is refused");
     assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
     assert!(refusal(&error).message.contains("concurrency.key gives 300 bytes"), "{error:?}");
+    Ok(())
+}
+
+/// Two runs per customer start at once, then one a second: each run ends as it starts.
+const RATED_FLOW: &str = r#"
+name: rated
+concurrency: { rate: { runs: 2, per_ms: 2000 }, key: input.customer }
+steps:
+  - { id: t, kind: transform, output: '1' }
+"#;
+
+/// When each run ended, once all of them did (each successfully).
+async fn ended_ms(grid: &Grid, client: &Client, runs: &[RunId]) -> anyhow::Result<Vec<u64>> {
+    let mut ends = Vec::new();
+    for run_id in runs {
+        let view = grid.wait_run(client, run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+        ends.push(view.ended_ms.expect("an ended run has its end time"));
+    }
+    Ok(ends)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_rate_lets_a_burst_go_then_one_run_per_interval_per_key() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    grid.spawn_coordinator()?;
+    grid.wait_shards_served_by(2, RUN_DEADLINE).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, RATED_FLOW).await?;
+    let mut acme = Vec::new();
+    for _ in 0..5 {
+        acme.push(start(&grid, &client, "rated", json!({"customer": "acme"})).await?);
+    }
+    let initech = start(&grid, &client, "rated", json!({"customer": "initech"})).await?;
+    let (ok, stdout, _) = grid.cli(&["run", "get", acme[4].as_str()])?;
+    assert!(ok && stdout.contains("waiting for its turn under its flow's concurrency limit"), "{stdout}");
+
+    let acme_ends = ended_ms(&grid, &client, &acme).await?;
+    let initech_end = ended_ms(&grid, &client, &[initech]).await?[0];
+    // Two at once, then one each 1,000 ms: the fifth starts 3,000 ms after the first (less
+    // the few ms between a run's admission and its end, which may differ from run to run).
+    let spread = acme_ends[4] - acme_ends[0];
+    assert!(spread >= 2_800, "five runs of one key took {spread} ms: {acme_ends:?}");
+    // Another key has a rate of its own: initech's run did not wait behind acme's.
+    assert!(initech_end < acme_ends[4], "initech ended at {initech_end}, acme's: {acme_ends:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_rate_holds_across_a_coordinator_crash() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    // Two at once, then one each 5 s.
+    deploy(&grid, &client, &RATED_FLOW.replace("per_ms: 2000", "per_ms: 10000")).await?;
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(start(&grid, &client, "rated", json!({"customer": "acme"})).await?);
+    }
+    let first_two = ended_ms(&grid, &client, &runs[..2]).await?;
+    // The coordinator dies with the third run queued and starts again at once: its bucket
+    // is as empty as before, so the third run still waits its 5 s.
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    let third = ended_ms(&grid, &client, &runs[2..]).await?[0];
+    let waited = third - first_two[0];
+    assert!(waited >= 4_800, "the third run started {waited} ms after the first: {first_two:?}, {third}");
     Ok(())
 }

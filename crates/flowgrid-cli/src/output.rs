@@ -157,7 +157,7 @@ pub fn paused(paused: &flowgrid_engine::Paused) -> String {
 /// A queued run's line: since when it waits and what it holds.
 pub fn queued(queued: &flowgrid_engine::Queued) -> String {
     let since = utc_time(queued.since_ms);
-    format!("since {since}: waiting for a slot of its flow's concurrency limit{}", holding(&queued.held))
+    format!("since {since}: waiting for its turn under its flow's concurrency limit{}", holding(&queued.held))
 }
 
 /// `; holding step a` (or steps), for the steps a paused or queued run holds.

@@ -818,7 +818,7 @@ mod tests {
         for ended in [&freed, &admitted, &lost] {
             write_run(&mut batch, ended, RunStatus::Succeeded, Some(json!(1)), &[], 1);
         }
-        let place = GateRecord { round: 2, admitted: true, since_ms: 1, max: 4 };
+        let place = GateRecord { round: 2, admitted: true, since_ms: 1, max: 4, rate: None };
         for run_id in [&running, &freed, &admitted, &lost] {
             batch.set(keys::gate("f", "acme", run_id), records::encode(&place));
         }
@@ -828,6 +828,7 @@ mod tests {
             run_id: run_id.clone(),
             round,
             max: 0,
+            rate: None,
         };
         // A release of the round held frees its place; an admission its run's shard answers
         // with one; a release of another round frees nothing.

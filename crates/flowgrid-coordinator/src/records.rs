@@ -60,8 +60,19 @@ pub struct GateRecord {
     pub admitted: bool,
     /// When it asked: the queue's order.
     pub since_ms: Millis,
-    /// The limit's `max` as the run's request gave it.
+    /// The limit's `max` as the run's request gave it (0: no bound on runs at once).
     pub max: u32,
+    /// The limit's start rate as the run's request gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<flowgrid_model::StartRate>,
+}
+
+/// The `gate_rate` key: where a limit's start rate stands.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GateRateRecord {
+    /// When the rate's bucket is full again, in Unix microseconds: every start admitted
+    /// moves it on by the rate's interval (from now, if it had passed).
+    pub full_us: u64,
 }
 
 /// The `run` key: what a run is, and its status as of its last commit.

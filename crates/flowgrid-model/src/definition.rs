@@ -47,18 +47,33 @@ pub struct FlowDefinition {
     pub steps: Vec<Step>,
 }
 
-/// How many runs of a flow may go at once: `max` in all, or `max` of each value `key`
-/// gives (e.g. per customer).
+/// How many runs of a flow may go at once (`max`), and how fast they may start (`rate`):
+/// in all, or for each value `key` gives (e.g. per customer). Give `max`, `rate` or both.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Concurrency {
     /// Runs that go at once, 1 to 100,000; a run started past it waits, queued, until one
     /// of them ends.
-    pub max: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+    /// Runs that start per period; a run started faster waits, queued, for its turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<StartRate>,
     /// An expression over the run's `input` (e.g. `input.customer`): the limit counts the
     /// runs of each value apart. One limit for the whole flow when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+}
+
+/// At most `runs` runs start per `per_ms` milliseconds, spread evenly (one each
+/// `per_ms / runs`), with a burst of up to `runs` after a quiet period (a token bucket).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRate {
+    /// 1 to 100,000.
+    pub runs: u32,
+    /// 1 ms to 366 days.
+    pub per_ms: u64,
 }
 
 /// When the grid starts runs of a flow by itself: every `every_ms`, or at the minutes a

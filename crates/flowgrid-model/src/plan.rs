@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::definition::{FlowDefinition, RetryPolicy};
+use crate::definition::{FlowDefinition, RetryPolicy, StartRate};
 use crate::expr::{Evaluator, Expr, Scope};
 use crate::input_schema::InputSchema;
 use crate::limits::{Limits, CONCURRENCY_KEY_BYTES_MAX};
@@ -48,10 +48,13 @@ pub struct FlowPlan {
     index: HashMap<String, StepIndex>,
 }
 
-/// A flow's concurrency limit: at most `max` runs at once of each key.
+/// A flow's concurrency limit: at most `max` runs at once of each key, and runs of each
+/// key starting at most at `rate`.
 #[derive(Debug)]
 pub struct PlanConcurrency {
-    pub max: u32,
+    /// Runs at once; `None`: no bound.
+    pub max: Option<u32>,
+    pub rate: Option<StartRate>,
     /// Gives a run's key from its input; one key for every run when absent.
     pub key: Option<Expr>,
 }
@@ -244,10 +247,11 @@ impl FlowPlan {
             (None, Some(cron)) => Timetable::cron(cron).expect("validation parsed the cron expression"),
             (None, None) => unreachable!("validation requires every_ms or cron"),
         });
-        let concurrency = definition
-            .concurrency
-            .as_ref()
-            .map(|concurrency| PlanConcurrency { max: concurrency.max, key: concurrency_key });
+        let concurrency = definition.concurrency.as_ref().map(|concurrency| PlanConcurrency {
+            max: concurrency.max,
+            rate: concurrency.rate,
+            key: concurrency_key,
+        });
         let input_schema = definition
             .input_schema
             .as_ref()

@@ -435,9 +435,13 @@ pub struct GateMessage {
     /// Which start of the run it is about: 0 for its start, `n` after its `n`th redrive.
     #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
     pub round: u32,
-    /// With an acquire: the limit's `max` in the run's flow version.
+    /// With an acquire: the limit's `max` in the run's flow version (0: no bound on runs at
+    /// once).
     #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
     pub max: u32,
+    /// With an acquire: the limit's start rate in the run's flow version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<flowgrid_model::StartRate>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -225,6 +225,22 @@ pub fn decode_gate(key: &[u8]) -> Result<(String, String, RunId)> {
     Ok((flow, gate_key, RunId(run_id.into())))
 }
 
+/// The state of a concurrency limit's start rate this shard keeps: `("gate_rate", flow, key)`.
+pub fn gate_rate(flow: &str, key: &str) -> Vec<u8> {
+    packed(&("gate_rate", flow, key))
+}
+
+/// The states of every start rate the shard keeps.
+pub fn gate_rate_range() -> KeyRange {
+    tuple_range(&("gate_rate",))
+}
+
+/// Decodes a [`gate_rate`] key into `(flow, key)`.
+pub fn decode_gate_rate(key: &[u8]) -> Result<(String, String)> {
+    let (_, flow, gate_key): (String, String, String) = decode("gate_rate", "gate rate", key)?;
+    Ok((flow, gate_key))
+}
+
 /// Room for a typical key: a kind name, a run id and an integer or two.
 const KEY_BYTES_HINT: usize = 80;
 
@@ -287,6 +303,9 @@ mod tests {
             ("f".to_owned(), "acme".to_owned(), run_id("r1"))
         );
         assert!(gate_range().contains(&gate("f", "", &run_id("r1"))) && !gate_range().contains(&epoch()));
+        assert_eq!(decode_gate_rate(&gate_rate("f", "acme")).unwrap(), ("f".to_owned(), "acme".to_owned()));
+        assert!(gate_rate_range().contains(&gate_rate("f", "")) && !gate_range().contains(&gate_rate("f", "")));
+        assert!(!gate_rate_range().contains(&gate("f", "", &run_id("r1"))));
     }
 
     #[test]

@@ -504,7 +504,7 @@ mod tests {
         assert!(text.contains("redriven  2 times, last at 1970-01-01"), "{text}");
         let paused = "paused    since 1970-01-01T00:00:01Z: db down; holding step store (`flowgrid run resume r-1`)\n";
         assert!(text.contains(paused), "{text}");
-        let queued = "queued    since 1970-01-01T00:00:01Z: waiting for a slot of its flow's concurrency limit\n";
+        let queued = "queued    since 1970-01-01T00:00:01Z: waiting for its turn under its flow's concurrency limit\n";
         assert!(text.contains(queued), "{text}");
         assert!(text.contains("step encode runs child run c-1\n"), "{text}");
         assert!(text.contains("step each runs a child run per item (4): flowgrid run list --parent r-1\n"), "{text}");

@@ -135,8 +135,10 @@ impl<S: ShardStore> ShardActor<S> {
         let _stop_spawned = self.stopped.clone().drop_guard();
         loop {
             let mut batch = Batch::default();
-            let next_due =
-                [self.timers.next_due(), self.next_schedule_due(), self.next_prune_ms].into_iter().flatten().min();
+            let next_due = [self.timers.next_due(), self.next_schedule_due(), self.next_prune_ms, self.next_gate_due()]
+                .into_iter()
+                .flatten()
+                .min();
             let sleep = sleep_until(next_due);
             tokio::select! {
                 biased;
@@ -157,6 +159,7 @@ impl<S: ShardStore> ShardActor<S> {
             self.fill_batch(&mut inbox, &mut results, &mut batch).await;
             let now = now_ms();
             self.fire_due_timers(now, &mut batch);
+            self.admit_due_gates(now, &mut batch);
             self.start_due_schedules(now);
             self.prune_if_due(now, &mut batch).await;
             if !self.context.lease.holds(self.term) {

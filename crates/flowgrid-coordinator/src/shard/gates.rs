@@ -16,10 +16,10 @@
 //! answered with a release of that round. So a slot taken by a run that is gone comes back,
 //! and a limit never admits more runs than `max` of the rounds it was asked for.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use flowgrid_engine::{Event, Run};
-use flowgrid_model::{Millis, RunId};
+use flowgrid_model::{Millis, RunId, StartRate};
 use flowgrid_proto::{ApiError, ErrorCode, GateMessage, GateTaken};
 use flowgrid_store::{keys, ShardStore};
 use tracing::{debug, warn};
@@ -29,7 +29,7 @@ use super::batch::Batch;
 use crate::clock::now_ms;
 use crate::error::Result;
 use crate::metrics;
-use crate::records::{self, GateRecord, OutboxRecord};
+use crate::records::{self, GateRateRecord, GateRecord, OutboxRecord};
 
 /// Which of the three messages a shard takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -51,19 +51,93 @@ impl GateVerb {
     }
 }
 
+/// Runs one limit admits in one commit at most; the rest go in the shard's next turns (a
+/// raised `max` or a rate's full bucket may let thousands go at once).
+const ADMITS_PER_TURN: usize = 1_000;
+
 /// A limit: its flow and the key its runs count under.
 type GateId = (String, String);
 
-/// The limits whose gate is in this shard.
+/// The limits whose gate is in this shard, and when each next has something to do on its
+/// own (admit a run its start rate held back, or forget a limit gone idle).
 #[derive(Default)]
-pub(super) struct Gates(HashMap<GateId, Gate>);
+pub(super) struct Gates {
+    gates: HashMap<GateId, Gate>,
+    due: BTreeSet<(Millis, GateId)>,
+}
 
 /// One limit: the runs that hold a slot and those waiting, each with its round.
 #[derive(Default)]
 struct Gate {
+    /// Runs at once; 0: no bound.
     max: u32,
+    rate: Option<StartRate>,
+    /// When the start rate's bucket is full again (Unix µs); see [`GateRateRecord`].
+    full_us: u64,
     holders: HashMap<RunId, u32>,
-    queue: VecDeque<(RunId, u32)>,
+    queue: Queue,
+    /// Its entry in [`Gates::due`].
+    due_ms: Option<Millis>,
+}
+
+/// Runs waiting for a slot, in the order asked, with their rounds. A run leaves from
+/// anywhere in O(1): its entry in `order` stays behind until it reaches the front.
+#[derive(Default)]
+struct Queue {
+    order: VecDeque<(RunId, u32)>,
+    waiting: HashMap<RunId, u32>,
+}
+
+impl Queue {
+    fn contains(&self, run_id: &RunId, round: u32) -> bool {
+        self.waiting.get(run_id) == Some(&round)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Adds `run_id` at the end, in place of any earlier round of it.
+    fn push(&mut self, run_id: RunId, round: u32) {
+        self.waiting.insert(run_id.clone(), round);
+        self.order.push_back((run_id, round));
+    }
+
+    /// Takes `run_id` out if it waits for `round` (any round: `None`).
+    fn remove(&mut self, run_id: &RunId, round: Option<u32>) -> bool {
+        let waits = self.waiting.get(run_id).is_some_and(|waiting| round.is_none_or(|round| round == *waiting));
+        if waits {
+            self.waiting.remove(run_id);
+            // Entries left behind are dropped once they outnumber the runs waiting.
+            if self.order.len() > 2 * self.waiting.len() + 64 {
+                let waiting = &self.waiting;
+                self.order.retain(|(run_id, round)| waiting.get(run_id) == Some(round));
+            }
+        }
+        waits
+    }
+
+    fn pop_front(&mut self) -> Option<(RunId, u32)> {
+        while let Some((run_id, round)) = self.order.pop_front() {
+            if self.waiting.get(&run_id) == Some(&round) {
+                self.waiting.remove(&run_id);
+                return Some((run_id, round));
+            }
+        }
+        None
+    }
+}
+
+/// A start rate as a token bucket in time (GCRA): each start admitted moves the time the
+/// bucket is full again on by one interval, and a start may go while that time is at most
+/// the period less one interval ahead (so `runs` go at once after a quiet period).
+fn interval_us(rate: StartRate) -> u64 {
+    (rate.per_ms.saturating_mul(1_000) / u64::from(rate.runs.max(1))).max(1)
+}
+
+/// The earliest time (Unix µs) the rate lets the next start go.
+fn next_start_us(rate: StartRate, full_us: u64) -> u64 {
+    full_us.saturating_sub(rate.per_ms.saturating_mul(1_000).saturating_sub(interval_us(rate)))
 }
 
 /// The shard (by its routing key) whose gate keeps the limit of `flow` and `key`.
@@ -72,7 +146,8 @@ pub fn gate_routing_key(flow: &str, key: &str) -> String {
 }
 
 impl<S: ShardStore> ShardActor<S> {
-    /// Loads the limits whose gate is in this shard: holders and queues (in the order asked).
+    /// Loads the limits whose gate is in this shard: holders, queues (in the order asked)
+    /// and where their start rates stand.
     pub(super) async fn load_gates(&mut self) -> Result<()> {
         let mut waiting: HashMap<GateId, Vec<(Millis, RunId, u32)>> = HashMap::new();
         let mut latest: HashMap<GateId, Millis> = HashMap::new();
@@ -80,11 +155,12 @@ impl<S: ShardStore> ShardActor<S> {
             let (flow, gate_key, run_id) = keys::decode_gate(&key)?;
             let record: GateRecord = records::decode("gate record", &value)?;
             let id = (flow, gate_key);
-            let gate = self.gates.0.entry(id.clone()).or_default();
+            let gate = self.gates.gates.entry(id.clone()).or_default();
             // The limit as the latest request gave it.
             if latest.get(&id).is_none_or(|&since_ms| record.since_ms >= since_ms) {
                 latest.insert(id.clone(), record.since_ms);
                 gate.max = record.max;
+                gate.rate = record.rate;
             }
             if record.admitted {
                 gate.holders.insert(run_id, record.round);
@@ -92,10 +168,24 @@ impl<S: ShardStore> ShardActor<S> {
                 waiting.entry(id).or_default().push((record.since_ms, run_id, record.round));
             }
         }
+        for (key, value) in self.store.scan(keys::gate_rate_range(), usize::MAX, false).await? {
+            let id = keys::decode_gate_rate(&key)?;
+            let record: GateRateRecord = records::decode("gate rate record", &value)?;
+            self.gates.gates.entry(id).or_default().full_us = record.full_us;
+        }
         for (id, mut runs) in waiting {
             runs.sort();
-            let gate = self.gates.0.get_mut(&id).expect("loaded above");
-            gate.queue = runs.into_iter().map(|(_, run_id, round)| (run_id, round)).collect();
+            let gate = self.gates.gates.get_mut(&id).expect("loaded above");
+            for (_, run_id, round) in runs {
+                gate.queue.push(run_id, round);
+            }
+        }
+        // Each limit admits what it can (its rate may have let more go meanwhile), or is
+        // forgotten, in the shard's first turn.
+        let now = now_ms();
+        for (id, gate) in &mut self.gates.gates {
+            gate.due_ms = Some(now);
+            self.gates.due.insert((now, id.clone()));
         }
         Ok(())
     }
@@ -110,6 +200,10 @@ impl<S: ShardStore> ShardActor<S> {
         if message.flow.is_empty() {
             return Err(ApiError::new(ErrorCode::InvalidRequest, "a concurrency limit's message names its flow"));
         }
+        if let Some(rate) = message.rate.filter(|rate| rate.runs == 0 || rate.per_ms == 0) {
+            let why = format!("a start rate lets at least one run go per at least 1 ms, not {rate:?}");
+            return Err(ApiError::new(ErrorCode::InvalidRequest, why));
+        }
         let applied = match verb {
             GateVerb::Acquire => self.acquire(message, batch),
             GateVerb::Release => self.release(message, batch),
@@ -118,24 +212,24 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(GateTaken { applied })
     }
 
-    /// A run asks for a slot: it gets one at once if the gate has room and nobody waits,
-    /// else it waits in the queue. A repeat changes nothing.
+    /// A run asks for a slot: it gets one at once if the gate has room, its rate lets it
+    /// go and nobody waits, else it waits in the queue. A repeat changes nothing.
     fn acquire(&mut self, message: GateMessage, batch: &mut Batch) -> bool {
         let id = (message.flow.clone(), message.key.clone());
-        let gate = self.gates.0.entry(id.clone()).or_default();
-        gate.max = message.max.max(1);
+        let gate = self.gates.gates.entry(id.clone()).or_default();
+        gate.max = message.max;
+        gate.rate = message.rate;
         let run_id = message.run_id.clone();
-        if gate.holders.get(&run_id) == Some(&message.round)
-            || gate.queue.iter().any(|(queued, round)| *queued == run_id && *round == message.round)
-        {
+        if gate.holders.get(&run_id) == Some(&message.round) || gate.queue.contains(&run_id, message.round) {
             return false;
         }
         // A run holds one place per round; a newer round replaces an older one (whose
         // release, when it comes, no longer matches).
         gate.holders.remove(&run_id);
-        gate.queue.retain(|(queued, _)| *queued != run_id);
-        gate.queue.push_back((run_id.clone(), message.round));
-        let record = GateRecord { round: message.round, admitted: false, since_ms: now_ms(), max: gate.max };
+        gate.queue.remove(&run_id, None);
+        gate.queue.push(run_id.clone(), message.round);
+        let record =
+            GateRecord { round: message.round, admitted: false, since_ms: now_ms(), max: gate.max, rate: gate.rate };
         batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
         self.admit_waiting(&id, batch);
         true
@@ -145,36 +239,92 @@ impl<S: ShardStore> ShardActor<S> {
     /// next runs in the queue get the room.
     fn release(&mut self, message: GateMessage, batch: &mut Batch) -> bool {
         let id = (message.flow.clone(), message.key.clone());
-        let Some(gate) = self.gates.0.get_mut(&id) else { return false };
+        let Some(gate) = self.gates.gates.get_mut(&id) else { return false };
         let run_id = &message.run_id;
-        let held = gate.holders.get(run_id) == Some(&message.round);
-        let waited = gate.queue.iter().position(|(queued, round)| queued == run_id && *round == message.round);
-        if held {
+        if gate.holders.get(run_id) == Some(&message.round) {
             gate.holders.remove(run_id);
-        } else if let Some(position) = waited {
-            gate.queue.remove(position);
-        } else {
+        } else if !gate.queue.remove(run_id, Some(message.round)) {
             return false;
         }
         batch.writes.clear(keys::gate(&id.0, &id.1, run_id));
         self.admit_waiting(&id, batch);
-        if let Some(gate) = self.gates.0.get(&id).filter(|gate| gate.holders.is_empty() && gate.queue.is_empty()) {
-            debug!(flow = %id.0, key = %id.1, max = gate.max, "concurrency limit idle");
-            self.gates.0.remove(&id);
-        }
         true
     }
 
-    /// Gives the runs first in the queue the slots the gate has free.
+    /// The next time a limit has something to do on its own.
+    pub(super) fn next_gate_due(&self) -> Option<Millis> {
+        self.gates.due.first().map(|(due_ms, _)| *due_ms)
+    }
+
+    /// Lets the limits whose time came admit the runs their start rates held back, and
+    /// forgets those gone idle.
+    pub(super) fn admit_due_gates(&mut self, now: Millis, batch: &mut Batch) {
+        while let Some((due_ms, _)) = self.gates.due.first() {
+            if *due_ms > now {
+                break;
+            }
+            let (_, id) = self.gates.due.pop_first().expect("checked above");
+            if let Some(gate) = self.gates.gates.get_mut(&id) {
+                gate.due_ms = None;
+            }
+            self.admit_waiting(&id, batch);
+        }
+    }
+
+    /// Gives the runs first in the queue the slots the gate has free, as fast as its start
+    /// rate lets them go; then notes when the gate next has something to do, or forgets it
+    /// when it holds nothing any more.
     fn admit_waiting(&mut self, id: &GateId, batch: &mut Batch) {
-        let Some(gate) = self.gates.0.get_mut(id) else { return };
+        let Some(gate) = self.gates.gates.get_mut(id) else { return };
+        let now = now_ms();
+        let now_us = now * 1_000;
         let mut admitted = Vec::new();
-        while gate.holders.len() < gate.max as usize {
+        let mut due_ms = None;
+        while !gate.queue.is_empty() && (gate.max == 0 || gate.holders.len() < gate.max as usize) {
+            if admitted.len() == ADMITS_PER_TURN {
+                due_ms = Some(now);
+                break;
+            }
+            if let Some(rate) = gate.rate {
+                let next_us = next_start_us(rate, gate.full_us);
+                if next_us > now_us {
+                    due_ms = Some(next_us.div_ceil(1_000));
+                    break;
+                }
+                gate.full_us = gate.full_us.max(now_us).saturating_add(interval_us(rate));
+            }
             let Some((run_id, round)) = gate.queue.pop_front() else { break };
             gate.holders.insert(run_id.clone(), round);
-            let record = GateRecord { round, admitted: true, since_ms: now_ms(), max: gate.max };
+            let record = GateRecord { round, admitted: true, since_ms: now, max: gate.max, rate: gate.rate };
             batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
-            admitted.push(GateMessage { flow: id.0.clone(), key: id.1.clone(), run_id, round, max: 0 });
+            admitted.push(GateMessage { flow: id.0.clone(), key: id.1.clone(), run_id, round, max: 0, rate: None });
+        }
+        if gate.rate.is_some() && !admitted.is_empty() {
+            let record = GateRateRecord { full_us: gate.full_us };
+            batch.writes.set(keys::gate_rate(&id.0, &id.1), records::encode(&record));
+        }
+        let idle = gate.holders.is_empty() && gate.queue.is_empty();
+        // An idle limit is forgotten once its bucket is full: it then knows nothing a new
+        // limit would not.
+        let forget = idle && gate.full_us <= now_us;
+        if idle && !forget {
+            due_ms = Some(gate.full_us.div_ceil(1_000));
+        }
+        let previous = std::mem::replace(&mut gate.due_ms, due_ms);
+        if previous != due_ms {
+            if let Some(previous) = previous {
+                self.gates.due.remove(&(previous, id.clone()));
+            }
+            if let Some(due_ms) = due_ms {
+                self.gates.due.insert((due_ms, id.clone()));
+            }
+        }
+        if forget {
+            let gate = self.gates.gates.remove(id).expect("looked up above");
+            debug!(flow = %id.0, key = %id.1, max = gate.max, "concurrency limit idle");
+            if gate.full_us != 0 {
+                batch.writes.clear(keys::gate_rate(&id.0, &id.1));
+            }
         }
         for message in admitted {
             self.send_after_commit(OutboxRecord::Admit(message), batch);
@@ -214,7 +364,7 @@ impl<S: ShardStore> ShardActor<S> {
     /// queue) goes back.
     pub(super) fn give_slot_back(&self, run: &Run, batch: &mut Batch) {
         if let Some(message) = self.gate_message(run, None) {
-            self.send_after_commit(OutboxRecord::GateRelease(GateMessage { max: 0, ..message }), batch);
+            self.send_after_commit(OutboxRecord::GateRelease(GateMessage { max: 0, rate: None, ..message }), batch);
         }
     }
 
@@ -236,7 +386,8 @@ impl<S: ShardStore> ShardActor<S> {
             key,
             run_id: run.id().clone(),
             round: round_of(run),
-            max: concurrency.max,
+            max: concurrency.max.unwrap_or(0),
+            rate: concurrency.rate,
         })
     }
 }
@@ -244,4 +395,64 @@ impl<S: ShardStore> ShardActor<S> {
 /// Which start of the run it is: 0, or how often it was redriven.
 fn round_of(run: &Run) -> u32 {
     run.redriven().map_or(0, |redriven| redriven.times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(n: usize) -> RunId {
+        RunId(format!("r{n}").into())
+    }
+
+    #[test]
+    fn a_queue_keeps_the_order_asked_and_lets_runs_leave_from_anywhere() {
+        let mut queue = Queue::default();
+        for n in 0..4 {
+            queue.push(run(n), 0);
+        }
+        assert!(queue.remove(&run(1), Some(0)) && !queue.remove(&run(1), Some(0)), "a run leaves once");
+        assert!(!queue.remove(&run(2), Some(1)), "only for the round it waits for");
+        // A later round of a run that waits goes to the end, in place of the earlier one.
+        queue.push(run(0), 1);
+        assert!(queue.contains(&run(0), 1) && !queue.contains(&run(0), 0));
+        let order: Vec<_> = std::iter::from_fn(|| queue.pop_front()).collect();
+        assert_eq!(order, vec![(run(2), 0), (run(3), 0), (run(0), 1)]);
+        assert!(queue.is_empty() && queue.order.is_empty());
+    }
+
+    #[test]
+    fn runs_leaving_a_long_queue_leave_no_entries_behind() {
+        let mut queue = Queue::default();
+        for n in 0..10_000 {
+            queue.push(run(n), 0);
+        }
+        for n in 0..9_990 {
+            assert!(queue.remove(&run(n), None));
+        }
+        assert!(queue.order.len() <= 2 * 10 + 64, "{} entries for 10 runs", queue.order.len());
+        let order: Vec<_> = std::iter::from_fn(|| queue.pop_front()).map(|(run_id, _)| run_id).collect();
+        assert_eq!(order, (9_990..10_000).map(run).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_start_rate_lets_its_runs_go_at_once_then_one_per_interval() {
+        let rate = StartRate { runs: 4, per_ms: 1_000 };
+        assert_eq!(interval_us(rate), 250_000);
+        let now = 1_000_000_000_u64;
+        // An idle limit's bucket is full: four starts go now.
+        let mut full_us = 0;
+        for _ in 0..4 {
+            assert!(next_start_us(rate, full_us) <= now);
+            full_us = full_us.max(now) + interval_us(rate);
+        }
+        assert_eq!(next_start_us(rate, full_us), now + 250_000, "the fifth one interval later");
+        // A period later the bucket is full again.
+        assert_eq!(full_us, now + 1_000_000);
+        let odd = StartRate { runs: 3, per_ms: 1_000 };
+        assert_eq!(interval_us(odd), 333_333, "intervals are whole microseconds");
+        assert_eq!(interval_us(StartRate { runs: 100_000, per_ms: 1 }), 1, "at least one");
+        let absurd = StartRate { runs: 1, per_ms: u64::MAX };
+        assert_eq!(next_start_us(absurd, now), now, "no overflow: one run per period");
+    }
 }

@@ -1,9 +1,9 @@
 //! Field rules: names, sizes, retry policies, timeouts, priorities and per-kind settings.
 
-use crate::definition::{Catch, FlowDefinition, RetryPolicy, Schedule, Step, Trigger};
+use crate::definition::{Catch, Concurrency, FlowDefinition, RetryPolicy, Schedule, Step, Trigger};
 use crate::error::Issue;
 use crate::input_schema::InputSchema;
-use crate::limits::{Limits, CONCURRENCY_MAX};
+use crate::limits::{Limits, CONCURRENCY_MAX, DURATION_MS_MAX};
 use crate::plan::WAIT_MS_MAX;
 use crate::schedule::{Timetable, EVERY_MS_MAX, EVERY_MS_MIN};
 
@@ -14,14 +14,38 @@ const ATTEMPTS_MAX: u32 = 100;
 /// Highest task priority.
 const PRIORITY_MAX: u8 = 9;
 
+/// A limit bounds runs at once, their start rate, or both, within [`CONCURRENCY_MAX`].
+fn check_concurrency(concurrency: &Concurrency, issues: &mut Vec<Issue>) {
+    if concurrency.max.is_none() && concurrency.rate.is_none() {
+        push_issue(
+            issues,
+            "concurrency",
+            "give `max` (runs at once), `rate` (runs started per period) or both".to_owned(),
+        );
+    }
+    if let Some(max) = concurrency.max.filter(|max| !(1..=CONCURRENCY_MAX).contains(max)) {
+        push_issue(issues, "concurrency.max", format!("must be 1 to {CONCURRENCY_MAX}, it is {max}"));
+    }
+    if let Some(rate) = &concurrency.rate {
+        if !(1..=CONCURRENCY_MAX).contains(&rate.runs) {
+            push_issue(issues, "concurrency.rate.runs", format!("must be 1 to {CONCURRENCY_MAX}, it is {}", rate.runs));
+        }
+        if !(1..=DURATION_MS_MAX).contains(&rate.per_ms) {
+            push_issue(
+                issues,
+                "concurrency.rate.per_ms",
+                format!("must be 1 ms to {DURATION_MS_MAX} ms (366 days), it is {}", rate.per_ms),
+            );
+        }
+    }
+}
+
 /// Checks every field that can be judged on its own (no edges, no expressions).
 pub(super) fn check_fields(definition: &FlowDefinition, limits: &Limits, issues: &mut Vec<Issue>) {
     check_name("name", "flow name", &definition.name, limits, issues);
     check_timeout("timeout_ms", definition.timeout_ms, issues);
     if let Some(concurrency) = &definition.concurrency {
-        if !(1..=CONCURRENCY_MAX).contains(&concurrency.max) {
-            push_issue(issues, "concurrency.max", format!("must be 1 to {CONCURRENCY_MAX}, it is {}", concurrency.max));
-        }
+        check_concurrency(concurrency, issues);
     }
     if let Some(schema) = &definition.input_schema {
         match InputSchema::compile(schema) {

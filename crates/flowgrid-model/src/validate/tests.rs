@@ -1,7 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::definition::{ChoiceRule, ChoiceStep, RetryPolicy, TaskStep};
+use crate::definition::{ChoiceRule, ChoiceStep, RetryPolicy, StartRate, TaskStep};
 use crate::plan::{Edge, EdgeWhen};
 
 const MEDIA_FLOW: &str = r#"
@@ -549,7 +549,7 @@ fn a_concurrency_limit_is_at_least_one_and_its_key_reads_only_the_input() {
     let plan = FlowPlan::compile(parse(&flow("{ max: 2, key: 'input.customer' }")), 1, &evaluator(), &limits());
     let plan = plan.expect("valid");
     let concurrency = plan.concurrency.as_ref().expect("compiled");
-    assert_eq!(concurrency.max, 2);
+    assert_eq!((concurrency.max, concurrency.rate), (Some(2), None));
     let key = |input| concurrency.key_of(&evaluator(), &input);
     assert_eq!(key(serde_json::json!({"customer": "acme"})), Ok("acme".to_owned()), "a string as it is");
     assert_eq!(key(serde_json::json!({"customer": 42})), Ok("42".to_owned()), "anything else as JSON");
@@ -558,4 +558,32 @@ fn a_concurrency_limit_is_at_least_one_and_its_key_reads_only_the_input() {
     assert!(long.contains("gives 300 bytes for this input, over the limit of 256"), "{long}");
     let unkeyed = FlowPlan::compile(parse(&flow("{ max: 1 }")), 1, &evaluator(), &limits()).unwrap();
     assert_eq!(unkeyed.concurrency.as_ref().unwrap().key_of(&evaluator(), &serde_json::json!(7)), Ok(String::new()));
+}
+
+#[test]
+fn a_start_rate_is_bounded_and_may_come_alone_or_with_a_max() {
+    let flow = |concurrency: &str| {
+        format!("name: f\nconcurrency: {concurrency}\nsteps:\n  - {{ kind: transform, id: t, output: '1' }}\n")
+    };
+    assert_issue(&issues_of(&flow("{ key: 'input.c' }")), "concurrency", "give `max` (runs at once), `rate`");
+    assert_issue(
+        &issues_of(&flow("{ rate: { runs: 0, per_ms: 1000 } }")),
+        "concurrency.rate.runs",
+        "must be 1 to 100000",
+    );
+    assert_issue(&issues_of(&flow("{ rate: { runs: 5, per_ms: 0 } }")), "concurrency.rate.per_ms", "must be 1 ms to");
+    let too_long = flow("{ rate: { runs: 5, per_ms: 31622400001 } }");
+    assert_issue(&issues_of(&too_long), "concurrency.rate.per_ms", "(366 days)");
+    assert!(
+        parse_definition(&flow("{ rate: { runs: 5, per: 1000 } }"), &limits()).is_err(),
+        "unknown fields are errors"
+    );
+
+    let rate_only = FlowPlan::compile(parse(&flow("{ rate: { runs: 5, per_ms: 1000 } }")), 1, &evaluator(), &limits());
+    let rate_only = rate_only.expect("valid");
+    let concurrency = rate_only.concurrency.as_ref().expect("compiled");
+    assert_eq!((concurrency.max, concurrency.rate), (None, Some(StartRate { runs: 5, per_ms: 1000 })));
+    let both = flow("{ max: 3, rate: { runs: 5, per_ms: 1000 }, key: 'input.c' }");
+    let both = FlowPlan::compile(parse(&both), 1, &evaluator(), &limits()).expect("valid");
+    assert_eq!(both.concurrency.as_ref().map(|concurrency| concurrency.max), Some(Some(3)));
 }
