@@ -7,7 +7,8 @@ use flowgrid_sdk::{RunId, RunStatus, StepStatus};
 use flowgrid_tests::{python_bin, repo_root, step, Grid};
 use serde_json::json;
 
-use crate::{deploy, OrLogs};
+use crate::cancels::{wait_held, STOP_DEADLINE};
+use crate::{deploy, OrLogs, RUN_DEADLINE};
 
 const PYTHON_FLOW: &str = r#"
 name: python-pool
@@ -94,5 +95,26 @@ async fn python_worker_completes_its_pools_tasks() -> anyhow::Result<()> {
         assert_eq!(step(&view, id).status, StepStatus::Succeeded, "{:?}", step(&view, id));
     }
     assert_eq!(step(&view, "doubled").attempts, 5, "{:?}", step(&view, "doubled"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_stops_a_task_its_run_no_longer_needs() -> anyhow::Result<()> {
+    check_python();
+    let mut grid = Grid::start(&[]).await?;
+    let script = repo_root().join("tests/python_worker/worker.py");
+    let mut command = Command::new(python_bin());
+    command.arg(script).args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "--pool", "py"]);
+    grid.spawn_worker("python-worker", &mut command)?;
+    let client = grid.client().await?;
+    let flow = "name: py-sleep\nsteps:\n  - { id: nap, kind: task, pool: py, task: sleep, input: '#{ ms: 600000 }' }\n";
+    deploy(&grid, &client, flow).await?;
+    let start = flowgrid_sdk::StartRun { flow: "py-sleep".into(), ..Default::default() };
+    let run = client.start(start).await.or_logs(&grid)?;
+    wait_held(&grid, "py", (1, 0), RUN_DEADLINE).await?;
+    client.cancel(&run.run_id, "not needed").await.or_logs(&grid)?;
+    // Ten minutes of sleep stopped and acked, not handed back.
+    wait_held(&grid, "py", (0, 0), STOP_DEADLINE).await?;
+    assert!(grid.logs().contains("cancelled by its run; acking it without a result"), "{}", grid.logs());
     Ok(())
 }

@@ -4,8 +4,10 @@
 It pulls tasks of one pool from JetStream, runs them, sends each result to the
 coordinator as a NATS request, waits for the acknowledgement, and only then acks the
 task message. Tasks: `echo` (returns its input), `upper` ({"text": s} -> {"text": S}),
-`double` ({"value": n} -> {"value": 2n}, or a bare number -> its double). Any other task
-name is reported as a non-retryable `unknown_task` error.
+`double` ({"value": n} -> {"value": 2n}, or a bare number -> its double), `sleep`
+({"ms": n}: waits, returns its input). Any other task name is reported as a non-retryable
+`unknown_task` error. A task whose run no longer needs it (a notice on
+`<prefix>.cancels.<pool>`) is stopped and acked without a result.
 
 usage: worker.py --nats-url nats://127.0.0.1:4222 --prefix flowgrid --pool tests [--max-tasks N]
 """
@@ -34,6 +36,9 @@ RESULT_REQUEST_TIMEOUT_SECONDS = 5
 RESULT_RETRY_DELAY_SECONDS = 0.5
 
 log = logging.getLogger("python-worker")
+
+# The work of each task running, by attempt: a cancel notice stops it.
+running = {}
 
 
 class TaskError(Exception):
@@ -74,6 +79,11 @@ async def run_task(name, task_input):
         if isinstance(task_input, dict) and isinstance(task_input.get("value"), (int, float)):
             return {"value": task_input["value"] * 2}
         raise TaskError("invalid_input", 'double expects a number or {"value": <number>}', retryable=False)
+    if name == "sleep":
+        if not isinstance(task_input, dict) or not isinstance(task_input.get("ms"), int):
+            raise TaskError("invalid_input", 'sleep expects {"ms": <integer>}', retryable=False)
+        await asyncio.sleep(task_input["ms"] / 1000)
+        return task_input
     raise TaskError("unknown_task", f"this worker does not know task {name!r}", retryable=False)
 
 
@@ -125,10 +135,19 @@ async def handle(nc, msg):
         await msg.ack()
         return
     beating = asyncio.create_task(heartbeat(msg))
+    key = attempt_key(task["attempt"])
+    work = asyncio.create_task(run_task(task["task"], task.get("input")))
+    running[key] = work
     try:
         try:
-            output = await run_task(task["task"], task.get("input"))
+            output = await work
             result = {"attempt": task["attempt"], "output": output}
+        except asyncio.CancelledError:
+            if not work.cancelled():
+                raise  # this worker is stopping
+            log.info("task %s cancelled by its run; acking it without a result", task["attempt"])
+            await msg.ack()
+            return
         except TaskError as error:
             result = {
                 "attempt": task["attempt"],
@@ -138,9 +157,33 @@ async def handle(nc, msg):
             result = {"attempt": task["attempt"], "error": {"code": "worker_error", "message": repr(error)}}
         await send_result(nc, task, result, json_encoded)
     finally:
+        running.pop(key, None)
         beating.cancel()
     # The coordinator has the result durably (or the attempt is over): now the task may go.
     await msg.ack()
+
+
+def attempt_key(attempt):
+    return (attempt["run_id"], attempt["step"], attempt.get("item"), attempt["attempt"])
+
+
+async def listen_for_cancels(nc, prefix, pool):
+    """Stops the tasks the coordinators say are no longer needed (their run was cancelled,
+    failed or timed out). Advisory: a task that is not stopped runs to its end, and its
+    result is answered `applied: false`."""
+
+    async def on_notice(msg):
+        try:
+            notice = decode(msg.data, is_json(msg))
+        except Exception as error:
+            log.warning("malformed notice of cancelled tasks ignored: %s", error)
+            return
+        for attempt in notice.get("attempts", []):
+            work = running.get(attempt_key(attempt))
+            if work is not None:
+                work.cancel()
+
+    await nc.subscribe(f"{prefix}.cancels.{pool}", cb=on_notice)
 
 
 async def subscribe(js, prefix, pool):
@@ -170,6 +213,7 @@ async def main():
 
     nc = await nats.connect(args.nats_url, name=f"python-worker-{args.pool}")
     js = nc.jetstream()
+    await listen_for_cancels(nc, args.prefix, args.pool)
     subscription = await subscribe(js, args.prefix, args.pool)
     log.info("serving pool %s on %s", args.pool, args.nats_url)
     done = 0

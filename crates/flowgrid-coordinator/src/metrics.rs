@@ -27,6 +27,7 @@ pub const TASK_PUBLISH_SECONDS: &str = "flowgrid_task_publish_seconds";
 pub const STEP_SECONDS: &str = "flowgrid_step_seconds";
 pub const TASK_RESULTS: &str = "flowgrid_task_results_total";
 pub const TASKS_IN_FLIGHT: &str = "flowgrid_tasks_in_flight";
+pub const TASKS_CANCELLED: &str = "flowgrid_tasks_cancelled_total";
 pub const COMMIT_SECONDS: &str = "flowgrid_store_commit_seconds";
 pub const COMMIT_BATCH_EVENTS: &str = "flowgrid_store_commit_batch_events";
 pub const COMMIT_FAILED: &str = "flowgrid_store_commit_failed_total";
@@ -77,6 +78,12 @@ pub fn describe() {
         "Attempts closed by a result or a timeout (labels: pool, outcome: succeeded, failed, timed_out)."
     );
     describe_gauge!(TASKS_IN_FLIGHT, Unit::Count, "Task attempts dispatched and not finished (label: pool).");
+    describe_counter!(
+        TASKS_CANCELLED,
+        Unit::Count,
+        "Task attempts closed without their results while out with workers, whose workers were told to stop \
+         (label: pool)."
+    );
     describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Duration of one shard store commit (group commit).");
     describe_histogram!(COMMIT_BATCH_EVENTS, Unit::Count, "Commands applied in one shard store commit.");
     describe_counter!(COMMIT_FAILED, Unit::Count, "Shard store commits that failed.");

@@ -487,6 +487,16 @@ pub struct TaskMessage {
     pub reply_to: String,
 }
 
+/// Published (JSON, core NATS, not stored) on `<prefix>.cancels.<pool>` after a commit that
+/// closed attempts of the pool's tasks without their results: their run was cancelled,
+/// failed or timed out, or their step was cancelled with it. A worker running one of them
+/// may stop: its result would be ignored. Advisory: a worker that misses it finishes the
+/// task, and its result is answered `applied: false`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TasksCancelled {
+    pub attempts: Vec<AttemptId>,
+}
+
 /// A worker's result for one attempt: exactly one of `output` and `error`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskResult {

@@ -69,6 +69,11 @@ impl Subjects {
         format!("{}.tasks.{pool}", self.prefix)
     }
 
+    /// Subject the notices of a pool's tasks cancelled are published to (core NATS).
+    pub fn cancels(&self, pool: &str) -> String {
+        format!("{}.cancels.{pool}", self.prefix)
+    }
+
     /// Wildcard over every pool's tasks (the tasks stream's subjects).
     pub fn tasks_all(&self) -> String {
         format!("{}.tasks.*", self.prefix)
@@ -162,6 +167,7 @@ mod tests {
         let subjects = Subjects::new("acme.grid");
         assert_eq!(subjects.api("run.start"), "acme.grid.api.run.start");
         assert_eq!(subjects.tasks("gpu-llm"), "acme.grid.tasks.gpu-llm");
+        assert_eq!(subjects.cancels("gpu-llm"), "acme.grid.cancels.gpu-llm");
         assert_eq!(subjects.shard_results(17), "acme.grid.shard.17.result");
         assert_eq!(subjects.tasks_stream(), "ACME_GRID_TASKS");
         assert_eq!(subjects.submit_stream(), "ACME_GRID_SUBMIT");

@@ -12,6 +12,7 @@
 
 mod report;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use flowgrid_engine::TaskError;
 use flowgrid_model::{AttemptId, Millis};
-use flowgrid_proto::{decode, Encoding, Subjects, TaskMessage, TaskResult, CONTENT_TYPE_HEADER};
+use flowgrid_proto::{decode, Encoding, Subjects, TaskMessage, TaskResult, TasksCancelled, CONTENT_TYPE_HEADER};
 
 use crate::backoff::Backoff;
 use crate::broker::{self, BrokerLimits};
@@ -52,13 +53,14 @@ const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
 
 /// One task as a handler sees it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Task {
     attempt: AttemptId,
     pool: String,
     name: String,
     input: Value,
     deadline_ms: Millis,
+    cancellation: CancellationToken,
 }
 
 impl Task {
@@ -69,7 +71,14 @@ impl Task {
         input: Value,
         deadline_ms: Millis,
     ) -> Task {
-        Task { attempt, pool: pool.into(), name: name.into(), input, deadline_ms }
+        Task {
+            attempt,
+            pool: pool.into(),
+            name: name.into(),
+            input,
+            deadline_ms,
+            cancellation: CancellationToken::new(),
+        }
     }
 
     /// The attempt this task is: run, step, map item and attempt number.
@@ -103,6 +112,14 @@ impl Task {
     /// When the coordinator times the attempt out (Unix ms); work past it is wasted.
     pub fn deadline_ms(&self) -> Millis {
         self.deadline_ms
+    }
+
+    /// Cancelled when the grid no longer needs the task: its run was cancelled, failed or
+    /// timed out while it ran (the worker is told on `<prefix>.cancels.<pool>`). The worker
+    /// then drops the handler's future and acks the task; a handler that hands work to
+    /// threads or processes of its own can watch this token to stop them too.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancellation
     }
 
     /// Time left until the deadline, by this host's clock.
@@ -210,7 +227,10 @@ impl Worker {
             nats: self.nats.clone(),
             handler: Arc::new(handler),
             heartbeat_every: heartbeat_period(ack_wait),
+            running: Running::default(),
         });
+        let cancels = self.subjects.cancels(&self.pool);
+        let listener = tokio::spawn(listen_for_cancels(self.nats.clone(), cancels, shared.clone(), shutdown.clone()));
         info!(pool = %self.pool, concurrency = self.concurrency, ack_wait_ms = ack_wait.as_millis() as u64, "worker started");
 
         let slots = Arc::new(Semaphore::new(self.concurrency));
@@ -242,6 +262,7 @@ impl Worker {
             }
         }
         self.finish(in_flight).await;
+        listener.abort();
         Ok(())
     }
 
@@ -311,6 +332,85 @@ struct Shared {
     nats: async_nats::Client,
     handler: Arc<dyn TaskHandler>,
     heartbeat_every: Duration,
+    running: Running,
+}
+
+/// The cancellation of every task running, by attempt (an attempt delivered twice to the
+/// same worker shares one, counted).
+#[derive(Default)]
+struct Running(std::sync::Mutex<HashMap<AttemptId, (CancellationToken, usize)>>);
+
+impl Running {
+    /// Notes `task` as running until the guard is dropped.
+    fn enter<'a>(&'a self, task: &mut Task) -> RunningGuard<'a> {
+        let mut running = self.0.lock().expect("the running tasks' lock is never poisoned");
+        let (token, count) = running.entry(task.attempt.clone()).or_insert_with(|| (task.cancellation.clone(), 0));
+        *count += 1;
+        task.cancellation = token.clone();
+        RunningGuard { running: self, attempt: task.attempt.clone() }
+    }
+
+    /// Cancels the tasks of these attempts that run here; returns how many did.
+    fn cancel(&self, attempts: &[AttemptId]) -> usize {
+        let running = self.0.lock().expect("the running tasks' lock is never poisoned");
+        let tokens: Vec<_> = attempts.iter().filter_map(|attempt| running.get(attempt)).collect();
+        tokens.iter().for_each(|(token, _)| token.cancel());
+        tokens.len()
+    }
+}
+
+struct RunningGuard<'a> {
+    running: &'a Running,
+    attempt: AttemptId,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        let mut running = self.running.0.lock().expect("the running tasks' lock is never poisoned");
+        if let Some((_, count)) = running.get_mut(&self.attempt) {
+            *count -= 1;
+            if *count == 0 {
+                running.remove(&self.attempt);
+            }
+        }
+    }
+}
+
+/// Cancels the running tasks the coordinators say are no longer needed, until shutdown.
+/// Notices are advisory: without them, a task runs to its end and its result is ignored.
+async fn listen_for_cancels(
+    nats: async_nats::Client,
+    subject: String,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let mut notices = match nats.subscribe(subject.clone()).await {
+        Ok(notices) => notices,
+        Err(error) => {
+            warn!(subject = %subject, error = %error, "cannot listen for cancelled tasks; cancelled tasks run to their end");
+            return;
+        }
+    };
+    loop {
+        let notice = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            notice = notices.next() => match notice {
+                Some(notice) => notice,
+                None => return,
+            },
+        };
+        let content_type = notice.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
+        let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+        match decode::<TasksCancelled>(encoding, &notice.payload) {
+            Ok(cancelled) => {
+                let stopped = shared.running.cancel(&cancelled.attempts);
+                if stopped > 0 {
+                    debug!(subject = %subject, stopped, "tasks cancelled by their runs");
+                }
+            }
+            Err(error) => warn!(subject = %subject, error = %error, "malformed notice of cancelled tasks ignored"),
+        }
+    }
 }
 
 /// Messages of a pull that arrive after shutdown are handed back at once.
@@ -350,8 +450,12 @@ async fn serve(shared: Arc<Shared>, message: jetstream::Message, _slot: OwnedSem
 async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
     let TaskMessage { attempt, pool, task, input, deadline_ms, reply_to } = task_message;
     let input = Arc::unwrap_or_clone(input);
-    let task = Task::new(attempt.clone(), &*pool, &*task, input, deadline_ms);
-    let outcome = run_handler(shared.handler.clone(), task).await;
+    let mut task = Task::new(attempt.clone(), &*pool, &*task, input, deadline_ms);
+    let _running = shared.running.enter(&mut task);
+    let Some(outcome) = run_handler(shared.handler.clone(), task).await else {
+        debug!(attempt = %attempt, "task cancelled by its run; acking it without a result");
+        return Settle::Ack;
+    };
     let result = match outcome {
         Ok(output) => TaskResult { attempt, output: Some(output), error: None },
         Err(error) => TaskResult { attempt, output: None, error: Some(error) },
@@ -360,13 +464,22 @@ async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
 }
 
 /// Runs the handler in its own task, so that a panic becomes an error result and an
-/// overrun is abandoned at the deadline.
-async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> std::result::Result<Value, TaskError> {
+/// overrun is abandoned at the deadline. `None`: the task was cancelled, and the handler
+/// with it.
+async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> Option<std::result::Result<Value, TaskError>> {
     let Some(budget) = handler_budget(task.deadline_ms(), now_ms()) else {
-        return Err(deadline_exceeded());
+        return Some(Err(deadline_exceeded()));
     };
+    let cancellation = task.cancellation().clone();
     let mut running = tokio::spawn(handler.handle(task));
-    match tokio::time::timeout(budget, &mut running).await {
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(budget, &mut running) => outcome,
+        _ = cancellation.cancelled() => {
+            running.abort();
+            return None;
+        }
+    };
+    Some(match outcome {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(join_error)) => Err(TaskError {
             code: "worker_panic".into(),
@@ -377,7 +490,7 @@ async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> std::result::
             running.abort();
             Err(deadline_exceeded())
         }
-    }
+    })
 }
 
 fn deadline_exceeded() -> TaskError {
@@ -455,7 +568,7 @@ mod tests {
             Ok(Value::Null)
         });
         let task = Task::new(attempt(), "pool", "explode", Value::Null, now_ms() + 60_000);
-        let error = run_handler(handler, task).await.unwrap_err();
+        let error = run_handler(handler, task).await.expect("not cancelled").unwrap_err();
         assert_eq!(error.code, "worker_panic");
         assert!(error.retryable);
     }
@@ -468,9 +581,45 @@ mod tests {
         });
         let task = Task::new(attempt(), "pool", "slow", Value::Null, now_ms().saturating_sub(500));
         let started = std::time::Instant::now();
-        let error = run_handler(handler, task).await.unwrap_err();
+        let error = run_handler(handler, task).await.expect("not cancelled").unwrap_err();
         assert_eq!(error.code, "deadline_exceeded");
         assert!(started.elapsed() < Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_task_stops_its_handler_and_only_its_own() {
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let handler: Arc<dyn TaskHandler> = Arc::new({
+            let stopped = stopped.clone();
+            move |_task: Task| {
+                let stopped = stopped.clone();
+                async move {
+                    // Set only if the handler's future is not dropped while it sleeps.
+                    tokio::time::sleep(Duration::from_secs(3_600)).await;
+                    stopped.store(false, std::sync::atomic::Ordering::Relaxed);
+                    Ok(Value::Null)
+                }
+            }
+        });
+        let running = Running::default();
+        let mut task = Task::new(attempt(), "pool", "slow", Value::Null, now_ms() + 3_600_000);
+        let mut again = task.clone();
+        let guard = running.enter(&mut task);
+        let second = running.enter(&mut again);
+        let other = AttemptId { attempt: 2, ..attempt() };
+        assert_eq!(running.cancel(std::slice::from_ref(&other)), 0, "another attempt is not running here");
+        assert!(!task.cancellation().is_cancelled());
+        let handling = tokio::spawn(run_handler(handler, task));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(running.cancel(&[attempt(), other]), 1, "one attempt, delivered twice, is one entry");
+        let outcome = tokio::time::timeout(Duration::from_secs(10), handling).await.expect("stops at once");
+        assert!(outcome.expect("no panic").is_none(), "a cancelled task has no outcome");
+        assert!(again.cancellation().is_cancelled(), "the second delivery is cancelled with the first");
+        assert!(stopped.load(std::sync::atomic::Ordering::Relaxed));
+        drop(guard);
+        assert_eq!(running.0.lock().unwrap().len(), 1, "the second delivery still runs");
+        drop(second);
+        assert!(running.0.lock().unwrap().is_empty());
     }
 
     fn attempt() -> AttemptId {

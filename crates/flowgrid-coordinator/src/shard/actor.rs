@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use flowgrid_engine::{Run, TimerKey};
-use flowgrid_model::{Epoch, Millis, RunId, ShardId};
-use flowgrid_proto::{ApiError, ErrorCode, Reply, ResultAck};
+use flowgrid_model::{AttemptId, Epoch, Millis, RunId, ShardId};
+use flowgrid_proto::{ApiError, Encoding, ErrorCode, Reply, ResultAck, TasksCancelled};
 use flowgrid_store::ShardStore;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
@@ -355,8 +355,18 @@ impl<S: ShardStore> ShardActor<S> {
     /// Commits the batch, then publishes, replies and acks. Nothing of the batch is visible
     /// outside before the commit returns.
     async fn commit(&mut self, batch: Batch) -> std::result::Result<(), flowgrid_store::Error> {
-        let Batch { writes, commands, dispatches, replies, result_replies, finished, deployed, child_starts, outbox } =
-            batch;
+        let Batch {
+            writes,
+            commands,
+            dispatches,
+            replies,
+            result_replies,
+            finished,
+            deployed,
+            child_starts,
+            outbox,
+            cancelled,
+        } = batch;
         if !writes.is_empty() {
             let started = Instant::now();
             let committed = self.store.commit(self.epoch, writes).await;
@@ -378,6 +388,9 @@ impl<S: ShardStore> ShardActor<S> {
         for Dispatch { task, result_taken } in dispatches {
             self.context.dispatcher.send(self.shard, task, result_taken).await;
         }
+        if !cancelled.is_empty() {
+            self.tell_cancelled(cancelled).await;
+        }
         for reply in replies {
             reply(None);
         }
@@ -392,6 +405,28 @@ impl<S: ShardStore> ShardActor<S> {
             self.deliver(key);
         }
         Ok(())
+    }
+
+    /// Tells each pool's workers which of its tasks they may stop (one notice per pool).
+    /// Best effort: a worker that misses it finishes the task, whose result is ignored.
+    async fn tell_cancelled(&self, cancelled: Vec<(Arc<str>, AttemptId)>) {
+        let mut by_pool: BTreeMap<Arc<str>, Vec<AttemptId>> = BTreeMap::new();
+        for (pool, attempt) in cancelled {
+            by_pool.entry(pool).or_default().push(attempt);
+        }
+        for (pool, attempts) in by_pool {
+            let count = attempts.len();
+            let Ok(payload) = flowgrid_proto::encode(Encoding::Json, &TasksCancelled { attempts }) else { continue };
+            let mut headers = HeaderMap::new();
+            headers.insert(flowgrid_proto::CONTENT_TYPE_HEADER, flowgrid_proto::JSON_CONTENT_TYPE);
+            let subject = self.context.subjects.cancels(&pool);
+            match self.context.nats.publish_with_headers(subject, headers, Bytes::from(payload)).await {
+                Ok(()) => ::metrics::counter!(metrics::TASKS_CANCELLED, "pool" => pool).increment(count as u64),
+                Err(error) => {
+                    debug!(shard = %self.shard, pool = %pool, error = %error, "cannot tell workers of tasks cancelled")
+                }
+            }
+        }
     }
 
     async fn send_result_reply(&self, result_reply: ResultReply, reply: &Reply<ResultAck>) {

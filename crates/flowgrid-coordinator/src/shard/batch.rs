@@ -7,7 +7,7 @@ use std::time::Instant;
 use async_nats::Subject;
 use flowgrid_engine::{ChildStart, TaskDispatch};
 
-use flowgrid_model::{FlowPlan, RunId};
+use flowgrid_model::{AttemptId, FlowPlan, RunId};
 use flowgrid_proto::{ApiError, Encoding};
 use flowgrid_store::WriteBatch;
 
@@ -48,6 +48,9 @@ pub struct Batch {
     pub child_starts: Vec<(ChildStart, u32)>,
     /// Keys of the messages put into the outbox by this batch: sent after the commit.
     pub outbox: Vec<Vec<u8>>,
+    /// Attempts out with workers that this batch closed without their results, by pool:
+    /// their workers are told after the commit.
+    pub cancelled: Vec<(Arc<str>, AttemptId)>,
 }
 
 impl Batch {

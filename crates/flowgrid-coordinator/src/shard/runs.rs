@@ -94,7 +94,7 @@ impl<S: ShardStore> ShardActor<S> {
         self.context.active_runs.fetch_add(1, Ordering::Relaxed);
         self.metrics.runs_active.increment(1.0);
         self.metrics.runs_started.increment(1);
-        self.carry_out(&run_id, effects, now, batch);
+        self.carry_out(&run_id, effects, None, now, batch);
         Ok(RunStarted { run_id, flow: plan.name.clone(), version: plan.version, created: true })
     }
 
@@ -178,19 +178,32 @@ impl<S: ShardStore> ShardActor<S> {
             }
             Applied::Accepted => {
                 count_result(&mut self.metrics, active.run.plan(), &event);
-                let record = EventRecord { now_ms: now, event, epoch: self.epoch.0 };
                 let key = keys::history(run_id, active.next_seq);
                 active.next_seq += 1;
+                let resulted = match &event {
+                    Event::TaskSucceeded { attempt, .. } | Event::TaskFailed { attempt, .. } => Some(attempt),
+                    _ => None,
+                };
+                self.carry_out(run_id, effects, resulted, now, batch);
+                let record = EventRecord { now_ms: now, event, epoch: self.epoch.0 };
                 // `next_seq` is past every record of the history (reload counts them).
                 batch.writes.insert_chunked(&key, &records::encode(&record), &self.context.store_limits);
-                self.carry_out(run_id, effects, now, batch);
                 true
             }
         }
     }
 
     /// Queues the engine's effects: tasks to publish after the commit, timers, run end.
-    fn carry_out(&mut self, run_id: &RunId, effects: Vec<Effect>, now: Millis, batch: &mut Batch) {
+    /// `resulted`: the attempt whose result the effects follow from, if any; every other
+    /// attempt they close is still out with a worker, which is told to stop.
+    fn carry_out(
+        &mut self,
+        run_id: &RunId,
+        effects: Vec<Effect>,
+        resulted: Option<&AttemptId>,
+        now: Millis,
+        batch: &mut Batch,
+    ) {
         for effect in effects {
             match effect {
                 Effect::Dispatch(task) => {
@@ -200,7 +213,12 @@ impl<S: ShardStore> ShardActor<S> {
                 Effect::ArmTimer { run_id, timer, due_ms } => self.timers.arm(run_id, timer, due_ms),
                 Effect::CancelTimer { run_id, timer, due_ms } => {
                     if let (TimerKey::AttemptTimeout { attempt }, Some(active)) = (&timer, self.runs.get(&run_id)) {
-                        attempt_closed(&mut self.metrics, active.run.plan(), attempt);
+                        if let Some(pool) = pool_of(active.run.plan(), &attempt.step) {
+                            self.metrics.pool(pool).in_flight.decrement(1.0);
+                            if resulted != Some(attempt) {
+                                batch.cancelled.push((pool.clone(), attempt.clone()));
+                            }
+                        }
                     }
                     self.timers.cancel(run_id, timer, due_ms);
                 }
