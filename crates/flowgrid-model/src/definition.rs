@@ -323,9 +323,14 @@ pub struct WaitStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
     /// Expression giving how long to wait, in milliseconds (a number; 0 goes on at once).
-    /// Give this or `duration_ms`.
+    /// Give this, `duration_ms` or `until`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration: Option<String>,
+    /// Expression giving when the wait ends: a time in Unix milliseconds, or an RFC 3339
+    /// text (`2026-12-24T09:00:00Z`); a time already past goes on at once. Give this,
+    /// `duration_ms` or `duration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
 }
 
 /// Waits for a signal sent to the run from outside (`run.signal`: an approval, a

@@ -258,6 +258,31 @@ impl Evaluator {
         }
     }
 
+    /// Evaluates a `wait` step's `until` at `now`: the milliseconds from `now` to the time
+    /// it gives (Unix ms, or an RFC 3339 text), 0 for a time past; a time more than
+    /// [`crate::plan::WAIT_MS_MAX`] ahead is an error.
+    pub fn eval_wait_until(&self, expr: &Expr, scope: &Scope, now: u64) -> Result<u64, ExprError> {
+        let value = self.eval(expr, scope)?;
+        let until_ms = match &value {
+            Value::Number(number) => number.as_f64().filter(|millis| *millis >= 0.0).map(|millis| millis.ceil() as u64),
+            Value::String(text) => chrono::DateTime::parse_from_rfc3339(text)
+                .ok()
+                .and_then(|time| u64::try_from(time.timestamp_millis()).ok()),
+            _ => None,
+        };
+        match until_ms {
+            Some(until_ms) if until_ms.saturating_sub(now) <= crate::plan::WAIT_MS_MAX => {
+                Ok(until_ms.saturating_sub(now))
+            }
+            _ => Err(ExprError::Type {
+                source_text: expr.source.to_string(),
+                expected: "a time within 366 days: Unix milliseconds, or an RFC 3339 text such as \
+                           \"2026-12-24T09:00:00Z\"",
+                found: describe_json(&value),
+            }),
+        }
+    }
+
     /// Evaluates a condition: the value must be a boolean.
     pub fn eval_bool(&self, expr: &Expr, scope: &Scope) -> Result<bool, ExprError> {
         match self.eval(expr, scope)? {

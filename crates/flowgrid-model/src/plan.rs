@@ -203,6 +203,8 @@ pub enum WaitFor {
     Fixed(u64),
     /// An expression giving the milliseconds when the step starts.
     Expr(Expr),
+    /// An expression giving the time it ends (Unix ms or RFC 3339) when the step starts.
+    Until(Expr),
 }
 
 /// The longest wait a `wait` step may ask for.

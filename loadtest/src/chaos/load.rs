@@ -53,12 +53,13 @@ steps:
 "#;
 
 /// The child flow of the last doubling: deployed before [`DEFINITION`]. Its concurrency limit
-/// (4 at once per key) queues children whenever more go at once, so kills, cuts and
-/// hand-overs also hit the messages of its limits (acquire, admit, release).
+/// (4 at once per key, started at most 40 a second per key) queues children whenever more
+/// go at once or start in a burst, so kills, cuts and hand-overs also hit the messages of
+/// its limits (acquire, admit, release) and the state of their start rates.
 pub const CHILD_DEFINITION: &str = r#"name: chaos-double
-description: chaos test, the child run of the last doubling, at most 4 at once of each of 3 keys
+description: chaos test, the child run of the last doubling, at most 4 at once and 40 starts a second of each of 3 keys
 output: 'steps.d.output'
-concurrency: { max: 4, key: 'input.value % 3' }
+concurrency: { max: 4, rate: { runs: 40, per_ms: 1000 }, key: 'input.value % 3' }
 steps:
   - id: d
     kind: task

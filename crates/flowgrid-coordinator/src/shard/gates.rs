@@ -259,14 +259,17 @@ impl<S: ShardStore> ShardActor<S> {
     /// Lets the limits whose time came admit the runs their start rates held back, and
     /// forgets those gone idle.
     pub(super) fn admit_due_gates(&mut self, now: Millis, batch: &mut Batch) {
-        while let Some((due_ms, _)) = self.gates.due.first() {
-            if *due_ms > now {
-                break;
-            }
+        // Taken out first: a limit with more to admit than one commit takes is due again at
+        // once, in the next turn.
+        let mut due = Vec::new();
+        while self.gates.due.first().is_some_and(|(due_ms, _)| *due_ms <= now) {
             let (_, id) = self.gates.due.pop_first().expect("checked above");
             if let Some(gate) = self.gates.gates.get_mut(&id) {
                 gate.due_ms = None;
             }
+            due.push(id);
+        }
+        for id in due {
             self.admit_waiting(&id, batch);
         }
     }

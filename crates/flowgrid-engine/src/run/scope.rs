@@ -4,7 +4,7 @@
 //! (`Expr::step_refs`), each as `{"status", "output", "error"}`; the flow output sees
 //! every step. Every evaluator call of the engine goes through this module.
 
-use flowgrid_model::{Evaluator, Expr, ExprError, Scope, StepIndex};
+use flowgrid_model::{Evaluator, Expr, ExprError, Millis, Scope, StepIndex};
 use serde_json::{json, Map, Value};
 
 use super::Run;
@@ -38,6 +38,18 @@ impl Run {
         let steps = self.steps_scope(Some(&expr.step_refs));
         let scope = self.scope(&steps, &Locals::default());
         evaluator.eval_wait_ms(expr, &scope)
+    }
+
+    /// Evaluates a wait's `until` at `now`: the milliseconds left to the time it gives.
+    pub(super) fn evaluate_wait_until(
+        &self,
+        evaluator: &Evaluator,
+        expr: &Expr,
+        now: Millis,
+    ) -> Result<u64, ExprError> {
+        let steps = self.steps_scope(Some(&expr.step_refs));
+        let scope = self.scope(&steps, &Locals::default());
+        evaluator.eval_wait_until(expr, &scope, now)
     }
 
     /// Evaluates `expr` with every step in scope (the flow output).

@@ -58,6 +58,10 @@ impl Run {
                 Ok(duration_ms) => duration_ms,
                 Err(error) => return self.expression_failed(index, "duration", &error, context),
             },
+            WaitFor::Until(expr) => match self.evaluate_wait_until(context.evaluator, expr, context.now) {
+                Ok(duration_ms) => duration_ms,
+                Err(error) => return self.expression_failed(index, "until", &error, context),
+            },
         };
         if waited_ms == 0 {
             return self.wait_over(index, 0, context);

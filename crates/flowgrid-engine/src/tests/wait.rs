@@ -101,3 +101,37 @@ fn a_run_that_ends_while_waiting_cancels_the_wait() {
     assert!(harness.run.armed_timers().is_empty());
     assert_eq!(harness.fire(100_010, wait_over("pause")), Applied::Ignored("run already ended"));
 }
+
+#[test]
+fn a_wait_until_a_time_given_as_unix_ms_or_rfc_3339() {
+    let yaml = r##"
+name: until
+steps:
+  - { kind: wait, id: at_ms, until: "input.at_ms" }
+  - { kind: wait, id: at_text, until: "input.at_text" }
+  - { kind: wait, id: past, until: "input.past" }
+"##;
+    // 2026-12-24T09:00:00Z is 1,798,102,800,000 ms.
+    let start = 1_798_102_000_000;
+    let input = json!({"at_ms": start + 5_000, "at_text": "2026-12-24T10:00:00+01:00", "past": "2020-01-01T00:00:00Z"});
+    let mut harness = Harness::start(yaml, input, start);
+    assert_eq!(harness.armed(&wait_over("at_ms")), Some(start + 5_000));
+    assert_eq!(harness.armed(&wait_over("at_text")), Some(1_798_102_800_000), "the time's offset counts");
+    assert_eq!(harness.armed(&wait_over("past")), None, "a time past goes on at once");
+    assert_eq!(harness.step("past").output, Some(json!({"waited_ms": 0})));
+    assert_eq!(harness.fire(start + 5_000, wait_over("at_ms")), Applied::Accepted);
+    assert_eq!(harness.step("at_ms").output, Some(json!({"waited_ms": 5_000})));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view(), "the history rebuilds the waits");
+    assert_eq!(harness.fire(1_798_102_800_000, wait_over("at_text")), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+
+    for (bad, found) in [(json!("tomorrow"), "gave a string"), (json!(-1), "gave a number"), (json!(u64::MAX), "")] {
+        let harness = Harness::start(yaml, json!({"at_ms": bad, "at_text": 0, "past": 0}), start);
+        let error = harness.run.view().error.expect("the run failed");
+        assert_eq!(error.code, "expression_error", "{bad}");
+        assert!(error.message.contains("field `until`") && error.message.contains(found), "{bad}: {}", error.message);
+        assert!(error.message.contains("RFC 3339"), "says what it takes: {}", error.message);
+        assert!(harness.run.armed_timers().is_empty());
+    }
+}

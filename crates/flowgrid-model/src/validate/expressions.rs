@@ -152,7 +152,10 @@ fn expression_fields(step: &Step) -> Vec<(String, &str, bool)> {
         Step::Transform(transform) => vec![("output".to_owned(), Some(transform.output.as_str()), false)],
         Step::Succeed(succeed) => vec![("output".to_owned(), succeed.output.as_deref(), false)],
         Step::Fail(fail) => vec![("message".to_owned(), fail.message.as_deref(), false)],
-        Step::Wait(wait) => vec![("duration".to_owned(), wait.duration.as_deref(), false)],
+        Step::Wait(wait) => vec![
+            ("duration".to_owned(), wait.duration.as_deref(), false),
+            ("until".to_owned(), wait.until.as_deref(), false),
+        ],
         Step::Signal(_) => Vec::new(),
         Step::Subflow(subflow) => vec![
             ("items".to_owned(), subflow.items.as_deref(), false),

@@ -184,9 +184,10 @@ fn plan_kind(
             timeout_ms: subflow.timeout_ms,
             catch: catch_rules(&subflow.catch, index),
         }),
-        Step::Wait(wait) => PlanStepKind::Wait(match wait.duration_ms {
-            Some(duration_ms) => WaitFor::Fixed(duration_ms),
-            None => WaitFor::Expr(required("duration")),
+        Step::Wait(wait) => PlanStepKind::Wait(match (wait.duration_ms, &wait.until) {
+            (Some(duration_ms), _) => WaitFor::Fixed(duration_ms),
+            (None, Some(_)) => WaitFor::Until(required("until")),
+            (None, None) => WaitFor::Expr(required("duration")),
         }),
     }
 }

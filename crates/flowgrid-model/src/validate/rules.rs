@@ -1,6 +1,6 @@
 //! Field rules: names, sizes, retry policies, timeouts, priorities and per-kind settings.
 
-use crate::definition::{Catch, Concurrency, FlowDefinition, RetryPolicy, Schedule, Step, Trigger};
+use crate::definition::{Catch, Concurrency, FlowDefinition, RetryPolicy, Schedule, Step, Trigger, WaitStep};
 use crate::error::Issue;
 use crate::input_schema::InputSchema;
 use crate::limits::{Limits, CONCURRENCY_MAX, DURATION_MS_MAX};
@@ -115,7 +115,7 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
                 );
             }
         }
-        Step::Wait(wait) => check_wait(path, wait.duration_ms, wait.duration.is_some(), issues),
+        Step::Wait(wait) => check_wait(path, wait, issues),
         Step::Signal(signal) => {
             check_timeout(&format!("{path}.timeout_ms"), signal.timeout_ms, issues);
             check_catch(path, &signal.catch, issues);
@@ -237,24 +237,28 @@ fn check_schedule(schedule: &Schedule, limits: &Limits, issues: &mut Vec<Issue>)
 }
 
 /// A wait says how long in exactly one way, and a fixed wait is at most [`WAIT_MS_MAX`].
-fn check_wait(path: &str, duration_ms: Option<u64>, has_expression: bool, issues: &mut Vec<Issue>) {
-    match (duration_ms, has_expression) {
-        (None, false) => push_issue(
+fn check_wait(path: &str, wait: &WaitStep, issues: &mut Vec<Issue>) {
+    let given = [wait.duration_ms.is_some(), wait.duration.is_some(), wait.until.is_some()];
+    match given.iter().filter(|given| **given).count() {
+        0 => push_issue(
             issues,
             path,
-            "a wait needs `duration_ms` (milliseconds) or `duration` (an expression giving milliseconds): add one",
+            "a wait needs `duration_ms` (milliseconds), `duration` (an expression giving milliseconds) or `until` \
+             (an expression giving a time): add one",
         ),
-        (Some(_), true) => push_issue(
+        1 => {}
+        _ => push_issue(
             issues,
             path,
-            "a wait takes `duration_ms` or `duration`, not both: keep the fixed time or the expression",
+            "a wait takes one of `duration_ms`, `duration` and `until`: keep the fixed time or one expression",
         ),
-        (Some(duration_ms), false) if duration_ms > WAIT_MS_MAX => push_issue(
+    }
+    if let Some(duration_ms) = wait.duration_ms.filter(|duration_ms| *duration_ms > WAIT_MS_MAX) {
+        push_issue(
             issues,
             format!("{path}.duration_ms"),
             format!("is {duration_ms} ms, over the longest wait of {WAIT_MS_MAX} ms (366 days): wait less"),
-        ),
-        _ => {}
+        );
     }
 }
 

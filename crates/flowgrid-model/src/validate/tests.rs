@@ -391,8 +391,13 @@ fn a_wait_says_how_long_in_exactly_one_way() {
     let plan = FlowPlan::compile(parse(&flow(", duration: 'steps.a.output.ms'")), 1, &evaluator(), &limits()).unwrap();
     assert!(matches!(plan.step(1).kind, PlanStepKind::Wait(WaitFor::Expr(_))));
 
-    assert_issue(&issues_of(&flow("")), "steps[1](w)", "needs `duration_ms` (milliseconds) or `duration`");
-    assert_issue(&issues_of(&flow(", duration_ms: 1, duration: '2'")), "steps[1](w)", "not both");
+    let plan = FlowPlan::compile(parse(&flow(", until: 'steps.a.output.at'")), 1, &evaluator(), &limits()).unwrap();
+    assert!(matches!(plan.step(1).kind, PlanStepKind::Wait(WaitFor::Until(_))));
+
+    assert_issue(&issues_of(&flow("")), "steps[1](w)", "needs `duration_ms` (milliseconds), `duration`");
+    assert_issue(&issues_of(&flow(", duration_ms: 1, duration: '2'")), "steps[1](w)", "takes one of");
+    assert_issue(&issues_of(&flow(", duration: '1', until: '2'")), "steps[1](w)", "takes one of");
+    assert_issue(&issues_of(&flow(", until: 'steps.nope.output'")), "steps[1](w).until", "nope");
     assert_issue(
         &issues_of(&flow(", duration_ms: 99999999999999")),
         "steps[1](w).duration_ms",
