@@ -197,6 +197,7 @@ pub(crate) fn task_message(
         input: input.into(),
         deadline_ms: FLOOR_ORIGIN_MS + 300_000,
         reply_to,
+        progress: None,
     };
     let payload = encode(Encoding::MsgPack, &message).ok()?;
     Some((subjects.tasks(pool).into(), headers, Bytes::from(payload)))

@@ -116,8 +116,9 @@ impl Plan {
             input: input.into(),
             deadline_ms: 1_767_225_900_000,
             reply_to: "flowgrid.shard.127.result".to_owned(),
+            progress: None,
         };
-        let result = TaskResult { attempt, output: Some(task_output()), error: None };
+        let result = TaskResult { attempt, output: Some(task_output()), error: None, progress: None };
         let task_bytes = encode(Encoding::MsgPack, &task).map(|bytes| bytes.len()).unwrap_or(0);
         let result_bytes = encode(Encoding::MsgPack, &result).map(|bytes| bytes.len()).unwrap_or(0);
         (task_bytes, result_bytes)

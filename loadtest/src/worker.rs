@@ -120,7 +120,7 @@ async fn serve(
     if !service.is_zero() {
         tokio::time::sleep(service).await;
     }
-    let result = TaskResult { attempt: task.attempt.clone(), output: Some(task_output()), error: None };
+    let result = TaskResult { attempt: task.attempt.clone(), output: Some(task_output()), error: None, progress: None };
     let payload = match encode(encoding, &result) {
         Ok(bytes) => Bytes::from(bytes),
         Err(error) => {

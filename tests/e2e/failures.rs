@@ -149,3 +149,41 @@ async fn attempt_timeout_is_retried_then_fails_the_run_with_code_timeout() -> an
     assert!(took >= Duration::from_millis(600), "two attempts of 300 ms each timed out, yet the run took {took:?}");
     Ok(())
 }
+
+/// Six steps of 150 ms, each reported; the first attempt fails after the third.
+const RESUMABLE_FLOW: &str = r#"
+name: resumable
+output: 'steps.count.output'
+steps:
+  - id: count
+    kind: task
+    pool: a
+    task: resume
+    input: '#{ to: 6, step_ms: 150, fail_at: 3 }'
+    retry: { max_attempts: 2, initial_backoff_ms: 300, jitter: 0 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_resumes_from_the_progress_its_failed_attempt_reported() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, RESUMABLE_FLOW).await?;
+    let run = client.start(StartRun { flow: "resumable".into(), ..Default::default() }).await.or_logs(&grid)?;
+
+    // While the first attempt goes, its reports show with the step.
+    let seen = flowgrid_tests::wait_for("a progress report", RUN_DEADLINE, || async {
+        let view = client.get(&run.run_id).await.ok()?;
+        step(&view, "count").progress.clone()
+    })
+    .await
+    .or_logs(&grid)?;
+    assert!(seen["done"].as_u64().is_some_and(|done| (1..=6).contains(&done)), "{seen}");
+
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    // The second attempt started where the first one's last report said it got to.
+    assert_eq!(view.output, Some(json!({"from": 3, "done": 6})), "{view:?}");
+    assert_eq!(step(&view, "count").attempts, 2);
+    assert_eq!(step(&view, "count").progress, None, "a step that ended shows its output, not its progress");
+    Ok(())
+}

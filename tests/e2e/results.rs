@@ -96,8 +96,21 @@ async fn duplicated_result_is_applied_once() -> anyhow::Result<()> {
     assert_eq!(*task.input, json!({"question": "six times seven"}), "{task:?}");
 
     let nats = grid.nats_client().await?;
+    // A progress report first: taken, and shown with the step; one that also carries an
+    // output is refused.
+    let progress = Some(json!({"read": "six"}));
+    let report = TaskResult { attempt: task.attempt.clone(), output: None, error: None, progress: progress.clone() };
+    let reported = send_result(&nats, &task.reply_to, encoding, &report).await.or_logs(&grid)?;
+    assert!(applied(reported, &grid), "a report for the open attempt is taken\n{}", grid.logs());
+    assert_eq!(step(&client.get(&run.run_id).await?, "only").progress, progress);
+    let both = TaskResult { output: Some(json!(1)), ..report.clone() };
+    match send_result(&nats, &task.reply_to, encoding, &both).await.or_logs(&grid)? {
+        Reply::Error(error) => assert!(error.message.contains("exactly one of `output`, `error` and `progress`")),
+        other => panic!("a result with an output and progress must be refused: {other:?}"),
+    }
     let answer = json!({"answer": 42});
-    let result = TaskResult { attempt: task.attempt.clone(), output: Some(answer.clone()), error: None };
+    let result =
+        TaskResult { attempt: task.attempt.clone(), output: Some(answer.clone()), error: None, progress: None };
     let first = send_result(&nats, &task.reply_to, encoding, &result).await.or_logs(&grid)?;
     assert!(applied(first, &grid), "the first result must be applied\n{}", grid.logs());
     let second = send_result(&nats, &task.reply_to, encoding, &result).await.or_logs(&grid)?;
@@ -106,12 +119,12 @@ async fn duplicated_result_is_applied_once() -> anyhow::Result<()> {
     // A contradicting error for the closed attempt, and a result for an attempt that was
     // never opened, change nothing either.
     let error = TaskError { code: "late".into(), message: "too late".into(), retryable: true };
-    let late_error = TaskResult { attempt: task.attempt.clone(), output: None, error: Some(error) };
+    let late_error = TaskResult { attempt: task.attempt.clone(), output: None, error: Some(error), progress: None };
     let late = send_result(&nats, &task.reply_to, encoding, &late_error).await.or_logs(&grid)?;
     assert!(!applied(late, &grid), "an error for a closed attempt must not be applied");
     let mut never_opened = task.attempt.clone();
     never_opened.attempt = 2;
-    let stray = TaskResult { attempt: never_opened, output: Some(json!("stray")), error: None };
+    let stray = TaskResult { attempt: never_opened, output: Some(json!("stray")), error: None, progress: None };
     let stray = send_result(&nats, &task.reply_to, encoding, &stray).await.or_logs(&grid)?;
     assert!(!applied(stray, &grid), "a result for an attempt never opened must not be applied");
     message.ack().await.map_err(|error| anyhow::anyhow!("ack: {error}"))?;

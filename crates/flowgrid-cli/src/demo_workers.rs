@@ -17,6 +17,7 @@
 //! | `fail`            | any       | -     | error `input.code` (default `boom`), retryable unless `input.retryable == false` |
 //! | `flaky`           | any       | -     | error `transient` while attempt < `input.succeed_on_attempt` (or `input.fail_times` + 1; default 2), then the input |
 //! | `count`           | any       | -     | the input (each execution is counted, see [`DemoWorkers::count_executions`]) |
+//! | `resume`          | any       | `input.to` x `input.step_ms` (default 100, not scaled) | counts to `input.to`, reporting `{"done": k}` after each step and starting from the progress an earlier attempt reported; the first attempt fails (`crashed`, retryable) once it reached `input.fail_at`; output `{"from", "done"}` |
 //!
 //! An unknown task name fails with `unknown_task`, not retryable.
 
@@ -91,11 +92,12 @@ impl DemoWorkers {
                 self.count_executions.fetch_add(1, Ordering::Relaxed);
                 Ok(task.into_input())
             }
+            "resume" => resume(&task).await,
             other => Err(TaskError {
                 code: "unknown_task".into(),
                 message: format!(
                     "the demo workers have no task {other:?}; known: generate, embed, transcode, thumbnail, \
-                     detect_language, echo, double, sleep, fail, flaky, count"
+                     detect_language, echo, double, sleep, fail, flaky, count, resume"
                 ),
                 retryable: false,
             }),
@@ -225,6 +227,34 @@ fn flaky(attempt: u32, input: Value) -> Result<Value, TaskError> {
         });
     }
     Ok(input)
+}
+
+/// Steps a `resume` task may count to.
+const RESUME_STEPS_MAX: u64 = 1_000;
+
+/// A long job that checkpoints: counts steps, reporting each, and starts where an earlier
+/// attempt's last report says it got to.
+async fn resume(task: &Task) -> Result<Value, TaskError> {
+    let input = task.input();
+    let number = |field: &str| input.get(field).and_then(Value::as_u64);
+    let (Some(to), step_ms) = (number("to"), number("step_ms").unwrap_or(100)) else {
+        return Err(invalid_input(format!("resume needs {{\"to\": 0..={RESUME_STEPS_MAX}}}, got {input}")));
+    };
+    if to > RESUME_STEPS_MAX || step_ms > SLEEP_MS_MAX {
+        return Err(invalid_input(format!("resume takes at most {RESUME_STEPS_MAX} steps of {SLEEP_MS_MAX} ms")));
+    }
+    let from = task.progress().and_then(|progress| progress.get("done")).and_then(Value::as_u64).unwrap_or(0);
+    for done in from + 1..=to {
+        tokio::time::sleep(Duration::from_millis(step_ms)).await;
+        if let Err(error) = task.report_progress(json!({ "done": done })).await {
+            return Err(TaskError { code: "progress_failed".into(), message: error.to_string(), retryable: true });
+        }
+        if task.attempt_number() == 1 && number("fail_at") == Some(done) {
+            let message = format!("failed on purpose after step {done}; the next attempt goes on from there");
+            return Err(TaskError { code: "crashed".into(), message, retryable: true });
+        }
+    }
+    Ok(json!({ "from": from, "done": to }))
 }
 
 fn invalid_input(message: String) -> TaskError {

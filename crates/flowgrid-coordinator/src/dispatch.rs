@@ -189,6 +189,7 @@ impl Publisher {
             input: task.input,
             deadline_ms: task.deadline_ms,
             reply_to,
+            progress: task.progress,
         };
         match flowgrid_proto::encode(Encoding::MsgPack, &message) {
             Ok(bytes) => Some(Publication { pool, message_id, payload: Bytes::from(bytes), queued: at, result_taken }),

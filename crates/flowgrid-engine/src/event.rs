@@ -18,6 +18,9 @@ pub enum Event {
     TaskSucceeded { attempt: AttemptId, output: Value },
     /// A worker reported an error for an attempt.
     TaskFailed { attempt: AttemptId, error: TaskError },
+    /// A worker reported how far an open attempt got (`details`, the worker's own JSON):
+    /// shown with the step, and handed to the step's next attempt if this one fails.
+    TaskProgress { attempt: AttemptId, details: Value },
     /// A timer the run armed came due.
     TimerFired { timer: TimerKey },
     /// Someone asked to cancel the run.
@@ -153,6 +156,9 @@ pub struct TaskDispatch {
     pub deadline_ms: Millis,
     /// 0-9, higher first; advisory.
     pub priority: u8,
+    /// The last progress a worker reported for this step (or map item), by this attempt
+    /// or an earlier one: where a retry may resume.
+    pub progress: Option<Arc<Value>>,
 }
 
 /// The child run a subflow step starts: the driver starts it through the API with the

@@ -153,6 +153,7 @@ impl Run {
         let applied = match event {
             Event::TaskSucceeded { attempt, output } => self.on_task_succeeded(attempt, output, &mut context),
             Event::TaskFailed { attempt, error } => self.on_task_failed(attempt, error, &mut context),
+            Event::TaskProgress { attempt, details } => self.on_task_progress(attempt, details),
             Event::TimerFired { timer } => self.on_timer(timer, &mut context),
             Event::SignalReceived { step, data } => self.on_signal(step, data, &mut context),
             Event::ChildEnded { step, item, child, status, output, error, refused } => {
@@ -326,6 +327,10 @@ impl Run {
                 ended_ms: state.ended_ms,
                 output: state.output.as_ref(),
                 error: state.error.as_deref(),
+                progress: match &state.work {
+                    Work::Task(slot) => slot.progress.as_deref(),
+                    _ => None,
+                },
                 caught: state.caught(),
                 items: match &state.work {
                     Work::Map(map) => Some(map.counts()),
@@ -375,6 +380,7 @@ impl Run {
             input: Arc::clone(&slot.input),
             deadline_ms,
             priority: spec.priority,
+            progress: slot.progress.clone(),
         }
     }
 

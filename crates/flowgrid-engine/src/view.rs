@@ -180,6 +180,10 @@ pub struct StepView {
     /// The error it failed with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+    /// For a task step still going: the last progress its worker reported (by this attempt
+    /// or an earlier one), as the worker wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
     /// The failure was handled by a catch.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub caught: bool,
@@ -242,6 +246,8 @@ pub(crate) struct StepViewRef<'a> {
     pub(crate) output: Option<&'a Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<&'a TaskError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) progress: Option<&'a Value>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) caught: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -286,6 +292,7 @@ impl StepViewRef<'_> {
             ended_ms: self.ended_ms,
             output: self.output.cloned(),
             error: self.error.cloned(),
+            progress: self.progress.cloned(),
             caught: self.caught,
             items: self.items,
             child_run: self.child_run.clone(),

@@ -485,6 +485,10 @@ pub struct TaskMessage {
     pub deadline_ms: Millis,
     /// Subject to send the `TaskResult` to, as a NATS request.
     pub reply_to: String,
+    /// The last progress a worker reported for this step (or map item), by an earlier
+    /// attempt that then failed: where this one may resume. Absent when none was reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Arc<Value>>,
 }
 
 /// Published (JSON, core NATS, not stored) on `<prefix>.cancels.<pool>` after a commit that
@@ -497,7 +501,8 @@ pub struct TasksCancelled {
     pub attempts: Vec<AttemptId>,
 }
 
-/// A worker's result for one attempt: exactly one of `output` and `error`.
+/// A worker's result for one attempt: exactly one of `output` and `error`; or, with
+/// `progress` instead, a report of how far the attempt got while it goes on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskResult {
     pub attempt: AttemptId,
@@ -505,6 +510,10 @@ pub struct TaskResult {
     pub output: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+    /// How far the attempt got (any JSON the worker chooses): shown with its step, and
+    /// sent with the step's next attempt if this one fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
 }
 
 /// Reply to a `TaskResult`: once received, the result is durable and the worker may ack

@@ -28,11 +28,13 @@ use tracing::{debug, info, warn};
 
 use flowgrid_engine::TaskError;
 use flowgrid_model::{AttemptId, Millis};
-use flowgrid_proto::{decode, Encoding, Subjects, TaskMessage, TaskResult, TasksCancelled, CONTENT_TYPE_HEADER};
+use flowgrid_proto::{
+    decode, ApiError, Encoding, ErrorCode, Subjects, TaskMessage, TaskResult, TasksCancelled, CONTENT_TYPE_HEADER,
+};
 
 use crate::backoff::Backoff;
 use crate::broker::{self, BrokerLimits};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use report::{report, Settle};
 
 /// Default tasks held at once by one worker.
@@ -61,6 +63,22 @@ pub struct Task {
     input: Value,
     deadline_ms: Millis,
     cancellation: CancellationToken,
+    /// What an earlier attempt reported (see [`Task::progress`]).
+    progress: Option<Arc<Value>>,
+    /// Where this attempt's progress goes; `None` for a task made by hand.
+    reporter: Option<Arc<ProgressReporter>>,
+}
+
+/// The connection and subject a task's progress reports travel on.
+struct ProgressReporter {
+    nats: async_nats::Client,
+    reply_to: String,
+}
+
+impl std::fmt::Debug for ProgressReporter {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("ProgressReporter").field("reply_to", &self.reply_to).finish_non_exhaustive()
+    }
 }
 
 impl Task {
@@ -78,6 +96,44 @@ impl Task {
             input,
             deadline_ms,
             cancellation: CancellationToken::new(),
+            progress: None,
+            reporter: None,
+        }
+    }
+
+    /// The same task, resuming from `progress` (what an earlier attempt reported).
+    pub fn with_progress(mut self, progress: Option<Arc<Value>>) -> Task {
+        self.progress = progress;
+        self
+    }
+
+    /// The last progress reported by an earlier attempt of this step (or map item) that
+    /// then failed, as that attempt's [`Task::report_progress`] gave it: where this one may
+    /// resume. `None` on a first attempt, or when nothing was reported.
+    pub fn progress(&self) -> Option<&Value> {
+        self.progress.as_deref()
+    }
+
+    /// Tells the grid how far this attempt got (any JSON: `{"segments_done": 40}`), once
+    /// the report is committed. It shows with the step in `run get` and the UI, and if
+    /// this attempt fails, the next one gets it as [`Task::progress`]. Each report is a
+    /// commit in the run's history: report every few seconds at most, not per item of a
+    /// loop. Returns `false` when the attempt is over (cancelled, timed out) and the report
+    /// was ignored; fails when the grid refused it or did not answer in time.
+    pub async fn report_progress(&self, details: Value) -> Result<bool> {
+        let Some(reporter) = &self.reporter else { return Ok(false) };
+        let report = TaskResult { attempt: self.attempt.clone(), output: None, error: None, progress: Some(details) };
+        match report::send(&reporter.nats, &reporter.reply_to, &report).await {
+            report::Sent::Confirmed(ack) => Ok(ack.applied),
+            report::Sent::Refused(refusal) => Err(refusal.into()),
+            report::Sent::TooLarge => {
+                Err(ApiError::new(ErrorCode::PayloadTooLarge, "the progress report is over the server's message limit")
+                    .into())
+            }
+            report::Sent::NoAnswer(reason) => Err(Error::Timeout {
+                what: format!("progress report of {} ({reason})", self.attempt),
+                after: report::RESULT_REQUEST_TIMEOUT,
+            }),
         }
     }
 
@@ -448,17 +504,19 @@ async fn serve(shared: Arc<Shared>, message: jetstream::Message, _slot: OwnedSem
 
 /// Runs the handler and reports its result; returns how to settle the message.
 async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
-    let TaskMessage { attempt, pool, task, input, deadline_ms, reply_to } = task_message;
+    let TaskMessage { attempt, pool, task, input, deadline_ms, reply_to, progress } = task_message;
     let input = Arc::unwrap_or_clone(input);
-    let mut task = Task::new(attempt.clone(), &*pool, &*task, input, deadline_ms);
+    let reporter = Arc::new(ProgressReporter { nats: shared.nats.clone(), reply_to: reply_to.clone() });
+    let mut task = Task::new(attempt.clone(), &*pool, &*task, input, deadline_ms).with_progress(progress);
+    task.reporter = Some(reporter);
     let _running = shared.running.enter(&mut task);
     let Some(outcome) = run_handler(shared.handler.clone(), task).await else {
         debug!(attempt = %attempt, "task cancelled by its run; acking it without a result");
         return Settle::Ack;
     };
     let result = match outcome {
-        Ok(output) => TaskResult { attempt, output: Some(output), error: None },
-        Err(error) => TaskResult { attempt, output: None, error: Some(error) },
+        Ok(output) => TaskResult { attempt, output: Some(output), error: None, progress: None },
+        Err(error) => TaskResult { attempt, output: None, error: Some(error), progress: None },
     };
     report(&shared.nats, &reply_to, result, deadline_ms.saturating_add(report::REPORT_GRACE_MS)).await
 }

@@ -407,6 +407,9 @@ fn render_run(view: &RunView) -> String {
                     step.id, items.total, view.run_id
                 ));
             }
+            if let Some(progress) = &step.progress {
+                text.push_str(&format!("step {} progress: {progress}\n", step.id));
+            }
             if let Some(error) = &step.error {
                 let caught = if step.caught { " (caught)" } else { "" };
                 text.push_str(&format!("step {} failed{caught}: {}: {}\n", step.id, error.code, error.message));
@@ -456,6 +459,7 @@ mod tests {
             ended_ms: Some(1_042),
             output: None,
             error: None,
+            progress: None,
             caught: false,
             items,
             child_run: None,
@@ -466,6 +470,8 @@ mod tests {
         fan_out.caught = true;
         let mut child = step("encode", "subflow", None);
         child.child_run = Some(RunId("c-1".into()));
+        let mut first = step("first", "task", None);
+        first.progress = Some(json!({"done": 40}));
         let view = RunView {
             run_id: RunId("r-1".into()),
             flow: "demo".into(),
@@ -487,7 +493,7 @@ mod tests {
             paused: Some(Paused { since_ms: 1_200, reason: "db down".into(), held: vec!["store".into()] }),
             queued: Some(Queued { since_ms: 1_000, held: Vec::new() }),
             steps: vec![
-                step("first", "task", None),
+                first,
                 fan_out,
                 child,
                 step("each", "subflow", Some(ItemCounts { total: 4, succeeded: 4, failed: 0, running: 0 })),
@@ -500,6 +506,7 @@ mod tests {
         assert!(text.contains("first   task     succeeded           2         42"), "{text}");
         assert!(text.contains("10/10 (1 failed)"), "{text}");
         assert!(text.contains("step fan failed (caught): boom: item 3"), "{text}");
+        assert!(text.contains("step first progress: {\"done\":40}\n"), "{text}");
         assert!(text.contains("parent    p-1 (step call)\n"), "{text}");
         assert!(text.contains("redriven  2 times, last at 1970-01-01"), "{text}");
         let paused = "paused    since 1970-01-01T00:00:01Z: db down; holding step store (`flowgrid run resume r-1`)\n";

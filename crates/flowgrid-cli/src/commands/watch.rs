@@ -93,9 +93,9 @@ fn changes(before: Option<&RunView>, now: &RunView) -> Vec<Change> {
 
 /// What changed for one step, if anything; a step never seen before counts from pending.
 fn step_change(before: Option<&StepView>, now: &StepView) -> Option<Change> {
-    let (status, attempts, items) = match before {
-        Some(before) => (before.status, before.attempts, before.items),
-        None => (StepStatus::Pending, 0, None),
+    let (status, attempts, items, progress) = match before {
+        Some(before) => (before.status, before.attempts, before.items, before.progress.as_ref()),
+        None => (StepStatus::Pending, 0, None, None),
     };
     let at_ms = match now.status {
         StepStatus::Running => now.started_ms,
@@ -104,6 +104,15 @@ fn step_change(before: Option<&StepView>, now: &StepView) -> Option<Change> {
     let at_ms = at_ms.unwrap_or_else(now_ms);
     let subject = now.id.clone();
     let what = match now.status {
+        StepStatus::Running
+            if now.status == status && now.attempts == attempts && now.progress.as_ref() != progress =>
+        {
+            return now.progress.as_ref().map(|progress| Change {
+                at_ms: now_ms(),
+                subject,
+                what: format!("progress {progress}"),
+            });
+        }
         _ if now.status == status && now.attempts == attempts && now.items == items => return None,
         StepStatus::Pending => return None,
         StepStatus::Running => match &now.items {
@@ -150,6 +159,7 @@ mod tests {
             ended_ms: None,
             output: None,
             error: None,
+            progress: None,
             caught: false,
             items: None,
             child_run: None,
@@ -199,6 +209,10 @@ mod tests {
             vec![step("fetch", StepStatus::Running, 2), step("store", StepStatus::Pending, 0)],
         );
         assert_eq!(lines(changes(Some(&second), &third)), ["fetch running, attempt 2"]);
+        let mut reported = third.clone();
+        reported.steps[0].progress = Some(serde_json::json!({"done": 3}));
+        assert_eq!(lines(changes(Some(&third), &reported)), ["fetch progress {\"done\":3}"]);
+        assert!(changes(Some(&reported), &reported).is_empty(), "the same progress again is no change");
 
         let mut fetched = step("fetch", StepStatus::Succeeded, 2);
         fetched.ended_ms = Some(1_055);

@@ -482,6 +482,9 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                             }
                         }
                     }
+                    @if let Some(progress) = &step.progress {
+                        tr { td {} td colspan="6" { "Progress: " code { (progress) } } }
+                    }
                     @if let Some(error) = &step.error {
                         tr { td {} td colspan="6" { span.failed { (error.code) } ": " (error.message) } }
                     }

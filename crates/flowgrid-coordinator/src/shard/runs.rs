@@ -129,12 +129,15 @@ impl<S: ShardStore> ShardActor<S> {
                 return;
             }
         };
-        let event = match (result.output, result.error) {
-            (Some(output), None) => Event::TaskSucceeded { attempt: result.attempt, output },
-            (None, Some(error)) => Event::TaskFailed { attempt: result.attempt, error },
+        let event = match (result.output, result.error, result.progress) {
+            (Some(output), None, None) => Event::TaskSucceeded { attempt: result.attempt, output },
+            (None, Some(error), None) => Event::TaskFailed { attempt: result.attempt, error },
+            (None, None, Some(details)) => Event::TaskProgress { attempt: result.attempt, details },
             _ => {
-                let reply =
-                    ApiError::new(ErrorCode::InvalidRequest, "a task result needs exactly one of `output` and `error`");
+                let reply = ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "a task result needs exactly one of `output`, `error` and `progress`",
+                );
                 self.reply_now(reply_to, encoding, reply);
                 return;
             }
@@ -152,7 +155,9 @@ impl<S: ShardStore> ShardActor<S> {
             return;
         }
         let run_id = match &event {
-            Event::TaskSucceeded { attempt, .. } | Event::TaskFailed { attempt, .. } => attempt.run_id.clone(),
+            Event::TaskSucceeded { attempt, .. }
+            | Event::TaskFailed { attempt, .. }
+            | Event::TaskProgress { attempt, .. } => attempt.run_id.clone(),
             _ => unreachable!("built above"),
         };
         let dispatched_before = batch.dispatches.len();

@@ -70,6 +70,17 @@ impl Run {
         Applied::Accepted
     }
 
+    /// A worker says how far the open attempt `attempt` got; kept for the step's view and
+    /// its next attempts. Ignored unless the attempt is open.
+    pub(super) fn on_task_progress(&mut self, attempt: &AttemptId, details: &Value) -> Applied {
+        let index = match self.find_slot(attempt, Expect::Open) {
+            Ok(index) => index,
+            Err(reason) => return Applied::Ignored(reason),
+        };
+        self.slot_mut(index, attempt.item).progress = Some(Arc::new(details.clone()));
+        Applied::Accepted
+    }
+
     /// A timer fired; the driver has dropped it. Applied only if the state still arms it.
     pub(super) fn on_timer(&mut self, timer: &TimerKey, context: &mut Context<'_>) -> Applied {
         match timer {

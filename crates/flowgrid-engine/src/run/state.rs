@@ -68,6 +68,9 @@ pub(super) struct Slot {
     /// The evaluated task input, shared by every attempt and its dispatches (and with the
     /// run input when the step has no `input` mapping).
     pub input: Arc<Value>,
+    /// The last progress a worker reported for an attempt of this slot: sent with its
+    /// later attempts.
+    pub progress: Option<Arc<Value>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +152,7 @@ impl StepState {
 impl Slot {
     /// A slot whose first attempt will be number `first + 1`.
     pub fn new(first: u32, input: Arc<Value>) -> Slot {
-        Slot { attempt: first, first, phase: Phase::New, input }
+        Slot { attempt: first, first, phase: Phase::New, input, progress: None }
     }
 
     /// Attempts of this slot dispatched so far.

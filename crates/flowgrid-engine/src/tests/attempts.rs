@@ -4,7 +4,7 @@ use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::support::{attempt, error, Harness};
-use crate::{Applied, RunStatus, StepStatus, TimerKey};
+use crate::{Applied, Event, RunStatus, StepStatus, TimerKey};
 
 const RETRY: &str = r##"
 name: retry
@@ -137,4 +137,47 @@ fn results_for_other_runs_steps_or_items_are_ignored() {
     assert_eq!(harness.succeed(1, "zzz", None, 1, json!(1)), Applied::Ignored("no such step"));
     assert_eq!(harness.succeed(1, "a", Some(0), 1, json!(1)), Applied::Ignored("attempt does not fit the step"));
     assert_eq!(harness.run.status(), RunStatus::Running);
+}
+
+#[test]
+fn progress_shows_with_its_step_and_goes_to_the_next_attempts() {
+    let yaml = r##"
+name: progress
+steps:
+  - { kind: task, id: a, pool: cpu, task: t, retry: { max_attempts: 3, initial_backoff_ms: 100, jitter: 0 } }
+  - { kind: map, id: m, items: "[1, 2]", pool: cpu, task: t, retry: { max_attempts: 2, initial_backoff_ms: 100, jitter: 0 } }
+"##;
+    let mut harness = Harness::start(yaml, json!(null), 0);
+    assert!(harness.dispatched().iter().all(|dispatch| dispatch.progress.is_none()), "nothing reported yet");
+    let progress =
+        |step: &str, item, number, details| Event::TaskProgress { attempt: attempt(step, item, number), details };
+    assert_eq!(harness.apply(10, progress("a", None, 1, json!({"done": 40}))), Applied::Accepted);
+    assert!(harness.effects.is_empty(), "progress changes nothing else");
+    assert_eq!(harness.step("a").progress, Some(json!({"done": 40})));
+    assert_eq!(harness.apply(11, progress("a", None, 2, json!({"done": 99}))), Applied::Ignored("attempt not open"));
+    assert_eq!(harness.apply(12, progress("a", None, 1, json!({"done": 60}))), Applied::Accepted, "the latest counts");
+
+    // The attempt fails: its retry is sent the progress it got to, and keeps showing it.
+    assert_eq!(harness.fail(20, "a", None, 1, error("busy", true)), Applied::Accepted);
+    assert_eq!(harness.step("a").progress, Some(json!({"done": 60})));
+    assert_eq!(harness.fire(120, TimerKey::RetryDue { attempt: attempt("a", None, 2) }), Applied::Accepted);
+    let retried = harness.dispatched();
+    assert_eq!(retried[0].progress.as_deref(), Some(&json!({"done": 60})));
+    let (replayed, _) = super::replay::replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view(), "the history rebuilds the progress");
+
+    // A map item's progress is its own: the other item's retry starts from nothing.
+    assert_eq!(harness.apply(130, progress("m", Some(0), 1, json!("half"))), Applied::Accepted);
+    assert_eq!(harness.step("m").progress, None, "a map shows counts, not its items' progress");
+    assert_eq!(harness.fail(140, "m", Some(0), 1, error("busy", true)), Applied::Accepted);
+    assert_eq!(harness.fail(141, "m", Some(1), 1, error("busy", true)), Applied::Accepted);
+    harness.fire(240, TimerKey::RetryDue { attempt: attempt("m", Some(0), 2) });
+    assert_eq!(harness.dispatched()[0].progress.as_deref(), Some(&json!("half")));
+    harness.fire(241, TimerKey::RetryDue { attempt: attempt("m", Some(1), 2) });
+    assert_eq!(harness.dispatched()[0].progress, None);
+
+    // Once the step succeeds its output shows, and progress no more.
+    assert_eq!(harness.succeed(300, "a", None, 2, json!("ok")), Applied::Accepted);
+    assert_eq!(harness.step("a").progress, None);
+    assert_eq!(harness.apply(301, progress("a", None, 2, json!({"done": 100}))), Applied::Ignored("step not running"));
 }

@@ -28,8 +28,9 @@ use super::now_ms;
 /// After a task's deadline, a worker keeps trying to report its result this much longer
 /// (a coordinator restart takes a few seconds) before handing the task back.
 pub(crate) const REPORT_GRACE_MS: Millis = 30_000;
-/// How long one result request waits for the coordinator's confirmation.
-const RESULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one result request (or progress report) waits for the coordinator's
+/// confirmation.
+pub(crate) const RESULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and largest pause between two tries of a result.
 const RETRY_DELAY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
@@ -65,7 +66,7 @@ pub(crate) enum Sent {
 pub(crate) enum Next {
     Settle(Settle),
     RetryLater,
-    SendInstead(TaskResult),
+    SendInstead(Box<TaskResult>),
 }
 
 /// Sends `result` to `reply_to` until it is confirmed or `give_up_ms` passes.
@@ -100,7 +101,7 @@ pub(crate) async fn report(
             }
             Next::SendInstead(replacement) => {
                 warn!(attempt = %result.attempt, "the result is too large; reporting an error instead");
-                result = replacement;
+                result = *replacement;
             }
             Next::RetryLater => {
                 let remaining = Duration::from_millis(give_up_ms.saturating_sub(now_ms()));
@@ -112,7 +113,7 @@ pub(crate) async fn report(
     }
 }
 
-async fn send(nats: &async_nats::Client, reply_to: &str, result: &TaskResult) -> Sent {
+pub(crate) async fn send(nats: &async_nats::Client, reply_to: &str, result: &TaskResult) -> Sent {
     let payload = match encode(Encoding::MsgPack, result) {
         Ok(payload) => Bytes::from(payload),
         // Every TaskResult encodes; should one not, retrying cannot help.
@@ -151,7 +152,7 @@ fn replace_too_large(result: &TaskResult) -> Next {
     if already_replaced {
         return Next::Settle(Settle::Term);
     }
-    Next::SendInstead(TaskResult {
+    Next::SendInstead(Box::new(TaskResult {
         attempt: result.attempt.clone(),
         output: None,
         error: Some(TaskError {
@@ -159,7 +160,8 @@ fn replace_too_large(result: &TaskResult) -> Next {
             message: "the task's result is over the grid's payload limit".into(),
             retryable: false,
         }),
-    })
+        progress: None,
+    }))
 }
 
 #[cfg(test)]
@@ -173,7 +175,7 @@ mod tests {
 
     fn output() -> TaskResult {
         let attempt = AttemptId { run_id: RunId("run".into()), step: "s".into(), item: Some(3), attempt: 2 };
-        TaskResult { attempt, output: Some(json!({"ok": true})), error: None }
+        TaskResult { attempt, output: Some(json!({"ok": true})), error: None, progress: None }
     }
 
     #[test]
