@@ -118,3 +118,25 @@ async fn python_worker_stops_a_task_its_run_no_longer_needs() -> anyhow::Result<
     assert!(grid.logs().contains("cancelled by its run; acking it without a result"), "{}", grid.logs());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_reports_progress_that_its_retry_resumes_from() -> anyhow::Result<()> {
+    check_python();
+    let mut grid = Grid::start(&[]).await?;
+    let script = repo_root().join("tests/python_worker/worker.py");
+    let mut command = Command::new(python_bin());
+    command.arg(script).args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "--pool", "py"]);
+    grid.spawn_worker("python-worker", &mut command)?;
+    let client = grid.client().await?;
+    let flow =
+        "name: py-steps\noutput: steps.count.output\nsteps:\n  - { id: count, kind: task, pool: py, task: steps, \
+                input: '#{ to: 5, fail_at: 2 }', retry: { max_attempts: 2, initial_backoff_ms: 200, jitter: 0 } }\n";
+    deploy(&grid, &client, flow).await?;
+    let start = flowgrid_sdk::StartRun { flow: "py-steps".into(), ..Default::default() };
+    let run = client.start(start).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    // The retry began where the failed attempt's last report said it got to.
+    assert_eq!(view.output, Some(json!({"from": 2, "done": 5})), "{view:?}");
+    Ok(())
+}

@@ -5,7 +5,9 @@ It pulls tasks of one pool from JetStream, runs them, sends each result to the
 coordinator as a NATS request, waits for the acknowledgement, and only then acks the
 task message. Tasks: `echo` (returns its input), `upper` ({"text": s} -> {"text": S}),
 `double` ({"value": n} -> {"value": 2n}, or a bare number -> its double), `sleep`
-({"ms": n}: waits, returns its input). Any other task name is reported as a non-retryable
+({"ms": n}: waits, returns its input), `steps` ({"to": n, "fail_at": k}: counts to n,
+reporting {"done": i} after each step and starting from the progress an earlier attempt
+reported; the first attempt fails after step k). Any other task name is reported as a non-retryable
 `unknown_task` error. A task whose run no longer needs it (a notice on
 `<prefix>.cancels.<pool>`) is stopped and acked without a result.
 
@@ -66,7 +68,7 @@ def encode(value, json_encoded):
     return json.dumps(value).encode() if json_encoded else msgpack.packb(value, use_bin_type=True)
 
 
-async def run_task(name, task_input):
+async def run_task(name, task_input, report=None, progress=None, attempt=1):
     if name == "echo":
         return task_input
     if name == "upper":
@@ -84,6 +86,14 @@ async def run_task(name, task_input):
             raise TaskError("invalid_input", 'sleep expects {"ms": <integer>}', retryable=False)
         await asyncio.sleep(task_input["ms"] / 1000)
         return task_input
+    if name == "steps":
+        start = (progress or {}).get("done", 0)
+        for done in range(start + 1, task_input["to"] + 1):
+            await asyncio.sleep(0.1)
+            await report({"done": done})
+            if attempt == 1 and done == task_input.get("fail_at"):
+                raise TaskError("crashed", f"failed on purpose after step {done}")
+        return {"from": start, "done": task_input["to"]}
     raise TaskError("unknown_task", f"this worker does not know task {name!r}", retryable=False)
 
 
@@ -136,7 +146,19 @@ async def handle(nc, msg):
         return
     beating = asyncio.create_task(heartbeat(msg))
     key = attempt_key(task["attempt"])
-    work = asyncio.create_task(run_task(task["task"], task.get("input")))
+
+    async def report(details):
+        """Tells the coordinator how far the attempt got (a progress report: a result with
+        `progress` instead of `output` or `error`); a failed report only loses the report."""
+        headers = {"Content-Type": JSON_CONTENT_TYPE} if json_encoded else None
+        payload = encode({"attempt": task["attempt"], "progress": details}, json_encoded)
+        try:
+            await nc.request(task["reply_to"], payload, timeout=RESULT_REQUEST_TIMEOUT_SECONDS, headers=headers)
+        except (NatsTimeoutError, NoRespondersError) as error:
+            log.warning("progress report of %s not confirmed: %r", task["attempt"], error)
+
+    attempt = task["attempt"]["attempt"]
+    work = asyncio.create_task(run_task(task["task"], task.get("input"), report, task.get("progress"), attempt))
     running[key] = work
     try:
         try:
