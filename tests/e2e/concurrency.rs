@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flowgrid_sdk::{Client, ErrorCode, ListRuns, RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_sdk::{Client, ErrorCode, LimitSummary, ListRuns, RunId, RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::json;
 
@@ -90,6 +90,26 @@ async fn runs_past_the_limit_wait_queued_and_go_in_order_as_slots_free_up() -> a
 
     let (ok, stdout, _) = grid.cli(&["run", "list", "--flow", "limited"])?;
     assert!(ok && stdout.matches("running (queued)").count() == 3, "{stdout}");
+    // The limit in use, as an operator lists it.
+    let limits = client.limits(Some("limited")).await.or_logs(&grid)?;
+    let expected = LimitSummary {
+        flow: "limited".into(),
+        key: String::new(),
+        max: 2,
+        rate: None,
+        going: 2,
+        queued: 3,
+        next_start_ms: None,
+    };
+    assert_eq!(limits.limits, vec![expected], "{limits:?}");
+    let (ok, stdout, _) = grid.cli(&["flow", "limits", "limited"])?;
+    assert!(
+        ok && stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|row| row.split_whitespace().eq(["limited", "-", "2", "-", "2", "3", "-"])),
+        "{stdout}"
+    );
     let (_, stdout, _) = grid.cli(&["run", "get", r2.as_str()])?;
     assert!(stdout.contains("waiting for its turn under its flow's concurrency limit; holding step go"), "{stdout}");
     let error = client.signal(&r2, "go", json!({})).await.expect_err("a queued run's signal step has not started");
@@ -138,6 +158,9 @@ async fn a_limit_per_key_holds_across_a_coordinator_crash() -> anyhow::Result<()
     grid.coordinators[0].kill_hard();
     grid.start_coordinator().await?;
     wait_admitted(&grid, &client, &[&acme, &acme_next, &initech], &[true, false, true]).await?;
+    let limits = client.limits(None).await.or_logs(&grid)?.limits;
+    let counts: Vec<_> = limits.iter().map(|limit| (limit.key.as_str(), limit.going, limit.queued)).collect();
+    assert_eq!(counts, [("acme", 1, 1), ("initech", 1, 0)], "by key: {limits:?}");
     finish(&grid, &client, &acme).await?;
     wait_admitted(&grid, &client, &[&acme_next, &initech], &[true, true]).await?;
     for run_id in [&acme_next, &initech] {
@@ -185,6 +208,13 @@ async fn a_start_rate_lets_a_burst_go_then_one_run_per_interval_per_key() -> any
     let initech = start(&grid, &client, "rated", json!({"customer": "initech"})).await?;
     let (ok, stdout, _) = grid.cli(&["run", "get", acme[4].as_str()])?;
     assert!(ok && stdout.contains("waiting for its turn under its flow's concurrency limit"), "{stdout}");
+    // The rate holds acme's last runs back: the limit says when the next one goes.
+    let limits = client.limits(Some("rated")).await.or_logs(&grid)?.limits;
+    let acme_limit = limits.iter().find(|limit| limit.key == "acme").expect("acme's limit is in use");
+    assert_eq!(acme_limit.rate, Some(flowgrid_sdk::StartRate { runs: 2, per_ms: 2000 }), "{acme_limit:?}");
+    if acme_limit.queued > 0 {
+        assert!(acme_limit.next_start_ms.is_some(), "a queued run held by the rate has a next start: {acme_limit:?}");
+    }
 
     let acme_ends = ended_ms(&grid, &client, &acme).await?;
     let initech_end = ended_ms(&grid, &client, &[initech]).await?[0];

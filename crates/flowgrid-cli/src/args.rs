@@ -123,6 +123,12 @@ pub enum FlowCommand {
     },
     /// List deployed flows.
     List,
+    /// The concurrency limits in use, of one flow or all: runs going and queued under
+    /// each key, and when a start rate lets the next one go.
+    Limits {
+        /// Only this flow's limits.
+        name: Option<String>,
+    },
     /// Print a flow's definition (YAML, or JSON with --json).
     #[command(visible_alias = "get")]
     Show {

@@ -118,7 +118,6 @@ pub fn span(start: Option<Millis>, end: Option<Millis>) -> String {
     }
 }
 
-/// Unix milliseconds as `2025-03-01T12:34:56Z`.
 /// What starts runs of a flow besides its callers: its schedule and its trigger, `-` for
 /// neither.
 pub fn started_by(flow: &flowgrid_proto::FlowSummary) -> String {
@@ -141,6 +140,23 @@ pub fn started_by(flow: &flowgrid_proto::FlowSummary) -> String {
         (false, None) => parts.join(", "),
         (false, Some(_)) => format!("{} (paused)", parts.join(", ")),
     }
+}
+
+/// The limits of `limit.list`: one row per flow and key, with what bounds it, its runs
+/// going and queued, and when its rate lets the next one go.
+pub fn limit_table(list: &flowgrid_proto::LimitList) -> Table {
+    let mut table = Table::new(&["FLOW", "KEY", "MAX", "RATE", "GOING", "QUEUED", "NEXT START"]);
+    for limit in &list.limits {
+        let max = if limit.max == 0 { "-".to_owned() } else { limit.max.to_string() };
+        let rate = limit.rate.map_or("-".to_owned(), |rate| format!("{} per {}", rate.runs, duration_ms(rate.per_ms)));
+        let next = limit
+            .next_start_ms
+            .map_or("-".to_owned(), |next_ms| format!("in {}", duration_ms(next_ms.saturating_sub(now_ms()))));
+        let key = if limit.key.is_empty() { "-".to_owned() } else { limit.key.clone() };
+        let row = [limit.flow.clone(), key, max, rate, limit.going.to_string(), limit.queued.to_string(), next];
+        table.row(row.to_vec());
+    }
+    table
 }
 
 /// How often a run was redriven, and when last: `once, last at ...` or `3 times, last at ...`.

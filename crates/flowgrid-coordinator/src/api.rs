@@ -13,9 +13,9 @@ use flowgrid_model::limits::{nesting_depth, REASON_BYTES_MAX, SUBFLOW_DEPTH_MAX}
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused,
-    GateMessage, GateTaken, GetFlow, GetRun, ListFlows, ListRuns, PauseFlow, PauseRun, RedriveRun, Reply, RunList,
-    RunPaused, RunRedriven, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, StartRuns,
-    START_MANY_RUNS_MAX,
+    GateMessage, GateTaken, GetFlow, GetRun, LimitList, ListFlows, ListLimits, ListRuns, PauseFlow, PauseRun,
+    RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun,
+    StartRuns, START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -37,7 +37,7 @@ const LIST_LIMIT_MAX: u32 = 1_000;
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 /// Every API verb.
-const VERBS: [&str; 19] = [
+const VERBS: [&str; 20] = [
     "flow.deploy",
     "flow.list",
     "flow.get",
@@ -57,6 +57,7 @@ const VERBS: [&str; 19] = [
     "gate.acquire",
     "gate.release",
     "run.admit",
+    "limit.list",
 ];
 
 /// Serves API requests by asking the owners of the shards concerned.
@@ -168,6 +169,7 @@ impl Api {
                 call(encoding, payload, |request| self.start_runs(request, request_bytes)).await
             }
             "run.get" => call(encoding, payload, |request: GetRun| self.get_run(request)).await,
+            "limit.list" => call(encoding, payload, |request| self.list_limits(request)).await,
             "run.list" => call(encoding, payload, |request| self.list_runs(request)).await,
             "run.cancel" => call(encoding, payload, |request| self.cancel_run(request)).await,
             "run.redrive" => call(encoding, payload, |request| self.redrive_run(request)).await,
@@ -494,6 +496,27 @@ impl Api {
 
     /// Newest first over every shard: each shard gives its newest matching runs older than
     /// the cursor, and the merge keeps the newest `limit`.
+    /// Every shard's limits in use, by flow and key; the busiest first past
+    /// [`LimitList::LIMITS_MAX`].
+    async fn list_limits(&self, request: ListLimits) -> Result<LimitList, ApiError> {
+        let query = ShardRequest::Limits { flow: request.flow };
+        let mut limits = self
+            .ask_all(query, |reply| match reply {
+                ShardReply::Limits(limits) => Ok(limits),
+                other => Err(other),
+            })
+            .await?;
+        limits.sort_by(|left, right| {
+            (right.queued, right.going)
+                .cmp(&(left.queued, left.going))
+                .then_with(|| (&left.flow, &left.key).cmp(&(&right.flow, &right.key)))
+        });
+        let more = limits.len().saturating_sub(LimitList::LIMITS_MAX) as u32;
+        limits.truncate(LimitList::LIMITS_MAX);
+        limits.sort_by(|left, right| (&left.flow, &left.key).cmp(&(&right.flow, &right.key)));
+        Ok(LimitList { limits, more })
+    }
+
     async fn list_runs(&self, request: ListRuns) -> Result<RunList, ApiError> {
         let limit = request.limit.unwrap_or(LIST_LIMIT_DEFAULT);
         if limit == 0 || limit > LIST_LIMIT_MAX {

@@ -14,8 +14,8 @@ use flowgrid_engine::RunView;
 use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, Labels, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, GateMessage,
-    GateTaken, ListRuns, PauseRun, RedriveRun, Reply, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted,
-    RunSummary,
+    GateTaken, LimitSummary, ListRuns, PauseRun, RedriveRun, Reply, RunCancelled, RunPaused, RunRedriven, RunSignalled,
+    RunStarted, RunSummary,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -96,6 +96,10 @@ pub enum ShardRequest {
         verb: GateVerb,
         message: GateMessage,
     },
+    /// The concurrency limits the shard keeps (of one flow, or all).
+    Limits {
+        flow: Option<String>,
+    },
 }
 
 /// The answer to a [`ShardRequest`], one variant per request.
@@ -115,6 +119,7 @@ pub enum ShardReply {
     Flows(Vec<FlowSummary>),
     ChildEndTaken(ChildEndTaken),
     GateTaken(GateTaken),
+    Limits(Vec<LimitSummary>),
 }
 
 /// The shards this coordinator serves right now, by shard number.
@@ -284,6 +289,9 @@ impl Router {
             }
             ShardRequest::Gate { verb, message } => {
                 handle.ask(|reply| Command::Gate { verb, message, reply }).await.map(ShardReply::GateTaken)
+            }
+            ShardRequest::Limits { flow } => {
+                handle.ask(|reply| Command::Limits { flow, reply }).await.map(ShardReply::Limits)
             }
         }
     }

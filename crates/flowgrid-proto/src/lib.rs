@@ -49,6 +49,8 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("start-child-run.json", schema_for!(StartChildRun)),
         ("child-run-ended.json", schema_for!(ChildRunEnded)),
         ("child-end-taken.json", schema_for!(Reply<ChildEndTaken>)),
+        ("list-limits.json", schema_for!(ListLimits)),
+        ("limit-list.json", schema_for!(Reply<LimitList>)),
         ("gate-message.json", schema_for!(GateMessage)),
         ("gate-taken.json", schema_for!(Reply<GateTaken>)),
         ("task-message.json", schema_for!(TaskMessage)),

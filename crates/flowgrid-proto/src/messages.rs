@@ -417,6 +417,50 @@ pub struct ChildEndTaken {
     pub applied: bool,
 }
 
+/// `limit.list`: the concurrency limits in use (a run holds a slot or waits, or a start
+/// rate is refilling), of one flow or of all.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LimitList {
+    /// By flow, then key; at most [`LimitList::LIMITS_MAX`]: the busiest, when more are in use.
+    pub limits: Vec<LimitSummary>,
+    /// Limits in use left out of `limits`.
+    #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
+    pub more: u32,
+}
+
+impl LimitList {
+    /// Limits one reply lists at most.
+    pub const LIMITS_MAX: usize = 1_000;
+}
+
+/// One concurrency limit in use: one flow and one key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LimitSummary {
+    pub flow: String,
+    /// The runs' concurrency key (`""` for a limit without one).
+    pub key: String,
+    /// Runs at once, as the latest run's flow version gives it; 0: no bound.
+    #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
+    pub max: u32,
+    /// Runs started per period, as the latest run's flow version gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<flowgrid_model::StartRate>,
+    /// Runs admitted and not ended.
+    pub going: u32,
+    /// Runs waiting for their turn.
+    pub queued: u32,
+    /// When the start rate lets the first queued run go (Unix ms), if it holds it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_start_ms: Option<u64>,
+}
+
 /// A message about one run's place under its flow's concurrency limit, sent between
 /// coordinators until taken:
 /// - `<prefix>.api.gate.acquire`: a run that started (or was redriven) queued asks for a

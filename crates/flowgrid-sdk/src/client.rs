@@ -22,9 +22,9 @@ use flowgrid_engine::RunView;
 use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
-    FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, ListFlows, ListRuns, PauseFlow, PauseRun, ProtoError,
-    RedriveRun, Reply, RunCancelled, RunList, RunPaused, RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun,
-    StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
+    FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, LimitList, ListFlows, ListLimits, ListRuns, PauseFlow,
+    PauseRun, ProtoError, RedriveRun, Reply, RunCancelled, RunList, RunPaused, RunRedriven, RunSignalled, RunStarted,
+    RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -152,6 +152,12 @@ impl Client {
     /// Every deployed flow with its latest version.
     pub async fn flows(&self) -> Result<FlowList> {
         self.call("flow.list", &ListFlows {}, OnTimeout::Retry).await
+    }
+
+    /// The concurrency limits in use (runs going or queued under them, or a start rate
+    /// refilling), of `flow` or of every flow.
+    pub async fn limits(&self, flow: Option<&str>) -> Result<LimitList> {
+        self.call("limit.list", &ListLimits { flow: flow.map(str::to_owned) }, OnTimeout::Retry).await
     }
 
     /// One version of a flow (the latest when `version` is `None`).

@@ -28,9 +28,9 @@ pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, 
 pub use futures::future::BoxFuture;
 
 pub use flowgrid_engine::{Paused, RunStatus, RunView, StepStatus, StepView, TaskError};
-pub use flowgrid_model::{AttemptId, Millis, RunId};
+pub use flowgrid_model::{AttemptId, Millis, RunId, StartRate};
 pub use flowgrid_proto::{
-    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowPause, FlowPaused, FlowSummary, ListRuns, RunCancelled,
-    RunList, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, RunsStarted, StartRun, StartRuns,
-    START_MANY_RUNS_MAX,
+    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowPause, FlowPaused, FlowSummary, LimitList, LimitSummary,
+    ListRuns, RunCancelled, RunList, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, RunsStarted,
+    StartRun, StartRuns, START_MANY_RUNS_MAX,
 };

@@ -52,6 +52,19 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
                 out!("{}", table.render())?;
             }
         }
+        FlowCommand::Limits { name } => {
+            let list = client.limits(name.as_deref()).await?;
+            if session.json {
+                print_json(&list)?;
+            } else if list.limits.is_empty() {
+                eprintln!("no concurrency limit in use: no run of a limited flow is going or queued");
+            } else {
+                out!("{}", crate::output::limit_table(&list).render())?;
+                if list.more > 0 {
+                    eprintln!("{} more limits in use not shown (the busiest are)", list.more);
+                }
+            }
+        }
         FlowCommand::Check { files } => return check(&files, session),
         FlowCommand::Pause { name, reason } => print_paused(&client.pause_flow(&name, reason).await?, session)?,
         FlowCommand::Resume { name, reason } => print_paused(&client.resume_flow(&name, reason).await?, session)?,

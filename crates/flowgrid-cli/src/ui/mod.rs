@@ -111,10 +111,12 @@ struct FlowQuery {
 
 async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Query(query): Query<FlowQuery>) -> Response {
     let recent = ListRuns { flow: Some(name.clone()), limit: Some(RECENT_RUNS), ..Default::default() };
-    let (info, recent) = tokio::join!(ui.client.flow(&name, query.version), ui.client.list(recent));
+    let (info, recent, limits) =
+        tokio::join!(ui.client.flow(&name, query.version), ui.client.list(recent), ui.client.limits(Some(&name)));
     match info {
         Ok(info) => {
-            page(pages::flow(&info, &recent.map(|list| list.runs).map_err(|error| error.to_string()), ui.actions()))
+            let recent = recent.map(|list| list.runs).map_err(|error| error.to_string());
+            page(pages::flow(&info, &recent, &limits.map_err(|error| error.to_string()), ui.actions()))
         }
         Err(error) => api_failure(&error),
     }

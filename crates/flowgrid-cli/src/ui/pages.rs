@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
 use flowgrid_model::{FlowDefinition, Millis, ParentRef, RunId, Step};
-use flowgrid_proto::{FlowInfo, FlowSummary, RunList, RunSummary};
+use flowgrid_proto::{FlowInfo, FlowSummary, LimitList, RunList, RunSummary};
 
 use super::dag::Layout;
 use crate::output::{self, duration_ms, item_counts, now_ms, span, utc_time, utc_time_ms};
@@ -166,7 +166,12 @@ pub fn overview(
     )
 }
 
-pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>, actions: Option<&str>) -> Markup {
+pub fn flow(
+    info: &FlowInfo,
+    recent: &Result<Vec<RunSummary>, String>,
+    limits: &Result<LimitList, String>,
+    actions: Option<&str>,
+) -> Markup {
     let definition = &info.definition;
     let yaml = serde_norway::to_string(definition).unwrap_or_else(|error| format!("cannot print it: {error}"));
     layout(
@@ -217,6 +222,29 @@ pub fn flow(info: &FlowInfo, recent: &Result<Vec<RunSummary>, String>, actions: 
                     input type="hidden" name="flow" value=(info.name);
                     label { "Input (JSON) " textarea name="input" rows="3" placeholder="{}" {} }
                     button type="submit" { "Start a run of the latest version" }
+                }
+            }
+            @if definition.concurrency.is_some() {
+                h2 { "Concurrency limits in use" }
+                @match limits {
+                    Err(error) => (unavailable("the limits", error)),
+                    Ok(list) if list.limits.is_empty() => p.muted { "No run of this flow is going or queued under its limit." },
+                    Ok(list) => {
+                        table {
+                            tr { th { "Key" } th { "Max" } th { "Rate" } th { "Going" } th { "Queued" } th { "Next start" } }
+                            @for limit in &list.limits {
+                                tr {
+                                    td { @if limit.key.is_empty() { "-" } @else { code { (limit.key) } } }
+                                    td { @if limit.max == 0 { "-" } @else { (limit.max) } }
+                                    td { @match limit.rate { Some(rate) => { (rate.runs) " per " (duration_ms(rate.per_ms)) } None => { "-" } } }
+                                    td { (limit.going) }
+                                    td { @if limit.queued > 0 { span.queued { (limit.queued) } } @else { "0" } }
+                                    td { @match limit.next_start_ms { Some(next_ms) => { (utc_time(next_ms)) " UTC" } None => { "-" } } }
+                                }
+                            }
+                        }
+                        @if list.more > 0 { p.muted { (list.more) " more keys in use not shown (the busiest are)." } }
+                    }
                 }
             }
             h2 { "Latest runs of this flow" }

@@ -339,6 +339,10 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = self.take_gate_message(verb, message, batch);
                 batch.reply(reply, outcome);
             }
+            Command::Limits { flow, reply } => {
+                let outcome = Ok(self.limit_summaries(flow.as_deref()));
+                batch.reply(reply, outcome);
+            }
             Command::OutboxDelivered { key } => batch.writes.clear_range(flowgrid_store::keys::chunks_range(&key)),
         }
     }

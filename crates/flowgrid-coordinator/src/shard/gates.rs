@@ -20,7 +20,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use flowgrid_engine::{Event, Run};
 use flowgrid_model::{Millis, RunId, StartRate};
-use flowgrid_proto::{ApiError, ErrorCode, GateMessage, GateTaken};
+use flowgrid_proto::{ApiError, ErrorCode, GateMessage, GateTaken, LimitSummary};
 use flowgrid_store::{keys, ShardStore};
 use tracing::{debug, warn};
 
@@ -249,6 +249,28 @@ impl<S: ShardStore> ShardActor<S> {
         batch.writes.clear(keys::gate(&id.0, &id.1, run_id));
         self.admit_waiting(&id, batch);
         true
+    }
+
+    /// The limits this shard keeps (of `flow`, or all), as `limit.list` shows them.
+    pub(super) fn limit_summaries(&self, flow: Option<&str>) -> Vec<LimitSummary> {
+        self.gates
+            .gates
+            .iter()
+            .filter(|((gate_flow, _), _)| flow.is_none_or(|flow| flow == gate_flow))
+            .map(|((flow, key), gate)| LimitSummary {
+                flow: flow.clone(),
+                key: key.clone(),
+                max: gate.max,
+                rate: gate.rate,
+                going: gate.holders.len() as u32,
+                queued: gate.queue.waiting.len() as u32,
+                next_start_ms: gate
+                    .rate
+                    .filter(|_| !gate.queue.is_empty())
+                    .map(|rate| next_start_us(rate, gate.full_us).div_ceil(1_000))
+                    .filter(|next_ms| *next_ms > now_ms()),
+            })
+            .collect()
     }
 
     /// The next time a limit has something to do on its own.

@@ -148,6 +148,11 @@ pub enum Command {
         message: flowgrid_proto::GateMessage,
         reply: Responder<flowgrid_proto::GateTaken>,
     },
+    /// The concurrency limits this shard keeps (of one flow, or all).
+    Limits {
+        flow: Option<String>,
+        reply: Responder<Vec<flowgrid_proto::LimitSummary>>,
+    },
     /// A message of this shard's outbox was taken by its receiver: delete it.
     OutboxDelivered {
         key: Vec<u8>,
