@@ -95,3 +95,32 @@ async fn a_failed_item_stops_the_other_items_of_its_run() -> anyhow::Result<()> 
     wait_held(&grid, "a", (0, 0), STOP_DEADLINE).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_cancels_the_runs_of_a_flow_that_match_its_filter() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, LONG_FLOW).await?;
+    let start = |customer: &str| StartRun {
+        flow: "long-items".into(),
+        labels: [("customer".to_owned(), customer.to_owned())].into_iter().collect(),
+        ..Default::default()
+    };
+    let acme = [client.start(start("acme")).await.or_logs(&grid)?.run_id, client.start(start("acme")).await?.run_id];
+    let initech = client.start(start("initech")).await.or_logs(&grid)?.run_id;
+    wait_held(&grid, "a", (9, 0), RUN_DEADLINE).await?;
+
+    let (ok, stdout, stderr) =
+        grid.cli(&["run", "cancel", "--flow", "long-items", "--label", "customer=acme", "--reason", "acme left"])?;
+    assert!(ok && stdout.contains("cancelled 2 of 2 run(s); 0 refused"), "{stdout}{stderr}");
+    for run_id in &acme {
+        assert_eq!(client.get(run_id).await?.status, RunStatus::Cancelled);
+    }
+    assert_eq!(client.get(&initech).await?.status, RunStatus::Running);
+    // Acme's six tasks stopped; initech's go on.
+    wait_held(&grid, "a", (3, 0), STOP_DEADLINE).await?;
+    let (ok, _, stderr) = grid.cli(&["run", "cancel", initech.as_str(), "--label", "customer=acme"])?;
+    assert!(!ok && stderr.contains("go with --flow"), "{stderr}");
+    assert_eq!(client.get(&initech).await?.status, RunStatus::Running, "a refused command changes nothing");
+    Ok(())
+}

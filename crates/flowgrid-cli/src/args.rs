@@ -214,10 +214,13 @@ pub enum RunCommand {
         #[arg(long)]
         data_file: Option<PathBuf>,
     },
-    /// Ask a run to stop.
+    /// Stop runs: the runs named, or with --flow every running run of a flow that matches
+    /// (queued ones too). Their open steps are cancelled and their workers told.
+    #[command(arg_required_else_help = true)]
     Cancel {
-        run_id: String,
-        /// Why, recorded with the run.
+        #[command(flatten)]
+        runs: RunSelection,
+        /// Why, recorded with each run.
         #[arg(long, default_value = "cancelled from the command line")]
         reason: String,
     },

@@ -103,8 +103,18 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             }
             Ok(ExitCode::SUCCESS)
         }
-        RunCommand::Cancel { run_id, reason } => {
-            let cancelled = client.cancel(&RunId(run_id.into()), reason).await?;
+        RunCommand::Cancel { runs, reason } => {
+            let mut runs = selected_runs(client, runs, "cancel", |_| true).await?;
+            if runs.len() != 1 {
+                let verb = Verb { doing: "cancelling", did: "cancelled", key: "cancelled" };
+                let reason = reason.as_str();
+                return for_each_run(runs, verb, "", session, |run_id| async move {
+                    let cancelled = client.cancel(&run_id, reason).await;
+                    (run_id, cancelled.map(|cancelled| cancelled.status == RunStatus::Cancelled))
+                })
+                .await;
+            }
+            let cancelled = client.cancel(&runs.remove(0), reason).await?;
             if session.json {
                 print_json(&cancelled)?;
             } else if cancelled.status == RunStatus::Cancelled {
@@ -235,20 +245,8 @@ async fn pause_or_resume(
     reason: String,
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
-    let RunSelection { run_ids, flow, limit, filter } = selection;
     let verb = if pause { "pause" } else { "resume" };
-    anyhow::ensure!(flow.is_some() || !run_ids.is_empty(), "name the runs to {verb}, or --flow for a flow's runs");
-    anyhow::ensure!(
-        flow.is_some() || (limit.is_none() && !filter.is_set()),
-        "--limit, --label, --since and --until go with --flow"
-    );
-    let runs = match flow {
-        Some(flow) => {
-            let query = ListRuns { flow: Some(flow), status: Some(RunStatus::Running), ..filter.query() };
-            matching_runs(client, query, limit, |run| pause || run.paused).await?
-        }
-        None => run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect(),
-    };
+    let runs = selected_runs(client, selection, verb, |run| pause || run.paused).await?;
     let reason = reason.as_str();
     if let [run_id] = runs.as_slice() {
         let outcome = if pause { client.pause(run_id, reason).await? } else { client.resume(run_id, reason).await? };
@@ -279,6 +277,29 @@ async fn pause_or_resume(
         (run_id, outcome.map(|outcome| outcome.applied))
     })
     .await
+}
+
+/// The runs a selection names, or with `--flow` the running runs of the flow that match its
+/// filter and `keep`; `verb` says what is done to them, for errors.
+async fn selected_runs(
+    client: &Client,
+    selection: RunSelection,
+    verb: &str,
+    keep: impl Fn(&flowgrid_proto::RunSummary) -> bool,
+) -> anyhow::Result<Vec<RunId>> {
+    let RunSelection { run_ids, flow, limit, filter } = selection;
+    anyhow::ensure!(flow.is_some() || !run_ids.is_empty(), "name the runs to {verb}, or --flow for a flow's runs");
+    anyhow::ensure!(
+        flow.is_some() || (limit.is_none() && !filter.is_set()),
+        "--limit, --label, --since and --until go with --flow"
+    );
+    Ok(match flow {
+        Some(flow) => {
+            let query = ListRuns { flow: Some(flow), status: Some(RunStatus::Running), ..filter.query() };
+            matching_runs(client, query, limit, keep).await?
+        }
+        None => run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect(),
+    })
 }
 
 fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow::Result<StartRun> {
