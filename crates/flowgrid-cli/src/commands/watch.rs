@@ -60,6 +60,19 @@ struct Change {
 fn changes(before: Option<&RunView>, now: &RunView) -> Vec<Change> {
     let mut changes = Vec::new();
     let run = |at_ms: u64, what: String| Change { at_ms, subject: "run".to_owned(), what };
+    let was_queued = before.and_then(|before| before.queued.as_ref());
+    match (&now.queued, was_queued) {
+        (Some(queued), None) => {
+            changes.push(run(queued.since_ms, "queued: waiting for its turn under its flow's concurrency limit".into()))
+        }
+        (None, Some(queued)) if !now.status.is_terminal() => {
+            // Admitted when the first step it held started (or, none started yet, now).
+            let held = now.steps.iter().filter(|step| queued.held.contains(&step.id));
+            let at_ms = held.filter_map(|step| step.started_ms).min().unwrap_or_else(now_ms);
+            changes.push(run(at_ms, "admitted by its flow's limit".into()))
+        }
+        _ => {}
+    }
     match before {
         None => changes.push(run(now.created_ms, format!("started ({}@{})", now.flow, now.version))),
         Some(before) => {
@@ -240,5 +253,19 @@ mod tests {
         assert_eq!(lines(changes(Some(&going), &paused)), ["run paused: db"]);
         assert_eq!(lines(changes(Some(&paused), &going)), ["run resumed"]);
         assert_eq!(clock(1_796_481_597_825), "14:39:57.825");
+    }
+
+    #[test]
+    fn a_watch_tells_a_queued_run_and_its_admission() {
+        let mut queued = view(RunStatus::Running, vec![step("fetch", StepStatus::Pending, 0)]);
+        queued.queued = Some(flowgrid_engine::Queued { since_ms: 1_000, held: vec!["fetch".into()] });
+        let started = lines(changes(None, &queued));
+        assert_eq!(
+            started,
+            ["run queued: waiting for its turn under its flow's concurrency limit", "run started (f@2)"]
+        );
+        let admitted = view(RunStatus::Running, vec![step("fetch", StepStatus::Running, 1)]);
+        assert_eq!(lines(changes(Some(&queued), &admitted)), ["run admitted by its flow's limit", "fetch running"]);
+        assert!(changes(Some(&admitted), &admitted).is_empty());
     }
 }
