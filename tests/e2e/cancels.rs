@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull;
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{free_port, metric_value, scrape_metrics, Grid};
+use flowgrid_tests::{metric_value, scrape_metrics, Grid};
 
 use crate::{deploy, OrLogs, RUN_DEADLINE};
 
@@ -56,11 +56,7 @@ pub(crate) async fn wait_held(grid: &Grid, pool: &str, expected: (u64, u64), wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_runs_tasks_are_stopped_and_acked_by_their_workers() -> anyhow::Result<()> {
-    let mut grid = Grid::start_nats()?;
-    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
-    grid.spawn_coordinator_with_metrics(&metrics_addr)?;
-    grid.wait_until_serving().await?;
-    grid.start_workers(&["a"], 8)?;
+    let (grid, metrics_addr) = Grid::start_with_metrics(&["a"], 8).await?;
     let client = grid.client().await?;
     deploy(&grid, &client, LONG_FLOW).await?;
     let run = client.start(StartRun { flow: "long-items".into(), ..Default::default() }).await.or_logs(&grid)?;

@@ -1,7 +1,7 @@
 //! The coordinator's Prometheus endpoint, scraped after real work as an operator would.
 
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{free_port, metric_value, scrape_metrics, wait_for, Grid};
+use flowgrid_tests::{metric_value, scrape_metrics, wait_for, Grid};
 use serde_json::json;
 
 use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
@@ -10,11 +10,7 @@ const RUNS: u64 = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> {
-    let mut grid = Grid::start_nats()?;
-    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
-    grid.spawn_coordinator_with_metrics(&metrics_addr)?;
-    grid.wait_until_serving().await?;
-    grid.start_workers(&["a"], 8)?;
+    let (grid, metrics_addr) = Grid::start_with_metrics(&["a"], 8).await?;
     let client = grid.client().await?;
     deploy(&grid, &client, ECHO_FLOW).await?;
     for index in 0..RUNS {

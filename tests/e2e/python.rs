@@ -55,18 +55,31 @@ fn check_python() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_worker_completes_its_pools_tasks() -> anyhow::Result<()> {
+/// A grid with no demo workers and the Python worker serving pool `py` (exiting after
+/// `max_tasks`, if given), and a client.
+async fn grid_with_python_worker(max_tasks: Option<usize>) -> anyhow::Result<(Grid, flowgrid_sdk::Client)> {
     check_python();
     let mut grid = Grid::start(&[]).await?;
-    let script = repo_root().join("tests/python_worker/worker.py");
     let mut command = Command::new(python_bin());
-    command
-        .arg(script)
-        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "--pool", "py"])
-        .args(["--max-tasks", &PYTHON_TASKS.to_string()]);
+    command.arg(repo_root().join("tests/python_worker/worker.py")).args([
+        "--nats-url",
+        &grid.nats_url,
+        "--prefix",
+        &grid.prefix,
+        "--pool",
+        "py",
+    ]);
+    if let Some(max_tasks) = max_tasks {
+        command.args(["--max-tasks", &max_tasks.to_string()]);
+    }
     grid.spawn_worker("python-worker", &mut command)?;
     let client = grid.client().await?;
+    Ok((grid, client))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_completes_its_pools_tasks() -> anyhow::Result<()> {
+    let (grid, client) = grid_with_python_worker(Some(PYTHON_TASKS)).await?;
     deploy(&grid, &client, PYTHON_FLOW).await?;
 
     let input = json!({"text": "héllo grid", "tags": ["a", 1, null, 2.5], "n": 21, "values": [1, 2, 3, 4, 5]});
@@ -100,13 +113,7 @@ async fn python_worker_completes_its_pools_tasks() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_worker_stops_a_task_its_run_no_longer_needs() -> anyhow::Result<()> {
-    check_python();
-    let mut grid = Grid::start(&[]).await?;
-    let script = repo_root().join("tests/python_worker/worker.py");
-    let mut command = Command::new(python_bin());
-    command.arg(script).args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "--pool", "py"]);
-    grid.spawn_worker("python-worker", &mut command)?;
-    let client = grid.client().await?;
+    let (grid, client) = grid_with_python_worker(None).await?;
     let flow = "name: py-sleep\nsteps:\n  - { id: nap, kind: task, pool: py, task: sleep, input: '#{ ms: 600000 }' }\n";
     deploy(&grid, &client, flow).await?;
     let start = flowgrid_sdk::StartRun { flow: "py-sleep".into(), ..Default::default() };
@@ -121,13 +128,7 @@ async fn python_worker_stops_a_task_its_run_no_longer_needs() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_worker_reports_progress_that_its_retry_resumes_from() -> anyhow::Result<()> {
-    check_python();
-    let mut grid = Grid::start(&[]).await?;
-    let script = repo_root().join("tests/python_worker/worker.py");
-    let mut command = Command::new(python_bin());
-    command.arg(script).args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "--pool", "py"]);
-    grid.spawn_worker("python-worker", &mut command)?;
-    let client = grid.client().await?;
+    let (grid, client) = grid_with_python_worker(None).await?;
     let flow =
         "name: py-steps\noutput: steps.count.output\nsteps:\n  - { id: count, kind: task, pool: py, task: steps, \
                 input: '#{ to: 5, fail_at: 2 }', retry: { max_attempts: 2, initial_backoff_ms: 200, jitter: 0 } }\n";

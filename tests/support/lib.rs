@@ -120,6 +120,17 @@ impl Grid {
         Ok(grid)
     }
 
+    /// [`Grid::start`] with the coordinator serving Prometheus metrics; returns their
+    /// address too.
+    pub async fn start_with_metrics(pools: &[&str], concurrency: u32) -> Result<(Grid, String)> {
+        let mut grid = Grid::start_nats()?;
+        let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        grid.spawn_coordinator_with_metrics(&metrics_addr)?;
+        grid.wait_until_serving().await?;
+        grid.start_workers(pools, concurrency)?;
+        Ok((grid, metrics_addr))
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
