@@ -125,7 +125,9 @@ pub fn started_by(flow: &flowgrid_proto::FlowSummary) -> String {
     if let Some(schedule) = &flow.schedule {
         match (&schedule.every_ms, &schedule.cron) {
             (Some(every_ms), _) => parts.push(format!("every {}", duration_ms(*every_ms))),
-            (None, Some(cron)) => parts.push(format!("cron {cron}")),
+            (None, Some(cron)) => {
+                parts.push(format!("cron {cron} ({})", schedule.timezone.as_deref().unwrap_or("UTC")))
+            }
             (None, None) => {}
         }
     }
@@ -225,9 +227,16 @@ mod tests {
         assert_eq!(started_by(&flow), "every 1m00s, stream ORDERS (orders.*.created)");
         flow.schedule = Some(flowgrid_model::Schedule { cron: Some("0 */6 * * *".into()), ..Default::default() });
         flow.trigger = Some(flowgrid_model::Trigger { stream: "ORDERS".into(), ..Default::default() });
-        assert_eq!(started_by(&flow), "cron 0 */6 * * *, stream ORDERS");
+        assert_eq!(started_by(&flow), "cron 0 */6 * * * (UTC), stream ORDERS");
         flow.paused = Some(flowgrid_proto::FlowPause { since_ms: 0, reason: "incident".into() });
-        assert_eq!(started_by(&flow), "cron 0 */6 * * *, stream ORDERS (paused)");
+        assert_eq!(started_by(&flow), "cron 0 */6 * * * (UTC), stream ORDERS (paused)");
+        let berlin = flowgrid_model::Schedule {
+            cron: Some("0 9 * * 1-5".into()),
+            timezone: Some("Europe/Berlin".into()),
+            ..Default::default()
+        };
+        flow.schedule = Some(berlin);
+        assert_eq!(started_by(&flow), "cron 0 9 * * 1-5 (Europe/Berlin), stream ORDERS (paused)");
     }
 
     #[test]

@@ -85,10 +85,14 @@ pub struct Schedule {
     /// 366 days): 60000 starts one at the start of every minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub every_ms: Option<u64>,
-    /// A cron expression of 5 fields, in UTC: minute, hour, day of month, month, day of
-    /// week (`0 */6 * * *`: every six hours on the hour).
+    /// A cron expression of 5 fields, in UTC unless `timezone` names another zone: minute,
+    /// hour, day of month, month, day of week (`0 */6 * * *`: every six hours on the hour).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
+    /// With `cron`: the IANA time zone whose wall clock the expression reads
+    /// (`Europe/Berlin`), summer time included. Default UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
     /// The input of every run it starts.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub input: serde_json::Value,

@@ -246,7 +246,11 @@ impl FlowPlan {
             .collect();
         let schedule = definition.schedule.as_ref().map(|schedule| match (&schedule.every_ms, &schedule.cron) {
             (Some(every_ms), _) => Timetable::Every(*every_ms),
-            (None, Some(cron)) => Timetable::cron(cron).expect("validation parsed the cron expression"),
+            (None, Some(cron)) => {
+                let zone = schedule.timezone.as_deref().map_or(Ok(chrono_tz::Tz::UTC), Timetable::zone);
+                Timetable::cron_in(cron, zone.expect("validation parsed the time zone"))
+                    .expect("validation parsed the cron expression")
+            }
             (None, None) => unreachable!("validation requires every_ms or cron"),
         });
         let concurrency = definition.concurrency.as_ref().map(|concurrency| PlanConcurrency {

@@ -2,10 +2,12 @@
 //!
 //! Slots are moments in UTC, the same on every coordinator: an `every_ms` schedule's slots
 //! are the multiples of `every_ms` since the Unix epoch, a cron schedule's slots the
-//! minutes its expression matches. A run started for a slot carries the slot in its
-//! idempotency key, so each slot starts one run however many coordinators see it.
+//! minutes its expression matches on the wall clock of its time zone (UTC by default). A
+//! run started for a slot carries the slot in its idempotency key, so each slot starts one
+//! run however many coordinators see it.
 
 use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 
 use crate::Millis;
 
@@ -19,16 +21,21 @@ pub const EVERY_MS_MAX: u64 = crate::limits::DURATION_MS_MAX;
 pub enum Timetable {
     /// At every multiple of this many milliseconds since the Unix epoch.
     Every(u64),
-    /// At every minute a cron expression (5 fields, UTC) matches.
-    Cron(Box<croner::Cron>),
+    /// At every minute a cron expression (5 fields) matches on the wall clock of a zone.
+    Cron(Box<croner::Cron>, Tz),
 }
 
 impl Timetable {
     /// Parses a cron expression: 5 fields (minute, hour, day of month, month, day of week).
     /// One that never matches (`0 0 30 2 *`) is refused too.
     pub fn cron(expression: &str) -> Result<Timetable, String> {
+        Timetable::cron_in(expression, Tz::UTC)
+    }
+
+    /// [`Timetable::cron`] read on the wall clock of `zone`.
+    pub fn cron_in(expression: &str, zone: Tz) -> Result<Timetable, String> {
         let cron = croner::Cron::new(expression).parse().map_err(|error| error.to_string())?;
-        let timetable = Timetable::Cron(Box::new(cron));
+        let timetable = Timetable::Cron(Box::new(cron), zone);
         match timetable.next_after(0) {
             Some(_) => Ok(timetable),
             None => Err("it never matches".to_owned()),
@@ -40,12 +47,17 @@ impl Timetable {
     pub fn next_after(&self, after_ms: Millis) -> Option<Millis> {
         match self {
             Timetable::Every(every_ms) => Some((after_ms / every_ms + 1) * every_ms),
-            Timetable::Cron(cron) => {
-                let after = DateTime::<Utc>::from_timestamp_millis(i64::try_from(after_ms).ok()?)?;
+            Timetable::Cron(cron, zone) => {
+                let after = DateTime::<Utc>::from_timestamp_millis(i64::try_from(after_ms).ok()?)?.with_timezone(zone);
                 let next = cron.find_next_occurrence(&after, false).ok()?;
                 u64::try_from(next.timestamp_millis()).ok()
             }
         }
+    }
+
+    /// The IANA time zone `name` (`Europe/Berlin`), or why it is none.
+    pub fn zone(name: &str) -> Result<Tz, String> {
+        name.parse::<Tz>().map_err(|_| format!("`{name}` is not an IANA time zone: use a name such as `Europe/Berlin`"))
     }
 
     /// The idempotency key of the run started for `slot_ms`.
@@ -79,5 +91,33 @@ mod tests {
         assert_eq!(Timetable::cron("0 0 30 2 *").err().as_deref(), Some("it never matches"));
         assert!(started.elapsed() < std::time::Duration::from_secs(2), "took {:?}", started.elapsed());
         assert_eq!(Timetable::run_key(midnight), "schedule-1767225600000");
+    }
+
+    #[test]
+    fn cron_slots_in_a_zone_follow_its_wall_clock_through_summer_time() {
+        let nine = Timetable::cron_in("0 9 * * *", Timetable::zone("Europe/Berlin").unwrap()).unwrap();
+        // 2026-01-15T00:00:00Z: 9:00 in Berlin is 8:00 UTC in winter (UTC+1).
+        let winter = 1_768_435_200_000;
+        assert_eq!(nine.next_after(winter), Some(winter + 8 * 3_600_000));
+        // 2026-07-15T00:00:00Z: and 7:00 UTC in summer (UTC+2).
+        let summer = 1_784_073_600_000;
+        assert_eq!(nine.next_after(summer), Some(summer + 7 * 3_600_000));
+        assert!(Timetable::zone("Mars/Olympus").unwrap_err().contains("not an IANA time zone"));
+    }
+
+    #[test]
+    fn a_wall_clock_time_skipped_goes_after_the_jump_and_one_passed_twice_goes_once() {
+        let half_past_two = Timetable::cron_in("30 2 * * *", Timetable::zone("Europe/Berlin").unwrap()).unwrap();
+        let slots = |after: Millis| {
+            let first = half_past_two.next_after(after).expect("a slot");
+            [first, half_past_two.next_after(first).expect("a slot")]
+        };
+        // 2026-03-29, 2:00 -> 3:00 in Berlin: that day's slot is 3:00 (1:00 UTC).
+        let hour = 3_600_000;
+        let march_29 = 1_774_742_400_000;
+        assert_eq!(slots(march_29 - 12 * hour), [march_29 + hour, march_29 + 24 * hour + hour / 2]);
+        // 2026-10-25, 3:00 -> 2:00: 2:30 comes twice, the slot once (0:30 UTC).
+        let october_25 = 1_792_886_400_000;
+        assert_eq!(slots(october_25 - 12 * hour), [october_25 + hour / 2, october_25 + 24 * hour + 3 * hour / 2]);
     }
 }

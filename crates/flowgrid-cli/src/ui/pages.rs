@@ -185,7 +185,7 @@ pub fn flow(
                     "Scheduled: a run "
                     @match (schedule.every_ms, &schedule.cron) {
                         (Some(every_ms), _) => { "every " (duration_ms(every_ms)) }
-                        (None, Some(cron)) => { "at " code { (cron) } " (cron, UTC)" }
+                        (None, Some(cron)) => { "at " code { (cron) } " (cron, " (schedule.timezone.as_deref().unwrap_or("UTC")) ")" }
                         (None, None) => {}
                     }
                     @if !schedule.input.is_null() { " with input " code { (schedule.input) } }

@@ -194,7 +194,7 @@ fn check_schedule(schedule: &Schedule, limits: &Limits, issues: &mut Vec<Issue>)
         (None, None) => push_issue(
             issues,
             "schedule",
-            "a schedule needs `every_ms` (a period) or `cron` (an expression in UTC): add one",
+            "a schedule needs `every_ms` (a period) or `cron` (an expression, in UTC or its `timezone`): add one",
         ),
         (Some(_), Some(_)) => {
             push_issue(issues, "schedule", "a schedule takes `every_ms` or `cron`, not both: keep one")
@@ -204,19 +204,25 @@ fn check_schedule(schedule: &Schedule, limits: &Limits, issues: &mut Vec<Issue>)
             "schedule.every_ms",
             format!("is {every_ms}: use {EVERY_MS_MIN} ms (a second) to {EVERY_MS_MAX} ms (366 days)"),
         ),
-        (None, Some(cron)) => {
-            if let Err(error) = Timetable::cron(cron) {
-                push_issue(
-                    issues,
-                    "schedule.cron",
-                    format!(
-                        "`{cron}` is not a cron expression ({error}): use 5 fields, minute hour day-of-month month \
-                         day-of-week, e.g. `0 */6 * * *`"
-                    ),
-                );
+        (None, Some(cron)) => match schedule.timezone.as_deref().map_or(Ok(chrono_tz::Tz::UTC), Timetable::zone) {
+            Err(message) => push_issue(issues, "schedule.timezone", message),
+            Ok(zone) => {
+                if let Err(error) = Timetable::cron_in(cron, zone) {
+                    push_issue(
+                        issues,
+                        "schedule.cron",
+                        format!(
+                            "`{cron}` is not a cron expression ({error}): use 5 fields, minute hour day-of-month \
+                             month day-of-week, e.g. `0 */6 * * *`"
+                        ),
+                    );
+                }
             }
-        }
+        },
         _ => {}
+    }
+    if schedule.timezone.is_some() && schedule.cron.is_none() {
+        push_issue(issues, "schedule.timezone", "goes with `cron`: `every_ms` counts from the Unix epoch".to_owned());
     }
     let depth = crate::limits::nesting_depth(&schedule.input);
     if depth > limits.nesting_depth_max {

@@ -478,13 +478,24 @@ fn a_schedule_has_one_timetable_that_parses_and_an_input_a_run_may_take() {
         FlowPlan::compile(parse(&flow("{ every_ms: 60000, input: { n: 1 } }")), 1, &evaluator(), &limits()).unwrap();
     assert_eq!(plan.schedule.as_ref().and_then(|timetable| timetable.next_after(0)), Some(60_000));
     let plan = FlowPlan::compile(parse(&flow("{ cron: '0 */6 * * *' }")), 1, &evaluator(), &limits()).unwrap();
-    assert!(matches!(plan.schedule, Some(crate::schedule::Timetable::Cron(_))));
+    assert!(matches!(plan.schedule, Some(crate::schedule::Timetable::Cron(_, chrono_tz::Tz::UTC))));
 
     assert_issue(&issues_of(&flow("{ input: 1 }")), "schedule", "needs `every_ms`");
     assert_issue(&issues_of(&flow("{ every_ms: 60000, cron: '* * * * *' }")), "schedule", "not both");
     assert_issue(&issues_of(&flow("{ every_ms: 10 }")), "schedule.every_ms", "use 1000 ms");
     assert_issue(&issues_of(&flow("{ cron: 'every monday' }")), "schedule.cron", "is not a cron expression");
     assert_issue(&issues_of(&flow("{ cron: '0 0 30 2 *' }")), "schedule.cron", "it never matches");
+    assert_issue(&issues_of(&flow("{ cron: '0 9 * * *', timezone: 'Mars/Olympus' }")), "schedule.timezone", "IANA");
+    assert_issue(
+        &issues_of(&flow("{ every_ms: 60000, timezone: 'Europe/Berlin' }")),
+        "schedule.timezone",
+        "with `cron`",
+    );
+    let berlin =
+        FlowPlan::compile(parse(&flow("{ cron: '0 9 * * *', timezone: 'Europe/Berlin' }")), 1, &evaluator(), &limits());
+    // 2026-01-15T00:00:00Z: nine in Berlin is 8:00 UTC in winter.
+    let next = berlin.expect("valid").schedule.as_ref().and_then(|timetable| timetable.next_after(1_768_435_200_000));
+    assert_eq!(next, Some(1_768_435_200_000 + 8 * 3_600_000));
     let deep = format!("{{ every_ms: 60000, input: {}1{} }}", "[".repeat(40), "]".repeat(40));
     assert_issue(&issues_of(&flow(&deep)), "schedule.input", "nested 40 levels deep");
 }
