@@ -46,6 +46,20 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
     assert!(overview.contains("members: 1") && overview.contains("shards: "), "the grid's status: {overview}");
     assert!(overview.contains(r#"href="/flows/ui-flow""#), "the flow is listed: {overview}");
     assert!(overview.contains(&format!(r#"href="/runs/{run_id}""#)), "the run is listed: {overview}");
+    // A limited flow's run that waits for a signal holds a slot: the overview and the
+    // flow's page list the limit in use.
+    deploy(&grid, &client, "name: ui-limited\nconcurrency: { max: 5 }\nsteps:\n  - { id: go, kind: signal }\n").await?;
+    client.start(StartRun { flow: "ui-limited".into(), ..Default::default() }).await.or_logs(&grid)?;
+    wait_for("the run's slot", RUN_DEADLINE, || async {
+        let list = client.limits(Some("ui-limited")).await.ok()?;
+        list.limits.first().filter(|limit| limit.going == 1).map(|_| ())
+    })
+    .await
+    .or_logs(&grid)?;
+    let (_, overview) = http_get(&addr, "/")?;
+    assert!(overview.contains("Concurrency limits in use"), "{overview}");
+    let (_, flow) = http_get(&addr, "/flows/ui-limited")?;
+    assert!(flow.contains("Concurrency limits in use") && flow.contains("<td>5</td><td>-</td><td>1</td>"), "{flow}");
 
     let (status, flow) = http_get(&addr, "/flows/ui-flow")?;
     assert_eq!(status, 200, "{flow}");

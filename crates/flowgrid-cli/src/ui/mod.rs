@@ -87,11 +87,12 @@ pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) 
 }
 
 async fn overview(State(ui): State<Arc<Ui>>) -> Response {
-    let (snapshot, backlog, flows, recent) = tokio::join!(
+    let (snapshot, backlog, flows, recent, limits) = tokio::join!(
         ui.grid.snapshot(),
         ui.grid.backlog(),
         ui.client.flows(),
-        ui.client.list(ListRuns { limit: Some(RECENT_RUNS), ..Default::default() })
+        ui.client.list(ListRuns { limit: Some(RECENT_RUNS), ..Default::default() }),
+        ui.client.limits(None)
     );
     // A grid no coordinator joined yet still has a backlog to show.
     let snapshot = snapshot.ok();
@@ -101,7 +102,8 @@ async fn overview(State(ui): State<Arc<Ui>>) -> Response {
     };
     let flows = flows.map(|list| list.flows).map_err(|error| error.to_string());
     let recent = recent.map(|list| list.runs).map_err(|error| error.to_string());
-    page(pages::overview(&status, &flows, &recent, ui.actions()))
+    let limits = limits.map_err(|error| error.to_string());
+    page(pages::overview(&status, &flows, &recent, &limits, ui.actions()))
 }
 
 #[derive(Deserialize)]

@@ -129,6 +129,7 @@ pub fn overview(
     status: &str,
     flows: &Result<Vec<FlowSummary>, String>,
     recent: &Result<Vec<RunSummary>, String>,
+    limits: &Result<LimitList, String>,
     actions: Option<&str>,
 ) -> Markup {
     layout(
@@ -156,6 +157,11 @@ pub fn overview(
                 },
             }
             @if actions.is_some() { p { a href="/deploy" { "Deploy a flow" } } }
+            @match limits {
+                Err(error) => { h2 { "Concurrency limits in use" } (unavailable("the limits", error)) }
+                Ok(list) if list.limits.is_empty() => {}
+                Ok(list) => { h2 { "Concurrency limits in use" } (limits_table(list, true)) }
+            }
             h2 { "Latest runs " a href="/runs" { "(all)" } }
             @match recent {
                 Err(error) => (unavailable("the runs", error)),
@@ -229,22 +235,7 @@ pub fn flow(
                 @match limits {
                     Err(error) => (unavailable("the limits", error)),
                     Ok(list) if list.limits.is_empty() => p.muted { "No run of this flow is going or queued under its limit." },
-                    Ok(list) => {
-                        table {
-                            tr { th { "Key" } th { "Max" } th { "Rate" } th { "Going" } th { "Queued" } th { "Next start" } }
-                            @for limit in &list.limits {
-                                tr {
-                                    td { @if limit.key.is_empty() { "-" } @else { code { (limit.key) } } }
-                                    td { @if limit.max == 0 { "-" } @else { (limit.max) } }
-                                    td { @match limit.rate { Some(rate) => { (rate.runs) " per " (duration_ms(rate.per_ms)) } None => { "-" } } }
-                                    td { (limit.going) }
-                                    td { @if limit.queued > 0 { span.queued { (limit.queued) } } @else { "0" } }
-                                    td { @match limit.next_start_ms { Some(next_ms) => { (utc_time(next_ms)) " UTC" } None => { "-" } } }
-                                }
-                            }
-                        }
-                        @if list.more > 0 { p.muted { (list.more) " more keys in use not shown (the busiest are)." } }
-                    }
+                    Ok(list) => (limits_table(list, false)),
                 }
             }
             h2 { "Latest runs of this flow" }
@@ -257,6 +248,30 @@ pub fn flow(
             pre { (yaml) }
         },
     )
+}
+
+/// The limits of `limit.list`, one row per key (and flow, with `flow_column`).
+fn limits_table(list: &LimitList, flow_column: bool) -> Markup {
+    html! {
+        table {
+            tr {
+                @if flow_column { th { "Flow" } }
+                th { "Key" } th { "Max" } th { "Rate" } th { "Going" } th { "Queued" } th { "Next start" }
+            }
+            @for limit in &list.limits {
+                tr {
+                    @if flow_column { td { a href=(format!("/flows/{}", limit.flow)) { (limit.flow) } } }
+                    td { @if limit.key.is_empty() { "-" } @else { code { (limit.key) } } }
+                    td { @if limit.max == 0 { "-" } @else { (limit.max) } }
+                    td { @match limit.rate { Some(rate) => { (rate.runs) " per " (duration_ms(rate.per_ms)) } None => { "-" } } }
+                    td { (limit.going) }
+                    td { @if limit.queued > 0 { span.queued { (limit.queued) } } @else { "0" } }
+                    td { @match limit.next_start_ms { Some(next_ms) => { (utc_time(next_ms)) " UTC" } None => { "-" } } }
+                }
+            }
+        }
+        @if list.more > 0 { p.muted { (list.more) " more limits in use not shown (the busiest are)." } }
+    }
 }
 
 /// What the runs list is filtered by.
