@@ -119,7 +119,8 @@ impl Task {
     /// this attempt fails, the next one gets it as [`Task::progress`]. Each report is a
     /// commit in the run's history: report every few seconds at most, not per item of a
     /// loop. Returns `false` when the attempt is over (cancelled, timed out) and the report
-    /// was ignored; fails when the grid refused it or did not answer in time.
+    /// was ignored, or the task was made by hand ([`Task::new`]) and has no grid to report
+    /// to; fails when the grid refused it or did not answer in time.
     pub async fn report_progress(&self, details: Value) -> Result<bool> {
         let Some(reporter) = &self.reporter else { return Ok(false) };
         let report = TaskResult { attempt: self.attempt.clone(), output: None, error: None, progress: Some(details) };
