@@ -494,10 +494,8 @@ impl Api {
         .await
     }
 
-    /// Newest first over every shard: each shard gives its newest matching runs older than
-    /// the cursor, and the merge keeps the newest `limit`.
-    /// Every shard's limits in use, by flow and key; the busiest first past
-    /// [`LimitList::LIMITS_MAX`].
+    /// Every shard's limits in use, by flow and key; past [`LimitList::LIMITS_MAX`], the
+    /// busiest.
     async fn list_limits(&self, request: ListLimits) -> Result<LimitList, ApiError> {
         let query = ShardRequest::Limits { flow: request.flow };
         let mut limits = self
@@ -517,6 +515,8 @@ impl Api {
         Ok(LimitList { limits, more })
     }
 
+    /// Newest first over every shard: each shard gives its newest matching runs older than
+    /// the cursor, and the merge keeps the newest `limit`.
     async fn list_runs(&self, request: ListRuns) -> Result<RunList, ApiError> {
         let limit = request.limit.unwrap_or(LIST_LIMIT_DEFAULT);
         if limit == 0 || limit > LIST_LIMIT_MAX {
