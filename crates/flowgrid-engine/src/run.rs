@@ -228,7 +228,7 @@ impl Run {
     fn slot_timer(&self, index: StepIndex, item: Option<u32>, slot: &Slot) -> Option<(TimerKey, Millis)> {
         match slot.phase {
             Phase::New => None,
-            Phase::Open { deadline_ms } => {
+            Phase::Open { deadline_ms, .. } => {
                 Some((TimerKey::AttemptTimeout { attempt: self.attempt_id(index, item, slot.attempt) }, deadline_ms))
             }
             Phase::Retrying { due_ms } => {
@@ -365,7 +365,7 @@ impl Run {
     /// The dispatch of `slot` if its attempt is out.
     fn open_dispatch(&self, index: StepIndex, item: Option<u32>, slot: &Slot) -> Option<TaskDispatch> {
         match slot.phase {
-            Phase::Open { deadline_ms } => Some(self.task_dispatch(index, item, slot, deadline_ms)),
+            Phase::Open { deadline_ms, .. } => Some(self.task_dispatch(index, item, slot, deadline_ms)),
             Phase::New | Phase::Retrying { .. } => None,
         }
     }

@@ -54,6 +54,11 @@ pub const PAUSES_MAX: u32 = 1_000;
 /// the run's history, and a pause's in its view.
 pub const REASON_BYTES_MAX: usize = 1_024;
 
+/// Progress reports one attempt may make: each is a record of its run's history, which a
+/// reload replays, so a worker reporting in a tight loop must not grow it without bound.
+/// At one every 5 s that is about 14 hours of one attempt.
+pub const PROGRESS_REPORTS_MAX: u32 = 10_000;
+
 /// The largest `concurrency.max` a flow may give: a limit's gate keeps every slot it hands
 /// out in one shard's memory and store, and a larger bound is no limit in practice.
 pub const CONCURRENCY_MAX: u32 = 100_000;

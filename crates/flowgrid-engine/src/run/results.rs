@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use flowgrid_model::limits::PROGRESS_REPORTS_MAX;
 use flowgrid_model::{AttemptId, StepIndex};
 use serde_json::Value;
 
@@ -71,13 +72,21 @@ impl Run {
     }
 
     /// A worker says how far the open attempt `attempt` got; kept for the step's view and
-    /// its next attempts. Ignored unless the attempt is open.
+    /// its next attempts. Ignored unless the attempt is open, and past
+    /// [`PROGRESS_REPORTS_MAX`] reports of one attempt.
     pub(super) fn on_task_progress(&mut self, attempt: &AttemptId, details: &Value) -> Applied {
         let index = match self.find_slot(attempt, Expect::Open) {
             Ok(index) => index,
             Err(reason) => return Applied::Ignored(reason),
         };
-        self.slot_mut(index, attempt.item).progress = Some(Arc::new(details.clone()));
+        let slot = self.slot_mut(index, attempt.item);
+        if let Phase::Open { reports, .. } = &mut slot.phase {
+            if *reports >= PROGRESS_REPORTS_MAX {
+                return Applied::Ignored("too many progress reports for one attempt");
+            }
+            *reports += 1;
+        }
+        slot.progress = Some(Arc::new(details.clone()));
         Applied::Accepted
     }
 
@@ -144,7 +153,7 @@ impl Run {
         let slot = self.slot_mut(index, item);
         assert!(!matches!(slot.phase, Phase::Open { .. }), "one attempt of a slot is open at a time");
         slot.attempt += 1;
-        slot.phase = Phase::Open { deadline_ms };
+        slot.phase = Phase::Open { deadline_ms, reports: 0 };
         let dispatch = self.task_dispatch(index, item, self.slot(index, item), deadline_ms);
         let timer = TimerKey::AttemptTimeout { attempt: dispatch.attempt.clone() };
         context.effects.push(Effect::Dispatch(dispatch));

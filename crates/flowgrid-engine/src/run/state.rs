@@ -78,8 +78,9 @@ pub(super) enum Phase {
     /// No attempt out and none waiting: before the first dispatch, and between the end
     /// of an attempt and what follows it.
     New,
-    /// Attempt `Slot::attempt` is out, due back by `deadline_ms`.
-    Open { deadline_ms: Millis },
+    /// Attempt `Slot::attempt` is out, due back by `deadline_ms`; its worker sent
+    /// `reports` progress reports so far.
+    Open { deadline_ms: Millis, reports: u32 },
     /// Attempt `Slot::attempt` failed; the next one is dispatched at `due_ms`.
     Retrying { due_ms: Millis },
 }

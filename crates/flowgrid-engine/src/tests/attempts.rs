@@ -176,6 +176,15 @@ steps:
     harness.fire(241, TimerKey::RetryDue { attempt: attempt("m", Some(1), 2) });
     assert_eq!(harness.dispatched()[0].progress, None);
 
+    // An attempt's reports past the limit are ignored: the history stays bounded.
+    let limit = flowgrid_model::limits::PROGRESS_REPORTS_MAX;
+    for n in 0..limit {
+        assert_eq!(harness.apply(250, progress("a", None, 2, json!(n))), Applied::Accepted);
+    }
+    let over = harness.apply(251, progress("a", None, 2, json!("over")));
+    assert_eq!(over, Applied::Ignored("too many progress reports for one attempt"));
+    assert_eq!(harness.step("a").progress, Some(json!(limit - 1)), "the last report taken shows");
+
     // Once the step succeeds its output shows, and progress no more.
     assert_eq!(harness.succeed(300, "a", None, 2, json!("ok")), Applied::Accepted);
     assert_eq!(harness.step("a").progress, None);
