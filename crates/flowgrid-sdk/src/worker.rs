@@ -225,6 +225,16 @@ impl TaskHandler for SharedHandler {
 /// let handler = |task: Task| async move {
 ///     match task.name() {
 ///         "echo" => Ok(task.into_input()),
+///         // A long job: resume where a failed attempt got to, report each segment done.
+///         // A run cancelled meanwhile drops this future, and the worker acks the task.
+///         "transcode" => {
+///             let done = task.progress().and_then(|progress| progress["segments"].as_u64()).unwrap_or(0);
+///             for segment in done..10 {
+///                 // ... transcode `segment` ...
+///                 let _ = task.report_progress(serde_json::json!({ "segments": segment + 1 })).await;
+///             }
+///             Ok(serde_json::json!({ "segments": 10 }))
+///         }
 ///         other => Err(TaskError { code: "unknown_task".into(), message: format!("no task {other}"), retryable: false }),
 ///     }
 /// };
