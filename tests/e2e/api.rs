@@ -21,13 +21,7 @@ steps:
 "#;
 
 fn start(flow: &str, input: serde_json::Value, key: Option<&str>) -> StartRun {
-    StartRun {
-        flow: flow.into(),
-        version: None,
-        input,
-        idempotency_key: key.map(str::to_owned),
-        labels: Default::default(),
-    }
+    StartRun { flow: flow.into(), version: None, input, idempotency_key: key.map(str::to_owned), ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -247,3 +247,56 @@ async fn a_start_rate_holds_across_a_coordinator_crash() -> anyhow::Result<()> {
     assert!(waited >= 4_800, "the third run started {waited} ms after the first: {first_two:?}, {third}");
     Ok(())
 }
+
+/// One run at once; each waits for a signal.
+const ONE_AT_A_TIME: &str = r#"
+name: one-at-a-time
+concurrency: { max: 1 }
+steps:
+  - { id: go, kind: signal }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_run_waits_for_its_start_time_and_takes_no_slot_until_then() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ONE_AT_A_TIME).await?;
+    deploy(&grid, &client, "name: later\nsteps:\n  - { id: t, kind: transform, output: '1' }\n").await?;
+
+    // Started from the command line 1.5 s ahead: it exists, delayed, then runs.
+    let (ok, stdout, stderr) = grid.cli(&["run", "start", "later", "--at", "1500ms"])?;
+    assert!(ok, "{stdout}{stderr}");
+    let later = RunId(stdout.trim().into());
+    let view = client.get(&later).await?;
+    assert_eq!(view.status, RunStatus::Running, "{view:?}");
+    assert!(view.delayed.as_ref().is_some_and(|delayed| delayed.held == ["t"]), "{view:?}");
+    let (_, listed, _) = grid.cli(&["run", "list", "--flow", "later"])?;
+    assert!(listed.contains("running (delayed)"), "{listed}");
+    let view = grid.wait_run(&client, &later, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    let took = view.ended_ms.expect("ended") - view.created_ms;
+    assert!(took >= 1_400, "a run delayed 1,500 ms ended {took} ms after its start request");
+
+    // A delayed run of a limited flow holds no slot while it waits: a run started after it
+    // goes at once, and the delayed one queues behind it at its start time.
+    let at = flowgrid_sdk::parse_start_time("2s").expect("a duration");
+    let delayed_start = StartRun { flow: "one-at-a-time".into(), start_at_ms: Some(at), ..Default::default() };
+    let delayed = client.start(delayed_start).await.or_logs(&grid)?.run_id;
+    let now = start(&grid, &client, "one-at-a-time", json!({})).await?;
+    wait_admitted(&grid, &client, &[&now], &[true]).await?;
+    wait_for("the delayed run queued", RUN_DEADLINE, || async {
+        let view = client.get(&delayed).await.ok()?;
+        (view.delayed.is_none() && view.queued.is_some()).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    finish(&grid, &client, &now).await?;
+    wait_admitted(&grid, &client, &[&delayed], &[true]).await?;
+    finish(&grid, &client, &delayed).await?;
+
+    // More than 366 days ahead is refused.
+    let far = StartRun { flow: "later".into(), start_at_ms: Some(at + 367 * 86_400_000), ..Default::default() };
+    let error = client.start(far).await.expect_err("too far ahead");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+    Ok(())
+}

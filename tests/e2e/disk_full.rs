@@ -90,7 +90,7 @@ fn big_start() -> StartRun {
         version: None,
         input: json!({ "blob": "x".repeat(INPUT_BYTES) }),
         idempotency_key: None,
-        labels: Default::default(),
+        ..Default::default()
     }
 }
 

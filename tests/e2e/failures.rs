@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::{deploy, OrLogs, RUN_DEADLINE};
 
 fn start(flow: &str, input: serde_json::Value) -> StartRun {
-    StartRun { flow: flow.into(), version: None, input, idempotency_key: None, labels: Default::default() }
+    StartRun { flow: flow.into(), input, ..Default::default() }
 }
 
 const FLAKY_FLOW: &str = r#"

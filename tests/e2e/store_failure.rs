@@ -165,7 +165,7 @@ fn echo_start(idempotency_key: Option<&str>) -> StartRun {
         version: None,
         input: json!({}),
         idempotency_key: idempotency_key.map(str::to_owned),
-        labels: Default::default(),
+        ..Default::default()
     }
 }
 

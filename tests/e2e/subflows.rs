@@ -52,7 +52,7 @@ steps:
 "#;
 
 fn start(flow: &str, input: serde_json::Value) -> StartRun {
-    StartRun { flow: flow.into(), version: None, input, idempotency_key: None, labels: Default::default() }
+    StartRun { flow: flow.into(), input, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use flowgrid_coordinator::CoordinatorConfig;
 use flowgrid_engine::RunStatus;
 use flowgrid_model::Millis;
 use flowgrid_proto::ListRuns;
-use flowgrid_sdk::{parse_duration, parse_time};
+use flowgrid_sdk::{parse_duration, parse_start_time, parse_time};
 
 /// flowgrid: flow orchestration and task dispatch over NATS.
 #[derive(Debug, Parser)]
@@ -153,6 +153,11 @@ pub struct RunInput {
     /// A label to find the run by, `key=value` (repeat for several): `run list --label`.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Start no step before this time: 2026-12-06T09:00:00Z (UTC without an offset),
+    /// 2026-12-06 (its midnight, UTC), or a duration from now (90m, 2h). The run exists at
+    /// once and waits, delayed; at most 366 days ahead.
+    #[arg(long, value_name = "TIME", value_parser = parse_start_time)]
+    pub at: Option<Millis>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -172,6 +172,12 @@ pub fn paused(paused: &flowgrid_engine::Paused) -> String {
     format!("since {}: {}{}", utc_time(paused.since_ms), paused.reason, holding(&paused.held))
 }
 
+/// A delayed run's line: until when it waits and what it holds.
+pub fn delayed(delayed: &flowgrid_engine::Delayed) -> String {
+    let until = utc_time(delayed.until_ms);
+    format!("until {until}: the start time it was started with{}", holding(&delayed.held))
+}
+
 /// A queued run's line: since when it waits and what it holds.
 pub fn queued(queued: &flowgrid_engine::Queued) -> String {
     let since = utc_time(queued.since_ms);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
-use flowgrid_model::limits::{nesting_depth, REASON_BYTES_MAX, SUBFLOW_DEPTH_MAX};
+use flowgrid_model::limits::{nesting_depth, DURATION_MS_MAX, REASON_BYTES_MAX, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused,
@@ -313,6 +313,16 @@ impl Api {
                 ));
             }
         }
+        let now = now_ms();
+        let start_at = match request.start_at_ms {
+            Some(start_at) if start_at > now.saturating_add(DURATION_MS_MAX) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("start_at_ms is more than 366 days ahead ({start_at}); start the run later instead"),
+                ));
+            }
+            start_at => start_at.filter(|start_at| *start_at > now),
+        };
         let plan = self.router.plan(&request.flow, request.version).await?;
         if let Some(schema) = &plan.input_schema {
             check_input(&plan, schema, &request.input)?;
@@ -330,6 +340,7 @@ impl Api {
             idempotent: key.is_some(),
             parent,
             labels: request.labels,
+            start_at,
         };
         self.ask(shard, start, |reply| match reply {
             ShardReply::Started(started) => Ok(started),
@@ -368,7 +379,14 @@ impl Api {
             ));
         }
         let key = ParentRef::child_key(&parent.run_id, &parent.step, parent.item, parent.round);
-        let start = StartRun { flow, version, input: Arc::unwrap_or_clone(input), idempotency_key: Some(key), labels };
+        let start = StartRun {
+            flow,
+            version,
+            input: Arc::unwrap_or_clone(input),
+            idempotency_key: Some(key),
+            labels,
+            start_at_ms: None,
+        };
         self.start_run(start, None, request_bytes, Some(parent)).await
     }
 

@@ -628,6 +628,7 @@ mod tests {
             parent: None,
             labels: Default::default(),
             queued: false,
+            start_at_ms: None,
         };
         batch.set_chunked(&keys::history(run_id, 0), &records::encode(&start), &limits);
         for (seq, event) in events {
@@ -648,6 +649,7 @@ mod tests {
                 redriven: None,
                 paused: None,
                 queued: None,
+                delayed: None,
                 steps: Vec::new(),
                 labels: Default::default(),
             };
@@ -782,6 +784,7 @@ mod tests {
             parent: None,
             labels: Default::default(),
             queued: false,
+            start_at_ms: None,
         };
         batch.set_chunked(&keys::history(&orphan_history, 0), &records::encode(&start), &StoreLimits::default());
         let cancel = records::OutboxRecord::CancelChild { child: run_in_shard(0, "child"), reason: "test".into() };

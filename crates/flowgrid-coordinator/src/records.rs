@@ -39,6 +39,9 @@ pub struct StartRecord<'a> {
     /// It started queued: its flow's concurrency limit admits it later.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub queued: bool,
+    /// It starts no step before this time (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at_ms: Option<Millis>,
 }
 
 /// History records 1..: one accepted event each.

@@ -52,6 +52,9 @@ pub enum ShardRequest {
         parent: Option<ParentRef>,
         #[serde(default, skip_serializing_if = "Labels::is_empty")]
         labels: Labels,
+        /// A later start time: the run waits, delayed, until then.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        start_at: Option<flowgrid_model::Millis>,
     },
     Cancel {
         run_id: RunId,
@@ -250,9 +253,9 @@ impl Router {
     /// Runs `request` on a shard served here.
     async fn execute(&self, handle: &ShardHandle, request: ShardRequest) -> Result<ShardReply, ApiError> {
         match request {
-            ShardRequest::Start { run_id, flow, version, input, idempotent, parent, labels } => {
+            ShardRequest::Start { run_id, flow, version, input, idempotent, parent, labels, start_at } => {
                 let plan = Box::pin(self.plan(&flow, Some(version))).await?;
-                let start = StartCommand { run_id, plan, input, idempotent, parent, labels };
+                let start = StartCommand { run_id, plan, input, idempotent, parent, labels, start_at };
                 handle.ask(|reply| Command::Start { start, reply }).await.map(ShardReply::Started)
             }
             ShardRequest::Cancel { run_id, reason } => {
@@ -374,6 +377,7 @@ mod tests {
             version: 3,
             input: serde_json::json!({"n": 1, "tags": ["a"]}),
             idempotent: true,
+            start_at: Some(1_767_225_600_000),
             parent: Some(ParentRef {
                 run_id: RunId("p-1".into()),
                 step: "call".into(),

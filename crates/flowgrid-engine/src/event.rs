@@ -138,6 +138,8 @@ pub enum TimerKey {
     SignalTimeout { step: String },
     /// Subflow step `step`'s children did not all end within its `timeout_ms`.
     SubflowTimeout { step: String },
+    /// A delayed run's start time came.
+    StartDue,
 }
 
 /// Work for a worker pool: the driver publishes it to the pool's task subject.

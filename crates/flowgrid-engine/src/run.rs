@@ -22,6 +22,7 @@
 //! `CancelChild` for every child run still going, then exactly one `RunFinished`;
 //! afterwards it arms nothing and accepts no event but a redrive, which makes it go again.
 
+mod delay;
 mod map;
 mod pause;
 mod queue;
@@ -58,6 +59,8 @@ pub struct RunStart {
     pub now: Millis,
     /// Its flow's concurrency limit had no room: it holds its steps until it is admitted.
     pub queued: bool,
+    /// Start no step before this time (later than `now`); its timeout counts from then.
+    pub start_at: Option<Millis>,
 }
 
 /// The state of one run. Built by [`Run::start`], advanced by [`Run::apply`].
@@ -83,6 +86,8 @@ pub struct Run {
     /// Set while the run waits for its flow's concurrency limit to admit it, with the steps
     /// it holds (boxed: most flows have no limit).
     queued: Option<Box<queue::Queue>>,
+    /// Set for a run started with a later start time (boxed: most runs start at once).
+    delay: Option<Box<delay::Delay>>,
     /// Pauses so far (at most [`flowgrid_model::limits::PAUSES_MAX`]).
     pauses: u32,
     /// By step index.
@@ -106,7 +111,7 @@ impl Run {
     /// run timeout. A run may end at once (e.g. a flow of transforms only), in which case
     /// `RunFinished` is among the effects.
     pub fn start(plan: Arc<FlowPlan>, evaluator: &Evaluator, start: RunStart, effects: &mut Vec<Effect>) -> Run {
-        let RunStart { run_id, input, labels, now, queued } = start;
+        let RunStart { run_id, input, labels, now, queued, start_at } = start;
         let steps = plan.steps.iter().map(|_| StepState::new()).collect();
         let mut run = Run {
             unresolved: plan.steps.len(),
@@ -123,13 +128,17 @@ impl Run {
             redriven: None,
             paused: None,
             queued: queued.then(|| queue::Queue::new(now)),
+            delay: start_at.filter(|start_at| *start_at > now).map(delay::Delay::new),
             pauses: 0,
             steps,
             agenda: VecDeque::new(),
         };
         let mut context = Context { evaluator, now, effects };
         if let Some(timeout_ms) = plan.timeout_ms {
-            run.arm_timer(TimerKey::RunTimeout, now.saturating_add(timeout_ms), &mut context);
+            run.arm_timer(TimerKey::RunTimeout, run.went_ms().saturating_add(timeout_ms), &mut context);
+        }
+        if let Some((timer, due_ms)) = run.delay_timer() {
+            run.arm_timer(timer, due_ms, &mut context);
         }
         for (position, step) in plan.steps.iter().enumerate() {
             if step.deps.is_empty() {
@@ -196,6 +205,7 @@ impl Run {
         if let (false, Some(timeout_ms)) = (self.status.is_terminal(), self.plan.timeout_ms) {
             armed.push((TimerKey::RunTimeout, self.went_ms().saturating_add(timeout_ms)));
         }
+        armed.extend(self.delay_timer());
         armed.extend(self.slots().filter_map(|(index, item, slot)| self.slot_timer(index, item, slot)));
         armed.extend(self.steps.iter().zip(&self.plan.steps).filter_map(|(state, step)| step_timer(state, step)));
         armed.sort_unstable();
@@ -271,7 +281,11 @@ impl Run {
     /// When the run last started going: its start, or its last redrive. Its timeout
     /// counts from here.
     fn went_ms(&self) -> Millis {
-        self.redriven.as_ref().map_or(self.created_ms, |redriven| redriven.last_ms)
+        match (&self.redriven, &self.delay) {
+            (Some(redriven), _) => redriven.last_ms,
+            (None, Some(delay)) => delay.until_ms.max(self.created_ms),
+            (None, None) => self.created_ms,
+        }
     }
 
     /// How often the run was redriven, and when last.
@@ -358,6 +372,7 @@ impl Run {
             redriven: self.redriven(),
             paused: self.paused(),
             queued: self.queued(),
+            delayed: self.delayed(),
             steps,
         }
     }
@@ -432,6 +447,9 @@ impl Run {
         // The steps it held are cancelled with the others; a redrive starts them.
         self.paused = None;
         self.queued = None;
+        if let Some(delay) = self.delay.as_deref_mut() {
+            delay.clear();
+        }
         self.cancel_children(status, context);
         for state in self.steps.iter_mut().filter(|state| state.is_open()) {
             cancel_step(state, context.now);

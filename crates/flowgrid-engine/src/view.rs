@@ -121,6 +121,9 @@ pub struct RunView {
     /// it was admitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued: Option<Queued>,
+    /// Until when a run started with a later start time waits; absent once it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delayed: Option<Delayed>,
     /// In definition order.
     pub steps: Vec<StepView>,
 }
@@ -133,6 +136,16 @@ pub struct Paused {
     /// Why, as the pause request said.
     pub reason: String,
     /// Steps ready to start that wait for the resume (ids, in the order they became ready).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<String>,
+}
+
+/// A run started with a later start time: it starts no step until then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Delayed {
+    /// When it starts.
+    pub until_ms: Millis,
+    /// Steps ready to start that wait for that time (ids, in the order they became ready).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<String>,
 }
@@ -228,6 +241,8 @@ pub struct RunViewRef<'a> {
     pub(crate) paused: Option<Paused>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) queued: Option<Queued>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) delayed: Option<Delayed>,
     pub(crate) steps: Vec<StepViewRef<'a>>,
 }
 
@@ -276,6 +291,7 @@ impl RunViewRef<'_> {
             redriven: self.redriven,
             paused: self.paused.clone(),
             queued: self.queued.clone(),
+            delayed: self.delayed.clone(),
             steps: self.steps.iter().map(StepViewRef::to_view).collect(),
         }
     }

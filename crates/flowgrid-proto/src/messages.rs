@@ -190,6 +190,11 @@ pub struct StartRun {
     /// 64 characters of `A-Z a-z 0-9 _ - . /`, values of at most 256 bytes.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
+    /// Start no step before this time (Unix ms, at most 366 days ahead): the run exists at
+    /// once (listed, read, cancelled) and waits, `delayed`, until then; its timeout counts
+    /// from then. A time already past starts it at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at_ms: Option<Millis>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -282,6 +287,9 @@ pub struct RunSummary {
     /// The run waits for its flow's concurrency limit to admit it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub queued: bool,
+    /// The run waits for the start time it was started with.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delayed: bool,
     /// The labels it was started with.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,

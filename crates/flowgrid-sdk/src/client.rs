@@ -59,6 +59,7 @@ const WAIT_POLL_MAX: Duration = Duration::from_millis(500);
 ///         input: serde_json::json!({"name": "world"}),
 ///         idempotency_key: Some("order-42".into()),
 ///         labels: [("customer".to_owned(), "acme".to_owned())].into(),
+///         ..Default::default()
 ///     })
 ///     .await?;
 /// let run = client.wait(&started.run_id, Duration::from_secs(60)).await?;

@@ -21,14 +21,38 @@ pub fn parse_time(text: &str) -> Result<Millis, String> {
     parse_time_at(text, now)
 }
 
+/// A moment ahead as Unix ms: a time as [`parse_time`] takes it, or a duration that long
+/// from now (`90m`, `2h`): when a run given a start time starts.
+pub fn parse_start_time(text: &str) -> Result<Millis, String> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as Millis);
+    let text = text.trim();
+    match duration_of(text) {
+        Some(ahead) => Ok(now.saturating_add(ahead)),
+        None => moment(text).ok_or_else(|| {
+            format!(
+                "{text:?} is neither a time nor a duration; use e.g. 2026-12-05T10:00:00Z, 2026-12-05 or 2h (from now)"
+            )
+        }),
+    }
+}
+
 fn parse_time_at(text: &str, now_ms: Millis) -> Result<Millis, String> {
     let text = text.trim();
     let refused =
         || format!("{text:?} is neither a time nor a duration; use e.g. 2026-12-05T10:00:00Z, 2026-12-05 or 2h (ago)");
-    let ago = humantime::parse_duration(text).ok().filter(|_| !text.contains('-'));
-    if let Some(ago) = ago {
-        return Ok(now_ms.saturating_sub(ago.as_millis() as Millis));
+    if let Some(ago) = duration_of(text) {
+        return Ok(now_ms.saturating_sub(ago));
     }
+    moment(text).ok_or_else(refused)
+}
+
+/// `text` as a duration in ms (`90m`, `2h`), if it is one (a date is not).
+fn duration_of(text: &str) -> Option<Millis> {
+    humantime::parse_duration(text).ok().filter(|_| !text.contains('-')).map(|duration| duration.as_millis() as Millis)
+}
+
+/// `text` as a time (RFC 3339, a time without offset in UTC, or a date's midnight UTC).
+fn moment(text: &str) -> Option<Millis> {
     let parsed = chrono::DateTime::parse_from_rfc3339(text)
         .map(|moment| moment.timestamp_millis())
         .or_else(|_| {
@@ -40,7 +64,7 @@ fn parse_time_at(text: &str, now_ms: Millis) -> Result<Millis, String> {
             chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
                 .map(|day| day.and_time(chrono::NaiveTime::MIN).and_utc().timestamp_millis())
         });
-    parsed.ok().and_then(|ms| Millis::try_from(ms).ok()).ok_or_else(refused)
+    parsed.ok().and_then(|ms| Millis::try_from(ms).ok())
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ mod starts;
 mod worker;
 
 pub use client::{Client, Submitted, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET};
-pub use duration::{parse_duration, parse_time};
+pub use duration::{parse_duration, parse_start_time, parse_time};
 pub use error::{Error, Result};
 pub use publisher::{PublishFailure, StreamPublisher, TIMEOUT_CHECK};
 pub use starts::{StartBatcher, DEFAULT_START_BATCH_MAX, DEFAULT_START_REQUESTS_MAX};

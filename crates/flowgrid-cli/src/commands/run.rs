@@ -61,10 +61,11 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 table.row(vec![
                     run.run_id.to_string(),
                     format!("{}@{}", run.flow, run.version),
-                    match (run.paused, run.queued) {
-                        (true, _) => "running (paused)".to_owned(),
-                        (false, true) => "running (queued)".to_owned(),
-                        (false, false) => run.status.as_str().to_owned(),
+                    match (run.paused, run.queued, run.delayed) {
+                        (true, _, _) => "running (paused)".to_owned(),
+                        (false, true, _) => "running (queued)".to_owned(),
+                        (false, false, true) => "running (delayed)".to_owned(),
+                        (false, false, false) => run.status.as_str().to_owned(),
                     },
                     utc_time(run.created_ms),
                     span(Some(run.created_ms), run.ended_ms),
@@ -303,9 +304,9 @@ async fn selected_runs(
 }
 
 fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow::Result<StartRun> {
-    let RunInput { input, input_file, idempotency_key, labels } = input;
+    let RunInput { input, input_file, idempotency_key, labels, at } = input;
     let input = json_argument("--input", input, input_file)?;
-    Ok(StartRun { flow, version, input, idempotency_key, labels: labels.into_iter().collect() })
+    Ok(StartRun { flow, version, input, idempotency_key, labels: labels.into_iter().collect(), start_at_ms: at })
 }
 
 /// A JSON value given as text (`flag`) or in a file (`-` for stdin); null when neither.
@@ -407,6 +408,9 @@ fn render_run(view: &RunView) -> String {
     if let Some(paused) = &view.paused {
         text.push_str(&format!("paused    {} (`flowgrid run resume {}`)\n", output::paused(paused), view.run_id));
     }
+    if let Some(delayed) = &view.delayed {
+        text.push_str(&format!("delayed   {}\n", output::delayed(delayed)));
+    }
     if let Some(queued) = &view.queued {
         text.push_str(&format!("queued    {}\n", output::queued(queued)));
     }
@@ -464,7 +468,7 @@ fn step_table(steps: &[StepView]) -> Table {
 
 #[cfg(test)]
 mod tests {
-    use flowgrid_engine::{ItemCounts, Paused, Queued, Redriven, StepStatus, TaskError};
+    use flowgrid_engine::{Delayed, ItemCounts, Paused, Queued, Redriven, StepStatus, TaskError};
     use flowgrid_model::ParentRef;
 
     use super::*;
@@ -513,6 +517,7 @@ mod tests {
             redriven: Some(Redriven { times: 2, last_ms: 1_000 }),
             paused: Some(Paused { since_ms: 1_200, reason: "db down".into(), held: vec!["store".into()] }),
             queued: Some(Queued { since_ms: 1_000, held: Vec::new() }),
+            delayed: Some(Delayed { until_ms: 60_000, held: vec!["first".into()] }),
             steps: vec![
                 first,
                 fan_out,
@@ -534,6 +539,8 @@ mod tests {
         assert!(text.contains(paused), "{text}");
         let queued = "queued    since 1970-01-01T00:00:01Z: waiting for its turn under its flow's concurrency limit\n";
         assert!(text.contains(queued), "{text}");
+        let delayed = "delayed   until 1970-01-01T00:01:00Z: the start time it was started with; holding step first\n";
+        assert!(text.contains(delayed), "{text}");
         assert!(text.contains("step encode runs child run c-1\n"), "{text}");
         assert!(text.contains("step each runs a child run per item (4): flowgrid run list --parent r-1\n"), "{text}");
         assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");
@@ -546,9 +553,17 @@ mod tests {
             input_file: None,
             idempotency_key: None,
             labels: Vec::new(),
+            at: Some(60_000),
         };
-        assert_eq!(start_request("f".into(), None, input).unwrap().input, json!({"a": [1]}));
-        let broken = RunInput { input: Some("{a".into()), input_file: None, idempotency_key: None, labels: Vec::new() };
+        let start = start_request("f".into(), None, input).unwrap();
+        assert_eq!((start.input, start.start_at_ms), (json!({"a": [1]}), Some(60_000)));
+        let broken = RunInput {
+            input: Some("{a".into()),
+            input_file: None,
+            idempotency_key: None,
+            labels: Vec::new(),
+            at: None,
+        };
         assert!(start_request("f".into(), None, broken).unwrap_err().to_string().contains("--input"));
     }
 }

@@ -85,6 +85,9 @@ fn changes(before: Option<&RunView>, now: &RunView) -> Vec<Change> {
             }
         }
     }
+    if let (Some(delayed), None) = (&now.delayed, before.and_then(|before| before.delayed.as_ref())) {
+        changes.push(run(now.created_ms, format!("delayed: starts at {}", utc_time(delayed.until_ms))));
+    }
     for step in &now.steps {
         let earlier = before.and_then(|before| before.steps.iter().find(|earlier| earlier.id == step.id));
         if let Some(change) = step_change(earlier, step) {
@@ -195,6 +198,7 @@ mod tests {
             redriven: None,
             paused: None,
             queued: None,
+            delayed: None,
             steps,
             labels: Default::default(),
         }
@@ -267,5 +271,11 @@ mod tests {
         let admitted = view(RunStatus::Running, vec![step("fetch", StepStatus::Running, 1)]);
         assert_eq!(lines(changes(Some(&queued), &admitted)), ["run admitted by its flow's limit", "fetch running"]);
         assert!(changes(Some(&admitted), &admitted).is_empty());
+
+        let mut delayed = view(RunStatus::Running, vec![step("fetch", StepStatus::Pending, 0)]);
+        delayed.delayed = Some(flowgrid_engine::Delayed { until_ms: 60_000, held: vec!["fetch".into()] });
+        let started = lines(changes(None, &delayed));
+        assert_eq!(started, ["run started (f@2)", "run delayed: starts at 1970-01-01T00:01:00Z"]);
+        assert!(changes(Some(&delayed), &delayed).is_empty());
     }
 }

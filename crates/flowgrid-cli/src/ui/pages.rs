@@ -27,7 +27,7 @@ th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid #e3e6eb; 
 th { background: #eef0f4; font-weight: 600; }
 pre { background: #fff; border: 1px solid #e3e6eb; padding: 10px; overflow: auto; max-height: 480px; }
 .status { font-weight: 600; } .succeeded { color: #1e7a38; } .failed, .timed_out { color: #b3261e; }
-.running, .retrying { color: #1f5fbf; } .cancelled, .skipped, .pending { color: #6b7280; } .paused, .queued { color: #a15c00; }
+.running, .retrying { color: #1f5fbf; } .cancelled, .skipped, .pending { color: #6b7280; } .paused, .queued, .delayed { color: #a15c00; }
 .notice { background: #fff8e1; border: 1px solid #f0d48a; padding: 8px 12px; margin: 8px 0; }
 .error { background: #fdecea; border: 1px solid #f3b4ae; padding: 8px 12px; margin: 8px 0; }
 .muted { color: #6b7280; } form.filter { margin: 8px 0 12px; display: flex; gap: 8px; align-items: center; }
@@ -90,6 +90,7 @@ fn runs_table(runs: &[RunSummary]) -> Markup {
                         (status_badge(run.status.as_str()))
                         @if run.paused { " " (status_badge("paused")) }
                         @if run.queued { " " (status_badge("queued")) }
+                        @if run.delayed { " " (status_badge("delayed")) }
                     }
                     td { (utc_time(run.created_ms)) }
                     td {
@@ -424,6 +425,9 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                 }
                 @if let Some(paused) = &view.paused {
                     tr { th { "Paused" } td { (output::paused(paused)) } }
+                }
+                @if let Some(delayed) = &view.delayed {
+                    tr { th { "Delayed" } td { (output::delayed(delayed)) } }
                 }
                 @if let Some(queued) = &view.queued {
                     tr { th { "Queued" } td { (output::queued(queued)) } }

@@ -352,7 +352,13 @@ impl<S: ShardStore> ShardActor<S> {
         for (run_id, timer) in self.timers.pop_due(now, room) {
             ::metrics::counter!(metrics::TIMERS_FIRED).increment(1);
             batch.commands += 1;
-            self.apply_event(&run_id, flowgrid_engine::Event::TimerFired { timer }, now, batch);
+            let start_due = timer == TimerKey::StartDue;
+            let applied = self.apply_event(&run_id, flowgrid_engine::Event::TimerFired { timer }, now, batch);
+            // A delayed run of a limited flow is queued at its start time: it asks for its slot.
+            if let Some(active) = self.runs.get(&run_id).filter(|active| applied && start_due && active.run.is_queued())
+            {
+                self.ask_for_slot(&active.run, None, batch);
+            }
         }
     }
 

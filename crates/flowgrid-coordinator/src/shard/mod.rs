@@ -76,6 +76,8 @@ pub struct StartCommand {
     pub parent: Option<ParentRef>,
     /// The labels it is started with.
     pub labels: flowgrid_model::Labels,
+    /// A later start time: the run waits, delayed, until then.
+    pub start_at: Option<flowgrid_model::Millis>,
 }
 
 pub enum Command {

@@ -128,7 +128,14 @@ impl<S: ShardStore> ShardActor<S> {
         let mut effects = Vec::new();
         let labels = start.labels.map(Cow::into_owned).unwrap_or_default();
         let input = start.input.into_owned();
-        let begin = RunStart { run_id: run_id.clone(), input, labels, now: start.now_ms, queued: start.queued };
+        let begin = RunStart {
+            run_id: run_id.clone(),
+            input,
+            labels,
+            now: start.now_ms,
+            queued: start.queued,
+            start_at: start.start_at_ms,
+        };
         let mut run = Run::start(plan, &evaluator, begin, &mut effects);
         if let Some(parent) = start.parent {
             run.set_parent(parent.into_owned());

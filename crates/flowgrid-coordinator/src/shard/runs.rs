@@ -35,7 +35,7 @@ const LIST_SCAN_ENTRIES_MAX: usize = 10_000;
 
 impl<S: ShardStore> ShardActor<S> {
     pub(super) async fn start_run(&mut self, start: StartCommand, batch: &mut Batch) -> Result<RunStarted, ApiError> {
-        let StartCommand { run_id, plan, input, idempotent, parent, labels } = start;
+        let StartCommand { run_id, plan, input, idempotent, parent, labels, start_at } = start;
         if let Some(active) = self.runs.get(&run_id) {
             let plan = active.run.plan();
             return Ok(RunStarted { run_id, flow: plan.name.clone(), version: plan.version, created: false });
@@ -56,8 +56,10 @@ impl<S: ShardStore> ShardActor<S> {
             ),
             None => None,
         };
-        let queued = gate_key.is_some();
         let now = now_ms();
+        // A delayed run asks for its slot at its start time (see `fire_due_timers`).
+        let start_at = start_at.filter(|start_at| *start_at > now);
+        let queued = gate_key.is_some() && start_at.is_none();
         let pin = (plan.name.clone(), plan.version);
         if !self.pinned.contains(&pin) {
             let definition = records::encode(&plan.definition);
@@ -73,6 +75,7 @@ impl<S: ShardStore> ShardActor<S> {
             parent: parent.as_ref().map(Cow::Borrowed),
             labels: (!labels.is_empty()).then_some(Cow::Borrowed(&labels)),
             queued,
+            start_at_ms: start_at,
         };
         // A new run: its history starts here. Its run record and listing entry are written
         // when it ends; until then the shard answers for it from memory (ADR 0009).
@@ -81,7 +84,7 @@ impl<S: ShardStore> ShardActor<S> {
 
         let mut effects = Vec::new();
         let evaluator = context.plans.evaluator().clone();
-        let start = RunStart { run_id: run_id.clone(), input, labels, now, queued };
+        let start = RunStart { run_id: run_id.clone(), input, labels, now, queued, start_at };
         let mut run = Run::start(plan.clone(), &evaluator, start, &mut effects);
         if queued {
             self.ask_for_slot(&run, gate_key, batch);
@@ -657,6 +660,7 @@ fn active_summary(run_id: &RunId, run: &Run) -> RunSummary {
         parent: run.parent().map(|parent| parent.run_id.clone()),
         paused: run.is_paused(),
         queued: run.is_queued(),
+        delayed: run.is_delayed(),
         labels: run.labels().cloned().unwrap_or_default(),
     }
 }
@@ -673,6 +677,7 @@ fn summary(run_id: &RunId, record: &RunRecord, parent: Option<RunId>, labels: La
         parent,
         paused: false,
         queued: false,
+        delayed: false,
         labels,
     }
 }

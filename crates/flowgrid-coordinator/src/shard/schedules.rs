@@ -86,6 +86,7 @@ impl<S: ShardStore> ShardActor<S> {
                 input,
                 idempotency_key: Some(Timetable::run_key(slot)),
                 labels,
+                start_at_ms: None,
             };
             let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
             tokio::spawn(async move {

@@ -202,6 +202,7 @@ impl TriggerConsumer {
             input,
             idempotency_key: Some(format!("trigger/{}/{sequence}", self.trigger.stream)),
             labels: self.trigger.labels.clone(),
+            start_at_ms: None,
         };
         match self.client.start(start).await {
             Ok(started) => {

@@ -77,8 +77,12 @@ impl Run {
         }
     }
 
-    /// Holds step `index`, ready to start, if the run is queued or paused: `true` if it did.
+    /// Holds step `index`, ready to start, if the run is delayed, queued or paused: `true`
+    /// if it did.
     pub(super) fn hold(&mut self, index: StepIndex) -> bool {
+        if self.delay.as_deref_mut().is_some_and(|delay| delay.hold(index)) {
+            return true;
+        }
         if let Some(queue) = self.queued.as_deref_mut() {
             queue.hold(index);
             return true;

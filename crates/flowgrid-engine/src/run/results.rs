@@ -121,6 +121,7 @@ impl Run {
                 self.attempt_failed(index, attempt, error, context);
             }
             TimerKey::SignalTimeout { step } => return self.on_signal_timeout(step, context),
+            TimerKey::StartDue => return self.start_due(context),
             TimerKey::SubflowTimeout { step } => return self.on_subflow_timeout(step, context),
             TimerKey::WaitOver { step } => {
                 let Some(index) = self.plan.step_index(step) else {

@@ -76,3 +76,49 @@ fn a_queued_run_is_cancelled_or_times_out_as_any_and_a_queued_redrive_waits_agai
     let (replayed, _) = replay(&harness);
     assert_eq!(replayed.view(), harness.run.view());
 }
+
+#[test]
+fn a_delayed_run_holds_its_steps_until_its_start_time_and_its_timeout_counts_from_then() {
+    let mut harness = Harness::start_delayed(CHAIN, json!({}), 5, 1_000);
+    assert!(harness.dispatched().is_empty(), "nothing starts before its time: {:?}", harness.effects);
+    assert_eq!(harness.armed(&TimerKey::StartDue), Some(1_000));
+    assert_eq!(harness.armed(&TimerKey::RunTimeout), Some(11_000), "10 s from its start time");
+    let delayed = harness.run.delayed().expect("delayed");
+    assert_eq!((delayed.until_ms, delayed.held), (1_000, vec!["fetch".to_owned()]));
+    assert_eq!(harness.run.view().delayed, harness.run.delayed());
+    assert!(harness.run.armed_timers().contains(&(TimerKey::StartDue, 1_000)));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view(), "the start record says when it starts");
+
+    // Paused meanwhile: the start time hands the held step to the pause.
+    harness.apply(10, Event::PauseRequested { reason: "not yet".to_owned() });
+    assert_eq!(harness.fire(1_000, TimerKey::StartDue), Applied::Accepted);
+    assert!(harness.dispatched().is_empty() && harness.run.delayed().is_none());
+    assert_eq!(harness.fire(1_001, TimerKey::StartDue), Applied::Ignored("timer not armed"));
+    harness.apply(1_100, Event::ResumeRequested { reason: "go".to_owned() });
+    assert_eq!(harness.dispatched_names(), vec!["fetch".to_owned()]);
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+    assert!(replayed.armed_timers().contains(&(TimerKey::RunTimeout, 11_000)), "{:?}", replayed.armed_timers());
+}
+
+#[test]
+fn a_delayed_run_of_a_limited_flow_queues_only_at_its_start_time_and_a_cancel_clears_it() {
+    let limited = CHAIN.replace("timeout_ms: 10000", "concurrency: { max: 1 }");
+    let mut harness = Harness::start_delayed(&limited, json!({}), 0, 500);
+    assert!(!harness.run.is_queued(), "no slot asked for while it waits");
+    harness.fire(500, TimerKey::StartDue);
+    let queued = harness.run.queued().expect("queued at its start time");
+    assert_eq!((queued.since_ms, queued.held), (500, vec!["fetch".to_owned()]));
+    harness.apply(600, Event::Admitted);
+    assert_eq!(harness.dispatched_names(), vec!["fetch".to_owned()]);
+
+    let mut harness = Harness::start_delayed(CHAIN, json!({}), 0, 500);
+    assert_eq!(harness.apply(100, Event::CancelRequested { reason: "never mind".into() }), Applied::Accepted);
+    assert!(harness.cancelled(&TimerKey::StartDue), "the driver forgets its start time");
+    assert_eq!((harness.run.status(), harness.run.delayed()), (RunStatus::Cancelled, None));
+    assert!(harness.run.armed_timers().is_empty());
+    // A start time already past starts the run at once.
+    let harness = Harness::start_delayed(CHAIN, json!({}), 600, 500);
+    assert_eq!((harness.dispatched_names(), harness.run.delayed()), (vec!["fetch".to_owned()], None));
+}

@@ -28,7 +28,8 @@ steps:
 /// Rebuilds a run from the harness's start and history, returning it with its effects.
 pub fn replay(harness: &Harness) -> (Run, Vec<Effect>) {
     let mut effects = Vec::new();
-    let mut run = start_run(&harness.plan, &harness.input, harness.started_ms, harness.queued, &mut effects);
+    let (plan, input, now) = (&harness.plan, &harness.input, harness.started_ms);
+    let mut run = start_run(plan, input, now, harness.queued, harness.start_at, &mut effects);
     for (now, event) in &harness.history {
         assert_eq!(run.apply(evaluator(), *now, event, &mut effects), crate::Applied::Accepted);
     }

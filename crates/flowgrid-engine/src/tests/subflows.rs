@@ -276,8 +276,14 @@ fn a_child_run_carries_its_parents_labels() {
     let plan = super::support::plan("name: parent\nsteps:\n  - { kind: subflow, id: encode, flow: transcode }\n");
     let labels: flowgrid_model::Labels = [("customer".to_owned(), "acme".to_owned())].into();
     let mut effects = Vec::new();
-    let start =
-        crate::RunStart { run_id: RunId(RUN.into()), input: json!({}), labels: labels.clone(), now: 0, queued: false };
+    let start = crate::RunStart {
+        run_id: RunId(RUN.into()),
+        input: json!({}),
+        labels: labels.clone(),
+        now: 0,
+        queued: false,
+        start_at: None,
+    };
     let run = crate::Run::start(plan, super::support::evaluator(), start, &mut effects);
     let start = effects
         .iter()

@@ -44,6 +44,8 @@ pub struct Harness {
     pub history: Vec<(Millis, Event)>,
     /// Whether the run started queued.
     pub queued: bool,
+    /// The start time it was started with, if any.
+    pub start_at: Option<Millis>,
 }
 
 impl Harness {
@@ -56,12 +58,21 @@ impl Harness {
         Harness::begin(yaml, input, now, true)
     }
 
+    /// Starts the run at `now` with the later start time `start_at`.
+    pub fn start_delayed(yaml: &str, input: Value, now: Millis, start_at: Millis) -> Harness {
+        Harness::begin_at(yaml, input, now, false, Some(start_at))
+    }
+
     fn begin(yaml: &str, input: Value, now: Millis, queued: bool) -> Harness {
+        Harness::begin_at(yaml, input, now, queued, None)
+    }
+
+    fn begin_at(yaml: &str, input: Value, now: Millis, queued: bool, start_at: Option<Millis>) -> Harness {
         let plan = plan(yaml);
         let mut effects = Vec::new();
-        let run = start_run(&plan, &input, now, queued, &mut effects);
+        let run = start_run(&plan, &input, now, queued, start_at, &mut effects);
         let all_effects = effects.clone();
-        Harness { plan, run, input, started_ms: now, all_effects, effects, history: Vec::new(), queued }
+        Harness { plan, run, input, started_ms: now, all_effects, effects, history: Vec::new(), queued, start_at }
     }
 
     pub fn apply(&mut self, now: Millis, event: Event) -> Applied {
@@ -134,9 +145,17 @@ impl Harness {
     }
 }
 
-/// Starts the test run of `plan` (queued or not).
-pub fn start_run(plan: &Arc<FlowPlan>, input: &Value, now: Millis, queued: bool, effects: &mut Vec<Effect>) -> Run {
-    let start = RunStart { run_id: RunId(RUN.into()), input: input.clone(), labels: Labels::new(), now, queued };
+/// Starts the test run of `plan` (queued or not, with a start time or not).
+pub fn start_run(
+    plan: &Arc<FlowPlan>,
+    input: &Value,
+    now: Millis,
+    queued: bool,
+    start_at: Option<Millis>,
+    effects: &mut Vec<Effect>,
+) -> Run {
+    let start =
+        RunStart { run_id: RunId(RUN.into()), input: input.clone(), labels: Labels::new(), now, queued, start_at };
     Run::start(Arc::clone(plan), evaluator(), start, effects)
 }
 
