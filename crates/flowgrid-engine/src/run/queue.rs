@@ -3,8 +3,9 @@
 //!
 //! A queued run holds each step that becomes ready, in order, as a paused run does; its
 //! admission starts them (or hands them to its pause, if it was paused meanwhile). A run
-//! is queued only from its start or a redrive on, so it is never queued and holding steps
-//! for a pause at once. Its timeout counts while it waits; a cancel or an end clears it.
+//! is queued only from its start, its start time (a delayed run) or a redrive on, so it is
+//! never queued and holding steps for a pause at once. Its timeout counts while it waits;
+//! a cancel or an end clears it.
 
 use flowgrid_model::{Millis, StepIndex};
 
