@@ -538,7 +538,8 @@ pub struct TaskMessage {
     /// Subject to send the `TaskResult` to, as a NATS request.
     pub reply_to: String,
     /// The last progress a worker reported for this step (or map item), by an earlier
-    /// attempt that then failed: where this one may resume. Absent when none was reported.
+    /// attempt that then failed, or by this one before it was delivered again: where this
+    /// one may resume. Absent when none was reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Arc<Value>>,
 }
