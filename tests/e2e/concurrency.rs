@@ -64,6 +64,18 @@ async fn wait_admitted(grid: &Grid, client: &Client, runs: &[&RunId], expected: 
     Ok(())
 }
 
+/// Waits until the limit of `flow` and `key` counts `runs` runs (going or queued): each
+/// start's request for a slot reached it.
+async fn wait_counted(grid: &Grid, client: &Client, flow: &str, key: &str, runs: u32) -> anyhow::Result<()> {
+    wait_for(&format!("{runs} runs under {flow}/{key}"), RUN_DEADLINE, || async {
+        let limits = client.limits(Some(flow)).await.ok()?.limits;
+        let limit = limits.into_iter().find(|limit| limit.key == key)?;
+        (limit.going + limit.queued == runs).then_some(())
+    })
+    .await
+    .or_logs(grid)
+}
+
 async fn finish(grid: &Grid, client: &Client, run_id: &RunId) -> anyhow::Result<()> {
     client.signal(run_id, "go", json!({"done": true})).await.or_logs(grid)?;
     let view = grid.wait_run(client, run_id, RUN_DEADLINE).await?;
@@ -83,7 +95,7 @@ async fn runs_past_the_limit_wait_queued_and_go_in_order_as_slots_free_up() -> a
     for n in 0..5 {
         runs.push(start(&grid, &client, "limited", json!({"n": n})).await?);
         // Each asks for its slot before the next: the queue's order is the start order.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_counted(&grid, &client, "limited", "", n + 1).await?;
     }
     let [r0, r1, r2, r3, r4] = <[RunId; 5]>::try_from(runs).expect("five runs");
     wait_admitted(&grid, &client, &[&r0, &r1, &r2, &r3, &r4], &[true, true, false, false, false]).await?;
@@ -150,7 +162,7 @@ async fn a_limit_per_key_holds_across_a_coordinator_crash() -> anyhow::Result<()
     let client = grid.client().await?;
     deploy(&grid, &client, PER_CUSTOMER_FLOW).await?;
     let acme = start(&grid, &client, "per-customer", json!({"customer": "acme"})).await?;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_counted(&grid, &client, "per-customer", "acme", 1).await?;
     let acme_next = start(&grid, &client, "per-customer", json!({"customer": "acme"})).await?;
     let initech = start(&grid, &client, "per-customer", json!({"customer": "initech"})).await?;
     wait_admitted(&grid, &client, &[&acme, &acme_next, &initech], &[true, false, true]).await?;

@@ -444,7 +444,8 @@ pub struct LimitList {
 }
 
 impl LimitList {
-    /// Limits one reply lists at most.
+    /// Limits one reply lists at most: a reply of a grid with a limit per customer stays far
+    /// below NATS's default 1 MiB payload limit.
     pub const LIMITS_MAX: usize = 1_000;
 }
 

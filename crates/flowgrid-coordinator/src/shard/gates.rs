@@ -201,7 +201,10 @@ impl<S: ShardStore> ShardActor<S> {
             return Err(ApiError::new(ErrorCode::InvalidRequest, "a concurrency limit's message names its flow"));
         }
         if let Some(rate) = message.rate.filter(|rate| rate.runs == 0 || rate.per_ms == 0) {
-            let why = format!("a start rate lets at least one run go per at least 1 ms, not {rate:?}");
+            let why = format!(
+                "a start rate needs rate.runs and rate.per_ms of at least 1 (got runs {}, per_ms {})",
+                rate.runs, rate.per_ms
+            );
             return Err(ApiError::new(ErrorCode::InvalidRequest, why));
         }
         let applied = match verb {
@@ -253,6 +256,7 @@ impl<S: ShardStore> ShardActor<S> {
 
     /// The limits this shard keeps (of `flow`, or all), as `limit.list` shows them.
     pub(super) fn limit_summaries(&self, flow: Option<&str>) -> Vec<LimitSummary> {
+        let now = now_ms();
         self.gates
             .gates
             .iter()
@@ -268,7 +272,7 @@ impl<S: ShardStore> ShardActor<S> {
                     .rate
                     .filter(|_| !gate.queue.is_empty())
                     .map(|rate| next_start_us(rate, gate.full_us).div_ceil(1_000))
-                    .filter(|next_ms| *next_ms > now_ms()),
+                    .filter(|next_ms| *next_ms > now),
             })
             .collect()
     }

@@ -132,6 +132,7 @@ impl<S: ShardStore> ShardActor<S> {
                 return;
             }
         };
+        let run_id = result.attempt.run_id.clone();
         let event = match (result.output, result.error, result.progress) {
             (Some(output), None, None) => Event::TaskSucceeded { attempt: result.attempt, output },
             (None, Some(error), None) => Event::TaskFailed { attempt: result.attempt, error },
@@ -157,12 +158,6 @@ impl<S: ShardStore> ShardActor<S> {
             self.reply_now(reply_to, encoding, reply);
             return;
         }
-        let run_id = match &event {
-            Event::TaskSucceeded { attempt, .. }
-            | Event::TaskFailed { attempt, .. }
-            | Event::TaskProgress { attempt, .. } => attempt.run_id.clone(),
-            _ => unreachable!("built above"),
-        };
         let dispatched_before = batch.dispatches.len();
         let applied = self.apply_event(&run_id, event, now_ms(), batch);
         for dispatch in &mut batch.dispatches[dispatched_before..] {
@@ -221,11 +216,9 @@ impl<S: ShardStore> ShardActor<S> {
                 Effect::ArmTimer { run_id, timer, due_ms } => self.timers.arm(run_id, timer, due_ms),
                 Effect::CancelTimer { run_id, timer, due_ms } => {
                     if let (TimerKey::AttemptTimeout { attempt }, Some(active)) = (&timer, self.runs.get(&run_id)) {
-                        if let Some(pool) = pool_of(active.run.plan(), &attempt.step) {
-                            self.metrics.pool(pool).in_flight.decrement(1.0);
-                            if resulted != Some(attempt) {
-                                batch.cancelled.push((pool.clone(), attempt.clone()));
-                            }
+                        let pool = attempt_closed(&mut self.metrics, active.run.plan(), attempt);
+                        if let Some(pool) = pool.filter(|_| resulted != Some(attempt)) {
+                            batch.cancelled.push((pool.clone(), attempt.clone()));
                         }
                     }
                     self.timers.cancel(run_id, timer, due_ms);
@@ -616,10 +609,15 @@ pub(super) fn attempt_opened(metrics: &mut ShardMetrics, task: &TaskDispatch) {
     metrics.pool(&task.pool).in_flight.increment(1.0);
 }
 
-pub(super) fn attempt_closed(metrics: &mut ShardMetrics, plan: &FlowPlan, attempt: &AttemptId) {
-    if let Some(pool) = pool_of(plan, &attempt.step) {
-        metrics.pool(pool).in_flight.decrement(1.0);
-    }
+/// Takes a closed attempt out of its pool's in-flight gauge; returns its pool.
+pub(super) fn attempt_closed<'plan>(
+    metrics: &mut ShardMetrics,
+    plan: &'plan FlowPlan,
+    attempt: &AttemptId,
+) -> Option<&'plan Arc<str>> {
+    let pool = pool_of(plan, &attempt.step)?;
+    metrics.pool(pool).in_flight.decrement(1.0);
+    Some(pool)
 }
 
 /// Counts the result an accepted event applied, by pool and outcome. A fired timeout
