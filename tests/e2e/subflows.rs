@@ -272,9 +272,91 @@ fn split_keys(grid: &Grid, owners: &[String], on: [usize; 2], tag: &str) -> Vec<
 
 /// The child of `parent`'s step `invoke`, once it waits for its signal.
 async fn wait_child_waiting(grid: &Grid, client: &flowgrid_sdk::Client, parent: &RunId) -> anyhow::Result<RunId> {
+    wait_iteration_waiting(grid, client, parent, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_runs_its_child_until_its_condition_holds_and_gives_up_after_its_last_iteration() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, DOUBLER).await?;
+    let grow = r#"
+name: grow
+steps:
+  - id: invoke
+    kind: subflow
+    flow: doubler
+    input: '#{ n: if iteration == 0 { input.n } else { previous.value } }'
+    repeat: { until: 'result.value >= input.limit', max_iterations: 8 }
+    catch: [{ errors: [iterations_exhausted], next: gave_up }]
+  - { id: gave_up, kind: transform, output: 'steps.invoke.error.message' }
+"#;
+    deploy(&grid, &client, grow).await?;
+
+    let run_id = client.start(start("grow", json!({"n": 3, "limit": 100}))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let invoke = step(&view, "invoke");
+    assert_eq!((invoke.output.clone(), invoke.attempts), (Some(json!({"value": 192})), 6), "3 doubled 6 times");
+    let children = client.list(ListRuns { parent: Some(run_id.clone()), ..Default::default() }).await?;
+    assert_eq!(children.runs.len(), 6, "one child run per iteration: {children:?}");
+    assert!(children.runs.iter().all(|child| child.status == RunStatus::Succeeded), "{children:?}");
+    let last = ParentRef::child_run_id("doubler", &run_id, "invoke", None, 5);
+    assert_eq!(invoke.child_run, Some(last), "the step names its last iteration's child");
+
+    let run_id = client.start(start("grow", json!({"n": 1, "limit": 1000}))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let invoke = step(&view, "invoke");
+    assert_eq!((invoke.status, invoke.caught, invoke.attempts), (StepStatus::Failed, true, 8), "{invoke:?}");
+    let message = step(&view, "gave_up").output.clone().expect("the catch's output");
+    assert!(message.as_str().unwrap().contains("ran 8 iterations"), "{message}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_goes_on_from_its_iteration_after_a_coordinator_crash() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, WAITER).await?;
+    let approvals = "name: approvals\noutput: 'steps.invoke.output'\nsteps:\n  - { id: invoke, kind: subflow, \
+                     flow: waiter, repeat: { until: 'result.done' } }\n";
+    deploy(&grid, &client, approvals).await?;
+    let run_id = client.start(start("approvals", json!({}))).await.or_logs(&grid)?.run_id;
+
+    let first = wait_iteration_waiting(&grid, &client, &run_id, Some(0)).await?;
+    let (ok, stdout, _) = grid.cli(&["run", "get", run_id.as_str()])?;
+    assert!(ok && stdout.contains(&format!("step invoke runs child run {first} (loop iteration 0)")), "{stdout}");
+    assert!(client.signal(&first, "approve", json!({"done": false})).await.or_logs(&grid)?.applied);
+    let second = wait_iteration_waiting(&grid, &client, &run_id, Some(1)).await?;
+    assert_ne!(first, second, "each iteration is a run of its own");
+
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    let after_crash = wait_iteration_waiting(&grid, &client, &run_id, Some(1)).await?;
+    assert_eq!(after_crash, second, "the loop is still at its second iteration, with the same child");
+    assert!(client.signal(&second, "approve", json!({"done": true, "by": "ops"})).await.or_logs(&grid)?.applied);
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.output, Some(json!({"done": true, "by": "ops"})), "{view:?}\n{}", grid.logs());
+    assert_eq!(step(&view, "invoke").attempts, 2, "{view:?}");
+    Ok(())
+}
+
+/// The child of `parent`'s step `invoke` (of loop iteration `iteration`, if given), once
+/// it waits for its signal.
+async fn wait_iteration_waiting(
+    grid: &Grid,
+    client: &flowgrid_sdk::Client,
+    parent: &RunId,
+    iteration: Option<u32>,
+) -> anyhow::Result<RunId> {
     wait_for("the child run to wait for its signal", RUN_DEADLINE, || async {
         let view = client.get(parent).await.ok()?;
-        let child = step(&view, "invoke").child_run.clone()?;
+        let invoke = step(&view, "invoke");
+        if iteration.is_some_and(|iteration| invoke.iteration != Some(iteration)) {
+            return None;
+        }
+        let child = invoke.child_run.clone()?;
         let child_view = client.get(&child).await.ok()?;
         (step(&child_view, "approve").status == StepStatus::Running).then_some(child)
     })

@@ -40,7 +40,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use flowgrid_model::{
-    AttemptId, Evaluator, FlowPlan, Labels, Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex,
+    AttemptId, Evaluator, FlowPlan, Labels, Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex, SubflowSpec,
 };
 use serde_json::Value;
 
@@ -354,6 +354,12 @@ impl Run {
                 child_round: match (&step.kind, &state.work) {
                     (PlanStepKind::Subflow(_), Work::Map(map)) => map.first,
                     _ => 0,
+                },
+                iteration: match (&step.kind, &state.work) {
+                    (PlanStepKind::Subflow(SubflowSpec { repeat: Some(_), .. }), Work::Child { iteration, .. }) => {
+                        Some(*iteration)
+                    }
+                    _ => None,
                 },
             })
             .collect();

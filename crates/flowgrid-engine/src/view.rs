@@ -212,6 +212,10 @@ pub struct StepView {
     /// ids of their round (list them all by their parent).
     #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
     pub child_round: u32,
+    /// For a subflow step with `repeat` waiting for a child: the loop's iteration (from
+    /// 0) that child runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<u32>,
 }
 
 /// A [`RunView`] borrowed from its run ([`Run::view_ref`](crate::Run::view_ref)): the
@@ -271,6 +275,8 @@ pub(crate) struct StepViewRef<'a> {
     pub(crate) child_run: Option<RunId>,
     #[serde(skip_serializing_if = "flowgrid_model::is_zero")]
     pub(crate) child_round: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) iteration: Option<u32>,
 }
 
 impl RunViewRef<'_> {
@@ -313,6 +319,7 @@ impl StepViewRef<'_> {
             items: self.items,
             child_run: self.child_run.clone(),
             child_round: self.child_round,
+            iteration: self.iteration,
         }
     }
 }

@@ -394,11 +394,38 @@ pub struct SubflowStep {
     /// `timeout_ms` still applies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Runs the child again, one after the other, until a condition holds: a loop whose
+    /// body is the child flow. Not with `items`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<Repeat>,
     /// Where a failed child goes instead of failing the run, by the child's error code
-    /// (with `items`: by `map_failed`).
+    /// (with `items`: by `map_failed`; with `repeat`: also by `iterations_exhausted`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub catch: Vec<Catch>,
 }
+
+/// The loop of a subflow step: a child run per iteration, each started when the one
+/// before it succeeded and `until` was false. The step's `input` reads `iteration` (from
+/// 0) and `previous` (the output of the iteration before, `()` in the first); without
+/// `input`, the first child gets the run's input and each later one the output of the
+/// child before it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Repeat {
+    /// Expression read after each child succeeds, with its output as `result` and its
+    /// number (from 0) as `iteration`: `true` ends the loop, and the step's output is that
+    /// child's output.
+    pub until: String,
+    /// The most children the loop runs, 1 to 10,000 (default 100). When the last one's
+    /// `until` is false too, the step fails with `iterations_exhausted` (a catch may take it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_iterations: Option<u32>,
+}
+
+/// The iterations of a loop when its definition gives none.
+pub const REPEAT_ITERATIONS_DEFAULT: u32 = 100;
+/// The most iterations a loop may ask for: each is a child run, kept like any other.
+pub const REPEAT_ITERATIONS_MAX: u32 = 10_000;
 
 impl Step {
     pub fn id(&self) -> &str {

@@ -8,7 +8,8 @@
 //! - Variables, where the place provides them: `input` (the run input), `steps.<id>`
 //!   (`.status`, `.output`, `.error.code`, `.error.message` of a step that runs before),
 //!   `item` and `index` (a map's item and its position), `result` (a worker's result in
-//!   a task or map `output`). Reading a variable the place does not provide is an error;
+//!   a task or map `output`, a child's output in a loop's `until`), `iteration` and
+//!   `previous` (a loop's iteration and the output of the one before). Reading a variable the place does not provide is an error;
 //!   reading a missing property (`input.nope`) gives `()`, which is JSON `null`.
 //! - Literals: `#{name: "x", size: 3}` is an object, `[1, 2]` an array, `()` null.
 //! - Operators, string and array functions (`+`, `==`, `.len()`, `.to_upper()`,
@@ -72,6 +73,10 @@ pub struct Scope<'a> {
     pub item: Option<&'a Value>,
     pub index: Option<u32>,
     pub result: Option<&'a Value>,
+    /// A loop's iteration (from 0).
+    pub iteration: Option<u32>,
+    /// The output of a loop's iteration before this one (`()` in the first).
+    pub previous: Option<&'a Value>,
 }
 
 /// Why an expression could not be compiled or evaluated.
@@ -210,6 +215,7 @@ impl Evaluator {
             (INPUT_VARIABLE, scope.input.filter(|_| expr.reads_input)),
             ("item", scope.item),
             ("result", scope.result),
+            ("previous", scope.previous),
         ];
         for (name, value) in json_variables {
             if let Some(value) = value {
@@ -223,8 +229,11 @@ impl Evaluator {
                 rhai::serde::to_dynamic(steps).map_err(|error| eval_error(format!("cannot read `steps`: {error}")))?;
             rhai_scope.push_dynamic(STEPS_VARIABLE, dynamic);
         }
-        if let Some(index) = scope.index {
-            rhai_scope.push("index", rhai::INT::from(index));
+        let counters = [("index", scope.index), ("iteration", scope.iteration)];
+        for (name, value) in counters {
+            if let Some(value) = value {
+                rhai_scope.push(name, rhai::INT::from(value));
+            }
         }
         OPERATIONS_USED.with(|used| used.set(0));
         let value = self
@@ -307,7 +316,7 @@ impl Evaluator {
                 format!("{what} exceeds the size limit{at}: strings are bounded by the payload limit, arrays and maps by the map item limit")
             }
             EvalAltResult::ErrorVariableNotFound(name, ..) => format!(
-                "unknown variable `{name}`{at}: expressions can read input, steps, and where the step provides them item, index and result"
+                "unknown variable `{name}`{at}: expressions can read input, steps, and where the step provides them item, index, result, iteration and previous"
             ),
             _ => error.to_string(),
         }

@@ -182,6 +182,8 @@ pub struct SubflowSpec {
     pub input: Option<Expr>,
     /// Set when the step runs one child per item.
     pub items: Option<FlowItems>,
+    /// Set when the step runs its child again until a condition holds.
+    pub repeat: Option<FlowLoop>,
     /// Past it the children are cancelled and the step fails with code `timeout`.
     pub timeout_ms: Option<u64>,
     pub catch: Vec<CatchRule>,
@@ -194,6 +196,14 @@ pub struct FlowItems {
     /// Children going at once (the default: the item limit).
     pub max_concurrency: u32,
     pub tolerated_failures: u32,
+}
+
+/// The loop of a subflow step: children one after the other until `until` holds.
+#[derive(Debug)]
+pub struct FlowLoop {
+    /// Read after each child succeeds (`result`, `iteration`): true ends the loop.
+    pub until: Expr,
+    pub max_iterations: u32,
 }
 
 /// How long a `wait` step waits.

@@ -423,8 +423,12 @@ fn render_run(view: &RunView) -> String {
         text.push('\n');
         text.push_str(&step_table(&view.steps).render());
         for step in &view.steps {
-            if let Some(child) = &step.child_run {
-                text.push_str(&format!("step {} runs child run {child}\n", step.id));
+            match (&step.child_run, step.iteration) {
+                (Some(child), Some(iteration)) => {
+                    text.push_str(&format!("step {} runs child run {child} (loop iteration {iteration})\n", step.id))
+                }
+                (Some(child), None) => text.push_str(&format!("step {} runs child run {child}\n", step.id)),
+                (None, _) => {}
             }
             if let (Some(items), "subflow") = (&step.items, step.kind.as_str()) {
                 text.push_str(&format!(
@@ -489,12 +493,16 @@ mod tests {
             items,
             child_run: None,
             child_round: 0,
+            iteration: None,
         };
         let mut fan_out = step("fan", "map", Some(ItemCounts { total: 10, succeeded: 9, failed: 1, running: 0 }));
         fan_out.error = Some(TaskError { code: "boom".into(), message: "item 3".into(), retryable: true });
         fan_out.caught = true;
         let mut child = step("encode", "subflow", None);
         child.child_run = Some(RunId("c-1".into()));
+        let mut agent = step("agent", "subflow", None);
+        agent.child_run = Some(RunId("c-2".into()));
+        agent.iteration = Some(3);
         let mut first = step("first", "task", None);
         first.progress = Some(json!({"done": 40}));
         let view = RunView {
@@ -522,6 +530,7 @@ mod tests {
                 first,
                 fan_out,
                 child,
+                agent,
                 step("each", "subflow", Some(ItemCounts { total: 4, succeeded: 4, failed: 0, running: 0 })),
             ],
             labels: Default::default(),
@@ -542,6 +551,7 @@ mod tests {
         let delayed = "delayed   until 1970-01-01T00:01:00Z: the start time it was started with; holding step first\n";
         assert!(text.contains(delayed), "{text}");
         assert!(text.contains("step encode runs child run c-1\n"), "{text}");
+        assert!(text.contains("step agent runs child run c-2 (loop iteration 3)\n"), "{text}");
         assert!(text.contains("step each runs a child run per item (4): flowgrid run list --parent r-1\n"), "{text}");
         assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");
     }

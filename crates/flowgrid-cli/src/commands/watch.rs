@@ -131,10 +131,14 @@ fn step_change(before: Option<&StepView>, now: &StepView) -> Option<Change> {
         }
         _ if now.status == status && now.attempts == attempts && now.items == items => return None,
         StepStatus::Pending => return None,
-        StepStatus::Running => match &now.items {
-            Some(counts) => format!("running, items {}", item_counts(counts)),
-            None if now.attempts > 1 => format!("running, attempt {}", now.attempts),
-            None => "running".to_owned(),
+        StepStatus::Running => match (&now.items, now.iteration) {
+            (Some(counts), _) => format!("running, items {}", item_counts(counts)),
+            (None, Some(iteration)) => match &now.child_run {
+                Some(child) => format!("running, iteration {iteration}: child run {child}"),
+                None => format!("running, iteration {iteration}"),
+            },
+            (None, None) if now.attempts > 1 => format!("running, attempt {}", now.attempts),
+            (None, None) => "running".to_owned(),
         },
         StepStatus::Retrying => match &now.error {
             Some(error) => format!("attempt {} failed ({}: {}); retrying", now.attempts, error.code, error.message),
@@ -180,6 +184,7 @@ mod tests {
             items: None,
             child_run: None,
             child_round: 0,
+            iteration: None,
         }
     }
 
@@ -247,6 +252,23 @@ mod tests {
         done.steps[1].items = Some(ItemCounts { total: 4, succeeded: 4, failed: 0, running: 0 });
         done.steps[1].ended_ms = Some(1_200);
         assert_eq!(lines(changes(Some(&fourth), &done)), ["store succeeded in 145ms", "run succeeded in 200ms"]);
+    }
+
+    #[test]
+    fn a_watch_tells_each_iteration_of_a_loop() {
+        let iteration = |number: u32| {
+            let mut agent = step("agent", StepStatus::Running, number + 1);
+            agent.kind = "subflow".into();
+            agent.iteration = Some(number);
+            agent.child_run = Some(RunId(format!("c{number}").into()));
+            view(RunStatus::Running, vec![agent])
+        };
+        assert_eq!(
+            lines(changes(None, &iteration(0))),
+            ["run started (f@2)", "agent running, iteration 0: child run c0"]
+        );
+        assert!(changes(Some(&iteration(0)), &iteration(0)).is_empty(), "the same iteration is no change");
+        assert_eq!(lines(changes(Some(&iteration(0)), &iteration(1))), ["agent running, iteration 1: child run c1"]);
     }
 
     #[test]

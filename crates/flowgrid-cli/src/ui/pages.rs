@@ -511,7 +511,16 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                         td { (timeline(step, view.created_ms, total, now)) }
                     }
                     @if let Some(child) = &step.child_run {
-                        tr { td {} td colspan="6" { "Child run " a href=(format!("/runs/{child}")) { code { (child) } } } }
+                        tr {
+                            td {}
+                            td colspan="6" {
+                                "Child run " a href=(format!("/runs/{child}")) { code { (child) } }
+                                @if let Some(iteration) = step.iteration {
+                                    " (loop iteration " (iteration) "; "
+                                    a href=(format!("/runs?parent={}", view.run_id)) { "all iterations" } ")"
+                                }
+                            }
+                        }
                     }
                     @let children = item_children(view, definition, step);
                     @if !children.is_empty() || (step.kind == "subflow" && step.child_round > 0) {

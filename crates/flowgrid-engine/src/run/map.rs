@@ -135,7 +135,7 @@ impl Run {
             map.active += 1;
             let input = match input_expr {
                 Some(expr) => {
-                    let locals = Locals { item: Some(&value), index: Some(item), result: None };
+                    let locals = Locals { item: Some(&value), index: Some(item), ..Locals::default() };
                     match self.evaluate(context.evaluator, expr, locals) {
                         Ok(input) => input,
                         Err(error) => return self.expression_failed(index, "input", &error, context),

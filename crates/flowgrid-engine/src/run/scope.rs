@@ -16,6 +16,8 @@ pub(super) struct Locals<'a> {
     pub item: Option<&'a Value>,
     pub index: Option<u32>,
     pub result: Option<&'a Value>,
+    pub iteration: Option<u32>,
+    pub previous: Option<&'a Value>,
 }
 
 impl Run {
@@ -27,9 +29,14 @@ impl Run {
     }
 
     /// Evaluates a condition with the steps it references in scope.
-    pub(super) fn evaluate_bool(&self, evaluator: &Evaluator, expr: &Expr) -> Result<bool, ExprError> {
+    pub(super) fn evaluate_bool(
+        &self,
+        evaluator: &Evaluator,
+        expr: &Expr,
+        locals: Locals<'_>,
+    ) -> Result<bool, ExprError> {
         let steps = self.steps_scope(Some(&expr.step_refs));
-        let scope = self.scope(&steps, &Locals::default());
+        let scope = self.scope(&steps, &locals);
         evaluator.eval_bool(expr, &scope)
     }
 
@@ -66,6 +73,8 @@ impl Run {
             item: locals.item,
             index: locals.index,
             result: locals.result,
+            iteration: locals.iteration,
+            previous: locals.previous,
         }
     }
 

@@ -50,8 +50,8 @@ pub(super) enum Work {
     /// A signal step waiting for its signal, until `deadline_ms` if it has a timeout.
     Signal { deadline_ms: Option<Millis> },
     /// A subflow step waiting for its child run, started with `input` (kept to start it
-    /// again after a reload).
-    Child { input: Arc<Value> },
+    /// again after a reload); with `repeat`, the child of loop iteration `iteration`.
+    Child { input: Arc<Value>, iteration: u32 },
 }
 
 /// The current attempt of a task step or of one map item.

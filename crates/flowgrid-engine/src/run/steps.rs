@@ -97,7 +97,7 @@ impl Run {
     ) {
         let mut taken = None;
         for (rule, (condition, _next)) in rules.iter().enumerate() {
-            match self.evaluate_bool(context.evaluator, condition) {
+            match self.evaluate_bool(context.evaluator, condition, Locals::default()) {
                 Ok(true) => {
                     taken = Some(Resolution::Branch(rule as u16));
                     break;
@@ -190,7 +190,19 @@ impl Run {
         context: &mut Context<'_>,
     ) -> Option<Arc<Value>> {
         let Some(expr) = expr else { return Some(Arc::clone(&self.input)) };
-        match self.evaluate(context.evaluator, expr, Locals::default()) {
+        self.evaluate_input(index, expr, Locals::default(), context)
+    }
+
+    /// Evaluates step `index`'s input expression with `locals` in scope; a failure fails
+    /// the step and the run.
+    pub(super) fn evaluate_input(
+        &mut self,
+        index: StepIndex,
+        expr: &Expr,
+        locals: Locals<'_>,
+        context: &mut Context<'_>,
+    ) -> Option<Arc<Value>> {
+        match self.evaluate(context.evaluator, expr, locals) {
             Ok(input) => Some(Arc::new(input)),
             Err(error) => {
                 self.expression_failed(index, "input", &error, context);

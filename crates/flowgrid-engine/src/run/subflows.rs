@@ -7,15 +7,18 @@
 //! back as [`Event::ChildEnded`](crate::Event::ChildEnded): its output is the step's
 //! output; any other end fails the step with the child's error, which a catch may take.
 //! With `items` the step is a map whose items are child runs ([`super::map`]): each
-//! child's end is its item's result. A parent that ends while children go asks for them to
+//! child's end is its item's result. With `repeat` it is a loop: each child that succeeds
+//! while `until` is false is followed by the next iteration's child, one round later (so
+//! its id is new), until `until` holds or `max_iterations` ran. A parent that ends while children go asks for them to
 //! be cancelled, and so does a map that fails.
 
 use std::sync::Arc;
 
-use flowgrid_model::{Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex, SubflowSpec};
+use flowgrid_model::{Expr, FlowLoop, Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex, SubflowSpec};
 use serde_json::Value;
 
 use super::resolve::Resolution;
+use super::scope::Locals;
 use super::state::{Item, StepState, Work};
 use super::{Context, Run};
 use crate::{Applied, ChildStart, Effect, RunStatus, StepStatus, TaskError, TimerKey};
@@ -37,13 +40,12 @@ impl Run {
         if let Some(items) = &spec.items {
             self.start_map(index, &items.items, items.max_concurrency, context);
         } else {
-            let Some(input) = self.step_input(index, spec.input.as_ref(), context) else { return };
-            // Its round: the children this step started before (after a redrive).
-            let state = self.state(index);
-            let round = state.attempts;
-            state.work = Work::Child { input: Arc::clone(&input) };
-            state.attempts += 1;
-            self.ask_for_child(index, None, input, round, context);
+            let input = match spec.repeat {
+                Some(_) => self.iteration_input(index, spec.input.as_ref(), 0, None, context),
+                None => self.step_input(index, spec.input.as_ref(), context),
+            };
+            let Some(input) = input else { return };
+            self.start_child(index, input, 0, context);
         }
         let step = self.plan.step(index);
         if let (false, Some(deadline_ms)) =
@@ -51,6 +53,90 @@ impl Run {
         {
             self.arm_timer(TimerKey::SubflowTimeout { step: step.id.clone() }, deadline_ms, context);
         }
+    }
+
+    /// Starts the one child of subflow step `index` (of loop iteration `iteration`) with
+    /// `input`. Its round is the children this step started before (after a redrive, or
+    /// in earlier iterations), which its id follows from.
+    fn start_child(&mut self, index: StepIndex, input: Arc<Value>, iteration: u32, context: &mut Context<'_>) {
+        let state = self.state(index);
+        let round = state.attempts;
+        state.work = Work::Child { input: Arc::clone(&input), iteration };
+        state.attempts += 1;
+        self.ask_for_child(index, None, input, round, context);
+    }
+
+    /// The input of loop iteration `iteration` of step `index`: its `input` expression
+    /// with `iteration` and `previous` (the iteration before's output, `()` in the
+    /// first) in scope; without one, the run's input first and then the iteration
+    /// before's output. `None` when the expression failed, which failed the step and the run.
+    fn iteration_input(
+        &mut self,
+        index: StepIndex,
+        expr: Option<&Expr>,
+        iteration: u32,
+        previous: Option<&Value>,
+        context: &mut Context<'_>,
+    ) -> Option<Arc<Value>> {
+        match (expr, previous) {
+            (None, None) => Some(Arc::clone(&self.input)),
+            (None, Some(previous)) => Some(Arc::new(previous.clone())),
+            (Some(expr), previous) => {
+                let previous = Some(previous.unwrap_or(&Value::Null));
+                let locals = Locals { iteration: Some(iteration), previous, ..Locals::default() };
+                self.evaluate_input(index, expr, locals, context)
+            }
+        }
+    }
+
+    /// Loop iteration `iteration` of step `index` succeeded with `output`: the step
+    /// succeeds with it when `until` holds; otherwise the next iteration's child starts,
+    /// or, after the last one, the step fails with `iterations_exhausted`.
+    fn iteration_succeeded(
+        &mut self,
+        index: StepIndex,
+        spec: &SubflowSpec,
+        repeat: &FlowLoop,
+        iteration: u32,
+        output: Value,
+        context: &mut Context<'_>,
+    ) {
+        self.state(index).work = Work::Idle;
+        let locals = Locals { result: Some(&output), iteration: Some(iteration), ..Locals::default() };
+        match self.evaluate_bool(context.evaluator, &repeat.until, locals) {
+            Err(error) => self.expression_failed(index, "repeat.until", &error, context),
+            Ok(true) => self.child_succeeded(index, output, context),
+            Ok(false) if iteration.saturating_add(1) >= repeat.max_iterations => {
+                let error = TaskError {
+                    code: ITERATIONS_EXHAUSTED.to_owned(),
+                    message: format!(
+                        "the loop of step `{}` ran {} iterations of flow `{}` (its `max_iterations`) and `until` was \
+                         still false after the last",
+                        self.plan.step(index).id,
+                        repeat.max_iterations,
+                        spec.flow
+                    ),
+                    retryable: false,
+                };
+                self.step_failed(index, error, context);
+            }
+            Ok(false) => {
+                let next = iteration + 1;
+                let Some(input) = self.iteration_input(index, spec.input.as_ref(), next, Some(&output), context) else {
+                    return;
+                };
+                self.start_child(index, input, next, context);
+            }
+        }
+    }
+
+    /// The one child of step `index` succeeded with `output`, and so does the step.
+    fn child_succeeded(&mut self, index: StepIndex, output: Value, context: &mut Context<'_>) {
+        let state = self.state(index);
+        state.work = Work::Idle;
+        state.status = StepStatus::Succeeded;
+        state.output = Some(output);
+        self.resolve_step(index, Resolution::Succeeded, context);
     }
 
     /// Asks the driver to start the child of step `index` (item `item`, round `round`)
@@ -82,7 +168,7 @@ impl Run {
         });
         subflows.flat_map(|(index, state)| {
             let single = match &state.work {
-                Work::Child { input } => Some((index, None, Arc::clone(input), single_round(state))),
+                Work::Child { input, .. } => Some((index, None, Arc::clone(input), single_round(state))),
                 _ => None,
             };
             let items = match &state.work {
@@ -138,10 +224,10 @@ impl Run {
         };
         let deadline_ms = subflow_deadline(&self.steps[usize::from(index)], plan.step(index));
         let state = &self.steps[usize::from(index)];
-        let round = match (&state.work, item) {
-            (Work::Child { .. }, None) => single_round(state),
+        let (round, iteration) = match (&state.work, item) {
+            (Work::Child { iteration, .. }, None) => (single_round(state), *iteration),
             (Work::Map(map), Some(item)) => match map.items.get(item as usize) {
-                Some(Item::Active(slot)) => slot.first,
+                Some(Item::Active(slot)) => (slot.first, 0),
                 _ => return Applied::Ignored("the subflow step does not wait for that child"),
             },
             _ => return Applied::Ignored("the subflow step does not wait for that child"),
@@ -158,13 +244,10 @@ impl Run {
         match (item, error) {
             (Some(item), None) => self.item_succeeded(index, item, output, context),
             (Some(item), Some(error)) => self.item_failed(index, item, error, context),
-            (None, None) => {
-                let state = self.state(index);
-                state.work = Work::Idle;
-                state.status = StepStatus::Succeeded;
-                state.output = Some(output);
-                self.resolve_step(index, Resolution::Succeeded, context);
-            }
+            (None, None) => match &spec.repeat {
+                Some(repeat) => self.iteration_succeeded(index, spec, repeat, iteration, output, context),
+                None => self.child_succeeded(index, output, context),
+            },
             (None, Some(error)) => {
                 self.state(index).work = Work::Idle;
                 self.step_failed(index, error, context);
@@ -237,6 +320,9 @@ impl Run {
         }
     }
 }
+
+/// The error code of a loop whose `until` was still false after its last iteration.
+pub const ITERATIONS_EXHAUSTED: &str = "iterations_exhausted";
 
 /// The error a child that did not succeed fails its step (or item) with: the child's own
 /// code, and a message naming the child.

@@ -2,6 +2,7 @@
 
 mod attempts;
 mod flows;
+mod loops;
 mod map;
 mod pause;
 mod properties;

@@ -160,6 +160,7 @@ fn expression_fields(step: &Step) -> Vec<(String, &str, bool)> {
         Step::Subflow(subflow) => vec![
             ("items".to_owned(), subflow.items.as_deref(), false),
             ("input".to_owned(), subflow.input.as_deref(), false),
+            ("repeat.until".to_owned(), subflow.repeat.as_ref().map(|repeat| repeat.until.as_str()), true),
         ],
     };
     fields.into_iter().filter_map(|(field, source, reads_result)| Some((field, source?, reads_result))).collect()

@@ -17,13 +17,13 @@ mod tests;
 
 use std::collections::HashMap;
 
-use crate::definition::{Catch, FlowDefinition, Step};
+use crate::definition::{Catch, FlowDefinition, Step, REPEAT_ITERATIONS_DEFAULT};
 use crate::error::{DefinitionError, Issue, Result};
 use crate::expr::Evaluator;
 use crate::limits::Limits;
 use crate::plan::{
-    CatchRule, Edge, EdgeWhen, FlowItems, FlowPlan, PlanStep, PlanStepKind, StepIndex, SubflowSpec, TaskSpec, WaitFor,
-    PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
+    CatchRule, Edge, EdgeWhen, FlowItems, FlowLoop, FlowPlan, PlanStep, PlanStepKind, StepIndex, SubflowSpec, TaskSpec,
+    WaitFor, PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
 };
 
 use self::expressions::ExpressionTable;
@@ -172,18 +172,25 @@ fn plan_kind(
             catch: catch_rules(&signal.catch, index),
             keep_early: signal.keep_early,
         },
-        Step::Subflow(subflow) => PlanStepKind::Subflow(SubflowSpec {
-            flow: subflow.flow.clone(),
-            version: subflow.version,
-            input: take("input"),
-            items: take("items").map(|items| FlowItems {
-                items,
-                max_concurrency: subflow.max_concurrency.unwrap_or_else(|| items_max(limits)),
-                tolerated_failures: subflow.tolerated_failures,
-            }),
-            timeout_ms: subflow.timeout_ms,
-            catch: catch_rules(&subflow.catch, index),
-        }),
+        Step::Subflow(subflow) => {
+            let repeat = subflow.repeat.as_ref().map(|repeat| FlowLoop {
+                until: required("repeat.until"),
+                max_iterations: repeat.max_iterations.unwrap_or(REPEAT_ITERATIONS_DEFAULT),
+            });
+            PlanStepKind::Subflow(SubflowSpec {
+                flow: subflow.flow.clone(),
+                version: subflow.version,
+                input: take("input"),
+                items: take("items").map(|items| FlowItems {
+                    items,
+                    max_concurrency: subflow.max_concurrency.unwrap_or_else(|| items_max(limits)),
+                    tolerated_failures: subflow.tolerated_failures,
+                }),
+                repeat,
+                timeout_ms: subflow.timeout_ms,
+                catch: catch_rules(&subflow.catch, index),
+            })
+        }
         Step::Wait(wait) => PlanStepKind::Wait(match (wait.duration_ms, &wait.until) {
             (Some(duration_ms), _) => WaitFor::Fixed(duration_ms),
             (None, Some(_)) => WaitFor::Until(required("until")),

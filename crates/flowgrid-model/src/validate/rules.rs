@@ -1,6 +1,9 @@
 //! Field rules: names, sizes, retry policies, timeouts, priorities and per-kind settings.
 
-use crate::definition::{Catch, Concurrency, FlowDefinition, RetryPolicy, Schedule, Step, Trigger, WaitStep};
+use crate::definition::{
+    Catch, Concurrency, FlowDefinition, Repeat, RetryPolicy, Schedule, Step, SubflowStep, Trigger, WaitStep,
+    REPEAT_ITERATIONS_DEFAULT, REPEAT_ITERATIONS_MAX,
+};
 use crate::error::Issue;
 use crate::input_schema::InputSchema;
 use crate::limits::{Limits, CONCURRENCY_MAX, DURATION_MS_MAX};
@@ -138,9 +141,30 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
                     "max_concurrency and tolerated_failures apply to one child per item: add `items`, or remove them",
                 );
             }
+            if let Some(repeat) = &subflow.repeat {
+                check_repeat(path, subflow, repeat, issues);
+            }
             check_catch(path, &subflow.catch, issues);
         }
         Step::Transform(_) | Step::Succeed(_) => {}
+    }
+}
+
+/// A loop runs one child at a time, at most `REPEAT_ITERATIONS_MAX` of them.
+fn check_repeat(path: &str, subflow: &SubflowStep, repeat: &Repeat, issues: &mut Vec<Issue>) {
+    if subflow.items.is_some() {
+        push_issue(
+            issues,
+            format!("{path}.repeat"),
+            "a loop runs one child at a time: use `items` or `repeat`, not both",
+        );
+    }
+    if let Some(max_iterations) = repeat.max_iterations.filter(|max| !(1..=REPEAT_ITERATIONS_MAX).contains(max)) {
+        push_issue(
+            issues,
+            format!("{path}.repeat.max_iterations"),
+            format!("{max_iterations} is out of range: give 1 to {REPEAT_ITERATIONS_MAX} (default {REPEAT_ITERATIONS_DEFAULT})"),
+        );
     }
 }
 

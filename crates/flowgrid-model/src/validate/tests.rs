@@ -444,6 +444,34 @@ fn a_subflow_step_names_a_flow_compiles_its_input_and_catches_like_a_task() {
 }
 
 #[test]
+fn a_loop_needs_a_condition_a_bounded_count_and_no_items() {
+    let flow = |subflow: &str| format!("name: f\nsteps:\n  - {{ kind: subflow, id: s, flow: body{subflow} }}\n");
+    let plan =
+        FlowPlan::compile(parse(&flow(", repeat: { until: 'result.done' }")), 1, &evaluator(), &limits()).unwrap();
+    let PlanStepKind::Subflow(spec) = &plan.step(0).kind else { panic!("a subflow step") };
+    let repeat = spec.repeat.as_ref().expect("a loop");
+    assert_eq!((repeat.until.source.as_ref(), repeat.max_iterations), ("result.done", 100));
+    let text = flow(", repeat: { until: 'result.done', max_iterations: 10000 }");
+    let plan = FlowPlan::compile(parse(&text), 1, &evaluator(), &limits()).unwrap();
+    let PlanStepKind::Subflow(spec) = &plan.step(0).kind else { panic!("a subflow step") };
+    assert_eq!(spec.repeat.as_ref().map(|repeat| repeat.max_iterations), Some(10_000));
+
+    for max in ["0", "10001"] {
+        let text = flow(&format!(", repeat: {{ until: 'true', max_iterations: {max} }}"));
+        assert_issue(&issues_of(&text), "steps[0](s).repeat.max_iterations", "give 1 to 10000");
+    }
+    assert_issue(&issues_of(&flow(", items: 'input.v', repeat: { until: 'true' }")), "steps[0](s).repeat", "not both");
+    assert_issue(&issues_of(&flow(", repeat: { until: '1 +' }")), "steps[0](s).repeat.until", "does not compile");
+    assert_issue(
+        &issues_of(&flow(", repeat: { until: 'steps.s.output' }")),
+        "steps[0](s).repeat.until",
+        "its own step",
+    );
+    let message = parse_definition(&flow(", repeat: { max_iterations: 3 }"), &limits()).unwrap_err().to_string();
+    assert!(message.contains("missing field `until`"), "{message}");
+}
+
+#[test]
 fn a_signal_step_checks_its_timeout_and_catches_like_a_task() {
     let flow = |signal: &str| {
         format!("name: f\nsteps:\n  - {{ kind: signal, id: s{signal} }}\n  - {{ kind: transform, id: late, output: '1' }}\n")
