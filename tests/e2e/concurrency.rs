@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flowgrid_sdk::{Client, ErrorCode, LimitSummary, ListRuns, RunId, RunStatus, StartRun, StepStatus};
-use flowgrid_tests::{step, wait_for, Grid};
+use flowgrid_tests::{metric_value, scrape_metrics, step, wait_for, Grid};
 use serde_json::json;
 
 use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
@@ -109,6 +109,7 @@ async fn runs_past_the_limit_wait_queued_and_go_in_order_as_slots_free_up() -> a
         key: String::new(),
         max: 2,
         rate: None,
+        when_full: Default::default(),
         going: 2,
         queued: 3,
         next_start_ms: None,
@@ -119,7 +120,7 @@ async fn runs_past_the_limit_wait_queued_and_go_in_order_as_slots_free_up() -> a
         ok && stdout
             .lines()
             .nth(1)
-            .is_some_and(|row| row.split_whitespace().eq(["limited", "-", "2", "-", "2", "3", "-"])),
+            .is_some_and(|row| row.split_whitespace().eq(["limited", "-", "2", "-", "queue", "2", "3", "-"])),
         "{stdout}"
     );
     let (_, stdout, _) = grid.cli(&["run", "get", r2.as_str()])?;
@@ -310,5 +311,64 @@ async fn a_delayed_run_waits_for_its_start_time_and_takes_no_slot_until_then() -
     let far = StartRun { flow: "later".into(), start_at_ms: Some(at + 367 * 86_400_000), ..Default::default() };
     let error = client.start(far).await.expect_err("too far ahead");
     assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+    Ok(())
+}
+
+/// A run that finds its limit full is cancelled (`cancel_new`), or cancels the oldest run
+/// of its key (`cancel_oldest`): one run per customer at a time either way.
+const WHEN_FULL_FLOW: &str = r#"
+name: when-full
+concurrency: { max: 1, key: input.customer, when_full: cancel_new }
+steps:
+  - { id: go, kind: signal }
+"#;
+
+/// Waits until `run_id` ended cancelled, and gives its error message.
+async fn wait_cancelled(grid: &Grid, client: &Client, run_id: &RunId) -> anyhow::Result<String> {
+    let view = grid.wait_run(client, run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Cancelled, "{view:?}\n{}", grid.logs());
+    Ok(view.error.map(|error| error.message).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_limit_cancels_the_new_run_or_the_oldest_one_as_it_says() -> anyhow::Result<()> {
+    let (grid, metrics_addr) = Grid::start_with_metrics(&["a"], 1).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, WHEN_FULL_FLOW).await?;
+
+    // cancel_new: the run going keeps its slot; one started meanwhile ends at once.
+    let first = start(&grid, &client, "when-full", json!({"customer": "acme"})).await?;
+    wait_admitted(&grid, &client, &[&first], &[true]).await?;
+    let skipped = start(&grid, &client, "when-full", json!({"customer": "acme"})).await?;
+    let other = start(&grid, &client, "when-full", json!({"customer": "initech"})).await?;
+    let message = wait_cancelled(&grid, &client, &skipped).await?;
+    assert!(message.contains("for key `acme` (max 1) had no room for it (`when_full: cancel_new`)"), "{message}");
+    wait_admitted(&grid, &client, &[&first, &other], &[true, true]).await?;
+    let (ok, stdout, _) = grid.cli(&["flow", "limits", "when-full"])?;
+    let acme = stdout.lines().find(|line| line.contains("acme")).unwrap_or_default();
+    assert!(ok && acme.split_whitespace().eq(["when-full", "acme", "1", "-", "cancel_new", "1", "0", "-"]), "{stdout}");
+    finish(&grid, &client, &first).await?;
+    let next = start(&grid, &client, "when-full", json!({"customer": "acme"})).await?;
+    wait_admitted(&grid, &client, &[&next], &[true]).await?;
+    finish(&grid, &client, &next).await?;
+
+    // cancel_oldest: each new run cancels the one going (or waiting) before it, and goes
+    // once that one ended.
+    deploy(&grid, &client, &WHEN_FULL_FLOW.replace("cancel_new", "cancel_oldest")).await?;
+    let oldest = start(&grid, &client, "when-full", json!({"customer": "acme"})).await?;
+    wait_admitted(&grid, &client, &[&oldest], &[true]).await?;
+    let newer = start(&grid, &client, "when-full", json!({"customer": "acme"})).await?;
+    let message = wait_cancelled(&grid, &client, &oldest).await?;
+    assert!(message.contains(&format!("run {newer} took its place under flow `when-full`")), "{message}");
+    wait_admitted(&grid, &client, &[&newer, &other], &[true, true]).await?;
+    let newest = start(&grid, &client, "when-full", json!({"customer": "acme"})).await?;
+    wait_cancelled(&grid, &client, &newer).await?;
+    wait_admitted(&grid, &client, &[&newest, &other], &[true, true]).await?;
+    finish(&grid, &client, &newest).await?;
+    finish(&grid, &client, &other).await?;
+    let body = scrape_metrics(&metrics_addr).or_logs(&grid)?;
+    let turned_away =
+        |why: &str| metric_value(&body, &format!("flowgrid_runs_turned_away_total{{when_full=\"{why}\"}}"));
+    assert_eq!((turned_away("cancel_new"), turned_away("cancel_oldest")), (Some(1.0), Some(2.0)), "{body}");
     Ok(())
 }

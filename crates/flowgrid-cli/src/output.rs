@@ -144,10 +144,10 @@ pub fn started_by(flow: &flowgrid_proto::FlowSummary) -> String {
     }
 }
 
-/// The limits of `limit.list`: one row per flow and key, with what bounds it, its runs
-/// going and queued, and when its rate lets the next one go.
+/// The limits of `limit.list`: one row per flow and key, with what bounds it, what a run
+/// past it does, its runs going and queued, and when its rate lets the next one go.
 pub fn limit_table(list: &flowgrid_proto::LimitList) -> Table {
-    let mut table = Table::new(&["FLOW", "KEY", "MAX", "RATE", "GOING", "QUEUED", "NEXT START"]);
+    let mut table = Table::new(&["FLOW", "KEY", "MAX", "RATE", "WHEN FULL", "GOING", "QUEUED", "NEXT START"]);
     for limit in &list.limits {
         let max = if limit.max == 0 { "-".to_owned() } else { limit.max.to_string() };
         let rate = limit.rate.map_or("-".to_owned(), |rate| format!("{} per {}", rate.runs, duration_ms(rate.per_ms)));
@@ -155,7 +155,16 @@ pub fn limit_table(list: &flowgrid_proto::LimitList) -> Table {
             .next_start_ms
             .map_or("-".to_owned(), |next_ms| format!("in {}", duration_ms(next_ms.saturating_sub(now_ms()))));
         let key = if limit.key.is_empty() { "-".to_owned() } else { limit.key.clone() };
-        let row = [limit.flow.clone(), key, max, rate, limit.going.to_string(), limit.queued.to_string(), next];
+        let row = [
+            limit.flow.clone(),
+            key,
+            max,
+            rate,
+            limit.when_full.as_str().to_owned(),
+            limit.going.to_string(),
+            limit.queued.to_string(),
+            next,
+        ];
         table.row(row.to_vec());
     }
     table

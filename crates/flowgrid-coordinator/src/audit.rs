@@ -549,7 +549,7 @@ mod tests {
     use std::borrow::Cow;
 
     use flowgrid_engine::TimerKey;
-    use flowgrid_model::Epoch;
+    use flowgrid_model::{Epoch, WhenFull};
     use flowgrid_proto::GateMessage;
     use flowgrid_store::WriteBatch;
     use serde_json::json;
@@ -821,7 +821,8 @@ mod tests {
         for ended in [&freed, &admitted, &lost] {
             write_run(&mut batch, ended, RunStatus::Succeeded, Some(json!(1)), &[], 1);
         }
-        let place = GateRecord { round: 2, admitted: true, since_ms: 1, max: 4, rate: None };
+        let place =
+            GateRecord { round: 2, admitted: true, since_ms: 1, max: 4, rate: None, when_full: WhenFull::Queue };
         for run_id in [&running, &freed, &admitted, &lost] {
             batch.set(keys::gate("f", "acme", run_id), records::encode(&place));
         }
@@ -832,6 +833,7 @@ mod tests {
             round,
             max: 0,
             rate: None,
+            when_full: WhenFull::Queue,
         };
         // A release of the round held frees its place; an admission its run's shard answers
         // with one; a release of another round frees nothing.

@@ -44,6 +44,7 @@ pub const RUNS_REDRIVEN: &str = "flowgrid_runs_redriven_total";
 pub const RUNS_PAUSED: &str = "flowgrid_runs_paused_total";
 pub const RUNS_QUEUED: &str = "flowgrid_runs_queued_total";
 pub const RUNS_ADMITTED: &str = "flowgrid_runs_admitted_total";
+pub const RUNS_TURNED_AWAY: &str = "flowgrid_runs_turned_away_total";
 pub const RUNS_RESUMED: &str = "flowgrid_runs_resumed_total";
 pub const TRIGGER_MESSAGES: &str = "flowgrid_trigger_messages_total";
 pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
@@ -101,6 +102,12 @@ pub fn describe() {
         "Runs of flows with a concurrency limit that started (or were redriven) queued, asking for a slot."
     );
     describe_counter!(RUNS_ADMITTED, Unit::Count, "Queued runs admitted by their flow's concurrency limit.");
+    describe_counter!(
+        RUNS_TURNED_AWAY,
+        Unit::Count,
+        "Runs a concurrency limit asked to be cancelled, by its `when_full` (cancel_new: the new run; cancel_oldest: \
+         the oldest one)."
+    );
     describe_counter!(
         TRIGGER_MESSAGES,
         Unit::Count,

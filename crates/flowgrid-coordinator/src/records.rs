@@ -68,6 +68,9 @@ pub struct GateRecord {
     /// The limit's start rate as the run's request gave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<flowgrid_model::StartRate>,
+    /// What a run past the limit does, as the run's request gave it.
+    #[serde(default, skip_serializing_if = "flowgrid_model::WhenFull::is_queue")]
+    pub when_full: flowgrid_model::WhenFull,
 }
 
 /// The `gate_rate` key: where a limit's start rate stands.

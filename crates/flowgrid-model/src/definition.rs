@@ -63,6 +63,41 @@ pub struct Concurrency {
     /// runs of each value apart. One limit for the whole flow when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// What a run started past the limit does: wait its turn (`queue`, the default), be
+    /// cancelled at once (`cancel_new`), or take the place of the oldest run of its key,
+    /// which is cancelled (`cancel_oldest`, with `max`).
+    #[serde(default, skip_serializing_if = "WhenFull::is_queue")]
+    pub when_full: WhenFull,
+}
+
+/// What a run started past its flow's concurrency limit does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// It waits, queued, and goes in the order it started.
+    #[default]
+    Queue,
+    /// It is cancelled at once: the runs going keep their places (a job that must not
+    /// overlap itself skips a turn).
+    CancelNew,
+    /// The oldest run of its key is cancelled and the new one takes its place once it
+    /// ended (the latest request wins).
+    CancelOldest,
+}
+
+impl WhenFull {
+    pub fn is_queue(&self) -> bool {
+        *self == WhenFull::Queue
+    }
+
+    /// As definitions write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WhenFull::Queue => "queue",
+            WhenFull::CancelNew => "cancel_new",
+            WhenFull::CancelOldest => "cancel_oldest",
+        }
+    }
 }
 
 /// At most `runs` runs start per `per_ms` milliseconds, spread evenly (one each

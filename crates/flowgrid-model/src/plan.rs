@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::definition::{FlowDefinition, RetryPolicy, StartRate};
+use crate::definition::{FlowDefinition, RetryPolicy, StartRate, WhenFull};
 use crate::expr::{Evaluator, Expr, Scope};
 use crate::input_schema::InputSchema;
 use crate::limits::{Limits, CONCURRENCY_KEY_BYTES_MAX};
@@ -57,6 +57,7 @@ pub struct PlanConcurrency {
     pub rate: Option<StartRate>,
     /// Gives a run's key from its input; one key for every run when absent.
     pub key: Option<Expr>,
+    pub when_full: WhenFull,
 }
 
 impl PlanConcurrency {
@@ -267,6 +268,7 @@ impl FlowPlan {
             max: concurrency.max,
             rate: concurrency.rate,
             key: concurrency_key,
+            when_full: concurrency.when_full,
         });
         let input_schema = definition
             .input_schema

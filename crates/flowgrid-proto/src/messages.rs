@@ -461,6 +461,9 @@ pub struct LimitSummary {
     /// Runs started per period, as the latest run's flow version gives it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<flowgrid_model::StartRate>,
+    /// What a run past the limit does, as the latest run's flow version gives it.
+    #[serde(default, skip_serializing_if = "flowgrid_model::WhenFull::is_queue")]
+    pub when_full: flowgrid_model::WhenFull,
     /// Runs admitted and not ended.
     pub going: u32,
     /// Runs waiting for their turn.
@@ -495,6 +498,9 @@ pub struct GateMessage {
     /// With an acquire: the limit's start rate in the run's flow version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<flowgrid_model::StartRate>,
+    /// With an acquire: what a run past the limit does, in the run's flow version.
+    #[serde(default, skip_serializing_if = "flowgrid_model::WhenFull::is_queue")]
+    pub when_full: flowgrid_model::WhenFull,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

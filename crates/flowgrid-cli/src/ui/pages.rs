@@ -257,7 +257,7 @@ fn limits_table(list: &LimitList, flow_column: bool) -> Markup {
         table {
             tr {
                 @if flow_column { th { "Flow" } }
-                th { "Key" } th { "Max" } th { "Rate" } th { "Going" } th { "Queued" } th { "Next start" }
+                th { "Key" } th { "Max" } th { "Rate" } th { "When full" } th { "Going" } th { "Queued" } th { "Next start" }
             }
             @for limit in &list.limits {
                 tr {
@@ -265,6 +265,7 @@ fn limits_table(list: &LimitList, flow_column: bool) -> Markup {
                     td { @if limit.key.is_empty() { "-" } @else { code { (limit.key) } } }
                     td { @if limit.max == 0 { "-" } @else { (limit.max) } }
                     td { @match limit.rate { Some(rate) => { (rate.runs) " per " (duration_ms(rate.per_ms)) } None => { "-" } } }
+                    td { (limit.when_full.as_str()) }
                     td { (limit.going) }
                     td { @if limit.queued > 0 { span.queued { (limit.queued) } } @else { "0" } }
                     td { @match limit.next_start_ms { Some(next_ms) => { (utc_time(next_ms)) " UTC" } None => { "-" } } }

@@ -15,11 +15,17 @@
 //! the round it holds; an admission for a run that ended or went again meanwhile is
 //! answered with a release of that round. So a slot taken by a run that is gone comes back,
 //! and a limit never admits more runs than `max` of the rounds it was asked for.
+//!
+//! A limit whose `when_full` is not `queue` turns runs away by cancelling them, through
+//! the gate shard's outbox like a parent cancels its child: `cancel_new` the run that asks
+//! when there is no room for it at once (it never queues), `cancel_oldest` the oldest run
+//! of the key while more than `max` go or wait. A holder being cancelled keeps its slot
+//! until its release comes, so `max` holds at every moment.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use flowgrid_engine::{Event, Run};
-use flowgrid_model::{Millis, RunId, StartRate};
+use flowgrid_model::{Millis, RunId, StartRate, WhenFull};
 use flowgrid_proto::{ApiError, ErrorCode, GateMessage, GateTaken, LimitSummary};
 use flowgrid_store::{keys, ShardStore};
 use tracing::{debug, warn};
@@ -72,12 +78,36 @@ struct Gate {
     /// Runs at once; 0: no bound.
     max: u32,
     rate: Option<StartRate>,
+    when_full: WhenFull,
     /// When the start rate's bucket is full again (Unix µs); see [`GateRateRecord`].
     full_us: u64,
-    holders: HashMap<RunId, u32>,
+    holders: HashMap<RunId, Holder>,
     queue: Queue,
     /// Its entry in [`Gates::due`].
     due_ms: Option<Millis>,
+}
+
+/// A run that holds a slot of a limit.
+struct Holder {
+    round: u32,
+    /// When it was admitted: `cancel_oldest` turns away the holder admitted first.
+    since_ms: Millis,
+    /// `cancel_oldest` asked for it to be cancelled; it keeps its slot until it ended.
+    cancelling: bool,
+}
+
+impl Gate {
+    fn holds(&self, run_id: &RunId, round: u32) -> bool {
+        self.holders.get(run_id).is_some_and(|holder| holder.round == round)
+    }
+
+    /// Whether a run asking now would be admitted at once: room under `max`, nobody
+    /// waiting, and a start the rate lets go.
+    fn has_room(&self, now_us: u64) -> bool {
+        self.queue.is_empty()
+            && (self.max == 0 || self.holders.len() < self.max as usize)
+            && self.rate.is_none_or(|rate| next_start_us(rate, self.full_us) <= now_us)
+    }
 }
 
 /// Runs waiting for a slot, in the order asked, with their rounds. A run leaves from
@@ -161,9 +191,11 @@ impl<S: ShardStore> ShardActor<S> {
                 latest.insert(id.clone(), record.since_ms);
                 gate.max = record.max;
                 gate.rate = record.rate;
+                gate.when_full = record.when_full;
             }
             if record.admitted {
-                gate.holders.insert(run_id, record.round);
+                let holder = Holder { round: record.round, since_ms: record.since_ms, cancelling: false };
+                gate.holders.insert(run_id, holder);
             } else {
                 waiting.entry(id).or_default().push((record.since_ms, run_id, record.round));
             }
@@ -216,26 +248,90 @@ impl<S: ShardStore> ShardActor<S> {
     }
 
     /// A run asks for a slot: it gets one at once if the gate has room, its rate lets it
-    /// go and nobody waits, else it waits in the queue. A repeat changes nothing.
+    /// go and nobody waits, else it waits in the queue (or, by the limit's `when_full`, is
+    /// turned away, or turns the oldest run away). A repeat changes nothing.
     fn acquire(&mut self, message: GateMessage, batch: &mut Batch) -> bool {
         let id = (message.flow.clone(), message.key.clone());
         let gate = self.gates.gates.entry(id.clone()).or_default();
         gate.max = message.max;
         gate.rate = message.rate;
+        gate.when_full = message.when_full;
         let run_id = message.run_id.clone();
-        if gate.holders.get(&run_id) == Some(&message.round) || gate.queue.contains(&run_id, message.round) {
+        if gate.holds(&run_id, message.round) || gate.queue.contains(&run_id, message.round) {
             return false;
         }
         // A run holds one place per round; a newer round replaces an older one (whose
         // release, when it comes, no longer matches).
-        gate.holders.remove(&run_id);
-        gate.queue.remove(&run_id, None);
+        let earlier = gate.holders.remove(&run_id).is_some() | gate.queue.remove(&run_id, None);
+        let now = now_ms();
+        if gate.when_full == WhenFull::CancelNew && !gate.has_room(now * 1_000) {
+            if earlier {
+                batch.writes.clear(keys::gate(&id.0, &id.1, &run_id));
+            }
+            let reason =
+                format!("{} had no room for it (`when_full: cancel_new`)", describe_limit(&id, gate.max, gate.rate));
+            self.turn_away(run_id, reason, WhenFull::CancelNew, batch);
+            // Forgets the limit if it holds nothing, or admits after an earlier round left.
+            self.admit_waiting(&id, batch);
+            return true;
+        }
         gate.queue.push(run_id.clone(), message.round);
-        let record =
-            GateRecord { round: message.round, admitted: false, since_ms: now_ms(), max: gate.max, rate: gate.rate };
+        let record = GateRecord {
+            round: message.round,
+            admitted: false,
+            since_ms: now,
+            max: gate.max,
+            rate: gate.rate,
+            when_full: gate.when_full,
+        };
         batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
+        if gate.when_full == WhenFull::CancelOldest {
+            self.cancel_oldest(&id, &run_id, batch);
+        }
         self.admit_waiting(&id, batch);
         true
+    }
+
+    /// Under `cancel_oldest`: while more runs of the limit go and wait than its `max`
+    /// (those being cancelled aside), the oldest is cancelled: the holder admitted first,
+    /// else the first in the queue, which leaves the queue at once. `newest` (the run that
+    /// just asked, last in the queue) is never the oldest while `max` is at least 1.
+    fn cancel_oldest(&mut self, id: &GateId, newest: &RunId, batch: &mut Batch) {
+        let Some(gate) = self.gates.gates.get_mut(id) else { return };
+        let mut going = gate.holders.values().filter(|holder| !holder.cancelling).count();
+        let mut cancelled = Vec::new();
+        while gate.max > 0 && going + gate.queue.waiting.len() > gate.max as usize {
+            let oldest = gate
+                .holders
+                .iter_mut()
+                .filter(|(_, holder)| !holder.cancelling)
+                .min_by(|(a, first), (b, second)| (first.since_ms, *a).cmp(&(second.since_ms, *b)));
+            if let Some((run_id, holder)) = oldest {
+                holder.cancelling = true;
+                going -= 1;
+                cancelled.push(run_id.clone());
+            } else if let Some((run_id, _)) = gate.queue.pop_front() {
+                batch.writes.clear(keys::gate(&id.0, &id.1, &run_id));
+                cancelled.push(run_id);
+            } else {
+                break;
+            }
+        }
+        let reason = format!(
+            "run {newest} took its place under {} (`when_full: cancel_oldest`)",
+            describe_limit(id, gate.max, gate.rate)
+        );
+        for run_id in cancelled {
+            self.turn_away(run_id, reason.clone(), WhenFull::CancelOldest, batch);
+        }
+    }
+
+    /// Asks for `run_id` to be cancelled with `reason`, after the commit, through this
+    /// shard's outbox (as a parent's end cancels its child).
+    fn turn_away(&self, run_id: RunId, reason: String, why: WhenFull, batch: &mut Batch) {
+        debug!(run = %run_id, reason = %reason, "a concurrency limit turns a run away");
+        ::metrics::counter!(metrics::RUNS_TURNED_AWAY, "when_full" => why.as_str()).increment(1);
+        self.send_after_commit(OutboxRecord::CancelChild { child: run_id, reason }, batch);
     }
 
     /// A run gives its slot (or its place in the queue) back, for the round it names; the
@@ -244,7 +340,7 @@ impl<S: ShardStore> ShardActor<S> {
         let id = (message.flow.clone(), message.key.clone());
         let Some(gate) = self.gates.gates.get_mut(&id) else { return false };
         let run_id = &message.run_id;
-        if gate.holders.get(run_id) == Some(&message.round) {
+        if gate.holds(run_id, message.round) {
             gate.holders.remove(run_id);
         } else if !gate.queue.remove(run_id, Some(message.round)) {
             return false;
@@ -266,6 +362,7 @@ impl<S: ShardStore> ShardActor<S> {
                 key: key.clone(),
                 max: gate.max,
                 rate: gate.rate,
+                when_full: gate.when_full,
                 going: gate.holders.len() as u32,
                 queued: gate.queue.waiting.len() as u32,
                 next_start_ms: gate
@@ -323,10 +420,25 @@ impl<S: ShardStore> ShardActor<S> {
                 gate.full_us = gate.full_us.max(now_us).saturating_add(interval_us(rate));
             }
             let Some((run_id, round)) = gate.queue.pop_front() else { break };
-            gate.holders.insert(run_id.clone(), round);
-            let record = GateRecord { round, admitted: true, since_ms: now, max: gate.max, rate: gate.rate };
+            gate.holders.insert(run_id.clone(), Holder { round, since_ms: now, cancelling: false });
+            let record = GateRecord {
+                round,
+                admitted: true,
+                since_ms: now,
+                max: gate.max,
+                rate: gate.rate,
+                when_full: gate.when_full,
+            };
             batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
-            admitted.push(GateMessage { flow: id.0.clone(), key: id.1.clone(), run_id, round, max: 0, rate: None });
+            admitted.push(GateMessage {
+                flow: id.0.clone(),
+                key: id.1.clone(),
+                run_id,
+                round,
+                max: 0,
+                rate: None,
+                when_full: WhenFull::Queue,
+            });
         }
         if gate.rate.is_some() && !admitted.is_empty() {
             let record = GateRateRecord { full_us: gate.full_us };
@@ -393,7 +505,8 @@ impl<S: ShardStore> ShardActor<S> {
     /// queue) goes back.
     pub(super) fn give_slot_back(&self, run: &Run, batch: &mut Batch) {
         if let Some(message) = self.gate_message(run, None) {
-            self.send_after_commit(OutboxRecord::GateRelease(GateMessage { max: 0, rate: None, ..message }), batch);
+            let message = GateMessage { max: 0, rate: None, when_full: WhenFull::Queue, ..message };
+            self.send_after_commit(OutboxRecord::GateRelease(message), batch);
         }
     }
 
@@ -417,8 +530,23 @@ impl<S: ShardStore> ShardActor<S> {
             round: round_of(run),
             max: concurrency.max.unwrap_or(0),
             rate: concurrency.rate,
+            when_full: concurrency.when_full,
         })
     }
+}
+
+/// A limit as a cancelled run's reason names it: `flow `f`'s concurrency limit for key
+/// `acme` (max 2, 3 runs per 60000 ms)`.
+fn describe_limit((flow, key): &GateId, max: u32, rate: Option<StartRate>) -> String {
+    let for_key = if key.is_empty() { String::new() } else { format!(" for key `{key}`") };
+    let bounds: Vec<String> = [
+        (max > 0).then(|| format!("max {max}")),
+        rate.map(|rate| format!("{} runs per {} ms", rate.runs, rate.per_ms)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    format!("flow `{flow}`'s concurrency limit{for_key} ({})", bounds.join(", "))
 }
 
 /// Which start of the run it is: 0, or how often it was redriven.

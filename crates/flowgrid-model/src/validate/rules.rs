@@ -1,7 +1,7 @@
 //! Field rules: names, sizes, retry policies, timeouts, priorities and per-kind settings.
 
 use crate::definition::{
-    Catch, Concurrency, FlowDefinition, Repeat, RetryPolicy, Schedule, Step, SubflowStep, Trigger, WaitStep,
+    Catch, Concurrency, FlowDefinition, Repeat, RetryPolicy, Schedule, Step, SubflowStep, Trigger, WaitStep, WhenFull,
     REPEAT_ITERATIONS_DEFAULT, REPEAT_ITERATIONS_MAX,
 };
 use crate::error::Issue;
@@ -40,6 +40,13 @@ fn check_concurrency(concurrency: &Concurrency, issues: &mut Vec<Issue>) {
                 format!("must be 1 ms to {DURATION_MS_MAX} ms (366 days), it is {}", rate.per_ms),
             );
         }
+    }
+    if concurrency.when_full == WhenFull::CancelOldest && concurrency.max.is_none() {
+        push_issue(
+            issues,
+            "concurrency.when_full",
+            "cancel_oldest makes room for a new run under `max`: give `max`, or use cancel_new or queue with a rate alone",
+        );
     }
 }
 

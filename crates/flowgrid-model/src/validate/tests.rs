@@ -1,7 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::definition::{ChoiceRule, ChoiceStep, RetryPolicy, StartRate, TaskStep};
+use crate::definition::{ChoiceRule, ChoiceStep, RetryPolicy, StartRate, TaskStep, WhenFull};
 use crate::plan::{Edge, EdgeWhen};
 
 const MEDIA_FLOW: &str = r#"
@@ -630,4 +630,22 @@ fn a_start_rate_is_bounded_and_may_come_alone_or_with_a_max() {
     let both = flow("{ max: 3, rate: { runs: 5, per_ms: 1000 }, key: 'input.c' }");
     let both = FlowPlan::compile(parse(&both), 1, &evaluator(), &limits()).expect("valid");
     assert_eq!(both.concurrency.as_ref().map(|concurrency| concurrency.max), Some(Some(3)));
+}
+
+#[test]
+fn a_full_limit_queues_by_default_and_cancels_the_oldest_only_under_a_max() {
+    let flow = |concurrency: &str| {
+        format!("name: f\nconcurrency: {concurrency}\nsteps:\n  - {{ kind: transform, id: t, output: '1' }}\n")
+    };
+    let when_full = |concurrency: &str| {
+        let plan = FlowPlan::compile(parse(&flow(concurrency)), 1, &evaluator(), &limits()).expect("valid");
+        plan.concurrency.as_ref().expect("compiled").when_full
+    };
+    assert_eq!(when_full("{ max: 1 }"), WhenFull::Queue);
+    assert_eq!(when_full("{ max: 1, when_full: cancel_oldest }"), WhenFull::CancelOldest);
+    assert_eq!(when_full("{ rate: { runs: 1, per_ms: 1000 }, when_full: cancel_new }"), WhenFull::CancelNew);
+    let rate_only = flow("{ rate: { runs: 1, per_ms: 1000 }, when_full: cancel_oldest }");
+    assert_issue(&issues_of(&rate_only), "concurrency.when_full", "give `max`");
+    let message = parse_definition(&flow("{ max: 1, when_full: drop }"), &limits()).unwrap_err().to_string();
+    assert!(message.contains("unknown variant `drop`"), "{message}");
 }
