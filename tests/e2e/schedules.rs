@@ -18,8 +18,7 @@ steps:
 "#;
 
 async fn runs_of(client: &flowgrid_sdk::Client) -> anyhow::Result<Vec<RunSummary>> {
-    let query = ListRuns { flow: Some("ticker".into()), limit: Some(1000), ..Default::default() };
-    Ok(client.list(query).await?.runs)
+    runs_of_flow(client, "ticker").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,4 +135,56 @@ async fn a_paused_flow_starts_no_run_by_schedule_or_trigger_until_it_is_resumed(
     let (ok, _, stderr) = grid.cli(&["flow", "pause", "no-such-flow"])?;
     assert!(!ok && stderr.contains("no flow named"), "{stderr}");
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_starts_one_run_per_past_slot_once() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let hourly = "name: hourly\nschedule: { every_ms: 3600000, input: { report: hourly }, labels: { source: cron } }\n\
+                  steps:\n  - { id: t, kind: transform, output: 'input.report' }\n";
+    deploy(&grid, &client, hourly).await?;
+    let span = ["--since", "2026-01-01T00:00:00Z", "--until", "2026-01-01T05:00:00Z"];
+
+    let (ok, stdout, stderr) = grid.cli(&[&["flow", "backfill", "hourly", "--dry-run"][..], &span].concat())?;
+    assert!(ok && stdout.lines().count() == 5 && stdout.starts_with("2026-01-01T00:00:00Z\n"), "{stdout}{stderr}");
+    assert!(runs_of_flow(&client, "hourly").await?.is_empty(), "a dry run starts nothing");
+
+    let (ok, stdout, stderr) = grid.cli(&[&["flow", "backfill", "hourly"][..], &span].concat())?;
+    assert!(ok && stdout.contains("5 slots of flow hourly from 2026-01-01T00:00:00Z to 2026-01-01T04:00:00Z: 5 runs started, 0 had a run already"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = grid.cli(
+        &[&["flow", "backfill", "hourly", "--since", "2026-01-01T03:00:00Z", "--until", "2026-01-01T07:00:00Z"][..]]
+            .concat(),
+    )?;
+    assert!(ok && stdout.contains("4 slots of flow hourly from 2026-01-01T03:00:00Z to 2026-01-01T06:00:00Z: 2 runs started, 2 had a run already"), "{stdout}{stderr}");
+
+    let runs = wait_for("seven backfilled runs to succeed", Duration::from_secs(20), || async {
+        let runs = runs_of_flow(&client, "hourly").await.ok()?;
+        (runs.len() == 7 && runs.iter().all(|run| run.status == flowgrid_sdk::RunStatus::Succeeded)).then_some(runs)
+    })
+    .await
+    .or_logs(&grid)?;
+    let third = RunId::from_idempotency_key("hourly", "schedule-1767232800000");
+    assert!(runs.iter().any(|run| run.run_id == third), "the run of 02:00 has the id the schedule gives it: {runs:?}");
+    let view = client.get(&third).await?;
+    assert_eq!(
+        (view.input, view.labels.get("source").map(String::as_str)),
+        (json!({"report": "hourly"}), Some("cron"))
+    );
+
+    // What it refuses, and why.
+    let (ok, _, stderr) = grid.cli(&["flow", "backfill", "hourly", "--since", "1h", "--until", "2099-01-01"])?;
+    assert!(!ok && stderr.contains("is ahead"), "{stderr}");
+    let (ok, _, stderr) =
+        grid.cli(&["flow", "backfill", "hourly", "--since", "2020-01-01", "--until", "2022-01-01"])?;
+    assert!(!ok && stderr.contains("more than 10000 slots"), "{stderr}");
+    deploy(&grid, &client, "name: plain\nsteps:\n  - { id: t, kind: transform, output: '1' }\n").await?;
+    let (ok, _, stderr) = grid.cli(&["flow", "backfill", "plain", "--since", "2h"])?;
+    assert!(!ok && stderr.contains("has no schedule"), "{stderr}");
+    Ok(())
+}
+
+async fn runs_of_flow(client: &flowgrid_sdk::Client, flow: &str) -> anyhow::Result<Vec<RunSummary>> {
+    let query = ListRuns { flow: Some(flow.into()), limit: Some(1000), ..Default::default() };
+    Ok(client.list(query).await?.runs)
 }

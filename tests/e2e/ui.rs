@@ -59,7 +59,10 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
     let (_, overview) = http_get(&addr, "/")?;
     assert!(overview.contains("Concurrency limits in use"), "{overview}");
     let (_, flow) = http_get(&addr, "/flows/ui-limited")?;
-    assert!(flow.contains("Concurrency limits in use") && flow.contains("<td>5</td><td>-</td><td>queue</td><td>1</td>"), "{flow}");
+    assert!(
+        flow.contains("Concurrency limits in use") && flow.contains("<td>5</td><td>-</td><td>queue</td><td>1</td>"),
+        "{flow}"
+    );
 
     let (status, flow) = http_get(&addr, "/flows/ui-flow")?;
     assert_eq!(status, 200, "{flow}");

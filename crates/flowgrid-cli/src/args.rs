@@ -129,6 +129,26 @@ pub enum FlowCommand {
         /// Only this flow's limits.
         name: Option<String>,
     },
+    /// Start the runs the flow's schedule would have started in a past span: one per
+    /// slot, with the schedule's input and labels, oldest first.
+    ///
+    /// Each slot's run has the id the schedule gives it, so a slot that has its run already
+    /// (the schedule started it, or an earlier backfill did) is not started again: run the
+    /// same backfill again to finish one cut short. At most 10,000 slots at a time.
+    #[command(arg_required_else_help = true)]
+    Backfill {
+        name: String,
+        /// The earliest slot: 2026-12-01T00:00:00Z (UTC without an offset), 2026-12-01 (its
+        /// midnight, UTC), or a duration ago (7d).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        since: Millis,
+        /// Slots before this time, in the same forms (default: now).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        until: Option<Millis>,
+        /// Print the slots without starting runs.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a flow's definition (YAML, or JSON with --json).
     #[command(visible_alias = "get")]
     Show {

@@ -255,15 +255,10 @@ impl FlowPlan {
             .filter(|(_, step)| step.outgoing.is_empty())
             .map(|(position, _)| position as StepIndex)
             .collect();
-        let schedule = definition.schedule.as_ref().map(|schedule| match (&schedule.every_ms, &schedule.cron) {
-            (Some(every_ms), _) => Timetable::Every(*every_ms),
-            (None, Some(cron)) => {
-                let zone = schedule.timezone.as_deref().map_or(Ok(chrono_tz::Tz::UTC), Timetable::zone);
-                Timetable::cron_in(cron, zone.expect("validation parsed the time zone"))
-                    .expect("validation parsed the cron expression")
-            }
-            (None, None) => unreachable!("validation requires every_ms or cron"),
-        });
+        let schedule = definition
+            .schedule
+            .as_ref()
+            .map(|schedule| Timetable::of(schedule).expect("validation parsed the schedule"));
         let concurrency = definition.concurrency.as_ref().map(|concurrency| PlanConcurrency {
             max: concurrency.max,
             rate: concurrency.rate,

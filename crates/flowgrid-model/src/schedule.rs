@@ -9,6 +9,7 @@
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
+use crate::definition::Schedule;
 use crate::Millis;
 
 /// The shortest `every_ms`: a schedule is for periodic work, not a loop.
@@ -40,6 +41,33 @@ impl Timetable {
             Some(_) => Ok(timetable),
             None => Err("it never matches".to_owned()),
         }
+    }
+
+    /// The timetable of a schedule as a definition gives it, or why it has none.
+    pub fn of(schedule: &Schedule) -> Result<Timetable, String> {
+        match (schedule.every_ms, &schedule.cron) {
+            (Some(every_ms), _) => Ok(Timetable::Every(every_ms.max(1))),
+            (None, Some(cron)) => {
+                let zone = schedule.timezone.as_deref().map_or(Ok(Tz::UTC), Timetable::zone)?;
+                Timetable::cron_in(cron, zone)
+            }
+            (None, None) => Err("a schedule needs `every_ms` or `cron`".to_owned()),
+        }
+    }
+
+    /// The slots from `since_ms` (included) to `until_ms` (excluded), oldest first; `Err`
+    /// with `max` when there are more than `max` of them.
+    pub fn slots_between(&self, since_ms: Millis, until_ms: Millis, max: usize) -> Result<Vec<Millis>, usize> {
+        let mut slots = Vec::new();
+        let mut slot = self.next_after(since_ms.saturating_sub(1));
+        while let Some(at_ms) = slot.filter(|at_ms| *at_ms < until_ms) {
+            if slots.len() == max {
+                return Err(max);
+            }
+            slots.push(at_ms);
+            slot = self.next_after(at_ms);
+        }
+        Ok(slots)
     }
 
     /// The first slot strictly after `after_ms`; `None` when there is none (a cron
@@ -91,6 +119,29 @@ mod tests {
         assert_eq!(Timetable::cron("0 0 30 2 *").err().as_deref(), Some("it never matches"));
         assert!(started.elapsed() < std::time::Duration::from_secs(2), "took {:?}", started.elapsed());
         assert_eq!(Timetable::run_key(midnight), "schedule-1767225600000");
+    }
+
+    #[test]
+    fn the_slots_between_two_times_include_the_first_and_not_the_last() {
+        let every = Timetable::Every(60_000);
+        assert_eq!(every.slots_between(60_000, 240_000, 10), Ok(vec![60_000, 120_000, 180_000]));
+        assert_eq!(every.slots_between(60_001, 120_001, 10), Ok(vec![120_000]));
+        assert_eq!(every.slots_between(60_000, 11 * 60_000, 10).map(|slots| slots.len()), Ok(10), "up to the bound");
+        assert_eq!(every.slots_between(60_000, 11 * 60_000 + 1, 10), Err(10), "more than the bound");
+        let schedule = Schedule {
+            cron: Some("0 9 * * 1-5".into()),
+            timezone: Some("Europe/Berlin".into()),
+            ..Schedule::default()
+        };
+        let weekdays = Timetable::of(&schedule).expect("a valid schedule");
+        // 2026-01-05 (a Monday) to 2026-01-12: five mornings at 8:00 UTC.
+        let monday = 1_767_571_200_000;
+        let slots = weekdays.slots_between(monday, monday + 7 * 86_400_000, 100).expect("five");
+        assert_eq!(slots, (0..5).map(|day| monday + day * 86_400_000 + 8 * 3_600_000).collect::<Vec<_>>());
+        let no_zone =
+            Schedule { cron: Some("0 9 * * *".into()), timezone: Some("Mars/Olympus".into()), ..Schedule::default() };
+        assert!(Timetable::of(&no_zone).unwrap_err().contains("IANA"));
+        assert!(Timetable::of(&Schedule::default()).is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `flowgrid flow deploy | check | list | show`.
+//! `flowgrid flow deploy | check | list | show | pause | resume | limits | backfill`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +66,10 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
             }
         }
         FlowCommand::Check { files } => return check(&files, session),
+        FlowCommand::Backfill { name, since, until, dry_run } => {
+            let request = super::backfill::Backfill { flow: &name, since_ms: since, until_ms: until, dry_run };
+            return super::backfill::backfill(client, request, session).await;
+        }
         FlowCommand::Pause { name, reason } => print_paused(&client.pause_flow(&name, reason).await?, session)?,
         FlowCommand::Resume { name, reason } => print_paused(&client.resume_flow(&name, reason).await?, session)?,
         FlowCommand::Show { name, version } => {

@@ -2,6 +2,7 @@
 //! [`crate::failure::report`].
 
 mod audit;
+mod backfill;
 mod flow;
 mod grid;
 mod many;

@@ -120,7 +120,10 @@ impl Layout {
             .enumerate()
             .map(|(step, definition_step)| Node {
                 id: definition_step.id().to_owned(),
-                kind: definition_step.kind_name(),
+                kind: match definition_step {
+                    Step::Subflow(subflow) if subflow.repeat.is_some() => "subflow loop",
+                    _ => definition_step.kind_name(),
+                },
                 column: column[step],
                 row: row[step],
             })
@@ -313,5 +316,9 @@ steps:
         assert!(svg.contains(r#"class="node running""#), "{svg}");
         assert!(svg.contains("a_very_long_step_id…"), "{svg}");
         assert!(svg.contains("<title>a_very_long_step_identifier (task): running</title>"), "{svg}");
+        let looped =
+            "name: f\nsteps:\n  - { kind: subflow, id: agent, flow: turn, repeat: { until: 'result.done' } }\n";
+        let svg = Layout::of(&definition(looped)).svg(&HashMap::new()).into_string();
+        assert!(svg.contains("<title>agent (subflow loop)</title>"), "{svg}");
     }
 }
