@@ -129,6 +129,21 @@ pub enum FlowCommand {
         /// Only this flow's limits.
         name: Option<String>,
     },
+    /// Run a definition file against test cases, without a grid: each case gives the run's
+    /// input, the results of its task steps, the ends of its child runs and the data of its
+    /// signals, and what the run must end with (exit 1 if any case fails).
+    ///
+    /// Timers (waits, retry backoffs, timeouts) fire at once, on a clock that jumps to
+    /// them. Prints each case's run as `run get` does. docs/flows.md "Testing a flow" has
+    /// the case format.
+    #[command(arg_required_else_help = true)]
+    Test {
+        /// The definition (YAML or JSON).
+        definition: PathBuf,
+        /// Test case files (YAML or JSON), one run each.
+        #[arg(required = true)]
+        cases: Vec<PathBuf>,
+    },
     /// Start the runs the flow's schedule would have started in a past span: one per
     /// slot, with the schedule's input and labels, oldest first.
     ///

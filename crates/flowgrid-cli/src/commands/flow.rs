@@ -1,4 +1,4 @@
-//! `flowgrid flow deploy | check | list | show | pause | resume | limits | backfill`.
+//! `flowgrid flow deploy | check | test | list | show | pause | resume | limits | backfill`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +66,7 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
             }
         }
         FlowCommand::Check { files } => return check(&files, session),
+        FlowCommand::Test { definition, cases } => return super::simulate::test(&definition, &cases, session),
         FlowCommand::Backfill { name, since, until, dry_run } => {
             let request = super::backfill::Backfill { flow: &name, since_ms: since, until_ms: until, dry_run };
             return super::backfill::backfill(client, request, session).await;

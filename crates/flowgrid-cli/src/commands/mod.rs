@@ -9,6 +9,7 @@ mod many;
 mod run;
 mod schemas;
 mod serve;
+mod simulate;
 mod watch;
 
 use std::io::Read;
@@ -29,6 +30,7 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
         Command::Coordinator(config) => serve::coordinator(config).await,
         Command::Worker(args) => serve::worker(args, session).await,
         Command::Flow(FlowCommand::Check { files }) => flow::check(&files, session),
+        Command::Flow(FlowCommand::Test { definition, cases }) => simulate::test(&definition, &cases, session),
         Command::Flow(command) => flow::dispatch(command, &connect(session).await?, session).await,
         Command::Run(command) => run::dispatch(command, &connect(session).await?, session).await,
         Command::Schemas(args) => schemas::schemas(&args),

@@ -388,7 +388,7 @@ fn print_run(view: &RunView, session: &Session) -> anyhow::Result<()> {
 }
 
 /// A run as `run get` prints it: summary, step table, then output or error.
-fn render_run(view: &RunView) -> String {
+pub(super) fn render_run(view: &RunView) -> String {
     let mut text = String::new();
     text.push_str(&format!("run       {}\n", view.run_id));
     text.push_str(&format!("flow      {}@{}\n", view.flow, view.version));

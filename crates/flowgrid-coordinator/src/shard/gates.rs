@@ -317,6 +317,9 @@ impl<S: ShardStore> ShardActor<S> {
                 break;
             }
         }
+        if cancelled.is_empty() {
+            return;
+        }
         let reason = format!(
             "run {newest} took its place under {} (`when_full: cancel_oldest`)",
             describe_limit(id, gate.max, gate.rate)

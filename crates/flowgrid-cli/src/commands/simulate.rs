@@ -1,0 +1,435 @@
+//! `flowgrid flow test`: runs a flow definition against test cases, without a grid.
+//!
+//! The engine is a pure state machine (events in, effects out), so a run can be driven
+//! here exactly as a coordinator drives it, with the outside world scripted by the case:
+//! each task attempt gets the result the case gives its step, each child run of a subflow
+//! step ends as the case says, each signal step gets the case's data once it waits, and
+//! timers (waits, retry backoffs, timeouts) fire as soon as nothing else is left to do, on
+//! a clock that jumps to them. The run's steps and output print as `run get` prints them,
+//! and the case's `expect` decides the exit code.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use flowgrid_engine::{Applied, Effect, Event, Run, RunStart, RunStatus, RunView, StepStatus, TaskError};
+use flowgrid_model::{parse_definition, AttemptId, Evaluator, FlowPlan, Labels, Limits, Millis, RunId};
+
+use crate::output::{now_ms, out, outln, print_json};
+use crate::Session;
+
+/// Events one case may apply before it is judged to loop without end.
+const EVENTS_MAX: usize = 200_000;
+
+/// A test case: the run's input, what the world answers, and what the run must end with.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Case {
+    #[serde(default)]
+    input: Value,
+    /// By task or map step id: the result of its attempts (a list: one per attempt, the
+    /// last one for every attempt after it).
+    #[serde(default)]
+    tasks: HashMap<String, Answers>,
+    /// By subflow step id: how its child runs end.
+    #[serde(default)]
+    subflows: HashMap<String, Answers>,
+    /// By signal step id: the data it is sent once it waits.
+    #[serde(default)]
+    signals: HashMap<String, Value>,
+    #[serde(default)]
+    expect: Option<Expect>,
+}
+
+/// One answer, or one per attempt.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Answers {
+    Each(Vec<Answer>),
+    One(Answer),
+}
+
+impl Answers {
+    /// The answer to the `nth` attempt (from 0).
+    fn nth(&self, nth: usize) -> &Answer {
+        match self {
+            Answers::One(answer) => answer,
+            Answers::Each(answers) => &answers[nth.min(answers.len().saturating_sub(1))],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Answers::Each(answers) if answers.is_empty())
+    }
+}
+
+/// What a worker (or a child run) answers: an output, an error, or the task's input back.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Answer {
+    #[serde(default)]
+    output: Option<Value>,
+    #[serde(default)]
+    error: Option<CaseError>,
+    /// The output is the task's (or child's) input.
+    #[serde(default)]
+    echo: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseError {
+    code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default = "yes")]
+    retryable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What the run must end with.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    #[serde(default)]
+    status: Option<RunStatus>,
+    #[serde(default)]
+    output: Option<Value>,
+    /// Error code of a run that did not succeed.
+    #[serde(default)]
+    error: Option<String>,
+    /// Step statuses by step id.
+    #[serde(default)]
+    steps: HashMap<String, StepStatus>,
+}
+
+/// Runs `definition` against every case; exit 1 if any case's expectations fail or it
+/// cannot be played to the end.
+pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> anyhow::Result<ExitCode> {
+    let limits = Limits::default();
+    let evaluator = Evaluator::new(&limits);
+    let text = super::read_text(definition)?;
+    let parsed =
+        parse_definition(&text, &limits).map_err(|error| anyhow::anyhow!("{}: {error}", definition.display()))?;
+    let plan = Arc::new(
+        FlowPlan::compile(parsed, 1, &evaluator, &limits)
+            .map_err(|error| anyhow::anyhow!("{}: {error}", definition.display()))?,
+    );
+    let mut all_passed = true;
+    let mut reports = Vec::new();
+    for path in cases {
+        let text = super::read_text(path)?;
+        let case: Case =
+            serde_norway::from_str(&text).with_context(|| format!("{}: not a test case", path.display()))?;
+        let (view, problems) = match play(&plan, &evaluator, &case) {
+            Ok(view) => {
+                let problems = case.expect.as_ref().map(|expect| judge(expect, &view)).unwrap_or_default();
+                (Some(view), problems)
+            }
+            Err(error) => (None, vec![format!("{error:#}")]),
+        };
+        all_passed &= problems.is_empty();
+        if session.json {
+            reports.push(json!({"case": path.display().to_string(), "passed": problems.is_empty(),
+                                "problems": problems, "run": view}));
+            continue;
+        }
+        let verdict = if problems.is_empty() { "passed" } else { "FAILED" };
+        outln!("== {} ({verdict})", path.display())?;
+        if let Some(view) = &view {
+            out!("{}", super::run::render_run(view))?;
+        }
+        for problem in &problems {
+            outln!("  {problem}")?;
+        }
+    }
+    if session.json {
+        print_json(&reports)?;
+    }
+    Ok(if all_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Plays one case to the run's end; its view, or why it could not end.
+fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Result<RunView> {
+    for (step, answers) in case.tasks.iter().chain(&case.subflows) {
+        if answers.is_empty() {
+            bail!("the answers of step `{step}` are an empty list: give at least one");
+        }
+    }
+    if let Some(schema) = &plan.input_schema {
+        let issues: Vec<String> = schema.check(&case.input, "input").iter().map(ToString::to_string).collect();
+        if !issues.is_empty() {
+            bail!(
+                "the grid would refuse this input, which does not match the flow's input_schema: {}",
+                issues.join("; ")
+            );
+        }
+    }
+    let run_id = RunId("test-run".into());
+    let mut now = now_ms();
+    let mut effects = Vec::new();
+    let start =
+        RunStart { run_id, input: case.input.clone(), labels: Labels::new(), now, queued: false, start_at: None };
+    let mut run = Run::start(Arc::clone(plan), evaluator, start, &mut effects);
+    let mut timers: BTreeSet<(Millis, flowgrid_engine::TimerKey)> = BTreeSet::new();
+    let mut events: VecDeque<Event> = VecDeque::new();
+    let mut attempts: HashMap<(String, Option<u32>), usize> = HashMap::new();
+    let mut signalled: BTreeSet<String> = BTreeSet::new();
+    let mut applied = 0;
+    loop {
+        for effect in effects.drain(..) {
+            match effect {
+                Effect::Dispatch(dispatch) => {
+                    let answers = case.tasks.get(&dispatch.attempt.step).with_context(|| {
+                        format!(
+                            "task step `{}` was dispatched, and the case gives it no result under `tasks`",
+                            dispatch.attempt.step
+                        )
+                    })?;
+                    let nth = attempts.entry((dispatch.attempt.step.clone(), dispatch.attempt.item)).or_default();
+                    events.push_back(task_event(dispatch.attempt, answers.nth(*nth), &dispatch.input));
+                    *nth += 1;
+                }
+                Effect::StartChild(start) => {
+                    let answers = case.subflows.get(&start.step).with_context(|| {
+                        format!(
+                            "subflow step `{}` started a child run, and the case gives no end under `subflows`",
+                            start.step
+                        )
+                    })?;
+                    let nth = attempts.entry((start.step.clone(), start.item)).or_default();
+                    let answer = answers.nth(*nth);
+                    *nth += 1;
+                    let (status, output, error) = match &answer.error {
+                        Some(error) => (RunStatus::Failed, None, Some(task_error(error))),
+                        None => (RunStatus::Succeeded, Some(answer_output(answer, &start.input)), None),
+                    };
+                    events.push_back(Event::ChildEnded {
+                        step: start.step,
+                        item: start.item,
+                        child: start.child,
+                        status,
+                        output,
+                        error,
+                        refused: false,
+                    });
+                }
+                Effect::ArmTimer { timer, due_ms, .. } => {
+                    timers.insert((due_ms, timer));
+                }
+                Effect::CancelTimer { timer, due_ms, .. } => {
+                    timers.remove(&(due_ms, timer));
+                }
+                Effect::CancelChild { .. } | Effect::RunFinished { .. } => {}
+            }
+        }
+        if run.status().is_terminal() {
+            return Ok(run.view());
+        }
+        if events.is_empty() {
+            for step in run.view().steps {
+                let waits = step.kind == "signal" && step.status == StepStatus::Running;
+                if let (true, Some(data)) = (waits && !signalled.contains(&step.id), case.signals.get(&step.id)) {
+                    signalled.insert(step.id.clone());
+                    events.push_back(Event::SignalReceived { step: step.id, data: data.clone() });
+                }
+            }
+        }
+        let event = match events.pop_front() {
+            Some(event) => {
+                now += 1;
+                event
+            }
+            None => {
+                let Some((due_ms, timer)) = timers.pop_first() else {
+                    let waiting: Vec<String> = run
+                        .view()
+                        .steps
+                        .iter()
+                        .filter(|step| step.status == StepStatus::Running)
+                        .map(|step| format!("`{}` ({})", step.id, step.kind))
+                        .collect();
+                    bail!(
+                        "the run waits for nothing the case gives: steps {} are running (give a signal step its data \
+                         under `signals`)",
+                        waiting.join(", ")
+                    );
+                };
+                now = now.max(due_ms);
+                Event::TimerFired { timer }
+            }
+        };
+        applied += 1;
+        if applied > EVENTS_MAX {
+            bail!("the run took more than {EVENTS_MAX} events without ending: does a loop or a retry never end?");
+        }
+        if let Applied::Ignored(_) = run.apply(evaluator, now, &event, &mut effects) {
+            effects.clear();
+        }
+    }
+}
+
+fn task_event(attempt: AttemptId, answer: &Answer, input: &Value) -> Event {
+    match &answer.error {
+        Some(error) => Event::TaskFailed { attempt, error: task_error(error) },
+        None => Event::TaskSucceeded { attempt, output: answer_output(answer, input) },
+    }
+}
+
+fn answer_output(answer: &Answer, input: &Value) -> Value {
+    match (&answer.output, answer.echo) {
+        (_, true) => input.clone(),
+        (Some(output), false) => output.clone(),
+        (None, false) => Value::Null,
+    }
+}
+
+fn task_error(error: &CaseError) -> TaskError {
+    TaskError { code: error.code.clone(), message: error.message.clone(), retryable: error.retryable }
+}
+
+/// Every way the run's end differs from `expect`.
+fn judge(expect: &Expect, view: &RunView) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(status) = expect.status.filter(|status| *status != view.status) {
+        problems.push(format!("expected the run to end {}, it ended {}", status.as_str(), view.status.as_str()));
+    }
+    if let Some(output) = expect.output.as_ref().filter(|output| Some(*output) != view.output.as_ref()) {
+        let got = view.output.as_ref().map_or("none".to_owned(), Value::to_string);
+        problems.push(format!("expected the output {output}, got {got}"));
+    }
+    if let Some(code) = &expect.error {
+        let got = view.error.as_ref().map(|error| error.code.as_str());
+        if got != Some(code.as_str()) {
+            problems.push(format!("expected the error code `{code}`, got {}", got.unwrap_or("no error")));
+        }
+    }
+    let mut steps: Vec<_> = expect.steps.iter().collect();
+    steps.sort_by_key(|(id, _)| *id);
+    for (id, status) in steps {
+        match view.steps.iter().find(|step| step.id == *id) {
+            None => problems.push(format!("expected step `{id}`, which the flow does not have")),
+            Some(step) if step.status != *status => {
+                problems.push(format!("expected step `{id}` to be {}, it is {}", status.as_str(), step.status.as_str()))
+            }
+            Some(_) => {}
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(yaml: &str) -> Arc<FlowPlan> {
+        let limits = Limits::default();
+        let definition = parse_definition(yaml, &limits).expect("a definition");
+        Arc::new(FlowPlan::compile(definition, 1, &Evaluator::new(&limits), &limits).expect("a valid flow"))
+    }
+
+    fn play_case(flow: &str, case: &str) -> anyhow::Result<RunView> {
+        let case: Case = serde_norway::from_str(case).expect("a case");
+        play(&plan(flow), &Evaluator::new(&Limits::default()), &case)
+    }
+
+    /// Every case of the bundled examples (`<flow>.<case>.yaml`) passes against its flow.
+    #[test]
+    fn the_bundled_cases_pass() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+        let mut cases: Vec<PathBuf> = std::fs::read_dir(format!("{root}/flow-tests"))
+            .expect("the bundled cases")
+            .map(|entry| entry.expect("a directory entry").path())
+            .collect();
+        cases.sort();
+        assert!(cases.len() >= 4, "{cases:?}");
+        let limits = Limits::default();
+        let evaluator = Evaluator::new(&limits);
+        for path in cases {
+            let name = path.file_name().and_then(|name| name.to_str()).expect("a file name");
+            let flow = name.split('.').next().expect("the flow's name");
+            let definition = std::fs::read_to_string(format!("{root}/flows/{flow}.yaml")).expect("its flow");
+            let case: Case = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).expect("a case");
+            let view = play(&plan(&definition), &evaluator, &case).unwrap_or_else(|error| panic!("{name}: {error:#}"));
+            let problems = judge(case.expect.as_ref().expect("every bundled case expects"), &view);
+            assert!(problems.is_empty(), "{name}: {problems:?}");
+        }
+    }
+
+    #[test]
+    fn answers_go_one_per_attempt_and_items_echo_their_own_input() {
+        let flow = r#"
+name: f
+steps:
+  - { id: a, kind: task, pool: p, task: t, retry: { max_attempts: 3, initial_backoff_ms: 60000, max_backoff_ms: 60000, jitter: 0 } }
+  - { id: m, kind: map, after: [a], items: 'input.xs', pool: p, task: t, input: '#{ x: item }' }
+"#;
+        let case = "input: {xs: [1, 2]}
+tasks:
+  a: [{error: {code: busy}}, {output: 7}]
+  m: {echo: true}
+";
+        let view = play_case(flow, case).expect("the run ends");
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+        let a = view.steps.iter().find(|step| step.id == "a").unwrap();
+        assert_eq!((a.attempts, a.output.clone()), (2, Some(json!(7))));
+        assert!(view.ended_ms.unwrap() - view.created_ms >= 60_000, "the backoff passed on the case's clock");
+        let m = view.steps.iter().find(|step| step.id == "m").unwrap();
+        assert_eq!(m.output, Some(json!([{"x": 1}, {"x": 2}])));
+    }
+
+    #[test]
+    fn a_case_that_leaves_the_run_waiting_says_what_it_misses() {
+        let flow = "name: f\nsteps:\n  - { id: a, kind: task, pool: p, task: t }\n";
+        let error = play_case(flow, "input: 1\n").expect_err("no answer for `a`").to_string();
+        assert!(error.contains("task step `a` was dispatched") && error.contains("under `tasks`"), "{error}");
+        let flow = "name: f\nsteps:\n  - { id: ok, kind: signal }\n";
+        let error = play_case(flow, "input: 1\n").expect_err("no data for `ok`").to_string();
+        assert!(error.contains("`ok` (signal)") && error.contains("under `signals`"), "{error}");
+        let view = play_case(flow, "signals: {ok: {yes: true}}\n").expect("the signal ends it");
+        assert_eq!(view.output, Some(json!({"ok": {"yes": true}})));
+    }
+
+    #[test]
+    fn the_command_exits_1_when_a_case_fails_and_0_when_all_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let flow = write("f.yaml", "name: f\nsteps:\n  - { id: a, kind: task, pool: p, task: t }\n");
+        let good = write("good.yaml", "tasks: {a: {output: 1}}\nexpect: {output: {a: 1}}\n");
+        let bad = write("bad.yaml", "tasks: {a: {output: 1}}\nexpect: {status: failed}\n");
+        let session = Session { nats_url: String::new(), prefix: "flowgrid".into(), json: true };
+        assert_eq!(test(&flow, std::slice::from_ref(&good), &session).unwrap(), ExitCode::SUCCESS);
+        assert_eq!(test(&flow, &[good, bad], &session).unwrap(), ExitCode::FAILURE);
+        let broken = write("broken.yaml", "tasks: {a: {output: 1, eror: {}}}\n");
+        let error = test(&flow, &[broken], &session).unwrap_err();
+        assert!(format!("{error:#}").contains("not a test case"), "{error:#}");
+    }
+
+    #[test]
+    fn expectations_name_every_difference() {
+        let flow = "name: f\nsteps:\n  - { id: a, kind: task, pool: p, task: t }\n";
+        let view = play_case(flow, "tasks: {a: {output: 1}}\n").expect("it ends");
+        let expect = Expect {
+            status: Some(RunStatus::Failed),
+            output: Some(json!({"a": 2})),
+            error: Some("boom".into()),
+            steps: HashMap::from([("a".into(), StepStatus::Failed), ("zz".into(), StepStatus::Skipped)]),
+        };
+        let problems = judge(&expect, &view);
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert!(problems[0].contains("expected the run to end failed, it ended succeeded"), "{problems:?}");
+        assert!(judge(&Expect::default(), &view).is_empty());
+    }
+}
