@@ -106,7 +106,8 @@ pub struct CatalogRecord {
 pub enum OutboxRecord {
     /// A child run ended: its parent's subflow step is to take the end.
     ChildEnded(ChildRunEnded),
-    /// A parent ended while its child run went on: the child is to be cancelled.
+    /// A run is to be cancelled: the child of a parent that ended while it went on, or a
+    /// run a concurrency limit turns away (`when_full`). The name stays as stored.
     CancelChild { child: RunId, reason: String },
     /// A run of a flow with `publish_ended` ended: announce it on the run-ends stream.
     RunEnded(RunEnded),

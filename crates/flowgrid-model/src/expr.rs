@@ -9,8 +9,9 @@
 //!   (`.status`, `.output`, `.error.code`, `.error.message` of a step that runs before),
 //!   `item` and `index` (a map's item and its position), `result` (a worker's result in
 //!   a task or map `output`, a child's output in a loop's `until`), `iteration` and
-//!   `previous` (a loop's iteration and the output of the one before). Reading a variable the place does not provide is an error;
-//!   reading a missing property (`input.nope`) gives `()`, which is JSON `null`.
+//!   `previous` (a loop's iteration and the output of the one before). Reading a
+//!   variable the place does not provide is an error; reading a missing property
+//!   (`input.nope`) gives `()`, which is JSON `null`.
 //! - Literals: `#{name: "x", size: 3}` is an object, `[1, 2]` an array, `()` null.
 //! - Operators, string and array functions (`+`, `==`, `.len()`, `.to_upper()`,
 //!   `.map(|x| x * 2)`, `.filter(..)`, `.reduce(..)`, `` `n=${n}` `` interpolation, ...).

@@ -1,5 +1,5 @@
-//! The steady load of a chaos run: runs of a chain of three `double` tasks (the last one
-//! in a child run) started at a fixed rate, each with its own idempotency key (so a start that timed out or met a moving
+//! The steady load of a chaos run: runs of a chain of `double` tasks (the last two in a
+//! loop of two child runs) started at a fixed rate, each with its own idempotency key (so a start that timed out or met a moving
 //! shard is repeated safely), and a poller that reads how each accepted run ended. Every
 //! [`REDRIVE_EVERY`]th run is cancelled soon after its start and then redriven, and one
 //! other in as many is paused and then resumed, so cancels, redrives, pauses and resumes
@@ -18,14 +18,15 @@ use flowgrid_sdk::{Client, ErrorCode, RunId, RunStatus, StartRun};
 use crate::driver::Errors;
 
 /// The flow every run starts, its pool and how its output follows from its input. Its
-/// wait puts a durable timer in every run, and its last doubling runs in a child run (a
-/// subflow step), so kills, cuts and hand-overs also hit runs waiting on a timer, child
-/// starts, and child ends on their way to their parents. Its trigger starts the runs of
+/// wait puts a durable timer in every run, and its last two doublings run in a loop of two
+/// child runs (a subflow step with `repeat`, the second child started on the first one's
+/// output), so kills, cuts and hand-overs also hit runs waiting on a timer, child starts,
+/// child ends on their way to their parents, and loops between their iterations. Its trigger starts the runs of
 /// the messages on [`EVENTS_STREAM`], so they meet the faults too.
 pub const FLOW: &str = "chaos-chain";
 pub const POOL: &str = "chaos";
 pub const DEFINITION: &str = r#"name: chaos-chain
-description: chaos test, three doublings in a row with a durable wait before the last, which runs in a child run (output value = input value * 8)
+description: chaos test, four doublings in a row with a durable wait before the last two, which run in a loop of two child runs (output value = input value * 16)
 output: 'steps.s3.output'
 trigger: { stream: CHAOS_EVENTS }
 steps:
@@ -49,15 +50,16 @@ steps:
     kind: subflow
     flow: chaos-double
     after: [pause]
-    input: 'steps.s2.output'
+    input: 'if iteration == 0 { steps.s2.output } else { previous }'
+    repeat: { until: 'iteration >= 1', max_iterations: 2 }
 "#;
 
-/// The child flow of the last doubling: deployed before [`DEFINITION`]. Its concurrency limit
+/// The child flow of the last two doublings: deployed before [`DEFINITION`]. Its concurrency limit
 /// (4 at once per key, started at most 40 a second per key) queues children whenever more
 /// go at once or start in a burst, so kills, cuts and hand-overs also hit the messages of
 /// its limits (acquire, admit, release) and the state of their start rates.
 pub const CHILD_DEFINITION: &str = r#"name: chaos-double
-description: chaos test, the child run of the last doubling, at most 4 at once and 40 starts a second of each of 3 keys
+description: chaos test, the child runs of the last two doublings, at most 4 at once and 40 starts a second of each of 3 keys
 output: 'steps.d.output'
 concurrency: { max: 4, rate: { runs: 40, per_ms: 1000 }, key: 'input.value % 3' }
 steps:
@@ -67,6 +69,10 @@ steps:
     task: double
     timeout_ms: 20000
 "#;
+
+/// The attempts of a run whose steps all went at the first try: two tasks and the loop's
+/// two child runs.
+pub const ATTEMPTS_WITHOUT_RETRIES: u32 = 4;
 
 /// One run in this many is cancelled and redriven, and another (the third of each ten)
 /// paused and resumed.
@@ -95,7 +101,7 @@ const POLL_CONCURRENCY: usize = 32;
 pub fn run_input(seed: u64, index: u64) -> (Value, Value) {
     let value = i64::try_from(index % 1_000_000).unwrap_or(0) + 1;
     let tag = format!("{seed}-{index}");
-    (json!({ "value": value, "tag": tag }), json!({ "value": value * 8, "tag": tag }))
+    (json!({ "value": value, "tag": tag }), json!({ "value": value * 16, "tag": tag }))
 }
 
 /// How an accepted run ended, as `run.get` showed it.
@@ -104,7 +110,7 @@ pub struct Outcome {
     pub status: RunStatus,
     pub output: Option<Value>,
     pub error: Option<String>,
-    /// Attempts over all steps (3 when nothing was retried).
+    /// Attempts over all steps ([`ATTEMPTS_WITHOUT_RETRIES`] when nothing was retried).
     pub attempts: u32,
 }
 

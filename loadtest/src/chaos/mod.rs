@@ -448,7 +448,7 @@ impl Findings<'_> {
         let mut checks = RunChecks::default();
         let runs = self.ledger.runs.lock().expect("ledger lock");
         for run in runs.iter() {
-            if run.outcome.as_ref().is_some_and(|outcome| outcome.attempts > 3) {
+            if run.outcome.as_ref().is_some_and(|outcome| outcome.attempts > load::ATTEMPTS_WITHOUT_RETRIES) {
                 checks.retried += 1;
             }
             // The store is the truth; without an audit, the API's last view stands in.

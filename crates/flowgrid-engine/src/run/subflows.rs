@@ -9,8 +9,8 @@
 //! With `items` the step is a map whose items are child runs ([`super::map`]): each
 //! child's end is its item's result. With `repeat` it is a loop: each child that succeeds
 //! while `until` is false is followed by the next iteration's child, one round later (so
-//! its id is new), until `until` holds or `max_iterations` ran. A parent that ends while children go asks for them to
-//! be cancelled, and so does a map that fails.
+//! its id is new), until `until` holds or `max_iterations` ran. A parent that ends while
+//! children go asks for them to be cancelled, and so does a map that fails.
 
 use std::sync::Arc;
 
