@@ -223,6 +223,26 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     let approve = flowgrid_tests::step(&view, "approve");
     assert_eq!((view.status, approve.status, approve.output.clone()), (RunStatus::Running, StepStatus::Running, None));
 
+    // A start with labels and a start time waits, delayed, with its labels; a bad time is
+    // refused with what to write and starts nothing.
+    let (status, location, _) = http_post_form(
+        &addr,
+        "/runs",
+        &form(&[("token", &token), ("flow", "ui-flow"), ("labels", "customer=acme, source=web"), ("at", "2h")]),
+    )?;
+    assert_eq!(status, 303);
+    let delayed = flowgrid_sdk::RunId(location.expect("its page").trim_start_matches("/runs/").into());
+    let view = client.get(&delayed).await?;
+    assert!(view.delayed.is_some() && view.labels.get("customer").map(String::as_str) == Some("acme"), "{view:?}");
+    assert_eq!(view.labels.get("source").map(String::as_str), Some("web"), "{view:?}");
+    let before = client.list(flowgrid_sdk::ListRuns { flow: Some("ui-flow".into()), ..Default::default() }).await?;
+    let (status, _, body) =
+        http_post_form(&addr, "/runs", &form(&[("token", &token), ("flow", "ui-flow"), ("at", "next tuesday")]))?;
+    assert!(status == 400 && body.contains("neither a time nor a duration"), "{status} {body}");
+    let after = client.list(flowgrid_sdk::ListRuns { flow: Some("ui-flow".into()), ..Default::default() }).await?;
+    assert_eq!(before.runs.len(), after.runs.len(), "a refused start starts nothing");
+    client.cancel(&delayed, "not needed").await?;
+
     let (_, location, _) = http_post_form(
         &addr,
         "/runs",

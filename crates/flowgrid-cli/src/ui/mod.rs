@@ -217,6 +217,12 @@ struct StartForm {
     flow: String,
     #[serde(default)]
     input: String,
+    /// Labels as `key=value`, separated by commas.
+    #[serde(default)]
+    labels: String,
+    /// A start time as `run start --at` takes it; empty: now.
+    #[serde(default)]
+    at: String,
 }
 
 async fn start(State(ui): State<Arc<Ui>>, Form(form): Form<StartForm>) -> Response {
@@ -227,7 +233,19 @@ async fn start(State(ui): State<Arc<Ui>>, Form(form): Form<StartForm>) -> Respon
         Ok(input) => input,
         Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
     };
-    let start = StartRun { flow: form.flow, version: None, input, idempotency_key: None, ..Default::default() };
+    let labels = form.labels.split(',').map(str::trim).filter(|label| !label.is_empty()).map(crate::args::parse_label);
+    let labels = match labels.collect::<Result<_, _>>() {
+        Ok(labels) => labels,
+        Err(message) => return failure(StatusCode::BAD_REQUEST, &format!("labels: {message}")),
+    };
+    let start_at_ms = match form.at.trim() {
+        "" => None,
+        at => match flowgrid_sdk::parse_start_time(at) {
+            Ok(at_ms) => Some(at_ms),
+            Err(message) => return failure(StatusCode::BAD_REQUEST, &format!("start at: {message}")),
+        },
+    };
+    let start = StartRun { flow: form.flow, version: None, input, idempotency_key: None, labels, start_at_ms };
     after_action(ui.client.start(start).await, |started| format!("/runs/{}", started.run_id))
 }
 

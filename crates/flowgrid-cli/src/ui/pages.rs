@@ -228,6 +228,8 @@ pub fn flow(
                     input type="hidden" name="token" value=(token);
                     input type="hidden" name="flow" value=(info.name);
                     label { "Input (JSON) " textarea name="input" rows="3" placeholder="{}" {} }
+                    label { "Labels " input type="text" name="labels" placeholder="customer=acme, source=web"; }
+                    label { "Start at " input type="text" name="at" placeholder="now, or 2026-12-24T09:00:00Z, 2h"; }
                     button type="submit" { "Start a run of the latest version" }
                 }
             }
