@@ -190,3 +190,53 @@ async fn a_step_that_keeps_early_signals_takes_one_sent_before_it_started() -> a
     assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"amount": 12}))));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_to_a_flows_runs_reaches_those_that_match_and_wait() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let flow = "name: approvals\noutput: 'steps.approve.output'\nsteps:\n  - { id: hold, kind: wait, duration: \
+                'input.hold_ms' }\n  - { id: approve, kind: signal, after: [hold] }\n";
+    deploy(&grid, &client, flow).await?;
+    let start = |customer: &str, hold_ms: u64| StartRun {
+        flow: "approvals".into(),
+        input: json!({"hold_ms": hold_ms}),
+        labels: [("customer".to_owned(), customer.to_owned())].into(),
+        ..Default::default()
+    };
+    let mut waiting = Vec::new();
+    for customer in ["acme", "acme", "initech"] {
+        waiting.push(client.start(start(customer, 0)).await.or_logs(&grid)?.run_id);
+    }
+    let held = client.start(start("acme", 600_000)).await.or_logs(&grid)?.run_id;
+    for run_id in &waiting {
+        wait_for("the run to wait for its signal", RUN_DEADLINE, || async {
+            let view = client.get(run_id).await.ok()?;
+            (step(&view, "approve").status == StepStatus::Running).then_some(())
+        })
+        .await
+        .or_logs(&grid)?;
+    }
+
+    let args =
+        ["run", "signal", "--flow", "approvals", "--label", "customer=acme", "approve", "--data", r#"{"ok": 1}"#];
+    let (ok, stdout, stderr) = grid.cli(&args)?;
+    assert!(
+        ok && stdout.contains("signalled 2 of 3 run(s) at step approve (1 as they were); 0 refused"),
+        "{stdout}{stderr}"
+    );
+    for run_id in &waiting[..2] {
+        let view = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.output, Some(json!({"ok": 1})), "{view:?}");
+    }
+    let initech = client.get(&waiting[2]).await?;
+    assert_eq!(step(&initech, "approve").status, StepStatus::Running, "another customer's run still waits");
+    let held = client.get(&held).await?;
+    assert_eq!((held.status, step(&held, "approve").status), (RunStatus::Running, StepStatus::Pending));
+
+    let (ok, _, stderr) = grid.cli(&["run", "signal", "approve"])?;
+    assert!(!ok && stderr.contains("RUN_ID STEP"), "{stderr}");
+    let (ok, _, stderr) = grid.cli(&["run", "signal", waiting[2].as_str(), "approve", "--label", "a=b"])?;
+    assert!(!ok && stderr.contains("go with --flow"), "{stderr}");
+    Ok(())
+}

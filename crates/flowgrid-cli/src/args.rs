@@ -243,10 +243,23 @@ pub enum RunCommand {
         cursor: Option<String>,
     },
     /// Send a signal to a signal step of a run: its data becomes the step's output.
+    ///
+    /// `run signal RUN_ID STEP` signals one run; `run signal --flow F STEP` (with --label,
+    /// --since, --until, --limit) every running run of a flow that matches: those whose step
+    /// waits take it, the others are left as they were.
+    #[command(arg_required_else_help = true)]
     Signal {
-        run_id: String,
-        /// The signal step.
-        step: String,
+        /// The run and its signal step (`RUN_ID STEP`), or with --flow the step alone.
+        #[arg(required = true, num_args = 1..=2, value_names = ["RUN_ID", "STEP"])]
+        targets: Vec<String>,
+        /// Every running run of this flow that matches.
+        #[arg(long)]
+        flow: Option<String>,
+        /// With --flow: at most this many runs.
+        #[arg(long)]
+        limit: Option<u64>,
+        #[command(flatten)]
+        filter: RunFilter,
         /// The signal's data as JSON text (default: null).
         #[arg(long, conflicts_with = "data_file")]
         data: Option<String>,
@@ -411,6 +424,27 @@ pub(crate) fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Where a signal goes: a step of one run, or a step of a flow's runs.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SignalTarget {
+    Run { run_id: String, step: String },
+    Flow { flow: String, step: String },
+}
+
+/// The target of `run signal` from its positional arguments and `--flow`.
+pub(crate) fn signal_target(targets: Vec<String>, flow: Option<String>) -> Result<SignalTarget, String> {
+    match (<[String; 2]>::try_from(targets), flow) {
+        (Ok([run_id, step]), None) => Ok(SignalTarget::Run { run_id, step }),
+        (Err(mut targets), Some(flow)) if targets.len() == 1 => {
+            Ok(SignalTarget::Flow { flow, step: targets.remove(0) })
+        }
+        (_, None) => Err("name the run and its signal step (`run signal RUN_ID STEP`), or a flow's runs with \
+                          `--flow F STEP`"
+            .to_owned()),
+        (_, Some(_)) => Err("with --flow, give the step alone: the runs are the flow's".to_owned()),
+    }
+}
+
 pub(crate) fn parse_status(text: &str) -> Result<RunStatus, String> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .map_err(|_| format!("{text:?} is not a run status; use running, succeeded, failed, cancelled or timed_out"))
@@ -481,16 +515,30 @@ mod tests {
     }
 
     #[test]
-    fn a_signal_names_the_run_and_the_step_and_takes_data_one_way() {
+    fn a_signal_names_the_run_and_the_step_or_a_flow_and_the_step_and_takes_data_one_way() {
         let cli = Cli::try_parse_from(["flowgrid", "run", "signal", "r1", "approve", "--data", "{}"]).unwrap();
-        let Command::Run(RunCommand::Signal { run_id, step, data, data_file }) = cli.command else {
+        let Command::Run(RunCommand::Signal { targets, flow, data, data_file, .. }) = cli.command else {
             panic!("expected run signal")
         };
-        assert_eq!((run_id.as_str(), step.as_str(), data.as_deref(), data_file), ("r1", "approve", Some("{}"), None));
+        assert_eq!((data.as_deref(), data_file), (Some("{}"), None));
+        let target = signal_target(targets, flow).unwrap();
+        assert_eq!(target, SignalTarget::Run { run_id: "r1".into(), step: "approve".into() });
+        let cli =
+            Cli::try_parse_from(["flowgrid", "run", "signal", "--flow", "f", "approve", "--label", "a=b"]).unwrap();
+        let Command::Run(RunCommand::Signal { targets, flow, filter, .. }) = cli.command else { panic!("run signal") };
+        assert_eq!(filter.labels, [("a".to_owned(), "b".to_owned())]);
+        assert_eq!(
+            signal_target(targets, flow).unwrap(),
+            SignalTarget::Flow { flow: "f".into(), step: "approve".into() }
+        );
         assert!(
             Cli::try_parse_from(["flowgrid", "run", "signal", "r1", "s", "--data", "1", "--data-file", "f"]).is_err()
         );
-        assert!(Cli::try_parse_from(["flowgrid", "run", "signal", "r1"]).is_err(), "the step is required");
+        assert!(Cli::try_parse_from(["flowgrid", "run", "signal", "r1", "s", "t"]).is_err(), "three targets");
+        let step_alone = signal_target(vec!["r1".into()], None).unwrap_err();
+        assert!(step_alone.contains("RUN_ID STEP"), "{step_alone}");
+        let both = signal_target(vec!["r1".into(), "s".into()], Some("f".into())).unwrap_err();
+        assert!(both.contains("the step alone"), "{both}");
     }
 
     #[test]

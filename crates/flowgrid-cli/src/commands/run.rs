@@ -9,11 +9,11 @@ use serde_json::{json, Value};
 use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
 use flowgrid_model::{RunId, Step};
 use flowgrid_proto::{ListRuns, RunRedriven, StartRun};
-use flowgrid_sdk::Client;
+use flowgrid_sdk::{Client, ErrorCode};
 
 use super::grid::pool_backlogs;
 use super::many::{for_each_run, matching_runs, Verb};
-use crate::args::{RunCommand, RunInput, RunSelection};
+use crate::args::{signal_target, RunCommand, RunInput, RunSelection, SignalTarget};
 use crate::grid_view::no_worker_hint;
 use crate::output::{self, duration_ms, item_counts, now_ms, out, outln, print_json, span, utc_time, Table};
 use crate::Session;
@@ -81,8 +81,20 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             }
             Ok(ExitCode::SUCCESS)
         }
-        RunCommand::Signal { run_id, step, data, data_file } => {
+        RunCommand::Signal { targets, flow, limit, filter, data, data_file } => {
             let data = json_argument("--data", data, data_file)?;
+            let (run_id, step) = match signal_target(targets, flow).map_err(anyhow::Error::msg)? {
+                SignalTarget::Run { run_id, step } => (run_id, step),
+                SignalTarget::Flow { flow, step } => {
+                    let selection = RunSelection { run_ids: Vec::new(), flow: Some(flow), limit, filter };
+                    let runs = selected_runs(client, selection, "signal", |_| true).await?;
+                    return signal_many(client, runs, &step, &data, session).await;
+                }
+            };
+            anyhow::ensure!(
+                limit.is_none() && !filter.is_set(),
+                "--limit, --label, --since and --until go with --flow"
+            );
             let signalled = client.signal(&RunId(run_id.into()), step, data).await?;
             if session.json {
                 print_json(&signalled)?;
@@ -282,6 +294,29 @@ async fn pause_or_resume(
 
 /// The runs a selection names, or with `--flow` the running runs of the flow that match its
 /// filter and `keep`; `verb` says what is done to them, for errors.
+/// Sends `data` to step `step` of every run of `runs`: a run whose step waits takes it; one
+/// whose step has not started or is over is left as it was.
+async fn signal_many(
+    client: &Client,
+    runs: Vec<RunId>,
+    step: &str,
+    data: &Value,
+    session: &Session,
+) -> anyhow::Result<ExitCode> {
+    let verb = Verb { doing: "signalling", did: "signalled", key: "signalled" };
+    let detail = format!(" at step {step}");
+    for_each_run(runs, verb, &detail, session, |run_id| async move {
+        let signalled = match client.signal(&run_id, step.to_owned(), data.clone()).await {
+            Ok(signalled) => Ok(signalled.applied),
+            // Not at the step yet: as it was.
+            Err(error) if error.api().is_some_and(|api| api.code == ErrorCode::Conflict) => Ok(false),
+            Err(error) => Err(error),
+        };
+        (run_id, signalled)
+    })
+    .await
+}
+
 async fn selected_runs(
     client: &Client,
     selection: RunSelection,
