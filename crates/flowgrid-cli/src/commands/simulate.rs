@@ -6,7 +6,8 @@
 //! step ends as the case says, each signal step gets the case's data once it waits, and
 //! timers (waits, retry backoffs, timeouts) fire as soon as nothing else is left to do, on
 //! a clock that jumps to them. The run's steps and output print as `run get` prints them,
-//! and the case's `expect` decides the exit code.
+//! and the case's `expect` decides the exit code; the steps no case ran to an end are
+//! listed last.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -125,6 +126,8 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
     );
     let mut all_passed = true;
     let mut reports = Vec::new();
+    // The steps some case ran to an end: the others are what no case tests.
+    let mut ran = BTreeSet::new();
     for path in cases {
         let text = super::read_text(path)?;
         let case: Case =
@@ -132,6 +135,7 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
         let (view, problems) = match play(&plan, &evaluator, &case) {
             Ok(view) => {
                 let problems = case.expect.as_ref().map(|expect| judge(expect, &view)).unwrap_or_default();
+                ran.extend(steps_ended(&view));
                 (Some(view), problems)
             }
             Err(error) => (None, vec![format!("{error:#}")]),
@@ -151,8 +155,13 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
             outln!("  {problem}")?;
         }
     }
+    let not_run: Vec<&str> = plan.steps.iter().map(|step| step.id.as_str()).filter(|id| !ran.contains(*id)).collect();
     if session.json {
-        print_json(&reports)?;
+        print_json(&json!({"cases": reports, "steps_not_run": not_run}))?;
+    } else if not_run.is_empty() {
+        outln!("every step of flow {} ran to an end in some case", plan.name)?;
+    } else {
+        outln!("steps of flow {} that no case ran to an end: {}", plan.name, not_run.join(", "))?;
     }
     Ok(if all_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
@@ -277,6 +286,12 @@ fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Res
     }
 }
 
+/// The steps of a run that ran to an end: succeeded or failed.
+fn steps_ended(view: &RunView) -> impl Iterator<Item = String> + '_ {
+    let ended = view.steps.iter().filter(|step| matches!(step.status, StepStatus::Succeeded | StepStatus::Failed));
+    ended.map(|step| step.id.clone())
+}
+
 fn task_event(attempt: AttemptId, answer: &Answer, input: &Value) -> Event {
     match &answer.error {
         Some(error) => Event::TaskFailed { attempt, error: task_error(error) },
@@ -396,6 +411,21 @@ tasks:
         assert!(error.contains("`ok` (signal)") && error.contains("under `signals`"), "{error}");
         let view = play_case(flow, "signals: {ok: {yes: true}}\n").expect("the signal ends it");
         assert_eq!(view.output, Some(json!({"ok": {"yes": true}})));
+    }
+
+    #[test]
+    fn the_steps_a_case_ran_to_an_end_are_those_that_succeeded_or_failed() {
+        let flow = r#"
+name: f
+steps:
+  - { id: a, kind: task, pool: p, task: t, catch: [{ errors: [bad], next: fix }] }
+  - { id: b, kind: task, pool: p, task: t, after: [a] }
+  - { id: fix, kind: transform, output: '1' }
+"#;
+        let view = play_case(flow, "tasks: {a: {output: 1}, b: {output: 2}}\n").expect("it ends");
+        assert_eq!(steps_ended(&view).collect::<Vec<_>>(), ["a", "b"], "the catch's step never ran");
+        let view = play_case(flow, "tasks: {a: {error: {code: bad}}}\n").expect("it ends");
+        assert_eq!(steps_ended(&view).collect::<Vec<_>>(), ["a", "fix"]);
     }
 
     #[test]
