@@ -34,10 +34,10 @@ pub(super) struct Case {
     #[serde(default)]
     input: Value,
     /// By task or map step id: the result of its attempts (a list: one per attempt, the
-    /// last one for every attempt after it).
+    /// last one for every attempt after it); `step[2]` answers item 2 of a map instead.
     #[serde(default)]
     tasks: HashMap<String, Answers>,
-    /// By subflow step id: how its child runs end.
+    /// By subflow step id: how its child runs end (`step[2]`: item 2's child).
     #[serde(default)]
     subflows: HashMap<String, Answers>,
     /// By signal step id: the data it is sent once it waits.
@@ -197,18 +197,19 @@ fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Res
         for effect in effects.drain(..) {
             match effect {
                 Effect::Dispatch(dispatch) => {
-                    let answers = case.tasks.get(&dispatch.attempt.step).with_context(|| {
-                        format!(
-                            "task step `{}` was dispatched, and the case gives it no result under `tasks`",
-                            dispatch.attempt.step
-                        )
-                    })?;
+                    let answers = answers_for(&case.tasks, &dispatch.attempt.step, dispatch.attempt.item)
+                        .with_context(|| {
+                            format!(
+                                "task step `{}` was dispatched, and the case gives it no result under `tasks`",
+                                dispatch.attempt.step
+                            )
+                        })?;
                     let nth = attempts.entry((dispatch.attempt.step.clone(), dispatch.attempt.item)).or_default();
                     events.push_back(task_event(dispatch.attempt, answers.nth(*nth), &dispatch.input));
                     *nth += 1;
                 }
                 Effect::StartChild(start) => {
-                    let answers = case.subflows.get(&start.step).with_context(|| {
+                    let answers = answers_for(&case.subflows, &start.step, start.item).with_context(|| {
                         format!(
                             "subflow step `{}` started a child run, and the case gives no end under `subflows`",
                             start.step
@@ -284,6 +285,11 @@ fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Res
             effects.clear();
         }
     }
+}
+
+/// The answers for step `step` (item `item`): those given for `step[item]`, else for `step`.
+fn answers_for<'a>(answers: &'a HashMap<String, Answers>, step: &str, item: Option<u32>) -> Option<&'a Answers> {
+    item.and_then(|item| answers.get(&format!("{step}[{item}]"))).or_else(|| answers.get(step))
 }
 
 /// The steps of a run that ran to an end: succeeded or failed.
@@ -387,11 +393,7 @@ steps:
   - { id: a, kind: task, pool: p, task: t, retry: { max_attempts: 3, initial_backoff_ms: 60000, max_backoff_ms: 60000, jitter: 0 } }
   - { id: m, kind: map, after: [a], items: 'input.xs', pool: p, task: t, input: '#{ x: item }' }
 "#;
-        let case = "input: {xs: [1, 2]}
-tasks:
-  a: [{error: {code: busy}}, {output: 7}]
-  m: {echo: true}
-";
+        let case = "input: {xs: [1, 2]}\ntasks:\n  a: [{error: {code: busy}}, {output: 7}]\n  m: {echo: true}\n";
         let view = play_case(flow, case).expect("the run ends");
         assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
         let a = view.steps.iter().find(|step| step.id == "a").unwrap();
@@ -399,6 +401,9 @@ tasks:
         assert!(view.ended_ms.unwrap() - view.created_ms >= 60_000, "the backoff passed on the case's clock");
         let m = view.steps.iter().find(|step| step.id == "m").unwrap();
         assert_eq!(m.output, Some(json!([{"x": 1}, {"x": 2}])));
+        let one_fails = format!("{case}  m[1]: {{error: {{code: broken, retryable: false}}}}\n");
+        let failed = play_case(flow, &one_fails).expect("the run ends");
+        assert_eq!(failed.error.map(|error| error.code), Some("map_failed".to_owned()), "item 1's own answer");
     }
 
     #[test]
