@@ -181,6 +181,10 @@ pub struct TaskStep {
     /// Steps that must finish before this one starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Expression (a boolean) read when the step would start: `false` skips it, as a step
+    /// no edge activated is skipped. Default: the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
     /// Worker pool that runs the task (`gpu-llm`, `cpu-media`, ...).
     pub pool: String,
     /// Task name the worker dispatches on.
@@ -261,6 +265,10 @@ pub struct ChoiceStep {
     pub id: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Expression (a boolean) read when the step would start: `false` skips it, as a step
+    /// no edge activated is skipped. Default: the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
     pub choices: Vec<ChoiceRule>,
     /// Branch taken when no rule matches. Without it, no match fails the run with
     /// `no_choice_matched`.
@@ -284,6 +292,10 @@ pub struct MapStep {
     pub id: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Expression (a boolean) read when the step would start: `false` skips it, as a step
+    /// no edge activated is skipped. Default: the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
     /// Expression giving the list to fan out over.
     pub items: String,
     pub pool: String,
@@ -319,6 +331,10 @@ pub struct TransformStep {
     pub id: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Expression (a boolean) read when the step would start: `false` skips it, as a step
+    /// no edge activated is skipped. Default: the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
     /// Expression whose value is the step output.
     pub output: String,
 }
@@ -330,6 +346,10 @@ pub struct SucceedStep {
     pub id: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Expression (a boolean) read when the step would start: `false` skips it, as a step
+    /// no edge activated is skipped. Default: the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
     /// Expression for the run output. Default: the flow's `output`, else as for a run that
     /// ends by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -343,6 +363,10 @@ pub struct FailStep {
     pub id: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Expression (a boolean) read when the step would start: `false` skips it, as a step
+    /// no edge activated is skipped. Default: the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
     /// Error code of the run.
     pub error: String,
     /// Expression for the error message.
@@ -358,6 +382,10 @@ pub struct WaitStep {
     pub id: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Expression (a boolean) read when the step would start: `false` skips it, as a step
+    /// no edge activated is skipped. Default: the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
     /// How long to wait, in milliseconds. Give this or `duration`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
@@ -381,6 +409,10 @@ pub struct SignalStep {
     pub id: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Expression (a boolean) read when the step would start: `false` skips it, as a step
+    /// no edge activated is skipped. Default: the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
     /// How long to wait for the signal; without one the step fails with code `timeout`.
     /// Default: no limit (the flow's `timeout_ms` still applies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -405,6 +437,10 @@ pub struct SubflowStep {
     pub id: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Expression (a boolean) read when the step would start: `false` skips it, as a step
+    /// no edge activated is skipped. Default: the step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
     /// The flow the child run runs.
     pub flow: String,
     /// Its version; default: the latest when the step starts.
@@ -475,6 +511,22 @@ impl Step {
             Step::Signal(step) => &step.id,
             Step::Subflow(step) => &step.id,
         }
+    }
+
+    /// The step's `when` condition, if it has one.
+    pub fn when(&self) -> Option<&str> {
+        let when = match self {
+            Step::Task(step) => &step.when,
+            Step::Choice(step) => &step.when,
+            Step::Map(step) => &step.when,
+            Step::Transform(step) => &step.when,
+            Step::Succeed(step) => &step.when,
+            Step::Fail(step) => &step.when,
+            Step::Wait(step) => &step.when,
+            Step::Signal(step) => &step.when,
+            Step::Subflow(step) => &step.when,
+        };
+        when.as_deref()
     }
 
     pub fn after(&self) -> &[String] {

@@ -88,6 +88,8 @@ impl PlanConcurrency {
 pub struct PlanStep {
     pub id: String,
     pub kind: PlanStepKind,
+    /// Read when the step would start: `false` skips it.
+    pub when: Option<Expr>,
     pub deps: Vec<StepIndex>,
     pub outgoing: Vec<Edge>,
 }

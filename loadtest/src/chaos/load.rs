@@ -421,9 +421,9 @@ mod tests {
     }
 
     #[test]
-    fn expected_outputs_are_eight_times_the_input() {
+    fn expected_outputs_are_sixteen_times_the_input() {
         let (input, output) = run_input(7, 41);
         assert_eq!(input, json!({"value": 42, "tag": "7-41"}));
-        assert_eq!(output, json!({"value": 336, "tag": "7-41"}));
+        assert_eq!(output, json!({"value": 672, "tag": "7-41"}));
     }
 }

@@ -110,12 +110,18 @@ impl Run {
         if state.activated {
             self.agenda.push_back(Agenda::Start(target));
         } else {
-            let state = self.state(target);
-            state.status = StepStatus::Skipped;
-            // A signal kept for a step that never starts is dropped.
-            state.output = None;
-            self.resolve_step(target, Resolution::Skipped, context);
+            self.skip_step(target, context);
         }
+    }
+
+    /// Step `index` will not run (no edge activated it, or its `when` is false): it is
+    /// skipped, which activates nothing after it.
+    pub(super) fn skip_step(&mut self, index: StepIndex, context: &Context<'_>) {
+        let state = self.state(index);
+        state.status = StepStatus::Skipped;
+        // A signal kept for a step that never starts is dropped.
+        state.output = None;
+        self.resolve_step(index, Resolution::Skipped, context);
     }
 }
 

@@ -34,9 +34,17 @@ impl Run {
         assert!(state.status == StepStatus::Pending, "a step starts once");
         assert!(state.deps_resolved == deps, "a step starts after all its deps resolved");
         assert!(state.activated, "a step starts only when an edge activated it");
+        let plan = Arc::clone(&self.plan);
+        if let Some(when) = &plan.step(index).when {
+            match self.evaluate_bool(context.evaluator, when, Locals::default()) {
+                Ok(true) => {}
+                Ok(false) => return self.skip_step(index, context),
+                Err(error) => return self.expression_failed(index, "when", &error, context),
+            }
+        }
+        let state = self.state(index);
         state.status = StepStatus::Running;
         state.started_ms = Some(context.now);
-        let plan = Arc::clone(&self.plan);
         match &plan.step(index).kind {
             PlanStepKind::Task(spec) => self.start_task(index, spec, context),
             PlanStepKind::Map { items, max_concurrency, .. } => self.start_map(index, items, *max_concurrency, context),

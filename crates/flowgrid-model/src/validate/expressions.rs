@@ -163,7 +163,12 @@ fn expression_fields(step: &Step) -> Vec<(String, &str, bool)> {
             ("repeat.until".to_owned(), subflow.repeat.as_ref().map(|repeat| repeat.until.as_str()), true),
         ],
     };
-    fields.into_iter().filter_map(|(field, source, reads_result)| Some((field, source?, reads_result))).collect()
+    let when = ("when".to_owned(), step.when(), false);
+    fields
+        .into_iter()
+        .chain([when])
+        .filter_map(|(field, source, reads_result)| Some((field, source?, reads_result)))
+        .collect()
 }
 
 fn compile_message(error: &ExprError) -> String {

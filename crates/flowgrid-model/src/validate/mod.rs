@@ -71,9 +71,11 @@ pub(crate) fn compile(
     let mut steps = Vec::with_capacity(definition.steps.len());
     for (position, step) in definition.steps.iter().enumerate() {
         let kind = plan_kind(position, step, &index, &mut expressions, limits);
+        let when = expressions.take(&format!("{}.when", step_path(position, step.id())));
         steps.push(PlanStep {
             id: step.id().to_owned(),
             kind,
+            when,
             deps: graph.deps(position).into_iter().map(to_index).collect(),
             outgoing: outgoing_edges(position, step, &definition.steps, &index),
         });

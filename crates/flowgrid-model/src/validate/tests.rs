@@ -280,6 +280,7 @@ fn task_step(id: String, after: Vec<String>) -> Step {
     Step::Task(TaskStep {
         id,
         after,
+        when: None,
         pool: "pool".to_owned(),
         task: "work".to_owned(),
         input: None,
@@ -355,12 +356,14 @@ fn choice_targets_count_as_edges_for_references() {
             Step::Choice(ChoiceStep {
                 id: "c".to_owned(),
                 after: vec!["a".to_owned()],
+                when: None,
                 choices: vec![ChoiceRule { when: "steps.a.output == 1".to_owned(), next: "b".to_owned() }],
                 default: None,
             }),
             Step::Transform(crate::definition::TransformStep {
                 id: "b".to_owned(),
                 after: Vec::new(),
+                when: None,
                 output: "steps.a.output + 1".to_owned(),
             }),
         ],
@@ -648,4 +651,21 @@ fn a_full_limit_queues_by_default_and_cancels_the_oldest_only_under_a_max() {
     assert_issue(&issues_of(&rate_only), "concurrency.when_full", "give `max`");
     let message = parse_definition(&flow("{ max: 1, when_full: drop }"), &limits()).unwrap_err().to_string();
     assert!(message.contains("unknown variant `drop`"), "{message}");
+}
+
+#[test]
+fn a_step_condition_compiles_and_reads_only_steps_before_it() {
+    let flow = |when: &str| {
+        format!(
+            "name: f\nsteps:\n  - {{ kind: transform, id: a, output: '1' }}\n  - {{ kind: transform, id: b, after: [a], \
+             output: '2', when: '{when}' }}\n"
+        )
+    };
+    let plan = FlowPlan::compile(parse(&flow("steps.a.output == 1")), 1, &evaluator(), &limits()).unwrap();
+    assert_eq!(plan.step(1).when.as_ref().map(|when| when.source.as_ref()), Some("steps.a.output == 1"));
+    assert!(plan.step(0).when.is_none());
+    assert_issue(&issues_of(&flow("1 +")), "steps[1](b).when", "does not compile");
+    assert_issue(&issues_of(&flow("steps.b.output")), "steps[1](b).when", "its own step");
+    let late = "name: f\nsteps:\n  - { kind: transform, id: a, output: '1', when: 'steps.b.output' }\n  - { kind: transform, id: b, output: '2' }\n";
+    assert_issue(&issues_of(late), "steps[0](a).when", "does not run before a");
 }
