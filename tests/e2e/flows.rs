@@ -237,3 +237,33 @@ async fn an_announcement_the_stream_did_not_take_is_published_by_the_next_coordi
     assert_eq!(stream.info().await?.state.messages, 1, "one announcement per run");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diff_shows_what_a_deploy_would_change_and_how_two_versions_differ() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let first = "name: diffed\nsteps:\n  - { id: a, kind: transform, output: '1' }\n";
+    let second = "name: diffed\nsteps:\n  - { id: a, kind: transform, output: '2' }\n";
+    deploy(&grid, &client, first).await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("diffed.yaml");
+    std::fs::write(&file, second)?;
+    let file = file.to_str().expect("a UTF-8 path");
+
+    let (same, stdout, stderr) = grid.cli(&["flow", "diff", "diffed", file])?;
+    assert!(!same, "a difference exits 1: {stdout}{stderr}");
+    assert!(stdout.contains("--- diffed@1 (deployed)") && stdout.contains("-  output: '1'"), "{stdout}");
+    assert!(stdout.contains("+  output: '2'"), "{stdout}");
+
+    deploy(&grid, &client, second).await?;
+    let (same, stdout, _) = grid.cli(&["flow", "diff", "diffed", file])?;
+    assert!(same && stdout.contains("is the same as diffed@2 (deployed)"), "{stdout}");
+    let (same, stdout, _) = grid.cli(&["flow", "diff", "diffed", "--version", "1", "--to", "2"])?;
+    assert!(!same && stdout.contains("+++ diffed@2 (deployed)"), "{stdout}");
+
+    std::fs::write(dir.path().join("other.yaml"), first.replace("diffed", "other"))?;
+    let other = dir.path().join("other.yaml");
+    let (ok, _, stderr) = grid.cli(&["flow", "diff", "diffed", other.to_str().unwrap()])?;
+    assert!(!ok && stderr.contains("defines flow `other`, not `diffed`"), "{stderr}");
+    Ok(())
+}

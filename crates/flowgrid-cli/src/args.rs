@@ -164,6 +164,22 @@ pub enum FlowCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// What deploying a definition file would change in a flow (a unified diff against its
+    /// latest version, or --version), or how two deployed versions differ (--to). Exit 0
+    /// when they are the same, 1 when they differ.
+    #[command(arg_required_else_help = true)]
+    Diff {
+        name: String,
+        /// A definition file (YAML or JSON; `-` reads stdin) to compare with the deployed version.
+        #[arg(required_unless_present = "to")]
+        file: Option<PathBuf>,
+        /// The deployed version to compare (default: the latest).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Compare with this deployed version instead of a file.
+        #[arg(long, conflicts_with = "file")]
+        to: Option<u32>,
+    },
     /// Print a flow's definition (YAML, or JSON with --json).
     #[command(visible_alias = "get")]
     Show {

@@ -1,4 +1,4 @@
-//! `flowgrid flow deploy | check | test | list | show | pause | resume | limits | backfill`.
+//! `flowgrid flow deploy | check | test | diff | list | show | pause | resume | limits | backfill`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +73,7 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
         }
         FlowCommand::Pause { name, reason } => print_paused(&client.pause_flow(&name, reason).await?, session)?,
         FlowCommand::Resume { name, reason } => print_paused(&client.resume_flow(&name, reason).await?, session)?,
+        FlowCommand::Diff { name, file, version, to } => return diff(client, &name, file, version, to, session).await,
         FlowCommand::Show { name, version } => {
             let info = client.flow(&name, version).await?;
             if session.json {
@@ -98,6 +99,49 @@ fn print_paused(paused: &flowgrid_sdk::FlowPaused, session: &Session) -> anyhow:
 }
 
 /// `flow check`: parses and compiles each file as a deploy would, with the default limits.
+/// Prints how `file` (or deployed version `to`) differs from deployed version `version`
+/// (default: the latest) of flow `name`, both written as `flow show` writes them; exit 1
+/// when they differ.
+async fn diff(
+    client: &Client,
+    name: &str,
+    file: Option<PathBuf>,
+    version: Option<u32>,
+    to: Option<u32>,
+    session: &Session,
+) -> anyhow::Result<ExitCode> {
+    let deployed = client.flow(name, version).await?;
+    let old_label = format!("{name}@{} (deployed)", deployed.version);
+    let (new_definition, new_label) = match (file, to) {
+        (_, Some(to)) => (client.flow(name, Some(to)).await?.definition, format!("{name}@{to} (deployed)")),
+        (Some(file), None) => {
+            let text = super::read_text(&file)?;
+            let definition = parse_definition(&text, &Limits::default())
+                .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
+            anyhow::ensure!(
+                definition.name == name,
+                "{} defines flow `{}`, not `{name}`: compare it with its own flow",
+                file.display(),
+                definition.name
+            );
+            (definition, file.display().to_string())
+        }
+        (None, None) => anyhow::bail!("give a definition file, or --to VERSION to compare two deployed versions"),
+    };
+    let old = serde_norway::to_string(&deployed.definition).context("cannot write the definition as YAML")?;
+    let new = serde_norway::to_string(&new_definition).context("cannot write the definition as YAML")?;
+    let same = old == new;
+    let text = similar::TextDiff::from_lines(&old, &new).unified_diff().header(&old_label, &new_label).to_string();
+    if session.json {
+        print_json(&json!({"same": same, "from": old_label, "to": new_label, "diff": text}))?;
+    } else if same {
+        outln!("{new_label} is the same as {old_label}")?;
+    } else {
+        out!("{text}")?;
+    }
+    Ok(if same { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 pub(crate) fn check(files: &[PathBuf], session: &Session) -> anyhow::Result<ExitCode> {
     let limits = Limits::default();
     let evaluator = Evaluator::new(&limits);
