@@ -150,6 +150,29 @@ async fn attempt_timeout_is_retried_then_fails_the_run_with_code_timeout() -> an
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_total_timeout_ends_the_step_however_many_retries_its_policy_allows() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let budgeted = TIMEOUT_FLOW
+        .replace("name: slow-timeout", "name: budgeted")
+        .replace("max_attempts: 2", "max_attempts: 20")
+        .replace("timeout_ms: 300", "timeout_ms: 300\n    total_timeout_ms: 1000");
+    deploy(&grid, &client, &budgeted).await?;
+
+    let run = client.start(start("budgeted", json!({}))).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
+    let slow = step(&view, "slow");
+    let error = slow.error.clone().expect("the step's error");
+    assert_eq!(error.code, "timeout", "{slow:?}");
+    assert!(error.message.contains("total_timeout_ms of 1000 ms"), "{error:?}");
+    assert!((3..=4).contains(&slow.attempts), "attempts of 300 ms and 50 ms backoffs within 1 s: {slow:?}");
+    let took = view.ended_ms.expect("ended").saturating_sub(view.created_ms);
+    assert!((900..5_000).contains(&took), "the step ended at its budget, not after 20 attempts: {took} ms");
+    Ok(())
+}
+
 /// Six steps of 150 ms, each reported; the first attempt fails after the third.
 const RESUMABLE_FLOW: &str = r#"
 name: resumable

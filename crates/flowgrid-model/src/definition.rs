@@ -201,6 +201,11 @@ pub struct TaskStep {
     /// Start-to-close timeout of one attempt; a timed-out attempt fails with code `timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// How long the step may take in all, over every attempt and the waits between them:
+    /// past it, the attempt out is stopped and the step fails with code `timeout` (no more
+    /// retries; a catch may take it). Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_timeout_ms: Option<u64>,
     /// Higher runs first among a pool's waiting tasks (0-9, default 5); advisory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
@@ -318,6 +323,10 @@ pub struct MapStep {
     pub retry: RetryPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// How long the whole map may take, over all its items and their attempts: past it,
+    /// the items out are stopped and the step fails with code `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -127,6 +127,8 @@ pub struct TaskSpec {
     pub retry: RetryPolicy,
     /// Start-to-close timeout of one attempt (the default applied when the definition has none).
     pub timeout_ms: u64,
+    /// How long the step may take over all its attempts (and items); `None`: no limit.
+    pub total_timeout_ms: Option<u64>,
     pub priority: u8,
     pub catch: Vec<CatchRule>,
 }

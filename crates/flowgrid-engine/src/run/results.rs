@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use flowgrid_model::limits::PROGRESS_REPORTS_MAX;
-use flowgrid_model::{AttemptId, StepIndex};
+use flowgrid_model::{AttemptId, Millis, StepIndex};
 use serde_json::Value;
 
 use super::retry::{backoff_ms, should_retry};
@@ -147,7 +147,11 @@ impl Run {
     /// Dispatches the next attempt of the task step `index` or of its item `item`.
     pub(super) fn dispatch(&mut self, index: StepIndex, item: Option<u32>, context: &mut Context<'_>) {
         let timeout_ms = task_spec(&self.plan.step(index).kind).expect("only task and map steps dispatch").timeout_ms;
-        let deadline_ms = context.now.saturating_add(timeout_ms);
+        // No attempt outlives the step's total timeout.
+        let deadline_ms = match self.step_deadline(index) {
+            Some(step_deadline_ms) => context.now.saturating_add(timeout_ms).min(step_deadline_ms.max(context.now)),
+            None => context.now.saturating_add(timeout_ms),
+        };
         let state = self.state(index);
         state.attempts += 1;
         state.status = StepStatus::Running;
@@ -161,14 +165,36 @@ impl Run {
         self.arm_timer(timer, deadline_ms, context);
     }
 
-    /// The open attempt `attempt` failed: retry it after a backoff if the policy allows,
-    /// else the task step (or map item) fails for good.
-    fn attempt_failed(&mut self, index: StepIndex, attempt: &AttemptId, error: TaskError, context: &mut Context<'_>) {
+    /// The open attempt `attempt` failed: retry it after a backoff if the policy allows
+    /// and the step's total timeout leaves time for it, else the task step (or map item)
+    /// fails for good.
+    fn attempt_failed(
+        &mut self,
+        index: StepIndex,
+        attempt: &AttemptId,
+        mut error: TaskError,
+        context: &mut Context<'_>,
+    ) {
         let plan = Arc::clone(&self.plan);
-        let policy = &task_spec(&plan.step(index).kind).expect("only task and map steps have attempts").retry;
+        let spec = task_spec(&plan.step(index).kind).expect("only task and map steps have attempts");
+        let policy = &spec.retry;
         let tries = self.slot(index, attempt.item).tries();
         if should_retry(policy, &error, tries) {
             let due_ms = context.now.saturating_add(backoff_ms(policy, attempt, tries));
+            if let (Some(step_deadline_ms), Some(total_ms)) = (self.step_deadline(index), spec.total_timeout_ms) {
+                if due_ms >= step_deadline_ms {
+                    error = TaskError {
+                        code: "timeout".to_owned(),
+                        message: format!(
+                            "step `{}` did not finish within its total_timeout_ms of {total_ms} ms ({} attempts; the \
+                             last one failed with `{}`: {})",
+                            attempt.step, attempt.attempt, error.code, error.message
+                        ),
+                        retryable: false,
+                    };
+                    return self.attempt_failed_for_good(index, attempt.item, error, context);
+                }
+            }
             self.slot_mut(index, attempt.item).phase = Phase::Retrying { due_ms };
             if attempt.item.is_none() {
                 self.state(index).status = StepStatus::Retrying;
@@ -177,13 +203,31 @@ impl Run {
             self.arm_timer(TimerKey::RetryDue { attempt: next }, due_ms, context);
             return;
         }
-        match attempt.item {
+        self.attempt_failed_for_good(index, attempt.item, error, context);
+    }
+
+    /// The task step `index` (or its map item `item`) fails with `error`: no attempt is left.
+    fn attempt_failed_for_good(
+        &mut self,
+        index: StepIndex,
+        item: Option<u32>,
+        error: TaskError,
+        context: &mut Context<'_>,
+    ) {
+        match item {
             None => {
                 self.state(index).work = Work::Idle;
                 self.step_failed(index, error, context);
             }
             Some(item) => self.item_failed(index, item, error, context),
         }
+    }
+
+    /// When task or map step `index` must be done by: `total_timeout_ms` after it started,
+    /// if it has one.
+    fn step_deadline(&self, index: StepIndex) -> Option<Millis> {
+        let total_ms = task_spec(&self.plan.step(index).kind)?.total_timeout_ms?;
+        Some(self.steps[usize::from(index)].started_ms?.saturating_add(total_ms))
     }
 
     fn task_succeeded(&mut self, index: StepIndex, result: Value, context: &mut Context<'_>) {

@@ -190,3 +190,55 @@ steps:
     assert_eq!(harness.step("a").progress, None);
     assert_eq!(harness.apply(301, progress("a", None, 2, json!({"done": 100}))), Applied::Ignored("step not running"));
 }
+
+/// Retries every second, each attempt up to 10 s, the step 2.5 s in all.
+const TOTAL: &str = r##"
+name: total
+steps:
+  - kind: task
+    id: a
+    pool: cpu
+    task: t
+    timeout_ms: 10000
+    total_timeout_ms: 2500
+    retry: { max_attempts: 10, initial_backoff_ms: 1000, backoff_multiplier: 1.0, max_backoff_ms: 1000, jitter: 0 }
+    catch: [{ errors: [timeout], next: gave_up }]
+  - { kind: transform, id: gave_up, output: 'steps.a.error.message' }
+"##;
+
+#[test]
+fn a_total_timeout_caps_each_attempt_and_stops_the_retries() {
+    let mut harness = Harness::start(TOTAL, json!(null), 0);
+    assert_eq!(harness.dispatched()[0].deadline_ms, 2_500, "the step's end, not the attempt's 10 s");
+    assert_eq!(harness.fail(100, "a", None, 1, error("busy", true)), Applied::Accepted);
+    assert_eq!(harness.fire(1_100, TimerKey::RetryDue { attempt: attempt("a", None, 2) }), Applied::Accepted);
+    assert_eq!(harness.dispatched()[0].deadline_ms, 2_500);
+    assert_eq!(harness.fail(1_200, "a", None, 2, error("busy", true)), Applied::Accepted);
+    assert_eq!(harness.step_status("a"), StepStatus::Retrying, "a retry at 2,200 still fits");
+    assert_eq!(harness.fire(2_200, TimerKey::RetryDue { attempt: attempt("a", None, 3) }), Applied::Accepted);
+    // The third attempt is cut off at the step's end; no retry fits any more.
+    assert_eq!(harness.fire(2_500, TimerKey::AttemptTimeout { attempt: attempt("a", None, 3) }), Applied::Accepted);
+    let step = harness.step("a");
+    assert_eq!((step.status, step.caught, step.attempts), (StepStatus::Failed, true, 3), "{step:?}");
+    let error = step.error.expect("the step's error");
+    assert_eq!(error.code, "timeout");
+    assert!(
+        error.message.contains("total_timeout_ms of 2500 ms (3 attempts; the last one failed with `timeout`"),
+        "{error:?}"
+    );
+    assert_eq!(harness.run.status(), RunStatus::Succeeded, "the catch took it");
+}
+
+#[test]
+fn a_failure_whose_retry_would_come_too_late_fails_the_step_at_once() {
+    let mut harness = Harness::start(TOTAL, json!(null), 0);
+    assert_eq!(harness.fail(1_600, "a", None, 1, error("busy", true)), Applied::Accepted);
+    let step = harness.step("a");
+    assert_eq!((step.status, step.attempts), (StepStatus::Failed, 1), "a retry at 2,600 would be too late");
+    assert!(step.error.unwrap().message.contains("the last one failed with `busy`"));
+    // Without a total timeout the same failure is retried.
+    let mut harness = Harness::start(&TOTAL.replace("    total_timeout_ms: 2500\n", ""), json!(null), 0);
+    assert_eq!(harness.dispatched()[0].deadline_ms, 10_000);
+    harness.fail(1_600, "a", None, 1, error("busy", true));
+    assert_eq!(harness.step_status("a"), StepStatus::Retrying);
+}

@@ -100,11 +100,13 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
             check_name(&format!("{path}.pool"), "pool name", &task.pool, limits, issues);
             check_name(&format!("{path}.task"), "task name", &task.task, limits, issues);
             check_worker_settings(path, &task.retry, task.timeout_ms, task.priority, &task.catch, issues);
+            check_timeout(&format!("{path}.total_timeout_ms"), task.total_timeout_ms, issues);
         }
         Step::Map(map) => {
             check_name(&format!("{path}.pool"), "pool name", &map.pool, limits, issues);
             check_name(&format!("{path}.task"), "task name", &map.task, limits, issues);
             check_worker_settings(path, &map.retry, map.timeout_ms, map.priority, &map.catch, issues);
+            check_timeout(&format!("{path}.total_timeout_ms"), map.total_timeout_ms, issues);
             check_max_concurrency(path, map.max_concurrency, "items in flight", issues);
         }
         Step::Choice(choice) => {

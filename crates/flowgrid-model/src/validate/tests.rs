@@ -287,6 +287,7 @@ fn task_step(id: String, after: Vec<String>) -> Step {
         output: None,
         retry: RetryPolicy::default(),
         timeout_ms: None,
+        total_timeout_ms: None,
         priority: None,
         catch: Vec::new(),
     })
@@ -668,4 +669,21 @@ fn a_step_condition_compiles_and_reads_only_steps_before_it() {
     assert_issue(&issues_of(&flow("steps.b.output")), "steps[1](b).when", "its own step");
     let late = "name: f\nsteps:\n  - { kind: transform, id: a, output: '1', when: 'steps.b.output' }\n  - { kind: transform, id: b, output: '2' }\n";
     assert_issue(&issues_of(late), "steps[0](a).when", "does not run before a");
+}
+
+#[test]
+fn a_total_timeout_is_positive_and_compiles_for_tasks_and_maps() {
+    let flow = |step: &str| format!("name: f\nsteps:\n  - {{ id: s, pool: p, task: t{step} }}\n");
+    let compiled = |text: &str| FlowPlan::compile(parse(text), 1, &evaluator(), &limits()).expect("valid");
+    let task = compiled(&flow(", kind: task, total_timeout_ms: 60000"));
+    let PlanStepKind::Task(spec) = &task.step(0).kind else { panic!("a task step") };
+    assert_eq!(spec.total_timeout_ms, Some(60_000));
+    let map = compiled(&flow(", kind: map, items: 'input.xs', total_timeout_ms: 5000"));
+    let PlanStepKind::Map { spec, .. } = &map.step(0).kind else { panic!("a map step") };
+    assert_eq!(spec.total_timeout_ms, Some(5_000));
+    assert_issue(
+        &issues_of(&flow(", kind: task, total_timeout_ms: 0")),
+        "steps[0](s).total_timeout_ms",
+        "greater than 0",
+    );
 }
