@@ -265,5 +265,10 @@ async fn a_diff_shows_what_a_deploy_would_change_and_how_two_versions_differ() -
     let other = dir.path().join("other.yaml");
     let (ok, _, stderr) = grid.cli(&["flow", "diff", "diffed", other.to_str().unwrap()])?;
     assert!(!ok && stderr.contains("defines flow `other`, not `diffed`"), "{stderr}");
+    let status = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "flow", "diff", "nowhere", file])
+        .output()?
+        .status;
+    assert_eq!(status.code(), Some(2), "a comparison that cannot be made is not a difference");
     Ok(())
 }

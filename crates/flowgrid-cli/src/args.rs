@@ -166,7 +166,7 @@ pub enum FlowCommand {
     },
     /// What deploying a definition file would change in a flow (a unified diff against its
     /// latest version, or --version), or how two deployed versions differ (--to). Exit 0
-    /// when they are the same, 1 when they differ.
+    /// when they are the same, 1 when they differ, 2 when they could not be compared.
     #[command(arg_required_else_help = true)]
     Diff {
         name: String,

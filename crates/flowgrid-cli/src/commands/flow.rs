@@ -73,7 +73,16 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
         }
         FlowCommand::Pause { name, reason } => print_paused(&client.pause_flow(&name, reason).await?, session)?,
         FlowCommand::Resume { name, reason } => print_paused(&client.resume_flow(&name, reason).await?, session)?,
-        FlowCommand::Diff { name, file, version, to } => return diff(client, &name, file, version, to, session).await,
+        FlowCommand::Diff { name, file, version, to } => {
+            // As diff(1): 1 says they differ, so a comparison that could not be made exits 2.
+            return Ok(match diff(client, &name, file, version, to, session).await {
+                Ok(code) => code,
+                Err(error) => {
+                    crate::failure::report(&error, session);
+                    ExitCode::from(crate::failure::EXIT_INVALID)
+                }
+            });
+        }
         FlowCommand::Show { name, version } => {
             let info = client.flow(&name, version).await?;
             if session.json {
