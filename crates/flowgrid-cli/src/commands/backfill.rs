@@ -7,7 +7,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use serde_json::json;
 
 use flowgrid_model::schedule::Timetable;
@@ -84,7 +84,14 @@ pub(super) async fn backfill(client: &Client, request: Backfill<'_>, session: &S
                 start_at_ms: None,
             })
             .collect();
-        for (slot, outcome) in chunk.iter().zip(client.start_many(&starts).await?) {
+        let outcomes = client.start_many(&starts).await.with_context(|| {
+            format!(
+                "starting the runs of the slots from {} ({started} started so far): run the same backfill again to \
+                 go on, the slots that have a run are not started twice",
+                utc_time(chunk[0])
+            )
+        })?;
+        for (slot, outcome) in chunk.iter().zip(outcomes) {
             match outcome {
                 Ok(run) if run.created => started += 1,
                 Ok(_) => existed += 1,
