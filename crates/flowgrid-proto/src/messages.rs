@@ -206,6 +206,22 @@ pub struct RunStarted {
     pub created: bool,
 }
 
+impl StartRun {
+    /// The start of the run a flow's `schedule` gives its slot at `slot_ms`: the
+    /// schedule's input and labels, and the idempotency key of the slot, so the scheduler
+    /// and a backfill start the same run for a slot, once.
+    pub fn for_schedule_slot(flow: String, schedule: &Schedule, slot_ms: Millis) -> StartRun {
+        StartRun {
+            flow,
+            version: None,
+            input: schedule.input.clone(),
+            idempotency_key: Some(flowgrid_model::schedule::Timetable::run_key(slot_ms)),
+            labels: schedule.labels.clone(),
+            start_at_ms: None,
+        }
+    }
+}
+
 /// `<prefix>.api.run.start_many`: many starts in one request, each applied as a
 /// `run.start` of its own. A service that starts runs at a high rate sends far fewer
 /// messages this way.

@@ -1,7 +1,8 @@
 //! `flowgrid flow backfill`: the runs a flow's schedule would have started in a past span.
 //!
-//! Each slot's run is started with the idempotency key the schedule itself uses
-//! ([`Timetable::run_key`]), so its run id is the one the schedule gives that slot: a slot
+//! Each slot's run is started as the schedule itself starts it
+//! ([`StartRun::for_schedule_slot`]: its input, labels and idempotency key), so its run id
+//! is the one the schedule gives that slot: a slot
 //! that has its run (started by the schedule, or by an earlier backfill) is not started
 //! again, and a backfill cut short is finished by running it again.
 
@@ -17,9 +18,12 @@ use flowgrid_sdk::{Client, StartRun};
 use crate::output::{now_ms, outln, print_json, utc_time};
 use crate::Session;
 
-/// The most slots one backfill starts: a wider span is split by the caller.
+/// The most slots one backfill starts: every slot is a run the grid keeps, so a span of
+/// more (a year of minutes) is more likely a mistake than a wish; a wider span is
+/// backfilled a part at a time.
 pub(super) const BACKFILL_SLOTS_MAX: usize = 10_000;
-/// Starts sent in one request.
+/// Starts sent in one request: well under `START_MANY_RUNS_MAX`, so that a progress line
+/// follows every hundred slots.
 const STARTS_PER_REQUEST: usize = 100;
 
 /// What a backfill asks for: the flow, and its span of slots.
@@ -73,17 +77,8 @@ pub(super) async fn backfill(client: &Client, request: Backfill<'_>, session: &S
     }
     let (mut started, mut existed, mut refused) = (0_usize, 0_usize, Vec::new());
     for chunk in slots.chunks(STARTS_PER_REQUEST) {
-        let starts: Vec<StartRun> = chunk
-            .iter()
-            .map(|slot| StartRun {
-                flow: info.name.clone(),
-                version: None,
-                input: schedule.input.clone(),
-                idempotency_key: Some(Timetable::run_key(*slot)),
-                labels: schedule.labels.clone(),
-                start_at_ms: None,
-            })
-            .collect();
+        let starts: Vec<StartRun> =
+            chunk.iter().map(|slot| StartRun::for_schedule_slot(info.name.clone(), &schedule, *slot)).collect();
         let outcomes = client.start_many(&starts).await.with_context(|| {
             format!(
                 "starting the runs of the slots from {} ({started} started so far): run the same backfill again to \

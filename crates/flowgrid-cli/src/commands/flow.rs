@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::json;
 
-use flowgrid_model::{parse_definition, Evaluator, FlowPlan, Limits};
+use flowgrid_model::{parse_definition, Evaluator, FlowDefinition, FlowPlan, Limits};
 
 use flowgrid_sdk::Client;
 
@@ -88,7 +88,7 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
             if session.json {
                 print_json(&info.definition)?;
             } else {
-                let yaml = serde_norway::to_string(&info.definition).context("cannot write the definition as YAML")?;
+                let yaml = definition_yaml(&info.definition)?;
                 outln!("# flow {} version {}, deployed {}", info.name, info.version, utc_time(info.deployed_ms))?;
                 out!("{yaml}")?;
             }
@@ -137,8 +137,8 @@ async fn diff(
         }
         (None, None) => anyhow::bail!("give a definition file, or --to VERSION to compare two deployed versions"),
     };
-    let old = serde_norway::to_string(&deployed.definition).context("cannot write the definition as YAML")?;
-    let new = serde_norway::to_string(&new_definition).context("cannot write the definition as YAML")?;
+    let old = definition_yaml(&deployed.definition)?;
+    let new = definition_yaml(&new_definition)?;
     let same = old == new;
     let text = similar::TextDiff::from_lines(&old, &new).unified_diff().header(&old_label, &new_label).to_string();
     if session.json {
@@ -149,6 +149,11 @@ async fn diff(
         out!("{text}")?;
     }
     Ok(if same { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// A definition as `flow show` prints it (and `flow diff` compares it).
+fn definition_yaml(definition: &FlowDefinition) -> anyhow::Result<String> {
+    serde_norway::to_string(definition).context("cannot write the definition as YAML")
 }
 
 pub(crate) fn check(files: &[PathBuf], session: &Session) -> anyhow::Result<ExitCode> {

@@ -47,25 +47,37 @@ pub(super) struct Case {
     expect: Option<Expect>,
 }
 
-/// One answer, or one per attempt.
+/// The answers of a step's attempts: written as one answer, or a list of one per attempt
+/// (at least one; the last stands for every attempt after it).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Answers {
-    Each(Vec<Answer>),
-    One(Answer),
+#[serde(try_from = "Value")]
+struct Answers(Vec<Answer>);
+
+impl TryFrom<Value> for Answers {
+    type Error = String;
+
+    /// Read by hand rather than as an untagged enum, so that a mistake in an answer is
+    /// named (`unknown field `eror``) instead of "matches no variant".
+    fn try_from(value: Value) -> Result<Answers, String> {
+        let answers = match value {
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(nth, item)| serde_json::from_value(item).map_err(|error| format!("answer {nth}: {error}")))
+                .collect::<Result<Vec<Answer>, String>>()?,
+            one => vec![serde_json::from_value(one).map_err(|error| error.to_string())?],
+        };
+        if answers.is_empty() {
+            return Err("an empty list of answers: give at least one".to_owned());
+        }
+        Ok(Answers(answers))
+    }
 }
 
 impl Answers {
     /// The answer to the `nth` attempt (from 0).
     fn nth(&self, nth: usize) -> &Answer {
-        match self {
-            Answers::One(answer) => answer,
-            Answers::Each(answers) => &answers[nth.min(answers.len().saturating_sub(1))],
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        matches!(self, Answers::Each(answers) if answers.is_empty())
+        &self.0[nth.min(self.0.len() - 1)]
     }
 }
 
@@ -168,11 +180,6 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
 
 /// Plays one case to the run's end; its view, or why it could not end.
 fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Result<RunView> {
-    for (step, answers) in case.tasks.iter().chain(&case.subflows) {
-        if answers.is_empty() {
-            bail!("the answers of step `{step}` are an empty list: give at least one");
-        }
-    }
     if let Some(schema) = &plan.input_schema {
         let issues: Vec<String> = schema.check(&case.input, "input").iter().map(ToString::to_string).collect();
         if !issues.is_empty() {

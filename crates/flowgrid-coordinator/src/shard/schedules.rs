@@ -7,7 +7,6 @@
 //! A shard that is acquired (or reloaded) fires the newest slot of the last
 //! [`CATCH_UP_MS`] (one it may have missed during the hand-over); older ones are skipped.
 
-use flowgrid_model::schedule::Timetable;
 use flowgrid_model::{FlowPlan, Millis};
 use flowgrid_proto::StartRun;
 use flowgrid_store::ShardStore;
@@ -74,20 +73,8 @@ impl<S: ShardStore> ShardActor<S> {
                 self.schedules.remove(&flow);
                 continue;
             };
-            let (input, labels) = plan
-                .definition
-                .schedule
-                .as_ref()
-                .map(|schedule| (schedule.input.clone(), schedule.labels.clone()))
-                .unwrap_or_default();
-            let start = StartRun {
-                flow: flow.clone(),
-                version: None,
-                input,
-                idempotency_key: Some(Timetable::run_key(slot)),
-                labels,
-                start_at_ms: None,
-            };
+            let schedule = plan.definition.schedule.clone().unwrap_or_default();
+            let start = StartRun::for_schedule_slot(flow.clone(), &schedule, slot);
             let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
             tokio::spawn(async move {
                 let outcome = match client.start(start).await {

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use flowgrid_model::limits::PROGRESS_REPORTS_MAX;
+use flowgrid_model::plan::TaskSpec;
 use flowgrid_model::{AttemptId, Millis, StepIndex};
 use serde_json::Value;
 
@@ -146,11 +147,12 @@ impl Run {
 
     /// Dispatches the next attempt of the task step `index` or of its item `item`.
     pub(super) fn dispatch(&mut self, index: StepIndex, item: Option<u32>, context: &mut Context<'_>) {
-        let timeout_ms = task_spec(&self.plan.step(index).kind).expect("only task and map steps dispatch").timeout_ms;
+        let spec = task_spec(&self.plan.step(index).kind).expect("only task and map steps dispatch");
+        let deadline_ms = context.now.saturating_add(spec.timeout_ms);
         // No attempt outlives the step's total timeout.
-        let deadline_ms = match self.step_deadline(index) {
-            Some(step_deadline_ms) => context.now.saturating_add(timeout_ms).min(step_deadline_ms.max(context.now)),
-            None => context.now.saturating_add(timeout_ms),
+        let deadline_ms = match self.step_deadline(index, spec) {
+            Some(step_deadline_ms) => deadline_ms.min(step_deadline_ms.max(context.now)),
+            None => deadline_ms,
         };
         let state = self.state(index);
         state.attempts += 1;
@@ -181,7 +183,7 @@ impl Run {
         let tries = self.slot(index, attempt.item).tries();
         if should_retry(policy, &error, tries) {
             let due_ms = context.now.saturating_add(backoff_ms(policy, attempt, tries));
-            if let (Some(step_deadline_ms), Some(total_ms)) = (self.step_deadline(index), spec.total_timeout_ms) {
+            if let (Some(step_deadline_ms), Some(total_ms)) = (self.step_deadline(index, spec), spec.total_timeout_ms) {
                 if due_ms >= step_deadline_ms {
                     error = TaskError {
                         code: "timeout".to_owned(),
@@ -223,10 +225,10 @@ impl Run {
         }
     }
 
-    /// When task or map step `index` must be done by: `total_timeout_ms` after it started,
-    /// if it has one.
-    fn step_deadline(&self, index: StepIndex) -> Option<Millis> {
-        let total_ms = task_spec(&self.plan.step(index).kind)?.total_timeout_ms?;
+    /// When task or map step `index` (of spec `spec`) must be done by: `total_timeout_ms`
+    /// after it started, if it has one.
+    fn step_deadline(&self, index: StepIndex, spec: &TaskSpec) -> Option<Millis> {
+        let total_ms = spec.total_timeout_ms?;
         Some(self.steps[usize::from(index)].started_ms?.saturating_add(total_ms))
     }
 
