@@ -113,7 +113,10 @@ say "demo: running media-pipeline (waiting up to $DEMO_TIMEOUT)"
 run_status=0
 flowgrid run start media-pipeline --input "$INPUT" --wait --timeout "$DEMO_TIMEOUT" || run_status=$?
 if ((run_status == 0)); then
-    say "demo: the run succeeded"
+    say "demo: the run succeeded; running it again: its summary now comes from the task cache"
+    flowgrid run start media-pipeline --input "$INPUT" --wait --timeout "$DEMO_TIMEOUT" || run_status=$?
+fi
+if ((run_status == 0)); then
     say "demo: to watch runs go by in a web UI, keep a grid up: make up, then open http://127.0.0.1:8480/"
 else
     say "demo: the run did not succeed (flowgrid exited with $run_status)"

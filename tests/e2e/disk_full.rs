@@ -251,5 +251,20 @@ async fn a_nats_server_with_little_jetstream_storage_is_named_and_a_smaller_task
     let client = grid.client().await?;
     deploy(&grid, &client, ECHO_FLOW).await?;
     let run = client.start(big_start()).await.or_logs(&grid)?;
-    wait_all_succeeded(&grid, &client, &[run.run_id]).await
+    wait_all_succeeded(&grid, &client, &[run.run_id]).await?;
+
+    // The task cache's bucket (1 GiB by default) does not fit either: a step with `cache`
+    // goes to its worker as if it had none, and the log says why.
+    let cached = ECHO_FLOW.replace("name: echo-once", "name: echo-cached") + "    cache: { ttl_ms: 60000 }\n";
+    deploy(&grid, &client, &cached).await?;
+    for _ in 0..2 {
+        let start = StartRun { flow: "echo-cached".into(), input: json!({"n": 1}), ..Default::default() };
+        let run = client.start(start).await.or_logs(&grid)?;
+        let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+        assert_eq!(view.steps[0].cached, 0, "{view:?}");
+    }
+    let logs = grid.logs();
+    assert!(logs.contains("cannot open the task cache") && logs.contains("--task-cache-max-mb"), "{logs}");
+    Ok(())
 }

@@ -373,7 +373,9 @@ fn audit_shard(shard: u32, shards: u32, contents: ShardContents, audit: &mut Aud
             match records::decode::<EventRecord>("history record", value) {
                 Ok(record) => {
                     let result_of = match record.event {
-                        Event::TaskSucceeded { attempt, .. } | Event::TaskFailed { attempt, .. } => Some(attempt),
+                        Event::TaskSucceeded { attempt, .. }
+                        | Event::TaskCached { attempt, .. }
+                        | Event::TaskFailed { attempt, .. } => Some(attempt),
                         _ => None,
                     };
                     Some(HistoryEntry { seq, epoch: record.epoch, result_of })

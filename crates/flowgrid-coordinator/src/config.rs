@@ -25,6 +25,12 @@ pub struct CoordinatorConfig {
     /// much JetStream storage left.
     #[arg(long, env = "FLOWGRID_TASKS_STREAM_MAX_MB", default_value_t = 1024)]
     pub tasks_stream_max_mb: i64,
+    /// The most bytes the task cache (workers' results of steps with `cache`, shared by the
+    /// grid in a NATS KV bucket) holds, in MiB; when full, its oldest entries go. A
+    /// coordinator makes the bucket, or sets its limit, when it first uses it: give every
+    /// coordinator the same value.
+    #[arg(long, env = "FLOWGRID_TASK_CACHE_MAX_MB", default_value_t = 1024)]
+    pub task_cache_max_mb: i64,
     /// How often the embedded store writes each shard's recent commits from its journal
     /// into the shard file, in ms. Longer: less CPU and disk per commit; more memory held
     /// and more journal to replay after a crash.
@@ -66,7 +72,7 @@ pub struct CoordinatorConfig {
     pub drain_timeout_ms: u64,
 }
 
-/// The largest `--tasks-stream-max-mb`: 16 TiB, far past any JetStream store, and small
+/// The largest `--tasks-stream-max-mb` and `--task-cache-max-mb`: 16 TiB, far past any JetStream store, and small
 /// enough that the limit in bytes fits the stream config's `i64`.
 const TASKS_STREAM_MB_MAX: i64 = 16 << 20;
 
@@ -100,6 +106,12 @@ impl CoordinatorConfig {
             return Err(format!(
                 "--tasks-stream-max-mb is {}; use 1 to {TASKS_STREAM_MB_MAX} (1024 is the default)",
                 self.tasks_stream_max_mb
+            ));
+        }
+        if !(1..=TASKS_STREAM_MB_MAX).contains(&self.task_cache_max_mb) {
+            return Err(format!(
+                "--task-cache-max-mb is {}; use 1 to {TASKS_STREAM_MB_MAX} (1024 is the default)",
+                self.task_cache_max_mb
             ));
         }
         if !(50..=60_000).contains(&self.checkpoint_interval_ms) {

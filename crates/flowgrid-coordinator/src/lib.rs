@@ -8,10 +8,11 @@
 //! - `routing`: requests to a shard's owner, here or forwarded over NATS;
 //! - `shard`: one actor per shard (batching, commit, effects, reload);
 //! - `api`: NATS request/reply API and routing to shards; `submit`: the durable submit path;
-//! - `dispatch`: task publishing to JetStream.
+//! - `dispatch`: task publishing to JetStream; `cache`: the task cache shared by the grid.
 
 mod api;
 pub mod audit;
+mod cache;
 mod clock;
 mod cluster;
 pub mod config;

@@ -28,6 +28,7 @@ pub const STEP_SECONDS: &str = "flowgrid_step_seconds";
 pub const TASK_RESULTS: &str = "flowgrid_task_results_total";
 pub const TASKS_IN_FLIGHT: &str = "flowgrid_tasks_in_flight";
 pub const TASKS_CANCELLED: &str = "flowgrid_tasks_cancelled_total";
+pub const TASK_CACHE: &str = "flowgrid_task_cache_total";
 pub const COMMIT_SECONDS: &str = "flowgrid_store_commit_seconds";
 pub const COMMIT_BATCH_EVENTS: &str = "flowgrid_store_commit_batch_events";
 pub const COMMIT_FAILED: &str = "flowgrid_store_commit_failed_total";
@@ -84,6 +85,12 @@ pub fn describe() {
         Unit::Count,
         "Task attempts closed without their results while out with workers, whose workers were told to stop \
          (label: pool)."
+    );
+    describe_counter!(
+        TASK_CACHE,
+        Unit::Count,
+        "Task cache lookups and stores of steps with `cache` (labels: pool, outcome: hit, miss, stored, skipped \
+         when too many were out or the bucket failed)."
     );
     describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Duration of one shard store commit (group commit).");
     describe_histogram!(COMMIT_BATCH_EVENTS, Unit::Count, "Commands applied in one shard store commit.");

@@ -116,6 +116,11 @@ pub async fn run_with_store<S: Store>(
         nats: nats.clone(),
         plans,
         dispatcher,
+        task_cache: Arc::new(crate::cache::TaskCache::new(
+            jetstream.clone(),
+            subjects.clone(),
+            config.task_cache_max_mb << 20,
+        )),
         store_limits: StoreLimits::default(),
         batch_events_max: config.batch_events_max,
         active_runs_max: config.active_runs_max,

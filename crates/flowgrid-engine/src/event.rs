@@ -16,6 +16,10 @@ use serde_json::Value;
 pub enum Event {
     /// A worker finished an attempt.
     TaskSucceeded { attempt: AttemptId, output: Value },
+    /// The task cache answered an attempt with a result a worker gave an earlier attempt
+    /// of the same pool, task and key (the driver looked it up for the dispatch's
+    /// [`CacheLookup`]).
+    TaskCached { attempt: AttemptId, output: Value },
     /// A worker reported an error for an attempt.
     TaskFailed { attempt: AttemptId, error: TaskError },
     /// A worker reported how far an open attempt got (`details`, the worker's own JSON):
@@ -161,6 +165,19 @@ pub struct TaskDispatch {
     /// The last progress a worker reported for this step (or map item), by this attempt
     /// or an earlier one: where a retry may resume.
     pub progress: Option<Arc<Value>>,
+    /// Set when the step's results are cached: look the result up before publishing, and
+    /// feed a fresh one back as [`Event::TaskCached`] instead.
+    pub cache: Option<CacheLookup>,
+}
+
+/// What identifies a task's result in the task cache, and how old a stored one may be.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheLookup {
+    /// What the step's `cache.key` gave for the task input (the input without one). The
+    /// driver keys the cache by the pool, the task name and this value.
+    pub key: Arc<Value>,
+    /// A stored result older than this is not used.
+    pub ttl_ms: u64,
 }
 
 /// The child run a subflow step starts: the driver starts it through the API with the
@@ -199,6 +216,10 @@ pub enum Effect {
     /// Cancel a child run that is still going: its parent ended (emitted before
     /// `RunFinished`).
     CancelChild { child: RunId, reason: String },
+    /// A worker's result for a task whose step caches its results: store it for later
+    /// attempts with the same pool, task and key (best effort; losing it costs a worker
+    /// call later, nothing else).
+    CacheResult { pool: Arc<str>, task: Arc<str>, key: Arc<Value>, output: Value },
     /// The run reached its terminal status (emitted exactly once per run).
     RunFinished { run_id: RunId, status: crate::RunStatus },
 }

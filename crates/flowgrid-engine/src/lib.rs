@@ -20,7 +20,9 @@ mod event;
 mod run;
 mod view;
 
-pub use event::{Applied, ChildStart, Effect, Event, RedriveRefused, SignalRefused, TaskDispatch, TaskError, TimerKey};
+pub use event::{
+    Applied, CacheLookup, ChildStart, Effect, Event, RedriveRefused, SignalRefused, TaskDispatch, TaskError, TimerKey,
+};
 pub use run::{Run, RunStart};
 pub use view::{Delayed, ItemCounts, Paused, Queued, Redriven, RunStatus, RunView, RunViewRef, StepStatus, StepView};
 

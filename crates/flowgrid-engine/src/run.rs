@@ -22,6 +22,7 @@
 //! `CancelChild` for every child run still going, then exactly one `RunFinished`;
 //! afterwards it arms nothing and accepts no event but a redrive, which makes it go again.
 
+mod cache;
 mod delay;
 mod map;
 mod pause;
@@ -160,7 +161,8 @@ impl Run {
             return Applied::Ignored("run already ended");
         }
         let applied = match event {
-            Event::TaskSucceeded { attempt, output } => self.on_task_succeeded(attempt, output, &mut context),
+            Event::TaskSucceeded { attempt, output } => self.on_task_succeeded(attempt, output, false, &mut context),
+            Event::TaskCached { attempt, output } => self.on_task_succeeded(attempt, output, true, &mut context),
             Event::TaskFailed { attempt, error } => self.on_task_failed(attempt, error, &mut context),
             Event::TaskProgress { attempt, details } => self.on_task_progress(attempt, details),
             Event::TimerFired { timer } => self.on_timer(timer, &mut context),
@@ -337,6 +339,7 @@ impl Run {
                 kind: kind_name(&step.kind),
                 status: state.status,
                 attempts: state.attempts,
+                cached: state.cached,
                 started_ms: state.started_ms,
                 ended_ms: state.ended_ms,
                 output: state.output.as_ref(),
@@ -402,6 +405,11 @@ impl Run {
             deadline_ms,
             priority: spec.priority,
             progress: slot.progress.clone(),
+            cache: spec
+                .cache
+                .as_ref()
+                .zip(slot.cache_key.as_ref())
+                .map(|(cache, key)| crate::CacheLookup { key: Arc::clone(key), ttl_ms: cache.ttl_ms }),
         }
     }
 

@@ -181,6 +181,10 @@ pub struct StepView {
     pub status: StepStatus,
     /// Attempts dispatched so far (for a map: over all items).
     pub attempts: u32,
+    /// Attempts the task cache answered with a stored result instead of a worker (for a
+    /// map: over all items).
+    #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
+    pub cached: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// When the step started.
     pub started_ms: Option<Millis>,
@@ -257,6 +261,8 @@ pub(crate) struct StepViewRef<'a> {
     pub(crate) kind: &'static str,
     pub(crate) status: StepStatus,
     pub(crate) attempts: u32,
+    #[serde(skip_serializing_if = "flowgrid_model::is_zero")]
+    pub(crate) cached: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) started_ms: Option<Millis>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -310,6 +316,7 @@ impl StepViewRef<'_> {
             kind: self.kind.to_owned(),
             status: self.status,
             attempts: self.attempts,
+            cached: self.cached,
             started_ms: self.started_ms,
             ended_ms: self.ended_ms,
             output: self.output.cloned(),

@@ -209,9 +209,26 @@ pub struct TaskStep {
     /// Higher runs first among a pool's waiting tasks (0-9, default 5); advisory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
+    /// Reuse a stored worker result for the same key instead of asking a worker again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<TaskCache>,
     /// Where a failure goes once retries are exhausted, instead of failing the run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub catch: Vec<Catch>,
+}
+
+/// A task's results shared across runs: a worker's successful result is stored under the
+/// task's pool, name and key, and an attempt with the same pool, name and key takes it
+/// instead of going to a worker, for `ttl_ms` after it was stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCache {
+    /// Expression over the task's input (read as `input`) giving what identifies the
+    /// result, for example `input.url`. Default: the whole task input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// How long a stored result is reused, from when it was stored (at most 30 days).
+    pub ttl_ms: u64,
 }
 
 /// Retry policy of a task (per attempt of a task, or per item of a map).
@@ -329,6 +346,9 @@ pub struct MapStep {
     pub total_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
+    /// Reuse stored worker results, item by item (the key reads each item's task input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<TaskCache>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub catch: Vec<Catch>,
 }

@@ -23,7 +23,9 @@ pub use ids::*;
 pub use input_schema::InputSchema;
 pub use labels::{check_labels, has_labels, Labels};
 pub use limits::Limits;
-pub use plan::{FlowLoop, FlowPlan, PlanConcurrency, PlanStep, PlanStepKind, StepIndex, SubflowSpec, WaitFor};
+pub use plan::{
+    FlowLoop, FlowPlan, PlanCache, PlanConcurrency, PlanStep, PlanStepKind, StepIndex, SubflowSpec, WaitFor,
+};
 pub use validate::{parse_definition, validate};
 
 /// For `#[serde(skip_serializing_if = "flowgrid_model::is_zero")]`: a count that is 0

@@ -67,6 +67,10 @@ pub const CONCURRENCY_MAX: u32 = 100_000;
 /// part of every store key and message of its limit, as an idempotency key is of a start.
 pub const CONCURRENCY_KEY_BYTES_MAX: usize = 256;
 
+/// The longest a task's cached result may be reused (`cache.ttl_ms`), 30 days: the task
+/// cache's bucket keeps entries no longer than this.
+pub const CACHE_TTL_MS_MAX: u64 = 30 * 24 * 60 * 60 * 1000;
+
 /// The longest time a definition may name, 366 days (a `wait`, a schedule's `every_ms`):
 /// anything longer is a mistake in the definition, or in the data an expression reads.
 pub const DURATION_MS_MAX: u64 = 366 * 24 * 60 * 60 * 1000;

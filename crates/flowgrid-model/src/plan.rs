@@ -130,7 +130,28 @@ pub struct TaskSpec {
     /// How long the step may take over all its attempts (and items); `None`: no limit.
     pub total_timeout_ms: Option<u64>,
     pub priority: u8,
+    /// Worker results reused across runs; `None`: every attempt goes to a worker.
+    pub cache: Option<PlanCache>,
     pub catch: Vec<CatchRule>,
+}
+
+/// A compiled `cache`: what identifies a task's result, and for how long it is reused.
+#[derive(Debug)]
+pub struct PlanCache {
+    /// Expression over the task input (as `input`); `None`: the task input itself.
+    pub key: Option<Expr>,
+    pub ttl_ms: u64,
+}
+
+impl PlanCache {
+    /// The value that identifies the result of a task with `task_input`: what the key
+    /// expression gives, or the task input. Fails when the expression does.
+    pub fn key_of(&self, evaluator: &Evaluator, task_input: &Value) -> Result<Value, crate::ExprError> {
+        match &self.key {
+            Some(expr) => evaluator.eval(expr, &Scope { input: Some(task_input), ..Scope::default() }),
+            None => Ok(task_input.clone()),
+        }
+    }
 }
 
 /// A compiled catch: where a failure with a handled code goes.

@@ -55,6 +55,12 @@ impl Subjects {
         format!("{}_SHARDS", self.bucket_stem())
     }
 
+    /// NATS KV bucket of the task cache: workers' results of steps with `cache`, by a
+    /// digest of their pool, task name and key.
+    pub fn task_cache_bucket(&self) -> String {
+        format!("{}_TASK_CACHE", self.bucket_stem())
+    }
+
     fn bucket_stem(&self) -> String {
         self.prefix.to_uppercase().replace(['.', '-'], "_")
     }

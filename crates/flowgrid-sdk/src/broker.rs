@@ -205,6 +205,41 @@ pub async fn shards_kv(jetstream: &jetstream::Context, subjects: &Subjects) -> R
     open_kv(jetstream, config).await
 }
 
+/// The task cache bucket (see [`Subjects::task_cache_bucket`]), created if missing, holding
+/// at most `max_bytes`: when full, the oldest entries go first. An entry is kept at most
+/// `max_age` (a step's `cache.ttl_ms` decides when it stops being used).
+pub async fn task_cache_kv(
+    jetstream: &jetstream::Context,
+    subjects: &Subjects,
+    max_bytes: i64,
+    max_age: Duration,
+) -> Result<kv::Store, BrokerError> {
+    let config = kv::Config {
+        bucket: subjects.task_cache_bucket(),
+        description: "flowgrid task cache: worker results of steps with `cache`, by pool, task and key".to_owned(),
+        history: 1,
+        max_age,
+        max_bytes,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    let name = config.bucket.clone();
+    let store = open_kv(jetstream, config).await?;
+    // A key-value bucket refuses new entries when full; a cache drops its oldest instead.
+    let updated = async {
+        let mut config = store.status().await?.info.config;
+        if config.discard != stream::DiscardPolicy::Old || config.max_bytes != max_bytes || config.max_age != max_age {
+            config.discard = stream::DiscardPolicy::Old;
+            config.max_bytes = max_bytes;
+            config.max_age = max_age;
+            jetstream.update_stream(config).await?;
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    };
+    updated.await.map_err(|source| BrokerError::Bucket { name, source })?;
+    Ok(store)
+}
+
 async fn open_kv(jetstream: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BrokerError> {
     let name = config.bucket.clone();
     if let Ok(store) = jetstream.get_key_value(&name).await {

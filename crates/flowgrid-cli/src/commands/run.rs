@@ -471,6 +471,11 @@ pub(super) fn render_run(view: &RunView) -> String {
                     step.id, items.total, view.run_id
                 ));
             }
+            match (step.cached, step.items.is_some()) {
+                (0, _) => {}
+                (1, false) => text.push_str(&format!("step {}: result from the task cache\n", step.id)),
+                (cached, _) => text.push_str(&format!("step {}: {cached} results from the task cache\n", step.id)),
+            }
             if let Some(progress) = &step.progress {
                 text.push_str(&format!("step {} progress: {progress}\n", step.id));
             }
@@ -519,6 +524,7 @@ mod tests {
             kind: kind.into(),
             status: StepStatus::Succeeded,
             attempts: 2,
+            cached: 0,
             started_ms: Some(1_000),
             ended_ms: Some(1_042),
             output: None,
@@ -533,6 +539,7 @@ mod tests {
         let mut fan_out = step("fan", "map", Some(ItemCounts { total: 10, succeeded: 9, failed: 1, running: 0 }));
         fan_out.error = Some(TaskError { code: "boom".into(), message: "item 3".into(), retryable: true });
         fan_out.caught = true;
+        fan_out.cached = 4;
         let mut child = step("encode", "subflow", None);
         child.child_run = Some(RunId("c-1".into()));
         let mut agent = step("agent", "subflow", None);
@@ -540,6 +547,7 @@ mod tests {
         agent.iteration = Some(3);
         let mut first = step("first", "task", None);
         first.progress = Some(json!({"done": 40}));
+        first.cached = 1;
         let view = RunView {
             run_id: RunId("r-1".into()),
             flow: "demo".into(),
@@ -577,6 +585,8 @@ mod tests {
         assert!(text.contains("10/10 (1 failed)"), "{text}");
         assert!(text.contains("step fan failed (caught): boom: item 3"), "{text}");
         assert!(text.contains("step first progress: {\"done\":40}\n"), "{text}");
+        assert!(text.contains("step first: result from the task cache\n"), "{text}");
+        assert!(text.contains("step fan: 4 results from the task cache\n"), "{text}");
         assert!(text.contains("parent    p-1 (step call)\n"), "{text}");
         assert!(text.contains("redriven  2 times, last at 1970-01-01"), "{text}");
         let paused = "paused    since 1970-01-01T00:00:01Z: db down; holding step store (`flowgrid run resume r-1`)\n";

@@ -175,6 +175,7 @@ mod tests {
             kind: "task".into(),
             status,
             attempts,
+            cached: 0,
             started_ms: Some(1_010),
             ended_ms: None,
             output: None,

@@ -508,7 +508,7 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                         td { (step.id) }
                         td { (step.kind) }
                         td { (status_badge(step.status.as_str())) @if step.caught { " (caught)" } }
-                        td { (step.attempts) }
+                        td { (step.attempts) @if step.cached > 0 { " (" (step.cached) " from the task cache)" } }
                         td { (step.items.as_ref().map(item_counts).unwrap_or_default()) }
                         td { (step_duration(step, now)) }
                         td { (timeline(step, view.created_ms, total, now)) }

@@ -344,6 +344,7 @@ impl<S: ShardStore> ShardActor<S> {
                 batch.reply(reply, outcome);
             }
             Command::OutboxDelivered { key } => batch.writes.clear_range(flowgrid_store::keys::chunks_range(&key)),
+            Command::CachedResult { attempt, output } => self.take_cached_result(attempt, output, batch),
         }
     }
 
@@ -376,6 +377,7 @@ impl<S: ShardStore> ShardActor<S> {
             child_starts,
             outbox,
             cancelled,
+            cache_stores,
         } = batch;
         if !writes.is_empty() {
             let started = Instant::now();
@@ -396,7 +398,10 @@ impl<S: ShardStore> ShardActor<S> {
             self.context.plans.set_latest(plan);
         }
         for Dispatch { task, result_taken } in dispatches {
-            self.context.dispatcher.send(self.shard, task, result_taken).await;
+            self.dispatch(task, result_taken).await;
+        }
+        if !cache_stores.is_empty() {
+            self.store_in_cache(cache_stores);
         }
         if !cancelled.is_empty() {
             self.tell_cancelled(cancelled).await;

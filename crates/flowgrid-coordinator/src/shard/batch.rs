@@ -31,6 +31,14 @@ pub struct Dispatch {
     pub result_taken: Option<Instant>,
 }
 
+/// A worker's result to store in the task cache after the commit.
+pub struct CacheStore {
+    pub pool: Arc<str>,
+    pub task: Arc<str>,
+    pub key: Arc<serde_json::Value>,
+    pub output: serde_json::Value,
+}
+
 #[derive(Default)]
 pub struct Batch {
     pub writes: WriteBatch,
@@ -51,6 +59,8 @@ pub struct Batch {
     /// Attempts out with workers that this batch closed without their results, by pool:
     /// their workers are told after the commit.
     pub cancelled: Vec<(Arc<str>, AttemptId)>,
+    /// Workers' results of steps that cache them: stored after the commit.
+    pub cache_stores: Vec<CacheStore>,
 }
 
 impl Batch {

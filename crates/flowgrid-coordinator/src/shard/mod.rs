@@ -8,6 +8,7 @@
 
 mod actor;
 mod batch;
+mod cached;
 mod catalog;
 mod gates;
 mod outbox;
@@ -48,6 +49,7 @@ pub struct NodeContext {
     pub nats: async_nats::Client,
     pub plans: Arc<PlanCache>,
     pub dispatcher: Dispatcher,
+    pub task_cache: Arc<crate::cache::TaskCache>,
     pub store_limits: StoreLimits,
     pub batch_events_max: usize,
     pub active_runs_max: u64,
@@ -158,6 +160,11 @@ pub enum Command {
     /// A message of this shard's outbox was taken by its receiver: delete it.
     OutboxDelivered {
         key: Vec<u8>,
+    },
+    /// The task cache holds a result for an attempt that was about to go to a worker.
+    CachedResult {
+        attempt: flowgrid_model::AttemptId,
+        output: Value,
     },
 }
 

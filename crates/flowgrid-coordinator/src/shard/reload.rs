@@ -61,7 +61,7 @@ impl<S: ShardStore> ShardActor<S> {
     /// Sends again what a reload found open.
     pub(super) async fn resume(&self, reloaded: Reloaded) {
         for task in reloaded.tasks {
-            self.context.dispatcher.send(self.shard, task, None).await;
+            self.dispatch(task, None).await;
         }
         for (start, depth) in reloaded.child_starts {
             self.start_child(start, depth);

@@ -184,7 +184,9 @@ impl<S: ShardStore> ShardActor<S> {
                 let key = keys::history(run_id, active.next_seq);
                 active.next_seq += 1;
                 let resulted = match &event {
-                    Event::TaskSucceeded { attempt, .. } | Event::TaskFailed { attempt, .. } => Some(attempt),
+                    Event::TaskSucceeded { attempt, .. }
+                    | Event::TaskCached { attempt, .. }
+                    | Event::TaskFailed { attempt, .. } => Some(attempt),
                     _ => None,
                 };
                 self.carry_out(run_id, effects, resulted, now, batch);
@@ -229,6 +231,9 @@ impl<S: ShardStore> ShardActor<S> {
                 }
                 Effect::CancelChild { child, reason } => {
                     self.send_after_commit(OutboxRecord::CancelChild { child, reason }, batch)
+                }
+                Effect::CacheResult { pool, task, key, output } => {
+                    batch.cache_stores.push(super::batch::CacheStore { pool, task, key, output })
                 }
                 Effect::RunFinished { run_id: finished, status } => self.finish_run(&finished, status, now, batch),
             }

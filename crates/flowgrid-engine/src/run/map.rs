@@ -144,9 +144,15 @@ impl Run {
                 None => value,
             };
             let input = Arc::new(input);
+            let cache_key = if children {
+                None
+            } else {
+                let Ok(cache_key) = self.cache_key(index, &input, context) else { return };
+                cache_key
+            };
             let map = self.map_mut(index);
             let round = map.first;
-            map.items[item as usize] = Item::Active(Slot::new(round, Arc::clone(&input)));
+            map.items[item as usize] = Item::Active(Slot::new(round, Arc::clone(&input), cache_key));
             if children {
                 self.state(index).attempts += 1;
                 self.ask_for_child(index, Some(item), input, round, context);

@@ -32,12 +32,18 @@ impl Run {
         &mut self,
         attempt: &AttemptId,
         output: &Value,
+        cached: bool,
         context: &mut Context<'_>,
     ) -> Applied {
         let index = match self.close_open_attempt(attempt, context) {
             Ok(index) => index,
             Err(reason) => return Applied::Ignored(reason),
         };
+        if cached {
+            self.state(index).cached += 1;
+        } else {
+            self.store_in_cache(index, attempt.item, output, context);
+        }
         match attempt.item {
             None => self.task_succeeded(index, output.clone(), context),
             Some(item) => self.item_succeeded(index, item, output.clone(), context),
@@ -284,7 +290,7 @@ impl Run {
         }
     }
 
-    fn slot(&self, index: StepIndex, item: Option<u32>) -> &Slot {
+    pub(super) fn slot(&self, index: StepIndex, item: Option<u32>) -> &Slot {
         match (&self.steps[usize::from(index)].work, item) {
             (Work::Task(slot), None) => slot,
             (Work::Map(map), Some(item)) => match &map.items[item as usize] {

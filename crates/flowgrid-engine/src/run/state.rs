@@ -24,6 +24,8 @@ pub(super) struct StepState {
     pub activated: bool,
     /// Attempts dispatched so far (for a map: over all items).
     pub attempts: u32,
+    /// Attempts the task cache answered (for a map: over all items).
+    pub cached: u32,
     pub started_ms: Option<Millis>,
     pub ended_ms: Option<Millis>,
     pub output: Option<Value>,
@@ -71,6 +73,8 @@ pub(super) struct Slot {
     /// The last progress a worker reported for an attempt of this slot: sent with its
     /// later attempts.
     pub progress: Option<Arc<Value>>,
+    /// What identifies its result in the task cache, when its step caches results.
+    pub cache_key: Option<Arc<Value>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +124,7 @@ impl StepState {
             deps_resolved: 0,
             activated: false,
             attempts: 0,
+            cached: 0,
             started_ms: None,
             ended_ms: None,
             output: None,
@@ -152,8 +157,8 @@ impl StepState {
 
 impl Slot {
     /// A slot whose first attempt will be number `first + 1`.
-    pub fn new(first: u32, input: Arc<Value>) -> Slot {
-        Slot { attempt: first, first, phase: Phase::New, input, progress: None }
+    pub fn new(first: u32, input: Arc<Value>, cache_key: Option<Arc<Value>>) -> Slot {
+        Slot { attempt: first, first, phase: Phase::New, input, progress: None, cache_key }
     }
 
     /// Attempts of this slot dispatched so far.

@@ -91,8 +91,9 @@ impl Run {
 
     fn start_task(&mut self, index: StepIndex, spec: &TaskSpec, context: &mut Context<'_>) {
         let Some(input) = self.step_input(index, spec.input.as_ref(), context) else { return };
+        let Ok(cache_key) = self.cache_key(index, &input, context) else { return };
         let state = self.state(index);
-        state.work = Work::Task(Slot::new(state.attempts, input));
+        state.work = Work::Task(Slot::new(state.attempts, input, cache_key));
         self.dispatch(index, None, context);
     }
 

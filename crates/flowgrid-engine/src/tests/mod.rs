@@ -1,6 +1,7 @@
 //! Tests of the run state machine: events in, effects out, no I/O.
 
 mod attempts;
+mod cache;
 mod conditions;
 mod flows;
 mod loops;

@@ -20,6 +20,9 @@ pub(super) const TRIGGER_INPUT_PATH: &str = "trigger.input";
 /// Path of the concurrency key, which reads the run's input and no step.
 pub(super) const CONCURRENCY_KEY_PATH: &str = "concurrency.key";
 
+/// Field of a task or map step's cache key, which reads the task input and no step.
+const CACHE_KEY_FIELD: &str = ".cache.key";
+
 /// One expression field of a definition.
 struct Slot {
     path: String,
@@ -92,10 +95,17 @@ impl ExpressionTable {
                     Some("read the message as `input.message` (and `input.subject`, `input.sequence`)")
                 }
                 CONCURRENCY_KEY_PATH => Some("read the run's `input`"),
+                path if path.ends_with(CACHE_KEY_FIELD) => Some(
+                    "a cache key reads the task's input only, as `input`; compute what it needs in the step's `input`",
+                ),
                 _ => None,
             };
             if let (Some(advice), false) = (before_start, expr.step_refs.is_empty()) {
-                let message = format!("reads `steps`, which a run has none of before it starts: {advice}");
+                let message = if slot.path.ends_with(CACHE_KEY_FIELD) {
+                    format!("reads `steps`: {advice}")
+                } else {
+                    format!("reads `steps`, which a run has none of before it starts: {advice}")
+                };
                 push_issue(issues, &slot.path, message);
                 continue;
             }
@@ -136,12 +146,14 @@ fn expression_fields(step: &Step) -> Vec<(String, &str, bool)> {
             vec![
                 ("input".to_owned(), task.input.as_deref(), false),
                 ("output".to_owned(), task.output.as_deref(), true),
+                ("cache.key".to_owned(), task.cache.as_ref().and_then(|cache| cache.key.as_deref()), false),
             ]
         }
         Step::Map(map) => vec![
             ("items".to_owned(), Some(map.items.as_str()), false),
             ("input".to_owned(), map.input.as_deref(), false),
             ("output".to_owned(), map.output.as_deref(), true),
+            ("cache.key".to_owned(), map.cache.as_ref().and_then(|cache| cache.key.as_deref()), false),
         ],
         Step::Choice(choice) => choice
             .choices

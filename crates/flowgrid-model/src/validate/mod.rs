@@ -22,8 +22,8 @@ use crate::error::{DefinitionError, Issue, Result};
 use crate::expr::Evaluator;
 use crate::limits::Limits;
 use crate::plan::{
-    CatchRule, Edge, EdgeWhen, FlowItems, FlowLoop, FlowPlan, PlanStep, PlanStepKind, StepIndex, SubflowSpec, TaskSpec,
-    WaitFor, PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
+    CatchRule, Edge, EdgeWhen, FlowItems, FlowLoop, FlowPlan, PlanCache, PlanStep, PlanStepKind, StepIndex,
+    SubflowSpec, TaskSpec, WaitFor, PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
 };
 
 use self::expressions::ExpressionTable;
@@ -139,6 +139,7 @@ fn plan_kind(
             timeout_ms: task.timeout_ms.unwrap_or(TASK_TIMEOUT_MS_DEFAULT),
             total_timeout_ms: task.total_timeout_ms,
             priority: task.priority.unwrap_or(PRIORITY_DEFAULT),
+            cache: task.cache.as_ref().map(|cache| PlanCache { key: take("cache.key"), ttl_ms: cache.ttl_ms }),
             catch: catch_rules(&task.catch, index),
         }),
         Step::Map(map) => PlanStepKind::Map {
@@ -152,6 +153,7 @@ fn plan_kind(
                 timeout_ms: map.timeout_ms.unwrap_or(TASK_TIMEOUT_MS_DEFAULT),
                 total_timeout_ms: map.total_timeout_ms,
                 priority: map.priority.unwrap_or(PRIORITY_DEFAULT),
+                cache: map.cache.as_ref().map(|cache| PlanCache { key: take("cache.key"), ttl_ms: cache.ttl_ms }),
                 catch: catch_rules(&map.catch, index),
             },
             max_concurrency: map.max_concurrency.unwrap_or_else(|| items_max(limits)),

@@ -1,12 +1,12 @@
 //! Field rules: names, sizes, retry policies, timeouts, priorities and per-kind settings.
 
 use crate::definition::{
-    Catch, Concurrency, FlowDefinition, Repeat, RetryPolicy, Schedule, Step, SubflowStep, Trigger, WaitStep, WhenFull,
-    REPEAT_ITERATIONS_DEFAULT, REPEAT_ITERATIONS_MAX,
+    Catch, Concurrency, FlowDefinition, Repeat, RetryPolicy, Schedule, Step, SubflowStep, TaskCache, Trigger, WaitStep,
+    WhenFull, REPEAT_ITERATIONS_DEFAULT, REPEAT_ITERATIONS_MAX,
 };
 use crate::error::Issue;
 use crate::input_schema::InputSchema;
-use crate::limits::{Limits, CONCURRENCY_MAX, DURATION_MS_MAX};
+use crate::limits::{Limits, CACHE_TTL_MS_MAX, CONCURRENCY_MAX, DURATION_MS_MAX};
 use crate::plan::WAIT_MS_MAX;
 use crate::schedule::{Timetable, EVERY_MS_MAX, EVERY_MS_MIN};
 
@@ -101,12 +101,14 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
             check_name(&format!("{path}.task"), "task name", &task.task, limits, issues);
             check_worker_settings(path, &task.retry, task.timeout_ms, task.priority, &task.catch, issues);
             check_timeout(&format!("{path}.total_timeout_ms"), task.total_timeout_ms, issues);
+            check_cache(path, task.cache.as_ref(), issues);
         }
         Step::Map(map) => {
             check_name(&format!("{path}.pool"), "pool name", &map.pool, limits, issues);
             check_name(&format!("{path}.task"), "task name", &map.task, limits, issues);
             check_worker_settings(path, &map.retry, map.timeout_ms, map.priority, &map.catch, issues);
             check_timeout(&format!("{path}.total_timeout_ms"), map.total_timeout_ms, issues);
+            check_cache(path, map.cache.as_ref(), issues);
             check_max_concurrency(path, map.max_concurrency, "items in flight", issues);
         }
         Step::Choice(choice) => {
@@ -381,6 +383,20 @@ fn check_retry(path: &str, retry: &RetryPolicy, issues: &mut Vec<Issue>) {
             issues,
             format!("{path}.retry_on"),
             "holds an empty error code: remove it, or use `*` for all codes",
+        );
+    }
+}
+
+fn check_cache(path: &str, cache: Option<&TaskCache>, issues: &mut Vec<Issue>) {
+    let Some(cache) = cache else { return };
+    if cache.ttl_ms == 0 || cache.ttl_ms > CACHE_TTL_MS_MAX {
+        push_issue(
+            issues,
+            format!("{path}.cache.ttl_ms"),
+            format!(
+                "is {} ms: give how long a stored result is reused, from 1 ms to {CACHE_TTL_MS_MAX} (30 days)",
+                cache.ttl_ms
+            ),
         );
     }
 }

@@ -289,6 +289,7 @@ fn task_step(id: String, after: Vec<String>) -> Step {
         timeout_ms: None,
         total_timeout_ms: None,
         priority: None,
+        cache: None,
         catch: Vec::new(),
     })
 }
@@ -685,5 +686,41 @@ fn a_total_timeout_is_positive_and_compiles_for_tasks_and_maps() {
         &issues_of(&flow(", kind: task, total_timeout_ms: 0")),
         "steps[0](s).total_timeout_ms",
         "greater than 0",
+    );
+}
+
+#[test]
+fn a_cache_key_reads_the_task_input_and_its_ttl_is_bounded() {
+    let flow = |step: &str| {
+        format!("name: f\nsteps:\n  - {{ id: a, kind: transform, output: '1' }}\n  - {{ id: s, after: [a], pool: p, task: t{step} }}\n")
+    };
+    let compiled = |text: &str| FlowPlan::compile(parse(text), 1, &evaluator(), &limits()).expect("valid");
+    let task = compiled(&flow(", kind: task, cache: { key: 'input.url', ttl_ms: 60000 }"));
+    let PlanStepKind::Task(spec) = &task.step(1).kind else { panic!("a task step") };
+    let cache = spec.cache.as_ref().expect("a cache");
+    assert_eq!(cache.ttl_ms, 60_000);
+    let key = cache.key_of(&evaluator(), &serde_json::json!({"url": "u1", "request": 7})).unwrap();
+    assert_eq!(key, serde_json::json!("u1"));
+    let map = compiled(&flow(", kind: map, items: 'input.xs', cache: { ttl_ms: 1 }"));
+    let PlanStepKind::Map { spec, .. } = &map.step(1).kind else { panic!("a map step") };
+    let whole = serde_json::json!({"x": 1});
+    assert_eq!(spec.cache.as_ref().unwrap().key_of(&evaluator(), &whole).unwrap(), whole);
+    let plain = compiled(&flow(", kind: task"));
+    assert!(matches!(&plain.step(1).kind, PlanStepKind::Task(spec) if spec.cache.is_none()));
+    assert_issue(&issues_of(&flow(", kind: task, cache: { ttl_ms: 0 }")), "steps[1](s).cache.ttl_ms", "from 1 ms");
+    assert_issue(
+        &issues_of(&flow(", kind: task, cache: { ttl_ms: 2592000001 }")),
+        "steps[1](s).cache.ttl_ms",
+        "30 days",
+    );
+    assert_issue(
+        &issues_of(&flow(", kind: task, cache: { key: 'steps.a.output', ttl_ms: 5 }")),
+        "steps[1](s).cache.key",
+        "the task's input only",
+    );
+    assert_issue(
+        &issues_of(&flow(", kind: task, cache: { key: '1 +', ttl_ms: 5 }")),
+        "steps[1](s).cache.key",
+        "does not compile",
     );
 }

@@ -1,0 +1,287 @@
+//! The task cache: workers' results of steps with `cache`, kept in a NATS KV bucket that
+//! every coordinator of the grid shares, so a result stored by one shard serves the runs
+//! of every other.
+//!
+//! An entry's key is the SHA-256 of the task's pool, its name and the step's cache key
+//! (JSON with object keys sorted, so `{a, b}` and `{b, a}` are one key); its value is the
+//! result and when it was stored. A lookup takes an entry younger than the step's
+//! `cache.ttl_ms`; the bucket drops entries past [`CACHE_TTL_MS_MAX`] and, when full, its
+//! oldest.
+//!
+//! The cache only ever saves worker calls: a lookup that fails, times out or finds no room
+//! sends the task to a worker, and a store that fails is dropped (counted). A result taken
+//! from the cache is recorded in the run's history like a worker's, so the run replays
+//! the same without the cache.
+//!
+//! The bucket is opened (and created) on first use, so a grid whose flows cache nothing
+//! does not reserve JetStream storage for it.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use flowgrid_engine::CacheLookup;
+use flowgrid_model::limits::CACHE_TTL_MS_MAX;
+use flowgrid_model::Millis;
+use flowgrid_proto::Subjects;
+use flowgrid_sdk::broker;
+use ring::digest;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{Mutex, OnceCell, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use crate::clock::now_ms;
+use crate::metrics;
+
+/// Lookups and stores out at once, over the coordinator: past it, a task goes to a worker
+/// without a lookup and a result is not stored.
+const IN_FLIGHT_MAX: usize = 1_024;
+/// How long a lookup or a store may take before it is given up.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// After the bucket could not be opened, how long until the next try.
+const OPEN_RETRY: Duration = Duration::from_secs(30);
+
+/// The bucket's longest keep: the longest `cache.ttl_ms` a definition may give.
+const MAX_AGE: Duration = Duration::from_millis(CACHE_TTL_MS_MAX);
+
+/// A stored result: what the bucket holds under an entry's key.
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    stored_ms: Millis,
+    output: Value,
+}
+
+/// The coordinator's handle on the task cache bucket.
+pub struct TaskCache {
+    jetstream: async_nats::jetstream::Context,
+    subjects: Subjects,
+    max_bytes: i64,
+    bucket: OnceCell<kv::Store>,
+    /// When opening the bucket last failed: no other try until [`OPEN_RETRY`] later.
+    open_failed: Mutex<Option<Instant>>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// What became of a lookup or a store, as counted in `flowgrid_task_cache_total`.
+#[derive(Clone, Copy)]
+enum Outcome {
+    /// A stored result was fresh enough and answered the attempt.
+    Hit,
+    /// No entry, or one older than the step's `ttl_ms`: the task went to a worker.
+    Miss,
+    /// A worker's result was stored.
+    Stored,
+    /// Too many lookups and stores were out, or the bucket failed or was too slow: the
+    /// task went to a worker, or the result was not stored.
+    Skipped,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Stored => "stored",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+fn count(pool: &str, outcome: Outcome) {
+    ::metrics::counter!(metrics::TASK_CACHE, "pool" => pool.to_owned(), "outcome" => outcome.as_str()).increment(1);
+}
+
+impl TaskCache {
+    /// A cache whose bucket holds at most `max_bytes`, opened when first used.
+    pub fn new(jetstream: async_nats::jetstream::Context, subjects: Subjects, max_bytes: i64) -> TaskCache {
+        TaskCache {
+            jetstream,
+            subjects,
+            max_bytes,
+            bucket: OnceCell::new(),
+            open_failed: Mutex::new(None),
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT_MAX)),
+        }
+    }
+
+    /// The bucket, opened (and created) on first use; `None` while it cannot be opened.
+    async fn bucket(&self) -> Option<&kv::Store> {
+        if let Some(bucket) = self.bucket.get() {
+            return Some(bucket);
+        }
+        let mut open_failed = self.open_failed.lock().await;
+        if open_failed.is_some_and(|failed| failed.elapsed() < OPEN_RETRY) {
+            return None;
+        }
+        let opened = self
+            .bucket
+            .get_or_try_init(|| broker::task_cache_kv(&self.jetstream, &self.subjects, self.max_bytes, MAX_AGE))
+            .await;
+        match opened {
+            Ok(bucket) => {
+                *open_failed = None;
+                Some(bucket)
+            }
+            Err(error) => {
+                warn!(
+                    bucket = %self.subjects.task_cache_bucket(),
+                    error = %error,
+                    "cannot open the task cache; tasks of steps with `cache` go to workers until it opens (tried \
+                     again in 30 s). If nats-server has too little JetStream storage left, give it more or lower \
+                     --task-cache-max-mb"
+                );
+                *open_failed = Some(Instant::now());
+                None
+            }
+        }
+    }
+
+    /// A permit for one lookup or store, if fewer than [`IN_FLIGHT_MAX`] are out.
+    pub fn permit(&self, pool: &str) -> Option<OwnedSemaphorePermit> {
+        let permit = Arc::clone(&self.in_flight).try_acquire_owned().ok();
+        if permit.is_none() {
+            count(pool, Outcome::Skipped);
+        }
+        permit
+    }
+
+    /// The stored result for a task of `pool` and `task` with `lookup`'s key, if there is
+    /// one younger than its `ttl_ms`.
+    pub async fn look_up(&self, pool: &str, task: &str, lookup: &CacheLookup) -> Option<Value> {
+        let Some(bucket) = self.bucket().await else {
+            count(pool, Outcome::Skipped);
+            return None;
+        };
+        let key = entry_key(pool, task, &lookup.key);
+        let stored = match tokio::time::timeout(REQUEST_TIMEOUT, bucket.get(&key)).await {
+            Ok(Ok(stored)) => stored,
+            Ok(Err(error)) => {
+                debug!(pool, task, error = %error, "task cache lookup failed; the task goes to a worker");
+                count(pool, Outcome::Skipped);
+                return None;
+            }
+            Err(_) => {
+                debug!(pool, task, "task cache lookup timed out; the task goes to a worker");
+                count(pool, Outcome::Skipped);
+                return None;
+            }
+        };
+        let fresh = stored
+            .and_then(|bytes| rmp_serde::from_slice::<Entry>(&bytes).ok())
+            .filter(|entry| now_ms().saturating_sub(entry.stored_ms) < lookup.ttl_ms);
+        count(pool, if fresh.is_some() { Outcome::Hit } else { Outcome::Miss });
+        fresh.map(|entry| entry.output)
+    }
+
+    /// Stores a worker's `output` for a task of `pool` and `task` with `key`.
+    pub async fn store(&self, pool: &str, task: &str, key: &Value, output: Value) {
+        let Some(bucket) = self.bucket().await else {
+            count(pool, Outcome::Skipped);
+            return;
+        };
+        let entry = Entry { stored_ms: now_ms(), output };
+        let bytes = match rmp_serde::to_vec_named(&entry) {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(error) => {
+                debug!(pool, task, error = %error, "cannot encode a result for the task cache");
+                count(pool, Outcome::Skipped);
+                return;
+            }
+        };
+        let key = entry_key(pool, task, key);
+        let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, bucket.put(&key, bytes)).await {
+            Ok(Ok(_)) => Outcome::Stored,
+            Ok(Err(error)) => {
+                debug!(pool, task, error = %error, "cannot store a result in the task cache");
+                Outcome::Skipped
+            }
+            Err(_) => Outcome::Skipped,
+        };
+        count(pool, outcome);
+    }
+}
+
+/// The bucket key of a task's result: the lowercase hex SHA-256 of its pool, task name
+/// and key value.
+pub fn entry_key(pool: &str, task: &str, key: &Value) -> String {
+    let mut context = digest::Context::new(&digest::SHA256);
+    feed_str(&mut context, pool);
+    feed_str(&mut context, task);
+    feed_value(&mut context, key);
+    let mut hex = String::with_capacity(64);
+    for byte in context.finish().as_ref() {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+/// Writes a string with its length in front, so that no two sequences of strings feed the
+/// same bytes.
+fn feed_str(context: &mut digest::Context, text: &str) {
+    context.update(&(text.len() as u64).to_le_bytes());
+    context.update(text.as_bytes());
+}
+
+/// Writes a JSON value unambiguously, each kind tagged, objects in key order.
+fn feed_value(context: &mut digest::Context, value: &Value) {
+    match value {
+        Value::Null => context.update(b"n"),
+        Value::Bool(flag) => context.update(if *flag { b"t" } else { b"f" }),
+        Value::Number(number) => {
+            context.update(b"#");
+            feed_str(context, &number.to_string());
+        }
+        Value::String(text) => {
+            context.update(b"s");
+            feed_str(context, text);
+        }
+        Value::Array(items) => {
+            context.update(b"[");
+            context.update(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                feed_value(context, item);
+            }
+        }
+        Value::Object(map) => {
+            context.update(b"{");
+            context.update(&(map.len() as u64).to_le_bytes());
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_unstable_by_key(|(name, _)| *name);
+            for (name, item) in entries {
+                feed_str(context, name);
+                feed_value(context, item);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::entry_key;
+
+    #[test]
+    fn keys_ignore_the_order_of_object_fields_and_nothing_else() {
+        let key = entry_key("gpu", "embed", &json!({"a": 1, "b": [true, null, "x"]}));
+        assert_eq!(key.len(), 64);
+        assert!(key.bytes().all(|byte| byte.is_ascii_hexdigit() && !byte.is_ascii_uppercase()));
+        assert_eq!(key, entry_key("gpu", "embed", &json!({"b": [true, null, "x"], "a": 1})));
+        let others = [
+            entry_key("gpu", "embed", &json!({"a": 1, "b": [null, true, "x"]})),
+            entry_key("gpu", "embed", &json!({"a": "1", "b": [true, null, "x"]})),
+            entry_key("gpu", "embed2", &json!({"a": 1, "b": [true, null, "x"]})),
+            entry_key("gpu2", "embed", &json!({"a": 1, "b": [true, null, "x"]})),
+            // The pool and task names are delimited: "gp" + "uembed" is another key.
+            entry_key("gp", "uembed", &json!({"a": 1, "b": [true, null, "x"]})),
+        ];
+        for other in others {
+            assert_ne!(key, other);
+        }
+        assert_ne!(entry_key("p", "t", &json!(["ab"])), entry_key("p", "t", &json!(["a", "b"])));
+        assert_ne!(entry_key("p", "t", &json!(null)), entry_key("p", "t", &json!("n")));
+    }
+}

@@ -1,0 +1,61 @@
+//! The shard's side of the task cache: a task whose step caches results is looked up
+//! before it goes to the dispatcher, and a fresh result is fed back into the shard as an
+//! [`Event::TaskCached`]; a worker's result of such a step is stored after its commit.
+//! Lookups and stores run beside the actor, so a slow bucket never holds a shard's batch.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use flowgrid_engine::{Event, TaskDispatch};
+use flowgrid_model::AttemptId;
+use flowgrid_store::ShardStore;
+use serde_json::Value;
+
+use super::actor::ShardActor;
+use super::batch::{Batch, CacheStore};
+use super::Command;
+use crate::clock::now_ms;
+
+impl<S: ShardStore> ShardActor<S> {
+    /// Hands `task` to the dispatcher; first, when its step caches results, asks the cache,
+    /// and on a hit sends the stored result to this shard instead.
+    pub(super) async fn dispatch(&self, task: TaskDispatch, result_taken: Option<Instant>) {
+        let permit = task.cache.as_ref().and_then(|_| self.context.task_cache.permit(&task.pool));
+        let Some(permit) = permit else {
+            return self.context.dispatcher.send(self.shard, task, result_taken).await;
+        };
+        let (cache, dispatcher, inbox, shard) =
+            (Arc::clone(&self.context.task_cache), self.context.dispatcher.clone(), self.inbox.clone(), self.shard);
+        tokio::spawn(async move {
+            let lookup = task.cache.as_ref().expect("only tasks with a cache key are looked up");
+            let stored = cache.look_up(&task.pool, &task.task, lookup).await;
+            drop(permit);
+            if let (Some(output), Some(inbox)) = (stored, inbox.upgrade()) {
+                let command = Command::CachedResult { attempt: task.attempt.clone(), output };
+                // A full inbox or a stopped actor: the worker answers instead.
+                if inbox.try_send(command).is_ok() {
+                    return;
+                }
+            }
+            dispatcher.send(shard, task, result_taken).await;
+        });
+    }
+
+    /// A stored result for an attempt that was about to go to a worker.
+    pub(super) fn take_cached_result(&mut self, attempt: AttemptId, output: Value, batch: &mut Batch) {
+        let run_id = attempt.run_id.clone();
+        self.apply_event(&run_id, Event::TaskCached { attempt, output }, now_ms(), batch);
+    }
+
+    /// Stores workers' results of steps that cache them (after their commit).
+    pub(super) fn store_in_cache(&self, stores: Vec<CacheStore>) {
+        for CacheStore { pool, task, key, output } in stores {
+            let Some(permit) = self.context.task_cache.permit(&pool) else { continue };
+            let cache = Arc::clone(&self.context.task_cache);
+            tokio::spawn(async move {
+                cache.store(&pool, &task, &key, output).await;
+                drop(permit);
+            });
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The task cache: a worker's result reused by later runs with the same key, until its
+//! time is up.
+
+use std::time::{Duration, Instant};
+
+use flowgrid_sdk::{RunStatus, RunView, StartRun};
+use flowgrid_tests::{metric_value, scrape_metrics, step, wait_for, Grid};
+use serde_json::{json, Value};
+
+use crate::{deploy, OrLogs, RUN_DEADLINE};
+
+/// How long a stored `fetch` result is reused.
+const TTL_MS: u64 = 2_000;
+
+const CACHED_FLOW: &str = r#"
+name: cached
+output: '#{ fetched: steps.fetch.output, parts: steps.each.output }'
+steps:
+  - id: fetch
+    kind: task
+    pool: a
+    task: echo
+    input: '#{ url: input.url, request: input.request }'
+    cache: { key: 'input.url', ttl_ms: 2000 }
+  - id: each
+    kind: map
+    after: [fetch]
+    items: 'input.parts'
+    pool: a
+    task: echo
+    cache: { ttl_ms: 600000 }
+"#;
+
+async fn run(grid: &Grid, client: &flowgrid_sdk::Client, input: Value) -> anyhow::Result<RunView> {
+    let start = StartRun { flow: "cached".into(), input, ..Default::default() };
+    let started = client.start(start).await.or_logs(grid)?;
+    let view = grid.wait_run(client, &started.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    Ok(view)
+}
+
+/// Waits until the coordinator has stored `count` results in all.
+async fn stored(metrics_addr: &str, count: f64) -> anyhow::Result<()> {
+    wait_for("results stored in the task cache", Duration::from_secs(10), || async {
+        let body = scrape_metrics(metrics_addr).ok()?;
+        metric_value(&body, "flowgrid_task_cache_total{pool=\"a\",outcome=\"stored\"}")
+            .filter(|stored| *stored >= count)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_result_serves_later_runs_with_the_same_key_until_its_ttl() -> anyhow::Result<()> {
+    let (grid, metrics_addr) = Grid::start_with_metrics(&["a"], 8).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, CACHED_FLOW).await?;
+
+    let first = run(&grid, &client, json!({"url": "u1", "request": 1, "parts": [1, 2]})).await?;
+    let first_stored = Instant::now();
+    assert_eq!((step(&first, "fetch").cached, step(&first, "each").cached), (0, 0), "{first:?}");
+    stored(&metrics_addr, 3.0).await.or_logs(&grid)?;
+
+    // The same url: `fetch` takes the first run's result (request 1, not 2) without a
+    // worker; of the items, 2 was stored by the first run and 3 goes to a worker.
+    let second = run(&grid, &client, json!({"url": "u1", "request": 2, "parts": [2, 3]})).await?;
+    assert!(first_stored.elapsed() < Duration::from_millis(TTL_MS), "the test host was too slow to check the hit");
+    assert_eq!(second.output, Some(json!({"fetched": {"url": "u1", "request": 1}, "parts": [2, 3]})), "{second:?}");
+    let (fetch, each) = (step(&second, "fetch"), step(&second, "each"));
+    assert_eq!((fetch.cached, fetch.attempts, each.cached, each.attempts), (1, 1, 1, 2), "{second:?}");
+    let (ok, text, _) = grid.cli(&["run", "get", &second.run_id.0])?;
+    assert!(ok && text.contains("step fetch: result from the task cache\n"), "{text}");
+    assert!(text.contains("step each: 1 results from the task cache\n"), "{text}");
+
+    // Another url is another key.
+    let other = run(&grid, &client, json!({"url": "u2", "request": 3, "parts": []})).await?;
+    assert_eq!(step(&other, "fetch").cached, 0);
+    assert_eq!(other.output.as_ref().map(|output| &output["fetched"]["request"]), Some(&json!(3)));
+
+    // Past its ttl the stored result is not used: a worker answers, and its result is
+    // stored for the next runs.
+    // (A margin: the result was stored a moment after the first run ended.)
+    let expired = Duration::from_millis(TTL_MS + 300);
+    tokio::time::sleep(expired.saturating_sub(first_stored.elapsed())).await;
+    let late = run(&grid, &client, json!({"url": "u1", "request": 4, "parts": [1]})).await?;
+    assert_eq!(step(&late, "fetch").cached, 0, "{late:?}");
+    assert_eq!(step(&late, "each").cached, 1, "item 1 is within its own ttl: {late:?}");
+    assert_eq!(late.output.as_ref().map(|output| &output["fetched"]["request"]), Some(&json!(4)));
+    stored(&metrics_addr, 6.0).await.or_logs(&grid)?;
+    let again = run(&grid, &client, json!({"url": "u1", "request": 5, "parts": []})).await?;
+    assert_eq!(again.output.as_ref().map(|output| &output["fetched"]["request"]), Some(&json!(4)), "{again:?}");
+
+    let body = scrape_metrics(&metrics_addr).or_logs(&grid)?;
+    let hits = metric_value(&body, "flowgrid_task_cache_total{pool=\"a\",outcome=\"hit\"}");
+    assert_eq!(hits, Some(4.0), "fetch twice, items 2 and 1:\n{body}");
+    let misses = metric_value(&body, "flowgrid_task_cache_total{pool=\"a\",outcome=\"miss\"}");
+    assert_eq!(misses, Some(6.0), "fetch three times, items 1, 2 and 3:\n{body}");
+    Ok(())
+}
