@@ -6,7 +6,7 @@ use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, Grid};
 use serde_json::json;
 
-use crate::{deploy, OrLogs, RUN_DEADLINE};
+use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
 
 fn start(flow: &str, input: serde_json::Value) -> StartRun {
     StartRun { flow: flow.into(), input, ..Default::default() }
@@ -68,6 +68,67 @@ async fn task_failing_twice_succeeds_on_the_third_attempt_after_backoff() -> any
     let shaky = step(&view, "shaky");
     assert_eq!(shaky.attempts, 2, "max_attempts 2: {shaky:?}");
     assert_eq!(shaky.status, StepStatus::Failed, "{shaky:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_history_names_every_failed_attempt_and_its_backoff_page_by_page() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, FLAKY_FLOW).await?;
+    let run = client.start(start("flaky-retry", json!({"tag": "t-9"}))).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+
+    // Start, attempt 1 failed, retry due, attempt 2 failed, retry due, attempt 3 succeeded.
+    let history = client.history(&run.run_id, None, None).await.or_logs(&grid)?;
+    assert_eq!(history.next, None);
+    let seqs: Vec<u64> = history.records.iter().map(|record| record.seq).collect();
+    assert_eq!(seqs, vec![0, 1, 2, 3, 4, 5], "{history:?}");
+    let started = history.records[0].started.as_ref().expect("record 0 is the start");
+    assert_eq!((started.flow.as_str(), &started.input), ("flaky-retry", &json!({"tag": "t-9"})));
+    let kinds: Vec<&str> = history.records[1..]
+        .iter()
+        .map(|record| match record.event.as_ref().expect("an event") {
+            flowgrid_engine::Event::TaskFailed { .. } => "failed",
+            flowgrid_engine::Event::TimerFired { .. } => "timer",
+            flowgrid_engine::Event::TaskSucceeded { .. } => "succeeded",
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, vec!["failed", "timer", "failed", "timer", "succeeded"]);
+    let times: Vec<u64> = history.records.iter().map(|record| record.at_ms).collect();
+    assert!(times.windows(2).all(|pair| pair[0] <= pair[1]), "{times:?}");
+    assert!(times[5] - times[0] >= FLAKY_BACKOFF_TOTAL_MS, "the backoffs are between the records: {times:?}");
+
+    // Page by page: two records at a time, each page saying where the next starts.
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = client.history(&run.run_id, after, Some(2)).await.or_logs(&grid)?;
+        assert!(page.records.len() <= 2);
+        paged.extend(page.records.iter().map(|record| record.seq));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, seqs);
+
+    let (ok, text, _) = grid.cli(&["run", "history", &run.run_id.0])?;
+    assert!(ok, "{text}");
+    assert!(text.contains("started flaky-retry@1 with input {\"tag\":\"t-9\"}"), "{text}");
+    assert!(text.contains("shaky attempt 1 failed: transient:"), "{text}");
+    assert!(text.contains("shaky attempt 2 due after its backoff"), "{text}");
+    assert!(text.contains("shaky attempt 3 succeeded:"), "{text}");
+    let (ok, text, _) = grid.cli(&["run", "history", &run.run_id.0, "--after", "3", "--limit", "1"])?;
+    assert!(ok && text.lines().count() == 2 && text.contains("shaky attempt 3 due after its backoff"), "{text}");
+
+    // Bad requests are refused, saying what to change.
+    let missing = client.history(&flowgrid_sdk::RunId("no-such-run".into()), None, None).await.expect_err("no run");
+    assert_eq!(refusal(&missing).code, flowgrid_sdk::ErrorCode::NotFound, "{missing:?}");
+    let too_many = client.history(&run.run_id, None, Some(5_000)).await.expect_err("over the page limit");
+    assert!(refusal(&too_many).message.contains("ask for 1 to 1000 records"), "{too_many:?}");
     Ok(())
 }
 

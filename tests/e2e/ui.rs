@@ -83,6 +83,9 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
     let (_, ended) = http_get(&addr, &format!("/runs/{run_id}"))?;
     assert!(!ended.contains(r#"http-equiv="refresh""#), "an ended run's page stays: {ended}");
     assert!(ended.contains(r#"class="node succeeded""#) && ended.contains(r#"class="node skipped""#), "{ended}");
+    // Its history, record by record, to the signal that ended it (escaped like every value).
+    assert!(ended.contains("<h2>History</h2>") && ended.contains("started ui-flow@1 with input"), "{ended}");
+    assert!(ended.contains("signal for step approve: &quot;ok&quot;"), "{ended}");
 
     let (status, runs) = http_get(&addr, "/runs?status=succeeded&flow=ui-flow")?;
     assert_eq!(status, 200, "{runs}");

@@ -230,6 +230,17 @@ pub enum RunCommand {
     },
     /// Print a run: status, steps, output or error.
     Get { run_id: String },
+    /// Print what was recorded for a run, oldest first: its start, then every result,
+    /// failed attempt, timer, signal, cancel and redrive it took, each with its time.
+    History {
+        run_id: String,
+        /// Only records after this one (a SEQ of an earlier listing).
+        #[arg(long)]
+        after: Option<u64>,
+        /// Print at most this many records (default: all).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
     /// Print a run's steps as they start, retry and end, until the run ends (exit 0 if it
     /// succeeded, 1 otherwise or at the timeout).
     Watch {

@@ -10,6 +10,7 @@ mod commands;
 pub mod demo_workers;
 mod failure;
 mod grid_view;
+mod history;
 mod output;
 mod ui;
 

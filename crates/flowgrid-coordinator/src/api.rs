@@ -13,9 +13,9 @@ use flowgrid_model::limits::{nesting_depth, DURATION_MS_MAX, REASON_BYTES_MAX, S
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused,
-    GateMessage, GateTaken, GetFlow, GetRun, LimitList, ListFlows, ListLimits, ListRuns, PauseFlow, PauseRun,
-    RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun,
-    StartRuns, START_MANY_RUNS_MAX,
+    GateMessage, GateTaken, GetFlow, GetRun, GetRunHistory, LimitList, ListFlows, ListLimits, ListRuns, PauseFlow,
+    PauseRun, RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted, RunsStarted, SignalRun, StartChildRun,
+    StartRun, StartRuns, START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 use crate::clock::now_ms;
 use crate::metrics;
 use crate::routing::{unexpected, Router, ShardReply, ShardRequest};
-use crate::shard::{gate_routing_key, GateVerb};
+use crate::shard::{gate_routing_key, GateVerb, HISTORY_PAGE_MAX};
 
 /// Page size of `run.list` when the request gives none.
 const LIST_LIMIT_DEFAULT: u32 = 50;
@@ -37,7 +37,7 @@ const LIST_LIMIT_MAX: u32 = 1_000;
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 /// Every API verb.
-const VERBS: [&str; 20] = [
+const VERBS: [&str; 21] = [
     "flow.deploy",
     "flow.list",
     "flow.get",
@@ -46,6 +46,7 @@ const VERBS: [&str; 20] = [
     "run.start",
     "run.start_many",
     "run.get",
+    "run.history",
     "run.list",
     "run.cancel",
     "run.redrive",
@@ -169,6 +170,7 @@ impl Api {
                 call(encoding, payload, |request| self.start_runs(request, request_bytes)).await
             }
             "run.get" => call(encoding, payload, |request: GetRun| self.get_run(request)).await,
+            "run.history" => call(encoding, payload, |request| self.run_history(request)).await,
             "limit.list" => call(encoding, payload, |request| self.list_limits(request)).await,
             "run.list" => call(encoding, payload, |request| self.list_runs(request)).await,
             "run.cancel" => call(encoding, payload, |request| self.cancel_run(request)).await,
@@ -455,6 +457,26 @@ impl Api {
         let shard = self.router.shard_of(request.run_id.as_str());
         self.ask(shard, ShardRequest::Get { run_id: request.run_id }, |reply| match reply {
             ShardReply::Run(view) => Ok(*view),
+            other => Err(other),
+        })
+        .await
+    }
+
+    async fn run_history(&self, request: GetRunHistory) -> Result<flowgrid_proto::RunHistory, ApiError> {
+        let GetRunHistory { run_id, after, limit } = request;
+        let limit = match limit {
+            None => HISTORY_PAGE_MAX,
+            Some(limit) if (1..=HISTORY_PAGE_MAX).contains(&(limit as usize)) => limit as usize,
+            Some(limit) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("limit is {limit}; ask for 1 to {HISTORY_PAGE_MAX} records, and page on with `after`"),
+                ))
+            }
+        };
+        let shard = self.router.shard_of(run_id.as_str());
+        self.ask(shard, ShardRequest::History { run_id, after, limit }, |reply| match reply {
+            ShardReply::History(history) => Ok(history),
             other => Err(other),
         })
         .await

@@ -74,6 +74,11 @@ pub enum ShardRequest {
     Get {
         run_id: RunId,
     },
+    History {
+        run_id: RunId,
+        after: Option<u64>,
+        limit: usize,
+    },
     List {
         query: ListRuns,
         limit: usize,
@@ -116,6 +121,7 @@ pub enum ShardReply {
     FlowPaused(flowgrid_proto::FlowPaused),
     Signalled(RunSignalled),
     Run(Box<RunView>),
+    History(flowgrid_proto::RunHistory),
     Runs(Vec<RunSummary>),
     Deployed(FlowDeployed),
     Flow(Box<FlowInfo>),
@@ -272,6 +278,9 @@ impl Router {
             }
             ShardRequest::Get { run_id } => {
                 handle.ask(|reply| Command::Get { run_id, reply }).await.map(|view| ShardReply::Run(Box::new(view)))
+            }
+            ShardRequest::History { run_id, after, limit } => {
+                handle.ask(|reply| Command::History { run_id, after, limit, reply }).await.map(ShardReply::History)
             }
             ShardRequest::List { query, limit } => {
                 handle.ask(|reply| Command::List { query, limit, reply }).await.map(ShardReply::Runs)

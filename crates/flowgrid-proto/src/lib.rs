@@ -33,6 +33,8 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("runs-started.json", schema_for!(Reply<RunsStarted>)),
         ("get-run.json", schema_for!(GetRun)),
         ("run-view.json", schema_for!(Reply<flowgrid_engine::RunView>)),
+        ("get-run-history.json", schema_for!(GetRunHistory)),
+        ("run-history.json", schema_for!(Reply<RunHistory>)),
         ("list-runs.json", schema_for!(ListRuns)),
         ("run-list.json", schema_for!(Reply<RunList>)),
         ("cancel-run.json", schema_for!(CancelRun)),

@@ -250,6 +250,64 @@ pub struct GetRun {
     pub run_id: RunId,
 }
 
+/// `<prefix>.api.run.history`: what was recorded for a run, oldest first, a page at a time
+/// (reply: `RunHistory`): its start, then every event it accepted (results, timers,
+/// signals, cancels, ...), each with when it was taken.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GetRunHistory {
+    pub run_id: RunId,
+    /// Only records after this one (the `next` of the page before). Default: from the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    /// At most this many records (default and most: 1,000; a page also ends before it
+    /// would pass 512 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// A page of a run's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunHistory {
+    pub run_id: RunId,
+    pub records: Vec<HistoryRecord>,
+    /// More records follow: ask again with this as `after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
+}
+
+/// One record of a run's history: record 0 is its start (`started`), every later one an
+/// event it accepted (`event`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HistoryRecord {
+    /// Its place in the history, from 0.
+    pub seq: u64,
+    /// When the shard took it (Unix ms).
+    pub at_ms: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<HistoryStart>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<flowgrid_engine::Event>,
+}
+
+/// How a run started: its flow version, input and what it was started with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HistoryStart {
+    pub flow: String,
+    pub version: u32,
+    pub input: Value,
+    /// The subflow step that started it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
+    /// It started queued behind its flow's concurrency limit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
+    /// It was started with this later start time (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at_ms: Option<Millis>,
+}
+
 /// `<prefix>.api.run.list`: newest first.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ListRuns {

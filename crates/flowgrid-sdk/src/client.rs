@@ -22,9 +22,9 @@ use flowgrid_engine::RunView;
 use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
-    FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, LimitList, ListFlows, ListLimits, ListRuns, PauseFlow,
-    PauseRun, ProtoError, RedriveRun, Reply, RunCancelled, RunList, RunPaused, RunRedriven, RunSignalled, RunStarted,
-    RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
+    FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, GetRunHistory, LimitList, ListFlows, ListLimits, ListRuns,
+    PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, RunCancelled, RunHistory, RunList, RunPaused, RunRedriven,
+    RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -201,6 +201,13 @@ impl Client {
     /// A run's status, steps, output and error.
     pub async fn get(&self, run_id: &RunId) -> Result<RunView> {
         self.call("run.get", &GetRun { run_id: run_id.clone() }, OnTimeout::Retry).await
+    }
+
+    /// One page of a run's history, oldest first: its start, then every event it accepted.
+    /// Pass the page's `next` back as `after` for the next page.
+    pub async fn history(&self, run_id: &RunId, after: Option<u64>, limit: Option<u32>) -> Result<RunHistory> {
+        let request = GetRunHistory { run_id: run_id.clone(), after, limit };
+        self.call("run.history", &request, OnTimeout::Retry).await
     }
 
     /// One page of runs, newest first; pass `next_cursor` back as `cursor` for the next.

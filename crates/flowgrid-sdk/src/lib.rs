@@ -27,10 +27,10 @@ pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, 
 /// The future a [`TaskHandler`] returns.
 pub use futures::future::BoxFuture;
 
-pub use flowgrid_engine::{Paused, RunStatus, RunView, StepStatus, StepView, TaskError};
+pub use flowgrid_engine::{Event, Paused, RunStatus, RunView, StepStatus, StepView, TaskError, TimerKey};
 pub use flowgrid_model::{AttemptId, Millis, RunId, StartRate};
 pub use flowgrid_proto::{
-    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowPause, FlowPaused, FlowSummary, LimitList, LimitSummary,
-    ListRuns, RunCancelled, RunList, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, RunsStarted,
-    StartRun, StartRuns, START_MANY_RUNS_MAX,
+    ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowPause, FlowPaused, FlowSummary, HistoryRecord,
+    HistoryStart, LimitList, LimitSummary, ListRuns, RunCancelled, RunHistory, RunList, RunPaused, RunRedriven,
+    RunSignalled, RunStarted, RunSummary, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };

@@ -46,6 +46,9 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             hint_waiting_steps(client, &view, session).await;
             Ok(ExitCode::SUCCESS)
         }
+        RunCommand::History { run_id, after, limit } => {
+            history(client, &RunId(run_id.into()), after, limit, session).await
+        }
         RunCommand::Watch { run_id, timeout } => {
             super::watch::watch(client, &RunId(run_id.into()), timeout, session).await
         }
@@ -412,6 +415,50 @@ async fn hint_waiting_steps(client: &Client, view: &RunView, session: &Session) 
             eprintln!("hint: step {} waits on {}", step.id, no_worker_hint(backlog));
         }
     }
+}
+
+/// Prints a run's history, page after page, up to `limit` records.
+async fn history(
+    client: &Client,
+    run_id: &RunId,
+    mut after: Option<u64>,
+    limit: Option<u64>,
+    session: &Session,
+) -> anyhow::Result<ExitCode> {
+    let mut records = Vec::new();
+    let mut next = None;
+    loop {
+        let left = limit.map(|limit| limit.saturating_sub(records.len() as u64));
+        if left == Some(0) {
+            break;
+        }
+        let page_limit = left.map(|left| left.min(1_000) as u32);
+        let page = client.history(run_id, after, page_limit).await?;
+        records.extend(page.records);
+        next = page.next;
+        match next {
+            Some(last) => after = Some(last),
+            None => break,
+        }
+    }
+    if session.json {
+        print_json(&flowgrid_proto::RunHistory { run_id: run_id.clone(), records, next })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started_ms = records.first().filter(|record| record.seq == 0).map(|record| record.at_ms);
+    let mut table = Table::new(&["SEQ", "AT", "WHAT"]);
+    for record in &records {
+        let at = match started_ms {
+            Some(started_ms) => format!("+{}", duration_ms(record.at_ms.saturating_sub(started_ms))),
+            None => utc_time(record.at_ms),
+        };
+        table.row(vec![record.seq.to_string(), at, crate::history::describe(record)]);
+    }
+    out!("{}", table.render())?;
+    if let Some(last) = next {
+        eprintln!("more records follow: flowgrid run history {run_id} --after {last}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_run(view: &RunView, session: &Session) -> anyhow::Result<()> {

@@ -185,8 +185,12 @@ async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response 
         Err(error) => return api_failure(&error),
     };
     // The run's own version, for its graph; a flow deleted since cannot be, but be lenient.
-    let definition = ui.client.flow(&view.flow, Some(view.version)).await.ok().map(|info| info.definition);
-    page(pages::run(&view, definition.as_ref(), ui.actions()))
+    let (flow, history) = tokio::join!(
+        ui.client.flow(&view.flow, Some(view.version)),
+        ui.client.history(&view.run_id, None, Some(pages::HISTORY_SHOWN))
+    );
+    let definition = flow.ok().map(|info| info.definition);
+    page(pages::run(&view, definition.as_ref(), history.ok().as_ref(), ui.actions()))
 }
 
 async fn deploy_form(State(ui): State<Arc<Ui>>) -> Response {

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
 use flowgrid_model::{FlowDefinition, Millis, ParentRef, RunId, Step};
-use flowgrid_proto::{FlowInfo, FlowSummary, LimitList, RunList, RunSummary};
+use flowgrid_proto::{FlowInfo, FlowSummary, LimitList, RunHistory, RunList, RunSummary};
 
 use super::dag::Layout;
 use crate::output::{self, duration_ms, item_counts, now_ms, span, utc_time, utc_time_ms};
@@ -371,7 +371,15 @@ fn item_children(view: &RunView, definition: Option<&FlowDefinition>, step: &Ste
         .collect()
 }
 
-pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<&str>) -> Markup {
+/// Records of a run's history its page shows; `flowgrid run history` prints them all.
+pub const HISTORY_SHOWN: u32 = 200;
+
+pub fn run(
+    view: &RunView,
+    definition: Option<&FlowDefinition>,
+    history: Option<&RunHistory>,
+    actions: Option<&str>,
+) -> Markup {
     let running = view.status == RunStatus::Running;
     // A child run is redriven through its parent; a succeeded run only from a step.
     let ended = view.status.is_terminal() && view.parent.is_none();
@@ -560,6 +568,22 @@ pub fn run(view: &RunView, definition: Option<&FlowDefinition>, actions: Option<
                 h2 { "Step outputs" }
                 @for step in outputs {
                     details { summary { (step.id) } pre { (pretty(step.output.as_ref().expect("filtered"))) } }
+                }
+            }
+            @if let Some(history) = history {
+                h2 { "History" }
+                table {
+                    tr { th { "Seq" } th { "At" } th { "What" } }
+                    @for record in &history.records {
+                        tr {
+                            td { (record.seq) }
+                            td { "+" (duration_ms(record.at_ms.saturating_sub(view.created_ms))) }
+                            td { (crate::history::describe(record)) }
+                        }
+                    }
+                }
+                @if history.next.is_some() {
+                    p { "The first " (history.records.len()) " records; all of them: " code { "flowgrid run history " (view.run_id) } }
                 }
             }
         },

@@ -307,6 +307,7 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = self.get_run(&run_id).await;
                 batch.reply(reply, outcome);
             }
+            Command::History { run_id, after, limit, reply } => self.read_history(run_id, after, limit, reply),
             Command::List { query, limit, reply } => {
                 let outcome = self.list_runs(&query, limit).await;
                 batch.reply(reply, outcome);

@@ -11,6 +11,7 @@ mod batch;
 mod cached;
 mod catalog;
 mod gates;
+mod history;
 mod outbox;
 mod reload;
 mod retention;
@@ -34,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use actor::spawn_shard;
 pub use gates::{gate_routing_key, GateVerb};
+pub use history::PAGE_RECORDS_MAX as HISTORY_PAGE_MAX;
 pub use outbox::IN_FLIGHT_MAX as MESSAGES_IN_FLIGHT_MAX;
 pub use runs::cursor_of;
 
@@ -111,6 +113,13 @@ pub enum Command {
     Get {
         run_id: RunId,
         reply: Responder<RunView>,
+    },
+    /// Up to `limit` records of the run's history after record `after`.
+    History {
+        run_id: RunId,
+        after: Option<u64>,
+        limit: usize,
+        reply: Responder<flowgrid_proto::RunHistory>,
     },
     List {
         query: ListRuns,

@@ -701,12 +701,12 @@ fn parse_cursor(cursor: &str) -> Result<(Millis, RunId), ApiError> {
     })
 }
 
-fn not_found(run_id: &RunId) -> ApiError {
+pub(super) fn not_found(run_id: &RunId) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("no run {run_id}"))
 }
 
 /// What a caller is told when a store read fails: retryable when the store may answer later.
-fn read_failure(error: flowgrid_store::Error) -> ApiError {
+pub(super) fn read_failure(error: flowgrid_store::Error) -> ApiError {
     if error.may_pass_later() {
         ApiError::new(ErrorCode::Unavailable, format!("store read failed: {error}; retry"))
     } else {
@@ -714,7 +714,7 @@ fn read_failure(error: flowgrid_store::Error) -> ApiError {
     }
 }
 
-fn internal(error: impl std::fmt::Display) -> ApiError {
+pub(super) fn internal(error: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, format!("store: {error}"))
 }
 
