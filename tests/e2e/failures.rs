@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
-use flowgrid_tests::{step, Grid};
+use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::json;
 
 use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
@@ -129,6 +129,73 @@ async fn a_runs_history_names_every_failed_attempt_and_its_backoff_page_by_page(
     assert_eq!(refusal(&missing).code, flowgrid_sdk::ErrorCode::NotFound, "{missing:?}");
     let too_many = client.history(&run.run_id, None, Some(5_000)).await.expect_err("over the page limit");
     assert!(refusal(&too_many).message.contains("ask for 1 to 1000 records"), "{too_many:?}");
+    Ok(())
+}
+
+/// Charges fail for good; a refund (the failure handler) echoes what it was given.
+const CHECKOUT_FLOW: &str = r#"
+name: checkout
+on_failure:
+  flow: refund
+  input: '#{ order: input.order, why: result.error.code, failed_run: result.run_id }'
+steps:
+  - id: charge
+    kind: task
+    pool: a
+    task: fail
+    input: '#{ code: "declined", retryable: false }'
+"#;
+
+const REFUND_FLOW: &str = r#"
+name: refund
+output: 'steps.undo.output'
+steps:
+  - { id: undo, kind: task, pool: a, task: echo }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_starts_its_flows_failure_handler_once_with_its_labels() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, REFUND_FLOW).await?;
+    deploy(&grid, &client, CHECKOUT_FLOW).await?;
+    let labelled = StartRun {
+        flow: "checkout".into(),
+        input: json!({"order": 7}),
+        labels: [("customer".to_owned(), "acme".to_owned())].into(),
+        ..Default::default()
+    };
+    let run = client.start(labelled).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
+    let handler_id = view.on_failure_run.clone().expect("the failed run names its handler's run");
+
+    let handler = grid.wait_run(&client, &handler_id, RUN_DEADLINE).await?;
+    assert_eq!(handler.status, RunStatus::Succeeded, "{handler:?}\n{}", grid.logs());
+    assert_eq!(handler.flow, "refund");
+    let expected = json!({"order": 7, "why": "declined", "failed_run": run.run_id.0.as_ref()});
+    assert_eq!(handler.output, Some(expected), "{handler:?}");
+    assert_eq!(handler.labels.get("customer").map(String::as_str), Some("acme"));
+    assert_eq!(handler.labels.get("flowgrid.on_failure_of").map(|id| id.as_str()), Some(run.run_id.0.as_ref()));
+    assert_eq!(handler.on_failure_run, None);
+
+    // Exactly one handler run, found by its label; `run get` links it.
+    let label = format!("flowgrid.on_failure_of={}", run.run_id);
+    let (ok, text, _) = grid.cli(&["run", "list", "--label", &label])?;
+    assert!(ok && text.lines().count() == 2 && text.contains(handler_id.as_str()), "{text}");
+    let (ok, text, _) = grid.cli(&["run", "get", &run.run_id.0])?;
+    assert!(ok && text.contains(&format!("handler   run {handler_id} (its flow's on_failure)")), "{text}");
+
+    // Redriven and failed again: a second handler run, for that end.
+    client.redrive(&run.run_id, "card updated").await.or_logs(&grid)?;
+    let again = wait_for("the redriven run to fail again", RUN_DEADLINE, || async {
+        let view = client.get(&run.run_id).await.ok()?;
+        (view.status == RunStatus::Failed).then_some(view)
+    })
+    .await?;
+    let second = again.on_failure_run.clone().expect("a handler for the second end");
+    assert_ne!(second, handler_id);
+    assert_eq!(grid.wait_run(&client, &second, RUN_DEADLINE).await?.status, RunStatus::Succeeded);
     Ok(())
 }
 

@@ -652,6 +652,7 @@ mod tests {
                 paused: None,
                 queued: None,
                 delayed: None,
+                on_failure_run: None,
                 steps: Vec::new(),
                 labels: Default::default(),
             };

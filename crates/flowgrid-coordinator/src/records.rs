@@ -117,6 +117,9 @@ pub enum OutboxRecord {
     GateRelease(GateMessage),
     /// The limit admits a queued run: its shard is to start the steps it holds.
     Admit(GateMessage),
+    /// A run ended as its flow's `on_failure` names: start the handler flow's run (with an
+    /// idempotency key, so a repeat starts nothing new).
+    StartFailureHandler { failed: RunId, round: u32, start: flowgrid_proto::StartRun },
 }
 
 impl OutboxRecord {
@@ -129,6 +132,7 @@ impl OutboxRecord {
             OutboxRecord::GateAcquire(_) => OUTBOX_GATE_ACQUIRE,
             OutboxRecord::GateRelease(_) => OUTBOX_GATE_RELEASE,
             OutboxRecord::Admit(_) => OUTBOX_ADMIT,
+            OutboxRecord::StartFailureHandler { .. } => OUTBOX_ON_FAILURE,
         }
     }
 
@@ -143,6 +147,9 @@ impl OutboxRecord {
             OutboxRecord::GateAcquire(message) | OutboxRecord::GateRelease(message) | OutboxRecord::Admit(message) => {
                 return keys::outbox(&message.run_id, &format!("{}.{}", self.kind(), message.round));
             }
+            OutboxRecord::StartFailureHandler { failed, round, .. } => {
+                return keys::outbox(failed, &format!("{}.{round}", self.kind()));
+            }
         };
         keys::outbox(run_id, self.kind())
     }
@@ -155,6 +162,7 @@ pub const OUTBOX_RUN_ENDED: &str = "run_ended";
 pub const OUTBOX_GATE_ACQUIRE: &str = "gate_acquire";
 pub const OUTBOX_GATE_RELEASE: &str = "gate_release";
 pub const OUTBOX_ADMIT: &str = "admit";
+pub const OUTBOX_ON_FAILURE: &str = "on_failure";
 
 /// The kind of the message at outbox key `key`, for metrics and logs.
 pub fn outbox_kind(key: &[u8]) -> &'static str {
@@ -167,6 +175,7 @@ pub fn outbox_kind(key: &[u8]) -> &'static str {
         Some(OUTBOX_GATE_ACQUIRE) => OUTBOX_GATE_ACQUIRE,
         Some(OUTBOX_GATE_RELEASE) => OUTBOX_GATE_RELEASE,
         Some(OUTBOX_ADMIT) => OUTBOX_ADMIT,
+        Some(OUTBOX_ON_FAILURE) => OUTBOX_ON_FAILURE,
         _ => "unknown",
     }
 }

@@ -201,6 +201,21 @@ pub struct ChildStart {
     pub labels: flowgrid_model::Labels,
 }
 
+/// The run of a flow's `on_failure` handler that a run's end starts: the driver starts it
+/// with `idempotency_key`, so a start sent again (after a crash) starts nothing new.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HandlerStart {
+    /// The run whose end starts it.
+    pub failed: RunId,
+    /// How often that run was redriven before this end: each end starts its own handler.
+    pub round: u32,
+    pub flow: String,
+    pub input: Value,
+    pub idempotency_key: String,
+    /// The failed run's labels, and [`flowgrid_model::ON_FAILURE_OF_LABEL`] with its id.
+    pub labels: flowgrid_model::Labels,
+}
+
 /// What the driver must do, in order, after persisting the event behind it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
@@ -220,6 +235,8 @@ pub enum Effect {
     /// attempts with the same pool, task and key (best effort; losing it costs a worker
     /// call later, nothing else).
     CacheResult { pool: Arc<str>, task: Arc<str>, key: Arc<Value>, output: Value },
+    /// Start the run of the flow's failure handler (emitted before `RunFinished`).
+    StartFailureHandler(HandlerStart),
     /// The run reached its terminal status (emitted exactly once per run).
     RunFinished { run_id: RunId, status: crate::RunStatus },
 }

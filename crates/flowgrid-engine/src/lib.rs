@@ -21,7 +21,8 @@ mod run;
 mod view;
 
 pub use event::{
-    Applied, CacheLookup, ChildStart, Effect, Event, RedriveRefused, SignalRefused, TaskDispatch, TaskError, TimerKey,
+    Applied, CacheLookup, ChildStart, Effect, Event, HandlerStart, RedriveRefused, SignalRefused, TaskDispatch,
+    TaskError, TimerKey,
 };
 pub use run::{Run, RunStart};
 pub use view::{Delayed, ItemCounts, Paused, Queued, Redriven, RunStatus, RunView, RunViewRef, StepStatus, StepView};

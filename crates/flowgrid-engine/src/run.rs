@@ -25,6 +25,7 @@
 mod cache;
 mod delay;
 mod map;
+mod on_failure;
 mod pause;
 mod queue;
 mod redrive;
@@ -382,6 +383,7 @@ impl Run {
             paused: self.paused(),
             queued: self.queued(),
             delayed: self.delayed(),
+            on_failure_run: self.failure_handler_run(),
             steps,
         }
     }
@@ -469,6 +471,7 @@ impl Run {
             cancel_step(state, context.now);
         }
         self.agenda.clear();
+        self.start_failure_handler(context);
         context.effects.push(Effect::RunFinished { run_id: self.run_id.clone(), status });
     }
 

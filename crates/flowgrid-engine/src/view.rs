@@ -124,6 +124,10 @@ pub struct RunView {
     /// Until when a run started with a later start time waits; absent once it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delayed: Option<Delayed>,
+    /// The run its end started: its flow's `on_failure` handler, for this end (its start
+    /// may have been refused: the coordinator's log says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure_run: Option<RunId>,
     /// In definition order.
     pub steps: Vec<StepView>,
 }
@@ -251,6 +255,8 @@ pub struct RunViewRef<'a> {
     pub(crate) queued: Option<Queued>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) delayed: Option<Delayed>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) on_failure_run: Option<RunId>,
     pub(crate) steps: Vec<StepViewRef<'a>>,
 }
 
@@ -304,6 +310,7 @@ impl RunViewRef<'_> {
             paused: self.paused.clone(),
             queued: self.queued.clone(),
             delayed: self.delayed.clone(),
+            on_failure_run: self.on_failure_run.clone(),
             steps: self.steps.iter().map(StepViewRef::to_view).collect(),
         }
     }

@@ -44,7 +44,51 @@ pub struct FlowDefinition {
     /// react to runs ending instead of polling them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub publish_ended: bool,
+    /// A flow the grid starts when a run of this flow fails: a compensation, a cleanup, an
+    /// alert. One run per failure, started exactly once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
     pub steps: Vec<Step>,
+}
+
+/// The failure handler of a flow: a run of `flow`, started when a run of this flow ends in
+/// one of `statuses`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OnFailure {
+    /// The flow to start (its latest version when the failure happens).
+    pub flow: String,
+    /// Expression for the handler run's input. It reads the failure as `result`
+    /// (`run_id`, `flow`, `version`, `status`, `error` and `input` of the run that
+    /// failed), the run's `input` and every step as `steps`. Default: `result`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// Which ends start the handler. Default: `failed` and `timed_out`.
+    #[serde(default = "FailureEnd::defaults")]
+    pub statuses: Vec<FailureEnd>,
+}
+
+/// An end of a run that may start its flow's failure handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureEnd {
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl FailureEnd {
+    fn defaults() -> Vec<FailureEnd> {
+        vec![FailureEnd::Failed, FailureEnd::TimedOut]
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureEnd::Failed => "failed",
+            FailureEnd::TimedOut => "timed_out",
+            FailureEnd::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// How many runs of a flow may go at once (`max`), and how fast they may start (`rate`):

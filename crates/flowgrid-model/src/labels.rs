@@ -6,6 +6,11 @@ use std::collections::BTreeMap;
 /// A run's labels, by key.
 pub type Labels = BTreeMap<String, String>;
 
+/// The label the grid gives a failure handler's run: the id of the run whose failure
+/// started it. A run with it starts no failure handler of its own, so two flows that
+/// handle each other's failures cannot start each other forever.
+pub const ON_FAILURE_OF_LABEL: &str = "flowgrid.on_failure_of";
+
 /// Labels one run may have.
 pub const LABELS_MAX: usize = 16;
 /// Bytes of one label's key.

@@ -21,10 +21,11 @@ pub use error::{DefinitionError, Issue, Result};
 pub use expr::{Evaluator, Expr, ExprError, Scope};
 pub use ids::*;
 pub use input_schema::InputSchema;
-pub use labels::{check_labels, has_labels, Labels};
+pub use labels::{check_labels, has_labels, Labels, ON_FAILURE_OF_LABEL};
 pub use limits::Limits;
 pub use plan::{
-    FlowLoop, FlowPlan, PlanCache, PlanConcurrency, PlanStep, PlanStepKind, StepIndex, SubflowSpec, WaitFor,
+    FlowLoop, FlowPlan, PlanCache, PlanConcurrency, PlanOnFailure, PlanStep, PlanStepKind, StepIndex, SubflowSpec,
+    WaitFor,
 };
 pub use validate::{parse_definition, validate};
 

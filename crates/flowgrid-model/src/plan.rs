@@ -45,7 +45,18 @@ pub struct FlowPlan {
     pub input_schema: Option<InputSchema>,
     /// How many runs may go at once.
     pub concurrency: Option<PlanConcurrency>,
+    /// The flow started when a run fails.
+    pub on_failure: Option<PlanOnFailure>,
     index: HashMap<String, StepIndex>,
+}
+
+/// A compiled `on_failure`.
+#[derive(Debug)]
+pub struct PlanOnFailure {
+    pub flow: String,
+    /// The handler's input, over the failure as `result`; `None`: the failure itself.
+    pub input: Option<Expr>,
+    pub statuses: Vec<crate::FailureEnd>,
 }
 
 /// A flow's concurrency limit: at most `max` runs at once of each key, and runs of each
@@ -272,6 +283,7 @@ impl FlowPlan {
         output: Option<Expr>,
         trigger_input: Option<Expr>,
         concurrency_key: Option<Expr>,
+        on_failure_input: Option<Expr>,
     ) -> FlowPlan {
         let index = steps.iter().enumerate().map(|(position, step)| (step.id.clone(), position as StepIndex)).collect();
         let sinks = steps
@@ -290,6 +302,11 @@ impl FlowPlan {
             key: concurrency_key,
             when_full: concurrency.when_full,
         });
+        let on_failure = definition.on_failure.as_ref().map(|on_failure| PlanOnFailure {
+            flow: on_failure.flow.clone(),
+            input: on_failure_input,
+            statuses: on_failure.statuses.clone(),
+        });
         let input_schema = definition
             .input_schema
             .as_ref()
@@ -305,6 +322,7 @@ impl FlowPlan {
             trigger_input,
             input_schema,
             concurrency,
+            on_failure,
             sinks,
             index,
         }

@@ -496,6 +496,9 @@ pub(super) fn render_run(view: &RunView) -> String {
     if let Some(queued) = &view.queued {
         text.push_str(&format!("queued    {}\n", output::queued(queued)));
     }
+    if let Some(handler) = &view.on_failure_run {
+        text.push_str(&format!("handler   run {handler} (its flow's on_failure)\n"));
+    }
     let duration = match view.ended_ms {
         Some(ended) => duration_ms(ended.saturating_sub(view.created_ms)),
         None => format!("{} so far", duration_ms(now_ms().saturating_sub(view.created_ms))),
@@ -616,6 +619,7 @@ mod tests {
             paused: Some(Paused { since_ms: 1_200, reason: "db down".into(), held: vec!["store".into()] }),
             queued: Some(Queued { since_ms: 1_000, held: Vec::new() }),
             delayed: Some(Delayed { until_ms: 60_000, held: vec!["first".into()] }),
+            on_failure_run: Some(RunId("h-1".into())),
             steps: vec![
                 first,
                 fan_out,
@@ -643,6 +647,7 @@ mod tests {
         let delayed = "delayed   until 1970-01-01T00:01:00Z: the start time it was started with; holding step first\n";
         assert!(text.contains(delayed), "{text}");
         assert!(text.contains("step encode runs child run c-1\n"), "{text}");
+        assert!(text.contains("handler   run h-1 (its flow's on_failure)\n"), "{text}");
         assert!(text.contains("step agent runs child run c-2 (loop iteration 3)\n"), "{text}");
         assert!(text.contains("step each runs a child run per item (4): flowgrid run list --parent r-1\n"), "{text}");
         assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");

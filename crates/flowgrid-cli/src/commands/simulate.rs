@@ -245,7 +245,10 @@ fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Res
                 Effect::CancelTimer { timer, due_ms, .. } => {
                     timers.remove(&(due_ms, timer));
                 }
-                Effect::CancelChild { .. } | Effect::RunFinished { .. } | Effect::CacheResult { .. } => {}
+                Effect::CancelChild { .. }
+                | Effect::RunFinished { .. }
+                | Effect::CacheResult { .. }
+                | Effect::StartFailureHandler(_) => {}
             }
         }
         if run.status().is_terminal() {

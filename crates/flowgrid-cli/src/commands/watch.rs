@@ -205,6 +205,7 @@ mod tests {
             paused: None,
             queued: None,
             delayed: None,
+            on_failure_run: None,
             steps,
             labels: Default::default(),
         }

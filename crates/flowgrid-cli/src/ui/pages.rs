@@ -440,6 +440,9 @@ pub fn run(
                 @if let Some(delayed) = &view.delayed {
                     tr { th { "Delayed" } td { (output::delayed(delayed)) } }
                 }
+                @if let Some(handler) = &view.on_failure_run {
+                    tr { th { "Failure handler" } td { a href=(format!("/runs/{handler}")) { code { (handler) } } " (its flow's on_failure)" } }
+                }
                 @if let Some(queued) = &view.queued {
                     tr { th { "Queued" } td { (output::queued(queued)) } }
                 }

@@ -316,12 +316,17 @@ async fn send(
         OutboxRecord::GateAcquire(message) => client.gate(GateVerb::Acquire.api_verb(), message).await.map(|_| ()),
         OutboxRecord::GateRelease(message) => client.gate(GateVerb::Release.api_verb(), message).await.map(|_| ()),
         OutboxRecord::Admit(message) => client.gate(GateVerb::Admit.api_verb(), message).await.map(|_| ()),
+        OutboxRecord::StartFailureHandler { failed, start, .. } => {
+            return start_failure_handler(client, failed, start).await
+        }
     };
     match outcome {
         Ok(()) => Sent::Taken,
         Err(ClientError::Api(refusal)) if refusal.code == ErrorCode::NotFound => match record {
             // The parent is gone (its retention passed): nobody waits for this end.
             OutboxRecord::ChildEnded(_) | OutboxRecord::RunEnded(_) => Sent::Taken,
+            // Answered by `start_failure_handler` above; never reaches here.
+            OutboxRecord::StartFailureHandler { .. } => Sent::Taken,
             // Never refused as missing: a run that is gone gives its admission back.
             OutboxRecord::GateAcquire(_) | OutboxRecord::GateRelease(_) | OutboxRecord::Admit(_) => Sent::Again,
             OutboxRecord::CancelChild { child, .. } => {
@@ -342,6 +347,36 @@ async fn send(
             } else {
                 debug!(error = %error, "cannot send a message for another run yet; trying again");
             }
+            Sent::Again
+        }
+    }
+}
+
+/// Starts the failure handler's run for the run `failed`. A start the grid refuses for good
+/// (no such flow, an input its schema refuses) is logged and dropped: the failed run stays
+/// as it ended, and its view names the handler run that was meant to start.
+async fn start_failure_handler(
+    client: &flowgrid_sdk::Client,
+    failed: &RunId,
+    start: &flowgrid_proto::StartRun,
+) -> Sent {
+    match client.start(start.clone()).await {
+        Ok(started) => {
+            debug!(failed = %failed, handler = %started.run_id, flow = %start.flow, "failure handler started");
+            Sent::Taken
+        }
+        Err(ClientError::Api(refusal)) if !refusal.retryable => {
+            warn!(
+                failed = %failed,
+                flow = %start.flow,
+                error = %refusal,
+                "the failure handler's run was refused; it is not started (deploy the flow, or fix its input schema, \
+                 and start it by hand)"
+            );
+            Sent::Taken
+        }
+        Err(error) => {
+            debug!(failed = %failed, error = %error, "cannot start a failure handler yet; trying again");
             Sent::Again
         }
     }

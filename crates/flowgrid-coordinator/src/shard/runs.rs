@@ -235,6 +235,18 @@ impl<S: ShardStore> ShardActor<S> {
                 Effect::CacheResult { pool, task, key, output } => {
                     batch.cache_stores.push(super::batch::CacheStore { pool, task, key, output })
                 }
+                Effect::StartFailureHandler(handler) => {
+                    let start = flowgrid_proto::StartRun {
+                        flow: handler.flow,
+                        input: handler.input,
+                        idempotency_key: Some(handler.idempotency_key),
+                        labels: handler.labels,
+                        ..Default::default()
+                    };
+                    let record =
+                        OutboxRecord::StartFailureHandler { failed: handler.failed, round: handler.round, start };
+                    self.send_after_commit(record, batch);
+                }
                 Effect::RunFinished { run_id: finished, status } => self.finish_run(&finished, status, now, batch),
             }
         }

@@ -59,10 +59,15 @@ impl Run {
         evaluator.eval_wait_until(expr, &scope, now)
     }
 
-    /// Evaluates `expr` with every step in scope (the flow output).
-    pub(super) fn evaluate_over_all_steps(&self, evaluator: &Evaluator, expr: &Expr) -> Result<Value, ExprError> {
+    /// Evaluates `expr` with every step in scope (the flow output, a failure handler's input).
+    pub(super) fn evaluate_over_all_steps(
+        &self,
+        evaluator: &Evaluator,
+        expr: &Expr,
+        locals: Locals<'_>,
+    ) -> Result<Value, ExprError> {
         let steps = self.steps_scope(None);
-        let scope = self.scope(&steps, &Locals::default());
+        let scope = self.scope(&steps, &locals);
         evaluator.eval(expr, &scope)
     }
 
@@ -108,7 +113,7 @@ impl Run {
     }
 }
 
-fn error_value(error: &TaskError) -> Value {
+pub(super) fn error_value(error: &TaskError) -> Value {
     json!({ "code": error.code, "message": error.message, "retryable": error.retryable })
 }
 

@@ -246,10 +246,12 @@ impl Run {
     /// sinks that succeeded.
     fn run_output(&self, context: &Context<'_>) -> Result<Value, TaskError> {
         if let Some(expr) = &self.plan.output {
-            return self.evaluate_over_all_steps(context.evaluator, expr).map_err(|error| TaskError {
-                code: super::scope::EXPRESSION_ERROR.to_owned(),
-                message: format!("flow output: {error}"),
-                retryable: false,
+            return self.evaluate_over_all_steps(context.evaluator, expr, Locals::default()).map_err(|error| {
+                TaskError {
+                    code: super::scope::EXPRESSION_ERROR.to_owned(),
+                    message: format!("flow output: {error}"),
+                    retryable: false,
+                }
             });
         }
         let mut outputs = Map::new();

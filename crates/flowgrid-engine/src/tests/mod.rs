@@ -6,6 +6,7 @@ mod conditions;
 mod flows;
 mod loops;
 mod map;
+mod on_failure;
 mod pause;
 mod properties;
 mod queue;

@@ -19,6 +19,8 @@ pub(super) const FLOW_OUTPUT_PATH: &str = "output";
 pub(super) const TRIGGER_INPUT_PATH: &str = "trigger.input";
 /// Path of the concurrency key, which reads the run's input and no step.
 pub(super) const CONCURRENCY_KEY_PATH: &str = "concurrency.key";
+/// Path of the failure handler's input, which reads the failure as `result` and any step.
+pub(super) const ON_FAILURE_INPUT_PATH: &str = "on_failure.input";
 
 /// Field of a task or map step's cache key, which reads the task input and no step.
 const CACHE_KEY_FIELD: &str = ".cache.key";
@@ -50,6 +52,9 @@ impl ExpressionTable {
         }
         if let Some(key) = definition.concurrency.as_ref().and_then(|concurrency| concurrency.key.as_ref()) {
             table.add(evaluator, CONCURRENCY_KEY_PATH.to_owned(), None, false, key, issues);
+        }
+        if let Some(input) = definition.on_failure.as_ref().and_then(|on_failure| on_failure.input.as_ref()) {
+            table.add(evaluator, ON_FAILURE_INPUT_PATH.to_owned(), None, true, input, issues);
         }
         for (position, step) in definition.steps.iter().enumerate() {
             let path = step_path(position, step.id());

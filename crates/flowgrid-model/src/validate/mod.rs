@@ -83,7 +83,8 @@ pub(crate) fn compile(
     let output = expressions.take(expressions::FLOW_OUTPUT_PATH);
     let trigger_input = expressions.take(expressions::TRIGGER_INPUT_PATH);
     let concurrency_key = expressions.take(expressions::CONCURRENCY_KEY_PATH);
-    Ok(FlowPlan::assemble(definition, version, steps, output, trigger_input, concurrency_key))
+    let on_failure_input = expressions.take(expressions::ON_FAILURE_INPUT_PATH);
+    Ok(FlowPlan::assemble(definition, version, steps, output, trigger_input, concurrency_key, on_failure_input))
 }
 
 /// All checks; on success, the compiled expressions keyed by their path.

@@ -71,6 +71,24 @@ pub(super) fn check_fields(definition: &FlowDefinition, limits: &Limits, issues:
     if let Some(trigger) = &definition.trigger {
         check_trigger(trigger, issues);
     }
+    if let Some(on_failure) = &definition.on_failure {
+        check_name("on_failure.flow", "flow name", &on_failure.flow, limits, issues);
+        if on_failure.flow == definition.name {
+            push_issue(
+                issues,
+                "on_failure.flow",
+                "names this flow: a failure handler is another flow (a handler's run starts no handler of its own)",
+            );
+        }
+        if on_failure.statuses.is_empty() {
+            push_issue(
+                issues,
+                "on_failure.statuses",
+                "is empty: name the ends that start the handler (failed, timed_out, cancelled), or leave it out for \
+                 failed and timed_out",
+            );
+        }
+    }
     if let Some(schedule) = &definition.schedule {
         check_schedule(schedule, limits, issues);
     }

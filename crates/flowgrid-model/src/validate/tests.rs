@@ -724,3 +724,24 @@ fn a_cache_key_reads_the_task_input_and_its_ttl_is_bounded() {
         "does not compile",
     );
 }
+
+#[test]
+fn a_failure_handler_is_another_flow_with_ends_to_start_on() {
+    let flow = |on_failure: &str| {
+        format!("name: f\non_failure: {on_failure}\nsteps:\n  - {{ id: a, kind: transform, output: '1' }}\n")
+    };
+    let plan = FlowPlan::compile(parse(&flow("{ flow: undo }")), 1, &evaluator(), &limits()).expect("valid");
+    let handler = plan.on_failure.as_ref().expect("a handler");
+    assert_eq!(handler.flow, "undo");
+    assert_eq!(handler.statuses, vec![crate::FailureEnd::Failed, crate::FailureEnd::TimedOut]);
+    assert!(handler.input.is_none());
+    let custom = flow("{ flow: undo, input: '#{ why: result.error.code, a: steps.a.output }', statuses: [cancelled] }");
+    let plan = FlowPlan::compile(parse(&custom), 1, &evaluator(), &limits()).expect("valid");
+    let handler = plan.on_failure.as_ref().expect("a handler");
+    assert_eq!((handler.statuses.as_slice(), handler.input.is_some()), (&[crate::FailureEnd::Cancelled][..], true));
+    assert_issue(&issues_of(&flow("{ flow: f }")), "on_failure.flow", "names this flow");
+    assert_issue(&issues_of(&flow("{ flow: 'a b' }")), "on_failure.flow", "flow name");
+    assert_issue(&issues_of(&flow("{ flow: undo, statuses: [] }")), "on_failure.statuses", "is empty");
+    assert_issue(&issues_of(&flow("{ flow: undo, input: 'steps.zz.output' }")), "on_failure.input", "does not exist");
+    assert_issue(&issues_of(&flow("{ flow: undo, input: '1 +' }")), "on_failure.input", "does not compile");
+}

@@ -1,0 +1,86 @@
+//! A flow's failure handler: when a run ends in one of `on_failure.statuses`, the engine
+//! asks the driver to start a run of the handler flow, with the failure (or what the
+//! handler's `input` makes of it) as its input.
+//!
+//! The handler run's id follows from the failed run and its round (its redrives so far),
+//! through the start's idempotency key: the driver may send the start again after a crash,
+//! each end of a redriven run starts a handler of its own, and the run's view names the
+//! handler's run without storing anything. A handler run (labelled
+//! [`ON_FAILURE_OF_LABEL`]) starts no handler of its own.
+
+use flowgrid_model::labels::LABELS_MAX;
+use flowgrid_model::{FailureEnd, RunId, ON_FAILURE_OF_LABEL};
+use serde_json::{json, Value};
+
+use super::scope::{error_value, Locals};
+use super::{Context, Run};
+use crate::{Effect, HandlerStart, RunStatus};
+
+impl Run {
+    /// The id of the handler run this run's end starts, if it starts one.
+    pub fn failure_handler_run(&self) -> Option<RunId> {
+        let (flow, key) = self.handler_key()?;
+        Some(RunId::from_idempotency_key(flow, &key))
+    }
+
+    /// The handler's flow and the start's idempotency key, when the run ended in a status
+    /// its flow's `on_failure` takes and is not a handler itself.
+    fn handler_key(&self) -> Option<(&str, String)> {
+        let handler = self.plan.on_failure.as_ref()?;
+        let end = match self.status {
+            RunStatus::Failed => FailureEnd::Failed,
+            RunStatus::TimedOut => FailureEnd::TimedOut,
+            RunStatus::Cancelled => FailureEnd::Cancelled,
+            RunStatus::Running | RunStatus::Succeeded => return None,
+        };
+        let is_handler = self.labels().is_some_and(|labels| labels.contains_key(ON_FAILURE_OF_LABEL));
+        if !handler.statuses.contains(&end) || is_handler {
+            return None;
+        }
+        let round = self.redriven().map_or(0, |redriven| redriven.times);
+        Some((&handler.flow, format!("on_failure/{}/{round}", self.run_id)))
+    }
+
+    /// Asks the driver to start the failure handler, if the run's end starts one.
+    pub(super) fn start_failure_handler(&self, context: &mut Context<'_>) {
+        let Some((flow, idempotency_key)) = self.handler_key() else { return };
+        let handler = self.plan.on_failure.as_ref().expect("a handler key needs a handler");
+        let failure = json!({
+            "run_id": self.run_id,
+            "flow": self.plan.name,
+            "version": self.plan.version,
+            "status": self.status.as_str(),
+            "error": self.error().map(error_value).unwrap_or(Value::Null),
+            "input": self.input.as_ref(),
+        });
+        let input = match &handler.input {
+            None => failure,
+            Some(expr) => {
+                let locals = Locals { result: Some(&failure), ..Locals::default() };
+                match self.evaluate_over_all_steps(context.evaluator, expr, locals) {
+                    Ok(input) => input,
+                    // The run has failed already; the handler still runs, told why its
+                    // input is the failure itself.
+                    Err(error) => {
+                        let mut input = failure.clone();
+                        input["input_error"] = json!(format!("on_failure.input: {error}"));
+                        input
+                    }
+                }
+            }
+        };
+        let mut labels = self.labels().cloned().unwrap_or_default();
+        while labels.len() >= LABELS_MAX {
+            labels.pop_last();
+        }
+        labels.insert(ON_FAILURE_OF_LABEL.to_owned(), self.run_id.to_string());
+        context.effects.push(Effect::StartFailureHandler(HandlerStart {
+            failed: self.run_id.clone(),
+            round: self.redriven().map_or(0, |redriven| redriven.times),
+            flow: flow.to_owned(),
+            input,
+            idempotency_key,
+            labels,
+        }));
+    }
+}

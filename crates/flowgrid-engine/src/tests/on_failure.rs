@@ -1,0 +1,137 @@
+//! A flow's failure handler: which ends start it, with what input, labels and key.
+
+use std::sync::Arc;
+
+use flowgrid_model::{Labels, RunId, ON_FAILURE_OF_LABEL};
+use serde_json::json;
+
+use super::support::{error, evaluator, plan, Harness, RUN};
+use crate::{Effect, Event, HandlerStart, Run, RunStart, RunStatus};
+
+const FLOW: &str = r##"
+name: checkout
+on_failure: { flow: refund }
+steps:
+  - { kind: task, id: charge, pool: cpu, task: charge, retry: { max_attempts: 1 } }
+"##;
+
+fn handlers(effects: &[Effect]) -> Vec<HandlerStart> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::StartFailureHandler(start) => Some(start.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_failed_run_starts_its_handler_once_per_end_with_the_failure_as_input() {
+    let mut harness = Harness::start(FLOW, json!({"order": 7}), 0);
+    assert_eq!(harness.run.view().on_failure_run, None, "a running run starts no handler");
+    harness.fail(10, "charge", None, 1, error("declined", false));
+    let started = handlers(&harness.effects);
+    assert_eq!(started.len(), 1, "{:?}", harness.effects);
+    let handler = &started[0];
+    assert_eq!((handler.flow.as_str(), handler.round), ("refund", 0));
+    assert_eq!(handler.idempotency_key, format!("on_failure/{RUN}/0"));
+    assert_eq!(
+        handler.input,
+        json!({
+            "run_id": RUN, "flow": "checkout", "version": 1, "status": "failed",
+            "error": {"code": "declined", "message": "declined happened", "retryable": false},
+            "input": {"order": 7},
+        })
+    );
+    assert_eq!(handler.labels.get(ON_FAILURE_OF_LABEL).map(String::as_str), Some(RUN));
+    // The handler start comes before the run's end, and the view names the handler's run.
+    let position = |wanted: fn(&Effect) -> bool| harness.effects.iter().position(wanted).expect("emitted");
+    assert!(
+        position(|e| matches!(e, Effect::StartFailureHandler(_)))
+            < position(|e| matches!(e, Effect::RunFinished { .. }))
+    );
+    let expected = RunId::from_idempotency_key("refund", &handler.idempotency_key);
+    assert_eq!(harness.run.view().on_failure_run, Some(expected));
+
+    // Redriven and failed again: a handler of its own, under the next round.
+    harness.apply(20, Event::Redriven { reason: "retry".into(), from: Vec::new(), queued: false });
+    assert_eq!(harness.run.view().on_failure_run, None);
+    harness.fail(30, "charge", None, 2, error("declined", false));
+    let again = handlers(&harness.effects);
+    assert_eq!(again.iter().map(|start| start.round).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(again[0].idempotency_key, format!("on_failure/{RUN}/1"));
+}
+
+#[test]
+fn only_the_ends_it_names_start_it_and_a_success_never() {
+    let mut succeeded = Harness::start(FLOW, json!({}), 0);
+    succeeded.succeed(5, "charge", None, 1, json!("ok"));
+    assert_eq!(succeeded.run.status(), RunStatus::Succeeded);
+    assert!(handlers(&succeeded.all_effects).is_empty());
+
+    let mut cancelled = Harness::start(FLOW, json!({}), 0);
+    cancelled.apply(5, Event::CancelRequested { reason: "user".into() });
+    assert!(handlers(&cancelled.all_effects).is_empty(), "cancelled is not in the default statuses");
+
+    let on_cancel = FLOW.replace("{ flow: refund }", "{ flow: refund, statuses: [cancelled] }");
+    let mut cancelled = Harness::start(&on_cancel, json!({}), 0);
+    cancelled.apply(5, Event::CancelRequested { reason: "user".into() });
+    assert_eq!(handlers(&cancelled.all_effects)[0].input["status"], json!("cancelled"));
+    let mut failed = Harness::start(&on_cancel, json!({}), 0);
+    failed.fail(5, "charge", None, 1, error("declined", false));
+    assert!(handlers(&failed.all_effects).is_empty(), "failed is not named");
+}
+
+#[test]
+fn the_handler_input_expression_reads_the_failure_and_the_steps() {
+    let flow = r##"
+name: checkout
+on_failure:
+  flow: refund
+  input: '#{ order: input.order, why: result.error.code, quote: steps.quote.output }'
+steps:
+  - { kind: transform, id: quote, output: '42' }
+  - { kind: task, id: charge, after: [quote], pool: cpu, task: charge, retry: { max_attempts: 1 } }
+"##;
+    let mut harness = Harness::start(flow, json!({"order": 7}), 0);
+    harness.fail(10, "charge", None, 1, error("declined", false));
+    assert_eq!(handlers(&harness.effects)[0].input, json!({"order": 7, "why": "declined", "quote": 42}));
+
+    // An input that fails to evaluate: the handler still starts, with the failure and why.
+    let broken = flow.replace("result.error.code,", "result.nothing + 1,");
+    let mut harness = Harness::start(&broken, json!({"order": 7}), 0);
+    harness.fail(10, "charge", None, 1, error("declined", false));
+    let input = &handlers(&harness.effects)[0].input;
+    assert_eq!(input["status"], json!("failed"));
+    assert!(input["input_error"].as_str().is_some_and(|why| why.starts_with("on_failure.input:")), "{input}");
+}
+
+#[test]
+fn a_handler_run_starts_no_handler_and_keeps_the_failed_runs_labels() {
+    let labels: Labels = (0..16).map(|n| (format!("k{n:02}"), n.to_string())).collect();
+    let start = RunStart { run_id: RunId(RUN.into()), input: json!({}), labels, now: 0, queued: false, start_at: None };
+    let mut effects = Vec::new();
+    let mut run = Run::start(Arc::clone(&plan(FLOW)), evaluator(), start, &mut effects);
+    let failed =
+        Event::TaskFailed { attempt: super::support::attempt("charge", None, 1), error: error("declined", false) };
+    run.apply(evaluator(), 10, &failed, &mut effects);
+    let handler = handlers(&effects).pop().expect("a handler");
+    assert_eq!(handler.labels.len(), 16, "at most 16 labels: the last one gave way to the link");
+    assert!(handler.labels.contains_key("k00") && !handler.labels.contains_key("k15"));
+
+    let handler_labels: Labels = [(ON_FAILURE_OF_LABEL.to_owned(), "other".to_owned())].into();
+    let start = RunStart {
+        run_id: RunId(RUN.into()),
+        input: json!({}),
+        labels: handler_labels,
+        now: 0,
+        queued: false,
+        start_at: None,
+    };
+    let mut effects = Vec::new();
+    let mut run = Run::start(Arc::clone(&plan(FLOW)), evaluator(), start, &mut effects);
+    run.apply(evaluator(), 10, &failed, &mut effects);
+    assert_eq!(run.status(), RunStatus::Failed);
+    assert!(handlers(&effects).is_empty(), "a handler's failure starts no handler");
+    assert_eq!(run.view().on_failure_run, None);
+}
