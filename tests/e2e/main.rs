@@ -18,6 +18,7 @@ mod harness;
 mod metrics;
 mod partition;
 mod pause;
+mod pools;
 mod publish;
 mod python;
 mod redrive;

@@ -52,12 +52,31 @@ pub enum Command {
     Shards(ShardsArgs),
     /// Coordinators, shard summary and the backlog of every pool and of durable submits.
     Status,
+    /// Worker pools: how many of a pool's tasks may be out with its workers at once.
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Serve a web UI of the grid: coordinators, backlog, flows drawn as graphs, runs step
     /// by step (read-only unless --actions).
     Ui(UiArgs),
     /// Audit a stopped grid's store for double-applied results, stale-epoch commits and
     /// history gaps (exit 1 if any).
     Audit(AuditArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Bound how many tasks of a pool are out with its workers at once, over all of them;
+    /// the others wait in the stream, in order. For a GPU pool or a paid API with a quota.
+    /// Takes effect at once, for the workers already running too.
+    Limit {
+        pool: String,
+        /// At most this many tasks out at once (1 to 20000).
+        #[arg(long, required_unless_present = "reset", conflicts_with = "reset")]
+        max_in_flight: Option<i64>,
+        /// Back to the default bound (20000).
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 #[derive(Debug, Args)]

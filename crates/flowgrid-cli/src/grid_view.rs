@@ -366,6 +366,8 @@ pub struct PoolBacklog {
     /// Pull requests open on the pool's consumer: each worker with room for more tasks
     /// keeps one open.
     pub pulls_waiting: u64,
+    /// Tasks out with the pool's workers at once, at most (`flowgrid pool limit`).
+    pub max_in_flight: i64,
 }
 
 impl PoolBacklog {
@@ -423,12 +425,13 @@ pub fn render_backlog(backlog: &Backlog) -> String {
             text.push_str("pools: none yet (a pool appears when its first worker starts)\n")
         }
         Some(pools) => {
-            let mut table = Table::new(&["POOL", "PENDING", "IN FLIGHT", "WORKERS WAITING"]);
+            let mut table = Table::new(&["POOL", "PENDING", "IN FLIGHT", "MAX IN FLIGHT", "WORKERS WAITING"]);
             for pool in pools {
                 table.row(vec![
                     pool.pool.clone(),
                     pool.pending.to_string(),
                     pool.in_flight.to_string(),
+                    pool.max_in_flight.to_string(),
                     pool.pulls_waiting.to_string(),
                 ]);
             }
@@ -643,9 +646,21 @@ mod tests {
     fn the_backlog_shows_each_pool_the_submits_and_the_triggers() {
         let backlog = Backlog {
             pools: Some(vec![
-                PoolBacklog { pool: "cpu-media".into(), pending: 0, in_flight: 3, pulls_waiting: 1 },
-                PoolBacklog { pool: "gpu-llm".into(), pending: 1_200, in_flight: 64, pulls_waiting: 0 },
-                PoolBacklog { pool: "tests".into(), pending: 2, in_flight: 0, pulls_waiting: 0 },
+                PoolBacklog {
+                    pool: "cpu-media".into(),
+                    pending: 0,
+                    in_flight: 3,
+                    pulls_waiting: 1,
+                    max_in_flight: 20_000,
+                },
+                PoolBacklog {
+                    pool: "gpu-llm".into(),
+                    pending: 1_200,
+                    in_flight: 64,
+                    pulls_waiting: 0,
+                    max_in_flight: 64,
+                },
+                PoolBacklog { pool: "tests".into(), pending: 2, in_flight: 0, pulls_waiting: 0, max_in_flight: 20_000 },
             ]),
             submit: Some(SubmitBacklog { waiting: 5, in_flight: 1 }),
             triggers: vec![TriggerBacklog {
@@ -658,10 +673,10 @@ mod tests {
         };
         assert_eq!(
             render_backlog(&backlog),
-            "POOL       PENDING  IN FLIGHT  WORKERS WAITING\n\
-             cpu-media  0        3          1\n\
-             gpu-llm    1200     64         0\n\
-             tests      2        0          0\n\
+            "POOL       PENDING  IN FLIGHT  MAX IN FLIGHT  WORKERS WAITING\n\
+             cpu-media  0        3          20000          1\n\
+             gpu-llm    1200     64         64             0\n\
+             tests      2        0          20000          0\n\
              pool tests: 2 tasks wait and no worker is pulling from it; start a worker for pool `tests`\n\
              submit: 5 waiting, 1 being started\n\
              TRIGGER OF FLOW  STREAM  SUBJECT           PENDING  IN FLIGHT\n\

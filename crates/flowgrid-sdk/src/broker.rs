@@ -157,6 +157,31 @@ pub async fn pool_consumer(
     open_consumer(tasks, &subjects.tasks_stream(), config).await
 }
 
+/// Sets how many tasks of `pool` may be out with its workers at once, over all of them (the
+/// pool consumer's `max_ack_pending`; tasks past it wait in the stream), creating the
+/// consumer if it is missing. Returns the bound it had.
+pub async fn set_pool_max_in_flight(
+    tasks: &stream::Stream,
+    subjects: &Subjects,
+    pool: &str,
+    max_in_flight: i64,
+    limits: &BrokerLimits,
+) -> Result<i64, BrokerError> {
+    let mut consumer = pool_consumer(tasks, subjects, pool, limits).await?;
+    let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BrokerError::Consumer {
+        stream: subjects.tasks_stream(),
+        name: subjects.pool_consumer(pool),
+        source,
+    };
+    let mut config = consumer.info().await.map_err(|source| consumer_error(Box::new(source)))?.config.clone();
+    let previous = config.max_ack_pending;
+    if previous != max_in_flight {
+        config.max_ack_pending = max_in_flight;
+        tasks.update_consumer(config).await.map_err(|source| consumer_error(Box::new(source)))?;
+    }
+    Ok(previous)
+}
+
 /// The durable consumer coordinators share to drain the submit stream.
 pub async fn submit_consumer(
     submit: &stream::Stream,

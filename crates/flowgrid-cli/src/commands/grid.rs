@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use flowgrid_proto::{decode, shard_key, shard_of_key, Encoding, GridConfig, ShardClaim, Subjects, GRID_KEY};
+use flowgrid_sdk::broker::{self, BrokerLimits};
 
 use crate::args::ShardsArgs;
 use crate::grid_view::{
@@ -134,6 +135,40 @@ pub(crate) fn status_text(reader: &GridReader, snapshot: Option<&GridSnapshot>, 
     text.push('\n');
     text.push_str(&render_backlog(backlog));
     text
+}
+
+/// `flowgrid pool limit`: sets how many of a pool's tasks may be out with its workers at
+/// once (`None`: back to the default).
+pub(crate) async fn pool_limit(pool: &str, max_in_flight: Option<i64>, session: &Session) -> anyhow::Result<ExitCode> {
+    let limits = BrokerLimits::default();
+    let max_in_flight = max_in_flight.unwrap_or(limits.pool_ack_pending_max);
+    if !(1..=limits.pool_ack_pending_max).contains(&max_in_flight) {
+        anyhow::bail!(
+            "--max-in-flight is {max_in_flight}; use 1 to {} (or --reset for the default)",
+            limits.pool_ack_pending_max
+        );
+    }
+    let pool_ok = !pool.is_empty() && pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !pool_ok {
+        anyhow::bail!("{pool:?} is not a pool name: use letters, digits, `-` and `_`");
+    }
+    let reader = GridReader::connect(session).await?;
+    let Some(tasks) = reader.stream(&reader.subjects.tasks_stream()).await? else {
+        anyhow::bail!(
+            "NATS at {} has no tasks stream for prefix {:?} yet: start a coordinator first",
+            reader.nats_url,
+            reader.subjects.prefix()
+        );
+    };
+    let previous = broker::set_pool_max_in_flight(&tasks, &reader.subjects, pool, max_in_flight, &limits)
+        .await
+        .with_context(|| format!("cannot set the bound of pool {pool}"))?;
+    if session.json {
+        print_json(&serde_json::json!({"pool": pool, "max_in_flight": max_in_flight, "previous": previous}))?;
+    } else {
+        outln!("pool {pool}: at most {max_in_flight} tasks out with its workers at once (it was {previous})")?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Each pool's backlog, for a hint about a run that waits; empty before the tasks stream exists.
@@ -289,6 +324,7 @@ impl GridReader {
                         pending: info.num_pending,
                         in_flight: info.num_ack_pending as u64,
                         pulls_waiting: info.num_waiting as u64,
+                        max_in_flight: info.config.max_ack_pending,
                     })
                 })
                 .collect();

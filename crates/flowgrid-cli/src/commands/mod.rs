@@ -20,7 +20,7 @@ use anyhow::Context;
 
 use flowgrid_sdk::Client;
 
-use crate::args::{Command, FlowCommand};
+use crate::args::{Command, FlowCommand, PoolCommand};
 use crate::Session;
 
 pub(crate) use grid::{not_joined_hint, status_text, GridReader, NotJoined};
@@ -37,6 +37,9 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
         Command::Members => grid::members(session).await,
         Command::Shards(args) => grid::shards(&args, session).await,
         Command::Status => grid::status(session).await,
+        Command::Pool(PoolCommand::Limit { pool, max_in_flight, reset: _ }) => {
+            grid::pool_limit(&pool, max_in_flight, session).await
+        }
         Command::Audit(args) => audit::audit(&args, session).await,
         Command::Ui(args) => crate::ui::serve(args.listen, args.actions, session).await,
     }
