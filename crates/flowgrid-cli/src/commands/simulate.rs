@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use flowgrid_engine::{Applied, Effect, Event, Run, RunStart, RunStatus, RunView, StepStatus, TaskError};
+use flowgrid_engine::{Applied, Effect, Event, HandlerStart, Run, RunStart, RunStatus, RunView, StepStatus, TaskError};
 use flowgrid_model::{parse_definition, AttemptId, Evaluator, FlowPlan, Labels, Limits, Millis, RunId};
 
 use crate::output::{now_ms, out, outln, print_json};
@@ -122,6 +122,21 @@ struct Expect {
     /// Step statuses by step id.
     #[serde(default)]
     steps: HashMap<String, StepStatus>,
+    /// The input the flow's failure handler (`on_failure`) starts with; `null` for no
+    /// handler start at all.
+    #[serde(default, deserialize_with = "some_value")]
+    on_failure: Option<Value>,
+}
+
+/// Reads a present field as `Some`, `null` included (`Some(Value::Null)`).
+fn some_value<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+/// How a case's run ended: its view, and the failure handler it started, if any.
+struct Played {
+    view: RunView,
+    handler: Option<HandlerStart>,
 }
 
 /// Runs `definition` against every case; exit 1 if any case's expectations fail or it
@@ -144,24 +159,30 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
         let text = super::read_text(path)?;
         let case: Case =
             serde_norway::from_str(&text).with_context(|| format!("{}: not a test case", path.display()))?;
-        let (view, problems) = match play(&plan, &evaluator, &case) {
-            Ok(view) => {
-                let problems = case.expect.as_ref().map(|expect| judge(expect, &view)).unwrap_or_default();
-                ran.extend(steps_ended(&view));
-                (Some(view), problems)
+        let (played, problems) = match play(&plan, &evaluator, &case) {
+            Ok(played) => {
+                let problems = case.expect.as_ref().map(|expect| judge(expect, &played)).unwrap_or_default();
+                ran.extend(steps_ended(&played.view));
+                (Some(played), problems)
             }
             Err(error) => (None, vec![format!("{error:#}")]),
         };
+        let handler = played.as_ref().and_then(|played| played.handler.as_ref());
+        let view = played.as_ref().map(|played| &played.view);
         all_passed &= problems.is_empty();
         if session.json {
+            let handler = handler.map(|handler| json!({"flow": handler.flow, "input": handler.input}));
             reports.push(json!({"case": path.display().to_string(), "passed": problems.is_empty(),
-                                "problems": problems, "run": view}));
+                                "problems": problems, "run": view, "on_failure": handler}));
             continue;
         }
         let verdict = if problems.is_empty() { "passed" } else { "FAILED" };
         outln!("== {} ({verdict})", path.display())?;
-        if let Some(view) = &view {
+        if let Some(view) = view {
             out!("{}", super::run::render_run(view))?;
+        }
+        if let Some(handler) = handler {
+            outln!("on failure: starts a run of {} with input {}", handler.flow, handler.input)?;
         }
         for problem in &problems {
             outln!("  {problem}")?;
@@ -179,7 +200,7 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
 }
 
 /// Plays one case to the run's end; its view, or why it could not end.
-fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Result<RunView> {
+fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Result<Played> {
     if let Some(schema) = &plan.input_schema {
         let issues: Vec<String> = schema.check(&case.input, "input").iter().map(ToString::to_string).collect();
         if !issues.is_empty() {
@@ -199,6 +220,7 @@ fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Res
     let mut events: VecDeque<Event> = VecDeque::new();
     let mut attempts: HashMap<(String, Option<u32>), usize> = HashMap::new();
     let mut signalled: BTreeSet<String> = BTreeSet::new();
+    let mut handler = None;
     let mut applied = 0;
     loop {
         for effect in effects.drain(..) {
@@ -245,14 +267,13 @@ fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Res
                 Effect::CancelTimer { timer, due_ms, .. } => {
                     timers.remove(&(due_ms, timer));
                 }
-                Effect::CancelChild { .. }
-                | Effect::RunFinished { .. }
-                | Effect::CacheResult { .. }
-                | Effect::StartFailureHandler(_) => {}
+                Effect::StartFailureHandler(start) => handler = Some(start),
+                // A case plays without the task cache: every attempt takes the case's answer.
+                Effect::CancelChild { .. } | Effect::RunFinished { .. } | Effect::CacheResult { .. } => {}
             }
         }
         if run.status().is_terminal() {
-            return Ok(run.view());
+            return Ok(Played { view: run.view(), handler });
         }
         if events.is_empty() {
             for step in run.view().steps {
@@ -328,7 +349,8 @@ fn task_error(error: &CaseError) -> TaskError {
 }
 
 /// Every way the run's end differs from `expect`.
-fn judge(expect: &Expect, view: &RunView) -> Vec<String> {
+fn judge(expect: &Expect, played: &Played) -> Vec<String> {
+    let view = &played.view;
     let mut problems = Vec::new();
     if let Some(status) = expect.status.filter(|status| *status != view.status) {
         problems.push(format!("expected the run to end {}, it ended {}", status.as_str(), view.status.as_str()));
@@ -354,6 +376,20 @@ fn judge(expect: &Expect, view: &RunView) -> Vec<String> {
             Some(_) => {}
         }
     }
+    let handler_input = played.handler.as_ref().map(|handler| &handler.input);
+    match (&expect.on_failure, handler_input) {
+        (None, _) | (Some(Value::Null), None) => {}
+        (Some(Value::Null), Some(got)) => {
+            problems.push(format!("expected no failure handler, it starts one with {got}"))
+        }
+        (Some(expected), None) => {
+            problems.push(format!("expected the failure handler to start with {expected}, it does not start"))
+        }
+        (Some(expected), Some(got)) if expected != got => {
+            problems.push(format!("expected the failure handler to start with {expected}, it starts with {got}"))
+        }
+        (Some(_), Some(_)) => {}
+    }
     problems
 }
 
@@ -368,6 +404,10 @@ mod tests {
     }
 
     fn play_case(flow: &str, case: &str) -> anyhow::Result<RunView> {
+        play_whole_case(flow, case).map(|played| played.view)
+    }
+
+    fn play_whole_case(flow: &str, case: &str) -> anyhow::Result<Played> {
         let case: Case = serde_norway::from_str(case).expect("a case");
         play(&plan(flow), &Evaluator::new(&Limits::default()), &case)
     }
@@ -389,8 +429,9 @@ mod tests {
             let flow = name.split('.').next().expect("the flow's name");
             let definition = std::fs::read_to_string(format!("{root}/flows/{flow}.yaml")).expect("its flow");
             let case: Case = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).expect("a case");
-            let view = play(&plan(&definition), &evaluator, &case).unwrap_or_else(|error| panic!("{name}: {error:#}"));
-            let problems = judge(case.expect.as_ref().expect("every bundled case expects"), &view);
+            let played =
+                play(&plan(&definition), &evaluator, &case).unwrap_or_else(|error| panic!("{name}: {error:#}"));
+            let problems = judge(case.expect.as_ref().expect("every bundled case expects"), &played);
             assert!(problems.is_empty(), "{name}: {problems:?}");
         }
     }
@@ -465,16 +506,42 @@ steps:
     #[test]
     fn expectations_name_every_difference() {
         let flow = "name: f\nsteps:\n  - { id: a, kind: task, pool: p, task: t }\n";
-        let view = play_case(flow, "tasks: {a: {output: 1}}\n").expect("it ends");
+        let played = play_whole_case(flow, "tasks: {a: {output: 1}}\n").expect("it ends");
         let expect = Expect {
             status: Some(RunStatus::Failed),
             output: Some(json!({"a": 2})),
             error: Some("boom".into()),
             steps: HashMap::from([("a".into(), StepStatus::Failed), ("zz".into(), StepStatus::Skipped)]),
+            on_failure: Some(json!({"x": 1})),
         };
-        let problems = judge(&expect, &view);
-        assert_eq!(problems.len(), 5, "{problems:?}");
+        let problems = judge(&expect, &played);
+        assert_eq!(problems.len(), 6, "{problems:?}");
         assert!(problems[0].contains("expected the run to end failed, it ended succeeded"), "{problems:?}");
-        assert!(judge(&Expect::default(), &view).is_empty());
+        assert!(problems[5].contains("expected the failure handler to start with {\"x\":1}, it does not start"));
+        assert!(judge(&Expect::default(), &played).is_empty());
+    }
+
+    #[test]
+    fn a_case_checks_the_input_its_failure_handler_starts_with() {
+        let flow = r#"
+name: f
+on_failure: { flow: undo, input: '#{ order: input.order, why: result.error.code }' }
+steps:
+  - { id: a, kind: task, pool: p, task: t, retry: { max_attempts: 1 } }
+"#;
+        let failing = "input: {order: 7}\ntasks: {a: {error: {code: declined}}}\n";
+        let played = play_whole_case(flow, failing).expect("it ends");
+        let handler = played.handler.as_ref().expect("the handler starts");
+        assert_eq!((handler.flow.as_str(), &handler.input), ("undo", &json!({"order": 7, "why": "declined"})));
+        let case: Case =
+            serde_norway::from_str(&format!("{failing}expect: {{on_failure: {{order: 7, why: declined}}}}\n")).unwrap();
+        assert!(judge(case.expect.as_ref().unwrap(), &played).is_empty());
+        let case: Case = serde_norway::from_str(&format!("{failing}expect: {{on_failure: null}}\n")).unwrap();
+        let problems = judge(case.expect.as_ref().unwrap(), &played);
+        assert!(problems[0].starts_with("expected no failure handler, it starts one with"), "{problems:?}");
+        // A run that succeeds starts no handler, as `on_failure: null` says.
+        let succeeding = play_whole_case(flow, "tasks: {a: {output: 1}}\n").expect("it ends");
+        assert!(succeeding.handler.is_none());
+        assert!(judge(case.expect.as_ref().unwrap(), &succeeding).is_empty());
     }
 }
