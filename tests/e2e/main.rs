@@ -5,6 +5,7 @@
 //! Build the binary first: `cargo build --bins` (make test does).
 
 mod api;
+mod async_tasks;
 mod cache;
 mod cancels;
 mod chaos;

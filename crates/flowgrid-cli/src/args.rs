@@ -55,12 +55,41 @@ pub enum Command {
     /// Worker pools: how many of a pool's tasks may be out with its workers at once.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Async tasks: complete a task whose worker handed it off with a task token.
+    #[command(subcommand)]
+    Task(TaskCommand),
     /// Serve a web UI of the grid: coordinators, backlog, flows drawn as graphs, runs step
     /// by step (read-only unless --actions).
     Ui(UiArgs),
     /// Audit a stopped grid's store for double-applied results, stale-epoch commits and
     /// history gaps (exit 1 if any).
     Audit(AuditArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Complete an async task with its output (default: null) or an error: its step takes
+    /// it as a worker's result. Exit 1 when the attempt is no longer open (completed
+    /// already, timed out, or its run ended).
+    Complete {
+        /// The task token the worker handed off (`fgt1.`...).
+        token: String,
+        /// The task's output as JSON text.
+        #[arg(long, conflicts_with_all = ["output_file", "error"])]
+        output: Option<String>,
+        /// File holding the output as JSON (`-` reads stdin).
+        #[arg(long, conflicts_with = "error")]
+        output_file: Option<PathBuf>,
+        /// Fail the attempt with this error code instead.
+        #[arg(long)]
+        error: Option<String>,
+        /// With --error: what went wrong, for people.
+        #[arg(long, requires = "error")]
+        message: Option<String>,
+        /// With --error: never retry it, whatever the step's retry policy says.
+        #[arg(long, requires = "error")]
+        not_retryable: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

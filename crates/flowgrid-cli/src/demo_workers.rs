@@ -93,11 +93,12 @@ impl DemoWorkers {
                 Ok(task.into_input())
             }
             "resume" => resume(&task).await,
+            "hand_off" => hand_off(&task).await,
             other => Err(TaskError {
                 code: "unknown_task".into(),
                 message: format!(
                     "the demo workers have no task {other:?}; known: generate, embed, transcode, thumbnail, \
-                     detect_language, echo, double, sleep, fail, flaky, count, resume"
+                     detect_language, echo, double, sleep, fail, flaky, count, resume, hand_off"
                 ),
                 retryable: false,
             }),
@@ -231,6 +232,20 @@ fn flaky(attempt: u32, input: Value) -> Result<Value, TaskError> {
 
 /// Steps a `resume` task may count to.
 const RESUME_STEPS_MAX: u64 = 1_000;
+
+/// An async task: hands the attempt off with its task token, shown as the step's progress
+/// (`run get`, the UI), for a person or another system to complete with `flowgrid task
+/// complete`. The attempt stays open until then, or until the step's `timeout_ms`.
+async fn hand_off(task: &Task) -> Result<Value, TaskError> {
+    let Some(token) = task.detach() else {
+        return Err(invalid_input("hand_off needs a task delivered by the grid".to_owned()));
+    };
+    let token = token.encode();
+    let note = format!("complete it with: flowgrid task complete {token} --output '<json>'");
+    // A lost report only hides the token; the attempt is open all the same.
+    let _ = task.report_progress(serde_json::json!({ "token": token, "note": note })).await;
+    Ok(Value::Null)
+}
 
 /// A long job that checkpoints: counts steps, reporting each, and starts where an earlier
 /// attempt's last report says it got to.

@@ -18,18 +18,21 @@ use serde::Serialize;
 use tokio::sync::OnceCell;
 use tracing::debug;
 
-use flowgrid_engine::RunView;
+use flowgrid_engine::{RunView, TaskError};
 use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
     FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, GetRunHistory, LimitList, ListFlows, ListLimits, ListRuns,
-    PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, RunCancelled, RunHistory, RunList, RunPaused, RunRedriven,
-    RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, CONTENT_TYPE_HEADER,
+    PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, ResultAck, RunCancelled, RunHistory, RunList, RunPaused,
+    RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, TaskResult,
+    CONTENT_TYPE_HEADER,
 };
+use serde_json::Value;
 
 use crate::backoff::Backoff;
 use crate::broker::{self, BrokerLimits};
 use crate::error::{Error, Result};
+use crate::token::TaskToken;
 
 /// How long one request waits for its reply.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -208,6 +211,25 @@ impl Client {
     pub async fn history(&self, run_id: &RunId, after: Option<u64>, limit: Option<u32>) -> Result<RunHistory> {
         let request = GetRunHistory { run_id: run_id.clone(), after, limit };
         self.call("run.history", &request, OnTimeout::Retry).await
+    }
+
+    /// Completes an async task (one its worker detached, see [`crate::Task::detach`]) with
+    /// its output, or its error (whose `retryable` lets the step's retry policy try again).
+    /// `Ok(true)` when the step took it; `Ok(false)` when the attempt was no longer open: it
+    /// was completed already, timed out, or its run ended (after a lost reply, a retry of
+    /// this call may also say `false` for a result the first try delivered).
+    pub async fn complete_task(
+        &self,
+        token: &TaskToken,
+        outcome: std::result::Result<Value, TaskError>,
+    ) -> Result<bool> {
+        let (output, error) = match outcome {
+            Ok(output) => (Some(output), None),
+            Err(error) => (None, Some(error)),
+        };
+        let result = TaskResult { attempt: token.attempt.clone(), output, error, progress: None };
+        let ack: ResultAck = self.call_subject(token.reply_to.clone(), &result, OnTimeout::Retry).await?;
+        Ok(ack.applied)
     }
 
     /// One page of runs, newest first; pass `next_cursor` back as `cursor` for the next.
@@ -393,7 +415,16 @@ impl Client {
         request: &Request,
         on_timeout: OnTimeout,
     ) -> Result<Response> {
-        let subject = self.subjects.api(verb);
+        self.call_subject(self.subjects.api(verb), request, on_timeout).await
+    }
+
+    /// Sends `request` on `subject` and retries as [`Client::call`] does.
+    async fn call_subject<Request: Serialize, Response: DeserializeOwned>(
+        &self,
+        subject: String,
+        request: &Request,
+        on_timeout: OnTimeout,
+    ) -> Result<Response> {
         let payload = Bytes::from(encode(Encoding::MsgPack, request)?);
         let started = Instant::now();
         let mut backoff = Backoff::new(RETRY_DELAY_FIRST, RETRY_DELAY_MAX);

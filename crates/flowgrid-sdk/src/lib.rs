@@ -15,6 +15,7 @@ mod duration;
 mod error;
 mod publisher;
 mod starts;
+mod token;
 mod worker;
 
 pub use client::{Client, Submitted, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET};
@@ -22,6 +23,7 @@ pub use duration::{parse_duration, parse_start_time, parse_time};
 pub use error::{Error, Result};
 pub use publisher::{PublishFailure, StreamPublisher, TIMEOUT_CHECK};
 pub use starts::{StartBatcher, DEFAULT_START_BATCH_MAX, DEFAULT_START_REQUESTS_MAX};
+pub use token::TaskToken;
 pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE};
 
 /// The future a [`TaskHandler`] returns.

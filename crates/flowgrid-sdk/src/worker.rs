@@ -14,6 +14,7 @@ mod report;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,7 @@ use flowgrid_proto::{
 use crate::backoff::Backoff;
 use crate::broker::{self, BrokerLimits};
 use crate::error::{Error, Result};
+use crate::token::TaskToken;
 use report::{report, Settle};
 
 /// Default tasks held at once by one worker.
@@ -67,6 +69,8 @@ pub struct Task {
     progress: Option<Arc<Value>>,
     /// Where this attempt's progress goes; `None` for a task made by hand.
     reporter: Option<Arc<ProgressReporter>>,
+    /// Set by [`Task::detach`]: the worker sends no result for this attempt.
+    detached: Arc<AtomicBool>,
 }
 
 /// The connection and subject a task's progress reports travel on.
@@ -98,7 +102,33 @@ impl Task {
             cancellation: CancellationToken::new(),
             progress: None,
             reporter: None,
+            detached: Arc::default(),
         }
+    }
+
+    /// Makes this an async task: the worker sends no result when the handler returns (what
+    /// it returns is ignored) and acks the task, and the attempt stays open until a result
+    /// comes with the token this returns ([`crate::Client::complete_task`], `flowgrid task
+    /// complete`), or until its step's `timeout_ms`. Hand the token to whatever finishes
+    /// the work; reporting it with [`Task::report_progress`] shows it with the step. `None`
+    /// for a task made by hand (it has nowhere to send a result).
+    ///
+    /// A detached task counts no more against the worker's concurrency or the pool's
+    /// bound. Like any task it may be delivered again (after a coordinator takeover), and
+    /// then detached again with the same attempt: completing either token completes it.
+    pub fn detach(&self) -> Option<TaskToken> {
+        let reporter = self.reporter.as_ref()?;
+        self.detached.store(true, Ordering::Relaxed);
+        Some(TaskToken {
+            attempt: self.attempt.clone(),
+            reply_to: reporter.reply_to.clone(),
+            deadline_ms: self.deadline_ms,
+        })
+    }
+
+    /// Whether [`Task::detach`] was called.
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Relaxed)
     }
 
     /// The same task, resuming from `progress` (what an earlier attempt reported).
@@ -521,10 +551,15 @@ async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
     let mut task = Task::new(attempt.clone(), &*pool, &*task, input, deadline_ms).with_progress(progress);
     task.reporter = Some(reporter);
     let _running = shared.running.enter(&mut task);
+    let detached = Arc::clone(&task.detached);
     let Some(outcome) = run_handler(shared.handler.clone(), task).await else {
         debug!(attempt = %attempt, "task cancelled by its run; acking it without a result");
         return Settle::Ack;
     };
+    if detached.load(Ordering::Relaxed) {
+        debug!(attempt = %attempt, "async task detached; its result comes with its token");
+        return Settle::Ack;
+    }
     let result = match outcome {
         Ok(output) => TaskResult { attempt, output: Some(output), error: None, progress: None },
         Err(error) => TaskResult { attempt, output: None, error: Some(error), progress: None },

@@ -40,6 +40,7 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
         Command::Pool(PoolCommand::Limit { pool, max_in_flight, reset: _ }) => {
             grid::pool_limit(&pool, max_in_flight, session).await
         }
+        Command::Task(command) => run::complete_task(command, &connect(session).await?, session).await,
         Command::Audit(args) => audit::audit(&args, session).await,
         Command::Ui(args) => crate::ui::serve(args.listen, args.actions, session).await,
     }

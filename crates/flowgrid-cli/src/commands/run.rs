@@ -13,7 +13,7 @@ use flowgrid_sdk::{Client, ErrorCode};
 
 use super::grid::pool_backlogs;
 use super::many::{for_each_run, matching_runs, Verb};
-use crate::args::{signal_target, RunCommand, RunInput, RunSelection, SignalTarget};
+use crate::args::{signal_target, RunCommand, RunInput, RunSelection, SignalTarget, TaskCommand};
 use crate::grid_view::no_worker_hint;
 use crate::output::{self, duration_ms, item_counts, now_ms, out, outln, print_json, span, utc_time, Table};
 use crate::Session;
@@ -345,6 +345,42 @@ fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow:
     let RunInput { input, input_file, idempotency_key, labels, at } = input;
     let input = json_argument("--input", input, input_file)?;
     Ok(StartRun { flow, version, input, idempotency_key, labels: labels.into_iter().collect(), start_at_ms: at })
+}
+
+/// `flowgrid task complete`: sends an async task's result with its token.
+pub(super) async fn complete_task(
+    command: TaskCommand,
+    client: &Client,
+    session: &Session,
+) -> anyhow::Result<ExitCode> {
+    let TaskCommand::Complete { token, output, output_file, error, message, not_retryable } = command;
+    let token = flowgrid_sdk::TaskToken::decode(&token).map_err(|problem| anyhow::anyhow!("{problem}"))?;
+    let outcome = match error {
+        Some(code) => Err(flowgrid_sdk::TaskError {
+            code,
+            message: message.unwrap_or_else(|| "failed as its task token was completed".to_owned()),
+            retryable: !not_retryable,
+        }),
+        None => Ok(json_argument("--output", output, output_file)?),
+    };
+    let applied = client.complete_task(&token, outcome).await?;
+    let attempt = &token.attempt;
+    let item = attempt.item.map(|item| format!("[{item}]")).unwrap_or_default();
+    if session.json {
+        print_json(&serde_json::json!({"attempt": attempt, "applied": applied}))?;
+    } else if applied {
+        outln!("step {}{item} of run {} took the result (attempt {})", attempt.step, attempt.run_id, attempt.attempt)?;
+    } else {
+        outln!(
+            "not applied: attempt {} of step {}{item} of run {} is no longer open (completed already, timed out, or \
+             its run ended; `flowgrid run get {}` shows it)",
+            attempt.attempt,
+            attempt.step,
+            attempt.run_id,
+            attempt.run_id
+        )?;
+    }
+    Ok(if applied { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// A JSON value given as text (`flag`) or in a file (`-` for stdin); null when neither.
