@@ -116,10 +116,14 @@ impl TaskCache {
         if open_failed.is_some_and(|failed| failed.elapsed() < OPEN_RETRY) {
             return None;
         }
-        let opened = self
-            .bucket
-            .get_or_try_init(|| broker::task_cache_kv(&self.jetstream, &self.subjects, self.max_bytes, MAX_AGE))
-            .await;
+        let open = || async {
+            let opened = broker::task_cache_kv(&self.jetstream, &self.subjects, self.max_bytes, MAX_AGE);
+            match tokio::time::timeout(REQUEST_TIMEOUT, opened).await {
+                Ok(opened) => opened.map_err(|error| error.to_string()),
+                Err(_) => Err(format!("no answer from NATS within {REQUEST_TIMEOUT:?}")),
+            }
+        };
+        let opened = self.bucket.get_or_try_init(open).await;
         match opened {
             Ok(bucket) => {
                 *open_failed = None;
