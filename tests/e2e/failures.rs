@@ -183,8 +183,9 @@ async fn a_failed_run_starts_its_flows_failure_handler_once_with_its_labels() ->
     let label = format!("flowgrid.on_failure_of={}", run.run_id);
     let (ok, text, _) = grid.cli(&["run", "list", "--label", &label])?;
     assert!(ok && text.lines().count() == 2 && text.contains(handler_id.as_str()), "{text}");
-    let (ok, text, _) = grid.cli(&["run", "get", &run.run_id.0])?;
+    let (ok, text, hints) = grid.cli(&["run", "get", &run.run_id.0])?;
     assert!(ok && text.contains(&format!("handler   run {handler_id} (its flow's on_failure)")), "{text}");
+    assert!(hints.contains(&format!("flowgrid run history {}", run.run_id)), "{hints}");
 
     // Redriven and failed again: a second handler run, for that end.
     client.redrive(&run.run_id, "card updated").await.or_logs(&grid)?;

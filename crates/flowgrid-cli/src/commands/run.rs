@@ -502,6 +502,9 @@ fn print_run(view: &RunView, session: &Session) -> anyhow::Result<()> {
         return print_json(view);
     }
     out!("{}", render_run(view))?;
+    if view.error.is_some() {
+        eprintln!("hint: every attempt, its error and when: flowgrid run history {}", view.run_id);
+    }
     Ok(())
 }
 
