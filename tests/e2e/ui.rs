@@ -282,5 +282,26 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     .await?;
     let (_, page) = http_get(&addr, &run_path)?;
     assert!(page.contains("Redriven") && page.contains("once, last at"), "{page}");
+
+    // A step handed off as an async task is completed from its run's page, once.
+    let review = "name: review\nsteps:\n  - { id: check, kind: task, pool: a, task: hand_off, timeout_ms: 60000 }\n";
+    deploy(&grid, &client, review).await?;
+    let run_id = client.start(StartRun { flow: "review".into(), ..Default::default() }).await?.run_id;
+    let run_path = format!("/runs/{run_id}");
+    let task_token = wait_for("the task token", RUN_DEADLINE, || async {
+        let view = client.get(&run_id).await.ok()?;
+        flowgrid_tests::step(&view, "check").progress.as_ref()?["token"].as_str().map(str::to_owned)
+    })
+    .await?;
+    let (_, page) = http_get(&addr, &run_path)?;
+    assert!(page.contains("was handed off as an async task") && page.contains("Complete the task"), "{page}");
+    let complete =
+        form(&[("token", &token), ("task_token", &task_token), ("output", r#"{"ok": true}"#), ("error", "")]);
+    let (status, _, page) = http_post_form(&addr, &format!("{run_path}/complete"), &complete)?;
+    assert_eq!(status, 303, "{page}");
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"check": {"ok": true}}))));
+    let (status, _, page) = http_post_form(&addr, &format!("{run_path}/complete"), &complete)?;
+    assert!(status == 409 && page.contains("not applied"), "{status}: {page}");
     Ok(())
 }

@@ -62,6 +62,7 @@ pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) 
         .route("/runs", get(runs).post(start))
         .route("/runs/{run_id}", get(run))
         .route("/runs/{run_id}/signal", post(signal))
+        .route("/runs/{run_id}/complete", post(complete))
         .route("/runs/{run_id}/cancel", post(cancel))
         .route("/runs/{run_id}/redrive", post(redrive))
         .route("/runs/{run_id}/pause", post(pause))
@@ -271,6 +272,47 @@ async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form
     };
     let signalled = ui.client.signal(&RunId(run_id.clone().into()), form.step, data).await;
     after_action(signalled, |_| format!("/runs/{run_id}"))
+}
+
+#[derive(Deserialize)]
+struct CompleteForm {
+    token: String,
+    /// The async task's token, as its step's progress shows it.
+    task_token: String,
+    #[serde(default)]
+    output: String,
+    /// An error code: fail the attempt instead (not retried).
+    #[serde(default)]
+    error: String,
+}
+
+/// Completes a step handed off as an async task, with an output or an error code.
+async fn complete(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<CompleteForm>) -> Response {
+    if let Some(refused) = ui.refusal(&form.token) {
+        return refused;
+    }
+    let task_token = match flowgrid_sdk::TaskToken::decode(&form.task_token) {
+        Ok(task_token) => task_token,
+        Err(problem) => return failure(StatusCode::BAD_REQUEST, &problem),
+    };
+    let outcome = match form.error.trim() {
+        "" => match json_field("output", &form.output) {
+            Ok(output) => Ok(output),
+            Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
+        },
+        code => Err(flowgrid_sdk::TaskError {
+            code: code.to_owned(),
+            message: "failed from the web UI".to_owned(),
+            retryable: false,
+        }),
+    };
+    match ui.client.complete_task(&task_token, outcome).await {
+        Ok(false) => failure(
+            StatusCode::CONFLICT,
+            "not applied: the task's attempt is no longer open (completed already, timed out, or its run ended)",
+        ),
+        completed => after_action(completed, |_| format!("/runs/{run_id}")),
+    }
 }
 
 /// A form that carries nothing but the token (cancel, pause, resume).

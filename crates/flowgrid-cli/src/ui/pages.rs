@@ -406,8 +406,18 @@ pub fn run(
                 || (running && step.status == StepStatus::Pending && step.output.is_none() && keeps_early(&step.id))
         })
         .collect();
+    // Task steps handed off as async tasks that report their token as progress (`token`).
+    let handed_off: Vec<(&StepView, &str)> = view
+        .steps
+        .iter()
+        .filter(|step| step.kind == "task" && step.status == StepStatus::Running)
+        .filter_map(|step| {
+            let token = step.progress.as_ref()?.get("token")?.as_str()?;
+            token.starts_with("fgt1.").then_some((step, token))
+        })
+        .collect();
     // A page with a form to fill in does not reload under the user's hands.
-    let refresh = running && (actions.is_none() || signals.is_empty());
+    let refresh = running && (actions.is_none() || (signals.is_empty() && handed_off.is_empty()));
     layout(
         &format!("Run {}", view.run_id),
         refresh,
@@ -471,6 +481,22 @@ pub fn run(
                         }
                     } @else {
                         ": " code { "flowgrid run signal " (view.run_id) " " (step.id) " --data JSON" }
+                    }
+                }
+            }
+            @for (step, task_token) in &handed_off {
+                div.notice {
+                    "Step " strong { (step.id) } " was handed off as an async task and waits for its result"
+                    @if let Some(token) = actions {
+                        form.action method="post" action=(format!("/runs/{}/complete", view.run_id)) {
+                            input type="hidden" name="token" value=(token);
+                            input type="hidden" name="task_token" value=(task_token);
+                            label { "Output (JSON) " textarea name="output" rows="2" placeholder="null" {} }
+                            label { " or fail it with the error code " input name="error" size="16" {} }
+                            button type="submit" { "Complete the task" }
+                        }
+                    } @else {
+                        ": " code { "flowgrid task complete " (task_token) " --output JSON" }
                     }
                 }
             }
