@@ -1,8 +1,6 @@
 //! Async tasks: a worker hands an attempt off with its task token, and another process
 //! completes it later.
 
-use std::time::Duration;
-
 use flowgrid_sdk::{RunId, RunStatus, StartRun};
 use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::{json, Value};
@@ -37,12 +35,13 @@ async fn an_async_task_waits_for_its_token_and_takes_the_result_sent_with_it_onc
     let (run_id, token) = handed_off(&grid, &client).await?;
     assert!(token.starts_with("fgt1."), "{token}");
     // The worker acked the task: it holds nothing while the attempt waits for its token.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for("the handed-off task to leave the pool", RUN_DEADLINE, || async {
+        let (ok, text, _) = grid.cli(&["--json", "status"]).ok()?;
+        let status: Value = serde_json::from_str(&text).ok().filter(|_| ok)?;
+        (status["backlog"]["pools"][0]["in_flight"] == json!(0)).then_some(())
+    })
+    .await?;
     assert_eq!(client.get(&run_id).await.or_logs(&grid)?.status, RunStatus::Running);
-    let (ok, text, _) = grid.cli(&["--json", "status"])?;
-    assert!(ok, "{text}");
-    let status: Value = serde_json::from_str(&text)?;
-    assert_eq!(status["backlog"]["pools"][0]["in_flight"], json!(0), "{status}");
 
     let (ok, text, errors) = grid.cli(&["task", "complete", &token, "--output", r#"{"approved": true}"#])?;
     assert!(ok, "{text}{errors}");

@@ -148,8 +148,7 @@ pub(crate) async fn pool_limit(pool: &str, max_in_flight: Option<i64>, session: 
             limits.pool_ack_pending_max
         );
     }
-    let pool_ok = !pool.is_empty() && pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !pool_ok {
+    if !flowgrid_model::is_name(pool) {
         anyhow::bail!("{pool:?} is not a pool name: use letters, digits, `-` and `_`");
     }
     let reader = GridReader::connect(session).await?;

@@ -68,8 +68,7 @@ pub(crate) async fn worker(args: WorkerArgs, session: &Session) -> anyhow::Resul
 
 fn validate_worker(args: &WorkerArgs) -> anyhow::Result<()> {
     for pool in &args.pools {
-        let valid = !pool.is_empty() && pool.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !valid {
+        if !flowgrid_model::is_name(pool) {
             bail!("--pools: {pool:?} is not a pool name; use letters, digits, '-' and '_', comma-separated");
         }
     }

@@ -19,13 +19,13 @@ use crate::{Effect, HandlerStart, RunStatus};
 impl Run {
     /// The id of the handler run this run's end starts, if it starts one.
     pub fn failure_handler_run(&self) -> Option<RunId> {
-        let (flow, key) = self.handler_key()?;
+        let (flow, _, key) = self.handler_key()?;
         Some(RunId::from_idempotency_key(flow, &key))
     }
 
-    /// The handler's flow and the start's idempotency key, when the run ended in a status
-    /// its flow's `on_failure` takes and is not a handler itself.
-    fn handler_key(&self) -> Option<(&str, String)> {
+    /// The handler's flow, the run's round and the start's idempotency key, when the run
+    /// ended in a status its flow's `on_failure` takes and is not a handler itself.
+    fn handler_key(&self) -> Option<(&str, u32, String)> {
         let handler = self.plan.on_failure.as_ref()?;
         let end = match self.status {
             RunStatus::Failed => FailureEnd::Failed,
@@ -38,12 +38,12 @@ impl Run {
             return None;
         }
         let round = self.redriven().map_or(0, |redriven| redriven.times);
-        Some((&handler.flow, format!("on_failure/{}/{round}", self.run_id)))
+        Some((&handler.flow, round, format!("on_failure/{}/{round}", self.run_id)))
     }
 
     /// Asks the driver to start the failure handler, if the run's end starts one.
     pub(super) fn start_failure_handler(&self, context: &mut Context<'_>) {
-        let Some((flow, idempotency_key)) = self.handler_key() else { return };
+        let Some((flow, round, idempotency_key)) = self.handler_key() else { return };
         let handler = self.plan.on_failure.as_ref().expect("a handler key needs a handler");
         let failure = json!({
             "run_id": self.run_id,
@@ -76,7 +76,7 @@ impl Run {
         labels.insert(ON_FAILURE_OF_LABEL.to_owned(), self.run_id.to_string());
         context.effects.push(Effect::StartFailureHandler(HandlerStart {
             failed: self.run_id.clone(),
-            round: self.redriven().map_or(0, |redriven| redriven.times),
+            round,
             flow: flow.to_owned(),
             input,
             idempotency_key,

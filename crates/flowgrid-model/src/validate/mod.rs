@@ -12,6 +12,8 @@
 mod expressions;
 mod graph;
 mod rules;
+
+pub use self::rules::is_name;
 #[cfg(test)]
 mod tests;
 

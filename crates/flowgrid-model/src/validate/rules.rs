@@ -521,3 +521,9 @@ fn is_expression_keyword(id: &str) -> bool {
 fn is_name_character(character: char) -> bool {
     character.is_ascii_alphanumeric() || character == '-' || character == '_'
 }
+
+/// Whether `name` can name a flow, a pool or a task: one subject token of letters,
+/// digits, `-` and `_` (the rule `check_name` applies, without its length bound).
+pub fn is_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(is_name_character)
+}
