@@ -32,6 +32,7 @@ contract_tests!(
     scan_orders_limits_and_stays_in_range,
     clear_and_clear_range_remove_keys,
     chunked_record_round_trips_at_1_1_megabytes,
+    scan_records_pages_whole_records,
     shards_are_independent,
     committed_data_survives_reopening,
 );

@@ -221,6 +221,19 @@ fn decode_chunk_key(key: &[u8]) -> Result<Chunk> {
     Ok(Chunk { record_key: key[..key.len() - suffix_len].to_vec(), index, count })
 }
 
+/// How many of `pairs`, scanned forward through chunked records, form whole records: all
+/// of them unless the last record's last chunk is missing (a scan limit cut it), then the
+/// pairs before that record's first chunk.
+pub(crate) fn whole_records_len(pairs: &[(Key, Value)]) -> Result<usize> {
+    let Some((last_key, _)) = pairs.last() else { return Ok(0) };
+    let last = decode_chunk_key(last_key)?;
+    if last.index + 1 == last.count {
+        return Ok(pairs.len());
+    }
+    // Tuple encoding is prefix-free: only this record's chunk keys start with its key.
+    Ok(pairs.iter().rposition(|(key, _)| !key.starts_with(&last.record_key)).map_or(0, |before| before + 1))
+}
+
 /// Joins the chunks of one record, as scanned from [`keys::chunks_range`] (in either
 /// order). `Ok(None)` when there are no chunks (the record does not exist); an error names
 /// the key when chunks are missing, belong to different records or are malformed (which

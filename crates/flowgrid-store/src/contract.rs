@@ -18,7 +18,10 @@
 
 use flowgrid_model::{Epoch, RunId, ShardId};
 
-use crate::{join_chunks, join_records, keys, Error, Key, KeyRange, ShardStore, Store, StoreLimits, Value, WriteBatch};
+use crate::{
+    join_chunks, join_records, keys, Error, Key, KeyRange, RecordPage, ShardStore, Store, StoreLimits, Value,
+    WriteBatch,
+};
 
 /// Runs every contract test in turn against stores from `make`.
 pub async fn run_all<S: Store>(make: impl Fn() -> S) {
@@ -30,6 +33,7 @@ pub async fn run_all<S: Store>(make: impl Fn() -> S) {
     scan_orders_limits_and_stays_in_range(&make).await;
     clear_and_clear_range_remove_keys(&make).await;
     chunked_record_round_trips_at_1_1_megabytes(&make).await;
+    scan_records_pages_whole_records(&make).await;
     shards_are_independent(&make).await;
     committed_data_survives_reopening(&make).await;
 }
@@ -338,6 +342,52 @@ pub async fn chunked_record_round_trips_at_1_1_megabytes<S: Store>(make: impl Fn
         assert_eq!(keys::decode_history(key).unwrap(), (run.clone(), seq), "history records in seq order");
         assert!(*value == pattern(seq as usize * 90_000, seq), "history record {seq} differs");
     }
+}
+
+/// `scan_records` pages through records of one to three chunks: every record whole, in
+/// order, none twice or missed, pages of at most `limit` records (a record larger than the
+/// page's first scan included), ending before `bytes_max`, and `more` false only on the last.
+pub async fn scan_records_pages_whole_records<S: Store>(make: impl Fn() -> S) {
+    let limits = StoreLimits::default();
+    let store = make();
+    let shard = open(&store, ShardId(109)).await;
+    let epoch = shard.acquire().await.unwrap();
+    let run = run_id("run-paged");
+    // Records 1..=7 of 1, 3, 1, 1, 2, 1 and 1 chunks: ten keys.
+    let sizes = [100, 250_000, 120, 130, 150_000, 140, 150];
+    let mut batch = WriteBatch::new();
+    for (index, size) in sizes.iter().enumerate() {
+        let seq = index as u64 + 1;
+        batch.set_chunked(&keys::history(&run, seq), &pattern(*size, seq), &limits);
+    }
+    commit_ok(&shard, epoch, batch).await;
+    let all = join_records(scan(&shard, keys::history_range(&run), usize::MAX, false).await).unwrap();
+    assert_eq!(all.len(), 7);
+
+    for (limit, bytes_max) in
+        [(1, usize::MAX), (2, usize::MAX), (5, usize::MAX), (7, usize::MAX), (100, usize::MAX), (3, 1)]
+    {
+        let mut read = Vec::new();
+        let mut begin = keys::history_range(&run).begin;
+        loop {
+            let range = KeyRange { begin: begin.clone(), end: keys::history_range(&run).end };
+            let RecordPage { records, more } = shard
+                .scan_records(range, limit, bytes_max)
+                .await
+                .unwrap_or_else(|error| panic!("scan_records (limit {limit}) failed: {error}"));
+            let expected_len = if bytes_max == 1 { 1 } else { limit.min(all.len() - read.len()) };
+            assert_eq!(records.len(), expected_len, "page {} with limit {limit}, bytes_max {bytes_max}", read.len());
+            read.extend(records);
+            assert_eq!(more, read.len() < all.len(), "more after {} of 7 records (limit {limit})", read.len());
+            if !more {
+                break;
+            }
+            begin = keys::chunks_range(&read.last().unwrap().0).end;
+        }
+        assert!(read == all, "paging with limit {limit}, bytes_max {bytes_max} read other records than one scan");
+    }
+    let empty = shard.scan_records(keys::history_range(&run_id("run-none")), 10, usize::MAX).await.unwrap();
+    assert_eq!(empty, RecordPage::default(), "an empty range is an empty page with nothing more");
 }
 
 /// Two shards of one store have separate epochs and separate keys.

@@ -131,6 +131,15 @@ impl KeyRange {
     }
 }
 
+/// A page of whole chunked records from [`ShardStore::scan_records`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordPage {
+    /// `(record key, value)` pairs in key order, each record's chunks joined.
+    pub records: Vec<(Key, Value)>,
+    /// True when the range holds records past the page.
+    pub more: bool,
+}
+
 /// Opens shards. One per process; cheap to share.
 pub trait Store: Send + Sync + 'static {
     type Shard: ShardStore;
@@ -182,6 +191,59 @@ pub trait ShardStore: Send + Sync + 'static {
                 return Ok(Some(value));
             }
             join_chunks(self.scan(keys::chunks_range(record_key), usize::MAX, false).await?)
+        }
+    }
+
+    /// Up to `limit` (at least one) whole chunked records of `range` in key order (a run's
+    /// history records, for example), ending before a record that would take the page's
+    /// values past `bytes_max` (the first record always comes). Scans about as many keys as
+    /// the page holds, however long the range: the way to read a long range a page at a time.
+    fn scan_records(
+        &self,
+        range: KeyRange,
+        limit: usize,
+        bytes_max: usize,
+    ) -> impl Future<Output = Result<RecordPage>> + Send {
+        async move {
+            let limit = limit.max(1);
+            let mut page = RecordPage::default();
+            let mut bytes = 0;
+            let mut begin = range.begin;
+            // Records are usually one key each; one more key says whether more follow.
+            let mut window = limit + 1;
+            loop {
+                let mut pairs = self.scan(KeyRange { begin, end: range.end.clone() }, window, false).await?;
+                let exhausted = pairs.len() < window;
+                let whole = if exhausted { pairs.len() } else { batch::whole_records_len(&pairs)? };
+                if whole == 0 {
+                    let Some((first, _)) = pairs.into_iter().next() else { return Ok(page) };
+                    // One record has more chunks than the window held.
+                    begin = first;
+                    window *= 2;
+                    continue;
+                }
+                pairs.truncate(whole);
+                // The smallest key after the last whole record's last chunk.
+                begin = pairs[whole - 1].0.clone();
+                begin.push(0);
+                for (key, value) in join_records(pairs)? {
+                    if page.records.len() == limit || (!page.records.is_empty() && bytes + value.len() > bytes_max) {
+                        page.more = true;
+                        return Ok(page);
+                    }
+                    bytes += value.len();
+                    page.records.push((key, value));
+                }
+                if exhausted {
+                    return Ok(page);
+                }
+                if page.records.len() == limit {
+                    // The window ended short of the range's end, so a record follows.
+                    page.more = true;
+                    return Ok(page);
+                }
+                window = limit - page.records.len() + 1;
+            }
         }
     }
 }

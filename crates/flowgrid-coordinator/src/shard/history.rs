@@ -3,13 +3,14 @@
 //!
 //! The read goes to the store beside the actor: it sees what is committed, and a long
 //! history (a map of 10,000 items has over 20,000 records) does not hold the shard's
-//! batch.
+//! batch. A page scans only its own records, so reading a long history page by page costs
+//! what the history holds.
 
 use std::sync::Arc;
 
 use flowgrid_model::RunId;
 use flowgrid_proto::{ApiError, HistoryRecord, HistoryStart, RunHistory};
-use flowgrid_store::{join_records, keys, KeyRange, ShardStore};
+use flowgrid_store::{keys, KeyRange, ShardStore};
 
 use super::actor::ShardActor;
 use super::runs::{internal, not_found, read_failure};
@@ -47,23 +48,17 @@ async fn history_page<S: ShardStore>(
             None => return Ok(RunHistory { run_id, records: Vec::new(), next: None }),
         },
     };
-    let pairs = store.scan(KeyRange { begin, end: whole.end }, usize::MAX, false).await.map_err(read_failure)?;
-    let stored = join_records(pairs).map_err(internal)?;
-    if stored.is_empty() && after.is_none() {
+    let stored =
+        store.scan_records(KeyRange { begin, end: whole.end }, limit, PAGE_BYTES_MAX).await.map_err(read_failure)?;
+    if stored.records.is_empty() && after.is_none() {
         return Err(not_found(&run_id));
     }
-    let mut page = Vec::new();
-    let mut bytes = 0;
-    let mut next = None;
-    for (key, value) in &stored {
-        if page.len() == limit.max(1) || (!page.is_empty() && bytes + value.len() > PAGE_BYTES_MAX) {
-            next = page.last().map(|record: &HistoryRecord| record.seq);
-            break;
-        }
-        bytes += value.len();
+    let mut page = Vec::with_capacity(stored.records.len());
+    for (key, value) in &stored.records {
         let (_, seq) = keys::decode_history(key).map_err(internal)?;
         page.push(history_record(seq, value).map_err(internal)?);
     }
+    let next = if stored.more { page.last().map(|record| record.seq) } else { None };
     Ok(RunHistory { run_id, records: page, next })
 }
 
