@@ -73,6 +73,9 @@ pub struct GridArgs {
     /// Target a running grid at this NATS URL instead of starting one.
     #[arg(long, env = "FLOWGRID_LT_NATS_URL")]
     pub nats_url: Option<String>,
+    /// Credentials and TLS for a running grid's nats-server.
+    #[command(flatten)]
+    pub nats: flowgrid_sdk::NatsOptions,
     /// Subject prefix of the grid.
     #[arg(long, env = "FLOWGRID_LT_PREFIX", default_value = flowgrid_proto::DEFAULT_PREFIX)]
     pub prefix: String,

@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use flowgrid_sdk::NatsOptions;
 use flowgrid_testkit::{free_port, nats_server_bin, scrape_metrics, wait_for_port, write_nats_config, Netns, Process};
 
 use crate::args::GridArgs;
@@ -23,6 +24,8 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 /// The grid a command measures.
 pub struct Grid {
     pub nats_url: String,
+    /// Credentials and TLS of a running grid's nats-server (none for one started here).
+    nats_options: NatsOptions,
     pub prefix: String,
     coordinator_pids: Vec<u32>,
     /// The metrics endpoints of the coordinators this harness started.
@@ -39,6 +42,7 @@ impl Grid {
         match &args.nats_url {
             Some(url) => Ok(Grid {
                 nats_url: url.clone(),
+                nats_options: args.nats.clone(),
                 prefix: args.prefix.clone(),
                 coordinator_pids: args.coordinator_pid.into_iter().collect(),
                 metrics_addrs: Vec::new(),
@@ -85,6 +89,7 @@ impl Grid {
         }
         let mut grid = Grid {
             nats_url,
+            nats_options: NatsOptions::default(),
             prefix: args.prefix.clone(),
             coordinator_pids: coordinators.iter().map(Process::pid).collect(),
             metrics_addrs,
@@ -137,7 +142,7 @@ impl Grid {
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client> {
-        connect(&self.nats_url, name).await
+        connect(&self.nats_url, &self.nats_options, name).await
     }
 
     pub async fn client(&self) -> Result<flowgrid_sdk::Client> {
@@ -193,12 +198,8 @@ fn work_dir(keep: Option<&Path>, prefix: &str) -> Result<(Option<tempfile::TempD
 }
 
 /// A NATS connection named `name` (the name shows in the server's connection list).
-async fn connect(nats_url: &str, name: &str) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .connect(nats_url)
-        .await
-        .with_context(|| format!("connect to NATS at {nats_url}"))
+async fn connect(nats_url: &str, options: &NatsOptions, name: &str) -> Result<async_nats::Client> {
+    Ok(options.connect(nats_url, name).await?)
 }
 
 /// VmRSS of a process, in KiB.
@@ -552,7 +553,7 @@ impl Cluster {
     }
 
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client> {
-        connect(&self.nats_url, name).await
+        connect(&self.nats_url, &NatsOptions::default(), name).await
     }
 
     pub async fn client(&self, name: &str) -> Result<flowgrid_sdk::Client> {

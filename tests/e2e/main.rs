@@ -26,6 +26,7 @@ mod redrive;
 mod results;
 mod retention;
 mod schedules;
+mod secured;
 mod signals;
 mod store_failure;
 mod subflows;

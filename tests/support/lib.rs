@@ -66,6 +66,10 @@ pub struct Grid {
     pub nats: Process,
     pub coordinators: Vec<Process>,
     pub workers: Vec<Process>,
+    /// Variables every `flowgrid` process of the grid gets (a secured grid's credentials).
+    pub env: Vec<(String, String)>,
+    /// Credentials and TLS of the test's own connections.
+    pub nats_options: flowgrid_sdk::NatsOptions,
 }
 
 impl Grid {
@@ -97,6 +101,8 @@ impl Grid {
             nats,
             coordinators: Vec::new(),
             workers: Vec::new(),
+            env: Vec::new(),
+            nats_options: flowgrid_sdk::NatsOptions::default(),
         })
     }
 
@@ -177,6 +183,7 @@ impl Grid {
             .arg(self.data_dir())
             .args(["--shards", &self.shards.to_string()])
             .args(more)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .env("FLOWGRID_LOG", "flowgrid=debug,info");
         if !more.contains(&"--metrics-addr") {
             command.args(["--metrics-addr", "off"]);
@@ -251,7 +258,8 @@ impl Grid {
             Command::new(flowgrid_bin())
                 .arg("worker")
                 .args(["--nats-url", &self.nats_url, "--prefix", &self.prefix])
-                .args(["--pools", &pools.join(","), "--concurrency", &concurrency.to_string(), "--speed", "0"]),
+                .args(["--pools", &pools.join(","), "--concurrency", &concurrency.to_string(), "--speed", "0"])
+                .envs(self.env.iter().map(|(name, value)| (name, value))),
             self.dir.path(),
         )?;
         self.workers.push(process);
@@ -259,7 +267,7 @@ impl Grid {
     }
 
     pub async fn nats_client(&self) -> Result<async_nats::Client> {
-        Ok(async_nats::connect(&self.nats_url).await?)
+        Ok(self.nats_options.connect(&self.nats_url, "flowgrid-test").await?)
     }
 
     pub async fn client(&self) -> Result<flowgrid_sdk::Client> {
@@ -295,6 +303,7 @@ impl Grid {
         let output = Command::new(flowgrid_bin())
             .args(["--nats-url", &self.nats_url, "--prefix", &self.prefix])
             .args(args)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .output()?;
         let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
         Ok((output.status.success(), text(&output.stdout), text(&output.stderr)))

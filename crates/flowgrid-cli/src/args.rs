@@ -12,7 +12,7 @@ use flowgrid_coordinator::CoordinatorConfig;
 use flowgrid_engine::RunStatus;
 use flowgrid_model::Millis;
 use flowgrid_proto::ListRuns;
-use flowgrid_sdk::{parse_duration, parse_start_time, parse_time};
+use flowgrid_sdk::{parse_duration, parse_start_time, parse_time, NatsOptions};
 
 /// flowgrid: flow orchestration and task dispatch over NATS.
 #[derive(Debug, Parser)]
@@ -27,6 +27,8 @@ pub struct Cli {
     /// Print replies as JSON (for scripts) instead of tables.
     #[arg(long, global = true, env = "FLOWGRID_JSON")]
     pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOptions,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -56,10 +56,19 @@ fn report_refusal(refusal: &ApiError, session: &Session) -> ExitCode {
 }
 
 fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
-    let start_nats = |url: &str| format!("is nats-server running at {url}? start one with `make up`");
+    // Refused credentials or a failed TLS handshake are explained by the error itself.
+    let start_nats = |url: &str, source: &async_nats::ConnectError| {
+        use async_nats::ConnectErrorKind::{Io, TimedOut};
+        matches!(source.kind(), Io | TimedOut).then(|| {
+            format!(
+                "is nats-server running at {url}? start one with `make up`; a server that requires TLS needs \
+                 --nats-tls or --nats-tls-ca"
+            )
+        })
+    };
     if let Some(sdk_error) = find::<flowgrid_sdk::Error>(error) {
         return match sdk_error {
-            flowgrid_sdk::Error::Connect { url, .. } => Some(start_nats(url)),
+            flowgrid_sdk::Error::Connect { url, source } => start_nats(url, source),
             flowgrid_sdk::Error::Broker(_) => {
                 Some("start nats-server with JetStream enabled (`nats-server -js`)".into())
             }
@@ -86,8 +95,10 @@ fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
     if let Some(not_joined) = find::<NotJoined>(error) {
         return Some(not_joined_hint(not_joined));
     }
-    if let Some(flowgrid_coordinator::Error::Connect { url, .. }) = find::<flowgrid_coordinator::Error>(error) {
-        return Some(start_nats(url));
+    if let Some(flowgrid_coordinator::Error::Connect(flowgrid_sdk::Error::Connect { url, source })) =
+        find::<flowgrid_coordinator::Error>(error)
+    {
+        return start_nats(url, source);
     }
     None
 }
@@ -120,7 +131,12 @@ mod tests {
 
     #[test]
     fn a_timed_out_start_is_told_apart_from_requests_already_asked_again() {
-        let session = Session { nats_url: "nats://127.0.0.1:4222".into(), prefix: "flowgrid".into(), json: false };
+        let session = Session {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_options: Default::default(),
+            prefix: "flowgrid".into(),
+            json: false,
+        };
         let timeout = |subject: &str| {
             anyhow::Error::new(flowgrid_sdk::Error::Timeout {
                 what: format!("request on {subject}"),

@@ -23,6 +23,7 @@ use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
 pub use args::{Cli, Command};
+use flowgrid_sdk::{Client, NatsOptions};
 
 /// How long leftover background work may delay the exit once a command is done.
 const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
@@ -31,8 +32,22 @@ const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
 #[derive(Clone, Debug)]
 pub(crate) struct Session {
     pub nats_url: String,
+    /// Credentials and TLS for NATS.
+    pub nats_options: NatsOptions,
     pub prefix: String,
     pub json: bool,
+}
+
+impl Session {
+    /// A NATS connection named `name` (shown in the server's connection list).
+    pub(crate) async fn nats(&self, name: &str) -> flowgrid_sdk::Result<async_nats::Client> {
+        self.nats_options.connect(&self.nats_url, name).await
+    }
+
+    /// A client of the grid.
+    pub(crate) async fn client(&self) -> flowgrid_sdk::Result<Client> {
+        Client::connect_with(&self.nats_url, self.prefix.clone(), &self.nats_options).await
+    }
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -40,7 +55,12 @@ pub fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
-    let session = Session { nats_url: cli.nats_url.clone(), prefix: cli.prefix.clone(), json: cli.json };
+    let session = Session {
+        nats_url: cli.nats_url.clone(),
+        nats_options: cli.nats.clone(),
+        prefix: cli.prefix.clone(),
+        json: cli.json,
+    };
     let mut command = cli.command;
     // `flowgrid --nats-url X coordinator`: the flag before the subcommand wins over the
     // coordinator's own default.
@@ -51,9 +71,12 @@ pub fn main() -> ExitCode {
         if given("prefix") {
             config.prefix = session.prefix.clone();
         }
+        config.nats = session.nats_options.clone();
     }
     let serving = matches!(command, Command::Coordinator(_) | Command::Worker(_));
-    init_tracing(if serving { "info" } else { "warn" });
+    // A command that cannot connect says why in its error; the client's own log of the
+    // same failure would only repeat it.
+    init_tracing(if serving { "info" } else { "warn,async_nats::connector=off" });
 
     // Blocking work (opening shard files, scanning them) is short; a bounded pool keeps a
     // coordinator that opens hundreds of shards at once from starting hundreds of threads.

@@ -9,6 +9,9 @@ pub struct CoordinatorConfig {
     /// NATS server to connect to.
     #[arg(long, env = "FLOWGRID_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// Credentials and TLS for NATS (the `flowgrid` command's global `--nats-*` flags).
+    #[arg(skip)]
+    pub nats: flowgrid_sdk::NatsOptions,
     /// Subject prefix: every subject, stream and bucket of this grid lives under it.
     #[arg(long, env = "FLOWGRID_PREFIX", default_value = flowgrid_proto::DEFAULT_PREFIX)]
     pub prefix: String,

@@ -7,13 +7,10 @@ pub enum Error {
     /// A flag or variable has a bad value; the message says which and what to use.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// NATS is unreachable: check `--nats-url` and that nats-server runs with `-js`.
-    #[error("cannot connect to NATS at {url} (is nats-server running with JetStream, `nats-server -js`?): {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    /// NATS is unreachable or refused the connection, or its credentials or TLS settings
+    /// cannot be used; the message says what to check.
+    #[error(transparent)]
+    Connect(flowgrid_sdk::Error),
     /// Stream or consumer setup failed.
     #[error(transparent)]
     Broker(#[from] flowgrid_sdk::broker::BrokerError),

@@ -65,7 +65,11 @@ pub async fn run_with_store<S: Store>(
     // when the connection comes back, as the request may have gone out on the dead one.
     let (connections_tx, connections) = tokio::sync::watch::channel(0u64);
     let connections_tx = Arc::new(connections_tx);
-    let nats = async_nats::ConnectOptions::new()
+    let nats = config
+        .nats
+        .options()
+        .await
+        .map_err(Error::Connect)?
         .name("flowgrid-coordinator")
         .event_callback(move |event| {
             let connections_tx = connections_tx.clone();
@@ -77,7 +81,7 @@ pub async fn run_with_store<S: Store>(
         })
         .connect(&config.nats_url)
         .await
-        .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
+        .map_err(|source| Error::Connect(flowgrid_sdk::Error::Connect { url: config.nats_url.clone(), source }))?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let subjects = Subjects::new(config.prefix.clone());
     let broker_limits =

@@ -31,6 +31,7 @@ use serde_json::Value;
 
 use crate::backoff::Backoff;
 use crate::broker::{self, BrokerLimits};
+use crate::connect::NatsOptions;
 use crate::error::{Error, Result};
 use crate::token::TaskToken;
 
@@ -96,12 +97,12 @@ pub struct Submitted {
 impl Client {
     /// Connects to NATS at `url` and talks to the grid under `prefix` (usually `flowgrid`).
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Client> {
-        let nats = async_nats::ConnectOptions::new()
-            .name("flowgrid-client")
-            .connect(url)
-            .await
-            .map_err(|source| Error::Connect { url: url.to_owned(), source })?;
-        Ok(Client::new(nats, prefix))
+        Client::connect_with(url, prefix, &NatsOptions::default()).await
+    }
+
+    /// [`Client::connect`] to a secured nats-server: with `options`' credentials and TLS.
+    pub async fn connect_with(url: &str, prefix: impl Into<String>, options: &NatsOptions) -> Result<Client> {
+        Ok(Client::new(options.connect(url, "flowgrid-client").await?, prefix))
     }
 
     /// Uses an existing NATS connection.

@@ -5,6 +5,7 @@ use std::time::Duration;
 use flowgrid_proto::{ApiError, ErrorCode, ProtoError};
 
 use crate::broker::BrokerError;
+use crate::connect::connect_hint;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -15,13 +16,18 @@ pub enum Error {
     /// when `retryable` is set the SDK has already retried for its whole retry budget.
     #[error(transparent)]
     Api(#[from] ApiError),
-    /// NATS could not be reached at `url`: start a server there or fix the URL.
-    #[error("cannot connect to NATS at {url}: {source}")]
+    /// NATS could not be reached at `url`, or refused the connection: the message says
+    /// what to check (the server, its credentials, its TLS).
+    #[error("cannot connect to NATS at {url}: {source}{}", connect_hint(source.kind()))]
     Connect {
         url: String,
         #[source]
         source: async_nats::ConnectError,
     },
+    /// The credentials or TLS settings for NATS cannot be used as given (two kinds of
+    /// credentials, a file that cannot be read); the message names the flag to fix.
+    #[error("NATS connection settings: {0}")]
+    NatsOptions(String),
     /// A NATS operation failed (connection lost, nobody answered, JetStream refused a
     /// publish). `context` names the operation and subject; retry later.
     #[error("{context}: {source}")]

@@ -7,10 +7,12 @@
 //! - [`broker`]: the JetStream streams and consumers flowgrid uses (shared by the
 //!   coordinator and workers so they agree on every setting).
 //! - [`StreamPublisher`]: pipelined JetStream publishing, every ack on one subscription.
+//! - [`NatsOptions`]: credentials and TLS for a secured nats-server.
 
 pub mod backoff;
 pub mod broker;
 mod client;
+mod connect;
 mod duration;
 mod error;
 mod publisher;
@@ -19,6 +21,7 @@ mod token;
 mod worker;
 
 pub use client::{Client, Submitted, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET};
+pub use connect::NatsOptions;
 pub use duration::{parse_duration, parse_start_time, parse_time};
 pub use error::{Error, Result};
 pub use publisher::{PublishFailure, StreamPublisher, TIMEOUT_CHECK};

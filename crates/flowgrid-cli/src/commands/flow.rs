@@ -204,7 +204,12 @@ mod tests {
 
     #[test]
     fn check_passes_the_bundled_flows_and_fails_a_file_with_problems() {
-        let session = Session { nats_url: String::new(), prefix: "flowgrid".into(), json: true };
+        let session = Session {
+            nats_url: String::new(),
+            nats_options: Default::default(),
+            prefix: "flowgrid".into(),
+            json: true,
+        };
         let bundled: Vec<PathBuf> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/flows"))
             .expect("the bundled flows")
             .map(|entry| entry.expect("a directory entry").path())

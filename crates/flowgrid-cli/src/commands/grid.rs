@@ -230,11 +230,7 @@ pub(crate) struct GridReader {
 
 impl GridReader {
     pub(crate) async fn connect(session: &Session) -> anyhow::Result<GridReader> {
-        let nats = async_nats::ConnectOptions::new()
-            .name("flowgrid-cli")
-            .connect(&session.nats_url)
-            .await
-            .map_err(|source| flowgrid_sdk::Error::Connect { url: session.nats_url.clone(), source })?;
+        let nats = session.nats("flowgrid-cli").await?;
         Ok(GridReader {
             jetstream: jetstream::new(nats),
             subjects: Subjects::new(session.prefix.clone()),

@@ -47,7 +47,7 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
 }
 
 async fn connect(session: &Session) -> anyhow::Result<Client> {
-    Ok(Client::connect(&session.nats_url, session.prefix.clone()).await?)
+    Ok(session.client().await?)
 }
 
 /// The text of a file, or of stdin for `-`.

@@ -30,11 +30,7 @@ pub(crate) async fn coordinator(config: CoordinatorConfig) -> anyhow::Result<Exi
 
 pub(crate) async fn worker(args: WorkerArgs, session: &Session) -> anyhow::Result<ExitCode> {
     validate_worker(&args)?;
-    let nats = async_nats::ConnectOptions::new()
-        .name("flowgrid-demo-worker")
-        .connect(&session.nats_url)
-        .await
-        .map_err(|source| flowgrid_sdk::Error::Connect { url: session.nats_url.clone(), source })?;
+    let nats = session.nats("flowgrid-demo-worker").await?;
     let handler = DemoWorkers::new(args.speed);
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -495,7 +495,12 @@ steps:
         let flow = write("f.yaml", "name: f\nsteps:\n  - { id: a, kind: task, pool: p, task: t }\n");
         let good = write("good.yaml", "tasks: {a: {output: 1}}\nexpect: {output: {a: 1}}\n");
         let bad = write("bad.yaml", "tasks: {a: {output: 1}}\nexpect: {status: failed}\n");
-        let session = Session { nats_url: String::new(), prefix: "flowgrid".into(), json: true };
+        let session = Session {
+            nats_url: String::new(),
+            nats_options: Default::default(),
+            prefix: "flowgrid".into(),
+            json: true,
+        };
         assert_eq!(test(&flow, std::slice::from_ref(&good), &session).unwrap(), ExitCode::SUCCESS);
         assert_eq!(test(&flow, &[good, bad], &session).unwrap(), ExitCode::FAILURE);
         let broken = write("broken.yaml", "tasks: {a: {output: 1, eror: {}}}\n");

@@ -48,7 +48,7 @@ impl Ui {
 
 /// Serves the UI on `listen` until ctrl-c; `actions` enables its forms.
 pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) -> anyhow::Result<ExitCode> {
-    let client = Client::connect(&session.nats_url, session.prefix.clone()).await?;
+    let client = session.client().await?;
     let grid = GridReader::connect(session).await?;
     let token = actions.then(|| uuid::Uuid::new_v4().simple().to_string());
     let ui = Arc::new(Ui { client, grid, token });
