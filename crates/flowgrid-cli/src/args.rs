@@ -36,7 +36,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a coordinator until ctrl-c or SIGTERM.
-    Coordinator(CoordinatorConfig),
+    Coordinator(Box<CoordinatorConfig>),
     /// Run the built-in demo workers (generate, embed, transcode, ... and test tasks).
     Worker(WorkerArgs),
     /// Deploy, check and inspect flow definitions.

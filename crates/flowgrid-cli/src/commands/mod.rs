@@ -27,7 +27,7 @@ pub(crate) use grid::{not_joined_hint, status_text, GridReader, NotJoined};
 
 pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Coordinator(config) => serve::coordinator(config).await,
+        Command::Coordinator(config) => serve::coordinator(*config).await,
         Command::Worker(args) => serve::worker(args, session).await,
         Command::Flow(FlowCommand::Check { files }) => flow::check(&files, session),
         Command::Flow(FlowCommand::Test { definition, cases }) => simulate::test(&definition, &cases, session),
