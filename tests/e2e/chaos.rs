@@ -2,7 +2,8 @@
 //! grid under steady load, killed with SIGKILL, paused past their lease, one cut off from
 //! NATS when the harness may make a network namespace (root), a fourth added and asked to
 //! leave) for 45 s. No accepted run may be lost, no result applied twice, no commit made
-//! under a stale epoch; at the end every shard is served and every coordinator caught up.
+//! under a stale epoch, no failure handler start lost or made twice; at the end every shard
+//! is served and every coordinator caught up.
 
 use std::time::Duration;
 
@@ -23,6 +24,9 @@ fn coordinators_killed_paused_and_scaled_under_load_lose_no_run() {
     assert!(count("runs_accepted") > 0, "no run was accepted\n{output}");
     assert_eq!(count("runs_lost"), 0, "accepted runs were lost\n{output}");
     assert!(count("runs_redriven") > 0, "no run was cancelled and redriven\n{output}");
+    // Each cancelled run started its failure handler exactly once (or its start waits in an outbox).
+    assert!(count("failure_handlers_started") > 0, "no failure handler run\n{output}");
+    assert_eq!(count("failure_handlers_missing"), 0, "failure handler starts lost\n{output}");
     assert!(count("runs_triggered") > 0, "no run was started by an event\n{output}");
     assert_eq!(count("redrive_errors"), 0, "cancels or redrives not done in time\n{output}");
     assert!(count("runs_paused") > 0, "no run was paused and resumed\n{output}");

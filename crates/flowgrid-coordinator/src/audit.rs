@@ -19,7 +19,7 @@
 //! [`audit_runs`] also returns what the store says about each run (status, output), so
 //! that a harness can compare it with what it expected.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use flowgrid_engine::{Event, RunStatus, RunView, TaskError};
@@ -131,6 +131,9 @@ pub struct RunFacts {
 pub struct Audit {
     pub report: AuditReport,
     pub runs: BTreeMap<RunId, RunFacts>,
+    /// Failure handler starts still in the outboxes, by the run that ended and its round:
+    /// the shard's next owner sends them.
+    pub handler_starts_left: BTreeSet<(RunId, u32)>,
 }
 
 /// Audits the shard files `shard-00000.redb`.. under `data_dir`. Every coordinator using
@@ -149,7 +152,7 @@ pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
     }
     // Opening a missing shard would create its file: look before opening.
     let store = RedbStore::open(data_dir, StoreLimits::default())?;
-    let mut audit = Audit { report: AuditReport { shards, ..AuditReport::default() }, runs: BTreeMap::new() };
+    let mut audit = Audit { report: AuditReport { shards, ..AuditReport::default() }, ..Audit::default() };
     let (mut gate_places, mut freeing) = (Vec::new(), Vec::new());
     for extra in shard_files_beyond(data_dir, shards) {
         audit
@@ -178,6 +181,7 @@ pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
         audit.report.outbox_messages_left += contents.outbox;
         gate_places.append(&mut contents.gate_places);
         freeing.append(&mut contents.freeing);
+        audit.handler_starts_left.append(&mut contents.handler_starts);
         audit_shard(shard, shards, contents, &mut audit);
     }
     audit_gates(gate_places, &freeing, &mut audit);
@@ -218,6 +222,8 @@ struct ShardContents {
     /// Runs (and rounds) whose place a message in the outbox frees: a release, or an
     /// admission the run's shard answers with a release if the run is gone.
     freeing: Vec<(RunId, u32)>,
+    /// Failure handler starts in the outbox, by the run that ended and its round.
+    handler_starts: BTreeSet<(RunId, u32)>,
 }
 
 /// A place a concurrency limit keeps for a run.
@@ -235,20 +241,26 @@ async fn read_shard<S: ShardStore>(shard: u32, file: &S) -> Result<ShardContents
     let history = join_records(file.scan(keys::history_all_range(), usize::MAX, false).await?)?;
     let snapshots = join_records(file.scan(keys::snapshot_range(), usize::MAX, false).await?)?;
     let outbox = join_records(file.scan(keys::outbox_range(), usize::MAX, false).await?)?;
-    let freeing = outbox
-        .iter()
-        .filter_map(|(_, value)| match records::decode::<OutboxRecord>("outbox message", value).ok()? {
-            OutboxRecord::GateRelease(message) | OutboxRecord::Admit(message) => Some((message.run_id, message.round)),
-            _ => None,
-        })
-        .collect();
+    let (mut freeing, mut handler_starts) = (Vec::new(), BTreeSet::new());
+    for (_, value) in &outbox {
+        match records::decode::<OutboxRecord>("outbox message", value) {
+            Ok(OutboxRecord::GateRelease(message) | OutboxRecord::Admit(message)) => {
+                freeing.push((message.run_id, message.round));
+            }
+            Ok(OutboxRecord::StartFailureHandler { failed, round, .. }) => {
+                handler_starts.insert((failed, round));
+            }
+            _ => {}
+        }
+    }
     let mut gate_places = Vec::new();
     for (key, value) in file.scan(keys::gate_range(), usize::MAX, false).await? {
         let (flow, key, run_id) = keys::decode_gate(&key)?;
         let record: GateRecord = records::decode("gate record", &value)?;
         gate_places.push(GatePlace { shard, flow, key, run_id, round: record.round });
     }
-    Ok(ShardContents { runs, active, history, snapshots, outbox: outbox.len() as u64, gate_places, freeing })
+    let outbox = outbox.len() as u64;
+    Ok(ShardContents { runs, active, history, snapshots, outbox, gate_places, freeing, handler_starts })
 }
 
 /// One history record, decoded as far as the checks need.
@@ -297,7 +309,7 @@ fn check_history(entries: &[HistoryEntry]) -> HistoryFindings {
 }
 
 fn audit_shard(shard: u32, shards: u32, contents: ShardContents, audit: &mut Audit) {
-    let Audit { report, runs } = audit;
+    let Audit { report, runs, .. } = audit;
     let mut shard_runs: BTreeMap<RunId, RunFacts> = BTreeMap::new();
     let new_facts = |run_id: &RunId| RunFacts {
         run_id: run_id.clone(),

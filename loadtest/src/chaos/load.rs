@@ -22,13 +22,15 @@ use crate::driver::Errors;
 /// child runs (a subflow step with `repeat`, the second child started on the first one's
 /// output), so kills, cuts and hand-overs also hit runs waiting on a timer, child starts,
 /// child ends on their way to their parents, and loops between their iterations. Its trigger starts the runs of
-/// the messages on [`EVENTS_STREAM`], so they meet the faults too.
+/// the messages on [`EVENTS_STREAM`], so they meet the faults too. Each run cancelled
+/// (before its redrive) starts one run of its failure handler [`HANDLER_FLOW`].
 pub const FLOW: &str = "chaos-chain";
 pub const POOL: &str = "chaos";
 pub const DEFINITION: &str = r#"name: chaos-chain
 description: chaos test, four doublings in a row with a durable wait before the last two, which run in a loop of two child runs (output value = input value * 16)
 output: 'steps.s3.output'
 trigger: { stream: CHAOS_EVENTS }
+on_failure: { flow: chaos-cancelled, statuses: [cancelled] }
 steps:
   - id: s1
     kind: task
@@ -69,6 +71,24 @@ steps:
     task: double
     timeout_ms: 20000
 "#;
+
+/// The failure handler of [`FLOW`]: deployed before it; one run per cancelled run, with
+/// the failure as its input (`input.run_id` names the cancelled run).
+pub const HANDLER_FLOW: &str = "chaos-cancelled";
+pub const HANDLER_DEFINITION: &str = r#"name: chaos-cancelled
+description: chaos test, the failure handler of chaos-chain, started once for each of its runs cancelled
+output: 'steps.note.output'
+steps:
+  - id: note
+    kind: transform
+    output: '#{ cancelled: input.run_id }'
+"#;
+
+/// The id of the handler run the end of `run_id` by a cancel (before its redrive, so in
+/// round 0) starts.
+pub fn handler_run_id(run_id: &RunId) -> RunId {
+    RunId::from_idempotency_key(HANDLER_FLOW, &format!("on_failure/{run_id}/0"))
+}
 
 /// The attempts of a run whose steps all went at the first try: two tasks and the loop's
 /// two child runs.
@@ -139,6 +159,8 @@ pub struct Ledger {
     pub get_errors: Errors,
     /// Runs cancelled and then redriven.
     pub redriven: AtomicU64,
+    /// Runs the grid answered were cancelled: each starts one run of [`HANDLER_FLOW`].
+    pub cancelled: Mutex<Vec<RunId>>,
     /// Runs started by a message on the events stream.
     pub triggered: AtomicU64,
     /// Cancels and redrives that were not answered before the start deadline, by kind.
@@ -274,7 +296,10 @@ async fn cancel_and_redrive(client: &Client, run_id: &RunId, index: u64, ledger:
         match client.cancel(run_id, "chaos: cancelled, to be redriven").await {
             // It ended before the cancel: nothing to redrive.
             Ok(answer) if answer.status != RunStatus::Cancelled => return,
-            Ok(_) => break,
+            Ok(_) => {
+                ledger.cancelled.lock().expect("ledger lock").push(run_id.clone());
+                break;
+            }
             Err(error) if !try_again(&error, deadline).await => {
                 return ledger.redrive_errors.add(&error_kind("cancel", &error), 1);
             }
@@ -417,6 +442,15 @@ mod tests {
         assert_eq!(definition.name, FLOW);
         let evaluator = flowgrid_model::Evaluator::new(&limits);
         let valid = flowgrid_model::validate(&definition, &evaluator, &limits);
+        assert!(valid.is_ok(), "{:?}", valid.err());
+    }
+
+    #[test]
+    fn the_handler_is_valid() {
+        let limits = flowgrid_model::Limits::default();
+        let definition = flowgrid_model::parse_definition(HANDLER_DEFINITION, &limits).expect("parses");
+        assert_eq!(definition.name, HANDLER_FLOW);
+        let valid = flowgrid_model::validate(&definition, &flowgrid_model::Evaluator::new(&limits), &limits);
         assert!(valid.is_ok(), "{:?}", valid.err());
     }
 

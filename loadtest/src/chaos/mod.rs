@@ -15,7 +15,7 @@ mod faults;
 mod load;
 mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use flowgrid_coordinator::audit::{self, Audit};
-use flowgrid_sdk::RunStatus;
+use flowgrid_sdk::{RunId, RunStatus};
 use flowgrid_testkit::Netns;
 
 use crate::args::ChaosArgs;
@@ -128,6 +128,7 @@ async fn drive(args: &ChaosArgs, seed: u64, cluster: &mut Cluster, origin: Insta
 
     let client = cluster.client("flowgrid-chaos-client").await?.with_request_timeout(load::REQUEST_TIMEOUT);
     client.deploy(load::CHILD_DEFINITION).await.context("deploy the chaos flow's child")?;
+    client.deploy(load::HANDLER_DEFINITION).await.context("deploy the chaos flow's failure handler")?;
     let events = async_nats::jetstream::stream::Config {
         name: load::EVENTS_STREAM.to_owned(),
         subjects: vec![load::EVENTS_SUBJECT.to_owned()],
@@ -443,7 +444,46 @@ struct RunChecks {
     lost_examples: Vec<String>,
 }
 
+/// The failure handler runs of the cancelled runs, as the store holds them.
+#[derive(Default)]
+struct HandlerChecks {
+    /// Runs the grid answered were cancelled.
+    cancelled: u64,
+    /// Of them, with their handler run in the store.
+    started: u64,
+    /// Of them, with their handler's start still in an outbox (the shard's next owner sends it).
+    pending: u64,
+    /// Of them, with neither: a handler start lost.
+    missing: Vec<RunId>,
+    /// Handler runs in the store for no cancelled run (or under another id than the one
+    /// their idempotency key gives).
+    unexpected: u64,
+}
+
 impl Findings<'_> {
+    /// Exactly one handler run per cancelled run: each in the store under the id its
+    /// idempotency key gives, or its start still in an outbox; none for any other run.
+    fn check_handlers(&self, audit: &Audit) -> HandlerChecks {
+        let cancelled = self.ledger.cancelled.lock().expect("ledger lock").clone();
+        let mut checks = HandlerChecks { cancelled: cancelled.len() as u64, ..HandlerChecks::default() };
+        let expected: HashSet<RunId> = cancelled.iter().map(load::handler_run_id).collect();
+        for run_id in &cancelled {
+            if audit.runs.contains_key(&load::handler_run_id(run_id)) {
+                checks.started += 1;
+            } else if audit.handler_starts_left.contains(&(run_id.clone(), 0)) {
+                checks.pending += 1;
+            } else {
+                checks.missing.push(run_id.clone());
+            }
+        }
+        checks.unexpected = audit
+            .runs
+            .values()
+            .filter(|facts| facts.flow == load::HANDLER_FLOW && !expected.contains(&facts.run_id))
+            .count() as u64;
+        checks
+    }
+
     fn check_runs(&self) -> RunChecks {
         let mut checks = RunChecks::default();
         let runs = self.ledger.runs.lock().expect("ledger lock");
@@ -544,6 +584,19 @@ impl Findings<'_> {
                 self.audit_error.clone().unwrap_or_else(|| "unknown error".to_owned())
             )),
         }
+        let handlers = self.audit.map(|audit| self.check_handlers(audit));
+        if let Some(handlers) = &handlers {
+            if !handlers.missing.is_empty() {
+                failures.push(format!(
+                    "{} cancelled runs without their failure handler run (first: {})",
+                    handlers.missing.len(),
+                    handlers.missing[0]
+                ));
+            }
+            if handlers.unexpected > 0 {
+                failures.push(format!("{} failure handler runs for no cancelled run", handlers.unexpected));
+            }
+        }
         let settled = &self.settled;
         if !settled.not_serving.is_empty() {
             failures.push(format!("{} shards not served at the end", settled.not_serving.len()));
@@ -603,6 +656,20 @@ impl Findings<'_> {
                     load::REDRIVE_EVERY,
                     describe_errors(self.ledger.redrive_errors.total(), &self.ledger.redrive_errors.kinds())
                 ),
+            ),
+            (
+                "failure handler runs".to_owned(),
+                match &handlers {
+                    Some(handlers) => format!(
+                        "{} for {} cancelled runs ({} starts still in outboxes; missing {}, unexpected {})",
+                        handlers.started,
+                        handlers.cancelled,
+                        handlers.pending,
+                        handlers.missing.len(),
+                        handlers.unexpected
+                    ),
+                    None => "not checked (no audit)".to_owned(),
+                },
             ),
             (
                 "runs paused and resumed".to_owned(),
@@ -749,6 +816,8 @@ impl Findings<'_> {
             ("api_store_mismatches", json!(checks.api_store_mismatches)),
             ("start_errors", json!(self.ledger.start_errors.total())),
             ("runs_redriven", json!(self.ledger.redriven.load(Ordering::Relaxed))),
+            ("failure_handlers_started", json!(handlers.as_ref().map(|handlers| handlers.started))),
+            ("failure_handlers_missing", json!(handlers.as_ref().map(|handlers| handlers.missing.len()))),
             ("runs_triggered", json!(self.ledger.triggered.load(Ordering::Relaxed))),
             ("redrive_errors", json!(self.ledger.redrive_errors.total())),
             ("runs_paused", json!(self.ledger.paused.load(Ordering::Relaxed))),
