@@ -16,6 +16,7 @@ mod disk_full;
 mod failures;
 mod flows;
 mod harness;
+mod http_worker;
 mod metrics;
 mod partition;
 mod pause;

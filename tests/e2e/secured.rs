@@ -13,7 +13,7 @@ use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 
 /// A certificate authority and a server certificate for 127.0.0.1 it signed, as PEM files
 /// in `dir`: `ca.pem`, `server.pem`, `server-key.pem`.
-fn write_certificates(dir: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn write_certificates(dir: &Path) -> anyhow::Result<PathBuf> {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

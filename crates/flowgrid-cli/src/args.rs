@@ -39,6 +39,8 @@ pub enum Command {
     Coordinator(Box<CoordinatorConfig>),
     /// Run the built-in demo workers (generate, embed, transcode, ... and test tasks).
     Worker(WorkerArgs),
+    /// Run a worker whose task `request` calls HTTP services, under the URL prefixes allowed.
+    HttpWorker(HttpWorkerArgs),
     /// Deploy, check and inspect flow definitions.
     #[command(subcommand)]
     Flow(FlowCommand),
@@ -142,6 +144,34 @@ pub struct WorkerArgs {
     /// Scale of the simulated work time (0 = no sleeping, 2 = twice as slow).
     #[arg(long, env = "FLOWGRID_SPEED", default_value_t = 1.0)]
     pub speed: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct HttpWorkerArgs {
+    /// Pools to serve, comma-separated; their steps use `task: request`.
+    #[arg(long, env = "FLOWGRID_POOLS", value_delimiter = ',', default_value = "http")]
+    pub pools: Vec<String>,
+    /// A URL prefix requests may go to (its scheme, host and port, and a path starting with
+    /// its path); repeat for more. Nothing else is called, redirects included.
+    #[arg(long = "allow", env = "FLOWGRID_HTTP_ALLOW", value_delimiter = ',', required = true,
+          value_parser = crate::http_worker::parse_allowed)]
+    pub allow: Vec<reqwest::Url>,
+    /// Requests out at once, per pool.
+    #[arg(long, env = "FLOWGRID_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// The longest one request may take, in ms; a task's `timeout_ms` may ask for less.
+    #[arg(long, env = "FLOWGRID_HTTP_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub timeout_ms: u64,
+    /// PEM file of certificate authorities to trust besides the system's, for services
+    /// whose certificates a private authority signed.
+    #[arg(long, env = "FLOWGRID_HTTP_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The largest response body taken, in KiB; a larger one fails the attempt
+    /// (`payload_too_large`).
+    #[arg(long, env = "FLOWGRID_HTTP_RESPONSE_MAX_KB", default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub response_max_kb: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,6 +11,7 @@ pub mod demo_workers;
 mod failure;
 mod grid_view;
 mod history;
+pub mod http_worker;
 mod output;
 mod ui;
 
@@ -73,7 +74,7 @@ pub fn main() -> ExitCode {
         }
         config.nats = session.nats_options.clone();
     }
-    let serving = matches!(command, Command::Coordinator(_) | Command::Worker(_));
+    let serving = matches!(command, Command::Coordinator(_) | Command::Worker(_) | Command::HttpWorker(_));
     // A command that cannot connect says why in its error; the client's own log of the
     // same failure would only repeat it.
     init_tracing(if serving { "info" } else { "warn,async_nats::connector=off" });

@@ -29,6 +29,7 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
     match command {
         Command::Coordinator(config) => serve::coordinator(*config).await,
         Command::Worker(args) => serve::worker(args, session).await,
+        Command::HttpWorker(args) => serve::http_worker(args, session).await,
         Command::Flow(FlowCommand::Check { files }) => flow::check(&files, session),
         Command::Flow(FlowCommand::Test { definition, cases }) => simulate::test(&definition, &cases, session),
         Command::Flow(command) => flow::dispatch(command, &connect(session).await?, session).await,

@@ -1,7 +1,8 @@
-//! `flowgrid coordinator` and `flowgrid worker`: long-running processes that stop on
-//! ctrl-c or SIGTERM (a second signal exits at once).
+//! `flowgrid coordinator`, `flowgrid worker` and `flowgrid http-worker`: long-running
+//! processes that stop on ctrl-c or SIGTERM (a second signal exits at once).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::task::JoinSet;
@@ -9,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use flowgrid_coordinator::CoordinatorConfig;
-use flowgrid_sdk::Worker;
+use flowgrid_sdk::{TaskHandler, Worker};
 
-use crate::args::WorkerArgs;
+use crate::args::{HttpWorkerArgs, WorkerArgs};
 use crate::demo_workers::DemoWorkers;
+use crate::http_worker::{read_authorities, HttpSettings, HttpWorker};
 use crate::Session;
 
 /// Exit code after a second interrupt (128 + SIGINT).
@@ -30,15 +32,41 @@ pub(crate) async fn coordinator(config: CoordinatorConfig) -> anyhow::Result<Exi
 
 pub(crate) async fn worker(args: WorkerArgs, session: &Session) -> anyhow::Result<ExitCode> {
     validate_worker(&args)?;
-    let nats = session.nats("flowgrid-demo-worker").await?;
-    let handler = DemoWorkers::new(args.speed);
+    info!(pools = ?args.pools, concurrency = args.concurrency, speed = args.speed, "demo workers starting");
+    serve_pools(session, "flowgrid-demo-worker", &args.pools, args.concurrency, DemoWorkers::new(args.speed)).await
+}
+
+pub(crate) async fn http_worker(args: HttpWorkerArgs, session: &Session) -> anyhow::Result<ExitCode> {
+    validate_pools(&args.pools, args.concurrency)?;
+    let settings = HttpSettings {
+        allowed: args.allow.clone(),
+        timeout: Duration::from_millis(args.timeout_ms),
+        body_bytes_max: usize::try_from(args.response_max_kb << 10).unwrap_or(usize::MAX),
+        extra_roots: match &args.ca_file {
+            Some(path) => read_authorities(path)?,
+            None => Vec::new(),
+        },
+    };
+    let handler = HttpWorker::new(settings).context("cannot set up the HTTP client")?;
+    let allowed: Vec<&str> = args.allow.iter().map(reqwest::Url::as_str).collect();
+    info!(pools = ?args.pools, concurrency = args.concurrency, allowed = ?allowed, "HTTP worker starting");
+    serve_pools(session, "flowgrid-http-worker", &args.pools, args.concurrency, handler).await
+}
+
+/// Serves `pools` with `handler` until a signal; one pool failing stops the others.
+async fn serve_pools<H: TaskHandler + Clone>(
+    session: &Session,
+    name: &str,
+    pools: &[String],
+    concurrency: usize,
+    handler: H,
+) -> anyhow::Result<ExitCode> {
+    let nats = session.nats(name).await?;
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
-    info!(pools = ?args.pools, concurrency = args.concurrency, speed = args.speed, "demo workers starting");
-
     let mut workers = JoinSet::new();
-    for pool in &args.pools {
-        let worker = Worker::new(nats.clone(), session.prefix.clone(), pool.clone()).concurrency(args.concurrency);
+    for pool in pools {
+        let worker = Worker::new(nats.clone(), session.prefix.clone(), pool.clone()).concurrency(concurrency);
         let pool = pool.clone();
         let run = worker.run(handler.clone(), shutdown.clone());
         workers.spawn(async move { run.await.with_context(|| format!("worker of pool {pool} failed")) });
@@ -62,15 +90,20 @@ pub(crate) async fn worker(args: WorkerArgs, session: &Session) -> anyhow::Resul
     }
 }
 
-fn validate_worker(args: &WorkerArgs) -> anyhow::Result<()> {
-    for pool in &args.pools {
+fn validate_pools(pools: &[String], concurrency: usize) -> anyhow::Result<()> {
+    for pool in pools {
         if !flowgrid_model::is_name(pool) {
             bail!("--pools: {pool:?} is not a pool name; use letters, digits, '-' and '_', comma-separated");
         }
     }
-    if args.concurrency == 0 {
+    if concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
+    Ok(())
+}
+
+fn validate_worker(args: &WorkerArgs) -> anyhow::Result<()> {
+    validate_pools(&args.pools, args.concurrency)?;
     if !args.speed.is_finite() || args.speed < 0.0 {
         bail!("--speed is {}; use 0 (no sleeping) or a positive factor such as 1.0", args.speed);
     }

@@ -1,0 +1,178 @@
+//! `flowgrid http-worker`: task steps that call an HTTP service, answered by a small
+//! server in the test. Only URLs under `--allow` are called, redirects included; 5xx is
+//! retried, 4xx is final, a body past `--response-max-kb` fails the attempt.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect};
+use axum::routing::{get, post};
+use axum::Router;
+use flowgrid_sdk::{RunStatus, StartRun};
+use flowgrid_tests::{flowgrid_bin, free_port, python_bin, Grid};
+use serde_json::{json, Value};
+
+use crate::{deploy, OrLogs, RUN_DEADLINE};
+
+const CALL_FLOW: &str = r#"
+name: call
+output: 'steps.fetch.output'
+steps:
+  - id: fetch
+    kind: task
+    pool: http
+    task: request
+    input: 'input'
+    timeout_ms: 10000
+    retry: { max_attempts: 3, initial_backoff_ms: 50, retry_on: [unavailable, http_503] }
+"#;
+
+/// Requests the server answered, by route.
+#[derive(Default)]
+struct Hits {
+    echo: AtomicU64,
+    flaky: AtomicU64,
+    outside: AtomicU64,
+}
+
+/// The service: echoes a POST, fails once then succeeds, says 404, redirects outside the
+/// allowed prefix, sends 100 KiB.
+async fn serve(hits: Arc<Hits>, port: u16) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route(
+            "/v1/echo",
+            post(|State(hits): State<Arc<Hits>>, headers: HeaderMap, body: String| async move {
+                hits.echo.fetch_add(1, Ordering::SeqCst);
+                let key = headers.get("idempotency-key").and_then(|value| value.to_str().ok()).unwrap_or("");
+                let got: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                let reply = json!({ "got": got, "idempotency_key": key, "content_type": headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()) });
+                ([(header::CONTENT_TYPE, "application/json")], reply.to_string())
+            }),
+        )
+        .route(
+            "/v1/flaky",
+            get(|State(hits): State<Arc<Hits>>| async move {
+                match hits.flaky.fetch_add(1, Ordering::SeqCst) {
+                    0 => (StatusCode::SERVICE_UNAVAILABLE, "warming up").into_response(),
+                    _ => "ready".into_response(),
+                }
+            }),
+        )
+        .route("/v1/missing", get(|| async { (StatusCode::NOT_FOUND, "no such order") }))
+        .route("/v1/away", get(|| async { Redirect::temporary("/v2/secret") }))
+        .route(
+            "/v2/secret",
+            get(|State(hits): State<Arc<Hits>>| async move {
+                hits.outside.fetch_add(1, Ordering::SeqCst);
+                "secret"
+            }),
+        )
+        .route("/v1/big", get(|| async { "x".repeat(100 * 1024) }))
+        .with_state(hits);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// An HTTPS server on 127.0.0.1:argv[1] with the certificate and key in argv[2],
+/// answering every GET with `{"secure": true}`.
+const HTTPS_SERVER: &str = r#"
+import http.server, os, ssl, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "16")
+        self.end_headers()
+        self.wfile.write(b'{"secure": true}')
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(os.path.join(sys.argv[2], "server.pem"), os.path.join(sys.argv[2], "server-key.pem"))
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+async fn call(grid: &Grid, client: &flowgrid_sdk::Client, input: Value) -> anyhow::Result<flowgrid_sdk::RunView> {
+    let run = client.start(StartRun { flow: "call".into(), input, ..Default::default() }).await.or_logs(grid)?;
+    grid.wait_run(client, &run.run_id, RUN_DEADLINE).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_steps_call_http_services_under_the_allowed_prefixes_only() -> anyhow::Result<()> {
+    let port = free_port()?;
+    let hits = Arc::new(Hits::default());
+    tokio::spawn(serve(Arc::clone(&hits), port));
+    let base = format!("http://127.0.0.1:{port}");
+    let mut grid = Grid::start_nats()?;
+    grid.start_coordinator().await?;
+    // An HTTPS service whose certificate a private authority signed.
+    let ca = crate::secured::write_certificates(grid.dir.path())?;
+    let tls_port = free_port()?;
+    let mut https = std::process::Command::new(python_bin());
+    https.args(["-c", HTTPS_SERVER, &tls_port.to_string()]).arg(grid.dir.path());
+    grid.spawn_worker("https-service", &mut https)?;
+    let mut worker = std::process::Command::new(flowgrid_bin());
+    worker.args(["--nats-url", &grid.nats_url, "http-worker", "--allow", &format!("{base}/v1/")]);
+    worker.args(["--allow", &format!("https://127.0.0.1:{tls_port}/")]).arg("--ca-file").arg(&ca);
+    worker.args(["--response-max-kb", "64", "--timeout-ms", "5000"]);
+    grid.spawn_worker("http-worker", &mut worker)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, CALL_FLOW).await?;
+
+    // A POST with a JSON body: the response's JSON body, status and headers.
+    let view =
+        call(&grid, &client, json!({"url": format!("{base}/v1/echo"), "method": "post", "body": {"n": 7}})).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let output = view.output.clone().unwrap_or_default();
+    assert_eq!(output["status"], json!(200), "{output}");
+    assert_eq!(output["body"]["got"], json!({"n": 7}), "{output}");
+    assert_eq!(output["body"]["content_type"], json!("application/json"), "a JSON body is sent as JSON: {output}");
+    assert_eq!(output["headers"]["content-type"], json!("application/json"), "{output}");
+    let key = output["body"]["idempotency_key"].as_str().unwrap_or_default();
+    assert!(key.starts_with(view.run_id.as_str()), "the idempotency key names the attempt: {key}");
+
+    // HTTPS, trusted through --ca-file.
+    let view = call(&grid, &client, json!({"url": format!("https://127.0.0.1:{tls_port}/status")})).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output.map(|output| output["body"].clone()), Some(json!({"secure": true})));
+
+    // 503 then 200: retried, a text body.
+    let view = call(&grid, &client, json!({"url": format!("{base}/v1/flaky")})).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    assert_eq!(view.output.as_ref().map(|output| output["body"].clone()), Some(json!("ready")));
+    assert_eq!(view.steps[0].attempts, 2, "{view:?}");
+
+    // 404: final, with the body's start in the message.
+    let view = call(&grid, &client, json!({"url": format!("{base}/v1/missing")})).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}");
+    let error = view.error.clone().expect("a failed run has an error");
+    assert_eq!(error.code, "http_404", "{error:?}");
+    assert!(error.message.contains("no such order"), "{error:?}");
+    assert_eq!(view.steps[0].attempts, 1, "a 404 is not retried: {view:?}");
+
+    // Outside the prefix, directly or by a redirect: never called.
+    for path in ["/v2/secret", "/v1/away"] {
+        let view = call(&grid, &client, json!({"url": format!("{base}{path}")})).await?;
+        let error = view.error.clone().expect("refused");
+        assert_eq!((view.status, error.code.as_str()), (RunStatus::Failed, "forbidden_url"), "{path}: {error:?}");
+    }
+    assert_eq!(hits.outside.load(Ordering::SeqCst), 0, "a URL outside --allow was called");
+
+    // Too large a body, a bad input.
+    let view = call(&grid, &client, json!({"url": format!("{base}/v1/big")})).await?;
+    assert_eq!(view.error.map(|error| error.code), Some("payload_too_large".to_owned()));
+    let view = call(&grid, &client, json!({"url": format!("{base}/v1/echo"), "verb": "GET"})).await?;
+    let error = view.error.expect("refused");
+    assert!(error.code == "invalid_input" && error.message.contains("verb"), "{error:?}");
+    assert_eq!(hits.echo.load(Ordering::SeqCst), 1, "{:?}", hits.echo);
+
+    // The worker refuses to start without --allow or with a prefix that is no http URL.
+    for args in [&["http-worker"][..], &["http-worker", "--allow", "ftp://files.example.com/"]] {
+        let output = std::process::Command::new(flowgrid_bin()).args(args).output()?;
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && text.contains("--allow"), "{args:?}: {text}");
+    }
+    Ok(())
+}
