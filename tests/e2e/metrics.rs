@@ -67,3 +67,38 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// deploy/prometheus/flowgrid-alerts.yml: each rule is complete (alert, expr, a severity, a
+/// summary), and every flowgrid metric its expressions use is one a coordinator exports,
+/// in the form it exports it (`_bucket` only for histograms with buckets).
+#[test]
+fn the_alert_rules_use_only_metrics_the_coordinator_exports() {
+    let path = flowgrid_tests::repo_root().join("deploy/prometheus/flowgrid-alerts.yml");
+    let text = std::fs::read_to_string(&path).expect("the alert rules file");
+    let rules: serde_json::Value = serde_norway::from_str(&text).expect("the alert rules are YAML");
+    let rules = rules["groups"][0]["rules"].as_array().expect("groups[0].rules");
+    assert!(rules.len() >= 10, "{} rules", rules.len());
+    let names = flowgrid_coordinator::metrics::NAMES;
+    for rule in rules {
+        let alert = rule["alert"].as_str().expect("every rule is an alert");
+        let expr = rule["expr"].as_str().unwrap_or_default();
+        assert!(!expr.trim().is_empty(), "{alert}: no expr");
+        assert!(matches!(rule["labels"]["severity"].as_str(), Some("warning" | "critical")), "{alert}: severity");
+        assert!(rule["annotations"]["summary"].as_str().is_some_and(|summary| !summary.is_empty()), "{alert}");
+        let used: Vec<&str> = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|token| token.starts_with("flowgrid_"))
+            .collect();
+        assert!(!used.is_empty() || expr.contains("up{"), "{alert}: uses no flowgrid metric: {expr}");
+        for token in used {
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| token.strip_suffix(suffix).filter(|base| names.contains(base)))
+                .unwrap_or(token);
+            assert!(names.contains(&base), "{alert}: {token} is no metric a coordinator exports");
+            if token.ends_with("_bucket") {
+                assert!(flowgrid_coordinator::metrics::BUCKETED.contains(&base), "{alert}: {base} has no buckets");
+            }
+        }
+    }
+}

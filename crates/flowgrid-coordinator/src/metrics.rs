@@ -52,6 +52,53 @@ pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
 pub const RUN_MESSAGES_PENDING: &str = "flowgrid_run_messages_pending";
 pub const RUN_MESSAGES_RETRIED: &str = "flowgrid_run_messages_retried_total";
 
+/// Every metric a coordinator exports (its store's too), for checks of dashboards and alert
+/// rules against them. A new metric goes here as well as into [`describe`].
+pub const NAMES: &[&str] = &[
+    RUNS_STARTED,
+    RUNS_FINISHED,
+    RUN_DURATION,
+    RUNS_ACTIVE,
+    TASKS_DISPATCHED,
+    TASKS_PUBLISH_FAILED,
+    TASK_PUBLISH_SECONDS,
+    STEP_SECONDS,
+    TASK_RESULTS,
+    TASKS_IN_FLIGHT,
+    TASKS_CANCELLED,
+    TASK_CACHE,
+    COMMIT_SECONDS,
+    COMMIT_BATCH_EVENTS,
+    COMMIT_FAILED,
+    SHARDS_OWNED,
+    API_REQUESTS,
+    API_REJECTED,
+    TIMERS_FIRED,
+    LEASE_LOST,
+    SHARD_ACQUIRE_SECONDS,
+    SHARD_RELEASE_SECONDS,
+    SHARD_TAKEOVERS,
+    RUNS_PRUNED,
+    RUNS_REDRIVEN,
+    RUNS_PAUSED,
+    RUNS_QUEUED,
+    RUNS_ADMITTED,
+    RUNS_TURNED_AWAY,
+    RUNS_RESUMED,
+    TRIGGER_MESSAGES,
+    SCHEDULED_RUNS,
+    RUN_MESSAGES_PENDING,
+    RUN_MESSAGES_RETRIED,
+    flowgrid_store_redb::JOURNAL_BYTES,
+    flowgrid_store_redb::JOURNAL_SYNC_SECONDS,
+    flowgrid_store_redb::CHECKPOINT_SECONDS,
+    flowgrid_store_redb::CHECKPOINT_FAILED,
+];
+
+/// The one histogram exported with buckets (`_bucket` series); the others are summaries
+/// (`quantile` labels).
+pub const BUCKETED: &[&str] = &[RUN_DURATION];
+
 pub fn describe() {
     flowgrid_store_redb::describe_metrics();
     describe_counter!(RUNS_STARTED, Unit::Count, "Runs started.");
@@ -218,5 +265,24 @@ impl ShardMetrics {
                 timed_out: result("timed_out"),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_named_in_this_module_is_listed_in_names() {
+        let source = include_str!("metrics.rs");
+        let declared: Vec<&str> = source
+            .lines()
+            .filter(|line| line.starts_with("pub const ") && line.contains(": &str = \"flowgrid_"))
+            .filter_map(|line| line.split('"').nth(1))
+            .collect();
+        assert!(declared.len() > 30, "the scan found the names: {declared:?}");
+        for name in declared {
+            assert!(NAMES.contains(&name), "{name} is missing from NAMES");
+        }
     }
 }
