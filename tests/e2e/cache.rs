@@ -97,3 +97,65 @@ async fn a_cached_result_serves_later_runs_with_the_same_key_until_its_ttl() -> 
     assert_eq!(misses, Some(6.0), "fetch three times, items 1, 2 and 3:\n{body}");
     Ok(())
 }
+
+/// A slow cached task: the worker sleeps `input.ms`, then answers with the input (so the
+/// answer names the run whose worker call it was).
+const SLOW_CACHED_FLOW: &str = r#"
+name: slow-cached
+output: 'steps.fetch.output'
+steps:
+  - id: fetch
+    kind: task
+    pool: a
+    task: sleep
+    input: 'input'
+    timeout_ms: 60000
+    cache: { key: 'input.key', ttl_ms: 600000 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_of_one_key_at_once_wait_for_one_worker_call_and_go_to_workers_if_it_ends_without_a_result(
+) -> anyhow::Result<()> {
+    let (grid, metrics_addr) = Grid::start_with_metrics(&["a"], 8).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SLOW_CACHED_FLOW).await?;
+    let start = |request: u32, key: &str, ms: u32| StartRun {
+        flow: "slow-cached".into(),
+        input: json!({"key": key, "request": request, "ms": ms}),
+        ..Default::default()
+    };
+
+    // Three runs at once with one key: one worker call (the first's), the others take its answer.
+    let mut runs = Vec::new();
+    for request in 1..=3 {
+        runs.push(client.start(start(request, "k1", 800)).await.or_logs(&grid)?.run_id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut answered_by = Vec::new();
+    let mut from_cache = 0;
+    for run_id in &runs {
+        let view = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+        answered_by.push(view.output.as_ref().map(|output| output["request"].clone()));
+        from_cache += step(&view, "fetch").cached;
+    }
+    assert_eq!(answered_by, vec![Some(json!(1)); 3], "every run has the first run's answer");
+    assert_eq!(from_cache, 2, "the two later runs took it without a worker");
+    let body = scrape_metrics(&metrics_addr)?;
+    assert_eq!(metric_value(&body, "flowgrid_task_cache_total{pool=\"a\",outcome=\"joined\"}"), Some(2.0), "{body}");
+
+    // A leader cancelled: its follower's task goes to a worker at once, not at the
+    // leader's deadline (60 s).
+    let leader = client.start(start(4, "k2", 3_000)).await.or_logs(&grid)?.run_id;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let follower = client.start(start(5, "k2", 100)).await.or_logs(&grid)?.run_id;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let view = client.get(&follower).await.or_logs(&grid)?;
+    assert_eq!(view.status, RunStatus::Running, "the follower waits for the leader: {view:?}");
+    let cancelled = Instant::now();
+    client.cancel(&leader, "test").await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &follower, RUN_DEADLINE).await?;
+    assert_eq!(view.output.as_ref().map(|output| &output["request"]), Some(&json!(5)), "its own worker: {view:?}");
+    assert!(cancelled.elapsed() < Duration::from_secs(10), "the follower waited {:?}", cancelled.elapsed());
+    Ok(())
+}

@@ -15,8 +15,16 @@
 //!
 //! The bucket is opened (and created) on first use, so a grid whose flows cache nothing
 //! does not reserve JetStream storage for it.
+//!
+//! Single flight: a lookup that misses leads a *flight* for its key on this coordinator,
+//! and its task goes to a worker. Lookups of the same key that miss while the flight is
+//! open follow it instead of calling workers of their own: they take the leader's result
+//! when it is stored, or go to workers when the leader's attempt fails, times out or is
+//! cancelled, or at its deadline. Coordinators do not share flights.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,13 +32,13 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use flowgrid_engine::CacheLookup;
 use flowgrid_model::limits::CACHE_TTL_MS_MAX;
-use flowgrid_model::Millis;
+use flowgrid_model::{AttemptId, Millis};
 use flowgrid_proto::Subjects;
 use flowgrid_sdk::broker;
 use ring::digest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{Mutex, OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Mutex, OnceCell, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use crate::clock::now_ms;
@@ -63,6 +71,49 @@ pub struct TaskCache {
     /// When opening the bucket last failed: no other try until [`OPEN_RETRY`] later.
     open_failed: Mutex<Option<Instant>>,
     in_flight: Arc<Semaphore>,
+    flights: SingleFlight,
+}
+
+/// The flights of one coordinator's lookups (see the module's docs).
+#[derive(Default)]
+pub struct SingleFlight {
+    flights: std::sync::Mutex<Flights>,
+    /// How many flights are open: an attempt that fails looks for its flight only when
+    /// there is one.
+    open: AtomicUsize,
+}
+
+/// The open flights, by entry key and by leader.
+#[derive(Default)]
+struct Flights {
+    by_key: HashMap<String, Flight>,
+    by_leader: HashMap<AttemptId, String>,
+}
+
+impl Flights {
+    fn remove(&mut self, key: &str) -> Option<Flight> {
+        let flight = self.by_key.remove(key)?;
+        self.by_leader.remove(&flight.leader);
+        Some(flight)
+    }
+}
+
+/// A worker call other lookups of its key wait for.
+struct Flight {
+    leader: AttemptId,
+    /// The leader attempt's deadline: a flight past it is over.
+    deadline: Instant,
+    /// The followers: each gets the leader's result, or `None` to go to a worker.
+    followers: Vec<oneshot::Sender<Option<Value>>>,
+}
+
+/// What a lookup that missed does.
+pub enum Joined {
+    /// Send the task to a worker; other lookups of its key follow it.
+    Lead,
+    /// Wait for the leader's result (`None`: send the task to a worker after all) until
+    /// the leader's deadline.
+    Follow(oneshot::Receiver<Option<Value>>, Instant),
 }
 
 /// What became of a lookup or a store, as counted in `flowgrid_task_cache_total`.
@@ -77,6 +128,9 @@ enum Outcome {
     /// Too many lookups and stores were out, or the bucket failed or was too slow: the
     /// task went to a worker, or the result was not stored.
     Skipped,
+    /// A miss that followed another lookup's worker call of the same key and took its
+    /// result (counted besides its `Miss`).
+    Joined,
 }
 
 impl Outcome {
@@ -86,6 +140,7 @@ impl Outcome {
             Outcome::Miss => "miss",
             Outcome::Stored => "stored",
             Outcome::Skipped => "skipped",
+            Outcome::Joined => "joined",
         }
     }
 }
@@ -104,7 +159,18 @@ impl TaskCache {
             bucket: OnceCell::new(),
             open_failed: Mutex::new(None),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_MAX)),
+            flights: SingleFlight::default(),
         }
+    }
+
+    /// The coordinator's flights.
+    pub fn flights(&self) -> &SingleFlight {
+        &self.flights
+    }
+
+    /// Counts a follower that took its leader's result.
+    pub fn count_joined(pool: &str) {
+        count(pool, Outcome::Joined);
     }
 
     /// The bucket, opened (and created) on first use; `None` while it cannot be opened.
@@ -208,6 +274,66 @@ impl TaskCache {
     }
 }
 
+impl SingleFlight {
+    /// After a miss of `key` by `attempt` (due by `deadline`): leads a flight, or follows
+    /// the one open.
+    pub fn join(&self, key: String, attempt: &AttemptId, deadline: Instant) -> Joined {
+        let mut flights = self.flights.lock().expect("flights lock");
+        if let Some(flight) = flights.by_key.get_mut(&key) {
+            if flight.deadline > Instant::now() && flight.leader != *attempt {
+                let (sender, receiver) = oneshot::channel();
+                flight.followers.push(sender);
+                return Joined::Follow(receiver, flight.deadline);
+            }
+        }
+        // None open, one over (its followers go to workers), or the leader's task again.
+        let over = flights.remove(&key);
+        flights.by_leader.insert(attempt.clone(), key.clone());
+        flights.by_key.insert(key, Flight { leader: attempt.clone(), deadline, followers: Vec::new() });
+        drop(flights);
+        match over {
+            Some(over) => land_followers(over.followers, None),
+            None => {
+                self.open.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Joined::Lead
+    }
+
+    /// Ends the flight of `key` with its leader's `output`: each follower takes it.
+    pub fn land(&self, key: &str, output: &Value) {
+        if self.open.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let flight = self.flights.lock().expect("flights lock").remove(key);
+        if let Some(flight) = flight {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            land_followers(flight.followers, Some(output));
+        }
+    }
+
+    /// `attempt` closed without a result to store (failed, timed out, cancelled): if it led
+    /// a flight, its followers go to workers.
+    pub fn leader_gone(&self, attempt: &AttemptId) {
+        if self.open.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut flights = self.flights.lock().expect("flights lock");
+        let Some(key) = flights.by_leader.get(attempt).cloned() else { return };
+        let flight = flights.remove(&key).expect("a leader's flight is open");
+        drop(flights);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        land_followers(flight.followers, None);
+    }
+}
+
+/// Tells each follower how its flight ended (a follower that stopped waiting is gone).
+fn land_followers(followers: Vec<oneshot::Sender<Option<Value>>>, output: Option<&Value>) {
+    for follower in followers {
+        let _ = follower.send(output.cloned());
+    }
+}
+
 /// The bucket key of a task's result: the lowercase hex SHA-256 of its pool, task name
 /// and key value.
 pub fn entry_key(pool: &str, task: &str, key: &Value) -> String {
@@ -264,9 +390,72 @@ fn feed_value(context: &mut digest::Context, value: &Value) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    use flowgrid_model::{AttemptId, RunId};
     use serde_json::json;
 
-    use super::entry_key;
+    use super::{entry_key, Joined, SingleFlight};
+
+    fn attempt(run: &str) -> AttemptId {
+        AttemptId { run_id: RunId(run.into()), step: "fetch".into(), item: None, attempt: 1 }
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    fn follow(
+        flights: &SingleFlight,
+        key: &str,
+        run: &str,
+    ) -> tokio::sync::oneshot::Receiver<Option<serde_json::Value>> {
+        match flights.join(key.into(), &attempt(run), later()) {
+            Joined::Follow(landing, _) => landing,
+            Joined::Lead => panic!("{run} should follow the flight of {key}"),
+        }
+    }
+
+    #[test]
+    fn misses_of_one_key_follow_the_first_and_take_its_result() {
+        let flights = SingleFlight::default();
+        assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
+        let (mut b, mut c) = (follow(&flights, "k", "b"), follow(&flights, "k", "c"));
+        // Another key is another flight.
+        assert!(matches!(flights.join("other".into(), &attempt("d"), later()), Joined::Lead));
+        assert!(b.try_recv().is_err(), "nothing before the leader's result");
+        flights.land("k", &json!({"answer": 42}));
+        assert_eq!(b.try_recv().unwrap(), Some(json!({"answer": 42})));
+        assert_eq!(c.try_recv().unwrap(), Some(json!({"answer": 42})));
+        // Landed: the next miss leads again.
+        assert!(matches!(flights.join("k".into(), &attempt("e"), later()), Joined::Lead));
+    }
+
+    #[test]
+    fn followers_go_to_workers_when_the_leader_ends_without_a_result() {
+        let flights = SingleFlight::default();
+        assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
+        let mut b = follow(&flights, "k", "b");
+        flights.leader_gone(&attempt("b"));
+        assert!(b.try_recv().is_err(), "a follower's own end changes nothing");
+        flights.leader_gone(&attempt("a"));
+        assert_eq!(b.try_recv().unwrap(), None);
+        assert!(matches!(flights.join("k".into(), &attempt("c"), later()), Joined::Lead));
+    }
+
+    #[test]
+    fn a_flight_past_its_deadline_or_joined_by_its_leader_is_led_anew() {
+        let flights = SingleFlight::default();
+        let past = Instant::now() - Duration::from_millis(1);
+        assert!(matches!(flights.join("k".into(), &attempt("a"), past), Joined::Lead));
+        assert!(matches!(flights.join("k".into(), &attempt("b"), later()), Joined::Lead), "over: b leads");
+        let mut c = follow(&flights, "k", "c");
+        // The leader's task again (delivered twice): it leads, its followers go to workers.
+        assert!(matches!(flights.join("k".into(), &attempt("b"), later()), Joined::Lead));
+        assert_eq!(c.try_recv().unwrap(), None);
+        flights.leader_gone(&attempt("b"));
+        assert!(matches!(flights.join("k".into(), &attempt("d"), later()), Joined::Lead), "no flight left open");
+    }
 
     #[test]
     fn keys_ignore_the_order_of_object_fields_and_nothing_else() {

@@ -248,6 +248,7 @@ impl<S: ShardStore> ShardActor<S> {
             for (timer, _) in active.run.armed_timers() {
                 if let TimerKey::AttemptTimeout { attempt } = timer {
                     attempt_closed(&mut self.metrics, active.run.plan(), &attempt);
+                    self.context.task_cache.flights().leader_gone(&attempt);
                 }
             }
         }

@@ -1,10 +1,12 @@
 //! The shard's side of the task cache: a task whose step caches results is looked up
 //! before it goes to the dispatcher, and a fresh result is fed back into the shard as an
-//! [`Event::TaskCached`]; a worker's result of such a step is stored after its commit.
+//! [`Event::TaskCached`]; a worker's result of such a step is stored after its commit. A
+//! miss while another task of the same key is out with a worker waits for that worker's
+//! result instead (the cache's single flight).
 //! Lookups and stores run beside the actor, so a slow bucket never holds a shard's batch.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use flowgrid_engine::{Event, TaskDispatch};
 use flowgrid_model::AttemptId;
@@ -14,6 +16,7 @@ use serde_json::Value;
 use super::actor::ShardActor;
 use super::batch::{Batch, CacheStore};
 use super::Command;
+use crate::cache::{entry_key, Joined, TaskCache};
 use crate::clock::now_ms;
 
 impl<S: ShardStore> ShardActor<S> {
@@ -30,7 +33,11 @@ impl<S: ShardStore> ShardActor<S> {
             let lookup = task.cache.as_ref().expect("only tasks with a cache key are looked up");
             let stored = cache.look_up(&task.pool, &task.task, lookup).await;
             drop(permit);
-            if let (Some(output), Some(inbox)) = (stored, inbox.upgrade()) {
+            let output = match stored {
+                Some(output) => Some(output),
+                None => follow(&cache, &task).await,
+            };
+            if let (Some(output), Some(inbox)) = (output, inbox.upgrade()) {
                 let command = Command::CachedResult { attempt: task.attempt.clone(), output };
                 // A full inbox or a stopped actor: the worker answers instead.
                 if inbox.try_send(command).is_ok() {
@@ -47,15 +54,33 @@ impl<S: ShardStore> ShardActor<S> {
         self.apply_event(&run_id, Event::TaskCached { attempt, output }, now_ms(), batch);
     }
 
-    /// Stores workers' results of steps that cache them (after their commit).
+    /// Stores workers' results of steps that cache them (after their commit), and hands
+    /// each to the lookups that followed its worker call.
     pub(super) fn store_in_cache(&self, stores: Vec<CacheStore>) {
         for CacheStore { pool, task, key, output } in stores {
+            self.context.task_cache.flights().land(&entry_key(&pool, &task, &key), &output);
             let Some(permit) = self.context.task_cache.permit(&pool) else { continue };
             let cache = Arc::clone(&self.context.task_cache);
             tokio::spawn(async move {
                 cache.store(&pool, &task, &key, output).await;
                 drop(permit);
             });
+        }
+    }
+}
+
+/// After a miss: leads the flight of the task's key (`None`: the task goes to a worker), or
+/// follows the one open and takes its leader's result (`None` when the leader's attempt
+/// ended without one, or at its deadline).
+async fn follow(cache: &TaskCache, task: &TaskDispatch) -> Option<Value> {
+    let lookup = task.cache.as_ref()?;
+    let left = Duration::from_millis(task.deadline_ms.saturating_sub(now_ms()));
+    match cache.flights().join(entry_key(&task.pool, &task.task, &lookup.key), &task.attempt, Instant::now() + left) {
+        Joined::Lead => None,
+        Joined::Follow(landing, until) => {
+            let output = tokio::time::timeout_at(until.into(), landing).await.ok()?.ok()??;
+            TaskCache::count_joined(&task.pool);
+            Some(output)
         }
     }
 }

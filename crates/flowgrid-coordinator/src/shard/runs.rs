@@ -181,6 +181,11 @@ impl<S: ShardStore> ShardActor<S> {
             }
             Applied::Accepted => {
                 count_result(&mut self.metrics, active.run.plan(), &event);
+                if let Event::TaskFailed { attempt, .. }
+                | Event::TimerFired { timer: TimerKey::AttemptTimeout { attempt } } = &event
+                {
+                    self.context.task_cache.flights().leader_gone(attempt);
+                }
                 let key = keys::history(run_id, active.next_seq);
                 active.next_seq += 1;
                 let resulted = match &event {
@@ -221,6 +226,7 @@ impl<S: ShardStore> ShardActor<S> {
                         let pool = attempt_closed(&mut self.metrics, active.run.plan(), attempt);
                         if let Some(pool) = pool.filter(|_| resulted != Some(attempt)) {
                             batch.cancelled.push((pool.clone(), attempt.clone()));
+                            self.context.task_cache.flights().leader_gone(attempt);
                         }
                     }
                     self.timers.cancel(run_id, timer, due_ms);
