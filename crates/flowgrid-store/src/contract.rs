@@ -364,9 +364,15 @@ pub async fn scan_records_pages_whole_records<S: Store>(make: impl Fn() -> S) {
     let all = join_records(scan(&shard, keys::history_range(&run), usize::MAX, false).await).unwrap();
     assert_eq!(all.len(), 7);
 
-    for (limit, bytes_max) in
-        [(1, usize::MAX), (2, usize::MAX), (5, usize::MAX), (7, usize::MAX), (100, usize::MAX), (3, 1)]
-    {
+    for (limit, bytes_max) in [
+        (1, usize::MAX),
+        (2, usize::MAX),
+        (5, usize::MAX),
+        (7, usize::MAX),
+        (100, usize::MAX),
+        (3, 1),
+        (usize::MAX, usize::MAX),
+    ] {
         let mut read = Vec::new();
         let mut begin = keys::history_range(&run).begin;
         loop {

@@ -210,7 +210,7 @@ pub trait ShardStore: Send + Sync + 'static {
             let mut bytes = 0;
             let mut begin = range.begin;
             // Records are usually one key each; one more key says whether more follow.
-            let mut window = limit + 1;
+            let mut window = limit.saturating_add(1);
             loop {
                 let mut pairs = self.scan(KeyRange { begin, end: range.end.clone() }, window, false).await?;
                 let exhausted = pairs.len() < window;
@@ -219,7 +219,7 @@ pub trait ShardStore: Send + Sync + 'static {
                     let Some((first, _)) = pairs.into_iter().next() else { return Ok(page) };
                     // One record has more chunks than the window held.
                     begin = first;
-                    window *= 2;
+                    window = window.saturating_mul(2);
                     continue;
                 }
                 pairs.truncate(whole);
@@ -242,7 +242,7 @@ pub trait ShardStore: Send + Sync + 'static {
                     page.more = true;
                     return Ok(page);
                 }
-                window = limit - page.records.len() + 1;
+                window = (limit - page.records.len()).saturating_add(1);
             }
         }
     }
