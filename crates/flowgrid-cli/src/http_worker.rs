@@ -110,8 +110,11 @@ impl HttpWorker {
         }
         let method = Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| final_error("invalid_input", format!("method {:?} is not an HTTP method", request.method)))?;
-        let timeout =
-            request.timeout_ms.map_or(self.settings.timeout, |ms| Duration::from_millis(ms).min(self.settings.timeout));
+        // No longer than the attempt has left: past its deadline its result is not taken.
+        let timeout = request
+            .timeout_ms
+            .map_or(self.settings.timeout, |ms| Duration::from_millis(ms).min(self.settings.timeout))
+            .min(task.time_left());
         let mut builder = self.client.request(method, url.clone()).timeout(timeout);
         let has = |name: &str| request.headers.keys().any(|key| key.eq_ignore_ascii_case(name));
         if !has("idempotency-key") {
