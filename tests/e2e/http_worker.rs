@@ -176,3 +176,58 @@ async fn task_steps_call_http_services_under_the_allowed_prefixes_only() -> anyh
     }
     Ok(())
 }
+
+const PACED_FLOW: &str = r#"
+name: paced
+steps:
+  - id: calls
+    kind: map
+    items: 'input.urls'
+    pool: http
+    task: request
+    input: '#{ url: item }'
+    timeout_ms: 10000
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_worker_under_max_rate_spaces_its_requests() -> anyhow::Result<()> {
+    let port = free_port()?;
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = Router::new()
+        .route(
+            "/tick",
+            get(|State(times): State<Arc<std::sync::Mutex<Vec<std::time::Instant>>>>| async move {
+                times.lock().unwrap().push(std::time::Instant::now());
+                "tick"
+            }),
+        )
+        .with_state(Arc::clone(&times));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut grid = Grid::start_nats()?;
+    grid.start_coordinator().await?;
+    let mut worker = std::process::Command::new(flowgrid_bin());
+    worker.args(["--nats-url", &grid.nats_url, "http-worker", "--allow", &format!("http://127.0.0.1:{port}/")]);
+    worker.args(["--max-rate", "10", "--concurrency", "64"]);
+    grid.spawn_worker("http-worker", &mut worker)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, PACED_FLOW).await?;
+
+    let urls: Vec<String> = (0..6).map(|_| format!("http://127.0.0.1:{port}/tick")).collect();
+    let run =
+        client.start(StartRun { flow: "paced".into(), input: json!({"urls": urls}), ..Default::default() }).await?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let times = times.lock().unwrap().clone();
+    assert_eq!(times.len(), 6);
+    // Six requests at 10 a second: the last at least 5 intervals after the first.
+    let spread = times[5].duration_since(times[0]);
+    assert!(spread >= std::time::Duration::from_millis(450), "six requests within {spread:?}");
+
+    let output = std::process::Command::new(flowgrid_bin())
+        .args(["http-worker", "--allow", "http://127.0.0.1:1/", "--max-rate", "0"])
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && text.contains("--max-rate"), "{text}");
+    Ok(())
+}

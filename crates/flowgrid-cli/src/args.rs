@@ -163,6 +163,10 @@ pub struct HttpWorkerArgs {
     #[arg(long, env = "FLOWGRID_HTTP_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub timeout_ms: u64,
+    /// The most requests a second this process sends, over all its pools (a service's
+    /// quota); the others wait their turn. Default: no bound.
+    #[arg(long, env = "FLOWGRID_HTTP_MAX_RATE", value_parser = parse_rate)]
+    pub max_rate: Option<f64>,
     /// PEM file of certificate authorities to trust besides the system's, for services
     /// whose certificates a private authority signed.
     #[arg(long, env = "FLOWGRID_HTTP_CA_FILE", value_name = "FILE")]
@@ -661,5 +665,15 @@ mod tests {
         let Command::Worker(worker) = cli.command else { panic!("expected the worker command") };
         assert_eq!(worker.pools, ["gpu-llm", "cpu-media"]);
         assert_eq!(worker.speed, 0.0);
+    }
+}
+
+/// A request rate: a positive number a second, at most 100,000.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 100_000.0 => Ok(rate),
+        _ => {
+            Err(format!("{text:?} is not a rate: give requests a second, above 0 and at most 100000 (e.g. 50 or 0.5)"))
+        }
     }
 }

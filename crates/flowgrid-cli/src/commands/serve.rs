@@ -42,6 +42,7 @@ pub(crate) async fn http_worker(args: HttpWorkerArgs, session: &Session) -> anyh
         allowed: args.allow.clone(),
         timeout: Duration::from_millis(args.timeout_ms),
         body_bytes_max: usize::try_from(args.response_max_kb << 10).unwrap_or(usize::MAX),
+        max_rate: args.max_rate,
         extra_roots: match &args.ca_file {
             Some(path) => read_authorities(path)?,
             None => Vec::new(),
