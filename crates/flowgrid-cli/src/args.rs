@@ -561,6 +561,16 @@ pub(crate) fn parse_status(text: &str) -> Result<RunStatus, String> {
         .map_err(|_| format!("{text:?} is not a run status; use running, succeeded, failed, cancelled or timed_out"))
 }
 
+/// A request rate: a positive number a second, at most 100,000.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 100_000.0 => Ok(rate),
+        _ => {
+            Err(format!("{text:?} is not a rate: give requests a second, above 0 and at most 100000 (e.g. 50 or 0.5)"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -665,15 +675,5 @@ mod tests {
         let Command::Worker(worker) = cli.command else { panic!("expected the worker command") };
         assert_eq!(worker.pools, ["gpu-llm", "cpu-media"]);
         assert_eq!(worker.speed, 0.0);
-    }
-}
-
-/// A request rate: a positive number a second, at most 100,000.
-fn parse_rate(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 100_000.0 => Ok(rate),
-        _ => {
-            Err(format!("{text:?} is not a rate: give requests a second, above 0 and at most 100000 (e.g. 50 or 0.5)"))
-        }
     }
 }
