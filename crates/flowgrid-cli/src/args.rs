@@ -163,8 +163,8 @@ pub struct HttpWorkerArgs {
     #[arg(long, env = "FLOWGRID_HTTP_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub timeout_ms: u64,
-    /// The most requests a second this process sends, over all its pools (a service's
-    /// quota); the others wait their turn. Default: no bound.
+    /// The most requests a second sent for each pool (a service's quota); the others wait
+    /// their turn. Default: no bound.
     #[arg(long, env = "FLOWGRID_HTTP_MAX_RATE", value_parser = parse_rate)]
     pub max_rate: Option<f64>,
     /// PEM file of certificate authorities to trust besides the system's, for services

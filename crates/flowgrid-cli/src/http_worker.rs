@@ -7,7 +7,7 @@
 //! cannot make the worker reach anything else. A 2xx response is the task's output; 429, 5xx
 //! and failures to connect are retryable errors (`http_503`, `unavailable`), any other
 //! status a final one (`http_404`), so the step's `retry` and `catch` decide what follows.
-//! `--max-rate` paces the requests of the process for a service with a quota.
+//! `--max-rate` paces the requests of each pool for a service with a quota.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,8 +54,6 @@ pub struct HttpSettings {
     pub body_bytes_max: usize,
     /// Certificate authorities (PEM) trusted besides the system's.
     pub extra_roots: Vec<reqwest::Certificate>,
-    /// The most requests a second this process sends, over all its pools; `None`: no bound.
-    pub max_rate: Option<f64>,
 }
 
 /// Calls HTTP services for `request` tasks.
@@ -63,8 +61,6 @@ pub struct HttpSettings {
 pub struct HttpWorker {
     client: reqwest::Client,
     settings: Arc<HttpSettings>,
-    /// When the next request may go, under `--max-rate`.
-    next_slot: Arc<tokio::sync::Mutex<tokio::time::Instant>>,
 }
 
 impl HttpWorker {
@@ -89,7 +85,7 @@ impl HttpWorker {
             .redirect(redirects)
             .user_agent(concat!("flowgrid-http-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(HttpWorker { client, settings, next_slot: Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())) })
+        Ok(HttpWorker { client, settings })
     }
 
     async fn call(&self, task: &Task) -> Result<Value, TaskError> {
@@ -135,7 +131,6 @@ impl HttpWorker {
             Some(Value::String(text)) => builder.header(header::CONTENT_TYPE, "text/plain; charset=utf-8").body(text),
             Some(value) => builder.json(&value),
         };
-        self.wait_for_slot().await;
         let response = builder.send().await.map_err(|error| unreachable_error(&url, &error))?;
         let status = response.status();
         let headers: Map<String, Value> = response
@@ -168,20 +163,6 @@ impl HttpWorker {
             message: format!("{url} answered {status}: {excerpt}"),
             retryable: status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
         })
-    }
-
-    /// Under `--max-rate`, waits for this request's turn: requests go at most one each
-    /// 1/rate seconds, in the order they asked. The task is held (and its heartbeats sent)
-    /// meanwhile, so a wait longer than JetStream's ack wait does not hand it to another worker.
-    async fn wait_for_slot(&self) {
-        let Some(rate) = self.settings.max_rate else { return };
-        let slot = {
-            let mut next = self.next_slot.lock().await;
-            let slot = (*next).max(tokio::time::Instant::now());
-            *next = slot + Duration::from_secs_f64(1.0 / rate);
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
     }
 
     /// The response body, refused past `--response-max-kb`.
@@ -274,7 +255,6 @@ mod tests {
             timeout: Duration::from_secs(5),
             body_bytes_max: 1024,
             extra_roots: Vec::new(),
-            max_rate: None,
         }
     }
 

@@ -279,6 +279,8 @@ pub struct Worker {
     concurrency: usize,
     limits: BrokerLimits,
     shutdown_grace: Duration,
+    /// At most this many tasks a second start (`None`: no bound).
+    max_rate: Option<f64>,
 }
 
 impl Worker {
@@ -291,7 +293,17 @@ impl Worker {
             concurrency: DEFAULT_CONCURRENCY,
             limits: BrokerLimits::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_rate: None,
         }
+    }
+
+    /// Starts at most `per_second` tasks a second (above 0), in the order they arrive, for
+    /// a service with a quota. A task waiting for its turn is held and heartbeated, so
+    /// JetStream does not hand it to another worker; a task cancelled meanwhile is dropped.
+    /// The bound is this worker's: give each of a pool's workers its share.
+    pub fn max_rate(mut self, per_second: f64) -> Worker {
+        self.max_rate = (per_second.is_finite() && per_second > 0.0).then_some(per_second);
+        self
     }
 
     /// Tasks held at once (at least 1).
@@ -325,6 +337,7 @@ impl Worker {
             handler: Arc::new(handler),
             heartbeat_every: heartbeat_period(ack_wait),
             running: Running::default(),
+            pacer: self.max_rate.map(Pacer::new),
         });
         let cancels = self.subjects.cancels(&self.pool);
         let listener = tokio::spawn(listen_for_cancels(self.nats.clone(), cancels, shared.clone(), shutdown.clone()));
@@ -430,6 +443,33 @@ struct Shared {
     handler: Arc<dyn TaskHandler>,
     heartbeat_every: Duration,
     running: Running,
+    pacer: Option<Pacer>,
+}
+
+/// Spaces task starts at most `rate` a second, in the order they ask.
+struct Pacer {
+    interval: Duration,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    fn new(rate: f64) -> Pacer {
+        Pacer {
+            interval: Duration::from_secs_f64(1.0 / rate),
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for the next free turn.
+    async fn wait(&self) {
+        let turn = {
+            let mut next = self.next.lock().await;
+            let turn = (*next).max(tokio::time::Instant::now());
+            *next = turn + self.interval;
+            turn
+        };
+        tokio::time::sleep_until(turn).await;
+    }
 }
 
 /// The cancellation of every task running, by attempt (an attempt delivered twice to the
@@ -551,6 +591,15 @@ async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
     let mut task = Task::new(attempt.clone(), &*pool, &*task, input, deadline_ms).with_progress(progress);
     task.reporter = Some(reporter);
     let _running = shared.running.enter(&mut task);
+    if let Some(pacer) = &shared.pacer {
+        tokio::select! {
+            () = pacer.wait() => {}
+            () = task.cancellation().cancelled() => {
+                debug!(attempt = %attempt, "task cancelled by its run while waiting for its turn");
+                return Settle::Ack;
+            }
+        }
+    }
     let detached = Arc::clone(&task.detached);
     let Some(outcome) = run_handler(shared.handler.clone(), task).await else {
         debug!(attempt = %attempt, "task cancelled by its run; acking it without a result");

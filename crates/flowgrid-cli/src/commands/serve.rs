@@ -33,7 +33,8 @@ pub(crate) async fn coordinator(config: CoordinatorConfig) -> anyhow::Result<Exi
 pub(crate) async fn worker(args: WorkerArgs, session: &Session) -> anyhow::Result<ExitCode> {
     validate_worker(&args)?;
     info!(pools = ?args.pools, concurrency = args.concurrency, speed = args.speed, "demo workers starting");
-    serve_pools(session, "flowgrid-demo-worker", &args.pools, args.concurrency, DemoWorkers::new(args.speed)).await
+    let handler = DemoWorkers::new(args.speed);
+    serve_pools(session, "flowgrid-demo-worker", &args.pools, args.concurrency, None, handler).await
 }
 
 pub(crate) async fn http_worker(args: HttpWorkerArgs, session: &Session) -> anyhow::Result<ExitCode> {
@@ -42,7 +43,6 @@ pub(crate) async fn http_worker(args: HttpWorkerArgs, session: &Session) -> anyh
         allowed: args.allow.clone(),
         timeout: Duration::from_millis(args.timeout_ms),
         body_bytes_max: usize::try_from(args.response_max_kb << 10).unwrap_or(usize::MAX),
-        max_rate: args.max_rate,
         extra_roots: match &args.ca_file {
             Some(path) => read_authorities(path)?,
             None => Vec::new(),
@@ -51,7 +51,7 @@ pub(crate) async fn http_worker(args: HttpWorkerArgs, session: &Session) -> anyh
     let handler = HttpWorker::new(settings).context("cannot set up the HTTP client")?;
     let allowed: Vec<&str> = args.allow.iter().map(reqwest::Url::as_str).collect();
     info!(pools = ?args.pools, concurrency = args.concurrency, allowed = ?allowed, "HTTP worker starting");
-    serve_pools(session, "flowgrid-http-worker", &args.pools, args.concurrency, handler).await
+    serve_pools(session, "flowgrid-http-worker", &args.pools, args.concurrency, args.max_rate, handler).await
 }
 
 /// Serves `pools` with `handler` until a signal; one pool failing stops the others.
@@ -60,6 +60,7 @@ async fn serve_pools<H: TaskHandler + Clone>(
     name: &str,
     pools: &[String],
     concurrency: usize,
+    max_rate: Option<f64>,
     handler: H,
 ) -> anyhow::Result<ExitCode> {
     let nats = session.nats(name).await?;
@@ -67,7 +68,10 @@ async fn serve_pools<H: TaskHandler + Clone>(
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
     let mut workers = JoinSet::new();
     for pool in pools {
-        let worker = Worker::new(nats.clone(), session.prefix.clone(), pool.clone()).concurrency(concurrency);
+        let mut worker = Worker::new(nats.clone(), session.prefix.clone(), pool.clone()).concurrency(concurrency);
+        if let Some(rate) = max_rate {
+            worker = worker.max_rate(rate);
+        }
         let pool = pool.clone();
         let run = worker.run(handler.clone(), shutdown.clone());
         workers.spawn(async move { run.await.with_context(|| format!("worker of pool {pool} failed")) });
