@@ -237,11 +237,18 @@ fn ip(args: &[&str]) -> Result<()> {
 /// which `make up` and `make demo` pass as they are).
 pub const NATS_SERVER_CONFIG: &str = include_str!("../../../deploy/nats-server.conf");
 
+/// What the streams of a test or load-test grid may reserve, unless `more` sets its own
+/// `jetstream` block. The grid's streams and buckets reserve over 2 GiB in all but write
+/// little, while nats-server by default allows 75% of the disk space free when it starts:
+/// on a shared disk that is nearly full that is too little, and streams would be refused.
+const JETSTREAM_RESERVE: &str = "jetstream { max_file_store: 64GB }";
+
 /// Writes [`NATS_SERVER_CONFIG`] and then `more` (more lines of configuration) to
 /// `dir/nats-server.conf`, for `nats-server -c`; returns its path.
 pub fn write_nats_config(dir: &Path, more: &str) -> Result<PathBuf> {
     let config = dir.join("nats-server.conf");
-    std::fs::write(&config, format!("{NATS_SERVER_CONFIG}\n{more}\n"))
+    let reserve = if more.contains("jetstream") { "" } else { JETSTREAM_RESERVE };
+    std::fs::write(&config, format!("{NATS_SERVER_CONFIG}\n{reserve}\n{more}\n"))
         .with_context(|| format!("write {}", config.display()))?;
     Ok(config)
 }
