@@ -166,6 +166,10 @@ async fn task_steps_call_http_services_under_the_allowed_prefixes_only() -> anyh
     let view = call(&grid, &client, json!({"url": format!("{base}/v1/echo"), "verb": "GET"})).await?;
     let error = view.error.expect("refused");
     assert!(error.code == "invalid_input" && error.message.contains("verb"), "{error:?}");
+    let bad_header = json!({"url": format!("{base}/v1/echo"), "headers": {"bad header": "x"}});
+    let view = call(&grid, &client, bad_header).await?;
+    let error = view.error.expect("refused");
+    assert_eq!((error.code.as_str(), view.steps[0].attempts), ("invalid_input", 1), "{error:?}");
     assert_eq!(hits.echo.load(Ordering::SeqCst), 1, "{:?}", hits.echo);
 
     // The worker refuses to start without --allow or with a prefix that is no http URL.

@@ -233,9 +233,15 @@ fn final_error(code: &str, message: String) -> TaskError {
 
 fn unreachable_error(url: &Url, error: &reqwest::Error) -> TaskError {
     let what = if error.is_timeout() { "timed out" } else { "failed" };
-    // A refused redirect is the flow's doing: trying again changes nothing.
-    let retryable = !error.is_redirect();
-    let code = if error.is_redirect() { "forbidden_url" } else { "unavailable" };
+    // A refused redirect or a request that cannot be built (a header name or value that
+    // HTTP does not allow) is the flow's doing: trying again changes nothing.
+    let (code, retryable) = if error.is_redirect() {
+        ("forbidden_url", false)
+    } else if error.is_builder() {
+        ("invalid_input", false)
+    } else {
+        ("unavailable", true)
+    };
     let mut message = format!("the request to {url} {what}: {error}");
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
