@@ -39,12 +39,13 @@ async fn run(grid: &Grid, client: &flowgrid_sdk::Client, input: Value) -> anyhow
     Ok(view)
 }
 
-/// Waits until the coordinator has stored `count` results in all.
-async fn stored(metrics_addr: &str, count: f64) -> anyhow::Result<()> {
-    wait_for("results stored in the task cache", Duration::from_secs(10), || async {
+/// Waits until the coordinator has counted `count` task cache lookups or stores of
+/// `outcome` (`stored`, `miss`, ...) in all.
+async fn counted(metrics_addr: &str, outcome: &str, count: f64) -> anyhow::Result<()> {
+    let series = format!("flowgrid_task_cache_total{{pool=\"a\",outcome=\"{outcome}\"}}");
+    wait_for(&format!("task cache outcome {outcome} counted {count} times"), Duration::from_secs(10), || async {
         let body = scrape_metrics(metrics_addr).ok()?;
-        metric_value(&body, "flowgrid_task_cache_total{pool=\"a\",outcome=\"stored\"}")
-            .filter(|stored| *stored >= count)
+        metric_value(&body, &series).filter(|counted| *counted >= count)
     })
     .await?;
     Ok(())
@@ -59,7 +60,7 @@ async fn a_cached_result_serves_later_runs_with_the_same_key_until_its_ttl() -> 
     let first = run(&grid, &client, json!({"url": "u1", "request": 1, "parts": [1, 2]})).await?;
     let first_stored = Instant::now();
     assert_eq!((step(&first, "fetch").cached, step(&first, "each").cached), (0, 0), "{first:?}");
-    stored(&metrics_addr, 3.0).await.or_logs(&grid)?;
+    counted(&metrics_addr, "stored", 3.0).await.or_logs(&grid)?;
 
     // The same url: `fetch` takes the first run's result (request 1, not 2) without a
     // worker; of the items, 2 was stored by the first run and 3 goes to a worker.
@@ -86,7 +87,7 @@ async fn a_cached_result_serves_later_runs_with_the_same_key_until_its_ttl() -> 
     assert_eq!(step(&late, "fetch").cached, 0, "{late:?}");
     assert_eq!(step(&late, "each").cached, 1, "item 1 is within its own ttl: {late:?}");
     assert_eq!(late.output.as_ref().map(|output| &output["fetched"]["request"]), Some(&json!(4)));
-    stored(&metrics_addr, 6.0).await.or_logs(&grid)?;
+    counted(&metrics_addr, "stored", 6.0).await.or_logs(&grid)?;
     let again = run(&grid, &client, json!({"url": "u1", "request": 5, "parts": []})).await?;
     assert_eq!(again.output.as_ref().map(|output| &output["fetched"]["request"]), Some(&json!(4)), "{again:?}");
 
@@ -125,11 +126,12 @@ async fn misses_of_one_key_at_once_wait_for_one_worker_call_and_go_to_workers_if
         ..Default::default()
     };
 
-    // Three runs at once with one key: one worker call (the first's), the others take its answer.
+    // Three runs at once with one key: one worker call (the first's), the others take its
+    // answer. Each starts once the one before it has looked the key up (and missed).
     let mut runs = Vec::new();
     for request in 1..=3 {
         runs.push(client.start(start(request, "k1", 800)).await.or_logs(&grid)?.run_id);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        counted(&metrics_addr, "miss", f64::from(request)).await.or_logs(&grid)?;
     }
     let mut answered_by = Vec::new();
     let mut from_cache = 0;
@@ -147,8 +149,10 @@ async fn misses_of_one_key_at_once_wait_for_one_worker_call_and_go_to_workers_if
     // A leader cancelled: its follower's task goes to a worker at once, not at the
     // leader's deadline (60 s).
     let leader = client.start(start(4, "k2", 3_000)).await.or_logs(&grid)?.run_id;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    counted(&metrics_addr, "miss", 4.0).await.or_logs(&grid)?;
     let follower = client.start(start(5, "k2", 100)).await.or_logs(&grid)?.run_id;
+    counted(&metrics_addr, "miss", 5.0).await.or_logs(&grid)?;
+    // Its own task would take 100 ms: still running well after, it waits for the leader.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let view = client.get(&follower).await.or_logs(&grid)?;
     assert_eq!(view.status, RunStatus::Running, "the follower waits for the leader: {view:?}");

@@ -29,13 +29,8 @@ pub(crate) fn write_certificates(dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// `flowgrid ARGS` against `grid` with only the variables `env` (not the grid's own).
 fn cli_as(grid: &Grid, env: &[(&str, &str)], args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let output = Command::new(flowgrid_bin())
-        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix])
-        .args(args)
-        .envs(env.iter().copied())
-        .output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    Ok((output.status.success(), text))
+    let (ok, stdout, stderr) = grid.cli_with_env(env, args)?;
+    Ok((ok, format!("{stdout}{stderr}")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -300,10 +300,16 @@ impl Grid {
 
     /// `flowgrid ARGS` run against this grid: whether it succeeded, its stdout and stderr.
     pub fn cli(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+        self.cli_with_env(&env, args)
+    }
+
+    /// [`Grid::cli`] with the variables `env` instead of the grid's own.
+    pub fn cli_with_env(&self, env: &[(&str, &str)], args: &[&str]) -> Result<(bool, String, String)> {
         let output = Command::new(flowgrid_bin())
             .args(["--nats-url", &self.nats_url, "--prefix", &self.prefix])
             .args(args)
-            .envs(self.env.iter().map(|(name, value)| (name, value)))
+            .envs(env.iter().copied())
             .output()?;
         let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
         Ok((output.status.success(), text(&output.stdout), text(&output.stderr)))

@@ -561,13 +561,17 @@ pub(crate) fn parse_status(text: &str) -> Result<RunStatus, String> {
         .map_err(|_| format!("{text:?} is not a run status; use running, succeeded, failed, cancelled or timed_out"))
 }
 
-/// A request rate: a positive number a second, at most 100,000.
+/// The highest `--max-rate`: past what one worker process sends anyway, so a larger value
+/// is a typo, not a bound.
+const RATE_MAX: f64 = 100_000.0;
+
+/// A request rate: a positive number a second, at most [`RATE_MAX`].
 fn parse_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 100_000.0 => Ok(rate),
-        _ => {
-            Err(format!("{text:?} is not a rate: give requests a second, above 0 and at most 100000 (e.g. 50 or 0.5)"))
-        }
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= RATE_MAX => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a rate: give requests a second, above 0 and at most {RATE_MAX} (e.g. 50 or 0.5)"
+        )),
     }
 }
 

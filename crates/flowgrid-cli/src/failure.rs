@@ -61,8 +61,8 @@ fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
         use async_nats::ConnectErrorKind::{Io, TimedOut};
         matches!(source.kind(), Io | TimedOut).then(|| {
             format!(
-                "is nats-server running at {url}? start one with `make up`; a server that requires TLS needs \
-                 --nats-tls or --nats-tls-ca"
+                "start nats-server at {url} (`make up` starts a local grid) or fix --nats-url; a server that \
+                 requires TLS needs --nats-tls or --nats-tls-ca"
             )
         })
     };

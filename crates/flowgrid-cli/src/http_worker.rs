@@ -20,6 +20,11 @@ use serde_json::{json, Map, Value};
 
 /// The one task name the worker serves.
 pub const TASK: &str = "request";
+/// Redirects one request follows at most (browsers stop near 20; an API needs one or two).
+const REDIRECTS_MAX: usize = 5;
+/// Characters of a failed response's body quoted in the attempt's error message: enough for
+/// a service's error text, small enough for `run get` and the history.
+const ERROR_BODY_CHARS: usize = 300;
 
 /// What a `request` task's input may hold.
 #[derive(Debug, Deserialize)]
@@ -69,10 +74,10 @@ impl HttpWorker {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let settings = Arc::new(settings);
         let allowed = Arc::clone(&settings);
-        // A redirect is followed only to an allowed URL, five times at most.
+        // A redirect is followed only to an allowed URL.
         let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= 5 {
-                attempt.error("more than 5 redirects")
+            if attempt.previous().len() >= REDIRECTS_MAX {
+                attempt.error(format!("more than {REDIRECTS_MAX} redirects"))
             } else if allowed.allows(attempt.url()) {
                 attempt.follow()
             } else {
@@ -155,8 +160,8 @@ impl HttpWorker {
             return Ok(json!({ "status": status.as_u16(), "headers": headers, "body": body }));
         }
         let excerpt: String = match &body {
-            Value::String(text) => text.chars().take(300).collect(),
-            other => other.to_string().chars().take(300).collect(),
+            Value::String(text) => text.chars().take(ERROR_BODY_CHARS).collect(),
+            other => other.to_string().chars().take(ERROR_BODY_CHARS).collect(),
         };
         Err(TaskError {
             code: format!("http_{}", status.as_u16()),

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use flowgrid_engine::CacheLookup;
 use flowgrid_model::limits::CACHE_TTL_MS_MAX;
 use flowgrid_model::{AttemptId, Millis};
 use flowgrid_proto::Subjects;
@@ -218,15 +217,14 @@ impl TaskCache {
         permit
     }
 
-    /// The stored result for a task of `pool` and `task` with `lookup`'s key, if there is
-    /// one younger than its `ttl_ms`.
-    pub async fn look_up(&self, pool: &str, task: &str, lookup: &CacheLookup) -> Option<Value> {
+    /// The stored result under `key` (the [`entry_key`] of a task of `pool` and `task`),
+    /// if there is one younger than `ttl_ms`.
+    pub async fn look_up(&self, pool: &str, task: &str, key: &str, ttl_ms: Millis) -> Option<Value> {
         let Some(bucket) = self.bucket().await else {
             count(pool, Outcome::Skipped);
             return None;
         };
-        let key = entry_key(pool, task, &lookup.key);
-        let stored = match tokio::time::timeout(REQUEST_TIMEOUT, bucket.get(&key)).await {
+        let stored = match tokio::time::timeout(REQUEST_TIMEOUT, bucket.get(key)).await {
             Ok(Ok(stored)) => stored,
             Ok(Err(error)) => {
                 debug!(pool, task, error = %error, "task cache lookup failed; the task goes to a worker");
@@ -241,13 +239,14 @@ impl TaskCache {
         };
         let fresh = stored
             .and_then(|bytes| rmp_serde::from_slice::<Entry>(&bytes).ok())
-            .filter(|entry| now_ms().saturating_sub(entry.stored_ms) < lookup.ttl_ms);
+            .filter(|entry| now_ms().saturating_sub(entry.stored_ms) < ttl_ms);
         count(pool, if fresh.is_some() { Outcome::Hit } else { Outcome::Miss });
         fresh.map(|entry| entry.output)
     }
 
-    /// Stores a worker's `output` for a task of `pool` and `task` with `key`.
-    pub async fn store(&self, pool: &str, task: &str, key: &Value, output: Value) {
+    /// Stores a worker's `output` under `key` (the [`entry_key`] of a task of `pool` and
+    /// `task`).
+    pub async fn store(&self, pool: &str, task: &str, key: &str, output: Value) {
         let Some(bucket) = self.bucket().await else {
             count(pool, Outcome::Skipped);
             return;
@@ -261,8 +260,7 @@ impl TaskCache {
                 return;
             }
         };
-        let key = entry_key(pool, task, key);
-        let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, bucket.put(&key, bytes)).await {
+        let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, bucket.put(key, bytes)).await {
             Ok(Ok(_)) => Outcome::Stored,
             Ok(Err(error)) => {
                 debug!(pool, task, error = %error, "cannot store a result in the task cache");

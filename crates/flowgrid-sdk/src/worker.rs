@@ -297,10 +297,11 @@ impl Worker {
         }
     }
 
-    /// Starts at most `per_second` tasks a second (above 0), in the order they arrive, for
-    /// a service with a quota. A task waiting for its turn is held and heartbeated, so
-    /// JetStream does not hand it to another worker; a task cancelled meanwhile is dropped.
-    /// The bound is this worker's: give each of a pool's workers its share.
+    /// Starts at most `per_second` tasks a second, in the order they arrive, for a service
+    /// with a quota (a value not above 0, or not finite, sets no bound, as without this
+    /// call). A task waiting for its turn is held and heartbeated, so JetStream does not
+    /// hand it to another worker; a task cancelled meanwhile is dropped. The bound is this
+    /// worker's: give each of a pool's workers its share.
     pub fn max_rate(mut self, per_second: f64) -> Worker {
         self.max_rate = (per_second.is_finite() && per_second > 0.0).then_some(per_second);
         self

@@ -31,11 +31,12 @@ impl<S: ShardStore> ShardActor<S> {
             (Arc::clone(&self.context.task_cache), self.context.dispatcher.clone(), self.inbox.clone(), self.shard);
         tokio::spawn(async move {
             let lookup = task.cache.as_ref().expect("only tasks with a cache key are looked up");
-            let stored = cache.look_up(&task.pool, &task.task, lookup).await;
+            let key = entry_key(&task.pool, &task.task, &lookup.key);
+            let stored = cache.look_up(&task.pool, &task.task, &key, lookup.ttl_ms).await;
             drop(permit);
             let output = match stored {
                 Some(output) => Some(output),
-                None => follow(&cache, &task).await,
+                None => follow(&cache, &task, key).await,
             };
             if let (Some(output), Some(inbox)) = (output, inbox.upgrade()) {
                 let command = Command::CachedResult { attempt: task.attempt.clone(), output };
@@ -58,7 +59,8 @@ impl<S: ShardStore> ShardActor<S> {
     /// each to the lookups that followed its worker call.
     pub(super) fn store_in_cache(&self, stores: Vec<CacheStore>) {
         for CacheStore { pool, task, key, output } in stores {
-            self.context.task_cache.flights().land(&entry_key(&pool, &task, &key), &output);
+            let key = entry_key(&pool, &task, &key);
+            self.context.task_cache.flights().land(&key, &output);
             let Some(permit) = self.context.task_cache.permit(&pool) else { continue };
             let cache = Arc::clone(&self.context.task_cache);
             tokio::spawn(async move {
@@ -69,13 +71,12 @@ impl<S: ShardStore> ShardActor<S> {
     }
 }
 
-/// After a miss: leads the flight of the task's key (`None`: the task goes to a worker), or
-/// follows the one open and takes its leader's result (`None` when the leader's attempt
-/// ended without one, or at its deadline).
-async fn follow(cache: &TaskCache, task: &TaskDispatch) -> Option<Value> {
-    let lookup = task.cache.as_ref()?;
+/// After a miss of `key`: leads its flight (`None`: the task goes to a worker), or follows
+/// the one open and takes its leader's result (`None` when the leader's attempt ended
+/// without one, or at its deadline).
+async fn follow(cache: &TaskCache, task: &TaskDispatch, key: String) -> Option<Value> {
     let left = Duration::from_millis(task.deadline_ms.saturating_sub(now_ms()));
-    match cache.flights().join(entry_key(&task.pool, &task.task, &lookup.key), &task.attempt, Instant::now() + left) {
+    match cache.flights().join(key, &task.attempt, Instant::now() + left) {
         Joined::Lead => None,
         Joined::Follow(landing, until) => {
             let output = tokio::time::timeout_at(until.into(), landing).await.ok()?.ok()??;
