@@ -21,6 +21,7 @@ mod metrics;
 mod partition;
 mod pause;
 mod pools;
+mod priority;
 mod publish;
 mod python;
 mod redrive;

@@ -1,5 +1,6 @@
-//! A worker written in Python from docs/protocol.md serves a pool of its own, and a client
-//! written in Python the same way starts a run and waits for it.
+//! A worker written in Python from docs/protocol.md serves a pool of its own (its tasks of
+//! three priorities), and a client written in Python the same way starts a run and waits
+//! for it.
 
 use std::process::Command;
 
@@ -23,6 +24,7 @@ steps:
     kind: task
     pool: py
     task: upper
+    priority: 8
     after: [echoed]
     input: '#{ text: steps.echoed.output.text }'
   - id: twice
@@ -34,6 +36,7 @@ steps:
     kind: map
     pool: py
     task: double
+    priority: 2
     items: input.values
 "#;
 

@@ -3,7 +3,8 @@
 
 It pulls tasks of one pool from JetStream, runs them, sends each result to the
 coordinator as a NATS request, waits for the acknowledgement, and only then acks the
-task message. Tasks: `echo` (returns its input), `upper` ({"text": s} -> {"text": S}),
+task message. Tasks of every priority: it pulls the pool's priority lanes, highest first
+(docs/protocol.md, "Priority lanes"). Tasks: `echo` (returns its input), `upper` ({"text": s} -> {"text": S}),
 `double` ({"value": n} -> {"value": 2n}, or a bare number -> its double), `sleep`
 ({"ms": n}: waits, returns its input), `steps` ({"to": n, "fail_at": k}: counts to n,
 reporting {"done": i} after each step and starting from the progress an earlier attempt
@@ -36,6 +37,11 @@ POOL_ACK_PENDING_MAX = 20_000
 HEARTBEAT_SECONDS = ACK_WAIT_SECONDS / 3
 RESULT_REQUEST_TIMEOUT_SECONDS = 5
 RESULT_RETRY_DELAY_SECONDS = 0.5
+PRIORITY_DEFAULT = 5
+# How often to look for priority lanes that hold tasks, and how long a pull waits on a lane
+# when the pool has several (one task at a time: each lane gets a short look in turn).
+LANE_SCAN_SECONDS = 1.0
+LANE_FETCH_SECONDS = 0.05
 
 log = logging.getLogger("python-worker")
 
@@ -208,8 +214,10 @@ async def listen_for_cancels(nc, prefix, pool):
     await nc.subscribe(f"{prefix}.cancels.{pool}", cb=on_notice)
 
 
-async def subscribe(js, prefix, pool):
+async def subscribe(js, prefix, pool, subject=None, durable=None):
     stream = tasks_stream_name(prefix)
+    subject = subject or f"{prefix}.tasks.{pool}"
+    durable = durable or f"pool-{pool}"
     config = api.ConsumerConfig(
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=ACK_WAIT_SECONDS,
@@ -218,10 +226,36 @@ async def subscribe(js, prefix, pool):
     )
     while True:
         try:
-            return await js.pull_subscribe(f"{prefix}.tasks.{pool}", durable=f"pool-{pool}", stream=stream, config=config)
+            return await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
         except NotFoundError:
             log.info("stream %s does not exist yet (is a coordinator running?); retrying", stream)
             await asyncio.sleep(1)
+
+
+async def find_lanes(js, prefix, pool, lanes):
+    """Binds the pool's priority lanes that hold tasks and are not bound yet."""
+    info = await js.stream_info(tasks_stream_name(prefix), subjects_filter=f"{prefix}.tasks.{pool}.>")
+    for subject, count in (info.state.subjects or {}).items():
+        lane = subject.rsplit(".", 1)[-1]
+        if not count or not (len(lane) == 2 and lane[0] == "p" and lane[1].isdigit()):
+            continue
+        priority = int(lane[1])
+        if priority not in lanes:
+            lanes[priority] = await subscribe(js, prefix, pool, subject, f"pool{priority}-{pool}")
+            log.info("pulling pool %s's tasks of priority %d too", pool, priority)
+
+
+async def next_messages(lanes):
+    """The next task: with one lane, a pull that waits up to a second; with several, a
+    short pull on each, highest priority first."""
+    if len(lanes) == 1:
+        return await lanes[PRIORITY_DEFAULT].fetch(1, timeout=LANE_SCAN_SECONDS)
+    for priority in sorted(lanes, reverse=True):
+        try:
+            return await lanes[priority].fetch(1, timeout=LANE_FETCH_SECONDS)
+        except NatsTimeoutError:
+            continue
+    raise NatsTimeoutError
 
 
 async def main():
@@ -236,13 +270,17 @@ async def main():
     nc = await nats.connect(args.nats_url, name=f"python-worker-{args.pool}")
     js = nc.jetstream()
     await listen_for_cancels(nc, args.prefix, args.pool)
-    subscription = await subscribe(js, args.prefix, args.pool)
+    lanes = {PRIORITY_DEFAULT: await subscribe(js, args.prefix, args.pool)}
     log.info("serving pool %s on %s", args.pool, args.nats_url)
     done = 0
+    scanned = 0.0
     try:
         while args.max_tasks == 0 or done < args.max_tasks:
+            if time.monotonic() - scanned >= LANE_SCAN_SECONDS:
+                scanned = time.monotonic()
+                await find_lanes(js, args.prefix, args.pool, lanes)
             try:
-                messages = await subscription.fetch(1, timeout=5)
+                messages = await next_messages(lanes)
             except NatsTimeoutError:
                 continue
             for msg in messages:

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use flowgrid_model::Millis;
-use flowgrid_proto::{GridConfig, MemberRecord, ShardClaim, ShardState};
+use flowgrid_proto::{GridConfig, MemberRecord, ShardClaim, ShardState, PRIORITY_DEFAULT};
 
 use crate::output::{duration_ms, Table};
 
@@ -361,20 +361,70 @@ fn shard_state_name(state: ShardState) -> &'static str {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PoolBacklog {
     pub pool: String,
+    /// Over all of the pool's priority lanes, as `in_flight` and `pulls_waiting`.
     pub pending: u64,
     pub in_flight: u64,
-    /// Pull requests open on the pool's consumer: each worker with room for more tasks
+    /// Pull requests open on the pool's consumers: each worker with room for more tasks
     /// keeps one open.
     pub pulls_waiting: u64,
     /// Tasks out with the pool's workers at once, at most (`flowgrid pool limit`).
     pub max_in_flight: i64,
+    /// Each priority lane that has a consumer, highest first (the default priority's is
+    /// the pool's consumer).
+    pub lanes: Vec<LaneBacklog>,
+}
+
+/// The tasks of one priority of a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LaneBacklog {
+    pub priority: u8,
+    pub pending: u64,
+    pub in_flight: u64,
+    pub pulls_waiting: u64,
 }
 
 impl PoolBacklog {
+    /// A pool with no lane counted yet.
+    pub fn empty(pool: &str) -> PoolBacklog {
+        PoolBacklog {
+            pool: pool.to_owned(),
+            pending: 0,
+            in_flight: 0,
+            pulls_waiting: 0,
+            max_in_flight: 0,
+            lanes: Vec::new(),
+        }
+    }
+
+    /// Counts one of the pool's lanes in its totals.
+    pub fn add_lane(&mut self, lane: LaneBacklog) {
+        self.pending += lane.pending;
+        self.in_flight += lane.in_flight;
+        self.pulls_waiting += lane.pulls_waiting;
+        self.lanes.push(lane);
+        self.lanes.sort_by_key(|lane| std::cmp::Reverse(lane.priority));
+    }
+
     /// Tasks wait and no worker is there to take them: none holds a task of the pool and
     /// none asks for one.
     pub fn has_no_worker(&self) -> bool {
         self.pending > 0 && self.in_flight == 0 && self.pulls_waiting == 0
+    }
+
+    /// Lanes whose tasks wait, none of them out with a worker nor asked for, while workers
+    /// of the pool wait for tasks on other lanes: those workers do not pull from them.
+    pub fn unserved_lanes(&self) -> impl Iterator<Item = &LaneBacklog> {
+        self.lanes.iter().filter(move |lane| {
+            lane.pending > 0 && lane.in_flight == 0 && lane.pulls_waiting == 0 && self.pulls_waiting > 0
+        })
+    }
+
+    /// A pool as seen through its default lane only (tests).
+    #[cfg(test)]
+    fn single(pool: &str, pending: u64, in_flight: u64, pulls_waiting: u64, max_in_flight: i64) -> PoolBacklog {
+        let mut backlog = PoolBacklog { max_in_flight, ..PoolBacklog::empty(pool) };
+        backlog.add_lane(LaneBacklog { priority: PRIORITY_DEFAULT, pending, in_flight, pulls_waiting });
+        backlog
     }
 }
 
@@ -384,6 +434,16 @@ pub fn no_worker_hint(pool: &PoolBacklog) -> String {
     format!(
         "pool {}: {} {tasks} and no worker is pulling from it; start a worker for pool `{}`",
         pool.pool, pool.pending, pool.pool
+    )
+}
+
+/// Says what to do about a lane whose tasks wait while the pool's workers pull other lanes.
+pub fn unserved_lane_hint(pool: &str, lane: &LaneBacklog) -> String {
+    let tasks = if lane.pending == 1 { "task" } else { "tasks" };
+    format!(
+        "pool {pool}: {} {tasks} of priority {} wait while its workers wait on other lanes; workers that do not \
+         know priority lanes take only priority {PRIORITY_DEFAULT}: see docs/protocol.md, \"Priority lanes\"",
+        lane.pending, lane.priority
     )
 }
 
@@ -436,8 +496,22 @@ pub fn render_backlog(backlog: &Backlog) -> String {
                 ]);
             }
             text.push_str(&table.render());
-            for pool in pools.iter().filter(|pool| pool.has_no_worker()) {
-                let _ = writeln!(text, "{}", no_worker_hint(pool));
+            for pool in pools.iter().filter(|pool| pool.lanes.len() > 1) {
+                let lanes: Vec<String> = pool
+                    .lanes
+                    .iter()
+                    .map(|lane| format!("{}: {} pending, {} in flight", lane.priority, lane.pending, lane.in_flight))
+                    .collect();
+                let _ = writeln!(text, "pool {} by priority: {}", pool.pool, lanes.join("; "));
+            }
+            for pool in pools {
+                if pool.has_no_worker() {
+                    let _ = writeln!(text, "{}", no_worker_hint(pool));
+                    continue;
+                }
+                for lane in pool.unserved_lanes() {
+                    let _ = writeln!(text, "{}", unserved_lane_hint(&pool.pool, lane));
+                }
             }
         }
     }
@@ -644,23 +718,14 @@ mod tests {
 
     #[test]
     fn the_backlog_shows_each_pool_the_submits_and_the_triggers() {
+        let mut gpu = PoolBacklog::single("gpu-llm", 1_100, 64, 0, 64);
+        gpu.add_lane(LaneBacklog { priority: 9, pending: 0, in_flight: 0, pulls_waiting: 2 });
+        gpu.add_lane(LaneBacklog { priority: 1, pending: 100, in_flight: 0, pulls_waiting: 0 });
         let backlog = Backlog {
             pools: Some(vec![
-                PoolBacklog {
-                    pool: "cpu-media".into(),
-                    pending: 0,
-                    in_flight: 3,
-                    pulls_waiting: 1,
-                    max_in_flight: 20_000,
-                },
-                PoolBacklog {
-                    pool: "gpu-llm".into(),
-                    pending: 1_200,
-                    in_flight: 64,
-                    pulls_waiting: 0,
-                    max_in_flight: 64,
-                },
-                PoolBacklog { pool: "tests".into(), pending: 2, in_flight: 0, pulls_waiting: 0, max_in_flight: 20_000 },
+                PoolBacklog::single("cpu-media", 0, 3, 1, 20_000),
+                gpu,
+                PoolBacklog::single("tests", 2, 0, 0, 20_000),
             ]),
             submit: Some(SubmitBacklog { waiting: 5, in_flight: 1 }),
             triggers: vec![TriggerBacklog {
@@ -675,8 +740,11 @@ mod tests {
             render_backlog(&backlog),
             "POOL       PENDING  IN FLIGHT  MAX IN FLIGHT  WORKERS WAITING\n\
              cpu-media  0        3          20000          1\n\
-             gpu-llm    1200     64         64             0\n\
+             gpu-llm    1200     64         64             2\n\
              tests      2        0          20000          0\n\
+             pool gpu-llm by priority: 9: 0 pending, 0 in flight; 5: 1100 pending, 64 in flight; 1: 100 pending, 0 in flight\n\
+             pool gpu-llm: 100 tasks of priority 1 wait while its workers wait on other lanes; workers that do not know \
+             priority lanes take only priority 5: see docs/protocol.md, \"Priority lanes\"\n\
              pool tests: 2 tasks wait and no worker is pulling from it; start a worker for pool `tests`\n\
              submit: 5 waiting, 1 being started\n\
              TRIGGER OF FLOW  STREAM  SUBJECT           PENDING  IN FLIGHT\n\

@@ -72,8 +72,8 @@ impl Dispatcher {
             tasks_stream,
             subjects: Arc::new(subjects),
             limits,
-            pools_ready: HashSet::new(),
-            pools: HashMap::new(),
+            lanes_ready: HashSet::new(),
+            lanes: HashMap::new(),
             result_subjects: HashMap::new(),
             publish_seconds: ::metrics::histogram!(metrics::TASK_PUBLISH_SECONDS),
             step_seconds: ::metrics::histogram!(metrics::STEP_SECONDS),
@@ -96,15 +96,17 @@ struct Publisher {
     tasks_stream: async_nats::jetstream::stream::Stream,
     subjects: Arc<Subjects>,
     limits: BrokerLimits,
-    pools_ready: HashSet<String>,
-    /// Each pool's task subject and counters, and each shard's result subject, made once.
-    pools: HashMap<Arc<str>, Arc<PoolTarget>>,
+    /// Lanes (pool and priority) whose consumer exists.
+    lanes_ready: HashSet<(Arc<str>, u8)>,
+    /// Each lane's task subject and its pool's counters, and each shard's result subject,
+    /// made once.
+    lanes: HashMap<(Arc<str>, u8), Arc<PoolTarget>>,
     result_subjects: HashMap<ShardId, String>,
     publish_seconds: Histogram,
     step_seconds: Histogram,
 }
 
-/// Where a pool's tasks go, and what counts them.
+/// Where a pool's tasks of one priority go, and what counts them.
 struct PoolTarget {
     subject: Subject,
     dispatched: Counter,
@@ -135,7 +137,7 @@ impl Publisher {
                 _ = shutdown.cancelled() => break,
                 received = receiver.recv(), if room => {
                     let Some(queued) = received else { break };
-                    self.ensure_pool(&queued.task.pool).await;
+                    self.ensure_lane(&queued.task.pool, queued.task.priority).await;
                     if let Some(publication) = self.encode(queued) {
                         self.publish(publication, 1, &mut backoffs).await;
                     }
@@ -156,30 +158,34 @@ impl Publisher {
         }
     }
 
-    /// Creates the pool's consumer before its first task, so that the task waits for
-    /// workers that start later. Workers also create it, so a failure here only logs.
-    async fn ensure_pool(&mut self, pool: &str) {
-        if self.pools_ready.contains(pool) {
+    /// Creates the consumer of the pool's lane of `priority` before its first task, so that
+    /// the task waits for workers that start later. Workers also create it, so a failure
+    /// here only logs.
+    async fn ensure_lane(&mut self, pool: &Arc<str>, priority: u8) {
+        let lane = (Arc::clone(pool), priority);
+        if self.lanes_ready.contains(&lane) {
             return;
         }
-        match broker::pool_consumer(&self.tasks_stream, &self.subjects, pool, &self.limits).await {
+        match broker::lane_consumer(&self.tasks_stream, &self.subjects, pool, priority, &self.limits).await {
             Ok(_) => {
-                self.pools_ready.insert(pool.to_owned());
+                self.lanes_ready.insert(lane);
             }
-            Err(error) => warn!(pool = %pool, error = %error, "cannot create the pool consumer"),
+            Err(error) => warn!(pool = %pool, priority, error = %error, "cannot create the pool's consumer"),
         }
     }
 
     /// The task's message, moved out of the dispatch (no copy of the input).
     fn encode(&mut self, Queued { shard, task, at, result_taken }: Queued) -> Option<Publication> {
         let subjects = &self.subjects;
-        let pool = Arc::clone(self.pools.entry(Arc::clone(&task.pool)).or_insert_with_key(|pool| {
-            Arc::new(PoolTarget {
-                subject: subjects.tasks(pool).into(),
-                dispatched: ::metrics::counter!(metrics::TASKS_DISPATCHED, "pool" => Arc::clone(pool)),
-                publish_failed: ::metrics::counter!(metrics::TASKS_PUBLISH_FAILED, "pool" => Arc::clone(pool)),
-            })
-        }));
+        let pool = Arc::clone(self.lanes.entry((Arc::clone(&task.pool), task.priority)).or_insert_with_key(
+            |(pool, priority)| {
+                Arc::new(PoolTarget {
+                    subject: subjects.task_lane(pool, *priority).into(),
+                    dispatched: ::metrics::counter!(metrics::TASKS_DISPATCHED, "pool" => Arc::clone(pool)),
+                    publish_failed: ::metrics::counter!(metrics::TASKS_PUBLISH_FAILED, "pool" => Arc::clone(pool)),
+                })
+            },
+        ));
         let reply_to = self.result_subjects.entry(shard).or_insert_with(|| subjects.shard_results(shard.0)).clone();
         let message_id = task.attempt.message_id();
         let message = TaskMessage {

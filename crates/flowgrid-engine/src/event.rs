@@ -160,7 +160,7 @@ pub struct TaskDispatch {
     pub input: Arc<Value>,
     /// Absolute start-to-close deadline of this attempt.
     pub deadline_ms: Millis,
-    /// 0-9, higher first; advisory.
+    /// 0-9, higher first: the lane of the pool it is published to.
     pub priority: u8,
     /// The last progress a worker reported for this step (or map item), by this attempt
     /// or an earlier one: where a retry may resume.

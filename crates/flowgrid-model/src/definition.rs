@@ -250,7 +250,8 @@ pub struct TaskStep {
     /// retries; a catch may take it). Default: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_timeout_ms: Option<u64>,
-    /// Higher runs first among a pool's waiting tasks (0-9, default 5); advisory.
+    /// Higher starts first among a pool's waiting tasks (0-9, default 5): each priority is
+    /// a lane of the pool that workers drain before the lower ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
     /// Reuse a stored worker result for the same key instead of asking a worker again.
@@ -388,6 +389,7 @@ pub struct MapStep {
     /// the items out are stopped and the step fails with code `timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_timeout_ms: Option<u64>,
+    /// Priority of each item's task, as a task step's (0-9, default 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
     /// Reuse stored worker results, item by item (the key reads each item's task input).

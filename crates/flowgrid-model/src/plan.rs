@@ -264,6 +264,8 @@ pub(crate) const WAIT_MS_EXPECTED: &str = "a number of milliseconds from 0 to 31
 pub const TASK_TIMEOUT_MS_DEFAULT: u64 = 5 * 60 * 1000;
 /// Priority of a task when the definition sets none (0-9).
 pub const PRIORITY_DEFAULT: u8 = 5;
+/// Highest task priority (the lowest is 0).
+pub const PRIORITY_MAX: u8 = 9;
 
 impl FlowPlan {
     /// Validates `definition` and compiles it. Errors list every located issue.

@@ -5,6 +5,19 @@ pub const DEFAULT_PREFIX: &str = "flowgrid";
 /// Queue group of the API subjects: each request reaches one coordinator.
 pub const API_QUEUE_GROUP: &str = "flowgrid-api";
 
+/// Priority of a task whose step sets none: its pool's own subject and consumer.
+pub const PRIORITY_DEFAULT: u8 = flowgrid_model::plan::PRIORITY_DEFAULT;
+/// Highest task priority.
+pub const PRIORITY_MAX: u8 = flowgrid_model::plan::PRIORITY_MAX;
+
+/// A priority written as one digit from 0 to [`PRIORITY_MAX`].
+fn parse_priority(text: &str) -> Option<u8> {
+    match text.as_bytes() {
+        [digit @ b'0'..=b'9'] => Some(digit - b'0').filter(|&priority| priority <= PRIORITY_MAX),
+        _ => None,
+    }
+}
+
 /// Names of everything flowgrid puts on NATS.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subjects {
@@ -75,14 +88,39 @@ impl Subjects {
         format!("{}.tasks.{pool}", self.prefix)
     }
 
+    /// Subject a pool's tasks of one priority are published to: the default priority on the
+    /// pool's subject, every other one on a lane of its own (`<pool>.p<priority>`) that
+    /// workers drain before the lower ones.
+    pub fn task_lane(&self, pool: &str, priority: u8) -> String {
+        if priority == PRIORITY_DEFAULT {
+            self.tasks(pool)
+        } else {
+            format!("{}.tasks.{pool}.p{priority}", self.prefix)
+        }
+    }
+
+    /// Wildcard over a pool's lanes other than the default one.
+    pub fn task_lanes(&self, pool: &str) -> String {
+        format!("{}.tasks.{pool}.>", self.prefix)
+    }
+
+    /// The priority of one of `pool`'s lane subjects ([`Subjects::task_lane`]).
+    pub fn lane_priority(&self, pool: &str, subject: &str) -> Option<u8> {
+        if subject == self.tasks(pool) {
+            return Some(PRIORITY_DEFAULT);
+        }
+        let lane = subject.strip_prefix(&self.tasks(pool))?.strip_prefix(".p")?;
+        parse_priority(lane)
+    }
+
     /// Subject the notices of a pool's tasks cancelled are published to (core NATS).
     pub fn cancels(&self, pool: &str) -> String {
         format!("{}.cancels.{pool}", self.prefix)
     }
 
-    /// Wildcard over every pool's tasks (the tasks stream's subjects).
+    /// Wildcard over every pool's tasks, every lane (the tasks stream's subjects).
     pub fn tasks_all(&self) -> String {
-        format!("{}.tasks.*", self.prefix)
+        format!("{}.tasks.>", self.prefix)
     }
 
     /// JetStream stream holding tasks of every pool (work-queue retention).
@@ -93,6 +131,28 @@ impl Subjects {
     /// Durable pull consumer of one pool, shared by all of the pool's workers.
     pub fn pool_consumer(&self, pool: &str) -> String {
         format!("pool-{pool}")
+    }
+
+    /// Durable pull consumer of one of a pool's lanes: the pool's consumer for the default
+    /// priority, `pool<priority>-<pool>` for the others (no pool name starts with a digit
+    /// after `pool`, and a pool name holds no `.`, so no two pools' names meet).
+    pub fn lane_consumer(&self, pool: &str, priority: u8) -> String {
+        if priority == PRIORITY_DEFAULT {
+            self.pool_consumer(pool)
+        } else {
+            format!("pool{priority}-{pool}")
+        }
+    }
+
+    /// The pool and priority of a consumer named by [`Subjects::lane_consumer`].
+    pub fn parse_lane_consumer(name: &str) -> Option<(&str, u8)> {
+        let rest = name.strip_prefix("pool")?;
+        if let Some(pool) = rest.strip_prefix('-') {
+            return Some((pool, PRIORITY_DEFAULT));
+        }
+        let (priority, pool) = rest.split_once('-')?;
+        let priority = parse_priority(priority).filter(|&priority| priority != PRIORITY_DEFAULT)?;
+        Some((pool, priority))
     }
 
     /// Where the end of a run of `flow` is announced (flows with `publish_ended: true`).
@@ -173,10 +233,36 @@ mod tests {
         let subjects = Subjects::new("acme.grid");
         assert_eq!(subjects.api("run.start"), "acme.grid.api.run.start");
         assert_eq!(subjects.tasks("gpu-llm"), "acme.grid.tasks.gpu-llm");
+        assert_eq!(subjects.tasks_all(), "acme.grid.tasks.>");
         assert_eq!(subjects.cancels("gpu-llm"), "acme.grid.cancels.gpu-llm");
         assert_eq!(subjects.shard_results(17), "acme.grid.shard.17.result");
         assert_eq!(subjects.tasks_stream(), "ACME_GRID_TASKS");
         assert_eq!(subjects.submit_stream(), "ACME_GRID_SUBMIT");
         assert_eq!(subjects.run_ends_stream(), "ACME_GRID_RUN_ENDS");
+    }
+
+    #[test]
+    fn each_priority_has_a_lane_of_its_pool() {
+        let subjects = Subjects::new("g");
+        assert_eq!(subjects.task_lane("gpu", 5), "g.tasks.gpu", "the default priority keeps the pool's subject");
+        assert_eq!(subjects.task_lane("gpu", 9), "g.tasks.gpu.p9");
+        assert_eq!(subjects.task_lane("gpu", 0), "g.tasks.gpu.p0");
+        assert!(subject_matches(&subjects.task_lanes("gpu"), "g.tasks.gpu.p9"));
+        assert!(!subject_matches(&subjects.task_lanes("gpu"), "g.tasks.gpu"));
+        assert!(subject_matches(&subjects.tasks_all(), "g.tasks.gpu.p0"));
+        for priority in 0..=PRIORITY_MAX {
+            assert_eq!(subjects.lane_priority("gpu", &subjects.task_lane("gpu", priority)), Some(priority));
+            let consumer = subjects.lane_consumer("gpu", priority);
+            assert_eq!(Subjects::parse_lane_consumer(&consumer), Some(("gpu", priority)));
+        }
+        assert_eq!(subjects.lane_consumer("gpu", 5), "pool-gpu");
+        assert_eq!(subjects.lane_consumer("gpu", 7), "pool7-gpu");
+        assert_eq!(subjects.lane_priority("gpu", "g.tasks.gpu.p10"), None);
+        assert_eq!(subjects.lane_priority("gpu", "g.tasks.gpu.x"), None);
+        assert_eq!(subjects.lane_priority("gpu", "g.tasks.gpus"), None);
+        assert_eq!(Subjects::parse_lane_consumer("pool-p7-gpu"), Some(("p7-gpu", 5)), "a pool named p7-gpu");
+        assert_eq!(Subjects::parse_lane_consumer("pool5-gpu"), None, "the default lane is pool-gpu");
+        assert_eq!(Subjects::parse_lane_consumer("pool12-gpu"), None);
+        assert_eq!(Subjects::parse_lane_consumer("coordinators"), None);
     }
 }

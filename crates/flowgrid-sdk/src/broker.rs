@@ -1,14 +1,16 @@
 //! JetStream streams and consumers, created on demand with bounded sizes.
 //!
-//! The tasks stream holds every pool's tasks under `<prefix>.tasks.<pool>` with
-//! work-queue retention: a message leaves the stream when a worker acks it. Each pool has
-//! one durable pull consumer that all of its workers share. Limits are explicit so that a
+//! The tasks stream holds every pool's tasks under `<prefix>.tasks.<pool>` (and the
+//! pool's priority lanes, `<prefix>.tasks.<pool>.p<n>`) with work-queue retention: a
+//! message leaves the stream when a worker acks it. Each lane of a pool has one durable
+//! pull consumer that all of the pool's workers share. Limits are explicit so that a
 //! stalled pool fills up and is refused (`discard new`) instead of growing without bound.
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer, kv, stream};
-use flowgrid_proto::Subjects;
+use flowgrid_proto::{Subjects, PRIORITY_DEFAULT, PRIORITY_MAX};
 
 /// Settings of the streams and consumers; defaults fit a laptop.
 #[derive(Clone, Debug)]
@@ -75,6 +77,18 @@ pub enum BrokerError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    #[error(
+        "stream {name} takes subjects {found:?} and tasks of a priority other than the default need {wanted:?}: start \
+         a coordinator of this version (it updates the stream), or update the stream's subjects with the NATS CLI: \
+         {source}"
+    )]
+    StreamSubjects {
+        name: String,
+        found: Vec<String>,
+        wanted: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     #[error("cannot create or open key-value bucket {name} (is JetStream enabled on the server, `nats-server -js`?): {source}")]
     Bucket {
         name: String,
@@ -90,19 +104,38 @@ pub enum BrokerError {
     },
 }
 
-/// Creates the tasks stream if it does not exist and returns it.
+/// Creates the tasks stream if it does not exist and returns it. A stream made before
+/// priority lanes (subjects `<prefix>.tasks.*`) is given the lanes' subjects.
 pub async fn tasks_stream(
     jetstream: &jetstream::Context,
     subjects: &Subjects,
     limits: &BrokerLimits,
 ) -> Result<stream::Stream, BrokerError> {
+    let wanted = subjects.tasks_all();
     let config = stream::Config {
-        subjects: vec![subjects.tasks_all()],
+        subjects: vec![wanted.clone()],
         max_messages: limits.tasks_stream_messages_max,
         max_bytes: limits.tasks_stream_bytes_max,
         ..work_queue_stream(subjects.tasks_stream(), limits)
     };
-    open_stream(jetstream, config).await
+    let mut stream = open_stream(jetstream, config).await?;
+    let found = stream.cached_info().config.subjects.clone();
+    if found != [wanted.clone()] {
+        let mut config = stream.cached_info().config.clone();
+        config.subjects = vec![wanted.clone()];
+        let name = config.name.clone();
+        jetstream.update_stream(config).await.map_err(|source| BrokerError::StreamSubjects {
+            name: name.clone(),
+            found,
+            wanted,
+            source: Box::new(source),
+        })?;
+        stream = jetstream
+            .get_stream(&name)
+            .await
+            .map_err(|source| BrokerError::Stream { name, source: Box::new(source) })?;
+    }
+    Ok(stream)
 }
 
 /// Creates the durable submit stream if it does not exist and returns it.
@@ -141,25 +174,58 @@ pub async fn run_ends_stream(
     open_stream(jetstream, config).await
 }
 
-/// The pull consumer of `pool`, created on first use with the shared settings.
+/// The pull consumer of `pool`'s default lane, created on first use with the shared settings.
 pub async fn pool_consumer(
     tasks: &stream::Stream,
     subjects: &Subjects,
     pool: &str,
     limits: &BrokerLimits,
 ) -> Result<consumer::PullConsumer, BrokerError> {
-    let config = consumer::pull::Config {
-        filter_subject: subjects.tasks(pool),
-        max_deliver: limits.deliveries_max,
-        max_ack_pending: limits.pool_ack_pending_max,
-        ..durable_pull_consumer(subjects.pool_consumer(pool), limits)
-    };
+    let config = lane_consumer_config(subjects, pool, PRIORITY_DEFAULT, limits.pool_ack_pending_max, limits);
     open_consumer(tasks, &subjects.tasks_stream(), config).await
 }
 
-/// Sets how many tasks of `pool` may be out with its workers at once, over all of them (the
-/// pool consumer's `max_ack_pending`; tasks past it wait in the stream), creating the
-/// consumer if it is missing. Returns the bound it had.
+/// The pull consumer of `pool`'s lane of `priority`, created on first use with the shared
+/// settings and the bound on tasks out at once that the pool's consumer has (set by
+/// `flowgrid pool limit`).
+pub async fn lane_consumer(
+    tasks: &stream::Stream,
+    subjects: &Subjects,
+    pool: &str,
+    priority: u8,
+    limits: &BrokerLimits,
+) -> Result<consumer::PullConsumer, BrokerError> {
+    if priority == PRIORITY_DEFAULT {
+        return pool_consumer(tasks, subjects, pool, limits).await;
+    }
+    let name = subjects.lane_consumer(pool, priority);
+    if let Ok(consumer) = tasks.get_consumer::<consumer::pull::Config>(&name).await {
+        return Ok(consumer);
+    }
+    // Missing (or unreadable: then creating it says why).
+    let pool_bound = pool_consumer(tasks, subjects, pool, limits).await?.cached_info().config.max_ack_pending;
+    let config = lane_consumer_config(subjects, pool, priority, pool_bound, limits);
+    open_consumer(tasks, &subjects.tasks_stream(), config).await
+}
+
+fn lane_consumer_config(
+    subjects: &Subjects,
+    pool: &str,
+    priority: u8,
+    max_ack_pending: i64,
+    limits: &BrokerLimits,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        filter_subject: subjects.task_lane(pool, priority),
+        max_deliver: limits.deliveries_max,
+        max_ack_pending,
+        ..durable_pull_consumer(subjects.lane_consumer(pool, priority), limits)
+    }
+}
+
+/// Sets how many tasks of `pool` may be out with its workers at once (the `max_ack_pending`
+/// of each of its lanes' consumers; tasks past it wait in the stream), creating the default
+/// lane's consumer if it is missing. Returns the bound the pool's consumer had.
 pub async fn set_pool_max_in_flight(
     tasks: &stream::Stream,
     subjects: &Subjects,
@@ -167,19 +233,31 @@ pub async fn set_pool_max_in_flight(
     max_in_flight: i64,
     limits: &BrokerLimits,
 ) -> Result<i64, BrokerError> {
-    let mut consumer = pool_consumer(tasks, subjects, pool, limits).await?;
-    let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BrokerError::Consumer {
-        stream: subjects.tasks_stream(),
-        name: subjects.pool_consumer(pool),
-        source,
-    };
-    let mut config = consumer.info().await.map_err(|source| consumer_error(Box::new(source)))?.config.clone();
-    let previous = config.max_ack_pending;
-    if previous != max_in_flight {
-        config.max_ack_pending = max_in_flight;
-        tasks.update_consumer(config).await.map_err(|source| consumer_error(Box::new(source)))?;
+    let mut previous = None;
+    for priority in (0..=PRIORITY_MAX).rev() {
+        let name = subjects.lane_consumer(pool, priority);
+        let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BrokerError::Consumer {
+            stream: subjects.tasks_stream(),
+            name: name.clone(),
+            source,
+        };
+        if priority == PRIORITY_DEFAULT {
+            pool_consumer(tasks, subjects, pool, limits).await?;
+        }
+        let mut config = match tasks.consumer_info(&name).await {
+            Ok(info) => info.config,
+            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound && priority != PRIORITY_DEFAULT => continue,
+            Err(error) => return Err(consumer_error(Box::new(error))),
+        };
+        if priority == PRIORITY_DEFAULT {
+            previous = Some(config.max_ack_pending);
+        }
+        if config.max_ack_pending != max_in_flight {
+            config.max_ack_pending = max_in_flight;
+            tasks.update_consumer(config).await.map_err(|source| consumer_error(Box::new(source)))?;
+        }
     }
-    Ok(previous)
+    Ok(previous.expect("the default lane is among the priorities"))
 }
 
 /// The durable consumer coordinators share to drain the submit stream.

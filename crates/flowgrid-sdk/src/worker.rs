@@ -8,8 +8,11 @@
 //! - a message is acked only after the coordinator confirmed the result
 //!   (`Reply<ResultAck>`); if the coordinator stays unreachable past the task's deadline
 //!   plus a grace period the message is nak'ed and delivered again later;
-//! - a malformed message is logged and terminated, never retried.
+//! - a malformed message is logged and terminated, never retried;
+//! - with several priority lanes, a free slot takes the highest lane's waiting task, and
+//!   a slot listening on a lane for its next task holds its permit while it listens.
 
+mod lanes;
 mod report;
 
 use std::collections::HashMap;
@@ -22,7 +25,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -37,6 +40,7 @@ use crate::backoff::Backoff;
 use crate::broker::{self, BrokerLimits};
 use crate::error::{Error, Result};
 use crate::token::TaskToken;
+use lanes::Lanes;
 use report::{report, Settle};
 
 /// Default tasks held at once by one worker.
@@ -45,8 +49,11 @@ pub const DEFAULT_CONCURRENCY: usize = 16;
 /// delivers them again after its ack wait).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How long one pull request waits at the server for messages; an idle worker sends one
-/// pull per period.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// pull per period, and looks for new priority lanes of its pool between two.
+const PULL_EXPIRES: Duration = lanes::SCAN_EVERY;
+/// How long a slot listens on a lane when there are fewer free slots than lanes to listen
+/// on: the lanes left without one are looked at again this often while the pool is idle.
+const LISTEN_SHORT: Duration = Duration::from_millis(100);
 /// After shutdown, how long to keep reading a pull's messages that are already on their
 /// way, to hand them back at once instead of after the ack wait.
 const PULL_DRAIN: Duration = Duration::from_millis(100);
@@ -331,8 +338,8 @@ impl Worker {
     /// tasks stream or the pool's consumer cannot be opened at start.
     pub async fn run<H: TaskHandler>(self, handler: H, shutdown: CancellationToken) -> Result<()> {
         let jetstream = jetstream::new(self.nats.clone());
-        let mut consumer = self.bind(&jetstream).await?;
-        let ack_wait = consumer.cached_info().config.ack_wait;
+        let mut lanes = self.bind(&jetstream).await?;
+        let ack_wait = lanes.highest_first()[0].consumer.cached_info().config.ack_wait;
         let shared = Arc::new(Shared {
             nats: self.nats.clone(),
             handler: Arc::new(handler),
@@ -347,8 +354,16 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut in_flight = JoinSet::new();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let woken = Arc::new(Notify::new());
         loop {
             while in_flight.try_join_next().is_some() {}
+            match lanes.scan(&self.subjects, &self.pool, &self.limits).await {
+                Ok(bound) if !bound.is_empty() => {
+                    info!(pool = %self.pool, priorities = ?bound, "pulling from more priority lanes")
+                }
+                Ok(_) => {}
+                Err(error) => warn!(pool = %self.pool, error = %error, "looking for the pool's priority lanes failed"),
+            }
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -356,7 +371,11 @@ impl Worker {
             };
             let mut permits = vec![first];
             permits.extend(std::iter::from_fn(|| slots.clone().try_acquire_owned().ok()));
-            match self.pull(&consumer, permits, &shared, &mut in_flight, &shutdown).await {
+            let pulled = match lanes.single() {
+                Some(consumer) => self.pull(consumer, permits, &shared, &mut in_flight, &shutdown).await,
+                None => self.pull_lanes(&lanes, permits, &shared, &mut in_flight, &shutdown, &woken).await,
+            };
+            match pulled {
                 Ok(()) => backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
                 Err(error) => {
                     let delay = backoff.next_delay();
@@ -366,7 +385,7 @@ impl Worker {
                         _ = tokio::time::sleep(delay) => {}
                     }
                     match self.bind(&jetstream).await {
-                        Ok(rebound) => consumer = rebound,
+                        Ok(rebound) => lanes = rebound,
                         Err(error) => warn!(pool = %self.pool, error = %error, "reopening the pool consumer failed"),
                     }
                 }
@@ -377,9 +396,11 @@ impl Worker {
         Ok(())
     }
 
-    async fn bind(&self, jetstream: &jetstream::Context) -> Result<PullConsumer> {
+    /// Opens the tasks stream and the pool's consumer; other lanes are bound as they are found.
+    async fn bind(&self, jetstream: &jetstream::Context) -> Result<Lanes> {
         let stream = broker::tasks_stream(jetstream, &self.subjects, &self.limits).await?;
-        Ok(broker::pool_consumer(&stream, &self.subjects, &self.pool, &self.limits).await?)
+        let consumer = broker::pool_consumer(&stream, &self.subjects, &self.pool, &self.limits).await?;
+        Ok(Lanes::new(stream, consumer))
     }
 
     /// One pull for as many messages as `permits`; each message takes one permit into its
@@ -392,7 +413,65 @@ impl Worker {
         in_flight: &mut JoinSet<()>,
         shutdown: &CancellationToken,
     ) -> std::result::Result<(), async_nats::Error> {
-        let mut batch = consumer.batch().max_messages(permits.len()).expires(PULL_EXPIRES).messages().await?;
+        let batch = consumer.batch().max_messages(permits.len()).expires(PULL_EXPIRES).messages().await?;
+        self.start_each(batch, &mut permits, shared, in_flight, shutdown).await
+    }
+
+    /// Takes the tasks waiting on the pool's lanes, highest first, for as many as
+    /// `permits`; when no lane has one, leaves a slot listening on each lane that has no
+    /// listener (highest first, as far as the permits go) and returns when one of them
+    /// took a task or stopped waiting.
+    async fn pull_lanes(
+        &self,
+        lanes: &Lanes,
+        mut permits: Vec<OwnedSemaphorePermit>,
+        shared: &Arc<Shared>,
+        in_flight: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+        woken: &Arc<Notify>,
+    ) -> std::result::Result<(), async_nats::Error> {
+        let free = permits.len();
+        for lane in lanes.highest_first().iter().filter(|lane| !lane.is_listened()) {
+            if permits.is_empty() {
+                return Ok(());
+            }
+            let batch = lane.consumer.fetch().max_messages(permits.len()).messages().await?;
+            self.start_each(batch, &mut permits, shared, in_flight, shutdown).await?;
+        }
+        if permits.len() < free {
+            return Ok(());
+        }
+        let unlistened: Vec<_> = lanes.highest_first().iter().filter(|lane| !lane.is_listened()).collect();
+        let expires = if permits.len() >= unlistened.len() { PULL_EXPIRES } else { LISTEN_SHORT };
+        for (lane, permit) in unlistened.into_iter().zip(std::iter::from_fn(|| permits.pop())) {
+            lane.listening.store(true, std::sync::atomic::Ordering::Release);
+            let (consumer, listening) = (lane.consumer.clone(), Arc::clone(&lane.listening));
+            let (shared, woken, shutdown) = (Arc::clone(shared), Arc::clone(woken), shutdown.clone());
+            in_flight.spawn(async move {
+                let message = lanes::listen(&consumer, &listening, expires, &shutdown).await;
+                woken.notify_one();
+                if let Some(message) = message {
+                    serve(shared, message, permit).await;
+                }
+            });
+        }
+        drop(permits);
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            () = woken.notified() => {}
+        }
+        Ok(())
+    }
+
+    /// Starts a task for each message of `batch`, each with one of `permits`.
+    async fn start_each(
+        &self,
+        mut batch: jetstream::consumer::pull::Batch,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        shared: &Arc<Shared>,
+        in_flight: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) -> std::result::Result<(), async_nats::Error> {
         loop {
             let next = tokio::select! {
                 biased;

@@ -2,6 +2,7 @@
 //! the backlog of its streams. Read-only: a missing bucket or stream is reported, never
 //! created, so that looking at a grid cannot change it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -14,14 +15,16 @@ use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use flowgrid_proto::{decode, shard_key, shard_of_key, Encoding, GridConfig, ShardClaim, Subjects, GRID_KEY};
+use flowgrid_proto::{
+    decode, shard_key, shard_of_key, Encoding, GridConfig, ShardClaim, Subjects, GRID_KEY, PRIORITY_DEFAULT,
+};
 use flowgrid_sdk::broker::{self, BrokerLimits};
 
 use crate::args::ShardsArgs;
 use crate::grid_view::{
     claim_history_table, claim_revisions, member_views, members_table, render_backlog, render_shard_summary,
-    shard_lines, shard_lines_table, shard_summary, Backlog, ClaimRevision, GridSnapshot, MemberView, PoolBacklog,
-    ShardLine, ShardSummary, SubmitBacklog, TriggerBacklog,
+    shard_lines, shard_lines_table, shard_summary, Backlog, ClaimRevision, GridSnapshot, LaneBacklog, MemberView,
+    PoolBacklog, ShardLine, ShardSummary, SubmitBacklog, TriggerBacklog,
 };
 use crate::output::{now_ms, out, outln, print_json};
 use crate::Session;
@@ -30,8 +33,6 @@ use crate::Session;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bucket values fetched at once (one request each).
 const READS_IN_FLIGHT_MAX: usize = 64;
-/// Name prefix of the pools' durable consumers on the tasks stream.
-const POOL_CONSUMER_PREFIX: &str = "pool-";
 
 pub(crate) async fn members(session: &Session) -> anyhow::Result<ExitCode> {
     let reader = GridReader::connect(session).await?;
@@ -308,22 +309,22 @@ impl GridReader {
     pub(crate) async fn backlog(&self) -> anyhow::Result<Backlog> {
         let mut backlog = Backlog::default();
         if let Some(tasks) = self.stream(&self.subjects.tasks_stream()).await? {
-            let mut pools: Vec<PoolBacklog> = self
-                .consumers(&tasks)
-                .await?
-                .into_iter()
-                .filter_map(|info| {
-                    let pool = info.name.strip_prefix(POOL_CONSUMER_PREFIX)?.to_owned();
-                    Some(PoolBacklog {
-                        pool,
-                        pending: info.num_pending,
-                        in_flight: info.num_ack_pending as u64,
-                        pulls_waiting: info.num_waiting as u64,
-                        max_in_flight: info.config.max_ack_pending,
-                    })
-                })
-                .collect();
-            pools.sort_by(|left, right| left.pool.cmp(&right.pool));
+            let mut pools: BTreeMap<String, PoolBacklog> = BTreeMap::new();
+            for info in self.consumers(&tasks).await? {
+                let Some((pool, priority)) = Subjects::parse_lane_consumer(&info.name) else { continue };
+                let entry = pools.entry(pool.to_owned()).or_insert_with(|| PoolBacklog::empty(pool));
+                let lane = LaneBacklog {
+                    priority,
+                    pending: info.num_pending,
+                    in_flight: info.num_ack_pending as u64,
+                    pulls_waiting: info.num_waiting as u64,
+                };
+                if priority == PRIORITY_DEFAULT {
+                    entry.max_in_flight = info.config.max_ack_pending;
+                }
+                entry.add_lane(lane);
+            }
+            let pools: Vec<PoolBacklog> = pools.into_values().collect();
             backlog.pools = Some(pools);
         }
         if let Some(submit) = self.stream(&self.subjects.submit_stream()).await? {

@@ -7,15 +7,13 @@ use crate::definition::{
 use crate::error::Issue;
 use crate::input_schema::InputSchema;
 use crate::limits::{Limits, CACHE_TTL_MS_MAX, CONCURRENCY_MAX, DURATION_MS_MAX};
-use crate::plan::WAIT_MS_MAX;
+use crate::plan::{PRIORITY_MAX, WAIT_MS_MAX};
 use crate::schedule::{Timetable, EVERY_MS_MAX, EVERY_MS_MIN};
 
 use super::{push_issue, step_path};
 
 /// Attempts a retry policy may ask for: more is a loop, not a retry.
 const ATTEMPTS_MAX: u32 = 100;
-/// Highest task priority.
-const PRIORITY_MAX: u8 = 9;
 
 /// A limit bounds runs at once, their start rate, or both, within [`CONCURRENCY_MAX`].
 fn check_concurrency(concurrency: &Concurrency, issues: &mut Vec<Issue>) {

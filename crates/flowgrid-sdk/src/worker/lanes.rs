@@ -1,0 +1,132 @@
+//! A pool's priority lanes as one worker sees them.
+//!
+//! Tasks of the default priority travel on the pool's own subject; every other priority
+//! has a lane of its own (subject `<prefix>.tasks.<pool>.p<n>`, consumer `pool<n>-<pool>`).
+//! A worker finds the lanes that hold tasks by asking the stream which of the pool's lane
+//! subjects have messages, at most once per [`SCAN_EVERY`], and binds their consumers. With
+//! the default lane alone it pulls as it always did. With several, each free slot goes to
+//! the highest lane that has a task waiting; when none has, one slot listens on each lane
+//! (as many lanes as there are free slots, highest first) so that the next task of any of
+//! them starts at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::{StreamExt, TryStreamExt};
+use tracing::debug;
+
+use crate::broker::{self, BrokerLimits};
+use flowgrid_proto::{Subjects, PRIORITY_DEFAULT};
+
+/// How often a worker looks for lanes of its pool that it does not pull from yet.
+pub(super) const SCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// One lane: its priority, its consumer, and whether a slot listens on it.
+pub(super) struct Lane {
+    pub(super) priority: u8,
+    pub(super) consumer: PullConsumer,
+    /// Set while a slot waits on this lane for its next task (see the module's text).
+    pub(super) listening: Arc<AtomicBool>,
+}
+
+impl Lane {
+    fn new(priority: u8, consumer: PullConsumer) -> Lane {
+        Lane { priority, consumer, listening: Arc::new(AtomicBool::new(false)) }
+    }
+
+    pub(super) fn is_listened(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+}
+
+/// The lanes a worker pulls from, highest priority first; the default lane is always one.
+pub(super) struct Lanes {
+    stream: jetstream::stream::Stream,
+    lanes: Vec<Lane>,
+    scanned: Option<Instant>,
+}
+
+impl Lanes {
+    pub(super) fn new(stream: jetstream::stream::Stream, pool_consumer: PullConsumer) -> Lanes {
+        Lanes { stream, lanes: vec![Lane::new(PRIORITY_DEFAULT, pool_consumer)], scanned: None }
+    }
+
+    /// The only lane, when the pool has no other.
+    pub(super) fn single(&self) -> Option<&PullConsumer> {
+        match self.lanes.as_slice() {
+            [only] => Some(&only.consumer),
+            _ => None,
+        }
+    }
+
+    /// Every lane, highest priority first.
+    pub(super) fn highest_first(&self) -> &[Lane] {
+        &self.lanes
+    }
+
+    /// Binds the lanes of `pool` that hold tasks and are not bound yet, once per
+    /// [`SCAN_EVERY`]. Returns the priorities of the lanes it bound.
+    pub(super) async fn scan(
+        &mut self,
+        subjects: &Subjects,
+        pool: &str,
+        limits: &BrokerLimits,
+    ) -> Result<Vec<u8>, async_nats::Error> {
+        if self.scanned.is_some_and(|scanned| scanned.elapsed() < SCAN_EVERY) {
+            return Ok(Vec::new());
+        }
+        self.scanned = Some(Instant::now());
+        let lanes: Vec<(String, usize)> =
+            self.stream.info_with_subjects(subjects.task_lanes(pool)).await?.try_collect().await?;
+        let mut bound = Vec::new();
+        for (subject, waiting) in lanes {
+            let Some(priority) = subjects.lane_priority(pool, &subject) else { continue };
+            if waiting == 0 || self.lanes.iter().any(|lane| lane.priority == priority) {
+                continue;
+            }
+            let consumer = broker::lane_consumer(&self.stream, subjects, pool, priority, limits).await?;
+            let at = self.lanes.iter().position(|lane| lane.priority < priority).unwrap_or(self.lanes.len());
+            self.lanes.insert(at, Lane::new(priority, consumer));
+            bound.push(priority);
+        }
+        Ok(bound)
+    }
+}
+
+/// Waits up to `expires` for the lane's next task and returns it; clears the lane's
+/// listening flag when the wait ends, whatever ended it.
+pub(super) async fn listen(
+    consumer: &PullConsumer,
+    listening: &AtomicBool,
+    expires: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<jetstream::Message> {
+    let message = async {
+        let mut batch = match consumer.batch().max_messages(1).expires(expires).messages().await {
+            Ok(batch) => batch,
+            Err(error) => {
+                debug!(error = %error, "listening on a lane failed");
+                return None;
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                super::hand_back_unstarted(&mut batch).await;
+                None
+            }
+            next = batch.next() => match next? {
+                Ok(message) => Some(message),
+                Err(error) => {
+                    debug!(error = %error, "listening on a lane failed");
+                    None
+                }
+            },
+        }
+    }
+    .await;
+    listening.store(false, Ordering::Release);
+    message
+}
