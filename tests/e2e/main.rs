@@ -17,6 +17,7 @@ mod failures;
 mod flows;
 mod harness;
 mod http_worker;
+mod live;
 mod metrics;
 mod partition;
 mod pause;

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use flowgrid_sdk::{NatsOptions, RunStatus, StartRun};
 use flowgrid_tests::{flowgrid_bin, Grid};
+use futures::StreamExt;
 use serde_json::json;
 
 use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
@@ -141,14 +142,22 @@ const WORKER_A_PERMISSIONS: &str = r#"{
           "$JS.API.CONSUMER.CREATE.FLOWGRID_TASKS.pool-a.flowgrid.tasks.a",
           "$JS.API.CONSUMER.MSG.NEXT.FLOWGRID_TASKS.pool-a",
           "$JS.ACK.FLOWGRID_TASKS.pool-a.>",
-          "flowgrid.shard.*.result"
+          "$JS.API.CONSUMER.INFO.FLOWGRID_TASKS.pool9-a",
+          "$JS.API.CONSUMER.MSG.NEXT.FLOWGRID_TASKS.pool9-a",
+          "$JS.ACK.FLOWGRID_TASKS.pool9-a.>",
+          "flowgrid.shard.*.result",
+          "flowgrid.live.>"
         ] }
         subscribe: { allow: ["_INBOX_worker_a.>", "flowgrid.cancels.a"] }
       }"#;
 
-/// What a service that deploys flows, starts and reads runs, and submits durably needs.
+/// What a service that deploys flows, starts, reads and tails runs, and submits durably needs.
 const APP_PERMISSIONS: &str = r#"{
-        publish: { allow: ["flowgrid.api.>", "flowgrid.submit", "$JS.API.STREAM.INFO.FLOWGRID_SUBMIT"] }
+        publish: { allow: [
+          "flowgrid.api.>", "flowgrid.submit", "$JS.API.STREAM.INFO.FLOWGRID_SUBMIT",
+          "$JS.API.STREAM.INFO.FLOWGRID_LIVE", "$JS.API.CONSUMER.CREATE.FLOWGRID_LIVE",
+          "$JS.API.CONSUMER.MSG.NEXT.FLOWGRID_LIVE.>"
+        ] }
         subscribe: { allow: ["_INBOX_app.>"] }
       }"#;
 
@@ -206,6 +215,25 @@ async fn a_worker_allowed_only_its_pools_subjects_serves_the_pool() -> anyhow::R
     assert!(ok, "{text}{errors}");
     let view = grid.wait_run(&client, &review.run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    // A task of priority 9 goes through the pool's lane 9; the worker's live output
+    // reaches the app that tails the run.
+    deploy(
+        &grid,
+        &client,
+        "name: urgent\nsteps:\n  - { id: answer, kind: task, pool: a, task: generate, priority: 9, input: '#{ prompt: \"hi\" }' }\n",
+    )
+    .await?;
+    let urgent = client.start(StartRun { flow: "urgent".into(), input: json!({}), ..Default::default() }).await?;
+    let view = grid.wait_run(&client, &urgent.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let mut tail = client.tail(&urgent.run_id, Some("answer")).await?;
+    let mut said = String::new();
+    while !said.ends_with("hi") {
+        let piece = tokio::time::timeout(RUN_DEADLINE, tail.next()).await?.expect("a piece of live output")?;
+        said.push_str(piece.data.as_str().unwrap_or_default());
+    }
+    assert_eq!(said, "Generated reply to: hi");
+    drop(tail);
     // Every subject the worker used (its pull requests, acks, results, progress, and its
     // subscription to the pool's cancel notices) and the app used was allowed.
     let server_log = grid.nats.log_tail(10_000);

@@ -333,6 +333,19 @@ pub enum RunCommand {
         #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Print a run's live output (what its workers emit while they work: a model's tokens,
+    /// a job's log lines) from its start, as it comes, until the run ends (exit 0 if it
+    /// succeeded, 1 otherwise or at the timeout). Texts are written as they are; a line on
+    /// stderr names the step and attempt each piece comes from when that changes.
+    Tail {
+        run_id: String,
+        /// Only this step's output.
+        #[arg(long)]
+        step: Option<String>,
+        /// How long to follow the run (e.g. 60s, 10m).
+        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// List runs, newest first.
     List {
         /// Only runs of this flow.

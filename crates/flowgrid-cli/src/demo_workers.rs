@@ -6,7 +6,7 @@
 //!
 //! | task              | pool      | time  | output |
 //! |-------------------|-----------|-------|--------|
-//! | `generate`        | gpu-llm   | 40 ms | `{"text", "tokens"}` from `input.prompt` (or the input), tokens capped by `input.max_tokens` |
+//! | `generate`        | gpu-llm   | 40 ms | `{"text", "tokens"}` from `input.prompt` (or the input), tokens capped by `input.max_tokens`; the text's words come first as live output |
 //! | `embed`           | gpu-llm   | 10 ms | 8 numbers in [-1, 1] from the input |
 //! | `transcode`       | cpu-media | 25 ms | `{"segment": input.segment or the input, "bytes"}` |
 //! | `thumbnail`       | cpu-media | 10 ms | `{"thumbnails": [input.count names (default 1)], "width", "height"}` |
@@ -60,8 +60,15 @@ impl DemoWorkers {
     pub async fn run(&self, task: Task) -> Result<Value, TaskError> {
         match task.name() {
             "generate" => {
-                self.work(40).await;
-                Ok(generate(task.input()))
+                let output = generate(task.input());
+                // The reply comes word by word as live output, as a model's tokens would.
+                let text = output["text"].as_str().unwrap_or_default();
+                let words: Vec<&str> = text.split_inclusive(' ').collect();
+                for word in &words {
+                    self.work(40 / words.len() as u64).await;
+                    let _ = task.emit(Value::String((*word).to_owned())).await;
+                }
+                Ok(output)
             }
             "embed" => {
                 self.work(10).await;

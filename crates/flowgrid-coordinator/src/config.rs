@@ -34,6 +34,11 @@ pub struct CoordinatorConfig {
     /// coordinator the same value.
     #[arg(long, env = "FLOWGRID_TASK_CACHE_MAX_MB", default_value_t = 1024)]
     pub task_cache_max_mb: i64,
+    /// The most bytes of workers' live output (`Task::emit`, read by `flowgrid run tail`)
+    /// the grid keeps, in MiB, for an hour at most; when full, the oldest goes. Used when
+    /// a coordinator creates the stream (the first to start does).
+    #[arg(long, env = "FLOWGRID_LIVE_OUTPUT_MAX_MB", default_value_t = 64)]
+    pub live_output_max_mb: i64,
     /// How often the embedded store writes each shard's recent commits from its journal
     /// into the shard file, in ms. Longer: less CPU and disk per commit; more memory held
     /// and more journal to replay after a crash.
@@ -115,6 +120,12 @@ impl CoordinatorConfig {
             return Err(format!(
                 "--task-cache-max-mb is {}; use 1 to {TASKS_STREAM_MB_MAX} (1024 is the default)",
                 self.task_cache_max_mb
+            ));
+        }
+        if !(1..=TASKS_STREAM_MB_MAX).contains(&self.live_output_max_mb) {
+            return Err(format!(
+                "--live-output-max-mb is {}; use 1 to {TASKS_STREAM_MB_MAX} (64 is the default)",
+                self.live_output_max_mb
             ));
         }
         if !(50..=60_000).contains(&self.checkpoint_interval_ms) {

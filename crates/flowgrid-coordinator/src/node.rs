@@ -84,8 +84,11 @@ pub async fn run_with_store<S: Store>(
         .map_err(|source| Error::Connect(flowgrid_sdk::Error::Connect { url: config.nats_url.clone(), source }))?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let subjects = Subjects::new(config.prefix.clone());
-    let broker_limits =
-        BrokerLimits { tasks_stream_bytes_max: config.tasks_stream_max_mb << 20, ..BrokerLimits::default() };
+    let broker_limits = BrokerLimits {
+        tasks_stream_bytes_max: config.tasks_stream_max_mb << 20,
+        live_stream_bytes_max: config.live_output_max_mb << 20,
+        ..BrokerLimits::default()
+    };
     let tasks_stream = broker::tasks_stream(&jetstream, &subjects, &broker_limits).await?;
     let submit_stream = broker::submit_stream(&jetstream, &subjects, &broker_limits).await?;
     if let Err(error) = broker::run_ends_stream(&jetstream, &subjects, &broker_limits).await {
@@ -96,6 +99,10 @@ pub async fn run_with_store<S: Store>(
             "cannot create the run-ends stream; run-end announcements are kept only by a stream that captures {}",
             subjects.run_ended_all()
         );
+    }
+    if let Err(error) = broker::live_stream(&jetstream, &subjects, &broker_limits).await {
+        // Workers' live output then reaches only those who tail a run as it goes.
+        warn!(error = %error, "cannot create the live-output stream; `flowgrid run tail` shows only what comes after it starts");
     }
     let members_kv = broker::members_kv(&jetstream, &subjects).await?;
     let shards_kv = broker::shards_kv(&jetstream, &subjects).await?;

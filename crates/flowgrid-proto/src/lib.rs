@@ -57,6 +57,7 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("gate-taken.json", schema_for!(Reply<GateTaken>)),
         ("task-message.json", schema_for!(TaskMessage)),
         ("task-result.json", schema_for!(TaskResult)),
+        ("live-output.json", schema_for!(LiveOutput)),
         ("tasks-cancelled.json", schema_for!(TasksCancelled)),
         ("result-ack.json", schema_for!(Reply<ResultAck>)),
     ]

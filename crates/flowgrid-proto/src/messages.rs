@@ -650,6 +650,25 @@ pub struct TaskResult {
     pub progress: Option<Value>,
 }
 
+/// A piece of an attempt's live output (the tokens of a model's answer as they come, a
+/// log line of a long job): published by the worker to `P.live.<run_id>.<step>` while the
+/// attempt runs, kept for an hour in the live-output stream, read by whoever tails the run.
+/// Best effort: the attempt's result is what counts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LiveOutput {
+    pub attempt: AttemptId,
+    /// 1 for the attempt's first piece, then 2, 3, ...: a reader sees a gap if one was lost.
+    pub seq: u64,
+    /// Any JSON: a text is written out as it is by `flowgrid run tail`.
+    pub data: Value,
+}
+
+impl LiveOutput {
+    /// The most bytes one piece may take, encoded.
+    pub const BYTES_MAX: usize = 64 * 1024;
+}
+
 /// Reply to a `TaskResult`: once received, the result is durable and the worker may ack
 /// the task message.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -155,6 +155,26 @@ impl Subjects {
         Some((pool, priority))
     }
 
+    /// Where the workers of a run's step publish its live output ([`crate::LiveOutput`]).
+    pub fn live(&self, run_id: &str, step: &str) -> String {
+        format!("{}.live.{run_id}.{step}", self.prefix)
+    }
+
+    /// Wildcard over the live output of a run's steps.
+    pub fn live_of_run(&self, run_id: &str) -> String {
+        format!("{}.live.{run_id}.*", self.prefix)
+    }
+
+    /// Wildcard over all live output (the live-output stream's subjects).
+    pub fn live_all(&self) -> String {
+        format!("{}.live.>", self.prefix)
+    }
+
+    /// JetStream stream that keeps live output for a while (limits retention).
+    pub fn live_stream(&self) -> String {
+        format!("{}_LIVE", self.bucket_stem())
+    }
+
     /// Where the end of a run of `flow` is announced (flows with `publish_ended: true`).
     pub fn run_ended(&self, flow: &str) -> String {
         format!("{}.runs.ended.{flow}", self.prefix)
@@ -239,6 +259,10 @@ mod tests {
         assert_eq!(subjects.tasks_stream(), "ACME_GRID_TASKS");
         assert_eq!(subjects.submit_stream(), "ACME_GRID_SUBMIT");
         assert_eq!(subjects.run_ends_stream(), "ACME_GRID_RUN_ENDS");
+        assert_eq!(subjects.live("r-1", "answer"), "acme.grid.live.r-1.answer");
+        assert!(subject_matches(&subjects.live_of_run("r-1"), &subjects.live("r-1", "answer")));
+        assert!(subject_matches(&subjects.live_all(), &subjects.live("r-1", "answer")));
+        assert_eq!(subjects.live_stream(), "ACME_GRID_LIVE");
     }
 
     #[test]

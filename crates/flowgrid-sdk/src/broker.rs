@@ -37,6 +37,10 @@ pub struct BrokerLimits {
     /// How long a run-ended announcement is kept: long enough for a service to be down over
     /// a weekend and still read every end it missed.
     pub run_ends_kept: Duration,
+    /// Bytes of live output kept; past it, the oldest goes.
+    pub live_stream_bytes_max: i64,
+    /// How long live output is kept: enough to tail a run that started a while ago.
+    pub live_kept: Duration,
 }
 
 impl Default for BrokerLimits {
@@ -51,6 +55,8 @@ impl Default for BrokerLimits {
             submit_stream_messages_max: 1_000_000,
             run_ends_stream_bytes_max: 256 * 1024 * 1024,
             run_ends_kept: Duration::from_secs(7 * 24 * 60 * 60),
+            live_stream_bytes_max: 64 * 1024 * 1024,
+            live_kept: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -169,6 +175,28 @@ pub async fn run_ends_stream(
         max_bytes: limits.run_ends_stream_bytes_max,
         max_age: limits.run_ends_kept,
         duplicate_window: limits.duplicate_window,
+        ..Default::default()
+    };
+    open_stream(jetstream, config).await
+}
+
+/// Creates the stream that keeps the workers' live output ([`flowgrid_proto::LiveOutput`])
+/// if it does not exist and returns it: whoever tails a run reads it from the start.
+pub async fn live_stream(
+    jetstream: &jetstream::Context,
+    subjects: &Subjects,
+    limits: &BrokerLimits,
+) -> Result<stream::Stream, BrokerError> {
+    let config = stream::Config {
+        name: subjects.live_stream(),
+        subjects: vec![subjects.live_all()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        max_bytes: limits.live_stream_bytes_max,
+        max_age: limits.live_kept,
+        // A piece and its headers; a bigger message is refused, not stored.
+        max_message_size: (flowgrid_proto::LiveOutput::BYTES_MAX + 1024) as i32,
         ..Default::default()
     };
     open_stream(jetstream, config).await

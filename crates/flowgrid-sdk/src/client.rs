@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::OnceCell;
@@ -23,9 +25,9 @@ use flowgrid_model::RunId;
 use flowgrid_proto::{
     decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
     FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, GetRunHistory, LimitList, ListFlows, ListLimits, ListRuns,
-    PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, ResultAck, RunCancelled, RunHistory, RunList, RunPaused,
-    RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects, TaskResult,
-    CONTENT_TYPE_HEADER,
+    LiveOutput, PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, ResultAck, RunCancelled, RunHistory, RunList,
+    RunPaused, RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects,
+    TaskResult, CONTENT_TYPE_HEADER,
 };
 use serde_json::Value;
 
@@ -144,6 +146,62 @@ impl Client {
     /// The subjects of this grid.
     pub fn subjects(&self) -> &Subjects {
         &self.subjects
+    }
+
+    /// The live output of a run's attempts ([`crate::Task::emit`]): every piece the grid
+    /// still keeps (an hour's), in order, then each new one as it comes, until the stream is
+    /// dropped. `step` narrows it to one step. A piece that cannot be decoded is an error
+    /// item; the stream goes on after it. On a grid without the live-output stream (its
+    /// coordinators could not create it) only the pieces published from now on come.
+    pub async fn tail(&self, run_id: &RunId, step: Option<&str>) -> Result<BoxStream<'static, Result<LiveOutput>>> {
+        let filter = match step {
+            Some(step) => self.subjects.live(run_id.as_str(), step),
+            None => self.subjects.live_of_run(run_id.as_str()),
+        };
+        let nats_error = |context: String, source: async_nats::Error| Error::Nats { context, source };
+        let stream_name = self.subjects.live_stream();
+        let kept = match self.jetstream.get_stream(&stream_name).await {
+            Ok(stream) => Some(stream),
+            Err(error)
+                if matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(inner)
+                    if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                None
+            }
+            Err(error) => return Err(nats_error(format!("open stream {stream_name}"), error.into())),
+        };
+        let reading = format!("read the live output on {filter}");
+        let pieces: BoxStream<'static, Result<async_nats::Message>> = match kept {
+            Some(stream) => {
+                let config = jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: filter,
+                    deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                    ..Default::default()
+                };
+                let consumer =
+                    stream.create_consumer(config).await.map_err(|error| nats_error(reading.clone(), error.into()))?;
+                let messages = consumer.messages().await.map_err(|error| nats_error(reading.clone(), error.into()))?;
+                messages
+                    .map(move |message| match message {
+                        Ok(message) => Ok(message.message),
+                        Err(error) => Err(nats_error(reading.clone(), error.into())),
+                    })
+                    .boxed()
+            }
+            None => {
+                let subscriber =
+                    self.nats.subscribe(filter).await.map_err(|error| nats_error(reading, error.into()))?;
+                subscriber.map(Ok).boxed()
+            }
+        };
+        Ok(pieces
+            .map(|piece| {
+                let piece = piece?;
+                let content_type = piece.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
+                let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+                Ok(decode::<LiveOutput>(encoding, &piece.payload)?)
+            })
+            .boxed())
     }
 
     /// Deploys a definition (YAML or JSON text) as a new version of its flow. A definition

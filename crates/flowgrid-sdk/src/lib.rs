@@ -36,6 +36,6 @@ pub use flowgrid_engine::{Event, Paused, RunStatus, RunView, StepStatus, StepVie
 pub use flowgrid_model::{AttemptId, Millis, RunId, StartRate};
 pub use flowgrid_proto::{
     ApiError, ErrorCode, FlowDeployed, FlowInfo, FlowList, FlowPause, FlowPaused, FlowSummary, HistoryRecord,
-    HistoryStart, LimitList, LimitSummary, ListRuns, RunCancelled, RunHistory, RunList, RunPaused, RunRedriven,
-    RunSignalled, RunStarted, RunSummary, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
+    HistoryStart, LimitList, LimitSummary, ListRuns, LiveOutput, RunCancelled, RunHistory, RunList, RunPaused,
+    RunRedriven, RunSignalled, RunStarted, RunSummary, RunsStarted, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };

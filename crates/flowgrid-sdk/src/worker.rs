@@ -17,7 +17,7 @@ mod report;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +33,8 @@ use tracing::{debug, info, warn};
 use flowgrid_engine::TaskError;
 use flowgrid_model::{AttemptId, Millis};
 use flowgrid_proto::{
-    decode, ApiError, Encoding, ErrorCode, Subjects, TaskMessage, TaskResult, TasksCancelled, CONTENT_TYPE_HEADER,
+    decode, ApiError, Encoding, ErrorCode, LiveOutput, Subjects, TaskMessage, TaskResult, TasksCancelled,
+    CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -80,10 +81,14 @@ pub struct Task {
     detached: Arc<AtomicBool>,
 }
 
-/// The connection and subject a task's progress reports travel on.
+/// The connection and subject a task's progress reports travel on, and where its live
+/// output goes.
 struct ProgressReporter {
     nats: async_nats::Client,
     reply_to: String,
+    subjects: Arc<Subjects>,
+    /// The last live output piece's number.
+    live_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for ProgressReporter {
@@ -173,6 +178,36 @@ impl Task {
                 after: report::RESULT_REQUEST_TIMEOUT,
             }),
         }
+    }
+
+    /// Publishes a piece of this attempt's live output (a model's next tokens, a log line)
+    /// for whoever tails the run (`flowgrid run tail`, [`crate::Client::tail`]): in order,
+    /// numbered, kept an hour by the grid. Best effort and cheap (no answer is awaited), so
+    /// call it as often as the output comes; the task's result is still what counts. A
+    /// text is written out as it is by `flowgrid run tail`: send the pieces of a text as
+    /// texts. Does nothing for a task made by hand ([`Task::new`]); fails when the piece
+    /// is over 64 KiB encoded or the connection is closed.
+    pub async fn emit(&self, data: Value) -> Result<()> {
+        let Some(reporter) = &self.reporter else { return Ok(()) };
+        let seq = reporter.live_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let piece = LiveOutput { attempt: self.attempt.clone(), seq, data };
+        let bytes = flowgrid_proto::encode(Encoding::MsgPack, &piece)?;
+        if bytes.len() > LiveOutput::BYTES_MAX {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "a piece of live output is {} bytes encoded; at most {} (send a long output in several)",
+                    bytes.len(),
+                    LiveOutput::BYTES_MAX
+                ),
+            )
+            .into());
+        }
+        let subject = reporter.subjects.live(&self.attempt.run_id.to_string(), &self.attempt.step);
+        reporter.nats.publish(subject.clone(), bytes.into()).await.map_err(|source| Error::Nats {
+            context: format!("publish live output to {subject}"),
+            source: source.into(),
+        })
     }
 
     /// The attempt this task is: run, step, map item and attempt number.
@@ -342,6 +377,7 @@ impl Worker {
         let ack_wait = lanes.highest_first()[0].consumer.cached_info().config.ack_wait;
         let shared = Arc::new(Shared {
             nats: self.nats.clone(),
+            subjects: Arc::new(self.subjects.clone()),
             handler: Arc::new(handler),
             heartbeat_every: heartbeat_period(ack_wait),
             running: Running::default(),
@@ -520,6 +556,7 @@ impl Worker {
 /// What every task of a worker shares.
 struct Shared {
     nats: async_nats::Client,
+    subjects: Arc<Subjects>,
     handler: Arc<dyn TaskHandler>,
     heartbeat_every: Duration,
     running: Running,
@@ -667,7 +704,12 @@ async fn serve(shared: Arc<Shared>, message: jetstream::Message, _slot: OwnedSem
 async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
     let TaskMessage { attempt, pool, task, input, deadline_ms, reply_to, progress } = task_message;
     let input = Arc::unwrap_or_clone(input);
-    let reporter = Arc::new(ProgressReporter { nats: shared.nats.clone(), reply_to: reply_to.clone() });
+    let reporter = Arc::new(ProgressReporter {
+        nats: shared.nats.clone(),
+        reply_to: reply_to.clone(),
+        subjects: Arc::clone(&shared.subjects),
+        live_seq: AtomicU64::new(0),
+    });
     let mut task = Task::new(attempt.clone(), &*pool, &*task, input, deadline_ms).with_progress(progress);
     task.reporter = Some(reporter);
     let _running = shared.running.enter(&mut task);

@@ -10,6 +10,7 @@ mod run;
 mod schemas;
 mod serve;
 mod simulate;
+mod tail;
 mod watch;
 
 use std::io::Read;

@@ -52,6 +52,9 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         RunCommand::Watch { run_id, timeout } => {
             super::watch::watch(client, &RunId(run_id.into()), timeout, session).await
         }
+        RunCommand::Tail { run_id, step, timeout } => {
+            super::tail::tail(client, &RunId(run_id.into()), step.as_deref(), timeout, session).await
+        }
         RunCommand::List { flow, status, parent, filter, limit, cursor } => {
             let parent = parent.map(|parent| RunId(parent.into()));
             let list = client.list(ListRuns { parent, flow, status, limit, cursor, ..filter.query() }).await?;
