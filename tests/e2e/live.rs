@@ -1,8 +1,8 @@
-//! Live output: what a worker emits while its attempt runs reaches `flowgrid run tail` and
-//! `Client::tail`, in order, while the run goes and after it ended.
+//! Live output: what a worker emits while its attempt runs reaches `flowgrid run tail`,
+//! `Client::tail` and the web UI, in order, while the run goes and after it ended.
 
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::Grid;
+use flowgrid_tests::{http_get, Grid};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -20,7 +20,7 @@ const REPLY: &str = "Generated reply to: what is a grid";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workers_live_output_reaches_whoever_tails_the_run() -> anyhow::Result<()> {
-    let grid = Grid::start(&["gpu"]).await?;
+    let mut grid = Grid::start(&["gpu"]).await?;
     let client = grid.client().await?;
     deploy(&grid, &client, ANSWER_FLOW).await?;
     let start = StartRun { flow: "answer".into(), input: json!({"prompt": "what is a grid"}), ..Default::default() };
@@ -55,6 +55,12 @@ async fn a_workers_live_output_reaches_whoever_tails_the_run() -> anyhow::Result
     }
     assert_eq!(seen, REPLY);
     assert_eq!(client.get(&run.run_id).await?.status, RunStatus::Succeeded);
+
+    // The run's page in the web UI shows it too, by attempt.
+    let addr = crate::ui::start_ui(&mut grid, &[]).await?;
+    let (status, page) = http_get(&addr, &format!("/runs/{run_id}"))?;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<h2>Live output</h2>") && page.contains(&format!("<pre>{REPLY}</pre>")), "{page}");
 
     // A step the run does not have is named with the ones it has.
     let (ok, _, errors) = grid.cli(&["run", "tail", &run_id, "--step", "nope"])?;

@@ -129,7 +129,7 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
 }
 
 /// Starts `flowgrid ui` on a free port of the grid, with `more` flags; returns its address.
-async fn start_ui(grid: &mut Grid, more: &[&str]) -> anyhow::Result<String> {
+pub(crate) async fn start_ui(grid: &mut Grid, more: &[&str]) -> anyhow::Result<String> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let mut ui = Command::new(flowgrid_tests::flowgrid_bin());
     ui.args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "ui", "--listen", &addr]).args(more);

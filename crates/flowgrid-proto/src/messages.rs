@@ -667,6 +667,15 @@ pub struct LiveOutput {
 impl LiveOutput {
     /// The most bytes one piece may take, encoded.
     pub const BYTES_MAX: usize = 64 * 1024;
+
+    /// The piece as it is written out: a text as it is (the pieces of one text make it
+    /// up), any other value as JSON on a line of its own.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match &self.data {
+            Value::String(text) => std::borrow::Cow::Borrowed(text),
+            other => std::borrow::Cow::Owned(format!("{other}\n")),
+        }
+    }
 }
 
 /// Reply to a `TaskResult`: once received, the result is durable and the worker may ack

@@ -13,7 +13,7 @@ use flowgrid_engine::RunStatus;
 use flowgrid_model::{AttemptId, RunId};
 use flowgrid_sdk::{Client, LiveOutput};
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::output::{duration_ms, out, outln};
 use crate::Session;
@@ -110,16 +110,12 @@ impl Printer {
             eprintln!("── {}{item}, attempt {} ──", attempt.step, attempt.attempt);
             self.last = Some(piece.attempt.clone());
         }
-        match piece.data {
-            Value::String(text) => {
-                self.ended_with_text = !text.ends_with('\n');
-                out!("{text}")
-            }
-            other => {
-                self.finish()?;
-                outln!("{other}")
-            }
+        if !piece.data.is_string() {
+            self.finish()?;
         }
+        let text = piece.text();
+        self.ended_with_text = !text.ends_with('\n');
+        out!("{text}")
     }
 
     /// Ends a text's line, so what comes next starts on its own.

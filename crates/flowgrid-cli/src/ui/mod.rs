@@ -18,11 +18,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
+use futures::{StreamExt, TryStreamExt};
 use maud::Markup;
 use serde::Deserialize;
 
 use flowgrid_model::RunId;
-use flowgrid_proto::{ListRuns, StartRun};
+use flowgrid_proto::{ListRuns, LiveOutput, StartRun};
 use flowgrid_sdk::Client;
 
 use crate::commands::GridReader;
@@ -32,6 +33,8 @@ use crate::Session;
 const RECENT_RUNS: u32 = 20;
 /// Runs on one page of the runs list.
 const RUNS_PAGE: u32 = 50;
+/// How long a run's page waits for the live output it shows.
+const LIVE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Ui {
     client: Client,
@@ -191,7 +194,37 @@ async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response 
         ui.client.history(&view.run_id, None, Some(pages::HISTORY_SHOWN))
     );
     let definition = flow.ok().map(|info| info.definition);
-    page(pages::run(&view, definition.as_ref(), history.ok().as_ref(), ui.actions()))
+    let live = live_output(&ui.client, &view.run_id).await;
+    page(pages::run(&view, definition.as_ref(), history.ok().as_ref(), &live, ui.actions()))
+}
+
+/// The first [`pages::LIVE_PIECES_SHOWN`] pieces of live output the grid keeps of a run;
+/// none when it keeps none (or cannot be read: the page shows the rest of the run).
+async fn live_output(client: &Client, run_id: &RunId) -> Vec<LiveOutput> {
+    let subjects = client.subjects();
+    let Ok(stream) = client.jetstream().get_stream(subjects.live_stream()).await else { return Vec::new() };
+    let counts = async {
+        let counts: Vec<(String, usize)> =
+            stream.info_with_subjects(subjects.live_of_run(run_id.as_str())).await?.try_collect().await?;
+        Ok::<_, async_nats::Error>(counts)
+    };
+    let counts = counts.await.unwrap_or_else(|error| {
+        tracing::debug!(run = %run_id, error = %error, "cannot count the run's live output");
+        Vec::new()
+    });
+    let kept = counts.iter().map(|(_, count)| count).sum::<usize>().min(pages::LIVE_PIECES_SHOWN);
+    if kept == 0 {
+        return Vec::new();
+    }
+    let Ok(tail) = client.tail(run_id, None).await else { return Vec::new() };
+    let mut pieces = Vec::with_capacity(kept);
+    let reading = tail.take(kept).filter_map(|piece| async { piece.ok() }).for_each(|piece| {
+        pieces.push(piece);
+        async {}
+    });
+    // What came in time is shown; the page reloads while the run goes.
+    let _ = tokio::time::timeout(LIVE_READ_TIMEOUT, reading).await;
+    pieces
 }
 
 async fn deploy_form(State(ui): State<Arc<Ui>>) -> Response {

@@ -6,8 +6,8 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use serde_json::Value;
 
 use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
-use flowgrid_model::{FlowDefinition, Millis, ParentRef, RunId, Step};
-use flowgrid_proto::{FlowInfo, FlowSummary, LimitList, RunHistory, RunList, RunSummary};
+use flowgrid_model::{AttemptId, FlowDefinition, Millis, ParentRef, RunId, Step};
+use flowgrid_proto::{FlowInfo, FlowSummary, LimitList, LiveOutput, RunHistory, RunList, RunSummary};
 
 use super::dag::Layout;
 use crate::output::{self, duration_ms, item_counts, now_ms, span, utc_time, utc_time_ms};
@@ -373,11 +373,26 @@ fn item_children(view: &RunView, definition: Option<&FlowDefinition>, step: &Ste
 
 /// Records of a run's history its page shows; `flowgrid run history` prints them all.
 pub const HISTORY_SHOWN: u32 = 200;
+/// Live output as it reads: the text of each run of pieces from one attempt.
+fn live_by_attempt(live: &[LiveOutput]) -> Vec<(&AttemptId, String)> {
+    let mut texts: Vec<(&AttemptId, String)> = Vec::new();
+    for piece in live {
+        match texts.last_mut() {
+            Some((attempt, text)) if **attempt == piece.attempt => text.push_str(&piece.text()),
+            _ => texts.push((&piece.attempt, piece.text().into_owned())),
+        }
+    }
+    texts
+}
+
+/// Pieces of live output a run's page shows, the first ones.
+pub const LIVE_PIECES_SHOWN: usize = 2_000;
 
 pub fn run(
     view: &RunView,
     definition: Option<&FlowDefinition>,
     history: Option<&RunHistory>,
+    live: &[LiveOutput],
     actions: Option<&str>,
 ) -> Markup {
     let running = view.status == RunStatus::Running;
@@ -585,6 +600,16 @@ pub fn run(
                         tr { td {} td colspan="6" { span.failed { (error.code) } ": " (error.message) } }
                     }
                 }
+            }
+            @if !live.is_empty() {
+                h2 { "Live output" }
+                @for (attempt, text) in live_by_attempt(live) {
+                    p {
+                        (attempt.step) @if let Some(item) = attempt.item { ", item " (item) } ", attempt " (attempt.attempt)
+                    }
+                    pre { (text) }
+                }
+                @if live.len() == LIVE_PIECES_SHOWN { p { "The first " (LIVE_PIECES_SHOWN) " pieces: " code { "flowgrid run tail " (view.run_id) } " prints them all." } }
             }
             h2 { "Input" }
             pre { (pretty(&view.input)) }
