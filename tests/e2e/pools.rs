@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{step, Grid};
+use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::{json, Value};
 
 use crate::{deploy, OrLogs, RUN_DEADLINE};
@@ -64,5 +64,53 @@ async fn a_pool_limit_bounds_the_tasks_out_over_all_workers_until_reset() -> any
     let (ok, _, errors) = grid.cli(&["pool", "limit", "a"])?;
     assert!(!ok && errors.contains("--max-in-flight"), "{errors}");
     assert_eq!(pool_status(&grid)?["max_in_flight"], json!(20000));
+    Ok(())
+}
+
+fn workers_listed(grid: &Grid, pool: &str) -> anyhow::Result<Vec<Value>> {
+    let (ok, text, errors) = grid.cli(&["--json", "workers", "--pool", pool])?;
+    anyhow::ensure!(ok, "flowgrid workers failed: {errors}");
+    Ok(serde_json::from_str::<Vec<Value>>(&text)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_workers_are_listed_with_their_load_until_they_stop() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    grid.start_workers(&["a", "b"], 3)?;
+    let client = grid.client().await?;
+    let listed = wait_for("the worker of pool a listed", RUN_DEADLINE, || async {
+        workers_listed(&grid, "a").ok().filter(|workers| workers.len() == 1)
+    })
+    .await
+    .or_logs(&grid)?;
+    let worker = &listed[0];
+    assert_eq!((worker["pool"].as_str(), worker["concurrency"].as_u64()), (Some("a"), Some(3)), "{worker}");
+    assert_eq!(worker["pid"].as_u64(), Some(u64::from(grid.workers[0].pid())), "{worker}");
+    assert!(worker["sdk"].as_str().is_some_and(|sdk| sdk.starts_with("flowgrid-sdk ")), "{worker}");
+
+    // Two tasks of 6 s: the record shows them running, then done.
+    deploy(&grid, &client, FAN_OUT.replace("400", "6000").as_str()).await?;
+    let start = StartRun { flow: "naps".into(), input: json!({"items": [1, 2]}), ..Default::default() };
+    let run = client.start(start).await.or_logs(&grid)?;
+    wait_for("two tasks running on the worker", RUN_DEADLINE, || async {
+        workers_listed(&grid, "a").ok()?.first().filter(|worker| worker["running"] == 2).map(|_| ())
+    })
+    .await
+    .or_logs(&grid)?;
+    let (ok, text, _) = grid.cli(&["status"])?;
+    assert!(ok && text.contains("workers: a 1 (2/3 busy), b 1 (0/3 busy)"), "{text}");
+    grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    wait_for("the tasks counted as done", RUN_DEADLINE, || async {
+        workers_listed(&grid, "a").ok()?.first().filter(|worker| worker["tasks_done"] == 2).map(|_| ())
+    })
+    .await
+    .or_logs(&grid)?;
+    let (ok, text, _) = grid.cli(&["workers"])?;
+    assert!(ok && text.starts_with("POOL  HOST") && text.lines().count() == 3, "{text}");
+
+    // A worker that stops takes its records with it.
+    assert!(grid.workers[0].stop(Duration::from_secs(10)), "the worker stops on SIGTERM");
+    let (ok, text, errors) = grid.cli(&["workers"])?;
+    assert!(ok && text.is_empty() && errors.contains("the grid has no live worker"), "{text}{errors}");
     Ok(())
 }

@@ -111,6 +111,9 @@ async fn python_worker_completes_its_pools_tasks() -> anyhow::Result<()> {
         assert_eq!(step(&view, id).status, StepStatus::Succeeded, "{:?}", step(&view, id));
     }
     assert_eq!(step(&view, "doubled").attempts, 5, "{:?}", step(&view, "doubled"));
+    // It wrote its record, as docs/protocol.md says a worker may.
+    let (ok, text, errors) = grid.cli(&["workers", "--pool", "py"])?;
+    assert!(ok && text.contains("python nats-py"), "{text}{errors}");
     Ok(())
 }
 

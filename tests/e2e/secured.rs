@@ -146,7 +146,9 @@ const WORKER_A_PERMISSIONS: &str = r#"{
           "$JS.API.CONSUMER.MSG.NEXT.FLOWGRID_TASKS.pool9-a",
           "$JS.ACK.FLOWGRID_TASKS.pool9-a.>",
           "flowgrid.shard.*.result",
-          "flowgrid.live.>"
+          "flowgrid.live.>",
+          "$JS.API.STREAM.INFO.KV_FLOWGRID_WORKERS",
+          "$KV.FLOWGRID_WORKERS.a.>"
         ] }
         subscribe: { allow: ["_INBOX_worker_a.>", "flowgrid.cancels.a"] }
       }"#;
@@ -234,6 +236,9 @@ async fn a_worker_allowed_only_its_pools_subjects_serves_the_pool() -> anyhow::R
     }
     assert_eq!(said, "Generated reply to: hi");
     drop(tail);
+    // Its record, written under its pool's name only.
+    let (ok, text, errors) = grid.cli(&["workers", "--pool", "a"])?;
+    assert!(ok && text.lines().nth(1).is_some_and(|line| line.starts_with("a ")), "{text}{errors}");
     // Every subject the worker used (its pull requests, acks, results, progress, and its
     // subscription to the pool's cancel notices) and the app used was allowed.
     let server_log = grid.nats.log_tail(10_000);

@@ -19,8 +19,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import socket
 import sys
 import time
+import uuid
 
 import msgpack
 import nats
@@ -258,6 +261,32 @@ async def next_messages(lanes):
     raise NatsTimeoutError
 
 
+async def keep_registered(js, prefix, pool, state):
+    """Writes this worker's record in the workers bucket every 5 s, so `flowgrid workers`
+    lists it (docs/protocol.md, "Worker records"); best effort."""
+    bucket = prefix.upper().replace(".", "_").replace("-", "_") + "_WORKERS"
+    try:
+        kv = await js.key_value(bucket)
+    except Exception as error:  # no bucket yet (no coordinator ran) or no permission
+        log.info("not listed by `flowgrid workers`: %s", error)
+        return
+    host = socket.gethostname() or "localhost"
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in host)
+    key = f"{pool}.{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    started = int(time.time() * 1000)
+    while True:
+        record = {
+            "id": key, "pool": pool, "host": host, "pid": os.getpid(), "concurrency": 1,
+            "running": state["running"], "tasks_done": state["done"], "started_ms": started,
+            "heartbeat_ms": int(time.time() * 1000), "sdk": "python nats-py",
+        }
+        try:
+            await kv.put(key, msgpack.packb(record))
+        except Exception as error:
+            log.warning("cannot write this worker's record: %s", error)
+        await asyncio.sleep(5)
+
+
 async def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
@@ -273,6 +302,8 @@ async def main():
     lanes = {PRIORITY_DEFAULT: await subscribe(js, args.prefix, args.pool)}
     log.info("serving pool %s on %s", args.pool, args.nats_url)
     done = 0
+    state = {"running": 0, "done": 0}
+    registry = asyncio.create_task(keep_registered(js, args.prefix, args.pool, state))
     scanned = 0.0
     try:
         while args.max_tasks == 0 or done < args.max_tasks:
@@ -284,9 +315,13 @@ async def main():
             except NatsTimeoutError:
                 continue
             for msg in messages:
+                state["running"] = 1
                 await handle(nc, msg)
+                state["running"] = 0
                 done += 1
+                state["done"] = done
     finally:
+        registry.cancel()
         await nc.drain()
     log.info("handled %d tasks, exiting", done)
 

@@ -51,6 +51,13 @@ pub enum Command {
     Schemas(SchemasArgs),
     /// List the grid's coordinators: alive, draining or dead, shards served, heartbeat, uptime.
     Members,
+    /// List the live workers: the pool each serves, its host and process, the tasks it runs
+    /// now and at most, the tasks it finished, its uptime and last heartbeat.
+    Workers {
+        /// Only the workers of this pool.
+        #[arg(long)]
+        pool: Option<String>,
+    },
     /// Who serves the grid's shards: a summary per coordinator, every shard with --all, or
     /// one shard's last moves with --history.
     Shards(ShardsArgs),

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use flowgrid_model::Millis;
-use flowgrid_proto::{GridConfig, MemberRecord, ShardClaim, ShardState, PRIORITY_DEFAULT};
+use flowgrid_proto::{GridConfig, MemberRecord, ShardClaim, ShardState, WorkerRecord, PRIORITY_DEFAULT};
 
 use crate::output::{duration_ms, Table};
 
@@ -138,6 +138,45 @@ pub fn members_table(views: &[MemberView]) -> Table {
         ]);
     }
     table
+}
+
+/// `flowgrid workers`: one line per live worker of a pool.
+pub fn workers_table(workers: &[WorkerRecord], now_ms: Millis) -> Table {
+    let mut table =
+        Table::new(&["POOL", "HOST", "PID", "RUNNING", "CONCURRENCY", "TASKS DONE", "UPTIME", "HEARTBEAT", "SDK"]);
+    for worker in workers {
+        table.row(vec![
+            worker.pool.clone(),
+            worker.host.clone(),
+            worker.pid.to_string(),
+            worker.running.to_string(),
+            worker.concurrency.to_string(),
+            worker.tasks_done.to_string(),
+            duration_ms(now_ms.saturating_sub(worker.started_ms)),
+            age(now_ms.saturating_sub(worker.heartbeat_ms)),
+            worker.sdk.clone(),
+        ]);
+    }
+    table
+}
+
+/// One line of `flowgrid status`: the live workers, by pool.
+pub fn render_workers_summary(workers: &[WorkerRecord]) -> String {
+    let mut by_pool: BTreeMap<&str, (u32, u32, u32)> = BTreeMap::new();
+    for worker in workers {
+        let (count, running, concurrency) = by_pool.entry(&worker.pool).or_default();
+        *count += 1;
+        *running += worker.running;
+        *concurrency += worker.concurrency;
+    }
+    if by_pool.is_empty() {
+        return "workers: none listed (`flowgrid workers`)\n".to_owned();
+    }
+    let pools: Vec<String> = by_pool
+        .iter()
+        .map(|(pool, (count, running, concurrency))| format!("{pool} {count} ({running}/{concurrency} busy)"))
+        .collect();
+    format!("workers: {}\n", pools.join(", "))
 }
 
 /// The shards of one live member.

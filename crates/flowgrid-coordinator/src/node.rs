@@ -46,7 +46,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
 /// directory. Every coordinator of a grid must name the same store.
 pub fn embedded_store_id(dir: &std::path::Path) -> String {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    format!("redb:{}:{}", host_name(), dir.display())
+    format!("redb:{}:{}", flowgrid_sdk::host_name(), dir.display())
 }
 
 /// Runs a coordinator on `store` until `shutdown` is cancelled, then hands its shards to
@@ -104,6 +104,9 @@ pub async fn run_with_store<S: Store>(
         // Workers' live output then reaches only those who tail a run as it goes.
         warn!(error = %error, "cannot create the live-output stream; `flowgrid run tail` shows only what comes after it starts");
     }
+    if let Err(error) = broker::workers_kv(&jetstream, &subjects).await {
+        warn!(error = %error, "cannot create the workers bucket; `flowgrid workers` lists none until a worker makes it");
+    }
     let members_kv = broker::members_kv(&jetstream, &subjects).await?;
     let shards_kv = broker::shards_kv(&jetstream, &subjects).await?;
     check_grid_config(&shards_kv, config.shards).await?;
@@ -149,7 +152,7 @@ pub async fn run_with_store<S: Store>(
     let me = member_id();
     let record = MemberRecord {
         id: me.clone(),
-        host: host_name(),
+        host: flowgrid_sdk::host_name(),
         pid: std::process::id(),
         started_ms: now_ms(),
         heartbeat_ms: now_ms(),
@@ -295,22 +298,7 @@ async fn check_same_store(members_kv: &kv::Store, store_id: &str) -> Result<()> 
 /// A member id unique to this process start: `<host>-<pid>-<4 hex digits>`.
 fn member_id() -> String {
     let salt = uuid::Uuid::new_v4().as_u128() as u16;
-    format!("{}-{}-{salt:04x}", host_name(), std::process::id())
-}
-
-/// This host's name, reduced to characters a KV key allows.
-fn host_name() -> String {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".to_owned());
-    let name: String =
-        name.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
-    if name.is_empty() {
-        "localhost".to_owned()
-    } else {
-        name
-    }
+    format!("{}-{}-{salt:04x}", flowgrid_sdk::host_name(), std::process::id())
 }
 
 fn serve_metrics(addr: &str) -> Result<()> {

@@ -9,6 +9,10 @@
 //!   compare-and-set, so that two coordinators can never both claim a shard; key
 //!   [`GRID_KEY`]: the [`GridConfig`] every coordinator of the grid must agree with.
 //!
+//! A third bucket (see [`Subjects::workers_bucket`](crate::Subjects::workers_bucket)) holds
+//! a [`WorkerRecord`] per live worker, rewritten every few seconds: what `flowgrid workers`
+//! lists.
+//!
 //! Records are MessagePack, like every other message of the grid.
 
 use flowgrid_model::Millis;
@@ -26,6 +30,36 @@ pub fn shard_key(shard: u32) -> String {
 /// The shard a key of the shards bucket names, if it names one.
 pub fn shard_of_key(key: &str) -> Option<u32> {
     key.strip_prefix("shard-")?.parse().ok()
+}
+
+/// A worker serving one pool, as it describes itself in the workers bucket (key: its
+/// `id`). Workers rewrite it every [`WorkerRecord::HEARTBEAT_MS`]; the bucket drops a
+/// record not rewritten for [`WorkerRecord::KEPT_MS`], so a worker that died disappears.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WorkerRecord {
+    /// Unique per worker start: `<pool>.<host>-<pid>-<4 hex digits>` (a KV key).
+    pub id: String,
+    pub pool: String,
+    pub host: String,
+    pub pid: u32,
+    /// Tasks it runs at once, at most.
+    pub concurrency: u32,
+    /// Tasks running now.
+    pub running: u32,
+    /// Tasks it finished (a result, an error or a cancel settled) since it started.
+    pub tasks_done: u64,
+    pub started_ms: Millis,
+    /// Wall-clock time of this heartbeat.
+    pub heartbeat_ms: Millis,
+    /// What the worker is built with, e.g. `flowgrid-sdk 0.1.0` or `python nats-py`.
+    pub sdk: String,
+}
+
+impl WorkerRecord {
+    /// How often a worker rewrites its record.
+    pub const HEARTBEAT_MS: u64 = 5_000;
+    /// How long the bucket keeps a record not rewritten.
+    pub const KEPT_MS: u64 = 30_000;
 }
 
 /// A live coordinator, as it describes itself.

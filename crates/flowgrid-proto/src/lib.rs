@@ -11,7 +11,7 @@ mod codec;
 mod messages;
 mod subjects;
 
-pub use cluster::{shard_key, shard_of_key, GridConfig, MemberRecord, ShardClaim, ShardState, GRID_KEY};
+pub use cluster::{shard_key, shard_of_key, GridConfig, MemberRecord, ShardClaim, ShardState, WorkerRecord, GRID_KEY};
 pub use codec::{decode, encode, Encoding, ProtoError, CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE};
 pub use messages::*;
 pub use subjects::{subject_matches, Subjects, API_QUEUE_GROUP, DEFAULT_PREFIX, PRIORITY_DEFAULT, PRIORITY_MAX};
@@ -58,6 +58,7 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("task-message.json", schema_for!(TaskMessage)),
         ("task-result.json", schema_for!(TaskResult)),
         ("live-output.json", schema_for!(LiveOutput)),
+        ("worker-record.json", schema_for!(WorkerRecord)),
         ("tasks-cancelled.json", schema_for!(TasksCancelled)),
         ("result-ack.json", schema_for!(Reply<ResultAck>)),
     ]

@@ -63,6 +63,11 @@ impl Subjects {
         format!("{}_MEMBERS", self.bucket_stem())
     }
 
+    /// KV bucket of the live workers ([`crate::WorkerRecord`]).
+    pub fn workers_bucket(&self) -> String {
+        format!("{}_WORKERS", self.bucket_stem())
+    }
+
     /// NATS KV bucket of the shard claims and the grid's settings (see [`crate::ShardClaim`]).
     pub fn shards_bucket(&self) -> String {
         format!("{}_SHARDS", self.bucket_stem())

@@ -316,6 +316,20 @@ pub async fn members_kv(jetstream: &jetstream::Context, subjects: &Subjects) -> 
     open_kv(jetstream, config).await
 }
 
+/// The workers bucket (one record per live worker and pool, see
+/// [`flowgrid_proto::WorkerRecord`]), created if missing.
+pub async fn workers_kv(jetstream: &jetstream::Context, subjects: &Subjects) -> Result<kv::Store, BrokerError> {
+    let config = kv::Config {
+        bucket: subjects.workers_bucket(),
+        description: "flowgrid workers: one record per live worker and pool, rewritten every few seconds".to_owned(),
+        history: 1,
+        max_age: Duration::from_millis(flowgrid_proto::WorkerRecord::KEPT_MS),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    open_kv(jetstream, config).await
+}
+
 /// Revisions the shards bucket keeps of each claim. A watch reads the stream behind the
 /// bucket; with one revision kept, a claim changed twice in quick succession (`released`,
 /// then `acquiring` by another member) can lose its first change before a watch delivers

@@ -13,6 +13,7 @@
 //!   a slot listening on a lane for its next task holds its permit while it listens.
 
 mod lanes;
+mod registry;
 mod report;
 
 use std::collections::HashMap;
@@ -378,6 +379,7 @@ impl Worker {
         let shared = Arc::new(Shared {
             nats: self.nats.clone(),
             subjects: Arc::new(self.subjects.clone()),
+            tasks_done: AtomicU64::new(0),
             handler: Arc::new(handler),
             heartbeat_every: heartbeat_period(ack_wait),
             running: Running::default(),
@@ -385,6 +387,14 @@ impl Worker {
         });
         let cancels = self.subjects.cancels(&self.pool);
         let listener = tokio::spawn(listen_for_cancels(self.nats.clone(), cancels, shared.clone(), shutdown.clone()));
+        let identity = registry::Identity { pool: self.pool.clone(), concurrency: self.concurrency };
+        let registered = tokio::spawn(registry::keep_registered(
+            jetstream.clone(),
+            self.subjects.clone(),
+            identity,
+            shared.clone(),
+            shutdown.clone(),
+        ));
         info!(pool = %self.pool, concurrency = self.concurrency, ack_wait_ms = ack_wait.as_millis() as u64, "worker started");
 
         let slots = Arc::new(Semaphore::new(self.concurrency));
@@ -429,6 +439,8 @@ impl Worker {
         }
         self.finish(in_flight).await;
         listener.abort();
+        // Its record goes once it stopped (or expires if that takes too long).
+        let _ = tokio::time::timeout(Duration::from_secs(2), registered).await;
         Ok(())
     }
 
@@ -557,6 +569,8 @@ impl Worker {
 struct Shared {
     nats: async_nats::Client,
     subjects: Arc<Subjects>,
+    /// Tasks settled since the worker started (for its record in the workers bucket).
+    tasks_done: AtomicU64,
     handler: Arc<dyn TaskHandler>,
     heartbeat_every: Duration,
     running: Running,
@@ -602,6 +616,11 @@ impl Running {
         *count += 1;
         task.cancellation = token.clone();
         RunningGuard { running: self, attempt: task.attempt.clone() }
+    }
+
+    /// Tasks running now.
+    fn count(&self) -> usize {
+        self.0.lock().expect("the running tasks' lock is never poisoned").len()
     }
 
     /// Cancels the tasks of these attempts that run here; returns how many did.
@@ -698,6 +717,7 @@ async fn serve(shared: Arc<Shared>, message: jetstream::Message, _slot: OwnedSem
     };
     debug!(attempt = %attempt, outcome = ?outcome, "task settled");
     settle(&message, outcome).await;
+    shared.tasks_done.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Runs the handler and reports its result; returns how to settle the message.

@@ -16,15 +16,16 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use flowgrid_proto::{
-    decode, shard_key, shard_of_key, Encoding, GridConfig, ShardClaim, Subjects, GRID_KEY, PRIORITY_DEFAULT,
+    decode, shard_key, shard_of_key, Encoding, GridConfig, ShardClaim, Subjects, WorkerRecord, GRID_KEY,
+    PRIORITY_DEFAULT,
 };
 use flowgrid_sdk::broker::{self, BrokerLimits};
 
 use crate::args::ShardsArgs;
 use crate::grid_view::{
     claim_history_table, claim_revisions, member_views, members_table, render_backlog, render_shard_summary,
-    shard_lines, shard_lines_table, shard_summary, Backlog, ClaimRevision, GridSnapshot, LaneBacklog, MemberView,
-    PoolBacklog, ShardLine, ShardSummary, SubmitBacklog, TriggerBacklog,
+    render_workers_summary, shard_lines, shard_lines_table, shard_summary, workers_table, Backlog, ClaimRevision,
+    GridSnapshot, LaneBacklog, MemberView, PoolBacklog, ShardLine, ShardSummary, SubmitBacklog, TriggerBacklog,
 };
 use crate::output::{now_ms, out, outln, print_json};
 use crate::Session;
@@ -46,6 +47,25 @@ pub(crate) async fn members(session: &Session) -> anyhow::Result<ExitCode> {
         );
     } else {
         out!("{}", members_table(&views).render())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn workers(pool: Option<&str>, session: &Session) -> anyhow::Result<ExitCode> {
+    let reader = GridReader::connect(session).await?;
+    let mut workers = reader.workers().await?;
+    workers.retain(|worker| pool.is_none_or(|pool| worker.pool == pool));
+    let now = now_ms();
+    if session.json {
+        print_json(&workers)?;
+    } else if workers.is_empty() {
+        let which = pool.map(|pool| format!("pool {pool} has")).unwrap_or_else(|| "the grid has".to_owned());
+        eprintln!(
+            "{which} no live worker: start one (`flowgrid worker --pools ...`, or a worker of your own with the SDK); \
+             workers written against the wire protocol are listed only if they write their record (docs/protocol.md)"
+        );
+    } else {
+        out!("{}", workers_table(&workers, now).render())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -96,8 +116,8 @@ async fn shard_history(
 pub(crate) async fn status(session: &Session) -> anyhow::Result<ExitCode> {
     let reader = GridReader::connect(session).await?;
     // The backlog is worth showing even before any coordinator joined (durable submits).
-    let (snapshot, backlog) = tokio::join!(reader.snapshot(), reader.backlog());
-    let backlog = backlog?;
+    let (snapshot, backlog, workers) = tokio::join!(reader.snapshot(), reader.backlog(), reader.workers());
+    let (backlog, workers) = (backlog?, workers?);
     let snapshot = match snapshot {
         Ok(snapshot) => Some(snapshot),
         Err(error) if error.downcast_ref::<NotJoined>().is_some() => None,
@@ -106,9 +126,9 @@ pub(crate) async fn status(session: &Session) -> anyhow::Result<ExitCode> {
     if session.json {
         let members = snapshot.as_ref().map(member_views).unwrap_or_default();
         let shards = snapshot.as_ref().map(shard_summary);
-        print_json(&StatusJson { members, shards, backlog })?;
+        print_json(&StatusJson { members, shards, backlog, workers })?;
     } else {
-        out!("{}", status_text(&reader, snapshot.as_ref(), &backlog))?;
+        out!("{}", status_text(&reader, snapshot.as_ref(), &backlog, &workers))?;
         if snapshot.is_none() {
             eprintln!("hint: {}", not_joined_hint(&reader.not_joined()));
         }
@@ -116,8 +136,13 @@ pub(crate) async fn status(session: &Session) -> anyhow::Result<ExitCode> {
     Ok(if snapshot.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// What `flowgrid status` prints: members, shards, then the backlog.
-pub(crate) fn status_text(reader: &GridReader, snapshot: Option<&GridSnapshot>, backlog: &Backlog) -> String {
+/// What `flowgrid status` prints: members, shards, the backlog, then the live workers.
+pub(crate) fn status_text(
+    reader: &GridReader,
+    snapshot: Option<&GridSnapshot>,
+    backlog: &Backlog,
+    workers: &[WorkerRecord],
+) -> String {
     let mut text = String::new();
     match snapshot {
         Some(snapshot) => {
@@ -135,6 +160,7 @@ pub(crate) fn status_text(reader: &GridReader, snapshot: Option<&GridSnapshot>, 
     }
     text.push('\n');
     text.push_str(&render_backlog(backlog));
+    text.push_str(&render_workers_summary(workers));
     text
 }
 
@@ -200,6 +226,7 @@ struct StatusJson {
     members: Vec<MemberView>,
     shards: Option<ShardSummary>,
     backlog: Backlog,
+    workers: Vec<WorkerRecord>,
 }
 
 /// No members bucket under the prefix: no coordinator of this release ever started there.
@@ -303,6 +330,20 @@ impl GridReader {
             .filter(|entry| entry.operation == kv::Operation::Put)
             .filter_map(|entry| Some((entry.revision, decode_record(&name, &key, &entry.value)?)))
             .collect())
+    }
+
+    /// The live workers' records, by pool then id; none when no bucket exists yet.
+    pub(crate) async fn workers(&self) -> anyhow::Result<Vec<WorkerRecord>> {
+        let bucket_name = self.subjects.workers_bucket();
+        let Some(bucket) = self.bucket(&bucket_name).await? else { return Ok(Vec::new()) };
+        let mut workers: Vec<WorkerRecord> = self
+            .values(&bucket, &bucket_name)
+            .await?
+            .into_iter()
+            .filter_map(|(key, value)| decode_record(&bucket_name, &key, &value))
+            .collect();
+        workers.sort_by(|left, right| (&left.pool, &left.id).cmp(&(&right.pool, &right.id)));
+        Ok(workers)
     }
 
     /// Tasks waiting and in flight per pool, and durable submits waiting.

@@ -37,6 +37,7 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
         Command::Run(command) => run::dispatch(command, &connect(session).await?, session).await,
         Command::Schemas(args) => schemas::schemas(&args),
         Command::Members => grid::members(session).await,
+        Command::Workers { pool } => grid::workers(pool.as_deref(), session).await,
         Command::Shards(args) => grid::shards(&args, session).await,
         Command::Status => grid::status(session).await,
         Command::Pool(PoolCommand::Limit { pool, max_in_flight, reset: _ }) => {

@@ -91,9 +91,10 @@ pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) 
 }
 
 async fn overview(State(ui): State<Arc<Ui>>) -> Response {
-    let (snapshot, backlog, flows, recent, limits) = tokio::join!(
+    let (snapshot, backlog, workers, flows, recent, limits) = tokio::join!(
         ui.grid.snapshot(),
         ui.grid.backlog(),
+        ui.grid.workers(),
         ui.client.flows(),
         ui.client.list(ListRuns { limit: Some(RECENT_RUNS), ..Default::default() }),
         ui.client.limits(None)
@@ -101,7 +102,10 @@ async fn overview(State(ui): State<Arc<Ui>>) -> Response {
     // A grid no coordinator joined yet still has a backlog to show.
     let snapshot = snapshot.ok();
     let status = match backlog {
-        Ok(backlog) => crate::commands::status_text(&ui.grid, snapshot.as_ref(), &backlog),
+        Ok(backlog) => {
+            let workers = workers.unwrap_or_default();
+            crate::commands::status_text(&ui.grid, snapshot.as_ref(), &backlog, &workers)
+        }
         Err(error) => format!("cannot read the grid's streams: {error:#}"),
     };
     let flows = flows.map(|list| list.flows).map_err(|error| error.to_string());
