@@ -260,6 +260,15 @@ async fn oversized_and_malformed_requests_are_refused_and_change_nothing() -> an
     let reply: Reply<RunStarted> = serde_json::from_slice(&payload)?;
     assert!(matches!(&reply, Reply::Error(error) if error.code == ErrorCode::InvalidRequest), "{reply:?}");
 
+    let misspelt = serde_json::to_vec(&json!({"flow": "idle", "idempotencyKey": "k"}))?;
+    let (payload, _) = raw_request(&grid, "run.start", misspelt, true).await.or_logs(&grid)?;
+    let reply: Reply<RunStarted> = serde_json::from_slice(&payload)?;
+    assert!(
+        matches!(&reply, Reply::Error(error) if error.code == ErrorCode::InvalidRequest
+            && error.message.contains("unknown field `idempotencyKey`")),
+        "a misspelt field is refused by name: {reply:?}"
+    );
+
     let good = serde_json::to_vec(&json!({"flow": "idle", "input": {"via": "json"}}))?;
     let (payload, reply_json) = raw_request(&grid, "run.start", good, true).await.or_logs(&grid)?;
     assert!(reply_json, "a JSON request gets a JSON reply");

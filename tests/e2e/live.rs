@@ -2,7 +2,7 @@
 //! `Client::tail` and the web UI, in order, while the run goes and after it ended.
 
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{http_get, Grid};
+use flowgrid_tests::{http_get, http_post_json, wait_for, Grid};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -65,5 +65,81 @@ async fn a_workers_live_output_reaches_whoever_tails_the_run() -> anyhow::Result
     // A step the run does not have is named with the ones it has.
     let (ok, _, errors) = grid.cli(&["run", "tail", &run_id, "--step", "nope"])?;
     assert!(!ok && errors.contains("has no step \"nope\"; its steps: think, answer"), "{errors}");
+    Ok(())
+}
+
+const API_TOKEN: &str = "a-token-of-32-characters-or-more";
+
+/// The data of each event `name` of a server-sent event stream, in order.
+fn events<'a>(stream: &'a str, name: &str) -> Vec<&'a str> {
+    stream
+        .split("\n\n")
+        .filter(|event| event.lines().any(|line| line == format!("event: {name}")))
+        .filter_map(|event| event.lines().find_map(|line| line.strip_prefix("data: ")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["gpu"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ANSWER_FLOW).await?;
+    deploy(&grid, &client, "name: approval\noutput: steps.ok.output\nsteps:\n  - { id: ok, kind: signal }\n").await?;
+    let addr = crate::ui::start_ui(&mut grid, &["--api-token", API_TOKEN]).await?;
+
+    // Changes need the token, and a body the call takes.
+    let start = r#"{"flow": "answer", "input": {"prompt": "hello api"}, "idempotency_key": "k-1"}"#;
+    let (status, body) = http_post_json(&addr, "/api/runs", start, None)?;
+    assert!(status == 401 && body.contains(r#""code":"unauthorized""#), "{status} {body}");
+    let (status, body) = http_post_json(&addr, "/api/runs", start, Some("another-token-of-32-characters!!"))?;
+    assert!(status == 401 && body.contains("not this API's"), "{status} {body}");
+    let (status, body) = http_post_json(&addr, "/api/runs", r#"{"flow": "answer", "colour": 1}"#, Some(API_TOKEN))?;
+    assert!(status == 400 && body.contains("unknown field `colour`"), "{status} {body}");
+    let (status, body) = http_post_json(&addr, "/api/runs", r#"{"flow": "nope"}"#, Some(API_TOKEN))?;
+    assert!(status == 404 && body.contains(r#""code":"not_found""#), "{status} {body}");
+
+    let (status, body) = http_post_json(&addr, "/api/runs", start, Some(API_TOKEN))?;
+    assert_eq!(status, 201, "{body}");
+    let started: Value = serde_json::from_str(&body)?;
+    let run_id = started["run_id"].as_str().expect("a run id").to_owned();
+    let (status, again) = http_post_json(&addr, "/api/runs", start, Some(API_TOKEN))?;
+    assert!(status == 200 && again.contains(r#""created":false"#), "the same key names the same run: {again}");
+
+    // Followed while the run waits: every piece as an event, then its end.
+    let (status, stream) = http_get(&addr, &format!("/api/runs/{run_id}/live"))?;
+    assert_eq!(status, 200, "{stream}");
+    let said: String = events(&stream, "piece")
+        .iter()
+        .map(|data| serde_json::from_str::<Value>(data).map(|piece| piece["data"].as_str().unwrap_or("").to_owned()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(said, "Generated reply to: hello api", "{stream}");
+    assert_eq!(events(&stream, "end"), vec![r#"{"status":"succeeded"}"#], "{stream}");
+    let (status, body) = http_get(&addr, &format!("/api/runs/{run_id}"))?;
+    let view: Value = serde_json::from_str(&body)?;
+    assert_eq!((status, view["status"].as_str()), (200, Some("succeeded")), "{body}");
+    let (status, body) = http_get(&addr, "/api/runs/no-such-run")?;
+    assert!(status == 404 && body.contains(r#""code":"not_found""#), "{status} {body}");
+
+    // A signal sent over HTTP ends a run that waits for it.
+    let (_, body) = http_post_json(&addr, "/api/runs", r#"{"flow": "approval"}"#, Some(API_TOKEN))?;
+    let waiting: Value = serde_json::from_str(&body)?;
+    let waiting = flowgrid_sdk::RunId(waiting["run_id"].as_str().expect("a run id").into());
+    wait_for("the signal step to wait", RUN_DEADLINE, || async {
+        let view = client.get(&waiting).await.ok()?;
+        (flowgrid_tests::step(&view, "ok").status == flowgrid_sdk::StepStatus::Running).then_some(())
+    })
+    .await?;
+    let path = format!("/api/runs/{waiting}/signals/ok");
+    let (status, body) = http_post_json(&addr, &path, r#"{"by": "http"}"#, Some(API_TOKEN))?;
+    assert!(status == 200 && body.contains(r#""applied":true"#), "{status} {body}");
+    let view = grid.wait_run(&client, &waiting, RUN_DEADLINE).await?;
+    assert_eq!(view.output, Some(json!({"by": "http"})));
+
+    // Without a token the API only reads; a short token is refused at start.
+    let read_only = crate::ui::start_ui(&mut grid, &[]).await?;
+    let (status, body) = http_post_json(&read_only, "/api/runs", start, Some(API_TOKEN))?;
+    assert!(status == 403 && body.contains("read-only"), "{status} {body}");
+    let (ok, _, errors) = grid.cli(&["ui", "--api-token", "short"])?;
+    assert!(!ok && errors.contains("--api-token has 5 characters; use at least 16"), "{errors}");
     Ok(())
 }

@@ -120,6 +120,16 @@ mod tests {
     }
 
     #[test]
+    fn a_request_with_a_field_it_does_not_have_is_refused_naming_it() {
+        let misspelt = serde_json::json!({"flow": "demo", "idempotencyKey": "k"});
+        let json = decode::<StartRun>(Encoding::Json, misspelt.to_string().as_bytes()).unwrap_err().to_string();
+        assert!(json.contains("unknown field `idempotencyKey`"), "{json}");
+        let msgpack = rmp_serde::to_vec_named(&misspelt).unwrap();
+        let msgpack = decode::<StartRun>(Encoding::MsgPack, &msgpack).unwrap_err().to_string();
+        assert!(msgpack.contains("idempotencyKey"), "{msgpack}");
+    }
+
+    #[test]
     fn content_type_selects_json() {
         assert_eq!(Encoding::from_content_type(Some("application/json")), Encoding::Json);
         assert_eq!(Encoding::from_content_type(Some("application/msgpack")), Encoding::MsgPack);

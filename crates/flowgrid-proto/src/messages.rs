@@ -87,6 +87,7 @@ impl ApiError {
 /// `<prefix>.api.flow.deploy`: deploy a definition (YAML or JSON text) as a new version.
 /// Deploying a definition identical to the latest version returns that version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct DeployFlow {
     pub definition: String,
 }
@@ -101,6 +102,7 @@ pub struct FlowDeployed {
 
 /// `<prefix>.api.flow.list`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ListFlows {}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -138,6 +140,7 @@ pub struct FlowPause {
 /// schedule and trigger start, or lets them start again. Runs started through the API are
 /// not affected, nor are running runs (`run.pause` pauses those).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PauseFlow {
     pub name: String,
     /// Why, shown with the flow.
@@ -157,6 +160,7 @@ pub struct FlowPaused {
 
 /// `<prefix>.api.flow.get`: one version (the latest when `version` is absent).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GetFlow {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +180,7 @@ pub struct FlowInfo {
 
 /// `<prefix>.api.run.start` (request/reply) or `<prefix>.submit` (durable, no reply).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StartRun {
     pub flow: String,
     /// Version to run; the latest when absent. The run keeps this version to its end.
@@ -226,6 +231,7 @@ impl StartRun {
 /// `run.start` of its own. A service that starts runs at a high rate sends far fewer
 /// messages this way.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StartRuns {
     /// 1 to 1,000 starts.
     // The bound is `START_MANY_RUNS_MAX`.
@@ -246,6 +252,7 @@ pub struct RunsStarted {
 
 /// `<prefix>.api.run.get`: the run's status, steps, output and error (reply: `RunView`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GetRun {
     pub run_id: RunId,
 }
@@ -254,6 +261,7 @@ pub struct GetRun {
 /// (reply: `RunHistory`): its start, then every event it accepted (results, timers,
 /// signals, cancels, ...), each with when it was taken.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GetRunHistory {
     pub run_id: RunId,
     /// Only records after this one (the `next` of the page before). Default: from the start.
@@ -310,6 +318,7 @@ pub struct HistoryStart {
 
 /// `<prefix>.api.run.list`: newest first.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ListRuns {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow: Option<String>,
@@ -371,6 +380,7 @@ pub struct RunSummary {
 
 /// `<prefix>.api.run.cancel`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CancelRun {
     pub run_id: RunId,
     #[serde(default)]
@@ -388,6 +398,7 @@ pub struct RunCancelled {
 /// succeed (steps that succeeded keep their outputs), and from the steps in `from` with
 /// every step after them, even if they succeeded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RedriveRun {
     pub run_id: RunId,
     /// Why, for the run's history and logs.
@@ -412,6 +423,7 @@ pub struct RunRedriven {
 /// `<prefix>.api.run.pause` and `<prefix>.api.run.resume`: pauses a running run (it starts
 /// no step until it is resumed; what it started goes on) or resumes a paused one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PauseRun {
     pub run_id: RunId,
     /// Why, for the run's history and view.
@@ -434,6 +446,7 @@ pub struct RunPaused {
 /// `<prefix>.api.run.signal`: a signal for signal step `step` of a run. The step takes the
 /// first signal sent while it waits; `data` becomes its output.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SignalRun {
     pub run_id: RunId,
     pub step: String,

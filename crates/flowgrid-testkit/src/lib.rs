@@ -114,26 +114,39 @@ pub fn scrape_metrics(addr: &str) -> Result<String> {
 
 /// `GET path` from the HTTP server at `addr`: the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let (status, _, body) = http_request(addr, "GET", path, None)?;
+    let (status, _, body) = http_request(addr, "GET", path, None, None)?;
     Ok((status, body))
 }
 
 /// A form (`application/x-www-form-urlencoded` `body`) posted to `path`: the status code,
 /// the `Location` header if any, and the body.
 pub fn http_post_form(addr: &str, path: &str, body: &str) -> Result<(u16, Option<String>, String)> {
-    http_request(addr, "POST", path, Some(body))
+    http_request(addr, "POST", path, Some(("application/x-www-form-urlencoded", body)), None)
+}
+
+/// JSON `body` posted to `path`, with `Authorization: Bearer <token>` if given: the status
+/// code and the body.
+pub fn http_post_json(addr: &str, path: &str, body: &str, token: Option<&str>) -> Result<(u16, String)> {
+    let (status, _, body) = http_request(addr, "POST", path, Some(("application/json", body)), token)?;
+    Ok((status, body))
 }
 
 /// One HTTP/1.0 request (the server closes the connection after its answer).
-fn http_request(addr: &str, method: &str, path: &str, form: Option<&str>) -> Result<(u16, Option<String>, String)> {
+fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+    token: Option<&str>,
+) -> Result<(u16, Option<String>, String)> {
     let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
     let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
-    if let Some(form) = form {
-        request.push_str(&format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
-            form.len()
-        ));
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if let Some((content_type, body)) = body {
+        request.push_str(&format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
     } else {
         request.push_str("\r\n");
     }

@@ -25,6 +25,7 @@ use crate::args::{Command, FlowCommand, PoolCommand};
 use crate::Session;
 
 pub(crate) use grid::{not_joined_hint, status_text, GridReader, NotJoined};
+pub(crate) use tail::{follow as follow_live_output, piece_json};
 
 pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Result<ExitCode> {
     match command {
@@ -45,7 +46,7 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
         }
         Command::Task(command) => run::complete_task(command, &connect(session).await?, session).await,
         Command::Audit(args) => audit::audit(&args, session).await,
-        Command::Ui(args) => crate::ui::serve(args.listen, args.actions, session).await,
+        Command::Ui(args) => crate::ui::serve(args, session).await,
     }
 }
 

@@ -32,16 +32,43 @@ pub(super) async fn tail(
     timeout: Duration,
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
-    let view = client.get(run_id).await?;
     if let Some(step) = step {
+        let view = client.get(run_id).await?;
         if !view.steps.iter().any(|view| view.id == step) {
             let steps: Vec<&str> = view.steps.iter().map(|view| view.id.as_str()).collect();
             anyhow::bail!("run {run_id} has no step {step:?}; its steps: {}", steps.join(", "));
         }
     }
+    let mut printer = Printer { json: session.json, last: None, ended_with_text: false };
+    let ended = follow(client, run_id, step, timeout, |piece| printer.print(piece)).await?;
+    printer.finish()?;
+    match ended {
+        Some(status) => {
+            if !session.json {
+                eprintln!("run {run_id} {}", status.as_str());
+            }
+            Ok(if status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        None => {
+            eprintln!("run {run_id} is still running after {}", duration_ms(timeout.as_millis() as u64));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Hands each piece of the run's live output to `each`, from the first the grid keeps,
+/// until the run ended and its last pieces came, `timeout` passed (then `None`) or `each`
+/// failed (a reader that went away). Returns how the run ended.
+pub(crate) async fn follow(
+    client: &Client,
+    run_id: &RunId,
+    step: Option<&str>,
+    timeout: Duration,
+    mut each: impl FnMut(LiveOutput) -> anyhow::Result<()>,
+) -> anyhow::Result<Option<RunStatus>> {
+    let view = client.get(run_id).await?;
     let mut pieces = client.tail(run_id, step).await?;
     let deadline = Instant::now() + timeout;
-    let mut printer = Printer { json: session.json, last: None, ended_with_text: false };
     let mut ended: Option<(RunStatus, Instant)> = view.status.is_terminal().then(|| (view.status, Instant::now()));
     let mut poll = tokio::time::interval(POLL);
     loop {
@@ -52,12 +79,12 @@ pub(super) async fn tail(
         tokio::select! {
             piece = pieces.next() => match piece {
                 Some(Ok(piece)) => {
-                    printer.print(piece)?;
+                    each(piece)?;
                     if let Some((status, _)) = ended {
                         ended = Some((status, Instant::now()));
                     }
                 }
-                Some(Err(error)) => eprintln!("skipped a piece of live output: {error}"),
+                Some(Err(error)) => eprintln!("skipped a piece of live output of run {run_id}: {error}"),
                 None => break,
             },
             _ = poll.tick(), if ended.is_none() => {
@@ -69,19 +96,14 @@ pub(super) async fn tail(
             () = tokio::time::sleep_until(stop_at.into()) => break,
         }
     }
-    printer.finish()?;
-    match ended {
-        Some((status, _)) => {
-            if !session.json {
-                eprintln!("run {run_id} {}", status.as_str());
-            }
-            Ok(if status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-        }
-        None => {
-            eprintln!("run {run_id} is still running after {}", duration_ms(timeout.as_millis() as u64));
-            Ok(ExitCode::FAILURE)
-        }
-    }
+    Ok(ended.map(|(status, _)| status))
+}
+
+/// A piece as `run tail --json` prints it and the HTTP API sends it: its step, item and
+/// attempt, its number and its data.
+pub(crate) fn piece_json(piece: &LiveOutput) -> serde_json::Value {
+    let attempt = &piece.attempt;
+    json!({"step": attempt.step, "item": attempt.item, "attempt": attempt.attempt, "seq": piece.seq, "data": piece.data})
 }
 
 /// Writes pieces out, and says on stderr whose they are when that changes.
@@ -96,12 +118,8 @@ struct Printer {
 impl Printer {
     fn print(&mut self, piece: LiveOutput) -> anyhow::Result<()> {
         if self.json {
-            let attempt = &piece.attempt;
             // One line per piece (JSON lines), for a reader that acts on each as it comes.
-            let line = json!({
-                "step": attempt.step, "item": attempt.item, "attempt": attempt.attempt, "seq": piece.seq, "data": piece.data,
-            });
-            return outln!("{}", serde_json::to_string(&line)?);
+            return outln!("{}", serde_json::to_string(&piece_json(&piece))?);
         }
         if self.last.as_ref() != Some(&piece.attempt) {
             self.finish()?;

@@ -5,10 +5,10 @@
 //! forms deploy flows, start runs, send signals, pause, resume, cancel and redrive runs, each form carrying a
 //! token of this process so that another site cannot post them on a user's behalf.
 
+mod api;
 mod dag;
 mod pages;
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Form, Router};
+use axum::Form;
 use futures::{StreamExt, TryStreamExt};
 use maud::Markup;
 use serde::Deserialize;
@@ -26,6 +26,7 @@ use flowgrid_model::RunId;
 use flowgrid_proto::{ListRuns, LiveOutput, StartRun};
 use flowgrid_sdk::Client;
 
+use crate::args::UiArgs;
 use crate::commands::GridReader;
 use crate::Session;
 
@@ -41,6 +42,8 @@ struct Ui {
     grid: GridReader,
     /// With `--actions`: the token every form must send back.
     token: Option<String>,
+    /// With `--api-token`: the bearer token the HTTP API's changes must carry.
+    api_token: Option<String>,
 }
 
 impl Ui {
@@ -49,13 +52,23 @@ impl Ui {
     }
 }
 
-/// Serves the UI on `listen` until ctrl-c; `actions` enables its forms.
-pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) -> anyhow::Result<ExitCode> {
+/// Serves the UI and its HTTP API on `args.listen` until ctrl-c; `--actions` enables the
+/// forms, `--api-token` the API's changes.
+pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<ExitCode> {
+    let UiArgs { listen, actions, api_token } = args;
+    if let Some(token) = api_token.as_ref().filter(|token| token.chars().count() < api::TOKEN_CHARS_MIN) {
+        anyhow::bail!(
+            "--api-token has {} characters; use at least {} (e.g. `openssl rand -hex 32`)",
+            token.chars().count(),
+            api::TOKEN_CHARS_MIN
+        );
+    }
     let client = session.client().await?;
     let grid = GridReader::connect(session).await?;
     let token = actions.then(|| uuid::Uuid::new_v4().simple().to_string());
-    let ui = Arc::new(Ui { client, grid, token });
-    let app = Router::new()
+    let api_on = api_token.is_some();
+    let ui = Arc::new(Ui { client, grid, token, api_token });
+    let app = api::routes()
         .route("/", get(overview))
         .route("/deploy", get(deploy_form))
         .route("/flows", post(deploy))
@@ -77,8 +90,10 @@ pub(crate) async fn serve(listen: SocketAddr, actions: bool, session: &Session) 
         .with_context(|| format!("cannot listen on {listen}: pick a free address with --listen"))?;
     let address = listener.local_addr()?;
     let mode = if actions { "with actions" } else { "read-only" };
+    let api = if api_on { "changes with its token" } else { "read-only" };
     eprintln!(
-        "flowgrid UI on http://{address}/ ({mode}; NATS {}, prefix {:?}); ctrl-c stops it",
+        "flowgrid UI on http://{address}/ ({mode}), HTTP API on http://{address}/api/ ({api}; NATS {}, prefix {:?}); \
+         ctrl-c stops it",
         session.nats_url, session.prefix
     );
     axum::serve(listener, app)
@@ -457,18 +472,23 @@ fn page(markup: Markup) -> Response {
     markup.into_response()
 }
 
-/// A refusal of the grid as a page with the status it calls for.
-fn api_failure(error: &flowgrid_sdk::Error) -> Response {
-    let status = match error.api().map(|refusal| refusal.code) {
+/// The HTTP status a refusal of the grid calls for.
+fn status_of(error: &flowgrid_sdk::Error) -> StatusCode {
+    match error.api().map(|refusal| refusal.code) {
         Some(flowgrid_sdk::ErrorCode::NotFound) => StatusCode::NOT_FOUND,
         Some(flowgrid_sdk::ErrorCode::InvalidRequest | flowgrid_sdk::ErrorCode::InvalidDefinition) => {
             StatusCode::BAD_REQUEST
         }
         Some(flowgrid_sdk::ErrorCode::PayloadTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
         Some(flowgrid_sdk::ErrorCode::Conflict) => StatusCode::CONFLICT,
+        Some(flowgrid_sdk::ErrorCode::Overloaded) => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    failure(status, &error.to_string())
+    }
+}
+
+/// A refusal of the grid as a page with the status it calls for.
+fn api_failure(error: &flowgrid_sdk::Error) -> Response {
+    failure(status_of(error), &error.to_string())
 }
 
 fn failure(status: StatusCode, message: &str) -> Response {

@@ -1,0 +1,227 @@
+//! The HTTP API served beside the web UI, for services and browsers that speak HTTP rather
+//! than NATS: read a run, follow its live output as server-sent events, and, with
+//! `--api-token`, start, signal and cancel runs.
+//!
+//! | Method and path | Body | Answer |
+//! |---|---|---|
+//! | `GET /api/runs/{id}` | | the run (`RunView`) |
+//! | `GET /api/runs/{id}/live` | | `text/event-stream`: an event `piece` per piece of live output, then `end` with the run's status |
+//! | `POST /api/runs` | a `StartRun` | `201` (`200` when the idempotency key named a run that exists) and `RunStarted` |
+//! | `POST /api/runs/{id}/signals/{step}` | the signal's data | `RunSignalled` |
+//! | `POST /api/runs/{id}/cancel` | `{"reason": "..."}` or nothing | `RunCancelled` |
+//!
+//! Every answer is JSON; a refusal is `{"error": {"code", "message"}}` with the status its
+//! code calls for. Changes need `Authorization: Bearer <token>` with the token the UI was
+//! started with; without one the API is read-only.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use flowgrid_model::RunId;
+use flowgrid_proto::StartRun;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::Ui;
+use crate::commands::{follow_live_output, piece_json};
+
+/// How long one `live` request follows a run before it ends the stream (the client may
+/// ask again: it gets the pieces from the start).
+const LIVE_FOLLOW_MAX: Duration = Duration::from_secs(60 * 60);
+/// Events a slow reader may be behind before the stream waits for it.
+const LIVE_EVENTS_BUFFERED: usize = 256;
+/// The shortest token `--api-token` takes.
+pub(crate) const TOKEN_CHARS_MIN: usize = 16;
+
+pub(super) fn routes() -> Router<Arc<Ui>> {
+    Router::new()
+        .route("/api/runs", post(start))
+        .route("/api/runs/{run_id}", get(run))
+        .route("/api/runs/{run_id}/live", get(live))
+        .route("/api/runs/{run_id}/signals/{step}", post(signal))
+        .route("/api/runs/{run_id}/cancel", post(cancel))
+}
+
+async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
+    answer(ui.client.get(&RunId(run_id.into())).await, StatusCode::OK)
+}
+
+async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
+    let run_id = RunId(run_id.into());
+    // A run that does not exist is a 404 now, not an empty stream.
+    if let Err(error) = ui.client.get(&run_id).await {
+        return refusal(&error);
+    }
+    let (events, mut received) = mpsc::channel::<Event>(LIVE_EVENTS_BUFFERED);
+    let client = ui.client.clone();
+    tokio::spawn(async move {
+        let sent = events.clone();
+        let followed = follow_live_output(&client, &run_id, None, LIVE_FOLLOW_MAX, |piece| {
+            let event = Event::default().event("piece").data(piece_json(&piece).to_string());
+            // A reader that went away ends the following; one that is slow makes it wait.
+            sent.try_send(event).map_err(|error| anyhow::anyhow!("the reader is gone or behind: {error}"))
+        })
+        .await;
+        let end = match followed {
+            Ok(Some(status)) => json!({"status": status.as_str()}),
+            Ok(None) => json!({"status": "running", "message": "followed for an hour: ask again to go on"}),
+            Err(error) => json!({"status": "unknown", "message": format!("{error:#}")}),
+        };
+        let _ = events.send(Event::default().event("end").data(end.to_string())).await;
+    });
+    let stream = futures::stream::poll_fn(move |context| {
+        received.poll_recv(context).map(|event| event.map(Ok::<Event, Infallible>))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn start(State(ui): State<Arc<Ui>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = ui.api_refusal(&headers) {
+        return refused;
+    }
+    let start: StartRun = match parse(&body) {
+        Ok(start) => start,
+        Err(refused) => return *refused,
+    };
+    match ui.client.start(start).await {
+        Ok(started) => {
+            let status = if started.created { StatusCode::CREATED } else { StatusCode::OK };
+            answer(Ok::<_, flowgrid_sdk::Error>(started), status)
+        }
+        Err(error) => refusal(&error),
+    }
+}
+
+async fn signal(
+    State(ui): State<Arc<Ui>>,
+    Path((run_id, step)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = ui.api_refusal(&headers) {
+        return refused;
+    }
+    let data: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match parse(&body) {
+            Ok(data) => data,
+            Err(refused) => return *refused,
+        }
+    };
+    answer(ui.client.signal(&RunId(run_id.into()), step, data).await, StatusCode::OK)
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = ui.api_refusal(&headers) {
+        return refused;
+    }
+    let cancel: CancelBody = if body.is_empty() {
+        CancelBody::default()
+    } else {
+        match parse(&body) {
+            Ok(cancel) => cancel,
+            Err(refused) => return *refused,
+        }
+    };
+    let reason = cancel.reason.unwrap_or_else(|| "cancelled through the HTTP API".to_owned());
+    answer(ui.client.cancel(&RunId(run_id.into()), reason).await, StatusCode::OK)
+}
+
+impl Ui {
+    /// Why a change is refused: the API changes nothing without a token, and takes only its own.
+    fn api_refusal(&self, headers: &HeaderMap) -> Option<Response> {
+        let Some(expected) = &self.api_token else {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this API is read-only: start the UI with --api-token (or FLOWGRID_API_TOKEN) to start, signal and cancel runs",
+            ));
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        match given {
+            Some(given) if same_secret(given.as_bytes(), expected.as_bytes()) => None,
+            Some(_) => Some(error(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not this API's")),
+            None => Some(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send the API's token as `Authorization: Bearer <token>`",
+            )),
+        }
+    }
+}
+
+/// Compares two secrets in a time that does not depend on where they differ.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |differ, (a, b)| differ | (a ^ b)) == 0
+}
+
+/// A JSON body, or the refusal that says what is wrong with it (boxed: a response is large).
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|parse_error| {
+        let message = format!("the body is not what this call takes: {parse_error}");
+        Box::new(error(StatusCode::BAD_REQUEST, "invalid_request", &message))
+    })
+}
+
+/// The grid's answer as JSON with `status`, or its refusal.
+fn answer<T: Serialize>(outcome: Result<T, flowgrid_sdk::Error>, status: StatusCode) -> Response {
+    match outcome {
+        Ok(value) => match serde_json::to_vec(&value) {
+            Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Err(encode_error) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &encode_error.to_string()),
+        },
+        Err(refused) => refusal(&refused),
+    }
+}
+
+/// The grid's refusal as it gave it (code, message, issues, retryable), or, when the grid
+/// could not be asked, `unavailable`.
+fn refusal(refused: &flowgrid_sdk::Error) -> Response {
+    let status = super::status_of(refused);
+    match refused.api() {
+        Some(api) => {
+            let body = json!({ "error": api }).to_string();
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        None => error(status, "unavailable", &refused.to_string()),
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({"error": {"code": code, "message": message}}).to_string();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_match_only_when_equal() {
+        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdeX", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcde", b"0123456789abcdef"));
+        assert!(!same_secret(b"", b"0123456789abcdef"));
+    }
+}
