@@ -114,6 +114,16 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
         .collect::<Result<_, _>>()?;
     assert_eq!(said, "Generated reply to: hello api", "{stream}");
     assert_eq!(events(&stream, "end"), vec![r#"{"status":"succeeded"}"#], "{stream}");
+    // A long answer already kept (more pieces than the server buffers for one reader)
+    // comes whole to a reader that asks after the end.
+    let prompt = vec!["word"; 600].join(" ");
+    let long = StartRun { flow: "answer".into(), input: json!({"prompt": prompt}), ..Default::default() };
+    let long = client.start(long).await.or_logs(&grid)?;
+    grid.wait_run(&client, &long.run_id, RUN_DEADLINE).await?;
+    let (_, stream) = http_get(&addr, &format!("/api/runs/{}/live", long.run_id))?;
+    assert_eq!(events(&stream, "piece").len(), 603, "the reply's 603 words");
+    assert_eq!(events(&stream, "end"), vec![r#"{"status":"succeeded"}"#]);
+
     let (status, body) = http_get(&addr, &format!("/api/runs/{run_id}"))?;
     let view: Value = serde_json::from_str(&body)?;
     assert_eq!((status, view["status"].as_str()), (200, Some("succeeded")), "{body}");

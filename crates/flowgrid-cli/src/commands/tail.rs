@@ -6,6 +6,7 @@
 //! time the output comes from another one, so that stdout holds only the output. With
 //! `--json`, one JSON line per piece.
 
+use std::future::Future;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -40,7 +41,7 @@ pub(super) async fn tail(
         }
     }
     let mut printer = Printer { json: session.json, last: None, ended_with_text: false };
-    let ended = follow(client, run_id, step, timeout, |piece| printer.print(piece)).await?;
+    let ended = follow(client, run_id, step, timeout, |piece| std::future::ready(printer.print(piece))).await?;
     printer.finish()?;
     match ended {
         Some(status) => {
@@ -56,15 +57,15 @@ pub(super) async fn tail(
     }
 }
 
-/// Hands each piece of the run's live output to `each`, from the first the grid keeps,
-/// until the run ended and its last pieces came, `timeout` passed (then `None`) or `each`
-/// failed (a reader that went away). Returns how the run ended.
-pub(crate) async fn follow(
+/// Hands each piece of the run's live output to `each` (and waits for it), from the first
+/// the grid keeps, until the run ended and its last pieces came, `timeout` passed (then
+/// `None`) or `each` failed (a reader that went away). Returns how the run ended.
+pub(crate) async fn follow<F: Future<Output = anyhow::Result<()>>>(
     client: &Client,
     run_id: &RunId,
     step: Option<&str>,
     timeout: Duration,
-    mut each: impl FnMut(LiveOutput) -> anyhow::Result<()>,
+    mut each: impl FnMut(LiveOutput) -> F,
 ) -> anyhow::Result<Option<RunStatus>> {
     let view = client.get(run_id).await?;
     let mut pieces = client.tail(run_id, step).await?;
@@ -79,7 +80,7 @@ pub(crate) async fn follow(
         tokio::select! {
             piece = pieces.next() => match piece {
                 Some(Ok(piece)) => {
-                    each(piece)?;
+                    each(piece).await?;
                     if let Some((status, _)) = ended {
                         ended = Some((status, Instant::now()));
                     }

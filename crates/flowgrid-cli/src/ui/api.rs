@@ -38,7 +38,7 @@ use crate::commands::{follow_live_output, piece_json};
 /// How long one `live` request follows a run before it ends the stream (the client may
 /// ask again: it gets the pieces from the start).
 const LIVE_FOLLOW_MAX: Duration = Duration::from_secs(60 * 60);
-/// Events a slow reader may be behind before the stream waits for it.
+/// Events a slow reader may be behind before the following waits for it.
 const LIVE_EVENTS_BUFFERED: usize = 256;
 /// The shortest token `--api-token` takes.
 pub(crate) const TOKEN_CHARS_MIN: usize = 16;
@@ -65,11 +65,11 @@ async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response
     let (events, mut received) = mpsc::channel::<Event>(LIVE_EVENTS_BUFFERED);
     let client = ui.client.clone();
     tokio::spawn(async move {
-        let sent = events.clone();
         let followed = follow_live_output(&client, &run_id, None, LIVE_FOLLOW_MAX, |piece| {
             let event = Event::default().event("piece").data(piece_json(&piece).to_string());
-            // A reader that went away ends the following; one that is slow makes it wait.
-            sent.try_send(event).map_err(|error| anyhow::anyhow!("the reader is gone or behind: {error}"))
+            let sent = events.clone();
+            // Waits while the reader is a buffer behind; a reader that went away ends it.
+            async move { sent.send(event).await.map_err(|_| anyhow::anyhow!("the reader went away")) }
         })
         .await;
         let end = match followed {
