@@ -109,9 +109,12 @@ WATCH_PIDS=$COORDINATOR_PID wait_until 60 "the coordinator to answer 'flowgrid f
 say "demo: deploying $FLOW_FILE"
 flowgrid flow deploy "$FLOW_FILE" >&2
 
-say "demo: running media-pipeline (waiting up to $DEMO_TIMEOUT)"
+say "demo: running media-pipeline (waiting up to $DEMO_TIMEOUT); the model's summary, word by word as it is written:"
 run_status=0
-flowgrid run start media-pipeline --input "$INPUT" --wait --timeout "$DEMO_TIMEOUT" || run_status=$?
+RUN_ID=$(flowgrid run start media-pipeline --input "$INPUT")
+flowgrid run tail "$RUN_ID" --step summarize_en --timeout "$DEMO_TIMEOUT" || run_status=$?
+say "demo: the run, step by step"
+flowgrid run get "$RUN_ID" || run_status=$?
 if ((run_status == 0)); then
     say "demo: the run succeeded; running it again: its summary now comes from the task cache"
     flowgrid run start media-pipeline --input "$INPUT" --wait --timeout "$DEMO_TIMEOUT" || run_status=$?

@@ -133,7 +133,11 @@ async fn task_steps_call_http_services_under_the_allowed_prefixes_only() -> anyh
     let key = output["body"]["idempotency_key"].as_str().unwrap_or_default();
     assert!(key.starts_with(view.run_id.as_str()), "the idempotency key names the attempt: {key}");
 
-    // HTTPS, trusted through --ca-file.
+    // HTTPS, trusted through --ca-file (once the service listens).
+    flowgrid_tests::wait_for("the HTTPS service to listen", RUN_DEADLINE, || async {
+        std::net::TcpStream::connect(("127.0.0.1", tls_port)).ok()
+    })
+    .await?;
     let view = call(&grid, &client, json!({"url": format!("https://127.0.0.1:{tls_port}/status")})).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     assert_eq!(view.output.map(|output| output["body"].clone()), Some(json!({"secure": true})));

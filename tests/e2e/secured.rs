@@ -150,7 +150,7 @@ const WORKER_A_PERMISSIONS: &str = r#"{
           "$JS.API.STREAM.INFO.KV_FLOWGRID_WORKERS",
           "$KV.FLOWGRID_WORKERS.a.>"
         ] }
-        subscribe: { allow: ["_INBOX_worker_a.>", "flowgrid.cancels.a"] }
+        subscribe: { allow: ["_INBOX_worker_a.>", "flowgrid.cancels.a", "flowgrid.lanes.a"] }
       }"#;
 
 /// What a service that deploys flows, starts, reads and tails runs, and submits durably needs.

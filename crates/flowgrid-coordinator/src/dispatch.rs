@@ -16,7 +16,7 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use flowgrid_engine::TaskDispatch;
 use flowgrid_model::ShardId;
-use flowgrid_proto::{Encoding, Subjects, TaskMessage};
+use flowgrid_proto::{Encoding, Subjects, TaskMessage, PRIORITY_DEFAULT};
 use flowgrid_sdk::broker::{self, BrokerLimits};
 use flowgrid_sdk::{PublishFailure, StreamPublisher};
 use futures::future::BoxFuture;
@@ -63,11 +63,12 @@ impl Dispatcher {
         limits: BrokerLimits,
         shutdown: CancellationToken,
     ) -> Result<(Dispatcher, tokio::task::JoinHandle<()>)> {
-        let stream = StreamPublisher::new(nats, ACK_TIMEOUT)
+        let stream = StreamPublisher::new(nats.clone(), ACK_TIMEOUT)
             .await
             .map_err(|source| Error::Nats { what: "subscribe to task publish acks", source: Box::new(source) })?;
         let (sender, receiver) = mpsc::channel(QUEUE_TASKS_MAX);
         let publisher = Publisher {
+            nats,
             stream,
             tasks_stream,
             subjects: Arc::new(subjects),
@@ -92,6 +93,7 @@ impl Dispatcher {
 }
 
 struct Publisher {
+    nats: async_nats::Client,
     stream: StreamPublisher<(Publication, u32)>,
     tasks_stream: async_nats::jetstream::stream::Stream,
     subjects: Arc<Subjects>,
@@ -169,6 +171,14 @@ impl Publisher {
         match broker::lane_consumer(&self.tasks_stream, &self.subjects, pool, priority, &self.limits).await {
             Ok(_) => {
                 self.lanes_ready.insert(lane);
+                if priority != PRIORITY_DEFAULT {
+                    // Idle workers of the pool look for the new lane at once (best effort:
+                    // they also look every second).
+                    let opened = self.subjects.lane_opened(pool);
+                    if let Err(error) = self.nats.publish(opened, priority.to_string().into()).await {
+                        debug!(pool = %pool, priority, error = %error, "cannot announce a new lane");
+                    }
+                }
             }
             Err(error) => warn!(pool = %pool, priority, error = %error, "cannot create the pool's consumer"),
         }

@@ -104,6 +104,12 @@ impl Subjects {
         }
     }
 
+    /// Where a coordinator says it opened a lane of `pool` (core NATS, the priority as text),
+    /// so that the pool's idle workers start pulling from it at once.
+    pub fn lane_opened(&self, pool: &str) -> String {
+        format!("{}.lanes.{pool}", self.prefix)
+    }
+
     /// Wildcard over a pool's lanes other than the default one.
     pub fn task_lanes(&self, pool: &str) -> String {
         format!("{}.tasks.{pool}.>", self.prefix)

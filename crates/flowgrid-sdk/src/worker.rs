@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::jetstream::{self, AckKind};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde_json::Value;
@@ -53,6 +53,9 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How long one pull request waits at the server for messages; an idle worker sends one
 /// pull per period, and looks for new priority lanes of its pool between two.
 const PULL_EXPIRES: Duration = lanes::SCAN_EVERY;
+/// How long a pull that does not wait (`no_wait`) may take to answer before the worker
+/// gives up on it and opens its consumers again (the connection was lost meanwhile).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a slot listens on a lane when there are fewer free slots than lanes to listen
 /// on: the lanes left without one are looked at again this often while the pool is idle.
 const LISTEN_SHORT: Duration = Duration::from_millis(100);
@@ -401,9 +404,16 @@ impl Worker {
         let mut in_flight = JoinSet::new();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let woken = Arc::new(Notify::new());
+        let lane_opened = Arc::new(AtomicBool::new(false));
+        let announcements = tokio::spawn(listen_for_new_lanes(
+            self.nats.clone(),
+            self.subjects.lane_opened(&self.pool),
+            Arc::clone(&lane_opened),
+            Arc::clone(&woken),
+        ));
         loop {
             while in_flight.try_join_next().is_some() {}
-            match lanes.scan(&self.subjects, &self.pool, &self.limits).await {
+            match lanes.scan(&self.subjects, &self.pool, &self.limits, &lane_opened).await {
                 Ok(bound) if !bound.is_empty() => {
                     info!(pool = %self.pool, priorities = ?bound, "pulling from more priority lanes")
                 }
@@ -417,11 +427,7 @@ impl Worker {
             };
             let mut permits = vec![first];
             permits.extend(std::iter::from_fn(|| slots.clone().try_acquire_owned().ok()));
-            let pulled = match lanes.single() {
-                Some(consumer) => self.pull(consumer, permits, &shared, &mut in_flight, &shutdown).await,
-                None => self.pull_lanes(&lanes, permits, &shared, &mut in_flight, &shutdown, &woken).await,
-            };
-            match pulled {
+            match self.pull_lanes(&lanes, permits, &shared, &mut in_flight, &shutdown, &woken).await {
                 Ok(()) => backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
                 Err(error) => {
                     let delay = backoff.next_delay();
@@ -439,6 +445,7 @@ impl Worker {
         }
         self.finish(in_flight).await;
         listener.abort();
+        announcements.abort();
         // Its record goes once it stopped (or expires if that takes too long).
         let _ = tokio::time::timeout(Duration::from_secs(2), registered).await;
         Ok(())
@@ -449,20 +456,6 @@ impl Worker {
         let stream = broker::tasks_stream(jetstream, &self.subjects, &self.limits).await?;
         let consumer = broker::pool_consumer(&stream, &self.subjects, &self.pool, &self.limits).await?;
         Ok(Lanes::new(stream, consumer))
-    }
-
-    /// One pull for as many messages as `permits`; each message takes one permit into its
-    /// task, and the permits left over are released when the pull ends.
-    async fn pull(
-        &self,
-        consumer: &PullConsumer,
-        mut permits: Vec<OwnedSemaphorePermit>,
-        shared: &Arc<Shared>,
-        in_flight: &mut JoinSet<()>,
-        shutdown: &CancellationToken,
-    ) -> std::result::Result<(), async_nats::Error> {
-        let batch = consumer.batch().max_messages(permits.len()).expires(PULL_EXPIRES).messages().await?;
-        self.start_each(batch, &mut permits, shared, in_flight, shutdown).await
     }
 
     /// Takes the tasks waiting on the pool's lanes, highest first, for as many as
@@ -484,7 +477,12 @@ impl Worker {
                 return Ok(());
             }
             let batch = lane.consumer.fetch().max_messages(permits.len()).messages().await?;
-            self.start_each(batch, &mut permits, shared, in_flight, shutdown).await?;
+            // A no-wait pull has no timer of its own: one lost with a connection would wait forever.
+            let started = self.start_each(batch, &mut permits, shared, in_flight, shutdown);
+            match tokio::time::timeout(FETCH_TIMEOUT, started).await {
+                Ok(started) => started?,
+                Err(_) => return Err(format!("a pull got no answer in {FETCH_TIMEOUT:?}").into()),
+            }
         }
         if permits.len() < free {
             return Ok(());
@@ -683,6 +681,22 @@ async fn listen_for_cancels(
             }
             Err(error) => warn!(subject = %subject, error = %error, "malformed notice of cancelled tasks ignored"),
         }
+    }
+}
+
+/// Wakes the pull loop to look for lanes when a coordinator announces a new one of the pool.
+async fn listen_for_new_lanes(nats: async_nats::Client, subject: String, opened: Arc<AtomicBool>, woken: Arc<Notify>) {
+    let mut announcements = match nats.subscribe(subject.clone()).await {
+        Ok(announcements) => announcements,
+        Err(error) => {
+            // The pool's lanes are still found every second.
+            debug!(subject = %subject, error = %error, "cannot subscribe to new lanes' announcements");
+            return;
+        }
+    };
+    while announcements.next().await.is_some() {
+        opened.store(true, Ordering::Release);
+        woken.notify_one();
     }
 }
 

@@ -3,11 +3,11 @@
 //! Tasks of the default priority travel on the pool's own subject; every other priority
 //! has a lane of its own (subject `<prefix>.tasks.<pool>.p<n>`, consumer `pool<n>-<pool>`).
 //! A worker finds the lanes that hold tasks by asking the stream which of the pool's lane
-//! subjects have messages, at most once per [`SCAN_EVERY`], and binds their consumers. With
-//! the default lane alone it pulls as it always did. With several, each free slot goes to
-//! the highest lane that has a task waiting; when none has, one slot listens on each lane
-//! (as many lanes as there are free slots, highest first) so that the next task of any of
-//! them starts at once.
+//! subjects have messages, at most once per [`SCAN_EVERY`] or at once when a coordinator
+//! announces a new lane of the pool, and binds their consumers. Each free slot goes to the
+//! highest lane that has a task waiting; when none has, one slot listens on each lane (as
+//! many lanes as there are free slots, highest first) so that the next task of any of them
+//! starts at once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,28 +53,23 @@ impl Lanes {
         Lanes { stream, lanes: vec![Lane::new(PRIORITY_DEFAULT, pool_consumer)], scanned: None }
     }
 
-    /// The only lane, when the pool has no other.
-    pub(super) fn single(&self) -> Option<&PullConsumer> {
-        match self.lanes.as_slice() {
-            [only] => Some(&only.consumer),
-            _ => None,
-        }
-    }
-
     /// Every lane, highest priority first.
     pub(super) fn highest_first(&self) -> &[Lane] {
         &self.lanes
     }
 
     /// Binds the lanes of `pool` that hold tasks and are not bound yet, once per
-    /// [`SCAN_EVERY`]. Returns the priorities of the lanes it bound.
+    /// [`SCAN_EVERY`], or at once when `opened` was set (a coordinator announced a lane).
+    /// Returns the priorities of the lanes it bound.
     pub(super) async fn scan(
         &mut self,
         subjects: &Subjects,
         pool: &str,
         limits: &BrokerLimits,
+        opened: &AtomicBool,
     ) -> Result<Vec<u8>, async_nats::Error> {
-        if self.scanned.is_some_and(|scanned| scanned.elapsed() < SCAN_EVERY) {
+        let announced = opened.swap(false, Ordering::AcqRel);
+        if !announced && self.scanned.is_some_and(|scanned| scanned.elapsed() < SCAN_EVERY) {
             return Ok(Vec::new());
         }
         self.scanned = Some(Instant::now());
