@@ -16,12 +16,13 @@ steps:
   - { id: each, kind: map, items: 'input.items', pool: a, task: sleep, input: '#{ ms: 400 }' }
 "#;
 
-fn pool_status(grid: &Grid) -> anyhow::Result<Value> {
+/// Pool `pool`'s backlog as `flowgrid --json status` gives it (null when it has none).
+pub(crate) fn pool_status(grid: &Grid, pool: &str) -> anyhow::Result<Value> {
     let (ok, text, errors) = grid.cli(&["--json", "status"])?;
     anyhow::ensure!(ok, "flowgrid status failed: {errors}");
     let status: Value = serde_json::from_str(&text)?;
     let pools = status["backlog"]["pools"].as_array().cloned().unwrap_or_default();
-    Ok(pools.into_iter().find(|pool| pool["pool"] == "a").unwrap_or(Value::Null))
+    Ok(pools.into_iter().find(|found| found["pool"] == pool).unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,13 +34,13 @@ async fn a_pool_limit_bounds_the_tasks_out_over_all_workers_until_reset() -> any
     let (ok, text, errors) = grid.cli(&["pool", "limit", "a", "--max-in-flight", "2"])?;
     assert!(ok, "{text}{errors}");
     assert_eq!(text, "pool a: at most 2 tasks out with its workers at once (it was 20000)\n");
-    assert_eq!(pool_status(&grid)?["max_in_flight"], json!(2));
+    assert_eq!(pool_status(&grid, "a")?["max_in_flight"], json!(2));
 
     let start = StartRun { flow: "naps".into(), input: json!({"items": [1, 2, 3, 4, 5, 6]}), ..Default::default() };
     let run = client.start(start).await.or_logs(&grid)?;
     let mut most_out = 0;
     while client.get(&run.run_id).await.or_logs(&grid)?.status == RunStatus::Running {
-        most_out = most_out.max(pool_status(&grid)?["in_flight"].as_u64().unwrap_or(0));
+        most_out = most_out.max(pool_status(&grid, "a")?["in_flight"].as_u64().unwrap_or(0));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
@@ -53,7 +54,7 @@ async fn a_pool_limit_bounds_the_tasks_out_over_all_workers_until_reset() -> any
     assert!(ok, "{text}");
     let reply: Value = serde_json::from_str(&text)?;
     assert_eq!(reply, json!({"pool": "a", "max_in_flight": 20000, "previous": 2}));
-    assert_eq!(pool_status(&grid)?["max_in_flight"], json!(20000));
+    assert_eq!(pool_status(&grid, "a")?["max_in_flight"], json!(20000));
 
     // Bad bounds and names are refused and change nothing.
     for args in [&["pool", "limit", "a", "--max-in-flight", "0"][..], &["pool", "limit", "a b", "--max-in-flight", "3"]]
@@ -63,7 +64,7 @@ async fn a_pool_limit_bounds_the_tasks_out_over_all_workers_until_reset() -> any
     }
     let (ok, _, errors) = grid.cli(&["pool", "limit", "a"])?;
     assert!(!ok && errors.contains("--max-in-flight"), "{errors}");
-    assert_eq!(pool_status(&grid)?["max_in_flight"], json!(20000));
+    assert_eq!(pool_status(&grid, "a")?["max_in_flight"], json!(20000));
     Ok(())
 }
 

@@ -5,8 +5,9 @@ use async_nats::jetstream;
 use flowgrid_proto::Subjects;
 use flowgrid_sdk::{RunId, RunStatus, StartRun};
 use flowgrid_tests::{step, wait_for, Grid};
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::pools::pool_status;
 use crate::{deploy, OrLogs, RUN_DEADLINE};
 
 /// Runs of each priority started, in the order low, default, high.
@@ -17,14 +18,6 @@ fn flow(name: &str, priority: Option<u8>) -> String {
     format!(
         "name: {name}\nsteps:\n  - {{ id: work, kind: task, pool: p, task: sleep, input: '#{{ ms: 30 }}'{priority} }}\n"
     )
-}
-
-fn pool_status(grid: &Grid) -> anyhow::Result<Value> {
-    let (ok, text, errors) = grid.cli(&["--json", "status"])?;
-    anyhow::ensure!(ok, "flowgrid status failed: {errors}");
-    let status: Value = serde_json::from_str(&text)?;
-    let pools = status["backlog"]["pools"].as_array().cloned().unwrap_or_default();
-    Ok(pools.into_iter().find(|pool| pool["pool"] == "p").unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +38,7 @@ async fn waiting_tasks_of_a_higher_priority_start_first() -> anyhow::Result<()> 
     }
     let waiting = (3 * RUNS_PER_PRIORITY) as u64;
     let pool = wait_for("every task waiting in the pool", RUN_DEADLINE, || async {
-        let pool = pool_status(&grid).ok()?;
+        let pool = pool_status(&grid, "p").ok()?;
         (pool["pending"].as_u64() == Some(waiting)).then_some(pool)
     })
     .await

@@ -404,16 +404,16 @@ impl Worker {
         let mut in_flight = JoinSet::new();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let woken = Arc::new(Notify::new());
-        let lane_opened = Arc::new(AtomicBool::new(false));
+        let announced = Arc::new(lanes::Announced::default());
         let announcements = tokio::spawn(listen_for_new_lanes(
             self.nats.clone(),
             self.subjects.lane_opened(&self.pool),
-            Arc::clone(&lane_opened),
+            Arc::clone(&announced),
             Arc::clone(&woken),
         ));
         loop {
             while in_flight.try_join_next().is_some() {}
-            match lanes.scan(&self.subjects, &self.pool, &self.limits, &lane_opened).await {
+            match lanes.scan(&self.subjects, &self.pool, &self.limits, &announced).await {
                 Ok(bound) if !bound.is_empty() => {
                     info!(pool = %self.pool, priorities = ?bound, "pulling from more priority lanes")
                 }
@@ -685,7 +685,12 @@ async fn listen_for_cancels(
 }
 
 /// Wakes the pull loop to look for lanes when a coordinator announces a new one of the pool.
-async fn listen_for_new_lanes(nats: async_nats::Client, subject: String, opened: Arc<AtomicBool>, woken: Arc<Notify>) {
+async fn listen_for_new_lanes(
+    nats: async_nats::Client,
+    subject: String,
+    announced: Arc<lanes::Announced>,
+    woken: Arc<Notify>,
+) {
     let mut announcements = match nats.subscribe(subject.clone()).await {
         Ok(announcements) => announcements,
         Err(error) => {
@@ -694,9 +699,10 @@ async fn listen_for_new_lanes(nats: async_nats::Client, subject: String, opened:
             return;
         }
     };
-    while announcements.next().await.is_some() {
-        opened.store(true, Ordering::Release);
-        woken.notify_one();
+    while let Some(announcement) = announcements.next().await {
+        if announced.note(&announcement.payload) {
+            woken.notify_one();
+        }
     }
 }
 

@@ -38,6 +38,8 @@ use crate::commands::{follow_live_output, piece_json};
 /// How long one `live` request follows a run before it ends the stream (the client may
 /// ask again: it gets the pieces from the start).
 const LIVE_FOLLOW_MAX: Duration = Duration::from_secs(60 * 60);
+/// Live streams open at once over all readers; past it, `429 overloaded`.
+pub(super) const LIVE_STREAMS_MAX: usize = 256;
 /// Events a slow reader may be behind before the following waits for it.
 const LIVE_EVENTS_BUFFERED: usize = 256;
 /// The shortest token `--api-token` takes.
@@ -62,16 +64,30 @@ async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response
     if let Err(error) = ui.client.get(&run_id).await {
         return refusal(&error);
     }
+    // Each stream follows its run with reads of its own: their number is bounded.
+    let Ok(slot) = Arc::clone(&ui.live_streams).try_acquire_owned() else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            &format!("{LIVE_STREAMS_MAX} live streams are open already: try again later"),
+        );
+    };
     let (events, mut received) = mpsc::channel::<Event>(LIVE_EVENTS_BUFFERED);
     let client = ui.client.clone();
     tokio::spawn(async move {
-        let followed = follow_live_output(&client, &run_id, None, LIVE_FOLLOW_MAX, |piece| {
+        let _slot = slot;
+        let reader_gone = events.clone();
+        let follow = follow_live_output(&client, &run_id, None, LIVE_FOLLOW_MAX, |piece| {
             let event = Event::default().event("piece").data(piece_json(&piece).to_string());
             let sent = events.clone();
-            // Waits while the reader is a buffer behind; a reader that went away ends it.
+            // Waits while the reader is a buffer behind.
             async move { sent.send(event).await.map_err(|_| anyhow::anyhow!("the reader went away")) }
-        })
-        .await;
+        });
+        let followed = tokio::select! {
+            followed = follow => followed,
+            // A reader that went away ends the following at once, output or not.
+            () = reader_gone.closed() => return,
+        };
         let end = match followed {
             Ok(Some(status)) => json!({"status": status.as_str()}),
             Ok(None) => json!({"status": "running", "message": "followed for an hour: ask again to go on"}),

@@ -44,6 +44,8 @@ struct Ui {
     token: Option<String>,
     /// With `--api-token`: the bearer token the HTTP API's changes must carry.
     api_token: Option<String>,
+    /// Slots of the HTTP API's live streams.
+    live_streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ui {
@@ -67,7 +69,8 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
     let grid = GridReader::connect(session).await?;
     let token = actions.then(|| uuid::Uuid::new_v4().simple().to_string());
     let api_on = api_token.is_some();
-    let ui = Arc::new(Ui { client, grid, token, api_token });
+    let live_streams = Arc::new(tokio::sync::Semaphore::new(api::LIVE_STREAMS_MAX));
+    let ui = Arc::new(Ui { client, grid, token, api_token, live_streams });
     let app = api::routes()
         .route("/", get(overview))
         .route("/deploy", get(deploy_form))

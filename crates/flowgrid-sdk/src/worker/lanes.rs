@@ -3,8 +3,8 @@
 //! Tasks of the default priority travel on the pool's own subject; every other priority
 //! has a lane of its own (subject `<prefix>.tasks.<pool>.p<n>`, consumer `pool<n>-<pool>`).
 //! A worker finds the lanes that hold tasks by asking the stream which of the pool's lane
-//! subjects have messages, at most once per [`SCAN_EVERY`] or at once when a coordinator
-//! announces a new lane of the pool, and binds their consumers. Each free slot goes to the
+//! subjects have messages, at most once per [`SCAN_EVERY`], and binds their consumers; a
+//! lane a coordinator announces (it opened its consumer) is bound at once. Each free slot goes to the
 //! highest lane that has a task waiting; when none has, one slot listens on each lane (as
 //! many lanes as there are free slots, highest first) so that the next task of any of them
 //! starts at once.
@@ -58,27 +58,27 @@ impl Lanes {
         &self.lanes
     }
 
-    /// Binds the lanes of `pool` that hold tasks and are not bound yet, once per
-    /// [`SCAN_EVERY`], or at once when `opened` was set (a coordinator announced a lane).
-    /// Returns the priorities of the lanes it bound.
+    /// Binds the lanes a coordinator announced (`announced`: their consumers exist), at
+    /// once, and the lanes of `pool` that hold tasks and are not bound yet, once per
+    /// [`SCAN_EVERY`]. Returns the priorities of the lanes it bound.
     pub(super) async fn scan(
         &mut self,
         subjects: &Subjects,
         pool: &str,
         limits: &BrokerLimits,
-        opened: &AtomicBool,
+        announced: &Announced,
     ) -> Result<Vec<u8>, async_nats::Error> {
-        let announced = opened.swap(false, Ordering::AcqRel);
-        if !announced && self.scanned.is_some_and(|scanned| scanned.elapsed() < SCAN_EVERY) {
-            return Ok(Vec::new());
+        let mut wanted = announced.take();
+        if self.scanned.is_none_or(|scanned| scanned.elapsed() >= SCAN_EVERY) {
+            self.scanned = Some(Instant::now());
+            let lanes: Vec<(String, usize)> =
+                self.stream.info_with_subjects(subjects.task_lanes(pool)).await?.try_collect().await?;
+            let holding = lanes.iter().filter(|(_, waiting)| *waiting > 0);
+            wanted.extend(holding.filter_map(|(subject, _)| subjects.lane_priority(pool, subject)));
         }
-        self.scanned = Some(Instant::now());
-        let lanes: Vec<(String, usize)> =
-            self.stream.info_with_subjects(subjects.task_lanes(pool)).await?.try_collect().await?;
         let mut bound = Vec::new();
-        for (subject, waiting) in lanes {
-            let Some(priority) = subjects.lane_priority(pool, &subject) else { continue };
-            if waiting == 0 || self.lanes.iter().any(|lane| lane.priority == priority) {
+        for priority in wanted {
+            if self.lanes.iter().any(|lane| lane.priority == priority) {
                 continue;
             }
             let consumer = broker::lane_consumer(&self.stream, subjects, pool, priority, limits).await?;
@@ -87,6 +87,28 @@ impl Lanes {
             bound.push(priority);
         }
         Ok(bound)
+    }
+}
+
+/// The priorities of the lanes coordinators announced since the worker last looked.
+#[derive(Default)]
+pub(super) struct Announced(std::sync::Mutex<Vec<u8>>);
+
+impl Announced {
+    /// Notes an announcement (its payload: the priority as text); anything else is ignored.
+    pub(super) fn note(&self, payload: &[u8]) -> bool {
+        let Some(priority) = std::str::from_utf8(payload).ok().and_then(|text| text.parse::<u8>().ok()) else {
+            return false;
+        };
+        if priority > flowgrid_proto::PRIORITY_MAX {
+            return false;
+        }
+        self.0.lock().expect("the announcements' lock is never poisoned").push(priority);
+        true
+    }
+
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().expect("the announcements' lock is never poisoned"))
     }
 }
 
@@ -124,4 +146,21 @@ pub(super) async fn listen(
     .await;
     listening.store(false, Ordering::Release);
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_announcements_of_a_priority_are_noted() {
+        let announced = Announced::default();
+        assert!(announced.note(b"7"));
+        assert!(announced.note(b"0"));
+        for wrong in [&b"12"[..], b"x", b"", b"-1"] {
+            assert!(!announced.note(wrong), "{wrong:?}");
+        }
+        assert_eq!(announced.take(), vec![7, 0]);
+        assert!(announced.take().is_empty(), "each is taken once");
+    }
 }
