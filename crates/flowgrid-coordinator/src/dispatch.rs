@@ -7,7 +7,7 @@
 //! engine's attempt timeout eventually retries the attempt, so a task is never silently
 //! lost.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,7 +73,7 @@ impl Dispatcher {
             tasks_stream,
             subjects: Arc::new(subjects),
             limits,
-            lanes_ready: HashSet::new(),
+            lanes_ready: HashMap::new(),
             lanes: HashMap::new(),
             result_subjects: HashMap::new(),
             publish_seconds: ::metrics::histogram!(metrics::TASK_PUBLISH_SECONDS),
@@ -98,8 +98,9 @@ struct Publisher {
     tasks_stream: async_nats::jetstream::stream::Stream,
     subjects: Arc<Subjects>,
     limits: BrokerLimits,
-    /// Lanes (pool and priority) whose consumer exists.
-    lanes_ready: HashSet<(Arc<str>, u8)>,
+    /// Lanes whose consumer exists: by pool, a bit per priority (looked up per task
+    /// without building a key).
+    lanes_ready: HashMap<Arc<str>, u16>,
     /// Each lane's task subject and its pool's counters, and each shard's result subject,
     /// made once.
     lanes: HashMap<(Arc<str>, u8), Arc<PoolTarget>>,
@@ -164,13 +165,13 @@ impl Publisher {
     /// the task waits for workers that start later. Workers also create it, so a failure
     /// here only logs.
     async fn ensure_lane(&mut self, pool: &Arc<str>, priority: u8) {
-        let lane = (Arc::clone(pool), priority);
-        if self.lanes_ready.contains(&lane) {
+        let bit = 1u16 << priority;
+        if self.lanes_ready.get(&**pool).is_some_and(|ready| ready & bit != 0) {
             return;
         }
         match broker::lane_consumer(&self.tasks_stream, &self.subjects, pool, priority, &self.limits).await {
             Ok(_) => {
-                self.lanes_ready.insert(lane);
+                *self.lanes_ready.entry(Arc::clone(pool)).or_default() |= bit;
                 if priority != PRIORITY_DEFAULT {
                     // Idle workers of the pool look for the new lane at once (best effort:
                     // they also look every second).

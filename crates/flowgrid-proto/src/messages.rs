@@ -678,7 +678,8 @@ pub struct LiveOutput {
 }
 
 impl LiveOutput {
-    /// The most bytes one piece may take, encoded.
+    /// The most bytes one piece may take, encoded: a piece is a few tokens or a log line,
+    /// and a reader gets each as one event; a large output belongs in the task's result.
     pub const BYTES_MAX: usize = 64 * 1024;
 
     /// The piece as it is written out: a text as it is (the pieces of one text make it

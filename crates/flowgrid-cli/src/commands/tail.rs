@@ -10,7 +10,7 @@ use std::future::Future;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use flowgrid_engine::RunStatus;
+use flowgrid_engine::{RunStatus, RunView};
 use flowgrid_model::{AttemptId, RunId};
 use flowgrid_sdk::{Client, LiveOutput};
 use futures::StreamExt;
@@ -33,15 +33,15 @@ pub(super) async fn tail(
     timeout: Duration,
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
+    let view = client.get(run_id).await?;
     if let Some(step) = step {
-        let view = client.get(run_id).await?;
         if !view.steps.iter().any(|view| view.id == step) {
             let steps: Vec<&str> = view.steps.iter().map(|view| view.id.as_str()).collect();
             anyhow::bail!("run {run_id} has no step {step:?}; its steps: {}", steps.join(", "));
         }
     }
     let mut printer = Printer { json: session.json, last: None, ended_with_text: false };
-    let ended = follow(client, run_id, step, timeout, |piece| std::future::ready(printer.print(piece))).await?;
+    let ended = follow(client, &view, step, timeout, |piece| std::future::ready(printer.print(piece))).await?;
     printer.finish()?;
     match ended {
         Some(status) => {
@@ -57,17 +57,18 @@ pub(super) async fn tail(
     }
 }
 
-/// Hands each piece of the run's live output to `each` (and waits for it), from the first
-/// the grid keeps, until the run ended and its last pieces came, `timeout` passed (then
-/// `None`) or `each` failed (a reader that went away). Returns how the run ended.
+/// Hands each piece of the live output of the run `view` shows (as it was just read) to
+/// `each` (and waits for it), from the first the grid keeps, until the run ended and its
+/// last pieces came, `timeout` passed (then `None`) or `each` failed (a reader that went
+/// away). Returns how the run ended.
 pub(crate) async fn follow<F: Future<Output = anyhow::Result<()>>>(
     client: &Client,
-    run_id: &RunId,
+    view: &RunView,
     step: Option<&str>,
     timeout: Duration,
     mut each: impl FnMut(LiveOutput) -> F,
 ) -> anyhow::Result<Option<RunStatus>> {
-    let view = client.get(run_id).await?;
+    let run_id = &view.run_id;
     let mut pieces = client.tail(run_id, step).await?;
     let deadline = Instant::now() + timeout;
     let mut ended: Option<(RunStatus, Instant)> = view.status.is_terminal().then(|| (view.status, Instant::now()));

@@ -61,9 +61,10 @@ async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response 
 async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
     let run_id = RunId(run_id.into());
     // A run that does not exist is a 404 now, not an empty stream.
-    if let Err(error) = ui.client.get(&run_id).await {
-        return refusal(&error);
-    }
+    let view = match ui.client.get(&run_id).await {
+        Ok(view) => view,
+        Err(error) => return refusal(&error),
+    };
     // Each stream follows its run with reads of its own: their number is bounded.
     let Ok(slot) = Arc::clone(&ui.live_streams).try_acquire_owned() else {
         return error(
@@ -77,7 +78,7 @@ async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response
     tokio::spawn(async move {
         let _slot = slot;
         let reader_gone = events.clone();
-        let follow = follow_live_output(&client, &run_id, None, LIVE_FOLLOW_MAX, |piece| {
+        let follow = follow_live_output(&client, &view, None, LIVE_FOLLOW_MAX, |piece| {
             let event = Event::default().event("piece").data(piece_json(&piece).to_string());
             let sent = events.clone();
             // Waits while the reader is a buffer behind.
