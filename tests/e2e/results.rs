@@ -137,3 +137,19 @@ async fn duplicated_result_is_applied_once() -> anyhow::Result<()> {
     assert!(only.error.is_none(), "{only:?}");
     Ok(())
 }
+
+/// A task whose output is `null` succeeds: the result carries `output: null`, which is an
+/// output, not a missing one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_output_is_a_result() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, crate::ECHO_FLOW).await?;
+    let start = StartRun { flow: "echo-once".into(), input: serde_json::Value::Null, ..Default::default() };
+    let run = client.start(start).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let echo = step(&view, "echo");
+    assert_eq!((echo.status, echo.attempts), (StepStatus::Succeeded, 1), "{echo:?}");
+    Ok(())
+}

@@ -130,6 +130,26 @@ mod tests {
     }
 
     #[test]
+    fn a_null_output_is_an_output_in_both_encodings() {
+        let attempt = serde_json::json!({"run_id": "r", "step": "s", "attempt": 1});
+        let sent = serde_json::json!({"attempt": attempt, "output": null});
+        let json = sent.to_string().into_bytes();
+        let msgpack = rmp_serde::to_vec_named(&sent).unwrap();
+        for (encoding, bytes) in [(Encoding::Json, json), (Encoding::MsgPack, msgpack)] {
+            let result: TaskResult = decode(encoding, &bytes).unwrap();
+            assert_eq!(
+                (&result.output, &result.error, &result.progress),
+                (&Some(serde_json::Value::Null), &None, &None)
+            );
+            let back: TaskResult = decode(encoding, &encode(encoding, &result).unwrap()).unwrap();
+            assert_eq!(back, result);
+        }
+        let without = serde_json::json!({"attempt": attempt}).to_string();
+        let without: TaskResult = decode(Encoding::Json, without.as_bytes()).unwrap();
+        assert_eq!((without.output, without.progress), (None, None));
+    }
+
+    #[test]
     fn content_type_selects_json() {
         assert_eq!(Encoding::from_content_type(Some("application/json")), Encoding::Json);
         assert_eq!(Encoding::from_content_type(Some("application/msgpack")), Encoding::MsgPack);

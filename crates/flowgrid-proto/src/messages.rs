@@ -653,14 +653,23 @@ pub struct TasksCancelled {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskResult {
     pub attempt: AttemptId,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Any JSON, `null` included: a field that is there is an output.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    #[schemars(with = "Option<Value>")]
     pub output: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
-    /// How far the attempt got (any JSON the worker chooses): shown with its step, and
-    /// sent with the step's next attempt if this one fails.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// How far the attempt got (any JSON the worker chooses, `null` included): shown with
+    /// its step, and sent with the step's next attempt if this one fails.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    #[schemars(with = "Option<Value>")]
     pub progress: Option<Value>,
+}
+
+/// Reads a field that is there as `Some`, also when it is `null`: a plain `Option` reads
+/// `null` as no field at all, and a task whose output is `null` would have no result.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 /// A piece of an attempt's live output (the tokens of a model's answer as they come, a
