@@ -1,7 +1,7 @@
 //! The coordinator's Prometheus endpoint, scraped after real work as an operator would.
 
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{metric_value, scrape_metrics, wait_for, Grid};
+use flowgrid_tests::{free_port, metric_value, scrape_metrics, wait_for, Grid};
 use serde_json::json;
 
 use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
@@ -101,4 +101,64 @@ fn the_alert_rules_use_only_metrics_the_coordinator_exports() {
             }
         }
     }
+}
+
+const POOL_B_FLOW: &str = r#"
+name: on-pool-b
+steps:
+  - id: echo
+    kind: task
+    pool: b
+    task: echo
+"#;
+
+/// The pools' gauges follow what waits on each pool and who serves it, as an alert on a
+/// pool without workers, or an autoscaler of a pool's workers, reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_gauges_count_waiting_tasks_and_live_workers() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats()?;
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+    grid.spawn_coordinator_with_args(&["--metrics-addr", &metrics_addr, "--pool-gauges-ms", "200"])?;
+    grid.wait_until_serving().await?;
+    grid.start_workers(&["a"], 8)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, POOL_B_FLOW).await?;
+    let run = client.start(StartRun { flow: "on-pool-b".into(), ..Default::default() }).await.or_logs(&grid)?;
+    let gauges = |pool: &str| {
+        let body = scrape_metrics(&metrics_addr).ok()?;
+        let names = ["tasks_waiting", "tasks_with_workers", "pulls_waiting", "workers", "worker_slots"];
+        names
+            .iter()
+            .map(|name| metric_value(&body, &format!("flowgrid_pool_{name}{{pool=\"{pool}\"}}")))
+            .collect::<Option<Vec<f64>>>()
+    };
+    // Pool a: one worker of 8 slots asking for tasks; pool b: a task and nobody to take it.
+    let a = wait_for("pool a's worker counted", RUN_DEADLINE, || async {
+        gauges("a").filter(|a| a[3] == 1.0 && a[2] >= 1.0)
+    })
+    .await
+    .or_logs(&grid)?;
+    assert_eq!((a[0], a[1], a[4]), (0.0, 0.0, 8.0), "pool a: {a:?}");
+    wait_for("pool b's task counted as waiting", RUN_DEADLINE, || async {
+        gauges("b").filter(|b| b[..] == [1.0, 0.0, 0.0, 0.0, 0.0])
+    })
+    .await
+    .or_logs(&grid)?;
+
+    // A worker for b takes the task; the one for a stops and takes its record with it.
+    grid.start_workers(&["b"], 2)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    wait_for("pool b's worker counted and its task gone", RUN_DEADLINE, || async {
+        gauges("b").filter(|b| b[0] == 0.0 && b[3] == 1.0 && b[4] == 2.0)
+    })
+    .await
+    .or_logs(&grid)?;
+    assert!(grid.workers[0].stop(std::time::Duration::from_secs(10)), "the worker stops on SIGTERM");
+    wait_for("pool a without workers", RUN_DEADLINE, || async {
+        gauges("a").filter(|a| a[3] == 0.0 && a[4] == 0.0 && a[2] == 0.0)
+    })
+    .await
+    .or_logs(&grid)?;
+    Ok(())
 }

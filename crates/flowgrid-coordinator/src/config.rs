@@ -51,6 +51,11 @@ pub struct CoordinatorConfig {
     /// Address of the Prometheus metrics endpoint (`/metrics`); `off` disables it.
     #[arg(long, env = "FLOWGRID_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
+    /// How often the pools' gauges (`flowgrid_pool_*`: tasks waiting, live workers) are
+    /// read from the tasks stream and the workers bucket, in ms; `0` reads none. Only with
+    /// metrics on.
+    #[arg(long, env = "FLOWGRID_POOL_GAUGES_MS", default_value_t = 10_000)]
+    pub pool_gauges_ms: u64,
     /// Events one shard applies per store transaction (group commit).
     #[arg(long, env = "FLOWGRID_BATCH_EVENTS_MAX", default_value_t = 1024)]
     pub batch_events_max: usize,
@@ -132,6 +137,12 @@ impl CoordinatorConfig {
             return Err(format!(
                 "--checkpoint-interval-ms is {}; use 50 to 60000 (1000 is the default)",
                 self.checkpoint_interval_ms
+            ));
+        }
+        if self.pool_gauges_ms != 0 && !(100..=600_000).contains(&self.pool_gauges_ms) {
+            return Err(format!(
+                "--pool-gauges-ms is {}; use 100 to 600000, or 0 for none (10000 is the default)",
+                self.pool_gauges_ms
             ));
         }
         if !(300..=60_000).contains(&self.lease_ms) {

@@ -21,6 +21,7 @@ mod error;
 pub mod metrics;
 pub mod node;
 mod plans;
+mod pools;
 mod records;
 mod routing;
 mod shard;

@@ -51,6 +51,11 @@ pub const TRIGGER_MESSAGES: &str = "flowgrid_trigger_messages_total";
 pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
 pub const RUN_MESSAGES_PENDING: &str = "flowgrid_run_messages_pending";
 pub const RUN_MESSAGES_RETRIED: &str = "flowgrid_run_messages_retried_total";
+pub const POOL_TASKS_WAITING: &str = "flowgrid_pool_tasks_waiting";
+pub const POOL_TASKS_WITH_WORKERS: &str = "flowgrid_pool_tasks_with_workers";
+pub const POOL_PULLS_WAITING: &str = "flowgrid_pool_pulls_waiting";
+pub const POOL_WORKERS: &str = "flowgrid_pool_workers";
+pub const POOL_WORKER_SLOTS: &str = "flowgrid_pool_worker_slots";
 
 /// Every metric a coordinator exports (its store's too), for checks of dashboards and alert
 /// rules against them. A new metric goes here as well as into [`describe`].
@@ -89,6 +94,11 @@ pub const NAMES: &[&str] = &[
     SCHEDULED_RUNS,
     RUN_MESSAGES_PENDING,
     RUN_MESSAGES_RETRIED,
+    POOL_TASKS_WAITING,
+    POOL_TASKS_WITH_WORKERS,
+    POOL_PULLS_WAITING,
+    POOL_WORKERS,
+    POOL_WORKER_SLOTS,
     flowgrid_store_redb::JOURNAL_BYTES,
     flowgrid_store_redb::JOURNAL_SYNC_SECONDS,
     flowgrid_store_redb::CHECKPOINT_SECONDS,
@@ -198,6 +208,28 @@ pub fn describe() {
         "From stopping work on a shard to releasing its claim (last commit, close)."
     );
     describe_counter!(SHARD_TAKEOVERS, Unit::Count, "Shards taken from a coordinator whose lease ran out.");
+    // The pools' figures: every coordinator exports the same ones (aggregate with `max by (pool)`).
+    describe_gauge!(
+        POOL_TASKS_WAITING,
+        Unit::Count,
+        "Tasks of the pool waiting for a worker, over its priority lanes (label: pool; the same on every coordinator)."
+    );
+    describe_gauge!(
+        POOL_TASKS_WITH_WORKERS,
+        Unit::Count,
+        "Tasks of the pool delivered to a worker and not yet acknowledged (label: pool)."
+    );
+    describe_gauge!(
+        POOL_PULLS_WAITING,
+        Unit::Count,
+        "Pull requests open on the pool's consumers: each worker with a free slot keeps one (label: pool)."
+    );
+    describe_gauge!(POOL_WORKERS, Unit::Count, "Live workers of the pool, by their records (label: pool).");
+    describe_gauge!(
+        POOL_WORKER_SLOTS,
+        Unit::Count,
+        "Tasks the pool's live workers run at once, at most: the sum of their concurrency (label: pool)."
+    );
 }
 
 /// What a shard actor records, registered when the actor starts.

@@ -104,9 +104,13 @@ pub async fn run_with_store<S: Store>(
         // Workers' live output then reaches only those who tail a run as it goes.
         warn!(error = %error, "cannot create the live-output stream; `flowgrid run tail` shows only what comes after it starts");
     }
-    if let Err(error) = broker::workers_kv(&jetstream, &subjects).await {
-        warn!(error = %error, "cannot create the workers bucket; `flowgrid workers` lists none until a worker makes it");
-    }
+    let workers_kv = match broker::workers_kv(&jetstream, &subjects).await {
+        Ok(bucket) => Some(bucket),
+        Err(error) => {
+            warn!(error = %error, "cannot create the workers bucket; `flowgrid workers` lists none until a worker makes it");
+            None
+        }
+    };
     let members_kv = broker::members_kv(&jetstream, &subjects).await?;
     let shards_kv = broker::shards_kv(&jetstream, &subjects).await?;
     check_grid_config(&shards_kv, config.shards).await?;
@@ -116,6 +120,11 @@ pub async fn run_with_store<S: Store>(
     let evaluator = Arc::new(Evaluator::new(&limits));
     let plans = Arc::new(PlanCache::new(evaluator, limits.clone()));
     let workers_shutdown = CancellationToken::new();
+    let pools_stop = CancellationToken::new();
+    let pools_task = (config.metrics_addr != "off" && config.pool_gauges_ms > 0).then(|| {
+        let every = Duration::from_millis(config.pool_gauges_ms);
+        tokio::spawn(crate::pools::run(tasks_stream.clone(), workers_kv, every, pools_stop.clone()))
+    });
     let (dispatcher, dispatcher_task) = Dispatcher::spawn(
         nats.clone(),
         tasks_stream,
@@ -228,6 +237,10 @@ pub async fn run_with_store<S: Store>(
     }
     heartbeat_stop.cancel();
     let _ = heartbeat_task.await;
+    pools_stop.cancel();
+    if let Some(pools_task) = pools_task {
+        let _ = pools_task.await;
+    }
     membership.leave().await;
     drop(api);
     workers_shutdown.cancel();
