@@ -66,6 +66,20 @@ async fn a_paused_run_holds_its_next_step_across_a_crash_until_it_is_resumed() -
         stdout.contains("store          succeeded in ") && stdout.contains("run            succeeded in "),
         "{stdout}"
     );
+    // With --json, one object per line and change.
+    let (ok, stdout, stderr) = grid.cli(&["--json", "run", "watch", run_id.as_str(), "--timeout", "30s"])?;
+    assert!(ok, "{stdout}\n{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .map_err(|error| anyhow::anyhow!("{error}: {stdout}"))?;
+    assert!(
+        lines.iter().any(|line| line["subject"] == "store"
+            && line["what"].as_str().is_some_and(|what| what.starts_with("succeeded in "))),
+        "{stdout}"
+    );
+    assert!(lines.iter().all(|line| line["at_ms"].is_u64()), "{stdout}");
     let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
     assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"store": {"row": 7}}))));
     assert_eq!(view.paused, None);

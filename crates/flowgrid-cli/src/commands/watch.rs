@@ -12,7 +12,7 @@ use flowgrid_model::RunId;
 use flowgrid_sdk::Client;
 use serde_json::json;
 
-use crate::output::{duration_ms, item_counts, now_ms, outln, print_json, span, utc_time};
+use crate::output::{duration_ms, item_counts, now_ms, outln, span, utc_time};
 use crate::Session;
 
 /// How often the run is read.
@@ -31,7 +31,9 @@ pub(super) async fn watch(
         let view = client.get(run_id).await?;
         for change in changes(last.as_ref(), &view) {
             if session.json {
-                print_json(&json!({"at_ms": change.at_ms, "subject": change.subject, "what": change.what}))?;
+                // One line per change, as `run tail --json` prints its pieces.
+                let line = json!({"at_ms": change.at_ms, "subject": change.subject, "what": change.what});
+                outln!("{}", serde_json::to_string(&line)?)?;
             } else {
                 outln!("{}  {:<14} {}", clock(change.at_ms), change.subject, change.what)?;
             }
