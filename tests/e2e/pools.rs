@@ -53,7 +53,7 @@ async fn a_pool_limit_bounds_the_tasks_out_over_all_workers_until_reset() -> any
     let (ok, text, _) = grid.cli(&["--json", "pool", "limit", "a", "--reset"])?;
     assert!(ok, "{text}");
     let reply: Value = serde_json::from_str(&text)?;
-    assert_eq!(reply, json!({"pool": "a", "max_in_flight": 20000, "previous": 2}));
+    assert_eq!(reply, json!({"pool": "a", "max_in_flight": 20000, "previous": 2, "lanes": [5]}));
     assert_eq!(pool_status(&grid, "a")?["max_in_flight"], json!(20000));
 
     // Bad bounds and names are refused and change nothing.

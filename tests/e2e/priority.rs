@@ -57,6 +57,7 @@ async fn waiting_tasks_of_a_higher_priority_start_first() -> anyhow::Result<()> 
     // The pool's bound reaches every lane.
     let (ok, text, errors) = grid.cli(&["pool", "limit", "p", "--max-in-flight", "3"])?;
     assert!(ok, "{text}{errors}");
+    assert!(text.contains("the pool has 3 lanes (9, 5, 1), so up to 9 of its tasks may be out in all"), "{text}");
     let stream = jetstream::new(grid.nats_client().await?).get_stream("FLOWGRID_TASKS").await?;
     let subjects = Subjects::new("flowgrid");
     for priority in [9, 5, 1] {

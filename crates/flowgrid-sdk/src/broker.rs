@@ -253,15 +253,17 @@ fn lane_consumer_config(
 
 /// Sets how many tasks of `pool` may be out with its workers at once (the `max_ack_pending`
 /// of each of its lanes' consumers; tasks past it wait in the stream), creating the default
-/// lane's consumer if it is missing. Returns the bound the pool's consumer had.
+/// lane's consumer if it is missing. Returns the bound the pool's consumer had and the
+/// priorities of the lanes it was set on, highest first.
 pub async fn set_pool_max_in_flight(
     tasks: &stream::Stream,
     subjects: &Subjects,
     pool: &str,
     max_in_flight: i64,
     limits: &BrokerLimits,
-) -> Result<i64, BrokerError> {
+) -> Result<(i64, Vec<u8>), BrokerError> {
     let mut previous = None;
+    let mut lanes = Vec::new();
     for priority in (0..=PRIORITY_MAX).rev() {
         let name = subjects.lane_consumer(pool, priority);
         let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BrokerError::Consumer {
@@ -280,12 +282,13 @@ pub async fn set_pool_max_in_flight(
         if priority == PRIORITY_DEFAULT {
             previous = Some(config.max_ack_pending);
         }
+        lanes.push(priority);
         if config.max_ack_pending != max_in_flight {
             config.max_ack_pending = max_in_flight;
             tasks.update_consumer(config).await.map_err(|source| consumer_error(Box::new(source)))?;
         }
     }
-    Ok(previous.expect("the default lane is among the priorities"))
+    Ok((previous.expect("the default lane is among the priorities"), lanes))
 }
 
 /// The durable consumer coordinators share to drain the submit stream.

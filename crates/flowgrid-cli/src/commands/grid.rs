@@ -186,13 +186,25 @@ pub(crate) async fn pool_limit(pool: &str, max_in_flight: Option<i64>, session: 
             reader.subjects.prefix()
         );
     };
-    let previous = broker::set_pool_max_in_flight(&tasks, &reader.subjects, pool, max_in_flight, &limits)
+    let (previous, lanes) = broker::set_pool_max_in_flight(&tasks, &reader.subjects, pool, max_in_flight, &limits)
         .await
         .with_context(|| format!("cannot set the bound of pool {pool}"))?;
     if session.json {
-        print_json(&serde_json::json!({"pool": pool, "max_in_flight": max_in_flight, "previous": previous}))?;
+        let limit =
+            serde_json::json!({"pool": pool, "max_in_flight": max_in_flight, "previous": previous, "lanes": lanes});
+        print_json(&limit)?;
     } else {
         outln!("pool {pool}: at most {max_in_flight} tasks out with its workers at once (it was {previous})")?;
+        if lanes.len() > 1 {
+            // Each lane is a consumer of its own, and the bound is each consumer's.
+            let priorities: Vec<String> = lanes.iter().map(u8::to_string).collect();
+            outln!(
+                "  the bound holds per priority: the pool has {} lanes ({}), so up to {} of its tasks may be out in all",
+                lanes.len(),
+                priorities.join(", "),
+                max_in_flight.saturating_mul(lanes.len() as i64)
+            )?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
