@@ -2,7 +2,7 @@
 //! `Client::tail` and the web UI, in order, while the run goes and after it ended.
 
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{http_get, http_post_json, wait_for, Grid};
+use flowgrid_tests::{header, http_exchange, http_get, http_post_json, wait_for, Grid};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -151,5 +151,28 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     assert!(status == 403 && body.contains("read-only"), "{status} {body}");
     let (ok, _, errors) = grid.cli(&["ui", "--api-token", "short"])?;
     assert!(!ok && errors.contains("--api-token has 5 characters; use at least 16"), "{errors}");
+
+    // Pages of an origin named with --api-cors-origin may call the API from a browser;
+    // others, and the UI's own pages, get no CORS answer.
+    let app = "https://app.example.com";
+    let cors = crate::ui::start_ui(&mut grid, &["--api-token", API_TOKEN, "--api-cors-origin", app]).await?;
+    let preflight = [
+        ("Origin", app),
+        ("Access-Control-Request-Method", "POST"),
+        ("Access-Control-Request-Headers", "authorization,content-type"),
+    ];
+    let (status, headers, _) = http_exchange(&cors, "OPTIONS", "/api/runs", &preflight, None)?;
+    assert_eq!((status, header(&headers, "access-control-allow-origin")), (200, Some(app)), "{headers:?}");
+    assert!(header(&headers, "access-control-allow-methods").is_some_and(|methods| methods.contains("POST")));
+    assert!(header(&headers, "access-control-allow-headers").is_some_and(|names| names.contains("authorization")));
+    let (status, headers, _) = http_exchange(&cors, "GET", &format!("/api/runs/{run_id}"), &[("Origin", app)], None)?;
+    assert_eq!((status, header(&headers, "access-control-allow-origin")), (200, Some(app)), "{headers:?}");
+    let other = [("Origin", "https://elsewhere.example.com")];
+    let (status, headers, _) = http_exchange(&cors, "GET", &format!("/api/runs/{run_id}"), &other, None)?;
+    assert_eq!((status, header(&headers, "access-control-allow-origin")), (200, None), "{headers:?}");
+    let (status, headers, _) = http_exchange(&cors, "GET", "/", &[("Origin", app)], None)?;
+    assert_eq!((status, header(&headers, "access-control-allow-origin")), (200, None), "{headers:?}");
+    let (ok, _, errors) = grid.cli(&["ui", "--api-cors-origin", "app.example.com"])?;
+    assert!(!ok && errors.contains("\"app.example.com\" is not an origin"), "{errors}");
     Ok(())
 }

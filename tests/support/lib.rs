@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use flowgrid_proto::{ShardClaim, ShardState};
 use flowgrid_sdk::{RunId, RunView, StepView};
 pub use flowgrid_testkit::{
-    free_port, http_get, http_post_form, http_post_json, metric_value, nats_server_bin, scrape_metrics, wait_for_port,
-    write_nats_config, Netns, Process,
+    free_port, header, http_exchange, http_get, http_post_form, http_post_json, metric_value, nats_server_bin,
+    scrape_metrics, wait_for_port, write_nats_config, Netns, Process,
 };
 
 /// How long a process may take to come up before the test fails.

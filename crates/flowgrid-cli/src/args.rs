@@ -540,6 +540,11 @@ pub struct UiArgs {
     /// reads. Prefer the variable: a flag shows in the process list.
     #[arg(long, env = "FLOWGRID_API_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     pub api_token: Option<String>,
+    /// A browser origin (`https://app.example.com`) whose pages may call the HTTP API
+    /// (CORS); repeat for several (the variable takes them comma-separated), `*` for any.
+    /// The token is still needed for changes.
+    #[arg(long = "api-cors-origin", env = "FLOWGRID_API_CORS_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
+    pub api_cors_origins: Vec<String>,
 }
 
 #[derive(Debug, Args)]

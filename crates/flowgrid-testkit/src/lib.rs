@@ -114,39 +114,53 @@ pub fn scrape_metrics(addr: &str) -> Result<String> {
 
 /// `GET path` from the HTTP server at `addr`: the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let (status, _, body) = http_request(addr, "GET", path, None, None)?;
+    let (status, _, body) = http_exchange(addr, "GET", path, &[], None)?;
     Ok((status, body))
 }
 
 /// A form (`application/x-www-form-urlencoded` `body`) posted to `path`: the status code,
 /// the `Location` header if any, and the body.
 pub fn http_post_form(addr: &str, path: &str, body: &str) -> Result<(u16, Option<String>, String)> {
-    http_request(addr, "POST", path, Some(("application/x-www-form-urlencoded", body)), None)
+    let (status, headers, body) =
+        http_exchange(addr, "POST", path, &[("Content-Type", "application/x-www-form-urlencoded")], Some(body))?;
+    Ok((status, header(&headers, "location").map(str::to_owned), body))
 }
 
 /// JSON `body` posted to `path`, with `Authorization: Bearer <token>` if given: the status
 /// code and the body.
 pub fn http_post_json(addr: &str, path: &str, body: &str, token: Option<&str>) -> Result<(u16, String)> {
-    let (status, _, body) = http_request(addr, "POST", path, Some(("application/json", body)), token)?;
+    let bearer = token.map(|token| format!("Bearer {token}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    headers.extend(bearer.as_deref().map(|bearer| ("Authorization", bearer)));
+    let (status, _, body) = http_exchange(addr, "POST", path, &headers, Some(body))?;
     Ok((status, body))
 }
 
-/// One HTTP/1.0 request (the server closes the connection after its answer).
-fn http_request(
+/// An HTTP answer's headers, as (name, value) in the order they came.
+pub type Headers = Vec<(String, String)>;
+
+/// The value of the first header `name` (any case) of an answer of [`http_exchange`].
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(found, _)| found.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
+}
+
+/// One HTTP/1.0 request with `headers` and `body` (the server closes the connection after
+/// its answer): the status code, the answer's headers and its body.
+pub fn http_exchange(
     addr: &str,
     method: &str,
     path: &str,
-    body: Option<(&str, &str)>,
-    token: Option<&str>,
-) -> Result<(u16, Option<String>, String)> {
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<(u16, Headers, String)> {
     let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
     let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
-    if let Some((content_type, body)) = body {
-        request.push_str(&format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
+    if let Some(body) = body {
+        request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     } else {
         request.push_str("\r\n");
     }
@@ -159,11 +173,13 @@ fn http_request(
         .and_then(|rest| rest.get(2..5))
         .and_then(|code| code.parse().ok())
         .with_context(|| format!("{method} {path} from {addr} answered {head}"))?;
-    let location = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("location").then(|| value.trim().to_owned())
-    });
-    Ok((status, location, body.to_owned()))
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
+        .collect();
+    Ok((status, headers, body.to_owned()))
 }
 
 /// The value of the first sample of a scraped `body` whose line starts with `prefix`

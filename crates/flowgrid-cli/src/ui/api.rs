@@ -12,7 +12,9 @@
 //!
 //! Every answer is JSON; a refusal is `{"error": {"code", "message"}}` with the status its
 //! code calls for. Changes need `Authorization: Bearer <token>` with the token the UI was
-//! started with; without one the API is read-only.
+//! started with; without one the API is read-only. With `--api-cors-origin`, pages of
+//! those origins may call it from a browser (CORS: `GET` and `POST`, with
+//! `Authorization` and `Content-Type`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +33,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::Ui;
 use crate::commands::{follow_live_output, piece_json};
@@ -45,13 +48,57 @@ const LIVE_EVENTS_BUFFERED: usize = 256;
 /// The shortest token `--api-token` takes.
 pub(crate) const TOKEN_CHARS_MIN: usize = 16;
 
-pub(super) fn routes() -> Router<Arc<Ui>> {
-    Router::new()
+/// How long a browser may keep the answer to a CORS preflight.
+const CORS_MAX_AGE: Duration = Duration::from_secs(60 * 60);
+
+/// The API's routes, answering pages of the `cors` origins if there are any (the UI's own
+/// pages need none: they are of the same origin).
+pub(super) fn routes(cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
+    let api = Router::new()
         .route("/api/runs", post(start))
         .route("/api/runs/{run_id}", get(run))
         .route("/api/runs/{run_id}/live", get(live))
         .route("/api/runs/{run_id}/signals/{step}", post(signal))
-        .route("/api/runs/{run_id}/cancel", post(cancel))
+        .route("/api/runs/{run_id}/cancel", post(cancel));
+    match cors {
+        Some(cors) => api.layer(cors),
+        None => api,
+    }
+}
+
+/// The CORS answers for `origins` (`--api-cors-origin`): none without origins; an origin
+/// that is not `scheme://host[:port]` is refused, naming it.
+pub(super) fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allowed = if origins.iter().any(|origin| origin == "*") {
+        AllowOrigin::any()
+    } else {
+        let mut values = Vec::with_capacity(origins.len());
+        for origin in origins {
+            let (scheme, rest) = origin.split_once("://").unwrap_or(("", ""));
+            let well_formed = matches!(scheme, "http" | "https")
+                && !rest.is_empty()
+                && !rest.contains(['/', '?', '#', ' '])
+                && HeaderValue::from_str(origin).is_ok();
+            if !well_formed {
+                anyhow::bail!(
+                    "--api-cors-origin {origin:?} is not an origin: use scheme://host[:port] with no path, \
+                     e.g. https://app.example.com, or * for any"
+                );
+            }
+            values.push(HeaderValue::from_str(origin)?);
+        }
+        AllowOrigin::list(values)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allowed)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(CORS_MAX_AGE),
+    ))
 }
 
 async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {

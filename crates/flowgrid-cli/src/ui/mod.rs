@@ -57,7 +57,8 @@ impl Ui {
 /// Serves the UI and its HTTP API on `args.listen` until ctrl-c; `--actions` enables the
 /// forms, `--api-token` the API's changes.
 pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<ExitCode> {
-    let UiArgs { listen, actions, api_token } = args;
+    let UiArgs { listen, actions, api_token, api_cors_origins } = args;
+    let cors = api::cors(&api_cors_origins)?;
     if let Some(token) = api_token.as_ref().filter(|token| token.chars().count() < api::TOKEN_CHARS_MIN) {
         anyhow::bail!(
             "--api-token has {} characters; use at least {} (e.g. `openssl rand -hex 32`)",
@@ -71,7 +72,7 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
     let api_on = api_token.is_some();
     let live_streams = Arc::new(tokio::sync::Semaphore::new(api::LIVE_STREAMS_MAX));
     let ui = Arc::new(Ui { client, grid, token, api_token, live_streams });
-    let app = api::routes()
+    let app = api::routes(cors)
         .route("/", get(overview))
         .route("/deploy", get(deploy_form))
         .route("/flows", post(deploy))
