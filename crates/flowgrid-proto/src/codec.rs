@@ -147,6 +147,16 @@ mod tests {
         let without = serde_json::json!({"attempt": attempt}).to_string();
         let without: TaskResult = decode(Encoding::Json, without.as_bytes()).unwrap();
         assert_eq!((without.output, without.progress), (None, None));
+        // A worker that writes every field: its `null`s beside an error or a report are none.
+        let error = serde_json::json!({"code": "e", "message": "m", "retryable": false});
+        let every = serde_json::json!({"attempt": attempt, "output": null, "error": error, "progress": null});
+        let mut every: TaskResult = decode(Encoding::Json, every.to_string().as_bytes()).unwrap();
+        assert_eq!((every.take_output(), every.error.is_some(), every.progress), (None, true, None));
+        let report = serde_json::json!({"attempt": attempt, "output": null, "progress": {"done": 1}});
+        let mut report: TaskResult = decode(Encoding::Json, report.to_string().as_bytes()).unwrap();
+        assert_eq!((report.take_output(), report.progress), (None, Some(serde_json::json!({"done": 1}))));
+        let mut null: TaskResult = decode(Encoding::Json, sent.to_string().as_bytes()).unwrap();
+        assert_eq!(null.take_output(), Some(serde_json::Value::Null));
     }
 
     #[test]

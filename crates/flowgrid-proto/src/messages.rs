@@ -653,17 +653,25 @@ pub struct TasksCancelled {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskResult {
     pub attempt: AttemptId,
-    /// Any JSON, `null` included: a field that is there is an output.
+    /// Any JSON, `null` included: a task may have nothing to return. A `null` beside an
+    /// `error` or a `progress` is no output (a worker that writes every field).
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
     #[schemars(with = "Option<Value>")]
     pub output: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
-    /// How far the attempt got (any JSON the worker chooses, `null` included): shown with
-    /// its step, and sent with the step's next attempt if this one fails.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
-    #[schemars(with = "Option<Value>")]
+    /// How far the attempt got (any JSON the worker chooses): shown with its step, and
+    /// sent with the step's next attempt if this one fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Value>,
+}
+
+impl TaskResult {
+    /// The output, unless it is a `null` beside an error or a progress report.
+    pub fn take_output(&mut self) -> Option<Value> {
+        let beside_other = self.error.is_some() || self.progress.is_some();
+        self.output.take().filter(|output| !(output.is_null() && beside_other))
+    }
 }
 
 /// Reads a field that is there as `Some`, also when it is `null`: a plain `Option` reads

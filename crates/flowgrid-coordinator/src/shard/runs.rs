@@ -123,7 +123,7 @@ impl<S: ShardStore> ShardActor<S> {
             debug!(shard = %self.shard, "result without a reply subject ignored; send results as requests");
             return;
         };
-        let result: TaskResult = match flowgrid_proto::decode(encoding, &message.payload) {
+        let mut result: TaskResult = match flowgrid_proto::decode(encoding, &message.payload) {
             Ok(result) => result,
             Err(error) => {
                 warn!(shard = %self.shard, error = %error, "malformed task result");
@@ -133,7 +133,7 @@ impl<S: ShardStore> ShardActor<S> {
             }
         };
         let run_id = result.attempt.run_id.clone();
-        let event = match (result.output, result.error, result.progress) {
+        let event = match (result.take_output(), result.error, result.progress) {
             (Some(output), None, None) => Event::TaskSucceeded { attempt: result.attempt, output },
             (None, Some(error), None) => Event::TaskFailed { attempt: result.attempt, error },
             (None, None, Some(details)) => Event::TaskProgress { attempt: result.attempt, details },
