@@ -121,6 +121,8 @@ pub async fn run_with_store<S: Store>(
     let plans = Arc::new(PlanCache::new(evaluator, limits.clone()));
     let workers_shutdown = CancellationToken::new();
     let pools_stop = CancellationToken::new();
+    // Stops the gauges on an early return too.
+    let _pools_stop_on_return = pools_stop.clone().drop_guard();
     let pools_task = (config.metrics_addr != "off" && config.pool_gauges_ms > 0).then(|| {
         let every = Duration::from_millis(config.pool_gauges_ms);
         tokio::spawn(crate::pools::run(tasks_stream.clone(), workers_kv, every, pools_stop.clone()))
