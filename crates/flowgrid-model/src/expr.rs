@@ -62,6 +62,9 @@ pub struct Expr {
     /// Whether the expression reads `input`: converting a large run input for every
     /// evaluation (e.g. once per map item) would cost more than the evaluation itself.
     pub reads_input: bool,
+    /// Whether a closure of the expression reads a variable of the scope (`|x| x + input.k`):
+    /// it is then evaluated with [`CAPTURED`].
+    captures: bool,
     ast: Arc<rhai::AST>,
 }
 
@@ -123,6 +126,21 @@ thread_local! {
     /// Operations of the evaluation running on this thread, across every call context.
     /// An evaluation never starts another one, so one counter per thread suffices.
     static OPERATIONS_USED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The variables of the evaluation running on this thread when a closure of its
+    /// expression reads them. Rhai shares a variable a closure captures with the scope,
+    /// and a method called on it (`input.items.map(|x| x + input.k)`) then finds it locked
+    /// by its own call ("data race"). A variable resolved here is a cell of its own at each
+    /// use, so the closure's and the method's are never the same one.
+    static CAPTURED: std::cell::RefCell<Vec<(&'static str, Dynamic)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Empties [`CAPTURED`] when an evaluation ends, however it ends.
+struct CapturedGuard;
+
+impl Drop for CapturedGuard {
+    fn drop(&mut self) {
+        CAPTURED.with(|captured| captured.borrow_mut().clear());
+    }
 }
 /// What an author should write instead of another use of `steps`.
 const STEPS_USAGE_HINT: &str = "refer to another step's data as steps.<id>.output or steps.<id>.error";
@@ -163,6 +181,26 @@ impl Evaluator {
             .set_allow_looping(false)
             .set_allow_statement_expression(false)
             .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+        // An expression whose closures read its variables finds them here (see `CAPTURED`);
+        // a closure's own copy, a parameter of its function, is in the scope.
+        // Rhai marks `on_var` volatile (as deprecated); `closure_tests` pin what it does here.
+        #[allow(deprecated)]
+        engine.on_var(|name, _index, context| {
+            CAPTURED.with(|captured| {
+                let captured = captured.borrow();
+                if captured.is_empty() || context.scope().contains(name) {
+                    return Ok(None);
+                }
+                // A cell of its own for each use: shared, so that a closure's calls pass it
+                // on without copying it, and not the cell a method called on it holds.
+                // (Inside a closure the variable is its parameter, one cell: a closure in a
+                // closure that walks the same variable still meets the data race.)
+                Ok(captured
+                    .iter()
+                    .find(|(captured, _)| *captured == name)
+                    .map(|(_, value)| value.clone().into_shared()))
+            })
+        });
         // Rhai counts operations per call context: closures called by native functions
         // (`map`, `filter`, `reduce`, ...) start from a fresh count, so nested closures
         // could multiply the work. This counter spans the whole evaluation.
@@ -204,7 +242,8 @@ impl Evaluator {
         let step_refs =
             collect_step_refs(&ast).map_err(|message| ExprError::Syntax { source_text: source.to_owned(), message })?;
         let reads_input = reads_variable(&ast, INPUT_VARIABLE);
-        Ok(Expr { source: Arc::from(source), step_refs: step_refs.into(), reads_input, ast: Arc::new(ast) })
+        let captures = captures_variables(&ast);
+        Ok(Expr { source: Arc::from(source), step_refs: step_refs.into(), reads_input, captures, ast: Arc::new(ast) })
     }
 
     /// Evaluates `expr` with the variables of `scope` that are `Some`, and returns its
@@ -212,6 +251,14 @@ impl Evaluator {
     pub fn eval(&self, expr: &Expr, scope: &Scope) -> Result<Value, ExprError> {
         let eval_error = |message: String| ExprError::Eval { source_text: expr.source.to_string(), message };
         let mut rhai_scope = rhai::Scope::new();
+        let mut captured: Vec<(&'static str, Dynamic)> = Vec::new();
+        let mut push = |name: &'static str, value: Dynamic| {
+            if expr.captures {
+                captured.push((name, value));
+            } else {
+                rhai_scope.push_dynamic(name, value);
+            }
+        };
         let json_variables = [
             (INPUT_VARIABLE, scope.input.filter(|_| expr.reads_input)),
             ("item", scope.item),
@@ -222,25 +269,30 @@ impl Evaluator {
             if let Some(value) = value {
                 let dynamic = rhai::serde::to_dynamic(value)
                     .map_err(|error| eval_error(format!("cannot read `{name}`: {error}")))?;
-                rhai_scope.push_dynamic(name, dynamic);
+                push(name, dynamic);
             }
         }
         if let Some(steps) = scope.steps {
             let dynamic =
                 rhai::serde::to_dynamic(steps).map_err(|error| eval_error(format!("cannot read `steps`: {error}")))?;
-            rhai_scope.push_dynamic(STEPS_VARIABLE, dynamic);
+            push(STEPS_VARIABLE, dynamic);
         }
         let counters = [("index", scope.index), ("iteration", scope.iteration)];
         for (name, value) in counters {
             if let Some(value) = value {
-                rhai_scope.push(name, rhai::INT::from(value));
+                push(name, Dynamic::from(rhai::INT::from(value)));
             }
+        }
+        let _captured_guard = CapturedGuard;
+        if expr.captures {
+            CAPTURED.with(|slot| *slot.borrow_mut() = captured);
         }
         OPERATIONS_USED.with(|used| used.set(0));
         let value = self
             .engine
             .eval_ast_with_scope::<Dynamic>(&mut rhai_scope, &expr.ast)
-            .map_err(|error| eval_error(self.describe_eval_error(&error)))?;
+            .map_err(|error| eval_error(self.describe_eval_error(&error)))?
+            .flatten();
         if value.is_unit() {
             return Ok(Value::Null);
         }
@@ -319,9 +371,23 @@ impl Evaluator {
             EvalAltResult::ErrorVariableNotFound(name, ..) => format!(
                 "unknown variable `{name}`{at}: expressions can read input, steps, and where the step provides them item, index, result, iteration and previous"
             ),
+            EvalAltResult::ErrorDataRace(..) => format!(
+                "a closure inside a closure reads the variable the outer one walks{at}: take what the inner one \
+                 needs out of the outer closure's item, or split the work over two steps"
+            ),
             _ => error.to_string(),
         }
     }
+}
+
+/// Whether a closure of `ast` captures a variable (Rhai marks each capture with a `Share`).
+fn captures_variables(ast: &rhai::AST) -> bool {
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        found |= matches!(path.last(), Some(ASTNode::Stmt(Stmt::Share(..))));
+        !found
+    });
+    found
 }
 
 /// Whether the expression reads the variable `name` anywhere (anonymous functions that
@@ -647,5 +713,36 @@ mod tests {
         let input = serde_json::json!({"k": 10});
         let scope = Scope { input: Some(&input), ..Scope::default() };
         assert_eq!(evaluator.eval(&captured, &scope).unwrap(), serde_json::json!([11, 12]));
+    }
+}
+
+#[cfg(test)]
+mod closure_tests {
+    use super::*;
+
+    #[test]
+    fn a_closure_reads_the_variable_whose_list_it_walks() {
+        let evaluator = Evaluator::new(&Limits::default());
+        let input = serde_json::json!({"arr": [1, 2, 3], "k": 1});
+        let steps = serde_json::json!({"a": {"output": [1, 2]}});
+        let scope = Scope { input: Some(&input), steps: steps.as_object(), ..Scope::default() };
+        let cases = [
+            ("input.arr.map(|x| x + input.k)", serde_json::json!([2, 3, 4])),
+            ("input.arr.filter(|x| x > input.k)", serde_json::json!([2, 3])),
+            ("input.arr.reduce(|s, x| s + x + input.k, 0)", serde_json::json!(9)),
+            ("steps.a.output.map(|x| x + steps.a.output.len())", serde_json::json!([3, 4])),
+            (
+                "steps.a.output.map(|x| x * input.k) + input.arr.filter(|x| x > input.k)",
+                serde_json::json!([1, 2, 2, 3]),
+            ),
+        ];
+        for (source, expected) in cases {
+            let expr = evaluator.compile(source).unwrap();
+            assert_eq!(evaluator.eval(&expr, &scope).unwrap_or_else(|error| panic!("{source}: {error}")), expected);
+        }
+        // The one case left: a closure in a closure over the same variable, refused with a way out.
+        let nested = evaluator.compile("input.arr.map(|x| input.arr.filter(|y| y < x + input.k).len())").unwrap();
+        let error = evaluator.eval(&nested, &scope).unwrap_err().to_string();
+        assert!(error.contains("a closure inside a closure reads the variable the outer one walks"), "{error}");
     }
 }
