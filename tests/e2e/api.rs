@@ -653,3 +653,39 @@ async fn a_start_whose_input_does_not_match_the_input_schema_is_refused_and_star
     assert_eq!(refusal(&error).issues[0].path, "schedule.input", "{error:?}");
     Ok(())
 }
+
+/// A message NATS would refuse is refused with `payload_too_large` naming the server's
+/// `max_payload`, on the way in (a start) and on the way out (a run's view, which holds
+/// its input and every output): not a transport error, not a request that times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_servers_max_payload_are_refused_naming_it() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats_with_config("max_payload: 1MB")?;
+    grid.start_coordinator().await?;
+    grid.start_workers(&["a"], 4)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+
+    // 400 KB in, echoed out: the run ends, and its view (input, the step's output and the
+    // run's output) is over 1 MB.
+    let text = "y".repeat(400 * 1024);
+    let run = client.start(start("echo-once", json!({"text": text}), None)).await.or_logs(&grid)?;
+    let until = std::time::Instant::now() + RUN_DEADLINE;
+    let error = loop {
+        let listed = client.list(ListRuns { flow: Some("echo-once".into()), ..Default::default() }).await?;
+        if listed.runs.first().is_some_and(|run| run.status == RunStatus::Succeeded) {
+            break client.get(&run.run_id).await.expect_err("a view over max_payload");
+        }
+        anyhow::ensure!(std::time::Instant::now() < until, "the run did not end\n{}", grid.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let refused = refusal(&error);
+    assert_eq!(refused.code, ErrorCode::PayloadTooLarge, "{refused:?}");
+    assert!(refused.message.contains("the reply is") && refused.message.contains("max_payload"), "{refused:?}");
+
+    let text = "y".repeat(1_100 * 1024);
+    let error = client.start(start("echo-once", json!({"text": text}), None)).await.expect_err("a start over 1 MB");
+    let refused = refusal(&error);
+    assert_eq!(refused.code, ErrorCode::PayloadTooLarge, "{refused:?}");
+    assert!(refused.message.contains("the request is") && refused.message.contains("max_payload"), "{refused:?}");
+    Ok(())
+}

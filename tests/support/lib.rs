@@ -88,9 +88,9 @@ impl Grid {
     pub fn start_nats_on(listen: &str, more: &str) -> Result<Grid> {
         let dir = tempfile::Builder::new().prefix("flowgrid-e2e-").tempdir()?;
         let port = free_port()?;
-        // `max_payload` is a config-file setting only (no command-line flag): room for the
-        // tests that send oversized requests and expect flowgrid, not NATS, to refuse them.
-        write_nats_config(dir.path(), &format!("max_payload: 8MB\n{more}"))?;
+        // deploy/nats-server.conf gives room (`max_payload: 8MB`) for the tests that send
+        // oversized requests and expect flowgrid, not NATS, to refuse them.
+        write_nats_config(dir.path(), more)?;
         let nats = spawn_nats(dir.path(), listen, port)?;
         Ok(Grid {
             dir,

@@ -649,6 +649,15 @@ async fn publish(nats: &async_nats::Client, reply_to: async_nats::Subject, encod
     if let Some(content_type) = encoding.content_type() {
         headers.insert(flowgrid_proto::CONTENT_TYPE_HEADER, content_type);
     }
+    // A reply NATS would refuse (a run's view holds its input and every step's output) is
+    // a refusal the caller can read, not a request that times out.
+    let bytes = match flowgrid_proto::check_fits_server("the reply", bytes.len(), || nats.server_info().max_payload) {
+        Ok(()) => bytes,
+        Err(refusal) => {
+            warn!(reply = %refusal.message, "an API reply is too large for NATS; refused instead");
+            flowgrid_proto::encode(encoding, &Reply::<()>::Error(refusal)).unwrap_or_default()
+        }
+    };
     if let Err(error) = nats.publish_with_headers(reply_to, headers, Bytes::from(bytes)).await {
         debug!(error = %error, "cannot send an API reply");
     }

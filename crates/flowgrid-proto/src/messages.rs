@@ -84,6 +84,31 @@ impl ApiError {
     }
 }
 
+/// Room kept under a server's `max_payload` for a message's subject and headers.
+const MESSAGE_OVERHEAD_BYTES: usize = 1024;
+/// A message up to this size fits every server: no need to look at its bound.
+const FITS_ANY_SERVER_BYTES: usize = 64 * 1024;
+
+/// Refuses a message (`what`: "the request", "the reply") of `bytes` that the NATS server
+/// would refuse, with a `payload_too_large` that names the server's bound (read only for
+/// large messages) and how to raise it.
+pub fn check_fits_server(what: &str, bytes: usize, max_payload: impl FnOnce() -> usize) -> Result<(), ApiError> {
+    if bytes <= FITS_ANY_SERVER_BYTES {
+        return Ok(());
+    }
+    let max_payload = max_payload();
+    if bytes + MESSAGE_OVERHEAD_BYTES <= max_payload {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!(
+            "{what} is {bytes} bytes, over the {max_payload} bytes the NATS server takes in one message: raise \
+             `max_payload` in nats-server's configuration (deploy/nats-server.conf sets 8MB)"
+        ),
+    ))
+}
+
 /// `<prefix>.api.flow.deploy`: deploy a definition (YAML or JSON text) as a new version.
 /// Deploying a definition identical to the latest version returns that version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -413,6 +413,8 @@ impl Client {
         let key = start.idempotency_key.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
         let run_id = RunId::from_idempotency_key(&start.flow, &key);
         let payload = Bytes::from(encode(Encoding::MsgPack, &start)?);
+        flowgrid_proto::check_fits_server("the submission", payload.len(), || self.nats.server_info().max_payload)
+            .map_err(Error::Api)?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, run_id.as_str());
         let subject = self.subjects.submit();
@@ -485,6 +487,8 @@ impl Client {
         on_timeout: OnTimeout,
     ) -> Result<Response> {
         let payload = Bytes::from(encode(Encoding::MsgPack, request)?);
+        flowgrid_proto::check_fits_server("the request", payload.len(), || self.nats.server_info().max_payload)
+            .map_err(Error::Api)?;
         let started = Instant::now();
         let mut backoff = Backoff::new(RETRY_DELAY_FIRST, RETRY_DELAY_MAX);
         loop {
