@@ -1,7 +1,7 @@
 //! Human-readable output: padded tables, durations and UTC times. Data goes to stdout;
 //! callers write diagnostics to stderr themselves.
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -40,24 +40,44 @@ impl Table {
         self.rows.is_empty()
     }
 
-    /// The table as text, one line per row, without trailing spaces.
+    /// The table as text, one line per row, without trailing spaces; a cell over
+    /// [`CELL_CHARS_MAX`] is cut short with `…`.
     pub fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.header.iter().map(|cell| cell.chars().count()).collect();
-        for row in &self.rows {
+        let rows: Vec<Vec<Cow<str>>> = std::iter::once(&self.header)
+            .chain(&self.rows)
+            .map(|row| row.iter().map(|cell| shown(cell)).collect())
+            .collect();
+        let mut widths: Vec<usize> = vec![0; self.header.len()];
+        for row in &rows {
             for (width, cell) in widths.iter_mut().zip(row) {
                 *width = (*width).max(cell.chars().count());
             }
         }
         let mut text = String::new();
-        for row in std::iter::once(&self.header).chain(&self.rows) {
+        for row in &rows {
             let mut line = String::new();
             for (cell, width) in row.iter().zip(&widths) {
-                let _ = write!(line, "{cell:<width$}  ");
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(' ', width - cell.chars().count() + 2));
             }
             text.push_str(line.trim_end());
             text.push('\n');
         }
         text
+    }
+}
+
+/// The most characters a table cell shows (a flow's long description, a long error);
+/// `--json` has every one.
+const CELL_CHARS_MAX: usize = 200;
+
+fn shown(cell: &str) -> Cow<'_, str> {
+    match cell.char_indices().nth(CELL_CHARS_MAX) {
+        None => Cow::Borrowed(cell),
+        Some(_) => {
+            let cut = cell.char_indices().nth(CELL_CHARS_MAX - 1).map_or(cell.len(), |(at, _)| at);
+            Cow::Owned(format!("{}…", &cell[..cut]))
+        }
     }
 }
 
@@ -219,6 +239,19 @@ fn utc_time_as(ms: Millis, format: chrono::SecondsFormat) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_pads_its_columns_and_cuts_a_very_long_cell_short() {
+        let mut table = Table::new(&["NAME", "DESCRIPTION"]);
+        table.row(vec!["a".into(), "short".into()]);
+        table.row(vec!["bigdef".into(), "d".repeat(70_000)]);
+        let text = table.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "NAME    DESCRIPTION");
+        assert_eq!(lines[1], "a       short");
+        assert_eq!(lines[2], format!("bigdef  {}…", "d".repeat(CELL_CHARS_MAX - 1)));
+        assert_eq!(shown("é".repeat(CELL_CHARS_MAX).as_str()), "é".repeat(CELL_CHARS_MAX));
+    }
 
     #[test]
     fn a_flow_is_started_by_its_schedule_its_trigger_or_only_its_callers() {
