@@ -339,3 +339,20 @@ async fn a_retry_resumes_from_the_progress_its_failed_attempt_reported() -> anyh
     assert_eq!(step(&view, "count").progress, None, "a step that ended shows its output, not its progress");
     Ok(())
 }
+
+/// A run that failed in the engine (an expression of a transform) had no attempt:
+/// `run get` says why it failed and does not send the reader to the history for more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_failed_by_an_expression_is_explained_by_run_get_alone() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, "name: sums\nsteps:\n  - { id: total, kind: transform, output: 'input.items.len()' }\n")
+        .await?;
+    let run = client.start(StartRun { flow: "sums".into(), input: json!({}), ..Default::default() }).await?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}");
+    let (ok, text, hints) = grid.cli(&["run", "get", &run.run_id.0])?;
+    assert!(ok && text.contains("expression_error"), "{text}");
+    assert!(!hints.contains("run history"), "{hints}");
+    Ok(())
+}

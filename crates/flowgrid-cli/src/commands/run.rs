@@ -505,7 +505,9 @@ fn print_run(view: &RunView, session: &Session) -> anyhow::Result<()> {
         return print_json(view);
     }
     out!("{}", render_run(view))?;
-    if view.error.is_some() {
+    // A step that ran in the engine (a transform, a condition) failed without attempts:
+    // its error above is all there is.
+    if view.error.is_some() && view.steps.iter().any(|step| step.attempts > 0 && step.error.is_some()) {
         eprintln!("hint: every attempt, its error and when: flowgrid run history {}", view.run_id);
     }
     Ok(())
