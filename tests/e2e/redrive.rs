@@ -259,5 +259,18 @@ async fn every_failed_run_of_a_flow_is_redriven_in_one_command() -> anyhow::Resu
     let (ok, stdout, _) = grid.cli(&["run", "redrive", failed[0].as_str(), "no-such-run"])?;
     assert!(!ok, "refusals make the command fail: {stdout}");
     assert!(stdout.contains("redrove 0 of 2 run(s); 2 refused") && stdout.contains("no-such-run: "), "{stdout}");
+
+    // Nothing to act on is a mistake said as one, not "0 of 0" and success.
+    let mistakes: [(&[&str], &str); 5] = [
+        (&["run", "redrive", "--flow", "shakey"], "no flow named \"shakey\""),
+        (&["run", "cancel", "--flow", "shakey"], "no flow named \"shakey\""),
+        (&["run", "pause", "--flow", "shakey"], "no flow named \"shakey\""),
+        (&["run", "pause", "--flow", "shaky", "--limit", "0"], "--limit 0 selects no run"),
+        (&["run", "redrive", "--limit", "5"], "name the runs to redrive, or --flow / --status"),
+    ];
+    for (args, said) in mistakes {
+        let (ok, stdout, stderr) = grid.cli(args)?;
+        assert!(!ok && stderr.contains(said), "{args:?}: {stdout}\n{stderr}");
+    }
     Ok(())
 }

@@ -152,6 +152,10 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 return redrive.many(client, runs, session).await;
             }
             anyhow::ensure!(!filter.is_set(), "--label, --since and --until go with --flow or --status");
+            anyhow::ensure!(
+                !run_ids.is_empty(),
+                "name the runs to redrive, or --flow / --status for the runs of a flow or of every flow that ended so"
+            );
             let mut run_ids: Vec<RunId> = run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect();
             if run_ids.len() != 1 {
                 anyhow::ensure!(!wait, "--wait waits for one run; name exactly one");
