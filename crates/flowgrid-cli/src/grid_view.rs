@@ -524,7 +524,7 @@ pub fn render_backlog(backlog: &Backlog) -> String {
             text.push_str("pools: none yet (a pool appears when its first worker starts)\n")
         }
         Some(pools) => {
-            let mut table = Table::new(&["POOL", "PENDING", "IN FLIGHT", "MAX IN FLIGHT", "WORKERS WAITING"]);
+            let mut table = Table::new(&["POOL", "PENDING", "IN FLIGHT", "MAX IN FLIGHT", "PULLS WAITING"]);
             for pool in pools {
                 table.row(vec![
                     pool.pool.clone(),
@@ -777,7 +777,7 @@ mod tests {
         };
         assert_eq!(
             render_backlog(&backlog),
-            "POOL       PENDING  IN FLIGHT  MAX IN FLIGHT  WORKERS WAITING\n\
+            "POOL       PENDING  IN FLIGHT  MAX IN FLIGHT  PULLS WAITING\n\
              cpu-media  0        3          20000          1\n\
              gpu-llm    1200     64         64             2\n\
              tests      2        0          20000          0\n\

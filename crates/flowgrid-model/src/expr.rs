@@ -238,7 +238,7 @@ impl Evaluator {
         let ast = self
             .engine
             .compile_expression(source)
-            .map_err(|error| ExprError::Syntax { source_text: source.to_owned(), message: error.to_string() })?;
+            .map_err(|error| ExprError::Syntax { source_text: source.to_owned(), message: syntax_message(&error) })?;
         let step_refs =
             collect_step_refs(&ast).map_err(|message| ExprError::Syntax { source_text: source.to_owned(), message })?;
         let reads_input = reads_variable(&ast, INPUT_VARIABLE);
@@ -378,6 +378,16 @@ impl Evaluator {
             _ => error.to_string(),
         }
     }
+}
+
+/// A syntax error as Rhai says it, with a way out where a field's name is a keyword of
+/// the language (`input.go`, `input.default`).
+fn syntax_message(error: &rhai::ParseError) -> String {
+    let message = error.to_string();
+    if matches!(*error.0, rhai::ParseErrorType::Reserved(..)) || message.contains("reserved keyword") {
+        return format!("{message}: read a field named so with brackets, e.g. input[\"go\"]");
+    }
+    message
 }
 
 /// Whether a closure of `ast` captures a variable (Rhai marks each capture with a `Share`).
@@ -744,5 +754,16 @@ mod closure_tests {
         let nested = evaluator.compile("input.arr.map(|x| input.arr.filter(|y| y < x + input.k).len())").unwrap();
         let error = evaluator.eval(&nested, &scope).unwrap_err().to_string();
         assert!(error.contains("a closure inside a closure reads the variable the outer one walks"), "{error}");
+    }
+
+    #[test]
+    fn a_field_named_as_a_keyword_is_read_with_brackets_as_the_error_says() {
+        let evaluator = Evaluator::new(&Limits::default());
+        let keyword = evaluator.compile("input.go + 1").unwrap_err().to_string();
+        assert!(keyword.contains(r#"read a field named so with brackets, e.g. input["go"]"#), "{keyword}");
+        let bracketed = evaluator.compile(r#"input["go"]"#).unwrap();
+        let input = serde_json::json!({"go": 7});
+        let scope = Scope { input: Some(&input), ..Scope::default() };
+        assert_eq!(evaluator.eval(&bracketed, &scope).unwrap(), serde_json::json!(7));
     }
 }
