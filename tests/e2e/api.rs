@@ -553,7 +553,8 @@ async fn runs_are_listed_and_paused_by_when_they_started() -> anyhow::Result<()>
     let empty = ListRuns { since_ms: Some(at1), until_ms: Some(at1), ..Default::default() };
     let error = client.list(empty).await.expect_err("an empty window");
     assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
-    assert!(error.to_string().contains("must be before until_ms"), "{error}");
+    let window = format!("since_ms ({at}) must be before until_ms ({at})", at = rfc3339(at1));
+    assert!(error.to_string().contains(&window), "the times as dates: {error}");
 
     // The command line reads times and durations ago.
     let since = rfc3339(at1);

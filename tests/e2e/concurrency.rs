@@ -311,6 +311,8 @@ async fn a_delayed_run_waits_for_its_start_time_and_takes_no_slot_until_then() -
     let far = StartRun { flow: "later".into(), start_at_ms: Some(at + 367 * 86_400_000), ..Default::default() };
     let error = client.start(far).await.expect_err("too far ahead");
     assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+    let said = &refusal(&error).message;
+    assert!(said.contains("more than 366 days ahead (20") && said.contains("Z);"), "a date, not milliseconds: {said}");
     Ok(())
 }
 

@@ -223,17 +223,12 @@ fn holding(held: &[String]) -> String {
 }
 
 pub fn utc_time(ms: Millis) -> String {
-    utc_time_as(ms, chrono::SecondsFormat::Secs)
+    flowgrid_model::utc_time(ms, false)
 }
 
 /// The time to the millisecond, as `--since` and `--until` read it back.
 pub fn utc_time_ms(ms: Millis) -> String {
-    utc_time_as(ms, chrono::SecondsFormat::Millis)
-}
-
-fn utc_time_as(ms: Millis, format: chrono::SecondsFormat) -> String {
-    let moment = i64::try_from(ms).ok().and_then(chrono::DateTime::from_timestamp_millis);
-    moment.map_or_else(|| format!("{ms} ms"), |moment| moment.to_rfc3339_opts(format, true))
+    flowgrid_model::utc_time(ms, true)
 }
 
 #[cfg(test)]

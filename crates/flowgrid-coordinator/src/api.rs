@@ -320,7 +320,10 @@ impl Api {
             Some(start_at) if start_at > now_ms().saturating_add(DURATION_MS_MAX) => {
                 return Err(ApiError::new(
                     ErrorCode::InvalidRequest,
-                    format!("start_at_ms is more than 366 days ahead ({start_at}); start the run later instead"),
+                    format!(
+                        "start_at_ms is more than 366 days ahead ({}); start the run later instead",
+                        flowgrid_model::utc_time(start_at, false)
+                    ),
                 ));
             }
             start_at => start_at,
@@ -569,7 +572,11 @@ impl Api {
             if since_ms >= until_ms {
                 return Err(ApiError::new(
                     ErrorCode::InvalidRequest,
-                    format!("since_ms ({since_ms}) must be before until_ms ({until_ms}): the window holds no time"),
+                    format!(
+                        "since_ms ({}) must be before until_ms ({}): the window holds no time",
+                        flowgrid_model::utc_time(since_ms, true),
+                        flowgrid_model::utc_time(until_ms, true)
+                    ),
                 ));
             }
         }

@@ -34,3 +34,12 @@ pub use validate::{is_name, parse_definition, validate};
 pub fn is_zero(value: &u32) -> bool {
     *value == 0
 }
+
+/// `ms` since the Unix epoch as an RFC 3339 UTC time: to the second
+/// (`2026-12-05T10:00:00Z`), or with `millis` to the millisecond (`...10:00:00.250Z`); a
+/// value out of the calendar's range as `<ms> ms`.
+pub fn utc_time(ms: Millis, millis: bool) -> String {
+    let format = if millis { chrono::SecondsFormat::Millis } else { chrono::SecondsFormat::Secs };
+    let moment = i64::try_from(ms).ok().and_then(chrono::DateTime::from_timestamp_millis);
+    moment.map_or_else(|| format!("{ms} ms"), |moment| moment.to_rfc3339_opts(format, true))
+}
