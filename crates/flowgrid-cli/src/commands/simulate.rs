@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use flowgrid_engine::{Applied, Effect, Event, HandlerStart, Run, RunStart, RunStatus, RunView, StepStatus, TaskError};
-use flowgrid_model::{parse_definition, AttemptId, Evaluator, FlowPlan, Labels, Limits, Millis, RunId};
+use flowgrid_model::{parse_definition, AttemptId, Evaluator, FlowPlan, Labels, Limits, Millis, PlanStepKind, RunId};
 
 use crate::output::{now_ms, out, outln, print_json};
 use crate::Session;
@@ -199,8 +199,44 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
     Ok(if all_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Refuses an answer for a step the flow does not have, or has of another kind: a
+/// misspelt step answers nothing, and its case would test other than it says.
+fn check_answers(plan: &FlowPlan, case: &Case) -> anyhow::Result<()> {
+    let task = |kind: &PlanStepKind| matches!(kind, PlanStepKind::Task(_) | PlanStepKind::Map { .. });
+    let subflow = |kind: &PlanStepKind| matches!(kind, PlanStepKind::Subflow(_));
+    let signal = |kind: &PlanStepKind| matches!(kind, PlanStepKind::Signal { .. });
+    let sections: [(&str, Vec<&String>, &dyn Fn(&PlanStepKind) -> bool, &str); 3] = [
+        ("tasks", case.tasks.keys().collect(), &task, "task or map"),
+        ("subflows", case.subflows.keys().collect(), &subflow, "subflow"),
+        ("signals", case.signals.keys().collect(), &signal, "signal"),
+    ];
+    for (section, keys, fits, kinds) in sections {
+        let mut keys = keys;
+        keys.sort();
+        for key in keys {
+            // `step[2]` answers item 2 of the step.
+            let id = key.split_once('[').map_or(key.as_str(), |(id, _)| id);
+            match plan.steps.iter().find(|step| step.id == id) {
+                Some(step) if fits(&step.kind) => {}
+                Some(_) => bail!("`{section}` answers step `{id}`, which is not a {kinds} step"),
+                None => {
+                    let ids: Vec<&str> =
+                        plan.steps.iter().filter(|step| fits(&step.kind)).map(|step| step.id.as_str()).collect();
+                    bail!(
+                        "`{section}` answers step `{id}`, which flow {} does not have; its {kinds} steps: {}",
+                        plan.name,
+                        ids.join(", ")
+                    )
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Plays one case to the run's end; its view, or why it could not end.
 fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Result<Played> {
+    check_answers(plan, case)?;
     if let Some(schema) = &plan.input_schema {
         let issues: Vec<String> = schema.check(&case.input, "input").iter().map(ToString::to_string).collect();
         if !issues.is_empty() {
@@ -455,6 +491,21 @@ steps:
         let one_fails = format!("{case}  m[1]: {{error: {{code: broken, retryable: false}}}}\n");
         let failed = play_case(flow, &one_fails).expect("the run ends");
         assert_eq!(failed.error.map(|error| error.code), Some("map_failed".to_owned()), "item 1's own answer");
+    }
+
+    #[test]
+    fn an_answer_for_a_step_the_flow_does_not_have_is_refused_naming_the_ones_it_has() {
+        let flow =
+            "name: f\nsteps:\n  - {id: a, kind: task, pool: p, task: t}\n  - {id: w, kind: signal, after: [a]}\n";
+        let error = play_case(flow, "tasks: {a: {output: 1}, aa: {output: 2}}\n").unwrap_err().to_string();
+        assert!(
+            error.contains("`tasks` answers step `aa`, which flow f does not have; its task or map steps: a"),
+            "{error}"
+        );
+        let error = play_case(flow, "tasks: {w: {output: 1}}\n").unwrap_err().to_string();
+        assert!(error.contains("`tasks` answers step `w`, which is not a task or map step"), "{error}");
+        let error = play_case(flow, "tasks: {a: {output: 1}}\nsignals: {x: 1}\n").unwrap_err().to_string();
+        assert!(error.contains("`signals` answers step `x`"), "{error}");
     }
 
     #[test]
