@@ -64,6 +64,12 @@ async fn a_pool_limit_bounds_the_tasks_out_over_all_workers_until_reset() -> any
     }
     let (ok, _, errors) = grid.cli(&["pool", "limit", "a"])?;
     assert!(!ok && errors.contains("--max-in-flight"), "{errors}");
+    // A pool nothing used yet takes the bound, with a word in case its name is misspelt.
+    let (ok, _, errors) = grid.cli(&["pool", "limit", "aa", "--max-in-flight", "3"])?;
+    assert!(ok && errors.contains("note: pool aa had no task and no worker yet"), "{errors}");
+    let (ok, _, errors) = grid.cli(&["pool", "limit", "a", "--max-in-flight", "3"])?;
+    assert!(ok && !errors.contains("note:"), "{errors}");
+    grid.cli(&["pool", "limit", "a", "--reset"])?;
     assert_eq!(pool_status(&grid, "a")?["max_in_flight"], json!(20000));
     Ok(())
 }

@@ -186,6 +186,8 @@ pub(crate) async fn pool_limit(pool: &str, max_in_flight: Option<i64>, session: 
             reader.subjects.prefix()
         );
     };
+    // A pool nothing has used yet gets its consumer now: maybe a misspelt name.
+    let known = tasks.consumer_info(reader.subjects.lane_consumer(pool, PRIORITY_DEFAULT)).await.is_ok();
     let (previous, lanes) = broker::set_pool_max_in_flight(&tasks, &reader.subjects, pool, max_in_flight, &limits)
         .await
         .with_context(|| format!("cannot set the bound of pool {pool}"))?;
@@ -195,6 +197,12 @@ pub(crate) async fn pool_limit(pool: &str, max_in_flight: Option<i64>, session: 
         print_json(&limit)?;
     } else {
         outln!("pool {pool}: at most {max_in_flight} tasks out with its workers at once (it was {previous})")?;
+        if !known {
+            eprintln!(
+                "note: pool {pool} had no task and no worker yet; the bound waits for them (`flowgrid status` lists \
+                 the pools in use)"
+            );
+        }
         if lanes.len() > 1 {
             // Each lane is a consumer of its own, and the bound is each consumer's.
             let priorities: Vec<String> = lanes.iter().map(u8::to_string).collect();
