@@ -202,16 +202,17 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
 /// Refuses an answer for a step the flow does not have, or has of another kind: a
 /// misspelt step answers nothing, and its case would test other than it says.
 fn check_answers(plan: &FlowPlan, case: &Case) -> anyhow::Result<()> {
-    let task = |kind: &PlanStepKind| matches!(kind, PlanStepKind::Task(_) | PlanStepKind::Map { .. });
-    let subflow = |kind: &PlanStepKind| matches!(kind, PlanStepKind::Subflow(_));
-    let signal = |kind: &PlanStepKind| matches!(kind, PlanStepKind::Signal { .. });
-    let sections: [(&str, Vec<&String>, &dyn Fn(&PlanStepKind) -> bool, &str); 3] = [
-        ("tasks", case.tasks.keys().collect(), &task, "task or map"),
-        ("subflows", case.subflows.keys().collect(), &subflow, "subflow"),
-        ("signals", case.signals.keys().collect(), &signal, "signal"),
+    let sections = [
+        ("tasks", case.tasks.keys().collect::<Vec<_>>(), "task or map"),
+        ("subflows", case.subflows.keys().collect(), "subflow"),
+        ("signals", case.signals.keys().collect(), "signal"),
     ];
-    for (section, keys, fits, kinds) in sections {
-        let mut keys = keys;
+    for (section, mut keys, kinds) in sections {
+        let fits = |kind: &PlanStepKind| match section {
+            "tasks" => matches!(kind, PlanStepKind::Task(_) | PlanStepKind::Map { .. }),
+            "subflows" => matches!(kind, PlanStepKind::Subflow(_)),
+            _ => matches!(kind, PlanStepKind::Signal { .. }),
+        };
         keys.sort();
         for key in keys {
             // `step[2]` answers item 2 of the step.
