@@ -39,19 +39,25 @@ fn report_refusal(refusal: &ApiError, session: &Session) -> ExitCode {
     for issue in &refusal.issues {
         eprintln!("  {issue}");
     }
-    let hint = match refusal.code {
-        ErrorCode::NotFound => Some("check the name or id with `flowgrid flow list` or `flowgrid run list`"),
-        ErrorCode::Overloaded | ErrorCode::Unavailable => Some("the grid is busy or moving shards; try again shortly"),
-        ErrorCode::InvalidDefinition => Some("fix the definition at the paths above and deploy again"),
-        _ => None,
-    };
-    if let Some(hint) = hint {
+    if let Some(hint) = refusal_hint(refusal) {
         eprintln!("hint: {hint}");
     }
     if refusal.code == ErrorCode::InvalidDefinition {
         ExitCode::from(EXIT_INVALID)
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// What to do about a refusal, where its message does not say it already.
+fn refusal_hint(refusal: &ApiError) -> Option<&'static str> {
+    match refusal.code {
+        // A run that has no such step is found: its message names what to do.
+        ErrorCode::NotFound if refusal.message.contains("has no step") => None,
+        ErrorCode::NotFound => Some("check the name or id with `flowgrid flow list` or `flowgrid run list`"),
+        ErrorCode::Overloaded | ErrorCode::Unavailable => Some("the grid is busy or moving shards; try again shortly"),
+        ErrorCode::InvalidDefinition => Some("fix the definition at the paths above and deploy again"),
+        _ => None,
     }
 }
 
@@ -147,6 +153,15 @@ mod tests {
         assert!(start.contains("may have started") && start.contains("--idempotency-key"), "{start}");
         let get = hint(&timeout("flowgrid.api.run.get"), &session).unwrap();
         assert!(get.contains("even when asked again") && !get.contains("may have started"), "{get}");
+    }
+
+    #[test]
+    fn a_step_the_run_does_not_have_is_not_sent_to_the_lists_of_flows_and_runs() {
+        let missing_run = ApiError::new(ErrorCode::NotFound, "no run r1");
+        assert!(refusal_hint(&missing_run).is_some_and(|hint| hint.contains("flowgrid run list")));
+        let missing_step =
+            ApiError::new(ErrorCode::NotFound, "the flow of run r1 has no step `x`: name a signal step of it");
+        assert_eq!(refusal_hint(&missing_step), None);
     }
 
     #[test]
