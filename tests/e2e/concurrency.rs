@@ -115,6 +115,8 @@ async fn runs_past_the_limit_wait_queued_and_go_in_order_as_slots_free_up() -> a
         next_start_ms: None,
     };
     assert_eq!(limits.limits, vec![expected], "{limits:?}");
+    let (ok, _, stderr) = grid.cli(&["flow", "limits", "limitd"])?;
+    assert!(!ok && stderr.contains("no flow named \"limitd\""), "a misspelt flow is not 'no limit in use': {stderr}");
     let (ok, stdout, _) = grid.cli(&["flow", "limits", "limited"])?;
     assert!(
         ok && stdout

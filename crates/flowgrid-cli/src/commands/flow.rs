@@ -53,6 +53,10 @@ pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Se
             }
         }
         FlowCommand::Limits { name } => {
+            if let Some(name) = &name {
+                // A misspelt flow has no limit in use either: say it is not there.
+                client.flow(name, None).await?;
+            }
             let list = client.limits(name.as_deref()).await?;
             if session.json {
                 print_json(&list)?;
