@@ -682,6 +682,13 @@ async fn messages_over_the_servers_max_payload_are_refused_naming_it() -> anyhow
     let refused = refusal(&error);
     assert_eq!(refused.code, ErrorCode::PayloadTooLarge, "{refused:?}");
     assert!(refused.message.contains("the reply is") && refused.message.contains("max_payload"), "{refused:?}");
+    // Where the run is can still be read, without its data; `run get` falls back to it.
+    let brief = client.get_without_data(&run.run_id).await.or_logs(&grid)?;
+    assert_eq!((brief.status, &brief.input, &brief.output), (RunStatus::Succeeded, &json!(null), &None), "{brief:?}");
+    assert_eq!(step(&brief, "echo").status, StepStatus::Succeeded);
+    let (ok, stdout, stderr) = grid.cli(&["run", "get", run.run_id.as_str()])?;
+    assert!(ok && stdout.contains("succeeded"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("note: the run's input and outputs are left out"), "{stderr}");
 
     let text = "y".repeat(1_100 * 1024);
     let error = client.start(start("echo-once", json!({"text": text}), None)).await.expect_err("a start over 1 MB");

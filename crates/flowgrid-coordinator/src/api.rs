@@ -458,11 +458,16 @@ impl Api {
 
     async fn get_run(&self, request: GetRun) -> Result<flowgrid_engine::RunView, ApiError> {
         let shard = self.router.shard_of(request.run_id.as_str());
-        self.ask(shard, ShardRequest::Get { run_id: request.run_id }, |reply| match reply {
-            ShardReply::Run(view) => Ok(*view),
-            other => Err(other),
-        })
-        .await
+        let mut view = self
+            .ask(shard, ShardRequest::Get { run_id: request.run_id }, |reply| match reply {
+                ShardReply::Run(view) => Ok(*view),
+                other => Err(other),
+            })
+            .await?;
+        if request.without_data {
+            view.drop_data();
+        }
+        Ok(view)
     }
 
     async fn run_history(&self, request: GetRunHistory) -> Result<flowgrid_proto::RunHistory, ApiError> {

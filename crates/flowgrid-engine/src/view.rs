@@ -291,6 +291,19 @@ pub(crate) struct StepViewRef<'a> {
     pub(crate) iteration: Option<u32>,
 }
 
+impl RunView {
+    /// Leaves the input and every output out (the run's, each step's, progress reports):
+    /// what is left says where the run is, however large its data.
+    pub fn drop_data(&mut self) {
+        self.input = Value::Null;
+        self.output = None;
+        for step in &mut self.steps {
+            step.output = None;
+            step.progress = None;
+        }
+    }
+}
+
 impl RunViewRef<'_> {
     /// The owned view, for the API ([`Run::view`](crate::Run::view)).
     pub(crate) fn to_view(&self) -> RunView {

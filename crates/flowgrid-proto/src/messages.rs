@@ -280,6 +280,10 @@ pub struct RunsStarted {
 #[serde(deny_unknown_fields)]
 pub struct GetRun {
     pub run_id: RunId,
+    /// Leave the run's input and every output (the run's, each step's, and progress
+    /// reports) out: for a run whose whole view is over the NATS server's `max_payload`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub without_data: bool,
 }
 
 /// `<prefix>.api.run.history`: what was recorded for a run, oldest first, a page at a time

@@ -262,7 +262,13 @@ impl Client {
 
     /// A run's status, steps, output and error.
     pub async fn get(&self, run_id: &RunId) -> Result<RunView> {
-        self.call("run.get", &GetRun { run_id: run_id.clone() }, OnTimeout::Retry).await
+        self.call("run.get", &GetRun { run_id: run_id.clone(), without_data: false }, OnTimeout::Retry).await
+    }
+
+    /// The run as [`Client::get`] gives it, without its input and outputs (the run's, each
+    /// step's, progress reports): for a run whose view is refused as `payload_too_large`.
+    pub async fn get_without_data(&self, run_id: &RunId) -> Result<RunView> {
+        self.call("run.get", &GetRun { run_id: run_id.clone(), without_data: true }, OnTimeout::Retry).await
     }
 
     /// One page of a run's history, oldest first: its start, then every event it accepted.

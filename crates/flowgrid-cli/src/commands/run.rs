@@ -41,7 +41,18 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             wait_and_print(client, &started.run_id, timeout, session).await
         }
         RunCommand::Get { run_id } => {
-            let view = client.get(&RunId(run_id.into())).await?;
+            let run_id = RunId(run_id.into());
+            let view = match client.get(&run_id).await {
+                Err(error) if error.api().is_some_and(|refusal| refusal.code == ErrorCode::PayloadTooLarge) => {
+                    // Where the run is, at least: its data goes over NATS a record at a time.
+                    eprintln!(
+                        "note: the run's input and outputs are left out ({}); read them with `flowgrid run history {run_id}`",
+                        error.api().map_or("", |refusal| refusal.message.as_str())
+                    );
+                    client.get_without_data(&run_id).await?
+                }
+                view => view?,
+            };
             print_run(&view, session)?;
             hint_waiting_steps(client, &view, session).await;
             Ok(ExitCode::SUCCESS)
