@@ -99,7 +99,8 @@ async fn live_workers_are_listed_with_their_load_until_they_stop() -> anyhow::Re
     deploy(&grid, &client, FAN_OUT.replace("400", "6000").as_str()).await?;
     let start = StartRun { flow: "naps".into(), input: json!({"items": [1, 2]}), ..Default::default() };
     let run = client.start(start).await.or_logs(&grid)?;
-    wait_for("two tasks running on the worker", RUN_DEADLINE, || async {
+    // Within a second or two of the change, not at the next 5 s heartbeat.
+    wait_for("two tasks running on the worker", Duration::from_secs(3), || async {
         workers_listed(&grid, "a").ok()?.first().filter(|worker| worker["running"] == 2).map(|_| ())
     })
     .await

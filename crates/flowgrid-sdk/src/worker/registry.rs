@@ -1,7 +1,8 @@
 //! The worker's record in the workers bucket: which pool it serves, how busy it is. Kept
-//! while the worker runs, rewritten every [`WorkerRecord::HEARTBEAT_MS`], deleted when it
-//! stops; the bucket drops the record of a worker that died. Best effort: a worker that
-//! cannot write it (no bucket and no permission to make one) serves its pool all the same.
+//! while the worker runs, rewritten every [`WorkerRecord::HEARTBEAT_MS`] and within a
+//! second of a change in the tasks it runs, deleted when it stops; the bucket drops the
+//! record of a worker that died. Best effort: a worker that cannot write it (no bucket and
+//! no permission to make one) serves its pool all the same.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +15,10 @@ use tracing::{debug, warn};
 
 use super::{now_ms, Shared};
 use crate::broker;
+
+/// How often the worker looks whether its record needs writing.
+const LOOK_EVERY_MS: u64 = 1_000;
+const LOOK_EVERY: Duration = Duration::from_millis(LOOK_EVERY_MS);
 
 /// What the record says about the worker besides its counters.
 pub(super) struct Identity {
@@ -54,15 +59,25 @@ pub(super) async fn keep_registered(
         sdk: concat!("flowgrid-sdk ", env!("CARGO_PKG_VERSION")).to_owned(),
     };
     let mut warned = false;
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(WorkerRecord::HEARTBEAT_MS));
+    let mut look = tokio::time::interval(LOOK_EVERY);
+    let mut written_ms = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = heartbeat.tick() => {}
+            _ = look.tick() => {}
         }
-        record.running = shared.running.count() as u32;
+        // Rewritten when its heartbeat is due, or sooner when the tasks it runs changed
+        // (`flowgrid workers` and `status` show how busy it is, not how busy it was).
+        let running = shared.running.count() as u32;
+        let now = now_ms();
+        if running == record.running && now.saturating_sub(written_ms) + LOOK_EVERY_MS / 2 < WorkerRecord::HEARTBEAT_MS
+        {
+            continue;
+        }
+        record.running = running;
         record.tasks_done = shared.tasks_done.load(Ordering::Relaxed);
-        record.heartbeat_ms = now_ms();
+        record.heartbeat_ms = now;
+        written_ms = now;
         if let Err(error) = put(&bucket, &record).await {
             if !std::mem::replace(&mut warned, true) {
                 warn!(pool = %record.pool, error = %error, "cannot write this worker's record in the workers bucket");
