@@ -689,6 +689,9 @@ async fn messages_over_the_servers_max_payload_are_refused_naming_it() -> anyhow
     let (ok, stdout, stderr) = grid.cli(&["run", "get", run.run_id.as_str()])?;
     assert!(ok && stdout.contains("succeeded"), "{stdout}\n{stderr}");
     assert!(stderr.contains("note: the run's input and outputs are left out"), "{stderr}");
+    let ui = crate::ui::start_ui(&mut grid, &[]).await?;
+    let (status, page) = flowgrid_tests::http_get(&ui, &format!("/runs/{}", run.run_id))?;
+    assert!(status == 200 && page.contains("Its input and outputs are left out (the reply is"), "{status} {page}");
 
     let text = "y".repeat(1_100 * 1024);
     let error = client.start(start("echo-once", json!({"text": text}), None)).await.expect_err("a start over 1 MB");

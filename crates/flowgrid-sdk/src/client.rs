@@ -23,11 +23,11 @@ use tracing::debug;
 use flowgrid_engine::{RunView, TaskError};
 use flowgrid_model::RunId;
 use flowgrid_proto::{
-    decode, encode, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, FlowDeployed, FlowInfo, FlowList,
-    FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, GetRunHistory, LimitList, ListFlows, ListLimits, ListRuns,
-    LiveOutput, PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, ResultAck, RunCancelled, RunHistory, RunList,
-    RunPaused, RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun, StartRun, Subjects,
-    TaskResult, CONTENT_TYPE_HEADER,
+    decode, encode, ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowDeployed,
+    FlowInfo, FlowList, FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, GetRunHistory, LimitList, ListFlows,
+    ListLimits, ListRuns, LiveOutput, PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, ResultAck, RunCancelled,
+    RunHistory, RunList, RunPaused, RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun,
+    StartRun, Subjects, TaskResult, CONTENT_TYPE_HEADER,
 };
 use serde_json::Value;
 
@@ -269,6 +269,18 @@ impl Client {
     /// step's, progress reports): for a run whose view is refused as `payload_too_large`.
     pub async fn get_without_data(&self, run_id: &RunId) -> Result<RunView> {
         self.call("run.get", &GetRun { run_id: run_id.clone(), without_data: true }, OnTimeout::Retry).await
+    }
+
+    /// The run as [`Client::get`] gives it or, when that is refused as `payload_too_large`,
+    /// as [`Client::get_without_data`] gives it, with the refusal: where a run is can
+    /// always be read.
+    pub async fn get_or_without_data(&self, run_id: &RunId) -> Result<(RunView, Option<ApiError>)> {
+        match self.get(run_id).await {
+            Err(Error::Api(refusal)) if refusal.code == ErrorCode::PayloadTooLarge => {
+                Ok((self.get_without_data(run_id).await?, Some(refusal)))
+            }
+            view => Ok((view?, None)),
+        }
     }
 
     /// One page of a run's history, oldest first: its start, then every event it accepted.
@@ -560,7 +572,6 @@ fn should_retry(error: &Error, on_timeout: OnTimeout) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use flowgrid_proto::{ApiError, ErrorCode};
 
     use super::*;
 

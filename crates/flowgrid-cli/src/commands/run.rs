@@ -42,17 +42,14 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         }
         RunCommand::Get { run_id } => {
             let run_id = RunId(run_id.into());
-            let view = match client.get(&run_id).await {
-                Err(error) if error.api().is_some_and(|refusal| refusal.code == ErrorCode::PayloadTooLarge) => {
-                    // Where the run is, at least: its data goes over NATS a record at a time.
-                    eprintln!(
-                        "note: the run's input and outputs are left out ({}); read them with `flowgrid run history {run_id}`",
-                        error.api().map_or("", |refusal| refusal.message.as_str())
-                    );
-                    client.get_without_data(&run_id).await?
-                }
-                view => view?,
-            };
+            let (view, left_out) = client.get_or_without_data(&run_id).await?;
+            if let Some(refusal) = left_out {
+                // Its data goes over NATS a record at a time.
+                eprintln!(
+                    "note: the run's input and outputs are left out ({}); read them with `flowgrid run history {run_id}`",
+                    refusal.message
+                );
+            }
             print_run(&view, session)?;
             hint_waiting_steps(client, &view, session).await;
             Ok(ExitCode::SUCCESS)

@@ -207,8 +207,8 @@ async fn runs(State(ui): State<Arc<Ui>>, Query(query): Query<RunsQuery>) -> Resp
 }
 
 async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
-    let view = match ui.client.get(&RunId(run_id.into())).await {
-        Ok(view) => view,
+    let (view, left_out) = match ui.client.get_or_without_data(&RunId(run_id.into())).await {
+        Ok(found) => found,
         Err(error) => return api_failure(&error),
     };
     // The run's own version, for its graph; a flow deleted since cannot be, but be lenient.
@@ -218,7 +218,8 @@ async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response 
     );
     let definition = flow.ok().map(|info| info.definition);
     let live = live_output(&ui.client, &view.run_id).await;
-    page(pages::run(&view, definition.as_ref(), history.ok().as_ref(), &live, ui.actions()))
+    let left_out = left_out.map(|refusal| refusal.message);
+    page(pages::run(&view, definition.as_ref(), history.ok().as_ref(), &live, ui.actions(), left_out.as_deref()))
 }
 
 /// The first [`pages::LIVE_PIECES_SHOWN`] pieces of live output the grid keeps of a run;

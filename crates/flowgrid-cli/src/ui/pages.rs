@@ -394,6 +394,7 @@ pub fn run(
     history: Option<&RunHistory>,
     live: &[LiveOutput],
     actions: Option<&str>,
+    data_left_out: Option<&str>,
 ) -> Markup {
     let running = view.status == RunStatus::Running;
     // A child run is redriven through its parent; a succeeded run only from a step.
@@ -440,6 +441,9 @@ pub fn run(
             h1 {
                 "Run " code { (view.run_id) } " " (status_badge(view.status.as_str()))
                 @if view.paused.is_some() { " " (status_badge("paused")) }
+            }
+            @if let Some(why) = data_left_out {
+                p { "Its input and outputs are left out (" (why) "); the history below holds them." }
             }
             table {
                 tr { th { "Flow" } td { a href=(format!("/flows/{}?version={}", view.flow, view.version)) { (view.flow) "@" (view.version) } } }
