@@ -174,6 +174,11 @@ async fn task_steps_call_http_services_under_the_allowed_prefixes_only() -> anyh
     let view = call(&grid, &client, bad_header).await?;
     let error = view.error.expect("refused");
     assert_eq!((error.code.as_str(), view.steps[0].attempts), ("invalid_input", 1), "{error:?}");
+    // A Host header would reach another site behind the allowed address and port.
+    let other_site = json!({"url": format!("{base}/v1/echo"), "headers": {"host": "admin.internal"}});
+    let view = call(&grid, &client, other_site).await?;
+    let error = view.error.expect("refused");
+    assert!(error.code == "invalid_input" && error.message.contains("\"host\" is the worker's to set"), "{error:?}");
     assert_eq!(hits.echo.load(Ordering::SeqCst), 1, "{:?}", hits.echo);
 
     // The worker refuses to start without --allow or with a prefix that is no http URL.

@@ -121,6 +121,15 @@ impl HttpWorker {
             .timeout_ms
             .map_or(self.settings.timeout, |ms| Duration::from_millis(ms).min(self.settings.timeout))
             .min(task.time_left());
+        if let Some(name) = request.headers.keys().find(|name| is_connection_header(name)) {
+            return Err(final_error(
+                "invalid_input",
+                format!(
+                    "header {name:?} is the worker's to set, not a flow's: it says where the request goes or how it \
+                     is framed (the URL under --allow decides where)"
+                ),
+            ));
+        }
         let mut builder = self.client.request(method, url.clone()).timeout(timeout);
         let has = |name: &str| request.headers.keys().any(|key| key.eq_ignore_ascii_case(name));
         if !has("idempotency-key") {
@@ -256,6 +265,24 @@ fn unreachable_error(url: &Url, error: &reqwest::Error) -> TaskError {
     TaskError { code: code.to_owned(), message, retryable }
 }
 
+/// Headers that choose where a request goes (`Host`: another site behind the same address
+/// and port, past `--allow`) or how it is framed on the connection: never a flow's.
+fn is_connection_header(name: &str) -> bool {
+    const CONNECTION_HEADERS: [&str; 9] = [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "expect",
+    ];
+    let name = name.trim().to_ascii_lowercase();
+    CONNECTION_HEADERS.contains(&name.as_str()) || name.starts_with("proxy-")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +293,16 @@ mod tests {
             timeout: Duration::from_secs(5),
             body_bytes_max: 1024,
             extra_roots: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn headers_that_choose_where_or_how_a_request_goes_are_the_workers() {
+        for name in ["Host", " host", "Content-Length", "Transfer-Encoding", "Proxy-Authorization", "connection"] {
+            assert!(is_connection_header(name), "{name}");
+        }
+        for name in ["Authorization", "Content-Type", "Idempotency-Key", "X-Host"] {
+            assert!(!is_connection_header(name), "{name}");
         }
     }
 
