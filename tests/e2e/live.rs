@@ -104,6 +104,10 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     let run_id = started["run_id"].as_str().expect("a run id").to_owned();
     let (status, again) = http_post_json(&addr, "/api/runs", start, Some(API_TOKEN))?;
     assert!(status == 200 && again.contains(r#""created":false"#), "the same key names the same run: {again}");
+    let lower_case = format!("bearer {API_TOKEN}");
+    let headers = [("Content-Type", "application/json"), ("Authorization", lower_case.as_str())];
+    let (status, _, body) = http_exchange(&addr, "POST", "/api/runs", &headers, Some(start))?;
+    assert_eq!(status, 200, "the scheme's name in any case: {body}");
 
     // Followed while the run waits: every piece as an event, then its end.
     let (status, stream) = http_get(&addr, &format!("/api/runs/{run_id}/live"))?;

@@ -222,7 +222,9 @@ impl Ui {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
+            // The scheme's name is case-insensitive (RFC 7235).
+            .and_then(|value| value.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")))
+            .map(|(_, token)| token.trim());
         match given {
             Some(given) if same_secret(given.as_bytes(), expected.as_bytes()) => None,
             Some(_) => Some(error(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not this API's")),
