@@ -104,6 +104,21 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     let run_id = started["run_id"].as_str().expect("a run id").to_owned();
     let (status, again) = http_post_json(&addr, "/api/runs", start, Some(API_TOKEN))?;
     assert!(status == 200 && again.contains(r#""created":false"#), "the same key names the same run: {again}");
+    // A wrong method or path, and a body past the server's bound, are JSON refusals too.
+    let json_refusal = |status: u16, body: &str, code: &str| {
+        let refusal: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        assert_eq!((status, refusal["error"]["code"].as_str()), (status, Some(code)), "{body}");
+    };
+    let (status, _, body) = http_exchange(&addr, "PUT", "/api/runs", &[], None)?;
+    assert_eq!(status, 405);
+    json_refusal(status, &body, "method_not_allowed");
+    let (status, _, body) = http_exchange(&addr, "GET", "/api/nosuch", &[], None)?;
+    assert_eq!(status, 404);
+    json_refusal(status, &body, "not_found");
+    let huge = format!(r#"{{"flow": "answer", "input": "{}"}}"#, "y".repeat(3 << 20));
+    let (status, body) = http_post_json(&addr, "/api/runs", &huge, Some(API_TOKEN))?;
+    assert_eq!(status, 413);
+    json_refusal(status, &body, "payload_too_large");
     let lower_case = format!("bearer {API_TOKEN}");
     let headers = [("Content-Type", "application/json"), ("Authorization", lower_case.as_str())];
     let (status, _, body) = http_exchange(&addr, "POST", "/api/runs", &headers, Some(start))?;

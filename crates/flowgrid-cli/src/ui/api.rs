@@ -21,11 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use flowgrid_model::RunId;
 use flowgrid_proto::StartRun;
@@ -54,12 +55,15 @@ const CORS_MAX_AGE: Duration = Duration::from_secs(60 * 60);
 /// The API's routes, answering pages of the `cors` origins if there are any (the UI's own
 /// pages need none: they are of the same origin).
 pub(super) fn routes(cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
+    // Every answer under /api/ is JSON, a wrong method or path too.
     let api = Router::new()
-        .route("/api/runs", post(start))
-        .route("/api/runs/{run_id}", get(run))
-        .route("/api/runs/{run_id}/live", get(live))
-        .route("/api/runs/{run_id}/signals/{step}", post(signal))
-        .route("/api/runs/{run_id}/cancel", post(cancel));
+        .route("/api/runs", post(start).fallback(method_not_allowed))
+        .route("/api/runs/{run_id}", get(run).fallback(method_not_allowed))
+        .route("/api/runs/{run_id}/live", get(live).fallback(method_not_allowed))
+        .route("/api/runs/{run_id}/signals/{step}", post(signal).fallback(method_not_allowed))
+        .route("/api/runs/{run_id}/cancel", post(cancel).fallback(method_not_allowed))
+        .route("/api", any(no_such_call))
+        .route("/api/{*rest}", any(no_such_call));
     match cors {
         Some(cors) => api.layer(cors),
         None => api,
@@ -149,10 +153,14 @@ async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
-async fn start(State(ui): State<Arc<Ui>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn start(State(ui): State<Arc<Ui>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     if let Some(refused) = ui.api_refusal(&headers) {
         return refused;
     }
+    let body = match body_of(body) {
+        Ok(body) => body,
+        Err(refused) => return *refused,
+    };
     let start: StartRun = match parse(&body) {
         Ok(start) => start,
         Err(refused) => return *refused,
@@ -170,11 +178,15 @@ async fn signal(
     State(ui): State<Arc<Ui>>,
     Path((run_id, step)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if let Some(refused) = ui.api_refusal(&headers) {
         return refused;
     }
+    let body = match body_of(body) {
+        Ok(body) => body,
+        Err(refused) => return *refused,
+    };
     let data: Value = if body.is_empty() {
         Value::Null
     } else {
@@ -193,10 +205,19 @@ struct CancelBody {
     reason: Option<String>,
 }
 
-async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn cancel(
+    State(ui): State<Arc<Ui>>,
+    Path(run_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     if let Some(refused) = ui.api_refusal(&headers) {
         return refused;
     }
+    let body = match body_of(body) {
+        Ok(body) => body,
+        Err(refused) => return *refused,
+    };
     let cancel: CancelBody = if body.is_empty() {
         CancelBody::default()
     } else {
@@ -272,6 +293,24 @@ fn refusal(refused: &flowgrid_sdk::Error) -> Response {
         }
         None => error(status, "unavailable", &refused.to_string()),
     }
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    let message = format!("{method} is not how this call is made: see docs/operations.md, \"The HTTP API\"");
+    error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &message)
+}
+
+async fn no_such_call() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such API call: see docs/operations.md, \"The HTTP API\"")
+}
+
+/// A request's body, or the JSON refusal of one that could not be read (over the bound).
+fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Box<Response>> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_request" };
+        Box::new(error(status, code, &rejection.body_text()))
+    })
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
