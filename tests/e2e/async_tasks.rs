@@ -66,8 +66,13 @@ async fn an_async_task_waits_for_its_token_and_takes_the_result_sent_with_it_onc
     let error = view.error.expect("the run's error");
     assert_eq!((error.code.as_str(), error.message.as_str()), ("rejected", "not on brand"));
 
-    // A token that is not one is refused, saying so.
+    // A token that is not one is refused, saying so; so is one whose result would go
+    // anywhere but to a shard of this grid.
     let (ok, _, errors) = grid.cli(&["task", "complete", "nope", "--output", "1"])?;
     assert!(!ok && errors.contains("not a task token"), "{errors}");
+    let mut forged = flowgrid_sdk::TaskToken::decode(&token).expect("a task token");
+    forged.reply_to = "elsewhere.admin.reset".to_owned();
+    let (ok, _, errors) = grid.cli(&["task", "complete", &forged.encode(), "--output", "1"])?;
+    assert!(!ok && errors.contains("\"elsewhere.admin.reset\" is not one of this grid's"), "{errors}");
     Ok(())
 }

@@ -215,6 +215,10 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
     assert_eq!(flowgrid_tests::step(&view, "approve").output, Some(json!({"by": "web"})));
+    // A second signal is not taken, and the page says so rather than going back quietly.
+    let again = form(&[("token", &token), ("step", "approve"), ("data", "1")]);
+    let (status, _, body) = http_post_form(&addr, &format!("{run_path}/signal"), &again)?;
+    assert!(status == 409 && body.contains("not applied: step approve took a signal already"), "{status} {body}");
 
     // The succeeded run's page offers a redrive from a step: the signal step waits again.
     let (_, page) = http_get(&addr, &run_path)?;
@@ -297,6 +301,9 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     assert!(page.contains("was handed off as an async task") && page.contains("Complete the task"), "{page}");
     let complete =
         form(&[("token", &token), ("task_token", &task_token), ("output", r#"{"ok": true}"#), ("error", "")]);
+    // Only on its own run's page.
+    let (status, _, page) = http_post_form(&addr, "/runs/another-run/complete", &complete)?;
+    assert!(status == 400 && page.contains("not of run another-run"), "{status}: {page}");
     let (status, _, page) = http_post_form(&addr, &format!("{run_path}/complete"), &complete)?;
     assert_eq!(status, 303, "{page}");
     let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;

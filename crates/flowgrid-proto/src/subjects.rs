@@ -52,6 +52,12 @@ impl Subjects {
         format!("{}.shard.{shard}.result", self.prefix)
     }
 
+    /// Whether `subject` is a shard's [`Subjects::shard_results`] of this grid.
+    pub fn is_shard_results(&self, subject: &str) -> bool {
+        let shard = subject.strip_prefix(self.prefix.as_str()).and_then(|rest| rest.strip_prefix(".shard."));
+        shard.and_then(|rest| rest.strip_suffix(".result")).is_some_and(|shard| shard.parse::<u32>().is_ok())
+    }
+
     /// Subject on which a shard's owner takes requests forwarded by other coordinators
     /// (request/reply): only the owner listens on it.
     pub fn shard_commands(&self, shard: u32) -> String {
@@ -245,6 +251,17 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shards_result_subject_is_told_from_any_other() {
+        let subjects = Subjects::new("g");
+        assert!(subjects.is_shard_results(&subjects.shard_results(17)));
+        for other in
+            ["g.shard.x.result", "h.shard.1.result", "g.shard.1.result.more", "g.api.run.get", "g.shard..result"]
+        {
+            assert!(!subjects.is_shard_results(other), "{other}");
+        }
+    }
 
     #[test]
     fn a_filter_takes_the_subjects_its_wildcards_cover() {

@@ -300,6 +300,18 @@ impl Client {
         token: &TaskToken,
         outcome: std::result::Result<Value, TaskError>,
     ) -> Result<bool> {
+        // The token says where its result goes: only ever to a shard of this grid.
+        if !self.subjects.is_shard_results(&token.reply_to) {
+            return Err(Error::Api(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the task token's result subject {:?} is not one of this grid's (prefix {:?}): a token of \
+                     another grid, or not one a coordinator made",
+                    token.reply_to,
+                    self.subjects.prefix()
+                ),
+            )));
+        }
         let (output, error) = match outcome {
             Ok(output) => (Some(output), None),
             Err(error) => (None, Some(error)),

@@ -327,8 +327,17 @@ async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form
         Ok(data) => data,
         Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
     };
-    let signalled = ui.client.signal(&RunId(run_id.clone().into()), form.step, data).await;
-    after_action(signalled, |_| format!("/runs/{run_id}"))
+    match ui.client.signal(&RunId(run_id.clone().into()), form.step, data).await {
+        Ok(signalled) if !signalled.applied => failure(
+            StatusCode::CONFLICT,
+            &format!(
+                "not applied: step {} took a signal already, timed out, or the run ended ({})",
+                signalled.step,
+                signalled.status.as_str()
+            ),
+        ),
+        signalled => after_action(signalled, |_| format!("/runs/{run_id}")),
+    }
 }
 
 #[derive(Deserialize)]
@@ -349,7 +358,11 @@ async fn complete(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(fo
         return refused;
     }
     let task_token = match flowgrid_sdk::TaskToken::decode(&form.task_token) {
-        Ok(task_token) => task_token,
+        Ok(task_token) if task_token.attempt.run_id.as_str() == run_id => task_token,
+        Ok(task_token) => {
+            let message = format!("the task token is of run {}, not of run {run_id}", task_token.attempt.run_id);
+            return failure(StatusCode::BAD_REQUEST, &message);
+        }
         Err(problem) => return failure(StatusCode::BAD_REQUEST, &problem),
     };
     let outcome = match form.error.trim() {
