@@ -115,7 +115,7 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     let (status, _, body) = http_exchange(&addr, "GET", "/api/nosuch", &[], None)?;
     assert_eq!(status, 404);
     json_refusal(status, &body, "not_found");
-    let huge = format!(r#"{{"flow": "answer", "input": "{}"}}"#, "y".repeat(3 << 20));
+    let huge = format!(r#"{{"flow": "answer", "input": "{}"}}"#, "y".repeat(7 << 20));
     let (status, body) = http_post_json(&addr, "/api/runs", &huge, Some(API_TOKEN))?;
     assert_eq!(status, 413);
     json_refusal(status, &body, "payload_too_large");

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
+use flowgrid_sdk::{RunId, RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{free_port, http_get, http_post_form, wait_for, Grid};
 use serde_json::json;
 
@@ -248,6 +248,15 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     assert!(status == 400 && body.contains("neither a time nor a duration"), "{status} {body}");
     let after = client.list(flowgrid_sdk::ListRuns { flow: Some("ui-flow".into()), ..Default::default() }).await?;
     assert_eq!(before.runs.len(), after.runs.len(), "a refused start starts nothing");
+    // An input near the 1 MiB limit whose quotes triple in the form's encoding still goes through.
+    let quoted = serde_json::to_string(&vec![r#"x"y"#; 130_000])?;
+    assert!(quoted.len() > 900_000 && quoted.len() < 1 << 20, "{}", quoted.len());
+    let large = form(&[("token", &token), ("flow", "ui-flow"), ("input", &quoted), ("at", "2h")]);
+    assert!(large.len() > 2 << 20, "over the former 2 MB bound once encoded: {}", large.len());
+    let (status, location, body) = http_post_form(&addr, "/runs", &large)?;
+    assert_eq!(status, 303, "{body}");
+    let large_run = RunId(location.expect("the run's page").trim_start_matches("/runs/").to_owned().into());
+    client.cancel(&large_run, "not needed").await?;
     client.cancel(&delayed, "not needed").await?;
 
     let (_, location, _) = http_post_form(

@@ -30,6 +30,11 @@ use crate::args::UiArgs;
 use crate::commands::GridReader;
 use crate::Session;
 
+/// The largest request body: a run input at the grid's 1 MiB payload limit, written in a
+/// form (URL-encoded, each quote three bytes) or in JSON with every character escaped,
+/// still fits; the grid refuses what is over its limit, naming it.
+const BODY_BYTES_MAX: usize = 6 << 20;
+
 /// Runs listed on the overview and on a flow's page.
 const RECENT_RUNS: u32 = 20;
 /// Runs on one page of the runs list.
@@ -88,6 +93,7 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
         .route("/runs/{run_id}/pause", post(pause))
         .route("/runs/{run_id}/resume", post(resume))
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page") })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(ui);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
