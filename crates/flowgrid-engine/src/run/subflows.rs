@@ -325,17 +325,19 @@ impl Run {
 pub const ITERATIONS_EXHAUSTED: &str = "iterations_exhausted";
 
 /// The error a child that did not succeed fails its step (or item) with: the child's own
-/// code, and a message naming the child.
+/// code, and a message naming the child (one that was refused, by its flow only).
 fn child_error(flow: &str, ended: &ChildEnd<'_>) -> TaskError {
     let (code, message) = match ended.error {
         Some(error) => (error.code.clone(), error.message.as_str()),
         None => (ended.status.as_str().to_owned(), "no error given"),
     };
-    TaskError {
-        code,
-        message: format!("child run {} of flow `{flow}` {}: {message}", ended.child, ended.status.as_str()),
-        retryable: false,
-    }
+    // A child the grid refused to start never existed: its id would name nothing.
+    let message = if ended.refused {
+        format!("a child run of flow `{flow}` was refused: {message}")
+    } else {
+        format!("child run {} of flow `{flow}` {}: {message}", ended.child, ended.status.as_str())
+    };
+    TaskError { code, message, retryable: false }
 }
 
 /// The round of the latest child of a subflow step with one child: one child per round,

@@ -98,6 +98,9 @@ fn a_child_the_grid_refused_to_start_fails_the_step_and_is_not_named() {
     let encode = harness.step("encode");
     assert_eq!((encode.status, encode.child_run.as_ref()), (StepStatus::Failed, None), "{encode:?}");
     assert_eq!(harness.run.status(), RunStatus::Failed, "no catch for not_found");
+    let message = &encode.error.as_ref().expect("the step's error").message;
+    assert!(message.starts_with("a child run of flow `transcode` was refused: "), "{message}");
+    assert!(!message.contains(child_id().as_str()), "the refused child never existed: {message}");
 }
 
 #[test]
