@@ -268,19 +268,9 @@ fn unreachable_error(url: &Url, error: &reqwest::Error) -> TaskError {
 /// Headers that choose where a request goes (`Host`: another site behind the same address
 /// and port, past `--allow`) or how it is framed on the connection: never a flow's.
 fn is_connection_header(name: &str) -> bool {
-    const CONNECTION_HEADERS: [&str; 9] = [
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "upgrade",
-        "te",
-        "trailer",
-        "keep-alive",
-        "expect",
-    ];
     let name = name.trim().to_ascii_lowercase();
-    CONNECTION_HEADERS.contains(&name.as_str()) || name.starts_with("proxy-")
+    let framing = "content-length transfer-encoding connection upgrade te trailer keep-alive expect";
+    name == "host" || framing.split(' ').any(|header| header == name) || name.starts_with("proxy-")
 }
 
 #[cfg(test)]

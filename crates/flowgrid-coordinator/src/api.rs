@@ -666,7 +666,8 @@ async fn publish(nats: &async_nats::Client, reply_to: async_nats::Subject, encod
     let bytes = match flowgrid_proto::check_fits_server("the reply", bytes.len(), || nats.server_info().max_payload) {
         Ok(()) => bytes,
         Err(refusal) => {
-            warn!(reply = %refusal.message, "an API reply is too large for NATS; refused instead");
+            // The caller is told; a page that reloads would repeat a warning every few seconds.
+            debug!(reply = %refusal.message, "an API reply is too large for NATS; refused instead");
             flowgrid_proto::encode(encoding, &Reply::<()>::Error(refusal)).unwrap_or_default()
         }
     };

@@ -154,14 +154,7 @@ async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response
 }
 
 async fn start(State(ui): State<Arc<Ui>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    if let Some(refused) = ui.api_refusal(&headers) {
-        return refused;
-    }
-    let body = match body_of(body) {
-        Ok(body) => body,
-        Err(refused) => return *refused,
-    };
-    let start: StartRun = match parse(&body) {
+    let start: StartRun = match change_request(&ui, &headers, body, None) {
         Ok(start) => start,
         Err(refused) => return *refused,
     };
@@ -180,20 +173,9 @@ async fn signal(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Some(refused) = ui.api_refusal(&headers) {
-        return refused;
-    }
-    let body = match body_of(body) {
-        Ok(body) => body,
+    let data: Value = match change_request(&ui, &headers, body, Some(Value::Null)) {
+        Ok(data) => data,
         Err(refused) => return *refused,
-    };
-    let data: Value = if body.is_empty() {
-        Value::Null
-    } else {
-        match parse(&body) {
-            Ok(data) => data,
-            Err(refused) => return *refused,
-        }
     };
     answer(ui.client.signal(&RunId(run_id.into()), step, data).await, StatusCode::OK)
 }
@@ -211,20 +193,9 @@ async fn cancel(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Some(refused) = ui.api_refusal(&headers) {
-        return refused;
-    }
-    let body = match body_of(body) {
-        Ok(body) => body,
+    let cancel: CancelBody = match change_request(&ui, &headers, body, Some(CancelBody::default())) {
+        Ok(cancel) => cancel,
         Err(refused) => return *refused,
-    };
-    let cancel: CancelBody = if body.is_empty() {
-        CancelBody::default()
-    } else {
-        match parse(&body) {
-            Ok(cancel) => cancel,
-            Err(refused) => return *refused,
-        }
     };
     let reason = cancel.reason.unwrap_or_else(|| "cancelled through the HTTP API".to_owned());
     answer(ui.client.cancel(&RunId(run_id.into()), reason).await, StatusCode::OK)
@@ -304,13 +275,27 @@ async fn no_such_call() -> Response {
     error(StatusCode::NOT_FOUND, "not_found", "no such API call: see docs/operations.md, \"The HTTP API\"")
 }
 
-/// A request's body, or the JSON refusal of one that could not be read (over the bound).
-fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Box<Response>> {
-    body.map_err(|rejection| {
+/// What a call that changes the grid was sent, or its JSON refusal: without the API's
+/// token, with a body that could not be read (over the bound) or is not what the call
+/// takes. An empty body is `when_empty`, for the calls that may have none.
+fn change_request<T: DeserializeOwned>(
+    ui: &Ui,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    when_empty: Option<T>,
+) -> Result<T, Box<Response>> {
+    if let Some(refused) = ui.api_refusal(headers) {
+        return Err(Box::new(refused));
+    }
+    let body = body.map_err(|rejection| {
         let status = rejection.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_request" };
         Box::new(error(status, code, &rejection.body_text()))
-    })
+    })?;
+    match when_empty {
+        Some(empty) if body.is_empty() => Ok(empty),
+        _ => parse(&body),
+    }
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
