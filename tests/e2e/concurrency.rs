@@ -292,6 +292,21 @@ async fn a_delayed_run_waits_for_its_start_time_and_takes_no_slot_until_then() -
     let took = view.ended_ms.expect("ended") - view.created_ms;
     assert!(took >= 1_400, "a run delayed 1,500 ms ended {took} ms after its start request");
 
+    // Cancelled before its start time and redriven: it waits for that time again.
+    let (ok, stdout, stderr) = grid.cli(&["run", "start", "later", "--at", "3s"])?;
+    assert!(ok, "{stdout}{stderr}");
+    let again = RunId(stdout.trim().into());
+    for command in ["cancel", "redrive"] {
+        let (ok, stdout, stderr) = grid.cli(&["run", command, &again.0])?;
+        assert!(ok, "run {command}: {stdout}{stderr}");
+    }
+    let view = client.get(&again).await?;
+    assert!(view.status == RunStatus::Running && view.delayed.is_some(), "waits again: {view:?}");
+    let view = grid.wait_run(&client, &again, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    let took = view.ended_ms.expect("ended") - view.created_ms;
+    assert!(took >= 2_900, "a run delayed 3 s, cancelled and redriven, ended {took} ms after its start request");
+
     // A delayed run of a limited flow holds no slot while it waits: a run started after it
     // goes at once, and the delayed one queues behind it at its start time.
     let at = flowgrid_sdk::parse_start_time("2s").expect("a duration");

@@ -281,14 +281,11 @@ impl Run {
         self.created_ms
     }
 
-    /// When the run last started going: its start, or its last redrive. Its timeout
-    /// counts from here.
+    /// When the run last started going: its start, or its last redrive, or its start time
+    /// if that is later. Its timeout counts from here.
     fn went_ms(&self) -> Millis {
-        match (&self.redriven, &self.delay) {
-            (Some(redriven), _) => redriven.last_ms,
-            (None, Some(delay)) => delay.until_ms.max(self.created_ms),
-            (None, None) => self.created_ms,
-        }
+        let went = self.redriven.as_deref().map_or(self.created_ms, |redriven| redriven.last_ms);
+        self.delay.as_deref().map_or(went, |delay| delay.until_ms.max(went))
     }
 
     /// How often the run was redriven, and when last.

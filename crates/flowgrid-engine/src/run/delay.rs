@@ -43,6 +43,14 @@ impl Delay {
     pub(super) fn clear(&mut self) {
         self.held = None;
     }
+
+    /// Waits again (the run was redriven before its start time): `true` if it does.
+    pub(super) fn wait_again(&mut self, now: Millis) -> bool {
+        if self.until_ms > now {
+            self.held.get_or_insert_with(Vec::new);
+        }
+        self.is_waiting()
+    }
 }
 
 impl Run {

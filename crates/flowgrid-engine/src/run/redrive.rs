@@ -12,7 +12,8 @@
 //! that took a failure), and waits for the others; a map runs all its items again.
 //! Attempt numbers go on from where each step left them, so a late result of an earlier
 //! attempt never passes for a new one, and a child of the new round has an id of its own.
-//! The run's timeout counts from the redrive.
+//! The run's timeout counts from the redrive. A run cancelled before its start time
+//! (a delayed run) waits for that time again if it is still to come.
 
 use flowgrid_model::limits::REDRIVES_MAX;
 use flowgrid_model::StepIndex;
@@ -58,7 +59,10 @@ impl Run {
         self.output = None;
         self.error = None;
         self.ended_ms = None;
-        self.queued = queued.then(|| super::queue::Queue::new(context.now));
+        // A run cancelled before its start time waits for it again, and asks for its slot
+        // (a limited flow) only then, as a delayed start does.
+        let delayed = self.delay.as_deref_mut().is_some_and(|delay| delay.wait_again(context.now));
+        self.queued = (queued && !delayed).then(|| super::queue::Queue::new(context.now));
         let redriven = self.redriven.get_or_insert_with(|| Box::new(Redriven { times: 0, last_ms: 0 }));
         redriven.times += 1;
         redriven.last_ms = context.now;
@@ -89,7 +93,10 @@ impl Run {
             }
         }
         if let Some(timeout_ms) = self.plan.timeout_ms {
-            self.arm_timer(TimerKey::RunTimeout, context.now.saturating_add(timeout_ms), context);
+            self.arm_timer(TimerKey::RunTimeout, self.went_ms().saturating_add(timeout_ms), context);
+        }
+        if let Some((timer, due_ms)) = self.delay_timer() {
+            self.arm_timer(timer, due_ms, context);
         }
         self.work_agenda(context);
         Applied::Accepted

@@ -122,3 +122,31 @@ fn a_delayed_run_of_a_limited_flow_queues_only_at_its_start_time_and_a_cancel_cl
     let harness = Harness::start_delayed(CHAIN, json!({}), 600, 500);
     assert_eq!((harness.dispatched_names(), harness.run.delayed()), (vec!["fetch".to_owned()], None));
 }
+
+#[test]
+fn a_run_cancelled_before_its_start_time_and_redriven_waits_for_it_again() {
+    let redrive = |queued| Event::Redriven { reason: "after all".to_owned(), from: Vec::new(), queued };
+    let limited = CHAIN.replace("timeout_ms: 10000", "timeout_ms: 10000\nconcurrency: { max: 1 }");
+    let mut harness = Harness::start_delayed(&limited, json!({}), 0, 1_000);
+    harness.apply(100, Event::CancelRequested { reason: "not so soon".into() });
+    assert_eq!(harness.apply(200, redrive(true)), Applied::Accepted);
+    assert!(harness.dispatched().is_empty(), "nothing starts before its time: {:?}", harness.effects);
+    assert!(!harness.run.is_queued(), "a limited flow asks for its slot at the start time");
+    let delayed = harness.run.delayed().expect("waits again");
+    assert_eq!((delayed.until_ms, delayed.held), (1_000, vec!["fetch".to_owned()]));
+    assert_eq!(harness.armed(&TimerKey::StartDue), Some(1_000));
+    assert_eq!(harness.armed(&TimerKey::RunTimeout), Some(11_000), "the timeout counts from the start time");
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view(), "the redrive replays to the same wait");
+    harness.fire(1_000, TimerKey::StartDue);
+    assert!(harness.run.is_queued() && harness.run.delayed().is_none());
+    harness.apply(1_001, Event::Admitted);
+    assert_eq!(harness.dispatched_names(), vec!["fetch".to_owned()]);
+
+    // Redriven after its start time: it goes at once.
+    let mut harness = Harness::start_delayed(CHAIN, json!({}), 0, 500);
+    harness.apply(100, Event::CancelRequested { reason: "not so soon".into() });
+    harness.apply(600, redrive(false));
+    assert_eq!((harness.dispatched_names(), harness.run.delayed()), (vec!["fetch".to_owned()], None));
+    assert_eq!(harness.armed(&TimerKey::RunTimeout), Some(10_600));
+}
