@@ -266,12 +266,19 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     )?;
     let run_path = location.expect("the new run's page");
     let run_id = flowgrid_sdk::RunId(run_path.trim_start_matches("/runs/").into());
-    // A running run's page pauses it, then resumes it.
-    let (status, _, _) = http_post_form(&addr, &format!("{run_path}/pause"), &form(&[("token", &token)]))?;
-    assert_eq!(status, 303);
-    assert!(client.get(&run_id).await?.paused.is_some(), "paused from the page");
+    // A running run's page pauses it (with the reason given), then resumes it.
     let (_, page) = http_get(&addr, &run_path)?;
-    assert!(page.contains("Resume this run") && page.contains("paused from the web UI"), "{page}");
+    assert!(page.contains(r#"name="reason""#), "the forms take a reason: {page}");
+    let pause = form(&[("token", &token), ("reason", "waiting for the vendor")]);
+    let (status, _, _) = http_post_form(&addr, &format!("{run_path}/pause"), &pause)?;
+    assert_eq!(status, 303);
+    let paused = client.get(&run_id).await?.paused.expect("paused from the page");
+    assert_eq!(paused.reason, "waiting for the vendor");
+    let (_, page) = http_get(&addr, &run_path)?;
+    assert!(page.contains("Resume this run") && page.contains("waiting for the vendor"), "{page}");
+    // A form without its token field is refused with the UI's page, saying what is missing.
+    let (status, _, page) = http_post_form(&addr, &format!("{run_path}/resume"), "reason=x")?;
+    assert!(status == 422 && page.contains("missing field `token`") && page.contains("<html"), "{status}: {page}");
     let (status, _, _) = http_post_form(&addr, &format!("{run_path}/resume"), &form(&[("token", &token)]))?;
     assert_eq!(status, 303);
     assert_eq!(client.get(&run_id).await?.paused, None, "resumed from the page");

@@ -13,13 +13,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Form;
 use futures::{StreamExt, TryStreamExt};
 use maud::Markup;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use flowgrid_model::RunId;
@@ -270,7 +271,7 @@ struct DeployForm {
     definition: String,
 }
 
-async fn deploy(State(ui): State<Arc<Ui>>, Form(form): Form<DeployForm>) -> Response {
+async fn deploy(State(ui): State<Arc<Ui>>, UiForm(form): UiForm<DeployForm>) -> Response {
     if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
@@ -293,7 +294,7 @@ struct StartForm {
     at: String,
 }
 
-async fn start(State(ui): State<Arc<Ui>>, Form(form): Form<StartForm>) -> Response {
+async fn start(State(ui): State<Arc<Ui>>, UiForm(form): UiForm<StartForm>) -> Response {
     if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
@@ -325,7 +326,7 @@ struct SignalForm {
     data: String,
 }
 
-async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<SignalForm>) -> Response {
+async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, UiForm(form): UiForm<SignalForm>) -> Response {
     if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
@@ -359,7 +360,11 @@ struct CompleteForm {
 }
 
 /// Completes a step handed off as an async task, with an output or an error code.
-async fn complete(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<CompleteForm>) -> Response {
+async fn complete(
+    State(ui): State<Arc<Ui>>,
+    Path(run_id): Path<String>,
+    UiForm(form): UiForm<CompleteForm>,
+) -> Response {
     if let Some(refused) = ui.refusal(&form.token) {
         return refused;
     }
@@ -391,10 +396,37 @@ async fn complete(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(fo
     }
 }
 
-/// A form that carries nothing but the token (cancel, pause, resume).
+/// A form that carries the token and, optionally, why (cancel, pause, resume).
 #[derive(Deserialize)]
 struct TokenForm {
     token: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// The reason a form gives, or `default` when it gives none.
+fn reason_or(given: &str, default: &str) -> String {
+    let given = given.trim();
+    if given.is_empty() {
+        default.to_owned()
+    } else {
+        given.to_owned()
+    }
+}
+
+/// A form's fields, or the UI's error page saying what is wrong with the form (a field
+/// missing, a body that is not a form, one over [`BODY_BYTES_MAX`]).
+struct UiForm<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for UiForm<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        match Form::<T>::from_request(request, state).await {
+            Ok(Form(form)) => Ok(UiForm(form)),
+            Err(rejection) => Err(failure(rejection.status(), &rejection.body_text())),
+        }
+    }
 }
 
 /// Sends `action` if the form carries this UI's token, then shows `back` (or the refusal).
@@ -410,21 +442,21 @@ async fn token_action<T>(
     after_action(action.await, |_| back)
 }
 
-async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, UiForm(form): UiForm<TokenForm>) -> Response {
     let run = RunId(run_id.clone().into());
-    let cancel = ui.client.cancel(&run, "cancelled from the web UI");
+    let cancel = ui.client.cancel(&run, reason_or(&form.reason, "cancelled from the web UI"));
     token_action(&ui, &form.token, cancel, format!("/runs/{run_id}")).await
 }
 
-async fn pause(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+async fn pause(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, UiForm(form): UiForm<TokenForm>) -> Response {
     let run = RunId(run_id.clone().into());
-    let pause = ui.client.pause(&run, "paused from the web UI");
+    let pause = ui.client.pause(&run, reason_or(&form.reason, "paused from the web UI"));
     token_action(&ui, &form.token, pause, format!("/runs/{run_id}")).await
 }
 
-async fn resume(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<TokenForm>) -> Response {
+async fn resume(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, UiForm(form): UiForm<TokenForm>) -> Response {
     let run = RunId(run_id.clone().into());
-    let resume = ui.client.resume(&run, "resumed from the web UI");
+    let resume = ui.client.resume(&run, reason_or(&form.reason, "resumed from the web UI"));
     token_action(&ui, &form.token, resume, format!("/runs/{run_id}")).await
 }
 
@@ -433,23 +465,25 @@ async fn resume(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form
 struct RedriveForm {
     token: String,
     #[serde(default)]
+    reason: String,
+    #[serde(default)]
     from: String,
 }
 
-async fn redrive(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, Form(form): Form<RedriveForm>) -> Response {
+async fn redrive(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, UiForm(form): UiForm<RedriveForm>) -> Response {
     let run = RunId(run_id.clone().into());
     let from = if form.from.is_empty() { Vec::new() } else { vec![form.from] };
-    let redrive = ui.client.redrive_from(&run, from, "redriven from the web UI");
+    let redrive = ui.client.redrive_from(&run, from, reason_or(&form.reason, "redriven from the web UI"));
     token_action(&ui, &form.token, redrive, format!("/runs/{run_id}")).await
 }
 
-async fn pause_flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Form(form): Form<TokenForm>) -> Response {
-    let pause = ui.client.pause_flow(&name, "paused from the web UI");
+async fn pause_flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, UiForm(form): UiForm<TokenForm>) -> Response {
+    let pause = ui.client.pause_flow(&name, reason_or(&form.reason, "paused from the web UI"));
     token_action(&ui, &form.token, pause, format!("/flows/{name}")).await
 }
 
-async fn resume_flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Form(form): Form<TokenForm>) -> Response {
-    let resume = ui.client.resume_flow(&name, "resumed from the web UI");
+async fn resume_flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, UiForm(form): UiForm<TokenForm>) -> Response {
+    let resume = ui.client.resume_flow(&name, reason_or(&form.reason, "resumed from the web UI"));
     token_action(&ui, &form.token, resume, format!("/flows/{name}")).await
 }
 

@@ -70,6 +70,12 @@ fn layout(title: &str, refresh: bool, body: Markup) -> Markup {
     }
 }
 
+/// The optional reason field of a form that pauses, resumes, cancels or redrives; the
+/// reason goes into the run's (or flow's) history.
+fn reason_input() -> Markup {
+    html! { " " input name="reason" size="32" maxlength="1024" placeholder="reason (optional)"; }
+}
+
 fn status_badge(status: &str) -> Markup {
     html! { span class=(format!("status {status}")) { (status) } }
 }
@@ -220,6 +226,7 @@ pub fn flow(
                 form.action method="post" action=(format!("/flows/{}/{verb}", info.name)) {
                     input type="hidden" name="token" value=(token);
                     button type="submit" { (label) }
+                    (reason_input())
                 }
             }
             (Layout::of(definition).svg(&HashMap::new()))
@@ -524,10 +531,12 @@ pub fn run(
                 form.action method="post" action=(format!("/runs/{}/{verb}", view.run_id)) {
                     input type="hidden" name="token" value=(token);
                     button type="submit" { (label) }
+                    (reason_input())
                 }
                 form.action method="post" action=(format!("/runs/{}/cancel", view.run_id)) {
                     input type="hidden" name="token" value=(token);
                     button type="submit" { "Cancel this run" }
+                    (reason_input())
                 }
             }
             @if let (true, Some(token)) = (redrivable, actions) {
@@ -535,6 +544,7 @@ pub fn run(
                     input type="hidden" name="token" value=(token);
                     button type="submit" { "Redrive this run" }
                     " from the steps that did not succeed"
+                    (reason_input())
                 }
             }
             @if let (true, Some(token)) = (ended, actions) {
@@ -551,6 +561,7 @@ pub fn run(
                     " "
                     button type="submit" { "Redrive from this step" }
                     " (it and every step after it run again)"
+                    (reason_input())
                 }
             }
             @if let Some(definition) = definition {
