@@ -153,3 +153,91 @@ async fn a_null_output_is_a_result() -> anyhow::Result<()> {
     assert_eq!((echo.status, echo.attempts), (StepStatus::Succeeded, 1), "{echo:?}");
     Ok(())
 }
+
+/// `depth` arrays, one in the other, around a number.
+fn nested(depth: usize) -> serde_json::Value {
+    (0..depth).fold(json!(1), |inner, _| json!([inner]))
+}
+
+/// A result the grid does not keep (an output nested past the limit, an empty or unusable
+/// error code) fails its attempt with `invalid_output`, so the run goes on at once; a
+/// progress report nested too deeply is refused; and a message nested thousands of levels
+/// deep is refused without taking the coordinator down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_grid_does_not_keep_fails_its_attempt_and_deep_messages_are_refused() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, MANUAL_FLOW).await?;
+    let nats = grid.nats_client().await?;
+    let cases: [(TaskResult, &str); 3] = {
+        let attempt = flowgrid_sdk::AttemptId {
+            run_id: flowgrid_sdk::RunId("placeholder".into()),
+            step: "only".into(),
+            item: None,
+            attempt: 1,
+        };
+        let error = |code: &str| Some(TaskError { code: code.into(), message: "broke".into(), retryable: true });
+        [
+            (
+                TaskResult { attempt: attempt.clone(), output: Some(nested(40)), error: None, progress: None },
+                "nested 40 levels deep",
+            ),
+            (
+                TaskResult { attempt: attempt.clone(), output: None, error: error(" "), progress: None },
+                "empty error code",
+            ),
+            (
+                TaskResult { attempt, output: None, error: error("line\nbreak"), progress: None },
+                "no control characters",
+            ),
+        ]
+    };
+    for (mut result, says) in cases {
+        let start = StartRun { flow: "manual-pool".into(), input: json!({"question": "q"}), ..Default::default() };
+        let run = client.start(start).await.or_logs(&grid)?;
+        let (message, encoding) = pull_task(&grid, "manual", RUN_DEADLINE).await?;
+        let task: TaskMessage = decode(encoding, &message.payload)?;
+        assert_eq!(task.attempt.run_id, run.run_id);
+        if says == "nested 40 levels deep" {
+            let report =
+                TaskResult { attempt: task.attempt.clone(), output: None, error: None, progress: Some(nested(40)) };
+            match send_result(&nats, &task.reply_to, encoding, &report).await.or_logs(&grid)? {
+                Reply::Error(error) => assert!(error.message.contains("progress report is nested 40"), "{error:?}"),
+                other => panic!("a progress report nested too deeply must be refused: {other:?}"),
+            }
+        }
+        result.attempt = task.attempt.clone();
+        let reply = send_result(&nats, &task.reply_to, encoding, &result).await.or_logs(&grid)?;
+        assert!(applied(reply, &grid), "the result fails the attempt: {result:?}");
+        message.ack().await.map_err(|error| anyhow::anyhow!("ack: {error}"))?;
+        let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+        let only = step(&view, "only");
+        let error = only.error.as_ref().expect("the step failed");
+        assert_eq!(
+            (view.status, only.attempts, error.code.as_str()),
+            (RunStatus::Failed, 1, "invalid_output"),
+            "{view:?}"
+        );
+        assert!(error.message.contains(says), "{error:?}");
+    }
+
+    // 2,000 levels of MessagePack arrays as a start's input: refused, the coordinator stays.
+    let mut start = vec![0x82, 0xa4];
+    start.extend_from_slice(b"flow");
+    start.extend_from_slice(&[0xab]);
+    start.extend_from_slice(b"manual-pool");
+    start.extend_from_slice(&[0xa5]);
+    start.extend_from_slice(b"input");
+    start.extend(std::iter::repeat_n(0x91, 2_000));
+    start.push(0x01);
+    let subjects = Subjects::new(grid.prefix.clone());
+    let reply = nats.request(subjects.api("run.start"), start.into()).await?;
+    match decode::<Reply<serde_json::Value>>(Encoding::MsgPack, &reply.payload)? {
+        Reply::Error(error) => assert!(error.message.contains("nested deeper than 128 levels"), "{error:?}"),
+        other => panic!("a start nested 2,000 levels deep must be refused: {other:?}"),
+    }
+    let start = StartRun { flow: "manual-pool".into(), input: json!({"question": "q"}), ..Default::default() };
+    let run = client.start(start).await.or_logs(&grid)?;
+    assert_eq!(client.get(&run.run_id).await?.status, RunStatus::Running, "the coordinator still serves");
+    Ok(())
+}

@@ -69,14 +69,27 @@ pub fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Result<Vec<u8>, Pr
     }
 }
 
+/// How deeply a message's arrays and maps may nest, as JSON's decoder allows: far past any
+/// valid message (values nest at most `nesting_depth_max` levels), and short of the depth
+/// whose recursion would overflow a thread's stack.
+pub const DECODE_DEPTH_MAX: usize = 128;
+
 pub fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, ProtoError> {
     let expected = short_type_name::<T>();
     match encoding {
-        Encoding::MsgPack => rmp_serde::from_slice(bytes).map_err(|source| ProtoError::Malformed {
-            encoding: "MessagePack",
-            expected,
-            source: Box::new(source),
-        }),
+        Encoding::MsgPack => {
+            let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
+            deserializer.set_max_depth(DECODE_DEPTH_MAX);
+            T::deserialize(&mut deserializer).map_err(|source| {
+                let source: Box<dyn std::error::Error + Send + Sync> = match source {
+                    rmp_serde::decode::Error::DepthLimitExceeded => {
+                        format!("nested deeper than {DECODE_DEPTH_MAX} levels").into()
+                    }
+                    other => Box::new(other),
+                };
+                ProtoError::Malformed { encoding: "MessagePack", expected, source }
+            })
+        }
         Encoding::Json => serde_json::from_slice(bytes).map_err(|source| ProtoError::Malformed {
             encoding: "JSON",
             expected,
@@ -94,6 +107,29 @@ fn short_type_name<T>() -> &'static str {
 mod tests {
     use super::*;
     use crate::{StartRun, TaskResult};
+
+    /// A `StartRun` of flow `f` in MessagePack whose input is `depth` arrays, one in the other.
+    fn start_nested(depth: usize) -> Vec<u8> {
+        let mut message = vec![0x82, 0xa4];
+        message.extend_from_slice(b"flow");
+        message.extend_from_slice(&[0xa1, b'f', 0xa5]);
+        message.extend_from_slice(b"input");
+        message.extend(std::iter::repeat_n(0x91, depth));
+        message.push(0x01);
+        message
+    }
+
+    #[test]
+    fn a_message_nested_too_deeply_is_refused_in_either_encoding_not_a_stack_overflow() {
+        for depth in [DECODE_DEPTH_MAX + 1, 100_000] {
+            let error = decode::<StartRun>(Encoding::MsgPack, &start_nested(depth)).expect_err("too deep");
+            assert!(error.to_string().contains("nested deeper than 128 levels"), "{error}");
+            let json = format!(r#"{{"flow": "f", "input": {}1{}}}"#, "[".repeat(depth), "]".repeat(depth));
+            decode::<StartRun>(Encoding::Json, json.as_bytes()).expect_err("too deep");
+        }
+        let start = decode::<StartRun>(Encoding::MsgPack, &start_nested(100)).expect("100 levels decode");
+        assert_eq!(flowgrid_model::limits::nesting_depth(&start.input), 100);
+    }
 
     #[test]
     fn both_encodings_round_trip() {

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flowgrid_engine::{
-    Applied, Effect, Event, RedriveRefused, Run, RunStart, RunStatus, RunView, SignalRefused, TaskDispatch, TimerKey,
+    Applied, Effect, Event, RedriveRefused, Run, RunStart, RunStatus, RunView, SignalRefused, TaskDispatch, TaskError,
+    TimerKey,
 };
-use flowgrid_model::limits::PAUSES_MAX;
+use flowgrid_model::limits::{nesting_depth, Limits, PAUSES_MAX};
 use flowgrid_model::{has_labels, AttemptId, FlowPlan, Labels, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
@@ -133,10 +134,23 @@ impl<S: ShardStore> ShardActor<S> {
             }
         };
         let run_id = result.attempt.run_id.clone();
+        let limits = self.context.plans.limits();
         let event = match (result.take_output(), result.error, result.progress) {
-            (Some(output), None, None) => Event::TaskSucceeded { attempt: result.attempt, output },
-            (None, Some(error), None) => Event::TaskFailed { attempt: result.attempt, error },
-            (None, None, Some(details)) => Event::TaskProgress { attempt: result.attempt, details },
+            (Some(output), None, None) => match too_deep("output", &output, limits) {
+                None => Event::TaskSucceeded { attempt: result.attempt, output },
+                Some(problem) => Event::TaskFailed { attempt: result.attempt, error: invalid_output(problem) },
+            },
+            (None, Some(error), None) => match error_problem(&error, limits) {
+                None => Event::TaskFailed { attempt: result.attempt, error },
+                Some(problem) => Event::TaskFailed { attempt: result.attempt, error: invalid_output(problem) },
+            },
+            (None, None, Some(details)) => match too_deep("progress report", &details, limits) {
+                None => Event::TaskProgress { attempt: result.attempt, details },
+                Some(problem) => {
+                    self.reply_now(reply_to, encoding, ApiError::new(ErrorCode::InvalidRequest, problem));
+                    return;
+                }
+            },
             _ => {
                 let reply = ApiError::new(
                     ErrorCode::InvalidRequest,
@@ -146,7 +160,7 @@ impl<S: ShardStore> ShardActor<S> {
                 return;
             }
         };
-        let payload_max = self.context.plans.limits().payload_bytes_max;
+        let payload_max = limits.payload_bytes_max;
         if message.payload.len() > payload_max {
             let reply = ApiError::new(
                 ErrorCode::PayloadTooLarge,
@@ -559,6 +573,51 @@ impl<S: ShardStore> ShardActor<S> {
 }
 
 /// Why a redrive is refused, and what to do instead.
+/// The error code of an attempt whose worker sent a result the grid does not take (an
+/// output nested too deeply, an unusable error code): the attempt fails with it, so the
+/// run goes on (a catch, a retry) instead of waiting for the attempt's timeout.
+pub const INVALID_OUTPUT: &str = "invalid_output";
+
+fn invalid_output(problem: String) -> TaskError {
+    TaskError { code: INVALID_OUTPUT.to_owned(), message: problem, retryable: false }
+}
+
+/// What is wrong with a value a worker sent, if it nests deeper than the grid keeps.
+fn too_deep(what: &str, value: &Value, limits: &Limits) -> Option<String> {
+    let depth = nesting_depth(value);
+    (depth > limits.nesting_depth_max).then(|| {
+        format!("the task's {what} is nested {depth} levels deep, over the limit of {}", limits.nesting_depth_max)
+    })
+}
+
+/// What is wrong with a worker's error, if anything: its code must name the failure in a
+/// few printable characters, as retry policies and catches match it.
+fn error_problem(error: &TaskError, limits: &Limits) -> Option<String> {
+    let code = &error.code;
+    if code.trim().is_empty() {
+        return Some(format!("the task failed with an empty error code ({})", cut(&error.message)));
+    }
+    if code.len() > limits.name_bytes_max || code.chars().any(char::is_control) {
+        return Some(format!(
+            "the task failed with an error code the grid does not take (at most {} bytes, no control characters): \
+             {:?} ({})",
+            limits.name_bytes_max,
+            cut(code),
+            cut(&error.message)
+        ));
+    }
+    None
+}
+
+/// The start of `text`, enough to recognise it in a message.
+fn cut(text: &str) -> String {
+    const CHARS_SHOWN: usize = 200;
+    match text.char_indices().nth(CHARS_SHOWN) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
 fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
     match refused {
         RedriveRefused::Going => ApiError::new(
