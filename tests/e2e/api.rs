@@ -655,6 +655,74 @@ async fn a_start_whose_input_does_not_match_the_input_schema_is_refused_and_star
     Ok(())
 }
 
+/// Runs whose data adds up past what one commit holds, each value within its limit: a
+/// chain of nine steps echoing a 1 MB input, and a map whose four items echo 700 KB each.
+/// Their ends were refused by the store (the snapshot of the view was in the commit),
+/// which reloaded the shard again and again and left the runs running for good; and ten
+/// results of 1 MB at once went into one commit. Now they succeed, and their views are
+/// rebuilt from their histories when read.
+const WIDE_FLOWS: [&str; 2] = [
+    r#"
+name: wide-chain
+steps:
+  - { id: s0, kind: task, pool: a, task: echo }
+  - { id: s1, kind: task, pool: a, task: echo, after: [s0], input: steps.s0.output }
+  - { id: s2, kind: task, pool: a, task: echo, after: [s1], input: steps.s1.output }
+  - { id: s3, kind: task, pool: a, task: echo, after: [s2], input: steps.s2.output }
+  - { id: s4, kind: task, pool: a, task: echo, after: [s3], input: steps.s3.output }
+  - { id: s5, kind: task, pool: a, task: echo, after: [s4], input: steps.s4.output }
+  - { id: s6, kind: task, pool: a, task: echo, after: [s5], input: steps.s5.output }
+  - { id: s7, kind: task, pool: a, task: echo, after: [s6], input: steps.s6.output }
+  - { id: s8, kind: task, pool: a, task: echo, after: [s7], input: steps.s7.output }
+"#,
+    r#"
+name: wide-map
+output: steps.each.output
+steps:
+  - { id: each, kind: map, items: input.items, pool: a, task: echo, input: input.text }
+"#,
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_whose_data_adds_up_past_a_commit_end_and_are_read_back() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    for flow in WIDE_FLOWS.iter().chain([&ECHO_FLOW]) {
+        deploy(&grid, &client, flow).await?;
+    }
+    let chain = client.start(start("wide-chain", json!("c".repeat(1_000_000)), None)).await.or_logs(&grid)?;
+    let text = "m".repeat(700_000);
+    let map =
+        client.start(start("wide-map", json!({"items": [0, 1, 2, 3], "text": text}), None)).await.or_logs(&grid)?;
+    // Ten runs of 1 MB each at once: their results arrive together.
+    let mut echoes = Vec::new();
+    for index in 0..10 {
+        let input = json!({"index": index, "text": "e".repeat(1_000_000)});
+        echoes.push(client.start(start("echo-once", input, None)).await.or_logs(&grid)?.run_id);
+    }
+
+    let view = grid.wait_run(&client, &map.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{:?}\n{}", view.error, grid.logs());
+    assert_eq!(view.output, Some(json!([text, text, text, text])), "the view rebuilt from the history holds the data");
+    let brief = wait_for("the chain to end", RUN_DEADLINE, || async {
+        let brief = client.get_without_data(&chain.run_id).await.ok()?;
+        (brief.status != RunStatus::Running).then_some(brief)
+    })
+    .await
+    .or_logs(&grid)?;
+    assert_eq!(brief.status, RunStatus::Succeeded, "{:?}\n{}", brief.error, grid.logs());
+    assert!(brief.steps.iter().all(|step| step.status == StepStatus::Succeeded), "{brief:?}");
+    // Its view (11 MB) is over the server's max_payload: refused as such, not lost.
+    let refused = client.get(&chain.run_id).await.expect_err("an 11 MB view");
+    assert_eq!(refusal(&refused).code, ErrorCode::PayloadTooLarge, "{refused:?}");
+    for run_id in &echoes {
+        let brief = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
+        assert_eq!(brief.status, RunStatus::Succeeded, "{:?}\n{}", brief.error, grid.logs());
+    }
+    assert!(!grid.logs().contains("commit failed"), "no commit was refused:\n{}", grid.logs());
+    Ok(())
+}
+
 /// A message NATS would refuse is refused with `payload_too_large` naming the server's
 /// `max_payload`, on the way in (a start) and on the way out (a run's view, which holds
 /// its input and every output): not a transport error, not a request that times out.

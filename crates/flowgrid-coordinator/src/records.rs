@@ -90,6 +90,10 @@ pub struct RunRecord {
     pub created_ms: Millis,
     #[serde(default)]
     pub ended_ms: Option<Millis>,
+    /// The run's final view was too large to keep as a snapshot in the commit that ended
+    /// it: reads rebuild it from the run's history.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub view_in_history: bool,
 }
 
 /// The `catalog` key: one deployed version of a flow.

@@ -257,7 +257,9 @@ impl<S: ShardStore> ShardActor<S> {
         self.metrics.runs_active.decrement(runs as f64);
     }
 
-    /// Takes whatever else is ready right now, up to the batch bound, without waiting.
+    /// Takes whatever else is ready right now, up to the batch bound, without waiting; stops
+    /// early once the batch holds a quarter of a commit's bytes, so that the next event
+    /// (a payload, a run's end) still fits in the commit.
     async fn fill_batch(
         &mut self,
         inbox: &mut mpsc::Receiver<Command>,
@@ -265,7 +267,8 @@ impl<S: ShardStore> ShardActor<S> {
         batch: &mut Batch,
     ) {
         let commands_max = self.context.batch_events_max;
-        while batch.commands < commands_max {
+        let bytes_max = self.context.store_limits.transaction_bytes_max / 4;
+        while batch.commands < commands_max && batch.writes.bytes() < bytes_max {
             let mut progressed = false;
             if let Ok(command) = inbox.try_recv() {
                 self.handle(command, batch).await;

@@ -277,17 +277,24 @@ impl<S: ShardStore> ShardActor<S> {
         let Some(active) = self.runs.get(run_id) else { return };
         let plan = active.run.plan();
         let created_ms = active.run.created_ms();
+        // A run ends once, and only then gets a snapshot, unless its data (input, outputs)
+        // would take too much of the commit: then reads rebuild its view from its history.
+        let snapshot = records::encode(&active.run.view_ref());
+        let view_in_history = snapshot.len() > self.context.store_limits.transaction_bytes_max / SNAPSHOT_SHARE_MAX;
+        if view_in_history {
+            debug!(run = %run_id, bytes = snapshot.len(), "final view too large for a snapshot; kept in its history");
+        } else {
+            batch.writes.insert_chunked(&keys::snapshot(run_id), &snapshot, &self.context.store_limits);
+        }
+        let ended_ms = Some(now);
         let record =
-            RunRecord { flow: plan.name.clone(), version: plan.version, status, created_ms, ended_ms: Some(now) };
+            RunRecord { flow: plan.name.clone(), version: plan.version, status, created_ms, ended_ms, view_in_history };
         batch.writes.set(keys::run(run_id), records::encode(&record));
         batch.writes.clear(keys::active(run_id));
         let parent = active.run.parent().map(|parent| parent.run_id.clone());
         let labels = active.run.labels().cloned().unwrap_or_default();
         let entry = summary(run_id, &record, parent, labels);
         batch.writes.set(keys::created(created_ms, run_id), records::encode(&entry));
-        // A run ends once, and only then gets a snapshot.
-        let snapshot = records::encode(&active.run.view_ref());
-        batch.writes.insert_chunked(&keys::snapshot(run_id), &snapshot, &self.context.store_limits);
         if plan.definition.publish_ended {
             let ended = RunEnded {
                 run_id: run_id.clone(),
@@ -477,14 +484,19 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(RunSignalled { run_id, step, applied, status })
     }
 
-    pub(super) async fn get_run(&self, run_id: &RunId) -> Result<RunView, ApiError> {
+    pub(super) async fn get_run(&mut self, run_id: &RunId) -> Result<RunView, ApiError> {
         if let Some(active) = self.runs.get(run_id) {
             return Ok(active.run.view());
         }
-        match self.store.get_chunked(&keys::snapshot(run_id)).await.map_err(read_failure)? {
-            Some(bytes) => records::decode("run snapshot", &bytes).map_err(internal),
-            None => Err(not_found(run_id)),
+        if let Some(bytes) = self.store.get_chunked(&keys::snapshot(run_id)).await.map_err(read_failure)? {
+            return records::decode("run snapshot", &bytes).map_err(internal);
         }
+        // An ended run whose view was too large for a snapshot (`view_in_history`).
+        self.ended_run(run_id).await?;
+        let replayed = self.replay(run_id, &mut HashMap::new()).await.map_err(|error| {
+            ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
+        })?;
+        Ok(replayed.run.view())
     }
 
     /// Up to `limit` runs of this shard matching `query`, newest first, older than the cursor.
@@ -573,6 +585,11 @@ impl<S: ShardStore> ShardActor<S> {
 }
 
 /// Why a redrive is refused, and what to do instead.
+/// A run's final snapshot may take at most this share of a commit's bytes: the commit
+/// that ends a run also holds the event that ended it (up to a payload's size) and other
+/// runs' events.
+const SNAPSHOT_SHARE_MAX: usize = 4;
+
 /// The error code of an attempt whose worker sent a result the grid does not take (an
 /// output nested too deeply, an unusable error code): the attempt fails with it, so the
 /// run goes on (a catch, a retry) instead of waiting for the attempt's timeout.
