@@ -128,6 +128,37 @@ async fn nats_server_restarted_mid_map_loses_no_item() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// nats-server loses its store (every stream, bucket and shard claim of the grid) while two
+/// coordinators run with tasks waiting: each finds its members bucket gone, leaves, joins
+/// again (making the streams and buckets anew), claims shards and republishes the open
+/// tasks, so every run ends. They used to stay joined to nothing, warning on every
+/// heartbeat, until they were restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_rejoin_when_nats_loses_its_store_and_every_run_ends() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    grid.spawn_coordinator()?;
+    grid.wait_shards_served_by(2, RUN_DEADLINE).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let mut runs = Vec::new();
+    for order in 0..20 {
+        let start = StartRun { flow: "echo-once".into(), input: json!({"order": order}), ..Default::default() };
+        runs.push(client.start(start).await.or_logs(&grid)?.run_id);
+    }
+    grid.restart_nats_empty(Duration::from_millis(300))?;
+    grid.start_workers(&["a"], 8)?;
+    for run_id in &runs {
+        let view = grid.wait_run(&client, run_id, Duration::from_secs(60)).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{:?}\n{}", view.error, grid.logs());
+    }
+    grid.wait_shards_served_by(2, RUN_DEADLINE).await?;
+    let (ok, stdout, stderr) = grid.cli(&["members"])?;
+    assert!(ok && stdout.matches(" alive ").count() == 2, "both coordinators are members again: {stdout}{stderr}");
+    assert!(grid.coordinators.iter_mut().all(|coordinator| !coordinator.has_exited()), "the same processes rejoined");
+    assert!(grid.logs().contains("joining the grid again"), "{}", grid.logs());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;

@@ -116,6 +116,14 @@ impl Grid {
         Ok(())
     }
 
+    /// Kills nats-server, deletes its store (every stream and bucket of the grid) and
+    /// starts it again on the same port: the grid's state in NATS is lost.
+    pub fn restart_nats_empty(&mut self, down_for: Duration) -> Result<()> {
+        self.nats.kill_hard();
+        std::fs::remove_dir_all(self.dir.path().join("nats")).context("delete nats-server's store")?;
+        self.restart_nats(down_for)
+    }
+
     /// nats-server plus one coordinator and demo workers for `pools`.
     pub async fn start(pools: &[&str]) -> Result<Grid> {
         let mut grid = Grid::start_nats()?;

@@ -32,6 +32,10 @@ pub enum Error {
          are replayed from its journal"
     )]
     StoreBroken(String),
+    /// The grid's state in NATS (its streams and buckets) is gone: the server lost its store
+    /// or someone deleted them. The coordinator left; [`crate::run`] joins again.
+    #[error("the grid's streams and buckets are gone from NATS; the coordinator left the grid to join it again")]
+    GridLost,
     /// The metrics endpoint could not start (address in use?): pick another `--metrics-addr`.
     #[error("cannot serve metrics on {addr}: {message}")]
     Metrics { addr: String, message: String },

@@ -34,12 +34,20 @@ const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Runs a coordinator on the embedded store until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
     config.validate().map_err(Error::Config)?;
+    serve_metrics(&config.metrics_addr)?;
     let cache_bytes_per_shard = config.store_cache_mb * 1024 * 1024 / config.shards as usize;
-    let store = RedbStore::open(&config.data_dir, StoreLimits::default())?
-        .with_cache_bytes_per_shard(cache_bytes_per_shard)
-        .with_checkpoint_interval(std::time::Duration::from_millis(config.checkpoint_interval_ms));
-    let store_id = embedded_store_id(store.dir());
-    run_with_store(config, store, store_id, shutdown).await
+    loop {
+        let store = RedbStore::open(&config.data_dir, StoreLimits::default())?
+            .with_cache_bytes_per_shard(cache_bytes_per_shard)
+            .with_checkpoint_interval(std::time::Duration::from_millis(config.checkpoint_interval_ms));
+        let store_id = embedded_store_id(store.dir());
+        match serve(config.clone(), store, store_id, shutdown.clone()).await {
+            Err(Error::GridLost) if !shutdown.is_cancelled() => {
+                warn!("joining the grid again: its streams, buckets and shard claims are made anew");
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 /// What a coordinator on the embedded store in `dir` names its store: the host and the
@@ -59,8 +67,20 @@ pub async fn run_with_store<S: Store>(
     shutdown: CancellationToken,
 ) -> Result<()> {
     config.validate().map_err(Error::Config)?;
-    let started = Instant::now();
     serve_metrics(&config.metrics_addr)?;
+    serve(config, store, store_id, shutdown).await
+}
+
+/// [`run_with_store`] without the metrics endpoint: joins the grid, serves until
+/// `shutdown`, a broken store or the loss of the grid's state in NATS
+/// ([`Error::GridLost`]), then leaves.
+async fn serve<S: Store>(
+    config: CoordinatorConfig,
+    store: S,
+    store_id: String,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let started = Instant::now();
     // Counts connections to NATS: the shard manager drops a bucket watch it was starting
     // when the connection comes back, as the request may have gone out on the dead one.
     let (connections_tx, connections) = tokio::sync::watch::channel(0u64);
@@ -174,7 +194,9 @@ pub async fn run_with_store<S: Store>(
         store: store_id,
         metrics_addr: (config.metrics_addr != "off").then(|| config.metrics_addr.clone()),
     };
-    let membership = Arc::new(Membership::new(members_kv.clone(), record, lease.clone(), table.clone()));
+    let membership =
+        Arc::new(Membership::new(members_kv.clone(), jetstream.clone(), record, lease.clone(), table.clone()));
+    let grid_lost = membership.lost();
     membership.beat().await?;
     let heartbeat_stop = CancellationToken::new();
     let heartbeat_task = tokio::spawn(membership.clone().run(heartbeat_stop.clone()));
@@ -217,9 +239,10 @@ pub async fn run_with_store<S: Store>(
     let mut broken = None;
     tokio::select! {
         _ = shutdown.cancelled() => {}
+        _ = grid_lost.cancelled() => broken = Some(Error::GridLost),
         stopped = &mut manager_task => match stopped {
             // It has handed its shards over already.
-            Ok(Some(failure)) => broken = Some(failure),
+            Ok(Some(failure)) => broken = Some(Error::StoreBroken(failure)),
             _ => error!("the shard manager stopped unexpectedly; leaving the grid"),
         },
     }
@@ -257,7 +280,7 @@ pub async fn run_with_store<S: Store>(
     }
     info!("coordinator stopped");
     match broken {
-        Some(failure) => Err(Error::StoreBroken(failure)),
+        Some(failure) => Err(failure),
         None => Ok(()),
     }
 }

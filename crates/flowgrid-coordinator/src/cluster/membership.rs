@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::{kv, ErrorCode};
 use bytes::Bytes;
 use flowgrid_proto::MemberRecord;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::Lease;
 use crate::clock::now_ms;
@@ -26,6 +27,10 @@ const HEARTBEAT_WRITE_WAIT_MIN: Duration = Duration::from_millis(100);
 
 pub struct Membership {
     kv: kv::Store,
+    jetstream: async_nats::jetstream::Context,
+    /// Cancelled when the members bucket is gone from NATS (its store was lost or
+    /// deleted): the coordinator leaves and joins the grid again, making it anew.
+    lost: CancellationToken,
     lease: Arc<Lease>,
     table: Arc<ShardTable>,
     draining: AtomicBool,
@@ -38,9 +43,17 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn new(kv: kv::Store, record: MemberRecord, lease: Arc<Lease>, table: Arc<ShardTable>) -> Membership {
+    pub fn new(
+        kv: kv::Store,
+        jetstream: async_nats::jetstream::Context,
+        record: MemberRecord,
+        lease: Arc<Lease>,
+        table: Arc<ShardTable>,
+    ) -> Membership {
         Membership {
             kv,
+            jetstream,
+            lost: CancellationToken::new(),
             lease,
             table,
             draining: AtomicBool::new(false),
@@ -98,6 +111,15 @@ impl Membership {
             }
             match tokio::time::timeout(period.max(HEARTBEAT_WRITE_WAIT_MIN), self.beat()).await {
                 Ok(Ok(())) => {}
+                Ok(Err(failure)) if self.bucket_gone().await => {
+                    error!(
+                        error = %failure,
+                        "the grid's members bucket is gone from NATS (its store was lost or deleted); leaving the grid \
+                         to join it again"
+                    );
+                    self.lost.cancel();
+                    return;
+                }
                 Ok(Err(error)) => warn!(error = %error, "member heartbeat failed"),
                 Err(_) => warn!("member heartbeat timed out"),
             }
@@ -110,6 +132,23 @@ impl Membership {
             }
             was_valid = valid;
         }
+    }
+
+    /// Whether NATS says the members bucket's stream does not exist (not merely that it
+    /// cannot be reached).
+    async fn bucket_gone(&self) -> bool {
+        match self.jetstream.get_stream(&self.kv.stream_name).await {
+            Err(error) => matches!(
+                error.kind(),
+                GetStreamErrorKind::JetStream(source) if source.error_code() == ErrorCode::STREAM_NOT_FOUND
+            ),
+            Ok(_) => false,
+        }
+    }
+
+    /// Cancelled once the grid's state in NATS is found gone ([`Membership::run`] stops).
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
     }
 
     /// Whether the shard manager is catching up (its bucket watches not running); a change
