@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flowgrid_engine::ItemCounts;
 use flowgrid_sdk::{ListRuns, RunId, RunStatus, StartRun, StepStatus};
-use flowgrid_tests::{step, Grid};
+use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::{json, Value};
 
 use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
@@ -135,18 +135,28 @@ async fn nats_server_restarted_mid_map_loses_no_item() -> anyhow::Result<()> {
 /// heartbeat, until they were restarted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinators_rejoin_when_nats_loses_its_store_and_every_run_ends() -> anyhow::Result<()> {
-    let mut grid = Grid::start(&[]).await?;
+    let mut grid = Grid::start(&["a"]).await?;
     grid.spawn_coordinator()?;
     grid.wait_shards_served_by(2, RUN_DEADLINE).await?;
     let client = grid.client().await?;
     deploy(&grid, &client, ECHO_FLOW).await?;
+    deploy(&grid, &client, &ECHO_FLOW.replace("echo-once", "echo-b").replace("pool: a", "pool: b")).await?;
+    let start =
+        |flow: &str, order: u32| StartRun { flow: flow.into(), input: json!({"order": order}), ..Default::default() };
+    // Tasks of pool b wait (no worker yet) when the store is lost.
     let mut runs = Vec::new();
-    for order in 0..20 {
-        let start = StartRun { flow: "echo-once".into(), input: json!({"order": order}), ..Default::default() };
-        runs.push(client.start(start).await.or_logs(&grid)?.run_id);
+    for order in 0..10 {
+        runs.push(client.start(start("echo-b", order)).await.or_logs(&grid)?.run_id);
     }
     grid.restart_nats_empty(Duration::from_millis(300))?;
-    grid.start_workers(&["a"], 8)?;
+    // Pool a's workers, there from before, serve runs started after.
+    for order in 0..10 {
+        let started = wait_for("a start after the loss", RUN_DEADLINE, || async {
+            client.start(start("echo-once", order)).await.ok()
+        });
+        runs.push(started.await.or_logs(&grid)?.run_id);
+    }
+    grid.start_workers(&["b"], 8)?;
     for run_id in &runs {
         let view = grid.wait_run(&client, run_id, Duration::from_secs(60)).await?;
         assert_eq!(view.status, RunStatus::Succeeded, "{:?}\n{}", view.error, grid.logs());
