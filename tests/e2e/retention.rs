@@ -33,7 +33,8 @@ async fn ended_runs_past_the_retention_are_deleted_and_running_ones_stay() -> an
     };
     let mut ended = Vec::new();
     for n in 0..5 {
-        let run_id = client.start(start("echo-once", n)).await.or_logs(&grid)?.run_id;
+        let keyed = StartRun { idempotency_key: Some(format!("order-{n}")), ..start("echo-once", n) };
+        let run_id = client.start(keyed).await.or_logs(&grid)?.run_id;
         assert_eq!(grid.wait_run(&client, &run_id, RUN_DEADLINE).await?.status, RunStatus::Succeeded);
         ended.push(run_id);
     }
@@ -53,5 +54,13 @@ async fn ended_runs_past_the_retention_are_deleted_and_running_ones_stay() -> an
     tokio::time::sleep(Duration::from_secs(3)).await;
     let view = client.get(&running).await.or_logs(&grid)?;
     assert_eq!(view.status, RunStatus::Running, "a run that has not ended stays however old it is");
+
+    // A deleted run's idempotency key starts a new run under the same id, whose tasks the
+    // broker must not drop as duplicates of the earlier run's (within its 120 s window).
+    let again = StartRun { idempotency_key: Some("order-0".into()), ..start("echo-once", 0) };
+    let started = client.start(again).await.or_logs(&grid)?;
+    assert!(started.created && started.run_id == ended[0], "{started:?}");
+    let view = grid.wait_run(&client, &started.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     Ok(())
 }

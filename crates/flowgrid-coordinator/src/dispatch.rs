@@ -1,6 +1,7 @@
 //! Publishes dispatched tasks to JetStream, after the commit that dispatched them.
 //!
-//! Each publish carries `Nats-Msg-Id` = the attempt id, so republishing the same attempt
+//! Each publish carries `Nats-Msg-Id` = the attempt id and its run's creation time (a run
+//! made again under the same id is another), so republishing the same attempt
 //! (after a reload, or a retried publish) is dropped by JetStream inside its duplicate
 //! window. Publishes are pipelined through one [`StreamPublisher`] (many acks awaited at
 //! once, bounded). A publish that fails is retried with backoff; if it keeps failing the
@@ -198,7 +199,7 @@ impl Publisher {
             },
         ));
         let reply_to = self.result_subjects.entry(shard).or_insert_with(|| subjects.shard_results(shard.0)).clone();
-        let message_id = task.attempt.message_id();
+        let message_id = format!("{}:{}", task.attempt.message_id(), task.run_created_ms);
         let message = TaskMessage {
             attempt: task.attempt,
             pool: task.pool,

@@ -149,8 +149,12 @@ pub enum TimerKey {
 /// Work for a worker pool: the driver publishes it to the pool's task subject.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskDispatch {
-    /// The attempt; its message id de-duplicates republished tasks.
+    /// The attempt; with `run_created_ms`, its message id de-duplicates republished tasks.
     pub attempt: AttemptId,
+    /// When the attempt's run was created: a run made again under the same id (its
+    /// idempotency key reused after the earlier run was deleted) publishes its tasks
+    /// under message ids of its own, which the broker does not drop as duplicates.
+    pub run_created_ms: Millis,
     /// Worker pool whose task subject carries it.
     pub pool: Arc<str>,
     /// Task name the worker dispatches on.

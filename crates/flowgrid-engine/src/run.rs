@@ -398,6 +398,7 @@ impl Run {
         let spec = steps::task_spec(&self.plan.step(index).kind).expect("only task and map steps dispatch");
         TaskDispatch {
             attempt: self.attempt_id(index, item, slot.attempt),
+            run_created_ms: self.created_ms,
             pool: spec.pool.clone(),
             task: spec.task.clone(),
             input: Arc::clone(&slot.input),

@@ -395,9 +395,11 @@ async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
         }
     };
     let mut headers = async_nats::HeaderMap::new();
+    // A run made again under the id of a deleted one (its idempotency key reused) is
+    // another run: its creation time keeps its end from passing for a duplicate.
     let message_id = match ended.redriven {
-        0 => ended.run_id.to_string(),
-        times => format!("{}/r{times}", ended.run_id),
+        0 => format!("{}:{}", ended.run_id, ended.created_ms),
+        times => format!("{}:{}/r{times}", ended.run_id, ended.created_ms),
     };
     headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
     let subject = client.subjects().run_ended(&ended.flow);
