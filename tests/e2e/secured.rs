@@ -153,12 +153,16 @@ const WORKER_A_PERMISSIONS: &str = r#"{
         subscribe: { allow: ["_INBOX_worker_a.>", "flowgrid.cancels.a", "flowgrid.lanes.a"] }
       }"#;
 
-/// What a service that deploys flows, starts, reads and tails runs, and submits durably needs.
+/// What a service that deploys flows, starts, reads and tails runs, and submits durably
+/// needs; the calls coordinators make of each other are denied.
 const APP_PERMISSIONS: &str = r#"{
         publish: { allow: [
           "flowgrid.api.>", "flowgrid.submit", "$JS.API.STREAM.INFO.FLOWGRID_SUBMIT",
           "$JS.API.STREAM.INFO.FLOWGRID_LIVE", "$JS.API.CONSUMER.CREATE.FLOWGRID_LIVE",
           "$JS.API.CONSUMER.MSG.NEXT.FLOWGRID_LIVE.>"
+        ], deny: [
+          "flowgrid.api.run.start_child", "flowgrid.api.run.child_ended", "flowgrid.api.gate.>",
+          "flowgrid.api.run.admit"
         ] }
         subscribe: { allow: ["_INBOX_app.>"] }
       }"#;
@@ -246,5 +250,15 @@ async fn a_worker_allowed_only_its_pools_subjects_serves_the_pool() -> anyhow::R
         !server_log.contains("Violation"),
         "the worker or the app used a subject its permissions do not allow:\n{server_log}"
     );
+    // The app cannot pass for a coordinator: a child's end it makes up is not delivered.
+    let nats = grid.nats_client().await?;
+    let forged = json!({"parent": review.run_id, "step": "approve", "child": run.run_id, "status": "succeeded"});
+    let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.child_ended");
+    let request = async_nats::Request::new()
+        .payload(serde_json::to_vec(&forged)?.into())
+        .timeout(Some(std::time::Duration::from_secs(1)));
+    assert!(nats.send_request(subject, request).await.is_err(), "a forged child's end was answered");
+    let server_log = grid.nats.log_tail(10_000);
+    assert!(server_log.contains("Publish Violation") && server_log.contains("run.child_ended"), "{server_log}");
     Ok(())
 }
