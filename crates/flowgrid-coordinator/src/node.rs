@@ -34,6 +34,7 @@ const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Runs a coordinator on the embedded store until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<()> {
     config.validate().map_err(Error::Config)?;
+    crate::data_dir::check(&config.data_dir, &config.prefix, config.shards)?;
     serve_metrics(&config.metrics_addr)?;
     let cache_bytes_per_shard = config.store_cache_mb * 1024 * 1024 / config.shards as usize;
     loop {
