@@ -44,6 +44,8 @@ pub fn parse_definition(text: &str, limits: &Limits) -> Result<FlowDefinition> {
             limits.definition_bytes_max
         )));
     }
+    // Editors on Windows may start a file with a byte order mark; it is no part of the text.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.trim_start().starts_with('{') {
         check_json_depth(text, limits.nesting_depth_max)?;
         serde_json::from_str(text).map_err(|error| DefinitionError::Parse(format!("JSON: {error}")))

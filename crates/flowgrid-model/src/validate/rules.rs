@@ -429,13 +429,7 @@ fn check_name(path: &str, what: &str, name: &str, limits: &Limits, issues: &mut 
         push_issue(issues, path, format!("the {what} must not be empty: use letters, digits, `-` and `_`"));
         return;
     }
-    if name.len() > limits.name_bytes_max {
-        push_issue(
-            issues,
-            path,
-            format!("the {what} is {} bytes, over the limit of {}: shorten it", name.len(), limits.name_bytes_max),
-        );
-    }
+    check_length(path, what, name, limits, issues);
     if let Some(bad) = name.chars().find(|&character| !is_name_character(character)) {
         push_issue(
             issues,
@@ -448,20 +442,26 @@ fn check_name(path: &str, what: &str, name: &str, limits: &Limits, issues: &mut 
 /// Step ids are read in expressions as `steps.<id>`, so they must be identifiers:
 /// a letter or `_`, then letters, digits and `_`, and not a keyword of the expression language.
 fn check_step_id(path: &str, id: &str, limits: &Limits, issues: &mut Vec<Issue>) {
-    check_name(path, "step id", id, limits, issues);
-    if id.is_empty() || id.len() > limits.name_bytes_max {
+    if id.is_empty() {
+        push_issue(issues, path, "the step id must not be empty: use letters, digits and `_`".to_owned());
         return;
     }
-    let starts_well = id.chars().next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_');
-    let identifier = starts_well && id.chars().all(|character| character.is_ascii_alphanumeric() || character == '_');
-    if !identifier {
-        let suggestion: String = id.chars().map(|character| if character == '-' { '_' } else { character }).collect();
+    if !check_length(path, "step id", id, limits, issues) {
+        return;
+    }
+    if !is_identifier(id) {
+        // The id with every other character as `_`, and a letter first.
+        let mut suggestion: String =
+            id.chars().map(|character| if character.is_ascii_alphanumeric() { character } else { '_' }).collect();
+        if !suggestion.starts_with(|first: char| first.is_ascii_alphabetic()) {
+            suggestion.insert_str(0, "step_");
+        }
         push_issue(
             issues,
             path,
             format!(
                 "the step id `{id}` is not an identifier, so expressions cannot read it as `steps.{id}`: start with a \
-                 letter or `_` and use only letters, digits and `_` (e.g. `{suggestion}`)"
+                 letter or `_` and use only ASCII letters, digits and `_` (e.g. `{suggestion}`)"
             ),
         );
     } else if is_expression_keyword(id) {
@@ -471,6 +471,26 @@ fn check_step_id(path: &str, id: &str, limits: &Limits, issues: &mut Vec<Issue>)
             format!("the step id `{id}` is a keyword of the expression language: choose another id"),
         );
     }
+}
+
+/// Whether `id` is an identifier of the expression language: an ASCII letter or `_`, then
+/// ASCII letters, digits and `_`.
+fn is_identifier(id: &str) -> bool {
+    let starts_well = id.chars().next().is_some_and(|first| first.is_ascii_alphabetic() || first == '_');
+    starts_well && id.chars().all(|character| character.is_ascii_alphanumeric() || character == '_')
+}
+
+/// Refuses a name over the length limit; `true` when it is within it.
+fn check_length(path: &str, what: &str, name: &str, limits: &Limits, issues: &mut Vec<Issue>) -> bool {
+    if name.len() <= limits.name_bytes_max {
+        return true;
+    }
+    push_issue(
+        issues,
+        path,
+        format!("the {what} is {} bytes, over the limit of {}: shorten it", name.len(), limits.name_bytes_max),
+    );
+    false
 }
 
 /// Reserved words of the expression language (Rhai) that cannot follow `steps.`.

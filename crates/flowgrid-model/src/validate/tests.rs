@@ -82,6 +82,9 @@ fn yaml_and_json_parse_to_the_same_model() {
     assert_eq!(parse(&json), from_yaml);
     assert_eq!(from_yaml.steps.len(), 6);
     validate(&from_yaml, &evaluator(), &limits()).unwrap();
+    // A byte order mark before either (a file saved by some editors) is no part of it.
+    assert_eq!(parse(&format!("\u{feff}{MEDIA_FLOW}")), from_yaml);
+    assert_eq!(parse(&format!("\u{feff}{json}")), from_yaml);
 }
 
 #[test]
@@ -156,7 +159,7 @@ fn plan_applies_defaults_and_keeps_settings() {
 fn names_are_checked() {
     let issues = issues_of("name: 'bad name'\nsteps:\n  - {id: 'a.b', kind: task, pool: 'p.*', task: ''}\n");
     assert_issue(&issues, "name", "use only letters, digits");
-    assert_issue(&issues, "steps[0](a.b).id", "contains '.'");
+    assert_issue(&issues, "steps[0](a.b).id", "not an identifier");
     assert_issue(&issues, "steps[0](a.b).pool", "no dots, spaces or wildcards");
     assert_issue(&issues, "steps[0](a.b).task", "must not be empty");
     let issues = issues_of(&format!("name: ''\nsteps:\n  - {{id: {}, kind: succeed}}\n", "x".repeat(200)));
@@ -380,7 +383,12 @@ fn step_ids_must_be_identifiers_readable_in_expressions() {
     let issues = issues_of(&with_id("resize-img"));
     assert_issue(&issues, "steps[0](resize-img).id", "e.g. `resize_img`");
     let issues = issues_of(&with_id("'2nd'"));
-    assert_issue(&issues, "steps[0](2nd).id", "not an identifier");
+    assert_issue(&issues, "steps[0](2nd).id", "e.g. `step_2nd`");
+    // One issue, suggesting a valid id, and no word of `-` (which no step id may hold).
+    let issues = issues_of(&with_id("été"));
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_issue(&issues, "steps[0](été).id", "e.g. `step__t_`");
+    assert!(!issues[0].message.contains('-'), "{issues:?}");
     let issues = issues_of(&with_id("loop"));
     assert_issue(&issues, "steps[0](loop).id", "keyword");
     assert!(validate(&parse(&with_id("_resize_img2")), &evaluator(), &limits()).is_ok());
