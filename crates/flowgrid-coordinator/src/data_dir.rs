@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::error::{Error, Result};
 
@@ -20,7 +21,8 @@ struct GridFile {
 }
 
 /// Refuses a data directory of another grid (another prefix) or shard count; records the
-/// grid in a directory that names none yet. A directory written before this file existed
+/// grid in a directory that names none yet (a file it cannot write is left for a later
+/// start). A directory written before this file existed
 /// is judged by its shard files: one numbered past `shards` means another count.
 pub fn check(dir: &Path, prefix: &str, shards: u32) -> Result<()> {
     let path = dir.join(GRID_FILE);
@@ -41,11 +43,16 @@ pub fn check(dir: &Path, prefix: &str, shards: u32) -> Result<()> {
                     dir.display()
                 )));
             }
-            std::fs::create_dir_all(dir)
-                .and_then(|()| {
-                    std::fs::write(&path, serde_json::to_vec_pretty(&wanted).expect("the grid file encodes"))
-                })
-                .map_err(|error| Error::Config(format!("cannot write {}: {error}", path.display())))
+            let written = std::fs::create_dir_all(dir).and_then(|()| {
+                std::fs::write(&path, serde_json::to_vec_pretty(&wanted).expect("the grid file encodes"))
+            });
+            if let Err(error) = written {
+                // A full disk, say: the store says so when it needs room, and waits for it;
+                // the file is written at a later start.
+                let _ = std::fs::remove_file(&path);
+                warn!(path = %path.display(), error = %error, "cannot record the grid in its data directory yet");
+            }
+            Ok(())
         }
         Err(error) => Err(Error::Config(format!("cannot read {}: {error}", path.display()))),
     }
