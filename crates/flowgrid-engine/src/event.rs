@@ -115,7 +115,8 @@ pub enum Applied {
 pub struct TaskError {
     /// Machine-readable code; retry policies and catches match on it.
     pub code: String,
-    /// What went wrong, for people.
+    /// What went wrong, for people (empty when a worker gave none).
+    #[serde(default)]
     pub message: String,
     /// `false` means never retry, whatever the policy says.
     #[serde(default = "default_true")]
