@@ -52,7 +52,25 @@ impl Session {
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
+/// `flowgrid run list | head`: once the reader has gone, printing to stdout or stderr
+/// fails; the command then ends quietly with the status a shell gives a process its pipe
+/// closed on (141), as other Unix tools do, instead of a panic and its message.
+fn end_quietly_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
+        if message
+            .is_some_and(|message| message.starts_with("failed printing to std") && message.contains("Broken pipe"))
+        {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 pub fn main() -> ExitCode {
+    end_quietly_on_closed_pipe();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
