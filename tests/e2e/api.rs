@@ -661,7 +661,7 @@ async fn a_start_whose_input_does_not_match_the_input_schema_is_refused_and_star
 /// which reloaded the shard again and again and left the runs running for good; and ten
 /// results of 1 MB at once went into one commit. Now they succeed, and their views are
 /// rebuilt from their histories when read.
-const WIDE_FLOWS: [&str; 2] = [
+const WIDE_FLOWS: [&str; 3] = [
     r#"
 name: wide-chain
 steps:
@@ -681,6 +681,8 @@ output: steps.each.output
 steps:
   - { id: each, kind: map, items: input.items, pool: a, task: echo, input: input.text }
 "#,
+    // Its 2.8 MB output cannot be passed on to a parent: the parent's step fails saying so.
+    "name: wide-parent\nsteps:\n  - { id: child, kind: subflow, flow: wide-map }\n",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -704,6 +706,16 @@ async fn runs_whose_data_adds_up_past_a_commit_end_and_are_read_back() -> anyhow
     let view = grid.wait_run(&client, &map.run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{:?}\n{}", view.error, grid.logs());
     assert_eq!(view.output, Some(json!([text, text, text, text])), "the view rebuilt from the history holds the data");
+    let parent = client.start(start("wide-parent", json!({"items": [0, 1, 2, 3], "text": text}), None)).await?;
+    let view = grid.wait_run(&client, &parent.run_id, RUN_DEADLINE).await?;
+    let error = view.error.as_ref().map(|error| (error.code.as_str(), error.message.as_str()));
+    assert!(
+        view.status == RunStatus::Failed
+            && error
+                .is_some_and(|(code, message)| code == "payload_too_large" && message.contains("the run's output is")),
+        "{:?}",
+        view.error
+    );
     let brief = wait_for("the chain to end", RUN_DEADLINE, || async {
         let brief = client.get_without_data(&chain.run_id).await.ok()?;
         (brief.status != RunStatus::Running).then_some(brief)

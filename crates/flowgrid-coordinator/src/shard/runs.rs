@@ -295,6 +295,21 @@ impl<S: ShardStore> ShardActor<S> {
         let labels = active.run.labels().cloned().unwrap_or_default();
         let entry = summary(run_id, &record, parent, labels);
         batch.writes.set(keys::created(created_ms, run_id), records::encode(&entry));
+        // What a parent or the run-ends stream is told: an output over the payload limit
+        // (whose view is over it too) is told as an error, so that no message or commit
+        // carries more than a payload.
+        let payload_max = self.context.plans.limits().payload_bytes_max;
+        let (output, error) = match active.run.output() {
+            Some(output) if snapshot.len() > payload_max && records::encode(output).len() > payload_max => {
+                let bytes = records::encode(output).len();
+                let message = format!(
+                    "the run's output is {bytes} bytes, over the limit of {payload_max} a run passes on: give the flow \
+                     an `output` expression that picks what its caller needs, or pass large data by reference"
+                );
+                (None, Some(TaskError { code: "payload_too_large".to_owned(), message, retryable: false }))
+            }
+            output => (output.cloned(), active.run.error().cloned()),
+        };
         if plan.definition.publish_ended {
             let ended = RunEnded {
                 run_id: run_id.clone(),
@@ -303,22 +318,24 @@ impl<S: ShardStore> ShardActor<S> {
                 status,
                 created_ms,
                 ended_ms: now,
-                output: active.run.output().cloned(),
-                error: active.run.error().cloned(),
+                output: output.clone(),
+                error: error.clone(),
                 redriven: active.run.redriven().map_or(0, |redriven| redriven.times),
             };
             self.send_after_commit(OutboxRecord::RunEnded(ended), batch);
         }
         self.give_slot_back(&active.run, batch);
         if let Some(parent) = active.run.parent() {
+            // A child whose output cannot be passed on fails its parent's step.
+            let status = if error.is_some() && status == RunStatus::Succeeded { RunStatus::Failed } else { status };
             let ended = ChildRunEnded {
                 parent: parent.run_id.clone(),
                 step: parent.step.clone(),
                 item: parent.item,
                 child: run_id.clone(),
                 status,
-                output: active.run.output().cloned(),
-                error: active.run.error().cloned(),
+                output,
+                error,
                 refused: false,
             };
             self.send_after_commit(OutboxRecord::ChildEnded(ended), batch);
