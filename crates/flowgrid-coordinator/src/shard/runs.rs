@@ -299,16 +299,21 @@ impl<S: ShardStore> ShardActor<S> {
         // (whose view is over it too) is told as an error, so that no message or commit
         // carries more than a payload.
         let payload_max = self.context.plans.limits().payload_bytes_max;
-        let (output, error) = match active.run.output() {
-            Some(output) if snapshot.len() > payload_max && records::encode(output).len() > payload_max => {
-                let bytes = records::encode(output).len();
+        let output_over = active
+            .run
+            .output()
+            .filter(|_| snapshot.len() > payload_max)
+            .map(|output| records::encode(output).len())
+            .filter(|&bytes| bytes > payload_max);
+        let (output, error) = match output_over {
+            Some(bytes) => {
                 let message = format!(
                     "the run's output is {bytes} bytes, over the limit of {payload_max} a run passes on: give the flow \
                      an `output` expression that picks what its caller needs, or pass large data by reference"
                 );
                 (None, Some(TaskError { code: "payload_too_large".to_owned(), message, retryable: false }))
             }
-            output => (output.cloned(), active.run.error().cloned()),
+            None => (active.run.output().cloned(), active.run.error().cloned()),
         };
         if plan.definition.publish_ended {
             let ended = RunEnded {
@@ -601,7 +606,6 @@ impl<S: ShardStore> ShardActor<S> {
     }
 }
 
-/// Why a redrive is refused, and what to do instead.
 /// A run's final snapshot may take at most this share of a commit's bytes: the commit
 /// that ends a run also holds the event that ended it (up to a payload's size) and other
 /// runs' events.
@@ -610,7 +614,7 @@ const SNAPSHOT_SHARE_MAX: usize = 4;
 /// The error code of an attempt whose worker sent a result the grid does not take (an
 /// output nested too deeply, an unusable error code): the attempt fails with it, so the
 /// run goes on (a catch, a retry) instead of waiting for the attempt's timeout.
-pub const INVALID_OUTPUT: &str = "invalid_output";
+const INVALID_OUTPUT: &str = "invalid_output";
 
 fn invalid_output(problem: String) -> TaskError {
     TaskError { code: INVALID_OUTPUT.to_owned(), message: problem, retryable: false }
@@ -652,6 +656,7 @@ fn cut(text: &str) -> String {
     }
 }
 
+/// Why a redrive is refused, and what to do instead.
 fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
     match refused {
         RedriveRefused::Going => ApiError::new(
