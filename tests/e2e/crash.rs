@@ -199,6 +199,9 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
     assert!(resubmitted.duplicate, "a republish with the same key is dropped by JetStream: {resubmitted:?}");
     let unanswered = client.clone().with_retry_budget(Duration::ZERO).flows().await;
     assert!(unanswered.is_err_and(|error| error.is_no_responders()), "no coordinator should be serving");
+    // The CLI cannot ask whether the flow is deployed, and submits all the same.
+    let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-once", "--idempotency-key", "submit-7"])?;
+    assert!(ok && stdout.trim() == submitted.run_id.as_str(), "{stdout}{stderr}");
 
     grid.start_coordinator().await?;
     let deadline = tokio::time::Instant::now() + RUN_DEADLINE;
@@ -219,6 +222,10 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
     assert_eq!(view.flow, "echo-once");
     let runs = client.list(ListRuns { flow: Some("echo-once".into()), ..Default::default() }).await?;
     assert_eq!(runs.runs.len(), 1, "two submits with one key start one run: {runs:?}");
+    // With a coordinator to ask, the CLI refuses to submit a run of a flow that is not
+    // deployed (the coordinator taking it would drop it, telling no one).
+    let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-twice"])?;
+    assert!(!ok && stderr.contains("echo-twice") && stderr.contains("deploy it first"), "{stdout}{stderr}");
     Ok(())
 }
 

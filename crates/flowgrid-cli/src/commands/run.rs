@@ -198,7 +198,9 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         RunCommand::Pause { runs, reason } => pause_or_resume(client, true, runs, reason, session).await,
         RunCommand::Resume { runs, reason } => pause_or_resume(client, false, runs, reason, session).await,
         RunCommand::Submit { flow, version, input } => {
-            let submitted = client.submit(start_request(flow, version, input)?).await?;
+            let request = start_request(flow, version, input)?;
+            check_deployed(client, &request.flow, version).await?;
+            let submitted = client.submit(request).await?;
             if session.json {
                 print_json(&json!({
                     "run_id": submitted.run_id,
@@ -354,6 +356,21 @@ async fn selected_runs(
         }
         None => run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect(),
     })
+}
+
+/// How long `run submit` waits for a coordinator to say whether the flow is deployed.
+const SUBMIT_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Refuses to submit a run of a flow (or version) the grid says is not deployed: the
+/// coordinator that takes the submission would drop it, telling no one. With no
+/// coordinator answering in time (the case durable submits are for), it is submitted.
+async fn check_deployed(client: &Client, flow: &str, version: Option<u32>) -> anyhow::Result<()> {
+    match tokio::time::timeout(SUBMIT_CHECK_WAIT, client.flow(flow, version)).await {
+        Ok(Err(flowgrid_sdk::Error::Api(refusal))) if refusal.code == flowgrid_sdk::ErrorCode::NotFound => {
+            anyhow::bail!("{}: deploy it first (`flowgrid flow deploy FILE`), then submit", refusal.message)
+        }
+        _ => Ok(()),
+    }
 }
 
 fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow::Result<StartRun> {
