@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flowgrid_sdk::{ErrorCode, RunId, RunStatus, StartRun, StepStatus};
-use flowgrid_tests::{step, Grid};
+use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::json;
 
 use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
@@ -85,6 +85,20 @@ async fn a_paused_run_holds_its_next_step_across_a_crash_until_it_is_resumed() -
     assert_eq!(view.paused, None);
     let (ok, stdout, _) = grid.cli(&["run", "pause", run_id.as_str()])?;
     assert!(ok && stdout.contains("had already ended: succeeded"), "{stdout}");
+
+    // A resume that lets the last (instant) steps go ends the run at once: it says so.
+    let short = "name: short\nsteps:\n  - { id: w, kind: wait, duration_ms: 300 }\n  - { id: x, kind: transform, after: [w], output: '1' }\n";
+    deploy(&grid, &client, short).await?;
+    let run = client.start(StartRun { flow: "short".into(), ..Default::default() }).await.or_logs(&grid)?;
+    let (ok, stdout, _) = grid.cli(&["run", "pause", run.run_id.as_str()])?;
+    assert!(ok && stdout.contains("is paused"), "{stdout}");
+    wait_for("the wait to end, holding x", RUN_DEADLINE, || async {
+        let view = client.get(&run.run_id).await.ok()?;
+        view.paused.filter(|paused| paused.held == ["x"]).map(|_| ())
+    })
+    .await?;
+    let (ok, stdout, _) = grid.cli(&["run", "resume", run.run_id.as_str()])?;
+    assert!(ok && stdout.contains("resumed and ended: succeeded"), "{stdout}");
     Ok(())
 }
 

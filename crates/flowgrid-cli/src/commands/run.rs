@@ -285,6 +285,9 @@ async fn pause_or_resume(
         let outcome = if pause { client.pause(run_id, reason).await? } else { client.resume(run_id, reason).await? };
         if session.json {
             print_json(&outcome)?;
+        } else if outcome.status.is_terminal() && outcome.applied {
+            // A resume that let the run's held steps go, and it ended at once.
+            outln!("run {} {verb}d and ended: {}", outcome.run_id, outcome.status.as_str())?;
         } else if outcome.status.is_terminal() {
             outln!("run {} had already ended: {}; nothing changed", outcome.run_id, outcome.status.as_str())?;
         } else {
