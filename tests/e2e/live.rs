@@ -1,6 +1,8 @@
 //! Live output: what a worker emits while its attempt runs reaches `flowgrid run tail`,
 //! `Client::tail` and the web UI, in order, while the run goes and after it ended.
 
+use std::time::Duration;
+
 use flowgrid_sdk::{RunStatus, StartRun};
 use flowgrid_tests::{header, http_exchange, http_get, http_post_json, wait_for, Grid};
 use futures::StreamExt;
@@ -193,5 +195,21 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     assert_eq!((status, header(&headers, "access-control-allow-origin")), (200, None), "{headers:?}");
     let (ok, _, errors) = grid.cli(&["ui", "--api-cors-origin", "app.example.com"])?;
     assert!(!ok && errors.contains("\"app.example.com\" is not an origin"), "{errors}");
+    // No other site may frame the pages.
+    let (_, headers, _) = http_exchange(&cors, "GET", "/", &[], None)?;
+    assert_eq!(header(&headers, "x-frame-options"), Some("DENY"), "{headers:?}");
+    assert_eq!(header(&headers, "content-security-policy"), Some("frame-ancestors 'none'"), "{headers:?}");
+
+    // SIGTERM stops the UI at once even while a live stream follows a run that goes on.
+    let (_, body) = http_post_json(&cors, "/api/runs", r#"{"flow": "approval"}"#, Some(API_TOKEN))?;
+    let going: Value = serde_json::from_str(&body)?;
+    let mut stream = std::net::TcpStream::connect(&cors)?;
+    let request = format!("GET /api/runs/{}/live HTTP/1.1\r\nHost: ui\r\n\r\n", going["run_id"].as_str().unwrap_or(""));
+    std::io::Write::write_all(&mut stream, request.as_bytes())?;
+    let mut first = [0u8; 64];
+    let read = std::io::Read::read(&mut stream, &mut first)?;
+    assert!(first[..read].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..read]));
+    let ui = grid.workers.last_mut().expect("the last UI started");
+    assert!(ui.stop(Duration::from_secs(8)), "the UI did not stop by itself within 8 s\n{}", grid.logs());
     Ok(())
 }

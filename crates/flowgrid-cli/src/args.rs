@@ -329,7 +329,7 @@ pub enum RunCommand {
         #[arg(long)]
         after: Option<u64>,
         /// Print at most this many records (default: all).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
     },
     /// Print a run's steps as they start, retry and end, until the run ends (exit 0 if it

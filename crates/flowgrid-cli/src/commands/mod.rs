@@ -25,6 +25,7 @@ use crate::args::{Command, FlowCommand, PoolCommand};
 use crate::Session;
 
 pub(crate) use grid::{not_joined_hint, status_text, GridReader, NotJoined};
+pub(crate) use serve::interrupted;
 pub(crate) use tail::{follow as follow_live_output, piece_json};
 
 pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Result<ExitCode> {

@@ -129,7 +129,8 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
 }
 
-async fn interrupted() -> std::io::Result<()> {
+/// Waits for ctrl-c or SIGTERM.
+pub(crate) async fn interrupted() -> std::io::Result<()> {
     #[cfg(unix)]
     {
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::http::header::{CONTENT_SECURITY_POLICY, X_FRAME_OPTIONS};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Form;
@@ -22,6 +23,7 @@ use futures::{StreamExt, TryStreamExt};
 use maud::Markup;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use flowgrid_model::RunId;
 use flowgrid_proto::{ListRuns, LiveOutput, StartRun};
@@ -40,6 +42,8 @@ const BODY_BYTES_MAX: usize = 6 << 20;
 const RECENT_RUNS: u32 = 20;
 /// Runs on one page of the runs list.
 const RUNS_PAGE: u32 = 50;
+/// How long a stop (ctrl-c, SIGTERM) waits for requests under way.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a run's page waits for the live output it shows.
 const LIVE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -95,6 +99,12 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
         .route("/runs/{run_id}/resume", post(resume))
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page") })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+        // No other site may show these pages in a frame (and trick a click on a button).
+        .layer(SetResponseHeaderLayer::overriding(X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
+        .layer(SetResponseHeaderLayer::overriding(
+            CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("frame-ancestors 'none'"),
+        ))
         .with_state(ui);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -104,15 +114,24 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
     let api = if api_on { "changes with its token" } else { "read-only" };
     eprintln!(
         "flowgrid UI on http://{address}/ ({mode}), HTTP API on http://{address}/api/ ({api}; NATS {}, prefix {:?}); \
-         ctrl-c stops it",
+         ctrl-c or SIGTERM stops it",
         session.nats_url, session.prefix
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("the UI server failed")?;
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopping.clone().cancelled_owned());
+    let stop = async {
+        if crate::commands::interrupted().await.is_err() {
+            return std::future::pending().await;
+        }
+        // Requests under way finish; a live stream (which follows a run up to an hour)
+        // does not hold the stop longer than this.
+        stopping.cancel();
+        tokio::time::sleep(STOP_WAIT).await;
+    };
+    tokio::select! {
+        served = server => served.context("the UI server failed")?,
+        () = stop => eprintln!("stopped; live streams still open were cut"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
