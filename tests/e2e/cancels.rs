@@ -118,5 +118,10 @@ async fn the_cli_cancels_the_runs_of_a_flow_that_match_its_filter() -> anyhow::R
     let (ok, _, stderr) = grid.cli(&["run", "cancel", initech.as_str(), "--label", "customer=acme"])?;
     assert!(!ok && stderr.contains("go with --flow"), "{stderr}");
     assert_eq!(client.get(&initech).await?.status, RunStatus::Running, "a refused command changes nothing");
+    // Cancelling runs that are cancelled already changes nothing, and says so.
+    let (ok, stdout, stderr) = grid.cli(&["run", "cancel", acme[0].as_str(), acme[1].as_str()])?;
+    assert!(ok && stdout.contains("cancelled 0 of 2 run(s) (2 as they were)"), "{stdout}{stderr}");
+    let (ok, stdout, _) = grid.cli(&["run", "cancel", acme[0].as_str()])?;
+    assert!(ok && stdout.contains("had already ended: cancelled"), "{stdout}");
     Ok(())
 }

@@ -421,6 +421,14 @@ pub struct RunCancelled {
     pub run_id: RunId,
     /// The run's status after the request (`cancelled`, or the status it had already ended in).
     pub status: RunStatus,
+    /// Whether this request cancelled the run (`false`: it had ended, cancelled or not,
+    /// before). A coordinator of an earlier version does not say; read as `true`.
+    #[serde(default = "applied_unless_said")]
+    pub applied: bool,
+}
+
+fn applied_unless_said() -> bool {
+    true
 }
 
 /// `<prefix>.api.run.redrive`: runs a run that ended again, from the steps that did not

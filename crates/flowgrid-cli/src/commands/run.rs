@@ -137,14 +137,14 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 let reason = reason.as_str();
                 return for_each_run(runs, verb, "", session, |run_id| async move {
                     let cancelled = client.cancel(&run_id, reason).await;
-                    (run_id, cancelled.map(|cancelled| cancelled.status == RunStatus::Cancelled))
+                    (run_id, cancelled.map(|cancelled| cancelled.applied))
                 })
                 .await;
             }
             let cancelled = client.cancel(&runs.remove(0), reason).await?;
             if session.json {
                 print_json(&cancelled)?;
-            } else if cancelled.status == RunStatus::Cancelled {
+            } else if cancelled.applied {
                 outln!("run {} is cancelled", cancelled.run_id)?;
             } else {
                 outln!("run {} had already ended: {}", cancelled.run_id, cancelled.status.as_str())?;

@@ -375,12 +375,12 @@ impl<S: ShardStore> ShardActor<S> {
     ) -> Result<RunCancelled, ApiError> {
         if self.runs.contains_key(&run_id) {
             let reason = if reason.is_empty() { "cancelled through the API".to_owned() } else { reason };
-            self.apply_event(&run_id, Event::CancelRequested { reason }, now_ms(), batch);
+            let applied = self.apply_event(&run_id, Event::CancelRequested { reason }, now_ms(), batch);
             let status = self.runs.get(&run_id).map(|active| active.run.status()).unwrap_or(RunStatus::Cancelled);
-            return Ok(RunCancelled { run_id, status });
+            return Ok(RunCancelled { run_id, status, applied });
         }
         let status = self.ended_run(&run_id).await?.status;
-        Ok(RunCancelled { run_id, status })
+        Ok(RunCancelled { run_id, status, applied: false })
     }
 
     /// Redrives a run that ended (from the steps named in the request, if any): rebuilds it
