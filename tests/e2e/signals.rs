@@ -63,6 +63,12 @@ async fn the_first_signal_goes_on_with_its_data_and_a_repeat_changes_nothing() -
 
     let after_end = client.signal(&run_id, "approve", Value::Null).await.or_logs(&grid)?;
     assert_eq!((after_end.applied, after_end.status), (false, RunStatus::Succeeded), "{after_end:?}");
+    // A step the ended run does not have, or one that waits for no signal, is refused as
+    // on a run that goes.
+    for (target, code) in [("nope", ErrorCode::NotFound), ("publish", ErrorCode::InvalidRequest)] {
+        let error = client.signal(&run_id, target, Value::Null).await.expect_err("refused");
+        assert_eq!(refusal(&error).code, code, "{target}: {error:?}");
+    }
     Ok(())
 }
 

@@ -24,7 +24,7 @@ pub use event::{
     Applied, CacheLookup, ChildStart, Effect, Event, HandlerStart, RedriveRefused, SignalRefused, TaskDispatch,
     TaskError, TimerKey,
 };
-pub use run::{Run, RunStart};
+pub use run::{signal_step_refused, Run, RunStart};
 pub use view::{Delayed, ItemCounts, Paused, Queued, Redriven, RunStatus, RunView, RunViewRef, StepStatus, StepView};
 
 #[cfg(test)]

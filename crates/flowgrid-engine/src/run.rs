@@ -34,6 +34,7 @@ mod results;
 mod retry;
 mod scope;
 mod signals;
+pub use signals::signal_step_refused;
 mod state;
 mod steps;
 mod subflows;

@@ -151,7 +151,7 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(ActiveRun { run, next_seq })
     }
 
-    async fn pinned_plan(&mut self, flow: &str, version: u32) -> Result<Arc<FlowPlan>> {
+    pub(super) async fn pinned_plan(&mut self, flow: &str, version: u32) -> Result<Arc<FlowPlan>> {
         if let Some(plan) = self.context.plans.get(flow, version) {
             self.pinned.insert((flow.to_owned(), version));
             return Ok(plan);

@@ -491,8 +491,16 @@ impl<S: ShardStore> ShardActor<S> {
         batch: &mut Batch,
     ) -> Result<RunSignalled, ApiError> {
         let Some(active) = self.runs.get(&run_id) else {
-            let status = self.ended_run(&run_id).await?.status;
-            return Ok(RunSignalled { run_id, step, applied: false, status });
+            // An ended run takes no signal, but a step it does not have (or that waits for
+            // none) is refused as on a run that goes: a typo is no harmless no-op.
+            let record = self.ended_run(&run_id).await?;
+            let plan = self.pinned_plan(&record.flow, record.version).await.map_err(internal)?;
+            if let Some(error) = flowgrid_engine::signal_step_refused(&plan, &step)
+                .and_then(|refused| signal_refusal(&run_id, &step, &refused))
+            {
+                return Err(error);
+            }
+            return Ok(RunSignalled { run_id, step, applied: false, status: record.status });
         };
         let applied = match active.run.signal_refused(&step) {
             None => self.apply_event(&run_id, Event::SignalReceived { step: step.clone(), data }, now_ms(), batch),

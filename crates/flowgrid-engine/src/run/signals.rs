@@ -7,13 +7,22 @@
 //! over (or once one is kept) changes nothing and says why ([`SignalRefused`]), so a
 //! sender can tell a repeated signal from a mistake.
 
-use flowgrid_model::{PlanStepKind, StepIndex};
+use flowgrid_model::{FlowPlan, PlanStepKind, StepIndex};
 use serde_json::Value;
 
 use super::resolve::Resolution;
 use super::state::Work;
 use super::{Context, Run};
 use crate::{Applied, Effect, SignalRefused, StepStatus, TaskError, TimerKey};
+
+/// Why no run of `plan` takes a signal for `step`, whatever its state: the flow has no
+/// such step, or it is no `signal` step.
+pub fn signal_step_refused(plan: &FlowPlan, step: &str) -> Option<SignalRefused> {
+    let Some(index) = plan.step_index(step) else { return Some(SignalRefused::NoSuchStep) };
+    let kind = &plan.step(index).kind;
+    (!matches!(kind, PlanStepKind::Signal { .. }))
+        .then(|| SignalRefused::NotASignalStep { kind: super::kind_name(kind) })
+}
 
 impl Run {
     /// Starts signal step `index`: it takes the signal kept for it, else it waits, until
@@ -33,11 +42,11 @@ impl Run {
 
     /// Why the run would not take a signal for `step` now; `None` when it would.
     pub fn signal_refused(&self, step: &str) -> Option<SignalRefused> {
-        let Some(index) = self.plan.step_index(step) else { return Some(SignalRefused::NoSuchStep) };
-        let kind = &self.plan.step(index).kind;
-        if !matches!(kind, PlanStepKind::Signal { .. }) {
-            return Some(SignalRefused::NotASignalStep { kind: super::kind_name(kind) });
+        if let Some(refused) = signal_step_refused(&self.plan, step) {
+            return Some(refused);
         }
+        let index = self.plan.step_index(step).expect("checked: the flow has the step");
+        let kind = &self.plan.step(index).kind;
         let keep_early = matches!(kind, PlanStepKind::Signal { keep_early: true, .. });
         let state = &self.steps[usize::from(index)];
         match (&state.work, state.status) {
