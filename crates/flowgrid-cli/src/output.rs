@@ -72,13 +72,31 @@ impl Table {
 const CELL_CHARS_MAX: usize = 200;
 
 fn shown(cell: &str) -> Cow<'_, str> {
+    let cell = printable(cell);
     match cell.char_indices().nth(CELL_CHARS_MAX) {
-        None => Cow::Borrowed(cell),
+        None => cell,
         Some(_) => {
             let cut = cell.char_indices().nth(CELL_CHARS_MAX - 1).map_or(cell.len(), |(at, _)| at);
             Cow::Owned(format!("{}…", &cell[..cut]))
         }
     }
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): what a run's labels, a
+/// worker's error or a reason hold is shown on one line, and cannot move the cursor,
+/// colour the terminal or pass for a line of the command's own.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|character| match character.is_control() {
+                true => character.escape_default().to_string(),
+                false => character.to_string(),
+            })
+            .collect(),
+    )
 }
 
 /// Writes command output to stdout. A reader that stopped reading (`flowgrid run list |
@@ -280,6 +298,15 @@ mod tests {
         };
         flow.schedule = Some(berlin);
         assert_eq!(started_by(&flow), "cron 0 9 * * 1-5 (Europe/Berlin), stream ORDERS (paused)");
+    }
+
+    #[test]
+    fn control_characters_in_cells_and_texts_are_escaped() {
+        assert_eq!(printable("a\nstatus    succeeded\u{1b}[31mRED"), "a\\nstatus    succeeded\\u{1b}[31mRED");
+        assert!(matches!(printable("plain é"), Cow::Borrowed("plain é")));
+        let mut table = Table::new(&["LABEL"]);
+        table.row(vec!["x\ny".to_owned()]);
+        assert_eq!(table.render(), "LABEL\nx\\ny\n");
     }
 
     #[test]

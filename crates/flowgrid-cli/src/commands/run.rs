@@ -15,7 +15,7 @@ use super::grid::pool_backlogs;
 use super::many::{for_each_run, matching_runs, Verb};
 use crate::args::{signal_target, RunCommand, RunInput, RunSelection, SignalTarget, TaskCommand};
 use crate::grid_view::no_worker_hint;
-use crate::output::{self, duration_ms, item_counts, now_ms, out, outln, print_json, span, utc_time, Table};
+use crate::output::{self, duration_ms, item_counts, now_ms, out, outln, print_json, printable, span, utc_time, Table};
 use crate::Session;
 
 pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
@@ -558,13 +558,14 @@ pub(super) fn render_run(view: &RunView) -> String {
     text.push_str(&format!("created   {}\n", utc_time(view.created_ms)));
     if !view.labels.is_empty() {
         let labels: Vec<String> = view.labels.iter().map(|(key, value)| format!("{key}={value}")).collect();
-        text.push_str(&format!("labels    {}\n", labels.join(", ")));
+        text.push_str(&format!("labels    {}\n", printable(&labels.join(", "))));
     }
     if let Some(redriven) = &view.redriven {
         text.push_str(&format!("redriven  {}\n", output::redriven(redriven)));
     }
     if let Some(paused) = &view.paused {
-        text.push_str(&format!("paused    {} (`flowgrid run resume {}`)\n", output::paused(paused), view.run_id));
+        let paused = output::paused(paused);
+        text.push_str(&format!("paused    {} (`flowgrid run resume {}`)\n", printable(&paused), view.run_id));
     }
     if let Some(delayed) = &view.delayed {
         text.push_str(&format!("delayed   {}\n", output::delayed(delayed)));
@@ -607,7 +608,8 @@ pub(super) fn render_run(view: &RunView) -> String {
             }
             if let Some(error) = &step.error {
                 let caught = if step.caught { " (caught)" } else { "" };
-                text.push_str(&format!("step {} failed{caught}: {}: {}\n", step.id, error.code, error.message));
+                let error = format!("{}: {}", error.code, error.message);
+                text.push_str(&format!("step {} failed{caught}: {}\n", step.id, printable(&error)));
             }
         }
     }
@@ -616,7 +618,7 @@ pub(super) fn render_run(view: &RunView) -> String {
         text.push_str(&format!("\noutput:\n{pretty}\n"));
     }
     if let Some(error) = &view.error {
-        text.push_str(&format!("\nerror: {}: {}\n", error.code, error.message));
+        text.push_str(&format!("\nerror: {}\n", printable(&format!("{}: {}", error.code, error.message))));
     }
     text
 }
