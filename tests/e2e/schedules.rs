@@ -120,7 +120,10 @@ async fn a_paused_flow_starts_no_run_by_schedule_or_trigger_until_it_is_resumed(
     assert_eq!(runs_of(&client).await?.len(), paused_at, "still paused after a restart");
 
     let (ok, stdout, stderr) = grid.cli(&["flow", "resume", "ticker"])?;
-    assert!(ok && stdout.contains("flow ticker is not paused"), "{stdout}\n{stderr}");
+    assert!(
+        ok && stdout.contains("flow ticker is resumed: its schedule and trigger start runs again"),
+        "{stdout}\n{stderr}"
+    );
     let runs = wait_for("the messages' runs and a scheduled run", Duration::from_secs(20), || async {
         let runs = runs_of(&client).await.ok()?;
         let ids: Vec<&RunId> = runs.iter().map(|run| &run.run_id).collect();

@@ -192,7 +192,10 @@ pub enum FlowCommand {
     /// Check definition files without a grid: every problem a deploy would refuse, each
     /// with its path (exit 1 if any file has one). A trigger's stream is checked at deploy.
     #[command(arg_required_else_help = true)]
-    Check { files: Vec<PathBuf> },
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Stop the flow's schedule and trigger from starting runs until `flow resume`.
     ///
     /// Its trigger's messages wait in their stream; the slots of its schedule meanwhile are

@@ -105,7 +105,11 @@ fn print_paused(paused: &flowgrid_sdk::FlowPaused, session: &Session) -> anyhow:
     if session.json {
         return print_json(paused);
     }
-    let state = if paused.paused { "paused: its schedule and trigger start no runs" } else { "not paused" };
+    let state = match (paused.paused, paused.applied) {
+        (true, _) => "paused: its schedule and trigger start no runs",
+        (false, true) => "resumed: its schedule and trigger start runs again",
+        (false, false) => "not paused",
+    };
     let change = if paused.applied { "" } else { " (it was already; nothing changed)" };
     outln!("flow {} is {state}{change}", paused.name)?;
     Ok(())
