@@ -84,6 +84,25 @@ fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
 }
 
+/// The most bytes of one value (an input, an output) a run's page shows: a page that
+/// reloads every 2 s stays small with 1 MiB values.
+const VALUE_BYTES_SHOWN: usize = 64 * 1024;
+
+/// A run's value as its page shows it: pretty, cut after [`VALUE_BYTES_SHOWN`] with a note
+/// on where the whole value is.
+fn pretty_cut(value: &Value, run_id: &RunId) -> String {
+    let text = pretty(value);
+    if text.len() <= VALUE_BYTES_SHOWN {
+        return text;
+    }
+    let cut = (0..=VALUE_BYTES_SHOWN).rev().find(|&at| text.is_char_boundary(at)).unwrap_or(0);
+    format!(
+        "{}\n… cut here: {} bytes in all (`flowgrid --json run get {run_id}` or GET /api/runs/{run_id} has it whole)",
+        &text[..cut],
+        text.len()
+    )
+}
+
 fn runs_table(runs: &[RunSummary]) -> Markup {
     html! {
         table {
@@ -627,16 +646,16 @@ pub fn run(
                 @if live.len() == LIVE_PIECES_SHOWN { p { "The first " (LIVE_PIECES_SHOWN) " pieces: " code { "flowgrid run tail " (view.run_id) } " prints them all." } }
             }
             h2 { "Input" }
-            pre { (pretty(&view.input)) }
+            pre { (pretty_cut(&view.input, &view.run_id)) }
             @if let Some(output) = &view.output {
                 h2 { "Output" }
-                pre { (pretty(output)) }
+                pre { (pretty_cut(output, &view.run_id)) }
             }
             @let outputs: Vec<&StepView> = view.steps.iter().filter(|step| step.output.is_some()).collect();
             @if !outputs.is_empty() {
                 h2 { "Step outputs" }
                 @for step in outputs {
-                    details { summary { (step.id) } pre { (pretty(step.output.as_ref().expect("filtered"))) } }
+                    details { summary { (step.id) } pre { (pretty_cut(step.output.as_ref().expect("filtered"), &view.run_id)) } }
                 }
             }
             @if let Some(history) = history {
@@ -690,4 +709,21 @@ pub fn failure(status: u16, message: &str) -> Markup {
             p { a href="/" { "Back to the overview" } }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_value_is_cut_on_the_run_page_saying_where_the_whole_is() {
+        let run_id = RunId("r1".into());
+        let small = serde_json::json!({"a": "é".repeat(10)});
+        assert_eq!(pretty_cut(&small, &run_id), pretty(&small));
+        let large = serde_json::json!("é".repeat(VALUE_BYTES_SHOWN));
+        let shown = pretty_cut(&large, &run_id);
+        assert!(shown.len() < VALUE_BYTES_SHOWN + 200, "{}", shown.len());
+        assert!(shown.ends_with("(`flowgrid --json run get r1` or GET /api/runs/r1 has it whole)"), "{shown}");
+        assert!(shown.contains(&format!("{} bytes in all", pretty(&large).len())));
+    }
 }
