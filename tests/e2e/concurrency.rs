@@ -287,6 +287,8 @@ async fn a_delayed_run_waits_for_its_start_time_and_takes_no_slot_until_then() -
     assert!(view.delayed.as_ref().is_some_and(|delayed| delayed.held == ["t"]), "{view:?}");
     let (_, listed, _) = grid.cli(&["run", "list", "--flow", "later"])?;
     assert!(listed.contains("running (delayed)"), "{listed}");
+    let (_, shown, _) = grid.cli(&["run", "get", later.as_str()])?;
+    assert!(shown.contains("duration  not started yet (delayed)"), "{shown}");
     let view = grid.wait_run(&client, &later, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
     let took = view.ended_ms.expect("ended") - view.created_ms;

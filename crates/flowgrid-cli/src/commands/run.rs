@@ -576,9 +576,10 @@ pub(super) fn render_run(view: &RunView) -> String {
     if let Some(handler) = &view.on_failure_run {
         text.push_str(&format!("handler   run {handler} (its flow's on_failure)\n"));
     }
-    let duration = match view.ended_ms {
-        Some(ended) => duration_ms(ended.saturating_sub(view.created_ms)),
-        None => format!("{} so far", duration_ms(now_ms().saturating_sub(view.created_ms))),
+    let duration = match (view.ended_ms, &view.delayed) {
+        (Some(ended), _) => duration_ms(ended.saturating_sub(view.created_ms)),
+        (None, Some(_)) => "not started yet (delayed)".to_owned(),
+        (None, None) => format!("{} so far", duration_ms(now_ms().saturating_sub(view.created_ms))),
     };
     text.push_str(&format!("duration  {duration}\n"));
     if !view.steps.is_empty() {
