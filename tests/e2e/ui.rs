@@ -282,10 +282,14 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     let (status, _, _) = http_post_form(&addr, &format!("{run_path}/resume"), &form(&[("token", &token)]))?;
     assert_eq!(status, 303);
     assert_eq!(client.get(&run_id).await?.paused, None, "resumed from the page");
+    let (status, _, page) = http_post_form(&addr, &format!("{run_path}/resume"), &form(&[("token", &token)]))?;
+    assert!(status == 409 && page.contains("nothing changed: the run is not paused"), "{status}: {page}");
     let (status, _, _) = http_post_form(&addr, &format!("{run_path}/cancel"), &form(&[("token", &token)]))?;
     assert_eq!(status, 303);
     let view = client.get(&run_id).await?;
     assert_eq!(view.status, RunStatus::Cancelled, "{view:?}");
+    let (status, _, page) = http_post_form(&addr, &format!("{run_path}/cancel"), &form(&[("token", &token)]))?;
+    assert!(status == 409 && page.contains("the run had already ended (cancelled)"), "{status}: {page}");
 
     // The cancelled run's page offers a redrive: the cancelled signal step waits again.
     let (_, page) = http_get(&addr, &run_path)?;

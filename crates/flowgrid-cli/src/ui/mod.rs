@@ -448,8 +448,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for UiForm<T> {
     }
 }
 
-/// Sends `action` if the form carries this UI's token, then shows `back` (or the refusal).
-async fn token_action<T>(
+/// Sends `action` if the form carries this UI's token, then shows `back`, or a page that
+/// says why nothing changed (the refusal, or a request the run had no use for).
+async fn token_action<T: Outcome>(
     ui: &Ui,
     token: &str,
     action: impl std::future::Future<Output = flowgrid_sdk::Result<T>>,
@@ -458,7 +459,51 @@ async fn token_action<T>(
     if let Some(refused) = ui.refusal(token) {
         return refused;
     }
-    after_action(action.await, |_| back)
+    match action.await {
+        Ok(done) => match done.unchanged() {
+            Some(why) => failure(StatusCode::CONFLICT, &format!("nothing changed: {why}")),
+            None => Redirect::to(&back).into_response(),
+        },
+        Err(error) => api_failure(&error),
+    }
+}
+
+/// A reply to a form's request: why it changed nothing, if it did not.
+trait Outcome {
+    fn unchanged(&self) -> Option<String>;
+}
+
+impl Outcome for flowgrid_proto::RunCancelled {
+    fn unchanged(&self) -> Option<String> {
+        (!self.applied).then(|| format!("the run had already ended ({})", self.status.as_str()))
+    }
+}
+
+impl Outcome for flowgrid_proto::RunPaused {
+    fn unchanged(&self) -> Option<String> {
+        match (self.applied, self.paused, self.status.is_terminal()) {
+            (true, _, _) => None,
+            (false, _, true) => Some(format!("the run has ended ({})", self.status.as_str())),
+            (false, true, false) => Some("the run is paused already".to_owned()),
+            (false, false, false) => Some("the run is not paused".to_owned()),
+        }
+    }
+}
+
+impl Outcome for flowgrid_proto::FlowPaused {
+    fn unchanged(&self) -> Option<String> {
+        match (self.applied, self.paused) {
+            (true, _) => None,
+            (false, true) => Some(format!("flow {} is paused already", self.name)),
+            (false, false) => Some(format!("flow {} is not paused", self.name)),
+        }
+    }
+}
+
+impl Outcome for flowgrid_proto::RunRedriven {
+    fn unchanged(&self) -> Option<String> {
+        None
+    }
 }
 
 async fn cancel(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, UiForm(form): UiForm<TokenForm>) -> Response {
