@@ -175,8 +175,11 @@ pub fn started_by(flow: &flowgrid_proto::FlowSummary) -> String {
             None => parts.push(format!("stream {}", trigger.stream)),
         }
     }
+    // A flow paused before it has a schedule or a trigger stays paused when a later
+    // version brings one: say so too.
     match (parts.is_empty(), &flow.paused) {
-        (true, _) => "-".to_owned(),
+        (true, None) => "-".to_owned(),
+        (true, Some(_)) => "- (paused)".to_owned(),
         (false, None) => parts.join(", "),
         (false, Some(_)) => format!("{} (paused)", parts.join(", ")),
     }
@@ -298,6 +301,9 @@ mod tests {
         };
         flow.schedule = Some(berlin);
         assert_eq!(started_by(&flow), "cron 0 9 * * 1-5 (Europe/Berlin), stream ORDERS (paused)");
+        flow.schedule = None;
+        flow.trigger = None;
+        assert_eq!(started_by(&flow), "- (paused)", "a pause kept for a later version's schedule");
     }
 
     #[test]
