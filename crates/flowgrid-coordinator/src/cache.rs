@@ -19,8 +19,9 @@
 //! Single flight: a lookup that misses leads a *flight* for its key on this coordinator,
 //! and its task goes to a worker. Lookups of the same key that miss while the flight is
 //! open follow it instead of calling workers of their own: they take the leader's result
-//! when it is stored, or go to workers when the leader's attempt fails, times out or is
-//! cancelled, or at its deadline. Coordinators do not share flights.
+//! when it is stored; when the leader's attempt fails, times out or is cancelled, the
+//! first of them leads a new flight (its task goes to a worker) and the others follow it.
+//! None waits past its own deadline. Coordinators do not share flights.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -273,6 +274,27 @@ impl TaskCache {
 }
 
 impl SingleFlight {
+    /// After a miss of `key` by `attempt` (due by `deadline`): leads a flight (`None`: the
+    /// task goes to a worker), or follows the one open and takes its leader's result. When
+    /// that leader's attempt ends without one (failed, timed out, cancelled), its followers
+    /// join again: the first leads a new flight, the others (and the failed leader's retry)
+    /// follow it. `None` too at `deadline`.
+    pub async fn lead_or_follow(&self, key: String, attempt: &AttemptId, deadline: Instant) -> Option<Value> {
+        loop {
+            match self.join(key.clone(), attempt, deadline) {
+                Joined::Lead => return None,
+                Joined::Follow(landing, until) => {
+                    match tokio::time::timeout_at(until.min(deadline).into(), landing).await {
+                        Ok(Ok(Some(output))) => return Some(output),
+                        // The leader's attempt ended without a result: lead or follow anew.
+                        Ok(Ok(None)) if Instant::now() < deadline => continue,
+                        _ => return None,
+                    }
+                }
+            }
+        }
+    }
+
     /// After a miss of `key` by `attempt` (due by `deadline`): leads a flight, or follows
     /// the one open.
     pub fn join(&self, key: String, attempt: &AttemptId, deadline: Instant) -> Joined {
@@ -439,6 +461,31 @@ mod tests {
         flights.leader_gone(&attempt("a"));
         assert_eq!(b.try_recv().unwrap(), None);
         assert!(matches!(flights.join("k".into(), &attempt("c"), later()), Joined::Lead));
+    }
+
+    #[tokio::test]
+    async fn when_a_leader_fails_its_followers_form_one_new_flight_that_its_retry_follows_too() {
+        let flights = std::sync::Arc::new(SingleFlight::default());
+        assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
+        let follower = |run: &'static str| {
+            let flights = std::sync::Arc::clone(&flights);
+            tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later()).await })
+        };
+        let (b, c) = (follower("b"), follower("c"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        flights.leader_gone(&attempt("a"));
+        // One of b and c leads (its task goes to a worker); the other, and a's retry, follow it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let retry = AttemptId { attempt: 2, ..attempt("a") };
+        let mut retried = match flights.join("k".into(), &retry, later()) {
+            Joined::Follow(landing, _) => landing,
+            Joined::Lead => panic!("the retry follows the new flight"),
+        };
+        flights.land("k", &json!("answer"));
+        let mut outcomes = vec![b.await.unwrap(), c.await.unwrap()];
+        outcomes.sort_by_key(|outcome| outcome.is_some());
+        assert_eq!(outcomes, vec![None, Some(json!("answer"))], "one new leader, one follower");
+        assert_eq!(retried.try_recv().unwrap(), Some(json!("answer")));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::actor::ShardActor;
 use super::batch::{Batch, CacheStore};
 use super::Command;
-use crate::cache::{entry_key, Joined, TaskCache};
+use crate::cache::{entry_key, TaskCache};
 use crate::clock::now_ms;
 
 impl<S: ShardStore> ShardActor<S> {
@@ -72,16 +72,10 @@ impl<S: ShardStore> ShardActor<S> {
 }
 
 /// After a miss of `key`: leads its flight (`None`: the task goes to a worker), or follows
-/// the one open and takes its leader's result (`None` when the leader's attempt ended
-/// without one, or at its deadline).
+/// the one open and takes its leader's result (`None` at the task's deadline).
 async fn follow(cache: &TaskCache, task: &TaskDispatch, key: String) -> Option<Value> {
     let left = Duration::from_millis(task.deadline_ms.saturating_sub(now_ms()));
-    match cache.flights().join(key, &task.attempt, Instant::now() + left) {
-        Joined::Lead => None,
-        Joined::Follow(landing, until) => {
-            let output = tokio::time::timeout_at(until.into(), landing).await.ok()?.ok()??;
-            TaskCache::count_joined(&task.pool);
-            Some(output)
-        }
-    }
+    let output = cache.flights().lead_or_follow(key, &task.attempt, Instant::now() + left).await?;
+    TaskCache::count_joined(&task.pool);
+    Some(output)
 }
