@@ -51,7 +51,6 @@ impl Session {
     }
 }
 
-/// Parses the command line, runs the command and returns the process exit code.
 /// `flowgrid run list | head`: once the reader has gone, printing to stdout or stderr
 /// fails; the command then ends quietly with the status a shell gives a process its pipe
 /// closed on (141), as other Unix tools do, instead of a panic and its message.
@@ -69,6 +68,7 @@ fn end_quietly_on_closed_pipe() {
     }));
 }
 
+/// Parses the command line, runs the command and returns the process exit code.
 pub fn main() -> ExitCode {
     end_quietly_on_closed_pipe();
     let matches = Cli::command().get_matches();

@@ -22,8 +22,8 @@ struct GridFile {
 
 /// Refuses a data directory of another grid (another prefix) or shard count; records the
 /// grid in a directory that names none yet (a file it cannot write is left for a later
-/// start). A directory written before this file existed
-/// is judged by its shard files: one numbered past `shards` means another count.
+/// start). A directory written before this file existed is judged by its shard files:
+/// one numbered past `shards` means another count.
 pub fn check(dir: &Path, prefix: &str, shards: u32) -> Result<()> {
     let path = dir.join(GRID_FILE);
     let wanted = GridFile { prefix: prefix.to_owned(), shards };
