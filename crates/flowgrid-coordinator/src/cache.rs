@@ -471,11 +471,30 @@ mod tests {
             let flights = std::sync::Arc::clone(&flights);
             tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later()).await })
         };
+        // The flight of `k`: its leader's run and how many follow it, once it has `followers`.
+        let flight_with = |followers: usize| {
+            let flights = std::sync::Arc::clone(&flights);
+            async move {
+                loop {
+                    let open = flights
+                        .flights
+                        .lock()
+                        .unwrap()
+                        .by_key
+                        .get("k")
+                        .map(|flight| (flight.leader.run_id.as_str().to_owned(), flight.followers.len()));
+                    match open {
+                        Some((leader, count)) if count == followers => return leader,
+                        _ => tokio::task::yield_now().await,
+                    }
+                }
+            }
+        };
         let (b, c) = (follower("b"), follower("c"));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(flight_with(2).await, "a");
         flights.leader_gone(&attempt("a"));
         // One of b and c leads (its task goes to a worker); the other, and a's retry, follow it.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(["b", "c"].contains(&flight_with(1).await.as_str()));
         let retry = AttemptId { attempt: 2, ..attempt("a") };
         let mut retried = match flights.join("k".into(), &retry, later()) {
             Joined::Follow(landing, _) => landing,

@@ -12,7 +12,7 @@ use tracing::warn;
 use crate::error::{Error, Result};
 
 /// The file in the data directory that names its grid.
-pub const GRID_FILE: &str = "grid.json";
+const GRID_FILE: &str = "grid.json";
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct GridFile {

@@ -9,6 +9,7 @@
 //! lost.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -199,7 +200,9 @@ impl Publisher {
             },
         ));
         let reply_to = self.result_subjects.entry(shard).or_insert_with(|| subjects.shard_results(shard.0)).clone();
-        let message_id = format!("{}:{}", task.attempt.message_id(), task.run_created_ms);
+        let mut message_id = task.attempt.message_id();
+        // Writing to a `String` cannot fail.
+        let _ = write!(message_id, ":{}", task.run_created_ms);
         let message = TaskMessage {
             attempt: task.attempt,
             pool: task.pool,

@@ -29,6 +29,10 @@ use crate::metrics::{self, ShardMetrics};
 /// a moment to clear, and a persistent one does not spin the shard.
 const RELOAD_PAUSE: Duration = Duration::from_millis(200);
 
+/// A batch stops taking events once it holds this share (1/n) of a commit's bytes: the
+/// event after (a payload of up to 1 MiB, a run's end) still fits in the commit.
+const BATCH_BYTES_SHARE: usize = 4;
+
 /// One run in memory: its state and where its history goes on. Everything else a run
 /// needs follows from its state, so that a waiting run costs little memory.
 pub(super) struct ActiveRun {
@@ -267,7 +271,7 @@ impl<S: ShardStore> ShardActor<S> {
         batch: &mut Batch,
     ) {
         let commands_max = self.context.batch_events_max;
-        let bytes_max = self.context.store_limits.transaction_bytes_max / 4;
+        let bytes_max = self.context.store_limits.transaction_bytes_max / BATCH_BYTES_SHARE;
         while batch.commands < commands_max && batch.writes.bytes() < bytes_max {
             let mut progressed = false;
             if let Ok(command) = inbox.try_recv() {
