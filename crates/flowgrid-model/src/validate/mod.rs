@@ -19,7 +19,10 @@ mod tests;
 
 use std::collections::HashMap;
 
-use crate::definition::{Catch, FlowDefinition, Step, REPEAT_ITERATIONS_DEFAULT};
+use crate::definition::{
+    Catch, ChoiceStep, FailStep, FlowDefinition, MapStep, SignalStep, Step, SubflowStep, SucceedStep, TaskStep,
+    TransformStep, WaitStep, REPEAT_ITERATIONS_DEFAULT,
+};
 use crate::error::{DefinitionError, Issue, Result};
 use crate::expr::Evaluator;
 use crate::limits::Limits;
@@ -48,10 +51,48 @@ pub fn parse_definition(text: &str, limits: &Limits) -> Result<FlowDefinition> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.trim_start().starts_with('{') {
         check_json_depth(text, limits.nesting_depth_max)?;
-        serde_json::from_str(text).map_err(|error| DefinitionError::Parse(format!("JSON: {error}")))
+        serde_json::from_str(text).map_err(|error| {
+            more_parse_issues(format!("JSON: {error}"), &error.to_string(), serde_json::from_str(text).ok())
+        })
     } else {
-        serde_norway::from_str(text).map_err(|error| DefinitionError::Parse(format!("YAML: {error}")))
+        serde_norway::from_str(text).map_err(|error| {
+            more_parse_issues(format!("YAML: {error}"), &error.to_string(), serde_norway::from_str(text).ok())
+        })
     }
+}
+
+/// A definition that does not fit the model stops the parser at its first mistake; this
+/// looks for the others, so that an author fixes them all at once: each step, and the
+/// flow without its steps, is read on its own from the parsed `value`, and each that does
+/// not fit is an issue located by its step (`steps[2](resize).retry.max_attempts`). The
+/// mistake the parser found keeps its line and column. With no second mistake (or text
+/// that is not YAML or JSON at all) the parser's error stands alone.
+fn more_parse_issues(first: String, first_bare: &str, value: Option<serde_json::Value>) -> DefinitionError {
+    let Some(serde_json::Value::Object(mut flow)) = value else { return DefinitionError::Parse(first) };
+    let steps = match flow.get_mut("steps") {
+        Some(serde_json::Value::Array(steps)) => std::mem::take(steps),
+        _ => Vec::new(),
+    };
+    let mut issues = Vec::new();
+    for (position, step) in steps.into_iter().enumerate() {
+        let id = step.get("id").and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
+        if let Some((inner, message)) = step_mistake(step) {
+            let path = step_path(position, &id);
+            let path = if inner.is_empty() { path } else { format!("{path}.{inner}") };
+            issues.push(Issue { path, message });
+        }
+    }
+    if let Err(error) = serde_json::from_value::<FlowDefinition>(serde_json::Value::Object(flow)) {
+        issues.insert(0, Issue { path: "definition".to_owned(), message: error.to_string() });
+    }
+    // The parser's mistake, found again here without its place: give it back its place.
+    match issues.iter().position(|issue| first_bare.contains(&issue.message)) {
+        Some(_) if issues.len() == 1 => return DefinitionError::Parse(first),
+        None if issues.is_empty() => return DefinitionError::Parse(first),
+        Some(found) => issues[found].message = first,
+        None => issues.insert(0, Issue { path: "definition".to_owned(), message: first }),
+    }
+    DefinitionError::Invalid(issues)
 }
 
 /// Checks `definition` against every rule and lists all problems found as located
@@ -261,6 +302,34 @@ pub(crate) fn catches(step: &Step) -> &[Catch] {
         Step::Signal(signal) => &signal.catch,
         Step::Subflow(subflow) => &subflow.catch,
         _ => &[],
+    }
+}
+
+/// Why one step does not fit the model: the path of the field inside the step (empty for
+/// the step itself) and the message. A step is read as the struct of its `kind`, so that
+/// the path names the field (a step read as [`Step`] is buffered whole and loses it).
+fn step_mistake(mut step: serde_json::Value) -> Option<(String, String)> {
+    fn read<T: serde::de::DeserializeOwned>(step: serde_json::Value) -> Option<(String, String)> {
+        let error = serde_path_to_error::deserialize::<_, T>(step).err()?;
+        let path = error.path().to_string();
+        Some((if path == "." { String::new() } else { path }, error.into_inner().to_string()))
+    }
+    let Some(kind) = step.get("kind").and_then(serde_json::Value::as_str).map(str::to_owned) else {
+        // No kind, or not a string: reading it as a step says which.
+        return read::<Step>(step);
+    };
+    step.as_object_mut().map(|step| step.remove("kind"));
+    match kind.as_str() {
+        "task" => read::<TaskStep>(step),
+        "choice" => read::<ChoiceStep>(step),
+        "map" => read::<MapStep>(step),
+        "transform" => read::<TransformStep>(step),
+        "succeed" => read::<SucceedStep>(step),
+        "fail" => read::<FailStep>(step),
+        "wait" => read::<WaitStep>(step),
+        "signal" => read::<SignalStep>(step),
+        "subflow" => read::<SubflowStep>(step),
+        _ => read::<Step>(serde_json::json!({ "kind": kind })).map(|(_, message)| ("kind".to_owned(), message)),
     }
 }
 

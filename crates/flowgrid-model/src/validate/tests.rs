@@ -100,6 +100,42 @@ fn unknown_field_is_a_parse_error_naming_it() {
 }
 
 #[test]
+fn every_mistake_against_the_model_is_reported_at_once() {
+    let text = "name: f\nversion: 1\nsteps:\n  - { id: a, kind: task, pool: p, task: t, retires: 3 }\n  - { id: b, \
+                kind: tsk }\n  - { id: c, kind: wait, duration_ms: abc }\n  - { id: d, kind: task, pool: p, task: t, \
+                retry: { max_attempts: x } }\n  - { id: e, kind: wait, duration_ms: 5 }\n";
+    let DefinitionError::Invalid(issues) = parse_definition(text, &limits()).unwrap_err() else {
+        panic!("several mistakes are listed as issues")
+    };
+    let paths: Vec<&str> = issues.iter().map(|issue| issue.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "definition",
+            "steps[0](a).retires",
+            "steps[1](b).kind",
+            "steps[2](c).duration_ms",
+            "steps[3](d).retry.max_attempts"
+        ]
+    );
+    // The mistake the parser stopped at keeps its place in the text; the others name their field.
+    assert!(issues[0].message.contains("`version`") && issues[0].message.contains("line 2"), "{issues:?}");
+    assert!(issues[2].message.contains("unknown variant `tsk`"), "{issues:?}");
+    assert!(issues[4].message.contains("expected u32"), "{issues:?}");
+    let json = r#"{"name": "f", "steps": [{"id": "a", "kind": "task", "pool": "p"}, {"kind": 5}]}"#;
+    let issues = parse_definition(json, &limits()).unwrap_err().issues();
+    assert_eq!(issues.len(), 2, "{issues:?}");
+    assert!(
+        issues[0].path == "steps[0](a)" && issues[0].message.contains("missing field `task` at line 1"),
+        "{issues:?}"
+    );
+    assert_eq!(issues[1].path, "steps[1].kind");
+    // Text that is not YAML at all has one error, where the parser stopped.
+    let error = parse_definition("name: [\n", &limits()).unwrap_err();
+    assert!(matches!(error, DefinitionError::Parse(_)), "{error}");
+}
+
+#[test]
 fn oversized_and_deep_definitions_are_refused() {
     let small = Limits { definition_bytes_max: 10, ..limits() };
     let message = parse_definition(MEDIA_FLOW, &small).unwrap_err().to_string();
