@@ -270,5 +270,27 @@ async fn a_diff_shows_what_a_deploy_would_change_and_how_two_versions_differ() -
         .output()?
         .status;
     assert_eq!(status.code(), Some(2), "a comparison that cannot be made is not a difference");
+
+    // Several files deploy together, in order; one with a problem keeps every one from deploying.
+    let third = dir.path().join("third.yaml");
+    std::fs::write(&third, first.replace("diffed", "third"))?;
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "name: bad\nsteps:\n  - { id: a, kind: transform, outptu: '1' }\n")?;
+    let (ok, stdout, stderr) = grid.cli(&["flow", "deploy", third.to_str().unwrap(), bad.to_str().unwrap()])?;
+    assert!(!ok && stderr.contains("nothing deployed"), "{stdout}{stderr}");
+    assert!(stdout.contains("steps[0](a).outptu: unknown field"), "{stdout}");
+    let (ok, _, stderr) = grid.cli(&["flow", "get", "third"])?;
+    assert!(!ok && stderr.contains("no flow named"), "{stderr}");
+    let (ok, stdout, stderr) = grid.cli(&["flow", "deploy", third.to_str().unwrap(), other.to_str().unwrap(), file])?;
+    assert!(ok, "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "deployed third version 1",
+            "deployed other version 1",
+            "diffed version 2 is unchanged (identical to the latest version)"
+        ]
+    );
     Ok(())
 }

@@ -187,8 +187,14 @@ pub struct HttpWorkerArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum FlowCommand {
-    /// Deploy a definition file (YAML or JSON; `-` reads stdin) as a new version.
-    Deploy { file: PathBuf },
+    /// Deploy definition files (YAML or JSON; `-` reads stdin), each as a new version of its
+    /// flow. With several, every file is checked first and none is deployed if one has a
+    /// problem; then they are deployed in the order given.
+    #[command(arg_required_else_help = true)]
+    Deploy {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Check definition files without a grid: every problem a deploy would refuse, each
     /// with its path (exit 1 if any file has one). A trigger's stream is checked at deploy.
     #[command(arg_required_else_help = true)]

@@ -1,5 +1,6 @@
 //! `flowgrid flow deploy | check | test | diff | list | show | pause | resume | limits | backfill`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,6 +9,7 @@ use serde_json::json;
 
 use flowgrid_model::{parse_definition, Evaluator, FlowDefinition, FlowPlan, Limits};
 
+use flowgrid_proto::FlowDeployed;
 use flowgrid_sdk::Client;
 
 use crate::args::FlowCommand;
@@ -16,21 +18,7 @@ use crate::Session;
 
 pub(crate) async fn dispatch(command: FlowCommand, client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
     match command {
-        FlowCommand::Deploy { file } => {
-            let definition = super::read_text(&file)?;
-            let deployed = client.deploy(definition).await?;
-            if session.json {
-                print_json(&deployed)?;
-            } else if deployed.created {
-                outln!("deployed {} version {}", deployed.name, deployed.version)?;
-            } else {
-                outln!(
-                    "{} version {} is unchanged (identical to the latest version)",
-                    deployed.name,
-                    deployed.version
-                )?;
-            }
-        }
+        FlowCommand::Deploy { files } => return deploy(&files, client, session).await,
         FlowCommand::List => {
             let list = client.flows().await?;
             if session.json {
@@ -164,32 +152,94 @@ fn definition_yaml(definition: &FlowDefinition) -> anyhow::Result<String> {
     serde_norway::to_string(definition).context("cannot write the definition as YAML")
 }
 
-pub(crate) fn check(files: &[PathBuf], session: &Session) -> anyhow::Result<ExitCode> {
+/// Deploys `files` in order. Several are all checked first, as `flow check` does, and none
+/// is deployed if one has a problem or two define the same flow; a deploy the grid refuses
+/// stops the rest, and the error says which were deployed.
+async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
+    let texts = if let [file] = files {
+        vec![super::read_text(file)?]
+    } else {
+        if files.iter().any(|file| file.as_os_str() == "-") {
+            anyhow::bail!("`-` (a definition on stdin) is deployed alone: give it as the only file");
+        }
+        let checks = check_files(files);
+        let mut flows: HashMap<&str, &str> = HashMap::new();
+        let mut texts = Vec::with_capacity(files.len());
+        for (file, checked) in &checks {
+            let Ok((text, name, _)) = checked else {
+                print_checks(&checks, session)?;
+                anyhow::bail!("nothing deployed: fix the files with problems (above) and deploy them all again");
+            };
+            if let Some(other) = flows.insert(name, file) {
+                anyhow::bail!("nothing deployed: {other} and {file} both define flow {name}; deploy one of them");
+            }
+            texts.push(text.clone());
+        }
+        texts
+    };
+    let mut deployed = Vec::with_capacity(files.len());
+    for (file, text) in files.iter().zip(texts) {
+        let flow = client.deploy(text).await.map_err(|error| {
+            let done: Vec<String> = deployed.iter().map(|flow: &FlowDeployed| flow.name.clone()).collect();
+            let done = if done.is_empty() { "none".to_owned() } else { done.join(", ") };
+            anyhow::Error::new(error).context(format!("{} not deployed (deployed before it: {done})", file.display()))
+        })?;
+        if !session.json {
+            if flow.created {
+                outln!("deployed {} version {}", flow.name, flow.version)?;
+            } else {
+                outln!("{} version {} is unchanged (identical to the latest version)", flow.name, flow.version)?;
+            }
+        }
+        deployed.push(flow);
+    }
+    if session.json {
+        match deployed.as_slice() {
+            [flow] => print_json(flow)?,
+            several => print_json(&several)?,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Each file's text, flow name and step count, or its problems, each with its path.
+type Checked = Result<(String, String, usize), Vec<String>>;
+
+fn check_files(files: &[PathBuf]) -> Vec<(String, Checked)> {
     let limits = Limits::default();
     let evaluator = Evaluator::new(&limits);
-    let mut reports = Vec::new();
-    for file in files {
-        let checked = super::read_text(file).map_err(|error| vec![format!("definition: {error:#}")]).and_then(|text| {
-            let definition = parse_definition(&text, &limits).map_err(issues)?;
-            let plan = FlowPlan::compile(definition, 1, &evaluator, &limits).map_err(issues)?;
-            Ok((plan.name.clone(), plan.steps.len()))
-        });
-        reports.push((file.display().to_string(), checked));
-    }
+    let check = |file: &PathBuf| -> Checked {
+        let text = super::read_text(file).map_err(|error| vec![format!("definition: {error:#}")])?;
+        let definition = parse_definition(&text, &limits).map_err(issues)?;
+        let plan = FlowPlan::compile(definition, 1, &evaluator, &limits).map_err(issues)?;
+        let (name, steps) = (plan.name.clone(), plan.steps.len());
+        Ok((text, name, steps))
+    };
+    files.iter().map(|file| (file.display().to_string(), check(file))).collect()
+}
+
+pub(crate) fn check(files: &[PathBuf], session: &Session) -> anyhow::Result<ExitCode> {
+    let reports = check_files(files);
+    print_checks(&reports, session)?;
     let valid = reports.iter().all(|(_, checked)| checked.is_ok());
+    Ok(if valid { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Prints what `flow check` found, a line per file (an array with `--json`).
+fn print_checks(reports: &[(String, Checked)], session: &Session) -> anyhow::Result<()> {
     if session.json {
         let reports: Vec<_> = reports
             .iter()
             .map(|(file, checked)| match checked {
-                Ok((name, steps)) => json!({"file": file, "valid": true, "flow": name, "steps": steps}),
+                Ok((_, name, steps)) => json!({"file": file, "valid": true, "flow": name, "steps": steps}),
                 Err(problems) => json!({"file": file, "valid": false, "problems": problems}),
             })
             .collect();
         print_json(&reports)?;
     } else {
-        for (file, checked) in &reports {
+        for (file, checked) in reports {
             match checked {
-                Ok((name, steps)) => outln!("ok       {file}: flow {name}, {steps} step(s)")?,
+                Ok((_, name, steps)) => outln!("ok       {file}: flow {name}, {steps} step(s)")?,
                 Err(problems) => {
                     outln!("invalid  {file}: {} problem(s)", problems.len())?;
                     for problem in problems {
@@ -199,7 +249,7 @@ pub(crate) fn check(files: &[PathBuf], session: &Session) -> anyhow::Result<Exit
             }
         }
     }
-    Ok(if valid { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(())
 }
 
 fn issues(error: flowgrid_model::DefinitionError) -> Vec<String> {

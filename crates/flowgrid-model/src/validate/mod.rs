@@ -52,11 +52,13 @@ pub fn parse_definition(text: &str, limits: &Limits) -> Result<FlowDefinition> {
     if text.trim_start().starts_with('{') {
         check_json_depth(text, limits.nesting_depth_max)?;
         serde_json::from_str(text).map_err(|error| {
-            more_parse_issues(format!("JSON: {error}"), &error.to_string(), serde_json::from_str(text).ok())
+            let place = Some((error.line(), error.column()));
+            more_parse_issues(format!("JSON: {error}"), &error.to_string(), place, serde_json::from_str(text).ok())
         })
     } else {
         serde_norway::from_str(text).map_err(|error| {
-            more_parse_issues(format!("YAML: {error}"), &error.to_string(), serde_norway::from_str(text).ok())
+            let place = error.location().map(|place| (place.line(), place.column()));
+            more_parse_issues(format!("YAML: {error}"), &error.to_string(), place, serde_norway::from_str(text).ok())
         })
     }
 }
@@ -65,9 +67,14 @@ pub fn parse_definition(text: &str, limits: &Limits) -> Result<FlowDefinition> {
 /// looks for the others, so that an author fixes them all at once: each step, and the
 /// flow without its steps, is read on its own from the parsed `value`, and each that does
 /// not fit is an issue located by its step (`steps[2](resize).retry.max_attempts`). The
-/// mistake the parser found keeps its line and column. With no second mistake (or text
-/// that is not YAML or JSON at all) the parser's error stands alone.
-fn more_parse_issues(first: String, first_bare: &str, value: Option<serde_json::Value>) -> DefinitionError {
+/// mistake the parser found keeps its line and column. Text that is not YAML or JSON at all
+/// has the parser's error alone.
+fn more_parse_issues(
+    first: String,
+    first_bare: &str,
+    place: Option<(usize, usize)>,
+    value: Option<serde_json::Value>,
+) -> DefinitionError {
     let Some(serde_json::Value::Object(mut flow)) = value else { return DefinitionError::Parse(first) };
     let steps = match flow.get_mut("steps") {
         Some(serde_json::Value::Array(steps)) => std::mem::take(steps),
@@ -87,9 +94,12 @@ fn more_parse_issues(first: String, first_bare: &str, value: Option<serde_json::
     }
     // The parser's mistake, found again here without its place: give it back its place.
     match issues.iter().position(|issue| first_bare.contains(&issue.message)) {
-        Some(_) if issues.len() == 1 => return DefinitionError::Parse(first),
         None if issues.is_empty() => return DefinitionError::Parse(first),
-        Some(found) => issues[found].message = first,
+        Some(found) => {
+            if let Some((line, column)) = place {
+                issues[found].message.push_str(&format!(" (line {line} column {column})"));
+            }
+        }
         None => issues.insert(0, Issue { path: "definition".to_owned(), message: first }),
     }
     DefinitionError::Invalid(issues)

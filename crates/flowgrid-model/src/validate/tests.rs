@@ -88,11 +88,12 @@ fn yaml_and_json_parse_to_the_same_model() {
 }
 
 #[test]
-fn unknown_field_is_a_parse_error_naming_it() {
+fn unknown_field_is_an_issue_naming_it_with_its_place() {
     let text = one_task_flow("    retyr: { max_attempts: 2 }\n");
     let error = parse_definition(&text, &limits()).unwrap_err();
     let message = error.to_string();
-    assert!(matches!(error, DefinitionError::Parse(_)));
+    assert_eq!(error.issues().len(), 1, "{message}");
+    assert!(error.issues()[0].path.ends_with(".retyr"), "{message}");
     assert!(message.contains("retyr") && message.contains("line"), "{message}");
     let json = r#"{"name": "f", "steps": [{"id": "a", "kind": "task", "pool": "p", "task": "t", "retry": {"max_attemps": 2}}]}"#;
     let message = parse_definition(json, &limits()).unwrap_err().to_string();
@@ -126,7 +127,7 @@ fn every_mistake_against_the_model_is_reported_at_once() {
     let issues = parse_definition(json, &limits()).unwrap_err().issues();
     assert_eq!(issues.len(), 2, "{issues:?}");
     assert!(
-        issues[0].path == "steps[0](a)" && issues[0].message.contains("missing field `task` at line 1"),
+        issues[0].path == "steps[0](a)" && issues[0].message.contains("missing field `task` (line 1"),
         "{issues:?}"
     );
     assert_eq!(issues[1].path, "steps[1].kind");
