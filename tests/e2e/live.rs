@@ -166,6 +166,50 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     let view = grid.wait_run(&client, &waiting, RUN_DEADLINE).await?;
     assert_eq!(view.output, Some(json!({"by": "http"})));
 
+    // Pause, resume, cancel and redrive over HTTP; runs listed by flow and label, a run's
+    // history, the flows.
+    let labelled = r#"{"flow": "approval", "labels": {"team": "http"}}"#;
+    let (_, body) = http_post_json(&addr, "/api/runs", labelled, Some(API_TOKEN))?;
+    let held: Value = serde_json::from_str(&body)?;
+    let held = held["run_id"].as_str().expect("a run id").to_owned();
+    for (change, body, answer) in [
+        ("pause", r#"{"reason": "held"}"#, r#""paused":true,"applied":true"#),
+        ("pause", "", r#""applied":false"#),
+        ("resume", "", r#""paused":false,"applied":true"#),
+        ("cancel", r#"{"reason": "not now"}"#, r#""status":"cancelled","applied":true"#),
+        ("redrive", r#"{"reason": "now"}"#, r#""status":"running","times":1"#),
+    ] {
+        let (status, reply) = http_post_json(&addr, &format!("/api/runs/{held}/{change}"), body, Some(API_TOKEN))?;
+        assert!(status == 200 && reply.contains(answer), "{change}: {status} {reply}");
+    }
+    let (status, reply) =
+        http_post_json(&addr, &format!("/api/runs/{held}/pause"), r#"{"from": ["ok"]}"#, Some(API_TOKEN))?;
+    assert!(status == 400 && reply.contains("`from` is taken by a redrive only"), "{status} {reply}");
+    let (status, reply) = http_post_json(&addr, &format!("/api/runs/{held}/redrive"), "", Some(API_TOKEN))?;
+    assert!(status == 409 && reply.contains(r#""code":"conflict""#), "a running run: {status} {reply}");
+    let (status, body) = http_get(&addr, "/api/runs?flow=approval&label=team=http")?;
+    let listed: Value = serde_json::from_str(&body)?;
+    assert_eq!((status, listed["runs"].as_array().map(Vec::len)), (200, Some(1)), "{body}");
+    assert_eq!(listed["runs"][0]["run_id"].as_str(), Some(held.as_str()), "{body}");
+    let (status, body) = http_get(&addr, "/api/runs?flow=approval&limt=1")?;
+    assert!(status == 400 && body.contains("unknown field `limt`"), "{status} {body}");
+    let (status, body) = http_get(&addr, &format!("/api/runs/{held}/history?limit=2"))?;
+    let page: Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        (status, page["records"].as_array().map(Vec::len), page["next"].as_u64()),
+        (200, Some(2), Some(1)),
+        "{body}"
+    );
+    let (_, body) = http_get(&addr, &format!("/api/runs/{held}/history?after=0"))?;
+    assert!(body.contains(r#""type":"pause_requested","reason":"held""#), "{body}");
+    assert!(body.contains(r#""type":"resume_requested","reason":"resumed through the HTTP API""#), "{body}");
+    let (status, body) = http_get(&addr, "/api/flows")?;
+    assert!(status == 200 && body.contains(r#""name":"approval""#) && body.contains(r#""name":"answer""#), "{body}");
+    let (status, body) = http_get(&addr, "/api/flows/approval?version=1")?;
+    assert!(status == 200 && body.contains(r#""kind":"signal""#), "{status} {body}");
+    let (status, body) = http_get(&addr, "/api/flows/nope")?;
+    assert!(status == 404 && body.contains(r#""code":"not_found""#), "{status} {body}");
+
     // Without a token the API only reads; a short token is refused at start.
     let read_only = crate::ui::start_ui(&mut grid, &[]).await?;
     let (status, body) = http_post_json(&read_only, "/api/runs", start, Some(API_TOKEN))?;

@@ -544,7 +544,7 @@ pub struct UiArgs {
     /// It has no login: only for a UI that only trusted users reach.
     #[arg(long, env = "FLOWGRID_UI_ACTIONS")]
     pub actions: bool,
-    /// Let the HTTP API (`/api/...`) start, signal and cancel runs for requests that carry
+    /// Let the HTTP API (`/api/...`) start, signal, pause, resume, cancel and redrive runs for requests that carry
     /// `Authorization: Bearer <TOKEN>` (at least 16 characters). Without it the API only
     /// reads. Prefer the variable: a flag shows in the process list.
     #[arg(long, env = "FLOWGRID_API_TOKEN", hide_env_values = true, value_name = "TOKEN")]

@@ -1,14 +1,19 @@
 //! The HTTP API served beside the web UI, for services and browsers that speak HTTP rather
-//! than NATS: read a run, follow its live output as server-sent events, and, with
-//! `--api-token`, start, signal and cancel runs.
+//! than NATS: read runs, their histories and the flows, follow a run's live output as
+//! server-sent events, and, with `--api-token`, start, signal, pause, resume, cancel and
+//! redrive runs.
 //!
 //! | Method and path | Body | Answer |
 //! |---|---|---|
 //! | `GET /api/runs/{id}` | | the run (`RunView`) |
+//! | `GET /api/runs/{id}/history` | `?after=&limit=` | a page of its history (`RunHistory`) |
 //! | `GET /api/runs/{id}/live` | | `text/event-stream`: an event `piece` per piece of live output, then `end` with the run's status |
+//! | `GET /api/runs` | `?flow=&status=&label=k=v&parent=&since_ms=&until_ms=&limit=&cursor=` | a page of runs (`RunList`) |
+//! | `GET /api/flows`, `GET /api/flows/{name}` | `?version=` | the flows (`FlowList`), one flow (`FlowInfo`) |
 //! | `POST /api/runs` | a `StartRun` | `201` (`200` when the idempotency key named a run that exists) and `RunStarted` |
 //! | `POST /api/runs/{id}/signals/{step}` | the signal's data | `RunSignalled` |
-//! | `POST /api/runs/{id}/cancel` | `{"reason": "..."}` or nothing | `RunCancelled` |
+//! | `POST /api/runs/{id}/cancel`, `.../pause`, `.../resume` | `{"reason": "..."}` or nothing | `RunCancelled`, `RunPaused` |
+//! | `POST /api/runs/{id}/redrive` | `{"reason": "...", "from": ["step"]}` or nothing | `RunRedriven` |
 //!
 //! Every answer is JSON; a refusal is `{"error": {"code", "message"}}` with the status its
 //! code calls for. Changes need `Authorization: Bearer <token>` with the token the UI was
@@ -22,14 +27,14 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use flowgrid_model::RunId;
-use flowgrid_proto::StartRun;
+use flowgrid_proto::{ListRuns, StartRun};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -57,11 +62,14 @@ const CORS_MAX_AGE: Duration = Duration::from_secs(60 * 60);
 pub(super) fn routes(cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
     // Every answer under /api/ is JSON, a wrong method or path too.
     let api = Router::new()
-        .route("/api/runs", post(start).fallback(method_not_allowed))
+        .route("/api/runs", post(start).get(list).fallback(method_not_allowed))
         .route("/api/runs/{run_id}", get(run).fallback(method_not_allowed))
+        .route("/api/runs/{run_id}/history", get(history).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/live", get(live).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/signals/{step}", post(signal).fallback(method_not_allowed))
-        .route("/api/runs/{run_id}/cancel", post(cancel).fallback(method_not_allowed))
+        .route("/api/runs/{run_id}/{change}", post(change).fallback(method_not_allowed))
+        .route("/api/flows", get(flows).fallback(method_not_allowed))
+        .route("/api/flows/{name}", get(flow).fallback(method_not_allowed))
         .route("/api", any(no_such_call))
         .route("/api/{*rest}", any(no_such_call));
     match cors {
@@ -107,6 +115,82 @@ pub(super) fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
 
 async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
     answer(ui.client.get(&RunId(run_id.into())).await, StatusCode::OK)
+}
+
+/// The query of a read, as the call's request: each parameter a field of it (numbers as
+/// numbers), and `label=key=value`, repeated, its `labels`. An unknown parameter or a
+/// malformed value is refused, naming it.
+fn query<T: DeserializeOwned>(pairs: Vec<(String, String)>, numbers: &[&str]) -> Result<T, Box<Response>> {
+    let refuse = |message: String| Box::new(error(StatusCode::BAD_REQUEST, "invalid_request", &message));
+    let mut fields = serde_json::Map::new();
+    let mut labels = serde_json::Map::new();
+    for (key, value) in pairs {
+        if key == "label" {
+            let Some((label, label_value)) = value.split_once('=') else {
+                return Err(refuse(format!("label={value}: write a label as label=key=value")));
+            };
+            labels.insert(label.to_owned(), Value::String(label_value.to_owned()));
+        } else if numbers.contains(&key.as_str()) {
+            let number = value.parse::<u64>().map_err(|_| refuse(format!("{key}={value}: not a whole number")))?;
+            fields.insert(key, Value::from(number));
+        } else {
+            fields.insert(key, Value::String(value));
+        }
+    }
+    if !labels.is_empty() {
+        fields.insert("labels".to_owned(), Value::Object(labels));
+    }
+    serde_json::from_value(Value::Object(fields)).map_err(|parse_error| {
+        // The request's `labels` are written `label=` in a query.
+        let message = parse_error.to_string().replace("`labels`", "`label`");
+        refuse(format!("the query is not what this call takes: {message}"))
+    })
+}
+
+async fn list(State(ui): State<Arc<Ui>>, Query(pairs): Query<Vec<(String, String)>>) -> Response {
+    match query::<ListRuns>(pairs, &["since_ms", "until_ms", "limit"]) {
+        Ok(request) => answer(ui.client.list(request).await, StatusCode::OK),
+        Err(refused) => *refused,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn history(
+    State(ui): State<Arc<Ui>>,
+    Path(run_id): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Response {
+    match query::<HistoryQuery>(pairs, &["after", "limit"]) {
+        Ok(page) => answer(ui.client.history(&RunId(run_id.into()), page.after, page.limit).await, StatusCode::OK),
+        Err(refused) => *refused,
+    }
+}
+
+async fn flows(State(ui): State<Arc<Ui>>) -> Response {
+    answer(ui.client.flows().await, StatusCode::OK)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlowQuery {
+    version: Option<u32>,
+}
+
+async fn flow(
+    State(ui): State<Arc<Ui>>,
+    Path(name): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Response {
+    match query::<FlowQuery>(pairs, &["version"]) {
+        Ok(asked) => answer(ui.client.flow(&name, asked.version).await, StatusCode::OK),
+        Err(refused) => *refused,
+    }
 }
 
 async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
@@ -180,25 +264,44 @@ async fn signal(
     answer(ui.client.signal(&RunId(run_id.into()), step, data).await, StatusCode::OK)
 }
 
+/// The body of a cancel, pause, resume or redrive (`from` for a redrive only).
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CancelBody {
+struct ChangeBody {
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    from: Option<Vec<String>>,
 }
 
-async fn cancel(
+/// `POST /api/runs/{id}/{cancel | pause | resume | redrive}`.
+async fn change(
     State(ui): State<Arc<Ui>>,
-    Path(run_id): Path<String>,
+    Path((run_id, change)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let cancel: CancelBody = match change_request(&ui, &headers, body, Some(CancelBody::default())) {
-        Ok(cancel) => cancel,
+    if !matches!(change.as_str(), "cancel" | "pause" | "resume" | "redrive") {
+        return no_such_call().await;
+    }
+    let body: ChangeBody = match change_request(&ui, &headers, body, Some(ChangeBody::default())) {
+        Ok(body) => body,
         Err(refused) => return *refused,
     };
-    let reason = cancel.reason.unwrap_or_else(|| "cancelled through the HTTP API".to_owned());
-    answer(ui.client.cancel(&RunId(run_id.into()), reason).await, StatusCode::OK)
+    if body.from.is_some() && change != "redrive" {
+        return error(StatusCode::BAD_REQUEST, "invalid_request", "`from` is taken by a redrive only");
+    }
+    let run_id = RunId(run_id.into());
+    let reason = |done: &str| body.reason.clone().unwrap_or_else(|| format!("{done} through the HTTP API"));
+    match change.as_str() {
+        "cancel" => answer(ui.client.cancel(&run_id, reason("cancelled")).await, StatusCode::OK),
+        "pause" => answer(ui.client.pause(&run_id, reason("paused")).await, StatusCode::OK),
+        "resume" => answer(ui.client.resume(&run_id, reason("resumed")).await, StatusCode::OK),
+        _ => {
+            let from = body.from.clone().unwrap_or_default();
+            answer(ui.client.redrive_from(&run_id, from, reason("redriven")).await, StatusCode::OK)
+        }
+    }
 }
 
 impl Ui {
@@ -208,7 +311,8 @@ impl Ui {
             return Some(error(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                "this API is read-only: start the UI with --api-token (or FLOWGRID_API_TOKEN) to start, signal and cancel runs",
+                "this API is read-only: start the UI with --api-token (or FLOWGRID_API_TOKEN) to start, signal, pause, \
+                 resume, cancel and redrive runs",
             ));
         };
         let given = headers
