@@ -121,6 +121,7 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     let (status, body) = http_post_json(&addr, "/api/runs", &huge, Some(API_TOKEN))?;
     assert_eq!(status, 413);
     json_refusal(status, &body, "payload_too_large");
+    let bearer = format!("Bearer {API_TOKEN}");
     let lower_case = format!("bearer {API_TOKEN}");
     let headers = [("Content-Type", "application/json"), ("Authorization", lower_case.as_str())];
     let (status, _, body) = http_exchange(&addr, "POST", "/api/runs", &headers, Some(start))?;
@@ -161,8 +162,14 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     })
     .await?;
     let path = format!("/api/runs/{waiting}/signals/ok");
-    let (status, body) = http_post_json(&addr, &path, r#"{"by": "http"}"#, Some(API_TOKEN))?;
+    let keyed = [("Content-Type", "application/json"), ("Authorization", &bearer), ("Idempotency-Key", "sig-1")];
+    let (status, _, body) = http_exchange(&addr, "POST", &path, &keyed, Some(r#"{"by": "http"}"#))?;
     assert!(status == 200 && body.contains(r#""applied":true"#), "{status} {body}");
+    // Sent again under its key (its answer lost), it is still the signal the step took.
+    let (status, _, body) = http_exchange(&addr, "POST", &path, &keyed, Some(r#"{"by": "http"}"#))?;
+    assert!(status == 200 && body.contains(r#""applied":true"#), "{status} {body}");
+    let (status, body) = http_post_json(&addr, &path, r#"{"by": "other"}"#, Some(API_TOKEN))?;
+    assert!(status == 200 && body.contains(r#""applied":false"#), "{status} {body}");
     let view = grid.wait_run(&client, &waiting, RUN_DEADLINE).await?;
     assert_eq!(view.output, Some(json!({"by": "http"})));
 

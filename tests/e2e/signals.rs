@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flowgrid_sdk::{ErrorCode, RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_sdk::{ErrorCode, Event, RunId, RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::{json, Value};
 
@@ -69,6 +69,50 @@ async fn the_first_signal_goes_on_with_its_data_and_a_repeat_changes_nothing() -
         let error = client.signal(&run_id, target, Value::Null).await.expect_err("refused");
         assert_eq!(refusal(&error).code, code, "{target}: {error:?}");
     }
+    Ok(())
+}
+
+/// Sends `signal` as JSON over NATS, as any client may, and returns the answer.
+async fn signal_json(grid: &Grid, signal: &Value) -> anyhow::Result<Value> {
+    let nats = grid.nats_client().await?;
+    let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.signal");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let request = async_nats::Request::new().headers(headers).payload(serde_json::to_vec(signal)?.into());
+    let reply = nats.send_request(subject, request).await?;
+    Ok(serde_json::from_slice(&reply.payload)?)
+}
+
+/// Whether `signal` was applied.
+async fn signal_raw(grid: &Grid, signal: Value) -> anyhow::Result<bool> {
+    let reply = signal_json(grid, &signal).await?;
+    reply["ok"]["applied"].as_bool().ok_or_else(|| anyhow::anyhow!("not an answer: {reply}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_sent_again_with_its_id_is_answered_as_taken() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, APPROVAL_FLOW).await?;
+    let run_id = start_waiting(&grid, &client, "approval").await?;
+    let signal = |id: Option<&str>| json!({"run_id": run_id, "step": "approve", "data": "ok", "id": id});
+
+    assert!(signal_raw(&grid, signal(Some("from-ana"))).await?, "the first signal is taken");
+    // Its answer lost, the sender sends it again: it was taken, and only once.
+    assert!(signal_raw(&grid, signal(Some("from-ana"))).await?, "a repeat of the taken signal");
+    assert!(!signal_raw(&grid, signal(Some("from-bob"))).await?, "another sender's signal");
+    assert!(!signal_raw(&grid, signal(None)).await?, "a signal without an id");
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    assert!(signal_raw(&grid, signal(Some("from-ana"))).await?, "after the run ended too");
+    assert!(!signal_raw(&grid, signal(Some("from-bob"))).await?);
+    let history = client.history(&run_id, None, None).await?;
+    let taken =
+        history.records.iter().filter(|record| matches!(record.event, Some(Event::SignalReceived { .. }))).count();
+    assert_eq!(taken, 1, "one signal in the history: {history:?}");
+
+    let reply = signal_json(&grid, &signal(Some(&"x".repeat(129)))).await?;
+    assert!(reply.to_string().contains("a signal's id must be 1 to 128 bytes"), "{reply}");
     Ok(())
 }
 

@@ -56,7 +56,7 @@ fn describe_event(event: &Event) -> String {
             TimerKey::StartDue => "its start time came".to_owned(),
         },
         Event::CancelRequested { reason } => format!("cancel asked: {reason}"),
-        Event::SignalReceived { step, data } => format!("signal for step {step}: {}", short(data)),
+        Event::SignalReceived { step, data, .. } => format!("signal for step {step}: {}", short(data)),
         Event::ChildEnded { step, item, child, status, output, error, refused } => {
             let item = item.map(|item| format!("[{item}]")).unwrap_or_default();
             if *refused {
@@ -152,7 +152,7 @@ mod tests {
             refused: false,
         };
         assert_eq!(describe(&record(child)), "child run c of step encode[1] succeeded: 7");
-        let long = Event::SignalReceived { step: "review".into(), data: json!("x".repeat(500)) };
+        let long = Event::SignalReceived { step: "review".into(), data: json!("x".repeat(500)), id: None };
         let line = describe(&record(long));
         assert!(line.ends_with("...") && line.chars().count() < 200, "{line}");
     }

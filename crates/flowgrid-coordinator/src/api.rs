@@ -9,7 +9,9 @@ use std::sync::Arc;
 use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
-use flowgrid_model::limits::{nesting_depth, DURATION_MS_MAX, REASON_BYTES_MAX, SUBFLOW_DEPTH_MAX};
+use flowgrid_model::limits::{
+    nesting_depth, DURATION_MS_MAX, REASON_BYTES_MAX, SIGNAL_ID_BYTES_MAX, SUBFLOW_DEPTH_MAX,
+};
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused,
@@ -532,10 +534,17 @@ impl Api {
         request: SignalRun,
         request_bytes: Option<usize>,
     ) -> Result<flowgrid_proto::RunSignalled, ApiError> {
-        let SignalRun { run_id, step, data } = request;
-        self.check_payload("signal data", &data, request_bytes)?;
-        let shard = self.router.shard_of(run_id.as_str());
-        self.ask(shard, ShardRequest::Signal { run_id, step, data }, |reply| match reply {
+        self.check_payload("signal data", &request.data, request_bytes)?;
+        if let Some(id) = &request.id {
+            if id.is_empty() || id.len() > SIGNAL_ID_BYTES_MAX || id.chars().any(char::is_control) {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("a signal's id must be 1 to {SIGNAL_ID_BYTES_MAX} bytes without control characters"),
+                ));
+            }
+        }
+        let shard = self.router.shard_of(request.run_id.as_str());
+        self.ask(shard, ShardRequest::Signal(request), |reply| match reply {
             ShardReply::Signalled(signalled) => Ok(signalled),
             other => Err(other),
         })

@@ -15,7 +15,7 @@ use flowgrid_model::{shard_of, FlowDefinition, FlowPlan, Labels, ParentRef, RunI
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, GateMessage,
     GateTaken, LimitSummary, ListRuns, PauseRun, RedriveRun, Reply, RunCancelled, RunPaused, RunRedriven, RunSignalled,
-    RunStarted, RunSummary,
+    RunStarted, RunSummary, SignalRun,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -66,11 +66,7 @@ pub enum ShardRequest {
         request: PauseRun,
         pause: bool,
     },
-    Signal {
-        run_id: RunId,
-        step: String,
-        data: Value,
-    },
+    Signal(SignalRun),
     Get {
         run_id: RunId,
     },
@@ -273,8 +269,8 @@ impl Router {
             ShardRequest::Pause { request, pause } => {
                 handle.ask(|reply| Command::Pause { request, pause, reply }).await.map(ShardReply::Paused)
             }
-            ShardRequest::Signal { run_id, step, data } => {
-                handle.ask(|reply| Command::Signal { run_id, step, data, reply }).await.map(ShardReply::Signalled)
+            ShardRequest::Signal(request) => {
+                handle.ask(|reply| Command::Signal { request, reply }).await.map(ShardReply::Signalled)
             }
             ShardRequest::Get { run_id } => {
                 handle.ask(|reply| Command::Get { run_id, reply }).await.map(|view| ShardReply::Run(Box::new(view)))

@@ -29,8 +29,14 @@ pub enum Event {
     TimerFired { timer: TimerKey },
     /// Someone asked to cancel the run.
     CancelRequested { reason: String },
-    /// A signal for signal step `step` came from outside the run, carrying `data`.
-    SignalReceived { step: String, data: Value },
+    /// A signal for signal step `step` came from outside the run, carrying `data`, and the
+    /// sender's `id` for it, if it gave one.
+    SignalReceived {
+        step: String,
+        data: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
     /// Child run `child`, started by subflow step `step`, ended with `status` (and its
     /// output or error); also sent when the child could not be started at all.
     ChildEnded {

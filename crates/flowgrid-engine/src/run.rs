@@ -168,7 +168,7 @@ impl Run {
             Event::TaskFailed { attempt, error } => self.on_task_failed(attempt, error, &mut context),
             Event::TaskProgress { attempt, details } => self.on_task_progress(attempt, details),
             Event::TimerFired { timer } => self.on_timer(timer, &mut context),
-            Event::SignalReceived { step, data } => self.on_signal(step, data, &mut context),
+            Event::SignalReceived { step, data, .. } => self.on_signal(step, data, &mut context),
             Event::ChildEnded { step, item, child, status, output, error, refused } => {
                 let ended = subflows::ChildEnd {
                     child,

@@ -50,6 +50,9 @@ pub const REDRIVES_MAX: u32 = 100;
 /// How often one run may be paused: each pause and resume adds to its history.
 pub const PAUSES_MAX: u32 = 1_000;
 
+/// The longest id a signal's sender may give it (bytes): it is kept in the run's history.
+pub const SIGNAL_ID_BYTES_MAX: usize = 128;
+
 /// The longest reason a cancel, redrive, pause or resume may give (bytes): it is kept in
 /// the run's history, and a pause's in its view.
 pub const REASON_BYTES_MAX: usize = 1_024;

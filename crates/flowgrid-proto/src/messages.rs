@@ -489,6 +489,11 @@ pub struct SignalRun {
     pub step: String,
     #[serde(default)]
     pub data: Value,
+    /// The sender's id for this signal (at most 128 bytes), the same when it sends it again
+    /// after a lost answer: a step that took a signal with this id answers `applied: true`
+    /// again. The SDK and the CLI make one per signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

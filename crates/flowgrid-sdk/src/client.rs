@@ -384,14 +384,29 @@ impl Client {
 
     /// Sends a signal to signal step `step` of a run; `data` becomes the step's output.
     /// The step takes the first signal sent while it waits: `applied` is `false` when it
-    /// had taken one already (or timed out, or the run ended), so repeating a signal is safe.
+    /// had taken another one already (or timed out, or the run ended), so repeating a
+    /// signal is safe. The signal carries an id of its own, so that when its answer is lost
+    /// and it is sent again, a step that took it still answers `applied: true`.
     pub async fn signal(
         &self,
         run_id: &RunId,
         step: impl Into<String>,
         data: serde_json::Value,
     ) -> Result<RunSignalled> {
-        let signal = SignalRun { run_id: run_id.clone(), step: step.into(), data };
+        self.signal_with_id(run_id, step, data, uuid::Uuid::new_v4().to_string()).await
+    }
+
+    /// As [`Client::signal`], with the signal's `id` of the caller's choosing (1 to 128
+    /// bytes): a caller that sends the signal again itself (its own retry after a crash, an
+    /// HTTP request's `Idempotency-Key`) gives it the same id and learns whether it was taken.
+    pub async fn signal_with_id(
+        &self,
+        run_id: &RunId,
+        step: impl Into<String>,
+        data: serde_json::Value,
+        id: String,
+    ) -> Result<RunSignalled> {
+        let signal = SignalRun { run_id: run_id.clone(), step: step.into(), data, id: Some(id) };
         self.call("run.signal", &signal, OnTimeout::Retry).await
     }
 

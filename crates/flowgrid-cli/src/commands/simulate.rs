@@ -317,7 +317,7 @@ fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Res
                 let waits = step.kind == "signal" && step.status == StepStatus::Running;
                 if let (true, Some(data)) = (waits && !signalled.contains(&step.id), case.signals.get(&step.id)) {
                     signalled.insert(step.id.clone());
-                    events.push_back(Event::SignalReceived { step: step.id, data: data.clone() });
+                    events.push_back(Event::SignalReceived { step: step.id, data: data.clone(), id: None });
                 }
             }
         }

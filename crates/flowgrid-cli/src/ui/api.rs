@@ -11,7 +11,7 @@
 //! | `GET /api/runs` | `?flow=&status=&label=k=v&parent=&since_ms=&until_ms=&limit=&cursor=` | a page of runs (`RunList`) |
 //! | `GET /api/flows`, `GET /api/flows/{name}` | `?version=` | the flows (`FlowList`), one flow (`FlowInfo`) |
 //! | `POST /api/runs` | a `StartRun` | `201` (`200` when the idempotency key named a run that exists) and `RunStarted` |
-//! | `POST /api/runs/{id}/signals/{step}` | the signal's data | `RunSignalled` |
+//! | `POST /api/runs/{id}/signals/{step}` | the signal's data (header `Idempotency-Key`: the signal's id) | `RunSignalled` |
 //! | `POST /api/runs/{id}/cancel`, `.../pause`, `.../resume` | `{"reason": "..."}` or nothing | `RunCancelled`, `RunPaused` |
 //! | `POST /api/runs/{id}/redrive` | `{"reason": "...", "from": ["step"]}` or nothing | `RunRedriven` |
 //!
@@ -28,7 +28,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -53,6 +53,9 @@ pub(super) const LIVE_STREAMS_MAX: usize = 256;
 const LIVE_EVENTS_BUFFERED: usize = 256;
 /// The shortest token `--api-token` takes.
 pub(crate) const TOKEN_CHARS_MIN: usize = 16;
+
+/// The header naming a signal sent again after a lost answer: the signal's id.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// How long a browser may keep the answer to a CORS preflight.
 const CORS_MAX_AGE: Duration = Duration::from_secs(60 * 60);
@@ -108,7 +111,7 @@ pub(super) fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
         CorsLayer::new()
             .allow_origin(allowed)
             .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static(IDEMPOTENCY_KEY)])
             .max_age(CORS_MAX_AGE),
     ))
 }
@@ -261,7 +264,14 @@ async fn signal(
         Ok(data) => data,
         Err(refused) => return *refused,
     };
-    answer(ui.client.signal(&RunId(run_id.into()), step, data).await, StatusCode::OK)
+    let run_id = RunId(run_id.into());
+    // A client that sends its request again after a lost answer names it with the same key.
+    let key = headers.get(IDEMPOTENCY_KEY).and_then(|key| key.to_str().ok()).map(str::to_owned);
+    let signalled = match key {
+        Some(key) => ui.client.signal_with_id(&run_id, step, data, key).await,
+        None => ui.client.signal(&run_id, step, data).await,
+    };
+    answer(signalled, StatusCode::OK)
 }
 
 /// The body of a cancel, pause, resume or redrive (`from` for a redrive only).

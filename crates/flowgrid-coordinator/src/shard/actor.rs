@@ -307,8 +307,8 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = self.pause_run(request, pause, batch).await;
                 batch.reply(reply, outcome);
             }
-            Command::Signal { run_id, step, data, reply } => {
-                let outcome = self.signal_run(run_id, step, data, batch).await;
+            Command::Signal { request, reply } => {
+                let outcome = self.signal_run(request, batch).await;
                 batch.reply(reply, outcome);
             }
             Command::Get { run_id, reply } => {

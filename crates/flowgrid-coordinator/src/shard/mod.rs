@@ -27,7 +27,7 @@ use flowgrid_engine::RunView;
 use flowgrid_model::{FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, PauseRun,
-    RedriveRun, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, Subjects,
+    RedriveRun, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, SignalRun, Subjects,
 };
 use flowgrid_store::StoreLimits;
 use serde_json::Value;
@@ -105,9 +105,7 @@ pub enum Command {
         reply: Responder<RunPaused>,
     },
     Signal {
-        run_id: RunId,
-        step: String,
-        data: Value,
+        request: SignalRun,
         reply: Responder<RunSignalled>,
     },
     Get {

@@ -17,9 +17,9 @@ use flowgrid_model::limits::{nesting_depth, Limits, PAUSES_MAX};
 use flowgrid_model::{has_labels, AttemptId, FlowPlan, Labels, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
-    RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, TaskResult,
+    RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, SignalRun, TaskResult,
 };
-use flowgrid_store::{keys, ShardStore};
+use flowgrid_store::{join_records, keys, ShardStore};
 use serde_json::Value;
 use tracing::{debug, warn};
 
@@ -482,14 +482,10 @@ impl<S: ShardStore> ShardActor<S> {
 
     /// A signal for a signal step: applied if the step waits for one. A step that is over
     /// (or a run that ended) answers `applied: false`, so that a repeated signal is not an
-    /// error; a step that is not a signal step, or has not started, is refused.
-    pub(super) async fn signal_run(
-        &mut self,
-        run_id: RunId,
-        step: String,
-        data: Value,
-        batch: &mut Batch,
-    ) -> Result<RunSignalled, ApiError> {
+    /// error, unless the step took a signal of the same `id` (sent again after its answer
+    /// was lost); a step that is not a signal step, or has not started, is refused.
+    pub(super) async fn signal_run(&mut self, request: SignalRun, batch: &mut Batch) -> Result<RunSignalled, ApiError> {
+        let SignalRun { run_id, step, data, id } = request;
         let Some(active) = self.runs.get(&run_id) else {
             // An ended run takes no signal, but a step it does not have (or that waits for
             // none) is refused as on a run that goes: a typo is no harmless no-op.
@@ -500,18 +496,39 @@ impl<S: ShardStore> ShardActor<S> {
             {
                 return Err(error);
             }
-            return Ok(RunSignalled { run_id, step, applied: false, status: record.status });
+            let applied = self.took_signal(&run_id, &step, id.as_deref()).await?;
+            return Ok(RunSignalled { run_id, step, applied, status: record.status });
         };
         let applied = match active.run.signal_refused(&step) {
-            None => self.apply_event(&run_id, Event::SignalReceived { step: step.clone(), data }, now_ms(), batch),
+            None => {
+                let event = Event::SignalReceived { step: step.clone(), data, id };
+                self.apply_event(&run_id, event, now_ms(), batch)
+            }
             Some(refused) => match signal_refusal(&run_id, &step, &refused) {
                 Some(error) => return Err(error),
-                None => false,
+                None => self.took_signal(&run_id, &step, id.as_deref()).await?,
             },
         };
         // A run the signal ended stays in memory until its batch commits.
         let status = self.runs.get(&run_id).map_or(RunStatus::Succeeded, |active| active.run.status());
         Ok(RunSignalled { run_id, step, applied, status })
+    }
+
+    /// Whether step `step` of the run took a signal of this `id` (committed in its history).
+    async fn took_signal(&self, run_id: &RunId, step: &str, id: Option<&str>) -> Result<bool, ApiError> {
+        let Some(id) = id else { return Ok(false) };
+        let history = self.store.scan(keys::history_range(run_id), usize::MAX, false).await.map_err(read_failure)?;
+        let history = join_records(history).map_err(internal)?;
+        // Record 0 is the run's start; every later one an event.
+        for (_, value) in history.iter().skip(1) {
+            let record: EventRecord = records::decode("history record", value).map_err(internal)?;
+            if let Event::SignalReceived { step: took, id: Some(took_id), .. } = &record.event {
+                if took == step && took_id == id {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     pub(super) async fn get_run(&mut self, run_id: &RunId) -> Result<RunView, ApiError> {

@@ -20,7 +20,7 @@ steps:
 "##;
 
 fn signal(step: &str, data: serde_json::Value) -> Event {
-    Event::SignalReceived { step: step.to_owned(), data }
+    Event::SignalReceived { step: step.to_owned(), data, id: None }
 }
 
 fn timeout(step: &str) -> TimerKey {
