@@ -72,10 +72,19 @@ impl Run {
                 reset_to_new(state);
             } else if state.status == StepStatus::Cancelled || (state.status == StepStatus::Failed && !state.caught()) {
                 reset(state);
+            } else if state.status == StepStatus::Succeeded && state.resolved_as.is_none() {
+                // A `succeed` step that ended the run before it was marked resolved.
+                state.resolved_as = Some(Resolution::Succeeded);
             }
         }
-        for target in (0..self.steps.len()).filter(|&position| anew[position]) {
-            self.recount_deps(target as StepIndex, &anew);
+        // Every step that goes again counts the dependencies that stay resolved (those
+        // that go again resolve again later). Counting them afresh, rather than keeping
+        // the count from before, takes in a `succeed` step that ended the run: its edges
+        // never led anywhere.
+        for target in 0..self.steps.len() {
+            if self.steps[target].status == StepStatus::Pending {
+                self.recount_deps(target as StepIndex, &anew);
+            }
         }
         self.unresolved = self.steps.iter().filter(|state| state.is_open()).count();
         for position in 0..self.steps.len() {
@@ -115,7 +124,7 @@ impl Run {
         anew
     }
 
-    /// Step `target` starts anew: it counts the dependencies that stay and have resolved,
+    /// Step `target` goes again: it counts the dependencies that stay and have resolved,
     /// activated as they resolved; those that start anew resolve again later.
     fn recount_deps(&mut self, target: StepIndex, anew: &[bool]) {
         let deps = &self.plan.step(target).deps;

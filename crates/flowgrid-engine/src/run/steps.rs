@@ -157,6 +157,9 @@ impl Run {
         let state = self.state(index);
         state.status = StepStatus::Succeeded;
         state.ended_ms = Some(now);
+        // The run ends here, so its edges lead nowhere now; a redrive of a step after it
+        // counts it as resolved.
+        state.resolved_as = Some(super::resolve::Resolution::Succeeded);
         self.unresolved -= 1;
         self.finish(RunStatus::Succeeded, Some(value), None, context);
     }
