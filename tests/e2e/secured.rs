@@ -102,6 +102,21 @@ async fn a_grid_behind_tls_and_passwords_runs_flows_and_refuses_who_lacks_them()
     let (ok, text) = cli_as(&grid, &no_file, &["run", "list"])?;
     assert!(!ok && text.contains("missing-ca.pem") && text.contains("--nats-tls-ca"), "a missing file: {text}");
 
+    // The user and password in the URL instead (`nats://user:password@host`); a refusal
+    // shows the URL without the password.
+    let url_as = |url: &str| -> anyhow::Result<(bool, String)> {
+        let output = Command::new(flowgrid_bin())
+            .args(["--nats-url", url, "--nats-tls-ca", &ca_text, "--prefix", &grid.prefix, "run", "list"])
+            .output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        Ok((output.status.success(), text))
+    };
+    let (ok, text) = url_as(&grid.nats_url.replacen("://", "://grid:grid-secret@", 1))?;
+    assert!(ok && text.contains("echo-once"), "credentials in the URL: {text}");
+    let (ok, text) = url_as(&grid.nats_url.replacen("://", "://grid:not-the-secret@", 1))?;
+    assert!(!ok && text.contains("authorization violation") && text.contains("grid:***@"), "{text}");
+    assert!(!text.contains("not-the-secret"), "the password is shown: {text}");
+
     // A coordinator without credentials does not join; the one serving is unaffected.
     let mut refused = Command::new(flowgrid_bin());
     refused.args(["--nats-url", &grid.nats_url, "--nats-tls-ca", &ca_text, "coordinator", "--metrics-addr", "off"]);

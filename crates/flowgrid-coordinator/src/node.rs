@@ -86,11 +86,8 @@ async fn serve<S: Store>(
     // when the connection comes back, as the request may have gone out on the dead one.
     let (connections_tx, connections) = tokio::sync::watch::channel(0u64);
     let connections_tx = Arc::new(connections_tx);
-    let nats = config
-        .nats
-        .options()
-        .await
-        .map_err(Error::Connect)?
+    let (options, servers) = config.nats.options(&config.nats_url).await.map_err(Error::Connect)?;
+    let nats = options
         .name("flowgrid-coordinator")
         .event_callback(move |event| {
             let connections_tx = connections_tx.clone();
@@ -100,9 +97,11 @@ async fn serve<S: Store>(
                 }
             }
         })
-        .connect(&config.nats_url)
+        .connect(servers)
         .await
-        .map_err(|source| Error::Connect(flowgrid_sdk::Error::Connect { url: config.nats_url.clone(), source }))?;
+        .map_err(|source| {
+            Error::Connect(flowgrid_sdk::Error::Connect { url: flowgrid_sdk::redact(&config.nats_url), source })
+        })?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let subjects = Subjects::new(config.prefix.clone());
     let broker_limits = BrokerLimits {
@@ -230,7 +229,7 @@ async fn serve<S: Store>(
     let submit_task = tokio::spawn(crate::submit::serve(api.clone(), submit_consumer, api_stop.clone()));
     info!(
         member = %me,
-        nats = %config.nats_url,
+        nats = %flowgrid_sdk::redact(&config.nats_url),
         prefix = %config.prefix,
         data_dir = %config.data_dir.display(),
         elapsed_ms = started.elapsed().as_millis() as u64,

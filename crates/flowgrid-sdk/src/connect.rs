@@ -123,20 +123,31 @@ pub struct NatsOptions {
 impl NatsOptions {
     /// Connects to the server(s) at `url` as `name` (shown in the server's connection list).
     pub async fn connect(&self, url: &str, name: &str) -> Result<async_nats::Client> {
-        self.options()
-            .await?
-            .name(name)
-            .connect(url)
-            .await
-            .map_err(|source| Error::Connect { url: url.to_owned(), source })
+        let (options, servers) = self.options(url).await?;
+        options.name(name).connect(servers).await.map_err(|source| Error::Connect { url: redact(url), source })
     }
 
     /// The connect options with these credentials and TLS settings, for a caller that adds
-    /// its own (a name, an event callback). Reads the files named, so a missing or
-    /// unreadable one is reported here, with its flag.
-    pub async fn options(&self) -> Result<ConnectOptions> {
+    /// its own (a name, an event callback), and the server URL(s) to connect to: `url`
+    /// (servers comma-separated) without the user and password it may carry
+    /// (`nats://user:password@host`, or `nats://token@host`), which the options hold then.
+    /// Reads the files named, so a missing or unreadable one is reported here, with its flag.
+    pub async fn options(&self, url: &str) -> Result<(ConnectOptions, String)> {
         let mut options = ConnectOptions::new();
-        match self.credentials()? {
+        let (servers, in_url) = url_credentials(url)?;
+        let credentials = match (self.credentials()?, in_url) {
+            (credentials, None) => credentials,
+            (Credentials::None, Some((user, password))) => match password {
+                Some(password) => Credentials::OwnedPassword { user, password },
+                None => Credentials::OwnedToken(user),
+            },
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "the NATS URL carries credentials and so do --nats-* flags or FLOWGRID_NATS_* variables: give them once",
+                ))
+            }
+        };
+        match credentials {
             Credentials::None => {}
             Credentials::File(path) => {
                 options = options.credentials_file(path).await.map_err(|error| {
@@ -155,9 +166,11 @@ impl NatsOptions {
                 options = options.nkey(seed.to_owned());
             }
             Credentials::Token(token) => options = options.token(token.to_owned()),
+            Credentials::OwnedToken(token) => options = options.token(token),
             Credentials::Password { user, password } => {
                 options = options.user_and_password(user.to_owned(), password.to_owned());
             }
+            Credentials::OwnedPassword { user, password } => options = options.user_and_password(user, password),
         }
         if let Some(ca) = &self.tls_ca {
             read("the certificate authority file", "--nats-tls-ca", ca)?;
@@ -186,7 +199,7 @@ impl NatsOptions {
             }
             options = options.custom_inbox_prefix(prefix);
         }
-        Ok(options.require_tls(self.tls_required()))
+        Ok((options.require_tls(self.tls_required()), servers))
     }
 
     /// True when any TLS option is given.
@@ -229,7 +242,78 @@ enum Credentials<'a> {
     File(&'a Path),
     NKey(&'a Path),
     Token(&'a str),
-    Password { user: &'a str, password: &'a str },
+    Password {
+        user: &'a str,
+        password: &'a str,
+    },
+    /// Given in the URL.
+    OwnedToken(String),
+    OwnedPassword {
+        user: String,
+        password: String,
+    },
+}
+
+/// A user and, if given, a password, as a URL carries them (percent-decoded).
+type UrlCredentials = (String, Option<String>);
+
+/// `url` (servers comma-separated) without the user and password its servers carry, and
+/// those (the same for every server that carries any). A server given without a scheme
+/// (`127.0.0.1:4222`) carries none.
+fn url_credentials(url: &str) -> Result<(String, Option<UrlCredentials>)> {
+    let mut found: Option<UrlCredentials> = None;
+    let mut servers = Vec::new();
+    for server in url.split(',').map(str::trim) {
+        let Ok(mut parsed) =
+            url::Url::parse(server).map_err(drop).and_then(
+                |parsed| {
+                    if parsed.has_host() {
+                        Ok(parsed)
+                    } else {
+                        Err(())
+                    }
+                },
+            )
+        else {
+            servers.push(server.to_owned());
+            continue;
+        };
+        if parsed.username().is_empty() {
+            servers.push(server.to_owned());
+            continue;
+        }
+        let decode = |text: &str| percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned();
+        let credentials = (decode(parsed.username()), parsed.password().map(decode));
+        if found.as_ref().is_some_and(|found| *found != credentials) {
+            return Err(invalid("the servers of the NATS URL carry different credentials: give one user to all"));
+        }
+        found = Some(credentials);
+        // Neither can fail on a URL with a host.
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        servers.push(parsed.to_string().trim_end_matches('/').to_owned());
+    }
+    Ok((servers.join(","), found))
+}
+
+/// `url` with the password (or token) its servers carry replaced by `***`, to be shown in
+/// messages and logs.
+pub fn redact(url: &str) -> String {
+    url.split(',')
+        .map(str::trim)
+        .map(|server| match url::Url::parse(server) {
+            Ok(mut parsed) if parsed.has_host() && !parsed.username().is_empty() => {
+                if parsed.password().is_some() {
+                    let _ = parsed.set_password(Some("***"));
+                } else {
+                    let _ = parsed.set_username("***");
+                }
+                parsed.to_string().trim_end_matches('/').to_owned()
+            }
+            _ => server.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// What to check when a connection failed, by how it failed.
@@ -263,10 +347,29 @@ mod tests {
 
     fn message(options: &NatsOptions) -> String {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        match runtime.block_on(options.options()) {
+        match runtime.block_on(options.options("nats://127.0.0.1:4222")) {
             Ok(_) => "ok".to_owned(),
             Err(error) => error.to_string(),
         }
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_taken_out_of_it_and_hidden_in_messages() {
+        let (servers, found) = url_credentials("nats://grid:p%40ss@127.0.0.1:4222,nats://grid:p%40ss@b:4223").unwrap();
+        assert_eq!(servers, "nats://127.0.0.1:4222,nats://b:4223");
+        assert_eq!(found, Some(("grid".to_owned(), Some("p@ss".to_owned()))));
+        let (servers, found) = url_credentials("nats://s3cr3t@host:4222").unwrap();
+        assert_eq!((servers.as_str(), found), ("nats://host:4222", Some(("s3cr3t".to_owned(), None))));
+        let (servers, found) = url_credentials("127.0.0.1:4222, nats://a:4222").unwrap();
+        assert_eq!((servers.as_str(), found), ("127.0.0.1:4222,nats://a:4222", None));
+        assert!(url_credentials("nats://a:1@h,nats://b:2@h").is_err(), "two users");
+        assert_eq!(redact("nats://grid:pw@127.0.0.1:4222"), "nats://grid:***@127.0.0.1:4222");
+        assert_eq!(redact("nats://tok@h:4222,nats://h2"), "nats://***@h:4222,nats://h2");
+        assert_eq!(redact("127.0.0.1:4222"), "127.0.0.1:4222");
+        let twice = NatsOptions { user: Some("u".into()), ..NatsOptions::default() };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let error = runtime.block_on(twice.options("nats://grid:pw@h:4222")).err().unwrap().to_string();
+        assert!(error.contains("give them once") && !error.contains("pw"), "{error}");
     }
 
     #[test]

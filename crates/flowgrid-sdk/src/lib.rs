@@ -21,7 +21,7 @@ mod token;
 mod worker;
 
 pub use client::{Client, Submitted, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET};
-pub use connect::NatsOptions;
+pub use connect::{redact, NatsOptions};
 pub use duration::{parse_duration, parse_start_time, parse_time};
 pub use error::{Error, Result};
 pub use publisher::{PublishFailure, StreamPublisher, TIMEOUT_CHECK};

@@ -262,7 +262,9 @@ impl fmt::Display for NotJoined {
         write!(
             formatter,
             "no coordinator has joined this grid yet (NATS at {} has no bucket {} for prefix {:?})",
-            self.nats_url, self.bucket, self.prefix
+            flowgrid_sdk::redact(&self.nats_url),
+            self.bucket,
+            self.prefix
         )
     }
 }
@@ -343,7 +345,10 @@ impl GridReader {
             .map_err(|_| self.read_timed_out(&name))?
             .map_err(|error| anyhow::anyhow!(error))
             .with_context(|| {
-                format!("cannot read the history of {key} in bucket {name} on NATS at {}", self.nats_url)
+                format!(
+                    "cannot read the history of {key} in bucket {name} on NATS at {}",
+                    flowgrid_sdk::redact(&self.nats_url)
+                )
             })?;
         Ok(entries
             .into_iter()
@@ -407,7 +412,7 @@ impl GridReader {
         let names: Vec<String> = tokio::time::timeout(READ_TIMEOUT, self.jetstream.stream_names().try_collect())
             .await
             .map_err(|_| self.read_timed_out("the stream names"))?
-            .with_context(|| format!("cannot list the streams on NATS at {}", self.nats_url))?;
+            .with_context(|| format!("cannot list the streams on NATS at {}", flowgrid_sdk::redact(&self.nats_url)))?;
         let mut triggers = Vec::new();
         for name in names.iter().filter(|name| !name.starts_with("KV_")) {
             let Some(stream) = self.stream(name).await? else { continue };
@@ -441,7 +446,7 @@ impl GridReader {
                 }
                 _ => Err(anyhow::Error::new(error).context(format!(
                     "cannot look up stream {name} on NATS at {} (is JetStream enabled, `nats-server -js`?)",
-                    self.nats_url
+                    flowgrid_sdk::redact(&self.nats_url)
                 ))),
             },
         }
@@ -455,7 +460,9 @@ impl GridReader {
         let store = tokio::time::timeout(READ_TIMEOUT, self.jetstream.get_key_value(name))
             .await
             .map_err(|_| self.read_timed_out(name))?
-            .with_context(|| format!("cannot open bucket {name} on NATS at {}", self.nats_url))?;
+            .with_context(|| {
+                format!("cannot open bucket {name} on NATS at {}", flowgrid_sdk::redact(&self.nats_url))
+            })?;
         Ok(Some(store))
     }
 
@@ -480,7 +487,7 @@ impl GridReader {
             .await
             .map_err(|_| self.read_timed_out(name))?
             .map_err(|error| anyhow::anyhow!(error))
-            .with_context(|| format!("cannot read bucket {name} on NATS at {}", self.nats_url))
+            .with_context(|| format!("cannot read bucket {name} on NATS at {}", flowgrid_sdk::redact(&self.nats_url)))
     }
 
     /// Every consumer of `stream`.
@@ -489,13 +496,18 @@ impl GridReader {
         tokio::time::timeout(READ_TIMEOUT, stream.consumers().try_collect::<Vec<_>>())
             .await
             .map_err(|_| self.read_timed_out(name))?
-            .with_context(|| format!("cannot list the consumers of stream {name} on NATS at {}", self.nats_url))
+            .with_context(|| {
+                format!(
+                    "cannot list the consumers of stream {name} on NATS at {}",
+                    flowgrid_sdk::redact(&self.nats_url)
+                )
+            })
     }
 
     fn read_timed_out(&self, what: &str) -> anyhow::Error {
         anyhow::anyhow!(
             "reading {what} on NATS at {} took longer than {}s; is the server overloaded?",
-            self.nats_url,
+            flowgrid_sdk::redact(&self.nats_url),
             READ_TIMEOUT.as_secs()
         )
     }
