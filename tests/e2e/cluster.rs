@@ -197,3 +197,23 @@ async fn every_revision_of_a_hand_over_can_be_read_back_also_from_a_bucket_made_
     assert_eq!(shown[shown.len().saturating_sub(4)..], expected[..], "flowgrid shards --history {shard}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_with_another_shard_count_is_refused_and_leaves_its_directory_as_it_was() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let other = grid.dir.path().join("other-data");
+    let wrong = (grid.shards * 2).to_string();
+    let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "coordinator", "--metrics-addr", "off"])
+        .args(["--shards", &wrong, "--data-dir"])
+        .arg(&other)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("start it with --shards {}", grid.shards)), "{stderr}");
+    assert!(!other.join("grid.json").exists(), "a refused coordinator records no grid in its directory");
+    // The grid's own directory names the grid once its coordinator joined.
+    let recorded: Value = serde_json::from_slice(&std::fs::read(grid.data_dir().join("grid.json"))?)?;
+    assert_eq!(recorded, json!({"prefix": grid.prefix, "shards": grid.shards}));
+    Ok(())
+}

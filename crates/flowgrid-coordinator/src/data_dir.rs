@@ -20,10 +20,9 @@ struct GridFile {
     shards: u32,
 }
 
-/// Refuses a data directory of another grid (another prefix) or shard count; records the
-/// grid in a directory that names none yet (a file it cannot write is left for a later
-/// start). A directory written before this file existed is judged by its shard files:
-/// one numbered past `shards` means another count.
+/// Refuses a data directory of another grid (another prefix) or shard count. A directory
+/// that names no grid yet (a new one, or one written before this file existed) is judged
+/// by its shard files: one numbered past `shards` means another count.
 pub fn check(dir: &Path, prefix: &str, shards: u32) -> Result<()> {
     let path = dir.join(GRID_FILE);
     let wanted = GridFile { prefix: prefix.to_owned(), shards };
@@ -43,18 +42,27 @@ pub fn check(dir: &Path, prefix: &str, shards: u32) -> Result<()> {
                     dir.display()
                 )));
             }
-            let written = std::fs::create_dir_all(dir).and_then(|()| {
-                std::fs::write(&path, serde_json::to_vec_pretty(&wanted).expect("the grid file encodes"))
-            });
-            if let Err(error) = written {
-                // A full disk, say: the store says so when it needs room, and waits for it;
-                // the file is written at a later start.
-                let _ = std::fs::remove_file(&path);
-                warn!(path = %path.display(), error = %error, "cannot record the grid in its data directory yet");
-            }
             Ok(())
         }
         Err(error) => Err(Error::Config(format!("cannot read {}: {error}", path.display()))),
+    }
+}
+
+/// Records the grid in a directory that names none yet, once the coordinator was let into
+/// the grid (its settings in NATS agree), so that one refused leaves nothing behind. A
+/// file it cannot write (a full disk) is left for a later start.
+pub fn record(dir: &Path, prefix: &str, shards: u32) {
+    let path = dir.join(GRID_FILE);
+    if path.exists() {
+        return;
+    }
+    let wanted = GridFile { prefix: prefix.to_owned(), shards };
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&path, serde_json::to_vec_pretty(&wanted).expect("the grid file encodes")));
+    if let Err(error) = written {
+        // A full disk, say: the store says so when it needs room, and waits for it.
+        let _ = std::fs::remove_file(&path);
+        warn!(path = %path.display(), error = %error, "cannot record the grid in its data directory yet");
     }
 }
 
@@ -110,6 +118,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         check(&data, "orders", 8).expect("a new directory takes the grid");
+        assert!(!data.join(GRID_FILE).exists(), "recorded only once the grid let the coordinator in");
+        record(&data, "orders", 8);
         check(&data, "orders", 8).expect("and takes it again");
         let error = check(&data, "orders", 16).expect_err("another shard count").to_string();
         assert!(error.contains("has 8 shards") && error.contains("start it with --shards 8"), "{error}");
@@ -123,6 +133,9 @@ mod tests {
         let error = check(&old, "orders", 4).expect_err("shard 7 of 4").to_string();
         assert!(error.contains("up to shard 7"), "{error}");
         check(&old, "orders", 8).expect("8 shards hold shard 7");
-        assert!(check(&old, "orders", 4).is_err(), "and the file now says 8");
+        record(&old, "orders", 8);
+        record(&old, "orders", 16);
+        let error = check(&old, "orders", 16).expect_err("the first record stays").to_string();
+        assert!(error.contains("has 8 shards"), "{error}");
     }
 }

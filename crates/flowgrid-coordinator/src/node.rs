@@ -42,7 +42,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             .with_cache_bytes_per_shard(cache_bytes_per_shard)
             .with_checkpoint_interval(std::time::Duration::from_millis(config.checkpoint_interval_ms));
         let store_id = embedded_store_id(store.dir());
-        match serve(config.clone(), store, store_id, shutdown.clone()).await {
+        let data_dir = Some(config.data_dir.clone());
+        match serve(config.clone(), store, store_id, data_dir, shutdown.clone()).await {
             Err(Error::GridLost) if !shutdown.is_cancelled() => {
                 warn!("joining the grid again: its streams, buckets and shard claims are made anew");
             }
@@ -69,16 +70,18 @@ pub async fn run_with_store<S: Store>(
 ) -> Result<()> {
     config.validate().map_err(Error::Config)?;
     serve_metrics(&config.metrics_addr)?;
-    serve(config, store, store_id, shutdown).await
+    serve(config, store, store_id, None, shutdown).await
 }
 
 /// [`run_with_store`] without the metrics endpoint: joins the grid, serves until
 /// `shutdown`, a broken store or the loss of the grid's state in NATS
-/// ([`Error::GridLost`]), then leaves.
+/// ([`Error::GridLost`]), then leaves. The embedded store's `data_dir` records the grid
+/// once the grid's settings let the coordinator in.
 async fn serve<S: Store>(
     config: CoordinatorConfig,
     store: S,
     store_id: String,
+    data_dir: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let started = Instant::now();
@@ -135,6 +138,9 @@ async fn serve<S: Store>(
     let shards_kv = broker::shards_kv(&jetstream, &subjects).await?;
     check_grid_config(&shards_kv, config.shards).await?;
     check_same_store(&members_kv, &store_id).await?;
+    if let Some(dir) = &data_dir {
+        crate::data_dir::record(dir, &config.prefix, config.shards);
+    }
 
     let limits = Limits::default();
     let evaluator = Arc::new(Evaluator::new(&limits));
