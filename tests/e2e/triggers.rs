@@ -124,6 +124,40 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_again_starts_a_run_for_each_of_its_messages() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let orders = || stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
+    jetstream.create_stream(orders()).await?;
+    deploy(&grid, &client, TRIGGERED).await?;
+    let consumer = format!("{}_trigger_on-order", grid.prefix);
+    wait_for("the trigger's consumer", RUN_DEADLINE, || async {
+        jetstream.get_stream("ORDERS").await.ok()?.consumer_info(&consumer).await.ok().map(|_| ())
+    })
+    .await
+    .or_logs(&grid)?;
+    for order in 1..=3 {
+        publish(&jetstream, "orders.eu.created", format!(r#"{{"order": {order}}}"#)).await?;
+    }
+    runs_once(&grid, &client, 3, RUN_DEADLINE).await?;
+
+    // Deleted and made again, the stream numbers its messages from 1 again: each starts a
+    // run of its own (not the run of the message the stream had under that number
+    // before), published before the trigger found the new stream too.
+    jetstream.delete_stream("ORDERS").await?;
+    jetstream.create_stream(orders()).await?;
+    for order in 11..=13 {
+        publish(&jetstream, "orders.eu.created", format!(r#"{{"order": {order}}}"#)).await?;
+    }
+    let runs = runs_once(&grid, &client, 6, Duration::from_secs(30)).await?;
+    let orders: BTreeSet<Option<i64>> = runs.iter().map(|(_, input)| input["order"].as_i64()).collect();
+    let expected: BTreeSet<Option<i64>> = [1, 2, 3, 11, 12, 13].into_iter().map(Some).collect();
+    assert_eq!(orders, expected, "{runs:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_made_by_hand_before_the_deploy_is_used_as_it_is() -> anyhow::Result<()> {
     let grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;

@@ -5,7 +5,12 @@
 //! keeps the place in the stream, so a catalog shard that moves to another coordinator
 //! goes on where its last owner stopped, and a message out but not acknowledged comes back
 //! after the consumer's ack wait. A run's idempotency key is `trigger/<stream>/<stream
-//! sequence>`: a message delivered twice starts one run. A message is acknowledged once the
+//! sequence>`: a message delivered twice starts one run. A stream made again after the
+//! trigger was first deployed (deleted by hand, or lost with NATS's store) numbers its
+//! messages from 1 again: its keys are `trigger/<stream>/<its creation, Unix ns>/<sequence>`,
+//! so they do not find the runs of the stream before, and its consumer reads it from its
+//! first message, as every one was published after the trigger was deployed. A message is
+//! acknowledged once the
 //! run's start is committed; one that is not JSON, whose input expression fails, or whose
 //! start is refused for good (an input over the payload limit), is logged, counted and not
 //! delivered again.
@@ -16,7 +21,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{AckKind, Message};
-use flowgrid_model::{Evaluator, Expr, ExprError, FlowPlan, Scope, Trigger};
+use flowgrid_model::{Evaluator, Expr, ExprError, FlowPlan, Millis, Scope, Trigger};
 use flowgrid_proto::StartRun;
 use flowgrid_sdk::Client;
 use flowgrid_store::ShardStore;
@@ -66,11 +71,19 @@ impl<S: ShardStore> ShardActor<S> {
             stop.cancel();
         }
         let stop = self.stopped.child_token();
+        // When a version of the flow first read this stream.
+        let since_ms = self.catalog.get(&plan.name).and_then(|versions| {
+            let reading = versions.iter().filter(|entry| {
+                entry.plan.definition.trigger.as_ref().is_some_and(|other| other.stream == trigger.stream)
+            });
+            reading.map(|entry| entry.deployed_ms).min()
+        });
         let consumer = TriggerConsumer {
             client: self.context.client.clone(),
             name: self.context.subjects.trigger_consumer(&plan.name),
             flow: plan.name.clone(),
             version: plan.version,
+            since_ms: since_ms.unwrap_or(0),
             trigger: trigger.clone(),
             input: plan.trigger_input.clone().map(|expr| (expr, Arc::clone(self.context.plans.evaluator()))),
         };
@@ -84,6 +97,8 @@ struct TriggerConsumer {
     name: String,
     flow: String,
     version: u32,
+    /// When the first version of the flow that reads this stream was deployed (Unix ms).
+    since_ms: Millis,
     trigger: Trigger,
     /// The trigger's input expression, and the evaluator to run it.
     input: Option<(Expr, Arc<Evaluator>)>,
@@ -120,11 +135,19 @@ impl TriggerConsumer {
     ) -> Result<(), String> {
         let stream =
             self.client.jetstream().get_stream(&self.trigger.stream).await.map_err(|error| error.to_string())?;
+        let created_ns = stream.cached_info().created.unix_timestamp_nanos();
+        let made_again = created_ns / 1_000_000 > i128::from(self.since_ms);
+        let keys = if made_again {
+            info!(flow = %self.flow, stream = %self.trigger.stream, "the trigger's stream was made after the trigger was deployed; its runs are keyed by its creation and it is read from its first message");
+            format!("trigger/{}/{created_ns}/", self.trigger.stream)
+        } else {
+            format!("trigger/{}/", self.trigger.stream)
+        };
         let config = pull::Config {
             durable_name: Some(self.name.clone()),
             description: Some(format!("flowgrid: starts a run of flow {} per message", self.flow)),
             filter_subject: self.trigger.subject.clone().unwrap_or_default(),
-            deliver_policy: DeliverPolicy::New,
+            deliver_policy: if made_again { DeliverPolicy::All } else { DeliverPolicy::New },
             ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
             ack_wait: ACK_WAIT,
             ..Default::default()
@@ -160,8 +183,9 @@ impl TriggerConsumer {
             };
             let Ok(permit) = permits.clone().acquire_owned().await else { return Ok(()) };
             let this = self.clone();
+            let keys = keys.clone();
             tokio::spawn(async move {
-                this.start(message).await;
+                this.start(message, &keys).await;
                 drop(permit);
             });
         }
@@ -175,8 +199,9 @@ impl TriggerConsumer {
         evaluator.eval(expr, &Scope { input: Some(&message), ..Scope::default() })
     }
 
-    /// Starts the run of one message; acknowledges it once the start is committed.
-    async fn start(&self, message: Message) {
+    /// Starts the run of one message, keyed `<keys><sequence>`; acknowledges it once the
+    /// start is committed.
+    async fn start(&self, message: Message, keys: &str) {
         let sequence = message.info().map(|info| info.stream_sequence).unwrap_or(0);
         let payload: serde_json::Value = match serde_json::from_slice(&message.payload) {
             Ok(payload) => payload,
@@ -200,7 +225,7 @@ impl TriggerConsumer {
             flow: self.flow.clone(),
             version: Some(self.version),
             input,
-            idempotency_key: Some(format!("trigger/{}/{sequence}", self.trigger.stream)),
+            idempotency_key: Some(format!("{keys}{sequence}")),
             labels: self.trigger.labels.clone(),
             start_at_ms: None,
         };
