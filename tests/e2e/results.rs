@@ -108,6 +108,11 @@ async fn duplicated_result_is_applied_once() -> anyhow::Result<()> {
         Reply::Error(error) => assert!(error.message.contains("exactly one of `output`, `error` and `progress`")),
         other => panic!("a result with an output and progress must be refused: {other:?}"),
     }
+    // The refusal of a JSON result is JSON, and says so in its header.
+    match send_result(&nats, &task.reply_to, Encoding::Json, &both).await.or_logs(&grid)? {
+        Reply::Error(error) => assert!(error.message.contains("exactly one of `output`, `error` and `progress`")),
+        other => panic!("a result with an output and progress must be refused: {other:?}"),
+    }
     let answer = json!({"answer": 42});
     let result =
         TaskResult { attempt: task.attempt.clone(), output: Some(answer.clone()), error: None, progress: None };

@@ -665,11 +665,17 @@ async fn send_reply<T: Serialize>(
     }
 }
 
-async fn publish(nats: &async_nats::Client, reply_to: async_nats::Subject, encoding: Encoding, bytes: Vec<u8>) {
+/// The headers of a message in `encoding`: its content type, for JSON.
+pub(crate) fn content_headers(encoding: Encoding) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if let Some(content_type) = encoding.content_type() {
         headers.insert(flowgrid_proto::CONTENT_TYPE_HEADER, content_type);
     }
+    headers
+}
+
+async fn publish(nats: &async_nats::Client, reply_to: async_nats::Subject, encoding: Encoding, bytes: Vec<u8>) {
+    let headers = content_headers(encoding);
     // A reply NATS would refuse (a run's view holds its input and every step's output) is
     // a refusal the caller can read, not a request that times out.
     let bytes = match flowgrid_proto::check_fits_server("the reply", bytes.len(), || nats.server_info().max_payload) {

@@ -20,7 +20,12 @@ impl Encoding {
     /// The encoding a message's `Content-Type` header value selects.
     pub fn from_content_type(content_type: Option<&str>) -> Encoding {
         match content_type {
-            Some(value) if value.trim().eq_ignore_ascii_case(JSON_CONTENT_TYPE) => Encoding::Json,
+            // Parameters (`; charset=utf-8`) say nothing the grid needs: JSON is UTF-8.
+            Some(value)
+                if value.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case(JSON_CONTENT_TYPE) =>
+            {
+                Encoding::Json
+            }
             _ => Encoding::MsgPack,
         }
     }
@@ -198,6 +203,8 @@ mod tests {
     #[test]
     fn content_type_selects_json() {
         assert_eq!(Encoding::from_content_type(Some("application/json")), Encoding::Json);
+        assert_eq!(Encoding::from_content_type(Some("Application/JSON; charset=utf-8")), Encoding::Json);
+        assert_eq!(Encoding::from_content_type(Some("application/jsonx")), Encoding::MsgPack);
         assert_eq!(Encoding::from_content_type(Some("application/msgpack")), Encoding::MsgPack);
         assert_eq!(Encoding::from_content_type(None), Encoding::MsgPack);
     }

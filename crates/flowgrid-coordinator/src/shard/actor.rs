@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use flowgrid_engine::{Run, TimerKey};
 use flowgrid_model::{AttemptId, Epoch, Millis, RunId, ShardId};
@@ -441,8 +440,7 @@ impl<S: ShardStore> ShardActor<S> {
         for (pool, attempts) in by_pool {
             let count = attempts.len();
             let Ok(payload) = flowgrid_proto::encode(Encoding::Json, &TasksCancelled { attempts }) else { continue };
-            let mut headers = HeaderMap::new();
-            headers.insert(flowgrid_proto::CONTENT_TYPE_HEADER, flowgrid_proto::JSON_CONTENT_TYPE);
+            let headers = crate::api::content_headers(Encoding::Json);
             let subject = self.context.subjects.cancels(&pool);
             match self.context.nats.publish_with_headers(subject, headers, Bytes::from(payload)).await {
                 Ok(()) => ::metrics::counter!(metrics::TASKS_CANCELLED, "pool" => pool).increment(count as u64),
@@ -455,10 +453,7 @@ impl<S: ShardStore> ShardActor<S> {
 
     async fn send_result_reply(&self, result_reply: ResultReply, reply: &Reply<ResultAck>) {
         let Ok(payload) = flowgrid_proto::encode(result_reply.encoding, reply) else { return };
-        let mut headers = HeaderMap::new();
-        if let Some(content_type) = result_reply.encoding.content_type() {
-            headers.insert(flowgrid_proto::CONTENT_TYPE_HEADER, content_type);
-        }
+        let headers = crate::api::content_headers(result_reply.encoding);
         if let Err(error) =
             self.context.nats.publish_with_headers(result_reply.reply_to, headers, Bytes::from(payload)).await
         {

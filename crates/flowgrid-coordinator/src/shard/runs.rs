@@ -624,8 +624,9 @@ impl<S: ShardStore> ShardActor<S> {
         let nats = self.context.nats.clone();
         let reply = flowgrid_proto::Reply::<flowgrid_proto::ResultAck>::Error(error);
         if let Ok(payload) = flowgrid_proto::encode(encoding, &reply) {
+            let headers = crate::api::content_headers(encoding);
             tokio::spawn(async move {
-                let _ = nats.publish(reply_to, payload.into()).await;
+                let _ = nats.publish_with_headers(reply_to, headers, payload.into()).await;
             });
         }
     }
