@@ -198,13 +198,22 @@ impl HttpWorker {
 
 impl HttpSettings {
     /// True when `url` lies under an allowed prefix: the same scheme, host and port, and a
-    /// path that starts with the prefix's.
+    /// path under the prefix's, whole segments only (`/ok` allows `/ok` and `/ok/x`, not
+    /// `/okay`). A path with an encoded slash or backslash is under none: a service that
+    /// decodes it would take `/ok%2F..%2Fadmin` for `/admin`.
     fn allows(&self, url: &Url) -> bool {
+        let path = url.path();
+        if ["%2f", "%5c"].iter().any(|encoded| path.to_ascii_lowercase().contains(encoded)) {
+            return false;
+        }
         self.allowed.iter().any(|prefix| {
+            let under = prefix.path();
             prefix.scheme() == url.scheme()
                 && prefix.host_str() == url.host_str()
                 && prefix.port_or_known_default() == url.port_or_known_default()
-                && url.path().starts_with(prefix.path())
+                && path
+                    .strip_prefix(under)
+                    .is_some_and(|rest| under.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
         })
     }
 
@@ -298,8 +307,14 @@ mod tests {
 
     #[test]
     fn a_url_is_allowed_only_under_a_prefix_with_its_scheme_host_and_port() {
-        let allowed = settings(&["https://api.example.com/v1/", "http://127.0.0.1:8080/"]);
+        let allowed = settings(&["https://api.example.com/v1/", "http://127.0.0.1:8080/", "http://h:9/ok"]);
         for (url, expected) in [
+            ("http://h:9/ok", true),
+            ("http://h:9/ok/x?y=1", true),
+            ("http://h:9/okay-admin", false),
+            ("http://h:9/ok%2F..%2F..%2Fevil", false),
+            ("http://h:9/ok/..%5Cevil", false),
+            ("http://h:9/ok/../evil", false),
             ("https://api.example.com/v1/orders?id=3", true),
             ("https://api.example.com:443/v1/x", true),
             ("https://api.example.com/v2/orders", false),
