@@ -202,6 +202,11 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
     // The CLI cannot ask whether the flow is deployed, and submits all the same.
     let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-once", "--idempotency-key", "submit-7"])?;
     assert!(ok && stdout.trim() == submitted.run_id.as_str(), "{stdout}{stderr}");
+    // What a coordinator would refuse on its face is refused before it is stored.
+    let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-once", "--at", "400d"])?;
+    assert!(!ok && stderr.contains("more than 366 days ahead"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-once", "--label", "bad key=x"])?;
+    assert!(!ok && stderr.contains("label key"), "{stdout}{stderr}");
 
     grid.start_coordinator().await?;
     let deadline = tokio::time::Instant::now() + RUN_DEADLINE;

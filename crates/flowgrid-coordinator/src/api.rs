@@ -9,9 +9,7 @@ use std::sync::Arc;
 use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
-use flowgrid_model::limits::{
-    nesting_depth, DURATION_MS_MAX, REASON_BYTES_MAX, SIGNAL_ID_BYTES_MAX, SUBFLOW_DEPTH_MAX,
-};
+use flowgrid_model::limits::{nesting_depth, REASON_BYTES_MAX, SIGNAL_ID_BYTES_MAX, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused,
@@ -35,9 +33,6 @@ use crate::shard::{gate_routing_key, GateVerb, HISTORY_PAGE_MAX};
 const LIST_LIMIT_DEFAULT: u32 = 50;
 /// Largest page of `run.list`: bounds one reply.
 const LIST_LIMIT_MAX: u32 = 1_000;
-/// Longest idempotency key: it is hashed, but it is also logged and echoed.
-const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
-
 /// Every API verb.
 const VERBS: [&str; 21] = [
     "flow.deploy",
@@ -306,30 +301,14 @@ impl Api {
         parent: Option<ParentRef>,
     ) -> Result<RunStarted, ApiError> {
         self.check_payload("input", &request.input, request_bytes)?;
-        flowgrid_model::check_labels(&request.labels)
-            .map_err(|message| ApiError::new(ErrorCode::InvalidRequest, message))?;
-        let key = request.idempotency_key.clone().or(default_key);
-        if let Some(key) = &key {
-            if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidRequest,
-                    format!("idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes, it is {}", key.len()),
-                ));
-            }
-        }
         // Most starts have no start time: the clock is read only for those that do.
-        let start_at = match request.start_at_ms {
-            Some(start_at) if start_at > now_ms().saturating_add(DURATION_MS_MAX) => {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidRequest,
-                    format!(
-                        "start_at_ms is more than 366 days ahead ({}); start the run later instead",
-                        flowgrid_model::utc_time(start_at, false)
-                    ),
-                ));
-            }
-            start_at => start_at,
-        };
+        let now = if request.start_at_ms.is_some() { now_ms() } else { 0 };
+        if let Some(refusal) = request.refusal(now) {
+            return Err(refusal);
+        }
+        // A durable submit without a key of its own is keyed by its place in the stream.
+        let key = request.idempotency_key.clone().or(default_key);
+        let start_at = request.start_at_ms;
         let plan = self.router.plan(&request.flow, request.version).await?;
         if let Some(schema) = &plan.input_schema {
             check_input(&plan, schema, &request.input)?;

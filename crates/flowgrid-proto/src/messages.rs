@@ -227,6 +227,40 @@ pub struct StartRun {
     pub start_at_ms: Option<Millis>,
 }
 
+/// The longest idempotency key a start may carry (bytes): it is hashed, but it is also
+/// logged and echoed.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+
+impl StartRun {
+    /// What is wrong with the start on its face, without asking the grid (its labels, its
+    /// idempotency key, its start time against `now_ms`): the coordinator refuses such a
+    /// start, and a client checks a durable submit with it before it is stored, since no
+    /// one would hear the coordinator's refusal of it.
+    pub fn refusal(&self, now_ms: Millis) -> Option<ApiError> {
+        let invalid = |message: String| Some(ApiError::new(ErrorCode::InvalidRequest, message));
+        if let Err(message) = flowgrid_model::check_labels(&self.labels) {
+            return invalid(message);
+        }
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+                return invalid(format!(
+                    "idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes, it is {}",
+                    key.len()
+                ));
+            }
+        }
+        match self.start_at_ms {
+            Some(start_at) if start_at > now_ms.saturating_add(flowgrid_model::limits::DURATION_MS_MAX) => {
+                invalid(format!(
+                    "start_at_ms is more than 366 days ahead ({}); start the run later instead",
+                    flowgrid_model::utc_time(start_at, false)
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RunStarted {
     pub run_id: RunId,

@@ -454,6 +454,11 @@ impl Client {
     /// A submission without an idempotency key gets a fresh one, so the run id is known
     /// up front and a retried publish cannot start the run twice.
     pub async fn submit(&self, mut start: StartRun) -> Result<Submitted> {
+        // No one hears the coordinator refuse a stored submission: refuse what it would now.
+        let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        if let Some(refusal) = start.refusal(now_ms) {
+            return Err(Error::Api(refusal));
+        }
         self.ensure_submit_stream().await?;
         let key = start.idempotency_key.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
         let run_id = RunId::from_idempotency_key(&start.flow, &key);
