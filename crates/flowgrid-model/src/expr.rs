@@ -400,6 +400,16 @@ fn captures_variables(ast: &rhai::AST) -> bool {
     found
 }
 
+impl Expr {
+    /// Whether the expression reads the variable `name` of its scope (`item`, `result`):
+    /// a closure's own parameter of that name is not the scope's. Closures are functions
+    /// of their own, left out here; one that reads the scope's variable captures it, which
+    /// shows in the expression's statements.
+    pub fn reads(&self, name: &str) -> bool {
+        reads_variable(&self.ast.clone_statements_only(), name)
+    }
+}
+
 /// Whether the expression reads the variable `name` anywhere (anonymous functions that
 /// read it capture it, so the capture shows in the expression's own tree).
 fn reads_variable(ast: &rhai::AST, name: &str) -> bool {

@@ -25,13 +25,34 @@ pub(super) const ON_FAILURE_INPUT_PATH: &str = "on_failure.input";
 /// Field of a task or map step's cache key, which reads the task input and no step.
 const CACHE_KEY_FIELD: &str = ".cache.key";
 
+/// The variables an expression field has besides `input` and `steps` (a set of these).
+type Locals = u8;
+const NO_LOCALS: Locals = 0;
+/// `item` and `index`: a map's `input`, and a subflow step's with `items`.
+const ITEM: Locals = 1;
+/// `result`: a task's or map's `output`, a loop's `until`, the failure handler's `input`.
+const RESULT: Locals = 2;
+/// `iteration`: a loop's `input` and `until`.
+const ITERATION: Locals = 4;
+/// `previous`: a loop's `input`.
+const PREVIOUS: Locals = 8;
+
+/// Each variable only some fields have, and where they have it.
+const LOCAL_VARIABLES: [(&str, Locals, &str); 5] = [
+    ("item", ITEM, "a map's `input` (and a subflow step's with `items`)"),
+    ("index", ITEM, "a map's `input` (and a subflow step's with `items`)"),
+    ("result", RESULT, "a task's or map's `output`, a loop's `until` and `on_failure.input`"),
+    ("iteration", ITERATION, "a loop's `input` and `until` (a subflow step with `repeat`)"),
+    ("previous", PREVIOUS, "a loop's `input` (a subflow step with `repeat`)"),
+];
+
 /// One expression field of a definition.
 struct Slot {
     path: String,
     /// The step the expression belongs to; `None` for the flow-level output.
     step: Option<usize>,
-    /// A task or map `output`, which reads `result`.
-    reads_result: bool,
+    /// The variables it has besides `input` and `steps`.
+    locals: Locals,
 }
 
 /// Compiled expressions keyed by their path (`steps[2](route).choices[0].when`).
@@ -45,38 +66,46 @@ impl ExpressionTable {
     pub(super) fn compile(definition: &FlowDefinition, evaluator: &Evaluator, issues: &mut Vec<Issue>) -> Self {
         let mut table = ExpressionTable { compiled: HashMap::new(), slots: Vec::new() };
         if let Some(output) = &definition.output {
-            table.add(evaluator, FLOW_OUTPUT_PATH.to_owned(), None, false, output, issues);
+            table.add(evaluator, FLOW_OUTPUT_PATH.to_owned(), None, NO_LOCALS, output, issues);
         }
         if let Some(input) = definition.trigger.as_ref().and_then(|trigger| trigger.input.as_ref()) {
-            table.add(evaluator, TRIGGER_INPUT_PATH.to_owned(), None, false, input, issues);
+            table.add(evaluator, TRIGGER_INPUT_PATH.to_owned(), None, NO_LOCALS, input, issues);
         }
         if let Some(key) = definition.concurrency.as_ref().and_then(|concurrency| concurrency.key.as_ref()) {
-            table.add(evaluator, CONCURRENCY_KEY_PATH.to_owned(), None, false, key, issues);
+            table.add(evaluator, CONCURRENCY_KEY_PATH.to_owned(), None, NO_LOCALS, key, issues);
         }
         if let Some(input) = definition.on_failure.as_ref().and_then(|on_failure| on_failure.input.as_ref()) {
-            table.add(evaluator, ON_FAILURE_INPUT_PATH.to_owned(), None, true, input, issues);
+            table.add(evaluator, ON_FAILURE_INPUT_PATH.to_owned(), None, RESULT, input, issues);
         }
         for (position, step) in definition.steps.iter().enumerate() {
             let path = step_path(position, step.id());
-            for (field, source, reads_result) in expression_fields(step) {
-                table.add(evaluator, format!("{path}.{field}"), Some(position), reads_result, source, issues);
+            for (field, source, locals) in expression_fields(step) {
+                table.add(evaluator, format!("{path}.{field}"), Some(position), locals, source, issues);
             }
         }
         table
     }
 
+    /// Compiles the field at `path`; a variable it reads that the field does not have
+    /// (`item` outside a map's `input`) is an issue, as the expression would fail on every
+    /// run.
     fn add(
         &mut self,
         evaluator: &Evaluator,
         path: String,
         step: Option<usize>,
-        reads_result: bool,
+        locals: Locals,
         source: &str,
         issues: &mut Vec<Issue>,
     ) {
         match evaluator.compile(source) {
             Ok(expr) => {
-                self.slots.push(Slot { path: path.clone(), step, reads_result });
+                for (variable, needs, where_) in LOCAL_VARIABLES {
+                    if locals & needs == 0 && expr.reads(variable) {
+                        push_issue(issues, &path, format!("reads `{variable}`, which only {where_} has"));
+                    }
+                }
+                self.slots.push(Slot { path: path.clone(), step, locals });
                 self.compiled.insert(path, expr);
             }
             Err(error) => push_issue(issues, path, compile_message(&error)),
@@ -122,7 +151,7 @@ impl ExpressionTable {
                 let Some(reader) = slot.step else { continue };
                 let reader_id = definition.steps[reader].id();
                 if target == reader {
-                    let message = if slot.reads_result {
+                    let message = if slot.locals & RESULT != 0 {
                         format!("reads steps.{referenced}, its own step: read the worker's result as `result` instead")
                     } else {
                         format!("reads steps.{referenced}, its own step, which has no data yet: read another step or `input`")
@@ -143,49 +172,56 @@ impl ExpressionTable {
     }
 }
 
-/// The expression fields of a step that are set: (field path, source, whether it reads
-/// `result`).
-fn expression_fields(step: &Step) -> Vec<(String, &str, bool)> {
-    let fields: Vec<(String, Option<&str>, bool)> = match step {
+/// The expression fields of a step that are set: (field path, source, the variables it
+/// has besides `input` and `steps`).
+fn expression_fields(step: &Step) -> Vec<(String, &str, Locals)> {
+    let fields: Vec<(String, Option<&str>, Locals)> = match step {
         Step::Task(task) => {
             vec![
-                ("input".to_owned(), task.input.as_deref(), false),
-                ("output".to_owned(), task.output.as_deref(), true),
-                ("cache.key".to_owned(), task.cache.as_ref().and_then(|cache| cache.key.as_deref()), false),
+                ("input".to_owned(), task.input.as_deref(), NO_LOCALS),
+                ("output".to_owned(), task.output.as_deref(), RESULT),
+                ("cache.key".to_owned(), task.cache.as_ref().and_then(|cache| cache.key.as_deref()), NO_LOCALS),
             ]
         }
         Step::Map(map) => vec![
-            ("items".to_owned(), Some(map.items.as_str()), false),
-            ("input".to_owned(), map.input.as_deref(), false),
-            ("output".to_owned(), map.output.as_deref(), true),
-            ("cache.key".to_owned(), map.cache.as_ref().and_then(|cache| cache.key.as_deref()), false),
+            ("items".to_owned(), Some(map.items.as_str()), NO_LOCALS),
+            ("input".to_owned(), map.input.as_deref(), ITEM),
+            ("output".to_owned(), map.output.as_deref(), RESULT),
+            ("cache.key".to_owned(), map.cache.as_ref().and_then(|cache| cache.key.as_deref()), NO_LOCALS),
         ],
         Step::Choice(choice) => choice
             .choices
             .iter()
             .enumerate()
-            .map(|(rule, choice_rule)| (format!("choices[{rule}].when"), Some(choice_rule.when.as_str()), false))
+            .map(|(rule, choice_rule)| (format!("choices[{rule}].when"), Some(choice_rule.when.as_str()), NO_LOCALS))
             .collect(),
-        Step::Transform(transform) => vec![("output".to_owned(), Some(transform.output.as_str()), false)],
-        Step::Succeed(succeed) => vec![("output".to_owned(), succeed.output.as_deref(), false)],
-        Step::Fail(fail) => vec![("message".to_owned(), fail.message.as_deref(), false)],
+        Step::Transform(transform) => vec![("output".to_owned(), Some(transform.output.as_str()), NO_LOCALS)],
+        Step::Succeed(succeed) => vec![("output".to_owned(), succeed.output.as_deref(), NO_LOCALS)],
+        Step::Fail(fail) => vec![("message".to_owned(), fail.message.as_deref(), NO_LOCALS)],
         Step::Wait(wait) => vec![
-            ("duration".to_owned(), wait.duration.as_deref(), false),
-            ("until".to_owned(), wait.until.as_deref(), false),
+            ("duration".to_owned(), wait.duration.as_deref(), NO_LOCALS),
+            ("until".to_owned(), wait.until.as_deref(), NO_LOCALS),
         ],
         Step::Signal(_) => Vec::new(),
-        Step::Subflow(subflow) => vec![
-            ("items".to_owned(), subflow.items.as_deref(), false),
-            ("input".to_owned(), subflow.input.as_deref(), false),
-            ("repeat.until".to_owned(), subflow.repeat.as_ref().map(|repeat| repeat.until.as_str()), true),
-        ],
+        Step::Subflow(subflow) => {
+            let input_locals = match (&subflow.items, &subflow.repeat) {
+                (Some(_), _) => ITEM,
+                (None, Some(_)) => ITERATION | PREVIOUS,
+                (None, None) => NO_LOCALS,
+            };
+            vec![
+                ("items".to_owned(), subflow.items.as_deref(), NO_LOCALS),
+                ("input".to_owned(), subflow.input.as_deref(), input_locals),
+                (
+                    "repeat.until".to_owned(),
+                    subflow.repeat.as_ref().map(|repeat| repeat.until.as_str()),
+                    RESULT | ITERATION,
+                ),
+            ]
+        }
     };
-    let when = ("when".to_owned(), step.when(), false);
-    fields
-        .into_iter()
-        .chain([when])
-        .filter_map(|(field, source, reads_result)| Some((field, source?, reads_result)))
-        .collect()
+    let when = ("when".to_owned(), step.when(), NO_LOCALS);
+    fields.into_iter().chain([when]).filter_map(|(field, source, locals)| Some((field, source?, locals))).collect()
 }
 
 fn compile_message(error: &ExprError) -> String {

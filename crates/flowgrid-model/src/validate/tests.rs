@@ -137,6 +137,34 @@ fn every_mistake_against_the_model_is_reported_at_once() {
 }
 
 #[test]
+fn a_variable_the_field_does_not_have_is_refused_where_it_is_read() {
+    let text = r##"
+name: scoped
+steps:
+  - { id: a, kind: task, pool: p, task: t, input: "item", output: "result.x + index" }
+  - { id: b, kind: transform, output: "result" }
+  - { id: c, kind: transform, output: "input.list.map(|item| item * 2)" }
+  - { id: m, kind: map, pool: p, task: t, items: "input.list", input: "#{ i: item, n: index }", output: "result" }
+  - { id: l, kind: subflow, flow: body, input: "previous ?? iteration", repeat: { until: "result.done && previous" } }
+  - { id: s, kind: subflow, flow: body, items: "input.list", input: "item + iteration" }
+"##;
+    let definition = parse(text);
+    let issues = validate(&definition, &evaluator(), &limits()).unwrap_err().issues();
+    let found: Vec<String> = issues.iter().map(ToString::to_string).collect();
+    let expected = [
+        "steps[0](a).input: reads `item`",
+        "steps[0](a).output: reads `index`",
+        "steps[1](b).output: reads `result`",
+        "steps[4](l).repeat.until: reads `previous`",
+        "steps[5](s).input: reads `iteration`",
+    ];
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    for (issue, expected) in found.iter().zip(expected) {
+        assert!(issue.starts_with(expected), "{issue} is not {expected}");
+    }
+}
+
+#[test]
 fn oversized_and_deep_definitions_are_refused() {
     let small = Limits { definition_bytes_max: 10, ..limits() };
     let message = parse_definition(MEDIA_FLOW, &small).unwrap_err().to_string();
