@@ -98,8 +98,8 @@ steps:
     task: echo
     retyr: {max_attempts: 2}
 "#,
-        "definition",
-        "retyr",
+        "steps[0](first).retyr",
+        "unknown field `retyr`",
     ),
     (
         "bad-expression",

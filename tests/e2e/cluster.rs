@@ -109,11 +109,43 @@ async fn scale_out_then_graceful_leave_moves_shards_without_losing_runs() -> any
     let owners = grid.wait_shards_served_by(2, SETTLE).await?;
     let during = start_runs(&grid, &client, 6).await?;
 
-    // The first coordinator leaves: it hands every shard to the second and exits 0.
+    // The first coordinator leaves: it hands every shard to the second and exits 0. Requests
+    // sent meanwhile are all answered: those it received before it stopped taking any, by it.
     let leaving = grid.coordinators[0].pid();
+    let asking = tokio_util::sync::CancellationToken::new();
+    let mut askers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (nats, asking) = (grid.nats_client().await?, asking.clone());
+        let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.get");
+        let body = serde_json::to_vec(&json!({"run_id": before[0]}))?;
+        askers.spawn(async move {
+            let (mut asked, mut unanswered) = (0u32, 0u32);
+            while !asking.is_cancelled() {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Content-Type", "application/json");
+                let request = async_nats::Request::new()
+                    .headers(headers)
+                    .payload(body.clone().into())
+                    .timeout(Some(Duration::from_secs(8)));
+                asked += 1;
+                if let Err(error) = nats.send_request(subject.clone(), request).await {
+                    if error.kind() == async_nats::RequestErrorKind::TimedOut {
+                        unanswered += 1;
+                    }
+                }
+            }
+            (asked, unanswered)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(grid.coordinators[0].stop(Duration::from_secs(20)), "a graceful leave exits 0\n{}", grid.logs());
     let after = grid.wait_shards_served_by(1, SETTLE).await?;
     assert!(after.iter().all(|owner| !owner.contains(&format!("-{leaving}-"))), "{after:?} (was {owners:?})");
+    asking.cancel();
+    while let Some(outcome) = askers.join_next().await {
+        let (asked, unanswered) = outcome?;
+        assert_eq!(unanswered, 0, "{unanswered} of {asked} requests were never answered\n{}", grid.logs());
+    }
 
     check_runs(&grid, &client, &before).await?;
     check_runs(&grid, &client, &during).await?;

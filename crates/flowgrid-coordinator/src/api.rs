@@ -88,6 +88,10 @@ impl RequestCounters {
 /// Shards asked at once by requests that cover every shard (lists).
 const FAN_OUT_MAX: usize = 32;
 
+/// On a graceful stop, how long the API may take to receive the requests already sent to it,
+/// and then again to answer them (an answer that waits for a moving shard takes up to 3 s).
+const API_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// The encoding a message's `Content-Type` header selects.
 pub fn encoding_of(message: &Message) -> Encoding {
     let content_type = message
@@ -98,7 +102,10 @@ pub fn encoding_of(message: &Message) -> Encoding {
     Encoding::from_content_type(content_type)
 }
 
-/// Serves the API until `shutdown`.
+/// Serves the API until `shutdown`, then stops taking requests and answers those it has
+/// taken: the server sends no more (the subscription drains), and every request already
+/// received, waiting in the subscription or being handled, gets its answer before this
+/// returns (the shards are still served meanwhile).
 pub async fn serve(
     api: Arc<Api>,
     mut requests: async_nats::Subscriber,
@@ -106,9 +113,22 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(concurrency_max));
+    let mut handlers = tokio::task::JoinSet::new();
+    // Set once draining: by then the answers must be out (a server gone meanwhile never
+    // confirms the drain).
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
+        while handlers.try_join_next().is_some() {}
         let message = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled(), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + API_DRAIN_WAIT);
+                if let Err(error) = requests.drain().await {
+                    debug!(error = %error, "cannot drain the API subscription; requests not yet taken are lost");
+                    break;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
             message = requests.next() => match message {
                 Some(message) => message,
                 None => break,
@@ -127,7 +147,7 @@ pub async fn serve(
             continue;
         };
         let api = api.clone();
-        tokio::spawn(async move {
+        handlers.spawn(async move {
             let verb = message
                 .subject
                 .strip_prefix(&format!("{}.api.", api.router.context.subjects.prefix()))
@@ -138,6 +158,11 @@ pub async fn serve(
             publish(&api.router.context.nats, reply_to, encoding, reply).await;
             drop(permit);
         });
+    }
+    let answered = async { while handlers.join_next().await.is_some() {} };
+    let until = deadline.unwrap_or_else(tokio::time::Instant::now) + API_DRAIN_WAIT;
+    if tokio::time::timeout_at(until, answered).await.is_err() {
+        warn!("API requests still unanswered when the coordinator stopped; their callers time out and retry");
     }
 }
 
