@@ -125,3 +125,32 @@ async fn the_cli_cancels_the_runs_of_a_flow_that_match_its_filter() -> anyhow::R
     assert!(ok && stdout.contains("had already ended: cancelled"), "{stdout}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_of_a_run_cancelled_before_a_worker_came_leaves_the_stream_by_its_deadline() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(
+        &grid,
+        &client,
+        "name: unserved\nsteps:\n  - { id: only, kind: task, pool: idle, task: echo, timeout_ms: 2000 }\n",
+    )
+    .await?;
+    let run = client.start(StartRun { flow: "unserved".into(), ..Default::default() }).await.or_logs(&grid)?;
+    flowgrid_tests::wait_for("the task in the stream", RUN_DEADLINE, || async {
+        (held_and_waiting(&grid, "idle").await? == (0, 1)).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    client.cancel(&run.run_id, "nobody serves it").await?;
+    // No worker will ever take it; past its attempt's deadline it is gone all the same, so
+    // that it is no backlog and a worker coming later does not run it.
+    let started = Instant::now();
+    flowgrid_tests::wait_for("the task to leave the stream", Duration::from_secs(15), || async {
+        (held_and_waiting(&grid, "idle").await? == (0, 0)).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    assert!(started.elapsed() >= Duration::from_millis(500), "gone at its deadline, not at the cancel");
+    Ok(())
+}

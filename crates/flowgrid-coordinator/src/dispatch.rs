@@ -41,6 +41,11 @@ const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
 const PUBLISH_TRIES_MAX: u32 = 8;
 /// How long a publish waits for JetStream's ack before it is retried.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a task message outlives its attempt's deadline in the stream (`Nats-TTL`):
+/// past the deadline the attempt is over (a worker skips such a message, and the engine
+/// has retried or failed the attempt), so the message only took room and counted as
+/// backlog. The second is TTL's grain.
+const TASK_TTL_PAST_DEADLINE_S: u64 = 1;
 
 /// Where shard actors hand tasks to publish.
 #[derive(Clone)]
@@ -69,10 +74,15 @@ impl Dispatcher {
             .await
             .map_err(|source| Error::Nats { what: "subscribe to task publish acks", source: Box::new(source) })?;
         let (sender, receiver) = mpsc::channel(QUEUE_TASKS_MAX);
+        let message_ttl = tasks_stream.cached_info().config.allow_message_ttl;
+        if !message_ttl {
+            warn!("the tasks stream keeps no message lifetime (nats-server before 2.11?): tasks of attempts that ended wait there until a worker takes and skips them");
+        }
         let publisher = Publisher {
             nats,
             stream,
             tasks_stream,
+            message_ttl,
             subjects: Arc::new(subjects),
             limits,
             lanes_ready: HashMap::new(),
@@ -98,6 +108,8 @@ struct Publisher {
     nats: async_nats::Client,
     stream: StreamPublisher<(Publication, u32)>,
     tasks_stream: async_nats::jetstream::stream::Stream,
+    /// Whether the tasks stream takes a lifetime per message.
+    message_ttl: bool,
     subjects: Arc<Subjects>,
     limits: BrokerLimits,
     /// Lanes whose consumer exists: by pool, a bit per priority (looked up per task
@@ -123,6 +135,8 @@ struct Publication {
     pool: Arc<PoolTarget>,
     /// The attempt's message id: the `Nats-Msg-Id` header, and the attempt in logs.
     message_id: String,
+    /// Its lifetime in the stream (`Nats-TTL`, seconds), where the stream takes one.
+    ttl: Option<String>,
     payload: Bytes,
     /// When the commit handed the task over: its publish latency starts there.
     queued: Instant,
@@ -203,6 +217,10 @@ impl Publisher {
         let mut message_id = task.attempt.message_id();
         // Writing to a `String` cannot fail.
         let _ = write!(message_id, ":{}", task.run_created_ms);
+        let ttl = self.message_ttl.then(|| {
+            let left_ms = task.deadline_ms.saturating_sub(crate::clock::now_ms());
+            (left_ms.div_ceil(1000) + TASK_TTL_PAST_DEADLINE_S).to_string()
+        });
         let message = TaskMessage {
             attempt: task.attempt,
             pool: task.pool,
@@ -213,7 +231,9 @@ impl Publisher {
             progress: task.progress,
         };
         match flowgrid_proto::encode(Encoding::MsgPack, &message) {
-            Ok(bytes) => Some(Publication { pool, message_id, payload: Bytes::from(bytes), queued: at, result_taken }),
+            Ok(bytes) => {
+                Some(Publication { pool, message_id, ttl, payload: Bytes::from(bytes), queued: at, result_taken })
+            }
             Err(error) => {
                 // Every task is plain data; the attempt timeout retries it if this ever happens.
                 warn!(attempt = %message_id, error = %error, "cannot encode a task");
@@ -226,6 +246,9 @@ impl Publisher {
     async fn publish(&mut self, publication: Publication, try_number: u32, backoffs: &mut Backoffs) {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", publication.message_id.as_str());
+        if let Some(ttl) = &publication.ttl {
+            headers.insert(async_nats::header::NATS_MESSAGE_TTL, ttl.as_str());
+        }
         let (subject, payload) = (publication.pool.subject.clone(), publication.payload.clone());
         if let Err(refused) = self.stream.publish(subject, headers, payload, (publication, try_number)).await {
             self.after_publish((refused.0, Err(refused.1)), backoffs);

@@ -122,9 +122,26 @@ pub async fn tasks_stream(
         subjects: vec![wanted.clone()],
         max_messages: limits.tasks_stream_messages_max,
         max_bytes: limits.tasks_stream_bytes_max,
+        // A task message goes when its attempt's deadline has passed (`Nats-TTL`, set by
+        // coordinators): no worker could use it any more.
+        allow_message_ttl: true,
         ..work_queue_stream(subjects.tasks_stream(), limits)
     };
     let mut stream = open_stream(jetstream, config).await?;
+    if !stream.cached_info().config.allow_message_ttl {
+        // Made before tasks had a lifetime: allow it (a server before 2.11 keeps none, and
+        // its tasks stay until a worker takes them, as before).
+        let mut config = stream.cached_info().config.clone();
+        config.allow_message_ttl = true;
+        if let Ok(info) = jetstream.update_stream(config).await {
+            if info.config.allow_message_ttl {
+                stream = jetstream.get_stream(&info.config.name).await.map_err(|source| BrokerError::Stream {
+                    name: info.config.name.clone(),
+                    source: Box::new(source),
+                })?;
+            }
+        }
+    }
     let found = stream.cached_info().config.subjects.clone();
     if found != [wanted.clone()] {
         let mut config = stream.cached_info().config.clone();
