@@ -404,11 +404,21 @@ async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
     headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
     let subject = client.subjects().run_ended(&ended.flow);
     let acked = match client.jetstream().publish_with_headers(subject, headers, payload.into()).await {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|error| error.to_string()),
-        Err(error) => Err(error.to_string()),
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
     };
     match acked {
         Ok(()) => Sent::Taken,
+        Err(error) if error.kind() == async_nats::jetstream::context::PublishErrorKind::StreamNotFound => {
+            // The run-ends stream was deleted (by hand, or with NATS's store): make it again,
+            // and the end goes out at the next try.
+            let limits = flowgrid_sdk::broker::BrokerLimits::default();
+            match flowgrid_sdk::broker::run_ends_stream(client.jetstream(), client.subjects(), &limits).await {
+                Ok(_) => warn!("the run-ends stream was gone; made it again"),
+                Err(error) => debug!(error = %error, "cannot make the run-ends stream again; trying again"),
+            }
+            Sent::Again
+        }
         Err(error) => {
             debug!(run = %ended.run_id, error = %error, "cannot announce a run's end yet; trying again");
             Sent::Again
