@@ -83,6 +83,9 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T
     let expected = short_type_name::<T>();
     match encoding {
         Encoding::MsgPack => {
+            if let Some(problem) = msgpack_problem(bytes) {
+                return Err(ProtoError::Malformed { encoding: "MessagePack", expected, source: problem.into() });
+            }
             let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
             deserializer.set_max_depth(DECODE_DEPTH_MAX);
             T::deserialize(&mut deserializer).map_err(|source| {
@@ -101,6 +104,64 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T
             source: Box::new(source),
         }),
     }
+}
+
+/// What a MessagePack message holds that JSON has no value for, and that decoding would
+/// turn into something else without a word: a float that is NaN or infinite (it would
+/// become `null`). One pass over the bytes: a container's elements follow its header, so
+/// no nesting needs tracking. Bytes that are not MessagePack are left to the decoder.
+fn msgpack_problem(bytes: &[u8]) -> Option<&'static str> {
+    use rmp::Marker;
+    let mut at = 0usize;
+    let length = |at: usize, width: usize| -> Option<usize> {
+        let field = bytes.get(at..at + width)?;
+        Some(field.iter().fold(0usize, |length, byte| (length << 8) | usize::from(*byte)))
+    };
+    while let Some(&byte) = bytes.get(at) {
+        at += 1;
+        let skip = match Marker::from_u8(byte) {
+            Marker::F32 => {
+                let value = f32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?);
+                if !value.is_finite() {
+                    return Some("a float that is NaN or infinite, which JSON has no value for");
+                }
+                4
+            }
+            Marker::F64 => {
+                let value = f64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
+                if !value.is_finite() {
+                    return Some("a float that is NaN or infinite, which JSON has no value for");
+                }
+                8
+            }
+            Marker::FixStr(length) => usize::from(length),
+            Marker::Str8 | Marker::Bin8 => 1 + length(at, 1)?,
+            Marker::Str16 | Marker::Bin16 => 2 + length(at, 2)?,
+            Marker::Str32 | Marker::Bin32 => 4 + length(at, 4)?,
+            Marker::Ext8 => 2 + length(at, 1)?,
+            Marker::Ext16 => 3 + length(at, 2)?,
+            Marker::Ext32 => 5 + length(at, 4)?,
+            Marker::FixExt1 => 2,
+            Marker::FixExt2 => 3,
+            Marker::FixExt4 => 5,
+            Marker::FixExt8 => 9,
+            Marker::FixExt16 => 17,
+            Marker::U8 | Marker::I8 => 1,
+            Marker::U16 | Marker::I16 | Marker::Array16 | Marker::Map16 => 2,
+            Marker::U32 | Marker::I32 | Marker::Array32 | Marker::Map32 => 4,
+            Marker::U64 | Marker::I64 => 8,
+            Marker::FixPos(_)
+            | Marker::FixNeg(_)
+            | Marker::FixMap(_)
+            | Marker::FixArray(_)
+            | Marker::Null
+            | Marker::True
+            | Marker::False
+            | Marker::Reserved => 0,
+        };
+        at = at.checked_add(skip)?;
+    }
+    None
 }
 
 fn short_type_name<T>() -> &'static str {
@@ -134,6 +195,28 @@ mod tests {
         }
         let start = decode::<StartRun>(Encoding::MsgPack, &start_nested(100)).expect("100 levels decode");
         assert_eq!(flowgrid_model::limits::nesting_depth(&start.input), 100);
+    }
+
+    #[test]
+    fn a_float_json_has_no_value_for_is_refused_not_turned_into_null() {
+        #[derive(Serialize)]
+        struct Sent {
+            attempt: serde_json::Value,
+            output: (String, Vec<u8>, f64, f32, Vec<f64>),
+        }
+        let attempt = serde_json::json!({"run_id": "r", "step": "s", "attempt": 1});
+        // Floats inside strings and byte arrays are no floats.
+        let text = String::from_utf8_lossy(&[0xcb, 0x7f, 0xf8]).into_owned();
+        let fine = Sent { attempt: attempt.clone(), output: (text, vec![0xcb, 0x7f, 0xf8, 0, 0], 1.5, 2.5, vec![3.0]) };
+        let fine = rmp_serde::to_vec_named(&fine).unwrap();
+        let decoded = decode::<serde_json::Value>(Encoding::MsgPack, &fine).expect("finite floats decode");
+        assert_eq!(decoded["output"][2], serde_json::json!(1.5));
+        for (double, single) in [(f64::NAN, 1.0), (f64::INFINITY, 1.0), (1.0, f32::NEG_INFINITY)] {
+            let sent = Sent { attempt: attempt.clone(), output: ("x".into(), Vec::new(), 1.0, single, vec![double]) };
+            let bytes = rmp_serde::to_vec_named(&sent).unwrap();
+            let error = decode::<TaskResult>(Encoding::MsgPack, &bytes).expect_err("refused");
+            assert!(error.to_string().contains("NaN or infinite"), "{error}");
+        }
     }
 
     #[test]
