@@ -197,6 +197,21 @@ async fn a_failed_run_starts_its_flows_failure_handler_once_with_its_labels() ->
     let second = again.on_failure_run.clone().expect("a handler for the second end");
     assert_ne!(second, handler_id);
     assert_eq!(grid.wait_run(&client, &second, RUN_DEADLINE).await?.status, RunStatus::Succeeded);
+
+    // A handler the grid refuses (its flow is not deployed) is not started, and `run get`
+    // says so rather than leaving a link to a run that does not exist.
+    let orphan = CHECKOUT_FLOW.replace("name: checkout", "name: orphaned").replace("flow: refund", "flow: nowhere");
+    deploy(&grid, &client, &orphan).await?;
+    let start = StartRun { flow: "orphaned".into(), input: json!({"order": 8}), ..Default::default() };
+    let orphaned = client.start(start).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &orphaned.run_id, RUN_DEADLINE).await?;
+    let missing = view.on_failure_run.clone().expect("the handler's run id");
+    let hint = format!("the failure handler run {missing} was not started");
+    wait_for("run get to say the handler was not started", RUN_DEADLINE, || async {
+        let (ok, _, hints) = grid.cli(&["run", "get", &orphaned.run_id.0]).ok()?;
+        (ok && hints.contains(&hint)).then_some(())
+    })
+    .await?;
     Ok(())
 }
 

@@ -52,6 +52,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             }
             print_run(&view, session)?;
             hint_waiting_steps(client, &view, session).await;
+            hint_refused_handler(client, &view, session).await;
             Ok(ExitCode::SUCCESS)
         }
         RunCommand::History { run_id, after, limit } => {
@@ -459,6 +460,25 @@ async fn wait_and_print(
 /// Names, on stderr, what a running run waits for that only its user can give: a signal,
 /// or a worker for a pool whose tasks wait with none (the usual reasons a run seems
 /// stuck). Best effort: what cannot be read is left out.
+/// How long after a run's end its failure handler surely started, if the grid took it
+/// (its start goes out from the failed run's shard after the commit that ended it).
+const HANDLER_START_GRACE_MS: u64 = 2_000;
+
+/// Says so when the failure handler the run names was never started: the grid refused it
+/// (no such flow, an input its schema refuses), and its coordinator's log says why.
+async fn hint_refused_handler(client: &Client, view: &RunView, session: &Session) {
+    let Some(handler) = view.on_failure_run.as_ref().filter(|_| !session.json) else { return };
+    if view.ended_ms.is_none_or(|ended| now_ms() < ended.saturating_add(HANDLER_START_GRACE_MS)) {
+        return;
+    }
+    if client.get_without_data(handler).await.is_err_and(|error| error.is_not_found()) {
+        eprintln!(
+            "hint: the failure handler run {handler} was not started: the grid refused its start (its flow is not \
+             deployed, or its input does not match the flow's input_schema); the coordinator's log says which"
+        );
+    }
+}
+
 async fn hint_waiting_steps(client: &Client, view: &RunView, session: &Session) {
     if session.json || view.status != RunStatus::Running {
         return;
