@@ -41,13 +41,9 @@ impl<S: ShardStore> ShardActor<S> {
             self.schedules.remove(&plan.name);
             return;
         };
-        let mut newest_due = None;
-        let mut slot = timetable.next_after(from_ms);
-        while let Some(due) = slot.filter(|&due| due <= now) {
-            newest_due = Some(due);
-            slot = timetable.next_after(due);
-        }
-        match newest_due.or(slot) {
+        let first = timetable.next_after(from_ms);
+        let due = first.filter(|&first| first <= now).map(|first| newest_due(timetable, first, now));
+        match due.or(first) {
             Some(slot) => self.schedules.insert(plan.name.clone(), slot),
             None => self.schedules.remove(&plan.name),
         };
@@ -73,6 +69,13 @@ impl<S: ShardStore> ShardActor<S> {
                 self.schedules.remove(&flow);
                 continue;
             };
+            // A process that was stopped (or starved) past its next slots wakes with an old
+            // slot armed: the newest one due is the one to start, older ones are skipped, as
+            // when a shard moves (the new owner may have started that newest one already).
+            let slot = match plan.schedule.as_ref() {
+                Some(timetable) => newest_due(timetable, slot, now),
+                None => slot,
+            };
             let schedule = plan.definition.schedule.clone().unwrap_or_default();
             let start = StartRun::for_schedule_slot(flow.clone(), &schedule, slot);
             let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
@@ -95,5 +98,29 @@ impl<S: ShardStore> ShardActor<S> {
             });
             self.arm_schedule(&plan, now.max(slot));
         }
+    }
+}
+
+/// The newest slot of `timetable` due by `now`, from `slot` (due) on.
+fn newest_due(timetable: &flowgrid_model::schedule::Timetable, slot: Millis, now: Millis) -> Millis {
+    let mut newest = slot;
+    while let Some(next) = timetable.next_after(newest).filter(|&next| next <= now) {
+        newest = next;
+    }
+    newest
+}
+
+#[cfg(test)]
+mod tests {
+    use flowgrid_model::schedule::Timetable;
+
+    use super::newest_due;
+
+    #[test]
+    fn a_process_that_wakes_past_its_slots_starts_the_newest_due_only() {
+        let every_3s = Timetable::Every(3_000);
+        assert_eq!(newest_due(&every_3s, 6_000, 11_700), 9_000, "slot 6 s is skipped for 9 s");
+        assert_eq!(newest_due(&every_3s, 6_000, 6_000), 6_000, "on time: the slot itself");
+        assert_eq!(newest_due(&every_3s, 6_000, 8_999), 6_000);
     }
 }
