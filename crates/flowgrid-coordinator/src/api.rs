@@ -114,21 +114,24 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(concurrency_max));
     let mut handlers = tokio::task::JoinSet::new();
-    // Set once draining: by then the answers must be out (a server gone meanwhile never
-    // confirms the drain).
-    let mut deadline: Option<tokio::time::Instant> = None;
+    // Armed once draining: by then the requests received must have been taken (a server
+    // gone meanwhile never confirms the drain).
+    let drained_by = tokio::time::sleep(API_DRAIN_WAIT);
+    tokio::pin!(drained_by);
+    let mut draining = false;
     loop {
         while handlers.try_join_next().is_some() {}
         let message = tokio::select! {
-            _ = shutdown.cancelled(), if deadline.is_none() => {
-                deadline = Some(tokio::time::Instant::now() + API_DRAIN_WAIT);
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                drained_by.as_mut().reset(tokio::time::Instant::now() + API_DRAIN_WAIT);
                 if let Err(error) = requests.drain().await {
                     debug!(error = %error, "cannot drain the API subscription; requests not yet taken are lost");
                     break;
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+            _ = &mut drained_by, if draining => break,
             message = requests.next() => match message {
                 Some(message) => message,
                 None => break,
@@ -160,8 +163,7 @@ pub async fn serve(
         });
     }
     let answered = async { while handlers.join_next().await.is_some() {} };
-    let until = deadline.unwrap_or_else(tokio::time::Instant::now) + API_DRAIN_WAIT;
-    if tokio::time::timeout_at(until, answered).await.is_err() {
+    if tokio::time::timeout(API_DRAIN_WAIT, answered).await.is_err() {
         warn!("API requests still unanswered when the coordinator stopped; their callers time out and retry");
     }
 }

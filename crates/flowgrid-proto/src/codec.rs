@@ -112,6 +112,7 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T
 /// no nesting needs tracking. Bytes that are not MessagePack are left to the decoder.
 fn msgpack_problem(bytes: &[u8]) -> Option<&'static str> {
     use rmp::Marker;
+    const NON_FINITE: &str = "a float that is NaN or infinite, which JSON has no value for";
     let mut at = 0usize;
     let length = |at: usize, width: usize| -> Option<usize> {
         let field = bytes.get(at..at + width)?;
@@ -123,14 +124,14 @@ fn msgpack_problem(bytes: &[u8]) -> Option<&'static str> {
             Marker::F32 => {
                 let value = f32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?);
                 if !value.is_finite() {
-                    return Some("a float that is NaN or infinite, which JSON has no value for");
+                    return Some(NON_FINITE);
                 }
                 4
             }
             Marker::F64 => {
                 let value = f64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
                 if !value.is_finite() {
-                    return Some("a float that is NaN or infinite, which JSON has no value for");
+                    return Some(NON_FINITE);
                 }
                 8
             }

@@ -264,24 +264,12 @@ fn url_credentials(url: &str) -> Result<(String, Option<UrlCredentials>)> {
     let mut found: Option<UrlCredentials> = None;
     let mut servers = Vec::new();
     for server in url.split(',').map(str::trim) {
-        let Ok(mut parsed) =
-            url::Url::parse(server).map_err(drop).and_then(
-                |parsed| {
-                    if parsed.has_host() {
-                        Ok(parsed)
-                    } else {
-                        Err(())
-                    }
-                },
-            )
-        else {
+        let with_user =
+            url::Url::parse(server).ok().filter(|parsed| parsed.has_host() && !parsed.username().is_empty());
+        let Some(mut parsed) = with_user else {
             servers.push(server.to_owned());
             continue;
         };
-        if parsed.username().is_empty() {
-            servers.push(server.to_owned());
-            continue;
-        }
         let decode = |text: &str| percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned();
         let credentials = (decode(parsed.username()), parsed.password().map(decode));
         if found.as_ref().is_some_and(|found| *found != credentials) {

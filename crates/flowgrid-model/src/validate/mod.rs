@@ -328,7 +328,9 @@ fn step_mistake(mut step: serde_json::Value) -> Option<(String, String)> {
         // No kind, or not a string: reading it as a step says which.
         return read::<Step>(step);
     };
-    step.as_object_mut().map(|step| step.remove("kind"));
+    if let Some(fields) = step.as_object_mut() {
+        fields.remove("kind");
+    }
     match kind.as_str() {
         "task" => read::<TaskStep>(step),
         "choice" => read::<ChoiceStep>(step),
