@@ -97,6 +97,16 @@ async fn a_subflow_step_runs_its_child_and_a_failed_or_refused_child_reaches_the
     assert_eq!(step(&view, "fallback").output, Some(json!("caught not_found")), "{view:?}\n{}", grid.logs());
     assert!(step(&view, "invoke").error.as_ref().unwrap().message.contains("nowhere"), "{view:?}");
     assert_eq!(step(&view, "invoke").child_run, None, "a child that never started is not named");
+
+    // A child whose flow's input_schema refuses the input: the step's error names the problem.
+    let strict = "name: strict\ninput_schema: {type: object, required: [y]}\nsteps:\n  - { id: t, kind: transform, output: '1' }\n";
+    deploy(&grid, &client, strict).await?;
+    deploy(&grid, &client, &PARENT.replace("name: parent", "name: picky").replace("flow: doubler", "flow: strict"))
+        .await?;
+    let run_id = client.start(start("picky", json!({"n": 1}))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    let message = &step(&view, "invoke").error.as_ref().expect("the step failed").message;
+    assert!(message.contains("input_schema") && message.contains("required property"), "{message}");
     Ok(())
 }
 

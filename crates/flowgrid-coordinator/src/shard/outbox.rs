@@ -187,7 +187,7 @@ impl<S: ShardStore> ShardActor<S> {
                 output: None,
                 error: Some(TaskError {
                     code: refusal.code.to_string(),
-                    message: format!("the child run could not start: {}", refusal.message),
+                    message: format!("the child run could not start: {}", with_issues(&refusal)),
                     retryable: false,
                 }),
                 refused: true,
@@ -424,6 +424,21 @@ async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
             Sent::Again
         }
     }
+}
+
+/// A refusal's message and its first located problems (an input its schema refuses), as
+/// one line for a step's error.
+fn with_issues(refusal: &flowgrid_proto::ApiError) -> String {
+    /// Problems named in the step's error; the child's start would name them all.
+    const ISSUES_SHOWN: usize = 5;
+    let mut message = refusal.message.clone();
+    for issue in refusal.issues.iter().take(ISSUES_SHOWN) {
+        message.push_str(&format!("; {issue}"));
+    }
+    if refusal.issues.len() > ISSUES_SHOWN {
+        message.push_str(&format!("; and {} more", refusal.issues.len() - ISSUES_SHOWN));
+    }
+    message
 }
 
 #[cfg(test)]
