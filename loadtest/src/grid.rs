@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use flowgrid_proto::FlowDeployed;
 use flowgrid_sdk::NatsOptions;
 use flowgrid_testkit::{free_port, nats_server_bin, scrape_metrics, wait_for_port, write_nats_config, Netns, Process};
 
@@ -39,6 +40,9 @@ pub struct Grid {
 impl Grid {
     /// Connects to the grid at `--nats-url`, or starts one.
     pub async fn open(args: &GridArgs, extra_coordinator_args: &[String]) -> Result<Grid> {
+        if let Some(pid) = args.coordinator_pid.filter(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            bail!("--coordinator-pid {pid}: no such process on this host (give the pid of a coordinator running here)");
+        }
         match &args.nats_url {
             Some(url) => Ok(Grid {
                 nats_url: url.clone(),
@@ -148,6 +152,23 @@ impl Grid {
     pub async fn client(&self) -> Result<flowgrid_sdk::Client> {
         let nats = self.connect("flowgrid-loadtest-client").await?;
         Ok(flowgrid_sdk::Client::new(nats, self.prefix.clone()))
+    }
+
+    /// Deploys the flow a command runs (`definition`), saying what to check when no
+    /// coordinator answers.
+    pub async fn deploy(&self, client: &flowgrid_sdk::Client, definition: &str) -> Result<FlowDeployed> {
+        client.deploy(definition).await.map_err(|error| {
+            if error.is_no_responders() {
+                anyhow::anyhow!(
+                    "no coordinator answers under prefix {:?} on NATS at {}: give the grid's --prefix, or start a \
+                     coordinator",
+                    self.prefix,
+                    flowgrid_sdk::redact(&self.nats_url)
+                )
+            } else {
+                anyhow::Error::new(error).context("deploy the load-test flow")
+            }
+        })
     }
 
     /// Stops the coordinators now (before the workers of the harness go away).

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -32,7 +32,7 @@ pub async fn memory(args: MemoryArgs) -> Result<()> {
     }
     let plan = Plan::idle();
     let client = grid.client().await?.with_retry_budget(Duration::ZERO);
-    client.deploy(plan.definition.clone()).await.context("deploy the idle flow")?;
+    grid.deploy(&client, &plan.definition).await?;
     // One run creates the pool's consumer and warms the caches before the baseline.
     let _ = client
         .start(StartRun {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +37,7 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
     let mut grid = Grid::open(&args.grid, &extra).await?;
     let plan = Arc::new(Plan::new(Workload::Single, 1));
     let client = grid.client().await?.with_retry_budget(Duration::ZERO);
-    client.deploy(plan.definition.clone()).await.context("deploy the load-test flow")?;
+    grid.deploy(&client, &plan.definition).await?;
 
     let tracker = Tracker::new(plan.tasks_per_run, None, 0.0);
     let errors = Arc::new(Errors::default());

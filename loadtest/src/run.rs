@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use flowgrid_sdk::StartBatcher;
 use flowgrid_testkit::metric_value;
 use serde_json::json;
@@ -79,7 +79,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let plan = Arc::new(Plan::new(args.workload, args.tasks_per_run));
     let mut grid = Grid::open(&args.grid, &[]).await?;
     let client = grid.client().await?.with_retry_budget(Duration::ZERO);
-    let deployed = client.deploy(plan.definition.clone()).await.context("deploy the load-test flow")?;
+    let deployed = grid.deploy(&client, &plan.definition).await?;
     eprintln!("deployed {} version {}", deployed.name, deployed.version);
 
     let floor_before =
@@ -123,6 +123,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if drained.is_err() || Instant::now() > drain_deadline {
         eprintln!("runs still open after the drain time ({:?}); counting them as unfinished", args.drain);
     }
+    // The runs started after the window end too, before the workers stop: on a grid of its
+    // own it does not matter, but on one it shares no run of the harness's is left waiting
+    // for a worker that is gone.
+    let _ = tokio::time::timeout_at(drain_deadline.into(), async {
+        while tracker.in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     errors.add("run_unfinished", tracker.unfinished_measured());
     workers_shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while workers.join_next().await.is_some() {} }).await;
