@@ -201,7 +201,10 @@ impl Router {
                 }
                 Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::NoResponders => ApiError::new(
                     ErrorCode::Unavailable,
-                    format!("shard {shard} is moving between coordinators; retry"),
+                    format!(
+                        "no coordinator serves shard {shard} right now (it is moving between coordinators, or \
+                         its owner stopped answering and the others wait for its lease); retry"
+                    ),
                 ),
                 Ok(Err(error)) => {
                     return Err(ApiError::new(
