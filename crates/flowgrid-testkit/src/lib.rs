@@ -164,7 +164,13 @@ pub fn http_exchange(
     } else {
         request.push_str("\r\n");
     }
-    stream.write_all(request.as_bytes())?;
+    if let Err(error) = stream.write_all(request.as_bytes()) {
+        // A server that refuses a body past its bound answers before it has read it all, and
+        // closes: its answer is there to read all the same.
+        if !matches!(error.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) {
+            return Err(error.into());
+        }
+    }
     let mut response = String::new();
     stream.read_to_string(&mut response).with_context(|| format!("read {method} {path} from {addr}"))?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
