@@ -95,10 +95,10 @@ pub enum TaskCommand {
         #[arg(long)]
         error: Option<String>,
         /// With --error: what went wrong, for people.
-        #[arg(long, requires = "error")]
+        #[arg(long, requires = "error", conflicts_with_all = ["output", "output_file"])]
         message: Option<String>,
         /// With --error: never retry it, whatever the step's retry policy says.
-        #[arg(long, requires = "error")]
+        #[arg(long, requires = "error", conflicts_with_all = ["output", "output_file"])]
         not_retryable: bool,
     },
 }
