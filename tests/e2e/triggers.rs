@@ -146,6 +146,8 @@ async fn a_stream_made_again_starts_a_run_for_each_of_its_messages() -> anyhow::
     // run of its own (not the run of the message the stream had under that number
     // before), published before the trigger found the new stream too.
     jetstream.delete_stream("ORDERS").await?;
+    let (_, _, hints) = grid.cli(&["status"])?;
+    assert!(hints.contains("flow on-order's trigger reads stream ORDERS, which does not exist"), "{hints}");
     jetstream.create_stream(orders()).await?;
     for order in 11..=13 {
         publish(&jetstream, "orders.eu.created", format!(r#"{{"order": {order}}}"#)).await?;

@@ -131,9 +131,37 @@ pub(crate) async fn status(session: &Session) -> anyhow::Result<ExitCode> {
         out!("{}", status_text(&reader, snapshot.as_ref(), &backlog, &workers))?;
         if snapshot.is_none() {
             eprintln!("hint: {}", not_joined_hint(&reader.not_joined()));
+        } else {
+            hint_unread_triggers(session, &reader, &backlog).await;
         }
     }
     Ok(if snapshot.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// How long `status` waits for the coordinators' list of flows.
+const FLOWS_WAIT: Duration = Duration::from_secs(2);
+
+/// Names each trigger of a deployed flow that reads a stream that does not exist (deleted,
+/// or lost with NATS's store): it has no consumer to show in the backlog, and its messages
+/// start nothing until the stream is there again. Best effort: coordinators that do not
+/// answer in time leave it unsaid.
+async fn hint_unread_triggers(session: &Session, reader: &GridReader, backlog: &Backlog) {
+    let Ok(client) = session.client().await else { return };
+    let client = client.with_retry_budget(Duration::ZERO);
+    let Ok(Ok(list)) = tokio::time::timeout(FLOWS_WAIT, client.flows()).await else { return };
+    for flow in list.flows.iter().filter(|flow| flow.paused.is_none()) {
+        let Some(trigger) = &flow.trigger else { continue };
+        if backlog.triggers.iter().any(|read| read.flow == flow.name)
+            || !matches!(reader.stream(&trigger.stream).await, Ok(None))
+        {
+            continue;
+        }
+        eprintln!(
+            "hint: flow {}'s trigger reads stream {}, which does not exist on this NATS: its messages start no runs \
+             until the stream exists again",
+            flow.name, trigger.stream
+        );
+    }
 }
 
 /// What `flowgrid status` prints: members, shards, the backlog, then the live workers.
