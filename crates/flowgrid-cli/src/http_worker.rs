@@ -203,7 +203,8 @@ impl HttpSettings {
     /// decodes it would take `/ok%2F..%2Fadmin` for `/admin`.
     fn allows(&self, url: &Url) -> bool {
         let path = url.path();
-        if ["%2f", "%5c"].iter().any(|encoded| path.to_ascii_lowercase().contains(encoded)) {
+        let lower = path.to_ascii_lowercase();
+        if lower.contains("%2f") || lower.contains("%5c") {
             return false;
         }
         self.allowed.iter().any(|prefix| {

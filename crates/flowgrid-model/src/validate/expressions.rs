@@ -100,9 +100,9 @@ impl ExpressionTable {
     ) {
         match evaluator.compile(source) {
             Ok(expr) => {
-                for (variable, needs, where_) in LOCAL_VARIABLES {
+                for (variable, needs, fields) in LOCAL_VARIABLES {
                     if locals & needs == 0 && expr.reads(variable) {
-                        push_issue(issues, &path, format!("reads `{variable}`, which only {where_} has"));
+                        push_issue(issues, &path, format!("reads `{variable}`, which only {fields} has"));
                     }
                 }
                 self.slots.push(Slot { path: path.clone(), step, locals });

@@ -6,7 +6,8 @@
 //! - A definition that passes [`validate`] has unique step ids, edges that all name
 //!   existing other steps, no cycle over the full edge set (`after`, choice targets and
 //!   catch targets), expressions that compile, and expressions that read only steps that
-//!   run before them. [`compile`] relies on all of it.
+//!   run before them and only the variables their field has (`item` in a map's `input`).
+//!   [`compile`] relies on all of it.
 //! - Each expression is compiled once: validation keeps the compiled form for the plan.
 
 mod expressions;
