@@ -50,6 +50,16 @@ async fn publish(jetstream: &async_nats::jetstream::Context, subject: &str, payl
     Ok(RunId::from_idempotency_key("on-order", &format!("trigger/ORDERS/{}", ack.sequence)))
 }
 
+/// Waits until the trigger of `on-order` has made its consumer on `ORDERS`.
+async fn wait_trigger_consumer(grid: &Grid, jetstream: &async_nats::jetstream::Context) -> anyhow::Result<()> {
+    let consumer = format!("{}_trigger_on-order", grid.prefix);
+    wait_for("the trigger's consumer", RUN_DEADLINE, || async {
+        jetstream.get_stream("ORDERS").await.ok()?.consumer_info(&consumer).await.ok().map(|_| ())
+    })
+    .await
+    .or_logs(grid)
+}
+
 fn ids_and_orders(runs: &[(RunId, Value)]) -> BTreeSet<(RunId, Option<i64>)> {
     runs.iter().map(|(run_id, input)| (run_id.clone(), input["order"].as_i64())).collect()
 }
@@ -75,12 +85,7 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
     // Published before the trigger exists: not a run.
     publish(&jetstream, "orders.eu.created", r#"{"order": 0}"#.to_owned()).await?;
     deploy(&grid, &client, TRIGGERED).await?;
-    let consumer = format!("{}_trigger_on-order", grid.prefix);
-    wait_for("the trigger's consumer", RUN_DEADLINE, || async {
-        jetstream.get_stream("ORDERS").await.ok()?.consumer_info(&consumer).await.ok().map(|_| ())
-    })
-    .await
-    .or_logs(&grid)?;
+    wait_trigger_consumer(&grid, &jetstream).await?;
 
     let mut expected = BTreeSet::new();
     for order in 1..=3 {
@@ -131,12 +136,7 @@ async fn a_stream_made_again_starts_a_run_for_each_of_its_messages() -> anyhow::
     let orders = || stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
     jetstream.create_stream(orders()).await?;
     deploy(&grid, &client, TRIGGERED).await?;
-    let consumer = format!("{}_trigger_on-order", grid.prefix);
-    wait_for("the trigger's consumer", RUN_DEADLINE, || async {
-        jetstream.get_stream("ORDERS").await.ok()?.consumer_info(&consumer).await.ok().map(|_| ())
-    })
-    .await
-    .or_logs(&grid)?;
+    wait_trigger_consumer(&grid, &jetstream).await?;
     for order in 1..=3 {
         publish(&jetstream, "orders.eu.created", format!(r#"{{"order": {order}}}"#)).await?;
     }

@@ -399,38 +399,27 @@ fn steps_started_anew_see_their_dependencies_as_they_resolved() {
     assert_eq!(replayed.view(), harness.run.view());
 }
 
-/// A choice that ends the run early on a small input, and a step after both branches.
-const EARLY_EXIT: &str = r##"
-name: early-exit
-steps:
-  - { kind: task, id: measure, pool: cpu, task: measure }
-  - kind: choice
-    id: route
-    after: [measure]
-    choices:
-      - when: "steps.measure.output > 10"
-        next: big
-    default: small
-  - { kind: task, id: big, pool: gpu, task: big }
-  - { kind: succeed, id: small }
-  - { kind: task, id: join, after: [big, small], pool: cpu, task: join }
-  - { kind: task, id: side, pool: cpu, task: side }
-"##;
+/// [`ROUTED`] whose small branch is a `succeed` step that ends the run early, with a step of
+/// its own beside.
+fn early_exit() -> String {
+    let early = ROUTED.replace("{ kind: task, id: small, pool: cpu, task: small }", "{ kind: succeed, id: small }");
+    early + "  - { kind: task, id: side, pool: cpu, task: side }\n"
+}
 
 #[test]
 fn a_step_after_a_succeed_step_that_ended_the_run_goes_again() {
-    let mut harness = Harness::start(EARLY_EXIT, json!({}), 0);
+    let mut harness = Harness::start(&early_exit(), json!({}), 0);
     harness.succeed(10, "measure", None, 1, json!(3));
     assert_eq!(harness.run.status(), RunStatus::Succeeded, "the small branch ends the run");
-    assert_eq!(harness.step_status("join"), StepStatus::Cancelled);
+    assert_eq!(harness.step_status("report"), StepStatus::Cancelled);
     assert_eq!(harness.step_status("side"), StepStatus::Cancelled);
 
     // From the step after the succeed step: it runs, the succeed step counted as resolved.
-    redrive_from(&mut harness, 100, &["join"]);
+    redrive_from(&mut harness, 100, &["report"]);
     let mut names = harness.dispatched_names();
     names.sort();
-    assert_eq!(names, vec!["join", "side"], "the step cut off by the end goes again too");
-    harness.succeed(110, "join", None, 1, json!("j"));
+    assert_eq!(names, vec!["report", "side"], "the step cut off by the end goes again too");
+    harness.succeed(110, "report", None, 1, json!("j"));
     harness.succeed(120, "side", None, 2, json!("s"));
     assert_eq!(harness.run.status(), RunStatus::Succeeded);
 
@@ -439,8 +428,8 @@ fn a_step_after_a_succeed_step_that_ended_the_run_goes_again() {
     harness.succeed(210, "measure", None, 2, json!(50));
     assert_eq!(harness.dispatched_names(), vec!["big"]);
     harness.succeed(220, "big", None, 1, json!("b"));
-    assert_eq!(harness.dispatched_names(), vec!["join"]);
-    harness.succeed(230, "join", None, 2, json!("j2"));
+    assert_eq!(harness.dispatched_names(), vec!["report"]);
+    harness.succeed(230, "report", None, 2, json!("j2"));
     assert_eq!(harness.run.status(), RunStatus::Succeeded);
     let (replayed, _) = replay(&harness);
     assert_eq!(replayed.view(), harness.run.view());
