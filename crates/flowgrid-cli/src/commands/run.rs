@@ -122,8 +122,8 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 )?;
             } else {
                 outln!(
-                    "step {} of run {} was over already (it took an earlier signal, timed out, or the run ended: {}); \
-                     nothing changed",
+                    "step {} of run {} did not take the signal (it took or kept an earlier one, timed out, or the run \
+                     ended; the run is {}): nothing changed",
                     signalled.step,
                     signalled.run_id,
                     signalled.status.as_str()
