@@ -154,7 +154,8 @@ impl<S: ShardStore> ShardActor<S> {
             _ => {
                 let reply = ApiError::new(
                     ErrorCode::InvalidRequest,
-                    "a task result needs exactly one of `output`, `error` and `progress`",
+                    "a task result needs exactly one of `output`, `error` and `progress` (spelt so: other fields \
+                     are not read; an `output` of null counts only without the other two)",
                 );
                 self.reply_now(reply_to, encoding, reply);
                 return;
