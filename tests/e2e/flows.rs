@@ -281,6 +281,14 @@ async fn a_diff_shows_what_a_deploy_would_change_and_how_two_versions_differ() -
     assert!(stdout.contains("steps[0](a).outptu: unknown field"), "{stdout}");
     let (ok, _, stderr) = grid.cli(&["flow", "get", "third"])?;
     assert!(!ok && stderr.contains("no flow named"), "{stderr}");
+    // So is one whose trigger reads a stream that does not exist, which only NATS can tell.
+    let unread = dir.path().join("unread.yaml");
+    let trigger = "trigger: { stream: NO_SUCH_STREAM }\n";
+    std::fs::write(&unread, first.replace("diffed", "unread").replace("steps:", &format!("{trigger}steps:")))?;
+    let (ok, stdout, stderr) = grid.cli(&["flow", "deploy", third.to_str().unwrap(), unread.to_str().unwrap()])?;
+    assert!(!ok && stderr.contains("nothing deployed") && stderr.contains("NO_SUCH_STREAM"), "{stdout}{stderr}");
+    let (ok, _, _) = grid.cli(&["flow", "get", "third"])?;
+    assert!(!ok, "third was deployed");
     let (ok, stdout, stderr) = grid.cli(&["flow", "deploy", third.to_str().unwrap(), other.to_str().unwrap(), file])?;
     assert!(ok, "{stdout}{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();

@@ -162,7 +162,7 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     })
     .await?;
     let path = format!("/api/runs/{waiting}/signals/ok");
-    let keyed = [("Content-Type", "application/json"), ("Authorization", &bearer), ("Idempotency-Key", "sig-1")];
+    let keyed = [("Content-Type", "application/json"), ("Authorization", &bearer), ("Idempotency-Key", "clé-1")];
     let (status, _, body) = http_exchange(&addr, "POST", &path, &keyed, Some(r#"{"by": "http"}"#))?;
     assert!(status == 200 && body.contains(r#""applied":true"#), "{status} {body}");
     // Sent again under its key (its answer lost), it is still the signal the step took.
@@ -170,6 +170,13 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     assert!(status == 200 && body.contains(r#""applied":true"#), "{status} {body}");
     let (status, body) = http_post_json(&addr, &path, r#"{"by": "other"}"#, Some(API_TOKEN))?;
     assert!(status == 200 && body.contains(r#""applied":false"#), "{status} {body}");
+    for (first, second) in [("  ", None), ("a", Some("b"))] {
+        let mut headers = vec![("Content-Type", "application/json"), ("Authorization", bearer.as_str())];
+        headers.push(("Idempotency-Key", first));
+        headers.extend(second.map(|second| ("Idempotency-Key", second)));
+        let (status, _, body) = http_exchange(&addr, "POST", &path, &headers, Some("1"))?;
+        assert!(status == 400 && body.contains("Idempotency-Key"), "{status} {body}");
+    }
     let view = grid.wait_run(&client, &waiting, RUN_DEADLINE).await?;
     assert_eq!(view.output, Some(json!({"by": "http"})));
 
@@ -200,6 +207,8 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     assert_eq!(listed["runs"][0]["run_id"].as_str(), Some(held.as_str()), "{body}");
     let (status, body) = http_get(&addr, "/api/runs?flow=approval&limt=1")?;
     assert!(status == 400 && body.contains("unknown field `limt`"), "{status} {body}");
+    let (status, body) = http_get(&addr, "/api/runs?flow=approval&flow=answer")?;
+    assert!(status == 400 && body.contains("flow is given twice"), "{status} {body}");
     let (status, body) = http_get(&addr, &format!("/api/runs/{held}/history?limit=2"))?;
     let page: Value = serde_json::from_str(&body)?;
     assert_eq!(

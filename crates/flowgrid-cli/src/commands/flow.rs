@@ -173,6 +173,7 @@ async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow
             if let Some(other) = flows.insert(name, file) {
                 anyhow::bail!("nothing deployed: {other} and {file} both define flow {name}; deploy one of them");
             }
+            missing_trigger_stream(client, file, text).await?;
             texts.push(text.clone());
         }
         texts
@@ -200,6 +201,25 @@ async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses, before any of several files is deployed, one whose trigger reads a stream that
+/// does not exist: the grid would refuse that file after deploying those before it. Other
+/// failures to look are left to the deploy.
+async fn missing_trigger_stream(client: &Client, file: &str, text: &str) -> anyhow::Result<()> {
+    let Ok(definition) = parse_definition(text, &Limits::default()) else { return Ok(()) };
+    let Some(trigger) = definition.trigger else { return Ok(()) };
+    use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
+    match client.jetstream().get_stream(&trigger.stream).await.map_err(|error| error.kind()) {
+        Err(GetStreamErrorKind::JetStream(error)) if error.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+            anyhow::bail!(
+                "nothing deployed: {file}'s trigger reads stream {}, which does not exist on this grid's NATS: create \
+                 it first",
+                trigger.stream
+            )
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Each file's text, flow name and step count, or its problems, each with its path.

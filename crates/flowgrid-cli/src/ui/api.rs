@@ -128,6 +128,9 @@ fn query<T: DeserializeOwned>(pairs: Vec<(String, String)>, numbers: &[&str]) ->
     let mut fields = serde_json::Map::new();
     let mut labels = serde_json::Map::new();
     for (key, value) in pairs {
+        if key != "label" && fields.contains_key(&key) {
+            return Err(refuse(format!("{key} is given twice: give it once (only label may be repeated)")));
+        }
         if key == "label" {
             let Some((label, label_value)) = value.split_once('=') else {
                 return Err(refuse(format!("label={value}: write a label as label=key=value")));
@@ -266,7 +269,20 @@ async fn signal(
     };
     let run_id = RunId(run_id.into());
     // A client that sends its request again after a lost answer names it with the same key.
-    let key = headers.get(IDEMPOTENCY_KEY).and_then(|key| key.to_str().ok()).map(str::to_owned);
+    let mut keys = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (None, _) => None,
+        (Some(key), None) => match std::str::from_utf8(key.as_bytes()).map(str::trim) {
+            Ok(key) if !key.is_empty() => Some(key.to_owned()),
+            _ => {
+                let message = "the Idempotency-Key header must be text (UTF-8) that is not blank";
+                return error(StatusCode::BAD_REQUEST, "invalid_request", message);
+            }
+        },
+        (Some(_), Some(_)) => {
+            return error(StatusCode::BAD_REQUEST, "invalid_request", "give the Idempotency-Key header once");
+        }
+    };
     let signalled = match key {
         Some(key) => ui.client.signal_with_id(&run_id, step, data, key).await,
         None => ui.client.signal(&run_id, step, data).await,

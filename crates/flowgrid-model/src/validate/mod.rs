@@ -90,8 +90,10 @@ fn more_parse_issues(
             issues.push(Issue { path, message });
         }
     }
-    if let Err(error) = serde_json::from_value::<FlowDefinition>(serde_json::Value::Object(flow)) {
-        issues.insert(0, Issue { path: "definition".to_owned(), message: error.to_string() });
+    if let Err(error) = serde_path_to_error::deserialize::<_, FlowDefinition>(serde_json::Value::Object(flow)) {
+        let path = error.path().to_string();
+        let path = if path == "." { "definition".to_owned() } else { path };
+        issues.insert(0, Issue { path, message: error.into_inner().to_string() });
     }
     // The parser's mistake, found again here without its place: give it back its place.
     match issues.iter().position(|issue| first_bare.contains(&issue.message)) {

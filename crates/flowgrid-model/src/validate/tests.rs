@@ -112,7 +112,7 @@ fn every_mistake_against_the_model_is_reported_at_once() {
     assert_eq!(
         paths,
         [
-            "definition",
+            "version",
             "steps[0](a).retires",
             "steps[1](b).kind",
             "steps[2](c).duration_ms",
