@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -64,15 +64,19 @@ const CORS_MAX_AGE: Duration = Duration::from_secs(60 * 60);
 /// pages need none: they are of the same origin).
 pub(super) fn routes(cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
     // Every answer under /api/ is JSON, a wrong method or path too.
-    let api = Router::new()
-        .route("/api/runs", post(start).get(list).fallback(method_not_allowed))
+    // Calls that take no query refuse one, as the others refuse parameters they do not take.
+    let unqueried = Router::new()
         .route("/api/runs/{run_id}", get(run).fallback(method_not_allowed))
-        .route("/api/runs/{run_id}/history", get(history).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/live", get(live).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/signals/{step}", post(signal).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/{change}", post(change).fallback(method_not_allowed))
         .route("/api/flows", get(flows).fallback(method_not_allowed))
+        .route_layer(axum::middleware::from_fn(refuse_query));
+    let api = Router::new()
+        .route("/api/runs", post(start).get(list).fallback(method_not_allowed))
+        .route("/api/runs/{run_id}/history", get(history).fallback(method_not_allowed))
         .route("/api/flows/{name}", get(flow).fallback(method_not_allowed))
+        .merge(unqueried)
         .route("/api", any(no_such_call))
         .route("/api/{*rest}", any(no_such_call));
     match cors {
@@ -114,6 +118,14 @@ pub(super) fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static(IDEMPOTENCY_KEY)])
             .max_age(CORS_MAX_AGE),
     ))
+}
+
+/// Refuses a request with a query to a call that takes none.
+async fn refuse_query(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if request.uri().query().is_some_and(|query| !query.is_empty()) {
+        return error(StatusCode::BAD_REQUEST, "invalid_request", "this call takes no query parameters");
+    }
+    next.run(request).await
 }
 
 async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
@@ -243,7 +255,19 @@ async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
-async fn start(State(ui): State<Arc<Ui>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn start(
+    State(ui): State<Arc<Ui>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if query.is_some_and(|query| !query.is_empty()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "a start takes no query parameters: put it all in the body",
+        );
+    }
     let start: StartRun = match change_request(&ui, &headers, body, None) {
         Ok(start) => start,
         Err(refused) => return *refused,
