@@ -123,6 +123,10 @@ pub async fn serve(
         while handlers.try_join_next().is_some() {}
         let message = tokio::select! {
             _ = shutdown.cancelled(), if !draining => {
+                // Without NATS no answer could go out: stop at once.
+                if api.router.context.nats.connection_state() != async_nats::connection::State::Connected {
+                    break;
+                }
                 draining = true;
                 drained_by.as_mut().reset(tokio::time::Instant::now() + API_DRAIN_WAIT);
                 if let Err(error) = requests.drain().await {

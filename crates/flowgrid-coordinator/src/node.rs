@@ -252,18 +252,27 @@ async fn serve<S: Store>(
             _ => error!("the shard manager stopped unexpectedly; leaving the grid"),
         },
     }
-    info!("coordinator stopping: handing its shards over");
+    // Without NATS nothing can be handed over or answered: the others take the shards when
+    // the lease runs out, so waiting for each step of a drain would only delay the exit.
+    let nats_up = nats.connection_state() == async_nats::connection::State::Connected;
+    if nats_up {
+        info!("coordinator stopping: handing its shards over");
+    } else {
+        warn!("coordinator stopping without NATS: its shards go to the others when its lease runs out");
+    }
     // New requests go to the other coordinators; what is in progress finishes.
     api_stop.cancel();
     let _ = api_task.await;
     let _ = submit_task.await;
     drain.cancel();
-    let drain_timeout = Duration::from_millis(config.drain_timeout_ms);
+    let drain_timeout = if nats_up { Duration::from_millis(config.drain_timeout_ms) } else { Duration::ZERO };
     if !manager_task.is_finished() && tokio::time::timeout(drain_timeout, &mut manager_task).await.is_err() {
-        warn!(
-            timeout_ms = config.drain_timeout_ms,
-            "shards not all handed over in time; the others take the rest when the lease runs out"
-        );
+        if nats_up {
+            warn!(
+                timeout_ms = config.drain_timeout_ms,
+                "shards not all handed over in time; the others take the rest when the lease runs out"
+            );
+        }
         manager_task.abort();
     }
     heartbeat_stop.cancel();
@@ -272,16 +281,19 @@ async fn serve<S: Store>(
     if let Some(pools_task) = pools_task {
         let _ = pools_task.await;
     }
-    membership.leave().await;
+    if nats_up {
+        membership.leave().await;
+    }
     drop(api);
     workers_shutdown.cancel();
     // Publishes still awaiting acks are bounded by JetStream's ack timeout; what is cut
     // off here is republished by the shards' next owners.
-    if tokio::time::timeout(STOP_WAIT, dispatcher_task).await.is_err() {
+    let stop_wait = if nats_up { STOP_WAIT } else { Duration::ZERO };
+    if tokio::time::timeout(stop_wait, dispatcher_task).await.is_err() && nats_up {
         warn!("task publishing did not drain in time; open tasks are republished by the next owners");
     }
     // Without a server (it stopped first), a flush would wait for a reconnect forever.
-    if let Err(error) = tokio::time::timeout(STOP_WAIT, nats.flush()).await.unwrap_or(Ok(())) {
+    if let Err(error) = tokio::time::timeout(stop_wait, nats.flush()).await.unwrap_or(Ok(())) {
         tracing::debug!(error = %error, "flush on stop failed");
     }
     info!("coordinator stopped");

@@ -128,11 +128,11 @@ impl NatsOptions {
     }
 
     /// The connect options with these credentials and TLS settings, for a caller that adds
-    /// its own (a name, an event callback), and the server URL(s) to connect to: `url`
-    /// (servers comma-separated) without the user and password it may carry
+    /// its own (a name, an event callback), and the servers to connect to: those of `url`
+    /// (comma-separated), each without the user and password it may carry
     /// (`nats://user:password@host`, or `nats://token@host`), which the options hold then.
     /// Reads the files named, so a missing or unreadable one is reported here, with its flag.
-    pub async fn options(&self, url: &str) -> Result<(ConnectOptions, String)> {
+    pub async fn options(&self, url: &str) -> Result<(ConnectOptions, Vec<String>)> {
         let mut options = ConnectOptions::new();
         let (servers, in_url) = url_credentials(url)?;
         let credentials = match (self.credentials()?, in_url) {
@@ -257,10 +257,10 @@ enum Credentials<'a> {
 /// A user and, if given, a password, as a URL carries them (percent-decoded).
 type UrlCredentials = (String, Option<String>);
 
-/// `url` (servers comma-separated) without the user and password its servers carry, and
+/// The servers of `url` (comma-separated) without the user and password they carry, and
 /// those (the same for every server that carries any). A server given without a scheme
 /// (`127.0.0.1:4222`) carries none.
-fn url_credentials(url: &str) -> Result<(String, Option<UrlCredentials>)> {
+fn url_credentials(url: &str) -> Result<(Vec<String>, Option<UrlCredentials>)> {
     let mut found: Option<UrlCredentials> = None;
     let mut servers = Vec::new();
     for server in url.split(',').map(str::trim) {
@@ -281,11 +281,12 @@ fn url_credentials(url: &str) -> Result<(String, Option<UrlCredentials>)> {
         let _ = parsed.set_password(None);
         servers.push(parsed.to_string().trim_end_matches('/').to_owned());
     }
-    Ok((servers.join(","), found))
+    Ok((servers, found))
 }
 
 /// `url` with the password (or token) its servers carry replaced by `***`, to be shown in
-/// messages and logs.
+/// messages and logs. A server that does not parse as a URL but has an `@` has all before
+/// it hidden (it may be a malformed URL with a secret in it).
 pub fn redact(url: &str) -> String {
     url.split(',')
         .map(str::trim)
@@ -298,7 +299,13 @@ pub fn redact(url: &str) -> String {
                 }
                 parsed.to_string().trim_end_matches('/').to_owned()
             }
-            _ => server.to_owned(),
+            _ => match server.rsplit_once('@') {
+                Some((before, after)) => match before.split_once("://") {
+                    Some((scheme, _)) => format!("{scheme}://***@{after}"),
+                    None => format!("***@{after}"),
+                },
+                None => server.to_owned(),
+            },
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -344,16 +351,19 @@ mod tests {
     #[test]
     fn credentials_in_the_url_are_taken_out_of_it_and_hidden_in_messages() {
         let (servers, found) = url_credentials("nats://grid:p%40ss@127.0.0.1:4222,nats://grid:p%40ss@b:4223").unwrap();
-        assert_eq!(servers, "nats://127.0.0.1:4222,nats://b:4223");
+        assert_eq!(servers, ["nats://127.0.0.1:4222", "nats://b:4223"]);
         assert_eq!(found, Some(("grid".to_owned(), Some("p@ss".to_owned()))));
         let (servers, found) = url_credentials("nats://s3cr3t@host:4222").unwrap();
-        assert_eq!((servers.as_str(), found), ("nats://host:4222", Some(("s3cr3t".to_owned(), None))));
+        assert_eq!((servers, found), (vec!["nats://host:4222".to_owned()], Some(("s3cr3t".to_owned(), None))));
         let (servers, found) = url_credentials("127.0.0.1:4222, nats://a:4222").unwrap();
-        assert_eq!((servers.as_str(), found), ("127.0.0.1:4222,nats://a:4222", None));
+        assert_eq!((servers, found), (vec!["127.0.0.1:4222".to_owned(), "nats://a:4222".to_owned()], None));
         assert!(url_credentials("nats://a:1@h,nats://b:2@h").is_err(), "two users");
         assert_eq!(redact("nats://grid:pw@127.0.0.1:4222"), "nats://grid:***@127.0.0.1:4222");
         assert_eq!(redact("nats://tok@h:4222,nats://h2"), "nats://***@h:4222,nats://h2");
         assert_eq!(redact("127.0.0.1:4222"), "127.0.0.1:4222");
+        assert_eq!(redact("nats://grid:SeCrEt@127.0.0.1:99999"), "nats://***@127.0.0.1:99999");
+        assert_eq!(redact("nats://:Hunter3@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact("grid:SeCrEt@h:1"), "***@h:1");
         let twice = NatsOptions { user: Some("u".into()), ..NatsOptions::default() };
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let error = runtime.block_on(twice.options("nats://grid:pw@h:4222")).err().unwrap().to_string();

@@ -115,7 +115,8 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
     eprintln!(
         "flowgrid UI on http://{address}/ ({mode}), HTTP API on http://{address}/api/ ({api}; NATS {}, prefix {:?}); \
          ctrl-c or SIGTERM stops it",
-        session.nats_url, session.prefix
+        flowgrid_sdk::redact(&session.nats_url),
+        session.prefix
     );
     let stopping = tokio_util::sync::CancellationToken::new();
     let server = axum::serve(listener, app).with_graceful_shutdown(stopping.clone().cancelled_owned());
