@@ -210,7 +210,10 @@ async fn an_announcement_the_stream_did_not_take_is_published_once_the_coordinat
     deploy(&grid, &client, announced).await?;
     let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
     let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
-    // Without the run-ends stream JetStream refuses the announcement: it stays in the outbox.
+    // Without the run-ends stream the announcement is not acknowledged: it stays in the
+    // outbox. (With a plain subscriber on the subject, as flows.md suggests, the publish
+    // gets no "no responders" but times out.)
+    let _listener = grid.nats_client().await?.subscribe(format!("{}.runs.ended.>", grid.prefix)).await?;
     jetstream.delete_stream(subjects.run_ends_stream()).await?;
     let start = StartRun {
         flow: "announced".into(),

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishErrorKind;
 use flowgrid_engine::{ChildStart, Run, RunStatus, TaskError};
 use flowgrid_model::{ParentRef, RunId};
 use flowgrid_proto::{ChildRunEnded, ErrorCode, RunEnded, StartChildRun};
@@ -382,6 +383,15 @@ async fn start_failure_handler(
     }
 }
 
+/// Whether the run-ends stream does not exist (a failure to ask is not taken for that).
+async fn run_ends_stream_gone(client: &flowgrid_sdk::Client) -> bool {
+    use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
+    match client.jetstream().get_stream(client.subjects().run_ends_stream()).await.map_err(|error| error.kind()) {
+        Err(GetStreamErrorKind::JetStream(error)) => error.error_code() == ErrorCode::STREAM_NOT_FOUND,
+        _ => false,
+    }
+}
+
 /// Publishes a run's end on its flow's subject through JetStream, with the run id (and the
 /// redrive it ended after, if any) as the message id: the run-ends stream keeps it (and
 /// drops a repeat within its duplicate window), and core subscribers get it too. Taken once
@@ -409,9 +419,13 @@ async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
     };
     match acked {
         Ok(()) => Sent::Taken,
-        Err(error) if error.kind() == async_nats::jetstream::context::PublishErrorKind::StreamNotFound => {
-            // The run-ends stream was deleted (by hand, or with NATS's store): make it again,
-            // and the end goes out at the next try.
+        // The run-ends stream was deleted (by hand, or with NATS's store): no stream answers
+        // (or, with a plain subscriber on the subject, the publish times out). Make it again,
+        // and the end goes out at the next try.
+        Err(error)
+            if error.kind() == PublishErrorKind::StreamNotFound
+                || (error.kind() == PublishErrorKind::TimedOut && run_ends_stream_gone(client).await) =>
+        {
             let limits = flowgrid_sdk::broker::BrokerLimits::default();
             match flowgrid_sdk::broker::run_ends_stream(client.jetstream(), client.subjects(), &limits).await {
                 Ok(_) => warn!("the run-ends stream was gone; made it again"),

@@ -60,6 +60,11 @@ impl<S: ShardStore> ShardActor<S> {
         if self.next_schedule_due().is_none_or(|due| due > now) {
             return;
         }
+        // A process that wakes from a stop past its lease no longer owns the shard: the slot
+        // is the new owner's to start (this one would start it late, after newer ones).
+        if !self.context.lease.holds(self.term) {
+            return;
+        }
         let due: Vec<(String, Millis)> =
             self.schedules.iter().filter(|(_, &slot)| slot <= now).map(|(flow, &slot)| (flow.clone(), slot)).collect();
         for (flow, slot) in due {
