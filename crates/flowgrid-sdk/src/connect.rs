@@ -135,17 +135,22 @@ impl NatsOptions {
     pub async fn options(&self, url: &str) -> Result<(ConnectOptions, Vec<String>)> {
         let mut options = ConnectOptions::new();
         let (servers, in_url) = url_credentials(url)?;
+        let flags_given = self.creds.is_some()
+            || self.nkey.is_some()
+            || self.token.is_some()
+            || self.user.is_some()
+            || self.password.is_some();
+        if in_url.is_some() && flags_given {
+            return Err(invalid(
+                "the NATS URL carries credentials and so do --nats-* flags or FLOWGRID_NATS_* variables: give them once",
+            ));
+        }
         let credentials = match (self.credentials()?, in_url) {
             (credentials, None) => credentials,
-            (Credentials::None, Some((user, password))) => match password {
+            (_, Some((user, password))) => match password {
                 Some(password) => Credentials::OwnedPassword { user, password },
                 None => Credentials::OwnedToken(user),
             },
-            (_, Some(_)) => {
-                return Err(invalid(
-                    "the NATS URL carries credentials and so do --nats-* flags or FLOWGRID_NATS_* variables: give them once",
-                ))
-            }
         };
         match credentials {
             Credentials::None => {}
@@ -316,7 +321,8 @@ pub(crate) fn connect_hint(kind: ConnectErrorKind) -> &'static str {
     match kind {
         ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
             " (the server refused the credentials: give the ones it expects with --nats-user and \
-             --nats-password, --nats-token, --nats-nkey or --nats-creds, or their FLOWGRID_NATS_* variables)"
+             --nats-password, --nats-token, --nats-nkey or --nats-creds, their FLOWGRID_NATS_* variables, or in \
+             the URL)"
         }
         ConnectErrorKind::Tls => {
             " (TLS failed: does the server use TLS, and does --nats-tls-ca name the authority that signed \
@@ -364,10 +370,14 @@ mod tests {
         assert_eq!(redact("nats://grid:SeCrEt@127.0.0.1:99999"), "nats://***@127.0.0.1:99999");
         assert_eq!(redact("nats://:Hunter3@h:4222"), "nats://***@h:4222");
         assert_eq!(redact("grid:SeCrEt@h:1"), "***@h:1");
-        let twice = NatsOptions { user: Some("u".into()), ..NatsOptions::default() };
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let error = runtime.block_on(twice.options("nats://grid:pw@h:4222")).err().unwrap().to_string();
-        assert!(error.contains("give them once") && !error.contains("pw"), "{error}");
+        for twice in [
+            NatsOptions { user: Some("u".into()), ..NatsOptions::default() },
+            NatsOptions { password: Some("p".into()), ..NatsOptions::default() },
+        ] {
+            let error = runtime.block_on(twice.options("nats://grid:pw@h:4222")).err().unwrap().to_string();
+            assert!(error.contains("give them once") && !error.contains("pw"), "{error}");
+        }
     }
 
     #[test]
