@@ -207,9 +207,9 @@ async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow
 /// does not exist: the grid would refuse that file after deploying those before it. Other
 /// failures to look are left to the deploy.
 async fn missing_trigger_stream(client: &Client, file: &str, text: &str) -> anyhow::Result<()> {
+    use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
     let Ok(definition) = parse_definition(text, &Limits::default()) else { return Ok(()) };
     let Some(trigger) = definition.trigger else { return Ok(()) };
-    use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
     match client.jetstream().get_stream(&trigger.stream).await.map_err(|error| error.kind()) {
         Err(GetStreamErrorKind::JetStream(error)) if error.error_code() == ErrorCode::STREAM_NOT_FOUND => {
             anyhow::bail!(
