@@ -413,7 +413,13 @@ impl Worker {
         ));
         loop {
             while in_flight.try_join_next().is_some() {}
-            match lanes.scan(&self.subjects, &self.pool, &self.limits, &announced).await {
+            // A stop does not wait for a look that NATS may be slow to answer (or never, when it is gone).
+            let scanned = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                scanned = lanes.scan(&self.subjects, &self.pool, &self.limits, &announced) => scanned,
+            };
+            match scanned {
                 Ok(bound) if !bound.is_empty() => {
                     info!(pool = %self.pool, priorities = ?bound, "pulling from more priority lanes")
                 }
@@ -436,7 +442,12 @@ impl Worker {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    match self.bind(&jetstream).await {
+                    let bound = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        bound = self.bind(&jetstream) => bound,
+                    };
+                    match bound {
                         Ok(rebound) => lanes = rebound,
                         Err(error) => warn!(pool = %self.pool, error = %error, "reopening the pool consumer failed"),
                     }

@@ -54,6 +54,9 @@ pub(crate) async fn http_worker(args: HttpWorkerArgs, session: &Session) -> anyh
     serve_pools(session, "flowgrid-http-worker", &args.pools, args.concurrency, args.max_rate, handler).await
 }
 
+/// The longest a stopping worker waits for what it sent to reach the server.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
 /// Serves `pools` with `handler` until a signal; one pool failing stops the others.
 async fn serve_pools<H: TaskHandler + Clone>(
     session: &Session,
@@ -86,8 +89,14 @@ async fn serve_pools<H: TaskHandler + Clone>(
         }
     }
     signals.abort();
-    if let Err(error) = nats.flush().await {
-        warn!(error = %error, "flushing the NATS connection failed");
+    // Without a server a flush would wait for a reconnect for good: what was not sent is
+    // lost either way (results are sent again by nobody; their attempts time out).
+    if nats.connection_state() == async_nats::connection::State::Connected {
+        match tokio::time::timeout(FLUSH_WAIT, nats.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(error = %error, "flushing the NATS connection failed"),
+            Err(_) => warn!("flushing the NATS connection took too long; stopping anyway"),
+        }
     }
     match failure {
         Some(error) => Err(error),
