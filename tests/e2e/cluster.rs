@@ -8,7 +8,7 @@ use async_nats::jetstream::kv;
 use flowgrid_proto::{ShardClaim, ShardState};
 use flowgrid_sdk::broker;
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{step, Grid};
+use flowgrid_tests::{api_request_json, step, wait_for, Grid};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -113,31 +113,30 @@ async fn scale_out_then_graceful_leave_moves_shards_without_losing_runs() -> any
     // sent meanwhile are all answered: those it received before it stopped taking any, by it.
     let leaving = grid.coordinators[0].pid();
     let asking = tokio_util::sync::CancellationToken::new();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut askers = tokio::task::JoinSet::new();
     for _ in 0..4 {
-        let (nats, asking) = (grid.nats_client().await?, asking.clone());
-        let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.get");
-        let body = serde_json::to_vec(&json!({"run_id": before[0]}))?;
+        let (nats, asking, answered) = (grid.nats_client().await?, asking.clone(), answered.clone());
+        let (prefix, body) = (grid.prefix.clone(), json!({"run_id": before[0]}));
         askers.spawn(async move {
             let (mut asked, mut unanswered) = (0u32, 0u32);
             while !asking.is_cancelled() {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Content-Type", "application/json");
-                let request = async_nats::Request::new()
-                    .headers(headers)
-                    .payload(body.clone().into())
-                    .timeout(Some(Duration::from_secs(8)));
                 asked += 1;
-                if let Err(error) = nats.send_request(subject.clone(), request).await {
-                    if error.kind() == async_nats::RequestErrorKind::TimedOut {
-                        unanswered += 1;
+                match api_request_json(&nats, &prefix, "run.get", &body, Duration::from_secs(8)).await {
+                    Err(error) if error.kind() == async_nats::RequestErrorKind::TimedOut => unanswered += 1,
+                    _ => {
+                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }
             (asked, unanswered)
         });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The coordinator stops while every asker has requests going.
+    wait_for("requests flowing", SETTLE, || async {
+        (answered.load(std::sync::atomic::Ordering::Relaxed) >= 20).then_some(())
+    })
+    .await?;
     assert!(grid.coordinators[0].stop(Duration::from_secs(20)), "a graceful leave exits 0\n{}", grid.logs());
     let after = grid.wait_shards_served_by(1, SETTLE).await?;
     assert!(after.iter().all(|owner| !owner.contains(&format!("-{leaving}-"))), "{after:?} (was {owners:?})");

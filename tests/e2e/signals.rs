@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flowgrid_sdk::{ErrorCode, Event, RunId, RunStatus, StartRun, StepStatus};
-use flowgrid_tests::{step, wait_for, Grid};
+use flowgrid_tests::{api_request_json, step, wait_for, Grid};
 use serde_json::{json, Value};
 
 use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
@@ -75,11 +75,7 @@ async fn the_first_signal_goes_on_with_its_data_and_a_repeat_changes_nothing() -
 /// Sends `signal` as JSON over NATS, as any client may, and returns the answer.
 async fn signal_json(grid: &Grid, signal: &Value) -> anyhow::Result<Value> {
     let nats = grid.nats_client().await?;
-    let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.signal");
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", "application/json");
-    let request = async_nats::Request::new().headers(headers).payload(serde_json::to_vec(signal)?.into());
-    let reply = nats.send_request(subject, request).await?;
+    let reply = api_request_json(&nats, &grid.prefix, "run.signal", signal, RUN_DEADLINE).await?;
     Ok(serde_json::from_slice(&reply.payload)?)
 }
 

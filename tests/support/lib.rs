@@ -349,6 +349,25 @@ impl Drop for Grid {
     }
 }
 
+/// A request of API verb `verb` (`run.get`) with `body` in JSON, as any client may send it,
+/// and its reply; `timeout` bounds the wait.
+pub async fn api_request_json(
+    nats: &async_nats::Client,
+    prefix: &str,
+    verb: &str,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> Result<async_nats::Message, async_nats::RequestError> {
+    let subject = flowgrid_proto::Subjects::new(prefix.to_owned()).api(verb);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(flowgrid_proto::CONTENT_TYPE_HEADER, flowgrid_proto::JSON_CONTENT_TYPE);
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(serde_json::to_vec(body).expect("JSON values encode").into())
+        .timeout(Some(timeout));
+    nats.send_request(subject, request).await
+}
+
 /// Polls `check` until it returns `Some`, or fails after `deadline` with `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<T>
 where
