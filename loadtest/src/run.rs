@@ -126,12 +126,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // The runs started after the window end too, before the workers stop: on a grid of its
     // own it does not matter, but on one it shares no run of the harness's is left waiting
     // for a worker that is gone.
-    let _ = tokio::time::timeout_at(drain_deadline.into(), async {
-        while tracker.in_flight() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout_at(drain_deadline.into(), tracker.runs_ended()).await;
     errors.add("run_unfinished", tracker.unfinished_measured());
     workers_shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while workers.join_next().await.is_some() {} }).await;

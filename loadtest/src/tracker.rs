@@ -31,6 +31,8 @@ use crate::flows::chain_position;
 
 /// Latencies are recorded in microseconds, up to an hour, with 3 significant digits.
 const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
+/// How often a wait for runs to end looks again.
+const ENDED_POLL: Duration = Duration::from_millis(20);
 
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3).expect("valid histogram bounds")
@@ -182,7 +184,14 @@ impl Tracker {
     /// Returns once every run started inside the window has ended (callers bound the wait).
     pub async fn measured_runs_ended(&self) {
         while self.open_measured() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(ENDED_POLL).await;
+        }
+    }
+
+    /// Returns once every run started has ended, after the window too (callers bound the wait).
+    pub async fn runs_ended(&self) {
+        while self.in_flight() > 0 {
+            tokio::time::sleep(ENDED_POLL).await;
         }
     }
 

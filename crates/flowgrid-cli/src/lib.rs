@@ -51,9 +51,12 @@ impl Session {
     }
 }
 
+/// The exit status a shell gives a process whose output pipe closed (128 + SIGPIPE).
+const EXIT_PIPE_CLOSED: i32 = 141;
+
 /// `flowgrid run list | head`: once the reader has gone, printing to stdout or stderr
-/// fails; the command then ends quietly with the status a shell gives a process its pipe
-/// closed on (141), as other Unix tools do, instead of a panic and its message.
+/// fails; the command then ends quietly with [`EXIT_PIPE_CLOSED`], as other Unix tools do,
+/// instead of a panic and its message.
 fn end_quietly_on_closed_pipe() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -62,7 +65,7 @@ fn end_quietly_on_closed_pipe() {
         if message
             .is_some_and(|message| message.starts_with("failed printing to std") && message.contains("Broken pipe"))
         {
-            std::process::exit(141);
+            std::process::exit(EXIT_PIPE_CLOSED);
         }
         default(info);
     }));

@@ -71,9 +71,11 @@ fn layout(title: &str, refresh: bool, body: Markup) -> Markup {
 }
 
 /// The optional reason field of a form that pauses, resumes, cancels or redrives; the
-/// reason goes into the run's (or flow's) history.
+/// reason goes into the run's (or flow's) history, which keeps at most
+/// [`REASON_BYTES_MAX`](flowgrid_model::limits::REASON_BYTES_MAX) of it.
 fn reason_input() -> Markup {
-    html! { " " input name="reason" size="32" maxlength="1024" placeholder="reason (optional)"; }
+    let most = flowgrid_model::limits::REASON_BYTES_MAX;
+    html! { " " input name="reason" size="32" maxlength=(most) placeholder="reason (optional)"; }
 }
 
 fn status_badge(status: &str) -> Markup {
