@@ -394,9 +394,12 @@ impl Run {
         }
     }
 
-    /// The task message of the current attempt of `slot`.
+    /// The task message of the current attempt of `slot`. Its deadline is the attempt's, or
+    /// the run's timeout if that comes first: the worker's work is wasted past either.
     fn task_dispatch(&self, index: StepIndex, item: Option<u32>, slot: &Slot, deadline_ms: Millis) -> TaskDispatch {
         let spec = steps::task_spec(&self.plan.step(index).kind).expect("only task and map steps dispatch");
+        let run_deadline_ms = self.plan.timeout_ms.map(|timeout_ms| self.went_ms().saturating_add(timeout_ms));
+        let deadline_ms = run_deadline_ms.map_or(deadline_ms, |run_deadline_ms| deadline_ms.min(run_deadline_ms));
         TaskDispatch {
             attempt: self.attempt_id(index, item, slot.attempt),
             run_created_ms: self.created_ms,

@@ -275,6 +275,14 @@ steps:
 "##;
     let mut harness = Harness::start(yaml, json!(null), 500);
     assert_eq!(harness.armed(&TimerKey::RunTimeout), Some(1500));
+    // The worker is told the run's end: its work is wasted past it, though the attempt's own
+    // timeout (5 min by default) comes later.
+    assert_eq!(harness.dispatched()[0].deadline_ms, 1500);
+    assert_eq!(harness.run.open_dispatches()[0].deadline_ms, 1500);
+    assert_eq!(
+        harness.armed(&TimerKey::AttemptTimeout { attempt: attempt("a", None, 1) }),
+        Some(500 + flowgrid_model::plan::TASK_TIMEOUT_MS_DEFAULT)
+    );
     assert_eq!(harness.fire(1500, TimerKey::RunTimeout), Applied::Accepted);
     let view = harness.run.view();
     assert_eq!(view.status, RunStatus::TimedOut);
