@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use anyhow::Context;
 use async_nats::jetstream::stream;
 use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus};
 use flowgrid_tests::{wait_for, Grid};
@@ -148,6 +149,13 @@ async fn a_stream_made_again_starts_a_run_for_each_of_its_messages() -> anyhow::
     jetstream.delete_stream("ORDERS").await?;
     let (_, _, hints) = grid.cli(&["status"])?;
     assert!(hints.contains("flow on-order's trigger reads stream ORDERS, which does not exist"), "{hints}");
+    let (_, stdout, stderr) = grid.cli(&["--json", "status"])?;
+    let status: Value = serde_json::from_str(&stdout).with_context(|| format!("{stdout}\n{stderr}"))?;
+    assert_eq!(
+        status["unread_triggers"],
+        serde_json::json!([{"flow": "on-order", "stream": "ORDERS", "stream_exists": false}]),
+        "{stdout}"
+    );
     jetstream.create_stream(orders()).await?;
     for order in 11..=13 {
         publish(&jetstream, "orders.eu.created", format!(r#"{{"order": {order}}}"#)).await?;

@@ -123,16 +123,19 @@ pub(crate) async fn status(session: &Session) -> anyhow::Result<ExitCode> {
         Err(error) if error.downcast_ref::<NotJoined>().is_some() => None,
         Err(error) => return Err(error),
     };
+    let unread_triggers =
+        if snapshot.is_some() { unread_triggers(session, &reader, &backlog).await } else { Vec::new() };
     if session.json {
         let members = snapshot.as_ref().map(member_views).unwrap_or_default();
         let shards = snapshot.as_ref().map(shard_summary);
-        print_json(&StatusJson { members, shards, backlog, workers })?;
+        print_json(&StatusJson { members, shards, backlog, workers, unread_triggers })?;
     } else {
         out!("{}", status_text(&reader, snapshot.as_ref(), &backlog, &workers))?;
         if snapshot.is_none() {
             eprintln!("hint: {}", not_joined_hint(&reader.not_joined()));
-        } else {
-            hint_unread_triggers(session, &reader, &backlog).await;
+        }
+        for unread in &unread_triggers {
+            eprintln!("hint: {}", unread.hint());
         }
     }
     Ok(if snapshot.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -141,27 +144,55 @@ pub(crate) async fn status(session: &Session) -> anyhow::Result<ExitCode> {
 /// How long `status` waits for the coordinators' list of flows.
 const FLOWS_WAIT: Duration = Duration::from_secs(2);
 
-/// Names each trigger of a deployed flow that reads a stream that does not exist (deleted,
-/// or lost with NATS's store): it has no consumer to show in the backlog, and its messages
-/// start nothing until the stream is there again. Best effort: coordinators that do not
-/// answer in time leave it unsaid.
-async fn hint_unread_triggers(session: &Session, reader: &GridReader, backlog: &Backlog) {
-    let Ok(client) = session.client().await else { return };
+/// A deployed flow's trigger with no consumer to show in the backlog: its messages start no
+/// runs for now.
+#[derive(Serialize)]
+struct UnreadTrigger {
+    flow: String,
+    stream: String,
+    /// `false`: the stream was deleted or lost with NATS's store; `true`: it exists and a
+    /// coordinator has not opened it yet (it looks again every few seconds).
+    stream_exists: bool,
+}
+
+impl UnreadTrigger {
+    fn hint(&self) -> String {
+        if self.stream_exists {
+            format!(
+                "flow {}'s trigger on stream {} has no reader yet: a coordinator opens it within seconds of the \
+                 stream appearing (if this lasts, see the coordinators' logs)",
+                self.flow, self.stream
+            )
+        } else {
+            format!(
+                "flow {}'s trigger reads stream {}, which does not exist on this NATS: its messages start no runs \
+                 until the stream exists again",
+                self.flow, self.stream
+            )
+        }
+    }
+}
+
+/// The triggers of deployed, unpaused flows that no coordinator reads. Best effort:
+/// coordinators that do not answer in time leave them unsaid.
+async fn unread_triggers(session: &Session, reader: &GridReader, backlog: &Backlog) -> Vec<UnreadTrigger> {
+    let Ok(client) = session.client().await else { return Vec::new() };
     let client = client.with_retry_budget(Duration::ZERO);
-    let Ok(Ok(list)) = tokio::time::timeout(FLOWS_WAIT, client.flows()).await else { return };
+    let Ok(Ok(list)) = tokio::time::timeout(FLOWS_WAIT, client.flows()).await else { return Vec::new() };
+    let mut unread = Vec::new();
     for flow in list.flows.iter().filter(|flow| flow.paused.is_none()) {
         let Some(trigger) = &flow.trigger else { continue };
-        if backlog.triggers.iter().any(|read| read.flow == flow.name)
-            || !matches!(reader.stream(&trigger.stream).await, Ok(None))
-        {
+        if backlog.triggers.iter().any(|read| read.flow == flow.name) {
             continue;
         }
-        eprintln!(
-            "hint: flow {}'s trigger reads stream {}, which does not exist on this NATS: its messages start no runs \
-             until the stream exists again",
-            flow.name, trigger.stream
-        );
+        let Ok(stream) = reader.stream(&trigger.stream).await else { continue };
+        unread.push(UnreadTrigger {
+            flow: flow.name.clone(),
+            stream: trigger.stream.clone(),
+            stream_exists: stream.is_some(),
+        });
     }
+    unread
 }
 
 /// What `flowgrid status` prints: members, shards, the backlog, then the live workers.
@@ -275,6 +306,8 @@ struct StatusJson {
     shards: Option<ShardSummary>,
     backlog: Backlog,
     workers: Vec<WorkerRecord>,
+    /// Deployed flows' triggers no coordinator reads (see `UnreadTrigger`).
+    unread_triggers: Vec<UnreadTrigger>,
 }
 
 /// No members bucket under the prefix: no coordinator of this release ever started there.
