@@ -109,6 +109,20 @@ async fn a_signal_sent_again_with_its_id_is_answered_as_taken() -> anyhow::Resul
 
     let reply = signal_json(&grid, &signal(Some(&"x".repeat(129)))).await?;
     assert!(reply.to_string().contains("a signal's id must be 1 to 128 bytes"), "{reply}");
+
+    // Copies sent together reach the coordinator before the first one's commit: every one
+    // is answered as taken, not only the first.
+    let run_id = start_waiting(&grid, &client, "approval").await?;
+    let signal = json!({"run_id": run_id, "step": "approve", "data": "ok", "id": "from-ana"});
+    let nats = grid.nats_client().await?;
+    let copies = (0..64).map(|_| api_request_json(&nats, &grid.prefix, "run.signal", &signal, RUN_DEADLINE));
+    let answers: Vec<Value> = futures::future::try_join_all(copies)
+        .await?
+        .iter()
+        .map(|reply| serde_json::from_slice(&reply.payload))
+        .collect::<Result<_, _>>()?;
+    let applied: Vec<&Value> = answers.iter().map(|answer| &answer["ok"]["applied"]).collect();
+    assert_eq!(applied, vec![&Value::Bool(true); 64], "every copy of the taken signal: {answers:?}");
     Ok(())
 }
 

@@ -386,6 +386,7 @@ impl<S: ShardStore> ShardActor<S> {
             outbox,
             cancelled,
             cache_stores,
+            signals: _,
         } = batch;
         if !writes.is_empty() {
             let started = Instant::now();

@@ -61,6 +61,9 @@ pub struct Batch {
     pub cancelled: Vec<(Arc<str>, AttemptId)>,
     /// Workers' results of steps that cache them: stored after the commit.
     pub cache_stores: Vec<CacheStore>,
+    /// Signals with an id this batch gave its runs, as (run, step, id): a copy that comes
+    /// before the commit is answered as taken, as one after it is from the history.
+    pub signals: Vec<(RunId, String, String)>,
 }
 
 impl Batch {

@@ -497,17 +497,26 @@ impl<S: ShardStore> ShardActor<S> {
             {
                 return Err(error);
             }
-            let applied = self.took_signal(&run_id, &step, id.as_deref()).await?;
+            let applied = took_in(batch, &run_id, &step, id.as_deref())
+                || self.took_signal(&run_id, &step, id.as_deref()).await?;
             return Ok(RunSignalled { run_id, step, applied, status: record.status });
         };
         let applied = match active.run.signal_refused(&step) {
             None => {
+                let taken = id.clone().map(|id| (run_id.clone(), step.clone(), id));
                 let event = Event::SignalReceived { step: step.clone(), data, id };
-                self.apply_event(&run_id, event, now_ms(), batch)
+                let applied = self.apply_event(&run_id, event, now_ms(), batch);
+                if applied {
+                    batch.signals.extend(taken);
+                }
+                applied
             }
             Some(refused) => match signal_refusal(&run_id, &step, &refused) {
                 Some(error) => return Err(error),
-                None => self.took_signal(&run_id, &step, id.as_deref()).await?,
+                None => {
+                    took_in(batch, &run_id, &step, id.as_deref())
+                        || self.took_signal(&run_id, &step, id.as_deref()).await?
+                }
             },
         };
         // A run the signal ended stays in memory until its batch commits.
@@ -515,7 +524,8 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(RunSignalled { run_id, step, applied, status })
     }
 
-    /// Whether step `step` of the run took a signal of this `id` (committed in its history).
+    /// Whether step `step` of the run took a signal of this `id`, committed in its history
+    /// (see [`took_in`] for the batch not yet committed).
     async fn took_signal(&self, run_id: &RunId, step: &str, id: Option<&str>) -> Result<bool, ApiError> {
         let Some(id) = id else { return Ok(false) };
         let history = self.store.scan(keys::history_range(run_id), usize::MAX, false).await.map_err(read_failure)?;
@@ -724,6 +734,11 @@ fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
             ),
         ),
     }
+}
+
+/// Whether `batch`, not yet committed, gave step `step` of the run a signal of this `id`.
+fn took_in(batch: &Batch, run_id: &RunId, step: &str, id: Option<&str>) -> bool {
+    id.is_some_and(|id| batch.signals.iter().any(|(run, took, took_id)| run == run_id && took == step && took_id == id))
 }
 
 /// Why a signal is refused, and what to do about it; `None` for a step that is over, whose
