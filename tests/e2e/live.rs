@@ -209,6 +209,10 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     assert!(status == 400 && body.contains("unknown field `limt`"), "{status} {body}");
     let (status, body) = http_get(&addr, "/api/runs?flow=approval&flow=answer")?;
     assert!(status == 400 && body.contains("flow is given twice"), "{status} {body}");
+    let (status, body) = http_get(&addr, "/api/runs?label=team=http&label=team=ops")?;
+    assert!(status == 400 && body.contains("label team is given twice"), "{status} {body}");
+    let (status, body) = http_get(&addr, "/api/runs?limit=99999999999999999999")?;
+    assert!(status == 400 && body.contains("too large"), "{status} {body}");
     for path in [format!("/api/runs/{held}?x=1"), "/api/flows?x=1".to_owned()] {
         let (status, body) = http_get(&addr, &path)?;
         assert!(status == 400 && body.contains("takes no query parameters"), "{path}: {status} {body}");

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use flowgrid_coordinator::CoordinatorConfig;
 use flowgrid_engine::RunStatus;
-use flowgrid_model::Millis;
+use flowgrid_model::{Labels, Millis};
 use flowgrid_proto::ListRuns;
 use flowgrid_sdk::{parse_duration, parse_start_time, parse_time, NatsOptions};
 
@@ -524,14 +524,15 @@ impl RunFilter {
         !self.labels.is_empty() || self.since.is_some() || self.until.is_some()
     }
 
-    /// A run listing query for the runs that pass the filter.
-    pub fn query(self) -> ListRuns {
-        ListRuns {
-            labels: self.labels.into_iter().collect(),
+    /// A run listing query for the runs that pass the filter; refused for a label given
+    /// twice.
+    pub fn query(self) -> anyhow::Result<ListRuns> {
+        Ok(ListRuns {
+            labels: labels_once(self.labels).map_err(|message| anyhow::anyhow!("--label: {message}"))?,
             since_ms: self.since,
             until_ms: self.until,
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -572,6 +573,19 @@ pub(crate) fn parse_label(text: &str) -> Result<(String, String), String> {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(format!("{text:?} is not a label; write key=value")),
     }
+}
+
+/// Labels given as `key=value` pairs, each key once: a second value for a key is refused
+/// (a run has one value per label) rather than taking one of them unsaid.
+pub(crate) fn labels_once(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Labels, String> {
+    let mut labels = Labels::new();
+    for (key, value) in pairs {
+        if let Some(first) = labels.get(&key) {
+            return Err(format!("label {key} is given twice ({key}={first} and {key}={value}): give each label once"));
+        }
+        labels.insert(key, value);
+    }
+    Ok(labels)
 }
 
 /// Where a signal goes: a step of one run, or a step of a flow's runs.
@@ -676,6 +690,18 @@ mod tests {
         assert_eq!((runs.flow.as_deref(), runs.limit), (Some("f"), Some(3)));
         assert!(Cli::try_parse_from(["flowgrid", "run", "pause", "r1", "--flow", "f"]).is_err());
         assert!(Cli::try_parse_from(["flowgrid", "run", "resume"]).is_err(), "names no run");
+    }
+
+    #[test]
+    fn a_label_given_twice_is_refused() {
+        let cli =
+            Cli::try_parse_from(["flowgrid", "run", "list", "--label", "a=1", "--label", "b=2", "--label", "a=3"])
+                .unwrap();
+        let Command::Run(RunCommand::List { filter, .. }) = cli.command else { panic!("expected run list") };
+        let error = filter.query().unwrap_err().to_string();
+        assert!(error.contains("label a is given twice (a=1 and a=3): give each label once"), "{error}");
+        let pairs = [("a", "1"), ("b", "")].map(|(key, value)| (key.to_owned(), value.to_owned()));
+        assert_eq!(labels_once(pairs).unwrap().len(), 2);
     }
 
     #[test]

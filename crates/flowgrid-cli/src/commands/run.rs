@@ -66,7 +66,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         }
         RunCommand::List { flow, status, parent, filter, limit, cursor } => {
             let parent = parent.map(|parent| RunId(parent.into()));
-            let list = client.list(ListRuns { parent, flow, status, limit, cursor, ..filter.query() }).await?;
+            let list = client.list(ListRuns { parent, flow, status, limit, cursor, ..filter.query()? }).await?;
             if session.json {
                 print_json(&list)?;
                 return Ok(ExitCode::SUCCESS);
@@ -156,7 +156,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             let redrive = Redrive { from, reason };
             if flow.is_some() || status.is_some() {
                 let status = status.unwrap_or(RunStatus::Failed);
-                let query = ListRuns { flow, ..filter.query() };
+                let query = ListRuns { flow, ..filter.query()? };
                 let runs = runs_to_redrive(client, query, status, &redrive, limit).await?;
                 return redrive.many(client, runs, session).await;
             }
@@ -355,7 +355,7 @@ async fn selected_runs(
     );
     Ok(match flow {
         Some(flow) => {
-            let query = ListRuns { flow: Some(flow), status: Some(RunStatus::Running), ..filter.query() };
+            let query = ListRuns { flow: Some(flow), status: Some(RunStatus::Running), ..filter.query()? };
             matching_runs(client, query, limit, keep).await?
         }
         None => run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect(),
@@ -380,7 +380,8 @@ async fn check_deployed(client: &Client, flow: &str, version: Option<u32>) -> an
 fn start_request(flow: String, version: Option<u32>, input: RunInput) -> anyhow::Result<StartRun> {
     let RunInput { input, input_file, idempotency_key, labels, at } = input;
     let input = json_argument("--input", input, input_file)?;
-    Ok(StartRun { flow, version, input, idempotency_key, labels: labels.into_iter().collect(), start_at_ms: at })
+    let labels = crate::args::labels_once(labels).map_err(|message| anyhow::anyhow!("--label: {message}"))?;
+    Ok(StartRun { flow, version, input, idempotency_key, labels, start_at_ms: at })
 }
 
 /// `flowgrid task complete`: sends an async task's result with its token.

@@ -138,7 +138,7 @@ async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response 
 fn query<T: DeserializeOwned>(pairs: Vec<(String, String)>, numbers: &[&str]) -> Result<T, Box<Response>> {
     let refuse = |message: String| Box::new(error(StatusCode::BAD_REQUEST, "invalid_request", &message));
     let mut fields = serde_json::Map::new();
-    let mut labels = serde_json::Map::new();
+    let mut labels = Vec::new();
     for (key, value) in pairs {
         if key != "label" && fields.contains_key(&key) {
             return Err(refuse(format!("{key} is given twice: give it once (only label may be repeated)")));
@@ -147,16 +147,22 @@ fn query<T: DeserializeOwned>(pairs: Vec<(String, String)>, numbers: &[&str]) ->
             let Some((label, label_value)) = value.split_once('=') else {
                 return Err(refuse(format!("label={value}: write a label as label=key=value")));
             };
-            labels.insert(label.to_owned(), Value::String(label_value.to_owned()));
+            labels.push((label.to_owned(), label_value.to_owned()));
         } else if numbers.contains(&key.as_str()) {
-            let number = value.parse::<u64>().map_err(|_| refuse(format!("{key}={value}: not a whole number")))?;
+            let number = value.parse::<u64>().map_err(|error| match error.kind() {
+                std::num::IntErrorKind::PosOverflow => {
+                    refuse(format!("{key}={value}: too large (at most {})", u64::MAX))
+                }
+                _ => refuse(format!("{key}={value}: not a whole number")),
+            })?;
             fields.insert(key, Value::from(number));
         } else {
             fields.insert(key, Value::String(value));
         }
     }
     if !labels.is_empty() {
-        fields.insert("labels".to_owned(), Value::Object(labels));
+        let labels = crate::args::labels_once(labels).map_err(refuse)?;
+        fields.insert("labels".to_owned(), serde_json::json!(labels));
     }
     serde_json::from_value(Value::Object(fields)).map_err(|parse_error| {
         // The request's `labels` are written `label=` in a query.

@@ -323,7 +323,7 @@ async fn start(State(ui): State<Arc<Ui>>, UiForm(form): UiForm<StartForm>) -> Re
         Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
     };
     let labels = form.labels.split(',').map(str::trim).filter(|label| !label.is_empty()).map(crate::args::parse_label);
-    let labels = match labels.collect::<Result<_, _>>() {
+    let labels = match labels.collect::<Result<Vec<_>, _>>().and_then(crate::args::labels_once) {
         Ok(labels) => labels,
         Err(message) => return failure(StatusCode::BAD_REQUEST, &format!("labels: {message}")),
     };
