@@ -22,9 +22,9 @@
 //! - Other steps are readable only as `steps.<id>...`, so [`Expr::step_refs`] lists every
 //!   step an expression can read.
 //! - Every evaluation stays within [`Limits::expression_operations_max`] operations in all
-//!   (closures called by `map`, `filter`, ... included), strings within
-//!   [`Limits::payload_bytes_max`] bytes and arrays and maps within
-//!   [`Limits::map_items_max`] entries.
+//!   (closures called by `map`, `filter`, ... included), the text of one value (its
+//!   strings together) within [`Limits::expression_text_bytes_max`] bytes and arrays and
+//!   maps within [`Limits::map_items_max`] entries.
 //!
 //! ```
 //! use flowgrid_model::{Evaluator, Limits, Scope};
@@ -100,8 +100,7 @@ pub enum ExprError {
 /// Compiles and evaluates expressions under [`Limits`]. Cheap to share (`Send + Sync`).
 pub struct Evaluator {
     engine: rhai::Engine,
-    expression_bytes_max: usize,
-    operations_max: u64,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Evaluator {
@@ -147,7 +146,8 @@ const STEPS_USAGE_HINT: &str = "refer to another step's data as steps.<id>.outpu
 
 impl Evaluator {
     /// An evaluator whose every evaluation stays within `limits`: at most
-    /// `expression_operations_max` operations, strings up to `payload_bytes_max`, arrays
+    /// `expression_operations_max` operations, the text of one value up to
+    /// `expression_text_bytes_max`, arrays
     /// and maps up to `map_items_max` entries. It has no `eval`, no printing, no modules,
     /// no clock and no randomness, so the same scope always gives the same result.
     pub fn new(limits: &Limits) -> Evaluator {
@@ -174,7 +174,8 @@ impl Evaluator {
             .set_max_operations(limits.expression_operations_max.max(1))
             .set_max_call_levels(CALL_LEVELS_MAX)
             .set_max_expr_depths(EXPR_DEPTH_MAX, FUNCTION_EXPR_DEPTH_MAX)
-            .set_max_string_size(limits.payload_bytes_max.max(1))
+            // Rhai counts every string inside an array or map against this bound.
+            .set_max_string_size(limits.expression_text_bytes_max.max(1))
             .set_max_array_size(limits.map_items_max.max(1))
             .set_max_map_size(limits.map_items_max.max(1))
             .set_max_modules(0)
@@ -216,7 +217,12 @@ impl Evaluator {
         for symbol in ["eval", "print", "debug", "import", "export"] {
             engine.disable_symbol(symbol);
         }
-        Evaluator { engine, expression_bytes_max: limits.expression_bytes_max, operations_max }
+        Evaluator { engine, limits: limits.clone() }
+    }
+
+    /// The limits it evaluates under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Compiles one expression (no statements) and records the steps it reads.
@@ -225,13 +231,13 @@ impl Evaluator {
     /// index such as `steps["x"]`, the bare map, a method on it) is a syntax error, so
     /// that [`Expr::step_refs`] is always complete.
     pub fn compile(&self, source: &str) -> Result<Expr, ExprError> {
-        if source.len() > self.expression_bytes_max {
+        if source.len() > self.limits.expression_bytes_max {
             return Err(ExprError::Syntax {
                 source_text: abbreviate(source),
                 message: format!(
                     "the expression is {} bytes, over the limit of {} bytes: move the computation into a task",
                     source.len(),
-                    self.expression_bytes_max
+                    self.limits.expression_bytes_max
                 ),
             });
         }
@@ -363,11 +369,13 @@ impl Evaluator {
         match error.unwrap_inner() {
             EvalAltResult::ErrorTooManyOperations(..) | EvalAltResult::ErrorTerminated(..) => format!(
                 "exceeded the expression budget of {} operations{at}: simplify the expression or move the work into a task",
-                self.operations_max
+                self.limits.expression_operations_max.max(1)
             ),
-            EvalAltResult::ErrorDataTooLarge(what, ..) => {
-                format!("{what} exceeds the size limit{at}: strings are bounded by the payload limit, arrays and maps by the map item limit")
-            }
+            EvalAltResult::ErrorDataTooLarge(what, ..) => format!(
+                "{what} exceeds the size limit{at}: one value's text (its strings together) is bounded to {} bytes, \
+                 an array or map to {} entries; pass large data by reference",
+                self.limits.expression_text_bytes_max, self.limits.map_items_max
+            ),
             EvalAltResult::ErrorVariableNotFound(name, ..) => format!(
                 "unknown variable `{name}`{at}: expressions can read input, steps, and where the step provides them item, index, result, iteration and previous"
             ),
@@ -673,13 +681,26 @@ mod tests {
 
     #[test]
     fn oversized_values_are_refused() {
-        let limits = Limits { payload_bytes_max: 100, map_items_max: 10, ..Limits::default() };
+        let limits = Limits { expression_text_bytes_max: 100, map_items_max: 10, ..Limits::default() };
         let evaluator = Evaluator::new(&limits);
-        for source in [r#""x".pad(1000, "y")"#, "[0].pad(100, 0)"] {
+        let input = json!({"s": "y".repeat(60)});
+        let scope = Scope { input: Some(&input), ..Scope::default() };
+        for source in [r#""x".pad(1000, "y")"#, "[0].pad(100, 0)", "[input.s, input.s].len()"] {
             let expr = evaluator.compile(source).unwrap();
-            let error = evaluator.eval(&expr, &Scope::default()).unwrap_err();
+            let error = evaluator.eval(&expr, &scope).unwrap_err();
             assert!(error.to_string().contains("size limit"), "{source}: {error}");
         }
+    }
+
+    #[test]
+    fn values_whose_text_adds_up_past_a_payload_are_read() {
+        // A map step's merged outputs are one value: three of 400,000 bytes each are
+        // within the default bound, though more than a payload together.
+        let text = "x".repeat(400_000);
+        let steps = json!({"m": {"status": "succeeded", "output": [text, text, text]}});
+        let scope = Scope { steps: steps.as_object(), ..Scope::default() };
+        assert_eq!(eval("steps.m.output.len()", &scope).unwrap(), json!(3));
+        assert_eq!(eval("steps.m.output.map(|s| s.len()).reduce(|a, b| a + b, 0)", &scope).unwrap(), json!(1_200_000));
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub struct Limits {
     pub payload_bytes_max: usize,
     /// Operations one expression evaluation may take before it is stopped.
     pub expression_operations_max: u64,
+    /// Bytes of text in one value an expression handles, every string in it counted
+    /// together (a map step's merged outputs are one value): bounds an evaluation's memory.
+    pub expression_text_bytes_max: usize,
     /// Expression source length.
     pub expression_bytes_max: usize,
     /// Length of a step id, flow name, pool or task name.
@@ -33,10 +36,27 @@ impl Default for Limits {
             map_items_max: 100_000,
             payload_bytes_max: 1024 * 1024,
             expression_operations_max: 100_000,
+            expression_text_bytes_max: 64 * 1024 * 1024,
             expression_bytes_max: 16 * 1024,
             name_bytes_max: 128,
         }
     }
+}
+
+/// The length of `value` written as JSON, counted without writing it anywhere.
+pub fn json_bytes(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, value).map_or(usize::MAX, |()| counter.0)
 }
 
 /// How deep sub-flows may nest: a run started by a `subflow` step of a run started by a

@@ -10,11 +10,12 @@
 use std::sync::Arc;
 
 use flowgrid_model::expr::json_kind;
-use flowgrid_model::{Expr, Limits, PlanStepKind, StepIndex, SubflowSpec};
+use flowgrid_model::{Expr, PlanStepKind, StepIndex, SubflowSpec};
 use serde_json::Value;
 
 use super::scope::Locals;
 use super::state::{Item, MapState, Slot, Work};
+use super::steps::oversized_input;
 use super::{Context, Run};
 use crate::{StepStatus, TaskError};
 
@@ -37,7 +38,7 @@ impl Run {
             let error = TaskError { code: "invalid_items".to_owned(), message, retryable: false };
             return self.step_failed(index, error, context);
         };
-        let items_max = Limits::default().map_items_max;
+        let items_max = context.evaluator.limits().map_items_max;
         if list.len() > items_max {
             let message = format!("map `{id}`: `items` gave {} items, more than the limit of {items_max}", list.len());
             let error = TaskError { code: "too_many_items".to_owned(), message, retryable: false };
@@ -87,6 +88,15 @@ impl Run {
 
     /// Item `item` of map step `index` failed for good with `error`.
     pub(super) fn item_failed(&mut self, index: StepIndex, item: u32, error: TaskError, context: &mut Context<'_>) {
+        match self.count_item_failure(index, item, error) {
+            Some(tolerated) => self.fail_map(index, tolerated, context),
+            None => self.continue_map(index, context),
+        }
+    }
+
+    /// Records the failure of active item `item`; `Some(tolerated)` when more items failed
+    /// than the step tolerates.
+    fn count_item_failure(&mut self, index: StepIndex, item: u32, error: TaskError) -> Option<u32> {
         let tolerated = match &self.plan.step(index).kind {
             PlanStepKind::Map { tolerated_failures, .. } => *tolerated_failures,
             PlanStepKind::Subflow(SubflowSpec { items: Some(items), .. }) => items.tolerated_failures,
@@ -96,10 +106,7 @@ impl Run {
         map.items[item as usize] = Item::Failed(error);
         map.active -= 1;
         map.failed += 1;
-        if map.failed > tolerated {
-            return self.fail_map(index, tolerated, context);
-        }
-        self.continue_map(index, context);
+        (map.failed > tolerated).then_some(tolerated)
     }
 
     fn continue_map(&mut self, index: StepIndex, context: &mut Context<'_>) {
@@ -143,6 +150,12 @@ impl Run {
                 }
                 None => value,
             };
+            if let Some(error) = (!children).then(|| oversized_input(&input, context.evaluator.limits())).flatten() {
+                match self.count_item_failure(index, item, error) {
+                    Some(tolerated) => return self.fail_map(index, tolerated, context),
+                    None => continue,
+                }
+            }
             let input = Arc::new(input);
             let cache_key = if children {
                 None

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use flowgrid_model::plan::TaskSpec;
-use flowgrid_model::{Expr, ExprError, PlanStepKind, StepIndex, WaitFor};
+use flowgrid_model::{Expr, ExprError, Limits, PlanStepKind, StepIndex, WaitFor};
 use serde_json::{json, Map, Value};
 
 use super::resolve::Resolution;
@@ -91,6 +91,10 @@ impl Run {
 
     fn start_task(&mut self, index: StepIndex, spec: &TaskSpec, context: &mut Context<'_>) {
         let Some(input) = self.step_input(index, spec.input.as_ref(), context) else { return };
+        // The run's own input was measured when it started; what an expression made was not.
+        if let Some(error) = spec.input.as_ref().and_then(|_| oversized_input(&input, context.evaluator.limits())) {
+            return self.step_failed(index, error, context);
+        }
         let Ok(cache_key) = self.cache_key(index, &input, context) else { return };
         let state = self.state(index);
         state.work = Work::Task(Slot::new(state.attempts, input, cache_key));
@@ -266,4 +270,19 @@ impl Run {
         }
         Ok(Value::Object(outputs))
     }
+}
+
+/// Why a task cannot be given `input`, if it cannot: no message may carry more than a
+/// payload, so the step (or map item) fails with `payload_too_large` instead of sending it.
+pub(super) fn oversized_input(input: &Value, limits: &Limits) -> Option<TaskError> {
+    let bytes = flowgrid_model::limits::json_bytes(input);
+    (bytes > limits.payload_bytes_max).then(|| TaskError {
+        code: "payload_too_large".to_owned(),
+        message: format!(
+            "the task's input is {bytes} bytes as JSON, over the limit of {}: give the task a reference to large \
+             data, or pick less in its `input` expression",
+            limits.payload_bytes_max
+        ),
+        retryable: false,
+    })
 }

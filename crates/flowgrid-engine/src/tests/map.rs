@@ -168,3 +168,50 @@ fn map_over_more_items_than_the_limit_fails_with_too_many_items() {
     assert_eq!(view.error.expect("the run has an error").code, "too_many_items");
     assert!(harness.dispatched().is_empty());
 }
+
+/// Inputs an expression makes over a payload: the task step fails with
+/// `payload_too_large` (a catch takes it), a map item fails like any item, and nothing is
+/// dispatched for either.
+#[test]
+fn an_input_over_a_payload_fails_its_step_or_item_unsent() {
+    let big = "x".repeat(600_000);
+    let task = r##"
+name: big
+steps:
+  - { kind: task, id: a, pool: cpu, task: t, input: "[input.s, input.s]", catch: [{ errors: [payload_too_large], next: b }] }
+  - { kind: transform, id: b, output: "steps.a.error.code" }
+"##;
+    let harness = Harness::start(task, json!({"s": big}), 0);
+    assert!(harness.run.open_dispatches().is_empty(), "nothing sent");
+    let error = harness.step("a").error.expect("the step's error");
+    assert_eq!(error.code, "payload_too_large");
+    assert!(
+        error.message.contains("the task's input is 1200007 bytes as JSON, over the limit of 1048576"),
+        "{error:?}"
+    );
+    assert_eq!(
+        (harness.run.status(), harness.run.view().output),
+        (RunStatus::Succeeded, Some(json!({"b": "payload_too_large"})))
+    );
+
+    let map = r##"
+name: big-items
+steps:
+  - { kind: map, id: each, items: "input.list", pool: cpu, task: t, input: "if item == 1 { [input.s, input.s] } else { item }", tolerated_failures: 1 }
+"##;
+    let mut harness = Harness::start(map, json!({"s": big, "list": [0, 1, 2]}), 0);
+    assert_eq!(harness.dispatched_names(), vec!["each[0]", "each[2]"]);
+    harness.succeed(1, "each", Some(0), 1, json!(0));
+    harness.succeed(2, "each", Some(2), 1, json!(2));
+    assert_eq!(harness.step("each").items, Some(ItemCounts { total: 3, succeeded: 2, failed: 1, running: 0 }));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded, "one failure tolerated");
+    let harness = Harness::start(
+        &map.replace("tolerated_failures: 1", "tolerated_failures: 0"),
+        json!({"s": big, "list": [1, 0]}),
+        0,
+    );
+    assert!(harness.dispatched_names().is_empty(), "{:?}", harness.dispatched_names());
+    let error = harness.step("each").error.expect("the map's error");
+    assert!(error.message.contains("item 0 failed with `payload_too_large`"), "{error:?}");
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+}

@@ -283,7 +283,7 @@ fn check_schedule(schedule: &Schedule, limits: &Limits, issues: &mut Vec<Issue>)
             format!("is nested {depth} levels deep, over the limit of {}", limits.nesting_depth_max),
         );
     }
-    let bytes = serde_json::to_vec(&schedule.input).map_or(usize::MAX, |bytes| bytes.len());
+    let bytes = crate::limits::json_bytes(&schedule.input);
     if bytes > limits.payload_bytes_max {
         push_issue(
             issues,
