@@ -764,10 +764,24 @@ async fn messages_over_the_servers_max_payload_are_refused_naming_it() -> anyhow
     // Where the run is can still be read, without its data; `run get` falls back to it.
     let brief = client.get_without_data(&run.run_id).await.or_logs(&grid)?;
     assert_eq!((brief.status, &brief.input, &brief.output), (RunStatus::Succeeded, &json!(null), &None), "{brief:?}");
+    assert!(brief.data_left_out, "{brief:?}");
     assert_eq!(step(&brief, "echo").status, StepStatus::Succeeded);
     let (ok, stdout, stderr) = grid.cli(&["run", "get", run.run_id.as_str()])?;
     assert!(ok && stdout.contains("succeeded"), "{stdout}\n{stderr}");
     assert!(stderr.contains("note: the run's input and outputs are left out"), "{stderr}");
+    let (ok, stdout, stderr) = grid.cli(&["--json", "run", "get", run.run_id.as_str()])?;
+    let printed: serde_json::Value =
+        anyhow::Context::with_context(serde_json::from_str(&stdout), || format!("{stdout}\n{stderr}"))?;
+    assert!(ok && printed["data_left_out"] == json!(true), "{stdout}\n{stderr}");
+    // Waiting for it, or watching it, ends as it did, not with the view's refusal.
+    let input = tempfile::NamedTempFile::new()?;
+    std::fs::write(input.path(), json!({"text": text}).to_string())?;
+    let input_path = input.path().to_str().expect("a UTF-8 temporary path");
+    let (ok, stdout, stderr) = grid.cli(&["run", "start", "echo-once", "--input-file", input_path, "--wait"])?;
+    assert!(ok && stdout.contains("succeeded"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("note: the run's input and outputs are left out"), "{stderr}");
+    let (ok, stdout, stderr) = grid.cli(&["run", "watch", run.run_id.as_str()])?;
+    assert!(ok && stdout.contains("succeeded"), "{stdout}\n{stderr}");
     let ui = crate::ui::start_ui(&mut grid, &[]).await?;
     let (status, page) = flowgrid_tests::http_get(&ui, &format!("/runs/{}", run.run_id))?;
     assert!(status == 200 && page.contains("Its input and outputs are left out (the reply is"), "{status} {page}");

@@ -671,6 +671,7 @@ mod tests {
                 on_failure_run: None,
                 steps: Vec::new(),
                 labels: Default::default(),
+                data_left_out: false,
             };
             batch.set_chunked(&keys::snapshot(run_id), &records::encode(&view), &limits);
         } else {

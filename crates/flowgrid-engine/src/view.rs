@@ -130,6 +130,10 @@ pub struct RunView {
     pub on_failure_run: Option<RunId>,
     /// In definition order.
     pub steps: Vec<StepView>,
+    /// Whether this view leaves out the run's input and every output (asked for without
+    /// them, or too large for one message): they are in the run's history.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_left_out: bool,
 }
 
 /// A paused run: it starts no step until it is resumed; the steps it started go on.
@@ -295,6 +299,7 @@ impl RunView {
     /// Leaves the input and every output out (the run's, each step's, progress reports):
     /// what is left says where the run is, however large its data.
     pub fn drop_data(&mut self) {
+        self.data_left_out = true;
         self.input = Value::Null;
         self.output = None;
         for step in &mut self.steps {
@@ -325,6 +330,7 @@ impl RunViewRef<'_> {
             delayed: self.delayed.clone(),
             on_failure_run: self.on_failure_run.clone(),
             steps: self.steps.iter().map(StepViewRef::to_view).collect(),
+            data_left_out: false,
         }
     }
 }

@@ -429,15 +429,16 @@ impl Client {
         self.call(verb, message, OnTimeout::Retry).await
     }
 
-    /// Polls the run (every 20 ms, slowing to every 500 ms) until it ends, and returns it.
-    /// [`Error::Timeout`] when it is still running after `timeout`.
+    /// Polls the run (every 20 ms, slowing to every 500 ms; without its data) until it
+    /// ends, and returns it with its data. [`Error::Timeout`] when it is still running
+    /// after `timeout`; a run too large for one message ends the wait with the refusal
+    /// `payload_too_large` ([`Client::get_or_without_data`] reads it then).
     pub async fn wait(&self, run_id: &RunId, timeout: Duration) -> Result<RunView> {
         let started = Instant::now();
         let mut backoff = Backoff::new(WAIT_POLL_FIRST, WAIT_POLL_MAX);
         loop {
-            let view = self.get(run_id).await?;
-            if view.status.is_terminal() {
-                return Ok(view);
+            if self.get_without_data(run_id).await?.status.is_terminal() {
+                return self.get(run_id).await;
             }
             let remaining = timeout.saturating_sub(started.elapsed());
             match backoff.next_delay_within(remaining) {

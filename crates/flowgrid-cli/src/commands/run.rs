@@ -42,14 +42,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
         }
         RunCommand::Get { run_id } => {
             let run_id = RunId(run_id.into());
-            let (view, left_out) = client.get_or_without_data(&run_id).await?;
-            if let Some(refusal) = left_out {
-                // Its data goes over NATS a record at a time.
-                eprintln!(
-                    "note: the run's input and outputs are left out ({}); read them with `flowgrid run history {run_id}`",
-                    refusal.message
-                );
-            }
+            let view = get_run(client, &run_id).await?;
             print_run(&view, session)?;
             hint_waiting_steps(client, &view, session).await;
             hint_refused_handler(client, &view, session).await;
@@ -433,6 +426,20 @@ fn json_argument(flag: &str, text: Option<String>, file: Option<std::path::PathB
 }
 
 /// Waits for the run and prints it; exit 0 only if it succeeded.
+/// The run as `run.get` gives it, or without its data (saying so on stderr) when it is
+/// too large for one message.
+async fn get_run(client: &Client, run_id: &RunId) -> anyhow::Result<RunView> {
+    let (view, left_out) = client.get_or_without_data(run_id).await?;
+    if let Some(refusal) = left_out {
+        // Its data goes over NATS a record at a time.
+        eprintln!(
+            "note: the run's input and outputs are left out ({}); read them with `flowgrid run history {run_id}`",
+            refusal.message
+        );
+    }
+    Ok(view)
+}
+
 async fn wait_and_print(
     client: &Client,
     run_id: &RunId,
@@ -441,8 +448,11 @@ async fn wait_and_print(
 ) -> anyhow::Result<ExitCode> {
     let view = match client.wait(run_id, timeout).await {
         Ok(view) => view,
+        Err(flowgrid_sdk::Error::Api(refusal)) if refusal.code == flowgrid_sdk::ErrorCode::PayloadTooLarge => {
+            get_run(client, run_id).await?
+        }
         Err(flowgrid_sdk::Error::Timeout { .. }) => {
-            let view = client.get(run_id).await?;
+            let view = get_run(client, run_id).await?;
             print_run(&view, session)?;
             eprintln!(
                 "run {run_id} is still {} after {}",
@@ -728,6 +738,7 @@ mod tests {
                 step("each", "subflow", Some(ItemCounts { total: 4, succeeded: 4, failed: 0, running: 0 })),
             ],
             labels: Default::default(),
+            data_left_out: false,
         };
         let text = render_run(&view);
         assert!(text.contains("flow      demo@3\n"), "{text}");

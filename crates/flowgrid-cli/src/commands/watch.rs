@@ -28,7 +28,9 @@ pub(super) async fn watch(
     let deadline = Instant::now() + timeout;
     let mut last: Option<RunView> = None;
     loop {
-        let view = client.get(run_id).await?;
+        // The changes name statuses and errors, never data: a run too large for one
+        // message is watched as well.
+        let view = client.get_without_data(run_id).await?;
         for change in changes(last.as_ref(), &view) {
             if session.json {
                 // One line per change, as `run tail --json` prints its pieces.
@@ -210,6 +212,7 @@ mod tests {
             on_failure_run: None,
             steps,
             labels: Default::default(),
+            data_left_out: false,
         }
     }
 
