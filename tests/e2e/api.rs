@@ -711,8 +711,9 @@ async fn runs_whose_data_adds_up_past_a_commit_end_and_are_read_back() -> anyhow
     let error = view.error.as_ref().map(|error| (error.code.as_str(), error.message.as_str()));
     assert!(
         view.status == RunStatus::Failed
-            && error
-                .is_some_and(|(code, message)| code == "payload_too_large" && message.contains("the run's output is")),
+            && error.is_some_and(
+                |(code, message)| code == "payload_too_large" && message.contains("succeeded, but its output is")
+            ),
         "{:?}",
         view.error
     );

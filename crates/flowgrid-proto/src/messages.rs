@@ -103,8 +103,10 @@ pub fn check_fits_server(what: &str, bytes: usize, max_payload: impl FnOnce() ->
     Err(ApiError::new(
         ErrorCode::PayloadTooLarge,
         format!(
-            "{what} is {bytes} bytes, over the {max_payload} bytes the NATS server takes in one message: raise \
-             `max_payload` in nats-server's configuration (deploy/nats-server.conf sets 8MB)"
+            "{what} is {bytes} bytes, over the {} bytes a message may carry on this NATS server (its `max_payload` \
+             of {max_payload} less {MESSAGE_OVERHEAD_BYTES} for the subject and headers): raise `max_payload` in \
+             nats-server's configuration (deploy/nats-server.conf sets 8MB)",
+            max_payload.saturating_sub(MESSAGE_OVERHEAD_BYTES)
         ),
     ))
 }

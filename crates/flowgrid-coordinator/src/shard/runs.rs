@@ -309,8 +309,8 @@ impl<S: ShardStore> ShardActor<S> {
         let (output, error) = match output_over {
             Some(bytes) => {
                 let message = format!(
-                    "the run's output is {bytes} bytes, over the limit of {payload_max} a run passes on: give the flow \
-                     an `output` expression that picks what its caller needs, or pass large data by reference"
+                    "its output is {bytes} bytes, over the limit of {payload_max} a run passes on: give the flow an \
+                     `output` expression that picks what its caller needs, or pass large data by reference"
                 );
                 (None, Some(TaskError { code: "payload_too_large".to_owned(), message, retryable: false }))
             }
@@ -332,8 +332,8 @@ impl<S: ShardStore> ShardActor<S> {
         }
         self.give_slot_back(&active.run, batch);
         if let Some(parent) = active.run.parent() {
-            // A child whose output cannot be passed on fails its parent's step.
-            let status = if error.is_some() && status == RunStatus::Succeeded { RunStatus::Failed } else { status };
+            // A child that succeeded with an output that cannot be passed on (its error
+            // says so) fails its parent's step.
             let ended = ChildRunEnded {
                 parent: parent.run_id.clone(),
                 step: parent.step.clone(),

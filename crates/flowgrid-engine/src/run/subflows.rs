@@ -235,7 +235,9 @@ impl Run {
         if *ended.child != ParentRef::child_run_id(&spec.flow, &self.run_id, step, item, round) {
             return Applied::Ignored("not the child of this step");
         }
-        let error = (ended.status != RunStatus::Succeeded).then(|| child_error(&spec.flow, &ended));
+        // A child that succeeded with an error succeeded with an output too large to pass on.
+        let error =
+            (ended.status != RunStatus::Succeeded || ended.error.is_some()).then(|| child_error(&spec.flow, &ended));
         if ended.refused {
             let state = self.state(index);
             state.attempts = state.attempts.saturating_sub(1);
@@ -334,6 +336,8 @@ fn child_error(flow: &str, ended: &ChildEnd<'_>) -> TaskError {
     // A child the grid refused to start never existed: its id would name nothing.
     let message = if ended.refused {
         format!("a child run of flow `{flow}` was refused: {message}")
+    } else if ended.status == RunStatus::Succeeded {
+        format!("child run {} of flow `{flow}` succeeded, but {message}", ended.child)
     } else {
         format!("child run {} of flow `{flow}` {}: {message}", ended.child, ended.status.as_str())
     };
