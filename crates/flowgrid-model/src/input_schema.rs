@@ -21,9 +21,19 @@ pub struct InputSchema {
 impl InputSchema {
     /// Compiles `schema`; the error says what is wrong with it.
     pub fn compile(schema: &Value) -> Result<InputSchema, String> {
-        jsonschema::validator_for(schema)
-            .map(|validator| InputSchema { validator })
-            .map_err(|error| format!("not a JSON Schema this grid can use: {error}"))
+        jsonschema::validator_for(schema).map(|validator| InputSchema { validator }).map_err(|error| {
+            match error.kind() {
+                // The library's own words would point at a resolver the grid does not offer.
+                jsonschema::error::ValidationErrorKind::Referencing(jsonschema::ReferencingError::Unretrievable {
+                    uri,
+                    ..
+                }) => format!(
+                "`$ref` {uri:?} is outside the schema, and nothing is fetched: copy what it names into the schema's \
+                 `$defs` and refer to it as `#/$defs/<name>`"
+            ),
+                _ => format!("not a JSON Schema this grid can use: {error}"),
+            }
+        })
     }
 
     /// The ways `input` does not match, each located under `root` (`input`, or
@@ -80,7 +90,10 @@ mod tests {
         let bad = InputSchema::compile(&json!({"type": "strnig"})).unwrap_err();
         assert!(bad.starts_with("not a JSON Schema this grid can use"), "{bad}");
         let remote = InputSchema::compile(&json!({"$ref": "https://example.com/order.json"})).unwrap_err();
-        assert!(remote.contains("example.com"), "{remote}");
+        assert!(
+            remote.contains("\"https://example.com/order.json\" is outside the schema, and nothing is fetched"),
+            "{remote}"
+        );
         let local = json!({"$defs": {"id": {"type": "integer"}}, "properties": {"id": {"$ref": "#/$defs/id"}}});
         let local = InputSchema::compile(&local).expect("a reference inside the schema");
         assert_eq!(local.check(&json!({"id": "x"}), "input")[0].path, "input/id");

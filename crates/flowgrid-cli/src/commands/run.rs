@@ -364,7 +364,8 @@ const SUBMIT_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(2)
 async fn check_deployed(client: &Client, flow: &str, version: Option<u32>) -> anyhow::Result<()> {
     match tokio::time::timeout(SUBMIT_CHECK_WAIT, client.flow(flow, version)).await {
         Ok(Err(flowgrid_sdk::Error::Api(refusal))) if refusal.code == flowgrid_sdk::ErrorCode::NotFound => {
-            anyhow::bail!("{}: deploy it first (`flowgrid flow deploy FILE`), then submit", refusal.message)
+            // The grid's refusal says what to deploy; a submit of it would be dropped.
+            anyhow::bail!("{}; nothing was submitted", refusal.message)
         }
         _ => Ok(()),
     }

@@ -160,13 +160,20 @@ impl ExpressionTable {
                     continue;
                 }
                 let upstream = upstream_cache.entry(reader).or_insert_with(|| graph.upstream(reader));
-                if !upstream[target] {
-                    push_issue(
-                        issues,
-                        &slot.path,
-                        format!("reads steps.{referenced}, which does not run before {reader_id}: add it to `after`"),
-                    );
+                if upstream[target] {
+                    continue;
                 }
+                // Listing a step that runs after the reader in its `after` would make a cycle.
+                let downstream = upstream_cache.entry(target).or_insert_with(|| graph.upstream(target))[reader];
+                let message = if downstream {
+                    format!(
+                        "reads steps.{referenced}, which runs after {reader_id}: read it in a step that comes after \
+                         {referenced}"
+                    )
+                } else {
+                    format!("reads steps.{referenced}, which does not run before {reader_id}: add it to `after`")
+                };
+                push_issue(issues, &slot.path, message);
             }
         }
     }

@@ -250,27 +250,34 @@ fn check_schedule(schedule: &Schedule, limits: &Limits, issues: &mut Vec<Issue>)
         (Some(_), Some(_)) => {
             push_issue(issues, "schedule", "a schedule takes `every_ms` or `cron`, not both: keep one")
         }
-        (Some(every_ms), None) if !(EVERY_MS_MIN..=EVERY_MS_MAX).contains(&every_ms) => push_issue(
+        _ => {}
+    }
+    // Each field is checked on its own as well, so that every mistake is told at once.
+    if let Some(every_ms) = schedule.every_ms.filter(|every_ms| !(EVERY_MS_MIN..=EVERY_MS_MAX).contains(every_ms)) {
+        push_issue(
             issues,
             "schedule.every_ms",
             format!("is {every_ms}: use {EVERY_MS_MIN} ms (a second) to {EVERY_MS_MAX} ms (366 days)"),
-        ),
-        (None, Some(cron)) => match schedule.timezone.as_deref().map_or(Ok(chrono_tz::Tz::UTC), Timetable::zone) {
-            Err(message) => push_issue(issues, "schedule.timezone", message),
-            Ok(zone) => {
-                if let Err(error) = Timetable::cron_in(cron, zone) {
-                    push_issue(
-                        issues,
-                        "schedule.cron",
-                        format!(
-                            "`{cron}` is not a cron expression ({error}): use 5 fields, minute hour day-of-month \
-                             month day-of-week, e.g. `0 */6 * * *`"
-                        ),
-                    );
-                }
-            }
-        },
-        _ => {}
+        );
+    }
+    let zone = match schedule.timezone.as_deref().map_or(Ok(chrono_tz::Tz::UTC), Timetable::zone) {
+        Ok(zone) => zone,
+        Err(message) => {
+            push_issue(issues, "schedule.timezone", message);
+            chrono_tz::Tz::UTC
+        }
+    };
+    if let Some(cron) = &schedule.cron {
+        if let Err(error) = Timetable::cron_in(cron, zone) {
+            push_issue(
+                issues,
+                "schedule.cron",
+                format!(
+                    "`{cron}` is not a cron expression ({error}): write 5 fields, minute (0-59) hour (0-23) \
+                     day-of-month (1-31) month (1-12) day-of-week (0-7, Sunday is 0 or 7), e.g. `0 */6 * * *`"
+                ),
+            );
+        }
     }
     if schedule.timezone.is_some() && schedule.cron.is_none() {
         push_issue(issues, "schedule.timezone", "goes with `cron`: `every_ms` counts from the Unix epoch".to_owned());

@@ -592,6 +592,12 @@ fn a_schedule_has_one_timetable_that_parses_and_an_input_a_run_may_take() {
     assert_issue(&issues_of(&flow("{ cron: 'every monday' }")), "schedule.cron", "is not a cron expression");
     assert_issue(&issues_of(&flow("{ cron: '0 0 30 2 *' }")), "schedule.cron", "it never matches");
     assert_issue(&issues_of(&flow("{ cron: '0 9 * * *', timezone: 'Mars/Olympus' }")), "schedule.timezone", "IANA");
+    // Every mistake of a schedule is told at once.
+    let issues = issues_of(&flow("{ cron: '61 * * * *', timezone: 'Mars/Olympus', every_ms: 500 }"));
+    assert_issue(&issues, "schedule", "not both");
+    assert_issue(&issues, "schedule.every_ms", "use 1000 ms");
+    assert_issue(&issues, "schedule.timezone", "IANA");
+    assert_issue(&issues, "schedule.cron", "minute (0-59)");
     assert_issue(
         &issues_of(&flow("{ every_ms: 60000, timezone: 'Europe/Berlin' }")),
         "schedule.timezone",
@@ -654,7 +660,7 @@ fn an_input_schema_must_compile_and_a_schedule_s_input_must_match_it() {
     let bad = "name: f\ninput_schema: { type: strnig }\nsteps:\n  - { kind: transform, id: t, output: '1' }\n";
     assert_issue(&issues_of(bad), "input_schema", "not a JSON Schema this grid can use");
     let remote = "name: f\ninput_schema: { $ref: 'https://example.com/s.json' }\nsteps:\n  - { kind: transform, id: t, output: '1' }\n";
-    assert_issue(&issues_of(remote), "input_schema", "not a JSON Schema this grid can use");
+    assert_issue(&issues_of(remote), "input_schema", "is outside the schema, and nothing is fetched");
 }
 
 #[test]
@@ -743,6 +749,9 @@ fn a_step_condition_compiles_and_reads_only_steps_before_it() {
     assert_issue(&issues_of(&flow("steps.b.output")), "steps[1](b).when", "its own step");
     let late = "name: f\nsteps:\n  - { kind: transform, id: a, output: '1', when: 'steps.b.output' }\n  - { kind: transform, id: b, output: '2' }\n";
     assert_issue(&issues_of(late), "steps[0](a).when", "does not run before a");
+    // A step after the reader cannot be listed in its `after` (a cycle): the issue says so.
+    let after = "name: f\nsteps:\n  - { kind: transform, id: a, output: 'steps.b.output' }\n  - { kind: transform, id: b, after: [a], output: '2' }\n";
+    assert_issue(&issues_of(after), "steps[0](a).output", "which runs after a: read it in a step that comes after b");
 }
 
 #[test]
