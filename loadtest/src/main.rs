@@ -44,12 +44,24 @@ async fn main() -> ExitCode {
             Command::Targets(args) => targets::targets(args).await,
         }
     };
-    // On ctrl-c the command is dropped, and with it the grid it started.
+    // On ctrl-c or SIGTERM (what `timeout`, CI runners and service managers send) the
+    // command is dropped, and with it the grid it started.
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(terminate) => terminate,
+        Err(error) => {
+            eprintln!("error: cannot listen for SIGTERM: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let outcome = tokio::select! {
         outcome = command => outcome,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted; stopping what was started");
             return ExitCode::from(130);
+        }
+        _ = terminate.recv() => {
+            eprintln!("terminated; stopping what was started");
+            return ExitCode::from(143);
         }
     };
     match outcome {
