@@ -106,6 +106,12 @@ pub struct GridArgs {
 
 /// Simulated workers per pool, by default.
 pub const WORKERS_PER_POOL_DEFAULT: usize = 4;
+
+/// `run --mode open` without `--rate`: run starts per second.
+const RATE_DEFAULT: f64 = 1_000.0;
+
+/// `run --mode closed` without `--concurrency`: runs in flight.
+const CONCURRENCY_DEFAULT: usize = 512;
 /// Tasks one simulated worker holds at once, by default.
 pub const WORKER_CONCURRENCY_DEFAULT: usize = 256;
 
@@ -122,7 +128,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "FLOWGRID_LT_SERVICE_TIME", default_value = "0ms", value_parser = ServiceTime::parse_fixed,
           conflicts_with = "service_time_dist")]
     pub service_time: ServiceTime,
-    /// Service time distribution: `exp:2ms` (exponential, mean 2 ms) or `uniform:1ms..3ms`.
+    /// Service time distribution: `exp:2ms` (exponential, mean 2 ms), `uniform:1ms..3ms`, or `fixed:1ms`.
     #[arg(long, env = "FLOWGRID_LT_SERVICE_TIME_DIST", value_parser = ServiceTime::parse_distribution)]
     pub service_time_dist: Option<ServiceTime>,
 }
@@ -144,15 +150,15 @@ pub struct RunArgs {
     /// Open loop (target rate) or closed loop (fixed concurrency).
     #[arg(long, value_enum, default_value_t = LoopMode::Closed)]
     pub mode: LoopMode,
-    /// Open loop: run starts per second.
-    #[arg(long, default_value_t = 1_000.0)]
-    pub rate: f64,
+    /// Open loop: run starts per second (default 1000).
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Closed loop: runs in flight at once. 512 keeps the grid's queues deep enough to batch
     /// (with 256, chain-of-3 reached about a tenth less), with run latencies still well
     /// under 100 ms; 2,048 (the broker floor's depth) gives more throughput at several
-    /// times the latency.
-    #[arg(long, default_value_t = 512)]
-    pub concurrency: usize,
+    /// times the latency. (default 512)
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     /// Starts sent together in one `run.start_many` request, at most, by the SDK's
     /// StartBatcher (a lone start still goes out at once); 1 sends each start as its own
     /// `run.start` request.
@@ -222,24 +228,45 @@ impl RunArgs {
     }
 
     /// Checks values clap cannot, with messages that say what to change.
+    /// An open loop's starts per second.
+    pub fn rate(&self) -> f64 {
+        self.rate.unwrap_or(RATE_DEFAULT)
+    }
+
+    /// A closed loop's runs in flight.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(CONCURRENCY_DEFAULT)
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.tasks_per_run >= 1, "--tasks-per-run must be at least 1");
         anyhow::ensure!(self.tasks_per_run <= 100_000, "--tasks-per-run is at most 100000 (the map item limit)");
+        match self.mode {
+            LoopMode::Open => anyhow::ensure!(
+                self.concurrency.is_none(),
+                "--concurrency sets a closed loop's runs in flight: give --rate with --mode open, or --mode closed"
+            ),
+            LoopMode::Closed => anyhow::ensure!(
+                self.rate.is_none(),
+                "--rate sets an open loop's starts per second: give --concurrency with --mode closed (the default), \
+                 or --mode open"
+            ),
+        }
         anyhow::ensure!(
-            self.rate.is_finite() && self.rate > 0.0,
+            self.rate().is_finite() && self.rate() > 0.0,
             "--rate must be a positive number of runs per second"
         );
-        anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
+        anyhow::ensure!(self.concurrency() >= 1, "--concurrency must be at least 1");
         anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive (e.g. 60s)");
         anyhow::ensure!((0.0..=1.0).contains(&self.verify_share), "--verify-share is a fraction from 0 to 1");
         if self.latency_floor {
             anyhow::ensure!(
-                self.mode == LoopMode::Open,
-                "--latency-floor times an open loop at --rate: add --mode open"
-            );
-            anyhow::ensure!(
                 matches!(self.workload, Workload::Single | Workload::Chain),
                 "--latency-floor mirrors `single` and `chain` runs only (a map's fan-in is the engine's work)"
+            );
+            anyhow::ensure!(
+                self.mode == LoopMode::Open,
+                "--latency-floor times an open loop at --rate: add --mode open"
             );
             anyhow::ensure!(!self.floor_duration.is_zero(), "--floor-duration must be positive (e.g. 10s)");
         }
@@ -349,10 +376,14 @@ pub struct TargetsArgs {
 impl TargetsArgs {
     /// Checks values clap cannot, with messages that say what to change.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.duration >= Duration::from_secs(2),
-            "--duration must be at least 2s (the half-load step lasts half of it)"
-        );
+        if self.steps.contains(&Step::HalfLoad) {
+            anyhow::ensure!(
+                self.duration >= Duration::from_secs(2),
+                "--duration must be at least 2s (the half-load step lasts half of it)"
+            );
+        } else {
+            anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive (e.g. 60s)");
+        }
         anyhow::ensure!(!self.floor_duration.is_zero(), "--floor-duration must be positive (e.g. 10s)");
         anyhow::ensure!(
             !self.steps.contains(&Step::HalfLoad) || self.steps.contains(&Step::Chain),
@@ -480,6 +511,35 @@ mod tests {
         assert!(closed.contains("--mode open"), "{closed}");
         let map = validate(&["--mode", "open", "--workload", "map"]).unwrap_err();
         assert!(map.contains("`single` and `chain`"), "{map}");
+        let map = validate(&["--workload", "map"]).unwrap_err();
+        assert!(map.contains("`single` and `chain`"), "the workload is told first: {map}");
+    }
+
+    #[test]
+    fn a_rate_goes_with_an_open_loop_and_a_concurrency_with_a_closed_one() {
+        let validate = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["flowgrid-loadtest", "run"], args].concat()).unwrap();
+            let Command::Run(run) = cli.command else { panic!("not a run") };
+            run.validate().map(|()| (run.rate(), run.concurrency())).map_err(|error| error.to_string())
+        };
+        assert_eq!(validate(&[]), Ok((1_000.0, 512)));
+        assert_eq!(validate(&["--mode", "open", "--rate", "50"]), Ok((50.0, 512)));
+        assert!(validate(&["--rate", "50"]).unwrap_err().contains("--rate sets an open loop's"));
+        assert!(validate(&["--mode", "open", "--concurrency", "8"])
+            .unwrap_err()
+            .contains("--concurrency sets a closed"));
+        assert!(validate(&["--mode", "open", "--rate", "0"]).unwrap_err().contains("positive"));
+    }
+
+    #[test]
+    fn targets_without_half_load_take_a_short_duration() {
+        let validate = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["flowgrid-loadtest", "targets"], args].concat()).unwrap();
+            let Command::Targets(targets) = cli.command else { panic!("expected targets") };
+            targets.validate().map_err(|error| error.to_string())
+        };
+        assert!(validate(&["--steps", "single", "--duration", "1s"]).is_ok());
+        assert!(validate(&["--steps", "chain,half-load", "--duration", "1s"]).unwrap_err().contains("at least 2s"));
     }
 
     #[test]

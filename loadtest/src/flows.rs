@@ -152,10 +152,8 @@ fn chain_steps(pool: &str, length: u32) -> String {
 }
 
 fn chain_definition(name: &str, pool: &str, length: u32, extra: &str) -> String {
-    format!(
-        "name: {name}\ndescription: load test, a chain of {length} no-op tasks\nsteps:\n{}{extra}",
-        chain_steps(pool, length)
-    )
+    let what = if length == 1 { "one no-op task".to_owned() } else { format!("a chain of {length} no-op tasks") };
+    format!("name: {name}\ndescription: load test, {what}\nsteps:\n{}{extra}", chain_steps(pool, length))
 }
 
 fn map_step(pool: &str) -> String {

@@ -63,6 +63,14 @@ impl Grid {
         let flowgrid = flowgrid_bin(args)?;
         let (nats, nats_url) = start_nats(&path, "127.0.0.1")?;
 
+        let given_metrics_addr = flag_value(&args.coordinator_args, "--metrics-addr");
+        if let Some(addr) = given_metrics_addr.as_deref().filter(|addr| *addr != "off" && args.coordinators > 1) {
+            bail!(
+                "--coordinator-args gives --metrics-addr {addr} to each of the {} coordinators, and only one can \
+                 listen there: leave it out (each gets a free port) or give `--metrics-addr off`",
+                args.coordinators
+            );
+        }
         let mut coordinators = Vec::new();
         let mut metrics_addrs = Vec::new();
         for index in 1..=args.coordinators {
@@ -77,8 +85,8 @@ impl Grid {
                 .args(extra_coordinator_args)
                 .env("FLOWGRID_LOG", std::env::var("FLOWGRID_LOG").unwrap_or_else(|_| "warn".to_owned()));
             // Served as in production, so that the report can read the coordinator's own timings.
-            let metrics_addr = match flag_value(&args.coordinator_args, "--metrics-addr") {
-                Some(addr) => addr,
+            let metrics_addr = match &given_metrics_addr {
+                Some(addr) => addr.clone(),
                 None => {
                     let addr = format!("127.0.0.1:{}", free_port()?);
                     command.args(["--metrics-addr", &addr]);
@@ -186,7 +194,8 @@ impl Grid {
         let deadline = Instant::now() + STARTUP_DEADLINE;
         loop {
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), client.flows()).await {
-                return Ok(());
+                // One coordinator serving is not all of them: none may have exited.
+                return self.check_coordinators();
             }
             let exited = self.coordinators.iter_mut().any(Process::has_exited);
             if exited || Instant::now() > deadline {
@@ -199,6 +208,21 @@ impl Grid {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// An error naming each coordinator started here that has exited, with its log's end:
+    /// a measurement with one gone measured a smaller grid than it says.
+    pub fn check_coordinators(&mut self) -> Result<()> {
+        let exited: Vec<String> = self
+            .coordinators
+            .iter_mut()
+            .filter_map(|coordinator| coordinator.has_exited().then_some(&*coordinator))
+            .map(|coordinator| format!("--- {} exited; its log ends:\n{}", coordinator.name, coordinator.log_tail(20)))
+            .collect();
+        if exited.is_empty() {
+            return Ok(());
+        }
+        bail!("{} of {} coordinators exited:\n{}", exited.len(), self.coordinators.len(), exited.join("\n"))
     }
 }
 

@@ -109,11 +109,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let stop = CancellationToken::new();
     let driver = match args.mode {
-        LoopMode::Open => tokio::spawn(driver::open_loop(starter, args.rate, stop.clone())),
-        LoopMode::Closed => tokio::spawn(driver::closed_loop(starter, args.concurrency, stop.clone())),
+        LoopMode::Open => tokio::spawn(driver::open_loop(starter, args.rate(), stop.clone())),
+        LoopMode::Closed => tokio::spawn(driver::closed_loop(starter, args.concurrency(), stop.clone())),
     };
 
     let mut observed = timeline(&args, &grid, &tracker, &errors, &stop).await;
+    grid.check_coordinators()?;
     let drain_deadline = Instant::now() + args.drain;
     let drained = tokio::time::timeout(args.drain, async {
         let _ = driver.await;
@@ -200,9 +201,10 @@ async fn measure_floor(args: &RunArgs, grid: &Grid, plan: &Plan, when: &str) -> 
 async fn measure_latency_floor(args: &RunArgs, grid: &Grid, plan: &Plan) -> Result<LatencyFloor> {
     eprintln!(
         "latency floor: {:?} of the same open loop at {} runs/s, a responder in the coordinator's place",
-        args.floor_duration, args.rate
+        args.floor_duration,
+        args.rate()
     );
-    let floor = latency_floor::measure(grid, plan, &args.workers, args.rate, args.floor_duration).await?;
+    let floor = latency_floor::measure(grid, plan, &args.workers, args.rate(), args.floor_duration).await?;
     eprintln!(
         "latency floor: step overhead p50 {:.3} ms, run e2e p50 {:.3} ms",
         floor.histograms.step_overhead.value_at_quantile(0.5) as f64 / 1e3,
@@ -322,8 +324,8 @@ fn summarize(
         "flow": plan.flow_name,
         "tasks_per_run": plan.tasks_per_run,
         "mode": match args.mode { LoopMode::Open => "open", LoopMode::Closed => "closed" },
-        "rate": (args.mode == LoopMode::Open).then_some(args.rate),
-        "concurrency": (args.mode == LoopMode::Closed).then_some(args.concurrency),
+        "rate": (args.mode == LoopMode::Open).then_some(args.rate()),
+        "concurrency": (args.mode == LoopMode::Closed).then_some(args.concurrency()),
         "start_batch_max": args.start_batch_max,
         "start_requests_max": args.start_requests_max,
         "idempotency_keys": args.idempotency_keys,
@@ -430,7 +432,7 @@ fn print_summary_table(summary: &serde_json::Value) {
     let rows = vec![
         (
             "workload".to_owned(),
-            format!("{} ({}, {} tasks per run)", text("workload"), text("flow"), text("tasks_per_run")),
+            format!("{} ({}, tasks per run: {})", text("workload"), text("flow"), text("tasks_per_run")),
         ),
         ("load".to_owned(), load),
         ("measured".to_owned(), format!("{} s", text("duration_s"))),
