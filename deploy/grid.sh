@@ -81,10 +81,47 @@ flowgrid() {
     "$FLOWGRID_BIN" --nats-url "$NATS_URL" "$@"
 }
 
-# COORDINATORS must be a number from 1 up; $1 says what 0 would mean.
+# COORDINATORS must be a number from 1 up, written without leading zeros (bash would read
+# 010 as octal); $1 says what 0 would mean.
 check_coordinators() {
-    [[ "$COORDINATORS" =~ ^[0-9]+$ ]] || die "COORDINATORS=$COORDINATORS is not a number; use e.g. COORDINATORS=3"
-    ((COORDINATORS >= 1)) || die "COORDINATORS=0 $1"
+    [[ "$COORDINATORS" =~ ^0+$ ]] && die "COORDINATORS=$COORDINATORS $1"
+    [[ "$COORDINATORS" =~ ^[1-9][0-9]*$ ]] || die "COORDINATORS=$COORDINATORS is not a number; use e.g. COORDINATORS=3"
+}
+
+# The settings a running grid was started with (ports, shards): `up` writes them, and
+# `scale` and `status` use them, whatever the caller's environment says.
+settings_file() {
+    printf '%s/grid.env' "$GRID_DIR"
+}
+
+load_settings() {
+    local file
+    file=$(settings_file)
+    [[ -f "$file" && -n "$(live_pid nats)" ]] || return 0
+    # shellcheck disable=SC1090
+    . "$file"
+    NATS_URL=nats://127.0.0.1:$NATS_PORT
+}
+
+# Dies when two of the grid's ports (NATS, the UI, the coordinators' metrics) are the same.
+check_ports_distinct() {
+    local last_metrics=$((METRICS_PORT + COORDINATORS - 1)) port name
+    [[ "$NATS_PORT" != "$UI_PORT" ]] || die "NATS_PORT and UI_PORT are both $UI_PORT: give them different ports"
+    for name in NATS_PORT UI_PORT; do
+        port=${!name}
+        if ((port >= METRICS_PORT && port <= last_metrics)); then
+            die "$name=$port is among the coordinators' metrics ports ($METRICS_PORT-$last_metrics, one per" \
+                "coordinator from METRICS_PORT): move one of them"
+        fi
+    done
+}
+
+# Starts the web UI and records its pid; waits until it listens.
+start_ui() {
+    say "starting the web UI on http://127.0.0.1:$UI_PORT/ (log $GRID_DIR/ui.log)"
+    start_bg "$GRID_DIR/ui.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" ui --listen "127.0.0.1:$UI_PORT" --actions
+    echo "$STARTED_PID" >"$(pid_file ui)"
+    WATCH_PIDS="$STARTED_PID" wait_until 15 "the web UI on port $UI_PORT" port_open "$UI_PORT"
 }
 
 # Starts coordinator-$1 and records its pid; STARTED_PID is its pid.
@@ -169,7 +206,7 @@ wait_joined() {
 }
 
 up() {
-    local running=() indices=() index nats_pid worker_pid watch=""
+    local running=() indices=() index nats_pid worker_pid watch="" component
     check_coordinators "starts no coordinator: a grid needs at least one (COORDINATORS=1 is the default)"
     nats_pid=$(live_pid nats)
     worker_pid=$(live_pid worker)
@@ -179,6 +216,11 @@ up() {
     ((${#indices[@]} > 0)) && running+=("${#indices[@]} coordinator(s)")
     [[ -n "$(live_pid coordinator)" ]] && running+=("coordinator (from an older make up)")
     if [[ -n "$nats_pid" && -n "$worker_pid" && ${#indices[@]} -gt 0 ]]; then
+        load_settings
+        if [[ -z "$(live_pid ui)" ]]; then
+            say "the web UI is not running (its log: $GRID_DIR/ui.log); starting it again"
+            start_ui || die "the web UI did not start; see $GRID_DIR/ui.log"
+        fi
         if ((${#indices[@]} == COORDINATORS)); then
             say "grid is already up (nats, worker, ${#indices[@]} coordinator(s)); 'make down' stops it"
         else
@@ -190,11 +232,14 @@ up() {
         die "a partial grid is running (${running[*]}): run 'make down' first"
     fi
     [[ -x "$FLOWGRID_BIN" ]] || die "$FLOWGRID_BIN not found: run 'make build'"
+    check_ports_distinct
     load_tools "$ROOT"
     port_open "$NATS_PORT" && die "127.0.0.1:$NATS_PORT is in use by another program: stop it or use NATS_PORT=..."
     port_open "$UI_PORT" && die "127.0.0.1:$UI_PORT is in use by another program: stop it or use UI_PORT=..."
     check_metrics_ports $(seq 1 "$COORDINATORS")
     mkdir -p "$GRID_DIR/nats" "$GRID_DIR/data"
+    printf 'NATS_PORT=%s\nMETRICS_PORT=%s\nUI_PORT=%s\nSHARDS=%s\n' "$NATS_PORT" "$METRICS_PORT" "$UI_PORT" "$SHARDS" \
+        >"$(settings_file)"
 
     say "starting nats-server on 127.0.0.1:$NATS_PORT (store $GRID_DIR/nats, log $GRID_DIR/nats.log)"
     start_bg "$GRID_DIR/nats.log" "$NATS_SERVER_BIN" -c "$ROOT/deploy/nats-server.conf" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$GRID_DIR/nats"
@@ -211,16 +256,20 @@ up() {
     say "starting demo workers for $WORKER_POOLS (log $GRID_DIR/worker.log)"
     start_bg "$GRID_DIR/worker.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" worker --pools "$WORKER_POOLS"
     echo "$STARTED_PID" >"$(pid_file worker)"
+    watch+=" $STARTED_PID"
 
-    say "starting the web UI on http://127.0.0.1:$UI_PORT/ (log $GRID_DIR/ui.log)"
-    start_bg "$GRID_DIR/ui.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" ui --listen "127.0.0.1:$UI_PORT" --actions
-    echo "$STARTED_PID" >"$(pid_file ui)"
+    start_ui || fail_up
+    watch+=" $(live_pid ui)"
 
     say "waiting for the coordinators to join and serve all $SHARDS shards (up to ${UP_TIMEOUT_SECONDS}s each)"
     wait_joined $(seq 1 "$COORDINATORS") || fail_up
     WATCH_PIDS="$watch" wait_settled "$UP_TIMEOUT_SECONDS" || fail_up
     WATCH_PIDS="$watch" wait_until "$UP_TIMEOUT_SECONDS" "the coordinators to answer 'flowgrid flow list'" \
         flowgrid flow list || fail_up
+    # The worker and the UI may have exited after their start (a pool name they refuse).
+    for component in worker ui; do
+        [[ -n "$(live_pid "$component")" ]] || { say "the $component exited"; fail_up; }
+    done
 
     flowgrid shards >&2 || true
     cat <<USAGE
@@ -256,6 +305,7 @@ scale() {
     local indices=() index pid current started=() watch=""
     check_coordinators "would stop every coordinator: use 'make down' to stop the grid"
     [[ -n "$(live_pid nats)" ]] || die "the grid is not up: run 'make up COORDINATORS=$COORDINATORS'"
+    load_settings
     [[ -x "$FLOWGRID_BIN" ]] || die "$FLOWGRID_BIN not found: run 'make build'"
     mapfile -t indices < <(coordinator_indices)
     current=${#indices[@]}
@@ -338,7 +388,7 @@ down() {
         stop_pid "$pid" nats
         stopped=$((stopped + 1))
     fi
-    rm -f "$(pid_file nats)"
+    rm -f "$(pid_file nats)" "$(settings_file)"
     if ((stopped == 0)); then
         say "grid is not running"
     else
@@ -348,6 +398,7 @@ down() {
 
 status() {
     local component pid index live=0
+    load_settings
     for component in nats worker ui; do
         pid=$(live_pid "$component")
         if [[ "$component" == ui && -n "$pid" ]]; then
