@@ -46,6 +46,17 @@ async fn metrics_count_runs_tasks_commits_and_publishes() -> anyhow::Result<()> 
     expect_at_least("flowgrid_store_journal_sync_seconds_count ", runs);
     expect_at_least("flowgrid_store_journal_bytes_total ", 100.0 * runs);
     assert_eq!(metric_value(&body, "flowgrid_store_checkpoint_failed_total "), Some(0.0), "{body}");
+    // Counters the alerts watch are there before their first event, so that `increase`
+    // sees that event.
+    for counter in [
+        "flowgrid_api_rejected_total ",
+        "flowgrid_store_commit_failed_total ",
+        "flowgrid_lease_lost_total ",
+        "flowgrid_shard_takeovers_total ",
+        "flowgrid_run_messages_retried_total{kind=\"run_ended\"}",
+    ] {
+        assert_eq!(metric_value(&body, counter), Some(0.0), "{counter}:\n{body}");
+    }
     assert_eq!(metric_value(&body, "flowgrid_runs_active "), Some(0.0), "every run ended:\n{body}");
     assert_eq!(metric_value(&body, "flowgrid_tasks_in_flight{pool=\"a\"}"), Some(0.0), "every attempt closed:\n{body}");
     assert_eq!(

@@ -111,6 +111,15 @@ pub const BUCKETED: &[&str] = &[RUN_DURATION];
 
 pub fn describe() {
     flowgrid_store_redb::describe_metrics();
+    // Counters the alerts watch exist from the start, at 0: `increase` over a series that
+    // appears with its first event does not see that event.
+    for name in [API_REJECTED, COMMIT_FAILED, LEASE_LOST, SHARD_TAKEOVERS] {
+        ::metrics::counter!(name).increment(0);
+    }
+    for kind in crate::records::OUTBOX_KINDS.iter().chain([&crate::shard::START_CHILD]) {
+        ::metrics::counter!(RUN_MESSAGES_RETRIED, "kind" => *kind).increment(0);
+        ::metrics::gauge!(RUN_MESSAGES_PENDING, "kind" => *kind).increment(0.0);
+    }
     describe_counter!(RUNS_STARTED, Unit::Count, "Runs started.");
     describe_counter!(RUNS_FINISHED, Unit::Count, "Runs that reached a terminal status (label: status).");
     describe_histogram!(

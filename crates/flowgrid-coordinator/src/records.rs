@@ -167,6 +167,16 @@ pub const OUTBOX_GATE_ACQUIRE: &str = "gate_acquire";
 pub const OUTBOX_GATE_RELEASE: &str = "gate_release";
 pub const OUTBOX_ADMIT: &str = "admit";
 pub const OUTBOX_ON_FAILURE: &str = "on_failure";
+/// Every kind of message in the outbox.
+pub const OUTBOX_KINDS: [&str; 7] = [
+    OUTBOX_CHILD_ENDED,
+    OUTBOX_CANCEL_CHILD,
+    OUTBOX_RUN_ENDED,
+    OUTBOX_GATE_ACQUIRE,
+    OUTBOX_GATE_RELEASE,
+    OUTBOX_ADMIT,
+    OUTBOX_ON_FAILURE,
+];
 
 /// The kind of the message at outbox key `key`, for metrics and logs.
 pub fn outbox_kind(key: &[u8]) -> &'static str {

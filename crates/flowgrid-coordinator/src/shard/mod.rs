@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use actor::spawn_shard;
 pub use gates::{gate_routing_key, GateVerb};
 pub use history::PAGE_RECORDS_MAX as HISTORY_PAGE_MAX;
-pub use outbox::IN_FLIGHT_MAX as MESSAGES_IN_FLIGHT_MAX;
+pub use outbox::{IN_FLIGHT_MAX as MESSAGES_IN_FLIGHT_MAX, START_CHILD};
 pub use runs::cursor_of;
 
 use crate::dispatch::Dispatcher;

@@ -284,7 +284,7 @@ where
 }
 
 /// The kind of message a child's start is, for metrics.
-const START_CHILD: &str = "start_child";
+pub const START_CHILD: &str = "start_child";
 
 /// Counts a message as pending from its creation until it is dropped (sent, or its shard
 /// stopped here).
