@@ -680,6 +680,17 @@ name: wide-map
 output: steps.each.output
 steps:
   - { id: each, kind: map, items: input.items, pool: a, task: echo, input: input.text }
+  # Its merged outputs (2.8 MB of text) are read whole by an expression.
+  - { id: count, kind: transform, after: [each], output: 'steps.each.output.map(|text| text.len())' }
+  # A task input an expression makes over 1 MiB is not sent: the step fails, and its catch takes it.
+  - id: too_big
+    kind: task
+    pool: a
+    task: echo
+    after: [each]
+    input: steps.each.output
+    catch: [{ errors: [payload_too_large], next: told }]
+  - { id: told, kind: transform, output: steps.too_big.error.code }
 "#,
     // Its 2.8 MB output cannot be passed on to a parent: the parent's step fails saying so.
     "name: wide-parent\nsteps:\n  - { id: child, kind: subflow, flow: wide-map }\n",
@@ -706,6 +717,8 @@ async fn runs_whose_data_adds_up_past_a_commit_end_and_are_read_back() -> anyhow
     let view = grid.wait_run(&client, &map.run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{:?}\n{}", view.error, grid.logs());
     assert_eq!(view.output, Some(json!([text, text, text, text])), "the view rebuilt from the history holds the data");
+    assert_eq!(step(&view, "count").output, Some(json!([700_000, 700_000, 700_000, 700_000])));
+    assert_eq!(step(&view, "told").output, Some(json!("payload_too_large")), "{view:?}");
     let parent = client.start(start("wide-parent", json!({"items": [0, 1, 2, 3], "text": text}), None)).await?;
     let view = grid.wait_run(&client, &parent.run_id, RUN_DEADLINE).await?;
     let error = view.error.as_ref().map(|error| (error.code.as_str(), error.message.as_str()));
