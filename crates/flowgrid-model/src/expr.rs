@@ -344,8 +344,8 @@ impl Evaluator {
             }
             _ => Err(ExprError::Type {
                 source_text: expr.source.to_string(),
-                expected: "a time within 366 days: Unix milliseconds, or an RFC 3339 text such as \
-                           \"2026-12-24T09:00:00Z\"",
+                expected: "a time within 366 days: Unix milliseconds, or an RFC 3339 text with its offset (`Z` or \
+                           `+01:00`) such as \"2026-12-24T09:00:00Z\"",
                 found: describe_json(&value),
             }),
         }
