@@ -159,13 +159,18 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
         let text = super::read_text(path)?;
         let case: Case =
             serde_norway::from_str(&text).with_context(|| format!("{}: not a test case", path.display()))?;
-        let (played, problems) = match play(&plan, &evaluator, &case) {
+        let mut partial = None;
+        let (played, problems) = match play(&plan, &evaluator, &case, &mut partial) {
             Ok(played) => {
                 let problems = case.expect.as_ref().map(|expect| judge(expect, &played)).unwrap_or_default();
                 ran.extend(steps_ended(&played.view));
                 (Some(played), problems)
             }
-            Err(error) => (None, vec![format!("{error:#}")]),
+            Err(error) => {
+                // The steps that ended before the case could go no further did run.
+                ran.extend(partial.iter().flat_map(steps_ended));
+                (None, vec![format!("{error:#}")])
+            }
         };
         let handler = played.as_ref().and_then(|played| played.handler.as_ref());
         let view = played.as_ref().map(|played| &played.view);
@@ -235,8 +240,14 @@ fn check_answers(plan: &FlowPlan, case: &Case) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Plays one case to the run's end; its view, or why it could not end.
-fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Result<Played> {
+/// Plays one case to the run's end; its view, or why it could not end (and in `partial`
+/// the run as far as it went, if it started).
+fn play(
+    plan: &Arc<FlowPlan>,
+    evaluator: &Evaluator,
+    case: &Case,
+    partial: &mut Option<RunView>,
+) -> anyhow::Result<Played> {
     check_answers(plan, case)?;
     if let Some(schema) = &plan.input_schema {
         let issues: Vec<String> = schema.check(&case.input, "input").iter().map(ToString::to_string).collect();
@@ -248,11 +259,29 @@ fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Res
         }
     }
     let run_id = RunId("test-run".into());
-    let mut now = now_ms();
+    let now = now_ms();
     let mut effects = Vec::new();
     let start =
         RunStart { run_id, input: case.input.clone(), labels: Labels::new(), now, queued: false, start_at: None };
     let mut run = Run::start(Arc::clone(plan), evaluator, start, &mut effects);
+    match drive(&mut run, evaluator, case, effects, now) {
+        Ok(handler) => Ok(Played { view: run.view(), handler }),
+        Err(error) => {
+            *partial = Some(run.view());
+            Err(error)
+        }
+    }
+}
+
+/// Applies the case's answers to what the run asks for until it ends; the failure handler
+/// its end starts, if any.
+fn drive(
+    run: &mut Run,
+    evaluator: &Evaluator,
+    case: &Case,
+    mut effects: Vec<Effect>,
+    mut now: Millis,
+) -> anyhow::Result<Option<HandlerStart>> {
     let mut timers: BTreeSet<(Millis, flowgrid_engine::TimerKey)> = BTreeSet::new();
     let mut events: VecDeque<Event> = VecDeque::new();
     let mut attempts: HashMap<(String, Option<u32>), usize> = HashMap::new();
@@ -310,7 +339,7 @@ fn play(plan: &Arc<FlowPlan>, evaluator: &Evaluator, case: &Case) -> anyhow::Res
             }
         }
         if run.status().is_terminal() {
-            return Ok(Played { view: run.view(), handler });
+            return Ok(handler);
         }
         if events.is_empty() {
             for step in run.view().steps {
@@ -446,7 +475,7 @@ mod tests {
 
     fn play_whole_case(flow: &str, case: &str) -> anyhow::Result<Played> {
         let case: Case = serde_norway::from_str(case).expect("a case");
-        play(&plan(flow), &Evaluator::new(&Limits::default()), &case)
+        play(&plan(flow), &Evaluator::new(&Limits::default()), &case, &mut None)
     }
 
     /// Every case of the bundled examples (`<flow>.<case>.yaml`) passes against its flow.
@@ -466,8 +495,8 @@ mod tests {
             let flow = name.split('.').next().expect("the flow's name");
             let definition = std::fs::read_to_string(format!("{root}/flows/{flow}.yaml")).expect("its flow");
             let case: Case = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).expect("a case");
-            let played =
-                play(&plan(&definition), &evaluator, &case).unwrap_or_else(|error| panic!("{name}: {error:#}"));
+            let played = play(&plan(&definition), &evaluator, &case, &mut None)
+                .unwrap_or_else(|error| panic!("{name}: {error:#}"));
             let problems = judge(case.expect.as_ref().expect("every bundled case expects"), &played);
             assert!(problems.is_empty(), "{name}: {problems:?}");
         }
@@ -600,5 +629,19 @@ steps:
         let succeeding = play_whole_case(flow, "tasks: {a: {output: 1}}\n").expect("it ends");
         assert!(succeeding.handler.is_none());
         assert!(judge(case.expect.as_ref().unwrap(), &succeeding).is_empty());
+    }
+
+    #[test]
+    fn a_case_that_cannot_end_keeps_the_steps_that_ran() {
+        let flow = "name: f\nsteps:\n  - { kind: transform, id: pre, output: '1' }\n  \
+                    - { kind: signal, id: approve, after: [pre] }\n";
+        let case: Case = serde_norway::from_str("input: {}\n").expect("a case");
+        let mut partial = None;
+        let Err(error) = play(&plan(flow), &Evaluator::new(&Limits::default()), &case, &mut partial) else {
+            panic!("the case cannot end")
+        };
+        assert!(error.to_string().contains("waits for nothing the case gives"), "{error:#}");
+        let view = partial.expect("the run as far as it went");
+        assert_eq!(steps_ended(&view).collect::<Vec<_>>(), ["pre"]);
     }
 }
