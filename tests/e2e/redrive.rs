@@ -120,6 +120,14 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
     let report = flowgrid_coordinator::audit::audit(&grid.data_dir(), grid.shards).await?;
     assert!(report.is_clean(), "the audit found problems: {report:?}");
     assert_eq!(report.runs_by_status.get("succeeded"), Some(&1), "{report:?}");
+    // `flowgrid audit` takes the grid's shard count from the data directory, and refuses
+    // another one.
+    let data_dir = grid.data_dir().display().to_string();
+    let (ok, stdout, stderr) = grid.cli(&["audit", "--data-dir", &data_dir])?;
+    assert!(ok && stdout.contains(&format!("({} shards)", grid.shards)), "{stdout}\n{stderr}");
+    let other = (grid.shards * 2).to_string();
+    let (ok, _, stderr) = grid.cli(&["audit", "--data-dir", &data_dir, "--shards", &other])?;
+    assert!(!ok && stderr.contains(&format!("pass --shards {}", grid.shards)), "{stderr}");
     Ok(())
 }
 

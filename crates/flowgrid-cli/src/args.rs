@@ -135,9 +135,10 @@ pub struct AuditArgs {
     /// Data directory of the grid's coordinators (they must all be stopped).
     #[arg(long, env = "FLOWGRID_DATA_DIR", default_value = ".grid/data")]
     pub data_dir: PathBuf,
-    /// Number of shards of the grid, as given to the coordinators.
-    #[arg(long, env = "FLOWGRID_SHARDS", default_value_t = flowgrid_model::SHARDS_DEFAULT)]
-    pub shards: u32,
+    /// Number of shards of the grid, as given to the coordinators (default: what the data
+    /// directory's grid.json says, else 64).
+    #[arg(long, env = "FLOWGRID_SHARDS")]
+    pub shards: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -657,7 +658,7 @@ mod tests {
         assert!(Cli::try_parse_from(["flowgrid", "shards", "--all", "--history", "1"]).is_err());
         let cli = Cli::try_parse_from(["flowgrid", "audit", "--data-dir", "d", "--shards", "8"]).unwrap();
         let Command::Audit(audit) = cli.command else { panic!("expected the audit command") };
-        assert_eq!((audit.data_dir, audit.shards), (PathBuf::from("d"), 8));
+        assert_eq!((audit.data_dir, audit.shards), (PathBuf::from("d"), Some(8)));
     }
 
     #[test]

@@ -85,6 +85,14 @@ pub struct CoordinatorConfig {
     pub drain_timeout_ms: u64,
 }
 
+/// The largest value of a count flag (`--batch-events-max`, `--shard-queue-max`,
+/// `--api-concurrency-max`, `--active-runs-max`): far past what one process holds, and
+/// within what the queues and semaphores they size take.
+const COUNT_FLAG_MAX: u64 = 100_000_000;
+
+/// The largest `--store-cache-mb`: 1 TiB.
+const STORE_CACHE_MB_MAX: usize = 1 << 20;
+
 /// The largest `--tasks-stream-max-mb` and `--task-cache-max-mb`: 16 TiB, far past any JetStream store, and small
 /// enough that the limit in bytes fits the stream config's `i64`.
 const TASKS_STREAM_MB_MAX: i64 = 16 << 20;
@@ -112,8 +120,22 @@ impl CoordinatorConfig {
         if self.metrics_addr != "off" && self.metrics_addr.parse::<SocketAddr>().is_err() {
             return Err(format!("--metrics-addr {:?} is not host:port (or `off`)", self.metrics_addr));
         }
-        if self.batch_events_max == 0 || self.shard_queue_max == 0 || self.api_concurrency_max == 0 {
-            return Err("--batch-events-max, --shard-queue-max and --api-concurrency-max must be positive".to_owned());
+        let counts = [
+            ("--batch-events-max", self.batch_events_max as u64, 1024),
+            ("--shard-queue-max", self.shard_queue_max as u64, 4096),
+            ("--api-concurrency-max", self.api_concurrency_max as u64, 4096),
+            ("--active-runs-max", self.active_runs_max, 200_000),
+        ];
+        for (flag, value, default) in counts {
+            if !(1..=COUNT_FLAG_MAX).contains(&value) {
+                return Err(format!("{flag} is {value}; use 1 to {COUNT_FLAG_MAX} ({default} is the default)"));
+            }
+        }
+        if self.store_cache_mb > STORE_CACHE_MB_MAX {
+            return Err(format!(
+                "--store-cache-mb is {}; use 0 to {STORE_CACHE_MB_MAX} (16 is the default)",
+                self.store_cache_mb
+            ));
         }
         if !(1..=TASKS_STREAM_MB_MAX).contains(&self.tasks_stream_max_mb) {
             return Err(format!(

@@ -48,6 +48,18 @@ pub fn check(dir: &Path, prefix: &str, shards: u32) -> Result<()> {
     }
 }
 
+/// The shard count the directory's `grid.json` names, if it names one.
+pub fn recorded_shards(dir: &Path) -> Result<Option<u32>> {
+    let path = dir.join(GRID_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice::<GridFile>(&bytes)
+            .map(|found| Some(found.shards))
+            .map_err(|error| Error::Corrupt { what: path.display().to_string(), message: error.to_string() }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(Error::Config(format!("cannot read {}: {error}", path.display()))),
+    }
+}
+
 /// Records the grid in a directory that names none yet, once the coordinator was let into
 /// the grid (its settings in NATS agree), so that one refused leaves nothing behind. A
 /// file it cannot write (a full disk) is left for a later start.

@@ -16,7 +16,7 @@ mod cache;
 mod clock;
 mod cluster;
 pub mod config;
-mod data_dir;
+pub mod data_dir;
 mod dispatch;
 mod error;
 pub mod metrics;

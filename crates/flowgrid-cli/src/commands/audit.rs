@@ -20,11 +20,21 @@ pub(crate) async fn audit(args: &AuditArgs, session: &Session) -> anyhow::Result
             args.data_dir.display()
         );
     }
-    if args.shards == 0 {
+    let recorded = flowgrid_coordinator::data_dir::recorded_shards(&args.data_dir)?;
+    let shards = match (args.shards, recorded) {
+        (Some(given), Some(recorded)) if given != recorded => bail!(
+            "{}'s grid has {recorded} shards (its grid.json), not {given}: pass --shards {recorded}, or leave \
+             --shards out",
+            args.data_dir.display()
+        ),
+        (Some(given), _) => given,
+        (None, recorded) => recorded.unwrap_or(flowgrid_model::SHARDS_DEFAULT),
+    };
+    if shards == 0 {
         bail!("--shards is 0; pass the --shards the coordinators used ({} by default)", flowgrid_model::SHARDS_DEFAULT);
     }
     // The audit's own errors say what to fix (e.g. a coordinator still holds a shard file).
-    let report = audit_store(&args.data_dir, args.shards)
+    let report = audit_store(&args.data_dir, shards)
         .await
         .with_context(|| format!("cannot audit the store in {}", args.data_dir.display()))?;
     if session.json {
@@ -37,7 +47,12 @@ pub(crate) async fn audit(args: &AuditArgs, session: &Session) -> anyhow::Result
 
 /// Broken invariants found: each one is a promise of the grid that did not hold.
 fn violations(report: &AuditReport) -> u64 {
-    report.results_double_applied + report.stale_epoch_commits + report.history_gaps + report.gate_places_leaked
+    report.results_double_applied
+        + report.stale_epoch_commits
+        + report.history_gaps
+        + report.gate_places_leaked
+        + report.runs_misplaced
+        + report.corrupt_records
 }
 
 /// Fields of the report printed by name; every other count is listed under "other checks".

@@ -104,14 +104,21 @@ async fn serve_pools<H: TaskHandler + Clone>(
     }
 }
 
+/// The most tasks a worker process holds at once per pool (`--concurrency`).
+const CONCURRENCY_MAX: usize = 100_000;
+
 fn validate_pools(pools: &[String], concurrency: usize) -> anyhow::Result<()> {
+    let name_bytes_max = flowgrid_model::Limits::default().name_bytes_max;
     for pool in pools {
         if !flowgrid_model::is_name(pool) {
             bail!("--pools: {pool:?} is not a pool name; use letters, digits, '-' and '_', comma-separated");
         }
+        if pool.len() > name_bytes_max {
+            bail!("--pools: a pool name is at most {name_bytes_max} bytes (as in flows); {pool:?} has {}", pool.len());
+        }
     }
-    if concurrency == 0 {
-        bail!("--concurrency must be at least 1");
+    if !(1..=CONCURRENCY_MAX).contains(&concurrency) {
+        bail!("--concurrency is {concurrency}; use 1 to {CONCURRENCY_MAX} tasks at once per pool");
     }
     Ok(())
 }

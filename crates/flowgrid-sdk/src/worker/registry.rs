@@ -51,7 +51,7 @@ pub(super) async fn keep_registered(
         pool: identity.pool,
         host,
         pid: std::process::id(),
-        concurrency: identity.concurrency as u32,
+        concurrency: u32::try_from(identity.concurrency).unwrap_or(u32::MAX),
         running: 0,
         tasks_done: 0,
         started_ms: now_ms(),
@@ -68,7 +68,7 @@ pub(super) async fn keep_registered(
         }
         // Rewritten when its heartbeat is due, or sooner when the tasks it runs changed
         // (`flowgrid workers` and `status` show how busy it is, not how busy it was).
-        let running = shared.running.count() as u32;
+        let running = u32::try_from(shared.running.count()).unwrap_or(u32::MAX);
         let now = now_ms();
         if running == record.running && now.saturating_sub(written_ms) + LOOK_EVERY_MS / 2 < WorkerRecord::HEARTBEAT_MS
         {
