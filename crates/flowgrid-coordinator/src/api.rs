@@ -420,6 +420,13 @@ impl Api {
     /// Hands a message about a run's place under a concurrency limit to the limit's shard
     /// (acquire, release) or to the run's (admit).
     async fn gate(&self, verb: GateVerb, message: GateMessage) -> Result<GateTaken, ApiError> {
+        // Coordinators send these for flows they run; anything else is no flow's limit.
+        if !flowgrid_model::is_name(&message.flow) || message.run_id.as_str().is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("{:?} is no flow's concurrency limit, or the run id is empty", message.flow),
+            ));
+        }
         let shard = match verb {
             GateVerb::Acquire | GateVerb::Release => {
                 self.router.shard_of(&gate_routing_key(&message.flow, &message.key))

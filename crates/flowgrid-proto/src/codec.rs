@@ -108,11 +108,12 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T
 
 /// What a MessagePack message holds that JSON has no value for, and that decoding would
 /// turn into something else without a word: a float that is NaN or infinite (it would
-/// become `null`). One pass over the bytes: a container's elements follow its header, so
+/// become `null`), or a binary value (taken as text where a string is expected). One pass over the bytes: a container's elements follow its header, so
 /// no nesting needs tracking. Bytes that are not MessagePack are left to the decoder.
 fn msgpack_problem(bytes: &[u8]) -> Option<&'static str> {
     use rmp::Marker;
     const NON_FINITE: &str = "a float that is NaN or infinite, which JSON has no value for";
+    const BINARY: &str = "a binary value, which JSON has no value for (send text as a MessagePack string)";
     let mut at = 0usize;
     let length = |at: usize, width: usize| -> Option<usize> {
         let field = bytes.get(at..at + width)?;
@@ -136,9 +137,11 @@ fn msgpack_problem(bytes: &[u8]) -> Option<&'static str> {
                 8
             }
             Marker::FixStr(length) => usize::from(length),
-            Marker::Str8 | Marker::Bin8 => 1 + length(at, 1)?,
-            Marker::Str16 | Marker::Bin16 => 2 + length(at, 2)?,
-            Marker::Str32 | Marker::Bin32 => 4 + length(at, 4)?,
+            // Read as text where a string is expected, as bytes elsewhere: neither is JSON.
+            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => return Some(BINARY),
+            Marker::Str8 => 1 + length(at, 1)?,
+            Marker::Str16 => 2 + length(at, 2)?,
+            Marker::Str32 => 4 + length(at, 4)?,
             Marker::Ext8 => 2 + length(at, 1)?,
             Marker::Ext16 => 3 + length(at, 2)?,
             Marker::Ext32 => 5 + length(at, 4)?,
@@ -173,7 +176,7 @@ fn short_type_name<T>() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{StartRun, TaskResult};
+    use crate::{GateMessage, StartRun, TaskResult};
 
     /// A `StartRun` of flow `f` in MessagePack whose input is `depth` arrays, one in the other.
     fn start_nested(depth: usize) -> Vec<u8> {
@@ -218,6 +221,20 @@ mod tests {
             let error = decode::<TaskResult>(Encoding::MsgPack, &bytes).expect_err("refused");
             assert!(error.to_string().contains("NaN or infinite"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_binary_value_is_refused_not_taken_as_text() {
+        // {"flow": <bin "chain">}: rmp-serde would read the bytes as the flow's name.
+        let mut bytes = vec![0x81, 0xa4];
+        bytes.extend_from_slice(b"flow");
+        bytes.extend_from_slice(&[0xc4, 5]);
+        bytes.extend_from_slice(b"chain");
+        let error = decode::<StartRun>(Encoding::MsgPack, &bytes).expect_err("refused");
+        assert!(error.to_string().contains("a binary value"), "{error}");
+        let gate = serde_json::json!({"flow": "f", "run_id": "r", "limit": 1});
+        let error = decode::<GateMessage>(Encoding::Json, gate.to_string().as_bytes()).expect_err("refused");
+        assert!(error.to_string().contains("unknown field `limit`"), "{error}");
     }
 
     #[test]

@@ -647,6 +647,7 @@ pub struct LimitSummary {
 /// - `<prefix>.api.run.admit`: the limit admits the run; its shard starts the steps it held
 ///   (a run that ended or went again meanwhile gives the slot back instead).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GateMessage {
     /// The limit: the flow and the run's concurrency key (`""` without one).
     pub flow: String,
