@@ -264,10 +264,12 @@ impl Journal {
         // Deleting a segment takes a while; the writer needs the state for every group.
         drop(state);
         let dir = self.root.join(&self.writer);
-        let kept: Vec<u64> =
-            obsolete.into_iter().filter(|segment| fs::remove_file(segment_path(&dir, *segment)).is_err()).collect();
-        // A segment that cannot be deleted now is retried after the next checkpoint.
-        lock(&self.state).segments.extend(kept);
+        // Oldest first, and none after one that cannot be deleted now (retried after the
+        // next checkpoint): the segments left are always one unbroken run, so that a gap
+        // can only be damage.
+        let deleted =
+            obsolete.iter().take_while(|segment| fs::remove_file(segment_path(&dir, **segment)).is_ok()).count();
+        lock(&self.state).segments.extend(&obsolete[deleted..]);
     }
 
     /// Forgets `shard` after it was closed clean.
@@ -672,14 +674,30 @@ fn corrupt(at: Position, detail: String) -> Error {
     Error::Corrupt { key: format!("journal segment {} offset {}", at.segment, at.offset), detail }
 }
 
+/// What an operator may do about a damaged journal, said with every error about one.
+const DAMAGED_JOURNAL_REMEDY: &str = "the shards whose commits it holds are not served while it is damaged: restore \
+    the data directory from a backup, or, to serve them from their shard files alone (losing their commits since \
+    their last checkpoint), move this journal directory out of the data directory";
+
 /// Reads the frames of writer directory `dir` from `from` on, in order, calling `visit`
 /// for each. An all-zero frame header ends a segment (the rest was preallocated). A frame
 /// cut short or failing its checksum ends the reading when it is in the last segment (a
-/// writer that died mid-write); anywhere else it is corruption. Missing segments were
-/// deleted because everything in them was checkpointed.
+/// writer that died mid-write); anywhere else it is corruption, and so are frames after
+/// the zeros that end a segment other than the last, and a segment missing between two
+/// that are there. Segments before the first were deleted because everything in them was
+/// checkpointed (the oldest go first).
 pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Frame) -> Result<()>) -> Result<()> {
     let segments = list_segments(dir)?;
     let last = segments.last().copied();
+    if let Some(missing) = segments.windows(2).find(|pair| pair[1] != pair[0] + 1).map(|pair| pair[0] + 1) {
+        return Err(corrupt(
+            Position { segment: missing, offset: 0 },
+            format!(
+                "{} is missing, and later segments are there; {DAMAGED_JOURNAL_REMEDY}",
+                segment_path(dir, missing).display()
+            ),
+        ));
+    }
     for segment in segments.into_iter().filter(|segment| *segment >= from.segment) {
         let path = segment_path(dir, segment);
         let bytes = match fs::read(&path) {
@@ -691,6 +709,18 @@ pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Fram
         while offset < bytes.len() {
             let at = Position { segment, offset: offset as u64 };
             if is_unwritten(&bytes[offset..]) {
+                // Only the last segment may end with a write cut short; before a successor
+                // was made, every frame of a segment was durable.
+                if Some(segment) != last && bytes[offset..].iter().any(|byte| *byte != 0) {
+                    return Err(corrupt(
+                        at,
+                        format!(
+                            "{} has zeros where a frame should be, and frames after them: part of it was lost; \
+                             {DAMAGED_JOURNAL_REMEDY}",
+                            path.display()
+                        ),
+                    ));
+                }
                 break;
             }
             match parse_frame(&bytes[offset..]) {
@@ -712,7 +742,10 @@ pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Fram
                 None => {
                     return Err(corrupt(
                         at,
-                        format!("a frame in {} is cut short or fails its checksum", path.display()),
+                        format!(
+                            "a frame in {} is cut short or fails its checksum; {DAMAGED_JOURNAL_REMEDY}",
+                            path.display()
+                        ),
                     ))
                 }
             }
@@ -877,6 +910,38 @@ mod tests {
         })
         .unwrap();
         assert_eq!(shards, vec![ShardId(1), ShardId(2)]);
+    }
+
+    #[test]
+    fn frames_after_zeros_or_a_missing_segment_are_corruption_not_the_end() {
+        let frame = |shard| encode_data(ShardId(shard), Epoch(1), &[Mutation::Clear(b"a".to_vec())]);
+        // A frame zeroed out in a segment that is not the last, with frames after it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = frame(1);
+        first.resize(first.len() + 4_096, 0);
+        first.extend_from_slice(&frame(2));
+        fs::write(segment_path(dir.path(), 1), &first).unwrap();
+        fs::write(segment_path(dir.path(), 2), frame(3)).unwrap();
+        let read = read_frames(dir.path(), Position::default(), |_| Ok(()));
+        let Err(Error::Corrupt { detail, .. }) = read else { panic!("got {read:?}") };
+        assert!(detail.contains("zeros where a frame should be") && detail.contains("restore"), "{detail}");
+        // A segment missing between two that are there.
+        let dir = tempfile::tempdir().unwrap();
+        for segment in [3, 5] {
+            fs::write(segment_path(dir.path(), segment), frame(1)).unwrap();
+        }
+        let read = read_frames(dir.path(), Position::default(), |_| Ok(()));
+        let Err(Error::Corrupt { key, detail }) = read else { panic!("got {read:?}") };
+        assert!(key.contains("segment 4") && detail.contains("0000000004.log is missing"), "{key}: {detail}");
+        // Segments before the first were checkpointed and deleted: no gap.
+        fs::write(segment_path(dir.path(), 4), frame(2)).unwrap();
+        let mut shards = Vec::new();
+        read_frames(dir.path(), Position { segment: 1, offset: 0 }, |frame| {
+            shards.push(frame.shard.0);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(shards, vec![1, 2, 1]);
     }
 
     fn mib_value() -> Vec<u8> {

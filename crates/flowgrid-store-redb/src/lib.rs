@@ -218,7 +218,7 @@ impl Store for RedbStore {
         let path = self.shard_path(shard);
         let (limits, cache_bytes) = (self.limits, self.cache_bytes_per_shard);
         let shared = Arc::clone(&self.shared);
-        let core = blocking(move || open_shard_file(shard, path, limits, cache_bytes, shared)).await?;
+        let core = blocking(move || open_shard_file_guarded(shard, path, limits, cache_bytes, shared)).await?;
         lock(&self.shared.open).insert(shard, Arc::downgrade(&core));
         Shared::start_checkpointer(&self.shared);
         Ok(RedbShard { core: Some(core) })
@@ -340,6 +340,59 @@ enum Due {
     Full,
     /// The interval has passed since this write, the layer's oldest.
     Since(Instant),
+}
+
+/// [`open_shard_file`], with a panic of redb's on a damaged file (some damage it meets as
+/// an assertion, not an error) turned into an error naming the file, so that the shard is
+/// refused like any file that cannot be opened.
+fn open_shard_file_guarded(
+    shard: ShardId,
+    path: PathBuf,
+    limits: StoreLimits,
+    cache_bytes: usize,
+    shared: Arc<Shared>,
+) -> Result<Arc<ShardCore>> {
+    let shown = path.display().to_string();
+    quiet_caught_panics();
+    CATCHING.set(true);
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        open_shard_file(shard, path, limits, cache_bytes, shared)
+    }));
+    CATCHING.set(false);
+    opened.unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or(panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no reason given");
+        Err(Error::Corrupt {
+            key: shown,
+            detail: format!(
+                "the shard file is damaged (reading it failed: {reason}); the shard is not served until it is \
+                 restored: restore the data directory from a backup"
+            ),
+        })
+    })
+}
+
+thread_local! {
+    /// Set while this thread opens a shard file under [`open_shard_file_guarded`].
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Leaves the panics [`open_shard_file_guarded`] catches unprinted (the error it returns
+/// says what happened, and a shard whose file is damaged is tried again and again); every
+/// other panic goes to the hook installed before.
+fn quiet_caught_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CATCHING.get() {
+                before(info);
+            }
+        }));
+    });
 }
 
 fn open_shard_file(
