@@ -1213,6 +1213,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_damaged_shard_file_is_refused_naming_it_even_where_redb_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let (shard, _) = shard_with_a_checkpointed_value(&store, ShardId(4), "k").await;
+        shard.close().unwrap();
+        let path = store.shard_path(ShardId(4));
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Every page after the file's header.
+        for byte in &mut bytes[4096..] {
+            *byte ^= 0xFF;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let Err(error) = store.open_shard(ShardId(4)).await else { panic!("a damaged file is refused") };
+        let error = error.to_string();
+        assert!(error.contains("shard-00004.redb") && error.contains("the shard file is damaged"), "{error}");
+    }
+
+    #[tokio::test]
     async fn a_failed_journal_breaks_the_store_for_every_shard() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
