@@ -462,7 +462,7 @@ impl Writer {
             let (file, _) = self.file.as_mut().expect("prepare opened a segment");
             let started = Instant::now();
             // The segment is open with O_DSYNC: the write returns once its bytes are durable.
-            file.write_all_at(buffer, start.offset).map_err(|error| error.to_string())?;
+            file.write_all_at(buffer, start.offset).map_err(|error| io_failure(&error))?;
             let took = started.elapsed();
             self.sync_seconds.record(took.as_secs_f64());
             self.bytes_written.increment(buffer.len() as u64);
@@ -524,7 +524,9 @@ impl Writer {
             .custom_flags(libc::O_DSYNC)
             .open(&path)
             .and_then(|file| sync_dir(&self.dir).map(|()| file))
-            .map_err(|error| format!("cannot open a journal segment in {}: {error}", self.dir.display()));
+            .map_err(|error| {
+                format!("cannot open a journal segment in {}: {}", self.dir.display(), io_failure(&error))
+            });
         let file = match file {
             Ok(file) => file,
             Err(error) => {
@@ -538,6 +540,19 @@ impl Writer {
         state.end = start;
         state.segments.insert(start.segment);
         Ok(start)
+    }
+}
+
+/// An I/O error of the journal's, with what a full disk needs.
+fn io_failure(error: &io::Error) -> String {
+    if error.kind() == io::ErrorKind::StorageFull {
+        format!(
+            "{error} (the journal writes segments of {} MiB, the next one made while the current one fills: keep \
+             at least twice that free on its disk, besides the shard files' growth)",
+            SEGMENT_BYTES_MAX >> 20
+        )
+    } else {
+        error.to_string()
     }
 }
 
