@@ -65,12 +65,13 @@ fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
     // Refused credentials or a failed TLS handshake are explained by the error itself.
     let start_nats = |url: &str, source: &async_nats::ConnectError| {
         use async_nats::ConnectErrorKind::{Io, TimedOut};
-        matches!(source.kind(), Io | TimedOut).then(|| {
-            format!(
-                "start nats-server at {url} (`make up` starts a local grid) or fix --nats-url; a server that \
-                 requires TLS needs --nats-tls or --nats-tls-ca"
-            )
-        })
+        let tls = if session.nats_options.tls_required() {
+            "; with TLS asked for, check that the server speaks TLS on that port"
+        } else {
+            "; a server that requires TLS needs --nats-tls or --nats-tls-ca"
+        };
+        matches!(source.kind(), Io | TimedOut)
+            .then(|| format!("start nats-server at {url} (`make up` starts a local grid) or fix --nats-url{tls}"))
     };
     if let Some(sdk_error) = find::<flowgrid_sdk::Error>(error) {
         return match sdk_error {
