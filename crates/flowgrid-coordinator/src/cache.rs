@@ -121,7 +121,8 @@ pub enum Joined {
 enum Outcome {
     /// A stored result was fresh enough and answered the attempt.
     Hit,
-    /// No entry, or one older than the step's `ttl_ms`: the task went to a worker.
+    /// No entry, or one older than the step's `ttl_ms`: the task went to a worker, or
+    /// waited for another task of its key that did.
     Miss,
     /// A worker's result was stored.
     Stored,
@@ -171,6 +172,12 @@ impl TaskCache {
     /// Counts a follower that took its leader's result.
     pub fn count_joined(pool: &str) {
         count(pool, Outcome::Joined);
+    }
+
+    /// Counts a task that waits for another of its key (the other's lookup stands for
+    /// its own: no stored result was there).
+    pub fn count_miss(pool: &str) {
+        count(pool, Outcome::Miss);
     }
 
     /// The bucket, opened (and created) on first use; `None` while it cannot be opened.

@@ -12,31 +12,49 @@ use flowgrid_engine::{Event, TaskDispatch};
 use flowgrid_model::AttemptId;
 use flowgrid_store::ShardStore;
 use serde_json::Value;
+use tokio::sync::oneshot;
 
 use super::actor::ShardActor;
 use super::batch::{Batch, CacheStore};
 use super::Command;
-use crate::cache::{entry_key, TaskCache};
+use crate::cache::{entry_key, Joined, TaskCache};
 use crate::clock::now_ms;
 
 impl<S: ShardStore> ShardActor<S> {
     /// Hands `task` to the dispatcher; first, when its step caches results, asks the cache,
-    /// and on a hit sends the stored result to this shard instead.
+    /// and on a hit sends the stored result to this shard instead. Of the tasks of one key
+    /// on this coordinator, one at a time asks the cache and then a worker; the others wait
+    /// for what it gets (the cache's single flight).
     pub(super) async fn dispatch(&self, task: TaskDispatch, result_taken: Option<Instant>) {
         let permit = task.cache.as_ref().and_then(|_| self.context.task_cache.permit(&task.pool));
         let Some(permit) = permit else {
             return self.context.dispatcher.send(self.shard, task, result_taken).await;
         };
+        let lookup = task.cache.as_ref().expect("only tasks with a cache key are looked up");
+        let key = entry_key(&task.pool, &task.task, &lookup.key);
+        // Joined here, in the order the shard dispatches: a reload sends its open tasks
+        // oldest first, so the task that was already with a worker leads again (its message
+        // is a duplicate JetStream drops) and those that waited for it wait again.
+        let deadline = deadline_of(&task);
+        let joined = self.context.task_cache.flights().join(key.clone(), &task.attempt, deadline);
         let (cache, dispatcher, inbox, shard) =
             (Arc::clone(&self.context.task_cache), self.context.dispatcher.clone(), self.inbox.clone(), self.shard);
         tokio::spawn(async move {
-            let lookup = task.cache.as_ref().expect("only tasks with a cache key are looked up");
-            let key = entry_key(&task.pool, &task.task, &lookup.key);
-            let stored = cache.look_up(&task.pool, &task.task, &key, lookup.ttl_ms).await;
-            drop(permit);
-            let output = match stored {
-                Some(output) => Some(output),
-                None => follow(&cache, &task, key).await,
+            let output = match joined {
+                Joined::Lead => {
+                    let ttl_ms = task.cache.as_ref().map_or(0, |lookup| lookup.ttl_ms);
+                    let stored = cache.look_up(&task.pool, &task.task, &key, ttl_ms).await;
+                    drop(permit);
+                    if let Some(output) = &stored {
+                        cache.flights().land(&key, output);
+                    }
+                    stored
+                }
+                Joined::Follow(landing, until) => {
+                    drop(permit);
+                    TaskCache::count_miss(&task.pool);
+                    follow(&cache, &task, key, landing, until).await
+                }
             };
             if let (Some(output), Some(inbox)) = (output, inbox.upgrade()) {
                 let command = Command::CachedResult { attempt: task.attempt.clone(), output };
@@ -71,11 +89,27 @@ impl<S: ShardStore> ShardActor<S> {
     }
 }
 
-/// After a miss of `key`: leads its flight (`None`: the task goes to a worker), or follows
-/// the one open and takes its leader's result (`None` at the task's deadline).
-async fn follow(cache: &TaskCache, task: &TaskDispatch, key: String) -> Option<Value> {
-    let left = Duration::from_millis(task.deadline_ms.saturating_sub(now_ms()));
-    let output = cache.flights().lead_or_follow(key, &task.attempt, Instant::now() + left).await?;
+/// When the attempt of `task` is due.
+fn deadline_of(task: &TaskDispatch) -> Instant {
+    Instant::now() + Duration::from_millis(task.deadline_ms.saturating_sub(now_ms()))
+}
+
+/// A task that follows the flight of `key` (until `until`): its leader's result, or, when
+/// the leader's attempt ends without one, the result of the flight it joins next; `None`
+/// when it leads one (the task goes to a worker) or at the task's deadline.
+async fn follow(
+    cache: &TaskCache,
+    task: &TaskDispatch,
+    key: String,
+    landing: oneshot::Receiver<Option<Value>>,
+    until: Instant,
+) -> Option<Value> {
+    let deadline = deadline_of(task);
+    let output = match tokio::time::timeout_at(until.min(deadline).into(), landing).await {
+        Ok(Ok(Some(output))) => Some(output),
+        Ok(Ok(None)) if Instant::now() < deadline => cache.flights().lead_or_follow(key, &task.attempt, deadline).await,
+        _ => None,
+    }?;
     TaskCache::count_joined(&task.pool);
     Some(output)
 }

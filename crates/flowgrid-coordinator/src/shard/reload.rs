@@ -58,8 +58,10 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(reloaded)
     }
 
-    /// Sends again what a reload found open.
-    pub(super) async fn resume(&self, reloaded: Reloaded) {
+    /// Sends again what a reload found open; tasks oldest first (the earliest deadline),
+    /// so that of the tasks of one cache key the one that went to a worker leads again.
+    pub(super) async fn resume(&self, mut reloaded: Reloaded) {
+        reloaded.tasks.sort_by_key(|task| task.deadline_ms);
         for task in reloaded.tasks {
             self.dispatch(task, None).await;
         }
