@@ -131,7 +131,8 @@ pub fn members_table(views: &[MemberView]) -> Table {
             record.host.clone(),
             record.pid.to_string(),
             view.state.as_str().to_owned(),
-            record.shards_serving.to_string(),
+            // A dead member's record keeps the count of its last heartbeat; it serves none.
+            if view.state == MemberState::Dead { "-".to_owned() } else { record.shards_serving.to_string() },
             age(view.heartbeat_age_ms),
             duration_ms(view.uptime_ms),
             record.metrics_addr.clone().unwrap_or_else(|| "-".to_owned()),
@@ -686,6 +687,7 @@ mod tests {
         assert_eq!(views[1].uptime_ms, 65_000);
         let text = members_table(&views).render();
         assert!(text.contains("b   box   42   alive  0       0.2s ago   1m05s   -"), "{text}");
+        assert!(text.contains("a   box   42   dead   -       5.0s ago"), "a dead member serves no shard: {text}");
         let json = serde_json::to_value(&views[1]).unwrap();
         assert_eq!(json["id"], "b");
         assert_eq!(json["state"], "alive");
