@@ -164,6 +164,13 @@ pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
     for shard in 0..shards {
         let path = store.shard_path(ShardId(shard));
         if !path.exists() {
+            if store.shard_file_listed(ShardId(shard)).map_err(Error::Store)? {
+                audit.report.problem(format!(
+                    "{} is missing, but the data directory held it (its shard-files lists it): the shard's runs are \
+                     lost unless the file is restored, and no coordinator serves the shard until then",
+                    path.display()
+                ));
+            }
             continue;
         }
         let file = store.open_shard(ShardId(shard)).await.map_err(|error| match error {
@@ -885,6 +892,17 @@ mod tests {
         let report = audit(&dir.0, SHARDS).await.unwrap();
         assert_eq!((report.shard_files, report.runs), (1, 0));
         assert!(report.is_clean(), "{report:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_shard_file_gone_missing_is_reported() {
+        let dir = TempDir::new("gone");
+        commit(&dir.0, 1, WriteBatch::new()).await;
+        assert!(audit(&dir.0, SHARDS).await.unwrap().is_clean());
+        std::fs::remove_file(dir.0.join("shard-00001.redb")).unwrap();
+        let report = audit(&dir.0, SHARDS).await.unwrap();
+        assert_eq!((report.shard_files, report.problems_total), (0, 1), "{report:#?}");
+        assert!(report.problems[0].contains("shard-00001.redb is missing"), "{report:#?}");
     }
 
     #[tokio::test]

@@ -22,6 +22,9 @@
 //!   of it fails until it is opened again, so the checkpointer opens the file again
 //!   first (after a failed read too, with nothing to write). The file then holds its last
 //!   successful checkpoint, and the retry writes what followed.
+//! - A shard file, once it exists, is listed in the data directory's `shard-files`
+//!   ([`created`]); a listed file that is missing or holds only zeros is refused, never
+//!   created again empty.
 //! - Only the epoch holder writes: the epoch is bumped in the file by
 //!   [`ShardStore::acquire`], and the file lock keeps every other process out while the
 //!   shard is open here, so the epoch this handle holds is the file's.
@@ -66,6 +69,7 @@ use flowgrid_model::{Epoch, ShardId};
 use flowgrid_store::{keys, Error, Key, KeyRange, Mutation, Result, ShardStore, Store, StoreLimits, Value, WriteBatch};
 use tracing::{info, warn};
 
+mod created;
 mod journal;
 mod overlay;
 mod reader;
@@ -205,6 +209,12 @@ impl RedbStore {
     pub fn shard_path(&self, shard: ShardId) -> PathBuf {
         self.dir.join(format!("shard-{:05}.redb", shard.0))
     }
+
+    /// True when the data directory has held the file of `shard` (its `shard-files` lists
+    /// it): such a shard is refused while its file is missing.
+    pub fn shard_file_listed(&self, shard: ShardId) -> Result<bool> {
+        created::listed(&self.shard_path(shard))
+    }
 }
 
 impl Store for RedbStore {
@@ -227,11 +237,19 @@ impl Store for RedbStore {
 
 impl Shared {
     /// Opens (or creates) the file of `shard` at `path`.
-    fn open_database(&self, shard: ShardId, path: &Path, cache_bytes: usize) -> Result<Database> {
+    /// `listed`: the data directory's list of shard files names it (see [`created`]).
+    fn open_database(&self, shard: ShardId, path: &Path, cache_bytes: usize, listed: bool) -> Result<Database> {
+        if listed && matches!(path.try_exists(), Ok(false)) {
+            return Err(created::lost(path, "is missing"));
+        }
         let opened = match self.open_database_once(path, cache_bytes) {
             // A creation that failed part way (a full disk) leaves a file of zeros, which
-            // redb refuses as not its own; it holds nothing, so it is created afresh.
+            // redb refuses as not its own; it holds nothing, so it is created afresh,
+            // unless it was listed, so written before.
             Err(error) if !is_busy(&error) && holds_only_zeros(path) => {
+                if listed {
+                    return Err(created::lost(path, "holds only zeros"));
+                }
                 warn!(shard = %shard, file = %path.display(), error = %error, "the shard file holds only zeros (its creation failed part way); creating it again");
                 std::fs::OpenOptions::new()
                     .write(true)
@@ -402,7 +420,8 @@ fn open_shard_file(
     cache_bytes: usize,
     shared: Arc<Shared>,
 ) -> Result<Arc<ShardCore>> {
-    let db = shared.open_database(shard, &path, cache_bytes)?;
+    let listed = created::listed(&path)?;
+    let db = shared.open_database(shard, &path, cache_bytes, listed)?;
     // Create the tables once, so that reads never meet a missing table.
     let txn = db.begin_write().map_err(backend)?;
     let (epoch, writer, applied) = {
@@ -414,6 +433,9 @@ fn open_shard_file(
         (read_epoch(&kv)?, writer, applied.unwrap_or_default())
     };
     txn.commit().map_err(backend)?;
+    if !listed {
+        created::add(&path)?;
+    }
     if let Some(writer) = writer {
         replay(&db, shard, epoch, &shared.journal, &writer, applied)?;
     }
@@ -700,7 +722,8 @@ impl ShardCore {
         let mut db = write_lock(&self.db);
         // The old handle goes first: it holds the file's lock.
         *db = None;
-        *db = Some(self.shared.open_database(self.shard, &self.path, self.cache_bytes)?);
+        // Open before, so listed: a file wiped meanwhile is refused, not created again.
+        *db = Some(self.shared.open_database(self.shard, &self.path, self.cache_bytes, true)?);
         self.latched.store(false, Ordering::Relaxed);
         info!(shard = %self.shard, file = %self.path.display(), "opened the shard file again after a failed read or write");
         Ok(())
@@ -1210,6 +1233,39 @@ mod tests {
         let error = store.open_shard(ShardId(6)).await.unwrap_err().to_string();
         assert!(error.contains("could not open the shard file"), "{error}");
         assert_eq!(std::fs::read(store.shard_path(ShardId(6))).unwrap(), foreign);
+    }
+
+    #[tokio::test]
+    async fn a_listed_shard_file_gone_missing_or_wiped_is_refused_never_created_again_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let list = dir.path().join(created::FILE_NAME);
+        let (shard, _) = shard_with_a_checkpointed_value(&store, ShardId(2), "k").await;
+        shard.close().unwrap();
+        // A file that was there before the list (an older data directory) is listed when opened.
+        std::fs::remove_file(&list).unwrap();
+        store.open_shard(ShardId(2)).await.unwrap().close().unwrap();
+        assert_eq!(std::fs::read_to_string(&list).unwrap(), "shard-00002.redb\n");
+
+        let path = store.shard_path(ShardId(2));
+        std::fs::remove_file(&path).unwrap();
+        let Err(error) = store.open_shard(ShardId(2)).await else { panic!("a listed file gone missing is refused") };
+        let error = error.to_string();
+        assert!(error.contains("shard-00002.redb: the shard file is missing"), "{error}");
+        assert!(error.contains("remove the line `shard-00002.redb` from shard-files"), "{error}");
+        assert!(!path.exists(), "nothing was created");
+
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let Err(error) = store.open_shard(ShardId(2)).await else { panic!("a listed file of zeros is refused") };
+        assert!(error.to_string().contains("the shard file holds only zeros"), "{error}");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; 1 << 20], "the file is left as it was");
+
+        // What the refusal says to do to start the shard over.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&list, "").unwrap();
+        let shard = store.open_shard(ShardId(2)).await.unwrap();
+        assert_eq!(shard.get(b"k00000").await.unwrap(), None);
+        assert!(created::listed(&path).unwrap());
     }
 
     #[tokio::test]
