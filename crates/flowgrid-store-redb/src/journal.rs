@@ -74,6 +74,8 @@ const SLOW_SYNC: Duration = Duration::from_millis(100);
 const SLOW_SYNC_WARN_EVERY: Duration = Duration::from_secs(10);
 /// A payload starts with its kind (1 byte), shard (4) and epoch (8); mutations follow.
 const PAYLOAD_HEADER_BYTES: usize = 13;
+/// A writer's directory being removed is renamed to its name with this suffix first.
+const REMOVED_SUFFIX: &str = ".removed";
 const KIND_DATA: u8 = 1;
 const KIND_CLEAN: u8 = 2;
 const TAG_SET: u8 = 1;
@@ -112,6 +114,10 @@ pub(crate) struct Journal {
     /// The writer thread, joined on drop so that its files are settled before the
     /// directory may be removed.
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Held from choosing the segments to delete through deleting them, so that the
+    /// checkpoints of several shards delete them one after the other, oldest first: a crash
+    /// in the middle leaves an unbroken run of segments, never a gap.
+    deleting: Mutex<()>,
 }
 
 /// What the writer thread and the checkpoints share.
@@ -163,6 +169,7 @@ impl Journal {
             state: Arc::new(Mutex::new(State { end: Position { segment: 1, offset: 0 }, ..State::default() })),
             sender: OnceLock::new(),
             thread: Mutex::new(None),
+            deleting: Mutex::new(()),
         }
     }
 
@@ -248,6 +255,7 @@ impl Journal {
     /// Notes that every data frame of `shard` ending at or before `through` is durable in
     /// its shard file, and deletes the segments nothing needs any more.
     pub(crate) fn checkpointed(&self, shard: ShardId, through: Position) {
+        let _deleting = lock(&self.deleting);
         let mut state = lock(&self.state);
         let fully = state.last_appended.get(&shard).is_none_or(|last| *last <= through);
         if fully {
@@ -289,10 +297,7 @@ impl Drop for Journal {
         }
         let state = lock(&self.state);
         if state.unchecked.is_empty() && state.failed.is_none() {
-            let dir = self.root.join(&self.writer);
-            if dir.exists() {
-                let _ = fs::remove_dir_all(dir);
-            }
+            remove_journal_dir(&self.root.join(&self.writer));
         }
     }
 }
@@ -702,7 +707,9 @@ const DAMAGED_JOURNAL_REMEDY: &str = "the shards whose commits it holds are not 
 /// that are there. Segments before the first were deleted because everything in them was
 /// checkpointed (the oldest go first).
 pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Frame) -> Result<()>) -> Result<()> {
-    let segments = list_segments(dir)?;
+    // Segments before `from` hold nothing still needed here: they may be gone in any order.
+    let mut segments = list_segments(dir)?;
+    segments.retain(|segment| *segment >= from.segment);
     let last = segments.last().copied();
     if let Some(missing) = segments.windows(2).find(|pair| pair[1] != pair[0] + 1).map(|pair| pair[0] + 1) {
         return Err(corrupt(
@@ -713,7 +720,7 @@ pub(crate) fn read_frames(dir: &Path, from: Position, mut visit: impl FnMut(Fram
             ),
         ));
     }
-    for segment in segments.into_iter().filter(|segment| *segment >= from.segment) {
+    for segment in segments {
         let path = segment_path(dir, segment);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
@@ -800,6 +807,18 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     Ok(segments)
 }
 
+/// Removes a writer's journal directory (true when it is gone): renamed first, so that a
+/// crash in the middle of deleting its files leaves no journal with segments missing,
+/// which would read as damage, but a directory the next sweep deletes.
+fn remove_journal_dir(dir: &Path) -> bool {
+    let mut removed = dir.as_os_str().to_owned();
+    removed.push(REMOVED_SUFFIX);
+    match fs::rename(dir, &removed) {
+        Ok(()) => fs::remove_dir_all(&removed).is_ok(),
+        Err(error) => error.kind() == io::ErrorKind::NotFound,
+    }
+}
+
 /// Notes in a writer's directory that its frames of `shard` under `epoch` were replayed
 /// into the shard file.
 pub(crate) fn note_replayed(root: &Path, writer: &str, shard: ShardId, epoch: Epoch) -> Result<()> {
@@ -829,6 +848,11 @@ pub(crate) fn collect_dead_journals(root: &Path, own: &str) -> usize {
         let dir = entry.path();
         let Some(writer) = entry.file_name().to_str().map(str::to_owned) else { continue };
         if writer == own || !dir.is_dir() {
+            continue;
+        }
+        if writer.ends_with(REMOVED_SUFFIX) {
+            // A removal cut short (by a crash): nothing in it is needed.
+            let _ = fs::remove_dir_all(&dir);
             continue;
         }
         let Ok(held) = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")) else {
@@ -863,7 +887,7 @@ pub(crate) fn collect_dead_journals(root: &Path, own: &str) -> usize {
         });
         if all_replayed {
             drop(held);
-            if fs::remove_dir_all(&dir).is_ok() {
+            if remove_journal_dir(&dir) {
                 deleted += 1;
             }
         }
@@ -957,6 +981,31 @@ mod tests {
         })
         .unwrap();
         assert_eq!(shards, vec![1, 2, 1]);
+        // A gap before where a reading starts held only checkpointed frames: no damage.
+        fs::remove_file(segment_path(dir.path(), 4)).unwrap();
+        let mut shards = Vec::new();
+        read_frames(dir.path(), Position { segment: 4, offset: 0 }, |frame| {
+            shards.push(frame.shard.0);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(shards, vec![1]);
+    }
+
+    #[test]
+    fn a_journal_directory_whose_removal_was_cut_short_is_removed_by_the_next_sweep() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("gone");
+        fs::create_dir(&dir).unwrap();
+        fs::write(segment_path(&dir, 7), encode_data(ShardId(1), Epoch(1), &[])).unwrap();
+        assert!(remove_journal_dir(&dir) && !dir.exists());
+        assert!(remove_journal_dir(&dir), "a directory already gone is removed");
+        // What a crash leaves when it cuts the deletion of the renamed directory short.
+        let cut = root.path().join(format!("other{REMOVED_SUFFIX}"));
+        fs::create_dir(&cut).unwrap();
+        fs::write(segment_path(&cut, 8), encode_data(ShardId(1), Epoch(1), &[])).unwrap();
+        collect_dead_journals(root.path(), "own");
+        assert!(!cut.exists());
     }
 
     fn mib_value() -> Vec<u8> {
