@@ -27,10 +27,23 @@ pub(super) async fn watch(
 ) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + timeout;
     let mut last: Option<RunView> = None;
+    // Read whole (the steps' progress reports are data) until the run is too large for
+    // one message; from then on without its data, which the changes need but for progress.
+    let mut whole = true;
     loop {
-        // The changes name statuses and errors, never data: a run too large for one
-        // message is watched as well.
-        let view = client.get_without_data(run_id).await?;
+        let view = if whole {
+            let (view, left_out) = client.get_or_without_data(run_id).await?;
+            if let Some(refusal) = left_out {
+                eprintln!(
+                    "note: the run is too large to read whole ({}); its steps' progress reports are left out",
+                    refusal.message
+                );
+                whole = false;
+            }
+            view
+        } else {
+            client.get_without_data(run_id).await?
+        };
         for change in changes(last.as_ref(), &view) {
             if session.json {
                 // One line per change, as `run tail --json` prints its pieces.
