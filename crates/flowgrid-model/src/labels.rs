@@ -6,6 +6,29 @@ use std::collections::BTreeMap;
 /// A run's labels, by key.
 pub type Labels = BTreeMap<String, String>;
 
+/// Reads labels as `Labels` does, refusing a key given twice (`{"a": "1", "a": "2"}`), which
+/// a map would take silently, keeping one of the values. For `#[serde(deserialize_with)]`.
+pub fn deserialize_once<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Labels, D::Error> {
+    struct Once;
+    impl<'de> serde::de::Visitor<'de> for Once {
+        type Value = Labels;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a map of label keys to string values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Labels, A::Error> {
+            let mut labels = Labels::new();
+            while let Some((key, value)) = map.next_entry::<String, String>()? {
+                if labels.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format!("label `{key}` is given twice: give each key once")));
+                }
+                labels.insert(key, value);
+            }
+            Ok(labels)
+        }
+    }
+    deserializer.deserialize_map(Once)
+}
+
 /// The label the grid gives a failure handler's run: the id of the run whose failure
 /// started it. A run with it starts no failure handler of its own, so two flows that
 /// handle each other's failures cannot start each other forever.
@@ -51,6 +74,20 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())).collect()
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_where_a_map_would_keep_one_value() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Start {
+            #[serde(default, deserialize_with = "deserialize_once")]
+            labels: Labels,
+        }
+        let start: Start = serde_json::from_str(r#"{"labels": {"a": "1", "b": "2"}}"#).unwrap();
+        assert_eq!(start.labels, labels(&[("a", "1"), ("b", "2")]));
+        assert!(serde_json::from_str::<Start>("{}").unwrap().labels.is_empty());
+        let error = serde_json::from_str::<Start>(r#"{"labels": {"a": "1", "a": "2"}}"#).unwrap_err().to_string();
+        assert!(error.contains("label `a` is given twice"), "{error}");
     }
 
     #[test]

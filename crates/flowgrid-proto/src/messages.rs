@@ -219,8 +219,12 @@ pub struct StartRun {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// `key: value` pairs to find the run by (`ListRuns::labels`): at most 16, keys of 1 to
-    /// 64 characters of `A-Z a-z 0-9 _ - . /`, values of at most 256 bytes.
-    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    /// 64 characters of `A-Z a-z 0-9 _ - . /`, values of at most 256 bytes, each key once.
+    #[serde(
+        default,
+        skip_serializing_if = "Labels::is_empty",
+        deserialize_with = "flowgrid_model::labels::deserialize_once"
+    )]
     pub labels: Labels,
     /// Start no step before this time (Unix ms, at most 366 days ahead): the run exists at
     /// once (listed, read, cancelled) and waits, `delayed`, until then; its timeout counts
@@ -393,7 +397,11 @@ pub struct ListRuns {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RunStatus>,
     /// Only the runs started with all of these labels.
-    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Labels::is_empty",
+        deserialize_with = "flowgrid_model::labels::deserialize_once"
+    )]
     pub labels: Labels,
     /// Only the runs started at or after this time (Unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
