@@ -85,6 +85,7 @@ flowgrid() {
 # 010 as octal); $1 says what 0 would mean.
 check_coordinators() {
     [[ "$COORDINATORS" =~ ^0+$ ]] && die "COORDINATORS=$COORDINATORS $1"
+    [[ "$COORDINATORS" =~ ^0[0-9]+$ ]] && die "COORDINATORS=$COORDINATORS has a leading zero (read as octal); write it as COORDINATORS=$((10#$COORDINATORS))"
     [[ "$COORDINATORS" =~ ^[1-9][0-9]*$ ]] || die "COORDINATORS=$COORDINATORS is not a number; use e.g. COORDINATORS=3"
 }
 

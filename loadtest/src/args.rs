@@ -227,7 +227,6 @@ impl RunArgs {
         self.floor && !self.no_floor
     }
 
-    /// Checks values clap cannot, with messages that say what to change.
     /// An open loop's starts per second.
     pub fn rate(&self) -> f64 {
         self.rate.unwrap_or(RATE_DEFAULT)
@@ -238,6 +237,7 @@ impl RunArgs {
         self.concurrency.unwrap_or(CONCURRENCY_DEFAULT)
     }
 
+    /// Checks values clap cannot, with messages that say what to change.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.tasks_per_run >= 1, "--tasks-per-run must be at least 1");
         anyhow::ensure!(self.tasks_per_run <= 100_000, "--tasks-per-run is at most 100000 (the map item limit)");
