@@ -491,9 +491,12 @@ impl Run {
         state.status = StepStatus::Failed;
         state.error = Some(Box::new(error.clone()));
         state.ended_ms = Some(now);
-        state.work = abandon_with_run(std::mem::replace(&mut state.work, Work::Idle));
         self.unresolved -= 1;
+        // The run ends while the step's items are still out, so that it cancels their
+        // timers (which tells their workers) and child runs; then the step lets them go.
         self.fail_run(error, context);
+        let state = &mut self.steps[usize::from(index)];
+        state.work = abandon_with_run(std::mem::replace(&mut state.work, Work::Idle));
     }
 }
 

@@ -118,9 +118,9 @@ impl Run {
     /// task, or asks for a child run.
     fn fill_map(&mut self, index: StepIndex, context: &mut Context<'_>) {
         let plan = Arc::clone(&self.plan);
-        let (input_expr, children) = match &plan.step(index).kind {
-            PlanStepKind::Map { spec, .. } => (spec.input.as_ref(), false),
-            PlanStepKind::Subflow(spec) => (spec.input.as_ref(), true),
+        let (input_expr, task) = match &plan.step(index).kind {
+            PlanStepKind::Map { spec, .. } => (spec.input.as_ref(), Some(spec)),
+            PlanStepKind::Subflow(spec) => (spec.input.as_ref(), None),
             _ => unreachable!("items belong to map and subflow steps"),
         };
         while !self.status.is_terminal() {
@@ -140,6 +140,13 @@ impl Run {
             };
             map.next_pending += 1;
             map.active += 1;
+            let children = task.is_none();
+            if let Some(error) = task.and_then(|spec| self.budget_spent(index, spec, item, context.now)) {
+                match self.count_item_failure(index, item, error) {
+                    Some(tolerated) => return self.fail_map(index, tolerated, context),
+                    None => continue,
+                }
+            }
             let input = match input_expr {
                 Some(expr) => {
                     let locals = Locals { item: Some(&value), index: Some(item), ..Locals::default() };

@@ -196,7 +196,7 @@ impl Run {
                         message: format!(
                             "step `{}` did not finish within its total_timeout_ms of {total_ms} ms ({} attempts; the \
                              last one failed with `{}`: {})",
-                            attempt.step, attempt.attempt, error.code, error.message
+                            attempt.step, tries, error.code, error.message
                         ),
                         retryable: false,
                     };
@@ -236,6 +236,21 @@ impl Run {
     fn step_deadline(&self, index: StepIndex, spec: &TaskSpec) -> Option<Millis> {
         let total_ms = spec.total_timeout_ms?;
         Some(self.steps[usize::from(index)].started_ms?.saturating_add(total_ms))
+    }
+
+    /// The failure of map item `item` of step `index` when its step's total timeout is
+    /// spent by `now`: the item is not sent to a worker only to time out at once.
+    pub(super) fn budget_spent(&self, index: StepIndex, spec: &TaskSpec, item: u32, now: Millis) -> Option<TaskError> {
+        let deadline_ms = self.step_deadline(index, spec)?;
+        (deadline_ms <= now).then(|| TaskError {
+            code: "timeout".to_owned(),
+            message: format!(
+                "step `{}` did not finish within its total_timeout_ms of {} ms: item {item} was not started",
+                self.plan.step(index).id,
+                spec.total_timeout_ms.unwrap_or_default()
+            ),
+            retryable: false,
+        })
     }
 
     fn task_succeeded(&mut self, index: StepIndex, result: Value, context: &mut Context<'_>) {

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use super::resolve::Resolution;
 use super::scope::{expression_error, Locals};
 use super::state::{Slot, Work};
-use super::{abandon, Context, Run};
+use super::{abandon, abandon_with_run, Context, Run};
 use crate::{RunStatus, StepStatus, TaskError, TimerKey};
 
 /// The worker-side settings of a task or map step.
@@ -187,6 +187,10 @@ impl Run {
     pub(super) fn step_failed(&mut self, index: StepIndex, error: TaskError, context: &mut Context<'_>) {
         let plan = Arc::clone(&self.plan);
         let Some((catch, _rule)) = plan.step(index).kind.catch_for(&error.code) else {
+            // The step's own failure cancelled what it had out (a map's items, a subflow's
+            // children), so the run's end has nothing more of it to cancel.
+            let state = self.state(index);
+            state.work = abandon_with_run(std::mem::replace(&mut state.work, Work::Idle));
             return self.fail_step_and_run(index, error, context);
         };
         let state = self.state(index);

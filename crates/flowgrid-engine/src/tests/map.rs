@@ -110,6 +110,59 @@ fn too_many_failed_items_fail_the_map_and_abandon_the_rest() {
 }
 
 #[test]
+fn an_item_input_that_fails_to_evaluate_fails_the_run_and_cancels_the_items_still_out() {
+    let yaml = r##"
+name: fan
+steps:
+  - kind: map
+    id: each
+    items: "input"
+    pool: cpu
+    task: work
+    input: "#{ size: item.meta.size }"
+    max_concurrency: 2
+"##;
+    let mut harness = Harness::start(yaml, json!([{"meta": {"size": 1}}, {"meta": {"size": 2}}, {"other": 3}]), 0);
+    assert_eq!(harness.dispatched_names(), vec!["each[0]", "each[1]"]);
+    // Item 0's success lets item 2 in, whose input cannot be evaluated.
+    harness.succeed(1, "each", Some(0), 1, json!("r0"));
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Failed);
+    assert!(harness.dispatched().is_empty());
+    assert!(
+        harness.cancelled(&TimerKey::AttemptTimeout { attempt: attempt("each", Some(1), 1) }),
+        "item 1's task is still out: its worker is told"
+    );
+    assert_eq!(harness.step_status("each"), StepStatus::Failed);
+    assert_eq!(harness.finished(), vec![RunStatus::Failed]);
+}
+
+#[test]
+fn items_left_when_the_step_s_total_timeout_is_spent_fail_unsent() {
+    let yaml = r##"
+name: fan
+steps:
+  - kind: map
+    id: each
+    items: "input"
+    pool: cpu
+    task: work
+    max_concurrency: 1
+    tolerated_failures: 3
+    total_timeout_ms: 1000
+"##;
+    let mut harness = Harness::start(yaml, json!([1, 2, 3]), 0);
+    assert_eq!(harness.dispatched_names(), vec!["each[0]"]);
+    // Item 0's only attempt runs out with the step's budget.
+    harness.fire(1000, TimerKey::AttemptTimeout { attempt: attempt("each", Some(0), 1) });
+    assert!(harness.dispatched().is_empty(), "no item goes out with its budget spent");
+    let each = harness.step("each");
+    assert_eq!(each.items, Some(ItemCounts { total: 3, succeeded: 0, failed: 3, running: 0 }));
+    assert_eq!(each.attempts, 1);
+    assert_eq!(harness.run.view().status, RunStatus::Succeeded, "3 failures are tolerated");
+}
+
+#[test]
 fn caught_map_failure_ignores_later_item_results() {
     let yaml = r##"
 name: caught
