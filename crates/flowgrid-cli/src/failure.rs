@@ -55,6 +55,8 @@ fn refusal_hint(refusal: &ApiError) -> Option<&'static str> {
         // A run that has no such step is found: its message names what to do.
         ErrorCode::NotFound if refusal.message.contains("has no step") => None,
         ErrorCode::NotFound => Some("check the name or id with `flowgrid flow list` or `flowgrid run list`"),
+        // Not retryable: the request may have been applied, as its message says.
+        ErrorCode::Unavailable if !refusal.retryable => None,
         ErrorCode::Overloaded | ErrorCode::Unavailable => Some("the grid is busy or moving shards; try again shortly"),
         ErrorCode::InvalidDefinition => Some("fix the definition at the paths above and deploy again"),
         _ => None,
@@ -163,6 +165,15 @@ mod tests {
         let missing_step =
             ApiError::new(ErrorCode::NotFound, "the flow of run r1 has no step `x`: name a signal step of it");
         assert_eq!(refusal_hint(&missing_step), None);
+    }
+
+    #[test]
+    fn a_refusal_that_may_have_been_applied_is_not_told_to_try_again() {
+        let moving = ApiError::new(ErrorCode::Unavailable, "shard 2 is moving to another coordinator; retry");
+        assert!(refusal_hint(&moving).is_some_and(|hint| hint.contains("try again")));
+        let maybe_applied =
+            ApiError { retryable: false, ..ApiError::new(ErrorCode::Unavailable, "shard 2 did not answer") };
+        assert_eq!(refusal_hint(&maybe_applied), None);
     }
 
     #[test]

@@ -421,11 +421,14 @@ impl Api {
     /// (acquire, release) or to the run's (admit).
     async fn gate(&self, verb: GateVerb, message: GateMessage) -> Result<GateTaken, ApiError> {
         // Coordinators send these for flows they run; anything else is no flow's limit.
-        if !flowgrid_model::is_name(&message.flow) || message.run_id.as_str().is_empty() {
+        if !flowgrid_model::is_name(&message.flow) {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
-                format!("{:?} is no flow's concurrency limit, or the run id is empty", message.flow),
+                format!("flow: {:?} is no flow's name, so no flow's concurrency limit", message.flow),
             ));
+        }
+        if message.run_id.as_str().is_empty() {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "run_id is empty: name the run the message is about"));
         }
         let shard = match verb {
             GateVerb::Acquire | GateVerb::Release => {
@@ -691,7 +694,12 @@ pub(crate) fn content_headers(encoding: Encoding) -> HeaderMap {
     headers
 }
 
-async fn publish(nats: &async_nats::Client, reply_to: async_nats::Subject, encoding: Encoding, bytes: Vec<u8>) {
+pub(crate) async fn publish(
+    nats: &async_nats::Client,
+    reply_to: async_nats::Subject,
+    encoding: Encoding,
+    bytes: Vec<u8>,
+) {
     let headers = content_headers(encoding);
     // A reply NATS would refuse (a run's view holds its input and every step's output) is
     // a refusal the caller can read, not a request that times out.

@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::shard::{Command, GateVerb, NodeContext, ShardHandle, StartCommand};
 
@@ -206,17 +205,9 @@ impl Router {
                          its owner stopped answering and the others wait for its lease); retry"
                     ),
                 ),
-                Ok(Err(error)) => {
-                    return Err(ApiError::new(
-                        ErrorCode::Unavailable,
-                        format!("shard {shard} could not be reached ({error}); retry"),
-                    ))
-                }
+                Ok(Err(error)) => return Err(maybe_applied(format!("shard {shard} could not be reached ({error})"))),
                 Err(_) => {
-                    return Err(ApiError::new(
-                        ErrorCode::Unavailable,
-                        format!("shard {shard} did not answer within {FORWARD_TIMEOUT:?}; retry"),
-                    ))
+                    return Err(maybe_applied(format!("shard {shard} did not answer within {FORWARD_TIMEOUT:?}")))
                 }
             };
             if started.elapsed() + delay > MOVE_WAIT {
@@ -356,8 +347,22 @@ pub async fn serve_shard_commands(
 
 async fn reply(router: &Router, reply_to: async_nats::Subject, answer: Reply<ShardReply>) {
     let Ok(bytes) = flowgrid_proto::encode(Encoding::MsgPack, &answer) else { return };
-    if let Err(error) = router.context.nats.publish(reply_to, Bytes::from(bytes)).await {
-        debug!(error = %error, "cannot answer a forwarded request");
+    crate::api::publish(&router.context.nats, reply_to, Encoding::MsgPack, bytes).await;
+}
+
+/// A forwarded request whose owner did not answer, or that could not be sent: it may have
+/// been applied, so it is not retryable as such; the SDK repeats it only where repeating is
+/// safe, as it does after a timeout of its own.
+fn maybe_applied(what: String) -> ApiError {
+    ApiError {
+        retryable: false,
+        ..ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "{what}: the request may have been applied; send it again only if that is safe (reads, \
+                 cancels, signals, deploys and starts with an idempotency key are), else read the state first"
+            ),
+        )
     }
 }
 

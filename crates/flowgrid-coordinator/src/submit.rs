@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::AckKind;
-use flowgrid_proto::StartRun;
+use flowgrid_proto::{ErrorCode, StartRun};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -21,6 +21,9 @@ use crate::api::{encoding_of, msgpack_request_bytes, Api};
 const SUBMITS_IN_FLIGHT_MAX: usize = 256;
 /// Delay before a refused (overloaded, unavailable) submit is delivered again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Delay before a submit whose start failed on the grid's side (an owner that did not
+/// answer in time, a store failure) is delivered again: long enough not to flood the logs.
+const FAILED_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 pub async fn serve(api: Arc<Api>, consumer: PullConsumer, shutdown: CancellationToken) {
     let mut messages = match consumer.stream().max_messages_per_batch(SUBMITS_IN_FLIGHT_MAX).messages().await {
@@ -72,6 +75,12 @@ async fn start_submitted(api: &Api, message: async_nats::jetstream::Message) {
         }
         Err(error) if error.retryable => {
             let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+        }
+        // Not a refusal of the submit itself: its start may have been applied (it carries an
+        // idempotency key, so trying again is safe), or the coordinator failed.
+        Err(error) if matches!(error.code, ErrorCode::Unavailable | ErrorCode::Internal) => {
+            warn!(sequence, flow = %flow, error = %error, "submitted run not started yet; it is tried again in {FAILED_RETRY_DELAY:?}");
+            let _ = message.ack_with(AckKind::Nak(Some(FAILED_RETRY_DELAY))).await;
         }
         Err(error) => {
             warn!(sequence, flow = %flow, error = %error, "submitted run refused and dropped");

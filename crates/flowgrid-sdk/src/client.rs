@@ -597,7 +597,10 @@ impl OnTimeout {
 /// coordinator subscribed yet), or when it timed out and repeating it is safe.
 fn should_retry(error: &Error, on_timeout: OnTimeout) -> bool {
     match error {
-        Error::Api(refusal) => refusal.retryable,
+        // An owner that did not answer a forwarded request: as a timeout of the call's own.
+        Error::Api(refusal) => {
+            refusal.retryable || (refusal.code == ErrorCode::Unavailable && on_timeout == OnTimeout::Retry)
+        }
         Error::Timeout { .. } => on_timeout == OnTimeout::Retry,
         other => other.is_no_responders(),
     }
