@@ -143,6 +143,17 @@ async fn serve<S: Store>(
     }
 
     let limits = Limits::default();
+    let (max_payload, needed) =
+        (nats.server_info().max_payload, flowgrid_proto::max_payload_needed(limits.payload_bytes_max));
+    if max_payload < needed {
+        warn!(
+            max_payload,
+            "nats-server's max_payload is too small for a task input or output at the grid's limit of {} bytes: \
+             such a task cannot be published (its attempt times out) and such a result is refused; set max_payload \
+             to at least {needed} (deploy/nats-server.conf sets 8MB)",
+            limits.payload_bytes_max
+        );
+    }
     let evaluator = Arc::new(Evaluator::new(&limits));
     let plans = Arc::new(PlanCache::new(evaluator, limits.clone()));
     let workers_shutdown = CancellationToken::new();

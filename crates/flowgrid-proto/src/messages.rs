@@ -89,6 +89,13 @@ const MESSAGE_OVERHEAD_BYTES: usize = 1024;
 /// A message up to this size fits every server: no need to look at its bound.
 const FITS_ANY_SERVER_BYTES: usize = 64 * 1024;
 
+/// The smallest `max_payload` that carries a task or a result whose input or output is
+/// `payload_bytes_max` bytes: room for its subject and headers, and for the message's own
+/// fields (attempt, pool, reply subject, ...).
+pub fn max_payload_needed(payload_bytes_max: usize) -> usize {
+    payload_bytes_max + 2 * MESSAGE_OVERHEAD_BYTES
+}
+
 /// Refuses a message (`what`: "the request", "the reply") of `bytes` that the NATS server
 /// would refuse, with a `payload_too_large` that names the server's bound (read only for
 /// large messages) and how to raise it.
@@ -556,6 +563,7 @@ pub struct RunSignalled {
 /// from the parent ([`ParentRef::child_key`]): sending it again starts nothing new. The
 /// reply is a `RunStarted`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StartChildRun {
     pub flow: String,
     /// Version to run; the latest when absent.
@@ -567,13 +575,18 @@ pub struct StartChildRun {
     /// The subflow step the child reports its end to.
     pub parent: ParentRef,
     /// The parent's labels, which the child carries too.
-    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Labels::is_empty",
+        deserialize_with = "flowgrid_model::labels::deserialize_once"
+    )]
     pub labels: Labels,
 }
 
 /// `<prefix>.api.run.child_ended`: a child run ended (or could not be started); sent by
 /// the coordinator of the child until the parent's coordinator has taken it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ChildRunEnded {
     /// The parent run and its subflow step (and the item, for a step with `items`).
     pub parent: RunId,
