@@ -182,16 +182,8 @@ pub const OUTBOX_KINDS: [&str; 7] = [
 pub fn outbox_kind(key: &[u8]) -> &'static str {
     let Ok((_, what)) = keys::decode_outbox(key) else { return "unknown" };
     // A concurrency limit's message carries its round after a dot.
-    match what.split('.').next() {
-        Some(OUTBOX_CHILD_ENDED) => OUTBOX_CHILD_ENDED,
-        Some(OUTBOX_CANCEL_CHILD) => OUTBOX_CANCEL_CHILD,
-        Some(OUTBOX_RUN_ENDED) => OUTBOX_RUN_ENDED,
-        Some(OUTBOX_GATE_ACQUIRE) => OUTBOX_GATE_ACQUIRE,
-        Some(OUTBOX_GATE_RELEASE) => OUTBOX_GATE_RELEASE,
-        Some(OUTBOX_ADMIT) => OUTBOX_ADMIT,
-        Some(OUTBOX_ON_FAILURE) => OUTBOX_ON_FAILURE,
-        _ => "unknown",
-    }
+    let kind = what.split('.').next();
+    OUTBOX_KINDS.into_iter().find(|known| kind == Some(*known)).unwrap_or("unknown")
 }
 
 /// Bytes reserved up front for an encoded record: most records fit, so encoding them
@@ -207,4 +199,24 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
     rmp_serde::from_slice(bytes).map_err(|error| Error::Corrupt { what: what.to_owned(), message: error.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use flowgrid_model::RunId;
+    use flowgrid_store::keys;
+
+    use super::{outbox_kind, OUTBOX_GATE_RELEASE, OUTBOX_KINDS, OUTBOX_RUN_ENDED};
+
+    #[test]
+    fn an_outbox_key_names_its_kind_with_or_without_a_round() {
+        let run = RunId("r".into());
+        for kind in OUTBOX_KINDS {
+            assert_eq!(outbox_kind(&keys::outbox(&run, kind)), kind);
+        }
+        assert_eq!(outbox_kind(&keys::outbox(&run, &format!("{OUTBOX_GATE_RELEASE}.3"))), OUTBOX_GATE_RELEASE);
+        assert_eq!(outbox_kind(&keys::outbox(&run, "something_else")), "unknown");
+        assert_eq!(outbox_kind(b"not a key"), "unknown");
+        assert_ne!(outbox_kind(&keys::outbox(&run, &format!("{OUTBOX_RUN_ENDED}x"))), OUTBOX_RUN_ENDED);
+    }
 }
