@@ -181,17 +181,17 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
         flow: "echo-once".into(),
         version: None,
         input: input.clone(),
-        idempotency_key: Some("submit-7".into()),
+        idempotency_key: Some("order-7".into()),
         ..Default::default()
     };
     let submitted = client.submit(start).await.or_logs(&grid)?;
-    assert_eq!(submitted.run_id, RunId::from_idempotency_key("echo-once", "submit-7"));
+    assert_eq!(submitted.run_id, RunId::from_idempotency_key("echo-once", "order-7"));
     assert!(!submitted.duplicate, "{submitted:?}");
     let again = StartRun {
         flow: "echo-once".into(),
         version: None,
         input: json!({"order": 8}),
-        idempotency_key: Some("submit-7".into()),
+        idempotency_key: Some("order-7".into()),
         ..Default::default()
     };
     let resubmitted = client.submit(again).await.or_logs(&grid)?;
@@ -200,8 +200,11 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
     let unanswered = client.clone().with_retry_budget(Duration::ZERO).flows().await;
     assert!(unanswered.is_err_and(|error| error.is_no_responders()), "no coordinator should be serving");
     // The CLI cannot ask whether the flow is deployed, and submits all the same.
-    let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-once", "--idempotency-key", "submit-7"])?;
+    let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-once", "--idempotency-key", "order-7"])?;
     assert!(ok && stdout.trim() == submitted.run_id.as_str(), "{stdout}{stderr}");
+    // A key of the grid's own could take the place of a submit without a key.
+    let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-once", "--idempotency-key", "submit-7"])?;
+    assert!(!ok && stderr.contains("keeps for starts of its own"), "{stdout}{stderr}");
     // What a coordinator would refuse on its face is refused before it is stored.
     let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-once", "--at", "400d"])?;
     assert!(!ok && stderr.contains("more than 366 days ahead"), "{stdout}{stderr}");

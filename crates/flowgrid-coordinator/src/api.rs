@@ -321,7 +321,8 @@ impl Api {
     }
 
     /// Starts a run. `default_key` is the idempotency key used when the request has none
-    /// (the durable submit path passes the stream sequence, so a redelivery starts nothing new).
+    /// (the durable submit path passes the stream sequence, so a redelivery starts nothing
+    /// new; a child run's start, the key that follows from its parent).
     /// `request_bytes` is the size of the request when it came as MessagePack (see
     /// [`msgpack_request_bytes`]). `parent` is set for the child run of a subflow step.
     pub async fn start_run(
@@ -395,16 +396,17 @@ impl Api {
                 ),
             ));
         }
+        // The grid's own key, which a caller's start may not carry.
         let key = ParentRef::child_key(&parent.run_id, &parent.step, parent.item, parent.round);
         let start = StartRun {
             flow,
             version,
             input: Arc::unwrap_or_clone(input),
-            idempotency_key: Some(key),
+            idempotency_key: None,
             labels,
             start_at_ms: None,
         };
-        self.start_run(start, None, request_bytes, Some(parent)).await
+        self.start_run(start, Some(key), request_bytes, Some(parent)).await
     }
 
     /// Hands a child run's end to the shard of its parent run.

@@ -243,6 +243,11 @@ pub struct StartRun {
 /// The longest idempotency key a start may carry (bytes): it is hashed, but it is also
 /// logged and echoed.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+/// Idempotency keys the grid gives starts of its own: a child run of a subflow step
+/// (`subflow/<parent>/<step>...`) and a durable submit without a key (`submit-<sequence>`).
+/// A caller's start with one could take the place of such a start, which would then start
+/// nothing, so they are refused.
+pub const RESERVED_KEY_PREFIXES: [&str; 2] = ["subflow/", "submit-"];
 
 impl StartRun {
     /// What is wrong with the start on its face, without asking the grid (its labels, its
@@ -259,6 +264,12 @@ impl StartRun {
                 return invalid(format!(
                     "idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes, it is {}",
                     key.len()
+                ));
+            }
+            if let Some(prefix) = RESERVED_KEY_PREFIXES.into_iter().find(|prefix| key.starts_with(prefix)) {
+                return invalid(format!(
+                    "idempotency_key {key:?} starts with `{prefix}`, which the grid keeps for starts of its own \
+                     (child runs of subflow steps, durable submits without a key): use a key of your own"
                 ));
             }
         }
