@@ -56,7 +56,13 @@ pub async fn serve(api: Arc<Api>, consumer: PullConsumer, shutdown: Cancellation
 }
 
 async fn start_submitted(api: &Api, message: async_nats::jetstream::Message) {
-    let sequence = message.info().map(|info| info.stream_sequence).unwrap_or(0);
+    // The sequence keys a submit without a key of its own: without it, the message is
+    // delivered again rather than started under a key another submit would share.
+    let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
+        warn!("a submit came without its stream metadata; it is delivered again");
+        let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+        return;
+    };
     let encoding = encoding_of(&message);
     let request: StartRun = match flowgrid_proto::decode(encoding, &message.payload) {
         Ok(request) => request,
