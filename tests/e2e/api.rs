@@ -796,9 +796,19 @@ async fn messages_over_the_servers_max_payload_are_refused_naming_it() -> anyhow
     assert!(stderr.contains("note: the run's input and outputs are left out"), "{stderr}");
     let (ok, stdout, stderr) = grid.cli(&["run", "watch", run.run_id.as_str()])?;
     assert!(ok && stdout.contains("succeeded"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("its steps' progress reports are left out"), "{stderr}");
     let ui = crate::ui::start_ui(&mut grid, &[]).await?;
     let (status, page) = flowgrid_tests::http_get(&ui, &format!("/runs/{}", run.run_id))?;
     assert!(status == 200 && page.contains("Its input and outputs are left out (the reply is"), "{status} {page}");
+    // With a second coordinator, reads reach the run's shard through either: the view is
+    // refused, or crosses between them without its data, whichever took the request.
+    grid.start_coordinator().await?;
+    for _ in 0..8 {
+        let error = client.get(&run.run_id).await.expect_err("a view over max_payload");
+        assert_eq!(refusal(&error).code, ErrorCode::PayloadTooLarge, "{error:?}");
+        let brief = client.get_without_data(&run.run_id).await.or_logs(&grid)?;
+        assert!(brief.data_left_out && brief.status == RunStatus::Succeeded, "{brief:?}");
+    }
 
     let text = "y".repeat(1_100 * 1024);
     let error = client.start(start("echo-once", json!({"text": text}), None)).await.expect_err("a start over 1 MB");

@@ -482,16 +482,12 @@ impl Api {
 
     async fn get_run(&self, request: GetRun) -> Result<flowgrid_engine::RunView, ApiError> {
         let shard = self.router.shard_of(request.run_id.as_str());
-        let mut view = self
-            .ask(shard, ShardRequest::Get { run_id: request.run_id }, |reply| match reply {
-                ShardReply::Run(view) => Ok(*view),
-                other => Err(other),
-            })
-            .await?;
-        if request.without_data {
-            view.drop_data();
-        }
-        Ok(view)
+        let get = ShardRequest::Get { run_id: request.run_id, without_data: request.without_data };
+        self.ask(shard, get, |reply| match reply {
+            ShardReply::Run(view) => Ok(*view),
+            other => Err(other),
+        })
+        .await
     }
 
     async fn run_history(&self, request: GetRunHistory) -> Result<flowgrid_proto::RunHistory, ApiError> {

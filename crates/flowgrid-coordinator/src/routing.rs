@@ -68,6 +68,10 @@ pub enum ShardRequest {
     Signal(SignalRun),
     Get {
         run_id: RunId,
+        /// Leave the run's data out where the view is made, so that a view too large for
+        /// one message crosses between coordinators without it too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        without_data: bool,
     },
     History {
         run_id: RunId,
@@ -266,8 +270,13 @@ impl Router {
             ShardRequest::Signal(request) => {
                 handle.ask(|reply| Command::Signal { request, reply }).await.map(ShardReply::Signalled)
             }
-            ShardRequest::Get { run_id } => {
-                handle.ask(|reply| Command::Get { run_id, reply }).await.map(|view| ShardReply::Run(Box::new(view)))
+            ShardRequest::Get { run_id, without_data } => {
+                handle.ask(|reply| Command::Get { run_id, reply }).await.map(|mut view| {
+                    if without_data {
+                        view.drop_data();
+                    }
+                    ShardReply::Run(Box::new(view))
+                })
             }
             ShardRequest::History { run_id, after, limit } => {
                 handle.ask(|reply| Command::History { run_id, after, limit, reply }).await.map(ShardReply::History)
