@@ -622,9 +622,10 @@ const RATE_MAX: f64 = 100_000.0;
 /// A request rate: a positive number a second, at most [`RATE_MAX`].
 fn parse_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= RATE_MAX => Ok(rate),
+        Ok(rate) if (flowgrid_sdk::MAX_RATE_MIN..=RATE_MAX).contains(&rate) => Ok(rate),
         _ => Err(format!(
-            "{text:?} is not a rate: give requests a second, above 0 and at most {RATE_MAX} (e.g. 50 or 0.5)"
+            "{text:?} is not a rate: give requests a second, from {:.7} (one a day) to {RATE_MAX} (e.g. 50 or 0.5)",
+            flowgrid_sdk::MAX_RATE_MIN
         )),
     }
 }

@@ -27,7 +27,7 @@ pub use error::{Error, Result};
 pub use publisher::{PublishFailure, StreamPublisher, TIMEOUT_CHECK};
 pub use starts::{StartBatcher, DEFAULT_START_BATCH_MAX, DEFAULT_START_REQUESTS_MAX};
 pub use token::TaskToken;
-pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE};
+pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE, MAX_RATE_MIN};
 
 /// This host's name, reduced to the characters a NATS KV key allows (`localhost` when it
 /// cannot be read): how coordinators and workers name themselves.

@@ -345,11 +345,11 @@ impl Worker {
 
     /// Starts at most `per_second` tasks a second, in the order they arrive, for a service
     /// with a quota (a value not above 0, or not finite, sets no bound, as without this
-    /// call). A task waiting for its turn is held and heartbeated, so JetStream does not
+    /// call; one below [`MAX_RATE_MIN`] is taken as that). A task waiting for its turn is held and heartbeated, so JetStream does not
     /// hand it to another worker; a task cancelled meanwhile is dropped. The bound is this
     /// worker's: give each of a pool's workers its share.
     pub fn max_rate(mut self, per_second: f64) -> Worker {
-        self.max_rate = (per_second.is_finite() && per_second > 0.0).then_some(per_second);
+        self.max_rate = (per_second.is_finite() && per_second > 0.0).then_some(per_second.max(MAX_RATE_MIN));
         self
     }
 
@@ -587,6 +587,9 @@ struct Shared {
 }
 
 /// Spaces task starts at most `rate` a second, in the order they ask.
+/// The lowest rate [`Worker::max_rate`] takes: one task a day.
+pub const MAX_RATE_MIN: f64 = 1.0 / 86_400.0;
+
 struct Pacer {
     interval: Duration,
     next: tokio::sync::Mutex<tokio::time::Instant>,
@@ -813,6 +816,8 @@ async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> Option<std::r
             retryable: true,
         }),
         Err(_elapsed) => {
+            // A handler's own threads or processes learn it from the token.
+            cancellation.cancel();
             running.abort();
             Err(deadline_exceeded())
         }
