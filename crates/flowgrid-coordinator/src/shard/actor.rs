@@ -71,6 +71,10 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub inbox: mpsc::WeakSender<Command>,
     /// Cancelled when the actor stops: the tasks it spawned stop with it.
     pub stopped: CancellationToken,
+    /// A child of `stopped`, cancelled and made anew when the shard reloads: the tasks that
+    /// follow from what it loaded (outbox deliveries, child starts, triggers) stop, and the
+    /// reload starts them again from the store, so that no copy is left running.
+    pub loaded: CancellationToken,
 }
 
 /// Takes over an opened shard: bumps its epoch, reloads its runs, and starts its actor.
@@ -112,12 +116,18 @@ pub async fn spawn_shard<S: ShardStore>(
         metrics: ShardMetrics::register(),
         inbox: sender.downgrade(),
         stopped: shutdown.child_token(),
+        loaded: CancellationToken::new(),
     };
+    actor.loaded = actor.stopped.child_token();
     let reloaded = match actor.reload().await {
         Ok(reloaded) => reloaded,
         Err(error) => {
-            // Stops what the reload started already (a flow's trigger).
+            // Stops what the reload started already (a flow's trigger), and forgets what it
+            // counted and published (its runs, its flows' latest versions): the shard is
+            // opened again later, here or elsewhere.
             actor.stopped.cancel();
+            actor.forget_all_runs();
+            actor.context.plans.forget_latest(actor.catalog.keys());
             return Err(error);
         }
     };
@@ -481,8 +491,12 @@ impl<S: ShardStore> ShardActor<S> {
         self.pinned.clear();
         self.context.plans.forget_latest(self.catalog.keys());
         self.catalog.clear();
+        self.flow_pauses.clear();
         self.schedules.clear();
         self.gates = Default::default();
+        self.triggers = Default::default();
+        self.loaded.cancel();
+        self.loaded = self.stopped.child_token();
         // The failure may be transient (disk full cleared, cluster back): pause before reading.
         tokio::time::sleep(RELOAD_PAUSE).await;
         let reloaded = self.reload().await?;

@@ -119,7 +119,7 @@ impl<S: ShardStore> ShardActor<S> {
     pub(super) fn deliver(&self, key: Vec<u8>) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
         let starting = Arc::clone(&self.context.children_starting);
-        let (inbox, stopped, shard, store) = (self.inbox.clone(), self.stopped.clone(), self.shard, self.store.clone());
+        let (inbox, stopped, shard, store) = (self.inbox.clone(), self.loaded.clone(), self.shard, self.store.clone());
         let pending = Pending::new(records::outbox_kind(&key));
         tokio::spawn(async move {
             let _pending = pending;
@@ -144,7 +144,7 @@ impl<S: ShardStore> ShardActor<S> {
     pub(super) fn start_child(&self, start: ChildStart, depth: u32) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
         let starting = Arc::clone(&self.context.children_starting);
-        let stopped = self.stopped.clone();
+        let stopped = self.loaded.clone();
         let pending = Pending::new(START_CHILD);
         tokio::spawn(async move {
             let _pending = pending;

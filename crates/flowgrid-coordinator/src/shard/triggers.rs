@@ -70,7 +70,7 @@ impl<S: ShardStore> ShardActor<S> {
         if let Some((_, stop)) = running.remove(&plan.name) {
             stop.cancel();
         }
-        let stop = self.stopped.child_token();
+        let stop = self.loaded.child_token();
         // When a version of the flow first read this stream.
         let since_ms = self.catalog.get(&plan.name).and_then(|versions| {
             let reading = versions.iter().filter(|entry| {
