@@ -247,9 +247,13 @@ pub async fn lane_consumer(
     if let Ok(consumer) = tasks.get_consumer::<consumer::pull::Config>(&name).await {
         return Ok(consumer);
     }
-    // Missing (or unreadable: then creating it says why).
-    let pool_bound = pool_consumer(tasks, subjects, pool, limits).await?.cached_info().config.max_ack_pending;
-    let config = lane_consumer_config(subjects, pool, priority, pool_bound, limits);
+    // Missing (or unreadable: then creating it says why). It takes the pool consumer's
+    // bound and ack wait, which its workers' heartbeats follow, whoever creates it.
+    let pool_config = pool_consumer(tasks, subjects, pool, limits).await?.cached_info().config.clone();
+    let config = consumer::pull::Config {
+        ack_wait: pool_config.ack_wait,
+        ..lane_consumer_config(subjects, pool, priority, pool_config.max_ack_pending, limits)
+    };
     open_consumer(tasks, &subjects.tasks_stream(), config).await
 }
 

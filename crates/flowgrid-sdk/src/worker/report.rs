@@ -6,7 +6,7 @@
 //! - confirmed (applied or not): ack;
 //! - refused as retryable, or no answer (coordinator restarting, shard moving): retry
 //!   with backoff until the give-up time, then nak so the task is delivered again;
-//! - refused as too large: replace the output by a non-retryable `result_too_large`
+//! - refused as too large: replace the output by a non-retryable `payload_too_large`
 //!   error and send that instead;
 //! - refused for good: terminate the message (sending it again cannot help).
 
@@ -35,7 +35,7 @@ pub(crate) const RESULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_DELAY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
 /// Code of the error sent in place of an output the grid refused as too large.
-const RESULT_TOO_LARGE: &str = "result_too_large";
+const RESULT_TOO_LARGE: &str = "payload_too_large";
 
 /// What to do with a task message once its result is dealt with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
