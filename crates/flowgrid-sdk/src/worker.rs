@@ -29,6 +29,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use flowgrid_engine::TaskError;
@@ -389,7 +390,7 @@ impl Worker {
             pacer: self.max_rate.map(Pacer::new),
         });
         let cancels = self.subjects.cancels(&self.pool);
-        let listener = tokio::spawn(listen_for_cancels(self.nats.clone(), cancels, shared.clone(), shutdown.clone()));
+        let listener = tokio::spawn(listen_for_cancels(self.nats.clone(), cancels, shared.clone()));
         let identity = registry::Identity { pool: self.pool.clone(), concurrency: self.concurrency };
         let registered = tokio::spawn(registry::keep_registered(
             jetstream.clone(),
@@ -661,14 +662,10 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
-/// Cancels the running tasks the coordinators say are no longer needed, until shutdown.
-/// Notices are advisory: without them, a task runs to its end and its result is ignored.
-async fn listen_for_cancels(
-    nats: async_nats::Client,
-    subject: String,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
+/// Cancels the running tasks the coordinators say are no longer needed, until the worker
+/// has stopped (tasks still run during its shutdown grace). Notices are advisory: without
+/// them, a task runs to its end and its result is ignored.
+async fn listen_for_cancels(nats: async_nats::Client, subject: String, shared: Arc<Shared>) {
     let mut notices = match nats.subscribe(subject.clone()).await {
         Ok(notices) => notices,
         Err(error) => {
@@ -676,14 +673,7 @@ async fn listen_for_cancels(
             return;
         }
     };
-    loop {
-        let notice = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            notice = notices.next() => match notice {
-                Some(notice) => notice,
-                None => return,
-            },
-        };
+    while let Some(notice) = notices.next().await {
         let content_type = notice.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
         let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
         match decode::<TasksCancelled>(encoding, &notice.payload) {
@@ -800,7 +790,9 @@ async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> Option<std::r
         return Some(Err(deadline_exceeded()));
     };
     let cancellation = task.cancellation().clone();
-    let mut running = tokio::spawn(handler.handle(task));
+    // Aborted with the task that awaits it too: a worker that stops after its shutdown
+    // grace leaves no handler running on without heartbeats.
+    let mut running = AbortOnDropHandle::new(tokio::spawn(handler.handle(task)));
     let outcome = tokio::select! {
         outcome = tokio::time::timeout(budget, &mut running) => outcome,
         _ = cancellation.cancelled() => {
