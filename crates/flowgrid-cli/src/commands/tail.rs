@@ -33,7 +33,8 @@ pub(super) async fn tail(
     timeout: Duration,
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
-    let view = client.get(run_id).await?;
+    // Its steps and status: the run's data (as large as NATS carries) is not needed.
+    let view = client.get_without_data(run_id).await?;
     if let Some(step) = step {
         if !view.steps.iter().any(|view| view.id == step) {
             let steps: Vec<&str> = view.steps.iter().map(|view| view.id.as_str()).collect();
@@ -90,7 +91,7 @@ pub(crate) async fn follow<F: Future<Output = anyhow::Result<()>>>(
                 None => break,
             },
             _ = poll.tick(), if ended.is_none() => {
-                let view = client.get(run_id).await?;
+                let view = client.get_without_data(run_id).await?;
                 if view.status.is_terminal() {
                     ended = Some((view.status, Instant::now()));
                 }

@@ -219,8 +219,9 @@ async fn flow(
 
 async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
     let run_id = RunId(run_id.into());
-    // A run that does not exist is a 404 now, not an empty stream.
-    let view = match ui.client.get(&run_id).await {
+    // A run that does not exist is a 404 now, not an empty stream. Its steps and status
+    // are what the stream needs, not its data.
+    let view = match ui.client.get_without_data(&run_id).await {
         Ok(view) => view,
         Err(error) => return refusal(&error),
     };

@@ -106,6 +106,7 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
             HeaderValue::from_static("frame-ancestors 'none'"),
         ))
         .with_state(ui);
+    let app = if listen.ip().is_loopback() { app.layer(axum::middleware::from_fn(loopback_names_only)) } else { app };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}: pick a free address with --listen"))?;
@@ -614,6 +615,68 @@ fn api_failure(error: &flowgrid_sdk::Error) -> Response {
     failure(status_of(error), &error.to_string())
 }
 
+/// A UI on a loopback address answers only requests addressed to a loopback name. Another
+/// site whose name was pointed at 127.0.0.1 (DNS rebinding) would otherwise be this UI's
+/// origin to the browser, and could read a page, take its form token and post the form.
+async fn loopback_names_only(request: Request, next: axum::middleware::Next) -> Response {
+    let host = request.headers().get(axum::http::header::HOST).and_then(|value| value.to_str().ok()).unwrap_or("");
+    if is_loopback_name(host) {
+        return next.run(request).await;
+    }
+    failure(
+        StatusCode::FORBIDDEN,
+        &format!(
+            "this UI listens on a loopback address and answers requests for localhost or 127.0.0.1 only, not for \
+             {host:?}: open it as http://127.0.0.1:<port>/ (to serve other names, listen on another address with \
+             --listen)"
+        ),
+    )
+}
+
+/// `localhost` (or a name under it), or a loopback address, with or without a port.
+fn is_loopback_name(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|byte| byte.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.strip_prefix('[').and_then(|name| name.strip_suffix(']')).unwrap_or(name).to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn failure(status: StatusCode, message: &str) -> Response {
     (status, pages::failure(status.as_u16(), message)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_name;
+
+    #[test]
+    fn only_loopback_names_address_a_ui_on_a_loopback_address() {
+        for host in [
+            "127.0.0.1:8080",
+            "127.0.0.1",
+            "localhost:8080",
+            "LOCALHOST",
+            "ui.localhost:80",
+            "[::1]:8080",
+            "[::1]",
+            "127.1.2.3:9",
+        ] {
+            assert!(is_loopback_name(host), "{host}");
+        }
+        for host in [
+            "evil.example:8080",
+            "evil.example",
+            "",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "[::2]:80",
+            "127.0.0.1.evil:80",
+        ] {
+            assert!(!is_loopback_name(host), "{host}");
+        }
+    }
 }
