@@ -140,6 +140,9 @@ fn query<T: DeserializeOwned>(pairs: Vec<(String, String)>, numbers: &[&str]) ->
     let mut fields = serde_json::Map::new();
     let mut labels = Vec::new();
     for (key, value) in pairs {
+        if key == "labels" {
+            return Err(refuse("labels is not a parameter: give each label as label=key=value".to_owned()));
+        }
         if key != "label" && fields.contains_key(&key) {
             return Err(refuse(format!("{key} is given twice: give it once (only label may be repeated)")));
         }
@@ -474,5 +477,16 @@ mod tests {
         assert!(!same_secret(b"0123456789abcdeX", b"0123456789abcdef"));
         assert!(!same_secret(b"0123456789abcde", b"0123456789abcdef"));
         assert!(!same_secret(b"", b"0123456789abcdef"));
+    }
+
+    #[test]
+    fn a_query_takes_labels_only_as_label_parameters() {
+        let pairs =
+            |list: &[(&str, &str)]| list.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
+        let listed: ListRuns = query(pairs(&[("label", "a=1"), ("flow", "f")]), &[]).unwrap();
+        assert_eq!((listed.labels.get("a").map(String::as_str), listed.flow.as_deref()), (Some("1"), Some("f")));
+        for refused in [vec![("labels", "x"), ("label", "a=1")], vec![("label", "a=1"), ("labels", "x")]] {
+            assert!(query::<ListRuns>(pairs(&refused), &[]).is_err(), "{refused:?}");
+        }
     }
 }
