@@ -268,11 +268,19 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     assert_eq!(header(&headers, "x-frame-options"), Some("DENY"), "{headers:?}");
     assert_eq!(header(&headers, "content-security-policy"), Some("frame-ancestors 'none'"), "{headers:?}");
 
+    // On loopback, a request for another name (a site pointed at 127.0.0.1) is refused.
+    let mut stream = std::net::TcpStream::connect(&cors)?;
+    std::io::Write::write_all(&mut stream, b"GET / HTTP/1.0\r\nHost: evil.example\r\n\r\n")?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer)?;
+    assert!(answer.starts_with("HTTP/1.0 403") && answer.contains("loopback"), "{answer}");
+
     // SIGTERM stops the UI at once even while a live stream follows a run that goes on.
     let (_, body) = http_post_json(&cors, "/api/runs", r#"{"flow": "approval"}"#, Some(API_TOKEN))?;
     let going: Value = serde_json::from_str(&body)?;
     let mut stream = std::net::TcpStream::connect(&cors)?;
-    let request = format!("GET /api/runs/{}/live HTTP/1.1\r\nHost: ui\r\n\r\n", going["run_id"].as_str().unwrap_or(""));
+    let request =
+        format!("GET /api/runs/{}/live HTTP/1.1\r\nHost: {cors}\r\n\r\n", going["run_id"].as_str().unwrap_or(""));
     std::io::Write::write_all(&mut stream, request.as_bytes())?;
     let mut first = [0u8; 64];
     let read = std::io::Read::read(&mut stream, &mut first)?;

@@ -250,8 +250,9 @@ async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response 
     page(pages::run(&view, definition.as_ref(), history.ok().as_ref(), &live, ui.actions(), left_out.as_deref()))
 }
 
-/// The first [`pages::LIVE_PIECES_SHOWN`] pieces of live output the grid keeps of a run;
-/// none when it keeps none (or cannot be read: the page shows the rest of the run).
+/// The first [`pages::LIVE_PIECES_SHOWN`] pieces of live output the grid keeps of a run,
+/// and no more once they hold [`pages::LIVE_BYTES_SHOWN`]; none when it keeps none (or
+/// cannot be read: the page shows the rest of the run).
 async fn live_output(client: &Client, run_id: &RunId) -> Vec<LiveOutput> {
     let subjects = client.subjects();
     let Ok(stream) = client.jetstream().get_stream(subjects.live_stream()).await else { return Vec::new() };
@@ -270,10 +271,17 @@ async fn live_output(client: &Client, run_id: &RunId) -> Vec<LiveOutput> {
     }
     let Ok(tail) = client.tail(run_id, None).await else { return Vec::new() };
     let mut pieces = Vec::with_capacity(kept);
-    let reading = tail.take(kept).filter_map(|piece| async { piece.ok() }).for_each(|piece| {
-        pieces.push(piece);
-        async {}
-    });
+    let reading = async {
+        let mut tail = std::pin::pin!(tail.take(kept).filter_map(|piece| async { piece.ok() }));
+        let mut bytes = 0;
+        while let Some(piece) = tail.next().await {
+            bytes += piece.text().len();
+            pieces.push(piece);
+            if bytes >= pages::LIVE_BYTES_SHOWN {
+                break;
+            }
+        }
+    };
     // What came in time is shown; the page reloads while the run goes.
     let _ = tokio::time::timeout(LIVE_READ_TIMEOUT, reading).await;
     pieces

@@ -415,6 +415,14 @@ fn live_by_attempt(live: &[LiveOutput]) -> Vec<(&AttemptId, String)> {
 
 /// Pieces of live output a run's page shows, the first ones.
 pub const LIVE_PIECES_SHOWN: usize = 2_000;
+/// Bytes of live output a run's page shows at most (a piece may hold 64 KiB, and the page
+/// reloads every 2 s while the run goes).
+pub const LIVE_BYTES_SHOWN: usize = 256 * 1024;
+
+/// The bytes of text of live output `pieces`.
+pub fn live_bytes(pieces: &[LiveOutput]) -> usize {
+    pieces.iter().map(|piece| piece.text().len()).sum()
+}
 
 pub fn run(
     view: &RunView,
@@ -645,7 +653,7 @@ pub fn run(
                     }
                     pre { (text) }
                 }
-                @if live.len() == LIVE_PIECES_SHOWN { p { "The first " (LIVE_PIECES_SHOWN) " pieces: " code { "flowgrid run tail " (view.run_id) } " prints them all." } }
+                @if live.len() == LIVE_PIECES_SHOWN || live_bytes(live) >= LIVE_BYTES_SHOWN { p { "The first " (live.len()) " pieces: " code { "flowgrid run tail " (view.run_id) } " prints them all." } }
             }
             h2 { "Input" }
             pre { (pretty_cut(&view.input, &view.run_id)) }
