@@ -98,6 +98,7 @@ pub async fn spawn_shard<S: ShardStore>(
     let next_prune_ms =
         context.retain_ended_ms.map(|retain_ms| now_ms() + super::retention::prune_interval_ms(retain_ms));
     let (sender, inbox) = mpsc::channel(queue_max);
+    let stopped = shutdown.child_token();
     let mut actor = ShardActor {
         shard,
         epoch,
@@ -115,10 +116,9 @@ pub async fn spawn_shard<S: ShardStore>(
         next_prune_ms,
         metrics: ShardMetrics::register(),
         inbox: sender.downgrade(),
-        stopped: shutdown.child_token(),
-        loaded: CancellationToken::new(),
+        loaded: stopped.child_token(),
+        stopped,
     };
-    actor.loaded = actor.stopped.child_token();
     let reloaded = match actor.reload().await {
         Ok(reloaded) => reloaded,
         Err(error) => {
