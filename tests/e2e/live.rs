@@ -117,6 +117,13 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     let (status, _, body) = http_exchange(&addr, "GET", "/api/nosuch", &[], None)?;
     assert_eq!(status, 404);
     json_refusal(status, &body, "not_found");
+    // Under a run, a change asked for the wrong way, and a path that is no call.
+    let (status, _, body) = http_exchange(&addr, "GET", &format!("/api/runs/{run_id}/cancel"), &[], None)?;
+    assert_eq!(status, 405);
+    json_refusal(status, &body, "method_not_allowed");
+    let (status, _, body) = http_exchange(&addr, "GET", &format!("/api/runs/{run_id}/nosuch"), &[], None)?;
+    assert_eq!(status, 404);
+    json_refusal(status, &body, "not_found");
     let huge = format!(r#"{{"flow": "answer", "input": "{}"}}"#, "y".repeat(7 << 20));
     let (status, body) = http_post_json(&addr, "/api/runs", &huge, Some(API_TOKEN))?;
     assert_eq!(status, 413);

@@ -69,7 +69,7 @@ pub(super) fn routes(cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
         .route("/api/runs/{run_id}", get(run).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/live", get(live).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/signals/{step}", post(signal).fallback(method_not_allowed))
-        .route("/api/runs/{run_id}/{change}", post(change).fallback(method_not_allowed))
+        .route("/api/runs/{run_id}/{change}", post(change).fallback(change_other_method))
         .route("/api/flows", get(flows).fallback(method_not_allowed))
         .route_layer(axum::middleware::from_fn(refuse_query));
     let api = Router::new()
@@ -341,7 +341,7 @@ async fn change(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if !matches!(change.as_str(), "cancel" | "pause" | "resume" | "redrive") {
+    if !is_change(&change) {
         return no_such_call().await;
     }
     let body: ChangeBody = match change_request(&ui, &headers, body, Some(ChangeBody::default())) {
@@ -433,6 +433,20 @@ fn refusal(refused: &flowgrid_sdk::Error) -> Response {
 async fn method_not_allowed(method: Method) -> Response {
     let message = format!("{method} is not how this call is made: see docs/operations.md, \"The HTTP API\"");
     error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &message)
+}
+
+/// The changes `POST /api/runs/<id>/<change>` makes.
+fn is_change(name: &str) -> bool {
+    matches!(name, "cancel" | "pause" | "resume" | "redrive")
+}
+
+/// Another method on `/api/runs/<id>/<change>`: a change asked the wrong way, or no call.
+async fn change_other_method(method: Method, Path((_, change)): Path<(String, String)>) -> Response {
+    if is_change(&change) {
+        method_not_allowed(method).await
+    } else {
+        no_such_call().await
+    }
 }
 
 async fn no_such_call() -> Response {
