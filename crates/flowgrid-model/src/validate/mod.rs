@@ -304,7 +304,7 @@ fn outgoing_edges(position: usize, step: &Step, steps: &[Step], index: &HashMap<
 }
 
 fn rule_number(rule: usize) -> u16 {
-    u16::try_from(rule).expect("a rule list fits in a definition under definition_bytes_max")
+    u16::try_from(rule).expect("validation refuses more than RULES_MAX rules")
 }
 
 /// The catch rules of a task, map, signal or subflow step (none for other kinds).

@@ -14,6 +14,9 @@ use super::{push_issue, step_path};
 
 /// Attempts a retry policy may ask for: more is a loop, not a retry.
 const ATTEMPTS_MAX: u32 = 100;
+/// Rules of one step's `catch`, and of one choice's `choices`: each is an edge of the
+/// graph, and a rule lists as many codes (or conditions) as it needs.
+pub(crate) const RULES_MAX: usize = 100;
 
 /// A limit bounds runs at once, their start rate, or both, within [`CONCURRENCY_MAX`].
 fn check_concurrency(concurrency: &Concurrency, issues: &mut Vec<Issue>) {
@@ -133,6 +136,16 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
                     issues,
                     format!("{path}.choices"),
                     "a choice needs at least one rule (`when` and `next`): add one, or use `after` for an unconditional edge",
+                );
+            }
+            if choice.choices.len() > RULES_MAX {
+                push_issue(
+                    issues,
+                    format!("{path}.choices"),
+                    format!(
+                        "has {} rules: at most {RULES_MAX} (a rule's `when` may test several things)",
+                        choice.choices.len()
+                    ),
                 );
             }
         }
@@ -358,6 +371,13 @@ fn check_max_concurrency(path: &str, max_concurrency: Option<u32>, what: &str, i
 }
 
 fn check_catch(path: &str, catch: &[Catch], issues: &mut Vec<Issue>) {
+    if catch.len() > RULES_MAX {
+        push_issue(
+            issues,
+            format!("{path}.catch"),
+            format!("has {} rules: at most {RULES_MAX} (one rule's `errors` may list many codes)", catch.len()),
+        );
+    }
     for (rule, catch_rule) in catch.iter().enumerate() {
         if catch_rule.errors.is_empty() || catch_rule.errors.iter().any(|code| code.trim().is_empty()) {
             push_issue(

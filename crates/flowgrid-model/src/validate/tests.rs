@@ -505,6 +505,9 @@ fn a_subflow_step_names_a_flow_compiles_its_input_and_catches_like_a_task() {
     assert_issue(&issues_of(&flow(", flow: x, version: 0")), "steps[0](s).version", "start at 1");
     assert_issue(&issues_of(&flow(", flow: x, input: '1 +'")), "steps[0](s).input", "does not compile");
     assert_issue(&issues_of(&flow(", flow: x, catch: [{ next: nope }]")), "steps[0](s).catch[0].next", "nope");
+    // Each rule is an edge of the graph: their number is bounded, not only the text's size.
+    let rules = vec!["{ next: late }"; super::rules::RULES_MAX + 1].join(", ");
+    assert_issue(&issues_of(&flow(&format!(", flow: x, catch: [{rules}]"))), "steps[0](s).catch", "at most 100");
 
     let text = flow(", flow: encode, items: 'input.videos', max_concurrency: 4, tolerated_failures: 1");
     let plan = FlowPlan::compile(parse(&text), 1, &evaluator(), &limits()).unwrap();
