@@ -26,6 +26,15 @@ pub enum Timetable {
     Cron(Box<croner::Cron>, Tz),
 }
 
+/// Searches for one slot of a cron expression in an hour a clock change repeats: from a
+/// minute later each, for up to two hours.
+const CRON_STEPS_MAX: usize = 120;
+const CRON_STEP_MS: Millis = 60_000;
+/// Times the search for a cron slot starts again later when it found none (a clock that
+/// jumps by more than an hour), and by how much.
+const CRON_JUMPS_MAX: u32 = 3;
+const CRON_JUMP_MS: Millis = 3 * 3_600_000;
+
 impl Timetable {
     /// Parses a cron expression: 5 fields (minute, hour, day of month, month, day of week).
     /// One that never matches (`0 0 30 2 *`) is refused too.
@@ -76,9 +85,28 @@ impl Timetable {
         match self {
             Timetable::Every(every_ms) => Some((after_ms / every_ms + 1) * every_ms),
             Timetable::Cron(cron, zone) => {
-                let after = DateTime::<Utc>::from_timestamp_millis(i64::try_from(after_ms).ok()?)?.with_timezone(zone);
-                let next = cron.find_next_occurrence(&after, false).ok()?;
-                u64::try_from(next.timestamp_millis()).ok()
+                let next_from = |from_ms: Millis| {
+                    let from =
+                        DateTime::<Utc>::from_timestamp_millis(i64::try_from(from_ms).ok()?)?.with_timezone(zone);
+                    let next = cron.find_next_occurrence(&from, false).ok()?;
+                    u64::try_from(next.timestamp_millis()).ok()
+                };
+                // Around a clock change the search may give a time of the first pass of an
+                // hour the clock repeats, before `after_ms` (it goes on a minute later), or
+                // none when the clock jumps further than it looks (it looks again from later).
+                let (mut from_ms, mut jumps) = (after_ms, 0);
+                for _ in 0..CRON_STEPS_MAX {
+                    match next_from(from_ms) {
+                        Some(next_ms) if next_ms > after_ms => return Some(next_ms),
+                        Some(_) => from_ms = from_ms.saturating_add(CRON_STEP_MS),
+                        _ if jumps < CRON_JUMPS_MAX => {
+                            jumps += 1;
+                            from_ms = from_ms.saturating_add(CRON_JUMP_MS);
+                        }
+                        _ => return None,
+                    }
+                }
+                None
             }
         }
     }
@@ -142,6 +170,18 @@ mod tests {
             Schedule { cron: Some("0 9 * * *".into()), timezone: Some("Mars/Olympus".into()), ..Schedule::default() };
         assert!(Timetable::of(&no_zone).unwrap_err().contains("IANA"));
         assert!(Timetable::of(&Schedule::default()).is_err());
+    }
+
+    #[test]
+    fn the_next_slot_is_later_even_in_the_hour_a_clock_change_repeats() {
+        let every_five = Timetable::cron_in("*/5 * * * *", Timetable::zone("Europe/Berlin").unwrap()).unwrap();
+        // 2026-10-25T01:30:00Z is 2:30 in Berlin, the second time (clocks went back at 3:00).
+        let after = 1_792_891_800_000;
+        let next = every_five.next_after(after).expect("a slot");
+        assert!(next > after && next <= after + 3_600_000, "{next} after {after}");
+        // And every slot from there on is later than the one before.
+        let slots = every_five.slots_between(after - 3 * 3_600_000, after + 3 * 3_600_000, 1_000).unwrap();
+        assert!(slots.windows(2).all(|pair| pair[0] < pair[1]), "{slots:?}");
     }
 
     #[test]
