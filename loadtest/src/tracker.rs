@@ -114,6 +114,9 @@ pub struct Tracker {
     inner: Mutex<Inner>,
     tasks_per_run: u32,
     measuring: AtomicBool,
+    /// When the measured window opened and closed: a run belongs to it by when it was
+    /// started (sent, or scheduled), not by when its start reply came.
+    window: Mutex<(Option<Instant>, Option<Instant>)>,
     pub counters: Counters,
     /// Finished runs sampled for a `run.get` check.
     verify: Option<mpsc::UnboundedSender<RunId>>,
@@ -136,6 +139,7 @@ impl Tracker {
             }),
             tasks_per_run,
             measuring: AtomicBool::new(false),
+            window: Mutex::new((None, None)),
             counters: Counters::default(),
             verify,
             verify_share,
@@ -144,7 +148,20 @@ impl Tracker {
     }
 
     pub fn set_measuring(&self, on: bool) {
+        let mut window = self.window.lock().expect("window lock");
+        match on {
+            true => *window = (Some(Instant::now()), None),
+            false => window.1 = Some(Instant::now()),
+        }
         self.measuring.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether a run started at `started` belongs to the measured window.
+    fn in_window(&self, started: Instant) -> bool {
+        match *self.window.lock().expect("window lock") {
+            (Some(from), until) => started >= from && until.is_none_or(|until| started < until),
+            (None, _) => false,
+        }
     }
 
     pub fn measuring(&self) -> bool {
@@ -155,7 +172,7 @@ impl Tracker {
     /// scheduled); `waiter` hears when the run ends.
     pub fn started(&self, run_id: RunId, started: Instant, waiter: Option<oneshot::Sender<RunEnd>>) {
         self.counters.runs_started.fetch_add(1, Ordering::Relaxed);
-        let measured = self.measuring();
+        let measured = self.in_window(started);
         let mut inner = self.inner.lock().expect("tracker lock");
         let Inner { runs, histograms } = &mut *inner;
         let track = runs.entry(run_id.clone()).or_default();
@@ -324,6 +341,20 @@ mod tests {
         assert!(histograms.run_e2e.equivalent(histograms.run_e2e.max(), 9_000));
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 1);
         assert_eq!(tracker.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_run_belongs_to_the_window_it_was_started_in_whenever_its_reply_comes() {
+        let tracker = Tracker::new(1, None, 0.0);
+        let t0 = Instant::now();
+        let (before, inside) = (t0, t0 + Duration::from_millis(15));
+        *tracker.window.lock().unwrap() = (Some(t0 + Duration::from_millis(10)), Some(t0 + Duration::from_millis(20)));
+        // Replies that come after the window closed.
+        tracker.started(RunId("early".into()), before, None);
+        tracker.started(RunId("in".into()), inside, None);
+        assert_eq!(tracker.open_measured(), 1, "only the run started inside the window");
+        assert_eq!(tracker.histograms().start_reply.len(), 1);
+        assert_eq!(tracker.unfinished_measured(), 1, "and it counts as unfinished until it ends");
     }
 
     #[test]
