@@ -179,8 +179,13 @@ pub(crate) fn floor_run_id(sequence: u64) -> RunId {
     RunId::from_parts(FLOOR_ORIGIN_MS + sequence / 1_000, u128::from(sequence))
 }
 
+/// Seconds a floor task may stay in the stream (`Nats-TTL`): what the coordinator gives a
+/// task of a five-minute timeout, a second past its deadline.
+const TASK_TTL_S: &str = "301";
+
 /// A task message as the coordinator publishes it: MessagePack, `Nats-Msg-Id` the
-/// attempt's message id; its result goes to `reply_to`.
+/// attempt's message id and its run's creation time, a lifetime in the stream; its result
+/// goes to `reply_to`.
 pub(crate) fn task_message(
     subjects: &Subjects,
     pool: &str,
@@ -189,7 +194,8 @@ pub(crate) fn task_message(
     reply_to: String,
 ) -> Option<(async_nats::Subject, async_nats::HeaderMap, Bytes)> {
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", attempt.message_id().as_str());
+    headers.insert("Nats-Msg-Id", format!("{}:{FLOOR_ORIGIN_MS}", attempt.message_id()).as_str());
+    headers.insert(async_nats::header::NATS_MESSAGE_TTL, TASK_TTL_S);
     let message = TaskMessage {
         attempt,
         pool: pool.into(),
