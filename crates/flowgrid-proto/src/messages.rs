@@ -243,11 +243,15 @@ pub struct StartRun {
 /// The longest idempotency key a start may carry (bytes): it is hashed, but it is also
 /// logged and echoed.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
-/// Idempotency keys the grid gives starts of its own: a child run of a subflow step
-/// (`subflow/<parent>/<step>...`) and a durable submit without a key (`submit-<sequence>`).
-/// A caller's start with one could take the place of such a start, which would then start
-/// nothing, so they are refused.
-pub const RESERVED_KEY_PREFIXES: [&str; 2] = ["subflow/", "submit-"];
+/// Whether `key` is of the form of the idempotency keys the grid gives starts of its own: a
+/// child run of a subflow step (`subflow/<parent>/<step>...`) or a durable submit without a
+/// key (`submit-<sequence>`, the sequence in digits). A caller's start with one could take
+/// the place of such a start, which would then start nothing, so they are refused.
+pub fn is_grid_key(key: &str) -> bool {
+    let sequence = key.strip_prefix("submit-");
+    key.starts_with("subflow/")
+        || sequence.is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit()))
+}
 
 impl StartRun {
     /// What is wrong with the start on its face, without asking the grid (its labels, its
@@ -266,10 +270,11 @@ impl StartRun {
                     key.len()
                 ));
             }
-            if let Some(prefix) = RESERVED_KEY_PREFIXES.into_iter().find(|prefix| key.starts_with(prefix)) {
+            if is_grid_key(key) {
                 return invalid(format!(
-                    "idempotency_key {key:?} starts with `{prefix}`, which the grid keeps for starts of its own \
-                     (child runs of subflow steps, durable submits without a key): use a key of your own"
+                    "idempotency_key {key:?} has the form the grid keeps for starts of its own (`subflow/...` for \
+                     child runs of subflow steps, `submit-<number>` for durable submits without a key): use a key of \
+                     your own"
                 ));
             }
         }
@@ -827,4 +832,19 @@ pub struct ResultAck {
     /// `false` when the result was for an attempt that is no longer open (a duplicate,
     /// or too late): it was ignored, and the worker should still ack the task.
     pub applied: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_grid_key;
+
+    #[test]
+    fn only_keys_of_the_grid_s_own_forms_are_its_own() {
+        for key in ["subflow/r1/step", "subflow/r1/step/3/r2", "submit-7", "submit-123456"] {
+            assert!(is_grid_key(key), "{key}");
+        }
+        for key in ["submit-", "submit-order-7", "submit-7a", "order-7", "subflow", "my-subflow/x"] {
+            assert!(!is_grid_key(key), "{key}");
+        }
+    }
 }
