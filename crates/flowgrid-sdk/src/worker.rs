@@ -346,9 +346,10 @@ impl Worker {
 
     /// Starts at most `per_second` tasks a second, in the order they arrive, for a service
     /// with a quota (a value not above 0, or not finite, sets no bound, as without this
-    /// call; one below [`MAX_RATE_MIN`] is taken as that). A task waiting for its turn is held and heartbeated, so JetStream does not
-    /// hand it to another worker; a task cancelled meanwhile is dropped. The bound is this
-    /// worker's: give each of a pool's workers its share.
+    /// call; one below [`MAX_RATE_MIN`] is taken as that). A task waiting for its turn is
+    /// held and heartbeated, so JetStream does not hand it to another worker; a task
+    /// cancelled meanwhile is dropped. The bound is this worker's: give each of a pool's
+    /// workers its share.
     pub fn max_rate(mut self, per_second: f64) -> Worker {
         self.max_rate = (per_second.is_finite() && per_second > 0.0).then_some(per_second.max(MAX_RATE_MIN));
         self
@@ -587,10 +588,10 @@ struct Shared {
     pacer: Option<Pacer>,
 }
 
-/// Spaces task starts at most `rate` a second, in the order they ask.
 /// The lowest rate [`Worker::max_rate`] takes: one task a day.
 pub const MAX_RATE_MIN: f64 = 1.0 / 86_400.0;
 
+/// Spaces task starts at most `rate` a second, in the order they ask.
 struct Pacer {
     interval: Duration,
     next: tokio::sync::Mutex<tokio::time::Instant>,

@@ -123,6 +123,7 @@ impl Run {
             PlanStepKind::Subflow(spec) => (spec.input.as_ref(), None),
             _ => unreachable!("items belong to map and subflow steps"),
         };
+        let children = task.is_none();
         while !self.status.is_terminal() {
             let map = self.map_mut(index);
             if map.active >= map.max_concurrency || map.next_pending >= map.total {
@@ -140,7 +141,6 @@ impl Run {
             };
             map.next_pending += 1;
             map.active += 1;
-            let children = task.is_none();
             if let Some(error) = task.and_then(|spec| self.budget_spent(index, spec, item, context.now)) {
                 match self.count_item_failure(index, item, error) {
                     Some(tolerated) => return self.fail_map(index, tolerated, context),
