@@ -153,10 +153,10 @@ pub struct RunArgs {
     /// Open loop: run starts per second (default 1000).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Closed loop: runs in flight at once. 512 keeps the grid's queues deep enough to batch
-    /// (with 256, chain-of-3 reached about a tenth less), with run latencies still well
-    /// under 100 ms; 2,048 (the broker floor's depth) gives more throughput at several
-    /// times the latency. (default 512)
+    /// Closed loop: runs in flight at once (default 512). 512 keeps the grid's queues deep
+    /// enough to batch (with 256, chain-of-3 reached about a tenth less), with run latencies
+    /// still well under 100 ms; 2,048 (the broker floor's depth) gives more throughput at
+    /// several times the latency.
     #[arg(long)]
     pub concurrency: Option<usize>,
     /// Starts sent together in one `run.start_many` request, at most, by the SDK's

@@ -32,6 +32,9 @@ use crate::args::{Cli, Command};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The exit status of a process stopped by SIGTERM (128 + 15), as a shell reports it.
+const EXIT_TERMINATED: u8 = 143;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -61,7 +64,7 @@ async fn main() -> ExitCode {
         }
         _ = terminate.recv() => {
             eprintln!("terminated; stopping what was started");
-            return ExitCode::from(143);
+            return ExitCode::from(EXIT_TERMINATED);
         }
     };
     match outcome {

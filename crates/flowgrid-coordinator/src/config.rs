@@ -20,7 +20,7 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// Page cache of the embedded store over all shards, in MiB (split evenly between the
     /// shard files). The hot state is in memory; this cache only speeds up reloads and lists.
-    #[arg(long, env = "FLOWGRID_STORE_CACHE_MB", default_value_t = 16)]
+    #[arg(long, env = "FLOWGRID_STORE_CACHE_MB", default_value_t = STORE_CACHE_MB_DEFAULT)]
     pub store_cache_mb: usize,
     /// The most bytes of waiting tasks JetStream's tasks stream holds over all pools, in
     /// MiB; past it, task publishes are refused and retried later. Used when this
@@ -57,17 +57,17 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "FLOWGRID_POOL_GAUGES_MS", default_value_t = 10_000)]
     pub pool_gauges_ms: u64,
     /// Events one shard applies per store transaction (group commit).
-    #[arg(long, env = "FLOWGRID_BATCH_EVENTS_MAX", default_value_t = 1024)]
+    #[arg(long, env = "FLOWGRID_BATCH_EVENTS_MAX", default_value_t = BATCH_EVENTS_MAX_DEFAULT)]
     pub batch_events_max: usize,
     /// Commands waiting per shard; past it, requests are refused as overloaded.
-    #[arg(long, env = "FLOWGRID_SHARD_QUEUE_MAX", default_value_t = 4096)]
+    #[arg(long, env = "FLOWGRID_SHARD_QUEUE_MAX", default_value_t = SHARD_QUEUE_MAX_DEFAULT)]
     pub shard_queue_max: usize,
     /// Runs in memory (started, not ended) over the whole coordinator; past it, new runs
     /// are refused as overloaded. Bounds the coordinator's memory.
-    #[arg(long, env = "FLOWGRID_ACTIVE_RUNS_MAX", default_value_t = 200_000)]
+    #[arg(long, env = "FLOWGRID_ACTIVE_RUNS_MAX", default_value_t = ACTIVE_RUNS_MAX_DEFAULT)]
     pub active_runs_max: u64,
     /// API requests handled at once; past it, requests are refused as overloaded.
-    #[arg(long, env = "FLOWGRID_API_CONCURRENCY_MAX", default_value_t = 4096)]
+    #[arg(long, env = "FLOWGRID_API_CONCURRENCY_MAX", default_value_t = API_CONCURRENCY_MAX_DEFAULT)]
     pub api_concurrency_max: usize,
     /// How long this coordinator may go without a heartbeat before the others take its
     /// shards, in ms. Shorter: faster takeover after a crash; longer: fewer false takeovers
@@ -84,6 +84,13 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "FLOWGRID_DRAIN_TIMEOUT_MS", default_value_t = 15_000)]
     pub drain_timeout_ms: u64,
 }
+
+/// Defaults of the flags whose bounds name them (clap shows them in `--help` too).
+const STORE_CACHE_MB_DEFAULT: usize = 16;
+const BATCH_EVENTS_MAX_DEFAULT: usize = 1024;
+const SHARD_QUEUE_MAX_DEFAULT: usize = 4096;
+const ACTIVE_RUNS_MAX_DEFAULT: u64 = 200_000;
+const API_CONCURRENCY_MAX_DEFAULT: usize = 4096;
 
 /// The largest value of a count flag (`--batch-events-max`, `--shard-queue-max`,
 /// `--api-concurrency-max`, `--active-runs-max`): far past what one process holds, and
@@ -121,10 +128,10 @@ impl CoordinatorConfig {
             return Err(format!("--metrics-addr {:?} is not host:port (or `off`)", self.metrics_addr));
         }
         let counts = [
-            ("--batch-events-max", self.batch_events_max as u64, 1024),
-            ("--shard-queue-max", self.shard_queue_max as u64, 4096),
-            ("--api-concurrency-max", self.api_concurrency_max as u64, 4096),
-            ("--active-runs-max", self.active_runs_max, 200_000),
+            ("--batch-events-max", self.batch_events_max as u64, BATCH_EVENTS_MAX_DEFAULT as u64),
+            ("--shard-queue-max", self.shard_queue_max as u64, SHARD_QUEUE_MAX_DEFAULT as u64),
+            ("--api-concurrency-max", self.api_concurrency_max as u64, API_CONCURRENCY_MAX_DEFAULT as u64),
+            ("--active-runs-max", self.active_runs_max, ACTIVE_RUNS_MAX_DEFAULT),
         ];
         for (flag, value, default) in counts {
             if !(1..=COUNT_FLAG_MAX).contains(&value) {
@@ -133,7 +140,7 @@ impl CoordinatorConfig {
         }
         if self.store_cache_mb > STORE_CACHE_MB_MAX {
             return Err(format!(
-                "--store-cache-mb is {}; use 0 to {STORE_CACHE_MB_MAX} (16 is the default)",
+                "--store-cache-mb is {}; use 0 to {STORE_CACHE_MB_MAX} ({STORE_CACHE_MB_DEFAULT} is the default)",
                 self.store_cache_mb
             ));
         }

@@ -21,16 +21,12 @@ pub struct InputSchema {
 impl InputSchema {
     /// Compiles `schema`; the error says what is wrong with it.
     pub fn compile(schema: &Value) -> Result<InputSchema, String> {
+        use jsonschema::error::ValidationErrorKind::Referencing;
+        use jsonschema::ReferencingError::Unretrievable;
         jsonschema::validator_for(schema).map(|validator| InputSchema { validator }).map_err(|error| {
             match error.kind() {
                 // The library's own words would point at a resolver the grid does not offer.
-                jsonschema::error::ValidationErrorKind::Referencing(jsonschema::ReferencingError::Unretrievable {
-                    uri,
-                    ..
-                }) => format!(
-                "`$ref` {uri:?} is outside the schema, and nothing is fetched: copy what it names into the schema's \
-                 `$defs` and refer to it as `#/$defs/<name>`"
-            ),
+                Referencing(Unretrievable { uri, .. }) => outside_ref(uri),
                 _ => format!("not a JSON Schema this grid can use: {error}"),
             }
         })
@@ -55,6 +51,14 @@ impl fmt::Debug for InputSchema {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str("InputSchema")
     }
+}
+
+/// The refusal of a `$ref` to a document outside the schema, which the grid never fetches.
+fn outside_ref(uri: &str) -> String {
+    format!(
+        "`$ref` {uri:?} is outside the schema, and nothing is fetched: copy what it names into the schema's `$defs` \
+         and refer to it as `#/$defs/<name>`"
+    )
 }
 
 #[cfg(test)]

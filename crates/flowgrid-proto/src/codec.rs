@@ -108,8 +108,9 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T
 
 /// What a MessagePack message holds that JSON has no value for, and that decoding would
 /// turn into something else without a word: a float that is NaN or infinite (it would
-/// become `null`), or a binary value (taken as text where a string is expected). One pass over the bytes: a container's elements follow its header, so
-/// no nesting needs tracking. Bytes that are not MessagePack are left to the decoder.
+/// become `null`), or a binary value (taken as text where a string is expected). One pass
+/// over the bytes: a container's elements follow its header, so no nesting needs
+/// tracking. Bytes that are not MessagePack are left to the decoder.
 fn msgpack_problem(bytes: &[u8]) -> Option<&'static str> {
     use rmp::Marker;
     const NON_FINITE: &str = "a float that is NaN or infinite, which JSON has no value for";

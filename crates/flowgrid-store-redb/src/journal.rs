@@ -972,24 +972,22 @@ mod tests {
         let read = read_frames(dir.path(), Position::default(), |_| Ok(()));
         let Err(Error::Corrupt { key, detail }) = read else { panic!("got {read:?}") };
         assert!(key.contains("segment 4") && detail.contains("0000000004.log is missing"), "{key}: {detail}");
+        // The shards of the frames read from `segment` on.
+        let shards_from = |segment| {
+            let mut shards = Vec::new();
+            read_frames(dir.path(), Position { segment, offset: 0 }, |frame| {
+                shards.push(frame.shard.0);
+                Ok(())
+            })
+            .unwrap();
+            shards
+        };
         // Segments before the first were checkpointed and deleted: no gap.
         fs::write(segment_path(dir.path(), 4), frame(2)).unwrap();
-        let mut shards = Vec::new();
-        read_frames(dir.path(), Position { segment: 1, offset: 0 }, |frame| {
-            shards.push(frame.shard.0);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(shards, vec![1, 2, 1]);
+        assert_eq!(shards_from(1), vec![1, 2, 1]);
         // A gap before where a reading starts held only checkpointed frames: no damage.
         fs::remove_file(segment_path(dir.path(), 4)).unwrap();
-        let mut shards = Vec::new();
-        read_frames(dir.path(), Position { segment: 4, offset: 0 }, |frame| {
-            shards.push(frame.shard.0);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(shards, vec![1]);
+        assert_eq!(shards_from(4), vec![1]);
     }
 
     #[test]

@@ -426,7 +426,6 @@ fn json_argument(flag: &str, text: Option<String>, file: Option<std::path::PathB
     })
 }
 
-/// Waits for the run and prints it; exit 0 only if it succeeded.
 /// The run as `run.get` gives it, or without its data (saying so on stderr) when it is
 /// too large for one message.
 async fn get_run(client: &Client, run_id: &RunId) -> anyhow::Result<RunView> {
@@ -441,6 +440,7 @@ async fn get_run(client: &Client, run_id: &RunId) -> anyhow::Result<RunView> {
     Ok(view)
 }
 
+/// Waits for the run and prints it; exit 0 only if it succeeded.
 async fn wait_and_print(
     client: &Client,
     run_id: &RunId,

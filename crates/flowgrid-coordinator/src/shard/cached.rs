@@ -31,7 +31,7 @@ impl<S: ShardStore> ShardActor<S> {
             return self.context.dispatcher.send(self.shard, task, result_taken).await;
         };
         let lookup = task.cache.as_ref().expect("only tasks with a cache key are looked up");
-        let key = entry_key(&task.pool, &task.task, &lookup.key);
+        let (key, ttl_ms) = (entry_key(&task.pool, &task.task, &lookup.key), lookup.ttl_ms);
         // Joined here, in the order the shard dispatches: a reload sends its open tasks
         // oldest first, so the task that was already with a worker leads again (its message
         // is a duplicate JetStream drops) and those that waited for it wait again.
@@ -42,7 +42,6 @@ impl<S: ShardStore> ShardActor<S> {
         tokio::spawn(async move {
             let output = match joined {
                 Joined::Lead => {
-                    let ttl_ms = task.cache.as_ref().map_or(0, |lookup| lookup.ttl_ms);
                     let stored = cache.look_up(&task.pool, &task.task, &key, ttl_ms).await;
                     drop(permit);
                     if let Some(output) = &stored {

@@ -737,6 +737,8 @@ fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
 }
 
 /// Whether `batch`, not yet committed, gave step `step` of the run a signal of this `id`.
+/// Checked apart from [`ShardActor::took_signal`]: a batch is not `Sync`, so it cannot be
+/// held across that read of the history.
 fn took_in(batch: &Batch, run_id: &RunId, step: &str, id: Option<&str>) -> bool {
     id.is_some_and(|id| batch.signals.iter().any(|(run, took, took_id)| run == run_id && took == step && took_id == id))
 }

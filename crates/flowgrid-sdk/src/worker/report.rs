@@ -35,7 +35,7 @@ pub(crate) const RESULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_DELAY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
 /// Code of the error sent in place of an output the grid refused as too large.
-const RESULT_TOO_LARGE: &str = "payload_too_large";
+const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
 
 /// What to do with a task message once its result is dealt with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,7 +148,7 @@ pub(crate) fn decide(sent: &Sent, result: &TaskResult, now: Millis, give_up_ms: 
 }
 
 fn replace_too_large(result: &TaskResult) -> Next {
-    let already_replaced = result.error.as_ref().is_some_and(|error| error.code == RESULT_TOO_LARGE);
+    let already_replaced = result.error.as_ref().is_some_and(|error| error.code == PAYLOAD_TOO_LARGE);
     if already_replaced {
         return Next::Settle(Settle::Term);
     }
@@ -156,7 +156,7 @@ fn replace_too_large(result: &TaskResult) -> Next {
         attempt: result.attempt.clone(),
         output: None,
         error: Some(TaskError {
-            code: RESULT_TOO_LARGE.into(),
+            code: PAYLOAD_TOO_LARGE.into(),
             message: "the task's result is over the grid's payload limit".into(),
             retryable: false,
         }),
@@ -211,7 +211,7 @@ mod tests {
             assert_eq!(replacement.attempt, output().attempt);
             assert_eq!(replacement.output, None);
             let error = replacement.error.as_ref().expect("replacement carries an error");
-            assert_eq!(error.code, RESULT_TOO_LARGE);
+            assert_eq!(error.code, PAYLOAD_TOO_LARGE);
             assert!(!error.retryable);
             assert_eq!(decide(&sent, &replacement, NOW, NOW + 1), Next::Settle(Settle::Term));
         }
