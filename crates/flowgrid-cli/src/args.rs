@@ -72,8 +72,8 @@ pub enum Command {
     /// Serve a web UI of the grid: coordinators, backlog, flows drawn as graphs, runs step
     /// by step (read-only unless --actions).
     Ui(UiArgs),
-    /// Audit a stopped grid's store for double-applied results, stale-epoch commits and
-    /// history gaps (exit 1 if any).
+    /// Audit a stopped grid's store for double-applied results, stale-epoch commits, history
+    /// gaps and shards whose store lost what it held (exit 1 if any).
     Audit(AuditArgs),
 }
 

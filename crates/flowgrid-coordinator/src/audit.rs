@@ -40,6 +40,9 @@ pub struct AuditReport {
     pub shards: u32,
     /// Shard files found and read (a shard never acquired has no file).
     pub shard_files: u32,
+    /// Shards no coordinator would serve, as their store lost what it held: a listed shard
+    /// file gone, a journal deleted by hand, a damaged file or journal (`problems` says which).
+    pub shards_not_served: u32,
     pub runs: u64,
     /// Runs still marked active (not ended).
     pub runs_active: u64,
@@ -165,6 +168,7 @@ pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
         let path = store.shard_path(ShardId(shard));
         if !path.exists() {
             if store.shard_file_listed(ShardId(shard)).map_err(Error::Store)? {
+                audit.report.shards_not_served += 1;
                 audit.report.problem(format!(
                     "{} is missing, but the data directory held it (its shard-files lists it): the shard's runs are \
                      lost unless the file is restored, and no coordinator serves the shard until then",
@@ -173,14 +177,23 @@ pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
             }
             continue;
         }
-        let file = store.open_shard(ShardId(shard)).await.map_err(|error| match error {
-            flowgrid_store::Error::Busy { .. } => Error::Config(format!(
-                "{} is open in another process ({error}); stop every coordinator using {} before auditing",
-                path.display(),
-                data_dir.display()
-            )),
-            other => Error::Store(other),
-        })?;
+        let file = match store.open_shard(ShardId(shard)).await {
+            Ok(file) => file,
+            Err(error @ flowgrid_store::Error::Busy { .. }) => {
+                return Err(Error::Config(format!(
+                    "{} is open in another process ({error}); stop every coordinator using {} before auditing",
+                    path.display(),
+                    data_dir.display()
+                )))
+            }
+            Err(refused @ flowgrid_store::Error::Corrupt { .. }) => {
+                // No coordinator serves this shard either; the other shards are still audited.
+                audit.report.shards_not_served += 1;
+                audit.report.problem(format!("shard {shard} is not served: {refused}"));
+                continue;
+            }
+            Err(other) => return Err(Error::Store(other)),
+        };
         let read = read_shard(shard, &file).await;
         // Release the lock whatever happened; a read error is the one to report.
         let closed = file.close();
@@ -901,8 +914,33 @@ mod tests {
         assert!(audit(&dir.0, SHARDS).await.unwrap().is_clean());
         std::fs::remove_file(dir.0.join("shard-00001.redb")).unwrap();
         let report = audit(&dir.0, SHARDS).await.unwrap();
-        assert_eq!((report.shard_files, report.problems_total), (0, 1), "{report:#?}");
+        assert_eq!((report.shard_files, report.shards_not_served, report.problems_total), (0, 1, 1), "{report:#?}");
         assert!(report.problems[0].contains("shard-00001.redb is missing"), "{report:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_shard_whose_journal_was_deleted_by_hand_is_reported_and_the_others_audited() {
+        let dir = TempDir::new("journal-gone");
+        commit(&dir.0, 0, WriteBatch::new()).await;
+        // What a crash and a deleted journal leave: the shard file names a writer whose
+        // mark says its journal held commits, and the journal is gone.
+        let store = RedbStore::open(&dir.0, StoreLimits::default()).unwrap();
+        let file = store.open_shard(ShardId(1)).await.unwrap();
+        let epoch = file.acquire().await.unwrap();
+        let run = run_in_shard(1, "journaled");
+        let mut batch = WriteBatch::new();
+        batch.set(keys::active(&run), Vec::new());
+        batch.clear(keys::active(&run));
+        file.commit(epoch, batch).await.unwrap();
+        let writer = std::fs::read_dir(dir.0.join("journal")).unwrap().next().unwrap().unwrap().file_name();
+        file.close().unwrap();
+        drop(store);
+        std::fs::create_dir_all(dir.0.join("journal-writers")).unwrap();
+        std::fs::write(dir.0.join("journal-writers").join(&writer), b"").unwrap();
+        let report = audit(&dir.0, SHARDS).await.unwrap();
+        assert_eq!((report.shard_files, report.shards_not_served, report.problems_total), (1, 1, 1), "{report:#?}");
+        assert!(report.problems[0].starts_with("shard 1 is not served: "), "{report:#?}");
+        assert!(report.problems[0].contains("which is gone"), "{report:#?}");
     }
 
     #[tokio::test]

@@ -32,6 +32,11 @@
 //!   the epoch of its last frames, by whoever opened that shard next
 //!   ([`collect_dead_journals`]). A note for an older epoch does not count: the writer may
 //!   have owned the shard again since.
+//! - A writer marks itself in `journal-writers/<writer>` (beside `journal/`, in the data
+//!   directory) before its first frame, and the mark is removed only just before its
+//!   directory is deleted by the rules above. A shard file naming a marked writer whose
+//!   directory is gone lost the commits that directory held ([`lost_journal`]); without the
+//!   mark, a missing directory held nothing (deleted as garbage, or never written).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -76,6 +81,8 @@ const SLOW_SYNC_WARN_EVERY: Duration = Duration::from_secs(10);
 const PAYLOAD_HEADER_BYTES: usize = 13;
 /// A writer's directory being removed is renamed to its name with this suffix first.
 const REMOVED_SUFFIX: &str = ".removed";
+/// The data directory's directory of writer marks (see the module's invariants).
+const MARKS_DIR: &str = "journal-writers";
 const KIND_DATA: u8 = 1;
 const KIND_CLEAN: u8 = 2;
 const TAG_SET: u8 = 1;
@@ -510,6 +517,7 @@ impl Writer {
             Some((_, held)) => held,
             None => fs::create_dir_all(&self.dir)
                 .and_then(|()| take_writer_lock(&self.dir))
+                .and_then(|held| mark_writer(&self.dir).map(|()| held))
                 .map_err(|error| format!("cannot lock the journal {}: {error}", self.dir.display()))?,
         };
         let path = segment_path(&self.dir, start.segment);
@@ -697,7 +705,8 @@ fn corrupt(at: Position, detail: String) -> Error {
 /// What an operator may do about a damaged journal, said with every error about one.
 const DAMAGED_JOURNAL_REMEDY: &str = "the shards whose commits it holds are not served while it is damaged: restore \
     the data directory from a backup, or, to serve them from their shard files alone (losing their commits since \
-    their last checkpoint), move this journal directory out of the data directory";
+    their last checkpoint), move this journal directory out of the data directory and delete the file of the same \
+    name in its journal-writers directory";
 
 /// Reads the frames of writer directory `dir` from `from` on, in order, calling `visit`
 /// for each. An all-zero frame header ends a segment (the rest was preallocated). A frame
@@ -807,10 +816,57 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     Ok(segments)
 }
 
-/// Removes a writer's journal directory (true when it is gone): renamed first, so that a
-/// crash in the middle of deleting its files leaves no journal with segments missing,
-/// which would read as damage, but a directory the next sweep deletes.
+/// Where the mark of the writer whose journal directory is `dir` lives.
+fn mark_path(dir: &Path) -> PathBuf {
+    let root = dir.parent().unwrap_or(Path::new("."));
+    let writer = dir.file_name().unwrap_or_default();
+    root.with_file_name(MARKS_DIR).join(writer)
+}
+
+/// Marks the writer of `dir` as one whose directory holds commits, durably.
+fn mark_writer(dir: &Path) -> io::Result<()> {
+    let mark = mark_path(dir);
+    let marks = mark.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(marks)?;
+    File::create(&mark)?;
+    sync_dir(marks)?;
+    // The marks' directory may be new: its own entry must survive a crash too.
+    sync_dir(marks.parent().unwrap_or(Path::new(".")))
+}
+
+/// The refusal of a shard whose file names `writer` as the journal of its last commits
+/// when that journal's directory is gone though its mark is there; `None` when nothing is
+/// missing. Only a journal deleted by hand (or lost with its disk) is refused: the grid
+/// removes a mark before the directory it stands for.
+pub(crate) fn lost_journal(root: &Path, writer: &str, shard: ShardId) -> Option<Error> {
+    let dir = root.join(writer);
+    let mark = mark_path(&dir);
+    if !matches!(dir.try_exists(), Ok(false)) || !matches!(mark.try_exists(), Ok(true)) {
+        return None;
+    }
+    Some(Error::Corrupt {
+        key: dir.display().to_string(),
+        detail: format!(
+            "shard {shard}'s last commits were journaled in this directory, which is gone, though {} says it held \
+             commits: those not yet in the shard file are lost, so the shard is not served. Put the directory back \
+             (restore the whole data directory from one backup); or, to serve the shard with what its file holds and \
+             give up those commits, delete {}",
+            mark.display(),
+            mark.display()
+        ),
+    })
+}
+
+/// Removes a writer's mark, then its journal directory (true when both are gone). The
+/// directory is renamed first, so that a crash in the middle of deleting its files leaves
+/// no journal with segments missing, which would read as damage, but a directory the next
+/// sweep deletes.
 fn remove_journal_dir(dir: &Path) -> bool {
+    match fs::remove_file(mark_path(dir)) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(_) => return false,
+    }
     let mut removed = dir.as_os_str().to_owned();
     removed.push(REMOVED_SUFFIX);
     match fs::rename(dir, &removed) {
@@ -1090,6 +1146,8 @@ mod tests {
         let second = journal.append(ShardId(2), encode_data(ShardId(2), Epoch(1), &[])).await.unwrap();
         assert!(first < second);
         assert_eq!(journal.end(), second);
+        let mark = mark_path(&writer_dir);
+        assert!(mark.exists(), "a writer is marked before its first frame");
         let mut shards = Vec::new();
         read_frames(&writer_dir, Position::default(), |frame| {
             shards.push(frame.shard);
@@ -1101,6 +1159,7 @@ mod tests {
         journal.checkpointed(ShardId(2), second);
         drop(journal);
         assert!(!writer_dir.exists(), "a journal with every shard clean is removed when its writer ends");
+        assert!(!mark.exists(), "and so is its mark");
     }
 
     #[test]
@@ -1109,6 +1168,7 @@ mod tests {
         let root = dir.path().join("journal");
         let dead = root.join("dead");
         fs::create_dir_all(&dead).unwrap();
+        mark_writer(&dead).unwrap();
         let mut bytes = encode_data(ShardId(1), Epoch(1), &[]);
         bytes.extend_from_slice(&encode_data(ShardId(2), Epoch(1), &[]));
         bytes.extend_from_slice(&encode_frame(KIND_CLEAN, ShardId(2), Epoch(1), &[]));
@@ -1122,5 +1182,23 @@ mod tests {
         note_replayed(&root, "dead", ShardId(1), Epoch(3)).unwrap();
         assert_eq!(collect_dead_journals(&root, "me"), 1);
         assert!(!dead.exists());
+        assert!(!mark_path(&dead).exists(), "the mark goes with the directory");
+        assert!(lost_journal(&root, "dead", ShardId(1)).is_none(), "a journal deleted as garbage lost nothing");
+    }
+
+    #[test]
+    fn a_marked_journal_deleted_by_hand_is_lost_until_its_mark_goes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("journal");
+        let journal = root.join("w1");
+        fs::create_dir_all(&journal).unwrap();
+        mark_writer(&journal).unwrap();
+        assert!(lost_journal(&root, "w1", ShardId(4)).is_none(), "the journal is there");
+        assert!(lost_journal(&root, "never-written", ShardId(4)).is_none(), "no mark: it held nothing");
+        fs::remove_dir_all(&root).unwrap();
+        let lost = lost_journal(&root, "w1", ShardId(4)).expect("a marked journal gone is lost").to_string();
+        assert!(lost.contains("shard 4") && lost.contains("delete") && lost.contains("journal-writers"), "{lost}");
+        fs::remove_file(mark_path(&journal)).unwrap();
+        assert!(lost_journal(&root, "w1", ShardId(4)).is_none(), "deleting the mark accepts the loss");
     }
 }

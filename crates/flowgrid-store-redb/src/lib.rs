@@ -466,6 +466,11 @@ fn replay(
     writer: &str,
     applied: Position,
 ) -> Result<()> {
+    if writer != journal.writer() {
+        if let Some(lost) = journal::lost_journal(journal.root(), writer, shard) {
+            return Err(lost);
+        }
+    }
     let dir = journal.root().join(writer);
     let mut mutations = Vec::new();
     let mut through = None;

@@ -42,6 +42,24 @@ async fn commit_then_abort(dir: &Path) {
     std::process::abort();
 }
 
+/// Runs `test` again as a child process that commits into `dir` and aborts.
+fn crash_child(test: &str, dir: &Path) {
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture"])
+        .env(CHILD_ENV, dir)
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child process was meant to abort");
+    let journals = std::fs::read_dir(dir.join("journal")).unwrap().count();
+    assert_eq!(journals, 1, "the dead process left its journal");
+    assert_eq!(marks(dir), 1, "and its writer's mark");
+}
+
+/// How many writers are marked as holding commits in their journals.
+fn marks(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("journal-writers")).map_or(0, |entries| entries.count())
+}
+
 #[tokio::test]
 async fn commits_in_the_journal_survive_a_crash_before_any_checkpoint() {
     if let Ok(dir) = std::env::var(CHILD_ENV) {
@@ -49,14 +67,7 @@ async fn commits_in_the_journal_survive_a_crash_before_any_checkpoint() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "commits_in_the_journal_survive_a_crash_before_any_checkpoint", "--nocapture"])
-        .env(CHILD_ENV, dir.path())
-        .status()
-        .unwrap();
-    assert!(!status.success(), "the child process was meant to abort");
-    let journals = std::fs::read_dir(dir.path().join("journal")).unwrap().count();
-    assert_eq!(journals, 1, "the dead process left its journal");
+    crash_child("commits_in_the_journal_survive_a_crash_before_any_checkpoint", dir.path());
 
     let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
     for shard in SHARDS {
@@ -92,4 +103,37 @@ async fn commits_in_the_journal_survive_a_crash_before_any_checkpoint() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!replayed.exists(), "the dead journal {} was not deleted", replayed.display());
+    assert_eq!(marks(dir.path()), 0, "the dead writer's mark went with its journal");
+}
+
+#[tokio::test]
+async fn a_journal_deleted_by_hand_is_refused_until_the_loss_is_accepted() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        commit_then_abort(Path::new(&dir)).await;
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    crash_child("a_journal_deleted_by_hand_is_refused_until_the_loss_is_accepted", dir.path());
+    // The commits are only in the journal, and someone deletes it.
+    std::fs::remove_dir_all(dir.path().join("journal")).unwrap();
+    let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+    for shard in SHARDS {
+        let refused = store.open_shard(ShardId(shard)).await.expect_err("a shard whose journal is gone is refused");
+        let message = refused.to_string();
+        assert!(
+            matches!(refused, flowgrid_store::Error::Corrupt { .. })
+                && message.contains(&format!("shard {shard}'s last commits"))
+                && message.contains("journal-writers"),
+            "{message}"
+        );
+    }
+    // Deleting the mark, as the refusal says, serves each shard with what its file holds.
+    let mark = std::fs::read_dir(dir.path().join("journal-writers")).unwrap().next().unwrap().unwrap().path();
+    std::fs::remove_file(mark).unwrap();
+    for shard in SHARDS {
+        let opened = store.open_shard(ShardId(shard)).await.unwrap();
+        assert_eq!(opened.current_epoch().await.unwrap().0, 1, "the epoch was in the file");
+        assert!(opened.scan(keys::run_range(), usize::MAX, false).await.unwrap().is_empty(), "the commits are lost");
+        opened.close().unwrap();
+    }
 }

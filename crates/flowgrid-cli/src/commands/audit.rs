@@ -48,6 +48,7 @@ pub(crate) async fn audit(args: &AuditArgs, session: &Session) -> anyhow::Result
 /// Broken invariants found: each one is a promise of the grid that did not hold.
 fn violations(report: &AuditReport) -> u64 {
     report.results_double_applied
+        + u64::from(report.shards_not_served)
         + report.stale_epoch_commits
         + report.history_gaps
         + report.gate_places_leaked
@@ -56,8 +57,9 @@ fn violations(report: &AuditReport) -> u64 {
 }
 
 /// Fields of the report printed by name; every other count is listed under "other checks".
-const REPORTED_FIELDS: [&str; 9] = [
+const REPORTED_FIELDS: [&str; 10] = [
     "shards",
+    "shards_not_served",
     "runs",
     "runs_active",
     "runs_by_status",
@@ -73,6 +75,9 @@ fn render_report(report: &AuditReport, data_dir: &str) -> String {
         vec![("runs".into(), format!("{} ({} active)", report.runs, report.runs_active))];
     for (status, count) in &report.runs_by_status {
         rows.push((format!("  {status}"), count.to_string()));
+    }
+    if report.shards_not_served > 0 {
+        rows.push(("shards not served".into(), report.shards_not_served.to_string()));
     }
     rows.push(("results applied twice".into(), report.results_double_applied.to_string()));
     rows.push(("stale-epoch commits".into(), report.stale_epoch_commits.to_string()));
@@ -149,11 +154,12 @@ mod tests {
 
     #[test]
     fn any_violation_fails_and_lists_the_problems() {
-        for field in 0..3 {
+        for field in 0..4 {
             let mut report = report();
             match field {
                 0 => report.results_double_applied = 1,
                 1 => report.stale_epoch_commits = 1,
+                2 => report.shards_not_served = 1,
                 _ => report.history_gaps = 1,
             }
             assert_eq!(violations(&report), 1);
