@@ -128,11 +128,42 @@ async fn nats_server_restarted_mid_map_loses_no_item() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Publishes a durable submit of `flow` without an idempotency key, as a service in any
+/// language would, straight to the submit stream.
+async fn submit_without_key(grid: &Grid, flow: &str) -> anyhow::Result<()> {
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).submit();
+    let payload = serde_json::to_vec(&json!({"flow": flow, "input": {"order": 1}}))?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(flowgrid_proto::CONTENT_TYPE_HEADER, flowgrid_proto::JSON_CONTENT_TYPE);
+    jetstream.publish_with_headers(subject, headers, payload.into()).await?.await?;
+    Ok(())
+}
+
+/// Waits until `count` runs of `flow` succeeded.
+async fn wait_runs_succeeded(
+    grid: &Grid,
+    client: &flowgrid_sdk::Client,
+    flow: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let query = || ListRuns { flow: Some(flow.into()), status: Some(RunStatus::Succeeded), ..Default::default() };
+    let what = format!("{count} runs of {flow} succeeded");
+    let listed = wait_for(&what, RUN_DEADLINE, || async {
+        client.list(query()).await.ok().filter(|list| list.runs.len() >= count)
+    });
+    let runs = listed.await.or_logs(grid)?.runs;
+    assert_eq!(runs.len(), count, "{runs:?}");
+    Ok(())
+}
+
 /// nats-server loses its store (every stream, bucket and shard claim of the grid) while two
 /// coordinators run with tasks waiting: each finds its members bucket gone, leaves, joins
 /// again (making the streams and buckets anew), claims shards and republishes the open
 /// tasks, so every run ends. They used to stay joined to nothing, warning on every
-/// heartbeat, until they were restarted.
+/// heartbeat, until they were restarted. A submit without a key after the loss starts its
+/// own run: the new submit stream counts from 1 again, and keyed by its sequence alone it
+/// used to take the run of the old stream's first submit and start nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinators_rejoin_when_nats_loses_its_store_and_every_run_ends() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;
@@ -141,6 +172,9 @@ async fn coordinators_rejoin_when_nats_loses_its_store_and_every_run_ends() -> a
     let client = grid.client().await?;
     deploy(&grid, &client, ECHO_FLOW).await?;
     deploy(&grid, &client, &ECHO_FLOW.replace("echo-once", "echo-b").replace("pool: a", "pool: b")).await?;
+    deploy(&grid, &client, &ECHO_FLOW.replace("echo-once", "echo-submitted")).await?;
+    submit_without_key(&grid, "echo-submitted").await?;
+    wait_runs_succeeded(&grid, &client, "echo-submitted", 1).await?;
     let start =
         |flow: &str, order: u32| StartRun { flow: flow.into(), input: json!({"order": order}), ..Default::default() };
     // Tasks of pool b wait (no worker yet) when the store is lost.
@@ -162,6 +196,8 @@ async fn coordinators_rejoin_when_nats_loses_its_store_and_every_run_ends() -> a
         assert_eq!(view.status, RunStatus::Succeeded, "{:?}\n{}", view.error, grid.logs());
     }
     grid.wait_shards_served_by(2, RUN_DEADLINE).await?;
+    submit_without_key(&grid, "echo-submitted").await?;
+    wait_runs_succeeded(&grid, &client, "echo-submitted", 2).await?;
     let (ok, stdout, stderr) = grid.cli(&["members"])?;
     assert!(ok && stdout.matches(" alive ").count() == 2, "both coordinators are members again: {stdout}{stderr}");
     assert!(grid.coordinators.iter_mut().all(|coordinator| !coordinator.has_exited()), "the same processes rejoined");

@@ -243,7 +243,9 @@ async fn serve<S: Store>(
     let api_stop = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(api.clone(), requests, config.api_concurrency_max, api_stop.clone()));
     let submit_consumer = broker::submit_consumer(&submit_stream, &subjects, &broker_limits).await?;
-    let submit_task = tokio::spawn(crate::submit::serve(api.clone(), submit_consumer, api_stop.clone()));
+    let submit_created = submit_stream.cached_info().created.unix_timestamp_nanos();
+    let submit_task =
+        tokio::spawn(crate::submit::serve(api.clone(), submit_consumer, submit_created, api_stop.clone()));
     info!(
         member = %me,
         nats = %flowgrid_sdk::redact(&config.nats_url),

@@ -2,8 +2,12 @@
 //! JetStream stream until a coordinator has started their run, so a service loses no
 //! request while no coordinator is up.
 //!
-//! A message without an idempotency key gets `submit-<stream sequence>` as its key, so a
-//! redelivery (the coordinator died between the commit and the ack) starts nothing new.
+//! A message without an idempotency key gets `submit-<stream created>-<stream sequence>` as
+//! its key ([`default_key`]), so a redelivery (the coordinator died between the commit and
+//! the ack) starts nothing new. The stream's creation time (Unix nanoseconds) tells its
+//! sequences apart from those of a stream of the same name before it: one made anew after
+//! nats-server lost its store counts from 1 again, and a message keyed by its sequence
+//! alone would take an earlier submit's run and start nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +29,15 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// answer in time, a store failure) is delivered again: long enough not to flood the logs.
 const FAILED_RETRY_DELAY: Duration = Duration::from_secs(30);
 
-pub async fn serve(api: Arc<Api>, consumer: PullConsumer, shutdown: CancellationToken) {
+/// The idempotency key of a submit without one of its own: `created` is the stream's
+/// creation time in Unix nanoseconds, `sequence` the message's place in it.
+pub fn default_key(created: i128, sequence: u64) -> String {
+    format!("submit-{created}-{sequence}")
+}
+
+/// Starts the runs of the messages of the submit stream created at `created` (Unix
+/// nanoseconds), until `shutdown`.
+pub async fn serve(api: Arc<Api>, consumer: PullConsumer, created: i128, shutdown: CancellationToken) {
     let mut messages = match consumer.stream().max_messages_per_batch(SUBMITS_IN_FLIGHT_MAX).messages().await {
         Ok(messages) => messages,
         Err(error) => {
@@ -49,13 +61,13 @@ pub async fn serve(api: Arc<Api>, consumer: PullConsumer, shutdown: Cancellation
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
         let api = api.clone();
         tokio::spawn(async move {
-            start_submitted(&api, message).await;
+            start_submitted(&api, message, created).await;
             drop(permit);
         });
     }
 }
 
-async fn start_submitted(api: &Api, message: async_nats::jetstream::Message) {
+async fn start_submitted(api: &Api, message: async_nats::jetstream::Message, created: i128) {
     // The sequence keys a submit without a key of its own: without it, the message is
     // delivered again rather than started under a key another submit would share.
     let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
@@ -74,7 +86,7 @@ async fn start_submitted(api: &Api, message: async_nats::jetstream::Message) {
     };
     let flow = request.flow.clone();
     let request_bytes = msgpack_request_bytes(encoding, &message.payload);
-    match api.start_run(request, Some(format!("submit-{sequence}")), request_bytes, None).await {
+    match api.start_run(request, Some(default_key(created, sequence)), request_bytes, None).await {
         Ok(started) => {
             debug!(run = %started.run_id, flow = %flow, "submitted run started");
             let _ = message.double_ack().await;
@@ -92,5 +104,18 @@ async fn start_submitted(api: &Api, message: async_nats::jetstream::Message) {
             warn!(sequence, flow = %flow, error = %error, "submitted run refused and dropped");
             let _ = message.ack_with(AckKind::Term).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_keys_are_the_grids_own_and_differ_between_streams_of_one_name() {
+        let (before, after) = (1_700_000_000_000_000_000, 1_800_000_000_000_000_000);
+        assert_eq!(default_key(before, 1), "submit-1700000000000000000-1");
+        assert_ne!(default_key(before, 1), default_key(after, 1), "a stream made anew counts from 1 again");
+        assert!(flowgrid_proto::is_grid_key(&default_key(after, 1)), "a caller may not take a submit's key");
     }
 }

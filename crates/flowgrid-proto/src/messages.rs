@@ -245,12 +245,16 @@ pub struct StartRun {
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 /// Whether `key` is of the form of the idempotency keys the grid gives starts of its own: a
 /// child run of a subflow step (`subflow/<parent>/<step>...`) or a durable submit without a
-/// key (`submit-<sequence>`, the sequence in digits). A caller's start with one could take
-/// the place of such a start, which would then start nothing, so they are refused.
+/// key (`submit-<stream created>-<sequence>`, and `submit-<sequence>` of versions before
+/// it, each number in digits). A caller's start with one could take the place of such a
+/// start, which would then start nothing, so they are refused.
 pub fn is_grid_key(key: &str) -> bool {
-    let sequence = key.strip_prefix("submit-");
-    key.starts_with("subflow/")
-        || sequence.is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit()))
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|byte| byte.is_ascii_digit());
+    let submit = key.strip_prefix("submit-").is_some_and(|numbers| match numbers.split_once('-') {
+        Some((created, sequence)) => digits(created) && digits(sequence),
+        None => digits(numbers),
+    });
+    key.starts_with("subflow/") || submit
 }
 
 impl StartRun {
@@ -273,7 +277,7 @@ impl StartRun {
             if is_grid_key(key) {
                 return invalid(format!(
                     "idempotency_key {key:?} has the form the grid keeps for starts of its own (`subflow/...` for \
-                     child runs of subflow steps, `submit-<number>` for durable submits without a key): use a key of \
+                     child runs of subflow steps, `submit-<number>-<number>` for durable submits without a key): use a key of \
                      your own"
                 ));
             }
@@ -840,10 +844,19 @@ mod tests {
 
     #[test]
     fn only_keys_of_the_grid_s_own_forms_are_its_own() {
-        for key in ["subflow/r1/step", "subflow/r1/step/3/r2", "submit-7", "submit-123456"] {
+        for key in ["subflow/r1/step", "subflow/r1/step/3/r2", "submit-7", "submit-123456", "submit-1700000000-7"] {
             assert!(is_grid_key(key), "{key}");
         }
-        for key in ["submit-", "submit-order-7", "submit-7a", "order-7", "subflow", "my-subflow/x"] {
+        for key in [
+            "submit-",
+            "submit-order-7",
+            "submit-7a",
+            "submit-7-",
+            "submit-7-1-2",
+            "order-7",
+            "subflow",
+            "my-subflow/x",
+        ] {
             assert!(!is_grid_key(key), "{key}");
         }
     }
