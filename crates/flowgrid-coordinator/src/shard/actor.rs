@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::batch::{Batch, DeferredReply, Dispatch, ResultReply};
+use super::batch::{Batch, DeferredReply, Dispatch, RefusedResult, ResultReply};
 use super::catalog::CatalogEntry;
 use super::runs::attempt_closed;
 use super::timers::TimerWheel;
@@ -209,7 +209,7 @@ impl<S: ShardStore> ShardActor<S> {
         while let Some(Some(message)) = results.next().now_or_never() {
             let encoding = crate::api::encoding_of(&message);
             if let Some(reply_to) = message.reply {
-                self.send_result_reply(ResultReply { reply_to, encoding, applied: false }, &unavailable).await;
+                self.send_result_reply(reply_to, encoding, &unavailable).await;
             }
         }
         ::metrics::gauge!(metrics::SHARDS_OWNED).decrement(1.0);
@@ -239,7 +239,16 @@ impl<S: ShardStore> ShardActor<S> {
     async fn refuse(&self, batch: Batch, why: &str) {
         let failure =
             ApiError::new(ErrorCode::Unavailable, format!("shard {} is not served here ({why}); retry", self.shard));
-        self.fail(batch.replies, batch.result_replies, &failure).await;
+        let Batch { replies, result_replies, refused_results, .. } = batch;
+        self.answer_refused(refused_results).await;
+        self.fail(replies, result_replies, &failure).await;
+    }
+
+    /// Answers the results a batch refused on their face.
+    async fn answer_refused(&self, refused: Vec<RefusedResult>) {
+        for RefusedResult { reply_to, encoding, refusal } in refused {
+            self.send_result_reply(reply_to, encoding, &Reply::Error(refusal)).await;
+        }
     }
 
     /// Answers callers with `failure`; workers always get a retryable refusal, since
@@ -249,8 +258,8 @@ impl<S: ShardStore> ShardActor<S> {
             reply(Some(failure));
         }
         let unavailable = Reply::<ResultAck>::Error(ApiError::new(ErrorCode::Unavailable, failure.message.clone()));
-        for result_reply in result_replies {
-            self.send_result_reply(result_reply, &unavailable).await;
+        for ResultReply { reply_to, encoding, .. } in result_replies {
+            self.send_result_reply(reply_to, encoding, &unavailable).await;
         }
     }
 
@@ -390,6 +399,7 @@ impl<S: ShardStore> ShardActor<S> {
             dispatches,
             replies,
             result_replies,
+            refused_results,
             finished,
             deployed,
             child_starts,
@@ -398,6 +408,7 @@ impl<S: ShardStore> ShardActor<S> {
             cache_stores,
             signals: _,
         } = batch;
+        self.answer_refused(refused_results).await;
         if !writes.is_empty() {
             let started = Instant::now();
             let committed = self.store.commit(self.epoch, writes).await;
@@ -428,9 +439,8 @@ impl<S: ShardStore> ShardActor<S> {
         for reply in replies {
             reply(None);
         }
-        for result_reply in result_replies {
-            let reply = Reply::Ok(ResultAck { applied: result_reply.applied });
-            self.send_result_reply(result_reply, &reply).await;
+        for ResultReply { reply_to, encoding, applied } in result_replies {
+            self.send_result_reply(reply_to, encoding, &Reply::Ok(ResultAck { applied })).await;
         }
         for (start, depth) in child_starts {
             self.start_child(start, depth);
@@ -462,12 +472,10 @@ impl<S: ShardStore> ShardActor<S> {
         }
     }
 
-    async fn send_result_reply(&self, result_reply: ResultReply, reply: &Reply<ResultAck>) {
-        let Ok(payload) = flowgrid_proto::encode(result_reply.encoding, reply) else { return };
-        let headers = crate::api::content_headers(result_reply.encoding);
-        if let Err(error) =
-            self.context.nats.publish_with_headers(result_reply.reply_to, headers, Bytes::from(payload)).await
-        {
+    async fn send_result_reply(&self, reply_to: async_nats::Subject, encoding: Encoding, reply: &Reply<ResultAck>) {
+        let Ok(payload) = flowgrid_proto::encode(encoding, reply) else { return };
+        let headers = crate::api::content_headers(encoding);
+        if let Err(error) = self.context.nats.publish_with_headers(reply_to, headers, Bytes::from(payload)).await {
             debug!(shard = %self.shard, error = %error, "cannot answer a result; the worker will send it again");
         }
     }

@@ -23,6 +23,14 @@ pub struct ResultReply {
     pub applied: bool,
 }
 
+/// A worker's result refused on its face (malformed, too large, ...): it changed nothing,
+/// so it is answered with its batch whatever becomes of the commit.
+pub struct RefusedResult {
+    pub reply_to: Subject,
+    pub encoding: Encoding,
+    pub refusal: ApiError,
+}
+
 /// A task to publish after the commit.
 pub struct Dispatch {
     pub task: TaskDispatch,
@@ -47,6 +55,7 @@ pub struct Batch {
     pub dispatches: Vec<Dispatch>,
     pub replies: Vec<DeferredReply>,
     pub result_replies: Vec<ResultReply>,
+    pub refused_results: Vec<RefusedResult>,
     /// Runs that ended in this batch: dropped from memory after the commit.
     pub finished: Vec<RunId>,
     /// Flow versions deployed in this batch, and latest versions of flows paused or

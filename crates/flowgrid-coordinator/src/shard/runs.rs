@@ -24,7 +24,7 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::actor::{ActiveRun, ShardActor};
-use super::batch::{Batch, Dispatch, ResultReply};
+use super::batch::{Batch, Dispatch, RefusedResult, ResultReply};
 use super::StartCommand;
 use crate::clock::now_ms;
 use crate::metrics::{self, ShardMetrics, TaskMetrics};
@@ -129,7 +129,7 @@ impl<S: ShardStore> ShardActor<S> {
             Err(error) => {
                 warn!(shard = %self.shard, error = %error, "malformed task result");
                 let reply = ApiError::new(ErrorCode::InvalidRequest, error.to_string());
-                self.reply_now(reply_to, encoding, reply);
+                batch.refused_results.push(RefusedResult { reply_to, encoding, refusal: reply });
                 return;
             }
         };
@@ -147,7 +147,8 @@ impl<S: ShardStore> ShardActor<S> {
             (None, None, Some(details)) => match too_deep("progress report", &details, limits) {
                 None => Event::TaskProgress { attempt: result.attempt, details },
                 Some(problem) => {
-                    self.reply_now(reply_to, encoding, ApiError::new(ErrorCode::InvalidRequest, problem));
+                    let refusal = ApiError::new(ErrorCode::InvalidRequest, problem);
+                    batch.refused_results.push(RefusedResult { reply_to, encoding, refusal });
                     return;
                 }
             },
@@ -157,7 +158,7 @@ impl<S: ShardStore> ShardActor<S> {
                     "a task result needs exactly one of `output`, `error` and `progress` (spelt so: other fields \
                      are not read; an `output` of null counts only without the other two)",
                 );
-                self.reply_now(reply_to, encoding, reply);
+                batch.refused_results.push(RefusedResult { reply_to, encoding, refusal: reply });
                 return;
             }
         };
@@ -170,7 +171,7 @@ impl<S: ShardStore> ShardActor<S> {
                     message.payload.len()
                 ),
             );
-            self.reply_now(reply_to, encoding, reply);
+            batch.refused_results.push(RefusedResult { reply_to, encoding, refusal: reply });
             return;
         }
         let dispatched_before = batch.dispatches.len();
@@ -627,18 +628,6 @@ impl<S: ShardStore> ShardActor<S> {
         match self.store.get(&keys::run(run_id)).await.map_err(read_failure)? {
             Some(bytes) => records::decode("run record", &bytes).map(Some).map_err(internal),
             None => Ok(None),
-        }
-    }
-
-    /// Answers a result request at once (it changed nothing, so it waits for no commit).
-    fn reply_now(&self, reply_to: async_nats::Subject, encoding: flowgrid_proto::Encoding, error: ApiError) {
-        let nats = self.context.nats.clone();
-        let reply = flowgrid_proto::Reply::<flowgrid_proto::ResultAck>::Error(error);
-        if let Ok(payload) = flowgrid_proto::encode(encoding, &reply) {
-            let headers = crate::api::content_headers(encoding);
-            tokio::spawn(async move {
-                let _ = nats.publish_with_headers(reply_to, headers, payload.into()).await;
-            });
         }
     }
 }
