@@ -202,6 +202,10 @@ steps:
     timeout_ms: 10000
 "#;
 
+fn times_len(times: &std::sync::Mutex<Vec<std::time::Instant>>) -> usize {
+    times.lock().unwrap().len()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_worker_under_max_rate_spaces_its_requests() -> anyhow::Result<()> {
     let port = free_port()?;
@@ -231,11 +235,37 @@ async fn an_http_worker_under_max_rate_spaces_its_requests() -> anyhow::Result<(
         client.start(StartRun { flow: "paced".into(), input: json!({"urls": urls}), ..Default::default() }).await?;
     let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
-    let times = times.lock().unwrap().clone();
-    assert_eq!(times.len(), 6);
+    let ticks = times.lock().unwrap().clone();
+    assert_eq!(ticks.len(), 6);
     // Six requests at 10 a second: the last at least 5 intervals after the first.
-    let spread = times[5].duration_since(times[0]);
+    let spread = ticks[5].duration_since(ticks[0]);
     assert!(spread >= std::time::Duration::from_millis(450), "six requests within {spread:?}");
+
+    // A worker at one request every 10 s holds five tasks waiting for their turn when it
+    // is stopped: it hands them back at once instead of starting them one by one in its
+    // 30 s shutdown grace, and the next worker runs them.
+    assert!(grid.workers.pop().expect("the first worker").stop(RUN_DEADLINE), "{}", grid.logs());
+    let mut slow = std::process::Command::new(flowgrid_bin());
+    slow.args(["--nats-url", &grid.nats_url, "http-worker", "--allow", &format!("http://127.0.0.1:{port}/")]);
+    slow.args(["--max-rate", "0.1", "--concurrency", "64"]);
+    grid.spawn_worker("slow-http-worker", &mut slow)?;
+    let run =
+        client.start(StartRun { flow: "paced".into(), input: json!({"urls": urls}), ..Default::default() }).await?;
+    let first = flowgrid_tests::wait_for("the slow worker's first request", RUN_DEADLINE, || async {
+        (times_len(&times) > 6).then_some(())
+    });
+    first.await.or_logs(&grid)?;
+    // Its other five tasks have reached it by now (one pull takes all of them).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let stopping = std::time::Instant::now();
+    assert!(grid.workers.pop().expect("the slow worker").stop(RUN_DEADLINE), "{}", grid.logs());
+    let stopped_in = stopping.elapsed();
+    assert!(stopped_in < std::time::Duration::from_secs(10), "the stop waited {stopped_in:?} for tasks not started");
+    let mut fast = std::process::Command::new(flowgrid_bin());
+    fast.args(["--nats-url", &grid.nats_url, "http-worker", "--allow", &format!("http://127.0.0.1:{port}/")]);
+    grid.spawn_worker("fast-http-worker", &mut fast)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
 
     let output = std::process::Command::new(flowgrid_bin())
         .args(["http-worker", "--allow", "http://127.0.0.1:1/", "--max-rate", "0"])

@@ -48,6 +48,9 @@ const RETRY_DELAY_MAX: Duration = Duration::from_secs(1);
 /// First and largest pause between two polls of [`Client::wait`].
 const WAIT_POLL_FIRST: Duration = Duration::from_millis(20);
 const WAIT_POLL_MAX: Duration = Duration::from_millis(500);
+/// The shortest a poll of [`Client::wait`] waits for its reply, even when the wait has
+/// less time left: a wait of zero still reads the run once.
+const WAIT_REQUEST_TIMEOUT_MIN: Duration = Duration::from_millis(200);
 
 /// A handle on one flowgrid grid. Cheap to clone; clones share the NATS connection.
 ///
@@ -131,6 +134,16 @@ impl Client {
     pub fn with_retry_budget(mut self, budget: Duration) -> Client {
         self.retry_budget = budget;
         self
+    }
+
+    /// How long a call retries (see [`Client::with_retry_budget`]).
+    pub(crate) fn retry_budget(&self) -> Duration {
+        self.retry_budget
+    }
+
+    /// The pauses between the tries of a call.
+    pub(crate) fn retry_backoff() -> Backoff {
+        Backoff::new(RETRY_DELAY_FIRST, RETRY_DELAY_MAX)
     }
 
     /// The JetStream context of that connection.
@@ -435,15 +448,25 @@ impl Client {
     /// `payload_too_large` ([`Client::get_or_without_data`] reads it then).
     pub async fn wait(&self, run_id: &RunId, timeout: Duration) -> Result<RunView> {
         let started = Instant::now();
+        let timed_out = || Error::Timeout { what: format!("waiting for run {run_id}"), after: timeout };
         let mut backoff = Backoff::new(WAIT_POLL_FIRST, WAIT_POLL_MAX);
         loop {
-            if self.get_without_data(run_id).await?.status.is_terminal() {
-                return self.get(run_id).await;
+            // A poll retries no longer than the wait has left, so an unreachable grid ends
+            // the wait at its timeout, not a retry budget later.
+            let left = timeout.saturating_sub(started.elapsed());
+            let request_timeout = self.request_timeout.min(left.max(WAIT_REQUEST_TIMEOUT_MIN));
+            let polling = self.clone().with_retry_budget(left).with_request_timeout(request_timeout);
+            match polling.get_without_data(run_id).await {
+                Ok(view) if view.status.is_terminal() => return self.get(run_id).await,
+                Ok(_) => {}
+                Err(error) if started.elapsed() >= timeout && should_retry(&error, OnTimeout::Retry) => {
+                    return Err(timed_out())
+                }
+                Err(error) => return Err(error),
             }
-            let remaining = timeout.saturating_sub(started.elapsed());
-            match backoff.next_delay_within(remaining) {
+            match backoff.next_delay_within(timeout.saturating_sub(started.elapsed())) {
                 Some(delay) => tokio::time::sleep(delay).await,
-                None => return Err(Error::Timeout { what: format!("waiting for run {run_id}"), after: timeout }),
+                None => return Err(timed_out()),
             }
         }
     }
@@ -470,7 +493,7 @@ impl Client {
         headers.insert(async_nats::header::NATS_MESSAGE_ID, run_id.as_str());
         let subject = self.subjects.submit();
         let started = Instant::now();
-        let mut backoff = Backoff::new(RETRY_DELAY_FIRST, RETRY_DELAY_MAX);
+        let mut backoff = Client::retry_backoff();
         loop {
             let attempt = self.publish_once(&subject, headers.clone(), payload.clone()).await;
             let error = match attempt {
@@ -541,9 +564,12 @@ impl Client {
         flowgrid_proto::check_fits_server("the request", payload.len(), || self.nats.server_info().max_payload)
             .map_err(Error::Api)?;
         let started = Instant::now();
-        let mut backoff = Backoff::new(RETRY_DELAY_FIRST, RETRY_DELAY_MAX);
+        let mut backoff = Client::retry_backoff();
+        // The first try waits the whole request timeout; a retry no longer than the budget
+        // has left, so a call ends within the larger of the two.
+        let mut timeout = self.request_timeout;
         loop {
-            let attempt = self.request_once(&subject, payload.clone()).await;
+            let attempt = self.request_once(&subject, payload.clone(), timeout).await;
             let error = match attempt {
                 Err(error) if should_retry(&error, on_timeout) => error,
                 done => return done,
@@ -555,14 +581,24 @@ impl Client {
                 }
                 None => return Err(error),
             }
+            let left = self.retry_budget.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(error);
+            }
+            timeout = self.request_timeout.min(left);
         }
     }
 
-    async fn request_once<Response: DeserializeOwned>(&self, subject: &str, payload: Bytes) -> Result<Response> {
-        let request = async_nats::Request::new().payload(payload).timeout(Some(self.request_timeout));
+    async fn request_once<Response: DeserializeOwned>(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Response> {
+        let request = async_nats::Request::new().payload(payload).timeout(Some(timeout));
         let message = self.nats.send_request(subject.to_owned(), request).await.map_err(|source| {
             if source.kind() == async_nats::RequestErrorKind::TimedOut {
-                Error::Timeout { what: format!("request on {subject}"), after: self.request_timeout }
+                Error::Timeout { what: format!("request on {subject}"), after: timeout }
             } else {
                 Error::Nats { context: format!("request on {subject} failed"), source: Box::new(source) }
             }
@@ -576,7 +612,7 @@ impl Client {
 
 /// What a call does when its request times out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum OnTimeout {
+pub(crate) enum OnTimeout {
     /// Sends it again: it only reads, or applying it twice is applying it once.
     Retry,
     /// Returns the timeout: the coordinator may have applied the request.
@@ -584,7 +620,7 @@ enum OnTimeout {
 }
 
 impl OnTimeout {
-    fn retry_if(safe: bool) -> OnTimeout {
+    pub(crate) fn retry_if(safe: bool) -> OnTimeout {
         if safe {
             OnTimeout::Retry
         } else {
@@ -595,7 +631,7 @@ impl OnTimeout {
 
 /// A call is repeated when the grid says it may succeed later, when nobody answered (no
 /// coordinator subscribed yet), or when it timed out and repeating it is safe.
-fn should_retry(error: &Error, on_timeout: OnTimeout) -> bool {
+pub(crate) fn should_retry(error: &Error, on_timeout: OnTimeout) -> bool {
     match error {
         // An owner that did not answer a forwarded request: as a timeout of the call's own.
         Error::Api(refusal) => {

@@ -6,17 +6,21 @@
 //! next one. Under load a start costs a fraction of a request and of a reply, for the
 //! client, the broker and the coordinator.
 //!
-//! A start that the grid refuses as retryable (overload, a moving shard) is sent again on
-//! its own by [`Client::start`], which retries it within the client's retry budget; every
-//! other outcome is the one the grid gave.
+//! The starts of a batch that may be sent again as [`Client::start`] would send them (a
+//! retryable refusal such as overload or a moving shard; with an idempotency key, also a
+//! timeout or an owner that may have applied it) go again together, after a backoff,
+//! within the client's retry budget, while their batch still holds its request's place:
+//! under overload the batcher slows its callers down instead of multiplying requests.
+//! Every other outcome is the one the grid gave.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use flowgrid_proto::{RunStarted, StartRun, START_MANY_RUNS_MAX};
 
-use crate::client::Client;
+use crate::client::{should_retry, Client, OnTimeout};
 use crate::error::{Error, Result};
 
 /// Starts a batch holds unless [`StartBatcher::new`] says otherwise.
@@ -93,28 +97,66 @@ async fn send_batches(client: Client, mut waiting: mpsc::Receiver<Queued>, batch
 }
 
 async fn send_batch(client: &Client, batch: Vec<Queued>) {
-    let (starts, outcomes): (Vec<StartRun>, Vec<_>) =
+    let (mut starts, mut outcomes): (Vec<StartRun>, Vec<_>) =
         batch.into_iter().map(|queued| (queued.start, queued.outcome)).unzip();
-    match client.start_many(&starts).await {
-        Ok(results) => {
-            for ((start, outcome), result) in starts.into_iter().zip(outcomes).zip(results) {
-                match result {
-                    Err(Error::Api(refusal)) if refusal.retryable => {
-                        let client = client.clone();
-                        tokio::spawn(async move {
-                            let _ = outcome.send(client.start(start).await);
-                        });
-                    }
-                    result => {
-                        let _ = outcome.send(result);
-                    }
+    let started = Instant::now();
+    let mut backoff = Client::retry_backoff();
+    loop {
+        let results = match client.start_many(&starts).await {
+            Ok(results) => results,
+            Err(error) => starts.iter().map(|_| Err(error.copy_for_batch())).collect(),
+        };
+        let delay = backoff.next_delay_within(client.retry_budget().saturating_sub(started.elapsed()));
+        let (mut again, mut waiting) = (Vec::new(), Vec::new());
+        for ((start, outcome), result) in starts.into_iter().zip(outcomes).zip(results) {
+            match result {
+                Err(error) if delay.is_some() && may_send_again(&start, &error) => {
+                    again.push(start);
+                    waiting.push(outcome);
+                }
+                result => {
+                    let _ = outcome.send(result);
                 }
             }
         }
-        Err(error) => {
-            for outcome in outcomes {
-                let _ = outcome.send(Err(error.copy_for_batch()));
-            }
+        match delay {
+            Some(delay) if !again.is_empty() => tokio::time::sleep(delay).await,
+            _ => return,
         }
+        (starts, outcomes) = (again, waiting);
+    }
+}
+
+/// Whether a start that failed with `error` may be sent again, as [`Client::start`] would.
+fn may_send_again(start: &StartRun, error: &Error) -> bool {
+    should_retry(error, OnTimeout::retry_if(start.idempotency_key.is_some()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use flowgrid_proto::{ApiError, ErrorCode};
+
+    use super::*;
+
+    #[test]
+    fn a_start_goes_again_where_client_start_would_send_it_again() {
+        let keyless = StartRun { flow: "f".into(), ..Default::default() };
+        let keyed = StartRun { idempotency_key: Some("order-7".into()), ..keyless.clone() };
+        let timeout = Error::Timeout { what: "request on run.start_many".into(), after: Duration::from_secs(10) };
+        let overloaded = Error::Api(ApiError::new(ErrorCode::Overloaded, "too many runs"));
+        let maybe_applied = Error::Api(ApiError {
+            retryable: false,
+            ..ApiError::new(ErrorCode::Unavailable, "the owner did not answer")
+        });
+        let invalid = Error::Api(ApiError::new(ErrorCode::InvalidRequest, "no such flow"));
+        for start in [&keyless, &keyed] {
+            assert!(may_send_again(start, &overloaded), "a retryable refusal goes again");
+            assert!(!may_send_again(start, &invalid), "a refusal for good does not");
+        }
+        assert!(may_send_again(&keyed, &timeout) && may_send_again(&keyed, &maybe_applied), "its key makes it safe");
+        assert!(!may_send_again(&keyless, &timeout), "without a key it may have started");
+        assert!(!may_send_again(&keyless, &maybe_applied));
     }
 }

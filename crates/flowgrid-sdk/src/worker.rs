@@ -389,6 +389,7 @@ impl Worker {
             heartbeat_every: heartbeat_period(ack_wait),
             running: Running::default(),
             pacer: self.max_rate.map(Pacer::new),
+            shutdown: shutdown.clone(),
         });
         let cancels = self.subjects.cancels(&self.pool);
         let listener = tokio::spawn(listen_for_cancels(self.nats.clone(), cancels, shared.clone()));
@@ -586,6 +587,8 @@ struct Shared {
     heartbeat_every: Duration,
     running: Running,
     pacer: Option<Pacer>,
+    /// The worker's stop: a task still waiting for its turn then goes back unstarted.
+    shutdown: CancellationToken,
 }
 
 /// The lowest rate [`Worker::max_rate`] takes: one task a day.
@@ -764,6 +767,10 @@ async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
             () = task.cancellation().cancelled() => {
                 debug!(attempt = %attempt, "task cancelled by its run while waiting for its turn");
                 return Settle::Ack;
+            }
+            () = shared.shutdown.cancelled() => {
+                debug!(attempt = %attempt, "worker stopping; the task waiting for its turn is handed back");
+                return Settle::Nak;
             }
         }
     }
