@@ -284,6 +284,23 @@ async fn oversized_and_malformed_requests_are_refused_and_change_nothing() -> an
     let view = client.get(&started.run_id).await.or_logs(&grid)?;
     assert_eq!(view.input, json!({"via": "json"}));
 
+    // Messages about a concurrency limit name a flow, a key and a run that go into stored
+    // keys: each is bounded, so an oversized one is refused alone instead of failing the
+    // commit of its shard's whole batch.
+    let long = "k".repeat(10_000);
+    for (what, message) in [
+        ("key", json!({"flow": "idle", "key": long, "run_id": started.run_id})),
+        ("flow", json!({"flow": long, "run_id": started.run_id})),
+        ("run_id", json!({"flow": "idle", "run_id": long})),
+    ] {
+        for verb in ["gate.acquire", "gate.release", "run.admit"] {
+            let (payload, _) = raw_request(&grid, verb, serde_json::to_vec(&message)?, true).await.or_logs(&grid)?;
+            let reply: serde_json::Value = serde_json::from_slice(&payload)?;
+            assert_eq!(reply["error"]["code"], "invalid_request", "{verb} with a long {what}: {reply}");
+            assert!(reply["error"]["message"].as_str().is_some_and(|text| text.contains(what)), "{reply}");
+        }
+    }
+
     // The encoding round trip of an ordinary request still works after all that.
     let bytes = encode(Encoding::MsgPack, &start("idle", json!(1), Some("k")))?;
     let (payload, _) = raw_request(&grid, "run.start", bytes, false).await.or_logs(&grid)?;

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
-use flowgrid_model::limits::{nesting_depth, REASON_BYTES_MAX, SIGNAL_ID_BYTES_MAX, SUBFLOW_DEPTH_MAX};
+use flowgrid_model::limits::{
+    nesting_depth, CONCURRENCY_KEY_BYTES_MAX, REASON_BYTES_MAX, SIGNAL_ID_BYTES_MAX, SUBFLOW_DEPTH_MAX,
+};
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused,
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::clock::now_ms;
+use crate::error::cut;
 use crate::metrics;
 use crate::routing::{unexpected, Router, ShardReply, ShardRequest};
 use crate::shard::{gate_routing_key, GateVerb, HISTORY_PAGE_MAX};
@@ -84,6 +87,10 @@ impl RequestCounters {
         self.0[verb][usize::from(!succeeded)].increment(1);
     }
 }
+
+/// The longest run id a message about a concurrency limit may name: the grid's run ids
+/// are UUIDs (36 bytes), and the id goes into a stored key.
+const RUN_ID_BYTES_MAX: usize = 64;
 
 /// Shards asked at once by requests that cover every shard (lists).
 const FAN_OUT_MAX: usize = 32;
@@ -423,14 +430,27 @@ impl Api {
     /// (acquire, release) or to the run's (admit).
     async fn gate(&self, verb: GateVerb, message: GateMessage) -> Result<GateTaken, ApiError> {
         // Coordinators send these for flows they run; anything else is no flow's limit.
-        if !flowgrid_model::is_name(&message.flow) {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!("flow: {:?} is no flow's name, so no flow's concurrency limit", message.flow),
+        // Each of the three names goes into a stored key, so each is bounded here.
+        let invalid = |message: String| Err(ApiError::new(ErrorCode::InvalidRequest, message));
+        if !flowgrid_model::is_name(&message.flow) || message.flow.len() > self.limits.name_bytes_max {
+            return invalid(format!(
+                "flow: {:?} is no flow's name (at most {} bytes of letters, digits, `-` and `_`), so no flow's \
+                 concurrency limit",
+                cut(&message.flow),
+                self.limits.name_bytes_max
             ));
         }
-        if message.run_id.as_str().is_empty() {
-            return Err(ApiError::new(ErrorCode::InvalidRequest, "run_id is empty: name the run the message is about"));
+        if message.key.len() > CONCURRENCY_KEY_BYTES_MAX {
+            return invalid(format!(
+                "key is {} bytes, over the {CONCURRENCY_KEY_BYTES_MAX} a concurrency limit's key may have",
+                message.key.len()
+            ));
+        }
+        if message.run_id.as_str().is_empty() || message.run_id.as_str().len() > RUN_ID_BYTES_MAX {
+            return invalid(format!(
+                "run_id must name the run the message is about in 1 to {RUN_ID_BYTES_MAX} bytes (it has {})",
+                message.run_id.as_str().len()
+            ));
         }
         let shard = match verb {
             GateVerb::Acquire | GateVerb::Release => {

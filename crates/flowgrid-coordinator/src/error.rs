@@ -44,3 +44,12 @@ pub enum Error {
     #[error("corrupt record {what}: {message}")]
     Corrupt { what: String, message: String },
 }
+
+/// The start of `text`, enough to recognise it in a message.
+pub(crate) fn cut(text: &str) -> String {
+    const CHARS_SHOWN: usize = 200;
+    match text.char_indices().nth(CHARS_SHOWN) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}

@@ -289,7 +289,7 @@ impl<S: ShardStore> ShardActor<S> {
         batch: &mut Batch,
     ) {
         let commands_max = self.context.batch_events_max;
-        let bytes_max = self.context.store_limits.transaction_bytes_max / BATCH_BYTES_SHARE;
+        let bytes_max = self.batch_bytes_max();
         while batch.commands < commands_max && batch.writes.bytes() < bytes_max {
             let mut progressed = false;
             if let Ok(command) = inbox.try_recv() {
@@ -304,6 +304,13 @@ impl<S: ShardStore> ShardActor<S> {
                 break;
             }
         }
+    }
+
+    /// The store writes past which a batch takes nothing more: a share of what one commit
+    /// may hold, so that the effects of what it took (a run's snapshot, outbox messages)
+    /// still fit.
+    pub(super) fn batch_bytes_max(&self) -> usize {
+        self.context.store_limits.transaction_bytes_max / BATCH_BYTES_SHARE
     }
 
     async fn handle(&mut self, command: Command, batch: &mut Batch) {

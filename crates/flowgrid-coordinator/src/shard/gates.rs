@@ -395,7 +395,16 @@ impl<S: ShardStore> ShardActor<S> {
             }
             due.push(id);
         }
+        let bytes_max = self.batch_bytes_max();
         for id in due {
+            if batch.writes.bytes() >= bytes_max {
+                // The batch is full: this limit admits in the next turn.
+                if let Some(gate) = self.gates.gates.get_mut(&id) {
+                    gate.due_ms = Some(now);
+                    self.gates.due.insert((now, id));
+                }
+                continue;
+            }
             self.admit_waiting(&id, batch);
         }
     }
@@ -404,13 +413,14 @@ impl<S: ShardStore> ShardActor<S> {
     /// rate lets them go; then notes when the gate next has something to do, or forgets it
     /// when it holds nothing any more.
     fn admit_waiting(&mut self, id: &GateId, batch: &mut Batch) {
+        let bytes_max = self.batch_bytes_max();
         let Some(gate) = self.gates.gates.get_mut(id) else { return };
         let now = now_ms();
         let now_us = now * 1_000;
         let mut admitted = Vec::new();
         let mut due_ms = None;
         while !gate.queue.is_empty() && (gate.max == 0 || gate.holders.len() < gate.max as usize) {
-            if admitted.len() == ADMITS_PER_TURN {
+            if admitted.len() == ADMITS_PER_TURN || batch.writes.bytes() >= bytes_max {
                 due_ms = Some(now);
                 break;
             }

@@ -27,6 +27,7 @@ use super::actor::{ActiveRun, ShardActor};
 use super::batch::{Batch, Dispatch, RefusedResult, ResultReply};
 use super::StartCommand;
 use crate::clock::now_ms;
+use crate::error::cut;
 use crate::metrics::{self, ShardMetrics, TaskMetrics};
 use crate::records::{self, EventRecord, OutboxRecord, RunRecord, StartRecord};
 
@@ -671,15 +672,6 @@ fn error_problem(error: &TaskError, limits: &Limits) -> Option<String> {
         ));
     }
     None
-}
-
-/// The start of `text`, enough to recognise it in a message.
-fn cut(text: &str) -> String {
-    const CHARS_SHOWN: usize = 200;
-    match text.char_indices().nth(CHARS_SHOWN) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
-    }
 }
 
 /// Why a redrive is refused, and what to do instead.
