@@ -255,8 +255,14 @@ async fn an_http_worker_under_max_rate_spaces_its_requests() -> anyhow::Result<(
         (times_len(&times) > 6).then_some(())
     });
     first.await.or_logs(&grid)?;
-    // Its other five tasks have reached it by now (one pull takes all of them).
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Its other five tasks are out with it, waiting for their turn.
+    let stream = async_nats::jetstream::new(grid.nats_client().await?).get_stream("FLOWGRID_TASKS").await?;
+    let consumer = flowgrid_proto::Subjects::new(grid.prefix.clone()).pool_consumer("http");
+    let held = flowgrid_tests::wait_for("five tasks out with the slow worker", RUN_DEADLINE, || async {
+        let info = stream.consumer_info(&consumer).await.ok()?;
+        (info.num_ack_pending == 5 && info.num_pending == 0).then_some(())
+    });
+    held.await.or_logs(&grid)?;
     let stopping = std::time::Instant::now();
     assert!(grid.workers.pop().expect("the slow worker").stop(RUN_DEADLINE), "{}", grid.logs());
     let stopped_in = stopping.elapsed();

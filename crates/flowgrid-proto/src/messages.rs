@@ -277,8 +277,8 @@ impl StartRun {
             if is_grid_key(key) {
                 return invalid(format!(
                     "idempotency_key {key:?} has the form the grid keeps for starts of its own (`subflow/...` for \
-                     child runs of subflow steps, `submit-<number>-<number>` for durable submits without a key): use a key of \
-                     your own"
+                     child runs of subflow steps, `submit-<number>-<number>` for durable submits without a key): use \
+                     a key of your own"
                 ));
             }
         }

@@ -518,7 +518,7 @@ impl Writer {
             None => fs::create_dir_all(&self.dir)
                 .and_then(|()| take_writer_lock(&self.dir))
                 .and_then(|held| mark_writer(&self.dir).map(|()| held))
-                .map_err(|error| format!("cannot lock the journal {}: {error}", self.dir.display()))?,
+                .map_err(|error| format!("cannot lock and mark the journal {}: {error}", self.dir.display()))?,
         };
         let path = segment_path(&self.dir, start.segment);
         // Every frame of the current segment is durable: its successor may appear.
@@ -705,8 +705,8 @@ fn corrupt(at: Position, detail: String) -> Error {
 /// What an operator may do about a damaged journal, said with every error about one.
 const DAMAGED_JOURNAL_REMEDY: &str = "the shards whose commits it holds are not served while it is damaged: restore \
     the data directory from a backup, or, to serve them from their shard files alone (losing their commits since \
-    their last checkpoint), move this journal directory out of the data directory and delete the file of the same \
-    name in its journal-writers directory";
+    their last checkpoint), move this journal directory out of the data directory and delete its mark, the file of \
+    the same name in the data directory's journal-writers";
 
 /// Reads the frames of writer directory `dir` from `from` on, in order, calling `visit`
 /// for each. An all-zero frame header ends a segment (the rest was preallocated). A frame
@@ -827,11 +827,12 @@ fn mark_path(dir: &Path) -> PathBuf {
 fn mark_writer(dir: &Path) -> io::Result<()> {
     let mark = mark_path(dir);
     let marks = mark.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(marks)?;
-    File::create(&mark)?;
-    sync_dir(marks)?;
-    // The marks' directory may be new: its own entry must survive a crash too.
-    sync_dir(marks.parent().unwrap_or(Path::new(".")))
+    fs::create_dir_all(marks)
+        .and_then(|()| File::create(&mark))
+        .and_then(|_| sync_dir(marks))
+        // The marks' directory may be new: its own entry must survive a crash too.
+        .and_then(|()| sync_dir(marks.parent().unwrap_or(Path::new("."))))
+        .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", mark.display())))
 }
 
 /// The refusal of a shard whose file names `writer` as the journal of its last commits
