@@ -171,18 +171,7 @@ impl Task {
     pub async fn report_progress(&self, details: Value) -> Result<bool> {
         let Some(reporter) = &self.reporter else { return Ok(false) };
         let report = TaskResult { attempt: self.attempt.clone(), output: None, error: None, progress: Some(details) };
-        match report::send(&reporter.nats, &reporter.reply_to, &report).await {
-            report::Sent::Confirmed(ack) => Ok(ack.applied),
-            report::Sent::Refused(refusal) => Err(refusal.into()),
-            report::Sent::TooLarge => {
-                Err(ApiError::new(ErrorCode::PayloadTooLarge, "the progress report is over the server's message limit")
-                    .into())
-            }
-            report::Sent::NoAnswer(reason) => Err(Error::Timeout {
-                what: format!("progress report of {} ({reason})", self.attempt),
-                after: report::RESULT_REQUEST_TIMEOUT,
-            }),
-        }
+        progress_outcome(report::send(&reporter.nats, &reporter.reply_to, &report).await, &self.attempt)
     }
 
     /// Publishes a piece of this attempt's live output (a model's next tokens, a log line)
@@ -824,6 +813,31 @@ async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> Option<std::r
     })
 }
 
+/// What [`Task::report_progress`] returns for what its request got.
+fn progress_outcome(sent: report::Sent, attempt: &AttemptId) -> Result<bool> {
+    match sent {
+        report::Sent::Confirmed(ack) => Ok(ack.applied),
+        report::Sent::Refused(refusal) => Err(refusal.into()),
+        report::Sent::TooLarge => {
+            Err(ApiError::new(ErrorCode::PayloadTooLarge, "the progress report is over the server's message limit")
+                .into())
+        }
+        report::Sent::NoAnswer { request: Some(error), .. }
+            if error.kind() == async_nats::RequestErrorKind::TimedOut =>
+        {
+            Err(Error::Timeout { what: format!("progress report of {attempt}"), after: report::RESULT_REQUEST_TIMEOUT })
+        }
+        // Nobody listening or a lost connection, said as it was (`is_no_responders`).
+        report::Sent::NoAnswer { request: Some(error), .. } => {
+            Err(Error::Nats { context: format!("progress report of {attempt}"), source: Box::new(error) })
+        }
+        report::Sent::NoAnswer { reason, request: None } => Err(Error::Nats {
+            context: format!("progress report of {attempt}: the reply was unreadable"),
+            source: reason.into(),
+        }),
+    }
+}
+
 fn deadline_exceeded() -> TaskError {
     TaskError {
         code: "deadline_exceeded".into(),
@@ -888,6 +902,21 @@ mod tests {
     fn heartbeats_come_three_times_per_ack_wait() {
         assert_eq!(heartbeat_period(Duration::from_secs(30)), Duration::from_secs(10));
         assert_eq!(heartbeat_period(Duration::from_millis(30)), HEARTBEAT_MIN);
+    }
+
+    #[test]
+    fn a_progress_report_fails_as_what_happened_to_its_request() {
+        use async_nats::{RequestError, RequestErrorKind};
+        let no_answer = |kind| report::Sent::NoAnswer { reason: "x".into(), request: Some(RequestError::new(kind)) };
+        let timed_out = progress_outcome(no_answer(RequestErrorKind::TimedOut), &attempt()).unwrap_err();
+        assert!(matches!(timed_out, Error::Timeout { .. }), "{timed_out:?}");
+        let nobody = progress_outcome(no_answer(RequestErrorKind::NoResponders), &attempt()).unwrap_err();
+        assert!(nobody.is_no_responders(), "no coordinator is not a timeout: {nobody:?}");
+        let garbled = report::Sent::NoAnswer { reason: "invalid MessagePack".into(), request: None };
+        let unreadable = progress_outcome(garbled, &attempt()).unwrap_err().to_string();
+        assert!(unreadable.contains("unreadable"), "{unreadable}");
+        let confirmed = report::Sent::Confirmed(flowgrid_proto::ResultAck { applied: false });
+        assert!(!progress_outcome(confirmed, &attempt()).unwrap(), "an attempt that is over ignores the report");
     }
 
     #[tokio::test]

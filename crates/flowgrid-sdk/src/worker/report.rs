@@ -57,8 +57,9 @@ pub(crate) enum Sent {
     Refused(ApiError),
     /// The result is over the server's maximum message size.
     TooLarge,
-    /// No confirmation: nobody listening, timeout, lost connection or an unreadable reply.
-    NoAnswer(String),
+    /// No confirmation: nobody listening, timeout, lost connection (`request` says which) or
+    /// an unreadable reply.
+    NoAnswer { reason: String, request: Option<async_nats::RequestError> },
 }
 
 /// The next move after one send.
@@ -90,7 +91,7 @@ pub(crate) async fn report(
                     Sent::Refused(refusal) => {
                         warn!(attempt = %result.attempt, error = %refusal, "coordinator refused the result")
                     }
-                    Sent::NoAnswer(reason) => warn!(
+                    Sent::NoAnswer { reason, .. } => warn!(
                         attempt = %result.attempt,
                         reason = %reason,
                         "no coordinator confirmed the result in time; handing the task back"
@@ -123,14 +124,14 @@ pub(crate) async fn send(nats: &async_nats::Client, reply_to: &str, result: &Tas
     let message = match nats.send_request(reply_to.to_owned(), request).await {
         Ok(message) => message,
         Err(error) if error.kind() == async_nats::RequestErrorKind::MaxPayloadExceeded => return Sent::TooLarge,
-        Err(error) => return Sent::NoAnswer(error.to_string()),
+        Err(error) => return Sent::NoAnswer { reason: error.to_string(), request: Some(error) },
     };
     let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
     let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
     match decode::<Reply<ResultAck>>(encoding, &message.payload) {
         Ok(Reply::Ok(ack)) => Sent::Confirmed(ack),
         Ok(Reply::Error(refusal)) => Sent::Refused(refusal),
-        Err(error) => Sent::NoAnswer(error.to_string()),
+        Err(error) => Sent::NoAnswer { reason: error.to_string(), request: None },
     }
 }
 
@@ -143,7 +144,7 @@ pub(crate) fn decide(sent: &Sent, result: &TaskResult, now: Millis, give_up_ms: 
         Sent::Refused(refusal) if refusal.code == ErrorCode::PayloadTooLarge => replace_too_large(result),
         Sent::Refused(refusal) if refusal.retryable => retry_or_hand_back(),
         Sent::Refused(_) => Next::Settle(Settle::Term),
-        Sent::NoAnswer(_) => retry_or_hand_back(),
+        Sent::NoAnswer { .. } => retry_or_hand_back(),
     }
 }
 
@@ -188,7 +189,7 @@ mod tests {
 
     #[test]
     fn no_answer_retries_until_the_give_up_time_then_hands_back() {
-        let sent = Sent::NoAnswer("no responders".into());
+        let sent = Sent::NoAnswer { reason: "no responders".into(), request: None };
         assert_eq!(decide(&sent, &output(), NOW, NOW + 1), Next::RetryLater);
         assert_eq!(decide(&sent, &output(), NOW, NOW), Next::Settle(Settle::Nak));
     }
