@@ -158,6 +158,9 @@ async fn the_http_api_starts_signals_and_reads_runs_and_streams_live_output() ->
     assert_eq!((status, view["status"].as_str()), (200, Some("succeeded")), "{body}");
     let (status, body) = http_get(&addr, "/api/runs/no-such-run")?;
     assert!(status == 404 && body.contains(r#""code":"not_found""#), "{status} {body}");
+    // A path that is not UTF-8 once decoded gets the API's JSON refusal too.
+    let (status, body) = http_get(&addr, "/api/runs/%ff%fe")?;
+    assert!(status == 400 && body.contains(r#""code":"invalid_request""#), "{status} {body}");
 
     // A signal sent over HTTP ends a run that waits for it.
     let (_, body) = http_post_json(&addr, "/api/runs", r#"{"flow": "approval"}"#, Some(API_TOKEN))?;

@@ -164,6 +164,9 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     let (status, _, page) = http_post_form(&read_only, "/flows", &form(&[("token", ""), ("definition", UI_FLOW)]))?;
     assert_eq!(status, 403, "{page}");
     assert!(page.contains("read-only"), "{page}");
+    // Whatever a form holds, a read-only UI refuses it as such, not as a malformed form.
+    let (status, _, page) = http_post_form(&read_only, "/runs/some-run/cancel", "reason=x")?;
+    assert!(status == 403 && page.contains("read-only"), "{status}: {page}");
     assert!(client.flows().await?.flows.is_empty(), "nothing was deployed");
 
     assert_eq!(http_get(&read_only, "/deploy")?.0, 403, "a read-only UI has no deploy form");

@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, Query, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -128,7 +129,7 @@ async fn refuse_query(request: axum::extract::Request, next: axum::middleware::N
     next.run(request).await
 }
 
-async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
+async fn run(State(ui): State<Arc<Ui>>, ApiPath(run_id): ApiPath<String>) -> Response {
     answer(ui.client.get(&RunId(run_id.into())).await, StatusCode::OK)
 }
 
@@ -190,7 +191,7 @@ struct HistoryQuery {
 
 async fn history(
     State(ui): State<Arc<Ui>>,
-    Path(run_id): Path<String>,
+    ApiPath(run_id): ApiPath<String>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Response {
     match query::<HistoryQuery>(pairs, &["after", "limit"]) {
@@ -211,7 +212,7 @@ struct FlowQuery {
 
 async fn flow(
     State(ui): State<Arc<Ui>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Response {
     match query::<FlowQuery>(pairs, &["version"]) {
@@ -220,7 +221,7 @@ async fn flow(
     }
 }
 
-async fn live(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
+async fn live(State(ui): State<Arc<Ui>>, ApiPath(run_id): ApiPath<String>) -> Response {
     let run_id = RunId(run_id.into());
     // A run that does not exist is a 404 now, not an empty stream. Its steps and status
     // are what the stream needs, not its data.
@@ -293,7 +294,7 @@ async fn start(
 
 async fn signal(
     State(ui): State<Arc<Ui>>,
-    Path((run_id, step)): Path<(String, String)>,
+    ApiPath((run_id, step)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -337,7 +338,7 @@ struct ChangeBody {
 /// `POST /api/runs/{id}/{cancel | pause | resume | redrive}`.
 async fn change(
     State(ui): State<Arc<Ui>>,
-    Path((run_id, change)): Path<(String, String)>,
+    ApiPath((run_id, change)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -441,7 +442,7 @@ fn is_change(name: &str) -> bool {
 }
 
 /// Another method on `/api/runs/<id>/<change>`: a change asked the wrong way, or no call.
-async fn change_other_method(method: Method, Path((_, change)): Path<(String, String)>) -> Response {
+async fn change_other_method(method: Method, ApiPath((_, change)): ApiPath<(String, String)>) -> Response {
     if is_change(&change) {
         method_not_allowed(method).await
     } else {
@@ -473,6 +474,21 @@ fn change_request<T: DeserializeOwned>(
     match when_empty {
         Some(empty) if body.is_empty() => Ok(empty),
         _ => parse(&body),
+    }
+}
+
+/// A path's parameters, or the API's JSON refusal of them (a segment that is not UTF-8
+/// once decoded, say), instead of axum's plain-text one.
+struct ApiPath<T>(T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(error(rejection.status(), "invalid_request", &rejection.body_text())),
+        }
     }
 }
 

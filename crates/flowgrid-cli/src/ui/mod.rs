@@ -443,15 +443,19 @@ fn reason_or(given: &str, default: &str) -> String {
     }
 }
 
-/// A form's fields, or the UI's error page saying what is wrong with the form (a field
-/// missing, a body that is not a form, one over [`BODY_BYTES_MAX`]).
+/// A form's fields, or the UI's error page saying what is wrong: a read-only UI takes no
+/// form at all (whatever it holds), else a field missing, a body that is not a form, one
+/// over [`BODY_BYTES_MAX`].
 struct UiForm<T>(T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for UiForm<T> {
+impl<T: DeserializeOwned> FromRequest<Arc<Ui>> for UiForm<T> {
     type Rejection = Response;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
-        match Form::<T>::from_request(request, state).await {
+    async fn from_request(request: Request, ui: &Arc<Ui>) -> Result<Self, Response> {
+        if ui.token.is_none() {
+            return Err(read_only());
+        }
+        match Form::<T>::from_request(request, ui).await {
             Ok(Form(form)) => Ok(UiForm(form)),
             Err(rejection) => Err(failure(rejection.status(), &rejection.body_text())),
         }
