@@ -60,12 +60,17 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub flow_pauses: BTreeMap<String, flowgrid_proto::FlowPause>,
     /// The next slot of each flow of the catalog that has a schedule (and is not paused).
     pub schedules: BTreeMap<String, Millis>,
+    /// Up to when the schedules' slots were looked at: a version deployed meanwhile arms its
+    /// schedule from here, so a slot that fell during its commit is still started.
+    pub schedules_checked_ms: Millis,
     /// The triggers of the flows of the catalog whose latest version has one.
     pub triggers: super::triggers::Triggers,
     /// The concurrency limits whose gate is in this shard.
     pub gates: super::gates::Gates,
     /// When the next retention pass is due; `None` without `--retain-ended-runs`.
     pub next_prune_ms: Option<Millis>,
+    /// Where in the runs listing the next retention pass goes on; `None`: from its start.
+    pub prune_from: Option<flowgrid_store::Key>,
     pub metrics: ShardMetrics,
     /// The actor's own inbox, for tasks it spawned (weak: it does not keep the actor alive).
     pub inbox: mpsc::WeakSender<Command>,
@@ -114,6 +119,8 @@ pub async fn spawn_shard<S: ShardStore>(
         triggers: Default::default(),
         gates: Default::default(),
         next_prune_ms,
+        prune_from: None,
+        schedules_checked_ms: now_ms(),
         metrics: ShardMetrics::register(),
         inbox: sender.downgrade(),
         loaded: stopped.child_token(),
@@ -430,7 +437,7 @@ impl<S: ShardStore> ShardActor<S> {
         }
         self.forget_finished(finished);
         for plan in deployed {
-            self.arm_schedule(&plan, now_ms());
+            self.arm_schedule(&plan, self.schedules_checked_ms);
             self.update_trigger(&plan);
             self.context.plans.set_latest(plan);
         }

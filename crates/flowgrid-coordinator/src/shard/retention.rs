@@ -1,11 +1,13 @@
 //! Retention: a shard deletes the runs that ended longer ago than `--retain-ended-runs`.
 //!
-//! The listing index holds ended runs by creation time, oldest first, so each pass reads
-//! its start and deletes every run there that ended before the cutoff: its record,
-//! history, snapshot and listing entry, in the batch the actor commits next (epoch-fenced
-//! like every other write, and all of a run or none of it). A pass reads at most
-//! [`PRUNE_SCAN_MAX`] entries and deletes at most [`PRUNE_RUNS_MAX`] runs; a pass that
-//! found that many comes again soon, so a backlog drains in steps that keep commits small.
+//! The listing index holds ended runs by creation time, oldest first, so a sweep reads it
+//! from its start up to the cutoff and deletes every run there that ended before the
+//! cutoff: its record, history, snapshot and listing entry, in the batch the actor commits
+//! next (epoch-fenced like every other write, and all of a run or none of it). A pass reads
+//! at most [`PRUNE_SCAN_MAX`] entries and deletes at most [`PRUNE_RUNS_MAX`] runs; a pass
+//! that did not reach the cutoff leaves the sweep's place and the next comes soon, so a
+//! backlog drains in steps that keep commits small, and runs that ended after the cutoff
+//! (created long before it, they fill the index's start) do not hide the runs behind them.
 
 use flowgrid_model::{Millis, RunId};
 use flowgrid_proto::RunSummary;
@@ -21,7 +23,7 @@ use crate::records;
 const PRUNE_SCAN_MAX: usize = 2_000;
 /// Runs one pass deletes.
 const PRUNE_RUNS_MAX: usize = 500;
-/// The next pass after one that deleted [`PRUNE_RUNS_MAX`] runs (a backlog).
+/// The next pass after one that did not reach the cutoff (a backlog, or runs kept).
 const PRUNE_BACKLOG_PAUSE_MS: Millis = 1_000;
 
 /// How often a shard looks for runs past the retention: a quarter of it, from 1 s to 1 min.
@@ -43,8 +45,9 @@ impl<S: ShardStore> ShardActor<S> {
     async fn prune_ended_runs(&mut self, retain_ms: u64, now: Millis, batch: &mut Batch) -> Millis {
         let cutoff = now.saturating_sub(retain_ms);
         // Only runs created before the cutoff can have ended before it.
-        let range = KeyRange { begin: keys::created_range().begin, end: keys::created(cutoff, &RunId("".into())) };
-        let entries = match self.store.scan(range, PRUNE_SCAN_MAX, false).await {
+        let end = keys::created(cutoff, &RunId("".into()));
+        let begin = self.prune_from.take().filter(|from| *from < end).unwrap_or(keys::created_range().begin);
+        let entries = match self.store.scan(KeyRange { begin, end }, PRUNE_SCAN_MAX, false).await {
             Ok(entries) => entries,
             Err(error) => {
                 warn!(shard = %self.shard, error = %error, "cannot read the runs listing to apply the retention; trying again later");
@@ -52,9 +55,17 @@ impl<S: ShardStore> ShardActor<S> {
             }
         };
         let mut pruned = 0;
+        // Where the next pass goes on: after what this one read, unless it read to the cutoff.
+        let mut resume_at = (entries.len() == PRUNE_SCAN_MAX)
+            .then(|| entries.last().map(|(last, _)| [last.as_slice(), &[0]].concat()))
+            .flatten();
         for (key, value) in entries {
+            if pruned == PRUNE_RUNS_MAX {
+                resume_at = Some(key);
+                break;
+            }
             let Ok((created_ms, run_id)) = keys::decode_created(&key) else { continue };
-            if created_ms >= cutoff || pruned == PRUNE_RUNS_MAX {
+            if created_ms >= cutoff {
                 break;
             }
             let Ok(summary) = records::decode::<RunSummary>("run summary", &value) else { continue };
@@ -73,7 +84,8 @@ impl<S: ShardStore> ShardActor<S> {
             ::metrics::counter!(metrics::RUNS_PRUNED).increment(pruned as u64);
             debug!(shard = %self.shard, runs = pruned, "ended runs past the retention deleted");
         }
-        let pause = if pruned == PRUNE_RUNS_MAX { PRUNE_BACKLOG_PAUSE_MS } else { prune_interval_ms(retain_ms) };
+        let pause = if resume_at.is_some() { PRUNE_BACKLOG_PAUSE_MS } else { prune_interval_ms(retain_ms) };
+        self.prune_from = resume_at;
         now + pause
     }
 }

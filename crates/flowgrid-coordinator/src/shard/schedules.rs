@@ -57,6 +57,7 @@ impl<S: ShardStore> ShardActor<S> {
     /// Starts the run of every slot due by `now` and arms each schedule's next slot after
     /// `now` (slots missed meanwhile are skipped).
     pub(super) fn start_due_schedules(&mut self, now: Millis) {
+        self.schedules_checked_ms = now;
         if self.next_schedule_due().is_none_or(|due| due > now) {
             return;
         }
