@@ -497,7 +497,8 @@ enum Lost {
     /// The claim had changed since this member read it: another member won, or the view
     /// was behind.
     Race,
-    /// Opening or loading failed, or the lease ran out; the claim was given back.
+    /// The claim could not be written, or opening or loading failed, or the lease ran out
+    /// (the claim was given back): tried again after [`RETRY_AFTER_FAILURE`].
     Failed,
 }
 
@@ -511,15 +512,31 @@ async fn acquire<S: Store>(
 ) -> Result<Owned, Lost> {
     let key = shard_key(shard);
     let acquiring = claim_value(&shared.me, ShardState::Acquiring, epoch);
+    // (whether another member's write came first, what went wrong)
     let claimed = match revision {
-        Some(revision) => shared.shards_kv.update(&key, acquiring, revision).await.map_err(|error| error.to_string()),
-        None => shared.shards_kv.create(&key, acquiring).await.map_err(|error| error.to_string()),
+        Some(revision) => shared
+            .shards_kv
+            .update(&key, acquiring, revision)
+            .await
+            .map_err(|error| (error.kind() == kv::UpdateErrorKind::WrongLastRevision, error.to_string())),
+        None => shared
+            .shards_kv
+            .create(&key, acquiring)
+            .await
+            .map_err(|error| (error.kind() == kv::CreateErrorKind::AlreadyExists, error.to_string())),
     };
     let revision = match claimed {
         Ok(revision) => revision,
-        Err(error) => {
+        Err((true, error)) => {
             debug!(shard, error = %error, "another coordinator claimed the shard first");
             return Err(Lost::Race);
+        }
+        // Nothing shows another claim (a timeout, no responders while JetStream elects a
+        // leader): tried again shortly, not left until the claim changes, which it may never.
+        // (NATS itself says when it is unreachable; this would say it for every shard.)
+        Err((false, error)) => {
+            debug!(shard, error = %error, "cannot write the shard's claim; trying again shortly");
+            return Err(Lost::Failed);
         }
     };
     let give_back = |revision: u64| async move {
