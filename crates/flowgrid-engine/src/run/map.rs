@@ -191,16 +191,32 @@ impl Run {
         if !map.is_done() {
             return;
         }
+        // Taken out of the items, not copied; put back if the step's `output` mapping
+        // fails, so that a redrive keeps the items that succeeded.
         let merged = map
             .items
-            .drain(..)
+            .iter_mut()
             .map(|item| match item {
-                Item::Succeeded(output) => output,
+                Item::Succeeded(output) => std::mem::take(output),
                 Item::Failed(_) => Value::Null,
                 Item::Pending(_) | Item::Active(_) | Item::Abandoned => panic!("a finished map has only ended items"),
             })
             .collect();
-        self.succeed_with_result(index, Value::Array(merged), context);
+        match self.mapped_output(index, Value::Array(merged), context) {
+            Ok(output) => {
+                self.map_mut(index).items.clear();
+                self.succeed_with_output(index, output, context);
+            }
+            Err(failed) => {
+                let (Value::Array(merged), error) = *failed else { unreachable!("the merged items are an array") };
+                for (item, output) in self.map_mut(index).items.iter_mut().zip(merged) {
+                    if let Item::Succeeded(kept) = item {
+                        *kept = output;
+                    }
+                }
+                self.expression_failed(index, "output", &error, context);
+            }
+        }
     }
 
     /// Too many items failed: cancel the timers of the active items and fail the step

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use flowgrid_model::limits::PROGRESS_REPORTS_MAX;
 use flowgrid_model::plan::TaskSpec;
-use flowgrid_model::{AttemptId, Millis, StepIndex};
+use flowgrid_model::{AttemptId, ExprError, Millis, StepIndex};
 use serde_json::Value;
 
 use super::retry::{backoff_ms, should_retry};
@@ -262,18 +262,35 @@ impl Run {
     /// (over `result`) and resolves the step as succeeded, or fails the run if the mapping
     /// fails.
     pub(super) fn succeed_with_result(&mut self, index: StepIndex, result: Value, context: &mut Context<'_>) {
-        let plan = Arc::clone(&self.plan);
-        // A subflow step's merged items are its output as they are.
-        let output = match task_spec(&plan.step(index).kind).and_then(|spec| spec.output.as_ref()) {
+        match self.mapped_output(index, result, context) {
+            Ok(output) => self.succeed_with_output(index, output, context),
+            Err(failed) => self.expression_failed(index, "output", &failed.1, context),
+        }
+    }
+
+    /// The output of step `index` for its `result`: the step's `output` mapping over it, or
+    /// the result itself (a subflow step's merged items are its output as they are). When
+    /// the mapping fails, the result comes back with the error.
+    pub(super) fn mapped_output(
+        &self,
+        index: StepIndex,
+        result: Value,
+        context: &Context<'_>,
+    ) -> Result<Value, Box<(Value, ExprError)>> {
+        match task_spec(&self.plan.step(index).kind).and_then(|spec| spec.output.as_ref()) {
             Some(expr) => {
                 let locals = Locals { result: Some(&result), ..Locals::default() };
                 match self.evaluate(context.evaluator, expr, locals) {
-                    Ok(output) => output,
-                    Err(error) => return self.expression_failed(index, "output", &error, context),
+                    Ok(output) => Ok(output),
+                    Err(error) => Err(Box::new((result, error))),
                 }
             }
-            None => result,
-        };
+            None => Ok(result),
+        }
+    }
+
+    /// Resolves step `index` as succeeded with `output`.
+    pub(super) fn succeed_with_output(&mut self, index: StepIndex, output: Value, context: &mut Context<'_>) {
         let state = self.state(index);
         state.status = StepStatus::Succeeded;
         state.output = Some(output);

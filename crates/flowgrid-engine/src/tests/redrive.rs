@@ -181,6 +181,23 @@ fn a_failed_map_runs_again_only_its_items_that_did_not_succeed() {
 }
 
 #[test]
+fn a_map_whose_output_mapping_failed_keeps_its_items_for_a_redrive() {
+    // The mapping reads a field the items' outputs (strings) do not have.
+    let definition = MAP.replace("max_concurrency: 2 }", "max_concurrency: 2, output: \"result[0].size\" }");
+    let mut harness = Harness::start(&definition, json!(["a", "b"]), 0);
+    harness.succeed(10, "each", Some(0), 1, json!("A"));
+    harness.succeed(20, "each", Some(1), 1, json!("B"));
+    assert_eq!(harness.run.status(), RunStatus::Failed, "{:?}", harness.run.view().error);
+    assert_eq!(harness.step("each").items.map(|items| items.succeeded), Some(2), "{:?}", harness.step("each"));
+
+    redrive(&mut harness, 100);
+    assert_eq!(harness.dispatched_names(), Vec::<String>::new(), "no item runs again");
+    assert_eq!(harness.run.status(), RunStatus::Failed, "the same items fail the same mapping");
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+#[test]
 fn a_map_cut_off_by_the_run_timeout_keeps_its_items_that_succeeded() {
     let mut harness = Harness::start(MAP, json!(["a", "b", "c"]), 0);
     harness.succeed(10, "each", Some(1), 1, json!("B"));
