@@ -66,6 +66,8 @@ pub struct Api {
     pub router: Arc<Router>,
     pub limits: Limits,
     pub requests: RequestCounters,
+    /// Requests that ask every shard at once, at most [`FAN_OUTS_MAX`]; the others wait.
+    pub fan_outs: Semaphore,
 }
 
 /// Requests handled, by verb (in the order of [`VERBS`], then unknown verbs) and outcome.
@@ -94,6 +96,9 @@ const RUN_ID_BYTES_MAX: usize = 64;
 
 /// Shards asked at once by requests that cover every shard (lists).
 const FAN_OUT_MAX: usize = 32;
+/// Requests that cover every shard served at once: each may gather a page from every
+/// shard (64 pages of up to 1,001 runs), so their number bounds the memory they take.
+pub const FAN_OUTS_MAX: usize = 16;
 
 /// On a graceful stop, how long the API may take to receive the requests already sent to it,
 /// and then again to answer them (an answer that waits for a moving shard takes up to 3 s).
@@ -238,17 +243,24 @@ impl Api {
     }
 
     /// Asks every shard, a few at a time.
+    /// Asks every shard and gathers their answers; `compact` may trim what was gathered
+    /// after each answer, so that a request holds about one page, not one per shard.
     async fn ask_all<T>(
         &self,
         request: ShardRequest,
         pick: impl Fn(ShardReply) -> Result<Vec<T>, ShardReply> + Copy,
+        mut compact: impl FnMut(&mut Vec<T>),
     ) -> Result<Vec<T>, ApiError> {
-        let answers: Vec<Vec<T>> = futures::stream::iter((0..self.router.shards()).map(ShardId))
+        let _fan_out = self.fan_outs.acquire().await.map_err(|_| ApiError::new(ErrorCode::Unavailable, "stopping"))?;
+        let mut answers = futures::stream::iter((0..self.router.shards()).map(ShardId))
             .map(|shard| self.ask(shard, request.clone(), pick))
-            .buffer_unordered(FAN_OUT_MAX)
-            .try_collect()
-            .await?;
-        Ok(answers.into_iter().flatten().collect())
+            .buffer_unordered(FAN_OUT_MAX);
+        let mut gathered = Vec::new();
+        while let Some(answer) = answers.try_next().await? {
+            gathered.extend(answer);
+            compact(&mut gathered);
+        }
+        Ok(gathered)
     }
 
     async fn deploy(&self, request: DeployFlow) -> Result<flowgrid_proto::FlowDeployed, ApiError> {
@@ -308,10 +320,14 @@ impl Api {
 
     async fn list_flows(&self) -> Result<FlowList, ApiError> {
         let mut flows = self
-            .ask_all(ShardRequest::ListFlows, |reply| match reply {
-                ShardReply::Flows(flows) => Ok(flows),
-                other => Err(other),
-            })
+            .ask_all(
+                ShardRequest::ListFlows,
+                |reply| match reply {
+                    ShardReply::Flows(flows) => Ok(flows),
+                    other => Err(other),
+                },
+                |_| {},
+            )
             .await?;
         flows.sort_by(|left, right| left.name.cmp(&right.name));
         Ok(FlowList { flows })
@@ -594,10 +610,14 @@ impl Api {
     async fn list_limits(&self, request: ListLimits) -> Result<LimitList, ApiError> {
         let query = ShardRequest::Limits { flow: request.flow };
         let mut limits = self
-            .ask_all(query, |reply| match reply {
-                ShardReply::Limits(limits) => Ok(limits),
-                other => Err(other),
-            })
+            .ask_all(
+                query,
+                |reply| match reply {
+                    ShardReply::Limits(limits) => Ok(limits),
+                    other => Err(other),
+                },
+                |_| {},
+            )
             .await?;
         limits.sort_by(|left, right| {
             (right.queued, right.going)
@@ -634,13 +654,22 @@ impl Api {
         }
         let limit = limit as usize;
         let query = ShardRequest::List { query: request, limit: limit + 1 };
-        let mut runs = self
-            .ask_all(query, |reply| match reply {
-                ShardReply::Runs(runs) => Ok(runs),
-                other => Err(other),
-            })
-            .await?;
-        runs.sort_by(|left, right| (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id)));
+        let newest_first = |left: &flowgrid_proto::RunSummary, right: &flowgrid_proto::RunSummary| {
+            (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id))
+        };
+        // The page and one more (to tell whether more follow) is all that is kept.
+        let keep = |runs: &mut Vec<flowgrid_proto::RunSummary>| {
+            if runs.len() > 2 * (limit + 1) {
+                runs.sort_by(newest_first);
+                runs.truncate(limit + 1);
+            }
+        };
+        let pick = |reply| match reply {
+            ShardReply::Runs(runs) => Ok(runs),
+            other => Err(other),
+        };
+        let mut runs = self.ask_all(query, pick, keep).await?;
+        runs.sort_by(newest_first);
         let more = runs.len() > limit;
         runs.truncate(limit);
         let next_cursor = if more { runs.last().map(crate::shard::cursor_of) } else { None };

@@ -235,7 +235,12 @@ async fn serve<S: Store>(
     let drain = CancellationToken::new();
     let mut manager_task = tokio::spawn(manager.run(members_kv, drain.clone()));
 
-    let api = Arc::new(Api { router, limits, requests: RequestCounters::register() });
+    let api = Arc::new(Api {
+        router,
+        limits,
+        requests: RequestCounters::register(),
+        fan_outs: Semaphore::new(api::FAN_OUTS_MAX),
+    });
     let requests = nats
         .queue_subscribe(subjects.api_all(), API_QUEUE_GROUP.to_owned())
         .await
