@@ -207,7 +207,7 @@ fn times_len(times: &std::sync::Mutex<Vec<std::time::Instant>>) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http_worker_under_max_rate_spaces_its_requests() -> anyhow::Result<()> {
+async fn an_http_worker_paces_its_requests_and_stops_within_its_grace() -> anyhow::Result<()> {
     let port = free_port()?;
     let times = Arc::new(std::sync::Mutex::new(Vec::new()));
     let app = Router::new()
@@ -216,6 +216,14 @@ async fn an_http_worker_under_max_rate_spaces_its_requests() -> anyhow::Result<(
             get(|State(times): State<Arc<std::sync::Mutex<Vec<std::time::Instant>>>>| async move {
                 times.lock().unwrap().push(std::time::Instant::now());
                 "tick"
+            }),
+        )
+        .route(
+            "/slow",
+            get(|State(times): State<Arc<std::sync::Mutex<Vec<std::time::Instant>>>>| async move {
+                times.lock().unwrap().push(std::time::Instant::now());
+                tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+                "slow"
             }),
         )
         .with_state(Arc::clone(&times));
@@ -272,6 +280,24 @@ async fn an_http_worker_under_max_rate_spaces_its_requests() -> anyhow::Result<(
     grid.spawn_worker("fast-http-worker", &mut fast)?;
     let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+
+    // With --shutdown-grace-ms 300, a stop abandons a request that takes 20 s after 0.3 s.
+    assert!(grid.workers.pop().expect("the fast worker").stop(RUN_DEADLINE), "{}", grid.logs());
+    let mut brief = std::process::Command::new(flowgrid_bin());
+    brief.args(["--nats-url", &grid.nats_url, "http-worker", "--allow", &format!("http://127.0.0.1:{port}/")]);
+    brief.args(["--shutdown-grace-ms", "300"]);
+    grid.spawn_worker("brief-http-worker", &mut brief)?;
+    let before = times_len(&times);
+    let slow = vec![format!("http://127.0.0.1:{port}/slow")];
+    client.start(StartRun { flow: "paced".into(), input: json!({"urls": slow}), ..Default::default() }).await?;
+    let called = flowgrid_tests::wait_for("the slow request", RUN_DEADLINE, || async {
+        (times_len(&times) > before).then_some(())
+    });
+    called.await.or_logs(&grid)?;
+    let stopping = std::time::Instant::now();
+    grid.workers.pop().expect("the brief worker").stop(RUN_DEADLINE);
+    let stopped_in = stopping.elapsed();
+    assert!(stopped_in < std::time::Duration::from_secs(10), "the stop waited {stopped_in:?} for a 20 s request");
 
     let output = std::process::Command::new(flowgrid_bin())
         .args(["http-worker", "--allow", "http://127.0.0.1:1/", "--max-rate", "0"])

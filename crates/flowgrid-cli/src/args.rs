@@ -184,6 +184,11 @@ pub struct HttpWorkerArgs {
     #[arg(long, env = "FLOWGRID_HTTP_RESPONSE_MAX_KB", default_value_t = 512,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub response_max_kb: u64,
+    /// On SIGTERM, how long the requests out may still take, in ms, before they are
+    /// abandoned (their tasks go to another worker); raise it with `--timeout-ms` past 30 s.
+    #[arg(long, env = "FLOWGRID_SHUTDOWN_GRACE_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]

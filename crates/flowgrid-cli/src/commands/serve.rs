@@ -34,7 +34,8 @@ pub(crate) async fn worker(args: WorkerArgs, session: &Session) -> anyhow::Resul
     validate_worker(&args)?;
     info!(pools = ?args.pools, concurrency = args.concurrency, speed = args.speed, "demo workers starting");
     let handler = DemoWorkers::new(args.speed);
-    serve_pools(session, "flowgrid-demo-worker", &args.pools, args.concurrency, None, handler).await
+    let pacing = Pacing { max_rate: None, shutdown_grace: flowgrid_sdk::DEFAULT_SHUTDOWN_GRACE };
+    serve_pools(session, "flowgrid-demo-worker", &args.pools, args.concurrency, pacing, handler).await
 }
 
 pub(crate) async fn http_worker(args: HttpWorkerArgs, session: &Session) -> anyhow::Result<ExitCode> {
@@ -51,7 +52,15 @@ pub(crate) async fn http_worker(args: HttpWorkerArgs, session: &Session) -> anyh
     let handler = HttpWorker::new(settings).context("cannot set up the HTTP client")?;
     let allowed: Vec<&str> = args.allow.iter().map(reqwest::Url::as_str).collect();
     info!(pools = ?args.pools, concurrency = args.concurrency, allowed = ?allowed, "HTTP worker starting");
-    serve_pools(session, "flowgrid-http-worker", &args.pools, args.concurrency, args.max_rate, handler).await
+    let pacing = Pacing { max_rate: args.max_rate, shutdown_grace: Duration::from_millis(args.shutdown_grace_ms) };
+    serve_pools(session, "flowgrid-http-worker", &args.pools, args.concurrency, pacing, handler).await
+}
+
+/// How a worker process paces its tasks: at most `max_rate` starts a second per pool, and
+/// on a stop `shutdown_grace` for the tasks it holds.
+struct Pacing {
+    max_rate: Option<f64>,
+    shutdown_grace: Duration,
 }
 
 /// The longest a stopping worker waits for what it sent to reach the server.
@@ -63,7 +72,7 @@ async fn serve_pools<H: TaskHandler + Clone>(
     name: &str,
     pools: &[String],
     concurrency: usize,
-    max_rate: Option<f64>,
+    pacing: Pacing,
     handler: H,
 ) -> anyhow::Result<ExitCode> {
     let nats = session.nats(name).await?;
@@ -71,8 +80,10 @@ async fn serve_pools<H: TaskHandler + Clone>(
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
     let mut workers = JoinSet::new();
     for pool in pools {
-        let mut worker = Worker::new(nats.clone(), session.prefix.clone(), pool.clone()).concurrency(concurrency);
-        if let Some(rate) = max_rate {
+        let mut worker = Worker::new(nats.clone(), session.prefix.clone(), pool.clone())
+            .concurrency(concurrency)
+            .shutdown_grace(pacing.shutdown_grace);
+        if let Some(rate) = pacing.max_rate {
             worker = worker.max_rate(rate);
         }
         let pool = pool.clone();
