@@ -217,6 +217,7 @@ async fn serve<S: Store>(
     membership.beat().await?;
     let heartbeat_stop = CancellationToken::new();
     let heartbeat_task = tokio::spawn(membership.clone().run(heartbeat_stop.clone()));
+    let shards_stop = CancellationToken::new();
     let manager = ShardManager::new(
         ManagerContext {
             me: me.clone(),
@@ -229,6 +230,7 @@ async fn serve<S: Store>(
             forward_permits: Arc::new(Semaphore::new(config.api_concurrency_max)),
             open_failures: Default::default(),
             connections,
+            shards_stop: shards_stop.clone(),
         },
         config.shards,
     );
@@ -292,6 +294,10 @@ async fn serve<S: Store>(
             );
         }
         manager_task.abort();
+        // The shards it had not handed over stop here and now (each answers what it holds
+        // with `unavailable`), instead of at their next event after the lease is gone; in
+        // a process that joins the grid again they would keep their files locked.
+        shards_stop.cancel();
     }
     heartbeat_stop.cancel();
     let _ = heartbeat_task.await;

@@ -74,6 +74,9 @@ pub struct ManagerContext<S: Store> {
     pub open_failures: OpenFailures,
     /// Changes each time the client connects to NATS again.
     pub connections: tokio::sync::watch::Receiver<u64>,
+    /// The parent of every shard's stop: cancelled when the node stops, so that shards a
+    /// drain cut short do not go on serving (and holding their files) behind it.
+    pub shards_stop: CancellationToken,
 }
 
 /// Shard opens that failed other than on a busy file (a full or failing disk), retried
@@ -549,7 +552,7 @@ async fn acquire<S: Store>(
     // Loading is what costs: bound it, not the wait for the file.
     let Ok(_permit) = permits.acquire().await else { return Err(Lost::Failed) };
     let router = &shared.router;
-    let stop = CancellationToken::new();
+    let stop = shared.shards_stop.child_token();
     let spawned =
         spawn_shard(shard_store, ShardId(shard), router.context.clone(), shared.queue_max, stop.clone()).await;
     let (handle, epoch, actor) = match spawned {
