@@ -11,6 +11,9 @@ use crate::error::Issue;
 
 use super::{catches, push_issue, step_path};
 
+/// Cycles a refused definition reports at most: an author fixes a few and checks again.
+const CYCLES_REPORTED_MAX: usize = 10;
+
 /// Checks ids for uniqueness and every edge for a known target other than its source.
 /// Returns whether the edges are sound enough to build a [`Graph`].
 pub(super) fn check_edges(steps: &[Step], issues: &mut Vec<Issue>) -> bool {
@@ -152,7 +155,8 @@ impl Graph {
     }
 
     /// Cycles found by a depth-first search, each as the positions along it, without
-    /// reporting the same set of steps twice.
+    /// reporting the same set of steps twice; at most [`CYCLES_REPORTED_MAX`] (a graph
+    /// within the step limit can hold millions, and each costs its length to report).
     fn cycles(&self) -> Vec<Vec<usize>> {
         #[derive(Clone, Copy, PartialEq)]
         enum Mark {
@@ -188,6 +192,9 @@ impl Graph {
                             members.sort_unstable();
                             if reported.insert(members) {
                                 cycles.push(cycle);
+                                if cycles.len() == CYCLES_REPORTED_MAX {
+                                    return cycles;
+                                }
                             }
                         }
                         Mark::Done => {}

@@ -13,6 +13,7 @@
 mod expressions;
 mod graph;
 mod rules;
+mod yaml;
 
 pub use self::rules::is_name;
 #[cfg(test)]
@@ -34,6 +35,10 @@ use crate::plan::{
 
 use self::expressions::ExpressionTable;
 use self::graph::Graph;
+
+/// How much more than its text a YAML definition may hold once its aliases (`*name`) are
+/// expanded: without aliases its scalars and nodes add up to less than twice the text.
+const YAML_EXPANSION_FACTOR: usize = 2;
 
 /// Reads a definition from YAML or JSON (JSON when the first non-blank character is `{`).
 ///
@@ -57,6 +62,7 @@ pub fn parse_definition(text: &str, limits: &Limits) -> Result<FlowDefinition> {
             more_parse_issues(format!("JSON: {error}"), &error.to_string(), place, serde_json::from_str(text).ok())
         })
     } else {
+        yaml::check_expansion(text, YAML_EXPANSION_FACTOR * limits.definition_bytes_max)?;
         serde_norway::from_str(text).map_err(|error| {
             let place = error.location().map(|place| (place.line(), place.column()));
             more_parse_issues(format!("YAML: {error}"), &error.to_string(), place, serde_norway::from_str(text).ok())

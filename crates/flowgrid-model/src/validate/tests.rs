@@ -280,6 +280,23 @@ fn cycles_report_their_path() {
 }
 
 #[test]
+fn a_graph_of_many_cycles_reports_a_few() {
+    // A chain s0 <- s1 <- ... <- s59, and each of s0..s19 after each of s40..s59: 400
+    // back edges, each closing a cycle of its own.
+    let mut text = String::from("name: f\nsteps:\n  - {id: s0, kind: succeed, after: [s40]}\n");
+    for step in 1..60 {
+        let mut after = vec![format!("s{}", step - 1)];
+        if step < 20 {
+            after.extend((40..60).map(|back| format!("s{back}")));
+        }
+        text.push_str(&format!("  - {{id: s{step}, kind: succeed, after: [{}]}}\n", after.join(", ")));
+    }
+    let issues = issues_of(&text);
+    let cycles = issues.iter().filter(|issue| issue.message.starts_with("cycle: ")).count();
+    assert_eq!(cycles, 10, "{issues:?}");
+}
+
+#[test]
 fn retry_timeouts_priority_and_concurrency_are_checked() {
     let issues = issues_of(&one_task_flow(
         "    retry: {max_attempts: 0, backoff_multiplier: 0.5, jitter: 2, initial_backoff_ms: 500, max_backoff_ms: 100}\n    \
