@@ -141,6 +141,35 @@ impl Drop for CapturedGuard {
         CAPTURED.with(|captured| captured.borrow_mut().clear());
     }
 }
+/// `replace` as the string package has it, but refused before it builds a string over
+/// `text_bytes_max`: Rhai checks a string's size only once the function that made it
+/// returns, and a replacement that grows the text can multiply it (`"y".pad(1000000,
+/// "y").replace("y", long)`) past any memory first. Functions registered on the engine
+/// are found before the packages'. The forms that cannot grow the text stay as they are.
+fn register_bounded_replace(engine: &mut rhai::Engine, text_bytes_max: usize) {
+    fn bounded(text: &str, find: &str, with: &str, text_bytes_max: usize) -> Result<String, Box<EvalAltResult>> {
+        if with.len() > find.len() {
+            let grown = text.matches(find).count().saturating_mul(with.len() - find.len());
+            if text.len().saturating_add(grown) > text_bytes_max {
+                return Err(EvalAltResult::ErrorDataTooLarge(
+                    "the text replace would make".into(),
+                    rhai::Position::NONE,
+                )
+                .into());
+            }
+        }
+        Ok(text.replace(find, with))
+    }
+    engine.register_fn("replace", move |text: &mut rhai::ImmutableString, find: &str, with: &str| {
+        *text = bounded(text, find, with, text_bytes_max)?.into();
+        Ok::<(), Box<EvalAltResult>>(())
+    });
+    engine.register_fn("replace", move |text: &mut rhai::ImmutableString, find: char, with: &str| {
+        *text = bounded(text, find.encode_utf8(&mut [0; 4]), with, text_bytes_max)?.into();
+        Ok::<(), Box<EvalAltResult>>(())
+    });
+}
+
 /// What an author should write instead of another use of `steps`.
 const STEPS_USAGE_HINT: &str = "refer to another step's data as steps.<id>.output or steps.<id>.error";
 
@@ -169,6 +198,7 @@ impl Evaluator {
         for package in packages {
             engine.register_global_module(package);
         }
+        register_bounded_replace(&mut engine, limits.expression_text_bytes_max.max(1));
         // Rhai treats 0 as "unlimited"; a zero limit must never lift the budget.
         engine
             .set_max_operations(limits.expression_operations_max.max(1))
@@ -689,6 +719,26 @@ mod tests {
             let expr = evaluator.compile(source).unwrap();
             let error = evaluator.eval(&expr, &scope).unwrap_err();
             assert!(error.to_string().contains("size limit"), "{source}: {error}");
+        }
+        // Refused before it is built (60 times 60 bytes would be 3,600), not after.
+        for source in [r#"input.s.replace("y", input.s)"#, r#"input.s.replace('y', input.s)"#] {
+            let expr = evaluator.compile(source).unwrap();
+            let error = evaluator.eval(&expr, &scope).unwrap_err().to_string();
+            assert!(error.contains("the text replace would make exceeds the size limit"), "{source}: {error}");
+        }
+        // With the default bounds, a replacement that would build a terabyte out of a run's
+        // input of a megabyte is refused as well (it used to try, and the process died).
+        let default = Evaluator::new(&Limits::default());
+        let megabyte = json!({"s": "y".repeat(1 << 20)});
+        let bomb = default.compile(r#"input.s.replace("y", input.s)"#).unwrap();
+        let refused =
+            default.eval(&bomb, &Scope { input: Some(&megabyte), ..Scope::default() }).unwrap_err().to_string();
+        assert!(refused.contains("replace would make"), "{refused}");
+        // Within the bound, replace runs (it changes its string in place, so an expression
+        // sees no result of it: a closure may not hold statements).
+        for source in [r#""a-b".replace("-", "--")"#, r#""a-b".replace('-', "++")"#, r#""ab".replace("", ".")"#] {
+            let expr = evaluator.compile(source).unwrap();
+            assert_eq!(evaluator.eval(&expr, &scope).unwrap(), Value::Null, "{source}");
         }
     }
 
