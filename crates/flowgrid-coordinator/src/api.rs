@@ -242,16 +242,17 @@ impl Api {
         pick(reply).map_err(|other| unexpected(&other))
     }
 
-    /// Asks every shard, a few at a time.
-    /// Asks every shard and gathers their answers; `compact` may trim what was gathered
-    /// after each answer, so that a request holds about one page, not one per shard.
+    /// Asks every shard, a few at a time, and gathers their answers; `compact` may trim what
+    /// was gathered after each answer, so that a request holds about one page, not one per
+    /// shard.
     async fn ask_all<T>(
         &self,
         request: ShardRequest,
         pick: impl Fn(ShardReply) -> Result<Vec<T>, ShardReply> + Copy,
         mut compact: impl FnMut(&mut Vec<T>),
     ) -> Result<Vec<T>, ApiError> {
-        let _fan_out = self.fan_outs.acquire().await.map_err(|_| ApiError::new(ErrorCode::Unavailable, "stopping"))?;
+        let stopping = |_| ApiError::new(ErrorCode::Unavailable, "the coordinator is stopping; retry");
+        let _fan_out = self.fan_outs.acquire().await.map_err(stopping)?;
         let mut answers = futures::stream::iter((0..self.router.shards()).map(ShardId))
             .map(|shard| self.ask(shard, request.clone(), pick))
             .buffer_unordered(FAN_OUT_MAX);

@@ -141,11 +141,13 @@ impl Drop for CapturedGuard {
         CAPTURED.with(|captured| captured.borrow_mut().clear());
     }
 }
+
 /// `replace` as the string package has it, but refused before it builds a string over
 /// `text_bytes_max`: Rhai checks a string's size only once the function that made it
-/// returns, and a replacement that grows the text can multiply it (`"y".pad(1000000,
-/// "y").replace("y", long)`) past any memory first. Functions registered on the engine
-/// are found before the packages'. The forms that cannot grow the text stay as they are.
+/// returns, and a replacement that grows the text multiplies it (`input.s.replace("y",
+/// input.s)` over a megabyte of `y` is a terabyte) past any memory first. Functions
+/// registered on the engine are found before the packages'. The forms that cannot grow
+/// the text stay as they are.
 fn register_bounded_replace(engine: &mut rhai::Engine, text_bytes_max: usize) {
     fn bounded(text: &str, find: &str, with: &str, text_bytes_max: usize) -> Result<String, Box<EvalAltResult>> {
         if with.len() > find.len() {
