@@ -353,6 +353,7 @@ fn summarize(
         "runs_started": tracker.counters.runs_started.load(Ordering::Relaxed),
         "runs_done": tracker.counters.runs_done.load(Ordering::Relaxed),
         "runs_verified": verified,
+        "results_not_applied": tracker.counters.results_not_applied.load(Ordering::Relaxed),
         "task_bytes": task_bytes,
         "result_bytes": result_bytes,
         "coordinators": args.grid.nats_url.is_none().then_some(args.grid.coordinators),

@@ -60,6 +60,9 @@ pub trait TaskSink: Send + Sync + 'static {
     fn acked(&self, attempt: &AttemptId, acked: Instant);
     /// The result was refused for good or never confirmed.
     fn failed(&self, attempt: &AttemptId, reason: &str);
+    /// The coordinator took the result without applying it: its attempt was no longer
+    /// open. Not a finished task: the attempt that counts is another one.
+    fn not_applied(&self, _attempt: &AttemptId) {}
 }
 
 #[derive(Default)]
@@ -106,6 +109,8 @@ pub struct Counters {
     /// Task results acked while the window was open.
     pub tasks_acked_measured: AtomicU64,
     pub task_failures: AtomicU64,
+    /// Results taken without being applied (see [`TaskSink::not_applied`]).
+    pub results_not_applied: AtomicU64,
     /// Finished runs sent for a `run.get` check.
     pub runs_sampled: AtomicU64,
 }
@@ -305,6 +310,10 @@ impl TaskSink for Tracker {
     fn failed(&self, _attempt: &AttemptId, _reason: &str) {
         self.counters.task_failures.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn not_applied(&self, _attempt: &AttemptId) {
+        self.counters.results_not_applied.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -341,6 +350,21 @@ mod tests {
         assert!(histograms.run_e2e.equivalent(histograms.run_e2e.max(), 9_000));
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 1);
         assert_eq!(tracker.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_result_not_applied_neither_counts_as_a_task_nor_ends_its_run() {
+        let tracker = Tracker::new(2, None, 0.0);
+        tracker.set_measuring(true);
+        let t0 = Instant::now();
+        tracker.started(RunId("r".into()), t0, None);
+        tracker.acked(&attempt("r", "s1"), t0);
+        // The same task delivered again: the coordinator takes its result and ignores it.
+        tracker.not_applied(&attempt("r", "s1"));
+        assert_eq!(tracker.counters.results_not_applied.load(Ordering::Relaxed), 1);
+        assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 1);
+        assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
+        assert_eq!(tracker.in_flight(), 1);
     }
 
     #[test]

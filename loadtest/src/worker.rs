@@ -135,8 +135,12 @@ async fn serve(
             sink.result_sent(&task.attempt, Instant::now());
         }
         match send_result(nats, &task.reply_to, payload.clone(), encoding).await {
-            Ok(()) => {
-                sink.acked(&task.attempt, Instant::now());
+            Ok(applied) => {
+                if applied {
+                    sink.acked(&task.attempt, Instant::now());
+                } else {
+                    sink.not_applied(&task.attempt);
+                }
                 let _ = message.ack().await;
                 return;
             }
@@ -211,12 +215,14 @@ enum Refusal {
     Final(String),
 }
 
+/// Sends a task's result; `Ok(false)` when the coordinator took it but did not apply it
+/// (its attempt was no longer open: a redelivered task, or a result too late).
 async fn send_result(
     nats: &async_nats::Client,
     reply_to: &str,
     payload: Bytes,
     encoding: Encoding,
-) -> Result<(), Refusal> {
+) -> Result<bool, Refusal> {
     let mut request = async_nats::Request::new().payload(payload).timeout(Some(RESULT_TIMEOUT));
     if let Some(content_type) = encoding.content_type() {
         let mut headers = async_nats::HeaderMap::new();
@@ -226,7 +232,7 @@ async fn send_result(
     let reply =
         nats.send_request(reply_to.to_owned(), request).await.map_err(|error| Refusal::Retry(error.to_string()))?;
     match decode::<Reply<ResultAck>>(encoding, &reply.payload) {
-        Ok(Reply::Ok(_)) => Ok(()),
+        Ok(Reply::Ok(ack)) => Ok(ack.applied),
         Ok(Reply::Error(refusal)) if refusal.retryable => Err(Refusal::Retry(refusal.to_string())),
         Ok(Reply::Error(refusal)) => Err(Refusal::Final(refusal.to_string())),
         Err(error) => Err(Refusal::Retry(error.to_string())),
