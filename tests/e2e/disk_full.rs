@@ -22,7 +22,7 @@ use flowgrid_sdk::{RunId, RunStatus, StartRun};
 use flowgrid_tests::{wait_for, Grid};
 use serde_json::json;
 
-use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
+use crate::{deploy, wait_for_log, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 
 /// How long the coordinator may take to notice the full disk, or the freed one.
 const NOTICE: Duration = Duration::from_secs(60);
@@ -92,17 +92,6 @@ fn big_start() -> StartRun {
         idempotency_key: None,
         ..Default::default()
     }
-}
-
-/// Waits until the coordinator's log has every one of `needles`.
-async fn wait_for_log(grid: &Grid, coordinator: usize, needles: &[&str], what: &str) -> anyhow::Result<()> {
-    let log = grid.coordinators[coordinator].log.clone();
-    wait_for(what, NOTICE, || async {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        needles.iter().all(|needle| text.contains(needle)).then_some(())
-    })
-    .await
-    .or_logs(grid)
 }
 
 /// Waits until coordinator `index` has exited; returns the last `lines` of its log.

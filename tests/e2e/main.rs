@@ -66,6 +66,20 @@ impl<T, E: Into<anyhow::Error>> OrLogs<T> for Result<T, E> {
     }
 }
 
+/// How long a coordinator may take to log what a test waits for.
+const LOG_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Waits until the log of coordinator `coordinator` has every one of `needles`.
+async fn wait_for_log(grid: &Grid, coordinator: usize, needles: &[&str], what: &str) -> anyhow::Result<()> {
+    let log = grid.coordinators[coordinator].log.clone();
+    flowgrid_tests::wait_for(what, LOG_DEADLINE, || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        needles.iter().all(|needle| text.contains(needle)).then_some(())
+    })
+    .await
+    .or_logs(grid)
+}
+
 /// Deploys a definition that must be accepted.
 async fn deploy(grid: &Grid, client: &Client, definition: &str) -> anyhow::Result<FlowDeployed> {
     client.deploy(definition).await.map_err(|error| anyhow::anyhow!("deploy refused: {error:?}\n{}", grid.logs()))

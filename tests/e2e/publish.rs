@@ -6,7 +6,11 @@ use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use flowgrid_sdk::{PublishFailure, StreamPublisher};
+use flowgrid_sdk::{RunStatus, StartRun};
 use flowgrid_tests::Grid;
+use serde_json::json;
+
+use crate::{deploy, wait_for_log, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 
 /// Waits for the next outcome, at most `deadline`.
 async fn outcome(publisher: &mut StreamPublisher<u32>, deadline: Duration) -> (u32, Result<(), PublishFailure>) {
@@ -63,5 +67,42 @@ async fn acks_refusals_missing_streams_and_silence_each_end_a_publish() -> anyho
     assert_eq!(publisher.in_flight(), 1);
     assert_eq!(outcome(&mut publisher, wait).await, (5, Err(PublishFailure::TimedOut)));
     assert_eq!(publisher.in_flight(), 0);
+    Ok(())
+}
+
+/// A tasks stream filled to its limit refuses the next tasks; the coordinator publishes
+/// them once workers make room, however long that takes within their attempts' deadline
+/// (it used to give up after eight tries, about 6 s, and leave them to the 5 min attempt
+/// timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_refused_by_a_full_stream_are_published_once_workers_make_room() -> anyhow::Result<()> {
+    const RUNS: usize = 24;
+    let mut grid = Grid::start_nats()?;
+    grid.spawn_coordinator_with_args(&["--metrics-addr", "off", "--tasks-stream-max-mb", "1"])?;
+    grid.wait_until_serving().await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    // 24 tasks of 64 KiB each into a stream of 1 MiB: a third of them do not fit.
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        let start = StartRun {
+            flow: "echo-once".into(),
+            input: json!({ "blob": "x".repeat(64 * 1024) }),
+            ..Default::default()
+        };
+        runs.push(client.start(start).await.or_logs(&grid)?.run_id);
+    }
+    wait_for_log(
+        &grid,
+        0,
+        &["task publish keeps failing", "maximum bytes"],
+        "the refused publishes to be retried 8 times",
+    )
+    .await?;
+    grid.start_workers(&["a"], 4)?;
+    for run_id in &runs {
+        let view = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
+        anyhow::ensure!(view.status == RunStatus::Succeeded, "run {run_id}: {view:?}\n{}", grid.logs());
+    }
     Ok(())
 }

@@ -4,9 +4,9 @@
 //! made again under the same id is another), so republishing the same attempt
 //! (after a reload, or a retried publish) is dropped by JetStream inside its duplicate
 //! window. Publishes are pipelined through one [`StreamPublisher`] (many acks awaited at
-//! once, bounded). A publish that fails is retried with backoff; if it keeps failing the
-//! engine's attempt timeout eventually retries the attempt, so a task is never silently
-//! lost.
+//! once, bounded). A publish that fails is retried with backoff until its attempt's
+//! deadline (JetStream electing a leader, a full stream, a NATS restart); past it the
+//! engine's attempt timeout retries the attempt, so a task is never silently lost.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -37,8 +37,9 @@ const QUEUE_TASKS_MAX: usize = 16_384;
 /// Publishes awaiting their JetStream ack (or their retry's backoff) at once: enough to
 /// keep the broker busy.
 const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
-/// Tries per task before the attempt timeout is left to recover it.
-const PUBLISH_TRIES_MAX: u32 = 8;
+/// A task whose publish failed this many times in a row is logged as a warning (the earlier
+/// failures at debug level); it is still retried until its attempt's deadline.
+const PUBLISH_TRIES_WARN: u32 = 8;
 /// How long a publish waits for JetStream's ack before it is retried.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a task message outlives its attempt's deadline in the stream (`Nats-TTL`):
@@ -138,6 +139,9 @@ struct Publication {
     /// Its lifetime in the stream (`Nats-TTL`, seconds), where the stream takes one.
     ttl: Option<String>,
     payload: Bytes,
+    /// The attempt's deadline (Unix ms): a publish still failing then is given up, as the
+    /// attempt has timed out and the engine retries it.
+    deadline_ms: u64,
     /// When the commit handed the task over: its publish latency starts there.
     queued: Instant,
     /// When the shard took the result that led to the task: its step overhead starts there.
@@ -232,7 +236,9 @@ impl Publisher {
         };
         match flowgrid_proto::encode(Encoding::MsgPack, &message) {
             Ok(bytes) => {
-                Some(Publication { pool, message_id, ttl, payload: Bytes::from(bytes), queued: at, result_taken })
+                let payload = Bytes::from(bytes);
+                let deadline_ms = message.deadline_ms;
+                Some(Publication { pool, message_id, ttl, payload, deadline_ms, queued: at, result_taken })
             }
             Err(error) => {
                 // Every task is plain data; the attempt timeout retries it if this ever happens.
@@ -274,12 +280,16 @@ impl Publisher {
         };
         publication.pool.publish_failed.increment(1);
         let attempt = &publication.message_id;
-        if try_number >= PUBLISH_TRIES_MAX {
-            warn!(attempt = %attempt, error = %error, "task publish keeps failing; the attempt timeout will retry it");
+        let delay = retry_delay(try_number + 1);
+        if crate::clock::now_ms().saturating_add(delay.as_millis() as u64) >= publication.deadline_ms {
+            warn!(attempt = %attempt, error = %error, try_number, "task publish failed until its attempt's deadline; the attempt timeout retries it");
             return;
         }
-        debug!(attempt = %attempt, error = %error, try_number, "task publish failed; retrying");
-        let delay = retry_delay(try_number + 1);
+        if try_number == PUBLISH_TRIES_WARN {
+            warn!(attempt = %attempt, error = %error, try_number, "task publish keeps failing; retrying until the attempt's deadline");
+        } else {
+            debug!(attempt = %attempt, error = %error, try_number, "task publish failed; retrying");
+        }
         backoffs.push(Box::pin(async move {
             tokio::time::sleep(delay).await;
             (publication, try_number + 1)
