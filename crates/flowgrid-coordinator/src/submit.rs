@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::AckKind;
-use flowgrid_proto::{ErrorCode, StartRun};
+use flowgrid_proto::StartRun;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -96,7 +96,7 @@ async fn start_submitted(api: &Api, message: async_nats::jetstream::Message, cre
         }
         // Not a refusal of the submit itself: its start may have been applied (it carries an
         // idempotency key, so trying again is safe), or the coordinator failed.
-        Err(error) if matches!(error.code, ErrorCode::Unavailable | ErrorCode::Internal) => {
+        Err(error) if !error.is_refusal() => {
             warn!(sequence, flow = %flow, error = %error, "submitted run not started yet; it is tried again in {FAILED_RETRY_DELAY:?}");
             let _ = message.ack_with(AckKind::Nak(Some(FAILED_RETRY_DELAY))).await;
         }

@@ -82,6 +82,15 @@ impl ApiError {
         let retryable = matches!(code, ErrorCode::Overloaded | ErrorCode::Unavailable);
         ApiError { code, message: message.into(), issues: Vec::new(), retryable }
     }
+
+    /// Whether the grid refused the request itself (a bad input, no such flow, a conflict),
+    /// so that sending it again cannot succeed. Not a refusal: a retryable error, an
+    /// `unavailable` that is not retryable (a forwarded request whose owner did not answer:
+    /// it may have been applied) and an `internal` failure of the grid; a request that is
+    /// safe to repeat may be sent again after those.
+    pub fn is_refusal(&self) -> bool {
+        !self.retryable && !matches!(self.code, ErrorCode::Unavailable | ErrorCode::Internal)
+    }
 }
 
 /// Room kept under a server's `max_payload` for a message's subject and headers.
@@ -840,7 +849,20 @@ pub struct ResultAck {
 
 #[cfg(test)]
 mod tests {
-    use super::is_grid_key;
+    use super::{is_grid_key, ApiError, ErrorCode};
+
+    #[test]
+    fn only_what_no_retry_can_change_is_a_refusal() {
+        for code in [ErrorCode::NotFound, ErrorCode::Conflict, ErrorCode::PayloadTooLarge, ErrorCode::InvalidRequest] {
+            assert!(ApiError::new(code, "x").is_refusal(), "{code}");
+        }
+        for code in [ErrorCode::Unavailable, ErrorCode::Overloaded, ErrorCode::Internal] {
+            assert!(!ApiError::new(code, "x").is_refusal(), "{code}");
+        }
+        // A forwarded request whose owner did not answer: it may have been applied.
+        let maybe_applied = ApiError { retryable: false, ..ApiError::new(ErrorCode::Unavailable, "x") };
+        assert!(!maybe_applied.is_refusal());
+    }
 
     #[test]
     fn only_keys_of_the_grid_s_own_forms_are_its_own() {
