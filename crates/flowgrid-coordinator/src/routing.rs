@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::shard::{Command, GateVerb, NodeContext, ShardHandle, StartCommand};
+use crate::shard::{maybe_applied, Command, GateVerb, NodeContext, ShardHandle, StartCommand};
 
 /// How long a request waits for a shard that nobody serves (it is moving) before it is
 /// answered `unavailable`.
@@ -357,22 +357,6 @@ pub async fn serve_shard_commands(
 async fn reply(router: &Router, reply_to: async_nats::Subject, answer: Reply<ShardReply>) {
     let Ok(bytes) = flowgrid_proto::encode(Encoding::MsgPack, &answer) else { return };
     crate::api::publish(&router.context.nats, reply_to, Encoding::MsgPack, bytes).await;
-}
-
-/// A forwarded request whose owner did not answer, or that could not be sent: it may have
-/// been applied, so it is not retryable as such; the SDK repeats it only where repeating is
-/// safe, as it does after a timeout of its own.
-fn maybe_applied(what: String) -> ApiError {
-    ApiError {
-        retryable: false,
-        ..ApiError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "{what}: the request may have been applied; send it again only if that is safe (reads, \
-                 cancels, signals, deploys and starts with an idempotency key are), else read the state first"
-            ),
-        )
-    }
 }
 
 fn internal(error: impl std::fmt::Display) -> ApiError {

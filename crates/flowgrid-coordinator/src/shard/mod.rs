@@ -175,6 +175,28 @@ pub enum Command {
     },
 }
 
+/// How long a request waits for its shard's answer: three times the SDK's default request
+/// timeout, so no caller is still waiting. Only a shard that stalls (a disk that hangs
+/// under its store) reaches it; without it, each request waiting on that shard would hold
+/// one of the API's permits for as long as the stall lasts.
+const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A request whose shard did not answer, or whose forwarding to the shard's owner failed:
+/// it may have been applied, so it is not retryable as such; the SDK repeats it only where
+/// repeating is safe, as it does after a timeout of its own.
+pub(crate) fn maybe_applied(what: String) -> ApiError {
+    ApiError {
+        retryable: false,
+        ..ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "{what}: the request may have been applied; send it again only if that is safe (reads, \
+                 cancels, signals, deploys and starts with an idempotency key are), else read the state first"
+            ),
+        )
+    }
+}
+
 /// The sending side of a shard actor's inbox.
 #[derive(Clone)]
 pub struct ShardHandle {
@@ -201,8 +223,13 @@ impl ShardHandle {
     pub async fn ask<T>(&self, build: impl FnOnce(Responder<T>) -> Command) -> Result<T, ApiError> {
         let (reply, receiver) = oneshot::channel();
         self.try_send(build(reply))?;
-        receiver.await.unwrap_or_else(|_| {
-            Err(ApiError::new(ErrorCode::Unavailable, format!("shard {} stopped before replying; retry", self.shard)))
-        })
+        match tokio::time::timeout(ASK_TIMEOUT, receiver).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("shard {} stopped before replying; retry", self.shard),
+            )),
+            Err(_) => Err(maybe_applied(format!("shard {} did not answer within {ASK_TIMEOUT:?}", self.shard))),
+        }
     }
 }
