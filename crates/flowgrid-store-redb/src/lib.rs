@@ -378,11 +378,7 @@ fn open_shard_file_guarded(
     }));
     CATCHING.set(false);
     opened.unwrap_or_else(|panic| {
-        let reason = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or(panic.downcast_ref::<&str>().copied())
-            .unwrap_or("no reason given");
+        let reason = panic_reason(&*panic);
         Err(Error::Corrupt {
             key: shown,
             detail: format!(
@@ -391,6 +387,15 @@ fn open_shard_file_guarded(
             ),
         })
     })
+}
+
+/// What a caught panic said.
+fn panic_reason(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or(panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no reason given")
 }
 
 thread_local! {
@@ -583,8 +588,8 @@ struct ShardCore {
     /// [`ShardCore::reopen_if_latched`]).
     db: RwLock<Option<Database>>,
     cache_bytes: usize,
-    /// An access failed and left the file latched by redb: the checkpointer opens it
-    /// again, even with nothing to write.
+    /// An access failed and left the file latched by redb, or a checkpoint panicked: the
+    /// checkpointer opens the file again, even with nothing to write.
     latched: AtomicBool,
     limits: StoreLimits,
     /// The epoch in the file: only this process changes it while it holds the file.
@@ -629,7 +634,19 @@ impl ShardCore {
     /// counted, and retried after [`CHECKPOINT_RETRY`].
     fn checkpoint(&self) -> Result<()> {
         let started = Instant::now();
-        match self.write_overlay() {
+        // A panic of redb's (some damage it meets as an assertion) fails this checkpoint
+        // like an error, rather than ending the thread that checkpoints every shard. The
+        // file is opened again before the next try.
+        let written =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_overlay())).unwrap_or_else(|panic| {
+                self.latched.store(true, Ordering::Relaxed);
+                Err(backend(std::io::Error::other(format!(
+                    "writing {} panicked: {}",
+                    self.path.display(),
+                    panic_reason(&*panic)
+                ))))
+            });
+        match written {
             Ok(wrote) => {
                 if wrote {
                     metrics::histogram!(CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
@@ -719,14 +736,15 @@ impl ShardCore {
     /// every read and write of it until it is reopened). Opening rolls the file back to its last
     /// successful checkpoint; the commits after it are still in memory and in the journal.
     fn reopen_if_latched(&self) -> Result<()> {
-        let latched = read_lock(&self.db).as_ref().is_none_or(is_latched);
+        // The flag alone after a panic: redb's state is unknown then, so it is not asked.
+        let latched = self.latched.load(Ordering::Relaxed) || read_lock(&self.db).as_ref().is_none_or(is_latched);
         if !latched {
-            self.latched.store(false, Ordering::Relaxed);
             return Ok(());
         }
         let mut db = write_lock(&self.db);
-        // The old handle goes first: it holds the file's lock.
-        *db = None;
+        // The old handle goes first: it holds the file's lock. Taken out before it is
+        // dropped, so that a panic while dropping it leaves no handle behind.
+        drop(db.take());
         // Open before, so listed: a file wiped meanwhile is refused, not created again.
         *db = Some(self.shared.open_database(self.shard, &self.path, self.cache_bytes, true)?);
         self.latched.store(false, Ordering::Relaxed);
@@ -1018,6 +1036,8 @@ mod tests {
         writes: AtomicBool,
         /// Reads fail as on a failing disk.
         reads: AtomicBool,
+        /// The next write panics, as redb does on some damage it meets as an assertion.
+        panics: AtomicBool,
     }
 
     /// A shard file that fails as its store's [`Faults`] say.
@@ -1034,6 +1054,9 @@ mod tests {
         }
 
         fn check_write(&self) -> std::io::Result<()> {
+            if self.faults.panics.swap(false, Ordering::Relaxed) {
+                panic!("a panic the test made");
+            }
             if self.faults.writes.load(Ordering::Relaxed) {
                 return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
             }
@@ -1215,6 +1238,46 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!shard.core().latched.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_that_panics_fails_like_an_error_and_a_later_one_writes_the_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default())
+            .unwrap()
+            .with_checkpoint_interval(Duration::from_millis(10));
+        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(4), "before").await;
+        store.shared.faults.panics.store(true, Ordering::Relaxed);
+        let (_, refusal) = commit_values(&shard, epoch, "k", 3).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+
+        // The checkpointer's next checkpoint panics: it is a failed checkpoint, and the
+        // commits are still read from memory.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(failure) = &lock(&shard.core().overlay).failure {
+                assert!(failure.message.contains("panicked: a panic the test made"), "{}", failure.message);
+                break;
+            }
+            assert!(Instant::now() < deadline, "no checkpoint failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(shard.get(b"k00002").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+        // The same thread retries: the file is opened again and the commits written.
+        let written =
+            |overlay: &Overlay| overlay.failure.is_none() && overlay.active.is_empty() && overlay.frozen.is_none();
+        loop {
+            if written(&lock(&shard.core().overlay)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the commits were never checkpointed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shard.close().unwrap();
+        let shard = store.open_shard(ShardId(4)).await.unwrap();
+        for key in [&b"before00000"[..], b"k00000", b"k00002"] {
+            assert_eq!(shard.get(key).await.unwrap().map(|value| value.len()), Some(64 * 1024));
+        }
     }
 
     #[tokio::test]

@@ -149,6 +149,8 @@ pub struct ShardManager<S: Store> {
     /// Claim revisions an acquire lost on: not tried again before the view shows a newer one.
     lost_at: HashMap<u32, u64>,
     transitions: JoinSet<Transition>,
+    /// The shard each hand-over task is for, so that one that panics frees its shard.
+    transition_shards: HashMap<tokio::task::Id, u32>,
     acquire_permits: Arc<Semaphore>,
     draining: bool,
     /// The lease term the shards served here were acquired in.
@@ -167,6 +169,7 @@ impl<S: Store> ShardManager<S> {
             retry_at: HashMap::new(),
             lost_at: HashMap::new(),
             transitions: JoinSet::new(),
+            transition_shards: HashMap::new(),
             acquire_permits: Arc::new(Semaphore::new(ACQUIRES_IN_FLIGHT_MAX)),
             draining: false,
             term: 0,
@@ -204,9 +207,12 @@ impl<S: Store> ShardManager<S> {
                     Some(entry) => self.claim_changed(entry),
                     None => claims = None,
                 },
-                Some(done) = self.transitions.join_next() => match done {
-                    Ok(transition) => self.transition_done(transition).await,
-                    Err(error) => warn!(error = %error, "a shard hand-over task failed"),
+                Some(done) = self.transitions.join_next_with_id() => match done {
+                    Ok((id, transition)) => {
+                        self.transition_shards.remove(&id);
+                        self.transition_done(transition).await;
+                    }
+                    Err(error) => self.transition_failed(&error),
                 },
                 _ = ticks.tick() => {}
                 _ = drain.cancelled(), if !self.draining => {
@@ -344,6 +350,24 @@ impl<S: Store> ShardManager<S> {
         }
     }
 
+    /// A hand-over task that panicked: its shard is tried again later (a claim it left
+    /// behind is given back by [`Self::reconcile`]).
+    fn transition_failed(&mut self, error: &tokio::task::JoinError) {
+        let shard = self.transition_shards.remove(&error.id());
+        error!(shard, error = %error, "a shard hand-over task failed; the shard is tried again later");
+        if let Some(shard) = shard {
+            self.busy.remove(&shard);
+            self.retry_at.insert(shard, Instant::now() + RETRY_AFTER_FAILURE);
+        }
+    }
+
+    /// Runs a hand-over of `shard`; the shard is busy until it is done.
+    fn spawn_transition(&mut self, shard: u32, task: impl Future<Output = Transition> + Send + 'static) {
+        self.busy.insert(shard);
+        let id = self.transitions.spawn(task).id();
+        self.transition_shards.insert(id, shard);
+    }
+
     fn settled(&self) {
         if self.busy.is_empty() {
             info!(serving = self.owned.len(), "shards settled");
@@ -419,10 +443,9 @@ impl<S: Store> ShardManager<S> {
     }
 
     fn start_acquire(&mut self, shard: u32, revision: Option<u64>, epoch: u64, takeover: bool) {
-        self.busy.insert(shard);
         let shared = self.shared.clone();
         let permits = self.acquire_permits.clone();
-        self.transitions.spawn(async move {
+        self.spawn_transition(shard, async move {
             let started = Instant::now();
             match acquire(&shared, &permits, shard, revision, epoch).await {
                 Ok(owned) => {
@@ -439,10 +462,9 @@ impl<S: Store> ShardManager<S> {
     }
 
     fn start_release(&mut self, shard: u32, owned: Owned) {
-        self.busy.insert(shard);
         self.shared.router.table.remove(owned.handle.shard);
         let shared = self.shared.clone();
-        self.transitions.spawn(async move {
+        self.spawn_transition(shard, async move {
             let started = Instant::now();
             let releasing = claim_value(&shared.me, ShardState::Releasing, owned.epoch.0);
             let revision = shared.shards_kv.update(shard_key(shard), releasing, owned.revision).await;
@@ -464,9 +486,8 @@ impl<S: Store> ShardManager<S> {
 
     /// Stops serving a shard another member has claimed, leaving its claim alone.
     fn start_stop(&mut self, shard: u32, owned: Owned) {
-        self.busy.insert(shard);
         self.shared.router.table.remove(owned.handle.shard);
-        self.transitions.spawn(async move {
+        self.spawn_transition(shard, async move {
             owned.stop().await;
             Transition::Released(shard)
         });
@@ -474,9 +495,8 @@ impl<S: Store> ShardManager<S> {
 
     /// Frees a claim this member still holds on paper but no longer serves.
     fn start_give_back(&mut self, shard: u32, revision: u64, epoch: u64) {
-        self.busy.insert(shard);
         let shared = self.shared.clone();
-        self.transitions.spawn(async move {
+        self.spawn_transition(shard, async move {
             let _ = shared.shards_kv.update(shard_key(shard), claim_value_free(epoch), revision).await;
             Transition::Released(shard)
         });
