@@ -474,7 +474,13 @@ impl Writer {
             let (file, _) = self.file.as_mut().expect("prepare opened a segment");
             let started = Instant::now();
             // The segment is open with O_DSYNC: the write returns once its bytes are durable.
-            file.write_all_at(buffer, start.offset).map_err(|error| io_failure(&error))?;
+            if let Err(error) = file.write_all_at(buffer, start.offset) {
+                // Part of the group may be on disk: whole frames a replay would apply,
+                // though their commits are answered as failed. A zero header ends the
+                // segment's frames there (best effort: the disk is failing).
+                let _ = file.write_all_at(&[0; FRAME_HEADER_BYTES], start.offset);
+                return Err(io_failure(&error));
+            }
             let took = started.elapsed();
             self.sync_seconds.record(took.as_secs_f64());
             self.bytes_written.increment(buffer.len() as u64);

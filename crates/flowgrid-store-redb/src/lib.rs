@@ -843,6 +843,10 @@ impl RedbShard {
 
 impl ShardStore for RedbShard {
     async fn acquire(&self) -> Result<Epoch> {
+        // No commit is between its epoch check and the overlay meanwhile: one that was
+        // would be journaled under the old epoch after the position written here, and
+        // answered after this returned the new one.
+        let _in_order = self.core().commit_order.lock().await;
         self.run_blocking(|core| {
             // Whatever this process journaled under the old epoch goes to the file first:
             // from here on a replay starts after it.
@@ -936,6 +940,11 @@ impl ShardStore for RedbShard {
         }
         core.check_waiting()?;
         let _in_order = core.commit_order.lock().await;
+        // Again under the lock: an `acquire` may have taken the shard meanwhile.
+        let current = core.epoch();
+        if current != epoch {
+            return Err(Error::StaleEpoch { shard: core.shard, epoch, current });
+        }
         let through = core.shared.journal.append(core.shard, frame).await?;
         core.wrote.store(true, Ordering::Relaxed);
         let over = {
@@ -1160,6 +1169,37 @@ mod tests {
         assert!(refusal.is_none(), "{refusal:?}");
         shard.core().checkpoint().unwrap();
         (shard, epoch)
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_waits_while_the_shard_is_acquired_again_is_refused_as_stale() {
+        use std::future::Future;
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(5), "before").await;
+        // Another commit is between its epoch check and the overlay: both wait for it.
+        let in_flight = shard.core().commit_order.lock().await;
+        let mut acquire = std::pin::pin!(shard.acquire());
+        let mut batch = WriteBatch::new();
+        batch.set(b"late".to_vec(), b"v".to_vec());
+        let mut commit = std::pin::pin!(shard.commit(epoch, batch));
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(acquire.as_mut().poll(&mut context).is_pending());
+        assert!(commit.as_mut().poll(&mut context).is_pending());
+        // The acquire does not write its journal position past a frame not yet in the
+        // overlay: it waits for the commit in flight.
+        let waited = tokio::time::timeout(Duration::from_millis(300), acquire.as_mut()).await;
+        assert!(waited.is_err(), "the shard was acquired again under a commit in flight");
+        assert_eq!(shard.core().epoch(), epoch);
+        drop(in_flight);
+        let next = acquire.await.unwrap();
+        assert_eq!(next, Epoch(epoch.0 + 1));
+        let refused = commit.await.unwrap_err();
+        assert!(
+            matches!(refused, Error::StaleEpoch { epoch: old, current, .. } if old == epoch && current == next),
+            "{refused}"
+        );
+        assert_eq!(shard.get(b"late").await.unwrap(), None);
     }
 
     #[tokio::test]
