@@ -12,7 +12,9 @@
 //!   `transaction_ms_max` across its retries; running out is [`Error::TooSlow`].
 //! - Retries are safe: a commit that may have committed and runs again applies the same
 //!   sets and clears under the same epoch (the result is the same); an acquire that runs
-//!   again bumps the epoch once more, which only fences harder.
+//!   again bumps the epoch once more, which only fences harder. A transaction that fails
+//!   after an attempt that may have committed is [`Error::OutcomeUnknown`], never an error
+//!   that says nothing was changed.
 //!
 //! # The network thread
 //!
@@ -159,22 +161,31 @@ impl FdbShard {
     {
         let started = Instant::now();
         let timeout_ms = i32::try_from(self.limits.transaction_ms_max).unwrap_or(i32::MAX).max(1);
+        let maybe_committed_before = std::sync::atomic::AtomicBool::new(false);
         let outcome = self
             .db
-            .run(|trx, _maybe_committed| {
+            .run(|trx, maybe_committed| {
+                if bool::from(maybe_committed) {
+                    maybe_committed_before.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 let attempt = trx.set_option(TransactionOption::Timeout(timeout_ms)).map(|()| work(trx));
                 async move { attempt?.await }
             })
             .await;
-        outcome.map_err(|error| self.store_error(error, started))
+        let maybe_committed = maybe_committed_before.load(std::sync::atomic::Ordering::Relaxed);
+        outcome.map_err(|error| self.store_error(error, started, maybe_committed))
     }
 
-    fn store_error(&self, error: FdbBindingError, started: Instant) -> Error {
+    /// `maybe_committed`: an earlier attempt of the transaction may have committed.
+    fn store_error(&self, error: FdbBindingError, started: Instant, maybe_committed: bool) -> Error {
         match error {
             FdbBindingError::CustomError(custom) => match custom.downcast::<Error>() {
                 Ok(store_error) => *store_error,
                 Err(other) => Error::Backend(other),
             },
+            // The retries applied the same writes under the same epoch; the last failed, so
+            // whether the earlier one committed is not known.
+            other if maybe_committed => Error::OutcomeUnknown { detail: other.to_string() },
             other => match other.get_fdb_error().map(FdbError::code) {
                 Some(TRANSACTION_TIMED_OUT) => Error::TooSlow {
                     elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),

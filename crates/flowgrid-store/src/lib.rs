@@ -66,6 +66,11 @@ pub enum Error {
     /// inspect the key named.
     #[error("stored data is inconsistent at {key}: {detail}")]
     Corrupt { key: String, detail: String },
+    /// A commit failed after an attempt whose outcome the backend could not tell
+    /// (FoundationDB's `commit_unknown_result`): it may have been applied. Read the state
+    /// before doing it again.
+    #[error("the commit may have been applied: {detail}")]
+    OutcomeUnknown { detail: String },
     /// The backend failed (I/O, corruption, cluster unavailable). May be retried; if it
     /// persists, stop serving the shard.
     #[error("store backend failed: {0}")]

@@ -534,6 +534,9 @@ fn commit_failure(shard: ShardId, error: &flowgrid_store::Error) -> ApiError {
         flowgrid_store::Error::StaleEpoch { .. } => {
             ApiError::new(ErrorCode::Unavailable, format!("shard {shard} moved to another coordinator; retry"))
         }
+        flowgrid_store::Error::OutcomeUnknown { .. } => {
+            super::maybe_applied(format!("store commit of shard {shard} failed ({error})"))
+        }
         // Nothing was committed and the shard reloads: the same request may pass later.
         transient if transient.may_pass_later() => {
             ApiError::new(ErrorCode::Unavailable, format!("store commit failed, nothing was changed: {error}; retry"))
@@ -570,5 +573,10 @@ mod tests {
         let refusal = commit_failure(shard, &too_large);
         assert_eq!(refusal.code, ErrorCode::Internal);
         assert!(!refusal.retryable, "{refusal:?}");
+        // Maybe applied: repeated by the SDK only where that is safe.
+        let unknown = flowgrid_store::Error::OutcomeUnknown { detail: "transaction timed out".into() };
+        let refusal = commit_failure(shard, &unknown);
+        assert_eq!(refusal.code, ErrorCode::Unavailable);
+        assert!(!refusal.retryable && refusal.message.contains("may have been applied"), "{refusal:?}");
     }
 }
