@@ -90,9 +90,12 @@ impl Lanes {
     }
 }
 
-/// The priorities of the lanes coordinators announced since the worker last looked.
+/// The priorities of the lanes coordinators announced since the worker last looked: a bit
+/// per priority, so that announcements however many take no more room.
 #[derive(Default)]
-pub(super) struct Announced(std::sync::Mutex<Vec<u8>>);
+pub(super) struct Announced(std::sync::atomic::AtomicU16);
+
+const _: () = assert!(flowgrid_proto::PRIORITY_MAX < 16, "a priority is a bit of Announced's u16");
 
 impl Announced {
     /// Notes an announcement (its payload: the priority as text); anything else is ignored.
@@ -103,12 +106,14 @@ impl Announced {
         if priority > flowgrid_proto::PRIORITY_MAX {
             return false;
         }
-        self.0.lock().expect("the announcements' lock is never poisoned").push(priority);
+        self.0.fetch_or(1 << priority, std::sync::atomic::Ordering::Relaxed);
         true
     }
 
+    /// The priorities noted since the last call, highest first.
     fn take(&self) -> Vec<u8> {
-        std::mem::take(&mut *self.0.lock().expect("the announcements' lock is never poisoned"))
+        let noted = self.0.swap(0, std::sync::atomic::Ordering::Relaxed);
+        (0..=flowgrid_proto::PRIORITY_MAX).rev().filter(|priority| noted & (1 << priority) != 0).collect()
     }
 }
 
@@ -155,8 +160,9 @@ mod tests {
     #[test]
     fn only_announcements_of_a_priority_are_noted() {
         let announced = Announced::default();
-        assert!(announced.note(b"7"));
         assert!(announced.note(b"0"));
+        assert!(announced.note(b"7"));
+        assert!(announced.note(b"7"));
         for wrong in [&b"12"[..], b"x", b"", b"-1"] {
             assert!(!announced.note(wrong), "{wrong:?}");
         }
