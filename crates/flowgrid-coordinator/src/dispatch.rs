@@ -42,6 +42,9 @@ const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
 const PUBLISH_TRIES_WARN: u32 = 8;
 /// How long a publish waits for JetStream's ack before it is retried.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the publisher waits before it tries again to create a lane's consumer that it
+/// could not create (workers create it too).
+const LANE_RETRY: Duration = Duration::from_secs(1);
 /// How long a task message outlives its attempt's deadline in the stream (`Nats-TTL`):
 /// past the deadline the attempt is over (a worker skips such a message, and the engine
 /// has retried or failed the attempt), so the message only took room and counted as
@@ -87,6 +90,7 @@ impl Dispatcher {
             subjects: Arc::new(subjects),
             limits,
             lanes_ready: HashMap::new(),
+            lanes_failed: HashMap::new(),
             lanes: HashMap::new(),
             result_subjects: HashMap::new(),
             publish_seconds: ::metrics::histogram!(metrics::TASK_PUBLISH_SECONDS),
@@ -116,6 +120,8 @@ struct Publisher {
     /// Lanes whose consumer exists: by pool, a bit per priority (looked up per task
     /// without building a key).
     lanes_ready: HashMap<Arc<str>, u16>,
+    /// Lanes whose consumer could not be created, and when that was last tried.
+    lanes_failed: HashMap<(Arc<str>, u8), Instant>,
     /// Each lane's task subject and its pool's counters, and each shard's result subject,
     /// made once.
     lanes: HashMap<(Arc<str>, u8), Arc<PoolTarget>>,
@@ -189,9 +195,15 @@ impl Publisher {
         if self.lanes_ready.get(&**pool).is_some_and(|ready| ready & bit != 0) {
             return;
         }
+        // Every task waits for this call: while JetStream fails it, try once per interval,
+        // not once per task.
+        if self.lanes_failed.get(&(Arc::clone(pool), priority)).is_some_and(|at| at.elapsed() < LANE_RETRY) {
+            return;
+        }
         match broker::lane_consumer(&self.tasks_stream, &self.subjects, pool, priority, &self.limits).await {
             Ok(_) => {
                 *self.lanes_ready.entry(Arc::clone(pool)).or_default() |= bit;
+                self.lanes_failed.remove(&(Arc::clone(pool), priority));
                 if priority != PRIORITY_DEFAULT {
                     // Idle workers of the pool look for the new lane at once (best effort:
                     // they also look every second).
@@ -201,7 +213,10 @@ impl Publisher {
                     }
                 }
             }
-            Err(error) => warn!(pool = %pool, priority, error = %error, "cannot create the pool's consumer"),
+            Err(error) => {
+                warn!(pool = %pool, priority, error = %error, "cannot create the pool's consumer; tried again in {LANE_RETRY:?}");
+                self.lanes_failed.insert((Arc::clone(pool), priority), Instant::now());
+            }
         }
     }
 
