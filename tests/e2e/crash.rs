@@ -314,3 +314,49 @@ async fn a_wait_holds_the_run_for_its_time_also_across_a_coordinator_crash() -> 
     assert_eq!(view.output, Some(json!({ "then": { "waited_ms": WAIT_MS } })), "{view:?}");
     Ok(())
 }
+
+/// A durable submit the grid refuses (its flow is not deployed, it is not a `StartRun`)
+/// leaves the submit stream only once it is kept, with why, in the refused-submits
+/// stream: `flowgrid run refused` lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_durable_submits_are_kept_with_why_and_listed() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let start = StartRun {
+        flow: "never-deployed".into(),
+        idempotency_key: Some("order-9".into()),
+        input: json!({"order": 9}),
+        ..Default::default()
+    };
+    client.submit(start).await.or_logs(&grid)?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    jetstream.publish(subjects.submit(), "not a request".into()).await?.await?;
+
+    let refused = wait_for("both refusals to be kept", RUN_DEADLINE, || async {
+        let refused = client.refused_submits(10).await.ok()?;
+        (refused.len() == 2).then_some(refused)
+    })
+    .await
+    .or_logs(&grid)?;
+    // Newest first.
+    let (malformed, not_deployed) = (&refused[0], &refused[1]);
+    assert_eq!(not_deployed.code, "not_found", "{not_deployed:?}");
+    assert!(not_deployed.reason.contains("never-deployed"), "{not_deployed:?}");
+    let request = not_deployed.request.as_ref().expect("the request as it was submitted");
+    assert_eq!((request.idempotency_key.as_deref(), &request.input), (Some("order-9"), &json!({"order": 9})));
+    assert_eq!((malformed.code.as_str(), &malformed.request), ("invalid_request", &None), "{malformed:?}");
+    assert!(malformed.submit_sequence > not_deployed.submit_sequence, "{refused:?}");
+    // Neither is left in the submit stream.
+    let submits = jetstream.get_stream(subjects.submit_stream()).await?.get_info().await?;
+    assert_eq!(submits.state.messages, 0, "{submits:?}");
+
+    let (ok, stdout, stderr) = grid.cli(&["run", "refused"])?;
+    assert!(ok && stdout.contains("never-deployed") && stdout.contains("order-9"), "{stdout}{stderr}");
+    assert!(stdout.contains("not_found") && stdout.contains("invalid_request"), "{stdout}");
+    let (ok, stdout, stderr) = grid.cli(&["--json", "run", "refused", "--limit", "1"])?;
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&stdout).map_err(|error| anyhow::anyhow!("{error}: {stdout}{stderr}"))?;
+    assert!(ok && listed.len() == 1 && listed[0]["code"] == "invalid_request", "{stdout}");
+    Ok(())
+}

@@ -490,6 +490,14 @@ pub enum RunCommand {
         #[command(flatten)]
         input: RunInput,
     },
+    /// List the durable submits the grid refused (a flow not deployed, an input its schema
+    /// refuses, a malformed message), newest first, with why. The grid keeps them a week
+    /// (64 MiB at most); submit a corrected request again with `run submit`.
+    Refused {
+        /// How many to list (1 to 1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
 }
 
 /// Runs named, or every running run of a flow.

@@ -15,6 +15,7 @@ use metrics::{
 };
 
 pub const RUNS_STARTED: &str = "flowgrid_runs_started_total";
+pub const SUBMITS_REFUSED: &str = "flowgrid_submits_refused_total";
 pub const RUNS_FINISHED: &str = "flowgrid_runs_finished_total";
 pub const RUN_DURATION: &str = "flowgrid_run_duration_seconds";
 /// Buckets of [`RUN_DURATION`]: from a few milliseconds (a run of engine steps) to an hour.
@@ -121,6 +122,11 @@ pub fn describe() {
         ::metrics::gauge!(RUN_MESSAGES_PENDING, "kind" => *kind).increment(0.0);
     }
     describe_counter!(RUNS_STARTED, Unit::Count, "Runs started.");
+    describe_counter!(
+        SUBMITS_REFUSED,
+        Unit::Count,
+        "Durable submits refused and kept in the refused-submits stream (label: code)."
+    );
     describe_counter!(RUNS_FINISHED, Unit::Count, "Runs that reached a terminal status (label: status).");
     describe_histogram!(
         RUN_DURATION,

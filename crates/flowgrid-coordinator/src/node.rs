@@ -123,6 +123,10 @@ async fn serve<S: Store>(
             subjects.run_ended_all()
         );
     }
+    if let Err(error) = broker::submit_refused_stream(&jetstream, &subjects, &broker_limits).await {
+        // Refused submits then stay in the submit stream, tried again every 30 s, until it exists.
+        warn!(error = %error, "cannot create the refused-submits stream; a durable submit the grid refuses stays in the submit stream until it can be kept there");
+    }
     if let Err(error) = broker::live_stream(&jetstream, &subjects, &broker_limits).await {
         // Workers' live output then reaches only those who tail a run as it goes.
         warn!(error = %error, "cannot create the live-output stream; `flowgrid run tail` shows only what comes after it starts");
@@ -251,8 +255,9 @@ async fn serve<S: Store>(
     let api_task = tokio::spawn(api::serve(api.clone(), requests, config.api_concurrency_max, api_stop.clone()));
     let submit_consumer = broker::submit_consumer(&submit_stream, &subjects, &broker_limits).await?;
     let submit_created = submit_stream.cached_info().created.unix_timestamp_nanos();
+    let refused = crate::submit::Refusals::new(jetstream.clone(), &subjects);
     let submit_task =
-        tokio::spawn(crate::submit::serve(api.clone(), submit_consumer, submit_created, api_stop.clone()));
+        tokio::spawn(crate::submit::serve(api.clone(), submit_consumer, submit_created, refused, api_stop.clone()));
     info!(
         member = %me,
         nats = %flowgrid_sdk::redact(&config.nats_url),

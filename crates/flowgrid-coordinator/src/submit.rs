@@ -8,18 +8,26 @@
 //! sequences apart from those of a stream of the same name before it: one made anew after
 //! nats-server lost its store counts from 1 again, and a message keyed by its sequence
 //! alone would take an earlier submit's run and start nothing.
+//!
+//! A submit the grid refuses (a flow not deployed, an input its schema refuses, a
+//! malformed message) is kept in the refused-submits stream with why ([`Refusals`]) before
+//! it leaves the submit stream: a submit JetStream stored is never dropped without a trace.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::AckKind;
-use flowgrid_proto::StartRun;
+use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
+use flowgrid_proto::{
+    ErrorCode, StartRun, Subjects, CONTENT_TYPE_HEADER, REFUSAL_CODE_HEADER, REFUSAL_HEADER, SUBMIT_SEQUENCE_HEADER,
+};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::api::{encoding_of, msgpack_request_bytes, Api};
+use crate::metrics;
 
 /// Submitted runs started at once: bounds memory, and leaves room for API requests.
 const SUBMITS_IN_FLIGHT_MAX: usize = 256;
@@ -29,6 +37,55 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// answer in time, a store failure) is delivered again: long enough not to flood the logs.
 const FAILED_RETRY_DELAY: Duration = Duration::from_secs(30);
 
+/// The longest refusal message kept in a header; a longer one is cut.
+const REFUSAL_HEADER_CHARS_MAX: usize = 2_000;
+
+/// Where refused submits are kept: the refused-submits stream.
+#[derive(Clone)]
+pub struct Refusals {
+    jetstream: jetstream::Context,
+    subject: String,
+}
+
+impl Refusals {
+    pub fn new(jetstream: jetstream::Context, subjects: &Subjects) -> Refusals {
+        Refusals { jetstream, subject: subjects.submit_refused() }
+    }
+
+    /// Keeps `message` (submit `sequence` of the stream created at `created`) with why it
+    /// was refused; `Ok` once JetStream stored it.
+    async fn keep(
+        &self,
+        message: &jetstream::Message,
+        created: i128,
+        sequence: u64,
+        code: ErrorCode,
+        reason: &str,
+    ) -> Result<(), String> {
+        let mut headers = HeaderMap::new();
+        // Kept again by a coordinator that dies before it acks the submit: the same id.
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("refused-{created}-{sequence}").as_str());
+        headers.insert(REFUSAL_CODE_HEADER, code.to_string().as_str());
+        headers.insert(REFUSAL_HEADER, header_text(reason).as_str());
+        headers.insert(SUBMIT_SEQUENCE_HEADER, sequence.to_string().as_str());
+        if let Some(content_type) = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER)) {
+            headers.insert(CONTENT_TYPE_HEADER, content_type.clone());
+        }
+        let published = self.jetstream.publish_with_headers(self.subject.clone(), headers, message.payload.clone());
+        let stored = async { published.await?.await.map_err(async_nats::Error::from) };
+        stored.await.map(|_| ()).map_err(|error| error.to_string())
+    }
+}
+
+/// `text` as a header value: on one line, and cut at [`REFUSAL_HEADER_CHARS_MAX`].
+fn header_text(text: &str) -> String {
+    let line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    match line.char_indices().nth(REFUSAL_HEADER_CHARS_MAX) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None => line,
+    }
+}
+
 /// The idempotency key of a submit without one of its own: `created` is the stream's
 /// creation time in Unix nanoseconds, `sequence` the message's place in it.
 pub fn default_key(created: i128, sequence: u64) -> String {
@@ -37,7 +94,13 @@ pub fn default_key(created: i128, sequence: u64) -> String {
 
 /// Starts the runs of the messages of the submit stream created at `created` (Unix
 /// nanoseconds), until `shutdown`.
-pub async fn serve(api: Arc<Api>, consumer: PullConsumer, created: i128, shutdown: CancellationToken) {
+pub async fn serve(
+    api: Arc<Api>,
+    consumer: PullConsumer,
+    created: i128,
+    refusals: Refusals,
+    shutdown: CancellationToken,
+) {
     let mut messages = match consumer.stream().max_messages_per_batch(SUBMITS_IN_FLIGHT_MAX).messages().await {
         Ok(messages) => messages,
         Err(error) => {
@@ -59,15 +122,15 @@ pub async fn serve(api: Arc<Api>, consumer: PullConsumer, created: i128, shutdow
             },
         };
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let api = api.clone();
+        let (api, refusals) = (api.clone(), refusals.clone());
         tokio::spawn(async move {
-            start_submitted(&api, message, created).await;
+            start_submitted(&api, &refusals, message, created).await;
             drop(permit);
         });
     }
 }
 
-async fn start_submitted(api: &Api, message: async_nats::jetstream::Message, created: i128) {
+async fn start_submitted(api: &Api, refusals: &Refusals, message: jetstream::Message, created: i128) {
     // The sequence keys a submit without a key of its own: without it, the message is
     // delivered again rather than started under a key another submit would share.
     let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
@@ -79,8 +142,8 @@ async fn start_submitted(api: &Api, message: async_nats::jetstream::Message, cre
     let request: StartRun = match flowgrid_proto::decode(encoding, &message.payload) {
         Ok(request) => request,
         Err(error) => {
-            warn!(sequence, error = %error, "malformed submit dropped");
-            let _ = message.ack_with(AckKind::Term).await;
+            let reason = format!("the submit is not a StartRun: {error}");
+            refuse(refusals, &message, created, sequence, None, ErrorCode::InvalidRequest, &reason).await;
             return;
         }
     };
@@ -100,9 +163,30 @@ async fn start_submitted(api: &Api, message: async_nats::jetstream::Message, cre
             warn!(sequence, flow = %flow, error = %error, "submitted run not started yet; it is tried again in {FAILED_RETRY_DELAY:?}");
             let _ = message.ack_with(AckKind::Nak(Some(FAILED_RETRY_DELAY))).await;
         }
-        Err(error) => {
-            warn!(sequence, flow = %flow, error = %error, "submitted run refused and dropped");
+        Err(error) => refuse(refusals, &message, created, sequence, Some(&flow), error.code, &error.to_string()).await,
+    }
+}
+
+/// Keeps a refused submit in the refused-submits stream, then takes it out of the submit
+/// stream; one that cannot be kept stays there and is tried again.
+async fn refuse(
+    refusals: &Refusals,
+    message: &jetstream::Message,
+    created: i128,
+    sequence: u64,
+    flow: Option<&str>,
+    code: ErrorCode,
+    reason: &str,
+) {
+    match refusals.keep(message, created, sequence, code, reason).await {
+        Ok(()) => {
+            warn!(sequence, flow, error = %reason, "submitted run refused; kept with why (`flowgrid run refused` lists them)");
+            ::metrics::counter!(metrics::SUBMITS_REFUSED, "code" => code.to_string()).increment(1);
             let _ = message.ack_with(AckKind::Term).await;
+        }
+        Err(failure) => {
+            warn!(sequence, flow, error = %reason, failure = %failure, "submitted run refused, and it cannot be kept in the refused-submits stream; it stays in the submit stream and is tried again in {FAILED_RETRY_DELAY:?}");
+            let _ = message.ack_with(AckKind::Nak(Some(FAILED_RETRY_DELAY))).await;
         }
     }
 }
@@ -117,5 +201,14 @@ mod tests {
         assert_eq!(default_key(before, 1), "submit-1700000000000000000-1");
         assert_ne!(default_key(before, 1), default_key(after, 1), "a stream made anew counts from 1 again");
         assert!(flowgrid_proto::is_grid_key(&default_key(after, 1)), "a caller may not take a submit's key");
+    }
+
+    #[test]
+    fn a_refusal_is_kept_on_one_line_and_cut_when_long() {
+        assert_eq!(header_text("no flow\r\nnamed x"), "no flow  named x");
+        let long = "é".repeat(REFUSAL_HEADER_CHARS_MAX + 5);
+        let kept = header_text(&long);
+        assert_eq!(kept.chars().count(), REFUSAL_HEADER_CHARS_MAX + 3);
+        assert!(kept.ends_with("..."));
     }
 }

@@ -14,7 +14,10 @@ mod subjects;
 pub use cluster::{shard_key, shard_of_key, GridConfig, MemberRecord, ShardClaim, ShardState, WorkerRecord, GRID_KEY};
 pub use codec::{decode, encode, Encoding, ProtoError, CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE};
 pub use messages::*;
-pub use subjects::{subject_matches, Subjects, API_QUEUE_GROUP, DEFAULT_PREFIX, PRIORITY_DEFAULT, PRIORITY_MAX};
+pub use subjects::{
+    subject_matches, Subjects, API_QUEUE_GROUP, DEFAULT_PREFIX, PRIORITY_DEFAULT, PRIORITY_MAX, REFUSAL_CODE_HEADER,
+    REFUSAL_HEADER, SUBMIT_SEQUENCE_HEADER,
+};
 
 /// Every wire message type with its schema file name, for `flowgrid schemas`.
 pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {

@@ -7,6 +7,13 @@ pub const API_QUEUE_GROUP: &str = "flowgrid-api";
 
 /// Priority of a task whose step sets none: its pool's own subject and consumer.
 pub const PRIORITY_DEFAULT: u8 = flowgrid_model::plan::PRIORITY_DEFAULT;
+/// Header of a refused submit ([`Subjects::submit_refused`]): the refusal's error code.
+pub const REFUSAL_CODE_HEADER: &str = "Flowgrid-Refusal-Code";
+/// Header of a refused submit: the refusal's message.
+pub const REFUSAL_HEADER: &str = "Flowgrid-Refusal";
+/// Header of a refused submit: its sequence in the submit stream.
+pub const SUBMIT_SEQUENCE_HEADER: &str = "Flowgrid-Submit-Sequence";
+
 /// Highest task priority.
 pub const PRIORITY_MAX: u8 = flowgrid_model::plan::PRIORITY_MAX;
 
@@ -218,6 +225,18 @@ impl Subjects {
         format!("{}_SUBMIT", self.bucket_stem())
     }
 
+    /// Where coordinators keep the durable submits they refused (a flow not deployed, an
+    /// input its schema refuses, a malformed message), with why: the message as it was
+    /// submitted, and the headers [`REFUSAL_CODE_HEADER`] and [`REFUSAL_HEADER`].
+    pub fn submit_refused(&self) -> String {
+        format!("{}.submit.refused", self.prefix)
+    }
+
+    /// JetStream stream behind [`Subjects::submit_refused`] (limits retention).
+    pub fn submit_refused_stream(&self) -> String {
+        format!("{}_SUBMIT_REFUSED", self.bucket_stem())
+    }
+
     /// Durable consumer coordinators share to drain the submit stream.
     pub fn submit_consumer(&self) -> String {
         "coordinators".to_owned()
@@ -287,6 +306,7 @@ mod tests {
         assert_eq!(subjects.tasks_stream(), "ACME_GRID_TASKS");
         assert_eq!(subjects.submit_stream(), "ACME_GRID_SUBMIT");
         assert_eq!(subjects.run_ends_stream(), "ACME_GRID_RUN_ENDS");
+        assert_eq!(subjects.submit_refused_stream(), "ACME_GRID_SUBMIT_REFUSED");
         assert_eq!(subjects.live("r-1", "answer"), "acme.grid.live.r-1.answer");
         assert!(subject_matches(&subjects.live_of_run("r-1"), &subjects.live("r-1", "answer")));
         assert!(subject_matches(&subjects.live_all(), &subjects.live("r-1", "answer")));

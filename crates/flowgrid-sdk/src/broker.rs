@@ -37,6 +37,10 @@ pub struct BrokerLimits {
     /// How long a run-ended announcement is kept: long enough for a service to be down over
     /// a weekend and still read every end it missed.
     pub run_ends_kept: Duration,
+    /// Bytes of refused submits kept; past it, the oldest go.
+    pub submits_refused_bytes_max: i64,
+    /// How long a refused submit is kept.
+    pub submits_refused_kept: Duration,
     /// Bytes of live output kept; past it, the oldest goes.
     pub live_stream_bytes_max: i64,
     /// How long live output is kept: enough to tail a run that started a while ago.
@@ -55,6 +59,8 @@ impl Default for BrokerLimits {
             submit_stream_messages_max: 1_000_000,
             run_ends_stream_bytes_max: 256 * 1024 * 1024,
             run_ends_kept: Duration::from_secs(7 * 24 * 60 * 60),
+            submits_refused_bytes_max: 64 * 1024 * 1024,
+            submits_refused_kept: Duration::from_secs(7 * 24 * 60 * 60),
             live_stream_bytes_max: 64 * 1024 * 1024,
             live_kept: Duration::from_secs(60 * 60),
         }
@@ -171,6 +177,29 @@ pub async fn submit_stream(
         subjects: vec![subjects.submit()],
         max_messages: limits.submit_stream_messages_max,
         ..work_queue_stream(subjects.submit_stream(), limits)
+    };
+    open_stream(jetstream, config).await
+}
+
+/// Creates the stream that keeps the durable submits coordinators refused, if it does not
+/// exist, and returns it: a submit JetStream stored is never dropped without a trace.
+pub async fn submit_refused_stream(
+    jetstream: &jetstream::Context,
+    subjects: &Subjects,
+    limits: &BrokerLimits,
+) -> Result<stream::Stream, BrokerError> {
+    let config = stream::Config {
+        name: subjects.submit_refused_stream(),
+        subjects: vec![subjects.submit_refused()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        max_bytes: limits.submits_refused_bytes_max,
+        max_age: limits.submits_refused_kept,
+        // A coordinator that keeps a refusal and dies before it acks the submit keeps it
+        // again: the same message id.
+        duplicate_window: limits.duplicate_window,
+        ..Default::default()
     };
     open_stream(jetstream, config).await
 }

@@ -209,7 +209,49 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             }
             Ok(ExitCode::SUCCESS)
         }
+        RunCommand::Refused { limit } => refused_submits(client, session, limit as usize).await,
     }
+}
+
+/// `run refused`: the refused submits, newest first.
+async fn refused_submits(client: &Client, session: &Session, limit: usize) -> anyhow::Result<ExitCode> {
+    let refused = client.refused_submits(limit).await?;
+    if session.json {
+        let refused: Vec<Value> = refused
+            .iter()
+            .map(|submit| {
+                json!({
+                    "refused_ms": submit.refused_ms,
+                    "code": submit.code,
+                    "reason": submit.reason,
+                    "submit_sequence": submit.submit_sequence,
+                    "request": submit.request,
+                })
+            })
+            .collect();
+        print_json(&refused)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = Table::new(&["REFUSED", "FLOW", "KEY", "CODE", "WHY"]);
+    for submit in &refused {
+        let (flow, key) = match &submit.request {
+            Some(request) => {
+                let flow = match request.version {
+                    Some(version) => format!("{}@{version}", request.flow),
+                    None => request.flow.clone(),
+                };
+                (flow, request.idempotency_key.clone().unwrap_or_else(|| "-".to_owned()))
+            }
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        table.row(vec![utc_time(submit.refused_ms), flow, key, submit.code.clone(), submit.reason.clone()]);
+    }
+    if table.is_empty() {
+        eprintln!("no refused submits");
+    } else {
+        out!("{}", table.render())?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What `run redrive` asks of each run.
