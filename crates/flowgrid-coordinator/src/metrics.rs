@@ -62,6 +62,7 @@ pub const POOL_WORKER_SLOTS: &str = "flowgrid_pool_worker_slots";
 /// rules against them. A new metric goes here as well as into [`describe`].
 pub const NAMES: &[&str] = &[
     RUNS_STARTED,
+    SUBMITS_REFUSED,
     RUNS_FINISHED,
     RUN_DURATION,
     RUNS_ACTIVE,
