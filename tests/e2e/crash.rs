@@ -358,5 +358,7 @@ async fn refused_durable_submits_are_kept_with_why_and_listed() -> anyhow::Resul
     let listed: Vec<serde_json::Value> =
         serde_json::from_str(&stdout).map_err(|error| anyhow::anyhow!("{error}: {stdout}{stderr}"))?;
     assert!(ok && listed.len() == 1 && listed[0]["code"] == "invalid_request", "{stdout}");
+    let (ok, stdout, stderr) = grid.cli(&["status"])?;
+    assert!(ok && stdout.contains("submit: 0 waiting, 0 being started, 2 refused"), "{stdout}{stderr}");
     Ok(())
 }

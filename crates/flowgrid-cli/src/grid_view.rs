@@ -492,6 +492,8 @@ pub fn unserved_lane_hint(pool: &str, lane: &LaneBacklog) -> String {
 pub struct SubmitBacklog {
     pub waiting: u64,
     pub in_flight: u64,
+    /// Submits the grid refused and keeps, with why (`flowgrid run refused`).
+    pub refused: u64,
 }
 
 /// The messages of a flow's trigger stream not yet started as runs.
@@ -558,7 +560,11 @@ pub fn render_backlog(backlog: &Backlog) -> String {
     match &backlog.submit {
         None => text.push_str("submit: no submit stream yet\n"),
         Some(submit) => {
-            let _ = writeln!(text, "submit: {} waiting, {} being started", submit.waiting, submit.in_flight);
+            let _ = write!(text, "submit: {} waiting, {} being started", submit.waiting, submit.in_flight);
+            if submit.refused > 0 {
+                let _ = write!(text, ", {} refused (`flowgrid run refused` lists them, with why)", submit.refused);
+            }
+            text.push('\n');
         }
     }
     if !backlog.triggers.is_empty() {
@@ -768,7 +774,7 @@ mod tests {
                 gpu,
                 PoolBacklog::single("tests", 2, 0, 0, 20_000),
             ]),
-            submit: Some(SubmitBacklog { waiting: 5, in_flight: 1 }),
+            submit: Some(SubmitBacklog { waiting: 5, in_flight: 1, refused: 2 }),
             triggers: vec![TriggerBacklog {
                 flow: "on-order".into(),
                 stream: "ORDERS".into(),
@@ -787,7 +793,7 @@ mod tests {
              pool gpu-llm: 100 tasks of priority 1 wait while its workers wait on other lanes; workers that do not know \
              priority lanes take only priority 5: see docs/protocol.md, \"Priority lanes\"\n\
              pool tests: 2 tasks wait and no worker is pulling from it; start a worker for pool `tests`\n\
-             submit: 5 waiting, 1 being started\n\
+             submit: 5 waiting, 1 being started, 2 refused (`flowgrid run refused` lists them, with why)\n\
              TRIGGER OF FLOW  STREAM  SUBJECT           PENDING  IN FLIGHT\n\
              on-order         ORDERS  orders.*.created  7        2\n"
         );

@@ -457,10 +457,16 @@ impl GridReader {
         if let Some(submit) = self.stream(&self.subjects.submit_stream()).await? {
             let consumer_name = self.subjects.submit_consumer();
             let consumer = self.consumers(&submit).await?.into_iter().find(|info| info.name == consumer_name);
+            let refused = match self.stream(&self.subjects.submit_refused_stream()).await? {
+                Some(refused) => refused.cached_info().state.messages,
+                None => 0,
+            };
             backlog.submit = Some(match consumer {
-                Some(info) => SubmitBacklog { waiting: info.num_pending, in_flight: info.num_ack_pending as u64 },
+                Some(info) => {
+                    SubmitBacklog { waiting: info.num_pending, in_flight: info.num_ack_pending as u64, refused }
+                }
                 // No coordinator has drained it yet: everything in it waits.
-                None => SubmitBacklog { waiting: submit.cached_info().state.messages, in_flight: 0 },
+                None => SubmitBacklog { waiting: submit.cached_info().state.messages, in_flight: 0, refused },
             });
         }
         backlog.triggers = self.trigger_backlogs().await?;
