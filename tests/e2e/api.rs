@@ -423,6 +423,18 @@ async fn run_list_filters_by_flow_and_status_and_pages_with_a_cursor() -> anyhow
 
     let error = client.list(query(None, None, Some(0), None)).await.expect_err("limit 0 is refused");
     assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
+    // Filters no run could match are refused before they go to every shard.
+    let bad_label = ListRuns { labels: [("Customer ID".to_owned(), "acme".to_owned())].into(), ..Default::default() };
+    let long_flow = query(Some(&"f".repeat(100_000)), None, None, None);
+    let long_parent = ListRuns { parent: Some(RunId("r".repeat(100_000).into())), ..Default::default() };
+    let long_cursor = query(None, None, None, Some("1.".repeat(50_000)));
+    for (list, named) in
+        [(bad_label, "label key"), (long_flow, "flow:"), (long_parent, "parent"), (long_cursor, "cursor")]
+    {
+        let error = client.list(list).await.expect_err("refused");
+        let refused = refusal(&error);
+        assert!(refused.code == ErrorCode::InvalidRequest && refused.message.contains(named), "{named}: {error:?}");
+    }
     Ok(())
 }
 

@@ -90,9 +90,12 @@ impl RequestCounters {
     }
 }
 
-/// The longest run id a message about a concurrency limit may name: the grid's run ids
-/// are UUIDs (36 bytes), and the id goes into a stored key.
+/// The longest run id a request may name where it is not looked up (a message about a
+/// concurrency limit, a list's parent): the grid's run ids are UUIDs (36 bytes), and the
+/// id goes into a stored key or to every shard.
 const RUN_ID_BYTES_MAX: usize = 64;
+/// The longest cursor of a run listing: a creation time, a dot and a run id.
+const CURSOR_BYTES_MAX: usize = 20 + 1 + RUN_ID_BYTES_MAX;
 
 /// Shards asked at once by requests that cover every shard (lists).
 const FAN_OUT_MAX: usize = 32;
@@ -449,7 +452,7 @@ impl Api {
         // Coordinators send these for flows they run; anything else is no flow's limit.
         // Each of the three names goes into a stored key, so each is bounded here.
         let invalid = |message: String| Err(ApiError::new(ErrorCode::InvalidRequest, message));
-        if !flowgrid_model::is_name(&message.flow) || message.flow.len() > self.limits.name_bytes_max {
+        if !self.is_flow_name(&message.flow) {
             return invalid(format!(
                 "flow: {:?} is no flow's name (at most {} bytes of letters, digits, `-` and `_`), so no flow's \
                  concurrency limit",
@@ -608,7 +611,29 @@ impl Api {
 
     /// Every shard's limits in use, by flow and key; past [`LimitList::LIMITS_MAX`], the
     /// busiest.
+    /// Whether `flow` could name a flow: a name within the bytes a name may have.
+    fn is_flow_name(&self, flow: &str) -> bool {
+        flowgrid_model::is_name(flow) && flow.len() <= self.limits.name_bytes_max
+    }
+
+    /// Refuses a list's flow filter that no flow could match (and that every shard would
+    /// be handed).
+    fn check_flow_filter(&self, flow: Option<&str>) -> Result<(), ApiError> {
+        match flow {
+            Some(flow) if !self.is_flow_name(flow) => Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "flow: {:?} is no flow's name (at most {} bytes of letters, digits, `-` and `_`)",
+                    cut(flow),
+                    self.limits.name_bytes_max
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     async fn list_limits(&self, request: ListLimits) -> Result<LimitList, ApiError> {
+        self.check_flow_filter(request.flow.as_deref())?;
         let query = ShardRequest::Limits { flow: request.flow };
         let mut limits = self
             .ask_all(
@@ -639,6 +664,24 @@ impl Api {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
                 format!("limit must be 1 to {LIST_LIMIT_MAX}, it is {limit}"),
+            ));
+        }
+        // The query goes to every shard: nothing in it may be larger than what it can match.
+        self.check_flow_filter(request.flow.as_deref())?;
+        let invalid = |message: String| Err(ApiError::new(ErrorCode::InvalidRequest, message));
+        if let Err(why) = flowgrid_model::check_labels(&request.labels) {
+            return invalid(format!("labels: {why}"));
+        }
+        if let Some(parent) = request.parent.as_ref().filter(|parent| parent.as_str().len() > RUN_ID_BYTES_MAX) {
+            return invalid(format!(
+                "parent is {} bytes; a run id has at most {RUN_ID_BYTES_MAX}",
+                parent.as_str().len()
+            ));
+        }
+        if let Some(cursor) = request.cursor.as_ref().filter(|cursor| cursor.len() > CURSOR_BYTES_MAX) {
+            return invalid(format!(
+                "cursor is {} bytes, longer than any cursor the grid gives; pass the `next_cursor` of the previous page",
+                cursor.len()
             ));
         }
         if let (Some(since_ms), Some(until_ms)) = (request.since_ms, request.until_ms) {
