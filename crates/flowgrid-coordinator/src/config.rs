@@ -97,6 +97,9 @@ const API_CONCURRENCY_MAX_DEFAULT: usize = 4096;
 /// within what the queues and semaphores they size take.
 const COUNT_FLAG_MAX: u64 = 100_000_000;
 
+/// The longest `--retain-ended-runs`: 100 years (`0` keeps every run for good).
+const RETAIN_ENDED_RUNS_MAX: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// The largest `--store-cache-mb`: 1 TiB.
 const STORE_CACHE_MB_MAX: usize = 1 << 20;
 
@@ -126,6 +129,12 @@ impl CoordinatorConfig {
         }
         if self.metrics_addr != "off" && self.metrics_addr.parse::<SocketAddr>().is_err() {
             return Err(format!("--metrics-addr {:?} is not host:port (or `off`)", self.metrics_addr));
+        }
+        if self.retain_ended_runs > RETAIN_ENDED_RUNS_MAX {
+            return Err(format!(
+                "--retain-ended-runs is {} days; use 0 (keep every run) or at most 100 years (30d is the default)",
+                self.retain_ended_runs.as_secs() / 86_400
+            ));
         }
         let counts = [
             ("--batch-events-max", self.batch_events_max as u64, BATCH_EVENTS_MAX_DEFAULT as u64),
