@@ -149,7 +149,7 @@ pub struct WorkerArgs {
     /// Tasks held at once, per pool.
     #[arg(long, env = "FLOWGRID_CONCURRENCY", default_value_t = 64)]
     pub concurrency: usize,
-    /// Scale of the simulated work time (0 = no sleeping, 2 = twice as slow).
+    /// Scale of the simulated work time (0 = no sleeping, 2 = twice as slow; at most 1000).
     #[arg(long, env = "FLOWGRID_SPEED", default_value_t = 1.0)]
     pub speed: f64,
 }

@@ -134,10 +134,13 @@ fn validate_pools(pools: &[String], concurrency: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The largest `--speed` of the demo workers: their slowest task then takes hours.
+const SPEED_MAX: f64 = 1_000.0;
+
 fn validate_worker(args: &WorkerArgs) -> anyhow::Result<()> {
     validate_pools(&args.pools, args.concurrency)?;
-    if !args.speed.is_finite() || args.speed < 0.0 {
-        bail!("--speed is {}; use 0 (no sleeping) or a positive factor such as 1.0", args.speed);
+    if !args.speed.is_finite() || !(0.0..=SPEED_MAX).contains(&args.speed) {
+        bail!("--speed is {:?}; use 0 (no sleeping) or a factor up to {SPEED_MAX} such as 1.0", args.speed);
     }
     Ok(())
 }

@@ -395,7 +395,7 @@ impl Ui {
 }
 
 /// Compares two secrets in a time that does not depend on where they differ.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+pub(super) fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |differ, (a, b)| differ | (a ^ b)) == 0
 }
 

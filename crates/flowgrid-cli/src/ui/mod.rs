@@ -69,6 +69,11 @@ impl Ui {
 pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<ExitCode> {
     let UiArgs { listen, actions, api_token, api_cors_origins } = args;
     let cors = api::cors(&api_cors_origins)?;
+    // A client's `Authorization: Bearer` value is taken without surrounding whitespace (a
+    // token read from a file often ends with a newline), so the token must have none.
+    if api_token.as_ref().is_some_and(|token| token.trim() != token) {
+        anyhow::bail!("--api-token starts or ends with whitespace, which no request could send: remove it");
+    }
     if let Some(token) = api_token.as_ref().filter(|token| token.chars().count() < api::TOKEN_CHARS_MIN) {
         anyhow::bail!(
             "--api-token has {} characters; use at least {} (e.g. `openssl rand -hex 32`)",
@@ -570,7 +575,7 @@ impl Ui {
     fn refusal(&self, token: &str) -> Option<Response> {
         match &self.token {
             None => Some(read_only()),
-            Some(expected) if expected == token => None,
+            Some(expected) if api::same_secret(token.as_bytes(), expected.as_bytes()) => None,
             Some(_) => Some(failure(
                 StatusCode::FORBIDDEN,
                 "the form's token is not this UI's (it restarted, or the form came from another site): reload the page \
