@@ -846,3 +846,47 @@ async fn messages_over_the_servers_max_payload_are_refused_naming_it() -> anyhow
     assert!(refused.message.contains("the request is") && refused.message.contains("max_payload"), "{refused:?}");
     Ok(())
 }
+
+/// A listing whose filter matches few of a shard's runs reads at most 10,000 entries of its
+/// listing index per request: the page then ends where the reading stopped, with a cursor,
+/// and the next pages find the older matches (a short page without a cursor used to end
+/// the listing there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_that_matches_few_runs_goes_on_past_what_one_request_reads() -> anyhow::Result<()> {
+    const COMMON_RUNS: usize = 10_100;
+    let mut grid = Grid::start_nats()?;
+    // One shard: every run in the one listing index.
+    grid.shards = 1;
+    grid.start_coordinator().await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, "name: rare\nsteps:\n  - { id: done, kind: succeed }\n").await?;
+    deploy(&grid, &client, "name: common\nsteps:\n  - { id: done, kind: succeed }\n").await?;
+    let rare = client.start(start("rare", json!({}), None)).await.or_logs(&grid)?.run_id;
+    grid.wait_run(&client, &rare, RUN_DEADLINE).await?;
+    let batch: Vec<StartRun> = (0..1_000).map(|_| start("common", json!({}), None)).collect();
+    for chunk in 0..COMMON_RUNS.div_ceil(batch.len()) {
+        let count = (COMMON_RUNS - chunk * batch.len()).min(batch.len());
+        for started in client.start_many(&batch[..count]).await.or_logs(&grid)? {
+            started.or_logs(&grid)?;
+        }
+    }
+    let running = ListRuns { status: Some(RunStatus::Running), ..Default::default() };
+    wait_for("every run to end", RUN_DEADLINE, || async {
+        client.list(running.clone()).await.ok().filter(|list| list.runs.is_empty()).map(|_| ())
+    })
+    .await
+    .or_logs(&grid)?;
+
+    let mut pages = Vec::new();
+    let mut cursor = None;
+    for _ in 0..5 {
+        let page = client.list(query(Some("rare"), None, Some(10), cursor)).await.or_logs(&grid)?;
+        pages.push(page.runs.iter().map(|run| run.run_id.clone()).collect::<Vec<_>>());
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(pages, vec![vec![], vec![rare]], "a page cut short, then the older match");
+    Ok(())
+}

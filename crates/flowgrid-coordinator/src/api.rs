@@ -30,7 +30,7 @@ use crate::clock::now_ms;
 use crate::error::cut;
 use crate::metrics;
 use crate::routing::{unexpected, Router, ShardReply, ShardRequest};
-use crate::shard::{gate_routing_key, GateVerb, HISTORY_PAGE_MAX};
+use crate::shard::{gate_routing_key, GateVerb, RunsPage, HISTORY_PAGE_MAX};
 
 /// Page size of `run.list` when the request gives none.
 const LIST_LIMIT_DEFAULT: u32 = 50;
@@ -701,22 +701,40 @@ impl Api {
         let newest_first = |left: &flowgrid_proto::RunSummary, right: &flowgrid_proto::RunSummary| {
             (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id))
         };
-        // The page and one more (to tell whether more follow) is all that is kept.
-        let keep = |runs: &mut Vec<flowgrid_proto::RunSummary>| {
-            if runs.len() > 2 * (limit + 1) {
-                runs.sort_by(newest_first);
-                runs.truncate(limit + 1);
+        // The pages so far as one: the newest of the shards' stop points (everything newer
+        // was looked at on every shard), and its runs and one more (to tell whether more
+        // follow).
+        let keep = |pages: &mut Vec<RunsPage>| {
+            let Some(mut merged) = pages.pop() else { return };
+            for page in pages.drain(..) {
+                merged.runs.extend(page.runs);
+                merged.scanned_to = merged.scanned_to.max(page.scanned_to);
             }
+            if merged.runs.len() > 2 * (limit + 1) {
+                merged.runs.sort_by(newest_first);
+                merged.runs.truncate(limit + 1);
+            }
+            pages.push(merged);
         };
         let pick = |reply| match reply {
-            ShardReply::Runs(runs) => Ok(runs),
+            ShardReply::Runs(runs) => Ok(vec![RunsPage { runs, scanned_to: None }]),
+            ShardReply::RunsPage(page) => Ok(vec![page]),
             other => Err(other),
         };
-        let mut runs = self.ask_all(query, pick, keep).await?;
+        let RunsPage { mut runs, scanned_to } = self.ask_all(query, pick, keep).await?.pop().unwrap_or_default();
         runs.sort_by(newest_first);
+        // Past a stop point some shard did not look: the page ends there, and the next
+        // one goes on from it.
+        if let Some((created_ms, run_id)) = &scanned_to {
+            runs.retain(|run| (run.created_ms, &run.run_id) > (*created_ms, run_id));
+        }
         let more = runs.len() > limit;
         runs.truncate(limit);
-        let next_cursor = if more { runs.last().map(crate::shard::cursor_of) } else { None };
+        let next_cursor = match (more, scanned_to) {
+            (true, _) => runs.last().map(crate::shard::cursor_of),
+            (false, Some((created_ms, run_id))) => Some(crate::shard::cursor(created_ms, &run_id)),
+            (false, None) => None,
+        };
         Ok(RunList { runs, next_cursor })
     }
 }

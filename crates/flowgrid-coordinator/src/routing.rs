@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::shard::{maybe_applied, Command, GateVerb, NodeContext, ShardHandle, StartCommand};
+use crate::shard::{maybe_applied, Command, GateVerb, NodeContext, RunsPage, ShardHandle, StartCommand};
 
 /// How long a request waits for a shard that nobody serves (it is moving) before it is
 /// answered `unavailable`.
@@ -122,6 +122,8 @@ pub enum ShardReply {
     Run(Box<RunView>),
     History(flowgrid_proto::RunHistory),
     Runs(Vec<RunSummary>),
+    /// A listing whose scan stopped before it found enough matches.
+    RunsPage(RunsPage),
     Deployed(FlowDeployed),
     Flow(Box<FlowInfo>),
     Flows(Vec<FlowSummary>),
@@ -282,7 +284,11 @@ impl Router {
                 handle.ask(|reply| Command::History { run_id, after, limit, reply }).await.map(ShardReply::History)
             }
             ShardRequest::List { query, limit } => {
-                handle.ask(|reply| Command::List { query, limit, reply }).await.map(ShardReply::Runs)
+                handle.ask(|reply| Command::List { query, limit, reply }).await.map(|page| match page.scanned_to {
+                    // What every version answers, where the scan did not stop early.
+                    None => ShardReply::Runs(page.runs),
+                    Some(_) => ShardReply::RunsPage(page),
+                })
             }
             ShardRequest::Deploy { definition } => {
                 handle.ask(|reply| Command::Deploy { definition, reply }).await.map(ShardReply::Deployed)

@@ -79,7 +79,9 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                     span(Some(run.created_ms), run.ended_ms),
                 ]);
             }
-            if table.is_empty() {
+            if table.is_empty() && list.next_cursor.is_some() {
+                eprintln!("no runs match among the newest this page looked at; older runs may");
+            } else if table.is_empty() {
                 eprintln!("no runs match");
             } else {
                 out!("{}", table.render())?;

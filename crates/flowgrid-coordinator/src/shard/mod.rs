@@ -30,6 +30,7 @@ use flowgrid_proto::{
     RedriveRun, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, SignalRun, Subjects,
 };
 use flowgrid_store::StoreLimits;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,7 +38,7 @@ pub use actor::spawn_shard;
 pub use gates::{gate_routing_key, GateVerb};
 pub use history::PAGE_RECORDS_MAX as HISTORY_PAGE_MAX;
 pub use outbox::{IN_FLIGHT_MAX as MESSAGES_IN_FLIGHT_MAX, START_CHILD};
-pub use runs::cursor_of;
+pub use runs::{cursor, cursor_of};
 
 use crate::dispatch::Dispatcher;
 use crate::plans::PlanCache;
@@ -122,7 +123,7 @@ pub enum Command {
     List {
         query: ListRuns,
         limit: usize,
-        reply: Responder<Vec<RunSummary>>,
+        reply: Responder<RunsPage>,
     },
     Deploy {
         definition: Box<flowgrid_model::FlowDefinition>,
@@ -195,6 +196,18 @@ pub(crate) fn maybe_applied(what: String) -> ApiError {
             ),
         )
     }
+}
+
+/// One shard's part of a run listing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunsPage {
+    /// Its newest matching runs older than the cursor, newest first.
+    pub runs: Vec<RunSummary>,
+    /// Where its scan of the listing index stopped (creation time and run id) when it read
+    /// as many entries as one request may before it found enough matches: its runs older
+    /// than that were not looked at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scanned_to: Option<(flowgrid_model::Millis, RunId)>,
 }
 
 /// The sending side of a shard actor's inbox.

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 
 use super::actor::{ActiveRun, ShardActor};
 use super::batch::{Batch, Dispatch, RefusedResult, ResultReply};
-use super::StartCommand;
+use super::{RunsPage, StartCommand};
 use crate::clock::now_ms;
 use crate::error::cut;
 use crate::metrics::{self, ShardMetrics, TaskMetrics};
@@ -563,7 +563,7 @@ impl<S: ShardStore> ShardActor<S> {
     ///
     /// Active runs come from memory, ended runs from the listing index: an active run has
     /// no listing entry of its own (one written by an earlier version is skipped).
-    pub(super) async fn list_runs(&self, query: &ListRuns, limit: usize) -> Result<Vec<RunSummary>, ApiError> {
+    pub(super) async fn list_runs(&self, query: &ListRuns, limit: usize) -> Result<RunsPage, ApiError> {
         let cursor = query.cursor.as_deref().map(parse_cursor).transpose()?;
         let in_window = |created_ms: Millis| {
             query.since_ms.is_none_or(|since_ms| created_ms >= since_ms)
@@ -592,7 +592,7 @@ impl<S: ShardStore> ShardActor<S> {
             active.into_iter().map(|(_, run_id, run)| active_summary(run_id, run)).collect();
         if query.status == Some(RunStatus::Running) {
             // The listing index holds no running run that is not in memory.
-            return Ok(runs);
+            return Ok(RunsPage { runs, scanned_to: None });
         }
 
         let mut range = keys::created_between(query.since_ms, query.until_ms);
@@ -600,6 +600,8 @@ impl<S: ShardStore> ShardActor<S> {
             range.end = range.end.min(keys::created(*created_ms, run_id));
         }
         let entries = self.store.scan(range, LIST_SCAN_ENTRIES_MAX, true).await.map_err(read_failure)?;
+        let scanned_all = entries.len() < LIST_SCAN_ENTRIES_MAX;
+        let last_key = entries.last().map(|(key, _)| key.clone());
         let mut ended = 0;
         for (_, value) in entries {
             let summary: RunSummary = records::decode("run summary", &value).map_err(internal)?;
@@ -613,10 +615,19 @@ impl<S: ShardStore> ShardActor<S> {
                 }
             }
         }
+        // Cut short before it found `limit` matches: the caller must not take what it did
+        // not look at for the end of the list.
+        let scanned_to = match last_key {
+            Some(key) if !scanned_all && ended < limit => {
+                let (created_ms, run_id) = keys::decode_created(&key).map_err(internal)?;
+                Some((created_ms, run_id))
+            }
+            _ => None,
+        };
         // Both parts are newest first: merge them and keep the newest `limit`.
         runs.sort_by(|a, b| (b.created_ms, &b.run_id).cmp(&(a.created_ms, &a.run_id)));
         runs.truncate(limit);
-        Ok(runs)
+        Ok(RunsPage { runs, scanned_to })
     }
 
     /// The record of a run that is not in memory, so has ended; `not_found` when there is
@@ -828,7 +839,12 @@ fn summary(run_id: &RunId, record: &RunRecord, parent: Option<RunId>, labels: La
 
 /// The cursor of a page that ends at this run.
 pub fn cursor_of(summary: &RunSummary) -> String {
-    format!("{}.{}", summary.created_ms, summary.run_id)
+    cursor(summary.created_ms, &summary.run_id)
+}
+
+/// The cursor of a listing that goes on with the runs older than `(created_ms, run_id)`.
+pub fn cursor(created_ms: Millis, run_id: &RunId) -> String {
+    format!("{created_ms}.{run_id}")
 }
 
 fn parse_cursor(cursor: &str) -> Result<(Millis, RunId), ApiError> {
