@@ -268,11 +268,13 @@ impl Api {
     }
 
     async fn deploy(&self, request: DeployFlow) -> Result<flowgrid_proto::FlowDeployed, ApiError> {
-        let definition = parse_definition(&request.definition, &self.limits).map_err(|error| {
+        let refused = |error: flowgrid_model::DefinitionError| {
             let mut api_error = ApiError::new(ErrorCode::InvalidDefinition, error.to_string());
             api_error.issues = error.issues();
             api_error
-        })?;
+        };
+        let definition = parse_definition(&request.definition, &self.limits).map_err(refused)?;
+        flowgrid_model::check_new(&definition).map_err(refused)?;
         if let Some(trigger) = &definition.trigger {
             check_trigger_loop(&self.router.context.subjects, &definition, trigger)?;
             self.check_trigger_stream(trigger).await?;

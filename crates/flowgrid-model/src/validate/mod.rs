@@ -10,6 +10,7 @@
 //!   [`compile`] relies on all of it.
 //! - Each expression is compiled once: validation keeps the compiled form for the plan.
 
+mod deploy;
 mod expressions;
 mod graph;
 mod rules;
@@ -26,12 +27,14 @@ use crate::definition::{
     TransformStep, WaitStep, REPEAT_ITERATIONS_DEFAULT,
 };
 use crate::error::{DefinitionError, Issue, Result};
+
 use crate::expr::Evaluator;
 use crate::limits::Limits;
 use crate::plan::{
     CatchRule, Edge, EdgeWhen, FlowItems, FlowLoop, FlowPlan, PlanCache, PlanStep, PlanStepKind, StepIndex,
     SubflowSpec, TaskSpec, WaitFor, PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
 };
+pub use deploy::check_new;
 
 use self::expressions::ExpressionTable;
 use self::graph::Graph;

@@ -847,3 +847,62 @@ fn a_failure_handler_is_another_flow_with_ends_to_start_on() {
     assert_issue(&issues_of(&flow("{ flow: undo, input: 'steps.zz.output' }")), "on_failure.input", "does not exist");
     assert_issue(&issues_of(&flow("{ flow: undo, input: '1 +' }")), "on_failure.input", "does not compile");
 }
+
+fn new_issues_of(text: &str) -> Vec<Issue> {
+    let definition = parse(text);
+    validate(&definition, &evaluator(), &limits()).expect("valid under the rules a deployed version reloads with");
+    match check_new(&definition) {
+        Err(DefinitionError::Invalid(issues)) => issues,
+        other => panic!("expected issues for a new deployment, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_new_deployment_may_not_list_a_choice_or_a_catch_that_leads_to_a_step_in_its_after() {
+    let issues = new_issues_of(
+        r#"
+name: routes
+steps:
+  - { id: route, kind: choice, choices: [{ when: 'input.x', next: a }], default: b }
+  - { id: a, kind: task, pool: p, task: a, after: [route] }
+  - { id: b, kind: transform, output: '1', after: [route] }
+  - { id: risky, kind: task, pool: p, task: r, catch: [{ errors: ['*'], next: fallback }] }
+  - { id: fallback, kind: transform, output: '2', after: [risky] }
+"#,
+    );
+    assert_issue(&issues, "steps[1](a).after[0]", "branches to this step");
+    assert_issue(&issues, "steps[2](b).after[0]", "branches to this step");
+    assert_issue(&issues, "steps[4](fallback).after[0]", "catches into this step");
+    assert_eq!(issues.len(), 3, "{issues:?}");
+    assert!(check_new(&parse(MEDIA_FLOW)).is_ok(), "implicit edges left implicit pass");
+}
+
+#[test]
+fn a_new_deployment_may_not_wait_longer_than_366_days() {
+    let issues = new_issues_of(
+        r#"
+name: patient
+timeout_ms: 31622400001
+steps:
+  - id: t
+    kind: task
+    pool: p
+    task: t
+    timeout_ms: 31622400000
+    retry: { max_attempts: 3, initial_backoff_ms: 18446744073709551615, max_backoff_ms: 18446744073709551615 }
+  - { id: s, kind: signal, after: [t], timeout_ms: 99999999999999 }
+"#,
+    );
+    let paths: Vec<&str> = issues.iter().map(|issue| issue.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "timeout_ms",
+            "steps[0](t).retry.initial_backoff_ms",
+            "steps[0](t).retry.max_backoff_ms",
+            "steps[1](s).timeout_ms"
+        ],
+        "366 days itself is allowed: {issues:?}"
+    );
+    assert_issue(&issues, "timeout_ms", "366 days");
+}

@@ -1,0 +1,88 @@
+//! Rules a definition must meet to be deployed now, on top of those [`super::validate`]
+//! applies. They were added after versions that break them could be deployed; such a
+//! version keeps running (its shard reloads it with the older rules alone), so these are
+//! checked only where a definition comes in: a deploy and `flow check`.
+
+use crate::definition::{FlowDefinition, RetryPolicy, Step};
+use crate::error::{DefinitionError, Issue, Result};
+use crate::limits::DURATION_MS_MAX;
+
+use super::{catches, push_issue, step_path};
+
+/// Checks `definition` against the rules for new deployments; lists every problem.
+pub fn check_new(definition: &FlowDefinition) -> Result<()> {
+    let mut issues = Vec::new();
+    check_durations(definition, &mut issues);
+    check_implicit_edges_listed(&definition.steps, &mut issues);
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(DefinitionError::Invalid(issues))
+    }
+}
+
+/// Every time a run may wait for (a timeout, a retry's backoff) is at most
+/// [`DURATION_MS_MAX`]: past it a run waits for good (the deadline saturates), holding its
+/// place among the active runs.
+fn check_durations(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
+    let mut durations = vec![("timeout_ms".to_owned(), definition.timeout_ms)];
+    let mut worker_step = |path: &str, timeout_ms: Option<u64>, total_timeout_ms: Option<u64>, retry: &RetryPolicy| {
+        durations.push((format!("{path}.timeout_ms"), timeout_ms));
+        durations.push((format!("{path}.total_timeout_ms"), total_timeout_ms));
+        durations.push((format!("{path}.retry.initial_backoff_ms"), Some(retry.initial_backoff_ms)));
+        durations.push((format!("{path}.retry.max_backoff_ms"), Some(retry.max_backoff_ms)));
+    };
+    let mut waits = Vec::new();
+    for (position, step) in definition.steps.iter().enumerate() {
+        let path = step_path(position, step.id());
+        match step {
+            Step::Task(task) => worker_step(&path, task.timeout_ms, task.total_timeout_ms, &task.retry),
+            Step::Map(map) => worker_step(&path, map.timeout_ms, map.total_timeout_ms, &map.retry),
+            Step::Signal(signal) => waits.push((format!("{path}.timeout_ms"), signal.timeout_ms)),
+            Step::Subflow(subflow) => waits.push((format!("{path}.timeout_ms"), subflow.timeout_ms)),
+            _ => {}
+        }
+    }
+    durations.extend(waits);
+    for (path, duration_ms) in durations {
+        if let Some(duration_ms) = duration_ms.filter(|&duration_ms| duration_ms > DURATION_MS_MAX) {
+            push_issue(
+                issues,
+                path,
+                format!("is {duration_ms} ms, over the longest a run may wait of {DURATION_MS_MAX} ms (366 days)"),
+            );
+        }
+    }
+}
+
+/// A step whose `after` names a choice that branches to it, or a step whose catch leads to
+/// it: that edge is implicit, and listed in `after` it makes the step run whichever way the
+/// choice went, or when the caught step succeeded too.
+fn check_implicit_edges_listed(steps: &[Step], issues: &mut Vec<Issue>) {
+    for (position, step) in steps.iter().enumerate() {
+        for (entry, after) in step.after().iter().enumerate() {
+            let Some(source) = steps.iter().find(|source| source.id() == after) else { continue };
+            let branches_here = match source {
+                Step::Choice(choice) => {
+                    choice.choices.iter().any(|rule| rule.next == step.id())
+                        || choice.default.as_deref() == Some(step.id())
+                }
+                _ => false,
+            };
+            let catches_here = catches(source).iter().any(|catch| catch.next == step.id());
+            let why = match (branches_here, catches_here) {
+                (true, _) => "branches to this step, which then runs only when that branch is taken",
+                (false, true) => "catches into this step, which then runs only when it fails",
+                (false, false) => continue,
+            };
+            push_issue(
+                issues,
+                format!("{}.after[{entry}]", step_path(position, step.id())),
+                format!(
+                    "lists `{after}`, which {why}; listed in `after` as well, the step would run whatever `{after}` \
+                     did: remove `{after}` from `after`"
+                ),
+            );
+        }
+    }
+}
