@@ -115,6 +115,18 @@ steps:
         "steps[0](first).input",
         "",
     ),
+    (
+        "listed-branch",
+        r#"
+name: listed-branch
+steps:
+  - { id: route, kind: choice, choices: [{ when: 'input.x', next: a }], default: b }
+  - { id: a, kind: task, pool: a, task: echo, after: [route] }
+  - { id: b, kind: task, pool: a, task: echo }
+"#,
+        "steps[1](a).after[0]",
+        "branches to this step",
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
