@@ -104,8 +104,11 @@ const FAN_OUT_MAX: usize = 32;
 pub const FAN_OUTS_MAX: usize = 16;
 
 /// On a graceful stop, how long the API may take to receive the requests already sent to it,
-/// and then again to answer them (an answer that waits for a moving shard takes up to 3 s).
-const API_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(4);
+/// and then again to answer them: the longest an answer takes (it waits for a moving shard,
+/// then for the owner it forwards to) and room for a busy host.
+const API_DRAIN_WAIT: std::time::Duration = crate::routing::MOVE_WAIT
+    .saturating_add(crate::routing::FORWARD_TIMEOUT)
+    .saturating_add(std::time::Duration::from_secs(3));
 
 /// The encoding a message's `Content-Type` header selects.
 pub fn encoding_of(message: &Message) -> Encoding {

@@ -30,7 +30,7 @@ use crate::shard::{maybe_applied, Command, GateVerb, NodeContext, RunsPage, Shar
 pub const MOVE_WAIT: Duration = Duration::from_secs(3);
 /// How long a forwarded request waits for the owner's answer (a paused owner never
 /// answers; the caller's retry then finds the next one).
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// First and largest pause between two tries to reach a moving shard.
 const RETRY_DELAY_FIRST: Duration = Duration::from_millis(10);
 const RETRY_DELAY_MAX: Duration = Duration::from_millis(200);
