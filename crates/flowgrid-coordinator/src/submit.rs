@@ -40,16 +40,20 @@ const FAILED_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// The longest refusal message kept in a header; a longer one is cut.
 const REFUSAL_HEADER_CHARS_MAX: usize = 2_000;
 
+/// Room kept under the server's `max_payload` for a refused submit's subject and headers.
+const REFUSAL_OVERHEAD_BYTES: usize = 4 * 1024;
+
 /// Where refused submits are kept: the refused-submits stream.
 #[derive(Clone)]
 pub struct Refusals {
+    nats: async_nats::Client,
     jetstream: jetstream::Context,
     subject: String,
 }
 
 impl Refusals {
-    pub fn new(jetstream: jetstream::Context, subjects: &Subjects) -> Refusals {
-        Refusals { jetstream, subject: subjects.submit_refused() }
+    pub fn new(nats: async_nats::Client, subjects: &Subjects) -> Refusals {
+        Refusals { jetstream: jetstream::new(nats.clone()), nats, subject: subjects.submit_refused() }
     }
 
     /// Keeps `message` (submit `sequence` of the stream created at `created`) with why it
@@ -62,16 +66,25 @@ impl Refusals {
         code: ErrorCode,
         reason: &str,
     ) -> Result<(), String> {
+        // A submit that filled the server's `max_payload` leaves no room for the headers:
+        // its refusal is kept without it.
+        let fits = message.payload.len() + REFUSAL_OVERHEAD_BYTES <= self.nats.server_info().max_payload;
+        let (payload, reason) = if fits {
+            (message.payload.clone(), header_text(reason))
+        } else {
+            let left_out = format!(" (the submit's {} bytes are not kept: too large)", message.payload.len());
+            (bytes::Bytes::new(), header_text(&format!("{reason}{left_out}")))
+        };
         let mut headers = HeaderMap::new();
         // Kept again by a coordinator that dies before it acks the submit: the same id.
         headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("refused-{created}-{sequence}").as_str());
         headers.insert(REFUSAL_CODE_HEADER, code.to_string().as_str());
-        headers.insert(REFUSAL_HEADER, header_text(reason).as_str());
+        headers.insert(REFUSAL_HEADER, reason.as_str());
         headers.insert(SUBMIT_SEQUENCE_HEADER, sequence.to_string().as_str());
         if let Some(content_type) = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER)) {
             headers.insert(CONTENT_TYPE_HEADER, content_type.clone());
         }
-        let published = self.jetstream.publish_with_headers(self.subject.clone(), headers, message.payload.clone());
+        let published = self.jetstream.publish_with_headers(self.subject.clone(), headers, payload);
         let stored = async { published.await?.await.map_err(async_nats::Error::from) };
         stored.await.map(|_| ()).map_err(|error| error.to_string())
     }
