@@ -40,6 +40,13 @@ const PUBLISHES_IN_FLIGHT_MAX: usize = 1_024;
 /// A task whose publish failed this many times in a row is logged as a warning (the earlier
 /// failures at debug level); it is still retried until its attempt's deadline.
 const PUBLISH_TRIES_WARN: u32 = 8;
+/// Publishes waiting out a retry's backoff at most. A task that fails past it is left to
+/// its attempt's timeout: the other half of [`PUBLISHES_IN_FLIGHT_MAX`] stays for new
+/// tasks, so that the queue keeps moving and shard actors go on taking results (which let
+/// workers ack their tasks and free room in a full stream).
+const RETRYING_MAX: usize = PUBLISHES_IN_FLIGHT_MAX / 2;
+/// At most one warning per this long about tasks left to their attempt's timeout.
+const GIVEN_UP_WARN_EVERY: Duration = Duration::from_secs(10);
 /// How long a publish waits for JetStream's ack before it is retried.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the publisher waits before it tries again to create a lane's consumer that it
@@ -95,6 +102,8 @@ impl Dispatcher {
             result_subjects: HashMap::new(),
             publish_seconds: ::metrics::histogram!(metrics::TASK_PUBLISH_SECONDS),
             step_seconds: ::metrics::histogram!(metrics::STEP_SECONDS),
+            given_up: 0,
+            given_up_warned: None,
         };
         let handle = tokio::spawn(publisher.run(receiver, shutdown));
         Ok((Dispatcher { sender }, handle))
@@ -128,6 +137,9 @@ struct Publisher {
     result_subjects: HashMap<ShardId, String>,
     publish_seconds: Histogram,
     step_seconds: Histogram,
+    /// Tasks left to their attempt's timeout since the last warning, and when that was.
+    given_up: u64,
+    given_up_warned: Option<Instant>,
 }
 
 /// Where a pool's tasks of one priority go, and what counts them.
@@ -278,7 +290,7 @@ impl Publisher {
 
     /// Counts the outcome; a failed try is queued to be retried after its backoff.
     fn after_publish(
-        &self,
+        &mut self,
         ((publication, try_number), result): ((Publication, u32), Result<(), PublishFailure>),
         backoffs: &mut Backoffs,
     ) {
@@ -296,8 +308,20 @@ impl Publisher {
         publication.pool.publish_failed.increment(1);
         let attempt = &publication.message_id;
         let delay = retry_delay(try_number + 1);
-        if crate::clock::now_ms().saturating_add(delay.as_millis() as u64) >= publication.deadline_ms {
-            warn!(attempt = %attempt, error = %error, try_number, "task publish failed until its attempt's deadline; the attempt timeout retries it");
+        let past_deadline = crate::clock::now_ms().saturating_add(delay.as_millis() as u64) >= publication.deadline_ms;
+        if past_deadline || backoffs.len() >= RETRYING_MAX {
+            self.given_up += 1;
+            if self.given_up_warned.is_none_or(|warned| warned.elapsed() >= GIVEN_UP_WARN_EVERY) {
+                warn!(
+                    attempt = %attempt,
+                    error = %error,
+                    tasks = self.given_up,
+                    retrying = backoffs.len(),
+                    "task publishes failed until their attempts' deadline, or while {RETRYING_MAX} others waited to be \
+                     retried; their attempt timeouts retry them"
+                );
+                (self.given_up, self.given_up_warned) = (0, Some(Instant::now()));
+            }
             return;
         }
         if try_number == PUBLISH_TRIES_WARN {
