@@ -45,7 +45,10 @@ use std::time::Instant;
 
 use foundationdb::options::{StreamingMode, TransactionOption};
 use foundationdb::tuple::Subspace;
-use foundationdb::{Database, FdbBindingError, FdbError, KeySelector, RangeOption, RetryableTransaction};
+use foundationdb::{
+    Database, FdbBindingError, FdbError, FdbResult, KeySelector, RangeOption, RetryableTransaction, RunnerHooks,
+    TransactionCommitError,
+};
 
 use flowgrid_model::{Epoch, ShardId};
 use flowgrid_store::{
@@ -161,18 +164,15 @@ impl FdbShard {
     {
         let started = Instant::now();
         let timeout_ms = i32::try_from(self.limits.transaction_ms_max).unwrap_or(i32::MAX).max(1);
-        let maybe_committed_before = std::sync::atomic::AtomicBool::new(false);
+        let hooks = CommitOutcome::default();
         let outcome = self
             .db
-            .run(|trx, maybe_committed| {
-                if bool::from(maybe_committed) {
-                    maybe_committed_before.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+            .run_with_hooks(&hooks, |trx, _maybe_committed| {
                 let attempt = trx.set_option(TransactionOption::Timeout(timeout_ms)).map(|()| work(trx));
                 async move { attempt?.await }
             })
             .await;
-        let maybe_committed = maybe_committed_before.load(std::sync::atomic::Ordering::Relaxed);
+        let maybe_committed = hooks.maybe_committed.load(std::sync::atomic::Ordering::Relaxed);
         outcome.map_err(|error| self.store_error(error, started, maybe_committed))
     }
 
@@ -194,6 +194,26 @@ impl FdbShard {
                 _ => Error::Backend(Box::new(other)),
             },
         }
+    }
+}
+
+/// Notes whether a commit of a transaction failed in a way that may have committed it
+/// (`commit_unknown_result`), even where no attempt runs after it (the transaction's
+/// time ran out).
+#[derive(Default)]
+struct CommitOutcome {
+    maybe_committed: std::sync::atomic::AtomicBool,
+}
+
+impl RunnerHooks for CommitOutcome {
+    fn on_commit_error(
+        &self,
+        error: &TransactionCommitError,
+    ) -> impl std::future::Future<Output = FdbResult<()>> + Send {
+        if error.is_maybe_committed() {
+            self.maybe_committed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        async { Ok(()) }
     }
 }
 
