@@ -255,7 +255,7 @@ async fn serve<S: Store>(
     let api_task = tokio::spawn(api::serve(api.clone(), requests, config.api_concurrency_max, api_stop.clone()));
     let submit_consumer = broker::submit_consumer(&submit_stream, &subjects, &broker_limits).await?;
     let submit_created = submit_stream.cached_info().created.unix_timestamp_nanos();
-    let refused = crate::submit::Refusals::new(nats.clone(), &subjects);
+    let refused = crate::submit::Refusals::new(nats.clone(), subjects.clone(), broker_limits.clone());
     let submit_task =
         tokio::spawn(crate::submit::serve(api.clone(), submit_consumer, submit_created, refused, api_stop.clone()));
     info!(

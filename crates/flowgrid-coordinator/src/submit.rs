@@ -14,7 +14,7 @@
 //! it leaves the submit stream: a submit JetStream stored is never dropped without a trace.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
@@ -25,6 +25,8 @@ use flowgrid_proto::{
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+use flowgrid_sdk::broker::{self, BrokerLimits};
 
 use crate::api::{encoding_of, msgpack_request_bytes, Api};
 use crate::metrics;
@@ -37,8 +39,10 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// answer in time, a store failure) is delivered again: long enough not to flood the logs.
 const FAILED_RETRY_DELAY: Duration = Duration::from_secs(30);
 
-/// The longest refusal message kept in a header; a longer one is cut.
-const REFUSAL_HEADER_CHARS_MAX: usize = 2_000;
+/// The longest refusal message kept in a header, in bytes; a longer one is cut.
+const REFUSAL_HEADER_BYTES_MAX: usize = 1_024;
+/// How often a coordinator tries to make the refused-submits stream again when it is missing.
+const REFUSED_STREAM_RETRY: Duration = Duration::from_secs(30);
 
 /// Room kept under the server's `max_payload` for a refused submit's subject and headers.
 const REFUSAL_OVERHEAD_BYTES: usize = 4 * 1024;
@@ -48,12 +52,44 @@ const REFUSAL_OVERHEAD_BYTES: usize = 4 * 1024;
 pub struct Refusals {
     nats: async_nats::Client,
     jetstream: jetstream::Context,
-    subject: String,
+    subjects: Subjects,
+    limits: BrokerLimits,
+    /// When the stream was last made again after a refusal could not be kept.
+    remade: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl Refusals {
-    pub fn new(nats: async_nats::Client, subjects: &Subjects) -> Refusals {
-        Refusals { jetstream: jetstream::new(nats.clone()), nats, subject: subjects.submit_refused() }
+    pub fn new(nats: async_nats::Client, subjects: Subjects, limits: BrokerLimits) -> Refusals {
+        let jetstream = jetstream::new(nats.clone());
+        Refusals { nats, jetstream, subjects, limits, remade: Arc::default() }
+    }
+
+    /// Keeps a refused submit, and where that fails, makes the stream again (it may have
+    /// been deleted, or not made when this coordinator started) at most once per
+    /// [`REFUSED_STREAM_RETRY`].
+    async fn keep_or_remake(
+        &self,
+        message: &jetstream::Message,
+        created: i128,
+        sequence: u64,
+        code: ErrorCode,
+        reason: &str,
+    ) -> Result<(), String> {
+        let failure = match self.keep(message, created, sequence, code, reason).await {
+            Ok(()) => return Ok(()),
+            Err(failure) => failure,
+        };
+        {
+            let mut remade = self.remade.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if remade.is_some_and(|at| at.elapsed() < REFUSED_STREAM_RETRY) {
+                return Err(failure);
+            }
+            *remade = Some(Instant::now());
+        }
+        broker::submit_refused_stream(&self.jetstream, &self.subjects, &self.limits)
+            .await
+            .map_err(|error| format!("{failure}; making the stream again failed: {error}"))?;
+        self.keep(message, created, sequence, code, reason).await
     }
 
     /// Keeps `message` (submit `sequence` of the stream created at `created`) with why it
@@ -84,19 +120,24 @@ impl Refusals {
         if let Some(content_type) = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER)) {
             headers.insert(CONTENT_TYPE_HEADER, content_type.clone());
         }
-        let published = self.jetstream.publish_with_headers(self.subject.clone(), headers, payload);
+        let published = self.jetstream.publish_with_headers(self.subjects.submit_refused(), headers, payload);
         let stored = async { published.await?.await.map_err(async_nats::Error::from) };
         stored.await.map(|_| ()).map_err(|error| error.to_string())
     }
 }
 
-/// `text` as a header value: on one line, and cut at [`REFUSAL_HEADER_CHARS_MAX`].
+/// `text` as a header value: on one line, and cut to [`REFUSAL_HEADER_BYTES_MAX`].
 fn header_text(text: &str) -> String {
-    let line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    match line.char_indices().nth(REFUSAL_HEADER_CHARS_MAX) {
-        Some((cut, _)) => format!("{}...", &line[..cut]),
-        None => line,
+    let mut line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if line.len() > REFUSAL_HEADER_BYTES_MAX {
+        let mut cut = REFUSAL_HEADER_BYTES_MAX - "...".len();
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push_str("...");
     }
+    line
 }
 
 /// The idempotency key of a submit without one of its own: `created` is the stream's
@@ -172,7 +213,7 @@ async fn start_submitted(api: &Api, refusals: &Refusals, message: jetstream::Mes
         }
         // Not a refusal of the submit itself: its start may have been applied (it carries an
         // idempotency key, so trying again is safe), or the coordinator failed.
-        Err(error) if !error.is_refusal() => {
+        Err(error) if !error.is_final() || error.code == ErrorCode::Internal => {
             warn!(sequence, flow = %flow, error = %error, "submitted run not started yet; it is tried again in {FAILED_RETRY_DELAY:?}");
             let _ = message.ack_with(AckKind::Nak(Some(FAILED_RETRY_DELAY))).await;
         }
@@ -191,7 +232,7 @@ async fn refuse(
     code: ErrorCode,
     reason: &str,
 ) {
-    match refusals.keep(message, created, sequence, code, reason).await {
+    match refusals.keep_or_remake(message, created, sequence, code, reason).await {
         Ok(()) => {
             warn!(sequence, flow, error = %reason, "submitted run refused; kept with why (`flowgrid run refused` lists them)");
             ::metrics::counter!(metrics::SUBMITS_REFUSED, "code" => code.to_string()).increment(1);
@@ -219,9 +260,9 @@ mod tests {
     #[test]
     fn a_refusal_is_kept_on_one_line_and_cut_when_long() {
         assert_eq!(header_text("no flow\r\nnamed x"), "no flow  named x");
-        let long = "é".repeat(REFUSAL_HEADER_CHARS_MAX + 5);
+        let long = "é".repeat(REFUSAL_HEADER_BYTES_MAX);
         let kept = header_text(&long);
-        assert_eq!(kept.chars().count(), REFUSAL_HEADER_CHARS_MAX + 3);
-        assert!(kept.ends_with("..."));
+        assert!(kept.len() <= REFUSAL_HEADER_BYTES_MAX && kept.len() > REFUSAL_HEADER_BYTES_MAX - 5, "{}", kept.len());
+        assert!(kept.ends_with("...") && kept.trim_end_matches("...").chars().all(|c| c == 'é'));
     }
 }

@@ -83,13 +83,13 @@ impl ApiError {
         ApiError { code, message: message.into(), issues: Vec::new(), retryable }
     }
 
-    /// Whether the grid refused the request itself (a bad input, no such flow, a conflict),
-    /// so that sending it again cannot succeed. Not a refusal: a retryable error, an
-    /// `unavailable` that is not retryable (a forwarded request whose owner did not answer:
-    /// it may have been applied) and an `internal` failure of the grid; a request that is
-    /// safe to repeat may be sent again after those.
-    pub fn is_refusal(&self) -> bool {
-        !self.retryable && !matches!(self.code, ErrorCode::Unavailable | ErrorCode::Internal)
+    /// Whether the grid answered the request for good: it refused the request itself (a
+    /// bad input, no such flow, a conflict), or failed on it in a way the same request would
+    /// meet again (`internal`). Not final: a retryable error, and an `unavailable` that is
+    /// not retryable (a request whose shard or owner did not answer: it may have been
+    /// applied), after which a request that is safe to repeat may be sent again.
+    pub fn is_final(&self) -> bool {
+        !self.retryable && self.code != ErrorCode::Unavailable
     }
 }
 
@@ -852,16 +852,17 @@ mod tests {
     use super::{is_grid_key, ApiError, ErrorCode};
 
     #[test]
-    fn only_what_no_retry_can_change_is_a_refusal() {
-        for code in [ErrorCode::NotFound, ErrorCode::Conflict, ErrorCode::PayloadTooLarge, ErrorCode::InvalidRequest] {
-            assert!(ApiError::new(code, "x").is_refusal(), "{code}");
+    fn only_what_no_retry_can_change_is_final() {
+        let codes = [ErrorCode::NotFound, ErrorCode::Conflict, ErrorCode::PayloadTooLarge, ErrorCode::InvalidRequest];
+        for code in codes.into_iter().chain([ErrorCode::Internal]) {
+            assert!(ApiError::new(code, "x").is_final(), "{code}");
         }
-        for code in [ErrorCode::Unavailable, ErrorCode::Overloaded, ErrorCode::Internal] {
-            assert!(!ApiError::new(code, "x").is_refusal(), "{code}");
+        for code in [ErrorCode::Unavailable, ErrorCode::Overloaded] {
+            assert!(!ApiError::new(code, "x").is_final(), "{code}");
         }
         // A forwarded request whose owner did not answer: it may have been applied.
         let maybe_applied = ApiError { retryable: false, ..ApiError::new(ErrorCode::Unavailable, "x") };
-        assert!(!maybe_applied.is_refusal());
+        assert!(!maybe_applied.is_final());
     }
 
     #[test]

@@ -168,7 +168,7 @@ impl<S: ShardStore> ShardActor<S> {
                         debug!(parent = %start.parent, step = %start.step, child = %started.run_id, created = started.created, "child run started");
                         Some(None)
                     }
-                    Err(ClientError::Api(refusal)) if refusal.is_refusal() => Some(Some(refusal)),
+                    Err(ClientError::Api(refusal)) if refusal.is_final() => Some(Some(refusal)),
                     Err(error) => {
                         debug!(parent = %start.parent, step = %start.step, error = %error, "cannot start a child run yet; trying again");
                         None
@@ -366,7 +366,7 @@ async fn start_failure_handler(
             debug!(failed = %failed, handler = %started.run_id, flow = %start.flow, "failure handler started");
             Sent::Taken
         }
-        Err(ClientError::Api(refusal)) if refusal.is_refusal() => {
+        Err(ClientError::Api(refusal)) if refusal.is_final() => {
             warn!(
                 failed = %failed,
                 flow = %start.flow,
