@@ -104,8 +104,8 @@ const FAN_OUT_MAX: usize = 32;
 pub const FAN_OUTS_MAX: usize = 16;
 
 /// On a graceful stop, how long the API may take to receive the requests already sent to it,
-/// and then again to answer them: the longest an answer takes (it waits for a moving shard,
-/// then for the owner it forwards to) and room for a busy host.
+/// and then again to answer them: the longest an answer takes when the shards answer (it
+/// waits for a moving shard, then for the owner it forwards to) and room for a busy host.
 const API_DRAIN_WAIT: std::time::Duration = crate::routing::MOVE_WAIT
     .saturating_add(crate::routing::FORWARD_TIMEOUT)
     .saturating_add(std::time::Duration::from_secs(3));
@@ -271,13 +271,11 @@ impl Api {
     }
 
     async fn deploy(&self, request: DeployFlow) -> Result<flowgrid_proto::FlowDeployed, ApiError> {
-        let refused = |error: flowgrid_model::DefinitionError| {
+        let definition = parse_definition(&request.definition, &self.limits).map_err(|error| {
             let mut api_error = ApiError::new(ErrorCode::InvalidDefinition, error.to_string());
             api_error.issues = error.issues();
             api_error
-        };
-        let definition = parse_definition(&request.definition, &self.limits).map_err(refused)?;
-        flowgrid_model::check_new(&definition).map_err(refused)?;
+        })?;
         if let Some(trigger) = &definition.trigger {
             check_trigger_loop(&self.router.context.subjects, &definition, trigger)?;
             self.check_trigger_stream(trigger).await?;
@@ -614,8 +612,6 @@ impl Api {
         .await
     }
 
-    /// Every shard's limits in use, by flow and key; past [`LimitList::LIMITS_MAX`], the
-    /// busiest.
     /// Whether `flow` could name a flow: a name within the bytes a name may have.
     fn is_flow_name(&self, flow: &str) -> bool {
         flowgrid_model::is_name(flow) && flow.len() <= self.limits.name_bytes_max
@@ -637,6 +633,8 @@ impl Api {
         }
     }
 
+    /// Every shard's limits in use, by flow and key; past [`LimitList::LIMITS_MAX`], the
+    /// busiest.
     async fn list_limits(&self, request: ListLimits) -> Result<LimitList, ApiError> {
         self.check_flow_filter(request.flow.as_deref())?;
         let query = ShardRequest::Limits { flow: request.flow };

@@ -32,11 +32,14 @@ impl<S: ShardStore> ShardActor<S> {
             }
         }
         let version = versions.and_then(|versions| versions.last()).map_or(1, |latest| latest.version + 1);
-        let plan = self.context.plans.compile(&definition, version).map_err(|error| {
+        let refused = |error: flowgrid_model::DefinitionError| {
             let mut api_error = ApiError::new(ErrorCode::InvalidDefinition, error.to_string());
             api_error.issues = error.issues();
             api_error
-        })?;
+        };
+        // A new version only: the deployed one, sent again, stays what it is.
+        flowgrid_model::check_new(&definition).map_err(refused)?;
+        let plan = self.context.plans.compile(&definition, version).map_err(refused)?;
         let deployed_ms = now_ms();
         let record = CatalogRecord { deployed_ms, definition };
         batch.writes.set_chunked(&keys::catalog(&name, version), &records::encode(&record), &self.context.store_limits);

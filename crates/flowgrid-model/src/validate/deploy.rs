@@ -7,7 +7,7 @@ use crate::definition::{FlowDefinition, RetryPolicy, Step};
 use crate::error::{DefinitionError, Issue, Result};
 use crate::limits::DURATION_MS_MAX;
 
-use super::{catches, push_issue, step_path};
+use super::{push_issue, step_path};
 
 /// Checks `definition` against the rules for new deployments; lists every problem.
 pub fn check_new(definition: &FlowDefinition) -> Result<()> {
@@ -22,8 +22,8 @@ pub fn check_new(definition: &FlowDefinition) -> Result<()> {
 }
 
 /// Every time a run may wait for (a timeout, a retry's backoff) is at most
-/// [`DURATION_MS_MAX`]: past it a run waits for good (the deadline saturates), holding its
-/// place among the active runs.
+/// [`DURATION_MS_MAX`], as a `wait` is: a longer one (up to the end of time, where the
+/// deadline saturates) holds the run and its place among the active runs for as long.
 fn check_durations(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
     let mut durations = vec![("timeout_ms".to_owned(), definition.timeout_ms)];
     let mut worker_step = |path: &str, timeout_ms: Option<u64>, total_timeout_ms: Option<u64>, retry: &RetryPolicy| {
@@ -55,34 +55,27 @@ fn check_durations(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
     }
 }
 
-/// A step whose `after` names a choice that branches to it, or a step whose catch leads to
-/// it: that edge is implicit, and listed in `after` it makes the step run whichever way the
-/// choice went, or when the caught step succeeded too.
+/// A step whose `after` names a choice that branches to it: that edge is implicit, and
+/// listed in `after` as well it makes the step run whichever way the choice went. (A catch
+/// target that lists the caught step in `after` also runs when that step succeeds, which
+/// an author may mean: it stays allowed.)
 fn check_implicit_edges_listed(steps: &[Step], issues: &mut Vec<Issue>) {
     for (position, step) in steps.iter().enumerate() {
         for (entry, after) in step.after().iter().enumerate() {
-            let Some(source) = steps.iter().find(|source| source.id() == after) else { continue };
-            let branches_here = match source {
-                Step::Choice(choice) => {
-                    choice.choices.iter().any(|rule| rule.next == step.id())
-                        || choice.default.as_deref() == Some(step.id())
-                }
-                _ => false,
-            };
-            let catches_here = catches(source).iter().any(|catch| catch.next == step.id());
-            let why = match (branches_here, catches_here) {
-                (true, _) => "branches to this step, which then runs only when that branch is taken",
-                (false, true) => "catches into this step, which then runs only when it fails",
-                (false, false) => continue,
-            };
-            push_issue(
-                issues,
-                format!("{}.after[{entry}]", step_path(position, step.id())),
-                format!(
-                    "lists `{after}`, which {why}; listed in `after` as well, the step would run whatever `{after}` \
-                     did: remove `{after}` from `after`"
-                ),
-            );
+            let Some(Step::Choice(choice)) = steps.iter().find(|source| source.id() == after) else { continue };
+            let branches_here = choice.choices.iter().any(|rule| rule.next == step.id())
+                || choice.default.as_deref() == Some(step.id());
+            if branches_here {
+                push_issue(
+                    issues,
+                    format!("{}.after[{entry}]", step_path(position, step.id())),
+                    format!(
+                        "lists `{after}`, which branches to this step: a branch's step runs when its branch is taken, \
+                         and listed in `after` as well it would run whichever way `{after}` went; remove `{after}` \
+                         from `after`"
+                    ),
+                );
+            }
         }
     }
 }
