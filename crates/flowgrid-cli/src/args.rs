@@ -495,7 +495,7 @@ pub enum RunCommand {
     /// (64 MiB at most); submit a corrected request again with `run submit`.
     Refused {
         /// How many to list (1 to 1000).
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=flowgrid_sdk::REFUSED_SUBMITS_MAX as i64))]
         limit: u32,
     },
 }

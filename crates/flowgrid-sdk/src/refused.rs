@@ -38,10 +38,10 @@ impl Client {
         let Some(stream) = refused_stream(self.jetstream(), &self.subjects().submit_refused_stream()).await? else {
             return Ok(Vec::new());
         };
-        let name = stream.cached_info().config.name.clone();
+        // Opening the stream read its state.
+        let (name, state) = (stream.cached_info().config.name.clone(), stream.cached_info().state.clone());
         let nats =
             |what: &str, error: async_nats::Error| Error::Nats { context: format!("{what} {name}"), source: error };
-        let state = stream.get_info().await.map_err(|error| nats("read the state of stream", error.into()))?.state;
         let mut refused = Vec::new();
         let mut sequence = state.last_sequence;
         while refused.len() < limit.min(REFUSED_SUBMITS_MAX) && sequence >= state.first_sequence.max(1) {

@@ -371,12 +371,7 @@ fn open_shard_file_guarded(
     shared: Arc<Shared>,
 ) -> Result<Arc<ShardCore>> {
     let shown = path.display().to_string();
-    quiet_caught_panics();
-    CATCHING.set(true);
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        open_shard_file(shard, path, limits, cache_bytes, shared)
-    }));
-    CATCHING.set(false);
+    let opened = catch_quietly(|| open_shard_file(shard, path, limits, cache_bytes, shared));
     opened.unwrap_or_else(|panic| {
         let reason = panic_reason(&*panic);
         Err(Error::Corrupt {
@@ -389,6 +384,16 @@ fn open_shard_file_guarded(
     })
 }
 
+/// Runs `work`, catching a panic (unprinted: the caller turns it into an error that says
+/// what happened, and the same work may be tried again and again).
+fn catch_quietly<T>(work: impl FnOnce() -> T) -> std::thread::Result<T> {
+    quiet_caught_panics();
+    CATCHING.set(true);
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    CATCHING.set(false);
+    done
+}
+
 /// What a caught panic said.
 fn panic_reason(panic: &(dyn std::any::Any + Send)) -> &str {
     panic
@@ -399,13 +404,12 @@ fn panic_reason(panic: &(dyn std::any::Any + Send)) -> &str {
 }
 
 thread_local! {
-    /// Set while this thread opens a shard file under [`open_shard_file_guarded`].
+    /// Set while this thread runs work under [`catch_quietly`].
     static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Leaves the panics [`open_shard_file_guarded`] catches unprinted (the error it returns
-/// says what happened, and a shard whose file is damaged is tried again and again); every
-/// other panic goes to the hook installed before.
+/// Leaves the panics [`catch_quietly`] catches unprinted; every other panic goes to the
+/// hook installed before.
 fn quiet_caught_panics() {
     static INSTALLED: std::sync::Once = std::sync::Once::new();
     INSTALLED.call_once(|| {
@@ -637,15 +641,14 @@ impl ShardCore {
         // A panic of redb's (some damage it meets as an assertion) fails this checkpoint
         // like an error, rather than ending the thread that checkpoints every shard. The
         // file is opened again before the next try.
-        let written =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_overlay())).unwrap_or_else(|panic| {
-                self.latched.store(true, Ordering::Relaxed);
-                Err(backend(std::io::Error::other(format!(
-                    "writing {} panicked: {}",
-                    self.path.display(),
-                    panic_reason(&*panic)
-                ))))
-            });
+        let written = catch_quietly(|| self.write_overlay()).unwrap_or_else(|panic| {
+            self.latched.store(true, Ordering::Relaxed);
+            Err(backend(std::io::Error::other(format!(
+                "writing {} panicked: {}",
+                self.path.display(),
+                panic_reason(&*panic)
+            ))))
+        });
         match written {
             Ok(wrote) => {
                 if wrote {

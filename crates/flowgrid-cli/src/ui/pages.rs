@@ -370,7 +370,13 @@ pub fn runs(filter: &RunsFilter, list: &RunList) -> Markup {
                 }
                 button type="submit" { "Filter" }
             }
-            @if list.runs.is_empty() { p.muted { "No run matches." } } @else { (runs_table(&list.runs)) }
+            @if list.runs.is_empty() && next_page.is_some() {
+                p.muted { "No run matches among the newest this page looked at; older runs may." }
+            } @else if list.runs.is_empty() {
+                p.muted { "No run matches." }
+            } @else {
+                (runs_table(&list.runs))
+            }
             @if let Some(next_page) = next_page { p { a href=(next_page) { "Older runs →" } } }
         },
     )
