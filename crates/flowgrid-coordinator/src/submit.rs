@@ -67,15 +67,8 @@ impl Refusals {
     /// Keeps a refused submit, and where that fails, makes the stream again (it may have
     /// been deleted, or not made when this coordinator started) at most once per
     /// [`REFUSED_STREAM_RETRY`].
-    async fn keep_or_remake(
-        &self,
-        message: &jetstream::Message,
-        created: i128,
-        sequence: u64,
-        code: ErrorCode,
-        reason: &str,
-    ) -> Result<(), String> {
-        let failure = match self.keep(message, created, sequence, code, reason).await {
+    async fn keep_or_remake(&self, message: &jetstream::Message, refused: &Refused<'_>) -> Result<(), String> {
+        let failure = match self.keep(message, refused).await {
             Ok(()) => return Ok(()),
             Err(failure) => failure,
         };
@@ -89,19 +82,12 @@ impl Refusals {
         broker::submit_refused_stream(&self.jetstream, &self.subjects, &self.limits)
             .await
             .map_err(|error| format!("{failure}; making the stream again failed: {error}"))?;
-        self.keep(message, created, sequence, code, reason).await
+        self.keep(message, refused).await
     }
 
-    /// Keeps `message` (submit `sequence` of the stream created at `created`) with why it
-    /// was refused; `Ok` once JetStream stored it.
-    async fn keep(
-        &self,
-        message: &jetstream::Message,
-        created: i128,
-        sequence: u64,
-        code: ErrorCode,
-        reason: &str,
-    ) -> Result<(), String> {
+    /// Keeps `message` with why it was refused; `Ok` once JetStream stored it.
+    async fn keep(&self, message: &jetstream::Message, refused: &Refused<'_>) -> Result<(), String> {
+        let Refused { created, sequence, code, reason } = *refused;
         // A submit that filled the server's `max_payload` leaves no room for the headers:
         // its refusal is kept without it.
         let fits = message.payload.len() + REFUSAL_OVERHEAD_BYTES <= self.nats.server_info().max_payload;
@@ -124,6 +110,16 @@ impl Refusals {
         let stored = async { published.await?.await.map_err(async_nats::Error::from) };
         stored.await.map(|_| ()).map_err(|error| error.to_string())
     }
+}
+
+/// A refused submit: its place in the submit stream (created at `created`, Unix ns), and
+/// why it was refused.
+#[derive(Clone, Copy)]
+struct Refused<'a> {
+    created: i128,
+    sequence: u64,
+    code: ErrorCode,
+    reason: &'a str,
 }
 
 /// `text` as a header value: on one line, and cut to [`REFUSAL_HEADER_BYTES_MAX`].
@@ -197,7 +193,8 @@ async fn start_submitted(api: &Api, refusals: &Refusals, message: jetstream::Mes
         Ok(request) => request,
         Err(error) => {
             let reason = format!("the submit is not a StartRun: {error}");
-            refuse(refusals, &message, created, sequence, None, ErrorCode::InvalidRequest, &reason).await;
+            let refused = Refused { created, sequence, code: ErrorCode::InvalidRequest, reason: &reason };
+            refuse(refusals, &message, None, &refused).await;
             return;
         }
     };
@@ -217,22 +214,19 @@ async fn start_submitted(api: &Api, refusals: &Refusals, message: jetstream::Mes
             warn!(sequence, flow = %flow, error = %error, "submitted run not started yet; it is tried again in {FAILED_RETRY_DELAY:?}");
             let _ = message.ack_with(AckKind::Nak(Some(FAILED_RETRY_DELAY))).await;
         }
-        Err(error) => refuse(refusals, &message, created, sequence, Some(&flow), error.code, &error.to_string()).await,
+        Err(error) => {
+            let reason = error.to_string();
+            let refused = Refused { created, sequence, code: error.code, reason: &reason };
+            refuse(refusals, &message, Some(&flow), &refused).await;
+        }
     }
 }
 
 /// Keeps a refused submit in the refused-submits stream, then takes it out of the submit
 /// stream; one that cannot be kept stays there and is tried again.
-async fn refuse(
-    refusals: &Refusals,
-    message: &jetstream::Message,
-    created: i128,
-    sequence: u64,
-    flow: Option<&str>,
-    code: ErrorCode,
-    reason: &str,
-) {
-    match refusals.keep_or_remake(message, created, sequence, code, reason).await {
+async fn refuse(refusals: &Refusals, message: &jetstream::Message, flow: Option<&str>, refused: &Refused<'_>) {
+    let Refused { sequence, code, reason, .. } = *refused;
+    match refusals.keep_or_remake(message, refused).await {
         Ok(()) => {
             warn!(sequence, flow, error = %reason, "submitted run refused; kept with why (`flowgrid run refused` lists them)");
             ::metrics::counter!(metrics::SUBMITS_REFUSED, "code" => code.to_string()).increment(1);

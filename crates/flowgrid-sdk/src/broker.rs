@@ -188,19 +188,14 @@ pub async fn submit_refused_stream(
     subjects: &Subjects,
     limits: &BrokerLimits,
 ) -> Result<stream::Stream, BrokerError> {
-    let config = stream::Config {
-        name: subjects.submit_refused_stream(),
-        subjects: vec![subjects.submit_refused()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        discard: stream::DiscardPolicy::Old,
-        max_bytes: limits.submits_refused_bytes_max,
-        max_age: limits.submits_refused_kept,
-        // A coordinator that keeps a refusal and dies before it acks the submit keeps it
-        // again: the same message id.
-        duplicate_window: limits.duplicate_window,
-        ..Default::default()
-    };
+    // A coordinator that keeps a refusal and dies before it acks the submit keeps it again:
+    // the same message id, dropped inside the duplicate window.
+    let config = kept_stream(
+        subjects.submit_refused_stream(),
+        subjects.submit_refused(),
+        (limits.submits_refused_bytes_max, limits.submits_refused_kept),
+        limits,
+    );
     open_stream(jetstream, config).await
 }
 
@@ -212,18 +207,30 @@ pub async fn run_ends_stream(
     subjects: &Subjects,
     limits: &BrokerLimits,
 ) -> Result<stream::Stream, BrokerError> {
-    let config = stream::Config {
-        name: subjects.run_ends_stream(),
-        subjects: vec![subjects.run_ended_all()],
+    let config = kept_stream(
+        subjects.run_ends_stream(),
+        subjects.run_ended_all(),
+        (limits.run_ends_stream_bytes_max, limits.run_ends_kept),
+        limits,
+    );
+    open_stream(jetstream, config).await
+}
+
+/// A stream that keeps what is published on `subject` for a while: at most `kept`'s bytes,
+/// each message at most `kept`'s age, the oldest dropped first.
+fn kept_stream(name: String, subject: String, kept: (i64, Duration), limits: &BrokerLimits) -> stream::Config {
+    let (max_bytes, max_age) = kept;
+    stream::Config {
+        name,
+        subjects: vec![subject],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::Old,
-        max_bytes: limits.run_ends_stream_bytes_max,
-        max_age: limits.run_ends_kept,
+        max_bytes,
+        max_age,
         duplicate_window: limits.duplicate_window,
         ..Default::default()
-    };
-    open_stream(jetstream, config).await
+    }
 }
 
 /// Creates the stream that keeps the workers' live output ([`flowgrid_proto::LiveOutput`])
