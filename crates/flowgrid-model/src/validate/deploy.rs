@@ -49,7 +49,10 @@ fn check_durations(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
             push_issue(
                 issues,
                 path,
-                format!("is {duration_ms} ms, over the longest a run may wait of {DURATION_MS_MAX} ms (366 days)"),
+                format!(
+                    "is {duration_ms} ms, over the longest a run may wait of {DURATION_MS_MAX} ms (366 days): use at \
+                     most that"
+                ),
             );
         }
     }
