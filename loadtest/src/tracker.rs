@@ -60,8 +60,9 @@ pub trait TaskSink: Send + Sync + 'static {
     fn acked(&self, attempt: &AttemptId, acked: Instant);
     /// The result was refused for good or never confirmed.
     fn failed(&self, attempt: &AttemptId, reason: &str);
-    /// The coordinator took the result without applying it: its attempt was no longer
-    /// open. Not a finished task: the attempt that counts is another one.
+    /// The coordinator took the result without applying it: a repeat of a result it applied
+    /// before (its answer was lost), or one for an attempt no longer open. Counted apart; the
+    /// worker reports the task acked all the same (the harness cannot tell the two apart).
     fn not_applied(&self, _attempt: &AttemptId) {}
 }
 
@@ -353,13 +354,12 @@ mod tests {
     }
 
     #[test]
-    fn a_result_not_applied_neither_counts_as_a_task_nor_ends_its_run() {
+    fn a_result_not_applied_is_counted_apart_and_changes_no_run() {
         let tracker = Tracker::new(2, None, 0.0);
         tracker.set_measuring(true);
         let t0 = Instant::now();
         tracker.started(RunId("r".into()), t0, None);
         tracker.acked(&attempt("r", "s1"), t0);
-        // The same task delivered again: the coordinator takes its result and ignores it.
         tracker.not_applied(&attempt("r", "s1"));
         assert_eq!(tracker.counters.results_not_applied.load(Ordering::Relaxed), 1);
         assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 1);

@@ -136,11 +136,10 @@ async fn serve(
         }
         match send_result(nats, &task.reply_to, payload.clone(), encoding).await {
             Ok(applied) => {
-                if applied {
-                    sink.acked(&task.attempt, Instant::now());
-                } else {
+                if !applied {
                     sink.not_applied(&task.attempt);
                 }
+                sink.acked(&task.attempt, Instant::now());
                 let _ = message.ack().await;
                 return;
             }
@@ -215,8 +214,9 @@ enum Refusal {
     Final(String),
 }
 
-/// Sends a task's result; `Ok(false)` when the coordinator took it but did not apply it
-/// (its attempt was no longer open: a redelivered task, or a result too late).
+/// Sends a task's result; `Ok(false)` when the coordinator took it without applying it: a
+/// repeat of a result it applied before (its answer was lost), or one for an attempt no
+/// longer open (a redelivered task, a result too late).
 async fn send_result(
     nats: &async_nats::Client,
     reply_to: &str,
