@@ -26,24 +26,18 @@ pub fn check_new(definition: &FlowDefinition) -> Result<()> {
 /// deadline saturates) holds the run and its place among the active runs for as long.
 fn check_durations(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
     let mut durations = vec![("timeout_ms".to_owned(), definition.timeout_ms)];
-    let mut worker_step = |path: &str, timeout_ms: Option<u64>, total_timeout_ms: Option<u64>, retry: &RetryPolicy| {
-        durations.push((format!("{path}.timeout_ms"), timeout_ms));
-        durations.push((format!("{path}.total_timeout_ms"), total_timeout_ms));
-        durations.push((format!("{path}.retry.initial_backoff_ms"), Some(retry.initial_backoff_ms)));
-        durations.push((format!("{path}.retry.max_backoff_ms"), Some(retry.max_backoff_ms)));
-    };
-    let mut waits = Vec::new();
     for (position, step) in definition.steps.iter().enumerate() {
         let path = step_path(position, step.id());
         match step {
-            Step::Task(task) => worker_step(&path, task.timeout_ms, task.total_timeout_ms, &task.retry),
-            Step::Map(map) => worker_step(&path, map.timeout_ms, map.total_timeout_ms, &map.retry),
-            Step::Signal(signal) => waits.push((format!("{path}.timeout_ms"), signal.timeout_ms)),
-            Step::Subflow(subflow) => waits.push((format!("{path}.timeout_ms"), subflow.timeout_ms)),
+            Step::Task(task) => {
+                worker_durations(&path, task.timeout_ms, task.total_timeout_ms, &task.retry, &mut durations)
+            }
+            Step::Map(map) => worker_durations(&path, map.timeout_ms, map.total_timeout_ms, &map.retry, &mut durations),
+            Step::Signal(signal) => durations.push((format!("{path}.timeout_ms"), signal.timeout_ms)),
+            Step::Subflow(subflow) => durations.push((format!("{path}.timeout_ms"), subflow.timeout_ms)),
             _ => {}
         }
     }
-    durations.extend(waits);
     for (path, duration_ms) in durations {
         if let Some(duration_ms) = duration_ms.filter(|&duration_ms| duration_ms > DURATION_MS_MAX) {
             push_issue(
@@ -56,6 +50,20 @@ fn check_durations(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
             );
         }
     }
+}
+
+/// The times a worker step may wait for, with their paths.
+fn worker_durations(
+    path: &str,
+    timeout_ms: Option<u64>,
+    total_timeout_ms: Option<u64>,
+    retry: &RetryPolicy,
+    durations: &mut Vec<(String, Option<u64>)>,
+) {
+    durations.push((format!("{path}.timeout_ms"), timeout_ms));
+    durations.push((format!("{path}.total_timeout_ms"), total_timeout_ms));
+    durations.push((format!("{path}.retry.initial_backoff_ms"), Some(retry.initial_backoff_ms)));
+    durations.push((format!("{path}.retry.max_backoff_ms"), Some(retry.max_backoff_ms)));
 }
 
 /// A step whose `after` names a choice that branches to it: that edge is implicit, and
