@@ -340,12 +340,12 @@ impl<S: ShardStore> ShardActor<S> {
                 batch.reply(reply, outcome);
             }
             Command::Signal { request, reply } => {
-                let outcome = self.signal_run(request, batch).await;
-                batch.reply(reply, outcome);
+                let answer = self.signal_run(request, batch).await;
+                batch.answer(reply, answer);
             }
             Command::Get { run_id, reply } => {
-                let outcome = self.get_run(&run_id).await;
-                batch.reply(reply, outcome);
+                let answer = self.get_run(run_id).await;
+                batch.answer(reply, answer);
             }
             Command::History { run_id, after, limit, reply } => self.read_history(run_id, after, limit, reply),
             Command::List { query, limit, reply } => {

@@ -10,6 +10,8 @@ use flowgrid_engine::{ChildStart, TaskDispatch};
 use flowgrid_model::{AttemptId, FlowPlan, RunId};
 use flowgrid_proto::{ApiError, Encoding};
 use flowgrid_store::WriteBatch;
+use futures::future::BoxFuture;
+use tokio::sync::oneshot;
 
 use super::Responder;
 
@@ -87,4 +89,37 @@ impl Batch {
             let _ = responder.send(outcome);
         }));
     }
+
+    /// Replies with `answer` once the batch is durable (or with the commit's error). A read
+    /// left to do runs beside the actor meanwhile, so a long one (a run's whole history)
+    /// does not hold the shard; its answer still waits for the batch, as every other reply
+    /// of the batch does. If the batch is dropped unanswered (its actor stopped), so is the
+    /// responder: the caller is told the shard is unavailable.
+    pub fn answer<T: Send + 'static>(&mut self, responder: Responder<T>, answer: Result<Answer<T>, ApiError>) {
+        let read = match answer {
+            Ok(Answer::Now(value)) => return self.reply(responder, Ok(value)),
+            Ok(Answer::AfterRead(read)) => read,
+            Err(error) => return self.reply(responder, Err(error)),
+        };
+        let (committed, commit) = oneshot::channel::<Option<ApiError>>();
+        self.replies.push(Box::new(move |failure: Option<&ApiError>| {
+            let _ = committed.send(failure.cloned());
+        }));
+        tokio::spawn(async move {
+            let (outcome, commit) = tokio::join!(read, commit);
+            let outcome = match commit {
+                Ok(None) => outcome,
+                Ok(Some(error)) => Err(error),
+                Err(_) => return,
+            };
+            // The caller may have given up waiting; nothing to do then.
+            let _ = responder.send(outcome);
+        });
+    }
+}
+
+/// What a command answers: a value it has, or a read of the store still to do.
+pub enum Answer<T> {
+    Now(T),
+    AfterRead(BoxFuture<'static, Result<T, ApiError>>),
 }

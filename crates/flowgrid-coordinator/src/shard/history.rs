@@ -21,7 +21,7 @@ use crate::records::{self, EventRecord, StartRecord};
 pub const PAGE_RECORDS_MAX: usize = 1_000;
 /// Bytes of records (as stored) past which a page ends early, so a reply stays well under
 /// NATS's payload limit.
-const PAGE_BYTES_MAX: usize = 512 * 1024;
+pub(super) const PAGE_BYTES_MAX: usize = 512 * 1024;
 
 impl<S: ShardStore> ShardActor<S> {
     /// Answers with up to `limit` records of `run_id`'s history after `after`.

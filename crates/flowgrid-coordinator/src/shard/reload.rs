@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use flowgrid_engine::{ChildStart, Run, RunStart, TaskDispatch};
-use flowgrid_model::{FlowDefinition, FlowPlan, Millis, RunId};
-use flowgrid_store::{join_records, keys, ShardStore};
+use flowgrid_model::{Evaluator, FlowDefinition, FlowPlan, Millis, RunId};
+use flowgrid_store::{join_records, keys, Key, ShardStore, Value};
 
 use super::actor::{ActiveRun, ShardActor};
 use super::catalog::CatalogEntry;
@@ -110,47 +110,16 @@ impl<S: ShardStore> ShardActor<S> {
         run_id: &RunId,
         plans: &mut HashMap<(String, u32), Arc<FlowPlan>>,
     ) -> Result<ActiveRun> {
-        let history = join_records(self.store.scan(keys::history_range(run_id), usize::MAX, false).await?)?;
-        let mut records_iter = history.into_iter();
-        let (_, first) = records_iter.next().ok_or_else(|| Error::Corrupt {
-            what: format!("run {run_id}"),
-            message: "active run without history".to_owned(),
-        })?;
-        let start: StartRecord = records::decode("start record", &first)?;
-        let flow = start.flow.into_owned();
-        let plan = match plans.get(&(flow.clone(), start.version)) {
+        let (start, events) = read_history(&*self.store, run_id).await?;
+        let plan = match plans.get(&(start.flow.to_string(), start.version)) {
             Some(plan) => plan.clone(),
             None => {
-                let plan = self.pinned_plan(&flow, start.version).await?;
-                plans.insert((flow, start.version), plan.clone());
+                let plan = self.pinned_plan(&start.flow, start.version).await?;
+                plans.insert((start.flow.to_string(), start.version), plan.clone());
                 plan
             }
         };
-        let evaluator = self.context.plans.evaluator().clone();
-        let mut effects = Vec::new();
-        let labels = start.labels.map(Cow::into_owned).unwrap_or_default();
-        let input = start.input.into_owned();
-        let begin = RunStart {
-            run_id: run_id.clone(),
-            input,
-            labels,
-            now: start.now_ms,
-            queued: start.queued,
-            start_at: start.start_at_ms,
-        };
-        let mut run = Run::start(plan, &evaluator, begin, &mut effects);
-        if let Some(parent) = start.parent {
-            run.set_parent(parent.into_owned());
-        }
-        let mut next_seq = 1;
-        for (key, value) in records_iter {
-            let (_, seq) = keys::decode_history(&key)?;
-            let record: EventRecord = records::decode("history record", &value)?;
-            effects.clear();
-            run.apply(&evaluator, record.now_ms, &record.event, &mut effects);
-            next_seq = seq + 1;
-        }
-        Ok(ActiveRun { run, next_seq })
+        rebuild(run_id, start, events, plan, self.context.plans.evaluator())
     }
 
     pub(super) async fn pinned_plan(&mut self, flow: &str, version: u32) -> Result<Arc<FlowPlan>> {
@@ -170,4 +139,51 @@ impl<S: ShardStore> ShardActor<S> {
             message: error.to_string(),
         })
     }
+}
+
+/// A run's whole history: its start record, and the records of its events in order.
+pub(super) async fn read_history<S: ShardStore>(
+    store: &S,
+    run_id: &RunId,
+) -> Result<(StartRecord<'static>, std::vec::IntoIter<(Key, Value)>)> {
+    let history = join_records(store.scan(keys::history_range(run_id), usize::MAX, false).await?)?;
+    let mut records = history.into_iter();
+    let (_, first) = records
+        .next()
+        .ok_or_else(|| Error::Corrupt { what: format!("run {run_id}"), message: "run without history".to_owned() })?;
+    let start: StartRecord = records::decode("start record", &first)?;
+    Ok((start, records))
+}
+
+/// The run as its history leaves it: `start`, then `events` through the engine, under
+/// `plan` (the version the run started with).
+pub(super) fn rebuild(
+    run_id: &RunId,
+    start: StartRecord<'_>,
+    events: impl Iterator<Item = (Key, Value)>,
+    plan: Arc<FlowPlan>,
+    evaluator: &Evaluator,
+) -> Result<ActiveRun> {
+    let mut effects = Vec::new();
+    let begin = RunStart {
+        run_id: run_id.clone(),
+        input: start.input.into_owned(),
+        labels: start.labels.map(Cow::into_owned).unwrap_or_default(),
+        now: start.now_ms,
+        queued: start.queued,
+        start_at: start.start_at_ms,
+    };
+    let mut run = Run::start(plan, evaluator, begin, &mut effects);
+    if let Some(parent) = start.parent {
+        run.set_parent(parent.into_owned());
+    }
+    let mut next_seq = 1;
+    for (key, value) in events {
+        let (_, seq) = keys::decode_history(&key)?;
+        let record: EventRecord = records::decode("history record", &value)?;
+        effects.clear();
+        run.apply(evaluator, record.now_ms, &record.event, &mut effects);
+        next_seq = seq + 1;
+    }
+    Ok(ActiveRun { run, next_seq })
 }

@@ -19,12 +19,13 @@ use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
     RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, SignalRun, TaskResult,
 };
-use flowgrid_store::{join_records, keys, ShardStore};
+use flowgrid_store::{keys, KeyRange, ShardStore};
 use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::actor::{ActiveRun, ShardActor};
-use super::batch::{Batch, Dispatch, RefusedResult, ResultReply};
+use super::batch::{Answer, Batch, Dispatch, RefusedResult, ResultReply};
+use super::history::{PAGE_BYTES_MAX, PAGE_RECORDS_MAX};
 use super::{RunsPage, StartCommand};
 use crate::clock::now_ms;
 use crate::error::cut;
@@ -487,7 +488,11 @@ impl<S: ShardStore> ShardActor<S> {
     /// (or a run that ended) answers `applied: false`, so that a repeated signal is not an
     /// error, unless the step took a signal of the same `id` (sent again after its answer
     /// was lost); a step that is not a signal step, or has not started, is refused.
-    pub(super) async fn signal_run(&mut self, request: SignalRun, batch: &mut Batch) -> Result<RunSignalled, ApiError> {
+    pub(super) async fn signal_run(
+        &mut self,
+        request: SignalRun,
+        batch: &mut Batch,
+    ) -> Result<Answer<RunSignalled>, ApiError> {
         let SignalRun { run_id, step, data, id } = request;
         let Some(active) = self.runs.get(&run_id) else {
             // An ended run takes no signal, but a step it does not have (or that waits for
@@ -499,11 +504,10 @@ impl<S: ShardStore> ShardActor<S> {
             {
                 return Err(error);
             }
-            let applied = took_in(batch, &run_id, &step, id.as_deref())
-                || self.took_signal(&run_id, &step, id.as_deref()).await?;
-            return Ok(RunSignalled { run_id, step, applied, status: record.status });
+            let answer = RunSignalled { run_id, step, applied: false, status: record.status };
+            return Ok(self.answer_repeated_signal(answer, id, batch));
         };
-        let applied = match active.run.signal_refused(&step) {
+        match active.run.signal_refused(&step) {
             None => {
                 let taken = id.clone().map(|id| (run_id.clone(), step.clone(), id));
                 let event = Event::SignalReceived { step: step.clone(), data, id };
@@ -511,52 +515,69 @@ impl<S: ShardStore> ShardActor<S> {
                 if applied {
                     batch.signals.extend(taken);
                 }
-                applied
+                // A run the signal ended stays in memory until its batch commits.
+                let status = self.runs.get(&run_id).map_or(RunStatus::Succeeded, |active| active.run.status());
+                Ok(Answer::Now(RunSignalled { run_id, step, applied, status }))
             }
             Some(refused) => match signal_refusal(&run_id, &step, &refused) {
-                Some(error) => return Err(error),
+                Some(error) => Err(error),
                 None => {
-                    took_in(batch, &run_id, &step, id.as_deref())
-                        || self.took_signal(&run_id, &step, id.as_deref()).await?
+                    let answer = RunSignalled { run_id, step, applied: false, status: active.run.status() };
+                    Ok(self.answer_repeated_signal(answer, id, batch))
                 }
             },
-        };
-        // A run the signal ended stays in memory until its batch commits.
-        let status = self.runs.get(&run_id).map_or(RunStatus::Succeeded, |active| active.run.status());
-        Ok(RunSignalled { run_id, step, applied, status })
+        }
     }
 
-    /// Whether step `step` of the run took a signal of this `id`, committed in its history
-    /// (see [`took_in`] for the batch not yet committed).
-    async fn took_signal(&self, run_id: &RunId, step: &str, id: Option<&str>) -> Result<bool, ApiError> {
-        let Some(id) = id else { return Ok(false) };
-        let history = self.store.scan(keys::history_range(run_id), usize::MAX, false).await.map_err(read_failure)?;
-        let history = join_records(history).map_err(internal)?;
-        // Record 0 is the run's start; every later one an event.
-        for (_, value) in history.iter().skip(1) {
-            let record: EventRecord = records::decode("history record", value).map_err(internal)?;
-            if let Event::SignalReceived { step: took, id: Some(took_id), .. } = &record.event {
-                if took == step && took_id == id {
-                    return Ok(true);
-                }
-            }
+    /// The answer to a signal for a step that is over: `applied` if the step took a signal
+    /// of this `id`, in `batch` or in its committed history. The history is read beside the
+    /// actor, a page at a time: a long-running run's can be long.
+    fn answer_repeated_signal(&self, answer: RunSignalled, id: Option<String>, batch: &Batch) -> Answer<RunSignalled> {
+        let Some(id) = id else { return Answer::Now(answer) };
+        if took_in(batch, &answer.run_id, &answer.step, &id) {
+            return Answer::Now(RunSignalled { applied: true, ..answer });
         }
-        Ok(false)
+        let store = Arc::clone(&self.store);
+        Answer::AfterRead(Box::pin(async move {
+            let applied = took_signal(&*store, &answer.run_id, &answer.step, &id).await?;
+            Ok(RunSignalled { applied, ..answer })
+        }))
     }
 
-    pub(super) async fn get_run(&mut self, run_id: &RunId) -> Result<RunView, ApiError> {
-        if let Some(active) = self.runs.get(run_id) {
-            return Ok(active.run.view());
+    /// The run's view: from memory while it runs, from its snapshot once it ended. An ended
+    /// run whose view was too large for a snapshot is rebuilt from its history beside the
+    /// actor.
+    pub(super) async fn get_run(&mut self, run_id: RunId) -> Result<Answer<RunView>, ApiError> {
+        if let Some(active) = self.runs.get(&run_id) {
+            return Ok(Answer::Now(active.run.view()));
         }
-        if let Some(bytes) = self.store.get_chunked(&keys::snapshot(run_id)).await.map_err(read_failure)? {
-            return records::decode("run snapshot", &bytes).map_err(internal);
+        if let Some(bytes) = self.store.get_chunked(&keys::snapshot(&run_id)).await.map_err(read_failure)? {
+            return records::decode("run snapshot", &bytes).map(Answer::Now).map_err(internal);
         }
         // An ended run whose view was too large for a snapshot (`view_in_history`).
-        self.ended_run(run_id).await?;
-        let replayed = self.replay(run_id, &mut HashMap::new()).await.map_err(|error| {
-            ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
-        })?;
-        Ok(replayed.run.view())
+        let record = self.ended_run(&run_id).await?;
+        let plan = self.pinned_plan(&record.flow, record.version).await.map_err(internal)?;
+        let store = Arc::clone(&self.store);
+        let evaluator = Arc::clone(self.context.plans.evaluator());
+        Ok(Answer::AfterRead(Box::pin(async move {
+            let rebuilt = async {
+                let (start, events) = super::reload::read_history(&*store, &run_id).await?;
+                if start.flow != record.flow || start.version != record.version {
+                    return Err(crate::error::Error::Corrupt {
+                        what: format!("run {run_id}"),
+                        message: format!(
+                            "its history starts version {} of flow {}, its record says version {} of flow {}",
+                            start.version, start.flow, record.version, record.flow
+                        ),
+                    });
+                }
+                super::reload::rebuild(&run_id, start, events, plan, &evaluator)
+            };
+            let rebuilt = rebuilt.await.map_err(|error| {
+                ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
+            })?;
+            Ok(rebuilt.run.view())
+        })))
     }
 
     /// Up to `limit` runs of this shard matching `query`, newest first, older than the cursor.
@@ -729,10 +750,34 @@ fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
 }
 
 /// Whether `batch`, not yet committed, gave step `step` of the run a signal of this `id`.
-/// Checked apart from [`ShardActor::took_signal`]: a batch is not `Sync`, so it cannot be
-/// held across that read of the history.
-fn took_in(batch: &Batch, run_id: &RunId, step: &str, id: Option<&str>) -> bool {
-    id.is_some_and(|id| batch.signals.iter().any(|(run, took, took_id)| run == run_id && took == step && took_id == id))
+fn took_in(batch: &Batch, run_id: &RunId, step: &str, id: &str) -> bool {
+    batch.signals.iter().any(|(run, took, took_id)| run == run_id && took == step && took_id == id)
+}
+
+/// Whether step `step` of the run took a signal of this `id`, as its committed history
+/// says (see [`took_in`] for the batch not yet committed); reads it a page at a time.
+async fn took_signal<S: ShardStore>(store: &S, run_id: &RunId, step: &str, id: &str) -> Result<bool, ApiError> {
+    let end = keys::history_range(run_id).end;
+    // Record 0 is the run's start; every later one an event.
+    let mut begin = keys::history(run_id, 1);
+    loop {
+        let range = KeyRange { begin, end: end.clone() };
+        let page = store.scan_records(range, PAGE_RECORDS_MAX, PAGE_BYTES_MAX).await.map_err(read_failure)?;
+        for (_, value) in &page.records {
+            let record: EventRecord = records::decode("history record", value).map_err(internal)?;
+            if let Event::SignalReceived { step: took, id: Some(took_id), .. } = &record.event {
+                if took == step && took_id == id {
+                    return Ok(true);
+                }
+            }
+        }
+        let last = match page.records.last() {
+            Some((last, _)) if page.more => last,
+            _ => return Ok(false),
+        };
+        let (_, seq) = keys::decode_history(last).map_err(internal)?;
+        begin = keys::history(run_id, seq + 1);
+    }
 }
 
 /// Why a signal is refused, and what to do about it; `None` for a step that is over, whose
@@ -889,5 +934,54 @@ mod tests {
         let refusal = read_failure(corrupt);
         assert_eq!(refusal.code, ErrorCode::Internal);
         assert!(!refusal.retryable, "{refusal:?}");
+    }
+
+    /// A signal's id is found however far into a long history it was taken: the lookup
+    /// reads the history page after page, and stops at the run's last record.
+    #[tokio::test]
+    async fn a_taken_signal_is_found_past_the_first_page_of_the_history() {
+        use flowgrid_model::Epoch;
+        use flowgrid_store::{Store, StoreLimits, WriteBatch};
+        use flowgrid_store_redb::RedbStore;
+
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits::default();
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        let file = store.open_shard(flowgrid_model::ShardId(0)).await.unwrap();
+        let epoch: Epoch = file.acquire().await.unwrap();
+        let run_id = RunId::from_idempotency_key("f", "long");
+        let neighbour = RunId::from_idempotency_key("f", "neighbour");
+        let signal = |step: &str, id: &str| Event::SignalReceived {
+            step: step.to_owned(),
+            data: Value::Null,
+            id: Some(id.to_owned()),
+        };
+        let mut batch = WriteBatch::new();
+        let records = 3 * PAGE_RECORDS_MAX as u64;
+        for seq in 1..=records {
+            let event = match seq {
+                // The last record of the second page and the last record of all.
+                seq if seq == 2 * PAGE_RECORDS_MAX as u64 => signal("approve", "from-ana"),
+                seq if seq == records => signal("approve", "from-bob"),
+                _ => Event::TimerFired { timer: TimerKey::RunTimeout },
+            };
+            let record = EventRecord { now_ms: seq, event, epoch: epoch.0 };
+            batch.insert_chunked(&keys::history(&run_id, seq), &records::encode(&record), &limits);
+        }
+        // Another run's signal is not the run's, wherever its history lies in key order.
+        let other = EventRecord { now_ms: 1, event: signal("approve", "from-eve"), epoch: epoch.0 };
+        batch.insert_chunked(&keys::history(&neighbour, 1), &records::encode(&other), &limits);
+        file.commit(epoch, batch).await.unwrap();
+
+        for (step, id, taken) in [
+            ("approve", "from-ana", true),
+            ("approve", "from-bob", true),
+            ("approve", "from-carl", false),
+            ("review", "from-ana", false),
+        ] {
+            assert_eq!(took_signal(&file, &run_id, step, id).await.unwrap(), taken, "{step} {id}");
+        }
+        assert!(!took_signal(&file, &run_id, "approve", "from-eve").await.unwrap());
+        assert!(took_signal(&file, &neighbour, "approve", "from-eve").await.unwrap());
     }
 }
