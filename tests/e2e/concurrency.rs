@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flowgrid_sdk::{Client, ErrorCode, LimitSummary, ListRuns, RunId, RunStatus, StartRun, StepStatus};
-use flowgrid_tests::{metric_value, scrape_metrics, step, wait_for, Grid};
+use flowgrid_tests::{api_request_json, metric_value, scrape_metrics, step, wait_for, Grid};
 use serde_json::json;
 
 use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
@@ -149,6 +149,14 @@ async fn runs_past_the_limit_wait_queued_and_go_in_order_as_slots_free_up() -> a
     let redriven = client.redrive(&r3, "needed after all").await.or_logs(&grid)?;
     assert_eq!(redriven.status, RunStatus::Running);
     wait_admitted(&grid, &client, &[&r3], &[false]).await?;
+    // A late acquire of its first round (its outbox retried it while the limit's shard was
+    // slow) changes nothing: the run keeps its place of the second round. Before, it took
+    // that place, and the admission of the stale round was refused: the run stayed queued.
+    let stale = json!({"flow": "limited", "run_id": r3, "round": 0, "max": 2});
+    let nats = grid.nats_client().await?;
+    let reply = api_request_json(&nats, &grid.prefix, "gate.acquire", &stale, RUN_DEADLINE).await?;
+    let taken: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    assert_eq!(taken["ok"]["applied"], json!(false), "{taken}");
     finish(&grid, &client, &blockers[0]).await?;
     wait_admitted(&grid, &client, &[&r3, &blockers[1]], &[true, true]).await?;
     for run_id in [&r3, &blockers[1]] {

@@ -260,6 +260,12 @@ impl<S: ShardStore> ShardActor<S> {
         if gate.holds(&run_id, message.round) || gate.queue.contains(&run_id, message.round) {
             return false;
         }
+        // A late acquire of an earlier round (retried while the run was cancelled and
+        // redriven) changes nothing: the run has asked again since.
+        let held = gate.holders.get(&run_id).map(|holder| holder.round);
+        if held.into_iter().chain(gate.queue.waiting.get(&run_id).copied()).any(|round| round > message.round) {
+            return false;
+        }
         // A run holds one place per round; a newer round replaces an older one (whose
         // release, when it comes, no longer matches).
         let earlier = gate.holders.remove(&run_id).is_some() | gate.queue.remove(&run_id, None);
