@@ -20,7 +20,8 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use flowgrid_proto::{
-    ErrorCode, StartRun, Subjects, CONTENT_TYPE_HEADER, REFUSAL_CODE_HEADER, REFUSAL_HEADER, SUBMIT_SEQUENCE_HEADER,
+    ApiError, ErrorCode, StartRun, Subjects, CONTENT_TYPE_HEADER, REFUSAL_CODE_HEADER, REFUSAL_HEADER,
+    SUBMIT_SEQUENCE_HEADER,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -33,11 +34,13 @@ use crate::metrics;
 
 /// Submitted runs started at once: bounds memory, and leaves room for API requests.
 const SUBMITS_IN_FLIGHT_MAX: usize = 256;
-/// Delay before a refused (overloaded, unavailable) submit is delivered again.
-const RETRY_DELAY: Duration = Duration::from_secs(1);
-/// Delay before a submit whose start failed on the grid's side (an owner that did not
-/// answer in time, a store failure) is delivered again: long enough not to flood the logs.
-const FAILED_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// Delay before a refused (overloaded, unavailable) submit or trigger message is delivered
+/// again.
+pub(crate) const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Delay before a submit or trigger message whose start failed on the grid's side (an
+/// owner that did not answer in time, a store failure) is delivered again: long enough not
+/// to flood the logs.
+pub(crate) const FAILED_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// The longest refusal message kept in a header, in bytes; a longer one is cut.
 const REFUSAL_HEADER_BYTES_MAX: usize = 1_024;
@@ -205,20 +208,43 @@ async fn start_submitted(api: &Api, refusals: &Refusals, message: jetstream::Mes
             debug!(run = %started.run_id, flow = %flow, "submitted run started");
             let _ = message.double_ack().await;
         }
-        Err(error) if error.retryable => {
-            let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
-        }
-        // Not a refusal of the submit itself: its start may have been applied (it carries an
-        // idempotency key, so trying again is safe), or the coordinator failed.
-        Err(error) if !error.is_final() || error.code == ErrorCode::Internal => {
-            warn!(sequence, flow = %flow, error = %error, "submitted run not started yet; it is tried again in {FAILED_RETRY_DELAY:?}");
-            let _ = message.ack_with(AckKind::Nak(Some(FAILED_RETRY_DELAY))).await;
-        }
-        Err(error) => {
-            let reason = error.to_string();
-            let refused = Refused { created, sequence, code: error.code, reason: &reason };
-            refuse(refusals, &message, Some(&flow), &refused).await;
-        }
+        Err(error) => match after_failed_start(&error) {
+            AfterFailedStart::Soon => {
+                let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+            }
+            AfterFailedStart::Later => {
+                warn!(sequence, flow = %flow, error = %error, "submitted run not started yet; it is tried again in {FAILED_RETRY_DELAY:?}");
+                let _ = message.ack_with(AckKind::Nak(Some(FAILED_RETRY_DELAY))).await;
+            }
+            AfterFailedStart::Refused => {
+                let reason = error.to_string();
+                let refused = Refused { created, sequence, code: error.code, reason: &reason };
+                refuse(refusals, &message, Some(&flow), &refused).await;
+            }
+        },
+    }
+}
+
+/// What becomes of a stream message (a durable submit, a trigger's message) whose run's
+/// start failed. Its start carries an idempotency key, so sending it again is safe.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AfterFailedStart {
+    /// Refused for now (overloaded, unavailable): delivered again after [`RETRY_DELAY`].
+    Soon,
+    /// Not a refusal of the start itself: it may have been applied (an owner that did not
+    /// answer), or the coordinator failed on it. Delivered again after [`FAILED_RETRY_DELAY`].
+    Later,
+    /// Refused for good (bad input, no such flow): no run starts for it.
+    Refused,
+}
+
+pub(crate) fn after_failed_start(error: &ApiError) -> AfterFailedStart {
+    if error.retryable {
+        AfterFailedStart::Soon
+    } else if !error.is_final() || error.code == ErrorCode::Internal {
+        AfterFailedStart::Later
+    } else {
+        AfterFailedStart::Refused
     }
 }
 
@@ -258,5 +284,22 @@ mod tests {
         let kept = header_text(&long);
         assert!(kept.len() <= REFUSAL_HEADER_BYTES_MAX && kept.len() > REFUSAL_HEADER_BYTES_MAX - 5, "{}", kept.len());
         assert!(kept.ends_with("...") && kept.trim_end_matches("...").chars().all(|c| c == 'é'));
+    }
+
+    /// A submit's or trigger message's start that may have been applied, or that the
+    /// coordinator failed on, is tried again; only a refusal of the start itself ends it.
+    #[test]
+    fn a_failed_start_is_tried_again_unless_the_start_itself_was_refused() {
+        let maybe_applied = ApiError { retryable: false, ..ApiError::new(ErrorCode::Unavailable, "no answer") };
+        for (error, after) in [
+            (ApiError::new(ErrorCode::Overloaded, "full"), AfterFailedStart::Soon),
+            (ApiError::new(ErrorCode::Unavailable, "moving"), AfterFailedStart::Soon),
+            (maybe_applied, AfterFailedStart::Later),
+            (ApiError::new(ErrorCode::Internal, "store"), AfterFailedStart::Later),
+            (ApiError::new(ErrorCode::NotFound, "no flow"), AfterFailedStart::Refused),
+            (ApiError::new(ErrorCode::InvalidRequest, "bad input"), AfterFailedStart::Refused),
+        ] {
+            assert_eq!(after_failed_start(&error), after, "{error:?}");
+        }
     }
 }

@@ -32,13 +32,12 @@ use tracing::{debug, info, warn};
 
 use super::actor::ShardActor;
 use crate::metrics;
+use crate::submit::{after_failed_start, AfterFailedStart, FAILED_RETRY_DELAY, RETRY_DELAY};
 
 /// Messages of one trigger being started at once.
 const STARTS_IN_FLIGHT_MAX: usize = 64;
 /// How long a message may be out before the stream delivers it again.
 const ACK_WAIT: Duration = Duration::from_secs(10);
-/// Pause before a refused (overloaded, unavailable) start's message comes back.
-const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Pause before the consumer is opened again after the stream could not be read.
 const REOPEN_PAUSE: Duration = Duration::from_secs(5);
 
@@ -235,15 +234,21 @@ impl TriggerConsumer {
                 count(&self.flow, "started");
                 let _ = message.double_ack().await;
             }
-            Err(error) if error.api().is_some_and(|refusal| !refusal.retryable) => {
-                warn!(flow = %self.flow, stream = %self.trigger.stream, sequence, error = %error, "trigger message refused; no run started for it");
-                count(&self.flow, "refused");
-                let _ = message.ack_with(AckKind::Term).await;
-            }
-            Err(error) => {
-                debug!(flow = %self.flow, sequence, error = %error, "trigger start not taken yet; the message comes back");
-                let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
-            }
+            Err(error) => match error.api().map_or(AfterFailedStart::Soon, after_failed_start) {
+                AfterFailedStart::Soon => {
+                    debug!(flow = %self.flow, sequence, error = %error, "trigger start not taken yet; the message comes back");
+                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                }
+                AfterFailedStart::Later => {
+                    warn!(flow = %self.flow, stream = %self.trigger.stream, sequence, error = %error, "trigger start failed on the grid's side (it may have been applied); the message comes back in {FAILED_RETRY_DELAY:?}");
+                    let _ = message.ack_with(AckKind::Nak(Some(FAILED_RETRY_DELAY))).await;
+                }
+                AfterFailedStart::Refused => {
+                    warn!(flow = %self.flow, stream = %self.trigger.stream, sequence, error = %error, "trigger message refused; no run started for it");
+                    count(&self.flow, "refused");
+                    let _ = message.ack_with(AckKind::Term).await;
+                }
+            },
         }
     }
 }
