@@ -295,7 +295,10 @@ impl Api {
         let stream = &trigger.stream;
         match self.router.context.client.jetstream().get_stream(stream).await {
             Ok(_) => Ok(()),
-            Err(error) if matches!(error.kind(), GetStreamErrorKind::JetStream(_)) => {
+            Err(error)
+                if matches!(error.kind(), GetStreamErrorKind::JetStream(refusal)
+                    if refusal.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
                 let subjects = trigger.subject.as_deref().unwrap_or("events.>");
                 let message = format!(
                     "there is no JetStream stream {stream:?} on this grid's NATS: create it first, e.g. `nats stream \
