@@ -205,6 +205,38 @@ async fn coordinators_rejoin_when_nats_loses_its_store_and_every_run_ends() -> a
     Ok(())
 }
 
+/// An operator deletes the submit stream's consumer, then the whole stream (to clear a
+/// backlog, or to change its limits): the coordinator opens them again, and durable submits
+/// start their runs. Before, its submit loop ended for good and no submit started a run
+/// until the coordinator was restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_submits_start_again_after_the_submit_consumer_or_stream_is_deleted() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    for (order, deleted) in [(1, "consumer"), (2, "stream")] {
+        if deleted == "consumer" {
+            let stream = jetstream.get_stream(subjects.submit_stream()).await?;
+            stream.delete_consumer(&subjects.submit_consumer()).await?;
+        } else {
+            jetstream.delete_stream(subjects.submit_stream()).await?;
+        }
+        let start = StartRun {
+            flow: "echo-once".into(),
+            input: json!({"order": order}),
+            idempotency_key: Some(format!("after-{deleted}")),
+            ..Default::default()
+        };
+        let submitted = client.submit(start).await.or_logs(&grid)?;
+        let view = grid.wait_run(&client, &submitted.run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "after the {deleted} was deleted: {view:?}\n{}", grid.logs());
+    }
+    assert!(grid.logs().contains("the submit stream's consumer is open again"), "{}", grid.logs());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;

@@ -256,8 +256,13 @@ async fn serve<S: Store>(
     let submit_consumer = broker::submit_consumer(&submit_stream, &subjects, &broker_limits).await?;
     let submit_created = submit_stream.cached_info().created.unix_timestamp_nanos();
     let refused = crate::submit::Refusals::new(nats.clone(), subjects.clone(), broker_limits.clone());
-    let submit_task =
-        tokio::spawn(crate::submit::serve(api.clone(), submit_consumer, submit_created, refused, api_stop.clone()));
+    let source = crate::submit::SubmitSource {
+        jetstream: jetstream.clone(),
+        subjects: subjects.clone(),
+        limits: broker_limits.clone(),
+    };
+    let opened = (submit_consumer, submit_created);
+    let submit_task = tokio::spawn(crate::submit::serve(api.clone(), source, opened, refused, api_stop.clone()));
     info!(
         member = %me,
         nats = %flowgrid_sdk::redact(&config.nats_url),

@@ -25,7 +25,7 @@ use flowgrid_proto::{
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use flowgrid_sdk::broker::{self, BrokerLimits};
 
@@ -41,6 +41,9 @@ pub(crate) const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// owner that did not answer in time, a store failure) is delivered again: long enough not
 /// to flood the logs.
 pub(crate) const FAILED_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// Pause before the submit stream's consumer is opened again after it went away.
+const REOPEN_PAUSE: Duration = Duration::from_secs(5);
 
 /// The longest refusal message kept in a header, in bytes; a longer one is cut.
 const REFUSAL_HEADER_BYTES_MAX: usize = 1_024;
@@ -145,41 +148,73 @@ pub fn default_key(created: i128, sequence: u64) -> String {
     format!("submit-{created}-{sequence}")
 }
 
-/// Starts the runs of the messages of the submit stream created at `created` (Unix
-/// nanoseconds), until `shutdown`.
+/// Where durable submits come from: the submit stream's consumer, opened anew (and the
+/// stream made again) when it goes away, as when an operator deletes either to clear a
+/// backlog.
+pub struct SubmitSource {
+    pub jetstream: jetstream::Context,
+    pub subjects: Subjects,
+    pub limits: BrokerLimits,
+}
+
+impl SubmitSource {
+    /// The consumer, and the creation time (Unix nanoseconds) of the stream it reads.
+    pub async fn open(&self) -> Result<(PullConsumer, i128), broker::BrokerError> {
+        let stream = broker::submit_stream(&self.jetstream, &self.subjects, &self.limits).await?;
+        let consumer = broker::submit_consumer(&stream, &self.subjects, &self.limits).await?;
+        Ok((consumer, stream.cached_info().created.unix_timestamp_nanos()))
+    }
+}
+
+/// Starts the runs of the messages of the submit stream, from `consumer` (of the stream
+/// created at `created`) on, until `shutdown`.
 pub async fn serve(
     api: Arc<Api>,
-    consumer: PullConsumer,
-    created: i128,
+    source: SubmitSource,
+    (mut consumer, mut created): (PullConsumer, i128),
     refusals: Refusals,
     shutdown: CancellationToken,
 ) {
-    let mut messages = match consumer.stream().max_messages_per_batch(SUBMITS_IN_FLIGHT_MAX).messages().await {
-        Ok(messages) => messages,
-        Err(error) => {
-            warn!(error = %error, "cannot read the submit stream; durable submits wait until a restart");
-            return;
-        }
-    };
     let permits = Arc::new(tokio::sync::Semaphore::new(SUBMITS_IN_FLIGHT_MAX));
     loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            message = messages.next() => match message {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    debug!(error = %error, "submit stream read failed; continuing");
-                    continue;
-                }
-                None => break,
+        match consumer.stream().max_messages_per_batch(SUBMITS_IN_FLIGHT_MAX).messages().await {
+            Ok(mut messages) => loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    message = messages.next() => match message {
+                        Some(Ok(message)) => message,
+                        Some(Err(error)) => {
+                            debug!(error = %error, "submit stream read failed; continuing");
+                            continue;
+                        }
+                        None => break,
+                    },
+                };
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let (api, refusals) = (api.clone(), refusals.clone());
+                tokio::spawn(async move {
+                    start_submitted(&api, &refusals, message, created).await;
+                    drop(permit);
+                });
             },
-        };
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let (api, refusals) = (api.clone(), refusals.clone());
-        tokio::spawn(async move {
-            start_submitted(&api, &refusals, message, created).await;
-            drop(permit);
-        });
+            Err(error) => warn!(error = %error, "cannot read the submit stream"),
+        }
+        // The consumer (or its stream) went away: open it again until it is back.
+        warn!("the submit stream's consumer is gone; durable submits wait until it is opened again, tried every {REOPEN_PAUSE:?}");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(REOPEN_PAUSE) => {}
+            }
+            match source.open().await {
+                Ok(opened) => {
+                    (consumer, created) = opened;
+                    info!("the submit stream's consumer is open again; durable submits are started again");
+                    break;
+                }
+                Err(error) => warn!(error = %error, "cannot open the submit stream's consumer"),
+            }
+        }
     }
 }
 
