@@ -269,8 +269,9 @@ async fn every_failed_run_of_a_flow_is_redriven_in_one_command() -> anyhow::Resu
     assert!(stdout.contains("redrove 0 of 2 run(s); 2 refused") && stdout.contains("no-such-run: "), "{stdout}");
 
     // Nothing to act on is a mistake said as one, not "0 of 0" and success.
-    let mistakes: [(&[&str], &str); 5] = [
+    let mistakes: [(&[&str], &str); 6] = [
         (&["run", "redrive", "--flow", "shakey"], "no flow named \"shakey\""),
+        (&["run", "redrive", failed[0].as_str(), "--limit", "1"], "--limit goes with --flow or --status"),
         (&["run", "cancel", "--flow", "shakey"], "no flow named \"shakey\""),
         (&["run", "pause", "--flow", "shakey"], "no flow named \"shakey\""),
         (&["run", "pause", "--flow", "shaky", "--limit", "0"], "--limit 0 selects no run"),

@@ -160,6 +160,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 !run_ids.is_empty(),
                 "name the runs to redrive, or --flow / --status for the runs of a flow or of every flow that ended so"
             );
+            anyhow::ensure!(limit.is_none(), "--limit goes with --flow or --status: named runs are all redriven");
             let mut run_ids: Vec<RunId> = run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect();
             if run_ids.len() != 1 {
                 anyhow::ensure!(!wait, "--wait waits for one run; name exactly one");
