@@ -114,7 +114,8 @@ fn yes() -> bool {
 struct Expect {
     #[serde(default)]
     status: Option<RunStatus>,
-    #[serde(default)]
+    /// The run's output; `null` expects none (or a `null` output).
+    #[serde(default, deserialize_with = "some_value")]
     output: Option<Value>,
     /// Error code of a run that did not succeed.
     #[serde(default)]
@@ -421,7 +422,11 @@ fn judge(expect: &Expect, played: &Played) -> Vec<String> {
     if let Some(status) = expect.status.filter(|status| *status != view.status) {
         problems.push(format!("expected the run to end {}, it ended {}", status.as_str(), view.status.as_str()));
     }
-    if let Some(output) = expect.output.as_ref().filter(|output| Some(*output) != view.output.as_ref()) {
+    let output_differs = |output: &&Value| match &view.output {
+        Some(got) => got != *output,
+        None => !output.is_null(),
+    };
+    if let Some(output) = expect.output.as_ref().filter(output_differs) {
         let got = view.output.as_ref().map_or("none".to_owned(), Value::to_string);
         problems.push(format!("expected the output {output}, got {got}"));
     }
@@ -500,6 +505,19 @@ mod tests {
             let problems = judge(case.expect.as_ref().expect("every bundled case expects"), &played);
             assert!(problems.is_empty(), "{name}: {problems:?}");
         }
+    }
+
+    /// `expect: {output: null}` is checked like any other output, not taken for no
+    /// expectation at all.
+    #[test]
+    fn an_expected_null_output_is_checked() {
+        let flow = "name: f\nsteps:\n  - {id: t, kind: transform, output: '#{a: 1}'}\n";
+        let played = play_whole_case(flow, "input: {}\n").expect("the run ends");
+        let expect = |yaml: &str| serde_norway::from_str::<Case>(yaml).expect("a case").expect.expect("expects");
+        let problems = judge(&expect("expect: {output: null}\n"), &played);
+        assert_eq!(problems, ["expected the output null, got {\"t\":{\"a\":1}}"], "{problems:?}");
+        assert!(judge(&expect("expect: {output: {t: {a: 1}}}\n"), &played).is_empty());
+        assert!(judge(&expect("expect: {status: succeeded}\n"), &played).is_empty(), "no output expected");
     }
 
     #[test]
