@@ -132,3 +132,49 @@ async fn the_running_runs_of_a_flow_are_paused_and_resumed_in_one_command() -> a
     assert!(!ok && stdout.contains("paused 0 of 2 run(s) (1 as they were); 1 refused"), "{stdout}");
     Ok(())
 }
+
+/// `run watch` prints a reason as one line, whatever it holds (a newline cannot pass for
+/// a line of the watch's own), and ends with 141, as Unix tools do, once its reader has
+/// gone (`run watch RUN | grep -m1 paused`) instead of printing into nothing until the run
+/// ends or its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_watch_prints_reasons_on_one_line_and_stops_when_its_reader_goes() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, GATED_FLOW).await?;
+    let run_id = gated_run(&grid, &client).await?;
+    let mut watch = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix])
+        .args(["run", "watch", run_id.as_str(), "--timeout", "60s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(watch.stdout.take().expect("piped")).lines();
+    let first = lines.next().transpose()?.unwrap_or_default();
+    assert!(first.contains("run            started (gated@1)"), "{first}");
+
+    let forged = "maintenance\n00:00:00.000  run            succeeded in 1s";
+    client.pause(&run_id, forged).await.or_logs(&grid)?;
+    let paused = lines.by_ref().map_while(Result::ok).find(|line| line.contains("paused")).unwrap_or_default();
+    assert!(paused.ends_with(r"paused: maintenance\n00:00:00.000  run            succeeded in 1s"), "{paused}");
+
+    // The reader goes; the next change the watch prints ends it.
+    drop(lines);
+    client.resume(&run_id, "").await.or_logs(&grid)?;
+    let until = std::time::Instant::now() + RUN_DEADLINE;
+    let status = loop {
+        match watch.try_wait()? {
+            Some(status) => break Some(status),
+            None if std::time::Instant::now() > until => break None,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let _ = watch.kill();
+    assert_eq!(
+        status.and_then(|status| status.code()),
+        Some(141),
+        "the exit status of a command whose reader has gone"
+    );
+    Ok(())
+}

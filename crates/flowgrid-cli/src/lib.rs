@@ -52,7 +52,7 @@ impl Session {
 }
 
 /// The exit status a shell gives a process whose output pipe closed (128 + SIGPIPE).
-const EXIT_PIPE_CLOSED: i32 = 141;
+pub(crate) const EXIT_PIPE_CLOSED: i32 = 141;
 
 /// `flowgrid run list | head`: once the reader has gone, printing to stdout or stderr
 /// fails; the command then ends quietly with [`EXIT_PIPE_CLOSED`], as other Unix tools do,

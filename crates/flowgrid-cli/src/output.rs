@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -99,13 +100,30 @@ pub fn printable(text: &str) -> Cow<'_, str> {
     )
 }
 
+/// Set once a write to stdout found its reader gone.
+static READER_GONE: AtomicBool = AtomicBool::new(false);
+
 /// Writes command output to stdout. A reader that stopped reading (`flowgrid run list |
-/// head`) is not an error: it has what it wanted, and the command finishes quietly.
+/// head`) is not an error: it has what it wanted, and the command finishes what it was
+/// doing quietly (see [`stop_if_reader_gone`] for commands that only print).
 pub fn emit(text: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
-        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
-        _ => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+            READER_GONE.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        done => done.map_err(Into::into),
+    }
+}
+
+/// For commands that print until a run ends (`run tail`, `run watch`) and change nothing:
+/// ends the process, as other Unix tools do, once stdout's reader has gone
+/// (`flowgrid run watch RUN | grep -m1 failed`), instead of printing into nothing until the
+/// run ends or the command's timeout.
+pub fn stop_if_reader_gone() {
+    if READER_GONE.load(Ordering::Relaxed) {
+        std::process::exit(crate::EXIT_PIPE_CLOSED);
     }
 }
 

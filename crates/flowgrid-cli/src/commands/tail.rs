@@ -83,6 +83,7 @@ pub(crate) async fn follow<F: Future<Output = anyhow::Result<()>>>(
             piece = pieces.next() => match piece {
                 Some(Ok(piece)) => {
                     each(piece).await?;
+                    crate::output::stop_if_reader_gone();
                     if let Some((status, _)) = ended {
                         ended = Some((status, Instant::now()));
                     }

@@ -12,7 +12,7 @@ use flowgrid_model::RunId;
 use flowgrid_sdk::Client;
 use serde_json::json;
 
-use crate::output::{duration_ms, item_counts, now_ms, outln, span, utc_time};
+use crate::output::{duration_ms, item_counts, now_ms, outln, printable, span, utc_time};
 use crate::Session;
 
 /// How often the run is read.
@@ -50,9 +50,10 @@ pub(super) async fn watch(
                 let line = json!({"at_ms": change.at_ms, "subject": change.subject, "what": change.what});
                 outln!("{}", serde_json::to_string(&line)?)?;
             } else {
-                outln!("{}  {:<14} {}", clock(change.at_ms), change.subject, change.what)?;
+                outln!("{}  {:<14} {}", clock(change.at_ms), change.subject, printable(&change.what))?;
             }
         }
+        crate::output::stop_if_reader_gone();
         if view.status.is_terminal() {
             return Ok(if view.status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
