@@ -335,10 +335,12 @@ impl Worker {
 
     /// Starts at most `per_second` tasks a second, in the order they arrive, for a service
     /// with a quota (a value not above 0, or not finite, sets no bound, as without this
-    /// call; one below [`MAX_RATE_MIN`] is taken as that). A task waiting for its turn is
-    /// held and heartbeated, so JetStream does not hand it to another worker; a task
-    /// cancelled meanwhile is dropped. The bound is this worker's: give each of a pool's
-    /// workers its share.
+    /// call; one below [`MAX_RATE_MIN`] is taken as that). The worker takes tasks from the
+    /// stream only as far as their turns come within a second (or the next turn, when turns
+    /// are further apart): the rest stay in the stream for the pool's other workers. A task
+    /// waiting for its turn is held and heartbeated, so JetStream does not hand it to
+    /// another worker; a task cancelled meanwhile is dropped. The bound is this worker's:
+    /// give each of a pool's workers its share.
     pub fn max_rate(mut self, per_second: f64) -> Worker {
         self.max_rate = (per_second.is_finite() && per_second > 0.0).then_some(per_second.max(MAX_RATE_MIN));
         self
@@ -424,7 +426,15 @@ impl Worker {
                 permit = slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
             };
             let mut permits = vec![first];
-            permits.extend(std::iter::from_fn(|| slots.clone().try_acquire_owned().ok()));
+            let room = match &shared.pacer {
+                Some(pacer) => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    room = pacer.room() => room,
+                },
+                None => usize::MAX,
+            };
+            permits.extend(std::iter::from_fn(|| slots.clone().try_acquire_owned().ok()).take(room - 1));
             match self.pull_lanes(&lanes, permits, &shared, &mut in_flight, &shutdown, &woken).await {
                 Ok(()) => backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
                 Err(error) => {
@@ -498,9 +508,10 @@ impl Worker {
             let (shared, woken, shutdown) = (Arc::clone(shared), Arc::clone(woken), shutdown.clone());
             in_flight.spawn(async move {
                 let message = lanes::listen(&consumer, &listening, expires, &shutdown).await;
+                let turn = message.as_ref().and_then(|_| shared.pacer.as_ref().map(Pacer::book));
                 woken.notify_one();
                 if let Some(message) = message {
-                    serve(shared, message, permit).await;
+                    serve(shared, message, permit, turn).await;
                 }
             });
         }
@@ -537,7 +548,8 @@ impl Worker {
             };
             match permits.pop() {
                 Some(permit) => {
-                    in_flight.spawn(serve(shared.clone(), message, permit));
+                    let turn = shared.pacer.as_ref().map(Pacer::book);
+                    in_flight.spawn(serve(shared.clone(), message, permit, turn));
                 }
                 None => {
                     // The server never sends more than asked; hand back anything extra.
@@ -583,29 +595,51 @@ struct Shared {
 /// The lowest rate [`Worker::max_rate`] takes: one task a day.
 pub const MAX_RATE_MIN: f64 = 1.0 / 86_400.0;
 
+/// How far ahead a worker under [`Worker::max_rate`] books turns for the tasks it takes.
+const PACER_AHEAD: Duration = Duration::from_secs(1);
+
 /// Spaces task starts at most `rate` a second, in the order they ask.
 struct Pacer {
     interval: Duration,
-    next: tokio::sync::Mutex<tokio::time::Instant>,
+    next: std::sync::Mutex<tokio::time::Instant>,
 }
 
 impl Pacer {
     fn new(rate: f64) -> Pacer {
         Pacer {
             interval: Duration::from_secs_f64(1.0 / rate),
-            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
 
-    /// Waits for the next free turn.
-    async fn wait(&self) {
-        let turn = {
-            let mut next = self.next.lock().await;
-            let turn = (*next).max(tokio::time::Instant::now());
-            *next = turn + self.interval;
-            turn
-        };
-        tokio::time::sleep_until(turn).await;
+    /// Waits until the worker may take tasks from the stream, and returns how many: as
+    /// many as start within [`PACER_AHEAD`] (at least the next one, when turns are further
+    /// apart) after the turns booked already. A worker under a bound so takes a task about
+    /// when it can start it: the few it holds wait at most that long, well within their
+    /// deadline, and the pool's other workers take the rest of the stream.
+    async fn room(&self) -> usize {
+        let ahead = PACER_AHEAD.max(self.interval);
+        loop {
+            let booked = self.next().saturating_duration_since(tokio::time::Instant::now());
+            if booked < ahead {
+                let turns = (ahead - booked).as_secs_f64() / self.interval.as_secs_f64();
+                return (turns.ceil() as usize).max(1);
+            }
+            tokio::time::sleep(booked - ahead + Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Books the next free turn for a task taken now: when it may start. Booked as the task
+    /// is taken, before anything else runs, so that [`Pacer::room`] counts it at once.
+    fn book(&self) -> tokio::time::Instant {
+        let mut next = self.next.lock().expect("the pacer's lock is never poisoned");
+        let turn = (*next).max(tokio::time::Instant::now());
+        *next = turn + self.interval;
+        turn
+    }
+
+    fn next(&self) -> tokio::time::Instant {
+        *self.next.lock().expect("the pacer's lock is never poisoned")
     }
 }
 
@@ -715,7 +749,14 @@ async fn hand_back_unstarted(batch: &mut jetstream::consumer::pull::Batch) {
 
 /// Runs one task message to its end: decode, run, report, settle. Holds its slot until
 /// the message is settled.
-async fn serve(shared: Arc<Shared>, message: jetstream::Message, _slot: OwnedSemaphorePermit) {
+/// Serves one task message, taken with `_slot` at a time that gave it `turn` under the
+/// worker's rate bound.
+async fn serve(
+    shared: Arc<Shared>,
+    message: jetstream::Message,
+    _slot: OwnedSemaphorePermit,
+    turn: Option<tokio::time::Instant>,
+) {
     let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
     let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
     let task_message: TaskMessage = match decode(encoding, &message.payload) {
@@ -729,7 +770,7 @@ async fn serve(shared: Arc<Shared>, message: jetstream::Message, _slot: OwnedSem
     let attempt = task_message.attempt.clone();
     debug!(attempt = %attempt, task = %task_message.task, "task received");
     let outcome = tokio::select! {
-        outcome = work(&shared, task_message) => outcome,
+        outcome = work(&shared, task_message, turn) => outcome,
         never = heartbeat(&message, shared.heartbeat_every) => match never {},
     };
     debug!(attempt = %attempt, outcome = ?outcome, "task settled");
@@ -738,7 +779,7 @@ async fn serve(shared: Arc<Shared>, message: jetstream::Message, _slot: OwnedSem
 }
 
 /// Runs the handler and reports its result; returns how to settle the message.
-async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
+async fn work(shared: &Shared, task_message: TaskMessage, turn: Option<tokio::time::Instant>) -> Settle {
     let TaskMessage { attempt, pool, task, input, deadline_ms, reply_to, progress } = task_message;
     let input = Arc::unwrap_or_clone(input);
     let reporter = Arc::new(ProgressReporter {
@@ -750,9 +791,9 @@ async fn work(shared: &Shared, task_message: TaskMessage) -> Settle {
     let mut task = Task::new(attempt.clone(), &*pool, &*task, input, deadline_ms).with_progress(progress);
     task.reporter = Some(reporter);
     let _running = shared.running.enter(&mut task);
-    if let Some(pacer) = &shared.pacer {
+    if let Some(turn) = turn {
         tokio::select! {
-            () = pacer.wait() => {}
+            () = tokio::time::sleep_until(turn) => {}
             () = task.cancellation().cancelled() => {
                 debug!(attempt = %attempt, "task cancelled by its run while waiting for its turn");
                 return Settle::Ack;
@@ -889,6 +930,31 @@ pub(crate) fn now_ms() -> Millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Under a bound, a worker takes a task about when it can start it: at a rate of one
+    /// task every 2 s it holds one waiting task at most (before, it took as many as it had
+    /// slots, whose turns went far past their deadlines); at 100 a second, a second's worth.
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_worker_takes_tasks_about_when_it_can_start_them() {
+        let slow = Pacer::new(0.5);
+        assert_eq!(slow.room().await, 1);
+        let first = slow.book();
+        assert_eq!(first, tokio::time::Instant::now(), "the first task starts at once");
+        assert_eq!(slow.room().await, 1, "room for its successor");
+        let second = slow.book();
+        assert_eq!(second, first + Duration::from_secs(2));
+        // While the second waits for its turn, no third task is taken.
+        assert_eq!(slow.room().await, 1);
+        assert!(first.elapsed() >= Duration::from_millis(1_990), "a third task waited: {:?}", first.elapsed());
+
+        let fast = Pacer::new(100.0);
+        assert_eq!(fast.room().await, 100);
+        for _ in 0..100 {
+            fast.book();
+        }
+        let room = fast.room().await;
+        assert!((1..=100).contains(&room), "{room}");
+    }
 
     #[test]
     fn handler_budget_runs_to_the_deadline_plus_grace() {
