@@ -566,8 +566,12 @@ impl Client {
             .map_err(Error::Api)?;
         let started = Instant::now();
         let mut backoff = Client::retry_backoff();
-        // The first try waits the whole request timeout; a retry no longer than the budget
-        // has left, so a call ends within the larger of the two.
+        // The first try waits the whole request timeout. A retry of a call that is safe to
+        // repeat waits no longer than the budget has left, so the call ends within the larger
+        // of the two; one that is not safe to repeat (retried only when no coordinator
+        // took it) waits the whole timeout again, so that a coordinator that answers late
+        // is not taken for one that may have applied it: that call ends within the budget
+        // and a timeout.
         let mut timeout = self.request_timeout;
         loop {
             let attempt = self.request_once(&subject, payload.clone(), timeout).await;
@@ -586,7 +590,9 @@ impl Client {
             if left.is_zero() {
                 return Err(error);
             }
-            timeout = self.request_timeout.min(left);
+            if on_timeout == OnTimeout::Retry {
+                timeout = self.request_timeout.min(left);
+            }
         }
     }
 
