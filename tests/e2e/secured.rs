@@ -275,5 +275,20 @@ async fn a_worker_allowed_only_its_pools_subjects_serves_the_pool() -> anyhow::R
     assert!(nats.send_request(subject, request).await.is_err(), "a forged child's end was answered");
     let server_log = grid.nats.log_tail(10_000);
     assert!(server_log.contains("Publish Violation") && server_log.contains("run.child_ended"), "{server_log}");
+
+    // A task on a lane the worker is not allowed (priority 7) waits for a worker that is;
+    // the worker's other lanes go on as before. Before, its requests for that lane's
+    // consumer, which NATS does not answer, held every pull of the worker for 20 s.
+    deploy(&grid, &client, "name: lane7\nsteps:\n  - { id: answer, kind: task, pool: a, task: echo, priority: 7 }\n")
+        .await?;
+    client.start(StartRun { flow: "lane7".into(), input: json!({}), ..Default::default() }).await?;
+    // Time for the worker to find the lane and ask for its consumer.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let started = std::time::Instant::now();
+    let run = client.start(StartRun { flow: "echo-once".into(), input: json!("7"), ..Default::default() }).await?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(4), "a default-lane task took {took:?}\n{}", grid.logs());
     Ok(())
 }

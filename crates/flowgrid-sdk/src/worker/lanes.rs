@@ -3,8 +3,9 @@
 //! Tasks of the default priority travel on the pool's own subject; every other priority
 //! has a lane of its own (subject `<prefix>.tasks.<pool>.p<n>`, consumer `pool<n>-<pool>`).
 //! A worker finds the lanes that hold tasks by asking the stream which of the pool's lane
-//! subjects have messages, at most once per [`SCAN_EVERY`], and binds their consumers; a
-//! lane a coordinator announces (it opened its consumer) is bound at once. Each free slot goes to the
+//! subjects have messages, at most once per [`SCAN_EVERY`], and binds their consumers
+//! beside its pulls (a lane it cannot bind is tried again after [`BIND_RETRY`]); a lane a
+//! coordinator announces (it opened its consumer) is bound at once. Each free slot goes to the
 //! highest lane that has a task waiting; when none has, one slot listens on each lane (as
 //! many lanes as there are free slots, highest first) so that the next task of any of them
 //! starts at once.
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::{StreamExt, TryStreamExt};
-use tracing::debug;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
 
 use crate::broker::{self, BrokerLimits};
 use flowgrid_proto::{Subjects, PRIORITY_DEFAULT};
@@ -41,16 +43,39 @@ impl Lane {
     }
 }
 
+/// How long a look for lanes waits for the consumers it asked for, at most.
+const BIND_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a worker waits before it tries again to bind a lane whose consumer it could not
+/// open (one its credentials do not allow, for example).
+pub(super) const BIND_RETRY: Duration = Duration::from_secs(30);
+
 /// The lanes a worker pulls from, highest priority first; the default lane is always one.
 pub(super) struct Lanes {
     stream: jetstream::stream::Stream,
     lanes: Vec<Lane>,
     scanned: Option<Instant>,
+    /// Lanes whose consumer is being opened, beside the pulls: a request that NATS does
+    /// not answer (one the worker's permissions deny) holds no other lane.
+    binding: JoinSet<(u8, Result<PullConsumer, broker::BrokerError>)>,
+    /// A bit per priority being bound.
+    binding_now: u16,
+    /// When each priority whose binding failed may be tried again.
+    retry_at: [Option<Instant>; 16],
 }
+
+const _: () = assert!(flowgrid_proto::PRIORITY_MAX < 16, "a priority is a bit of binding_now and retry_at's index");
 
 impl Lanes {
     pub(super) fn new(stream: jetstream::stream::Stream, pool_consumer: PullConsumer) -> Lanes {
-        Lanes { stream, lanes: vec![Lane::new(PRIORITY_DEFAULT, pool_consumer)], scanned: None }
+        Lanes {
+            stream,
+            lanes: vec![Lane::new(PRIORITY_DEFAULT, pool_consumer)],
+            scanned: None,
+            binding: JoinSet::new(),
+            binding_now: 0,
+            retry_at: [None; 16],
+        }
     }
 
     /// Every lane, highest priority first.
@@ -68,6 +93,10 @@ impl Lanes {
         limits: &BrokerLimits,
         announced: &Announced,
     ) -> Result<Vec<u8>, async_nats::Error> {
+        let mut bound = Vec::new();
+        while let Some(done) = self.binding.try_join_next() {
+            self.take(done, pool, &mut bound);
+        }
         let mut wanted = announced.take();
         if self.scanned.is_none_or(|scanned| scanned.elapsed() >= SCAN_EVERY) {
             self.scanned = Some(Instant::now());
@@ -76,17 +105,58 @@ impl Lanes {
             let holding = lanes.iter().filter(|(_, waiting)| *waiting > 0);
             wanted.extend(holding.filter_map(|(subject, _)| subjects.lane_priority(pool, subject)));
         }
-        let mut bound = Vec::new();
+        let mut asked = 0u16;
         for priority in wanted {
-            if self.lanes.iter().any(|lane| lane.priority == priority) {
+            let waiting = self.retry_at[usize::from(priority)].is_some_and(|at| at > Instant::now());
+            if waiting
+                || self.binding_now & (1 << priority) != 0
+                || self.lanes.iter().any(|lane| lane.priority == priority)
+            {
                 continue;
             }
-            let consumer = broker::lane_consumer(&self.stream, subjects, pool, priority, limits).await?;
-            let at = self.lanes.iter().position(|lane| lane.priority < priority).unwrap_or(self.lanes.len());
-            self.lanes.insert(at, Lane::new(priority, consumer));
-            bound.push(priority);
+            self.binding_now |= 1 << priority;
+            asked |= 1 << priority;
+            let (stream, subjects, pool, limits) =
+                (self.stream.clone(), subjects.clone(), pool.to_owned(), limits.clone());
+            self.binding.spawn(async move {
+                (priority, broker::lane_consumer(&stream, &subjects, &pool, priority, &limits).await)
+            });
+        }
+        // A lane's consumer opens within milliseconds: waiting that long for those asked for
+        // now lets a worker that starts with tasks on higher lanes take those first, while a
+        // request NATS does not answer holds the pulls once, and no longer than BIND_WAIT.
+        let until = tokio::time::Instant::now() + BIND_WAIT;
+        while self.binding_now & asked != 0 {
+            match tokio::time::timeout_at(until, self.binding.join_next()).await {
+                Ok(Some(done)) => self.take(done, pool, &mut bound),
+                Ok(None) | Err(_) => break,
+            }
         }
         Ok(bound)
+    }
+
+    /// Adds a lane whose consumer opened (its priority to `bound`); a lane that could not
+    /// be bound is tried again after [`BIND_RETRY`].
+    fn take(
+        &mut self,
+        done: Result<(u8, Result<PullConsumer, broker::BrokerError>), tokio::task::JoinError>,
+        pool: &str,
+        bound: &mut Vec<u8>,
+    ) {
+        let Ok((priority, opened)) = done else { return };
+        self.binding_now &= !(1 << priority);
+        match opened {
+            Ok(consumer) => {
+                self.retry_at[usize::from(priority)] = None;
+                let at = self.lanes.iter().position(|lane| lane.priority < priority).unwrap_or(self.lanes.len());
+                self.lanes.insert(at, Lane::new(priority, consumer));
+                bound.push(priority);
+            }
+            Err(error) => {
+                warn!(pool = %pool, priority, error = %error, "cannot open the consumer of the pool's lane; tried again in {BIND_RETRY:?}");
+                self.retry_at[usize::from(priority)] = Some(Instant::now() + BIND_RETRY);
+            }
+        }
     }
 }
 
