@@ -14,10 +14,29 @@ pub fn check_new(definition: &FlowDefinition) -> Result<()> {
     let mut issues = Vec::new();
     check_durations(definition, &mut issues);
     check_implicit_edges_listed(&definition.steps, &mut issues);
+    check_trigger_stream_length(definition, &mut issues);
     if issues.is_empty() {
         Ok(())
     } else {
         Err(DefinitionError::Invalid(issues))
+    }
+}
+
+/// The longest trigger stream name, in bytes: a trigger's runs are keyed
+/// `trigger/<stream>/<stream created, Unix ns>/<sequence>` (up to 50 bytes besides the
+/// name), within the 256 bytes an idempotency key may take. With a longer name every
+/// message of the stream was refused, and no run started.
+pub const TRIGGER_STREAM_BYTES_MAX: usize = 200;
+
+fn check_trigger_stream_length(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
+    let Some(trigger) = &definition.trigger else { return };
+    if trigger.stream.len() > TRIGGER_STREAM_BYTES_MAX {
+        let message = format!(
+            "is {} bytes, over the {TRIGGER_STREAM_BYTES_MAX} a trigger's stream name may take (its runs' keys \
+             hold it): use a shorter stream name",
+            trigger.stream.len()
+        );
+        push_issue(issues, "trigger.stream", message);
     }
 }
 

@@ -906,3 +906,16 @@ steps:
     );
     assert_issue(&issues, "timeout_ms", "366 days");
 }
+
+#[test]
+fn a_new_trigger_names_a_stream_short_enough_for_its_runs_keys() {
+    let triggered = |stream: &str| {
+        format!("name: t\ntrigger: {{ stream: {stream} }}\nsteps:\n  - {{ id: a, kind: task, pool: p, task: a }}\n")
+    };
+    let issues = new_issues_of(&triggered(&"S".repeat(201)));
+    assert_issue(&issues, "trigger.stream", "is 201 bytes, over the 200");
+    assert!(check_new(&parse(&triggered(&"S".repeat(200)))).is_ok());
+    // The longest key its runs get fits an idempotency key.
+    let key = format!("trigger/{}/{}/{}", "S".repeat(200), i128::from(i64::MAX), u64::MAX);
+    assert!(key.len() <= 256, "{}", key.len());
+}
