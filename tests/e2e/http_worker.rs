@@ -70,6 +70,13 @@ async fn serve(hits: Arc<Hits>, port: u16) -> anyhow::Result<()> {
             }),
         )
         .route("/v1/big", get(|| async { "x".repeat(100 * 1024) }))
+        .route(
+            "/v1/cookies",
+            get(|| async {
+                let cookies = [(header::SET_COOKIE, "a=1"), (header::SET_COOKIE, "b=2; Expires=Wed, 21 Oct 2037 07:28:00 GMT")];
+                (axum::response::AppendHeaders(cookies), "ok")
+            }),
+        )
         .with_state(hits);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     axum::serve(listener, app).await?;
@@ -132,6 +139,11 @@ async fn task_steps_call_http_services_under_the_allowed_prefixes_only() -> anyh
     assert_eq!(output["headers"]["content-type"], json!("application/json"), "{output}");
     let key = output["body"]["idempotency_key"].as_str().unwrap_or_default();
     assert!(key.starts_with(view.run_id.as_str()), "the idempotency key names the attempt: {key}");
+    // A header sent twice is a list of both values (before, the last one alone).
+    let view = call(&grid, &client, json!({"url": format!("{base}/v1/cookies")})).await?;
+    let output = view.output.clone().unwrap_or_default();
+    let cookies = json!(["a=1", "b=2; Expires=Wed, 21 Oct 2037 07:28:00 GMT"]);
+    assert_eq!(output["headers"]["set-cookie"], cookies, "{output}");
 
     // HTTPS, trusted through --ca-file (once the service listens).
     flowgrid_tests::wait_for("the HTTPS service to listen", RUN_DEADLINE, || async {

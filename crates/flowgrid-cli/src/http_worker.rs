@@ -147,10 +147,21 @@ impl HttpWorker {
         };
         let response = builder.send().await.map_err(|error| unreachable_error(&url, &error))?;
         let status = response.status();
+        // A header the service sent more than once (`set-cookie`, `link`) is a list of its
+        // values, in order; one sent once, its value.
         let headers: Map<String, Value> = response
             .headers()
-            .iter()
-            .filter_map(|(name, value)| Some((name.as_str().to_owned(), json!(value.to_str().ok()?))))
+            .keys()
+            .map(|name| {
+                let mut values: Vec<Value> = response
+                    .headers()
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|value| Some(json!(value.to_str().ok()?)))
+                    .collect();
+                let value = if values.len() == 1 { values.remove(0) } else { Value::Array(values) };
+                (name.as_str().to_owned(), value)
+            })
             .collect();
         let is_json = response
             .headers()
