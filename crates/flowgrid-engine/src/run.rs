@@ -491,6 +491,11 @@ impl Run {
         state.status = StepStatus::Failed;
         state.error = Some(Box::new(error.clone()));
         state.ended_ms = Some(now);
+        if state.started_ms.is_none() {
+            // A signal kept for a step that failed before it started (its `when` could not
+            // be evaluated) is dropped: a step that did not succeed has no output.
+            state.output = None;
+        }
         self.unresolved -= 1;
         // The run ends while the step's items are still out, so that it cancels their
         // timers (which tells their workers) and child runs; then the step lets them go.

@@ -125,4 +125,14 @@ fn a_step_that_keeps_early_signals_takes_the_first_one_sent_before_it_started() 
     harness.apply(20, Event::CancelRequested { reason: "no".to_owned() });
     let approve = harness.step("approve");
     assert_eq!((approve.status, approve.output), (StepStatus::Cancelled, None));
+
+    // So is one kept for a step whose condition fails when it is due: the step failed.
+    let failing = EARLY.replace("keep_early: true,", "keep_early: true, when: 'input.n.len() > 1',");
+    let mut harness = Harness::start(&failing, json!({"n": 1}), 0);
+    harness.apply(10, signal("approve", json!("kept")));
+    harness.succeed(100, "draft", None, 1, json!("text"));
+    let approve = harness.step("approve");
+    assert_eq!((approve.status, approve.output.clone()), (StepStatus::Failed, None), "{approve:?}");
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
 }
