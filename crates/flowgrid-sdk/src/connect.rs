@@ -268,7 +268,8 @@ type UrlCredentials = (String, Option<String>);
 fn url_credentials(url: &str) -> Result<(Vec<String>, Option<UrlCredentials>)> {
     let mut found: Option<UrlCredentials> = None;
     let mut servers = Vec::new();
-    for server in url.split(',').map(str::trim) {
+    for server in server_list(url) {
+        let server = server.as_str();
         let with_user =
             url::Url::parse(server).ok().filter(|parsed| parsed.has_host() && !parsed.username().is_empty());
         let Some(mut parsed) = with_user else {
@@ -289,12 +290,37 @@ fn url_credentials(url: &str) -> Result<(Vec<String>, Option<UrlCredentials>)> {
     Ok((servers, found))
 }
 
+/// The servers of a comma-separated NATS URL. A comma inside a server's user or password
+/// (`nats://u:ab,cd@h:4222`, not percent-encoded) does not split it: a piece that is not a
+/// URL with a host, followed by one with an `@` and no scheme, is one server with it.
+fn server_list(url: &str) -> Vec<String> {
+    let mut servers: Vec<String> = Vec::new();
+    for piece in url.split(',').map(str::trim) {
+        let continues = |last: &String| {
+            last.contains("://")
+                && !last.contains('@')
+                && url::Url::parse(last).ok().is_none_or(|parsed| !parsed.has_host())
+                && piece.contains('@')
+                && !piece.contains("://")
+        };
+        match servers.last_mut() {
+            Some(last) if continues(last) => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => servers.push(piece.to_owned()),
+        }
+    }
+    servers
+}
+
 /// `url` with the password (or token) its servers carry replaced by `***`, to be shown in
 /// messages and logs. A server that does not parse as a URL but has an `@` has all before
 /// it hidden (it may be a malformed URL with a secret in it).
 pub fn redact(url: &str) -> String {
-    url.split(',')
-        .map(str::trim)
+    server_list(url)
+        .iter()
+        .map(String::as_str)
         .map(|server| match url::Url::parse(server) {
             Ok(mut parsed) if parsed.has_host() && !parsed.username().is_empty() => {
                 if parsed.password().is_some() {
@@ -364,12 +390,19 @@ mod tests {
         let (servers, found) = url_credentials("127.0.0.1:4222, nats://a:4222").unwrap();
         assert_eq!((servers, found), (vec!["127.0.0.1:4222".to_owned(), "nats://a:4222".to_owned()], None));
         assert!(url_credentials("nats://a:1@h,nats://b:2@h").is_err(), "two users");
+        let (servers, found) = url_credentials("nats://grid:Se,CrEt@h:4222,nats://h2:4222").unwrap();
+        assert_eq!(servers, ["nats://h:4222", "nats://h2:4222"], "a comma in a password splits no server");
+        assert_eq!(found, Some(("grid".to_owned(), Some("Se,CrEt".to_owned()))));
         assert_eq!(redact("nats://grid:pw@127.0.0.1:4222"), "nats://grid:***@127.0.0.1:4222");
         assert_eq!(redact("nats://tok@h:4222,nats://h2"), "nats://***@h:4222,nats://h2");
         assert_eq!(redact("127.0.0.1:4222"), "127.0.0.1:4222");
         assert_eq!(redact("nats://grid:SeCrEt@127.0.0.1:99999"), "nats://***@127.0.0.1:99999");
         assert_eq!(redact("nats://:Hunter3@h:4222"), "nats://***@h:4222");
         assert_eq!(redact("grid:SeCrEt@h:1"), "***@h:1");
+        // A comma in a password that is not percent-encoded hides none of it.
+        let redacted = redact("nats://grid:Se,CrEt@h:4222,nats://h2:4222");
+        assert!(!redacted.contains("Se") && !redacted.contains("CrEt"), "{redacted}");
+        assert!(redacted.ends_with("@h:4222,nats://h2:4222"), "{redacted}");
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         for twice in [
             NatsOptions { user: Some("u".into()), ..NatsOptions::default() },
