@@ -906,7 +906,7 @@ async fn a_listing_that_matches_few_runs_goes_on_past_what_one_request_reads() -
 /// A start without an idempotency key is not safe to repeat: it is retried only while no
 /// coordinator takes it, and the try that reaches one waits the whole request timeout,
 /// though the retry budget is nearly spent. Before, that try waited what the budget had
-/// left (0.25 s here), and a coordinator that came up late and answered in 0.5 s was taken
+/// left (0.45 s here), and a coordinator that came up late and answered in a second was taken
 /// for one that may have started the run: the caller could not tell whether it had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_not_safe_to_repeat_waits_its_whole_timeout_on_a_late_try() -> anyhow::Result<()> {
@@ -914,21 +914,22 @@ async fn a_start_not_safe_to_repeat_waits_its_whole_timeout_on_a_late_try() -> a
     let grid = Grid::start_nats()?;
     let nats = grid.nats_client().await?;
     let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.start");
+    let client = grid.client().await?.with_retry_budget(Duration::from_secs(2));
     let responder = tokio::spawn(async move {
-        // No coordinator for half of the 1 s budget (the client tries at 0, 50, 150 and
-        // 350 ms, then at 750 ms); then one that takes 0.5 s to answer.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // No coordinator for the first second of the 2 s budget (the client tries at 0, 50,
+        // 150, 350 and 750 ms, then at 1,550 ms, with 450 ms of the budget left); then one
+        // that takes a second to answer.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
         let mut requests = nats.subscribe(subject).await?;
         let request = tokio::time::timeout(Duration::from_secs(5), requests.next()).await?;
         let request = request.ok_or_else(|| anyhow::anyhow!("no request"))?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
         let started = RunStarted { run_id: RunId("late".into()), flow: "f".into(), version: 1, created: true };
         let reply = encode(Encoding::MsgPack, &Reply::Ok(started))?;
         nats.publish(request.reply.expect("a request"), reply.into()).await?;
         nats.flush().await?;
         anyhow::Ok(())
     });
-    let client = grid.client().await?.with_retry_budget(Duration::from_secs(1));
     let started = client.start(StartRun { flow: "f".into(), ..Default::default() }).await;
     responder.await??;
     assert_eq!(started?.run_id.as_str(), "late", "the late coordinator's answer is the call's");

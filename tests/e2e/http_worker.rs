@@ -261,11 +261,10 @@ async fn an_http_worker_paces_its_requests_and_stops_within_its_grace() -> anyho
     let spread = ticks[5].duration_since(ticks[0]);
     assert!(spread >= std::time::Duration::from_millis(450), "six requests within {spread:?}");
 
-    // A worker at one request every 10 s takes a task only about when it can start it: one
-    // waits for its turn with it, the other four stay in the stream for other workers (it
-    // took all five, whose turns went up to 50 s on, past their deadlines at lower rates).
-    // When it is stopped, it hands the one it holds back at once instead of starting it in
-    // its 30 s shutdown grace, and the next worker runs them all.
+    // A worker at one request every 10 s takes a task at most a second before its turn: the
+    // other five wait in the stream for other workers (before, it took them all, and their
+    // turns went up to 50 s on, past their deadlines). It stops at once, and the next
+    // worker runs them.
     assert!(grid.workers.pop().expect("the first worker").stop(RUN_DEADLINE), "{}", grid.logs());
     let mut slow = std::process::Command::new(flowgrid_bin());
     slow.args(["--nats-url", &grid.nats_url, "http-worker", "--allow", &format!("http://127.0.0.1:{port}/")]);
@@ -277,19 +276,18 @@ async fn an_http_worker_paces_its_requests_and_stops_within_its_grace() -> anyho
         (times_len(&times) > 6).then_some(())
     });
     first.await.or_logs(&grid)?;
-    // One more task is out with it, waiting for its turn; the other four wait in the stream.
+    // Nothing else is out with it; five wait in the stream.
     let stream = async_nats::jetstream::new(grid.nats_client().await?).get_stream("FLOWGRID_TASKS").await?;
     let consumer = flowgrid_proto::Subjects::new(grid.prefix.clone()).pool_consumer("http");
-    let held = flowgrid_tests::wait_for("one task out with the slow worker", RUN_DEADLINE, || async {
+    let left = flowgrid_tests::wait_for("five tasks left in the stream", RUN_DEADLINE, || async {
         let info = stream.consumer_info(&consumer).await.ok()?;
-        (info.num_ack_pending == 1 && info.num_pending >= 4).then_some(())
+        (info.num_ack_pending == 0 && info.num_pending == 5).then_some(())
     });
-    held.await.or_logs(&grid)?;
-    // And it stays so: the worker takes no more before that turn (the tasks left in the
-    // stream time out meanwhile, 10 s after their dispatch, and go again as new attempts).
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    left.await.or_logs(&grid)?;
+    // And it stays so for the next seconds: the worker takes none of them before then.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let info = stream.consumer_info(&consumer).await?;
-    assert_eq!(info.num_ack_pending, 1, "{info:?}\n{}", grid.logs());
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 5), "{info:?}\n{}", grid.logs());
     let stopping = std::time::Instant::now();
     assert!(grid.workers.pop().expect("the slow worker").stop(RUN_DEADLINE), "{}", grid.logs());
     let stopped_in = stopping.elapsed();

@@ -282,8 +282,11 @@ async fn a_worker_allowed_only_its_pools_subjects_serves_the_pool() -> anyhow::R
     deploy(&grid, &client, "name: lane7\nsteps:\n  - { id: answer, kind: task, pool: a, task: echo, priority: 7 }\n")
         .await?;
     client.start(StartRun { flow: "lane7".into(), input: json!({}), ..Default::default() }).await?;
-    // Time for the worker to find the lane and ask for its consumer.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // The worker found the lane and asked for its consumer, which NATS denied.
+    let asked = flowgrid_tests::wait_for("the worker's request for lane 7", RUN_DEADLINE, || async {
+        grid.nats.log_tail(10_000).contains("pool7-a").then_some(())
+    });
+    asked.await.or_logs(&grid)?;
     let started = std::time::Instant::now();
     let run = client.start(StartRun { flow: "echo-once".into(), input: json!("7"), ..Default::default() }).await?;
     let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;

@@ -152,15 +152,20 @@ impl HttpWorker {
         let headers: Map<String, Value> = response
             .headers()
             .keys()
-            .map(|name| {
+            .filter_map(|name| {
                 let mut values: Vec<Value> = response
                     .headers()
                     .get_all(name)
                     .iter()
                     .filter_map(|value| Some(json!(value.to_str().ok()?)))
                     .collect();
-                let value = if values.len() == 1 { values.remove(0) } else { Value::Array(values) };
-                (name.as_str().to_owned(), value)
+                // A header none of whose values is text is left out.
+                let value = match values.len() {
+                    0 => return None,
+                    1 => values.remove(0),
+                    _ => Value::Array(values),
+                };
+                Some((name.as_str().to_owned(), value))
             })
             .collect();
         let is_json = response

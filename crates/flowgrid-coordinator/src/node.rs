@@ -113,7 +113,7 @@ async fn serve<S: Store>(
         ..BrokerLimits::default()
     };
     let tasks_stream = broker::tasks_stream(&jetstream, &subjects, &broker_limits).await?;
-    let submit_stream = broker::submit_stream(&jetstream, &subjects, &broker_limits).await?;
+    broker::submit_stream(&jetstream, &subjects, &broker_limits).await?;
     if let Err(error) = broker::run_ends_stream(&jetstream, &subjects, &broker_limits).await {
         // A stream of the operator's own may capture these subjects already (one created by
         // hand before the grid made its own); announcements are then acknowledged by it.
@@ -253,15 +253,13 @@ async fn serve<S: Store>(
         .map_err(|source| Error::Nats { what: "subscribe to the API", source: Box::new(source) })?;
     let api_stop = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(api.clone(), requests, config.api_concurrency_max, api_stop.clone()));
-    let submit_consumer = broker::submit_consumer(&submit_stream, &subjects, &broker_limits).await?;
-    let submit_created = submit_stream.cached_info().created.unix_timestamp_nanos();
     let refused = crate::submit::Refusals::new(nats.clone(), subjects.clone(), broker_limits.clone());
     let source = crate::submit::SubmitSource {
         jetstream: jetstream.clone(),
         subjects: subjects.clone(),
         limits: broker_limits.clone(),
     };
-    let opened = (submit_consumer, submit_created);
+    let opened = source.open().await?;
     let submit_task = tokio::spawn(crate::submit::serve(api.clone(), source, opened, refused, api_stop.clone()));
     info!(
         member = %me,

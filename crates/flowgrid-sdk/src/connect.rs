@@ -291,25 +291,29 @@ fn url_credentials(url: &str) -> Result<(Vec<String>, Option<UrlCredentials>)> {
 }
 
 /// The servers of a comma-separated NATS URL. A comma inside a server's user or password
-/// (`nats://u:ab,cd@h:4222`, not percent-encoded) does not split it: a piece that is not a
-/// URL with a host, followed by one with an `@` and no scheme, is one server with it.
+/// (`nats://u:a,b@h:4222`, not percent-encoded) does not split it: the pieces after a
+/// server with a scheme and no `@`, up to the first piece with an `@` and before the next
+/// piece with a scheme, are part of it.
 fn server_list(url: &str) -> Vec<String> {
+    let pieces: Vec<&str> = url.split(',').map(str::trim).collect();
     let mut servers: Vec<String> = Vec::new();
-    for piece in url.split(',').map(str::trim) {
-        let continues = |last: &String| {
-            last.contains("://")
-                && !last.contains('@')
-                && url::Url::parse(last).ok().is_none_or(|parsed| !parsed.has_host())
-                && piece.contains('@')
-                && !piece.contains("://")
-        };
-        match servers.last_mut() {
-            Some(last) if continues(last) => {
-                last.push(',');
-                last.push_str(piece);
+    let mut next = 0;
+    while next < pieces.len() {
+        let mut server = pieces[next].to_owned();
+        next += 1;
+        if server.contains("://") && !server.contains('@') {
+            let rest = &pieces[next..];
+            let user_ends =
+                rest.iter().take_while(|piece| !piece.contains("://")).position(|piece| piece.contains('@'));
+            if let Some(last) = user_ends {
+                for piece in &rest[..=last] {
+                    server.push(',');
+                    server.push_str(piece);
+                }
+                next += last + 1;
             }
-            _ => servers.push(piece.to_owned()),
         }
+        servers.push(server);
     }
     servers
 }
@@ -390,19 +394,22 @@ mod tests {
         let (servers, found) = url_credentials("127.0.0.1:4222, nats://a:4222").unwrap();
         assert_eq!((servers, found), (vec!["127.0.0.1:4222".to_owned(), "nats://a:4222".to_owned()], None));
         assert!(url_credentials("nats://a:1@h,nats://b:2@h").is_err(), "two users");
-        let (servers, found) = url_credentials("nats://grid:Se,CrEt@h:4222,nats://h2:4222").unwrap();
+        let (servers, found) = url_credentials("nats://grid:2024,Se,CrEt@h:4222,nats://h2:4222").unwrap();
         assert_eq!(servers, ["nats://h:4222", "nats://h2:4222"], "a comma in a password splits no server");
-        assert_eq!(found, Some(("grid".to_owned(), Some("Se,CrEt".to_owned()))));
+        assert_eq!(found, Some(("grid".to_owned(), Some("2024,Se,CrEt".to_owned()))));
         assert_eq!(redact("nats://grid:pw@127.0.0.1:4222"), "nats://grid:***@127.0.0.1:4222");
         assert_eq!(redact("nats://tok@h:4222,nats://h2"), "nats://***@h:4222,nats://h2");
         assert_eq!(redact("127.0.0.1:4222"), "127.0.0.1:4222");
         assert_eq!(redact("nats://grid:SeCrEt@127.0.0.1:99999"), "nats://***@127.0.0.1:99999");
         assert_eq!(redact("nats://:Hunter3@h:4222"), "nats://***@h:4222");
         assert_eq!(redact("grid:SeCrEt@h:1"), "***@h:1");
-        // A comma in a password that is not percent-encoded hides none of it.
-        let redacted = redact("nats://grid:Se,CrEt@h:4222,nats://h2:4222");
-        assert!(!redacted.contains("Se") && !redacted.contains("CrEt"), "{redacted}");
-        assert!(redacted.ends_with("@h:4222,nats://h2:4222"), "{redacted}");
+        // Commas in a password that is not percent-encoded hide none of it.
+        for url in ["nats://grid:Se,CrEt@h:4222,nats://h2:4222", "nats://grid:2024,Se,CrEt@h:4222,nats://h2:4222"] {
+            let redacted = redact(url);
+            assert!(!redacted.contains("Se") && !redacted.contains("CrEt") && !redacted.contains("2024"), "{redacted}");
+            assert!(redacted.ends_with("@h:4222,nats://h2:4222"), "{redacted}");
+        }
+        assert_eq!(redact("nats://h1:4222,h2:4222"), "nats://h1:4222,h2:4222", "servers without credentials");
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         for twice in [
             NatsOptions { user: Some("u".into()), ..NatsOptions::default() },

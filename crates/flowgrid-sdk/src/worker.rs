@@ -336,8 +336,8 @@ impl Worker {
     /// Starts at most `per_second` tasks a second, in the order they arrive, for a service
     /// with a quota (a value not above 0, or not finite, sets no bound, as without this
     /// call; one below [`MAX_RATE_MIN`] is taken as that). The worker takes tasks from the
-    /// stream only as far as their turns come within a second (or the next turn, when turns
-    /// are further apart): the rest stay in the stream for the pool's other workers. A task
+    /// stream only as far as their turns come within a second: the rest stay in the stream
+    /// for the pool's other workers. A task
     /// waiting for its turn is held and heartbeated, so JetStream does not hand it to
     /// another worker; a task cancelled meanwhile is dropped. The bound is this worker's:
     /// give each of a pool's workers its share.
@@ -613,12 +613,12 @@ impl Pacer {
     }
 
     /// Waits until the worker may take tasks from the stream, and returns how many: as
-    /// many as start within [`PACER_AHEAD`] (at least the next one, when turns are further
-    /// apart) after the turns booked already. A worker under a bound so takes a task about
-    /// when it can start it: the few it holds wait at most that long, well within their
-    /// deadline, and the pool's other workers take the rest of the stream.
+    /// many as start within [`PACER_AHEAD`] after the turns booked already (at least one).
+    /// A worker under a bound so takes a task at most that long before it can start it: the
+    /// tasks it holds wait no longer, well within their deadline, and the pool's other
+    /// workers take the rest of the stream.
     async fn room(&self) -> usize {
-        let ahead = PACER_AHEAD.max(self.interval);
+        let ahead = PACER_AHEAD;
         loop {
             let booked = self.next().saturating_duration_since(tokio::time::Instant::now());
             if booked < ahead {
@@ -747,10 +747,8 @@ async fn hand_back_unstarted(batch: &mut jetstream::consumer::pull::Batch) {
     .await;
 }
 
-/// Runs one task message to its end: decode, run, report, settle. Holds its slot until
-/// the message is settled.
-/// Serves one task message, taken with `_slot` at a time that gave it `turn` under the
-/// worker's rate bound.
+/// Runs one task message to its end: decode, wait for its `turn` under the worker's rate
+/// bound, run, report, settle. Holds its slot until the message is settled.
 async fn serve(
     shared: Arc<Shared>,
     message: jetstream::Message,
@@ -931,29 +929,32 @@ pub(crate) fn now_ms() -> Millis {
 mod tests {
     use super::*;
 
-    /// Under a bound, a worker takes a task about when it can start it: at a rate of one
-    /// task every 2 s it holds one waiting task at most (before, it took as many as it had
-    /// slots, whose turns went far past their deadlines); at 100 a second, a second's worth.
+    /// Under a bound, a worker takes a task at most a second before it can start it: at a
+    /// rate of one task every 2 s, a second before its turn (before, it took as many as it
+    /// had slots, whose turns went far past their deadlines); at 100 a second, a second's
+    /// worth.
     #[tokio::test(start_paused = true)]
     async fn a_paced_worker_takes_tasks_about_when_it_can_start_them() {
         let slow = Pacer::new(0.5);
         assert_eq!(slow.room().await, 1);
         let first = slow.book();
         assert_eq!(first, tokio::time::Instant::now(), "the first task starts at once");
-        assert_eq!(slow.room().await, 1, "room for its successor");
+        // Its successor is taken a second before its turn, 2 s on, not at once.
+        assert_eq!(slow.room().await, 1);
+        assert!(first.elapsed() >= Duration::from_millis(990), "{:?}", first.elapsed());
         let second = slow.book();
         assert_eq!(second, first + Duration::from_secs(2));
-        // While the second waits for its turn, no third task is taken.
         assert_eq!(slow.room().await, 1);
-        assert!(first.elapsed() >= Duration::from_millis(1_990), "a third task waited: {:?}", first.elapsed());
+        assert!(first.elapsed() >= Duration::from_millis(2_990), "a third task waited: {:?}", first.elapsed());
 
         let fast = Pacer::new(100.0);
-        assert_eq!(fast.room().await, 100);
+        assert_eq!(fast.room().await, 100, "a second's worth of turns");
+        let started = tokio::time::Instant::now();
         for _ in 0..100 {
             fast.book();
         }
-        let room = fast.room().await;
-        assert!((1..=100).contains(&room), "{room}");
+        assert_eq!(fast.room().await, 1, "room again as the first turns go");
+        assert!(started.elapsed() >= Duration::from_millis(1), "{:?}", started.elapsed());
     }
 
     #[test]

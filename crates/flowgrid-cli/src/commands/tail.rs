@@ -42,7 +42,12 @@ pub(super) async fn tail(
         }
     }
     let mut printer = Printer { json: session.json, last: None, ended_with_text: false };
-    let ended = follow(client, &view, step, timeout, |piece| std::future::ready(printer.print(piece))).await?;
+    let ended = follow(client, &view, step, timeout, |piece| {
+        let printed = printer.print(piece);
+        crate::output::stop_if_reader_gone();
+        std::future::ready(printed)
+    })
+    .await?;
     printer.finish()?;
     match ended {
         Some(status) => {
@@ -83,7 +88,6 @@ pub(crate) async fn follow<F: Future<Output = anyhow::Result<()>>>(
             piece = pieces.next() => match piece {
                 Some(Ok(piece)) => {
                     each(piece).await?;
-                    crate::output::stop_if_reader_gone();
                     if let Some((status, _)) = ended {
                         ended = Some((status, Instant::now()));
                     }

@@ -21,7 +21,7 @@ use crate::records::{self, EventRecord, StartRecord};
 pub const PAGE_RECORDS_MAX: usize = 1_000;
 /// Bytes of records (as stored) past which a page ends early, so a reply stays well under
 /// NATS's payload limit.
-pub(super) const PAGE_BYTES_MAX: usize = 512 * 1024;
+const PAGE_BYTES_MAX: usize = 512 * 1024;
 
 impl<S: ShardStore> ShardActor<S> {
     /// Answers with up to `limit` records of `run_id`'s history after `after`.
@@ -34,7 +34,7 @@ impl<S: ShardStore> ShardActor<S> {
     }
 }
 
-async fn history_page<S: ShardStore>(
+pub(super) async fn history_page<S: ShardStore>(
     store: &S,
     run_id: RunId,
     after: Option<u64>,

@@ -19,13 +19,13 @@ use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
     RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, SignalRun, TaskResult,
 };
-use flowgrid_store::{keys, KeyRange, ShardStore};
+use flowgrid_store::{keys, ShardStore};
 use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::actor::{ActiveRun, ShardActor};
 use super::batch::{Answer, Batch, Dispatch, RefusedResult, ResultReply};
-use super::history::{PAGE_BYTES_MAX, PAGE_RECORDS_MAX};
+use super::history::PAGE_RECORDS_MAX;
 use super::{RunsPage, StartCommand};
 use crate::clock::now_ms;
 use crate::error::cut;
@@ -757,27 +757,20 @@ fn took_in(batch: &Batch, run_id: &RunId, step: &str, id: &str) -> bool {
 /// Whether step `step` of the run took a signal of this `id`, as its committed history
 /// says (see [`took_in`] for the batch not yet committed); reads it a page at a time.
 async fn took_signal<S: ShardStore>(store: &S, run_id: &RunId, step: &str, id: &str) -> Result<bool, ApiError> {
-    let end = keys::history_range(run_id).end;
     // Record 0 is the run's start; every later one an event.
-    let mut begin = keys::history(run_id, 1);
-    loop {
-        let range = KeyRange { begin, end: end.clone() };
-        let page = store.scan_records(range, PAGE_RECORDS_MAX, PAGE_BYTES_MAX).await.map_err(read_failure)?;
-        for (_, value) in &page.records {
-            let record: EventRecord = records::decode("history record", value).map_err(internal)?;
-            if let Event::SignalReceived { step: took, id: Some(took_id), .. } = &record.event {
-                if took == step && took_id == id {
-                    return Ok(true);
-                }
-            }
+    let mut after = Some(0);
+    while let Some(seq) = after {
+        let page = super::history::history_page(store, run_id.clone(), Some(seq), PAGE_RECORDS_MAX).await?;
+        let took = page.records.iter().any(|record| {
+            matches!(&record.event, Some(Event::SignalReceived { step: took, id: Some(took_id), .. })
+                if took == step && took_id == id)
+        });
+        if took {
+            return Ok(true);
         }
-        let last = match page.records.last() {
-            Some((last, _)) if page.more => last,
-            _ => return Ok(false),
-        };
-        let (_, seq) = keys::decode_history(last).map_err(internal)?;
-        begin = keys::history(run_id, seq + 1);
+        after = page.next;
     }
+    Ok(false)
 }
 
 /// Why a signal is refused, and what to do about it; `None` for a step that is over, whose

@@ -143,7 +143,14 @@ impl Lanes {
         pool: &str,
         bound: &mut Vec<u8>,
     ) {
-        let Ok((priority, opened)) = done else { return };
+        let Ok((priority, opened)) = done else {
+            // A bind that panicked: its priority is not known, so the bits are cleared once
+            // no bind is left, and the lanes still wanted are asked for again.
+            if self.binding.is_empty() {
+                self.binding_now = 0;
+            }
+            return;
+        };
         self.binding_now &= !(1 << priority);
         match opened {
             Ok(consumer) => {
