@@ -394,3 +394,37 @@ async fn refused_durable_submits_are_kept_with_why_and_listed() -> anyhow::Resul
     assert!(ok && stdout.contains("submit: 0 waiting, 0 being started, 2 refused"), "{stdout}{stderr}");
     Ok(())
 }
+
+/// Sixty runs of one shard whose timeouts came due while their coordinator was down, each
+/// with a 200 KB input its final view holds: together over what one commit takes. They
+/// end over several commits. Before, one batch fired every due timer; its commit was too
+/// large, the shard reloaded and fired them all again, for good, and no run ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_due_together_end_their_runs_over_several_commits() -> anyhow::Result<()> {
+    const RUNS: usize = 60;
+    let mut grid = Grid::start_nats()?;
+    grid.shards = 1;
+    grid.start_coordinator().await?;
+    let client = grid.client().await?;
+    deploy(
+        &grid,
+        &client,
+        "name: unserved\ntimeout_ms: 2000\nsteps:\n  - { id: t, kind: task, pool: nobody, task: t }\n",
+    )
+    .await?;
+    let mut runs = Vec::new();
+    for index in 0..RUNS {
+        let input = json!({"index": index, "blob": "x".repeat(200_000)});
+        let start = StartRun { flow: "unserved".into(), input, ..Default::default() };
+        runs.push(client.start(start).await.or_logs(&grid)?.run_id);
+    }
+    grid.coordinators[0].kill_hard();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    grid.start_coordinator().await?;
+    for run_id in &runs {
+        let view = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::TimedOut, "{view:?}");
+    }
+    assert!(!grid.logs().contains("reloading the shard"), "{}", grid.logs());
+    Ok(())
+}

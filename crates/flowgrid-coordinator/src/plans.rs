@@ -55,13 +55,61 @@ impl PlanCache {
         }
     }
 
-    /// The plan of `definition` at `version`, compiled once.
+    /// The plan of `definition` (committed) at `version`, compiled once. A cached plan of
+    /// another definition under the same version is replaced: the committed one is the
+    /// version.
     pub fn compile(&self, definition: &FlowDefinition, version: u32) -> Result<Arc<FlowPlan>, DefinitionError> {
-        if let Some(plan) = self.get(&definition.name, version) {
+        if let Some(plan) = self.get(&definition.name, version).filter(|plan| plan.definition == *definition) {
             return Ok(plan);
         }
-        let plan = Arc::new(FlowPlan::compile(definition.clone(), version, &self.evaluator, &self.limits)?);
-        let mut plans = self.plans.write().expect("plan cache lock");
-        Ok(plans.entry((definition.name.clone(), version)).or_insert(plan).clone())
+        let plan = self.compile_uncached(definition, version)?;
+        self.insert(Arc::clone(&plan));
+        Ok(plan)
+    }
+
+    /// The plan of `definition` at `version`, not cached: a deploy's, until its commit
+    /// makes it the version ([`PlanCache::insert`]). A deploy whose commit failed leaves
+    /// nothing behind, so a later deploy of another definition as the same version is not
+    /// answered with this one's plan.
+    pub fn compile_uncached(
+        &self,
+        definition: &FlowDefinition,
+        version: u32,
+    ) -> Result<Arc<FlowPlan>, DefinitionError> {
+        Ok(Arc::new(FlowPlan::compile(definition.clone(), version, &self.evaluator, &self.limits)?))
+    }
+
+    /// Caches `plan` as its flow version's, in place of any other.
+    pub fn insert(&self, plan: Arc<FlowPlan>) {
+        self.plans.write().expect("plan cache lock").insert((plan.name.clone(), plan.version), plan);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn definition(step: &str) -> FlowDefinition {
+        let yaml = format!("name: f\nsteps:\n  - {{ id: {step}, kind: succeed }}\n");
+        flowgrid_model::parse_definition(&yaml, &Limits::default()).expect("a definition")
+    }
+
+    /// A deploy's plan is cached once its commit made it the version: a deploy whose commit
+    /// failed leaves nothing, and a cached plan of another definition gives way to the
+    /// committed one. Before, a later deploy of another definition as the same version was
+    /// answered with the failed deploy's plan, and its runs ran that.
+    #[test]
+    fn only_a_committed_definition_is_its_versions_plan() {
+        let limits = Limits::default();
+        let plans = PlanCache::new(Arc::new(Evaluator::new(&limits)), limits);
+        let (failed, committed) = (definition("a"), definition("b"));
+        plans.compile_uncached(&failed, 2).expect("compiles");
+        assert!(plans.get("f", 2).is_none(), "a deploy's plan is not cached before its commit");
+
+        plans.insert(plans.compile_uncached(&failed, 2).expect("compiles"));
+        let plan = plans.compile(&committed, 2).expect("compiles");
+        assert_eq!(plan.definition, committed);
+        assert_eq!(plans.get("f", 2).map(|plan| plan.definition.clone()), Some(committed.clone()));
+        assert!(Arc::ptr_eq(&plans.compile(&committed, 2).expect("compiles"), &plan), "compiled once");
     }
 }

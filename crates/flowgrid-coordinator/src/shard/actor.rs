@@ -389,9 +389,17 @@ impl<S: ShardStore> ShardActor<S> {
         }
     }
 
+    /// Fires the timers due by `now`: at least one a turn, so that timers go on under any
+    /// load, then as many as the batch has room for, in events and in bytes. A timer that
+    /// ends a run writes its snapshot: a thousand of them due at once (overdue after a
+    /// takeover) did not fit one commit, whose failure reloaded the shard to fire the same
+    /// timers again, for good.
     fn fire_due_timers(&mut self, now: Millis, batch: &mut Batch) {
-        let room = self.context.batch_events_max.saturating_sub(batch.commands).max(1);
-        for (run_id, timer) in self.timers.pop_due(now, room) {
+        let bytes_max = self.batch_bytes_max();
+        let mut fired = 0;
+        while fired == 0 || (batch.commands < self.context.batch_events_max && batch.writes.bytes() < bytes_max) {
+            let Some((run_id, timer)) = self.timers.pop_due(now) else { break };
+            fired += 1;
             ::metrics::counter!(metrics::TIMERS_FIRED).increment(1);
             batch.commands += 1;
             let start_due = timer == TimerKey::StartDue;
@@ -439,6 +447,7 @@ impl<S: ShardStore> ShardActor<S> {
         for plan in deployed {
             self.arm_schedule(&plan, self.schedules_checked_ms);
             self.update_trigger(&plan);
+            self.context.plans.insert(Arc::clone(&plan));
             self.context.plans.set_latest(plan);
         }
         for Dispatch { task, result_taken } in dispatches {

@@ -39,7 +39,7 @@ impl<S: ShardStore> ShardActor<S> {
         };
         // A new version only: the deployed one, sent again, stays what it is.
         flowgrid_model::check_new(&definition).map_err(refused)?;
-        let plan = self.context.plans.compile(&definition, version).map_err(refused)?;
+        let plan = self.context.plans.compile_uncached(&definition, version).map_err(refused)?;
         let deployed_ms = now_ms();
         let record = CatalogRecord { deployed_ms, definition };
         batch.writes.set_chunked(&keys::catalog(&name, version), &records::encode(&record), &self.context.store_limits);

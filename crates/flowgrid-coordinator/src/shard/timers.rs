@@ -29,19 +29,13 @@ impl TimerWheel {
         self.due.first().map(|(due, _, _)| *due)
     }
 
-    /// Removes and returns up to `count_max` timers due at or before `now`, earliest first.
-    pub fn pop_due(&mut self, now: Millis, count_max: usize) -> Vec<(RunId, TimerKey)> {
-        let mut fired = Vec::new();
-        while fired.len() < count_max {
-            match self.due.first() {
-                Some((due, _, _)) if *due <= now => {
-                    let (_, run_id, timer) = self.due.pop_first().expect("checked above");
-                    fired.push((run_id, timer));
-                }
-                _ => break,
-            }
+    /// Removes and returns the earliest timer due at or before `now`, if any.
+    pub fn pop_due(&mut self, now: Millis) -> Option<(RunId, TimerKey)> {
+        let (due, _, _) = self.due.first()?;
+        if *due > now {
+            return None;
         }
-        fired
+        self.due.pop_first().map(|(_, run_id, timer)| (run_id, timer))
     }
 
     pub fn clear(&mut self) {
@@ -65,11 +59,11 @@ mod tests {
         wheel.arm(RunId("s".into()), TimerKey::RunTimeout, 10);
         wheel.arm(RunId("t".into()), TimerKey::RunTimeout, 30);
         assert_eq!(wheel.next_due(), Some(10));
-        let fired = wheel.pop_due(40, 10);
+        let fired: Vec<_> = std::iter::from_fn(|| wheel.pop_due(40)).collect();
         assert_eq!(fired.iter().map(|(run, _)| run.as_str()).collect::<Vec<_>>(), ["s", "t"]);
         assert_eq!(wheel.len(), 1);
-        assert_eq!(wheel.pop_due(1_000, 10).len(), 1);
-        assert!(wheel.pop_due(1_000, 10).is_empty(), "a timer fires once");
+        assert!(wheel.pop_due(1_000).is_some());
+        assert!(wheel.pop_due(1_000).is_none(), "a timer fires once");
     }
 
     #[test]
@@ -78,7 +72,7 @@ mod tests {
         wheel.arm(RunId("a".into()), TimerKey::RunTimeout, 5);
         wheel.arm(RunId("b".into()), TimerKey::RunTimeout, 5);
         wheel.cancel(RunId("a".into()), TimerKey::RunTimeout, 5);
-        let fired = wheel.pop_due(10, 10);
+        let fired: Vec<_> = std::iter::from_fn(|| wheel.pop_due(10)).collect();
         assert_eq!(fired, vec![(RunId("b".into()), TimerKey::RunTimeout)]);
     }
 }
