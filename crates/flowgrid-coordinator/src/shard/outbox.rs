@@ -33,7 +33,7 @@ use flowgrid_model::{ParentRef, RunId};
 use flowgrid_proto::{ChildRunEnded, ErrorCode, RunEnded, StartChildRun};
 use flowgrid_sdk::backoff::Backoff;
 use flowgrid_sdk::Error as ClientError;
-use flowgrid_store::{join_records, keys, ShardStore};
+use flowgrid_store::{keys, ShardStore};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -99,6 +99,10 @@ enum Sent {
     Again,
 }
 
+/// Outbox messages read per page when a reload lists them, at most, and their bytes.
+const OUTBOX_PAGE_RECORDS: usize = 1_000;
+const OUTBOX_PAGE_BYTES: usize = 4 << 20;
+
 impl<S: ShardStore> ShardActor<S> {
     /// Puts `record` into the shard's outbox in this batch; it is sent after the commit.
     pub(super) fn send_after_commit(&self, record: OutboxRecord, batch: &mut Batch) {
@@ -107,24 +111,48 @@ impl<S: ShardStore> ShardActor<S> {
         batch.outbox.push(key);
     }
 
-    /// The keys of every message left in the outbox (after a reload: sent again).
+    /// The keys of every message left in the outbox (after a reload: sent again), read a
+    /// page at a time: the messages themselves are read when their turn comes.
     pub(super) async fn load_outbox(&self) -> Result<Vec<Vec<u8>>> {
-        let entries = join_records(self.store.scan(keys::outbox_range(), usize::MAX, false).await?)?;
-        Ok(entries.into_iter().map(|(key, _)| key).collect())
+        let mut range = keys::outbox_range();
+        let mut found = Vec::new();
+        loop {
+            let page = self.store.scan_records(range.clone(), OUTBOX_PAGE_RECORDS, OUTBOX_PAGE_BYTES).await?;
+            let next = page.records.last().map(|(last, _)| keys::chunks_range(last).end);
+            found.extend(page.records.into_iter().map(|(key, _)| key));
+            match next {
+                Some(next) if page.more => range.begin = next,
+                _ => return Ok(found),
+            }
+        }
     }
 
     /// Sends the outbox message at `key` until its receiver takes it, then deletes it from
-    /// the outbox. The message is read from the store when its turn comes: a message
-    /// waiting for a receiver that is down holds only its key in memory.
+    /// the outbox. The message is read from the store at each try: a message waiting for a
+    /// receiver that is down holds only its key in memory, and one deleted meanwhile is
+    /// not sent.
     pub(super) fn deliver(&self, key: Vec<u8>) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
         let starting = Arc::clone(&self.context.children_starting);
         let (inbox, stopped, shard, store) = (self.inbox.clone(), self.loaded.clone(), self.shard, self.store.clone());
-        let pending = Pending::new(records::outbox_kind(&key));
+        let kind = records::outbox_kind(&key);
+        let pending = Pending::new(kind);
         tokio::spawn(async move {
             let _pending = pending;
-            let Some(record) = read_message(&*store, &key, &permits, &stopped).await else { return };
-            if !send_until_taken(&client, &permits, &starting, &record, &stopped).await {
+            let not_found = AtomicU32::new(0);
+            let sent = until_done(&permits, &stopped, Some(kind), || async {
+                let record = match read_message(&*store, &key).await {
+                    Read::Message(record) => record,
+                    Read::Gone => return Some(false),
+                    Read::Failed => return None,
+                };
+                match send(&client, &record, &starting, &not_found).await {
+                    Sent::Taken => Some(true),
+                    Sent::Again => None,
+                }
+            })
+            .await;
+            if sent != Some(true) {
                 return;
             }
             // Deleted by the shard's next commit; if the shard moved meanwhile, its next
@@ -207,25 +235,30 @@ pub(super) fn child_depth(run: &Run) -> u32 {
 
 /// Reads the outbox message at `key`; `None` when it is gone (delivered and deleted), is
 /// unreadable, or the shard stopped serving here first. A failed read is tried again.
-async fn read_message<S: ShardStore>(
-    store: &S,
-    key: &[u8],
-    permits: &Semaphore,
-    stopped: &CancellationToken,
-) -> Option<OutboxRecord> {
-    let read = until_done(permits, stopped, None, || async {
-        match store.get_chunked(key).await {
-            Ok(bytes) => Some(bytes),
+/// What a read of an outbox message found.
+enum Read {
+    Message(Box<OutboxRecord>),
+    /// Deleted (delivered by an earlier try or owner), or unreadable (logged): not sent.
+    Gone,
+    /// The store did not answer: tried again.
+    Failed,
+}
+
+async fn read_message<S: ShardStore>(store: &S, key: &[u8]) -> Read {
+    match store.get_chunked(key).await {
+        Ok(Some(bytes)) => match records::decode("outbox message", &bytes) {
+            Ok(record) => Read::Message(Box::new(record)),
             Err(error) => {
-                debug!(error = %error, "cannot read an outbox message yet; trying again");
-                None
+                warn!(error = %error, "an outbox message cannot be read; it is not sent");
+                Read::Gone
             }
+        },
+        Ok(None) => Read::Gone,
+        Err(error) => {
+            debug!(error = %error, "cannot read an outbox message yet; trying again");
+            Read::Failed
         }
-    })
-    .await;
-    records::decode("outbox message", &read??)
-        .inspect_err(|error| warn!(error = %error, "an outbox message cannot be read; it is not sent"))
-        .ok()
+    }
 }
 
 /// Sends `record` until its receiver takes it, waiting longer between tries; `false`
