@@ -337,10 +337,9 @@ impl Worker {
     /// with a quota (a value not above 0, or not finite, sets no bound, as without this
     /// call; one below [`MAX_RATE_MIN`] is taken as that). The worker takes tasks from the
     /// stream only as far as their turns come within a second: the rest stay in the stream
-    /// for the pool's other workers. A task
-    /// waiting for its turn is held and heartbeated, so JetStream does not hand it to
-    /// another worker; a task cancelled meanwhile is dropped. The bound is this worker's:
-    /// give each of a pool's workers its share.
+    /// for the pool's other workers. A task waiting for its turn is held and heartbeated,
+    /// so JetStream does not hand it to another worker; a task cancelled meanwhile is
+    /// dropped. The bound is this worker's: give each of a pool's workers its share.
     pub fn max_rate(mut self, per_second: f64) -> Worker {
         self.max_rate = (per_second.is_finite() && per_second > 0.0).then_some(per_second.max(MAX_RATE_MIN));
         self
@@ -618,14 +617,13 @@ impl Pacer {
     /// tasks it holds wait no longer, well within their deadline, and the pool's other
     /// workers take the rest of the stream.
     async fn room(&self) -> usize {
-        let ahead = PACER_AHEAD;
         loop {
             let booked = self.next().saturating_duration_since(tokio::time::Instant::now());
-            if booked < ahead {
-                let turns = (ahead - booked).as_secs_f64() / self.interval.as_secs_f64();
+            if booked < PACER_AHEAD {
+                let turns = (PACER_AHEAD - booked).as_secs_f64() / self.interval.as_secs_f64();
                 return (turns.ceil() as usize).max(1);
             }
-            tokio::time::sleep(booked - ahead + Duration::from_millis(1)).await;
+            tokio::time::sleep(booked - PACER_AHEAD + Duration::from_millis(1)).await;
         }
     }
 
