@@ -233,8 +233,6 @@ pub(super) fn child_depth(run: &Run) -> u32 {
     run.parent().map_or(1, |parent| parent.depth + 1)
 }
 
-/// Reads the outbox message at `key`; `None` when it is gone (delivered and deleted), is
-/// unreadable, or the shard stopped serving here first. A failed read is tried again.
 /// What a read of an outbox message found.
 enum Read {
     Message(Box<OutboxRecord>),
@@ -244,6 +242,7 @@ enum Read {
     Failed,
 }
 
+/// Reads the outbox message at `key`, once.
 async fn read_message<S: ShardStore>(store: &S, key: &[u8]) -> Read {
     match store.get_chunked(key).await {
         Ok(Some(bytes)) => match records::decode("outbox message", &bytes) {
