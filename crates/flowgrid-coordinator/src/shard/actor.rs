@@ -396,10 +396,10 @@ impl<S: ShardStore> ShardActor<S> {
     /// timers again, for good.
     fn fire_due_timers(&mut self, now: Millis, batch: &mut Batch) {
         let bytes_max = self.batch_bytes_max();
-        let mut fired = 0;
-        while fired == 0 || (batch.commands < self.context.batch_events_max && batch.writes.bytes() < bytes_max) {
+        let mut first = true;
+        while first || (batch.commands < self.context.batch_events_max && batch.writes.bytes() < bytes_max) {
             let Some((run_id, timer)) = self.timers.pop_due(now) else { break };
-            fired += 1;
+            first = false;
             ::metrics::counter!(metrics::TIMERS_FIRED).increment(1);
             batch.commands += 1;
             let start_due = timer == TimerKey::StartDue;

@@ -160,7 +160,14 @@ impl Lanes {
                 bound.push(priority);
             }
             Err(error) => {
-                warn!(pool = %pool, priority, error = %error, "cannot open the consumer of the pool's lane; tried again in {BIND_RETRY:?}");
+                warn!(
+                    pool = %pool,
+                    priority,
+                    error = %error,
+                    "cannot open the consumer of the pool's lane; its tasks wait for workers that can: a worker with \
+                     NATS permissions of its own needs the lane's consumer `pool{priority}-{pool}` allowed (operations.md, \
+                     Securing NATS); tried again in {BIND_RETRY:?}"
+                );
                 self.retry_at[usize::from(priority)] = Some(Instant::now() + BIND_RETRY);
             }
         }
