@@ -80,6 +80,8 @@ pub(super) struct ShardActor<S: ShardStore> {
     /// follow from what it loaded (outbox deliveries, child starts, triggers) stop, and the
     /// reload starts them again from the store, so that no copy is left running.
     pub loaded: CancellationToken,
+    /// The latest write of each message in the outbox.
+    pub outbox_writes: super::outbox::OutboxWrites,
 }
 
 /// Takes over an opened shard: bumps its epoch, reloads its runs, and starts its actor.
@@ -125,6 +127,7 @@ pub async fn spawn_shard<S: ShardStore>(
         inbox: sender.downgrade(),
         loaded: stopped.child_token(),
         stopped,
+        outbox_writes: Default::default(),
     };
     let reloaded = match actor.reload().await {
         Ok(reloaded) => reloaded,
@@ -230,8 +233,8 @@ impl<S: ShardStore> ShardActor<S> {
     async fn forget_delivered(&mut self, inbox: &mut mpsc::Receiver<Command>) {
         let mut batch = Batch::default();
         while let Ok(command) = inbox.try_recv() {
-            if let Command::OutboxDelivered { key } = command {
-                batch.writes.clear_range(flowgrid_store::keys::chunks_range(&key));
+            if let Command::OutboxDelivered { key, write } = command {
+                self.delete_delivered(&key, write, &mut batch);
             }
         }
         if batch.writes.is_empty() || !self.context.lease.holds(self.term) {
@@ -384,7 +387,7 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = Ok(self.limit_summaries(flow.as_deref()));
                 batch.reply(reply, outcome);
             }
-            Command::OutboxDelivered { key } => batch.writes.clear_range(flowgrid_store::keys::chunks_range(&key)),
+            Command::OutboxDelivered { key, write } => self.delete_delivered(&key, write, batch),
             Command::CachedResult { attempt, output } => self.take_cached_result(attempt, output, batch),
         }
     }
@@ -468,8 +471,8 @@ impl<S: ShardStore> ShardActor<S> {
         for (start, depth) in child_starts {
             self.start_child(start, depth);
         }
-        for key in outbox {
-            self.deliver(key);
+        for message in outbox {
+            self.deliver(message);
         }
         Ok(())
     }

@@ -65,8 +65,9 @@ pub struct Batch {
     pub deployed: Vec<Arc<FlowPlan>>,
     /// Child runs to start after the commit, each with its depth below the top run.
     pub child_starts: Vec<(ChildStart, u32)>,
-    /// Keys of the messages put into the outbox by this batch: sent after the commit.
-    pub outbox: Vec<Vec<u8>>,
+    /// Keys of the messages put into the outbox by this batch, with their writes' numbers:
+    /// sent after the commit.
+    pub outbox: Vec<(Vec<u8>, u64)>,
     /// Attempts out with workers that this batch closed without their results, by pool:
     /// their workers are told after the commit.
     pub cancelled: Vec<(Arc<str>, AttemptId)>,

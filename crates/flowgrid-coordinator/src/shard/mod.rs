@@ -165,9 +165,11 @@ pub enum Command {
         flow: Option<String>,
         reply: Responder<Vec<flowgrid_proto::LimitSummary>>,
     },
-    /// A message of this shard's outbox was taken by its receiver: delete it.
+    /// A message of this shard's outbox was taken by its receiver: delete it, unless a
+    /// later write than `write` replaced it.
     OutboxDelivered {
         key: Vec<u8>,
+        write: u64,
     },
     /// The task cache holds a result for an attempt that was about to go to a worker.
     CachedResult {

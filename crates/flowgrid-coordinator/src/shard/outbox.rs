@@ -16,6 +16,10 @@
 //! for, and a reload starts them again (the child's run id follows from its parent, so
 //! a child that exists is not started twice).
 //!
+//! A message may be written again under its key while an earlier copy is on its way (a
+//! child's cancel for a run redriven at once): each write is numbered, and a delivery
+//! deletes the message only if no later write replaced it, so the later one is still sent.
+//!
 //! Each message is sent by a task of its own until it is taken or the shard stops here,
 //! waiting longer between tries (up to [`RETRY_MAX`]); at most [`IN_FLIGHT_MAX`] requests
 //! (and outbox reads) are out at once per coordinator. A message waiting for its turn
@@ -99,6 +103,47 @@ enum Sent {
     Again,
 }
 
+/// The number of the latest write of each message waiting in the outbox: a delivery deletes
+/// its message only if it was sent for that write (one sent for an earlier write may have
+/// carried the earlier content). Shared by the actor's `&self` methods, hence the lock (only
+/// the actor takes it).
+#[derive(Default)]
+pub struct OutboxWrites(Mutex<Writes>);
+
+#[derive(Default)]
+struct Writes {
+    next: u64,
+    latest: HashMap<Vec<u8>, u64>,
+}
+
+impl OutboxWrites {
+    /// Notes a write of the message at `key`; returns its number.
+    fn wrote(&self, key: &[u8]) -> u64 {
+        let mut writes = self.0.lock().expect("outbox writes lock");
+        writes.next += 1;
+        let number = writes.next;
+        writes.latest.insert(key.to_vec(), number);
+        number
+    }
+
+    /// Whether the message at `key`, delivered as written by write `number`, is to be
+    /// deleted: only if no later write replaced it (then it is forgotten here).
+    fn delivered(&self, key: &[u8], number: u64) -> bool {
+        let mut writes = self.0.lock().expect("outbox writes lock");
+        if writes.latest.get(key) != Some(&number) {
+            return false;
+        }
+        writes.latest.remove(key);
+        true
+    }
+
+    /// Forgets every write (a reload numbers the messages it finds anew), keeping the count
+    /// going, so that a delivery of before the reload deletes nothing.
+    fn forget(&self) {
+        self.0.lock().expect("outbox writes lock").latest.clear();
+    }
+}
+
 /// Outbox messages read per page when a reload lists them, at most, and their bytes.
 const OUTBOX_PAGE_RECORDS: usize = 1_000;
 const OUTBOX_PAGE_BYTES: usize = 4 << 20;
@@ -108,18 +153,31 @@ impl<S: ShardStore> ShardActor<S> {
     pub(super) fn send_after_commit(&self, record: OutboxRecord, batch: &mut Batch) {
         let key = record.key();
         batch.writes.set_chunked(&key, &records::encode(&record), &self.context.store_limits);
-        batch.outbox.push(key);
+        let write = self.outbox_writes.wrote(&key);
+        batch.outbox.push((key, write));
     }
 
-    /// The keys of every message left in the outbox (after a reload: sent again), read a
-    /// page at a time: the messages themselves are read when their turn comes.
-    pub(super) async fn load_outbox(&self) -> Result<Vec<Vec<u8>>> {
+    /// Deletes a message its receiver took in `batch`, unless a later write replaced it.
+    pub(super) fn delete_delivered(&self, key: &[u8], write: u64, batch: &mut Batch) {
+        if self.outbox_writes.delivered(key, write) {
+            batch.writes.clear_range(keys::chunks_range(key));
+        }
+    }
+
+    /// The keys of every message left in the outbox (after a reload: sent again), each with
+    /// its write's number, read a page at a time: the messages themselves are read when
+    /// their turn comes.
+    pub(super) async fn load_outbox(&self) -> Result<Vec<(Vec<u8>, u64)>> {
+        self.outbox_writes.forget();
         let mut range = keys::outbox_range();
         let mut found = Vec::new();
         loop {
             let page = self.store.scan_records(range.clone(), OUTBOX_PAGE_RECORDS, OUTBOX_PAGE_BYTES).await?;
             let next = page.records.last().map(|(last, _)| keys::chunks_range(last).end);
-            found.extend(page.records.into_iter().map(|(key, _)| key));
+            found.extend(page.records.into_iter().map(|(key, _)| {
+                let write = self.outbox_writes.wrote(&key);
+                (key, write)
+            }));
             match next {
                 Some(next) if page.more => range.begin = next,
                 _ => return Ok(found),
@@ -127,11 +185,11 @@ impl<S: ShardStore> ShardActor<S> {
         }
     }
 
-    /// Sends the outbox message at `key` until its receiver takes it, then deletes it from
-    /// the outbox. The message is read from the store at each try: a message waiting for a
-    /// receiver that is down holds only its key in memory, and one deleted meanwhile is
-    /// not sent.
-    pub(super) fn deliver(&self, key: Vec<u8>) {
+    /// Sends the outbox message at `key` (written by write number `write`) until its
+    /// receiver takes it, then deletes it from the outbox unless a later write replaced it.
+    /// The message is read from the store at each try: a message waiting for a receiver
+    /// that is down holds only its key in memory, and one deleted meanwhile is not sent.
+    pub(super) fn deliver(&self, (key, write): (Vec<u8>, u64)) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
         let starting = Arc::clone(&self.context.children_starting);
         let (inbox, stopped, shard, store) = (self.inbox.clone(), self.loaded.clone(), self.shard, self.store.clone());
@@ -158,7 +216,7 @@ impl<S: ShardStore> ShardActor<S> {
             // Deleted by the shard's next commit; if the shard moved meanwhile, its next
             // owner sends the message again, and the receiver ignores the repeat.
             let deleted = match inbox.upgrade() {
-                Some(inbox) => inbox.send(Command::OutboxDelivered { key }).await.is_ok(),
+                Some(inbox) => inbox.send(Command::OutboxDelivered { key, write }).await.is_ok(),
                 None => false,
             };
             if !deleted {
@@ -503,5 +561,27 @@ mod tests {
         drop(again);
         assert!(!starting.contains(&child));
         assert!(starting.0.lock().unwrap().is_empty(), "nothing is kept once every start is over");
+    }
+
+    #[test]
+    fn a_delivery_deletes_its_message_only_if_no_later_write_replaced_it() {
+        let writes = OutboxWrites::default();
+        let (cancel, other) = (b"cancel".to_vec(), b"other".to_vec());
+        let first = writes.wrote(&cancel);
+        let unrelated = writes.wrote(&other);
+        // The run is redriven and cancelled again before the first copy's delivery is noted.
+        let second = writes.wrote(&cancel);
+        assert!(!writes.delivered(&cancel, first), "the first copy's delivery deleted the second write");
+        assert!(writes.delivered(&cancel, second));
+        assert!(!writes.delivered(&cancel, second), "a message is deleted once");
+        assert!(writes.delivered(&other, unrelated), "another key's write is its own");
+        assert!(writes.0.lock().unwrap().latest.is_empty(), "nothing is kept once delivered");
+
+        // A reload numbers what it finds anew: a delivery of before it deletes nothing.
+        let before = writes.wrote(&cancel);
+        writes.forget();
+        let reloaded = writes.wrote(&cancel);
+        assert!(!writes.delivered(&cancel, before));
+        assert!(writes.delivered(&cancel, reloaded));
     }
 }

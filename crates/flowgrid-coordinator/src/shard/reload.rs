@@ -27,8 +27,8 @@ pub(super) struct Reloaded {
     /// Child runs that subflow steps wait for, with their depth (one that exists is not
     /// started again).
     child_starts: Vec<(ChildStart, u32)>,
-    /// Keys of the messages left in the outbox.
-    outbox: Vec<Vec<u8>>,
+    /// Keys of the messages left in the outbox, with their writes' numbers.
+    outbox: Vec<(Vec<u8>, u64)>,
 }
 
 impl<S: ShardStore> ShardActor<S> {
@@ -68,8 +68,8 @@ impl<S: ShardStore> ShardActor<S> {
         for (start, depth) in reloaded.child_starts {
             self.start_child(start, depth);
         }
-        for key in reloaded.outbox {
-            self.deliver(key);
+        for message in reloaded.outbox {
+            self.deliver(message);
         }
     }
 
