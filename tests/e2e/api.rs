@@ -163,6 +163,59 @@ async fn invalid_definitions_are_refused_with_located_issues_and_nothing_is_depl
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_are_listed_a_page_at_a_time_in_name_order() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let long = "é".repeat(3_000);
+    // Names hash onto different shards; deployed out of order.
+    for n in [4, 0, 6, 2, 5, 1, 3] {
+        let description = if n == 3 { long.as_str() } else { "short" };
+        let definition = format!(
+            "name: page-{n}\ndescription: {description}\nsteps:\n  - {{ id: s, kind: task, pool: a, task: echo }}\n"
+        );
+        deploy(&grid, &client, &definition).await?;
+    }
+    // Half of the shards' pages come from another coordinator.
+    grid.spawn_coordinator()?;
+    grid.wait_shards_served_by(2, Duration::from_secs(60)).await?;
+    let mut pages = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = client.flows_page(cursor.take(), Some(3)).await.or_logs(&grid)?;
+        pages.push(page.flows.iter().map(|flow| flow.name.clone()).collect::<Vec<_>>());
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        [vec!["page-0", "page-1", "page-2"], vec!["page-3", "page-4", "page-5"], vec!["page-6"]],
+        "three flows a page, in name order"
+    );
+    let all = client.flows().await.or_logs(&grid)?;
+    assert_eq!(all.flows.len(), 7, "every page: {all:?}");
+    assert_eq!(all.next_cursor, None);
+    // A long description is cut in the listing; the flow itself has all of it.
+    let listed = all.flows.iter().find(|flow| flow.name == "page-3").and_then(|flow| flow.description.clone());
+    assert_eq!(listed, Some(format!("{}…", "é".repeat(1_024))));
+    let whole = client.flow("page-3", None).await.or_logs(&grid)?.definition.description;
+    assert_eq!(whole.as_deref(), Some(long.as_str()));
+
+    for (limit, cursor, mentions) in [
+        (Some(0), None, "limit must be 1 to 1000, it is 0"),
+        (Some(1_001), None, "limit must be 1 to 1000"),
+        (None, Some("no such name!".to_owned()), "is no flow's name; pass the `next_cursor`"),
+    ] {
+        let error = client.flows_page(cursor, limit).await.expect_err("a bad page is refused");
+        let refused = refusal(&error);
+        assert_eq!(refused.code, ErrorCode::InvalidRequest, "{refused:?}");
+        assert!(refused.message.contains(mentions), "{refused:?}");
+    }
+    Ok(())
+}
+
 /// Sends raw bytes to an API verb and returns the reply's payload and whether it was JSON.
 async fn raw_request(grid: &Grid, verb: &str, payload: Vec<u8>, json: bool) -> anyhow::Result<(Vec<u8>, bool)> {
     let nats = grid.nats_client().await?;

@@ -30,12 +30,15 @@ use crate::clock::now_ms;
 use crate::error::cut;
 use crate::metrics;
 use crate::routing::{unexpected, Router, ShardReply, ShardRequest};
-use crate::shard::{gate_routing_key, GateVerb, RunsPage, HISTORY_PAGE_MAX};
+use crate::shard::{gate_routing_key, FlowsPage, GateVerb, RunsPage, HISTORY_PAGE_MAX};
 
 /// Page size of `run.list` when the request gives none.
 const LIST_LIMIT_DEFAULT: u32 = 50;
 /// Largest page of `run.list`: bounds one reply.
 const LIST_LIMIT_MAX: u32 = 1_000;
+/// Flows per `flow.list` page at most, and by default (a page also ends before 256 KiB of
+/// flows).
+const FLOW_LIST_LIMIT_MAX: u32 = 1_000;
 /// Every API verb.
 const VERBS: [&str; 21] = [
     "flow.deploy",
@@ -195,7 +198,7 @@ impl Api {
     async fn dispatch(&self, verb: &str, encoding: Encoding, payload: &[u8]) -> (Vec<u8>, bool) {
         match verb {
             "flow.deploy" => call(encoding, payload, |request| self.deploy(request)).await,
-            "flow.list" => call(encoding, payload, |_: ListFlows| self.list_flows()).await,
+            "flow.list" => call(encoding, payload, |request| self.list_flows(request)).await,
             "flow.get" => call(encoding, payload, |request: GetFlow| self.get_flow(request)).await,
             "flow.pause" => call(encoding, payload, |request| self.pause_flow(request, true)).await,
             "flow.resume" => call(encoding, payload, |request| self.pause_flow(request, false)).await,
@@ -328,19 +331,34 @@ impl Api {
         .await
     }
 
-    async fn list_flows(&self) -> Result<FlowList, ApiError> {
-        let mut flows = self
-            .ask_all(
-                ShardRequest::ListFlows,
-                |reply| match reply {
-                    ShardReply::Flows(flows) => Ok(flows),
-                    other => Err(other),
-                },
-                |_| {},
-            )
-            .await?;
-        flows.sort_by(|left, right| left.name.cmp(&right.name));
-        Ok(FlowList { flows })
+    async fn list_flows(&self, request: ListFlows) -> Result<FlowList, ApiError> {
+        let limit = request.limit.unwrap_or(FLOW_LIST_LIMIT_MAX);
+        if limit == 0 || limit > FLOW_LIST_LIMIT_MAX {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("limit must be 1 to {FLOW_LIST_LIMIT_MAX}, it is {limit}"),
+            ));
+        }
+        if let Some(cursor) = request.cursor.as_deref().filter(|cursor| !self.is_flow_name(cursor)) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("cursor {:?} is no flow's name; pass the `next_cursor` of the previous page", cut(cursor)),
+            ));
+        }
+        let limit = limit as usize;
+        let query = ShardRequest::FlowsPage { after: request.cursor, limit };
+        let pick = |reply| match reply {
+            ShardReply::FlowsPage(page) => Ok(vec![page]),
+            other => Err(other),
+        };
+        // The pages so far as one: a shard's page holds at most a whole reply.
+        let keep = |pages: &mut Vec<FlowsPage>| {
+            let merged = FlowsPage::merge(pages.drain(..), limit);
+            pages.push(merged);
+        };
+        let page = FlowsPage::merge(self.ask_all(query, pick, keep).await?, limit);
+        let next_cursor = page.flows.last().filter(|_| page.more).map(|last| last.name.clone());
+        Ok(FlowList { flows: page.flows, next_cursor })
     }
 
     async fn get_flow(&self, request: GetFlow) -> Result<flowgrid_proto::FlowInfo, ApiError> {

@@ -23,7 +23,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::shard::{maybe_applied, Command, GateVerb, NodeContext, RunsPage, ShardHandle, StartCommand};
+use crate::shard::{maybe_applied, Command, FlowsPage, GateVerb, NodeContext, RunsPage, ShardHandle, StartCommand};
 
 /// How long a request waits for a shard that nobody serves (it is moving) before it is
 /// answered `unavailable`.
@@ -94,7 +94,13 @@ pub enum ShardRequest {
         name: String,
         version: Option<u32>,
     },
+    /// Every flow (what older coordinators ask).
     ListFlows,
+    /// The flows named after `after`, a page of at most `limit`.
+    FlowsPage {
+        after: Option<String>,
+        limit: usize,
+    },
     /// A child run's end, for its parent run's shard.
     ChildEnded(ChildRunEnded),
     /// A message about a run's place under a concurrency limit, for the limit's shard
@@ -127,6 +133,7 @@ pub enum ShardReply {
     Deployed(FlowDeployed),
     Flow(Box<FlowInfo>),
     Flows(Vec<FlowSummary>),
+    FlowsPage(FlowsPage),
     ChildEndTaken(ChildEndTaken),
     GateTaken(GateTaken),
     Limits(Vec<LimitSummary>),
@@ -300,7 +307,14 @@ impl Router {
                 .ask(|reply| Command::GetFlow { name, version, reply })
                 .await
                 .map(|info| ShardReply::Flow(Box::new(info))),
-            ShardRequest::ListFlows => handle.ask(|reply| Command::ListFlows { reply }).await.map(ShardReply::Flows),
+            ShardRequest::ListFlows => handle
+                .ask(|reply| Command::ListFlows { after: None, limit: usize::MAX, bytes_unbounded: true, reply })
+                .await
+                .map(|page| ShardReply::Flows(page.flows)),
+            ShardRequest::FlowsPage { after, limit } => handle
+                .ask(|reply| Command::ListFlows { after, limit, bytes_unbounded: false, reply })
+                .await
+                .map(ShardReply::FlowsPage),
             ShardRequest::ChildEnded(ended) => {
                 handle.ask(|reply| Command::ChildEnded { ended, reply }).await.map(ShardReply::ChildEndTaken)
             }
@@ -404,6 +418,10 @@ mod tests {
         assert_eq!(format!("{decoded:?}"), format!("{request:?}"));
         let bytes = flowgrid_proto::encode(Encoding::MsgPack, &ShardRequest::ListFlows).unwrap();
         assert!(matches!(flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap(), ShardRequest::ListFlows));
+        let request = ShardRequest::FlowsPage { after: Some("media".into()), limit: 3 };
+        let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
+        let decoded: ShardRequest = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();
+        assert_eq!(format!("{decoded:?}"), format!("{request:?}"));
     }
 
     #[test]

@@ -143,14 +143,24 @@ pub struct FlowDeployed {
     pub created: bool,
 }
 
-/// `<prefix>.api.flow.list`.
+/// `<prefix>.api.flow.list`: the deployed flows in name order, a page at a time.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ListFlows {}
+pub struct ListFlows {
+    /// Page size, 1 to 1,000 (default 1,000); a page also ends before 256 KiB of flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct FlowList {
     pub flows: Vec<FlowSummary>,
+    /// Present when more flows follow: pass it as `cursor` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -159,6 +169,8 @@ pub struct FlowSummary {
     pub latest_version: u32,
     pub deployed_ms: Millis,
     pub steps: u32,
+    /// The latest version's description; past 1,024 characters cut, ending in `…` (`flow
+    /// get` gives the whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// The latest version's schedule, if it has one: the grid starts its runs on it.

@@ -225,9 +225,23 @@ impl Client {
         self.call("flow.deploy", &DeployFlow { definition: definition.into() }, OnTimeout::Retry).await
     }
 
-    /// Every deployed flow with its latest version.
+    /// Every deployed flow with its latest version, in name order: every page of
+    /// [`Client::flows_page`].
     pub async fn flows(&self) -> Result<FlowList> {
-        self.call("flow.list", &ListFlows {}, OnTimeout::Retry).await
+        let mut all = self.flows_page(None, None).await?;
+        while let Some(cursor) = all.next_cursor.take() {
+            let page = self.flows_page(Some(cursor.clone()), None).await?;
+            all.flows.extend(page.flows);
+            // Names only grow from page to page; anything else would loop for good.
+            all.next_cursor = page.next_cursor.filter(|next| *next > cursor);
+        }
+        Ok(all)
+    }
+
+    /// One page of the deployed flows in name order: at most `limit` (1 to 1,000, the
+    /// default), those named after `cursor` (the previous page's `next_cursor`).
+    pub async fn flows_page(&self, cursor: Option<String>, limit: Option<u32>) -> Result<FlowList> {
+        self.call("flow.list", &ListFlows { limit, cursor }, OnTimeout::Retry).await
     }
 
     /// The concurrency limits in use (runs going or queued under them, or a start rate

@@ -9,7 +9,8 @@
 //! | `GET /api/runs/{id}/history` | `?after=&limit=` | a page of its history (`RunHistory`) |
 //! | `GET /api/runs/{id}/live` | | `text/event-stream`: an event `piece` per piece of live output, then `end` with the run's status |
 //! | `GET /api/runs` | `?flow=&status=&label=k=v&parent=&since_ms=&until_ms=&limit=&cursor=` | a page of runs (`RunList`) |
-//! | `GET /api/flows`, `GET /api/flows/{name}` | `?version=` | the flows (`FlowList`), one flow (`FlowInfo`) |
+//! | `GET /api/flows` | `?limit=&cursor=` | a page of the flows in name order (`FlowList`; `next_cursor` when more follow) |
+//! | `GET /api/flows/{name}` | `?version=` | one flow (`FlowInfo`) |
 //! | `POST /api/runs` | a `StartRun` | `201` (`200` when the idempotency key named a run that exists) and `RunStarted` |
 //! | `POST /api/runs/{id}/signals/{step}` | the signal's data (header `Idempotency-Key`: the signal's id) | `RunSignalled` |
 //! | `POST /api/runs/{id}/cancel`, `.../pause`, `.../resume` | `{"reason": "..."}` or nothing | `RunCancelled`, `RunPaused` |
@@ -35,7 +36,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use flowgrid_model::RunId;
-use flowgrid_proto::{ListRuns, StartRun};
+use flowgrid_proto::{ListFlows, ListRuns, StartRun};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -71,11 +72,11 @@ pub(super) fn routes(cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
         .route("/api/runs/{run_id}/live", get(live).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/signals/{step}", post(signal).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/{change}", post(change).fallback(change_other_method))
-        .route("/api/flows", get(flows).fallback(method_not_allowed))
         .route_layer(axum::middleware::from_fn(refuse_query));
     let api = Router::new()
         .route("/api/runs", post(start).get(list).fallback(method_not_allowed))
         .route("/api/runs/{run_id}/history", get(history).fallback(method_not_allowed))
+        .route("/api/flows", get(flows).fallback(method_not_allowed))
         .route("/api/flows/{name}", get(flow).fallback(method_not_allowed))
         .merge(unqueried)
         .route("/api", any(no_such_call))
@@ -200,8 +201,11 @@ async fn history(
     }
 }
 
-async fn flows(State(ui): State<Arc<Ui>>) -> Response {
-    answer(ui.client.flows().await, StatusCode::OK)
+async fn flows(State(ui): State<Arc<Ui>>, Query(pairs): Query<Vec<(String, String)>>) -> Response {
+    match query::<ListFlows>(pairs, &["limit"]) {
+        Ok(page) => answer(ui.client.flows_page(page.cursor, page.limit).await, StatusCode::OK),
+        Err(refused) => *refused,
+    }
 }
 
 #[derive(Deserialize)]

@@ -371,8 +371,8 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = self.flow_info(&name, version);
                 batch.reply(reply, outcome);
             }
-            Command::ListFlows { reply } => {
-                let outcome = Ok(self.flow_summaries());
+            Command::ListFlows { after, limit, bytes_unbounded, reply } => {
+                let outcome = Ok(self.flows_page(after.as_deref(), limit, bytes_unbounded));
                 batch.reply(reply, outcome);
             }
             Command::ChildEnded { ended, reply } => {

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use flowgrid_engine::RunView;
 use flowgrid_model::{FlowPlan, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
-    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, FlowDeployed, FlowInfo, FlowSummary, ListRuns, PauseRun,
-    RedriveRun, RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, SignalRun, Subjects,
+    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, FlowDeployed, FlowInfo, ListRuns, PauseRun, RedriveRun,
+    RunCancelled, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, SignalRun, Subjects,
 };
 use flowgrid_store::StoreLimits;
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 pub use actor::spawn_shard;
+pub use catalog::FlowsPage;
 pub use gates::{gate_routing_key, GateVerb};
 pub use history::PAGE_RECORDS_MAX as HISTORY_PAGE_MAX;
 pub use outbox::{IN_FLIGHT_MAX as MESSAGES_IN_FLIGHT_MAX, START_CHILD};
@@ -146,8 +147,13 @@ pub enum Command {
         version: Option<u32>,
         reply: Responder<FlowInfo>,
     },
+    /// The flows named after `after`, a page of at most `limit` (without a bound in bytes
+    /// when `bytes_unbounded`).
     ListFlows {
-        reply: Responder<Vec<FlowSummary>>,
+        after: Option<String>,
+        limit: usize,
+        bytes_unbounded: bool,
+        reply: Responder<FlowsPage>,
     },
     /// A child run of one of this shard's runs ended.
     ChildEnded {
