@@ -894,6 +894,10 @@ async fn messages_over_the_servers_max_payload_are_refused_naming_it() -> anyhow
     let ui = crate::ui::start_ui(&mut grid, &[]).await?;
     let (status, page) = flowgrid_tests::http_get(&ui, &format!("/runs/{}", run.run_id))?;
     assert!(status == 200 && page.contains("Its input and outputs are left out (the reply is"), "{status} {page}");
+    let (status, body) = flowgrid_tests::http_get(&ui, &format!("/api/runs/{}", run.run_id))?;
+    let read: serde_json::Value = serde_json::from_str(&body)?;
+    assert!(status == 200 && read["data_left_out"] == json!(true), "{status} {body}");
+    assert_eq!(read["status"], json!("succeeded"), "{body}");
     // With a second coordinator, reads reach the run's shard through either: the view is
     // refused, or crosses between them without its data, whichever took the request.
     grid.start_coordinator().await?;

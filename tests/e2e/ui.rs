@@ -58,6 +58,15 @@ async fn the_ui_shows_the_grid_a_flow_and_a_run_step_by_step() -> anyhow::Result
     .or_logs(&grid)?;
     let (_, overview) = http_get(&addr, "/")?;
     assert!(overview.contains("Concurrency limits in use"), "{overview}");
+    // The overview lists the flows a page at a time.
+    let (status, next) = http_get(&addr, "/?flows_after=ui-flow")?;
+    assert!(status == 200 && next.contains(r#"href="/flows/ui-limited""#), "{next}");
+    assert!(!next.contains(r#"href="/flows/ui-flow""#), "{next}");
+    // A page refuses a query parameter it does not take, or one given twice.
+    for path in ["/?flow=x", "/flows/ui-flow?versoin=2", "/runs?labels=a=1", "/runs?label=a=1&label=b=2"] {
+        let (status, page) = http_get(&addr, path)?;
+        assert!(status == 400 && page.contains("<html"), "{path}: {status} {page}");
+    }
     let (_, flow) = http_get(&addr, "/flows/ui-limited")?;
     assert!(
         flow.contains("Concurrency limits in use") && flow.contains("<td>5</td><td>-</td><td>queue</td><td>1</td>"),

@@ -41,6 +41,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::SendTimeoutError;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::Ui;
@@ -53,6 +54,9 @@ const LIVE_FOLLOW_MAX: Duration = Duration::from_secs(60 * 60);
 pub(super) const LIVE_STREAMS_MAX: usize = 256;
 /// Events a slow reader may be behind before the following waits for it.
 const LIVE_EVENTS_BUFFERED: usize = 256;
+/// How long a live stream waits for its reader to take an event (the buffer full) before it
+/// ends: a client that stopped reading without closing its connection holds no slot for long.
+const LIVE_READER_WAIT: Duration = Duration::from_secs(60);
 /// The shortest token `--api-token` takes.
 pub(crate) const TOKEN_CHARS_MIN: usize = 16;
 
@@ -130,8 +134,10 @@ async fn refuse_query(request: axum::extract::Request, next: axum::middleware::N
     next.run(request).await
 }
 
+/// The run; one too large for one message without its input and outputs (`data_left_out`),
+/// as `run get` prints it.
 async fn run(State(ui): State<Arc<Ui>>, ApiPath(run_id): ApiPath<String>) -> Response {
-    answer(ui.client.get(&RunId(run_id.into())).await, StatusCode::OK)
+    answer(ui.client.get_or_without_data(&RunId(run_id.into())).await.map(|(view, _)| view), StatusCode::OK)
 }
 
 /// The query of a read, as the call's request: each parameter a field of it (numbers as
@@ -249,11 +255,17 @@ async fn live(State(ui): State<Arc<Ui>>, ApiPath(run_id): ApiPath<String>) -> Re
         let follow = follow_live_output(&client, &view, None, LIVE_FOLLOW_MAX, |piece| {
             let event = Event::default().event("piece").data(piece_json(&piece).to_string());
             let sent = events.clone();
-            // Waits while the reader is a buffer behind.
-            async move { sent.send(event).await.map_err(|_| anyhow::anyhow!("the reader went away")) }
+            // Waits while the reader is a buffer behind, for a while.
+            async move {
+                sent.send_timeout(event, LIVE_READER_WAIT).await.map_err(|refused| match refused {
+                    SendTimeoutError::Timeout(_) => anyhow::anyhow!("the reader took nothing for {LIVE_READER_WAIT:?}"),
+                    SendTimeoutError::Closed(_) => anyhow::anyhow!("the reader went away"),
+                })
+            }
         });
         let followed = tokio::select! {
-            followed = follow => followed,
+            // The hour bounds a slow reader of a run that ended too.
+            followed = tokio::time::timeout(LIVE_FOLLOW_MAX, follow) => followed.unwrap_or(Ok(None)),
             // A reader that went away ends the following at once, output or not.
             () = reader_gone.closed() => return,
         };
@@ -262,7 +274,8 @@ async fn live(State(ui): State<Arc<Ui>>, ApiPath(run_id): ApiPath<String>) -> Re
             Ok(None) => json!({"status": "running", "message": "followed for an hour: ask again to go on"}),
             Err(error) => json!({"status": "unknown", "message": format!("{error:#}")}),
         };
-        let _ = events.send(Event::default().event("end").data(end.to_string())).await;
+        let end = Event::default().event("end").data(end.to_string());
+        let _ = events.send_timeout(end, LIVE_READER_WAIT).await;
     });
     let stream = futures::stream::poll_fn(move |context| {
         received.poll_recv(context).map(|event| event.map(Ok::<Event, Infallible>))
@@ -422,8 +435,8 @@ fn answer<T: Serialize>(outcome: Result<T, flowgrid_sdk::Error>, status: StatusC
     }
 }
 
-/// The grid's refusal as it gave it (code, message, issues, retryable), or, when the grid
-/// could not be asked, `unavailable`.
+/// The grid's refusal as it gave it (code, message, issues, retryable); when the grid could
+/// not be asked, `unavailable`, and when its answer could not be read, `internal`.
 fn refusal(refused: &flowgrid_sdk::Error) -> Response {
     let status = super::status_of(refused);
     match refused.api() {
@@ -431,6 +444,7 @@ fn refusal(refused: &flowgrid_sdk::Error) -> Response {
             let body = json!({ "error": api }).to_string();
             (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
+        None if status == StatusCode::INTERNAL_SERVER_ERROR => error(status, "internal", &refused.to_string()),
         None => error(status, "unavailable", &refused.to_string()),
     }
 }

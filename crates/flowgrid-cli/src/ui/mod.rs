@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::header::{CONTENT_SECURITY_POLICY, X_FRAME_OPTIONS};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -40,6 +40,8 @@ const BODY_BYTES_MAX: usize = 6 << 20;
 
 /// Runs listed on the overview and on a flow's page.
 const RECENT_RUNS: u32 = 20;
+/// Flows on the overview at once; a link leads to the next ones.
+const OVERVIEW_FLOWS: u32 = 100;
 /// Runs on one page of the runs list.
 const RUNS_PAGE: u32 = 50;
 /// How long a stop (ctrl-c, SIGTERM) waits for requests under way.
@@ -142,12 +144,19 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-async fn overview(State(ui): State<Arc<Ui>>) -> Response {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverviewQuery {
+    /// The overview's flows start after this one (the link to the next ones).
+    flows_after: Option<String>,
+}
+
+async fn overview(State(ui): State<Arc<Ui>>, UiQuery(query): UiQuery<OverviewQuery>) -> Response {
     let (snapshot, backlog, workers, flows, recent, limits) = tokio::join!(
         ui.grid.snapshot(),
         ui.grid.backlog(),
         ui.grid.workers(),
-        ui.client.flows(),
+        ui.client.flows_page(query.flows_after.filter(|after| !after.is_empty()), Some(OVERVIEW_FLOWS)),
         ui.client.list(ListRuns { limit: Some(RECENT_RUNS), ..Default::default() }),
         ui.client.limits(None)
     );
@@ -160,18 +169,19 @@ async fn overview(State(ui): State<Arc<Ui>>) -> Response {
         }
         Err(error) => format!("cannot read the grid's streams: {error:#}"),
     };
-    let flows = flows.map(|list| list.flows).map_err(|error| error.to_string());
+    let flows = flows.map_err(|error| error.to_string());
     let recent = recent.map(|list| list.runs).map_err(|error| error.to_string());
     let limits = limits.map_err(|error| error.to_string());
     page(pages::overview(&status, &flows, &recent, &limits, ui.actions()))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FlowQuery {
     version: Option<u32>,
 }
 
-async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Query(query): Query<FlowQuery>) -> Response {
+async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, UiQuery(query): UiQuery<FlowQuery>) -> Response {
     let recent = ListRuns { flow: Some(name.clone()), limit: Some(RECENT_RUNS), ..Default::default() };
     let (info, recent, limits) =
         tokio::join!(ui.client.flow(&name, query.version), ui.client.list(recent), ui.client.limits(Some(&name)));
@@ -185,6 +195,7 @@ async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, Query(query):
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RunsQuery {
     flow: Option<String>,
     status: Option<String>,
@@ -197,7 +208,7 @@ struct RunsQuery {
     cursor: Option<String>,
 }
 
-async fn runs(State(ui): State<Arc<Ui>>, Query(query): Query<RunsQuery>) -> Response {
+async fn runs(State(ui): State<Arc<Ui>>, UiQuery(query): UiQuery<RunsQuery>) -> Response {
     let flow = query.flow.filter(|flow| !flow.is_empty());
     let status = match query.status.as_deref().filter(|status| !status.is_empty()) {
         None => None,
@@ -467,6 +478,21 @@ impl<T: DeserializeOwned> FromRequest<Arc<Ui>> for UiForm<T> {
     }
 }
 
+/// A page's query, or the UI's error page saying what is wrong with it: a parameter the
+/// page does not take, one given twice, a malformed value.
+struct UiQuery<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for UiQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(query)) => Ok(UiQuery(query)),
+            Err(rejection) => Err(failure(rejection.status(), &rejection.body_text())),
+        }
+    }
+}
+
 /// Sends `action` if the form carries this UI's token, then shows `back`, or a page that
 /// says why nothing changed (the refusal, or a request the run had no use for).
 async fn token_action<T: Outcome>(
@@ -623,6 +649,9 @@ fn status_of(error: &flowgrid_sdk::Error) -> StatusCode {
         Some(flowgrid_sdk::ErrorCode::PayloadTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
         Some(flowgrid_sdk::ErrorCode::Conflict) => StatusCode::CONFLICT,
         Some(flowgrid_sdk::ErrorCode::Overloaded) => StatusCode::TOO_MANY_REQUESTS,
+        // Final: a client must not take it for a pause and retry.
+        Some(flowgrid_sdk::ErrorCode::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
+        None if matches!(error, flowgrid_sdk::Error::Proto(_)) => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
@@ -668,7 +697,20 @@ fn failure(status: StatusCode, message: &str) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::is_loopback_name;
+    use super::{is_loopback_name, status_of};
+    use axum::http::StatusCode;
+    use flowgrid_sdk::{ApiError, Error, ErrorCode};
+
+    #[test]
+    fn a_final_failure_of_the_grid_is_a_500_and_one_worth_retrying_a_503() {
+        let api = |code| Error::Api(ApiError::new(code, "x"));
+        assert_eq!(status_of(&api(ErrorCode::Internal)), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(status_of(&api(ErrorCode::Unavailable)), StatusCode::SERVICE_UNAVAILABLE);
+        let unreadable = flowgrid_proto::decode::<u32>(flowgrid_proto::Encoding::Json, b"{").unwrap_err();
+        assert_eq!(status_of(&Error::Proto(unreadable)), StatusCode::INTERNAL_SERVER_ERROR);
+        let timeout = Error::Timeout { what: "run.get".into(), after: std::time::Duration::from_secs(1) };
+        assert_eq!(status_of(&timeout), StatusCode::SERVICE_UNAVAILABLE);
+    }
 
     #[test]
     fn only_loopback_names_address_a_ui_on_a_loopback_address() {

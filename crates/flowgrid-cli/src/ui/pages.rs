@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
 use flowgrid_model::{AttemptId, FlowDefinition, Millis, ParentRef, RunId, Step};
-use flowgrid_proto::{FlowInfo, FlowSummary, LimitList, LiveOutput, RunHistory, RunList, RunSummary};
+use flowgrid_proto::{FlowInfo, FlowList, LimitList, LiveOutput, RunHistory, RunList, RunSummary};
 
 use super::dag::Layout;
 use crate::output::{self, duration_ms, item_counts, now_ms, span, utc_time, utc_time_ms};
@@ -155,7 +155,7 @@ pub fn deploy(token: &str) -> Markup {
 
 pub fn overview(
     status: &str,
-    flows: &Result<Vec<FlowSummary>, String>,
+    flows: &Result<FlowList, String>,
     recent: &Result<Vec<RunSummary>, String>,
     limits: &Result<LimitList, String>,
     actions: Option<&str>,
@@ -169,10 +169,10 @@ pub fn overview(
             h2 { "Flows" }
             @match flows {
                 Err(error) => (unavailable("the flows", error)),
-                Ok(flows) if flows.is_empty() => p.muted { "No flow deployed yet: " code { "flowgrid flow deploy FILE" } },
-                Ok(flows) => table {
+                Ok(list) if list.flows.is_empty() && list.next_cursor.is_none() => p.muted { "No flow deployed yet: " code { "flowgrid flow deploy FILE" } },
+                Ok(list) => table {
                     tr { th { "Flow" } th { "Latest" } th { "Steps" } th { "Started by" } th { "Deployed (UTC)" } th { "Description" } }
-                    @for flow in flows {
+                    @for flow in &list.flows {
                         tr {
                             td { a href=(format!("/flows/{}", flow.name)) { (flow.name) } }
                             td { (flow.latest_version) }
@@ -183,6 +183,9 @@ pub fn overview(
                         }
                     }
                 },
+            }
+            @if let Ok(FlowList { next_cursor: Some(after), .. }) = flows {
+                p { a href=(format!("/?{}", form_urlencoded::Serializer::new(String::new()).append_pair("flows_after", after).finish())) { "Next flows" } }
             }
             @if actions.is_some() { p { a href="/deploy" { "Deploy a flow" } } }
             @match limits {
