@@ -43,11 +43,14 @@ impl Lease {
 
     fn renewed_at(&self, sent: Instant, now: Instant) {
         let until = sent.saturating_duration_since(self.origin) + self.held_for();
-        let before = self.valid_until_us.fetch_max(until.as_micros() as u64, Ordering::AcqRel);
         let now_us = now.saturating_duration_since(self.origin).as_micros() as u64;
+        // The new term first, then the new expiry: a check that sees the lease valid again
+        // sees the new term too, so work of the old term never passes it.
+        let before = self.valid_until_us.load(Ordering::Acquire);
         if before != 0 && before <= now_us {
             self.term.fetch_add(1, Ordering::AcqRel);
         }
+        self.valid_until_us.fetch_max(until.as_micros() as u64, Ordering::AcqRel);
     }
 
     /// The current term: it changes each time the lease is renewed after running out.

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use flowgrid_model::{Epoch, ShardId};
 use flowgrid_proto::{shard_key, shard_of_key, MemberRecord, ShardClaim, ShardState};
 use flowgrid_store::Store;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -276,8 +276,10 @@ impl<S: Store> ShardManager<S> {
     /// Starts a watch on the members bucket and reads what is there now.
     async fn load_members(&mut self, members_kv: &kv::Store) -> Option<kv::Watch> {
         let watch = members_kv.watch_all().await.map_err(|error| warn!(error = %error, "cannot watch members")).ok()?;
+        let entries =
+            read_all(members_kv).await.map_err(|error| warn!(error = %error, "cannot read the members")).ok()?;
         let (now, now_ms) = (Instant::now(), now_ms());
-        for entry in read_all(members_kv).await {
+        for entry in entries {
             if entry.operation != Operation::Put {
                 continue;
             }
@@ -292,7 +294,8 @@ impl<S: Store> ShardManager<S> {
     async fn load_claims(&mut self) -> Option<kv::Watch> {
         let kv = &self.shared.shards_kv;
         let watch = kv.watch_all().await.map_err(|error| warn!(error = %error, "cannot watch shard claims")).ok()?;
-        for entry in read_all(kv).await {
+        let entries = read_all(kv).await.map_err(|error| warn!(error = %error, "cannot read the shard claims")).ok()?;
+        for entry in entries {
             self.claim_changed(entry);
         }
         Some(watch)
@@ -693,19 +696,17 @@ async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<kv::Entry> {
     }
 }
 
-/// Every current entry of a bucket.
-async fn read_all(kv: &kv::Store) -> Vec<kv::Entry> {
-    let keys: Vec<String> = match kv.keys().await {
-        Ok(keys) => keys.filter_map(|key| async move { key.ok() }).collect().await,
-        Err(error) => {
-            warn!(error = %error, "cannot list a bucket's keys");
-            return Vec::new();
-        }
-    };
+/// Every current entry of a bucket, or why not all could be read: a view that missed one
+/// would never learn of it (the watch reports the writes from its start on), so the caller
+/// reads them all again with a new watch.
+async fn read_all(kv: &kv::Store) -> Result<Vec<kv::Entry>, String> {
+    let keys = kv.keys().await.map_err(|error| format!("cannot list the bucket's keys: {error}"))?;
+    let keys: Vec<String> =
+        keys.try_collect().await.map_err(|error| format!("cannot list the bucket's keys: {error}"))?;
     futures::stream::iter(keys)
-        .map(|key| async move { kv.entry(key).await.ok().flatten() })
+        .map(|key| async move { kv.entry(key.as_str()).await.map_err(|error| format!("cannot read {key}: {error}")) })
         .buffer_unordered(32)
-        .filter_map(|entry| async move { entry })
-        .collect()
+        .try_filter_map(|entry| async move { Ok(entry) })
+        .try_collect()
         .await
 }

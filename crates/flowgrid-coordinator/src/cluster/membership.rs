@@ -22,7 +22,8 @@ use crate::routing::ShardTable;
 
 /// Heartbeats per lease: a member may miss a few before its lease runs out.
 const HEARTBEATS_PER_LEASE: u32 = 5;
-/// Shortest wait for one heartbeat write, however short the lease.
+/// Shortest wait for one heartbeat write, however short the lease (it waits for as long as
+/// the lease it would renew lasts).
 const HEARTBEAT_WRITE_WAIT_MIN: Duration = Duration::from_millis(100);
 
 pub struct Membership {
@@ -109,7 +110,10 @@ impl Membership {
                 _ = ticks.tick() => {}
                 _ = self.beat_now.notified() => {}
             }
-            match tokio::time::timeout(period.max(HEARTBEAT_WRITE_WAIT_MIN), self.beat()).await {
+            // A write confirmed late still renews the lease (from when it was sent), and keeps
+            // the revision the next beat updates: cut at one period, a slow server would see
+            // every beat land while this member never renewed its lease.
+            match tokio::time::timeout(self.lease.held_for().max(HEARTBEAT_WRITE_WAIT_MIN), self.beat()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(failure)) if self.bucket_gone().await => {
                     error!(

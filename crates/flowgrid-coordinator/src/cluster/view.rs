@@ -57,9 +57,13 @@ impl ClusterView {
 
     /// A member record read at startup: its age by the wall clock (`now_ms` against its
     /// heartbeat) counts against its lease, so that a member long dead for everyone else
-    /// is not given a fresh lease here (placements would disagree until it ran out).
+    /// is not given a fresh lease here (placements would disagree until it ran out). The
+    /// clocks of two hosts differ: an age up to [`LOADED_CLOCK_SKEW_MAX`] counts as none, so
+    /// that a live member whose host's clock is behind is not taken for dead (and its shards
+    /// taken from it) by a member starting on a host whose clock is ahead.
     pub fn member_loaded(&mut self, record: MemberRecord, revision: u64, now: Instant, now_ms: u64) {
-        let age = Duration::from_millis(now_ms.saturating_sub(record.heartbeat_ms));
+        let age =
+            Duration::from_millis(now_ms.saturating_sub(record.heartbeat_ms)).saturating_sub(LOADED_CLOCK_SKEW_MAX);
         let seen = now.checked_sub(age).unwrap_or(now);
         self.member_put(record, revision, seen);
     }
@@ -129,13 +133,19 @@ impl ClusterView {
         self.members.get(id).map(|member| now.saturating_duration_since(member.changed))
     }
 
-    /// Forgets members dead for long: they own nothing any more once their shards moved.
+    /// Forgets members dead for long (by their own lease): they own nothing any more once
+    /// their shards moved.
     pub fn forget_dead(&mut self, now: Instant) {
-        let lease = self.lease;
-        self.members
-            .retain(|_, member| now.saturating_duration_since(member.changed) <= lease * DEAD_MEMBER_KEPT_LEASES);
+        let default = self.lease;
+        self.members.retain(|_, member| {
+            now.saturating_duration_since(member.changed) <= lease_of(&member.record, default) * DEAD_MEMBER_KEPT_LEASES
+        });
     }
 }
+
+/// How far the wall clocks of the grid's hosts may differ for a member's age read at startup
+/// (its heartbeat time, written by its host) to count as none.
+const LOADED_CLOCK_SKEW_MAX: Duration = Duration::from_secs(2);
 
 /// The lease a member announced, or this grid's default for an unreadable value.
 fn lease_of(record: &MemberRecord, default: Duration) -> Duration {
@@ -196,14 +206,33 @@ mod tests {
         view.member_loaded(old, 1, start, 10_000 + 5_000);
         let mut fresh = record("fresh", false);
         fresh.heartbeat_ms = 10_000;
-        view.member_loaded(fresh, 2, start, 10_000 + 200);
+        // Its host's clock 2 s behind: alive all the same, for a whole lease.
+        view.member_loaded(fresh, 2, start, 10_000 + 2_000);
+        let mut late = record("late", false);
+        late.heartbeat_ms = 10_000;
+        view.member_loaded(late, 3, start, 10_000 + 2_000 + 200);
         assert!(!view.alive("old", start));
-        assert!(view.alive("fresh", start + Duration::from_millis(1_200)));
-        assert!(!view.alive("fresh", start + Duration::from_millis(1_400)));
+        assert!(view.alive("fresh", start + LEASE));
+        assert!(!view.alive("fresh", start + LEASE + Duration::from_millis(1)));
+        assert!(view.alive("late", start + Duration::from_millis(1_200)));
+        assert!(!view.alive("late", start + Duration::from_millis(1_400)));
         // A stall from +1 s to +10 s: "fresh" was alive when it began, "old" was not.
         view.refresh_after_stall(start + Duration::from_secs(1), start + Duration::from_secs(10));
         assert!(view.alive("fresh", start + Duration::from_secs(11)));
         assert!(!view.alive("old", start + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_member_is_forgotten_by_its_own_lease() {
+        let start = Instant::now();
+        let mut view = ClusterView::new("me".into(), 4, LEASE, start);
+        let slow = MemberRecord { lease_ms: 60_000, ..record("slow", false) };
+        view.member_put(slow, 1, start);
+        view.member_put(record("quick", false), 1, start);
+        let later = start + LEASE * DEAD_MEMBER_KEPT_LEASES + Duration::from_millis(1);
+        view.forget_dead(later);
+        assert!(view.alive("slow", later), "a 60 s lease still holds");
+        assert_eq!(view.silent_for("quick", later), None, "forgotten");
     }
 
     #[test]
