@@ -150,7 +150,29 @@ struct Append {
     done: Done,
 }
 
-type Answer = std::result::Result<Position, String>;
+type Answer = std::result::Result<Position, Failure>;
+
+/// Why an append failed, and whether its frame may be on disk all the same.
+#[derive(Clone, Debug)]
+struct Failure {
+    message: String,
+    /// The group's write began: whole frames of it may be on disk, and a replay (by the
+    /// shard's next owner) would apply them.
+    maybe_written: bool,
+}
+
+impl Failure {
+    /// The commit's error: [`Error::OutcomeUnknown`] when its frame may be on disk.
+    fn into_error(self) -> Error {
+        if self.maybe_written {
+            Error::OutcomeUnknown {
+                detail: format!("{}; restart the coordinator once the disk is healthy", self.message),
+            }
+        } else {
+            journal_failed(&self.message)
+        }
+    }
+}
 
 /// Where an append's outcome goes: an async caller or a blocked thread.
 enum Done {
@@ -200,7 +222,7 @@ impl Journal {
         self.submit(Append { shard, data: true, frame, done: Done::Async(done) })?;
         match answer.await {
             Ok(Ok(end)) => Ok(end),
-            Ok(Err(failure)) => Err(journal_failed(&failure)),
+            Ok(Err(failure)) => Err(failure.into_error()),
             Err(_) => Err(journal_failed("the journal writer stopped")),
         }
     }
@@ -213,7 +235,7 @@ impl Journal {
         self.submit(Append { shard, data: false, frame, done: Done::Blocking(done) })?;
         match answer.recv() {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(failure)) => Err(journal_failed(&failure)),
+            Ok(Err(failure)) => Err(failure.into_error()),
             Err(_) => Err(journal_failed("the journal writer stopped")),
         }
     }
@@ -454,14 +476,12 @@ impl Writer {
     }
 
     /// Writes the group and syncs; one result per append, in order.
-    fn write_group(
-        &mut self,
-        group: &mut [Append],
-        buffer: &mut Vec<u8>,
-    ) -> Vec<std::result::Result<Position, String>> {
-        if let Some(failure) = lock(&self.state).failed.clone() {
-            return vec![Err(failure); group.len()];
+    fn write_group(&mut self, group: &mut [Append], buffer: &mut Vec<u8>) -> Vec<Answer> {
+        if let Some(message) = lock(&self.state).failed.clone() {
+            return vec![Err(Failure { message, maybe_written: false }); group.len()];
         }
+        // How many of the group's bytes may be on disk after a failed write.
+        let mut on_disk = 0;
         let bytes: usize = group.iter().map(|append| append.frame.len()).sum();
         let written = self.prepare(bytes as u64).and_then(|start| {
             let mut ends = Vec::with_capacity(group.len());
@@ -474,10 +494,12 @@ impl Writer {
             let (file, _) = self.file.as_mut().expect("prepare opened a segment");
             let started = Instant::now();
             // The segment is open with O_DSYNC: the write returns once its bytes are durable.
-            if let Err(error) = file.write_all_at(buffer, start.offset) {
-                // Part of the group may be on disk: whole frames a replay would apply,
-                // though their commits are answered as failed. A zero header ends the
-                // segment's frames there (best effort: the disk is failing).
+            if let Err((error, written)) = write_all_at(file, buffer, start.offset) {
+                // Part of the group may be on disk: whole frames a replay would apply. A
+                // zero header ends the segment's frames there, but only if it reaches the
+                // disk, which is failing: the commits whose frames may be whole on disk are
+                // answered as maybe applied.
+                on_disk = bytes_maybe_on_disk(&error, written, buffer.len());
                 let _ = file.write_all_at(&[0; FRAME_HEADER_BYTES], start.offset);
                 return Err(io_failure(&error));
             }
@@ -501,9 +523,16 @@ impl Writer {
                 ends.into_iter().map(Ok).collect()
             }
             Err(error) => {
-                let failure = format!("journal write to {} failed: {error}", self.dir.display());
-                state.failed = Some(failure.clone());
-                vec![Err(failure); group.len()]
+                let message = format!("journal write to {} failed: {error}", self.dir.display());
+                state.failed = Some(message.clone());
+                let mut end = 0;
+                group
+                    .iter()
+                    .map(|append| {
+                        end += append.frame.len();
+                        Err(Failure { message: message.clone(), maybe_written: end <= on_disk })
+                    })
+                    .collect()
             }
         }
     }
@@ -588,6 +617,32 @@ fn segment_path(dir: &Path, segment: u64) -> PathBuf {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// How many of a write's `total` bytes may be on disk when it failed with `error` after
+/// `written` of them: a full disk refuses the bytes it has no room for and takes none of
+/// them, any other failure may have put all of them there.
+fn bytes_maybe_on_disk(error: &io::Error, written: usize, total: usize) -> usize {
+    if error.kind() == io::ErrorKind::StorageFull {
+        written
+    } else {
+        total
+    }
+}
+
+/// Writes all of `bytes` at `offset`; on failure, the error and how many bytes were written
+/// before it.
+fn write_all_at(file: &File, bytes: &[u8], offset: u64) -> std::result::Result<(), (io::Error, usize)> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match file.write_at(&bytes[written..], offset + written as u64) {
+            Ok(0) => return Err((io::Error::from(io::ErrorKind::WriteZero), written)),
+            Ok(count) => written += count,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err((error, written)),
+        }
+    }
+    Ok(())
 }
 
 fn journal_failed(failure: &str) -> Error {
@@ -1074,6 +1129,17 @@ mod tests {
     }
 
     /// Appends `count` frames of one 1 MiB value each, frame `i` for shard `i`; their ends.
+    #[test]
+    fn a_failed_write_is_a_maybe_applied_commit_where_its_frame_may_be_whole_on_disk() {
+        let full = io::Error::from(io::ErrorKind::StorageFull);
+        assert_eq!(bytes_maybe_on_disk(&full, 0, 9_000), 0);
+        assert_eq!(bytes_maybe_on_disk(&full, 4_096, 9_000), 4_096, "a prefix of the group reached the disk");
+        assert_eq!(bytes_maybe_on_disk(&io::Error::other("EIO"), 0, 9_000), 9_000, "a failing disk may have taken all");
+        let failure = |maybe_written| Failure { message: "journal write failed".into(), maybe_written };
+        assert!(matches!(failure(true).into_error(), Error::OutcomeUnknown { .. }));
+        assert!(matches!(failure(false).into_error(), Error::Backend(_)));
+    }
+
     async fn append_mib_frames(journal: &Journal, count: u32) -> Vec<Position> {
         let mut ends = Vec::new();
         for index in 0..count {

@@ -9,7 +9,9 @@
 //! - A commit checks the epoch, then appends the batch to the process journal
 //!   ([`journal`]), which all shards of the process share: one `fdatasync` makes every
 //!   batch that arrived meanwhile durable (group commit across shards). When `commit`
-//!   returns `Ok`, the batch is on disk; when it returns an error, nothing of it is.
+//!   returns `Ok`, the batch is on disk; when it returns [`Error::OutcomeUnknown`] (the
+//!   journal's write failed after some of it may have reached the disk), it may be; when
+//!   it returns another error, nothing of it is.
 //! - A committed batch is read from memory (the shard's overlay) until a checkpoint writes
 //!   it to the shard file in one durable redb transaction, about
 //!   [`CHECKPOINT_INTERVAL_DEFAULT`] later, and records how far into the journal the file
