@@ -338,7 +338,10 @@ fn checkpointer(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
                 budget -= 1;
             }
             // A failure leaves the writes in the overlay and the journal; retried next tick.
-            let _ = core.checkpoint();
+            // One that opens the file again holds the shard's commits back meanwhile.
+            let reopen = core.needs_reopen();
+            let _in_order = reopen.then(|| core.commit_order.blocking_lock());
+            let _ = core.checkpoint(reopen);
         }
     }
 }
@@ -456,6 +459,7 @@ fn open_shard_file(
         db: RwLock::new(Some(db)),
         cache_bytes,
         latched: AtomicBool::new(false),
+        lost: AtomicBool::new(false),
         limits,
         epoch: Mutex::new(epoch),
         overlay: Mutex::new(Overlay::default()),
@@ -597,6 +601,9 @@ struct ShardCore {
     /// An access failed and left the file latched by redb, or a checkpoint panicked: the
     /// checkpointer opens the file again, even with nothing to write.
     latched: AtomicBool,
+    /// The file was acquired by another process while it was closed here to be opened
+    /// again: this handle commits, checkpoints and reads nothing more.
+    lost: AtomicBool,
     limits: StoreLimits,
     /// The epoch in the file: only this process changes it while it holds the file.
     epoch: Mutex<Epoch>,
@@ -638,12 +645,14 @@ impl ShardCore {
     /// Writes the overlay, as it is now, to the file; blocking. Commits that arrive
     /// meanwhile wait for the next checkpoint. A failure is logged (the first of a streak),
     /// counted, and retried after [`CHECKPOINT_RETRY`].
-    fn checkpoint(&self) -> Result<()> {
+    /// `commits_held`: no commit of the shard can run meanwhile (its `commit_order` is held,
+    /// or the handle is gone), which opening the file again needs.
+    fn checkpoint(&self, commits_held: bool) -> Result<()> {
         let started = Instant::now();
         // A panic of redb's (some damage it meets as an assertion) fails this checkpoint
         // like an error, rather than ending the thread that checkpoints every shard. The
         // file is opened again before the next try.
-        let written = catch_quietly(|| self.write_overlay()).unwrap_or_else(|panic| {
+        let written = catch_quietly(|| self.write_overlay(commits_held)).unwrap_or_else(|panic| {
             self.latched.store(true, Ordering::Relaxed);
             Err(backend(std::io::Error::other(format!(
                 "writing {} panicked: {}",
@@ -682,11 +691,17 @@ impl ShardCore {
         }
     }
 
+    /// Whether the next checkpoint may open the file again (see [`Self::reopen_if_latched`]).
+    fn needs_reopen(&self) -> bool {
+        self.latched.load(Ordering::Relaxed) || lock(&self.overlay).failure.is_some()
+    }
+
     /// The checkpoint's work: true when it wrote something.
-    fn write_overlay(&self) -> Result<bool> {
+    fn write_overlay(&self, commits_held: bool) -> Result<bool> {
         let _one_at_a_time = lock(&self.checkpointing);
-        if lock(&self.overlay).failure.is_some() || self.latched.load(Ordering::Relaxed) {
-            self.reopen_if_latched()?;
+        self.check_not_lost()?;
+        if self.needs_reopen() {
+            self.reopen_if_latched(commits_held)?;
         }
         let mut wrote = false;
         // A failed checkpoint's layer goes first, then the active one: two rounds at most.
@@ -720,6 +735,7 @@ impl ShardCore {
     /// Runs `work` on the open file. A failure that latched the file is noted, so that the
     /// checkpointer opens it again.
     fn with_db<T>(&self, work: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        self.check_not_lost()?;
         match &*read_lock(&self.db) {
             Some(db) => {
                 let done = work(db);
@@ -740,21 +756,79 @@ impl ShardCore {
     /// Opens the file again if a failed read or write latched it in redb (which then fails
     /// every read and write of it until it is reopened). Opening rolls the file back to its last
     /// successful checkpoint; the commits after it are still in memory and in the journal.
-    fn reopen_if_latched(&self) -> Result<()> {
+    ///
+    /// Closing the file lets go of its lock: another process may open and acquire the
+    /// shard meanwhile, and replay this process's journal as it is then. So no commit of
+    /// the shard runs while it is closed (`commits_held`, else the reopen waits for a call
+    /// that holds them), a commit is refused while the file is not open here, and a file
+    /// whose epoch moved meanwhile is lost to this handle.
+    fn reopen_if_latched(&self, commits_held: bool) -> Result<()> {
         // The flag alone after a panic: redb's state is unknown then, so it is not asked.
         let latched = self.latched.load(Ordering::Relaxed) || read_lock(&self.db).as_ref().is_none_or(is_latched);
         if !latched {
             return Ok(());
+        }
+        if !commits_held {
+            return Err(backend(std::io::Error::other(format!(
+                "shard {}: {} is to be opened again after a failed access; the next checkpoint does it",
+                self.shard,
+                self.path.display()
+            ))));
         }
         let mut db = write_lock(&self.db);
         // The old handle goes first: it holds the file's lock. Taken out before it is
         // dropped, so that a panic while dropping it leaves no handle behind.
         drop(db.take());
         // Open before, so listed: a file wiped meanwhile is refused, not created again.
-        *db = Some(self.shared.open_database(self.shard, &self.path, self.cache_bytes, true)?);
+        let opened = self.shared.open_database(self.shard, &self.path, self.cache_bytes, true)?;
+        let epoch =
+            opened.begin_read().map_err(backend)?.open_table(KV).map_err(backend).and_then(|kv| read_epoch(&kv))?;
+        if epoch != self.epoch() {
+            self.lost.store(true, Ordering::Relaxed);
+            warn!(
+                shard = %self.shard,
+                file = %self.path.display(),
+                epoch = epoch.0,
+                held = self.epoch().0,
+                "another process acquired the shard while its file was closed here to be opened again; this process \
+                 gives the shard up"
+            );
+            return self.check_not_lost();
+        }
+        *db = Some(opened);
         self.latched.store(false, Ordering::Relaxed);
         info!(shard = %self.shard, file = %self.path.display(), "opened the shard file again after a failed read or write");
         Ok(())
+    }
+
+    /// Refuses whatever this handle is asked once another process took its file.
+    fn check_not_lost(&self) -> Result<()> {
+        if !self.lost.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        Err(Error::Busy {
+            shard: self.shard,
+            detail: format!(
+                "{} was acquired by another process while it was closed here to be opened again after a failed \
+                 access; open the shard again to serve it here",
+                self.path.display()
+            ),
+        })
+    }
+
+    /// Refuses a commit while the file is not open here: its lock is let go then, and
+    /// another process that opened the shard would not replay the commit.
+    fn check_open(&self) -> Result<()> {
+        self.check_not_lost()?;
+        if read_lock(&self.db).is_some() {
+            return Ok(());
+        }
+        Err(backend(std::io::Error::other(format!(
+            "shard {}: {} could not be opened again after a failed access, so this process no longer holds it; the \
+             next checkpoint retries (free or fix the data directory's disk)",
+            self.shard,
+            self.path.display()
+        ))))
     }
 
     /// Refuses a commit while too many commits wait for their checkpoint: they are held in
@@ -784,7 +858,8 @@ impl ShardCore {
 
     /// Checkpoints and notes in the journal that nothing of the shard is needed there.
     fn finish(&self) -> Result<()> {
-        self.checkpoint()?;
+        // The handle is gone: no commit can run.
+        self.checkpoint(true)?;
         if self.wrote.swap(false, Ordering::Relaxed) {
             self.shared.journal.append_clean_blocking(self.shard, self.epoch())?;
         }
@@ -855,7 +930,7 @@ impl ShardStore for RedbShard {
         self.run_blocking(|core| {
             // Whatever this process journaled under the old epoch goes to the file first:
             // from here on a replay starts after it.
-            core.checkpoint()?;
+            core.checkpoint(true)?;
             let next = core.with_db(|db| {
                 let txn = begin_durable(db)?;
                 let next = {
@@ -950,6 +1025,7 @@ impl ShardStore for RedbShard {
         if current != epoch {
             return Err(Error::StaleEpoch { shard: core.shard, epoch, current });
         }
+        core.check_open()?;
         let through = core.shared.journal.append(core.shard, frame).await?;
         core.wrote.store(true, Ordering::Relaxed);
         let over = {
@@ -1172,7 +1248,7 @@ mod tests {
         let epoch = shard.acquire().await.unwrap();
         let (_, refusal) = commit_values(&shard, epoch, prefix, 1).await;
         assert!(refusal.is_none(), "{refusal:?}");
-        shard.core().checkpoint().unwrap();
+        shard.core().checkpoint(true).unwrap();
         (shard, epoch)
     }
 
@@ -1283,6 +1359,36 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!shard.core().latched.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_file_acquired_elsewhere_while_it_was_closed_to_be_reopened_is_lost_to_this_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(6), "k").await;
+        // The file closed to be opened again (as after a failed access), and that failed:
+        // its lock is let go, so a commit is refused, not journaled where nobody replays it.
+        drop(write_lock(&shard.core().db).take());
+        let mut batch = WriteBatch::new();
+        batch.set(b"while-closed".to_vec(), b"v".to_vec());
+        let refused = shard.commit(epoch, batch).await.unwrap_err().to_string();
+        assert!(refused.contains("could not be opened again"), "{refused}");
+
+        // Another process takes the shard meanwhile, and gives it up.
+        let elsewhere = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let taken = elsewhere.open_shard(ShardId(6)).await.unwrap();
+        assert!(taken.acquire().await.unwrap() > epoch);
+        taken.close().unwrap();
+
+        // Opened again here, the file's epoch says so: the handle gives the shard up.
+        shard.core().latched.store(true, Ordering::Relaxed);
+        let lost = shard.core().checkpoint(true).unwrap_err();
+        assert!(matches!(lost, Error::Busy { .. }), "{lost}");
+        let mut batch = WriteBatch::new();
+        batch.set(b"after".to_vec(), b"v".to_vec());
+        assert!(matches!(shard.commit(epoch, batch).await, Err(Error::Busy { .. })));
+        assert!(matches!(shard.get(b"k00000").await, Err(Error::Busy { .. })), "nothing read from the lost file");
+        assert!(read_lock(&shard.core().db).is_none(), "the file is not held here");
     }
 
     #[tokio::test]
