@@ -379,9 +379,13 @@ async fn refused_durable_submits_are_kept_with_why_and_listed() -> anyhow::Resul
     assert_eq!((request.idempotency_key.as_deref(), &request.input), (Some("order-9"), &json!({"order": 9})));
     assert_eq!((malformed.code.as_str(), &malformed.request), ("invalid_request", &None), "{malformed:?}");
     assert!(malformed.submit_sequence > not_deployed.submit_sequence, "{refused:?}");
-    // Neither is left in the submit stream.
-    let submits = jetstream.get_stream(subjects.submit_stream()).await?.get_info().await?;
-    assert_eq!(submits.state.messages, 0, "{submits:?}");
+    // Neither is left in the submit stream (each is acked once its refusal is kept).
+    wait_for("both submits to leave the stream", RUN_DEADLINE, || async {
+        let submits = jetstream.get_stream(subjects.submit_stream()).await.ok()?.get_info().await.ok()?;
+        (submits.state.messages == 0).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
 
     let (ok, stdout, stderr) = grid.cli(&["run", "refused"])?;
     assert!(ok && stdout.contains("never-deployed") && stdout.contains("order-9"), "{stdout}{stderr}");
