@@ -551,6 +551,9 @@ impl Writer {
         let lock_file = match self.file.take() {
             Some((_, held)) => held,
             None => fs::create_dir_all(&self.dir)
+                // Its entry in `journal/`, and that one's in the data directory: the first
+                // frame is answered as durable, so the directory holding it must be too.
+                .and_then(|()| self.dir.ancestors().skip(1).take(2).try_for_each(sync_dir))
                 .and_then(|()| take_writer_lock(&self.dir))
                 .and_then(|held| mark_writer(&self.dir).map(|()| held))
                 .map_err(|error| format!("cannot lock and mark the journal {}: {error}", self.dir.display()))?,
