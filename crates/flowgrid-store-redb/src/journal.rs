@@ -138,6 +138,10 @@ struct State {
     last_appended: HashMap<ShardId, Position>,
     /// Segments on disk, oldest first.
     segments: BTreeSet<u64>,
+    /// Shards closed without their last frames checkpointed (their file failed), with the
+    /// epoch of those frames: kept in `unchecked` until their next owner notes in
+    /// `replayed` that it replayed them.
+    released: HashMap<ShardId, Epoch>,
     /// Set when a write or sync failed: the file's state is unknown, so nothing more is
     /// appended and every commit fails with this message.
     failed: Option<String>,
@@ -292,6 +296,11 @@ impl Journal {
         } else {
             state.unchecked.insert(shard, through);
         }
+        self.delete_obsolete(state);
+    }
+
+    /// Deletes the segments before the oldest one a shard still needs.
+    fn delete_obsolete(&self, mut state: std::sync::MutexGuard<'_, State>) {
         let keep_from = state.unchecked.values().map(|position| position.segment).min().unwrap_or(u64::MAX);
         let keep_from = keep_from.min(state.end.segment);
         let obsolete: Vec<u64> = state.segments.range(..keep_from).copied().collect();
@@ -307,6 +316,44 @@ impl Journal {
         let deleted =
             obsolete.iter().take_while(|segment| fs::remove_file(segment_path(&dir, **segment)).is_ok()).count();
         lock(&self.state).segments.extend(&obsolete[deleted..]);
+    }
+
+    /// Notes that `shard` was closed without its frames up to `epoch` checkpointed (its
+    /// file failed): they stay until its next owner replayed them.
+    pub(crate) fn released(&self, shard: ShardId, epoch: Epoch) {
+        lock(&self.state).released.insert(shard, epoch);
+    }
+
+    /// `shard` is open here again: its frames are this process's to checkpoint once more.
+    pub(crate) fn reopened(&self, shard: ShardId) {
+        lock(&self.state).released.remove(&shard);
+    }
+
+    /// Forgets the released shards whose next owner noted that it replayed their frames,
+    /// and deletes the segments nothing needs any more: without it, one shard closed with
+    /// a failed checkpoint would keep every later segment until the process stopped.
+    pub(crate) fn forget_replayed(&self) {
+        let _deleting = lock(&self.deleting);
+        if lock(&self.state).released.is_empty() {
+            return;
+        }
+        let replayed = read_replayed(&self.root.join(&self.writer));
+        let mut state = lock(&self.state);
+        let done: Vec<ShardId> = state
+            .released
+            .iter()
+            .filter(|(shard, epoch)| replayed.get(&shard.0).is_some_and(|noted| *noted >= epoch.0))
+            .map(|(shard, _)| *shard)
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        for shard in done {
+            state.released.remove(&shard);
+            state.unchecked.remove(&shard);
+            state.last_appended.remove(&shard);
+        }
+        self.delete_obsolete(state);
     }
 
     /// Forgets `shard` after it was closed clean.
@@ -958,6 +1005,20 @@ pub(crate) fn note_replayed(root: &Path, writer: &str, shard: ShardId, epoch: Ep
         .map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))
 }
 
+/// The notes of a writer's `replayed`: per shard, the latest epoch its frames were
+/// replayed under.
+fn read_replayed(dir: &Path) -> HashMap<u32, u64> {
+    let mut replayed: HashMap<u32, u64> = HashMap::new();
+    for line in fs::read_to_string(dir.join("replayed")).unwrap_or_default().lines() {
+        let mut fields = line.split_whitespace().map(str::parse::<u64>);
+        if let (Some(Ok(shard)), Some(Ok(epoch))) = (fields.next(), fields.next()) {
+            let noted = replayed.entry(shard as u32).or_default();
+            *noted = (*noted).max(epoch);
+        }
+    }
+    replayed
+}
+
 /// Deletes the journals of writers that died once every shard they left dirty was replayed
 /// by its next owner, under the epoch of the shard's last frames. Returns how many were
 /// deleted. A journal whose writer lives (its lock is held) is never touched, nor one
@@ -994,14 +1055,7 @@ pub(crate) fn collect_dead_journals(root: &Path, own: &str) -> usize {
         if read.is_err() {
             continue;
         }
-        let mut replayed: HashMap<u32, u64> = HashMap::new();
-        for line in fs::read_to_string(dir.join("replayed")).unwrap_or_default().lines() {
-            let mut fields = line.split_whitespace().map(str::parse::<u64>);
-            if let (Some(Ok(shard)), Some(Ok(epoch))) = (fields.next(), fields.next()) {
-                let noted = replayed.entry(shard as u32).or_default();
-                *noted = (*noted).max(epoch);
-            }
-        }
+        let replayed = read_replayed(&dir);
         let all_replayed = dirty.iter().all(|(shard, dirty_epoch)| match dirty_epoch {
             None => true,
             Some(epoch) => replayed.get(&shard.0).is_some_and(|noted| *noted >= epoch.0),
@@ -1193,6 +1247,33 @@ mod tests {
         slow.record(dir, SLOW_SYNC * 2, 10);
         slow.record(dir, SLOW_SYNC * 4, 10);
         assert_eq!((slow.unreported, slow.worst), (2, SLOW_SYNC * 4), "later ones wait for the next warning");
+    }
+
+    #[tokio::test]
+    async fn a_shard_closed_unchecked_keeps_its_segment_until_its_next_owner_replayed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        let writer_dir = journal.root().join(journal.writer());
+        let ends = append_mib_frames(&journal, 9).await;
+        // Shard 0 closed with its checkpoint failed; every other shard checkpointed.
+        journal.released(ShardId(0), Epoch(1));
+        for index in 1..9u32 {
+            journal.checkpointed(ShardId(index), ends[index as usize]);
+        }
+        journal.forget_replayed();
+        assert!(segment_path(&writer_dir, 1).exists(), "shard 0's frames are not replayed yet");
+        // Its next owner replays them under their epoch and notes it.
+        note_replayed(journal.root(), journal.writer(), ShardId(0), Epoch(1)).unwrap();
+        journal.forget_replayed();
+        assert!(!segment_path(&writer_dir, 1).exists(), "nothing needs the first segment any more");
+
+        // A shard opened here again is this process's own once more: a note changes nothing.
+        let later = journal.append(ShardId(9), encode_data(ShardId(9), Epoch(1), &[])).await.unwrap();
+        journal.released(ShardId(9), Epoch(1));
+        journal.reopened(ShardId(9));
+        note_replayed(journal.root(), journal.writer(), ShardId(9), Epoch(1)).unwrap();
+        journal.forget_replayed();
+        assert_eq!(lock(&journal.state).unchecked.get(&ShardId(9)).map(|at| at.segment), Some(later.segment));
     }
 
     #[tokio::test]

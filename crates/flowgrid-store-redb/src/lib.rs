@@ -318,6 +318,7 @@ fn checkpointer(shared: Weak<Shared>, woken: mpsc::Receiver<()>) {
         let Some(shared) = shared.upgrade() else { return };
         if last_sweep.is_none_or(|at| at.elapsed() >= DEAD_JOURNAL_SWEEP) {
             journal::collect_dead_journals(shared.journal.root(), shared.journal.writer());
+            shared.journal.forget_replayed();
             last_sweep = Some(Instant::now());
         }
         let interval = *lock(&shared.checkpoint_interval);
@@ -434,6 +435,9 @@ fn open_shard_file(
     cache_bytes: usize,
     shared: Arc<Shared>,
 ) -> Result<Arc<ShardCore>> {
+    // Open here again: its frames in this process's journal are this handle's to
+    // checkpoint, not left for another owner.
+    shared.journal.reopened(shard);
     let listed = created::listed(&path)?;
     let db = shared.open_database(shard, &path, cache_bytes, listed)?;
     // Create the tables once, so that reads never meet a missing table.
@@ -859,7 +863,11 @@ impl ShardCore {
     /// Checkpoints and notes in the journal that nothing of the shard is needed there.
     fn finish(&self) -> Result<()> {
         // The handle is gone: no commit can run.
-        self.checkpoint(true)?;
+        if let Err(error) = self.checkpoint(true) {
+            // Its frames stay in the journal until its next owner replayed them.
+            self.shared.journal.released(self.shard, self.epoch());
+            return Err(error);
+        }
         if self.wrote.swap(false, Ordering::Relaxed) {
             self.shared.journal.append_clean_blocking(self.shard, self.epoch())?;
         }
