@@ -14,6 +14,8 @@ const NODE_HEIGHT: i64 = 46;
 const COLUMN_GAP: i64 = 80;
 const ROW_GAP: i64 = 22;
 const MARGIN: i64 = 12;
+/// Waypoints of long edges a drawing routes at most; past it they go straight.
+const WAYPOINTS_MAX: usize = 5_000;
 
 /// One step placed in the drawing.
 #[derive(Debug, PartialEq, Eq)]
@@ -77,14 +79,19 @@ impl Layout {
             }
         }
         // Vertices: the steps, then a waypoint in every column an edge passes through, so
-        // that a long edge gets a row of its own there instead of crossing a step.
+        // that a long edge gets a row of its own there instead of crossing a step. Past
+        // [`WAYPOINTS_MAX`] (many long edges: a drawing of megabytes), long edges go straight.
+        let waypoints: usize = links.iter().map(|&(from, to, _)| column[to].saturating_sub(column[from] + 1)).sum();
+        let routed = waypoints <= WAYPOINTS_MAX;
         let mut vertex_column = column.clone();
         let mut chains: Vec<Vec<usize>> = Vec::with_capacity(links.len());
         for &(from, to, _) in &links {
             let mut chain = vec![from];
-            for passed in column[from] + 1..column[to] {
-                vertex_column.push(passed);
-                chain.push(vertex_column.len() - 1);
+            if routed {
+                for passed in column[from] + 1..column[to] {
+                    vertex_column.push(passed);
+                    chain.push(vertex_column.len() - 1);
+                }
             }
             chain.push(to);
             chains.push(chain);
@@ -99,9 +106,13 @@ impl Layout {
         // crossings); steps in definition order, then waypoints, on ties.
         let mut row = vec![0usize; vertex_column.len()];
         let columns = column.iter().max().map_or(0, |last| last + 1);
-        for current in 0..columns {
-            let mut members: Vec<(f64, usize)> = (0..vertex_column.len())
-                .filter(|&vertex| vertex_column[vertex] == current)
+        let mut in_column: Vec<Vec<usize>> = vec![Vec::new(); columns];
+        for (vertex, &at) in vertex_column.iter().enumerate() {
+            in_column[at].push(vertex);
+        }
+        for members in in_column {
+            let mut members: Vec<(f64, usize)> = members
+                .into_iter()
                 .map(|vertex| {
                     let rows: Vec<usize> = before[vertex].iter().map(|&earlier| row[earlier]).collect();
                     let mean =
@@ -303,6 +314,19 @@ steps:
                 (1, 3, Some("default"))
             ]
         );
+    }
+
+    #[test]
+    fn a_thousand_steps_each_after_the_first_and_the_previous_draw_in_bounded_size() {
+        let mut yaml = String::from("name: wide\nsteps:\n  - { kind: wait, id: s0, duration_ms: 1 }\n  - { kind: wait, id: s1, duration_ms: 1, after: [s0] }\n");
+        for step in 2..1_000 {
+            yaml.push_str(&format!("  - {{ kind: wait, id: s{step}, duration_ms: 1, after: [s0, s{}] }}\n", step - 1));
+        }
+        let layout = Layout::of(&definition(&yaml));
+        assert_eq!(layout.nodes.last().map(|node| node.column), Some(999));
+        assert!(layout.edges.iter().all(|edge| edge.via.is_empty()), "half a million waypoints were routed");
+        let drawn = layout.svg(&HashMap::new()).into_string();
+        assert!(drawn.len() < 2 << 20, "{} bytes", drawn.len());
     }
 
     #[test]
