@@ -104,7 +104,7 @@ test: setup
 	@echo "==> doc tests"
 	$(CARGO) test --doc
 	@echo "==> flowgrid schemas --check (schemas/ must match the Rust types; make schemas regenerates them)"
-	$(FLOWGRID_BIN) schemas --out schemas --check
+	"$(FLOWGRID_BIN)" schemas --out schemas --check
 	@echo "==> FoundationDB backend type-check"
 	./deploy/check-fdb.sh --skip-if-missing
 	@echo "==> dependency direction"
@@ -125,7 +125,7 @@ status:
 	./deploy/grid.sh status
 
 schemas: build
-	$(FLOWGRID_BIN) schemas --out schemas
+	"$(FLOWGRID_BIN)" schemas --out schemas
 
 check-fdb:
 	./deploy/check-fdb.sh
@@ -146,7 +146,7 @@ clean-grid:
 # Starts its own nats-server and coordinator (release build) on free ports and stops them at the end.
 loadtest: tools
 	$(CARGO) build --release --bins -p flowgrid-cli -p flowgrid-loadtest
-	$(LOAD_TOOLS); FLOWGRID_BIN=$(RELEASE_FLOWGRID_BIN) $(TARGET_DIR)/release/flowgrid-loadtest $(LOADTEST_ARGS)
+	$(LOAD_TOOLS); FLOWGRID_BIN="$(RELEASE_FLOWGRID_BIN)" "$(TARGET_DIR)/release/flowgrid-loadtest" $(LOADTEST_ARGS)
 
 targets:
 	$(MAKE) loadtest LOADTEST_ARGS="targets $(TARGETS_ARGS)"
@@ -159,5 +159,5 @@ profile:
 chaos: tools
 	$(CARGO) build --release --bins -p flowgrid-cli -p flowgrid-loadtest
 	$(LOAD_TOOLS); duration='$(DURATION)'; [[ "$$duration" =~ ^[0-9]+$$ ]] && duration+=s; \
-	$(TARGET_DIR)/release/flowgrid-loadtest chaos --duration "$$duration" --flowgrid-bin $(RELEASE_FLOWGRID_BIN) \
+	"$(TARGET_DIR)/release/flowgrid-loadtest" chaos --duration "$$duration" --flowgrid-bin "$(RELEASE_FLOWGRID_BIN)" \
 	    $(CHAOS_ARGS)

@@ -106,10 +106,13 @@ wait_gone() {
 load_tools() {
     local root=$1
     if [[ -z "${NATS_SERVER_BIN:-}" && -f "$root/.grid/tools.env" ]]; then
-        set -a
-        # shellcheck source=/dev/null
-        . "$root/.grid/tools.env"
-        set +a
+        # Read, not sourced: a value is taken as written, spaces in a path included.
+        local key value
+        while IFS='=' read -r key value; do
+            case $key in
+                NATS_SERVER_BIN | GRID_PYTHON) export "$key=$value" ;;
+            esac
+        done <"$root/.grid/tools.env"
     fi
     if [[ -z "${NATS_SERVER_BIN:-}" ]]; then
         NATS_SERVER_BIN=$(command -v nats-server || true)

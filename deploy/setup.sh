@@ -37,6 +37,16 @@ PY
 
 command -v python3 >/dev/null 2>&1 || die "python3 is missing: install python3 (and python3-venv)"
 
+# Debian's python3 makes no virtualenv without python3-venv (and refuses pip install
+# --user): installed here where this runs as root with apt-get, as CI does.
+if ! python3 -c 'import ensurepip' >/dev/null 2>&1 && [[ ! -x "$VENV/bin/python" ]] \
+    && [[ "${SETUP_SKIP_SYSTEM:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    say "setup: installing python3-venv with apt-get (python3 -m venv needs it)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2 \
+        || say "setup: WARNING: apt-get could not install python3-venv"
+fi
+
 python=""
 nats_bin=""
 if [[ -x "$VENV/bin/python" ]] && pins_installed "$VENV/bin/python"; then
