@@ -60,6 +60,8 @@ pub use foundationdb;
 
 /// FoundationDB's error code for a transaction that ran past its timeout option.
 const TRANSACTION_TIMED_OUT: i32 = 1031;
+/// FoundationDB's `transaction_cancelled`.
+const TRANSACTION_CANCELLED: i32 = 1025;
 
 /// Opens shards as subspaces of one cluster. Cheap to clone and share.
 #[derive(Clone)]
@@ -180,6 +182,14 @@ impl FdbShard {
     fn store_error(&self, error: FdbBindingError, started: Instant, maybe_committed: bool) -> Error {
         match error {
             FdbBindingError::CustomError(custom) => match custom.downcast::<Error>() {
+                // A retry after an attempt that may have committed found the shard acquired
+                // since (its owner moved while the cluster was in trouble): that attempt may
+                // stand, so this is no refusal that changed nothing.
+                Ok(store_error) if maybe_committed && matches!(*store_error, Error::StaleEpoch { .. }) => {
+                    Error::OutcomeUnknown {
+                        detail: format!("an earlier attempt may have committed; then {store_error}"),
+                    }
+                }
                 Ok(store_error) => *store_error,
                 Err(other) => Error::Backend(other),
             },
@@ -210,7 +220,9 @@ impl RunnerHooks for CommitOutcome {
         &self,
         error: &TransactionCommitError,
     ) -> impl std::future::Future<Output = FdbResult<()>> + Send {
-        if error.is_maybe_committed() {
+        // A transaction cancelled (or timed out, which cancels it) while its commit was
+        // out may or may not have committed, as FoundationDB documents.
+        if error.is_maybe_committed() || matches!(error.code(), TRANSACTION_TIMED_OUT | TRANSACTION_CANCELLED) {
             self.maybe_committed.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         async { Ok(()) }
