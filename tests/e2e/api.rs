@@ -343,6 +343,16 @@ async fn oversized_and_malformed_requests_are_refused_and_change_nothing() -> an
     assert!(started.created && started.flow == "idle", "{text}");
     assert!(text["ok"]["run_id"].is_string(), "the reply is plain JSON: {text}");
 
+    // The header's name in any case, as some clients write it.
+    let nats = grid.nats_client().await?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("content-type", "application/json");
+    let request = async_nats::Request::new().payload(b"{}".to_vec().into()).headers(headers);
+    let reply = nats.send_request(format!("{}.api.flow.list", grid.prefix), request).await?;
+    let listed: serde_json::Value = serde_json::from_slice(&reply.payload)
+        .map_err(|error| anyhow::anyhow!("not JSON ({error}): {:?}", reply.payload))?;
+    assert!(listed["ok"]["flows"].is_array(), "{listed}");
+
     let runs = client.list(ListRuns { ..Default::default() }).await.or_logs(&grid)?;
     let ids: Vec<&RunId> = runs.runs.iter().map(|run| &run.run_id).collect();
     assert_eq!(ids, vec![&started.run_id], "only the JSON start created a run: {runs:?}");

@@ -113,14 +113,9 @@ const API_DRAIN_WAIT: std::time::Duration = crate::routing::MOVE_WAIT
     .saturating_add(crate::routing::FORWARD_TIMEOUT)
     .saturating_add(std::time::Duration::from_secs(3));
 
-/// The encoding a message's `Content-Type` header selects.
+/// The encoding a message's `Content-Type` header selects (its name in any case).
 pub fn encoding_of(message: &Message) -> Encoding {
-    let content_type = message
-        .headers
-        .as_ref()
-        .and_then(|headers| headers.get(flowgrid_proto::CONTENT_TYPE_HEADER))
-        .map(|value| value.as_str());
-    Encoding::from_content_type(content_type)
+    flowgrid_sdk::encoding_of(message.headers.as_ref())
 }
 
 /// Serves the API until `shutdown`, then stops taking requests and answers those it has

@@ -109,8 +109,8 @@ impl Refusals {
         headers.insert(REFUSAL_CODE_HEADER, code.to_string().as_str());
         headers.insert(REFUSAL_HEADER, reason.as_str());
         headers.insert(SUBMIT_SEQUENCE_HEADER, sequence.to_string().as_str());
-        if let Some(content_type) = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER)) {
-            headers.insert(CONTENT_TYPE_HEADER, content_type.clone());
+        if let Some(content_type) = flowgrid_sdk::content_type(message.headers.as_ref()) {
+            headers.insert(CONTENT_TYPE_HEADER, content_type);
         }
         let published = self.jetstream.publish_with_headers(self.subjects.submit_refused(), headers, payload);
         let stored = async { published.await?.await.map_err(async_nats::Error::from) };

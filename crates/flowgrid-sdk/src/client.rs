@@ -27,7 +27,7 @@ use flowgrid_proto::{
     FlowInfo, FlowList, FlowPaused, GateMessage, GateTaken, GetFlow, GetRun, GetRunHistory, LimitList, ListFlows,
     ListLimits, ListRuns, LiveOutput, PauseFlow, PauseRun, ProtoError, RedriveRun, Reply, ResultAck, RunCancelled,
     RunHistory, RunList, RunPaused, RunRedriven, RunSignalled, RunStarted, RunsStarted, SignalRun, StartChildRun,
-    StartRun, Subjects, TaskResult, CONTENT_TYPE_HEADER,
+    StartRun, Subjects, TaskResult,
 };
 use serde_json::Value;
 
@@ -210,8 +210,7 @@ impl Client {
         Ok(pieces
             .map(|piece| {
                 let piece = piece?;
-                let content_type = piece.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
-                let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+                let encoding = crate::encoding_of(piece.headers.as_ref());
                 Ok(decode::<LiveOutput>(encoding, &piece.payload)?)
             })
             .boxed())
@@ -624,8 +623,7 @@ impl Client {
                 Error::Nats { context: format!("request on {subject} failed"), source: Box::new(source) }
             }
         })?;
-        let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
-        let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+        let encoding = crate::encoding_of(message.headers.as_ref());
         let reply: Reply<Response> = decode(encoding, &message.payload)?;
         reply.into_result().map_err(Error::Api)
     }

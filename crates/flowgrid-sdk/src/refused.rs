@@ -4,9 +4,7 @@
 use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
 use async_nats::jetstream::Context;
 use flowgrid_model::Millis;
-use flowgrid_proto::{
-    decode, Encoding, StartRun, CONTENT_TYPE_HEADER, REFUSAL_CODE_HEADER, REFUSAL_HEADER, SUBMIT_SEQUENCE_HEADER,
-};
+use flowgrid_proto::{decode, StartRun, REFUSAL_CODE_HEADER, REFUSAL_HEADER, SUBMIT_SEQUENCE_HEADER};
 
 use crate::error::{Error, Result};
 use crate::Client;
@@ -73,7 +71,7 @@ async fn refused_stream(jetstream: &Context, name: &str) -> Result<Option<Stream
 impl RefusedSubmit {
     fn from_message(message: &async_nats::jetstream::message::StreamMessage) -> RefusedSubmit {
         let header = |name: &str| message.headers.get(name).map(|value| value.as_str().to_owned());
-        let encoding = Encoding::from_content_type(header(CONTENT_TYPE_HEADER).as_deref());
+        let encoding = crate::encoding_of(Some(&message.headers));
         let request = decode::<StartRun>(encoding, &message.payload).ok();
         let refused_ms = u64::try_from(message.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         RefusedSubmit {

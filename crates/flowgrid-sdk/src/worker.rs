@@ -36,7 +36,6 @@ use flowgrid_engine::TaskError;
 use flowgrid_model::{AttemptId, Millis};
 use flowgrid_proto::{
     decode, ApiError, Encoding, ErrorCode, LiveOutput, Subjects, TaskMessage, TaskResult, TasksCancelled,
-    CONTENT_TYPE_HEADER,
 };
 
 use crate::backoff::Backoff;
@@ -699,8 +698,7 @@ async fn listen_for_cancels(nats: async_nats::Client, subject: String, shared: A
         }
     };
     while let Some(notice) = notices.next().await {
-        let content_type = notice.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
-        let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+        let encoding = crate::encoding_of(notice.headers.as_ref());
         match decode::<TasksCancelled>(encoding, &notice.payload) {
             Ok(cancelled) => {
                 let stopped = shared.running.cancel(&cancelled.attempts);
@@ -753,8 +751,7 @@ async fn serve(
     _slot: OwnedSemaphorePermit,
     turn: Option<tokio::time::Instant>,
 ) {
-    let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
-    let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+    let encoding = crate::encoding_of(message.headers.as_ref());
     let task_message: TaskMessage = match decode(encoding, &message.payload) {
         Ok(task_message) => task_message,
         Err(error) => {

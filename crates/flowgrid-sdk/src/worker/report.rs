@@ -17,9 +17,7 @@ use tracing::{debug, warn};
 
 use flowgrid_engine::TaskError;
 use flowgrid_model::Millis;
-use flowgrid_proto::{
-    decode, encode, ApiError, Encoding, ErrorCode, Reply, ResultAck, TaskResult, CONTENT_TYPE_HEADER,
-};
+use flowgrid_proto::{decode, encode, ApiError, Encoding, ErrorCode, Reply, ResultAck, TaskResult};
 
 use crate::backoff::Backoff;
 
@@ -126,8 +124,7 @@ pub(crate) async fn send(nats: &async_nats::Client, reply_to: &str, result: &Tas
         Err(error) if error.kind() == async_nats::RequestErrorKind::MaxPayloadExceeded => return Sent::TooLarge,
         Err(error) => return Sent::NoAnswer { reason: error.to_string(), request: Some(error) },
     };
-    let content_type = message.headers.as_ref().and_then(|headers| headers.get(CONTENT_TYPE_HEADER));
-    let encoding = Encoding::from_content_type(content_type.map(|value| value.as_str()));
+    let encoding = crate::encoding_of(message.headers.as_ref());
     match decode::<Reply<ResultAck>>(encoding, &message.payload) {
         Ok(Reply::Ok(ack)) => Sent::Confirmed(ack),
         Ok(Reply::Error(refusal)) => Sent::Refused(refusal),
