@@ -111,9 +111,13 @@ async fn python_worker_completes_its_pools_tasks() -> anyhow::Result<()> {
         assert_eq!(step(&view, id).status, StepStatus::Succeeded, "{:?}", step(&view, id));
     }
     assert_eq!(step(&view, "doubled").attempts, 5, "{:?}", step(&view, "doubled"));
-    // It wrote its record, as docs/protocol.md says a worker may.
-    let (ok, text, errors) = grid.cli(&["workers", "--pool", "py"])?;
-    assert!(ok && text.contains("python nats-py"), "{text}{errors}");
+    // Done with its tasks, it stopped and deleted its record, as docs/protocol.md says.
+    flowgrid_tests::wait_for("the stopped worker's record to go", RUN_DEADLINE, || async {
+        let (ok, text, _) = grid.cli(&["workers", "--pool", "py"]).ok()?;
+        (ok && !text.contains("python nats-py")).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
     Ok(())
 }
 
@@ -145,5 +149,30 @@ async fn python_worker_reports_progress_that_its_retry_resumes_from() -> anyhow:
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     // The retry began where the failed attempt's last report said it got to.
     assert_eq!(view.output, Some(json!({"from": 2, "done": 5})), "{view:?}");
+    // It wrote its record, as docs/protocol.md says a worker may.
+    let (ok, text, errors) = grid.cli(&["workers", "--pool", "py"])?;
+    assert!(ok && text.contains("python nats-py"), "{text}{errors}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_fails_a_step_whose_output_is_too_large_at_once() -> anyhow::Result<()> {
+    let (grid, client) = grid_with_python_worker(None).await?;
+    let flow = "name: py-big\nsteps:\n  - { id: big, kind: task, pool: py, task: big, input: '#{ bytes: 1572864 }' }\n";
+    deploy(&grid, &client, flow).await?;
+    let start = flowgrid_sdk::StartRun { flow: "py-big".into(), ..Default::default() };
+    let run = client.start(start).await.or_logs(&grid)?;
+    // Failed by the worker's error result, long before the attempt's 5 min timeout.
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "{view:?}\n{}", grid.logs());
+    let error = step(&view, "big").error.clone().expect("the step's error");
+    assert_eq!(error.code, "payload_too_large", "{error:?}");
+    // The worker lived through it and serves the next task.
+    let echo = "name: py-echo\nsteps:\n  - { id: e, kind: task, pool: py, task: echo }\n";
+    deploy(&grid, &client, echo).await?;
+    let run =
+        client.start(flowgrid_sdk::StartRun { flow: "py-echo".into(), ..Default::default() }).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     Ok(())
 }

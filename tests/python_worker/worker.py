@@ -5,7 +5,8 @@ It pulls tasks of one pool from JetStream, runs them, sends each result to the
 coordinator as a NATS request, waits for the acknowledgement, and only then acks the
 task message. Tasks of every priority: it pulls the pool's priority lanes, highest first
 (docs/protocol.md, "Priority lanes"). Tasks: `echo` (returns its input), `upper` ({"text": s} -> {"text": S}),
-`double` ({"value": n} -> {"value": 2n}, or a bare number -> its double), `sleep`
+`double` ({"value": n} -> {"value": 2n}, or a bare number -> its double), `big`
+({"bytes": n} -> {"blob": n x's}: an output as large as asked), `sleep`
 ({"ms": n}: waits, returns its input), `steps` ({"to": n, "fail_at": k}: counts to n,
 reporting {"done": i} after each step and starting from the progress an earlier attempt
 reported; the first attempt fails after step k). Any other task name is reported as a non-retryable
@@ -27,7 +28,7 @@ import uuid
 
 import msgpack
 import nats
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.errors import MaxPayloadError, NoRespondersError, TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import NotFoundError
 
@@ -41,10 +42,12 @@ HEARTBEAT_SECONDS = ACK_WAIT_SECONDS / 3
 RESULT_REQUEST_TIMEOUT_SECONDS = 5
 RESULT_RETRY_DELAY_SECONDS = 0.5
 PRIORITY_DEFAULT = 5
-# How often to look for priority lanes that hold tasks, and how long a pull waits on a lane
-# when the pool has several (one task at a time: each lane gets a short look in turn).
+# How often to look for priority lanes that hold tasks, and how long to wait before looking
+# at every lane again when the pool has several and none held a task.
 LANE_SCAN_SECONDS = 1.0
-LANE_FETCH_SECONDS = 0.05
+LANES_IDLE_SECONDS = 0.05
+# A task's error message is cut to this many characters (a result must stay small).
+ERROR_MESSAGE_CHARS_MAX = 2_000
 
 log = logging.getLogger("python-worker")
 
@@ -84,6 +87,10 @@ async def run_task(name, task_input, report=None, progress=None, attempt=1):
         if not isinstance(task_input, dict) or not isinstance(task_input.get("text"), str):
             raise TaskError("invalid_input", 'upper expects {"text": <string>}', retryable=False)
         return {"text": task_input["text"].upper()}
+    if name == "big":
+        if not isinstance(task_input, dict) or not isinstance(task_input.get("bytes"), int):
+            raise TaskError("invalid_input", 'big expects {"bytes": <count>}', retryable=False)
+        return {"blob": "x" * task_input["bytes"]}
     if name == "double":
         if isinstance(task_input, (int, float)) and not isinstance(task_input, bool):
             return task_input * 2
@@ -116,9 +123,17 @@ async def heartbeat(msg):
             log.warning("heartbeat failed: %s", error)
 
 
+def too_large(task, why):
+    """The error result that replaces an output too large to send (docs/protocol.md)."""
+    message = f"the task's output is too large to send: {why}"[:ERROR_MESSAGE_CHARS_MAX]
+    return {"attempt": task["attempt"], "error": {"code": "payload_too_large", "message": message, "retryable": False}}
+
+
 async def send_result(nc, task, result, json_encoded):
     """Sends the result until the coordinator acknowledges it; False when the task's
-    deadline passed first (the coordinator has timed the attempt out by then)."""
+    deadline passed first (the coordinator has timed the attempt out by then). An output
+    too large to send (refused by NATS or by the coordinator) is replaced by a
+    `payload_too_large` error result, so the step fails at once rather than by its timeout."""
     headers = {"Content-Type": JSON_CONTENT_TYPE} if json_encoded else None
     payload = encode(result, json_encoded)
     while True:
@@ -130,12 +145,27 @@ async def send_result(nc, task, result, json_encoded):
                     log.info("result for %s was not applied (duplicate or late)", task["attempt"])
                 return True
             error = answer.get("error", {})
+            if error.get("code") == "payload_too_large" and "output" in result:
+                log.error("result for %s too large: %s", task["attempt"], error.get("message"))
+                result = too_large(task, error.get("message"))
+                payload = encode(result, json_encoded)
+                continue
             if not error.get("retryable", False):
                 log.error("result for %s refused: %s", task["attempt"], error)
                 return True
             log.warning("result for %s refused for now: %s", task["attempt"], error.get("code"))
+        except MaxPayloadError as error:
+            if "output" not in result:
+                log.error("result for %s cannot be sent: %r", task["attempt"], error)
+                return True
+            log.error("result for %s over the server's max_payload: %r", task["attempt"], error)
+            result = too_large(task, f"{len(payload)} bytes, over the NATS server's max_payload")
+            payload = encode(result, json_encoded)
+            continue
         except (NatsTimeoutError, NoRespondersError) as error:
             log.warning("no answer for the result of %s: %r", task["attempt"], error)
+        except Exception as error:  # the connection may be reconnecting; keep trying
+            log.warning("result of %s not sent: %r", task["attempt"], error)
         if time.time() * 1000 > task["deadline_ms"]:
             return False
         await asyncio.sleep(RESULT_RETRY_DELAY_SECONDS)
@@ -163,7 +193,7 @@ async def handle(nc, msg):
         payload = encode({"attempt": task["attempt"], "progress": details}, json_encoded)
         try:
             await nc.request(task["reply_to"], payload, timeout=RESULT_REQUEST_TIMEOUT_SECONDS, headers=headers)
-        except (NatsTimeoutError, NoRespondersError) as error:
+        except (NatsTimeoutError, NoRespondersError, MaxPayloadError) as error:
             log.warning("progress report of %s not confirmed: %r", task["attempt"], error)
 
     attempt = task["attempt"]["attempt"]
@@ -185,7 +215,8 @@ async def handle(nc, msg):
                 "error": {"code": error.code, "message": error.message, "retryable": error.retryable},
             }
         except Exception as error:  # a bug in a task is an error result, not a lost task
-            result = {"attempt": task["attempt"], "error": {"code": "worker_error", "message": repr(error)}}
+            message = repr(error)[:ERROR_MESSAGE_CHARS_MAX]
+            result = {"attempt": task["attempt"], "error": {"code": "worker_error", "message": message}}
         await send_result(nc, task, result, json_encoded)
     finally:
         running.pop(key, None)
@@ -244,20 +275,35 @@ async def find_lanes(js, prefix, pool, lanes):
             continue
         priority = int(lane[1])
         if priority not in lanes:
-            lanes[priority] = await subscribe(js, prefix, pool, subject, f"pool{priority}-{pool}")
+            durable = f"pool{priority}-{pool}"
+            lanes[priority] = (await subscribe(js, prefix, pool, subject, durable), durable)
             log.info("pulling pool %s's tasks of priority %d too", pool, priority)
 
 
-async def next_messages(lanes):
+async def pull_no_wait(nc, pulls, prefix, durable):
+    """The lane's next task if it holds one now, else None: a pull with `no_wait`, which
+    the server answers at once (docs/protocol.md), so no pull is left open to take a task
+    this worker would not look at until its next turn on the lane. `pulls` is this
+    worker's subscription to the inbox the answers come to (one pull at a time)."""
+    subject = f"$JS.API.CONSUMER.MSG.NEXT.{tasks_stream_name(prefix)}.{durable}"
+    request = json.dumps({"batch": 1, "no_wait": True}).encode()
+    await nc.publish(subject, request, reply=pulls.subject)
+    answer = await pulls.next_msg(timeout=RESULT_REQUEST_TIMEOUT_SECONDS)
+    if answer.headers and answer.headers.get("Status"):
+        return None  # 404 no messages, 408 request timeout
+    return answer
+
+
+async def next_messages(nc, pulls, prefix, lanes):
     """The next task: with one lane, a pull that waits up to a second; with several, a
-    short pull on each, highest priority first."""
+    `no_wait` pull on each, highest priority first."""
     if len(lanes) == 1:
-        return await lanes[PRIORITY_DEFAULT].fetch(1, timeout=LANE_SCAN_SECONDS)
+        return await lanes[PRIORITY_DEFAULT][0].fetch(1, timeout=LANE_SCAN_SECONDS)
     for priority in sorted(lanes, reverse=True):
-        try:
-            return await lanes[priority].fetch(1, timeout=LANE_FETCH_SECONDS)
-        except NatsTimeoutError:
-            continue
+        msg = await pull_no_wait(nc, pulls, prefix, lanes[priority][1])
+        if msg is not None:
+            return [msg]
+    await asyncio.sleep(LANES_IDLE_SECONDS)
     raise NatsTimeoutError
 
 
@@ -273,6 +319,7 @@ async def keep_registered(js, prefix, pool, state):
     host = socket.gethostname() or "localhost"
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in host)
     key = f"{pool}.{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    state["registry"] = (kv, key)
     started = int(time.time() * 1000)
     while True:
         record = {
@@ -299,7 +346,8 @@ async def main():
     nc = await nats.connect(args.nats_url, name=f"python-worker-{args.pool}")
     js = nc.jetstream()
     await listen_for_cancels(nc, args.prefix, args.pool)
-    lanes = {PRIORITY_DEFAULT: await subscribe(js, args.prefix, args.pool)}
+    lanes = {PRIORITY_DEFAULT: (await subscribe(js, args.prefix, args.pool), f"pool-{args.pool}")}
+    pulls = await nc.subscribe(nc.new_inbox())
     log.info("serving pool %s on %s", args.pool, args.nats_url)
     done = 0
     state = {"running": 0, "done": 0}
@@ -311,7 +359,7 @@ async def main():
                 scanned = time.monotonic()
                 await find_lanes(js, args.prefix, args.pool, lanes)
             try:
-                messages = await next_messages(lanes)
+                messages = await next_messages(nc, pulls, args.prefix, lanes)
             except NatsTimeoutError:
                 continue
             for msg in messages:
@@ -322,6 +370,13 @@ async def main():
                 state["done"] = done
     finally:
         registry.cancel()
+        # A stopped worker is listed no more (docs/protocol.md, "Worker records").
+        if "registry" in state:
+            kv, key = state["registry"]
+            try:
+                await kv.delete(key)
+            except Exception as error:
+                log.warning("cannot delete this worker's record: %s", error)
         await nc.drain()
     log.info("handled %d tasks, exiting", done)
 
