@@ -38,18 +38,41 @@ pid_file() {
     printf '%s/%s.pid' "$GRID_DIR" "$1"
 }
 
+# The start time of process $1 (clock ticks after boot, field 22 of /proc/<pid>/stat): it
+# tells the process from a later one given the same pid. Nothing when it is gone.
+start_time() {
+    local stat fields
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+    # After the command's name, which may hold spaces and parentheses: fields 3 on.
+    read -r -a fields <<<"${stat##*) }"
+    printf '%s' "${fields[19]:-}"
+}
+
+# Writes component $1's pid file for process $2: its pid and start time.
+record_pid() {
+    echo "$2 $(start_time "$2")" >"$(pid_file "$1")"
+}
+
 # The live pid of component $1 from its pid file, or nothing. A pid file whose process is
-# gone, or was reused by a program that is not ours, is stale and removed.
+# gone, or whose pid now belongs to another process (after a reboot), is stale and removed.
 live_pid() {
-    local file pid cmdline
+    local file pid started cmdline
     file=$(pid_file "$1")
     [[ -f "$file" ]] || return 0
-    pid=$(<"$file")
+    read -r pid started <"$file" || true
     if [[ "$pid" =~ ^[0-9]+$ ]] && alive "$pid"; then
-        cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
-        if [[ "$cmdline" == *nats-server* || "$cmdline" == *flowgrid* ]]; then
-            printf '%s' "$pid"
-            return 0
+        if [[ -n "${started:-}" ]]; then
+            if [[ "$(start_time "$pid")" == "$started" ]]; then
+                printf '%s' "$pid"
+                return 0
+            fi
+        else
+            # A pid file of an older version: the command line is all there is to go by.
+            cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
+            if [[ "$cmdline" == *nats-server* || "$cmdline" == *flowgrid* ]]; then
+                printf '%s' "$pid"
+                return 0
+            fi
         fi
     fi
     rm -f "$file"
@@ -121,7 +144,7 @@ check_ports_distinct() {
 start_ui() {
     say "starting the web UI on http://127.0.0.1:$UI_PORT/ (log $GRID_DIR/ui.log)"
     start_bg "$GRID_DIR/ui.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" ui --listen "127.0.0.1:$UI_PORT" --actions
-    echo "$STARTED_PID" >"$(pid_file ui)"
+    record_pid ui "$STARTED_PID"
     WATCH_PIDS="$STARTED_PID" wait_until 15 "the web UI on port $UI_PORT" port_open "$UI_PORT"
 }
 
@@ -133,7 +156,7 @@ start_coordinator() {
     say "starting coordinator-$index (metrics http://127.0.0.1:$port/metrics, log $log)"
     start_bg "$log" "$FLOWGRID_BIN" coordinator --nats-url "$NATS_URL" \
         --data-dir "$GRID_DIR/data" --shards "$SHARDS" --metrics-addr "127.0.0.1:$port"
-    echo "$STARTED_PID" >"$(pid_file "coordinator-$index")"
+    record_pid "coordinator-$index" "$STARTED_PID"
 }
 
 # Dies when a metrics port of the coordinators $@ is taken.
@@ -244,7 +267,7 @@ up() {
 
     say "starting nats-server on 127.0.0.1:$NATS_PORT (store $GRID_DIR/nats, log $GRID_DIR/nats.log)"
     start_bg "$GRID_DIR/nats.log" "$NATS_SERVER_BIN" -c "$ROOT/deploy/nats-server.conf" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$GRID_DIR/nats"
-    echo "$STARTED_PID" >"$(pid_file nats)"
+    record_pid nats "$STARTED_PID"
     WATCH_PIDS="$STARTED_PID" wait_until 15 "nats-server on port $NATS_PORT" port_open "$NATS_PORT" \
         || fail_up
 
@@ -256,7 +279,7 @@ up() {
 
     say "starting demo workers for $WORKER_POOLS (log $GRID_DIR/worker.log)"
     start_bg "$GRID_DIR/worker.log" "$FLOWGRID_BIN" --nats-url "$NATS_URL" worker --pools "$WORKER_POOLS"
-    echo "$STARTED_PID" >"$(pid_file worker)"
+    record_pid worker "$STARTED_PID"
     watch+=" $STARTED_PID"
 
     start_ui || fail_up
