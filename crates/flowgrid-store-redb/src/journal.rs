@@ -63,6 +63,8 @@ pub(crate) const SEGMENT_BYTES_MAX: u64 = 8 << 20;
 /// of a group.
 const GROUP_BYTES_MAX: usize = 4 << 20;
 const FRAME_HEADER_BYTES: usize = 8;
+/// How long a writer waits for its journal's lock while another process's sweep holds it.
+const WRITER_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Zeros written per call while a spare segment is made; the writer's shutdown waits for
 /// at most one such write.
 const SPARE_CHUNK_BYTES: usize = 1 << 20;
@@ -598,10 +600,10 @@ impl Writer {
         let lock_file = match self.file.take() {
             Some((_, held)) => held,
             None => fs::create_dir_all(&self.dir)
+                .and_then(|()| take_writer_lock(&self.dir))
                 // Its entry in `journal/`, and that one's in the data directory: the first
                 // frame is answered as durable, so the directory holding it must be too.
-                .and_then(|()| self.dir.ancestors().skip(1).take(2).try_for_each(sync_dir))
-                .and_then(|()| take_writer_lock(&self.dir))
+                .and_then(|held| self.dir.ancestors().skip(1).take(2).try_for_each(sync_dir).map(|()| held))
                 .and_then(|held| mark_writer(&self.dir).map(|()| held))
                 .map_err(|error| format!("cannot lock and mark the journal {}: {error}", self.dir.display()))?,
         };
@@ -655,10 +657,21 @@ fn io_failure(error: &io::Error) -> String {
 }
 
 /// Holds `<dir>/lock` for the life of the writer: others see the writer alive.
+/// Takes the lock of this process's journal `dir`. Nobody else writes there (its name is
+/// this process's own), but another process's sweep of dead journals may hold the lock for a
+/// moment to tell whether its writer lives: that is waited out, for a while.
 fn take_writer_lock(dir: &Path) -> io::Result<File> {
     let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
-    file.try_lock().map_err(|error| io::Error::other(format!("journal lock {}: {error}", dir.display())))?;
-    Ok(file)
+    let deadline = Instant::now() + WRITER_LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => return Err(io::Error::other(format!("journal lock {}: {error}", dir.display()))),
+        }
+    }
 }
 
 fn segment_path(dir: &Path, segment: u64) -> PathBuf {
@@ -1037,14 +1050,17 @@ pub(crate) fn collect_dead_journals(root: &Path, own: &str) -> usize {
             let _ = fs::remove_dir_all(&dir);
             continue;
         }
+        // Segments first, the lock then: a writer takes its lock before its first segment,
+        // so a journal without segments may be one being made, whose lock this sweep must
+        // not hold even for a moment (its writer would find it taken and fail).
+        if list_segments(&dir).map_or(true, |segments| segments.is_empty()) {
+            continue;
+        }
         let Ok(held) = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")) else {
             continue;
         };
         if held.try_lock().is_err() {
             continue; // alive
-        }
-        if list_segments(&dir).map_or(true, |segments| segments.is_empty()) {
-            continue;
         }
         // Per shard: the epoch of its last frame when that frame is data (it is dirty).
         let mut dirty: HashMap<ShardId, Option<Epoch>> = HashMap::new();
@@ -1247,6 +1263,26 @@ mod tests {
         slow.record(dir, SLOW_SYNC * 2, 10);
         slow.record(dir, SLOW_SYNC * 4, 10);
         assert_eq!((slow.unreported, slow.worst), (2, SLOW_SYNC * 4), "later ones wait for the next warning");
+    }
+
+    #[test]
+    fn a_writer_waits_out_a_sweep_that_holds_its_lock_for_a_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        // Another process's sweep looking at this journal: its lock held for 100 ms.
+        let sweep = OpenOptions::new().create(true).truncate(false).write(true).open(dir.path().join("lock")).unwrap();
+        sweep.try_lock().unwrap();
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(sweep);
+        });
+        let held = take_writer_lock(dir.path()).expect("the lock once the sweep let go");
+        released.join().unwrap();
+        // A journal without segments is not the sweep's to lock: its writer may be making it.
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("starting")).unwrap();
+        assert_eq!(collect_dead_journals(root.path(), "me"), 0);
+        assert!(!root.path().join("starting").join("lock").exists(), "the sweep took the lock of a journal being made");
+        drop(held);
     }
 
     #[tokio::test]
