@@ -107,8 +107,8 @@ pub async fn measure(
     let elapsed = measured_from.elapsed().as_secs_f64();
     stop.cancel();
     let _ = pacer.await;
-    let _ = tokio::time::timeout(DRAIN, tracker.measured_runs_ended()).await;
-    let unfinished = tracker.unfinished_measured();
+    let _ = tokio::time::timeout(DRAIN, tracker.runs_ended()).await;
+    let unfinished = tracker.unfinished();
     floor.stop().await?;
     let failed_results = tracker.counters.task_failures.load(Ordering::Relaxed);
     Ok(LatencyFloor {

@@ -128,7 +128,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // own it does not matter, but on one it shares no run of the harness's is left waiting
     // for a worker that is gone.
     let _ = tokio::time::timeout_at(drain_deadline.into(), tracker.runs_ended()).await;
-    errors.add("run_unfinished", tracker.unfinished_measured());
+    errors.add("run_unfinished", tracker.unfinished());
     workers_shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while workers.join_next().await.is_some() {} }).await;
     workers.abort_all();

@@ -310,7 +310,18 @@ fn verdict(target: &Target, outcome: Option<&Outcome>) -> Value {
         .and_then(|outcome| outcome.as_ref().ok())
         .map(|line| target.path.iter().fold(line, |value, key| &value[*key]));
     let judged = measured.and_then(|measured| target.bound.judge(measured));
+    // A figure of a step that lost runs or tasks (or whose floor did) was measured on what
+    // was left: it meets nothing.
+    let line = outcome.and_then(|outcome| outcome.as_ref().ok());
+    let count = |key: &str| line.and_then(|line| line[key].as_f64()).unwrap_or(0.0);
+    let (errors, floor_errors) = (count("errors"), count("floor_errors"));
     let (met, verdict) = match judged {
+        Some((shown, None)) if errors > 0.0 && target.path != ["errors"] => {
+            (false, format!("{shown}  MISSED (the step had {errors} errors)"))
+        }
+        Some((shown, None)) if floor_errors > 0.0 && target.path == ["ratio_to_floor"] => {
+            (false, format!("{shown}  MISSED (its broker floor had {floor_errors} errors)"))
+        }
         Some((shown, None)) => (true, format!("{shown}  met")),
         Some((shown, Some(off))) if off.is_empty() => (false, format!("{shown}  MISSED")),
         Some((shown, Some(off))) => (false, format!("{shown}  MISSED ({off})")),
@@ -402,9 +413,12 @@ mod tests {
             "2.500  MISSED (2.5x the bound)"
         );
         assert_eq!(verdict_of(&verdicts, "half-load", "run e2e p50")["verdict"], "3.100  MISSED (3% over)");
-        assert_eq!(verdict_of(&verdicts, "half-load", "step overhead p99")["met"], true);
-        // A bound is inclusive.
-        assert_eq!(verdict_of(&verdicts, "half-load", "start overhead p99")["met"], true);
+        // Within its bound, but measured on a step that lost runs: missed.
+        let step_p99 = verdict_of(&verdicts, "half-load", "step overhead p99");
+        assert_eq!(
+            (step_p99["met"].clone(), step_p99["verdict"].clone()),
+            (json!(false), json!("9  MISSED (the step had 2 errors)"))
+        );
         let errors = verdict_of(&verdicts, "half-load", "errors");
         assert_eq!(
             (errors["target"].clone(), errors["verdict"].clone()),
@@ -430,6 +444,17 @@ mod tests {
         let plateau = verdict_of(&verdicts, "overload", "memory plateau");
         assert_eq!(plateau["met"], false);
         assert_eq!(verdict_of(&verdicts, "overload", "errors")["met"], false);
+    }
+
+    #[test]
+    fn a_bound_is_inclusive_and_a_ratio_over_a_floor_with_errors_is_a_miss() {
+        let chain = json!({"tasks_per_s": 20_000.0, "ratio_to_floor": 0.6, "errors": 0, "floor_errors": 40});
+        let half = json!({"start_overhead_ms": {"p99": 10.0}, "errors": 0});
+        let verdicts = verdicts(&outcomes(&[(Step::Chain, Ok(chain)), (Step::HalfLoad, Ok(half))]));
+        assert_eq!(verdict_of(&verdicts, "half-load", "start overhead p99")["met"], true);
+        let ratio = verdict_of(&verdicts, "chain", "ratio");
+        assert_eq!(ratio["verdict"], "0.600  MISSED (its broker floor had 40 errors)");
+        assert_eq!(verdict_of(&verdicts, "chain", "tasks/s")["met"], true);
     }
 
     #[test]
