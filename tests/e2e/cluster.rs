@@ -16,6 +16,8 @@ use crate::{deploy, OrLogs};
 
 /// How long shards may take to settle after a change (generous: debug builds, 2 cores).
 const SETTLE: Duration = Duration::from_secs(30);
+/// A request to a coordinator that leaves, unanswered this long, was lost.
+const LOST_REQUEST_AFTER: Duration = Duration::from_secs(20);
 
 /// A map whose items each take a moment, so that runs are in flight while shards move.
 const SLOW_MAP: &str = r#"
@@ -122,7 +124,10 @@ async fn scale_out_then_graceful_leave_moves_shards_without_losing_runs() -> any
             let (mut asked, mut unanswered) = (0u32, 0u32);
             while !asking.is_cancelled() {
                 asked += 1;
-                match api_request_json(&nats, &prefix, "run.get", &body, Duration::from_secs(8)).await {
+                // Longer than any answer takes (a forward that waits for the moving shard
+                // and then for its new owner) on a busy host: a request that times out here
+                // was lost, not slow.
+                match api_request_json(&nats, &prefix, "run.get", &body, LOST_REQUEST_AFTER).await {
                     Err(error) if error.kind() == async_nats::RequestErrorKind::TimedOut => unanswered += 1,
                     _ => {
                         answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
