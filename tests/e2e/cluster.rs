@@ -112,7 +112,12 @@ async fn scale_out_then_graceful_leave_moves_shards_without_losing_runs() -> any
     let during = start_runs(&grid, &client, 6).await?;
 
     // The first coordinator leaves: it hands every shard to the second and exits 0. Requests
-    // sent meanwhile are all answered: those it received before it stopped taking any, by it.
+    // sent meanwhile are answered: those it received before it stopped taking any, by it.
+    // One on its way to it at the instant it unsubscribes can be lost (NATS request/reply is
+    // at most once, and async-nats drops what reaches a subscription it drains once its
+    // unsubscribe is written): a caller sends it again, as the SDK does with reads. So each
+    // asker (one request out at a time) may lose one request at most, and its repeat is
+    // answered.
     let leaving = grid.coordinators[0].pid();
     let asking = tokio_util::sync::CancellationToken::new();
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -121,20 +126,31 @@ async fn scale_out_then_graceful_leave_moves_shards_without_losing_runs() -> any
         let (nats, asking, answered) = (grid.nats_client().await?, asking.clone(), answered.clone());
         let (prefix, body) = (grid.prefix.clone(), json!({"run_id": before[0]}));
         askers.spawn(async move {
-            let (mut asked, mut unanswered) = (0u32, 0u32);
+            let (mut asked, mut lost, mut never_answered) = (0u32, 0u32, 0u32);
             while !asking.is_cancelled() {
                 asked += 1;
-                // Longer than any answer takes (a forward that waits for the moving shard
-                // and then for its new owner) on a busy host: a request that times out here
-                // was lost, not slow.
-                match api_request_json(&nats, &prefix, "run.get", &body, LOST_REQUEST_AFTER).await {
-                    Err(error) if error.kind() == async_nats::RequestErrorKind::TimedOut => unanswered += 1,
-                    _ => {
-                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    // Longer than any answer takes (a forward that waits for the moving shard
+                    // and then for its new owner) on a busy host: a request that times out
+                    // here was lost, not slow.
+                    match api_request_json(&nats, &prefix, "run.get", &body, LOST_REQUEST_AFTER).await {
+                        Err(error) if error.kind() == async_nats::RequestErrorKind::TimedOut => {
+                            lost += 1;
+                            if tries == 2 {
+                                never_answered += 1;
+                                break;
+                            }
+                        }
+                        _ => {
+                            answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            break;
+                        }
                     }
                 }
             }
-            (asked, unanswered)
+            (asked, lost, never_answered)
         });
     }
     // The coordinator stops while every asker has requests going.
@@ -147,8 +163,9 @@ async fn scale_out_then_graceful_leave_moves_shards_without_losing_runs() -> any
     assert!(after.iter().all(|owner| !owner.contains(&format!("-{leaving}-"))), "{after:?} (was {owners:?})");
     asking.cancel();
     while let Some(outcome) = askers.join_next().await {
-        let (asked, unanswered) = outcome?;
-        assert_eq!(unanswered, 0, "{unanswered} of {asked} requests were never answered\n{}", grid.logs());
+        let (asked, lost, never_answered) = outcome?;
+        assert_eq!(never_answered, 0, "{never_answered} of {asked} requests were never answered\n{}", grid.logs());
+        assert!(lost <= 1, "{lost} of {asked} requests were lost on their way\n{}", grid.logs());
     }
 
     check_runs(&grid, &client, &before).await?;
