@@ -327,20 +327,13 @@ impl Api {
     }
 
     async fn list_flows(&self, request: ListFlows) -> Result<FlowList, ApiError> {
-        let limit = request.limit.unwrap_or(FLOW_LIST_LIMIT_MAX);
-        if limit == 0 || limit > FLOW_LIST_LIMIT_MAX {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!("limit must be 1 to {FLOW_LIST_LIMIT_MAX}, it is {limit}"),
-            ));
-        }
+        let limit = page_limit(request.limit, FLOW_LIST_LIMIT_MAX, FLOW_LIST_LIMIT_MAX)?;
         if let Some(cursor) = request.cursor.as_deref().filter(|cursor| !self.is_flow_name(cursor)) {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
                 format!("cursor {:?} is no flow's name; pass the `next_cursor` of the previous page", cut(cursor)),
             ));
         }
-        let limit = limit as usize;
         let query = ShardRequest::FlowsPage { after: request.cursor, limit };
         let pick = |reply| match reply {
             ShardReply::FlowsPage(page) => Ok(vec![page]),
@@ -678,13 +671,7 @@ impl Api {
     /// Newest first over every shard: each shard gives its newest matching runs older than
     /// the cursor, and the merge keeps the newest `limit`.
     async fn list_runs(&self, request: ListRuns) -> Result<RunList, ApiError> {
-        let limit = request.limit.unwrap_or(LIST_LIMIT_DEFAULT);
-        if limit == 0 || limit > LIST_LIMIT_MAX {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!("limit must be 1 to {LIST_LIMIT_MAX}, it is {limit}"),
-            ));
-        }
+        let limit = page_limit(request.limit, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX)?;
         // The query goes to every shard: nothing in it may be larger than what it can match.
         self.check_flow_filter(request.flow.as_deref())?;
         let invalid = |message: String| Err(ApiError::new(ErrorCode::InvalidRequest, message));
@@ -715,7 +702,6 @@ impl Api {
                 ));
             }
         }
-        let limit = limit as usize;
         let query = ShardRequest::List { query: request, limit: limit + 1 };
         let newest_first = |left: &flowgrid_proto::RunSummary, right: &flowgrid_proto::RunSummary| {
             (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id))
@@ -848,6 +834,15 @@ pub(crate) async fn publish(
 /// (the value's bytes are a slice of the request); `None` for JSON, whose size does not.
 pub fn msgpack_request_bytes(encoding: Encoding, payload: &[u8]) -> Option<usize> {
     (encoding == Encoding::MsgPack).then_some(payload.len())
+}
+
+/// A listing's page size: `asked`, or `default` when the request gives none; refused
+/// outside 1 to `max`.
+fn page_limit(asked: Option<u32>, default: u32, max: u32) -> Result<usize, ApiError> {
+    match asked.unwrap_or(default) {
+        limit @ 1.. if limit <= max => Ok(limit as usize),
+        limit => Err(ApiError::new(ErrorCode::InvalidRequest, format!("limit must be 1 to {max}, it is {limit}"))),
+    }
 }
 
 /// A reason (of a cancel, redrive, pause or resume) is kept in the run's history: refused
