@@ -232,7 +232,11 @@ impl Client {
             let page = self.flows_page(Some(cursor.clone()), None).await?;
             all.flows.extend(page.flows);
             // Names only grow from page to page; anything else would loop for good.
-            all.next_cursor = page.next_cursor.filter(|next| *next > cursor);
+            if let Some(next) = page.next_cursor.as_ref().filter(|next| **next <= cursor) {
+                let message = format!("flow.list went back from cursor {cursor:?} to {next:?}");
+                return Err(Error::Api(ApiError::new(ErrorCode::Internal, message)));
+            }
+            all.next_cursor = page.next_cursor;
         }
         Ok(all)
     }

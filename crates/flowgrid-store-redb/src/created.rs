@@ -53,21 +53,20 @@ pub(crate) fn add(file: &Path) -> Result<()> {
         opened.write_all(format!("{start}{name}\n").as_bytes())?;
         opened.sync_data()
     };
+    let dir = file.parent().unwrap_or(Path::new("."));
     // The shard file's own directory entry first: listed, it must survive a crash (its
     // creation synced its contents, not the entry).
-    sync_dir_of(file)
-        .and_then(|()| OpenOptions::new().create(true).read(true).append(true).open(&list))
+    crate::journal::sync_dir(dir)
+        .map_err(|error| backend(PathError::new("sync the directory of the shard file", file, error)))?;
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(&list)
         .and_then(append)
         // A list just made must survive a crash too: its directory entry is synced.
-        .and_then(|()| match (fresh, list.parent()) {
-            (true, Some(dir)) => File::open(dir)?.sync_all(),
-            _ => Ok(()),
-        })
+        .and_then(|()| if fresh { crate::journal::sync_dir(dir) } else { Ok(()) })
         .map_err(|error| backend(PathError::new("add to the list of shard files", &list, error)))
-}
-
-fn sync_dir_of(file: &Path) -> std::io::Result<()> {
-    File::open(file.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// The refusal of a listed shard file that is gone or was wiped (`what` says which).

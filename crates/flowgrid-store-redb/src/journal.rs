@@ -63,8 +63,10 @@ pub(crate) const SEGMENT_BYTES_MAX: u64 = 8 << 20;
 /// of a group.
 const GROUP_BYTES_MAX: usize = 4 << 20;
 const FRAME_HEADER_BYTES: usize = 8;
-/// How long a writer waits for its journal's lock while another process's sweep holds it.
+/// How long a writer waits for its journal's lock while another process's sweep holds it,
+/// and how often it tries meanwhile.
 const WRITER_LOCK_WAIT: Duration = Duration::from_secs(5);
+const WRITER_LOCK_POLL: Duration = Duration::from_millis(10);
 /// Zeros written per call while a spare segment is made; the writer's shutdown waits for
 /// at most one such write.
 const SPARE_CHUNK_BYTES: usize = 1 << 20;
@@ -141,9 +143,9 @@ struct State {
     /// Segments on disk, oldest first.
     segments: BTreeSet<u64>,
     /// Shards closed without their last frames checkpointed (their file failed), with the
-    /// epoch of those frames: kept in `unchecked` until their next owner notes in
-    /// `replayed` that it replayed them.
-    released: HashMap<ShardId, Epoch>,
+    /// epoch of those frames and the end of the last one: kept in `unchecked` until their
+    /// next owner notes in `replayed` that it replayed them.
+    released: HashMap<ShardId, (Epoch, Option<Position>)>,
     /// Set when a write or sync failed: the file's state is unknown, so nothing more is
     /// appended and every commit fails with this message.
     failed: Option<String>,
@@ -323,7 +325,9 @@ impl Journal {
     /// Notes that `shard` was closed without its frames up to `epoch` checkpointed (its
     /// file failed): they stay until its next owner replayed them.
     pub(crate) fn released(&self, shard: ShardId, epoch: Epoch) {
-        lock(&self.state).released.insert(shard, epoch);
+        let mut state = lock(&self.state);
+        let last = state.last_appended.get(&shard).copied();
+        state.released.insert(shard, (epoch, last));
     }
 
     /// `shard` is open here again: its frames are this process's to checkpoint once more.
@@ -341,10 +345,15 @@ impl Journal {
         }
         let replayed = read_replayed(&self.root.join(&self.writer));
         let mut state = lock(&self.state);
+        // A shard with frames past those it was released with is open here again: its
+        // frames are its new handle's.
         let done: Vec<ShardId> = state
             .released
             .iter()
-            .filter(|(shard, epoch)| replayed.get(&shard.0).is_some_and(|noted| *noted >= epoch.0))
+            .filter(|(shard, (epoch, last))| {
+                replayed.get(&shard.0).is_some_and(|noted| *noted >= epoch.0)
+                    && state.last_appended.get(*shard) == last.as_ref()
+            })
             .map(|(shard, _)| *shard)
             .collect();
         if done.is_empty() {
@@ -656,10 +665,10 @@ fn io_failure(error: &io::Error) -> String {
     }
 }
 
-/// Holds `<dir>/lock` for the life of the writer: others see the writer alive.
-/// Takes the lock of this process's journal `dir`. Nobody else writes there (its name is
-/// this process's own), but another process's sweep of dead journals may hold the lock for a
-/// moment to tell whether its writer lives: that is waited out, for a while.
+/// Takes `<dir>/lock`, held for the life of the writer: others see the writer alive. Nobody
+/// else writes in `dir` (its name is this process's own), but another process's sweep of
+/// dead journals may hold the lock for a moment to tell whether its writer lives: that is
+/// waited out, for a while.
 fn take_writer_lock(dir: &Path) -> io::Result<File> {
     let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
     let deadline = Instant::now() + WRITER_LOCK_WAIT;
@@ -667,7 +676,7 @@ fn take_writer_lock(dir: &Path) -> io::Result<File> {
         match file.try_lock() {
             Ok(()) => return Ok(file),
             Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(WRITER_LOCK_POLL);
             }
             Err(error) => return Err(io::Error::other(format!("journal lock {}: {error}", dir.display()))),
         }
@@ -678,7 +687,7 @@ fn segment_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:010}.log"))
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -1201,7 +1210,6 @@ mod tests {
         vec![7u8; 1 << 20]
     }
 
-    /// Appends `count` frames of one 1 MiB value each, frame `i` for shard `i`; their ends.
     #[test]
     fn a_failed_write_is_a_maybe_applied_commit_where_its_frame_may_be_whole_on_disk() {
         let full = io::Error::from(io::ErrorKind::StorageFull);
@@ -1213,6 +1221,7 @@ mod tests {
         assert!(matches!(failure(false).into_error(), Error::Backend(_)));
     }
 
+    /// Appends `count` frames of one 1 MiB value each, frame `i` for shard `i`; their ends.
     async fn append_mib_frames(journal: &Journal, count: u32) -> Vec<Position> {
         let mut ends = Vec::new();
         for index in 0..count {

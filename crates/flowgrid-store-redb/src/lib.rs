@@ -435,9 +435,6 @@ fn open_shard_file(
     cache_bytes: usize,
     shared: Arc<Shared>,
 ) -> Result<Arc<ShardCore>> {
-    // Open here again: its frames in this process's journal are this handle's to
-    // checkpoint, not left for another owner.
-    shared.journal.reopened(shard);
     let listed = created::listed(&path)?;
     let db = shared.open_database(shard, &path, cache_bytes, listed)?;
     // Create the tables once, so that reads never meet a missing table.
@@ -457,6 +454,9 @@ fn open_shard_file(
     if let Some(writer) = writer {
         replay(&db, shard, epoch, &shared.journal, &writer, applied)?;
     }
+    // Open here again: its frames in this process's journal are this handle's to
+    // checkpoint, not left for another owner.
+    shared.journal.reopened(shard);
     Ok(Arc::new(ShardCore {
         shard,
         path,
@@ -695,9 +695,11 @@ impl ShardCore {
         }
     }
 
-    /// Whether the next checkpoint may open the file again (see [`Self::reopen_if_latched`]).
+    /// Whether the file is to be opened again (see [`Self::reopen_if_latched`]): a failed
+    /// access latched it (or a checkpoint panicked), or opening it again failed.
     fn needs_reopen(&self) -> bool {
-        self.latched.load(Ordering::Relaxed) || lock(&self.overlay).failure.is_some()
+        // The flag alone after a panic: redb's state is unknown then, so it is not asked.
+        self.latched.load(Ordering::Relaxed) || read_lock(&self.db).as_ref().is_none_or(is_latched)
     }
 
     /// The checkpoint's work: true when it wrote something.
@@ -767,11 +769,6 @@ impl ShardCore {
     /// that holds them), a commit is refused while the file is not open here, and a file
     /// whose epoch moved meanwhile is lost to this handle.
     fn reopen_if_latched(&self, commits_held: bool) -> Result<()> {
-        // The flag alone after a panic: redb's state is unknown then, so it is not asked.
-        let latched = self.latched.load(Ordering::Relaxed) || read_lock(&self.db).as_ref().is_none_or(is_latched);
-        if !latched {
-            return Ok(());
-        }
         if !commits_held {
             return Err(backend(std::io::Error::other(format!(
                 "shard {}: {} is to be opened again after a failed access; the next checkpoint does it",
@@ -864,8 +861,12 @@ impl ShardCore {
     fn finish(&self) -> Result<()> {
         // The handle is gone: no commit can run.
         if let Err(error) = self.checkpoint(true) {
-            // Its frames stay in the journal until its next owner replayed them.
-            self.shared.journal.released(self.shard, self.epoch());
+            // Its frames stay in the journal until its next owner replayed them. A handle
+            // whose file another process took has nothing left here: that process replayed
+            // its frames when it opened the file, and this shard may be open here again.
+            if !self.lost.load(Ordering::Relaxed) {
+                self.shared.journal.released(self.shard, self.epoch());
+            }
             return Err(error);
         }
         if self.wrote.swap(false, Ordering::Relaxed) {
@@ -966,6 +967,7 @@ impl ShardStore for RedbShard {
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Value>> {
+        self.core().check_not_lost()?;
         match lock(&self.core().overlay).get(key) {
             Lookup::Value(value) => return Ok(Some(value)),
             Lookup::Absent => return Ok(None),
@@ -990,6 +992,7 @@ impl ShardStore for RedbShard {
         if range.is_empty() || limit == 0 {
             return Ok(Vec::new());
         }
+        self.core().check_not_lost()?;
         let view = lock(&self.core().overlay).view(&range);
         self.run_blocking(move |core| {
             core.with_db(|db| {

@@ -197,6 +197,14 @@ impl<S: ShardStore> ShardActor<S> {
                         warn!(shard = %self.shard, epoch = %self.epoch, error = %error, "shard lost to another owner; stopping it");
                         break;
                     }
+                    // A commit that may have been applied, retried by the store, can also have
+                    // met another owner's epoch: stop then, as for a stale epoch.
+                    flowgrid_store::Error::OutcomeUnknown { .. }
+                        if self.store.current_epoch().await.is_ok_and(|current| current != self.epoch) =>
+                    {
+                        warn!(shard = %self.shard, epoch = %self.epoch, error = %error, "shard lost to another owner after a commit that may have been applied; stopping it");
+                        break;
+                    }
                     other => {
                         error!(shard = %self.shard, error = %other, "commit failed; reloading the shard from the store");
                         if let Err(reload_error) = self.reset_and_reload().await {
