@@ -7,11 +7,8 @@ use flowgrid_proto::{Encoding, CONTENT_TYPE_HEADER};
 
 /// The value of a message's `Content-Type` header, whatever the case of its name.
 pub fn content_type(headers: Option<&HeaderMap>) -> Option<&str> {
-    let headers = headers?;
-    if let Some(value) = headers.get(CONTENT_TYPE_HEADER) {
-        return Some(value.as_str());
-    }
-    headers
+    // One pass over the few headers a message has: most have none of this name (MessagePack).
+    headers?
         .iter()
         .find(|(name, _)| AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(CONTENT_TYPE_HEADER))
         .and_then(|(_, values)| values.first())

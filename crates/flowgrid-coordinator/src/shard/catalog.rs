@@ -20,7 +20,7 @@ use crate::records::{self, CatalogRecord};
 
 /// A page of flows (a shard's, and the API's reply) ends before this many bytes of
 /// summaries (as JSON), with one flow at least: far below the largest NATS message.
-pub const FLOWS_PAGE_BYTES: usize = 256 << 10;
+const FLOWS_PAGE_BYTES: usize = 256 << 10;
 /// A flow's description in a listing, in characters at most (`flow get` gives the whole).
 const SUMMARY_DESCRIPTION_CHARS: usize = 1_024;
 
