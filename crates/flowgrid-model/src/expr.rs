@@ -23,8 +23,10 @@
 //!   step an expression can read.
 //! - Every evaluation stays within [`Limits::expression_operations_max`] operations in all
 //!   (closures called by `map`, `filter`, ... included), the text of one value (its
-//!   strings together) within [`Limits::expression_text_bytes_max`] bytes and arrays and
-//!   maps within [`Limits::map_items_max`] entries.
+//!   strings together) within [`Limits::expression_text_bytes_max`] bytes, arrays and
+//!   maps within [`Limits::map_items_max`] entries, and values nest at most
+//!   [`VALUE_DEPTH_MAX`] levels. `map`, `zip`, `reduce` and `replace` check these bounds
+//!   as they build, not once they are done.
 //!
 //! ```
 //! use flowgrid_model::{Evaluator, Limits, Scope};
@@ -50,6 +52,10 @@ use rhai::{ASTNode, Dynamic, EvalAltResult, Expr as RhaiExpr, Stmt};
 use serde_json::Value;
 
 use crate::limits::Limits;
+
+mod bounded;
+
+pub use bounded::VALUE_DEPTH_MAX;
 
 /// A compiled expression. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -142,36 +148,6 @@ impl Drop for CapturedGuard {
     }
 }
 
-/// `replace` as the string package has it, but refused before it builds a string over
-/// `text_bytes_max`: Rhai checks a string's size only once the function that made it
-/// returns, and a replacement that grows the text multiplies it (`input.s.replace("y",
-/// input.s)` over a megabyte of `y` is a terabyte) past any memory first. Functions
-/// registered on the engine are found before the packages'. The forms that cannot grow
-/// the text stay as they are.
-fn register_bounded_replace(engine: &mut rhai::Engine, text_bytes_max: usize) {
-    fn bounded(text: &str, find: &str, with: &str, text_bytes_max: usize) -> Result<String, Box<EvalAltResult>> {
-        if with.len() > find.len() {
-            let grown = text.matches(find).count().saturating_mul(with.len() - find.len());
-            if text.len().saturating_add(grown) > text_bytes_max {
-                return Err(EvalAltResult::ErrorDataTooLarge(
-                    "the text replace would make".into(),
-                    rhai::Position::NONE,
-                )
-                .into());
-            }
-        }
-        Ok(text.replace(find, with))
-    }
-    engine.register_fn("replace", move |text: &mut rhai::ImmutableString, find: &str, with: &str| {
-        *text = bounded(text, find, with, text_bytes_max)?.into();
-        Ok::<(), Box<EvalAltResult>>(())
-    });
-    engine.register_fn("replace", move |text: &mut rhai::ImmutableString, find: char, with: &str| {
-        *text = bounded(text, find.encode_utf8(&mut [0; 4]), with, text_bytes_max)?.into();
-        Ok::<(), Box<EvalAltResult>>(())
-    });
-}
-
 /// What an author should write instead of another use of `steps`.
 const STEPS_USAGE_HINT: &str = "refer to another step's data as steps.<id>.output or steps.<id>.error";
 
@@ -200,7 +176,7 @@ impl Evaluator {
         for package in packages {
             engine.register_global_module(package);
         }
-        register_bounded_replace(&mut engine, limits.expression_text_bytes_max.max(1));
+        bounded::register(&mut engine, limits);
         // Rhai treats 0 as "unlimited"; a zero limit must never lift the budget.
         engine
             .set_max_operations(limits.expression_operations_max.max(1))
@@ -333,6 +309,9 @@ impl Evaluator {
             .flatten();
         if value.is_unit() {
             return Ok(Value::Null);
+        }
+        if bounded::nested_deeper_than(&value, VALUE_DEPTH_MAX) {
+            return Err(eval_error(self.describe_eval_error(&bounded::too_deep("the expression"))));
         }
         if let Some(path) = non_finite_number(&value, &mut String::from("the result")) {
             return Err(eval_error(format!(
@@ -742,6 +721,47 @@ mod tests {
             let expr = evaluator.compile(source).unwrap();
             assert_eq!(evaluator.eval(&expr, &scope).unwrap(), Value::Null, "{source}");
         }
+    }
+
+    #[test]
+    fn values_built_item_by_item_stop_at_their_bounds() {
+        // Each item's string is within the bound, all of them together a thousand times
+        // over: `map` stops at the bound (it used to build them all, and the process died).
+        let default = evaluator();
+        let input = json!({"a": vec![0; 10_000], "s": "y".repeat(1 << 20)});
+        let scope = Scope { input: Some(&input), ..Scope::default() };
+        for source in ["input.a.map(|x| input.s + \"!\")", "input.a.zip(input.a, |x, y| input.s + \"!\")"] {
+            let expr = default.compile(source).unwrap();
+            let error = default.eval(&expr, &scope).unwrap_err().to_string();
+            assert!(error.contains("makes exceeds the size limit"), "{source}: {error}");
+        }
+        // A value carried through `reduce` nests a level per item: stopped at the depth bound
+        // (it used to overflow the stack).
+        for source in ["input.a.reduce(|acc, x| [acc], ())", "input.a.reduce_rev(|acc, x| #{a: acc})"] {
+            let expr = default.compile(source).unwrap();
+            let error = default.eval(&expr, &scope).unwrap_err().to_string();
+            assert!(error.contains("nests deeper than 64 levels"), "{source}: {error}");
+        }
+        // Within the bounds they work as the package's, index argument included.
+        let small = json!({"a": [1, 2, 3]});
+        let scope = Scope { input: Some(&small), ..Scope::default() };
+        let cases = [
+            ("input.a.map(|x, i| x * i)", json!([0, 2, 6])),
+            ("input.a.zip([10, 20], |x, y| x + y)", json!([11, 22])),
+            ("input.a.reduce(|acc, x| acc + x, 0)", json!(6)),
+            ("input.a.reduce(|acc, x, i| (acc ?? 0) + x * i)", json!(8)),
+            ("input.a.reduce_rev(|acc, x| acc + [x], [])", json!([3, 2, 1])),
+            ("input.a.reduce(|acc, x| [acc], ())", json!([[[null]]])),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(eval(source, &scope).unwrap_or_else(|error| panic!("{source}: {error}")), expected, "{source}");
+        }
+        // The entries of the values a map makes count together, as Rhai counts one value's.
+        let limits = Limits { map_items_max: 10, ..Limits::default() };
+        let evaluator = Evaluator::new(&limits);
+        let expr = evaluator.compile("input.a.map(|x| [x, x, x])").unwrap();
+        let error = evaluator.eval(&expr, &scope).unwrap_err().to_string();
+        assert!(error.contains("the array map makes exceeds the size limit"), "{error}");
     }
 
     #[test]

@@ -1,0 +1,215 @@
+//! Functions of the standard packages that build values item by item, registered again
+//! with their bounds checked as they go.
+//!
+//! Rhai checks a value's size only once the function that made it returns: `map` over
+//! 10,000 items whose closure gives a megabyte each would hold 10 GB before the check,
+//! `reduce(|acc, x| [acc])` would nest a value 10,000 levels deep (and the recursive size
+//! check, the conversion to JSON or the drop of it would overflow the stack), and
+//! `replace` can multiply a text past any memory. The versions here stop at the bound
+//! instead. Functions registered on the engine are found before the packages'.
+
+use rhai::{Array, Dynamic, EvalAltResult, FnPtr, FuncRegistration, ImmutableString, NativeCallContext, INT};
+
+use crate::limits::Limits;
+
+/// How deeply an expression's value may nest (arrays and maps in one another): twice the
+/// depth any input or output may have, so that a map's merged outputs can be wrapped
+/// again, and half the depth the protocol decodes (128), so that every record holding
+/// the value still decodes.
+pub const VALUE_DEPTH_MAX: usize = 64;
+
+type Outcome<T> = Result<T, Box<EvalAltResult>>;
+
+/// What one value may hold, as Rhai counts it: array entries, map entries and string
+/// bytes inside it, nested ones included.
+#[derive(Clone, Copy)]
+struct Bounds {
+    array_entries: usize,
+    map_entries: usize,
+    text_bytes: usize,
+}
+
+/// What the values made so far hold, counted as [`Bounds`] counts.
+#[derive(Default)]
+struct Made {
+    array_entries: usize,
+    map_entries: usize,
+    text_bytes: usize,
+}
+
+impl Made {
+    /// Counts `value` as one more entry of the array being made; an error once the array
+    /// would be over `bounds` or `value` nests deeper than [`VALUE_DEPTH_MAX`].
+    fn add_entry(&mut self, value: &Dynamic, bounds: Bounds, made_by: &str) -> Outcome<()> {
+        self.array_entries += 1;
+        self.add(value, VALUE_DEPTH_MAX, made_by)?;
+        let over = self.array_entries > bounds.array_entries
+            || self.map_entries > bounds.map_entries
+            || self.text_bytes > bounds.text_bytes;
+        if over {
+            return Err(
+                EvalAltResult::ErrorDataTooLarge(format!("the array {made_by} makes"), rhai::Position::NONE).into()
+            );
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, value: &Dynamic, depth_left: usize, made_by: &str) -> Outcome<()> {
+        if let Some(array) = value.read_lock::<Array>() {
+            let depth_left = depth_left.checked_sub(1).ok_or_else(|| too_deep(made_by))?;
+            self.array_entries += array.len();
+            return array.iter().try_for_each(|entry| self.add(entry, depth_left, made_by));
+        }
+        if let Some(map) = value.read_lock::<rhai::Map>() {
+            let depth_left = depth_left.checked_sub(1).ok_or_else(|| too_deep(made_by))?;
+            self.map_entries += map.len();
+            return map.values().try_for_each(|entry| self.add(entry, depth_left, made_by));
+        }
+        if let Ok(text) = value.as_immutable_string_ref() {
+            self.text_bytes += text.len();
+        }
+        Ok(())
+    }
+}
+
+/// Whether `value` nests deeper than `depth_max`; looks no deeper than that.
+pub fn nested_deeper_than(value: &Dynamic, depth_max: usize) -> bool {
+    fn deeper(value: &Dynamic, depth_left: usize) -> bool {
+        if let Some(array) = value.read_lock::<Array>() {
+            return depth_left == 0 || array.iter().any(|entry| deeper(entry, depth_left - 1));
+        }
+        if let Some(map) = value.read_lock::<rhai::Map>() {
+            return depth_left == 0 || map.values().any(|entry| deeper(entry, depth_left - 1));
+        }
+        false
+    }
+    deeper(value, depth_max)
+}
+
+/// The error for a value nested deeper than [`VALUE_DEPTH_MAX`].
+pub fn too_deep(made_by: &str) -> Box<EvalAltResult> {
+    EvalAltResult::ErrorRuntime(
+        format!(
+            "the value {made_by} makes nests deeper than {VALUE_DEPTH_MAX} levels (arrays and maps in one another): \
+             build a flatter value"
+        )
+        .into(),
+        rhai::Position::NONE,
+    )
+    .into()
+}
+
+/// Registers `map`, `zip`, `reduce`, `reduce_rev` and `replace` in their bounded forms.
+pub(super) fn register(engine: &mut rhai::Engine, limits: &Limits) {
+    let bounds = Bounds {
+        array_entries: limits.map_items_max.max(1),
+        map_entries: limits.map_items_max.max(1),
+        text_bytes: limits.expression_text_bytes_max.max(1),
+    };
+    register_map_and_zip(engine, bounds);
+    register_reduce(engine);
+    register_replace(engine, bounds.text_bytes);
+}
+
+/// `map` and `zip`: the array they make is measured entry by entry.
+fn register_map_and_zip(engine: &mut rhai::Engine, bounds: Bounds) {
+    // Pure, as the package's: a method on a variable reads it, and never writes it back.
+    FuncRegistration::new("map").with_purity(true).register_into_engine(
+        engine,
+        move |context: NativeCallContext, array: &mut Array, mapper: FnPtr| -> Outcome<Array> {
+            let mut made = Made::default();
+            let mut mapped = Array::with_capacity(array.len());
+            for (index, item) in array.iter_mut().enumerate() {
+                let index = [Dynamic::from(INT::try_from(index).unwrap_or(INT::MAX))];
+                let value = mapper.call_raw_with_extra_args("map", &context, Some(item), [], index, Some(0))?;
+                made.add_entry(&value, bounds, "map")?;
+                mapped.push(value);
+            }
+            Ok(mapped)
+        },
+    );
+    FuncRegistration::new("zip").with_purity(true).register_into_engine(
+        engine,
+        move |context: NativeCallContext, first: &mut Array, second: Array, mapper: FnPtr| -> Outcome<Array> {
+            let mut made = Made::default();
+            let mut zipped = Array::with_capacity(first.len().min(second.len()));
+            for (index, (left, right)) in first.iter().zip(second).enumerate() {
+                let index = [Dynamic::from(INT::try_from(index).unwrap_or(INT::MAX))];
+                let value =
+                    mapper.call_raw_with_extra_args("zip", &context, None, [left.clone(), right], index, None)?;
+                made.add_entry(&value, bounds, "zip")?;
+                zipped.push(value);
+            }
+            Ok(zipped)
+        },
+    );
+}
+
+/// `reduce` and `reduce_rev`, with and without an initial value: the value carried from
+/// item to item may not nest deeper than [`VALUE_DEPTH_MAX`]. (Its size is Rhai's to check:
+/// every function that grows it returns it, and is checked then.)
+fn register_reduce(engine: &mut rhai::Engine) {
+    fn reduce(
+        context: &NativeCallContext,
+        array: &mut Array,
+        reducer: &FnPtr,
+        initial: Dynamic,
+        name: &str,
+        reverse: bool,
+    ) -> Outcome<Dynamic> {
+        let length = array.len();
+        let mut result = initial;
+        for position in 0..length {
+            let index = if reverse { length - 1 - position } else { position };
+            let extra = [Dynamic::from(INT::try_from(index).unwrap_or(INT::MAX))];
+            let item = Some(&mut array[index]);
+            result = reducer.call_raw_with_extra_args(name, context, item, [result], extra, Some(1))?;
+            if nested_deeper_than(&result, VALUE_DEPTH_MAX) {
+                return Err(too_deep(name));
+            }
+        }
+        Ok(result)
+    }
+    for (name, reverse) in [("reduce", false), ("reduce_rev", true)] {
+        FuncRegistration::new(name).with_purity(true).register_into_engine(
+            engine,
+            move |context: NativeCallContext, array: &mut Array, reducer: FnPtr| {
+                reduce(&context, array, &reducer, Dynamic::UNIT, name, reverse)
+            },
+        );
+        FuncRegistration::new(name).with_purity(true).register_into_engine(
+            engine,
+            move |context: NativeCallContext, array: &mut Array, reducer: FnPtr, initial: Dynamic| {
+                reduce(&context, array, &reducer, initial, name, reverse)
+            },
+        );
+    }
+}
+
+/// `replace` as the string package has it, but refused before it builds a string over
+/// `text_bytes_max`: a replacement that grows the text multiplies it (`input.s.replace("y",
+/// input.s)` over a megabyte of `y` is a terabyte). The forms that cannot grow the text
+/// stay as they are.
+fn register_replace(engine: &mut rhai::Engine, text_bytes_max: usize) {
+    fn bounded(text: &str, find: &str, with: &str, text_bytes_max: usize) -> Outcome<String> {
+        if with.len() > find.len() {
+            let grown = text.matches(find).count().saturating_mul(with.len() - find.len());
+            if text.len().saturating_add(grown) > text_bytes_max {
+                return Err(EvalAltResult::ErrorDataTooLarge(
+                    "the text replace would make".into(),
+                    rhai::Position::NONE,
+                )
+                .into());
+            }
+        }
+        Ok(text.replace(find, with))
+    }
+    engine.register_fn("replace", move |text: &mut ImmutableString, find: &str, with: &str| {
+        *text = bounded(text, find, with, text_bytes_max)?.into();
+        Ok::<(), Box<EvalAltResult>>(())
+    });
+    engine.register_fn("replace", move |text: &mut ImmutableString, find: char, with: &str| {
+        *text = bounded(text, find.encode_utf8(&mut [0; 4]), with, text_bytes_max)?.into();
+        Ok::<(), Box<EvalAltResult>>(())
+    });
+}
