@@ -18,7 +18,7 @@ mod validate;
 
 pub use definition::*;
 pub use error::{DefinitionError, Issue, Result};
-pub use expr::{Evaluator, Expr, ExprError, Scope};
+pub use expr::{Evaluator, Expr, ExprError, Prepared, Scope};
 pub use ids::*;
 pub use input_schema::InputSchema;
 pub use labels::{check_labels, has_labels, Labels, ON_FAILURE_OF_LABEL};

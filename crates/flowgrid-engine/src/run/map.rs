@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use flowgrid_model::expr::json_kind;
-use flowgrid_model::{Expr, PlanStepKind, StepIndex, SubflowSpec};
+use flowgrid_model::{Evaluator, Expr, ExprError, PlanStepKind, StepIndex, SubflowSpec};
 use serde_json::Value;
 
 use super::scope::Locals;
@@ -72,6 +72,7 @@ impl Run {
             active: 0,
             succeeded,
             failed: 0,
+            prepared: None,
         }));
         self.fill_map(index, context);
         self.complete_map_if_done(index, context);
@@ -126,7 +127,11 @@ impl Run {
         let children = task.is_none();
         while !self.status.is_terminal() {
             let map = self.map_mut(index);
-            if map.active >= map.max_concurrency || map.next_pending >= map.total {
+            if map.next_pending >= map.total {
+                map.prepared = None;
+                return;
+            }
+            if map.active >= map.max_concurrency {
                 return;
             }
             let item = map.next_pending;
@@ -148,13 +153,10 @@ impl Run {
                 }
             }
             let input = match input_expr {
-                Some(expr) => {
-                    let locals = Locals { item: Some(&value), index: Some(item), ..Locals::default() };
-                    match self.evaluate(context.evaluator, expr, locals) {
-                        Ok(input) => input,
-                        Err(error) => return self.expression_failed(index, "input", &error, context),
-                    }
-                }
+                Some(expr) => match self.item_input(index, expr, &value, item, context.evaluator) {
+                    Ok(input) => input,
+                    Err(error) => return self.expression_failed(index, "input", &error, context),
+                },
                 None => value,
             };
             if let Some(error) = (!children).then(|| oversized_input(&input, context.evaluator.limits())).flatten() {
@@ -180,6 +182,26 @@ impl Run {
                 self.dispatch(index, Some(item), context);
             }
         }
+    }
+
+    /// Evaluates the `input` expression of map step `index` for item `item` (`value`), with
+    /// the run input and the steps it reads converted once for all the items: converting a
+    /// large run input again for each item would cost more than the items' evaluations.
+    fn item_input(
+        &mut self,
+        index: StepIndex,
+        expr: &Expr,
+        value: &Value,
+        item: u32,
+        evaluator: &Evaluator,
+    ) -> Result<Value, ExprError> {
+        let prepared = match self.map_mut(index).prepared.take() {
+            Some(prepared) => prepared,
+            None => self.prepare(evaluator, expr)?,
+        };
+        let input = evaluator.eval_prepared(expr, &prepared, Some(value), Some(item));
+        self.map_mut(index).prepared = Some(prepared);
+        input
     }
 
     /// When every item has ended, merges the outputs in item order and resolves the step.

@@ -4,7 +4,7 @@
 //! (`Expr::step_refs`), each as `{"status", "output", "error"}`; the flow output sees
 //! every step. Every evaluator call of the engine goes through this module.
 
-use flowgrid_model::{Evaluator, Expr, ExprError, Millis, Scope, StepIndex};
+use flowgrid_model::{Evaluator, Expr, ExprError, Millis, Prepared, Scope, StepIndex};
 use serde_json::{json, Map, Value};
 
 use super::Run;
@@ -26,6 +26,13 @@ impl Run {
         let steps = self.steps_scope(Some(&expr.step_refs));
         let scope = self.scope(&steps, &locals);
         evaluator.eval(expr, &scope)
+    }
+
+    /// The scope of `expr` (the run input and the steps it references) converted once, to
+    /// evaluate it for many items with [`Evaluator::eval_prepared`].
+    pub(super) fn prepare(&self, evaluator: &Evaluator, expr: &Expr) -> Result<Prepared, ExprError> {
+        let steps = self.steps_scope(Some(&expr.step_refs));
+        evaluator.prepare(expr, &self.scope(&steps, &Locals::default()))
     }
 
     /// Evaluates a condition with the steps it references in scope.

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use flowgrid_model::Millis;
+use flowgrid_model::{Millis, Prepared};
 use serde_json::Value;
 
 use super::resolve::Resolution;
@@ -103,6 +103,9 @@ pub(super) struct MapState {
     pub active: u32,
     pub succeeded: u32,
     pub failed: u32,
+    /// The scope of the step's `input` expression, converted once for all its items;
+    /// dropped once the last item has started.
+    pub prepared: Option<Prepared>,
 }
 
 /// One item of a map step.

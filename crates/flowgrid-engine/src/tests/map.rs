@@ -268,3 +268,33 @@ steps:
     assert!(error.message.contains("item 0 failed with `payload_too_large`"), "{error:?}");
     assert_eq!(harness.run.status(), RunStatus::Failed);
 }
+
+#[test]
+fn item_inputs_read_the_run_input_and_earlier_steps_item_after_item() {
+    // The scope of the items' `input` is converted once for the step, and read by each
+    // item as it starts, one result after another.
+    let flow = r##"
+name: fan-scope
+steps:
+  - { kind: task, id: probe, pool: cpu, task: probe }
+  - kind: map
+    id: each
+    after: [probe]
+    items: "input.list"
+    pool: cpu
+    task: work
+    input: "#{ value: item * input.factor, position: index, kind: steps.probe.output.kind, n: input.list.len() }"
+    max_concurrency: 1
+"##;
+    let mut harness = Harness::start(flow, json!({"list": [1, 2, 3], "factor": 10}), 0);
+    harness.succeed(1, "probe", None, 1, json!({"kind": "video"}));
+    for (position, seq) in [(0, 2), (1, 3), (2, 4)] {
+        let dispatched = harness.dispatched();
+        assert_eq!(dispatched.len(), 1);
+        let value = (position + 1) * 10;
+        assert_eq!(*dispatched[0].input, json!({"value": value, "position": position, "kind": "video", "n": 3}));
+        harness.succeed(seq, "each", Some(position as u32), 1, json!(value));
+    }
+    assert_eq!(harness.step("each").output, Some(json!([10, 20, 30])));
+    assert_eq!(harness.run.view().status, RunStatus::Succeeded);
+}

@@ -204,12 +204,19 @@ fn register_replace(engine: &mut rhai::Engine, text_bytes_max: usize) {
         }
         Ok(text.replace(find, with))
     }
-    engine.register_fn("replace", move |text: &mut ImmutableString, find: &str, with: &str| {
-        *text = bounded(text, find, with, text_bytes_max)?.into();
-        Ok::<(), Box<EvalAltResult>>(())
-    });
-    engine.register_fn("replace", move |text: &mut ImmutableString, find: char, with: &str| {
-        *text = bounded(text, find.encode_utf8(&mut [0; 4]), with, text_bytes_max)?.into();
-        Ok::<(), Box<EvalAltResult>>(())
-    });
+    // Not pure: it changes its string, so it is refused on a constant, as the package's is.
+    FuncRegistration::new("replace").with_purity(false).register_into_engine(
+        engine,
+        move |text: &mut ImmutableString, find: &str, with: &str| -> Outcome<()> {
+            *text = bounded(text, find, with, text_bytes_max)?.into();
+            Ok(())
+        },
+    );
+    FuncRegistration::new("replace").with_purity(false).register_into_engine(
+        engine,
+        move |text: &mut ImmutableString, find: char, with: &str| -> Outcome<()> {
+            *text = bounded(text, find.encode_utf8(&mut [0; 4]), with, text_bytes_max)?.into();
+            Ok(())
+        },
+    );
 }
