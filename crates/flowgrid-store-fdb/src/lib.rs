@@ -8,7 +8,8 @@
 //!   commit conflict, retry, see the new epoch and fail with [`Error::StaleEpoch`].
 //! - Batches are checked against [`StoreLimits`] before the transaction starts, and the
 //!   limits must leave room for this backend's key prefix ([`FdbStore::from_database`]
-//!   refuses a root that does not fit). Each transaction carries a timeout of
+//!   refuses a root that does not fit); a batch whose size with the prefix on every key is
+//!   over FoundationDB's transaction limit is refused then too, not retried. Each transaction carries a timeout of
 //!   `transaction_ms_max` across its retries; running out is [`Error::TooSlow`].
 //! - Retries are safe: a commit that may have committed and runs again applies the same
 //!   sets and clears under the same epoch (the result is the same); an acquire that runs
@@ -53,6 +54,7 @@ use foundationdb::{
 use flowgrid_model::{Epoch, ShardId};
 use flowgrid_store::{
     keys, Error, Key, KeyRange, Mutation, Result, ShardStore, Store, StoreLimits, Value, WriteBatch, FDB_KEY_BYTES_MAX,
+    FDB_TRANSACTION_BYTES_MAX,
 };
 
 /// The client crate, re-exported so that the process boots the same version it links.
@@ -288,6 +290,17 @@ impl ShardStore for FdbShard {
     async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> Result<()> {
         batch.check(&self.limits)?;
         let epoch_key = self.full_key(&keys::epoch());
+        // What the cluster counts: every key with the shard's prefix, and the read conflict
+        // range [epoch key, epoch key + \0) of the fence. Over it, the cluster would refuse
+        // the transaction (transaction_too_large) at each retry.
+        let size = batch.bytes_with_key_prefix(self.prefix.len()) + 2 * epoch_key.len() + 1;
+        if size > FDB_TRANSACTION_BYTES_MAX {
+            return Err(Error::TooLarge {
+                what: "transaction with the shard's key prefix",
+                size,
+                limit: FDB_TRANSACTION_BYTES_MAX,
+            });
+        }
         let shard = self.shard;
         let batch = Arc::new(batch);
         self.transact(|trx| {

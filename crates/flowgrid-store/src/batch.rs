@@ -2,8 +2,11 @@
 //! before any backend touches storage, and chunking for records larger than one value.
 //!
 //! Invariants:
-//! - `bytes` is the transaction size FoundationDB would charge for the mutations: key plus
-//!   value for a set, the key for a clear, both bounds for a range clear.
+//! - `bytes` is the transaction size FoundationDB's client charges for the mutations (its
+//!   approximate size, which it refuses past 10,000,000 bytes): key and value, plus the
+//!   write conflict range each mutation adds and a fixed cost for each mutation and range.
+//!   A backend that prefixes every key adds its prefix per key written
+//!   ([`WriteBatch::bytes_with_key_prefix`]).
 //! - Mutations apply in the order they were added; a later mutation wins over an earlier
 //!   one on the same key (a `set_chunked` relies on this: it clears the record's old chunks
 //!   and then writes the new ones).
@@ -31,7 +34,18 @@ pub enum Mutation {
 pub struct WriteBatch {
     mutations: Vec<Mutation>,
     bytes: usize,
+    /// How many times a key is charged in `bytes` (a set's key is charged three times: as
+    /// the mutation's and as both bounds of its conflict range), so that a backend can add
+    /// its key prefix as often.
+    keys_charged: usize,
 }
+
+/// What FoundationDB's client charges for each mutation beyond its keys and value
+/// (`sizeof(MutationRef)` on a 64-bit host).
+const FDB_MUTATION_COST: usize = 40;
+/// What it charges for each key range (a conflict range, a cleared key) beyond its
+/// bounds (`sizeof(KeyRangeRef)`).
+const FDB_RANGE_COST: usize = 32;
 
 impl WriteBatch {
     /// An empty batch.
@@ -42,20 +56,27 @@ impl WriteBatch {
     /// Sets `key` to `value`.
     pub fn set(&mut self, key: impl Into<Key>, value: impl Into<Value>) {
         let (key, value) = (key.into(), value.into());
-        self.bytes += key.len() + value.len();
+        // The mutation, and the conflict range [key, key + \0).
+        self.bytes += key.len() + value.len() + FDB_MUTATION_COST + FDB_RANGE_COST + 2 * key.len() + 1;
+        self.keys_charged += 3;
         self.mutations.push(Mutation::Set(key, value));
     }
 
     /// Removes `key`.
     pub fn clear(&mut self, key: impl Into<Key>) {
         let key = key.into();
-        self.bytes += key.len();
+        // The key's range [key, key + \0), as the clear and as its conflict range.
+        self.bytes += 2 * (FDB_RANGE_COST + 2 * key.len() + 1);
+        self.keys_charged += 4;
         self.mutations.push(Mutation::Clear(key));
     }
 
     /// Removes every key in `range`.
     pub fn clear_range(&mut self, range: KeyRange) {
-        self.bytes += range.begin.len() + range.end.len();
+        // The mutation, and the range again as its conflict range.
+        let bounds = range.begin.len() + range.end.len();
+        self.bytes += bounds + FDB_MUTATION_COST + FDB_RANGE_COST + bounds;
+        self.keys_charged += 4;
         self.mutations.push(Mutation::ClearRange(range));
     }
 
@@ -118,6 +139,12 @@ impl WriteBatch {
     /// Transaction size as FoundationDB charges it (see the module docs).
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Transaction size as FoundationDB charges it when a backend writes every key behind a
+    /// prefix of `key_prefix_bytes`.
+    pub fn bytes_with_key_prefix(&self, key_prefix_bytes: usize) -> usize {
+        self.bytes.saturating_add(self.keys_charged.saturating_mul(key_prefix_bytes))
     }
 
     /// The mutations, in the order they apply.
@@ -334,20 +361,33 @@ mod tests {
     }
 
     #[test]
-    fn bytes_count_keys_values_and_range_bounds() {
+    fn bytes_count_what_foundationdb_charges() {
         let mut batch = WriteBatch::new();
+        // Key and value, the mutation, the conflict range and its bounds ("ab", "ab\0").
         batch.set(b"ab".to_vec(), b"xyz".to_vec());
+        assert_eq!(batch.bytes(), 5 + 40 + 32 + 5);
+        // The key's range ("k", "k\0") twice: the clear and its conflict range.
         batch.clear(b"k".to_vec());
+        assert_eq!(batch.bytes(), 82 + 2 * (32 + 3));
+        // The bounds twice, the mutation and the conflict range.
         batch.clear_range(KeyRange { begin: b"a".to_vec(), end: b"b".to_vec() });
-        assert_eq!(batch.bytes(), 5 + 1 + 2);
+        assert_eq!(batch.bytes(), 152 + 2 + 40 + 32 + 2);
         assert_eq!(batch.len(), 3);
         assert!(!batch.is_empty());
+        // A prefix of 10 bytes on every key: three keys for the set, four for each clear.
+        assert_eq!(batch.bytes_with_key_prefix(10), batch.bytes() + (3 + 4 + 4) * 10);
+        // Many small keys: what the keys and values alone would count is a fraction of it.
+        let mut small = WriteBatch::new();
+        for index in 0u32..1_000 {
+            small.set(index.to_be_bytes().to_vec(), b"v".to_vec());
+        }
+        assert_eq!(small.bytes(), 1_000 * (5 + 40 + 32 + 9));
     }
 
     #[test]
     fn check_names_the_limit_that_failed() {
         let limits =
-            StoreLimits { key_bytes_max: 4, value_bytes_max: 4, transaction_bytes_max: 20, transaction_ms_max: 5 };
+            StoreLimits { key_bytes_max: 4, value_bytes_max: 4, transaction_bytes_max: 255, transaction_ms_max: 5 };
         let mut batch = WriteBatch::new();
         batch.set(b"kkkk".to_vec(), b"vvvv".to_vec());
         assert!(batch.check(&limits).is_ok());
@@ -362,7 +402,7 @@ mod tests {
         big.set(b"k3".to_vec(), b"vvvv".to_vec());
         assert!(big.check(&limits).is_ok(), "exactly at the transaction limit passes");
         big.clear(b"k".to_vec());
-        assert!(matches!(big.check(&limits), Err(Error::TooLarge { what: "transaction", size: 21, limit: 20 })));
+        assert!(matches!(big.check(&limits), Err(Error::TooLarge { what: "transaction", size: 325, limit: 255 })));
     }
 
     #[test]

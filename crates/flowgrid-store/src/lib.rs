@@ -26,7 +26,7 @@ pub mod keys;
 mod limits;
 
 pub use batch::{join_chunks, join_records, Mutation, WriteBatch};
-pub use limits::{StoreLimits, FDB_KEY_BYTES_MAX, FDB_VALUE_BYTES_MAX};
+pub use limits::{StoreLimits, FDB_KEY_BYTES_MAX, FDB_TRANSACTION_BYTES_MAX, FDB_VALUE_BYTES_MAX};
 
 pub type Key = Vec<u8>;
 pub type Value = Vec<u8>;

@@ -4,6 +4,9 @@
 pub const FDB_KEY_BYTES_MAX: usize = 10_000;
 /// FoundationDB's hard limit on a value.
 pub const FDB_VALUE_BYTES_MAX: usize = 100_000;
+/// FoundationDB's limit on a transaction, as its client counts it (keys with their prefix,
+/// values, conflict ranges: [`crate::WriteBatch::bytes_with_key_prefix`]).
+pub const FDB_TRANSACTION_BYTES_MAX: usize = 10_000_000;
 
 /// Limits every transaction is checked against before it commits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,8 +16,9 @@ pub struct StoreLimits {
     pub key_bytes_max: usize,
     /// FoundationDB refuses values over 100,000 bytes; larger records are chunked.
     pub value_bytes_max: usize,
-    /// FoundationDB refuses transactions over 10,000,000 bytes, counting key prefixes and
-    /// conflict ranges; the default keeps 1,000,000 bytes of those for that overhead.
+    /// FoundationDB refuses transactions over 10,000,000 bytes, counting conflict ranges
+    /// ([`crate::WriteBatch::bytes`] does) and a backend's key prefixes (which the
+    /// FoundationDB backend checks on its own); the default keeps 1,000,000 bytes for those.
     pub transaction_bytes_max: usize,
     /// FoundationDB aborts transactions older than 5 s.
     pub transaction_ms_max: u64,
