@@ -237,6 +237,11 @@ impl RunArgs {
         self.concurrency.unwrap_or(CONCURRENCY_DEFAULT)
     }
 
+    /// A closed loop's runs in flight; `None` in an open loop, whose depth the rate sets.
+    pub fn runs_in_flight(&self) -> Option<usize> {
+        (self.mode == LoopMode::Closed).then(|| self.concurrency())
+    }
+
     /// Checks values clap cannot, with messages that say what to change.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.tasks_per_run >= 1, "--tasks-per-run must be at least 1");

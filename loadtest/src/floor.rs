@@ -9,7 +9,9 @@
 //! machine with these sizes: the ceiling of the engine's throughput.
 //!
 //! The publisher keeps at most twice the workers' total concurrency of tasks outstanding,
-//! so the floor measures throughput, not an ever-growing backlog.
+//! so the floor measures throughput, not an ever-growing backlog; against a closed loop,
+//! no more than the engine run can have out (its runs in flight times each run's tasks in
+//! flight), so that both are measured at the same depth of queued work.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -82,9 +84,23 @@ pub fn outstanding_max(workers_per_pool: usize, worker_concurrency: usize, pools
     2 * workers_per_pool * worker_concurrency * pools
 }
 
-/// Measures the floor for `duration` after a short warm-up.
-pub async fn measure(grid: &Grid, plan: &Plan, workers: &WorkerArgs, duration: Duration) -> Result<FloorResult> {
-    let outstanding_max = outstanding_max(workers.workers_per_pool, workers.worker_concurrency, plan.pools.len());
+/// Tasks the floor keeps outstanding for an engine run of `plan` with `runs_in_flight`
+/// (a closed loop's concurrency; `None` for an open loop): [`outstanding_max`], or what the
+/// engine run can have out if that is less.
+pub fn outstanding(plan: &Plan, workers: &WorkerArgs, runs_in_flight: Option<usize>) -> usize {
+    let slots = outstanding_max(workers.workers_per_pool, workers.worker_concurrency, plan.pools.len());
+    runs_in_flight.map_or(slots, |runs| slots.min(runs.saturating_mul(plan.tasks_in_flight_per_run())).max(1))
+}
+
+/// Measures the floor for `duration` after a short warm-up, with `outstanding_max` tasks
+/// outstanding at most.
+pub async fn measure(
+    grid: &Grid,
+    plan: &Plan,
+    workers: &WorkerArgs,
+    outstanding_max: usize,
+    duration: Duration,
+) -> Result<FloorResult> {
     let sink = Arc::new(FloorSink {
         outstanding: Arc::new(Semaphore::new(outstanding_max)),
         measuring: AtomicBool::new(false),
@@ -262,4 +278,28 @@ fn floor_publish_failed(sink: &FloorSink, error: &PublishFailure) {
     sink.failed.fetch_add(1, Ordering::Relaxed);
     sink.outstanding.add_permits(1);
     eprintln!("floor: publish failed: {error}");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::args::{WorkerArgs, Workload};
+    use crate::service_time::ServiceTime;
+
+    #[test]
+    fn the_floor_is_no_deeper_than_the_closed_loop_it_is_compared_with() {
+        let workers = WorkerArgs {
+            workers_per_pool: 4,
+            worker_concurrency: 256,
+            service_time: ServiceTime::Fixed(Duration::ZERO),
+            service_time_dist: None,
+        };
+        let chain = Plan::new(Workload::Chain, 3);
+        assert_eq!(outstanding(&chain, &workers, None), 2_048, "an open loop: twice the slots");
+        assert_eq!(outstanding(&chain, &workers, Some(512)), 512);
+        assert_eq!(outstanding(&chain, &workers, Some(4_096)), 2_048);
+        assert_eq!(outstanding(&Plan::new(Workload::Map, 100), &workers, Some(8)), 800);
+    }
 }

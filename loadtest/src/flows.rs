@@ -90,6 +90,13 @@ impl Plan {
         }
     }
 
+    /// Tasks one run has out at most at once: one for a chain, every item of its map
+    /// (whose `max_concurrency` is all of them), and the mix's chain task besides.
+    pub fn tasks_in_flight_per_run(&self) -> usize {
+        let chain = usize::from(self.workload != Workload::Map);
+        chain + self.map_items as usize
+    }
+
     /// The input of one run.
     pub fn run_input(&self, sequence: u64) -> Value {
         if self.map_items == 0 {
@@ -182,6 +189,14 @@ fn mix_definition(name: &str, length: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_has_one_task_out_per_chain_and_one_per_map_item() {
+        assert_eq!(Plan::new(Workload::Single, 1).tasks_in_flight_per_run(), 1);
+        assert_eq!(Plan::new(Workload::Chain, 3).tasks_in_flight_per_run(), 1);
+        assert_eq!(Plan::new(Workload::Map, 100).tasks_in_flight_per_run(), 100);
+        assert_eq!(Plan::new(Workload::Mix, 10).tasks_in_flight_per_run(), 11);
+    }
 
     #[test]
     fn every_definition_is_valid() {

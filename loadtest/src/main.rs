@@ -3,6 +3,9 @@
 //! `chaos` instead runs several coordinators under load while it kills, pauses, adds and
 //! removes them, and checks that no accepted run is lost (see `chaos/mod.rs`).
 
+// The run summary is one `json!` of some forty keys, past the macro's default depth.
+#![recursion_limit = "256"]
+
 mod args;
 mod chaos;
 mod driver;

@@ -193,8 +193,9 @@ async fn measure_floor(args: &RunArgs, grid: &Grid, plan: &Plan, when: &str) -> 
         "broker floor {when} the engine run: {:?} of publish, pull, result and ack without the engine",
         args.floor_duration
     );
-    let floor = floor::measure(grid, plan, &args.workers, args.floor_duration).await?;
-    eprintln!("broker floor {when} the engine run: {:.0} tasks/s", floor.tasks_per_s);
+    let outstanding = floor::outstanding(plan, &args.workers, args.runs_in_flight());
+    let floor = floor::measure(grid, plan, &args.workers, outstanding, args.floor_duration).await?;
+    eprintln!("broker floor {when} the engine run: {:.0} tasks/s, {outstanding} tasks outstanding", floor.tasks_per_s);
     Ok(floor)
 }
 
@@ -335,6 +336,7 @@ fn summarize(
         "floor_tasks_per_s": floor_tasks_per_s,
         "floor_before_tasks_per_s": floors.map(|floors| round1(floors.before.tasks_per_s)),
         "floor_after_tasks_per_s": floors.map(|floors| round1(floors.after.tasks_per_s)),
+        "floor_tasks_outstanding": floors.map(|_| floor::outstanding(plan, &args.workers, args.runs_in_flight())),
         "ratio_to_floor": ratio,
         "run_e2e_ms": quantiles_ms(&histograms.run_e2e),
         "start_overhead_ms": quantiles_ms(&histograms.start_overhead),
