@@ -6,7 +6,8 @@
 #   one demo worker process serving the pools $WORKER_POOLS, and the web UI
 #   (flowgrid ui --actions) on http://127.0.0.1:$UI_PORT/.
 # Pid files and logs live in .grid/ (coordinator-<i>.pid, coordinator-<i>.log, ...). `down`
-# stops only what `up` and `scale` started (by pid file) and is safe to run twice.
+# stops only what `up` and `scale` started (by pid file) and is safe to run twice. The grid
+# runs the copy of $FLOWGRID_BIN that `up` takes (.grid/bin/flowgrid), `scale` included.
 #
 # usage: deploy/grid.sh up|scale|down|status|clean
 # env:   COORDINATORS (1) NATS_PORT (4222) METRICS_PORT (9464) UI_PORT (8480) SHARDS (64)
@@ -261,9 +262,14 @@ up() {
     port_open "$NATS_PORT" && die "127.0.0.1:$NATS_PORT is in use by another program: stop it or use NATS_PORT=..."
     port_open "$UI_PORT" && die "127.0.0.1:$UI_PORT is in use by another program: stop it or use UI_PORT=..."
     check_metrics_ports $(seq 1 "$COORDINATORS")
-    mkdir -p "$GRID_DIR/nats" "$GRID_DIR/data"
-    printf 'NATS_PORT=%s\nMETRICS_PORT=%s\nUI_PORT=%s\nSHARDS=%s\n' "$NATS_PORT" "$METRICS_PORT" "$UI_PORT" "$SHARDS" \
-        >"$(settings_file)"
+    mkdir -p "$GRID_DIR/nats" "$GRID_DIR/data" "$GRID_DIR/bin"
+    # The grid runs a copy of the binary: a rebuild does not change what it runs, and
+    # `scale` starts the same version as the coordinators already up.
+    cp "$FLOWGRID_BIN" "$GRID_DIR/bin/flowgrid.new" && mv -f "$GRID_DIR/bin/flowgrid.new" "$GRID_DIR/bin/flowgrid" \
+        || die "cannot copy $FLOWGRID_BIN to $GRID_DIR/bin"
+    FLOWGRID_BIN=$GRID_DIR/bin/flowgrid
+    printf 'NATS_PORT=%s\nMETRICS_PORT=%s\nUI_PORT=%s\nSHARDS=%s\nFLOWGRID_BIN=%q\n' \
+        "$NATS_PORT" "$METRICS_PORT" "$UI_PORT" "$SHARDS" "$FLOWGRID_BIN" >"$(settings_file)"
 
     say "starting nats-server on 127.0.0.1:$NATS_PORT (store $GRID_DIR/nats, log $GRID_DIR/nats.log)"
     start_bg "$GRID_DIR/nats.log" "$NATS_SERVER_BIN" -c "$ROOT/deploy/nats-server.conf" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$GRID_DIR/nats"
