@@ -253,13 +253,24 @@ impl Api {
         &self,
         request: ShardRequest,
         pick: impl Fn(ShardReply) -> Result<Vec<T>, ShardReply> + Copy,
-        mut compact: impl FnMut(&mut Vec<T>),
+        compact: impl FnMut(&mut Vec<T>),
     ) -> Result<Vec<T>, ApiError> {
+        self.ask_each(|shard| self.ask(shard, request.clone(), pick), compact).await
+    }
+
+    /// [`Api::ask_all`] with a question of its own for each shard (`ask`).
+    async fn ask_each<T, F>(
+        &self,
+        ask: impl Fn(ShardId) -> F,
+        mut compact: impl FnMut(&mut Vec<T>),
+    ) -> Result<Vec<T>, ApiError>
+    where
+        F: std::future::Future<Output = Result<Vec<T>, ApiError>>,
+    {
         let stopping = |_| ApiError::new(ErrorCode::Unavailable, "the coordinator is stopping; retry");
         let _fan_out = self.fan_outs.acquire().await.map_err(stopping)?;
-        let mut answers = futures::stream::iter((0..self.router.shards()).map(ShardId))
-            .map(|shard| self.ask(shard, request.clone(), pick))
-            .buffer_unordered(FAN_OUT_MAX);
+        let mut answers =
+            futures::stream::iter((0..self.router.shards()).map(ShardId)).map(ask).buffer_unordered(FAN_OUT_MAX);
         let mut gathered = Vec::new();
         while let Some(answer) = answers.try_next().await? {
             gathered.extend(answer);
@@ -334,19 +345,38 @@ impl Api {
                 format!("cursor {:?} is no flow's name; pass the `next_cursor` of the previous page", cut(cursor)),
             ));
         }
-        let query = ShardRequest::FlowsPage { after: request.cursor, limit };
-        let pick = |reply| match reply {
-            ShardReply::FlowsPage(page) => Ok(vec![page]),
-            other => Err(other),
-        };
+        let after = request.cursor.as_deref();
         // The pages so far as one: a shard's page holds at most a whole reply.
         let keep = |pages: &mut Vec<FlowsPage>| {
             let merged = FlowsPage::merge(pages.drain(..), limit);
             pages.push(merged);
         };
-        let page = FlowsPage::merge(self.ask_all(query, pick, keep).await?, limit);
+        let page = FlowsPage::merge(self.ask_each(|shard| self.flows_page(shard, after, limit), keep).await?, limit);
         let next_cursor = page.flows.last().filter(|_| page.more).map(|last| last.name.clone());
         Ok(FlowList { flows: page.flows, next_cursor })
+    }
+
+    /// The flows of `shard` named after `after`, a page of at most `limit`. A coordinator of
+    /// an earlier version cannot read the question (`invalid_request`) and is asked for
+    /// all of its flows, as it was then, during a rolling upgrade.
+    async fn flows_page(&self, shard: ShardId, after: Option<&str>, limit: usize) -> Result<Vec<FlowsPage>, ApiError> {
+        let query = ShardRequest::FlowsPage { after: after.map(str::to_owned), limit };
+        let pick = |reply| match reply {
+            ShardReply::FlowsPage(page) => Ok(page),
+            other => Err(other),
+        };
+        let page = match self.ask(shard, query, pick).await {
+            Err(error) if error.code == ErrorCode::InvalidRequest => {
+                let pick = |reply| match reply {
+                    ShardReply::Flows(flows) => Ok(flows),
+                    other => Err(other),
+                };
+                let flows = self.ask(shard, ShardRequest::ListFlows, pick).await?;
+                FlowsPage::after(flows, after)
+            }
+            page => page?,
+        };
+        Ok(vec![page])
     }
 
     async fn get_flow(&self, request: GetFlow) -> Result<flowgrid_proto::FlowInfo, ApiError> {
@@ -702,7 +732,7 @@ impl Api {
                 ));
             }
         }
-        let query = ShardRequest::List { query: request, limit: limit + 1 };
+        let query = ShardRequest::List { query: request, limit: limit + 1, pages: true };
         let newest_first = |left: &flowgrid_proto::RunSummary, right: &flowgrid_proto::RunSummary| {
             (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id))
         };

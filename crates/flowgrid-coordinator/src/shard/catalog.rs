@@ -56,6 +56,13 @@ impl FlowsPage {
         flows.truncate(fits);
         FlowsPage { flows, more }
     }
+
+    /// The flows of a whole listing (an older coordinator's answer) named after `after`,
+    /// as a page that [`FlowsPage::merge`] cuts to size.
+    pub fn after(flows: Vec<FlowSummary>, after: Option<&str>) -> FlowsPage {
+        let flows = flows.into_iter().filter(|flow| after.is_none_or(|after| flow.name.as_str() > after)).collect();
+        FlowsPage { flows, more: false }
+    }
 }
 
 /// How many of `flows`, from the first, make a page: at most `limit`, and one at least
@@ -226,6 +233,15 @@ mod tests {
 
     fn page(names: &[&str], more: bool) -> FlowsPage {
         FlowsPage { flows: names.iter().map(|name| summary(name, None)).collect(), more }
+    }
+
+    #[test]
+    fn a_whole_listing_pages_as_a_shard_s_page_does() {
+        let all: Vec<FlowSummary> = ["c", "a", "d", "b"].iter().map(|name| summary(name, None)).collect();
+        let merged = FlowsPage::merge([FlowsPage::after(all.clone(), Some("a"))], 2);
+        assert_eq!((names(&merged), merged.more), (vec!["b", "c"], true));
+        let merged = FlowsPage::merge([FlowsPage::after(all, Some("c")), page(&["e"], false)], 2);
+        assert_eq!((names(&merged), merged.more), (vec!["d", "e"], false));
     }
 
     fn names(page: &FlowsPage) -> Vec<&str> {
