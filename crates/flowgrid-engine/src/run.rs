@@ -531,6 +531,7 @@ fn abandon_with_run(work: Work) -> Work {
                 map.items.clear();
             }
             map.active = 0;
+            map.prepared = None;
             Work::Map(map)
         }
         other => abandon(other),
@@ -545,6 +546,7 @@ fn abandon(work: Work) -> Work {
         Work::Map(mut map) => {
             map.items.clear();
             map.active = 0;
+            map.prepared = None;
             Work::Map(map)
         }
     }

@@ -71,6 +71,9 @@ pub struct Expr {
     /// Whether a closure of the expression reads a variable of the scope (`|x| x + input.k`):
     /// it is then evaluated with [`CAPTURED`].
     captures: bool,
+    /// Whether it can be evaluated with a [`Prepared`] scope: it calls none of
+    /// [`NOT_ON_SHARED_VARIABLES`].
+    preparable: bool,
     ast: Arc<rhai::AST>,
 }
 
@@ -258,7 +261,18 @@ impl Evaluator {
             collect_step_refs(&ast).map_err(|message| ExprError::Syntax { source_text: source.to_owned(), message })?;
         let reads_input = reads_variable(&ast, INPUT_VARIABLE);
         let captures = captures_variables(&ast);
-        Ok(Expr { source: Arc::from(source), step_refs: step_refs.into(), reads_input, captures, ast: Arc::new(ast) })
+        // A closure's captures come as copies of their own (`CAPTURED`), whatever hands them
+        // over; otherwise `curry` and `is_shared` would be given a prepared variable's cell.
+        let preparable =
+            !calls_any(&ast, NOT_ON_SHARED_VARIABLES) && (captures || !calls_any(&ast, &[CURRY_FUNCTION, "is_shared"]));
+        Ok(Expr {
+            source: Arc::from(source),
+            step_refs: step_refs.into(),
+            reads_input,
+            captures,
+            preparable,
+            ast: Arc::new(ast),
+        })
     }
 
     /// Evaluates `expr` with the variables of `scope` that are `Some`, and returns its
@@ -271,15 +285,19 @@ impl Evaluator {
     }
 
     /// Converts the variables of `scope` for [`Evaluator::eval_prepared`], which evaluates
-    /// `expr` with them and an `item` and `index` of its own, without converting them again.
-    /// The scope's `item`, `index` and `iteration` are left out.
-    pub fn prepare(&self, expr: &Expr, scope: &Scope) -> Result<Prepared, ExprError> {
+    /// `expr` with them and an `item` and `index` of its own, without converting them again;
+    /// `None` for an expression that is not [`Expr::preparable`]. The scope's `item`,
+    /// `index` and `iteration` are left out.
+    pub fn prepare(&self, expr: &Expr, scope: &Scope) -> Result<Option<Prepared>, ExprError> {
+        if !expr.preparable {
+            return Ok(None);
+        }
         let scope = Scope { item: None, ..*scope };
         let variables = self.convert(expr, &scope)?;
-        // Read-only through and through: a method that would change a value in the shared
-        // cell (`input.items.push(4)`) is refused, not seen by the next item.
+        // Read-only through and through, should a function that changes its value reach
+        // one: it is refused, not seen by the next item.
         let variables = variables.into_iter().map(|(name, value)| (name, value.into_read_only().into_shared()));
-        Ok(Prepared { variables: variables.collect() })
+        Ok(Some(Prepared { variables: variables.collect() }))
     }
 
     /// Evaluates `expr` as [`Evaluator::eval`] does, with the variables `prepared` holds
@@ -320,8 +338,7 @@ impl Evaluator {
         Ok(variables)
     }
 
-    /// Evaluates `expr` with `variables`, each a constant: no evaluation can change a
-    /// value that a prepared scope hands to the next one.
+    /// Evaluates `expr` with `variables`.
     fn run(&self, expr: &Expr, variables: Vec<(&'static str, Dynamic)>) -> Result<Value, ExprError> {
         let eval_error = |message: String| eval_error(expr, message);
         let mut rhai_scope = rhai::Scope::new();
@@ -330,7 +347,7 @@ impl Evaluator {
             CAPTURED.with(|slot| *slot.borrow_mut() = variables);
         } else {
             for (name, value) in variables {
-                rhai_scope.push_constant_dynamic(name, value);
+                rhai_scope.push_dynamic(name, value);
             }
         }
         OPERATIONS_USED.with(|used| used.set(0));
@@ -469,6 +486,69 @@ fn syntax_message(error: &rhai::ParseError) -> String {
     message
 }
 
+/// Functions an expression evaluated with a [`Prepared`] scope may not call: those of the
+/// standard packages that Rhai refuses on a read-only value (not marked pure: most change
+/// the value they are called on, and `get`, `extract` and `order` copy out of it), and
+/// those that hand a variable's cell on as it is (`curry` and `is_shared`, where no closure
+/// captures: see [`Evaluator::compile`]). Names shared with
+/// functions that may be called (the string's `split`, `pad`, `remove`) count too: such an
+/// expression is evaluated with a scope converted for each item, as it always was.
+/// (`contains` on a range is not pure either, but a range is never a variable.)
+const NOT_ON_SHARED_VARIABLES: &[&str] = &[
+    "append",
+    "chop",
+    "clear",
+    "crop",
+    "dedup",
+    "drain",
+    "extract",
+    "fill_with",
+    "for_each",
+    "get",
+    "insert",
+    "make_lower",
+    "make_upper",
+    "mixin",
+    "order",
+    "order_by",
+    "order_desc",
+    "pad",
+    "pop",
+    "push",
+    "remove",
+    "replace",
+    "retain",
+    "reverse",
+    "set",
+    "set_bit",
+    "set_bits",
+    "set_tag",
+    "shift",
+    "sort",
+    "sort_by",
+    "sort_desc",
+    "splice",
+    "split",
+    "take",
+    "trim",
+    "truncate",
+];
+
+/// Whether `ast` (its closures too) calls a function or method named in `names`.
+fn calls_any(ast: &rhai::AST, names: &[&str]) -> bool {
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Expr(RhaiExpr::FnCall(call, ..) | RhaiExpr::MethodCall(call, ..))) = path.last() {
+            found |= names.contains(&call.name.as_str());
+        }
+        if let Some(ASTNode::Stmt(Stmt::FnCall(call, ..))) = path.last() {
+            found |= names.contains(&call.name.as_str());
+        }
+        !found
+    });
+    found
+}
+
 /// Whether a closure of `ast` captures a variable (Rhai marks each capture with a `Share`).
 fn captures_variables(ast: &rhai::AST) -> bool {
     let mut found = false;
@@ -480,6 +560,12 @@ fn captures_variables(ast: &rhai::AST) -> bool {
 }
 
 impl Expr {
+    /// Whether it can be evaluated with a scope prepared once for many items
+    /// ([`Evaluator::prepare`]).
+    pub fn preparable(&self) -> bool {
+        self.preparable
+    }
+
     /// Whether the expression reads the variable `name` of its scope (`item`, `result`):
     /// a closure's own parameter of that name is not the scope's. Closures are functions
     /// of their own, left out here; one that reads the scope's variable captures it, which
@@ -761,9 +847,8 @@ mod tests {
             let error = evaluator.eval(&expr, &scope).unwrap_err();
             assert!(error.to_string().contains("size limit"), "{source}: {error}");
         }
-        // Refused before it is built (60 times 60 bytes would be 3,600), not after. (A
-        // variable is a constant, which replace cannot change: it is called on a copy.)
-        for source in [r#"(input.s + "").replace("y", input.s)"#, r#"(input.s + "").replace('y', input.s)"#] {
+        // Refused before it is built (60 times 60 bytes would be 3,600), not after.
+        for source in [r#"input.s.replace("y", input.s)"#, r#"input.s.replace('y', input.s)"#] {
             let expr = evaluator.compile(source).unwrap();
             let error = evaluator.eval(&expr, &scope).unwrap_err().to_string();
             assert!(error.contains("the text replace would make exceeds the size limit"), "{source}: {error}");
@@ -772,19 +857,16 @@ mod tests {
         // input of a megabyte is refused as well (it used to try, and the process died).
         let default = Evaluator::new(&Limits::default());
         let megabyte = json!({"s": "y".repeat(1 << 20)});
-        let bomb = default.compile(r#"(input.s + "").replace("y", input.s)"#).unwrap();
+        let bomb = default.compile(r#"input.s.replace("y", input.s)"#).unwrap();
         let refused =
             default.eval(&bomb, &Scope { input: Some(&megabyte), ..Scope::default() }).unwrap_err().to_string();
         assert!(refused.contains("replace would make"), "{refused}");
         // Within the bound, replace runs (it changes its string in place, so an expression
-        // sees no result of it: a closure may not hold statements); on a variable it is refused.
+        // sees no result of it: a closure may not hold statements).
         for source in [r#""a-b".replace("-", "--")"#, r#""a-b".replace('-', "++")"#, r#""ab".replace("", ".")"#] {
             let expr = evaluator.compile(source).unwrap();
             assert_eq!(evaluator.eval(&expr, &scope).unwrap(), Value::Null, "{source}");
         }
-        let constant = evaluator.compile(r#"input.s.replace("y", "x")"#).unwrap();
-        let error = evaluator.eval(&constant, &scope).unwrap_err().to_string();
-        assert!(error.contains("cannot be called on constant"), "{error}");
     }
 
     #[test]
@@ -840,11 +922,17 @@ mod tests {
             "input.items.filter(|x| x > input.k).len()",
             "[input.o, input.o.x, input.items.len()]",
             "input.items.map(|x| x + item + input.k)",
+            "[input.items.contains(2), input.items.index_of(3), input.o.keys(), input.o.values()]",
+            "[input.s.to_upper(), input.s.sub_string(1), input.s.len(), input.s.index_of('-')]",
+            "input.items.reduce(|a, x| a + x, 0) + input.items.filter(|x| x > 1).len()",
+            "[input.items.some(|x| x > 2), input.items.all(|x| x > 0), input.items.find(|x| x > 1)]",
+            "input.items.zip([5, 6], |a, b| a + b)",
         ];
         for source in sources {
             let expr = evaluator.compile(source).unwrap();
             let scope = Scope { input: Some(&input), steps: steps.as_object(), ..Scope::default() };
-            let prepared = evaluator.prepare(&expr, &scope).unwrap();
+            assert!(expr.preparable(), "{source}");
+            let prepared = evaluator.prepare(&expr, &scope).unwrap().unwrap();
             for (index, item) in [json!(10), json!(20)].iter().enumerate() {
                 let fresh = Scope { item: Some(item), index: Some(index as u32), ..scope };
                 let expected = evaluator.eval(&expr, &fresh).unwrap_or_else(|error| panic!("{source}: {error}"));
@@ -852,16 +940,30 @@ mod tests {
                 assert_eq!(got.unwrap_or_else(|error| panic!("{source}: {error}")), expected, "{source}");
             }
         }
-        // A method that would change a prepared value is refused: a prepared scope is the
-        // same for every item.
+        // An expression that calls a function Rhai refuses on a read-only value (one that
+        // changes it, or copies out of it as `get` does) is not prepared: it is evaluated as
+        // it always was, its variables its own.
         let scope = Scope { input: Some(&input), ..Scope::default() };
-        let read = evaluator.compile("[input.items, input.s, input.o]").unwrap();
-        let prepared = evaluator.prepare(&read, &scope).unwrap();
-        for source in ["input.items.push(4)", r#"input.s.replace("-", "+")"#, "input.o.x.clear()"] {
-            let changes = evaluator.compile(source).unwrap();
-            let error = evaluator.eval_prepared(&changes, &prepared, None, None).unwrap_err().to_string();
-            assert!(error.contains("constant"), "{source}: {error}");
+        for (source, expected) in [
+            ("input.items.get(-1)", json!(3)),
+            ("input.items.extract(1)", json!([2, 3])),
+            ("input.items.order_desc()", json!([3, 2, 1])),
+            ("input.items.pop()", json!(3)),
+            (r#"input.s.split("-")"#, json!(["a", "b"])),
+            ("[1].map(curry(|a, x| a.k + x, input))", json!([2])),
+        ] {
+            let expr = evaluator.compile(source).unwrap();
+            assert!(!expr.preparable(), "{source}");
+            assert!(evaluator.prepare(&expr, &scope).unwrap().is_none(), "{source}");
+            assert_eq!(evaluator.eval(&expr, &scope).unwrap(), expected, "{source}");
         }
+        // Should one reach a prepared variable all the same, it is refused, not seen by the
+        // next item.
+        let read = evaluator.compile("[input.items, input.s, input.o]").unwrap();
+        let prepared = evaluator.prepare(&read, &scope).unwrap().unwrap();
+        let pushes = Expr { preparable: true, ..evaluator.compile("input.items.push(4)").unwrap() };
+        let error = evaluator.eval_prepared(&pushes, &prepared, None, None).unwrap_err().to_string();
+        assert!(error.contains("constant"), "{error}");
         assert_eq!(
             evaluator.eval_prepared(&read, &prepared, None, None).unwrap(),
             json!([[1, 2, 3], "a-b", {"x": [1]}])

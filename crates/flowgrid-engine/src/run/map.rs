@@ -185,8 +185,9 @@ impl Run {
     }
 
     /// Evaluates the `input` expression of map step `index` for item `item` (`value`), with
-    /// the run input and the steps it reads converted once for all the items: converting a
-    /// large run input again for each item would cost more than the items' evaluations.
+    /// the run input and the steps it reads converted once for all the items where the
+    /// expression allows it: converting a large run input again for each item would cost
+    /// more than the items' evaluations.
     fn item_input(
         &mut self,
         index: StepIndex,
@@ -195,9 +196,13 @@ impl Run {
         item: u32,
         evaluator: &Evaluator,
     ) -> Result<Value, ExprError> {
+        if !expr.preparable() {
+            let locals = Locals { item: Some(value), index: Some(item), ..Locals::default() };
+            return self.evaluate(evaluator, expr, locals);
+        }
         let prepared = match self.map_mut(index).prepared.take() {
             Some(prepared) => prepared,
-            None => self.prepare(evaluator, expr)?,
+            None => self.prepare(evaluator, expr)?.expect("a preparable expression is prepared"),
         };
         let input = evaluator.eval_prepared(expr, &prepared, Some(value), Some(item));
         self.map_mut(index).prepared = Some(prepared);
@@ -263,6 +268,13 @@ impl Run {
         );
         let error = TaskError { code: "map_failed".to_owned(), message, retryable: false };
         self.step_failed(index, error, context);
+    }
+
+    /// Whether map step `step` holds a prepared scope for its items' input.
+    #[cfg(test)]
+    pub(crate) fn map_scope_prepared(&self, step: &str) -> bool {
+        let index = self.plan.step_index(step).expect("a step of the plan");
+        matches!(&self.steps[usize::from(index)].work, Work::Map(map) if map.prepared.is_some())
     }
 
     fn map_mut(&mut self, index: StepIndex) -> &mut MapState {

@@ -29,8 +29,9 @@ impl Run {
     }
 
     /// The scope of `expr` (the run input and the steps it references) converted once, to
-    /// evaluate it for many items with [`Evaluator::eval_prepared`].
-    pub(super) fn prepare(&self, evaluator: &Evaluator, expr: &Expr) -> Result<Prepared, ExprError> {
+    /// evaluate it for many items with [`Evaluator::eval_prepared`]; `None` for an
+    /// expression that is not preparable.
+    pub(super) fn prepare(&self, evaluator: &Evaluator, expr: &Expr) -> Result<Option<Prepared>, ExprError> {
         let steps = self.steps_scope(Some(&expr.step_refs));
         evaluator.prepare(expr, &self.scope(&steps, &Locals::default()))
     }

@@ -293,8 +293,18 @@ steps:
         assert_eq!(dispatched.len(), 1);
         let value = (position + 1) * 10;
         assert_eq!(*dispatched[0].input, json!({"value": value, "position": position, "kind": "video", "n": 3}));
+        // Held while items wait to start, dropped once the last has started.
+        assert_eq!(harness.run.map_scope_prepared("each"), position < 2);
         harness.succeed(seq, "each", Some(position as u32), 1, json!(value));
     }
     assert_eq!(harness.step("each").output, Some(json!([10, 20, 30])));
     assert_eq!(harness.run.view().status, RunStatus::Succeeded);
+
+    // A map that fails with items still to start drops it too.
+    let mut harness = Harness::start(flow, json!({"list": [1, 2, 3], "factor": 10}), 0);
+    harness.succeed(1, "probe", None, 1, json!({"kind": "video"}));
+    assert!(harness.run.map_scope_prepared("each"));
+    harness.fail(2, "each", Some(0), 1, error("broken", false));
+    assert_eq!(harness.step_status("each"), StepStatus::Failed);
+    assert!(!harness.run.map_scope_prepared("each"));
 }
