@@ -8,8 +8,8 @@
 //!   commit conflict, retry, see the new epoch and fail with [`Error::StaleEpoch`].
 //! - Batches are checked against [`StoreLimits`] before the transaction starts, and the
 //!   limits must leave room for this backend's key prefix ([`FdbStore::from_database`]
-//!   refuses a root that does not fit); a batch whose size with the prefix on every key is
-//!   over FoundationDB's transaction limit is refused then too, not retried. Each transaction carries a timeout of
+//!   refuses a root that does not fit), the size of a batch counted as FoundationDB counts
+//!   it, a prefix on every key included, so that it is refused then, not retried. Each transaction carries a timeout of
 //!   `transaction_ms_max` across its retries; running out is [`Error::TooSlow`].
 //! - Retries are safe: a commit that may have committed and runs again applies the same
 //!   sets and clears under the same epoch (the result is the same); an acquire that runs
@@ -54,7 +54,6 @@ use foundationdb::{
 use flowgrid_model::{Epoch, ShardId};
 use flowgrid_store::{
     keys, Error, Key, KeyRange, Mutation, Result, ShardStore, Store, StoreLimits, Value, WriteBatch, FDB_KEY_BYTES_MAX,
-    FDB_TRANSACTION_BYTES_MAX,
 };
 
 /// The client crate, re-exported so that the process boots the same version it links.
@@ -90,10 +89,17 @@ impl FdbStore {
     }
 
     /// A store over an already opened database (one `Database` can serve many roots).
-    /// Fails when the longest shard prefix plus `limits.key_bytes_max` is over
-    /// FoundationDB's key limit: shorten the root or lower `key_bytes_max`.
+    /// Fails when the longest shard prefix is over `limits.key_prefix_bytes_max`, or plus
+    /// `limits.key_bytes_max` over FoundationDB's key limit: shorten the root.
     pub fn from_database(db: Arc<Database>, root: &str, limits: StoreLimits) -> Result<FdbStore> {
         let prefix_bytes_max = shard_subspace(root, ShardId(u32::MAX)).bytes().len();
+        if prefix_bytes_max > limits.key_prefix_bytes_max {
+            return Err(Error::TooLarge {
+                what: "key prefix (root and shard): shorten the root, or raise key_prefix_bytes_max",
+                size: prefix_bytes_max,
+                limit: limits.key_prefix_bytes_max,
+            });
+        }
         if prefix_bytes_max + limits.key_bytes_max > FDB_KEY_BYTES_MAX {
             return Err(Error::TooLarge {
                 what: "key prefix (root) plus key_bytes_max",
@@ -288,19 +294,11 @@ impl ShardStore for FdbShard {
     }
 
     async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> Result<()> {
+        // Counts the size as the cluster does, with a prefix at least as long as this shard's
+        // (`from_database` refused a longer root): over it, the cluster would refuse the
+        // transaction (transaction_too_large) at each retry.
         batch.check(&self.limits)?;
         let epoch_key = self.full_key(&keys::epoch());
-        // What the cluster counts: every key with the shard's prefix, and the read conflict
-        // range [epoch key, epoch key + \0) of the fence. Over it, the cluster would refuse
-        // the transaction (transaction_too_large) at each retry.
-        let size = batch.bytes_with_key_prefix(self.prefix.len()) + 2 * epoch_key.len() + 1;
-        if size > FDB_TRANSACTION_BYTES_MAX {
-            return Err(Error::TooLarge {
-                what: "transaction with the shard's key prefix",
-                size,
-                limit: FDB_TRANSACTION_BYTES_MAX,
-            });
-        }
         let shard = self.shard;
         let batch = Arc::new(batch);
         self.transact(|trx| {

@@ -88,10 +88,10 @@ async fn a_slow_transaction_is_refused_and_writes_nothing() {
     let shard = store.open_shard(ShardId(4)).await.unwrap();
     let epoch = shard.acquire().await.unwrap();
     let mut batch = WriteBatch::new();
-    // Enough work that applying it takes over a millisecond on any disk, within the
-    // transaction's size (15,000 sets of ~520 bytes as FoundationDB counts them).
-    for seq in 0..15_000u64 {
-        batch.set(keys::history(&flowgrid_model::RunId("slow".into()), seq), vec![7u8; 400]);
+    // Enough work that encoding it takes over a millisecond (8 MB), within the transaction's
+    // size as FoundationDB counts it.
+    for seq in 0..2_000u64 {
+        batch.set(keys::history(&flowgrid_model::RunId("slow".into()), seq), vec![7u8; 4_000]);
     }
     match shard.commit(epoch, batch).await {
         Err(Error::TooSlow { limit_ms: 0, .. }) => {}

@@ -16,7 +16,7 @@
 
 use foundationdb_tuple::{pack, pack_into, unpack, Element};
 
-use crate::{keys, printable_key, Error, Key, KeyRange, Result, StoreLimits, Value};
+use crate::{keys, printable_key, Error, Key, KeyRange, Result, StoreLimits, Value, FDB_TRANSACTION_BYTES_MAX};
 
 /// One change to a shard's key space.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,6 +147,14 @@ impl WriteBatch {
         self.bytes.saturating_add(self.keys_charged.saturating_mul(key_prefix_bytes))
     }
 
+    /// What FoundationDB charges the commit of this batch behind a key prefix of
+    /// `key_prefix_bytes`: the batch, and the read conflict range of the epoch key the
+    /// commit reads to fence an earlier owner.
+    pub fn commit_bytes(&self, key_prefix_bytes: usize) -> usize {
+        let epoch_key = key_prefix_bytes + keys::epoch().len();
+        self.bytes_with_key_prefix(key_prefix_bytes).saturating_add(FDB_RANGE_COST + 2 * epoch_key + 1)
+    }
+
     /// The mutations, in the order they apply.
     pub fn mutations(&self) -> &[Mutation] {
         &self.mutations
@@ -163,6 +171,14 @@ impl WriteBatch {
     pub fn check(&self, limits: &StoreLimits) -> Result<()> {
         if self.bytes > limits.transaction_bytes_max {
             return Err(Error::TooLarge { what: "transaction", size: self.bytes, limit: limits.transaction_bytes_max });
+        }
+        let commit_bytes = self.commit_bytes(limits.key_prefix_bytes_max);
+        if commit_bytes > FDB_TRANSACTION_BYTES_MAX {
+            return Err(Error::TooLarge {
+                what: "transaction with a key prefix on every key",
+                size: commit_bytes,
+                limit: FDB_TRANSACTION_BYTES_MAX,
+            });
         }
         let epoch_key = keys::epoch();
         for mutation in &self.mutations {
@@ -387,7 +403,7 @@ mod tests {
     #[test]
     fn check_names_the_limit_that_failed() {
         let limits =
-            StoreLimits { key_bytes_max: 4, value_bytes_max: 4, transaction_bytes_max: 255, transaction_ms_max: 5 };
+            StoreLimits { key_bytes_max: 4, value_bytes_max: 4, transaction_bytes_max: 255, ..StoreLimits::default() };
         let mut batch = WriteBatch::new();
         batch.set(b"kkkk".to_vec(), b"vvvv".to_vec());
         assert!(batch.check(&limits).is_ok());
@@ -403,6 +419,25 @@ mod tests {
         assert!(big.check(&limits).is_ok(), "exactly at the transaction limit passes");
         big.clear(b"k".to_vec());
         assert!(matches!(big.check(&limits), Err(Error::TooLarge { what: "transaction", size: 325, limit: 255 })));
+    }
+
+    #[test]
+    fn check_counts_a_key_prefix_on_every_key() {
+        // Many small keys within the transaction bound, but not with a prefix on each.
+        let mut batch = WriteBatch::new();
+        for index in 0u32..79_000 {
+            batch.set(keys::run(&flowgrid_model::RunId(format!("r{index}").into())), b"v".to_vec());
+        }
+        let limits = StoreLimits::default();
+        assert!(batch.bytes() <= limits.transaction_bytes_max, "{}", batch.bytes());
+        let with_prefix = batch.commit_bytes(limits.key_prefix_bytes_max);
+        match batch.check(&limits) {
+            Err(Error::TooLarge { size, limit: 10_000_000, .. }) => assert_eq!(size, with_prefix),
+            other => panic!("expected TooLarge with the prefix counted, got {other:?}"),
+        }
+        let epoch_range = 32 + 2 * (64 + keys::epoch().len()) + 1;
+        assert_eq!(with_prefix, batch.bytes() + 3 * 79_000 * 64 + epoch_range);
+        assert!(batch.check(&StoreLimits { key_prefix_bytes_max: 0, ..limits }).is_ok());
     }
 
     #[test]

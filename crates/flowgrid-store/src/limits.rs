@@ -17,9 +17,14 @@ pub struct StoreLimits {
     /// FoundationDB refuses values over 100,000 bytes; larger records are chunked.
     pub value_bytes_max: usize,
     /// FoundationDB refuses transactions over 10,000,000 bytes, counting conflict ranges
-    /// ([`crate::WriteBatch::bytes`] does) and a backend's key prefixes (which the
-    /// FoundationDB backend checks on its own); the default keeps 1,000,000 bytes for those.
+    /// ([`crate::WriteBatch::bytes`] does) and a backend's key prefixes; the default keeps
+    /// 1,000,000 bytes for those. Every backend also checks a batch's size with
+    /// `key_prefix_bytes_max` before each key against FoundationDB's limit.
     pub transaction_bytes_max: usize,
+    /// The longest prefix a backend puts before every key (the FoundationDB backend's root
+    /// and shard, tuple-encoded; it refuses a longer root). Every backend counts it for each
+    /// key of a batch, so that a batch that commits in one commits in all.
+    pub key_prefix_bytes_max: usize,
     /// FoundationDB aborts transactions older than 5 s.
     pub transaction_ms_max: u64,
 }
@@ -30,6 +35,7 @@ impl Default for StoreLimits {
             key_bytes_max: 9_000,
             value_bytes_max: 100_000,
             transaction_bytes_max: 9_000_000,
+            key_prefix_bytes_max: 64,
             transaction_ms_max: 5_000,
         }
     }
