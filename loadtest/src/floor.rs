@@ -11,7 +11,8 @@
 //! The publisher keeps at most twice the workers' total concurrency of tasks outstanding,
 //! so the floor measures throughput, not an ever-growing backlog; against a closed loop,
 //! no more than the engine run can have out (its runs in flight times each run's tasks in
-//! flight), so that both are measured at the same depth of queued work.
+//! flight), so that both are measured at the same depth of queued work (for the mix, over
+//! its two pools together: the floor shares it evenly, the engine's chain and map do not).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
