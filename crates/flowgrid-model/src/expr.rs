@@ -908,6 +908,46 @@ mod tests {
         let expr = evaluator.compile("input.a.map(|x| [x, x, x])").unwrap();
         let error = evaluator.eval(&expr, &scope).unwrap_err().to_string();
         assert!(error.contains("the array map makes exceeds the size limit"), "{error}");
+        // An object map's `map` and a text's pieces are counted as they are made, too.
+        let keys: serde_json::Map<String, Value> = (0..1_000).map(|key| (format!("k{key}"), json!(key))).collect();
+        let input = json!({"m": keys, "s": "a,".repeat(20)});
+        let scope = Scope { input: Some(&input), ..Scope::default() };
+        for (source, refusal) in [
+            ("input.m.map(|k| k)", "the object map map makes exceeds the size limit"),
+            (r#"input.s.split(",")"#, "the array of pieces split makes exceeds the size limit"),
+            ("input.s.split_rev(',')", "the array of pieces split makes exceeds the size limit"),
+            ("input.s.to_chars()", "the array of characters to_chars makes exceeds the size limit"),
+        ] {
+            let expr = evaluator.compile(source).unwrap();
+            let error = evaluator.eval(&expr, &scope).unwrap_err().to_string();
+            assert!(error.contains(refusal), "{source}: {error}");
+        }
+    }
+
+    #[test]
+    fn bounded_functions_give_what_the_package_s_give() {
+        let text = r#""hello, world! hello, foo!""#;
+        let cases = [
+            (format!("{text}.split()"), json!(["hello,", "world!", "hello,", "foo!"])),
+            (format!(r#"{text}.split("ll")"#), json!(["he", "o, world! he", "o, foo!"])),
+            (format!(r#"{text}.split("ll", 2)"#), json!(["he", "o, world! hello, foo!"])),
+            (format!("{text}.split('l')"), json!(["he", "", "o, wor", "d! he", "", "o, foo!"])),
+            (format!("{text}.split('l', 3)"), json!(["he", "", "o, world! hello, foo!"])),
+            (format!(r#"{text}.split_rev("ll")"#), json!(["o, foo!", "o, world! he", "he"])),
+            (format!(r#"{text}.split_rev("ll", 2)"#), json!(["o, foo!", "hello, world! he"])),
+            (format!("{text}.split_rev('l')"), json!(["o, foo!", "", "d! he", "o, wor", "", "he"])),
+            (format!("{text}.split_rev('l', 3)"), json!(["o, foo!", "", "hello, world! he"])),
+            (format!("{text}.split(5)"), json!(["hello", ", world! hello, foo!"])),
+            (r#""".split(",")"#.to_owned(), json!([""])),
+            (r#""abc".split("x")"#.to_owned(), json!(["abc"])),
+            (r#""abc".split("")"#.to_owned(), json!(["", "a", "b", "c", ""])),
+            (r#""ab".to_chars()"#.to_owned(), json!(["a", "b"])),
+            ("#{a: 1, b: 2}.map(|k| this * 2)".to_owned(), json!({"a": 2, "b": 4})),
+            ("#{a: 1, bb: 2}.map(|k, v| v + k.len())".to_owned(), json!({"a": 2, "bb": 4})),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(eval_plain(&source), expected, "{source}");
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! 10,000 items whose closure gives a megabyte each would hold 10 GB before the check,
 //! `reduce(|acc, x| [acc])` would nest a value 10,000 levels deep (and the recursive size
 //! check, the conversion to JSON or the drop of it would overflow the stack), and
-//! `replace` can multiply a text past any memory. The versions here stop at the bound
-//! instead. Functions registered on the engine are found before the packages'.
+//! `replace` can multiply a text past any memory, and `split` makes a string of its own
+//! of every byte. The versions here stop at the bound instead. Functions registered on the engine are found before the packages'.
 
 use rhai::{Array, Dynamic, EvalAltResult, FnPtr, FuncRegistration, ImmutableString, NativeCallContext, INT};
 
@@ -42,14 +42,24 @@ impl Made {
     /// would be over `bounds` or `value` nests deeper than [`VALUE_DEPTH_MAX`].
     fn add_entry(&mut self, value: &Dynamic, bounds: Bounds, made_by: &str) -> Outcome<()> {
         self.array_entries += 1;
+        self.add_counted(value, bounds, "array", made_by)
+    }
+
+    /// Counts `value` as one more entry of the object map being made, as
+    /// [`Made::add_entry`] does for an array.
+    fn add_map_entry(&mut self, value: &Dynamic, bounds: Bounds, made_by: &str) -> Outcome<()> {
+        self.map_entries += 1;
+        self.add_counted(value, bounds, "object map", made_by)
+    }
+
+    fn add_counted(&mut self, value: &Dynamic, bounds: Bounds, kind: &str, made_by: &str) -> Outcome<()> {
         self.add(value, VALUE_DEPTH_MAX, made_by)?;
         let over = self.array_entries > bounds.array_entries
             || self.map_entries > bounds.map_entries
             || self.text_bytes > bounds.text_bytes;
         if over {
-            return Err(
-                EvalAltResult::ErrorDataTooLarge(format!("the array {made_by} makes"), rhai::Position::NONE).into()
-            );
+            let what = format!("the {kind} {made_by} makes");
+            return Err(EvalAltResult::ErrorDataTooLarge(what, rhai::Position::NONE).into());
         }
         Ok(())
     }
@@ -99,7 +109,8 @@ pub fn too_deep(made_by: &str) -> Box<EvalAltResult> {
     .into()
 }
 
-/// Registers `map`, `zip`, `reduce`, `reduce_rev` and `replace` in their bounded forms.
+/// Registers `map`, `zip`, `reduce`, `reduce_rev`, `replace`, `split`, `split_rev` and
+/// `to_chars` in their bounded forms.
 pub(super) fn register(engine: &mut rhai::Engine, limits: &Limits) {
     let bounds = Bounds {
         array_entries: limits.map_items_max.max(1),
@@ -109,9 +120,100 @@ pub(super) fn register(engine: &mut rhai::Engine, limits: &Limits) {
     register_map_and_zip(engine, bounds);
     register_reduce(engine);
     register_replace(engine, bounds.text_bytes);
+    register_split(engine, bounds.array_entries);
 }
 
-/// `map` and `zip`: the array they make is measured entry by entry.
+/// The string's `split`, `split_rev` and `to_chars`, as the package has them, but the
+/// pieces are counted before they are made: one byte of text makes a string of its own
+/// (some 60 bytes), so a text within its bound would make an array gigabytes large
+/// before Rhai's check of its size.
+fn register_split(engine: &mut rhai::Engine, entries_max: usize) {
+    fn pieces<'a, I: Iterator<Item = &'a str>>(make: impl Fn() -> I, entries_max: usize) -> Outcome<Array> {
+        if make().count() > entries_max {
+            let what = "the array of pieces split makes".to_owned();
+            return Err(EvalAltResult::ErrorDataTooLarge(what, rhai::Position::NONE).into());
+        }
+        Ok(make().map(|piece| Dynamic::from(ImmutableString::from(piece))).collect())
+    }
+    fn whole(text: &ImmutableString) -> Outcome<Array> {
+        Ok(vec![text.clone().into()])
+    }
+    fn segments_of(segments: INT) -> usize {
+        usize::try_from(segments).unwrap_or(usize::MAX)
+    }
+    // The cases that give the whole text, as the package's.
+    let unsplit = |text: &str, delimiter: &str| text.is_empty() || (!delimiter.is_empty() && !text.contains(delimiter));
+    let unsplit_char = |text: &str, delimiter: char| text.is_empty() || !text.contains(delimiter);
+    let split = FuncRegistration::new("split").with_purity(true);
+    let split_rev = FuncRegistration::new("split_rev").with_purity(true);
+    split.clone().register_into_engine(engine, move |text: &mut ImmutableString| -> Outcome<Array> {
+        if text.is_empty() {
+            return whole(text);
+        }
+        pieces(|| text.split_whitespace(), entries_max)
+    });
+    split.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: &str| {
+        if unsplit(text, delimiter) {
+            return whole(text);
+        }
+        pieces(|| text.split(delimiter), entries_max)
+    });
+    split.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: &str, segments: INT| {
+        if segments <= 1 || unsplit(text, delimiter) {
+            return whole(text);
+        }
+        pieces(|| text.splitn(segments_of(segments), delimiter), entries_max)
+    });
+    split.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: char| {
+        if unsplit_char(text, delimiter) {
+            return whole(text);
+        }
+        pieces(|| text.split(delimiter), entries_max)
+    });
+    split.register_into_engine(engine, move |text: &mut ImmutableString, delimiter: char, segments: INT| {
+        if segments <= 1 || unsplit_char(text, delimiter) {
+            return whole(text);
+        }
+        pieces(|| text.splitn(segments_of(segments), delimiter), entries_max)
+    });
+    split_rev.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: &str| {
+        if unsplit(text, delimiter) {
+            return whole(text);
+        }
+        pieces(|| text.rsplit(delimiter), entries_max)
+    });
+    split_rev.clone().register_into_engine(
+        engine,
+        move |text: &mut ImmutableString, delimiter: &str, segments: INT| {
+            if segments <= 1 || unsplit(text, delimiter) {
+                return whole(text);
+            }
+            pieces(|| text.rsplitn(segments_of(segments), delimiter), entries_max)
+        },
+    );
+    split_rev.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: char| {
+        if unsplit_char(text, delimiter) {
+            return whole(text);
+        }
+        pieces(|| text.rsplit(delimiter), entries_max)
+    });
+    split_rev.register_into_engine(engine, move |text: &mut ImmutableString, delimiter: char, segments: INT| {
+        if segments <= 1 || unsplit_char(text, delimiter) {
+            return whole(text);
+        }
+        pieces(|| text.rsplitn(segments_of(segments), delimiter), entries_max)
+    });
+    FuncRegistration::new("to_chars").register_into_engine(engine, move |text: &str| -> Outcome<Array> {
+        if text.chars().count() > entries_max {
+            let what = "the array of characters to_chars makes".to_owned();
+            return Err(EvalAltResult::ErrorDataTooLarge(what, rhai::Position::NONE).into());
+        }
+        Ok(text.chars().map(Dynamic::from).collect())
+    });
+}
+
+/// `map` (of an array or an object map) and `zip`: what they make is measured entry by
+/// entry.
 fn register_map_and_zip(engine: &mut rhai::Engine, bounds: Bounds) {
     // Pure, as the package's: a method on a variable reads it, and never writes it back.
     FuncRegistration::new("map").with_purity(true).register_into_engine(
@@ -124,6 +226,20 @@ fn register_map_and_zip(engine: &mut rhai::Engine, bounds: Bounds) {
                 let value = mapper.call_raw_with_extra_args("map", &context, Some(item), [], index, Some(0))?;
                 made.add_entry(&value, bounds, "map")?;
                 mapped.push(value);
+            }
+            Ok(mapped)
+        },
+    );
+    FuncRegistration::new("map").with_purity(true).register_into_engine(
+        engine,
+        move |context: NativeCallContext, map: &mut rhai::Map, mapper: FnPtr| -> Outcome<rhai::Map> {
+            let mut made = Made::default();
+            let mut mapped = rhai::Map::new();
+            for (key, value) in map.iter_mut() {
+                let key_argument = [Dynamic::from(ImmutableString::from(key.as_str()))];
+                let value = mapper.call_raw_with_extra_args("map", &context, Some(value), key_argument, [], Some(1))?;
+                made.add_map_entry(&value, bounds, "map")?;
+                mapped.insert(key.clone(), value);
             }
             Ok(mapped)
         },
