@@ -62,6 +62,11 @@ pub fn json_bytes(value: &serde_json::Value) -> usize {
 /// How deep sub-flows may nest: a run started by a `subflow` step of a run started by a
 /// `subflow` step ... A flow that calls itself without end is stopped here.
 pub const SUBFLOW_DEPTH_MAX: u32 = 8;
+/// Child runs one subflow step with `items` has going at once (its `max_concurrency`, and
+/// its default): a parent that ends while they go cancels each in the one commit that ends
+/// it, a record per child (some 700 bytes), so that commit stays well within a
+/// transaction.
+pub const CHILDREN_GOING_MAX: u32 = 1_000;
 
 /// How often one run may be redriven: each redrive adds to its history, which a shard
 /// replays when it loads the run.

@@ -5,7 +5,7 @@
 
 use crate::definition::{FlowDefinition, RetryPolicy, Step};
 use crate::error::{DefinitionError, Issue, Result};
-use crate::limits::DURATION_MS_MAX;
+use crate::limits::{CHILDREN_GOING_MAX, DURATION_MS_MAX};
 
 use super::{push_issue, step_path};
 
@@ -15,6 +15,7 @@ pub fn check_new(definition: &FlowDefinition) -> Result<()> {
     check_durations(definition, &mut issues);
     check_implicit_edges_listed(&definition.steps, &mut issues);
     check_trigger_stream_length(definition, &mut issues);
+    check_children_going(definition, &mut issues);
     if issues.is_empty() {
         Ok(())
     } else {
@@ -37,6 +38,22 @@ fn check_trigger_stream_length(definition: &FlowDefinition, issues: &mut Vec<Iss
             trigger.stream.len()
         );
         push_issue(issues, "trigger.stream", message);
+    }
+}
+
+/// A subflow step with `items` has at most [`CHILDREN_GOING_MAX`] children going at once.
+fn check_children_going(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
+    for (position, step) in definition.steps.iter().enumerate() {
+        let Step::Subflow(subflow) = step else { continue };
+        if let Some(max_concurrency) = subflow.max_concurrency.filter(|&going| going > CHILDREN_GOING_MAX) {
+            push_issue(
+                issues,
+                format!("{}.max_concurrency", step_path(position, step.id())),
+                format!(
+                    "is {max_concurrency}, over the {CHILDREN_GOING_MAX} child runs a step may have going at once                      (a parent that ends cancels them all in one commit): use at most that, or split the items                      over child flows that fan out themselves"
+                ),
+            );
+        }
     }
 }
 

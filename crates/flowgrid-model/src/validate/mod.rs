@@ -29,7 +29,7 @@ use crate::definition::{
 use crate::error::{DefinitionError, Issue, Result};
 
 use crate::expr::Evaluator;
-use crate::limits::Limits;
+use crate::limits::{Limits, CHILDREN_GOING_MAX};
 use crate::plan::{
     CatchRule, Edge, EdgeWhen, FlowItems, FlowLoop, FlowPlan, PlanCache, PlanStep, PlanStepKind, StepIndex,
     SubflowSpec, TaskSpec, WaitFor, PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
@@ -257,7 +257,8 @@ fn plan_kind(
                 input: take("input"),
                 items: take("items").map(|items| FlowItems {
                     items,
-                    max_concurrency: subflow.max_concurrency.unwrap_or_else(|| items_max(limits)),
+                    // Clamped for a version deployed before the bound (`check_new` refuses more).
+                    max_concurrency: subflow.max_concurrency.unwrap_or(CHILDREN_GOING_MAX).min(CHILDREN_GOING_MAX),
                     tolerated_failures: subflow.tolerated_failures,
                 }),
                 repeat,

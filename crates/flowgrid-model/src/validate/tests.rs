@@ -919,3 +919,21 @@ fn a_new_trigger_names_a_stream_short_enough_for_its_runs_keys() {
     let key = format!("trigger/{}/{}/{}", "S".repeat(200), i128::from(i64::MAX), u64::MAX);
     assert!(key.len() <= 256, "{}", key.len());
 }
+
+#[test]
+fn a_subflow_step_has_at_most_a_thousand_children_going() {
+    let flow = |going: &str| {
+        format!("name: fan\nsteps:\n  - {{ id: each, kind: subflow, flow: child, items: 'input.list'{going} }}\n")
+    };
+    let issues = new_issues_of(&flow(", max_concurrency: 1001"));
+    assert_issue(&issues, "steps[0](each).max_concurrency", "over the 1000 child runs a step may have going");
+    assert!(check_new(&parse(&flow(", max_concurrency: 1000"))).is_ok());
+    // The default, and a version deployed before the bound, go 1,000 at a time.
+    for going in ["", ", max_concurrency: 5000"] {
+        let plan = FlowPlan::compile(parse(&flow(going)), 1, &evaluator(), &limits()).expect("valid");
+        let PlanStepKind::Subflow(SubflowSpec { items: Some(items), .. }) = &plan.step(0).kind else {
+            panic!("a subflow step with items")
+        };
+        assert_eq!(items.max_concurrency, CHILDREN_GOING_MAX, "{going:?}");
+    }
+}
