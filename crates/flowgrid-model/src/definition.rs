@@ -529,7 +529,7 @@ pub struct SubflowStep {
     /// in item order (a failed child's place is `null`). Without it, one child run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<String>,
-    /// With `items`: child runs going at once. Default: no bound below the item limit.
+    /// With `items`: child runs going at once. Default and largest: 1,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
     /// With `items`: children that may fail before the step fails with `map_failed`.
