@@ -128,15 +128,22 @@ pub(super) fn register(engine: &mut rhai::Engine, limits: &Limits) {
 /// (some 60 bytes), so a text within its bound would make an array gigabytes large
 /// before Rhai's check of its size.
 fn register_split(engine: &mut rhai::Engine, entries_max: usize) {
-    fn pieces<'a, I: Iterator<Item = &'a str>>(make: impl Fn() -> I, entries_max: usize) -> Outcome<Array> {
+    /// The whole text where the package's gives it (`whole`), or the pieces `make` gives if
+    /// there are no more than `entries_max`.
+    fn pieces<'a, I: Iterator<Item = &'a str>>(
+        text: &'a ImmutableString,
+        whole: bool,
+        make: impl Fn() -> I,
+        entries_max: usize,
+    ) -> Outcome<Array> {
+        if whole {
+            return Ok(vec![text.clone().into()]);
+        }
         if make().count() > entries_max {
             let what = "the array of pieces split makes".to_owned();
             return Err(EvalAltResult::ErrorDataTooLarge(what, rhai::Position::NONE).into());
         }
         Ok(make().map(|piece| Dynamic::from(ImmutableString::from(piece))).collect())
-    }
-    fn whole(text: &ImmutableString) -> Outcome<Array> {
-        Ok(vec![text.clone().into()])
     }
     fn segments_of(segments: INT) -> usize {
         usize::try_from(segments).unwrap_or(usize::MAX)
@@ -144,64 +151,37 @@ fn register_split(engine: &mut rhai::Engine, entries_max: usize) {
     // The cases that give the whole text, as the package's.
     let unsplit = |text: &str, delimiter: &str| text.is_empty() || (!delimiter.is_empty() && !text.contains(delimiter));
     let unsplit_char = |text: &str, delimiter: char| text.is_empty() || !text.contains(delimiter);
-    let split = FuncRegistration::new("split").with_purity(true);
-    let split_rev = FuncRegistration::new("split_rev").with_purity(true);
-    split.clone().register_into_engine(engine, move |text: &mut ImmutableString| -> Outcome<Array> {
-        if text.is_empty() {
-            return whole(text);
-        }
-        pieces(|| text.split_whitespace(), entries_max)
-    });
-    split.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: &str| {
-        if unsplit(text, delimiter) {
-            return whole(text);
-        }
-        pieces(|| text.split(delimiter), entries_max)
-    });
-    split.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: &str, segments: INT| {
-        if segments <= 1 || unsplit(text, delimiter) {
-            return whole(text);
-        }
-        pieces(|| text.splitn(segments_of(segments), delimiter), entries_max)
-    });
-    split.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: char| {
-        if unsplit_char(text, delimiter) {
-            return whole(text);
-        }
-        pieces(|| text.split(delimiter), entries_max)
-    });
-    split.register_into_engine(engine, move |text: &mut ImmutableString, delimiter: char, segments: INT| {
-        if segments <= 1 || unsplit_char(text, delimiter) {
-            return whole(text);
-        }
-        pieces(|| text.splitn(segments_of(segments), delimiter), entries_max)
-    });
-    split_rev.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: &str| {
-        if unsplit(text, delimiter) {
-            return whole(text);
-        }
-        pieces(|| text.rsplit(delimiter), entries_max)
-    });
-    split_rev.clone().register_into_engine(
-        engine,
-        move |text: &mut ImmutableString, delimiter: &str, segments: INT| {
-            if segments <= 1 || unsplit(text, delimiter) {
-                return whole(text);
-            }
-            pieces(|| text.rsplitn(segments_of(segments), delimiter), entries_max)
-        },
-    );
-    split_rev.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: char| {
-        if unsplit_char(text, delimiter) {
-            return whole(text);
-        }
-        pieces(|| text.rsplit(delimiter), entries_max)
-    });
-    split_rev.register_into_engine(engine, move |text: &mut ImmutableString, delimiter: char, segments: INT| {
-        if segments <= 1 || unsplit_char(text, delimiter) {
-            return whole(text);
-        }
-        pieces(|| text.rsplitn(segments_of(segments), delimiter), entries_max)
+    // `split` and `split_rev` by a text or a character, into every piece or at most
+    // `segments`, with the `str` methods that split forwards or backwards.
+    macro_rules! register_forms {
+        ($name:literal, $split:ident, $splitn:ident) => {
+            let registration = FuncRegistration::new($name).with_purity(true);
+            registration.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: &str| {
+                pieces(text, unsplit(text, delimiter), || text.$split(delimiter), entries_max)
+            });
+            registration.clone().register_into_engine(
+                engine,
+                move |text: &mut ImmutableString, delimiter: &str, segments: INT| {
+                    let whole = segments <= 1 || unsplit(text, delimiter);
+                    pieces(text, whole, || text.$splitn(segments_of(segments), delimiter), entries_max)
+                },
+            );
+            registration.clone().register_into_engine(engine, move |text: &mut ImmutableString, delimiter: char| {
+                pieces(text, unsplit_char(text, delimiter), || text.$split(delimiter), entries_max)
+            });
+            registration.register_into_engine(
+                engine,
+                move |text: &mut ImmutableString, delimiter: char, segments: INT| {
+                    let whole = segments <= 1 || unsplit_char(text, delimiter);
+                    pieces(text, whole, || text.$splitn(segments_of(segments), delimiter), entries_max)
+                },
+            );
+        };
+    }
+    register_forms!("split", split, splitn);
+    register_forms!("split_rev", rsplit, rsplitn);
+    FuncRegistration::new("split").with_purity(true).register_into_engine(engine, move |text: &mut ImmutableString| {
+        pieces(text, text.is_empty(), || text.split_whitespace(), entries_max)
     });
     FuncRegistration::new("to_chars").register_into_engine(engine, move |text: &str| -> Outcome<Array> {
         if text.chars().count() > entries_max {
