@@ -25,8 +25,8 @@
 //!   (closures called by `map`, `filter`, ... included), the text of one value (its
 //!   strings together) within [`Limits::expression_text_bytes_max`] bytes, arrays and
 //!   maps within [`Limits::map_items_max`] entries, and values nest at most
-//!   [`VALUE_DEPTH_MAX`] levels. `map`, `zip`, `reduce` and `replace` check these bounds
-//!   as they build, not once they are done.
+//!   [`VALUE_DEPTH_MAX`] levels. `map`, `zip`, `reduce`, `replace` and `split` check
+//!   these bounds as they build, not once they are done.
 //!
 //! ```
 //! use flowgrid_model::{Evaluator, Limits, Scope};
@@ -140,6 +140,19 @@ thread_local! {
     /// by its own call ("data race"). A variable resolved here is a cell of its own at each
     /// use, so the closure's and the method's are never the same one.
     static CAPTURED: std::cell::RefCell<Vec<(&'static str, Dynamic)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Adds `operations` to the evaluation's count, for work a function does that Rhai does
+/// not count (walking a value); an error once the count passes `operations_max`.
+fn charge_operations(operations: u64, operations_max: u64) -> Result<(), Box<EvalAltResult>> {
+    let used = OPERATIONS_USED.with(|used| {
+        used.set(used.get().saturating_add(operations));
+        used.get()
+    });
+    if used > operations_max {
+        return Err(EvalAltResult::ErrorTooManyOperations(rhai::Position::NONE).into());
+    }
+    Ok(())
 }
 
 /// Empties [`CAPTURED`] when an evaluation ends, however it ends.
@@ -490,10 +503,10 @@ fn syntax_message(error: &rhai::ParseError) -> String {
 /// standard packages that Rhai refuses on a read-only value (not marked pure: most change
 /// the value they are called on, and `get`, `extract` and `order` copy out of it), and
 /// those that hand a variable's cell on as it is (`curry` and `is_shared`, where no closure
-/// captures: see [`Evaluator::compile`]). Names shared with
-/// functions that may be called (the string's `split`, `pad`, `remove`) count too: such an
-/// expression is evaluated with a scope converted for each item, as it always was.
-/// (`contains` on a range is not pure either, but a range is never a variable.)
+/// captures: see [`Evaluator::compile`]). A name shared with a function that may be called
+/// (the string's `split` is pure, the array's is not) counts too: such an expression is
+/// evaluated with a scope converted for each item, as it always was. (`contains` on a
+/// range is not pure either, but a range is never a variable.)
 const NOT_ON_SHARED_VARIABLES: &[&str] = &[
     "append",
     "chop",
@@ -888,6 +901,12 @@ mod tests {
             let error = default.eval(&expr, &scope).unwrap_err().to_string();
             assert!(error.contains("nests deeper than 64 levels"), "{source}: {error}");
         }
+        // Walking the value carried through `reduce` at each step counts against the budget:
+        // a large one carried over many items runs out of it instead of walking for seconds.
+        let big = json!({"a": vec![0; 30_000], "big": vec![0; 100_000]});
+        let walked = default.compile("input.a.reduce(|acc, x| acc, input.big).len()").unwrap();
+        let error = default.eval(&walked, &Scope { input: Some(&big), ..Scope::default() }).unwrap_err();
+        assert!(error.to_string().contains("budget of 100000 operations"), "{error}");
         // Within the bounds they work as the package's, index argument included.
         let small = json!({"a": [1, 2, 3]});
         let scope = Scope { input: Some(&small), ..Scope::default() };

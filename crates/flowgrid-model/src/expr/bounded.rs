@@ -84,17 +84,30 @@ impl Made {
 
 /// Whether `value` nests deeper than `depth_max`; looks no deeper than that.
 pub fn nested_deeper_than(value: &Dynamic, depth_max: usize) -> bool {
-    fn deeper(value: &Dynamic, depth_left: usize) -> bool {
+    nesting(value, depth_max).0
+}
+
+/// Whether `value` nests deeper than `depth_max`, and how many arrays, maps and their
+/// entries the walk that tells visited.
+fn nesting(value: &Dynamic, depth_max: usize) -> (bool, u64) {
+    fn deeper(value: &Dynamic, depth_left: usize, visited: &mut u64) -> bool {
+        *visited += 1;
         if let Some(array) = value.read_lock::<Array>() {
-            return depth_left == 0 || array.iter().any(|entry| deeper(entry, depth_left - 1));
+            return depth_left == 0 || array.iter().any(|entry| deeper(entry, depth_left - 1, visited));
         }
         if let Some(map) = value.read_lock::<rhai::Map>() {
-            return depth_left == 0 || map.values().any(|entry| deeper(entry, depth_left - 1));
+            return depth_left == 0 || map.values().any(|entry| deeper(entry, depth_left - 1, visited));
         }
         false
     }
-    deeper(value, depth_max)
+    let mut visited = 0;
+    (deeper(value, depth_max, &mut visited), visited)
 }
+
+/// Entries of a value walked for one operation of the budget: a walk is Rust's work,
+/// which Rhai does not count, and a value walked again at each step of a `reduce` would
+/// make the work of an evaluation grow past what its budget says.
+const ENTRIES_WALKED_PER_OPERATION: u64 = 16;
 
 /// The error for a value nested deeper than [`VALUE_DEPTH_MAX`].
 pub fn too_deep(made_by: &str) -> Box<EvalAltResult> {
@@ -118,7 +131,7 @@ pub(super) fn register(engine: &mut rhai::Engine, limits: &Limits) {
         text_bytes: limits.expression_text_bytes_max.max(1),
     };
     register_map_and_zip(engine, bounds);
-    register_reduce(engine);
+    register_reduce(engine, limits.expression_operations_max.max(1));
     register_replace(engine, bounds.text_bytes);
     register_split(engine, bounds.array_entries);
 }
@@ -244,39 +257,47 @@ fn register_map_and_zip(engine: &mut rhai::Engine, bounds: Bounds) {
 /// `reduce` and `reduce_rev`, with and without an initial value: the value carried from
 /// item to item may not nest deeper than [`VALUE_DEPTH_MAX`]. (Its size is Rhai's to check:
 /// every function that grows it returns it, and is checked then.)
-fn register_reduce(engine: &mut rhai::Engine) {
+fn register_reduce(engine: &mut rhai::Engine, operations_max: u64) {
+    struct Reduce<'a> {
+        name: &'a str,
+        reverse: bool,
+        operations_max: u64,
+    }
     fn reduce(
         context: &NativeCallContext,
         array: &mut Array,
         reducer: &FnPtr,
         initial: Dynamic,
-        name: &str,
-        reverse: bool,
+        how: &Reduce,
     ) -> Outcome<Dynamic> {
         let length = array.len();
         let mut result = initial;
         for position in 0..length {
-            let index = if reverse { length - 1 - position } else { position };
+            let index = if how.reverse { length - 1 - position } else { position };
             let extra = [Dynamic::from(INT::try_from(index).unwrap_or(INT::MAX))];
             let item = Some(&mut array[index]);
-            result = reducer.call_raw_with_extra_args(name, context, item, [result], extra, Some(1))?;
-            if nested_deeper_than(&result, VALUE_DEPTH_MAX) {
-                return Err(too_deep(name));
+            result = reducer.call_raw_with_extra_args(how.name, context, item, [result], extra, Some(1))?;
+            let (deeper, walked) = nesting(&result, VALUE_DEPTH_MAX);
+            if deeper {
+                return Err(too_deep(how.name));
             }
+            super::charge_operations(walked / ENTRIES_WALKED_PER_OPERATION, how.operations_max)?;
         }
         Ok(result)
     }
     for (name, reverse) in [("reduce", false), ("reduce_rev", true)] {
+        let how = Reduce { name, reverse, operations_max };
         FuncRegistration::new(name).with_purity(true).register_into_engine(
             engine,
             move |context: NativeCallContext, array: &mut Array, reducer: FnPtr| {
-                reduce(&context, array, &reducer, Dynamic::UNIT, name, reverse)
+                reduce(&context, array, &reducer, Dynamic::UNIT, &how)
             },
         );
+        let how = Reduce { name, reverse, operations_max };
         FuncRegistration::new(name).with_purity(true).register_into_engine(
             engine,
             move |context: NativeCallContext, array: &mut Array, reducer: FnPtr, initial: Dynamic| {
-                reduce(&context, array, &reducer, initial, name, reverse)
+                reduce(&context, array, &reducer, initial, &how)
             },
         );
     }
