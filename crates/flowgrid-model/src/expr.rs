@@ -276,8 +276,9 @@ impl Evaluator {
         let captures = captures_variables(&ast);
         // A closure's captures come as copies of their own (`CAPTURED`), whatever hands them
         // over; otherwise `curry` and `is_shared` would be given a prepared variable's cell.
-        let preparable =
-            !calls_any(&ast, NOT_ON_SHARED_VARIABLES) && (captures || !calls_any(&ast, &[CURRY_FUNCTION, "is_shared"]));
+        let preparable = !calls_any(&ast, NOT_ON_SHARED_VARIABLES)
+            && (captures || !calls_any(&ast, &[CURRY_FUNCTION, "is_shared"]))
+            && !names_a_function(&ast);
         Ok(Expr {
             source: Arc::from(source),
             step_refs: step_refs.into(),
@@ -557,6 +558,51 @@ fn calls_any(ast: &rhai::AST, names: &[&str]) -> bool {
         if let Some(ASTNode::Stmt(Stmt::FnCall(call, ..))) = path.last() {
             found |= names.contains(&call.name.as_str());
         }
+        !found
+    });
+    found
+}
+
+/// Functions that call another one given by its name (`input.a.map("to_string")`).
+const TAKING_A_FUNCTION: &[&str] = &[
+    "all",
+    "dedup",
+    "drain",
+    "filter",
+    "find",
+    "find_map",
+    "for_each",
+    "index_of",
+    "map",
+    "order",
+    "order_by",
+    "reduce",
+    "reduce_rev",
+    "retain",
+    "some",
+    "sort",
+    "sort_by",
+    "zip",
+];
+
+/// Whether `ast` calls a function by its name (`Fn("pop")`, `input.a.map("pop")`, `call`):
+/// such a function may be one Rhai refuses on a read-only value, which the names the
+/// expression calls do not show.
+fn names_a_function(ast: &rhai::AST) -> bool {
+    let mut found = false;
+    ast.walk(&mut |path: &[ASTNode]| {
+        found |= match path.last() {
+            Some(ASTNode::Expr(RhaiExpr::FnCall(call, ..) | RhaiExpr::MethodCall(call, ..)))
+            | Some(ASTNode::Stmt(Stmt::FnCall(call, ..))) => {
+                matches!(call.name.as_str(), "Fn" | "call")
+                    || (TAKING_A_FUNCTION.contains(&call.name.as_str())
+                        && call.args.iter().any(|argument| matches!(argument, RhaiExpr::StringConstant(..))))
+            }
+            Some(ASTNode::Expr(RhaiExpr::DynamicConstant(value, ..))) => {
+                value.read_lock::<rhai::FnPtr>().is_some_and(|pointer| !pointer.is_anonymous())
+            }
+            _ => false,
+        };
         !found
     });
     found
@@ -944,6 +990,32 @@ mod tests {
     }
 
     #[test]
+    fn functions_named_by_text_and_every_replace_form_stop_at_their_bounds() {
+        let evaluator =
+            Evaluator::new(&Limits { map_items_max: 10, expression_text_bytes_max: 10, ..Limits::default() });
+        let input = json!({"s": "aaaaa", "e": ""});
+        let scope = Scope { input: Some(&input), ..Scope::default() };
+        for (source, refusal) in [
+            (r#"["abcdefgh", "abcdefgh"].map("to_chars")"#, "the array map makes exceeds the size limit"),
+            (r#"(input.s + "").replace("", '!')"#, "the text replace would make"),
+            (r#"(input.s + "").replace('a', "!!!")"#, "the text replace would make"),
+            (r#"(input.s + "").replace("a", '😀')"#, "the text replace would make"),
+            (r#"(input.s + "").replace('a', '😀')"#, "the text replace would make"),
+        ] {
+            let expr = evaluator.compile(source).unwrap();
+            let error = evaluator.eval(&expr, &scope).unwrap_err().to_string();
+            assert!(error.contains(refusal), "{source}: {error}");
+        }
+        // An empty text stays as it is, as with the package's replace.
+        let expr = evaluator.compile(r#"[input.e.replace("", "x"), input.e]"#).unwrap();
+        assert_eq!(evaluator.eval(&expr, &scope).unwrap(), json!([null, ""]));
+        let expr = evaluator.compile(r#"[[1, 2], [3]].map("len")"#).unwrap();
+        assert_eq!(evaluator.eval(&expr, &scope).unwrap(), json!([2, 1]));
+        let expr = evaluator.compile(r#"[[3, 1, 2].reduce("max", 0), [3, 1, 2].reduce_rev("min", 9)]"#).unwrap();
+        assert_eq!(evaluator.eval(&expr, &scope).unwrap(), json!([3, 1]));
+    }
+
+    #[test]
     fn bounded_functions_give_what_the_package_s_give() {
         let text = r#""hello, world! hello, foo!""#;
         let cases = [
@@ -1010,6 +1082,9 @@ mod tests {
             ("input.items.pop()", json!(3)),
             (r#"input.s.split("-")"#, json!(["a", "b"])),
             ("[1].map(curry(|a, x| a.k + x, input))", json!([2])),
+            (r#"input.items.map("to_string")"#, json!(["1", "2", "3"])),
+            (r#"[input.o.x].map(Fn("pop"))"#, json!([1])),
+            (r#"input.items.index_of("clear")"#, json!(-1)),
         ] {
             let expr = evaluator.compile(source).unwrap();
             assert!(!expr.preparable(), "{source}");

@@ -209,20 +209,25 @@ fn register_split(engine: &mut rhai::Engine, entries_max: usize) {
 /// entry.
 fn register_map_and_zip(engine: &mut rhai::Engine, bounds: Bounds) {
     // Pure, as the package's: a method on a variable reads it, and never writes it back.
-    FuncRegistration::new("map").with_purity(true).register_into_engine(
-        engine,
-        move |context: NativeCallContext, array: &mut Array, mapper: FnPtr| -> Outcome<Array> {
-            let mut made = Made::default();
-            let mut mapped = Array::with_capacity(array.len());
-            for (index, item) in array.iter_mut().enumerate() {
-                let index = [Dynamic::from(INT::try_from(index).unwrap_or(INT::MAX))];
-                let value = mapper.call_raw_with_extra_args("map", &context, Some(item), [], index, Some(0))?;
-                made.add_entry(&value, bounds, "map")?;
-                mapped.push(value);
-            }
-            Ok(mapped)
-        },
-    );
+    fn map_array(context: &NativeCallContext, array: &mut Array, mapper: &FnPtr, bounds: Bounds) -> Outcome<Array> {
+        let mut made = Made::default();
+        let mut mapped = Array::with_capacity(array.len());
+        for (index, item) in array.iter_mut().enumerate() {
+            let index = [Dynamic::from(INT::try_from(index).unwrap_or(INT::MAX))];
+            let value = mapper.call_raw_with_extra_args("map", context, Some(item), [], index, Some(0))?;
+            made.add_entry(&value, bounds, "map")?;
+            mapped.push(value);
+        }
+        Ok(mapped)
+    }
+    let map = FuncRegistration::new("map").with_purity(true);
+    map.clone().register_into_engine(engine, move |context: NativeCallContext, array: &mut Array, mapper: FnPtr| {
+        map_array(&context, array, &mapper, bounds)
+    });
+    // The form that names a function (`input.a.map("to_string")`).
+    map.register_into_engine(engine, move |context: NativeCallContext, array: &mut Array, mapper: &str| {
+        map_array(&context, array, &FnPtr::new(mapper)?, bounds)
+    });
     FuncRegistration::new("map").with_purity(true).register_into_engine(
         engine,
         move |context: NativeCallContext, map: &mut rhai::Map, mapper: FnPtr| -> Outcome<rhai::Map> {
@@ -300,6 +305,21 @@ fn register_reduce(engine: &mut rhai::Engine, operations_max: u64) {
                 reduce(&context, array, &reducer, initial, &how)
             },
         );
+        // The forms that name a function (`input.a.reduce("max")`).
+        let how = Reduce { name, reverse, operations_max };
+        FuncRegistration::new(name).with_purity(true).register_into_engine(
+            engine,
+            move |context: NativeCallContext, array: &mut Array, reducer: &str| {
+                reduce(&context, array, &FnPtr::new(reducer)?, Dynamic::UNIT, &how)
+            },
+        );
+        let how = Reduce { name, reverse, operations_max };
+        FuncRegistration::new(name).with_purity(true).register_into_engine(
+            engine,
+            move |context: NativeCallContext, array: &mut Array, reducer: &str, initial: Dynamic| {
+                reduce(&context, array, &FnPtr::new(reducer)?, initial, &how)
+            },
+        );
     }
 }
 
@@ -308,32 +328,33 @@ fn register_reduce(engine: &mut rhai::Engine, operations_max: u64) {
 /// input.s)` over a megabyte of `y` is a terabyte). The forms that cannot grow the text
 /// stay as they are.
 fn register_replace(engine: &mut rhai::Engine, text_bytes_max: usize) {
-    fn bounded(text: &str, find: &str, with: &str, text_bytes_max: usize) -> Outcome<String> {
+    fn bounded(text: &mut ImmutableString, find: &str, with: &str, text_bytes_max: usize) -> Outcome<()> {
+        // As the package's: an empty text stays as it is.
+        if text.is_empty() {
+            return Ok(());
+        }
         if with.len() > find.len() {
             let grown = text.matches(find).count().saturating_mul(with.len() - find.len());
             if text.len().saturating_add(grown) > text_bytes_max {
-                return Err(EvalAltResult::ErrorDataTooLarge(
-                    "the text replace would make".into(),
-                    rhai::Position::NONE,
-                )
-                .into());
+                let what = "the text replace would make".to_owned();
+                return Err(EvalAltResult::ErrorDataTooLarge(what, rhai::Position::NONE).into());
             }
         }
-        Ok(text.replace(find, with))
+        *text = text.replace(find, with).into();
+        Ok(())
     }
     // Not pure: it changes its string, so it is refused on a constant, as the package's is.
-    FuncRegistration::new("replace").with_purity(false).register_into_engine(
-        engine,
-        move |text: &mut ImmutableString, find: &str, with: &str| -> Outcome<()> {
-            *text = bounded(text, find, with, text_bytes_max)?.into();
-            Ok(())
-        },
-    );
-    FuncRegistration::new("replace").with_purity(false).register_into_engine(
-        engine,
-        move |text: &mut ImmutableString, find: char, with: &str| -> Outcome<()> {
-            *text = bounded(text, find.encode_utf8(&mut [0; 4]), with, text_bytes_max)?.into();
-            Ok(())
-        },
-    );
+    let replace = FuncRegistration::new("replace").with_purity(false);
+    replace.clone().register_into_engine(engine, move |text: &mut ImmutableString, find: &str, with: &str| {
+        bounded(text, find, with, text_bytes_max)
+    });
+    replace.clone().register_into_engine(engine, move |text: &mut ImmutableString, find: char, with: &str| {
+        bounded(text, find.encode_utf8(&mut [0; 4]), with, text_bytes_max)
+    });
+    replace.clone().register_into_engine(engine, move |text: &mut ImmutableString, find: &str, with: char| {
+        bounded(text, find, with.encode_utf8(&mut [0; 4]), text_bytes_max)
+    });
+    replace.register_into_engine(engine, move |text: &mut ImmutableString, find: char, with: char| {
+        bounded(text, find.encode_utf8(&mut [0; 4]), with.encode_utf8(&mut [0; 4]), text_bytes_max)
+    });
 }
