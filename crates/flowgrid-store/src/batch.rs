@@ -65,8 +65,9 @@ impl WriteBatch {
     /// Removes `key`.
     pub fn clear(&mut self, key: impl Into<Key>) {
         let key = key.into();
-        // The key's range [key, key + \0), as the clear and as its conflict range.
-        self.bytes += 2 * (FDB_RANGE_COST + 2 * key.len() + 1);
+        // The key's range [key, key + \0), as the clear (a mutation where the cluster counts
+        // it, a range where the client estimates it) and as its conflict range.
+        self.bytes += FDB_MUTATION_COST + FDB_RANGE_COST + 2 * (2 * key.len() + 1);
         self.keys_charged += 4;
         self.mutations.push(Mutation::Clear(key));
     }
@@ -384,10 +385,10 @@ mod tests {
         assert_eq!(batch.bytes(), 5 + 40 + 32 + 5);
         // The key's range ("k", "k\0") twice: the clear and its conflict range.
         batch.clear(b"k".to_vec());
-        assert_eq!(batch.bytes(), 82 + 2 * (32 + 3));
+        assert_eq!(batch.bytes(), 82 + 40 + 32 + 2 * 3);
         // The bounds twice, the mutation and the conflict range.
         batch.clear_range(KeyRange { begin: b"a".to_vec(), end: b"b".to_vec() });
-        assert_eq!(batch.bytes(), 152 + 2 + 40 + 32 + 2);
+        assert_eq!(batch.bytes(), 160 + 2 + 40 + 32 + 2);
         assert_eq!(batch.len(), 3);
         assert!(!batch.is_empty());
         // A prefix of 10 bytes on every key: three keys for the set, four for each clear.
@@ -418,7 +419,7 @@ mod tests {
         big.set(b"k3".to_vec(), b"vvvv".to_vec());
         assert!(big.check(&limits).is_ok(), "exactly at the transaction limit passes");
         big.clear(b"k".to_vec());
-        assert!(matches!(big.check(&limits), Err(Error::TooLarge { what: "transaction", size: 325, limit: 255 })));
+        assert!(matches!(big.check(&limits), Err(Error::TooLarge { what: "transaction", size: 333, limit: 255 })));
     }
 
     #[test]
