@@ -732,7 +732,7 @@ impl Api {
                 ));
             }
         }
-        let query = ShardRequest::List { query: request, limit: limit + 1, pages: true };
+        let query = ShardRequest::List { query: request, limit: limit + 1 };
         let newest_first = |left: &flowgrid_proto::RunSummary, right: &flowgrid_proto::RunSummary| {
             (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id))
         };

@@ -81,11 +81,6 @@ pub enum ShardRequest {
     List {
         query: ListRuns,
         limit: usize,
-        /// The asker takes a [`ShardReply::RunsPage`]. Coordinators of an earlier version do
-        /// not send it and cannot read that reply: they get the runs found so far as
-        /// [`ShardReply::Runs`], as they always did, during a rolling upgrade.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        pages: bool,
     },
     Deploy {
         definition: Box<FlowDefinition>,
@@ -295,11 +290,11 @@ impl Router {
             ShardRequest::History { run_id, after, limit } => {
                 handle.ask(|reply| Command::History { run_id, after, limit, reply }).await.map(ShardReply::History)
             }
-            ShardRequest::List { query, limit, pages } => {
+            ShardRequest::List { query, limit } => {
                 handle.ask(|reply| Command::List { query, limit, reply }).await.map(|page| match page.scanned_to {
                     // What every version answers, where the scan did not stop early.
-                    Some(_) if pages => ShardReply::RunsPage(page),
-                    _ => ShardReply::Runs(page.runs),
+                    None => ShardReply::Runs(page.runs),
+                    Some(_) => ShardReply::RunsPage(page),
                 })
             }
             ShardRequest::Deploy { definition } => {
@@ -427,27 +422,6 @@ mod tests {
         let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
         let decoded: ShardRequest = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();
         assert_eq!(format!("{decoded:?}"), format!("{request:?}"));
-    }
-
-    #[test]
-    fn a_run_listing_reads_the_same_to_coordinators_of_either_version() {
-        // How coordinators before `pages` write and read the request.
-        #[derive(Serialize, Deserialize)]
-        #[serde(rename_all = "snake_case")]
-        enum Earlier {
-            List { query: ListRuns, limit: usize },
-        }
-        let query = ListRuns { flow: Some("media".into()), ..ListRuns::default() };
-        let earlier = Earlier::List { query: query.clone(), limit: 11 };
-        let bytes = flowgrid_proto::encode(Encoding::MsgPack, &earlier).unwrap();
-        match flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap() {
-            ShardRequest::List { query: decoded, limit: 11, pages: false } => assert_eq!(decoded, query),
-            other => panic!("decoded {other:?}"),
-        }
-        let current = ShardRequest::List { query: query.clone(), limit: 11, pages: true };
-        let bytes = flowgrid_proto::encode(Encoding::MsgPack, &current).unwrap();
-        let Earlier::List { query: decoded, limit } = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();
-        assert_eq!((decoded, limit), (query, 11));
     }
 
     #[test]

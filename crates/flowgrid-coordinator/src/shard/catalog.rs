@@ -58,9 +58,14 @@ impl FlowsPage {
     }
 
     /// The flows of a whole listing (an older coordinator's answer) named after `after`,
-    /// as a page that [`FlowsPage::merge`] cuts to size.
+    /// their descriptions cut as a page's are, as a page that [`FlowsPage::merge`] cuts to
+    /// size.
     pub fn after(flows: Vec<FlowSummary>, after: Option<&str>) -> FlowsPage {
-        let flows = flows.into_iter().filter(|flow| after.is_none_or(|after| flow.name.as_str() > after)).collect();
+        let flows = flows
+            .into_iter()
+            .filter(|flow| after.is_none_or(|after| flow.name.as_str() > after))
+            .map(|flow| FlowSummary { description: flow.description.as_deref().map(summary_description), ..flow })
+            .collect();
         FlowsPage { flows, more: false }
     }
 }
@@ -242,6 +247,10 @@ mod tests {
         assert_eq!((names(&merged), merged.more), (vec!["b", "c"], true));
         let merged = FlowsPage::merge([FlowsPage::after(all, Some("c")), page(&["e"], false)], 2);
         assert_eq!((names(&merged), merged.more), (vec!["d", "e"], false));
+        // An older coordinator sends descriptions whole: cut here as a page's are.
+        let page = FlowsPage::after(vec![summary("a", Some("x".repeat(2_000)))], None);
+        let cut = page.flows[0].description.as_deref().unwrap();
+        assert_eq!(cut.chars().count(), SUMMARY_DESCRIPTION_CHARS + 1);
     }
 
     fn names(page: &FlowsPage) -> Vec<&str> {
