@@ -102,7 +102,9 @@ pub fn main() -> ExitCode {
 
     // Blocking work (opening shard files, scanning them) is short; a bounded pool keeps a
     // coordinator that opens hundreds of shards at once from starting hundreds of threads.
+    // Shard actors evaluate flows' expressions on the runtime's threads.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .thread_stack_size(flowgrid_model::expr::EVALUATION_STACK_BYTES)
         .max_blocking_threads(BLOCKING_THREADS_MAX)
         .enable_all()
         .build()

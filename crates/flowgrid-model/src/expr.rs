@@ -57,6 +57,13 @@ mod bounded;
 
 pub use bounded::VALUE_DEPTH_MAX;
 
+/// The stack a thread that evaluates expressions needs. A closure that wraps a variable it
+/// captured, once per call (`input.a.map(|x| input.acc.push([[input.acc.split(0)]]))`),
+/// nests a value about one level per operation of its budget, and Rhai checks, copies and
+/// drops values recursively: tens of thousands of levels overflow a default thread's 2 MiB.
+/// The coordinator's threads have this much; only the pages a thread touches take memory.
+pub const EVALUATION_STACK_BYTES: usize = 64 << 20;
+
 /// A compiled expression. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Expr {
@@ -1172,6 +1179,30 @@ mod tests {
 #[cfg(test)]
 mod closure_tests {
     use super::*;
+
+    #[test]
+    fn a_value_a_closure_nests_through_what_it_captured_ends_in_an_error_on_an_evaluation_stack() {
+        // One level per operation at most, for as long as the budget lasts: a thread of
+        // EVALUATION_STACK_BYTES walks and drops it (a default thread's stack overflowed).
+        // (A closure's own parameter captured by a closure in it nests the same way, fewer
+        // levels a call: a closure's body may nest less.)
+        let wrap = |levels: usize, inner: &str| format!("{}{inner}{}", "[".repeat(levels), "]".repeat(levels));
+        let sources = [format!("input.a.map(|x| input.acc.push({})).len()", wrap(16, "input.acc.split(0)"))];
+        let evaluate = move || {
+            let evaluator = Evaluator::new(&Limits::default());
+            let input = serde_json::json!({"a": vec![0; 30_000], "acc": []});
+            let scope = Scope { input: Some(&input), ..Scope::default() };
+            sources
+                .iter()
+                .map(|source| evaluator.eval(&evaluator.compile(source).unwrap(), &scope).map_err(|e| e.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let thread = std::thread::Builder::new().stack_size(EVALUATION_STACK_BYTES).spawn(evaluate).unwrap();
+        for outcome in thread.join().expect("the evaluation's thread ends") {
+            let error = outcome.expect_err("a value nested past the budget's reach is an error");
+            assert!(error.contains("budget of 100000 operations"), "{error}");
+        }
+    }
 
     #[test]
     fn a_closure_reads_the_variable_whose_list_it_walks() {
