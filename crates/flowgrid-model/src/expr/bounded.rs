@@ -4,9 +4,10 @@
 //! Rhai checks a value's size only once the function that made it returns: `map` over
 //! 10,000 items whose closure gives a megabyte each would hold 10 GB before the check,
 //! `reduce(|acc, x| [acc])` would nest a value 10,000 levels deep (and the recursive size
-//! check, the conversion to JSON or the drop of it would overflow the stack), and
-//! `replace` can multiply a text past any memory, and `split` makes a string of its own
-//! of every byte. The versions here stop at the bound instead. Functions registered on the engine are found before the packages'.
+//! check, the conversion to JSON or the drop of it would overflow the stack), `replace`
+//! can multiply a text past any memory, and `split` makes a string of its own of every
+//! byte. The versions here stop at the bound instead. Functions registered on the engine
+//! are found before the packages'.
 
 use rhai::{Array, Dynamic, EvalAltResult, FnPtr, FuncRegistration, ImmutableString, NativeCallContext, INT};
 
@@ -83,7 +84,7 @@ impl Made {
 }
 
 /// Whether `value` nests deeper than `depth_max`; looks no deeper than that.
-pub fn nested_deeper_than(value: &Dynamic, depth_max: usize) -> bool {
+pub(super) fn nested_deeper_than(value: &Dynamic, depth_max: usize) -> bool {
     nesting(value, depth_max).0
 }
 
@@ -110,7 +111,7 @@ fn nesting(value: &Dynamic, depth_max: usize) -> (bool, u64) {
 const ENTRIES_WALKED_PER_OPERATION: u64 = 16;
 
 /// The error for a value nested deeper than [`VALUE_DEPTH_MAX`].
-pub fn too_deep(made_by: &str) -> Box<EvalAltResult> {
+pub(super) fn too_deep(made_by: &str) -> Box<EvalAltResult> {
     EvalAltResult::ErrorRuntime(
         format!(
             "the value {made_by} makes nests deeper than {VALUE_DEPTH_MAX} levels (arrays and maps in one another): \
