@@ -196,16 +196,9 @@ impl Run {
         item: u32,
         evaluator: &Evaluator,
     ) -> Result<Value, ExprError> {
-        if !expr.preparable() {
-            let locals = Locals { item: Some(value), index: Some(item), ..Locals::default() };
-            return self.evaluate(evaluator, expr, locals);
-        }
-        let prepared = match self.map_mut(index).prepared.take() {
-            Some(prepared) => prepared,
-            None => self.prepare(evaluator, expr)?.expect("a preparable expression is prepared"),
-        };
-        let input = evaluator.eval_prepared(expr, &prepared, Some(value), Some(item));
-        self.map_mut(index).prepared = Some(prepared);
+        let mut prepared = self.map_mut(index).prepared.take();
+        let input = self.evaluate_item(evaluator, expr, &mut prepared, value, item);
+        self.map_mut(index).prepared = prepared;
         input
     }
 

@@ -28,12 +28,31 @@ impl Run {
         evaluator.eval(expr, &scope)
     }
 
-    /// The scope of `expr` (the run input and the steps it references) converted once, to
-    /// evaluate it for many items with [`Evaluator::eval_prepared`]; `None` for an
-    /// expression that is not preparable.
-    pub(super) fn prepare(&self, evaluator: &Evaluator, expr: &Expr) -> Result<Option<Prepared>, ExprError> {
-        let steps = self.steps_scope(Some(&expr.step_refs));
-        evaluator.prepare(expr, &self.scope(&steps, &Locals::default()))
+    /// Evaluates `expr` for one item (`value`, at `index`) of a fan-out with `prepared`, the
+    /// scope (the run input and the steps it references) converted once for all the items:
+    /// converted here when it holds none, and not used where the expression cannot be
+    /// prepared (the item then has a scope of its own).
+    pub(super) fn evaluate_item(
+        &self,
+        evaluator: &Evaluator,
+        expr: &Expr,
+        prepared: &mut Option<Prepared>,
+        value: &Value,
+        index: u32,
+    ) -> Result<Value, ExprError> {
+        if !expr.preparable() {
+            return self.evaluate(
+                evaluator,
+                expr,
+                Locals { item: Some(value), index: Some(index), ..Locals::default() },
+            );
+        }
+        if prepared.is_none() {
+            let steps = self.steps_scope(Some(&expr.step_refs));
+            *prepared = evaluator.prepare(expr, &self.scope(&steps, &Locals::default()))?;
+        }
+        let prepared = prepared.as_ref().expect("a preparable expression is prepared");
+        evaluator.eval_prepared(expr, prepared, Some(value), Some(index))
     }
 
     /// Evaluates a condition with the steps it references in scope.
