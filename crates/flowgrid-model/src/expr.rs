@@ -380,13 +380,16 @@ impl Evaluator {
         if value.is_unit() {
             return Ok(Value::Null);
         }
-        if bounded::nested_deeper_than(&value, VALUE_DEPTH_MAX) {
-            return Err(eval_error(self.describe_eval_error(&bounded::too_deep("the expression"))));
-        }
-        if let Some(path) = non_finite_number(&value, &mut String::from("the result")) {
-            return Err(eval_error(format!(
-                "{path} is not a finite number (NaN or infinity cannot be represented in JSON)"
-            )));
+        match unrepresentable(&value, &mut String::from("the result"), VALUE_DEPTH_MAX) {
+            Some(Unrepresentable::TooDeep) => {
+                return Err(eval_error(self.describe_eval_error(&bounded::too_deep("the expression"))));
+            }
+            Some(Unrepresentable::NotFinite(path)) => {
+                return Err(eval_error(format!(
+                    "{path} is not a finite number (NaN or infinity cannot be represented in JSON)"
+                )));
+            }
+            None => {}
         }
         rhai::serde::from_dynamic::<Value>(&value).map_err(|error| {
             eval_error(format!("the result ({}) cannot be turned into JSON: {error}", value.type_name()))
@@ -716,27 +719,37 @@ fn step_ref_of(parent: &ASTNode, variable: &RhaiExpr) -> Option<StepRef> {
     }
 }
 
-/// The place of the first NaN or infinity inside `value`, if any.
-fn non_finite_number(value: &Dynamic, path: &mut String) -> Option<String> {
+/// Why an expression's value cannot be its JSON result.
+enum Unrepresentable {
+    /// Arrays and maps nest deeper than [`VALUE_DEPTH_MAX`].
+    TooDeep,
+    /// A NaN or an infinity, at this place.
+    NotFinite(String),
+}
+
+/// What keeps `value` (at `path`) from being a JSON result, found in one walk of it that
+/// goes no deeper than `depth_left` levels.
+fn unrepresentable(value: &Dynamic, path: &mut String, depth_left: usize) -> Option<Unrepresentable> {
+    use std::fmt::Write as _;
     if let Ok(number) = value.as_float() {
-        return (!number.is_finite()).then(|| path.clone());
+        return (!number.is_finite()).then(|| Unrepresentable::NotFinite(path.clone()));
     }
-    if value.is_array() {
-        let array = value.read_lock::<rhai::Array>()?;
+    if let Some(array) = value.read_lock::<rhai::Array>() {
+        let Some(depth_left) = depth_left.checked_sub(1) else { return Some(Unrepresentable::TooDeep) };
         for (position, element) in array.iter().enumerate() {
             let length = path.len();
-            path.push_str(&format!("[{position}]"));
-            if let Some(found) = non_finite_number(element, path) {
+            let _ = write!(path, "[{position}]");
+            if let Some(found) = unrepresentable(element, path, depth_left) {
                 return Some(found);
             }
             path.truncate(length);
         }
-    } else if value.is_map() {
-        let map = value.read_lock::<rhai::Map>()?;
+    } else if let Some(map) = value.read_lock::<rhai::Map>() {
+        let Some(depth_left) = depth_left.checked_sub(1) else { return Some(Unrepresentable::TooDeep) };
         for (key, element) in map.iter() {
             let length = path.len();
-            path.push_str(&format!(".{key}"));
-            if let Some(found) = non_finite_number(element, path) {
+            let _ = write!(path, ".{key}");
+            if let Some(found) = unrepresentable(element, path, depth_left) {
                 return Some(found);
             }
             path.truncate(length);

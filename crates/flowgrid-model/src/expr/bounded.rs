@@ -83,11 +83,6 @@ impl Made {
     }
 }
 
-/// Whether `value` nests deeper than `depth_max`; looks no deeper than that.
-pub(super) fn nested_deeper_than(value: &Dynamic, depth_max: usize) -> bool {
-    nesting(value, depth_max).0
-}
-
 /// Whether `value` nests deeper than `depth_max`, and how many arrays, maps and their
 /// entries the walk that tells visited.
 fn nesting(value: &Dynamic, depth_max: usize) -> (bool, u64) {
