@@ -6,7 +6,7 @@
 //!   approximate size, which it refuses past 10,000,000 bytes): key and value, plus the
 //!   write conflict range each mutation adds and a fixed cost for each mutation and range.
 //!   A backend that prefixes every key adds its prefix per key written
-//!   ([`WriteBatch::bytes_with_key_prefix`]).
+//!   ([`WriteBatch::commit_bytes`]).
 //! - Mutations apply in the order they were added; a later mutation wins over an earlier
 //!   one on the same key (a `set_chunked` relies on this: it clears the record's old chunks
 //!   and then writes the new ones).
@@ -144,7 +144,7 @@ impl WriteBatch {
 
     /// Transaction size as FoundationDB charges it when a backend writes every key behind a
     /// prefix of `key_prefix_bytes`.
-    pub fn bytes_with_key_prefix(&self, key_prefix_bytes: usize) -> usize {
+    fn bytes_with_key_prefix(&self, key_prefix_bytes: usize) -> usize {
         self.bytes.saturating_add(self.keys_charged.saturating_mul(key_prefix_bytes))
     }
 

@@ -5,7 +5,7 @@ pub const FDB_KEY_BYTES_MAX: usize = 10_000;
 /// FoundationDB's hard limit on a value.
 pub const FDB_VALUE_BYTES_MAX: usize = 100_000;
 /// FoundationDB's limit on a transaction, as its client counts it (keys with their prefix,
-/// values, conflict ranges: [`crate::WriteBatch::bytes_with_key_prefix`]).
+/// values, conflict ranges: [`crate::WriteBatch::commit_bytes`]).
 pub const FDB_TRANSACTION_BYTES_MAX: usize = 10_000_000;
 
 /// Limits every transaction is checked against before it commits.
