@@ -205,6 +205,44 @@ async fn coordinators_rejoin_when_nats_loses_its_store_and_every_run_ends() -> a
     Ok(())
 }
 
+/// A coordinator paused while NATS lost its store, and resumed once another one made the
+/// grid's buckets anew, finds its member record gone from a bucket made since it joined: it
+/// joins again. It used to write its record into the new bucket and carry on with claims
+/// that were gone, serving none of the shards handed to it, and their runs stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_paused_while_nats_lost_its_store_joins_again_once_resumed() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&["a"]).await?;
+    grid.spawn_coordinator()?;
+    grid.wait_shards_served_by(2, RUN_DEADLINE).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let paused = grid.coordinators[0].pid().to_string();
+    let signal = |name: &str| std::process::Command::new("kill").args([name, paused.as_str()]).status();
+    assert!(signal("-STOP")?.success(), "pause coordinator-0");
+    grid.restart_nats_empty(Duration::from_millis(300))?;
+    // The other coordinator joins again and makes the grid's state anew, alone.
+    let joined_again = |count: usize| grid.logs().matches("joining the grid again").count() >= count;
+    wait_for("the running coordinator to join again", RUN_DEADLINE, || async { joined_again(1).then_some(()) })
+        .await
+        .or_logs(&grid)?;
+    // (It waits for the shards whose files the paused one holds.)
+    assert!(signal("-CONT")?.success(), "resume coordinator-0");
+    wait_for("the resumed coordinator to join again", RUN_DEADLINE, || async { joined_again(2).then_some(()) })
+        .await
+        .or_logs(&grid)?;
+    grid.wait_shards_served_by(2, RUN_DEADLINE).await.or_logs(&grid)?;
+    for order in 0..4 {
+        let start = StartRun { flow: "echo-once".into(), input: json!({"order": order}), ..Default::default() };
+        let run = wait_for("a start after the loss", RUN_DEADLINE, || async { client.start(start.clone()).await.ok() })
+            .await
+            .or_logs(&grid)?;
+        let view = grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{:?}\n{}", view.error, grid.logs());
+    }
+    assert!(grid.coordinators.iter_mut().all(|coordinator| !coordinator.has_exited()), "the same processes rejoined");
+    Ok(())
+}
+
 /// An operator deletes the submit stream's consumer, then the whole stream (to clear a
 /// backlog, or to change its limits): the coordinator opens them again, and durable submits
 /// start their runs. Before, its submit loop ended for good and no submit started a run

@@ -216,7 +216,7 @@ async fn serve<S: Store>(
         metrics_addr: (config.metrics_addr != "off").then(|| config.metrics_addr.clone()),
     };
     let membership =
-        Arc::new(Membership::new(members_kv.clone(), jetstream.clone(), record, lease.clone(), table.clone()));
+        Arc::new(Membership::join(members_kv.clone(), jetstream.clone(), record, lease.clone(), table.clone()).await?);
     let grid_lost = membership.lost();
     membership.beat().await?;
     let heartbeat_stop = CancellationToken::new();

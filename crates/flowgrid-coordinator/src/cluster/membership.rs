@@ -32,6 +32,10 @@ pub struct Membership {
     /// Cancelled when the members bucket is gone from NATS (its store was lost or
     /// deleted): the coordinator leaves and joins the grid again, making it anew.
     lost: CancellationToken,
+    /// When the members bucket this member joined was made (Unix ns): a bucket made since
+    /// is another grid's state (another coordinator made it anew after NATS lost its
+    /// store), however this member's record got into it.
+    bucket_created_ns: i128,
     lease: Arc<Lease>,
     table: Arc<ShardTable>,
     draining: AtomicBool,
@@ -44,24 +48,31 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn new(
+    /// The membership of `record` in the members bucket `kv`, as it is now.
+    pub async fn join(
         kv: kv::Store,
         jetstream: async_nats::jetstream::Context,
         record: MemberRecord,
         lease: Arc<Lease>,
         table: Arc<ShardTable>,
-    ) -> Membership {
-        Membership {
+    ) -> Result<Membership> {
+        let bucket = jetstream
+            .get_stream(&kv.stream_name)
+            .await
+            .map_err(|source| Error::Nats { what: "read the members bucket", source: Box::new(source) })?;
+        let bucket_created_ns = bucket.cached_info().created.unix_timestamp_nanos();
+        Ok(Membership {
             kv,
             jetstream,
             lost: CancellationToken::new(),
+            bucket_created_ns,
             lease,
             table,
             draining: AtomicBool::new(false),
             catching_up: AtomicBool::new(true),
             beat_now: Notify::new(),
             state: Mutex::new((record, None)),
-        }
+        })
     }
 
     /// Writes the record once; a success renews the lease.
@@ -80,8 +91,11 @@ impl Membership {
         };
         let written = match written {
             Ok(next) => Ok(next),
-            // The record is not where this member left it (the server lost it, or this
-            // member was paused past its lease and the record expired): write it again.
+            // The record is not where this member left it. The server lost its store and
+            // another coordinator made the bucket anew: this member leaves (`run`) rather
+            // than write itself into a grid whose claims it does not know. Or this member
+            // was paused past its lease and the record expired: it writes it again.
+            Err(first) if self.bucket_gone().await => Err(first),
             Err(first) => {
                 warn!(member = %record.id, error = %first, "member record out of step; writing it again");
                 self.kv.put(&record.id, value).await.map_err(|error| error.to_string())
@@ -138,15 +152,15 @@ impl Membership {
         }
     }
 
-    /// Whether NATS says the members bucket's stream does not exist (not merely that it
-    /// cannot be reached).
+    /// Whether NATS says the members bucket this member joined does not exist (not merely
+    /// that it cannot be reached): its stream is not found, or was made again since.
     async fn bucket_gone(&self) -> bool {
         match self.jetstream.get_stream(&self.kv.stream_name).await {
             Err(error) => matches!(
                 error.kind(),
                 GetStreamErrorKind::JetStream(source) if source.error_code() == ErrorCode::STREAM_NOT_FOUND
             ),
-            Ok(_) => false,
+            Ok(bucket) => bucket.cached_info().created.unix_timestamp_nanos() != self.bucket_created_ns,
         }
     }
 
