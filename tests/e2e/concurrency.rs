@@ -401,3 +401,44 @@ async fn a_full_limit_cancels_the_new_run_or_the_oldest_one_as_it_says() -> anyh
     assert_eq!((turned_away("cancel_new"), turned_away("cancel_oldest")), (Some(1.0), Some(2.0)), "{body}");
     Ok(())
 }
+
+/// A queueing limit of one run, with many waiting.
+const QUEUEING_FLOW: &str = r#"
+name: lowered
+concurrency: { max: 1, when_full: queue }
+steps:
+  - { id: go, kind: signal }
+"#;
+
+/// A limit changed to `cancel_oldest` with more runs waiting than one commit turns away
+/// turns them all away, a commit's worth at a time, and the newest run goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_oldest_turns_away_more_runs_than_one_commit_takes() -> anyhow::Result<()> {
+    const WAITING: usize = 1_500;
+    let (grid, metrics_addr) = Grid::start_with_metrics(&["a"], 1).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, QUEUEING_FLOW).await?;
+    let starts: Vec<StartRun> =
+        (0..WAITING).map(|_| StartRun { flow: "lowered".into(), input: json!({}), ..Default::default() }).collect();
+    let mut runs = Vec::new();
+    for chunk in starts.chunks(500) {
+        for started in client.start_many(chunk).await.or_logs(&grid)? {
+            runs.push(started?.run_id);
+        }
+    }
+    wait_counted(&grid, &client, "lowered", "", WAITING as u32).await?;
+
+    deploy(&grid, &client, &QUEUEING_FLOW.replace("when_full: queue", "when_full: cancel_oldest")).await?;
+    let newest = start(&grid, &client, "lowered", json!({})).await?;
+    // Every older run ends cancelled and gives its place back: only the newest is left.
+    wait_counted(&grid, &client, "lowered", "", 1).await?;
+    wait_admitted(&grid, &client, &[&newest], &[true]).await?;
+    let first = wait_cancelled(&grid, &client, &runs[0]).await?;
+    assert!(first.contains(&format!("run {newest} took its place")), "{first}");
+    let last = wait_cancelled(&grid, &client, &runs[WAITING - 1]).await?;
+    assert!(last.contains("took its place under flow `lowered`"), "{last}");
+    let body = scrape_metrics(&metrics_addr).or_logs(&grid)?;
+    let turned_away = metric_value(&body, "flowgrid_runs_turned_away_total{when_full=\"cancel_oldest\"}");
+    assert_eq!(turned_away, Some(WAITING as f64), "{body}");
+    finish(&grid, &client, &newest).await
+}

@@ -61,11 +61,18 @@ impl GateVerb {
 /// raised `max` or a rate's full bucket may let thousands go at once).
 const ADMITS_PER_TURN: usize = 1_000;
 
+/// Runs a `cancel_oldest` limit turns away in one commit at most; the rest in the shard's
+/// next turns. Each is a message in the outbox (up to ~1 KB with a long key), and a `max`
+/// lowered from thousands to a few, or a queueing limit changed to `cancel_oldest`, may
+/// turn tens of thousands away at once: more than one transaction holds.
+const CANCELS_PER_TURN: usize = 1_000;
+
 /// A limit: its flow and the key its runs count under.
 type GateId = (String, String);
 
 /// The limits whose gate is in this shard, and when each next has something to do on its
-/// own (admit a run its start rate held back, or forget a limit gone idle).
+/// own (admit a run its start rate held back, turn away more runs under `cancel_oldest`, or
+/// forget a limit gone idle).
 #[derive(Default)]
 pub(super) struct Gates {
     gates: HashMap<GateId, Gate>,
@@ -107,6 +114,41 @@ impl Gate {
         self.queue.is_empty()
             && (self.max == 0 || self.holders.len() < self.max as usize)
             && self.rate.is_none_or(|rate| next_start_us(rate, self.full_us) <= now_us)
+    }
+
+    /// Under `cancel_oldest`, how many more runs go and wait than `max` (those being
+    /// cancelled aside); 0 under the other policies.
+    fn over_max(&self) -> usize {
+        if self.when_full != WhenFull::CancelOldest || self.max == 0 {
+            return 0;
+        }
+        let going = self.holders.values().filter(|holder| !holder.cancelling).count();
+        (going + self.queue.waiting.len()).saturating_sub(self.max as usize)
+    }
+
+    /// Under `cancel_oldest`, takes up to `most` of the runs [`Gate::over_max`] counts,
+    /// oldest first: the holders by when they were admitted (they are marked cancelling and
+    /// keep their slots), then the queue's front (which leaves the queue).
+    fn take_oldest(&mut self, most: usize) -> Vec<RunId> {
+        let mut left = self.over_max().min(most);
+        let mut oldest: Vec<(Millis, &RunId)> = self
+            .holders
+            .iter()
+            .filter(|(_, holder)| !holder.cancelling)
+            .map(|(run_id, holder)| (holder.since_ms, run_id))
+            .collect();
+        if oldest.len() > left {
+            oldest.select_nth_unstable(left);
+            oldest.truncate(left);
+        }
+        oldest.sort_unstable();
+        let mut taken: Vec<RunId> = oldest.into_iter().map(|(_, run_id)| run_id.clone()).collect();
+        for run_id in &taken {
+            self.holders.get_mut(run_id).expect("a holder just found").cancelling = true;
+        }
+        left -= taken.len();
+        taken.extend(std::iter::from_fn(|| self.queue.pop_front().map(|(run_id, _)| run_id)).take(left));
+        taken
     }
 }
 
@@ -291,45 +333,28 @@ impl<S: ShardStore> ShardActor<S> {
             when_full: gate.when_full,
         };
         batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
-        if gate.when_full == WhenFull::CancelOldest {
-            self.cancel_oldest(&id, &run_id, batch);
-        }
+        self.cancel_oldest(&id, Some(&run_id), batch);
         self.admit_waiting(&id, batch);
         true
     }
 
     /// Under `cancel_oldest`: while more runs of the limit go and wait than its `max`
     /// (those being cancelled aside), the oldest is cancelled: the holder admitted first,
-    /// else the first in the queue, which leaves the queue at once. `newest` (the run that
-    /// just asked, last in the queue) is never the oldest while `max` is at least 1.
-    fn cancel_oldest(&mut self, id: &GateId, newest: &RunId, batch: &mut Batch) {
+    /// else the first in the queue, which leaves the queue at once; at most
+    /// [`CANCELS_PER_TURN`] in one commit, the rest in the next turns ([`Self::admit_waiting`]
+    /// keeps the limit due while some are left). `newest` (the run that just asked, last in
+    /// the queue) is never the oldest while `max` is at least 1.
+    fn cancel_oldest(&mut self, id: &GateId, newest: Option<&RunId>, batch: &mut Batch) {
         let Some(gate) = self.gates.gates.get_mut(id) else { return };
-        let mut going = gate.holders.values().filter(|holder| !holder.cancelling).count();
-        let mut cancelled = Vec::new();
-        while gate.max > 0 && going + gate.queue.waiting.len() > gate.max as usize {
-            let oldest = gate
-                .holders
-                .iter_mut()
-                .filter(|(_, holder)| !holder.cancelling)
-                .min_by(|(a, first), (b, second)| (first.since_ms, *a).cmp(&(second.since_ms, *b)));
-            if let Some((run_id, holder)) = oldest {
-                holder.cancelling = true;
-                going -= 1;
-                cancelled.push(run_id.clone());
-            } else if let Some((run_id, _)) = gate.queue.pop_front() {
-                batch.writes.clear(keys::gate(&id.0, &id.1, &run_id));
-                cancelled.push(run_id);
-            } else {
-                break;
-            }
-        }
+        let cancelled = gate.take_oldest(CANCELS_PER_TURN);
         if cancelled.is_empty() {
             return;
         }
-        let reason = format!(
-            "run {newest} took its place under {} (`when_full: cancel_oldest`)",
-            describe_limit(id, gate.max, gate.rate)
-        );
+        let limit = describe_limit(id, gate.max, gate.rate);
+        let reason = match newest {
+            Some(newest) => format!("run {newest} took its place under {limit} (`when_full: cancel_oldest`)"),
+            None => format!("newer runs took its place under {limit} (`when_full: cancel_oldest`)"),
+        };
         for run_id in cancelled {
             self.turn_away(run_id, reason.clone(), WhenFull::CancelOldest, batch);
         }
@@ -388,8 +413,8 @@ impl<S: ShardStore> ShardActor<S> {
         self.gates.due.first().map(|(due_ms, _)| *due_ms)
     }
 
-    /// Lets the limits whose time came admit the runs their start rates held back, and
-    /// forgets those gone idle.
+    /// Lets the limits whose time came admit the runs their start rates held back, turn
+    /// away the runs `cancel_oldest` left for a later commit, and forgets those gone idle.
     pub(super) fn admit_due_gates(&mut self, now: Millis, batch: &mut Batch) {
         // Taken out first: a limit with more to admit than one commit takes is due again at
         // once, in the next turn.
@@ -411,6 +436,7 @@ impl<S: ShardStore> ShardActor<S> {
                 }
                 continue;
             }
+            self.cancel_oldest(&id, None, batch);
             self.admit_waiting(&id, batch);
         }
     }
@@ -462,6 +488,10 @@ impl<S: ShardStore> ShardActor<S> {
         if gate.rate.is_some() && !admitted.is_empty() {
             let record = GateRateRecord { full_us: gate.full_us };
             batch.writes.set(keys::gate_rate(&id.0, &id.1), records::encode(&record));
+        }
+        if gate.over_max() > 0 {
+            // `cancel_oldest` has more runs to turn away than one commit took.
+            due_ms = Some(now);
         }
         let idle = gate.holders.is_empty() && gate.queue.is_empty();
         // An idle limit is forgotten once its bucket is full: it then knows nothing a new
@@ -609,6 +639,44 @@ mod tests {
         assert!(queue.order.len() <= 2 * 10 + 64, "{} entries for 10 runs", queue.order.len());
         let order: Vec<_> = std::iter::from_fn(|| queue.pop_front()).map(|(run_id, _)| run_id).collect();
         assert_eq!(order, (9_990..10_000).map(run).collect::<Vec<_>>());
+    }
+
+    /// `cancel_oldest` turns away the holders admitted first, then the queue's front, until
+    /// `max` go and wait; a few at a time when asked for fewer.
+    #[test]
+    fn cancel_oldest_takes_the_oldest_holders_then_the_queue_a_bounded_number_at_a_time() {
+        let mut gate = Gate { max: 2, when_full: WhenFull::CancelOldest, ..Gate::default() };
+        for (n, since_ms) in [(0, 30), (1, 10), (2, 20), (3, 10)] {
+            gate.holders.insert(run(n), Holder { round: 0, since_ms, cancelling: false });
+        }
+        for n in 4..8 {
+            gate.queue.push(run(n), 0);
+        }
+        assert_eq!(gate.over_max(), 6);
+        assert_eq!(gate.take_oldest(3), vec![run(1), run(3), run(2)], "by admission, then by id");
+        assert_eq!(gate.over_max(), 3, "those being cancelled do not count");
+        assert_eq!(gate.take_oldest(2), vec![run(0), run(4)]);
+        assert!(gate.holders.values().all(|holder| holder.cancelling), "holders keep their slots");
+        assert_eq!(gate.take_oldest(5), vec![run(5)]);
+        assert_eq!((gate.over_max(), gate.take_oldest(5)), (0, vec![]));
+        let left: Vec<_> = std::iter::from_fn(|| gate.queue.pop_front()).collect();
+        assert_eq!(left, vec![(run(6), 0), (run(7), 0)], "the newest stay queued");
+
+        // A limit of `max` 1 lowered under 10,000 runs: a thousand a commit.
+        let mut gate = Gate { max: 1, when_full: WhenFull::CancelOldest, ..Gate::default() };
+        for n in 0..10_000 {
+            gate.queue.push(run(n), 0);
+        }
+        let mut turns = 0;
+        while gate.over_max() > 0 {
+            assert!(gate.take_oldest(CANCELS_PER_TURN).len() <= CANCELS_PER_TURN);
+            turns += 1;
+        }
+        assert_eq!((turns, gate.queue.waiting.len()), (10, 1));
+        // Other policies never turn the oldest away.
+        gate.when_full = WhenFull::Queue;
+        gate.queue.push(run(10_000), 0);
+        assert_eq!((gate.over_max(), gate.take_oldest(5)), (0, vec![]));
     }
 
     #[test]
