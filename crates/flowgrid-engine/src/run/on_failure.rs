@@ -9,6 +9,7 @@
 //! [`ON_FAILURE_OF_LABEL`]) starts no handler of its own.
 
 use flowgrid_model::labels::LABELS_MAX;
+use flowgrid_model::limits::{json_bytes, nesting_depth, Limits};
 use flowgrid_model::{FailureEnd, RunId, ON_FAILURE_OF_LABEL};
 use serde_json::{json, Value};
 
@@ -45,30 +46,33 @@ impl Run {
     pub(super) fn start_failure_handler(&self, context: &mut Context<'_>) {
         let Some((flow, round, idempotency_key)) = self.handler_key() else { return };
         let handler = self.plan.on_failure.as_ref().expect("a handler key needs a handler");
-        let failure = json!({
-            "run_id": self.run_id,
-            "flow": self.plan.name,
-            "version": self.plan.version,
-            "status": self.status.as_str(),
-            "error": self.error().map(error_value).unwrap_or(Value::Null),
-            "input": self.input.as_ref(),
-        });
+        let failure = || {
+            json!({
+                "run_id": self.run_id,
+                "flow": self.plan.name,
+                "version": self.plan.version,
+                "status": self.status.as_str(),
+                "error": self.error().map(error_value).unwrap_or(Value::Null),
+                "input": self.input.as_ref(),
+            })
+        };
         let input = match &handler.input {
-            None => failure,
+            None => failure(),
             Some(expr) => {
-                let locals = Locals { result: Some(&failure), ..Locals::default() };
+                let locals = Locals { result: Some(&failure()), ..Locals::default() };
                 match self.evaluate_over_all_steps(context.evaluator, expr, locals) {
                     Ok(input) => input,
                     // The run has failed already; the handler still runs, told why its
                     // input is the failure itself.
                     Err(error) => {
-                        let mut input = failure.clone();
+                        let mut input = failure();
                         input["input_error"] = json!(format!("on_failure.input: {error}"));
                         input
                     }
                 }
             }
         };
+        let input = within_limits(input, failure, context.evaluator.limits());
         let mut labels = self.labels().cloned().unwrap_or_default();
         while labels.len() >= LABELS_MAX {
             labels.pop_last();
@@ -84,3 +88,43 @@ impl Run {
         }));
     }
 }
+
+/// The handler's input if a start may carry it (a payload's size and nesting depth); else
+/// the failure without the run's input, saying why, its error's message cut to fit. The
+/// failure wraps the run's input a level deeper, with the error next to it, and an `input`
+/// expression may take every step of a large map: a start refused for good would lose the
+/// handler, a record too large would fail the commit.
+fn within_limits(input: Value, failure: impl FnOnce() -> Value, limits: &Limits) -> Value {
+    let (bytes, depth) = (json_bytes(&input), nesting_depth(&input));
+    let payload_max = limits.payload_bytes_max;
+    let why = if bytes > payload_max {
+        format!("the handler's input is {bytes} bytes as JSON, over the limit of {payload_max}")
+    } else if depth > limits.nesting_depth_max {
+        format!("the handler's input is nested {depth} levels deep, over the limit of {}", limits.nesting_depth_max)
+    } else {
+        return input;
+    };
+    drop(input);
+    let mut failure = failure();
+    if let Some(fields) = failure.as_object_mut() {
+        fields.remove("input");
+    }
+    failure["input_error"] = json!(format!(
+        "{why}: this is the failure without the run's input (read the run for it); give `on_failure.input` an \
+         expression that picks less"
+    ));
+    let over = json_bytes(&failure).saturating_sub(payload_max);
+    if let (true, Some(Value::String(message))) = (over > 0, failure.pointer_mut("/error/message")) {
+        // Each byte of text cut takes at least a byte of JSON away.
+        let mut end = message.len().saturating_sub(over + ERROR_CUT_MARK.len());
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(ERROR_CUT_MARK);
+    }
+    failure
+}
+
+/// Ends an error message [`within_limits`] cut.
+const ERROR_CUT_MARK: &str = " [cut to fit the handler's input]";

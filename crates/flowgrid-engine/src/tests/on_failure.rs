@@ -135,3 +135,41 @@ fn a_handler_run_starts_no_handler_and_keeps_the_failed_runs_labels() {
     assert!(handlers(&effects).is_empty(), "a handler's failure starts no handler");
     assert_eq!(run.view().on_failure_run, None);
 }
+
+/// A handler's input over a payload (a run input and an error of nearly a payload each,
+/// or an `input` expression that takes too much) gives way to the failure without the
+/// run's input, its error cut to fit: the start carries no more than a payload.
+#[test]
+fn a_handler_input_over_a_payload_is_the_failure_without_the_run_input() {
+    let payload_max = evaluator().limits().payload_bytes_max;
+    let large = "x".repeat(payload_max - 1_000);
+    let mut harness = Harness::start(FLOW, json!({ "blob": large }), 0);
+    let mut huge = error("declined", false);
+    huge.message = "\"".repeat(payload_max / 2 - 100);
+    harness.fail(10, "charge", None, 1, huge);
+    let input = &handlers(&harness.effects)[0].input;
+    let bytes = flowgrid_model::limits::json_bytes(input);
+    assert!(bytes <= payload_max, "{bytes} bytes");
+    assert_eq!((input["status"].as_str(), input.get("input")), (Some("failed"), None), "{input:.300}");
+    assert!(input["input_error"].as_str().is_some_and(|why| why.contains("over the limit of")), "{input:.300}");
+    let message = input["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.ends_with("[cut to fit the handler's input]") && message.len() > payload_max / 8, "{bytes}");
+
+    // An expression that takes too much: the failure, with the run's input if it fits.
+    let taking = FLOW.replace("{ flow: refund }", "{ flow: refund, input: 'input.blob + input.blob' }");
+    let mut harness = Harness::start(&taking, json!({ "blob": "y".repeat(payload_max / 2 + 1) }), 0);
+    harness.fail(10, "charge", None, 1, error("declined", false));
+    let input = &handlers(&harness.effects)[0].input;
+    assert_eq!(input["error"]["message"], json!("declined happened"));
+    assert!(input.get("input").is_none() && input["input_error"].is_string(), "{input:.300}");
+
+    // A run input as deep as a start may be is a level too deep inside the failure.
+    let depth_max = evaluator().limits().nesting_depth_max;
+    let deep = (1..depth_max).fold(json!([]), |inner, _| json!([inner]));
+    assert_eq!(flowgrid_model::limits::nesting_depth(&deep), depth_max);
+    let mut harness = Harness::start(FLOW, deep, 0);
+    harness.fail(10, "charge", None, 1, error("declined", false));
+    let input = &handlers(&harness.effects)[0].input;
+    assert!(input.get("input").is_none(), "{input}");
+    assert!(input["input_error"].as_str().is_some_and(|why| why.contains("levels deep")), "{input}");
+}
