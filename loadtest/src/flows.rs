@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use flowgrid_model::limits::MAP_ITEMS_GOING_MAX;
 use flowgrid_model::{AttemptId, RunId};
 use flowgrid_proto::{encode, Encoding, Reply, ResultAck, TaskMessage, TaskResult};
 
@@ -90,11 +91,11 @@ impl Plan {
         }
     }
 
-    /// Tasks one run has out at most at once: one for a chain, every item of its map
-    /// (whose `max_concurrency` is all of them), and the mix's chain task besides.
+    /// Tasks one run has out at most at once: one for a chain, the items of its map (all of
+    /// them, up to the most a map has in flight), and the mix's chain task besides.
     pub fn tasks_in_flight_per_run(&self) -> usize {
         let chain = usize::from(self.workload != Workload::Map);
-        chain + self.map_items as usize
+        chain + self.map_items.min(MAP_ITEMS_GOING_MAX) as usize
     }
 
     /// The input of one run.

@@ -374,7 +374,7 @@ pub struct MapStep {
     /// Expression applied to the merged list of item results (as `result`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
-    /// Items in flight at once. Default: all of them.
+    /// Items in flight at once. Default and largest: 10,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
     /// Items that may fail (after their retries) without failing the step; their place in

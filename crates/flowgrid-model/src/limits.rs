@@ -67,6 +67,14 @@ pub const SUBFLOW_DEPTH_MAX: u32 = 8;
 /// it, a record per child (some 700 bytes), so that commit stays well within a
 /// transaction.
 pub const CHILDREN_GOING_MAX: u32 = 1_000;
+/// Child runs one run may have going at once over all its subflow steps (each step with
+/// `items` its `max_concurrency`, one for each other subflow step): a run that ends
+/// cancels each of them in the commit that ends it, as [`CHILDREN_GOING_MAX`] says.
+pub const CHILDREN_GOING_RUN_MAX: u32 = 5_000;
+/// Items one map step has in flight at once (its `max_concurrency`, and its default): the
+/// step's start evaluates and dispatches that many inputs in one turn of its shard (each
+/// up to a payload), and its end tells the workers of every item still going.
+pub const MAP_ITEMS_GOING_MAX: u32 = 10_000;
 
 /// How often one run may be redriven: each redrive adds to its history, which a shard
 /// replays when it loads the run.
@@ -86,6 +94,16 @@ pub const REASON_BYTES_MAX: usize = 1_024;
 /// reload replays, so a worker reporting in a tight loop must not grow it without bound.
 /// At one every 5 s that is about 14 hours of one attempt.
 pub const PROGRESS_REPORTS_MAX: u32 = 10_000;
+
+/// The largest progress report (bytes of its result message): a report says how far an
+/// attempt got (a count, a stage, a cursor), and each is kept in the run's history.
+pub const PROGRESS_BYTES_MAX: usize = 64 * 1024;
+
+/// What the progress reports of one attempt may add up to (bytes of JSON, each report
+/// counted in whole KiB); past it they are not kept. With [`PROGRESS_REPORTS_MAX`] and
+/// [`PROGRESS_BYTES_MAX`] alone, one attempt could leave 640 MB of history, which every
+/// reload of its run reads back.
+pub const PROGRESS_BYTES_PER_ATTEMPT_MAX: u64 = 16 * 1024 * 1024;
 
 /// The largest `concurrency.max` a flow may give: a limit's gate keeps every slot it hands
 /// out in one shard's memory and store, and a larger bound is no limit in practice.

@@ -5,7 +5,7 @@
 
 use crate::definition::{FlowDefinition, RetryPolicy, Step};
 use crate::error::{DefinitionError, Issue, Result};
-use crate::limits::{CHILDREN_GOING_MAX, DURATION_MS_MAX};
+use crate::limits::{CHILDREN_GOING_MAX, CHILDREN_GOING_RUN_MAX, DURATION_MS_MAX, MAP_ITEMS_GOING_MAX};
 
 use super::{push_issue, step_path};
 
@@ -15,7 +15,7 @@ pub fn check_new(definition: &FlowDefinition) -> Result<()> {
     check_durations(definition, &mut issues);
     check_implicit_edges_listed(&definition.steps, &mut issues);
     check_trigger_stream_length(definition, &mut issues);
-    check_children_going(definition, &mut issues);
+    check_going(definition, &mut issues);
     if issues.is_empty() {
         Ok(())
     } else {
@@ -41,17 +41,54 @@ fn check_trigger_stream_length(definition: &FlowDefinition, issues: &mut Vec<Iss
     }
 }
 
-/// A subflow step with `items` has at most [`CHILDREN_GOING_MAX`] children going at once.
-fn check_children_going(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
+/// A subflow step with `items` has at most [`CHILDREN_GOING_MAX`] children going at once, a
+/// run at most [`CHILDREN_GOING_RUN_MAX`] over all its subflow steps, and a map step at
+/// most [`MAP_ITEMS_GOING_MAX`] items in flight.
+fn check_going(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
+    let children: u64 = definition
+        .steps
+        .iter()
+        .map(|step| match step {
+            Step::Subflow(subflow) if subflow.items.is_some() => {
+                u64::from(subflow.max_concurrency.unwrap_or(CHILDREN_GOING_MAX).min(CHILDREN_GOING_MAX))
+            }
+            Step::Subflow(_) => 1,
+            _ => 0,
+        })
+        .sum();
+    if children > u64::from(CHILDREN_GOING_RUN_MAX) {
+        push_issue(
+            issues,
+            "steps",
+            format!(
+                "its subflow steps may have {children} child runs going at once (a step with `items` \
+                 {CHILDREN_GOING_MAX} unless its `max_concurrency` says fewer), over the {CHILDREN_GOING_RUN_MAX} a run \
+                 may have (a run that ends cancels them all in one commit): give steps with `items` a lower \
+                 `max_concurrency`"
+            ),
+        );
+    }
     for (position, step) in definition.steps.iter().enumerate() {
-        let Step::Subflow(subflow) = step else { continue };
-        if let Some(max_concurrency) = subflow.max_concurrency.filter(|&going| going > CHILDREN_GOING_MAX) {
+        let (max_concurrency, going_max, why) = match step {
+            Step::Subflow(subflow) => (
+                subflow.max_concurrency,
+                CHILDREN_GOING_MAX,
+                "child runs a step may have going at once (a parent that ends cancels them all in one commit): use \
+                 at most that, or split the items over child flows that fan out themselves",
+            ),
+            Step::Map(map) => (
+                map.max_concurrency,
+                MAP_ITEMS_GOING_MAX,
+                "items a map step may have in flight at once (its start dispatches them in one turn of its shard): \
+                 use at most that; the items past it go as the first ones end",
+            ),
+            _ => continue,
+        };
+        if let Some(max_concurrency) = max_concurrency.filter(|&going| going > going_max) {
             push_issue(
                 issues,
                 format!("{}.max_concurrency", step_path(position, step.id())),
-                format!(
-                    "is {max_concurrency}, over the {CHILDREN_GOING_MAX} child runs a step may have going at once                      (a parent that ends cancels them all in one commit): use at most that, or split the items                      over child flows that fan out themselves"
-                ),
+                format!("is {max_concurrency}, over the {going_max} {why}"),
             );
         }
     }

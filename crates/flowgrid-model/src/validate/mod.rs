@@ -29,7 +29,7 @@ use crate::definition::{
 use crate::error::{DefinitionError, Issue, Result};
 
 use crate::expr::Evaluator;
-use crate::limits::{Limits, CHILDREN_GOING_MAX};
+use crate::limits::{Limits, CHILDREN_GOING_MAX, CHILDREN_GOING_RUN_MAX, MAP_ITEMS_GOING_MAX};
 use crate::plan::{
     CatchRule, Edge, EdgeWhen, FlowItems, FlowLoop, FlowPlan, PlanCache, PlanStep, PlanStepKind, StepIndex,
     SubflowSpec, TaskSpec, WaitFor, PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
@@ -137,7 +137,7 @@ pub(crate) fn compile(
     let graph = Graph::new(&definition.steps);
     let mut steps = Vec::with_capacity(definition.steps.len());
     for (position, step) in definition.steps.iter().enumerate() {
-        let kind = plan_kind(position, step, &index, &mut expressions, limits);
+        let kind = plan_kind(position, step, &index, &mut expressions);
         let when = expressions.take(&format!("{}.when", step_path(position, step.id())));
         steps.push(PlanStep {
             id: step.id().to_owned(),
@@ -147,11 +147,35 @@ pub(crate) fn compile(
             outgoing: outgoing_edges(position, step, &definition.steps, &index),
         });
     }
+    clamp_children_going(&mut steps);
     let output = expressions.take(expressions::FLOW_OUTPUT_PATH);
     let trigger_input = expressions.take(expressions::TRIGGER_INPUT_PATH);
     let concurrency_key = expressions.take(expressions::CONCURRENCY_KEY_PATH);
     let on_failure_input = expressions.take(expressions::ON_FAILURE_INPUT_PATH);
     Ok(FlowPlan::assemble(definition, version, steps, output, trigger_input, concurrency_key, on_failure_input))
+}
+
+/// A version deployed before [`CHILDREN_GOING_RUN_MAX`] (`check_new` refuses more) whose
+/// subflow steps may have more children going: each step with `items` gets its share.
+fn clamp_children_going(steps: &mut [PlanStep]) {
+    let mut singles = 0;
+    let mut going = Vec::new();
+    for step in steps.iter_mut() {
+        match &mut step.kind {
+            PlanStepKind::Subflow(SubflowSpec { items: Some(items), .. }) => going.push(&mut items.max_concurrency),
+            PlanStepKind::Subflow(_) => singles += 1,
+            _ => {}
+        }
+    }
+    let total: u64 = going.iter().map(|max_concurrency| u64::from(**max_concurrency)).sum();
+    let room = u64::from(CHILDREN_GOING_RUN_MAX).saturating_sub(singles);
+    if total + singles <= u64::from(CHILDREN_GOING_RUN_MAX) {
+        return;
+    }
+    for max_concurrency in going {
+        let share = u64::from(*max_concurrency) * room / total;
+        *max_concurrency = u32::try_from(share).unwrap_or(u32::MAX).max(1);
+    }
 }
 
 /// All checks; on success, the compiled expressions keyed by their path.
@@ -192,7 +216,6 @@ fn plan_kind(
     step: &Step,
     index: &HashMap<&str, StepIndex>,
     expressions: &mut ExpressionTable,
-    limits: &Limits,
 ) -> PlanStepKind {
     let path = step_path(position, step.id());
     let mut take = |field: &str| expressions.take(&format!("{path}.{field}"));
@@ -224,7 +247,8 @@ fn plan_kind(
                 cache: map.cache.as_ref().map(|cache| PlanCache { key: take("cache.key"), ttl_ms: cache.ttl_ms }),
                 catch: catch_rules(&map.catch, index),
             },
-            max_concurrency: map.max_concurrency.unwrap_or_else(|| items_max(limits)),
+            // Clamped for a version deployed before the bound (`check_new` refuses more).
+            max_concurrency: map.max_concurrency.unwrap_or(MAP_ITEMS_GOING_MAX).min(MAP_ITEMS_GOING_MAX),
             tolerated_failures: map.tolerated_failures,
         },
         Step::Choice(choice) => PlanStepKind::Choice {
@@ -275,10 +299,6 @@ fn plan_kind(
 }
 
 /// The most items a map may have in flight: the item limit.
-fn items_max(limits: &Limits) -> u32 {
-    u32::try_from(limits.map_items_max).unwrap_or(u32::MAX)
-}
-
 fn catch_rules(catch: &[Catch], index: &HashMap<&str, StepIndex>) -> Vec<CatchRule> {
     catch.iter().map(|rule| CatchRule { errors: rule.errors.clone(), next: index[rule.next.as_str()] }).collect()
 }

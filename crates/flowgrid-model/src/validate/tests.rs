@@ -214,7 +214,7 @@ fn plan_applies_defaults_and_keeps_settings() {
         panic!("thumb is a map");
     };
     assert_eq!(&*items.step_refs, ["fetch".to_owned()]);
-    assert_eq!((*max_concurrency, *tolerated_failures), (100_000, 0));
+    assert_eq!((*max_concurrency, *tolerated_failures), (MAP_ITEMS_GOING_MAX, 0));
     assert!(spec.input.is_some() && spec.output.is_some());
     let PlanStepKind::Choice { rules, default } = &plan.step(1).kind else { panic!("route is a choice") };
     assert_eq!((rules.len(), rules[0].1, *default), (1, 2, Some(4)));
@@ -936,4 +936,47 @@ fn a_subflow_step_has_at_most_a_thousand_children_going() {
         };
         assert_eq!(items.max_concurrency, CHILDREN_GOING_MAX, "{going:?}");
     }
+}
+
+#[test]
+fn a_map_step_has_at_most_ten_thousand_items_in_flight() {
+    let flow = |going: &str| {
+        format!("name: fan\nsteps:\n  - {{ id: each, kind: map, items: 'input.list', pool: p, task: t{going} }}\n")
+    };
+    let issues = new_issues_of(&flow(", max_concurrency: 10001"));
+    assert_issue(&issues, "steps[0](each).max_concurrency", "over the 10000 items a map step may have in flight");
+    assert!(check_new(&parse(&flow(", max_concurrency: 10000"))).is_ok());
+    // The default, and a version deployed before the bound, go 10,000 at a time.
+    for (going, expected) in
+        [("", MAP_ITEMS_GOING_MAX), (", max_concurrency: 50000", MAP_ITEMS_GOING_MAX), (", max_concurrency: 8", 8)]
+    {
+        let plan = FlowPlan::compile(parse(&flow(going)), 1, &evaluator(), &limits()).expect("valid");
+        let PlanStepKind::Map { max_concurrency, .. } = &plan.step(0).kind else { panic!("a map step") };
+        assert_eq!(*max_concurrency, expected, "{going:?}");
+    }
+}
+
+#[test]
+fn a_run_has_at_most_five_thousand_children_going_over_its_subflow_steps() {
+    let flow = |steps: usize, going: &str| {
+        let mut yaml = "name: fan\nsteps:\n".to_owned();
+        for n in 0..steps {
+            yaml += &format!("  - {{ id: s{n}, kind: subflow, flow: child, items: 'input.list'{going} }}\n");
+        }
+        yaml + "  - { id: one, kind: subflow, flow: child }\n"
+    };
+    let issues = new_issues_of(&flow(5, ""));
+    assert_issue(&issues, "steps", "may have 5001 child runs going at once");
+    assert_issue(&issues, "steps", "over the 5000 a run may have");
+    assert!(check_new(&parse(&flow(5, ", max_concurrency: 999"))).is_ok());
+    assert!(check_new(&parse(&flow(4, ""))).is_ok());
+    // A version deployed before the bound: each step with items gets its share.
+    let plan = FlowPlan::compile(parse(&flow(6, "")), 1, &evaluator(), &limits()).expect("valid");
+    let going: Vec<u32> = (0..6)
+        .map(|index| match &plan.step(index).kind {
+            PlanStepKind::Subflow(SubflowSpec { items: Some(items), .. }) => items.max_concurrency,
+            other => panic!("a subflow step with items: {other:?}"),
+        })
+        .collect();
+    assert_eq!(going, vec![833; 6], "4,999 left by the single child, shared");
 }
