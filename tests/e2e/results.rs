@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use flowgrid_proto::{
-    decode, encode, Encoding, Reply, ResultAck, Subjects, TaskMessage, TaskResult, CONTENT_TYPE_HEADER,
+    decode, encode, Encoding, ErrorCode, Reply, ResultAck, Subjects, TaskMessage, TaskResult, CONTENT_TYPE_HEADER,
 };
 use flowgrid_sdk::broker::{self, BrokerLimits};
 use flowgrid_sdk::{RunStatus, StartRun, StepStatus, TaskError};
@@ -102,6 +102,17 @@ async fn duplicated_result_is_applied_once() -> anyhow::Result<()> {
     let report = TaskResult { attempt: task.attempt.clone(), output: None, error: None, progress: progress.clone() };
     let reported = send_result(&nats, &task.reply_to, encoding, &report).await.or_logs(&grid)?;
     assert!(applied(reported, &grid), "a report for the open attempt is taken\n{}", grid.logs());
+    assert_eq!(step(&client.get(&run.run_id).await?, "only").progress, progress);
+    // A report larger than a progress report may be is refused, and the last one stays.
+    let large = Some(json!({ "read": "x".repeat(flowgrid_model::limits::PROGRESS_BYTES_MAX) }));
+    let oversized = TaskResult { progress: large, ..report.clone() };
+    match send_result(&nats, &task.reply_to, encoding, &oversized).await.or_logs(&grid)? {
+        Reply::Error(error) => {
+            assert_eq!(error.code, ErrorCode::PayloadTooLarge, "{error:?}");
+            assert!(error.message.contains("the progress report is") && error.message.contains("65536"), "{error:?}");
+        }
+        other => panic!("an oversized progress report must be refused: {other:?}"),
+    }
     assert_eq!(step(&client.get(&run.run_id).await?, "only").progress, progress);
     let both = TaskResult { output: Some(json!(1)), ..report.clone() };
     match send_result(&nats, &task.reply_to, encoding, &both).await.or_logs(&grid)? {

@@ -13,7 +13,7 @@ use flowgrid_engine::{
     Applied, Effect, Event, RedriveRefused, Run, RunStart, RunStatus, RunView, SignalRefused, TaskDispatch, TaskError,
     TimerKey,
 };
-use flowgrid_model::limits::{nesting_depth, Limits, PAUSES_MAX};
+use flowgrid_model::limits::{nesting_depth, Limits, PAUSES_MAX, PROGRESS_BYTES_MAX};
 use flowgrid_model::{has_labels, AttemptId, FlowPlan, Labels, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
@@ -146,6 +146,16 @@ impl<S: ShardStore> ShardActor<S> {
                 None => Event::TaskFailed { attempt: result.attempt, error },
                 Some(problem) => Event::TaskFailed { attempt: result.attempt, error: invalid_output(problem) },
             },
+            (None, None, Some(_)) if message.payload.len() > PROGRESS_BYTES_MAX => {
+                let why = format!(
+                    "the progress report is {} bytes, over the limit of {PROGRESS_BYTES_MAX}: report how far the \
+                     attempt got (a count, a stage, a cursor), not the data itself",
+                    message.payload.len()
+                );
+                let refusal = ApiError::new(ErrorCode::PayloadTooLarge, why);
+                batch.refused_results.push(RefusedResult { reply_to, encoding, refusal });
+                return;
+            }
             (None, None, Some(details)) => match too_deep("progress report", &details, limits) {
                 None => Event::TaskProgress { attempt: result.attempt, details },
                 Some(problem) => {

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use flowgrid_model::limits::PROGRESS_REPORTS_MAX;
+use flowgrid_model::limits::{json_bytes, PROGRESS_BYTES_PER_ATTEMPT_MAX, PROGRESS_REPORTS_MAX};
 use flowgrid_model::plan::TaskSpec;
 use flowgrid_model::{AttemptId, ExprError, Millis, StepIndex};
 use serde_json::Value;
@@ -80,18 +80,25 @@ impl Run {
 
     /// A worker says how far the open attempt `attempt` got; kept for the step's view and
     /// its next attempts. Ignored unless the attempt is open, and past
-    /// [`PROGRESS_REPORTS_MAX`] reports of one attempt.
+    /// [`PROGRESS_REPORTS_MAX`] reports of one attempt, or [`PROGRESS_BYTES_PER_ATTEMPT_MAX`]
+    /// bytes of them.
     pub(super) fn on_task_progress(&mut self, attempt: &AttemptId, details: &Value) -> Applied {
         let index = match self.find_slot(attempt, Expect::Open) {
             Ok(index) => index,
             Err(reason) => return Applied::Ignored(reason),
         };
         let slot = self.slot_mut(index, attempt.item);
-        if let Phase::Open { reports, .. } = &mut slot.phase {
+        if let Phase::Open { reports, reported_kib, .. } = &mut slot.phase {
             if *reports >= PROGRESS_REPORTS_MAX {
                 return Applied::Ignored("too many progress reports for one attempt");
             }
+            let kib = u32::try_from(json_bytes(details).div_ceil(1024)).unwrap_or(u32::MAX);
+            let total_kib = reported_kib.saturating_add(kib);
+            if u64::from(total_kib) * 1024 > PROGRESS_BYTES_PER_ATTEMPT_MAX {
+                return Applied::Ignored("progress reports of one attempt over their size budget");
+            }
             *reports += 1;
+            *reported_kib = total_kib;
         }
         slot.progress = Some(Arc::new(details.clone()));
         Applied::Accepted
@@ -166,7 +173,7 @@ impl Run {
         let slot = self.slot_mut(index, item);
         assert!(!matches!(slot.phase, Phase::Open { .. }), "one attempt of a slot is open at a time");
         slot.attempt += 1;
-        slot.phase = Phase::Open { deadline_ms, reports: 0 };
+        slot.phase = Phase::Open { deadline_ms, reports: 0, reported_kib: 0 };
         let dispatch = self.task_dispatch(index, item, self.slot(index, item), deadline_ms);
         let timer = TimerKey::AttemptTimeout { attempt: dispatch.attempt.clone() };
         context.effects.push(Effect::Dispatch(dispatch));

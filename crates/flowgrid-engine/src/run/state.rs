@@ -83,8 +83,8 @@ pub(super) enum Phase {
     /// of an attempt and what follows it.
     New,
     /// Attempt `Slot::attempt` is out, due back by `deadline_ms`; its worker sent
-    /// `reports` progress reports so far.
-    Open { deadline_ms: Millis, reports: u32 },
+    /// `reports` progress reports so far, of `reported_kib` KiB of JSON (each rounded up).
+    Open { deadline_ms: Millis, reports: u32, reported_kib: u32 },
     /// Attempt `Slot::attempt` failed; the next one is dispatched at `due_ms`.
     Retrying { due_ms: Millis },
 }

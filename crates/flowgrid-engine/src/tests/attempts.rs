@@ -191,6 +191,36 @@ steps:
     assert_eq!(harness.apply(301, progress("a", None, 2, json!({"done": 100}))), Applied::Ignored("step not running"));
 }
 
+/// An attempt's reports count against a byte budget as well as a number: past it they are
+/// not kept, and the next attempt starts a budget of its own.
+#[test]
+fn an_attempts_progress_reports_stop_at_their_byte_budget() {
+    let yaml = r##"
+name: progress
+steps:
+  - { kind: task, id: a, pool: cpu, task: t, retry: { max_attempts: 2, initial_backoff_ms: 100, jitter: 0 } }
+"##;
+    let mut harness = Harness::start(yaml, json!(null), 0);
+    let report = |number, n: u64| Event::TaskProgress {
+        attempt: attempt("a", None, number),
+        details: json!({ "n": n, "pad": "p".repeat(60 * 1024) }),
+    };
+    // 61 KiB each as counted (60 KiB of padding and a few bytes, rounded up).
+    let fit = flowgrid_model::limits::PROGRESS_BYTES_PER_ATTEMPT_MAX / (61 * 1024);
+    for n in 0..fit {
+        assert_eq!(harness.apply(10, report(1, n)), Applied::Accepted, "report {n}");
+    }
+    let over = harness.apply(11, report(1, fit));
+    assert_eq!(over, Applied::Ignored("progress reports of one attempt over their size budget"));
+    assert_eq!(harness.step("a").progress.as_ref().map(|shown| shown["n"].clone()), Some(json!(fit - 1)));
+    let small = Event::TaskProgress { attempt: attempt("a", None, 1), details: json!(1) };
+    assert_eq!(harness.apply(12, small), Applied::Accepted, "a report that still fits is kept");
+
+    assert_eq!(harness.fail(20, "a", None, 1, error("busy", true)), Applied::Accepted);
+    assert_eq!(harness.fire(120, TimerKey::RetryDue { attempt: attempt("a", None, 2) }), Applied::Accepted);
+    assert_eq!(harness.apply(130, report(2, 0)), Applied::Accepted, "a new attempt, a new budget");
+}
+
 /// Retries every second, each attempt up to 10 s, the step 2.5 s in all.
 const TOTAL: &str = r##"
 name: total
