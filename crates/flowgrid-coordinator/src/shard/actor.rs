@@ -32,6 +32,11 @@ const RELOAD_PAUSE: Duration = Duration::from_millis(200);
 /// event after (a payload of up to 1 MiB, a run's end) still fits in the commit.
 const BATCH_BYTES_SHARE: usize = 4;
 
+/// Attempts one notice of cancelled tasks names at most: an attempt id is up to ~300 bytes
+/// of JSON, so a notice stays within the NATS server's default `max_payload` (1 MB) when
+/// a map with thousands of items in flight ends.
+const CANCELLED_PER_NOTICE_MAX: usize = 2_000;
+
 /// One run in memory: its state and where its history goes on. Everything else a run
 /// needs follows from its state, so that a waiting run costs little memory.
 pub(super) struct ActiveRun {
@@ -71,6 +76,9 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub next_prune_ms: Option<Millis>,
     /// Where in the runs listing the next retention pass goes on; `None`: from its start.
     pub prune_from: Option<flowgrid_store::Key>,
+    /// Timers were due but the last batch was full: the next turn fires them before it
+    /// takes more events.
+    pub timers_first: bool,
     pub metrics: ShardMetrics,
     /// The actor's own inbox, for tasks it spawned (weak: it does not keep the actor alive).
     pub inbox: mpsc::WeakSender<Command>,
@@ -122,6 +130,7 @@ pub async fn spawn_shard<S: ShardStore>(
         gates: Default::default(),
         next_prune_ms,
         prune_from: None,
+        timers_first: false,
         schedules_checked_ms: now_ms(),
         metrics: ShardMetrics::register(),
         inbox: sender.downgrade(),
@@ -178,6 +187,9 @@ impl<S: ShardStore> ShardActor<S> {
                     None => break,
                 },
                 _ = sleep => {}
+            }
+            if std::mem::take(&mut self.timers_first) {
+                self.fire_due_timers(now_ms(), &mut batch);
             }
             self.fill_batch(&mut inbox, &mut results, &mut batch).await;
             let now = now_ms();
@@ -400,14 +412,19 @@ impl<S: ShardStore> ShardActor<S> {
         }
     }
 
-    /// Fires the timers due by `now`: at least one a turn, so that timers go on under any
-    /// load, then as many as the batch has room for, in events and in bytes. A timer that
+    /// Fires the timers due by `now`: at least one a turn while the batch is within its
+    /// bytes, then as many as the batch has room for, in events and in bytes. A timer that
     /// ends a run writes its snapshot: a thousand of them due at once (overdue after a
     /// takeover) did not fit one commit, whose failure reloaded the shard to fire the same
-    /// timers again, for good.
+    /// timers again, for good. A batch already over its bytes (its last event a large run's
+    /// end) takes none: the next turn fires them before it takes more events, so that
+    /// timers go on under any load.
     fn fire_due_timers(&mut self, now: Millis, batch: &mut Batch) {
         let bytes_max = self.batch_bytes_max();
-        let mut first = true;
+        let mut first = batch.writes.bytes() < bytes_max;
+        if !first && self.timers.next_due().is_some_and(|due_ms| due_ms <= now) {
+            self.timers_first = true;
+        }
         while first || (batch.commands < self.context.batch_events_max && batch.writes.bytes() < bytes_max) {
             let Some((run_id, timer)) = self.timers.pop_due(now) else { break };
             first = false;
@@ -485,23 +502,35 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(())
     }
 
-    /// Tells each pool's workers which of its tasks they may stop (one notice per pool).
-    /// Best effort: a worker that misses it finishes the task, whose result is ignored.
+    /// Tells each pool's workers which of its tasks they may stop (a notice per pool, of up
+    /// to [`CANCELLED_PER_NOTICE_MAX`] tasks). Best effort: a worker that misses it
+    /// finishes the task, whose result is ignored.
     async fn tell_cancelled(&self, cancelled: Vec<(Arc<str>, AttemptId)>) {
         let mut by_pool: BTreeMap<Arc<str>, Vec<AttemptId>> = BTreeMap::new();
         for (pool, attempt) in cancelled {
             by_pool.entry(pool).or_default().push(attempt);
         }
-        for (pool, attempts) in by_pool {
-            let count = attempts.len();
-            let Ok(payload) = flowgrid_proto::encode(Encoding::Json, &TasksCancelled { attempts }) else { continue };
-            let headers = crate::api::content_headers(Encoding::Json);
-            let subject = self.context.subjects.cancels(&pool);
-            match self.context.nats.publish_with_headers(subject, headers, Bytes::from(payload)).await {
-                Ok(()) => ::metrics::counter!(metrics::TASKS_CANCELLED, "pool" => pool).increment(count as u64),
-                Err(error) => {
-                    debug!(shard = %self.shard, pool = %pool, error = %error, "cannot tell workers of tasks cancelled")
-                }
+        for (pool, mut attempts) in by_pool {
+            while !attempts.is_empty() {
+                let rest = attempts.split_off(attempts.len().min(CANCELLED_PER_NOTICE_MAX));
+                let notice = TasksCancelled { attempts: std::mem::replace(&mut attempts, rest) };
+                self.publish_cancelled(&pool, &notice).await;
+            }
+        }
+    }
+
+    /// Publishes one notice of cancelled tasks to `pool`'s workers.
+    async fn publish_cancelled(&self, pool: &Arc<str>, notice: &TasksCancelled) {
+        let Ok(payload) = flowgrid_proto::encode(Encoding::Json, notice) else { return };
+        let headers = crate::api::content_headers(Encoding::Json);
+        let subject = self.context.subjects.cancels(pool);
+        match self.context.nats.publish_with_headers(subject, headers, Bytes::from(payload)).await {
+            Ok(()) => {
+                let count = notice.attempts.len() as u64;
+                ::metrics::counter!(metrics::TASKS_CANCELLED, "pool" => Arc::clone(pool)).increment(count)
+            }
+            Err(error) => {
+                debug!(shard = %self.shard, pool = %pool, error = %error, "cannot tell workers of tasks cancelled")
             }
         }
     }
@@ -579,6 +608,21 @@ async fn sleep_until(due: Option<Millis>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A notice of cancelled tasks with the longest attempt ids fits the NATS server's
+    /// default `max_payload` (1 MiB) with room for its subject and headers.
+    #[test]
+    fn a_notice_of_cancelled_tasks_fits_a_default_payload() {
+        let attempt = AttemptId {
+            run_id: RunId::from_idempotency_key("f", "k"),
+            step: "s".repeat(flowgrid_model::limits::Limits::default().name_bytes_max),
+            item: Some(u32::MAX),
+            attempt: u32::MAX,
+        };
+        let notice = TasksCancelled { attempts: vec![attempt; CANCELLED_PER_NOTICE_MAX] };
+        let bytes = flowgrid_proto::encode(Encoding::Json, &notice).expect("encodes").len();
+        assert!(bytes <= 1024 * 1024 - 64 * 1024, "{bytes} bytes");
+    }
 
     #[test]
     fn a_failed_commit_is_retryable_unless_the_batch_or_the_data_is_at_fault() {

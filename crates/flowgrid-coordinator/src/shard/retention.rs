@@ -55,12 +55,13 @@ impl<S: ShardStore> ShardActor<S> {
             }
         };
         let mut pruned = 0;
+        let bytes_max = self.batch_bytes_max();
         // Where the next pass goes on: after what this one read, unless it read to the cutoff.
         let mut resume_at = (entries.len() == PRUNE_SCAN_MAX)
             .then(|| entries.last().map(|(last, _)| [last.as_slice(), &[0]].concat()))
             .flatten();
         for (key, value) in entries {
-            if pruned == PRUNE_RUNS_MAX {
+            if pruned == PRUNE_RUNS_MAX || batch.writes.bytes() >= bytes_max {
                 resume_at = Some(key);
                 break;
             }
