@@ -367,6 +367,9 @@ async fn oversized_and_malformed_requests_are_refused_and_change_nothing() -> an
         ("key", json!({"flow": "idle", "key": long, "run_id": started.run_id})),
         ("flow", json!({"flow": long, "run_id": started.run_id})),
         ("run_id", json!({"flow": "idle", "run_id": long})),
+        // Bounds no definition may give (a rate of a year and more never lets its limit go).
+        ("max", json!({"flow": "idle", "run_id": started.run_id, "max": 100_001})),
+        ("rate", json!({"flow": "idle", "run_id": started.run_id, "rate": {"runs": 1, "per_ms": u64::MAX}})),
     ] {
         for verb in ["gate.acquire", "gate.release", "run.admit"] {
             let (payload, _) = raw_request(&grid, verb, serde_json::to_vec(&message)?, true).await.or_logs(&grid)?;

@@ -10,7 +10,8 @@ use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use flowgrid_model::limits::{
-    nesting_depth, CONCURRENCY_KEY_BYTES_MAX, REASON_BYTES_MAX, SIGNAL_ID_BYTES_MAX, SUBFLOW_DEPTH_MAX,
+    nesting_depth, CONCURRENCY_KEY_BYTES_MAX, CONCURRENCY_MAX, DURATION_MS_MAX, REASON_BYTES_MAX, SIGNAL_ID_BYTES_MAX,
+    SUBFLOW_DEPTH_MAX,
 };
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
@@ -512,6 +513,19 @@ impl Api {
             return invalid(format!(
                 "run_id must name the run the message is about in 1 to {RUN_ID_BYTES_MAX} bytes (it has {})",
                 message.run_id.as_str().len()
+            ));
+        }
+        // As a flow's definition may give them (a message names its limit's bounds).
+        if message.max > CONCURRENCY_MAX {
+            return invalid(format!("max must be at most {CONCURRENCY_MAX} (0: none), it is {}", message.max));
+        }
+        if let Some(rate) = message
+            .rate
+            .filter(|rate| !(1..=CONCURRENCY_MAX).contains(&rate.runs) || !(1..=DURATION_MS_MAX).contains(&rate.per_ms))
+        {
+            return invalid(format!(
+                "rate must be 1 to {CONCURRENCY_MAX} runs per 1 to {DURATION_MS_MAX} ms, it is {} per {} ms",
+                rate.runs, rate.per_ms
             ));
         }
         let shard = match verb {
