@@ -42,7 +42,7 @@ impl InputSchema {
         self.validator
             .iter_errors(input)
             .take(ISSUES_MAX)
-            .map(|error| Issue { path: format!("{root}{}", error.instance_path()), message: error.to_string() })
+            .map(|error| Issue { path: format!("{root}{}", error.instance_path()), message: issue_message(&error) })
             .collect()
     }
 }
@@ -52,6 +52,30 @@ impl fmt::Debug for InputSchema {
         formatter.write_str("InputSchema")
     }
 }
+
+/// An issue's message says the value at fault, unless it is long: a caller's large value
+/// (written as JSON, several times its size with escapes) would make the refusal larger
+/// than a reply may be. Then the value is left out (its path locates it), and what the
+/// schema says is cut to [`ISSUE_MESSAGE_BYTES_MAX`].
+fn issue_message(error: &jsonschema::ValidationError<'_>) -> String {
+    let full = error.to_string();
+    if full.len() <= ISSUE_MESSAGE_BYTES_MAX {
+        return full;
+    }
+    let mut masked = error.masked().to_string();
+    if masked.len() > ISSUE_MESSAGE_BYTES_MAX {
+        let mut end = ISSUE_MESSAGE_BYTES_MAX;
+        while !masked.is_char_boundary(end) {
+            end -= 1;
+        }
+        masked.truncate(end);
+        masked.push('…');
+    }
+    masked
+}
+
+/// The longest message of one issue (bytes, about): see [`issue_message`].
+const ISSUE_MESSAGE_BYTES_MAX: usize = 512;
 
 /// The refusal of a `$ref` to a document outside the schema, which the grid never fetches.
 fn outside_ref(uri: &str) -> String {
@@ -66,6 +90,20 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// A large value at fault is left out of its issue's message, which stays short; a
+    /// small one is named.
+    #[test]
+    fn an_issue_names_a_small_value_and_leaves_a_large_one_out() {
+        let schema = InputSchema::compile(&json!({"type": "array", "items": {"type": "integer"}})).expect("valid");
+        let large = "\u{1}".repeat(100_000);
+        let issues = schema.check(&json!([large, large, "seven"]), "input");
+        assert_eq!(issues.len(), 3, "{issues:?}");
+        assert!(issues.iter().all(|issue| issue.message.len() <= 1_024), "{issues:.300?}");
+        assert_eq!(issues[0].path, "input/0");
+        assert!(issues[0].message.contains("is not of type \"integer\""), "{:?}", issues[0]);
+        assert_eq!(issues[2].message, r#""seven" is not of type "integer""#);
+    }
 
     #[test]
     fn an_input_is_checked_against_the_schema_and_each_problem_is_located() {
