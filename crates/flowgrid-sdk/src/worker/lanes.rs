@@ -47,8 +47,11 @@ impl Lane {
 const BIND_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a worker waits before it tries again to bind a lane whose consumer it could not
-/// open (one its credentials do not allow, for example).
+/// open: [`BIND_RETRY_FIRST`] after a first failure (JetStream electing the consumer's
+/// leader), twice as long after each failure in a row, up to this (a consumer its
+/// credentials do not allow).
 pub(super) const BIND_RETRY: Duration = Duration::from_secs(30);
+const BIND_RETRY_FIRST: Duration = Duration::from_secs(1);
 
 /// The lanes a worker pulls from, highest priority first; the default lane is always one.
 pub(super) struct Lanes {
@@ -62,6 +65,8 @@ pub(super) struct Lanes {
     binding_now: u16,
     /// When each priority whose binding failed may be tried again.
     retry_at: [Option<Instant>; 16],
+    /// How often in a row each priority's binding failed.
+    failures: [u32; 16],
 }
 
 const _: () = assert!(flowgrid_proto::PRIORITY_MAX < 16, "a priority is a bit of binding_now and retry_at's index");
@@ -75,6 +80,7 @@ impl Lanes {
             binding: JoinSet::new(),
             binding_now: 0,
             retry_at: [None; 16],
+            failures: [0; 16],
         }
     }
 
@@ -100,8 +106,14 @@ impl Lanes {
         let mut wanted = announced.take();
         if self.scanned.is_none_or(|scanned| scanned.elapsed() >= SCAN_EVERY) {
             self.scanned = Some(Instant::now());
-            let lanes: Vec<(String, usize)> =
-                self.stream.info_with_subjects(subjects.task_lanes(pool)).await?.try_collect().await?;
+            let lanes: Vec<(String, usize)> = match self.lanes_holding(subjects, pool).await {
+                Ok(lanes) => lanes,
+                Err(error) => {
+                    // Announced lanes stay wanted for the next look.
+                    announced.restore(&wanted);
+                    return Err(error);
+                }
+            };
             let holding = lanes.iter().filter(|(_, waiting)| *waiting > 0);
             wanted.extend(holding.filter_map(|(subject, _)| subjects.lane_priority(pool, subject)));
         }
@@ -135,8 +147,13 @@ impl Lanes {
         Ok(bound)
     }
 
+    /// The task subjects of `pool` in the stream, each with its tasks waiting.
+    async fn lanes_holding(&self, subjects: &Subjects, pool: &str) -> Result<Vec<(String, usize)>, async_nats::Error> {
+        Ok(self.stream.info_with_subjects(subjects.task_lanes(pool)).await?.try_collect().await?)
+    }
+
     /// Adds a lane whose consumer opened (its priority to `bound`); a lane that could not
-    /// be bound is tried again after [`BIND_RETRY`].
+    /// be bound is tried again later, up to [`BIND_RETRY`].
     fn take(
         &mut self,
         done: Result<(u8, Result<PullConsumer, broker::BrokerError>), tokio::task::JoinError>,
@@ -155,23 +172,32 @@ impl Lanes {
         match opened {
             Ok(consumer) => {
                 self.retry_at[usize::from(priority)] = None;
+                self.failures[usize::from(priority)] = 0;
                 let at = self.lanes.iter().position(|lane| lane.priority < priority).unwrap_or(self.lanes.len());
                 self.lanes.insert(at, Lane::new(priority, consumer));
                 bound.push(priority);
             }
             Err(error) => {
+                let failures = &mut self.failures[usize::from(priority)];
+                *failures = failures.saturating_add(1);
+                let delay = bind_retry_after(*failures);
                 warn!(
                     pool = %pool,
                     priority,
                     error = %error,
                     "cannot open the consumer of the pool's lane; its tasks wait for workers that can: a worker with \
                      NATS permissions of its own needs the lane's consumer `pool{priority}-{pool}` allowed (operations.md, \
-                     Securing NATS); tried again in {BIND_RETRY:?}"
+                     Securing NATS); tried again in {delay:?}"
                 );
-                self.retry_at[usize::from(priority)] = Some(Instant::now() + BIND_RETRY);
+                self.retry_at[usize::from(priority)] = Some(Instant::now() + delay);
             }
         }
     }
+}
+
+/// How long after its `failures`th failure in a row a lane's binding is tried again.
+fn bind_retry_after(failures: u32) -> Duration {
+    BIND_RETRY_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(BIND_RETRY)
 }
 
 /// The priorities of the lanes coordinators announced since the worker last looked: a bit
@@ -194,6 +220,12 @@ impl Announced {
         true
     }
 
+    /// Notes `priorities` again (taken by a look that failed).
+    fn restore(&self, priorities: &[u8]) {
+        let bits = priorities.iter().fold(0u16, |bits, priority| bits | (1 << priority));
+        self.0.fetch_or(bits, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The priorities noted since the last call, highest first.
     fn take(&self) -> Vec<u8> {
         let noted = self.0.swap(0, std::sync::atomic::Ordering::Relaxed);
@@ -201,8 +233,15 @@ impl Announced {
     }
 }
 
+/// How long a lane whose waiting pull failed rests before the worker pulls again: the
+/// server refuses a waiting pull at once (more idle workers than the consumer's
+/// `max_waiting`, an `expires` over its `max_expires`), and without a pause the worker
+/// would ask again and again.
+const LISTEN_FAILED_PAUSE: Duration = Duration::from_secs(1);
+
 /// Waits up to `expires` for the lane's next task and returns it; clears the lane's
-/// listening flag when the wait ends, whatever ended it.
+/// listening flag when the wait ends, whatever ended it (after [`LISTEN_FAILED_PAUSE`]
+/// when the pull failed).
 pub(super) async fn listen(
     consumer: &PullConsumer,
     listening: &AtomicBool,
@@ -210,27 +249,26 @@ pub(super) async fn listen(
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Option<jetstream::Message> {
     let message = async {
-        let mut batch = match consumer.batch().max_messages(1).expires(expires).messages().await {
-            Ok(batch) => batch,
-            Err(error) => {
-                debug!(error = %error, "listening on a lane failed");
-                return None;
-            }
-        };
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {
-                super::hand_back_unstarted(&mut batch).await;
-                None
-            }
-            next = batch.next() => match next? {
-                Ok(message) => Some(message),
-                Err(error) => {
-                    debug!(error = %error, "listening on a lane failed");
-                    None
+        let error = match consumer.batch().max_messages(1).expires(expires).messages().await {
+            Ok(mut batch) => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    super::hand_back_unstarted(&mut batch).await;
+                    return None;
                 }
+                next = batch.next() => match next? {
+                    Ok(message) => return Some(message),
+                    Err(error) => error.to_string(),
+                },
             },
+            Err(error) => error.to_string(),
+        };
+        debug!(error = %error, "listening on a lane failed");
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(LISTEN_FAILED_PAUSE) => {}
         }
+        None
     }
     .await;
     listening.store(false, Ordering::Release);
@@ -252,5 +290,18 @@ mod tests {
         }
         assert_eq!(announced.take(), vec![7, 0]);
         assert!(announced.take().is_empty(), "each is taken once");
+        // A look that failed gives them back, with those noted meanwhile.
+        announced.note(b"3");
+        announced.restore(&[7, 0]);
+        assert_eq!(announced.take(), vec![7, 3, 0]);
+    }
+
+    /// A lane whose consumer did not open (its leader being elected) is tried again within
+    /// a second, then less and less often, up to [`BIND_RETRY`] (one the worker may not open).
+    #[test]
+    fn a_lane_that_did_not_bind_is_tried_again_soon_then_less_often() {
+        let delays: Vec<u64> = (1..=8).map(|failures| bind_retry_after(failures).as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(bind_retry_after(u32::MAX), BIND_RETRY);
     }
 }
