@@ -315,6 +315,16 @@ async fn an_http_worker_paces_its_requests_and_stops_within_its_grace() -> anyho
     grid.workers.pop().expect("the brief worker").stop(RUN_DEADLINE);
     let stopped_in = stopping.elapsed();
     assert!(stopped_in < std::time::Duration::from_secs(10), "the stop waited {stopped_in:?} for a 20 s request");
+    // It went back at once (naked): another worker has it well before the 30 s ack wait,
+    // and before the attempt's 10 s timeout would retry it.
+    let mut again = std::process::Command::new(flowgrid_bin());
+    again.args(["--nats-url", &grid.nats_url, "http-worker", "--allow", &format!("http://127.0.0.1:{port}/")]);
+    grid.spawn_worker("next-http-worker", &mut again)?;
+    let handed_back = std::time::Duration::from_secs(5);
+    let delivered = flowgrid_tests::wait_for("the abandoned task delivered again", handed_back, || async {
+        (times_len(&times) > before + 1).then_some(())
+    });
+    delivered.await.or_logs(&grid)?;
 
     let output = std::process::Command::new(flowgrid_bin())
         .args(["http-worker", "--allow", "http://127.0.0.1:1/", "--max-rate", "0"])

@@ -69,7 +69,8 @@ def tasks_stream_name(prefix):
 
 def is_json(msg):
     headers = msg.headers or {}
-    return headers.get("Content-Type", "").strip().lower() == JSON_CONTENT_TYPE
+    media_type = headers.get("Content-Type", "").split(";")[0]
+    return media_type.strip().lower() == JSON_CONTENT_TYPE
 
 
 def decode(data, json_encoded):

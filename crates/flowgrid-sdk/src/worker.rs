@@ -67,6 +67,9 @@ const PULL_DRAIN: Duration = Duration::from_millis(100);
 const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 /// Floor of the heartbeat period, whatever the ack wait.
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
+/// How long a stopping worker waits, past its shutdown grace, for the tasks it hands back
+/// to be naked, and then for NATS to take what is left to send.
+const STOP_STEP_WAIT: Duration = Duration::from_secs(2);
 
 /// One task as a handler sees it.
 #[derive(Clone, Debug)]
@@ -252,9 +255,17 @@ impl Task {
 
 /// Runs tasks. Implemented for every `Fn(Task) -> impl Future<Output = Result<Value,
 /// TaskError>>`; implement it by hand for handlers with state.
+///
+/// A handler runs on the worker's async runtime, beside its pulls and the heartbeats that
+/// keep JetStream from delivering a long task again: it must not block a runtime thread.
+/// Work that holds a CPU for more than a few milliseconds (encoding media, a model's
+/// inference) or blocking calls go to `tokio::task::spawn_blocking` (or a thread pool of
+/// their own), awaited by the handler; otherwise, with every runtime thread busy, heartbeats
+/// stop and after the ack wait (30 s) JetStream gives the tasks to other workers while they
+/// still run here.
 pub trait TaskHandler: Send + Sync + 'static {
     /// Does the work of one task: its output, or an error whose `retryable` decides
-    /// whether the grid may try again.
+    /// whether the grid may try again. Returns its future at once (the work goes in it).
     fn handle(&self, task: Task) -> BoxFuture<'static, Result<Value, TaskError>>;
 }
 
@@ -295,7 +306,8 @@ impl TaskHandler for SharedHandler {
 ///         "transcode" => {
 ///             let done = task.progress().and_then(|progress| progress["segments"].as_u64()).unwrap_or(0);
 ///             for segment in done..10 {
-///                 // ... transcode `segment` ...
+///                 // CPU-bound work goes off the runtime's threads (see `TaskHandler`).
+///                 tokio::task::spawn_blocking(move || { /* ... transcode `segment` ... */ }).await.ok();
 ///                 let _ = task.report_progress(serde_json::json!({ "segments": segment + 1 })).await;
 ///             }
 ///             Ok(serde_json::json!({ "segments": 10 }))
@@ -379,6 +391,7 @@ impl Worker {
             running: Running::default(),
             pacer: self.max_rate.map(Pacer::new),
             shutdown: shutdown.clone(),
+            abandon: CancellationToken::new(),
         });
         let cancels = self.subjects.cancels(&self.pool);
         let listener = tokio::spawn(listen_for_cancels(self.nats.clone(), cancels, shared.clone()));
@@ -454,7 +467,7 @@ impl Worker {
                 }
             }
         }
-        self.finish(in_flight).await;
+        self.finish(in_flight, &shared).await;
         listener.abort();
         announcements.abort();
         // Its record goes once it stopped (or expires if that takes too long).
@@ -558,22 +571,36 @@ impl Worker {
         }
     }
 
-    async fn finish(&self, mut in_flight: JoinSet<()>) {
+    /// Waits for the tasks in flight up to the shutdown grace, then hands back those whose
+    /// handler still runs (JetStream delivers them again at once, not after the ack wait),
+    /// and sends what is left to send (acks, naks) before the worker returns.
+    async fn finish(&self, mut in_flight: JoinSet<()>, shared: &Shared) {
         let running = in_flight.len();
         info!(pool = %self.pool, in_flight = running, "worker stopping");
-        let drained =
-            tokio::time::timeout(self.shutdown_grace, async { while in_flight.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
+        let mut drained = tokio::time::timeout(self.shutdown_grace, join_all(&mut in_flight)).await.is_ok();
+        if !drained {
             warn!(
                 pool = %self.pool,
                 abandoned = in_flight.len(),
                 grace_ms = self.shutdown_grace.as_millis() as u64,
-                "tasks still running after the shutdown grace; they will be delivered again"
+                "tasks still running after the shutdown grace; they are handed back to be delivered again"
             );
+            shared.abandon.cancel();
+            drained = tokio::time::timeout(STOP_STEP_WAIT, join_all(&mut in_flight)).await.is_ok();
+        }
+        if !drained {
             in_flight.shutdown().await;
+        }
+        if tokio::time::timeout(STOP_STEP_WAIT, shared.nats.flush()).await.is_err() {
+            warn!(pool = %self.pool, "the last acks of the worker may not have reached NATS");
         }
         info!(pool = %self.pool, "worker stopped");
     }
+}
+
+/// Waits for every task of `in_flight` to end.
+async fn join_all(in_flight: &mut JoinSet<()>) {
+    while in_flight.join_next().await.is_some() {}
 }
 
 /// What every task of a worker shares.
@@ -588,6 +615,8 @@ struct Shared {
     pacer: Option<Pacer>,
     /// The worker's stop: a task still waiting for its turn then goes back unstarted.
     shutdown: CancellationToken,
+    /// The shutdown grace is over: a task whose handler still runs goes back (nak).
+    abandon: CancellationToken,
 }
 
 /// The lowest rate [`Worker::max_rate`] takes: one task a day.
@@ -798,7 +827,16 @@ async fn work(shared: &Shared, task_message: TaskMessage, turn: Option<tokio::ti
         }
     }
     let detached = Arc::clone(&task.detached);
-    let Some(outcome) = run_handler(shared.handler.clone(), task).await else {
+    let cancellation = task.cancellation().clone();
+    let ran = tokio::select! {
+        ran = run_handler(shared.handler.clone(), task) => ran,
+        () = shared.abandon.cancelled() => {
+            // The handler is aborted with `run_handler`; its own threads learn it from the token.
+            cancellation.cancel();
+            return Settle::Nak;
+        }
+    };
+    let Some(outcome) = ran else {
         debug!(attempt = %attempt, "task cancelled by its run; acking it without a result");
         return Settle::Ack;
     };
