@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use flowgrid_engine::{ChildStart, Run, RunStart, TaskDispatch};
 use flowgrid_model::{Evaluator, FlowDefinition, FlowPlan, Millis, RunId};
-use flowgrid_store::{join_records, keys, Key, ShardStore, Value};
+use flowgrid_store::{join_records, keys, Key, KeyRange, ShardStore, Value};
 
 use super::actor::{ActiveRun, ShardActor};
 use super::catalog::CatalogEntry;
@@ -110,7 +110,9 @@ impl<S: ShardStore> ShardActor<S> {
         run_id: &RunId,
         plans: &mut HashMap<(String, u32), Arc<FlowPlan>>,
     ) -> Result<ActiveRun> {
-        let (start, events) = read_history(&*self.store, run_id).await?;
+        // The store shared, not borrowed from `self`: the plan may have to be read meanwhile.
+        let store = Arc::clone(&self.store);
+        let (start, events) = read_history(&*store, run_id).await?;
         let plan = match plans.get(&(start.flow.to_string(), start.version)) {
             Some(plan) => plan.clone(),
             None => {
@@ -119,7 +121,7 @@ impl<S: ShardStore> ShardActor<S> {
                 plan
             }
         };
-        rebuild(run_id, start, events, plan, self.context.plans.evaluator())
+        rebuild(run_id, start, events, plan, self.context.plans.evaluator()).await
     }
 
     pub(super) async fn pinned_plan(&mut self, flow: &str, version: u32) -> Result<Arc<FlowPlan>> {
@@ -141,26 +143,63 @@ impl<S: ShardStore> ShardActor<S> {
     }
 }
 
-/// A run's whole history: its start record, and the records of its events in order.
-pub(super) async fn read_history<S: ShardStore>(
-    store: &S,
+/// Records one page of a replayed history holds at most, and the bytes (as stored) past
+/// which it ends early: a long history (a map of 100,000 items, an attempt's progress
+/// reports) is replayed a page at a time, never held in memory whole.
+const REPLAY_PAGE_RECORDS: usize = 1_000;
+const REPLAY_PAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// The records of a run's history after its start record, in order, read a page at a time.
+pub(super) struct History<'a, S> {
+    store: &'a S,
+    page: std::vec::IntoIter<(Key, Value)>,
+    /// What is left to read after the page; `None` once the page is the last.
+    rest: Option<KeyRange>,
+}
+
+impl<S: ShardStore> History<'_, S> {
+    async fn read_page(&mut self) -> Result<()> {
+        let Some(range) = self.rest.take() else { return Ok(()) };
+        let page = self.store.scan_records(range.clone(), REPLAY_PAGE_RECORDS, REPLAY_PAGE_BYTES).await?;
+        if page.more {
+            if let Some((last, _)) = page.records.last() {
+                self.rest = Some(KeyRange { begin: keys::chunks_range(last).end, end: range.end });
+            }
+        }
+        self.page = page.records.into_iter();
+        Ok(())
+    }
+
+    /// The next record, `None` after the last.
+    pub(super) async fn next(&mut self) -> Result<Option<(Key, Value)>> {
+        if let Some(record) = self.page.next() {
+            return Ok(Some(record));
+        }
+        self.read_page().await?;
+        Ok(self.page.next())
+    }
+}
+
+/// A run's history: its start record, and the records of its events in order.
+pub(super) async fn read_history<'a, S: ShardStore>(
+    store: &'a S,
     run_id: &RunId,
-) -> Result<(StartRecord<'static>, std::vec::IntoIter<(Key, Value)>)> {
-    let history = join_records(store.scan(keys::history_range(run_id), usize::MAX, false).await?)?;
-    let mut records = history.into_iter();
-    let (_, first) = records
+) -> Result<(StartRecord<'static>, History<'a, S>)> {
+    let mut history = History { store, page: Vec::new().into_iter(), rest: Some(keys::history_range(run_id)) };
+    let (_, first) = history
         .next()
+        .await?
         .ok_or_else(|| Error::Corrupt { what: format!("run {run_id}"), message: "run without history".to_owned() })?;
     let start: StartRecord = records::decode("start record", &first)?;
-    Ok((start, records))
+    Ok((start, history))
 }
 
 /// The run as its history leaves it: `start`, then `events` through the engine, under
 /// `plan` (the version the run started with).
-pub(super) fn rebuild(
+pub(super) async fn rebuild<S: ShardStore>(
     run_id: &RunId,
     start: StartRecord<'_>,
-    events: impl Iterator<Item = (Key, Value)>,
+    mut events: History<'_, S>,
     plan: Arc<FlowPlan>,
     evaluator: &Evaluator,
 ) -> Result<ActiveRun> {
@@ -178,7 +217,7 @@ pub(super) fn rebuild(
         run.set_parent(parent.into_owned());
     }
     let mut next_seq = 1;
-    for (key, value) in events {
+    while let Some((key, value)) = events.next().await? {
         let (_, seq) = keys::decode_history(&key)?;
         let record: EventRecord = records::decode("history record", &value)?;
         effects.clear();
@@ -186,4 +225,57 @@ pub(super) fn rebuild(
         next_seq = seq + 1;
     }
     Ok(ActiveRun { run, next_seq })
+}
+
+#[cfg(test)]
+mod tests {
+    use flowgrid_engine::Event;
+    use flowgrid_model::{AttemptId, Limits};
+    use flowgrid_store::{Store, StoreLimits, WriteBatch};
+    use flowgrid_store_redb::RedbStore;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A history longer than a page is replayed whole, page after page, in order.
+    #[tokio::test]
+    async fn a_history_of_several_pages_is_replayed_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits::default();
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        let file = store.open_shard(flowgrid_model::ShardId(0)).await.unwrap();
+        let epoch = file.acquire().await.unwrap();
+        let evaluator = Evaluator::new(&Limits::default());
+        let yaml = "name: long\nsteps:\n  - { id: a, kind: task, pool: p, task: t }\n";
+        let definition = flowgrid_model::parse_definition(yaml, &Limits::default()).unwrap();
+        let plan = Arc::new(FlowPlan::compile(definition, 1, &evaluator, &Limits::default()).unwrap());
+        let run_id = RunId::from_idempotency_key("long", "k");
+        let start = StartRecord {
+            flow: "long".into(),
+            version: 1,
+            input: Cow::Owned(json!({})),
+            now_ms: 1,
+            epoch: epoch.0,
+            parent: None,
+            labels: None,
+            queued: false,
+            start_at_ms: None,
+        };
+        let mut batch = WriteBatch::new();
+        batch.insert_chunked(&keys::history(&run_id, 0), &records::encode(&start), &limits);
+        let reports = 2 * REPLAY_PAGE_RECORDS as u64 + 500;
+        let attempt = AttemptId { run_id: run_id.clone(), step: "a".into(), item: None, attempt: 1 };
+        for seq in 1..=reports {
+            let event = Event::TaskProgress { attempt: attempt.clone(), details: json!(seq) };
+            let record = EventRecord { now_ms: 1 + seq, event, epoch: epoch.0 };
+            batch.insert_chunked(&keys::history(&run_id, seq), &records::encode(&record), &limits);
+        }
+        file.commit(epoch, batch).await.unwrap();
+
+        let (start, events) = read_history(&file, &run_id).await.unwrap();
+        let rebuilt = rebuild(&run_id, start, events, plan, &evaluator).await.unwrap();
+        assert_eq!(rebuilt.next_seq, reports + 1);
+        let view = rebuilt.run.view();
+        assert_eq!(view.steps[0].progress, Some(json!(reports)), "the last report, read last");
+    }
 }

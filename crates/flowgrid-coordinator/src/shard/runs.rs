@@ -581,7 +581,7 @@ impl<S: ShardStore> ShardActor<S> {
                         ),
                     });
                 }
-                super::reload::rebuild(&run_id, start, events, plan, &evaluator)
+                super::reload::rebuild(&run_id, start, events, plan, &evaluator).await
             };
             let rebuilt = rebuilt.await.map_err(|error| {
                 ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
