@@ -44,7 +44,7 @@ pub async fn memory(args: MemoryArgs) -> Result<()> {
         })
         .await;
     tokio::time::sleep(args.settle).await;
-    let rss_before_mb = grid.coordinator_rss_mb().unwrap_or(0.0);
+    let rss_before_mb = grid.coordinator_rss_mb_now()?;
 
     let errors = Arc::new(Errors::default());
     let started = Arc::new(AtomicU64::new(0));
@@ -86,7 +86,7 @@ pub async fn memory(args: MemoryArgs) -> Result<()> {
     while requests.join_next().await.is_some() {}
     let start_seconds = origin.elapsed().as_secs_f64();
     tokio::time::sleep(args.settle).await;
-    let rss_after_mb = grid.coordinator_rss_mb().unwrap_or(0.0);
+    let rss_after_mb = grid.coordinator_rss_mb_now()?;
     let waiting_tasks = waiting_tasks(&grid).await.unwrap_or(0);
     grid.stop();
 

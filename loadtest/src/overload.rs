@@ -35,6 +35,11 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
         None => Vec::new(),
     };
     let mut grid = Grid::open(&args.grid, &extra).await?;
+    grid.coordinator_rss_mb_now().map_err(|error| {
+        error.context(
+            "overload judges the coordinators' memory: let the harness start the grid, or pass --coordinator-pid",
+        )
+    })?;
     let plan = Arc::new(Plan::new(Workload::Single, 1));
     let client = grid.client().await?.with_retry_budget(Duration::ZERO);
     grid.deploy(&client, &plan.definition).await?;
@@ -70,7 +75,7 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
     ticks.tick().await;
     while stopped_at.elapsed() < args.duration {
         ticks.tick().await;
-        let rss = grid.coordinator_rss_mb().unwrap_or(0.0);
+        let rss = grid.coordinator_rss_mb_now()?;
         let accepted = tracker.counters.runs_started.load(Ordering::Relaxed) - started_at_stop;
         let refused = errors.count("start_overloaded");
         eprintln!(
@@ -95,6 +100,11 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
     let bound_reached_s = plateau.bound_reached.and_then(|index| samples[index]["t_s"].as_f64());
     let refused = errors.count("start_overloaded");
     let accepted = tracker.counters.runs_started.load(Ordering::Relaxed) - started_at_stop;
+    // Starts still accepted once the bound refused one: runs that ended (timed out) left room.
+    let accepted_after_bound = plateau
+        .bound_reached
+        .and_then(|index| samples[index]["accepted"].as_u64())
+        .map(|at_bound| accepted.saturating_sub(at_bound));
     let summary = json!({
         "mode": "overload",
         "rate": args.rate,
@@ -109,6 +119,7 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
         "bound_reached_s": bound_reached_s,
         "rss_at_bound_mb": plateau.rss_at_bound_mb.map(round1),
         "rss_growth_after_bound_mb": plateau.growth_mb.map(round1),
+        "accepted_after_bound": accepted_after_bound,
         "plateau": plateau.holds,
         "rss_mb_series": samples,
     });
@@ -128,7 +139,10 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
             (
                 "bound reached".to_owned(),
                 match (bound_reached_s, plateau.rss_at_bound_mb) {
-                    (Some(at), Some(rss)) => format!("{at:.0} s after the stop, at {rss:.1} MB"),
+                    (Some(at), Some(rss)) => format!(
+                        "{at:.0} s after the stop, at {rss:.1} MB; {} starts accepted after it",
+                        accepted_after_bound.unwrap_or(0)
+                    ),
                     _ => "no".to_owned(),
                 },
             ),
@@ -159,8 +173,10 @@ impl Plateau {
         let Some(first) = bound_reached else {
             return Plateau { bound_reached, rss_at_bound_mb: None, growth_mb: None, holds: false };
         };
-        let (at_bound, end) = (rss[first], rss[rss.len() - 1]);
-        let growth = end - at_bound;
+        // The highest sample after the bound, not the last: memory that grew and fell back
+        // by the end did not stop growing.
+        let at_bound = rss[first];
+        let growth = rss[first..].iter().copied().fold(at_bound, f64::max) - at_bound;
         let long_enough = rss.len() - first >= PLATEAU_SAMPLES_MIN;
         Plateau {
             bound_reached,
@@ -173,8 +189,8 @@ impl Plateau {
     fn describe(&self) -> String {
         match self.growth_mb {
             Some(growth) => format!(
-                "{} ({growth:+.1} MB from the first refused start to the end; a plateau grows at most {}% over {} s \
-                 or more)",
+                "{} ({growth:+.1} MB at most from the first refused start to the end; a plateau grows at most {}% \
+                 over {} s or more)",
                 self.holds,
                 PLATEAU_GROWTH_MAX * 100.0,
                 PLATEAU_SAMPLES_MIN
@@ -213,6 +229,11 @@ mod tests {
         let plateau = Plateau::judge(&growing, &never_refused);
         assert_eq!((plateau.bound_reached, plateau.holds), (None, false));
         assert!(plateau.describe().contains("not reached"), "{}", plateau.describe());
+
+        // Grown and fallen back by the end: the peak counts.
+        let spike: Vec<f64> = (0..60).map(|second| if second == 50 { 200.0 } else { 100.0 }).collect();
+        let plateau = Plateau::judge(&spike, &refused_from_40);
+        assert_eq!((plateau.growth_mb, plateau.holds), (Some(100.0), false));
 
         let flat = vec![100.0; 60];
         let refused_from_55: Vec<u64> = (0..60).map(|second| if second >= 55 { 1 } else { 0 }).collect();

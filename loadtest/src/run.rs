@@ -140,6 +140,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     })
     .await;
     verifier.abort();
+    // A sampled run left unchecked might have been one that failed.
+    let unchecked =
+        tracker.counters.runs_sampled.load(Ordering::Relaxed).saturating_sub(verified.load(Ordering::Relaxed));
+    errors.add("verify_not_done", unchecked);
+    // A result the coordinator took without applying it: its answer to an earlier send was
+    // lost, or the task was delivered twice; neither happens on a healthy grid.
+    errors.add("result_not_applied", tracker.counters.results_not_applied.load(Ordering::Relaxed));
     let latency_floor = if args.latency_floor { Some(measure_latency_floor(&args, &grid, &plan).await?) } else { None };
     let floors = match floor_before {
         Some(before) => {

@@ -77,8 +77,33 @@ struct RunTrack {
     /// Last chain step whose result was sent, and when it was first sent.
     chain_result: Option<(u32, Instant)>,
     tasks_acked: u32,
+    /// The tasks acked so far, each once (a task delivered again is acked again): chain
+    /// positions as bits, map items in a bitset grown as they come.
+    acked_positions: u64,
+    acked_items: Vec<u64>,
     done: Option<Instant>,
     waiter: Option<oneshot::Sender<RunEnd>>,
+}
+
+impl RunTrack {
+    /// Notes `attempt`'s task acked; false if it was acked before (delivered twice).
+    fn first_ack(&mut self, attempt: &AttemptId) -> bool {
+        let (word, bit) = match (attempt.item, chain_position(&attempt.step)) {
+            (Some(item), _) => {
+                let word = item as usize / 64;
+                if self.acked_items.len() <= word {
+                    self.acked_items.resize(word + 1, 0);
+                }
+                (&mut self.acked_items[word], item % 64)
+            }
+            (None, Some(position)) if position < 64 => (&mut self.acked_positions, position),
+            // A task the workloads do not make: counted each time.
+            _ => return true,
+        };
+        let first = *word & (1 << bit) == 0;
+        *word |= 1 << bit;
+        first
+    }
 }
 
 /// Latency histograms, in microseconds.
@@ -296,12 +321,15 @@ impl TaskSink for Tracker {
     }
 
     fn acked(&self, attempt: &AttemptId, acked: Instant) {
+        let mut inner = self.inner.lock().expect("tracker lock");
+        let track = inner.runs.entry(attempt.run_id.clone()).or_default();
+        if !track.first_ack(attempt) {
+            return;
+        }
         self.counters.tasks_acked.fetch_add(1, Ordering::Relaxed);
         if self.measuring() {
             self.counters.tasks_acked_measured.fetch_add(1, Ordering::Relaxed);
         }
-        let mut inner = self.inner.lock().expect("tracker lock");
-        let track = inner.runs.entry(attempt.run_id.clone()).or_default();
         track.tasks_acked += 1;
         if track.tasks_acked >= self.tasks_per_run && track.done.is_none() {
             track.done = Some(acked);
@@ -341,6 +369,10 @@ mod tests {
         tracker.started(RunId("r".into()), t0, None);
         tracker.result_sent(&attempt("r", "s1"), at(3));
         tracker.acked(&attempt("r", "s1"), at(4));
+        // Delivered again and acked again: still one task of two, the run not done.
+        tracker.acked(&attempt("r", "s1"), at(4));
+        assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
+        assert_eq!(tracker.counters.tasks_acked.load(Ordering::Relaxed), 1);
         tracker.received(&attempt("r", "s2"), at(5), at(6));
         tracker.result_sent(&attempt("r", "s2"), at(7));
         tracker.acked(&attempt("r", "s2"), at(9));

@@ -282,8 +282,8 @@ fn targets_measure_each_step_and_judge_every_figure() {
     assert!(floor_step.as_f64().is_some_and(|ms| ms > 0.0), "no latency floor at half load\n{output}");
     assert!(output.contains("the same half load without the engine"), "{output}");
     let verdicts = run.summary["targets"].as_array().unwrap_or_else(|| panic!("no targets\n{output}"));
-    // chain: tasks/s, ratio, errors; half-load: six latencies, errors.
-    assert_eq!(verdicts.len(), 10, "{output}");
+    // chain: tasks/s, sustained s, ratio, errors; half-load: six latencies, errors.
+    assert_eq!(verdicts.len(), 11, "{output}");
     for verdict in verdicts {
         let target = verdict["target"].as_str().expect("a target names itself");
         let measured = verdict["measured"].as_f64().unwrap_or_else(|| panic!("{target}: not measured\n{output}"));
