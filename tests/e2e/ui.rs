@@ -215,6 +215,10 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
         (flowgrid_tests::step(&view, "approve").status == flowgrid_sdk::StepStatus::Running).then_some(())
     })
     .await?;
+    // A field the form does not have is refused, rather than quietly dropped.
+    let versioned = form(&[("token", &token), ("flow", "ui-flow"), ("input", "{}"), ("version", "1")]);
+    let (status, _, body) = http_post_form(&addr, "/runs", &versioned)?;
+    assert!((400..500).contains(&status) && body.contains("version"), "{status}: {body}");
     let (_, waiting) = http_get(&addr, &run_path)?;
     assert!(waiting.contains("Send the signal"), "{waiting}");
     assert!(!waiting.contains(r#"http-equiv="refresh""#), "a page with a form to fill in does not reload: {waiting}");
@@ -342,5 +346,48 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"check": {"ok": true}}))));
     let (status, _, page) = http_post_form(&addr, &format!("{run_path}/complete"), &complete)?;
     assert!(status == 409 && page.contains("not applied"), "{status}: {page}");
+    Ok(())
+}
+
+/// One raw HTTP/1.0 request (`Host` as given), with a short read timeout: the status code,
+/// or an error when no answer came in time.
+fn raw_status(addr: &str, request: &str) -> anyhow::Result<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    Ok(String::from_utf8_lossy(&head[9..12]).parse()?)
+}
+
+/// On every address the UI answers only for names it knows (a rebound name gets 403), and
+/// its API refuses a change without the token before it reads the change's body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_answers_known_names_only_and_refuses_changes_before_their_body() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let port = free_port()?;
+    let listen = format!("0.0.0.0:{port}");
+    let mut ui = Command::new(flowgrid_tests::flowgrid_bin());
+    ui.args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "ui", "--listen", &listen, "--actions"]);
+    ui.args(["--allowed-host", "flowgrid.test"]);
+    grid.spawn_worker("ui", &mut ui)?;
+    let addr = format!("127.0.0.1:{port}");
+    wait_for("the UI to answer", RUN_DEADLINE, || async { http_get(&addr, "/").ok() }).await.or_logs(&grid)?;
+    let get = |host: &str| format!("GET /deploy HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    for (host, status) in [
+        (format!("rebind.evil:{port}"), 403),
+        ("flowgrid.test.evil".to_owned(), 403),
+        (format!("flowgrid.test:{port}"), 200),
+        (format!("10.1.2.3:{port}"), 200),
+        (format!("localhost:{port}"), 200),
+    ] {
+        assert_eq!(raw_status(&addr, &get(&host))?, status, "{host}\n{}", grid.logs());
+    }
+    // A read-only API: a start announcing 6 MB that never come is refused at once.
+    let start = format!(
+        "POST /api/runs HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 6000000\r\n\r\n"
+    );
+    assert_eq!(raw_status(&addr, &start)?, 403, "{}", grid.logs());
     Ok(())
 }

@@ -569,6 +569,12 @@ pub struct UiArgs {
     /// The token is still needed for changes.
     #[arg(long = "api-cors-origin", env = "FLOWGRID_API_CORS_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
     pub api_cors_origins: Vec<String>,
+    /// A host name the UI answers for (`flowgrid.example.com`), besides its IP addresses and
+    /// `localhost`; repeat for several (the variable takes them comma-separated). Requests
+    /// for other names are refused, so that a site whose name resolves to this host (DNS
+    /// rebinding) cannot read the pages or use their forms.
+    #[arg(long = "allowed-host", env = "FLOWGRID_UI_ALLOWED_HOSTS", value_delimiter = ',', value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Args)]

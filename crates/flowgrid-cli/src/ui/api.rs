@@ -68,7 +68,7 @@ const CORS_MAX_AGE: Duration = Duration::from_secs(60 * 60);
 
 /// The API's routes, answering pages of the `cors` origins if there are any (the UI's own
 /// pages need none: they are of the same origin).
-pub(super) fn routes(cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
+pub(super) fn routes(ui: Arc<Ui>, cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
     // Every answer under /api/ is JSON, a wrong method or path too.
     // Calls that take no query refuse one, as the others refuse parameters they do not take.
     let unqueried = Router::new()
@@ -84,11 +84,27 @@ pub(super) fn routes(cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
         .route("/api/flows/{name}", get(flow).fallback(method_not_allowed))
         .merge(unqueried)
         .route("/api", any(no_such_call))
-        .route("/api/{*rest}", any(no_such_call));
+        .route("/api/{*rest}", any(no_such_call))
+        .route_layer(axum::middleware::from_fn_with_state(ui, changes_authorized));
     match cors {
         Some(cors) => api.layer(cors),
         None => api,
     }
+}
+
+/// Refuses a change (a POST) without this API's token before its body is read: a request
+/// that may change nothing does not get to hold up to a body's bytes of memory.
+async fn changes_authorized(
+    axum::extract::State(ui): axum::extract::State<Arc<Ui>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.method() == axum::http::Method::POST {
+        if let Some(refused) = ui.api_refusal(request.headers()) {
+            return refused;
+        }
+    }
+    next.run(request).await
 }
 
 /// The CORS answers for `origins` (`--api-cors-origin`): none without origins; an origin

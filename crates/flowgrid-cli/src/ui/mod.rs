@@ -69,7 +69,7 @@ impl Ui {
 /// Serves the UI and its HTTP API on `args.listen` until ctrl-c; `--actions` enables the
 /// forms, `--api-token` the API's changes.
 pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<ExitCode> {
-    let UiArgs { listen, actions, api_token, api_cors_origins } = args;
+    let UiArgs { listen, actions, api_token, api_cors_origins, allowed_hosts } = args;
     let cors = api::cors(&api_cors_origins)?;
     // A client's `Authorization: Bearer` value is taken without surrounding whitespace (a
     // token read from a file often ends with a newline), so the token must have none.
@@ -89,7 +89,7 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
     let api_on = api_token.is_some();
     let live_streams = Arc::new(tokio::sync::Semaphore::new(api::LIVE_STREAMS_MAX));
     let ui = Arc::new(Ui { client, grid, token, api_token, live_streams });
-    let app = api::routes(cors)
+    let app = api::routes(Arc::clone(&ui), cors)
         .route("/", get(overview))
         .route("/deploy", get(deploy_form))
         .route("/flows", post(deploy))
@@ -113,7 +113,11 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
             HeaderValue::from_static("frame-ancestors 'none'"),
         ))
         .with_state(ui);
-    let app = if listen.ip().is_loopback() { app.layer(axum::middleware::from_fn(loopback_names_only)) } else { app };
+    let hosts = Arc::new(HostPolicy {
+        loopback: listen.ip().is_loopback(),
+        allowed: allowed_hosts.iter().map(|name| name.trim().to_ascii_lowercase()).collect(),
+    });
+    let app = app.layer(axum::middleware::from_fn_with_state(hosts, known_hosts_only));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}: pick a free address with --listen"))?;
@@ -311,6 +315,7 @@ async fn deploy_form(State(ui): State<Arc<Ui>>) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DeployForm {
     token: String,
     definition: String,
@@ -326,6 +331,7 @@ async fn deploy(State(ui): State<Arc<Ui>>, UiForm(form): UiForm<DeployForm>) -> 
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StartForm {
     token: String,
     flow: String,
@@ -364,6 +370,7 @@ async fn start(State(ui): State<Arc<Ui>>, UiForm(form): UiForm<StartForm>) -> Re
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SignalForm {
     token: String,
     step: String,
@@ -393,6 +400,7 @@ async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, UiForm(fo
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CompleteForm {
     token: String,
     /// The async task's token, as its step's progress shows it.
@@ -443,6 +451,7 @@ async fn complete(
 
 /// A form that carries the token and, optionally, why (cancel, pause, resume).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TokenForm {
     token: String,
     #[serde(default)]
@@ -571,6 +580,7 @@ async fn resume(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, UiForm(fo
 
 /// A redrive: from the steps that did not succeed, and from step `from` if one is chosen.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RedriveForm {
     token: String,
     #[serde(default)]
@@ -661,34 +671,52 @@ fn api_failure(error: &flowgrid_sdk::Error) -> Response {
     failure(status_of(error), &error.to_string())
 }
 
-/// A UI on a loopback address answers only requests addressed to a loopback name. Another
-/// site whose name was pointed at 127.0.0.1 (DNS rebinding) would otherwise be this UI's
-/// origin to the browser, and could read a page, take its form token and post the form.
-async fn loopback_names_only(request: Request, next: axum::middleware::Next) -> Response {
-    let host = request.headers().get(axum::http::header::HOST).and_then(|value| value.to_str().ok()).unwrap_or("");
-    if is_loopback_name(host) {
-        return next.run(request).await;
-    }
-    failure(
-        StatusCode::FORBIDDEN,
-        &format!(
-            "this UI listens on a loopback address and answers requests for localhost or 127.0.0.1 only, not for \
-             {host:?}: open it as http://127.0.0.1:<port>/ (to serve other names, listen on another address with \
-             --listen)"
-        ),
-    )
+/// The names a request may address the UI by (its `Host`): loopback names always, IP
+/// addresses unless the UI listens on a loopback address, and the `--allowed-host` names.
+/// A page of another name could be a site whose name was made to resolve to this host (DNS
+/// rebinding), which would then read the pages and their forms' token as the same origin.
+struct HostPolicy {
+    loopback: bool,
+    allowed: Vec<String>,
 }
 
-/// `localhost` (or a name under it), or a loopback address, with or without a port.
-fn is_loopback_name(host: &str) -> bool {
+impl HostPolicy {
+    fn allows(&self, host: &str) -> bool {
+        let name = host_name(host);
+        let ip = name.parse::<std::net::IpAddr>().ok();
+        name == "localhost"
+            || name.ends_with(".localhost")
+            || ip.is_some_and(|ip| ip.is_loopback() || !self.loopback)
+            || self.allowed.contains(&name)
+    }
+}
+
+async fn known_hosts_only(
+    axum::extract::State(policy): axum::extract::State<Arc<HostPolicy>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request.headers().get(axum::http::header::HOST).and_then(|value| value.to_str().ok()).unwrap_or("");
+    if policy.allows(host) {
+        return next.run(request).await;
+    }
+    let how = if policy.loopback {
+        "this UI listens on a loopback address and answers for localhost, 127.0.0.1 and the names of --allowed-host: \
+         open it as http://127.0.0.1:<port>/"
+    } else {
+        "this UI answers for its IP addresses, localhost and the names of --allowed-host: open it by its address, or \
+         start it with --allowed-host <name>"
+    };
+    failure(StatusCode::FORBIDDEN, &format!("{how} (this request was for {host:?})"))
+}
+
+/// The name of a `Host` header, lowercase, without its port or an IPv6 address's brackets.
+fn host_name(host: &str) -> String {
     let name = match host.rsplit_once(':') {
         Some((name, port)) if !port.is_empty() && port.bytes().all(|byte| byte.is_ascii_digit()) => name,
         _ => host,
     };
-    let name = name.strip_prefix('[').and_then(|name| name.strip_suffix(']')).unwrap_or(name).to_ascii_lowercase();
-    name == "localhost"
-        || name.ends_with(".localhost")
-        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    name.strip_prefix('[').and_then(|name| name.strip_suffix(']')).unwrap_or(name).to_ascii_lowercase()
 }
 
 fn failure(status: StatusCode, message: &str) -> Response {
@@ -697,7 +725,7 @@ fn failure(status: StatusCode, message: &str) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_loopback_name, status_of};
+    use super::{status_of, HostPolicy};
     use axum::http::StatusCode;
     use flowgrid_sdk::{ApiError, Error, ErrorCode};
 
@@ -714,6 +742,7 @@ mod tests {
 
     #[test]
     fn only_loopback_names_address_a_ui_on_a_loopback_address() {
+        let policy = HostPolicy { loopback: true, allowed: vec!["ui.example.com".to_owned()] };
         for host in [
             "127.0.0.1:8080",
             "127.0.0.1",
@@ -723,8 +752,9 @@ mod tests {
             "[::1]:8080",
             "[::1]",
             "127.1.2.3:9",
+            "UI.example.com:8480",
         ] {
-            assert!(is_loopback_name(host), "{host}");
+            assert!(policy.allows(host), "{host}");
         }
         for host in [
             "evil.example:8080",
@@ -734,8 +764,22 @@ mod tests {
             "10.0.0.1:8080",
             "[::2]:80",
             "127.0.0.1.evil:80",
+            "ui.example.com.evil:80",
         ] {
-            assert!(!is_loopback_name(host), "{host}");
+            assert!(!policy.allows(host), "{host}");
+        }
+    }
+
+    /// A UI on 0.0.0.0 answers for any IP address (a name cannot be rebound to one) and
+    /// its allowed names, never for another name.
+    #[test]
+    fn a_ui_on_every_address_answers_for_ip_addresses_and_allowed_names_only() {
+        let policy = HostPolicy { loopback: false, allowed: vec!["flowgrid.corp".to_owned()] };
+        for host in ["10.0.0.1:8480", "192.168.1.5", "[fe80::1]:8480", "localhost:8480", "flowgrid.corp"] {
+            assert!(policy.allows(host), "{host}");
+        }
+        for host in ["rebind.evil:8480", "evil.example", "", "flowgrid.corp.evil"] {
+            assert!(!policy.allows(host), "{host}");
         }
     }
 }

@@ -477,8 +477,9 @@ pub fn run(
             token.starts_with("fgt1.").then_some((step, token))
         })
         .collect();
-    // A page with a form to fill in does not reload under the user's hands.
-    let refresh = running && (actions.is_none() || (signals.is_empty() && handed_off.is_empty()));
+    // A page with forms (every running run's, with actions: its pause and cancel take a
+    // reason) does not reload under the user's hands.
+    let refresh = running && actions.is_none();
     layout(
         &format!("Run {}", view.run_id),
         refresh,
