@@ -759,6 +759,18 @@ async fn a_start_whose_input_does_not_match_the_input_schema_is_refused_and_star
     let error = client.deploy(&scheduled).await.expect_err("refused");
     assert_eq!(refusal(&error).code, ErrorCode::InvalidDefinition, "{error:?}");
     assert_eq!(refusal(&error).issues[0].path, "schedule.input", "{error:?}");
+
+    // A keyed start repeated after a version whose schema refuses its input was deployed
+    // (a submit delivered again, a trigger's message) finds its run, as any repeat does.
+    let loose = "name: loose\nsteps:\n  - { id: t, kind: transform, output: 'input' }\n";
+    deploy(&grid, &client, loose).await?;
+    let first = client.start(start("loose", json!({"n": 1}), Some("k-1"))).await.or_logs(&grid)?;
+    let strict = loose.replace("steps:", "input_schema: { type: object, required: [m] }\nsteps:");
+    deploy(&grid, &client, &strict).await?;
+    let again = client.start(start("loose", json!({"n": 1}), Some("k-1"))).await.or_logs(&grid)?;
+    assert_eq!((&again.run_id, again.created, again.version), (&first.run_id, false, 1), "{again:?}");
+    let error = client.start(start("loose", json!({"n": 1}), Some("k-2"))).await.expect_err("a new start is checked");
+    assert_eq!(refusal(&error).code, ErrorCode::InvalidRequest, "{error:?}");
     Ok(())
 }
 

@@ -129,6 +129,34 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
     Ok(())
 }
 
+/// The messages published after a trigger was deployed start their runs though its
+/// consumer came later: here the flow was paused when the trigger's version was deployed,
+/// so its consumer was made only on the resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_published_before_the_trigger_s_consumer_was_made_start_their_runs() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let orders = stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
+    jetstream.create_stream(orders).await?;
+    let untriggered = TRIGGERED.replace("trigger: { stream: ORDERS, subject: 'orders.*.created' }\n", "");
+    deploy(&grid, &client, &untriggered).await?;
+    client.pause_flow("on-order", "maintenance").await.or_logs(&grid)?;
+    deploy(&grid, &client, TRIGGERED).await?;
+    let mut expected = BTreeSet::new();
+    for order in 1..=3 {
+        expected
+            .insert((publish(&jetstream, "orders.eu.created", format!(r#"{{"order": {order}}}"#)).await?, Some(order)));
+    }
+    let consumer = format!("{}_trigger_on-order", grid.prefix);
+    let made = jetstream.get_stream("ORDERS").await?.consumer_info(&consumer).await;
+    assert!(made.is_err(), "a paused flow's trigger makes no consumer: {made:?}");
+    client.resume_flow("on-order", "done").await.or_logs(&grid)?;
+    let runs = runs_once(&grid, &client, 3, RUN_DEADLINE).await?;
+    assert_eq!(ids_and_orders(&runs), expected, "one run per message published since the deploy");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_made_again_starts_a_run_for_each_of_its_messages() -> anyhow::Result<()> {
     let grid = Grid::start(&["a"]).await?;

@@ -413,7 +413,14 @@ impl Api {
         let start_at = request.start_at_ms;
         let plan = self.router.plan(&request.flow, request.version).await?;
         if let Some(schema) = &plan.input_schema {
-            check_input(&plan, schema, &request.input)?;
+            if let Err(refusal) = check_input(&plan, schema, &request.input) {
+                // A repeat of a keyed start is answered with its run, whatever the schema
+                // of a version deployed since says of its input.
+                return match &key {
+                    Some(key) => self.existing_run(&request.flow, key).await.ok_or(refusal),
+                    None => Err(refusal),
+                };
+            }
         }
         let run_id = match &key {
             Some(key) => RunId::from_idempotency_key(&request.flow, key),
@@ -574,6 +581,13 @@ impl Api {
             ));
         }
         Ok(())
+    }
+
+    /// The run a start with idempotency key `key` made, if there is one.
+    async fn existing_run(&self, flow: &str, key: &str) -> Option<RunStarted> {
+        let run_id = RunId::from_idempotency_key(flow, key);
+        let view = self.get_run(GetRun { run_id, without_data: true }).await.ok()?;
+        Some(RunStarted { run_id: view.run_id, flow: view.flow, version: view.version, created: false })
     }
 
     async fn get_run(&self, request: GetRun) -> Result<flowgrid_engine::RunView, ApiError> {

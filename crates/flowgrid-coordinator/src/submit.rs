@@ -35,7 +35,8 @@ use crate::metrics;
 /// Submitted runs started at once: bounds memory, and leaves room for API requests.
 const SUBMITS_IN_FLIGHT_MAX: usize = 256;
 /// Delay before a refused (overloaded, unavailable) submit or trigger message is delivered
-/// again.
+/// again the first time; twice as long after each refusal in a row, up to
+/// [`FAILED_RETRY_DELAY`] ([`retry_delay`]).
 pub(crate) const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Delay before a submit or trigger message whose start failed on the grid's side (an
 /// owner that did not answer in time, a store failure) is delivered again: long enough not
@@ -245,7 +246,7 @@ async fn start_submitted(api: &Api, refusals: &Refusals, message: jetstream::Mes
         }
         Err(error) => match after_failed_start(&error) {
             AfterFailedStart::Soon => {
-                let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                let _ = message.ack_with(AckKind::Nak(Some(retry_delay(&message)))).await;
             }
             AfterFailedStart::Later => {
                 warn!(sequence, flow = %flow, error = %error, "submitted run not started yet; it is tried again in {FAILED_RETRY_DELAY:?}");
@@ -260,11 +261,21 @@ async fn start_submitted(api: &Api, refusals: &Refusals, message: jetstream::Mes
     }
 }
 
+/// How long a message refused for now waits before it is delivered again: [`RETRY_DELAY`]
+/// after its first delivery, doubling with each one, up to [`FAILED_RETRY_DELAY`]. A
+/// message refused for a while (its shard unavailable for minutes) is not tried every
+/// second, as thousands of them would be.
+pub(crate) fn retry_delay(message: &jetstream::Message) -> Duration {
+    let delivered = message.info().map_or(1, |info| info.delivered).max(1);
+    let doublings = u32::try_from(delivered - 1).unwrap_or(u32::MAX).min(16);
+    RETRY_DELAY.saturating_mul(1 << doublings).min(FAILED_RETRY_DELAY)
+}
+
 /// What becomes of a stream message (a durable submit, a trigger's message) whose run's
 /// start failed. Its start carries an idempotency key, so sending it again is safe.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum AfterFailedStart {
-    /// Refused for now (overloaded, unavailable): delivered again after [`RETRY_DELAY`].
+    /// Refused for now (overloaded, unavailable): delivered again after [`retry_delay`].
     Soon,
     /// Not a refusal of the start itself: it may have been applied (an owner that did not
     /// answer), or the coordinator failed on it. Delivered again after [`FAILED_RETRY_DELAY`].

@@ -354,8 +354,21 @@ pub async fn submit_consumer(
     subjects: &Subjects,
     limits: &BrokerLimits,
 ) -> Result<consumer::PullConsumer, BrokerError> {
-    let config = durable_pull_consumer(subjects.submit_consumer(), limits);
-    open_consumer(submit, &subjects.submit_stream(), config).await
+    // No bound on the submits out at once (the server's default is 1,000): a submit whose
+    // start keeps being refused for now (its shard unavailable) stays out between its
+    // deliveries, and a thousand of them would stop every other submit.
+    let config =
+        consumer::pull::Config { max_ack_pending: -1, ..durable_pull_consumer(subjects.submit_consumer(), limits) };
+    let consumer = open_consumer(submit, &subjects.submit_stream(), config.clone()).await?;
+    if consumer.cached_info().config.max_ack_pending == config.max_ack_pending {
+        return Ok(consumer);
+    }
+    // Made by an earlier version, with the default.
+    submit.update_consumer(config).await.map_err(|source| BrokerError::Consumer {
+        stream: subjects.submit_stream(),
+        name: subjects.submit_consumer(),
+        source: Box::new(source),
+    })
 }
 
 /// How long the members bucket keeps a record nobody rewrites: a dead coordinator stays

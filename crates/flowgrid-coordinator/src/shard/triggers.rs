@@ -32,12 +32,16 @@ use tracing::{debug, info, warn};
 
 use super::actor::ShardActor;
 use crate::metrics;
-use crate::submit::{after_failed_start, AfterFailedStart, FAILED_RETRY_DELAY, RETRY_DELAY};
+use crate::submit::{after_failed_start, retry_delay, AfterFailedStart, FAILED_RETRY_DELAY};
 
 /// Messages of one trigger being started at once.
 const STARTS_IN_FLIGHT_MAX: usize = 64;
 /// How long a message may be out before the stream delivers it again.
 const ACK_WAIT: Duration = Duration::from_secs(10);
+/// How long one start may take, under [`ACK_WAIT`] (and without the client's retries of
+/// an overloaded grid): a start still under way when the stream delivers its message again
+/// would start it twice at once, and fill the permits with copies.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before the consumer is opened again after the stream could not be read.
 const REOPEN_PAUSE: Duration = Duration::from_secs(5);
 
@@ -78,7 +82,7 @@ impl<S: ShardStore> ShardActor<S> {
             reading.map(|entry| entry.deployed_ms).min()
         });
         let consumer = TriggerConsumer {
-            client: self.context.client.clone(),
+            client: self.context.client.clone().with_request_timeout(START_TIMEOUT).with_retry_budget(Duration::ZERO),
             name: self.context.subjects.trigger_consumer(&plan.name),
             flow: plan.name.clone(),
             version: plan.version,
@@ -111,7 +115,7 @@ impl TriggerConsumer {
         let permits = Arc::new(tokio::sync::Semaphore::new(STARTS_IN_FLIGHT_MAX));
         let mut warned = false;
         while !stop.is_cancelled() {
-            match this.consume(&permits, &stop).await {
+            match this.consume(&permits, &stop, &mut warned).await {
                 Ok(()) => return,
                 Err(error) => {
                     if !warned {
@@ -131,6 +135,7 @@ impl TriggerConsumer {
         self: &Arc<Self>,
         permits: &Arc<tokio::sync::Semaphore>,
         stop: &CancellationToken,
+        warned: &mut bool,
     ) -> Result<(), String> {
         let stream =
             self.client.jetstream().get_stream(&self.trigger.stream).await.map_err(|error| error.to_string())?;
@@ -142,13 +147,26 @@ impl TriggerConsumer {
         } else {
             format!("trigger/{}/", self.trigger.stream)
         };
+        // From the first message published since the trigger was deployed: a consumer made
+        // later (the flow paused meanwhile, its creation failing a while) misses none.
+        let deliver_policy = if made_again {
+            DeliverPolicy::All
+        } else {
+            let since = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.since_ms) * 1_000_000)
+                .map_err(|error| format!("the trigger's deploy time {} is out of range: {error}", self.since_ms))?;
+            DeliverPolicy::ByStartTime { start_time: since }
+        };
         let config = pull::Config {
             durable_name: Some(self.name.clone()),
             description: Some(format!("flowgrid: starts a run of flow {} per message", self.flow)),
             filter_subject: self.trigger.subject.clone().unwrap_or_default(),
-            deliver_policy: if made_again { DeliverPolicy::All } else { DeliverPolicy::New },
+            deliver_policy,
             ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
             ack_wait: ACK_WAIT,
+            // No bound on the messages out at once (the server's default is 1,000): each
+            // start that keeps failing stays out between its deliveries, and a thousand of
+            // them would stop the trigger.
+            max_ack_pending: -1,
             ..Default::default()
         };
         // Created, or updated to the latest version's subject; one made otherwise (by hand,
@@ -168,6 +186,10 @@ impl TriggerConsumer {
             .await
             .map_err(|error| error.to_string())?;
         debug!(flow = %self.flow, consumer = %self.name, "trigger reading its stream");
+        if std::mem::take(warned) {
+            // The next failure warns again.
+            info!(flow = %self.flow, stream = %self.trigger.stream, "trigger reads its stream again");
+        }
         loop {
             let message = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -237,7 +259,7 @@ impl TriggerConsumer {
             Err(error) => match error.api().map_or(AfterFailedStart::Soon, after_failed_start) {
                 AfterFailedStart::Soon => {
                     debug!(flow = %self.flow, sequence, error = %error, "trigger start not taken yet; the message comes back");
-                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                    let _ = message.ack_with(AckKind::Nak(Some(retry_delay(&message)))).await;
                 }
                 AfterFailedStart::Later => {
                     warn!(flow = %self.flow, stream = %self.trigger.stream, sequence, error = %error, "trigger start failed on the grid's side (it may have been applied); the message comes back in {FAILED_RETRY_DELAY:?}");
