@@ -283,6 +283,12 @@ impl Journal {
         lock(&self.state).failed.clone()
     }
 
+    /// Whether the journal keeps frames of `shard` not yet in its file.
+    #[cfg(test)]
+    pub(crate) fn keeps_frames_of(&self, shard: ShardId) -> bool {
+        lock(&self.state).unchecked.contains_key(&shard)
+    }
+
     /// Makes every later append fail as a failed write would.
     #[cfg(test)]
     pub(crate) fn fail_for_test(&self, failure: &str) {

@@ -517,7 +517,11 @@ fn replay(
         layer.apply(mutations, through);
         write_layer(db, &layer)?;
     }
-    if writer != journal.writer() {
+    if writer == journal.writer() {
+        // The shard's frames of this process are in its file now: a checkpoint that failed
+        // before its close left them noted as needed, which would keep every later segment.
+        journal.checkpointed(shard, through.unwrap_or(applied));
+    } else {
         journal::note_replayed(journal.root(), writer, shard, epoch)?;
     }
     Ok(())
@@ -1292,6 +1296,23 @@ mod tests {
             "{refused}"
         );
         assert_eq!(shard.get(b"late").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_shard_closed_unchecked_and_opened_again_here_keeps_no_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(4), "before").await;
+        let (_, refusal) = commit_values(&shard, epoch, "k", 1).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+        store.shared.faults.writes.store(true, Ordering::Relaxed);
+        assert!(shard.close().is_err(), "its checkpoint fails");
+        assert!(store.shared.journal.keeps_frames_of(ShardId(4)));
+        store.shared.faults.writes.store(false, Ordering::Relaxed);
+        // Opened again here, with no commit: its frames are replayed into its file.
+        let shard = store.open_shard(ShardId(4)).await.unwrap();
+        assert_eq!(shard.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+        assert!(!store.shared.journal.keeps_frames_of(ShardId(4)), "the journal still keeps the shard's frames");
     }
 
     #[tokio::test]
