@@ -415,7 +415,7 @@ steps:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_oldest_turns_away_more_runs_than_one_commit_takes() -> anyhow::Result<()> {
     const WAITING: usize = 1_500;
-    let (grid, metrics_addr) = Grid::start_with_metrics(&["a"], 1).await?;
+    let (mut grid, metrics_addr) = Grid::start_with_metrics(&["a"], 1).await?;
     let client = grid.client().await?;
     deploy(&grid, &client, QUEUEING_FLOW).await?;
     let starts: Vec<StartRun> =
@@ -440,5 +440,10 @@ async fn cancel_oldest_turns_away_more_runs_than_one_commit_takes() -> anyhow::R
     let body = scrape_metrics(&metrics_addr).or_logs(&grid)?;
     let turned_away = metric_value(&body, "flowgrid_runs_turned_away_total{when_full=\"cancel_oldest\"}");
     assert_eq!(turned_away, Some(WAITING as f64), "{body}");
+    // The runs turned away left no place behind: reloaded, the limit holds the newest alone.
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    wait_admitted(&grid, &client, &[&newest], &[true]).await?;
+    wait_counted(&grid, &client, "lowered", "", 1).await?;
     finish(&grid, &client, &newest).await
 }

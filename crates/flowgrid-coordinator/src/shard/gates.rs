@@ -128,8 +128,9 @@ impl Gate {
 
     /// Under `cancel_oldest`, takes up to `most` of the runs [`Gate::over_max`] counts,
     /// oldest first: the holders by when they were admitted (they are marked cancelling and
-    /// keep their slots), then the queue's front (which leaves the queue).
-    fn take_oldest(&mut self, most: usize) -> Vec<RunId> {
+    /// keep their slots), then the queue's front (which leaves the queue). Each with whether
+    /// it was queued (its gate record goes with it).
+    fn take_oldest(&mut self, most: usize) -> Vec<(RunId, bool)> {
         let mut left = self.over_max().min(most);
         let mut oldest: Vec<(Millis, &RunId)> = self
             .holders
@@ -142,12 +143,12 @@ impl Gate {
             oldest.truncate(left);
         }
         oldest.sort_unstable();
-        let mut taken: Vec<RunId> = oldest.into_iter().map(|(_, run_id)| run_id.clone()).collect();
-        for run_id in &taken {
+        let mut taken: Vec<(RunId, bool)> = oldest.into_iter().map(|(_, run_id)| (run_id.clone(), false)).collect();
+        for (run_id, _) in &taken {
             self.holders.get_mut(run_id).expect("a holder just found").cancelling = true;
         }
         left -= taken.len();
-        taken.extend(std::iter::from_fn(|| self.queue.pop_front().map(|(run_id, _)| run_id)).take(left));
+        taken.extend(std::iter::from_fn(|| self.queue.pop_front().map(|(run_id, _)| (run_id, true))).take(left));
         taken
     }
 }
@@ -355,7 +356,11 @@ impl<S: ShardStore> ShardActor<S> {
             Some(newest) => format!("run {newest} took its place under {limit} (`when_full: cancel_oldest`)"),
             None => format!("newer runs took its place under {limit} (`when_full: cancel_oldest`)"),
         };
-        for run_id in cancelled {
+        for (run_id, queued) in cancelled {
+            if queued {
+                // It leaves the queue now; a holder's record goes with its release.
+                batch.writes.clear(keys::gate(&id.0, &id.1, &run_id));
+            }
             self.turn_away(run_id, reason.clone(), WhenFull::CancelOldest, batch);
         }
     }
@@ -653,11 +658,12 @@ mod tests {
             gate.queue.push(run(n), 0);
         }
         assert_eq!(gate.over_max(), 6);
-        assert_eq!(gate.take_oldest(3), vec![run(1), run(3), run(2)], "by admission, then by id");
+        let ids = |taken: Vec<(RunId, bool)>| taken.into_iter().map(|(run_id, _)| run_id).collect::<Vec<_>>();
+        assert_eq!(ids(gate.take_oldest(3)), vec![run(1), run(3), run(2)], "by admission, then by id");
         assert_eq!(gate.over_max(), 3, "those being cancelled do not count");
-        assert_eq!(gate.take_oldest(2), vec![run(0), run(4)]);
+        assert_eq!(gate.take_oldest(2), vec![(run(0), false), (run(4), true)], "a holder, then a queued run");
         assert!(gate.holders.values().all(|holder| holder.cancelling), "holders keep their slots");
-        assert_eq!(gate.take_oldest(5), vec![run(5)]);
+        assert_eq!(ids(gate.take_oldest(5)), vec![run(5)]);
         assert_eq!((gate.over_max(), gate.take_oldest(5)), (0, vec![]));
         let left: Vec<_> = std::iter::from_fn(|| gate.queue.pop_front()).collect();
         assert_eq!(left, vec![(run(6), 0), (run(7), 0)], "the newest stay queued");
