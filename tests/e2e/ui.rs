@@ -389,5 +389,8 @@ async fn the_ui_answers_known_names_only_and_refuses_changes_before_their_body()
         "POST /api/runs HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 6000000\r\n\r\n"
     );
     assert_eq!(raw_status(&addr, &start)?, 403, "{}", grid.logs());
+    // A path that is no call is that, token or not.
+    let nothing = format!("POST /api/nosuch HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(raw_status(&addr, &nothing)?, 404, "{}", grid.logs());
     Ok(())
 }

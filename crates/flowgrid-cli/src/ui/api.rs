@@ -83,9 +83,10 @@ pub(super) fn routes(ui: Arc<Ui>, cors: Option<CorsLayer>) -> Router<Arc<Ui>> {
         .route("/api/flows", get(flows).fallback(method_not_allowed))
         .route("/api/flows/{name}", get(flow).fallback(method_not_allowed))
         .merge(unqueried)
+        // Before the calls that are none: a POST to a path that is no call is a 404.
+        .route_layer(axum::middleware::from_fn_with_state(ui, changes_authorized))
         .route("/api", any(no_such_call))
-        .route("/api/{*rest}", any(no_such_call))
-        .route_layer(axum::middleware::from_fn_with_state(ui, changes_authorized));
+        .route("/api/{*rest}", any(no_such_call));
     match cors {
         Some(cors) => api.layer(cors),
         None => api,
@@ -526,7 +527,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     }
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(super) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     let body = json!({"error": {"code": code, "message": message}}).to_string();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

@@ -113,10 +113,7 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
             HeaderValue::from_static("frame-ancestors 'none'"),
         ))
         .with_state(ui);
-    let hosts = Arc::new(HostPolicy {
-        loopback: listen.ip().is_loopback(),
-        allowed: allowed_hosts.iter().map(|name| name.trim().to_ascii_lowercase()).collect(),
-    });
+    let hosts = Arc::new(HostPolicy::new(listen, &allowed_hosts)?);
     let app = app.layer(axum::middleware::from_fn_with_state(hosts, known_hosts_only));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -681,9 +678,33 @@ struct HostPolicy {
 }
 
 impl HostPolicy {
+    /// The policy for a UI on `listen` that also answers for `allowed` (names as
+    /// `--allowed-host` gives them); refused when one is not a bare host name.
+    fn new(listen: std::net::SocketAddr, allowed: &[String]) -> anyhow::Result<HostPolicy> {
+        let mut names = Vec::new();
+        for given in allowed {
+            let name = host_name(given.trim());
+            if name.is_empty() || name.contains([':', '/', '@']) {
+                anyhow::bail!(
+                    "--allowed-host {given:?} is not a host name: give the name alone, as in `--allowed-host \
+                     flowgrid.example.com` (no scheme, port or path)"
+                );
+            }
+            names.push(name);
+        }
+        Ok(HostPolicy { loopback: listen.ip().is_loopback(), allowed: names })
+    }
+
     fn allows(&self, host: &str) -> bool {
+        // A request without a `Host` (HTTP/1.0: a load balancer's health check) does not
+        // come from a browser, so it cannot be a page of another site.
+        if host.is_empty() {
+            return true;
+        }
         let name = host_name(host);
-        let ip = name.parse::<std::net::IpAddr>().ok();
+        // An IPv6 address's zone (`fe80::1%eth0`, `%25` in a URL) is no part of the address.
+        let address = name.split_once('%').map_or(name.as_str(), |(address, _)| address);
+        let ip = address.parse::<std::net::IpAddr>().ok();
         name == "localhost"
             || name.ends_with(".localhost")
             || ip.is_some_and(|ip| ip.is_loopback() || !self.loopback)
@@ -707,16 +728,23 @@ async fn known_hosts_only(
         "this UI answers for its IP addresses, localhost and the names of --allowed-host: open it by its address, or \
          start it with --allowed-host <name>"
     };
-    failure(StatusCode::FORBIDDEN, &format!("{how} (this request was for {host:?})"))
+    let message = format!("{how} (this request was for {host:?})");
+    // Under /api/ every answer is JSON, a refusal too.
+    if request.uri().path().starts_with("/api") {
+        return api::error(StatusCode::FORBIDDEN, "forbidden", &message);
+    }
+    failure(StatusCode::FORBIDDEN, &message)
 }
 
-/// The name of a `Host` header, lowercase, without its port or an IPv6 address's brackets.
+/// The name of a `Host` header, lowercase, without its port, an IPv6 address's brackets
+/// or a fully qualified name's last dot.
 fn host_name(host: &str) -> String {
     let name = match host.rsplit_once(':') {
         Some((name, port)) if !port.is_empty() && port.bytes().all(|byte| byte.is_ascii_digit()) => name,
         _ => host,
     };
-    name.strip_prefix('[').and_then(|name| name.strip_suffix(']')).unwrap_or(name).to_ascii_lowercase()
+    let name = name.strip_prefix('[').and_then(|name| name.strip_suffix(']')).unwrap_or(name);
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 fn failure(status: StatusCode, message: &str) -> Response {
@@ -742,7 +770,8 @@ mod tests {
 
     #[test]
     fn only_loopback_names_address_a_ui_on_a_loopback_address() {
-        let policy = HostPolicy { loopback: true, allowed: vec!["ui.example.com".to_owned()] };
+        let listen: std::net::SocketAddr = "127.0.0.1:8480".parse().unwrap();
+        let policy = HostPolicy::new(listen, &[" UI.example.com ".to_owned()]).unwrap();
         for host in [
             "127.0.0.1:8080",
             "127.0.0.1",
@@ -753,13 +782,16 @@ mod tests {
             "[::1]",
             "127.1.2.3:9",
             "UI.example.com:8480",
+            "ui.example.com.",
+            "localhost.:8480",
+            // No `Host` (a health check over HTTP/1.0): no browser's page.
+            "",
         ] {
             assert!(policy.allows(host), "{host}");
         }
         for host in [
             "evil.example:8080",
             "evil.example",
-            "",
             "localhost.evil.example",
             "10.0.0.1:8080",
             "[::2]:80",
@@ -774,12 +806,28 @@ mod tests {
     /// its allowed names, never for another name.
     #[test]
     fn a_ui_on_every_address_answers_for_ip_addresses_and_allowed_names_only() {
-        let policy = HostPolicy { loopback: false, allowed: vec!["flowgrid.corp".to_owned()] };
-        for host in ["10.0.0.1:8480", "192.168.1.5", "[fe80::1]:8480", "localhost:8480", "flowgrid.corp"] {
+        let listen: std::net::SocketAddr = "0.0.0.0:8480".parse().unwrap();
+        let policy = HostPolicy::new(listen, &["flowgrid.corp".to_owned()]).unwrap();
+        for host in [
+            "10.0.0.1:8480",
+            "192.168.1.5",
+            "[fe80::1]:8480",
+            "[fe80::1%25eth0]:8480",
+            "localhost:8480",
+            "flowgrid.corp",
+        ] {
             assert!(policy.allows(host), "{host}");
         }
-        for host in ["rebind.evil:8480", "evil.example", "", "flowgrid.corp.evil"] {
+        for host in ["rebind.evil:8480", "evil.example", "flowgrid.corp.evil"] {
             assert!(!policy.allows(host), "{host}");
+        }
+        // A name given with a port is taken without it; one with a scheme or a path would
+        // never match: refused at the start.
+        let with_port = HostPolicy::new(listen, &["Flowgrid.corp:8480".to_owned()]).unwrap();
+        assert!(with_port.allows("flowgrid.corp:8480"));
+        for given in ["http://flowgrid.corp", "flowgrid.corp/ui", ""] {
+            let refused = HostPolicy::new(listen, &[given.to_owned()]).err().map(|error| error.to_string());
+            assert!(refused.is_some_and(|why| why.contains("--allowed-host")), "{given}");
         }
     }
 }
