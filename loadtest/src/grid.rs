@@ -210,8 +210,6 @@ impl Grid {
         }
     }
 
-    /// An error naming each coordinator started here that has exited, with its log's end:
-    /// a measurement with one gone measured a smaller grid than it says.
     /// The coordinators' RSS now, in MB; an error when one of them exited, or when it
     /// cannot be read (a grid the harness did not start, without `--coordinator-pid`).
     pub fn coordinator_rss_mb_now(&mut self) -> Result<f64> {
@@ -220,6 +218,8 @@ impl Grid {
             .ok_or_else(|| anyhow::anyhow!("the coordinators' RSS cannot be read (/proc/<pid>/status of each)"))
     }
 
+    /// An error naming each coordinator started here that has exited, with its log's end:
+    /// a measurement with one gone measured a smaller grid than it says.
     pub fn check_coordinators(&mut self) -> Result<()> {
         let exited: Vec<String> = self
             .coordinators

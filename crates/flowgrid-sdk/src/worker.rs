@@ -47,8 +47,8 @@ use report::{report, Settle};
 
 /// Default tasks held at once by one worker.
 pub const DEFAULT_CONCURRENCY: usize = 16;
-/// How long a shutdown waits for in-flight tasks before abandoning them (JetStream then
-/// delivers them again after its ack wait).
+/// How long a shutdown waits for in-flight tasks before abandoning them (handed back at
+/// once, so JetStream delivers them to another worker).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How long one pull request waits at the server for messages; an idle worker sends one
 /// pull per period, and looks for new priority lanes of its pool between two.
@@ -376,7 +376,8 @@ impl Worker {
     }
 
     /// Pulls and runs tasks until `shutdown` is cancelled, then stops pulling, waits for
-    /// the tasks in flight (up to the shutdown grace) and returns. Fails only if the
+    /// the tasks in flight (up to the shutdown grace; those whose handler still runs are
+    /// then handed back), flushes what is left to send, and returns. Fails only if the
     /// tasks stream or the pool's consumer cannot be opened at start.
     pub async fn run<H: TaskHandler>(self, handler: H, shutdown: CancellationToken) -> Result<()> {
         let jetstream = jetstream::new(self.nats.clone());
@@ -583,7 +584,7 @@ impl Worker {
                 pool = %self.pool,
                 abandoned = in_flight.len(),
                 grace_ms = self.shutdown_grace.as_millis() as u64,
-                "tasks still running after the shutdown grace; they are handed back to be delivered again"
+                "tasks still running after the shutdown grace; those whose handler still runs are handed back to be delivered again"
             );
             shared.abandon.cancel();
             drained = tokio::time::timeout(STOP_STEP_WAIT, join_all(&mut in_flight)).await.is_ok();
@@ -833,7 +834,8 @@ async fn work(shared: &Shared, task_message: TaskMessage, turn: Option<tokio::ti
         () = shared.abandon.cancelled() => {
             // The handler is aborted with `run_handler`; its own threads learn it from the token.
             cancellation.cancel();
-            return Settle::Nak;
+            // A detached task's result comes with its token, from elsewhere: not run again.
+            return if detached.load(Ordering::Relaxed) { Settle::Ack } else { Settle::Nak };
         }
     };
     let Some(outcome) = ran else {
