@@ -417,7 +417,7 @@ impl Api {
                 // A repeat of a keyed start is answered with its run, whatever the schema
                 // of a version deployed since says of its input.
                 return match &key {
-                    Some(key) => self.existing_run(&request.flow, key).await.ok_or(refusal),
+                    Some(key) => self.existing_run(&request.flow, key).await?.ok_or(refusal),
                     None => Err(refusal),
                 };
             }
@@ -583,11 +583,17 @@ impl Api {
         Ok(())
     }
 
-    /// The run a start with idempotency key `key` made, if there is one.
-    async fn existing_run(&self, flow: &str, key: &str) -> Option<RunStarted> {
+    /// The run a start with idempotency key `key` made, if there is one; an error when
+    /// that cannot be told now (its shard unavailable: the caller tries again).
+    async fn existing_run(&self, flow: &str, key: &str) -> Result<Option<RunStarted>, ApiError> {
         let run_id = RunId::from_idempotency_key(flow, key);
-        let view = self.get_run(GetRun { run_id, without_data: true }).await.ok()?;
-        Some(RunStarted { run_id: view.run_id, flow: view.flow, version: view.version, created: false })
+        match self.get_run(GetRun { run_id, without_data: true }).await {
+            Ok(view) => {
+                Ok(Some(RunStarted { run_id: view.run_id, flow: view.flow, version: view.version, created: false }))
+            }
+            Err(error) if error.code == ErrorCode::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     async fn get_run(&self, request: GetRun) -> Result<flowgrid_engine::RunView, ApiError> {

@@ -189,11 +189,11 @@ impl<S: ShardStore> ShardActor<S> {
                 _ = sleep => {}
             }
             if std::mem::take(&mut self.timers_first) {
-                self.fire_due_timers(now_ms(), &mut batch);
+                self.fire_due_timers(now_ms(), &mut batch, true);
             }
             self.fill_batch(&mut inbox, &mut results, &mut batch).await;
             let now = now_ms();
-            self.fire_due_timers(now, &mut batch);
+            self.fire_due_timers(now, &mut batch, false);
             self.admit_due_gates(now, &mut batch);
             self.start_due_schedules(now);
             self.prune_if_due(now, &mut batch).await;
@@ -417,15 +417,18 @@ impl<S: ShardStore> ShardActor<S> {
     /// ends a run writes its snapshot: a thousand of them due at once (overdue after a
     /// takeover) did not fit one commit, whose failure reloaded the shard to fire the same
     /// timers again, for good. A batch already over its bytes (its last event a large run's
-    /// end) takes none: the next turn fires them before it takes more events, so that
-    /// timers go on under any load.
-    fn fire_due_timers(&mut self, now: Millis, batch: &mut Batch) {
+    /// end) takes none: the next turn fires the first one before it takes more events
+    /// (`only_first`: that one alone, so that a backlog of timers does not keep requests
+    /// and results out of the turns), so that timers go on under any load.
+    fn fire_due_timers(&mut self, now: Millis, batch: &mut Batch, only_first: bool) {
         let bytes_max = self.batch_bytes_max();
         let mut first = batch.writes.bytes() < bytes_max;
         if !first && self.timers.next_due().is_some_and(|due_ms| due_ms <= now) {
             self.timers_first = true;
         }
-        while first || (batch.commands < self.context.batch_events_max && batch.writes.bytes() < bytes_max) {
+        while first
+            || (!only_first && batch.commands < self.context.batch_events_max && batch.writes.bytes() < bytes_max)
+        {
             let Some((run_id, timer)) = self.timers.pop_due(now) else { break };
             first = false;
             ::metrics::counter!(metrics::TIMERS_FIRED).increment(1);

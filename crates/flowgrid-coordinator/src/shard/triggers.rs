@@ -169,14 +169,21 @@ impl TriggerConsumer {
             max_ack_pending: -1,
             ..Default::default()
         };
-        // Created, or updated to the latest version's subject; one made otherwise (by hand,
-        // with another deliver policy) is used as it is.
-        let consumer: PullConsumer = match stream.create_consumer(config).await {
+        // Created, or updated to the latest version's subject and bounds. One made before
+        // (by an earlier release, or by hand) keeps its deliver policy, which NATS does not
+        // let change: it keeps its place in the stream.
+        let consumer: PullConsumer = match stream.create_consumer(config.clone()).await {
             Ok(consumer) => consumer,
             Err(error) => {
-                let existing = stream.get_consumer(&self.name).await.map_err(|_| error.to_string())?;
-                debug!(flow = %self.flow, consumer = %self.name, error = %error, "trigger uses its consumer as it is");
-                existing
+                let existing: PullConsumer = stream.get_consumer(&self.name).await.map_err(|_| error.to_string())?;
+                let kept = pull::Config { deliver_policy: existing.cached_info().config.deliver_policy, ..config };
+                match stream.update_consumer(kept).await {
+                    Ok(updated) => updated,
+                    Err(error) => {
+                        warn!(flow = %self.flow, consumer = %self.name, error = %error, "trigger cannot update its consumer; it reads with the consumer as it is (its subject may be an earlier version's)");
+                        existing
+                    }
+                }
             }
         };
         let mut messages = consumer
