@@ -237,7 +237,8 @@ mod tests {
 
     use super::*;
 
-    /// A history longer than a page is replayed whole, page after page, in order.
+    /// A history longer than a page (in records, and in bytes: some records are chunked) is
+    /// read whole, each record once and in order, and replayed.
     #[tokio::test]
     async fn a_history_of_several_pages_is_replayed_whole_and_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -265,17 +266,31 @@ mod tests {
         batch.insert_chunked(&keys::history(&run_id, 0), &records::encode(&start), &limits);
         let reports = 2 * REPLAY_PAGE_RECORDS as u64 + 500;
         let attempt = AttemptId { run_id: run_id.clone(), step: "a".into(), item: None, attempt: 1 };
+        // Every 40th record 150 KB (chunked), 9 MB in all: a page ends by its bytes too.
+        let large = "p".repeat(150 * 1024);
         for seq in 1..=reports {
-            let event = Event::TaskProgress { attempt: attempt.clone(), details: json!(seq) };
+            let details = if seq % 40 == 0 { json!({ "seq": seq, "pad": large }) } else { json!({ "seq": seq }) };
+            let event = Event::TaskProgress { attempt: attempt.clone(), details };
             let record = EventRecord { now_ms: 1 + seq, event, epoch: epoch.0 };
             batch.insert_chunked(&keys::history(&run_id, seq), &records::encode(&record), &limits);
+            if seq % 500 == 0 {
+                // Commits of a few MB each: one would be over a transaction.
+                file.commit(epoch, std::mem::take(&mut batch)).await.unwrap();
+            }
         }
         file.commit(epoch, batch).await.unwrap();
 
+        let (_, mut events) = read_history(&file, &run_id).await.unwrap();
+        let mut seqs = Vec::new();
+        while let Some((key, _)) = events.next().await.unwrap() {
+            seqs.push(keys::decode_history(&key).unwrap().1);
+        }
+        assert_eq!(seqs, (1..=reports).collect::<Vec<_>>(), "each record once, in order");
         let (start, events) = read_history(&file, &run_id).await.unwrap();
         let rebuilt = rebuild(&run_id, start, events, plan, &evaluator).await.unwrap();
         assert_eq!(rebuilt.next_seq, reports + 1);
         let view = rebuilt.run.view();
-        assert_eq!(view.steps[0].progress, Some(json!(reports)), "the last report, read last");
+        let last = view.steps[0].progress.as_ref().map(|progress| progress["seq"].clone());
+        assert_eq!(last, Some(json!(reports)), "the last report, read last");
     }
 }
