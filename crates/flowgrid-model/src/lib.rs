@@ -27,7 +27,7 @@ pub use plan::{
     FlowLoop, FlowPlan, PlanCache, PlanConcurrency, PlanOnFailure, PlanStep, PlanStepKind, StepIndex, SubflowSpec,
     WaitFor,
 };
-pub use validate::{check_new, is_name, parse_definition, validate};
+pub use validate::{check_new, is_name, parse_definition, validate, with_deploy_defaults};
 
 /// For `#[serde(skip_serializing_if = "flowgrid_model::is_zero")]`: a count that is 0
 /// (the default) is left out of the encoded record or message.

@@ -149,7 +149,7 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
     let parsed =
         parse_definition(&text, &limits).map_err(|error| anyhow::anyhow!("{}: {error}", definition.display()))?;
     let plan = Arc::new(
-        FlowPlan::compile(parsed, 1, &evaluator, &limits)
+        FlowPlan::compile(flowgrid_model::with_deploy_defaults(parsed), 1, &evaluator, &limits)
             .map_err(|error| anyhow::anyhow!("{}: {error}", definition.display()))?,
     );
     let mut all_passed = true;

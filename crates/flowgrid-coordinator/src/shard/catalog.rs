@@ -102,6 +102,8 @@ pub(super) struct CatalogEntry {
 
 impl<S: ShardStore> ShardActor<S> {
     pub(super) fn deploy(&mut self, definition: FlowDefinition, batch: &mut Batch) -> Result<FlowDeployed, ApiError> {
+        // Stored with the defaults it runs with, and compared so with the latest version.
+        let definition = flowgrid_model::with_deploy_defaults(definition);
         let name = definition.name.clone();
         let versions = self.catalog.get(&name);
         if let Some(latest) = versions.and_then(|versions| versions.last()) {

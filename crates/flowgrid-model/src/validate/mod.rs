@@ -29,7 +29,7 @@ use crate::definition::{
 use crate::error::{DefinitionError, Issue, Result};
 
 use crate::expr::Evaluator;
-use crate::limits::{Limits, CHILDREN_GOING_MAX, CHILDREN_GOING_RUN_MAX, MAP_ITEMS_GOING_MAX};
+use crate::limits::{Limits, CHILDREN_GOING_MAX, MAP_ITEMS_GOING_MAX};
 use crate::plan::{
     CatchRule, Edge, EdgeWhen, FlowItems, FlowLoop, FlowPlan, PlanCache, PlanStep, PlanStepKind, StepIndex,
     SubflowSpec, TaskSpec, WaitFor, PRIORITY_DEFAULT, TASK_TIMEOUT_MS_DEFAULT,
@@ -147,7 +147,6 @@ pub(crate) fn compile(
             outgoing: outgoing_edges(position, step, &definition.steps, &index),
         });
     }
-    clamp_children_going(&mut steps);
     let output = expressions.take(expressions::FLOW_OUTPUT_PATH);
     let trigger_input = expressions.take(expressions::TRIGGER_INPUT_PATH);
     let concurrency_key = expressions.take(expressions::CONCURRENCY_KEY_PATH);
@@ -155,27 +154,21 @@ pub(crate) fn compile(
     Ok(FlowPlan::assemble(definition, version, steps, output, trigger_input, concurrency_key, on_failure_input))
 }
 
-/// A version deployed before [`CHILDREN_GOING_RUN_MAX`] (`check_new` refuses more) whose
-/// subflow steps may have more children going: each step with `items` gets its share.
-fn clamp_children_going(steps: &mut [PlanStep]) {
-    let mut singles = 0;
-    let mut going = Vec::new();
-    for step in steps.iter_mut() {
-        match &mut step.kind {
-            PlanStepKind::Subflow(SubflowSpec { items: Some(items), .. }) => going.push(&mut items.max_concurrency),
-            PlanStepKind::Subflow(_) => singles += 1,
-            _ => {}
+/// What a map step without `max_concurrency` had in flight at most before deploys gave it
+/// [`MAP_ITEMS_GOING_MAX`] ([`with_deploy_defaults`]): all of its items, up to the limit.
+const MAP_ITEMS_DEFAULT_BEFORE_BOUND: u32 = 100_000;
+
+/// `definition` as a deploy stores it: every map step with the `max_concurrency` it gets by
+/// default ([`MAP_ITEMS_GOING_MAX`]) written in. A stored version keeps what it runs with,
+/// whatever later releases default to: a run replayed from its history after an upgrade
+/// dispatches what it dispatched before.
+pub fn with_deploy_defaults(mut definition: FlowDefinition) -> FlowDefinition {
+    for step in &mut definition.steps {
+        if let Step::Map(map) = step {
+            map.max_concurrency.get_or_insert(MAP_ITEMS_GOING_MAX);
         }
     }
-    let total: u64 = going.iter().map(|max_concurrency| u64::from(**max_concurrency)).sum();
-    let room = u64::from(CHILDREN_GOING_RUN_MAX).saturating_sub(singles);
-    if total + singles <= u64::from(CHILDREN_GOING_RUN_MAX) {
-        return;
-    }
-    for max_concurrency in going {
-        let share = u64::from(*max_concurrency) * room / total;
-        *max_concurrency = u32::try_from(share).unwrap_or(u32::MAX).max(1);
-    }
+    definition
 }
 
 /// All checks; on success, the compiled expressions keyed by their path.
@@ -247,8 +240,9 @@ fn plan_kind(
                 cache: map.cache.as_ref().map(|cache| PlanCache { key: take("cache.key"), ttl_ms: cache.ttl_ms }),
                 catch: catch_rules(&map.catch, index),
             },
-            // Clamped for a version deployed before the bound (`check_new` refuses more).
-            max_concurrency: map.max_concurrency.unwrap_or(MAP_ITEMS_GOING_MAX).min(MAP_ITEMS_GOING_MAX),
+            // A deploy gives every map step its bound ([`with_deploy_defaults`]): a version
+            // deployed before keeps what it had, so that its runs replay as they ran.
+            max_concurrency: map.max_concurrency.unwrap_or(MAP_ITEMS_DEFAULT_BEFORE_BOUND),
             tolerated_failures: map.tolerated_failures,
         },
         Step::Choice(choice) => PlanStepKind::Choice {

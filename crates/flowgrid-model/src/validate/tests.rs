@@ -214,7 +214,7 @@ fn plan_applies_defaults_and_keeps_settings() {
         panic!("thumb is a map");
     };
     assert_eq!(&*items.step_refs, ["fetch".to_owned()]);
-    assert_eq!((*max_concurrency, *tolerated_failures), (MAP_ITEMS_GOING_MAX, 0));
+    assert_eq!((*max_concurrency, *tolerated_failures), (100_000, 0), "as a version deployed before the bound");
     assert!(spec.input.is_some() && spec.output.is_some());
     let PlanStepKind::Choice { rules, default } = &plan.step(1).kind else { panic!("route is a choice") };
     assert_eq!((rules.len(), rules[0].1, *default), (1, 2, Some(4)));
@@ -946,14 +946,16 @@ fn a_map_step_has_at_most_ten_thousand_items_in_flight() {
     let issues = new_issues_of(&flow(", max_concurrency: 10001"));
     assert_issue(&issues, "steps[0](each).max_concurrency", "over the 10000 items a map step may have in flight");
     assert!(check_new(&parse(&flow(", max_concurrency: 10000"))).is_ok());
-    // The default, and a version deployed before the bound, go 10,000 at a time.
-    for (going, expected) in
-        [("", MAP_ITEMS_GOING_MAX), (", max_concurrency: 50000", MAP_ITEMS_GOING_MAX), (", max_concurrency: 8", 8)]
-    {
-        let plan = FlowPlan::compile(parse(&flow(going)), 1, &evaluator(), &limits()).expect("valid");
-        let PlanStepKind::Map { max_concurrency, .. } = &plan.step(0).kind else { panic!("a map step") };
-        assert_eq!(*max_concurrency, expected, "{going:?}");
-    }
+    // A deploy writes the default in; a version deployed before keeps what it ran with.
+    let compiled = |definition| {
+        let plan = FlowPlan::compile(definition, 1, &evaluator(), &limits()).expect("valid");
+        let PlanStepKind::Map { max_concurrency, .. } = plan.step(0).kind else { panic!("a map step") };
+        max_concurrency
+    };
+    assert_eq!(compiled(with_deploy_defaults(parse(&flow("")))), MAP_ITEMS_GOING_MAX);
+    assert_eq!(compiled(with_deploy_defaults(parse(&flow(", max_concurrency: 8")))), 8);
+    assert_eq!(compiled(parse(&flow(""))), 100_000, "deployed before: all its items");
+    assert_eq!(compiled(parse(&flow(", max_concurrency: 50000"))), 50_000, "deployed before: as it said");
 }
 
 #[test]
@@ -970,7 +972,7 @@ fn a_run_has_at_most_five_thousand_children_going_over_its_subflow_steps() {
     assert_issue(&issues, "steps", "over the 5000 a run may have");
     assert!(check_new(&parse(&flow(5, ", max_concurrency: 999"))).is_ok());
     assert!(check_new(&parse(&flow(4, ""))).is_ok());
-    // A version deployed before the bound: each step with items gets its share.
+    // A version deployed before the bound runs as it did: no share is taken from its steps.
     let plan = FlowPlan::compile(parse(&flow(6, "")), 1, &evaluator(), &limits()).expect("valid");
     let going: Vec<u32> = (0..6)
         .map(|index| match &plan.step(index).kind {
@@ -978,5 +980,5 @@ fn a_run_has_at_most_five_thousand_children_going_over_its_subflow_steps() {
             other => panic!("a subflow step with items: {other:?}"),
         })
         .collect();
-    assert_eq!(going, vec![833; 6], "4,999 left by the single child, shared");
+    assert_eq!(going, vec![1_000; 6]);
 }
