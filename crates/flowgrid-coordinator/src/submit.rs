@@ -266,8 +266,12 @@ async fn start_submitted(api: &Api, refusals: &Refusals, message: jetstream::Mes
 /// message refused for a while (its shard unavailable for minutes) is not tried every
 /// second, as thousands of them would be.
 pub(crate) fn retry_delay(message: &jetstream::Message) -> Duration {
-    let delivered = message.info().map_or(1, |info| info.delivered).max(1);
-    let doublings = u32::try_from(delivered - 1).unwrap_or(u32::MAX).min(16);
+    retry_delay_after(message.info().map_or(1, |info| info.delivered))
+}
+
+/// [`retry_delay`] of a message delivered `delivered` times.
+fn retry_delay_after(delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.max(1) - 1).unwrap_or(u32::MAX).min(16);
     RETRY_DELAY.saturating_mul(1 << doublings).min(FAILED_RETRY_DELAY)
 }
 
@@ -314,6 +318,12 @@ async fn refuse(refusals: &Refusals, message: &jetstream::Message, flow: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_refused_again_and_again_comes_back_less_and_less_often() {
+        let delays: Vec<u64> = [0, 1, 2, 3, 5, 6, 100, i64::MAX].map(|n| retry_delay_after(n).as_secs()).to_vec();
+        assert_eq!(delays, vec![1, 1, 2, 4, 16, 30, 30, 30]);
+    }
 
     #[test]
     fn default_keys_are_the_grids_own_and_differ_between_streams_of_one_name() {

@@ -76,8 +76,8 @@ pub(super) struct ShardActor<S: ShardStore> {
     pub next_prune_ms: Option<Millis>,
     /// Where in the runs listing the next retention pass goes on; `None`: from its start.
     pub prune_from: Option<flowgrid_store::Key>,
-    /// Timers were due but the last batch was full: the next turn fires them before it
-    /// takes more events.
+    /// Timers were due but the last batch was over its bytes: the next turn fires one
+    /// before it takes more events.
     pub timers_first: bool,
     pub metrics: ShardMetrics,
     /// The actor's own inbox, for tasks it spawned (weak: it does not keep the actor alive).
