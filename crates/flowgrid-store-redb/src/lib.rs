@@ -77,7 +77,7 @@ mod overlay;
 mod reader;
 
 use journal::{Journal, Position};
-use overlay::{CheckpointFailure, Layer, Lookup, Overlay};
+use overlay::{CheckpointFailure, Layer, Lookup, Overlay, RangeView};
 use reader::Reader;
 
 /// The one table of shard data in a shard file.
@@ -742,6 +742,43 @@ impl ShardCore {
         Ok(wrote)
     }
 
+    /// What a scan of `range` merges, as of one moment: the overlay's part, and a read
+    /// transaction of the file begun while the overlay could not change. Otherwise a
+    /// checkpoint finishing in between would put a commit in the file that the overlay's
+    /// copy does not have, and the scan could return a state that never was (a record that
+    /// commit cleared next to one it set).
+    fn scan_snapshot(&self, range: &KeyRange) -> Result<(RangeView, redb::ReadTransaction)> {
+        self.check_not_lost()?;
+        let overlay = lock(&self.overlay);
+        let read = self.with_db(|db| db.begin_read().map_err(backend))?;
+        Ok((overlay.view(range), read))
+    }
+
+    /// Up to `limit` pairs of `range`: the file as `read` sees it, with `view` over it.
+    fn scan_merge(
+        &self,
+        view: RangeView,
+        read: &redb::ReadTransaction,
+        range: &KeyRange,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Key, Value)>> {
+        // Through `with_db`, so that a failure that latched the file is noted.
+        self.with_db(|_| {
+            let table = read.open_table(KV).map_err(backend)?;
+            let entries = table.range(range.begin.as_slice()..range.end.as_slice()).map_err(backend)?;
+            let pairs = entries.map(|entry| {
+                let (key, value): Entry<'_> = entry.map_err(backend)?;
+                Ok((key.value().to_vec(), value.value().to_vec()))
+            });
+            if reverse {
+                view.merge(pairs.rev(), limit, true)
+            } else {
+                view.merge(pairs, limit, false)
+            }
+        })
+    }
+
     /// Runs `work` on the open file. A failure that latched the file is noted, so that the
     /// checkpointer opens it again.
     fn with_db<T>(&self, work: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
@@ -996,24 +1033,8 @@ impl ShardStore for RedbShard {
         if range.is_empty() || limit == 0 {
             return Ok(Vec::new());
         }
-        self.core().check_not_lost()?;
-        let view = lock(&self.core().overlay).view(&range);
-        self.run_blocking(move |core| {
-            core.with_db(|db| {
-                let table = db.begin_read().map_err(backend)?.open_table(KV).map_err(backend)?;
-                let entries = table.range(range.begin.as_slice()..range.end.as_slice()).map_err(backend)?;
-                let pairs = entries.map(|entry| {
-                    let (key, value): Entry<'_> = entry.map_err(backend)?;
-                    Ok((key.value().to_vec(), value.value().to_vec()))
-                });
-                if reverse {
-                    view.merge(pairs.rev(), limit, true)
-                } else {
-                    view.merge(pairs, limit, false)
-                }
-            })
-        })
-        .await
+        let (view, read) = self.core().scan_snapshot(&range)?;
+        self.run_blocking(move |core| core.scan_merge(view, &read, &range, limit, reverse)).await
     }
 
     async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> Result<()> {
@@ -1296,6 +1317,31 @@ mod tests {
             "{refused}"
         );
         assert_eq!(shard.get(b"late").await.unwrap(), None);
+    }
+
+    /// A scan's overlay and file are of one moment: a commit checkpointed after the scan
+    /// began is in neither. The commit moves a token from one key to another; merging the
+    /// overlay of before it with the file of after it gave both.
+    #[tokio::test]
+    async fn a_scan_sees_the_overlay_and_the_file_of_one_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let shard = store.open_shard(ShardId(6)).await.unwrap();
+        let epoch = shard.acquire().await.unwrap();
+        let mut first = WriteBatch::new();
+        first.set(b"slot/0".to_vec(), b"token".to_vec());
+        shard.commit(epoch, first).await.unwrap();
+        let range = KeyRange { begin: b"slot/".to_vec(), end: b"slot0".to_vec() };
+        let (view, read) = shard.core().scan_snapshot(&range).unwrap();
+        let mut moved = WriteBatch::new();
+        moved.clear(b"slot/0".to_vec());
+        moved.set(b"slot/1".to_vec(), b"token".to_vec());
+        shard.commit(epoch, moved).await.unwrap();
+        shard.core().checkpoint(true).unwrap();
+        let tokens = shard.core().scan_merge(view, &read, &range, 10, false).unwrap();
+        assert_eq!(tokens, vec![(b"slot/0".to_vec(), b"token".to_vec())], "as before the move");
+        let now = shard.scan(range, 10, false).await.unwrap();
+        assert_eq!(now, vec![(b"slot/1".to_vec(), b"token".to_vec())], "after it");
     }
 
     #[tokio::test]
