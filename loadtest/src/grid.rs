@@ -214,8 +214,12 @@ impl Grid {
     /// cannot be read (a grid the harness did not start, without `--coordinator-pid`).
     pub fn coordinator_rss_mb_now(&mut self) -> Result<f64> {
         self.check_coordinators()?;
-        self.coordinator_rss_mb()
-            .ok_or_else(|| anyhow::anyhow!("the coordinators' RSS cannot be read (/proc/<pid>/status of each)"))
+        self.coordinator_rss_mb().ok_or_else(|| {
+            anyhow::anyhow!(
+                "the coordinators' RSS cannot be read (/proc/<pid>/status of each): let the harness start the \
+                     grid, or pass --coordinator-pid"
+            )
+        })
     }
 
     /// An error naming each coordinator started here that has exited, with its log's end:

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -27,9 +27,8 @@ pub const TARGET_BYTES_PER_RUN: u64 = 2_048;
 pub async fn memory(args: MemoryArgs) -> Result<()> {
     anyhow::ensure!(args.runs >= 1 && args.concurrency >= 1, "--runs and --concurrency must be at least 1");
     let mut grid = Grid::open(&args.grid, &[]).await?;
-    if grid.coordinator_rss_mb().is_none() {
-        bail!("the coordinator's RSS is unknown: let the harness start the grid, or pass --coordinator-pid");
-    }
+    // Its figure is the coordinators' memory: refused at once when it cannot be read.
+    grid.coordinator_rss_mb_now()?;
     let plan = Plan::idle();
     let client = grid.client().await?.with_retry_budget(Duration::ZERO);
     grid.deploy(&client, &plan.definition).await?;

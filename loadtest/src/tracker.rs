@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
+use flowgrid_model::limits::MAP_ITEMS_MAX;
 use flowgrid_model::{AttemptId, RunId};
 
 use crate::flows::chain_position;
@@ -91,7 +92,7 @@ impl RunTrack {
         let (word, bit) = match (attempt.item, chain_position(&attempt.step)) {
             // No workload has more items than a map may have: a larger index is no task of
             // the harness's, counted each time rather than grown into.
-            (Some(item), _) if item < MAP_ITEMS_MAX => {
+            (Some(item), _) if (item as usize) < MAP_ITEMS_MAX => {
                 let word = item as usize / 64;
                 if self.acked_items.len() <= word {
                     self.acked_items.resize(word + 1, 0);
@@ -107,9 +108,6 @@ impl RunTrack {
         first
     }
 }
-
-/// The most items a map step may have: the largest item index a run's bitset takes.
-const MAP_ITEMS_MAX: u32 = 100_000;
 
 /// Latency histograms, in microseconds.
 #[derive(Clone)]

@@ -27,6 +27,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use flowgrid_sdk::backoff::Backoff;
 use flowgrid_sdk::broker::{self, BrokerLimits};
 
 use crate::api::{encoding_of, msgpack_request_bytes, Api};
@@ -271,8 +272,7 @@ pub(crate) fn retry_delay(message: &jetstream::Message) -> Duration {
 
 /// [`retry_delay`] of a message delivered `delivered` times.
 fn retry_delay_after(delivered: i64) -> Duration {
-    let doublings = u32::try_from(delivered.max(1) - 1).unwrap_or(u32::MAX).min(16);
-    RETRY_DELAY.saturating_mul(1 << doublings).min(FAILED_RETRY_DELAY)
+    Backoff::after(RETRY_DELAY, FAILED_RETRY_DELAY, u64::try_from(delivered).unwrap_or(0))
 }
 
 /// What becomes of a stream message (a durable submit, a trigger's message) whose run's

@@ -33,7 +33,7 @@ impl Default for Limits {
             definition_bytes_max: 1024 * 1024,
             steps_max: 1_000,
             nesting_depth_max: 32,
-            map_items_max: 100_000,
+            map_items_max: MAP_ITEMS_MAX,
             payload_bytes_max: 1024 * 1024,
             expression_operations_max: 100_000,
             expression_text_bytes_max: 64 * 1024 * 1024,
@@ -58,6 +58,9 @@ pub fn json_bytes(value: &serde_json::Value) -> usize {
     let mut counter = Counter(0);
     serde_json::to_writer(&mut counter, value).map_or(usize::MAX, |()| counter.0)
 }
+
+/// Items one `map` step fans out over by default ([`Limits::map_items_max`]).
+pub const MAP_ITEMS_MAX: usize = 100_000;
 
 /// How deep sub-flows may nest: a run started by a `subflow` step of a run started by a
 /// `subflow` step ... A flow that calls itself without end is stopped here.

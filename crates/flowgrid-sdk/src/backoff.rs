@@ -26,6 +26,15 @@ impl Backoff {
         delay
     }
 
+    /// The delay before try `tries + 1` of a schedule that starts at `initial` and doubles
+    /// up to `max`: `initial` after the first try (and after none), `max` from far enough
+    /// on. For callers that count their tries elsewhere (a message's deliveries).
+    pub fn after(initial: Duration, max: Duration, tries: u64) -> Duration {
+        // Past 31 doublings any delay is at `max`; the shift stays within a u32.
+        let doublings = tries.saturating_sub(1).min(31) as u32;
+        initial.saturating_mul(1 << doublings).min(max)
+    }
+
     /// The next delay, cut to what is left of a budget; `None` once the budget is spent.
     pub fn next_delay_within(&mut self, remaining: Duration) -> Option<Duration> {
         if remaining.is_zero() {

@@ -132,6 +132,10 @@ impl Gate {
     /// it was queued (its gate record goes with it).
     fn take_oldest(&mut self, most: usize) -> Vec<(RunId, bool)> {
         let mut left = self.over_max().min(most);
+        if left == 0 {
+            // Every acquire of every limit asks: most have nothing to turn away.
+            return Vec::new();
+        }
         let mut oldest: Vec<(Millis, &RunId)> = self
             .holders
             .iter()

@@ -180,7 +180,7 @@ impl TriggerConsumer {
                 match stream.update_consumer(kept).await {
                     Ok(updated) => updated,
                     Err(error) => {
-                        warn!(flow = %self.flow, consumer = %self.name, error = %error, "trigger cannot update its consumer; it reads with the consumer as it is (its subject may be an earlier version's)");
+                        warn!(flow = %self.flow, consumer = %self.name, error = %error, "trigger cannot update its consumer; it reads with the consumer as it is (its subject may be an earlier version's): delete the consumer (`nats consumer rm <stream> <consumer>`) to have it made afresh");
                         existing
                     }
                 }

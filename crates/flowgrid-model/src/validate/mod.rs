@@ -137,7 +137,7 @@ pub(crate) fn compile(
     let graph = Graph::new(&definition.steps);
     let mut steps = Vec::with_capacity(definition.steps.len());
     for (position, step) in definition.steps.iter().enumerate() {
-        let kind = plan_kind(position, step, &index, &mut expressions);
+        let kind = plan_kind(position, step, &index, &mut expressions, limits);
         let when = expressions.take(&format!("{}.when", step_path(position, step.id())));
         steps.push(PlanStep {
             id: step.id().to_owned(),
@@ -154,10 +154,6 @@ pub(crate) fn compile(
     Ok(FlowPlan::assemble(definition, version, steps, output, trigger_input, concurrency_key, on_failure_input))
 }
 
-/// What a map step without `max_concurrency` had in flight at most before deploys gave it
-/// [`MAP_ITEMS_GOING_MAX`] ([`with_deploy_defaults`]): all of its items, up to the limit.
-const MAP_ITEMS_DEFAULT_BEFORE_BOUND: u32 = 100_000;
-
 /// `definition` as a deploy stores it: every map step with the `max_concurrency` it gets by
 /// default ([`MAP_ITEMS_GOING_MAX`]) written in. A stored version keeps what it runs with,
 /// whatever later releases default to: a run replayed from its history after an upgrade
@@ -169,6 +165,10 @@ pub fn with_deploy_defaults(mut definition: FlowDefinition) -> FlowDefinition {
         }
     }
     definition
+}
+
+fn items_max(limits: &Limits) -> u32 {
+    u32::try_from(limits.map_items_max).unwrap_or(u32::MAX)
 }
 
 /// All checks; on success, the compiled expressions keyed by their path.
@@ -209,6 +209,7 @@ fn plan_kind(
     step: &Step,
     index: &HashMap<&str, StepIndex>,
     expressions: &mut ExpressionTable,
+    limits: &Limits,
 ) -> PlanStepKind {
     let path = step_path(position, step.id());
     let mut take = |field: &str| expressions.take(&format!("{path}.{field}"));
@@ -240,9 +241,10 @@ fn plan_kind(
                 cache: map.cache.as_ref().map(|cache| PlanCache { key: take("cache.key"), ttl_ms: cache.ttl_ms }),
                 catch: catch_rules(&map.catch, index),
             },
-            // A deploy gives every map step its bound ([`with_deploy_defaults`]): a version
-            // deployed before keeps what it had, so that its runs replay as they ran.
-            max_concurrency: map.max_concurrency.unwrap_or(MAP_ITEMS_DEFAULT_BEFORE_BOUND),
+            // A deploy gives every map step its bound ([`with_deploy_defaults`]). A version
+            // deployed before without one keeps what it had, all of its items up to the
+            // limit, so that its runs replay as they ran.
+            max_concurrency: map.max_concurrency.unwrap_or_else(|| items_max(limits)),
             tolerated_failures: map.tolerated_failures,
         },
         Step::Choice(choice) => PlanStepKind::Choice {

@@ -19,6 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::backoff::Backoff;
 use crate::broker::{self, BrokerLimits};
 use flowgrid_proto::{Subjects, PRIORITY_DEFAULT};
 
@@ -180,7 +181,7 @@ impl Lanes {
             Err(error) => {
                 let failures = &mut self.failures[usize::from(priority)];
                 *failures = failures.saturating_add(1);
-                let delay = bind_retry_after(*failures);
+                let delay = Backoff::after(BIND_RETRY_FIRST, BIND_RETRY, u64::from(*failures));
                 warn!(
                     pool = %pool,
                     priority,
@@ -193,11 +194,6 @@ impl Lanes {
             }
         }
     }
-}
-
-/// How long after its `failures`th failure in a row a lane's binding is tried again.
-fn bind_retry_after(failures: u32) -> Duration {
-    BIND_RETRY_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(BIND_RETRY)
 }
 
 /// The priorities of the lanes coordinators announced since the worker last looked: a bit
@@ -300,8 +296,9 @@ mod tests {
     /// a second, then less and less often, up to [`BIND_RETRY`] (one the worker may not open).
     #[test]
     fn a_lane_that_did_not_bind_is_tried_again_soon_then_less_often() {
+        let bind_retry_after = |failures: u64| Backoff::after(BIND_RETRY_FIRST, BIND_RETRY, failures);
         let delays: Vec<u64> = (1..=8).map(|failures| bind_retry_after(failures).as_secs()).collect();
         assert_eq!(delays, vec![1, 2, 4, 8, 16, 30, 30, 30]);
-        assert_eq!(bind_retry_after(u32::MAX), BIND_RETRY);
+        assert_eq!(bind_retry_after(u64::from(u32::MAX)), BIND_RETRY);
     }
 }
