@@ -149,8 +149,13 @@ pub(crate) async fn start_ui(grid: &mut Grid, more: &[&str]) -> anyhow::Result<S
 
 /// The value of the form token in a page of a UI started with `--actions`.
 fn token_of(page: &str) -> String {
-    let marker = r#"name="token" value=""#;
-    let start = page.find(marker).unwrap_or_else(|| panic!("no form token in {page}")) + marker.len();
+    field_of(page, "token")
+}
+
+/// The value of the first form field named `name` in `page`.
+fn field_of(page: &str, name: &str) -> String {
+    let marker = format!(r#"name="{name}" value=""#);
+    let start = page.find(&marker).unwrap_or_else(|| panic!("no form field {name} in {page}")) + marker.len();
     page[start..].chars().take_while(|character| *character != '"').collect()
 }
 
@@ -275,11 +280,15 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     client.cancel(&large_run, "not needed").await?;
     client.cancel(&delayed, "not needed").await?;
 
-    let (_, location, _) = http_post_form(
-        &addr,
-        "/runs",
-        &form(&[("token", &token), ("flow", "ui-flow"), ("input", r#"{"fast": true}"#)]),
-    )?;
+    // The flow page's form carries a key of its own: the same form sent twice starts one run.
+    let (_, flow_page) = http_get(&addr, "/flows/ui-flow")?;
+    let key = field_of(&flow_page, "key");
+    let start = form(&[("token", &token), ("flow", "ui-flow"), ("input", r#"{"fast": true}"#), ("key", &key)]);
+    let (_, location, _) = http_post_form(&addr, "/runs", &start)?;
+    let (_, again, _) = http_post_form(&addr, "/runs", &start)?;
+    assert_eq!(again, location, "the form sent again leads to the same run");
+    let (_, next_page) = http_get(&addr, "/flows/ui-flow")?;
+    assert_ne!(field_of(&next_page, "key"), key, "each view of the page starts a run of its own");
     let run_path = location.expect("the new run's page");
     let run_id = flowgrid_sdk::RunId(run_path.trim_start_matches("/runs/").into());
     // A running run's page pauses it (with the reason given), then resumes it.

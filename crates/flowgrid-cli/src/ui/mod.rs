@@ -340,6 +340,10 @@ struct StartForm {
     /// A start time as `run start --at` takes it; empty: now.
     #[serde(default)]
     at: String,
+    /// The idempotency key the form was rendered with: the same form sent twice (a double
+    /// click, a reload that posts again) starts one run. Empty: every post starts one.
+    #[serde(default)]
+    key: String,
 }
 
 async fn start(State(ui): State<Arc<Ui>>, UiForm(form): UiForm<StartForm>) -> Response {
@@ -362,7 +366,8 @@ async fn start(State(ui): State<Arc<Ui>>, UiForm(form): UiForm<StartForm>) -> Re
             Err(message) => return failure(StatusCode::BAD_REQUEST, &format!("start at: {message}")),
         },
     };
-    let start = StartRun { flow: form.flow, version: None, input, idempotency_key: None, labels, start_at_ms };
+    let idempotency_key = Some(form.key).filter(|key| !key.is_empty());
+    let start = StartRun { flow: form.flow, version: None, input, idempotency_key, labels, start_at_ms };
     after_action(ui.client.start(start).await, |started| format!("/runs/{}", started.run_id))
 }
 

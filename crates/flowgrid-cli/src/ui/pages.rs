@@ -258,6 +258,8 @@ pub fn flow(
                 form.action method="post" action="/runs" {
                     input type="hidden" name="token" value=(token);
                     input type="hidden" name="flow" value=(info.name);
+                    // A key per page view: the same form posted twice starts one run.
+                    input type="hidden" name="key" value=(format!("ui-{}", uuid::Uuid::new_v4()));
                     label { "Input (JSON) " textarea name="input" rows="3" placeholder="{}" {} }
                     label { "Labels " input type="text" name="labels" placeholder="customer=acme, source=web"; }
                     label { "Start at " input type="text" name="at" placeholder="now, or 2026-12-24T09:00:00Z, 2h"; }
