@@ -533,8 +533,8 @@ fn write_layer(db: &Database, layer: &Layer) -> Result<()> {
     let txn = begin_durable(db)?;
     {
         let mut table = txn.open_table(KV).map_err(backend)?;
-        for range in &layer.cleared {
-            apply(&mut table, Mutation::ClearRange(range.clone()))?;
+        for range in layer.cleared() {
+            apply(&mut table, Mutation::ClearRange(range))?;
         }
         for (key, value) in layer.latest_by_key() {
             match value {
