@@ -131,6 +131,29 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
     Ok(())
 }
 
+/// A run's history is read for a redrive beside its shard's actor, so redrives of one run
+/// can pass each other there: the run is taken up once, the others are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrives_of_one_run_at_once_take_it_up_once() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SHAKY_FLOW).await?;
+    let run_id = failed_run(&grid, &client).await?;
+    let redrives = (0..6).map(|n| client.redrive(&run_id, format!("redrive {n}")));
+    let outcomes = futures::future::join_all(redrives).await;
+    let taken = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+    assert_eq!(taken, 1, "{outcomes:?}");
+    for error in outcomes.into_iter().filter_map(Result::err) {
+        let code = refusal(&error).code;
+        assert!(matches!(code, ErrorCode::Conflict | ErrorCode::Unavailable), "{error:?}");
+    }
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    assert_eq!(view.redriven.map(|redriven| redriven.times), Some(1), "{view:?}");
+    assert_eq!(step(&view, "convert").attempts, 2, "the failed step ran again once: {view:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_survives_a_coordinator_crash() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;

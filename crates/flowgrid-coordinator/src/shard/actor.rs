@@ -354,8 +354,9 @@ impl<S: ShardStore> ShardActor<S> {
                 let outcome = self.cancel_run(run_id, reason, batch).await;
                 batch.reply(reply, outcome);
             }
-            Command::Redrive { request, reply } => {
-                let outcome = self.redrive_run(request, batch).await;
+            Command::Redrive { request, reply } => self.redrive_run(request, reply, batch).await,
+            Command::RedriveReplayed { request, replayed, reply } => {
+                let outcome = self.take_replayed(request, *replayed.0, batch).await;
                 batch.reply(reply, outcome);
             }
             Command::Pause { request, pause, reply } => {

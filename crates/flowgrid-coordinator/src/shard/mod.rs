@@ -86,6 +86,10 @@ pub struct StartCommand {
     pub start_at: Option<flowgrid_model::Millis>,
 }
 
+/// A redrive's run rebuilt from its history, or why it could not be: for its shard's actor
+/// alone.
+pub struct Replayed(Box<Result<actor::ActiveRun, ApiError>>);
+
 pub enum Command {
     Start {
         start: StartCommand,
@@ -98,6 +102,12 @@ pub enum Command {
     },
     Redrive {
         request: RedriveRun,
+        reply: Responder<RunRedriven>,
+    },
+    /// A redrive's run, rebuilt from its history beside the actor, to be taken up.
+    RedriveReplayed {
+        request: RedriveRun,
+        replayed: Replayed,
         reply: Responder<RunRedriven>,
     },
     /// Pause (`pause`) or resume the run.

@@ -16,7 +16,7 @@ use super::runs::attempt_opened;
 use super::schedules::CATCH_UP_MS;
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::records::{self, CatalogRecord, EventRecord, StartRecord};
+use crate::records::{self, CatalogRecord, EventRecord, RunRecord, StartRecord};
 
 /// What a reloaded shard sends again once it serves: each is harmless if it was sent
 /// before.
@@ -196,6 +196,27 @@ pub(super) async fn read_history<'a, S: ShardStore>(
 
 /// The run as its history leaves it: `start`, then `events` through the engine, under
 /// `plan` (the version the run started with).
+/// Rebuilds an ended run from its history, checked against its run `record`.
+pub(super) async fn rebuild_ended<S: ShardStore>(
+    store: &S,
+    run_id: &RunId,
+    record: &RunRecord,
+    plan: Arc<FlowPlan>,
+    evaluator: &Evaluator,
+) -> Result<ActiveRun> {
+    let (start, events) = read_history(store, run_id).await?;
+    if start.flow != record.flow || start.version != record.version {
+        return Err(Error::Corrupt {
+            what: format!("run {run_id}"),
+            message: format!(
+                "its history starts version {} of flow {}, its record says version {} of flow {}",
+                start.version, start.flow, record.version, record.flow
+            ),
+        });
+    }
+    rebuild(run_id, start, events, plan, evaluator).await
+}
+
 pub(super) async fn rebuild<S: ShardStore>(
     run_id: &RunId,
     start: StartRecord<'_>,

@@ -4,7 +4,6 @@
 //! effects the engine asked for are queued on the batch and carried out after the commit.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +25,7 @@ use tracing::{debug, warn};
 use super::actor::{ActiveRun, ShardActor};
 use super::batch::{Answer, Batch, Dispatch, RefusedResult, ResultReply};
 use super::history::PAGE_RECORDS_MAX;
-use super::{RunsPage, StartCommand};
+use super::{Command, Replayed, Responder, RunsPage, StartCommand};
 use crate::clock::now_ms;
 use crate::error::cut;
 use crate::metrics::{self, ShardMetrics, TaskMetrics};
@@ -397,40 +396,57 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(RunCancelled { run_id, status, applied: false })
     }
 
-    /// Redrives a run that ended (from the steps named in the request, if any): rebuilds it
-    /// from its history, applies the redrive and keeps it in memory again. Its run record,
-    /// listing entry and snapshot go in the same commit (an active run has none, ADR 0009)
-    /// and come back when it ends again.
-    pub(super) async fn redrive_run(
+    /// Redrives a run that ended (from the steps named in the request, if any): checks that
+    /// it may be, then rebuilds it from its history beside the actor (a long history does
+    /// not hold the shard's other runs while it is read) and takes the rebuilt run back with
+    /// [`Command::RedriveReplayed`](super::Command::RedriveReplayed). The answer comes from there.
+    pub(super) async fn redrive_run(&mut self, request: RedriveRun, reply: Responder<RunRedriven>, batch: &mut Batch) {
+        let record = match self.redrivable(&request).await {
+            Ok(record) => record,
+            Err(refusal) => return batch.reply(reply, Err(refusal)),
+        };
+        let run_id = request.run_id.clone();
+        let plan = match self.pinned_plan(&record.flow, record.version).await {
+            Ok(plan) => plan,
+            Err(error) => return batch.reply(reply, Err(history_unreadable(&run_id, &error))),
+        };
+        let (store, evaluator, inbox) =
+            (Arc::clone(&self.store), Arc::clone(self.context.plans.evaluator()), self.inbox.clone());
+        tokio::spawn(async move {
+            let replayed = super::reload::rebuild_ended(&*store, &run_id, &record, plan, &evaluator)
+                .await
+                .map_err(|error| history_unreadable(&run_id, &error));
+            // A stopped actor drops the reply: its caller is told to retry.
+            if let Some(inbox) = inbox.upgrade() {
+                let _ = inbox
+                    .send(Command::RedriveReplayed { request, replayed: Replayed(Box::new(replayed)), reply })
+                    .await;
+            }
+        });
+    }
+
+    /// Applies a redrive whose run was rebuilt from its history: the run's record and
+    /// its outbox are checked again (the run may have been redriven, or its history
+    /// deleted, meanwhile), then the run is kept in memory again. Its run record, listing
+    /// entry and snapshot go in the same commit (an active run has none, ADR 0009) and come
+    /// back when it ends again.
+    pub(super) async fn take_replayed(
         &mut self,
         request: RedriveRun,
+        replayed: Result<ActiveRun, ApiError>,
         batch: &mut Batch,
     ) -> Result<RunRedriven, ApiError> {
+        let record = self.redrivable(&request).await?;
+        let active = replayed?;
         let RedriveRun { run_id, reason, from } = request;
-        if let Some(active) = self.runs.get(&run_id) {
-            return Err(match active.run.redrive_refused(&from) {
-                Some(refused) => redrive_refusal(&run_id, &refused),
-                // Ended in a batch not committed yet.
-                None => ApiError::new(ErrorCode::Unavailable, format!("run {run_id} is ending right now; retry")),
-            });
-        }
-        let record = self.ended_run(&run_id).await?;
-        if record.status == RunStatus::Succeeded && from.is_empty() {
-            return Err(redrive_refusal(&run_id, &RedriveRefused::Succeeded));
-        }
-        if self.store.get(&keys::outbox(&run_id, records::OUTBOX_RUN_ENDED)).await.map_err(read_failure)?.is_some() {
+        // Another redrive that went and ended while this one read wrote history past it.
+        let next_record = keys::history(&run_id, active.next_seq);
+        if self.store.get_chunked(&next_record).await.map_err(read_failure)?.is_some() {
             return Err(ApiError::new(
                 ErrorCode::Unavailable,
-                format!(
-                    "the end of run {run_id} is not announced on the run-ends stream yet (is the stream \
-                     available?); redrive it once it is"
-                ),
+                format!("run {run_id} was redriven again while its history was read for this redrive; retry"),
             ));
         }
-        self.check_room()?;
-        let active = self.replay(&run_id, &mut HashMap::new()).await.map_err(|error| {
-            ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
-        })?;
         if let Some(refused) = active.run.redrive_refused(&from) {
             return Err(redrive_refusal(&run_id, &refused));
         }
@@ -451,6 +467,33 @@ impl<S: ShardStore> ShardActor<S> {
         }
         let times = run.redriven().map_or(0, |redriven| redriven.times);
         Ok(RunRedriven { run_id, status: run.status(), times })
+    }
+
+    /// The record of an ended run that a redrive may take up; what stops it otherwise.
+    async fn redrivable(&self, request: &RedriveRun) -> Result<RunRecord, ApiError> {
+        let RedriveRun { run_id, from, .. } = request;
+        if let Some(active) = self.runs.get(run_id) {
+            return Err(match active.run.redrive_refused(from) {
+                Some(refused) => redrive_refusal(run_id, &refused),
+                // Ended in a batch not committed yet.
+                None => ApiError::new(ErrorCode::Unavailable, format!("run {run_id} is ending right now; retry")),
+            });
+        }
+        let record = self.ended_run(run_id).await?;
+        if record.status == RunStatus::Succeeded && from.is_empty() {
+            return Err(redrive_refusal(run_id, &RedriveRefused::Succeeded));
+        }
+        if self.store.get(&keys::outbox(run_id, records::OUTBOX_RUN_ENDED)).await.map_err(read_failure)?.is_some() {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the end of run {run_id} is not announced on the run-ends stream yet (is the stream \
+                     available?); redrive it once it is"
+                ),
+            ));
+        }
+        self.check_room()?;
+        Ok(record)
     }
 
     /// Pauses a running run (`pause`) or resumes a paused one. A repeat, or a run that
@@ -570,22 +613,9 @@ impl<S: ShardStore> ShardActor<S> {
         let store = Arc::clone(&self.store);
         let evaluator = Arc::clone(self.context.plans.evaluator());
         Ok(Answer::AfterRead(Box::pin(async move {
-            let rebuilt = async {
-                let (start, events) = super::reload::read_history(&*store, &run_id).await?;
-                if start.flow != record.flow || start.version != record.version {
-                    return Err(crate::error::Error::Corrupt {
-                        what: format!("run {run_id}"),
-                        message: format!(
-                            "its history starts version {} of flow {}, its record says version {} of flow {}",
-                            start.version, start.flow, record.version, record.flow
-                        ),
-                    });
-                }
-                super::reload::rebuild(&run_id, start, events, plan, &evaluator).await
-            };
-            let rebuilt = rebuilt.await.map_err(|error| {
-                ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
-            })?;
+            let rebuilt = super::reload::rebuild_ended(&*store, &run_id, &record, plan, &evaluator)
+                .await
+                .map_err(|error| history_unreadable(&run_id, &error))?;
             Ok(rebuilt.run.view())
         })))
     }
@@ -673,6 +703,11 @@ impl<S: ShardStore> ShardActor<S> {
             None => Ok(None),
         }
     }
+}
+
+/// The refusal of a read or redrive whose run could not be rebuilt from its history.
+fn history_unreadable(run_id: &RunId, error: &crate::error::Error) -> ApiError {
+    ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
 }
 
 /// A run's final snapshot may take at most this share of a commit's bytes: the commit
