@@ -273,15 +273,33 @@ async fn a_diff_shows_what_a_deploy_would_change_and_how_two_versions_differ() -
         .output()?
         .status;
     assert_eq!(status.code(), Some(2), "a comparison that cannot be made is not a difference");
+    let unreachable = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", "nats://127.0.0.1:1", "flow", "diff", "diffed", file])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert_eq!(unreachable.status.code(), Some(2), "nor is a grid out of reach: {stderr}");
 
     // Several files deploy together, in order; one with a problem keeps every one from deploying.
     let third = dir.path().join("third.yaml");
     std::fs::write(&third, first.replace("diffed", "third"))?;
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "name: bad\nsteps:\n  - { id: a, kind: transform, outptu: '1' }\n")?;
-    let (ok, stdout, stderr) = grid.cli(&["flow", "deploy", third.to_str().unwrap(), bad.to_str().unwrap()])?;
-    assert!(!ok && stderr.contains("nothing deployed"), "{stdout}{stderr}");
+    let together = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "flow", "deploy"])
+        .args([&third, &bad])
+        .output()?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&together.stdout), String::from_utf8_lossy(&together.stderr));
+    assert!(stderr.contains("nothing deployed"), "{stdout}{stderr}");
+    assert_eq!(together.status.code(), Some(2), "an invalid definition, as when deployed alone: {stderr}");
     assert!(stdout.contains("steps[0](a).outptu: unknown field"), "{stdout}");
+    // `flow test` passes no definition a deploy refuses.
+    let too_long = dir.path().join("too-long.yaml");
+    let definition = "name: too-long\nsteps:\n  - { id: a, kind: task, pool: p, task: t, timeout_ms: 40000000000 }\n";
+    std::fs::write(&too_long, definition)?;
+    let case = dir.path().join("too-long.case.yaml");
+    std::fs::write(&case, "tasks: { a: { output: 1 } }\n")?;
+    let (ok, stdout, stderr) = grid.cli(&["flow", "test", too_long.to_str().unwrap(), case.to_str().unwrap()])?;
+    assert!(!ok && stderr.contains("timeout_ms") && !stdout.contains("passed"), "{stdout}{stderr}");
     let (ok, _, stderr) = grid.cli(&["flow", "get", "third"])?;
     assert!(!ok && stderr.contains("no flow named"), "{stderr}");
     // So is one whose trigger reads a stream that does not exist, which only NATS can tell.

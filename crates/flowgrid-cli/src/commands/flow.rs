@@ -166,12 +166,15 @@ async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow
         let mut flows: HashMap<&str, &str> = HashMap::new();
         let mut texts = Vec::with_capacity(files.len());
         for (file, checked) in &checks {
+            // Exit 2, as for one file the grid refuses: a definition is invalid.
             let Ok((text, name, _)) = checked else {
                 print_checks(&checks, session)?;
-                anyhow::bail!("nothing deployed: fix the files with problems (above) and deploy them all again");
+                eprintln!("error: nothing deployed: fix the files with problems (above) and deploy them all again");
+                return Ok(ExitCode::from(crate::failure::EXIT_INVALID));
             };
             if let Some(other) = flows.insert(name, file) {
-                anyhow::bail!("nothing deployed: {other} and {file} both define flow {name}; deploy one of them");
+                eprintln!("error: nothing deployed: {other} and {file} both define flow {name}; deploy one of them");
+                return Ok(ExitCode::from(crate::failure::EXIT_INVALID));
             }
             missing_trigger_stream(client, file, text).await?;
             texts.push(text.clone());

@@ -35,7 +35,18 @@ pub(crate) async fn dispatch(command: Command, session: &Session) -> anyhow::Res
         Command::HttpWorker(args) => serve::http_worker(args, session).await,
         Command::Flow(FlowCommand::Check { files }) => flow::check(&files, session),
         Command::Flow(FlowCommand::Test { definition, cases }) => simulate::test(&definition, &cases, session),
-        Command::Flow(command) => flow::dispatch(command, &connect(session).await?, session).await,
+        Command::Flow(command) => {
+            let diff = matches!(command, FlowCommand::Diff { .. });
+            match connect(session).await {
+                Ok(client) => flow::dispatch(command, &client, session).await,
+                // As diff(1): 1 says they differ, so a grid out of reach exits 2.
+                Err(error) if diff => {
+                    crate::failure::report(&error, session);
+                    Ok(ExitCode::from(crate::failure::EXIT_INVALID))
+                }
+                Err(error) => Err(error),
+            }
+        }
         Command::Run(command) => run::dispatch(command, &connect(session).await?, session).await,
         Command::Schemas(args) => schemas::schemas(&args),
         Command::Members => grid::members(session).await,
