@@ -12,8 +12,8 @@
 #                    COORDINATORS coordinators sharing .grid/data (metrics on METRICS_PORT,
 #                    METRICS_PORT+1, ...), demo workers for WORKER_POOLS, the web UI on
 #                    http://127.0.0.1:UI_PORT/; waits until every shard is served
-#   make scale       bring the running grid to COORDINATORS coordinators: start the missing ones,
-#                    or stop the highest-numbered ones one at a time (graceful leave); no rebuild
+#   make scale       bring the running grid to COORDINATORS coordinators (required): start the missing
+#                    ones, or stop the highest-numbered ones one at a time (graceful leave); no rebuild
 #   make down        stop what `make up` and `make scale` started (safe to run twice)
 #   make status      processes of the local grid, members, shards, backlog and deployed flows
 #   make schemas     regenerate the JSON Schemas in schemas/ from the Rust types
@@ -36,7 +36,7 @@
 #
 # Variables (override on the command line, e.g. `make up NATS_PORT=4333`):
 #   CARGO=cargo NATS_PORT=4222 METRICS_PORT=9464 UI_PORT=8480 SHARDS=64 WORKER_POOLS=gpu-llm,cpu-media,tests
-#   COORDINATORS=1 (make up, make scale)  DURATION=120 (make chaos, seconds; or 10m)
+#   COORDINATORS=1 (make up; make scale needs it given)  DURATION=120 (make chaos, seconds; or 10m)
 #   CHAOS_ARGS="--seed 7 --coordinators 5" (more flags of `flowgrid-loadtest chaos`)
 #   TARGET_DIR=$CARGO_TARGET_DIR or target  LOADTEST_ARGS="run --workload single --duration 30s"
 #   PROFILE_ARGS="run --workload chain --duration 20s --no-floor --profile-duration 10s"
@@ -114,9 +114,11 @@ test: setup
 up: tools build
 	./deploy/grid.sh up
 
-# Uses the binary the grid runs (no rebuild): one grid, one version.
+# Uses the binary the grid runs (no rebuild): one grid, one version. The script refuses
+# COORDINATORS left at the default above (origin `file`): a bare `make scale` would stop
+# all coordinators but one.
 scale:
-	./deploy/grid.sh scale
+	COORDINATORS_ORIGIN='$(origin COORDINATORS)' ./deploy/grid.sh scale
 
 down:
 	./deploy/grid.sh down

@@ -10,9 +10,10 @@
 # runs the copy of $FLOWGRID_BIN that `up` takes (.grid/bin/flowgrid), `scale` included.
 #
 # usage: deploy/grid.sh up|scale|down|status|clean
-# env:   COORDINATORS (1) NATS_PORT (4222) METRICS_PORT (9464) UI_PORT (8480) SHARDS (64)
-#        WORKER_POOLS (gpu-llm,cpu-media,tests) FLOWGRID_BIN (target/debug/flowgrid) GRID_DIR (.grid)
-#        UP_TIMEOUT_SECONDS (60) LEAVE_TIMEOUT_SECONDS (30: a coordinator's graceful leave)
+# env:   COORDINATORS (1; `scale` needs it given) NATS_PORT (4222) METRICS_PORT (9464) UI_PORT (8480)
+#        SHARDS (64) WORKER_POOLS (gpu-llm,cpu-media,tests) FLOWGRID_BIN (target/debug/flowgrid)
+#        GRID_DIR (.grid) UP_TIMEOUT_SECONDS (60) LEAVE_TIMEOUT_SECONDS (30: a coordinator's graceful leave)
+#        COORDINATORS_ORIGIN (make passes $(origin COORDINATORS): `file` is the Makefile's default)
 set -euo pipefail
 
 # shellcheck source=deploy/lib.sh
@@ -20,6 +21,9 @@ set -euo pipefail
 ROOT=$(repo_root)
 cd "$ROOT"
 
+# A bare `scale` would mean 1 coordinator and stop all the others: it needs the number given.
+COORDINATORS_GIVEN=${COORDINATORS:+yes}
+[[ "${COORDINATORS_ORIGIN:-}" != file ]] || COORDINATORS_GIVEN=
 COORDINATORS=${COORDINATORS:-1}
 NATS_PORT=${NATS_PORT:-4222}
 METRICS_PORT=${METRICS_PORT:-9464}
@@ -113,6 +117,26 @@ check_coordinators() {
     [[ "$COORDINATORS" =~ ^[1-9][0-9]*$ ]] || die "COORDINATORS=$COORDINATORS is not a number; use e.g. COORDINATORS=3"
 }
 
+# check_number NAME MIN MAX WHAT EXAMPLE: dies unless the variable NAME is a number from MIN
+# to MAX written without leading zeros (bash reads 010 as octal, and a word as a variable).
+check_number() {
+    local name=$1 min=$2 max=$3 what=$4 example=$5 value=${!1}
+    if [[ "$value" =~ ^(0|[1-9][0-9]*)$ ]] && ((${#value} <= ${#max} && value >= min && value <= max)); then
+        return 0
+    fi
+    die "$name=$value is not $what: use a number from $min to $max without leading zeros, e.g. $name=$example"
+}
+
+# Dies when a port, the shard count or a timeout is not a number in its range.
+check_settings() {
+    check_number NATS_PORT 1 65535 "a port" 4222
+    check_number METRICS_PORT 1 65535 "a port" 9464
+    check_number UI_PORT 1 65535 "a port" 8480
+    check_number SHARDS 1 65536 "a shard count" 64
+    check_number UP_TIMEOUT_SECONDS 1 86400 "a number of seconds" 60
+    check_number LEAVE_TIMEOUT_SECONDS 1 86400 "a number of seconds" 30
+}
+
 # The settings a running grid was started with (ports, shards): `up` writes them, and
 # `scale` and `status` use them, whatever the caller's environment says.
 settings_file() {
@@ -128,9 +152,12 @@ load_settings() {
     NATS_URL=nats://127.0.0.1:$NATS_PORT
 }
 
-# Dies when two of the grid's ports (NATS, the UI, the coordinators' metrics) are the same.
+# Dies when two of the grid's ports (NATS, the UI, the coordinators' metrics) are the same,
+# or when the last metrics port is past 65535.
 check_ports_distinct() {
     local last_metrics=$((METRICS_PORT + COORDINATORS - 1)) port name
+    ((last_metrics <= 65535)) || die "the metrics ports of $COORDINATORS coordinator(s) from METRICS_PORT=$METRICS_PORT" \
+        "run past 65535 (to $last_metrics): use a lower METRICS_PORT"
     [[ "$NATS_PORT" != "$UI_PORT" ]] || die "NATS_PORT and UI_PORT are both $UI_PORT: give them different ports"
     for name in NATS_PORT UI_PORT; do
         port=${!name}
@@ -169,6 +196,82 @@ check_metrics_ports() {
             die "127.0.0.1:$port (metrics of coordinator-$index) is in use by another program: stop it or use METRICS_PORT=..."
         fi
     done
+}
+
+# The settings of the running grid that differ from the defaults, as make variables with a
+# leading space (" NATS_PORT=4333"): for the advice to start the grid again.
+other_settings() {
+    [[ "$NATS_PORT" == 4222 ]] || printf ' NATS_PORT=%s' "$NATS_PORT"
+    [[ "$UI_PORT" == 8480 ]] || printf ' UI_PORT=%s' "$UI_PORT"
+    [[ "$SHARDS" == 64 ]] || printf ' SHARDS=%s' "$SHARDS"
+}
+
+# Before `scale` starts any coordinator: dies when the metrics port of one of the
+# coordinators $@ is past 65535, is the grid's NATS or UI port, or is in use. The metrics
+# ports follow from the running grid's METRICS_PORT, so the way out is to start the grid
+# again with another.
+check_scale_ports() {
+    local index port name again
+    again="'make down && make up COORDINATORS=$COORDINATORS$(other_settings) METRICS_PORT=...'"
+    for index in "$@"; do
+        port=$(metrics_port "$index")
+        if ((port > 65535)); then
+            die "coordinator-$index would serve metrics on port $port (METRICS_PORT=$METRICS_PORT plus $((index - 1))), past" \
+                "65535; nothing was started. To move the grid's metrics ports: $again with a lower METRICS_PORT"
+        fi
+        for name in NATS_PORT UI_PORT; do
+            if ((port == ${!name})); then
+                die "coordinator-$index would serve metrics on port $port, the grid's $name; nothing was started." \
+                    "Start the grid again with its ports apart: $again (or another $name)"
+            fi
+        done
+        if port_open "$port"; then
+            die "127.0.0.1:$port (metrics of coordinator-$index) is in use by another program; nothing was started." \
+                "Stop it, or move the grid's metrics ports: $again"
+        fi
+    done
+}
+
+# The live pids of the coordinators $@, space-separated.
+coordinator_pids() {
+    local index pid pids=""
+    for index in "$@"; do
+        pid=$(live_pid "coordinator-$index")
+        [[ -z "$pid" ]] || pids+=" $pid"
+    done
+    printf '%s' "$pids"
+}
+
+# Dies before `up` starts anything when the data dir belongs to a grid with another shard
+# count than SHARDS: each coordinator would refuse it at once (the shard of a run is
+# hash(run_id) % shards, fixed when the grid was made). The coordinator's grid.json
+# ({"prefix": ..., "shards": N}) records the count; a directory from before that file is
+# judged by its highest shard file, as the coordinator does.
+check_data_shards() {
+    local data=$GRID_DIR/data file recorded highest=-1 number
+    local fresh="or 'make clean-grid' to delete it (every flow and run) and start a new grid"
+    if [[ -f "$data/grid.json" ]]; then
+        recorded=$(python3 -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["shards"]))' \
+            "$data/grid.json" 2>/dev/null || true)
+        # An unreadable file: the coordinators say what is wrong with it.
+        [[ "$recorded" =~ ^[0-9]+$ ]] || return 0
+        if ((recorded != SHARDS)); then
+            die "the grid in $data has $recorded shards, not SHARDS=$SHARDS: use SHARDS=$recorded, $fresh"
+        fi
+        return 0
+    fi
+    for file in "$data"/shard-*.redb; do
+        number=${file##*/shard-}
+        number=${number%.redb}
+        [[ "$number" =~ ^[0-9]+$ ]] || continue
+        if ((10#$number > highest)); then
+            highest=$((10#$number))
+        fi
+    done
+    if ((highest >= SHARDS)); then
+        die "$data holds shard files up to shard $highest, so its grid has more than SHARDS=$SHARDS shards:" \
+            "use the SHARDS it was made with, $fresh"
+    fi
 }
 
 # True when the process $1 is an alive (not draining, not dead) member of the grid.
@@ -233,11 +336,14 @@ wait_joined() {
 up() {
     local running=() indices=() index nats_pid worker_pid watch="" component
     check_coordinators "starts no coordinator: a grid needs at least one (COORDINATORS=1 is the default)"
+    check_settings
     nats_pid=$(live_pid nats)
     worker_pid=$(live_pid worker)
     mapfile -t indices < <(coordinator_indices)
     [[ -n "$nats_pid" ]] && running+=(nats)
     [[ -n "$worker_pid" ]] && running+=(worker)
+    # The UI of an earlier grid holds UI_PORT: `make down` stops it.
+    [[ -n "$(live_pid ui)" ]] && running+=(ui)
     ((${#indices[@]} > 0)) && running+=("${#indices[@]} coordinator(s)")
     [[ -n "$(live_pid coordinator)" ]] && running+=("coordinator (from an older make up)")
     if [[ -n "$nats_pid" && -n "$worker_pid" && ${#indices[@]} -gt 0 ]]; then
@@ -258,6 +364,7 @@ up() {
     fi
     [[ -x "$FLOWGRID_BIN" ]] || die "$FLOWGRID_BIN not found: run 'make build'"
     check_ports_distinct
+    check_data_shards
     load_tools "$ROOT"
     port_open "$NATS_PORT" && die "127.0.0.1:$NATS_PORT is in use by another program: stop it or use NATS_PORT=..."
     port_open "$UI_PORT" && die "127.0.0.1:$UI_PORT is in use by another program: stop it or use UI_PORT=..."
@@ -330,33 +437,42 @@ fail_up() {
 }
 
 # Brings the running grid to $COORDINATORS coordinators: starts the lowest missing indices,
-# or stops the highest ones one at a time with SIGTERM (a graceful leave).
+# or stops the highest ones one at a time with SIGTERM (a graceful leave). Scaling out, or
+# at the number already running (a retry), it waits until every coordinator joined and
+# every shard is served.
 scale() {
-    local indices=() index pid current started=() watch=""
+    local indices=() index pid current missing=() started=() all=() watch=""
+    [[ -n "$COORDINATORS_GIVEN" ]] || die "say how many coordinators the grid should run, e.g. 'make scale COORDINATORS=3'" \
+        "(a bare 'make scale' would mean 1; 'make status' shows how many run)"
     check_coordinators "would stop every coordinator: use 'make down' to stop the grid"
     [[ -n "$(live_pid nats)" ]] || die "the grid is not up: run 'make up COORDINATORS=$COORDINATORS'"
     load_settings
+    check_settings
     [[ -x "$FLOWGRID_BIN" ]] || die "$FLOWGRID_BIN not found: run 'make build'"
     mapfile -t indices < <(coordinator_indices)
     current=${#indices[@]}
-    if ((current == COORDINATORS)); then
-        say "the grid already runs $current coordinator(s)"
-    elif ((current < COORDINATORS)); then
-        say "scaling out from $current to $COORDINATORS coordinators"
+    if ((current <= COORDINATORS)); then
         index=0
-        while ((current + ${#started[@]} < COORDINATORS)); do
+        while ((current + ${#missing[@]} < COORDINATORS)); do
             index=$((index + 1))
-            [[ -n "$(live_pid "coordinator-$index")" ]] && continue
-            check_metrics_ports "$index"
+            [[ -n "$(live_pid "coordinator-$index")" ]] || missing+=("$index")
+        done
+        # Every port is checked before any coordinator starts: none is left half done.
+        check_scale_ports "${missing[@]}"
+        if ((current == COORDINATORS)); then
+            say "the grid already runs $current coordinator(s); checking that each joined and every shard is served"
+        else
+            say "scaling out from $current to $COORDINATORS coordinators"
+        fi
+        for index in "${missing[@]}"; do
             start_coordinator "$index"
             started+=("$index")
-            watch+=" $STARTED_PID"
         done
-        if ! wait_joined "${started[@]}" || ! WATCH_PIDS="$watch" wait_settled "$UP_TIMEOUT_SECONDS"; then
-            for index in "${started[@]}"; do
-                print_log_tails "$(coordinator_log "$index")"
-            done
-            die "scaling out did not finish (logs above); 'make status' shows the grid, 'make scale' retries"
+        # The coordinators already running too: a retry waits for those an earlier try started.
+        mapfile -t all < <({ coordinator_indices; printf '%s\n' "${started[@]}"; } | grep -x '[0-9][0-9]*' | sort -nu)
+        watch=$(coordinator_pids "${all[@]}")
+        if ! wait_joined "${all[@]}" || ! WATCH_PIDS="$watch" wait_settled "$UP_TIMEOUT_SECONDS"; then
+            scale_failed "$current" "${all[@]}"
         fi
     else
         say "scaling in from $current to $COORDINATORS coordinators, one at a time"
@@ -370,10 +486,34 @@ scale() {
             current=$((current - 1))
             # The next one leaves once its peers serve every shard again.
             wait_settled "$UP_TIMEOUT_SECONDS" \
-                || die "the shards did not settle after coordinator-$index left; 'make status' shows the grid"
+                || die "the shards did not settle after coordinator-$index left; 'make status' shows the grid," \
+                    "'make scale COORDINATORS=$COORDINATORS' goes on"
         done
     fi
     flowgrid shards
+}
+
+# scale_failed BEFORE INDEX...: the logs of the coordinators INDEX... (only of those not
+# alive members when there are such), and what to type; dies. BEFORE: how many ran before.
+scale_failed() {
+    local before=$1 index pid late=() back=""
+    shift
+    for index in "$@"; do
+        pid=$(live_pid "coordinator-$index")
+        if [[ -z "$pid" ]] || ! member_alive "$pid" 2>/dev/null; then
+            late+=("$index")
+        fi
+    done
+    ((${#late[@]} > 0)) || late=("$@")
+    for index in "${late[@]}"; do
+        print_log_tails "$(coordinator_log "$index")"
+    done
+    if ((before < COORDINATORS)); then
+        back=", 'make scale COORDINATORS=$before' goes back to $before"
+    fi
+    die "the grid did not reach $COORDINATORS coordinator(s) serving every shard (logs above). The coordinators" \
+        "that run stay up: 'make status' shows them, 'make scale COORDINATORS=$COORDINATORS' waits again (and" \
+        "starts any that exited)$back"
 }
 
 # leave INDEX PID: SIGTERM, then waits for the graceful leave (bounded) before kill -9.
@@ -429,6 +569,7 @@ down() {
 status() {
     local component pid index live=0
     load_settings
+    check_settings
     for component in nats worker ui; do
         pid=$(live_pid "$component")
         if [[ "$component" == ui && -n "$pid" ]]; then
