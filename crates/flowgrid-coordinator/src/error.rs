@@ -36,6 +36,10 @@ pub enum Error {
     /// or someone deleted them. The coordinator left; [`crate::run`] joins again.
     #[error("the grid's streams and buckets are gone from NATS; the coordinator left the grid to join it again")]
     GridLost,
+    /// The shard manager stopped without being asked (a panic, a bug): the coordinator
+    /// stopped its shards and left, so that its supervisor sees a failure and restarts it.
+    #[error("the shard manager stopped unexpectedly ({0}); the coordinator stopped its shards and left the grid: start it again")]
+    ManagerStopped(String),
     /// The metrics endpoint could not start (address in use?): pick another `--metrics-addr`.
     #[error("cannot serve metrics on {addr}: {message}")]
     Metrics { addr: String, message: String },

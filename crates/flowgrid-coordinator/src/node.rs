@@ -277,7 +277,17 @@ async fn serve<S: Store>(
         stopped = &mut manager_task => match stopped {
             // It has handed its shards over already.
             Ok(Some(failure)) => broken = Some(Error::StoreBroken(failure)),
-            _ => error!("the shard manager stopped unexpectedly; leaving the grid"),
+            stopped => {
+                let why = match stopped {
+                    Err(error) => error.to_string(),
+                    Ok(_) => "it returned before a drain".to_owned(),
+                };
+                error!(why = %why, "the shard manager stopped unexpectedly; stopping its shards and leaving the grid");
+                // Its shards' actors are not handed over: they stop now, so that their
+                // files are free for the members that take the shards.
+                shards_stop.cancel();
+                broken = Some(Error::ManagerStopped(why));
+            }
         },
     }
     // Without NATS nothing can be handed over or answered: the others take the shards when

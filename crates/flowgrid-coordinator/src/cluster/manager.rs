@@ -112,6 +112,8 @@ impl OpenFailures {
 /// A shard served here.
 struct Owned {
     handle: ShardHandle,
+    /// The lease term the shard's actor serves in: it stops once that term is over.
+    term: u64,
     epoch: Epoch,
     /// Revision of the shard's claim as this member last wrote it.
     revision: u64,
@@ -250,7 +252,9 @@ impl<S: Store> ShardManager<S> {
                     continue;
                 }
             }
-            self.reconcile();
+            // Without both views this member could take a live member's shards (an owner it
+            // has not read counts as dead after a lease): it lets shards go, takes none.
+            self.reconcile(members.is_some() && claims.is_some());
             if self.draining && self.owned.is_empty() && self.busy.is_empty() {
                 break;
             }
@@ -288,6 +292,7 @@ impl<S: Store> ShardManager<S> {
                 Err(error) => warn!(key = %entry.key, error = %error, "unreadable member record ignored"),
             }
         }
+        self.view.members_read(now);
         Some(watch)
     }
 
@@ -330,8 +335,11 @@ impl<S: Store> ShardManager<S> {
         match transition {
             Transition::Acquired(shard, owned) => {
                 self.busy.remove(&shard);
-                if !self.shared.lease.holds(self.term) {
+                // Its actor serves only in the term it was made in: a lease renewed after a
+                // gap meanwhile (a new term) would stop it at its first event.
+                if !self.shared.lease.holds(owned.term) {
                     owned.stop().await;
+                    self.retry_at.insert(shard, Instant::now() + RETRY_AFTER_FAILURE);
                     return;
                 }
                 self.shared.router.table.insert(owned.handle.clone());
@@ -377,8 +385,9 @@ impl<S: Store> ShardManager<S> {
         }
     }
 
-    /// Compares what is served here with the placement and starts the hand-overs needed.
-    fn reconcile(&mut self) {
+    /// Compares what is served here with the placement and starts the hand-overs needed;
+    /// acquires only when `may_acquire`.
+    fn reconcile(&mut self, may_acquire: bool) {
         let now = Instant::now();
         self.retry_at.retain(|_, at| *at > now);
         let view = &self.view;
@@ -412,6 +421,9 @@ impl<S: Store> ShardManager<S> {
                     let owned = self.owned.remove(&shard).expect("owned");
                     self.start_release(shard, owned);
                 }
+                continue;
+            }
+            if !may_acquire {
                 continue;
             }
             let Some(known) = self.view.claim(shard) else {
@@ -511,10 +523,14 @@ impl<S: Store> ShardManager<S> {
             return;
         }
         warn!(shards = self.owned.len(), "lease ran out: every shard stops serving here");
-        for (_, owned) in self.owned.drain() {
+        // Every shard is told first, then all are waited for together: one slow to stop (in
+        // a reload, a long commit) keeps no other's file from the member taking it over.
+        let owned: Vec<Owned> = self.owned.drain().map(|(_, owned)| owned).collect();
+        for owned in &owned {
             self.shared.router.table.remove(owned.handle.shard);
-            owned.stop().await;
+            owned.stop.cancel();
         }
+        futures::future::join_all(owned.into_iter().map(Owned::stop)).await;
     }
 }
 
@@ -576,6 +592,9 @@ async fn acquire<S: Store>(
     let Ok(_permit) = permits.acquire().await else { return Err(Lost::Failed) };
     let router = &shared.router;
     let stop = shared.shards_stop.child_token();
+    // The term the actor takes (read before it is made, so that a renewal between the two
+    // reads stops a good actor, never keeps a stale one).
+    let term = shared.lease.term();
     let spawned =
         spawn_shard(shard_store, ShardId(shard), router.context.clone(), shared.queue_max, stop.clone()).await;
     let (handle, epoch, actor) = match spawned {
@@ -604,8 +623,14 @@ async fn acquire<S: Store>(
         shared.forward_permits.clone(),
         stop.clone(),
     ));
-    let _ = nats.flush().await;
-    let owned = Owned { handle, epoch, revision, stop, actor, commands };
+    // Bounded: a flush waits for a reconnect, and the lease may run out meanwhile.
+    let _ = tokio::time::timeout(shared.lease.duration(), nats.flush()).await;
+    let owned = Owned { handle, term, epoch, revision, stop, actor, commands };
+    if !shared.lease.holds(term) {
+        // Out of lease while loading: the shard is not this member's to claim any more.
+        owned.stop().await;
+        return Err(Lost::Failed);
+    }
     match shared.shards_kv.update(&key, claim_value(&shared.me, ShardState::Serving, epoch.0), revision).await {
         Ok(revision) => Ok(Owned { revision, ..owned }),
         Err(error) => {

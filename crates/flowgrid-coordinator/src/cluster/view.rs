@@ -3,8 +3,9 @@
 //! Liveness is judged by this member's own clock: a member is alive while its record
 //! changed less than its lease ago (as seen here). Wall clocks of other hosts are never
 //! compared. An owner named by a claim but never seen (e.g. a record that expired, or one
-//! not read yet) gets one lease from when this view started, so that a restarted member
-//! never takes shards from a live owner it has not heard of yet.
+//! not read yet) gets one lease from when the members were last read whole, so that a
+//! restarted member never takes shards from a live owner it has not heard of yet (and the
+//! shard manager takes none before that read).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -30,14 +31,15 @@ pub struct Claim {
 pub struct ClusterView {
     me: String,
     lease: Duration,
-    started: Instant,
+    /// When the members were last read whole (until then, when the view was made).
+    read: Instant,
     members: HashMap<String, Member>,
     claims: Vec<Option<Claim>>,
 }
 
 impl ClusterView {
     pub fn new(me: String, shards: u32, lease: Duration, now: Instant) -> ClusterView {
-        ClusterView { me, lease, started: now, members: HashMap::new(), claims: vec![None; shards as usize] }
+        ClusterView { me, lease, read: now, members: HashMap::new(), claims: vec![None; shards as usize] }
     }
 
     /// A member record at `revision` (from a watch or a read); older revisions are ignored.
@@ -53,6 +55,12 @@ impl ClusterView {
                 self.members.insert(record.id.clone(), Member { record, revision, changed: now });
             }
         }
+    }
+
+    /// Every member record was read at `now`: an owner not among them gets a lease from
+    /// here (reading them took longer than a lease when the KV was slow to answer).
+    pub fn members_read(&mut self, now: Instant) {
+        self.read = now;
     }
 
     /// A member record read at startup: its age by the wall clock (`now_ms` against its
@@ -107,7 +115,7 @@ impl ClusterView {
         }
         match self.members.get(id) {
             Some(member) => now.saturating_duration_since(member.changed) <= lease_of(&member.record, self.lease),
-            None => now.saturating_duration_since(self.started) <= self.lease,
+            None => now.saturating_duration_since(self.read) <= self.lease,
         }
     }
 
@@ -195,6 +203,19 @@ mod tests {
         assert!(view.alive("me", start + LEASE * 10));
         assert_eq!(view.silent_for("a", start + LEASE * 3), Some(LEASE * 2));
         assert_eq!(view.silent_for("never-seen", start), None);
+    }
+
+    /// An owner never seen counts as alive for a lease from when the members were read,
+    /// not from when the view was made: a read that took longer than a lease (a slow KV)
+    /// leaves the live owners of the claims alive.
+    #[test]
+    fn an_owner_never_seen_lives_a_lease_from_the_read_of_the_members() {
+        let start = Instant::now();
+        let mut view = ClusterView::new("me".into(), 4, LEASE, start);
+        assert!(!view.alive("unknown", start + LEASE * 2), "no read: a lease from the start");
+        view.members_read(start + LEASE * 2);
+        assert!(view.alive("unknown", start + LEASE * 3));
+        assert!(!view.alive("unknown", start + LEASE * 3 + Duration::from_millis(1)));
     }
 
     #[test]
