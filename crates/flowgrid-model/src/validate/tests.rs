@@ -857,6 +857,22 @@ fn new_issues_of(text: &str) -> Vec<Issue> {
     }
 }
 
+/// Every reserved word is one no expression can read after `steps.` (so the list refuses
+/// nothing that works), a new deployment with it as a step id is refused at the id, and
+/// ordinary words pass.
+#[test]
+fn a_step_id_the_expression_language_reserves_is_refused_for_a_new_deployment() {
+    let evaluator = evaluator();
+    for word in super::deploy::RESERVED_WORDS {
+        assert!(evaluator.compile(&format!("steps.{word}.output")).is_err(), "steps.{word} compiles");
+        let text = format!("name: f\nsteps:\n  - {{ id: '{word}', kind: task, pool: p, task: t }}\n");
+        assert_issue(&new_issues_of(&text), &format!("steps[0]({word}).id"), "reserves");
+    }
+    for word in ["packages", "matcher", "publish", "default_route"] {
+        assert!(evaluator.compile(&format!("steps.{word}.output")).is_ok(), "steps.{word} does not compile");
+    }
+}
+
 #[test]
 fn a_new_deployment_may_not_list_the_choice_that_branches_to_a_step_in_its_after() {
     let issues = new_issues_of(
