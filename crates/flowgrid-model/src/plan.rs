@@ -35,7 +35,8 @@ pub struct FlowPlan {
     /// Flow-level output expression.
     pub output: Option<Expr>,
     pub timeout_ms: Option<u64>,
-    /// Steps with no outgoing edge: their outputs form the default run output.
+    /// Steps no other step follows when they succeed (a catch's edge leads on only from a
+    /// failure): their outputs form the default run output.
     pub sinks: Vec<StepIndex>,
     /// When the grid starts runs of this version by itself.
     pub schedule: Option<Timetable>,
@@ -291,7 +292,8 @@ impl FlowPlan {
         let sinks = steps
             .iter()
             .enumerate()
-            .filter(|(_, step)| step.outgoing.is_empty())
+            // A catch's edge leads on only when the step failed, when it has no output.
+            .filter(|(_, step)| step.outgoing.iter().all(|edge| matches!(edge.when, EdgeWhen::Caught(_))))
             .map(|(position, _)| position as StepIndex)
             .collect();
         let schedule = definition

@@ -145,13 +145,15 @@ impl Run {
     }
 
     /// A `succeed` step: the run ends `Succeeded` with the step's output expression, else
-    /// the flow's output.
+    /// the flow's output, else the outputs of the steps it follows.
     fn succeed_at_step(&mut self, index: StepIndex, output: Option<&Expr>, context: &mut Context<'_>) {
         let value = match output {
             Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
                 Ok(value) => value,
                 Err(error) => return self.expression_failed(index, "output", &error, context),
             },
+            // The step is a sink itself: the outputs of the steps it follows, not its own.
+            None if self.plan.output.is_none() => self.outputs_of(&self.plan.step(index).deps),
             None => match self.run_output(context) {
                 Ok(value) => value,
                 Err(error) => return self.fail_step_and_run(index, error, context),
@@ -265,14 +267,19 @@ impl Run {
                 }
             });
         }
+        Ok(self.outputs_of(&self.plan.sinks))
+    }
+
+    /// `{id: output}` of those of `steps` that succeeded.
+    fn outputs_of(&self, steps: &[StepIndex]) -> Value {
         let mut outputs = Map::new();
-        for &sink in &self.plan.sinks {
-            let state = &self.steps[usize::from(sink)];
+        for &step in steps {
+            let state = &self.steps[usize::from(step)];
             if let (StepStatus::Succeeded, Some(output)) = (state.status, &state.output) {
-                outputs.insert(self.plan.step(sink).id.clone(), output.clone());
+                outputs.insert(self.plan.step(step).id.clone(), output.clone());
             }
         }
-        Ok(Value::Object(outputs))
+        Value::Object(outputs)
     }
 }
 

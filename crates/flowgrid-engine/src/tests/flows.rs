@@ -222,6 +222,42 @@ steps:
     message: '"check said " + steps.check.output.reason'
 "##;
 
+/// A step whose only follower is its catch's target is a sink: its output is in the default
+/// run output when it succeeds (the catch leads on only from a failure).
+#[test]
+fn a_step_with_a_catch_that_succeeds_is_in_the_default_output() {
+    let yaml = r##"
+name: pay
+steps:
+  - { kind: task, id: charge, pool: http, task: request, catch: [{ errors: ["*"], next: declined }] }
+  - { kind: transform, id: declined, output: '"declined"' }
+"##;
+    let mut harness = Harness::start(yaml, json!({}), 0);
+    harness.succeed(10, "charge", None, 1, json!({"id": "ch_1"}));
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Succeeded);
+    assert_eq!(view.output, Some(json!({"charge": {"id": "ch_1"}})));
+    let mut caught = Harness::start(yaml, json!({}), 0);
+    caught.fail(10, "charge", None, 1, error("card_declined", false));
+    assert_eq!(caught.run.view().output, Some(json!({"declined": "declined"})), "the catch's target, once it ran");
+}
+
+/// A `succeed` step without `output` (nor a flow `output`) ends the run with the outputs of
+/// the steps it follows: it is the only sink, with no output of its own.
+#[test]
+fn a_succeed_step_without_output_gives_the_outputs_of_the_steps_it_follows() {
+    let yaml = r##"
+name: done
+steps:
+  - { kind: task, id: merge, pool: p, task: t }
+  - { kind: succeed, id: done, after: [merge] }
+"##;
+    let mut harness = Harness::start(yaml, json!({}), 0);
+    harness.succeed(10, "merge", None, 1, json!({"url": "s3://x"}));
+    let view = harness.run.view();
+    assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"merge": {"url": "s3://x"}}))));
+}
+
 #[test]
 fn succeed_step_ends_the_run_and_cancels_the_rest() {
     let mut harness = Harness::start(DECIDE, json!(null), 0);

@@ -192,6 +192,7 @@ fn plan_edges_follow_the_documented_semantics() {
     assert_eq!(plan.step(fallback).deps, [transcode]);
     assert_eq!(plan.step(thumb).deps, [route]);
     assert_eq!(plan.step(merge).deps, [transcode, thumb]);
+    // `transcode`'s only edge besides `merge` is its catch: it is no sink, as `merge` follows it.
     assert_eq!(plan.sinks, [fallback, merge]);
     assert_eq!((plan.name.as_str(), plan.version), ("media", 7));
     assert_eq!(&*plan.output.as_ref().unwrap().step_refs, ["merge".to_owned()]);
