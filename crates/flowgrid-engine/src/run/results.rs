@@ -124,6 +124,27 @@ impl Run {
                     Err(_) => return Applied::Ignored("timer not armed"),
                 };
                 self.slot_mut(index, attempt.item).phase = Phase::New;
+                let plan = Arc::clone(&self.plan);
+                let spec = task_spec(&plan.step(index).kind).expect("only task and map steps have attempts");
+                if let (Some(step_deadline_ms), Some(total_ms)) =
+                    (self.step_deadline(index, spec), spec.total_timeout_ms)
+                {
+                    if context.now >= step_deadline_ms {
+                        // Cut short by the step's budget, not by its own timeout: no retry fits.
+                        let error = TaskError {
+                            code: "timeout".to_owned(),
+                            message: format!(
+                                "step `{}` did not finish within its total_timeout_ms of {total_ms} ms ({}; the last \
+                                 one was cut short by it)",
+                                attempt.step,
+                                attempts(self.slot(index, attempt.item).tries())
+                            ),
+                            retryable: false,
+                        };
+                        self.attempt_failed_for_good(index, attempt.item, error, context);
+                        return Applied::Accepted;
+                    }
+                }
                 let error = TaskError {
                     code: "timeout".to_owned(),
                     message: format!(
@@ -201,9 +222,12 @@ impl Run {
                     error = TaskError {
                         code: "timeout".to_owned(),
                         message: format!(
-                            "step `{}` did not finish within its total_timeout_ms of {total_ms} ms ({} attempts; the \
-                             last one failed with `{}`: {})",
-                            attempt.step, tries, error.code, error.message
+                            "step `{}` did not finish within its total_timeout_ms of {total_ms} ms ({}; the last one \
+                             failed with `{}`: {})",
+                            attempt.step,
+                            attempts(tries),
+                            error.code,
+                            error.message
                         ),
                         retryable: false,
                     };
@@ -349,5 +373,14 @@ impl Run {
             },
             _ => panic!("step {index} has no slot for item {item:?}"),
         }
+    }
+}
+
+/// "1 attempt", "3 attempts".
+fn attempts(count: u32) -> String {
+    if count == 1 {
+        "1 attempt".to_owned()
+    } else {
+        format!("{count} attempts")
     }
 }

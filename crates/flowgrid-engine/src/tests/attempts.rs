@@ -253,10 +253,22 @@ fn a_total_timeout_caps_each_attempt_and_stops_the_retries() {
     let error = step.error.expect("the step's error");
     assert_eq!(error.code, "timeout");
     assert!(
-        error.message.contains("total_timeout_ms of 2500 ms (3 attempts; the last one failed with `timeout`"),
+        error.message.contains("total_timeout_ms of 2500 ms (3 attempts; the last one was cut short by it)"),
         "{error:?}"
     );
     assert_eq!(harness.run.status(), RunStatus::Succeeded, "the catch took it");
+}
+
+/// An attempt cut short by the step's budget says so, whether or not a retry was left.
+#[test]
+fn an_attempt_cut_short_by_the_total_timeout_names_it_without_retries_too() {
+    let once = TOTAL.replace("max_attempts: 10", "max_attempts: 1");
+    let mut harness = Harness::start(&once, json!(null), 0);
+    assert_eq!(harness.dispatched()[0].deadline_ms, 2_500);
+    assert_eq!(harness.fire(2_500, TimerKey::AttemptTimeout { attempt: attempt("a", None, 1) }), Applied::Accepted);
+    let error = harness.step("a").error.expect("the step's error");
+    assert_eq!(error.code, "timeout");
+    assert!(error.message.contains("total_timeout_ms of 2500 ms (1 attempt; the last one was cut short"), "{error:?}");
 }
 
 #[test]
