@@ -273,10 +273,10 @@ impl Evaluator {
                 ),
             });
         }
-        let ast = self
-            .engine
-            .compile_expression(source)
-            .map_err(|error| ExprError::Syntax { source_text: source.to_owned(), message: syntax_message(&error) })?;
+        let ast = self.engine.compile_expression(source).map_err(|error| ExprError::Syntax {
+            source_text: source.to_owned(),
+            message: syntax_message(&error, source),
+        })?;
         let step_refs =
             collect_step_refs(&ast).map_err(|message| ExprError::Syntax { source_text: source.to_owned(), message })?;
         let reads_input = reads_variable(&ast, INPUT_VARIABLE);
@@ -501,9 +501,17 @@ fn eval_error(expr: &Expr, message: String) -> ExprError {
 }
 
 /// A syntax error as Rhai says it, with a way out where a field's name is a keyword of
-/// the language (`input.go`, `input.default`).
-fn syntax_message(error: &rhai::ParseError) -> String {
+/// the language (`input.go`, `input.default`), or a step's id (`steps.go`: only another id).
+fn syntax_message(error: &rhai::ParseError, source: &str) -> String {
     let message = error.to_string();
+    if let rhai::ParseErrorType::Reserved(word) = &*error.0 {
+        if source.contains(&format!("steps.{word}")) {
+            return format!(
+                "{message}: a step whose id the expression language reserves cannot be read as steps.{word}: give \
+                 step `{word}` another id"
+            );
+        }
+    }
     if matches!(*error.0, rhai::ParseErrorType::Reserved(..)) || message.contains("reserved keyword") {
         return format!("{message}: read a field named so with brackets, e.g. input[\"go\"]");
     }

@@ -16,62 +16,10 @@ pub fn check_new(definition: &FlowDefinition) -> Result<()> {
     check_implicit_edges_listed(&definition.steps, &mut issues);
     check_trigger_stream_length(definition, &mut issues);
     check_going(definition, &mut issues);
-    check_reserved_ids(definition, &mut issues);
     if issues.is_empty() {
         Ok(())
     } else {
         Err(DefinitionError::Invalid(issues))
-    }
-}
-
-/// Words the expression language (Rhai) reserves for later use: no expression can read
-/// `steps.<word>`, as none can read a keyword (refused at every deploy). A new deployment
-/// only: versions deployed before stay readable by the grid that runs them.
-pub(crate) const RESERVED_WORDS: &[&str] = &[
-    "_",
-    "async",
-    "await",
-    "case",
-    "default",
-    "go",
-    "goto",
-    "is",
-    "match",
-    "module",
-    "new",
-    "nil",
-    "null",
-    "package",
-    "protected",
-    "public",
-    "shared",
-    "spawn",
-    "static",
-    "super",
-    "sync",
-    "thread",
-    "use",
-    "var",
-    "void",
-    "with",
-    "yield",
-];
-
-fn check_reserved_ids(definition: &FlowDefinition, issues: &mut Vec<Issue>) {
-    for (position, step) in definition.steps.iter().enumerate() {
-        if RESERVED_WORDS.contains(&step.id()) {
-            push_issue(
-                issues,
-                format!("{}.id", step_path(position, step.id())),
-                format!(
-                    "`{}` is a word the expression language reserves, so no expression can read this step as \
-                     `steps.{}`: choose another id (e.g. `{}_step`)",
-                    step.id(),
-                    step.id(),
-                    step.id().trim_start_matches('_')
-                ),
-            );
-        }
     }
 }
 

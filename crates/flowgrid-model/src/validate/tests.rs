@@ -858,20 +858,24 @@ fn new_issues_of(text: &str) -> Vec<Issue> {
     }
 }
 
-/// Every reserved word is one no expression can read after `steps.` (so the list refuses
-/// nothing that works), a new deployment with it as a step id is refused at the id, and
-/// ordinary words pass.
+/// A step whose id the expression language reserves cannot be read as `steps.<id>`: the
+/// refusal of an expression that tries says to rename the step, not to use brackets (which
+/// `steps` does not take).
 #[test]
-fn a_step_id_the_expression_language_reserves_is_refused_for_a_new_deployment() {
-    let evaluator = evaluator();
-    for word in super::deploy::RESERVED_WORDS {
-        assert!(evaluator.compile(&format!("steps.{word}.output")).is_err(), "steps.{word} compiles");
-        let text = format!("name: f\nsteps:\n  - {{ id: '{word}', kind: task, pool: p, task: t }}\n");
-        assert_issue(&new_issues_of(&text), &format!("steps[0]({word}).id"), "reserves");
+fn reading_a_step_whose_id_the_expression_language_reserves_says_to_rename_it() {
+    for word in ["package", "match", "default", "go", "new", "null"] {
+        let text = format!(
+            "name: f\nsteps:\n  - {{ id: '{word}', kind: task, pool: p, task: t }}\n  - {{ id: b, kind: transform, \
+             after: ['{word}'], output: 'steps.{word}.output' }}\n"
+        );
+        assert_issue(&issues_of(&text), "steps[1](b).output", &format!("give step `{word}` another id"));
     }
-    for word in ["packages", "matcher", "publish", "default_route"] {
-        assert!(evaluator.compile(&format!("steps.{word}.output")).is_ok(), "steps.{word} does not compile");
-    }
+    // A field so named is read with brackets, as before.
+    assert_issue(
+        &issues_of("name: f\nsteps:\n  - { id: b, kind: transform, output: 'input.go' }\n"),
+        "steps[0](b).output",
+        "brackets",
+    );
 }
 
 #[test]
