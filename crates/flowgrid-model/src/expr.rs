@@ -417,9 +417,11 @@ impl Evaluator {
         let value = self.eval(expr, scope)?;
         let until_ms = match &value {
             Value::Number(number) => number.as_f64().filter(|millis| *millis >= 0.0).map(|millis| millis.ceil() as u64),
-            Value::String(text) => chrono::DateTime::parse_from_rfc3339(text)
-                .ok()
-                .and_then(|time| u64::try_from(time.timestamp_millis()).ok()),
+            // A time before 1970 (`0001-01-01T00:00:00Z`, an unset time in some languages) is
+            // past as any other.
+            Value::String(text) => {
+                chrono::DateTime::parse_from_rfc3339(text).ok().map(|time| time.timestamp_millis().max(0) as u64)
+            }
             _ => None,
         };
         match until_ms {

@@ -119,6 +119,9 @@ steps:
     assert_eq!(harness.armed(&wait_over("at_text")), Some(1_798_102_800_000), "the time's offset counts");
     assert_eq!(harness.armed(&wait_over("past")), None, "a time past goes on at once");
     assert_eq!(harness.step("past").output, Some(json!({"waited_ms": 0})));
+    let before_1970 = json!({"at_ms": start, "at_text": start, "past": "0001-01-01T00:00:00Z"});
+    let early = Harness::start(yaml, before_1970, start);
+    assert_eq!(early.step("past").output, Some(json!({"waited_ms": 0})), "a time before 1970 is past too");
     assert_eq!(harness.fire(start + 5_000, wait_over("at_ms")), Applied::Accepted);
     assert_eq!(harness.step("at_ms").output, Some(json!({"waited_ms": 5_000})));
     let (replayed, _) = replay(&harness);
