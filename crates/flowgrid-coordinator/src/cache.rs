@@ -104,7 +104,22 @@ struct Flight {
     /// The leader attempt's deadline: a flight past it is over.
     deadline: Instant,
     /// The followers: each gets the leader's result, or `None` to go to a worker.
-    followers: Vec<oneshot::Sender<Option<Value>>>,
+    followers: Vec<oneshot::Sender<Option<Landed>>>,
+}
+
+/// A result a flight's leader got: from the bucket (stored then), or from a worker (now).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Landed {
+    pub output: Value,
+    pub stored_ms: Millis,
+}
+
+impl Landed {
+    /// The output, if younger than `ttl_ms`: a follower reads with its own step's `ttl_ms`,
+    /// which may be shorter than its leader's.
+    pub fn fresh_for(self, ttl_ms: Millis) -> Option<Value> {
+        (now_ms().saturating_sub(self.stored_ms) < ttl_ms).then_some(self.output)
+    }
 }
 
 /// What a lookup that missed does.
@@ -113,7 +128,7 @@ pub enum Joined {
     Lead,
     /// Wait for the leader's result (`None`: send the task to a worker after all) until
     /// the leader's deadline.
-    Follow(oneshot::Receiver<Option<Value>>, Instant),
+    Follow(oneshot::Receiver<Option<Landed>>, Instant),
 }
 
 /// What became of a lookup or a store, as counted in `flowgrid_task_cache_total`.
@@ -227,7 +242,7 @@ impl TaskCache {
 
     /// The stored result under `key` (the [`entry_key`] of a task of `pool` and `task`),
     /// if there is one younger than `ttl_ms`.
-    pub async fn look_up(&self, pool: &str, task: &str, key: &str, ttl_ms: Millis) -> Option<Value> {
+    pub async fn look_up(&self, pool: &str, task: &str, key: &str, ttl_ms: Millis) -> Option<Landed> {
         let Some(bucket) = self.bucket().await else {
             count(pool, Outcome::Skipped);
             return None;
@@ -249,7 +264,7 @@ impl TaskCache {
             .and_then(|bytes| rmp_serde::from_slice::<Entry>(&bytes).ok())
             .filter(|entry| now_ms().saturating_sub(entry.stored_ms) < ttl_ms);
         count(pool, if fresh.is_some() { Outcome::Hit } else { Outcome::Miss });
-        fresh.map(|entry| entry.output)
+        fresh.map(|entry| Landed { output: entry.output, stored_ms: entry.stored_ms })
     }
 
     /// Stores a worker's `output` under `key` (the [`entry_key`] of a task of `pool` and
@@ -286,13 +301,20 @@ impl SingleFlight {
     /// that leader's attempt ends without one (failed, timed out, cancelled), its followers
     /// join again: the first leads a new flight, the others (and the failed leader's retry)
     /// follow it. `None` too at `deadline`.
-    pub async fn lead_or_follow(&self, key: String, attempt: &AttemptId, deadline: Instant) -> Option<Value> {
+    pub async fn lead_or_follow(
+        &self,
+        key: String,
+        attempt: &AttemptId,
+        deadline: Instant,
+        ttl_ms: Millis,
+    ) -> Option<Value> {
         loop {
             match self.join(key.clone(), attempt, deadline) {
                 Joined::Lead => return None,
                 Joined::Follow(landing, until) => {
                     match tokio::time::timeout_at(until.min(deadline).into(), landing).await {
-                        Ok(Ok(Some(output))) => return Some(output),
+                        // Older than this step takes: the task goes to a worker.
+                        Ok(Ok(Some(landed))) => return landed.fresh_for(ttl_ms),
                         // The leader's attempt ended without a result: lead or follow anew.
                         Ok(Ok(None)) if Instant::now() < deadline => continue,
                         _ => return None,
@@ -327,15 +349,16 @@ impl SingleFlight {
         Joined::Lead
     }
 
-    /// Ends the flight of `key` with its leader's `output`: each follower takes it.
-    pub fn land(&self, key: &str, output: &Value) {
+    /// Ends the flight of `key` with its leader's `output`, stored at `stored_ms`: each
+    /// follower takes it if it is fresh enough for its step.
+    pub fn land(&self, key: &str, output: &Value, stored_ms: Millis) {
         if self.open.load(Ordering::Relaxed) == 0 {
             return;
         }
         let flight = self.flights.lock().expect("flights lock").remove(key);
         if let Some(flight) = flight {
             self.open.fetch_sub(1, Ordering::Relaxed);
-            land_followers(flight.followers, Some(output));
+            land_followers(flight.followers, Some((output, stored_ms)));
         }
     }
 
@@ -355,9 +378,9 @@ impl SingleFlight {
 }
 
 /// Tells each follower how its flight ended (a follower that stopped waiting is gone).
-fn land_followers(followers: Vec<oneshot::Sender<Option<Value>>>, output: Option<&Value>) {
+fn land_followers(followers: Vec<oneshot::Sender<Option<Landed>>>, landed: Option<(&Value, Millis)>) {
     for follower in followers {
-        let _ = follower.send(output.cloned());
+        let _ = follower.send(landed.map(|(output, stored_ms)| Landed { output: output.clone(), stored_ms }));
     }
 }
 
@@ -419,8 +442,10 @@ fn feed_value(context: &mut digest::Context, value: &Value) {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use flowgrid_model::{AttemptId, RunId};
+    use flowgrid_model::{AttemptId, Millis, RunId};
     use serde_json::json;
+
+    use crate::clock::now_ms;
 
     use super::{entry_key, Joined, SingleFlight};
 
@@ -432,11 +457,7 @@ mod tests {
         Instant::now() + Duration::from_secs(60)
     }
 
-    fn follow(
-        flights: &SingleFlight,
-        key: &str,
-        run: &str,
-    ) -> tokio::sync::oneshot::Receiver<Option<serde_json::Value>> {
+    fn follow(flights: &SingleFlight, key: &str, run: &str) -> tokio::sync::oneshot::Receiver<Option<super::Landed>> {
         match flights.join(key.into(), &attempt(run), later()) {
             Joined::Follow(landing, _) => landing,
             Joined::Lead => panic!("{run} should follow the flight of {key}"),
@@ -451,11 +472,31 @@ mod tests {
         // Another key is another flight.
         assert!(matches!(flights.join("other".into(), &attempt("d"), later()), Joined::Lead));
         assert!(b.try_recv().is_err(), "nothing before the leader's result");
-        flights.land("k", &json!({"answer": 42}));
-        assert_eq!(b.try_recv().unwrap(), Some(json!({"answer": 42})));
-        assert_eq!(c.try_recv().unwrap(), Some(json!({"answer": 42})));
+        flights.land("k", &json!({"answer": 42}), now_ms());
+        assert_eq!(b.try_recv().unwrap().map(|landed| landed.output), Some(json!({"answer": 42})));
+        assert_eq!(c.try_recv().unwrap().map(|landed| landed.output), Some(json!({"answer": 42})));
         // Landed: the next miss leads again.
         assert!(matches!(flights.join("k".into(), &attempt("e"), later()), Joined::Lead));
+    }
+
+    /// A follower reads its leader's result with its own step's `ttl_ms`: a stored result
+    /// fresh for the leader's longer one is too old for a step that takes a shorter one.
+    #[tokio::test]
+    async fn a_follower_takes_a_stored_result_only_if_it_is_fresh_for_its_own_step() {
+        let flights = std::sync::Arc::new(SingleFlight::default());
+        assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
+        let follower = |run: &'static str, ttl_ms: Millis| {
+            let flights = std::sync::Arc::clone(&flights);
+            tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later(), ttl_ms).await })
+        };
+        let (short, long) = (follower("short", 1_000), follower("long", 86_400_000));
+        while flights.flights.lock().unwrap().by_key.get("k").is_none_or(|flight| flight.followers.len() < 2) {
+            tokio::task::yield_now().await;
+        }
+        // Stored a minute ago: fresh for a day, too old for a second.
+        flights.land("k", &json!("old"), now_ms() - 60_000);
+        assert_eq!(short.await.unwrap(), None, "the short ttl's task goes to a worker");
+        assert_eq!(long.await.unwrap(), Some(json!("old")));
     }
 
     #[test]
@@ -476,7 +517,7 @@ mod tests {
         assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
         let follower = |run: &'static str| {
             let flights = std::sync::Arc::clone(&flights);
-            tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later()).await })
+            tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later(), 60_000).await })
         };
         // The flight of `k`: its leader's run and how many follow it, once it has `followers`.
         let flight_with = |followers: usize| {
@@ -507,11 +548,11 @@ mod tests {
             Joined::Follow(landing, _) => landing,
             Joined::Lead => panic!("the retry follows the new flight"),
         };
-        flights.land("k", &json!("answer"));
+        flights.land("k", &json!("answer"), now_ms());
         let mut outcomes = vec![b.await.unwrap(), c.await.unwrap()];
         outcomes.sort_by_key(|outcome| outcome.is_some());
         assert_eq!(outcomes, vec![None, Some(json!("answer"))], "one new leader, one follower");
-        assert_eq!(retried.try_recv().unwrap(), Some(json!("answer")));
+        assert_eq!(retried.try_recv().unwrap().map(|landed| landed.output), Some(json!("answer")));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowgrid_engine::{Event, TaskDispatch};
-use flowgrid_model::AttemptId;
+use flowgrid_model::{AttemptId, Millis};
 use flowgrid_store::ShardStore;
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use super::actor::ShardActor;
 use super::batch::{Batch, CacheStore};
 use super::Command;
-use crate::cache::{entry_key, Joined, TaskCache};
+use crate::cache::{entry_key, Joined, Landed, TaskCache};
 use crate::clock::now_ms;
 
 impl<S: ShardStore> ShardActor<S> {
@@ -44,15 +44,15 @@ impl<S: ShardStore> ShardActor<S> {
                 Joined::Lead => {
                     let stored = cache.look_up(&task.pool, &task.task, &key, ttl_ms).await;
                     drop(permit);
-                    if let Some(output) = &stored {
-                        cache.flights().land(&key, output);
+                    if let Some(landed) = &stored {
+                        cache.flights().land(&key, &landed.output, landed.stored_ms);
                     }
-                    stored
+                    stored.map(|landed| landed.output)
                 }
                 Joined::Follow(landing, until) => {
                     drop(permit);
                     TaskCache::count_miss(&task.pool);
-                    follow(&cache, &task, key, landing, until).await
+                    follow(&cache, &task, key, landing, until, ttl_ms).await
                 }
             };
             if let (Some(output), Some(inbox)) = (output, inbox.upgrade()) {
@@ -77,7 +77,7 @@ impl<S: ShardStore> ShardActor<S> {
     pub(super) fn store_in_cache(&self, stores: Vec<CacheStore>) {
         for CacheStore { pool, task, key, output } in stores {
             let key = entry_key(&pool, &task, &key);
-            self.context.task_cache.flights().land(&key, &output);
+            self.context.task_cache.flights().land(&key, &output, now_ms());
             let Some(permit) = self.context.task_cache.permit(&pool) else { continue };
             let cache = Arc::clone(&self.context.task_cache);
             tokio::spawn(async move {
@@ -100,13 +100,17 @@ async fn follow(
     cache: &TaskCache,
     task: &TaskDispatch,
     key: String,
-    landing: oneshot::Receiver<Option<Value>>,
+    landing: oneshot::Receiver<Option<Landed>>,
     until: Instant,
+    ttl_ms: Millis,
 ) -> Option<Value> {
     let deadline = deadline_of(task);
     let output = match tokio::time::timeout_at(until.min(deadline).into(), landing).await {
-        Ok(Ok(Some(output))) => Some(output),
-        Ok(Ok(None)) if Instant::now() < deadline => cache.flights().lead_or_follow(key, &task.attempt, deadline).await,
+        // Read with this step's own `ttl_ms`: too old, the task goes to a worker.
+        Ok(Ok(Some(landed))) => landed.fresh_for(ttl_ms),
+        Ok(Ok(None)) if Instant::now() < deadline => {
+            cache.flights().lead_or_follow(key, &task.attempt, deadline, ttl_ms).await
+        }
         _ => None,
     }?;
     TaskCache::count_joined(&task.pool);
