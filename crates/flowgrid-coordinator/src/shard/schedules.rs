@@ -6,6 +6,8 @@
 //! request, a shard that moved and fires the slot again, two owners for a moment).
 //! A shard that is acquired (or reloaded) fires the newest slot of the last
 //! [`CATCH_UP_MS`] (one it may have missed during the hand-over); older ones are skipped.
+//! A shard that kept serving but whose turn ran late (a slow commit, a disk stall) starts
+//! every slot that fell meanwhile, oldest first, those of the last [`CATCH_UP_MS`].
 
 use flowgrid_model::{FlowPlan, Millis};
 use flowgrid_proto::StartRun;
@@ -16,6 +18,10 @@ use super::actor::ShardActor;
 
 /// How far back a shard that starts serving looks for slots it may have missed.
 pub(super) const CATCH_UP_MS: Millis = 60_000;
+
+/// Slots of one schedule a turn starts at most: a shard late by many slots starts the
+/// rest in its next turns instead of holding this one.
+const SLOTS_PER_TURN_MAX: usize = 60;
 
 impl<S: ShardStore> ShardActor<S> {
     /// Arms the schedule of `plan`, the latest version of its flow, at its first slot after
@@ -54,8 +60,8 @@ impl<S: ShardStore> ShardActor<S> {
         self.schedules.values().min().copied()
     }
 
-    /// Starts the run of every slot due by `now` and arms each schedule's next slot after
-    /// `now` (slots missed meanwhile are skipped).
+    /// Starts the run of every slot due by `now` (those of the last [`CATCH_UP_MS`], at
+    /// most [`SLOTS_PER_TURN_MAX`] a turn), oldest first, and arms each schedule's next.
     pub(super) fn start_due_schedules(&mut self, now: Millis) {
         self.schedules_checked_ms = now;
         if self.next_schedule_due().is_none_or(|due| due > now) {
@@ -75,36 +81,72 @@ impl<S: ShardStore> ShardActor<S> {
                 self.schedules.remove(&flow);
                 continue;
             };
-            // A process that was stopped (or starved) past its next slots wakes with an old
-            // slot armed: the newest one due is the one to start, older ones are skipped, as
-            // when a shard moves (the new owner may have started that newest one already).
-            let slot = match plan.schedule.as_ref() {
-                Some(timetable) => newest_due(timetable, slot, now),
-                None => slot,
+            // The lease held since the last turn, so no other owner started these slots: each
+            // one that fell meanwhile starts (a late turn skips none), oldest first.
+            let (slots, skipped_before) = match plan.schedule.as_ref() {
+                Some(timetable) => due_slots(timetable, slot, now),
+                None => (vec![slot], None),
             };
+            if let Some(floor) = skipped_before {
+                warn!(flow = %flow, before_ms = floor, "the flow's shard fell behind its schedule by over {CATCH_UP_MS} ms; its slots before then are skipped (`flow backfill` starts them)");
+            }
             let schedule = plan.definition.schedule.clone().unwrap_or_default();
-            let start = StartRun::for_schedule_slot(flow.clone(), &schedule, slot);
-            let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
-            tokio::spawn(async move {
-                let outcome = match client.start(start).await {
-                    Ok(started) if started.created => {
-                        info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run started");
-                        "started"
-                    }
-                    Ok(started) => {
-                        info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run was started already");
-                        "already_started"
-                    }
-                    Err(error) => {
-                        warn!(flow = %flow, slot_ms = slot, error = %error, "cannot start a scheduled run; this slot is skipped");
-                        "failed"
-                    }
-                };
-                ::metrics::counter!(crate::metrics::SCHEDULED_RUNS, "outcome" => outcome).increment(1);
-            });
-            self.arm_schedule(&plan, now.max(slot));
+            for &slot in &slots {
+                self.start_slot(&flow, &schedule, slot);
+            }
+            let last = slots.last().copied().unwrap_or(slot);
+            match plan.schedule.as_ref().and_then(|timetable| timetable.next_after(last)).filter(|&next| next <= now) {
+                // More were due than a turn starts: the next turn goes on from there.
+                Some(next) => {
+                    self.schedules.insert(flow, next);
+                }
+                None => self.arm_schedule(&plan, now.max(last)),
+            }
         }
     }
+
+    /// Starts the run of `flow`'s `slot` through the API (beside the actor).
+    fn start_slot(&self, flow: &str, schedule: &flowgrid_model::Schedule, slot: Millis) {
+        let start = StartRun::for_schedule_slot(flow.to_owned(), schedule, slot);
+        let client = flowgrid_sdk::Client::new(self.context.nats.clone(), self.context.subjects.prefix());
+        let flow = flow.to_owned();
+        tokio::spawn(async move {
+            let outcome = match client.start(start).await {
+                Ok(started) if started.created => {
+                    info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run started");
+                    "started"
+                }
+                Ok(started) => {
+                    info!(flow = %flow, slot_ms = slot, run = %started.run_id, "scheduled run was started already");
+                    "already_started"
+                }
+                Err(error) => {
+                    warn!(flow = %flow, slot_ms = slot, error = %error, "cannot start a scheduled run; this slot is skipped");
+                    "failed"
+                }
+            };
+            ::metrics::counter!(crate::metrics::SCHEDULED_RUNS, "outcome" => outcome).increment(1);
+        });
+    }
+}
+
+/// The slots of `timetable` to start at `now` from the armed `slot` (due), oldest first:
+/// those of the last [`CATCH_UP_MS`], at most [`SLOTS_PER_TURN_MAX`]; and, when older
+/// ones were skipped, the time before which they were.
+fn due_slots(
+    timetable: &flowgrid_model::schedule::Timetable,
+    slot: Millis,
+    now: Millis,
+) -> (Vec<Millis>, Option<Millis>) {
+    let floor = now.saturating_sub(CATCH_UP_MS);
+    let (mut next, skipped_before) =
+        if slot < floor { (timetable.next_after(floor.saturating_sub(1)), Some(floor)) } else { (Some(slot), None) };
+    let mut slots = Vec::new();
+    while let Some(at) = next.filter(|&at| at <= now && slots.len() < SLOTS_PER_TURN_MAX) {
+        slots.push(at);
+        next = timetable.next_after(at);
+    }
+    (slots, skipped_before)
 }
 
 /// The newest slot of `timetable` due by `now`, from `slot` (due) on.
@@ -120,7 +162,7 @@ fn newest_due(timetable: &flowgrid_model::schedule::Timetable, slot: Millis, now
 mod tests {
     use flowgrid_model::schedule::Timetable;
 
-    use super::newest_due;
+    use super::{due_slots, newest_due, CATCH_UP_MS, SLOTS_PER_TURN_MAX};
 
     #[test]
     fn a_process_that_wakes_past_its_slots_starts_the_newest_due_only() {
@@ -128,5 +170,21 @@ mod tests {
         assert_eq!(newest_due(&every_3s, 6_000, 11_700), 9_000, "slot 6 s is skipped for 9 s");
         assert_eq!(newest_due(&every_3s, 6_000, 6_000), 6_000, "on time: the slot itself");
         assert_eq!(newest_due(&every_3s, 6_000, 8_999), 6_000);
+    }
+
+    /// A shard that kept serving but whose turn came late starts every slot that fell
+    /// meanwhile, oldest first; past the catch-up window, only those within it; and no more
+    /// than a turn takes (the rest go in the next turns).
+    #[test]
+    fn a_late_turn_starts_every_slot_that_fell_meanwhile() {
+        let every_1s = Timetable::Every(1_000);
+        assert_eq!(due_slots(&every_1s, 6_000, 8_500), (vec![6_000, 7_000, 8_000], None));
+        assert_eq!(due_slots(&every_1s, 6_000, 6_000), (vec![6_000], None), "on time: the slot itself");
+        let now = 10 * CATCH_UP_MS;
+        let (slots, skipped) = due_slots(&Timetable::Every(10_000), 1_000_000 - CATCH_UP_MS * 5, 1_000_000);
+        assert_eq!(slots, (940_000..=1_000_000).step_by(10_000).collect::<Vec<_>>());
+        assert_eq!(skipped, Some(1_000_000 - CATCH_UP_MS));
+        let (slots, skipped) = due_slots(&every_1s, now - CATCH_UP_MS, now);
+        assert_eq!((slots.len(), slots[0], skipped), (SLOTS_PER_TURN_MAX, now - CATCH_UP_MS, None));
     }
 }
