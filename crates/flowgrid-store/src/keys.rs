@@ -89,6 +89,23 @@ pub fn decode_flow_paused(key: &[u8]) -> Result<String> {
     Ok(flow)
 }
 
+/// When a paused flow was last resumed: `("flow_resumed", flow)`. A shard that reloads
+/// soon after looks for missed slots from then on, not in the pause.
+pub fn flow_resumed(flow: &str) -> Vec<u8> {
+    packed(&("flow_resumed", flow))
+}
+
+/// Every resume time of the shard's catalog.
+pub fn flow_resumed_range() -> KeyRange {
+    tuple_range(&("flow_resumed",))
+}
+
+/// Decodes a [`flow_resumed`] key into the flow's name.
+pub fn decode_flow_resumed(key: &[u8]) -> Result<String> {
+    let (_, flow): (String, String) = decode("flow_resumed", "flow_resumed", key)?;
+    Ok(flow)
+}
+
 /// The copy of a definition that runs of this shard use: `("def", flow, version)`.
 pub fn pinned_definition(flow: &str, version: u32) -> Vec<u8> {
     packed(&("def", flow, version))

@@ -148,6 +148,8 @@ impl<S: ShardStore> ShardActor<S> {
             self.flow_pauses.insert(name.clone(), record);
         } else {
             batch.writes.clear(keys::flow_paused(&name));
+            // The slots of the pause stay skipped if the shard reloads within its catch-up.
+            batch.writes.set(keys::flow_resumed(&name), records::encode(&now_ms()));
             self.flow_pauses.remove(&name);
         }
         batch.deployed.push(latest);

@@ -94,10 +94,16 @@ impl<S: ShardStore> ShardActor<S> {
             .filter_map(|versions| versions.last())
             .map(|latest| (latest.plan.clone(), latest.deployed_ms))
             .collect();
+        let mut resumed: HashMap<String, Millis> = HashMap::new();
+        for (key, value) in self.store.scan(keys::flow_resumed_range(), usize::MAX, false).await? {
+            resumed.insert(keys::decode_flow_resumed(&key)?, records::decode("flow resume", &value)?);
+        }
         let now = now_ms();
         for (plan, deployed_ms) in latest {
-            // No slot from before the version was deployed.
-            self.arm_schedule_catching_up(&plan, now.saturating_sub(CATCH_UP_MS).max(deployed_ms), now);
+            // No slot from before the version was deployed, nor from a pause since.
+            let resumed_ms = resumed.get(&plan.name).copied().unwrap_or(0);
+            let from_ms = now.saturating_sub(CATCH_UP_MS).max(deployed_ms).max(resumed_ms);
+            self.arm_schedule_catching_up(&plan, from_ms, now);
             self.update_trigger(&plan);
             self.context.plans.set_latest(plan);
         }
