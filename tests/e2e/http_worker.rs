@@ -1,6 +1,8 @@
 //! `flowgrid http-worker`: task steps that call an HTTP service, answered by a small
-//! server in the test. Only URLs under `--allow` are called, redirects included; 5xx is
-//! retried, 4xx is final, a body past `--response-max-kb` fails the attempt.
+//! server in the test. Only URLs under `--allow` are called, redirects included, and a
+//! redirect only within its origin, five at most; 5xx is retried, 4xx is final, whatever the
+//! size of the error page; a body past `--response-max-kb`, one that is not text, or an
+//! output over a result's limit fails the attempt with a code of its own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -331,5 +333,184 @@ async fn an_http_worker_paces_its_requests_and_stops_within_its_grace() -> anyho
         .output()?;
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && text.contains("--max-rate"), "{text}");
+    Ok(())
+}
+
+/// Serves `app` on a free port of 127.0.0.1 until the test ends; the port.
+async fn listen(app: Router) -> anyhow::Result<u16> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(port)
+}
+
+/// A grid with the flow `call` and an HTTP worker allowed `/v1/` of each of `ports`, with
+/// the flags `more`.
+async fn http_grid(ports: &[u16], more: &[&str]) -> anyhow::Result<(Grid, flowgrid_sdk::Client)> {
+    let mut grid = Grid::start_nats()?;
+    grid.start_coordinator().await?;
+    let mut worker = std::process::Command::new(flowgrid_bin());
+    worker.args(["--nats-url", &grid.nats_url, "http-worker"]).args(more);
+    for port in ports {
+        worker.args(["--allow", &format!("http://127.0.0.1:{port}/v1/")]);
+    }
+    grid.spawn_worker("http-worker", &mut worker)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, CALL_FLOW).await?;
+    Ok((grid, client))
+}
+
+/// A JSON response of the request's headers, lowercase names.
+fn headers_json(headers: &HeaderMap) -> impl IntoResponse {
+    let pairs = headers.iter().map(|(name, value)| (name.to_string(), json!(value.to_str().unwrap_or("?"))));
+    ([(header::CONTENT_TYPE, "application/json")], Value::Object(pairs.collect()).to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_status_keeps_its_code_and_retry_whatever_the_size_of_its_body() -> anyhow::Result<()> {
+    // Error pages past --response-max-kb 64 (before, read whole first: `payload_too_large`,
+    // final, so a 503 was not retried and a step's catch of `http_404` never matched).
+    let busy = Arc::new(AtomicU64::new(0));
+    let page = |title: &str| format!("<html><title>{title}</title>{}</html>", "x".repeat(100 * 1024));
+    let (unavailable, missing) = (page("Service Unavailable"), page("No such order"));
+    let html = || [(header::CONTENT_TYPE, "text/html")];
+    let app = Router::new()
+        .route(
+            "/v1/busy",
+            get(move |State(busy): State<Arc<AtomicU64>>| async move {
+                busy.fetch_add(1, Ordering::SeqCst);
+                (StatusCode::SERVICE_UNAVAILABLE, html(), unavailable)
+            }),
+        )
+        .route("/v1/gone", get(move || async move { (StatusCode::NOT_FOUND, html(), missing) }))
+        .with_state(Arc::clone(&busy));
+    let port = listen(app).await?;
+    let (grid, client) = http_grid(&[port], &["--response-max-kb", "64"]).await?;
+
+    let view = call(&grid, &client, json!({"url": format!("http://127.0.0.1:{port}/v1/busy")})).await?;
+    let error = view.error.clone().expect("a failed run has an error");
+    assert_eq!((view.status, error.code.as_str()), (RunStatus::Failed, "http_503"), "{error:?}");
+    assert_eq!((view.steps[0].attempts, busy.load(Ordering::SeqCst)), (3, 3), "a 503 is retried: {view:?}");
+    assert!(error.message.contains("<title>Service Unavailable</title>"), "{error:?}");
+    assert!(error.message.len() < 1000, "the message quotes the body's start only: {} bytes", error.message.len());
+
+    let view = call(&grid, &client, json!({"url": format!("http://127.0.0.1:{port}/v1/gone")})).await?;
+    let error = view.error.clone().expect("a failed run has an error");
+    assert_eq!((error.code.as_str(), view.steps[0].attempts), ("http_404", 1), "{error:?}");
+    assert!(error.message.contains("No such order"), "{error:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_worker_follows_five_redirects_and_no_more() -> anyhow::Result<()> {
+    let app = Router::new()
+        .route(
+            "/v1/hops/{left}",
+            get(|axum::extract::Path(left): axum::extract::Path<u32>| async move {
+                match left {
+                    0 => "arrived".into_response(),
+                    _ => Redirect::temporary(&format!("/v1/hops/{}", left - 1)).into_response(),
+                }
+            }),
+        )
+        .route("/v1/loop", get(|| async { Redirect::temporary("/v1/loop") }));
+    let port = listen(app).await?;
+    let (grid, client) = http_grid(&[port], &[]).await?;
+
+    // Five redirects, as documented (before, the fifth was refused, as `forbidden_url`).
+    let view = call(&grid, &client, json!({"url": format!("http://127.0.0.1:{port}/v1/hops/5")})).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output.map(|output| output["body"].clone()), Some(json!("arrived")));
+    // A sixth, or a loop: a code of their own, final; `forbidden_url` says a URL is outside --allow.
+    for path in ["/v1/hops/6", "/v1/loop"] {
+        let view = call(&grid, &client, json!({"url": format!("http://127.0.0.1:{port}{path}")})).await?;
+        let error = view.error.clone().expect("refused");
+        assert_eq!((error.code.as_str(), view.steps[0].attempts), ("too_many_redirects", 1), "{path}: {error:?}");
+        assert!(error.message.contains("more than 5 redirects"), "{path}: {error:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_stays_on_its_origin_and_sends_no_referer() -> anyhow::Result<()> {
+    // Another service, also allowed: it should never see the flow's headers.
+    let other_hits = Arc::new(AtomicU64::new(0));
+    let other = Router::new()
+        .route(
+            "/v1/headers",
+            get(|State(hits): State<Arc<AtomicU64>>, headers: HeaderMap| async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                headers_json(&headers)
+            }),
+        )
+        .with_state(Arc::clone(&other_hits));
+    let other_port = listen(other).await?;
+    let elsewhere = format!("http://127.0.0.1:{other_port}/v1/headers");
+    let app = Router::new()
+        .route("/v1/hop", get(|| async { Redirect::temporary("/v1/headers") }))
+        .route("/v1/elsewhere", get(move || async move { Redirect::temporary(&elsewhere) }))
+        .route("/v1/headers", get(|headers: HeaderMap| async move { headers_json(&headers) }));
+    let port = listen(app).await?;
+    let (grid, client) = http_grid(&[port, other_port], &[]).await?;
+    let key = json!({"X-Api-Key": "k-123"});
+
+    // On the same origin: the flow's headers, and no Referer (before, the previous URL with
+    // its query: the token).
+    let input = json!({"url": format!("http://127.0.0.1:{port}/v1/hop?token=s3cret"), "headers": key});
+    let view = call(&grid, &client, input).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    let got = view.output.map(|output| output["body"].clone()).unwrap_or_default();
+    assert_eq!((got["x-api-key"].as_str(), got.get("referer")), (Some("k-123"), None), "{got}");
+
+    // To another origin, though allowed: refused, naming the target (before, followed with
+    // the flow's X-Api-Key and a Referer).
+    let input = json!({"url": format!("http://127.0.0.1:{port}/v1/elsewhere?token=s3cret"), "headers": key});
+    let view = call(&grid, &client, input).await?;
+    let error = view.error.clone().expect("refused");
+    assert_eq!((error.code.as_str(), view.steps[0].attempts), ("cross_origin_redirect", 1), "{error:?}");
+    assert!(error.message.contains(&format!("127.0.0.1:{other_port}/v1/headers")), "{error:?}");
+    assert_eq!(other_hits.load(Ordering::SeqCst), 0, "the other origin was called");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_or_oversized_response_fails_with_a_message_naming_its_url() -> anyhow::Result<()> {
+    let png: &[u8] = &[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 0x0d, 0xff, 0xfe];
+    // 800 KB of JSON numbers: under --response-max-kb, but 9 bytes each in the encoded
+    // result, over the 1 MiB a result may carry.
+    let numbers = format!("[{}0.5]", "0.5,".repeat(200_000));
+    let app = Router::new()
+        .route("/v1/logo", get(move || async move { ([(header::CONTENT_TYPE, "image/png")], png) }))
+        .route("/v1/numbers", get(move || async move { ([(header::CONTENT_TYPE, "application/json")], numbers) }));
+    let port = listen(app).await?;
+    let (grid, client) = http_grid(&[port], &["--response-max-kb", "960"]).await?;
+
+    // Before, its bytes became U+FFFD characters in a successful output.
+    let url = format!("http://127.0.0.1:{port}/v1/logo");
+    let view = call(&grid, &client, json!({ "url": url })).await?;
+    let error = view.error.clone().expect("refused");
+    assert_eq!((error.code.as_str(), view.steps[0].attempts), ("binary_response", 1), "{view:?}");
+    assert!(error.message.contains("image/png") && error.message.contains(&url), "{error:?}");
+
+    // Before, the SDK's stand-in: "the task's result is over the grid's payload limit".
+    let url = format!("http://127.0.0.1:{port}/v1/numbers");
+    let view = call(&grid, &client, json!({ "url": url })).await?;
+    let error = view.error.clone().expect("refused");
+    assert_eq!(error.code, "payload_too_large", "{view:?}");
+    assert!(error.message.contains(&url), "{error:?}");
+
+    // A body of --response-max-kb 1024 would leave no room for the rest of the output: the
+    // worker does not start (before, it did).
+    let mut worker = std::process::Command::new(flowgrid_bin());
+    worker.args(["--nats-url", &grid.nats_url, "http-worker", "--allow", "http://127.0.0.1:1/"]);
+    let mut worker = worker.args(["--response-max-kb", "1024"]).stderr(std::process::Stdio::piped()).spawn()?;
+    let started = std::time::Instant::now();
+    while worker.try_wait()?.is_none() && started.elapsed() < std::time::Duration::from_secs(10) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = worker.kill();
+    let output = worker.wait_with_output()?;
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && text.contains("--response-max-kb") && text.contains("1..=960"), "{text}");
     Ok(())
 }

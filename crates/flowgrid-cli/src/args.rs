@@ -180,9 +180,9 @@ pub struct HttpWorkerArgs {
     #[arg(long, env = "FLOWGRID_HTTP_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<std::path::PathBuf>,
     /// The largest response body taken, in KiB; a larger one fails the attempt
-    /// (`payload_too_large`). At most 1024: a task's output is at most 1 MiB.
+    /// (`payload_too_large`). At most 960: a task's output, the status and headers with it, is at most 1 MiB.
     #[arg(long, env = "FLOWGRID_HTTP_RESPONSE_MAX_KB", default_value_t = 512,
-          value_parser = clap::value_parser!(u64).range(1..=1024))]
+          value_parser = clap::value_parser!(u64).range(1..=crate::http_worker::RESPONSE_MAX_KB_MAX))]
     pub response_max_kb: u64,
     /// On SIGTERM, how long the requests out may still take, in ms, before they are
     /// abandoned (their tasks go to another worker); raise it with `--timeout-ms` past 30 s.

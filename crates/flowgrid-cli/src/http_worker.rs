@@ -2,17 +2,21 @@
 //! can use a service with an HTTP API without a worker of its own.
 //!
 //! The task's input says what to send (`url`, `method`, `headers`, `body`, `timeout_ms`);
-//! its output is the response (`status`, `headers`, `body`, parsed when it is JSON). Only
-//! URLs under the prefixes given with `--allow` are called, redirects included, so a flow
-//! cannot make the worker reach anything else. A 2xx response is the task's output; 429, 5xx
-//! and failures to connect are retryable errors (`http_503`, `unavailable`), any other
-//! status a final one (`http_404`), so the step's `retry` and `catch` decide what follows.
-//! `--max-rate` paces the requests of each pool for a service with a quota.
+//! its output is the response (`status`, `headers`, `body`, parsed when it is JSON; a body
+//! that is not text fails the task). Only URLs under the prefixes given with `--allow` are
+//! called, redirects included, so a flow cannot make the worker reach anything else; a
+//! redirect is followed only within the origin called, so the flow's headers and body reach
+//! no other service. A 2xx response is the task's output; 429, 5xx and failures to connect
+//! are retryable errors (`http_503`, `unavailable`), any other status a final one
+//! (`http_404`), whatever the size of its body, so the step's `retry` and `catch` decide what
+//! follows. `--max-rate` paces the requests of each pool for a service with a quota.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flowgrid_proto::Encoding;
 use flowgrid_sdk::{BoxFuture, Task, TaskError, TaskHandler};
 use reqwest::{header, Method, Url};
 use serde::Deserialize;
@@ -25,6 +29,15 @@ const REDIRECTS_MAX: usize = 5;
 /// Characters of a failed response's body quoted in the attempt's error message: enough for
 /// a service's error text, small enough for `run get` and the history.
 const ERROR_BODY_CHARS: usize = 300;
+/// Bytes of a failed response's body read at most: the quote needs no more (300 characters
+/// of up to 4 bytes), and an error page past `--response-max-kb` keeps its status.
+const ERROR_BODY_BYTES_MAX: usize = 4 * 1024;
+/// The largest `--response-max-kb`: a task's output is at most 1 MiB (the grid's payload
+/// limit), and the body must leave room in it for the status and headers.
+pub const RESPONSE_MAX_KB_MAX: u64 = 960;
+/// Room under the grid's payload limit for the fields of a task's result other than its
+/// output (the attempt's id, ...).
+const RESULT_ROOM_BYTES: usize = 4 * 1024;
 
 /// What a `request` task's input may hold.
 #[derive(Debug, Deserialize)]
@@ -66,31 +79,39 @@ pub struct HttpSettings {
 pub struct HttpWorker {
     client: reqwest::Client,
     settings: Arc<HttpSettings>,
+    /// The largest output a result carries: the grid's payload limit less the result's
+    /// other fields.
+    output_bytes_max: usize,
 }
 
 impl HttpWorker {
     pub fn new(settings: HttpSettings) -> anyhow::Result<HttpWorker> {
+        let kib = settings.body_bytes_max >> 10;
+        if kib > RESPONSE_MAX_KB_MAX as usize {
+            anyhow::bail!(
+                "--response-max-kb {kib} is over {RESPONSE_MAX_KB_MAX}: a task's output is at most 1 MiB, and the \
+                 response's status and headers need room in it besides the body"
+            );
+        }
         // The process's TLS provider, once: ring, as for NATS (an error: one is set already).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let settings = Arc::new(settings);
         let allowed = Arc::clone(&settings);
-        // A redirect is followed only to an allowed URL.
         let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= REDIRECTS_MAX {
-                attempt.error(format!("more than {REDIRECTS_MAX} redirects"))
-            } else if allowed.allows(attempt.url()) {
-                attempt.follow()
-            } else {
-                let url = attempt.url().to_string();
-                attempt.error(format!("redirected to {url}, which no --allow prefix covers"))
+            match allowed.refuse_redirect(attempt.url(), attempt.previous()) {
+                Some(refusal) => attempt.error(refusal),
+                None => attempt.follow(),
             }
         });
         let client = reqwest::Client::builder()
             .tls_certs_merge(settings.extra_roots.iter().cloned())
             .redirect(redirects)
+            // A Referer would hand the URL called, its query's tokens too, to the next one.
+            .referer(false)
             .user_agent(concat!("flowgrid-http-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(HttpWorker { client, settings })
+        let output_bytes_max = flowgrid_model::Limits::default().payload_bytes_max - RESULT_ROOM_BYTES;
+        Ok(HttpWorker { client, settings, output_bytes_max })
     }
 
     async fn call(&self, task: &Task) -> Result<Value, TaskError> {
@@ -147,52 +168,18 @@ impl HttpWorker {
         };
         let response = builder.send().await.map_err(|error| unreachable_error(&url, &error))?;
         let status = response.status();
-        // A header the service sent more than once (`set-cookie`, `link`) is a list of its
-        // values, in order; one sent once, its value.
-        let headers: Map<String, Value> = response
-            .headers()
-            .keys()
-            .filter_map(|name| {
-                let mut values: Vec<Value> = response
-                    .headers()
-                    .get_all(name)
-                    .iter()
-                    .filter_map(|value| Some(json!(value.to_str().ok()?)))
-                    .collect();
-                // A header none of whose values is text is left out.
-                let value = match values.len() {
-                    0 => return None,
-                    1 => values.remove(0),
-                    _ => Value::Array(values),
-                };
-                Some((name.as_str().to_owned(), value))
-            })
-            .collect();
-        let is_json = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.contains("json"));
-        let bytes = self.read_body(response, &url).await?;
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else if is_json {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes)))
-        } else {
-            json!(String::from_utf8_lossy(&bytes))
-        };
-        if status.is_success() {
-            return Ok(json!({ "status": status.as_u16(), "headers": headers, "body": body }));
+        let content_type =
+            response.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).map(str::to_owned);
+        if !status.is_success() {
+            let start = read_start(response, ERROR_BODY_BYTES_MAX).await;
+            return Err(status_error(&url, status, &start, content_type.as_deref()));
         }
-        let excerpt: String = match &body {
-            Value::String(text) => text.chars().take(ERROR_BODY_CHARS).collect(),
-            other => other.to_string().chars().take(ERROR_BODY_CHARS).collect(),
-        };
-        Err(TaskError {
-            code: format!("http_{}", status.as_u16()),
-            message: format!("{url} answered {status}: {excerpt}"),
-            retryable: status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
-        })
+        let headers = response_headers(response.headers());
+        let bytes = self.read_body(response, &url).await?;
+        let body = parse_body(bytes, content_type.as_deref(), &url)?;
+        let output = json!({ "status": status.as_u16(), "headers": headers, "body": body });
+        self.check_output_size(&output, &url)?;
+        Ok(output)
     }
 
     /// The response body, refused past `--response-max-kb`.
@@ -210,6 +197,167 @@ impl HttpWorker {
         }
         Ok(bytes)
     }
+
+    /// Refuses an output over what a task's result may carry, naming the URL: the grid would
+    /// refuse the result, and the error sent in its place names neither. The body is under
+    /// `--response-max-kb`, but many headers, or a JSON body of numbers (an encoded number
+    /// takes 9 bytes, `0.5,` 4), can still make too large an output.
+    fn check_output_size(&self, output: &Value, url: &Url) -> Result<(), TaskError> {
+        let bytes = flowgrid_proto::encode(Encoding::MsgPack, output).map_or(usize::MAX, |encoded| encoded.len());
+        if bytes <= self.output_bytes_max {
+            return Ok(());
+        }
+        Err(final_error(
+            "payload_too_large",
+            format!(
+                "the response of {url} makes an output of {bytes} bytes (status, headers and body, as the result \
+                 carries them), over the {} bytes a task's result may carry: ask the service for less (a page, fewer \
+                 fields); --response-max-kb bounds the body as received",
+                self.output_bytes_max
+            ),
+        ))
+    }
+}
+
+/// The response's headers for the output. One the service sent more than once
+/// (`set-cookie`, `link`) is a list of its values, in order; one sent once, its value.
+fn response_headers(headers: &header::HeaderMap) -> Map<String, Value> {
+    headers
+        .keys()
+        .filter_map(|name| {
+            let mut values: Vec<Value> =
+                headers.get_all(name).iter().filter_map(|value| Some(json!(value.to_str().ok()?))).collect();
+            // A header none of whose values is text is left out.
+            let value = match values.len() {
+                0 => return None,
+                1 => values.remove(0),
+                _ => Value::Array(values),
+            };
+            Some((name.as_str().to_owned(), value))
+        })
+        .collect()
+}
+
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|value| value.contains("json"))
+}
+
+/// A 2xx response's body as the output holds it: JSON parsed, other text as it is. A body
+/// that is not UTF-8 (an image, a PDF) fails the task: an output is JSON, which has no room
+/// for its bytes, and replacing them (U+FFFD, 3 bytes each) would corrupt it silently.
+fn parse_body(bytes: Vec<u8>, content_type: Option<&str>, url: &Url) -> Result<Value, TaskError> {
+    if bytes.is_empty() {
+        return Ok(Value::Null);
+    }
+    let text = String::from_utf8(bytes).map_err(|_| {
+        let kind = content_type.map_or_else(|| "no Content-Type".to_owned(), |value| format!("Content-Type {value}"));
+        final_error(
+            "binary_response",
+            format!(
+                "{url} answered with a body that is not UTF-8 text ({kind}): the HTTP worker passes on text and \
+                 JSON bodies only; have the service send the data as base64 in JSON, or a URL to fetch it from"
+            ),
+        )
+    })?;
+    if is_json(content_type) {
+        if let Ok(value) = serde_json::from_str(&text) {
+            return Ok(value);
+        }
+    }
+    Ok(Value::String(text))
+}
+
+/// The first `max` bytes of a response's body, fewer when it ends or breaks off sooner. A
+/// failed response's body is read for its quote only: an error page past
+/// `--response-max-kb` keeps its status (and its retry), and a failure reading it changes
+/// nothing.
+async fn read_start(mut response: reqwest::Response, max: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    while bytes.len() < max {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    bytes.truncate(max);
+    bytes
+}
+
+/// The error of a response that is not 2xx: `http_<status>`, retryable for 429 and 5xx,
+/// with the start of its body (a JSON body on one line, when it is whole).
+fn status_error(url: &Url, status: reqwest::StatusCode, start: &[u8], content_type: Option<&str>) -> TaskError {
+    let parsed = is_json(content_type).then(|| serde_json::from_slice::<Value>(start).ok()).flatten();
+    let text = match parsed {
+        Some(Value::String(text)) => text,
+        Some(value) => value.to_string(),
+        None => String::from_utf8_lossy(start).into_owned(),
+    };
+    let excerpt: String = text.chars().take(ERROR_BODY_CHARS).collect();
+    let message = match excerpt.trim() {
+        "" => format!("{url} answered {status}"),
+        excerpt => format!("{url} answered {status}: {excerpt}"),
+    };
+    TaskError {
+        code: format!("http_{}", status.as_u16()),
+        message,
+        retryable: status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
+    }
+}
+
+/// Why the worker does not follow a redirect; the redirect policy's error, found again in
+/// [`unreachable_error`] for its code.
+#[derive(Debug)]
+enum RedirectRefused {
+    /// To a URL no `--allow` prefix covers.
+    Outside(Url),
+    /// Past [`REDIRECTS_MAX`]: a loop ends here too.
+    TooMany,
+    /// To another origin (scheme, host or port), though allowed: the flow's headers (an API
+    /// key) and body are for the service it named, and reqwest would pass them on.
+    OtherOrigin(Url),
+}
+
+impl RedirectRefused {
+    fn code(&self) -> &'static str {
+        match self {
+            RedirectRefused::Outside(_) => "forbidden_url",
+            RedirectRefused::TooMany => "too_many_redirects",
+            RedirectRefused::OtherOrigin(_) => "cross_origin_redirect",
+        }
+    }
+}
+
+impl fmt::Display for RedirectRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedirectRefused::Outside(url) => {
+                write!(f, "redirected to {}, which no --allow prefix of this worker covers", without_query(url))
+            }
+            RedirectRefused::TooMany => write!(
+                f,
+                "more than {REDIRECTS_MAX} redirects (a loop, or a longer chain than the worker follows): call the URL \
+                 they lead to"
+            ),
+            RedirectRefused::OtherOrigin(url) => write!(
+                f,
+                "redirected to another origin, {}: the worker follows redirects within the scheme, host and port \
+                 called only, so that the flow's headers and body reach no other service; call that URL directly",
+                without_query(url)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RedirectRefused {}
+
+/// `url` without its query, fragment and password, for a message: a redirect's target may
+/// carry a token.
+fn without_query(url: &Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let _ = shown.set_password(None);
+    shown.to_string()
 }
 
 impl HttpSettings {
@@ -232,6 +380,20 @@ impl HttpSettings {
                     .strip_prefix(under)
                     .is_some_and(|rest| under.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
         })
+    }
+
+    /// Why a redirect to `next` is not followed, if it is not; `previous` are the URLs
+    /// requested so far, the first one (not a redirect) included.
+    fn refuse_redirect(&self, next: &Url, previous: &[Url]) -> Option<RedirectRefused> {
+        if !self.allows(next) {
+            Some(RedirectRefused::Outside(next.clone()))
+        } else if previous.len() > REDIRECTS_MAX {
+            Some(RedirectRefused::TooMany)
+        } else if previous.last().is_some_and(|from| from.origin() != next.origin()) {
+            Some(RedirectRefused::OtherOrigin(next.clone()))
+        } else {
+            None
+        }
     }
 
     fn allowed_list(&self) -> String {
@@ -272,9 +434,13 @@ fn final_error(code: &str, message: String) -> TaskError {
 }
 
 fn unreachable_error(url: &Url, error: &reqwest::Error) -> TaskError {
+    // A refused redirect: the same again next time.
+    if let Some(refusal) = redirect_refusal(error) {
+        return final_error(refusal.code(), format!("{url}: {refusal}"));
+    }
     let what = if error.is_timeout() { "timed out" } else { "failed" };
-    // A refused redirect or a request that cannot be built (a header name or value that
-    // HTTP does not allow) is the flow's doing: trying again changes nothing.
+    // A redirect reqwest refused, or a request that cannot be built (a header name or value
+    // that HTTP does not allow), is the flow's doing: trying again changes nothing.
     let (code, retryable) = if error.is_redirect() {
         ("forbidden_url", false)
     } else if error.is_builder() {
@@ -289,6 +455,18 @@ fn unreachable_error(url: &Url, error: &reqwest::Error) -> TaskError {
         source = cause.source();
     }
     TaskError { code: code.to_owned(), message, retryable }
+}
+
+/// The worker's own reason for not following a redirect, among the causes of `error`.
+fn redirect_refusal(error: &reqwest::Error) -> Option<&RedirectRefused> {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(refusal) = cause.downcast_ref::<RedirectRefused>() {
+            return Some(refusal);
+        }
+        source = cause.source();
+    }
+    None
 }
 
 /// Headers that choose where a request goes (`Host`: another site behind the same address
@@ -343,6 +521,51 @@ mod tests {
         ] {
             assert_eq!(allowed.allows(&Url::parse(url).unwrap()), expected, "{url}");
         }
+    }
+
+    #[test]
+    fn a_redirect_is_followed_five_times_within_its_origin_and_allowed_prefixes() {
+        let allowed = settings(&["http://h:9/ok/", "http://other:9/ok/"]);
+        let url = |text: &str| Url::parse(text).unwrap();
+        let refusal = |next: &str, previous: usize| {
+            let chain: Vec<Url> = (0..previous).map(|hop| url(&format!("http://h:9/ok/{hop}"))).collect();
+            allowed.refuse_redirect(&url(next), &chain).map(|refusal| refusal.code())
+        };
+        // `previous` holds the first request: 5 of them, 4 redirects followed, the 5th asked.
+        assert_eq!(refusal("http://h:9/ok/next", 5), None);
+        assert_eq!(refusal("http://h:9/ok/next", 6), Some("too_many_redirects"));
+        assert_eq!(refusal("http://h:9/admin", 1), Some("forbidden_url"));
+        assert_eq!(refusal("http://other:9/ok/next", 1), Some("cross_origin_redirect"));
+        assert_eq!(refusal("http://h:80/ok/next", 1), Some("forbidden_url"));
+    }
+
+    #[test]
+    fn a_body_that_is_not_text_fails_and_json_is_parsed() {
+        let url = Url::parse("http://h:9/ok").unwrap();
+        let png = vec![0x89, b'P', b'N', b'G', 0xff];
+        let error = parse_body(png, Some("image/png"), &url).unwrap_err();
+        assert!(
+            error.code == "binary_response" && !error.retryable && error.message.contains("image/png"),
+            "{error:?}"
+        );
+        assert_eq!(parse_body(b"{\"a\":1}".to_vec(), Some("application/json"), &url).unwrap(), json!({"a": 1}));
+        assert_eq!(parse_body(b"{\"a\":".to_vec(), Some("application/json"), &url).unwrap(), json!("{\"a\":"));
+        assert_eq!(parse_body(b"caf\xc3\xa9".to_vec(), None, &url).unwrap(), json!("café"));
+        assert_eq!(parse_body(Vec::new(), None, &url).unwrap(), Value::Null);
+    }
+
+    #[test]
+    fn a_status_error_quotes_the_start_of_the_body() {
+        let url = Url::parse("http://h:9/ok").unwrap();
+        let error =
+            status_error(&url, reqwest::StatusCode::BAD_GATEWAY, b"{ \"error\": \"down\" }", Some("application/json"));
+        assert_eq!((error.code.as_str(), error.retryable), ("http_502", true));
+        assert!(error.message.ends_with(r#"502 Bad Gateway: {"error":"down"}"#), "{error:?}");
+        let error = status_error(&url, reqwest::StatusCode::NOT_FOUND, &[b'x'; 4096], Some("text/html"));
+        assert_eq!((error.code.as_str(), error.retryable), ("http_404", false));
+        assert!(error.message.ends_with(&"x".repeat(ERROR_BODY_CHARS)) && error.message.len() < 400, "{error:?}");
+        let error = status_error(&url, reqwest::StatusCode::TOO_MANY_REQUESTS, b"", None);
+        assert_eq!((error.message.as_str(), error.retryable), ("http://h:9/ok answered 429 Too Many Requests", true));
     }
 
     #[test]
