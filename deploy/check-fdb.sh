@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Type-checks the FoundationDB store backend and its cluster tests, and runs the store
 # contract suite against a cluster when FDB_CLUSTER_FILE is set. Its bindings are
-# generated with bindgen, which needs libclang (Debian: libclang-dev); nothing is linked,
-# so no FoundationDB client library is needed.
+# generated with bindgen, which needs libclang (Debian: libclang-dev). The type-check links
+# nothing, so it needs no FoundationDB client library; running the contract suite does:
+# it links libfdb_c (7.3 or later: the backend uses API version 730), from the linker's
+# search path or FDB_CLIENT_LIB_PATH, and needs a running cluster named by FDB_CLUSTER_FILE.
 #   --skip-if-missing   without libclang, print a loud notice and exit 0 (used by make test)
 set -euo pipefail
 
@@ -11,6 +13,18 @@ set -euo pipefail
 cd "$(repo_root)"
 
 CARGO=${CARGO:-cargo}
+
+# True when the FoundationDB client library can be linked: in the dynamic linker's cache,
+# or in FDB_CLIENT_LIB_PATH (which the foundationdb-sys build adds to the link search path).
+have_libfdb_c() {
+    if [[ -n "${FDB_CLIENT_LIB_PATH:-}" ]] && compgen -G "$FDB_CLIENT_LIB_PATH/libfdb_c.so*" >/dev/null; then
+        return 0
+    fi
+    local ldconfig
+    ldconfig=$(command -v ldconfig || echo /sbin/ldconfig)
+    [[ -x "$ldconfig" ]] && "$ldconfig" -p 2>/dev/null | grep -q 'libfdb_c\.so'
+}
+
 if ! have_libclang; then
     if [[ "${1:-}" == --skip-if-missing ]]; then
         say ""
@@ -29,16 +43,26 @@ say "check-fdb: $CARGO check -p flowgrid-store-fdb --tests --features cluster-te
 "$CARGO" check -p flowgrid-store-fdb --tests --features cluster-tests
 
 # The store contract suite needs a running FoundationDB cluster and its client library.
+# Built with --features cluster-tests, the suite fails (never passes) without a cluster
+# file, so it is only run when FDB_CLUSTER_FILE is set.
 if [[ -n "${FDB_CLUSTER_FILE:-}" ]]; then
+    [[ -r "$FDB_CLUSTER_FILE" ]] || die "FDB_CLUSTER_FILE=$FDB_CLUSTER_FILE is not a readable file: point it at the cluster file of a running cluster"
+    if ! have_libfdb_c; then
+        die "libfdb_c is not installed, so the FoundationDB contract suite cannot link: install the FoundationDB 7.3 client package (foundationdb-clients), or set FDB_CLIENT_LIB_PATH to the directory holding libfdb_c.so"
+    fi
+    if [[ -n "${FDB_CLIENT_LIB_PATH:-}" ]]; then
+        # The test binary loads libfdb_c from there too.
+        export LD_LIBRARY_PATH="$FDB_CLIENT_LIB_PATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
     say "check-fdb: FDB_CLUSTER_FILE=$FDB_CLUSTER_FILE: running the store contract suite against the cluster"
     "$CARGO" test -p flowgrid-store-fdb --features cluster-tests
 else
     say ""
     say "################################################################################"
     say "## NOT RUN: the store contract suite against FoundationDB."
-    say "## reason: FDB_CLUSTER_FILE is not set, and no FoundationDB server or client"
-    say "##         library is installed here. The backend was type-checked only."
-    say "## To run it: FDB_CLUSTER_FILE=/etc/foundationdb/fdb.cluster make check-fdb"
+    say "## reason: FDB_CLUSTER_FILE is not set. The backend was type-checked only."
+    say "## To run it (needs a running cluster and libfdb_c 7.3 installed):"
+    say "##   FDB_CLUSTER_FILE=/etc/foundationdb/fdb.cluster make check-fdb"
     say "################################################################################"
     say ""
 fi
