@@ -70,7 +70,6 @@ use foundationdb::{
     Database, FdbBindingError, FdbError, FdbResult, KeySelector, RangeOption, RetryableTransaction, RunnerHooks,
     TransactionCommitError,
 };
-use foundationdb_tuple::Element;
 
 use flowgrid_model::{Epoch, ShardId};
 use flowgrid_store::{
@@ -742,7 +741,7 @@ async fn records_piece(
                 // A record follows a full page.
                 return Ok(RecordsPiece { records, more: Some(true) });
             }
-            let (index, count) = chunk_index_and_count(key).map_err(abort_with)?;
+            let (index, count) = flowgrid_store::chunk_position(key).map_err(abort_with)?;
             chunk_bytes = chunk_bytes.saturating_add(pair.value().len());
             chunks.push((key.to_vec(), pair.value().to_vec()));
             if page_len > 0 && bytes.saturating_add(chunk_bytes) > so_far.bytes_max {
@@ -789,24 +788,4 @@ fn one_record(chunks: Vec<(Key, Value)>) -> std::result::Result<(Key, Value), Fd
             detail: "the chunks read through a record's last chunk are not exactly that record".to_string(),
         })),
     }
-}
-
-/// The index and count a chunk key ends with (see [`flowgrid_store::WriteBatch::set_chunked`]).
-fn chunk_index_and_count(key: &[u8]) -> Result<(u64, u64)> {
-    let malformed = |source| Error::MalformedKey { kind: "chunk", key: printable_key(key), source };
-    let elements: Vec<Element<'_>> = foundationdb_tuple::unpack(key).map_err(malformed)?;
-    let not_a_chunk = |detail: &str| Error::Corrupt { key: printable_key(key), detail: detail.to_string() };
-    let [.., _, index, count] = elements.as_slice() else {
-        return Err(not_a_chunk("a chunk key ends with (index, count) after the record key"));
-    };
-    let (Some(index), Some(count)) = (index.as_i64(), count.as_i64()) else {
-        return Err(not_a_chunk("the chunk index and count are not integers"));
-    };
-    let (Ok(index), Ok(count)) = (u64::try_from(index), u64::try_from(count)) else {
-        return Err(not_a_chunk("the chunk index or count is negative"));
-    };
-    if index >= count {
-        return Err(not_a_chunk("the chunk index is not below the chunk count"));
-    }
-    Ok((index, count))
 }

@@ -236,6 +236,12 @@ pub(crate) fn chunk_key(record_key: &[u8], index: u32, count: u32) -> Key {
     key
 }
 
+/// The `(index, count)` of the chunk whose key is `key`: for a backend that reads chunked
+/// records itself.
+pub fn chunk_position(key: &[u8]) -> Result<(u64, u64)> {
+    decode_chunk_key(key).map(|chunk| (chunk.index, chunk.count))
+}
+
 /// One decoded chunk key.
 struct Chunk {
     record_key: Key,

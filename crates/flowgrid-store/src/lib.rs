@@ -25,7 +25,7 @@ pub mod contract;
 pub mod keys;
 mod limits;
 
-pub use batch::{join_chunks, join_records, Mutation, WriteBatch};
+pub use batch::{chunk_position, join_chunks, join_records, Mutation, WriteBatch};
 pub use limits::{StoreLimits, FDB_KEY_BYTES_MAX, FDB_TRANSACTION_BYTES_MAX, FDB_VALUE_BYTES_MAX};
 
 pub type Key = Vec<u8>;
