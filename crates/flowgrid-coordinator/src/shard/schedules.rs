@@ -94,13 +94,15 @@ impl<S: ShardStore> ShardActor<S> {
             for &slot in &slots {
                 self.start_slot(&flow, &schedule, slot);
             }
-            let last = slots.last().copied().unwrap_or(slot);
-            match plan.schedule.as_ref().and_then(|timetable| timetable.next_after(last)).filter(|&next| next <= now) {
+            let last = slots.last().copied();
+            let next = last.and_then(|last| plan.schedule.as_ref()?.next_after(last)).filter(|&next| next <= now);
+            match next {
                 // More were due than a turn starts: the next turn goes on from there.
                 Some(next) => {
                     self.schedules.insert(flow, next);
                 }
-                None => self.arm_schedule(&plan, now.max(last)),
+                // None left due (or none in the window at all): the first slot after now.
+                None => self.arm_schedule(&plan, last.map_or(now, |last| now.max(last))),
             }
         }
     }
@@ -184,6 +186,9 @@ mod tests {
         let (slots, skipped) = due_slots(&Timetable::Every(10_000), 1_000_000 - CATCH_UP_MS * 5, 1_000_000);
         assert_eq!(slots, (940_000..=1_000_000).step_by(10_000).collect::<Vec<_>>());
         assert_eq!(skipped, Some(1_000_000 - CATCH_UP_MS));
+        // Behind by hours, with no slot in the last minute: none to start, the rest skipped.
+        let hourly = Timetable::Every(3_600_000);
+        assert_eq!(due_slots(&hourly, 36_000_000, 45_000_000), (vec![], Some(45_000_000 - CATCH_UP_MS)));
         let (slots, skipped) = due_slots(&every_1s, now - CATCH_UP_MS, now);
         assert_eq!((slots.len(), slots[0], skipped), (SLOTS_PER_TURN_MAX, now - CATCH_UP_MS, None));
     }
