@@ -41,6 +41,9 @@ if ! have_libclang; then
 fi
 say "check-fdb: $CARGO check -p flowgrid-store-fdb --tests --features cluster-tests"
 "$CARGO" check -p flowgrid-store-fdb --tests --features cluster-tests
+# The coordinator's --fdb-cluster-file, built in with the `fdb` feature.
+say "check-fdb: $CARGO check -p flowgrid-cli --features fdb"
+"$CARGO" check -p flowgrid-cli --features fdb
 
 # The store contract suite needs a running FoundationDB cluster and its client library.
 # Built with --features cluster-tests, the suite fails (never passes) without a cluster

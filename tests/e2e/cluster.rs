@@ -268,5 +268,16 @@ async fn a_coordinator_with_another_shard_count_is_refused_and_leaves_its_direct
     // The grid's own directory names the grid once its coordinator joined.
     let recorded: Value = serde_json::from_slice(&std::fs::read(grid.data_dir().join("grid.json"))?)?;
     assert_eq!(recorded, json!({"prefix": grid.prefix, "shards": grid.shards}));
+    // Shards in FoundationDB need a build with it: this one says how to make one, and
+    // touches nothing.
+    let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "coordinator", "--metrics-addr", "off"])
+        .args(["--fdb-cluster-file", "/etc/foundationdb/fdb.cluster", "--data-dir"])
+        .arg(grid.dir.path().join("fdb-data"))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("built without FoundationDB") && stderr.contains("--features fdb"), "{stderr}");
+    assert!(!grid.dir.path().join("fdb-data").exists(), "no data directory made");
     Ok(())
 }

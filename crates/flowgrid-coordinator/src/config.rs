@@ -18,6 +18,14 @@ pub struct CoordinatorConfig {
     /// Directory of the embedded store (one file per shard).
     #[arg(long, env = "FLOWGRID_DATA_DIR", default_value = ".grid/data")]
     pub data_dir: PathBuf,
+    /// Keep the shards in the FoundationDB cluster of this cluster file instead of the
+    /// embedded store in `--data-dir` (every coordinator of the grid names the same cluster
+    /// and `--fdb-root`). Needs a `flowgrid` built with `--features fdb` and libfdb_c 7.3.
+    #[arg(long, env = "FLOWGRID_FDB_CLUSTER_FILE", value_name = "FILE")]
+    pub fdb_cluster_file: Option<PathBuf>,
+    /// The subspace of the FoundationDB cluster the grid's shards live under.
+    #[arg(long, env = "FLOWGRID_FDB_ROOT", default_value = "flowgrid")]
+    pub fdb_root: String,
     /// Page cache of the embedded store over all shards, in MiB (split evenly between the
     /// shard files). The hot state is in memory; this cache only speeds up reloads and lists.
     #[arg(long, env = "FLOWGRID_STORE_CACHE_MB", default_value_t = STORE_CACHE_MB_DEFAULT)]

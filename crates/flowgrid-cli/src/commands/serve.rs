@@ -24,10 +24,44 @@ pub(crate) async fn coordinator(config: CoordinatorConfig) -> anyhow::Result<Exi
     config.validate().map_err(anyhow::Error::msg)?;
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let outcome = flowgrid_coordinator::run(config, shutdown).await;
+    let outcome = match config.fdb_cluster_file.clone() {
+        Some(cluster_file) => on_foundationdb(config, &cluster_file, shutdown).await,
+        None => flowgrid_coordinator::run(config, shutdown).await.map_err(anyhow::Error::from),
+    };
     signals.abort();
     outcome.context("the coordinator stopped")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the coordinator with its shards in the FoundationDB cluster of `cluster_file`.
+#[cfg(feature = "fdb")]
+async fn on_foundationdb(
+    config: CoordinatorConfig,
+    cluster_file: &std::path::Path,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use flowgrid_store_fdb::{foundationdb, FdbStore};
+    let path = cluster_file.to_str().with_context(|| format!("{}: not a UTF-8 path", cluster_file.display()))?;
+    // Safety: booted once, here, for the life of the process; the guard stops the network
+    // thread after every store is gone (the coordinator returns first).
+    let _network = unsafe { foundationdb::boot() };
+    let store = FdbStore::open(Some(path), &config.fdb_root, flowgrid_store::StoreLimits::default()).await?;
+    let store_id = format!("fdb:{path}:{}", config.fdb_root);
+    info!(cluster_file = %path, root = %config.fdb_root, "shards in FoundationDB");
+    Ok(flowgrid_coordinator::node::run_with_store(config, store, store_id, shutdown).await?)
+}
+
+#[cfg(not(feature = "fdb"))]
+async fn on_foundationdb(
+    _config: CoordinatorConfig,
+    _cluster_file: &std::path::Path,
+    _shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    bail!(
+        "--fdb-cluster-file: this flowgrid was built without FoundationDB; build it with `cargo build --release -p \
+         flowgrid-cli --features fdb` (needs libclang-dev to build and libfdb_c 7.3 to run), or leave the flag out to \
+         keep the shards in --data-dir"
+    )
 }
 
 pub(crate) async fn worker(args: WorkerArgs, session: &Session) -> anyhow::Result<ExitCode> {
