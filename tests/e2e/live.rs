@@ -64,6 +64,26 @@ async fn a_workers_live_output_reaches_whoever_tails_the_run() -> anyhow::Result
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("<h2>Live output</h2>") && page.contains(&format!("<pre>{REPLY}</pre>")), "{page}");
 
+    // The timeout holds after the run's end too: output that keeps coming (here, published
+    // by hand for 20 s) does not hold the tail past it.
+    let nats = grid.nats_client().await?;
+    let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).live(&run_id, "answer");
+    let attempt =
+        flowgrid_model::AttemptId { run_id: run.run_id.clone(), step: "answer".into(), item: None, attempt: 1 };
+    let publisher = tokio::spawn(async move {
+        for seq in 100..300 {
+            let piece = flowgrid_proto::LiveOutput { attempt: attempt.clone(), seq, data: json!("more ") };
+            let bytes = flowgrid_proto::encode(flowgrid_proto::Encoding::MsgPack, &piece).expect("encodes");
+            let _ = nats.publish(subject.clone(), bytes.into()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let (_, _, errors) = grid.cli(&["run", "tail", &run_id, "--timeout", "1s"])?;
+    let took = started.elapsed();
+    publisher.abort();
+    assert!(took < Duration::from_secs(10), "the tail went on {took:?} past its 1 s timeout: {errors}");
+
     // A step the run does not have is named with the ones it has.
     let (ok, _, errors) = grid.cli(&["run", "tail", &run_id, "--step", "nope"])?;
     assert!(!ok && errors.contains("has no step \"nope\"; its steps: think, answer"), "{errors}");

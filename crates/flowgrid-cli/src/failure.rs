@@ -88,6 +88,13 @@ fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
                  before starting it again; with one, starting again is safe"
                     .into(),
             ),
+            // Nor a redrive: it may have been taken up, and another would redrive the run again.
+            flowgrid_sdk::Error::Timeout { what, .. } if what.ends_with(".run.redrive") => Some(
+                "the coordinator that took the redrive did not answer in time (overloaded, paused, or cut off from \
+                 NATS): the redrive may have been applied. Check the run's status and redrive count with `flowgrid \
+                 run get` before redriving it again"
+                    .into(),
+            ),
             flowgrid_sdk::Error::Timeout { .. } => Some(
                 "no coordinator answered in time, even when asked again; they may be overloaded or restarting: \
                  check `flowgrid members` and try again"
@@ -156,6 +163,8 @@ mod tests {
         assert!(start.contains("may have started") && start.contains("--idempotency-key"), "{start}");
         let get = hint(&timeout("flowgrid.api.run.get"), &session).unwrap();
         assert!(get.contains("even when asked again") && !get.contains("may have started"), "{get}");
+        let redrive = hint(&timeout("flowgrid.api.run.redrive"), &session).unwrap();
+        assert!(redrive.contains("may have been applied") && !redrive.contains("try again"), "{redrive}");
     }
 
     #[test]

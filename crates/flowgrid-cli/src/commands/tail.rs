@@ -80,8 +80,10 @@ pub(crate) async fn follow<F: Future<Output = anyhow::Result<()>>>(
     let mut ended: Option<(RunStatus, Instant)> = view.status.is_terminal().then(|| (view.status, Instant::now()));
     let mut poll = tokio::time::interval(POLL);
     loop {
+        // The timeout holds after the end too: output that keeps coming (a redrive's new
+        // attempt, a worker that missed its cancel) does not hold the tail past it.
         let stop_at = match ended {
-            Some((_, at)) => at + DRAIN,
+            Some((_, at)) => (at + DRAIN).min(deadline),
             None => deadline,
         };
         tokio::select! {
