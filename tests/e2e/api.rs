@@ -290,6 +290,17 @@ async fn start_many_starts_each_run_and_refuses_a_bad_start_alone() -> anyhow::R
         let view = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
         assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     }
+
+    // Starts too large together for one message (16 of 900 KB against the server's 8 MB)
+    // go in smaller batches: each is taken, none is refused for the others' size.
+    let batcher = flowgrid_sdk::StartBatcher::new(client.clone(), 256, 1);
+    let pad = "x".repeat(900 * 1024);
+    let large = (0..16).map(|n| batcher.start(start("idle", json!({"n": n, "pad": pad}), None)));
+    deploy(&grid, &client, IDLE_FLOW).await?;
+    let outcomes = futures::future::join_all(large).await;
+    let refused: Vec<String> =
+        outcomes.iter().filter_map(|outcome| outcome.as_ref().err()).map(|e| e.to_string()).collect();
+    assert!(refused.is_empty(), "{} of 16 refused: {:?}", refused.len(), refused.first());
     Ok(())
 }
 

@@ -96,14 +96,36 @@ async fn send_batches(client: Client, mut waiting: mpsc::Receiver<Queued>, batch
     }
 }
 
-async fn send_batch(client: &Client, batch: Vec<Queued>) {
-    let (mut starts, mut outcomes): (Vec<StartRun>, Vec<_>) =
-        batch.into_iter().map(|queued| (queued.start, queued.outcome)).unzip();
+/// Sends one batch, then again what may go again, each caller getting its own outcome. A
+/// batch over what one message may carry goes as two halves (and so on): only a start too
+/// large on its own is refused, not every start that shared its request.
+fn send_batch(client: &Client, batch: Vec<Queued>) -> futures::future::BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let (starts, outcomes): (Vec<StartRun>, Vec<_>) =
+            batch.into_iter().map(|queued| (queued.start, queued.outcome)).unzip();
+        send_starts(client, starts, outcomes).await;
+    })
+}
+
+async fn send_starts(
+    client: &Client,
+    mut starts: Vec<StartRun>,
+    mut outcomes: Vec<oneshot::Sender<Result<RunStarted>>>,
+) {
     let started = Instant::now();
     let mut backoff = Client::retry_backoff();
     loop {
         let results = match client.start_many(&starts).await {
             Ok(results) => results,
+            Err(error) if starts.len() > 1 && is_too_large(&error) => {
+                let queued: Vec<Queued> =
+                    starts.into_iter().zip(outcomes).map(|(start, outcome)| Queued { start, outcome }).collect();
+                let mut first = queued;
+                let second = first.split_off(first.len() / 2);
+                send_batch(client, first).await;
+                send_batch(client, second).await;
+                return;
+            }
             Err(error) => starts.iter().map(|_| Err(error.copy_for_batch())).collect(),
         };
         let delay = backoff.next_delay_within(client.retry_budget().saturating_sub(started.elapsed()));
@@ -125,6 +147,12 @@ async fn send_batch(client: &Client, batch: Vec<Queued>) {
         }
         (starts, outcomes) = (again, waiting);
     }
+}
+
+/// Whether a whole request was refused for its size (the client's check against the
+/// server's `max_payload`, or the grid's against its own limit).
+fn is_too_large(error: &Error) -> bool {
+    error.api().is_some_and(|refusal| refusal.code == flowgrid_proto::ErrorCode::PayloadTooLarge)
 }
 
 /// Whether a start that failed with `error` may be sent again, as [`Client::start`] would.
