@@ -474,8 +474,9 @@ impl Client {
             let request_timeout = self.request_timeout.min(left.max(WAIT_REQUEST_TIMEOUT_MIN));
             let polling = self.clone().with_retry_budget(left).with_request_timeout(request_timeout);
             match polling.get_without_data(run_id).await {
-                // The whole view (with its data), within what the wait has left too.
-                Ok(view) if view.status.is_terminal() => return polling.get(run_id).await,
+                // The whole view (with its data), read as any other get: the run has ended,
+                // so what is left of the wait (a few ms near its end) bounds it no more.
+                Ok(view) if view.status.is_terminal() => return self.get(run_id).await,
                 Ok(_) => {}
                 Err(error) if started.elapsed() >= timeout && should_retry(&error, OnTimeout::Retry) => {
                     return Err(timed_out())

@@ -497,17 +497,20 @@ async fn wait_and_print(
         Err(flowgrid_sdk::Error::Api(refusal)) if refusal.code == flowgrid_sdk::ErrorCode::PayloadTooLarge => {
             get_run(client, run_id).await?
         }
-        Err(flowgrid_sdk::Error::Timeout { .. }) => {
-            let view = get_run(client, run_id).await?;
-            print_run(&view, session)?;
-            eprintln!(
-                "run {run_id} is still {} after {}",
-                view.status.as_str(),
-                duration_ms(timeout.as_millis() as u64)
-            );
-            hint_waiting_steps(client, &view, session).await;
-            return Ok(ExitCode::FAILURE);
-        }
+        Err(flowgrid_sdk::Error::Timeout { .. }) => match get_run(client, run_id).await? {
+            // It ended as the wait ran out: its end is the answer.
+            view if view.status.is_terminal() => view,
+            view => {
+                print_run(&view, session)?;
+                eprintln!(
+                    "run {run_id} is still {} after {}",
+                    view.status.as_str(),
+                    duration_ms(timeout.as_millis() as u64)
+                );
+                hint_waiting_steps(client, &view, session).await;
+                return Ok(ExitCode::FAILURE);
+            }
+        },
         Err(error) => return Err(error.into()),
     };
     print_run(&view, session)?;
