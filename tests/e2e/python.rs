@@ -3,6 +3,7 @@
 //! for it.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use flowgrid_sdk::{RunId, RunStatus, StepStatus};
 use flowgrid_tests::{python_bin, repo_root, step, Grid};
@@ -58,26 +59,101 @@ fn check_python() {
     }
 }
 
+/// The Python worker serving pool `py` of `grid`, with `more` arguments.
+fn python_worker(grid: &Grid, more: &[&str]) -> Command {
+    let mut command = Command::new(python_bin());
+    command
+        .arg(repo_root().join("tests/python_worker/worker.py"))
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "--pool", "py"])
+        .args(more);
+    command
+}
+
 /// A grid with no demo workers and the Python worker serving pool `py` (exiting after
 /// `max_tasks`, if given), and a client.
 async fn grid_with_python_worker(max_tasks: Option<usize>) -> anyhow::Result<(Grid, flowgrid_sdk::Client)> {
+    let max_tasks = max_tasks.map(|max_tasks| max_tasks.to_string());
+    let more: Vec<&str> = max_tasks.iter().flat_map(|max_tasks| ["--max-tasks", max_tasks.as_str()]).collect();
+    grid_with_python_worker_args(&more).await
+}
+
+/// [`grid_with_python_worker`] with the worker's `more` arguments.
+async fn grid_with_python_worker_args(more: &[&str]) -> anyhow::Result<(Grid, flowgrid_sdk::Client)> {
     check_python();
     let mut grid = Grid::start(&[]).await?;
-    let mut command = Command::new(python_bin());
-    command.arg(repo_root().join("tests/python_worker/worker.py")).args([
-        "--nats-url",
-        &grid.nats_url,
-        "--prefix",
-        &grid.prefix,
-        "--pool",
-        "py",
-    ]);
-    if let Some(max_tasks) = max_tasks {
-        command.args(["--max-tasks", &max_tasks.to_string()]);
-    }
-    grid.spawn_worker("python-worker", &mut command)?;
+    grid.spawn_worker("python-worker", &mut python_worker(&grid, more))?;
     let client = grid.client().await?;
     Ok((grid, client))
+}
+
+/// The worker's rules, unit-tested with fake messages (tests/python_worker/test_worker.py).
+#[test]
+fn python_worker_unit_tests() {
+    check_python();
+    let output = Command::new(python_bin())
+        .args(["-m", "unittest", "-v", "test_worker.py"])
+        .current_dir(repo_root().join("tests/python_worker"))
+        .output()
+        .expect("run the Python unit tests");
+    assert!(
+        output.status.success(),
+        "tests/python_worker/test_worker.py:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_interrupted_hands_its_task_back_to_another_worker() -> anyhow::Result<()> {
+    let (mut grid, client) = grid_with_python_worker_args(&["--shutdown-grace", "1"]).await?;
+    let flow = "name: py-nap\nsteps:\n  - { id: nap, kind: task, pool: py, task: sleep, input: '#{ ms: 6000 }' }\n";
+    deploy(&grid, &client, flow).await?;
+    let run =
+        client.start(flowgrid_sdk::StartRun { flow: "py-nap".into(), ..Default::default() }).await.or_logs(&grid)?;
+    wait_held(&grid, "py", (1, 0), RUN_DEADLINE).await?;
+    // Ctrl-C while it holds the task: the worker waits its 1 s grace, hands the task back
+    // and exits.
+    let interrupted = Instant::now();
+    let pid = grid.workers[0].pid().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status()?.success());
+    let deadline = Instant::now() + STOP_DEADLINE;
+    while !grid.workers[0].has_exited() {
+        anyhow::ensure!(Instant::now() < deadline, "the interrupted worker still runs\n{}", grid.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    grid.spawn_worker("python-worker-2", &mut python_worker(&grid, &[]))?;
+    // Run again at once by the other worker: not left to the attempt's timeout (5 min), nor to
+    // the ack wait (30 s).
+    let view = grid.wait_run(&client, &run.run_id, Duration::from_secs(20)).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(step(&view, "nap").attempts, 1, "the same attempt, delivered again: {view:?}");
+    assert!(interrupted.elapsed() < Duration::from_secs(20), "{:?}", interrupted.elapsed());
+    let first = grid.workers[0].log_tail(200);
+    assert!(!first.contains("cancelled by its run"), "the stop is not the run's cancel:\n{first}");
+    assert!(first.contains("handed back"), "{first}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_lives_through_a_nats_restart() -> anyhow::Result<()> {
+    let (mut grid, client) = grid_with_python_worker(None).await?;
+    let echo = "name: py-echo\nsteps:\n  - { id: e, kind: task, pool: py, task: echo }\n";
+    deploy(&grid, &client, echo).await?;
+    // Idle, scanning its lanes every second while NATS is away and JetStream comes back.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    grid.restart_nats(Duration::from_secs(2))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!grid.workers[0].has_exited(), "the Python worker died with NATS away\n{}", grid.logs());
+    let client = grid.client().await.map(|_| client)?;
+    let view = flowgrid_tests::wait_for("a run through the Python worker", RUN_DEADLINE, || async {
+        let start = flowgrid_sdk::StartRun { flow: "py-echo".into(), ..Default::default() };
+        let run = client.start(start).await.ok()?;
+        grid.wait_run(&client, &run.run_id, RUN_DEADLINE).await.ok()
+    })
+    .await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert!(!grid.workers[0].has_exited(), "{}", grid.logs());
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,9 +11,14 @@ task message. Tasks of every priority: it pulls the pool's priority lanes, highe
 reporting {"done": i} after each step and starting from the progress an earlier attempt
 reported; the first attempt fails after step k). Any other task name is reported as a non-retryable
 `unknown_task` error. A task whose run no longer needs it (a notice on
-`<prefix>.cancels.<pool>`) is stopped and acked without a result.
+`<prefix>.cancels.<pool>`) is stopped and acked without a result; one still running a second
+past its deadline is abandoned with a retryable `deadline_exceeded` error.
+
+On SIGINT or SIGTERM it stops pulling, gives the task it runs `--shutdown-grace` seconds to
+finish, hands it back (`nak`) if it has not, and exits (docs/protocol.md, "Stopping").
 
 usage: worker.py --nats-url nats://127.0.0.1:4222 --prefix flowgrid --pool tests [--max-tasks N]
+         [--shutdown-grace SECONDS]
 """
 
 import argparse
@@ -21,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -37,10 +43,23 @@ JSON_CONTENT_TYPE = "application/json"
 ACK_WAIT_SECONDS = 30
 DELIVERIES_MAX = 10
 POOL_ACK_PENDING_MAX = 20_000
-# Heartbeat well inside ack_wait so that JetStream never hands a task we work on to another worker.
+# Heartbeat well inside ack_wait so that JetStream never hands a task we work on to another
+# worker: a third of the consumer's ack_wait (read from the consumer; this when it cannot be read).
 HEARTBEAT_SECONDS = ACK_WAIT_SECONDS / 3
+HEARTBEAT_SECONDS_MIN = 0.1
 RESULT_REQUEST_TIMEOUT_SECONDS = 5
 RESULT_RETRY_DELAY_SECONDS = 0.5
+# After a task's deadline, keep trying to send its result this much longer before handing the
+# task back (nak): a coordinator that takes the shard over applies results that come before its
+# first turn, even past the deadline (the Rust SDK's REPORT_GRACE_MS).
+RESULT_GRACE_MS = 30_000
+# A task still running this long past its deadline is abandoned with `deadline_exceeded`
+# (a grace for clock skew between hosts, as the Rust SDK's DEADLINE_GRACE).
+DEADLINE_GRACE_MS = 1_000
+# On SIGINT/SIGTERM, how long the running task may take to finish before it is handed back.
+SHUTDOWN_GRACE_SECONDS = 30.0
+# After the grace, how long to wait for the abandoned task to be handed back.
+STOP_STEP_SECONDS = 2.0
 PRIORITY_DEFAULT = 5
 # How often to look for priority lanes that hold tasks, and how long to wait before looking
 # at every lane again when the pool has several and none held a task.
@@ -51,8 +70,27 @@ ERROR_MESSAGE_CHARS_MAX = 2_000
 
 log = logging.getLogger("python-worker")
 
-# The work of each task running, by attempt: a cancel notice stops it.
+# Each task running, by attempt (a `Running`): a cancel notice stops it.
 running = {}
+
+# Why a task's work was cancelled (`Running.reason`). A cancel with no reason comes from outside
+# (the worker's own task cancelled, e.g. by asyncio.run on Ctrl-C): it is not the run's.
+CANCELLED_BY_RUN = "run"
+CANCELLED_BY_STOP = "stop"
+CANCELLED_BY_DEADLINE = "deadline"
+
+
+class Running:
+    """A task's work and, once it is cancelled on purpose, why."""
+
+    def __init__(self, work):
+        self.work = work
+        self.reason = None
+
+    def cancel(self, reason):
+        if self.reason is None and not self.work.done():
+            self.reason = reason
+            self.work.cancel()
 
 
 class TaskError(Exception):
@@ -114,10 +152,32 @@ async def run_task(name, task_input, report=None, progress=None, attempt=1):
     raise TaskError("unknown_task", f"this worker does not know task {name!r}", retryable=False)
 
 
-async def heartbeat(msg):
+def heartbeat_period(ack_wait_seconds):
+    """A third of the consumer's ack_wait, so that two heartbeats may be lost."""
+    if not ack_wait_seconds:
+        return HEARTBEAT_SECONDS
+    return max(ack_wait_seconds / 3, HEARTBEAT_SECONDS_MIN)
+
+
+def gives_up(now_ms, deadline_ms):
+    """True once a result that no coordinator confirmed is to be handed back (nak)."""
+    return now_ms >= deadline_ms + RESULT_GRACE_MS
+
+
+def handler_budget(deadline_ms, now_ms):
+    """Seconds the task may still run: to its deadline plus DEADLINE_GRACE_MS (at least 0)."""
+    return max(deadline_ms + DEADLINE_GRACE_MS - now_ms, 0) / 1000
+
+
+def deadline_exceeded(task):
+    message = "the task ran past its deadline and was abandoned by the worker"
+    return {"attempt": task["attempt"], "error": {"code": "deadline_exceeded", "message": message, "retryable": True}}
+
+
+async def heartbeat(msg, every=HEARTBEAT_SECONDS):
     """Tells JetStream we are still working (an in-progress ack) until cancelled."""
     while True:
-        await asyncio.sleep(HEARTBEAT_SECONDS)
+        await asyncio.sleep(every)
         try:
             await msg.in_progress()
         except Exception as error:  # the connection may be reconnecting; keep trying
@@ -131,8 +191,10 @@ def too_large(task, why):
 
 
 async def send_result(nc, task, result, json_encoded):
-    """Sends the result until the coordinator acknowledges it; False when the task's
-    deadline passed first (the coordinator has timed the attempt out by then). An output
+    """Sends the result until the coordinator acknowledges it; False when no coordinator
+    confirmed it by the task's deadline plus RESULT_GRACE_MS (then the task is handed back:
+    a coordinator that took the shard over still applies a result past the deadline before
+    its first turn, so giving up at the deadline could lose a finished task). An output
     too large to send (refused by NATS or by the coordinator) is replaced by a
     `payload_too_large` error result, so the step fails at once rather than by its timeout."""
     headers = {"Content-Type": JSON_CONTENT_TYPE} if json_encoded else None
@@ -167,12 +229,13 @@ async def send_result(nc, task, result, json_encoded):
             log.warning("no answer for the result of %s: %r", task["attempt"], error)
         except Exception as error:  # the connection may be reconnecting; keep trying
             log.warning("result of %s not sent: %r", task["attempt"], error)
-        if time.time() * 1000 > task["deadline_ms"]:
+        if gives_up(time.time() * 1000, task["deadline_ms"]):
+            log.warning("no coordinator confirmed the result of %s in time; handing the task back", task["attempt"])
             return False
         await asyncio.sleep(RESULT_RETRY_DELAY_SECONDS)
 
 
-async def handle(nc, msg):
+async def handle(nc, msg, heartbeat_every=HEARTBEAT_SECONDS):
     json_encoded = is_json(msg)
     try:
         task = decode(msg.data, json_encoded)
@@ -184,7 +247,7 @@ async def handle(nc, msg):
         log.info("task %s is past its deadline, dropping it", task["attempt"])
         await msg.ack()
         return
-    beating = asyncio.create_task(heartbeat(msg))
+    beating = asyncio.create_task(heartbeat(msg, heartbeat_every))
     key = attempt_key(task["attempt"])
 
     async def report(details):
@@ -199,17 +262,33 @@ async def handle(nc, msg):
 
     attempt = task["attempt"]["attempt"]
     work = asyncio.create_task(run_task(task["task"], task.get("input"), report, task.get("progress"), attempt))
-    running[key] = work
+    entry = Running(work)
+    running[key] = entry
+    # Abandoned a little past its deadline, as the coordinator has timed the attempt out by then.
+    overrun = asyncio.get_running_loop().call_later(
+        handler_budget(task["deadline_ms"], time.time() * 1000), entry.cancel, CANCELLED_BY_DEADLINE
+    )
     try:
         try:
             output = await work
             result = {"attempt": task["attempt"], "output": output}
         except asyncio.CancelledError:
-            if not work.cancelled():
-                raise  # this worker is stopping
-            log.info("task %s cancelled by its run; acking it without a result", task["attempt"])
-            await msg.ack()
-            return
+            # Only a cancel notice (marked by `on_notice`) is the run's: a cancel from outside
+            # (in Python 3.11 the cancel of the task awaiting `work` reaches `work` too) or the
+            # worker's stop hands the task back for another worker to run.
+            if entry.reason == CANCELLED_BY_RUN:
+                log.info("task %s cancelled by its run; acking it without a result", task["attempt"])
+                await msg.ack()
+                return
+            if entry.reason == CANCELLED_BY_DEADLINE:
+                log.warning("task %s ran past its deadline; abandoned", task["attempt"])
+                result = deadline_exceeded(task)
+            else:
+                log.info("worker stopping; task %s handed back", task["attempt"])
+                await nak(msg)
+                if entry.reason is None:
+                    raise
+                return
         except TaskError as error:
             result = {
                 "attempt": task["attempt"],
@@ -218,12 +297,26 @@ async def handle(nc, msg):
         except Exception as error:  # a bug in a task is an error result, not a lost task
             message = repr(error)[:ERROR_MESSAGE_CHARS_MAX]
             result = {"attempt": task["attempt"], "error": {"code": "worker_error", "message": message}}
-        await send_result(nc, task, result, json_encoded)
+        overrun.cancel()
+        confirmed = await send_result(nc, task, result, json_encoded)
     finally:
+        overrun.cancel()
         running.pop(key, None)
         beating.cancel()
+    if not confirmed:
+        # No coordinator took the result: delivered again, a new attempt carries the task on.
+        await nak(msg)
+        return
     # The coordinator has the result durably (or the attempt is over): now the task may go.
     await msg.ack()
+
+
+async def nak(msg):
+    """Hands the task back to JetStream at once; best effort (unsettled, it comes back after ack_wait)."""
+    try:
+        await msg.nak()
+    except Exception as error:
+        log.warning("cannot hand the task back: %r", error)
 
 
 def attempt_key(attempt):
@@ -242,14 +335,16 @@ async def listen_for_cancels(nc, prefix, pool):
             log.warning("malformed notice of cancelled tasks ignored: %s", error)
             return
         for attempt in notice.get("attempts", []):
-            work = running.get(attempt_key(attempt))
-            if work is not None:
-                work.cancel()
+            entry = running.get(attempt_key(attempt))
+            if entry is not None:
+                entry.cancel(CANCELLED_BY_RUN)
 
     await nc.subscribe(f"{prefix}.cancels.{pool}", cb=on_notice)
 
 
-async def subscribe(js, prefix, pool, subject=None, durable=None):
+async def subscribe(js, prefix, pool, subject=None, durable=None, patient=True):
+    """Binds (creating it if need be) a consumer of the pool's tasks; `patient`: retries any
+    error (at startup), else only a stream not there yet."""
     stream = tasks_stream_name(prefix)
     subject = subject or f"{prefix}.tasks.{pool}"
     durable = durable or f"pool-{pool}"
@@ -265,6 +360,20 @@ async def subscribe(js, prefix, pool, subject=None, durable=None):
         except NotFoundError:
             log.info("stream %s does not exist yet (is a coordinator running?); retrying", stream)
             await asyncio.sleep(1)
+        except Exception as error:  # NATS reconnecting, a JetStream timeout or 503
+            if not patient:
+                raise
+            log.warning("cannot bind consumer %s now: %r; retrying", durable, error)
+            await asyncio.sleep(1)
+
+
+async def scan_lanes(js, prefix, pool, lanes):
+    """`find_lanes`, surviving a JetStream error (a timeout or a 503 while NATS reconnects or
+    elects a leader): logged, and the next scan tries again."""
+    try:
+        await find_lanes(js, prefix, pool, lanes)
+    except Exception as error:
+        log.warning("cannot look for pool %s's priority lanes now (retrying at the next scan): %r", pool, error)
 
 
 async def find_lanes(js, prefix, pool, lanes):
@@ -277,7 +386,7 @@ async def find_lanes(js, prefix, pool, lanes):
         priority = int(lane[1])
         if priority not in lanes:
             durable = f"pool{priority}-{pool}"
-            lanes[priority] = (await subscribe(js, prefix, pool, subject, durable), durable)
+            lanes[priority] = (await subscribe(js, prefix, pool, subject, durable, patient=False), durable)
             log.info("pulling pool %s's tasks of priority %d too", pool, priority)
 
 
@@ -335,41 +444,95 @@ async def keep_registered(js, prefix, pool, state):
         await asyncio.sleep(5)
 
 
+async def consumer_ack_wait(subscription):
+    """The ack_wait of the consumer behind `subscription`, in seconds (None if unknown)."""
+    try:
+        return (await subscription.consumer_info()).config.ack_wait
+    except Exception as error:
+        log.warning("cannot read the consumer's ack_wait: %r", error)
+        return None
+
+
+async def finish(handling, msg, grace):
+    """The worker is stopping: waits up to `grace` seconds for the task it runs, then hands
+    it back (`nak`) so another worker runs it at once, not after ack_wait."""
+    log.info("worker stopping; waiting up to %.1f s for the task it runs", grace)
+    done, _ = await asyncio.wait([handling], timeout=grace)
+    if done:
+        return
+    log.warning("the task still runs after the shutdown grace; handing it back")
+    for entry in list(running.values()):
+        entry.cancel(CANCELLED_BY_STOP)
+    done, _ = await asyncio.wait([handling], timeout=STOP_STEP_SECONDS)
+    if not done:  # e.g. still sending its result: hand it back all the same
+        handling.cancel()
+        await asyncio.wait([handling], timeout=STOP_STEP_SECONDS)
+        await nak(msg)
+
+
 async def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument("--prefix", default="flowgrid")
     parser.add_argument("--pool", required=True)
     parser.add_argument("--max-tasks", type=int, default=0, help="exit after this many tasks (0: never)")
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=SHUTDOWN_GRACE_SECONDS,
+        help="on SIGINT/SIGTERM, seconds the running task may take to finish before it is handed back",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+
+    # Ctrl-C and SIGTERM stop the worker in order (docs/protocol.md, "Stopping") instead of
+    # cancelling the main task (asyncio.run's Ctrl-C), which would reach the task it runs.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
 
     nc = await nats.connect(args.nats_url, name=f"python-worker-{args.pool}")
     js = nc.jetstream()
     await listen_for_cancels(nc, args.prefix, args.pool)
     lanes = {PRIORITY_DEFAULT: (await subscribe(js, args.prefix, args.pool), f"pool-{args.pool}")}
+    every = heartbeat_period(await consumer_ack_wait(lanes[PRIORITY_DEFAULT][0]))
     pulls = await nc.subscribe(nc.new_inbox())
-    log.info("serving pool %s on %s", args.pool, args.nats_url)
+    log.info("serving pool %s on %s (heartbeat every %.1f s)", args.pool, args.nats_url, every)
     done = 0
     state = {"running": 0, "done": 0}
     registry = asyncio.create_task(keep_registered(js, args.prefix, args.pool, state))
+    stop_waiter = asyncio.create_task(stopping.wait())
     scanned = 0.0
     try:
-        while args.max_tasks == 0 or done < args.max_tasks:
+        while (args.max_tasks == 0 or done < args.max_tasks) and not stopping.is_set():
             if time.monotonic() - scanned >= LANE_SCAN_SECONDS:
                 scanned = time.monotonic()
-                await find_lanes(js, args.prefix, args.pool, lanes)
+                await scan_lanes(js, args.prefix, args.pool, lanes)
             try:
                 messages = await next_messages(nc, pulls, args.prefix, lanes)
             except NatsTimeoutError:
                 continue
+            except Exception as error:  # NATS reconnecting, a JetStream 503: pull again shortly
+                log.warning("cannot pull tasks now: %r", error)
+                await asyncio.sleep(LANE_SCAN_SECONDS)
+                continue
             for msg in messages:
+                if stopping.is_set():
+                    await nak(msg)  # taken as the worker stops: not started, handed back
+                    continue
                 state["running"] = 1
-                await handle(nc, msg)
+                handling = asyncio.create_task(handle(nc, msg, every))
+                await asyncio.wait([handling, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+                if not handling.done():
+                    await finish(handling, msg, args.shutdown_grace)
+                elif not handling.cancelled() and handling.exception() is not None:
+                    log.error("task not handled: %r", handling.exception())
                 state["running"] = 0
                 done += 1
                 state["done"] = done
     finally:
+        stop_waiter.cancel()
         registry.cancel()
         # A stopped worker is listed no more (docs/protocol.md, "Worker records").
         if "registry" in state:
@@ -378,6 +541,7 @@ async def main():
                 await kv.delete(key)
             except Exception as error:
                 log.warning("cannot delete this worker's record: %s", error)
+        # Drain: the last acks and naks reach the server before the connection closes.
         await nc.drain()
     log.info("handled %d tasks, exiting", done)
 
