@@ -6,7 +6,7 @@ use std::time::Duration;
 use flowgrid_proto::{decode, encode, Encoding, Reply, RunStarted, CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE};
 use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, wait_for, Grid};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::{deploy, refusal, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 
@@ -1026,5 +1026,36 @@ async fn a_start_not_safe_to_repeat_waits_its_whole_timeout_on_a_late_try() -> a
     let started = client.start(StartRun { flow: "f".into(), ..Default::default() }).await;
     responder.await??;
     assert_eq!(started?.run_id.as_str(), "late", "the late coordinator's answer is the call's");
+    Ok(())
+}
+
+/// Arguments a command cannot take together exit 2, as clap's own usage errors; and under
+/// `--json` every failure is a JSON answer on stdout, not only the grid's refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_mistakes_exit_2_and_every_failure_answers_json_under_json() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let run = |args: &[&str], nats_url: &str| {
+        std::process::Command::new(flowgrid_tests::flowgrid_bin())
+            .args(["--nats-url", nats_url, "--prefix", &grid.prefix])
+            .args(args)
+            .output()
+    };
+    let output = run(&["run", "redrive", "a", "b", "--wait"], &grid.nats_url)?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--wait waits for one run"), "{stderr}");
+    let output = run(&["--json", "run", "redrive", "a", "b", "--wait"], &grid.nats_url)?;
+    let answer: Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(answer["error"]["code"], "invalid_request", "{answer}");
+    // NATS out of reach: exit 1, and a JSON answer that says so.
+    let output = run(&["--json", "run", "get", "some-run"], "nats://127.0.0.1:1")?;
+    assert_eq!(output.status.code(), Some(1));
+    let answer: Value = serde_json::from_slice(&output.stdout)
+        .map_err(|error| anyhow::anyhow!("{error}: {:?}", String::from_utf8_lossy(&output.stdout)))?;
+    assert_eq!(
+        (answer["error"]["code"].as_str(), answer["error"]["retryable"].as_bool()),
+        (Some("unavailable"), Some(true)),
+        "{answer}"
+    );
     Ok(())
 }

@@ -11,17 +11,67 @@ use crate::Session;
 /// Exit code of an invalid flow definition (and of bad usage, as clap does).
 pub const EXIT_INVALID: u8 = 2;
 
+/// Arguments a command cannot take together (clap's checks cannot say so): reported as
+/// clap reports bad usage, with exit code 2.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// `anyhow::ensure!` for bad usage: fails with a [`Usage`] error (exit code 2).
+#[macro_export]
+macro_rules! ensure_usage {
+    ($condition:expr, $($message:tt)+) => {
+        if !$condition {
+            return Err(anyhow::Error::new($crate::failure::Usage(format!($($message)+))));
+        }
+    };
+}
+
 /// Prints `error` (and a hint) to stderr, and under `--json` a refusal as
 /// `{"error": ...}` to stdout; returns the exit code.
 pub fn report(error: &anyhow::Error, session: &Session) -> ExitCode {
     if let Some(refusal) = find::<flowgrid_sdk::Error>(error).and_then(flowgrid_sdk::Error::api) {
         return report_refusal(refusal, session);
     }
-    eprintln!("error: {}", render_chain(error));
+    let message = render_chain(error);
+    let usage = find::<Usage>(error).is_some();
+    if session.json {
+        // Every failure is a JSON answer under --json, not only the grid's refusals.
+        let (code, retryable) = local_code(error, usage);
+        let _ = print_json(&Reply::<()>::Error(ApiError { retryable, ..ApiError::new(code, message.clone()) }));
+    }
+    eprintln!("error: {message}");
     if let Some(hint) = hint(error, session) {
         eprintln!("hint: {hint}");
     }
-    ExitCode::FAILURE
+    if usage {
+        ExitCode::from(EXIT_INVALID)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The code a failure that is no refusal of the grid takes under `--json`, and whether the
+/// same command may simply be run again: bad usage; the grid out of reach (NATS, or no
+/// coordinator answering: again, yes); a request not answered in time (it may have been
+/// applied: see the hint); anything else.
+fn local_code(error: &anyhow::Error, usage: bool) -> (ErrorCode, bool) {
+    if usage {
+        return (ErrorCode::InvalidRequest, false);
+    }
+    match find::<flowgrid_sdk::Error>(error) {
+        Some(flowgrid_sdk::Error::Connect { .. }) => (ErrorCode::Unavailable, true),
+        Some(other) if other.is_no_responders() => (ErrorCode::Unavailable, true),
+        Some(flowgrid_sdk::Error::Timeout { .. }) => (ErrorCode::Unavailable, false),
+        _ => (ErrorCode::Internal, false),
+    }
 }
 
 fn report_refusal(refusal: &ApiError, session: &Session) -> ExitCode {

@@ -25,7 +25,7 @@ pub(super) async fn matching_runs(
     limit: Option<u64>,
     keep: impl Fn(&RunSummary) -> bool,
 ) -> anyhow::Result<Vec<RunId>> {
-    anyhow::ensure!(limit != Some(0), "--limit 0 selects no run; give at least 1, or leave it out for every run");
+    crate::ensure_usage!(limit != Some(0), "--limit 0 selects no run; give at least 1, or leave it out for every run");
     if let Some(flow) = &query.flow {
         // A misspelt flow matches no run, which would read as if every run were done.
         client.flow(flow, None).await?;

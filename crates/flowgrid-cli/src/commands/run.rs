@@ -101,7 +101,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                     return signal_many(client, runs, &step, &data, session).await;
                 }
             };
-            anyhow::ensure!(
+            crate::ensure_usage!(
                 limit.is_none() && !filter.is_set(),
                 "--limit, --label, --since and --until go with --flow"
             );
@@ -155,15 +155,15 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 let runs = runs_to_redrive(client, query, status, &redrive, limit).await?;
                 return redrive.many(client, runs, session).await;
             }
-            anyhow::ensure!(!filter.is_set(), "--label, --since and --until go with --flow or --status");
-            anyhow::ensure!(
+            crate::ensure_usage!(!filter.is_set(), "--label, --since and --until go with --flow or --status");
+            crate::ensure_usage!(
                 !run_ids.is_empty(),
                 "name the runs to redrive, or --flow / --status for the runs of a flow or of every flow that ended so"
             );
-            anyhow::ensure!(limit.is_none(), "--limit goes with --flow or --status: named runs are all redriven");
+            crate::ensure_usage!(limit.is_none(), "--limit goes with --flow or --status: named runs are all redriven");
             let mut run_ids: Vec<RunId> = run_ids.into_iter().map(|run_id| RunId(run_id.into())).collect();
             if run_ids.len() != 1 {
-                anyhow::ensure!(!wait, "--wait waits for one run; name exactly one");
+                crate::ensure_usage!(!wait, "--wait waits for one run; name exactly one");
                 return redrive.many(client, run_ids, session).await;
             }
             let run_id = run_ids.remove(0);
@@ -298,7 +298,7 @@ async fn runs_to_redrive(
     redrive: &Redrive,
     limit: Option<u64>,
 ) -> anyhow::Result<Vec<RunId>> {
-    anyhow::ensure!(
+    crate::ensure_usage!(
         matches!(status, RunStatus::Failed | RunStatus::TimedOut | RunStatus::Cancelled)
             || (status == RunStatus::Succeeded && !redrive.from.is_empty()),
         "--status {}: only runs that failed, timed out or were cancelled are redriven, and succeeded runs from \
@@ -386,8 +386,8 @@ async fn selected_runs(
     keep: impl Fn(&flowgrid_proto::RunSummary) -> bool,
 ) -> anyhow::Result<Vec<RunId>> {
     let RunSelection { run_ids, flow, limit, filter } = selection;
-    anyhow::ensure!(flow.is_some() || !run_ids.is_empty(), "name the runs to {verb}, or --flow for a flow's runs");
-    anyhow::ensure!(
+    crate::ensure_usage!(flow.is_some() || !run_ids.is_empty(), "name the runs to {verb}, or --flow for a flow's runs");
+    crate::ensure_usage!(
         flow.is_some() || (limit.is_none() && !filter.is_set()),
         "--limit, --label, --since and --until go with --flow"
     );
