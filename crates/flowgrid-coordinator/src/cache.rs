@@ -313,8 +313,13 @@ impl SingleFlight {
                 Joined::Lead => return None,
                 Joined::Follow(landing, until) => {
                     match tokio::time::timeout_at(until.min(deadline).into(), landing).await {
-                        // Older than this step takes: the task goes to a worker.
-                        Ok(Ok(Some(landed))) => return landed.fresh_for(ttl_ms),
+                        Ok(Ok(Some(landed))) => match landed.fresh_for(ttl_ms) {
+                            Some(output) => return Some(output),
+                            // Older than this step takes: as if the leader had none, the
+                            // first of the followers leads a new flight, the others follow it.
+                            None if Instant::now() < deadline => continue,
+                            None => return None,
+                        },
                         // The leader's attempt ended without a result: lead or follow anew.
                         Ok(Ok(None)) if Instant::now() < deadline => continue,
                         _ => return None,
@@ -497,6 +502,34 @@ mod tests {
         flights.land("k", &json!("old"), now_ms() - 60_000);
         assert_eq!(short.await.unwrap(), None, "the short ttl's task goes to a worker");
         assert_eq!(long.await.unwrap(), Some(json!("old")));
+    }
+
+    /// Followers to whom the landed result is too old keep the single flight between them:
+    /// one leads a new flight to a worker, the others follow it.
+    #[tokio::test]
+    async fn followers_to_whom_a_result_is_too_old_form_one_new_flight() {
+        let flights = std::sync::Arc::new(SingleFlight::default());
+        assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
+        let follower = |run: &'static str| {
+            let flights = std::sync::Arc::clone(&flights);
+            tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later(), 1_000).await })
+        };
+        let (b, c) = (follower("b"), follower("c"));
+        while flights.flights.lock().unwrap().by_key.get("k").is_none_or(|flight| flight.followers.len() < 2) {
+            tokio::task::yield_now().await;
+        }
+        flights.land("k", &json!("old"), now_ms() - 60_000);
+        // One of them leads anew (its task goes to a worker), the other follows it.
+        let rejoined = tokio::time::timeout(Duration::from_secs(5), async {
+            while flights.flights.lock().unwrap().by_key.get("k").is_none_or(|flight| flight.followers.is_empty()) {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(rejoined.await.is_ok(), "no new flight: each follower went to a worker on its own");
+        flights.land("k", &json!("new"), now_ms());
+        let mut outcomes = vec![b.await.unwrap(), c.await.unwrap()];
+        outcomes.sort_by_key(|outcome| outcome.is_some());
+        assert_eq!(outcomes, vec![None, Some(json!("new"))], "one new leader, one follower of it");
     }
 
     #[test]

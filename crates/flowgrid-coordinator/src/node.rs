@@ -371,7 +371,8 @@ async fn check_grid_config(shards_kv: &kv::Store, shards: u32) -> Result<()> {
 }
 
 /// Refuses to join when a live coordinator keeps its shards elsewhere: with the embedded
-/// store every coordinator of a grid must share one data directory on one host.
+/// store every coordinator of a grid must share one data directory on one host; on
+/// FoundationDB, one cluster and root.
 async fn check_same_store(members_kv: &kv::Store, store_id: &str) -> Result<()> {
     let keys: Vec<String> = match members_kv.keys().await {
         Ok(keys) => keys.filter_map(|key| async move { key.ok() }).collect().await,
@@ -384,8 +385,9 @@ async fn check_same_store(members_kv: &kv::Store, store_id: &str) -> Result<()> 
         if fresh && member.store != store_id {
             return Err(Error::Config(format!(
                 "coordinator {} (pid {} on {}) keeps this grid's shards in {}, this one would use {store_id}: \
-                 coordinators of one grid must share the store (the same --data-dir on one host), or use another \
-                 --prefix for a separate grid",
+                 coordinators of one grid must share the store (the same --data-dir on one host, or cluster files \
+                 naming the same FoundationDB cluster and the same --fdb-root), or use another --prefix for a \
+                 separate grid",
                 member.id, member.pid, member.host, member.store
             )));
         }

@@ -42,13 +42,40 @@ async fn on_foundationdb(
 ) -> anyhow::Result<()> {
     use flowgrid_store_fdb::{foundationdb, FdbStore};
     let path = cluster_file.to_str().with_context(|| format!("{}: not a UTF-8 path", cluster_file.display()))?;
+    let store_id = fdb_store_id(cluster_file, &config.fdb_root)?;
     // Safety: booted once, here, for the life of the process; the guard stops the network
     // thread after every store is gone (the coordinator returns first).
     let _network = unsafe { foundationdb::boot() };
-    let store = FdbStore::open(Some(path), &config.fdb_root, flowgrid_store::StoreLimits::default()).await?;
-    let store_id = format!("fdb:{path}:{}", config.fdb_root);
     info!(cluster_file = %path, root = %config.fdb_root, "shards in FoundationDB");
-    Ok(flowgrid_coordinator::node::run_with_store(config, store, store_id, shutdown).await?)
+    loop {
+        let store = FdbStore::open(Some(path), &config.fdb_root, flowgrid_store::StoreLimits::default()).await?;
+        let outcome =
+            flowgrid_coordinator::node::run_with_store(config.clone(), store, store_id.clone(), shutdown.clone()).await;
+        match outcome {
+            // As on the embedded store: the grid's streams and buckets are made anew.
+            Err(flowgrid_coordinator::Error::GridLost) if !shutdown.is_cancelled() => {
+                warn!("joining the grid again: its streams, buckets and shard claims are made anew");
+            }
+            outcome => return Ok(outcome?),
+        }
+    }
+}
+
+/// What a coordinator on FoundationDB names its store: the cluster its cluster file names
+/// (`description:ID`, the part before `@`; not the file's path, which differs between
+/// hosts) and the root. Every coordinator of a grid must name the same store.
+#[cfg(any(feature = "fdb", test))]
+fn fdb_store_id(cluster_file: &std::path::Path, root: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(cluster_file)
+        .with_context(|| format!("cannot read the cluster file {}", cluster_file.display()))?;
+    let line = text.lines().map(str::trim).find(|line| !line.is_empty() && !line.starts_with('#')).unwrap_or("");
+    let Some((cluster, _)) = line.split_once('@') else {
+        bail!(
+            "{} is not a FoundationDB cluster file (it holds no `description:ID@address` line)",
+            cluster_file.display()
+        );
+    };
+    Ok(format!("fdb:{cluster}:{root}"))
 }
 
 #[cfg(not(feature = "fdb"))]
@@ -206,5 +233,28 @@ pub(crate) async fn interrupted() -> std::io::Result<()> {
     #[cfg(not(unix))]
     {
         tokio::signal::ctrl_c().await
+    }
+}
+
+#[cfg(test)]
+mod fdb_tests {
+    use super::fdb_store_id;
+
+    /// Two cluster files at other paths that name one cluster name one store; another
+    /// cluster behind the same path is another store.
+    #[test]
+    fn a_foundationdb_store_is_named_by_its_cluster_not_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (here, there) = (dir.path().join("fdb.cluster"), dir.path().join("copy.cluster"));
+        std::fs::write(&here, "t:abc@127.0.0.1:4500\n").unwrap();
+        std::fs::write(&there, "# a copy\nt:abc@127.0.0.1:4500,127.0.0.2:4500\n").unwrap();
+        let id = fdb_store_id(&here, "flowgrid").unwrap();
+        assert_eq!(id, "fdb:t:abc:flowgrid");
+        assert_eq!(fdb_store_id(&there, "flowgrid").unwrap(), id);
+        std::fs::write(&here, "u:xyz@127.0.0.1:4500\n").unwrap();
+        assert_ne!(fdb_store_id(&here, "flowgrid").unwrap(), id);
+        assert_ne!(fdb_store_id(&there, "other").unwrap(), id);
+        std::fs::write(&here, "not a cluster file\n").unwrap();
+        assert!(fdb_store_id(&here, "flowgrid").unwrap_err().to_string().contains("not a FoundationDB cluster file"));
     }
 }

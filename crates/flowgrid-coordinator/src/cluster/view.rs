@@ -81,6 +81,10 @@ impl ClusterView {
     /// which says nothing about the others. Members already dead before stay dead.
     pub fn refresh_after_stall(&mut self, stalled_since: Instant, now: Instant) {
         let default = self.lease;
+        // Owners never seen: as alive after the stall as they were before it.
+        if stalled_since.saturating_duration_since(self.read) <= default {
+            self.read = self.read.max(now);
+        }
         for member in self.members.values_mut() {
             let alive_then =
                 stalled_since.saturating_duration_since(member.changed) <= lease_of(&member.record, default);
@@ -216,6 +220,10 @@ mod tests {
         view.members_read(start + LEASE * 2);
         assert!(view.alive("unknown", start + LEASE * 3));
         assert!(!view.alive("unknown", start + LEASE * 3 + Duration::from_millis(1)));
+        // A stall of this member's own, begun while they counted as alive, keeps them so.
+        view.refresh_after_stall(start + LEASE * 2 + LEASE / 2, start + LEASE * 6);
+        assert!(view.alive("unknown", start + LEASE * 6));
+        assert!(!view.alive("unknown", start + LEASE * 7 + Duration::from_millis(1)));
     }
 
     #[test]

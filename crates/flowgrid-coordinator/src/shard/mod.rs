@@ -86,9 +86,9 @@ pub struct StartCommand {
     pub start_at: Option<flowgrid_model::Millis>,
 }
 
-/// A redrive's run rebuilt from its history, or why it could not be: for its shard's actor
-/// alone.
-pub struct Replayed(Box<Result<actor::ActiveRun, ApiError>>);
+/// A redrive's run rebuilt from its history (with the run record it was checked against),
+/// or why it could not be: for its shard's actor alone.
+pub struct Replayed(Box<Result<(actor::ActiveRun, crate::records::RunRecord), ApiError>>);
 
 pub enum Command {
     Start {

@@ -415,6 +415,7 @@ impl<S: ShardStore> ShardActor<S> {
         tokio::spawn(async move {
             let replayed = super::reload::rebuild_ended(&*store, &run_id, &record, plan, &evaluator)
                 .await
+                .map(|active| (active, record))
                 .map_err(|error| history_unreadable(&run_id, &error));
             // A stopped actor drops the reply: its caller is told to retry.
             if let Some(inbox) = inbox.upgrade() {
@@ -433,15 +434,17 @@ impl<S: ShardStore> ShardActor<S> {
     pub(super) async fn take_replayed(
         &mut self,
         request: RedriveRun,
-        replayed: Result<ActiveRun, ApiError>,
+        replayed: Result<(ActiveRun, RunRecord), ApiError>,
         batch: &mut Batch,
     ) -> Result<RunRedriven, ApiError> {
         let record = self.redrivable(&request).await?;
-        let active = replayed?;
+        let (active, read) = replayed?;
         let RedriveRun { run_id, reason, from } = request;
-        // Another redrive that went and ended while this one read wrote history past it.
+        // Another redrive that went and ended while this one read wrote history past it; or
+        // the run was deleted (retention) and a new one made under its id.
         let next_record = keys::history(&run_id, active.next_seq);
-        if self.store.get_chunked(&next_record).await.map_err(read_failure)?.is_some() {
+        let same_run = (record.created_ms, record.ended_ms) == (read.created_ms, read.ended_ms);
+        if !same_run || self.store.get_chunked(&next_record).await.map_err(read_failure)?.is_some() {
             return Err(ApiError::new(
                 ErrorCode::Unavailable,
                 format!("run {run_id} was redriven again while its history was read for this redrive; retry"),
