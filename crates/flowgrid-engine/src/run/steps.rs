@@ -145,15 +145,21 @@ impl Run {
     }
 
     /// A `succeed` step: the run ends `Succeeded` with the step's output expression, else
-    /// the flow's output, else the outputs of the steps it follows.
+    /// the flow's output, else the outputs of the sinks that succeeded and of the steps it
+    /// follows.
     fn succeed_at_step(&mut self, index: StepIndex, output: Option<&Expr>, context: &mut Context<'_>) {
         let value = match output {
             Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
                 Ok(value) => value,
                 Err(error) => return self.expression_failed(index, "output", &error, context),
             },
-            // The step is a sink itself: the outputs of the steps it follows, not its own.
-            None if self.plan.output.is_none() => self.outputs_of(&self.plan.step(index).deps),
+            // The step is a sink itself, without an output: the sinks that succeeded and the
+            // steps it follows.
+            None if self.plan.output.is_none() => {
+                let mut steps = self.plan.sinks.clone();
+                steps.extend(self.plan.step(index).deps.iter().filter(|dep| !self.plan.sinks.contains(dep)));
+                self.outputs_of(&steps)
+            }
             None => match self.run_output(context) {
                 Ok(value) => value,
                 Err(error) => return self.fail_step_and_run(index, error, context),

@@ -243,7 +243,7 @@ steps:
 }
 
 /// A `succeed` step without `output` (nor a flow `output`) ends the run with the outputs of
-/// the steps it follows: it is the only sink, with no output of its own.
+/// the steps it follows and of the sinks that succeeded (it is a sink without an output).
 #[test]
 fn a_succeed_step_without_output_gives_the_outputs_of_the_steps_it_follows() {
     let yaml = r##"
@@ -251,11 +251,13 @@ name: done
 steps:
   - { kind: task, id: merge, pool: p, task: t }
   - { kind: succeed, id: done, after: [merge] }
+  - { kind: transform, id: side, output: '1' }
 "##;
     let mut harness = Harness::start(yaml, json!({}), 0);
     harness.succeed(10, "merge", None, 1, json!({"url": "s3://x"}));
     let view = harness.run.view();
-    assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(json!({"merge": {"url": "s3://x"}}))));
+    let output = json!({"merge": {"url": "s3://x"}, "side": 1});
+    assert_eq!((view.status, view.output), (RunStatus::Succeeded, Some(output)), "and the sinks that succeeded");
 }
 
 #[test]
