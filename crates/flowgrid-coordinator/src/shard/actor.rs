@@ -28,6 +28,9 @@ use crate::metrics::{self, ShardMetrics};
 /// a moment to clear, and a persistent one does not spin the shard.
 const RELOAD_PAUSE: Duration = Duration::from_millis(200);
 
+/// The longest an idle actor sleeps towards a due time before it reads the clock again.
+const SLEEP_MAX: Duration = Duration::from_secs(10);
+
 /// A batch stops taking events once it holds this share (1/n) of a commit's bytes: the
 /// event after (a payload of up to 1 MiB, a run's end) still fits in the commit.
 const BATCH_BYTES_SHARE: usize = 4;
@@ -598,12 +601,13 @@ fn commit_failure(shard: ShardId, error: &flowgrid_store::Error) -> ApiError {
     }
 }
 
-/// Sleeps until `due` (Unix ms), or forever when there is no timer.
+/// Sleeps until `due` (Unix ms), at most [`SLEEP_MAX`] (a clock set back meanwhile would
+/// otherwise hold a timer for as long), or forever when there is no timer.
 async fn sleep_until(due: Option<Millis>) {
     match due {
         Some(due) => {
-            let wait = due.saturating_sub(now_ms());
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let wait = Duration::from_millis(due.saturating_sub(now_ms())).min(SLEEP_MAX);
+            tokio::time::sleep(wait).await;
         }
         None => std::future::pending().await,
     }

@@ -9,6 +9,8 @@
 //! A shard that kept serving but whose turn ran late (a slow commit, a disk stall) starts
 //! every slot that fell meanwhile, oldest first, those of the last [`CATCH_UP_MS`].
 
+use std::sync::Arc;
+
 use flowgrid_model::{FlowPlan, Millis};
 use flowgrid_proto::StartRun;
 use flowgrid_store::ShardStore;
@@ -18,6 +20,10 @@ use super::actor::ShardActor;
 
 /// How far back a shard that starts serving looks for slots it may have missed.
 pub(super) const CATCH_UP_MS: Millis = 60_000;
+
+/// How far the clock may step back before the schedules are armed again from the new time:
+/// less is the jitter of a clock slewed by NTP.
+const CLOCK_BACK_TOLERANCE_MS: Millis = 5_000;
 
 /// Slots of one schedule a turn starts at most: a shard late by many slots starts the
 /// rest in its next turns instead of holding this one.
@@ -63,6 +69,9 @@ impl<S: ShardStore> ShardActor<S> {
     /// Starts the run of every slot due by `now` (those of the last [`CATCH_UP_MS`], at
     /// most [`SLOTS_PER_TURN_MAX`] a turn), oldest first, and arms each schedule's next.
     pub(super) fn start_due_schedules(&mut self, now: Millis) {
+        if now.saturating_add(CLOCK_BACK_TOLERANCE_MS) < self.schedules_checked_ms {
+            self.rearm_after_clock_fell_back(now);
+        }
         self.schedules_checked_ms = now;
         if self.next_schedule_due().is_none_or(|due| due > now) {
             return;
@@ -104,6 +113,23 @@ impl<S: ShardStore> ShardActor<S> {
                 // None left due (or none in the window at all): the first slot after now.
                 None => self.arm_schedule(&plan, last.map_or(now, |last| now.max(last))),
             }
+        }
+    }
+
+    /// The host's clock went back (a time correction): every schedule is armed at its first
+    /// slot after `now`, not left at a slot the old clock chose, which would come only when
+    /// the clock got there again (an hour's step back, an hour without runs). A slot started
+    /// already is not started twice: its run id follows from it.
+    fn rearm_after_clock_fell_back(&mut self, now: Millis) {
+        warn!(back_ms = self.schedules_checked_ms - now, "the clock went back; the schedules are armed again from now");
+        let latest: Vec<Arc<FlowPlan>> = self
+            .schedules
+            .keys()
+            .filter_map(|flow| self.catalog.get(flow).and_then(|versions| versions.last()))
+            .map(|latest| latest.plan.clone())
+            .collect();
+        for plan in latest {
+            self.arm_schedule(&plan, now);
         }
     }
 
