@@ -490,18 +490,29 @@ mod tests {
     async fn a_follower_takes_a_stored_result_only_if_it_is_fresh_for_its_own_step() {
         let flights = std::sync::Arc::new(SingleFlight::default());
         assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
-        let follower = |run: &'static str, ttl_ms: Millis| {
-            let flights = std::sync::Arc::clone(&flights);
-            tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later(), ttl_ms).await })
-        };
-        let (short, long) = (follower("short", 1_000), follower("long", 86_400_000));
-        while flights.flights.lock().unwrap().by_key.get("k").is_none_or(|flight| flight.followers.len() < 2) {
-            tokio::task::yield_now().await;
-        }
+        let (short, long) = (follower(&flights, "short", 1_000), follower(&flights, "long", 86_400_000));
+        until_followers(&flights, 2).await;
         // Stored a minute ago: fresh for a day, too old for a second.
         flights.land("k", &json!("old"), now_ms() - 60_000);
         assert_eq!(short.await.unwrap(), None, "the short ttl's task goes to a worker");
         assert_eq!(long.await.unwrap(), Some(json!("old")));
+    }
+
+    /// A task of `run` (with a step's `ttl_ms`) that joins the flight of `k`, as a spawned task.
+    fn follower(
+        flights: &std::sync::Arc<SingleFlight>,
+        run: &'static str,
+        ttl_ms: Millis,
+    ) -> tokio::task::JoinHandle<Option<serde_json::Value>> {
+        let flights = std::sync::Arc::clone(flights);
+        tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later(), ttl_ms).await })
+    }
+
+    /// Until the flight of `k` has `count` followers.
+    async fn until_followers(flights: &SingleFlight, count: usize) {
+        while flights.flights.lock().unwrap().by_key.get("k").is_none_or(|flight| flight.followers.len() < count) {
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Followers to whom the landed result is too old keep the single flight between them:
@@ -510,21 +521,11 @@ mod tests {
     async fn followers_to_whom_a_result_is_too_old_form_one_new_flight() {
         let flights = std::sync::Arc::new(SingleFlight::default());
         assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
-        let follower = |run: &'static str| {
-            let flights = std::sync::Arc::clone(&flights);
-            tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later(), 1_000).await })
-        };
-        let (b, c) = (follower("b"), follower("c"));
-        while flights.flights.lock().unwrap().by_key.get("k").is_none_or(|flight| flight.followers.len() < 2) {
-            tokio::task::yield_now().await;
-        }
+        let (b, c) = (follower(&flights, "b", 1_000), follower(&flights, "c", 1_000));
+        until_followers(&flights, 2).await;
         flights.land("k", &json!("old"), now_ms() - 60_000);
         // One of them leads anew (its task goes to a worker), the other follows it.
-        let rejoined = tokio::time::timeout(Duration::from_secs(5), async {
-            while flights.flights.lock().unwrap().by_key.get("k").is_none_or(|flight| flight.followers.is_empty()) {
-                tokio::task::yield_now().await;
-            }
-        });
+        let rejoined = tokio::time::timeout(Duration::from_secs(5), until_followers(&flights, 1));
         assert!(rejoined.await.is_ok(), "no new flight: each follower went to a worker on its own");
         flights.land("k", &json!("new"), now_ms());
         let mut outcomes = vec![b.await.unwrap(), c.await.unwrap()];
@@ -548,10 +549,7 @@ mod tests {
     async fn when_a_leader_fails_its_followers_form_one_new_flight_that_its_retry_follows_too() {
         let flights = std::sync::Arc::new(SingleFlight::default());
         assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
-        let follower = |run: &'static str| {
-            let flights = std::sync::Arc::clone(&flights);
-            tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later(), 60_000).await })
-        };
+        let follower = |run: &'static str| follower(&flights, run, 60_000);
         // The flight of `k`: its leader's run and how many follow it, once it has `followers`.
         let flight_with = |followers: usize| {
             let flights = std::sync::Arc::clone(&flights);
