@@ -447,7 +447,10 @@ impl<S: ShardStore> ShardActor<S> {
         if !same_run || self.store.get_chunked(&next_record).await.map_err(read_failure)?.is_some() {
             return Err(ApiError::new(
                 ErrorCode::Unavailable,
-                format!("run {run_id} was redriven again while its history was read for this redrive; retry"),
+                format!(
+                    "run {run_id} changed while its history was read for this redrive (redriven again, or deleted \
+                     and started anew); retry"
+                ),
             ));
         }
         if let Some(refused) = active.run.redrive_refused(&from) {
