@@ -50,8 +50,9 @@ HEARTBEAT_SECONDS_MIN = 0.1
 RESULT_REQUEST_TIMEOUT_SECONDS = 5
 RESULT_RETRY_DELAY_SECONDS = 0.5
 # After a task's deadline, keep trying to send its result this much longer before handing the
-# task back (nak): a coordinator that takes the shard over applies results that come before its
-# first turn, even past the deadline (the Rust SDK's REPORT_GRACE_MS).
+# task back (nak): the attempt times out by the coordinator's clock, in a turn of its shard, so a
+# result a little past this worker's deadline may still be applied, and a later one is answered
+# `applied: false` at no cost (the Rust SDK's REPORT_GRACE_MS).
 RESULT_GRACE_MS = 30_000
 # A task still running this long past its deadline is abandoned with `deadline_exceeded`
 # (a grace for clock skew between hosts, as the Rust SDK's DEADLINE_GRACE).
