@@ -81,8 +81,8 @@ class ResultGrace(unittest.TestCase):
         self.assertTrue(worker.gives_up(1_000_000 + 30_000, 1_000_000))
 
     def test_a_result_past_the_deadline_is_still_sent_and_acked(self):
-        # The coordinator is away at the deadline (restarting): a new owner of the shard
-        # applies the result before its first turn, so the worker keeps sending it.
+        # No coordinator answers at the deadline (one restarting): the attempt times out by
+        # the coordinator's clock, so the worker keeps sending the result past its own.
         nc = FakeNats(failures=2)
         msg = FakeMsg(task("echo", {"a": 1}, now_ms() - 10_000))
         # Delivered (and started) before its deadline: only the result comes late.
