@@ -140,7 +140,6 @@ async fn python_worker_lives_through_a_nats_restart() -> anyhow::Result<()> {
     let echo = "name: py-echo\nsteps:\n  - { id: e, kind: task, pool: py, task: echo }\n";
     deploy(&grid, &client, echo).await?;
     // Idle, scanning its lanes every second while NATS is away and JetStream comes back.
-    tokio::time::sleep(Duration::from_secs(1)).await;
     grid.restart_nats(Duration::from_secs(2))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!grid.workers[0].has_exited(), "the Python worker died with NATS away\n{}", grid.logs());

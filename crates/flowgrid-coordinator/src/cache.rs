@@ -313,15 +313,13 @@ impl SingleFlight {
                 Joined::Lead => return None,
                 Joined::Follow(landing, until) => {
                     match tokio::time::timeout_at(until.min(deadline).into(), landing).await {
-                        Ok(Ok(Some(landed))) => match landed.fresh_for(ttl_ms) {
+                        Ok(Ok(landed)) => match landed.and_then(|landed| landed.fresh_for(ttl_ms)) {
                             Some(output) => return Some(output),
-                            // Older than this step takes: as if the leader had none, the
-                            // first of the followers leads a new flight, the others follow it.
+                            // The leader's attempt ended without a result, or one older than
+                            // this step takes: lead or follow anew.
                             None if Instant::now() < deadline => continue,
                             None => return None,
                         },
-                        // The leader's attempt ended without a result: lead or follow anew.
-                        Ok(Ok(None)) if Instant::now() < deadline => continue,
                         _ => return None,
                     }
                 }

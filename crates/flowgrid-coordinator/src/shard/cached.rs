@@ -106,18 +106,15 @@ async fn follow(
 ) -> Option<Value> {
     let deadline = deadline_of(task);
     let output = match tokio::time::timeout_at(until.min(deadline).into(), landing).await {
-        // Read with this step's own `ttl_ms`: too old, as if the leader had none (one of the
-        // followers leads a new flight to a worker, the others follow it).
-        Ok(Ok(Some(landed))) => match landed.fresh_for(ttl_ms) {
+        // Read with this step's own `ttl_ms`. None from the leader, or one too old: one of the
+        // followers leads a new flight to a worker, the others follow it.
+        Ok(Ok(landed)) => match landed.and_then(|landed| landed.fresh_for(ttl_ms)) {
             Some(output) => Some(output),
             None if Instant::now() < deadline => {
                 cache.flights().lead_or_follow(key, &task.attempt, deadline, ttl_ms).await
             }
             None => None,
         },
-        Ok(Ok(None)) if Instant::now() < deadline => {
-            cache.flights().lead_or_follow(key, &task.attempt, deadline, ttl_ms).await
-        }
         _ => None,
     }?;
     TaskCache::count_joined(&task.pool);
