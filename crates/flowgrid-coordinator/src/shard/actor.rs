@@ -198,7 +198,7 @@ impl<S: ShardStore> ShardActor<S> {
             let now = now_ms();
             self.fire_due_timers(now, &mut batch, false);
             self.admit_due_gates(now, &mut batch);
-            self.start_due_schedules(now);
+            self.schedules_checked(now);
             self.prune_if_due(now, &mut batch).await;
             if !self.context.lease.holds(self.term) {
                 // Others may take the shard soon: nothing more is committed or sent from here.
@@ -229,6 +229,7 @@ impl<S: ShardStore> ShardActor<S> {
                     }
                 }
             }
+            self.start_due_schedules(now);
         }
         self.forget_all_runs();
         self.context.plans.forget_latest(self.catalog.keys());

@@ -66,13 +66,20 @@ impl<S: ShardStore> ShardActor<S> {
         self.schedules.values().min().copied()
     }
 
-    /// Starts the run of every slot due by `now` (those of the last [`CATCH_UP_MS`], at
-    /// most [`SLOTS_PER_TURN_MAX`] a turn), oldest first, and arms each schedule's next.
-    pub(super) fn start_due_schedules(&mut self, now: Millis) {
+    /// Notes that the turn looks at the schedules as of `now`: a version deployed (or a flow
+    /// resumed) in the turn arms its schedule from there. A clock set back re-arms them.
+    pub(super) fn schedules_checked(&mut self, now: Millis) {
         if now.saturating_add(CLOCK_BACK_TOLERANCE_MS) < self.schedules_checked_ms {
             self.rearm_after_clock_fell_back(now);
         }
         self.schedules_checked_ms = now;
+    }
+
+    /// Starts the run of every slot due by `now` (those of the last [`CATCH_UP_MS`], at
+    /// most [`SLOTS_PER_TURN_MAX`] a turn), oldest first, and arms each schedule's next.
+    /// Called after the turn's commit: a version deployed in the turn is the latest only
+    /// once it is stored, so a slot never starts with an input that may not last.
+    pub(super) fn start_due_schedules(&mut self, now: Millis) {
         if self.next_schedule_due().is_none_or(|due| due > now) {
             return;
         }
