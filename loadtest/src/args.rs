@@ -273,6 +273,8 @@ impl RunArgs {
                 self.mode == LoopMode::Open,
                 "--latency-floor times an open loop at --rate: add --mode open"
             );
+        }
+        if self.latency_floor || self.floor_enabled() {
             anyhow::ensure!(!self.floor_duration.is_zero(), "--floor-duration must be positive (e.g. 10s)");
         }
         if self.profile.is_some() {
@@ -534,6 +536,9 @@ mod tests {
             .unwrap_err()
             .contains("--concurrency sets a closed"));
         assert!(validate(&["--mode", "open", "--rate", "0"]).unwrap_err().contains("positive"));
+        // The broker floor runs by default, so its duration is checked without --latency-floor.
+        assert!(validate(&["--floor-duration", "0s"]).unwrap_err().contains("--floor-duration must be positive"));
+        assert!(validate(&["--floor-duration", "0s", "--no-floor"]).is_ok());
     }
 
     #[test]

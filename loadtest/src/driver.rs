@@ -193,6 +193,10 @@ pub async fn closed_loop(starter: Starter, concurrency: usize, stop: Cancellatio
     while loops.join_next().await.is_some() {}
 }
 
+/// `run.get` checks of sampled runs in flight at once: one at a time fell behind a busy
+/// coordinator at a high `--verify-share`, and the runs left unchecked counted as errors.
+const VERIFY_IN_FLIGHT_MAX: usize = 64;
+
 /// Checks sampled finished runs with `run.get`: each must have succeeded.
 pub async fn verify(
     client: Client,
@@ -200,30 +204,43 @@ pub async fn verify(
     errors: Arc<Errors>,
     checked: Arc<AtomicU64>,
 ) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(VERIFY_IN_FLIGHT_MAX));
+    let mut checks = tokio::task::JoinSet::new();
     while let Some(run_id) = runs.recv().await {
-        // The ack of the last result follows the commit that ends the run; allow a little
-        // time anyway in case the end is one tick later.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match client.get(&run_id).await {
-                Ok(view) if view.status == flowgrid_sdk::RunStatus::Succeeded => break,
-                Ok(view) if view.status.is_terminal() => {
-                    errors.add(&format!("run_{}", view.status.as_str()), 1);
-                    break;
-                }
-                Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
-                Ok(_) => {
-                    errors.add("run_not_ended_after_last_ack", 1);
-                    break;
-                }
-                Err(error) => {
-                    errors.add("verify_get_failed", 1);
-                    eprintln!("verify: run.get {run_id} failed: {error}");
-                    break;
-                }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let (client, errors, checked) = (client.clone(), errors.clone(), checked.clone());
+        checks.spawn(async move {
+            verify_run(&client, &run_id, &errors).await;
+            checked.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+        });
+        while checks.try_join_next().is_some() {}
+    }
+    while checks.join_next().await.is_some() {}
+}
+
+async fn verify_run(client: &Client, run_id: &flowgrid_sdk::RunId, errors: &Errors) {
+    // The ack of the last result follows the commit that ends the run; allow a little
+    // time anyway in case the end is one tick later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match client.get(run_id).await {
+            Ok(view) if view.status == flowgrid_sdk::RunStatus::Succeeded => return,
+            Ok(view) if view.status.is_terminal() => {
+                errors.add(&format!("run_{}", view.status.as_str()), 1);
+                return;
+            }
+            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok(_) => {
+                errors.add("run_not_ended_after_last_ack", 1);
+                return;
+            }
+            Err(error) => {
+                errors.add("verify_get_failed", 1);
+                eprintln!("verify: run.get {run_id} failed: {error}");
+                return;
             }
         }
-        checked.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -66,7 +66,7 @@ struct FloorSink {
 impl TaskSink for FloorSink {
     fn received(&self, _attempt: &AttemptId, _stored: Instant, _at: Instant) {}
 
-    fn acked(&self, _attempt: &AttemptId, _acked: Instant) {
+    fn acked(&self, _attempt: &AttemptId, _acked: Instant, _applied: bool) {
         if self.measuring.load(Ordering::Relaxed) {
             self.acked_measured.fetch_add(1, Ordering::Relaxed);
         }
@@ -156,6 +156,16 @@ impl FloorStream {
         let subjects = Subjects::new(FLOOR_PREFIX);
         let limits = BrokerLimits::default();
         let jetstream = jetstream::new(grid.connect("flowgrid-loadtest-floor-admin").await?);
+        // A stream an interrupted floor left on a running grid would take this one's task ids
+        // as duplicates (they repeat from one floor to the next) and never deliver them, so
+        // the floor would read near zero: it is made anew.
+        match jetstream.delete_stream(subjects.tasks_stream()).await {
+            Ok(_) => {}
+            Err(error)
+                if matches!(error.kind(), jetstream::context::DeleteStreamErrorKind::JetStream(source)
+                if source.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
+            Err(error) => return Err(error).context("delete the stream an earlier floor left"),
+        }
         let stream = broker::tasks_stream(&jetstream, &subjects, &limits).await?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();

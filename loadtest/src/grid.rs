@@ -75,7 +75,7 @@ impl Grid {
         let mut metrics_addrs = Vec::new();
         for index in 1..=args.coordinators {
             let mut command = Command::new(&flowgrid);
-            command
+            without_shell_settings(&mut command)
                 .arg("coordinator")
                 .args(["--nats-url", &nats_url, "--prefix", &args.prefix])
                 .arg("--data-dir")
@@ -279,6 +279,20 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
 }
 
 /// `--flowgrid-bin`, else `flowgrid` next to this binary (both live in target/release).
+/// Leaves out of a `flowgrid` process the `FLOWGRID_*` settings of the harness's shell (but
+/// `FLOWGRID_LOG`): a coordinator takes each of its flags from one, so an exported
+/// `FLOWGRID_ACTIVE_RUNS_MAX` or `FLOWGRID_BATCH_EVENTS_MAX` would change what is measured
+/// without the report showing it. Settings go through `--coordinator-args` instead.
+fn without_shell_settings(command: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        let name_text = name.to_string_lossy();
+        if name_text.starts_with("FLOWGRID_") && name_text != "FLOWGRID_LOG" {
+            command.env_remove(&name);
+        }
+    }
+    command
+}
+
 fn flowgrid_bin(args: &GridArgs) -> Result<PathBuf> {
     locate_flowgrid_bin(args.flowgrid_bin.as_deref())
 }
@@ -547,7 +561,7 @@ impl Cluster {
             }
             _ => (Command::new(&self.spec.flowgrid), self.nats_url.clone()),
         };
-        command
+        without_shell_settings(&mut command)
             .arg("coordinator")
             .args(["--nats-url", &nats_url, "--prefix", &self.spec.prefix])
             .arg("--data-dir")
@@ -578,7 +592,7 @@ impl Cluster {
             let name = format!("worker-{}", self.workers.len());
             let process = Process::spawn(
                 &name,
-                Command::new(&self.spec.flowgrid)
+                without_shell_settings(&mut Command::new(&self.spec.flowgrid))
                     .arg("worker")
                     .args(["--nats-url", &self.nats_url, "--prefix", &self.spec.prefix])
                     .args(["--pools", pool, "--concurrency", &concurrency.to_string(), "--speed", "0"]),
@@ -669,7 +683,20 @@ fn flag_value(args: &str, flag: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::flag_value;
+    use super::{flag_value, without_shell_settings};
+
+    /// A coordinator setting exported in the shell does not reach the processes the harness
+    /// starts; the log level does.
+    #[test]
+    fn the_shells_settings_stay_out_of_the_grids_processes() {
+        std::env::set_var("FLOWGRID_LOADTEST_TEST_SETTING", "5");
+        std::env::set_var("FLOWGRID_LOG", "warn");
+        let mut command = std::process::Command::new("true");
+        without_shell_settings(&mut command);
+        let removed: Vec<_> = command.get_envs().filter(|(_, value)| value.is_none()).map(|(name, _)| name).collect();
+        assert!(removed.contains(&std::ffi::OsStr::new("FLOWGRID_LOADTEST_TEST_SETTING")), "{removed:?}");
+        assert!(!removed.contains(&std::ffi::OsStr::new("FLOWGRID_LOG")), "{removed:?}");
+    }
 
     #[test]
     fn flag_values_are_read_in_both_forms() {

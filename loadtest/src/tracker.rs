@@ -57,8 +57,8 @@ pub trait TaskSink: Send + Sync + 'static {
     fn received(&self, attempt: &AttemptId, stored: Instant, at: Instant);
     /// A worker is sending the task's result for the first time, at `at`.
     fn result_sent(&self, _attempt: &AttemptId, _at: Instant) {}
-    /// The coordinator acked the task's result at `acked`.
-    fn acked(&self, attempt: &AttemptId, acked: Instant);
+    /// The coordinator acked the task's result at `acked`; `applied`: as the ack says.
+    fn acked(&self, attempt: &AttemptId, acked: Instant, applied: bool);
     /// The result was refused for good or never confirmed.
     fn failed(&self, attempt: &AttemptId, reason: &str);
     /// The coordinator took the result without applying it: a repeat of a result it applied
@@ -323,8 +323,13 @@ impl TaskSink for Tracker {
         inner.runs.entry(attempt.run_id.clone()).or_default().chain_result = Some((position, at));
     }
 
-    fn acked(&self, attempt: &AttemptId, acked: Instant) {
+    fn acked(&self, attempt: &AttemptId, acked: Instant, applied: bool) {
         let mut inner = self.inner.lock().expect("tracker lock");
+        // A copy of a task whose run ended already (delivered again): its run is not
+        // followed any more, and counting it would count the task twice.
+        if !applied && !inner.runs.contains_key(&attempt.run_id) {
+            return;
+        }
         let track = inner.runs.entry(attempt.run_id.clone()).or_default();
         if !track.first_ack(attempt) {
             return;
@@ -371,14 +376,14 @@ mod tests {
         tracker.received(&attempt("r", "s1"), at(1), at(2));
         tracker.started(RunId("r".into()), t0, None);
         tracker.result_sent(&attempt("r", "s1"), at(3));
-        tracker.acked(&attempt("r", "s1"), at(4));
+        tracker.acked(&attempt("r", "s1"), at(4), true);
         // Delivered again and acked again: still one task of two, the run not done.
-        tracker.acked(&attempt("r", "s1"), at(4));
+        tracker.acked(&attempt("r", "s1"), at(4), true);
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
         assert_eq!(tracker.counters.tasks_acked.load(Ordering::Relaxed), 1);
         tracker.received(&attempt("r", "s2"), at(5), at(6));
         tracker.result_sent(&attempt("r", "s2"), at(7));
-        tracker.acked(&attempt("r", "s2"), at(9));
+        tracker.acked(&attempt("r", "s2"), at(9), true);
         let histograms = tracker.histograms();
         assert_eq!(histograms.start_overhead.len(), 1);
         assert!(histograms.start_overhead.equivalent(histograms.start_overhead.max(), 2_000));
@@ -395,12 +400,29 @@ mod tests {
         tracker.set_measuring(true);
         let t0 = Instant::now();
         tracker.started(RunId("r".into()), t0, None);
-        tracker.acked(&attempt("r", "s1"), t0);
         tracker.not_applied(&attempt("r", "s1"));
+        tracker.acked(&attempt("r", "s1"), t0, false);
         assert_eq!(tracker.counters.results_not_applied.load(Ordering::Relaxed), 1);
         assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 1);
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
         assert_eq!(tracker.in_flight(), 1);
+    }
+
+    /// A task delivered again after its run ended is answered "not applied": it is not
+    /// counted a second time, and leaves nothing behind.
+    #[test]
+    fn a_copy_of_a_task_of_an_ended_run_is_not_counted_again() {
+        let tracker = Tracker::new(1, None, 0.0);
+        tracker.set_measuring(true);
+        let t0 = Instant::now();
+        tracker.started(RunId("r".into()), t0, None);
+        tracker.acked(&attempt("r", "s1"), t0, true);
+        assert_eq!((tracker.counters.runs_done.load(Ordering::Relaxed), tracker.in_flight()), (1, 0));
+        tracker.not_applied(&attempt("r", "s1"));
+        tracker.acked(&attempt("r", "s1"), t0, false);
+        assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 1);
+        assert_eq!(tracker.counters.results_not_applied.load(Ordering::Relaxed), 1);
+        assert!(tracker.inner.lock().unwrap().runs.is_empty(), "no entry is left for the ended run");
     }
 
     #[test]
@@ -427,7 +449,7 @@ mod tests {
         tracker.received(&attempt("r", "s1"), at(1), at(1));
         tracker.result_sent(&attempt("r", "s1"), at(2));
         tracker.received(&attempt("r", "s2"), at(3), at(4));
-        tracker.acked(&attempt("r", "s1"), at(5));
+        tracker.acked(&attempt("r", "s1"), at(5), true);
         let histograms = tracker.histograms();
         assert_eq!(histograms.step_overhead.len(), 1, "the step was not counted");
         assert!(histograms.step_overhead.equivalent(histograms.step_overhead.max(), 1_000), "sent to stored");
@@ -438,7 +460,7 @@ mod tests {
         let tracker = Tracker::new(1, None, 0.0);
         let t0 = Instant::now();
         tracker.received(&attempt("r", "s1"), t0, t0);
-        tracker.acked(&attempt("r", "s1"), t0);
+        tracker.acked(&attempt("r", "s1"), t0, true);
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
         let (sender, mut receiver) = oneshot::channel();
         tracker.started(RunId("r".into()), t0, Some(sender));
@@ -451,7 +473,7 @@ mod tests {
         let t0 = Instant::now();
         tracker.started(RunId("r".into()), t0, None);
         tracker.received(&attempt("r", "s1"), t0, t0);
-        tracker.acked(&attempt("r", "s1"), t0);
+        tracker.acked(&attempt("r", "s1"), t0, true);
         assert!(tracker.histograms().run_e2e.is_empty());
         assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 0);
     }

@@ -139,7 +139,7 @@ async fn serve(
                 if !applied {
                     sink.not_applied(&task.attempt);
                 }
-                sink.acked(&task.attempt, Instant::now());
+                sink.acked(&task.attempt, Instant::now(), applied);
                 let _ = message.ack().await;
                 return;
             }
