@@ -373,6 +373,22 @@ impl Journal {
         self.delete_obsolete(state);
     }
 
+    /// Forgets the frames of `shard` of a handle whose file another process took: that
+    /// process replayed them when it opened the file. `last`: the end of the handle's last
+    /// frame. Frames of the shard past it are a newer handle's of this process (the shard
+    /// was opened here again since), which still needs them: the shard is then left alone,
+    /// as in [`Self::forget_replayed`].
+    pub(crate) fn forget_taken(&self, shard: ShardId, last: Option<Position>) {
+        let _deleting = lock(&self.deleting);
+        let mut state = lock(&self.state);
+        if state.last_appended.get(&shard) != last.as_ref() {
+            return;
+        }
+        state.unchecked.remove(&shard);
+        state.last_appended.remove(&shard);
+        self.delete_obsolete(state);
+    }
+
     /// Forgets `shard` after it was closed clean.
     pub(crate) fn forget(&self, shard: ShardId) {
         let mut state = lock(&self.state);
@@ -1139,6 +1155,26 @@ mod tests {
         fs::write(segment_path(dir.path(), 2), encode_data(ShardId(1), Epoch(1), &[])).unwrap();
         let read = read_frames(dir.path(), Position::default(), |_| Ok(()));
         assert!(matches!(read, Err(Error::Corrupt { .. })), "got {read:?}");
+    }
+
+    /// What operations.md says of damage to the last segment: it cannot be told from the
+    /// torn end a crash leaves, so the frames after a bad one there are not read.
+    #[test]
+    fn a_bad_frame_in_the_last_segment_ends_the_reading_and_the_frames_after_it_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let frame = |shard| encode_data(ShardId(shard), Epoch(1), &[Mutation::Clear(b"k".to_vec())]);
+        let mut bad = frame(2);
+        let last = bad.len() - 1;
+        bad[last] ^= 0xFF;
+        let bytes = [frame(1), bad, frame(3)].concat();
+        fs::write(segment_path(dir.path(), 1), &bytes).unwrap();
+        let mut shards = Vec::new();
+        read_frames(dir.path(), Position::default(), |frame| {
+            shards.push(frame.shard.0);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(shards, vec![1], "the third frame, whole, is not read after the bad second one");
     }
 
     #[test]

@@ -29,7 +29,9 @@
 //!   created again empty.
 //! - Only the epoch holder writes: the epoch is bumped in the file by
 //!   [`ShardStore::acquire`], and the file lock keeps every other process out while the
-//!   shard is open here, so the epoch this handle holds is the file's.
+//!   shard is open here, so the epoch this handle holds is the file's. A handle commits
+//!   only once it has acquired the shard: `acquire` is what names this process's journal in
+//!   the file, and the next opener replays the journal the file names.
 //! - Limits are FoundationDB's ([`StoreLimits`]): the batch is checked before anything is
 //!   written, and a batch whose preparation ran past `transaction_ms_max` is refused, so
 //!   that what passes here passes in a cluster.
@@ -110,7 +112,9 @@ const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 const CHECKPOINT_TICK: Duration = Duration::from_millis(50);
 /// How often the checkpointer looks for the journals of dead processes to delete.
 const DEAD_JOURNAL_SWEEP: Duration = Duration::from_secs(60);
-/// How long [`RedbShard::close`] waits for a checkpoint still running to let the file go.
+/// How long [`RedbShard::close`] waits for the other holders of the shard (the checkpointer,
+/// a range scan, a queued point read) to let the file go before it reports it still open:
+/// a checkpoint or a scan takes well under a second unless the disk stalls.
 const CLOSE_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// Bytes written to the process journal (a counter).
@@ -470,6 +474,8 @@ fn open_shard_file(
         commit_order: tokio::sync::Mutex::new(()),
         checkpointing: Mutex::new(()),
         wrote: AtomicBool::new(false),
+        acquired: AtomicBool::new(false),
+        journaled_through: Mutex::new(None),
         shared,
     }))
 }
@@ -551,8 +557,11 @@ fn write_layer(db: &Database, layer: &Layer) -> Result<()> {
 }
 
 /// True when redb refuses every access to the file since a read or write of it failed.
+/// Asked without waiting: `begin_write` would wait for a write transaction in progress (a
+/// checkpoint), on the reader thread that serves every shard's point reads; redb checks for
+/// the latch before it looks for another writer.
 fn is_latched(db: &Database) -> bool {
-    matches!(db.begin_write(), Err(TransactionError::Storage(StorageError::PreviousIo)))
+    matches!(db.try_begin_write(), Err(TransactionError::Storage(StorageError::PreviousIo)))
 }
 
 /// The file is locked by another handle.
@@ -623,6 +632,11 @@ struct ShardCore {
     /// True once this process journaled a commit of the shard: closing then writes a
     /// `clean` frame.
     wrote: AtomicBool,
+    /// True once this handle acquired the shard: only then does it commit (see
+    /// [`ShardCore::check_acquired`]).
+    acquired: AtomicBool,
+    /// The end of the last frame this handle journaled.
+    journaled_through: Mutex<Option<Position>>,
     shared: Arc<Shared>,
 }
 
@@ -792,8 +806,9 @@ impl ShardCore {
                 done
             }
             None => Err(backend(std::io::Error::other(format!(
-                "shard {}: {} could not be opened again after a failed access; the next checkpoint retries \
-                 (the coordinator's log has the checkpoint errors; free or fix the data directory's disk)",
+                "shard {}: {} is closed here to be opened again after a failed access (it is being opened, or \
+                 opening it failed and the next checkpoint retries); try again shortly (the coordinator's log has \
+                 the checkpoint errors; free or fix the data directory's disk)",
                 self.shard,
                 self.path.display()
             )))),
@@ -809,6 +824,12 @@ impl ShardCore {
     /// the shard runs while it is closed (`commits_held`, else the reopen waits for a call
     /// that holds them), a commit is refused while the file is not open here, and a file
     /// whose epoch moved meanwhile is lost to this handle.
+    ///
+    /// The file is opened without the lock on its handle: opening may run redb's repair of
+    /// the file, seconds on a large one, and reads of the shard meanwhile fail at once (the
+    /// file is not open) instead of holding up the reader thread, which serves every shard,
+    /// or a scan that holds the shard's overlay. Only this method puts a handle in, under
+    /// `checkpointing`, so no other is put in meanwhile.
     fn reopen_if_latched(&self, commits_held: bool) -> Result<()> {
         if !commits_held {
             return Err(backend(std::io::Error::other(format!(
@@ -817,10 +838,10 @@ impl ShardCore {
                 self.path.display()
             ))));
         }
-        let mut db = write_lock(&self.db);
         // The old handle goes first: it holds the file's lock. Taken out before it is
         // dropped, so that a panic while dropping it leaves no handle behind.
-        drop(db.take());
+        let latched = write_lock(&self.db).take();
+        drop(latched);
         // Open before, so listed: a file wiped meanwhile is refused, not created again.
         let opened = self.shared.open_database(self.shard, &self.path, self.cache_bytes, true)?;
         let epoch =
@@ -837,7 +858,10 @@ impl ShardCore {
             );
             return self.check_not_lost();
         }
+        let mut db = write_lock(&self.db);
+        assert!(db.is_none(), "only the checkpoint that opens the file again puts a handle in");
         *db = Some(opened);
+        drop(db);
         self.latched.store(false, Ordering::Relaxed);
         info!(shard = %self.shard, file = %self.path.display(), "opened the shard file again after a failed read or write");
         Ok(())
@@ -856,6 +880,22 @@ impl ShardCore {
                 self.path.display()
             ),
         })
+    }
+
+    /// Refuses a commit on a handle that has not acquired the shard. The file names the
+    /// journal of the process that acquired it last (`acquire` writes it), and the next
+    /// opener replays that journal: a commit journaled here before this process acquired the
+    /// shard would be lost in a crash, though answered as durable.
+    fn check_acquired(&self) -> Result<()> {
+        if self.acquired.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        Err(backend(std::io::Error::other(format!(
+            "shard {}: {} was opened but not acquired by this handle: acquire the shard before committing to it \
+             (commit with the epoch acquire returns)",
+            self.shard,
+            self.path.display()
+        ))))
     }
 
     /// Refuses a commit while the file is not open here: its lock is let go then, and
@@ -904,8 +944,12 @@ impl ShardCore {
         if let Err(error) = self.checkpoint(true) {
             // Its frames stay in the journal until its next owner replayed them. A handle
             // whose file another process took has nothing left here: that process replayed
-            // its frames when it opened the file, and this shard may be open here again.
-            if !self.lost.load(Ordering::Relaxed) {
+            // its frames when it opened the file. Its frames are forgotten, or they would keep
+            // every later segment until the process stops, unless this shard is open here
+            // again and journaled since (those frames are the new handle's).
+            if self.lost.load(Ordering::Relaxed) {
+                self.shared.journal.forget_taken(self.shard, *lock(&self.journaled_through));
+            } else {
                 self.shared.journal.released(self.shard, self.epoch());
             }
             return Err(error);
@@ -943,22 +987,35 @@ impl RedbShard {
     /// Writes every commit to the file, closes it and releases its lock, reporting any
     /// error that dropping would ignore. Blocks while it writes; call it off the runtime's
     /// worker threads when that matters.
+    ///
+    /// `Ok` means the file is closed: another process may open the shard now. The
+    /// checkpointer, a range scan or a queued point read may hold the shard for a moment,
+    /// and the file closes when the last holder lets go; one that holds it past
+    /// [`CLOSE_WAIT_MAX`] makes the close fail, as the file is still locked then (it
+    /// closes later, when that holder is done).
     pub fn close(mut self) -> Result<()> {
         let mut core = self.core.take().expect("closed once");
         core.finish()?;
         let started = Instant::now();
-        // The checkpointer may hold the shard for a moment; the file closes when the last
-        // holder lets go.
-        while started.elapsed() < CLOSE_WAIT_MAX {
+        loop {
             match Arc::try_unwrap(core) {
                 Ok(_closed) => return Ok(()),
-                Err(still_shared) => {
-                    core = still_shared;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                Err(still_shared) => core = still_shared,
             }
+            if started.elapsed() >= CLOSE_WAIT_MAX {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        Ok(())
+        let holders = Arc::strong_count(&core) - 1;
+        Err(backend(std::io::Error::other(format!(
+            "shard {}: {} is still open in this process {CLOSE_WAIT_MAX:?} after its close began: {holders} other \
+             holder(s) of the shard (the checkpointer, a range scan or a queued point read; a stalled disk, most \
+             likely) have not let go; its commits are in the file, and it closes when they let go: until then no \
+             other process can open the shard",
+            core.shard,
+            core.path.display()
+        ))))
     }
 
     fn run_blocking<T, F>(&self, work: F) -> impl std::future::Future<Output = Result<T>> + Send + 'static
@@ -998,6 +1055,7 @@ impl ShardStore for RedbShard {
                 Ok(next)
             })?;
             *lock(&core.epoch) = next;
+            core.acquired.store(true, Ordering::Relaxed);
             Ok(next)
         })
         .await
@@ -1038,6 +1096,7 @@ impl ShardStore for RedbShard {
     }
 
     async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> Result<()> {
+        self.core().check_acquired()?;
         batch.check(&self.core().limits)?;
         let core = self.core();
         let started = Instant::now();
@@ -1064,6 +1123,7 @@ impl ShardStore for RedbShard {
         core.check_open()?;
         let through = core.shared.journal.append(core.shard, frame).await?;
         core.wrote.store(true, Ordering::Relaxed);
+        *lock(&core.journaled_through) = Some(through);
         let over = {
             let mut overlay = lock(&core.overlay);
             overlay.active.apply(mutations, through);
@@ -1164,6 +1224,47 @@ mod tests {
         reads: AtomicBool,
         /// The next write panics, as redb does on some damage it meets as an assertion.
         panics: AtomicBool,
+        /// Holds opens of shard files, as redb's repair of a large file would.
+        pub(super) opens: OpenGate,
+    }
+
+    /// Opens of shard files wait while the gate is held.
+    #[derive(Debug, Default)]
+    pub(super) struct OpenGate {
+        /// Whether it is held, and how many opens wait.
+        state: Mutex<(bool, usize)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl OpenGate {
+        pub(super) fn hold(&self) {
+            lock(&self.state).0 = true;
+        }
+
+        pub(super) fn let_go(&self) {
+            lock(&self.state).0 = false;
+            self.changed.notify_all();
+        }
+
+        /// Waits until an open waits at the gate.
+        pub(super) fn wait_for_an_open(&self) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut state = lock(&self.state);
+            while state.1 == 0 {
+                let left = deadline.checked_duration_since(Instant::now()).expect("no open came to the gate");
+                state = self.changed.wait_timeout(state, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
+            }
+        }
+
+        fn pass(&self) {
+            let mut state = lock(&self.state);
+            state.1 += 1;
+            self.changed.notify_all();
+            while state.0 {
+                state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            state.1 -= 1;
+        }
     }
 
     /// A shard file that fails as its store's [`Faults`] say.
@@ -1175,6 +1276,7 @@ mod tests {
 
     impl FlakyFile {
         pub(super) fn open(path: &Path, faults: &Arc<Faults>) -> std::result::Result<FlakyFile, DatabaseError> {
+            faults.opens.pass();
             let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
             Ok(FlakyFile { file: FileBackend::new(file)?, faults: Arc::clone(faults) })
         }
@@ -1439,11 +1541,36 @@ mod tests {
         assert!(!shard.core().latched.load(Ordering::Relaxed));
     }
 
+    /// A store over `dir` whose checkpointer leaves commits alone for an hour: the test
+    /// checkpoints itself.
+    fn store_checkpointed_by_hand(dir: &Path) -> RedbStore {
+        RedbStore::open(dir, StoreLimits::default()).unwrap().with_checkpoint_interval(Duration::from_secs(3600))
+    }
+
+    /// Another process over `dir` acquires the shard of `shard`, whose file is closed here to
+    /// be opened again (as after a failed access), and gives it up; opened again here, the
+    /// file's epoch tells the handle it lost the shard. That process replays the frames of
+    /// the shard it finds in this process's journal, `unchecked` among them.
+    async fn take_elsewhere_while_closed_here(dir: &Path, shard: &RedbShard, epoch: Epoch, unchecked: &[u8]) {
+        assert!(read_lock(&shard.core().db).is_none(), "the file is closed here");
+        let elsewhere = RedbStore::open(dir, StoreLimits::default()).unwrap();
+        let taken = elsewhere.open_shard(shard.shard()).await.unwrap();
+        assert!(taken.acquire().await.unwrap() > epoch);
+        assert!(taken.get(unchecked).await.unwrap().is_some(), "the other process replayed this journal");
+        taken.close().unwrap();
+        shard.core().latched.store(true, Ordering::Relaxed);
+        let lost = shard.core().checkpoint(true).unwrap_err();
+        assert!(matches!(lost, Error::Busy { .. }), "{lost}");
+    }
+
     #[tokio::test]
     async fn a_file_acquired_elsewhere_while_it_was_closed_to_be_reopened_is_lost_to_this_handle() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let store = store_checkpointed_by_hand(dir.path());
         let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(6), "k").await;
+        let (_, refusal) = commit_values(&shard, epoch, "unchecked", 1).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+        assert!(store.shared.journal.keeps_frames_of(ShardId(6)));
         // The file closed to be opened again (as after a failed access), and that failed:
         // its lock is let go, so a commit is refused, not journaled where nobody replays it.
         drop(write_lock(&shard.core().db).take());
@@ -1452,21 +1579,120 @@ mod tests {
         let refused = shard.commit(epoch, batch).await.unwrap_err().to_string();
         assert!(refused.contains("could not be opened again"), "{refused}");
 
-        // Another process takes the shard meanwhile, and gives it up.
-        let elsewhere = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
-        let taken = elsewhere.open_shard(ShardId(6)).await.unwrap();
-        assert!(taken.acquire().await.unwrap() > epoch);
-        taken.close().unwrap();
-
-        // Opened again here, the file's epoch says so: the handle gives the shard up.
-        shard.core().latched.store(true, Ordering::Relaxed);
-        let lost = shard.core().checkpoint(true).unwrap_err();
-        assert!(matches!(lost, Error::Busy { .. }), "{lost}");
+        // Another process takes the shard meanwhile, and gives it up; opened again here, the
+        // file's epoch says so: the handle gives the shard up.
+        take_elsewhere_while_closed_here(dir.path(), &shard, epoch, b"unchecked00000").await;
         let mut batch = WriteBatch::new();
         batch.set(b"after".to_vec(), b"v".to_vec());
         assert!(matches!(shard.commit(epoch, batch).await, Err(Error::Busy { .. })));
         assert!(matches!(shard.get(b"k00000").await, Err(Error::Busy { .. })), "nothing read from the lost file");
         assert!(read_lock(&shard.core().db).is_none(), "the file is not held here");
+
+        // The other process replayed the shard's frames: once the handle is gone, the journal
+        // keeps none of them, or it would keep every later segment until the process stops.
+        drop(shard);
+        assert!(!store.shared.journal.keeps_frames_of(ShardId(6)), "the journal still keeps the lost shard's frames");
+    }
+
+    #[tokio::test]
+    async fn a_lost_handle_let_go_after_its_shard_was_opened_here_again_leaves_the_new_handles_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_checkpointed_by_hand(dir.path());
+        let (lost, epoch) = shard_with_a_checkpointed_value(&store, ShardId(7), "k").await;
+        let (_, refusal) = commit_values(&lost, epoch, "unchecked", 1).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+        drop(write_lock(&lost.core().db).take());
+        take_elsewhere_while_closed_here(dir.path(), &lost, epoch, b"unchecked00000").await;
+
+        // The shard is opened here again, and committed to, before the lost handle is let go.
+        let shard = store.open_shard(ShardId(7)).await.unwrap();
+        let epoch = shard.acquire().await.unwrap();
+        let (_, refusal) = commit_values(&shard, epoch, "new", 1).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+        drop(lost);
+        assert!(
+            store.shared.journal.keeps_frames_of(ShardId(7)),
+            "the lost handle let go of the frames of the handle that holds the shard now"
+        );
+        shard.core().checkpoint(true).unwrap();
+        assert!(!store.shared.journal.keeps_frames_of(ShardId(7)));
+    }
+
+    #[tokio::test]
+    async fn a_close_that_another_holder_outlasts_fails_naming_the_file_still_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let (shard, _) = shard_with_a_checkpointed_value(&store, ShardId(8), "k").await;
+        // What a long scan, a queued point read or the checkpointer holds.
+        let held = Arc::clone(shard.core());
+        let closed = tokio::task::spawn_blocking(move || shard.close()).await.unwrap();
+        let Err(error) = closed else { panic!("a close that left the file open returned Ok") };
+        let error = error.to_string();
+        assert!(error.contains("shard-00008.redb is still open in this process"), "{error}");
+        assert!(error.contains("other holder(s) of the shard"), "{error}");
+        let elsewhere = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        assert!(matches!(elsewhere.open_shard(ShardId(8)).await, Err(Error::Busy { .. })), "the file is still locked");
+        // The file closes when its last holder lets go, with every commit in it.
+        drop(held);
+        let taken = elsewhere.open_shard(ShardId(8)).await.unwrap();
+        assert_eq!(taken.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+    }
+
+    #[tokio::test]
+    async fn telling_whether_a_file_is_latched_does_not_wait_for_a_write_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_checkpointed_by_hand(dir.path());
+        let (shard, _) = shard_with_a_checkpointed_value(&store, ShardId(2), "k").await;
+        let file = read_lock(&shard.core().db);
+        let db = file.as_ref().unwrap();
+        // A checkpoint's write transaction, in progress.
+        let writing = db.begin_write().unwrap();
+        std::thread::scope(|scope| {
+            let (told, answer) = mpsc::channel();
+            scope.spawn(move || told.send(is_latched(db)));
+            let answered = answer.recv_timeout(Duration::from_secs(5));
+            drop(writing);
+            assert_eq!(answered, Ok(false), "asking whether the file is latched waited for the write in progress");
+        });
+    }
+
+    #[tokio::test]
+    async fn while_a_latched_file_is_opened_again_its_reads_fail_at_once_and_other_shards_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_checkpointed_by_hand(dir.path());
+        let (shard, _) = shard_with_a_checkpointed_value(&store, ShardId(2), "k").await;
+        let (other, _) = shard_with_a_checkpointed_value(&store, ShardId(3), "k").await;
+        // Opening the file again takes a while (redb repairing a large file): the open waits.
+        let gate = &store.shared.faults.opens;
+        gate.hold();
+        shard.core().latched.store(true, Ordering::Relaxed);
+        let core = Arc::clone(shard.core());
+        let reopening = std::thread::spawn(move || core.checkpoint(true));
+        gate.wait_for_an_open();
+
+        let quick = Duration::from_secs(2);
+        let read_here = tokio::time::timeout(quick, shard.get(b"k00000")).await;
+        let read_other = tokio::time::timeout(quick, other.get(b"k00000")).await;
+        let (sent, scanned) = mpsc::channel();
+        let core = Arc::clone(shard.core());
+        let range = KeyRange { begin: b"k".to_vec(), end: b"l".to_vec() };
+        std::thread::spawn(move || {
+            sent.send(core.scan_snapshot(&range).map(|_| ()).map_err(|error| error.to_string()))
+        });
+        let scanned = scanned.recv_timeout(quick);
+        gate.let_go();
+        reopening.join().unwrap().unwrap();
+
+        let Ok(Err(refused)) = read_here else {
+            panic!("a read of the shard waited for its file to open: {read_here:?}")
+        };
+        assert!(refused.to_string().contains("to be opened again"), "{refused}");
+        let Ok(Ok(Some(value))) = read_other else { panic!("a read of another shard waited: {read_other:?}") };
+        assert_eq!(value.len(), 64 * 1024);
+        assert!(matches!(&scanned, Ok(Err(refused)) if refused.contains("to be opened again")), "{scanned:?}");
+        // Open again: read as before.
+        assert!(!shard.core().latched.load(Ordering::Relaxed));
+        assert_eq!(shard.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
     }
 
     #[tokio::test]

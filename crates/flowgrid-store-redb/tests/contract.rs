@@ -79,6 +79,33 @@ async fn a_held_shard_is_busy_until_closed() {
     assert_eq!(again.current_epoch().await.unwrap(), new_epoch);
 }
 
+/// A handle that has not acquired its shard does not commit, even with the epoch it read: the
+/// file names the journal of the last process that acquired it, and a crash would lose a
+/// commit journaled elsewhere.
+#[tokio::test]
+async fn a_commit_before_acquire_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    let store = store_in(dir.path());
+    let shard = store.open_shard(ShardId(6)).await.unwrap();
+    let epoch = shard.current_epoch().await.unwrap();
+    let key = keys::run(&flowgrid_model::RunId("r".into()));
+    let mut batch = WriteBatch::new();
+    batch.set(key.clone(), b"v".to_vec());
+    match shard.commit(epoch, batch.clone()).await {
+        Err(refused) => {
+            let message = refused.to_string();
+            assert!(message.contains("acquire the shard before committing to it"), "{message}");
+            assert!(message.contains("shard-00006.redb"), "the refusal names the file: {message}");
+        }
+        Ok(()) => panic!("a commit on a handle that has not acquired its shard must be refused"),
+    }
+    assert!(shard.commit(epoch, WriteBatch::new()).await.is_err(), "even an empty batch is refused");
+    assert_eq!(shard.get(&key).await.unwrap(), None, "the refused commit wrote its key");
+    let acquired = shard.acquire().await.unwrap();
+    shard.commit(acquired, batch).await.unwrap();
+    assert_eq!(shard.get(&key).await.unwrap(), Some(b"v".to_vec()));
+}
+
 #[tokio::test]
 async fn a_slow_transaction_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("create a temporary directory");

@@ -4,6 +4,9 @@
 //!
 //! The dying process is this test binary run again with `CRASH_CHILD_DIR` set: it commits
 //! and then aborts, skipping every drop and checkpoint.
+//!
+//! Also: a process that takes over a shard another process acquired last and closed cleanly
+//! (its journal gone) journals its commits where the next opener replays them.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,6 +19,8 @@ use flowgrid_store_redb::RedbStore;
 const CHILD_ENV: &str = "CRASH_CHILD_DIR";
 const SHARDS: [u32; 2] = [5, 6];
 const COMMITS: u64 = 50;
+/// The shard one process acquires and closes cleanly and the next one commits to.
+const TAKEN_OVER: u32 = 7;
 
 fn run(index: u64) -> RunId {
     RunId(format!("run-{index}").into())
@@ -39,6 +44,27 @@ async fn commit_then_abort(dir: &Path) {
         }
         std::mem::forget(opened);
     }
+    std::process::abort();
+}
+
+/// Runs in the child: opens the shard another process closed cleanly, commits two values
+/// with the epoch it reads (acquiring the shard when that is refused), and dies without a
+/// checkpoint.
+async fn commit_to_a_shard_taken_over_then_abort(dir: &Path) {
+    let store =
+        RedbStore::open(dir, StoreLimits::default()).unwrap().with_checkpoint_interval(Duration::from_secs(3600));
+    let opened = store.open_shard(ShardId(TAKEN_OVER)).await.unwrap();
+    let mut epoch = opened.current_epoch().await.unwrap();
+    for index in 1..=2 {
+        let mut batch = WriteBatch::new();
+        batch.set(keys::run(&run(index)), format!("b:{index}").into_bytes());
+        if let Err(refused) = opened.commit(epoch, batch.clone()).await {
+            assert!(refused.to_string().contains("acquire the shard before committing to it"), "{refused}");
+            epoch = opened.acquire().await.unwrap();
+            opened.commit(epoch, batch).await.unwrap();
+        }
+    }
+    std::mem::forget(opened);
     std::process::abort();
 }
 
@@ -136,4 +162,40 @@ async fn a_journal_deleted_by_hand_is_refused_until_the_loss_is_accepted() {
         assert!(opened.scan(keys::run_range(), usize::MAX, false).await.unwrap().is_empty(), "the commits are lost");
         opened.close().unwrap();
     }
+}
+
+#[tokio::test]
+async fn commits_to_a_shard_taken_over_from_a_clean_process_survive_a_crash() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        commit_to_a_shard_taken_over_then_abort(Path::new(&dir)).await;
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The first process acquires the shard, commits and stops cleanly: its journal is
+    // deleted, and the shard file still names it as the journal of the shard's commits.
+    let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+    let shard = store.open_shard(ShardId(TAKEN_OVER)).await.unwrap();
+    let epoch = shard.acquire().await.unwrap();
+    let mut batch = WriteBatch::new();
+    batch.set(keys::run(&run(0)), b"a".to_vec());
+    shard.commit(epoch, batch).await.unwrap();
+    shard.close().unwrap();
+    drop(store);
+    let journals = || std::fs::read_dir(dir.path().join("journal")).map_or(0, |entries| entries.count());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while journals() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the clean process's journal was not deleted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    crash_child("commits_to_a_shard_taken_over_from_a_clean_process_survive_a_crash", dir.path());
+
+    let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+    let opened = store.open_shard(ShardId(TAKEN_OVER)).await.unwrap();
+    assert_eq!(opened.get(&keys::run(&run(0))).await.unwrap(), Some(b"a".to_vec()), "the first process's commit");
+    for index in 1..=2 {
+        let value = opened.get(&keys::run(&run(index))).await.unwrap();
+        assert_eq!(value, Some(format!("b:{index}").into_bytes()), "commit {index}, answered Ok, lost in the crash");
+    }
+    opened.close().unwrap();
 }
