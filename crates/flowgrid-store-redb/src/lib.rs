@@ -890,12 +890,14 @@ impl ShardCore {
         if self.acquired.load(Ordering::Relaxed) {
             return Ok(());
         }
-        Err(backend(std::io::Error::other(format!(
-            "shard {}: {} was opened but not acquired by this handle: acquire the shard before committing to it \
-             (commit with the epoch acquire returns)",
-            self.shard,
-            self.path.display()
-        ))))
+        Err(Error::NotAcquired {
+            shard: self.shard,
+            detail: format!(
+                "{} was opened but not acquired by this handle: acquire the shard before committing to it (commit \
+                 with the epoch acquire returns)",
+                self.path.display()
+            ),
+        })
     }
 
     /// Refuses a commit while the file is not open here: its lock is let go then, and

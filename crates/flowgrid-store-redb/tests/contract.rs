@@ -93,6 +93,7 @@ async fn a_commit_before_acquire_is_refused_and_writes_nothing() {
     batch.set(key.clone(), b"v".to_vec());
     match shard.commit(epoch, batch.clone()).await {
         Err(refused) => {
+            assert!(matches!(refused, flowgrid_store::Error::NotAcquired { .. }), "{refused:?}");
             let message = refused.to_string();
             assert!(message.contains("acquire the shard before committing to it"), "{message}");
             assert!(message.contains("shard-00006.redb"), "the refusal names the file: {message}");

@@ -66,6 +66,10 @@ pub enum Error {
     /// inspect the key named.
     #[error("stored data is inconsistent at {key}: {detail}")]
     Corrupt { key: String, detail: String },
+    /// A commit through a handle that has not acquired the shard (embedded backend): a bug
+    /// in the caller; nothing was committed.
+    #[error("shard {shard}: {detail}")]
+    NotAcquired { shard: ShardId, detail: String },
     /// A commit failed after an attempt whose outcome the backend could not tell
     /// (FoundationDB's `commit_unknown_result`): it may have been applied. Read the state
     /// before doing it again.
@@ -181,7 +185,9 @@ pub trait ShardStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<(Key, Value)>>> + Send;
 
     /// Applies `batch` atomically and durably if the stored epoch still equals `epoch`.
-    /// When it returns `Ok`, the batch is on disk (or committed in the cluster).
+    /// When it returns `Ok`, the batch is on disk (or committed in the cluster). Commit
+    /// through a handle that acquired the shard: the embedded store refuses a commit before
+    /// ([`Error::NotAcquired`]), as its journal is found through the last acquisition.
     fn commit(&self, epoch: Epoch, batch: WriteBatch) -> impl Future<Output = Result<()>> + Send;
 
     /// The chunked record at `record_key` (see [`WriteBatch::set_chunked`]), joined;
