@@ -1,13 +1,15 @@
 //! Triggers: every message of a stream starts exactly one run of the flow, with the message
 //! as its input, across a coordinator crash; a message that is not JSON starts nothing; a
-//! trigger on a stream that does not exist is refused at deploy; a version without a
-//! trigger stops it.
+//! trigger that could never start a run (its stream does not exist, is no stream's name,
+//! keeps messages only for the consumers there, or has no subject its own could match) is
+//! refused at deploy; a version without a trigger stops it.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Context;
-use async_nats::jetstream::stream;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::stream::{self, RetentionPolicy};
 use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus};
 use flowgrid_tests::{wait_for, Grid};
 use serde_json::Value;
@@ -210,10 +212,10 @@ async fn a_consumer_made_by_hand_before_the_deploy_is_used_as_it_is() -> anyhow:
     let earlier = publish(&jetstream, "orders.eu.created", r#"{"order": 1}"#.to_owned()).await?;
     // To start runs for the messages already in the stream too: deliver them all.
     orders
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+        .create_consumer(pull::Config {
             durable_name: Some(format!("{}_trigger_on-order", grid.prefix)),
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
             ..Default::default()
         })
         .await?;
@@ -221,6 +223,88 @@ async fn a_consumer_made_by_hand_before_the_deploy_is_used_as_it_is() -> anyhow:
     let later = publish(&jetstream, "orders.eu.created", r#"{"order": 2}"#.to_owned()).await?;
     let runs = runs_once(&grid, &client, 2, RUN_DEADLINE).await?;
     assert_eq!(ids_and_orders(&runs), BTreeSet::from([(earlier, Some(1)), (later, Some(2))]));
+    Ok(())
+}
+
+/// A flow whose trigger reads `trigger` (the inside of its braces).
+fn triggered_by(trigger: &str) -> String {
+    format!("name: on-order\ntrigger: {{ {trigger} }}\nsteps:\n  - {{ id: s, kind: task, pool: a, task: echo }}\n")
+}
+
+/// The grid's first answer to deploying `definition` (no retries), which must be a refusal
+/// of the definition at `path`, for good.
+async fn refused_at(client: &flowgrid_sdk::Client, definition: &str, path: &str) -> anyhow::Result<String> {
+    let error = client.clone().with_retry_budget(Duration::ZERO).deploy(definition).await.expect_err(definition);
+    let refused = refusal(&error);
+    assert_eq!((refused.code, refused.retryable), (ErrorCode::InvalidDefinition, false), "{definition}: {error:?}");
+    assert!(refused.issues.iter().any(|issue| issue.path == path), "{definition}: {error:?}");
+    Ok(refused.message.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_that_could_never_start_a_run_is_refused_at_deploy() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+
+    // No stream's name: NATS cannot even look it up, and no retry would change that.
+    for stream in ["'my.orders'", "''", "'my orders'"] {
+        refused_at(&client, &triggered_by(&format!("stream: {stream}")), "trigger.stream").await?;
+    }
+
+    // A work-queue stream refuses a consumer that starts at the deploy's time; an interest
+    // stream drops what is published while the trigger has no consumer yet.
+    for (name, retention, why) in
+        [("JOBS", RetentionPolicy::WorkQueue, "work-queue"), ("EVENTS", RetentionPolicy::Interest, "interest")]
+    {
+        let subjects = vec![format!("{}.>", name.to_lowercase())];
+        jetstream
+            .create_stream(stream::Config { name: name.into(), subjects, retention, ..Default::default() })
+            .await?;
+        let message = refused_at(&client, &triggered_by(&format!("stream: {name}")), "trigger.stream").await?;
+        assert!(message.contains(why) && message.contains("limits retention"), "{message}");
+    }
+
+    // A subject that no subject of the stream could match: NATS takes such a consumer,
+    // which never gets a message.
+    let orders = stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
+    jetstream.create_stream(orders).await?;
+    for subject in ["invoices.*.created", "orders", "*"] {
+        let definition = triggered_by(&format!("stream: ORDERS, subject: '{subject}'"));
+        let message = refused_at(&client, &definition, "trigger.subject").await?;
+        assert!(message.contains("orders.>"), "the stream's subjects are named: {message}");
+    }
+    // One that some of its messages match is taken, though wider than the stream.
+    deploy(&grid, &client, &triggered_by("stream: ORDERS, subject: '*.eu.created'")).await?;
+    Ok(())
+}
+
+/// A work-queue stream serves a trigger whose consumer was made by hand, delivering all of
+/// its messages, before the deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_queue_stream_serves_a_trigger_whose_consumer_was_made_first() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let config = stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        retention: RetentionPolicy::WorkQueue,
+        ..Default::default()
+    };
+    let orders = jetstream.create_stream(config).await?;
+    orders
+        .create_consumer(pull::Config {
+            durable_name: Some(format!("{}_trigger_on-order", grid.prefix)),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    deploy(&grid, &client, TRIGGERED).await?;
+    let run = publish(&jetstream, "orders.eu.created", r#"{"order": 1}"#.to_owned()).await?;
+    let runs = runs_once(&grid, &client, 1, RUN_DEADLINE).await?;
+    assert_eq!(ids_and_orders(&runs), BTreeSet::from([(run, Some(1))]));
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use ::metrics::Counter;
+use async_nats::jetstream::stream::RetentionPolicy;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use flowgrid_model::limits::{
@@ -16,9 +17,9 @@ use flowgrid_model::limits::{
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
     ApiError, CancelRun, ChildEndTaken, ChildRunEnded, DeployFlow, Encoding, ErrorCode, FlowList, FlowPaused,
-    GateMessage, GateTaken, GetFlow, GetRun, GetRunHistory, LimitList, ListFlows, ListLimits, ListRuns, PauseFlow,
-    PauseRun, RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted, RunsStarted, SignalRun, StartChildRun,
-    StartRun, StartRuns, START_MANY_RUNS_MAX,
+    GateMessage, GateTaken, GetFlow, GetRun, GetRunHistory, LimitList, LimitSummary, ListFlows, ListLimits, ListRuns,
+    PauseFlow, PauseRun, RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted, RunSummary, RunsStarted,
+    SignalRun, StartChildRun, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -70,7 +71,8 @@ pub struct Api {
     pub router: Arc<Router>,
     pub limits: Limits,
     pub requests: RequestCounters,
-    /// Requests that ask every shard at once, at most [`FAN_OUTS_MAX`]; the others wait.
+    /// Requests that ask every shard at once, at most [`FAN_OUTS_MAX`]; the others are
+    /// refused (see [`fan_out_permit`]).
     pub fan_outs: Semaphore,
 }
 
@@ -106,6 +108,25 @@ const FAN_OUT_MAX: usize = 32;
 /// Requests that cover every shard served at once: each may gather a page from every
 /// shard (64 pages of up to 1,001 runs), so their number bounds the memory they take.
 pub const FAN_OUTS_MAX: usize = 16;
+
+/// A permit to ask every shard, or `overloaded` when [`FAN_OUTS_MAX`] requests do already.
+/// The request does not wait for one: it holds an API permit meanwhile, and while a shard
+/// moves (each fan-out then waits up to [`crate::routing::MOVE_WAIT`] for it) the waiting
+/// requests would pile up and take every API permit.
+fn fan_out_permit(fan_outs: &Semaphore) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    fan_outs.try_acquire().map_err(|refusal| match refusal {
+        tokio::sync::TryAcquireError::NoPermits => ApiError::new(
+            ErrorCode::Overloaded,
+            format!(
+                "the coordinator is serving {FAN_OUTS_MAX} requests that ask every shard (lists), the most it serves \
+                 at once; retry later"
+            ),
+        ),
+        tokio::sync::TryAcquireError::Closed => {
+            ApiError::new(ErrorCode::Unavailable, "the coordinator is stopping; retry")
+        }
+    })
+}
 
 /// On a graceful stop, how long the API may take to receive the requests already sent to it,
 /// and then again to answer them: the longest an answer takes when the shards answer (it
@@ -268,8 +289,7 @@ impl Api {
     where
         F: std::future::Future<Output = Result<Vec<T>, ApiError>>,
     {
-        let stopping = |_| ApiError::new(ErrorCode::Unavailable, "the coordinator is stopping; retry");
-        let _fan_out = self.fan_outs.acquire().await.map_err(stopping)?;
+        let _fan_out = fan_out_permit(&self.fan_outs)?;
         let mut answers =
             futures::stream::iter((0..self.router.shards()).map(ShardId)).map(ask).buffer_unordered(FAN_OUT_MAX);
         let mut gathered = Vec::new();
@@ -281,14 +301,15 @@ impl Api {
     }
 
     async fn deploy(&self, request: DeployFlow) -> Result<flowgrid_proto::FlowDeployed, ApiError> {
-        let definition = parse_definition(&request.definition, &self.limits).map_err(|error| {
-            let mut api_error = ApiError::new(ErrorCode::InvalidDefinition, error.to_string());
-            api_error.issues = error.issues();
-            api_error
-        })?;
+        let definition = parse_definition(&request.definition, &self.limits).map_err(definition_refused)?;
         if let Some(trigger) = &definition.trigger {
+            // The catalog shard validates the definition too, but the trigger's stream is
+            // looked up here first: a name that is no stream's (NATS does not look it up)
+            // is a mistake in the definition to fix, not an outage to retry.
+            let plans = &self.router.context.plans;
+            flowgrid_model::validate(&definition, plans.evaluator(), plans.limits()).map_err(definition_refused)?;
             check_trigger_loop(&self.router.context.subjects, &definition, trigger)?;
-            self.check_trigger_stream(trigger).await?;
+            self.check_trigger_stream(&definition.name, trigger).await?;
         }
         let catalog = self.router.shard_of(&definition.name);
         let request = ShardRequest::Deploy { definition: Box::new(definition) };
@@ -299,31 +320,51 @@ impl Api {
         .await
     }
 
-    /// Refuses a trigger whose stream does not exist: its runs would never start.
-    async fn check_trigger_stream(&self, trigger: &flowgrid_model::Trigger) -> Result<(), ApiError> {
-        use async_nats::jetstream::context::GetStreamErrorKind;
-        let stream = &trigger.stream;
-        match self.router.context.client.jetstream().get_stream(stream).await {
-            Ok(_) => Ok(()),
+    /// Refuses a trigger that could never start a run: its stream does not exist, takes no
+    /// subject the trigger's could match ([`check_trigger_subject`]), or keeps a message
+    /// only for the consumers there when it is published while the trigger's consumer
+    /// (`flow`'s) was not made beforehand ([`retention_refusal`]).
+    async fn check_trigger_stream(&self, flow: &str, trigger: &flowgrid_model::Trigger) -> Result<(), ApiError> {
+        use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
+        let name = &trigger.stream;
+        let stream = match self.router.context.client.jetstream().get_stream(name).await {
+            Ok(stream) => stream,
             Err(error)
                 if matches!(error.kind(), GetStreamErrorKind::JetStream(refusal)
                     if refusal.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND) =>
             {
                 let subjects = trigger.subject.as_deref().unwrap_or("events.>");
                 let message = format!(
-                    "there is no JetStream stream {stream:?} on this grid's NATS: create it first, e.g. `nats stream \
-                     add {stream} --subjects '{subjects}' --defaults`"
+                    "there is no JetStream stream {name:?} on this grid's NATS: create it first, e.g. `nats stream \
+                     add {name} --subjects '{subjects}' --defaults`"
                 );
-                let mut refusal = ApiError::new(
-                    ErrorCode::InvalidDefinition,
-                    format!("invalid definition: trigger.stream: {message}"),
-                );
-                refusal.issues = vec![flowgrid_model::Issue { path: "trigger.stream".to_owned(), message }];
-                Err(refusal)
+                return Err(trigger_refusal("trigger.stream", message));
+            }
+            Err(error) => {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot look up the trigger's stream {name:?} ({error}); retry"),
+                ))
+            }
+        };
+        let config = &stream.cached_info().config;
+        if let Some(subject) = &trigger.subject {
+            check_trigger_subject(config, subject)?;
+        }
+        if config.retention == RetentionPolicy::Limits {
+            return Ok(());
+        }
+        // A consumer made by hand before the deploy, delivering every message, serves on
+        // such a stream: the trigger keeps the deliver policy of a consumer it finds.
+        let consumer = self.router.context.subjects.trigger_consumer(flow);
+        match stream.consumer_info(&consumer).await {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
+                Err(trigger_refusal("trigger.stream", retention_refusal(name, config.retention, &consumer)))
             }
             Err(error) => Err(ApiError::new(
                 ErrorCode::Unavailable,
-                format!("cannot look up the trigger's stream {stream:?} ({error}); retry"),
+                format!("cannot look up the trigger's consumer {consumer:?} on stream {name:?} ({error}); retry"),
             )),
         }
     }
@@ -402,7 +443,7 @@ impl Api {
         request_bytes: Option<usize>,
         parent: Option<ParentRef>,
     ) -> Result<RunStarted, ApiError> {
-        self.check_payload("input", &request.input, request_bytes)?;
+        check_payload(&self.limits, "input", &request.input, request_bytes)?;
         // Most starts have no start time: the clock is read only for those that do.
         let now = if request.start_at_ms.is_some() { now_ms() } else { 0 };
         if let Some(refusal) = request.refusal(now) {
@@ -548,41 +589,6 @@ impl Api {
         .await
     }
 
-    /// Refuses a run input or signal data (`what`) over the payload limit or nested too
-    /// deep, before anything changes. The value is encoded to measure it only when the
-    /// request's size does not bound it.
-    fn check_payload(
-        &self,
-        what: &str,
-        value: &serde_json::Value,
-        request_bytes: Option<usize>,
-    ) -> Result<(), ApiError> {
-        let depth = nesting_depth(value);
-        if depth > self.limits.nesting_depth_max {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "the {what} is nested {depth} levels deep, over the limit of {}",
-                    self.limits.nesting_depth_max
-                ),
-            ));
-        }
-        if request_bytes.is_some_and(|bytes| bytes <= self.limits.payload_bytes_max) {
-            return Ok(());
-        }
-        let size = rmp_serde::to_vec_named(value).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
-        if size > self.limits.payload_bytes_max {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "the {what} is {size} bytes, over the limit of {} bytes; pass a reference to large data instead",
-                    self.limits.payload_bytes_max
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// The run a start with idempotency key `key` made, if there is one; an error when
     /// that cannot be told now (its shard unavailable: the caller tries again).
     async fn existing_run(&self, flow: &str, key: &str) -> Result<Option<RunStarted>, ApiError> {
@@ -668,7 +674,7 @@ impl Api {
         request: SignalRun,
         request_bytes: Option<usize>,
     ) -> Result<flowgrid_proto::RunSignalled, ApiError> {
-        self.check_payload("signal data", &request.data, request_bytes)?;
+        check_payload(&self.limits, "signal data", &request.data, request_bytes)?;
         if let Some(id) = &request.id {
             if id.is_empty() || id.len() > SIGNAL_ID_BYTES_MAX || id.chars().any(char::is_control) {
                 return Err(ApiError::new(
@@ -711,25 +717,15 @@ impl Api {
     async fn list_limits(&self, request: ListLimits) -> Result<LimitList, ApiError> {
         self.check_flow_filter(request.flow.as_deref())?;
         let query = ShardRequest::Limits { flow: request.flow };
-        let mut limits = self
-            .ask_all(
-                query,
-                |reply| match reply {
-                    ShardReply::Limits(limits) => Ok(limits),
-                    other => Err(other),
-                },
-                |_| {},
-            )
-            .await?;
-        limits.sort_by(|left, right| {
-            (right.queued, right.going)
-                .cmp(&(left.queued, left.going))
-                .then_with(|| (&left.flow, &left.key).cmp(&(&right.flow, &right.key)))
-        });
-        let more = limits.len().saturating_sub(LimitList::LIMITS_MAX) as u32;
-        limits.truncate(LimitList::LIMITS_MAX);
+        let pick = |reply| match reply {
+            ShardReply::Limits(limits) => Ok(limits),
+            other => Err(other),
+        };
+        // What each shard's answer pushes past the busiest is counted, not kept.
+        let mut left_out = 0;
+        let mut limits = self.ask_all(query, pick, |limits| left_out += keep_busiest(limits)).await?;
         limits.sort_by(|left, right| (&left.flow, &left.key).cmp(&(&right.flow, &right.key)));
-        Ok(LimitList { limits, more })
+        Ok(LimitList { limits, more: u32::try_from(left_out).unwrap_or(u32::MAX) })
     }
 
     /// Newest first over every shard: each shard gives its newest matching runs older than
@@ -767,45 +763,85 @@ impl Api {
             }
         }
         let query = ShardRequest::List { query: request, limit: limit + 1 };
-        let newest_first = |left: &flowgrid_proto::RunSummary, right: &flowgrid_proto::RunSummary| {
-            (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id))
-        };
-        // The pages so far as one: the newest of the shards' stop points (everything newer
-        // was looked at on every shard), and its runs and one more (to tell whether more
-        // follow).
-        let keep = |pages: &mut Vec<RunsPage>| {
-            let Some(mut merged) = pages.pop() else { return };
-            for page in pages.drain(..) {
-                merged.runs.extend(page.runs);
-                merged.scanned_to = merged.scanned_to.max(page.scanned_to);
-            }
-            if merged.runs.len() > 2 * (limit + 1) {
-                merged.runs.sort_by(newest_first);
-                merged.runs.truncate(limit + 1);
-            }
-            pages.push(merged);
-        };
         let pick = |reply| match reply {
             ShardReply::Runs(runs) => Ok(vec![RunsPage { runs, scanned_to: None }]),
             ShardReply::RunsPage(page) => Ok(vec![page]),
             other => Err(other),
         };
-        let RunsPage { mut runs, scanned_to } = self.ask_all(query, pick, keep).await?.pop().unwrap_or_default();
-        runs.sort_by(newest_first);
-        // Past a stop point some shard did not look: the page ends there, and the next
-        // one goes on from it.
-        if let Some((created_ms, run_id)) = &scanned_to {
-            runs.retain(|run| (run.created_ms, &run.run_id) > (*created_ms, run_id));
-        }
-        let more = runs.len() > limit;
-        runs.truncate(limit);
-        let next_cursor = match (more, scanned_to) {
-            (true, _) => runs.last().map(crate::shard::cursor_of),
-            (false, Some((created_ms, run_id))) => Some(crate::shard::cursor(created_ms, &run_id)),
-            (false, None) => None,
-        };
-        Ok(RunList { runs, next_cursor })
+        let pages = self.ask_all(query, pick, |pages| merge_runs_pages(pages, limit)).await?;
+        Ok(run_list(pages.into_iter().next().unwrap_or_default(), limit))
     }
+}
+
+/// The busiest limits first: most runs queued, then most going, then by flow and key.
+fn busiest_first(left: &LimitSummary, right: &LimitSummary) -> std::cmp::Ordering {
+    (right.queued, right.going)
+        .cmp(&(left.queued, left.going))
+        .then_with(|| (&left.flow, &left.key).cmp(&(&right.flow, &right.key)))
+}
+
+/// Keeps the [`LimitList::LIMITS_MAX`] busiest of `limits` (in no order) and returns how
+/// many it left out: gathered from every shard, a listing holds at most that and one
+/// shard's answer, however many limits the grid has.
+fn keep_busiest(limits: &mut Vec<LimitSummary>) -> usize {
+    let kept = LimitList::LIMITS_MAX;
+    if limits.len() <= kept {
+        return 0;
+    }
+    limits.select_nth_unstable_by(kept, busiest_first);
+    let left_out = limits.len() - kept;
+    limits.truncate(kept);
+    left_out
+}
+
+/// Newest first: by creation time, then run id.
+fn newest_first(left: &RunSummary, right: &RunSummary) -> std::cmp::Ordering {
+    (right.created_ms, &right.run_id).cmp(&(left.created_ms, &left.run_id))
+}
+
+/// The shards' pages of a listing so far as one: their runs, and the newest of their stop
+/// points (everything newer was looked at on every shard); past twice a page, only the
+/// newest `limit` runs and one more (to tell whether more follow).
+fn merge_runs_pages(pages: &mut Vec<RunsPage>, limit: usize) {
+    let Some(mut merged) = pages.pop() else { return };
+    for page in pages.drain(..) {
+        merged.runs.extend(page.runs);
+        merged.scanned_to = merged.scanned_to.max(page.scanned_to);
+    }
+    if merged.runs.len() > 2 * (limit + 1) {
+        merged.runs.sort_by(newest_first);
+        merged.runs.truncate(limit + 1);
+    }
+    pages.push(merged);
+}
+
+/// The page of a listing from the shards' pages merged: the newest `limit` runs, and the
+/// cursor the next page goes on from.
+///
+/// Past a stop point some shard did not look: the page ends there. The run at the stop
+/// point itself was looked at (a shard stops at the last entry it read), so it is on this
+/// page, and the next one reads what is older.
+fn run_list(page: RunsPage, limit: usize) -> RunList {
+    let RunsPage { mut runs, scanned_to } = page;
+    runs.sort_by(newest_first);
+    if let Some((created_ms, run_id)) = &scanned_to {
+        runs.retain(|run| (run.created_ms, &run.run_id) >= (*created_ms, run_id));
+    }
+    let more = runs.len() > limit;
+    runs.truncate(limit);
+    let next_cursor = match (more, scanned_to) {
+        (true, _) => runs.last().map(crate::shard::cursor_of),
+        (false, Some((created_ms, run_id))) => Some(crate::shard::cursor(created_ms, &run_id)),
+        (false, None) => None,
+    };
+    RunList { runs, next_cursor }
+}
+
+/// The refusal of a definition, with each of its problems.
+fn definition_refused(error: flowgrid_model::DefinitionError) -> ApiError {
+    let mut refusal = ApiError::new(ErrorCode::InvalidDefinition, error.to_string());
+    refusal.issues = error.issues();
+    refusal
 }
 
 /// Refuses an input that does not match the flow's `input_schema`, with each problem.
@@ -895,9 +931,50 @@ pub(crate) async fn publish(
 }
 
 /// The size of a MessagePack request, which bounds the encoded size of any value in it
-/// (the value's bytes are a slice of the request); `None` for JSON, whose size does not.
+/// (the value's bytes are a slice of the request, and encoded again it grows at most by
+/// [`MSGPACK_GROWTH`]); `None` for JSON, whose size does not.
 pub fn msgpack_request_bytes(encoding: Encoding, payload: &[u8]) -> Option<usize> {
     (encoding == Encoding::MsgPack).then_some(payload.len())
+}
+
+/// How much a value read from MessagePack may grow when it is encoded again, as the grid
+/// stores it, as a fraction: a 32-bit float (5 bytes) is read as a 64-bit one and written
+/// back in 9; everything else is written back in at most the bytes it came in (integers and
+/// lengths in their shortest form, repeated keys once).
+const MSGPACK_GROWTH: (usize, usize) = (9, 5);
+
+/// Refuses a run input or signal data (`what`) over the payload limit or nested too deep,
+/// before anything changes. The value is encoded to measure it unless the request's size
+/// (`request_bytes`, see [`msgpack_request_bytes`]) keeps it within the limit even at its
+/// largest growth: a request of 1,000,000 bytes of 32-bit floats holds a value of 1.8 MB.
+fn check_payload(
+    limits: &Limits,
+    what: &str,
+    value: &serde_json::Value,
+    request_bytes: Option<usize>,
+) -> Result<(), ApiError> {
+    let depth = nesting_depth(value);
+    if depth > limits.nesting_depth_max {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the {what} is nested {depth} levels deep, over the limit of {}", limits.nesting_depth_max),
+        ));
+    }
+    let (grown, of) = MSGPACK_GROWTH;
+    if request_bytes.is_some_and(|bytes| bytes.saturating_mul(grown) / of <= limits.payload_bytes_max) {
+        return Ok(());
+    }
+    let size = rmp_serde::to_vec_named(value).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
+    if size > limits.payload_bytes_max {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the {what} is {size} bytes, over the limit of {} bytes; pass a reference to large data instead",
+                limits.payload_bytes_max
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A listing's page size: `asked`, or `default` when the request gives none; refused
@@ -940,8 +1017,231 @@ fn check_trigger_loop(
          end; narrow `trigger.subject` to the flows it watches ({:?} for flow <name>)",
         subjects.run_ended("<name>")
     );
-    let mut refusal =
-        ApiError::new(ErrorCode::InvalidDefinition, format!("invalid definition: trigger.subject: {message}"));
-    refusal.issues = vec![flowgrid_model::Issue { path: "trigger.subject".to_owned(), message }];
-    Err(refusal)
+    Err(trigger_refusal("trigger.subject", message))
+}
+
+/// Why a trigger cannot read a stream of `retention` (not limits) through a consumer the
+/// grid makes (`consumer`), and what to do instead. The trigger's consumer starts at the
+/// time of the first deploy (or, on a stream made again since, at its first message).
+fn retention_refusal(stream: &str, retention: RetentionPolicy, consumer: &str) -> String {
+    let why = match retention {
+        RetentionPolicy::WorkQueue => {
+            "work-queue retention: NATS lets a consumer of such a stream start only at its first message, and a \
+             trigger's consumer starts at the time of its deploy, so it could not be made and no message would start \
+             a run"
+        }
+        _ => {
+            "interest retention: it drops a message no consumer is there to take, so the messages published before \
+             the trigger's consumer is made (after the deploy, or after the stream is made again) would start no run"
+        }
+    };
+    format!(
+        "stream {stream:?} has {why}; use a stream with limits retention (`nats stream add {stream} --retention \
+         limits`, the default), or make the trigger's consumer {consumer:?} on it before deploying (a durable pull \
+         consumer with explicit acks that delivers all messages)"
+    )
+}
+
+/// Refuses a trigger subject that no subject of its stream could match: NATS makes such a
+/// consumer, and no message ever reaches it. A stream that takes the messages of other
+/// streams (a mirror, sources) or stores them under other subjects (a subject transform)
+/// is not judged by its own subjects.
+fn check_trigger_subject(stream: &async_nats::jetstream::stream::Config, subject: &str) -> Result<(), ApiError> {
+    let judged = stream.mirror.is_none()
+        && stream.sources.as_ref().is_none_or(Vec::is_empty)
+        && stream.subject_transform.is_none()
+        && !stream.subjects.is_empty();
+    if !judged || stream.subjects.iter().any(|taken| subjects_overlap(subject, taken)) {
+        return Ok(());
+    }
+    let message = format!(
+        "{subject:?} matches no subject of stream {:?}, which takes `{}`: no message would reach the trigger; give a \
+         subject the stream takes, or add it to the stream's subjects",
+        stream.name,
+        stream.subjects.join("`, `")
+    );
+    Err(trigger_refusal("trigger.subject", message))
+}
+
+/// Whether some subject matches both `left` and `right` (each with `*` for one token and
+/// `>` for one or more at the end).
+fn subjects_overlap(left: &str, right: &str) -> bool {
+    let (mut left, mut right) = (left.split('.'), right.split('.'));
+    loop {
+        match (left.next(), right.next()) {
+            (None, None) | (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(one), Some(other)) if one == other || one == "*" || other == "*" => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The refusal of a definition whose trigger has a problem at `path`.
+fn trigger_refusal(path: &str, message: String) -> ApiError {
+    let mut refusal = ApiError::new(ErrorCode::InvalidDefinition, format!("invalid definition: {path}: {message}"));
+    refusal.issues = vec![flowgrid_model::Issue { path: path.to_owned(), message }];
+    refusal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended_run(created_ms: u64, run_id: &str) -> RunSummary {
+        RunSummary {
+            run_id: RunId(run_id.into()),
+            flow: "rare".to_owned(),
+            version: 1,
+            status: flowgrid_engine::RunStatus::Succeeded,
+            created_ms,
+            ended_ms: Some(created_ms + 1),
+            parent: None,
+            paused: false,
+            queued: false,
+            delayed: false,
+            labels: Default::default(),
+        }
+    }
+
+    fn ids(list: &RunList) -> Vec<&str> {
+        list.runs.iter().map(|run| run.run_id.as_str()).collect()
+    }
+
+    /// A shard whose scan stopped at the entry it read last (its only match): the run is on
+    /// the page, and the next page goes on with the older ones.
+    #[test]
+    fn the_run_a_shard_s_scan_stopped_at_is_on_the_page() {
+        let rare = ended_run(1_000, "r-oldest");
+        let page = RunsPage { runs: vec![rare.clone()], scanned_to: Some((1_000, rare.run_id.clone())) };
+        let list = run_list(page, 50);
+        assert_eq!(ids(&list), ["r-oldest"]);
+        assert_eq!(list.next_cursor, Some(crate::shard::cursor(1_000, &rare.run_id)));
+    }
+
+    /// Merged, the page ends at the newest stop point: a shard that stopped there holds its
+    /// run at it; another shard's older runs wait for the next page.
+    #[test]
+    fn pages_merged_end_at_the_newest_stop_point_and_keep_the_run_at_it() {
+        let stopped = RunsPage {
+            runs: vec![ended_run(100, "a-1"), ended_run(50, "a-2")],
+            scanned_to: Some((50, RunId("a-2".into()))),
+        };
+        let whole = RunsPage { runs: vec![ended_run(80, "b-1"), ended_run(30, "b-2")], scanned_to: None };
+        let mut pages = Vec::new();
+        for page in [stopped, whole] {
+            pages.push(page);
+            merge_runs_pages(&mut pages, 50);
+        }
+        assert_eq!(pages.len(), 1);
+        let list = run_list(pages.pop().unwrap(), 50);
+        assert_eq!(ids(&list), ["a-1", "b-1", "a-2"]);
+        assert_eq!(list.next_cursor.as_deref(), Some("50.a-2"), "b-2 comes on the next page");
+        // A full page ends at its last run, newer than the stop point.
+        let page = RunsPage {
+            runs: vec![ended_run(100, "a-1"), ended_run(80, "b-1"), ended_run(50, "a-2")],
+            scanned_to: Some((50, RunId("a-2".into()))),
+        };
+        let list = run_list(page, 2);
+        assert_eq!((ids(&list), list.next_cursor.as_deref()), (vec!["a-1", "b-1"], Some("80.b-1")));
+    }
+
+    /// MessagePack of `count` 32-bit floats in one array: 5 bytes each, 9 once re-encoded.
+    fn float32_array(count: u32) -> Vec<u8> {
+        let mut bytes = vec![0xdd];
+        bytes.extend(count.to_be_bytes());
+        for index in 0..count {
+            bytes.push(0xca);
+            bytes.extend((index as f32 + 0.5).to_be_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn an_input_that_grows_past_the_limit_when_re_encoded_is_refused() {
+        let limits = Limits::default();
+        let request = float32_array(200_000);
+        assert!(request.len() <= limits.payload_bytes_max, "the request itself is within the limit");
+        let input: serde_json::Value = rmp_serde::from_slice(&request).unwrap();
+        let refusal = check_payload(&limits, "input", &input, Some(request.len())).expect_err("1.8 MB re-encoded");
+        assert_eq!(refusal.code, ErrorCode::PayloadTooLarge, "{refusal:?}");
+        assert!(refusal.message.contains("is 1800005 bytes"), "{refusal:?}");
+        // A request small enough that no growth takes its values past the limit.
+        let request = float32_array(100_000);
+        let input: serde_json::Value = rmp_serde::from_slice(&request).unwrap();
+        assert!(check_payload(&limits, "input", &input, Some(request.len())).is_ok());
+    }
+
+    #[test]
+    fn a_fan_out_past_the_bound_is_refused_not_queued() {
+        let fan_outs = Semaphore::new(FAN_OUTS_MAX);
+        let held: Vec<_> = (0..FAN_OUTS_MAX).map(|_| fan_out_permit(&fan_outs).expect("within the bound")).collect();
+        let refusal = fan_out_permit(&fan_outs).expect_err("past the bound");
+        assert_eq!((refusal.code, refusal.retryable), (ErrorCode::Overloaded, true), "{refusal:?}");
+        assert!(refusal.message.contains(&format!("serving {FAN_OUTS_MAX} requests")), "{refusal:?}");
+        drop(held);
+        assert!(fan_out_permit(&fan_outs).is_ok(), "a permit given back serves the next");
+        fan_outs.close();
+        assert_eq!(fan_out_permit(&fan_outs).map(drop).unwrap_err().code, ErrorCode::Unavailable);
+    }
+
+    fn limit_in_use(number: usize) -> LimitSummary {
+        LimitSummary {
+            flow: format!("flow-{}", number % 3),
+            key: format!("customer-{number}"),
+            max: 4,
+            rate: None,
+            when_full: Default::default(),
+            // Many ties, so that the order by flow and key decides too.
+            going: (number * 7_919 % 5) as u32,
+            queued: (number * 104_729 % 11) as u32,
+            next_start_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_limit_listing_holds_the_busiest_and_counts_the_others() {
+        const SHARDS: usize = 64;
+        const PER_SHARD: usize = 700;
+        let answers: Vec<Vec<LimitSummary>> = (0..SHARDS)
+            .map(|shard| (0..PER_SHARD).map(|index| limit_in_use(shard * PER_SHARD + index)).collect())
+            .collect();
+        let mut everything = answers.concat();
+        everything.sort_by(busiest_first);
+        everything.truncate(LimitList::LIMITS_MAX);
+
+        let (mut held, mut left_out) = (Vec::new(), 0);
+        for answer in answers {
+            held.extend(answer);
+            left_out += keep_busiest(&mut held);
+            assert!(held.len() <= LimitList::LIMITS_MAX, "{} held after an answer", held.len());
+        }
+        held.sort_by(busiest_first);
+        assert!(held == everything, "the busiest of all, as if every limit had been sorted");
+        assert_eq!(left_out, SHARDS * PER_SHARD - LimitList::LIMITS_MAX);
+    }
+
+    #[test]
+    fn subjects_overlap_when_some_subject_matches_both() {
+        for (left, right) in [
+            ("orders.eu.created", "orders.>"),
+            ("orders.*.created", "orders.eu.created"),
+            ("*.eu.*", "orders.>"),
+            ("orders.>", "orders.eu"),
+            (">", "a"),
+            ("*", ">"),
+            ("a.*", "a.>"),
+        ] {
+            assert!(subjects_overlap(left, right) && subjects_overlap(right, left), "{left} and {right}");
+        }
+        for (left, right) in [
+            ("invoices.*.created", "orders.>"),
+            ("orders", "orders.>"),
+            ("*", "orders.>"),
+            ("orders.eu", "orders.*.created"),
+            ("a.b", "a.b.c"),
+            ("a.*.c", "a.b.d"),
+        ] {
+            assert!(!subjects_overlap(left, right) && !subjects_overlap(right, left), "{left} and {right}");
+        }
+    }
 }

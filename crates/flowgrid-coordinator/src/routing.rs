@@ -206,7 +206,7 @@ impl Router {
                 Ok(Ok(message)) => {
                     match flowgrid_proto::decode::<Reply<ShardReply>>(Encoding::MsgPack, &message.payload) {
                         Ok(Reply::Ok(reply)) => return Ok(reply),
-                        Ok(Reply::Error(error)) if error.code == ErrorCode::Unavailable => error,
+                        Ok(Reply::Error(error)) if is_moving(&error) => error,
                         Ok(Reply::Error(error)) => return Err(error),
                         Err(error) => return Err(internal(error)),
                     }
@@ -379,6 +379,15 @@ async fn reply(router: &Router, reply_to: async_nats::Subject, answer: Reply<Sha
     crate::api::publish(&router.context.nats, reply_to, Encoding::MsgPack, bytes).await;
 }
 
+/// Whether the owner's refusal of a forwarded request says the shard is moving (the owner
+/// stops serving it, or a coordinator that no longer serves it answered), so that the request,
+/// asked again, reaches the next owner. A `unavailable` that is not retryable (a commit whose
+/// outcome is unknown: the request may have been applied) goes back to the caller as it is,
+/// as it does when the shard is served here: a redrive sent again could apply twice.
+fn is_moving(refusal: &ApiError) -> bool {
+    refusal.code == ErrorCode::Unavailable && refusal.retryable
+}
+
 fn internal(error: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, format!("forwarding between coordinators failed: {error}"))
 }
@@ -422,6 +431,17 @@ mod tests {
         let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
         let decoded: ShardRequest = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();
         assert_eq!(format!("{decoded:?}"), format!("{request:?}"));
+    }
+
+    #[test]
+    fn only_a_retryable_unavailable_is_asked_again() {
+        let moving = ApiError::new(ErrorCode::Unavailable, "shard 3 is moving to another coordinator; retry");
+        assert!(is_moving(&moving));
+        let committed = maybe_applied("store commit of shard 3 failed (timeout)".to_owned());
+        assert!(!is_moving(&committed), "a commit of unknown outcome is not sent again: {committed:?}");
+        for code in [ErrorCode::Overloaded, ErrorCode::Conflict, ErrorCode::Internal] {
+            assert!(!is_moving(&ApiError::new(code, "refused")), "{code}");
+        }
     }
 
     #[test]
