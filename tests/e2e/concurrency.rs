@@ -447,3 +447,132 @@ async fn cancel_oldest_turns_away_more_runs_than_one_commit_takes() -> anyhow::R
     wait_counted(&grid, &client, "lowered", "", 1).await?;
     finish(&grid, &client, &newest).await
 }
+
+/// Three runs at once in its first version (one in the next); each waits for a signal.
+const VERSIONED_FLOW: &str = r#"
+name: versioned
+concurrency: { max: 3 }
+steps:
+  - { id: go, kind: signal }
+"#;
+
+/// The limit of `flow` without a key, as `limit.list` gives it.
+async fn limit_of(grid: &Grid, client: &Client, flow: &str) -> anyhow::Result<LimitSummary> {
+    let limits = client.limits(Some(flow)).await.or_logs(grid)?.limits;
+    let limit = limits.iter().find(|limit| limit.key.is_empty()).cloned();
+    limit.ok_or_else(|| anyhow::anyhow!("no limit of {flow} in use: {limits:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_keeps_its_newest_versions_max_against_older_runs_and_repeats() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, VERSIONED_FLOW).await?;
+    // A run of version 1, cancelled: redriven later, it asks again with version 1's bounds.
+    let older = start(&grid, &client, "versioned", json!({})).await?;
+    wait_admitted(&grid, &client, &[&older], &[true]).await?;
+    client.cancel(&older, "not yet").await.or_logs(&grid)?;
+    wait_for("the limit idle", RUN_DEADLINE, || async {
+        client.limits(Some("versioned")).await.ok().filter(|limits| limits.limits.is_empty())
+    })
+    .await
+    .or_logs(&grid)?;
+    deploy(&grid, &client, &VERSIONED_FLOW.replace("max: 3", "max: 1")).await?;
+    let mut runs = Vec::new();
+    for n in 0..3 {
+        runs.push(start(&grid, &client, "versioned", json!({})).await?);
+        wait_counted(&grid, &client, "versioned", "", n + 1).await?;
+    }
+    let [first, second, third] = <[RunId; 3]>::try_from(runs).expect("three runs");
+    wait_admitted(&grid, &client, &[&first, &second, &third], &[true, false, false]).await?;
+
+    // The run of version 1 (`max: 3`) asks: it queues, and lets no other run go with it.
+    let redriven = client.redrive(&older, "needed after all").await.or_logs(&grid)?;
+    assert_eq!(redriven.status, RunStatus::Running);
+    assert_eq!(client.get(&older).await?.version, 1, "a redriven run keeps its version");
+    wait_counted(&grid, &client, "versioned", "", 4).await?;
+    let limit = limit_of(&grid, &client, "versioned").await?;
+    assert_eq!((limit.max, limit.going, limit.queued), (1, 1, 3), "version 2's max holds: {limit:?}");
+    wait_admitted(&grid, &client, &[&first, &second, &third, &older], &[true, false, false, false]).await?;
+
+    // A repeat of an acquire taken (its outbox sent it again) changes nothing, whatever
+    // bounds it carries.
+    let version = client.get(&second).await?.version;
+    let repeat = json!({"flow": "versioned", "run_id": second, "max": 5, "version": version});
+    let nats = grid.nats_client().await?;
+    let reply = api_request_json(&nats, &grid.prefix, "gate.acquire", &repeat, RUN_DEADLINE).await?;
+    let taken: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    assert_eq!(taken["ok"]["applied"], json!(false), "{taken}");
+    let limit = limit_of(&grid, &client, "versioned").await?;
+    assert_eq!((limit.max, limit.going, limit.queued), (1, 1, 3), "a repeat leaves the limit: {limit:?}");
+
+    // One at a time, in the order they asked.
+    finish(&grid, &client, &first).await?;
+    wait_admitted(&grid, &client, &[&second, &third, &older], &[true, false, false]).await?;
+    for (run_id, next) in [(&second, &third), (&third, &older)] {
+        finish(&grid, &client, run_id).await?;
+        wait_admitted(&grid, &client, &[next], &[true]).await?;
+    }
+    finish(&grid, &client, &older).await
+}
+
+/// Three runs at once in its first version; a run past the limit is cancelled.
+const SKIPPING_FLOW: &str = r#"
+name: skipping
+concurrency: { max: 3, when_full: cancel_new }
+steps:
+  - { id: go, kind: signal }
+"#;
+
+/// A newer version's bounds that came with a run the limit turned away (no place of it is
+/// stored) are still the limit's after its coordinator restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_versions_max_taken_from_a_run_turned_away_holds_across_a_crash() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SKIPPING_FLOW).await?;
+    let going =
+        [start(&grid, &client, "skipping", json!({})).await?, start(&grid, &client, "skipping", json!({})).await?];
+    wait_admitted(&grid, &client, &[&going[0], &going[1]], &[true, true]).await?;
+    deploy(&grid, &client, &SKIPPING_FLOW.replace("max: 3", "max: 1")).await?;
+    let skipped = start(&grid, &client, "skipping", json!({})).await?;
+    let message = wait_cancelled(&grid, &client, &skipped).await?;
+    assert!(message.contains("(max 1) had no room for it"), "{message}");
+
+    grid.coordinators[0].kill_hard();
+    grid.start_coordinator().await?;
+    wait_admitted(&grid, &client, &[&going[0], &going[1]], &[true, true]).await?;
+    let limit = limit_of(&grid, &client, "skipping").await?;
+    assert_eq!((limit.max, limit.going), (1, 2), "reloaded with version 2's max: {limit:?}");
+    // So one run going is still one too many for a new one.
+    finish(&grid, &client, &going[0]).await?;
+    let skipped = start(&grid, &client, "skipping", json!({})).await?;
+    let message = wait_cancelled(&grid, &client, &skipped).await?;
+    assert!(message.contains("(max 1) had no room for it"), "{message}");
+    finish(&grid, &client, &going[1]).await
+}
+
+/// One run a day; each run ends as it starts.
+const DAILY_FLOW: &str = r#"
+name: daily
+concurrency: { rate: { runs: 1, per_ms: 86400000 } }
+steps:
+  - { id: t, kind: transform, output: '1' }
+"#;
+
+/// A version with a faster rate is not held back by what a slower one left in the bucket:
+/// at most one period of the new rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faster_start_rate_is_not_held_back_by_a_slower_versions_bucket() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, DAILY_FLOW).await?;
+    let today = start(&grid, &client, "daily", json!({})).await?;
+    ended_ms(&grid, &client, &[today]).await?;
+    // 100 a minute: the bucket the daily run emptied is full again within a minute, and
+    // the next run goes one interval (600 ms) after the deploy, not a day after the run.
+    deploy(&grid, &client, &DAILY_FLOW.replace("runs: 1, per_ms: 86400000", "runs: 100, per_ms: 60000")).await?;
+    let next = start(&grid, &client, "daily", json!({})).await?;
+    ended_ms(&grid, &client, &[next]).await?;
+    Ok(())
+}

@@ -61,16 +61,30 @@ pub struct GateRecord {
     pub round: u32,
     /// It holds a slot (`true`), or waits in the queue.
     pub admitted: bool,
-    /// When it asked: the queue's order.
+    /// When it asked (waiting) or was admitted (holding), by the gate's clock: the order
+    /// `cancel_oldest` turns holders away in, and the queue's order among places written
+    /// without `seq`.
     pub since_ms: Millis,
-    /// The limit's `max` as the run's request gave it (0: no bound on runs at once).
+    /// Where it waits in the queue: the gate numbers the places it queues in the order
+    /// asked, so a reload queues them in that order even when many asked within one
+    /// millisecond or the gate's clock went back. `None`: a holder, or a place written
+    /// before places were numbered (queued before any numbered one: they go first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The limit's `max` as the gate held it when it wrote this record (0: no bound on
+    /// runs at once).
     pub max: u32,
-    /// The limit's start rate as the run's request gave it.
+    /// The limit's start rate as the gate held it when it wrote this record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<flowgrid_model::StartRate>,
-    /// What a run past the limit does, as the run's request gave it.
+    /// What a run past the limit does, as the gate held it when it wrote this record.
     #[serde(default, skip_serializing_if = "flowgrid_model::WhenFull::is_queue")]
     pub when_full: flowgrid_model::WhenFull,
+    /// The flow version those bounds are of (see [`GateMessage::version`]): a reload takes
+    /// the bounds of the record with the newest version. 0: written before versions were
+    /// kept.
+    #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
+    pub version: u32,
 }
 
 /// The `gate_rate` key: where a limit's start rate stands.

@@ -729,6 +729,13 @@ pub struct GateMessage {
     /// With an acquire: what a run past the limit does, in the run's flow version.
     #[serde(default, skip_serializing_if = "flowgrid_model::WhenFull::is_queue")]
     pub when_full: flowgrid_model::WhenFull,
+    /// With an acquire: the run's flow version, whose `max`, `rate` and `when_full` these
+    /// are. The limit takes them only from a version at least as new as the one whose
+    /// bounds it holds: a run of an older version (redriven, delayed past a deploy, a child
+    /// run pinned to it) asks under the newest version's bounds. 0: from a coordinator
+    /// that predates this field (older than any version).
+    #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
+    pub version: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

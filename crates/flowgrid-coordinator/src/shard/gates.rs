@@ -16,6 +16,13 @@
 //! answered with a release of that round. So a slot taken by a run that is gone comes back,
 //! and a limit never admits more runs than `max` of the rounds it was asked for.
 //!
+//! A limit's bounds (`max`, `rate`, `when_full`) come with each acquire, as the asking
+//! run's flow version gives them; the gate takes them only from a version at least as new
+//! as the one it holds to, after the acquire proved no repeat. Every record the gate writes
+//! carries its bounds and their version, and while it keeps any place, one of its records
+//! carries the bounds it holds to, so a reload takes the same (the newest version's).
+//! The gate numbers the places it queues in the order asked: a reload queues them so.
+//!
 //! A limit whose `when_full` is not `queue` turns runs away by cancelling them, through
 //! the gate shard's outbox like a parent cancels its child: `cancel_new` the run that asks
 //! when there is no room for it at once (it never queues), `cancel_oldest` the oldest run
@@ -80,16 +87,32 @@ pub(super) struct Gates {
 }
 
 /// One limit: the runs that hold a slot and those waiting, each with its round.
+///
+/// Places come and go through its own methods ([`Gate::hold`], [`Gate::enqueue`] and
+/// those that take them out), which keep count of the places whose stored record carries
+/// the bounds it holds to.
 #[derive(Default)]
 struct Gate {
     /// Runs at once; 0: no bound.
     max: u32,
     rate: Option<StartRate>,
     when_full: WhenFull,
-    /// When the start rate's bucket is full again (Unix µs); see [`GateRateRecord`].
+    /// The flow version the bounds above are of: only an acquire of this version or a
+    /// newer one changes them.
+    version: u32,
+    /// How often the bounds changed: each place remembers the count its record was written
+    /// at, so the gate knows which stored records carry the bounds it holds to.
+    bounds_changes: u64,
+    /// The places whose stored record carries the bounds the gate holds to: while it keeps
+    /// places and none does, a reload would take other bounds.
+    places_with_bounds: usize,
+    /// When the start rate's bucket is full again (Unix µs); see [`GateRateRecord`]. Read
+    /// through [`Gate::bucket_full_us`].
     full_us: u64,
     holders: HashMap<RunId, Holder>,
     queue: Queue,
+    /// The number the next run queued gets ([`GateRecord::seq`]).
+    next_seq: u64,
     /// Its entry in [`Gates::due`].
     due_ms: Option<Millis>,
 }
@@ -101,11 +124,167 @@ struct Holder {
     since_ms: Millis,
     /// `cancel_oldest` asked for it to be cancelled; it keeps its slot until it ended.
     cancelling: bool,
+    /// [`Gate::bounds_changes`] when its record was written.
+    bounds_of: u64,
+}
+
+/// A run that waits for a slot, as its stored record has it (so it can be written again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Waiting {
+    round: u32,
+    /// Its number in the order asked ([`GateRecord::seq`]).
+    seq: Option<u64>,
+    /// When it asked.
+    since_ms: Millis,
+    /// [`Gate::bounds_changes`] when its record was written.
+    bounds_of: u64,
 }
 
 impl Gate {
+    /// Rebuilds a limit from the records of its places, as its shard loads: the bounds of
+    /// the newest version among them, the holders, and the queue in the order asked.
+    fn restore(places: Vec<(RunId, GateRecord)>) -> Gate {
+        let mut gate = Gate { bounds_changes: 1, ..Gate::default() };
+        // The latest record of the newest version: every record carries the bounds the
+        // gate held to when it wrote it, and at least one of them those it held to last.
+        if let Some((_, newest)) = places.iter().max_by_key(|(_, record)| (record.version, record.since_ms)) {
+            (gate.version, gate.max, gate.rate, gate.when_full) =
+                (newest.version, newest.max, newest.rate, newest.when_full);
+        }
+        let mut waiting = Vec::new();
+        for (run_id, record) in places {
+            let bounds = (record.version, record.max, record.rate, record.when_full);
+            let bounds_of = u64::from(bounds == gate.bounds());
+            gate.next_seq = gate.next_seq.max(record.seq.map_or(0, |seq| seq.saturating_add(1)));
+            if record.admitted {
+                let holder = Holder { round: record.round, since_ms: record.since_ms, cancelling: false, bounds_of };
+                gate.hold(run_id, holder);
+            } else {
+                let place = Waiting { round: record.round, seq: record.seq, since_ms: record.since_ms, bounds_of };
+                waiting.push((run_id, place));
+            }
+        }
+        // Numbered places in their order; those written before places were numbered asked
+        // before any of them, and go first in the order of their clock.
+        waiting.sort_unstable_by(|(a_id, a), (b_id, b)| {
+            (a.seq, a.since_ms, a_id, a.round).cmp(&(b.seq, b.since_ms, b_id, b.round))
+        });
+        for (run_id, place) in waiting {
+            gate.enqueue(run_id, place);
+        }
+        gate
+    }
+
+    fn bounds(&self) -> (u32, u32, Option<StartRate>, WhenFull) {
+        (self.version, self.max, self.rate, self.when_full)
+    }
+
+    /// Takes the bounds an acquire of flow version `version` brings, unless the gate holds
+    /// to a newer version's: a run of an older version (redriven, delayed past a deploy, a
+    /// child pinned to it) asks under the newest version's bounds.
+    fn adopt_bounds(&mut self, version: u32, max: u32, rate: Option<StartRate>, when_full: WhenFull) {
+        if version < self.version || (version, max, rate, when_full) == self.bounds() {
+            return;
+        }
+        (self.version, self.max, self.rate, self.when_full) = (version, max, rate, when_full);
+        self.bounds_changes += 1;
+        self.places_with_bounds = 0;
+    }
+
+    /// The record of a place, with the bounds the gate holds to.
+    fn record(&self, round: u32, admitted: bool, since_ms: Millis, seq: Option<u64>) -> GateRecord {
+        GateRecord {
+            round,
+            admitted,
+            since_ms,
+            seq,
+            max: self.max,
+            rate: self.rate,
+            when_full: self.when_full,
+            version: self.version,
+        }
+    }
+
     fn holds(&self, run_id: &RunId, round: u32) -> bool {
         self.holders.get(run_id).is_some_and(|holder| holder.round == round)
+    }
+
+    fn hold(&mut self, run_id: RunId, holder: Holder) {
+        self.count_in(holder.bounds_of);
+        if let Some(replaced) = self.holders.insert(run_id, holder) {
+            self.count_out(replaced.bounds_of);
+        }
+    }
+
+    fn unhold(&mut self, run_id: &RunId) -> Option<Holder> {
+        let holder = self.holders.remove(run_id)?;
+        self.count_out(holder.bounds_of);
+        Some(holder)
+    }
+
+    /// Queues `run_id` last, in place of any earlier round of it.
+    fn enqueue(&mut self, run_id: RunId, place: Waiting) {
+        self.count_in(place.bounds_of);
+        if let Some(replaced) = self.queue.push(run_id, place) {
+            self.count_out(replaced.bounds_of);
+        }
+    }
+
+    /// Takes `run_id` out of the queue if it waits for `round` (any round: `None`).
+    fn dequeue(&mut self, run_id: &RunId, round: Option<u32>) -> Option<Waiting> {
+        let place = self.queue.remove(run_id, round)?;
+        self.count_out(place.bounds_of);
+        Some(place)
+    }
+
+    fn dequeue_front(&mut self) -> Option<(RunId, Waiting)> {
+        let (run_id, place) = self.queue.pop_front()?;
+        self.count_out(place.bounds_of);
+        Some((run_id, place))
+    }
+
+    fn count_in(&mut self, bounds_of: u64) {
+        if bounds_of == self.bounds_changes {
+            self.places_with_bounds += 1;
+        }
+    }
+
+    fn count_out(&mut self, bounds_of: u64) {
+        if bounds_of == self.bounds_changes {
+            self.places_with_bounds -= 1;
+        }
+    }
+
+    /// A place to write again with the bounds the gate holds to, when it keeps places and
+    /// none of their records carries those bounds (they came with a run that was turned
+    /// away, or the places that carried them are gone): so a reload takes them. The run
+    /// that waits last (it stays longest), else a holder.
+    fn place_to_restamp(&mut self) -> Option<(RunId, GateRecord)> {
+        if self.places_with_bounds > 0 {
+            return None;
+        }
+        let current = self.bounds_changes;
+        let (run_id, record) = if let Some(run_id) = self.queue.back().cloned() {
+            let place = self.queue.waiting.get_mut(&run_id).expect("the queue's last run waits");
+            place.bounds_of = current;
+            let place = *place;
+            (run_id, self.record(place.round, false, place.since_ms, place.seq))
+        } else {
+            let (run_id, holder) = self.holders.iter_mut().next()?;
+            holder.bounds_of = current;
+            let (run_id, round, since_ms) = (run_id.clone(), holder.round, holder.since_ms);
+            (run_id, self.record(round, true, since_ms, None))
+        };
+        self.places_with_bounds = 1;
+        Some((run_id, record))
+    }
+
+    /// When the rate's bucket is full again, as of `now_us`: at most one period of the
+    /// rate ahead. A bucket filled under an older version's slower rate (a period of a
+    /// day), or by a gate whose clock was ahead, would otherwise hold runs back far longer
+    /// than the rate says.
+    fn bucket_full_us(&self, now_us: u64) -> u64 {
+        self.rate.map_or(self.full_us, |rate| bucket_full_us(rate, self.full_us, now_us))
     }
 
     /// Whether a run asking now would be admitted at once: room under `max`, nobody
@@ -113,7 +292,7 @@ impl Gate {
     fn has_room(&self, now_us: u64) -> bool {
         self.queue.is_empty()
             && (self.max == 0 || self.holders.len() < self.max as usize)
-            && self.rate.is_none_or(|rate| next_start_us(rate, self.full_us) <= now_us)
+            && self.rate.is_none_or(|rate| next_start_us(rate, self.bucket_full_us(now_us)) <= now_us)
     }
 
     /// Under `cancel_oldest`, how many more runs go and wait than `max` (those being
@@ -152,56 +331,67 @@ impl Gate {
             self.holders.get_mut(run_id).expect("a holder just found").cancelling = true;
         }
         left -= taken.len();
-        taken.extend(std::iter::from_fn(|| self.queue.pop_front().map(|(run_id, _)| (run_id, true))).take(left));
+        taken.extend(std::iter::from_fn(|| self.dequeue_front().map(|(run_id, _)| (run_id, true))).take(left));
         taken
     }
 }
 
-/// Runs waiting for a slot, in the order asked, with their rounds. A run leaves from
+/// Runs waiting for a slot, in the order asked, with their places. A run leaves from
 /// anywhere in O(1): its entry in `order` stays behind until it reaches the front.
 #[derive(Default)]
 struct Queue {
     order: VecDeque<(RunId, u32)>,
-    waiting: HashMap<RunId, u32>,
+    waiting: HashMap<RunId, Waiting>,
 }
 
 impl Queue {
     fn contains(&self, run_id: &RunId, round: u32) -> bool {
-        self.waiting.get(run_id) == Some(&round)
+        self.round_of(run_id) == Some(round)
+    }
+
+    /// The round `run_id` waits for, if it waits.
+    fn round_of(&self, run_id: &RunId) -> Option<u32> {
+        self.waiting.get(run_id).map(|place| place.round)
     }
 
     fn is_empty(&self) -> bool {
         self.waiting.is_empty()
     }
 
-    /// Adds `run_id` at the end, in place of any earlier round of it.
-    fn push(&mut self, run_id: RunId, round: u32) {
-        self.waiting.insert(run_id.clone(), round);
-        self.order.push_back((run_id, round));
+    /// Adds `run_id` at the end, in place of any earlier round of it (given back).
+    fn push(&mut self, run_id: RunId, place: Waiting) -> Option<Waiting> {
+        self.order.push_back((run_id.clone(), place.round));
+        self.waiting.insert(run_id, place)
     }
 
     /// Takes `run_id` out if it waits for `round` (any round: `None`).
-    fn remove(&mut self, run_id: &RunId, round: Option<u32>) -> bool {
-        let waits = self.waiting.get(run_id).is_some_and(|waiting| round.is_none_or(|round| round == *waiting));
-        if waits {
-            self.waiting.remove(run_id);
-            // Entries left behind are dropped once they outnumber the runs waiting.
-            if self.order.len() > 2 * self.waiting.len() + 64 {
-                let waiting = &self.waiting;
-                self.order.retain(|(run_id, round)| waiting.get(run_id) == Some(round));
-            }
+    fn remove(&mut self, run_id: &RunId, round: Option<u32>) -> Option<Waiting> {
+        let waits = self.round_of(run_id).is_some_and(|waiting| round.is_none_or(|round| round == waiting));
+        if !waits {
+            return None;
         }
-        waits
+        let place = self.waiting.remove(run_id);
+        // Entries left behind are dropped once they outnumber the runs waiting.
+        if self.order.len() > 2 * self.waiting.len() + 64 {
+            let waiting = &self.waiting;
+            self.order.retain(|(run_id, round)| waiting.get(run_id).is_some_and(|place| place.round == *round));
+        }
+        place
     }
 
-    fn pop_front(&mut self) -> Option<(RunId, u32)> {
+    fn pop_front(&mut self) -> Option<(RunId, Waiting)> {
         while let Some((run_id, round)) = self.order.pop_front() {
-            if self.waiting.get(&run_id) == Some(&round) {
-                self.waiting.remove(&run_id);
-                return Some((run_id, round));
+            if self.contains(&run_id, round) {
+                let place = self.waiting.remove(&run_id).expect("it waits");
+                return Some((run_id, place));
             }
         }
         None
+    }
+
+    /// The run that waits last: the latest to ask.
+    fn back(&self) -> Option<&RunId> {
+        self.order.iter().rev().find(|(run_id, round)| self.contains(run_id, *round)).map(|(run_id, _)| run_id)
     }
 }
 
@@ -217,6 +407,12 @@ fn next_start_us(rate: StartRate, full_us: u64) -> u64 {
     full_us.saturating_sub(rate.per_ms.saturating_mul(1_000).saturating_sub(interval_us(rate)))
 }
 
+/// `full_us` as `rate` reads it at `now_us`: an empty bucket is full again one period
+/// later, so it is never further ahead than that, whatever rate or clock moved it there.
+fn bucket_full_us(rate: StartRate, full_us: u64, now_us: u64) -> u64 {
+    full_us.min(now_us.saturating_add(rate.per_ms.saturating_mul(1_000)))
+}
+
 /// The shard (by its routing key) whose gate keeps the limit of `flow` and `key`.
 pub fn gate_routing_key(flow: &str, key: &str) -> String {
     format!("gate\u{0}{flow}\u{0}{key}")
@@ -226,38 +422,20 @@ impl<S: ShardStore> ShardActor<S> {
     /// Loads the limits whose gate is in this shard: holders, queues (in the order asked)
     /// and where their start rates stand.
     pub(super) async fn load_gates(&mut self) -> Result<()> {
-        let mut waiting: HashMap<GateId, Vec<(Millis, RunId, u32)>> = HashMap::new();
-        let mut latest: HashMap<GateId, Millis> = HashMap::new();
+        let mut places: HashMap<GateId, Vec<(RunId, GateRecord)>> = HashMap::new();
         for (key, value) in self.store.scan(keys::gate_range(), usize::MAX, false).await? {
             let (flow, gate_key, run_id) = keys::decode_gate(&key)?;
             let record: GateRecord = records::decode("gate record", &value)?;
-            let id = (flow, gate_key);
-            let gate = self.gates.gates.entry(id.clone()).or_default();
-            // The limit as the latest request gave it.
-            if latest.get(&id).is_none_or(|&since_ms| record.since_ms >= since_ms) {
-                latest.insert(id.clone(), record.since_ms);
-                gate.max = record.max;
-                gate.rate = record.rate;
-                gate.when_full = record.when_full;
-            }
-            if record.admitted {
-                let holder = Holder { round: record.round, since_ms: record.since_ms, cancelling: false };
-                gate.holders.insert(run_id, holder);
-            } else {
-                waiting.entry(id).or_default().push((record.since_ms, run_id, record.round));
-            }
+            places.entry((flow, gate_key)).or_default().push((run_id, record));
+        }
+        for (id, places) in places {
+            self.gates.gates.insert(id, Gate::restore(places));
         }
         for (key, value) in self.store.scan(keys::gate_rate_range(), usize::MAX, false).await? {
             let id = keys::decode_gate_rate(&key)?;
             let record: GateRateRecord = records::decode("gate rate record", &value)?;
+            // As stored: read through `Gate::bucket_full_us`, under the rate the gate holds to.
             self.gates.gates.entry(id).or_default().full_us = record.full_us;
-        }
-        for (id, mut runs) in waiting {
-            runs.sort();
-            let gate = self.gates.gates.get_mut(&id).expect("loaded above");
-            for (_, run_id, round) in runs {
-                gate.queue.push(run_id, round);
-            }
         }
         // Each limit admits what it can (its rate may have let more go meanwhile), or is
         // forgotten, in the shard's first turn.
@@ -296,13 +474,11 @@ impl<S: ShardStore> ShardActor<S> {
 
     /// A run asks for a slot: it gets one at once if the gate has room, its rate lets it
     /// go and nobody waits, else it waits in the queue (or, by the limit's `when_full`, is
-    /// turned away, or turns the oldest run away). A repeat changes nothing.
+    /// turned away, or turns the oldest run away). A repeat changes nothing, not even the
+    /// limit's bounds; those of an older flow version than the gate holds to are not taken.
     fn acquire(&mut self, message: GateMessage, batch: &mut Batch) -> bool {
         let id = (message.flow.clone(), message.key.clone());
         let gate = self.gates.gates.entry(id.clone()).or_default();
-        gate.max = message.max;
-        gate.rate = message.rate;
-        gate.when_full = message.when_full;
         let run_id = message.run_id.clone();
         if gate.holds(&run_id, message.round) || gate.queue.contains(&run_id, message.round) {
             return false;
@@ -310,12 +486,14 @@ impl<S: ShardStore> ShardActor<S> {
         // A late acquire of an earlier round (retried while the run was cancelled and
         // redriven) changes nothing: the run has asked again since.
         let held = gate.holders.get(&run_id).map(|holder| holder.round);
-        if held.into_iter().chain(gate.queue.waiting.get(&run_id).copied()).any(|round| round > message.round) {
+        if held.into_iter().chain(gate.queue.round_of(&run_id)).any(|round| round > message.round) {
             return false;
         }
+        // Only past the checks above: a repeat or a late acquire leaves the bounds as well.
+        gate.adopt_bounds(message.version, message.max, message.rate, message.when_full);
         // A run holds one place per round; a newer round replaces an older one (whose
         // release, when it comes, no longer matches).
-        let earlier = gate.holders.remove(&run_id).is_some() | gate.queue.remove(&run_id, None);
+        let earlier = gate.unhold(&run_id).is_some() | gate.dequeue(&run_id, None).is_some();
         let now = now_ms();
         if gate.when_full == WhenFull::CancelNew && !gate.has_room(now * 1_000) {
             if earlier {
@@ -328,15 +506,11 @@ impl<S: ShardStore> ShardActor<S> {
             self.admit_waiting(&id, batch);
             return true;
         }
-        gate.queue.push(run_id.clone(), message.round);
-        let record = GateRecord {
-            round: message.round,
-            admitted: false,
-            since_ms: now,
-            max: gate.max,
-            rate: gate.rate,
-            when_full: gate.when_full,
-        };
+        let seq = gate.next_seq;
+        gate.next_seq += 1;
+        let record = gate.record(message.round, false, now, Some(seq));
+        let place = Waiting { round: message.round, seq: Some(seq), since_ms: now, bounds_of: gate.bounds_changes };
+        gate.enqueue(run_id.clone(), place);
         batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
         self.cancel_oldest(&id, Some(&run_id), batch);
         self.admit_waiting(&id, batch);
@@ -384,8 +558,8 @@ impl<S: ShardStore> ShardActor<S> {
         let Some(gate) = self.gates.gates.get_mut(&id) else { return false };
         let run_id = &message.run_id;
         if gate.holds(run_id, message.round) {
-            gate.holders.remove(run_id);
-        } else if !gate.queue.remove(run_id, Some(message.round)) {
+            gate.unhold(run_id);
+        } else if gate.dequeue(run_id, Some(message.round)).is_none() {
             return false;
         }
         batch.writes.clear(keys::gate(&id.0, &id.1, run_id));
@@ -411,7 +585,7 @@ impl<S: ShardStore> ShardActor<S> {
                 next_start_ms: gate
                     .rate
                     .filter(|_| !gate.queue.is_empty())
-                    .map(|rate| next_start_us(rate, gate.full_us).div_ceil(1_000))
+                    .map(|rate| next_start_us(rate, gate.bucket_full_us(now * 1_000)).div_ceil(1_000))
                     .filter(|next_ms| *next_ms > now),
             })
             .collect()
@@ -460,6 +634,7 @@ impl<S: ShardStore> ShardActor<S> {
         let now_us = now * 1_000;
         let mut admitted = Vec::new();
         let mut due_ms = None;
+        gate.full_us = gate.bucket_full_us(now_us);
         while !gate.queue.is_empty() && (gate.max == 0 || gate.holders.len() < gate.max as usize) {
             if admitted.len() == ADMITS_PER_TURN || batch.writes.bytes() >= bytes_max {
                 due_ms = Some(now);
@@ -473,16 +648,10 @@ impl<S: ShardStore> ShardActor<S> {
                 }
                 gate.full_us = gate.full_us.max(now_us).saturating_add(interval_us(rate));
             }
-            let Some((run_id, round)) = gate.queue.pop_front() else { break };
-            gate.holders.insert(run_id.clone(), Holder { round, since_ms: now, cancelling: false });
-            let record = GateRecord {
-                round,
-                admitted: true,
-                since_ms: now,
-                max: gate.max,
-                rate: gate.rate,
-                when_full: gate.when_full,
-            };
+            let Some((run_id, Waiting { round, .. })) = gate.dequeue_front() else { break };
+            let holder = Holder { round, since_ms: now, cancelling: false, bounds_of: gate.bounds_changes };
+            gate.hold(run_id.clone(), holder);
+            let record = gate.record(round, true, now, None);
             batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
             admitted.push(GateMessage {
                 flow: id.0.clone(),
@@ -492,7 +661,11 @@ impl<S: ShardStore> ShardActor<S> {
                 max: 0,
                 rate: None,
                 when_full: WhenFull::Queue,
+                version: 0,
             });
+        }
+        if let Some((run_id, record)) = gate.place_to_restamp() {
+            batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
         }
         if gate.rate.is_some() && !admitted.is_empty() {
             let record = GateRateRecord { full_us: gate.full_us };
@@ -563,7 +736,7 @@ impl<S: ShardStore> ShardActor<S> {
     /// queue) goes back.
     pub(super) fn give_slot_back(&self, run: &Run, batch: &mut Batch) {
         if let Some(message) = self.gate_message(run, None) {
-            let message = GateMessage { max: 0, rate: None, when_full: WhenFull::Queue, ..message };
+            let message = GateMessage { max: 0, rate: None, when_full: WhenFull::Queue, version: 0, ..message };
             self.send_after_commit(OutboxRecord::GateRelease(message), batch);
         }
     }
@@ -589,6 +762,7 @@ impl<S: ShardStore> ShardActor<S> {
             max: concurrency.max.unwrap_or(0),
             rate: concurrency.rate,
             when_full: concurrency.when_full,
+            version: plan.version,
         })
     }
 }
@@ -620,33 +794,49 @@ mod tests {
         RunId(format!("r{n}").into())
     }
 
+    fn waiting(round: u32) -> Waiting {
+        Waiting { round, seq: None, since_ms: 0, bounds_of: 0 }
+    }
+
+    fn holder(since_ms: Millis) -> Holder {
+        Holder { round: 0, since_ms, cancelling: false, bounds_of: 0 }
+    }
+
+    /// Runs and rounds as they leave the queue from its front.
+    fn drain(queue: &mut Queue) -> Vec<(RunId, u32)> {
+        std::iter::from_fn(|| queue.pop_front()).map(|(run_id, place)| (run_id, place.round)).collect()
+    }
+
     #[test]
     fn a_queue_keeps_the_order_asked_and_lets_runs_leave_from_anywhere() {
         let mut queue = Queue::default();
         for n in 0..4 {
-            queue.push(run(n), 0);
+            queue.push(run(n), waiting(0));
         }
-        assert!(queue.remove(&run(1), Some(0)) && !queue.remove(&run(1), Some(0)), "a run leaves once");
-        assert!(!queue.remove(&run(2), Some(1)), "only for the round it waits for");
+        assert!(
+            queue.remove(&run(1), Some(0)).is_some() && queue.remove(&run(1), Some(0)).is_none(),
+            "a run leaves once"
+        );
+        assert!(queue.remove(&run(2), Some(1)).is_none(), "only for the round it waits for");
         // A later round of a run that waits goes to the end, in place of the earlier one.
-        queue.push(run(0), 1);
+        assert_eq!(queue.push(run(0), waiting(1)), Some(waiting(0)));
         assert!(queue.contains(&run(0), 1) && !queue.contains(&run(0), 0));
-        let order: Vec<_> = std::iter::from_fn(|| queue.pop_front()).collect();
-        assert_eq!(order, vec![(run(2), 0), (run(3), 0), (run(0), 1)]);
-        assert!(queue.is_empty() && queue.order.is_empty());
+        assert_eq!(queue.back(), Some(&run(0)));
+        assert_eq!(drain(&mut queue), vec![(run(2), 0), (run(3), 0), (run(0), 1)]);
+        assert!(queue.is_empty() && queue.order.is_empty() && queue.back().is_none());
     }
 
     #[test]
     fn runs_leaving_a_long_queue_leave_no_entries_behind() {
         let mut queue = Queue::default();
         for n in 0..10_000 {
-            queue.push(run(n), 0);
+            queue.push(run(n), waiting(0));
         }
         for n in 0..9_990 {
-            assert!(queue.remove(&run(n), None));
+            assert!(queue.remove(&run(n), None).is_some());
         }
         assert!(queue.order.len() <= 2 * 10 + 64, "{} entries for 10 runs", queue.order.len());
-        let order: Vec<_> = std::iter::from_fn(|| queue.pop_front()).map(|(run_id, _)| run_id).collect();
+        let order: Vec<_> = drain(&mut queue).into_iter().map(|(run_id, _)| run_id).collect();
         assert_eq!(order, (9_990..10_000).map(run).collect::<Vec<_>>());
     }
 
@@ -656,10 +846,10 @@ mod tests {
     fn cancel_oldest_takes_the_oldest_holders_then_the_queue_a_bounded_number_at_a_time() {
         let mut gate = Gate { max: 2, when_full: WhenFull::CancelOldest, ..Gate::default() };
         for (n, since_ms) in [(0, 30), (1, 10), (2, 20), (3, 10)] {
-            gate.holders.insert(run(n), Holder { round: 0, since_ms, cancelling: false });
+            gate.hold(run(n), holder(since_ms));
         }
         for n in 4..8 {
-            gate.queue.push(run(n), 0);
+            gate.enqueue(run(n), waiting(0));
         }
         assert_eq!(gate.over_max(), 6);
         let ids = |taken: Vec<(RunId, bool)>| taken.into_iter().map(|(run_id, _)| run_id).collect::<Vec<_>>();
@@ -669,13 +859,12 @@ mod tests {
         assert!(gate.holders.values().all(|holder| holder.cancelling), "holders keep their slots");
         assert_eq!(ids(gate.take_oldest(5)), vec![run(5)]);
         assert_eq!((gate.over_max(), gate.take_oldest(5)), (0, vec![]));
-        let left: Vec<_> = std::iter::from_fn(|| gate.queue.pop_front()).collect();
-        assert_eq!(left, vec![(run(6), 0), (run(7), 0)], "the newest stay queued");
+        assert_eq!(drain(&mut gate.queue), vec![(run(6), 0), (run(7), 0)], "the newest stay queued");
 
         // A limit of `max` 1 lowered under 10,000 runs: a thousand a commit.
         let mut gate = Gate { max: 1, when_full: WhenFull::CancelOldest, ..Gate::default() };
         for n in 0..10_000 {
-            gate.queue.push(run(n), 0);
+            gate.enqueue(run(n), waiting(0));
         }
         let mut turns = 0;
         while gate.over_max() > 0 {
@@ -685,7 +874,7 @@ mod tests {
         assert_eq!((turns, gate.queue.waiting.len()), (10, 1));
         // Other policies never turn the oldest away.
         gate.when_full = WhenFull::Queue;
-        gate.queue.push(run(10_000), 0);
+        gate.enqueue(run(10_000), waiting(0));
         assert_eq!((gate.over_max(), gate.take_oldest(5)), (0, vec![]));
     }
 
@@ -708,5 +897,120 @@ mod tests {
         assert_eq!(interval_us(StartRate { runs: 100_000, per_ms: 1 }), 1, "at least one");
         let absurd = StartRate { runs: 1, per_ms: u64::MAX };
         assert_eq!(next_start_us(absurd, now), now, "no overflow: one run per period");
+    }
+
+    /// A bucket emptied under a slow rate, or moved far ahead by a clock that was ahead,
+    /// holds the runs of a faster rate back no longer than that rate's period.
+    #[test]
+    fn a_start_rate_bucket_is_never_more_than_one_period_ahead() {
+        let now = 1_000_000_000_u64;
+        let daily = StartRate { runs: 1, per_ms: 86_400_000 };
+        let per_minute = StartRate { runs: 100, per_ms: 60_000 };
+        // One run went under a rate of one a day: the bucket is full again in a day.
+        let full_us = now + interval_us(daily);
+        assert_eq!(bucket_full_us(daily, full_us, now), now + 86_400_000_000, "a day: as the daily rate says");
+        // A new version lets 100 go a minute: the bucket reads as empty, not as a day away,
+        // and the gate keeps it so (as it does when it admits).
+        let mut gate = Gate { rate: Some(per_minute), full_us, ..Gate::default() };
+        assert_eq!(gate.bucket_full_us(now), now + 60_000_000);
+        gate.full_us = gate.bucket_full_us(now);
+        assert_eq!(next_start_us(per_minute, gate.full_us), now + 600_000, "the next start in one interval");
+        assert!(!gate.has_room(now) && gate.has_room(now + 600_000));
+        // A gate whose clock was a year ahead: the same.
+        let ahead = Gate { full_us: now + 365 * 86_400_000_000, ..gate };
+        assert_eq!(ahead.bucket_full_us(now), now + 60_000_000);
+        // A bucket within a period is read as it is; without a rate there is nothing to read.
+        assert_eq!(bucket_full_us(per_minute, now + 1_000, now), now + 1_000);
+        let no_rate = Gate { full_us: u64::MAX, ..Gate::default() };
+        assert_eq!(no_rate.bucket_full_us(now), u64::MAX);
+        assert_eq!(bucket_full_us(StartRate { runs: 1, per_ms: u64::MAX }, u64::MAX, now), u64::MAX, "no overflow");
+    }
+
+    fn place(admitted: bool, since_ms: Millis, seq: Option<u64>, version: u32, max: u32) -> GateRecord {
+        GateRecord { round: 0, admitted, since_ms, seq, max, rate: None, when_full: WhenFull::Queue, version }
+    }
+
+    /// A reloaded queue is in the order the runs asked: by their numbers, also when many
+    /// asked in one millisecond (their ids say nothing of the order) or the gate's clock
+    /// went back; places written before they were numbered first, by their times.
+    #[test]
+    fn a_reloaded_queue_keeps_the_order_asked_whatever_the_clock_and_the_run_ids_say() {
+        let records = vec![
+            (run(1), place(false, 100, Some(7), 1, 1)),
+            (run(3), place(false, 100, Some(5), 1, 1)),
+            (run(20), place(true, 120, None, 1, 1)),
+            (run(0), place(false, 90, Some(8), 1, 1)),
+            (run(2), place(false, 100, Some(6), 1, 1)),
+            (run(10), place(false, 50, None, 0, 1)),
+            (run(11), place(false, 40, None, 0, 1)),
+        ];
+        let mut gate = Gate::restore(records);
+        assert!(gate.holds(&run(20), 0) && gate.holders.len() == 1);
+        let order: Vec<_> = drain(&mut gate.queue).into_iter().map(|(run_id, _)| run_id).collect();
+        assert_eq!(order, [11, 10, 3, 2, 1, 0].map(run), "old places by time, then by number");
+        assert_eq!(gate.next_seq, 9, "the next run queued goes after them");
+        assert_eq!(Gate::restore(vec![(run(0), place(true, 1, None, 1, 1))]).next_seq, 0);
+    }
+
+    /// A place stored by an older release, without a number or a version, still loads.
+    #[test]
+    fn a_place_stored_without_number_and_version_loads_as_older_than_any() {
+        let old = serde_json::json!({"round": 1, "admitted": false, "since_ms": 5, "max": 2});
+        let record: GateRecord = records::decode("gate record", &records::encode(&old)).expect("an old record decodes");
+        assert_eq!((record.seq, record.version, record.round, record.max), (None, 0, 1, 2));
+    }
+
+    /// A reload takes the bounds of the newest version among the places, not those of the
+    /// latest place: a run of an older version may have asked later.
+    #[test]
+    fn a_reloaded_limit_takes_the_bounds_of_the_newest_version() {
+        let records = vec![
+            (run(0), place(true, 10, None, 2, 1)),
+            (run(1), place(true, 30, None, 1, 3)),
+            (run(2), place(false, 20, Some(0), 2, 1)),
+        ];
+        let gate = Gate::restore(records);
+        assert_eq!((gate.version, gate.max), (2, 1));
+        assert_eq!(gate.places_with_bounds, 2, "the places written with those bounds");
+        // Without versions (records of an older release): the latest place's.
+        let gate = Gate::restore(vec![(run(0), place(true, 10, None, 0, 1)), (run(1), place(true, 30, None, 0, 3))]);
+        assert_eq!((gate.version, gate.max), (0, 3));
+    }
+
+    /// The bounds change only with a version at least as new; when none of the stored
+    /// places carries the bounds the gate holds to, one is written again with them.
+    #[test]
+    fn a_limit_keeps_the_newest_versions_bounds_and_a_place_that_stores_them() {
+        let mut gate = Gate::default();
+        gate.adopt_bounds(2, 1, None, WhenFull::CancelNew);
+        gate.adopt_bounds(1, 3, None, WhenFull::Queue);
+        assert_eq!(gate.bounds(), (2, 1, None, WhenFull::CancelNew), "an older version's bounds are not taken");
+        assert!(gate.place_to_restamp().is_none(), "no place: nothing to keep them in");
+        gate.hold(run(0), Holder { bounds_of: gate.bounds_changes, ..holder(10) });
+        assert!(gate.place_to_restamp().is_none(), "its record carries them");
+        let bounds_of = gate.bounds_changes;
+        gate.adopt_bounds(2, 1, None, WhenFull::CancelNew);
+        assert_eq!(gate.bounds_changes, bounds_of, "the same bounds again change nothing");
+
+        // A newer version comes with a run that was turned away: the holder's record is
+        // written again with its bounds, and so is the next one when that holder leaves.
+        gate.hold(run(1), holder(20));
+        gate.adopt_bounds(3, 2, Some(StartRate { runs: 1, per_ms: 10 }), WhenFull::CancelNew);
+        let (restamped, record) = gate.place_to_restamp().expect("no record carries the new bounds");
+        assert_eq!((record.version, record.max, record.rate, record.admitted), (3, 2, gate.rate, true));
+        assert_eq!(record.since_ms, gate.holders[&restamped].since_ms, "the holder's own time is kept");
+        assert!(gate.place_to_restamp().is_none());
+        gate.unhold(&restamped);
+        let (other, _) = gate.place_to_restamp().expect("the place that carried them left");
+        assert_ne!(other, restamped);
+        gate.unhold(&other);
+        // A waiting run is written again as it waits, with its number and time.
+        gate.enqueue(run(2), Waiting { round: 1, seq: Some(4), since_ms: 7, bounds_of: 0 });
+        let (waiting_run, record) = gate.place_to_restamp().expect("the waiting run's record is old");
+        assert_eq!(waiting_run, run(2));
+        assert_eq!(
+            (record.round, record.admitted, record.seq, record.since_ms, record.version),
+            (1, false, Some(4), 7, 3)
+        );
     }
 }
