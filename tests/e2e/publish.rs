@@ -7,7 +7,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use flowgrid_sdk::{PublishFailure, StreamPublisher};
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::Grid;
+use flowgrid_tests::{wait_for, Grid};
 use serde_json::json;
 
 use crate::{deploy, wait_for_log, OrLogs, ECHO_FLOW, RUN_DEADLINE};
@@ -103,6 +103,63 @@ async fn tasks_refused_by_a_full_stream_are_published_once_workers_make_room() -
     for run_id in &runs {
         let view = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
         anyhow::ensure!(view.status == RunStatus::Succeeded, "run {run_id}: {view:?}\n{}", grid.logs());
+    }
+    Ok(())
+}
+
+/// A run's end is announced whatever its output: one over the grid's payload limit as JSON
+/// (the form it is published in) is announced with a `payload_too_large` error instead,
+/// and one the NATS server refuses as over its `max_payload` goes without its data. A list
+/// of floats takes 9 bytes each as MessagePack, which bounds the run's input and output,
+/// and up to 25 as JSON. (Both were published again and again, refused each time, and
+/// never announced.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_end_too_large_to_publish_is_announced_without_its_output() -> anyhow::Result<()> {
+    /// Floats whose JSON is some 25 bytes each.
+    fn floats(count: usize) -> serde_json::Value {
+        json!(vec![-1.234_567_890_123_456_7e-123; count])
+    }
+    let mut grid = Grid::start_nats_with_config("max_payload: 512KB")?;
+    grid.start_coordinator().await?;
+    let client = grid.client().await?;
+    let wide =
+        "name: wide\npublish_ended: true\noutput: 'steps.copy.output'\nsteps:\n  - { id: copy, kind: transform, \
+                output: 'input' }\n";
+    deploy(&grid, &client, wide).await?;
+    let payload_max = flowgrid_model::Limits::default().payload_bytes_max;
+    // Over the payload limit as JSON, within it (and within the server's bound) as MessagePack.
+    let over_the_limit = floats(55_000);
+    let json_bytes = serde_json::to_vec(&over_the_limit)?.len();
+    assert!(json_bytes > payload_max && rmp_serde::to_vec(&over_the_limit)?.len() < 500_000, "{json_bytes}");
+    // Within the payload limit as JSON, over the server's `max_payload`.
+    let over_the_server = floats(30_000);
+    let json_bytes = serde_json::to_vec(&over_the_server)?.len();
+    assert!(json_bytes < payload_max && json_bytes > 600_000, "{json_bytes}");
+
+    let mut runs = Vec::new();
+    for input in [over_the_limit, over_the_server] {
+        let start = StartRun { flow: "wide".into(), input, ..Default::default() };
+        runs.push(client.start(start).await.or_logs(&grid)?.run_id);
+    }
+    let jetstream = jetstream::new(grid.nats_client().await?);
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    wait_for("both ends on the run-ends stream", RUN_DEADLINE, || async {
+        let mut stream = jetstream.get_stream(subjects.run_ends_stream()).await.ok()?;
+        (stream.info().await.ok()?.state.messages == 2).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    let stream = jetstream.get_stream(subjects.run_ends_stream()).await?;
+    let mut ends = std::collections::HashMap::new();
+    for sequence in 1..=2 {
+        let ended: flowgrid_proto::RunEnded = serde_json::from_slice(&stream.get_raw_message(sequence).await?.payload)?;
+        ends.insert(ended.run_id.clone(), ended);
+    }
+    for (run_id, said) in runs.iter().zip(["as JSON, over the limit of", "max_payload"]) {
+        let ended = &ends[run_id];
+        let error = ended.error.as_ref().expect("an error in place of the output");
+        assert_eq!((ended.status, &ended.output), (RunStatus::Succeeded, &None), "{ended:?}");
+        assert!(error.code == "payload_too_large" && error.message.contains(said), "{error:?}");
     }
     Ok(())
 }

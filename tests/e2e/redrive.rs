@@ -154,6 +154,63 @@ async fn redrives_of_one_run_at_once_take_it_up_once() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A run whose end is not announced yet (the run-ends stream does not take it) is not
+/// redriven: its next end would write its announcement over the one still waiting, and the
+/// first end would never be announced. Once the stream takes it, the redrive goes, and the
+/// stream holds both ends. (The check looked for the announcement under a key the outbox
+/// never writes, as it keeps its messages in chunks, and let every such redrive through.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_end_is_not_announced_yet_is_not_redriven() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?.with_retry_budget(Duration::ZERO);
+    deploy(&grid, &client, SHAKY_FLOW).await?;
+    // The run-ends stream holds one message and takes no more (discard new): every
+    // announcement is refused until its limit goes.
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    jetstream.publish(subjects.run_ended("other"), "{}".into()).await?.await?;
+    let mut stream = jetstream.get_stream(subjects.run_ends_stream()).await?;
+    let open = stream.info().await?.config.clone();
+    let full = async_nats::jetstream::stream::Config {
+        max_messages: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..open.clone()
+    };
+    jetstream.update_stream(&full).await?;
+
+    let run_id = failed_run(&grid, &client).await?;
+    let error = client.redrive(&run_id, "too early").await.expect_err("refused while its end is not announced");
+    assert_eq!(refusal(&error).code, ErrorCode::Unavailable, "{error:?}");
+    assert!(refusal(&error).message.contains("not announced on the run-ends stream yet"), "{error:?}");
+    let view = client.get(&run_id).await.or_logs(&grid)?;
+    assert_eq!((view.status, view.redriven), (RunStatus::Failed, None), "{view:?}");
+
+    jetstream.update_stream(&open).await?;
+    let redriven = wait_for("the redrive taken once the end is announced", RUN_DEADLINE, || async {
+        client.redrive(&run_id, "announced now").await.ok()
+    })
+    .await
+    .or_logs(&grid)?;
+    assert_eq!(redriven.times, 1);
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    // Both ends of the run are on the stream, the failure first.
+    let mut ends = Vec::new();
+    wait_for("both ends on the run-ends stream", RUN_DEADLINE, || async {
+        let mut stream = jetstream.get_stream(subjects.run_ends_stream()).await.ok()?;
+        (stream.info().await.ok()?.state.messages == 3).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    for sequence in 2..=3 {
+        let message = stream.get_raw_message(sequence).await?;
+        let ended: flowgrid_proto::RunEnded = serde_json::from_slice(&message.payload)?;
+        ends.push((ended.run_id, ended.status, ended.redriven));
+    }
+    assert_eq!(ends, vec![(run_id.clone(), RunStatus::Failed, 0), (run_id, RunStatus::Succeeded, 1)]);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_survives_a_coordinator_crash() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;

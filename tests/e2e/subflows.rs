@@ -167,6 +167,35 @@ async fn a_flow_that_calls_itself_stops_at_the_depth_limit() -> anyhow::Result<(
     Ok(())
 }
 
+/// Parents that fill `--active-runs-max` still start their children: a child start may go
+/// past the bound into the headroom kept for its depth, so the parents end. (Child starts
+/// were refused at the bound like any start, and retried for ever: the parents waited for
+/// children that could never start.) The parents start delayed, so that both hold their
+/// place before either asks for its child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parents_that_fill_the_active_runs_bound_still_start_their_children() -> anyhow::Result<()> {
+    const PARENTS: usize = 2;
+    let mut grid = Grid::start_nats()?;
+    grid.spawn_coordinator_with_args(&["--active-runs-max", &PARENTS.to_string()])?;
+    grid.wait_until_serving().await?;
+    grid.start_workers(&["a"], 4)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, DOUBLER).await?;
+    deploy(&grid, &client, PARENT).await?;
+    let at = flowgrid_sdk::parse_start_time("1s").expect("a duration");
+    let mut parents = Vec::new();
+    for n in 0..PARENTS {
+        let delayed = StartRun { start_at_ms: Some(at), ..start("parent", json!({"n": n})) };
+        parents.push(client.start(delayed).await.or_logs(&grid)?.run_id);
+    }
+    for (n, parent) in parents.iter().enumerate() {
+        let view = grid.wait_run(&client, parent, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+        assert_eq!(view.output, Some(json!({"after": 2 * n + 1})), "{view:?}");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_parent_cancels_its_child() -> anyhow::Result<()> {
     let grid = Grid::start(&[]).await?;

@@ -482,33 +482,36 @@ async fn run_ends_stream_gone(client: &flowgrid_sdk::Client) -> bool {
     }
 }
 
-/// Publishes a run's end on its flow's subject through JetStream, with the run id (and the
-/// redrive it ended after, if any) as the message id: the run-ends stream keeps it (and
-/// drops a repeat within its duplicate window), and core subscribers get it too. Taken once
-/// the stream acknowledged it.
+/// Publishes a run's end on its flow's subject through JetStream, with the run id, its
+/// creation time (and the redrive it ended after, if any) as the message id: the run-ends
+/// stream keeps it (and drops a repeat within its duplicate window), and core subscribers
+/// get it too. Taken once the stream acknowledged it. An end the NATS server refuses as
+/// over its `max_payload` (one under the grid's payload limit, which bounds the
+/// announcement when the run ends) is announced without its output and error message, or
+/// dropped if even that is over: the same message could only be refused again.
 async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
-    let payload = match serde_json::to_vec(ended) {
-        Ok(payload) => payload,
-        Err(error) => {
-            warn!(run = %ended.run_id, error = %error, "cannot encode a run's end; it is not announced");
-            return Sent::Taken;
+    let acked = match publish_end(client, ended).await {
+        Err(error) if error.kind() == PublishErrorKind::MaxPayloadExceeded => {
+            warn!(
+                run = %ended.run_id,
+                error = %error,
+                "a run's end is over the NATS server's max_payload; it is announced without its data (raise \
+                 max_payload to the grid's payload limit and more)"
+            );
+            publish_end(client, &without_data(ended)).await
         }
-    };
-    let mut headers = async_nats::HeaderMap::new();
-    // A run made again under the id of a deleted one (its idempotency key reused) is
-    // another run: its creation time keeps its end from passing for a duplicate.
-    let message_id = match ended.redriven {
-        0 => format!("{}:{}", ended.run_id, ended.created_ms),
-        times => format!("{}:{}/r{times}", ended.run_id, ended.created_ms),
-    };
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
-    let subject = client.subjects().run_ended(&ended.flow);
-    let acked = match client.jetstream().publish_with_headers(subject, headers, payload.into()).await {
-        Ok(ack) => ack.await.map(|_| ()),
-        Err(error) => Err(error),
+        acked => acked,
     };
     match acked {
         Ok(()) => Sent::Taken,
+        Err(error) if error.kind() == PublishErrorKind::MaxPayloadExceeded => {
+            warn!(
+                run = %ended.run_id,
+                error = %error,
+                "a run's end is over the NATS server's max_payload even without its data; it is not announced"
+            );
+            Sent::Taken
+        }
         // The run-ends stream was deleted (by hand, or with NATS's store): no stream answers
         // (or, with a plain subscriber on the subject, the publish times out). Make it again,
         // and the end goes out at the next try.
@@ -528,6 +531,38 @@ async fn announce(client: &flowgrid_sdk::Client, ended: &RunEnded) -> Sent {
             Sent::Again
         }
     }
+}
+
+/// One publish of `ended` as JSON, until the stream acknowledged it or refused it.
+async fn publish_end(
+    client: &flowgrid_sdk::Client,
+    ended: &RunEnded,
+) -> std::result::Result<(), async_nats::jetstream::context::PublishError> {
+    // A plain data type: encoding it cannot fail.
+    let payload = serde_json::to_vec(ended).expect("a run's end encodes to JSON");
+    let mut headers = async_nats::HeaderMap::new();
+    // A run made again under the id of a deleted one (its idempotency key reused) is
+    // another run: its creation time keeps its end from passing for a duplicate.
+    let message_id = match ended.redriven {
+        0 => format!("{}:{}", ended.run_id, ended.created_ms),
+        times => format!("{}:{}/r{times}", ended.run_id, ended.created_ms),
+    };
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
+    let subject = client.subjects().run_ended(&ended.flow);
+    client.jetstream().publish_with_headers(subject, headers, payload.into()).await?.await.map(|_| ())
+}
+
+/// A run's end without its output, and with an error that says the data was left out (the
+/// run's own error code, if it has one, stays).
+fn without_data(ended: &RunEnded) -> RunEnded {
+    let message = "left out: the run's end with its output or error is over the NATS server's max_payload; read the \
+                   run for them"
+        .to_owned();
+    let error = match &ended.error {
+        Some(error) => TaskError { code: error.code.clone(), message, retryable: error.retryable },
+        None => TaskError { code: "payload_too_large".to_owned(), message, retryable: false },
+    };
+    RunEnded { output: None, error: Some(error), ..ended.clone() }
 }
 
 /// A refusal's message and its first located problems (an input its schema refuses), as

@@ -12,7 +12,7 @@ use flowgrid_engine::{
     Applied, Effect, Event, RedriveRefused, Run, RunStart, RunStatus, RunView, SignalRefused, TaskDispatch, TaskError,
     TimerKey,
 };
-use flowgrid_model::limits::{nesting_depth, Limits, PAUSES_MAX, PROGRESS_BYTES_MAX};
+use flowgrid_model::limits::{json_bytes, nesting_depth, Limits, PAUSES_MAX, PROGRESS_BYTES_MAX, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{has_labels, AttemptId, FlowPlan, Labels, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
@@ -47,7 +47,7 @@ impl<S: ShardStore> ShardActor<S> {
                 return Ok(RunStarted { run_id, flow: record.flow, version: record.version, created: false });
             }
         }
-        self.check_room()?;
+        self.check_room(parent.as_ref().map_or(0, |parent| parent.depth))?;
         let context = &self.context;
         // A run of a flow with a concurrency limit starts queued, under its key.
         let gate_key = match &plan.concurrency {
@@ -103,17 +103,24 @@ impl<S: ShardStore> ShardActor<S> {
         Ok(RunStarted { run_id, flow: plan.name.clone(), version: plan.version, created: true })
     }
 
-    /// Refuses one more active run when the coordinator holds as many as it may.
-    fn check_room(&self) -> Result<(), ApiError> {
+    /// Refuses one more active run when the coordinator holds as many as it may. `depth` is
+    /// the run's depth as a child run (0 for a run no subflow step starts): a child may go
+    /// past the bound into the headroom its depth keeps (see [`active_runs_allowed`]).
+    fn check_room(&self, depth: u32) -> Result<(), ApiError> {
         let context = &self.context;
-        if context.active_runs.load(Ordering::Relaxed) < context.active_runs_max {
+        let allowed = active_runs_allowed(context.active_runs_max, depth);
+        if context.active_runs.load(Ordering::Relaxed) < allowed {
             return Ok(());
         }
         ::metrics::counter!(metrics::API_REJECTED).increment(1);
-        Err(ApiError::new(
-            ErrorCode::Overloaded,
-            format!("{} runs are active, the most this coordinator holds; retry later", context.active_runs_max),
-        ))
+        let what = match depth {
+            0 => format!("{} runs are active, the most this coordinator holds", context.active_runs_max),
+            depth => format!(
+                "{allowed} runs are active, the most this coordinator holds with the headroom it keeps for child \
+                 runs {depth} deep"
+            ),
+        };
+        Err(ApiError::new(ErrorCode::Overloaded, format!("{what}; retry later")))
     }
 
     /// A worker's result, as received on the shard's result subject.
@@ -324,12 +331,12 @@ impl<S: ShardStore> ShardActor<S> {
                     "its output is {bytes} bytes, over the limit of {payload_max} a run passes on: give the flow an \
                      `output` expression that picks what its caller needs, or pass large data by reference"
                 );
-                (None, Some(TaskError { code: "payload_too_large".to_owned(), message, retryable: false }))
+                (None, Some(TaskError { code: PAYLOAD_TOO_LARGE.to_owned(), message, retryable: false }))
             }
             None => (active.run.output().cloned(), active.run.error().cloned()),
         };
         if plan.definition.publish_ended {
-            let ended = RunEnded {
+            let announced = RunEnded {
                 run_id: run_id.clone(),
                 flow: plan.name.clone(),
                 version: plan.version,
@@ -340,6 +347,7 @@ impl<S: ShardStore> ShardActor<S> {
                 error: error.clone(),
                 redriven: active.run.redriven().map_or(0, |redriven| redriven.times),
             };
+            let ended = announcement_within(announced, payload_max);
             self.send_after_commit(OutboxRecord::RunEnded(ended), batch);
         }
         self.give_slot_back(&active.run, batch);
@@ -489,7 +497,7 @@ impl<S: ShardStore> ShardActor<S> {
         if record.status == RunStatus::Succeeded && from.is_empty() {
             return Err(redrive_refusal(run_id, &RedriveRefused::Succeeded));
         }
-        if self.store.get(&keys::outbox(run_id, records::OUTBOX_RUN_ENDED)).await.map_err(read_failure)?.is_some() {
+        if announcement_waits(&*self.store, run_id).await? {
             return Err(ApiError::new(
                 ErrorCode::Unavailable,
                 format!(
@@ -498,7 +506,7 @@ impl<S: ShardStore> ShardActor<S> {
                 ),
             ));
         }
-        self.check_room()?;
+        self.check_room(0)?;
         Ok(record)
     }
 
@@ -711,9 +719,73 @@ impl<S: ShardStore> ShardActor<S> {
     }
 }
 
+/// Whether the announcement of the run's last end still waits in the outbox: a redrive
+/// would end the run again and write its next announcement over it, so that the earlier
+/// end would never be announced. Outbox messages are chunked records (their chunks are
+/// what the store holds), so the chunk range is looked at, not the record key.
+async fn announcement_waits<S: ShardStore>(store: &S, run_id: &RunId) -> Result<bool, ApiError> {
+    let key = keys::outbox(run_id, records::OUTBOX_RUN_ENDED);
+    let chunks = store.scan(keys::chunks_range(&key), 1, false).await.map_err(read_failure)?;
+    Ok(!chunks.is_empty())
+}
+
 /// The refusal of a read or redrive whose run could not be rebuilt from its history.
 fn history_unreadable(run_id: &RunId, error: &crate::error::Error) -> ApiError {
     ApiError::new(ErrorCode::Internal, format!("cannot load run {run_id} from its history: {error}"))
+}
+
+/// The announcement of a run's end as the run-ends stream is to carry it: at most a
+/// payload as JSON, the form it is published in (the check of the output above counts
+/// MessagePack, in which floats and escaped text take fewer bytes). Over it, its output
+/// gives way to a `payload_too_large` error (the run's own error, if it has one, stays),
+/// and an error message still too long is cut to fit. An announcement over what NATS
+/// carries would otherwise be published again and again, and never get through.
+fn announcement_within(mut ended: RunEnded, payload_max: usize) -> RunEnded {
+    let bytes = json_bytes(&ended);
+    if bytes <= payload_max {
+        return ended;
+    }
+    if ended.output.take().is_some() && ended.error.is_none() {
+        let message = format!(
+            "its end's announcement is {bytes} bytes as JSON, over the limit of {payload_max}: give the flow an \
+             `output` expression that picks what the services reading its ends need, or pass large data by reference"
+        );
+        ended.error = Some(TaskError { code: PAYLOAD_TOO_LARGE.to_owned(), message, retryable: false });
+    }
+    let over = json_bytes(&ended).saturating_sub(payload_max);
+    if let (true, Some(error)) = (over > 0, ended.error.as_mut()) {
+        // Each byte of text cut takes at least a byte of JSON away.
+        let message = &mut error.message;
+        let mut end = message.len().saturating_sub(over + ANNOUNCEMENT_CUT_MARK.len());
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(ANNOUNCEMENT_CUT_MARK);
+    }
+    ended
+}
+
+/// The error code of an output a run cannot pass on: over the payload limit.
+const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+
+/// Ends an error message [`announcement_within`] cut.
+const ANNOUNCEMENT_CUT_MARK: &str = " [cut to fit the announcement]";
+
+/// The headroom past `--active-runs-max` kept for the child runs of each level of
+/// sub-flows, as a share of the bound (an eighth), at least one run: a child `depth` deep
+/// is refused only past the bound and `depth` such shares. Children that had to wait for
+/// the bound like any start could never start once their parents filled it, and parents
+/// that wait for them would never end. With the headroom every level can start some
+/// children, so the runs above them can end; memory stays bounded, at most twice the
+/// bound with sub-flows nested as deep as they may be.
+const CHILD_HEADROOM_SHARE: u64 = 8;
+
+/// The active runs a coordinator with the bound `active_runs_max` may hold before it
+/// refuses a run `depth` deep as a child (0: a run no subflow step starts).
+fn active_runs_allowed(active_runs_max: u64, depth: u32) -> u64 {
+    let headroom = (active_runs_max / CHILD_HEADROOM_SHARE).max(1);
+    active_runs_max.saturating_add(headroom.saturating_mul(u64::from(depth.min(SUBFLOW_DEPTH_MAX))))
 }
 
 /// A run's final snapshot may take at most this share of a commit's bytes: the commit
@@ -966,6 +1038,8 @@ pub(super) fn internal(error: impl std::fmt::Display) -> ApiError {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -978,6 +1052,74 @@ mod tests {
         let refusal = read_failure(corrupt);
         assert_eq!(refusal.code, ErrorCode::Internal);
         assert!(!refusal.retryable, "{refusal:?}");
+    }
+
+    /// Each level of children has headroom past the bound, so a child start is refused later
+    /// than a start at the top, and a grandchild's later still; memory stays bounded.
+    #[test]
+    fn child_runs_have_headroom_past_the_active_runs_bound_by_depth() {
+        assert_eq!(active_runs_allowed(800, 0), 800, "a run at the top waits at the bound");
+        assert_eq!(active_runs_allowed(800, 1), 900);
+        assert_eq!(active_runs_allowed(800, 2), 1_000);
+        assert_eq!(active_runs_allowed(800, SUBFLOW_DEPTH_MAX), 1_600, "twice the bound at most");
+        assert_eq!(active_runs_allowed(800, u32::MAX), 1_600, "a depth past the limit counts as the limit");
+        assert_eq!(active_runs_allowed(2, 1), 3, "at least one more run per level");
+        assert_eq!(active_runs_allowed(u64::MAX, 1), u64::MAX);
+    }
+
+    fn ended(output: Option<Value>, error: Option<TaskError>) -> RunEnded {
+        let status = if error.is_some() && output.is_none() { RunStatus::Failed } else { RunStatus::Succeeded };
+        RunEnded {
+            run_id: RunId::from_idempotency_key("wide", "1"),
+            flow: "wide".to_owned(),
+            version: 1,
+            status,
+            created_ms: 1,
+            ended_ms: 2,
+            output,
+            error,
+            redriven: 0,
+        }
+    }
+
+    /// A run's end is announced as JSON: its output is bounded by JSON's size, not by the
+    /// MessagePack's that bounds what the run passes on (a float takes 9 bytes of
+    /// MessagePack and up to 25 of JSON). Over the limit, the output gives way to an error
+    /// that says so, and an error message too long is cut; under it, nothing changes.
+    #[test]
+    fn a_run_end_is_announced_within_a_payload_as_json() {
+        const PAYLOAD_MAX: usize = 64 * 1024;
+        let floats = json!(vec![-1.234_567_890_123_456_7e-123; PAYLOAD_MAX / 16]);
+        assert!(records::encode(&floats).len() < PAYLOAD_MAX, "within the limit as MessagePack");
+        let announced = announcement_within(ended(Some(floats), None), PAYLOAD_MAX);
+        let bytes = json_bytes(&announced);
+        assert!(bytes <= PAYLOAD_MAX, "{bytes} bytes of JSON");
+        let error = announced.error.expect("an error in place of the output");
+        assert_eq!(
+            (announced.status, announced.output, error.code.as_str()),
+            (RunStatus::Succeeded, None, "payload_too_large")
+        );
+        assert!(error.message.contains("as JSON, over the limit of 65536"), "{}", error.message);
+
+        // A failed run's error message too long: cut to fit, its code kept; one of control
+        // characters (6 bytes of JSON each) too.
+        let mut long = TaskError { code: "boom".to_owned(), message: "e".repeat(PAYLOAD_MAX), retryable: true };
+        let announced = announcement_within(ended(None, Some(long.clone())), PAYLOAD_MAX);
+        let bytes = json_bytes(&announced);
+        let error = announced.error.expect("its error");
+        assert!(bytes <= PAYLOAD_MAX && bytes > PAYLOAD_MAX - 64, "{bytes} bytes of JSON");
+        assert_eq!((error.code.as_str(), error.retryable), ("boom", true));
+        assert!(error.message.ends_with(ANNOUNCEMENT_CUT_MARK), "{:.80}", error.message);
+        let escaped = TaskError { message: "\u{1}".repeat(PAYLOAD_MAX), ..long.clone() };
+        let bytes = json_bytes(&announcement_within(ended(None, Some(escaped)), PAYLOAD_MAX));
+        assert!(bytes <= PAYLOAD_MAX, "{bytes} bytes of JSON");
+
+        // Within the limit: as it is.
+        long.message.truncate(100);
+        let small = ended(Some(json!({"n": 0.5})), None);
+        assert_eq!(announcement_within(small.clone(), PAYLOAD_MAX), small);
+        let failed = ended(None, Some(long));
+        assert_eq!(announcement_within(failed.clone(), PAYLOAD_MAX), failed);
     }
 
     /// A signal's id is found however far into a long history it was taken: the lookup

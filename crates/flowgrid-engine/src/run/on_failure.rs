@@ -8,8 +8,8 @@
 //! handler's run without storing anything. A handler run (labelled
 //! [`ON_FAILURE_OF_LABEL`]) starts no handler of its own.
 
-use flowgrid_model::labels::LABELS_MAX;
-use flowgrid_model::limits::{json_bytes, nesting_depth, Limits};
+use flowgrid_model::labels::{LABELS_MAX, LABEL_KEY_BYTES_MAX, LABEL_VALUE_BYTES_MAX};
+use flowgrid_model::limits::{msgpack_bytes, nesting_depth, Limits};
 use flowgrid_model::{FailureEnd, RunId, ON_FAILURE_OF_LABEL};
 use serde_json::{json, Value};
 
@@ -89,16 +89,27 @@ impl Run {
     }
 }
 
-/// The handler's input if a start may carry it (a payload's size and nesting depth); else
-/// the failure without the run's input, saying why, its error's message cut to fit. The
-/// failure wraps the run's input a level deeper, with the error next to it, and an `input`
-/// expression may take every step of a large map: a start refused for good would lose the
-/// handler, a record too large would fail the commit.
+/// Bytes a handler's start takes besides its input, at most: its labels (as many as a run
+/// has, each as long as a label may be, with their MessagePack markers), its flow's name,
+/// its idempotency key and its field names, with room to spare. The input is bounded by the
+/// payload limit less this, so that the whole start is within the limit too: then neither
+/// the API nor the NATS server (which carries a payload and some more) refuses it.
+const HANDLER_START_ENVELOPE_BYTES: usize = LABELS_MAX * (LABEL_KEY_BYTES_MAX + LABEL_VALUE_BYTES_MAX + 8) + 2 * 1024;
+
+/// The handler's input if a start may carry it (a payload's size, less what the rest of
+/// the start takes, as MessagePack, the encoding in which the API measures it, and nesting
+/// depth); else the failure without the run's input, saying why, its error's message cut
+/// to fit. The failure wraps the run's input a level deeper, with the error next to it, and
+/// an `input` expression may take every step of a large map: a start refused for good
+/// would lose the handler, a record too large would fail the commit.
 fn within_limits(input: Value, failure: impl FnOnce() -> Value, limits: &Limits) -> Value {
-    let (bytes, depth) = (json_bytes(&input), nesting_depth(&input));
-    let payload_max = limits.payload_bytes_max;
+    let (bytes, depth) = (msgpack_bytes(&input), nesting_depth(&input));
+    let payload_max = limits.payload_bytes_max.saturating_sub(HANDLER_START_ENVELOPE_BYTES);
     let why = if bytes > payload_max {
-        format!("the handler's input is {bytes} bytes as JSON, over the limit of {payload_max}")
+        format!(
+            "the handler's input is {bytes} bytes as MessagePack, over the limit of {payload_max} a failure \
+             handler's start may carry"
+        )
     } else if depth > limits.nesting_depth_max {
         format!("the handler's input is nested {depth} levels deep, over the limit of {}", limits.nesting_depth_max)
     } else {
@@ -113,9 +124,9 @@ fn within_limits(input: Value, failure: impl FnOnce() -> Value, limits: &Limits)
         "{why}: this is the failure without the run's input (read the run for it); give `on_failure.input` an \
          expression that picks less"
     ));
-    let over = json_bytes(&failure).saturating_sub(payload_max);
+    let over = msgpack_bytes(&failure).saturating_sub(payload_max);
     if let (true, Some(Value::String(message))) = (over > 0, failure.pointer_mut("/error/message")) {
-        // Each byte of text cut takes at least a byte of JSON away.
+        // Each byte of text cut takes a byte of MessagePack away (its marker can only shrink).
         let mut end = message.len().saturating_sub(over + ERROR_CUT_MARK.len());
         while !message.is_char_boundary(end) {
             end -= 1;

@@ -145,10 +145,10 @@ fn a_handler_input_over_a_payload_is_the_failure_without_the_run_input() {
     let large = "x".repeat(payload_max - 1_000);
     let mut harness = Harness::start(FLOW, json!({ "blob": large }), 0);
     let mut huge = error("declined", false);
-    huge.message = "\"".repeat(payload_max / 2 - 100);
+    huge.message = "e".repeat(payload_max - 100);
     harness.fail(10, "charge", None, 1, huge);
     let input = &handlers(&harness.effects)[0].input;
-    let bytes = flowgrid_model::limits::json_bytes(input);
+    let bytes = start_input_bytes(input);
     assert!(bytes <= payload_max, "{bytes} bytes");
     assert_eq!((input["status"].as_str(), input.get("input")), (Some("failed"), None), "{input:.300}");
     assert!(input["input_error"].as_str().is_some_and(|why| why.contains("over the limit of")), "{input:.300}");
@@ -172,4 +172,82 @@ fn a_handler_input_over_a_payload_is_the_failure_without_the_run_input() {
     let input = &handlers(&harness.effects)[0].input;
     assert!(input.get("input").is_none(), "{input}");
     assert!(input["input_error"].as_str().is_some_and(|why| why.contains("levels deep")), "{input}");
+}
+
+/// The size the API measures a start's input by: MessagePack, as `rmp_serde` writes it.
+fn start_input_bytes(input: &serde_json::Value) -> usize {
+    rmp_serde::to_vec_named(input).expect("a JSON value encodes").len()
+}
+
+/// A handler's input is measured as the API measures a start's: as MessagePack, in which a
+/// float takes 9 bytes where its JSON may take 4 (`0.5,`). A run whose input is a list of
+/// floats just within a payload (as the API took it) fails: its failure is about half a
+/// payload as JSON and over a payload as MessagePack. Measured as JSON, it was sent, the
+/// API refused it for good, and the handler was dropped.
+#[test]
+fn a_float_heavy_handler_input_is_measured_as_the_api_measures_a_start() {
+    let payload_max = evaluator().limits().payload_bytes_max;
+    let scores = json!(vec![0.5; (payload_max - 16) / 9]);
+    assert!(start_input_bytes(&scores) <= payload_max, "a run input the API takes");
+    let mut harness = Harness::start(FLOW, scores, 0);
+    harness.fail(10, "charge", None, 1, error("declined", false));
+    let input = &handlers(&harness.effects)[0].input;
+    let bytes = start_input_bytes(input);
+    assert!(
+        bytes <= payload_max,
+        "the handler's start carries {bytes} bytes of input (as the API counts them; {} as JSON), over the limit of \
+         {payload_max}: the API refuses it for good",
+        flowgrid_model::limits::json_bytes(input)
+    );
+    assert_eq!((input["status"].as_str(), input.get("input")), (Some("failed"), None), "{input:.300}");
+    assert_eq!(input["error"]["message"], json!("declined happened"));
+    let why = input["input_error"].as_str().unwrap_or_default();
+    assert!(why.contains("as MessagePack"), "{why}");
+}
+
+/// The handler input's size is counted as `rmp_serde` writes it, at every boundary of
+/// MessagePack's markers, without writing it.
+#[test]
+fn the_counted_size_of_a_value_is_its_messagepack_size() {
+    let mut values = vec![json!(null), json!(true), json!(0.5), json!(-0.0), json!(f64::MAX)];
+    for boundary in [0x7f_i64, 0xff, 0xffff, 0xffff_ffff] {
+        values.extend([json!(boundary), json!(boundary + 1)]);
+    }
+    for boundary in [-32_i64, -128, -32_768, -2_147_483_648] {
+        values.extend([json!(boundary), json!(boundary - 1)]);
+    }
+    values.extend([json!(u64::MAX), json!(i64::MIN)]);
+    for len in [0, 15, 16, 31, 32, 255, 256, 65_535, 65_536] {
+        values.push(json!(format!("{}{}", "é".repeat(len / 2), "x".repeat(len % 2))));
+        values.push(json!(vec![1; len]));
+        let fields: serde_json::Map<String, serde_json::Value> = (0..len).map(|n| (n.to_string(), json!(n))).collect();
+        values.push(serde_json::Value::Object(fields));
+    }
+    values.push(json!({"key": [1, -1, 1.5, "text", {"nested": null}], "": ""}));
+    for value in &values {
+        let counted = flowgrid_model::limits::msgpack_bytes(value);
+        assert_eq!(counted, start_input_bytes(value), "{value:.80}");
+    }
+}
+
+/// A handler's child runs carry its `flowgrid.on_failure_of` label, as every child carries
+/// its parent's labels, so their failures start no handler either: a handler that calls
+/// (through a `subflow` step) a flow whose `on_failure` names the handler cannot start
+/// itself without end, each handler's child failing into the next handler, nor double
+/// with every round through a handler with two such steps.
+#[test]
+fn a_handlers_child_runs_carry_its_label_so_a_chain_through_sub_flows_stops() {
+    let refund = "name: refund\nsteps:\n  - { kind: subflow, id: pay_back, flow: payments }\n";
+    let labels: Labels = [(ON_FAILURE_OF_LABEL.to_owned(), "failed-run".to_owned())].into();
+    let start = RunStart { run_id: RunId(RUN.into()), input: json!({}), labels, now: 0, queued: false, start_at: None };
+    let mut effects = Vec::new();
+    Run::start(plan(refund), evaluator(), start, &mut effects);
+    let child = effects
+        .iter()
+        .find_map(|effect| match effect {
+            Effect::StartChild(start) => Some(start.clone()),
+            _ => None,
+        })
+        .expect("the subflow step asks for its child at once");
+    assert_eq!(child.labels.get(ON_FAILURE_OF_LABEL).map(String::as_str), Some("failed-run"), "{child:?}");
 }
