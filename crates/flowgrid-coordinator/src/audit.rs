@@ -16,6 +16,10 @@
 //! run, or a message on its way will free it (a release, or an admission its run's shard
 //! answers with one); any other place is a slot lost for good.
 //!
+//! A record that does not decode (or whose chunks do not join) is counted and described,
+//! and the audit goes on with the other records and shards: one damaged record neither
+//! hides the rest of the store nor passes unnoticed.
+//!
 //! [`audit_runs`] also returns what the store says about each run (status, output), so
 //! that a harness can compare it with what it expected.
 
@@ -24,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use flowgrid_engine::{Event, RunStatus, RunView, TaskError};
 use flowgrid_model::{shard_of, AttemptId, RunId, ShardId};
-use flowgrid_store::{join_records, keys, Key, ShardStore, Store, StoreLimits, Value};
+use flowgrid_store::{chunk_position, join_records, keys, printable_key, Key, ShardStore, Store, StoreLimits, Value};
 use flowgrid_store_redb::RedbStore;
 use serde_json::Value as Json;
 
@@ -65,7 +69,8 @@ pub struct AuditReport {
     pub active_index_mismatches: u64,
     /// Runs stored in a shard other than the one their id hashes to.
     pub runs_misplaced: u64,
-    /// Records that did not decode.
+    /// Records that did not decode (run records, history records, snapshots, outbox
+    /// messages, places of concurrency limits, index entries), or whose chunks did not join.
     pub corrupt_records: u64,
     /// Messages still in the shards' outboxes (child ends, child cancels, announcements):
     /// not a problem by itself (a message taken just before its coordinator stopped is
@@ -246,6 +251,8 @@ struct ShardContents {
     freeing: Vec<(RunId, u32)>,
     /// Failure handler starts in the outbox, by the run that ended and its round.
     handler_starts: BTreeSet<(RunId, u32)>,
+    /// Records read but not decoded, described; the rest of the shard was read.
+    corrupt: Vec<String>,
 }
 
 /// A place a concurrency limit keeps for a run.
@@ -258,31 +265,88 @@ struct GatePlace {
 }
 
 async fn read_shard<S: ShardStore>(shard: u32, file: &S) -> Result<ShardContents> {
+    let mut corrupt = Vec::new();
     let runs = file.scan(keys::run_range(), usize::MAX, false).await?;
     let active = file.scan(keys::active_range(), usize::MAX, false).await?.into_iter().map(|(key, _)| key).collect();
-    let history = join_records(file.scan(keys::history_all_range(), usize::MAX, false).await?)?;
-    let snapshots = join_records(file.scan(keys::snapshot_range(), usize::MAX, false).await?)?;
-    let outbox = join_records(file.scan(keys::outbox_range(), usize::MAX, false).await?)?;
+    let history = join_each("history", file.scan(keys::history_all_range(), usize::MAX, false).await?, &mut corrupt);
+    let snapshots = join_each("snapshot", file.scan(keys::snapshot_range(), usize::MAX, false).await?, &mut corrupt);
+    let outbox = join_each("outbox", file.scan(keys::outbox_range(), usize::MAX, false).await?, &mut corrupt);
     let (mut freeing, mut handler_starts) = (Vec::new(), BTreeSet::new());
-    for (_, value) in &outbox {
-        match records::decode::<OutboxRecord>("outbox message", value) {
+    for (key, value) in &outbox {
+        // A message that does not decode is never sent (its shard logs it): what it was to
+        // free stays kept.
+        let record = keys::decode_outbox(key)
+            .map_err(Error::Store)
+            .and_then(|_| records::decode::<OutboxRecord>("outbox message", value));
+        match record {
             Ok(OutboxRecord::GateRelease(message) | OutboxRecord::Admit(message)) => {
                 freeing.push((message.run_id, message.round));
             }
             Ok(OutboxRecord::StartFailureHandler { failed, round, .. }) => {
                 handler_starts.insert((failed, round));
             }
-            _ => {}
+            Ok(_) => {}
+            Err(error) => corrupt.push(format!("outbox message {}: {error}", printable_key(key))),
         }
     }
     let mut gate_places = Vec::new();
     for (key, value) in file.scan(keys::gate_range(), usize::MAX, false).await? {
-        let (flow, key, run_id) = keys::decode_gate(&key)?;
-        let record: GateRecord = records::decode("gate record", &value)?;
-        gate_places.push(GatePlace { shard, flow, key, run_id, round: record.round });
+        let place = keys::decode_gate(&key)
+            .map_err(Error::Store)
+            .and_then(|place| Ok((place, records::decode::<GateRecord>("gate record", &value)?)));
+        match place {
+            Ok(((flow, key, run_id), record)) => {
+                gate_places.push(GatePlace { shard, flow, key, run_id, round: record.round })
+            }
+            Err(error) => corrupt.push(format!("concurrency limit place {}: {error}", printable_key(&key))),
+        }
     }
     let outbox = outbox.len() as u64;
-    Ok(ShardContents { runs, active, history, snapshots, outbox, gate_places, freeing, handler_starts })
+    Ok(ShardContents { runs, active, history, snapshots, outbox, gate_places, freeing, handler_starts, corrupt })
+}
+
+/// Joins the chunked records of `pairs`, scanned in key order from one range of kind
+/// `what`. A record whose chunks do not join (one missing, a malformed chunk key) is
+/// described in `corrupt` and left out; the records around it are still joined.
+fn join_each(what: &str, pairs: Vec<(Key, Value)>, corrupt: &mut Vec<String>) -> Vec<(Key, Value)> {
+    let later_chunk = |key: &[u8]| chunk_position(key).is_ok_and(|(index, _)| index > 0);
+    let mut records = Vec::new();
+    let mut pairs = pairs.into_iter().peekable();
+    while let Some((key, value)) = pairs.next() {
+        let count = match chunk_position(&key) {
+            Ok((0, count)) => count,
+            Ok((index, count)) => {
+                corrupt.push(format!(
+                    "{what} chunk {}: chunk {index} of {count} without the chunks before it",
+                    printable_key(&key)
+                ));
+                // The rest of that record's chunks: one problem for the record.
+                while pairs.next_if(|(next, _)| later_chunk(next)).is_some() {}
+                continue;
+            }
+            Err(error) => {
+                corrupt.push(format!("{what}: {error}"));
+                continue;
+            }
+        };
+        // A record's other chunks follow its first, numbered up from it, each with its count.
+        let (mut chunks, mut last_index) = (vec![(key, value)], 0);
+        while (chunks.len() as u64) < count {
+            let Some(Ok((index, of))) = pairs.peek().map(|(next, _)| chunk_position(next)) else { break };
+            if of != count || index <= last_index {
+                break;
+            }
+            last_index = index;
+            chunks.extend(pairs.next());
+        }
+        let first = printable_key(&chunks[0].0);
+        match join_records(chunks) {
+            Ok(mut joined) if joined.len() == 1 => records.extend(joined.pop()),
+            Ok(joined) => corrupt.push(format!("{what} {first}: its chunks form {} records, not one", joined.len())),
+            Err(error) => corrupt.push(format!("{what}: {error}")),
+        }
+    }
+    records
 }
 
 /// One history record, decoded as far as the checks need.
@@ -332,6 +396,10 @@ fn check_history(entries: &[HistoryEntry]) -> HistoryFindings {
 
 fn audit_shard(shard: u32, shards: u32, contents: ShardContents, audit: &mut Audit) {
     let Audit { report, runs, .. } = audit;
+    for description in &contents.corrupt {
+        report.corrupt_records += 1;
+        report.problem(format!("shard {shard}: {description}"));
+    }
     let mut shard_runs: BTreeMap<RunId, RunFacts> = BTreeMap::new();
     let new_facts = |run_id: &RunId| RunFacts {
         run_id: run_id.clone(),
@@ -862,8 +930,16 @@ mod tests {
         for ended in [&freed, &admitted, &lost] {
             write_run(&mut batch, ended, RunStatus::Succeeded, Some(json!(1)), &[], 1);
         }
-        let place =
-            GateRecord { round: 2, admitted: true, since_ms: 1, max: 4, rate: None, when_full: WhenFull::Queue };
+        let place = GateRecord {
+            round: 2,
+            admitted: true,
+            since_ms: 1,
+            seq: None,
+            max: 4,
+            rate: None,
+            when_full: WhenFull::Queue,
+            version: 1,
+        };
         for run_id in [&running, &freed, &admitted, &lost] {
             batch.set(keys::gate("f", "acme", run_id), records::encode(&place));
         }
@@ -875,6 +951,7 @@ mod tests {
             max: 0,
             rate: None,
             when_full: WhenFull::Queue,
+            version: 1,
         };
         // A release of the round held frees its place; an admission its run's shard answers
         // with one; a release of another round frees nothing.
@@ -891,6 +968,114 @@ mod tests {
         assert_eq!((report.gate_places, report.gate_places_leaked), (4, 1), "{report:#?}");
         assert_eq!(report.problems_total, 1, "{report:#?}");
         assert!(report.problems[0].contains(&format!("run {lost} (round 2)")), "{report:#?}");
+    }
+
+    #[tokio::test]
+    async fn an_outbox_message_that_does_not_decode_is_a_corrupt_record() {
+        let dir = TempDir::new("outbox-garbage");
+        let mut batch = WriteBatch::new();
+        // A release that would free a place, garbled: 0xc1 starts no MessagePack value.
+        let key = keys::outbox(&run_in_shard(0, "garbled"), &format!("{}.2", records::OUTBOX_GATE_RELEASE));
+        batch.set_chunked(&key, b"\xc1 garbled", &StoreLimits::default());
+        commit(&dir.0, 0, batch).await;
+
+        let report = audit(&dir.0, SHARDS).await.unwrap();
+        assert_eq!((report.outbox_messages_left, report.corrupt_records), (1, 1), "{report:#?}");
+        assert!(!report.is_clean(), "{report:#?}");
+        assert!(report.problems[0].starts_with("shard 0: outbox message "), "{report:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_place_of_a_concurrency_limit_that_does_not_decode_is_reported_and_the_other_shards_audited() {
+        let dir = TempDir::new("bad-place");
+        let (held, elsewhere) = (run_in_shard(0, "held"), run_in_shard(1, "elsewhere"));
+        let mut batch = WriteBatch::new();
+        write_run(&mut batch, &held, RunStatus::Running, None, &[], 1);
+        batch.set(keys::gate("f", "acme", &held), b"\xc1".to_vec());
+        commit(&dir.0, 0, batch).await;
+        let mut batch = WriteBatch::new();
+        write_run(&mut batch, &elsewhere, RunStatus::Succeeded, Some(json!(1)), &[], 1);
+        commit(&dir.0, 1, batch).await;
+
+        let report = audit(&dir.0, SHARDS).await.unwrap();
+        assert_eq!((report.shard_files, report.runs), (2, 2), "{report:#?}");
+        assert_eq!((report.corrupt_records, report.problems_total), (1, 1), "{report:#?}");
+        assert!(report.problems[0].starts_with("shard 0: concurrency limit place "), "{report:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_torn_record_is_reported_and_the_records_and_shards_after_it_audited() {
+        let dir = TempDir::new("torn");
+        let (torn, other, elsewhere) =
+            (run_in_shard(0, "torn"), run_in_shard(0, "other"), run_in_shard(1, "elsewhere"));
+        let limits = StoreLimits::default();
+        let mut batch = WriteBatch::new();
+        for run_id in [&torn, &other] {
+            write_run(&mut batch, run_id, RunStatus::Succeeded, Some(json!(1)), &[], 1);
+        }
+        // A history record of three chunks, whose middle chunk goes missing below.
+        batch.set_chunked(&keys::history(&torn, 1), &vec![b'x'; 2 * limits.value_bytes_max + 1], &limits);
+        commit(&dir.0, 0, batch).await;
+        let mut batch = WriteBatch::new();
+        write_run(&mut batch, &elsewhere, RunStatus::Succeeded, Some(json!(1)), &[], 1);
+        commit(&dir.0, 1, batch).await;
+        let store = RedbStore::open(&dir.0, limits).unwrap();
+        let file = store.open_shard(ShardId(0)).await.unwrap();
+        let epoch = file.acquire().await.unwrap();
+        let chunks = file.scan(keys::chunks_range(&keys::history(&torn, 1)), usize::MAX, false).await.unwrap();
+        assert_eq!(chunks.len(), 3);
+        let mut batch = WriteBatch::new();
+        batch.clear(chunks[1].0.clone());
+        file.commit(epoch, batch).await.unwrap();
+        file.close().unwrap();
+        drop(store);
+
+        let found = audit_runs(&dir.0, SHARDS).await.unwrap();
+        let report = &found.report;
+        assert_eq!((report.shard_files, report.runs), (2, 3), "{report:#?}");
+        assert_eq!((report.corrupt_records, report.problems_total), (1, 1), "{report:#?}");
+        assert!(report.problems[0].starts_with("shard 0: history: "), "{report:#?}");
+        assert_eq!(found.runs[&torn].history_records, 1, "the start record, read past the torn one");
+        assert_eq!(found.runs[&other].history_records, 1);
+        assert_eq!(found.runs[&elsewhere].history_records, 1);
+    }
+
+    #[test]
+    fn chunks_that_do_not_join_are_described_and_the_records_around_them_joined() {
+        let limits = StoreLimits::default();
+        let record = |seq: u64, bytes: usize| {
+            let mut batch = WriteBatch::new();
+            batch.set_chunked(&keys::history(&RunId("r".into()), seq), &vec![b'x'; bytes], &limits);
+            let mut chunks: Vec<(Key, Value)> = batch
+                .into_mutations()
+                .into_iter()
+                .filter_map(|mutation| match mutation {
+                    flowgrid_store::Mutation::Set(key, value) => Some((key, value)),
+                    _ => None,
+                })
+                .collect();
+            chunks.sort();
+            chunks
+        };
+        let three_chunks = 2 * limits.value_bytes_max + 1;
+        let mut pairs = record(0, 8);
+        let mut torn = record(1, three_chunks);
+        torn.remove(1);
+        pairs.extend(torn);
+        let mut headless = record(2, three_chunks);
+        headless.remove(0);
+        pairs.extend(headless);
+        pairs.extend(record(3, three_chunks));
+        pairs.push((b"not a chunk".to_vec(), Vec::new()));
+        pairs.extend(record(4, 8));
+
+        let mut corrupt = Vec::new();
+        let joined = join_each("history", pairs, &mut corrupt);
+        let seqs: Vec<u64> = joined.iter().map(|(key, _)| keys::decode_history(key).unwrap().1).collect();
+        assert_eq!(seqs, [0, 3, 4], "{corrupt:#?}");
+        assert_eq!(joined[1].1.len(), three_chunks);
+        assert_eq!(corrupt.len(), 3, "one problem per record: {corrupt:#?}");
+        assert!(corrupt[1].contains("chunk 1 of 3 without the chunks before it"), "{corrupt:#?}");
     }
 
     #[tokio::test]

@@ -154,12 +154,16 @@ mod tests {
 
     #[test]
     fn any_violation_fails_and_lists_the_problems() {
-        for field in 0..4 {
+        for field in 0..7 {
             let mut report = report();
             match field {
                 0 => report.results_double_applied = 1,
                 1 => report.stale_epoch_commits = 1,
                 2 => report.shards_not_served = 1,
+                3 => report.gate_places_leaked = 1,
+                4 => report.runs_misplaced = 1,
+                // A record that does not decode (an outbox message, a concurrency limit's place).
+                5 => report.corrupt_records = 1,
                 _ => report.history_gaps = 1,
             }
             assert_eq!(violations(&report), 1);
