@@ -682,13 +682,13 @@ pub struct LimitSummary {
     pub flow: String,
     /// The runs' concurrency key (`""` for a limit without one).
     pub key: String,
-    /// Runs at once, as the latest run's flow version gives it; 0: no bound.
+    /// Runs at once, as the newest flow version that asked gives it; 0: no bound.
     #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
     pub max: u32,
-    /// Runs started per period, as the latest run's flow version gives it.
+    /// Runs started per period, as the newest flow version that asked gives it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<flowgrid_model::StartRate>,
-    /// What a run past the limit does, as the latest run's flow version gives it.
+    /// What a run past the limit does, as the newest flow version that asked gives it.
     #[serde(default, skip_serializing_if = "flowgrid_model::WhenFull::is_queue")]
     pub when_full: flowgrid_model::WhenFull,
     /// Runs admitted and not ended.
