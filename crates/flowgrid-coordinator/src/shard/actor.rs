@@ -194,6 +194,7 @@ impl<S: ShardStore> ShardActor<S> {
             if std::mem::take(&mut self.timers_first) {
                 self.fire_due_timers(now_ms(), &mut batch, true);
             }
+            self.admit_first_due_gate(&mut batch);
             self.fill_batch(&mut inbox, &mut results, &mut batch).await;
             let now = now_ms();
             self.fire_due_timers(now, &mut batch, false);

@@ -84,6 +84,9 @@ type GateId = (String, String);
 pub(super) struct Gates {
     gates: HashMap<GateId, Gate>,
     due: BTreeSet<(Millis, GateId)>,
+    /// Limits were due but the last batch was over its bytes: the next turn lets the first
+    /// one admit before it takes more events, so that admissions go on under any load.
+    first_next_turn: bool,
 }
 
 /// One limit: the runs that hold a slot and those waiting, each with its round.
@@ -598,6 +601,8 @@ impl<S: ShardStore> ShardActor<S> {
 
     /// Lets the limits whose time came admit the runs their start rates held back, turn
     /// away the runs `cancel_oldest` left for a later commit, and forgets those gone idle.
+    /// A limit due when the batch is over its bytes admits in the next turn, before that
+    /// turn takes more events (see [`ShardActor::admit_first_due_gate`]).
     pub(super) fn admit_due_gates(&mut self, now: Millis, batch: &mut Batch) {
         // Taken out first: a limit with more to admit than one commit takes is due again at
         // once, in the next turn.
@@ -616,12 +621,32 @@ impl<S: ShardStore> ShardActor<S> {
                 if let Some(gate) = self.gates.gates.get_mut(&id) {
                     gate.due_ms = Some(now);
                     self.gates.due.insert((now, id));
+                    self.gates.first_next_turn = true;
                 }
                 continue;
             }
             self.cancel_oldest(&id, None, batch);
             self.admit_waiting(&id, batch);
         }
+    }
+
+    /// In a turn after one whose batch was too full for a due limit: lets the first due
+    /// limit admit before the turn takes more events (a shard busy with large results would
+    /// otherwise fill every batch first, and hold admissions back while it stays busy).
+    pub(super) fn admit_first_due_gate(&mut self, batch: &mut Batch) {
+        if !std::mem::take(&mut self.gates.first_next_turn) {
+            return;
+        }
+        let now = now_ms();
+        if self.gates.due.first().is_none_or(|(due_ms, _)| *due_ms > now) {
+            return;
+        }
+        let (_, id) = self.gates.due.pop_first().expect("checked above");
+        if let Some(gate) = self.gates.gates.get_mut(&id) {
+            gate.due_ms = None;
+        }
+        self.cancel_oldest(&id, None, batch);
+        self.admit_waiting(&id, batch);
     }
 
     /// Gives the runs first in the queue the slots the gate has free, as fast as its start
