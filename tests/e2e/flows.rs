@@ -1,7 +1,10 @@
 //! Control flow: a choice between two maps, a join after both branches, transforms.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::stream::{self, RetentionPolicy};
 use flowgrid_engine::ItemCounts;
 use flowgrid_sdk::{RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, wait_for, Grid};
@@ -307,7 +310,7 @@ async fn a_diff_shows_what_a_deploy_would_change_and_how_two_versions_differ() -
     let trigger = "trigger: { stream: NO_SUCH_STREAM }\n";
     std::fs::write(&unread, first.replace("diffed", "unread").replace("steps:", &format!("{trigger}steps:")))?;
     let (ok, stdout, stderr) = grid.cli(&["flow", "deploy", third.to_str().unwrap(), unread.to_str().unwrap()])?;
-    assert!(!ok && stderr.contains("nothing deployed") && stderr.contains("NO_SUCH_STREAM"), "{stdout}{stderr}");
+    assert!(!ok && stderr.contains("nothing deployed") && stdout.contains("NO_SUCH_STREAM"), "{stdout}{stderr}");
     let (ok, _, _) = grid.cli(&["flow", "get", "third"])?;
     assert!(!ok, "third was deployed");
     let (ok, stdout, stderr) = grid.cli(&["flow", "deploy", third.to_str().unwrap(), other.to_str().unwrap(), file])?;
@@ -321,5 +324,82 @@ async fn a_diff_shows_what_a_deploy_would_change_and_how_two_versions_differ() -
             "diffed version 2 is unchanged (identical to the latest version)"
         ]
     );
+    Ok(())
+}
+
+/// `flowgrid flow deploy` of `files` on `grid`: its exit code, stdout and stderr.
+fn deploy_files(grid: &Grid, files: &[&Path]) -> anyhow::Result<(Option<i32>, String, String)> {
+    let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "flow", "deploy"])
+        .args(files)
+        .output()?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    Ok((output.status.code(), text(&output.stdout), text(&output.stderr)))
+}
+
+/// Several files deploy only if the grid would take each of them: a trigger it would refuse
+/// for its stream (work-queue retention without the trigger's consumer, a subject the
+/// stream never takes) or for reading its own flow's ends keeps the files before it from
+/// deploying too, as a definition with a problem does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_files_deploy_none_when_the_grid_would_refuse_the_trigger_of_one() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let jobs = jetstream
+        .create_stream(stream::Config {
+            name: "JOBS".into(),
+            subjects: vec!["jobs.>".into()],
+            retention: RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await?;
+    let orders = stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
+    jetstream.create_stream(orders).await?;
+    let dir = tempfile::tempdir()?;
+    let write = |name: &str, head: &str| -> anyhow::Result<PathBuf> {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &file,
+            format!("name: {name}\n{head}\nsteps:\n  - {{ id: a, kind: transform, output: '1' }}\n"),
+        )?;
+        Ok(file)
+    };
+    let ok = write("ok", "trigger: { stream: ORDERS, subject: 'orders.*.created' }")?;
+    let run_ends = flowgrid_proto::Subjects::new(grid.prefix.clone()).run_ends_stream();
+    let refused = [
+        ("trigger: { stream: JOBS }".to_owned(), "trigger.stream: stream \"JOBS\" has work-queue retention"),
+        (
+            "trigger: { stream: ORDERS, subject: 'invoices.>' }".to_owned(),
+            "trigger.subject: \"invoices.>\" matches no subject of stream \"ORDERS\"",
+        ),
+        (
+            format!("publish_ended: true\ntrigger: {{ stream: {run_ends} }}"),
+            "trigger.subject: the flow announces its ends",
+        ),
+    ];
+    for (head, problem) in refused {
+        let bad = write("bad", &head)?;
+        let (code, stdout, stderr) = deploy_files(&grid, &[&ok, &bad])?;
+        assert_eq!(code, Some(2), "an invalid definition, as when deployed alone: {stdout}{stderr}");
+        let reported = format!("invalid  {}: 1 problem(s)\n  {problem}", bad.display());
+        assert!(stdout.contains(&reported), "{head}: the file and its problem are named: {stdout}");
+        assert!(stderr.contains("nothing deployed"), "{stderr}");
+        let deployed = client.flows().await?.flows;
+        assert!(deployed.is_empty(), "{head}: nothing deployed, not even the file before: {deployed:?}");
+    }
+
+    // The trigger's consumer made first, as the grid's deploy asks, the work-queue stream serves.
+    jobs.create_consumer(pull::Config {
+        durable_name: Some(format!("{}_trigger_bad", grid.prefix)),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ..Default::default()
+    })
+    .await?;
+    let bad = write("bad", "trigger: { stream: JOBS }")?;
+    let (code, stdout, stderr) = deploy_files(&grid, &[&ok, &bad])?;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["deployed ok version 1", "deployed bad version 1"]);
     Ok(())
 }

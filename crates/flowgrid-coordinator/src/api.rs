@@ -7,12 +7,11 @@
 use std::sync::Arc;
 
 use ::metrics::Counter;
-use async_nats::jetstream::stream::RetentionPolicy;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use flowgrid_model::limits::{
-    nesting_depth, CONCURRENCY_KEY_BYTES_MAX, CONCURRENCY_MAX, DURATION_MS_MAX, REASON_BYTES_MAX, SIGNAL_ID_BYTES_MAX,
-    SUBFLOW_DEPTH_MAX,
+    msgpack_bytes, nesting_depth, CONCURRENCY_KEY_BYTES_MAX, CONCURRENCY_MAX, DURATION_MS_MAX, REASON_BYTES_MAX,
+    SIGNAL_ID_BYTES_MAX, SUBFLOW_DEPTH_MAX,
 };
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
@@ -21,6 +20,7 @@ use flowgrid_proto::{
     PauseFlow, PauseRun, RedriveRun, Reply, RunList, RunPaused, RunRedriven, RunStarted, RunSummary, RunsStarted,
     SignalRun, StartChildRun, StartRun, StartRuns, START_MANY_RUNS_MAX,
 };
+use flowgrid_sdk::trigger_stream::{check_trigger_stream, trigger_loop, TriggerStreamError};
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -308,7 +308,9 @@ impl Api {
             // is a mistake in the definition to fix, not an outage to retry.
             let plans = &self.router.context.plans;
             flowgrid_model::validate(&definition, plans.evaluator(), plans.limits()).map_err(definition_refused)?;
-            check_trigger_loop(&self.router.context.subjects, &definition, trigger)?;
+            if let Some(issue) = trigger_loop(&self.router.context.subjects, &definition) {
+                return Err(trigger_refusal(&issue.path, issue.message));
+            }
             self.check_trigger_stream(&definition.name, trigger).await?;
         }
         let catalog = self.router.shard_of(&definition.name);
@@ -320,53 +322,16 @@ impl Api {
         .await
     }
 
-    /// Refuses a trigger that could never start a run: its stream does not exist, takes no
-    /// subject the trigger's could match ([`check_trigger_subject`]), or keeps a message
-    /// only for the consumers there when it is published while the trigger's consumer
-    /// (`flow`'s) was not made beforehand ([`retention_refusal`]).
+    /// Refuses a trigger that could never start a run (see
+    /// [`flowgrid_sdk::trigger_stream::check_trigger_stream`]); `flow`'s trigger consumer is
+    /// the one a work-queue or interest stream needs made beforehand.
     async fn check_trigger_stream(&self, flow: &str, trigger: &flowgrid_model::Trigger) -> Result<(), ApiError> {
-        use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
-        let name = &trigger.stream;
-        let stream = match self.router.context.client.jetstream().get_stream(name).await {
-            Ok(stream) => stream,
-            Err(error)
-                if matches!(error.kind(), GetStreamErrorKind::JetStream(refusal)
-                    if refusal.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                let subjects = trigger.subject.as_deref().unwrap_or("events.>");
-                let message = format!(
-                    "there is no JetStream stream {name:?} on this grid's NATS: create it first, e.g. `nats stream \
-                     add {name} --subjects '{subjects}' --defaults`"
-                );
-                return Err(trigger_refusal("trigger.stream", message));
-            }
-            Err(error) => {
-                return Err(ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot look up the trigger's stream {name:?} ({error}); retry"),
-                ))
-            }
-        };
-        let config = &stream.cached_info().config;
-        if let Some(subject) = &trigger.subject {
-            check_trigger_subject(config, subject)?;
-        }
-        if config.retention == RetentionPolicy::Limits {
-            return Ok(());
-        }
-        // A consumer made by hand before the deploy, delivering every message, serves on
-        // such a stream: the trigger keeps the deliver policy of a consumer it finds.
-        let consumer = self.router.context.subjects.trigger_consumer(flow);
-        match stream.consumer_info(&consumer).await {
-            Ok(_) => Ok(()),
-            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
-                Err(trigger_refusal("trigger.stream", retention_refusal(name, config.retention, &consumer)))
-            }
-            Err(error) => Err(ApiError::new(
-                ErrorCode::Unavailable,
-                format!("cannot look up the trigger's consumer {consumer:?} on stream {name:?} ({error}); retry"),
-            )),
-        }
+        let context = &self.router.context;
+        let consumer = context.subjects.trigger_consumer(flow);
+        check_trigger_stream(context.client.jetstream(), trigger, &consumer).await.map_err(|error| match error {
+            TriggerStreamError::Refused(issue) => trigger_refusal(&issue.path, issue.message),
+            lookup @ TriggerStreamError::Lookup { .. } => ApiError::new(ErrorCode::Unavailable, lookup.to_string()),
+        })
     }
 
     async fn pause_flow(&self, request: PauseFlow, pause: bool) -> Result<FlowPaused, ApiError> {
@@ -944,9 +909,10 @@ pub fn msgpack_request_bytes(encoding: Encoding, payload: &[u8]) -> Option<usize
 const MSGPACK_GROWTH: (usize, usize) = (9, 5);
 
 /// Refuses a run input or signal data (`what`) over the payload limit or nested too deep,
-/// before anything changes. The value is encoded to measure it unless the request's size
-/// (`request_bytes`, see [`msgpack_request_bytes`]) keeps it within the limit even at its
-/// largest growth: a request of 1,000,000 bytes of 32-bit floats holds a value of 1.8 MB.
+/// before anything changes. The value's MessagePack bytes are counted ([`msgpack_bytes`],
+/// without writing them anywhere) unless the request's size (`request_bytes`, see
+/// [`msgpack_request_bytes`]) keeps it within the limit even at its largest growth: a
+/// request of 1,000,000 bytes of 32-bit floats holds a value of 1.8 MB.
 fn check_payload(
     limits: &Limits,
     what: &str,
@@ -964,7 +930,7 @@ fn check_payload(
     if request_bytes.is_some_and(|bytes| bytes.saturating_mul(grown) / of <= limits.payload_bytes_max) {
         return Ok(());
     }
-    let size = rmp_serde::to_vec_named(value).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
+    let size = msgpack_bytes(value);
     if size > limits.payload_bytes_max {
         return Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
@@ -996,84 +962,6 @@ fn check_reason(reason: &str) -> Result<(), ApiError> {
         ErrorCode::InvalidRequest,
         format!("the reason is {} bytes; at most {REASON_BYTES_MAX} are kept with a run: shorten it", reason.len()),
     ))
-}
-
-/// Refuses a flow that announces its ends on the run-ends stream and whose trigger reads its
-/// own announcements: each of its runs would start another, without end.
-fn check_trigger_loop(
-    subjects: &flowgrid_proto::Subjects,
-    definition: &flowgrid_model::FlowDefinition,
-    trigger: &flowgrid_model::Trigger,
-) -> Result<(), ApiError> {
-    let own_ends = subjects.run_ended(&definition.name);
-    let reads_own_ends = definition.publish_ended
-        && trigger.stream == subjects.run_ends_stream()
-        && trigger.subject.as_deref().is_none_or(|filter| flowgrid_proto::subject_matches(filter, &own_ends));
-    if !reads_own_ends {
-        return Ok(());
-    }
-    let message = format!(
-        "the flow announces its ends on {own_ends:?}, which its trigger reads: each run would start another, without \
-         end; narrow `trigger.subject` to the flows it watches ({:?} for flow <name>)",
-        subjects.run_ended("<name>")
-    );
-    Err(trigger_refusal("trigger.subject", message))
-}
-
-/// Why a trigger cannot read a stream of `retention` (not limits) through a consumer the
-/// grid makes (`consumer`), and what to do instead. The trigger's consumer starts at the
-/// time of the first deploy (or, on a stream made again since, at its first message).
-fn retention_refusal(stream: &str, retention: RetentionPolicy, consumer: &str) -> String {
-    let why = match retention {
-        RetentionPolicy::WorkQueue => {
-            "work-queue retention: NATS lets a consumer of such a stream start only at its first message, and a \
-             trigger's consumer starts at the time of its deploy, so it could not be made and no message would start \
-             a run"
-        }
-        _ => {
-            "interest retention: it drops a message no consumer is there to take, so the messages published before \
-             the trigger's consumer is made (after the deploy, or after the stream is made again) would start no run"
-        }
-    };
-    format!(
-        "stream {stream:?} has {why}; use a stream with limits retention (`nats stream add {stream} --retention \
-         limits`, the default), or make the trigger's consumer {consumer:?} on it before deploying (a durable pull \
-         consumer with explicit acks that delivers all messages)"
-    )
-}
-
-/// Refuses a trigger subject that no subject of its stream could match: NATS makes such a
-/// consumer, and no message ever reaches it. A stream that takes the messages of other
-/// streams (a mirror, sources) or stores them under other subjects (a subject transform)
-/// is not judged by its own subjects.
-fn check_trigger_subject(stream: &async_nats::jetstream::stream::Config, subject: &str) -> Result<(), ApiError> {
-    let judged = stream.mirror.is_none()
-        && stream.sources.as_ref().is_none_or(Vec::is_empty)
-        && stream.subject_transform.is_none()
-        && !stream.subjects.is_empty();
-    if !judged || stream.subjects.iter().any(|taken| subjects_overlap(subject, taken)) {
-        return Ok(());
-    }
-    let message = format!(
-        "{subject:?} matches no subject of stream {:?}, which takes `{}`: no message would reach the trigger; give a \
-         subject the stream takes, or add it to the stream's subjects",
-        stream.name,
-        stream.subjects.join("`, `")
-    );
-    Err(trigger_refusal("trigger.subject", message))
-}
-
-/// Whether some subject matches both `left` and `right` (each with `*` for one token and
-/// `>` for one or more at the end).
-fn subjects_overlap(left: &str, right: &str) -> bool {
-    let (mut left, mut right) = (left.split('.'), right.split('.'));
-    loop {
-        match (left.next(), right.next()) {
-            (None, None) | (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
-            (Some(one), Some(other)) if one == other || one == "*" || other == "*" => {}
-            _ => return false,
-        }
-    }
 }
 
 /// The refusal of a definition whose trigger has a problem at `path`.
@@ -1218,30 +1106,5 @@ mod tests {
         held.sort_by(busiest_first);
         assert!(held == everything, "the busiest of all, as if every limit had been sorted");
         assert_eq!(left_out, SHARDS * PER_SHARD - LimitList::LIMITS_MAX);
-    }
-
-    #[test]
-    fn subjects_overlap_when_some_subject_matches_both() {
-        for (left, right) in [
-            ("orders.eu.created", "orders.>"),
-            ("orders.*.created", "orders.eu.created"),
-            ("*.eu.*", "orders.>"),
-            ("orders.>", "orders.eu"),
-            (">", "a"),
-            ("*", ">"),
-            ("a.*", "a.>"),
-        ] {
-            assert!(subjects_overlap(left, right) && subjects_overlap(right, left), "{left} and {right}");
-        }
-        for (left, right) in [
-            ("invoices.*.created", "orders.>"),
-            ("orders", "orders.>"),
-            ("*", "orders.>"),
-            ("orders.eu", "orders.*.created"),
-            ("a.b", "a.b.c"),
-            ("a.*.c", "a.b.d"),
-        ] {
-            assert!(!subjects_overlap(left, right) && !subjects_overlap(right, left), "{left} and {right}");
-        }
     }
 }

@@ -20,6 +20,7 @@ mod publisher;
 mod refused;
 mod starts;
 mod token;
+pub mod trigger_stream;
 mod worker;
 
 pub use client::{Client, Submitted, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET};

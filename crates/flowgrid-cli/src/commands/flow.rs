@@ -10,6 +10,7 @@ use serde_json::json;
 use flowgrid_model::{parse_definition, Evaluator, FlowDefinition, FlowPlan, Limits};
 
 use flowgrid_proto::FlowDeployed;
+use flowgrid_sdk::trigger_stream::{check_trigger_stream, trigger_loop, TriggerStreamError};
 use flowgrid_sdk::Client;
 
 use crate::args::FlowCommand;
@@ -152,9 +153,10 @@ fn definition_yaml(definition: &FlowDefinition) -> anyhow::Result<String> {
     serde_norway::to_string(definition).context("cannot write the definition as YAML")
 }
 
-/// Deploys `files` in order. Several are all checked first, as `flow check` does, and none
-/// is deployed if one has a problem or two define the same flow; a deploy the grid refuses
-/// stops the rest, and the error says which were deployed.
+/// Deploys `files` in order. Several are all checked first, as `flow check` does and, on
+/// the grid's NATS, as the deploy checks a trigger's stream; none is deployed if one has a
+/// problem or two define the same flow; a deploy the grid refuses stops the rest, and the
+/// error says which were deployed.
 async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
     let texts = if let [file] = files {
         vec![super::read_text(file)?]
@@ -162,21 +164,27 @@ async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow
         if files.iter().any(|file| file.as_os_str() == "-") {
             anyhow::bail!("`-` (a definition on stdin) is deployed alone: give it as the only file");
         }
-        let checks = check_files(files);
+        let mut checks = check_files(files);
+        for (_, checked) in &mut checks {
+            let Ok((text, _, _)) = checked else { continue };
+            if let Some(problem) = trigger_problem(client, text).await {
+                *checked = Err(vec![problem]);
+            }
+        }
+        if checks.iter().any(|(_, checked)| checked.is_err()) {
+            // Exit 2, as for one file the grid refuses: a definition is invalid.
+            print_checks(&checks, session)?;
+            eprintln!("error: nothing deployed: fix the files with problems (above) and deploy them all again");
+            return Ok(ExitCode::from(crate::failure::EXIT_INVALID));
+        }
         let mut flows: HashMap<&str, &str> = HashMap::new();
         let mut texts = Vec::with_capacity(files.len());
         for (file, checked) in &checks {
-            // Exit 2, as for one file the grid refuses: a definition is invalid.
-            let Ok((text, name, _)) = checked else {
-                print_checks(&checks, session)?;
-                eprintln!("error: nothing deployed: fix the files with problems (above) and deploy them all again");
-                return Ok(ExitCode::from(crate::failure::EXIT_INVALID));
-            };
+            let Ok((text, name, _)) = checked else { unreachable!("files with problems were reported above") };
             if let Some(other) = flows.insert(name, file) {
                 eprintln!("error: nothing deployed: {other} and {file} both define flow {name}; deploy one of them");
                 return Ok(ExitCode::from(crate::failure::EXIT_INVALID));
             }
-            missing_trigger_stream(client, file, text).await?;
             texts.push(text.clone());
         }
         texts
@@ -206,22 +214,21 @@ async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-/// Refuses, before any of several files is deployed, one whose trigger reads a stream that
-/// does not exist: the grid would refuse that file after deploying those before it. Other
-/// failures to look are left to the deploy.
-async fn missing_trigger_stream(client: &Client, file: &str, text: &str) -> anyhow::Result<()> {
-    use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
-    let Ok(definition) = parse_definition(text, &Limits::default()) else { return Ok(()) };
-    let Some(trigger) = definition.trigger else { return Ok(()) };
-    match client.jetstream().get_stream(&trigger.stream).await.map_err(|error| error.kind()) {
-        Err(GetStreamErrorKind::JetStream(error)) if error.error_code() == ErrorCode::STREAM_NOT_FOUND => {
-            anyhow::bail!(
-                "nothing deployed: {file}'s trigger reads stream {}, which does not exist on this grid's NATS: create \
-                 it first",
-                trigger.stream
-            )
-        }
-        _ => Ok(()),
+/// The problem, if any, for which the grid would refuse the trigger of a definition
+/// (`text`, already checked) on its NATS ([`check_trigger_stream`], [`trigger_loop`]): asked
+/// before any of several files is deployed, since the grid would refuse that file only after
+/// deploying those before it. A lookup NATS does not answer is left to the deploy, which
+/// looks again.
+async fn trigger_problem(client: &Client, text: &str) -> Option<String> {
+    let definition = parse_definition(text, &Limits::default()).ok()?;
+    let trigger = definition.trigger.as_ref()?;
+    if let Some(issue) = trigger_loop(client.subjects(), &definition) {
+        return Some(issue.to_string());
+    }
+    let consumer = client.subjects().trigger_consumer(&definition.name);
+    match check_trigger_stream(client.jetstream(), trigger, &consumer).await {
+        Err(TriggerStreamError::Refused(issue)) => Some(issue.to_string()),
+        Ok(()) | Err(TriggerStreamError::Lookup { .. }) => None,
     }
 }
 
