@@ -35,6 +35,7 @@ mod store_failure;
 mod subflows;
 mod triggers;
 mod ui;
+mod worker_stop;
 
 use std::time::Duration;
 

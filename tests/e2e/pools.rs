@@ -74,7 +74,8 @@ async fn a_pool_limit_bounds_the_tasks_out_over_all_workers_until_reset() -> any
     Ok(())
 }
 
-fn workers_listed(grid: &Grid, pool: &str) -> anyhow::Result<Vec<Value>> {
+/// The records of `pool`'s live workers, as `flowgrid --json workers` lists them.
+pub(crate) fn workers_listed(grid: &Grid, pool: &str) -> anyhow::Result<Vec<Value>> {
     let (ok, text, errors) = grid.cli(&["--json", "workers", "--pool", pool])?;
     anyhow::ensure!(ok, "flowgrid workers failed: {errors}");
     Ok(serde_json::from_str::<Vec<Value>>(&text)?)

@@ -122,3 +122,134 @@ async fn a_tasks_stream_made_before_priority_lanes_takes_them() -> anyhow::Resul
     assert_eq!(stream.info().await?.config.subjects, vec!["flowgrid.tasks.>".to_owned()]);
     Ok(())
 }
+
+/// A task step of pool `p` that sleeps `ms`, at `priority` (the default when `None`).
+fn sleeping_flow(name: &str, ms: u64, priority: Option<u8>) -> String {
+    flow(name, priority).replace("ms: 30", &format!("ms: {ms}"))
+}
+
+/// The ends of step `work` of `runs`, each waited for and succeeded.
+async fn work_ends(grid: &Grid, client: &flowgrid_sdk::Client, runs: &[RunId]) -> anyhow::Result<Vec<u64>> {
+    let mut ends = Vec::new();
+    for run_id in runs {
+        let view = grid.wait_run(client, run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+        ends.push(step(&view, "work").ended_ms.expect("a step that succeeded ended"));
+    }
+    Ok(ends)
+}
+
+/// When the pool's bound of tasks out is set in [`bounded_lane_leaves_the_free_slots_to_the_others`].
+#[derive(Clone, Copy, PartialEq)]
+enum BoundSet {
+    /// Before the worker starts: it finds the lanes bound as it opens them.
+    BeforeTheWorker,
+    /// Once the worker pulls from lane 9: it learns the bound from a pull held.
+    WhileTheWorkerRuns,
+}
+
+/// A lane at its bound of tasks out (`pool limit`) with more waiting leaves the worker's
+/// other slots to the other lanes. The server holds a no-wait pull on such a lane until a
+/// slot frees: the worker used to wait on it with every free slot, give up after 5 s as if
+/// the connection were lost, forget its lanes and wait on the same lane again, so a task of
+/// a lower lane started only once the bounded lane's backlog was all out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_at_its_bound_leaves_the_free_slots_to_the_other_lanes() -> anyhow::Result<()> {
+    bounded_lane_leaves_the_free_slots_to_the_others(BoundSet::BeforeTheWorker).await
+}
+
+/// [`a_lane_at_its_bound_leaves_the_free_slots_to_the_other_lanes`] with the bound set
+/// after the worker opened the lane: its first pull held there tells it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_bounded_while_the_worker_runs_leaves_the_free_slots_to_the_other_lanes() -> anyhow::Result<()> {
+    bounded_lane_leaves_the_free_slots_to_the_others(BoundSet::WhileTheWorkerRuns).await
+}
+
+/// `flowgrid pool limit p --max-in-flight 1`.
+fn bound_pool_to_one(grid: &Grid) -> anyhow::Result<()> {
+    let (ok, text, errors) = grid.cli(&["pool", "limit", "p", "--max-in-flight", "1"])?;
+    anyhow::ensure!(ok, "{text}{errors}");
+    Ok(())
+}
+
+/// Three tasks of 3 s on lane 9, bounded to one out at once, and a worker with four slots:
+/// a task of the default lane started while the first of them runs ends before it.
+async fn bounded_lane_leaves_the_free_slots_to_the_others(bound_set: BoundSet) -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, &sleeping_flow("long-high", 3_000, Some(9))).await?;
+    deploy(&grid, &client, &sleeping_flow("short-high", 30, Some(9))).await?;
+    deploy(&grid, &client, &sleeping_flow("short", 30, None)).await?;
+    let start = |flow: &str| StartRun { flow: flow.into(), input: json!({}), ..Default::default() };
+    if bound_set == BoundSet::BeforeTheWorker {
+        bound_pool_to_one(&grid)?;
+    } else {
+        // Lane 9 opened, and pulled by the worker, without a bound.
+        grid.start_workers(&["p"], 4)?;
+        let opened = client.start(start("short-high")).await.or_logs(&grid)?.run_id;
+        work_ends(&grid, &client, &[opened]).await?;
+        bound_pool_to_one(&grid)?;
+    }
+    let mut high = Vec::new();
+    for _ in 0..3 {
+        high.push(client.start(start("long-high")).await.or_logs(&grid)?.run_id);
+    }
+    if bound_set == BoundSet::BeforeTheWorker {
+        grid.start_workers(&["p"], 4)?;
+    }
+    // The worker holds one task of lane 9, its bound, and two more wait there.
+    wait_for("one task of lane 9 out and two waiting", RUN_DEADLINE, || async {
+        let pool = pool_status(&grid, "p").ok()?;
+        let lanes = pool["lanes"].as_array()?.clone();
+        let high = lanes.into_iter().find(|lane| lane["priority"] == 9)?;
+        (high["in_flight"] == 1 && high["pending"] == 2).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    let short = client.start(start("short")).await.or_logs(&grid)?.run_id;
+
+    let short_end = work_ends(&grid, &client, std::slice::from_ref(&short)).await?[0];
+    let high_ends = work_ends(&grid, &client, &high).await?;
+    let first_high_end = high_ends.iter().min().copied().unwrap_or(0);
+    assert!(
+        short_end < first_high_end,
+        "the default lane's task ended at {short_end}, after the first task of the bounded lane ({high_ends:?})\n{}",
+        grid.logs()
+    );
+    let logs = grid.logs();
+    assert!(!logs.contains("pulling tasks failed"), "{logs}");
+    let learnt = logs.contains("the pool's lane is at a bound of tasks out set since it was bound");
+    assert_eq!(learnt, bound_set == BoundSet::WhileTheWorkerRuns, "{logs}");
+    Ok(())
+}
+
+/// A lane that opens while every slot is busy (the pool's first task of a priority) takes
+/// the next slot that frees, before the tasks of a lower lane that waited longer: the worker
+/// used to look for lanes before it waited for a slot, and pulled with the lanes it knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_opened_while_every_slot_is_busy_takes_the_next_free_slot() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    grid.start_workers(&["p"], 1)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, &sleeping_flow("normal", 2_000, None)).await?;
+    deploy(&grid, &client, &sleeping_flow("urgent", 30, Some(9))).await?;
+    let start = |flow: &str| StartRun { flow: flow.into(), input: json!({}), ..Default::default() };
+    let running = client.start(start("normal")).await.or_logs(&grid)?.run_id;
+    wait_for("the worker's one slot busy", RUN_DEADLINE, || async {
+        (pool_status(&grid, "p").ok()?["in_flight"] == 1).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    let waiting = client.start(start("normal")).await.or_logs(&grid)?.run_id;
+    let urgent = client.start(start("urgent")).await.or_logs(&grid)?.run_id;
+
+    let ends = work_ends(&grid, &client, &[running, waiting, urgent]).await?;
+    let (running_end, waiting_end, urgent_end) = (ends[0], ends[1], ends[2]);
+    assert!(running_end <= urgent_end, "{ends:?}");
+    assert!(
+        urgent_end < waiting_end,
+        "the first task of lane 9 ended at {urgent_end}, after the default lane's task that waited ({waiting_end})\n{}",
+        grid.logs()
+    );
+    Ok(())
+}

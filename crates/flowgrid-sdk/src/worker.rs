@@ -9,8 +9,13 @@
 //!   (`Reply<ResultAck>`); if the coordinator stays unreachable past the task's deadline
 //!   plus a grace period the message is nak'ed and delivered again later;
 //! - a malformed message is logged and terminated, never retried;
-//! - with several priority lanes, a free slot takes the highest lane's waiting task, and
-//!   a slot listening on a lane for its next task holds its permit while it listens.
+//! - with several priority lanes, a free slot takes the highest lane's waiting task (the
+//!   lanes are looked for once a slot is free, so a lane opened meanwhile counts), and a
+//!   slot listening on a lane for its next task holds its permit while it listens;
+//! - a lane that gives nothing (empty, or at its bound of tasks out) or whose pull fails
+//!   holds no other lane: the pass goes on to the next one;
+//! - a stop hands back (nak) every task not settled once the shutdown grace is over, whether
+//!   its handler still runs or its result is still being sent.
 
 mod lanes;
 mod registry;
@@ -22,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -36,13 +42,14 @@ use flowgrid_engine::TaskError;
 use flowgrid_model::{AttemptId, Millis};
 use flowgrid_proto::{
     decode, ApiError, Encoding, ErrorCode, LiveOutput, Subjects, TaskMessage, TaskResult, TasksCancelled,
+    PRIORITY_DEFAULT,
 };
 
 use crate::backoff::Backoff;
 use crate::broker::{self, BrokerLimits};
 use crate::error::{Error, Result};
 use crate::token::TaskToken;
-use lanes::Lanes;
+use lanes::{Lane, Lanes};
 use report::{report, Settle};
 
 /// Default tasks held at once by one worker.
@@ -53,9 +60,17 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How long one pull request waits at the server for messages; an idle worker sends one
 /// pull per period, and looks for new priority lanes of its pool between two.
 const PULL_EXPIRES: Duration = lanes::SCAN_EVERY;
-/// How long a pull that does not wait (`no_wait`) may take to answer before the worker
-/// gives up on it and opens its consumers again (the connection was lost meanwhile).
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pull that takes the tasks waiting on a lane (`no_wait`) may stay at the
+/// server when the lane has a bound of tasks out ([`Lane::is_bounded`]). The server holds
+/// such a pull while the lane is at its bound with tasks waiting, until a slot frees (for as
+/// long as the lane's tasks are out); with an expiry it ends the pull then, and the pass goes
+/// on to the next lane. The price: an empty lane answers such a pull only after the expiry,
+/// where it answers one without at once (`404`), so the lanes without a bound go without.
+const FETCH_EXPIRES: Duration = Duration::from_millis(100);
+/// How long a pull that does not wait, and has no expiry, may go unanswered. The server
+/// answers it within a round trip unless it holds it (the lane reached a bound set after
+/// it was bound: its pulls carry an expiry from then on) or the connection was lost.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a slot listens on a lane when there are fewer free slots than lanes to listen
 /// on: the lanes left without one are looked at again this often while the pool is idle.
 const LISTEN_SHORT: Duration = Duration::from_millis(100);
@@ -376,9 +391,11 @@ impl Worker {
     }
 
     /// Pulls and runs tasks until `shutdown` is cancelled, then stops pulling, waits for
-    /// the tasks in flight (up to the shutdown grace; those whose handler still runs are
-    /// then handed back), flushes what is left to send, and returns. Fails only if the
-    /// tasks stream or the pool's consumer cannot be opened at start.
+    /// the tasks in flight (up to the shutdown grace; those not settled by then, whose
+    /// handler still runs or whose result no coordinator confirmed yet, are handed back),
+    /// flushes what is left to send, deletes the worker's record (`flowgrid workers` lists
+    /// it until then), and returns. Fails only if the tasks stream or the pool's consumer
+    /// cannot be opened at start.
     pub async fn run<H: TaskHandler>(self, handler: H, shutdown: CancellationToken) -> Result<()> {
         let jetstream = jetstream::new(self.nats.clone());
         let mut lanes = self.bind(&jetstream).await?;
@@ -397,12 +414,14 @@ impl Worker {
         let cancels = self.subjects.cancels(&self.pool);
         let listener = tokio::spawn(listen_for_cancels(self.nats.clone(), cancels, shared.clone()));
         let identity = registry::Identity { pool: self.pool.clone(), concurrency: self.concurrency };
+        // Cancelled once the worker is done with its tasks, not when the stop is asked for.
+        let stopped = CancellationToken::new();
         let registered = tokio::spawn(registry::keep_registered(
             jetstream.clone(),
             self.subjects.clone(),
             identity,
             shared.clone(),
-            shutdown.clone(),
+            stopped.clone(),
         ));
         info!(pool = %self.pool, concurrency = self.concurrency, ack_wait_ms = ack_wait.as_millis() as u64, "worker started");
 
@@ -419,19 +438,6 @@ impl Worker {
         ));
         loop {
             while in_flight.try_join_next().is_some() {}
-            // A stop does not wait for a look that NATS may be slow to answer (or never, when it is gone).
-            let scanned = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                scanned = lanes.scan(&self.subjects, &self.pool, &self.limits, &announced) => scanned,
-            };
-            match scanned {
-                Ok(bound) if !bound.is_empty() => {
-                    info!(pool = %self.pool, priorities = ?bound, "pulling from more priority lanes")
-                }
-                Ok(_) => {}
-                Err(error) => warn!(pool = %self.pool, error = %error, "looking for the pool's priority lanes failed"),
-            }
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -446,47 +452,82 @@ impl Worker {
                 },
                 None => usize::MAX,
             };
-            permits.extend(std::iter::from_fn(|| slots.clone().try_acquire_owned().ok()).take(room - 1));
-            match self.pull_lanes(&lanes, permits, &shared, &mut in_flight, &shutdown, &woken).await {
-                Ok(()) => backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
-                Err(error) => {
-                    let delay = backoff.next_delay();
-                    warn!(pool = %self.pool, error = %error, delay_ms = delay.as_millis() as u64, "pulling tasks failed");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    let bound = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => break,
-                        bound = self.bind(&jetstream) => bound,
-                    };
-                    match bound {
-                        Ok(rebound) => lanes = rebound,
-                        Err(error) => warn!(pool = %self.pool, error = %error, "reopening the pool consumer failed"),
-                    }
+            // Looked for once a slot is free, right before the pull: a lane opened while every
+            // slot was busy (the pool's first task of a priority) takes the slot if it is higher.
+            // A stop does not wait for a look that NATS may be slow to answer (or never, when it is gone).
+            let scanned = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                scanned = lanes.scan(&self.subjects, &self.pool, &self.limits, &announced) => scanned,
+            };
+            match scanned {
+                Ok(bound) if !bound.is_empty() => {
+                    info!(pool = %self.pool, priorities = ?bound, "pulling from more priority lanes")
                 }
+                Ok(_) => {}
+                Err(error) => warn!(pool = %self.pool, error = %error, "looking for the pool's priority lanes failed"),
+            }
+            permits.extend(std::iter::from_fn(|| slots.clone().try_acquire_owned().ok()).take(room - 1));
+            let failed = self.pull_lanes(&lanes, permits, &shared, &mut in_flight, &shutdown, &woken).await;
+            let mut pool_lane_failed = false;
+            for (priority, error) in failed {
+                warn!(pool = %self.pool, priority, error = %error, "pulling tasks failed");
+                if priority == PRIORITY_DEFAULT {
+                    pool_lane_failed = true;
+                } else {
+                    // Its consumer is opened again beside the pulls, made anew if it was lost.
+                    lanes.forget(priority);
+                }
+            }
+            if !pool_lane_failed {
+                backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+                continue;
+            }
+            // The pool's own consumer, and the stream with it had NATS lost its store, are
+            // opened again after a pause that grows while they fail; the other lanes stay.
+            let delay = backoff.next_delay();
+            debug!(pool = %self.pool, delay_ms = delay.as_millis() as u64, "opening the pool consumer again");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let opened = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                opened = self.open(&jetstream) => opened,
+            };
+            match opened {
+                Ok((stream, consumer)) => lanes.reopen(stream, consumer),
+                Err(error) => warn!(pool = %self.pool, error = %error, "reopening the pool consumer failed"),
             }
         }
         self.finish(in_flight, &shared).await;
         listener.abort();
         announcements.abort();
-        // Its record goes once it stopped (or expires if that takes too long).
-        let _ = tokio::time::timeout(Duration::from_secs(2), registered).await;
+        // Its record goes once its tasks are done or handed back (or expires if that takes too long).
+        stopped.cancel();
+        let _ = tokio::time::timeout(STOP_STEP_WAIT, registered).await;
         Ok(())
     }
 
     /// Opens the tasks stream and the pool's consumer; other lanes are bound as they are found.
     async fn bind(&self, jetstream: &jetstream::Context) -> Result<Lanes> {
+        let (stream, consumer) = self.open(jetstream).await?;
+        Ok(Lanes::new(stream, consumer, &self.limits))
+    }
+
+    /// The tasks stream and the pool's consumer, each made if it does not exist.
+    async fn open(&self, jetstream: &jetstream::Context) -> Result<(jetstream::stream::Stream, PullConsumer)> {
         let stream = broker::tasks_stream(jetstream, &self.subjects, &self.limits).await?;
         let consumer = broker::pool_consumer(&stream, &self.subjects, &self.pool, &self.limits).await?;
-        Ok(Lanes::new(stream, consumer))
+        Ok((stream, consumer))
     }
 
     /// Takes the tasks waiting on the pool's lanes, highest first, for as many as
     /// `permits`; when no lane has one, leaves a slot listening on each lane that has no
     /// listener (highest first, as far as the permits go) and returns when one of them
-    /// took a task or stopped waiting.
+    /// took a task or stopped waiting. Returns the lanes whose pull failed (by priority),
+    /// each passed over for the next: the permits go to the lanes that work.
     async fn pull_lanes(
         &self,
         lanes: &Lanes,
@@ -495,22 +536,21 @@ impl Worker {
         in_flight: &mut JoinSet<()>,
         shutdown: &CancellationToken,
         woken: &Arc<Notify>,
-    ) -> std::result::Result<(), async_nats::Error> {
+    ) -> Vec<(u8, async_nats::Error)> {
         let free = permits.len();
+        let mut failed = Vec::new();
         for lane in lanes.highest_first().iter().filter(|lane| !lane.is_listened()) {
             if permits.is_empty() {
-                return Ok(());
+                return failed;
             }
-            let batch = lane.consumer.fetch().max_messages(permits.len()).messages().await?;
-            // A no-wait pull has no timer of its own: one lost with a connection would wait forever.
-            let started = self.start_each(batch, &mut permits, shared, in_flight, shutdown);
-            match tokio::time::timeout(FETCH_TIMEOUT, started).await {
-                Ok(started) => started?,
-                Err(_) => return Err(format!("a pull got no answer in {FETCH_TIMEOUT:?}").into()),
+            if let Err(error) = self.fetch(lane, &mut permits, shared, in_flight, shutdown).await {
+                failed.push((lane.priority, error));
             }
         }
-        if permits.len() < free {
-            return Ok(());
+        // Lanes that failed are opened again before any slot listens, and lanes that gave
+        // tasks are pulled again at once (they may have more).
+        if permits.len() < free || !failed.is_empty() {
+            return failed;
         }
         let unlistened: Vec<_> = lanes.highest_first().iter().filter(|lane| !lane.is_listened()).collect();
         let expires = if permits.len() >= unlistened.len() { PULL_EXPIRES } else { LISTEN_SHORT };
@@ -532,7 +572,44 @@ impl Worker {
             _ = shutdown.cancelled() => {}
             () = woken.notified() => {}
         }
-        Ok(())
+        failed
+    }
+
+    /// Takes the tasks waiting on one lane, as many as `permits` (fewer, or none, when the
+    /// lane has fewer or is at its bound of tasks out), and starts each with one of them.
+    async fn fetch(
+        &self,
+        lane: &Lane,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        shared: &Arc<Shared>,
+        in_flight: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) -> std::result::Result<(), async_nats::Error> {
+        let pull = lane.consumer.fetch().max_messages(permits.len());
+        if lane.is_bounded() {
+            // Ended by the server (by async-nats 5 s past its expiry, should no answer come).
+            let batch = pull.expires(FETCH_EXPIRES).messages().await?;
+            return self.start_each(batch, permits, shared, in_flight, shutdown).await;
+        }
+        // A pull without an expiry has no timer of its own: one held, or lost with the
+        // connection, would wait for good.
+        let started = self.start_each(pull.messages().await?, permits, shared, in_flight, shutdown);
+        match tokio::time::timeout(FETCH_TIMEOUT, started).await {
+            Ok(started) => started,
+            Err(_) if self.nats.connection_state() == async_nats::connection::State::Connected => {
+                // Held: the server drops the pull given up here when a slot frees, its reply
+                // subject having no subscriber by then.
+                info!(
+                    pool = %self.pool,
+                    priority = lane.priority,
+                    "the pool's lane is at a bound of tasks out set since it was bound; its pulls end after \
+                     {FETCH_EXPIRES:?} from now on"
+                );
+                lane.set_bounded();
+                Ok(())
+            }
+            Err(_) => Err(format!("a pull got no answer in {FETCH_TIMEOUT:?}; the connection to NATS is down").into()),
+        }
     }
 
     /// Starts a task for each message of `batch`, each with one of `permits`.
@@ -572,9 +649,10 @@ impl Worker {
         }
     }
 
-    /// Waits for the tasks in flight up to the shutdown grace, then hands back those whose
-    /// handler still runs (JetStream delivers them again at once, not after the ack wait),
-    /// and sends what is left to send (acks, naks) before the worker returns.
+    /// Waits for the tasks in flight up to the shutdown grace, then hands back those not
+    /// settled yet, whose handler still runs or whose result is still being sent (JetStream
+    /// delivers them again at once, not after the ack wait), and sends what is left to send
+    /// (acks, naks) before the worker returns.
     async fn finish(&self, mut in_flight: JoinSet<()>, shared: &Shared) {
         let running = in_flight.len();
         info!(pool = %self.pool, in_flight = running, "worker stopping");
@@ -584,7 +662,7 @@ impl Worker {
                 pool = %self.pool,
                 abandoned = in_flight.len(),
                 grace_ms = self.shutdown_grace.as_millis() as u64,
-                "tasks still running after the shutdown grace; those whose handler still runs are handed back to be delivered again"
+                "tasks still running after the shutdown grace; those not settled yet are handed back to be delivered again"
             );
             shared.abandon.cancel();
             drained = tokio::time::timeout(STOP_STEP_WAIT, join_all(&mut in_flight)).await.is_ok();
@@ -616,7 +694,8 @@ struct Shared {
     pacer: Option<Pacer>,
     /// The worker's stop: a task still waiting for its turn then goes back unstarted.
     shutdown: CancellationToken,
-    /// The shutdown grace is over: a task whose handler still runs goes back (nak).
+    /// The shutdown grace is over: a task whose handler still runs, or whose result is
+    /// still being sent, goes back (nak).
     abandon: CancellationToken,
 }
 
@@ -850,7 +929,8 @@ async fn work(shared: &Shared, task_message: TaskMessage, turn: Option<tokio::ti
         Ok(output) => TaskResult { attempt, output: Some(output), error: None, progress: None },
         Err(error) => TaskResult { attempt, output: None, error: Some(error), progress: None },
     };
-    report(&shared.nats, &reply_to, result, deadline_ms.saturating_add(report::REPORT_GRACE_MS)).await
+    let give_up_ms = deadline_ms.saturating_add(report::REPORT_GRACE_MS);
+    report(&shared.nats, &reply_to, result, give_up_ms, &shared.abandon).await
 }
 
 /// Runs the handler in its own task, so that a panic becomes an error result and an

@@ -8,7 +8,11 @@
 //! coordinator announces (it opened its consumer) is bound at once. Each free slot goes to the
 //! highest lane that has a task waiting; when none has, one slot listens on each lane (as
 //! many lanes as there are free slots, highest first) so that the next task of any of them
-//! starts at once.
+//! starts at once. A lane with a bound of tasks out of its own may hold a pull that does not
+//! wait: its pulls carry an expiry ([`Lane::is_bounded`]). A lane whose pull fails is
+//! dropped, and bound again like a lane not seen before once it may be tried again (see
+//! [`Lanes::forget`]); the pool's own lane is never dropped, but opened again in place
+//! ([`Lanes::reopen`]), keeping the others.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,22 +30,48 @@ use flowgrid_proto::{Subjects, PRIORITY_DEFAULT};
 /// How often a worker looks for lanes of its pool that it does not pull from yet.
 pub(super) const SCAN_EVERY: Duration = Duration::from_secs(1);
 
-/// One lane: its priority, its consumer, and whether a slot listens on it.
+/// One lane: its priority, its consumer, whether a slot listens on it, and whether its
+/// bound of tasks out may hold a pull.
 pub(super) struct Lane {
     pub(super) priority: u8,
     pub(super) consumer: PullConsumer,
     /// Set while a slot waits on this lane for its next task (see the module's text).
     pub(super) listening: Arc<AtomicBool>,
+    /// Set when the server may hold a pull of this lane that does not wait (`no_wait`): it
+    /// does so while the lane is at its bound of tasks out with tasks waiting, until a slot
+    /// frees. Set for a consumer bound below the default (`flowgrid pool limit`), or once a
+    /// pull of the lane was held (a bound set after the lane was bound).
+    bounded: AtomicBool,
 }
 
 impl Lane {
-    fn new(priority: u8, consumer: PullConsumer) -> Lane {
-        Lane { priority, consumer, listening: Arc::new(AtomicBool::new(false)) }
+    /// `ack_pending_default`: the bound of tasks out of a pool that has no limit of its own.
+    fn new(priority: u8, consumer: PullConsumer, ack_pending_default: i64) -> Lane {
+        let bounded = AtomicBool::new(is_limited(&consumer, ack_pending_default));
+        Lane { priority, consumer, listening: Arc::new(AtomicBool::new(false)), bounded }
     }
 
     pub(super) fn is_listened(&self) -> bool {
         self.listening.load(Ordering::Acquire)
     }
+
+    /// Whether the server may hold a pull of this lane (see `bounded`).
+    pub(super) fn is_bounded(&self) -> bool {
+        self.bounded.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the server may hold a pull of this lane: one was held, or its consumer
+    /// has a bound of its own.
+    pub(super) fn set_bounded(&self) {
+        self.bounded.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether `consumer` has a bound of tasks out below the default one, as it was opened.
+fn is_limited(consumer: &PullConsumer, ack_pending_default: i64) -> bool {
+    let bound = consumer.cached_info().config.max_ack_pending;
+    // -1: no bound at all.
+    bound > 0 && bound < ack_pending_default
 }
 
 /// How long a look for lanes waits for the consumers it asked for, at most.
@@ -58,6 +88,9 @@ const BIND_RETRY_FIRST: Duration = Duration::from_secs(1);
 pub(super) struct Lanes {
     stream: jetstream::stream::Stream,
     lanes: Vec<Lane>,
+    /// The bound of tasks out of a pool without a limit of its own: a lane bound below it
+    /// may hold a pull (see [`Lane::is_bounded`]).
+    ack_pending_default: i64,
     scanned: Option<Instant>,
     /// Lanes whose consumer is being opened, beside the pulls: a request that NATS does
     /// not answer (one the worker's permissions deny) holds no other lane.
@@ -73,10 +106,12 @@ pub(super) struct Lanes {
 const _: () = assert!(flowgrid_proto::PRIORITY_MAX < 16, "a priority is a bit of binding_now and retry_at's index");
 
 impl Lanes {
-    pub(super) fn new(stream: jetstream::stream::Stream, pool_consumer: PullConsumer) -> Lanes {
+    pub(super) fn new(stream: jetstream::stream::Stream, pool_consumer: PullConsumer, limits: &BrokerLimits) -> Lanes {
+        let ack_pending_default = limits.pool_ack_pending_max;
         Lanes {
             stream,
-            lanes: vec![Lane::new(PRIORITY_DEFAULT, pool_consumer)],
+            lanes: vec![Lane::new(PRIORITY_DEFAULT, pool_consumer, ack_pending_default)],
+            ack_pending_default,
             scanned: None,
             binding: JoinSet::new(),
             binding_now: 0,
@@ -88,6 +123,29 @@ impl Lanes {
     /// Every lane, highest priority first.
     pub(super) fn highest_first(&self) -> &[Lane] {
         &self.lanes
+    }
+
+    /// Puts `pool_consumer`, opened again on `stream` after its pull failed, in place of the
+    /// pool's own lane's consumer; the other lanes stay as they are.
+    pub(super) fn reopen(&mut self, stream: jetstream::stream::Stream, pool_consumer: PullConsumer) {
+        self.stream = stream;
+        let pool_lane = self.lanes.iter_mut().find(|lane| lane.priority == PRIORITY_DEFAULT);
+        let pool_lane = pool_lane.expect("the pool's own lane is never dropped");
+        if is_limited(&pool_consumer, self.ack_pending_default) {
+            pool_lane.set_bounded();
+        }
+        pool_lane.consumer = pool_consumer;
+    }
+
+    /// Drops the lane of `priority`, whose pull failed (its consumer deleted, NATS lost
+    /// its store): a look binds it again, made anew if it is missing, once it holds tasks
+    /// and [`BIND_RETRY_FIRST`] has passed, so that a lane whose pulls keep failing is
+    /// asked once a second, not at every pass. The pool's own lane stays: see
+    /// [`Lanes::reopen`].
+    pub(super) fn forget(&mut self, priority: u8) {
+        assert_ne!(priority, PRIORITY_DEFAULT, "the pool's own lane is opened again, not dropped");
+        self.lanes.retain(|lane| lane.priority != priority);
+        self.retry_at[usize::from(priority)] = Some(Instant::now() + BIND_RETRY_FIRST);
     }
 
     /// Binds the lanes a coordinator announced (`announced`: their consumers exist), at
@@ -175,7 +233,7 @@ impl Lanes {
                 self.retry_at[usize::from(priority)] = None;
                 self.failures[usize::from(priority)] = 0;
                 let at = self.lanes.iter().position(|lane| lane.priority < priority).unwrap_or(self.lanes.len());
-                self.lanes.insert(at, Lane::new(priority, consumer));
+                self.lanes.insert(at, Lane::new(priority, consumer, self.ack_pending_default));
                 bound.push(priority);
             }
             Err(error) => {

@@ -1,8 +1,10 @@
 //! The worker's record in the workers bucket: which pool it serves, how busy it is. Kept
 //! while the worker runs, rewritten every [`WorkerRecord::HEARTBEAT_MS`] and within a
-//! second of a change in the tasks it runs, deleted when it stops; the bucket drops the
-//! record of a worker that died. Best effort: a worker that cannot write it (no bucket and
-//! no permission to make one) serves its pool all the same.
+//! second of a change in the tasks it runs, deleted when it stops: once the tasks it held
+//! when the stop was asked for are done or handed back, so that a worker in its shutdown
+//! grace is still listed with them. The bucket drops the record of a worker that died.
+//! Best effort: a worker that cannot write it (no bucket and no permission to make one)
+//! serves its pool all the same.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,13 +28,14 @@ pub(super) struct Identity {
     pub(super) concurrency: usize,
 }
 
-/// Writes the worker's record until `shutdown`, then deletes it.
+/// Writes the worker's record until `stopped` (the worker is done with its tasks), then
+/// deletes it.
 pub(super) async fn keep_registered(
     jetstream: jetstream::Context,
     subjects: Subjects,
     identity: Identity,
     shared: Arc<Shared>,
-    shutdown: CancellationToken,
+    stopped: CancellationToken,
 ) {
     let bucket = match jetstream.get_key_value(subjects.workers_bucket()).await {
         Ok(bucket) => bucket,
@@ -63,7 +66,7 @@ pub(super) async fn keep_registered(
     let mut written_ms = 0;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stopped.cancelled() => break,
             _ = look.tick() => {}
         }
         // Rewritten when its heartbeat is due, or sooner when the tasks it runs changed

@@ -9,10 +9,14 @@
 //! - refused as too large: replace the output by a non-retryable `payload_too_large`
 //!   error and send that instead;
 //! - refused for good: terminate the message (sending it again cannot help).
+//!
+//! A worker that stops past its shutdown grace stops sending and naks, whatever the rules
+//! would do next: the task is delivered again at once, not after the consumer's ack wait.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use flowgrid_engine::TaskError;
@@ -68,8 +72,27 @@ pub(crate) enum Next {
     SendInstead(Box<TaskResult>),
 }
 
-/// Sends `result` to `reply_to` until it is confirmed or `give_up_ms` passes.
+/// Sends `result` to `reply_to` until it is confirmed or `give_up_ms` passes, or until
+/// `abandon` (the worker's shutdown grace is over): then the task is handed back (nak).
 pub(crate) async fn report(
+    nats: &async_nats::Client,
+    reply_to: &str,
+    result: TaskResult,
+    give_up_ms: Millis,
+    abandon: &CancellationToken,
+) -> Settle {
+    let attempt = result.attempt.clone();
+    tokio::select! {
+        settle = send_until_settled(nats, reply_to, result, give_up_ms) => settle,
+        () = abandon.cancelled() => {
+            warn!(attempt = %attempt, "the worker stopped before a coordinator confirmed the result; handing the task back");
+            Settle::Nak
+        }
+    }
+}
+
+/// [`report`] without the worker's stop.
+async fn send_until_settled(
     nats: &async_nats::Client,
     reply_to: &str,
     result: TaskResult,
