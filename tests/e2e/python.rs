@@ -252,3 +252,51 @@ async fn python_worker_fails_a_step_whose_output_is_too_large_at_once() -> anyho
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
     Ok(())
 }
+
+/// A lane at its bound of tasks out (`pool limit`) with more waiting holds a no-wait pull
+/// until a slot frees: the Python worker's pulls on such a lane expire, so a worker with
+/// nothing to do there takes the default lane's task instead of waiting on lane 9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_passes_over_a_lane_at_its_bound() -> anyhow::Result<()> {
+    check_python();
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let flow = |name: &str, ms: u64, priority: &str| {
+        format!("name: {name}\nsteps:\n  - {{ id: nap, kind: task, pool: py, task: sleep, input: '#{{ ms: {ms} }}'{priority} }}\n")
+    };
+    deploy(&grid, &client, &flow("py-long-high", 3_000, ", priority: 9")).await?;
+    deploy(&grid, &client, &flow("py-short", 30, "")).await?;
+    let start = |flow: &str| flowgrid_sdk::StartRun { flow: flow.into(), ..Default::default() };
+    let mut high = Vec::new();
+    for _ in 0..3 {
+        high.push(client.start(start("py-long-high")).await.or_logs(&grid)?.run_id);
+    }
+    let (ok, text, errors) = grid.cli(&["pool", "limit", "py", "--max-in-flight", "1"])?;
+    anyhow::ensure!(ok, "{text}{errors}");
+    // One worker holds lane 9's one task out; the other finds two more waiting there.
+    grid.spawn_worker("python-worker-1", &mut python_worker(&grid, &[]))?;
+    grid.spawn_worker("python-worker-2", &mut python_worker(&grid, &[]))?;
+    flowgrid_tests::wait_for("one task of lane 9 out and two waiting", RUN_DEADLINE, || async {
+        let pool = crate::pools::pool_status(&grid, "py").ok()?;
+        let lanes = pool["lanes"].as_array()?.clone();
+        let high = lanes.into_iter().find(|lane| lane["priority"] == 9)?;
+        (high["in_flight"] == 1 && high["pending"] == 2).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    let short = client.start(start("py-short")).await.or_logs(&grid)?.run_id;
+    let short_view = grid.wait_run(&client, &short, RUN_DEADLINE).await?;
+    let mut first_high_end = u64::MAX;
+    for run_id in &high {
+        let view = grid.wait_run(&client, run_id, RUN_DEADLINE).await?;
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+        first_high_end = first_high_end.min(step(&view, "nap").ended_ms.unwrap_or(u64::MAX));
+    }
+    let short_end = step(&short_view, "nap").ended_ms.unwrap_or(u64::MAX);
+    assert!(
+        short_end < first_high_end,
+        "the default lane's task ended at {short_end}, after the first of lane 9 ({first_high_end})\n{}",
+        grid.logs()
+    );
+    Ok(())
+}

@@ -66,6 +66,10 @@ PRIORITY_DEFAULT = 5
 # at every lane again when the pool has several and none held a task.
 LANE_SCAN_SECONDS = 1.0
 LANES_IDLE_SECONDS = 0.05
+# How long a `no_wait` pull on a lane with a bound of tasks out below the default may stay
+# at the server (docs/protocol.md, "Priority lanes"): at its bound with tasks waiting, the
+# lane answers no such pull until a slot frees, so the pull carries an expiry there.
+BOUNDED_LANE_PULL_EXPIRES_NS = 100_000_000
 # A task's error message is cut to this many characters (a result must stay small).
 ERROR_MESSAGE_CHARS_MAX = 2_000
 
@@ -387,17 +391,32 @@ async def find_lanes(js, prefix, pool, lanes):
         priority = int(lane[1])
         if priority not in lanes:
             durable = f"pool{priority}-{pool}"
-            lanes[priority] = (await subscribe(js, prefix, pool, subject, durable, patient=False), durable)
+            subscription = await subscribe(js, prefix, pool, subject, durable, patient=False)
+            lanes[priority] = (subscription, durable, await is_bounded(subscription))
             log.info("pulling pool %s's tasks of priority %d too", pool, priority)
 
 
-async def pull_no_wait(nc, pulls, prefix, durable):
+async def is_bounded(subscription):
+    """Whether the lane's consumer has a bound of tasks out below the default (`flowgrid
+    pool limit`); unknown counts as bounded, whose pulls only cost an expiry."""
+    try:
+        return (await subscription.consumer_info()).config.max_ack_pending < POOL_ACK_PENDING_MAX
+    except Exception as error:
+        log.warning("cannot read the lane's bound of tasks out: %r", error)
+        return True
+
+
+async def pull_no_wait(nc, pulls, prefix, durable, bounded):
     """The lane's next task if it holds one now, else None: a pull with `no_wait`, which
     the server answers at once (docs/protocol.md), so no pull is left open to take a task
-    this worker would not look at until its next turn on the lane. `pulls` is this
+    this worker would not look at until its next turn on the lane; on a `bounded` lane with
+    an expiry too, since one at its bound holds the pull until a slot frees. `pulls` is this
     worker's subscription to the inbox the answers come to (one pull at a time)."""
     subject = f"$JS.API.CONSUMER.MSG.NEXT.{tasks_stream_name(prefix)}.{durable}"
-    request = json.dumps({"batch": 1, "no_wait": True}).encode()
+    pull = {"batch": 1, "no_wait": True}
+    if bounded:
+        pull["expires"] = BOUNDED_LANE_PULL_EXPIRES_NS
+    request = json.dumps(pull).encode()
     await nc.publish(subject, request, reply=pulls.subject)
     answer = await pulls.next_msg(timeout=RESULT_REQUEST_TIMEOUT_SECONDS)
     if answer.headers and answer.headers.get("Status"):
@@ -411,7 +430,8 @@ async def next_messages(nc, pulls, prefix, lanes):
     if len(lanes) == 1:
         return await lanes[PRIORITY_DEFAULT][0].fetch(1, timeout=LANE_SCAN_SECONDS)
     for priority in sorted(lanes, reverse=True):
-        msg = await pull_no_wait(nc, pulls, prefix, lanes[priority][1])
+        _, durable, bounded = lanes[priority]
+        msg = await pull_no_wait(nc, pulls, prefix, durable, bounded)
         if msg is not None:
             return [msg]
     await asyncio.sleep(LANES_IDLE_SECONDS)
@@ -496,7 +516,8 @@ async def main():
     nc = await nats.connect(args.nats_url, name=f"python-worker-{args.pool}")
     js = nc.jetstream()
     await listen_for_cancels(nc, args.prefix, args.pool)
-    lanes = {PRIORITY_DEFAULT: (await subscribe(js, args.prefix, args.pool), f"pool-{args.pool}")}
+    default_lane = await subscribe(js, args.prefix, args.pool)
+    lanes = {PRIORITY_DEFAULT: (default_lane, f"pool-{args.pool}", await is_bounded(default_lane))}
     every = heartbeat_period(await consumer_ack_wait(lanes[PRIORITY_DEFAULT][0]))
     pulls = await nc.subscribe(nc.new_inbox())
     log.info("serving pool %s on %s (heartbeat every %.1f s)", args.pool, args.nats_url, every)
