@@ -280,16 +280,27 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     client.cancel(&large_run, "not needed").await?;
     client.cancel(&delayed, "not needed").await?;
 
-    // The flow page's form carries a key of its own: the same form sent twice starts one run.
+    // The flow page's form carries a key of its own: the same form sent twice starts one run,
+    // and the page says so; the form sent again with another input (back, edit, send)
+    // starts another run with that input.
     let (_, flow_page) = http_get(&addr, "/flows/ui-flow")?;
     let key = field_of(&flow_page, "key");
     let start = form(&[("token", &token), ("flow", "ui-flow"), ("input", r#"{"fast": true}"#), ("key", &key)]);
-    let (_, location, _) = http_post_form(&addr, "/runs", &start)?;
-    let (_, again, _) = http_post_form(&addr, "/runs", &start)?;
-    assert_eq!(again, location, "the form sent again leads to the same run");
+    let (status, location, _) = http_post_form(&addr, "/runs", &start)?;
+    assert_eq!(status, 303);
+    let run_path = location.expect("the new run's page");
+    let (status, again, page) = http_post_form(&addr, "/runs", &start)?;
+    assert!(status == 200 && again.is_none(), "{status}: {page}");
+    assert!(page.contains("This form was sent already") && page.contains(&format!(r#"href="{run_path}""#)), "{page}");
+    let edited = form(&[("token", &token), ("flow", "ui-flow"), ("input", r#"{"fast": false}"#), ("key", &key)]);
+    let (status, other, page) = http_post_form(&addr, "/runs", &edited)?;
+    assert_eq!(status, 303, "{page}");
+    let other = flowgrid_sdk::RunId(other.expect("its page").trim_start_matches("/runs/").into());
+    assert_ne!(format!("/runs/{other}"), run_path, "an edited form starts a run of its own");
+    assert_eq!(client.get(&other).await?.input, json!({"fast": false}), "with the input sent");
+    client.cancel(&other, "not needed").await?;
     let (_, next_page) = http_get(&addr, "/flows/ui-flow")?;
     assert_ne!(field_of(&next_page, "key"), key, "each view of the page starts a run of its own");
-    let run_path = location.expect("the new run's page");
     let run_id = flowgrid_sdk::RunId(run_path.trim_start_matches("/runs/").into());
     // A running run's page pauses it (with the reason given), then resumes it.
     let (_, page) = http_get(&addr, &run_path)?;
@@ -301,6 +312,11 @@ async fn with_actions_the_ui_deploys_starts_signals_pauses_cancels_and_redrives_
     assert_eq!(paused.reason, "waiting for the vendor");
     let (_, page) = http_get(&addr, &run_path)?;
     assert!(page.contains("Resume this run") && page.contains("waiting for the vendor"), "{page}");
+    // A form from before a restart is refused with a link to the page it came from, which
+    // has the token of now (the address bar holds the form's target: reloading it sends the
+    // same form again).
+    let (status, _, page) = http_post_form(&addr, &format!("{run_path}/pause"), &form(&[("token", "stale")]))?;
+    assert!(status == 403 && page.contains(&format!(r#"href="{run_path}""#)), "{status}: {page}");
     // A form without its token field is refused with the UI's page, saying what is missing.
     let (status, _, page) = http_post_form(&addr, &format!("{run_path}/resume"), "reason=x")?;
     assert!(status == 422 && page.contains("missing field `token`") && page.contains("<html"), "{status}: {page}");
@@ -390,6 +406,9 @@ async fn the_ui_answers_known_names_only_and_refuses_changes_before_their_body()
         (format!("flowgrid.test:{port}"), 200),
         (format!("10.1.2.3:{port}"), 200),
         (format!("localhost:{port}"), 200),
+        // A name that is not plain ASCII is no name the UI answers for, not a missing one.
+        (format!("flowgrid.t\u{e9}st:{port}"), 403),
+        ("\u{e9}".to_owned(), 403),
     ] {
         assert_eq!(raw_status(&addr, &get(&host))?, status, "{host}\n{}", grid.logs());
     }
@@ -401,5 +420,100 @@ async fn the_ui_answers_known_names_only_and_refuses_changes_before_their_body()
     // A path that is no call is that, token or not.
     let nothing = format!("POST /api/nosuch HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(raw_status(&addr, &nothing)?, 404, "{}", grid.logs());
+    Ok(())
+}
+
+/// Connections a test holds open at once: over the UI's bound on connections (512).
+const CONNECTIONS_OVER_BOUND: usize = 600;
+/// How long a stalled request may hold its connection before the test fails: well over
+/// the UI's bounds on reading a request's head and body (10 s each without a byte).
+const STALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What a connection that sent `request` and then nothing more gets within `within`: the
+/// status of an answer, `None` when it was closed without one; an error when neither came.
+fn answer_within(stream: &mut std::net::TcpStream, within: Duration) -> anyhow::Result<Option<u16>> {
+    use std::io::Read;
+    stream.set_read_timeout(Some(within))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while head.len() < 12 {
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => head.push(byte[0]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => anyhow::bail!("neither an answer nor a close within {within:?}: {error}"),
+        }
+    }
+    Ok((head.len() == 12).then(|| String::from_utf8_lossy(&head[9..12]).parse()).transpose()?)
+}
+
+/// A client that stops sending in the middle of a request's head, or of its body, is let go
+/// within the UI's bounds, and connections beyond its bound wait for one to end: stalled
+/// clients cannot hold the UI (and its file descriptors) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_lets_stalled_requests_go_and_bounds_its_connections() -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut grid = Grid::start(&[]).await?;
+    let addr = start_ui(&mut grid, &["--actions"]).await?;
+
+    // Connections that send nothing, over the bound: a request after them is not answered
+    // while they are open, and is once they are closed.
+    let silent: Vec<std::net::TcpStream> =
+        (0..CONNECTIONS_OVER_BOUND).map(|_| std::net::TcpStream::connect(&addr)).collect::<Result<_, _>>()?;
+    let mut waiting = std::net::TcpStream::connect(&addr)?;
+    waiting.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let early = answer_within(&mut waiting, Duration::from_secs(1));
+    assert!(early.is_err(), "answered with {CONNECTIONS_OVER_BOUND} connections open: {early:?}");
+    drop(silent);
+    assert_eq!(answer_within(&mut waiting, STALL_DEADLINE)?, Some(200), "{}", grid.logs());
+
+    // A head without its closing blank line, and a form that announces 6 MB and sends a few
+    // bytes: both connections are let go (the body's with a 408).
+    let mut head = std::net::TcpStream::connect(&addr)?;
+    head.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\n").as_bytes())?;
+    let mut body = std::net::TcpStream::connect(&addr)?;
+    let post = format!(
+        "POST /runs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: 6000000\r\n\r\ntoken=x&flow="
+    );
+    body.write_all(post.as_bytes())?;
+    let head_answer = answer_within(&mut head, STALL_DEADLINE).map_err(|error| anyhow::anyhow!("the head: {error}"))?;
+    assert!(head_answer.is_none_or(|status| status == 408), "{head_answer:?}");
+    let body_answer = answer_within(&mut body, STALL_DEADLINE).map_err(|error| anyhow::anyhow!("the body: {error}"))?;
+    assert_eq!(body_answer, Some(408), "{}", grid.logs());
+    // The UI answers as before.
+    assert_eq!(http_get(&addr, "/")?.0, 200);
+    Ok(())
+}
+
+/// A refusal of the grid shows its located problems (an input against the flow's
+/// `input_schema`); a GET of a form's target answers the UI's page, with a link to the page
+/// the form is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_shows_a_refusals_problems_and_answers_a_get_of_a_forms_target() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let schema = "name: schema-ui\ninput_schema: { type: object, required: [video] }\nsteps:\n  - { id: t, kind: transform, output: 'input.video' }\n";
+    deploy(&grid, &client, schema).await?;
+    let addr = start_ui(&mut grid, &["--actions"]).await?;
+    let (_, flow_page) = http_get(&addr, "/flows/schema-ui")?;
+    let token = token_of(&flow_page);
+    let start = form(&[("token", &token), ("flow", "schema-ui"), ("input", "{}")]);
+    let (status, _, page) = http_post_form(&addr, "/runs", &start)?;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("does not match the input_schema of flow `schema-ui`"), "{page}");
+    assert!(page.contains("<li><code>input</code>: &quot;video&quot; is a required property</li>"), "{page}");
+    assert!(page.contains(r#"href="/flows/schema-ui""#), "a link back to the form's page: {page}");
+
+    for (path, back) in
+        [("/flows", "/deploy"), ("/runs/x/cancel", "/runs/x"), ("/flows/schema-ui/pause", "/flows/schema-ui")]
+    {
+        let (status, page) = http_get(&addr, path)?;
+        assert!(status == 405 && page.contains("<html"), "{path}: {status} {page}");
+        assert!(page.contains(&format!(r#"href="{back}""#)), "{path}: {page}");
+    }
+    // The API answers its own way still.
+    let (status, body) = http_get(&addr, "/api/runs/x/cancel")?;
+    assert!(status == 405 && body.contains("method_not_allowed"), "{status}: {body}");
     Ok(())
 }

@@ -490,8 +490,9 @@ async fn no_such_call() -> Response {
 }
 
 /// What a call that changes the grid was sent, or its JSON refusal: without the API's
-/// token, with a body that could not be read (over the bound) or is not what the call
-/// takes. An empty body is `when_empty`, for the calls that may have none.
+/// token, with a body that could not be read (over the bound, or not in time: `408
+/// request_timeout`) or is not what the call takes. An empty body is `when_empty`, for the
+/// calls that may have none.
 fn change_request<T: DeserializeOwned>(
     ui: &Ui,
     headers: &HeaderMap,
@@ -502,6 +503,10 @@ fn change_request<T: DeserializeOwned>(
         return Err(Box::new(refused));
     }
     let body = body.map_err(|rejection| {
+        if super::body_too_slow(&rejection) {
+            let message = super::BodyTooSlow.to_string();
+            return Box::new(error(StatusCode::REQUEST_TIMEOUT, "request_timeout", &message));
+        }
         let status = rejection.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_request" };
         Box::new(error(status, code, &rejection.body_text()))

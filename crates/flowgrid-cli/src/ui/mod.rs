@@ -11,21 +11,27 @@ mod pages;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use axum::body::{Body, HttpBody};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::header::{CONTENT_SECURITY_POLICY, X_FRAME_OPTIONS};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::Form;
+use axum::{Form, Router};
 use futures::{StreamExt, TryStreamExt};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use maud::Markup;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use flowgrid_model::RunId;
+use flowgrid_model::{Issue, Labels, RunId};
 use flowgrid_proto::{ListRuns, LiveOutput, StartRun};
 use flowgrid_sdk::Client;
 
@@ -48,6 +54,26 @@ const RUNS_PAGE: u32 = 50;
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a run's page waits for the live output it shows.
 const LIVE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a client may take to send a request's head (its first line and headers), and
+/// how long a kept-alive connection waits for its next request: a head of a few KiB comes
+/// at once, so a client that stalls in it is let go (its connection closed) instead of
+/// holding a connection for ever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request's body may pause (no byte coming): a client that stops sending in the
+/// middle of a body is answered 408 and let go.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole request body may take: the largest ([`BODY_BYTES_MAX`]) takes about
+/// 50 s at 1 Mbit/s; a client that sends a byte now and then is let go after this.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections open at once; past it, a new one waits (in the listener's backlog) until one
+/// ends. Well under the 1,024 file descriptors a process is often allowed, which the UI
+/// shares with its NATS connection; twice [`api::LIVE_STREAMS_MAX`], so that live streams
+/// leave room for the pages.
+const CONNECTIONS_MAX: usize = 512;
+const _: () = assert!(CONNECTIONS_MAX >= 2 * api::LIVE_STREAMS_MAX);
+/// How long the UI waits before it takes connections again when taking one failed for
+/// another reason than the client (out of file descriptors: wait for some to close).
+const ACCEPT_RETRY_WAIT: Duration = Duration::from_secs(1);
 
 struct Ui {
     client: Client,
@@ -104,8 +130,11 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
         .route("/runs/{run_id}/redrive", post(redrive))
         .route("/runs/{run_id}/pause", post(pause))
         .route("/runs/{run_id}/resume", post(resume))
+        // Every route is in: the routes without a fallback of their own (the UI's) take this.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page") })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn(bounded_body))
         // No other site may show these pages in a frame (and trick a click on a button).
         .layer(SetResponseHeaderLayer::overriding(X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
         .layer(SetResponseHeaderLayer::overriding(
@@ -115,7 +144,7 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
         .with_state(ui);
     let hosts = Arc::new(HostPolicy::new(listen, &allowed_hosts)?);
     let app = app.layer(axum::middleware::from_fn_with_state(hosts, known_hosts_only));
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}: pick a free address with --listen"))?;
     let address = listener.local_addr()?;
@@ -127,8 +156,8 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
         flowgrid_sdk::redact(&session.nats_url),
         session.prefix
     );
-    let stopping = tokio_util::sync::CancellationToken::new();
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopping.clone().cancelled_owned());
+    let stopping = CancellationToken::new();
+    let server = serve_connections(listener, app, stopping.clone());
     let stop = async {
         if crate::commands::interrupted().await.is_err() {
             return std::future::pending().await;
@@ -139,10 +168,130 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
         tokio::time::sleep(STOP_WAIT).await;
     };
     tokio::select! {
-        served = server => served.context("the UI server failed")?,
+        () = server => {}
         () = stop => eprintln!("stopped; live streams still open were cut"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves `app` on the connections of `listener`, at most [`CONNECTIONS_MAX`] at once, each
+/// bounded in the time its requests' heads take ([`HEADER_READ_TIMEOUT`]; their bodies are
+/// bounded by [`bounded_body`]). Once `stopping`, it takes no more connections, lets the
+/// requests under way end, and returns when every connection has closed.
+async fn serve_connections(listener: TcpListener, app: Router, stopping: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let connections = tokio_util::task::TaskTracker::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Without a timer hyper bounds no read: a client could hold a connection by never
+    // ending its request's head.
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let taken = async {
+            let slot = Arc::clone(&slots).acquire_owned().await.expect("the semaphore is never closed");
+            (accept(&listener).await, slot)
+        };
+        let (stream, slot) = tokio::select! {
+            taken = taken => taken,
+            () = stopping.cancelled() => break,
+        };
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let stopping = stopping.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = stopping.cancelled() => {
+                    // The request under way is answered; the connection then closes.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = served {
+                tracing::debug!(error = %error, "a connection to the UI ended with an error");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// The next connection of `listener`. A failure of one connection (reset before it was
+/// taken) is passed over; another (out of file descriptors) waits [`ACCEPT_RETRY_WAIT`].
+async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return stream,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot take a connection to the UI; trying again");
+                tokio::time::sleep(ACCEPT_RETRY_WAIT).await;
+            }
+        }
+    }
+}
+
+/// Bounds the time a request's body takes to come ([`BODY_IDLE_TIMEOUT`] without a byte,
+/// [`BODY_READ_TIMEOUT`] in all): a client that stops sending in the middle of one is
+/// answered 408 instead of holding its connection, and memory, for ever. A request without
+/// a body (every GET, a live stream among them) has nothing to bound.
+async fn bounded_body(request: Request, next: axum::middleware::Next) -> Response {
+    if request.body().size_hint().exact() == Some(0) {
+        return next.run(request).await;
+    }
+    next.run(request.map(|body| read_in_time(body, BODY_IDLE_TIMEOUT, BODY_READ_TIMEOUT))).await
+}
+
+/// `body`, failing with [`BodyTooSlow`] when a piece of it does not come within `idle` of
+/// the last (or of the start), or when it is not all in within `total`.
+fn read_in_time(body: Body, idle: Duration, total: Duration) -> Body {
+    let deadline = tokio::time::Instant::now() + total;
+    let pieces = futures::stream::unfold(Some(body.into_data_stream()), move |pieces| async move {
+        let mut pieces = pieces?;
+        let until = deadline.min(tokio::time::Instant::now() + idle);
+        match tokio::time::timeout_at(until, pieces.next()).await {
+            Ok(Some(piece)) => Some((piece.map_err(axum::BoxError::from), Some(pieces))),
+            Ok(None) => None,
+            Err(_) => Some((Err(axum::BoxError::from(BodyTooSlow)), None)),
+        }
+    });
+    Body::from_stream(pieces)
+}
+
+/// A request body that did not come in time (see [`bounded_body`]).
+#[derive(Debug)]
+struct BodyTooSlow;
+
+impl std::fmt::Display for BodyTooSlow {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "the request's body did not come in time (the UI waits {} s for each piece of it and {} s for all of \
+             it): send it again, at once",
+            BODY_IDLE_TIMEOUT.as_secs(),
+            BODY_READ_TIMEOUT.as_secs()
+        )
+    }
+}
+
+impl std::error::Error for BodyTooSlow {}
+
+/// Whether `error` (a rejection of a request's body) is, or was caused by, [`BodyTooSlow`].
+fn body_too_slow(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<BodyTooSlow>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 #[derive(Deserialize)]
@@ -191,7 +340,7 @@ async fn flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, UiQuery(query
             let recent = recent.map(|list| list.runs).map_err(|error| error.to_string());
             page(pages::flow(&info, &recent, &limits.map_err(|error| error.to_string()), ui.actions()))
         }
-        Err(error) => api_failure(&error),
+        Err(error) => api_failure(&error, None),
     }
 }
 
@@ -247,14 +396,14 @@ async fn runs(State(ui): State<Arc<Ui>>, UiQuery(query): UiQuery<RunsQuery>) -> 
     };
     match ui.client.list(list).await {
         Ok(list) => page(pages::runs(&filter, &list)),
-        Err(error) => api_failure(&error),
+        Err(error) => api_failure(&error, None),
     }
 }
 
 async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response {
     let (view, left_out) = match ui.client.get_or_without_data(&RunId(run_id.into())).await {
         Ok(found) => found,
-        Err(error) => return api_failure(&error),
+        Err(error) => return api_failure(&error, None),
     };
     // The run's own version, for its graph; a flow deleted since cannot be, but be lenient.
     let (flow, history) = tokio::join!(
@@ -319,10 +468,11 @@ struct DeployForm {
 }
 
 async fn deploy(State(ui): State<Arc<Ui>>, UiForm(form): UiForm<DeployForm>) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
+    const BACK: &str = "/deploy";
+    if let Some(refused) = ui.refusal(&form.token, BACK) {
         return refused;
     }
-    after_action(ui.client.deploy(form.definition).await, |deployed| {
+    after_action(ui.client.deploy(form.definition).await, BACK, |deployed| {
         format!("/flows/{}?version={}", deployed.name, deployed.version)
     })
 }
@@ -340,35 +490,54 @@ struct StartForm {
     /// A start time as `run start --at` takes it; empty: now.
     #[serde(default)]
     at: String,
-    /// The idempotency key the form was rendered with: the same form sent twice (a double
-    /// click, a reload that posts again) starts one run. Empty: every post starts one.
+    /// The key the form's page was shown with (see [`start_key`]): the same form sent twice
+    /// (a double click, a reload that posts again) starts one run. Empty: every post starts one.
     #[serde(default)]
     key: String,
 }
 
 async fn start(State(ui): State<Arc<Ui>>, UiForm(form): UiForm<StartForm>) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
+    let back = format!("/flows/{}", form.flow);
+    if let Some(refused) = ui.refusal(&form.token, &back) {
         return refused;
     }
     let input = match json_field("input", &form.input) {
         Ok(input) => input,
-        Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
+        Err(message) => return form_failure(StatusCode::BAD_REQUEST, &message, &back),
     };
     let labels = form.labels.split(',').map(str::trim).filter(|label| !label.is_empty()).map(crate::args::parse_label);
     let labels = match labels.collect::<Result<Vec<_>, _>>().and_then(crate::args::labels_once) {
         Ok(labels) => labels,
-        Err(message) => return failure(StatusCode::BAD_REQUEST, &format!("labels: {message}")),
+        Err(message) => return form_failure(StatusCode::BAD_REQUEST, &format!("labels: {message}"), &back),
     };
-    let start_at_ms = match form.at.trim() {
+    let at = form.at.trim();
+    let start_at_ms = match at {
         "" => None,
         at => match flowgrid_sdk::parse_start_time(at) {
             Ok(at_ms) => Some(at_ms),
-            Err(message) => return failure(StatusCode::BAD_REQUEST, &format!("start at: {message}")),
+            Err(message) => return form_failure(StatusCode::BAD_REQUEST, &format!("start at: {message}"), &back),
         },
     };
-    let idempotency_key = Some(form.key).filter(|key| !key.is_empty());
-    let start = StartRun { flow: form.flow, version: None, input, idempotency_key, labels, start_at_ms };
-    after_action(ui.client.start(start).await, |started| format!("/runs/{}", started.run_id))
+    let idempotency_key =
+        Some(&form.key).filter(|key| !key.is_empty()).map(|key| start_key(key, &form.flow, &input, &labels, at));
+    let start = StartRun { flow: form.flow.clone(), version: None, input, idempotency_key, labels, start_at_ms };
+    match ui.client.start(start).await {
+        // The same form sent again: its run, and a page that says it was not started again.
+        Ok(started) if !started.created => page(pages::started_already(&started, &back)),
+        started => after_action(started, &back, |started| format!("/runs/{}", started.run_id)),
+    }
+}
+
+/// The namespace of [`start_key`]'s digests.
+const START_KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x2b7d_90c4_61e3_4a58_b0f2_8c1d_e5a3_7f96);
+
+/// The idempotency key of a start form: the key its page was shown with, and a digest of
+/// what the form asks (the flow, the input, the labels, and the start time as written, so
+/// that `2h` sent twice is the same form). The same form sent twice starts one run; sent
+/// again with another input (back, edit, send), it starts another.
+fn start_key(page_key: &str, flow: &str, input: &serde_json::Value, labels: &Labels, at: &str) -> String {
+    let asked = serde_json::json!([flow, input, labels, at]).to_string();
+    format!("{page_key}/{}", uuid::Uuid::new_v5(&START_KEY_NAMESPACE, asked.as_bytes()).simple())
 }
 
 #[derive(Deserialize)]
@@ -381,23 +550,25 @@ struct SignalForm {
 }
 
 async fn signal(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>, UiForm(form): UiForm<SignalForm>) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
+    let back = format!("/runs/{run_id}");
+    if let Some(refused) = ui.refusal(&form.token, &back) {
         return refused;
     }
     let data = match json_field("data", &form.data) {
         Ok(data) => data,
-        Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
+        Err(message) => return form_failure(StatusCode::BAD_REQUEST, &message, &back),
     };
     match ui.client.signal(&RunId(run_id.clone().into()), form.step, data).await {
-        Ok(signalled) if !signalled.applied => failure(
+        Ok(signalled) if !signalled.applied => form_failure(
             StatusCode::CONFLICT,
             &format!(
                 "not applied: step {} took a signal already, timed out, or the run ended ({})",
                 signalled.step,
                 signalled.status.as_str()
             ),
+            &back,
         ),
-        signalled => after_action(signalled, |_| format!("/runs/{run_id}")),
+        signalled => after_action(signalled, &back, |_| back.clone()),
     }
 }
 
@@ -420,21 +591,22 @@ async fn complete(
     Path(run_id): Path<String>,
     UiForm(form): UiForm<CompleteForm>,
 ) -> Response {
-    if let Some(refused) = ui.refusal(&form.token) {
+    let back = format!("/runs/{run_id}");
+    if let Some(refused) = ui.refusal(&form.token, &back) {
         return refused;
     }
     let task_token = match flowgrid_sdk::TaskToken::decode(&form.task_token) {
         Ok(task_token) if task_token.attempt.run_id.as_str() == run_id => task_token,
         Ok(task_token) => {
             let message = format!("the task token is of run {}, not of run {run_id}", task_token.attempt.run_id);
-            return failure(StatusCode::BAD_REQUEST, &message);
+            return form_failure(StatusCode::BAD_REQUEST, &message, &back);
         }
-        Err(problem) => return failure(StatusCode::BAD_REQUEST, &problem),
+        Err(problem) => return form_failure(StatusCode::BAD_REQUEST, &problem, &back),
     };
     let outcome = match form.error.trim() {
         "" => match json_field("output", &form.output) {
             Ok(output) => Ok(output),
-            Err(message) => return failure(StatusCode::BAD_REQUEST, &message),
+            Err(message) => return form_failure(StatusCode::BAD_REQUEST, &message, &back),
         },
         code => Err(flowgrid_sdk::TaskError {
             code: code.to_owned(),
@@ -443,11 +615,12 @@ async fn complete(
         }),
     };
     match ui.client.complete_task(&task_token, outcome).await {
-        Ok(false) => failure(
+        Ok(false) => form_failure(
             StatusCode::CONFLICT,
             "not applied: the task's attempt is no longer open (completed already, timed out, or its run ended)",
+            &back,
         ),
-        completed => after_action(completed, |_| format!("/runs/{run_id}")),
+        completed => after_action(completed, &back, |_| back.clone()),
     }
 }
 
@@ -472,20 +645,57 @@ fn reason_or(given: &str, default: &str) -> String {
 
 /// A form's fields, or the UI's error page saying what is wrong: a read-only UI takes no
 /// form at all (whatever it holds), else a field missing, a body that is not a form, one
-/// over [`BODY_BYTES_MAX`].
+/// over [`BODY_BYTES_MAX`], one that did not come in time (408).
 struct UiForm<T>(T);
 
 impl<T: DeserializeOwned> FromRequest<Arc<Ui>> for UiForm<T> {
     type Rejection = Response;
 
     async fn from_request(request: Request, ui: &Arc<Ui>) -> Result<Self, Response> {
+        let back = form_page(request.uri().path());
+        let refuse = |status: StatusCode, message: &str| match &back {
+            Some(back) => form_failure(status, message, back),
+            None => failure(status, message),
+        };
         if ui.token.is_none() {
-            return Err(read_only());
+            return Err(refuse(StatusCode::FORBIDDEN, READ_ONLY));
         }
         match Form::<T>::from_request(request, ui).await {
             Ok(Form(form)) => Ok(UiForm(form)),
-            Err(rejection) => Err(failure(rejection.status(), &rejection.body_text())),
+            Err(rejection) if body_too_slow(&rejection) => {
+                Err(refuse(StatusCode::REQUEST_TIMEOUT, &BodyTooSlow.to_string()))
+            }
+            Err(rejection) => Err(refuse(rejection.status(), &rejection.body_text())),
         }
+    }
+}
+
+/// The page whose form is sent to `path`: a run's or a flow's page for their buttons, the
+/// deploy page for `/flows`; none for another path (a start names its flow in the form).
+fn form_page(path: &str) -> Option<String> {
+    if path == "/flows" {
+        return Some("/deploy".to_owned());
+    }
+    let mut segments = path.strip_prefix('/')?.split('/');
+    match (segments.next(), segments.next(), segments.next(), segments.next()) {
+        (Some(kind @ ("runs" | "flows")), Some(id), Some(action), None) if !id.is_empty() && !action.is_empty() => {
+            Some(format!("/{kind}/{id}"))
+        }
+        _ => None,
+    }
+}
+
+/// A method a page does not take: above all a GET of a form's target (the address bar after
+/// a form's failure, a bookmark, a reload), answered with a link to the form's page.
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    match form_page(path) {
+        Some(back) => form_failure(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{path} is no page: a form of {back} sends its request there; open {back} to send it"),
+            &back,
+        ),
+        None => failure(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not how {path} is asked for")),
     }
 }
 
@@ -512,15 +722,15 @@ async fn token_action<T: Outcome>(
     action: impl std::future::Future<Output = flowgrid_sdk::Result<T>>,
     back: String,
 ) -> Response {
-    if let Some(refused) = ui.refusal(token) {
+    if let Some(refused) = ui.refusal(token, &back) {
         return refused;
     }
     match action.await {
         Ok(done) => match done.unchanged() {
-            Some(why) => failure(StatusCode::CONFLICT, &format!("nothing changed: {why}")),
+            Some(why) => form_failure(StatusCode::CONFLICT, &format!("nothing changed: {why}"), &back),
             None => Redirect::to(&back).into_response(),
         },
-        Err(error) => api_failure(&error),
+        Err(error) => api_failure(&error, Some(&back)),
     }
 }
 
@@ -609,26 +819,29 @@ async fn resume_flow(State(ui): State<Arc<Ui>>, Path(name): Path<String>, UiForm
 }
 
 impl Ui {
-    /// Why a form is refused: a form is taken only with actions on and this process's token.
-    fn refusal(&self, token: &str) -> Option<Response> {
+    /// Why a form of page `back` is refused: a form is taken only with actions on and this
+    /// process's token. The refusal links to `back`, which, opened again, has the token of now.
+    fn refusal(&self, token: &str, back: &str) -> Option<Response> {
         match &self.token {
-            None => Some(read_only()),
+            None => Some(form_failure(StatusCode::FORBIDDEN, READ_ONLY, back)),
             Some(expected) if api::same_secret(token.as_bytes(), expected.as_bytes()) => None,
-            Some(_) => Some(failure(
+            Some(_) => Some(form_failure(
                 StatusCode::FORBIDDEN,
-                "the form's token is not this UI's (it restarted, or the form came from another site): reload the page \
-                 and send it again",
+                &format!(
+                    "the form's token is not this UI's (it restarted, or the form came from another site): open {back} \
+                     again and send the form from there"
+                ),
+                back,
             )),
         }
     }
 }
 
+const READ_ONLY: &str = "this UI is read-only: start it with `flowgrid ui --actions` to deploy, start, signal, pause, \
+                         resume, cancel and redrive";
+
 fn read_only() -> Response {
-    failure(
-        StatusCode::FORBIDDEN,
-        "this UI is read-only: start it with `flowgrid ui --actions` to deploy, start, signal, pause, resume, cancel and \
-         redrive",
-    )
+    failure(StatusCode::FORBIDDEN, READ_ONLY)
 }
 
 /// A JSON form field; empty is null. The error says which field and why.
@@ -639,11 +852,12 @@ fn json_field(name: &str, text: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(text).map_err(|error| format!("the {name} is not valid JSON: {error}"))
 }
 
-/// Where a form's action leads: the page it changed, or a page that says why it failed.
-fn after_action<T>(outcome: Result<T, flowgrid_sdk::Error>, page_of: impl FnOnce(T) -> String) -> Response {
+/// Where a form's action leads: the page it changed, or a page that says why it failed,
+/// with a link to `back`, the form's page.
+fn after_action<T>(outcome: Result<T, flowgrid_sdk::Error>, back: &str, page_of: impl FnOnce(T) -> String) -> Response {
     match outcome {
         Ok(done) => Redirect::to(&page_of(done)).into_response(),
-        Err(error) => api_failure(&error),
+        Err(error) => api_failure(&error, Some(back)),
     }
 }
 
@@ -668,9 +882,13 @@ fn status_of(error: &flowgrid_sdk::Error) -> StatusCode {
     }
 }
 
-/// A refusal of the grid as a page with the status it calls for.
-fn api_failure(error: &flowgrid_sdk::Error) -> Response {
-    failure(status_of(error), &error.to_string())
+/// A refusal of the grid as a page with the status it calls for and the problems it located
+/// (of a definition, of an input against its flow's `input_schema`); with a link to `back`,
+/// the page of the form that asked, if one did.
+fn api_failure(error: &flowgrid_sdk::Error, back: Option<&str>) -> Response {
+    let status = status_of(error);
+    let issues: &[Issue] = error.api().map_or(&[], |refusal| &refusal.issues);
+    (status, pages::failure(status.as_u16(), &error.to_string(), issues, back)).into_response()
 }
 
 /// The names a request may address the UI by (its `Host`): loopback names always, IP
@@ -700,6 +918,17 @@ impl HostPolicy {
         Ok(HostPolicy { loopback: listen.ip().is_loopback(), allowed: names })
     }
 
+    /// Whether a request with `host` (its `Host` header, if it has one) may be answered. A
+    /// `Host` that is not plain ASCII text names no host the UI answers for: it is refused,
+    /// not taken for a missing one.
+    fn allows_header(&self, host: Option<&HeaderValue>) -> bool {
+        match host.map(HeaderValue::to_str) {
+            None => self.allows(""),
+            Some(Ok(host)) => self.allows(host),
+            Some(Err(_)) => false,
+        }
+    }
+
     fn allows(&self, host: &str) -> bool {
         // A request without a `Host` (HTTP/1.0: a load balancer's health check) does not
         // come from a browser, so it cannot be a page of another site.
@@ -722,10 +951,11 @@ async fn known_hosts_only(
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let host = request.headers().get(axum::http::header::HOST).and_then(|value| value.to_str().ok()).unwrap_or("");
-    if policy.allows(host) {
+    let host = request.headers().get(axum::http::header::HOST);
+    if policy.allows_header(host) {
         return next.run(request).await;
     }
+    let host = host.map(|host| String::from_utf8_lossy(host.as_bytes())).unwrap_or_default();
     let how = if policy.loopback {
         "this UI listens on a loopback address and answers for localhost, 127.0.0.1 and the names of --allowed-host: \
          open it as http://127.0.0.1:<port>/"
@@ -753,14 +983,100 @@ fn host_name(host: &str) -> String {
 }
 
 fn failure(status: StatusCode, message: &str) -> Response {
-    (status, pages::failure(status.as_u16(), message)).into_response()
+    (status, pages::failure(status.as_u16(), message, &[], None)).into_response()
+}
+
+/// The failure of a form: the page says why and links to `back`, the page the form is on
+/// (the address bar holds the form's target, which is no page to reload).
+fn form_failure(status: StatusCode, message: &str, back: &str) -> Response {
+    (status, pages::failure(status.as_u16(), message, &[], Some(back))).into_response()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{status_of, HostPolicy};
-    use axum::http::StatusCode;
+    use std::time::Duration;
+
+    use super::{body_too_slow, form_page, read_in_time, start_key, status_of, HostPolicy};
+    use axum::body::{Body, Bytes};
+    use axum::extract::FromRequest;
+    use axum::http::{HeaderValue, StatusCode};
     use flowgrid_sdk::{ApiError, Error, ErrorCode};
+    use futures::StreamExt;
+    use serde_json::json;
+
+    /// A form sent to the UI whose body is `body` read in time (`idle`, `total`): the
+    /// rejection of its fields, if any.
+    async fn form_of(body: Body, idle: Duration, total: Duration) -> Option<axum::extract::rejection::FormRejection> {
+        let request = axum::http::Request::post("/runs")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(read_in_time(body, idle, total))
+            .unwrap();
+        axum::Form::<std::collections::HashMap<String, String>>::from_request(request, &()).await.err()
+    }
+
+    #[tokio::test]
+    async fn a_body_that_pauses_or_trickles_is_refused_as_too_slow_and_one_that_comes_is_read() {
+        // A few bytes, then nothing: refused after the pause.
+        let stalled = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"token=x"))])
+            .chain(futures::stream::pending());
+        let refused = form_of(Body::from_stream(stalled), Duration::from_millis(100), Duration::from_secs(60)).await;
+        assert!(refused.as_ref().is_some_and(|rejection| body_too_slow(rejection)), "{refused:?}");
+        // A byte now and then, never pausing long: refused when the whole has taken too long.
+        let trickle = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b"a")), ()))
+        });
+        let refused = form_of(Body::from_stream(trickle), Duration::from_secs(60), Duration::from_millis(200)).await;
+        assert!(refused.as_ref().is_some_and(|rejection| body_too_slow(rejection)), "{refused:?}");
+        // A body that comes is read whole; another failure is not taken for slowness.
+        let whole = form_of(Body::from("token=x&flow=f"), Duration::from_millis(100), Duration::from_secs(1)).await;
+        assert!(whole.is_none(), "{whole:?}");
+        let broken = futures::stream::iter([Err::<Bytes, _>(std::io::Error::other("reset"))]);
+        let refused = form_of(Body::from_stream(broken), Duration::from_secs(1), Duration::from_secs(1)).await;
+        assert!(refused.as_ref().is_some_and(|rejection| !body_too_slow(rejection)), "{refused:?}");
+    }
+
+    #[test]
+    fn a_start_forms_key_is_its_pages_with_what_it_asks() {
+        let labels = [("customer".to_owned(), "acme".to_owned())].into();
+        let asked = start_key("ui-1", "f", &json!({"a": 1}), &labels, "2h");
+        assert_eq!(asked, start_key("ui-1", "f", &json!({"a": 1}), &labels, "2h"), "the same form, the same key");
+        assert!(asked.starts_with("ui-1/"), "{asked}");
+        for other in [
+            start_key("ui-2", "f", &json!({"a": 1}), &labels, "2h"),
+            start_key("ui-1", "g", &json!({"a": 1}), &labels, "2h"),
+            start_key("ui-1", "f", &json!({"a": 2}), &labels, "2h"),
+            start_key("ui-1", "f", &json!({"a": 1}), &Default::default(), "2h"),
+            start_key("ui-1", "f", &json!({"a": 1}), &labels, "3h"),
+        ] {
+            assert_ne!(asked, other);
+        }
+        // Within the grid's bound on a key, with the page's key as long as any page makes.
+        let page_key = format!("ui-{}", uuid::Uuid::new_v4());
+        let longest = start_key(&page_key, "f", &json!(null), &Default::default(), "");
+        assert!(longest.len() <= flowgrid_proto::IDEMPOTENCY_KEY_BYTES_MAX, "{longest}");
+    }
+
+    #[test]
+    fn a_forms_target_leads_back_to_the_page_of_the_form() {
+        assert_eq!(form_page("/runs/r1/cancel").as_deref(), Some("/runs/r1"));
+        assert_eq!(form_page("/flows/f/pause").as_deref(), Some("/flows/f"));
+        assert_eq!(form_page("/flows").as_deref(), Some("/deploy"));
+        for path in ["/runs", "/runs/r1", "/runs//cancel", "/runs/r1/", "/runs/r1/cancel/x", "/api/runs/x", "/"] {
+            assert_eq!(form_page(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_host_that_is_not_plain_ascii_is_refused_and_a_missing_one_is_not() {
+        let policy = HostPolicy::new("127.0.0.1:8480".parse().unwrap(), &[]).unwrap();
+        assert!(policy.allows_header(None));
+        assert!(policy.allows_header(Some(&HeaderValue::from_static("localhost:8480"))));
+        for host in [&b"local\xe9host"[..], b"\xff", b"127.0.0.1\x80"] {
+            let host = HeaderValue::from_bytes(host).unwrap();
+            assert!(!policy.allows_header(Some(&host)), "{host:?}");
+        }
+    }
 
     #[test]
     fn a_final_failure_of_the_grid_is_a_500_and_one_worth_retrying_a_503() {

@@ -6,14 +6,17 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use serde_json::Value;
 
 use flowgrid_engine::{RunStatus, RunView, StepStatus, StepView};
-use flowgrid_model::{AttemptId, FlowDefinition, Millis, ParentRef, RunId, Step};
-use flowgrid_proto::{FlowInfo, FlowList, LimitList, LiveOutput, RunHistory, RunList, RunSummary};
+use flowgrid_model::{AttemptId, FlowDefinition, Issue, Millis, ParentRef, RunId, Step};
+use flowgrid_proto::{FlowInfo, FlowList, LimitList, LiveOutput, RunHistory, RunList, RunStarted, RunSummary};
 
 use super::dag::Layout;
 use crate::output::{self, duration_ms, item_counts, now_ms, span, utc_time, utc_time_ms};
 
 /// Seconds between reloads of a page that shows something still going.
 const REFRESH_S: u32 = 2;
+/// Earlier versions a flow's page links, the newest of them: a flow deployed tens of
+/// thousands of times still has a small page (a form shows any other version).
+const VERSIONS_LINKED: u32 = 20;
 
 const STYLE: &str = r#"
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9; }
@@ -229,15 +232,26 @@ pub fn flow(
                     "."
                 }
             }
+            @let oldest_linked = info.version.saturating_sub(VERSIONS_LINKED).max(1);
             p.muted {
                 "Deployed " (utc_time(info.deployed_ms)) " UTC. "
                 @if info.version > 1 {
                     "Earlier versions: "
-                    @for version in (1..info.version).rev() {
+                    @for version in (oldest_linked..info.version).rev() {
                         a href=(format!("/flows/{}?version={version}", info.name)) { (version) } " "
+                    }
+                    @if oldest_linked > 1 {
+                        @if oldest_linked > 2 { "… " }
+                        a href=(format!("/flows/{}?version=1", info.name)) { "1" } " "
                     }
                 }
                 a href=(format!("/flows/{}", info.name)) { "the latest version" }
+            }
+            @if oldest_linked > 2 {
+                form.filter method="get" action=(format!("/flows/{}", info.name)) {
+                    label { "Version " input type="number" name="version" min="1" required; }
+                    button type="submit" { "Show" }
+                }
             }
             @if let Some(pause) = &info.paused {
                 p.notice {
@@ -258,7 +272,8 @@ pub fn flow(
                 form.action method="post" action="/runs" {
                     input type="hidden" name="token" value=(token);
                     input type="hidden" name="flow" value=(info.name);
-                    // A key per page view: the same form posted twice starts one run.
+                    // A key per page view, to which the start adds what the form asks: the same
+                    // form posted twice starts one run, an edited one another.
                     input type="hidden" name="key" value=(format!("ui-{}", uuid::Uuid::new_v4()));
                     label { "Input (JSON) " textarea name="input" rows="3" placeholder="{}" {} }
                     label { "Labels " input type="text" name="labels" placeholder="customer=acme, source=web"; }
@@ -721,14 +736,43 @@ fn timeline(step: &StepView, created_ms: u64, total: u64, now: u64) -> Markup {
     }
 }
 
-pub fn failure(status: u16, message: &str) -> Markup {
+/// The page of a failed request: why, the problems the grid located (a definition's, an
+/// input's against its flow's schema), and a link to `back` (the page of the form that was
+/// sent) or to the overview.
+pub fn failure(status: u16, message: &str, issues: &[Issue], back: Option<&str>) -> Markup {
     layout(
         "Error",
         false,
         html! {
             h1 { "Error " (status) }
-            div.error { (message) }
-            p { a href="/" { "Back to the overview" } }
+            div.error {
+                (message)
+                @if !issues.is_empty() {
+                    ul { @for issue in issues { li { code { (issue.path) } ": " (issue.message) } } }
+                }
+            }
+            p {
+                @if let Some(back) = back { a href=(back) { "Back to " (back) } " · " }
+                a href="/" { "Back to the overview" }
+            }
+        },
+    )
+}
+
+/// The answer to a start form sent again as it was (a double click, a reload that posts
+/// again): the run it started the first time, and no other.
+pub fn started_already(started: &RunStarted, back: &str) -> Markup {
+    let run_path = format!("/runs/{}", started.run_id);
+    layout(
+        "Started already",
+        false,
+        html! {
+            h1 { "Started already" }
+            p.notice {
+                "This form was sent already: it started run " a href=(run_path) { code { (started.run_id) } }
+                " of " (started.flow) "@" (started.version) ", and no other run was started."
+            }
+            p { a href=(back) { "Back to " (back) } " to start another" }
         },
     )
 }
@@ -736,6 +780,35 @@ pub fn failure(status: u16, message: &str) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flow_of_many_versions_links_the_latest_ones_and_the_first() {
+        let definition = flowgrid_model::parse_definition(
+            "name: many\nsteps:\n  - { id: t, kind: transform, output: '1' }\n",
+            &flowgrid_model::Limits::default(),
+        )
+        .unwrap();
+        let info = |version| FlowInfo {
+            name: "many".into(),
+            version,
+            deployed_ms: 0,
+            definition: definition.clone(),
+            paused: None,
+        };
+        let linked = |page: &str| page.matches(r#"href="/flows/many?version="#).count();
+        let page = flow(&info(100_000), &Ok(Vec::new()), &Err("none".into()), None).into_string();
+        assert_eq!(linked(&page), VERSIONS_LINKED as usize + 1, "{page}");
+        assert!(
+            page.contains(r#"href="/flows/many?version=99999""#) && page.contains(r#"href="/flows/many?version=1""#)
+        );
+        assert!(!page.contains(r#"href="/flows/many?version=99979""#), "{page}");
+        assert!(page.contains(r#"name="version""#), "a form shows any version: {page}");
+        assert!(page.len() < 16 * 1024, "{}", page.len());
+        // A flow of few versions links them all, with no form.
+        let page = flow(&info(3), &Ok(Vec::new()), &Err("none".into()), None).into_string();
+        assert_eq!(linked(&page), 2, "{page}");
+        assert!(!page.contains(r#"name="version""#), "{page}");
+    }
 
     #[test]
     fn a_large_value_is_cut_on_the_run_page_saying_where_the_whole_is() {
