@@ -503,8 +503,8 @@ fn change_request<T: DeserializeOwned>(
         return Err(Box::new(refused));
     }
     let body = body.map_err(|rejection| {
-        if super::body_too_slow(&rejection) {
-            let message = super::BodyTooSlow.to_string();
+        if super::server::body_too_slow(&rejection) {
+            let message = super::server::BodyTooSlow.to_string();
             return Box::new(error(StatusCode::REQUEST_TIMEOUT, "request_timeout", &message));
         }
         let status = rejection.status();
