@@ -1,8 +1,10 @@
 //! Triggers: every message of a stream starts exactly one run of the flow, with the message
-//! as its input, across a coordinator crash; a message that is not JSON starts nothing; a
-//! trigger that could never start a run (its stream does not exist, is no stream's name,
-//! keeps messages only for the consumers there, or has no subject its own could match) is
-//! refused at deploy; a version without a trigger stops it.
+//! as its input, across a coordinator crash and a pause amid a backlog; a message that is
+//! not JSON starts nothing, nor does one older than the retention of ended runs when the
+//! trigger's consumer is made again; a trigger that could never start a run (its stream
+//! does not exist, is no stream's name, keeps messages only for the consumers there, or has
+//! no subject its own could match) is refused at deploy; a version without a trigger stops
+//! it.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use anyhow::Context;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{self, RetentionPolicy};
 use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus};
-use flowgrid_tests::{wait_for, Grid};
+use flowgrid_tests::{free_port, metric_value, scrape_metrics, wait_for, Grid};
 use serde_json::Value;
 
 use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
@@ -156,6 +158,104 @@ async fn messages_published_before_the_trigger_s_consumer_was_made_start_their_r
     client.resume_flow("on-order", "done").await.or_logs(&grid)?;
     let runs = runs_once(&grid, &client, 3, RUN_DEADLINE).await?;
     assert_eq!(ids_and_orders(&runs), expected, "one run per message published since the deploy");
+    Ok(())
+}
+
+/// A trigger's consumer deleted (to start afresh, or by mistake) is made again reading from
+/// the flow's first deploy: the messages published longer ago than the retention, whose
+/// runs may have been deleted, start no second run under the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_made_again_starts_no_run_for_messages_older_than_the_retention() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats()?;
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+    grid.spawn_coordinator_with_args(&["--retain-ended-runs", "2s", "--metrics-addr", &metrics_addr])?;
+    grid.wait_until_serving().await?;
+    grid.start_workers(&["a"], 8)?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let orders = stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
+    jetstream.create_stream(orders).await?;
+    deploy(&grid, &client, TRIGGERED).await?;
+    wait_trigger_consumer(&grid, &jetstream).await?;
+    for order in 1..=3 {
+        publish(&jetstream, "orders.eu.created", format!(r#"{{"order": {order}}}"#)).await?;
+    }
+    runs_once(&grid, &client, 3, RUN_DEADLINE).await?;
+    let query = || ListRuns { flow: Some("on-order".into()), ..Default::default() };
+    wait_for("the ended runs to be deleted", RUN_DEADLINE, || async {
+        client.list(query()).await.ok().filter(|list| list.runs.is_empty())
+    })
+    .await
+    .or_logs(&grid)?;
+
+    let consumer = format!("{}_trigger_on-order", grid.prefix);
+    jetstream.get_stream("ORDERS").await?.delete_consumer(&consumer).await?;
+    wait_trigger_consumer(&grid, &jetstream).await?;
+    // The consumer made again delivers the three messages again: each is either turned
+    // away as too old or starts a run, whichever shows first.
+    let too_old = "flowgrid_trigger_messages_total{flow=\"on-order\",outcome=\"too_old\"}";
+    let (runs, turned_away) = wait_for("the messages delivered again to be settled", RUN_DEADLINE, || async {
+        let turned_away = metric_value(&scrape_metrics(&metrics_addr).ok()?, too_old).unwrap_or(0.0);
+        let runs = client.list(query()).await.ok()?.runs;
+        (!runs.is_empty() || turned_away >= 3.0).then_some((runs, turned_away))
+    })
+    .await
+    .or_logs(&grid)?;
+    let started: Vec<_> = runs.iter().map(|run| &run.run_id).collect();
+    assert_eq!(
+        (started.len(), turned_away),
+        (0, 3.0),
+        "no message older than the retention starts a run again: {started:?}"
+    );
+    Ok(())
+}
+
+/// Messages waiting for a trigger: more than the starts it runs at once (64).
+const BACKLOG: i64 = 200;
+
+/// A flow paused while its trigger works through a backlog, and resumed: every message
+/// starts its run exactly once, those whose start had not begun when the pause came too
+/// (they go back to the stream for the resume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_paused_amid_a_backlog_starts_every_run_once_resumed() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let orders = stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
+    jetstream.create_stream(orders).await?;
+    // The trigger's version is deployed while the flow is paused, so that the backlog is
+    // all there when the resume makes its consumer.
+    let untriggered = TRIGGERED.replace("trigger: { stream: ORDERS, subject: 'orders.*.created' }\n", "");
+    deploy(&grid, &client, &untriggered).await?;
+    client.pause_flow("on-order", "backlog").await.or_logs(&grid)?;
+    deploy(&grid, &client, TRIGGERED).await?;
+    let mut expected = BTreeSet::new();
+    for order in 1..=BACKLOG {
+        expected
+            .insert((publish(&jetstream, "orders.eu.created", format!(r#"{{"order": {order}}}"#)).await?, Some(order)));
+    }
+    // Paused again as the trigger begins: most often amid the backlog, some of its starts
+    // under way and some not begun.
+    client.resume_flow("on-order", "backlog in").await.or_logs(&grid)?;
+    client.pause_flow("on-order", "amid the backlog").await.or_logs(&grid)?;
+    client.resume_flow("on-order", "done").await.or_logs(&grid)?;
+
+    let deadline = Duration::from_secs(60);
+    let runs = wait_for(&format!("{BACKLOG} runs of on-order"), deadline, || async {
+        let query = ListRuns { flow: Some("on-order".into()), limit: Some(1_000), ..Default::default() };
+        let runs = client.list(query).await.ok()?.runs;
+        let ended = runs.iter().all(|run| run.status == RunStatus::Succeeded);
+        (runs.len() >= BACKLOG as usize && ended).then_some(runs)
+    })
+    .await
+    .or_logs(&grid)?;
+    let mut inputs = Vec::new();
+    for run in runs {
+        let input = client.get(&run.run_id).await?.input;
+        inputs.push((run.run_id, input));
+    }
+    assert_eq!(inputs.len(), BACKLOG as usize, "one run per message");
+    assert_eq!(ids_and_orders(&inputs), expected, "each message started its own run");
     Ok(())
 }
 

@@ -191,7 +191,7 @@ pub fn describe() {
     describe_counter!(
         TRIGGER_MESSAGES,
         Unit::Count,
-        "Messages of a flow's trigger stream, by flow and outcome: started (a run), malformed (not JSON), input_failed (the input expression failed) or refused."
+        "Messages of a flow's trigger stream, by flow and outcome: started (a run), malformed (not JSON), input_failed (the input expression failed), refused, or too_old (published longer ago than the retention of ended runs, so its run may have been deleted)."
     );
     describe_gauge!(
         RUN_MESSAGES_PENDING,

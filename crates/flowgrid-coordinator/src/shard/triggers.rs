@@ -14,8 +14,24 @@
 //! run's start is committed; one that is not JSON, whose input expression fails, or whose
 //! start is refused for good (an input over the payload limit), is logged, counted and not
 //! delivered again.
+//!
+//! A message is pulled only when its start can begin at once (a pull asks for no more
+//! messages than there are free permits), so the time it is out is its start's, at most
+//! [`START_TIMEOUT`], under the consumer's [`ACK_WAIT`]: the stream does not deliver it
+//! again while it is being started. Once a trigger is stopped (its flow paused, another
+//! version deployed) it pulls and starts nothing more: a start that had not begun gives
+//! its message back to the stream at once, for the next reader, and so does a message that
+//! the pull open at the stop still brings.
+//!
+//! Under `--retain-ended-runs`, a message whose run may have been deleted (it was
+//! published, and the trigger first deployed, longer ago than the retention) is
+//! not started: the consumer made again (deleted by hand, or lost) reads from the flow's
+//! first deploy, and a start for such a message would make a second run under the id of
+//! one that ran and was deleted. It is logged, counted `too_old` and not delivered again.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,12 +41,15 @@ use flowgrid_model::{Evaluator, Expr, ExprError, FlowPlan, Millis, Scope, Trigge
 use flowgrid_proto::StartRun;
 use flowgrid_sdk::Client;
 use flowgrid_store::ShardStore;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::actor::ShardActor;
+use crate::clock::now_ms;
 use crate::metrics;
 use crate::submit::{after_failed_start, retry_delay, AfterFailedStart, FAILED_RETRY_DELAY};
 
@@ -42,6 +61,10 @@ const ACK_WAIT: Duration = Duration::from_secs(10);
 /// an overloaded grid): a start still under way when the stream delivers its message again
 /// would start it twice at once, and fill the permits with copies.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pull waits for messages before the next is asked for. A pull ends as soon as
+/// it has the messages it asked for, so this bounds only an idle trigger's requests (and
+/// how long a pull lost with the connection goes unnoticed).
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Pause before the consumer is opened again after the stream could not be read.
 const REOPEN_PAUSE: Duration = Duration::from_secs(5);
 
@@ -87,6 +110,8 @@ impl<S: ShardStore> ShardActor<S> {
             flow: plan.name.clone(),
             version: plan.version,
             since_ms: since_ms.unwrap_or(0),
+            retain_ended_ms: self.context.retain_ended_ms,
+            too_old_warned: AtomicBool::new(false),
             trigger: trigger.clone(),
             input: plan.trigger_input.clone().map(|expr| (expr, Arc::clone(self.context.plans.evaluator()))),
         };
@@ -102,6 +127,11 @@ struct TriggerConsumer {
     version: u32,
     /// When the first version of the flow that reads this stream was deployed (Unix ms).
     since_ms: Millis,
+    /// How long an ended run stays in the store (`--retain-ended-runs`); `None` keeps them all.
+    retain_ended_ms: Option<u64>,
+    /// Whether a message too old to start was logged as a warning since the consumer was
+    /// last opened: the others of a replay are logged at debug level.
+    too_old_warned: AtomicBool,
     trigger: Trigger,
     /// The trigger's input expression, and the evaluator to run it.
     input: Option<(Expr, Arc<Evaluator>)>,
@@ -112,7 +142,7 @@ impl TriggerConsumer {
     /// failure (a stream deleted and made again, NATS away).
     async fn run(self, stop: CancellationToken) {
         let this = Arc::new(self);
-        let permits = Arc::new(tokio::sync::Semaphore::new(STARTS_IN_FLIGHT_MAX));
+        let permits = Arc::new(Semaphore::new(STARTS_IN_FLIGHT_MAX));
         let mut warned = false;
         while !stop.is_cancelled() {
             match this.consume(&permits, &stop, &mut warned).await {
@@ -133,7 +163,7 @@ impl TriggerConsumer {
 
     async fn consume(
         self: &Arc<Self>,
-        permits: &Arc<tokio::sync::Semaphore>,
+        permits: &Arc<Semaphore>,
         stop: &CancellationToken,
         warned: &mut bool,
     ) -> Result<(), String> {
@@ -186,36 +216,66 @@ impl TriggerConsumer {
                 }
             }
         };
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(STARTS_IN_FLIGHT_MAX)
-            .messages()
-            .await
-            .map_err(|error| error.to_string())?;
-        debug!(flow = %self.flow, consumer = %self.name, "trigger reading its stream");
         if std::mem::take(warned) {
             // The next failure warns again.
             info!(flow = %self.flow, stream = %self.trigger.stream, "trigger reads its stream again");
         }
-        loop {
-            let message = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                message = messages.next() => match message {
-                    Some(Ok(message)) => message,
-                    Some(Err(error)) => {
-                        debug!(flow = %self.flow, error = %error, "trigger read failed; continuing");
-                        continue;
-                    }
-                    None => return Err("the consumer's messages ended".to_owned()),
-                },
-            };
-            let Ok(permit) = permits.clone().acquire_owned().await else { return Ok(()) };
+        self.too_old_warned.store(false, Ordering::Relaxed);
+        debug!(flow = %self.flow, consumer = %self.name, "trigger reading its stream");
+        // A pull above the consumer's own bound (one made by hand) would be refused.
+        let pull_max = usize::try_from(consumer.cached_info().config.max_batch).ok().filter(|&max| max > 0);
+        let pull = |messages: usize| {
+            let consumer = consumer.clone();
+            async move {
+                let messages = pull_max.map_or(messages, |max| messages.min(max));
+                let pulled = consumer
+                    .batch()
+                    .max_messages(messages)
+                    .expires(PULL_EXPIRES)
+                    .messages()
+                    .await
+                    .map_err(|error| error.to_string())?;
+                Ok(pulled.map(|message| message.map_err(|error| error.to_string())))
+            }
+        };
+        let hand = |message, permit| {
             let this = self.clone();
             let keys = keys.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
-                this.start(message, &keys).await;
+                this.start_unless_stopped(message, &keys, &stop).await;
                 drop(permit);
             });
+        };
+        let give_back = |message: Message| {
+            debug!(flow = %self.flow, version = self.version, "trigger stopped as a pull delivered a message; it goes back to the stream");
+            tokio::spawn(async move {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            });
+        };
+        read_messages(pull, permits, stop, hand, give_back).await
+    }
+
+    /// Starts the run of `message` unless the trigger was stopped since it was pulled: then
+    /// it goes back to the stream at once, for the next reader (the flow's next version, or
+    /// its resume), and no run of this version starts after the stop was answered.
+    async fn start_unless_stopped(&self, message: Message, keys: &str, stop: &CancellationToken) {
+        if stop.is_cancelled() {
+            debug!(flow = %self.flow, version = self.version, "trigger stopped before the message's start; it goes back to the stream");
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+            return;
+        }
+        self.start(message, keys).await;
+    }
+
+    /// Logs a message too old to start: a warning for the first since the consumer was
+    /// opened, as a replay may hold many, then at debug level.
+    fn warn_too_old(&self, sequence: u64, published_ms: Millis) {
+        let retain_ms = self.retain_ended_ms.unwrap_or_default();
+        if self.too_old_warned.swap(true, Ordering::Relaxed) {
+            debug!(flow = %self.flow, stream = %self.trigger.stream, sequence, published_ms, "trigger message older than the retention of ended runs; no run started for it");
+        } else {
+            warn!(flow = %self.flow, stream = %self.trigger.stream, sequence, published_ms, retain_ms, "trigger message published longer ago than --retain-ended-runs: its run may have ended and been deleted, and a start would run it a second time; no run started for it (others as old are logged at debug level)");
         }
     }
 
@@ -230,7 +290,18 @@ impl TriggerConsumer {
     /// Starts the run of one message, keyed `<keys><sequence>`; acknowledges it once the
     /// start is committed.
     async fn start(&self, message: Message, keys: &str) {
-        let sequence = message.info().map(|info| info.stream_sequence).unwrap_or(0);
+        let info = message.info().ok();
+        let sequence = info.as_ref().map_or(0, |info| info.stream_sequence);
+        let published_ms =
+            info.and_then(|info| Millis::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok());
+        let too_old =
+            |&published_ms: &Millis| run_may_be_deleted(published_ms, self.since_ms, self.retain_ended_ms, now_ms());
+        if let Some(published_ms) = published_ms.filter(too_old) {
+            self.warn_too_old(sequence, published_ms);
+            count(&self.flow, "too_old");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
         let payload: serde_json::Value = match serde_json::from_slice(&message.payload) {
             Ok(payload) => payload,
             Err(error) => {
@@ -282,6 +353,196 @@ impl TriggerConsumer {
     }
 }
 
+/// Whether the run of a message published at `published_ms` may have been deleted at
+/// `now_ms` under a retention of ended runs of `retain_ended_ms`, for a trigger first
+/// deployed at `first_deploy_ms`. That run started after the message was published and
+/// after the deploy, and ended later still; a run is deleted once it ended longer ago than
+/// the retention.
+fn run_may_be_deleted(
+    published_ms: Millis,
+    first_deploy_ms: Millis,
+    retain_ended_ms: Option<u64>,
+    now_ms: Millis,
+) -> bool {
+    let Some(retain_ms) = retain_ended_ms else { return false };
+    published_ms.max(first_deploy_ms) < now_ms.saturating_sub(retain_ms)
+}
+
+/// Reads messages until `stop`, each pull asking for no more than the free `permits`, and
+/// hands each message to `hand` with the permit its start holds: a message never waits for
+/// a permit once delivered, so its time out is its start's. Once `stop` is cancelled
+/// nothing more is pulled nor handed over (the stop comes first whatever else is ready):
+/// what the pull then open still brings, until it ends, goes to `give_back`, as NATS
+/// delivers to a pull asked for though its reader went away, and each such message would
+/// wait out the ack wait. `pull(n)` asks the consumer for at most `n` messages; an error of
+/// a pull, or a pull that ends at once with no message (its consumer gone), ends the
+/// reading with it.
+async fn read_messages<M, P, F, Pulled>(
+    mut pull: P,
+    permits: &Arc<Semaphore>,
+    stop: &CancellationToken,
+    mut hand: impl FnMut(M, OwnedSemaphorePermit),
+    mut give_back: impl FnMut(M),
+) -> Result<(), String>
+where
+    P: FnMut(usize) -> F,
+    F: Future<Output = Result<Pulled, String>>,
+    Pulled: Stream<Item = Result<M, String>> + Unpin,
+{
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(()),
+            permit = Arc::clone(permits).acquire_owned() => permit,
+        };
+        let Ok(first) = first else { return Ok(()) };
+        let mut granted = vec![first];
+        while let Ok(permit) = Arc::clone(permits).try_acquire_owned() {
+            granted.push(permit);
+        }
+        let pulled_at = Instant::now();
+        // Not raced with `stop`: asking takes no wait for messages, and a pull asked for is
+        // read to its end.
+        let mut pulled = pull(granted.len()).await?;
+        let mut handed = 0_usize;
+        let mut stopped = false;
+        loop {
+            let next = if stopped {
+                pulled.next().await
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => {
+                        stopped = true;
+                        continue;
+                    }
+                    next = pulled.next() => next,
+                }
+            };
+            match next {
+                Some(Ok(message)) if stopped => give_back(message),
+                Some(Ok(message)) => {
+                    let permit = granted.pop().ok_or("a pull delivered more messages than it asked for")?;
+                    hand(message, permit);
+                    handed += 1;
+                }
+                Some(Err(_)) | None if stopped => return Ok(()),
+                Some(Err(error)) => return Err(error),
+                None if handed == 0 && pulled_at.elapsed() < PULL_EXPIRES / 2 => {
+                    return Err("a pull of the consumer ended at once with no message".to_owned())
+                }
+                None => break,
+            }
+        }
+    }
+}
+
 fn count(flow: &str, outcome: &'static str) {
     ::metrics::counter!(metrics::TRIGGER_MESSAGES, "flow" => flow.to_owned(), "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::pin::pin;
+
+    use futures::{stream, FutureExt};
+
+    use super::*;
+
+    const DAY_MS: Millis = 86_400_000;
+
+    #[test]
+    fn a_message_s_run_may_be_deleted_once_it_and_the_first_deploy_are_older_than_the_retention() {
+        let now = 100 * DAY_MS;
+        let retain = Some(30 * DAY_MS);
+        assert!(run_may_be_deleted(60 * DAY_MS, 50 * DAY_MS, retain, now), "published 40 days ago, deployed 50");
+        assert!(!run_may_be_deleted(80 * DAY_MS, 50 * DAY_MS, retain, now), "published 20 days ago");
+        // A consumer made by hand before the first deploy hands over older messages: their
+        // runs started after the deploy.
+        assert!(!run_may_be_deleted(10 * DAY_MS, 80 * DAY_MS, retain, now), "deployed 20 days ago");
+        assert!(!run_may_be_deleted(0, 0, None, now), "without a retention every run is kept");
+    }
+
+    /// What a pull of the tests delivers: `count` messages, numbered from 0, then its end.
+    type Pulled = stream::Iter<std::vec::IntoIter<Result<usize, String>>>;
+
+    fn messages(count: usize) -> Pulled {
+        stream::iter((0..count).map(Ok).collect::<Vec<_>>())
+    }
+
+    /// Pulls that deliver at once what they ask for and end, as pulls of a stream with a
+    /// backlog do, recording in `asked` what each asked for.
+    fn backlog(
+        asked: &RefCell<Vec<usize>>,
+    ) -> impl FnMut(usize) -> futures::future::Ready<Result<Pulled, String>> + '_ {
+        |count| {
+            asked.borrow_mut().push(count);
+            futures::future::ready(Ok(messages(count)))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_comes_before_the_messages_already_pulled() {
+        // Either of two ready branches may be taken unless the stop is polled first: many
+        // rounds show a stop that is not.
+        for _ in 0..64 {
+            let permits = Arc::new(Semaphore::new(STARTS_IN_FLIGHT_MAX));
+            let stop = CancellationToken::new();
+            let pull = |count: usize| {
+                let stop = stop.clone();
+                async move {
+                    // The flow is paused while the pull's messages arrive.
+                    stop.cancel();
+                    Ok(messages(count))
+                }
+            };
+            let (mut handed, mut given_back) = (Vec::new(), Vec::new());
+            let read = read_messages(
+                pull,
+                &permits,
+                &stop,
+                |message, _| handed.push(message),
+                |message| given_back.push(message),
+            )
+            .await;
+            assert_eq!(read, Ok(()));
+            assert_eq!(handed, Vec::<usize>::new(), "no message is handed to a start after the stop");
+            assert_eq!(given_back.len(), STARTS_IN_FLIGHT_MAX, "the pull's messages go back to the stream");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_while_every_start_is_under_way_pulls_nothing() {
+        let permits = Arc::new(Semaphore::new(STARTS_IN_FLIGHT_MAX));
+        let busy = Arc::clone(&permits).try_acquire_many_owned(STARTS_IN_FLIGHT_MAX as u32).expect("free permits");
+        let stop = CancellationToken::new();
+        let asked = RefCell::new(Vec::new());
+        let mut read = pin!(read_messages(backlog(&asked), &permits, &stop, |_, _| {}, |_| {}));
+        assert_eq!((&mut read).now_or_never(), None, "waiting for a start to end");
+        // The stop, and a start that ends, before the reader runs again.
+        stop.cancel();
+        drop(busy);
+        assert_eq!(read.await, Ok(()));
+        assert_eq!(asked.take(), Vec::<usize>::new(), "nothing pulled after the stop");
+    }
+
+    #[tokio::test]
+    async fn a_pull_asks_for_no_more_messages_than_starts_may_begin() {
+        let permits = Arc::new(Semaphore::new(STARTS_IN_FLIGHT_MAX));
+        let _busy = Arc::clone(&permits).try_acquire_many_owned(60).expect("free permits");
+        let stop = CancellationToken::new();
+        let asked = RefCell::new(Vec::new());
+        let mut starting = Vec::new();
+        let start = |message, permit| {
+            starting.push((message, permit));
+            if starting.len() == 4 {
+                stop.cancel();
+            }
+        };
+        let read = read_messages(backlog(&asked), &permits, &stop, start, |_| {}).await;
+        assert_eq!(read, Ok(()));
+        assert_eq!(asked.take(), [4], "the free permits, not the batch of a stream");
+        assert_eq!(starting.len(), 4);
+    }
 }
