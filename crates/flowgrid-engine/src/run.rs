@@ -42,6 +42,7 @@ mod subflows;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use flowgrid_model::limits::msgpack_bytes;
 use flowgrid_model::{
     AttemptId, Evaluator, FlowPlan, Labels, Millis, ParentRef, PlanStep, PlanStepKind, RunId, StepIndex, SubflowSpec,
 };
@@ -93,6 +94,10 @@ pub struct Run {
     delay: Option<Box<delay::Delay>>,
     /// Pauses so far (at most [`flowgrid_model::limits::PAUSES_MAX`]).
     pauses: u32,
+    /// The grid's payload limit ([`flowgrid_model::Limits::payload_bytes_max`]), which a
+    /// task message's input and progress must fit together; kept because republishing the
+    /// open attempts ([`Run::open_dispatches`]) has no evaluator to read it from.
+    payload_bytes_max: usize,
     /// By step index.
     steps: Vec<StepState>,
     /// Steps not resolved yet; the run succeeds by itself when this reaches zero.
@@ -133,6 +138,7 @@ impl Run {
             queued: queued.then(|| queue::Queue::new(now)),
             delay: start_at.filter(|start_at| *start_at > now).map(delay::Delay::new),
             pauses: 0,
+            payload_bytes_max: evaluator.limits().payload_bytes_max,
             steps,
             agenda: VecDeque::new(),
         };
@@ -408,13 +414,27 @@ impl Run {
             input: Arc::clone(&slot.input),
             deadline_ms,
             priority: spec.priority,
-            progress: slot.progress.clone(),
+            progress: self.progress_to_send(slot),
             cache: spec
                 .cache
                 .as_ref()
                 .zip(slot.cache_key.as_ref())
                 .map(|(cache, key)| crate::CacheLookup { key: Arc::clone(key), ttl_ms: cache.ttl_ms }),
         }
+    }
+
+    /// The last progress reported for `slot`, to send with its next attempt: left out when
+    /// it and the input together are over the payload limit. The coordinator makes sure
+    /// the NATS server takes a message of one payload (and the message's other fields), not
+    /// of an input up to the limit and a progress report (up to
+    /// [`flowgrid_model::limits::PROGRESS_BYTES_MAX`]) besides; a message over the server's
+    /// bound is never delivered, and its attempt only times out. Without the progress the
+    /// attempt is delivered and starts from the beginning. Both are measured as MessagePack,
+    /// the encoding the task is sent in.
+    fn progress_to_send(&self, slot: &Slot) -> Option<Arc<Value>> {
+        let progress = slot.progress.as_ref()?;
+        let bytes = msgpack_bytes(&*slot.input).saturating_add(msgpack_bytes(&**progress));
+        (bytes <= self.payload_bytes_max).then(|| Arc::clone(progress))
     }
 
     fn attempt_id(&self, index: StepIndex, item: Option<u32>, attempt: u32) -> AttemptId {

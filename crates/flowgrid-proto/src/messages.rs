@@ -781,7 +781,8 @@ pub struct TaskMessage {
     pub reply_to: String,
     /// The last progress a worker reported for this step (or map item), by an earlier
     /// attempt that then failed, or by this one before it was delivered again: where this
-    /// one may resume. Absent when none was reported.
+    /// one may resume. Absent when none was reported, or when it and the input together
+    /// would be over a payload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Arc<Value>>,
 }

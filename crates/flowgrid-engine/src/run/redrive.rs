@@ -3,17 +3,22 @@
 //!
 //! What stays: every step that succeeded or was skipped, and every failure a catch took
 //! (with whatever its catch started), unless it is one of the steps named to run again
-//! from or comes after one. What starts again: every step that failed without a catch or
-//! was cancelled when the run ended, once its dependencies have resolved (a map, or a
-//! subflow step with items, with its items that did not succeed; a subflow step with a new
-//! child run); one that waited for dependencies waits again. A step named to run again from, and every
-//! step its edges lead to, start from scratch: each counts only the dependencies before
-//! the named steps as resolved, as they resolved then (the branch a choice took, the catch
-//! that took a failure), and waits for the others; a map runs all its items again.
+//! from or comes after one. What starts again, of a run that did not succeed: every step
+//! that failed without a catch or was cancelled when the run ended, once its dependencies
+//! have resolved (a map, or a subflow step with items, with its items that did not succeed;
+//! a subflow step with a new child run); one that waited for dependencies waits again. Of a
+//! run that succeeded (a `succeed` step ended it and cancelled the steps still going), only
+//! the cancelled steps that a step started anew waits for, directly or through other
+//! cancelled steps: the others were not reached and stay cancelled. A step named to run
+//! again from, and every step its edges lead to, start from scratch: each counts only the
+//! dependencies before the named steps as resolved, as they resolved then (the branch a
+//! choice took, the catch that took a failure), and waits for the others; a map runs all
+//! its items again.
 //! Attempt numbers go on from where each step left them, so a late result of an earlier
 //! attempt never passes for a new one, and a child of the new round has an id of its own.
 //! The run's timeout counts from the redrive. A run cancelled before its start time
-//! (a delayed run) waits for that time again if it is still to come.
+//! (a delayed run) waits for that time again if it is still to come, and its timeout
+//! counts from that time.
 
 use flowgrid_model::limits::REDRIVES_MAX;
 use flowgrid_model::StepIndex;
@@ -48,13 +53,17 @@ impl Run {
         (self.status == RunStatus::Succeeded && from.is_empty()).then_some(RedriveRefused::Succeeded)
     }
 
-    /// Puts the steps that did not succeed back to pending, and the steps from `from` on
-    /// back to where they were before they started, and starts those whose dependencies
-    /// have resolved (holds them, `queued`, until the run is admitted).
+    /// Puts the steps that did not succeed back to pending (of a run that succeeded, only
+    /// those the steps from `from` on wait for), and the steps from `from` on back to where
+    /// they were before they started, and starts those whose dependencies have resolved
+    /// (holds them, `queued`, until the run is admitted).
     pub(super) fn redrive(&mut self, from: &[String], queued: bool, context: &mut Context<'_>) -> Applied {
         if self.redrive_refused(from).is_some() {
             return Applied::Ignored("the run cannot be redriven");
         }
+        // Read before the run goes again: only a run that did not succeed goes again from
+        // the steps that did not succeed.
+        let succeeded = self.status == RunStatus::Succeeded;
         self.status = RunStatus::Running;
         self.output = None;
         self.error = None;
@@ -67,10 +76,11 @@ impl Run {
         redriven.times += 1;
         redriven.last_ms = context.now;
         let anew = self.steps_from(from);
-        for (state, &anew) in self.steps.iter_mut().zip(&anew) {
+        let again = if succeeded { self.cut_off_steps_waited_for(&anew) } else { self.steps_not_succeeded() };
+        for ((state, &anew), &again) in self.steps.iter_mut().zip(&anew).zip(&again) {
             if anew {
                 reset_to_new(state);
-            } else if state.status == StepStatus::Cancelled || (state.status == StepStatus::Failed && !state.caught()) {
+            } else if again {
                 reset(state);
             } else if state.status == StepStatus::Succeeded && state.resolved_as.is_none() {
                 // A `succeed` step that ended the run before it was marked resolved.
@@ -124,6 +134,33 @@ impl Run {
         anew
     }
 
+    /// The steps a run that did not succeed goes again from: every step that failed
+    /// without a catch or was cancelled when the run ended.
+    fn steps_not_succeeded(&self) -> Vec<bool> {
+        self.steps.iter().map(unresolved_at_the_end).collect()
+    }
+
+    /// The steps of a succeeded run that go again besides those started anew (`anew`): of
+    /// the steps its `succeed` step cancelled, only those a step started anew waits for,
+    /// directly or through other such steps. The others were not reached and keep what
+    /// they have; one that a step going again waits for must resolve again, else that step
+    /// would wait for ever.
+    fn cut_off_steps_waited_for(&self, anew: &[bool]) -> Vec<bool> {
+        let mut again = vec![false; self.steps.len()];
+        let mut queue: Vec<StepIndex> =
+            (0..self.steps.len()).filter(|&position| anew[position]).map(|position| position as StepIndex).collect();
+        while let Some(index) = queue.pop() {
+            for &dep in &self.plan.step(index).deps {
+                let position = usize::from(dep);
+                let cut_off = unresolved_at_the_end(&self.steps[position]) && !anew[position];
+                if cut_off && !std::mem::replace(&mut again[position], true) {
+                    queue.push(dep);
+                }
+            }
+        }
+        again
+    }
+
     /// Step `target` goes again: it counts the dependencies that stay and have resolved,
     /// activated as they resolved; those that start anew resolve again later.
     fn recount_deps(&mut self, target: StepIndex, anew: &[bool]) {
@@ -141,6 +178,12 @@ impl Run {
         state.deps_resolved = resolved;
         state.activated = activated;
     }
+}
+
+/// The step did not resolve in the run's last try: it was cancelled when the run ended,
+/// or it failed without a catch (and so failed the run).
+fn unresolved_at_the_end(state: &StepState) -> bool {
+    state.status == StepStatus::Cancelled || (state.status == StepStatus::Failed && !state.caught())
 }
 
 /// A step that goes again: pending, with the dependencies it had and its attempts counted;

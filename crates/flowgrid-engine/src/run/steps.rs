@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use flowgrid_model::limits::msgpack_bytes;
 use flowgrid_model::plan::TaskSpec;
 use flowgrid_model::{Expr, ExprError, Limits, PlanStepKind, StepIndex, WaitFor};
 use serde_json::{json, Map, Value};
@@ -146,7 +147,9 @@ impl Run {
 
     /// A `succeed` step: the run ends `Succeeded` with the step's output expression, else
     /// the flow's output, else the outputs of the sinks that succeeded and of the steps it
-    /// follows.
+    /// follows. The step keeps that output as its own, as any step that succeeded does: the
+    /// run's view shows it, `steps.<id>.output` reads it, and a run redriven from another
+    /// step that then ends by itself has it among its sinks' outputs.
     fn succeed_at_step(&mut self, index: StepIndex, output: Option<&Expr>, context: &mut Context<'_>) {
         let value = match output {
             Some(expr) => match self.evaluate(context.evaluator, expr, Locals::default()) {
@@ -169,6 +172,7 @@ impl Run {
         let state = self.state(index);
         state.status = StepStatus::Succeeded;
         state.ended_ms = Some(now);
+        state.output = Some(value.clone());
         // The run ends here, so its edges lead nowhere now; a redrive of a step after it
         // counts it as resolved.
         state.resolved_as = Some(super::resolve::Resolution::Succeeded);
@@ -291,13 +295,16 @@ impl Run {
 
 /// Why a task cannot be given `input`, if it cannot: no message may carry more than a
 /// payload, so the step (or map item) fails with `payload_too_large` instead of sending it.
+/// The input is measured as MessagePack, the encoding its task message is sent in (and the
+/// one the API measures a run's input in): its JSON size differs both ways, a control
+/// character taking 6 bytes of JSON and 1 of MessagePack, `0.5` 3 and 9.
 pub(super) fn oversized_input(input: &Value, limits: &Limits) -> Option<TaskError> {
-    let bytes = flowgrid_model::limits::json_bytes(input);
+    let bytes = msgpack_bytes(input);
     (bytes > limits.payload_bytes_max).then(|| TaskError {
         code: "payload_too_large".to_owned(),
         message: format!(
-            "the task's input is {bytes} bytes as JSON, over the limit of {}: give the task a reference to large \
-             data, or pick less in its `input` expression",
+            "the task's input is {bytes} bytes as MessagePack (as it is sent), over the limit of {}: give the task a \
+             reference to large data, or pick less in its `input` expression",
             limits.payload_bytes_max
         ),
         retryable: false,

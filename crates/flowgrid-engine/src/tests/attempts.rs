@@ -1,5 +1,7 @@
 //! Attempts: retries and backoff, timeouts, duplicate and late results.
 
+use flowgrid_model::limits::msgpack_bytes;
+use flowgrid_model::Limits;
 use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -219,6 +221,43 @@ steps:
     assert_eq!(harness.fail(20, "a", None, 1, error("busy", true)), Applied::Accepted);
     assert_eq!(harness.fire(120, TimerKey::RetryDue { attempt: attempt("a", None, 2) }), Applied::Accepted);
     assert_eq!(harness.apply(130, report(2, 0)), Applied::Accepted, "a new attempt, a new budget");
+}
+
+/// A retry is sent the last progress only when the two fit in one payload: its task message
+/// carries both, and the NATS server is only known to take one payload. Else it goes
+/// without, and the step still shows the progress.
+#[test]
+fn a_retry_leaves_out_progress_that_would_not_fit_in_a_payload_with_its_input() {
+    let yaml = r##"
+name: progress
+steps:
+  - { kind: task, id: a, pool: cpu, task: t, retry: { max_attempts: 3, initial_backoff_ms: 100, jitter: 0 } }
+"##;
+    let payload_bytes_max = Limits::default().payload_bytes_max;
+    let input = json!("i".repeat(payload_bytes_max - 16 * 1024));
+    let details = json!({ "cursor": "p".repeat(60_000) });
+    assert!(msgpack_bytes(&input) + msgpack_bytes(&details) > payload_bytes_max);
+    let mut harness = Harness::start(yaml, input.clone(), 0);
+    let report = Event::TaskProgress { attempt: attempt("a", None, 1), details: details.clone() };
+    assert_eq!(harness.apply(10, report), Applied::Accepted);
+    harness.fail(20, "a", None, 1, error("busy", true));
+    harness.fire(120, TimerKey::RetryDue { attempt: attempt("a", None, 2) });
+
+    let retried = harness.dispatched();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(*retried[0].input, input);
+    let sent = msgpack_bytes(&*retried[0].input) + retried[0].progress.as_deref().map_or(0, msgpack_bytes);
+    assert!(sent <= payload_bytes_max, "{sent} bytes of input and progress, over {payload_bytes_max}");
+    assert_eq!(retried[0].progress, None);
+    assert_eq!(harness.run.open_dispatches(), retried, "republished as it was sent");
+    assert_eq!(harness.step("a").progress, Some(details), "the step still shows how far it got");
+
+    // A smaller report of the retry fits with the input, and goes to the next attempt.
+    let small = json!({ "cursor": 7 });
+    harness.apply(130, Event::TaskProgress { attempt: attempt("a", None, 2), details: small.clone() });
+    harness.fail(140, "a", None, 2, error("busy", true));
+    harness.fire(340, TimerKey::RetryDue { attempt: attempt("a", None, 3) });
+    assert_eq!(harness.dispatched()[0].progress.as_deref(), Some(&small));
 }
 
 /// Retries every second, each attempt up to 10 s, the step 2.5 s in all.

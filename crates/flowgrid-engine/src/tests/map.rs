@@ -1,5 +1,7 @@
 //! Map steps: bounded fan-out, fan-in in item order, tolerated and fatal failures.
 
+use flowgrid_model::limits::{json_bytes, msgpack_bytes};
+use flowgrid_model::Limits;
 use serde_json::json;
 
 use super::support::{attempt, error, Harness};
@@ -239,7 +241,9 @@ steps:
     let error = harness.step("a").error.expect("the step's error");
     assert_eq!(error.code, "payload_too_large");
     assert!(
-        error.message.contains("the task's input is 1200007 bytes as JSON, over the limit of 1048576"),
+        error
+            .message
+            .contains("the task's input is 1200011 bytes as MessagePack (as it is sent), over the limit of 1048576"),
         "{error:?}"
     );
     assert_eq!(
@@ -267,6 +271,37 @@ steps:
     let error = harness.step("each").error.expect("the map's error");
     assert!(error.message.contains("item 0 failed with `payload_too_large`"), "{error:?}");
     assert_eq!(harness.run.status(), RunStatus::Failed);
+}
+
+/// An input is measured as it is sent, in MessagePack: a string of control characters
+/// (6 bytes each as JSON, 1 as MessagePack) fits though its JSON is over a payload, and a
+/// list of floats (4 bytes each as JSON with its comma, 9 as MessagePack) does not though
+/// its JSON is under.
+#[test]
+fn an_input_is_measured_in_the_encoding_it_is_sent_in() {
+    let payload_bytes_max = Limits::default().payload_bytes_max;
+    let controls = json!("\u{1}".repeat(300_000));
+    assert!(json_bytes(&controls) > payload_bytes_max && msgpack_bytes(&controls) < payload_bytes_max);
+    let task = r##"
+name: sized
+steps:
+  - { kind: task, id: a, pool: cpu, task: t, input: "input.s" }
+  - { kind: map, id: each, items: "[input.s]", pool: cpu, task: t }
+"##;
+    let harness = Harness::start(task, json!({"s": controls}), 0);
+    assert_eq!(harness.dispatched_names(), vec!["a", "each[0]"], "{:?}", harness.run.view().error);
+    assert!(harness.dispatched().iter().all(|dispatch| *dispatch.input == controls));
+
+    // Fewer floats than an expression may make into one value, and text to pass the limit.
+    let (floats, text) = (json!(vec![0.5; 90_000]), json!("x".repeat(250_000)));
+    let both = json!([floats, text]);
+    assert!(json_bytes(&both) < payload_bytes_max && msgpack_bytes(&both) > payload_bytes_max);
+    let task = task.replace("input.s", "[input.f, input.t]");
+    let harness = Harness::start(&task, json!({"f": floats, "t": text}), 0);
+    assert!(harness.dispatched().is_empty(), "{:?}", harness.dispatched_names());
+    let error = harness.step("a").error.expect("the step's error");
+    assert_eq!(error.code, "payload_too_large", "{error:?}");
+    assert!(error.message.contains(&format!("is {} bytes as MessagePack", msgpack_bytes(&both))), "{error:?}");
 }
 
 #[test]

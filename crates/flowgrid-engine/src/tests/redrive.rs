@@ -431,13 +431,12 @@ fn a_step_after_a_succeed_step_that_ended_the_run_goes_again() {
     assert_eq!(harness.step_status("report"), StepStatus::Cancelled);
     assert_eq!(harness.step_status("side"), StepStatus::Cancelled);
 
-    // From the step after the succeed step: it runs, the succeed step counted as resolved.
+    // From the step after the succeed step: it runs, the succeed step counted as resolved;
+    // the step the end cut off, which it does not wait for, was not reached and stays.
     redrive_from(&mut harness, 100, &["report"]);
-    let mut names = harness.dispatched_names();
-    names.sort();
-    assert_eq!(names, vec!["report", "side"], "the step cut off by the end goes again too");
+    assert_eq!(harness.dispatched_names(), vec!["report"]);
+    assert_eq!(harness.step_status("side"), StepStatus::Cancelled);
     harness.succeed(110, "report", None, 1, json!("j"));
-    harness.succeed(120, "side", None, 2, json!("s"));
     assert_eq!(harness.run.status(), RunStatus::Succeeded);
 
     // From the step before the choice: the choice decides again and the run goes through.
@@ -511,4 +510,86 @@ fn a_subflow_step_redriven_from_starts_a_child_of_a_new_round() {
     assert_eq!(harness.apply(110, ended(first)), Applied::Ignored("not the child of this step"));
     harness.apply(120, ended(second));
     assert_eq!(harness.run.status(), RunStatus::Succeeded);
+}
+
+/// A `succeed` step that ends the run as soon as `check` succeeds, and a step beside it that
+/// the end cancels.
+const CHECKED: &str = r##"
+name: checked
+steps:
+  - { kind: task, id: check, pool: cpu, task: check }
+  - { kind: succeed, id: done, after: [check], output: "steps.check.output" }
+  - { kind: task, id: side, pool: cpu, task: side }
+"##;
+
+/// Starts [`CHECKED`] and lets `check` succeed with `"ok"`, which ends the run.
+fn checked_and_done() -> Harness {
+    let mut harness = Harness::start(CHECKED, json!({}), 0);
+    let mut names = harness.dispatched_names();
+    names.sort();
+    assert_eq!(names, vec!["check", "side"]);
+    harness.succeed(10, "check", None, 1, json!("ok"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.step_status("side"), StepStatus::Cancelled, "the end cancels the step beside");
+    harness
+}
+
+#[test]
+fn a_succeeded_run_redriven_from_a_step_keeps_the_steps_its_succeed_step_cancelled() {
+    let mut harness = checked_and_done();
+    assert_eq!(redrive_from(&mut harness, 100, &["check"]), Applied::Accepted);
+    assert_eq!(harness.dispatched_names(), vec!["check"], "a step the succeed step cancelled is not reached");
+    let side = harness.step("side");
+    assert_eq!((side.status, side.attempts), (StepStatus::Cancelled, 1));
+    harness.succeed(110, "check", None, 2, json!("ok again"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.output(), Some(&json!("ok again")));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+/// [`CHECKED`] with a step after both `check` and `side`: the end cancels it while it waits.
+const CHECKED_AND_JOINED: &str = r##"
+name: checked
+steps:
+  - { kind: task, id: check, pool: cpu, task: check }
+  - { kind: succeed, id: done, after: [check], output: "steps.check.output" }
+  - { kind: task, id: side, pool: cpu, task: side }
+  - { kind: task, id: report, after: [check, side], pool: cpu, task: report }
+"##;
+
+#[test]
+fn a_step_the_succeed_step_cancelled_goes_again_when_a_step_started_anew_waits_for_it() {
+    let mut harness = Harness::start(CHECKED_AND_JOINED, json!({}), 0);
+    harness.succeed(10, "check", None, 1, json!("ok"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.step_status("report"), StepStatus::Cancelled);
+
+    // `report` waits for `side` too: left cancelled, it would hold the run going for ever.
+    redrive_from(&mut harness, 100, &["report"]);
+    assert_eq!(harness.dispatched_names(), vec!["side"]);
+    assert_eq!(harness.step_status("report"), StepStatus::Pending);
+    harness.succeed(110, "side", None, 2, json!("s"));
+    assert_eq!(harness.dispatched_names(), vec!["report"]);
+    harness.succeed(120, "report", None, 1, json!("r"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.output(), Some(&json!({"done": "ok", "report": "r"})));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+#[test]
+fn a_succeed_step_keeps_its_output_for_the_run_view_and_a_later_end() {
+    let mut harness = checked_and_done();
+    assert_eq!(harness.step("done").output, Some(json!("ok")), "the run view shows the step's output");
+    assert_eq!(harness.run.output(), Some(&json!("ok")));
+
+    // Ended by itself this time, the run's output is its sinks' outputs: `done` among them.
+    redrive_from(&mut harness, 100, &["side"]);
+    assert_eq!(harness.dispatched_names(), vec!["side"]);
+    harness.succeed(110, "side", None, 2, json!("s"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.output(), Some(&json!({"done": "ok", "side": "s"})));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
 }

@@ -6,7 +6,9 @@ use crate::definition::{
 };
 use crate::error::Issue;
 use crate::input_schema::InputSchema;
-use crate::limits::{Limits, CACHE_TTL_MS_MAX, CONCURRENCY_MAX, DURATION_MS_MAX};
+use crate::limits::{
+    Limits, CACHE_TTL_MS_MAX, CHILDREN_GOING_MAX, CONCURRENCY_MAX, DURATION_MS_MAX, MAP_ITEMS_GOING_MAX,
+};
 use crate::plan::{PRIORITY_MAX, WAIT_MS_MAX};
 use crate::schedule::{Timetable, EVERY_MS_MAX, EVERY_MS_MIN};
 
@@ -128,7 +130,7 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
             check_worker_settings(path, &map.retry, map.timeout_ms, map.priority, &map.catch, issues);
             check_timeout(&format!("{path}.total_timeout_ms"), map.total_timeout_ms, issues);
             check_cache(path, map.cache.as_ref(), issues);
-            check_max_concurrency(path, map.max_concurrency, "items in flight", issues);
+            check_max_concurrency(path, map.max_concurrency, "items in flight", MAP_ITEMS_GOING_MAX, issues);
         }
         Step::Choice(choice) => {
             if choice.choices.is_empty() {
@@ -173,7 +175,7 @@ fn check_step(path: &str, step: &Step, limits: &Limits, issues: &mut Vec<Issue>)
                     "versions start at 1: name a deployed version, or leave it out for the latest",
                 );
             }
-            check_max_concurrency(path, subflow.max_concurrency, "child runs going", issues);
+            check_max_concurrency(path, subflow.max_concurrency, "child runs going", CHILDREN_GOING_MAX, issues);
             if subflow.items.is_none() && (subflow.max_concurrency.is_some() || subflow.tolerated_failures > 0) {
                 push_issue(
                     issues,
@@ -359,13 +361,16 @@ fn check_worker_settings(
     check_catch(path, catch, issues);
 }
 
-/// A fan-out's bound on `what` at once is at least 1 when it is set.
-fn check_max_concurrency(path: &str, max_concurrency: Option<u32>, what: &str, issues: &mut Vec<Issue>) {
+/// A fan-out's bound on `what` at once is at least 1 when it is set; left out, it is
+/// `default` (which a deploy writes into a map step's stored definition).
+fn check_max_concurrency(path: &str, max_concurrency: Option<u32>, what: &str, default: u32, issues: &mut Vec<Issue>) {
     if max_concurrency == Some(0) {
         push_issue(
             issues,
             format!("{path}.max_concurrency"),
-            format!("must be at least 1: set the number of {what} at once, or leave it out for no bound"),
+            format!(
+                "must be at least 1: set the number of {what} at once, or leave it out for the default of {default}"
+            ),
         );
     }
 }

@@ -317,6 +317,7 @@ fn retry_timeouts_priority_and_concurrency_are_checked() {
     );
     assert_issue(&issues, "timeout_ms", "greater than 0");
     assert_issue(&issues, "steps[0](m).max_concurrency", "at least 1");
+    assert_issue(&issues, "steps[0](m).max_concurrency", "leave it out for the default of 10000");
     assert_issue(&issues, "steps[1](c).choices", "at least one rule");
     assert_issue(&issues, "steps[2](x).error", "must not be empty");
 }
