@@ -133,6 +133,23 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
     Ok(())
 }
 
+/// Makes stream `ORDERS` and deploys the flow `on-order` first without its trigger, pauses
+/// it, then deploys its trigger: the trigger's consumer is made only on the resume. Returns
+/// a JetStream context to publish with.
+async fn deploy_trigger_paused(
+    grid: &Grid,
+    client: &flowgrid_sdk::Client,
+) -> anyhow::Result<async_nats::jetstream::Context> {
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let orders = stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
+    jetstream.create_stream(orders).await?;
+    let untriggered = TRIGGERED.replace("trigger: { stream: ORDERS, subject: 'orders.*.created' }\n", "");
+    deploy(grid, client, &untriggered).await?;
+    client.pause_flow("on-order", "maintenance").await.or_logs(grid)?;
+    deploy(grid, client, TRIGGERED).await?;
+    Ok(jetstream)
+}
+
 /// The messages published after a trigger was deployed start their runs though its
 /// consumer came later: here the flow was paused when the trigger's version was deployed,
 /// so its consumer was made only on the resume.
@@ -140,13 +157,7 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
 async fn messages_published_before_the_trigger_s_consumer_was_made_start_their_runs() -> anyhow::Result<()> {
     let grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
-    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
-    let orders = stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
-    jetstream.create_stream(orders).await?;
-    let untriggered = TRIGGERED.replace("trigger: { stream: ORDERS, subject: 'orders.*.created' }\n", "");
-    deploy(&grid, &client, &untriggered).await?;
-    client.pause_flow("on-order", "maintenance").await.or_logs(&grid)?;
-    deploy(&grid, &client, TRIGGERED).await?;
+    let jetstream = deploy_trigger_paused(&grid, &client).await?;
     let mut expected = BTreeSet::new();
     for order in 1..=3 {
         expected
@@ -220,15 +231,9 @@ const BACKLOG: i64 = 200;
 async fn a_flow_paused_amid_a_backlog_starts_every_run_once_resumed() -> anyhow::Result<()> {
     let grid = Grid::start(&["a"]).await?;
     let client = grid.client().await?;
-    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
-    let orders = stream::Config { name: "ORDERS".into(), subjects: vec!["orders.>".into()], ..Default::default() };
-    jetstream.create_stream(orders).await?;
     // The trigger's version is deployed while the flow is paused, so that the backlog is
     // all there when the resume makes its consumer.
-    let untriggered = TRIGGERED.replace("trigger: { stream: ORDERS, subject: 'orders.*.created' }\n", "");
-    deploy(&grid, &client, &untriggered).await?;
-    client.pause_flow("on-order", "backlog").await.or_logs(&grid)?;
-    deploy(&grid, &client, TRIGGERED).await?;
+    let jetstream = deploy_trigger_paused(&grid, &client).await?;
     let mut expected = BTreeSet::new();
     for order in 1..=BACKLOG {
         expected

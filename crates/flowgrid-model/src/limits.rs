@@ -72,6 +72,18 @@ pub fn msgpack_bytes<T: Serialize + ?Sized>(value: &T) -> usize {
     rmp_serde::encode::write_named(&mut counter, value).map_or(usize::MAX, |()| counter.0)
 }
 
+/// Cuts `text` by at least `over` bytes (at a character boundary) and ends it with `mark`:
+/// what makes a message that carries it fit, each byte of text taking at least a byte of
+/// the message away (as JSON, and as MessagePack, whose markers only shrink).
+pub fn cut_to_fit(text: &mut String, over: usize, mark: &str) {
+    let mut end = text.len().saturating_sub(over + mark.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(mark);
+}
+
 /// Items one `map` step fans out over by default ([`Limits::map_items_max`]).
 pub const MAP_ITEMS_MAX: usize = 100_000;
 

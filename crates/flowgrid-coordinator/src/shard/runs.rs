@@ -754,14 +754,7 @@ fn announcement_within(mut ended: RunEnded, payload_max: usize) -> RunEnded {
     }
     let over = json_bytes(&ended).saturating_sub(payload_max);
     if let (true, Some(error)) = (over > 0, ended.error.as_mut()) {
-        // Each byte of text cut takes at least a byte of JSON away.
-        let message = &mut error.message;
-        let mut end = message.len().saturating_sub(over + ANNOUNCEMENT_CUT_MARK.len());
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
-        message.push_str(ANNOUNCEMENT_CUT_MARK);
+        flowgrid_model::limits::cut_to_fit(&mut error.message, over, ANNOUNCEMENT_CUT_MARK);
     }
     ended
 }

@@ -126,13 +126,7 @@ fn within_limits(input: Value, failure: impl FnOnce() -> Value, limits: &Limits)
     ));
     let over = msgpack_bytes(&failure).saturating_sub(payload_max);
     if let (true, Some(Value::String(message))) = (over > 0, failure.pointer_mut("/error/message")) {
-        // Each byte of text cut takes a byte of MessagePack away (its marker can only shrink).
-        let mut end = message.len().saturating_sub(over + ERROR_CUT_MARK.len());
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
-        message.push_str(ERROR_CUT_MARK);
+        flowgrid_model::limits::cut_to_fit(message, over, ERROR_CUT_MARK);
     }
     failure
 }
