@@ -1,11 +1,19 @@
 //! The task cache: a worker's result reused by later runs with the same key, until its
 //! time is up.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
+use flowgrid_coordinator::{embedded_store_id, run_with_store, CoordinatorConfig};
+use flowgrid_model::{shard_of, Epoch, RunId, ShardId};
 use flowgrid_sdk::{RunStatus, RunView, StartRun};
+use flowgrid_store::{Key, KeyRange, ShardStore, Store, StoreLimits, WriteBatch};
+use flowgrid_store_redb::{RedbShard, RedbStore};
 use flowgrid_tests::{metric_value, scrape_metrics, step, wait_for, Grid};
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::{deploy, OrLogs, RUN_DEADLINE};
 
@@ -162,4 +170,197 @@ async fn misses_of_one_key_at_once_wait_for_one_worker_call_and_go_to_workers_if
     assert_eq!(view.output.as_ref().map(|output| &output["request"]), Some(&json!(5)), "its own worker: {view:?}");
     assert!(cancelled.elapsed() < Duration::from_secs(10), "the follower waited {:?}", cancelled.elapsed());
     Ok(())
+}
+
+/// How the commit a test makes fail fails.
+#[derive(Clone, Copy, Debug)]
+enum CommitFailure {
+    /// An I/O error: the shard's actor reloads the shard from the store.
+    Transient,
+    /// Another owner's epoch: the shard's actor stops, and its coordinator opens the shard
+    /// again, as when the shard moves away and back.
+    StaleEpoch,
+}
+
+/// Two runs of one shard ask for one key: the first's task is with a worker, the second's
+/// waits for its result. Then a commit of their shard fails, and the shard reloads, or
+/// stops and is opened again: it looks its open tasks up again, oldest first, so the first's
+/// leads again and the second's waits for it again. One worker call answers both. (A lookup
+/// left running from before would wake as the shard forgot the first's attempt, and call a
+/// worker of its own.)
+async fn the_task_with_a_worker_leads_again_after(failure: CommitFailure) -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats()?;
+    let store = FailingStore::open(&grid)?;
+    let _coordinator = spawn_coordinator(&grid, store.clone())?;
+    grid.wait_shards_served_by(1, SETTLE).await?;
+    grid.start_workers(&["a"], 8)?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SLOW_CACHED_FLOW).await?;
+    let (shard, keys) = idempotency_keys_of_one_shard("slow-cached", grid.shards);
+    let start = |run: usize, key: &str, ms: u32| StartRun {
+        flow: "slow-cached".into(),
+        input: json!({"key": key, "request": run, "ms": ms}),
+        idempotency_key: Some(keys[run].clone()),
+        ..Default::default()
+    };
+
+    // The first run's task with a worker for longer than the shard takes to serve again.
+    let first = client.start(start(0, "k", 5_000)).await.or_logs(&grid)?.run_id;
+    crate::cancels::wait_held(&grid, "a", (1, 0), SETTLE).await?;
+    // Its start answered, the second run's lookup follows the first's (it joined in the
+    // commit, before the answer).
+    let second = client.start(start(1, "k", 100)).await.or_logs(&grid)?.run_id;
+    // A third run's start is the shard's next commit: it fails, the client tries again.
+    store.fail_next_commit(shard, failure);
+    let third = client.start(start(2, "other", 1)).await.or_logs(&grid)?.run_id;
+    assert!(store.failed(), "the shard's next commit was the third run's start, and failed");
+
+    let view = grid.wait_run(&client, &second, RUN_DEADLINE).await?;
+    let answer = view.output.as_ref().map(|output| &output["request"]);
+    assert_eq!(answer, Some(&json!(0)), "the second run has the first run's answer: {view:?}\n{}", grid.logs());
+    assert_eq!(step(&view, "fetch").cached, 1, "{view:?}");
+    let view = grid.wait_run(&client, &first, RUN_DEADLINE).await?;
+    assert_eq!(view.output.as_ref().map(|output| &output["request"]), Some(&json!(0)), "{view:?}");
+    assert_eq!(step(&view, "fetch").cached, 0, "the first run's answer is its own worker's: {view:?}");
+    let view = grid.wait_run(&client, &third, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_with_a_worker_leads_its_key_again_when_its_shard_reloads() -> anyhow::Result<()> {
+    the_task_with_a_worker_leads_again_after(CommitFailure::Transient).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_with_a_worker_leads_its_key_again_when_its_shard_is_opened_again() -> anyhow::Result<()> {
+    the_task_with_a_worker_leads_again_after(CommitFailure::StaleEpoch).await
+}
+
+/// How long shards may take to settle after a change (debug builds, 2 cores).
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// Three idempotency keys whose runs of `flow` land on one shard, and that shard.
+fn idempotency_keys_of_one_shard(flow: &str, shards: u32) -> (ShardId, Vec<String>) {
+    let mut by_shard: HashMap<ShardId, Vec<String>> = HashMap::new();
+    for candidate in 0u64.. {
+        let key = format!("key-{candidate}");
+        let shard = shard_of(RunId::from_idempotency_key(flow, &key).as_str(), shards);
+        let keys = by_shard.entry(shard).or_default();
+        keys.push(key);
+        if keys.len() == 3 {
+            return (shard, std::mem::take(keys));
+        }
+    }
+    unreachable!("the candidates never end")
+}
+
+/// The embedded store, whose next commit of one shard can be made to fail.
+#[derive(Clone)]
+struct FailingStore {
+    inner: RedbStore,
+    /// The shard whose next commit fails, and how.
+    fail_next: Arc<Mutex<Option<(ShardId, CommitFailure)>>>,
+}
+
+impl FailingStore {
+    fn open(grid: &Grid) -> anyhow::Result<FailingStore> {
+        let inner = RedbStore::open(grid.data_dir(), StoreLimits::default())?;
+        Ok(FailingStore { inner, fail_next: Arc::default() })
+    }
+
+    fn fail_next_commit(&self, shard: ShardId, failure: CommitFailure) {
+        *self.fail_next.lock().unwrap() = Some((shard, failure));
+    }
+
+    /// Whether the commit [`FailingStore::fail_next_commit`] asked for has failed.
+    fn failed(&self) -> bool {
+        self.fail_next.lock().unwrap().is_none()
+    }
+}
+
+impl Store for FailingStore {
+    type Shard = FailingShard;
+
+    async fn open_shard(&self, shard: ShardId) -> flowgrid_store::Result<FailingShard> {
+        let inner = self.inner.open_shard(shard).await?;
+        Ok(FailingShard { inner, shard, fail_next: Arc::clone(&self.fail_next) })
+    }
+}
+
+struct FailingShard {
+    inner: RedbShard,
+    shard: ShardId,
+    fail_next: Arc<Mutex<Option<(ShardId, CommitFailure)>>>,
+}
+
+impl ShardStore for FailingShard {
+    async fn acquire(&self) -> flowgrid_store::Result<Epoch> {
+        self.inner.acquire().await
+    }
+
+    async fn current_epoch(&self) -> flowgrid_store::Result<Epoch> {
+        self.inner.current_epoch().await
+    }
+
+    async fn get(&self, key: &[u8]) -> flowgrid_store::Result<Option<flowgrid_store::Value>> {
+        self.inner.get(key).await
+    }
+
+    async fn scan(
+        &self,
+        range: KeyRange,
+        limit: usize,
+        reverse: bool,
+    ) -> flowgrid_store::Result<Vec<(Key, flowgrid_store::Value)>> {
+        self.inner.scan(range, limit, reverse).await
+    }
+
+    async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> flowgrid_store::Result<()> {
+        let failure = {
+            let mut fail_next = self.fail_next.lock().unwrap();
+            fail_next.take_if(|(shard, _)| *shard == self.shard).map(|(_, failure)| failure)
+        };
+        match failure {
+            None => self.inner.commit(epoch, batch).await,
+            Some(CommitFailure::Transient) => {
+                Err(flowgrid_store::Error::Backend("an I/O error the test injected".into()))
+            }
+            Some(CommitFailure::StaleEpoch) => {
+                Err(flowgrid_store::Error::StaleEpoch { shard: self.shard, epoch, current: Epoch(epoch.0 + 1) })
+            }
+        }
+    }
+}
+
+/// The coordinator's flags, parsed as `flowgrid coordinator` parses them.
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    config: CoordinatorConfig,
+}
+
+/// A coordinator in this process on `store`, with the flags `flowgrid coordinator` would get.
+fn spawn_coordinator(
+    grid: &Grid,
+    store: FailingStore,
+) -> anyhow::Result<tokio::task::JoinHandle<flowgrid_coordinator::Result<()>>> {
+    let data_dir = grid.data_dir();
+    let data_dir_text = data_dir.display().to_string();
+    let shards = grid.shards.to_string();
+    let flags = Flags::try_parse_from([
+        "coordinator",
+        "--nats-url",
+        &grid.nats_url,
+        "--prefix",
+        &grid.prefix,
+        "--data-dir",
+        &data_dir_text,
+        "--shards",
+        &shards,
+        "--metrics-addr",
+        "off",
+    ])?;
+    let store_id = embedded_store_id(&data_dir);
+    Ok(tokio::spawn(run_with_store(flags.config, store, store_id, CancellationToken::new())))
 }

@@ -21,12 +21,15 @@
 //! open follow it instead of calling workers of their own: they take the leader's result
 //! when it is stored; when the leader's attempt fails, times out or is cancelled, the
 //! first of them leads a new flight (its task goes to a worker) and the others follow it.
-//! None waits past its own deadline. Coordinators do not share flights.
+//! None waits past its own deadline. Coordinators do not share flights. A lookup belongs to
+//! what its shard loaded: when the shard reloads or moves, it stops (and leads nothing), and
+//! the reload or the next owner looks the shard's open tasks up again, oldest first, so the
+//! task already with a worker leads again.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
@@ -39,6 +42,7 @@ use ring::digest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{oneshot, Mutex, OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::clock::now_ms;
@@ -296,41 +300,67 @@ impl TaskCache {
 }
 
 impl SingleFlight {
-    /// After a miss of `key` by `attempt` (due by `deadline`): leads a flight (`None`: the
-    /// task goes to a worker), or follows the one open and takes its leader's result. When
-    /// that leader's attempt ends without one (failed, timed out, cancelled), its followers
-    /// join again: the first leads a new flight, the others (and the failed leader's retry)
-    /// follow it. `None` too at `deadline`.
-    pub async fn lead_or_follow(
+    /// Follows the flight `attempt` (due by `deadline`) `joined` for `key`, and takes its
+    /// leader's result if it is fresh for `ttl_ms`. When that leader's attempt ends without
+    /// one (failed, timed out, cancelled), its followers join again: the first leads a new
+    /// flight, the others (and the failed leader's retry) follow it. `None` (the task goes to
+    /// a worker) when it leads one, and at `deadline`.
+    ///
+    /// `None` too, at once and without leading a flight, once `loaded` is cancelled: the
+    /// follower's shard reloaded or moved, and the reload or the shard's next owner sends its
+    /// task again (the caller drops it). Led from here, it would take the lead from the task
+    /// that is with a worker, or open a flight that nothing ends on this coordinator.
+    pub async fn follow(
         &self,
+        mut joined: Joined,
         key: String,
         attempt: &AttemptId,
         deadline: Instant,
         ttl_ms: Millis,
+        loaded: &CancellationToken,
     ) -> Option<Value> {
         loop {
-            match self.join(key.clone(), attempt, deadline) {
-                Joined::Lead => return None,
-                Joined::Follow(landing, until) => {
-                    match tokio::time::timeout_at(until.min(deadline).into(), landing).await {
-                        Ok(Ok(landed)) => match landed.and_then(|landed| landed.fresh_for(ttl_ms)) {
-                            Some(output) => return Some(output),
-                            // The leader's attempt ended without a result, or one older than
-                            // this step takes: lead or follow anew.
-                            None if Instant::now() < deadline => continue,
-                            None => return None,
-                        },
-                        _ => return None,
-                    }
-                }
+            let Joined::Follow(landing, until) = joined else { return None };
+            let landed = tokio::select! {
+                biased;
+                () = loaded.cancelled() => return None,
+                landed = tokio::time::timeout_at(until.min(deadline).into(), landing) => landed,
+            };
+            // Past the flight's or the task's deadline: to a worker.
+            let Ok(Ok(landed)) = landed else { return None };
+            // Read with this step's own `ttl_ms`. None from the leader (its attempt ended
+            // without a result), or one too old: lead or follow anew.
+            if let Some(output) = landed.and_then(|landed| landed.fresh_for(ttl_ms)) {
+                return Some(output);
             }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            let flights = self.flights.lock().expect("flights lock");
+            // Checked under the lock: a shard cancels `loaded` before it ends the flights its
+            // attempts lead (under this lock), so a flight led past this check is ended too.
+            if loaded.is_cancelled() {
+                return None;
+            }
+            joined = self.join_locked(flights, key.clone(), attempt, deadline);
         }
     }
 
     /// After a miss of `key` by `attempt` (due by `deadline`): leads a flight, or follows
     /// the one open.
     pub fn join(&self, key: String, attempt: &AttemptId, deadline: Instant) -> Joined {
-        let mut flights = self.flights.lock().expect("flights lock");
+        let flights = self.flights.lock().expect("flights lock");
+        self.join_locked(flights, key, attempt, deadline)
+    }
+
+    /// [`SingleFlight::join`], with the flights locked.
+    fn join_locked(
+        &self,
+        mut flights: MutexGuard<'_, Flights>,
+        key: String,
+        attempt: &AttemptId,
+        deadline: Instant,
+    ) -> Joined {
         if let Some(flight) = flights.by_key.get_mut(&key) {
             if flight.deadline > Instant::now() && flight.leader != *attempt {
                 let (sender, receiver) = oneshot::channel();
@@ -447,6 +477,7 @@ mod tests {
 
     use flowgrid_model::{AttemptId, Millis, RunId};
     use serde_json::json;
+    use tokio_util::sync::CancellationToken;
 
     use crate::clock::now_ms;
 
@@ -502,8 +533,28 @@ mod tests {
         run: &'static str,
         ttl_ms: Millis,
     ) -> tokio::task::JoinHandle<Option<serde_json::Value>> {
+        follower_of_shard(flights, run, ttl_ms, CancellationToken::new())
+    }
+
+    /// [`follower`] of a shard whose load is `loaded`.
+    fn follower_of_shard(
+        flights: &std::sync::Arc<SingleFlight>,
+        run: &'static str,
+        ttl_ms: Millis,
+        loaded: CancellationToken,
+    ) -> tokio::task::JoinHandle<Option<serde_json::Value>> {
         let flights = std::sync::Arc::clone(flights);
-        tokio::spawn(async move { flights.lead_or_follow("k".into(), &attempt(run), later(), ttl_ms).await })
+        tokio::spawn(async move {
+            let deadline = later();
+            let joined = flights.join("k".into(), &attempt(run), deadline);
+            flights.follow(joined, "k".into(), &attempt(run), deadline, ttl_ms, &loaded).await
+        })
+    }
+
+    /// The run whose attempt leads the flight of `k`, if one is open.
+    fn leader_of_k(flights: &SingleFlight) -> Option<String> {
+        let flights = flights.flights.lock().unwrap();
+        flights.by_key.get("k").map(|flight| flight.leader.run_id.as_str().to_owned())
     }
 
     /// Until the flight of `k` has `count` followers.
@@ -529,6 +580,38 @@ mod tests {
         let mut outcomes = vec![b.await.unwrap(), c.await.unwrap()];
         outcomes.sort_by_key(|outcome| outcome.is_some());
         assert_eq!(outcomes, vec![None, Some(json!("new"))], "one new leader, one follower of it");
+    }
+
+    /// A shard that reloads or moves stops its lookups before it ends the flights its
+    /// attempts led: its follower leads no new flight (the reload, or the next owner, sends
+    /// its task again, after the one already with a worker), and the followers of shards
+    /// that stay go on without it.
+    #[tokio::test]
+    async fn a_follower_whose_shard_reloaded_leads_no_flight_when_the_leader_ends() {
+        let flights = std::sync::Arc::new(SingleFlight::default());
+        assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
+        let reloaded = CancellationToken::new();
+        // b (of a's shard) follows first, so that it would be the first to lead anew.
+        let b = follower_of_shard(&flights, "b", 60_000, reloaded.clone());
+        until_followers(&flights, 1).await;
+        let c = follower(&flights, "c", 60_000);
+        until_followers(&flights, 2).await;
+        // As the shard's reload does: its load is cancelled, then its runs are forgotten.
+        reloaded.cancel();
+        flights.leader_gone(&attempt("a"));
+        assert_eq!(b.await.unwrap(), None, "b stopped");
+        // c, of a shard that stays, leads (its task goes to a worker) and nothing else does.
+        let led = tokio::time::timeout(Duration::from_secs(5), c).await;
+        assert_eq!(led.expect("c waits for a flight b led").unwrap(), None, "c leads");
+        assert_eq!(leader_of_k(&flights).as_deref(), Some("c"));
+        // A follower whose load is cancelled while it waits stops waiting at once.
+        let moved = CancellationToken::new();
+        let d = follower_of_shard(&flights, "d", 60_000, moved.clone());
+        until_followers(&flights, 1).await;
+        moved.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(5), d).await;
+        assert_eq!(stopped.expect("d stops at the cancel, not at its flight's end").unwrap(), None);
+        assert_eq!(leader_of_k(&flights).as_deref(), Some("c"), "c's flight goes on");
     }
 
     #[test]

@@ -232,6 +232,10 @@ impl<S: ShardStore> ShardActor<S> {
             }
             self.start_due_schedules(now);
         }
+        // The tasks the actor spawned stop before its runs are forgotten: forgetting an open
+        // attempt ends the task cache flight it leads, and a lookup of this shard woken by
+        // that must not lead a flight here (the next owner sends its task again).
+        self.stopped.cancel();
         self.forget_all_runs();
         self.context.plans.forget_latest(self.catalog.keys());
         // Results already received get an answer, so their workers send them again at once
@@ -566,6 +570,11 @@ impl<S: ShardStore> ShardActor<S> {
     /// Drops the in-memory state and rebuilds it from the store, after a failed commit
     /// left memory ahead of the store.
     async fn reset_and_reload(&mut self) -> Result<()> {
+        // First, as at a stop: a task cache lookup of this shard woken by the end of a flight
+        // `forget_all_runs` ends must not lead it. The reload sends the task already with a
+        // worker first, so that it leads again and the others wait for it again.
+        self.loaded.cancel();
+        self.loaded = self.stopped.child_token();
         self.forget_all_runs();
         self.timers.clear();
         self.pinned.clear();
@@ -575,8 +584,6 @@ impl<S: ShardStore> ShardActor<S> {
         self.schedules.clear();
         self.gates = Default::default();
         self.triggers = Default::default();
-        self.loaded.cancel();
-        self.loaded = self.stopped.child_token();
         // The failure may be transient (disk full cleared, cluster back): pause before reading.
         tokio::time::sleep(RELOAD_PAUSE).await;
         let reloaded = self.reload().await?;

@@ -3,7 +3,9 @@
 //! [`Event::TaskCached`]; a worker's result of such a step is stored after its commit. A
 //! miss while another task of the same key is out with a worker waits for that worker's
 //! result instead (the cache's single flight).
-//! Lookups and stores run beside the actor, so a slow bucket never holds a shard's batch.
+//! Lookups and stores run beside the actor, so a slow bucket never holds a shard's batch. A
+//! lookup stops when its shard reloads or stops, before the shard's flights end: the reload
+//! or the shard's next owner looks its open tasks up again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,12 +14,12 @@ use flowgrid_engine::{Event, TaskDispatch};
 use flowgrid_model::{AttemptId, Millis};
 use flowgrid_store::ShardStore;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use super::actor::ShardActor;
 use super::batch::{Batch, CacheStore};
 use super::Command;
-use crate::cache::{entry_key, Joined, Landed, TaskCache};
+use crate::cache::{entry_key, Joined, TaskCache};
 use crate::clock::now_ms;
 
 impl<S: ShardStore> ShardActor<S> {
@@ -39,6 +41,11 @@ impl<S: ShardStore> ShardActor<S> {
         let joined = self.context.task_cache.flights().join(key.clone(), &task.attempt, deadline);
         let (cache, dispatcher, inbox, shard) =
             (Arc::clone(&self.context.task_cache), self.context.dispatcher.clone(), self.inbox.clone(), self.shard);
+        // The lookup belongs to what the shard loaded: once the shard reloads or stops, the
+        // reload or the shard's next owner sends the task again, so this copy drops it. Left
+        // running, a follower woken by the end of its leader's attempt would lead a flight of
+        // its own (a second worker call, or one whose result goes to another coordinator).
+        let loaded = self.loaded.clone();
         tokio::spawn(async move {
             let output = match joined {
                 Joined::Lead => {
@@ -49,12 +56,15 @@ impl<S: ShardStore> ShardActor<S> {
                     }
                     stored.map(|landed| landed.output)
                 }
-                Joined::Follow(landing, until) => {
+                Joined::Follow(..) => {
                     drop(permit);
                     TaskCache::count_miss(&task.pool);
-                    follow(&cache, &task, key, landing, until, ttl_ms).await
+                    follow(&cache, &task, joined, key, deadline, ttl_ms, &loaded).await
                 }
             };
+            if loaded.is_cancelled() {
+                return;
+            }
             if let (Some(output), Some(inbox)) = (output, inbox.upgrade()) {
                 let command = Command::CachedResult { attempt: task.attempt.clone(), output };
                 // A full inbox or a stopped actor: the worker answers instead.
@@ -93,30 +103,20 @@ fn deadline_of(task: &TaskDispatch) -> Instant {
     Instant::now() + Duration::from_millis(task.deadline_ms.saturating_sub(now_ms()))
 }
 
-/// A task that follows the flight of `key` (until `until`): its leader's result, or, when
+/// A task that `joined` the flight of `key` as a follower: its leader's result, or, when
 /// the leader's attempt ends without one, the result of the flight it joins next; `None`
-/// when it leads one (the task goes to a worker) or at the task's deadline.
+/// when it leads one (the task goes to a worker), at its `deadline`, or once its shard's
+/// `loaded` is cancelled.
 async fn follow(
     cache: &TaskCache,
     task: &TaskDispatch,
+    joined: Joined,
     key: String,
-    landing: oneshot::Receiver<Option<Landed>>,
-    until: Instant,
+    deadline: Instant,
     ttl_ms: Millis,
+    loaded: &CancellationToken,
 ) -> Option<Value> {
-    let deadline = deadline_of(task);
-    let output = match tokio::time::timeout_at(until.min(deadline).into(), landing).await {
-        // Read with this step's own `ttl_ms`. None from the leader, or one too old: one of the
-        // followers leads a new flight to a worker, the others follow it.
-        Ok(Ok(landed)) => match landed.and_then(|landed| landed.fresh_for(ttl_ms)) {
-            Some(output) => Some(output),
-            None if Instant::now() < deadline => {
-                cache.flights().lead_or_follow(key, &task.attempt, deadline, ttl_ms).await
-            }
-            None => None,
-        },
-        _ => None,
-    }?;
+    let output = cache.flights().follow(joined, key, &task.attempt, deadline, ttl_ms, loaded).await?;
     TaskCache::count_joined(&task.pool);
     Some(output)
 }
