@@ -5,16 +5,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use flowgrid_coordinator::{embedded_store_id, run_with_store, CoordinatorConfig};
 use flowgrid_model::{shard_of, Epoch, RunId, ShardId};
 use flowgrid_sdk::{RunStatus, RunView, StartRun};
 use flowgrid_store::{Key, KeyRange, ShardStore, Store, StoreLimits, WriteBatch};
 use flowgrid_store_redb::{RedbShard, RedbStore};
 use flowgrid_tests::{metric_value, scrape_metrics, step, wait_for, Grid};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
+use crate::store_failure::spawn_coordinator;
 use crate::{deploy, OrLogs, RUN_DEADLINE};
 
 /// How long a stored `fetch` result is reused.
@@ -331,36 +329,4 @@ impl ShardStore for FailingShard {
             }
         }
     }
-}
-
-/// The coordinator's flags, parsed as `flowgrid coordinator` parses them.
-#[derive(Parser)]
-struct Flags {
-    #[command(flatten)]
-    config: CoordinatorConfig,
-}
-
-/// A coordinator in this process on `store`, with the flags `flowgrid coordinator` would get.
-fn spawn_coordinator(
-    grid: &Grid,
-    store: FailingStore,
-) -> anyhow::Result<tokio::task::JoinHandle<flowgrid_coordinator::Result<()>>> {
-    let data_dir = grid.data_dir();
-    let data_dir_text = data_dir.display().to_string();
-    let shards = grid.shards.to_string();
-    let flags = Flags::try_parse_from([
-        "coordinator",
-        "--nats-url",
-        &grid.nats_url,
-        "--prefix",
-        &grid.prefix,
-        "--data-dir",
-        &data_dir_text,
-        "--shards",
-        &shards,
-        "--metrics-addr",
-        "off",
-    ])?;
-    let store_id = embedded_store_id(&data_dir);
-    Ok(tokio::spawn(run_with_store(flags.config, store, store_id, CancellationToken::new())))
 }

@@ -114,7 +114,7 @@ impl ShardStore for BreakableShard {
 }
 
 /// A coordinator running in this process.
-type Coordinator = tokio::task::JoinHandle<flowgrid_coordinator::Result<()>>;
+pub(crate) type Coordinator = tokio::task::JoinHandle<flowgrid_coordinator::Result<()>>;
 
 /// The coordinator's flags, parsed as `flowgrid coordinator` parses them.
 #[derive(Parser)]
@@ -124,7 +124,7 @@ struct Flags {
 }
 
 /// A coordinator in this process on `store`, with the flags `flowgrid coordinator` would get.
-fn spawn_coordinator(grid: &Grid, store: BreakableStore) -> anyhow::Result<Coordinator> {
+pub(crate) fn spawn_coordinator<S: Store>(grid: &Grid, store: S) -> anyhow::Result<Coordinator> {
     let data_dir = grid.data_dir();
     let data_dir_text = data_dir.display().to_string();
     let shards = grid.shards.to_string();
