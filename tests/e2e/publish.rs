@@ -7,7 +7,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use flowgrid_sdk::{PublishFailure, StreamPublisher};
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{wait_for, Grid};
+use flowgrid_tests::Grid;
 use serde_json::json;
 
 use crate::{deploy, wait_for_log, OrLogs, ECHO_FLOW, RUN_DEADLINE};
@@ -141,15 +141,7 @@ async fn a_run_end_too_large_to_publish_is_announced_without_its_output() -> any
         let start = StartRun { flow: "wide".into(), input, ..Default::default() };
         runs.push(client.start(start).await.or_logs(&grid)?.run_id);
     }
-    let jetstream = jetstream::new(grid.nats_client().await?);
-    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
-    wait_for("both ends on the run-ends stream", RUN_DEADLINE, || async {
-        let mut stream = jetstream.get_stream(subjects.run_ends_stream()).await.ok()?;
-        (stream.info().await.ok()?.state.messages == 2).then_some(())
-    })
-    .await
-    .or_logs(&grid)?;
-    let stream = jetstream.get_stream(subjects.run_ends_stream()).await?;
+    let stream = crate::redrive::run_ends_holding(&grid, 2).await?;
     let mut ends = std::collections::HashMap::new();
     for sequence in 1..=2 {
         let ended: flowgrid_proto::RunEnded = serde_json::from_slice(&stream.get_raw_message(sequence).await?.payload)?;

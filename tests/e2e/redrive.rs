@@ -67,15 +67,8 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
     assert_eq!(statuses, vec![(run_id.clone(), RunStatus::Succeeded)]);
 
     // Both ends are on the run-ends stream: the failure and the success.
-    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
     let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
-    wait_for("both ends on the run-ends stream", RUN_DEADLINE, || async {
-        let mut stream = jetstream.get_stream(subjects.run_ends_stream()).await.ok()?;
-        (stream.info().await.ok()?.state.messages == 2).then_some(())
-    })
-    .await
-    .or_logs(&grid)?;
-    let stream = jetstream.get_stream(subjects.run_ends_stream()).await?;
+    let stream = run_ends_holding(&grid, 2).await?;
     let last = stream.get_last_raw_message_by_subject(&subjects.run_ended("shaky")).await?;
     let ended: flowgrid_proto::RunEnded = serde_json::from_slice(&last.payload)?;
     assert_eq!((ended.run_id, ended.status, ended.redriven), (run_id.clone(), RunStatus::Succeeded, 1));
@@ -196,12 +189,7 @@ async fn a_run_whose_end_is_not_announced_yet_is_not_redriven() -> anyhow::Resul
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
     // Both ends of the run are on the stream, the failure first.
     let mut ends = Vec::new();
-    wait_for("both ends on the run-ends stream", RUN_DEADLINE, || async {
-        let mut stream = jetstream.get_stream(subjects.run_ends_stream()).await.ok()?;
-        (stream.info().await.ok()?.state.messages == 3).then_some(())
-    })
-    .await
-    .or_logs(&grid)?;
+    run_ends_holding(&grid, 3).await?;
     for sequence in 2..=3 {
         let message = stream.get_raw_message(sequence).await?;
         let ended: flowgrid_proto::RunEnded = serde_json::from_slice(&message.payload)?;
@@ -362,4 +350,17 @@ async fn every_failed_run_of_a_flow_is_redriven_in_one_command() -> anyhow::Resu
         assert!(!ok && stderr.contains(said), "{args:?}: {stdout}\n{stderr}");
     }
     Ok(())
+}
+
+/// Waits until the grid's run-ends stream holds `count` messages, and returns it.
+pub(crate) async fn run_ends_holding(grid: &Grid, count: u64) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let name = flowgrid_proto::Subjects::new(grid.prefix.clone()).run_ends_stream();
+    wait_for(&format!("{count} ends on the run-ends stream"), RUN_DEADLINE, || async {
+        let mut stream = jetstream.get_stream(&name).await.ok()?;
+        (stream.info().await.ok()?.state.messages == count).then_some(())
+    })
+    .await
+    .or_logs(grid)?;
+    Ok(jetstream.get_stream(&name).await?)
 }

@@ -133,6 +133,20 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
     Ok(())
 }
 
+/// Makes the trigger's consumer of flow `on-order` on `stream` before its deploy, delivering
+/// every message the stream holds (as flows.md shows).
+async fn make_consumer_first(grid: &Grid, stream: &async_nats::jetstream::stream::Stream) -> anyhow::Result<()> {
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(format!("{}_trigger_on-order", grid.prefix)),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
 /// Makes stream `ORDERS` and deploys the flow `on-order` first without its trigger, pauses
 /// it, then deploys its trigger: the trigger's consumer is made only on the resume. Returns
 /// a JetStream context to publish with.
@@ -316,14 +330,7 @@ async fn a_consumer_made_by_hand_before_the_deploy_is_used_as_it_is() -> anyhow:
         .await?;
     let earlier = publish(&jetstream, "orders.eu.created", r#"{"order": 1}"#.to_owned()).await?;
     // To start runs for the messages already in the stream too: deliver them all.
-    orders
-        .create_consumer(pull::Config {
-            durable_name: Some(format!("{}_trigger_on-order", grid.prefix)),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await?;
+    make_consumer_first(&grid, &orders).await?;
     deploy(&grid, &client, TRIGGERED).await?;
     let later = publish(&jetstream, "orders.eu.created", r#"{"order": 2}"#.to_owned()).await?;
     let runs = runs_once(&grid, &client, 2, RUN_DEADLINE).await?;
@@ -398,14 +405,7 @@ async fn a_work_queue_stream_serves_a_trigger_whose_consumer_was_made_first() ->
         ..Default::default()
     };
     let orders = jetstream.create_stream(config).await?;
-    orders
-        .create_consumer(pull::Config {
-            durable_name: Some(format!("{}_trigger_on-order", grid.prefix)),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await?;
+    make_consumer_first(&grid, &orders).await?;
     deploy(&grid, &client, TRIGGERED).await?;
     let run = publish(&jetstream, "orders.eu.created", r#"{"order": 1}"#.to_owned()).await?;
     let runs = runs_once(&grid, &client, 1, RUN_DEADLINE).await?;
