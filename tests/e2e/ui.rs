@@ -425,6 +425,8 @@ async fn the_ui_answers_known_names_only_and_refuses_changes_before_their_body()
 
 /// Connections a test holds open at once: over the UI's bound on connections (512).
 const CONNECTIONS_OVER_BOUND: usize = 600;
+/// Requests with a body the UI reads at once.
+const BODIES_READ_MAX: usize = 16;
 /// How long a stalled request may hold its connection before the test fails: well over
 /// the UI's bounds on reading a request's head and body (10 s each without a byte).
 const STALL_DEADLINE: Duration = Duration::from_secs(30);
@@ -467,15 +469,35 @@ async fn the_ui_lets_stalled_requests_go_and_bounds_its_connections() -> anyhow:
     drop(silent);
     assert_eq!(answer_within(&mut waiting, STALL_DEADLINE)?, Some(200), "{}", grid.logs());
 
+    // Forms whose bodies do not come, as many as the UI reads at once: one more is refused at
+    // once (503) rather than read beside them.
+    let post = format!(
+        "POST /runs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: 6000000\r\n\r\ntoken=x&flow="
+    );
+    let mut reading = Vec::new();
+    for _ in 0..BODIES_READ_MAX {
+        let mut stalled = std::net::TcpStream::connect(&addr)?;
+        stalled.write_all(post.as_bytes())?;
+        reading.push(stalled);
+    }
+    // Once every one of them is being read (the UI takes them in its own time), the next is
+    // refused: more than the bound are never read at once.
+    let refused = (0..4).find_map(|_| {
+        let mut one_more = std::net::TcpStream::connect(&addr).ok()?;
+        one_more.write_all(post.as_bytes()).ok()?;
+        let answer = answer_within(&mut one_more, Duration::from_secs(2)).ok().flatten();
+        reading.push(one_more);
+        answer
+    });
+    assert_eq!(refused, Some(503), "{}", grid.logs());
+    drop(reading);
+
     // A head without its closing blank line, and a form that announces 6 MB and sends a few
     // bytes: both connections are let go (the body's with a 408).
     let mut head = std::net::TcpStream::connect(&addr)?;
     head.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\n").as_bytes())?;
     let mut body = std::net::TcpStream::connect(&addr)?;
-    let post = format!(
-        "POST /runs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
-         Content-Length: 6000000\r\n\r\ntoken=x&flow="
-    );
     body.write_all(post.as_bytes())?;
     let head_answer = answer_within(&mut head, STALL_DEADLINE).map_err(|error| anyhow::anyhow!("the head: {error}"))?;
     assert!(head_answer.is_none_or(|status| status == 408), "{head_answer:?}");

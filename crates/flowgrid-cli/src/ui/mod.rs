@@ -111,7 +111,7 @@ pub(crate) async fn serve(args: UiArgs, session: &Session) -> anyhow::Result<Exi
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page") })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .layer(axum::middleware::from_fn(bounded_body))
+        .layer(axum::middleware::from_fn_with_state(server::body_readers(), bounded_body))
         // No other site may show these pages in a frame (and trick a click on a button).
         .layer(SetResponseHeaderLayer::overriding(X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
         .layer(SetResponseHeaderLayer::overriding(

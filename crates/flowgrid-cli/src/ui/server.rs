@@ -5,13 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
-use axum::extract::Request;
-use axum::response::Response;
+use axum::extract::{Request, State};
+use axum::http::header::RETRY_AFTER;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::api;
@@ -24,6 +27,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request's body may pause (no byte coming): a client that stops sending in the
 /// middle of a body is answered 408 and let go.
 pub(super) const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests with a body served at once (forms, the API's changes): each may hold up to
+/// [`super::BODY_BYTES_MAX`] while it is read, so together at most ~100 MiB.
+const BODIES_READ_MAX: usize = 16;
 /// How long a whole request body may take: the largest ([`super::BODY_BYTES_MAX`]) takes about
 /// 50 s at 1 Mbit/s; a client that sends a byte now and then is let go after this.
 pub(super) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -104,11 +110,32 @@ async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
 /// [`BODY_READ_TIMEOUT`] in all): a client that stops sending in the middle of one is
 /// answered 408 instead of holding its connection, and memory, for ever. A request without
 /// a body (every GET, a live stream among them) has nothing to bound.
-pub(super) async fn bounded_body(request: Request, next: axum::middleware::Next) -> Response {
+///
+/// At most [`BODIES_READ_MAX`] requests with a body are served at once (`reading`): a
+/// form's token is in its body, so each is read whole, up to [`super::BODY_BYTES_MAX`],
+/// before it can be refused; one past the bound is answered 503 at once, and the bodies held
+/// stay within `BODIES_READ_MAX` of that size.
+pub(super) async fn bounded_body(
+    State(reading): State<Arc<Semaphore>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
     if request.body().size_hint().exact() == Some(0) {
         return next.run(request).await;
     }
+    let Ok(_reading) = reading.try_acquire() else {
+        let message = format!(
+            "the UI is reading {BODIES_READ_MAX} requests' bodies already, the most it reads at once: send it again \
+             in a moment"
+        );
+        return (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], message).into_response();
+    };
     next.run(request.map(|body| read_in_time(body, BODY_IDLE_TIMEOUT, BODY_READ_TIMEOUT))).await
+}
+
+/// The reading of request bodies [`bounded_body`] shares.
+pub(super) fn body_readers() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(BODIES_READ_MAX))
 }
 
 /// `body`, failing with [`BodyTooSlow`] when a piece of it does not come within `idle` of
