@@ -8,7 +8,7 @@ use axum::body::{Body, HttpBody};
 use axum::extract::{Request, State};
 use axum::http::header::RETRY_AFTER;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Router;
 use futures::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -113,7 +113,8 @@ async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
 ///
 /// At most [`BODIES_READ_MAX`] requests with a body are served at once (`reading`): a
 /// form's token is in its body, so each is read whole, up to [`super::BODY_BYTES_MAX`],
-/// before it can be refused; one past the bound is answered 503 at once, and the bodies held
+/// before it can be refused; one past the bound is answered at once (503, or the API's
+/// `429 overloaded`), and the bodies held
 /// stay within `BODIES_READ_MAX` of that size.
 pub(super) async fn bounded_body(
     State(reading): State<Arc<Semaphore>>,
@@ -128,7 +129,13 @@ pub(super) async fn bounded_body(
             "the UI is reading {BODIES_READ_MAX} requests' bodies already, the most it reads at once: send it again \
              in a moment"
         );
-        return (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], message).into_response();
+        let mut refused = if request.uri().path().starts_with("/api/") {
+            api::error(StatusCode::TOO_MANY_REQUESTS, "overloaded", &message)
+        } else {
+            super::failure(StatusCode::SERVICE_UNAVAILABLE, &message)
+        };
+        refused.headers_mut().insert(RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        return refused;
     };
     next.run(request.map(|body| read_in_time(body, BODY_IDLE_TIMEOUT, BODY_READ_TIMEOUT))).await
 }
