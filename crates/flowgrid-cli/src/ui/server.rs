@@ -114,8 +114,7 @@ async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
 /// At most [`BODIES_READ_MAX`] requests with a body are served at once (`reading`): a
 /// form's token is in its body, so each is read whole, up to [`super::BODY_BYTES_MAX`],
 /// before it can be refused; one past the bound is answered at once (503, or the API's
-/// `429 overloaded`), and the bodies held
-/// stay within `BODIES_READ_MAX` of that size.
+/// `429 overloaded`), and the bodies held stay within `BODIES_READ_MAX` of that size.
 pub(super) async fn bounded_body(
     State(reading): State<Arc<Semaphore>>,
     request: Request,
