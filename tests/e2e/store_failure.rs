@@ -21,14 +21,14 @@ use std::time::Duration;
 use clap::Parser;
 use flowgrid_coordinator::{embedded_store_id, run_with_store, CoordinatorConfig};
 use flowgrid_model::{shard_of, Epoch, RunId, ShardId};
-use flowgrid_sdk::{RunStatus, StartRun};
+use flowgrid_sdk::{ErrorCode, RunStatus, StartRun};
 use flowgrid_store::{Key, KeyRange, ShardStore, Store, StoreLimits, Value, WriteBatch};
 use flowgrid_store_redb::{RedbShard, RedbStore};
-use flowgrid_tests::{wait_for, Grid};
+use flowgrid_tests::{free_port, metric_value, scrape_metrics, wait_for, Grid};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
+use crate::{deploy, refusal, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 
 /// How long shards may take to settle after a change (debug builds, 2 cores).
 const SETTLE: Duration = Duration::from_secs(30);
@@ -246,5 +246,54 @@ async fn a_shard_that_stopped_after_a_failed_commit_and_reload_is_opened_again()
     for key in &keys {
         run_echo(&grid, &client, echo_start(Some(key))).await?;
     }
+    Ok(())
+}
+
+/// A run whose history no longer decodes (here its start record, overwritten while its
+/// coordinator was stopped) is held back when its shard loads: the shard serves its other
+/// runs, and every request about that run is refused with why, so that it is neither
+/// started again under its key nor changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_cannot_be_loaded_is_held_back_while_its_shard_serves() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats()?;
+    grid.start_coordinator().await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    // Two runs of one shard; no worker yet, so the first one waits for its task.
+    let shard_of_key = |key: &str| shard_of(RunId::from_idempotency_key("echo-once", key).as_str(), grid.shards);
+    let held_key = "held-0";
+    let other_key = (1..).map(|n| format!("held-{n}")).find(|key| shard_of_key(key) == shard_of_key(held_key));
+    let other_key = other_key.expect("a key in every shard");
+    let held = client.start(echo_start(Some(held_key))).await.or_logs(&grid)?.run_id;
+    assert!(grid.coordinators[0].stop(SETTLE), "the coordinator stops within {SETTLE:?}");
+
+    let store = RedbStore::open(grid.data_dir(), StoreLimits::default())?;
+    let file = store.open_shard(shard_of_key(held_key)).await?;
+    let epoch = file.acquire().await?;
+    let start_record = flowgrid_store::keys::history(&held, 0);
+    let mut batch = WriteBatch::new();
+    batch.clear_range(flowgrid_store::keys::chunks_range(&start_record));
+    // 0xc1 is no MessagePack value.
+    batch.insert_chunked(&start_record, &[0xc1], &StoreLimits::default());
+    file.commit(epoch, batch).await?;
+    file.close()?;
+    drop(store);
+
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+    grid.spawn_coordinator_with_metrics(&metrics_addr)?;
+    grid.wait_until_serving().await?;
+    grid.start_workers(&["a"], 4)?;
+    run_echo(&grid, &client, echo_start(Some(&other_key))).await?;
+
+    let impatient = client.clone().with_retry_budget(Duration::ZERO);
+    let got = impatient.get(&held).await.expect_err("the held-back run is not answered as if it were known");
+    let restarted = impatient.start(echo_start(Some(held_key))).await.expect_err("its key starts no new run");
+    for refused in [&got, &restarted] {
+        let refusal = refusal(refused);
+        assert_eq!(refusal.code, ErrorCode::Unavailable, "{refusal:?}");
+        assert!(refusal.message.contains("could not be loaded"), "says why: {refusal:?}");
+    }
+    let body = scrape_metrics(&metrics_addr)?;
+    assert_eq!(metric_value(&body, "flowgrid_runs_held_back"), Some(1.0), "{body}");
     Ok(())
 }

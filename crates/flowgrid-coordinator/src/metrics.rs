@@ -22,6 +22,7 @@ pub const RUN_DURATION: &str = "flowgrid_run_duration_seconds";
 pub const RUN_DURATION_BUCKETS: [f64; 16] =
     [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1_800.0, 3_600.0];
 pub const RUNS_ACTIVE: &str = "flowgrid_runs_active";
+pub const RUNS_HELD_BACK: &str = "flowgrid_runs_held_back";
 pub const TASKS_DISPATCHED: &str = "flowgrid_tasks_dispatched_total";
 pub const TASKS_PUBLISH_FAILED: &str = "flowgrid_tasks_publish_failed_total";
 pub const TASK_PUBLISH_SECONDS: &str = "flowgrid_task_publish_seconds";
@@ -66,6 +67,7 @@ pub const NAMES: &[&str] = &[
     RUNS_FINISHED,
     RUN_DURATION,
     RUNS_ACTIVE,
+    RUNS_HELD_BACK,
     TASKS_DISPATCHED,
     TASKS_PUBLISH_FAILED,
     TASK_PUBLISH_SECONDS,
@@ -135,6 +137,12 @@ pub fn describe() {
         "From a run's start to its end, by flow and status (its count: runs ended by flow and status)."
     );
     describe_gauge!(RUNS_ACTIVE, Unit::Count, "Runs started and not yet ended, held in memory.");
+    describe_gauge!(
+        RUNS_HELD_BACK,
+        Unit::Count,
+        "Active runs their shard could not load from the store (the coordinator's log says why); requests about them \
+         are refused until a coordinator that can load them serves the shard."
+    );
     describe_counter!(TASKS_DISPATCHED, Unit::Count, "Task attempts published to JetStream (label: pool).");
     describe_counter!(TASKS_PUBLISH_FAILED, Unit::Count, "Task publishes that failed and were retried (label: pool).");
     describe_histogram!(
@@ -252,6 +260,7 @@ pub fn describe() {
 pub struct ShardMetrics {
     pub runs_started: Counter,
     pub runs_active: Gauge,
+    pub runs_held_back: Gauge,
     pub commit_seconds: Histogram,
     pub commit_batch_events: Histogram,
     /// Runs ended, by status, in the order of [`ENDED`].
@@ -277,6 +286,7 @@ impl ShardMetrics {
         ShardMetrics {
             runs_started: counter!(RUNS_STARTED),
             runs_active: gauge!(RUNS_ACTIVE),
+            runs_held_back: gauge!(RUNS_HELD_BACK),
             commit_seconds: histogram!(COMMIT_SECONDS),
             commit_batch_events: histogram!(COMMIT_BATCH_EVENTS),
             runs_finished: ENDED.map(|status| counter!(RUNS_FINISHED, "status" => status.as_str())),

@@ -59,6 +59,11 @@ pub(super) struct ShardActor<S: ShardStore> {
     /// Hashed with foldhash (randomly seeded, so still safe against crafted ids): a task
     /// looks its run up several times.
     pub runs: HashMap<RunId, Box<ActiveRun>, foldhash::fast::RandomState>,
+    /// Active runs of the store that the last reload could not rebuild (a record that does
+    /// not decode, a version whose definition no longer compiles), each with why. They stay
+    /// in the store as they are, and every request about one is refused as unavailable, so
+    /// that the shard serves its other runs while none of these is started again or changed.
+    pub held_back: HashMap<RunId, String>,
     pub timers: TimerWheel,
     /// Definitions already pinned in this shard's store.
     pub pinned: HashSet<(String, u32)>,
@@ -124,6 +129,7 @@ pub async fn spawn_shard<S: ShardStore>(
         store: shard_store,
         context,
         runs: HashMap::default(),
+        held_back: HashMap::new(),
         timers: TimerWheel::default(),
         pinned: HashSet::new(),
         catalog: BTreeMap::new(),
@@ -316,6 +322,8 @@ impl<S: ShardStore> ShardActor<S> {
         self.runs.clear();
         self.context.active_runs.fetch_sub(runs, Ordering::Relaxed);
         self.metrics.runs_active.decrement(runs as f64);
+        self.metrics.runs_held_back.decrement(self.held_back.len() as f64);
+        self.held_back.clear();
     }
 
     /// Takes whatever else is ready right now, up to the batch bound, without waiting; stops

@@ -467,6 +467,12 @@ impl<S: ShardStore> ShardActor<S> {
             );
             return Err(ApiError::new(ErrorCode::InvalidRequest, why));
         }
+        if verb == GateVerb::Admit {
+            // Its slot stays taken until the run is loaded and takes it.
+            if let Some(refusal) = self.held_back_refusal(&message.run_id) {
+                return Err(refusal);
+            }
+        }
         let applied = match verb {
             GateVerb::Acquire => self.acquire(message, batch),
             GateVerb::Release => self.release(message, batch),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use flowgrid_engine::{ChildStart, Run, RunStart, TaskDispatch};
 use flowgrid_model::{Evaluator, FlowDefinition, FlowPlan, Millis, RunId};
 use flowgrid_store::{join_records, keys, Key, KeyRange, ShardStore, Value};
+use tracing::error;
 
 use super::actor::{ActiveRun, ShardActor};
 use super::catalog::CatalogEntry;
@@ -41,7 +42,14 @@ impl<S: ShardStore> ShardActor<S> {
         let mut plans: HashMap<(String, u32), Arc<FlowPlan>> = HashMap::new();
         for (key, _) in active {
             let run_id = keys::decode_active(&key)?;
-            let active_run = self.replay(&run_id, &mut plans).await?;
+            let active_run = match self.replay(&run_id, &mut plans).await {
+                Ok(active_run) => active_run,
+                Err(error) if is_bad_data(&error) => {
+                    self.hold_back(run_id, &error);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             for task in active_run.run.open_dispatches() {
                 attempt_opened(&mut self.metrics, &task);
                 reloaded.tasks.push(task);
@@ -56,6 +64,21 @@ impl<S: ShardStore> ShardActor<S> {
             self.metrics.runs_active.increment(1.0);
         }
         Ok(reloaded)
+    }
+
+    /// Keeps an active run that cannot be rebuilt from its history out of memory (see
+    /// [`ShardActor::held_back`]): its shard serves the other runs meanwhile.
+    fn hold_back(&mut self, run_id: RunId, error: &Error) {
+        error!(
+            shard = %self.shard,
+            run = %run_id,
+            error = %error,
+            "cannot load the run from the store: it is held back as it is, requests about it are refused, and the \
+             shard serves its other runs; a coordinator of a version that can read it loads it when it next takes \
+             the shard"
+        );
+        self.metrics.runs_held_back.increment(1.0);
+        self.held_back.insert(run_id, error.to_string());
     }
 
     /// Sends again what a reload found open; tasks oldest first (the earliest deadline),
@@ -147,6 +170,16 @@ impl<S: ShardStore> ShardActor<S> {
             message: error.to_string(),
         })
     }
+}
+
+/// Whether `error` says that a run's own records are at fault (they do not decode, or its
+/// version's definition no longer compiles), not the store: reading again would fail again.
+fn is_bad_data(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Corrupt { .. }
+            | Error::Store(flowgrid_store::Error::Corrupt { .. } | flowgrid_store::Error::MalformedKey { .. })
+    )
 }
 
 /// Records one page of a replayed history holds at most, and the bytes (as stored) past

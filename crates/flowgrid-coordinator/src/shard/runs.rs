@@ -180,6 +180,10 @@ impl<S: ShardStore> ShardActor<S> {
                 return;
             }
         };
+        if let Some(refusal) = self.held_back_refusal(&run_id) {
+            batch.refused_results.push(RefusedResult { reply_to, encoding, refusal });
+            return;
+        }
         let payload_max = limits.payload_bytes_max;
         if message.payload.len() > payload_max {
             let reply = ApiError::new(
@@ -711,11 +715,31 @@ impl<S: ShardStore> ShardActor<S> {
         self.run_record(run_id).await?.ok_or_else(|| not_found(run_id))
     }
 
+    /// Fails for a run held back at the reload (see [`ShardActor::held_back`]): it is
+    /// neither ended nor to be started again.
     async fn run_record(&self, run_id: &RunId) -> Result<Option<RunRecord>, ApiError> {
+        if let Some(refusal) = self.held_back_refusal(run_id) {
+            return Err(refusal);
+        }
         match self.store.get(&keys::run(run_id)).await.map_err(read_failure)? {
             Some(bytes) => records::decode("run record", &bytes).map(Some).map_err(internal),
             None => Ok(None),
         }
+    }
+}
+
+impl<S: ShardStore> ShardActor<S> {
+    /// The refusal of every request about a run held back at the reload; `None` for others.
+    pub(super) fn held_back_refusal(&self, run_id: &RunId) -> Option<ApiError> {
+        let why = self.held_back.get(run_id)?;
+        Some(ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "run {run_id} is in shard {}'s store but could not be loaded ({why}); it is kept as it is until a \
+                 coordinator that can read it serves the shard",
+                self.shard
+            ),
+        ))
     }
 }
 
