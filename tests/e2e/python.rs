@@ -86,18 +86,19 @@ async fn grid_with_python_worker_args(more: &[&str]) -> anyhow::Result<(Grid, fl
     Ok((grid, client))
 }
 
-/// The worker's rules, unit-tested with fake messages (tests/python_worker/test_worker.py).
+/// The worker's and the client's rules, unit-tested with fake messages and connections
+/// (tests/python_worker/test_worker.py and test_client.py).
 #[test]
 fn python_worker_unit_tests() {
     check_python();
     let output = Command::new(python_bin())
-        .args(["-m", "unittest", "-v", "test_worker.py"])
+        .args(["-m", "unittest", "-v", "test_worker.py", "test_client.py"])
         .current_dir(repo_root().join("tests/python_worker"))
         .output()
         .expect("run the Python unit tests");
     assert!(
         output.status.success(),
-        "tests/python_worker/test_worker.py:\n{}{}",
+        "tests/python_worker/test_worker.py, test_client.py:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
@@ -131,6 +132,30 @@ async fn python_worker_interrupted_hands_its_task_back_to_another_worker() -> an
     let first = grid.workers[0].log_tail(200);
     assert!(!first.contains("cancelled by its run"), "the stop is not the run's cancel:\n{first}");
     assert!(first.contains("handed back"), "{first}");
+    Ok(())
+}
+
+/// Ctrl-C stops a worker still waiting for its pool's stream at startup (no coordinator
+/// made it, or the prefix is wrong): it exits, rather than trying to bind for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_interrupted_before_its_pool_is_bound_exits() -> anyhow::Result<()> {
+    check_python();
+    let mut grid = Grid::start_nats()?;
+    grid.spawn_worker("python-worker", &mut python_worker(&grid, &["--prefix", "nobody-serves"]))?;
+    flowgrid_tests::wait_for("the worker to wait for its pool's stream", RUN_DEADLINE, || async {
+        grid.workers[0].log_tail(20).contains("NOBODY_SERVES_TASKS does not exist yet").then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    let pid = grid.workers[0].pid().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status()?.success());
+    let deadline = Instant::now() + STOP_DEADLINE;
+    while !grid.workers[0].has_exited() {
+        anyhow::ensure!(Instant::now() < deadline, "the interrupted worker still runs\n{}", grid.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = grid.workers[0].log_tail(20);
+    assert!(log.contains("stopped before pool py's consumer was bound"), "a clean stop, not a crash:\n{log}");
     Ok(())
 }
 

@@ -3,8 +3,10 @@
 
 Starts a run of a flow with a NATS request to `<prefix>.api.run.start` (JSON), then, with
 --wait, asks `<prefix>.api.run.get` until the run has ended and prints its view as JSON.
-Exit status 0 if the run succeeded (or was only started), 1 if it ended otherwise, 2 if
-the grid refused a request or did not answer.
+Every start carries an idempotency key (--idempotency-key, else a random one), so a start
+whose reply was lost is retried without starting a second run. Exit status 0 if the run
+succeeded (or was only started), 1 if it ended otherwise, 2 if the grid refused a request
+or did not answer.
 
 usage: client.py --nats-url nats://127.0.0.1:4222 --prefix flowgrid --flow NAME
                  [--input JSON] [--idempotency-key KEY] [--wait SECONDS]
@@ -15,6 +17,7 @@ import asyncio
 import json
 import sys
 import time
+import uuid
 
 import nats
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
@@ -33,14 +36,16 @@ class Refused(Exception):
 
 
 async def call(nc, prefix, verb, request):
-    """One API request; retries a timeout or a retryable refusal a few times."""
+    """One API request; retries a timeout or a retryable refusal a few times (only requests
+    safe to repeat: `run.get`, and `run.start` with an idempotency key)."""
     for attempt in range(5):
         try:
             reply = await nc.request(
                 f"{prefix}.api.{verb}", json.dumps(request).encode(), timeout=REQUEST_TIMEOUT_SECONDS, headers=HEADERS
             )
         except (NatsTimeoutError, NoRespondersError):
-            # Safe to repeat for run.get, and for run.start with an idempotency key.
+            # The request may have been served with its reply lost: repeated, a start with
+            # the same idempotency key returns the run the first one started.
             await asyncio.sleep(0.2 * (attempt + 1))
             continue
         answer = json.loads(reply.data)
@@ -53,21 +58,29 @@ async def call(nc, prefix, verb, request):
     raise TimeoutError(f"no answer to {verb} after 5 tries")
 
 
-async def main():
+async def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument("--prefix", default="flowgrid")
     parser.add_argument("--flow", required=True)
     parser.add_argument("--input", default="null", help="the run's input, as JSON")
-    parser.add_argument("--idempotency-key", help="starting again with the same key returns the same run")
+    parser.add_argument(
+        "--idempotency-key",
+        help="starting again with the same key returns the same run (default: a random key, so that a start "
+        "retried after a lost reply starts one run)",
+    )
     parser.add_argument("--wait", type=float, help="wait this many seconds for the run to end, and print it")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     nc = await nats.connect(args.nats_url)
     try:
-        start = {"flow": args.flow, "input": json.loads(args.input)}
-        if args.idempotency_key:
-            start["idempotency_key"] = args.idempotency_key
+        # A key on every start makes it safe to retry: without one, a start whose reply was
+        # lost may have created a run, and the retry would create another.
+        start = {
+            "flow": args.flow,
+            "input": json.loads(args.input),
+            "idempotency_key": args.idempotency_key or str(uuid.uuid4()),
+        }
         started = await call(nc, args.prefix, "run.start", start)
         print(f"started run {started['run_id']} of {started['flow']}@{started['version']}", file=sys.stderr)
         if args.wait is None:

@@ -12,11 +12,13 @@ import os
 import sys
 import time
 import unittest
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import worker  # noqa: E402
-from nats.errors import NoRespondersError  # noqa: E402
+from nats.errors import ConnectionClosedError, NoRespondersError  # noqa: E402
+from nats.errors import TimeoutError as NatsTimeoutError  # noqa: E402
 
 ATTEMPT = {"run_id": "run-1", "step": "s", "attempt": 1}
 
@@ -177,6 +179,155 @@ class LaneScan(unittest.TestCase):
         lanes = {}
         asyncio.run(worker.scan_lanes(FailingJetStream(), "flowgrid", "py", lanes))
         self.assertEqual(lanes, {})
+
+
+class FakeInbox:
+    """A subscription to a pull inbox: its answers are queued by `LaneNats.publish`; with
+    none queued, `next_msg` raises as when its timeout has passed."""
+
+    def __init__(self, subject):
+        self.subject = subject
+        self.answers = []
+        self.timeouts = []
+        self.unsubscribed = False
+
+    async def next_msg(self, timeout=None):
+        self.timeouts.append(timeout)
+        if not self.answers:
+            raise NatsTimeoutError
+        return self.answers.pop(0)
+
+    async def unsubscribe(self):
+        self.unsubscribed = True
+
+
+class LaneNats:
+    """A connection whose pulls are answered with a task by the lanes in `answering` only:
+    the others hold them (a lane at a bound of tasks out)."""
+
+    def __init__(self, answering, connected=True):
+        self.answering = answering
+        self.is_connected = connected
+        self.inboxes = {}
+        self.pulls = []
+
+    def new_inbox(self):
+        return f"_INBOX.{len(self.inboxes)}"
+
+    async def subscribe(self, subject, cb=None):
+        self.inboxes[subject] = FakeInbox(subject)
+        return self.inboxes[subject]
+
+    async def publish(self, subject, payload, reply=None):
+        durable = subject.rsplit(".", 1)[-1]
+        self.pulls.append((durable, json.loads(payload), reply))
+        if durable in self.answering:
+            self.inboxes[reply].answers.append(FakeMsg(task("echo", durable, now_ms() + 60_000)))
+
+
+class PriorityLanes(unittest.TestCase):
+    def next_messages(self, nc, lanes):
+        async def go():
+            pulls = worker.Pulls(nc)
+            await pulls.renew()
+            return await worker.next_messages(nc, pulls, "flowgrid", lanes)
+
+        return asyncio.run(go())
+
+    def test_a_lane_that_holds_its_pull_is_passed_over_and_marked_bounded(self):
+        # Lane 8 got a bound of tasks out (`flowgrid pool limit`) after it was bound: it holds
+        # a pull without an expiry. Lane 5 below it still gets its turn.
+        nc = LaneNats(answering={"pool-py"})
+        lanes = {8: (None, "pool8-py", False), 5: (None, "pool-py", False)}
+        [msg] = self.next_messages(nc, lanes)
+        self.assertEqual(json.loads(msg.data)["input"], "pool-py")
+        self.assertEqual(lanes[8], (None, "pool8-py", True), "lane 8's pulls carry an expiry from now on")
+        self.assertEqual(lanes[5], (None, "pool-py", False))
+        (held, held_pull, held_inbox), (_, _, next_inbox) = nc.pulls
+        self.assertEqual(held, "pool8-py")
+        self.assertNotIn("expires", held_pull)
+        self.assertEqual(nc.inboxes[held_inbox].timeouts, [worker.PULL_ANSWER_SECONDS])
+        # The held pull's inbox is listened on no more (the server drops the pull), so its
+        # late answer cannot pass for the answer to lane 5's pull.
+        self.assertTrue(nc.inboxes[held_inbox].unsubscribed)
+        self.assertNotEqual(next_inbox, held_inbox)
+
+    def test_a_lane_whose_pull_is_unanswered_with_the_connection_down_is_not_marked_bounded(self):
+        nc = LaneNats(answering=set(), connected=False)
+        lanes = {8: (None, "pool8-py", False), 5: (None, "pool-py", False)}
+        with self.assertRaises(NatsTimeoutError):
+            self.next_messages(nc, lanes)
+        self.assertEqual([durable for durable, _, _ in nc.pulls], ["pool8-py", "pool-py"])
+        self.assertFalse(lanes[8][2] or lanes[5][2])
+
+
+class ClosingConnection:
+    """A connection on which the first fetch of tasks finds the connection closed for good
+    (as nats-py closes it once it stops reconnecting): it calls the `closed_cb` given to
+    `connect`."""
+
+    def __init__(self):
+        self.options = None
+        self.is_connected = True
+        self.is_closed = False
+
+    async def connect(self, *args, **kwargs):
+        self.options = kwargs
+        return self
+
+    def jetstream(self):
+        return self
+
+    def new_inbox(self):
+        return "_INBOX.0"
+
+    async def subscribe(self, subject, cb=None):
+        return FakeInbox(subject)
+
+    async def pull_subscribe(self, subject, durable=None, stream=None, config=None):
+        return self
+
+    async def consumer_info(self):
+        raise ConnectionClosedError
+
+    async def stream_info(self, *args, **kwargs):
+        raise ConnectionClosedError
+
+    async def key_value(self, bucket):
+        raise ConnectionClosedError
+
+    async def fetch(self, batch, timeout=None):
+        if not self.is_closed:
+            self.is_connected, self.is_closed = False, True
+            closed = self.options.get("closed_cb")
+            if closed is not None:
+                await closed()
+        raise ConnectionClosedError
+
+    async def drain(self):
+        raise AssertionError("a closed connection cannot be drained")
+
+    async def close(self):
+        raise AssertionError("the connection is closed already")
+
+
+class Connection(unittest.TestCase):
+    def test_the_worker_reconnects_for_good_and_exits_non_zero_once_the_connection_is_closed(self):
+        nc = ClosingConnection()
+
+        async def run():
+            # A bound on the wait: a worker that goes on with a closed connection never ends.
+            try:
+                return await asyncio.wait_for(worker.main(["--nats-url", "nats://fake:4222", "--pool", "py"]), 5)
+            except asyncio.TimeoutError:
+                return "still running"
+
+        with mock.patch.object(worker.nats, "connect", nc.connect), self.assertLogs("python-worker", "INFO") as logs:
+            status = asyncio.run(run())
+        self.assertEqual(nc.options.get("max_reconnect_attempts"), -1, "it reconnects for as long as it takes")
+        self.assertIn("closed_cb", nc.options)
+        self.assertEqual(status, worker.EXIT_CONNECTION_CLOSED, "\n".join(logs.output))
+        self.assertNotEqual(worker.EXIT_CONNECTION_CLOSED, 0)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ reported; the first attempt fails after step k). Any other task name is reported
 past its deadline is abandoned with a retryable `deadline_exceeded` error.
 
 On SIGINT or SIGTERM it stops pulling, gives the task it runs `--shutdown-grace` seconds to
-finish, hands it back (`nak`) if it has not, and exits (docs/protocol.md, "Stopping").
+finish, hands it back (`nak`) if it has not, and exits (docs/protocol.md, "Stopping"); also
+while it still waits for NATS or for its pool's stream at startup. It reconnects to NATS for
+as long as it takes; should the connection be closed all the same, it stops and exits with
+status 1, for whatever supervises it to start it again.
 
 usage: worker.py --nats-url nats://127.0.0.1:4222 --prefix flowgrid --pool tests [--max-tasks N]
          [--shutdown-grace SECONDS]
@@ -66,12 +69,23 @@ PRIORITY_DEFAULT = 5
 # at every lane again when the pool has several and none held a task.
 LANE_SCAN_SECONDS = 1.0
 LANES_IDLE_SECONDS = 0.05
+# How long a `no_wait` pull without an expiry may take to be answered (the Rust SDK's
+# FETCH_TIMEOUT): one that gets no answer while the connection is up was held by a lane at a
+# bound of tasks out set since the lane was bound, whose pulls carry an expiry from then on.
+PULL_ANSWER_SECONDS = 1.0
 # How long a `no_wait` pull on a lane with a bound of tasks out below the default may stay
 # at the server (docs/protocol.md, "Priority lanes"): at its bound with tasks waiting, the
 # lane answers no such pull until a slot frees, so the pull carries an expiry there.
 BOUNDED_LANE_PULL_EXPIRES_NS = 100_000_000
 # A task's error message is cut to this many characters (a result must stay small).
 ERROR_MESSAGE_CHARS_MAX = 2_000
+# How long to wait before trying again to bind a consumer at startup.
+BIND_RETRY_SECONDS = 1.0
+# nats-py's `max_reconnect_attempts` for reconnecting for good: a worker left with a closed
+# connection after a long outage would only log errors.
+RECONNECT_FOREVER = -1
+# The exit status when the connection to NATS was closed under the worker.
+EXIT_CONNECTION_CLOSED = 1
 
 log = logging.getLogger("python-worker")
 
@@ -347,9 +361,22 @@ async def listen_for_cancels(nc, prefix, pool):
     await nc.subscribe(f"{prefix}.cancels.{pool}", cb=on_notice)
 
 
-async def subscribe(js, prefix, pool, subject=None, durable=None, patient=True):
+async def pause(seconds, stopping=None):
+    """Sleeps `seconds`, or less once `stopping` (an asyncio.Event) is set."""
+    if stopping is None:
+        await asyncio.sleep(seconds)
+        return
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+async def subscribe(js, prefix, pool, subject=None, durable=None, patient=True, stopping=None):
     """Binds (creating it if need be) a consumer of the pool's tasks; `patient`: retries any
-    error (at startup), else only a stream not there yet."""
+    error (at startup), else only a stream not there yet. None once `stopping` is set: a
+    worker told to stop while no coordinator has made the stream yet (or the prefix is
+    wrong) exits instead of retrying for good."""
     stream = tasks_stream_name(prefix)
     subject = subject or f"{prefix}.tasks.{pool}"
     durable = durable or f"pool-{pool}"
@@ -359,17 +386,18 @@ async def subscribe(js, prefix, pool, subject=None, durable=None, patient=True):
         max_deliver=DELIVERIES_MAX,
         max_ack_pending=POOL_ACK_PENDING_MAX,
     )
-    while True:
+    while stopping is None or not stopping.is_set():
         try:
             return await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
         except NotFoundError:
-            log.info("stream %s does not exist yet (is a coordinator running?); retrying", stream)
-            await asyncio.sleep(1)
+            log.info("stream %s does not exist yet (is a coordinator running? is --prefix right?); retrying", stream)
+            await pause(BIND_RETRY_SECONDS, stopping)
         except Exception as error:  # NATS reconnecting, a JetStream timeout or 503
             if not patient:
                 raise
             log.warning("cannot bind consumer %s now: %r; retrying", durable, error)
-            await asyncio.sleep(1)
+            await pause(BIND_RETRY_SECONDS, stopping)
+    return None
 
 
 async def scan_lanes(js, prefix, pool, lanes):
@@ -406,19 +434,42 @@ async def is_bounded(subscription):
         return True
 
 
+class Pulls:
+    """This worker's subscription to the inbox the answers to its lane pulls come to (one
+    pull at a time)."""
+
+    def __init__(self, nc):
+        self.nc = nc
+        self.subscription = None
+
+    async def renew(self):
+        """Listens on a new inbox, and no more on the one before: the server drops a pull
+        left waiting there (held by a lane at its bound) once no one listens on its reply
+        subject, rather than answering it later, where the answer would be read as the
+        answer to another pull."""
+        old, self.subscription = self.subscription, await self.nc.subscribe(self.nc.new_inbox())
+        if old is not None:
+            try:
+                await old.unsubscribe()
+            except Exception as error:
+                log.warning("cannot stop listening on the inbox of a pull that got no answer: %r", error)
+
+
 async def pull_no_wait(nc, pulls, prefix, durable, bounded):
     """The lane's next task if it holds one now, else None: a pull with `no_wait`, which
     the server answers at once (docs/protocol.md), so no pull is left open to take a task
     this worker would not look at until its next turn on the lane; on a `bounded` lane with
-    an expiry too, since one at its bound holds the pull until a slot frees. `pulls` is this
-    worker's subscription to the inbox the answers come to (one pull at a time)."""
+    an expiry too, since one at its bound holds the pull until a slot frees. `pulls` is a
+    `Pulls`. Raises NatsTimeoutError when no answer comes in time (PULL_ANSWER_SECONDS for a
+    pull without an expiry)."""
     subject = f"$JS.API.CONSUMER.MSG.NEXT.{tasks_stream_name(prefix)}.{durable}"
     pull = {"batch": 1, "no_wait": True}
     if bounded:
         pull["expires"] = BOUNDED_LANE_PULL_EXPIRES_NS
     request = json.dumps(pull).encode()
-    await nc.publish(subject, request, reply=pulls.subject)
-    answer = await pulls.next_msg(timeout=RESULT_REQUEST_TIMEOUT_SECONDS)
+    await nc.publish(subject, request, reply=pulls.subscription.subject)
+    timeout = RESULT_REQUEST_TIMEOUT_SECONDS if bounded else PULL_ANSWER_SECONDS
+    answer = await pulls.subscription.next_msg(timeout=timeout)
     if answer.headers and answer.headers.get("Status"):
         return None  # 404 no messages, 408 request timeout
     return answer
@@ -426,12 +477,25 @@ async def pull_no_wait(nc, pulls, prefix, durable, bounded):
 
 async def next_messages(nc, pulls, prefix, lanes):
     """The next task: with one lane, a pull that waits up to a second; with several, a
-    `no_wait` pull on each, highest priority first."""
+    `no_wait` pull on each, highest priority first. A lane whose pull gets no answer is
+    passed over; while the connection is up, that lane is at a bound of tasks out set since
+    it was bound, and its pulls carry an expiry from then on (docs/protocol.md, "Priority
+    lanes")."""
     if len(lanes) == 1:
         return await lanes[PRIORITY_DEFAULT][0].fetch(1, timeout=LANE_SCAN_SECONDS)
     for priority in sorted(lanes, reverse=True):
-        _, durable, bounded = lanes[priority]
-        msg = await pull_no_wait(nc, pulls, prefix, durable, bounded)
+        subscription, durable, bounded = lanes[priority]
+        try:
+            msg = await pull_no_wait(nc, pulls, prefix, durable, bounded)
+        except NatsTimeoutError:
+            await pulls.renew()
+            if not bounded and nc.is_connected:
+                log.info(
+                    "pool lane %s is at a bound of tasks out set since it was bound; its pulls expire from now on",
+                    durable,
+                )
+                lanes[priority] = (subscription, durable, True)
+            continue
         if msg is not None:
             return [msg]
     await asyncio.sleep(LANES_IDLE_SECONDS)
@@ -491,35 +555,59 @@ async def finish(handling, msg, grace):
         await nak(msg)
 
 
-async def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
-    parser.add_argument("--prefix", default="flowgrid")
-    parser.add_argument("--pool", required=True)
-    parser.add_argument("--max-tasks", type=int, default=0, help="exit after this many tasks (0: never)")
-    parser.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=SHUTDOWN_GRACE_SECONDS,
-        help="on SIGINT/SIGTERM, seconds the running task may take to finish before it is handed back",
+async def connect(url, pool, stopping, connection):
+    """Connects to NATS, trying for as long as it takes (and reconnecting for good later);
+    None when `stopping` is set first. Should the connection be closed all the same (not by
+    the worker's own close, which sets `connection["closing"]` first), `connection["closed"]`
+    is set, and `stopping` too."""
+
+    async def on_closed():
+        if connection["closing"]:
+            return
+        connection["closed"] = True
+        log.error("the connection to NATS is closed and will not come back; stopping")
+        stopping.set()
+
+    connecting = asyncio.create_task(
+        nats.connect(
+            url,
+            name=f"python-worker-{pool}",
+            max_reconnect_attempts=RECONNECT_FOREVER,
+            closed_cb=on_closed,
+        )
     )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    stop_waiter = asyncio.create_task(stopping.wait())
+    await asyncio.wait([connecting, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+    stop_waiter.cancel()
+    if connecting.done():
+        return connecting.result()
+    connecting.cancel()
+    await asyncio.wait([connecting])
+    return None
 
-    # Ctrl-C and SIGTERM stop the worker in order (docs/protocol.md, "Stopping") instead of
-    # cancelling the main task (asyncio.run's Ctrl-C), which would reach the task it runs.
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
 
-    nc = await nats.connect(args.nats_url, name=f"python-worker-{args.pool}")
+async def close(nc):
+    """Drains the connection (the last acks and naks reach the server before it closes), or
+    closes it when it is down."""
+    if nc.is_connected:
+        await nc.drain()
+    elif not nc.is_closed:
+        await nc.close()
+
+
+async def serve(nc, args, stopping):
+    """Serves the pool until `--max-tasks` tasks are handled or `stopping` is set; the number
+    of tasks handled."""
     js = nc.jetstream()
     await listen_for_cancels(nc, args.prefix, args.pool)
-    default_lane = await subscribe(js, args.prefix, args.pool)
+    default_lane = await subscribe(js, args.prefix, args.pool, stopping=stopping)
+    if default_lane is None:
+        log.info("stopped before pool %s's consumer was bound", args.pool)
+        return 0
     lanes = {PRIORITY_DEFAULT: (default_lane, f"pool-{args.pool}", await is_bounded(default_lane))}
     every = heartbeat_period(await consumer_ack_wait(lanes[PRIORITY_DEFAULT][0]))
-    pulls = await nc.subscribe(nc.new_inbox())
+    pulls = Pulls(nc)
+    await pulls.renew()
     log.info("serving pool %s on %s (heartbeat every %.1f s)", args.pool, args.nats_url, every)
     done = 0
     state = {"running": 0, "done": 0}
@@ -537,7 +625,7 @@ async def main():
                 continue
             except Exception as error:  # NATS reconnecting, a JetStream 503: pull again shortly
                 log.warning("cannot pull tasks now: %r", error)
-                await asyncio.sleep(LANE_SCAN_SECONDS)
+                await pause(LANE_SCAN_SECONDS, stopping)
                 continue
             for msg in messages:
                 if stopping.is_set():
@@ -563,10 +651,52 @@ async def main():
                 await kv.delete(key)
             except Exception as error:
                 log.warning("cannot delete this worker's record: %s", error)
-        # Drain: the last acks and naks reach the server before the connection closes.
-        await nc.drain()
+    return done
+
+
+async def main(argv=None):
+    """Runs the worker; its exit status: 0, or EXIT_CONNECTION_CLOSED."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--prefix", default="flowgrid")
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--max-tasks", type=int, default=0, help="exit after this many tasks (0: never)")
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=SHUTDOWN_GRACE_SECONDS,
+        help="on SIGINT/SIGTERM, seconds the running task may take to finish before it is handed back",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+
+    # Ctrl-C and SIGTERM stop the worker in order (docs/protocol.md, "Stopping") instead of
+    # cancelling the main task (asyncio.run's Ctrl-C), which would reach the task it runs.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+
+    connection = {"closing": False, "closed": False}
+    nc = await connect(args.nats_url, args.pool, stopping, connection)
+    if nc is None:
+        log.info("stopped before connecting to NATS")
+        return 0
+    try:
+        done = await serve(nc, args, stopping)
+    finally:
+        connection["closing"] = True
+        await close(nc)
+    if connection["closed"]:
+        log.error(
+            "handled %d tasks; exiting with status %d, the connection to NATS being closed: start the worker again",
+            done,
+            EXIT_CONNECTION_CLOSED,
+        )
+        return EXIT_CONNECTION_CLOSED
     log.info("handled %d tasks, exiting", done)
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))
