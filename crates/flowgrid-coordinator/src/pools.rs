@@ -6,8 +6,11 @@
 //! Invariants:
 //! - The figures are the pool's, not this coordinator's: every coordinator exports the
 //!   same ones, so dashboards and alerts aggregate them with `max by (pool)`, never `sum`.
-//! - A worker counts while its last heartbeat is at most [`WorkerRecord::KEPT_MS`] old:
-//!   the bucket drops a silent worker's record without telling its watchers.
+//! - A worker counts while this coordinator saw its record written at most
+//!   [`WorkerRecord::KEPT_MS`] ago, on this coordinator's clock: the bucket drops a
+//!   silent worker's record without telling its watchers, and the record's `heartbeat_ms`
+//!   is the worker's clock, which may be far off. A watch started anew replays the
+//!   records as seen then, so a worker that stopped just before counts up to twice as long.
 //! - A pool that had figures and no longer has (its consumers deleted, its workers gone)
 //!   is set to zero rather than left at its last value.
 //! - A read that fails (NATS away, a slow server) leaves the gauges as they were until
@@ -44,7 +47,7 @@ struct Figures {
 
 /// Reads the pools every `every` and sets their gauges, until `stop`.
 pub async fn run(tasks: stream::Stream, workers_bucket: Option<kv::Store>, every: Duration, stop: CancellationToken) {
-    let mut workers: HashMap<String, WorkerRecord> = HashMap::new();
+    let mut workers: HashMap<String, Seen> = HashMap::new();
     let mut watch: Option<kv::Watch> = None;
     let mut exported: BTreeSet<String> = BTreeSet::new();
     let mut tick = tokio::time::interval(every);
@@ -53,7 +56,7 @@ pub async fn run(tasks: stream::Stream, workers_bucket: Option<kv::Store>, every
         tokio::select! {
             _ = stop.cancelled() => return,
             entry = next_entry(&mut watch) => match entry {
-                Some(Ok(entry)) => apply(&mut workers, entry),
+                Some(Ok(entry)) => apply(&mut workers, entry, now_ms()),
                 Some(Err(error)) => {
                     debug!(error = %error, "the workers bucket's watch failed; watching it again at the next read");
                     watch = None;
@@ -85,9 +88,8 @@ pub async fn run(tasks: stream::Stream, workers_bucket: Option<kv::Store>, every
                         continue;
                     }
                 };
-                let now = now_ms();
-                workers.retain(|_, record| now.saturating_sub(record.heartbeat_ms) <= WorkerRecord::KEPT_MS);
-                let figures = pool_figures(&consumers, workers.values());
+                forget_silent(&mut workers, now_ms());
+                let figures = pool_figures(&consumers, workers.values().map(|seen| &seen.record));
                 export(&figures, &mut exported);
             }
         }
@@ -102,12 +104,19 @@ async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, k
     }
 }
 
-/// Follows one change of the workers bucket.
-fn apply(workers: &mut HashMap<String, WorkerRecord>, entry: kv::Entry) {
+/// A worker's record, and when this coordinator saw it written (its own clock, in
+/// Unix milliseconds).
+struct Seen {
+    record: WorkerRecord,
+    seen_ms: u64,
+}
+
+/// Follows one change of the workers bucket, seen at `now`.
+fn apply(workers: &mut HashMap<String, Seen>, entry: kv::Entry, now: u64) {
     match entry.operation {
         kv::Operation::Put => match decode::<WorkerRecord>(Encoding::MsgPack, &entry.value) {
             Ok(record) => {
-                workers.insert(entry.key, record);
+                workers.insert(entry.key, Seen { record, seen_ms: now });
             }
             // A worker of another release: not counted rather than counted wrong.
             Err(error) => debug!(key = %entry.key, error = %error, "skipping a worker record"),
@@ -116,6 +125,13 @@ fn apply(workers: &mut HashMap<String, WorkerRecord>, entry: kv::Entry) {
             workers.remove(&entry.key);
         }
     }
+}
+
+/// Forgets the workers whose record was not seen written for more than
+/// [`WorkerRecord::KEPT_MS`] before `now` (the bucket has dropped it), whatever time the
+/// worker's own clock put in it.
+fn forget_silent(workers: &mut HashMap<String, Seen>, now: u64) {
+    workers.retain(|_, seen| now.saturating_sub(seen.seen_ms) <= WorkerRecord::KEPT_MS);
 }
 
 /// Sums the lanes' consumers and the workers' records by pool.
@@ -180,6 +196,23 @@ mod tests {
             heartbeat_ms: 0,
             sdk: "test".to_owned(),
         }
+    }
+
+    /// A worker counts by when its record was seen written, not by its clock: one whose clock
+    /// is behind still counts, one whose clock is ahead does not count once silent.
+    #[test]
+    fn a_worker_counts_by_when_its_record_was_seen_not_by_its_clock() {
+        let now = 1_767_225_600_000;
+        let with_heartbeat = |heartbeat_ms: u64| WorkerRecord { heartbeat_ms, ..worker("gpu", 4) };
+        let mut workers = HashMap::from([
+            ("behind".to_owned(), Seen { record: with_heartbeat(now - 40_000), seen_ms: now }),
+            ("ahead".to_owned(), Seen { record: with_heartbeat(now + 3_600_000), seen_ms: now - 60_000 }),
+            ("last".to_owned(), Seen { record: with_heartbeat(now), seen_ms: now - WorkerRecord::KEPT_MS }),
+        ]);
+        forget_silent(&mut workers, now);
+        let mut kept: Vec<&str> = workers.keys().map(String::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["behind", "last"]);
     }
 
     #[test]

@@ -211,14 +211,13 @@ impl Router {
                         Err(error) => return Err(internal(error)),
                     }
                 }
-                Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::NoResponders => ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "no coordinator serves shard {shard} right now (it is moving between coordinators, or \
-                         its owner stopped answering and the others wait for its lease); retry"
-                    ),
-                ),
-                Ok(Err(error)) => return Err(maybe_applied(format!("shard {shard} could not be reached ({error})"))),
+                Ok(Err(error)) => {
+                    let max_payload = || self.context.nats.server_info().max_payload;
+                    match undelivered(shard, &error, payload.len(), max_payload) {
+                        refusal if is_moving(&refusal) => refusal,
+                        refusal => return Err(refusal),
+                    }
+                }
                 Err(_) => {
                     return Err(maybe_applied(format!("shard {shard} did not answer within {FORWARD_TIMEOUT:?}")))
                 }
@@ -388,6 +387,43 @@ fn is_moving(refusal: &ApiError) -> bool {
     refusal.code == ErrorCode::Unavailable && refusal.retryable
 }
 
+/// The answer to a forwarded request of `bytes` that NATS did not deliver to shard
+/// `shard`'s owner: `unavailable` and retryable where nobody serves the shard (it is moving:
+/// [`is_moving`] says to ask again), `payload_too_large` where the client refused to send
+/// it as over the server's `max_payload` (it was never sent, so the refusal is final), and
+/// otherwise an `unavailable` that may have been applied (it may have reached the owner).
+fn undelivered(
+    shard: ShardId,
+    error: &async_nats::RequestError,
+    bytes: usize,
+    max_payload: impl FnOnce() -> usize,
+) -> ApiError {
+    match error.kind() {
+        async_nats::RequestErrorKind::NoResponders => ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "no coordinator serves shard {shard} right now (it is moving between coordinators, or its owner \
+                 stopped answering and the others wait for its lease); retry"
+            ),
+        ),
+        async_nats::RequestErrorKind::MaxPayloadExceeded => {
+            let limit = match max_payload() {
+                0 => "its `max_payload`".to_owned(),
+                max_payload => format!("its `max_payload` of {max_payload} bytes"),
+            };
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the request is {bytes} bytes as forwarded to the coordinator serving shard {shard}, over what \
+                     a message may carry on this NATS server ({limit}), and was not sent: send less and pass large \
+                     data by reference, or raise `max_payload` in nats-server's configuration"
+                ),
+            )
+        }
+        _ => maybe_applied(format!("shard {shard} could not be reached ({error})")),
+    }
+}
+
 fn internal(error: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, format!("forwarding between coordinators failed: {error}"))
 }
@@ -442,6 +478,26 @@ mod tests {
         for code in [ErrorCode::Overloaded, ErrorCode::Conflict, ErrorCode::Internal] {
             assert!(!is_moving(&ApiError::new(code, "refused")), "{code}");
         }
+    }
+
+    /// A forwarded request the client refused to send as over the server's `max_payload` is
+    /// refused for good: a durable submit's start is then refused, not tried again for ever.
+    #[test]
+    fn a_forwarded_request_over_the_servers_max_payload_is_refused_for_good() {
+        let too_large = async_nats::RequestError::new(async_nats::RequestErrorKind::MaxPayloadExceeded);
+        let refusal = undelivered(ShardId(3), &too_large, 2_000_000, || 1_048_576);
+        assert_eq!(refusal.code, ErrorCode::PayloadTooLarge, "{refusal:?}");
+        assert!(refusal.is_final() && !is_moving(&refusal), "{refusal:?}");
+        assert!(refusal.message.contains("2000000 bytes") && refusal.message.contains("1048576"), "{refusal:?}");
+        assert_eq!(crate::submit::after_failed_start(&refusal), crate::submit::AfterFailedStart::Refused);
+        let unknown = undelivered(ShardId(3), &too_large, 2_000_000, || 0);
+        assert!(unknown.is_final() && !unknown.message.contains(" 0 "), "{unknown:?}");
+
+        let moving = async_nats::RequestError::new(async_nats::RequestErrorKind::NoResponders);
+        assert!(is_moving(&undelivered(ShardId(3), &moving, 10, || 1_048_576)));
+        let lost = async_nats::RequestError::new(async_nats::RequestErrorKind::TimedOut);
+        let lost = undelivered(ShardId(3), &lost, 10, || 1_048_576);
+        assert!(!lost.is_final() && !is_moving(&lost), "it may have been applied: {lost:?}");
     }
 
     #[test]

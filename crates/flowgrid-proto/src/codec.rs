@@ -1,5 +1,7 @@
 //! MessagePack by default, JSON when the message says `Content-Type: application/json`.
 
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -106,67 +108,107 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T
     }
 }
 
+/// How deeply [`msgpack_problem`] follows a message's arrays and maps: past what the
+/// decoder takes ([`DECODE_DEPTH_MAX`]; it does not count an enum's one-entry map), so a
+/// message it refuses as too deep the decoder would refuse too.
+const CHECK_DEPTH_MAX: usize = 2 * DECODE_DEPTH_MAX;
+
 /// What a MessagePack message holds that JSON has no value for, and that decoding would
 /// turn into something else without a word: a float that is NaN or infinite (it would
-/// become `null`), or a binary value (taken as text where a string is expected). One pass
-/// over the bytes: a container's elements follow its header, so no nesting needs
-/// tracking. Bytes that are not MessagePack are left to the decoder.
-fn msgpack_problem(bytes: &[u8]) -> Option<&'static str> {
+/// become `null`), a binary value (taken as text where a string is expected), or a map key
+/// that is not a string (serde takes an integer key as a field's index); and bytes after
+/// the message's one value (JSON refuses them, the decoder would drop them). One pass over
+/// the bytes, allocating nothing: a container's elements follow its header, and a stack
+/// of how many elements each open container has left says which element is a map's key
+/// and where the message ends. Bytes that are not MessagePack are left to the decoder.
+fn msgpack_problem(bytes: &[u8]) -> Option<Cow<'static, str>> {
     use rmp::Marker;
     const NON_FINITE: &str = "a float that is NaN or infinite, which JSON has no value for";
     const BINARY: &str = "a binary value, which JSON has no value for (send text as a MessagePack string)";
-    let mut at = 0usize;
+    const KEY: &str = "a map key that is not a string (JSON has no other; send field names and map keys as \
+                       MessagePack strings)";
+    const TRAILING: &str = "bytes after the end of the message (send one MessagePack value per message)";
     let length = |at: usize, width: usize| -> Option<usize> {
         let field = bytes.get(at..at + width)?;
         Some(field.iter().fold(0usize, |length, byte| (length << 8) | usize::from(*byte)))
     };
-    while let Some(&byte) = bytes.get(at) {
+    // Each open container's elements left, shifted up one bit; the low bit is set for a map.
+    let mut open = [0u64; CHECK_DEPTH_MAX];
+    let mut depth = 0usize;
+    let mut at = 0usize;
+    loop {
+        let byte = *bytes.get(at)?;
         at += 1;
-        let skip = match Marker::from_u8(byte) {
+        let marker = Marker::from_u8(byte);
+        if let Some(parent) = depth.checked_sub(1).map(|top| &mut open[top]) {
+            // A map's elements alternate key and value, from an even count left.
+            let is_key = *parent & 1 == 1 && (*parent >> 1) % 2 == 0;
+            if is_key && !matches!(marker, Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32) {
+                return Some(KEY.into());
+            }
+            *parent -= 2;
+        }
+        // The bytes to skip to the next element, and the elements of a container opened.
+        let (skip, elements, map) = match marker {
             Marker::F32 => {
                 let value = f32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?);
                 if !value.is_finite() {
-                    return Some(NON_FINITE);
+                    return Some(NON_FINITE.into());
                 }
-                4
+                (4, 0, false)
             }
             Marker::F64 => {
                 let value = f64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
                 if !value.is_finite() {
-                    return Some(NON_FINITE);
+                    return Some(NON_FINITE.into());
                 }
-                8
+                (8, 0, false)
             }
-            Marker::FixStr(length) => usize::from(length),
+            Marker::FixStr(length) => (usize::from(length), 0, false),
             // Read as text where a string is expected, as bytes elsewhere: neither is JSON.
-            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => return Some(BINARY),
-            Marker::Str8 => 1 + length(at, 1)?,
-            Marker::Str16 => 2 + length(at, 2)?,
-            Marker::Str32 => 4 + length(at, 4)?,
-            Marker::Ext8 => 2 + length(at, 1)?,
-            Marker::Ext16 => 3 + length(at, 2)?,
-            Marker::Ext32 => 5 + length(at, 4)?,
-            Marker::FixExt1 => 2,
-            Marker::FixExt2 => 3,
-            Marker::FixExt4 => 5,
-            Marker::FixExt8 => 9,
-            Marker::FixExt16 => 17,
-            Marker::U8 | Marker::I8 => 1,
-            Marker::U16 | Marker::I16 | Marker::Array16 | Marker::Map16 => 2,
-            Marker::U32 | Marker::I32 | Marker::Array32 | Marker::Map32 => 4,
-            Marker::U64 | Marker::I64 => 8,
-            Marker::FixPos(_)
-            | Marker::FixNeg(_)
-            | Marker::FixMap(_)
-            | Marker::FixArray(_)
-            | Marker::Null
-            | Marker::True
-            | Marker::False
-            | Marker::Reserved => 0,
+            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => return Some(BINARY.into()),
+            Marker::Str8 => (1 + length(at, 1)?, 0, false),
+            Marker::Str16 => (2 + length(at, 2)?, 0, false),
+            Marker::Str32 => (4 + length(at, 4)?, 0, false),
+            Marker::Ext8 => (2 + length(at, 1)?, 0, false),
+            Marker::Ext16 => (3 + length(at, 2)?, 0, false),
+            Marker::Ext32 => (5 + length(at, 4)?, 0, false),
+            Marker::FixExt1 => (2, 0, false),
+            Marker::FixExt2 => (3, 0, false),
+            Marker::FixExt4 => (5, 0, false),
+            Marker::FixExt8 => (9, 0, false),
+            Marker::FixExt16 => (17, 0, false),
+            Marker::U8 | Marker::I8 => (1, 0, false),
+            Marker::U16 | Marker::I16 => (2, 0, false),
+            Marker::U32 | Marker::I32 => (4, 0, false),
+            Marker::U64 | Marker::I64 => (8, 0, false),
+            Marker::FixArray(length) => (0, u64::from(length), false),
+            Marker::Array16 => (2, length(at, 2)? as u64, false),
+            Marker::Array32 => (4, length(at, 4)? as u64, false),
+            Marker::FixMap(length) => (0, 2 * u64::from(length), true),
+            Marker::Map16 => (2, 2 * length(at, 2)? as u64, true),
+            Marker::Map32 => (4, 2 * length(at, 4)? as u64, true),
+            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => (0, 0, false),
+            Marker::Reserved => return None,
         };
         at = at.checked_add(skip)?;
+        if elements > 0 {
+            let Some(slot) = open.get_mut(depth) else {
+                return Some(format!("nested deeper than {DECODE_DEPTH_MAX} levels").into());
+            };
+            *slot = (elements << 1) | u64::from(map);
+            depth += 1;
+            continue;
+        }
+        // The element is whole: so are the containers it was the last element of.
+        while depth > 0 && open[depth - 1] >> 1 == 0 {
+            depth -= 1;
+        }
+        if depth == 0 {
+            break;
+        }
     }
-    None
+    (at < bytes.len()).then_some(TRAILING.into())
 }
 
 fn short_type_name<T>() -> &'static str {
@@ -236,6 +278,45 @@ mod tests {
         let gate = serde_json::json!({"flow": "f", "run_id": "r", "limit": 1});
         let error = decode::<GateMessage>(Encoding::Json, gate.to_string().as_bytes()).expect_err("refused");
         assert!(error.to_string().contains("unknown field `limit`"), "{error}");
+    }
+
+    #[test]
+    fn a_map_key_that_is_not_a_string_is_refused_not_taken_as_a_field_index() {
+        // {0: "f"}: serde would take key 0 as `StartRun`'s first field, `flow`.
+        let error = decode::<StartRun>(Encoding::MsgPack, &[0x81, 0x00, 0xa1, b'f']).expect_err("refused");
+        assert!(error.to_string().contains("a map key that is not a string"), "{error}");
+        // {"flow": "f", "input": {"a": [{"b": 1}], true: 2}}: a key after a nested value.
+        let mut nested = vec![0x82, 0xa4];
+        nested.extend_from_slice(b"flow");
+        nested.extend_from_slice(&[0xa1, b'f', 0xa5]);
+        nested.extend_from_slice(b"input");
+        nested.extend_from_slice(&[0x82, 0xa1, b'a', 0x91, 0x81, 0xa1, b'b', 0x01, 0xc3, 0x02]);
+        let error = decode::<StartRun>(Encoding::MsgPack, &nested).expect_err("refused");
+        assert!(error.to_string().contains("a map key that is not a string"), "{error}");
+        // The same with a string key decodes, a map16 too.
+        let last = nested.len() - 2;
+        nested[last] = 0xa1;
+        nested.insert(last + 1, b'c');
+        let start = decode::<StartRun>(Encoding::MsgPack, &nested).expect("string keys decode");
+        assert_eq!(start.input, serde_json::json!({"a": [{"b": 1}], "c": 2}));
+        let error = decode::<serde_json::Value>(Encoding::MsgPack, &[0xde, 0, 1, 0xd0, 0xff, 0xc0]).expect_err("map16");
+        assert!(error.to_string().contains("a map key that is not a string"), "{error}");
+    }
+
+    #[test]
+    fn bytes_after_the_message_are_refused_in_either_encoding() {
+        let start = StartRun { flow: "f".into(), input: serde_json::json!([[1], {"a": []}]), ..Default::default() };
+        let mut bytes = encode(Encoding::MsgPack, &start).unwrap();
+        assert_eq!(decode::<StartRun>(Encoding::MsgPack, &bytes).unwrap(), start);
+        bytes.push(0xc0);
+        let error = decode::<StartRun>(Encoding::MsgPack, &bytes).expect_err("refused");
+        assert!(error.to_string().contains("bytes after the end of the message"), "{error}");
+        let mut json = encode(Encoding::Json, &start).unwrap();
+        json.extend_from_slice(b" null");
+        decode::<StartRun>(Encoding::Json, &json).expect_err("refused");
+        // A message cut short is the decoder's to refuse.
+        let error = decode::<StartRun>(Encoding::MsgPack, &bytes[..bytes.len() - 3]).expect_err("refused");
+        assert!(!error.to_string().contains("bytes after"), "{error}");
     }
 
     #[test]
