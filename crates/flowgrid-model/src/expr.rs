@@ -652,6 +652,21 @@ impl Expr {
     pub fn reads(&self, name: &str) -> bool {
         reads_variable(&self.ast.clone_statements_only(), name)
     }
+
+    /// The variables of its scope the expression reads (`input`, `item`, or a misspelt
+    /// `inptu` no scope has), sorted and without repeats. As in [`Expr::reads`], a closure's
+    /// own parameters are not among them, and a variable of the scope a closure reads is,
+    /// through its capture.
+    pub fn variables(&self) -> BTreeSet<String> {
+        let mut variables = BTreeSet::new();
+        self.ast.clone_statements_only().walk(&mut |path: &[ASTNode]| {
+            if let Some(ASTNode::Expr(RhaiExpr::Variable(variable, ..))) = path.last() {
+                variables.insert(variable.1.to_string());
+            }
+            true
+        });
+        variables
+    }
 }
 
 /// Whether the expression reads the variable `name` anywhere (anonymous functions that
@@ -680,7 +695,7 @@ fn collect_step_refs(ast: &rhai::AST) -> Result<Vec<String>, String> {
             return true;
         }
         let parent = path.len().checked_sub(2).map(|position| &path[position]);
-        match parent.and_then(|parent| step_ref_of(parent, node)) {
+        match parent.and_then(|parent| step_ref_of(parent, node, ast)) {
             Some(StepRef::Step(id)) => {
                 step_refs.insert(id);
                 true
@@ -705,8 +720,9 @@ enum StepRef {
     Captured,
 }
 
-/// How `parent` uses its child `variable` (the `steps` variable), if that use is allowed.
-fn step_ref_of(parent: &ASTNode, variable: &RhaiExpr) -> Option<StepRef> {
+/// How `parent` uses its child `variable` (the `steps` variable) in `ast`, if that use is
+/// allowed.
+fn step_ref_of(parent: &ASTNode, variable: &RhaiExpr, ast: &rhai::AST) -> Option<StepRef> {
     match parent {
         ASTNode::Expr(RhaiExpr::Dot(binary, ..)) if std::ptr::eq(&binary.lhs, variable) => {
             let property = match &binary.rhs {
@@ -722,11 +738,27 @@ fn step_ref_of(parent: &ASTNode, variable: &RhaiExpr) -> Option<StepRef> {
         ASTNode::Expr(RhaiExpr::FnCall(call, ..)) | ASTNode::Stmt(Stmt::FnCall(call, ..))
             if call.name.as_str() == CURRY_FUNCTION =>
         {
-            let captured = call.args.iter().skip(1).any(|argument| std::ptr::eq(argument, variable));
-            captured.then_some(StepRef::Captured)
+            let position = call.args.iter().skip(1).position(|argument| std::ptr::eq(argument, variable))?;
+            captured_as_steps(&call.args[0], position, ast).then_some(StepRef::Captured)
         }
         _ => None,
     }
+}
+
+/// Whether `curried` (the first argument of a `curry` call) is an anonymous function of
+/// `ast` whose parameter at `position` is named `steps`: the shape Rhai generates for a
+/// closure that reads `steps`, handing it over as the closure's own `steps`, whose body
+/// reads it as `steps.<id>` (checked with the rest of `ast`). Any other function given
+/// `steps` (`curry(|s| s.b.output, steps)`) reads steps no `steps.<id>` names.
+fn captured_as_steps(curried: &RhaiExpr, position: usize, ast: &rhai::AST) -> bool {
+    let RhaiExpr::DynamicConstant(value, ..) = curried else { return false };
+    let Some(pointer) = value.read_lock::<rhai::FnPtr>() else { return false };
+    if !pointer.is_anonymous() {
+        return false;
+    }
+    ast.iter_functions()
+        .find(|function| function.name == pointer.fn_name())
+        .is_some_and(|function| function.params.get(position) == Some(&STEPS_VARIABLE))
 }
 
 /// Why an expression's value cannot be its JSON result.
@@ -881,6 +913,11 @@ mod tests {
         let evaluator = evaluator();
         let expr = evaluator.compile(r#"steps.a.output["k"] + [1, 2].map(|x| x + steps.b.output).len()"#).unwrap();
         assert_eq!(&*expr.step_refs, ["a".to_owned(), "b".to_owned()]);
+        // A closure in a closure, and a closure that captures other variables before `steps`.
+        let expr = evaluator
+            .compile("[1].map(|x| input.k + [2].map(|y| item + y + steps.c.output).len() + steps.a.output)")
+            .unwrap();
+        assert_eq!(&*expr.step_refs, ["a".to_owned(), "c".to_owned()]);
         let expr = evaluator.compile(r#""steps.fake" + input.steps"#).unwrap();
         assert!(expr.step_refs.is_empty());
     }
@@ -888,7 +925,15 @@ mod tests {
     #[test]
     fn other_uses_of_steps_are_refused() {
         let evaluator = evaluator();
-        for source in [r#"steps["x"]"#, "steps", "steps.keys()", "[1].map(|steps| steps)"] {
+        for source in [
+            r#"steps["x"]"#,
+            "steps",
+            "steps.keys()",
+            "[1].map(|steps| steps)",
+            // Handed to a closure by hand, the step it reads is not `steps.<id>`.
+            "curry(|s| s.b.output, steps).call()",
+            "curry(|x, s| s.b.output, 1, steps).call()",
+        ] {
             match evaluator.compile(source) {
                 Err(ExprError::Syntax { message, .. }) => {
                     assert!(message.contains("steps.<id>.output"), "{source}: {message}")

@@ -19,7 +19,8 @@ pub struct InputSchema {
 }
 
 impl InputSchema {
-    /// Compiles `schema`; the error says what is wrong with it.
+    /// Compiles `schema`; the error says what is wrong with it and where in the schema (the
+    /// JSON pointer of the part at fault, such as `/properties/a/type`).
     pub fn compile(schema: &Value) -> Result<InputSchema, String> {
         use jsonschema::error::ValidationErrorKind::Referencing;
         use jsonschema::ReferencingError::Unretrievable;
@@ -27,7 +28,12 @@ impl InputSchema {
             match error.kind() {
                 // The library's own words would point at a resolver the grid does not offer.
                 Referencing(Unretrievable { uri, .. }) => outside_ref(uri),
-                _ => format!("not a JSON Schema this grid can use: {error}"),
+                // The schema is the value the meta-schema checks: the place at fault in it is
+                // the error's instance path, which the library's own words leave out.
+                _ => match error.instance_path().as_str() {
+                    "" => format!("not a JSON Schema this grid can use: {error}"),
+                    place => format!("not a JSON Schema this grid can use: at {place} in the schema, {error}"),
+                },
             }
         })
     }
@@ -139,6 +145,15 @@ mod tests {
         let local = json!({"$defs": {"id": {"type": "integer"}}, "properties": {"id": {"$ref": "#/$defs/id"}}});
         let local = InputSchema::compile(&local).expect("a reference inside the schema");
         assert_eq!(local.check(&json!({"id": "x"}), "input")[0].path, "input/id");
+    }
+
+    /// The library's own words leave out where in the schema the mistake is: a schema of
+    /// many properties would leave its author looking for it.
+    #[test]
+    fn a_bad_schema_is_refused_naming_the_place_in_it() {
+        let bad = InputSchema::compile(&json!({"properties": {"a": {"type": "strnig"}}})).unwrap_err();
+        assert!(bad.starts_with("not a JSON Schema this grid can use"), "{bad}");
+        assert!(bad.contains("/properties/a/type"), "{bad}");
     }
 
     #[test]

@@ -242,7 +242,7 @@ fn check_files(files: &[PathBuf]) -> Vec<(String, Checked)> {
         let text = super::read_text(file).map_err(|error| vec![format!("definition: {error:#}")])?;
         let definition = parse_definition(&text, &limits).map_err(issues)?;
         // What a deploy checks too: both lists of problems at once.
-        let new_rules = flowgrid_model::check_new(&definition).map_err(issues);
+        let new_rules = flowgrid_model::check_new(&definition, &evaluator, &limits).map_err(issues);
         let plan = FlowPlan::compile(definition, 1, &evaluator, &limits).map_err(issues);
         let plan = match (plan, new_rules) {
             (Ok(plan), Ok(())) => plan,

@@ -149,7 +149,8 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
     let parsed =
         parse_definition(&text, &limits).map_err(|error| anyhow::anyhow!("{}: {error}", definition.display()))?;
     // What a deploy refuses too: a definition the grid would not take passes no test.
-    flowgrid_model::check_new(&parsed).map_err(|error| anyhow::anyhow!("{}: {error}", definition.display()))?;
+    flowgrid_model::check_new(&parsed, &evaluator, &limits)
+        .map_err(|error| anyhow::anyhow!("{}: {error}", definition.display()))?;
     let plan = Arc::new(
         FlowPlan::compile(flowgrid_model::with_deploy_defaults(parsed), 1, &evaluator, &limits)
             .map_err(|error| anyhow::anyhow!("{}: {error}", definition.display()))?,

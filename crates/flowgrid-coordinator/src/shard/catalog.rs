@@ -118,7 +118,8 @@ impl<S: ShardStore> ShardActor<S> {
             api_error
         };
         // A new version only: the deployed one, sent again, stays what it is.
-        flowgrid_model::check_new(&definition).map_err(refused)?;
+        flowgrid_model::check_new(&definition, self.context.plans.evaluator(), self.context.plans.limits())
+            .map_err(refused)?;
         let plan = self.context.plans.compile_uncached(&definition, version).map_err(refused)?;
         let deployed_ms = now_ms();
         let record = CatalogRecord { deployed_ms, definition };

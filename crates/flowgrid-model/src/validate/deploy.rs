@@ -5,13 +5,16 @@
 
 use crate::definition::{FlowDefinition, RetryPolicy, Step};
 use crate::error::{DefinitionError, Issue, Result};
-use crate::limits::{CHILDREN_GOING_MAX, CHILDREN_GOING_RUN_MAX, DURATION_MS_MAX, MAP_ITEMS_GOING_MAX};
+use crate::expr::Evaluator;
+use crate::limits::{Limits, CHILDREN_GOING_MAX, CHILDREN_GOING_RUN_MAX, DURATION_MS_MAX, MAP_ITEMS_GOING_MAX};
 
 use super::{push_issue, step_path};
 
 /// Checks `definition` against the rules for new deployments; lists every problem.
-pub fn check_new(definition: &FlowDefinition) -> Result<()> {
+pub fn check_new(definition: &FlowDefinition, evaluator: &Evaluator, limits: &Limits) -> Result<()> {
     let mut issues = Vec::new();
+    super::expressions::check_variables(definition, evaluator, &mut issues);
+    check_schedule_input(definition, limits, &mut issues);
     check_durations(definition, &mut issues);
     check_implicit_edges_listed(&definition.steps, &mut issues);
     check_trigger_stream_length(definition, &mut issues);
@@ -20,6 +23,25 @@ pub fn check_new(definition: &FlowDefinition) -> Result<()> {
         Ok(())
     } else {
         Err(DefinitionError::Invalid(issues))
+    }
+}
+
+/// A schedule's input fits what a start may carry as the API measures it, as MessagePack
+/// (each slot starts through the API): one that fits as JSON may not (a float takes 9
+/// bytes of it), and then every slot was refused.
+fn check_schedule_input(definition: &FlowDefinition, limits: &Limits, issues: &mut Vec<Issue>) {
+    let Some(schedule) = &definition.schedule else { return };
+    let bytes = crate::limits::msgpack_bytes(&schedule.input);
+    if bytes > limits.payload_bytes_max {
+        push_issue(
+            issues,
+            "schedule.input",
+            format!(
+                "is {bytes} bytes as MessagePack (as the API measures a start's input), over the limit of {}: pass a \
+                 reference to large data",
+                limits.payload_bytes_max
+            ),
+        );
     }
 }
 

@@ -46,6 +46,9 @@ const LOCAL_VARIABLES: [(&str, Locals, &str); 5] = [
     ("previous", PREVIOUS, "a loop's `input` (a subflow step with `repeat`)"),
 ];
 
+/// The variables every expression field has.
+const COMMON_VARIABLES: [&str; 2] = ["input", "steps"];
+
 /// One expression field of a definition.
 struct Slot {
     path: String,
@@ -65,23 +68,8 @@ impl ExpressionTable {
     /// Compiles every expression field; each failure is an issue at the field's path.
     pub(super) fn compile(definition: &FlowDefinition, evaluator: &Evaluator, issues: &mut Vec<Issue>) -> Self {
         let mut table = ExpressionTable { compiled: HashMap::new(), slots: Vec::new() };
-        if let Some(output) = &definition.output {
-            table.add(evaluator, FLOW_OUTPUT_PATH.to_owned(), None, NO_LOCALS, output, issues);
-        }
-        if let Some(input) = definition.trigger.as_ref().and_then(|trigger| trigger.input.as_ref()) {
-            table.add(evaluator, TRIGGER_INPUT_PATH.to_owned(), None, NO_LOCALS, input, issues);
-        }
-        if let Some(key) = definition.concurrency.as_ref().and_then(|concurrency| concurrency.key.as_ref()) {
-            table.add(evaluator, CONCURRENCY_KEY_PATH.to_owned(), None, NO_LOCALS, key, issues);
-        }
-        if let Some(input) = definition.on_failure.as_ref().and_then(|on_failure| on_failure.input.as_ref()) {
-            table.add(evaluator, ON_FAILURE_INPUT_PATH.to_owned(), None, RESULT, input, issues);
-        }
-        for (position, step) in definition.steps.iter().enumerate() {
-            let path = step_path(position, step.id());
-            for (field, source, locals) in expression_fields(step) {
-                table.add(evaluator, format!("{path}.{field}"), Some(position), locals, source, issues);
-            }
+        for Field { path, step, locals, source } in fields(definition) {
+            table.add(evaluator, path, step, locals, source, issues);
         }
         table
     }
@@ -229,6 +217,77 @@ fn expression_fields(step: &Step) -> Vec<(String, &str, Locals)> {
     };
     let when = ("when".to_owned(), step.when(), NO_LOCALS);
     fields.into_iter().chain([when]).filter_map(|(field, source, locals)| Some((field, source?, locals))).collect()
+}
+
+/// One expression field of a definition, as written.
+struct Field<'a> {
+    path: String,
+    /// The step it belongs to; `None` for the flow's own fields.
+    step: Option<usize>,
+    locals: Locals,
+    source: &'a str,
+}
+
+/// Every expression field of `definition`: the flow's own, then each step's.
+fn fields(definition: &FlowDefinition) -> Vec<Field<'_>> {
+    let flow_fields = [
+        (FLOW_OUTPUT_PATH, NO_LOCALS, definition.output.as_deref()),
+        (TRIGGER_INPUT_PATH, NO_LOCALS, definition.trigger.as_ref().and_then(|trigger| trigger.input.as_deref())),
+        (
+            CONCURRENCY_KEY_PATH,
+            NO_LOCALS,
+            definition.concurrency.as_ref().and_then(|concurrency| concurrency.key.as_deref()),
+        ),
+        (
+            ON_FAILURE_INPUT_PATH,
+            RESULT,
+            definition.on_failure.as_ref().and_then(|on_failure| on_failure.input.as_deref()),
+        ),
+    ];
+    let mut fields: Vec<Field<'_>> = flow_fields
+        .into_iter()
+        .filter_map(|(path, locals, source)| Some(Field { path: path.to_owned(), step: None, locals, source: source? }))
+        .collect();
+    for (position, step) in definition.steps.iter().enumerate() {
+        let path = step_path(position, step.id());
+        for (field, source, locals) in expression_fields(step) {
+            fields.push(Field { path: format!("{path}.{field}"), step: Some(position), locals, source });
+        }
+    }
+    fields
+}
+
+/// A rule for new deployments ([`super::deploy`]): a variable no expression has (a
+/// misspelt `inptu`) is an issue, as the expression would fail on every run. Fields that
+/// do not compile are left to [`ExpressionTable::compile`].
+pub(super) fn check_variables(definition: &FlowDefinition, evaluator: &Evaluator, issues: &mut Vec<Issue>) {
+    let known = |variable: &str| {
+        COMMON_VARIABLES.contains(&variable) || LOCAL_VARIABLES.iter().any(|(name, ..)| *name == variable)
+    };
+    for Field { path, locals, source, .. } in fields(definition) {
+        let Ok(expr) = evaluator.compile(source) else { continue };
+        for variable in expr.variables().iter().filter(|variable| !known(variable)) {
+            push_issue(
+                issues,
+                &path,
+                format!(
+                    "reads `{variable}`, which is no variable of expressions: this field reads {}",
+                    readable_variables(locals)
+                ),
+            );
+        }
+    }
+}
+
+/// The variables a field with `locals` has, for messages: "`input`, `steps` and `result`".
+fn readable_variables(locals: Locals) -> String {
+    let locals = LOCAL_VARIABLES.iter().filter(|(_, needs, _)| locals & needs != 0).map(|(name, ..)| *name);
+    let names: Vec<String> = COMMON_VARIABLES.into_iter().chain(locals).map(|name| format!("`{name}`")).collect();
+    match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, others)) => format!("{} and {last}", others.join(", ")),
+        None => String::new(),
+    }
 }
 
 fn compile_message(error: &ExprError) -> String {

@@ -45,9 +45,9 @@ const YAML_EXPANSION_FACTOR: usize = 2;
 
 /// Reads a definition from YAML or JSON (JSON when the first non-blank character is `{`).
 ///
-/// Refuses text over `limits.definition_bytes_max` and JSON nested deeper than
-/// `limits.nesting_depth_max`. Parse errors carry the line and column and name unknown
-/// fields. The result is not validated yet: call [`validate`] or [`FlowPlan::compile`].
+/// Refuses text over `limits.definition_bytes_max` and a definition (JSON or YAML) nested
+/// deeper than `limits.nesting_depth_max`. Parse errors carry the line and column and name
+/// unknown fields. The result is not validated yet: call [`validate`] or [`FlowPlan::compile`].
 pub fn parse_definition(text: &str, limits: &Limits) -> Result<FlowDefinition> {
     if text.len() > limits.definition_bytes_max {
         return Err(DefinitionError::Parse(format!(
@@ -66,10 +66,27 @@ pub fn parse_definition(text: &str, limits: &Limits) -> Result<FlowDefinition> {
         })
     } else {
         yaml::check_expansion(text, YAML_EXPANSION_FACTOR * limits.definition_bytes_max)?;
-        serde_norway::from_str(text).map_err(|error| {
+        let definition = serde_norway::from_str(text).map_err(|error| {
             let place = error.location().map(|place| (place.line(), place.column()));
             more_parse_issues(format!("YAML: {error}"), &error.to_string(), place, serde_norway::from_str(text).ok())
-        })
+        })?;
+        check_yaml_depth(&definition, limits.nesting_depth_max)?;
+        Ok(definition)
+    }
+}
+
+/// Refuses a definition read from YAML whose arrays and objects nest deeper than
+/// `depth_max`, as [`check_json_depth`] refuses JSON text (the definition itself counting
+/// as the first level). YAML is measured once parsed, its parser stopping past 128 levels;
+/// the message names the top-level field that nests too deep.
+fn check_yaml_depth(definition: &FlowDefinition, depth_max: usize) -> Result<()> {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(definition) else { return Ok(()) };
+    let too_deep = fields.iter().find(|(_, value)| 1 + crate::limits::nesting_depth(value) > depth_max);
+    match too_deep {
+        Some((field, _)) => Err(DefinitionError::Parse(format!(
+            "YAML: nesting deeper than the limit of {depth_max} levels in `{field}`: flatten the value"
+        ))),
+        None => Ok(()),
     }
 }
 

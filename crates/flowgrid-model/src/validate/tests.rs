@@ -55,6 +55,11 @@ fn parse(text: &str) -> FlowDefinition {
     parse_definition(text, &limits()).unwrap_or_else(|error| panic!("{error}"))
 }
 
+/// `definition` against the rules for new deployments.
+fn new_rules(definition: &FlowDefinition) -> crate::error::Result<()> {
+    check_new(definition, &evaluator(), &limits())
+}
+
 /// The issues of a definition that must be invalid.
 fn issues_of(text: &str) -> Vec<Issue> {
     match validate(&parse(text), &evaluator(), &limits()) {
@@ -165,6 +170,33 @@ steps:
 }
 
 #[test]
+fn a_variable_no_field_has_is_refused_listing_what_the_field_reads() {
+    let text = r##"
+name: misspelt
+steps:
+  - { id: a, kind: transform, output: "inptu.total" }
+  - { id: b, kind: transform, output: "[1].map(|x| x + inptu.k)" }
+  - { id: c, kind: task, pool: p, task: t, output: "reslt.x" }
+  - { id: m, kind: map, pool: p, task: t, items: "input.l", input: "#{ i: itme }" }
+  - { id: d, kind: transform, output: "input.l.map(|x| x * 2)" }
+  - { id: e, kind: transform, output: "input.l.map(|item| item + input.k).filter(|x, i| x > i)" }
+"##;
+    // Deployed before the rule, such a version still loads.
+    assert!(validate(&parse(text), &evaluator(), &limits()).is_ok());
+    let issues = check_new(&parse(text), &evaluator(), &limits()).unwrap_err().issues();
+    let found: Vec<String> = issues.iter().map(ToString::to_string).collect();
+    let expected = [
+        "steps[0](a).output: reads `inptu`, which is no variable of expressions: this field reads `input` and `steps`",
+        "steps[1](b).output: reads `inptu`, which is no variable of expressions: this field reads `input` and `steps`",
+        "steps[2](c).output: reads `reslt`, which is no variable of expressions: this field reads `input`, `steps` and \
+         `result`",
+        "steps[3](m).input: reads `itme`, which is no variable of expressions: this field reads `input`, `steps`, \
+         `item` and `index`",
+    ];
+    assert_eq!(found, expected, "{found:#?}");
+}
+
+#[test]
 fn oversized_and_deep_definitions_are_refused() {
     let small = Limits { definition_bytes_max: 10, ..limits() };
     let message = parse_definition(MEDIA_FLOW, &small).unwrap_err().to_string();
@@ -172,6 +204,27 @@ fn oversized_and_deep_definitions_are_refused() {
     let deep = format!("{{\"name\": {}1{}}}", "[".repeat(40), "]".repeat(40));
     let message = parse_definition(&deep, &limits()).unwrap_err().to_string();
     assert!(message.contains("nesting deeper than the limit of 32"), "{message}");
+}
+
+#[test]
+fn a_deep_definition_is_refused_as_yaml_as_it_is_as_json() {
+    let schema = format!("{}{{}}{}", "{ not: ".repeat(40), " }".repeat(40));
+    let yaml = format!("name: f\ninput_schema: {schema}\nsteps:\n  - {{ kind: transform, id: t, output: '1' }}\n");
+    let json = serde_json::to_string(&serde_norway::from_str::<serde_json::Value>(&yaml).unwrap()).unwrap();
+    let phrase = "nesting deeper than the limit of 32 levels";
+    for (format, text) in [("JSON", json), ("YAML", yaml)] {
+        match parse_definition(&text, &limits()) {
+            Err(DefinitionError::Parse(message)) => {
+                assert!(message.starts_with(&format!("{format}: {phrase}")), "{message}");
+                assert!(message.ends_with(": flatten the value"), "{message}");
+            }
+            other => panic!("{format}: expected the depth limit's refusal, got {other:?}"),
+        }
+    }
+    // At the limit, both read.
+    let schema = format!("{}{{}}{}", "{ not: ".repeat(30), " }".repeat(30));
+    let yaml = format!("name: f\ninput_schema: {schema}\nsteps:\n  - {{ kind: transform, id: t, output: '1' }}\n");
+    assert!(parse_definition(&yaml, &limits()).is_ok());
 }
 
 #[test]
@@ -630,8 +683,39 @@ fn a_schedule_has_one_timetable_that_parses_and_an_input_a_run_may_take() {
     // 2026-01-15T00:00:00Z: nine in Berlin is 8:00 UTC in winter.
     let next = berlin.expect("valid").schedule.as_ref().and_then(|timetable| timetable.next_after(1_768_435_200_000));
     assert_eq!(next, Some(1_768_435_200_000 + 8 * 3_600_000));
+    // Written out, a deep input is refused with the definition; a definition built otherwise
+    // is refused at the input.
     let deep = format!("{{ every_ms: 60000, input: {}1{} }}", "[".repeat(40), "]".repeat(40));
-    assert_issue(&issues_of(&flow(&deep)), "schedule.input", "nested 40 levels deep");
+    let message = parse_definition(&flow(&deep), &limits()).unwrap_err().to_string();
+    assert!(message.contains("nesting deeper than the limit of 32 levels in `schedule`"), "{message}");
+    let mut definition = parse(&flow("{ every_ms: 60000 }"));
+    let schedule = definition.schedule.as_mut().expect("parsed");
+    schedule.input = serde_json::from_str(&format!("{}1{}", "[".repeat(40), "]".repeat(40))).unwrap();
+    let issues = validate(&definition, &evaluator(), &limits()).unwrap_err().issues();
+    assert_issue(&issues, "schedule.input", "nested 40 levels deep");
+}
+
+/// The API measures a start's input as MessagePack, and the scheduler starts each slot
+/// through it: floats take 4 bytes of JSON each here and 9 of MessagePack, so 150,000 of
+/// them fit a payload as JSON (600,000 bytes) and not as what a start carries.
+#[test]
+fn a_schedule_s_input_is_measured_as_the_api_measures_a_start_s() {
+    let floats = vec![0.5; 150_000];
+    let input = serde_json::to_value(&floats).unwrap();
+    assert!(crate::limits::json_bytes(&input) < limits().payload_bytes_max);
+    let bytes = crate::limits::msgpack_bytes(&input);
+    assert!(bytes > limits().payload_bytes_max);
+    let text = serde_json::json!({
+        "name": "f",
+        "schedule": {"every_ms": 60_000, "input": input},
+        "steps": [{"kind": "transform", "id": "t", "output": "1"}],
+    })
+    .to_string();
+    let definition = parse(&text);
+    assert!(validate(&definition, &evaluator(), &limits()).is_ok(), "deployed before the rule, it still loads");
+    let issues = check_new(&definition, &evaluator(), &limits()).unwrap_err().issues();
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_issue(&issues, "schedule.input", &format!("is {bytes} bytes as MessagePack"));
 }
 
 #[test]
@@ -853,7 +937,7 @@ fn a_failure_handler_is_another_flow_with_ends_to_start_on() {
 fn new_issues_of(text: &str) -> Vec<Issue> {
     let definition = parse(text);
     validate(&definition, &evaluator(), &limits()).expect("valid under the rules a deployed version reloads with");
-    match check_new(&definition) {
+    match check_new(&definition, &evaluator(), &limits()) {
         Err(DefinitionError::Invalid(issues)) => issues,
         other => panic!("expected issues for a new deployment, got {other:?}"),
     }
@@ -896,7 +980,7 @@ steps:
     assert_issue(&issues, "steps[2](b).after[0]", "branches to this step");
     // A catch target that lists the caught step also runs when it succeeds: allowed.
     assert_eq!(issues.len(), 2, "{issues:?}");
-    assert!(check_new(&parse(MEDIA_FLOW)).is_ok(), "implicit edges left implicit pass");
+    assert!(new_rules(&parse(MEDIA_FLOW)).is_ok(), "implicit edges left implicit pass");
 }
 
 #[test]
@@ -936,7 +1020,7 @@ fn a_new_trigger_names_a_stream_short_enough_for_its_runs_keys() {
     };
     let issues = new_issues_of(&triggered(&"S".repeat(201)));
     assert_issue(&issues, "trigger.stream", "is 201 bytes, over the 200");
-    assert!(check_new(&parse(&triggered(&"S".repeat(200)))).is_ok());
+    assert!(new_rules(&parse(&triggered(&"S".repeat(200)))).is_ok());
     // The longest key its runs get fits an idempotency key.
     let key = format!("trigger/{}/{}/{}", "S".repeat(200), i128::from(i64::MAX), u64::MAX);
     assert!(key.len() <= 256, "{}", key.len());
@@ -949,7 +1033,7 @@ fn a_subflow_step_has_at_most_a_thousand_children_going() {
     };
     let issues = new_issues_of(&flow(", max_concurrency: 1001"));
     assert_issue(&issues, "steps[0](each).max_concurrency", "over the 1000 child runs a step may have going");
-    assert!(check_new(&parse(&flow(", max_concurrency: 1000"))).is_ok());
+    assert!(new_rules(&parse(&flow(", max_concurrency: 1000"))).is_ok());
     // The default, and a version deployed before the bound, go 1,000 at a time.
     for going in ["", ", max_concurrency: 5000"] {
         let plan = FlowPlan::compile(parse(&flow(going)), 1, &evaluator(), &limits()).expect("valid");
@@ -967,7 +1051,7 @@ fn a_map_step_has_at_most_ten_thousand_items_in_flight() {
     };
     let issues = new_issues_of(&flow(", max_concurrency: 10001"));
     assert_issue(&issues, "steps[0](each).max_concurrency", "over the 10000 items a map step may have in flight");
-    assert!(check_new(&parse(&flow(", max_concurrency: 10000"))).is_ok());
+    assert!(new_rules(&parse(&flow(", max_concurrency: 10000"))).is_ok());
     // A deploy writes the default in; a version deployed before keeps what it ran with.
     let compiled = |definition| {
         let plan = FlowPlan::compile(definition, 1, &evaluator(), &limits()).expect("valid");
@@ -992,8 +1076,8 @@ fn a_run_has_at_most_five_thousand_children_going_over_its_subflow_steps() {
     let issues = new_issues_of(&flow(5, ""));
     assert_issue(&issues, "steps", "may have 5001 child runs going at once");
     assert_issue(&issues, "steps", "over the 5000 a run may have");
-    assert!(check_new(&parse(&flow(5, ", max_concurrency: 999"))).is_ok());
-    assert!(check_new(&parse(&flow(4, ""))).is_ok());
+    assert!(new_rules(&parse(&flow(5, ", max_concurrency: 999"))).is_ok());
+    assert!(new_rules(&parse(&flow(4, ""))).is_ok());
     // A version deployed before the bound runs as it did: no share is taken from its steps.
     let plan = FlowPlan::compile(parse(&flow(6, "")), 1, &evaluator(), &limits()).expect("valid");
     let going: Vec<u32> = (0..6)
