@@ -27,8 +27,10 @@
 //! - Reads are bounded in time: a [`ShardStore::scan`] or [`ShardStore::scan_records`]
 //!   that has read for half the transaction limit goes on in a new transaction from where
 //!   it stopped, so a long range never runs into FoundationDB's 5 s limit (and such a scan
-//!   may span versions, see [`FdbShard`]'s `scan`). A chunked record is always read whole
-//!   in one transaction.
+//!   may span versions, see [`FdbShard`]'s `scan`). Such a `scan` may go on in a new
+//!   transaction between two chunks of one record, so a chunked record it returns may be
+//!   joined from two versions: read chunked records with [`ShardStore::get_chunked`] or
+//!   [`ShardStore::scan_records`], which read each record whole in one transaction.
 //!
 //! # The network thread
 //!
@@ -74,7 +76,7 @@ use foundationdb::{
 use flowgrid_model::{Epoch, ShardId};
 use flowgrid_store::{
     join_chunks, join_records, keys, printable_key, Error, Key, KeyRange, Mutation, RecordPage, Result, ShardStore,
-    Store, StoreLimits, Value, WriteBatch, FDB_KEY_BYTES_MAX,
+    Store, StoreLimits, Value, WriteBatch, FDB_KEY_BYTES_MAX, FDB_VALUE_BYTES_MAX,
 };
 
 /// The client crate, re-exported so that the process boots the same version it links.
@@ -132,7 +134,9 @@ impl FdbStore {
 
     /// A store over an already opened database (one `Database` can serve many roots).
     /// Fails when the longest shard prefix is over `limits.key_prefix_bytes_max`, or plus
-    /// `limits.key_bytes_max` over FoundationDB's key limit: shorten the root.
+    /// `limits.key_bytes_max` over FoundationDB's key limit: shorten the root. Fails when
+    /// `limits.value_bytes_max` is over FoundationDB's value limit (records would be chunked
+    /// into values no commit can write): lower it.
     ///
     /// Unlike [`FdbStore::open`] it does not contact the cluster: call
     /// [`FdbStore::check_cluster`] before serving from it.
@@ -150,6 +154,13 @@ impl FdbStore {
                 what: "key prefix (root) plus key_bytes_max",
                 size: prefix_bytes_max + limits.key_bytes_max,
                 limit: FDB_KEY_BYTES_MAX,
+            });
+        }
+        if limits.value_bytes_max > FDB_VALUE_BYTES_MAX {
+            return Err(Error::TooLarge {
+                what: "value_bytes_max (lower it to FoundationDB's value limit)",
+                size: limits.value_bytes_max,
+                limit: FDB_VALUE_BYTES_MAX,
             });
         }
         let scan_budget = Duration::from_millis(limits.transaction_ms_max.min(FDB_READ_VERSION_MS_MAX) / 2);

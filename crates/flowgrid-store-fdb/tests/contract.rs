@@ -51,6 +51,17 @@ fn fdb_store_passes_the_contract() {
         .await;
         clear_root(&db, &pieces).await;
 
+        // Two owners that share nothing but the cluster: each store on a database handle of
+        // its own, both holding one shard.
+        let owners = format!("{root}-o");
+        contract::a_second_owner_fences_the_first(|| {
+            let own = Database::new(Some(&cluster_file))
+                .unwrap_or_else(|error| panic!("FDB_CLUSTER_FILE={cluster_file}: {error}"));
+            FdbStore::from_database(Arc::new(own), &owners, StoreLimits::default()).expect("the test root fits")
+        })
+        .await;
+        clear_root(&db, &owners).await;
+
         an_unreachable_cluster_fails_open_naming_its_cluster_file().await;
     });
     drop(runtime);

@@ -16,7 +16,10 @@
 
 use foundationdb_tuple::{pack, pack_into, unpack, Element};
 
-use crate::{keys, printable_key, Error, Key, KeyRange, Result, StoreLimits, Value, FDB_TRANSACTION_BYTES_MAX};
+use crate::{
+    keys, printable_key, Error, Key, KeyRange, Result, StoreLimits, Value, FDB_TRANSACTION_BYTES_MAX,
+    FDB_VALUE_BYTES_MAX,
+};
 
 /// One change to a shard's key space.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,9 +169,11 @@ impl WriteBatch {
         self.mutations
     }
 
-    /// Checks every key, value and the whole transaction against `limits`, and that no
-    /// mutation touches the shard's epoch key. Backends call this before they start a
-    /// transaction, so a batch that fails writes nothing.
+    /// Checks every key, value and the whole transaction against `limits`, every value and
+    /// the transaction also against FoundationDB's own limits (whatever `limits` allow, a
+    /// cluster refuses more at every retry), and that no mutation touches the shard's epoch
+    /// key. Backends call this before they start a transaction, so a batch that fails
+    /// writes nothing.
     pub fn check(&self, limits: &StoreLimits) -> Result<()> {
         if self.bytes > limits.transaction_bytes_max {
             return Err(Error::TooLarge { what: "transaction", size: self.bytes, limit: limits.transaction_bytes_max });
@@ -191,6 +196,13 @@ impl WriteBatch {
                             what: "value",
                             size: value.len(),
                             limit: limits.value_bytes_max,
+                        });
+                    }
+                    if value.len() > FDB_VALUE_BYTES_MAX {
+                        return Err(Error::TooLarge {
+                            what: "value (value_bytes_max is over FoundationDB's value limit: lower it)",
+                            size: value.len(),
+                            limit: FDB_VALUE_BYTES_MAX,
                         });
                     }
                 }
@@ -445,6 +457,24 @@ mod tests {
         let epoch_range = 32 + 2 * (64 + keys::epoch().len()) + 1;
         assert_eq!(with_prefix, batch.bytes() + 3 * 79_000 * 64 + epoch_range);
         assert!(batch.check(&StoreLimits { key_prefix_bytes_max: 0, ..limits }).is_ok());
+    }
+
+    #[test]
+    fn check_refuses_a_value_over_foundationdbs_limit_whatever_value_bytes_max_allows() {
+        let limits = StoreLimits { value_bytes_max: 2 * FDB_VALUE_BYTES_MAX, ..StoreLimits::default() };
+        let mut at_limit = WriteBatch::new();
+        at_limit.set(b"k".to_vec(), vec![0u8; FDB_VALUE_BYTES_MAX]);
+        assert!(at_limit.check(&limits).is_ok(), "a value of exactly FoundationDB's limit passes");
+        let mut over = WriteBatch::new();
+        over.set(b"k".to_vec(), vec![0u8; FDB_VALUE_BYTES_MAX + 1]);
+        match over.check(&limits) {
+            Err(error @ Error::TooLarge { size, limit: FDB_VALUE_BYTES_MAX, .. }) => {
+                assert_eq!(size, FDB_VALUE_BYTES_MAX + 1);
+                assert!(error.to_string().contains("lower it"), "the error says what to fix: {error}");
+                assert!(error.to_string().contains("value_bytes_max"), "the error names the setting: {error}");
+            }
+            other => panic!("a value over FoundationDB's limit must fail with TooLarge, got {other:?}"),
+        }
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //!
 //! A failure panics with a message naming the broken promise.
 //!
+//! [`a_second_owner_fences_the_first`] is not part of [`run_all`]: it needs two stores
+//! holding one shard at once, which only a backend without a per-process shard lock allows
+//! (see its docs).
+//!
 //! ```ignore
 //! #[tokio::test]
 //! async fn contract() {
@@ -15,6 +19,10 @@
 //!     flowgrid_store::contract::run_all(|| MyStore::open(dir.path()).unwrap()).await;
 //! }
 //! ```
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::Poll;
 
 use flowgrid_model::{Epoch, RunId, ShardId};
 
@@ -34,6 +42,8 @@ pub async fn run_all<S: Store>(make: impl Fn() -> S) {
     clear_and_clear_range_remove_keys(&make).await;
     chunked_record_round_trips_at_1_1_megabytes(&make).await;
     scan_records_pages_whole_records(&make).await;
+    scan_records_says_no_more_after_a_chunked_last_record(&make).await;
+    reverse_scans_of_large_values_mirror_forward_scans(&make).await;
     shards_are_independent(&make).await;
     committed_data_survives_reopening(&make).await;
 }
@@ -58,8 +68,41 @@ async fn scan<T: ShardStore>(shard: &T, range: KeyRange, limit: usize, reverse: 
     shard.scan(range, limit, reverse).await.unwrap_or_else(|error| panic!("scan failed: {error}"))
 }
 
+/// One page of `scan_records` without a byte bound.
+async fn scan_records<T: ShardStore>(shard: &T, range: KeyRange, limit: usize) -> RecordPage {
+    shard
+        .scan_records(range, limit, usize::MAX)
+        .await
+        .unwrap_or_else(|error| panic!("scan_records (limit {limit}) failed: {error}"))
+}
+
 fn keys_of(pairs: &[(Key, Value)]) -> Vec<Key> {
     pairs.iter().map(|(key, _)| key.clone()).collect()
+}
+
+/// Runs two futures at once, polled in turn on the calling task, and returns both outputs.
+async fn join<A: Future, B: Future>(first: A, second: B) -> (A::Output, B::Output) {
+    let (mut first, mut second) = (pin!(first), pin!(second));
+    let (mut first_out, mut second_out) = (None, None);
+    std::future::poll_fn(|cx| {
+        if first_out.is_none() {
+            if let Poll::Ready(out) = first.as_mut().poll(cx) {
+                first_out = Some(out);
+            }
+        }
+        if second_out.is_none() {
+            if let Poll::Ready(out) = second.as_mut().poll(cx) {
+                second_out = Some(out);
+            }
+        }
+        if first_out.is_some() && second_out.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    (first_out.expect("polled to completion"), second_out.expect("polled to completion"))
 }
 
 /// Deterministic, incompressible-looking bytes (xorshift), so chunk boundaries matter.
@@ -396,10 +439,75 @@ pub async fn scan_records_pages_whole_records<S: Store>(make: impl Fn() -> S) {
     assert_eq!(empty, RecordPage::default(), "an empty range is an empty page with nothing more");
 }
 
+/// `more` is true only when records follow the page, also when the window a backend reads
+/// past the page is taken up by the chunks of the page's last record: a page that ends
+/// with the range's last record, a chunked one, says nothing more follows.
+pub async fn scan_records_says_no_more_after_a_chunked_last_record<S: Store>(make: impl Fn() -> S) {
+    let limits = StoreLimits::default();
+    let store = make();
+    let shard = open(&store, ShardId(113)).await;
+    let epoch = shard.acquire().await.unwrap();
+    let run = run_id("run-chunked-last");
+    // Record 1 of one chunk, record 2 of two: three keys.
+    let mut batch = WriteBatch::new();
+    batch.set_chunked(&keys::history(&run, 1), &pattern(100, 1), &limits);
+    assert_eq!(batch.set_chunked(&keys::history(&run, 2), &pattern(150_000, 2), &limits), 2);
+    commit_ok(&shard, epoch, batch).await;
+    let range = keys::history_range(&run);
+
+    let both = scan_records(&shard, range.clone(), 2).await;
+    assert_eq!(keys_of(&both.records), vec![keys::history(&run, 1), keys::history(&run, 2)]);
+    assert!(both.records[1].1 == pattern(150_000, 2), "the chunked record read back differs");
+    assert!(!both.more, "a page holding the range's last record (of two chunks) says more records follow");
+
+    let first = scan_records(&shard, range.clone(), 1).await;
+    assert_eq!(keys_of(&first.records), vec![keys::history(&run, 1)]);
+    assert!(first.more, "a page of record 1 says no record follows, though record 2 does");
+
+    let rest = KeyRange { begin: keys::chunks_range(&keys::history(&run, 1)).end, end: range.end.clone() };
+    let last = scan_records(&shard, rest, 1).await;
+    assert_eq!(keys_of(&last.records), vec![keys::history(&run, 2)]);
+    assert!(!last.more, "a page of the last record alone (of two chunks) says more records follow");
+
+    let roomy = scan_records(&shard, range, 3).await;
+    assert_eq!((roomy.records.len(), roomy.more), (2, false), "a page with room to spare");
+}
+
+/// Scans over many large values (40 of 30 KB: many read batches of a backend that reads
+/// in batches of about 80 KB) return in reverse exactly the pairs they return forward, with
+/// and without a limit.
+pub async fn reverse_scans_of_large_values_mirror_forward_scans<S: Store>(make: impl Fn() -> S) {
+    const PAIRS: usize = 40;
+    const VALUE_BYTES: usize = 30_000;
+    const LIMIT: usize = 25;
+    let store = make();
+    let shard = open(&store, ShardId(114)).await;
+    let epoch = shard.acquire().await.unwrap();
+    let mut batch = WriteBatch::new();
+    for index in 0..PAIRS {
+        batch.set(keys::active(&run_id(&format!("run-{index:02}"))), pattern(VALUE_BYTES, index as u64 + 1));
+    }
+    commit_ok(&shard, epoch, batch).await;
+
+    let forward = scan(&shard, keys::active_range(), usize::MAX, false).await;
+    assert_eq!(forward.len(), PAIRS, "a forward scan returns every pair");
+    assert!(forward.iter().all(|(_, value)| value.len() == VALUE_BYTES), "a forward scan returns whole values");
+    let mut reversed = forward.clone();
+    reversed.reverse();
+    let reverse = scan(&shard, keys::active_range(), usize::MAX, true).await;
+    assert_eq!(keys_of(&reverse), keys_of(&reversed), "an unlimited reverse scan is the forward scan reversed");
+    assert!(reverse == reversed, "an unlimited reverse scan returns other values than the forward scan");
+    let limited = scan(&shard, keys::active_range(), LIMIT, true).await;
+    assert_eq!(keys_of(&limited), keys_of(&reversed[..LIMIT]), "a reverse scan of limit {LIMIT}");
+    assert!(limited == reversed[..LIMIT], "a reverse scan of limit {LIMIT} returns other values");
+    let limited = scan(&shard, keys::active_range(), LIMIT, false).await;
+    assert!(limited == forward[..LIMIT], "a forward scan of limit {LIMIT} is the start of the unlimited one");
+}
+
 /// Two shards of one store have separate epochs and separate keys.
 pub async fn shards_are_independent<S: Store>(make: impl Fn() -> S) {
     let store = make();
-    let first = open(&store, ShardId(109)).await;
+    let first = open(&store, ShardId(112)).await;
     let second = open(&store, ShardId(110)).await;
     let first_epoch = first.acquire().await.unwrap();
     first.acquire().await.unwrap();
@@ -434,4 +542,75 @@ pub async fn committed_data_survives_reopening<S: Store>(make: impl Fn() -> S) {
     let chunks = scan(&shard, keys::chunks_range(&keys::snapshot(&run)), usize::MAX, false).await;
     assert!(join_chunks(chunks).unwrap() == Some(pattern(250_000, 3)), "a chunked record survives reopening");
     assert_eq!(shard.acquire().await.unwrap(), Epoch(epoch.0 + 1), "acquire continues from the stored epoch");
+}
+
+/// Fencing between two owners that share nothing but the key space: two stores from
+/// `make`, each holding the same shard. After B acquires, A's commit with its epoch fails
+/// with `StaleEpoch` and B sees none of it. And in rounds where A commits a large batch
+/// ending in a marker while B acquires and then reads the marker: a commit of A's that
+/// returns `Ok` was ordered before B's acquire, so B's read sees it; one refused as stale
+/// wrote nothing.
+///
+/// Not in [`run_all`]: only for backends that let two stores hold one shard at once, whose
+/// ownership is the epoch alone (FoundationDB). The embedded redb backend cannot run it:
+/// its shard file is locked by the store that opens it, so a second store's open fails
+/// with [`Error::Busy`] until the first lets go, and two owners never hold a shard at once
+/// there (its own tests check that lock).
+pub async fn a_second_owner_fences_the_first<S: Store>(make: impl Fn() -> S) {
+    const ROUNDS: u64 = 10;
+    const BIG_VALUES: u64 = 20;
+    const BIG_VALUE_BYTES: usize = 90_000;
+    let (store_a, store_b) = (make(), make());
+    let a = open(&store_a, ShardId(115)).await;
+    let b = open(&store_b, ShardId(115)).await;
+    let epoch_a = a.acquire().await.unwrap();
+    let epoch_b = b.acquire().await.unwrap();
+    assert!(epoch_b > epoch_a, "B's acquire after A's returned {epoch_b}, not past A's {epoch_a}");
+    assert_eq!(a.current_epoch().await.unwrap(), epoch_b, "A does not read the epoch B acquired");
+    let key = keys::run(&run_id("written-by-a"));
+    let mut stale = WriteBatch::new();
+    stale.set(key.clone(), b"stale".to_vec());
+    match a.commit(epoch_a, stale).await {
+        Err(Error::StaleEpoch { epoch, current, .. }) => {
+            assert_eq!((epoch, current), (epoch_a, epoch_b), "StaleEpoch names A's epoch and B's");
+        }
+        other => panic!("A's commit after B acquired the shard must fail with StaleEpoch, got {other:?}"),
+    }
+    assert_eq!(get(&b, &key).await, None, "B sees the write of A's stale commit");
+    assert_eq!(get(&a, &key).await, None, "A's stale commit wrote its key");
+
+    let big = pattern(BIG_VALUE_BYTES, 7);
+    for round in 0..ROUNDS {
+        let epoch_a = a.acquire().await.unwrap();
+        let marker = keys::run(&run_id(&format!("marker-{round}")));
+        let mut batch = WriteBatch::new();
+        for index in 0..BIG_VALUES {
+            batch.set(keys::history(&run_id("fenced"), index), big.clone());
+        }
+        batch.set(marker.clone(), b"a".to_vec());
+        // B reads the marker as soon as it holds the shard, while A's commit may still run.
+        let take_over = async {
+            let epoch_b =
+                b.acquire().await.unwrap_or_else(|error| panic!("round {round}: B's acquire failed: {error}"));
+            (epoch_b, get(&b, &marker).await)
+        };
+        let (committed, (epoch_b, seen_at_acquire)) = join(a.commit(epoch_a, batch), take_over).await;
+        assert!(epoch_b > epoch_a, "round {round}: B acquired {epoch_b}, not past A's {epoch_a}");
+        match committed {
+            Ok(()) => assert_eq!(
+                seen_at_acquire,
+                Some(b"a".to_vec()),
+                "round {round}: A's commit with {epoch_a} returned Ok, yet B does not see it right after acquiring \
+                 {epoch_b}: the commit went through after another owner took the shard"
+            ),
+            Err(Error::StaleEpoch { .. }) => assert_eq!(
+                get(&b, &marker).await,
+                None,
+                "round {round}: A's commit was refused as stale, yet wrote its marker"
+            ),
+            // May have committed or not: B sees either, and the next round goes on.
+            Err(Error::OutcomeUnknown { .. }) => {}
+            Err(other) => panic!("round {round}: A's commit failed with neither Ok nor StaleEpoch: {other}"),
+        }
+    }
 }

@@ -226,6 +226,8 @@ pub trait ShardStore: Send + Sync + 'static {
                 let mut pairs = self.scan(KeyRange { begin, end: range.end.clone() }, window, false).await?;
                 let exhausted = pairs.len() < window;
                 let whole = if exhausted { pairs.len() } else { batch::whole_records_len(&pairs)? };
+                // The window cut a record short: that record follows the whole ones.
+                let cut = whole < pairs.len();
                 if whole == 0 {
                     let Some((first, _)) = pairs.into_iter().next() else { return Ok(page) };
                     // One record has more chunks than the window held.
@@ -249,8 +251,11 @@ pub trait ShardStore: Send + Sync + 'static {
                     return Ok(page);
                 }
                 if page.records.len() == limit {
-                    // The window ended short of the range's end, so a record follows.
-                    page.more = true;
+                    // The page is full and no record past it was seen: the window's one
+                    // extra key may have been a chunk of the page's last record. A record
+                    // follows when the window cut one, or when a key follows the page.
+                    let rest = KeyRange { begin, end: range.end };
+                    page.more = cut || !self.scan(rest, 1, false).await?.is_empty();
                     return Ok(page);
                 }
                 window = (limit - page.records.len()).saturating_add(1);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use flowgrid_engine::{ChildStart, Run, RunStart, TaskDispatch};
 use flowgrid_model::{Evaluator, FlowDefinition, FlowPlan, Millis, RunId};
-use flowgrid_store::{join_records, keys, Key, KeyRange, ShardStore, Value};
+use flowgrid_store::{keys, Key, KeyRange, ShardStore, Value};
 use tracing::error;
 
 use super::actor::{ActiveRun, ShardActor};
@@ -101,15 +101,28 @@ impl<S: ShardStore> ShardActor<S> {
             let flow = keys::decode_flow_paused(&key)?;
             self.flow_pauses.insert(flow, records::decode("flow pause", &value)?);
         }
-        let entries = join_records(self.store.scan(keys::catalog_range(), usize::MAX, false).await?)?;
-        for (key, value) in entries {
-            let (name, version) = keys::decode_catalog(&key)?;
-            let record: CatalogRecord = records::decode("catalog entry", &value)?;
-            let plan = self.context.plans.compile(&record.definition, version).map_err(|error| Error::Corrupt {
-                what: format!("flow {name} version {version}"),
-                message: error.to_string(),
-            })?;
-            self.catalog.entry(name).or_default().push(CatalogEntry { version, deployed_ms: record.deployed_ms, plan });
+        // Catalog entries read per page, at most, and their bytes: whole records, each read
+        // in one transaction of the store, a page at a time.
+        const CATALOG_PAGE_RECORDS: usize = 1_000;
+        const CATALOG_PAGE_BYTES: usize = 8 * 1024 * 1024;
+        let mut range = keys::catalog_range();
+        loop {
+            let page = self.store.scan_records(range.clone(), CATALOG_PAGE_RECORDS, CATALOG_PAGE_BYTES).await?;
+            let next = page.records.last().map(|(last, _)| keys::chunks_range(last).end);
+            for (key, value) in page.records {
+                let (name, version) = keys::decode_catalog(&key)?;
+                let record: CatalogRecord = records::decode("catalog entry", &value)?;
+                let plan = self.context.plans.compile(&record.definition, version).map_err(|error| Error::Corrupt {
+                    what: format!("flow {name} version {version}"),
+                    message: error.to_string(),
+                })?;
+                let entry = CatalogEntry { version, deployed_ms: record.deployed_ms, plan };
+                self.catalog.entry(name).or_default().push(entry);
+            }
+            match next {
+                Some(next) if page.more => range.begin = next,
+                _ => break,
+            }
         }
         let latest: Vec<(Arc<FlowPlan>, Millis)> = self
             .catalog
