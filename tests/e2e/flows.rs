@@ -282,6 +282,25 @@ async fn a_diff_shows_what_a_deploy_would_change_and_how_two_versions_differ() -
     let stderr = String::from_utf8_lossy(&unreachable.stderr);
     assert_eq!(unreachable.status.code(), Some(2), "nor is a grid out of reach: {stderr}");
 
+    // A map step without max_concurrency is stored with the default written in: the file
+    // a deploy answers unchanged is the same (before, it always differed, exit 1).
+    let mapped = "name: mapped\nsteps:\n  - { id: m, kind: map, items: 'input.xs', pool: a, task: echo }\n";
+    deploy(&grid, &client, mapped).await?;
+    let mapped_file = dir.path().join("mapped.yaml");
+    std::fs::write(&mapped_file, mapped)?;
+    let (same, stdout, stderr) = grid.cli(&["flow", "diff", "mapped", mapped_file.to_str().unwrap()])?;
+    assert!(same && stdout.contains("is the same as mapped@1 (deployed)"), "{stdout}{stderr}");
+    // A file the grid would refuse gets the refusal, not a difference (before, exit 1).
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(&broken, "name: diffed\nsteps:\n  - { id: a, kind: transform, after: [zz], output: '1' }\n")?;
+    let refused = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "flow", "diff", "diffed"])
+        .arg(&broken)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("steps[0](a).after") && stderr.contains("zz"), "{stderr}");
+
     // Several files deploy together, in order; one with a problem keeps every one from deploying.
     let third = dir.path().join("third.yaml");
     std::fs::write(&third, first.replace("diffed", "third"))?;
@@ -311,6 +330,23 @@ async fn a_diff_shows_what_a_deploy_would_change_and_how_two_versions_differ() -
     std::fs::write(&unread, first.replace("diffed", "unread").replace("steps:", &format!("{trigger}steps:")))?;
     let (ok, stdout, stderr) = grid.cli(&["flow", "deploy", third.to_str().unwrap(), unread.to_str().unwrap()])?;
     assert!(!ok && stderr.contains("nothing deployed") && stdout.contains("NO_SUCH_STREAM"), "{stdout}{stderr}");
+    let (ok, _, _) = grid.cli(&["flow", "get", "third"])?;
+    assert!(!ok, "third was deployed");
+    // Under --json, two files of one flow, or `-` among several, are bad usage: exit 2 and
+    // one JSON answer (before, nothing on stdout; for `-`, exit 1).
+    let twin = dir.path().join("twin.yaml");
+    std::fs::write(&twin, first.replace("diffed", "third"))?;
+    for files in [[third.as_path(), twin.as_path()], [third.as_path(), Path::new("-")]] {
+        let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+            .args(["--json", "--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "flow", "deploy"])
+            .args(files)
+            .output()?;
+        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert_eq!(output.status.code(), Some(2), "{files:?}: {stdout}{stderr}");
+        let answer: Value = serde_json::from_str(&stdout).map_err(|error| anyhow::anyhow!("{error}: {stdout}"))?;
+        assert_eq!(answer["error"]["code"], json!("invalid_request"), "{files:?}: {answer}");
+        assert!(answer["error"]["message"].as_str().is_some_and(|message| !message.is_empty()), "{answer}");
+    }
     let (ok, _, _) = grid.cli(&["flow", "get", "third"])?;
     assert!(!ok, "third was deployed");
     let (ok, stdout, stderr) = grid.cli(&["flow", "deploy", third.to_str().unwrap(), other.to_str().unwrap(), file])?;

@@ -2,7 +2,8 @@
 //! server in the test. Only URLs under `--allow` are called, redirects included, and a
 //! redirect only within its origin, five at most; 5xx is retried, 4xx is final, whatever the
 //! size of the error page; a body past `--response-max-kb`, one that is not text, or an
-//! output over a result's limit fails the attempt with a code of its own.
+//! output over a result's limit fails the attempt with a code of its own, and so does a
+//! 2xx answer whose body breaks off, which is not sent again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use flowgrid_sdk::{RunStatus, StartRun};
 use flowgrid_tests::{flowgrid_bin, free_port, python_bin, Grid};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::{deploy, OrLogs, RUN_DEADLINE};
@@ -398,6 +400,73 @@ async fn an_error_status_keeps_its_code_and_retry_whatever_the_size_of_its_body(
     let error = view.error.clone().expect("a failed run has an error");
     assert_eq!((error.code.as_str(), view.steps[0].attempts), ("http_404", 1), "{error:?}");
     assert!(error.message.contains("No such order"), "{error:?}");
+    Ok(())
+}
+
+/// A service on a free port of 127.0.0.1 that answers each request `200 OK` with a
+/// `Content-Length` of 1000, then closes the connection after the body's first 12 bytes;
+/// it counts the requests in `hits`.
+async fn cut_off_service(hits: Arc<AtomicU64>) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut connection, _)) = listener.accept().await {
+            let hits = Arc::clone(&hits);
+            tokio::spawn(async move {
+                let (mut request, mut buffer) = (Vec::new(), [0; 4096]);
+                while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match connection.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                hits.fetch_add(1, Ordering::SeqCst);
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+                let _ = connection.write_all(format!("{head}{{\"charged\": ").as_bytes()).await;
+                let _ = connection.shutdown().await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_breaks_off_after_a_2xx_answer_is_not_sent_again() -> anyhow::Result<()> {
+    // 200 and the body's first chunk, then nothing more (past the task's timeout_ms), or the
+    // connection closed mid-body: the service may have applied the request.
+    let hits = Arc::new(AtomicU64::new(0));
+    let app = Router::new()
+        .route(
+            "/v1/stall",
+            post(move |State(hits): State<Arc<AtomicU64>>| async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let chunk = Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{\"charged\": "));
+                let body = futures::stream::iter([chunk]).chain(futures::stream::pending());
+                ([(header::CONTENT_TYPE, "application/json")], axum::body::Body::from_stream(body))
+            }),
+        )
+        .with_state(Arc::clone(&hits));
+    let port = listen(app).await?;
+    let cut_port = cut_off_service(Arc::clone(&hits)).await?;
+    let (grid, client) = http_grid(&[port, cut_port], &[]).await?;
+
+    // The step retries `unavailable`: before, each break sent the request again, three times
+    // in all, under a new Idempotency-Key each time.
+    let urls = [format!("http://127.0.0.1:{port}/v1/stall"), format!("http://127.0.0.1:{cut_port}/v1/cut")];
+    for url in urls {
+        let before = hits.load(Ordering::SeqCst);
+        let view = call(&grid, &client, json!({"url": url, "method": "POST", "timeout_ms": 500})).await?;
+        let error = view.error.clone().expect("a failed run has an error");
+        assert_eq!((error.code.as_str(), view.steps[0].attempts), ("response_incomplete", 1), "{url}: {error:?}");
+        assert!(
+            error.message.contains("answered 200 OK but its body broke off after")
+                && error.message.contains("the request may have been applied"),
+            "{url}: {error:?}"
+        );
+        assert_eq!(hits.load(Ordering::SeqCst) - before, 1, "{url}: the service was called again");
+    }
     Ok(())
 }
 

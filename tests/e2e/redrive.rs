@@ -121,6 +121,12 @@ async fn a_failed_run_goes_again_from_its_failed_step_and_is_announced_again() -
     let other = (grid.shards * 2).to_string();
     let (ok, _, stderr) = grid.cli(&["audit", "--data-dir", &data_dir, "--shards", &other])?;
     assert!(!ok && stderr.contains(&format!("pass --shards {}", grid.shards)), "{stderr}");
+    // Without grid.json, a --shards below the shard files the directory holds is refused
+    // (before, half the store went unread and the audit said ok, exit 0).
+    std::fs::remove_file(grid.data_dir().join("grid.json"))?;
+    let half = (grid.shards / 2).to_string();
+    let (ok, stdout, stderr) = grid.cli(&["audit", "--data-dir", &data_dir, "--shards", &half])?;
+    assert!(!ok && stderr.contains(&format!("pass --shards {}", grid.shards)), "{stdout}\n{stderr}");
     Ok(())
 }
 

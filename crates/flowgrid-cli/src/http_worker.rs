@@ -6,10 +6,13 @@
 //! that is not text fails the task). Only URLs under the prefixes given with `--allow` are
 //! called, redirects included, so a flow cannot make the worker reach anything else; a
 //! redirect is followed only within the origin called, so the flow's headers and body reach
-//! no other service. A 2xx response is the task's output; 429, 5xx and failures to connect
-//! are retryable errors (`http_503`, `unavailable`), any other status a final one
-//! (`http_404`), whatever the size of its body, so the step's `retry` and `catch` decide what
-//! follows. `--max-rate` paces the requests of each pool for a service with a quota.
+//! no other service. A 2xx response is the task's output; 429, 5xx and failures before an
+//! answer (to connect, a timeout) are retryable errors (`http_503`, `unavailable`), any other
+//! status a final one (`http_404`), whatever the size of its body, so the step's `retry` and
+//! `catch` decide what follows. A 2xx answer whose body breaks off fails with a final
+//! `response_incomplete`: the service may have applied the request, and another attempt
+//! would send it again under a new `Idempotency-Key`. `--max-rate` paces the requests of
+//! each pool for a service with a quota.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -52,7 +55,7 @@ struct Request {
     /// JSON value as JSON.
     #[serde(default)]
     body: Option<Value>,
-    /// At most the worker's `--timeout-ms`.
+    /// At most the worker's `--timeout-ms` (a longer one is cut to it); 0 is refused.
     #[serde(default)]
     timeout_ms: Option<u64>,
 }
@@ -72,6 +75,68 @@ pub struct HttpSettings {
     pub body_bytes_max: usize,
     /// Certificate authorities (PEM) trusted besides the system's.
     pub extra_roots: Vec<reqwest::Certificate>,
+}
+
+/// How long one request may take, and which limit made it so, for the message of a
+/// request that timed out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct RequestTimeout {
+    limit: Duration,
+    set_by: TimeoutSource,
+}
+
+/// The limit that bounds a request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum TimeoutSource {
+    /// The task's `timeout_ms`.
+    Task,
+    /// The worker's `--timeout-ms`; what the task asked for past it, if it did.
+    Worker { asked_ms: Option<u64> },
+    /// What the attempt had left before its deadline (its step's `timeout_ms`): past it, its
+    /// result is not taken.
+    Attempt,
+}
+
+impl RequestTimeout {
+    /// The task's `timeout_ms` (`asked_ms`), else the worker's `--timeout-ms` (`worker`),
+    /// and never past the attempt's deadline (`left`). A `timeout_ms` of 0 is refused: every
+    /// attempt would time out at once.
+    fn new(asked_ms: Option<u64>, worker: Duration, left: Duration) -> Result<RequestTimeout, TaskError> {
+        let (limit, set_by) = match asked_ms {
+            Some(0) => {
+                return Err(final_error(
+                    "invalid_input",
+                    format!(
+                        "timeout_ms 0 leaves the request no time: give the longest it may take in milliseconds (at \
+                         most the worker's --timeout-ms, {} ms), or leave timeout_ms out for that",
+                        worker.as_millis()
+                    ),
+                ))
+            }
+            Some(ms) if Duration::from_millis(ms) <= worker => (Duration::from_millis(ms), TimeoutSource::Task),
+            asked_ms => (worker, TimeoutSource::Worker { asked_ms }),
+        };
+        Ok(if left < limit {
+            RequestTimeout { limit: left, set_by: TimeoutSource::Attempt }
+        } else {
+            RequestTimeout { limit, set_by }
+        })
+    }
+}
+
+/// `30000 ms (the worker's --timeout-ms; the task asked for 120000)`.
+impl fmt::Display for RequestTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ms (", self.limit.as_millis())?;
+        match self.set_by {
+            TimeoutSource::Task => write!(f, "the task's timeout_ms)"),
+            TimeoutSource::Worker { asked_ms: None } => write!(f, "the worker's --timeout-ms)"),
+            TimeoutSource::Worker { asked_ms: Some(asked) } => {
+                write!(f, "the worker's --timeout-ms; the task asked for {asked})")
+            }
+            TimeoutSource::Attempt => write!(f, "what the attempt had left of its step's timeout_ms)"),
+        }
+    }
 }
 
 /// Calls HTTP services for `request` tasks.
@@ -137,11 +202,7 @@ impl HttpWorker {
         }
         let method = Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| final_error("invalid_input", format!("method {:?} is not an HTTP method", request.method)))?;
-        // No longer than the attempt has left: past its deadline its result is not taken.
-        let timeout = request
-            .timeout_ms
-            .map_or(self.settings.timeout, |ms| Duration::from_millis(ms).min(self.settings.timeout))
-            .min(task.time_left());
+        let timeout = RequestTimeout::new(request.timeout_ms, self.settings.timeout, task.time_left())?;
         if let Some(name) = request.headers.keys().find(|name| is_connection_header(name)) {
             return Err(final_error(
                 "invalid_input",
@@ -151,7 +212,7 @@ impl HttpWorker {
                 ),
             ));
         }
-        let mut builder = self.client.request(method, url.clone()).timeout(timeout);
+        let mut builder = self.client.request(method, url.clone()).timeout(timeout.limit);
         let has = |name: &str| request.headers.keys().any(|key| key.eq_ignore_ascii_case(name));
         if !has("idempotency-key") {
             // The same for every delivery of this attempt, so the service can drop a repeat.
@@ -166,7 +227,7 @@ impl HttpWorker {
             Some(Value::String(text)) => builder.header(header::CONTENT_TYPE, "text/plain; charset=utf-8").body(text),
             Some(value) => builder.json(&value),
         };
-        let response = builder.send().await.map_err(|error| unreachable_error(&url, &error))?;
+        let response = builder.send().await.map_err(|error| unreachable_error(&url, &error, &timeout))?;
         let status = response.status();
         let content_type =
             response.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).map(str::to_owned);
@@ -175,18 +236,28 @@ impl HttpWorker {
             return Err(status_error(&url, status, &start, content_type.as_deref()));
         }
         let headers = response_headers(response.headers());
-        let bytes = self.read_body(response, &url).await?;
+        let bytes = self.read_body(response, &url, &timeout).await?;
         let body = parse_body(bytes, content_type.as_deref(), &url)?;
         let output = json!({ "status": status.as_u16(), "headers": headers, "body": body });
         self.check_output_size(&output, &url)?;
         Ok(output)
     }
 
-    /// The response body, refused past `--response-max-kb`.
-    async fn read_body(&self, mut response: reqwest::Response, url: &Url) -> Result<Vec<u8>, TaskError> {
+    /// The response body, refused past `--response-max-kb`. A body that breaks off (a reset,
+    /// a stall past the timeout) fails with [`incomplete_error`]: the service answered, so it
+    /// may have applied the request.
+    async fn read_body(
+        &self,
+        mut response: reqwest::Response,
+        url: &Url,
+        timeout: &RequestTimeout,
+    ) -> Result<Vec<u8>, TaskError> {
         let max = self.settings.body_bytes_max;
+        let status = response.status();
         let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|error| unreachable_error(url, &error))? {
+        while let Some(chunk) =
+            response.chunk().await.map_err(|error| incomplete_error(url, status, bytes.len(), &error, timeout))?
+        {
             if bytes.len() + chunk.len() > max {
                 return Err(final_error(
                     "payload_too_large",
@@ -433,12 +504,15 @@ fn final_error(code: &str, message: String) -> TaskError {
     TaskError { code: code.to_owned(), message, retryable: false }
 }
 
-fn unreachable_error(url: &Url, error: &reqwest::Error) -> TaskError {
+/// The error of a request that got no answer. A timeout names the limit that applied
+/// (`timeout`); the service may still have applied the request, as after any failure past
+/// the connect.
+fn unreachable_error(url: &Url, error: &reqwest::Error, timeout: &RequestTimeout) -> TaskError {
     // A refused redirect: the same again next time.
     if let Some(refusal) = redirect_refusal(error) {
         return final_error(refusal.code(), format!("{url}: {refusal}"));
     }
-    let what = if error.is_timeout() { "timed out" } else { "failed" };
+    let what = if error.is_timeout() { format!("timed out after {timeout}") } else { "failed".to_owned() };
     // A redirect reqwest refused, or a request that cannot be built (a header name or value
     // that HTTP does not allow), is the flow's doing: trying again changes nothing.
     let (code, retryable) = if error.is_redirect() {
@@ -448,13 +522,39 @@ fn unreachable_error(url: &Url, error: &reqwest::Error) -> TaskError {
     } else {
         ("unavailable", true)
     };
-    let mut message = format!("the request to {url} {what}: {error}");
+    let message = format!("the request to {url} {what}: {}", with_causes(error));
+    TaskError { code: code.to_owned(), message, retryable }
+}
+
+/// The error of a 2xx answer (`status`) whose body broke off after `read` bytes: final, as
+/// the service may have applied the request, and another attempt would send it again under
+/// a new `Idempotency-Key`.
+fn incomplete_error(
+    url: &Url,
+    status: reqwest::StatusCode,
+    read: usize,
+    error: &reqwest::Error,
+    timeout: &RequestTimeout,
+) -> TaskError {
+    let why = if error.is_timeout() { format!("the read timed out after {timeout}") } else { with_causes(error) };
+    final_error(
+        "response_incomplete",
+        format!(
+            "{url} answered {status} but its body broke off after {read} bytes: the request may have been applied, \
+             so it is not sent again; {why}"
+        ),
+    )
+}
+
+/// `error` and its causes, joined by `: `.
+fn with_causes(error: &reqwest::Error) -> String {
+    let mut message = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         message.push_str(&format!(": {cause}"));
         source = cause.source();
     }
-    TaskError { code: code.to_owned(), message, retryable }
+    message
 }
 
 /// The worker's own reason for not following a redirect, among the causes of `error`.
@@ -566,6 +666,55 @@ mod tests {
         assert!(error.message.ends_with(&"x".repeat(ERROR_BODY_CHARS)) && error.message.len() < 400, "{error:?}");
         let error = status_error(&url, reqwest::StatusCode::TOO_MANY_REQUESTS, b"", None);
         assert_eq!((error.message.as_str(), error.retryable), ("http://h:9/ok answered 429 Too Many Requests", true));
+    }
+
+    /// A `request` task of `input` for attempt 1, with no deadline of its own.
+    fn request_task(input: Value) -> Task {
+        let attempt = flowgrid_model::AttemptId {
+            run_id: flowgrid_model::RunId("run".into()),
+            step: "call".into(),
+            item: None,
+            attempt: 1,
+        };
+        Task::new(attempt, "http", TASK, input, u64::MAX)
+    }
+
+    #[tokio::test]
+    async fn a_timeout_of_0_is_refused_and_a_timeout_names_the_limit_that_applied() {
+        // A service that takes connections and never answers.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let url = format!("http://127.0.0.1:{}/slow", listener.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = listener.accept().await {
+                held.push(connection);
+            }
+        });
+        let worker =
+            HttpWorker::new(HttpSettings { timeout: Duration::from_millis(200), ..settings(&[url.as_str()]) }).unwrap();
+        let call = |input: Value| {
+            let worker = worker.clone();
+            async move { worker.call(&request_task(input)).await }
+        };
+
+        // Before, every attempt timed out at once, as a retryable `unavailable`.
+        let error = call(json!({"url": url, "timeout_ms": 0})).await.unwrap_err();
+        assert_eq!((error.code.as_str(), error.retryable), ("invalid_input", false), "{error:?}");
+        assert!(error.message.contains("timeout_ms"), "{error:?}");
+
+        // Before, cut to --timeout-ms without a word.
+        let error = call(json!({"url": url, "timeout_ms": 120_000})).await.unwrap_err();
+        assert_eq!((error.code.as_str(), error.retryable), ("unavailable", true), "{error:?}");
+        let cut = "timed out after 200 ms (the worker's --timeout-ms; the task asked for 120000)";
+        assert!(error.message.contains(cut), "{error:?}");
+        let error = call(json!({"url": url, "timeout_ms": 50})).await.unwrap_err();
+        assert!(error.message.contains("timed out after 50 ms (the task's timeout_ms)"), "{error:?}");
+        // Nor past the attempt's deadline.
+        let (worker, left) = (Duration::from_secs(30), Duration::from_secs(1));
+        let timeout = RequestTimeout::new(Some(5_000), worker, left).unwrap();
+        assert_eq!(timeout.to_string(), "1000 ms (what the attempt had left of its step's timeout_ms)");
+        let timeout = RequestTimeout::new(None, worker, Duration::MAX).unwrap();
+        assert_eq!(timeout.to_string(), "30000 ms (the worker's --timeout-ms)");
     }
 
     #[test]

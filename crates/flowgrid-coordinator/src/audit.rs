@@ -44,6 +44,9 @@ pub struct AuditReport {
     pub shards: u32,
     /// Shard files found and read (a shard never acquired has no file).
     pub shard_files: u32,
+    /// Shard files numbered past the shards audited, and not read: the shard count given is
+    /// below the grid's, and the runs of those shards went unchecked.
+    pub shard_files_beyond: u32,
     /// Shards no coordinator would serve, as their store lost what it held: a listed shard
     /// file gone, a journal deleted by hand, a damaged file or journal (`problems` says which).
     pub shards_not_served: u32,
@@ -164,10 +167,12 @@ pub async fn audit_runs(data_dir: &Path, shards: u32) -> Result<Audit> {
     let store = RedbStore::open(data_dir, StoreLimits::default())?;
     let mut audit = Audit { report: AuditReport { shards, ..AuditReport::default() }, ..Audit::default() };
     let (mut gate_places, mut freeing) = (Vec::new(), Vec::new());
-    for extra in shard_files_beyond(data_dir, shards) {
-        audit
-            .report
-            .problem(format!("{} is beyond the {shards} shards audited: is the shard count right?", extra.display()));
+    for (_, extra) in shard_files_from(data_dir, shards) {
+        audit.report.shard_files_beyond += 1;
+        audit.report.problem(format!(
+            "{} is beyond the {shards} shards audited, and was not read: audit with the grid's shard count",
+            extra.display()
+        ));
     }
     for shard in 0..shards {
         let path = store.shard_path(ShardId(shard));
@@ -635,19 +640,27 @@ fn audit_shard(shard: u32, shards: u32, contents: ShardContents, audit: &mut Aud
     }
 }
 
-/// Files `shard-NNNNN.redb` under `dir` whose number is `shards` or more.
-fn shard_files_beyond(dir: &Path, shards: u32) -> Vec<PathBuf> {
+/// The shard files (`shard-00042.redb`) under `dir` numbered `from` or above, with their
+/// numbers, in order.
+fn shard_files_from(dir: &Path, from: u32) -> Vec<(u32, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut extra: Vec<PathBuf> = entries
+    let mut found: Vec<(u32, PathBuf)> = entries
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| {
+        .filter_map(|path| {
             let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
             let number = name.strip_prefix("shard-").and_then(|rest| rest.strip_suffix(".redb"));
-            number.and_then(|number| number.parse::<u32>().ok()).is_some_and(|number| number >= shards)
+            let number = number.and_then(|number| number.parse::<u32>().ok()).filter(|&number| number >= from)?;
+            Some((number, path))
         })
         .collect();
-    extra.sort();
-    extra
+    found.sort();
+    found
+}
+
+/// The highest numbered shard file under `data_dir`, with its number: a grid whose shard
+/// count its `grid.json` does not record has at least that number plus one shards.
+pub fn last_shard_file(data_dir: &Path) -> Option<(u32, PathBuf)> {
+    shard_files_from(data_dir, 0).pop()
 }
 
 #[cfg(test)]
@@ -870,6 +883,23 @@ mod tests {
 
         let report_only = audit(&dir.0, SHARDS).await.unwrap();
         assert_eq!(report_only.results_double_applied, 2);
+    }
+
+    #[tokio::test]
+    async fn shard_files_past_the_shards_audited_are_counted_unread() {
+        let dir = TempDir::new("beyond");
+        commit(&dir.0, 0, WriteBatch::new()).await;
+        commit(&dir.0, SHARDS + 3, WriteBatch::new()).await;
+        std::fs::write(dir.0.join("shard-notes.redb"), b"not a shard file").unwrap();
+
+        let report = audit(&dir.0, SHARDS).await.unwrap();
+        assert_eq!((report.shard_files, report.shard_files_beyond), (1, 1), "{report:#?}");
+        assert!(report.problems.iter().any(|problem| problem.contains("was not read")), "{report:#?}");
+        assert!(!report.is_clean());
+        let (number, path) = last_shard_file(&dir.0).expect("a shard file");
+        assert_eq!(number, SHARDS + 3);
+        assert!(path.ends_with(format!("shard-{:05}.redb", SHARDS + 3)), "{}", path.display());
+        assert_eq!(audit(&dir.0, SHARDS + 4).await.unwrap().shard_files_beyond, 0);
     }
 
     #[tokio::test]

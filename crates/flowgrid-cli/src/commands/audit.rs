@@ -33,6 +33,21 @@ pub(crate) async fn audit(args: &AuditArgs, session: &Session) -> anyhow::Result
     if shards == 0 {
         bail!("--shards is 0; pass the --shards the coordinators used ({} by default)", flowgrid_model::SHARDS_DEFAULT);
     }
+    if recorded.is_none() {
+        // No grid.json says the count: the shard files say at least how many there are.
+        if let Some((last, path)) = flowgrid_coordinator::audit::last_shard_file(&args.data_dir) {
+            if last >= shards {
+                let taken = if args.shards.is_some() { "given with --shards" } else { "by default" };
+                bail!(
+                    "{} holds shard files up to {}, beyond the {shards} shards to audit ({taken}; no grid.json \
+                     records the grid's count): pass --shards {}, or the grid's shard count if it is more",
+                    args.data_dir.display(),
+                    path.file_name().map_or_else(|| path.display().to_string(), |name| name.to_string_lossy().into()),
+                    u64::from(last) + 1
+                );
+            }
+        }
+    }
     // The audit's own errors say what to fix (e.g. a coordinator still holds a shard file).
     let report = audit_store(&args.data_dir, shards)
         .await
@@ -49,6 +64,7 @@ pub(crate) async fn audit(args: &AuditArgs, session: &Session) -> anyhow::Result
 fn violations(report: &AuditReport) -> u64 {
     report.results_double_applied
         + u64::from(report.shards_not_served)
+        + u64::from(report.shard_files_beyond)
         + report.stale_epoch_commits
         + report.history_gaps
         + report.gate_places_leaked
@@ -57,9 +73,10 @@ fn violations(report: &AuditReport) -> u64 {
 }
 
 /// Fields of the report printed by name; every other count is listed under "other checks".
-const REPORTED_FIELDS: [&str; 10] = [
+const REPORTED_FIELDS: [&str; 11] = [
     "shards",
     "shards_not_served",
+    "shard_files_beyond",
     "runs",
     "runs_active",
     "runs_by_status",
@@ -78,6 +95,9 @@ fn render_report(report: &AuditReport, data_dir: &str) -> String {
     }
     if report.shards_not_served > 0 {
         rows.push(("shards not served".into(), report.shards_not_served.to_string()));
+    }
+    if report.shard_files_beyond > 0 {
+        rows.push(("shard files not audited".into(), report.shard_files_beyond.to_string()));
     }
     rows.push(("results applied twice".into(), report.results_double_applied.to_string()));
     rows.push(("stale-epoch commits".into(), report.stale_epoch_commits.to_string()));
@@ -154,7 +174,7 @@ mod tests {
 
     #[test]
     fn any_violation_fails_and_lists_the_problems() {
-        for field in 0..7 {
+        for field in 0..8 {
             let mut report = report();
             match field {
                 0 => report.results_double_applied = 1,
@@ -164,6 +184,8 @@ mod tests {
                 4 => report.runs_misplaced = 1,
                 // A record that does not decode (an outbox message, a concurrency limit's place).
                 5 => report.corrupt_records = 1,
+                // A shard file past the shards audited: its runs were not read.
+                6 => report.shard_files_beyond = 1,
                 _ => report.history_gaps = 1,
             }
             assert_eq!(violations(&report), 1);

@@ -104,10 +104,11 @@ fn print_paused(paused: &flowgrid_sdk::FlowPaused, session: &Session) -> anyhow:
     Ok(())
 }
 
-/// `flow check`: parses and compiles each file as a deploy would, with the default limits.
 /// Prints how `file` (or deployed version `to`) differs from deployed version `version`
 /// (default: the latest) of flow `name`, both written as `flow show` writes them; exit 1
-/// when they differ.
+/// when they differ. A file is compared as a deploy would store it, with its defaults
+/// written in ([`flowgrid_model::with_deploy_defaults`]), so a file a deploy answers
+/// unchanged is the same; one that differs and that a deploy would refuse is an error.
 async fn diff(
     client: &Client,
     name: &str,
@@ -130,6 +131,20 @@ async fn diff(
                 file.display(),
                 definition.name
             );
+            let definition = flowgrid_model::with_deploy_defaults(definition);
+            if definition != deployed.definition {
+                // A deploy checks a new version only: the deployed one, sent again, is unchanged.
+                let limits = Limits::default();
+                if let Err(problems) = deploy_checks(definition.clone(), &Evaluator::new(&limits), &limits) {
+                    anyhow::bail!(
+                        "{}: a deploy would refuse it, {} problem(s):\n  {}\nfix them (`flowgrid flow check` lists \
+                         them too) and compare again",
+                        file.display(),
+                        problems.len(),
+                        problems.join("\n  ")
+                    );
+                }
+            }
             (definition, file.display().to_string())
         }
         (None, None) => anyhow::bail!("give a definition file, or --to VERSION to compare two deployed versions"),
@@ -161,9 +176,10 @@ async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow
     let texts = if let [file] = files {
         vec![super::read_text(file)?]
     } else {
-        if files.iter().any(|file| file.as_os_str() == "-") {
-            anyhow::bail!("`-` (a definition on stdin) is deployed alone: give it as the only file");
-        }
+        crate::ensure_usage!(
+            !files.iter().any(|file| file.as_os_str() == "-"),
+            "`-` (a definition on stdin) is deployed alone: give it as the only file"
+        );
         let mut checks = check_files(files);
         for (_, checked) in &mut checks {
             let Ok((text, _, _)) = checked else { continue };
@@ -182,8 +198,10 @@ async fn deploy(files: &[PathBuf], client: &Client, session: &Session) -> anyhow
         for (file, checked) in &checks {
             let Ok((text, name, _)) = checked else { unreachable!("files with problems were reported above") };
             if let Some(other) = flows.insert(name, file) {
-                eprintln!("error: nothing deployed: {other} and {file} both define flow {name}; deploy one of them");
-                return Ok(ExitCode::from(crate::failure::EXIT_INVALID));
+                // Bad usage (exit 2), and under --json an answer as any failure's.
+                return Err(anyhow::Error::new(crate::failure::Usage(format!(
+                    "nothing deployed: {other} and {file} both define flow {name}; deploy one of them"
+                ))));
             }
             texts.push(text.clone());
         }
@@ -241,23 +259,29 @@ fn check_files(files: &[PathBuf]) -> Vec<(String, Checked)> {
     let check = |file: &PathBuf| -> Checked {
         let text = super::read_text(file).map_err(|error| vec![format!("definition: {error:#}")])?;
         let definition = parse_definition(&text, &limits).map_err(issues)?;
-        // What a deploy checks too: both lists of problems at once.
-        let new_rules = flowgrid_model::check_new(&definition, &evaluator, &limits).map_err(issues);
-        let plan = FlowPlan::compile(definition, 1, &evaluator, &limits).map_err(issues);
-        let plan = match (plan, new_rules) {
-            (Ok(plan), Ok(())) => plan,
-            (Err(mut problems), Err(more)) => {
-                problems.extend(more);
-                return Err(problems);
-            }
-            (Err(problems), Ok(())) | (Ok(_), Err(problems)) => return Err(problems),
-        };
+        let plan = deploy_checks(definition, &evaluator, &limits)?;
         let (name, steps) = (plan.name.clone(), plan.steps.len());
         Ok((text, name, steps))
     };
     files.iter().map(|file| (file.display().to_string(), check(file))).collect()
 }
 
+/// What a deploy checks of a new version of a parsed definition: the rules for new
+/// deployments and the compile, both lists of problems at once.
+fn deploy_checks(definition: FlowDefinition, evaluator: &Evaluator, limits: &Limits) -> Result<FlowPlan, Vec<String>> {
+    let new_rules = flowgrid_model::check_new(&definition, evaluator, limits).map_err(issues);
+    let plan = FlowPlan::compile(definition, 1, evaluator, limits).map_err(issues);
+    match (plan, new_rules) {
+        (Ok(plan), Ok(())) => Ok(plan),
+        (Err(mut problems), Err(more)) => {
+            problems.extend(more);
+            Err(problems)
+        }
+        (Err(problems), Ok(())) | (Ok(_), Err(problems)) => Err(problems),
+    }
+}
+
+/// `flow check`: parses and compiles each file as a deploy would, with the default limits.
 pub(crate) fn check(files: &[PathBuf], session: &Session) -> anyhow::Result<ExitCode> {
     let reports = check_files(files);
     print_checks(&reports, session)?;
