@@ -558,7 +558,8 @@ impl<S: ShardStore> ShardActor<S> {
     /// A signal for a signal step: applied if the step waits for one. A step that is over
     /// (or a run that ended) answers `applied: false`, so that a repeated signal is not an
     /// error, unless the step took a signal of the same `id` (sent again after its answer
-    /// was lost); a step that is not a signal step, or has not started, is refused.
+    /// was lost); so does a step that waits again after a redrive, without taking it
+    /// again. A step that is not a signal step, or has not started, is refused.
     pub(super) async fn signal_run(
         &mut self,
         request: SignalRun,
@@ -580,6 +581,12 @@ impl<S: ShardStore> ShardActor<S> {
         };
         match active.run.signal_refused(&step) {
             None => {
+                if let Some(id) = &id {
+                    if took_before_redrive(&*self.store, &batch.signals, &run_id, &active.run, &step, id).await? {
+                        let status = active.run.status();
+                        return Ok(Answer::Now(RunSignalled { run_id, step, applied: true, status }));
+                    }
+                }
                 let taken = id.clone().map(|id| (run_id.clone(), step.clone(), id));
                 let event = Event::SignalReceived { step: step.clone(), data, id };
                 let applied = self.apply_event(&run_id, event, now_ms(), batch);
@@ -605,7 +612,7 @@ impl<S: ShardStore> ShardActor<S> {
     /// actor, a page at a time: a long-running run's can be long.
     fn answer_repeated_signal(&self, answer: RunSignalled, id: Option<String>, batch: &Batch) -> Answer<RunSignalled> {
         let Some(id) = id else { return Answer::Now(answer) };
-        if took_in(batch, &answer.run_id, &answer.step, &id) {
+        if took_in(&batch.signals, &answer.run_id, &answer.step, &id) {
             return Answer::Now(RunSignalled { applied: true, ..answer });
         }
         let store = Arc::clone(&self.store);
@@ -889,9 +896,30 @@ fn redrive_refusal(run_id: &RunId, refused: &RedriveRefused) -> ApiError {
     }
 }
 
-/// Whether `batch`, not yet committed, gave step `step` of the run a signal of this `id`.
-fn took_in(batch: &Batch, run_id: &RunId, step: &str, id: &str) -> bool {
-    batch.signals.iter().any(|(run, took, took_id)| run == run_id && took == step && took_id == id)
+/// Whether signal step `step` of `run`, which would take a signal now, took the signal of
+/// this `id` in an earlier try of the run (it waits again after a redrive, and the sender,
+/// whose answer was lost, sends that signal again): that one is answered as taken, not
+/// taken a second time. Only a redriven run's step can wait again after taking a signal,
+/// so only a redriven run's history is read; in the actor, which applies the signal right
+/// after if it is a new one.
+async fn took_before_redrive<S: ShardStore>(
+    store: &S,
+    batch_signals: &[(RunId, String, String)],
+    run_id: &RunId,
+    run: &Run,
+    step: &str,
+    id: &str,
+) -> Result<bool, ApiError> {
+    if run.redriven().is_none() {
+        return Ok(false);
+    }
+    Ok(took_in(batch_signals, run_id, step, id) || took_signal(store, run_id, step, id).await?)
+}
+
+/// Whether a batch not yet committed gave step `step` of the run a signal of this `id`, as
+/// its `signals` (`Batch::signals`) say.
+fn took_in(signals: &[(RunId, String, String)], run_id: &RunId, step: &str, id: &str) -> bool {
+    signals.iter().any(|(run, took, took_id)| run == run_id && took == step && took_id == id)
 }
 
 /// Whether step `step` of the run took a signal of this `id`, as its committed history
@@ -1186,5 +1214,71 @@ mod tests {
         }
         assert!(!took_signal(&file, &run_id, "approve", "from-eve").await.unwrap());
         assert!(took_signal(&file, &neighbour, "approve", "from-eve").await.unwrap());
+    }
+
+    /// A signal step that waits again after a redrive from it takes a new signal; the one it
+    /// took before, sent again under its id (its answer was lost), is answered as taken and
+    /// not taken a second time.
+    #[tokio::test]
+    async fn a_signal_taken_before_a_redrive_is_not_taken_again_by_the_waiting_step() {
+        use flowgrid_model::{parse_definition, Epoch, Evaluator, ShardId};
+        use flowgrid_store::{Store, StoreLimits, WriteBatch};
+        use flowgrid_store_redb::RedbStore;
+
+        const FLOW: &str = r##"
+name: approvals
+steps:
+  - { kind: signal, id: approve }
+  - { kind: task, id: ship, after: [approve], pool: cpu, task: ship }
+"##;
+        let limits = Limits::default();
+        let evaluator = Evaluator::new(&limits);
+        let definition = parse_definition(FLOW, &limits).unwrap();
+        let plan = Arc::new(FlowPlan::compile(definition, 1, &evaluator, &limits).unwrap());
+        let run_id = RunId::from_idempotency_key("approvals", "1");
+        let start = RunStart {
+            run_id: run_id.clone(),
+            input: json!({}),
+            labels: Labels::new(),
+            now: 1,
+            queued: false,
+            start_at: None,
+        };
+        let mut run = Run::start(plan, &evaluator, start, &mut Vec::new());
+        let signal = |id: &str| Event::SignalReceived {
+            step: "approve".to_owned(),
+            data: json!({ "by": id }),
+            id: Some(id.to_owned()),
+        };
+        let ship_failed = Event::TaskFailed {
+            attempt: AttemptId { run_id: run_id.clone(), step: "ship".to_owned(), item: None, attempt: 1 },
+            error: TaskError { code: "broken".to_owned(), message: "no courier".to_owned(), retryable: false },
+        };
+        let redriven = Event::Redriven { reason: "again".to_owned(), from: vec!["approve".to_owned()], queued: false };
+        // The run's history as the actor writes it: every event it took, from record 1 on.
+        let dir = tempfile::tempdir().unwrap();
+        let store_limits = StoreLimits::default();
+        let store = RedbStore::open(dir.path(), store_limits).unwrap();
+        let file = store.open_shard(ShardId(0)).await.unwrap();
+        let epoch: Epoch = file.acquire().await.unwrap();
+        let mut history = WriteBatch::new();
+        for (seq, event) in (1..).zip([signal("a"), ship_failed, redriven]) {
+            assert_eq!(run.apply(&evaluator, seq, &event, &mut Vec::new()), Applied::Accepted, "{event:?}");
+            let record = EventRecord { now_ms: seq, event, epoch: epoch.0 };
+            history.insert_chunked(&keys::history(&run_id, seq), &records::encode(&record), &store_limits);
+        }
+        file.commit(epoch, history).await.unwrap();
+        let approve = |run: &Run| run.view().steps.into_iter().find(|step| step.id == "approve").unwrap();
+        assert_eq!(run.signal_refused("approve"), None, "the step waits again");
+
+        assert!(took_before_redrive(&file, &[], &run_id, &run, "approve", "a").await.unwrap());
+        assert_eq!(approve(&run).status, flowgrid_engine::StepStatus::Running, "a repeat is not taken");
+        assert!(!took_before_redrive(&file, &[], &run_id, &run, "approve", "b").await.unwrap());
+        assert_eq!(run.apply(&evaluator, 4, &signal("b"), &mut Vec::new()), Applied::Accepted);
+        let approve = approve(&run);
+        assert_eq!(
+            (approve.status, approve.output),
+            (flowgrid_engine::StepStatus::Succeeded, Some(json!({"by": "b"})))
+        );
     }
 }

@@ -173,6 +173,12 @@ impl Run {
                     Ok(index) => index,
                     Err(_) => return Applied::Ignored("timer not armed"),
                 };
+                // Due before the step's budget ran out but fired after it (a shard reloaded
+                // late): the retry would only time out, after its worker began on it.
+                if let Some(error) = self.retry_past_budget(index, attempt.item, context.now) {
+                    self.attempt_failed_for_good(index, attempt.item, error, context);
+                    return Applied::Accepted;
+                }
                 self.dispatch(index, attempt.item, context);
             }
         }
@@ -267,6 +273,24 @@ impl Run {
     fn step_deadline(&self, index: StepIndex, spec: &TaskSpec) -> Option<Millis> {
         let total_ms = spec.total_timeout_ms?;
         Some(self.steps[usize::from(index)].started_ms?.saturating_add(total_ms))
+    }
+
+    /// The failure of the task step `index` (or its map item `item`), waiting for a retry,
+    /// when its step's total timeout is spent by `now`: a retry is not made at or after it.
+    fn retry_past_budget(&self, index: StepIndex, item: Option<u32>, now: Millis) -> Option<TaskError> {
+        let spec = task_spec(&self.plan.step(index).kind).expect("only task and map steps have attempts");
+        let deadline_ms = self.step_deadline(index, spec)?;
+        (deadline_ms <= now).then(|| TaskError {
+            code: "timeout".to_owned(),
+            message: format!(
+                "step `{}` did not finish within its total_timeout_ms of {} ms ({}; the retry after the last one \
+                 could not start before it ran out)",
+                self.plan.step(index).id,
+                spec.total_timeout_ms.unwrap_or_default(),
+                attempts(self.slot(index, item).tries())
+            ),
+            retryable: false,
+        })
     }
 
     /// The failure of map item `item` of step `index` when its step's total timeout is

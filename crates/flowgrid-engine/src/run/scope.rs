@@ -8,7 +8,7 @@ use flowgrid_model::{Evaluator, Expr, ExprError, Millis, Prepared, Scope, StepIn
 use serde_json::{json, Map, Value};
 
 use super::Run;
-use crate::TaskError;
+use crate::{StepStatus, TaskError};
 
 /// Values an expression may read besides the run input and the steps.
 #[derive(Default)]
@@ -130,11 +130,18 @@ impl Run {
         steps
     }
 
+    /// `{"status", "output", "error"}` of step `index`. `output` is `()` for a step that did
+    /// not succeed: a signal kept for a pending step (`keep_early`) is its output only once
+    /// it succeeds with it, and is dropped if the run ends first.
     fn step_entry(&self, index: StepIndex) -> Value {
         let state = &self.steps[usize::from(index)];
+        let output = match (state.status, &state.output) {
+            (StepStatus::Succeeded, Some(output)) => output.clone(),
+            _ => Value::Null,
+        };
         json!({
             "status": state.status.as_str(),
-            "output": state.output.clone().unwrap_or(Value::Null),
+            "output": output,
             "error": state.error.as_deref().map(error_value).unwrap_or(Value::Null),
         })
     }

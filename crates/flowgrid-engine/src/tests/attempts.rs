@@ -323,3 +323,34 @@ fn a_failure_whose_retry_would_come_too_late_fails_the_step_at_once() {
     harness.fail(1_600, "a", None, 1, error("busy", true));
     assert_eq!(harness.step_status("a"), StepStatus::Retrying);
 }
+
+/// Retries after a second, each attempt up to a minute, the step a minute in all.
+const LATE_RETRY: &str = r##"
+name: late
+steps:
+  - kind: task
+    id: a
+    pool: cpu
+    task: t
+    timeout_ms: 60000
+    total_timeout_ms: 60000
+    retry: { max_attempts: 3, initial_backoff_ms: 1000, backoff_multiplier: 1.0, max_backoff_ms: 1000, jitter: 0 }
+"##;
+
+/// A retry due before the step's budget ran out but fired after it (a shard reloaded late)
+/// is not sent: the step fails with `timeout` at once.
+#[test]
+fn a_retry_fired_after_the_total_timeout_fails_the_step_unsent() {
+    let mut harness = Harness::start(LATE_RETRY, json!(null), 0);
+    assert_eq!(harness.fail(49_000, "a", None, 1, error("busy", true)), Applied::Accepted);
+    let retry = TimerKey::RetryDue { attempt: attempt("a", None, 2) };
+    assert_eq!(harness.armed(&retry), Some(50_000), "due before the budget runs out");
+    assert_eq!(harness.fire(65_000, retry), Applied::Accepted);
+    assert!(harness.dispatched().is_empty(), "no attempt goes out with the budget spent");
+    let step = harness.step("a");
+    assert_eq!((step.status, step.attempts), (StepStatus::Failed, 1), "{step:?}");
+    let error = step.error.expect("the step's error");
+    assert_eq!(error.code, "timeout");
+    assert!(error.message.contains("total_timeout_ms of 60000 ms (1 attempt; the retry"), "{error:?}");
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+}

@@ -343,3 +343,34 @@ steps:
     assert_eq!(harness.step_status("each"), StepStatus::Failed);
     assert!(!harness.run.map_scope_prepared("each"));
 }
+
+/// An item's retry due before the map's budget ran out but fired after it is not sent: the
+/// item fails with `timeout`.
+#[test]
+fn an_item_retry_fired_after_the_total_timeout_fails_the_item_unsent() {
+    let yaml = r##"
+name: fan
+steps:
+  - kind: map
+    id: each
+    items: "input"
+    pool: cpu
+    task: work
+    timeout_ms: 60000
+    total_timeout_ms: 60000
+    retry: { max_attempts: 3, initial_backoff_ms: 1000, backoff_multiplier: 1.0, max_backoff_ms: 1000, jitter: 0 }
+"##;
+    let mut harness = Harness::start(yaml, json!(["x"]), 0);
+    assert_eq!(harness.fail(49_000, "each", Some(0), 1, error("busy", true)), Applied::Accepted);
+    let retry = TimerKey::RetryDue { attempt: attempt("each", Some(0), 2) };
+    assert_eq!(harness.armed(&retry), Some(50_000), "due before the budget runs out");
+    assert_eq!(harness.fire(65_000, retry), Applied::Accepted);
+    assert!(harness.dispatched().is_empty(), "no item goes out with its budget spent");
+    let each = harness.step("each");
+    assert_eq!(each.items, Some(ItemCounts { total: 1, succeeded: 0, failed: 1, running: 0 }));
+    assert_eq!((each.status, each.attempts), (StepStatus::Failed, 1));
+    let error = each.error.expect("the step's error");
+    assert_eq!(error.code, "map_failed");
+    assert!(error.message.contains("item 0 failed with `timeout`"), "{error:?}");
+    assert!(error.message.contains("total_timeout_ms of 60000 ms (1 attempt; the retry"), "{error:?}");
+}

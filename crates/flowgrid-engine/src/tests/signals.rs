@@ -136,3 +136,26 @@ fn a_step_that_keeps_early_signals_takes_the_first_one_sent_before_it_started() 
     let (replayed, _) = replay(&harness);
     assert_eq!(replayed.view(), harness.run.view());
 }
+
+/// A signal kept for a step that never started is not that step's output: a run that a
+/// `succeed` step ends first reads `()` for it in its `output`, as for any step that did not
+/// succeed.
+#[test]
+fn a_kept_signal_of_a_run_that_ends_first_is_not_in_its_output() {
+    let yaml = r##"
+name: pay
+steps:
+  - { kind: task, id: check, pool: cpu, task: check }
+  - { kind: signal, id: payment, after: [check], keep_early: true }
+  - { kind: task, id: gate, pool: cpu, task: gate }
+  - { kind: succeed, id: done, after: [gate], when: 'input.free' }
+output: '#{ paid: steps.payment.output }'
+"##;
+    let mut harness = Harness::start(yaml, json!({"free": true}), 0);
+    assert_eq!(harness.apply(10, signal("payment", json!({"amount": 5}))), Applied::Accepted);
+    assert_eq!(harness.step("payment").output, Some(json!({"amount": 5})), "kept while the step is pending");
+    harness.succeed(20, "gate", None, 1, json!("open"));
+    let view = harness.run.view();
+    assert_eq!(view.status, RunStatus::Succeeded);
+    assert_eq!(view.output, Some(json!({"paid": null})));
+}
