@@ -4,15 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
-use flowgrid_proto::{ShardClaim, ShardState};
-use flowgrid_sdk::broker;
+use async_nats::jetstream::{consumer, kv, stream};
+use flowgrid_proto::{ShardClaim, ShardState, Subjects};
+use flowgrid_sdk::broker::{self, BrokerError, BrokerLimits};
 use flowgrid_sdk::{RunStatus, StartRun};
 use flowgrid_tests::{api_request_json, step, wait_for, Grid};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::{deploy, OrLogs};
+use crate::{deploy, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 
 /// How long shards may take to settle after a change (generous: debug builds, 2 cores).
 const SETTLE: Duration = Duration::from_secs(30);
@@ -279,5 +279,88 @@ async fn a_coordinator_with_another_shard_count_is_refused_and_leaves_its_direct
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("built without FoundationDB") && stderr.contains("--features fdb"), "{stderr}");
     assert!(!grid.dir.path().join("fdb-data").exists(), "no data directory made");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_naming_the_same_streams_as_a_grid_is_refused_and_changes_none_of_them() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    // Upper-cased, the prefix names the same streams and buckets (`FLOWGRID_TASKS`, ...).
+    let other = grid.prefix.to_uppercase();
+    let (ours, theirs) = (Subjects::new(grid.prefix.clone()), Subjects::new(other.clone()));
+    assert_eq!((ours.tasks_stream(), ours.shards_bucket()), (theirs.tasks_stream(), theirs.shards_bucket()));
+    let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &other, "coordinator", "--metrics-addr", "off"])
+        .args(["--shards", &grid.shards.to_string(), "--data-dir"])
+        .arg(grid.dir.path().join("other-data"))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let tasks = jetstream.get_stream(ours.tasks_stream()).await?;
+    assert_eq!(tasks.cached_info().config.subjects, [ours.tasks_all()], "the grid's tasks stream is left as it was");
+    // A worker of the other prefix leaves it as it is too.
+    match broker::tasks_stream(&jetstream, &theirs, &BrokerLimits::default()).await {
+        Err(BrokerError::StreamOfAnotherGrid { found, .. }) => assert_eq!(found, [ours.tasks_all()]),
+        Err(error) => panic!("refused for another reason: {error}"),
+        Ok(_) => panic!("the tasks stream was taken for prefix {other}"),
+    }
+    let tasks = jetstream.get_stream(ours.tasks_stream()).await?;
+    assert_eq!(tasks.cached_info().config.subjects, [ours.tasks_all()]);
+    // The grid runs as before.
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let start = StartRun { flow: "echo-once".into(), input: json!({"n": 1}), ..Default::default() };
+    let started = client.start(start).await.or_logs(&grid)?;
+    let view = grid.wait_run(&client, &started.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    // The refusal names both prefixes.
+    let refusal = stderr.lines().find(|line| line.contains("names the same NATS streams")).unwrap_or_default();
+    assert!(refusal.contains(&format!("{other:?}")) && refusal.contains(&format!("{:?}", grid.prefix)), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_cannot_read_the_members_does_not_join_unchecked() -> anyhow::Result<()> {
+    let grid = Grid::start_nats()?;
+    // The members bucket takes one consumer, and another holds it: listing the members
+    // (which takes a consumer of its own) fails.
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let bucket = Subjects::new(grid.prefix.clone()).members_bucket();
+    let members = jetstream
+        .create_stream(stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_consumers: 1,
+            allow_direct: true,
+            allow_rollup: true,
+            deny_delete: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await?;
+    let holder = consumer::pull::Config { durable_name: Some("holder".to_owned()), ..Default::default() };
+    members.create_consumer(holder).await?;
+    let mut coordinator = tokio::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "coordinator", "--metrics-addr", "off"])
+        .args(["--shards", &grid.shards.to_string(), "--data-dir"])
+        .arg(grid.data_dir())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stderr = coordinator.stderr.take().expect("piped");
+    let read = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+        text
+    });
+    let Ok(status) = tokio::time::timeout(SETTLE, coordinator.wait()).await else {
+        coordinator.kill().await?;
+        panic!("the coordinator joined without checking the members' stores:\n{}", read.await?);
+    };
+    let stderr = read.await?;
+    assert_eq!(status?.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot list the members") && stderr.contains("start the coordinator again"), "{stderr}");
     Ok(())
 }

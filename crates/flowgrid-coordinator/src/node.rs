@@ -11,10 +11,11 @@ use flowgrid_proto::{GridConfig, MemberRecord, Subjects, API_QUEUE_GROUP, GRID_K
 use flowgrid_sdk::broker::{self, BrokerLimits};
 use flowgrid_store::{Store, StoreLimits};
 use flowgrid_store_redb::RedbStore;
-use futures::StreamExt;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::{self, Api, RequestCounters};
 use crate::clock::now_ms;
@@ -107,6 +108,12 @@ async fn serve<S: Store>(
         })?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let subjects = Subjects::new(config.prefix.clone());
+    // The grid's settings and its live coordinators first: a coordinator they refuse
+    // (another grid's prefix naming the same streams, another store) changes no stream.
+    let members_kv = broker::members_kv(&jetstream, &subjects).await?;
+    let shards_kv = broker::shards_kv(&jetstream, &subjects).await?;
+    let prefix_unrecorded = check_grid_config(&shards_kv, config.shards, &config.prefix).await?;
+    check_same_store(&members_kv, &store_id).await?;
     let broker_limits = BrokerLimits {
         tasks_stream_bytes_max: config.tasks_stream_max_mb << 20,
         live_stream_bytes_max: config.live_output_max_mb << 20,
@@ -138,10 +145,10 @@ async fn serve<S: Store>(
             None
         }
     };
-    let members_kv = broker::members_kv(&jetstream, &subjects).await?;
-    let shards_kv = broker::shards_kv(&jetstream, &subjects).await?;
-    check_grid_config(&shards_kv, config.shards).await?;
-    check_same_store(&members_kv, &store_id).await?;
+    if let Some((revision, settings)) = prefix_unrecorded {
+        // The tasks stream takes this prefix's subjects: the grid is this prefix's.
+        record_prefix(&shards_kv, revision, settings, &config.prefix).await;
+    }
     if let Some(dir) = &data_dir {
         crate::data_dir::record(dir, &config.prefix, config.shards);
     }
@@ -345,42 +352,123 @@ async fn serve<S: Store>(
     }
 }
 
-/// Records the grid's shard count on first start; refuses a coordinator that disagrees
-/// (runs are placed by hashing over the shard count, which can never change).
-async fn check_grid_config(shards_kv: &kv::Store, shards: u32) -> Result<()> {
-    let config = GridConfig { shards, created_ms: now_ms() };
-    let value = rmp_serde::to_vec_named(&config).expect("grid settings encode");
-    if shards_kv.create(GRID_KEY, value.into()).await.is_ok() {
-        return Ok(());
+/// The grid's settings as coordinators record them under [`GRID_KEY`]: the [`GridConfig`]
+/// and the prefix the grid was made with. Stream and bucket names fold the prefix
+/// (upper-cased, `.` and `-` as `_`), so that two prefixes can name the same ones: the
+/// prefix recorded tells their grids apart. Whoever wants the settings only (`flowgrid
+/// status`) reads the record as a [`GridConfig`].
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct GridRecord {
+    #[serde(flatten)]
+    settings: GridConfig,
+    /// Absent in settings recorded by earlier versions, until a coordinator of this one
+    /// joins the grid ([`record_prefix`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefix: Option<String>,
+}
+
+impl GridRecord {
+    fn encode(&self) -> bytes::Bytes {
+        rmp_serde::to_vec_named(self).expect("grid settings encode").into()
     }
+}
+
+/// Records the grid's shard count and prefix on first start; refuses a coordinator that
+/// disagrees: another shard count (runs are placed by hashing over the shard count, which
+/// can never change), or another prefix naming the same streams and buckets (another
+/// grid's). Settings an earlier version recorded without the prefix are returned with
+/// their revision, for [`record_prefix`] once the grid's streams show they are this
+/// prefix's.
+async fn check_grid_config(shards_kv: &kv::Store, shards: u32, prefix: &str) -> Result<Option<(u64, GridConfig)>> {
+    let record = GridRecord { settings: GridConfig { shards, created_ms: now_ms() }, prefix: Some(prefix.to_owned()) };
+    let not_created = match shards_kv.create(GRID_KEY, record.encode()).await {
+        Ok(_) => return Ok(None),
+        Err(error) => error,
+    };
     let entry = shards_kv
         .entry(GRID_KEY)
         .await
         .map_err(|source| Error::Nats { what: "read the grid settings", source: Box::new(source) })?;
-    let Some(entry) = entry else { return Ok(()) };
-    let existing: GridConfig = rmp_serde::from_slice(&entry.value)
+    let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) else {
+        // Neither written nor there: joining now would leave the grid's settings unchecked.
+        return Err(Error::Nats {
+            what: "record the grid settings",
+            source: format!(
+                "{not_created}, and no settings were found in the {} bucket either: check that NATS and its \
+                 JetStream are up and that this user may write to the bucket, then start the coordinator again",
+                shards_kv.name
+            )
+            .into(),
+        });
+    };
+    let existing: GridRecord = rmp_serde::from_slice(&entry.value)
         .map_err(|error| Error::Corrupt { what: "grid settings".to_owned(), message: error.to_string() })?;
-    if existing.shards != shards {
+    if let Some(theirs) = existing.prefix.as_deref().filter(|&theirs| theirs != prefix) {
+        return Err(Error::Config(other_prefix_refused(prefix, theirs, &shards_kv.name)));
+    }
+    if existing.settings.shards != shards {
         return Err(Error::Config(format!(
             "this grid has {} shards (fixed when it was created), this coordinator was started with --shards {shards}: \
              start it with --shards {}",
-            existing.shards, existing.shards
+            existing.settings.shards, existing.settings.shards
         )));
     }
-    Ok(())
+    Ok(existing.prefix.is_none().then_some((entry.revision, existing.settings)))
+}
+
+/// Why a coordinator started with `--prefix ours` is refused by the grid of prefix `theirs`,
+/// whose bucket `bucket` it would share.
+fn other_prefix_refused(ours: &str, theirs: &str, bucket: &str) -> String {
+    format!(
+        "--prefix {ours:?} names the same NATS streams and buckets as the grid of prefix {theirs:?} (names are the \
+         prefix upper-cased, with '.' and '-' as '_': both use the bucket {bucket}): start this coordinator with \
+         --prefix {theirs} to join that grid, or give its own grid a prefix that differs from {theirs:?} in more \
+         than case, '.', '-' and '_'"
+    )
+}
+
+/// Writes the grid's prefix into settings an earlier version recorded without it (at
+/// `revision`), so that another prefix naming the same buckets is refused from now on.
+/// Another coordinator that wrote it first did as well.
+async fn record_prefix(shards_kv: &kv::Store, revision: u64, settings: GridConfig, prefix: &str) {
+    let record = GridRecord { settings, prefix: Some(prefix.to_owned()) };
+    if let Err(error) = shards_kv.update(GRID_KEY, record.encode(), revision).await {
+        debug!(error = %error, "the grid's prefix not added to its settings; the next coordinator to start adds it");
+    }
 }
 
 /// Refuses to join when a live coordinator keeps its shards elsewhere: with the embedded
 /// store every coordinator of a grid must share one data directory on one host; on
-/// FoundationDB, one cluster and root.
+/// FoundationDB, one cluster and root. A coordinator that cannot read the members does
+/// not join unchecked: it fails, and is started again.
 async fn check_same_store(members_kv: &kv::Store, store_id: &str) -> Result<()> {
-    let keys: Vec<String> = match members_kv.keys().await {
-        Ok(keys) => keys.filter_map(|key| async move { key.ok() }).collect().await,
-        Err(_) => return Ok(()),
+    let unchecked = |error: String| Error::Nats {
+        what: "read the grid's coordinators",
+        source: format!(
+            "{error}; a coordinator joins a grid only once it has checked that its live coordinators keep the \
+             shards in the same store: check that NATS and its JetStream are up and that this user may read the \
+             {} bucket, then start the coordinator again",
+            members_kv.name
+        )
+        .into(),
     };
+    let keys = members_kv.keys().await.map_err(|error| unchecked(format!("cannot list the members: {error}")))?;
+    let keys: Vec<String> =
+        keys.try_collect().await.map_err(|error| unchecked(format!("cannot list the members: {error}")))?;
     for key in keys {
-        let Ok(Some(entry)) = members_kv.entry(key).await else { continue };
-        let Ok(member) = rmp_serde::from_slice::<MemberRecord>(&entry.value) else { continue };
+        let entry = members_kv
+            .entry(key.as_str())
+            .await
+            .map_err(|error| unchecked(format!("cannot read member {key}: {error}")))?;
+        // Left since the listing.
+        let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) else { continue };
+        let member = match rmp_serde::from_slice::<MemberRecord>(&entry.value) {
+            Ok(member) => member,
+            Err(error) => {
+                warn!(member = %key, error = %error, "unreadable member record; its store is not compared with this one's");
+                continue;
+            }
+        };
         let fresh = now_ms().saturating_sub(member.heartbeat_ms) <= member.lease_ms.saturating_mul(2);
         if fresh && member.store != store_id {
             return Err(Error::Config(format!(
@@ -418,4 +506,22 @@ fn serve_metrics(addr: &str) -> Result<()> {
         .map_err(|error| Error::Metrics { addr: addr.to_owned(), message: error.to_string() })?;
     metrics::describe();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_settings_keep_their_prefix_and_read_as_before() {
+        let settings = GridConfig { shards: 16, created_ms: 1_700_000_000_000 };
+        let record = GridRecord { settings: settings.clone(), prefix: Some("team-a".to_owned()) };
+        let read: GridConfig = rmp_serde::from_slice(&record.encode()).unwrap();
+        assert_eq!(read, settings, "read as settings only (`flowgrid status`)");
+        assert_eq!(rmp_serde::from_slice::<GridRecord>(&record.encode()).unwrap(), record);
+        // Recorded by an earlier version: no prefix yet.
+        let earlier = rmp_serde::to_vec_named(&settings).unwrap();
+        let read: GridRecord = rmp_serde::from_slice(&earlier).unwrap();
+        assert_eq!(read, GridRecord { settings, prefix: None });
+    }
 }

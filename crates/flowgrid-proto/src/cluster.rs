@@ -7,7 +7,10 @@
 //!   changed for its `lease_ms` is dead to everyone else, and its shards may be taken.
 //! - Shards bucket, key [`shard_key`]: a [`ShardClaim`] per shard, changed only with
 //!   compare-and-set, so that two coordinators can never both claim a shard; key
-//!   [`GRID_KEY`]: the [`GridConfig`] every coordinator of the grid must agree with.
+//!   [`GRID_KEY`]: the [`GridConfig`] every coordinator of the grid must agree with, and
+//!   next to its fields the `prefix` the grid was made with (absent in records of earlier
+//!   versions): a prefix that names the same buckets (they fold case, `.`, `-` and `_`)
+//!   but differs is another grid's, and its coordinators are refused.
 //!
 //! A third bucket (see [`Subjects::workers_bucket`](crate::Subjects::workers_bucket)) holds
 //! a [`WorkerRecord`] per live worker, rewritten every few seconds: what `flowgrid workers`
@@ -118,7 +121,9 @@ pub struct ShardClaim {
     pub changed_ms: Millis,
 }
 
-/// Settings every coordinator of a grid must share; written by the first one.
+/// Settings every coordinator of a grid must share; written by the first one. The record
+/// also holds the grid's `prefix` (see the module's notes), which a reader of the settings
+/// passes over.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct GridConfig {
     pub shards: u32,

@@ -147,7 +147,15 @@ impl Subjects {
         format!("{}.tasks.>", self.prefix)
     }
 
-    /// JetStream stream holding tasks of every pool (work-queue retention).
+    /// The tasks stream's subjects as versions before priority lanes made it: every pool's
+    /// default subject, no lanes.
+    pub fn tasks_all_before_lanes(&self) -> String {
+        format!("{}.tasks.*", self.prefix)
+    }
+
+    /// JetStream stream holding tasks of every pool (work-queue retention). Like every
+    /// stream and bucket name, it folds the prefix (upper-cased, `.` and `-` as `_`): two
+    /// prefixes that differ only there name the same ones, and cannot share one NATS.
     pub fn tasks_stream(&self) -> String {
         format!("{}_TASKS", self.bucket_stem())
     }

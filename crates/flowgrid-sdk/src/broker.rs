@@ -101,6 +101,13 @@ pub enum BrokerError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    #[error(
+        "stream {name} takes subjects {found:?}, not this grid's {wanted:?}: it is another grid's, whose prefix \
+         differs from this one only in case or in '.', '-' and '_' (stream names are the prefix upper-cased, with '.' \
+         and '-' as '_'), or its subjects were changed by hand. Use the other grid's prefix to join it, or a prefix \
+         that differs more for a grid of its own; a stream changed by hand must take {wanted:?} again"
+    )]
+    StreamOfAnotherGrid { name: String, found: Vec<String>, wanted: String },
     #[error("cannot create or open key-value bucket {name} (is JetStream enabled on the server, `nats-server -js`?): {source}")]
     Bucket {
         name: String,
@@ -117,7 +124,9 @@ pub enum BrokerError {
 }
 
 /// Creates the tasks stream if it does not exist and returns it. A stream made before
-/// priority lanes (subjects `<prefix>.tasks.*`) is given the lanes' subjects.
+/// priority lanes (subjects `<prefix>.tasks.*`) is given the lanes' subjects. A stream of
+/// the same name taking other subjects (another grid's, whose prefix names the same
+/// streams) is refused and left as it is.
 pub async fn tasks_stream(
     jetstream: &jetstream::Context,
     subjects: &Subjects,
@@ -134,6 +143,11 @@ pub async fn tasks_stream(
         ..work_queue_stream(subjects.tasks_stream(), limits)
     };
     let mut stream = open_stream(jetstream, config).await?;
+    let found = stream.cached_info().config.subjects.clone();
+    let before_lanes = found == [subjects.tasks_all_before_lanes()];
+    if found != [wanted.clone()] && !before_lanes {
+        return Err(BrokerError::StreamOfAnotherGrid { name: subjects.tasks_stream(), found, wanted });
+    }
     if !stream.cached_info().config.allow_message_ttl {
         // Made before tasks had a lifetime: allow it (a server before 2.11 keeps none, and
         // its tasks stay until a worker takes them, as before).
@@ -148,8 +162,7 @@ pub async fn tasks_stream(
             }
         }
     }
-    let found = stream.cached_info().config.subjects.clone();
-    if found != [wanted.clone()] {
+    if before_lanes {
         let mut config = stream.cached_info().config.clone();
         config.subjects = vec![wanted.clone()];
         let name = config.name.clone();

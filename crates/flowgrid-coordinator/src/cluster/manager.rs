@@ -460,9 +460,11 @@ impl<S: Store> ShardManager<S> {
     fn start_acquire(&mut self, shard: u32, revision: Option<u64>, epoch: u64, takeover: bool) {
         let shared = self.shared.clone();
         let permits = self.acquire_permits.clone();
+        // The term this member decided in: the acquire goes on only while it lasts.
+        let term = self.term;
         self.spawn_transition(shard, async move {
             let started = Instant::now();
-            match acquire(&shared, &permits, shard, revision, epoch).await {
+            match acquire(&shared, &permits, shard, revision, epoch, term).await {
                 Ok(owned) => {
                     ::metrics::histogram!(metrics::SHARD_ACQUIRE_SECONDS).record(started.elapsed().as_secs_f64());
                     if takeover {
@@ -544,14 +546,21 @@ enum Lost {
     Failed,
 }
 
-/// Claims, opens, reloads and announces one shard.
+/// Claims, opens, reloads and announces one shard, all within lease term `term` (the one
+/// the manager decided in): a lease that runs out meanwhile, even if renewed at once, may
+/// have let another member take the shard, so each step that may have waited checks that
+/// the lease has held without a gap since `term` began.
 async fn acquire<S: Store>(
     shared: &ManagerContext<S>,
     permits: &Semaphore,
     shard: u32,
     revision: Option<u64>,
     epoch: u64,
+    term: u64,
 ) -> Result<Owned, Lost> {
+    if !shared.lease.holds(term) {
+        return Err(Lost::Failed);
+    }
     let key = shard_key(shard);
     let acquiring = claim_value(&shared.me, ShardState::Acquiring, epoch);
     // (whether another member's write came first, what went wrong)
@@ -584,17 +593,27 @@ async fn acquire<S: Store>(
     let give_back = |revision: u64| async move {
         let _ = shared.shards_kv.update(&shard_key(shard), claim_value_free(epoch), revision).await;
     };
-    let Some(shard_store) = open_when_free(shared, shard).await else {
+    let opened = open_when_free(&shared.store, &shared.lease, term, &shared.open_failures, shard).await;
+    let Some(shard_store) = opened else {
         give_back(revision).await;
         return Err(Lost::Failed);
     };
     // Loading is what costs: bound it, not the wait for the file.
-    let Ok(_permit) = permits.acquire().await else { return Err(Lost::Failed) };
+    let Ok(_permit) = permits.acquire().await else {
+        give_back(revision).await;
+        return Err(Lost::Failed);
+    };
+    // The wait for a permit may have outlasted the lease: the shard's epoch is bumped next.
+    if !shared.lease.holds(term) {
+        debug!(shard, "the lease ran out while the shard waited to load; giving its claim back");
+        drop(shard_store);
+        give_back(revision).await;
+        return Err(Lost::Failed);
+    }
     let router = &shared.router;
     let stop = shared.shards_stop.child_token();
-    // The term the actor takes (read before it is made, so that a renewal between the two
-    // reads stops a good actor, never keeps a stale one).
-    let term = shared.lease.term();
+    // The actor reads the lease's term itself as it starts: should a renewal after a gap
+    // come in between, it differs from `term`, and the check after loading stops it.
     let spawned =
         spawn_shard(shard_store, ShardId(shard), router.context.clone(), shared.queue_max, stop.clone()).await;
     let (handle, epoch, actor) = match spawned {
@@ -642,16 +661,23 @@ async fn acquire<S: Store>(
 }
 
 /// Opens a shard's store, waiting while the previous owner still holds it (a paused
-/// process keeps its file lock until it resumes or dies). Gives up when the lease runs out.
-async fn open_when_free<S: Store>(shared: &ManagerContext<S>, shard: u32) -> Option<S::Shard> {
+/// process keeps its file lock until it resumes or dies). Gives up once the lease has not
+/// held without a gap since `term` began: it ran out, even if it was renewed since.
+async fn open_when_free<S: Store>(
+    store: &S,
+    lease: &Lease,
+    term: u64,
+    open_failures: &OpenFailures,
+    shard: u32,
+) -> Option<S::Shard> {
     let mut delay = BUSY_RETRY_FIRST;
     let started = Instant::now();
     let mut told = false;
     loop {
-        if !shared.lease.valid() {
+        if !lease.holds(term) {
             return None;
         }
-        match shared.store.open_shard(ShardId(shard)).await {
+        match store.open_shard(ShardId(shard)).await {
             Ok(opened) => return Some(opened),
             Err(flowgrid_store::Error::Busy { detail, .. }) => {
                 if !told && started.elapsed() > BUSY_REPORT_AFTER {
@@ -662,7 +688,7 @@ async fn open_when_free<S: Store>(shared: &ManagerContext<S>, shard: u32) -> Opt
                 delay = (delay * 2).min(BUSY_RETRY_MAX);
             }
             Err(error) => {
-                shared.open_failures.report(shard, &error);
+                open_failures.report(shard, &error);
                 return None;
             }
         }
@@ -734,4 +760,62 @@ async fn read_all(kv: &kv::Store) -> Result<Vec<kv::Entry>, String> {
         .try_filter_map(|entry| async move { Ok(entry) })
         .try_collect()
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use flowgrid_store::StoreLimits;
+    use flowgrid_store_redb::RedbStore;
+
+    use super::*;
+
+    /// Runs a lease out and renews it: a new term, which then holds for an hour (renewed
+    /// as if sent in the future, so that it holds however slow the host is).
+    fn lapse_and_renew(lease: &Lease) {
+        while lease.valid() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lease.renewed(Instant::now() + Duration::from_secs(3600));
+    }
+
+    /// A store whose shard is held by a previous owner at the first open, during which this
+    /// member's lease runs out and is renewed (the process was paused, or cut off from NATS).
+    struct LapsesWhileBusy {
+        inner: RedbStore,
+        lease: Arc<Lease>,
+        opened_once: AtomicBool,
+    }
+
+    impl Store for LapsesWhileBusy {
+        type Shard = <RedbStore as Store>::Shard;
+
+        async fn open_shard(&self, shard: ShardId) -> flowgrid_store::Result<Self::Shard> {
+            if self.opened_once.swap(true, Ordering::AcqRel) {
+                return self.inner.open_shard(shard).await;
+            }
+            lapse_and_renew(&self.lease);
+            Err(flowgrid_store::Error::Busy { shard, detail: "held by the previous owner".to_owned() })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shard_is_not_opened_for_an_acquire_whose_lease_ran_out_while_it_waited() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = Arc::new(Lease::new(Duration::from_millis(3)));
+        lease.renewed(Instant::now());
+        let term = lease.term();
+        let store = LapsesWhileBusy {
+            inner: RedbStore::open(dir.path(), StoreLimits::default()).unwrap(),
+            lease: lease.clone(),
+            opened_once: AtomicBool::new(false),
+        };
+        let opened = open_when_free(&store, &lease, term, &OpenFailures::default(), 0).await;
+        assert!(lease.valid() && lease.term() != term, "the lease holds again, in a new term");
+        assert!(opened.is_none(), "the acquire begun in the old term gives up");
+        // The new term's acquire opens it.
+        let opened = open_when_free(&store, &lease, lease.term(), &OpenFailures::default(), 0).await;
+        assert!(opened.is_some());
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
 use async_nats::jetstream::{kv, ErrorCode};
 use bytes::Bytes;
 use flowgrid_proto::MemberRecord;
@@ -25,6 +25,31 @@ const HEARTBEATS_PER_LEASE: u32 = 5;
 /// Shortest wait for one heartbeat write, however short the lease (it waits for as long as
 /// the lease it would renew lasts).
 const HEARTBEAT_WRITE_WAIT_MIN: Duration = Duration::from_millis(100);
+
+/// What NATS says of the members bucket this member joined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bucket {
+    /// The same bucket: its stream was read, made when the one joined was.
+    Same,
+    /// Gone: its stream is not found, or was made again since (another grid's state).
+    Gone,
+    /// Not known: the stream could not be read (a timeout, no responders while JetStream
+    /// elects a leader). Nothing may be written on the strength of it: asked again later.
+    Unknown,
+}
+
+/// Judges a read of the members bucket's stream (`Ok`: when it was made, Unix ns) against
+/// the bucket this member joined, made at `joined_created_ns`.
+fn judge_bucket(read: Result<i128, &GetStreamError>, joined_created_ns: i128) -> Bucket {
+    match read {
+        Ok(created_ns) if created_ns == joined_created_ns => Bucket::Same,
+        Ok(_) => Bucket::Gone,
+        Err(error) => match error.kind() {
+            GetStreamErrorKind::JetStream(source) if source.error_code() == ErrorCode::STREAM_NOT_FOUND => Bucket::Gone,
+            _ => Bucket::Unknown,
+        },
+    }
+}
 
 pub struct Membership {
     kv: kv::Store,
@@ -94,12 +119,19 @@ impl Membership {
             // The record is not where this member left it. The server lost its store and
             // another coordinator made the bucket anew: this member leaves (`run`) rather
             // than write itself into a grid whose claims it does not know. Or this member
-            // was paused past its lease and the record expired: it writes it again.
-            Err(first) if self.bucket_gone().await => Err(first),
-            Err(first) => {
-                warn!(member = %record.id, error = %first, "member record out of step; writing it again");
-                self.kv.put(&record.id, value).await.map_err(|error| error.to_string())
-            }
+            // was paused past its lease and the record expired: it writes it again, but
+            // only into the bucket it joined, seen to be the same; when that cannot be
+            // told, the next heartbeat asks again.
+            Err(first) => match self.bucket().await {
+                Bucket::Same => {
+                    warn!(member = %record.id, error = %first, "member record out of step; writing it again");
+                    self.kv.put(&record.id, value).await.map_err(|error| error.to_string())
+                }
+                Bucket::Gone => Err(first),
+                Bucket::Unknown => {
+                    Err(format!("{first}; NATS cannot say now whether the members bucket is still the one joined: the next heartbeat asks again"))
+                }
+            },
         };
         match written {
             Ok(next) => {
@@ -129,7 +161,7 @@ impl Membership {
             // every beat land while this member never renewed its lease.
             match tokio::time::timeout(self.lease.held_for().max(HEARTBEAT_WRITE_WAIT_MIN), self.beat()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(failure)) if self.bucket_gone().await => {
+                Ok(Err(failure)) if self.bucket().await == Bucket::Gone => {
                     error!(
                         error = %failure,
                         "the grid's members bucket is gone from NATS (its store was lost or deleted); leaving the grid \
@@ -152,16 +184,14 @@ impl Membership {
         }
     }
 
-    /// Whether NATS says the members bucket this member joined does not exist (not merely
-    /// that it cannot be reached): its stream is not found, or was made again since.
-    async fn bucket_gone(&self) -> bool {
-        match self.jetstream.get_stream(&self.kv.stream_name).await {
-            Err(error) => matches!(
-                error.kind(),
-                GetStreamErrorKind::JetStream(source) if source.error_code() == ErrorCode::STREAM_NOT_FOUND
-            ),
-            Ok(bucket) => bucket.cached_info().created.unix_timestamp_nanos() != self.bucket_created_ns,
-        }
+    /// What NATS says of the members bucket this member joined: the same, gone (its stream
+    /// is not found, or was made again since), or not known (it cannot be reached).
+    async fn bucket(&self) -> Bucket {
+        let read = self.jetstream.get_stream(&self.kv.stream_name).await;
+        judge_bucket(
+            read.as_ref().map(|bucket| bucket.cached_info().created.unix_timestamp_nanos()),
+            self.bucket_created_ns,
+        )
     }
 
     /// Cancelled once the grid's state in NATS is found gone ([`Membership::run`] stops).
@@ -190,5 +220,32 @@ impl Membership {
         if let Err(error) = self.kv.delete(&state.0.id).await {
             warn!(error = %error, "cannot delete the member record; it expires on its own");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error JetStream answers with `err_code`.
+    fn answered(err_code: u64, description: &str) -> GetStreamError {
+        let error =
+            serde_json::from_value(serde_json::json!({"code": 404, "err_code": err_code, "description": description}))
+                .expect("a JetStream error");
+        GetStreamError::new(GetStreamErrorKind::JetStream(error))
+    }
+
+    #[test]
+    fn a_record_is_written_again_only_into_the_bucket_seen_to_be_the_one_joined() {
+        const JOINED: i128 = 1_700_000_000_000_000_000;
+        assert_eq!(judge_bucket(Ok(JOINED), JOINED), Bucket::Same);
+        assert_eq!(judge_bucket(Ok(JOINED + 1), JOINED), Bucket::Gone, "made anew since");
+        let not_found = answered(ErrorCode::STREAM_NOT_FOUND.0, "stream not found");
+        assert_eq!(judge_bucket(Err(&not_found), JOINED), Bucket::Gone);
+        // Neither proves the bucket is the one joined: the record is not written.
+        let timed_out = GetStreamError::with_source(GetStreamErrorKind::Request, "timed out");
+        assert_eq!(judge_bucket(Err(&timed_out), JOINED), Bucket::Unknown);
+        let no_leader = answered(10008, "JetStream cluster not available");
+        assert_eq!(judge_bucket(Err(&no_leader), JOINED), Bucket::Unknown);
     }
 }
