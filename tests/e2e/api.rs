@@ -1029,6 +1029,88 @@ async fn a_start_not_safe_to_repeat_waits_its_whole_timeout_on_a_late_try() -> a
     Ok(())
 }
 
+/// A batched start retries for its batcher's budget, not a budget per round: a round sent
+/// late in it (to a grid whose coordinator went away meanwhile) retries for what is left.
+/// Before, each round's request got a whole budget of its own, and the start here returned
+/// after about twice the budget (4 s), not once it was spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_start_ends_when_its_budget_is_spent_however_late_its_last_round() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    const BUDGET: Duration = Duration::from_secs(2);
+    // The rounds at 0, 50, 150, 350, 750 and 1,550 ms are refused as overloaded; the one at
+    // 2 s (the budget's end) finds no coordinator.
+    const OVERLOADED_ROUNDS: usize = 6;
+    let grid = Grid::start_nats()?;
+    let nats = grid.nats_client().await?;
+    let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.start_many");
+    let mut requests = nats.subscribe(subject).await?;
+    nats.flush().await?;
+    let responder = tokio::spawn(async move {
+        for _ in 0..OVERLOADED_ROUNDS {
+            let request = tokio::time::timeout(Duration::from_secs(10), requests.next()).await?;
+            let request = request.ok_or_else(|| anyhow::anyhow!("no request"))?;
+            let starts: flowgrid_proto::StartRuns = decode(Encoding::MsgPack, &request.payload)?;
+            let refused = Reply::Error(flowgrid_sdk::ApiError::new(ErrorCode::Overloaded, "too many runs"));
+            let results = starts.runs.iter().map(|_| refused.clone()).collect();
+            let reply = encode(Encoding::MsgPack, &Reply::Ok(flowgrid_proto::RunsStarted { results }))?;
+            nats.publish(request.reply.expect("a request"), reply.into()).await?;
+        }
+        // The coordinator goes away.
+        requests.unsubscribe().await?;
+        nats.flush().await?;
+        anyhow::Ok(())
+    });
+    let client = grid.client().await?.with_retry_budget(BUDGET);
+    let starts = flowgrid_sdk::StartBatcher::new(client, 16, 1);
+    let sent = std::time::Instant::now();
+    let started = starts.start(StartRun { flow: "f".into(), ..Default::default() }).await;
+    let took = sent.elapsed();
+    responder.await??;
+    let error = started.err().ok_or_else(|| anyhow::anyhow!("a start nobody took started"))?;
+    assert!(took < BUDGET + Duration::from_secs(1), "the start returned {took:?} after it was sent: {error}");
+    assert!(error.is_no_responders(), "a batched start says no coordinator answers, as a start does: {error:?}");
+    assert!(error.to_string().starts_with("no coordinator answers on flowgrid.api.run.start_many"), "{error}");
+    Ok(())
+}
+
+/// A start without an idempotency key that timed out says how many times it was sent and
+/// for how long in all, and, as it is not safe to send again blindly, that the grid may
+/// have applied it. Before, it gave the last try's time only, and said nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_timed_out_says_its_tries_and_that_it_may_have_started() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let grid = Grid::start_nats()?;
+    let nats = grid.nats_client().await?;
+    let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.start");
+    let mut requests = nats.subscribe(subject.clone()).await?;
+    nats.flush().await?;
+    let responder = tokio::spawn(async move {
+        // The first try is refused as overloaded; the second gets no answer.
+        let request = tokio::time::timeout(Duration::from_secs(10), requests.next()).await?;
+        let request = request.ok_or_else(|| anyhow::anyhow!("no request"))?;
+        let refused = Reply::<RunStarted>::Error(flowgrid_sdk::ApiError::new(ErrorCode::Overloaded, "too many runs"));
+        nats.publish(request.reply.expect("a request"), encode(Encoding::MsgPack, &refused)?.into()).await?;
+        let again = tokio::time::timeout(Duration::from_secs(10), requests.next()).await?;
+        anyhow::ensure!(again.is_some(), "no second try");
+        anyhow::Ok(())
+    });
+    let client = grid.client().await?.with_request_timeout(Duration::from_millis(300));
+    let started = client.start(StartRun { flow: "f".into(), ..Default::default() }).await;
+    responder.await??;
+    let error = started.err().ok_or_else(|| anyhow::anyhow!("a start nobody answered started"))?;
+    let message = error.to_string();
+    assert!(message.starts_with(&format!("request on {subject} (2 tries) timed out after ")), "{message}");
+    assert!(
+        error.may_have_been_applied()
+            && message.ends_with(
+                ": the grid may have applied it: read the run before sending it again, or give starts an \
+                 idempotency_key"
+            ),
+        "{message}"
+    );
+    Ok(())
+}
+
 /// Arguments a command cannot take together exit 2, as clap's own usage errors; and under
 /// `--json` every failure is a JSON answer on stdout, not only the grid's refusals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

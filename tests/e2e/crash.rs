@@ -275,6 +275,29 @@ async fn durable_submits_start_again_after_the_submit_consumer_or_stream_is_dele
     Ok(())
 }
 
+/// The submit stream deleted while no coordinator runs (an operator clearing a backlog,
+/// nats-server losing its store): the client that made it makes it again, and its durable
+/// submits are stored. Before, the client took the stream for made for good, and each later
+/// submit failed after its whole retry budget with "no stream found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_submit_makes_the_submit_stream_again_once_it_is_deleted() -> anyhow::Result<()> {
+    let grid = Grid::start_nats()?;
+    // Short, so that a submit that cannot store fails soon.
+    let client = grid.client().await?.with_retry_budget(Duration::from_secs(2));
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    let submit =
+        |key: &str| StartRun { flow: "echo-once".into(), idempotency_key: Some(key.to_owned()), ..Default::default() };
+    let first = client.submit(submit("before")).await?;
+    assert!(!first.duplicate, "{first:?}");
+    jetstream.delete_stream(subjects.submit_stream()).await?;
+    let second = client.submit(submit("after")).await?;
+    assert_eq!(second.run_id, RunId::from_idempotency_key("echo-once", "after"));
+    let mut stream = jetstream.get_stream(subjects.submit_stream()).await?;
+    assert_eq!(stream.info().await?.state.messages, 1, "the stream made again holds the second submit only");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::Result<()> {
     let mut grid = Grid::start(&["a"]).await?;

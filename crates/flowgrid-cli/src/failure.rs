@@ -131,30 +131,26 @@ fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
             flowgrid_sdk::Error::Broker(_) => {
                 Some("start nats-server with JetStream enabled (`nats-server -js`)".into())
             }
-            // A start without an idempotency key is the one request the SDK does not repeat.
-            flowgrid_sdk::Error::Timeout { what, .. } if what.ends_with(".run.start") => Some(
-                "the coordinator that took the start did not answer in time (overloaded, paused, or cut off from \
-                 NATS). Without --idempotency-key the run may have started: look for it with `flowgrid run list` \
-                 before starting it again; with one, starting again is safe"
-                    .into(),
-            ),
-            // Nor a redrive: it may have been taken up, and another would redrive the run again.
-            flowgrid_sdk::Error::Timeout { what, .. } if what.ends_with(".run.redrive") => Some(
-                "the coordinator that took the redrive did not answer in time (overloaded, paused, or cut off from \
-                 NATS): the redrive may have been applied. Check the run's status and redrive count with `flowgrid \
-                 run get` before redriving it again"
-                    .into(),
-            ),
+            // A start without an idempotency key or a redrive, which the SDK does not repeat:
+            // its message says that it may have been applied and to read the run first; the
+            // hint says with what.
+            flowgrid_sdk::Error::Timeout { what, .. } if sdk_error.may_have_been_applied() => {
+                Some(if what.contains(".run.redrive") {
+                    "`flowgrid run get` shows the run's status and redrive count".into()
+                } else {
+                    "look for the run with `flowgrid run list`; a start with --idempotency-key is safe to send again"
+                        .into()
+                })
+            }
             flowgrid_sdk::Error::Timeout { .. } => Some(
                 "no coordinator answered in time, even when asked again; they may be overloaded or restarting: \
                  check `flowgrid members` and try again"
                     .into(),
             ),
-            other if other.is_no_responders() => Some(format!(
-                "no coordinator answers under prefix {:?}; start one with `flowgrid coordinator` (or `make up`) \
-                 and check --prefix",
-                session.prefix
-            )),
+            // The message names the subject and the prefix nobody answers under.
+            other if other.is_no_responders() => Some(
+                "start a coordinator with `flowgrid coordinator` (or `make up`), or give the grid's --prefix".into(),
+            ),
             _ => None,
         };
     }
@@ -203,18 +199,46 @@ mod tests {
             prefix: "flowgrid".into(),
             json: false,
         };
-        let timeout = |subject: &str| {
+        // As the SDK says them: a request it sent again, and one it may not send again.
+        let timeout = |what: &str| {
             anyhow::Error::new(flowgrid_sdk::Error::Timeout {
-                what: format!("request on {subject}"),
-                after: std::time::Duration::from_secs(10),
+                what: what.to_owned(),
+                after: std::time::Duration::from_secs(15),
             })
         };
-        let start = hint(&timeout("flowgrid.api.run.start"), &session).unwrap();
-        assert!(start.contains("may have started") && start.contains("--idempotency-key"), "{start}");
-        let get = hint(&timeout("flowgrid.api.run.get"), &session).unwrap();
-        assert!(get.contains("even when asked again") && !get.contains("may have started"), "{get}");
-        let redrive = hint(&timeout("flowgrid.api.run.redrive"), &session).unwrap();
-        assert!(redrive.contains("may have been applied") && !redrive.contains("try again"), "{redrive}");
+        let may_have_applied = ": the grid may have applied it: read the run before sending it again";
+        let start = timeout(&format!("request on flowgrid.api.run.start (2 tries){may_have_applied}"));
+        let start_hint = hint(&start, &session).unwrap();
+        assert!(start_hint.contains("flowgrid run list") && start_hint.contains("--idempotency-key"), "{start_hint}");
+        let get = hint(&timeout("request on flowgrid.api.run.get (3 tries)"), &session).unwrap();
+        assert!(get.contains("even when asked again") && !get.contains("run list"), "{get}");
+        let redrive = timeout(&format!("request on flowgrid.api.run.redrive (1 try){may_have_applied}"));
+        let redrive_hint = hint(&redrive, &session).unwrap();
+        assert!(redrive_hint.contains("redrive count") && !redrive_hint.contains("try again"), "{redrive_hint}");
+        // What the message says already, the hint does not say again.
+        for (error, hint) in [(&start, &start_hint), (&redrive, &redrive_hint)] {
+            assert!(render_chain(error).contains("may have applied it") && !hint.contains("may have"), "{hint}");
+        }
+    }
+
+    #[test]
+    fn no_coordinator_is_said_once() {
+        let session = Session {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_options: Default::default(),
+            prefix: "flowgrid".into(),
+            json: false,
+        };
+        let nobody = anyhow::Error::new(flowgrid_sdk::Error::Nats {
+            context: "no coordinator answers on flowgrid.api.flow.list (is one running with prefix \"flowgrid\"?)"
+                .into(),
+            source: Box::new(async_nats::RequestError::new(async_nats::RequestErrorKind::NoResponders)),
+        });
+        let hint = hint(&nobody, &session).unwrap();
+        assert!(hint.contains("flowgrid coordinator") && hint.contains("--prefix"), "{hint}");
+        assert!(!hint.contains("no coordinator answers"), "{hint}");
+        let message = render_chain(&nobody);
+        assert_eq!(message.matches("no responders").count(), 1, "{message}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! when repeating it is safe: reads, deploys, cancels, and starts that all carry an
 //! idempotency key. Any other start returns the timeout: the coordinator may have applied it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,6 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::OnceCell;
 use tracing::debug;
 
 use flowgrid_engine::{RunView, TaskError};
@@ -83,7 +83,10 @@ pub struct Client {
     subjects: Subjects,
     request_timeout: Duration,
     retry_budget: Duration,
-    submit_stream_ready: Arc<OnceCell<()>>,
+    /// Set once this client made sure the submit stream exists; cleared when a publish
+    /// finds it gone (deleted to clear a backlog, or lost with nats-server's store), so
+    /// that the next try creates it again.
+    submit_stream_ready: Arc<AtomicBool>,
 }
 
 /// The outcome of a durable [`Client::submit`].
@@ -119,7 +122,7 @@ impl Client {
             subjects: Subjects::new(prefix),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retry_budget: DEFAULT_RETRY_BUDGET,
-            submit_stream_ready: Arc::new(OnceCell::new()),
+            submit_stream_ready: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -409,7 +412,7 @@ impl Client {
         reason: impl Into<String>,
     ) -> Result<RunRedriven> {
         let redrive = RedriveRun { run_id: run_id.clone(), reason: reason.into(), from };
-        self.call("run.redrive", &redrive, OnTimeout::Fail).await
+        self.call("run.redrive", &redrive, OnTimeout::Fail(REDRIVE_TIMEOUT_ADVICE)).await
     }
 
     /// Sends a signal to signal step `step` of a run; `data` becomes the step's output.
@@ -514,7 +517,10 @@ impl Client {
         let started = Instant::now();
         let mut backoff = Client::retry_backoff();
         loop {
-            let attempt = self.publish_once(&subject, headers.clone(), payload.clone()).await;
+            let attempt = match self.ensure_submit_stream().await {
+                Ok(()) => self.publish_once(&subject, headers.clone(), payload.clone()).await,
+                Err(error) => Err(error),
+            };
             let error = match attempt {
                 Ok(ack) => {
                     return Ok(Submitted {
@@ -526,6 +532,10 @@ impl Client {
                 }
                 Err(error) => error,
             };
+            if is_stream_not_found(&error) {
+                // Gone since it was made: the next try makes it again.
+                self.submit_stream_ready.store(false, Ordering::Release);
+            }
             // The message id makes a repeated publish harmless, so every failure is retried.
             match backoff.next_delay_within(self.retry_budget.saturating_sub(started.elapsed())) {
                 Some(delay) => {
@@ -552,13 +562,14 @@ impl Client {
         pending.await.map_err(|source| Error::Nats { context: context(), source: Box::new(source) })
     }
 
+    /// Creates the submit stream unless this client did so since it last found it gone.
+    /// Creating it is idempotent, so clones that do it at once are harmless.
     async fn ensure_submit_stream(&self) -> Result<()> {
-        self.submit_stream_ready
-            .get_or_try_init(|| async {
-                broker::submit_stream(&self.jetstream, &self.subjects, &BrokerLimits::default()).await?;
-                Ok::<(), Error>(())
-            })
-            .await?;
+        if self.submit_stream_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        broker::submit_stream(&self.jetstream, &self.subjects, &BrokerLimits::default()).await?;
+        self.submit_stream_ready.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -591,10 +602,18 @@ impl Client {
         // is not taken for one that may have applied it: that call ends within the budget
         // and a timeout.
         let mut timeout = self.request_timeout;
+        // A timeout says how long every try took together, and how many there were.
+        let mut tries = 0;
+        let given_up = |error: Error, tries: u32| match error {
+            Error::Timeout { .. } => Error::request_timed_out(&subject, tries, started.elapsed(), on_timeout.advice()),
+            error => error,
+        };
         loop {
+            tries += 1;
             let attempt = self.request_once(&subject, payload.clone(), timeout).await;
             let error = match attempt {
                 Err(error) if should_retry(&error, on_timeout) => error,
+                Err(error) => return Err(given_up(error, tries)),
                 done => return done,
             };
             match backoff.next_delay_within(self.retry_budget.saturating_sub(started.elapsed())) {
@@ -602,11 +621,11 @@ impl Client {
                     debug!(subject = %subject, error = %error, delay_ms = delay.as_millis() as u64, "retrying request");
                     tokio::time::sleep(delay).await;
                 }
-                None => return Err(error),
+                None => return Err(given_up(error, tries)),
             }
             let left = self.retry_budget.saturating_sub(started.elapsed());
             if left.is_zero() {
-                return Err(error);
+                return Err(given_up(error, tries));
             }
             if on_timeout == OnTimeout::Retry {
                 timeout = self.request_timeout.min(left);
@@ -621,35 +640,68 @@ impl Client {
         timeout: Duration,
     ) -> Result<Response> {
         let request = async_nats::Request::new().payload(payload).timeout(Some(timeout));
-        let message = self.nats.send_request(subject.to_owned(), request).await.map_err(|source| {
-            if source.kind() == async_nats::RequestErrorKind::TimedOut {
-                Error::Timeout { what: format!("request on {subject}"), after: timeout }
-            } else {
-                Error::Nats { context: format!("request on {subject} failed"), source: Box::new(source) }
-            }
-        })?;
+        let message =
+            self.nats.send_request(subject.to_owned(), request).await.map_err(|source| match source.kind() {
+                // The caller counts the tries and adds up their time.
+                async_nats::RequestErrorKind::TimedOut => {
+                    Error::Timeout { what: format!("request on {subject}"), after: timeout }
+                }
+                async_nats::RequestErrorKind::NoResponders => Error::Nats {
+                    context: format!(
+                        "no coordinator answers on {subject} (is one running with prefix {:?}?)",
+                        self.subjects.prefix()
+                    ),
+                    source: Box::new(source),
+                },
+                _ => Error::Nats { context: format!("request on {subject} failed"), source: Box::new(source) },
+            })?;
         let encoding = crate::encoding_of(message.headers.as_ref());
         let reply: Reply<Response> = decode(encoding, &message.payload)?;
         reply.into_result().map_err(Error::Api)
     }
 }
 
+/// What to do about a start without an idempotency key whose request timed out.
+const START_TIMEOUT_ADVICE: &str = "read the run before sending it again, or give starts an idempotency_key";
+/// What to do about a redrive whose request timed out.
+const REDRIVE_TIMEOUT_ADVICE: &str = "read the run (its status and redrive count) before sending it again";
+
 /// What a call does when its request times out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum OnTimeout {
     /// Sends it again: it only reads, or applying it twice is applying it once.
     Retry,
-    /// Returns the timeout: the coordinator may have applied the request.
-    Fail,
+    /// Returns the timeout, which says that the coordinator may have applied the request
+    /// and what to do (the advice given) before sending it again.
+    Fail(&'static str),
 }
 
 impl OnTimeout {
+    /// For starts: sent again when `safe` (every start carries an idempotency key).
     pub(crate) fn retry_if(safe: bool) -> OnTimeout {
         if safe {
             OnTimeout::Retry
         } else {
-            OnTimeout::Fail
+            OnTimeout::Fail(START_TIMEOUT_ADVICE)
         }
+    }
+
+    /// What a timeout of a request not safe to repeat says to do.
+    fn advice(self) -> Option<&'static str> {
+        match self {
+            OnTimeout::Retry => None,
+            OnTimeout::Fail(advice) => Some(advice),
+        }
+    }
+}
+
+/// True when a durable submit found no stream on its subject.
+fn is_stream_not_found(error: &Error) -> bool {
+    match error {
+        Error::Nats { source, .. } => source
+            .downcast_ref::<jetstream::context::PublishError>()
+            .is_some_and(|error| error.kind() == jetstream::context::PublishErrorKind::StreamNotFound),
+        _ => false,
     }
 }
 
@@ -677,7 +729,7 @@ mod tests {
 
     #[test]
     fn retryable_refusals_and_missing_coordinators_are_retried() {
-        for on_timeout in [OnTimeout::Retry, OnTimeout::Fail] {
+        for on_timeout in [OnTimeout::Retry, OnTimeout::retry_if(false)] {
             assert!(should_retry(&Error::Api(ApiError::new(ErrorCode::Unavailable, "shard moving")), on_timeout));
             assert!(should_retry(&Error::Api(ApiError::new(ErrorCode::Overloaded, "queue full")), on_timeout));
             assert!(should_retry(&request_error(async_nats::RequestErrorKind::NoResponders), on_timeout));
@@ -687,12 +739,12 @@ mod tests {
     #[test]
     fn final_refusals_are_not_retried_and_timeouts_only_when_repeating_is_safe() {
         let timeout = Error::Timeout { what: "request".into(), after: Duration::from_secs(10) };
-        for on_timeout in [OnTimeout::Retry, OnTimeout::Fail] {
+        for on_timeout in [OnTimeout::Retry, OnTimeout::retry_if(false)] {
             assert!(!should_retry(&Error::Api(ApiError::new(ErrorCode::NotFound, "no such run")), on_timeout));
             assert!(!should_retry(&Error::Api(ApiError::new(ErrorCode::InvalidDefinition, "bad")), on_timeout));
             assert!(!should_retry(&request_error(async_nats::RequestErrorKind::Other), on_timeout));
         }
         assert!(should_retry(&timeout, OnTimeout::Retry));
-        assert!(!should_retry(&timeout, OnTimeout::Fail));
+        assert!(!should_retry(&timeout, OnTimeout::retry_if(false)));
     }
 }

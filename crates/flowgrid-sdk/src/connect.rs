@@ -259,19 +259,38 @@ enum Credentials<'a> {
     },
 }
 
+/// The scheme async-nats takes for a server given without one.
+const DEFAULT_SCHEME: &str = "nats://";
+
 /// A user and, if given, a password, as a URL carries them (percent-decoded).
 type UrlCredentials = (String, Option<String>);
 
 /// The servers of `url` (comma-separated) without the user and password they carry, and
-/// those (the same for every server that carries any). A server given without a scheme
-/// (`127.0.0.1:4222`) carries none.
+/// those (the same for every server that carries any). Each server is read as async-nats
+/// reads it: one without a scheme is a `nats://` one, so `grid:pw@127.0.0.1:4222` carries
+/// a user and a password too. A password without a user (`nats://:pw@host`) is refused:
+/// async-nats would drop it.
 fn url_credentials(url: &str) -> Result<(Vec<String>, Option<UrlCredentials>)> {
     let mut found: Option<UrlCredentials> = None;
     let mut servers = Vec::new();
     for server in server_list(url) {
         let server = server.as_str();
-        let with_user =
-            url::Url::parse(server).ok().filter(|parsed| parsed.has_host() && !parsed.username().is_empty());
+        let with_host = if server.contains("://") {
+            url::Url::parse(server)
+        } else {
+            url::Url::parse(&format!("{DEFAULT_SCHEME}{server}"))
+        };
+        let with_user = match with_host.ok().filter(url::Url::has_host) {
+            Some(parsed) if parsed.username().is_empty() && parsed.password().is_some() => {
+                return Err(invalid(format!(
+                    "the NATS server {} carries a password but no user: write nats://USER:PASSWORD@host (or a \
+                     token as nats://TOKEN@host)",
+                    redact(server)
+                )));
+            }
+            Some(parsed) if !parsed.username().is_empty() => Some(parsed),
+            _ => None,
+        };
         let Some(mut parsed) = with_user else {
             servers.push(server.to_owned());
             continue;
@@ -417,6 +436,39 @@ mod tests {
         ] {
             let error = runtime.block_on(twice.options("nats://grid:pw@h:4222")).err().unwrap().to_string();
             assert!(error.contains("give them once") && !error.contains("pw"), "{error}");
+        }
+    }
+
+    #[test]
+    fn credentials_of_a_server_without_a_scheme_are_taken_as_async_nats_reads_it() {
+        let (servers, found) = url_credentials("grid:p%40ss@127.0.0.1:4222").unwrap();
+        assert_eq!(servers, ["nats://127.0.0.1:4222"]);
+        assert_eq!(found, Some(("grid".to_owned(), Some("p@ss".to_owned()))));
+        let (servers, found) = url_credentials("s3cr3t@h:4222").unwrap();
+        assert_eq!((servers, found), (vec!["nats://h:4222".to_owned()], Some(("s3cr3t".to_owned(), None))));
+        let (servers, found) = url_credentials("grid:pw@a:4222,nats://grid:pw@b:4222").unwrap();
+        assert_eq!(servers, ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(found, Some(("grid".to_owned(), Some("pw".to_owned()))));
+        assert!(url_credentials("grid:pw@a:4222,nats://other:pw@b:4222").is_err(), "two users");
+        // The given credentials are the connection's, as those of a URL with a scheme.
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (_, servers) = runtime.block_on(NatsOptions::default().options("grid:pw@h:4222")).unwrap();
+        assert_eq!(servers, ["nats://h:4222"]);
+        for (url, twice) in [
+            ("grid:pw@h:4222", NatsOptions { user: Some("u".into()), ..NatsOptions::default() }),
+            ("s3cr3t@h:4222", NatsOptions { token: Some("t".into()), ..NatsOptions::default() }),
+        ] {
+            let error = runtime.block_on(twice.options(url)).err().unwrap().to_string();
+            assert!(error.contains("give them once") && !error.contains("pw") && !error.contains("s3cr3t"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_password_without_a_user_in_the_url_is_refused_saying_how_to_write_it() {
+        for url in ["nats://:Hunter3@h:4222", ":Hunter3@h:4222", "nats://a:4222,nats://:Hunter3@h:4222"] {
+            let error = url_credentials(url).err().unwrap().to_string();
+            assert!(error.contains("a password but no user") && error.contains("nats://USER:PASSWORD@host"), "{error}");
+            assert!(!error.contains("Hunter3"), "{error}");
         }
     }
 

@@ -38,8 +38,11 @@ pub enum Error {
     },
     /// No answer in time. For `wait` the run is still going. A request that is safe to
     /// repeat (reads, deploys, cancels, starts with an idempotency key) was already sent
-    /// again within the retry budget; any other request may have been applied.
-    #[error("{what} timed out after {after:?}")]
+    /// again within the retry budget; any other request may have been applied
+    /// ([`Error::may_have_been_applied`]). `what` names what timed out (a request with the
+    /// times it was sent) and, after a `": "`, what to do about it; `after` is the time all
+    /// its tries took.
+    #[error("{}", timeout_message(what, *after))]
     Timeout { what: String, after: Duration },
     /// A message could not be encoded or decoded: the client and the grid disagree on the
     /// protocol (upgrade one of them).
@@ -65,13 +68,51 @@ impl Error {
         self.api().is_some_and(|error| error.code == ErrorCode::NotFound)
     }
 
-    /// The same failure for each call a batched request carried (the source error itself
-    /// cannot be shared, so it is kept as text).
+    /// The same failure for each call a batched request carried. The source error itself
+    /// cannot be shared: a failed request keeps its kind (so that [`Error::is_no_responders`]
+    /// says the same for each call), any other source is kept as text.
     pub(crate) fn copy_for_batch(&self) -> Error {
         match self {
             Error::Api(refusal) => Error::Api(refusal.clone()),
             Error::Timeout { what, after } => Error::Timeout { what: what.clone(), after: *after },
-            other => Error::Nats { context: "batched request failed".to_owned(), source: other.to_string().into() },
+            Error::Nats { context, source } => match source.downcast_ref::<async_nats::RequestError>() {
+                Some(request) => Error::Nats {
+                    context: context.clone(),
+                    source: Box::new(async_nats::RequestError::new(request.kind())),
+                },
+                None => self.as_text_for_batch(),
+            },
+            _ => self.as_text_for_batch(),
+        }
+    }
+
+    /// This failure as text, for a source that cannot be copied.
+    fn as_text_for_batch(&self) -> Error {
+        Error::Nats { context: "batched request failed".to_owned(), source: self.to_string().into() }
+    }
+
+    /// The timeout of a request on `subject` sent `tries` times in `elapsed`; `advice`, for
+    /// a request not safe to repeat, says what to do before sending it again.
+    pub(crate) fn request_timed_out(subject: &str, tries: u32, elapsed: Duration, advice: Option<&str>) -> Error {
+        let tries = if tries == 1 { "1 try".to_owned() } else { format!("{tries} tries") };
+        let what = match advice {
+            Some(advice) => format!("request on {subject} ({tries}){TIMEOUT_ADVICE}{MAY_HAVE_APPLIED}: {advice}"),
+            None => format!("request on {subject} ({tries})"),
+        };
+        // Whole milliseconds: the time is read by people, not compared.
+        let after = Duration::from_millis(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+        Error::Timeout { what, after }
+    }
+
+    /// True when a request timed out that is not safe to repeat (a start without an
+    /// idempotency key, a redrive): the grid may have applied it, so read what it would
+    /// have changed before sending it again. The message says so.
+    pub fn may_have_been_applied(&self) -> bool {
+        match self {
+            Error::Timeout { what, .. } => {
+                what.split_once(TIMEOUT_ADVICE).is_some_and(|(_, advice)| advice.starts_with(MAY_HAVE_APPLIED))
+            }
+            _ => false,
         }
     }
 
@@ -84,5 +125,62 @@ impl Error {
                 .is_some_and(|error| error.kind() == async_nats::RequestErrorKind::NoResponders),
             _ => false,
         }
+    }
+}
+
+/// Where the `what` of an [`Error::Timeout`] goes on from what timed out to what to do
+/// about it; the message puts the time in between.
+const TIMEOUT_ADVICE: &str = ": ";
+/// How the advice of a timed-out request that is not safe to repeat begins.
+const MAY_HAVE_APPLIED: &str = "the grid may have applied it";
+
+/// The message of an [`Error::Timeout`]: what timed out, after how long, then what to do.
+fn timeout_message(what: &str, after: Duration) -> String {
+    match what.split_once(TIMEOUT_ADVICE) {
+        Some((timed_out, advice)) => format!("{timed_out} timed out after {after:?}{TIMEOUT_ADVICE}{advice}"),
+        None => format!("{what} timed out after {after:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_error(kind: async_nats::RequestErrorKind) -> Error {
+        let context = "no coordinator answers on flowgrid.api.run.start_many".to_owned();
+        Error::Nats { context, source: Box::new(async_nats::RequestError::new(kind)) }
+    }
+
+    #[test]
+    fn a_batched_call_that_nobody_answered_says_so_for_each_start() {
+        let nobody = request_error(async_nats::RequestErrorKind::NoResponders);
+        assert!(nobody.is_no_responders());
+        let copy = nobody.copy_for_batch();
+        assert!(copy.is_no_responders(), "{copy:?}");
+        assert_eq!(copy.to_string(), nobody.to_string());
+        let other = request_error(async_nats::RequestErrorKind::Other).copy_for_batch();
+        assert!(!other.is_no_responders(), "{other:?}");
+        let lost = Error::Nats { context: "request".into(), source: "connection lost".into() }.copy_for_batch();
+        assert!(!lost.is_no_responders() && lost.to_string().contains("connection lost"), "{lost}");
+    }
+
+    #[test]
+    fn a_timeout_says_how_long_its_tries_took_and_what_to_do_when_it_may_have_been_applied() {
+        let after = Duration::from_micros(15_021_394);
+        let safe = Error::request_timed_out("flowgrid.api.run.get", 2, after, None);
+        assert_eq!(safe.to_string(), "request on flowgrid.api.run.get (2 tries) timed out after 15.021s");
+        assert!(!safe.may_have_been_applied());
+        let advice = "read the run before sending it again";
+        let start = Error::request_timed_out("flowgrid.api.run.start", 1, after, Some(advice));
+        assert_eq!(
+            start.to_string(),
+            "request on flowgrid.api.run.start (1 try) timed out after 15.021s: the grid may have applied it: read \
+             the run before sending it again"
+        );
+        assert!(start.may_have_been_applied());
+        assert_eq!(start.copy_for_batch().to_string(), start.to_string());
+        let waited = Error::Timeout { what: "waiting for run r1".into(), after: Duration::from_secs(60) };
+        assert_eq!(waited.to_string(), "waiting for run r1 timed out after 60s");
+        assert!(!waited.may_have_been_applied());
     }
 }

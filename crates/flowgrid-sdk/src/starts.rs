@@ -90,7 +90,7 @@ async fn send_batches(client: Client, mut waiting: mpsc::Receiver<Queued>, batch
         }
         let client = client.clone();
         tokio::spawn(async move {
-            send_batch(&client, batch).await;
+            send_batch(&client, batch, Instant::now()).await;
             drop(request);
         });
     }
@@ -98,12 +98,14 @@ async fn send_batches(client: Client, mut waiting: mpsc::Receiver<Queued>, batch
 
 /// Sends one batch, then again what may go again, each caller getting its own outcome. A
 /// batch over what one message may carry goes as two halves (and so on): only a start too
-/// large on its own is refused, not every start that shared its request.
-fn send_batch(client: &Client, batch: Vec<Queued>) -> futures::future::BoxFuture<'_, ()> {
+/// large on its own is refused, not every start that shared its request. The client's
+/// retry budget counts from `started`, when the batch was first sent: its halves and its
+/// rounds share it.
+fn send_batch(client: &Client, batch: Vec<Queued>, started: Instant) -> futures::future::BoxFuture<'_, ()> {
     Box::pin(async move {
         let (starts, outcomes): (Vec<StartRun>, Vec<_>) =
             batch.into_iter().map(|queued| (queued.start, queued.outcome)).unzip();
-        send_starts(client, starts, outcomes).await;
+        send_starts(client, starts, outcomes, started).await;
     })
 }
 
@@ -111,19 +113,22 @@ async fn send_starts(
     client: &Client,
     mut starts: Vec<StartRun>,
     mut outcomes: Vec<oneshot::Sender<Result<RunStarted>>>,
+    started: Instant,
 ) {
-    let started = Instant::now();
     let mut backoff = Client::retry_backoff();
     loop {
-        let results = match client.start_many(&starts).await {
+        // Each round retries (a missing coordinator, say) for what is left of the batch's
+        // budget, not for a whole budget of its own.
+        let left = client.retry_budget().saturating_sub(started.elapsed());
+        let results = match client.clone().with_retry_budget(left).start_many(&starts).await {
             Ok(results) => results,
             Err(error) if starts.len() > 1 && is_too_large(&error) => {
                 let queued: Vec<Queued> =
                     starts.into_iter().zip(outcomes).map(|(start, outcome)| Queued { start, outcome }).collect();
                 let mut first = queued;
                 let second = first.split_off(first.len() / 2);
-                send_batch(client, first).await;
-                send_batch(client, second).await;
+                send_batch(client, first, started).await;
+                send_batch(client, second, started).await;
                 return;
             }
             Err(error) => starts.iter().map(|_| Err(error.copy_for_batch())).collect(),
