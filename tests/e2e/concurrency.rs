@@ -402,6 +402,76 @@ async fn a_full_limit_cancels_the_new_run_or_the_oldest_one_as_it_says() -> anyh
     Ok(())
 }
 
+/// One run at once: those that find it full are turned away.
+const ONE_AT_A_TIME_FLOW: &str = r#"
+name: one-at-a-time
+concurrency: { max: 1, when_full: cancel_new }
+steps:
+  - { id: go, kind: signal }
+"#;
+
+/// `flowgrid_runs_waiting_for_slot` of the coordinator that keeps the limit, once it is
+/// scraped; fails without it.
+fn runs_waiting_for_slot(metrics_addr: &str) -> anyhow::Result<f64> {
+    let body = scrape_metrics(metrics_addr)?;
+    metric_value(&body, "flowgrid_runs_waiting_for_slot ")
+        .ok_or_else(|| anyhow::anyhow!("no flowgrid_runs_waiting_for_slot in:\n{body}"))
+}
+
+/// Waits until `flowgrid_runs_waiting_for_slot` reads `expected`.
+async fn wait_waiting_for_slot(grid: &Grid, metrics_addr: &str, expected: f64) -> anyhow::Result<()> {
+    wait_for(&format!("{expected} runs waiting for a slot"), RUN_DEADLINE, || async {
+        runs_waiting_for_slot(metrics_addr).ok().filter(|waiting| *waiting == expected)
+    })
+    .await
+    .or_logs(grid)?;
+    Ok(())
+}
+
+/// The gauge of runs waiting for a slot counts what waits, unlike the difference of the
+/// runs queued and admitted: runs turned away (`cancel_new`) and queued runs cancelled are
+/// never admitted, but they do not wait either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_waiting_for_a_slot_are_counted_while_they_wait_and_no_longer() -> anyhow::Result<()> {
+    let (grid, metrics_addr) = Grid::start_with_metrics(&[], 1).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ONE_AT_A_TIME_FLOW).await?;
+    let first = start(&grid, &client, "one-at-a-time", json!({})).await?;
+    wait_for("the first run admitted", RUN_DEADLINE, || async {
+        admitted(&client, &[&first]).await.ok().filter(|states| states == &[true])
+    })
+    .await
+    .or_logs(&grid)?;
+    let turned_away = [
+        start(&grid, &client, "one-at-a-time", json!({})).await?,
+        start(&grid, &client, "one-at-a-time", json!({})).await?,
+    ];
+    for run_id in &turned_away {
+        wait_cancelled(&grid, &client, run_id).await?;
+    }
+    let body = scrape_metrics(&metrics_addr).or_logs(&grid)?;
+    let count = |name: &str| metric_value(&body, name).unwrap_or_default();
+    let (queued, admitted) = (count("flowgrid_runs_queued_total "), count("flowgrid_runs_admitted_total "));
+    assert_eq!(queued - admitted, 2.0, "the two turned away count as queued and never as admitted:\n{body}");
+    assert_eq!(runs_waiting_for_slot(&metrics_addr)?, 0.0, "but they do not wait");
+    finish(&grid, &client, &first).await?;
+
+    // Queueing: one goes, two wait; a waiting run cancelled waits no more, and one
+    // admitted neither.
+    deploy(&grid, &client, &ONE_AT_A_TIME_FLOW.replace("cancel_new", "queue")).await?;
+    let mut runs = Vec::new();
+    for n in 0..3 {
+        runs.push(start(&grid, &client, "one-at-a-time", json!({"n": n})).await?);
+        wait_counted(&grid, &client, "one-at-a-time", "", n + 1).await?;
+    }
+    assert_eq!(runs_waiting_for_slot(&metrics_addr).or_logs(&grid)?, 2.0);
+    client.cancel(&runs[1], "not needed").await.or_logs(&grid)?;
+    wait_waiting_for_slot(&grid, &metrics_addr, 1.0).await?;
+    finish(&grid, &client, &runs[0]).await?;
+    wait_waiting_for_slot(&grid, &metrics_addr, 0.0).await?;
+    finish(&grid, &client, &runs[2]).await
+}
+
 /// A queueing limit of one run, with many waiting.
 const QUEUEING_FLOW: &str = r#"
 name: lowered

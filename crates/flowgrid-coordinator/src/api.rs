@@ -109,19 +109,24 @@ const FAN_OUT_MAX: usize = 32;
 /// shard (64 pages of up to 1,001 runs), so their number bounds the memory they take.
 pub const FAN_OUTS_MAX: usize = 16;
 
+/// A refusal of a request because a bound of this coordinator is reached (`overloaded`,
+/// retryable), counted in [`metrics::API_REJECTED`], which the overload alert watches: every
+/// such refusal goes through here.
+pub(crate) fn overloaded(message: impl Into<String>) -> ApiError {
+    ::metrics::counter!(metrics::API_REJECTED).increment(1);
+    ApiError::new(ErrorCode::Overloaded, message)
+}
+
 /// A permit to ask every shard, or `overloaded` when [`FAN_OUTS_MAX`] requests do already.
 /// The request does not wait for one: it holds an API permit meanwhile, and while a shard
 /// moves (each fan-out then waits up to [`crate::routing::MOVE_WAIT`] for it) the waiting
 /// requests would pile up and take every API permit.
 fn fan_out_permit(fan_outs: &Semaphore) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
     fan_outs.try_acquire().map_err(|refusal| match refusal {
-        tokio::sync::TryAcquireError::NoPermits => ApiError::new(
-            ErrorCode::Overloaded,
-            format!(
-                "the coordinator is serving {FAN_OUTS_MAX} requests that ask every shard (lists), the most it serves \
-                 at once; retry later"
-            ),
-        ),
+        tokio::sync::TryAcquireError::NoPermits => overloaded(format!(
+            "the coordinator is serving {FAN_OUTS_MAX} requests that ask every shard (lists), the most it serves at \
+             once; retry later"
+        )),
         tokio::sync::TryAcquireError::Closed => {
             ApiError::new(ErrorCode::Unavailable, "the coordinator is stopping; retry")
         }
@@ -185,9 +190,7 @@ pub async fn serve(
         };
         let encoding = encoding_of(&message);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            ::metrics::counter!(metrics::API_REJECTED).increment(1);
-            let error =
-                ApiError::new(ErrorCode::Overloaded, "the coordinator is handling too many requests; retry later");
+            let error = overloaded("the coordinator is handling too many requests; retry later");
             send_reply(&api.router.context.nats, reply_to, encoding, &Reply::<()>::Error(error)).await;
             continue;
         };
@@ -1059,17 +1062,25 @@ mod tests {
         assert!(check_payload(&limits, "input", &input, Some(request.len())).is_ok());
     }
 
+    /// A fan-out past the bound is refused and counted as an overload refusal (the overload
+    /// alert watches the count); one that finds the coordinator stopping is not.
     #[test]
     fn a_fan_out_past_the_bound_is_refused_not_queued() {
-        let fan_outs = Semaphore::new(FAN_OUTS_MAX);
-        let held: Vec<_> = (0..FAN_OUTS_MAX).map(|_| fan_out_permit(&fan_outs).expect("within the bound")).collect();
-        let refusal = fan_out_permit(&fan_outs).expect_err("past the bound");
-        assert_eq!((refusal.code, refusal.retryable), (ErrorCode::Overloaded, true), "{refusal:?}");
-        assert!(refusal.message.contains(&format!("serving {FAN_OUTS_MAX} requests")), "{refusal:?}");
-        drop(held);
-        assert!(fan_out_permit(&fan_outs).is_ok(), "a permit given back serves the next");
-        fan_outs.close();
-        assert_eq!(fan_out_permit(&fan_outs).map(drop).unwrap_err().code, ErrorCode::Unavailable);
+        let recording = crate::metrics::testing::Recording::new();
+        recording.record(|| {
+            let fan_outs = Semaphore::new(FAN_OUTS_MAX);
+            let held: Vec<_> =
+                (0..FAN_OUTS_MAX).map(|_| fan_out_permit(&fan_outs).expect("within the bound")).collect();
+            let refusal = fan_out_permit(&fan_outs).expect_err("past the bound");
+            assert_eq!((refusal.code, refusal.retryable), (ErrorCode::Overloaded, true), "{refusal:?}");
+            assert!(refusal.message.contains(&format!("serving {FAN_OUTS_MAX} requests")), "{refusal:?}");
+            drop(held);
+            assert!(fan_out_permit(&fan_outs).is_ok(), "a permit given back serves the next");
+            fan_outs.close();
+            assert_eq!(fan_out_permit(&fan_outs).map(drop).unwrap_err().code, ErrorCode::Unavailable);
+        });
+        let rejected = recording.sample("flowgrid_api_rejected_total ");
+        assert_eq!(rejected, Some(1.0), "{}", recording.render());
     }
 
     fn limit_in_use(number: usize) -> LimitSummary {

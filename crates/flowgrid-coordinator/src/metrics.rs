@@ -48,6 +48,7 @@ pub const RUNS_PAUSED: &str = "flowgrid_runs_paused_total";
 pub const RUNS_QUEUED: &str = "flowgrid_runs_queued_total";
 pub const RUNS_ADMITTED: &str = "flowgrid_runs_admitted_total";
 pub const RUNS_TURNED_AWAY: &str = "flowgrid_runs_turned_away_total";
+pub const RUNS_WAITING_FOR_SLOT: &str = "flowgrid_runs_waiting_for_slot";
 pub const RUNS_RESUMED: &str = "flowgrid_runs_resumed_total";
 pub const TRIGGER_MESSAGES: &str = "flowgrid_trigger_messages_total";
 pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
@@ -93,6 +94,7 @@ pub const NAMES: &[&str] = &[
     RUNS_QUEUED,
     RUNS_ADMITTED,
     RUNS_TURNED_AWAY,
+    RUNS_WAITING_FOR_SLOT,
     RUNS_RESUMED,
     TRIGGER_MESSAGES,
     SCHEDULED_RUNS,
@@ -124,6 +126,7 @@ pub fn describe() {
         ::metrics::counter!(RUN_MESSAGES_RETRIED, "kind" => *kind).increment(0);
         ::metrics::gauge!(RUN_MESSAGES_PENDING, "kind" => *kind).increment(0.0);
     }
+    ::metrics::gauge!(RUNS_WAITING_FOR_SLOT).increment(0.0);
     describe_counter!(RUNS_STARTED, Unit::Count, "Runs started.");
     describe_counter!(
         SUBMITS_REFUSED,
@@ -190,6 +193,11 @@ pub fn describe() {
         "Runs of flows with a concurrency limit that started (or were redriven) queued, asking for a slot."
     );
     describe_counter!(RUNS_ADMITTED, Unit::Count, "Queued runs admitted by their flow's concurrency limit.");
+    describe_gauge!(
+        RUNS_WAITING_FOR_SLOT,
+        Unit::Count,
+        "Runs queued in the concurrency limits whose gates this coordinator's shards keep, waiting for a slot."
+    );
     describe_counter!(
         RUNS_TURNED_AWAY,
         Unit::Count,
@@ -323,6 +331,45 @@ impl ShardMetrics {
                 timed_out: result("timed_out"),
             }
         })
+    }
+}
+
+/// Helpers for tests of what is recorded.
+#[cfg(test)]
+pub(crate) mod testing {
+    use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+    /// A recorder of a test's own: it records what runs in [`Recording::record`], on that
+    /// thread only, so tests running at once do not see each other's metrics. Handles
+    /// registered there keep recording to it.
+    pub(crate) struct Recording {
+        recorder: PrometheusRecorder,
+        handle: PrometheusHandle,
+    }
+
+    impl Recording {
+        pub(crate) fn new() -> Recording {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            Recording { recorder, handle }
+        }
+
+        /// Runs `work` with this recorder.
+        pub(crate) fn record<T>(&self, work: impl FnOnce() -> T) -> T {
+            ::metrics::with_local_recorder(&self.recorder, work)
+        }
+
+        /// What was recorded, as the coordinator's endpoint renders it.
+        pub(crate) fn render(&self) -> String {
+            self.handle.render()
+        }
+
+        /// The value of the first sample whose line starts with `prefix` (`name{label="v"`,
+        /// or `name ` for a sample without labels).
+        pub(crate) fn sample(&self, prefix: &str) -> Option<f64> {
+            let body = self.render();
+            body.lines().filter(|line| line.starts_with(prefix)).find_map(|line| line.rsplit(' ').next()?.parse().ok())
+        }
     }
 }
 

@@ -15,6 +15,9 @@
 //!   is set to zero rather than left at its last value.
 //! - A read that fails (NATS away, a slow server) leaves the gauges as they were until
 //!   the next one succeeds.
+//! - When the reading ends (the coordinator stops serving, or serves a grid made anew
+//!   after NATS lost its store), every pool it set is set to zero: a pool the next grid
+//!   does not have keeps no figures of the last one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -49,7 +52,7 @@ struct Figures {
 pub async fn run(tasks: stream::Stream, workers_bucket: Option<kv::Store>, every: Duration, stop: CancellationToken) {
     let mut workers: HashMap<String, Seen> = HashMap::new();
     let mut watch: Option<kv::Watch> = None;
-    let mut exported: BTreeSet<String> = BTreeSet::new();
+    let mut exported = Exported::default();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -155,15 +158,28 @@ fn pool_figures<'a>(
     figures
 }
 
+/// The pools whose gauges a reading set last; it zeroes them when it is dropped, as
+/// [`run`] returns or is dropped.
+#[derive(Default)]
+struct Exported(BTreeSet<String>);
+
+impl Drop for Exported {
+    fn drop(&mut self) {
+        for pool in &self.0 {
+            set_gauges(pool, &Figures::default());
+        }
+    }
+}
+
 /// Sets each pool's gauges, and zeroes those of pools that are gone.
-fn export(figures: &BTreeMap<String, Figures>, exported: &mut BTreeSet<String>) {
-    for gone in exported.iter().filter(|pool| !figures.contains_key(*pool)) {
+fn export(figures: &BTreeMap<String, Figures>, exported: &mut Exported) {
+    for gone in exported.0.iter().filter(|pool| !figures.contains_key(*pool)) {
         set_gauges(gone, &Figures::default());
     }
     for (pool, pool_figures) in figures {
         set_gauges(pool, pool_figures);
     }
-    *exported = figures.keys().cloned().collect();
+    exported.0 = figures.keys().cloned().collect();
 }
 
 fn set_gauges(pool: &str, figures: &Figures) {
@@ -213,6 +229,30 @@ mod tests {
         let mut kept: Vec<&str> = workers.keys().map(String::as_str).collect();
         kept.sort_unstable();
         assert_eq!(kept, ["behind", "last"]);
+    }
+
+    /// A pool no longer read is set to zero, and so is every pool a reading set once it
+    /// ends: a coordinator serving a grid made anew keeps no figures of the last one.
+    #[test]
+    fn the_gauges_of_every_pool_exported_are_zeroed_when_the_reading_ends() {
+        let recording = crate::metrics::testing::Recording::new();
+        let gauges = |pool: &str| {
+            let names =
+                [POOL_TASKS_WAITING, POOL_TASKS_WITH_WORKERS, POOL_PULLS_WAITING, POOL_WORKERS, POOL_WORKER_SLOTS];
+            names.map(|name| recording.sample(&format!("{name}{{pool=\"{pool}\"}}")).unwrap_or(f64::NAN))
+        };
+        let serving = Figures { waiting: 3, with_workers: 2, pulls_waiting: 1, workers: 1, worker_slots: 4 };
+        let unserved = Figures { waiting: 3, ..Figures::default() };
+        recording.record(|| {
+            let mut exported = Exported::default();
+            let both = BTreeMap::from([("gpu".to_owned(), serving), ("cpu".to_owned(), unserved)]);
+            export(&both, &mut exported);
+            assert_eq!((gauges("gpu"), gauges("cpu")), ([3.0, 2.0, 1.0, 1.0, 4.0], [3.0, 0.0, 0.0, 0.0, 0.0]));
+            export(&BTreeMap::from([("cpu".to_owned(), unserved)]), &mut exported);
+            assert_eq!(gauges("gpu"), [0.0; 5], "a pool gone");
+            drop(exported);
+        });
+        assert_eq!(gauges("cpu"), [0.0; 5], "{}", recording.render());
     }
 
     #[test]

@@ -346,8 +346,7 @@ pub async fn serve_shard_commands(
         };
         let Some(reply_to) = message.reply.clone() else { continue };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            let error =
-                ApiError::new(ErrorCode::Overloaded, "the coordinator is handling too many requests; retry later");
+            let error = crate::api::overloaded("the coordinator is handling too many requests; retry later");
             reply(&router, reply_to, Reply::<ShardReply>::Error(error)).await;
             continue;
         };

@@ -160,7 +160,7 @@ pub async fn spawn_shard<S: ShardStore>(
         }
     };
     actor.resume(reloaded).await;
-    debug!(shard = %shard, epoch = %epoch, runs = actor.runs.len(), "shard acquired");
+    info!(shard = %shard, epoch = %epoch, runs = actor.runs.len(), "shard acquired");
     let handle = tokio::spawn(actor.run(inbox, results, shutdown));
     Ok((ShardHandle { shard, sender }, epoch, handle))
 }

@@ -31,6 +31,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+use ::metrics::Gauge;
 use flowgrid_engine::{Event, Run};
 use flowgrid_model::{Millis, RunId, StartRate, WhenFull};
 use flowgrid_proto::{ApiError, ErrorCode, GateMessage, GateTaken, LimitSummary};
@@ -341,10 +342,31 @@ impl Gate {
 
 /// Runs waiting for a slot, in the order asked, with their places. A run leaves from
 /// anywhere in O(1): its entry in `order` stays behind until it reaches the front.
-#[derive(Default)]
+///
+/// Its runs count in [`metrics::RUNS_WAITING_FOR_SLOT`] while they wait: a run raises the
+/// gauge as it enters and lowers it as it leaves (admitted, turned away, released), and a
+/// queue dropped with runs in it (its shard's gates forgotten as the shard stops or
+/// reloads) lowers it by those, as a reload raises it again by the runs it queues.
 struct Queue {
     order: VecDeque<(RunId, u32)>,
     waiting: HashMap<RunId, Waiting>,
+    waiting_gauge: Gauge,
+}
+
+impl Default for Queue {
+    fn default() -> Queue {
+        Queue {
+            order: VecDeque::new(),
+            waiting: HashMap::new(),
+            waiting_gauge: ::metrics::gauge!(metrics::RUNS_WAITING_FOR_SLOT),
+        }
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.waiting_gauge.decrement(self.waiting.len() as f64);
+    }
 }
 
 impl Queue {
@@ -364,7 +386,11 @@ impl Queue {
     /// Adds `run_id` at the end, in place of any earlier round of it (given back).
     fn push(&mut self, run_id: RunId, place: Waiting) -> Option<Waiting> {
         self.order.push_back((run_id.clone(), place.round));
-        self.waiting.insert(run_id, place)
+        let replaced = self.waiting.insert(run_id, place);
+        if replaced.is_none() {
+            self.waiting_gauge.increment(1.0);
+        }
+        replaced
     }
 
     /// Takes `run_id` out if it waits for `round` (any round: `None`).
@@ -374,6 +400,7 @@ impl Queue {
             return None;
         }
         let place = self.waiting.remove(run_id);
+        self.waiting_gauge.decrement(1.0);
         // Entries left behind are dropped once they outnumber the runs waiting.
         if self.order.len() > 2 * self.waiting.len() + 64 {
             let waiting = &self.waiting;
@@ -386,6 +413,7 @@ impl Queue {
         while let Some((run_id, round)) = self.order.pop_front() {
             if self.contains(&run_id, round) {
                 let place = self.waiting.remove(&run_id).expect("it waits");
+                self.waiting_gauge.decrement(1.0);
                 return Some((run_id, place));
             }
         }
@@ -855,6 +883,41 @@ mod tests {
         assert_eq!(queue.back(), Some(&run(0)));
         assert_eq!(drain(&mut queue), vec![(run(2), 0), (run(3), 0), (run(0), 1)]);
         assert!(queue.is_empty() && queue.order.is_empty() && queue.back().is_none());
+    }
+
+    /// The gauge of runs waiting for a slot follows the queues: a run counts once while it
+    /// waits (a later round in place of an earlier one too), not once it left, and the runs
+    /// of queues dropped with their gates (a shard that stops or reloads) no longer count.
+    #[test]
+    fn runs_count_as_waiting_for_a_slot_while_they_wait_and_not_once_their_gates_are_gone() {
+        let recording = crate::metrics::testing::Recording::new();
+        let counted = || recording.sample("flowgrid_runs_waiting_for_slot ");
+        let (gate, reloaded) = recording.record(|| {
+            let mut gate = Gate { max: 1, when_full: WhenFull::CancelOldest, ..Gate::default() };
+            for n in 0..4 {
+                gate.enqueue(run(n), waiting(0));
+            }
+            gate.enqueue(run(0), waiting(1));
+            assert_eq!(counted(), Some(4.0), "a later round takes the place of the earlier one");
+            assert!(gate.dequeue(&run(1), Some(0)).is_some() && gate.dequeue(&run(1), None).is_none());
+            assert!(gate.dequeue_front().is_some(), "admitted");
+            assert_eq!(counted(), Some(2.0));
+            assert_eq!(gate.take_oldest(CANCELS_PER_TURN).len(), 1, "one turned away");
+            assert_eq!(counted(), Some(1.0));
+            let reloaded = Gate::restore(vec![
+                (run(10), place(false, 1, Some(0), 1, 1)),
+                (run(11), place(false, 2, Some(1), 1, 1)),
+                (run(12), place(true, 3, None, 1, 1)),
+            ]);
+            assert_eq!(counted(), Some(3.0), "a reload counts the runs it queues");
+            (gate, reloaded)
+        });
+        drop(reloaded);
+        assert_eq!(counted(), Some(1.0), "the runs of a gate forgotten no longer count");
+        let mut gates = Gates::default();
+        gates.gates.insert(("f".to_owned(), String::new()), gate);
+        drop(gates);
+        assert_eq!(counted(), Some(0.0), "{}", recording.render());
     }
 
     #[test]

@@ -236,14 +236,13 @@ pub struct ShardHandle {
 }
 
 impl ShardHandle {
-    /// Sends `command` unless the shard's queue is full (then: overloaded, retry later) or
-    /// the actor has stopped (then: unavailable).
+    /// Sends `command` unless the shard's queue is full (then: overloaded, retry later; see
+    /// `--shard-queue-max`) or the actor has stopped (then: unavailable).
     pub fn try_send(&self, command: Command) -> Result<(), ApiError> {
         self.sender.try_send(command).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => ApiError::new(
-                ErrorCode::Overloaded,
-                format!("shard {} has too many requests waiting; retry later", self.shard),
-            ),
+            mpsc::error::TrySendError::Full(_) => {
+                crate::api::overloaded(format!("shard {} has too many requests waiting; retry later", self.shard))
+            }
             mpsc::error::TrySendError::Closed(_) => {
                 ApiError::new(ErrorCode::Unavailable, format!("shard {} is not served right now; retry", self.shard))
             }
@@ -262,5 +261,31 @@ impl ShardHandle {
             )),
             Err(_) => Err(maybe_applied(format!("shard {} did not answer within {ASK_TIMEOUT:?}", self.shard))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::testing::Recording;
+
+    /// A command refused because its shard's queue is full is an overload refusal, counted
+    /// where the overload alert looks; one for a stopped shard is not.
+    #[test]
+    fn a_full_shard_queue_refusal_is_counted_as_rejected() {
+        let delivered = || Command::OutboxDelivered { key: Vec::new(), write: 0 };
+        let recording = Recording::new();
+        recording.record(|| {
+            let (sender, inbox) = mpsc::channel(1);
+            let handle = ShardHandle { shard: ShardId(3), sender };
+            handle.try_send(delivered()).expect("room for one command");
+            let refusal = handle.try_send(delivered()).expect_err("the queue is full");
+            assert_eq!((refusal.code, refusal.retryable), (ErrorCode::Overloaded, true), "{refusal:?}");
+            assert!(refusal.message.contains("shard 3 has too many requests waiting"), "{refusal:?}");
+            drop(inbox);
+            let refusal = handle.try_send(delivered()).expect_err("the actor stopped");
+            assert_eq!(refusal.code, ErrorCode::Unavailable, "{refusal:?}");
+        });
+        assert_eq!(recording.sample("flowgrid_api_rejected_total "), Some(1.0), "{}", recording.render());
     }
 }

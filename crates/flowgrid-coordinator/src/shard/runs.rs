@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flowgrid_engine::{
-    Applied, Effect, Event, RedriveRefused, Run, RunStart, RunStatus, RunView, SignalRefused, TaskDispatch, TaskError,
-    TimerKey,
+    Applied, Effect, Event, RedriveRefused, Redriven, Run, RunStart, RunStatus, RunView, SignalRefused, TaskDispatch,
+    TaskError, TimerKey,
 };
 use flowgrid_model::limits::{json_bytes, nesting_depth, Limits, PAUSES_MAX, PROGRESS_BYTES_MAX, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{has_labels, AttemptId, FlowPlan, Labels, Millis, PlanStepKind, RunId};
@@ -112,7 +112,6 @@ impl<S: ShardStore> ShardActor<S> {
         if context.active_runs.load(Ordering::Relaxed) < allowed {
             return Ok(());
         }
-        ::metrics::counter!(metrics::API_REJECTED).increment(1);
         let what = match depth {
             0 => format!("{} runs are active, the most this coordinator holds", context.active_runs_max),
             depth => format!(
@@ -120,7 +119,7 @@ impl<S: ShardStore> ShardActor<S> {
                  runs {depth} deep"
             ),
         };
-        Err(ApiError::new(ErrorCode::Overloaded, format!("{what}; retry later")))
+        Err(crate::api::overloaded(format!("{what}; retry later")))
     }
 
     /// A worker's result, as received on the shard's result subject.
@@ -371,7 +370,7 @@ impl<S: ShardStore> ShardActor<S> {
             self.send_after_commit(OutboxRecord::ChildEnded(ended), batch);
         }
         batch.finished.push(run_id.clone());
-        let seconds = now.saturating_sub(created_ms) as f64 / 1_000.0;
+        let seconds = run_seconds(created_ms, active.run.redriven(), now);
         self.metrics.run_finished(&plan.name, status, seconds);
     }
 
@@ -805,6 +804,14 @@ const ANNOUNCEMENT_CUT_MARK: &str = " [cut to fit the announcement]";
 /// bound with sub-flows nested as deep as they may be.
 const CHILD_HEADROOM_SHARE: u64 = 8;
 
+/// How long a run that ends at `ended_ms` went, in seconds, as [`metrics::RUN_DURATION`]
+/// records it: from its start, or from its last redrive when it was redriven (the time it
+/// sat ended before that, and its earlier rounds, counted when they ended).
+fn run_seconds(created_ms: Millis, redriven: Option<Redriven>, ended_ms: Millis) -> f64 {
+    let went_ms = redriven.map_or(created_ms, |redriven| redriven.last_ms);
+    ended_ms.saturating_sub(went_ms) as f64 / 1_000.0
+}
+
 /// The active runs a coordinator with the bound `active_runs_max` may hold before it
 /// refuses a run `depth` deep as a child (0: a run no subflow step starts).
 fn active_runs_allowed(active_runs_max: u64, depth: u32) -> u64 {
@@ -1086,6 +1093,22 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// A redriven run's duration counts from its last redrive, not from its creation: the
+    /// hours it sat failed before it was redriven are no part of it.
+    #[test]
+    fn a_redriven_runs_duration_counts_from_its_last_redrive() {
+        let created_ms = 1_767_225_600_000;
+        assert_eq!(run_seconds(created_ms, None, created_ms + 1_500), 1.5);
+        // Failed, redriven two hours after its start, ended again half a second later.
+        let redriven = Redriven { times: 1, last_ms: created_ms + 7_200_000 };
+        assert_eq!(run_seconds(created_ms, Some(redriven), redriven.last_ms + 500), 0.5);
+        assert_eq!(
+            run_seconds(created_ms, Some(redriven), redriven.last_ms - 1),
+            0.0,
+            "a clock set back: not below zero"
+        );
+    }
 
     #[test]
     fn a_failed_read_is_retryable_unless_the_data_is_at_fault() {
