@@ -115,13 +115,7 @@ async fn python_worker_interrupted_hands_its_task_back_to_another_worker() -> an
     // Ctrl-C while it holds the task: the worker waits its 1 s grace, hands the task back
     // and exits.
     let interrupted = Instant::now();
-    let pid = grid.workers[0].pid().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status()?.success());
-    let deadline = Instant::now() + STOP_DEADLINE;
-    while !grid.workers[0].has_exited() {
-        anyhow::ensure!(Instant::now() < deadline, "the interrupted worker still runs\n{}", grid.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    interrupt_and_wait_exit(&mut grid, 0).await?;
     grid.spawn_worker("python-worker-2", &mut python_worker(&grid, &[]))?;
     // Run again at once by the other worker: not left to the attempt's timeout (5 min), nor to
     // the ack wait (30 s).
@@ -147,13 +141,7 @@ async fn python_worker_interrupted_before_its_pool_is_bound_exits() -> anyhow::R
     })
     .await
     .or_logs(&grid)?;
-    let pid = grid.workers[0].pid().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status()?.success());
-    let deadline = Instant::now() + STOP_DEADLINE;
-    while !grid.workers[0].has_exited() {
-        anyhow::ensure!(Instant::now() < deadline, "the interrupted worker still runs\n{}", grid.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    interrupt_and_wait_exit(&mut grid, 0).await?;
     let log = grid.workers[0].log_tail(20);
     assert!(log.contains("stopped before pool py's consumer was bound"), "a clean stop, not a crash:\n{log}");
     Ok(())
@@ -323,5 +311,17 @@ async fn python_worker_passes_over_a_lane_at_its_bound() -> anyhow::Result<()> {
         "the default lane's task ended at {short_end}, after the first of lane 9 ({first_high_end})\n{}",
         grid.logs()
     );
+    Ok(())
+}
+
+/// Sends Ctrl-C (SIGINT) to worker `index` and waits, up to [`STOP_DEADLINE`], for it to exit.
+async fn interrupt_and_wait_exit(grid: &mut Grid, index: usize) -> anyhow::Result<()> {
+    let pid = grid.workers[index].pid().to_string();
+    anyhow::ensure!(Command::new("kill").args(["-INT", &pid]).status()?.success(), "send SIGINT to {pid}");
+    let deadline = Instant::now() + STOP_DEADLINE;
+    while !grid.workers[index].has_exited() {
+        anyhow::ensure!(Instant::now() < deadline, "the interrupted worker still runs\n{}", grid.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
