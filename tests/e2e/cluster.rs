@@ -364,3 +364,60 @@ async fn a_coordinator_that_cannot_read_the_members_does_not_join_unchecked() ->
     assert!(stderr.contains("cannot list the members") && stderr.contains("start the coordinator again"), "{stderr}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_leaves_when_one_with_another_store_joined_while_it_started() -> anyhow::Result<()> {
+    let grid = Grid::start_nats()?;
+    let nats = grid.nats_client().await?;
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    let subjects = Subjects::new(grid.prefix.clone());
+    // The coordinator asks about its tasks stream right after it first compared the
+    // members' stores with its own: a coordinator with another store joins at that moment,
+    // as one started at the same instant would.
+    let mut stream_requests = nats.subscribe(format!("$JS.API.STREAM.*.{}", subjects.tasks_stream())).await?;
+    nats.flush().await?;
+    let mut coordinator = tokio::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "coordinator", "--metrics-addr", "off"])
+        .args(["--shards", &grid.shards.to_string(), "--data-dir"])
+        .arg(grid.data_dir())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stderr = coordinator.stderr.take().expect("piped");
+    let read = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+        text
+    });
+    if tokio::time::timeout(SETTLE, stream_requests.next()).await?.is_none() {
+        anyhow::bail!("the coordinator never asked about its tasks stream:\n{}", read.await?);
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let other = flowgrid_proto::MemberRecord {
+        id: "elsewhere-1-0001".into(),
+        host: "elsewhere".into(),
+        pid: 1,
+        started_ms: now,
+        heartbeat_ms: now,
+        lease_ms: 60_000,
+        draining: false,
+        catching_up: true,
+        shards_serving: 0,
+        store: "redb:elsewhere:/data".into(),
+        metrics_addr: None,
+    };
+    let subject = format!("$KV.{}.{}", subjects.members_bucket(), other.id);
+    jetstream.publish(subject, rmp_serde::to_vec_named(&other)?.into()).await?.await?;
+    let Ok(status) = tokio::time::timeout(SETTLE, coordinator.wait()).await else {
+        coordinator.kill().await?;
+        panic!("the coordinator joined beside one with another store:\n{}", read.await?);
+    };
+    let stderr = read.await?;
+    assert_eq!(status?.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("keeps this grid's shards in redb:elsewhere:/data"), "{stderr}");
+    // It left: only the other's record is there.
+    let members = jetstream.get_key_value(subjects.members_bucket()).await?;
+    let keys: Vec<String> = futures::TryStreamExt::try_collect(members.keys().await?).await?;
+    assert_eq!(keys, vec![other.id], "{stderr}");
+    Ok(())
+}

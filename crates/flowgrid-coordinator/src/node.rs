@@ -219,13 +219,21 @@ async fn serve<S: Store>(
         draining: false,
         catching_up: true,
         shards_serving: 0,
-        store: store_id,
+        store: store_id.clone(),
         metrics_addr: (config.metrics_addr != "off").then(|| config.metrics_addr.clone()),
     };
     let membership =
         Arc::new(Membership::join(members_kv.clone(), jetstream.clone(), record, lease.clone(), table.clone()).await?);
     let grid_lost = membership.lost();
     membership.beat().await?;
+    // Two coordinators with different stores that started at the same instant both passed
+    // the check above. Read again now that this one's record is there: of two such records,
+    // the one written second sees the other (both may), and leaves before it takes a shard.
+    if let Err(error) = check_same_store(&members_kv, &store_id).await {
+        membership.leave().await;
+        workers_shutdown.cancel();
+        return Err(error);
+    }
     let heartbeat_stop = CancellationToken::new();
     let heartbeat_task = tokio::spawn(membership.clone().run(heartbeat_stop.clone()));
     let shards_stop = CancellationToken::new();
