@@ -343,7 +343,7 @@ impl Run {
                 id: &step.id,
                 kind: kind_name(&step.kind),
                 status: state.status,
-                attempts: state.attempts,
+                attempts: state.attempts.saturating_sub(state.refused_children),
                 cached: state.cached,
                 started_ms: state.started_ms,
                 ended_ms: state.ended_ms,

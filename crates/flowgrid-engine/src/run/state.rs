@@ -22,8 +22,15 @@ pub(super) struct StepState {
     pub deps_resolved: u32,
     /// At least one resolved dependency activated an edge to this step.
     pub activated: bool,
-    /// Attempts dispatched so far (for a map: over all items).
+    /// Attempts dispatched so far (for a map: over all items; for a subflow step: the
+    /// children asked for, refused ones included, so that no round is used twice).
     pub attempts: u32,
+    /// Of a subflow step's `attempts`, the children whose start the grid refused (for one
+    /// with items: over all items): none of them ran, so the view leaves them out.
+    pub refused_children: u32,
+    /// The latest child a subflow step with one child asked for was refused: the view
+    /// names no child run until the step asks for another.
+    pub child_refused: bool,
     /// Attempts the task cache answered (for a map: over all items).
     pub cached: u32,
     pub started_ms: Option<Millis>,
@@ -127,6 +134,8 @@ impl StepState {
             deps_resolved: 0,
             activated: false,
             attempts: 0,
+            refused_children: 0,
+            child_refused: false,
             cached: 0,
             started_ms: None,
             ended_ms: None,

@@ -3,7 +3,9 @@
 //!
 //! A child's run id follows from the parent's id, the step, the item and the flow
 //! ([`ParentRef::child_run_id`]), so the step knows its child before it exists, starting
-//! it again starts nothing new, and only that child's end is taken. The child's end comes
+//! it again starts nothing new, and only that child's end is taken. Every child a step asks
+//! for takes a round of its own, one whose start was refused too (the refusal may have
+//! come after the grid made the child), so no id is asked for twice. The child's end comes
 //! back as [`Event::ChildEnded`](crate::Event::ChildEnded): its output is the step's
 //! output; any other end fails the step with the child's error, which a catch may take.
 //! With `items` the step is a map whose items are child runs ([`super::map`]): each
@@ -29,7 +31,8 @@ pub(super) struct ChildEnd<'a> {
     pub status: RunStatus,
     pub output: Option<&'a Value>,
     pub error: Option<&'a TaskError>,
-    /// The grid refused to start the child, so it does not exist.
+    /// The grid refused to start the child: it ran nothing (though a start refused after
+    /// its shard applied it may have made it, so its round is not used again).
     pub refused: bool,
 }
 
@@ -56,13 +59,14 @@ impl Run {
     }
 
     /// Starts the one child of subflow step `index` (of loop iteration `iteration`) with
-    /// `input`. Its round is the children this step started before (after a redrive, or
-    /// in earlier iterations), which its id follows from.
+    /// `input`. Its round is the children this step asked for before (after a redrive, or
+    /// in earlier iterations; refused ones included), which its id follows from.
     fn start_child(&mut self, index: StepIndex, input: Arc<Value>, iteration: u32, context: &mut Context<'_>) {
         let state = self.state(index);
         let round = state.attempts;
         state.work = Work::Child { input: Arc::clone(&input), iteration };
         state.attempts += 1;
+        state.child_refused = false;
         self.ask_for_child(index, None, input, round, context);
     }
 
@@ -199,12 +203,14 @@ impl Run {
         })
     }
 
-    /// The latest child run of a subflow step with one child, once it exists (for the
-    /// view). A subflow step's `attempts` counts its children asked for and not refused.
+    /// The latest child run of a subflow step with one child, once it was asked for and
+    /// unless its start was refused (for the view, whose `attempts` leaves the refused
+    /// children out).
     pub(super) fn started_child(&self, index: StepIndex, state: &StepState) -> Option<RunId> {
         let step = self.plan.step(index);
         let PlanStepKind::Subflow(SubflowSpec { flow, items: None, .. }) = &step.kind else { return None };
-        (state.attempts > 0).then(|| ParentRef::child_run_id(flow, &self.run_id, &step.id, None, single_round(state)))
+        let started = state.attempts > 0 && !state.child_refused;
+        started.then(|| ParentRef::child_run_id(flow, &self.run_id, &step.id, None, single_round(state)))
     }
 
     /// A child run of step `step` (item `item`) ended: the step, or its item, succeeds with
@@ -239,8 +245,10 @@ impl Run {
         let error =
             (ended.status != RunStatus::Succeeded || ended.error.is_some()).then(|| child_error(&spec.flow, &ended));
         if ended.refused {
+            // Its round stays taken: the next child of the step gets a new one.
             let state = self.state(index);
-            state.attempts = state.attempts.saturating_sub(1);
+            state.refused_children += 1;
+            state.child_refused = item.is_none();
         }
         let output = ended.output.cloned().unwrap_or(Value::Null);
         match (item, error) {
@@ -345,7 +353,7 @@ fn child_error(flow: &str, ended: &ChildEnd<'_>) -> TaskError {
 }
 
 /// The round of the latest child of a subflow step with one child: one child per round,
-/// so the children it started before.
+/// so the children it asked for before (refused ones included).
 fn single_round(state: &StepState) -> u32 {
     state.attempts.saturating_sub(1)
 }

@@ -299,3 +299,119 @@ fn a_child_run_carries_its_parents_labels() {
     assert_eq!(run.open_child_starts()[0].labels, labels, "and as a reload asks for it again");
     assert_eq!(run.labels(), Some(&labels));
 }
+
+/// The end of a child of step `step` (item `item`) whose start the grid refused.
+fn refused(step: &str, item: Option<u32>, child: RunId) -> Event {
+    let error = TaskError { code: "not_found".into(), message: "no flow named transcode".into(), retryable: false };
+    Event::ChildEnded {
+        step: step.to_owned(),
+        item,
+        child,
+        status: RunStatus::Failed,
+        output: None,
+        error: Some(error),
+        refused: true,
+    }
+}
+
+fn redriven() -> Event {
+    Event::Redriven { reason: "deployed transcode".to_owned(), from: Vec::new(), queued: false }
+}
+
+#[test]
+fn a_redriven_step_never_reuses_a_refused_childs_id() {
+    let mut harness = Harness::start(PARENT, json!({"video": "v.mp4"}), 0);
+    assert_eq!(harness.apply(10, refused("encode", None, child_id())), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+    let encode = harness.step("encode");
+    assert_eq!((encode.attempts, encode.child_run), (0, None), "a refused start ran nothing");
+
+    assert_eq!(harness.apply(100, redriven()), Applied::Accepted);
+    let asked = starts(&harness.effects);
+    let second = ParentRef::child_run_id("transcode", &RunId(RUN.into()), "encode", None, 1);
+    assert_eq!(asked.len(), 1, "{:?}", harness.effects);
+    assert_ne!(asked[0].child, child_id(), "the refused start may have made its child: its id is not used again");
+    assert_eq!((asked[0].child.clone(), asked[0].round), (second.clone(), 1));
+    assert_eq!(harness.run.open_child_starts(), asked, "a reload asks for the new child too");
+    let encode = harness.step("encode");
+    assert_eq!((encode.attempts, encode.child_run), (1, Some(second.clone())));
+
+    // The refusal of the first start, answered again, no longer fails the step.
+    assert_eq!(harness.apply(110, refused("encode", None, child_id())), Applied::Ignored("not the child of this step"));
+    let applied = harness.apply(120, ended(second, RunStatus::Succeeded, Some(json!({"size": 7})), None));
+    assert_eq!(applied, Applied::Accepted);
+    assert_eq!(harness.run.view().output, Some(json!({"done": 7})));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view(), "the history gives the same rounds again");
+}
+
+#[test]
+fn a_loop_whose_next_child_is_refused_names_no_child_and_counts_the_children_that_ran() {
+    let yaml = r##"
+name: parent
+steps:
+  - kind: subflow
+    id: poll
+    flow: transcode
+    repeat: { until: 'result.done', max_iterations: 5 }
+"##;
+    let child = |round| ParentRef::child_run_id("transcode", &RunId(RUN.into()), "poll", None, round);
+    let mut harness = Harness::start(yaml, json!({}), 0);
+    let first = Event::ChildEnded {
+        step: "poll".to_owned(),
+        item: None,
+        child: child(0),
+        status: RunStatus::Succeeded,
+        output: Some(json!({"done": false})),
+        error: None,
+        refused: false,
+    };
+    assert_eq!(harness.apply(10, first), Applied::Accepted);
+    assert_eq!(harness.step("poll").child_run, Some(child(1)));
+    assert_eq!(harness.apply(20, refused("poll", None, child(1))), Applied::Accepted);
+    let poll = harness.step("poll");
+    assert_eq!((poll.status, poll.attempts, poll.child_run.clone()), (StepStatus::Failed, 1, None), "{poll:?}");
+
+    assert_eq!(harness.apply(100, redriven()), Applied::Accepted);
+    let asked: Vec<RunId> = starts(&harness.effects).into_iter().map(|start| start.child).collect();
+    assert_eq!(asked, [child(2)], "iteration 0 again, in a round of its own");
+    let poll = harness.step("poll");
+    assert_eq!((poll.attempts, poll.child_run, poll.iteration), (2, Some(child(2)), Some(0)));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+#[test]
+fn a_redriven_item_never_reuses_a_refused_childs_id() {
+    let yaml = FAN.replace("TOLERATED", "0");
+    let mut harness = Harness::start(&yaml, json!({"videos": ["a"]}), 0);
+    assert_eq!(harness.apply(10, refused("each", Some(0), item_id(0))), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+    assert_eq!(harness.step("each").attempts, 0, "a refused start ran nothing");
+
+    assert_eq!(harness.apply(100, redriven()), Applied::Accepted);
+    let asked: Vec<(RunId, u32)> =
+        starts(&harness.effects).into_iter().map(|start| (start.child, start.round)).collect();
+    let second = ParentRef::child_run_id("transcode", &RunId(RUN.into()), "each", Some(0), 1);
+    assert_ne!(asked[0].0, item_id(0), "the refused start may have made its child: its id is not used again");
+    assert_eq!(asked, [(second.clone(), 1)]);
+    let each = harness.step("each");
+    assert_eq!((each.attempts, each.child_round), (1, 1));
+    assert_eq!(
+        harness.apply(110, refused("each", Some(0), item_id(0))),
+        Applied::Ignored("not the child of this step")
+    );
+    let done = Event::ChildEnded {
+        step: "each".to_owned(),
+        item: Some(0),
+        child: second,
+        status: RunStatus::Succeeded,
+        output: Some(json!("A")),
+        error: None,
+        refused: false,
+    };
+    assert_eq!(harness.apply(120, done), Applied::Accepted);
+    assert_eq!(harness.step("each").output, Some(json!(["A"])));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
