@@ -165,8 +165,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = flowgrid_sdk::DEFAULT_START_BATCH_MAX as u32,
           value_parser = clap::value_parser!(u32).range(1..=flowgrid_sdk::START_MANY_RUNS_MAX as i64))]
     pub start_batch_max: u32,
-    /// Start batches awaiting their reply at once, at most (the SDK's StartBatcher): fewer
-    /// make larger batches, more make each start wait less for a request to go out.
+    /// Start requests awaiting their reply at once, at most: batches of the SDK's
+    /// StartBatcher (fewer make larger batches, more make each start wait less for a request
+    /// to go out), or with --start-batch-max 1 single starts.
     #[arg(long, default_value_t = flowgrid_sdk::DEFAULT_START_REQUESTS_MAX as u32,
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub start_requests_max: u32,

@@ -236,6 +236,22 @@ pub(crate) fn task_message(
     Some((subjects.tasks(pool).into(), headers, Bytes::from(payload)))
 }
 
+/// The floor's task number `sequence`: round-robin over the plan's pools, each pool's of
+/// the size the engine's tasks there have ([`Plan::task_shape`]: a chain step carries the
+/// run input, a map item its item).
+fn floor_task(
+    subjects: &Subjects,
+    plan: &Plan,
+    sequence: u64,
+) -> Option<(async_nats::Subject, async_nats::HeaderMap, Bytes)> {
+    let pool = plan.pools[(sequence % plan.pools.len() as u64) as usize];
+    let shape = plan.task_shape(pool, sequence);
+    let attempt = AttemptId { run_id: floor_run_id(sequence), step: shape.step, item: shape.item, attempt: 1 };
+    // Spread over as many result subjects as a grid of the default size has.
+    let reply_to = subjects.shard_results((sequence % u64::from(flowgrid_model::SHARDS_DEFAULT)) as u32);
+    task_message(subjects, pool, attempt, shape.input, reply_to)
+}
+
 /// Publishes task messages round-robin over the plan's pools while there is room, the
 /// way the coordinator's dispatcher does.
 async fn publish(
@@ -261,20 +277,7 @@ async fn publish(
             }
         };
         permit.forget();
-        let pool = plan.pools[(sequence % plan.pools.len() as u64) as usize];
-        let attempt = AttemptId {
-            run_id: floor_run_id(sequence),
-            step: "s1".to_owned(),
-            item: (plan.map_items > 0).then(|| (sequence % u64::from(plan.map_items)) as u32),
-            attempt: 1,
-        };
-        let input = match attempt.item {
-            Some(item) => serde_json::json!(item),
-            None => plan.run_input(sequence),
-        };
-        // Spread over as many result subjects as a grid of the default size has.
-        let reply_to = subjects.shard_results((sequence % u64::from(flowgrid_model::SHARDS_DEFAULT)) as u32);
-        let Some((subject, headers, payload)) = task_message(&subjects, pool, attempt, input, reply_to) else {
+        let Some((subject, headers, payload)) = floor_task(&subjects, &plan, sequence) else {
             return;
         };
         if let Err(((), error)) = publisher.publish(subject, headers, payload, ()).await {
@@ -297,6 +300,7 @@ mod tests {
 
     use super::*;
     use crate::args::{WorkerArgs, Workload};
+    use crate::flows::{POOL_A, POOL_B};
     use crate::service_time::ServiceTime;
 
     #[test]
@@ -312,5 +316,35 @@ mod tests {
         assert_eq!(outstanding(&chain, &workers, Some(512)), 512);
         assert_eq!(outstanding(&chain, &workers, Some(4_096)), 2_048);
         assert_eq!(outstanding(&Plan::new(Workload::Map, 100), &workers, Some(8)), 800);
+    }
+
+    /// The engine gives the mix's chain steps on lt-a the run input (its 1,000 items
+    /// included) and its map items on lt-b one number: the floor's tasks on each pool are
+    /// of that size, not all of a map item's.
+    #[test]
+    fn the_mix_floor_sends_each_pool_tasks_of_its_own_size() {
+        let plan = Plan::new(Workload::Mix, 1_000);
+        let subjects = Subjects::new(FLOOR_PREFIX);
+        let engine_task = |step: &str, item: Option<u32>, input: serde_json::Value| {
+            let attempt = AttemptId { run_id: floor_run_id(0), step: step.into(), item, attempt: 1 };
+            task_message(&subjects, POOL_A, attempt, input, subjects.shard_results(0)).expect("encodes").2.len()
+        };
+        let chain_step = engine_task("s1", None, plan.run_input(0));
+        let map_item = engine_task("m", Some(500), serde_json::json!(500));
+        for sequence in 0..4 {
+            let (subject, _, payload) = floor_task(&subjects, &plan, sequence).expect("encodes");
+            let (pool, expected) = if subject.as_str() == subjects.tasks(POOL_A) {
+                (POOL_A, chain_step)
+            } else {
+                assert_eq!(subject.as_str(), subjects.tasks(POOL_B));
+                (POOL_B, map_item)
+            };
+            assert!(
+                payload.len().abs_diff(expected) <= 8,
+                "floor task {sequence} on {pool}: {} B, the engine's {expected} B",
+                payload.len()
+            );
+        }
+        assert!(chain_step > 2_000, "a chain step of the mix carries the 1,000 items: {chain_step} B");
     }
 }

@@ -17,6 +17,20 @@ pub const POOL_B: &str = "lt-b";
 pub const POOL_IDLE: &str = "lt-idle";
 /// The one task name of every simulated task.
 pub const TASK_NAME: &str = "noop";
+/// Step id of the map of `map` and `mix`.
+const MAP_STEP: &str = "m";
+/// Run number of the typical messages [`Plan::message_sizes`] measures (its map item is
+/// this modulo the items).
+const SIZES_SEQUENCE: u64 = 123_456;
+
+/// What a task of a workload carries besides its run's id: its step, its map item and its
+/// input, as the coordinator sends them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskShape {
+    pub step: String,
+    pub item: Option<u32>,
+    pub input: Value,
+}
 
 /// One workload made concrete: its flow and the shape of its runs.
 #[derive(Clone, Debug)]
@@ -107,29 +121,58 @@ impl Plan {
         }
     }
 
-    /// Bytes of a typical task message of this workload and of its result, as the
-    /// coordinator and the simulated workers encode them.
-    pub fn message_sizes(&self) -> (usize, usize) {
-        let attempt = AttemptId {
+    /// The pool the items of this workload's map go to: `map`'s, or the `mix`'s lt-b.
+    pub fn map_pool(&self) -> Option<&'static str> {
+        match self.workload {
+            Workload::Map => Some(POOL_A),
+            Workload::Mix => Some(POOL_B),
+            Workload::Single | Workload::Chain => None,
+        }
+    }
+
+    /// A task of this workload on `pool`, of run number `sequence`: on the map's pool a map
+    /// item, with its item as input; on any other a chain step, with the run's input (for
+    /// `mix`, the chain's steps carry the whole run input, items and all).
+    pub fn task_shape(&self, pool: &str, sequence: u64) -> TaskShape {
+        if self.map_pool() == Some(pool) {
+            let item = (sequence % u64::from(self.map_items.max(1))) as u32;
+            TaskShape { step: MAP_STEP.to_owned(), item: Some(item), input: json!(item) }
+        } else {
+            TaskShape { step: "s1".to_owned(), item: None, input: self.run_input(sequence) }
+        }
+    }
+
+    /// Bytes of a typical task message of this workload on each of its pools, in the order
+    /// of [`Plan::pools`], and of the first pool's result, as the coordinator and the
+    /// simulated workers encode them.
+    pub fn message_sizes(&self) -> (Vec<(&'static str, usize)>, usize) {
+        let attempt = |shape: &TaskShape| AttemptId {
             run_id: RunId::from_parts(1_767_225_600_000, 0x1234_5678_9abc_def0),
-            step: if self.map_items > 0 && self.workload == Workload::Map { "m".into() } else { "s1".into() },
-            item: (self.workload == Workload::Map).then_some(self.map_items / 2),
+            step: shape.step.clone(),
+            item: shape.item,
             attempt: 1,
         };
-        let input = if self.workload == Workload::Map { json!(self.map_items / 2) } else { json!({ "n": 123_456 }) };
-        let task = TaskMessage {
-            attempt: attempt.clone(),
-            pool: POOL_A.into(),
-            task: TASK_NAME.into(),
-            input: input.into(),
-            deadline_ms: 1_767_225_900_000,
-            reply_to: "flowgrid.shard.127.result".to_owned(),
-            progress: None,
-        };
-        let result = TaskResult { attempt, output: Some(task_output()), error: None, progress: None };
-        let task_bytes = encode(Encoding::MsgPack, &task).map(|bytes| bytes.len()).unwrap_or(0);
+        let tasks = self
+            .pools
+            .iter()
+            .map(|&pool| {
+                let shape = self.task_shape(pool, SIZES_SEQUENCE);
+                let task = TaskMessage {
+                    attempt: attempt(&shape),
+                    pool: pool.into(),
+                    task: TASK_NAME.into(),
+                    input: shape.input.into(),
+                    deadline_ms: 1_767_225_900_000,
+                    reply_to: "flowgrid.shard.127.result".to_owned(),
+                    progress: None,
+                };
+                (pool, encode(Encoding::MsgPack, &task).map(|bytes| bytes.len()).unwrap_or(0))
+            })
+            .collect();
+        let first = self.task_shape(self.pools[0], SIZES_SEQUENCE);
+        let result = TaskResult { attempt: attempt(&first), output: Some(task_output()), error: None, progress: None };
         let result_bytes = encode(Encoding::MsgPack, &result).map(|bytes| bytes.len()).unwrap_or(0);
-        (task_bytes, result_bytes)
+        (tasks, result_bytes)
     }
 }
 
@@ -166,7 +209,7 @@ fn chain_definition(name: &str, pool: &str, length: u32, extra: &str) -> String 
 
 fn map_step(pool: &str) -> String {
     format!(
-        "  - id: m\n    kind: map\n    items: input.items\n    pool: {pool}\n    task: {TASK_NAME}\n    input: item\n"
+        "  - id: {MAP_STEP}\n    kind: map\n    items: input.items\n    pool: {pool}\n    task: {TASK_NAME}\n    input: item\n"
     )
 }
 
@@ -226,5 +269,20 @@ mod tests {
         let plan = Plan::new(Workload::Mix, 3);
         assert_eq!(plan.tasks_per_run, 6);
         assert_eq!(plan.pools, [POOL_A, POOL_B]);
+    }
+
+    /// The mix's chain steps carry the run input, its thousand items included: the sizes
+    /// reported are those of each pool's tasks, not of a map item's on both.
+    #[test]
+    fn the_mix_reports_a_chain_step_and_a_map_item_of_their_own_sizes() {
+        let plan = Plan::new(Workload::Mix, 1_000);
+        let input_bytes = encode(Encoding::MsgPack, &plan.run_input(SIZES_SEQUENCE)).expect("encodes").len();
+        let (tasks, _) = plan.message_sizes();
+        let (pools, sizes): (Vec<_>, Vec<_>) = tasks.into_iter().unzip();
+        assert_eq!(pools, [POOL_A, POOL_B]);
+        assert!(sizes[0] > input_bytes, "the chain step ({} B) carries the run input ({input_bytes} B)", sizes[0]);
+        assert!(sizes[1] < 200, "a map item is small: {} B", sizes[1]);
+        let (map, _) = Plan::new(Workload::Map, 1_000).message_sizes();
+        assert_eq!(map[0].1, sizes[1], "a map item weighs the same in `map` and `mix`");
     }
 }

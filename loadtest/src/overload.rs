@@ -51,6 +51,7 @@ pub async fn overload(args: OverloadArgs) -> Result<()> {
     let starter = Starter {
         client,
         batcher: None,
+        requests: None,
         plan: plan.clone(),
         tracker: tracker.clone(),
         errors: errors.clone(),

@@ -14,6 +14,7 @@ use anyhow::Result;
 use flowgrid_sdk::StartBatcher;
 use flowgrid_testkit::metric_value;
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -96,11 +97,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let verified = Arc::new(AtomicU64::new(0));
     let verifier =
         tokio::spawn(driver::verify(grid.client().await?, verify_receiver, errors.clone(), verified.clone()));
-    let batch_max = args.start_batch_max as usize;
+    let (batch_max, requests_max) = (args.start_batch_max as usize, args.start_requests_max as usize);
     let starter = Starter {
         client: client.clone(),
-        batcher: (batch_max > 1)
-            .then(|| StartBatcher::new(client.clone(), batch_max, args.start_requests_max as usize)),
+        batcher: (batch_max > 1).then(|| StartBatcher::new(client.clone(), batch_max, requests_max)),
+        // Single starts keep to --start-requests-max too, as the batches do.
+        requests: (batch_max <= 1).then(|| Arc::new(Semaphore::new(requests_max))),
         plan: plan.clone(),
         tracker: tracker.clone(),
         errors: errors.clone(),
@@ -110,25 +112,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let driver = match args.mode {
         LoopMode::Open => tokio::spawn(driver::open_loop(starter, args.rate(), stop.clone())),
-        LoopMode::Closed => tokio::spawn(driver::closed_loop(starter, args.concurrency(), stop.clone())),
+        LoopMode::Closed => {
+            tokio::spawn(driver::closed_loop(starter, args.concurrency(), driver::CLOSED_LOOP_RUN_WAIT, stop.clone()))
+        }
     };
 
     let mut observed = timeline(&args, &grid, &tracker, &errors, &stop).await;
     grid.check_coordinators()?;
-    let drain_deadline = Instant::now() + args.drain;
-    let drained = tokio::time::timeout(args.drain, async {
-        let _ = driver.await;
-        tracker.measured_runs_ended().await;
-    })
-    .await;
-    if drained.is_err() || Instant::now() > drain_deadline {
-        eprintln!("runs still open after the drain time ({:?}); counting them as unfinished", args.drain);
+    if !driver::drain(driver, &stop, &tracker, &errors, args.drain).await {
+        eprintln!(
+            "runs or starts still open after the drain time ({:?}); counted as errors (run_unfinished, start_unanswered)",
+            args.drain
+        );
     }
-    // The runs started after the window end too, before the workers stop: on a grid of its
-    // own it does not matter, but on one it shares no run of the harness's is left waiting
-    // for a worker that is gone.
-    let _ = tokio::time::timeout_at(drain_deadline.into(), tracker.runs_ended()).await;
-    errors.add("run_unfinished", tracker.unfinished());
     workers_shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while workers.join_next().await.is_some() {} }).await;
     workers.abort_all();
@@ -327,6 +323,8 @@ fn summarize(
     let ratio =
         floors.filter(|floors| floors.tasks_per_s() > 0.0).map(|floors| round3(tasks_per_s / floors.tasks_per_s()));
     let (task_bytes, result_bytes) = plan.message_sizes();
+    let task_bytes_by_pool: serde_json::Map<String, serde_json::Value> =
+        task_bytes.iter().map(|(pool, bytes)| ((*pool).to_owned(), json!(bytes))).collect();
     json!({
         "workload": plan.workload.as_str(),
         "flow": plan.flow_name,
@@ -363,7 +361,8 @@ fn summarize(
         "runs_done": tracker.counters.runs_done.load(Ordering::Relaxed),
         "runs_verified": verified,
         "results_not_applied": tracker.counters.results_not_applied.load(Ordering::Relaxed),
-        "task_bytes": task_bytes,
+        "task_bytes": task_bytes[0].1,
+        "task_bytes_by_pool": task_bytes_by_pool,
         "result_bytes": result_bytes,
         "coordinators": args.grid.nats_url.is_none().then_some(args.grid.coordinators),
         "workers_per_pool": args.workers.workers_per_pool,
@@ -455,7 +454,7 @@ fn print_summary_table(summary: &serde_json::Value) {
                 text("service_time")
             ),
         ),
-        ("message sizes".to_owned(), format!("task {} B, result {} B", text("task_bytes"), text("result_bytes"))),
+        ("message sizes".to_owned(), describe_message_sizes(summary)),
         ("runs/s".to_owned(), text("runs_per_s")),
         ("tasks/s".to_owned(), text("tasks_per_s")),
         (
@@ -506,6 +505,19 @@ fn print_summary_table(summary: &serde_json::Value) {
         ("errors".to_owned(), describe_errors(summary["errors"].as_u64().unwrap_or(0), &errors)),
     ];
     print_table("flowgrid load test", &rows);
+}
+
+/// The task message of each pool and the result, in bytes: "task 165 B, result 84 B", or
+/// for the mix "task 2715 B on lt-a, 165 B on lt-b, result 84 B".
+fn describe_message_sizes(summary: &serde_json::Value) -> String {
+    let result = &summary["result_bytes"];
+    match summary["task_bytes_by_pool"].as_object() {
+        Some(pools) if pools.len() > 1 => {
+            let tasks: Vec<String> = pools.iter().map(|(pool, bytes)| format!("{bytes} B on {pool}")).collect();
+            format!("task {}, result {result} B", tasks.join(", "))
+        }
+        _ => format!("task {} B, result {result} B", summary["task_bytes"]),
+    }
 }
 
 /// The latency floor's figures on one line: what the broker and the workers alone take.

@@ -15,7 +15,10 @@
 //! first task reached a worker; whichever comes first creates the run's entry, and a
 //! latency is recorded once both of its ends are known. Start and end-to-end latencies
 //! are recorded for runs started inside the measured window; step overhead and task
-//! throughput for what happens inside it.
+//! throughput for what happens inside it. A task counts only for a run a start reply
+//! named: one of a run no reply named yet is held in its entry until one does (an entry
+//! is made for it only while a start awaits its reply), so a copy of a task of an ended
+//! run, or a task a grid still held from an earlier harness run, is not counted.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,6 +81,9 @@ struct RunTrack {
     /// Last chain step whose result was sent, and when it was first sent.
     chain_result: Option<(u32, Instant)>,
     tasks_acked: u32,
+    /// Of `tasks_acked`, those acked while the window was open before a start reply named
+    /// the run: held, and added to the counters when one does (with the rest).
+    held_measured: u32,
     /// The tasks acked so far, each once (a task delivered again is acked again): chain
     /// positions as bits, map items in a bitset grown as they come.
     acked_positions: u64,
@@ -125,6 +131,30 @@ struct Inner {
     /// foldhash: every task looks its run up twice.
     runs: HashMap<RunId, RunTrack, foldhash::fast::RandomState>,
     histograms: Histograms,
+    /// Start requests sent ([`Tracker::start_sent`]) whose outcome has not come.
+    starts_pending: u64,
+    /// [`Tracker::unfinished`] counted what was left: nothing new is followed.
+    closed: bool,
+}
+
+impl Inner {
+    /// The entry of `run_id`; a new one only while a start awaits its reply (that reply may
+    /// name the run), else `None`: no start of the harness's made the run.
+    fn track(&mut self, run_id: &RunId) -> Option<&mut RunTrack> {
+        if !self.runs.contains_key(run_id) && (self.closed || self.starts_pending == 0) {
+            return None;
+        }
+        Some(self.runs.entry(run_id.clone()).or_default())
+    }
+}
+
+/// What [`Tracker::unfinished`] found left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unfinished {
+    /// Runs started that have not ended.
+    pub runs: u64,
+    /// Start requests still awaiting their reply.
+    pub starts: u64,
 }
 
 /// Counters read by the progress line and the report.
@@ -170,6 +200,8 @@ impl Tracker {
                     step_overhead: new_histogram(),
                     step_round_trip: new_histogram(),
                 },
+                starts_pending: 0,
+                closed: false,
             }),
             tasks_per_run,
             measuring: AtomicBool::new(false),
@@ -202,14 +234,68 @@ impl Tracker {
         self.measuring.load(Ordering::Relaxed)
     }
 
-    /// The start reply named `run_id`. `started` is when the start was sent (or
-    /// scheduled); `waiter` hears when the run ends.
-    pub fn started(&self, run_id: RunId, started: Instant, waiter: Option<oneshot::Sender<RunEnd>>) {
-        self.counters.runs_started.fetch_add(1, Ordering::Relaxed);
+    /// A start request is about to be sent. Until its outcome ([`Tracker::start_answered`],
+    /// [`Tracker::start_failed`]) tasks of runs no reply has named yet are kept, and
+    /// [`Tracker::unfinished`] counts it as unanswered.
+    pub fn start_sent(&self) {
+        self.inner.lock().expect("tracker lock").starts_pending += 1;
+    }
+
+    /// The reply to a start announced by [`Tracker::start_sent`] named `run_id`: as
+    /// [`Tracker::started`]. False if [`Tracker::unfinished`] came first and counted the
+    /// start as unanswered: the run is not followed.
+    pub fn start_answered(&self, run_id: RunId, started: Instant, waiter: Option<oneshot::Sender<RunEnd>>) -> bool {
         let measured = self.in_window(started);
         let mut inner = self.inner.lock().expect("tracker lock");
-        let Inner { runs, histograms } = &mut *inner;
+        if inner.closed {
+            return false;
+        }
+        inner.starts_pending = inner.starts_pending.saturating_sub(1);
+        self.name_run(&mut inner, run_id, started, measured, waiter);
+        true
+    }
+
+    /// A start announced by [`Tracker::start_sent`] failed. False if [`Tracker::unfinished`]
+    /// came first and counted it as unanswered: it is not an error a second time.
+    pub fn start_failed(&self) -> bool {
+        let mut inner = self.inner.lock().expect("tracker lock");
+        if inner.closed {
+            return false;
+        }
+        inner.starts_pending = inner.starts_pending.saturating_sub(1);
+        true
+    }
+
+    /// The run `run_id` was started (a start reply named it, or it was started without a
+    /// request). `started` is when the start was sent (or scheduled); `waiter` hears when
+    /// the run ends. Ignored after [`Tracker::unfinished`].
+    pub fn started(&self, run_id: RunId, started: Instant, waiter: Option<oneshot::Sender<RunEnd>>) {
+        let measured = self.in_window(started);
+        let mut inner = self.inner.lock().expect("tracker lock");
+        if !inner.closed {
+            self.name_run(&mut inner, run_id, started, measured, waiter);
+        }
+    }
+
+    /// Makes `run_id` a run of the harness's: its latencies so far are recorded, and the
+    /// tasks held for it counted.
+    fn name_run(
+        &self,
+        inner: &mut Inner,
+        run_id: RunId,
+        started: Instant,
+        measured: bool,
+        waiter: Option<oneshot::Sender<RunEnd>>,
+    ) {
+        self.counters.runs_started.fetch_add(1, Ordering::Relaxed);
+        let Inner { runs, histograms, .. } = inner;
         let track = runs.entry(run_id.clone()).or_default();
+        if track.started.is_none() {
+            // Every task acked so far was held for this reply.
+            self.counters.tasks_acked.fetch_add(u64::from(track.tasks_acked), Ordering::Relaxed);
+            self.counters.tasks_acked_measured.fetch_add(u64::from(track.held_measured), Ordering::Relaxed);
+            track.held_measured = 0;
+        }
         track.started = Some(started);
         track.measured = measured;
         track.waiter = waiter;
@@ -219,7 +305,19 @@ impl Tracker {
         if let (true, Some(first)) = (measured, track.first_task) {
             record(&mut histograms.start_overhead, started, first);
         }
-        self.finish_if_done(&mut inner, run_id);
+        self.finish_if_done(inner, run_id);
+    }
+
+    /// Gives up on `run_id` (its wait ran out): it is forgotten, so that
+    /// [`Tracker::unfinished`] does not count it again. False if it had ended, or was
+    /// counted as unfinished already.
+    pub fn forget(&self, run_id: &RunId) -> bool {
+        let mut inner = self.inner.lock().expect("tracker lock");
+        let open = inner.runs.get(run_id).is_some_and(|track| track.started.is_some() && track.done.is_none());
+        if open {
+            inner.runs.remove(run_id);
+        }
+        open
     }
 
     /// Runs whose end is still unknown.
@@ -247,12 +345,19 @@ impl Tracker {
     }
 
     /// Runs started that have not ended, in the window or not (a run lost in the warm-up
-    /// is lost all the same); forgets every open run.
-    pub fn unfinished(&self) -> u64 {
+    /// is lost all the same), and start requests still awaiting their reply (the runs they
+    /// would start are the slowest of all: left out, the latencies would look better than
+    /// the grid is). Forgets every open run and every task held for a run no reply named;
+    /// afterwards nothing new is followed, so a reply that comes later adds nothing that
+    /// would go uncounted.
+    pub fn unfinished(&self) -> Unfinished {
         let mut inner = self.inner.lock().expect("tracker lock");
-        let count = inner.runs.values().filter(|track| track.started.is_some() && track.done.is_none()).count();
+        let runs = inner.runs.values().filter(|track| track.started.is_some() && track.done.is_none()).count();
+        let unfinished = Unfinished { runs: runs as u64, starts: inner.starts_pending };
         inner.runs.clear();
-        count as u64
+        inner.starts_pending = 0;
+        inner.closed = true;
+        unfinished
     }
 
     /// A copy of the histograms so far.
@@ -299,15 +404,17 @@ impl TaskSink for Tracker {
     fn received(&self, attempt: &AttemptId, stored: Instant, at: Instant) {
         let measuring = self.measuring();
         let mut inner = self.inner.lock().expect("tracker lock");
-        let Inner { runs, histograms } = &mut *inner;
-        let track = runs.entry(attempt.run_id.clone()).or_default();
-        if track.first_task.is_none() {
+        let Some(track) = inner.track(&attempt.run_id) else { return };
+        let (measured, started, chain_result) = (track.measured, track.started, track.chain_result);
+        let first = track.first_task.is_none();
+        if first {
             track.first_task = Some(at);
-            if let (true, Some(started)) = (track.measured, track.started) {
-                record(&mut histograms.start_overhead, started, at);
-            }
         }
-        if let (Some(position), Some((previous, result_sent))) = (chain_position(&attempt.step), track.chain_result) {
+        let histograms = &mut inner.histograms;
+        if let (true, true, Some(started)) = (first, measured, started) {
+            record(&mut histograms.start_overhead, started, at);
+        }
+        if let (Some(position), Some((previous, result_sent))) = (chain_position(&attempt.step), chain_result) {
             if measuring && position == previous + 1 && attempt.item.is_none() {
                 record(&mut histograms.step_overhead, result_sent, stored);
                 record(&mut histograms.step_round_trip, result_sent, at);
@@ -320,7 +427,9 @@ impl TaskSink for Tracker {
     fn result_sent(&self, attempt: &AttemptId, at: Instant) {
         let (Some(position), None) = (chain_position(&attempt.step), attempt.item) else { return };
         let mut inner = self.inner.lock().expect("tracker lock");
-        inner.runs.entry(attempt.run_id.clone()).or_default().chain_result = Some((position, at));
+        if let Some(track) = inner.track(&attempt.run_id) {
+            track.chain_result = Some((position, at));
+        }
     }
 
     fn acked(&self, attempt: &AttemptId, acked: Instant, applied: bool) {
@@ -330,15 +439,21 @@ impl TaskSink for Tracker {
         if !applied && !inner.runs.contains_key(&attempt.run_id) {
             return;
         }
-        let track = inner.runs.entry(attempt.run_id.clone()).or_default();
+        let Some(track) = inner.track(&attempt.run_id) else { return };
         if !track.first_ack(attempt) {
             return;
         }
-        self.counters.tasks_acked.fetch_add(1, Ordering::Relaxed);
-        if self.measuring() {
-            self.counters.tasks_acked_measured.fetch_add(1, Ordering::Relaxed);
-        }
+        let measuring = self.measuring();
         track.tasks_acked += 1;
+        if track.started.is_none() {
+            // No reply named the run yet: held until one does.
+            track.held_measured += u32::from(measuring);
+        } else {
+            self.counters.tasks_acked.fetch_add(1, Ordering::Relaxed);
+            if measuring {
+                self.counters.tasks_acked_measured.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if track.tasks_acked >= self.tasks_per_run && track.done.is_none() {
             track.done = Some(acked);
             self.finish_if_done(&mut inner, attempt.run_id.clone());
@@ -373,8 +488,9 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
         // The first task arrives before the start reply names the run.
+        tracker.start_sent();
         tracker.received(&attempt("r", "s1"), at(1), at(2));
-        tracker.started(RunId("r".into()), t0, None);
+        assert!(tracker.start_answered(RunId("r".into()), t0, None));
         tracker.result_sent(&attempt("r", "s1"), at(3));
         tracker.acked(&attempt("r", "s1"), at(4), true);
         // Delivered again and acked again: still one task of two, the run not done.
@@ -425,6 +541,79 @@ mod tests {
         assert!(tracker.inner.lock().unwrap().runs.is_empty(), "no entry is left for the ended run");
     }
 
+    /// The copy of an ended run's task is delivered again (received, then acked as not
+    /// applied): with no start awaiting its reply it makes no entry; with one, it is held
+    /// for a reply that never names it and dropped at the end. Counted once either way.
+    #[test]
+    fn a_copy_of_a_task_received_after_its_run_ended_is_not_counted_and_leaves_no_entry() {
+        let tracker = Tracker::new(1, None, 0.0);
+        tracker.set_measuring(true);
+        let t0 = Instant::now();
+        tracker.started(RunId("r".into()), t0, None);
+        tracker.received(&attempt("r", "s1"), t0, t0);
+        tracker.acked(&attempt("r", "s1"), t0, true);
+        let tasks = || tracker.counters.tasks_acked_measured.load(Ordering::Relaxed);
+        assert_eq!((tasks(), tracker.counters.runs_done.load(Ordering::Relaxed)), (1, 1));
+        tracker.received(&attempt("r", "s1"), t0, t0);
+        tracker.acked(&attempt("r", "s1"), t0, false);
+        assert_eq!(tasks(), 1, "the copy is not counted");
+        assert!(tracker.inner.lock().unwrap().runs.is_empty(), "no entry is left for the ended run");
+        // Another start awaits its reply: the copy could belong to its run, so it is held.
+        tracker.start_sent();
+        tracker.received(&attempt("r", "s1"), t0, t0);
+        tracker.acked(&attempt("r", "s1"), t0, false);
+        assert_eq!(tasks(), 1, "held for a reply that never names the run");
+        assert!(tracker.start_answered(RunId("other".into()), t0, None));
+        assert_eq!(tasks(), 1);
+        assert_eq!(tracker.unfinished(), Unfinished { runs: 1, starts: 0 }, "the other run; the copy is dropped");
+        assert!(tracker.inner.lock().unwrap().runs.is_empty());
+    }
+
+    /// A task the grid still held from an earlier harness run is not one of this run's.
+    #[test]
+    fn a_task_of_a_run_the_harness_did_not_start_is_not_counted() {
+        let tracker = Tracker::new(1, None, 0.0);
+        tracker.set_measuring(true);
+        let t0 = Instant::now();
+        tracker.received(&attempt("earlier", "s1"), t0, t0);
+        tracker.acked(&attempt("earlier", "s1"), t0, true);
+        assert_eq!(tracker.counters.tasks_acked.load(Ordering::Relaxed), 0);
+        assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
+        assert!(tracker.inner.lock().unwrap().runs.is_empty());
+    }
+
+    /// The drain's cutoff: a start still waiting then counts as unanswered, and a reply or
+    /// failure that comes later adds nothing (no entry, no second error).
+    #[test]
+    fn a_start_answered_after_the_cutoff_adds_nothing() {
+        let tracker = Tracker::new(1, None, 0.0);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            tracker.start_sent();
+        }
+        assert!(tracker.start_answered(RunId("answered".into()), t0, None));
+        assert_eq!(tracker.unfinished(), Unfinished { runs: 1, starts: 2 });
+        assert!(!tracker.start_answered(RunId("late".into()), t0, None));
+        assert!(!tracker.start_failed());
+        tracker.received(&attempt("late", "s1"), t0, t0);
+        assert!(tracker.inner.lock().unwrap().runs.is_empty());
+        assert_eq!(tracker.counters.runs_started.load(Ordering::Relaxed), 1);
+        assert_eq!(tracker.unfinished(), Unfinished::default());
+    }
+
+    /// A closed loop gives a run up: forgotten, it is not counted again as unfinished.
+    #[test]
+    fn a_run_given_up_is_not_unfinished_too() {
+        let tracker = Tracker::new(1, None, 0.0);
+        let t0 = Instant::now();
+        tracker.started(RunId("lost".into()), t0, None);
+        tracker.started(RunId("open".into()), t0, None);
+        assert!(tracker.forget(&RunId("lost".into())));
+        assert!(!tracker.forget(&RunId("lost".into())), "forgotten once");
+        assert_eq!(tracker.unfinished().runs, 1);
+        assert!(!tracker.forget(&RunId("open".into())), "counted as unfinished already");
+    }
+
     #[test]
     fn a_run_belongs_to_the_window_it_was_started_in_whenever_its_reply_comes() {
         let tracker = Tracker::new(1, None, 0.0);
@@ -436,7 +625,7 @@ mod tests {
         tracker.started(RunId("in".into()), inside, None);
         assert_eq!(tracker.open_measured(), 1, "only the run started inside the window");
         assert_eq!(tracker.histograms().start_reply.len(), 1);
-        assert_eq!(tracker.unfinished(), 2, "each counts as unfinished until it ends, the one of the warm-up too");
+        assert_eq!(tracker.unfinished().runs, 2, "each counts as unfinished until it ends, the one of the warm-up too");
     }
 
     #[test]
@@ -458,13 +647,17 @@ mod tests {
     #[test]
     fn a_run_done_before_its_start_reply_ends_at_the_reply() {
         let tracker = Tracker::new(1, None, 0.0);
+        tracker.set_measuring(true);
         let t0 = Instant::now();
+        tracker.start_sent();
         tracker.received(&attempt("r", "s1"), t0, t0);
         tracker.acked(&attempt("r", "s1"), t0, true);
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
+        assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 0, "held until the reply");
         let (sender, mut receiver) = oneshot::channel();
-        tracker.started(RunId("r".into()), t0, Some(sender));
+        assert!(tracker.start_answered(RunId("r".into()), t0, Some(sender)));
         assert_eq!(receiver.try_recv(), Ok(RunEnd::Done));
+        assert_eq!(tracker.counters.tasks_acked_measured.load(Ordering::Relaxed), 1, "counted once named");
     }
 
     #[test]
