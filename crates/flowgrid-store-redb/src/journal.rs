@@ -26,8 +26,10 @@
 //! - A segment gets a successor only once every frame in it is durable, so the zeros after
 //!   the frames of any segment but the last were never written to.
 //! - A segment is deleted only when every frame in it is in its shard file durably, which
-//!   the writer learns from [`Journal::checkpointed`]. A writer that ends with every shard
-//!   clean deletes its directory.
+//!   the writer learns from [`Journal::checkpointed`], or, for frames another process
+//!   replayed, from that process's note ([`Journal::forget_replayed`]) or from the shard
+//!   file naming it ([`Journal::forget_taken`], [`Journal::replayed_elsewhere`]). A writer
+//!   that ends with every shard clean deletes its directory.
 //! - A dead writer's directory is deleted once every shard it left dirty was replayed, under
 //!   the epoch of its last frames, by whoever opened that shard next
 //!   ([`collect_dead_journals`]). A note for an older epoch does not count: the writer may
@@ -339,6 +341,22 @@ impl Journal {
     /// `shard` is open here again: its frames are this process's to checkpoint once more.
     pub(crate) fn reopened(&self, shard: ShardId) {
         lock(&self.state).released.remove(&shard);
+    }
+
+    /// `shard`'s file, opened here, names another writer's journal (or none): every frame
+    /// of the shard in this journal is in the file, as whoever acquired the shard since this
+    /// process last held it replayed them when it opened the file. Forgets them and deletes
+    /// the segments nothing needs any more: a shard released here and opened here again would
+    /// otherwise keep every later segment for as long as it stays idle (its checkpoints write
+    /// nothing, so they never say it is checkpointed).
+    pub(crate) fn replayed_elsewhere(&self, shard: ShardId) {
+        let _deleting = lock(&self.deleting);
+        let mut state = lock(&self.state);
+        state.released.remove(&shard);
+        state.last_appended.remove(&shard);
+        if state.unchecked.remove(&shard).is_some() {
+            self.delete_obsolete(state);
+        }
     }
 
     /// Forgets the released shards whose next owner noted that it replayed their frames,
@@ -1033,30 +1051,57 @@ fn remove_journal_dir(dir: &Path) -> bool {
 
 /// Notes in a writer's directory that its frames of `shard` under `epoch` were replayed
 /// into the shard file.
+///
+/// Several processes append to `replayed`, and a full disk may cut a note short. Each note
+/// is one `write` to a file opened for appending, so notes never interleave; after a line
+/// cut short it begins a line of its own, so that the two never read as another shard's
+/// note (`1` and `2 1` as shard 12); and a note cut short is not finished by a second
+/// write, which could land after another process's note. What a cut note leaves is a line
+/// [`read_replayed`] ignores, or one with its epoch cut short, which claims less than was
+/// replayed.
 pub(crate) fn note_replayed(root: &Path, writer: &str, shard: ShardId, epoch: Epoch) -> Result<()> {
     let path = root.join(writer).join("replayed");
-    let mut file = match OpenOptions::new().append(true).open(&path) {
+    let open = |create| OpenOptions::new().create(create).read(true).append(true).open(&path);
+    let mut file = match open(false) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound && !root.join(writer).exists() => return Ok(()),
-        Err(_) => OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))?,
+        Err(_) => open(true).map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))?,
     };
-    file.write_all(format!("{} {}\n", shard.0, epoch.0).as_bytes())
-        .and_then(|()| file.sync_data())
-        .map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))
+    let mut append = || -> io::Result<()> {
+        let length = file.metadata()?.len();
+        let mut last = [b'\n'];
+        if length > 0 {
+            file.read_exact_at(&mut last, length - 1)?;
+        }
+        let start = if last[0] == b'\n' { "" } else { "\n" };
+        let note = format!("{start}{} {}\n", shard.0, epoch.0);
+        let written = file.write(note.as_bytes())?;
+        if written < note.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!(
+                    "the note was cut short after {written} of its {} bytes (is the disk full?); free space on the \
+                     data directory's disk and open the shard again",
+                    note.len()
+                ),
+            ));
+        }
+        file.sync_data()
+    };
+    append().map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))
 }
 
 /// The notes of a writer's `replayed`: per shard, the latest epoch its frames were
-/// replayed under.
+/// replayed under. Only whole lines of exactly two numbers count: a final line without its
+/// `'\n'` may be a note cut short, and a line of another shape is what such a note left.
 fn read_replayed(dir: &Path) -> HashMap<u32, u64> {
     let mut replayed: HashMap<u32, u64> = HashMap::new();
-    for line in fs::read_to_string(dir.join("replayed")).unwrap_or_default().lines() {
-        let mut fields = line.split_whitespace().map(str::parse::<u64>);
-        if let (Some(Ok(shard)), Some(Ok(epoch))) = (fields.next(), fields.next()) {
-            let noted = replayed.entry(shard as u32).or_default();
+    let text = fs::read_to_string(dir.join("replayed")).unwrap_or_default();
+    for line in text.split_inclusive('\n').filter_map(|line| line.strip_suffix('\n')) {
+        let mut fields = line.split_whitespace();
+        let (Some(shard), Some(epoch), None) = (fields.next(), fields.next(), fields.next()) else { continue };
+        if let (Ok(shard), Ok(epoch)) = (shard.parse::<u32>(), epoch.parse::<u64>()) {
+            let noted = replayed.entry(shard).or_default();
             *noted = (*noted).max(epoch);
         }
     }
@@ -1428,6 +1473,33 @@ mod tests {
         assert!(!dead.exists());
         assert!(!mark_path(&dead).exists(), "the mark goes with the directory");
         assert!(lost_journal(&root, "dead", ShardId(1)).is_none(), "a journal deleted as garbage lost nothing");
+    }
+
+    #[test]
+    fn a_note_cut_short_never_reads_as_another_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("journal");
+        let dead = root.join("dead");
+        fs::create_dir_all(&dead).unwrap();
+        mark_writer(&dead).unwrap();
+        let mut bytes = Vec::new();
+        for shard in [12, 17, 2] {
+            bytes.extend_from_slice(&encode_data(ShardId(shard), Epoch(1), &[]));
+        }
+        bytes.extend_from_slice(&encode_frame(KIND_CLEAN, ShardId(2), Epoch(1), &[]));
+        fs::write(segment_path(&dead, 1), &bytes).unwrap();
+        fs::write(dead.join("lock"), b"").unwrap();
+        // A note of shard 17 cut short by a full disk after its first byte; the next notes
+        // are whole.
+        fs::write(dead.join("replayed"), b"1").unwrap();
+        note_replayed(&root, "dead", ShardId(2), Epoch(1)).unwrap();
+        note_replayed(&root, "dead", ShardId(17), Epoch(1)).unwrap();
+        assert_eq!(read_replayed(&dead), HashMap::from([(2, 1), (17, 1)]));
+        assert_eq!(collect_dead_journals(&root, "me"), 0, "shard 12 was left dirty and is not replayed yet");
+        assert!(dead.exists() && mark_path(&dead).exists());
+        // Neither a last line without its end nor a line of three fields is a note.
+        fs::write(dead.join("replayed"), b"17 1 9\n12 1").unwrap();
+        assert!(read_replayed(&dead).is_empty(), "{:?}", read_replayed(&dead));
     }
 
     #[test]

@@ -455,12 +455,19 @@ fn open_shard_file(
     if !listed {
         created::add(&path)?;
     }
+    let own = writer.as_deref() == Some(shared.journal.writer());
     if let Some(writer) = writer {
         replay(&db, shard, epoch, &shared.journal, &writer, applied)?;
     }
-    // Open here again: its frames in this process's journal are this handle's to
-    // checkpoint, not left for another owner.
-    shared.journal.reopened(shard);
+    if own {
+        // Open here again: its frames in this process's journal are this handle's to
+        // checkpoint, not left for another owner.
+        shared.journal.reopened(shard);
+    } else {
+        // Acquired elsewhere since this process held it (if it ever did): that process
+        // replayed this process's frames of the shard, which nothing needs any more.
+        shared.journal.replayed_elsewhere(shard);
+    }
     Ok(Arc::new(ShardCore {
         shard,
         path,
@@ -1463,6 +1470,37 @@ mod tests {
         let shard = store.open_shard(ShardId(4)).await.unwrap();
         assert_eq!(shard.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
         assert!(!store.shared.journal.keeps_frames_of(ShardId(4)), "the journal still keeps the shard's frames");
+    }
+
+    #[tokio::test]
+    async fn a_shard_released_here_replayed_elsewhere_and_opened_here_again_keeps_no_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_checkpointed_by_hand(dir.path());
+        // No checkpointer: its sweep would forget the released shard if it ran between the
+        // other process's replay and the open here, which this test is about.
+        store.shared.checkpointer.set(mpsc::channel().0).unwrap();
+        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(4), "before").await;
+        let (_, refusal) = commit_values(&shard, epoch, "k", 1).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+        store.shared.faults.writes.store(true, Ordering::Relaxed);
+        assert!(shard.close().is_err(), "its checkpoint fails");
+        assert!(store.shared.journal.keeps_frames_of(ShardId(4)));
+        store.shared.faults.writes.store(false, Ordering::Relaxed);
+        // Another process replays this journal's frames of the shard, acquires it and
+        // gives it up.
+        let elsewhere = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let taken = elsewhere.open_shard(ShardId(4)).await.unwrap();
+        taken.acquire().await.unwrap();
+        assert_eq!(taken.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+        taken.close().unwrap();
+        // Opened and acquired here again, and idle: nothing of it is kept in the journal.
+        let shard = store.open_shard(ShardId(4)).await.unwrap();
+        shard.acquire().await.unwrap();
+        assert!(
+            !store.shared.journal.keeps_frames_of(ShardId(4)),
+            "the journal keeps frames of the shard the other process replayed"
+        );
+        assert_eq!(shard.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
     }
 
     #[tokio::test]
