@@ -1,11 +1,19 @@
 //! Task priorities: a pool's tasks of a higher priority start before the lower ones that
 //! wait, whatever order they were published in.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 use async_nats::jetstream;
-use flowgrid_proto::Subjects;
-use flowgrid_sdk::{RunId, RunStatus, StartRun};
+use flowgrid_proto::{encode, Encoding, Reply, ResultAck, Subjects, TaskMessage};
+use flowgrid_sdk::broker::{self, BrokerLimits};
+use flowgrid_sdk::{AttemptId, RunId, RunStatus, StartRun, Task, Worker};
 use flowgrid_tests::{step, wait_for, Grid};
+use futures::StreamExt;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::pools::pool_status;
 use crate::{deploy, OrLogs, RUN_DEADLINE};
@@ -251,5 +259,76 @@ async fn a_lane_opened_while_every_slot_is_busy_takes_the_next_free_slot() -> an
         "the first task of lane 9 ended at {urgent_end}, after the default lane's task that waited ({waiting_end})\n{}",
         grid.logs()
     );
+    Ok(())
+}
+
+/// The pool consumer's ack wait in [`a_lanes_tasks_are_heartbeated_as_its_own_consumer_needs`].
+const POOL_ACK_WAIT: Duration = Duration::from_secs(6);
+/// The ack wait of lane 9's consumer there, made beforehand: shorter than the pool's.
+const LANE_ACK_WAIT: Duration = Duration::from_millis(1_500);
+/// How long the task runs there: past the lane's ack wait, within the pool's.
+const TASK_RUNS: Duration = Duration::from_secs(4);
+
+/// A task of a lane whose consumer has a shorter ack wait than the pool's own consumer is
+/// heartbeated as often as its lane's consumer needs: JetStream does not deliver it again
+/// while it runs. The worker used to heartbeat the tasks of every lane by the pool
+/// consumer's ack wait (every 2 s here, where lane 9 gives a task to another after 1.5 s),
+/// and the task ran again on each redelivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lanes_tasks_are_heartbeated_as_its_own_consumer_needs() -> anyhow::Result<()> {
+    let grid = Grid::start_nats()?;
+    let nats = grid.nats_client().await?;
+    let jetstream = jetstream::new(nats.clone());
+    let subjects = Subjects::new(grid.prefix.clone());
+    let limits = BrokerLimits { ack_wait: POOL_ACK_WAIT, ..BrokerLimits::default() };
+    let stream = broker::tasks_stream(&jetstream, &subjects, &limits).await?;
+    broker::pool_consumer(&stream, &subjects, "p", &limits).await?;
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(subjects.lane_consumer("p", 9)),
+            filter_subject: subjects.task_lane("p", 9),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: LANE_ACK_WAIT,
+            ..Default::default()
+        })
+        .await?;
+    // No coordinator: the test confirms the result itself.
+    let reply_to = subjects.shard_results(0);
+    let mut results = nats.subscribe(reply_to.clone()).await?;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let task = TaskMessage {
+        attempt: AttemptId { run_id: RunId("run-1".into()), step: "work".into(), item: None, attempt: 1 },
+        pool: "p".into(),
+        task: "sleep".into(),
+        input: Arc::new(json!({})),
+        deadline_ms: now_ms + 60_000,
+        reply_to,
+        progress: None,
+    };
+    jetstream.publish(subjects.task_lane("p", 9), encode(Encoding::MsgPack, &task)?.into()).await?.await?;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        move |task: Task| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(TASK_RUNS).await;
+                Ok(task.into_input())
+            }
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let worker = Worker::new(nats.clone(), grid.prefix.clone(), "p").broker_limits(limits);
+    let worker = tokio::spawn(worker.run(handler, shutdown.clone()));
+
+    let result =
+        tokio::time::timeout(RUN_DEADLINE, results.next()).await?.context("the results' subscription ended")?;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the task was delivered again while it ran");
+    let reply = result.reply.context("a result is a request")?;
+    nats.publish(reply, encode(Encoding::MsgPack, &Reply::Ok(ResultAck { applied: true }))?.into()).await?;
+    shutdown.cancel();
+    tokio::time::timeout(RUN_DEADLINE, worker).await??.or_logs(&grid)?;
     Ok(())
 }

@@ -3,8 +3,9 @@
 //! Invariants:
 //! - at most `concurrency` task messages are held (delivered and not yet acked) at once:
 //!   a pull asks for exactly as many messages as there are free slots;
-//! - a held message is heartbeated (`AckKind::Progress`) every `ack_wait / 3` until it
-//!   is settled, so JetStream does not hand it to another worker while it is worked on;
+//! - a held message is heartbeated (`AckKind::Progress`) every `ack_wait / 3` of its lane's
+//!   consumer until it is settled, so JetStream does not hand it to another worker while it
+//!   is worked on;
 //! - a message is acked only after the coordinator confirmed the result
 //!   (`Reply<ResultAck>`); if the coordinator stays unreachable past the task's deadline
 //!   plus a grace period the message is nak'ed and delivered again later;
@@ -15,7 +16,9 @@
 //! - a lane that gives nothing (empty, or at its bound of tasks out) or whose pull fails
 //!   holds no other lane: the pass goes on to the next one;
 //! - a stop hands back (nak) every task not settled once the shutdown grace is over, whether
-//!   its handler still runs or its result is still being sent.
+//!   its handler still runs (a detached one too) or its result is still being sent;
+//! - a pull that does not wait is given up when no message of it came for [`FETCH_TIMEOUT`]
+//!   (from the pull, then from each message), and what still comes of it is handed back.
 
 mod lanes;
 mod registry;
@@ -67,9 +70,10 @@ const PULL_EXPIRES: Duration = lanes::SCAN_EVERY;
 /// on to the next lane. The price: an empty lane answers such a pull only after the expiry,
 /// where it answers one without at once (`404`), so the lanes without a bound go without.
 const FETCH_EXPIRES: Duration = Duration::from_millis(100);
-/// How long a pull that does not wait, and has no expiry, may go unanswered. The server
-/// answers it within a round trip unless it holds it (the lane reached a bound set after
-/// it was bound: its pulls carry an expiry from then on) or the connection was lost.
+/// How long a pull that does not wait, and has no expiry, may go without a message (from
+/// the pull, then from each message: a large batch may take longer to come whole). The
+/// server answers it within a round trip unless it holds it (the lane reached a bound set
+/// after it was bound: its pulls carry an expiry from then on) or the connection was lost.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a slot listens on a lane when there are fewer free slots than lanes to listen
 /// on: the lanes left without one are looked at again this often while the pool is idle.
@@ -82,6 +86,8 @@ const PULL_DRAIN: Duration = Duration::from_millis(100);
 const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 /// Floor of the heartbeat period, whatever the ack wait.
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
+/// Why [`Task::report_progress`] refuses `null`.
+const PROGRESS_NULL_REFUSED: &str = "a progress report of null reports nothing; send how far the attempt got";
 /// How long a stopping worker waits, past its shutdown grace, for the tasks it hands back
 /// to be naked, and then for NATS to take what is left to send.
 const STOP_STEP_WAIT: Duration = Duration::from_secs(2);
@@ -150,6 +156,11 @@ impl Task {
     /// A detached task counts no more against the worker's concurrency or the pool's
     /// bound. Like any task it may be delivered again (after a coordinator takeover), and
     /// then detached again with the same attempt: completing either token completes it.
+    ///
+    /// Only a handler that returns is taken to have handed its token on. One stopped before
+    /// it returns is not: the worker's stop past its shutdown grace hands the task back (its
+    /// next delivery detaches the same attempt again), and a panic or an overrun of the
+    /// deadline sends its error result, as for any task.
     pub fn detach(&self) -> Option<TaskToken> {
         let reporter = self.reporter.as_ref()?;
         self.detached.store(true, Ordering::Relaxed);
@@ -184,8 +195,12 @@ impl Task {
     /// commit in the run's history: report every few seconds at most, not per item of a
     /// loop. Returns `false` when the attempt is over (cancelled, timed out) and the report
     /// was ignored, or the task was made by hand ([`Task::new`]) and has no grid to report
-    /// to; fails when the grid refused it or did not answer in time.
+    /// to; fails when the grid refused it or did not answer in time, and, without sending
+    /// it, for `null` (which the grid reads as no report at all).
     pub async fn report_progress(&self, details: Value) -> Result<bool> {
+        if details.is_null() {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, PROGRESS_NULL_REFUSED).into());
+        }
         let Some(reporter) = &self.reporter else { return Ok(false) };
         let report = TaskResult { attempt: self.attempt.clone(), output: None, error: None, progress: Some(details) };
         progress_outcome(report::send(&reporter.nats, &reporter.reply_to, &report).await, &self.attempt)
@@ -378,7 +393,8 @@ impl Worker {
     }
 
     /// Stream and consumer settings, when the stream or consumer does not exist yet (an
-    /// existing consumer keeps its settings; its ack wait sets the heartbeat period).
+    /// existing consumer keeps its settings; its ack wait sets the heartbeat period of its
+    /// lane's tasks).
     pub fn broker_limits(mut self, limits: BrokerLimits) -> Worker {
         self.limits = limits;
         self
@@ -405,7 +421,6 @@ impl Worker {
             subjects: Arc::new(self.subjects.clone()),
             tasks_done: AtomicU64::new(0),
             handler: Arc::new(handler),
-            heartbeat_every: heartbeat_period(ack_wait),
             running: Running::default(),
             pacer: self.max_rate.map(Pacer::new),
             shutdown: shutdown.clone(),
@@ -543,7 +558,7 @@ impl Worker {
             if permits.is_empty() {
                 return failed;
             }
-            if let Err(error) = self.fetch(lane, &mut permits, shared, in_flight, shutdown).await {
+            if let Err(error) = self.fetch(lane, &mut permits, shared, in_flight).await {
                 failed.push((lane.priority, error));
             }
         }
@@ -558,12 +573,13 @@ impl Worker {
             lane.listening.store(true, std::sync::atomic::Ordering::Release);
             let (consumer, listening) = (lane.consumer.clone(), Arc::clone(&lane.listening));
             let (shared, woken, shutdown) = (Arc::clone(shared), Arc::clone(woken), shutdown.clone());
+            let heartbeat_every = lane.heartbeat_every;
             in_flight.spawn(async move {
                 let message = lanes::listen(&consumer, &listening, expires, &shutdown).await;
                 let turn = message.as_ref().and_then(|_| shared.pacer.as_ref().map(Pacer::book));
                 woken.notify_one();
                 if let Some(message) = message {
-                    serve(shared, message, permit, turn).await;
+                    serve(shared, message, permit, turn, heartbeat_every).await;
                 }
             });
         }
@@ -583,20 +599,21 @@ impl Worker {
         permits: &mut Vec<OwnedSemaphorePermit>,
         shared: &Arc<Shared>,
         in_flight: &mut JoinSet<()>,
-        shutdown: &CancellationToken,
     ) -> std::result::Result<(), async_nats::Error> {
         let pull = lane.consumer.fetch().max_messages(permits.len());
         if lane.is_bounded() {
             // Ended by the server (by async-nats 5 s past its expiry, should no answer come).
             let batch = pull.expires(FETCH_EXPIRES).messages().await?;
-            return self.start_each(batch, permits, shared, in_flight, shutdown).await;
+            self.start_each(batch, lane, permits, shared, in_flight, None).await?;
+            return Ok(());
         }
         // A pull without an expiry has no timer of its own: one held, or lost with the
-        // connection, would wait for good.
-        let started = self.start_each(pull.messages().await?, permits, shared, in_flight, shutdown);
-        match tokio::time::timeout(FETCH_TIMEOUT, started).await {
-            Ok(started) => started,
-            Err(_) if self.nats.connection_state() == async_nats::connection::State::Connected => {
+        // connection, would wait for good. It is given up once no message came for a while,
+        // not after a while in all: a batch may take longer than that to come whole.
+        let batch = pull.messages().await?;
+        match self.start_each(batch, lane, permits, shared, in_flight, Some(FETCH_TIMEOUT)).await? {
+            PullEnded::Done | PullEnded::Stopped => Ok(()),
+            PullEnded::Quiet if self.nats.connection_state() == async_nats::connection::State::Connected => {
                 // Held: the server drops the pull given up here when a slot frees, its reply
                 // subject having no subscriber by then.
                 info!(
@@ -608,45 +625,45 @@ impl Worker {
                 lane.set_bounded();
                 Ok(())
             }
-            Err(_) => Err(format!("a pull got no answer in {FETCH_TIMEOUT:?}; the connection to NATS is down").into()),
+            PullEnded::Quiet => {
+                Err(format!("a pull got no message in {FETCH_TIMEOUT:?}; the connection to NATS is down").into())
+            }
         }
     }
 
-    /// Starts a task for each message of `batch`, each with one of `permits`.
+    /// Starts a task of `lane` for each message of `batch` as it comes, each with one of
+    /// `permits`, until the pull ends, the worker stops or, with `idle`, no message came for
+    /// that long ([`read_pull`]); in the last two cases, hands back (nak) the messages of the
+    /// pull still on their way.
     async fn start_each(
         &self,
         mut batch: jetstream::consumer::pull::Batch,
+        lane: &Lane,
         permits: &mut Vec<OwnedSemaphorePermit>,
         shared: &Arc<Shared>,
         in_flight: &mut JoinSet<()>,
-        shutdown: &CancellationToken,
-    ) -> std::result::Result<(), async_nats::Error> {
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    hand_back_unstarted(&mut batch).await;
-                    return Ok(());
-                }
-                next = batch.next() => next,
-            };
-            let message = match next {
-                None => return Ok(()),
-                Some(Err(error)) => return Err(error),
-                Some(Ok(message)) => message,
-            };
-            match permits.pop() {
-                Some(permit) => {
-                    let turn = shared.pacer.as_ref().map(Pacer::book);
-                    in_flight.spawn(serve(shared.clone(), message, permit, turn));
-                }
-                None => {
-                    // The server never sends more than asked; hand back anything extra.
-                    warn!(pool = %self.pool, "pull delivered more messages than requested");
-                    settle(&message, Settle::Nak).await;
-                }
+        idle: Option<Duration>,
+    ) -> std::result::Result<PullEnded, async_nats::Error> {
+        let mut extra = Vec::new();
+        let ended = read_pull(&mut batch, idle, &shared.shutdown, |message| match permits.pop() {
+            Some(permit) => {
+                let turn = shared.pacer.as_ref().map(Pacer::book);
+                in_flight.spawn(serve(shared.clone(), message, permit, turn, lane.heartbeat_every));
+            }
+            None => extra.push(message),
+        })
+        .await;
+        if !extra.is_empty() {
+            // The server never sends more than asked; hand back anything extra.
+            warn!(pool = %self.pool, extra = extra.len(), "pull delivered more messages than requested");
+            for message in &extra {
+                settle(message, Settle::Nak).await;
             }
         }
+        if matches!(ended, Ok(PullEnded::Quiet | PullEnded::Stopped)) {
+            hand_back_unstarted(&mut batch).await;
+        }
+        ended
     }
 
     /// Waits for the tasks in flight up to the shutdown grace, then hands back those not
@@ -689,7 +706,6 @@ struct Shared {
     /// Tasks settled since the worker started (for its record in the workers bucket).
     tasks_done: AtomicU64,
     handler: Arc<dyn TaskHandler>,
-    heartbeat_every: Duration,
     running: Running,
     pacer: Option<Pacer>,
     /// The worker's stop: a task still waiting for its turn then goes back unstarted.
@@ -842,7 +858,53 @@ async fn listen_for_new_lanes(
     }
 }
 
-/// Messages of a pull that arrive after shutdown are handed back at once.
+/// How the reading of a pull ended ([`read_pull`]).
+#[derive(Debug, PartialEq)]
+enum PullEnded {
+    /// The pull ended: every message it brought was read.
+    Done,
+    /// No message came for the idle time: the server holds the pull, or the connection is lost.
+    Quiet,
+    /// The worker is stopping.
+    Stopped,
+}
+
+/// Passes each message of a pull to `take` as it comes, until the pull ends, the worker
+/// stops or, with `idle`, no message came for that long: from the pull, then from each
+/// message, so that a pull answered slowly (a large batch) is read to its end however long
+/// it takes in all.
+async fn read_pull<S, M>(
+    messages: &mut S,
+    idle: Option<Duration>,
+    shutdown: &CancellationToken,
+    mut take: impl FnMut(M),
+) -> std::result::Result<PullEnded, async_nats::Error>
+where
+    S: futures::Stream<Item = std::result::Result<M, async_nats::Error>> + Unpin,
+{
+    loop {
+        let next = async {
+            match idle {
+                Some(idle) => tokio::time::timeout(idle, messages.next()).await.ok(),
+                None => Some(messages.next().await),
+            }
+        };
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(PullEnded::Stopped),
+            next = next => next,
+        };
+        match next {
+            None => return Ok(PullEnded::Quiet),
+            Some(None) => return Ok(PullEnded::Done),
+            Some(Some(Err(error))) => return Err(error),
+            Some(Some(Ok(message))) => take(message),
+        }
+    }
+}
+
+/// Messages of a pull that arrive after shutdown, or after the pull was given up, are
+/// handed back at once.
 async fn hand_back_unstarted(batch: &mut jetstream::consumer::pull::Batch) {
     let _ = tokio::time::timeout(PULL_DRAIN, async {
         while let Some(Ok(message)) = batch.next().await {
@@ -853,12 +915,14 @@ async fn hand_back_unstarted(batch: &mut jetstream::consumer::pull::Batch) {
 }
 
 /// Runs one task message to its end: decode, wait for its `turn` under the worker's rate
-/// bound, run, report, settle. Holds its slot until the message is settled.
+/// bound, run, report, settle, heartbeating it every `heartbeat_every` (its lane's period)
+/// meanwhile. Holds its slot until the message is settled.
 async fn serve(
     shared: Arc<Shared>,
     message: jetstream::Message,
     _slot: OwnedSemaphorePermit,
     turn: Option<tokio::time::Instant>,
+    heartbeat_every: Duration,
 ) {
     let encoding = crate::encoding_of(message.headers.as_ref());
     let task_message: TaskMessage = match decode(encoding, &message.payload) {
@@ -873,7 +937,7 @@ async fn serve(
     debug!(attempt = %attempt, task = %task_message.task, "task received");
     let outcome = tokio::select! {
         outcome = work(&shared, task_message, turn) => outcome,
-        never = heartbeat(&message, shared.heartbeat_every) => match never {},
+        never = heartbeat(&message, heartbeat_every) => match never {},
     };
     debug!(attempt = %attempt, outcome = ?outcome, "task settled");
     settle(&message, outcome).await;
@@ -913,18 +977,24 @@ async fn work(shared: &Shared, task_message: TaskMessage, turn: Option<tokio::ti
         () = shared.abandon.cancelled() => {
             // The handler is aborted with `run_handler`; its own threads learn it from the token.
             cancellation.cancel();
-            // A detached task's result comes with its token, from elsewhere: not run again.
-            return if detached.load(Ordering::Relaxed) { Settle::Ack } else { Settle::Nak };
+            // Detached or not: a handler stopped before it returned may not have handed its
+            // token on. A redelivery detaches the same attempt again.
+            return Settle::Nak;
         }
     };
-    let Some(outcome) = ran else {
-        debug!(attempt = %attempt, "task cancelled by its run; acking it without a result");
-        return Settle::Ack;
+    let outcome = match ran {
+        Ran::Cancelled => {
+            debug!(attempt = %attempt, "task cancelled by its run; acking it without a result");
+            return Settle::Ack;
+        }
+        Ran::Returned(_) if detached.load(Ordering::Relaxed) => {
+            debug!(attempt = %attempt, "async task detached; its result comes with its token");
+            return Settle::Ack;
+        }
+        Ran::Returned(outcome) => outcome,
+        // Detached or not: a handler that did not return may not have handed its token on.
+        Ran::Aborted(error) => Err(error),
     };
-    if detached.load(Ordering::Relaxed) {
-        debug!(attempt = %attempt, "async task detached; its result comes with its token");
-        return Settle::Ack;
-    }
     let result = match outcome {
         Ok(output) => TaskResult { attempt, output: Some(output), error: None, progress: None },
         Err(error) => TaskResult { attempt, output: None, error: Some(error), progress: None },
@@ -933,12 +1003,23 @@ async fn work(shared: &Shared, task_message: TaskMessage, turn: Option<tokio::ti
     report(&shared.nats, &reply_to, result, give_up_ms, &shared.abandon).await
 }
 
+/// How a handler's run ended ([`run_handler`]).
+#[derive(Debug)]
+enum Ran {
+    /// The handler returned this.
+    Returned(std::result::Result<Value, TaskError>),
+    /// The handler panicked, or was abandoned at its deadline (or the deadline was over
+    /// before it started): the task's result is this error.
+    Aborted(TaskError),
+    /// The task was cancelled, and the handler with it.
+    Cancelled,
+}
+
 /// Runs the handler in its own task, so that a panic becomes an error result and an
-/// overrun is abandoned at the deadline. `None`: the task was cancelled, and the handler
-/// with it.
-async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> Option<std::result::Result<Value, TaskError>> {
+/// overrun is abandoned at the deadline.
+async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> Ran {
     let Some(budget) = handler_budget(task.deadline_ms(), now_ms()) else {
-        return Some(Err(deadline_exceeded()));
+        return Ran::Aborted(deadline_exceeded());
     };
     let cancellation = task.cancellation().clone();
     // Aborted with the task that awaits it too: a worker that stops after its shutdown
@@ -948,12 +1029,12 @@ async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> Option<std::r
         outcome = tokio::time::timeout(budget, &mut running) => outcome,
         _ = cancellation.cancelled() => {
             running.abort();
-            return None;
+            return Ran::Cancelled;
         }
     };
-    Some(match outcome {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(join_error)) => Err(TaskError {
+    match outcome {
+        Ok(Ok(outcome)) => Ran::Returned(outcome),
+        Ok(Err(join_error)) => Ran::Aborted(TaskError {
             code: "worker_panic".into(),
             message: format!("the task handler panicked: {join_error}"),
             retryable: true,
@@ -962,9 +1043,9 @@ async fn run_handler(handler: Arc<dyn TaskHandler>, task: Task) -> Option<std::r
             // A handler's own threads or processes learn it from the token.
             cancellation.cancel();
             running.abort();
-            Err(deadline_exceeded())
+            Ran::Aborted(deadline_exceeded())
         }
-    })
+    }
 }
 
 /// What [`Task::report_progress`] returns for what its request got.
@@ -1110,7 +1191,7 @@ mod tests {
             Ok(Value::Null)
         });
         let task = Task::new(attempt(), "pool", "explode", Value::Null, now_ms() + 60_000);
-        let error = run_handler(handler, task).await.expect("not cancelled").unwrap_err();
+        let Ran::Aborted(error) = run_handler(handler, task).await else { panic!("the handler did not return") };
         assert_eq!(error.code, "worker_panic");
         assert!(error.retryable);
     }
@@ -1123,7 +1204,7 @@ mod tests {
         });
         let task = Task::new(attempt(), "pool", "slow", Value::Null, now_ms().saturating_sub(500));
         let started = std::time::Instant::now();
-        let error = run_handler(handler, task).await.expect("not cancelled").unwrap_err();
+        let Ran::Aborted(error) = run_handler(handler, task).await else { panic!("the handler did not return") };
         assert_eq!(error.code, "deadline_exceeded");
         assert!(started.elapsed() < Duration::from_secs(60));
     }
@@ -1155,13 +1236,59 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(running.cancel(&[attempt(), other]), 1, "one attempt, delivered twice, is one entry");
         let outcome = tokio::time::timeout(Duration::from_secs(10), handling).await.expect("stops at once");
-        assert!(outcome.expect("no panic").is_none(), "a cancelled task has no outcome");
+        assert!(matches!(outcome.expect("no panic"), Ran::Cancelled), "a cancelled task has no outcome");
         assert!(again.cancellation().is_cancelled(), "the second delivery is cancelled with the first");
         assert!(stopped.load(std::sync::atomic::Ordering::Relaxed));
         drop(guard);
         assert_eq!(running.0.lock().unwrap().len(), 1, "the second delivery still runs");
         drop(second);
         assert!(running.0.lock().unwrap().is_empty());
+    }
+
+    /// A progress report of `null` is refused as such, before anything is sent: the grid
+    /// reads it as no report at all, and refused it as a result with neither an output nor an
+    /// error.
+    #[tokio::test]
+    async fn a_progress_report_of_null_is_refused_saying_what_to_send() {
+        let task = Task::new(attempt(), "pool", "steps", Value::Null, now_ms() + 60_000);
+        let refused = task.report_progress(Value::Null).await.unwrap_err();
+        let refusal = refused.api().unwrap_or_else(|| panic!("an API refusal: {refused:?}"));
+        assert_eq!(refusal.code, ErrorCode::InvalidRequest);
+        assert_eq!(refusal.message, PROGRESS_NULL_REFUSED);
+        assert!(!task.report_progress(serde_json::json!({"done": 1})).await.unwrap(), "a task made by hand");
+    }
+
+    /// A pull's messages are read as they come, however long they take in all, as long as
+    /// each comes within the idle time of the one before; a pull that goes quiet is given up.
+    /// The time used to run for the whole pull: a large batch that took longer to come was
+    /// given up halfway, the messages still on their way left to wait for the ack wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_pull_answered_slowly_is_read_to_its_end_and_a_quiet_one_given_up() {
+        const MESSAGES: u64 = 4;
+        let gap = FETCH_TIMEOUT * 3 / 5;
+        assert!(gap * MESSAGES as u32 > FETCH_TIMEOUT, "the pull takes longer than the idle time in all");
+        let spaced = move |count: u64| {
+            futures::stream::iter(1..=count).then(move |n| async move {
+                tokio::time::sleep(gap).await;
+                Ok::<u64, async_nats::Error>(n)
+            })
+        };
+        let shutdown = CancellationToken::new();
+
+        let mut taken = Vec::new();
+        let mut slow = Box::pin(spaced(MESSAGES));
+        let ended = read_pull(&mut slow, Some(FETCH_TIMEOUT), &shutdown, |n| taken.push(n)).await.unwrap();
+        assert_eq!((ended, taken), (PullEnded::Done, vec![1, 2, 3, 4]), "every message of a slow pull");
+
+        let mut taken = Vec::new();
+        let mut quiet = Box::pin(spaced(2).chain(futures::stream::pending()));
+        let ended = read_pull(&mut quiet, Some(FETCH_TIMEOUT), &shutdown, |n| taken.push(n)).await.unwrap();
+        assert_eq!((ended, taken), (PullEnded::Quiet, vec![1, 2]), "a pull that went quiet");
+
+        shutdown.cancel();
+        let mut held = Box::pin(futures::stream::pending::<std::result::Result<u64, async_nats::Error>>());
+        let ended = read_pull(&mut held, None, &shutdown, |_| {}).await.unwrap();
+        assert_eq!(ended, PullEnded::Stopped);
     }
 
     fn attempt() -> AttemptId {

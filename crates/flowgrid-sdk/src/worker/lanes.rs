@@ -30,11 +30,14 @@ use flowgrid_proto::{Subjects, PRIORITY_DEFAULT};
 /// How often a worker looks for lanes of its pool that it does not pull from yet.
 pub(super) const SCAN_EVERY: Duration = Duration::from_secs(1);
 
-/// One lane: its priority, its consumer, whether a slot listens on it, and whether its
-/// bound of tasks out may hold a pull.
+/// One lane: its priority, its consumer, how often its tasks are heartbeated, whether a
+/// slot listens on it, and whether its bound of tasks out may hold a pull.
 pub(super) struct Lane {
     pub(super) priority: u8,
     pub(super) consumer: PullConsumer,
+    /// How often a task of this lane is heartbeated: from its consumer's ack wait, which
+    /// may differ from one lane to another (a consumer made by another hand or version).
+    pub(super) heartbeat_every: Duration,
     /// Set while a slot waits on this lane for its next task (see the module's text).
     pub(super) listening: Arc<AtomicBool>,
     /// Set when the server may hold a pull of this lane that does not wait (`no_wait`): it
@@ -48,7 +51,8 @@ impl Lane {
     /// `ack_pending_default`: the bound of tasks out of a pool that has no limit of its own.
     fn new(priority: u8, consumer: PullConsumer, ack_pending_default: i64) -> Lane {
         let bounded = AtomicBool::new(is_limited(&consumer, ack_pending_default));
-        Lane { priority, consumer, listening: Arc::new(AtomicBool::new(false)), bounded }
+        let heartbeat_every = heartbeat_every(&consumer);
+        Lane { priority, consumer, heartbeat_every, listening: Arc::new(AtomicBool::new(false)), bounded }
     }
 
     pub(super) fn is_listened(&self) -> bool {
@@ -65,6 +69,11 @@ impl Lane {
     pub(super) fn set_bounded(&self) {
         self.bounded.store(true, Ordering::Relaxed);
     }
+}
+
+/// The heartbeat period of `consumer`'s tasks, from its ack wait as it was opened.
+fn heartbeat_every(consumer: &PullConsumer) -> Duration {
+    super::heartbeat_period(consumer.cached_info().config.ack_wait)
 }
 
 /// Whether `consumer` has a bound of tasks out below the default one, as it was opened.
@@ -126,7 +135,8 @@ impl Lanes {
     }
 
     /// Puts `pool_consumer`, opened again on `stream` after its pull failed, in place of the
-    /// pool's own lane's consumer; the other lanes stay as they are.
+    /// pool's own lane's consumer, its heartbeat period from the new consumer's ack wait; the
+    /// other lanes stay as they are.
     pub(super) fn reopen(&mut self, stream: jetstream::stream::Stream, pool_consumer: PullConsumer) {
         self.stream = stream;
         let pool_lane = self.lanes.iter_mut().find(|lane| lane.priority == PRIORITY_DEFAULT);
@@ -134,6 +144,7 @@ impl Lanes {
         if is_limited(&pool_consumer, self.ack_pending_default) {
             pool_lane.set_bounded();
         }
+        pool_lane.heartbeat_every = heartbeat_every(&pool_consumer);
         pool_lane.consumer = pool_consumer;
     }
 

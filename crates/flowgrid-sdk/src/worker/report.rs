@@ -6,8 +6,10 @@
 //! - confirmed (applied or not): ack;
 //! - refused as retryable, or no answer (coordinator restarting, shard moving): retry
 //!   with backoff until the give-up time, then nak so the task is delivered again;
-//! - refused as too large: replace the output by a non-retryable `payload_too_large`
-//!   error and send that instead;
+//! - refused as too large: send instead the error with its message cut to
+//!   [`ERROR_MESSAGE_CUT`] bytes, its code and `retryable` kept (a retry policy or a catch
+//!   still takes it), or in place of an output a non-retryable `payload_too_large` error;
+//!   terminate the message when the result is already as small as that;
 //! - refused for good: terminate the message (sending it again cannot help).
 //!
 //! A worker that stops past its shutdown grace stops sending and naks, whatever the rules
@@ -38,6 +40,9 @@ const RETRY_DELAY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
 /// Code of the error sent in place of an output the grid refused as too large.
 const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+/// The bytes an error's message is cut to, a note of the cut included, when the grid
+/// refused the error result as too large.
+const ERROR_MESSAGE_CUT: usize = 16 * 1024;
 
 /// What to do with a task message once its result is dealt with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,12 +122,16 @@ async fn send_until_settled(
                         reason = %reason,
                         "no coordinator confirmed the result in time; handing the task back"
                     ),
-                    Sent::TooLarge => {}
+                    Sent::TooLarge => warn!(
+                        attempt = %result.attempt,
+                        "the result is over the server's message limit even at its smallest; the attempt ends by its \
+                         timeout"
+                    ),
                 }
                 return settle;
             }
             Next::SendInstead(replacement) => {
-                warn!(attempt = %result.attempt, "the result is too large; reporting an error instead");
+                warn!(attempt = %result.attempt, "the result is over the grid's payload limit; sending a smaller one");
                 result = *replacement;
             }
             Next::RetryLater => {
@@ -168,21 +177,44 @@ pub(crate) fn decide(sent: &Sent, result: &TaskResult, now: Millis, give_up_ms: 
     }
 }
 
+/// What to send in place of a result refused as too large: an error with its message cut
+/// (its code and `retryable` kept, so that a retry policy or a catch still takes it); an
+/// error `payload_too_large` in place of an output, or of an error whose message is short
+/// already (its code is what is too large); nothing, the message terminated, when the result
+/// is that `payload_too_large` error already.
 fn replace_too_large(result: &TaskResult) -> Next {
-    let already_replaced = result.error.as_ref().is_some_and(|error| error.code == PAYLOAD_TOO_LARGE);
-    if already_replaced {
+    let too_large = TaskError {
+        code: PAYLOAD_TOO_LARGE.into(),
+        message: "the task's result is over the grid's payload limit".into(),
+        retryable: false,
+    };
+    let error = match &result.error {
+        Some(error) if error.message.len() > ERROR_MESSAGE_CUT => {
+            TaskError { message: cut_message(&error.message), ..error.clone() }
+        }
+        // An output, or an error too large for another reason than its message.
+        _ => too_large,
+    };
+    if result.output.is_none() && result.error.as_ref() == Some(&error) {
         return Next::Settle(Settle::Term);
     }
     Next::SendInstead(Box::new(TaskResult {
         attempt: result.attempt.clone(),
         output: None,
-        error: Some(TaskError {
-            code: PAYLOAD_TOO_LARGE.into(),
-            message: "the task's result is over the grid's payload limit".into(),
-            retryable: false,
-        }),
+        error: Some(error),
         progress: None,
     }))
+}
+
+/// The start of `message` (whole characters) and a note saying it was cut: at most
+/// [`ERROR_MESSAGE_CUT`] bytes in all.
+fn cut_message(message: &str) -> String {
+    let note = format!("… (cut from {} bytes)", message.len());
+    let mut end = ERROR_MESSAGE_CUT.saturating_sub(note.len()).min(message.len());
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{note}", &message[..end])
 }
 
 #[cfg(test)]
@@ -235,6 +267,40 @@ mod tests {
             assert_eq!(error.code, PAYLOAD_TOO_LARGE);
             assert!(!error.retryable);
             assert_eq!(decide(&sent, &replacement, NOW, NOW + 1), Next::Settle(Settle::Term));
+        }
+    }
+
+    /// An error whose message makes the result too large is sent with its message cut, its
+    /// code and `retryable` kept, so that the step's retry policy and catches still take it;
+    /// an error `payload_too_large` of the handler's own too. It used to become a final
+    /// `payload_too_large` (never retried, no catch on its code), and the handler's own
+    /// `payload_too_large` was terminated with no result sent at all.
+    #[test]
+    fn a_too_large_error_keeps_its_code_and_retryable_with_its_message_cut() {
+        // Two bytes a character: the cut falls between characters, not inside one.
+        let message = "é".repeat(1024 * 1024);
+        for code in ["upstream_down", PAYLOAD_TOO_LARGE] {
+            for sent in [Sent::TooLarge, Sent::Refused(ApiError::new(ErrorCode::PayloadTooLarge, "2 MiB"))] {
+                let error = TaskError { code: code.into(), message: message.clone(), retryable: true };
+                let failed = TaskResult { output: None, error: Some(error), ..output() };
+                let Next::SendInstead(cut) = decide(&sent, &failed, NOW, NOW + 1) else {
+                    panic!("expected the error with its message cut for {code} and {sent:?}");
+                };
+                assert_eq!(cut.attempt, failed.attempt);
+                assert_eq!(cut.output, None);
+                let error = cut.error.as_ref().expect("the cut result carries the error");
+                assert_eq!((error.code.as_str(), error.retryable), (code, true));
+                assert!(error.message.len() <= ERROR_MESSAGE_CUT, "{} bytes", error.message.len());
+                assert!(error.message.starts_with("éé"), "{}", &error.message[..8]);
+                assert!(error.message.ends_with("é… (cut from 2097152 bytes)"), "{}", &error.message[16_000..]);
+                // Still too large (its code, then): the smallest error, then nothing more.
+                let Next::SendInstead(smallest) = decide(&sent, &cut, NOW, NOW + 1) else {
+                    panic!("expected the smallest error after the cut one for {code}");
+                };
+                let error = smallest.error.as_ref().expect("the smallest result carries an error");
+                assert_eq!((error.code.as_str(), error.retryable), (PAYLOAD_TOO_LARGE, false));
+                assert_eq!(decide(&sent, &smallest, NOW, NOW + 1), Next::Settle(Settle::Term));
+            }
         }
     }
 }
