@@ -25,8 +25,11 @@
 //!   (closures called by `map`, `filter`, ... included), the text of one value (its
 //!   strings together) within [`Limits::expression_text_bytes_max`] bytes, arrays and
 //!   maps within [`Limits::map_items_max`] entries, and values nest at most
-//!   [`VALUE_DEPTH_MAX`] levels. `map`, `zip`, `reduce`, `replace` and `split` check
-//!   these bounds as they build, not once they are done.
+//!   [`VALUE_DEPTH_MAX`] levels. `map`, `zip`, `reduce`, `replace`, `split` and `pad` check
+//!   these bounds as they build, not once they are done, counting the values a function
+//!   pointer holds (`curry(|b| b, input.big)`) too.
+//! - No value is NaN or infinity: float arithmetic that would make one is an error where it
+//!   happens, and so is a number literal too large for a float.
 //!
 //! ```
 //! use flowgrid_model::{Evaluator, Limits, Scope};
@@ -200,8 +203,12 @@ impl Evaluator {
             engine.register_global_module(package);
         }
         bounded::register(&mut engine, limits);
+        register_finite_floats(&mut engine);
         // Rhai treats 0 as "unlimited"; a zero limit must never lift the budget.
         engine
+            // Operators find the functions registered for them (`register_finite_floats`)
+            // before Rhai's own; with fast operators, Rhai's own always run.
+            .set_fast_operators(false)
             .set_max_operations(limits.expression_operations_max.max(1))
             .set_max_call_levels(CALL_LEVELS_MAX)
             .set_max_expr_depths(EXPR_DEPTH_MAX, FUNCTION_EXPR_DEPTH_MAX)
@@ -416,7 +423,8 @@ impl Evaluator {
     pub fn eval_wait_until(&self, expr: &Expr, scope: &Scope, now: u64) -> Result<u64, ExprError> {
         let value = self.eval(expr, scope)?;
         let until_ms = match &value {
-            Value::Number(number) => number.as_f64().filter(|millis| *millis >= 0.0).map(|millis| millis.ceil() as u64),
+            // A time before 1970 is past as any other (a number no larger than 0 waits 0).
+            Value::Number(number) => number.as_f64().map(|millis| millis.max(0.0).ceil() as u64),
             // A time before 1970 (`0001-01-01T00:00:00Z`, an unset time in some languages) is
             // past as any other.
             Value::String(text) => {
@@ -474,6 +482,102 @@ impl Evaluator {
     }
 }
 
+/// A float operation of two operands.
+type FloatOperation = fn(f64, f64) -> f64;
+/// A float function of one argument.
+type FloatFunction = fn(f64) -> f64;
+
+/// Arithmetic operators between floats (and a float and an integer) that can turn finite
+/// numbers into NaN or infinity.
+const FLOAT_OPERATORS: [(&str, FloatOperation); 6] = [
+    ("+", |left, right| left + right),
+    ("-", |left, right| left - right),
+    ("*", |left, right| left * right),
+    ("/", |left, right| left / right),
+    ("%", |left, right| left % right),
+    ("**", f64::powf),
+];
+/// Math functions of one float that can turn a finite one into NaN or infinity.
+const FLOAT_FUNCTIONS: [(&str, FloatFunction); 11] = [
+    ("sqrt", f64::sqrt),
+    ("exp", f64::exp),
+    ("ln", f64::ln),
+    ("log", f64::log10),
+    ("sinh", f64::sinh),
+    ("cosh", f64::cosh),
+    ("asin", f64::asin),
+    ("acos", f64::acos),
+    ("acosh", f64::acosh),
+    ("atanh", f64::atanh),
+    ("to_degrees", f64::to_degrees),
+];
+/// Math functions of two floats that can turn finite ones into NaN or infinity.
+const FLOAT_FUNCTIONS_OF_TWO: [(&str, FloatOperation); 2] = [("log", f64::log), ("hypot", f64::hypot)];
+
+/// Registers the float arithmetic of [`FLOAT_OPERATORS`] and [`FLOAT_FUNCTIONS`], `to_int`
+/// and `parse_float` of the packages again, an error where they would make NaN or infinity:
+/// used on (`input.done / input.total > 0.5` with a total of 0.0, `nan.to_int()`) they
+/// would give a value no JSON holds, silently. With all of them finite, no expression
+/// holds a NaN or an infinity.
+fn register_finite_floats(engine: &mut rhai::Engine) {
+    type Outcome = Result<f64, Box<EvalAltResult>>;
+    for (operator, operate) in FLOAT_OPERATORS {
+        let finite = move |left: f64, right: f64| -> Outcome {
+            finite(operate(left, right), || format!("`{left:?} {operator} {right:?}`"))
+        };
+        engine.register_fn(operator, finite);
+        engine.register_fn(operator, move |left: f64, right: rhai::INT| finite(left, right as f64));
+        engine.register_fn(operator, move |left: rhai::INT, right: f64| finite(left as f64, right));
+    }
+    for (name, function) in FLOAT_FUNCTIONS {
+        engine.register_fn(name, move |x: f64| -> Outcome { finite(function(x), || format!("`{name}({x:?})`")) });
+    }
+    for (name, function) in FLOAT_FUNCTIONS_OF_TWO {
+        engine.register_fn(name, move |x: f64, y: f64| -> Outcome {
+            finite(function(x, y), || format!("`{name}({x:?}, {y:?})`"))
+        });
+    }
+    engine.register_fn("parse_float", |text: &str| -> Outcome {
+        let number = text.trim().parse::<f64>().map_err(|error| {
+            EvalAltResult::ErrorArithmetic(
+                format!("Error parsing floating-point number '{text}': {error}"),
+                rhai::Position::NONE,
+            )
+        })?;
+        finite(number, || format!("`parse_float({text:?})`"))
+    });
+    engine.register_fn("to_int", |x: f64| -> Result<rhai::INT, Box<EvalAltResult>> {
+        let x = finite(x, || format!("`to_int({x:?})`"))?;
+        // As the package's: out of the integers' range is an error, a fraction is cut off.
+        if x > rhai::INT::MAX as f64 || x < rhai::INT::MIN as f64 {
+            let message = format!("Integer overflow: to_int({x})");
+            return Err(EvalAltResult::ErrorArithmetic(message, rhai::Position::NONE).into());
+        }
+        Ok(x.trunc() as rhai::INT)
+    });
+}
+
+/// `number` if it is finite; otherwise an error saying that what `made` names gave NaN or
+/// infinity.
+fn finite(number: f64, made: impl FnOnce() -> String) -> Result<f64, Box<EvalAltResult>> {
+    if number.is_finite() {
+        return Ok(number);
+    }
+    let what = if number.is_nan() {
+        "NaN"
+    } else if number > 0.0 {
+        "infinity"
+    } else {
+        "-infinity"
+    };
+    let message = format!(
+        "{} gives {what}, not a finite number (NaN or infinity cannot be represented in JSON): check the \
+         operands first, as in `if total != 0.0 {{ done / total }} else {{ 0.0 }}`",
+        made()
+    );
+    Err(EvalAltResult::ErrorArithmetic(message, rhai::Position::NONE).into())
+}
+
 /// The variables of a scope converted once by [`Evaluator::prepare`], to evaluate one
 /// expression for many items (a map's `input`): converting the run input for every item
 /// costs more than the evaluation (10 ms for half a megabyte of input). Shared, so that
@@ -507,7 +611,7 @@ fn eval_error(expr: &Expr, message: String) -> ExprError {
 fn syntax_message(error: &rhai::ParseError, source: &str) -> String {
     let message = error.to_string();
     if let rhai::ParseErrorType::Reserved(word) = &*error.0 {
-        if source.contains(&format!("steps.{word}")) {
+        if reads_step_named(source, word) {
             return format!(
                 "{message}: a step whose id the expression language reserves cannot be read as steps.{word}: give \
                  step `{word}` another id"
@@ -518,6 +622,19 @@ fn syntax_message(error: &rhai::ParseError, source: &str) -> String {
         return format!("{message}: read a field named so with brackets, e.g. input[\"go\"]");
     }
     message
+}
+
+/// Whether `source` reads the step `id` as `steps.<id>`: the whole word `steps`, not a
+/// property so named (`input.steps.go`), followed by the whole word `id` (`steps.gone` reads
+/// another step).
+fn reads_step_named(source: &str, id: &str) -> bool {
+    let is_word = |character: char| character.is_alphanumeric() || character == '_';
+    let reference = format!("{STEPS_VARIABLE}.{id}");
+    source.match_indices(&reference).any(|(at, _)| {
+        let before = source[..at].chars().next_back();
+        let after = source[at + reference.len()..].chars().next();
+        !before.is_some_and(|character| is_word(character) || character == '.') && !after.is_some_and(is_word)
+    })
 }
 
 /// Functions an expression evaluated with a [`Prepared`] scope may not call: those of the
@@ -976,7 +1093,14 @@ mod tests {
         let evaluator = Evaluator::new(&limits);
         let input = json!({"s": "y".repeat(60)});
         let scope = Scope { input: Some(&input), ..Scope::default() };
-        for source in [r#""x".pad(1000, "y")"#, "[0].pad(100, 0)", "[input.s, input.s].len()"] {
+        for source in [
+            r#""x".pad(1000, "y")"#,
+            "[0].pad(100, 0)",
+            "[input.s, input.s].len()",
+            // The size a padding makes is counted without overflowing (it used to panic).
+            "[].pad(4611686018427387904, [0, 0, 0])",
+            "[].pad(9223372036854775807, #{a: 1})",
+        ] {
             let expr = evaluator.compile(source).unwrap();
             let error = evaluator.eval(&expr, &scope).unwrap_err();
             assert!(error.to_string().contains("size limit"), "{source}: {error}");
@@ -1209,11 +1333,118 @@ mod tests {
 
     #[test]
     fn non_finite_numbers_are_eval_errors() {
-        for source in ["0.0 / 0.0", "#{a: [1.0 / 0.0]}"] {
-            match eval(source, &Scope::default()) {
-                Err(ExprError::Eval { message, .. }) => assert!(message.contains("not a finite number"), "{message}"),
+        // Where NaN or infinity is made, not only in the result: a condition that compares
+        // one, or an integer made of one, would go on with a value no input holds.
+        let input = json!({"done": 3.0, "total": 0.0, "zero": 0.0, "inf": "inf"});
+        let scope = Scope { input: Some(&input), ..Scope::default() };
+        for source in [
+            "0.0 / 0.0",
+            "#{a: [1.0 / 0.0]}",
+            "1.0 / 0.0 > 0.5",
+            "(0.0 / 0.0).to_int()",
+            "input.done / input.total > 0.5",
+            "input.zero / input.total == input.zero / input.total",
+            "1 / input.zero",
+            "input.done % 0",
+            "1.0e308 * 10.0 > 0.0",
+            "10.0 ** 400",
+            "(-1.0).sqrt() > 0.0",
+            "input.zero.ln()",
+            "input.inf.parse_float()",
+            r#""NaN".parse_float()"#,
+        ] {
+            match eval(source, &scope) {
+                Err(ExprError::Eval { message, .. }) => {
+                    assert!(message.contains("not a finite number"), "{source}: {message}")
+                }
                 other => panic!("{source}: expected an eval error, got {other:?}"),
             }
+        }
+        // Finite floats work as before, mixed with integers too.
+        let cases = [
+            ("7.0 / 2", json!(3.5)),
+            ("1 - 0.5", json!(0.5)),
+            ("2.0 ** 3", json!(8.0)),
+            ("7.5 % 2", json!(1.5)),
+            ("input.done / 2.0 > 1.0", json!(true)),
+            ("(2.7).to_int()", json!(2)),
+            (r#""1.5".parse_float() * 2"#, json!(3.0)),
+            ("4.0.sqrt() + 0.0.exp()", json!(3.0)),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(eval(source, &scope).unwrap_or_else(|error| panic!("{source}: {error}")), expected, "{source}");
+        }
+    }
+
+    #[test]
+    fn a_time_before_1970_given_as_a_number_goes_on_at_once() {
+        let evaluator = evaluator();
+        for source in ["-1", "-1.5", "0", r#""1969-12-31T23:59:59Z""#] {
+            let expr = evaluator.compile(source).unwrap();
+            let waited = evaluator.eval_wait_until(&expr, &Scope::default(), 1_000);
+            assert_eq!(waited.unwrap_or_else(|error| panic!("{source}: {error}")), 0, "{source}");
+        }
+        let expr = evaluator.compile("1500").unwrap();
+        assert_eq!(evaluator.eval_wait_until(&expr, &Scope::default(), 1_000).unwrap(), 500);
+    }
+
+    #[test]
+    fn padding_with_an_empty_text_is_refused_not_looped_over() {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let evaluator = evaluator();
+            let input = json!({"code": "x", "fill": ""});
+            let scope = Scope { input: Some(&input), ..Scope::default() };
+            for source in [r#""x".pad(10, "")"#, "input.code.pad(8, input.fill)"] {
+                let outcome = evaluator.eval(&evaluator.compile(source).unwrap(), &scope);
+                let _ = sender.send((source, outcome.map_err(|error| error.to_string())));
+            }
+        });
+        for _ in 0..2 {
+            let (source, outcome) =
+                receiver.recv_timeout(std::time::Duration::from_secs(5)).expect("the evaluation ends");
+            let error = outcome.expect_err(source);
+            assert!(error.contains("pad needs a non-empty padding"), "{source}: {error}");
+        }
+        // A padding that is needed nowhere is no error, and one that is pads as the package's.
+        let input = json!({"code": "12345", "fill": ""});
+        let scope = Scope { input: Some(&input), ..Scope::default() };
+        for (source, expected) in [
+            (r#"[input.code.pad(3, input.fill), input.code]"#, json!([null, "12345"])),
+            (r#"[input.code.pad(9, "ab"), input.code]"#, json!([null, "12345abab"])),
+            (r#"[input.code.pad(10, "ab"), input.code]"#, json!([null, "12345ababa"])),
+            (r#"[input.code.pad(7, "😀"), input.code]"#, json!([null, "12345😀😀"])),
+            (r#"[input.code.pad(7, '-'), input.code]"#, json!([null, "12345--"])),
+            (r#"[input.code.pad(-1, "ab"), input.code]"#, json!([null, "12345"])),
+        ] {
+            assert_eq!(eval(source, &scope).unwrap_or_else(|error| panic!("{source}: {error}")), expected, "{source}");
+        }
+    }
+
+    #[test]
+    fn values_a_function_pointer_holds_count_toward_the_bounds() {
+        let evaluator = Evaluator::new(&Limits { map_items_max: 10, ..Limits::default() });
+        for (source, refusal) in [
+            ("[].pad(10, curry(|b| b, [1, 2, 3]))", "the array pad makes exceeds the size limit"),
+            ("[1, 2].map(|x| curry(|b| b, [1, 2, 3, 4, 5, 6])).len()", "the array map makes exceeds the size limit"),
+            (
+                "[1, 2, 3].reduce(|acc, x| acc + [curry(|b| b, [1, 2, 3, 4])], []).len()",
+                "the value reduce makes exceeds the size limit",
+            ),
+        ] {
+            let expr = evaluator.compile(source).unwrap();
+            let error = evaluator.eval(&expr, &Scope::default()).unwrap_err().to_string();
+            assert!(error.contains(refusal), "{source}: {error}");
+        }
+        // Within the bounds they are made as before (`pad` changes its array, and gives `()`).
+        let input = json!({"a": [0]});
+        let scope = Scope { input: Some(&input), ..Scope::default() };
+        for (source, expected) in [
+            ("[input.a.pad(3, curry(|b| b, [1])), input.a.len()]", json!([null, 3])),
+            ("[1, 2].map(|x| curry(|b| b, [x])).len()", json!(2)),
+        ] {
+            let expr = evaluator.compile(source).unwrap();
+            assert_eq!(evaluator.eval(&expr, &scope).unwrap(), expected, "{source}");
         }
     }
 
@@ -1301,8 +1532,18 @@ mod closure_tests {
     #[test]
     fn a_field_named_as_a_keyword_is_read_with_brackets_as_the_error_says() {
         let evaluator = Evaluator::new(&Limits::default());
-        let keyword = evaluator.compile("input.go + 1").unwrap_err().to_string();
-        assert!(keyword.contains(r#"read a field named so with brackets, e.g. input["go"]"#), "{keyword}");
+        // A step whose id only starts with the keyword, or a field named `steps`, is no step
+        // to rename.
+        for source in ["input.go + 1", "steps.gone.output + input.go", "input.steps.go"] {
+            let keyword = evaluator.compile(source).unwrap_err().to_string();
+            assert!(
+                keyword.contains(r#"read a field named so with brackets, e.g. input["go"]"#),
+                "{source}: {keyword}"
+            );
+            assert!(!keyword.contains("another id"), "{source}: {keyword}");
+        }
+        let step = evaluator.compile("input.x + steps.go.output").unwrap_err().to_string();
+        assert!(step.contains("give step `go` another id"), "{step}");
         let bracketed = evaluator.compile(r#"input["go"]"#).unwrap();
         let input = serde_json::json!({"go": 7});
         let scope = Scope { input: Some(&input), ..Scope::default() };

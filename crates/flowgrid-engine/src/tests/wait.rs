@@ -129,7 +129,9 @@ steps:
     assert_eq!(harness.fire(1_798_102_800_000, wait_over("at_text")), Applied::Accepted);
     assert_eq!(harness.run.status(), RunStatus::Succeeded);
 
-    for (bad, found) in [(json!("tomorrow"), "gave a string"), (json!(-1), "gave a number"), (json!(u64::MAX), "")] {
+    let negative = Harness::start(yaml, json!({"at_ms": start, "at_text": start, "past": -1}), start);
+    assert_eq!(negative.step("past").output, Some(json!({"waited_ms": 0})), "a number before 1970 is past too");
+    for (bad, found) in [(json!("tomorrow"), "gave a string"), (json!(true), "gave a boolean"), (json!(u64::MAX), "")] {
         let harness = Harness::start(yaml, json!({"at_ms": bad, "at_text": 0, "past": 0}), start);
         let error = harness.run.view().error.expect("the run failed");
         assert_eq!(error.code, "expression_error", "{bad}");

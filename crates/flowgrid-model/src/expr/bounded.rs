@@ -6,8 +6,11 @@
 //! `reduce(|acc, x| [acc])` would nest a value 10,000 levels deep (and the recursive size
 //! check, the conversion to JSON or the drop of it would overflow the stack), `replace`
 //! can multiply a text past any memory, and `split` makes a string of its own of every
-//! byte. The versions here stop at the bound instead. Functions registered on the engine
-//! are found before the packages'.
+//! byte. The package's `pad` of a text never ends with an empty padding, and that of an
+//! array overflows as it sizes what it would make. Rhai's check does not count the values
+//! a function pointer holds (`curry(|b| b, input.big)`), so copies of one slip past it.
+//! The versions here stop at the bound instead, and count what function pointers hold.
+//! Functions registered on the engine are found before the packages'.
 
 use rhai::{Array, Dynamic, EvalAltResult, FnPtr, FuncRegistration, ImmutableString, NativeCallContext, INT};
 
@@ -22,7 +25,8 @@ pub const VALUE_DEPTH_MAX: usize = 64;
 type Outcome<T> = Result<T, Box<EvalAltResult>>;
 
 /// What one value may hold, as Rhai counts it: array entries, map entries and string
-/// bytes inside it, nested ones included.
+/// bytes inside it, nested ones included (and, unlike Rhai, those a function pointer
+/// holds).
 #[derive(Clone, Copy)]
 struct Bounds {
     array_entries: usize,
@@ -36,6 +40,9 @@ struct Made {
     array_entries: usize,
     map_entries: usize,
     text_bytes: usize,
+    /// Values walked to count them (arrays, maps, function pointers and their entries),
+    /// for the work a walk costs.
+    visited: u64,
 }
 
 impl Made {
@@ -53,51 +60,61 @@ impl Made {
         self.add_counted(value, bounds, "object map", made_by)
     }
 
+    /// Counts `value` as the whole of what `made_by` makes, as [`Made::add_entry`] counts an
+    /// entry (`reduce`'s value, carried from item to item).
+    fn add_value(&mut self, value: &Dynamic, bounds: Bounds, made_by: &str) -> Outcome<()> {
+        self.add_counted(value, bounds, "value", made_by)
+    }
+
     fn add_counted(&mut self, value: &Dynamic, bounds: Bounds, kind: &str, made_by: &str) -> Outcome<()> {
         self.add(value, VALUE_DEPTH_MAX, made_by)?;
+        self.check(bounds, kind, made_by)
+    }
+
+    /// An error if what is counted is over `bounds`.
+    fn check(&self, bounds: Bounds, kind: &str, made_by: &str) -> Outcome<()> {
         let over = self.array_entries > bounds.array_entries
             || self.map_entries > bounds.map_entries
             || self.text_bytes > bounds.text_bytes;
         if over {
-            let what = format!("the {kind} {made_by} makes");
-            return Err(EvalAltResult::ErrorDataTooLarge(what, rhai::Position::NONE).into());
+            return Err(too_large(&format!("the {kind} {made_by} makes")));
         }
         Ok(())
     }
 
     fn add(&mut self, value: &Dynamic, depth_left: usize, made_by: &str) -> Outcome<()> {
+        self.visited += 1;
         if let Some(array) = value.read_lock::<Array>() {
             let depth_left = depth_left.checked_sub(1).ok_or_else(|| too_deep(made_by))?;
-            self.array_entries += array.len();
-            return array.iter().try_for_each(|entry| self.add(entry, depth_left, made_by));
+            return self.add_entries(&array, depth_left, made_by);
         }
         if let Some(map) = value.read_lock::<rhai::Map>() {
             let depth_left = depth_left.checked_sub(1).ok_or_else(|| too_deep(made_by))?;
-            self.map_entries += map.len();
+            self.map_entries = self.map_entries.saturating_add(map.len());
             return map.values().try_for_each(|entry| self.add(entry, depth_left, made_by));
         }
+        // The values curried into a function pointer (a closure's captured variables among
+        // them) are copied with it: they count as the entries of an array in its place.
+        if let Some(pointer) = value.read_lock::<FnPtr>() {
+            let depth_left = depth_left.checked_sub(1).ok_or_else(|| too_deep(made_by))?;
+            return self.add_entries(pointer.curry(), depth_left, made_by);
+        }
         if let Ok(text) = value.as_immutable_string_ref() {
-            self.text_bytes += text.len();
+            self.text_bytes = self.text_bytes.saturating_add(text.len());
         }
         Ok(())
     }
+
+    /// Counts `entries` as those of an array, each `depth_left` levels from the bound.
+    fn add_entries(&mut self, entries: &[Dynamic], depth_left: usize, made_by: &str) -> Outcome<()> {
+        self.array_entries = self.array_entries.saturating_add(entries.len());
+        entries.iter().try_for_each(|entry| self.add(entry, depth_left, made_by))
+    }
 }
 
-/// Whether `value` nests deeper than `depth_max`, and how many arrays, maps and their
-/// entries the walk that tells visited.
-fn nesting(value: &Dynamic, depth_max: usize) -> (bool, u64) {
-    fn deeper(value: &Dynamic, depth_left: usize, visited: &mut u64) -> bool {
-        *visited += 1;
-        if let Some(array) = value.read_lock::<Array>() {
-            return depth_left == 0 || array.iter().any(|entry| deeper(entry, depth_left - 1, visited));
-        }
-        if let Some(map) = value.read_lock::<rhai::Map>() {
-            return depth_left == 0 || map.values().any(|entry| deeper(entry, depth_left - 1, visited));
-        }
-        false
-    }
-    let mut visited = 0;
-    (deeper(value, depth_max, &mut visited), visited)
+/// The error for a value `what` names that would be over its bounds.
+fn too_large(what: &str) -> Box<EvalAltResult> {
+    EvalAltResult::ErrorDataTooLarge(what.to_owned(), rhai::Position::NONE).into()
 }
 
 /// Entries of a value walked for one operation of the budget: a walk is Rust's work,
@@ -118,8 +135,8 @@ pub(super) fn too_deep(made_by: &str) -> Box<EvalAltResult> {
     .into()
 }
 
-/// Registers `map`, `zip`, `reduce`, `reduce_rev`, `replace`, `split`, `split_rev` and
-/// `to_chars` in their bounded forms.
+/// Registers `map`, `zip`, `reduce`, `reduce_rev`, `replace`, `split`, `split_rev`,
+/// `to_chars` and `pad` in their bounded forms.
 pub(super) fn register(engine: &mut rhai::Engine, limits: &Limits) {
     let bounds = Bounds {
         array_entries: limits.map_items_max.max(1),
@@ -127,9 +144,10 @@ pub(super) fn register(engine: &mut rhai::Engine, limits: &Limits) {
         text_bytes: limits.expression_text_bytes_max.max(1),
     };
     register_map_and_zip(engine, bounds);
-    register_reduce(engine, limits.expression_operations_max.max(1));
+    register_reduce(engine, bounds, limits.expression_operations_max.max(1));
     register_replace(engine, bounds.text_bytes);
     register_split(engine, bounds.array_entries);
+    register_pad(engine, bounds);
 }
 
 /// The string's `split`, `split_rev` and `to_chars`, as the package has them, but the
@@ -256,12 +274,14 @@ fn register_map_and_zip(engine: &mut rhai::Engine, bounds: Bounds) {
 }
 
 /// `reduce` and `reduce_rev`, with and without an initial value: the value carried from
-/// item to item may not nest deeper than [`VALUE_DEPTH_MAX`]. (Its size is Rhai's to check:
-/// every function that grows it returns it, and is checked then.)
-fn register_reduce(engine: &mut rhai::Engine, operations_max: u64) {
+/// item to item may not nest deeper than [`VALUE_DEPTH_MAX`], nor be over `bounds` (which
+/// Rhai checks too as the functions that grow it return, but without what function
+/// pointers hold: `acc + [curry(|b| b, input.big)]` copies `input.big` at every item).
+fn register_reduce(engine: &mut rhai::Engine, bounds: Bounds, operations_max: u64) {
     struct Reduce<'a> {
         name: &'a str,
         reverse: bool,
+        bounds: Bounds,
         operations_max: u64,
     }
     fn reduce(
@@ -278,23 +298,21 @@ fn register_reduce(engine: &mut rhai::Engine, operations_max: u64) {
             let extra = [Dynamic::from(INT::try_from(index).unwrap_or(INT::MAX))];
             let item = Some(&mut array[index]);
             result = reducer.call_raw_with_extra_args(how.name, context, item, [result], extra, Some(1))?;
-            let (deeper, walked) = nesting(&result, VALUE_DEPTH_MAX);
-            if deeper {
-                return Err(too_deep(how.name));
-            }
-            super::charge_operations(walked / ENTRIES_WALKED_PER_OPERATION, how.operations_max)?;
+            let mut made = Made::default();
+            made.add_value(&result, how.bounds, how.name)?;
+            super::charge_operations(made.visited / ENTRIES_WALKED_PER_OPERATION, how.operations_max)?;
         }
         Ok(result)
     }
     for (name, reverse) in [("reduce", false), ("reduce_rev", true)] {
-        let how = Reduce { name, reverse, operations_max };
+        let how = Reduce { name, reverse, bounds, operations_max };
         FuncRegistration::new(name).with_purity(true).register_into_engine(
             engine,
             move |context: NativeCallContext, array: &mut Array, reducer: FnPtr| {
                 reduce(&context, array, &reducer, Dynamic::UNIT, &how)
             },
         );
-        let how = Reduce { name, reverse, operations_max };
+        let how = Reduce { name, reverse, bounds, operations_max };
         FuncRegistration::new(name).with_purity(true).register_into_engine(
             engine,
             move |context: NativeCallContext, array: &mut Array, reducer: FnPtr, initial: Dynamic| {
@@ -302,14 +320,14 @@ fn register_reduce(engine: &mut rhai::Engine, operations_max: u64) {
             },
         );
         // The forms that name a function (`input.a.reduce("max")`).
-        let how = Reduce { name, reverse, operations_max };
+        let how = Reduce { name, reverse, bounds, operations_max };
         FuncRegistration::new(name).with_purity(true).register_into_engine(
             engine,
             move |context: NativeCallContext, array: &mut Array, reducer: &str| {
                 reduce(&context, array, &FnPtr::new(reducer)?, Dynamic::UNIT, &how)
             },
         );
-        let how = Reduce { name, reverse, operations_max };
+        let how = Reduce { name, reverse, bounds, operations_max };
         FuncRegistration::new(name).with_purity(true).register_into_engine(
             engine,
             move |context: NativeCallContext, array: &mut Array, reducer: &str, initial: Dynamic| {
@@ -352,5 +370,75 @@ fn register_replace(engine: &mut rhai::Engine, text_bytes_max: usize) {
     });
     replace.register_into_engine(engine, move |text: &mut ImmutableString, find: char, with: char| {
         bounded(text, find.encode_utf8(&mut [0; 4]), with.encode_utf8(&mut [0; 4]), text_bytes_max)
+    });
+}
+
+/// `pad` of a text and of an array, as the packages have them, but what they would make is
+/// measured before it is made: the text's would never end with an empty padding (it adds
+/// nothing at each turn), and the array's multiplies the size of its item unchecked, which
+/// overflows (`[].pad(4611686018427387904, [0, 0, 0])`).
+fn register_pad(engine: &mut rhai::Engine, bounds: Bounds) {
+    /// Pads `text` with `padding` to `length` characters (cut short in the last copy), if
+    /// it has fewer.
+    fn pad_text(text: &mut ImmutableString, length: INT, padding: &str, text_bytes_max: usize) -> Outcome<()> {
+        let length = usize::try_from(length).unwrap_or(0);
+        let characters = text.chars().count();
+        if length <= characters {
+            return Ok(());
+        }
+        if padding.is_empty() {
+            let message = format!(
+                "pad needs a non-empty padding to lengthen a text of {characters} characters to {length}: give \
+                 it a text of at least one character"
+            );
+            return Err(EvalAltResult::ErrorRuntime(message.into(), rhai::Position::NONE).into());
+        }
+        let missing = length - characters;
+        let padding_characters = padding.chars().count();
+        let (copies, rest) = (missing / padding_characters, missing % padding_characters);
+        let rest_bytes = padding.char_indices().nth(rest).map_or(padding.len(), |(at, _)| at);
+        let padded_bytes = copies
+            .checked_mul(padding.len())
+            .and_then(|bytes| bytes.checked_add(rest_bytes))
+            .and_then(|bytes| bytes.checked_add(text.len()))
+            .filter(|bytes| *bytes <= text_bytes_max)
+            .ok_or_else(|| too_large("the text pad would make"))?;
+        let mut padded = String::with_capacity(padded_bytes);
+        padded.push_str(text);
+        (0..copies).for_each(|_| padded.push_str(padding));
+        padded.push_str(&padding[..rest_bytes]);
+        *text = padded.into();
+        Ok(())
+    }
+    // Not pure: they change their value, so they are refused on a constant, as the
+    // packages' are.
+    let pad = FuncRegistration::new("pad").with_purity(false);
+    pad.clone().register_into_engine(engine, move |text: &mut ImmutableString, length: INT, padding: &str| {
+        pad_text(text, length, padding, bounds.text_bytes)
+    });
+    pad.clone().register_into_engine(engine, move |text: &mut ImmutableString, length: INT, padding: char| {
+        pad_text(text, length, padding.encode_utf8(&mut [0; 4]), bounds.text_bytes)
+    });
+    pad.register_into_engine(engine, move |array: &mut Array, length: INT, item: Dynamic| -> Outcome<()> {
+        let length = usize::try_from(length).unwrap_or(0);
+        if length <= array.len() {
+            return Ok(());
+        }
+        let copies = length - array.len();
+        let mut made = Made::default();
+        made.add_entries(array, VALUE_DEPTH_MAX, "pad")?;
+        let mut one = Made::default();
+        one.add(&item, VALUE_DEPTH_MAX, "pad")?;
+        // Each copy is an entry, and holds what the item holds.
+        let grown = |so_far: usize, each: usize| copies.checked_mul(each).and_then(|more| so_far.checked_add(more));
+        let padded = Made {
+            array_entries: grown(made.array_entries, one.array_entries.saturating_add(1)).unwrap_or(usize::MAX),
+            map_entries: grown(made.map_entries, one.map_entries).unwrap_or(usize::MAX),
+            text_bytes: grown(made.text_bytes, one.text_bytes).unwrap_or(usize::MAX),
+            visited: 0,
+        };
+        padded.check(bounds, "array", "pad")?;
+        array.resize(length, item);
+        Ok(())
     });
 }
