@@ -155,3 +155,51 @@ async fn a_run_end_too_large_to_publish_is_announced_without_its_output() -> any
     }
     Ok(())
 }
+
+/// A task whose publish is refused until its attempt's deadline is given up, and counted
+/// as such in `flowgrid_tasks_publish_given_up_total{pool}`: it was counted only as a failed
+/// publish (which counts publishes retried), so a task left to its attempt timeout showed
+/// only in a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_publish_is_given_up_is_counted() -> anyhow::Result<()> {
+    const FILLERS: usize = 20;
+    let mut grid = Grid::start_nats()?;
+    let metrics_addr = format!("127.0.0.1:{}", flowgrid_tests::free_port()?);
+    grid.spawn_coordinator_with_args(&["--metrics-addr", &metrics_addr, "--tasks-stream-max-mb", "1"])?;
+    grid.wait_until_serving().await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let hasty = "name: hasty\nsteps:\n  - { id: only, kind: task, pool: b, task: echo, timeout_ms: 1000, retry: { \
+                 max_attempts: 1 } }\n";
+    deploy(&grid, &client, hasty).await?;
+    let sample = |prefix: &str| {
+        let body = flowgrid_tests::scrape_metrics(&metrics_addr).ok()?;
+        flowgrid_tests::metric_value(&body, prefix)
+    };
+    // 20 tasks of 64 KiB each into a stream of 1 MiB, with no workers: the stream fills,
+    // and the tasks that do not fit are retried (their attempts have 5 minutes).
+    for _ in 0..FILLERS {
+        let start = StartRun {
+            flow: "echo-once".into(),
+            input: json!({ "blob": "x".repeat(64 * 1024) }),
+            ..Default::default()
+        };
+        client.start(start).await.or_logs(&grid)?;
+    }
+    flowgrid_tests::wait_for("a refused publish to be retried", RUN_DEADLINE, || async {
+        sample("flowgrid_tasks_publish_failed_total{pool=\"a\"}").filter(|retried| *retried >= 1.0)
+    })
+    .await
+    .or_logs(&grid)?;
+    // A task as large, whose attempt ends a second after its dispatch: its publish is
+    // refused until then, and given up.
+    let start =
+        StartRun { flow: "hasty".into(), input: json!({ "blob": "x".repeat(64 * 1024) }), ..Default::default() };
+    client.start(start).await.or_logs(&grid)?;
+    flowgrid_tests::wait_for("the hasty task's publish to be given up", RUN_DEADLINE, || async {
+        sample("flowgrid_tasks_publish_given_up_total{pool=\"b\"}").filter(|given_up| *given_up >= 1.0)
+    })
+    .await
+    .or_logs(&grid)?;
+    Ok(())
+}

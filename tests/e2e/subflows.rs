@@ -402,3 +402,30 @@ async fn wait_iteration_waiting(
     .await
     .or_logs(grid)
 }
+
+/// A child whose end is over the NATS server's `max_payload` (its output within the grid's
+/// payload limit) fails its parent's step with `payload_too_large`: the SDK refused to send
+/// the end, and it was tried again every 10 s for good while the parent waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_end_over_the_servers_max_payload_fails_the_step() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats_with_config("max_payload: 512KB")?;
+    grid.start_coordinator().await?;
+    let client = grid.client().await?;
+    let twice = "name: twice\noutput: 'steps.both.output'\nsteps:\n  - { id: both, kind: transform, output: '[input, \
+                 input]' }\n";
+    deploy(&grid, &client, twice).await?;
+    deploy(&grid, &client, "name: caller\nsteps:\n  - { id: invoke, kind: subflow, flow: twice, input: 'input' }\n")
+        .await?;
+    // 270 KB in, 540 KB out: within the grid's payload limit, over the server's bound.
+    let run_id = client.start(start("caller", json!({ "blob": "x".repeat(270_000) }))).await.or_logs(&grid)?.run_id;
+    let view = wait_for("the parent to end", Duration::from_secs(30), || async {
+        client.get(&run_id).await.ok().filter(|view| view.status.is_terminal())
+    })
+    .await
+    .or_logs(&grid)?;
+    assert_eq!(view.status, RunStatus::Failed, "{}", grid.logs());
+    let error = step(&view, "invoke").error.as_ref().expect("the step failed");
+    assert_eq!(error.code, "payload_too_large", "{error:?}");
+    assert!(error.message.contains("max_payload") && error.message.contains("succeeded"), "{error:?}");
+    Ok(())
+}

@@ -146,7 +146,10 @@ struct Publisher {
 struct PoolTarget {
     subject: Subject,
     dispatched: Counter,
+    /// Failed publishes queued to be retried.
     publish_failed: Counter,
+    /// Tasks whose publish failed and was given up: left to their attempt's timeout.
+    publish_given_up: Counter,
 }
 
 /// One task, encoded once; a retried publish sends the same bytes.
@@ -241,6 +244,10 @@ impl Publisher {
                     subject: subjects.task_lane(pool, *priority).into(),
                     dispatched: ::metrics::counter!(metrics::TASKS_DISPATCHED, "pool" => Arc::clone(pool)),
                     publish_failed: ::metrics::counter!(metrics::TASKS_PUBLISH_FAILED, "pool" => Arc::clone(pool)),
+                    publish_given_up: ::metrics::counter!(
+                        metrics::TASKS_PUBLISH_GIVEN_UP,
+                        "pool" => Arc::clone(pool)
+                    ),
                 })
             },
         ));
@@ -288,7 +295,9 @@ impl Publisher {
         }
     }
 
-    /// Counts the outcome; a failed try is queued to be retried after its backoff.
+    /// Counts the outcome; a failed try is queued to be retried after its backoff (counted in
+    /// `flowgrid_tasks_publish_failed_total`), or given up past the attempt's deadline or
+    /// while too many others wait (counted in `flowgrid_tasks_publish_given_up_total`).
     fn after_publish(
         &mut self,
         ((publication, try_number), result): ((Publication, u32), Result<(), PublishFailure>),
@@ -305,11 +314,11 @@ impl Publisher {
             }
             Err(error) => error,
         };
-        publication.pool.publish_failed.increment(1);
         let attempt = &publication.message_id;
         let delay = retry_delay(try_number + 1);
         let past_deadline = crate::clock::now_ms().saturating_add(delay.as_millis() as u64) >= publication.deadline_ms;
         if past_deadline || backoffs.len() >= RETRYING_MAX {
+            publication.pool.publish_given_up.increment(1);
             self.given_up += 1;
             if self.given_up_warned.is_none_or(|warned| warned.elapsed() >= GIVEN_UP_WARN_EVERY) {
                 warn!(
@@ -329,6 +338,7 @@ impl Publisher {
         } else {
             debug!(attempt = %attempt, error = %error, try_number, "task publish failed; retrying");
         }
+        publication.pool.publish_failed.increment(1);
         backoffs.push(Box::pin(async move {
             tokio::time::sleep(delay).await;
             (publication, try_number + 1)

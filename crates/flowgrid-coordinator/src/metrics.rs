@@ -25,6 +25,7 @@ pub const RUNS_ACTIVE: &str = "flowgrid_runs_active";
 pub const RUNS_HELD_BACK: &str = "flowgrid_runs_held_back";
 pub const TASKS_DISPATCHED: &str = "flowgrid_tasks_dispatched_total";
 pub const TASKS_PUBLISH_FAILED: &str = "flowgrid_tasks_publish_failed_total";
+pub const TASKS_PUBLISH_GIVEN_UP: &str = "flowgrid_tasks_publish_given_up_total";
 pub const TASK_PUBLISH_SECONDS: &str = "flowgrid_task_publish_seconds";
 pub const STEP_SECONDS: &str = "flowgrid_step_seconds";
 pub const TASK_RESULTS: &str = "flowgrid_task_results_total";
@@ -71,6 +72,7 @@ pub const NAMES: &[&str] = &[
     RUNS_HELD_BACK,
     TASKS_DISPATCHED,
     TASKS_PUBLISH_FAILED,
+    TASKS_PUBLISH_GIVEN_UP,
     TASK_PUBLISH_SECONDS,
     STEP_SECONDS,
     TASK_RESULTS,
@@ -148,6 +150,12 @@ pub fn describe() {
     );
     describe_counter!(TASKS_DISPATCHED, Unit::Count, "Task attempts published to JetStream (label: pool).");
     describe_counter!(TASKS_PUBLISH_FAILED, Unit::Count, "Task publishes that failed and were retried (label: pool).");
+    describe_counter!(
+        TASKS_PUBLISH_GIVEN_UP,
+        Unit::Count,
+        "Tasks whose publish failed and was given up, past their attempt's deadline or while too many others waited to \
+         be retried: their attempt timeouts retry them (label: pool)."
+    );
     describe_histogram!(
         TASK_PUBLISH_SECONDS,
         Unit::Seconds,

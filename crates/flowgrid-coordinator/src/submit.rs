@@ -291,11 +291,21 @@ pub(crate) enum AfterFailedStart {
 pub(crate) fn after_failed_start(error: &ApiError) -> AfterFailedStart {
     if error.retryable {
         AfterFailedStart::Soon
-    } else if !error.is_final() || error.code == ErrorCode::Internal {
-        AfterFailedStart::Later
-    } else {
+    } else if refused_for_good(error) {
         AfterFailedStart::Refused
+    } else {
+        AfterFailedStart::Later
     }
+}
+
+/// Whether a run's start (a submit's, a trigger's, a subflow step's child, a failure
+/// handler) failed with a refusal of the start itself, which the same start would meet
+/// again: no such flow, a bad input, too large. Not one that may have been applied, nor an
+/// `internal` error: the grid failed on it for a reason that may pass (a store failure, a
+/// batch whose commit failed for another event, an older coordinator during a rolling
+/// upgrade that answers unexpectedly), so the start is tried again.
+pub(crate) fn refused_for_good(error: &ApiError) -> bool {
+    error.is_final() && error.code != ErrorCode::Internal
 }
 
 /// Keeps a refused submit in the refused-submits stream, then takes it out of the submit
@@ -356,6 +366,27 @@ mod tests {
             (ApiError::new(ErrorCode::InvalidRequest, "bad input"), AfterFailedStart::Refused),
         ] {
             assert_eq!(after_failed_start(&error), after, "{error:?}");
+        }
+    }
+
+    /// An `internal` error (a store failure, an older coordinator's unexpected reply) may
+    /// pass: a child's or a failure handler's start is tried again rather than taken as
+    /// refused. Only a refusal of the start itself is for good.
+    #[test]
+    fn only_a_refusal_of_the_start_itself_is_for_good() {
+        let unexpected = crate::routing::unexpected(&crate::routing::ShardReply::Runs(Vec::new()));
+        let maybe_applied = ApiError { retryable: false, ..ApiError::new(ErrorCode::Unavailable, "no answer") };
+        for error in [
+            ApiError::new(ErrorCode::Internal, "the batch's commit failed"),
+            unexpected,
+            maybe_applied,
+            ApiError::new(ErrorCode::Overloaded, "full"),
+        ] {
+            assert!(!refused_for_good(&error), "{error:?}");
+        }
+        for code in [ErrorCode::NotFound, ErrorCode::InvalidRequest, ErrorCode::PayloadTooLarge] {
+            let error = ApiError::new(code, "refused");
+            assert!(refused_for_good(&error), "{error:?}");
         }
     }
 }

@@ -45,10 +45,12 @@ use tracing::{debug, info, warn};
 use super::actor::ShardActor;
 use super::batch::Batch;
 use super::gates::GateVerb;
+use super::runs::child_end_within;
 use super::Command;
 use crate::error::Result;
 use crate::metrics;
 use crate::records::{self, OutboxRecord};
+use crate::submit::refused_for_good;
 
 /// Requests for other shards' runs out at once per coordinator.
 pub const IN_FLIGHT_MAX: usize = 64;
@@ -226,7 +228,8 @@ impl<S: ShardStore> ShardActor<S> {
     }
 
     /// Starts the child run of a subflow step. A start the grid refuses for good (no such
-    /// flow, a bad input, too deep) is reported to the step as the child's failure.
+    /// flow, a bad input, too deep: [`refused_for_good`]) is reported to the step as the
+    /// child's failure; any other failure, an `internal` error too, is tried again.
     pub(super) fn start_child(&self, start: ChildStart, depth: u32) {
         let (client, permits) = (self.context.client.clone(), self.context.messages_in_flight.clone());
         let starting = Arc::clone(&self.context.children_starting);
@@ -254,9 +257,13 @@ impl<S: ShardStore> ShardActor<S> {
                         debug!(parent = %start.parent, step = %start.step, child = %started.run_id, created = started.created, "child run started");
                         Some(None)
                     }
-                    Err(ClientError::Api(refusal)) if refusal.is_final() => Some(Some(refusal)),
+                    Err(ClientError::Api(refusal)) if refused_for_good(&refusal) => Some(Some(refusal)),
                     Err(error) => {
-                        debug!(parent = %start.parent, step = %start.step, error = %error, "cannot start a child run yet; trying again");
+                        if worth_a_warning(&error) {
+                            warn!(parent = %start.parent, step = %start.step, error = %error, "a child run's start failed; trying again later");
+                        } else {
+                            debug!(parent = %start.parent, step = %start.step, error = %error, "cannot start a child run yet; trying again");
+                        }
                         None
                     }
                 }
@@ -352,9 +359,18 @@ where
     Tried: std::future::Future<Output = Option<T>>,
 {
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+    let mut again = false;
     loop {
         let done = {
             let Ok(_permit) = permits.acquire().await else { return None };
+            if stopped.is_cancelled() {
+                return None;
+            }
+            // Counted as it is made: a retry the shard's stop cut off never happened.
+            if let Some(kind) = retried.filter(|_| again) {
+                ::metrics::counter!(metrics::RUN_MESSAGES_RETRIED, "kind" => kind).increment(1);
+            }
+            again = true;
             tokio::select! {
                 _ = stopped.cancelled() => return None,
                 done = attempt() => done,
@@ -362,9 +378,6 @@ where
         };
         if done.is_some() {
             return done;
-        }
-        if let Some(kind) = retried {
-            ::metrics::counter!(metrics::RUN_MESSAGES_RETRIED, "kind" => kind).increment(1);
         }
         tokio::select! {
             _ = stopped.cancelled() => return None,
@@ -401,7 +414,7 @@ async fn send(
     not_found: &AtomicU32,
 ) -> Sent {
     let outcome = match record {
-        OutboxRecord::ChildEnded(ended) => client.child_ended(ended).await.map(|_| ()),
+        OutboxRecord::ChildEnded(ended) => end_child(client, ended).await,
         OutboxRecord::CancelChild { child, reason } => client.cancel(child, reason.clone()).await.map(|_| ()),
         OutboxRecord::RunEnded(ended) => return announce(client, ended).await,
         OutboxRecord::GateAcquire(message) => client.gate(GateVerb::Acquire.api_verb(), message).await.map(|_| ()),
@@ -432,8 +445,7 @@ async fn send(
             }
         },
         Err(error) => {
-            let level_warn = matches!(&error, ClientError::Api(refusal) if !refusal.retryable);
-            if level_warn {
+            if worth_a_warning(&error) {
                 warn!(error = %error, "a message for another run was refused; trying again later");
             } else {
                 debug!(error = %error, "cannot send a message for another run yet; trying again");
@@ -443,9 +455,62 @@ async fn send(
     }
 }
 
+/// Tells a parent of its child's end. An end the NATS server refuses as over its
+/// `max_payload` (one under the grid's payload limit, which bounds the end when the child
+/// ends) is sent again within the server's bound ([`child_end_within`]): the child's output
+/// gives way to a `payload_too_large` error, which fails the parent's step, and an error
+/// message too long is cut. It is dropped if even that is refused so: the same message
+/// could only be refused again.
+async fn end_child(client: &flowgrid_sdk::Client, ended: &ChildRunEnded) -> flowgrid_sdk::Result<()> {
+    let refusal = match client.child_ended(ended).await {
+        Err(ClientError::Api(refusal)) if refusal.code == ErrorCode::PayloadTooLarge => refusal,
+        taken => return taken.map(|_| ()),
+    };
+    warn!(
+        parent = %ended.parent,
+        child = %ended.child,
+        error = %refusal,
+        "a child's end is over the NATS server's max_payload; its parent gets it within that bound, without the \
+         child's output or with its error message cut (raise max_payload to the grid's payload limit and more)"
+    );
+    let max_payload = client.nats().server_info().max_payload;
+    // What the server carries, less room for the subject, headers and a forwarding envelope.
+    let bytes_max = max_payload.saturating_sub(flowgrid_proto::max_payload_needed(0));
+    let output_over = |bytes| {
+        format!(
+            "its output could not be passed on: its end is {bytes} bytes, over what the NATS server carries (its \
+             `max_payload` of {max_payload} bytes); raise `max_payload` in nats-server's configuration to the grid's \
+             payload limit and more, or give the flow an `output` expression that picks what its caller needs"
+        )
+    };
+    let smaller = child_end_within(ended.clone(), bytes_max, output_over);
+    match client.child_ended(&smaller).await {
+        Err(ClientError::Api(refusal)) if refusal.code == ErrorCode::PayloadTooLarge => {
+            warn!(
+                parent = %ended.parent,
+                child = %ended.child,
+                error = %refusal,
+                "a child's end is over the NATS server's max_payload even without its output; it is dropped, and the \
+                 parent's step waits until its timeout or the parent is cancelled"
+            );
+            Ok(())
+        }
+        taken => taken.map(|_| ()),
+    }
+}
+
+/// Whether a failed request is logged as a warning: one the grid failed on or refused
+/// (an `internal` error, a refusal, an answer that may have been applied), which trying
+/// again may not mend, so that it needs looking at. One refused for now (overloaded, a
+/// shard moving) or not answered is logged at debug level.
+fn worth_a_warning(error: &ClientError) -> bool {
+    matches!(error, ClientError::Api(refusal) if !refusal.retryable)
+}
+
 /// Starts the failure handler's run for the run `failed`. A start the grid refuses for good
-/// (no such flow, an input its schema refuses) is logged and dropped: the failed run stays
-/// as it ended, and its view names the handler run that was meant to start.
+/// (no such flow, an input its schema refuses: [`refused_for_good`]) is logged and dropped:
+/// the failed run stays as it ended, and its view names the handler run that was meant to
+/// start. Any other failure, an `internal` error too, is tried again.
 async fn start_failure_handler(
     client: &flowgrid_sdk::Client,
     failed: &RunId,
@@ -456,7 +521,7 @@ async fn start_failure_handler(
             debug!(failed = %failed, handler = %started.run_id, flow = %start.flow, "failure handler started");
             Sent::Taken
         }
-        Err(ClientError::Api(refusal)) if refusal.is_final() => {
+        Err(ClientError::Api(refusal)) if refused_for_good(&refusal) => {
             warn!(
                 failed = %failed,
                 flow = %start.flow,
@@ -467,7 +532,11 @@ async fn start_failure_handler(
             Sent::Taken
         }
         Err(error) => {
-            debug!(failed = %failed, error = %error, "cannot start a failure handler yet; trying again");
+            if worth_a_warning(&error) {
+                warn!(failed = %failed, flow = %start.flow, error = %error, "a failure handler's start failed; trying again later");
+            } else {
+                debug!(failed = %failed, error = %error, "cannot start a failure handler yet; trying again");
+            }
             Sent::Again
         }
     }
@@ -596,6 +665,37 @@ mod tests {
         drop(again);
         assert!(!starting.contains(&child));
         assert!(starting.0.lock().unwrap().is_empty(), "nothing is kept once every start is over");
+    }
+
+    /// A retry counts as it is made: one the shard's stop cut off during its backoff never
+    /// happened, and is not counted.
+    #[test]
+    fn a_retry_counts_when_it_is_made() {
+        let recording = crate::metrics::testing::Recording::new();
+        let retried = || recording.sample("flowgrid_run_messages_retried_total{kind=\"child_ended\"}");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
+        let permits = Semaphore::new(1);
+        recording.record(|| {
+            runtime.block_on(async {
+                let stopped = CancellationToken::new();
+                let tries = AtomicU32::new(0);
+                let done = until_done(&permits, &stopped, Some("child_ended"), || async {
+                    (tries.fetch_add(1, Ordering::Relaxed) == 2).then_some(())
+                })
+                .await;
+                assert_eq!((done, tries.load(Ordering::Relaxed)), (Some(()), 3));
+                assert_eq!(retried(), Some(2.0), "two retries made");
+
+                // The shard stops while the message waits for its retry.
+                let sent = until_done(&permits, &stopped, Some("child_ended"), || async {
+                    stopped.cancel();
+                    None::<()>
+                })
+                .await;
+                assert_eq!(sent, None);
+            })
+        });
+        assert_eq!(retried(), Some(2.0), "a retry that never happened is not counted:\n{}", recording.render());
     }
 
     #[test]

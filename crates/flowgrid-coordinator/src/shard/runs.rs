@@ -367,6 +367,14 @@ impl<S: ShardStore> ShardActor<S> {
                 error,
                 refused: false,
             };
+            let bytes_max = payload_max + CHILD_END_FIELDS_BYTES;
+            let output_over = |bytes| {
+                format!(
+                    "its end is {bytes} bytes, over the limit of {bytes_max} a run passes on to its parent: give the \
+                     flow an `output` expression that picks what its caller needs, or pass large data by reference"
+                )
+            };
+            let ended = child_end_within(ended, bytes_max, output_over);
             self.send_after_commit(OutboxRecord::ChildEnded(ended), batch);
         }
         batch.finished.push(run_id.clone());
@@ -789,11 +797,46 @@ fn announcement_within(mut ended: RunEnded, payload_max: usize) -> RunEnded {
     ended
 }
 
+/// A child's end as its parent is to get it: at most `bytes_max` as MessagePack, the form
+/// it is sent in. Over it, its output gives way to a `payload_too_large` error whose
+/// message `output_over` makes from the end's size (the child's own error, if it has one,
+/// stays), and an error message still too long is cut to fit, its code kept. A child's
+/// error grows with each level of sub-flows it passes through (each parent's step names
+/// its child), and an end over what NATS carries would otherwise be sent again and again,
+/// and never get through.
+pub(super) fn child_end_within(
+    mut ended: ChildRunEnded,
+    bytes_max: usize,
+    output_over: impl FnOnce(usize) -> String,
+) -> ChildRunEnded {
+    let bytes = records::encode(&ended).len();
+    if bytes <= bytes_max {
+        return ended;
+    }
+    if ended.output.take().is_some() && ended.error.is_none() {
+        let message = output_over(bytes);
+        ended.error = Some(TaskError { code: PAYLOAD_TOO_LARGE.to_owned(), message, retryable: false });
+    }
+    let over = records::encode(&ended).len().saturating_sub(bytes_max);
+    if let (true, Some(error)) = (over > 0, ended.error.as_mut()) {
+        flowgrid_model::limits::cut_to_fit(&mut error.message, over, CHILD_END_CUT_MARK);
+    }
+    ended
+}
+
+/// Room past the payload limit for a child's end's own fields (run ids, step, status): an
+/// output at the limit is passed on, and the end stays within what a NATS server whose
+/// `max_payload` carries a payload carries ([`flowgrid_proto::max_payload_needed`]).
+const CHILD_END_FIELDS_BYTES: usize = 1024;
+
 /// The error code of an output a run cannot pass on: over the payload limit.
 const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
 
 /// Ends an error message [`announcement_within`] cut.
 const ANNOUNCEMENT_CUT_MARK: &str = " [cut to fit the announcement]";
+
+/// Ends an error message [`child_end_within`] cut.
+const CHILD_END_CUT_MARK: &str = " [cut to fit the message to the parent]";
 
 /// The headroom past `--active-runs-max` kept for the child runs of each level of
 /// sub-flows, as a share of the bound (an eighth), at least one run: a child `depth` deep
@@ -1188,6 +1231,61 @@ mod tests {
         assert_eq!(announcement_within(small.clone(), PAYLOAD_MAX), small);
         let failed = ended(None, Some(long));
         assert_eq!(announcement_within(failed.clone(), PAYLOAD_MAX), failed);
+    }
+
+    fn child_ended(output: Option<Value>, error: Option<TaskError>) -> ChildRunEnded {
+        let status = if error.is_some() && output.is_none() { RunStatus::Failed } else { RunStatus::Succeeded };
+        ChildRunEnded {
+            parent: RunId::from_idempotency_key("parent", "1"),
+            step: "invoke".to_owned(),
+            item: Some(7),
+            child: RunId::from_idempotency_key("child", "1"),
+            status,
+            output,
+            error,
+            refused: false,
+        }
+    }
+
+    /// A child's end is bounded like its announcement: an error message too long (grown
+    /// through levels of sub-flows) is cut to fit, its code kept; an output over the bound
+    /// gives way to a `payload_too_large` error; within it, nothing changes.
+    #[test]
+    fn a_child_end_is_sent_within_its_bound() {
+        const PAYLOAD_MAX: usize = 64 * 1024;
+        let no_output = |bytes: usize| -> String { panic!("no output to leave out ({bytes} bytes)") };
+        let long = TaskError { code: "boom".to_owned(), message: "e".repeat(PAYLOAD_MAX), retryable: false };
+        let ended = child_end_within(child_ended(None, Some(long.clone())), PAYLOAD_MAX, no_output);
+        let bytes = records::encode(&ended).len();
+        assert!(bytes <= PAYLOAD_MAX && bytes > PAYLOAD_MAX - 64, "{bytes} bytes");
+        let error = ended.error.as_ref().expect("its error");
+        assert_eq!((ended.status, error.code.as_str(), error.retryable), (RunStatus::Failed, "boom", false));
+        assert!(error.message.ends_with(CHILD_END_CUT_MARK), "{:.80}", error.message);
+        let multibyte = TaskError { message: "é".repeat(PAYLOAD_MAX), ..long.clone() };
+        let ended = child_end_within(child_ended(None, Some(multibyte)), PAYLOAD_MAX, no_output);
+        assert!(records::encode(&ended).len() <= PAYLOAD_MAX, "cut on a character's boundary");
+
+        // An output over the bound (the NATS server's, smaller than the payload limit).
+        let wide = json!(["x".repeat(PAYLOAD_MAX)]);
+        let mut told = 0;
+        let output_over = |bytes| {
+            told = bytes;
+            "over the server's bound".to_owned()
+        };
+        let ended = child_end_within(child_ended(Some(wide), None), PAYLOAD_MAX / 2, output_over);
+        assert!(told > PAYLOAD_MAX, "the end's size is told: {told}");
+        let error = ended.error.as_ref().expect("an error in place of the output");
+        assert_eq!(
+            (ended.status, &ended.output, error.code.as_str()),
+            (RunStatus::Succeeded, &None, "payload_too_large")
+        );
+        assert_eq!(error.message, "over the server's bound");
+
+        // Within the bound: as it is.
+        let small = child_ended(Some(json!({"n": 0.5})), None);
+        assert_eq!(child_end_within(small.clone(), PAYLOAD_MAX, no_output), small);
+        let failed = child_ended(None, Some(TaskError { message: "e".repeat(100), ..long }));
+        assert_eq!(child_end_within(failed.clone(), PAYLOAD_MAX, no_output), failed);
     }
 
     /// A signal's id is found however far into a long history it was taken: the lookup
