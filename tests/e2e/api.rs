@@ -1141,3 +1141,62 @@ async fn usage_mistakes_exit_2_and_every_failure_answers_json_under_json() -> an
     );
     Ok(())
 }
+
+/// A `run.start_many` whose refusals, whole, would make a reply larger than NATS takes:
+/// 999 inputs with 10 issues of about 470 bytes each, then 1,000 names of no flow made of
+/// control characters (escaped where echoed). The reply comes all the same, with the good
+/// run's id; the refusals past half a MiB of it come without their issues, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_many_reply_keeps_within_a_message_however_large_its_refusals() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats_with_config("max_payload: 1MB")?;
+    grid.start_coordinator().await?;
+    let client = grid.client().await?;
+    let expected = "e".repeat(450);
+    let strict = format!(
+        "name: strict\ninput_schema: {{ type: array, items: {{ const: {expected} }} }}\nsteps:\n  - {{ id: t, kind: \
+         transform, output: 'input' }}\n"
+    );
+    deploy(&grid, &client, &strict).await?;
+    let mut starts = vec![start("strict", json!(vec![0; 10]), None); 999];
+    starts.push(start("strict", json!([]), None));
+    let outcomes = client.start_many(&starts).await.or_logs(&grid)?;
+    let good = outcomes[999].as_ref().map_err(|error| anyhow::anyhow!("{error}\n{}", grid.logs()))?;
+    let view = grid.wait_run(&client, &good.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    let refused: Vec<_> = outcomes[..999].iter().map(|outcome| refusal(outcome.as_ref().unwrap_err())).collect();
+    assert!(refused.iter().all(|refused| refused.code == ErrorCode::InvalidRequest), "{:?}", refused[0]);
+    assert_eq!(refused[0].issues.len(), 10, "the first refusals come whole: {:?}", refused[0]);
+    let last = refused[998];
+    assert!(last.issues.is_empty() && last.message.contains("10 issues left out"), "{last:?}");
+
+    let nameless = start(&"\u{1}".repeat(800), json!({}), None);
+    let outcomes = client.start_many(&vec![nameless; 1_000]).await.or_logs(&grid)?;
+    for outcome in &outcomes {
+        let refused = refusal(outcome.as_ref().unwrap_err());
+        assert_eq!(refused.code, ErrorCode::NotFound, "{refused:?}");
+        assert!(refused.message.len() < 1_200, "the name is cut: {} bytes", refused.message.len());
+    }
+    Ok(())
+}
+
+/// A history page after a record of a run that never started is `not_found`, as its first
+/// page is; a run's history read past its last record is an empty page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_of_an_unknown_run_is_not_found_from_any_record_on() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let made_up = RunId("no-such-run".into());
+    for after in [None, Some(5), Some(u64::MAX)] {
+        let error = client.history(&made_up, after, None).await.expect_err("no such run");
+        assert_eq!(refusal(&error).code, ErrorCode::NotFound, "after {after:?}: {error:?}");
+    }
+    deploy(&grid, &client, "name: quick\nsteps:\n  - { id: t, kind: transform, output: 'input' }\n").await?;
+    let run_id = client.start(start("quick", json!({"n": 1}), None)).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    for after in [Some(1_000), Some(u64::MAX)] {
+        let page = client.history(&run_id, after, None).await.or_logs(&grid)?;
+        assert!(page.records.is_empty() && page.next.is_none(), "after {after:?}: {page:?}");
+    }
+    Ok(())
+}

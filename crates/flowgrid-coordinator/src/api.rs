@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 use crate::clock::now_ms;
 use crate::error::cut;
 use crate::metrics;
-use crate::routing::{unexpected, Router, ShardReply, ShardRequest};
+use crate::routing::{unexpected, LimitsPage, Router, ShardReply, ShardRequest};
 use crate::shard::{gate_routing_key, FlowsPage, GateVerb, RunsPage, HISTORY_PAGE_MAX};
 
 /// Page size of `run.list` when the request gives none.
@@ -147,8 +147,9 @@ pub fn encoding_of(message: &Message) -> Encoding {
 
 /// Serves the API until `shutdown`, then stops taking requests and answers those it has
 /// taken: the server sends no more (the subscription drains), and every request already
-/// received, waiting in the subscription or being handled, gets its answer before this
-/// returns (the shards are still served meanwhile).
+/// received, waiting in the subscription or being handled, gets its answer, before this
+/// returns (the shards are still served meanwhile) or, for one still waiting for its shard
+/// after [`API_DRAIN_WAIT`], once the shard answers or stops (see [`answer_taken`]).
 pub async fn serve(
     api: Arc<Api>,
     mut requests: async_nats::Subscriber,
@@ -207,9 +208,23 @@ pub async fn serve(
             drop(permit);
         });
     }
-    let answered = async { while handlers.join_next().await.is_some() {} };
-    if tokio::time::timeout(API_DRAIN_WAIT, answered).await.is_err() {
-        warn!("API requests still unanswered when the coordinator stopped; their callers time out and retry");
+    answer_taken(handlers).await;
+}
+
+/// Waits up to [`API_DRAIN_WAIT`] for the requests being handled to be answered. Those
+/// still waiting then are left to finish on their own, not aborted: a command already
+/// queued in a shard (a start, a cancel) is applied all the same, and its caller gets its
+/// answer, which the shard gives as it goes on serving or as it stops (what it has not
+/// taken is then answered `unavailable`).
+async fn answer_taken(mut handlers: tokio::task::JoinSet<()>) {
+    let answered = tokio::time::timeout(API_DRAIN_WAIT, async { while handlers.join_next().await.is_some() {} }).await;
+    if answered.is_err() {
+        warn!(
+            requests = handlers.len(),
+            "API requests still being handled when the coordinator stopped taking requests; each is answered when \
+             its shard answers or stops"
+        );
+        handlers.detach_all();
     }
 }
 
@@ -236,7 +251,7 @@ impl Api {
             "run.admit" => call(encoding, payload, |request| self.gate(GateVerb::Admit, request)).await,
             "run.start_many" => {
                 let request_bytes = msgpack_request_bytes(encoding, payload);
-                call(encoding, payload, |request| self.start_runs(request, request_bytes)).await
+                call(encoding, payload, |request| self.start_runs(request, request_bytes, encoding)).await
             }
             "run.get" => call(encoding, payload, |request: GetRun| self.get_run(request)).await,
             "run.history" => call(encoding, payload, |request| self.run_history(request)).await,
@@ -420,6 +435,14 @@ impl Api {
         // A durable submit without a key of its own is keyed by its place in the stream.
         let key = request.idempotency_key.clone().or(default_key);
         let start_at = request.start_at_ms;
+        if !self.is_flow_name(&request.flow) {
+            // No flow has that name; it is not echoed whole (a `run.start_many` reply
+            // would echo each of up to 1,000 names, control characters escaped).
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no flow named {:?}; deploy it first (`flowgrid flow deploy FILE`)", cut(&request.flow)),
+            ));
+        }
         let plan = self.router.plan(&request.flow, request.version).await?;
         if let Some(schema) = &plan.input_schema {
             if let Err(refusal) = check_input(&plan, schema, &request.input) {
@@ -454,8 +477,15 @@ impl Api {
     }
 
     /// Starts each run of the request as [`Api::start_run`] would, all at once, so that
-    /// their shards commit them in few batches. The request's size bounds each input's.
-    async fn start_runs(&self, request: StartRuns, request_bytes: Option<usize>) -> Result<RunsStarted, ApiError> {
+    /// their shards commit them in few batches. The request's size bounds each input's; the
+    /// reply (in `encoding`) keeps within [`START_MANY_REPLY_BYTES_WHOLE`] the refusals it
+    /// holds whole (see [`fit_outcomes`]).
+    async fn start_runs(
+        &self,
+        request: StartRuns,
+        request_bytes: Option<usize>,
+        encoding: Encoding,
+    ) -> Result<RunsStarted, ApiError> {
         let count = request.runs.len();
         if count == 0 || count > START_MANY_RUNS_MAX {
             return Err(ApiError::new(
@@ -464,7 +494,9 @@ impl Api {
             ));
         }
         let starts = request.runs.into_iter().map(|start| self.start_run(start, None, request_bytes, None));
-        let results = futures::future::join_all(starts).await.into_iter().map(Reply::from).collect();
+        let mut results: Vec<Reply<RunStarted>> =
+            futures::future::join_all(starts).await.into_iter().map(Reply::from).collect();
+        fit_outcomes(&mut results, encoding);
         Ok(RunsStarted { results })
     }
 
@@ -686,14 +718,15 @@ impl Api {
         self.check_flow_filter(request.flow.as_deref())?;
         let query = ShardRequest::Limits { flow: request.flow };
         let pick = |reply| match reply {
-            ShardReply::Limits(limits) => Ok(limits),
+            ShardReply::Limits(limits) => Ok(vec![LimitsPage { limits, more: 0 }]),
+            // A shard with more than a listing holds sends its busiest, counting the others.
+            ShardReply::LimitsPage(page) => Ok(vec![page]),
             other => Err(other),
         };
-        // What each shard's answer pushes past the busiest is counted, not kept.
-        let mut left_out = 0;
-        let mut limits = self.ask_all(query, pick, |limits| left_out += keep_busiest(limits)).await?;
+        let pages = self.ask_all(query, pick, merge_limits_pages).await?;
+        let LimitsPage { mut limits, more } = pages.into_iter().next().unwrap_or_default();
         limits.sort_by(|left, right| (&left.flow, &left.key).cmp(&(&right.flow, &right.key)));
-        Ok(LimitList { limits, more: u32::try_from(left_out).unwrap_or(u32::MAX) })
+        Ok(LimitList { limits, more: u32::try_from(more).unwrap_or(u32::MAX) })
     }
 
     /// Newest first over every shard: each shard gives its newest matching runs older than
@@ -750,8 +783,9 @@ fn busiest_first(left: &LimitSummary, right: &LimitSummary) -> std::cmp::Orderin
 
 /// Keeps the [`LimitList::LIMITS_MAX`] busiest of `limits` (in no order) and returns how
 /// many it left out: gathered from every shard, a listing holds at most that and one
-/// shard's answer, however many limits the grid has.
-fn keep_busiest(limits: &mut Vec<LimitSummary>) -> usize {
+/// shard's answer, however many limits the grid has; a shard's answer holds at most that
+/// too (see [`crate::routing::LimitsPage`]).
+pub(crate) fn keep_busiest(limits: &mut Vec<LimitSummary>) -> usize {
     let kept = LimitList::LIMITS_MAX;
     if limits.len() <= kept {
         return 0;
@@ -760,6 +794,18 @@ fn keep_busiest(limits: &mut Vec<LimitSummary>) -> usize {
     let left_out = limits.len() - kept;
     limits.truncate(kept);
     left_out
+}
+
+/// The shards' parts of a limit listing so far as one: the busiest of their limits, and
+/// every limit left out, by a shard or here, counted.
+fn merge_limits_pages(pages: &mut Vec<LimitsPage>) {
+    let mut merged = LimitsPage::default();
+    for page in pages.drain(..) {
+        merged.limits.extend(page.limits);
+        merged.more = merged.more.saturating_add(page.more);
+    }
+    merged.more = merged.more.saturating_add(keep_busiest(&mut merged.limits) as u64);
+    pages.push(merged);
 }
 
 /// Newest first: by creation time, then run id.
@@ -803,6 +849,53 @@ fn run_list(page: RunsPage, limit: usize) -> RunList {
         (false, None) => None,
     };
     RunList { runs, next_cursor }
+}
+
+/// Bytes of a `run.start_many` reply up to which it holds its refusals whole. Past them
+/// each further refusal comes without its issues and with its message cut: 1,000 refusals
+/// with their issues (each up to 10 of about 512 bytes) would make a reply larger than NATS
+/// takes (1 MiB by default), refused as too large after its good runs were started, so
+/// that their callers would never learn their ids.
+const START_MANY_REPLY_BYTES_WHOLE: usize = 512 * 1024;
+
+/// Bytes an outcome of a `run.start_many` reply takes besides its text, about: field names,
+/// an error code, a version, flags.
+const OUTCOME_BYTES_BESIDES_TEXT: usize = 64;
+
+/// Shortens the refusals among `results` that come after [`START_MANY_REPLY_BYTES_WHOLE`]
+/// bytes of the reply (in `encoding`): their issues are left out, saying how many, and
+/// their messages are cut. A started run's outcome is never changed.
+fn fit_outcomes(results: &mut [Reply<RunStarted>], encoding: Encoding) {
+    let encoded_len = |refusal: &ApiError| flowgrid_proto::encode(encoding, refusal).map_or(0, |bytes| bytes.len());
+    let mut bytes = 0usize;
+    for result in results {
+        let size = match result {
+            Reply::Ok(started) => started.run_id.as_str().len() + started.flow.len() + OUTCOME_BYTES_BESIDES_TEXT,
+            Reply::Error(refusal) => {
+                let size = encoded_len(refusal) + OUTCOME_BYTES_BESIDES_TEXT;
+                if bytes.saturating_add(size) <= START_MANY_REPLY_BYTES_WHOLE {
+                    size
+                } else {
+                    shorten(refusal);
+                    encoded_len(refusal) + OUTCOME_BYTES_BESIDES_TEXT
+                }
+            }
+        };
+        bytes = bytes.saturating_add(size);
+    }
+}
+
+/// A refusal without its issues and with its message cut, as a large reply holds it.
+fn shorten(refusal: &mut ApiError) {
+    let issues = std::mem::take(&mut refusal.issues).len();
+    let mut message = cut(&refusal.message);
+    if issues > 0 {
+        message.push_str(&format!(
+            " ({issues} issues left out: the reply to all the starts would be too large; start this run alone to see \
+             them)"
+        ));
+    }
+    refusal.message = message;
 }
 
 /// The refusal of a definition, with each of its problems.
@@ -1062,6 +1155,23 @@ mod tests {
         assert!(check_payload(&limits, "input", &input, Some(request.len())).is_ok());
     }
 
+    /// A request still being handled when the stop's wait runs out (its command queued in
+    /// a shard that answers later) is answered, not aborted.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_still_handled_at_the_end_of_a_stop_is_answered() {
+        let (shard_answers, shard_answer) = tokio::sync::oneshot::channel::<()>();
+        let (reply_sent, reply) = tokio::sync::oneshot::channel();
+        let mut handlers = tokio::task::JoinSet::new();
+        handlers.spawn(async move {
+            let answered = shard_answer.await.is_ok();
+            let _ = reply_sent.send(answered);
+        });
+        // The clock is paused: the wait runs out as soon as nothing else can go on.
+        answer_taken(handlers).await;
+        let _ = shard_answers.send(());
+        assert_eq!(reply.await, Ok(true), "the handler answered its caller after the wait");
+    }
+
     /// A fan-out past the bound is refused and counted as an overload refusal (the overload
     /// alert watches the count); one that finds the coordinator stopping is not.
     #[test]
@@ -1117,5 +1227,21 @@ mod tests {
         held.sort_by(busiest_first);
         assert!(held == everything, "the busiest of all, as if every limit had been sorted");
         assert_eq!(left_out, SHARDS * PER_SHARD - LimitList::LIMITS_MAX);
+    }
+
+    /// What the shards left out of their answers counts with what the gathering leaves out.
+    #[test]
+    fn a_limit_listing_counts_what_each_shard_left_out() {
+        const SHARDS: usize = 3;
+        const PER_SHARD: usize = 600;
+        let mut pages = Vec::new();
+        for shard in 0..SHARDS {
+            let limits = (0..PER_SHARD).map(|index| limit_in_use(shard * PER_SHARD + index)).collect();
+            pages.push(LimitsPage { limits, more: 4_000 });
+            merge_limits_pages(&mut pages);
+        }
+        let [page] = &pages[..] else { panic!("one page gathered, not {}", pages.len()) };
+        assert_eq!(page.limits.len(), LimitList::LIMITS_MAX);
+        assert_eq!(page.more as usize, SHARDS * 4_000 + SHARDS * PER_SHARD - LimitList::LIMITS_MAX);
     }
 }

@@ -136,7 +136,35 @@ pub enum ShardReply {
     FlowsPage(FlowsPage),
     ChildEndTaken(ChildEndTaken),
     GateTaken(GateTaken),
+    /// Every limit of the shard in use: what it answers when it keeps no more than a
+    /// listing holds (what every version answers).
     Limits(Vec<LimitSummary>),
+    /// The busiest limits of a shard that keeps more than a listing holds, and how many it
+    /// left out.
+    LimitsPage(LimitsPage),
+}
+
+/// One shard's part of a `limit.list`: its [`LimitList::LIMITS_MAX`] busiest limits in use
+/// at most, so that the reply crosses between coordinators within NATS's payload limit
+/// however many limits the shard keeps.
+///
+/// [`LimitList::LIMITS_MAX`]: flowgrid_proto::LimitList::LIMITS_MAX
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LimitsPage {
+    /// In no order.
+    pub limits: Vec<LimitSummary>,
+    /// Limits in use left out of `limits`.
+    #[serde(default)]
+    pub more: u64,
+}
+
+/// The reply of a shard whose limits in use are `limits`: all of them when a listing holds
+/// them, else the busiest, counting the others.
+fn limits_reply(mut limits: Vec<LimitSummary>) -> ShardReply {
+    match crate::api::keep_busiest(&mut limits) {
+        0 => ShardReply::Limits(limits),
+        left_out => ShardReply::LimitsPage(LimitsPage { limits, more: left_out as u64 }),
+    }
 }
 
 /// The shards this coordinator serves right now, by shard number.
@@ -321,7 +349,7 @@ impl Router {
                 handle.ask(|reply| Command::Gate { verb, message, reply }).await.map(ShardReply::GateTaken)
             }
             ShardRequest::Limits { flow } => {
-                handle.ask(|reply| Command::Limits { flow, reply }).await.map(ShardReply::Limits)
+                handle.ask(|reply| Command::Limits { flow, reply }).await.map(limits_reply)
             }
         }
     }
@@ -497,6 +525,33 @@ mod tests {
         let lost = async_nats::RequestError::new(async_nats::RequestErrorKind::TimedOut);
         let lost = undelivered(ShardId(3), &lost, 10, || 1_048_576);
         assert!(!lost.is_final() && !is_moving(&lost), "it may have been applied: {lost:?}");
+    }
+
+    /// A shard with thousands of limits in use answers a listing with its busiest, within
+    /// NATS's default payload limit, and counts the others; one with few answers them all,
+    /// as every version does.
+    #[test]
+    fn a_shard_with_many_limits_answers_its_busiest_within_a_message() {
+        const GATES: usize = 5_000;
+        let limit = |number: usize| LimitSummary {
+            flow: "invoice".to_owned(),
+            key: format!("{number:0>200}"),
+            max: 4,
+            rate: None,
+            when_full: Default::default(),
+            going: (number % 5) as u32,
+            queued: (number % 7) as u32,
+            next_start_ms: None,
+        };
+        let ShardReply::LimitsPage(page) = limits_reply((0..GATES).map(limit).collect()) else {
+            panic!("a page of the busiest");
+        };
+        assert_eq!((page.limits.len(), page.more), (flowgrid_proto::LimitList::LIMITS_MAX, 4_000));
+        assert!(page.limits.iter().all(|limit| limit.queued >= 5), "the busiest are kept");
+        let bytes = flowgrid_proto::encode(Encoding::MsgPack, &Reply::Ok(ShardReply::LimitsPage(page))).unwrap();
+        assert!(bytes.len() <= 1024 * 1024, "{} bytes", bytes.len());
+        let few: Vec<LimitSummary> = (0..3).map(limit).collect();
+        assert!(matches!(limits_reply(few.clone()), ShardReply::Limits(all) if all == few));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use flowgrid_model::RunId;
 use flowgrid_proto::{ApiError, HistoryRecord, HistoryStart, RunHistory};
-use flowgrid_store::{keys, KeyRange, ShardStore};
+use flowgrid_store::{keys, KeyRange, RecordPage, ShardStore};
 
 use super::actor::ShardActor;
 use super::runs::{internal, not_found, read_failure};
@@ -42,15 +42,19 @@ pub(super) async fn history_page<S: ShardStore>(
 ) -> Result<RunHistory, ApiError> {
     let whole = keys::history_range(&run_id);
     let begin = match after {
-        None => whole.begin,
-        Some(after) => match after.checked_add(1) {
-            Some(first) => keys::history(&run_id, first),
-            None => return Ok(RunHistory { run_id, records: Vec::new(), next: None }),
-        },
+        None => Some(whole.begin.clone()),
+        Some(after) => after.checked_add(1).map(|first| keys::history(&run_id, first)),
     };
-    let stored =
-        store.scan_records(KeyRange { begin, end: whole.end }, limit, PAGE_BYTES_MAX).await.map_err(read_failure)?;
-    if stored.records.is_empty() && after.is_none() {
+    let stored = match begin {
+        Some(begin) => store
+            .scan_records(KeyRange { begin, end: whole.end.clone() }, limit, PAGE_BYTES_MAX)
+            .await
+            .map_err(read_failure)?,
+        None => RecordPage::default(),
+    };
+    // Nothing after `after` is an empty page of a run that has records up to there, and
+    // `not_found` for a run that never started or was deleted: every run has its start.
+    if stored.records.is_empty() && (after.is_none() || !has_history(store, whole).await?) {
         return Err(not_found(&run_id));
     }
     let mut page = Vec::with_capacity(stored.records.len());
@@ -60,6 +64,11 @@ pub(super) async fn history_page<S: ShardStore>(
     }
     let next = if stored.more { page.last().map(|record| record.seq) } else { None };
     Ok(RunHistory { run_id, records: page, next })
+}
+
+/// Whether the run whose history is `whole` has any record (its start, at least).
+async fn has_history<S: ShardStore>(store: &S, whole: KeyRange) -> Result<bool, ApiError> {
+    Ok(!store.scan(whole, 1, false).await.map_err(read_failure)?.is_empty())
 }
 
 fn history_record(seq: u64, value: &[u8]) -> crate::error::Result<HistoryRecord> {
