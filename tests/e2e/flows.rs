@@ -439,3 +439,50 @@ async fn several_files_deploy_none_when_the_grid_would_refuse_the_trigger_of_one
     assert_eq!(stdout.lines().collect::<Vec<_>>(), ["deployed ok version 1", "deployed bad version 1"]);
     Ok(())
 }
+
+/// Bad usage that clap finds itself (arguments that do not go together, a value it refuses,
+/// from the command line or a variable) is, under `--json` or `FLOWGRID_JSON=true`, one JSON
+/// answer on stdout as every other failure is: `invalid_request` with clap's message, in
+/// plain text, and exit 2 (before, stdout was empty). Without it, and for help, stdout is as
+/// it was.
+#[test]
+fn bad_usage_that_clap_finds_is_one_json_answer_under_json() -> anyhow::Result<()> {
+    let run = |args: &[&str], variables: &[(&str, &str)]| -> anyhow::Result<(Option<i32>, String, String)> {
+        let output = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+            .args(args)
+            .env_remove("FLOWGRID_JSON")
+            .env_remove("FLOWGRID_WAIT_TIMEOUT")
+            // Colours on stderr, which the JSON message must not carry.
+            .env("CLICOLOR_FORCE", "1")
+            .envs(variables.iter().copied())
+            .output()?;
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        Ok((output.status.code(), text(&output.stdout), text(&output.stderr)))
+    };
+    /// The arguments, the variables set, and what the error says.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
+        (&["--json", "shards", "--all", "--history", "5"], &[], "cannot be used with"),
+        (&["--json", "run", "list", "--status", "done"], &[], "is not a run status"),
+        (&["run", "list", "--status", "done", "--json"], &[], "is not a run status"),
+        (&["run", "watch", "r", "--timeout", "367d"], &[("FLOWGRID_JSON", "true")], "longer than 366 days"),
+        (&["--json", "run", "tail", "r"], &[("FLOWGRID_WAIT_TIMEOUT", "10000000000000000000")], "366 days"),
+    ];
+    for (args, variables, said) in cases {
+        let (code, stdout, stderr) = run(args, variables)?;
+        assert_eq!(code, Some(2), "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains(said) && stderr.contains('\u{1b}'), "{args:?}: clap's text, coloured: {stderr}");
+        let answer: Value =
+            serde_json::from_str(&stdout).map_err(|error| anyhow::anyhow!("{args:?}: {error}: {stdout:?}"))?;
+        assert_eq!(answer["error"]["code"], json!("invalid_request"), "{args:?}: {answer}");
+        assert_eq!(answer["error"]["retryable"], json!(false), "{args:?}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(said), "{args:?}: {answer}");
+        assert!(!message.starts_with("error:") && !message.contains('\u{1b}'), "{args:?}: plain text: {message:?}");
+    }
+    let (code, stdout, stderr) = run(&["run", "list", "--status", "done"], &[])?;
+    assert_eq!((code, stdout.as_str()), (Some(2), ""), "without --json, clap's text alone: {stderr}");
+    let (code, stdout, _) = run(&["--json", "shards", "--help"], &[])?;
+    assert!(code == Some(0) && stdout.contains("One line per shard"), "help is help: {stdout}");
+    Ok(())
+}

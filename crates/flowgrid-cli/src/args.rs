@@ -202,7 +202,8 @@ pub enum FlowCommand {
         files: Vec<PathBuf>,
     },
     /// Check definition files without a grid: every problem a deploy would refuse, each
-    /// with its path (exit 1 if any file has one). A trigger's stream is checked at deploy.
+    /// with its path (exit 2, an invalid definition, if any file has one). A trigger's stream
+    /// is checked at deploy.
     #[command(arg_required_else_help = true)]
     Check {
         #[arg(required = true)]
@@ -330,8 +331,8 @@ pub enum RunCommand {
         /// Wait for the run to end; exit 0 if it succeeded, 1 otherwise.
         #[arg(long)]
         wait: bool,
-        /// How long --wait waits (e.g. 500ms, 60s, 5m).
-        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+        /// How long --wait waits (e.g. 500ms, 60s, 5m; at most 366 days).
+        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_bounded_duration)]
         timeout: Duration,
     },
     /// Print a run: status, steps, output or error.
@@ -351,8 +352,8 @@ pub enum RunCommand {
     /// succeeded, 1 otherwise or at the timeout).
     Watch {
         run_id: String,
-        /// How long to watch (e.g. 60s, 10m).
-        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+        /// How long to watch (e.g. 60s, 10m; at most 366 days).
+        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_bounded_duration)]
         timeout: Duration,
     },
     /// Print a run's live output (what its workers emit while they work: a model's tokens,
@@ -364,8 +365,8 @@ pub enum RunCommand {
         /// Only this step's output.
         #[arg(long)]
         step: Option<String>,
-        /// How long to follow the run (e.g. 60s, 10m).
-        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+        /// How long to follow the run (e.g. 60s, 10m; at most 366 days).
+        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_bounded_duration)]
         timeout: Duration,
     },
     /// List runs, newest first.
@@ -456,8 +457,8 @@ pub enum RunCommand {
         /// Wait for the one run named to end again; exit 0 if it succeeded, 1 otherwise.
         #[arg(long, conflicts_with_all = ["flow", "status"])]
         wait: bool,
-        /// How long --wait waits (e.g. 500ms, 60s, 5m).
-        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+        /// How long --wait waits (e.g. 500ms, 60s, 5m; at most 366 days).
+        #[arg(long, env = "FLOWGRID_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_bounded_duration)]
         timeout: Duration,
     },
     /// Pause running runs: they start no step until resumed.
@@ -634,6 +635,24 @@ pub(crate) fn parse_status(text: &str) -> Result<RunStatus, String> {
         .map_err(|_| format!("{text:?} is not a run status; use running, succeeded, failed, cancelled or timed_out"))
 }
 
+/// The longest duration an option takes (`--timeout`, and its `FLOWGRID_WAIT_TIMEOUT`):
+/// a year and a day, past any wait that makes sense, and far within what a deadline on
+/// the clock can hold.
+const DURATION_MAX: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+/// A duration as [`parse_duration`] reads it, at most [`DURATION_MAX`].
+fn parse_bounded_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration > DURATION_MAX {
+        return Err(format!(
+            "{:?} is longer than {} days, the longest duration taken: give a shorter one (e.g. 10m, 24h, 30d)",
+            text.trim(),
+            DURATION_MAX.as_secs() / (24 * 60 * 60)
+        ));
+    }
+    Ok(duration)
+}
+
 /// The highest `--max-rate`: past what one worker process sends anyway, so a larger value
 /// is a typo, not a bound.
 const RATE_MAX: f64 = 100_000.0;
@@ -757,6 +776,22 @@ mod tests {
         let cli = Cli::try_parse_from(["flowgrid", "flow", "get", "chain", "--version", "2"]).unwrap();
         let Command::Flow(FlowCommand::Show { name, version }) = cli.command else { panic!("expected flow show") };
         assert_eq!((name.as_str(), version), ("chain", Some(2)));
+    }
+
+    #[test]
+    fn a_duration_past_the_bound_is_refused_with_the_bound() {
+        let error = Cli::try_parse_from(["flowgrid", "run", "watch", "r", "--timeout", "10000000000000000000"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--timeout") && error.contains("longer than 366 days"), "{error}");
+        for command in ["tail", "watch"] {
+            assert!(Cli::try_parse_from(["flowgrid", "run", command, "r", "--timeout", "367d"]).is_err(), "{command}");
+        }
+        assert!(Cli::try_parse_from(["flowgrid", "run", "start", "f", "--wait", "--timeout", "367d"]).is_err());
+        assert!(Cli::try_parse_from(["flowgrid", "run", "redrive", "r", "--wait", "--timeout", "367d"]).is_err());
+        let cli = Cli::try_parse_from(["flowgrid", "run", "tail", "r", "--timeout", "366d"]).unwrap();
+        let Command::Run(RunCommand::Tail { timeout, .. }) = cli.command else { panic!("expected run tail") };
+        assert_eq!(timeout, DURATION_MAX);
     }
 
     #[test]

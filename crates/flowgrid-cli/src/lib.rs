@@ -15,6 +15,7 @@ pub mod http_worker;
 mod output;
 mod ui;
 
+use std::ffi::{OsStr, OsString};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
 pub use args::{Cli, Command};
+use flowgrid_proto::{ApiError, ErrorCode, Reply};
 use flowgrid_sdk::{Client, NatsOptions};
 
 /// How long leftover background work may delay the exit once a command is done.
@@ -74,8 +76,14 @@ fn end_quietly_on_closed_pipe() {
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn main() -> ExitCode {
     end_quietly_on_closed_pipe();
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let matches = match Cli::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(error) => return refuse_usage(&error),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => return refuse_usage(&error),
+    };
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     let session = Session {
         nats_url: cli.nats_url.clone(),
@@ -124,6 +132,38 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Reports bad usage clap found (or prints the help or version asked for) and returns
+/// clap's exit code: 2 for bad usage. Under `--json` bad usage is also one JSON answer on
+/// stdout, `invalid_request` with clap's message, as every other failure is.
+fn refuse_usage(error: &clap::Error) -> ExitCode {
+    if error.use_stderr() && json_asked(&Cli::command(), std::env::args_os(), |name| std::env::var_os(name)) {
+        // Rendered as plain text: the colours are for the terminal, on stderr.
+        let rendered = error.render().to_string();
+        let message = rendered.trim().strip_prefix("error: ").unwrap_or(rendered.trim());
+        let _ = output::print_json(&Reply::<()>::Error(ApiError::new(ErrorCode::InvalidRequest, message)));
+    }
+    let _ = error.print();
+    ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(failure::EXIT_INVALID))
+}
+
+/// Whether an invocation clap refused asks for JSON answers, as `--json` is declared: the
+/// flag anywhere before `--` (also past the argument clap stopped at), or its variable set
+/// to `true` (the value clap takes as on). `args` starts with the program's name.
+fn json_asked(
+    command: &clap::Command,
+    args: impl IntoIterator<Item = OsString>,
+    env: impl Fn(&OsStr) -> Option<OsString>,
+) -> bool {
+    let Some(json) = command.get_arguments().find(|arg| arg.get_id() == "json") else { return false };
+    let flag = json.get_long().map(|long| format!("--{long}"));
+    let given = args
+        .into_iter()
+        .skip(1)
+        .take_while(|arg| arg != "--")
+        .any(|arg| flag.as_deref().is_some_and(|flag| arg == flag));
+    given || json.get_env().and_then(env).is_some_and(|value| value == "true")
+}
+
 /// Threads for blocking work: shard files opened and scanned at once.
 const BLOCKING_THREADS_MAX: usize = 64;
 
@@ -142,4 +182,28 @@ fn init_tracing(default_level: &str) {
         .unwrap_or_else(|| EnvFilter::new(default_level));
     let colored = std::io::stderr().is_terminal();
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colored).init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_asked_by_the_flag_anywhere_before_a_double_dash_or_by_its_variable_set_to_true() {
+        let asked = |args: &[&str], variable: Option<&str>| {
+            let args = std::iter::once("flowgrid").chain(args.iter().copied()).map(OsString::from);
+            json_asked(&Cli::command(), args, |name| {
+                assert_eq!(name, "FLOWGRID_JSON");
+                variable.map(OsString::from)
+            })
+        };
+        assert!(asked(&["--json", "shards", "--all", "--history", "5"], None));
+        assert!(asked(&["run", "list", "--status", "done", "--json"], None), "past the bad value");
+        assert!(asked(&["run", "list", "--status", "done"], Some("true")));
+        assert!(!asked(&["run", "list", "--status", "done"], None));
+        assert!(!asked(&["run", "list", "--status", "done"], Some("1")), "clap refuses 1 for it");
+        assert!(!asked(&["run", "list", "--status", "done"], Some("false")));
+        assert!(!asked(&["run", "signal", "r", "s", "--", "--json"], None), "a value after --");
+        assert!(!asked(&["run", "list", "--json=true"], None), "clap refuses a value for the flag");
+    }
 }

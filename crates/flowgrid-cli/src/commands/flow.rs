@@ -281,12 +281,14 @@ fn deploy_checks(definition: FlowDefinition, evaluator: &Evaluator, limits: &Lim
     }
 }
 
-/// `flow check`: parses and compiles each file as a deploy would, with the default limits.
+/// `flow check`: parses and compiles each file as a deploy would, with the default limits;
+/// exit 2 if any file has a problem.
 pub(crate) fn check(files: &[PathBuf], session: &Session) -> anyhow::Result<ExitCode> {
     let reports = check_files(files);
     print_checks(&reports, session)?;
     let valid = reports.iter().all(|(_, checked)| checked.is_ok());
-    Ok(if valid { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    // Exit 2, an invalid definition, as `flow deploy` of several files exits for them.
+    Ok(if valid { ExitCode::SUCCESS } else { ExitCode::from(crate::failure::EXIT_INVALID) })
 }
 
 /// Prints what `flow check` found, a line per file (an array with `--json`).
@@ -342,7 +344,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.yaml");
         std::fs::write(&bad, "name: bad\nsteps:\n  - { id: b, kind: transform, after: [zz], output: '1' }\n").unwrap();
-        assert_eq!(check(&[bundled[0].clone(), bad], &session).unwrap(), ExitCode::FAILURE);
-        assert_eq!(check(&[dir.path().join("missing.yaml")], &session).unwrap(), ExitCode::FAILURE);
+        let invalid = ExitCode::from(crate::failure::EXIT_INVALID);
+        assert_eq!(check(&[bundled[0].clone(), bad], &session).unwrap(), invalid);
+        assert_eq!(check(&[dir.path().join("missing.yaml")], &session).unwrap(), invalid);
     }
 }

@@ -76,16 +76,15 @@ pub(crate) async fn follow<F: Future<Output = anyhow::Result<()>>>(
 ) -> anyhow::Result<Option<RunStatus>> {
     let run_id = &view.run_id;
     let mut pieces = client.tail(run_id, step).await?;
-    let deadline = Instant::now() + timeout;
+    // A timeout past what the clock can count sets no deadline (the parser bounds it well
+    // within).
+    let deadline = Instant::now().checked_add(timeout);
     let mut ended: Option<(RunStatus, Instant)> = view.status.is_terminal().then(|| (view.status, Instant::now()));
     let mut poll = tokio::time::interval(POLL);
     loop {
         // The timeout holds after the end too: output that keeps coming (a redrive's new
         // attempt, a worker that missed its cancel) does not hold the tail past it.
-        let stop_at = match ended {
-            Some((_, at)) => (at + DRAIN).min(deadline),
-            None => deadline,
-        };
+        let stop_at = ended.map(|(_, at)| at + DRAIN).into_iter().chain(deadline).min();
         tokio::select! {
             piece = pieces.next() => match piece {
                 Some(Ok(piece)) => {
@@ -103,10 +102,18 @@ pub(crate) async fn follow<F: Future<Output = anyhow::Result<()>>>(
                     ended = Some((view.status, Instant::now()));
                 }
             }
-            () = tokio::time::sleep_until(stop_at.into()) => break,
+            () = sleep_until(stop_at) => break,
         }
     }
     Ok(ended.map(|(status, _)| status))
+}
+
+/// Sleeps until `at`; with no time, for ever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A piece as `run tail --json` prints it and the HTTP API sends it: its step, item and

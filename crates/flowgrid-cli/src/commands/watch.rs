@@ -25,7 +25,9 @@ pub(super) async fn watch(
     timeout: Duration,
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
-    let deadline = Instant::now() + timeout;
+    // A timeout past what the clock can count sets no deadline (the parser bounds it well
+    // within).
+    let deadline = Instant::now().checked_add(timeout);
     let mut last: Option<RunView> = None;
     // Read whole (the steps' progress reports are data) until the run is too large for
     // one message; from then on without its data, which the changes need but for progress.
@@ -57,7 +59,7 @@ pub(super) async fn watch(
         if view.status.is_terminal() {
             return Ok(if view.status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             eprintln!("run {run_id} is still running after {}", duration_ms(timeout.as_millis() as u64));
             return Ok(ExitCode::FAILURE);
         }
