@@ -342,19 +342,7 @@ async fn a_coordinator_that_cannot_read_the_members_does_not_join_unchecked() ->
         .await?;
     let holder = consumer::pull::Config { durable_name: Some("holder".to_owned()), ..Default::default() };
     members.create_consumer(holder).await?;
-    let mut coordinator = tokio::process::Command::new(flowgrid_tests::flowgrid_bin())
-        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "coordinator", "--metrics-addr", "off"])
-        .args(["--shards", &grid.shards.to_string(), "--data-dir"])
-        .arg(grid.data_dir())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stderr = coordinator.stderr.take().expect("piped");
-    let read = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
-        text
-    });
+    let (mut coordinator, read) = spawn_coordinator_reading_its_log(&grid)?;
     let Ok(status) = tokio::time::timeout(SETTLE, coordinator.wait()).await else {
         coordinator.kill().await?;
         panic!("the coordinator joined without checking the members' stores:\n{}", read.await?);
@@ -376,19 +364,7 @@ async fn a_coordinator_leaves_when_one_with_another_store_joined_while_it_starte
     // as one started at the same instant would.
     let mut stream_requests = nats.subscribe(format!("$JS.API.STREAM.*.{}", subjects.tasks_stream())).await?;
     nats.flush().await?;
-    let mut coordinator = tokio::process::Command::new(flowgrid_tests::flowgrid_bin())
-        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "coordinator", "--metrics-addr", "off"])
-        .args(["--shards", &grid.shards.to_string(), "--data-dir"])
-        .arg(grid.data_dir())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stderr = coordinator.stderr.take().expect("piped");
-    let read = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
-        text
-    });
+    let (mut coordinator, read) = spawn_coordinator_reading_its_log(&grid)?;
     if tokio::time::timeout(SETTLE, stream_requests.next()).await?.is_none() {
         anyhow::bail!("the coordinator never asked about its tasks stream:\n{}", read.await?);
     }
@@ -420,4 +396,25 @@ async fn a_coordinator_leaves_when_one_with_another_store_joined_while_it_starte
     let keys: Vec<String> = futures::TryStreamExt::try_collect(members.keys().await?).await?;
     assert_eq!(keys, vec![other.id], "{stderr}");
     Ok(())
+}
+
+/// A coordinator of `grid` started by hand, and the task that reads its log (stderr) to
+/// its exit.
+fn spawn_coordinator_reading_its_log(
+    grid: &Grid,
+) -> anyhow::Result<(tokio::process::Child, tokio::task::JoinHandle<String>)> {
+    let mut coordinator = tokio::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "coordinator", "--metrics-addr", "off"])
+        .args(["--shards", &grid.shards.to_string(), "--data-dir"])
+        .arg(grid.data_dir())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stderr = coordinator.stderr.take().expect("piped");
+    let read = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+        text
+    });
+    Ok((coordinator, read))
 }
