@@ -1200,3 +1200,46 @@ async fn the_history_of_an_unknown_run_is_not_found_from_any_record_on() -> anyh
     }
     Ok(())
 }
+
+/// 300 runs with 16 labels of the largest size (about 5.3 KB each, 1.6 MB in all) listed
+/// 1,000 at a time on a server whose max_payload is 1 MB: the listing comes in pages that
+/// each fit a message, each but the last with a `next_cursor`, and lists every run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_list_of_runs_with_large_labels_comes_in_pages_that_fit_a_message() -> anyhow::Result<()> {
+    use flowgrid_model::labels::{LABELS_MAX, LABEL_KEY_BYTES_MAX, LABEL_VALUE_BYTES_MAX};
+
+    let mut grid = Grid::start_nats_with_config("max_payload: 1MB")?;
+    grid.start_coordinator().await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, "name: quick\nsteps:\n  - { id: t, kind: transform, output: 'input' }\n").await?;
+    let mut labelled = start("quick", json!({}), None);
+    labelled.labels = (0..LABELS_MAX)
+        .map(|n| (format!("{n:0>width$}", width = LABEL_KEY_BYTES_MAX), "v".repeat(LABEL_VALUE_BYTES_MAX)))
+        .collect();
+    let mut started = HashSet::new();
+    // 50 a request: 300 at once would be a request over max_payload.
+    for _ in 0..6 {
+        for outcome in client.start_many(&vec![labelled.clone(); 50]).await.or_logs(&grid)? {
+            started.insert(outcome.map_err(|error| anyhow::anyhow!("{error}"))?.run_id);
+        }
+    }
+    assert_eq!(started.len(), 300);
+
+    let mut listed = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let page = client.list(query(Some("quick"), None, Some(1_000), cursor)).await.or_logs(&grid)?;
+        pages += 1;
+        listed.extend(page.runs.into_iter().map(|run| run.run_id));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+        assert!(pages < 300, "a page of no run, again and again: {cursor:?}");
+    }
+    assert!(pages > 2, "1.6 MB of runs in {pages} pages");
+    assert_eq!(listed.len(), 300, "each run listed once: {} listed in {pages} pages", listed.len());
+    assert_eq!(listed.into_iter().collect::<HashSet<_>>(), started);
+    Ok(())
+}

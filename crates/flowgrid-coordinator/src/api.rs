@@ -106,7 +106,8 @@ const CURSOR_BYTES_MAX: usize = 20 + 1 + RUN_ID_BYTES_MAX;
 /// Shards asked at once by requests that cover every shard (lists).
 const FAN_OUT_MAX: usize = 32;
 /// Requests that cover every shard served at once: each may gather a page from every
-/// shard (64 pages of up to 1,001 runs), so their number bounds the memory they take.
+/// shard (64 pages of up to 1,001 runs and 512 KiB), so their number bounds the memory
+/// they take.
 pub const FAN_OUTS_MAX: usize = 16;
 
 /// A refusal of a request because a bound of this coordinator is reached (`overloaded`,
@@ -256,7 +257,7 @@ impl Api {
             "run.get" => call(encoding, payload, |request: GetRun| self.get_run(request)).await,
             "run.history" => call(encoding, payload, |request| self.run_history(request)).await,
             "limit.list" => call(encoding, payload, |request| self.list_limits(request)).await,
-            "run.list" => call(encoding, payload, |request| self.list_runs(request)).await,
+            "run.list" => call(encoding, payload, |request| self.list_runs(request, encoding)).await,
             "run.cancel" => call(encoding, payload, |request| self.cancel_run(request)).await,
             "run.redrive" => call(encoding, payload, |request| self.redrive_run(request)).await,
             "run.pause" => call(encoding, payload, |request| self.pause_run(request, true)).await,
@@ -730,8 +731,8 @@ impl Api {
     }
 
     /// Newest first over every shard: each shard gives its newest matching runs older than
-    /// the cursor, and the merge keeps the newest `limit`.
-    async fn list_runs(&self, request: ListRuns) -> Result<RunList, ApiError> {
+    /// the cursor, and the merge keeps the newest `limit` that fit a reply in `encoding`.
+    async fn list_runs(&self, request: ListRuns, encoding: Encoding) -> Result<RunList, ApiError> {
         let limit = page_limit(request.limit, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX)?;
         // The query goes to every shard: nothing in it may be larger than what it can match.
         self.check_flow_filter(request.flow.as_deref())?;
@@ -770,7 +771,7 @@ impl Api {
             other => Err(other),
         };
         let pages = self.ask_all(query, pick, |pages| merge_runs_pages(pages, limit)).await?;
-        Ok(run_list(pages.into_iter().next().unwrap_or_default(), limit))
+        Ok(run_list(pages.into_iter().next().unwrap_or_default(), limit, encoding))
     }
 }
 
@@ -829,13 +830,14 @@ fn merge_runs_pages(pages: &mut Vec<RunsPage>, limit: usize) {
     pages.push(merged);
 }
 
-/// The page of a listing from the shards' pages merged: the newest `limit` runs, and the
-/// cursor the next page goes on from.
+/// The page of a listing from the shards' pages merged: the newest `limit` runs within
+/// [`RunsPage::BYTES_MAX`] bytes of them in `encoding` (the reply's), and the cursor the
+/// next page goes on from.
 ///
 /// Past a stop point some shard did not look: the page ends there. The run at the stop
-/// point itself was looked at (a shard stops at the last entry it read), so it is on this
-/// page, and the next one reads what is older.
-fn run_list(page: RunsPage, limit: usize) -> RunList {
+/// point itself was looked at (a shard stops at the last entry it read, or at the last run
+/// it sent), so it is on this page, and the next one reads what is older.
+fn run_list(page: RunsPage, limit: usize, encoding: Encoding) -> RunList {
     let RunsPage { mut runs, scanned_to } = page;
     runs.sort_by(newest_first);
     if let Some((created_ms, run_id)) = &scanned_to {
@@ -843,6 +845,10 @@ fn run_list(page: RunsPage, limit: usize) -> RunList {
     }
     let more = runs.len() > limit;
     runs.truncate(limit);
+    // A page its bytes end stops at its last run: the next page goes on after it.
+    let mut page = RunsPage { runs, scanned_to };
+    page.end_within_bytes(encoding);
+    let RunsPage { runs, scanned_to } = page;
     let next_cursor = match (more, scanned_to) {
         (true, _) => runs.last().map(crate::shard::cursor_of),
         (false, Some((created_ms, run_id))) => Some(crate::shard::cursor(created_ms, &run_id)),
@@ -1097,7 +1103,7 @@ mod tests {
     fn the_run_a_shard_s_scan_stopped_at_is_on_the_page() {
         let rare = ended_run(1_000, "r-oldest");
         let page = RunsPage { runs: vec![rare.clone()], scanned_to: Some((1_000, rare.run_id.clone())) };
-        let list = run_list(page, 50);
+        let list = run_list(page, 50, Encoding::MsgPack);
         assert_eq!(ids(&list), ["r-oldest"]);
         assert_eq!(list.next_cursor, Some(crate::shard::cursor(1_000, &rare.run_id)));
     }
@@ -1117,7 +1123,7 @@ mod tests {
             merge_runs_pages(&mut pages, 50);
         }
         assert_eq!(pages.len(), 1);
-        let list = run_list(pages.pop().unwrap(), 50);
+        let list = run_list(pages.pop().unwrap(), 50, Encoding::MsgPack);
         assert_eq!(ids(&list), ["a-1", "b-1", "a-2"]);
         assert_eq!(list.next_cursor.as_deref(), Some("50.a-2"), "b-2 comes on the next page");
         // A full page ends at its last run, newer than the stop point.
@@ -1125,8 +1131,56 @@ mod tests {
             runs: vec![ended_run(100, "a-1"), ended_run(80, "b-1"), ended_run(50, "a-2")],
             scanned_to: Some((50, RunId("a-2".into()))),
         };
-        let list = run_list(page, 2);
+        let list = run_list(page, 2, Encoding::MsgPack);
         assert_eq!((ids(&list), list.next_cursor.as_deref()), (vec!["a-1", "b-1"], Some("80.b-1")));
+    }
+
+    /// An ended run with 16 labels of the largest size, whose values JSON escapes: about
+    /// 5.3 KB of MessagePack, 25 KB of JSON.
+    fn labelled_run(created_ms: u64, run_id: &str) -> RunSummary {
+        let labels = (0..flowgrid_model::labels::LABELS_MAX)
+            .map(|n| (format!("{n:0>64}"), "\u{1}".repeat(flowgrid_model::labels::LABEL_VALUE_BYTES_MAX)))
+            .collect();
+        RunSummary { labels, ..ended_run(created_ms, run_id) }
+    }
+
+    /// 300 runs with large labels on two shards, listed 1,000 at a time as JSON: each reply
+    /// stays within half a MiB of runs (7.7 MB whole, it would be refused), and the pages
+    /// list every run once, newest first.
+    #[test]
+    fn a_run_listing_pages_by_bytes_and_lists_every_run_once() {
+        let shards: [Vec<RunSummary>; 2] = [0, 1]
+            .map(|shard| (0..150).rev().map(|n| labelled_run(2 * n + shard, &format!("s{shard}-{n:03}"))).collect());
+        let limit = 1_000;
+        let mut cursor: Option<String> = None;
+        let mut listed = Vec::new();
+        for _ in 0..300 {
+            let mut pages = Vec::new();
+            for runs in &shards {
+                // What a shard answers: its runs older than the cursor, `limit + 1` at most.
+                let older = |run: &&RunSummary| {
+                    let after = cursor.as_deref().and_then(|cursor| cursor.split_once('.'));
+                    after.is_none_or(|(created_ms, run_id)| {
+                        (run.created_ms, run.run_id.as_str()) < (created_ms.parse().unwrap(), run_id)
+                    })
+                };
+                let mut page =
+                    RunsPage { runs: runs.iter().filter(older).take(limit + 1).cloned().collect(), scanned_to: None };
+                page.end_within_bytes(Encoding::MsgPack);
+                pages.push(page);
+                merge_runs_pages(&mut pages, limit);
+            }
+            let list = run_list(pages.pop().unwrap(), limit, Encoding::Json);
+            let reply = flowgrid_proto::encode(Encoding::Json, &Reply::Ok(list.clone())).unwrap();
+            assert!(reply.len() <= RunsPage::BYTES_MAX + 1_024, "a reply of {} bytes", reply.len());
+            assert!(!list.runs.is_empty(), "a page after {cursor:?} is empty");
+            listed.extend(list.runs.iter().map(|run| run.created_ms));
+            cursor = list.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(listed, (0..300).rev().collect::<Vec<u64>>(), "each run once, newest first");
     }
 
     /// MessagePack of `count` 32-bit floats in one array: 5 bytes each, 9 once re-encoded.

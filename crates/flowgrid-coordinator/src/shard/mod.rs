@@ -222,8 +222,9 @@ pub struct RunsPage {
     /// Its newest matching runs older than the cursor, newest first.
     pub runs: Vec<RunSummary>,
     /// Where its scan of the listing index stopped (creation time and run id) when it read
-    /// as many entries as one request may before it found enough matches: its runs older
-    /// than that were not looked at.
+    /// as many entries as one request may before it found enough matches, or the last run
+    /// it kept when its page reached its byte bound: its runs older than that were not
+    /// looked at or not sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scanned_to: Option<(flowgrid_model::Millis, RunId)>,
 }

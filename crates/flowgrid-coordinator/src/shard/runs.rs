@@ -15,8 +15,8 @@ use flowgrid_engine::{
 use flowgrid_model::limits::{json_bytes, nesting_depth, Limits, PAUSES_MAX, PROGRESS_BYTES_MAX, SUBFLOW_DEPTH_MAX};
 use flowgrid_model::{has_labels, AttemptId, FlowPlan, Labels, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
-    ApiError, ChildEndTaken, ChildRunEnded, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled, RunEnded,
-    RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, SignalRun, TaskResult,
+    ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled,
+    RunEnded, RunPaused, RunRedriven, RunSignalled, RunStarted, RunSummary, SignalRun, TaskResult,
 };
 use flowgrid_store::{keys, ShardStore};
 use serde_json::Value;
@@ -652,7 +652,8 @@ impl<S: ShardStore> ShardActor<S> {
         })))
     }
 
-    /// Up to `limit` runs of this shard matching `query`, newest first, older than the cursor.
+    /// Up to `limit` runs of this shard matching `query`, newest first, older than the
+    /// cursor, within [`RunsPage::BYTES_MAX`] bytes (its stop point says where it ended).
     ///
     /// Active runs come from memory, ended runs from the listing index: an active run has
     /// no listing entry of its own (one written by an earlier version is skipped).
@@ -685,7 +686,9 @@ impl<S: ShardStore> ShardActor<S> {
             active.into_iter().map(|(_, run_id, run)| active_summary(run_id, run)).collect();
         if query.status == Some(RunStatus::Running) {
             // The listing index holds no running run that is not in memory.
-            return Ok(RunsPage { runs, scanned_to: None });
+            let mut page = RunsPage { runs, scanned_to: None };
+            page.end_within_bytes(Encoding::MsgPack);
+            return Ok(page);
         }
 
         let mut range = keys::created_between(query.since_ms, query.until_ms);
@@ -720,7 +723,10 @@ impl<S: ShardStore> ShardActor<S> {
         // Both parts are newest first: merge them and keep the newest `limit`.
         runs.sort_by(|a, b| (b.created_ms, &b.run_id).cmp(&(a.created_ms, &a.run_id)));
         runs.truncate(limit);
-        Ok(RunsPage { runs, scanned_to })
+        // Sent as MessagePack to the coordinator that asked, maybe over NATS.
+        let mut page = RunsPage { runs, scanned_to };
+        page.end_within_bytes(Encoding::MsgPack);
+        Ok(page)
     }
 
     /// The record of a run that is not in memory, so has ended; `not_found` when there is
@@ -1093,6 +1099,40 @@ fn summary(run_id: &RunId, record: &RunRecord, parent: Option<RunId>, labels: La
     }
 }
 
+impl RunsPage {
+    /// A page of a run listing (a shard's, and the API's reply) ends before this many bytes
+    /// of summaries, with one run at least: far below the largest NATS message (1 MiB by
+    /// default), which 1,000 runs with 16 labels of the largest size (about 5.3 KB each)
+    /// would be five times over.
+    pub const BYTES_MAX: usize = 512 * 1024;
+
+    /// Ends the page, its runs newest first, before [`RunsPage::BYTES_MAX`] bytes of
+    /// summaries in `encoding`, keeping one run at least. Where it ends the page early, its
+    /// last run becomes the page's stop point (unless the page stopped at a newer run
+    /// already): every matching run newer than it is on the page, so a listing goes on with
+    /// the runs older than it, skipping none. Returns whether it ended the page early.
+    pub fn end_within_bytes(&mut self, encoding: Encoding) -> bool {
+        let mut bytes = 0usize;
+        let fits = self
+            .runs
+            .iter()
+            .take_while(|run| {
+                let size = flowgrid_proto::encode(encoding, run).map_or(0, |encoded| encoded.len());
+                bytes = bytes.saturating_add(size);
+                bytes <= Self::BYTES_MAX
+            })
+            .count()
+            .max(1);
+        if fits >= self.runs.len() {
+            return false;
+        }
+        self.runs.truncate(fits);
+        let last = self.runs.last().map(|run| (run.created_ms, run.run_id.clone()));
+        self.scanned_to = self.scanned_to.take().max(last);
+        true
+    }
+}
+
 /// The cursor of a page that ends at this run.
 pub fn cursor_of(summary: &RunSummary) -> String {
     cursor(summary.created_ms, &summary.run_id)
@@ -1401,5 +1441,59 @@ steps:
             (approve.status, approve.output),
             (flowgrid_engine::StepStatus::Succeeded, Some(json!({"by": "b"})))
         );
+    }
+
+    /// An ended run's summary with 16 labels of the largest size: about 5.3 KB of
+    /// MessagePack.
+    fn labelled_run(created_ms: Millis) -> RunSummary {
+        let labels = (0..flowgrid_model::labels::LABELS_MAX)
+            .map(|n| (format!("{n:0>64}"), "v".repeat(flowgrid_model::labels::LABEL_VALUE_BYTES_MAX)))
+            .collect();
+        let record = RunRecord {
+            flow: "wide".to_owned(),
+            version: 1,
+            status: RunStatus::Succeeded,
+            created_ms,
+            ended_ms: Some(created_ms + 1),
+            view_in_history: false,
+        };
+        summary(&RunId(format!("run-{created_ms:04}").into()), &record, None, labels)
+    }
+
+    fn msgpack_bytes(runs: &[RunSummary]) -> usize {
+        runs.iter().map(|run| flowgrid_proto::encode(Encoding::MsgPack, run).unwrap().len()).sum()
+    }
+
+    /// A shard's page of 300 runs with large labels (1.6 MB) ends before 512 KiB of them as
+    /// MessagePack, at its last run, which becomes its stop point; a scan that stopped at a
+    /// newer run keeps that stop; a page within the bound, and one run alone however large,
+    /// are left whole.
+    #[test]
+    fn a_shard_s_run_page_ends_before_its_byte_bound_at_the_last_run_it_keeps() {
+        let runs: Vec<RunSummary> = (0..300).rev().map(labelled_run).collect();
+        assert!(msgpack_bytes(&runs) > 2 * RunsPage::BYTES_MAX, "{} bytes", msgpack_bytes(&runs));
+        let mut page = RunsPage { runs: runs.clone(), scanned_to: None };
+        assert!(page.end_within_bytes(Encoding::MsgPack));
+        let kept = page.runs.len();
+        assert!(kept > 1 && runs[..kept] == page.runs[..], "the newest {kept} runs in order");
+        assert!(msgpack_bytes(&page.runs) <= RunsPage::BYTES_MAX, "{} bytes", msgpack_bytes(&page.runs));
+        assert!(msgpack_bytes(&runs[..=kept]) > RunsPage::BYTES_MAX, "one more run would not fit");
+        let last = &page.runs[kept - 1];
+        assert_eq!(page.scanned_to, Some((last.created_ms, last.run_id.clone())), "the listing goes on after it");
+
+        let newer_stop = Some((runs[2].created_ms, runs[2].run_id.clone()));
+        let mut page = RunsPage { runs: runs.clone(), scanned_to: newer_stop.clone() };
+        assert!(page.end_within_bytes(Encoding::MsgPack));
+        assert_eq!(page.scanned_to, newer_stop, "its runs past the scan's stop were not all looked at");
+
+        let mut small = RunsPage { runs: runs[..10].to_vec(), scanned_to: None };
+        assert!(!small.end_within_bytes(Encoding::MsgPack));
+        assert_eq!((small.runs.len(), small.scanned_to), (10, None));
+        let mut huge = labelled_run(1);
+        huge.flow = "f".repeat(2 * RunsPage::BYTES_MAX);
+        let mut alone = RunsPage { runs: vec![huge.clone(), labelled_run(0)], scanned_to: None };
+        assert!(alone.end_within_bytes(Encoding::MsgPack));
+        assert_eq!(alone.runs, vec![huge.clone()], "one run at least");
+        assert_eq!(alone.scanned_to, Some((huge.created_ms, huge.run_id)));
     }
 }
