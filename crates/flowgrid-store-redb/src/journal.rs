@@ -1053,28 +1053,24 @@ fn remove_journal_dir(dir: &Path) -> bool {
 /// into the shard file.
 ///
 /// Several processes append to `replayed`, and a full disk may cut a note short. Each note
-/// is one `write` to a file opened for appending, so notes never interleave; after a line
-/// cut short it begins a line of its own, so that the two never read as another shard's
-/// note (`1` and `2 1` as shard 12); and a note cut short is not finished by a second
-/// write, which could land after another process's note. What a cut note leaves is a line
-/// [`read_replayed`] ignores, or one with its epoch cut short, which claims less than was
-/// replayed.
+/// is one `write` to a file opened for appending, so notes never interleave; each begins
+/// with a line break of its own, so that a line cut short before it never reads with it as
+/// another shard's note (`1` and `2 1` as shard 12); and a note cut short is not finished
+/// by a second write, which could land after another process's note. What a cut note
+/// leaves is a line [`read_replayed`] ignores, or one with its epoch cut short, which
+/// claims less than was replayed.
 pub(crate) fn note_replayed(root: &Path, writer: &str, shard: ShardId, epoch: Epoch) -> Result<()> {
     let path = root.join(writer).join("replayed");
-    let open = |create| OpenOptions::new().create(create).read(true).append(true).open(&path);
+    let open = |create| OpenOptions::new().create(create).append(true).open(&path);
     let mut file = match open(false) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound && !root.join(writer).exists() => return Ok(()),
         Err(_) => open(true).map_err(|error| backend(PathError::new("note a replayed shard in", &path, error)))?,
     };
     let mut append = || -> io::Result<()> {
-        let length = file.metadata()?.len();
-        let mut last = [b'\n'];
-        if length > 0 {
-            file.read_exact_at(&mut last, length - 1)?;
-        }
-        let start = if last[0] == b'\n' { "" } else { "\n" };
-        let note = format!("{start}{} {}\n", shard.0, epoch.0);
+        // A line of its own whatever came before: another process's note cut short (a full
+        // disk) may end the file at any moment, so the last byte read first would not do.
+        let note = format!("\n{} {}\n", shard.0, epoch.0);
         let written = file.write(note.as_bytes())?;
         if written < note.len() {
             return Err(io::Error::new(

@@ -110,7 +110,8 @@ async fn commits_in_the_journal_survive_a_crash_before_any_checkpoint() {
     // Every shard the dead process left dirty was replayed: its journal is garbage now.
     let replayed = std::fs::read_dir(dir.path().join("journal")).unwrap().next().unwrap().unwrap().path();
     let noted = std::fs::read_to_string(replayed.join("replayed")).unwrap();
-    assert_eq!(noted.lines().count(), SHARDS.len(), "each replayed shard is noted: {noted}");
+    let notes = noted.lines().filter(|line| !line.is_empty()).count();
+    assert_eq!(notes, SHARDS.len(), "each replayed shard is noted: {noted}");
 
     // A second opening replays nothing twice and the data is now in the file itself. The
     // first store goes first, so that its checkpointer is not sweeping the dead journal (and
