@@ -28,8 +28,9 @@
 //!   [`VALUE_DEPTH_MAX`] levels. `map`, `zip`, `reduce`, `replace`, `split` and `pad` check
 //!   these bounds as they build, not once they are done, counting the values a function
 //!   pointer holds (`curry(|b| b, input.big)`) too.
-//! - No value is NaN or infinity: float arithmetic that would make one is an error where it
-//!   happens, and so is a number literal too large for a float.
+//! - Float arithmetic and the math functions that would make NaN or infinity are an error
+//!   where they happen, and so is a result or a `parse_float` that is one. A number literal
+//!   too large for a float (`1e400`) still reads as infinity.
 //!
 //! ```
 //! use flowgrid_model::{Evaluator, Limits, Scope};
