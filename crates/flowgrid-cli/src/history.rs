@@ -57,7 +57,7 @@ fn describe_event(event: &Event) -> String {
         },
         Event::CancelRequested { reason } => format!("cancel asked: {reason}"),
         Event::SignalReceived { step, data, .. } => format!("signal for step {step}: {}", short(data)),
-        Event::ChildEnded { step, item, child, status, output, error, refused } => {
+        Event::ChildEnded { step, item, child, status, output, error, refused, .. } => {
             let item = item.map(|item| format!("[{item}]")).unwrap_or_default();
             if *refused {
                 let why =
@@ -150,6 +150,7 @@ mod tests {
             output: Some(json!(7)),
             error: None,
             refused: false,
+            keeps_round: false,
         };
         assert_eq!(describe(&record(child)), "child run c of step encode[1] succeeded: 7");
         let long = Event::SignalReceived { step: "review".into(), data: json!("x".repeat(500)), id: None };

@@ -53,6 +53,11 @@ pub enum Event {
         /// The child could not be started at all: the grid refused its start.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         refused: bool,
+        /// The refusal keeps its round, so the step's next child takes a new one. False in
+        /// histories recorded before this field: the refusal gave its round back, and the
+        /// step's next child took the refused one's round (and id) again.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        keeps_round: bool,
     },
     /// Someone asked to pause the run: it starts no more steps until it is resumed (see
     /// [`crate::Run::paused`]).

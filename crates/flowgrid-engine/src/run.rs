@@ -175,13 +175,14 @@ impl Run {
             Event::TaskProgress { attempt, details } => self.on_task_progress(attempt, details),
             Event::TimerFired { timer } => self.on_timer(timer, &mut context),
             Event::SignalReceived { step, data, .. } => self.on_signal(step, data, &mut context),
-            Event::ChildEnded { step, item, child, status, output, error, refused } => {
+            Event::ChildEnded { step, item, child, status, output, error, refused, keeps_round } => {
                 let ended = subflows::ChildEnd {
                     child,
                     status: *status,
                     output: output.as_ref(),
                     error: error.as_ref(),
                     refused: *refused,
+                    keeps_round: *keeps_round,
                 };
                 self.on_child_ended(step, *item, ended, &mut context)
             }

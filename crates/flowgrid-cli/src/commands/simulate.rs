@@ -329,6 +329,7 @@ fn drive(
                         output,
                         error,
                         refused: false,
+                        keeps_round: false,
                     });
                 }
                 Effect::ArmTimer { timer, due_ms, .. } => {

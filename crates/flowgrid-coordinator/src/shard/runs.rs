@@ -394,7 +394,9 @@ impl<S: ShardStore> ShardActor<S> {
             self.ended_run(&parent).await?;
             return Ok(ChildEndTaken { applied: false });
         }
-        let event = Event::ChildEnded { step, item, child, status, output, error, refused };
+        // A refusal keeps its round, when it is applied and whenever its history is replayed
+        // (one recorded before the flag gave its round back).
+        let event = Event::ChildEnded { step, item, child, status, output, error, refused, keeps_round: refused };
         let applied = self.apply_event(&parent, event, now_ms(), batch);
         Ok(ChildEndTaken { applied })
     }

@@ -23,10 +23,12 @@ pub(super) struct StepState {
     /// At least one resolved dependency activated an edge to this step.
     pub activated: bool,
     /// Attempts dispatched so far (for a map: over all items; for a subflow step: the
-    /// children asked for, refused ones included, so that no round is used twice).
+    /// children asked for, refused ones included, so that no round is used twice; a
+    /// refusal recorded before refusals kept their round took its child back out).
     pub attempts: u32,
-    /// Of a subflow step's `attempts`, the children whose start the grid refused (for one
-    /// with items: over all items): none of them ran, so the view leaves them out.
+    /// Of a subflow step's `attempts`, the children whose start the grid refused and whose
+    /// round the refusal kept (for one with items: over all items): none of them ran, so
+    /// the view leaves them out.
     pub refused_children: u32,
     /// The latest child a subflow step with one child asked for was refused: the view
     /// names no child run until the step asks for another.

@@ -5,7 +5,9 @@
 //! ([`ParentRef::child_run_id`]), so the step knows its child before it exists, starting
 //! it again starts nothing new, and only that child's end is taken. Every child a step asks
 //! for takes a round of its own, one whose start was refused too (the refusal may have
-//! come after the grid made the child), so no id is asked for twice. The child's end comes
+//! come after the grid made the child), so no id is asked for twice. (A refusal recorded
+//! before refusals kept their round gave it back: replaying it, the step's next child takes
+//! that round again, as it did then.) The child's end comes
 //! back as [`Event::ChildEnded`](crate::Event::ChildEnded): its output is the step's
 //! output; any other end fails the step with the child's error, which a catch may take.
 //! With `items` the step is a map whose items are child runs ([`super::map`]): each
@@ -34,6 +36,9 @@ pub(super) struct ChildEnd<'a> {
     /// The grid refused to start the child: it ran nothing (though a start refused after
     /// its shard applied it may have made it, so its round is not used again).
     pub refused: bool,
+    /// The refusal keeps its round (every refusal recorded since refusals do); without it,
+    /// one recorded before gave its round back, for the step's next child to take again.
+    pub keeps_round: bool,
 }
 
 impl Run {
@@ -245,9 +250,15 @@ impl Run {
         let error =
             (ended.status != RunStatus::Succeeded || ended.error.is_some()).then(|| child_error(&spec.flow, &ended));
         if ended.refused {
-            // Its round stays taken: the next child of the step gets a new one.
             let state = self.state(index);
-            state.refused_children += 1;
+            if ended.keeps_round {
+                // Its round stays taken: the next child of the step gets a new one.
+                state.refused_children += 1;
+            } else {
+                // Recorded when a refusal gave its round back: the step's next child took
+                // it again, and its end in this history names that child.
+                state.attempts = state.attempts.saturating_sub(1);
+            }
             state.child_refused = item.is_none();
         }
         let output = ended.output.cloned().unwrap_or(Value::Null);
@@ -353,7 +364,8 @@ fn child_error(flow: &str, ended: &ChildEnd<'_>) -> TaskError {
 }
 
 /// The round of the latest child of a subflow step with one child: one child per round,
-/// so the children it asked for before (refused ones included).
+/// so the children it asked for before (refused ones included, unless their refusal gave
+/// its round back).
 fn single_round(state: &StepState) -> u32 {
     state.attempts.saturating_sub(1)
 }

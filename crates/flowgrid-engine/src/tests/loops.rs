@@ -43,6 +43,7 @@ fn succeeded(round: u32, output: Value) -> Event {
         output: Some(output),
         error: None,
         refused: false,
+        keeps_round: false,
     }
 }
 
@@ -118,6 +119,7 @@ fn a_failed_iteration_fails_the_loop_and_a_broken_condition_fails_the_run() {
         output: None,
         error: Some(error),
         refused: false,
+        keeps_round: false,
     };
     assert_eq!(harness.apply(10, failed), Applied::Accepted);
     assert!(started_inputs(&harness.effects).is_empty(), "no next iteration after a failure");

@@ -229,6 +229,7 @@ fn a_redriven_subflow_step_starts_a_child_of_its_own() {
         output: Some(json!({"size": 1})),
         error: None,
         refused: false,
+        keeps_round: false,
     };
     harness.apply(10, ended(&first, RunStatus::Failed));
     assert_eq!(harness.run.status(), RunStatus::Failed);
@@ -276,6 +277,7 @@ fn a_redriven_subflow_step_with_items_keeps_its_children_that_succeeded_and_star
         output: Some(json!(item)),
         error: None,
         refused: false,
+        keeps_round: false,
     };
     let mut harness = Harness::start(EACH_CHILD, json!(["a", "b"]), 0);
     harness.apply(10, ended(0, 0, RunStatus::Succeeded));
@@ -501,6 +503,7 @@ fn a_subflow_step_redriven_from_starts_a_child_of_a_new_round() {
         output: Some(json!({"size": 1})),
         error: None,
         refused: false,
+        keeps_round: false,
     };
     harness.apply(10, ended(first.clone()));
     assert_eq!(harness.run.status(), RunStatus::Succeeded);

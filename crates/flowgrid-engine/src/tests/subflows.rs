@@ -34,7 +34,16 @@ fn starts(effects: &[Effect]) -> Vec<ChildStart> {
 }
 
 fn ended(child: RunId, status: RunStatus, output: Option<serde_json::Value>, error: Option<TaskError>) -> Event {
-    Event::ChildEnded { step: "encode".to_owned(), item: None, child, status, output, error, refused: false }
+    Event::ChildEnded {
+        step: "encode".to_owned(),
+        item: None,
+        child,
+        status,
+        output,
+        error,
+        refused: false,
+        keeps_round: false,
+    }
 }
 
 #[test]
@@ -93,6 +102,7 @@ fn a_child_the_grid_refused_to_start_fails_the_step_and_is_not_named() {
         output: None,
         error: Some(refused),
         refused: true,
+        keeps_round: true,
     };
     assert_eq!(harness.apply(10, event), Applied::Accepted);
     let encode = harness.step("encode");
@@ -172,6 +182,7 @@ fn item_ended(item: u32, status: RunStatus, output: Option<serde_json::Value>) -
         output,
         error,
         refused: false,
+        keeps_round: false,
     }
 }
 
@@ -195,6 +206,7 @@ fn a_subflow_step_with_items_runs_a_child_per_item_within_its_concurrency() {
         output: None,
         error: None,
         refused: false,
+        keeps_round: false,
     };
     assert_eq!(harness.apply(5, wrong), Applied::Ignored("not the child of this step"));
     assert_eq!(harness.apply(10, item_ended(1, RunStatus::Succeeded, Some(json!("B")))), Applied::Accepted);
@@ -311,6 +323,7 @@ fn refused(step: &str, item: Option<u32>, child: RunId) -> Event {
         output: None,
         error: Some(error),
         refused: true,
+        keeps_round: true,
     }
 }
 
@@ -365,6 +378,7 @@ steps:
         output: Some(json!({"done": false})),
         error: None,
         refused: false,
+        keeps_round: false,
     };
     assert_eq!(harness.apply(10, first), Applied::Accepted);
     assert_eq!(harness.step("poll").child_run, Some(child(1)));
@@ -409,9 +423,89 @@ fn a_redriven_item_never_reuses_a_refused_childs_id() {
         output: Some(json!("A")),
         error: None,
         refused: false,
+        keeps_round: false,
     };
     assert_eq!(harness.apply(120, done), Applied::Accepted);
     assert_eq!(harness.step("each").output, Some(json!(["A"])));
     let (replayed, _) = replay(&harness);
     assert_eq!(replayed.view(), harness.run.view());
+}
+
+/// A refusal as histories recorded it before refusals kept their round: without the flag.
+fn refused_giving_its_round_back(step: &str, item: Option<u32>, child: RunId) -> Event {
+    match refused(step, item, child) {
+        Event::ChildEnded { step, item, child, status, output, error, refused, .. } => {
+            Event::ChildEnded { step, item, child, status, output, error, refused, keeps_round: false }
+        }
+        _ => unreachable!("a refusal is a child's end"),
+    }
+}
+
+#[test]
+fn a_history_whose_refusal_gave_its_round_back_replays_to_the_childs_end() {
+    let mut harness = Harness::start(PARENT, json!({"video": "v.mp4"}), 0);
+    let applied = harness.apply(10, refused_giving_its_round_back("encode", None, child_id()));
+    assert_eq!(applied, Applied::Accepted);
+    let encode = harness.step("encode");
+    assert_eq!((encode.status, encode.attempts, encode.child_run.clone()), (StepStatus::Failed, 0, None), "{encode:?}");
+
+    assert_eq!(harness.apply(100, redriven()), Applied::Accepted);
+    let asked: Vec<(RunId, u32)> =
+        starts(&harness.effects).into_iter().map(|start| (start.child, start.round)).collect();
+    assert_eq!(asked, [(child_id(), 0)], "the redrive asked for round 0 again, as the history goes on to show");
+    let encode = harness.step("encode");
+    assert_eq!((encode.attempts, encode.child_run), (1, Some(child_id())));
+
+    let applied = harness.apply(120, ended(child_id(), RunStatus::Succeeded, Some(json!({"size": 7})), None));
+    assert_eq!(applied, Applied::Accepted, "the recorded end of the round-0 child is taken");
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.view().output, Some(json!({"done": 7})));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+#[test]
+fn a_history_whose_refused_item_gave_its_round_back_replays_to_the_items_end() {
+    let yaml = FAN.replace("TOLERATED", "0");
+    let mut harness = Harness::start(&yaml, json!({"videos": ["a"]}), 0);
+    let applied = harness.apply(10, refused_giving_its_round_back("each", Some(0), item_id(0)));
+    assert_eq!(applied, Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+    assert_eq!(harness.step("each").attempts, 0, "a refused start ran nothing");
+
+    assert_eq!(harness.apply(100, redriven()), Applied::Accepted);
+    let asked: Vec<(RunId, u32)> =
+        starts(&harness.effects).into_iter().map(|start| (start.child, start.round)).collect();
+    assert_eq!(asked, [(item_id(0), 0)], "the redrive asked for round 0 again, as the history goes on to show");
+    assert_eq!(harness.apply(120, item_ended(0, RunStatus::Succeeded, Some(json!("A")))), Applied::Accepted);
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    let each = harness.step("each");
+    assert_eq!((each.attempts, each.output), (1, Some(json!(["A"]))));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+#[test]
+fn a_child_end_encoded_without_keeps_round_decodes_as_a_refusal_that_gave_its_round_back() {
+    let recorded = json!({
+        "type": "child_ended",
+        "step": "encode",
+        "child": child_id(),
+        "status": "failed",
+        "error": {"code": "not_found", "message": "no flow named transcode", "retryable": false},
+        "refused": true,
+    });
+    let expected = refused_giving_its_round_back("encode", None, child_id());
+    let from_json: Event = serde_json::from_value(recorded.clone()).expect("an event recorded before the flag decodes");
+    assert_eq!(from_json, expected);
+    let bytes = rmp_serde::to_vec_named(&recorded).expect("encodes");
+    let from_msgpack: Event = rmp_serde::from_slice(&bytes).expect("an event recorded before the flag decodes");
+    assert_eq!(from_msgpack, expected);
+    assert_eq!(serde_json::to_value(&expected).expect("encodes"), recorded, "a false flag is not written");
+
+    let kept = refused("encode", None, child_id());
+    let encoded = serde_json::to_value(&kept).expect("encodes");
+    assert_eq!(encoded["keeps_round"], json!(true));
+    let bytes = rmp_serde::to_vec_named(&kept).expect("encodes");
+    assert_eq!(rmp_serde::from_slice::<Event>(&bytes).expect("decodes"), kept);
 }
