@@ -1455,17 +1455,23 @@ mod tests {
         assert_eq!(now, vec![(b"slot/1".to_vec(), b"token".to_vec())], "after it");
     }
 
-    #[tokio::test]
-    async fn a_shard_closed_unchecked_and_opened_again_here_keeps_no_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
-        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(4), "before").await;
+    /// Shard 4 of `store` with a value committed after its last checkpoint, closed while
+    /// writes fail: its close's checkpoint fails, so the journal keeps its frames.
+    async fn close_shard_4_with_frames_unchecked(store: &RedbStore) {
+        let (shard, epoch) = shard_with_a_checkpointed_value(store, ShardId(4), "before").await;
         let (_, refusal) = commit_values(&shard, epoch, "k", 1).await;
         assert!(refusal.is_none(), "{refusal:?}");
         store.shared.faults.writes.store(true, Ordering::Relaxed);
         assert!(shard.close().is_err(), "its checkpoint fails");
         assert!(store.shared.journal.keeps_frames_of(ShardId(4)));
         store.shared.faults.writes.store(false, Ordering::Relaxed);
+    }
+
+    #[tokio::test]
+    async fn a_shard_closed_unchecked_and_opened_again_here_keeps_no_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        close_shard_4_with_frames_unchecked(&store).await;
         // Opened again here, with no commit: its frames are replayed into its file.
         let shard = store.open_shard(ShardId(4)).await.unwrap();
         assert_eq!(shard.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
@@ -1479,13 +1485,7 @@ mod tests {
         // No checkpointer: its sweep would forget the released shard if it ran between the
         // other process's replay and the open here, which this test is about.
         store.shared.checkpointer.set(mpsc::channel().0).unwrap();
-        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(4), "before").await;
-        let (_, refusal) = commit_values(&shard, epoch, "k", 1).await;
-        assert!(refusal.is_none(), "{refusal:?}");
-        store.shared.faults.writes.store(true, Ordering::Relaxed);
-        assert!(shard.close().is_err(), "its checkpoint fails");
-        assert!(store.shared.journal.keeps_frames_of(ShardId(4)));
-        store.shared.faults.writes.store(false, Ordering::Relaxed);
+        close_shard_4_with_frames_unchecked(&store).await;
         // Another process replays this journal's frames of the shard, acquires it and
         // gives it up.
         let elsewhere = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
