@@ -104,14 +104,17 @@ impl Error {
         Error::Timeout { what, after }
     }
 
-    /// True when a request timed out that is not safe to repeat (a start without an
-    /// idempotency key, a redrive): the grid may have applied it, so read what it would
-    /// have changed before sending it again. The message says so.
+    /// True when the grid may have applied a request that was not safe to repeat (a start
+    /// without an idempotency key, a redrive), so read what it would have changed before
+    /// sending it again: the request timed out (the message says so), or the grid refused
+    /// it as `unavailable` with `retryable: false` (a shard's owner that did not answer a
+    /// forwarded request, a store commit whose outcome is unknown).
     pub fn may_have_been_applied(&self) -> bool {
         match self {
             Error::Timeout { what, .. } => {
                 what.split_once(TIMEOUT_ADVICE).is_some_and(|(_, advice)| advice.starts_with(MAY_HAVE_APPLIED))
             }
+            Error::Api(refusal) => refusal.code == ErrorCode::Unavailable && !refusal.retryable,
             _ => false,
         }
     }
@@ -182,5 +185,16 @@ mod tests {
         let waited = Error::Timeout { what: "waiting for run r1".into(), after: Duration::from_secs(60) };
         assert_eq!(waited.to_string(), "waiting for run r1 timed out after 60s");
         assert!(!waited.may_have_been_applied());
+    }
+
+    #[test]
+    fn an_unavailable_refusal_that_is_not_retryable_may_have_been_applied() {
+        let unanswered =
+            ApiError { retryable: false, ..ApiError::new(ErrorCode::Unavailable, "shard 2 did not answer") };
+        assert!(Error::Api(unanswered).may_have_been_applied());
+        let moving = ApiError::new(ErrorCode::Unavailable, "shard 2 is moving to another coordinator; retry");
+        assert!(!Error::Api(moving).may_have_been_applied());
+        let conflict = ApiError { retryable: false, ..ApiError::new(ErrorCode::Conflict, "run r1 is running") };
+        assert!(!Error::Api(conflict).may_have_been_applied());
     }
 }

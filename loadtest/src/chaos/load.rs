@@ -292,7 +292,9 @@ async fn publish_one(client: &Client, seed: u64, index: u64, ledger: &Ledger) {
 /// Cancels a run a little after its start, then redrives it once the cancel went
 /// through. Both are repeated until answered: a repeated cancel changes nothing, and a
 /// repeated redrive whose first try went through is refused with `conflict` (the run goes
-/// or ended again), which counts as done.
+/// or ended again), which counts as done. A redrive the grid may have applied without
+/// answering (its shard's owner was killed or paused meanwhile) is sent again only if the
+/// run's view shows no redrive, as the SDK advises: it could otherwise run the run twice.
 async fn cancel_and_redrive(client: &Client, run_id: &RunId, index: u64, ledger: &Ledger) {
     tokio::time::sleep(Duration::from_millis(50 + (index * 37) % 200)).await;
     let deadline = Instant::now() + START_DEADLINE;
@@ -305,7 +307,7 @@ async fn cancel_and_redrive(client: &Client, run_id: &RunId, index: u64, ledger:
                 break;
             }
             Err(error) if !try_again(&error, deadline).await => {
-                return ledger.redrive_errors.add(&error_kind("cancel", &error), 1);
+                return gave_up(&ledger.redrive_errors, "cancel", run_id, &error);
             }
             Err(_) => {}
         }
@@ -314,13 +316,36 @@ async fn cancel_and_redrive(client: &Client, run_id: &RunId, index: u64, ledger:
         match client.redrive(run_id, "chaos").await {
             Ok(_) => break,
             Err(error) if error.api().is_some_and(|refusal| refusal.code == ErrorCode::Conflict) => break,
+            Err(error) if error.may_have_been_applied() => match was_redriven(client, run_id).await {
+                Some(true) => {
+                    eprintln!("chaos: redrive of run {run_id} was applied without an answer ({error})");
+                    break;
+                }
+                // Not applied, or not known yet: asked again after a pause.
+                _ if Instant::now() + Duration::from_millis(100) < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => return gave_up(&ledger.redrive_errors, "redrive", run_id, &error),
+            },
             Err(error) if !try_again(&error, deadline).await => {
-                return ledger.redrive_errors.add(&error_kind("redrive", &error), 1);
+                return gave_up(&ledger.redrive_errors, "redrive", run_id, &error);
             }
             Err(_) => {}
         }
     }
     ledger.redriven.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Whether the view of `run_id` shows a redrive; `None` when it cannot be read now.
+async fn was_redriven(client: &Client, run_id: &RunId) -> Option<bool> {
+    client.get_without_data(run_id).await.ok().map(|view| view.redriven.is_some())
+}
+
+/// Counts a cancel, redrive, pause or resume given up, and says why on stderr: the
+/// harness's table counts only the kind of error.
+fn gave_up(errors: &Errors, what: &str, run_id: &RunId, error: &flowgrid_sdk::Error) {
+    eprintln!("chaos: {what} of run {run_id} given up: {error}");
+    errors.add(&error_kind(what, error), 1);
 }
 
 /// Pauses a run a little after its start and resumes it a little later. Both are repeated
@@ -334,7 +359,7 @@ async fn pause_and_resume(client: &Client, run_id: &RunId, index: u64, ledger: &
             Ok(answer) if answer.status.is_terminal() => return,
             Ok(_) => break,
             Err(error) if !try_again(&error, deadline).await => {
-                return ledger.pause_errors.add(&error_kind("pause", &error), 1);
+                return gave_up(&ledger.pause_errors, "pause", run_id, &error);
             }
             Err(_) => {}
         }
@@ -344,7 +369,7 @@ async fn pause_and_resume(client: &Client, run_id: &RunId, index: u64, ledger: &
         match client.resume(run_id, "chaos").await {
             Ok(_) => break,
             Err(error) if !try_again(&error, deadline).await => {
-                return ledger.pause_errors.add(&error_kind("resume", &error), 1);
+                return gave_up(&ledger.pause_errors, "resume", run_id, &error);
             }
             Err(_) => {}
         }
