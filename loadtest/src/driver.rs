@@ -375,7 +375,7 @@ mod tests {
         let (tracker, errors, sequence) = (starter.tracker.clone(), starter.errors.clone(), starter.sequence.clone());
         let stop = CancellationToken::new();
         let driver = tokio::spawn(open_loop(starter, 1_000.0, stop.clone()));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        wait_until("10 starts made", || sequence.load(Ordering::Relaxed) >= 10).await;
         let drained = drain(driver, &stop, &tracker, &errors, Duration::from_millis(100)).await;
         assert!(!drained, "the driver's starts were still waiting");
         let made = sequence.load(Ordering::Relaxed);
