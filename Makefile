@@ -89,28 +89,28 @@ demo:
 	./deploy/demo.sh
 
 test: setup
-	@echo "==> cargo fmt --all -- --check"
+	@echo "==> $$(date +%T) cargo fmt --all -- --check"
 	$(CARGO) fmt --all -- --check
-	@echo "==> cargo build --bins (the end-to-end tests spawn the built binary)"
+	@echo "==> $$(date +%T) cargo build --bins (the end-to-end tests spawn the built binary)"
 	$(CARGO) build --bins
-	@echo "==> workspace tests"
+	@echo "==> $$(date +%T) workspace tests"
 	$(LOAD_TOOLS); echo "NATS_SERVER_BIN=$$NATS_SERVER_BIN"; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	    echo "==> cargo nextest run --no-fail-fast"; \
+	    echo "==> $$(date +%T) cargo nextest run --no-fail-fast"; \
 	    $(CARGO) nextest run --no-fail-fast; \
 	else \
-	    echo "==> cargo-nextest is not installed; falling back to cargo test"; \
+	    echo "==> $$(date +%T) cargo-nextest is not installed; falling back to cargo test"; \
 	    $(CARGO) test --no-fail-fast; \
 	fi
-	@echo "==> doc tests"
+	@echo "==> $$(date +%T) doc tests"
 	$(CARGO) test --doc
-	@echo "==> flowgrid schemas --check (schemas/ must match the Rust types; make schemas regenerates them)"
+	@echo "==> $$(date +%T) flowgrid schemas --check (schemas/ must match the Rust types; make schemas regenerates them)"
 	"$(FLOWGRID_BIN)" schemas --out schemas --check
-	@echo "==> FoundationDB backend type-check"
+	@echo "==> $$(date +%T) FoundationDB backend type-check"
 	./deploy/check-fdb.sh --skip-if-missing
-	@echo "==> dependency direction"
+	@echo "==> $$(date +%T) dependency direction"
 	./deploy/check-deps.sh
-	@echo "==> make test: all checks passed"
+	@echo "==> $$(date +%T) make test: all checks passed"
 
 up: tools build
 	./deploy/grid.sh up
