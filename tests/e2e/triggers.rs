@@ -3,8 +3,8 @@
 //! not JSON starts nothing, nor does one older than the retention of ended runs when the
 //! trigger's consumer is made again; a trigger that could never start a run (its stream
 //! does not exist, is no stream's name, keeps messages only for the consumers there, or has
-//! no subject its own could match) is refused at deploy; a version without a trigger stops
-//! it.
+//! no subject its own could match) is refused at deploy; a consumer made by hand without
+//! explicit acks is not read; a version without a trigger stops it.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus};
 use flowgrid_tests::{free_port, metric_value, scrape_metrics, wait_for, Grid};
 use serde_json::Value;
 
-use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
+use crate::{deploy, refusal, wait_for_log, OrLogs, RUN_DEADLINE};
 
 const TRIGGERED: &str = r#"
 name: on-order
@@ -386,17 +386,35 @@ async fn a_trigger_that_could_never_start_a_run_is_refused_at_deploy() -> anyhow
         let message = refused_at(&client, &definition, "trigger.subject").await?;
         assert!(message.contains("orders.>"), "the stream's subjects are named: {message}");
     }
+    // A consumer made by hand that does not acknowledge each message on its own would lose
+    // messages, and NATS does not let its ack policy change.
+    let orders = jetstream.get_stream("ORDERS").await?;
+    let consumer = format!("{}_trigger_on-order", grid.prefix);
+    let acks_all = pull::Config {
+        durable_name: Some(consumer.clone()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::All,
+        ..Default::default()
+    };
+    orders.create_consumer(acks_all).await?;
+    let message = refused_at(&client, &triggered_by("stream: ORDERS"), "trigger.stream").await?;
+    assert!(
+        message.contains("ack policy `all`") && message.contains(&format!("nats consumer rm ORDERS {consumer}")),
+        "{message}"
+    );
+    orders.delete_consumer(&consumer).await?;
     // One that some of its messages match is taken, though wider than the stream.
     deploy(&grid, &client, &triggered_by("stream: ORDERS, subject: '*.eu.created'")).await?;
     Ok(())
 }
 
-/// A work-queue stream serves a trigger whose consumer was made by hand, delivering all of
-/// its messages, before the deploy.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_work_queue_stream_serves_a_trigger_whose_consumer_was_made_first() -> anyhow::Result<()> {
-    let grid = Grid::start(&["a"]).await?;
-    let client = grid.client().await?;
+/// Makes the work-queue stream `ORDERS` and the trigger's consumer on it by hand, as
+/// flows.md asks, deploys the trigger, and sees a message start its run. Returns a
+/// JetStream context to publish with, and the run.
+async fn serve_work_queue_trigger(
+    grid: &Grid,
+    client: &flowgrid_sdk::Client,
+) -> anyhow::Result<(async_nats::jetstream::Context, RunId)> {
     let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
     let config = stream::Config {
         name: "ORDERS".into(),
@@ -405,9 +423,68 @@ async fn a_work_queue_stream_serves_a_trigger_whose_consumer_was_made_first() ->
         ..Default::default()
     };
     let orders = jetstream.create_stream(config).await?;
-    make_consumer_first(&grid, &orders).await?;
-    deploy(&grid, &client, TRIGGERED).await?;
+    make_consumer_first(grid, &orders).await?;
+    deploy(grid, client, TRIGGERED).await?;
     let run = publish(&jetstream, "orders.eu.created", r#"{"order": 1}"#.to_owned()).await?;
+    let runs = runs_once(grid, client, 1, RUN_DEADLINE).await?;
+    assert_eq!(ids_and_orders(&runs), BTreeSet::from([(run.clone(), Some(1))]));
+    Ok((jetstream, run))
+}
+
+/// A work-queue stream serves a trigger whose consumer was made by hand, delivering all of
+/// its messages, before the deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_queue_stream_serves_a_trigger_whose_consumer_was_made_first() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    serve_work_queue_trigger(&grid, &client).await?;
+    Ok(())
+}
+
+/// The trigger's consumer on a work-queue stream, deleted (to have it made afresh), is made
+/// again by the trigger, delivering all the stream holds, as NATS asks of such a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_queue_stream_s_trigger_consumer_deleted_is_made_again() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let (jetstream, first) = serve_work_queue_trigger(&grid, &client).await?;
+    let consumer = format!("{}_trigger_on-order", grid.prefix);
+    jetstream.get_stream("ORDERS").await?.delete_consumer(&consumer).await?;
+    let second = publish(&jetstream, "orders.eu.created", r#"{"order": 2}"#.to_owned()).await?;
+    let runs = runs_once(&grid, &client, 2, RUN_DEADLINE).await?;
+    assert_eq!(ids_and_orders(&runs), BTreeSet::from([(first, Some(1)), (second, Some(2))]));
+    Ok(())
+}
+
+/// A consumer made by hand that does not acknowledge each message on its own (here with
+/// ack policy `all`, where acknowledging one message acknowledges those before it) is not
+/// read: the coordinator says what to do, and once it is deleted the trigger makes its own.
+/// Made after the deploy (the flow paused meanwhile), it is one the deploy cannot check
+/// (one made before is refused there: `a_trigger_that_could_never_start_a_run_is_refused_at_deploy`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_made_by_hand_without_explicit_acks_is_not_read() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let jetstream = deploy_trigger_paused(&grid, &client).await?;
+    let orders = jetstream.get_stream("ORDERS").await?;
+    let consumer = format!("{}_trigger_on-order", grid.prefix);
+    let config = pull::Config {
+        durable_name: Some(consumer.clone()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::All,
+        ..Default::default()
+    };
+    orders.create_consumer(config).await?;
+    let run = publish(&jetstream, "orders.eu.created", r#"{"order": 1}"#.to_owned()).await?;
+    client.resume_flow("on-order", "done").await.or_logs(&grid)?;
+    let advice = format!("nats consumer rm ORDERS {consumer}");
+    wait_for_log(&grid, 0, &["ack policy `all`", &advice], "the refusal of the consumer").await?;
+    let info = orders.consumer_info(&consumer).await?;
+    assert_eq!(info.delivered.stream_sequence, 0, "no message was read through it: {info:?}");
+    let query = ListRuns { flow: Some("on-order".into()), ..Default::default() };
+    assert!(client.list(query).await?.runs.is_empty(), "no run started");
+
+    orders.delete_consumer(&consumer).await?;
     let runs = runs_once(&grid, &client, 1, RUN_DEADLINE).await?;
     assert_eq!(ids_and_orders(&runs), BTreeSet::from([(run, Some(1))]));
     Ok(())

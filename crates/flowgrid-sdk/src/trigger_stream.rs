@@ -8,6 +8,7 @@
 //! A refusal is an [`Issue`] of the definition, at `trigger.stream` or `trigger.subject`;
 //! a lookup NATS did not answer says nothing of the trigger and is worth retrying.
 
+use async_nats::jetstream::consumer::AckPolicy;
 use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{Config, RetentionPolicy};
 use async_nats::jetstream::Context;
@@ -34,7 +35,8 @@ pub enum TriggerStreamError {
 /// Refuses a trigger that could never start a run: its stream does not exist, takes no
 /// subject the trigger's could match ([`check_trigger_subject`]), or keeps a message only
 /// for the consumers there when it is published while the trigger's consumer (`consumer`,
-/// see [`Subjects::trigger_consumer`]) was not made beforehand.
+/// see [`Subjects::trigger_consumer`]) was not made beforehand; or that would lose
+/// messages: its consumer, made by hand, does not acknowledge each message on its own.
 pub async fn check_trigger_stream(
     jetstream: &Context,
     trigger: &Trigger,
@@ -65,21 +67,44 @@ pub async fn check_trigger_stream(
     if let Some(subject) = &trigger.subject {
         check_trigger_subject(config, subject)?;
     }
-    if config.retention == RetentionPolicy::Limits {
-        return Ok(());
-    }
-    // A consumer made by hand before the deploy, delivering every message, serves on such
-    // a stream: the trigger keeps the deliver policy of a consumer it finds.
-    match stream.consumer_info(consumer).await {
-        Ok(_) => Ok(()),
-        Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
+    // A consumer made by hand before the deploy is read as it is: NATS does not let its ack
+    // policy change. On a stream of another retention than limits, one delivering every
+    // message serves: the trigger keeps the deliver policy of a consumer it finds.
+    let ack_policy = match stream.consumer_info(consumer).await {
+        Ok(info) => Some(info.config.ack_policy),
+        Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => None,
+        Err(error) => {
+            return Err(TriggerStreamError::Lookup {
+                what: format!("the trigger's consumer {consumer:?} on stream {name:?}"),
+                source: error.into(),
+            })
+        }
+    };
+    match ack_policy {
+        Some(policy) if policy != AckPolicy::Explicit => {
+            Err(refusal("trigger.stream", not_explicit_acks(name, consumer, policy)))
+        }
+        None if config.retention != RetentionPolicy::Limits => {
             Err(refusal("trigger.stream", retention_refusal(name, config.retention, consumer)))
         }
-        Err(error) => Err(TriggerStreamError::Lookup {
-            what: format!("the trigger's consumer {consumer:?} on stream {name:?}"),
-            source: error.into(),
-        }),
+        _ => Ok(()),
     }
+}
+
+/// Why a trigger cannot read through its consumer `consumer` on `stream` made by hand with
+/// `ack_policy` (not explicit), and what to do about it.
+pub fn not_explicit_acks(stream: &str, consumer: &str, ack_policy: AckPolicy) -> String {
+    // As NATS names it (`all`, `none`).
+    let policy = match serde_json::to_value(ack_policy) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => format!("{ack_policy:?}"),
+    };
+    format!(
+        "the trigger's consumer {consumer:?} on stream {stream:?} has ack policy `{policy}`, not `explicit`, which \
+         NATS does not let change: acknowledging one message would acknowledge others, or none would come back, and \
+         their runs would not start; delete it (`nats consumer rm {stream} {consumer}`) to have the trigger make it, \
+         or make it again with explicit acks (`--ack explicit`)"
+    )
 }
 
 /// The problem of a flow that announces its ends on the run-ends stream and whose trigger

@@ -8,6 +8,9 @@
 //! that did not reach the cutoff leaves the sweep's place and the next comes soon, so a
 //! backlog drains in steps that keep commits small, and runs that ended after the cutoff
 //! (created long before it, they fill the index's start) do not hide the runs behind them.
+//! A pass stops once the batch holds its bytes, but deletes one run first whatever the
+//! batch holds (a deletion is a few small clears): under a load that fills every batch,
+//! the store would otherwise grow without end.
 //!
 //! A run stays while the shard's outbox holds a message about it (`outbox.rs`), above all
 //! a child's end that its parent has not taken yet: the parent's shard may be out of reach
@@ -112,7 +115,7 @@ impl<S: ShardStore> ShardActor<S> {
 
 /// Queues on `writes` the deletion of the runs of the listing from `from` (or its start)
 /// that ended before `cutoff`, are not `loaded` and have no message in the outbox, within
-/// `bounds` and until `writes` holds `bytes_max`.
+/// `bounds` and until `writes` holds `bytes_max`, but at least one however much it holds.
 async fn queue_pass<S: ShardStore>(
     store: &S,
     from: Option<Key>,
@@ -137,7 +140,7 @@ async fn queue_pass<S: ShardStore>(
     // Read when the first run to delete is found: most passes find none.
     let mut outbox: Option<OutboxRuns> = None;
     for (key, value) in entries {
-        if pass.pruned == bounds.runs || writes.bytes() >= bytes_max {
+        if pass.pruned == bounds.runs || (pass.pruned > 0 && writes.bytes() >= bytes_max) {
             pass.resume_at = Some(key);
             break;
         }
@@ -319,6 +322,27 @@ mod tests {
         shard.commit(batch).await;
         assert_eq!(shard.pass(None, &PASS_BOUNDS).await.pruned, 1);
         assert!(shard.kept(&["waiting-child"]).await.is_empty());
+    }
+
+    /// Under a load that fills every batch to its bytes before the pass, retention still
+    /// goes on, a run at a time.
+    #[tokio::test]
+    async fn a_pass_deletes_a_run_though_the_batch_is_already_full() {
+        let shard = shard().await;
+        let runs = ["run-a", "run-b"];
+        for (created_ms, run) in (1_000..).zip(runs) {
+            shard.write_ended(run, created_ms).await;
+        }
+        let bytes_max = 1_000;
+        let mut writes = WriteBatch::new();
+        writes.set(b"other-commands".to_vec(), vec![0; bytes_max]);
+        assert!(writes.bytes() >= bytes_max);
+        let pass = queue_pass(&shard.file, None, CUTOFF_MS, |_| false, &mut writes, bytes_max, &PASS_BOUNDS).await;
+        assert!(pass.failed.is_none(), "{pass:?}");
+        assert_eq!(pass.pruned, 1, "{pass:?}");
+        assert!(pass.resume_at.is_some(), "the next pass goes on where this one stopped: {pass:?}");
+        shard.commit(writes).await;
+        assert_eq!(shard.kept(&runs).await, ["run-b"]);
     }
 
     #[tokio::test]

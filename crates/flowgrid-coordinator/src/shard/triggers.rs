@@ -9,11 +9,13 @@
 //! trigger was first deployed (deleted by hand, or lost with NATS's store) numbers its
 //! messages from 1 again: its keys are `trigger/<stream>/<its creation, Unix ns>/<sequence>`,
 //! so they do not find the runs of the stream before, and its consumer reads it from its
-//! first message, as every one was published after the trigger was deployed. A message is
-//! acknowledged once the
-//! run's start is committed; one that is not JSON, whose input expression fails, or whose
-//! start is refused for good (an input over the payload limit), is logged, counted and not
-//! delivered again.
+//! first message, as every one was published after the trigger was deployed. On a stream
+//! with work-queue retention, which NATS lets a consumer read only from its first message,
+//! a consumer made again reads from there too: such a stream holds only the messages not
+//! acknowledged yet, and their keys find the runs they started. A message is acknowledged
+//! once the run's start is committed; one that is not JSON, whose input expression fails,
+//! or whose start is refused for good (an input over the payload limit), is logged, counted
+//! and not delivered again.
 //!
 //! A message is pulled only when its start can begin at once (a pull asks for no more
 //! messages than there are free permits), so the time it is out is its start's, at most
@@ -28,6 +30,15 @@
 //! not started: the consumer made again (deleted by hand, or lost) reads from the flow's
 //! first deploy, and a start for such a message would make a second run under the id of
 //! one that ran and was deleted. It is logged, counted `too_old` and not delivered again.
+//! A message published after the consumer that delivers it was made, and delivered for the
+//! first time, had no run however old it is (the flow was paused, or had no trigger, for
+//! longer than the retention): it starts its run.
+//!
+//! The consumer must acknowledge each message on its own (explicit acks): with `all`, the
+//! acknowledgment of one message acknowledges every one before it, a start that is to come
+//! back among them; with `none`, every message delivered counts as taken. A consumer made by
+//! hand with another ack policy, which NATS does not let change, is not read: the trigger
+//! logs what to do and tries again every few seconds.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,7 +46,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::stream::RetentionPolicy;
 use async_nats::jetstream::{AckKind, Message};
 use flowgrid_model::{Evaluator, Expr, ExprError, FlowPlan, Millis, Scope, Trigger};
 use flowgrid_proto::StartRun;
@@ -178,8 +190,11 @@ impl TriggerConsumer {
             format!("trigger/{}/", self.trigger.stream)
         };
         // From the first message published since the trigger was deployed: a consumer made
-        // later (the flow paused meanwhile, its creation failing a while) misses none.
-        let deliver_policy = if made_again {
+        // later (the flow paused meanwhile, its creation failing a while) misses none. A
+        // work-queue stream takes only consumers that deliver all of it, which is what it
+        // holds: the messages not acknowledged yet.
+        let work_queue = stream.cached_info().config.retention == RetentionPolicy::WorkQueue;
+        let deliver_policy = if made_again || work_queue {
             DeliverPolicy::All
         } else {
             let since = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.since_ms) * 1_000_000)
@@ -191,7 +206,7 @@ impl TriggerConsumer {
             description: Some(format!("flowgrid: starts a run of flow {} per message", self.flow)),
             filter_subject: self.trigger.subject.clone().unwrap_or_default(),
             deliver_policy,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_policy: AckPolicy::Explicit,
             ack_wait: ACK_WAIT,
             // No bound on the messages out at once (the server's default is 1,000): each
             // start that keeps failing stays out between its deliveries, and a thousand of
@@ -206,6 +221,14 @@ impl TriggerConsumer {
             Ok(consumer) => consumer,
             Err(error) => {
                 let existing: PullConsumer = stream.get_consumer(&self.name).await.map_err(|_| error.to_string())?;
+                let ack_policy = existing.cached_info().config.ack_policy;
+                if ack_policy != AckPolicy::Explicit {
+                    return Err(flowgrid_sdk::trigger_stream::not_explicit_acks(
+                        &self.trigger.stream,
+                        &self.name,
+                        ack_policy,
+                    ));
+                }
                 let kept = pull::Config { deliver_policy: existing.cached_info().config.deliver_policy, ..config };
                 match stream.update_consumer(kept).await {
                     Ok(updated) => updated,
@@ -222,6 +245,9 @@ impl TriggerConsumer {
         }
         self.too_old_warned.store(false, Ordering::Relaxed);
         debug!(flow = %self.flow, consumer = %self.name, "trigger reading its stream");
+        // Unknown (out of range): no message counts as published after it.
+        let consumer_created_ms =
+            Millis::try_from(consumer.cached_info().created.unix_timestamp_nanos() / 1_000_000).unwrap_or(Millis::MAX);
         // A pull above the consumer's own bound (one made by hand) would be refused.
         let pull_max = usize::try_from(consumer.cached_info().config.max_batch).ok().filter(|&max| max > 0);
         let pull = |messages: usize| {
@@ -243,7 +269,7 @@ impl TriggerConsumer {
             let keys = keys.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                this.start_unless_stopped(message, &keys, &stop).await;
+                this.start_unless_stopped(message, &keys, consumer_created_ms, &stop).await;
                 drop(permit);
             });
         };
@@ -259,13 +285,19 @@ impl TriggerConsumer {
     /// Starts the run of `message` unless the trigger was stopped since it was pulled: then
     /// it goes back to the stream at once, for the next reader (the flow's next version, or
     /// its resume), and no run of this version starts after the stop was answered.
-    async fn start_unless_stopped(&self, message: Message, keys: &str, stop: &CancellationToken) {
+    async fn start_unless_stopped(
+        &self,
+        message: Message,
+        keys: &str,
+        consumer_created_ms: Millis,
+        stop: &CancellationToken,
+    ) {
         if stop.is_cancelled() {
             debug!(flow = %self.flow, version = self.version, "trigger stopped before the message's start; it goes back to the stream");
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return;
         }
-        self.start(message, keys).await;
+        self.start(message, keys, consumer_created_ms).await;
     }
 
     /// Logs a message too old to start: a warning for the first since the consumer was
@@ -287,16 +319,17 @@ impl TriggerConsumer {
         evaluator.eval(expr, &Scope { input: Some(&message), ..Scope::default() })
     }
 
-    /// Starts the run of one message, keyed `<keys><sequence>`; acknowledges it once the
-    /// start is committed.
-    async fn start(&self, message: Message, keys: &str) {
+    /// Starts the run of one message, keyed `<keys><sequence>`, delivered by the consumer
+    /// made at `consumer_created_ms`; acknowledges it once the start is committed.
+    async fn start(&self, message: Message, keys: &str, consumer_created_ms: Millis) {
         let info = message.info().ok();
         let sequence = info.as_ref().map_or(0, |info| info.stream_sequence);
-        let published_ms =
-            info.and_then(|info| Millis::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok());
-        let too_old =
-            |&published_ms: &Millis| run_may_be_deleted(published_ms, self.since_ms, self.retain_ended_ms, now_ms());
-        if let Some(published_ms) = published_ms.filter(too_old) {
+        let delivery = info.and_then(|info| {
+            let published_ms = Millis::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok()?;
+            Some(Delivery { published_ms, delivered: info.delivered, consumer_created_ms })
+        });
+        let too_old = |delivery: &Delivery| run_may_be_deleted(delivery, self.since_ms, self.retain_ended_ms, now_ms());
+        if let Some(Delivery { published_ms, .. }) = delivery.filter(too_old) {
             self.warn_too_old(sequence, published_ms);
             count(&self.flow, "too_old");
             let _ = message.ack_with(AckKind::Term).await;
@@ -353,19 +386,33 @@ impl TriggerConsumer {
     }
 }
 
-/// Whether the run of a message published at `published_ms` may have been deleted at
-/// `now_ms` under a retention of ended runs of `retain_ended_ms`, for a trigger first
-/// deployed at `first_deploy_ms`. That run started after the message was published and
-/// after the deploy, and ended later still; a run is deleted once it ended longer ago than
-/// the retention.
-fn run_may_be_deleted(
+/// When a message the trigger comes to start was published, and what its consumer tells of
+/// it.
+#[derive(Clone, Copy, Debug)]
+struct Delivery {
+    /// When the stream took the message (Unix ms).
     published_ms: Millis,
+    /// How often its consumer delivered it, this time included.
+    delivered: i64,
+    /// When the consumer that delivered it was made (Unix ms).
+    consumer_created_ms: Millis,
+}
+
+/// Whether the run of a message, `delivery`, may have been deleted at `now_ms` under a
+/// retention of ended runs of `retain_ended_ms`, for a trigger first deployed at
+/// `first_deploy_ms`. That run started after the message was published and after the
+/// deploy, and ended later still; a run is deleted once it ended longer ago than the
+/// retention. A message published after its consumer was made and delivered for the first
+/// time had no run: no reader had it before.
+fn run_may_be_deleted(
+    delivery: &Delivery,
     first_deploy_ms: Millis,
     retain_ended_ms: Option<u64>,
     now_ms: Millis,
 ) -> bool {
     let Some(retain_ms) = retain_ended_ms else { return false };
-    published_ms.max(first_deploy_ms) < now_ms.saturating_sub(retain_ms)
+    let never_read = delivery.delivered == 1 && delivery.published_ms > delivery.consumer_created_ms;
+    !never_read && delivery.published_ms.max(first_deploy_ms) < now_ms.saturating_sub(retain_ms)
 }
 
 /// Reads messages until `stop`, each pull asking for no more than the free `permits`, and
@@ -452,16 +499,48 @@ mod tests {
 
     const DAY_MS: Millis = 86_400_000;
 
+    /// A message published at `published_ms`, delivered `delivered` times by a consumer made
+    /// at `consumer_created_ms`.
+    fn delivery(published_ms: Millis, delivered: i64, consumer_created_ms: Millis) -> Delivery {
+        Delivery { published_ms, delivered, consumer_created_ms }
+    }
+
     #[test]
     fn a_message_s_run_may_be_deleted_once_it_and_the_first_deploy_are_older_than_the_retention() {
         let now = 100 * DAY_MS;
         let retain = Some(30 * DAY_MS);
-        assert!(run_may_be_deleted(60 * DAY_MS, 50 * DAY_MS, retain, now), "published 40 days ago, deployed 50");
-        assert!(!run_may_be_deleted(80 * DAY_MS, 50 * DAY_MS, retain, now), "published 20 days ago");
+        // Each delivered by a consumer made after it was published (made again, or by hand).
+        let again = 90 * DAY_MS;
+        assert!(
+            run_may_be_deleted(&delivery(60 * DAY_MS, 1, again), 50 * DAY_MS, retain, now),
+            "published 40 days ago"
+        );
+        assert!(
+            !run_may_be_deleted(&delivery(80 * DAY_MS, 1, again), 50 * DAY_MS, retain, now),
+            "published 20 days ago"
+        );
         // A consumer made by hand before the first deploy hands over older messages: their
         // runs started after the deploy.
-        assert!(!run_may_be_deleted(10 * DAY_MS, 80 * DAY_MS, retain, now), "deployed 20 days ago");
-        assert!(!run_may_be_deleted(0, 0, None, now), "without a retention every run is kept");
+        assert!(
+            !run_may_be_deleted(&delivery(10 * DAY_MS, 1, again), 80 * DAY_MS, retain, now),
+            "deployed 20 days ago"
+        );
+        assert!(!run_may_be_deleted(&delivery(0, 1, again), 0, None, now), "without a retention every run is kept");
+    }
+
+    /// A flow paused (or without a trigger) for longer than the retention: its consumer,
+    /// made at the first deploy, kept its place, and delivers the messages published
+    /// meanwhile for the first time.
+    #[test]
+    fn a_message_first_delivered_by_a_consumer_made_before_it_was_published_had_no_run() {
+        let now = 100 * DAY_MS;
+        let retain = Some(30 * DAY_MS);
+        let deployed = 10 * DAY_MS;
+        let first = delivery(60 * DAY_MS, 1, deployed);
+        assert!(!run_may_be_deleted(&first, deployed, retain, now), "published 40 days ago, never read: {first:?}");
+        // Delivered before: that delivery may have started its run.
+        let again = delivery(60 * DAY_MS, 2, deployed);
+        assert!(run_may_be_deleted(&again, deployed, retain, now), "{again:?}");
     }
 
     /// What a pull of the tests delivers: `count` messages, numbered from 0, then its end.
