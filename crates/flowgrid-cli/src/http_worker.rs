@@ -147,6 +147,8 @@ pub struct HttpWorker {
     /// The largest output a result carries: the grid's payload limit less the result's
     /// other fields.
     output_bytes_max: usize,
+    /// How deeply an output's arrays and objects may nest: the grid's bound on a value.
+    output_depth_max: usize,
 }
 
 impl HttpWorker {
@@ -175,8 +177,9 @@ impl HttpWorker {
             .referer(false)
             .user_agent(concat!("flowgrid-http-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let output_bytes_max = flowgrid_model::Limits::default().payload_bytes_max - RESULT_ROOM_BYTES;
-        Ok(HttpWorker { client, settings, output_bytes_max })
+        let limits = flowgrid_model::Limits::default();
+        let output_bytes_max = limits.payload_bytes_max - RESULT_ROOM_BYTES;
+        Ok(HttpWorker { client, settings, output_bytes_max, output_depth_max: limits.nesting_depth_max })
     }
 
     async fn call(&self, task: &Task) -> Result<Value, TaskError> {
@@ -203,6 +206,15 @@ impl HttpWorker {
         let method = Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| final_error("invalid_input", format!("method {:?} is not an HTTP method", request.method)))?;
         let timeout = RequestTimeout::new(request.timeout_ms, self.settings.timeout, task.time_left())?;
+        if let Some((first, second)) = same_header_twice(&request.headers) {
+            return Err(final_error(
+                "invalid_input",
+                format!(
+                    "headers {first:?} and {second:?} are the same header (HTTP header names ignore case), and the \
+                     request would carry both: give it once"
+                ),
+            ));
+        }
         if let Some(name) = request.headers.keys().find(|name| is_connection_header(name)) {
             return Err(final_error(
                 "invalid_input",
@@ -239,7 +251,7 @@ impl HttpWorker {
         let bytes = self.read_body(response, &url, &timeout).await?;
         let body = parse_body(bytes, content_type.as_deref(), &url)?;
         let output = json!({ "status": status.as_u16(), "headers": headers, "body": body });
-        self.check_output_size(&output, &url)?;
+        self.check_output(&output, &url)?;
         Ok(output)
     }
 
@@ -269,11 +281,25 @@ impl HttpWorker {
         Ok(bytes)
     }
 
-    /// Refuses an output over what a task's result may carry, naming the URL: the grid would
-    /// refuse the result, and the error sent in its place names neither. The body is under
-    /// `--response-max-kb`, but many headers, or a JSON body of numbers (an encoded number
-    /// takes 9 bytes, `0.5,` 4), can still make too large an output.
-    fn check_output_size(&self, output: &Value, url: &Url) -> Result<(), TaskError> {
+    /// Refuses an output the grid would not take, naming the URL: one nested deeper than a
+    /// value may be (`invalid_output`, the code the grid gives it, whose message names
+    /// neither; nested past what the grid decodes, the result would be dropped unrecorded,
+    /// and the attempt's timeout would send the request again), or over what a task's
+    /// result may carry (`payload_too_large`, the code the worker sends in its place). The
+    /// body is under `--response-max-kb`, but many headers, or a JSON body of numbers (an
+    /// encoded number takes 9 bytes, `0.5,` 4), can still make too large an output.
+    fn check_output(&self, output: &Value, url: &Url) -> Result<(), TaskError> {
+        let depth = flowgrid_model::limits::nesting_depth(output);
+        if depth > self.output_depth_max {
+            return Err(final_error(
+                "invalid_output",
+                format!(
+                    "the response of {url} makes an output nested {depth} levels deep (the body under status and \
+                     headers), over the {} levels a task's output may nest: ask the service for a flatter answer",
+                    self.output_depth_max
+                ),
+            ));
+        }
         let bytes = flowgrid_proto::encode(Encoding::MsgPack, output).map_or(usize::MAX, |encoded| encoded.len());
         if bytes <= self.output_bytes_max {
             return Ok(());
@@ -491,13 +517,33 @@ pub fn read_authorities(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::C
     Ok(certificates)
 }
 
-/// Parses an `--allow` prefix: an http or https URL.
+/// Parses an `--allow` prefix: an http or https URL without a query, fragment or user.
+/// A prefix is matched on scheme, host, port and path only ([`HttpSettings::allows`]): a
+/// query would be dropped without a word, and `?tenant=7` would allow `?tenant=8`.
 pub fn parse_allowed(text: &str) -> Result<Url, String> {
     let url = Url::parse(text).map_err(|error| format!("{text:?} is not a URL: {error}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(format!("{text:?} is not an http:// or https:// URL with a host"));
     }
-    Ok(url)
+    let extra = if url.query().is_some() {
+        Some("a query (`?...`)")
+    } else if url.fragment().is_some() {
+        Some("a fragment (`#...`)")
+    } else if !url.username().is_empty() || url.password().is_some() {
+        Some("a user (`user@`)")
+    } else {
+        None
+    };
+    let Some(extra) = extra else { return Ok(url) };
+    // The message goes to the terminal and the logs: not the password.
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    Err(format!(
+        "\"{shown}\" has {extra}: a prefix is matched on scheme, host, port and path only, so give those alone (a \
+         flow's own URL carries its query; credentials go in the task's headers)"
+    ))
 }
 
 fn final_error(code: &str, message: String) -> TaskError {
@@ -565,6 +611,18 @@ fn redirect_refusal(error: &reqwest::Error) -> Option<&RedirectRefused> {
             return Some(refusal);
         }
         source = cause.source();
+    }
+    None
+}
+
+/// Two header names of `headers` that differ in case only, if any: HTTP takes them for one
+/// header, and the request would carry it twice.
+fn same_header_twice(headers: &BTreeMap<String, String>) -> Option<(&str, &str)> {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for name in headers.keys() {
+        if let Some(first) = seen.insert(name.to_ascii_lowercase(), name) {
+            return Some((first, name));
+        }
     }
     None
 }
@@ -723,5 +781,90 @@ mod tests {
         for bad in ["ftp://example.com/", "file:///etc/", "example.com", "http://"] {
             assert!(parse_allowed(bad).is_err(), "{bad}");
         }
+        // Matched on scheme, host, port and path only: `?tenant=7` would allow `?tenant=8`.
+        for (bad, part) in [
+            ("https://api/v1/orders?tenant=7", "a query"),
+            ("https://api/v1/orders?", "a query"),
+            ("https://api/v1/orders#top", "a fragment"),
+            ("https://user:secret@api/v1/", "a user"),
+            ("https://user@api/v1/", "a user"),
+        ] {
+            let error = parse_allowed(bad).unwrap_err();
+            assert!(error.contains(part) && error.contains("scheme, host, port and path"), "{bad}: {error}");
+            assert!(!error.contains("secret"), "{error}");
+        }
+    }
+
+    /// A service on a local port that answers every request with 200 and the JSON `body`;
+    /// its URL, and a count of the connections it took.
+    async fn json_service(body: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let url = format!("http://127.0.0.1:{}/v1/answer", listener.local_addr().unwrap().port());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
+        let response = Arc::new(format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ));
+        tokio::spawn(async move {
+            while let Ok((mut connection, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let response = Arc::clone(&response);
+                tokio::spawn(async move {
+                    // The request's head (the requests here have no body), then the answer.
+                    let (mut head, mut buffer) = (Vec::new(), [0; 4096]);
+                    while !head.windows(4).any(|end| end == b"\r\n\r\n") {
+                        match connection.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => head.extend_from_slice(&buffer[..read]),
+                        }
+                    }
+                    let _ = connection.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        (url, connections)
+    }
+
+    /// `depth` arrays, one in the other.
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[tokio::test]
+    async fn an_output_nested_deeper_than_the_grid_takes_fails_naming_the_url() {
+        let depth_max = flowgrid_model::Limits::default().nesting_depth_max;
+        // The body one level under the output: the deepest the grid takes, then one more,
+        // then as deep as the grid's decoder still reads the body but not the result.
+        for (body_depth, taken) in [(depth_max - 1, true), (depth_max, false), (126, false)] {
+            let (url, _) = json_service(nested(body_depth)).await;
+            let worker = HttpWorker::new(settings(&[url.as_str()])).unwrap();
+            let result = worker.call(&request_task(json!({"url": url}))).await;
+            if taken {
+                let output = result.unwrap_or_else(|error| panic!("{body_depth} levels: {error:?}"));
+                assert_eq!(flowgrid_model::limits::nesting_depth(&output), depth_max);
+                continue;
+            }
+            let error = result.expect_err("too deep an output");
+            assert_eq!((error.code.as_str(), error.retryable), ("invalid_output", false), "{error:?}");
+            let levels = format!("nested {} levels deep", body_depth + 1);
+            assert!(error.message.contains(&url) && error.message.contains(&levels), "{error:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn header_names_that_differ_in_case_only_are_refused_before_anything_is_sent() {
+        let (url, connections) = json_service("{}".to_owned()).await;
+        let worker = HttpWorker::new(settings(&[url.as_str()])).unwrap();
+        let input = json!({"url": url, "headers": {"Authorization": "a", "authorization": "b"}});
+        let error = worker.call(&request_task(input)).await.unwrap_err();
+        assert_eq!((error.code.as_str(), error.retryable), ("invalid_input", false), "{error:?}");
+        assert!(error.message.contains(r#""Authorization" and "authorization""#), "{error:?}");
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0, "the service was called");
+        // The service answers a request with the header once.
+        let input = json!({"url": url, "headers": {"Authorization": "a"}});
+        assert_eq!(worker.call(&request_task(input)).await.unwrap()["body"], json!({}));
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use flowgrid_engine::{Applied, Effect, Event, HandlerStart, Run, RunStart, RunStatus, RunView, StepStatus, TaskError};
+use flowgrid_model::limits::{msgpack_bytes, nesting_depth};
 use flowgrid_model::{parse_definition, AttemptId, Evaluator, FlowPlan, Labels, Limits, Millis, PlanStepKind, RunId};
 
 use crate::output::{now_ms, out, outln, print_json};
@@ -46,6 +47,10 @@ pub(super) struct Case {
     #[serde(default)]
     expect: Option<Expect>,
 }
+
+/// The attempts of each step (and item) the run asked the case to answer: a task step's
+/// dispatches, a subflow step's child runs.
+type Asked = HashMap<(String, Option<u32>), usize>;
 
 /// The answers of a step's attempts: written as one answer, or a list of one per attempt
 /// (at least one; the last stands for every attempt after it).
@@ -81,11 +86,13 @@ impl Answers {
     }
 }
 
-/// What a worker (or a child run) answers: an output, an error, or the task's input back.
+/// What a worker (or a child run) answers: an output, an error, or the task's input back,
+/// exactly one of them ([`answer_problem`]).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Answer {
-    #[serde(default)]
+    /// `output: null` is an output, `null`.
+    #[serde(default, deserialize_with = "some_value")]
     output: Option<Value>,
     #[serde(default)]
     error: Option<CaseError>,
@@ -208,14 +215,26 @@ pub(super) fn test(definition: &Path, cases: &[PathBuf], session: &Session) -> a
     Ok(if all_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// Refuses an answer for a step the flow does not have, or has of another kind: a
-/// misspelt step answers nothing, and its case would test other than it says.
-fn check_answers(plan: &FlowPlan, case: &Case) -> anyhow::Result<()> {
+/// An answer of a case's `tasks` or `subflows` for one item of a step (`step[2]`), which
+/// the run must ask for.
+struct ItemAnswer<'a> {
+    section: &'static str,
+    key: &'a str,
+    step: &'a str,
+    item: u32,
+}
+
+/// Refuses an answer for a step the flow does not have, or has of another kind, or for an
+/// item of a step that has none: a misspelt step answers nothing, and its case would test
+/// other than it says. Refuses an answer the grid would not take from a worker, too
+/// ([`answer_problem`]). The answers given to single items, which the run must ask for.
+fn check_answers<'a>(plan: &FlowPlan, case: &'a Case, limits: &Limits) -> anyhow::Result<Vec<ItemAnswer<'a>>> {
     let sections = [
         ("tasks", case.tasks.keys().collect::<Vec<_>>(), "task or map"),
         ("subflows", case.subflows.keys().collect(), "subflow"),
         ("signals", case.signals.keys().collect(), "signal"),
     ];
+    let mut items = Vec::new();
     for (section, mut keys, kinds) in sections {
         let fits = |kind: &PlanStepKind| match section {
             "tasks" => matches!(kind, PlanStepKind::Task(_) | PlanStepKind::Map { .. }),
@@ -225,9 +244,19 @@ fn check_answers(plan: &FlowPlan, case: &Case) -> anyhow::Result<()> {
         keys.sort();
         for key in keys {
             // `step[2]` answers item 2 of the step.
-            let id = key.split_once('[').map_or(key.as_str(), |(id, _)| id);
+            let (id, item) = parse_key(key).map_err(|problem| anyhow::anyhow!("`{section}` key `{key}` {problem}"))?;
             match plan.steps.iter().find(|step| step.id == id) {
-                Some(step) if fits(&step.kind) => {}
+                Some(step) if fits(&step.kind) => {
+                    if let Some(item) = item {
+                        if !has_items(&step.kind) {
+                            bail!(
+                                "`{section}` answers `{key}`, item {item} of step `{id}`, which has no items (a map \
+                                 step has, and a subflow step with `items`): answer `{id}` instead"
+                            );
+                        }
+                        items.push(ItemAnswer { section, key, step: id, item });
+                    }
+                }
                 Some(_) => bail!("`{section}` answers step `{id}`, which is not a {kinds} step"),
                 None => {
                     let ids: Vec<&str> =
@@ -239,7 +268,127 @@ fn check_answers(plan: &FlowPlan, case: &Case) -> anyhow::Result<()> {
                     )
                 }
             }
+            let answers = match section {
+                "tasks" => &case.tasks[key],
+                "subflows" => &case.subflows[key],
+                _ => continue,
+            };
+            for (nth, answer) in answers.0.iter().enumerate() {
+                if let Some(problem) = answer_problem(answer, limits) {
+                    let which = if answers.0.len() == 1 { "the answer".to_owned() } else { format!("answer {nth}") };
+                    bail!("`{section}`: {which} for `{key}` {problem}");
+                }
+            }
         }
+    }
+    Ok(items)
+}
+
+/// A key of `tasks` or `subflows`: a step id, or `id[N]` for item N of the step (N an
+/// index from 0, written as the grid writes it: `m[1]`, not `m[01]`).
+fn parse_key(key: &str) -> Result<(&str, Option<u32>), String> {
+    let Some((id, rest)) = key.split_once('[') else { return Ok((key, None)) };
+    let item = rest.strip_suffix(']').and_then(|index| index.parse::<u32>().ok().filter(|n| n.to_string() == index));
+    match item {
+        Some(item) => Ok((id, Some(item))),
+        None => Err(format!(
+            "is neither a step id nor `step[N]`, an item of the step by its index (from 0, without leading zeros: \
+             `{id}[2]`)"
+        )),
+    }
+}
+
+/// Whether a step runs per item, so that `step[N]` can answer one of them.
+fn has_items(kind: &PlanStepKind) -> bool {
+    match kind {
+        PlanStepKind::Map { .. } => true,
+        PlanStepKind::Subflow(spec) => spec.items.is_some(),
+        _ => false,
+    }
+}
+
+/// What is wrong with an answer the grid would not take from a worker (or a child run),
+/// if anything: it gives exactly one of `output`, `error` and `echo: true`; an error's code
+/// passes the grid's check of a worker's error (not blank, at most
+/// [`Limits::name_bytes_max`] bytes, no control characters), and an output nests no deeper
+/// than [`Limits::nesting_depth_max`]. The grid fails an attempt that answers otherwise
+/// with `invalid_output`, so the case would test a run other than the grid's.
+fn answer_problem(answer: &Answer, limits: &Limits) -> Option<String> {
+    let given: Vec<&str> =
+        [(answer.output.is_some(), "`output`"), (answer.error.is_some(), "`error`"), (answer.echo, "`echo: true`")]
+            .into_iter()
+            .filter_map(|(given, name)| given.then_some(name))
+            .collect();
+    if given.is_empty() {
+        return Some(
+            "gives none of `output`, `error` and `echo: true`: an answer gives exactly one of them".to_owned(),
+        );
+    }
+    if given.len() > 1 {
+        return Some(format!(
+            "gives {}: an answer gives exactly one of `output`, `error` and `echo: true`, as a worker sends an \
+             output or an error, not both",
+            given.join(" and ")
+        ));
+    }
+    if let Some(error) = &answer.error {
+        let code = &error.code;
+        if code.trim().is_empty() {
+            return Some("has a blank error code: retries and catches match an error by its code".to_owned());
+        }
+        if code.len() > limits.name_bytes_max || code.chars().any(char::is_control) {
+            return Some(format!(
+                "has an error code the grid does not take (at most {} bytes, no control characters): {code:?}",
+                limits.name_bytes_max
+            ));
+        }
+    }
+    let depth = answer.output.as_ref().map_or(0, nesting_depth);
+    (depth > limits.nesting_depth_max).then(|| {
+        format!(
+            "has an output nested {depth} levels deep, over the limit of {} the grid takes",
+            limits.nesting_depth_max
+        )
+    })
+}
+
+/// Refuses a run input or signal data (`what`) the grid's API would refuse: nested deeper
+/// than [`Limits::nesting_depth_max`], or over [`Limits::payload_bytes_max`] as
+/// MessagePack, the encoding the API measures it in.
+fn check_payload(what: &str, value: &Value, limits: &Limits) -> anyhow::Result<()> {
+    let depth = nesting_depth(value);
+    if depth > limits.nesting_depth_max {
+        bail!(
+            "the grid would refuse {what}: it is nested {depth} levels deep, over the limit of {}",
+            limits.nesting_depth_max
+        );
+    }
+    let size = msgpack_bytes(value);
+    if size > limits.payload_bytes_max {
+        bail!(
+            "the grid would refuse {what}: it is {size} bytes (as MessagePack), over the limit of {} bytes",
+            limits.payload_bytes_max
+        );
+    }
+    Ok(())
+}
+
+/// Refuses an answer given to an item the run never asked for (`asked`): item N of the
+/// step was never dispatched (items count from 0), so the case tests other than it says.
+fn check_items_asked(items: &[ItemAnswer], asked: &Asked) -> anyhow::Result<()> {
+    for answer in items {
+        if asked.contains_key(&(answer.step.to_owned(), Some(answer.item))) {
+            continue;
+        }
+        let going = asked.keys().filter(|(step, item)| step == answer.step && item.is_some()).count();
+        bail!(
+            "`{}` answers `{}`, but the run never asked for item {} of step `{}` (items count from 0; it asked for \
+             {going} of its items)",
+            answer.section,
+            answer.key,
+            answer.item,
+            answer.step
+        );
     }
     Ok(())
 }
@@ -252,7 +401,14 @@ fn play(
     case: &Case,
     partial: &mut Option<RunView>,
 ) -> anyhow::Result<Played> {
-    check_answers(plan, case)?;
+    let limits = Limits::default();
+    let items = check_answers(plan, case, &limits)?;
+    check_payload("this input", &case.input, &limits)?;
+    let mut signals: Vec<_> = case.signals.iter().collect();
+    signals.sort_by_key(|(step, _)| *step);
+    for (step, data) in signals {
+        check_payload(&format!("the data of signal step `{step}`"), data, &limits)?;
+    }
     if let Some(schema) = &plan.input_schema {
         let issues: Vec<String> = schema.check(&case.input, "input").iter().map(ToString::to_string).collect();
         if !issues.is_empty() {
@@ -268,8 +424,15 @@ fn play(
     let start =
         RunStart { run_id, input: case.input.clone(), labels: Labels::new(), now, queued: false, start_at: None };
     let mut run = Run::start(Arc::clone(plan), evaluator, start, &mut effects);
-    match drive(&mut run, evaluator, case, effects, now) {
-        Ok(handler) => Ok(Played { view: run.view(), handler }),
+    let mut asked = Asked::new();
+    match drive(&mut run, evaluator, case, effects, now, &mut asked) {
+        Ok(handler) => match check_items_asked(&items, &asked) {
+            Ok(()) => Ok(Played { view: run.view(), handler }),
+            Err(error) => {
+                *partial = Some(run.view());
+                Err(error)
+            }
+        },
         Err(error) => {
             *partial = Some(run.view());
             Err(error)
@@ -278,17 +441,17 @@ fn play(
 }
 
 /// Applies the case's answers to what the run asks for until it ends; the failure handler
-/// its end starts, if any.
+/// its end starts, if any. `attempts` counts what the run asked for, by step and item.
 fn drive(
     run: &mut Run,
     evaluator: &Evaluator,
     case: &Case,
     mut effects: Vec<Effect>,
     mut now: Millis,
+    attempts: &mut Asked,
 ) -> anyhow::Result<Option<HandlerStart>> {
     let mut timers: BTreeSet<(Millis, flowgrid_engine::TimerKey)> = BTreeSet::new();
     let mut events: VecDeque<Event> = VecDeque::new();
-    let mut attempts: HashMap<(String, Option<u32>), usize> = HashMap::new();
     let mut signalled: BTreeSet<String> = BTreeSet::new();
     let mut handler = None;
     let mut applied = 0;
@@ -651,6 +814,79 @@ steps:
         let succeeding = play_whole_case(flow, "tasks: {a: {output: 1}}\n").expect("it ends");
         assert!(succeeding.handler.is_none());
         assert!(judge(case.expect.as_ref().unwrap(), &succeeding).is_empty());
+    }
+
+    /// `depth` arrays, one in the other, as YAML.
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn an_answer_input_or_signal_the_grid_would_not_take_is_refused_naming_its_step() {
+        let flow =
+            "name: f\nsteps:\n  - {id: a, kind: task, pool: p, task: t}\n  - {id: w, kind: signal, after: [a]}\n";
+        let depth_max = Limits::default().nesting_depth_max;
+        let refused = |case: String, expected: &[&str]| {
+            let error = format!("{:#}", play_case(flow, &case).expect_err(&case));
+            assert!(expected.iter().all(|part| error.contains(part)), "{case}: {error}");
+        };
+        let both = "`tasks`: the answer for `a` gives `output` and `error`: an answer gives exactly one of";
+        refused("tasks: {a: {output: 1, error: {code: x}}}\n".into(), &[both]);
+        refused("tasks: {a: {echo: true, output: 5}}\n".into(), &["for `a` gives `output` and `echo: true`"]);
+        refused("tasks: {a: {}}\n".into(), &["for `a` gives none of `output`, `error` and `echo: true`"]);
+        refused("tasks: {a: {error: {code: ''}}}\n".into(), &["for `a` has a blank error code"]);
+        refused("tasks: {a: {error: {code: \"a\\tb\"}}}\n".into(), &["for `a` has an error code the grid does not"]);
+        refused(format!("tasks: {{a: {{error: {{code: {}}}}}}}\n", "c".repeat(129)), &["(at most 128 bytes"]);
+        let deep = nested(depth_max + 1);
+        let too_deep = format!("has an output nested {} levels deep, over the limit of {depth_max}", depth_max + 1);
+        refused(format!("tasks: {{a: [{{output: 1}}, {{output: {deep}}}]}}\n"), &["answer 1 for `a`", &too_deep]);
+        let input_deep = format!("the grid would refuse this input: it is nested {} levels deep", depth_max + 1);
+        refused(format!("input: {deep}\ntasks: {{a: {{output: 1}}}}\n"), &[&input_deep]);
+        let large = "x".repeat(Limits::default().payload_bytes_max);
+        refused(format!("input: {large}\ntasks: {{a: {{output: 1}}}}\n"), &["this input: it is 1048581 bytes"]);
+        let signal = format!("tasks: {{a: {{output: 1}}}}\nsignals: {{w: {deep}}}\n");
+        refused(signal, &["the grid would refuse the data of signal step `w`: it is nested"]);
+        // As deep as the grid takes, and a null output, are answers.
+        let deepest = nested(depth_max);
+        let view = play_case(flow, &format!("tasks: {{a: {{output: null}}}}\nsignals: {{w: {deepest}}}\n")).unwrap();
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+        assert!(play_case(
+            flow,
+            &format!("input: {deepest}\ntasks: {{a: {{output: {deepest}}}}}\nsignals: {{w: 1}}\n")
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn an_answer_for_an_item_is_refused_unless_the_step_has_items_and_the_run_asks_for_it() {
+        let task = "name: f\nsteps:\n  - {id: a, kind: task, pool: p, task: t}\n";
+        let error = format!("{:#}", play_case(task, "tasks: {a: {output: 1}, \"a[2]\": {output: 2}}\n").unwrap_err());
+        assert!(error.contains("`tasks` answers `a[2]`, item 2 of step `a`, which has no items"), "{error}");
+        let map = "name: f\nsteps:\n  - {id: m, kind: map, items: 'input', pool: p, task: t}\n";
+        let case = |key: &str| format!("input: [1, 2, 3]\ntasks: {{m: {{output: 1}}, \"{key}\": {{output: 2}}}}\n");
+        for key in ["m[01]", "m[1", "m[+1]", "m[]", "m[-1]"] {
+            let error = format!("{:#}", play_case(map, &case(key)).unwrap_err());
+            assert!(error.contains(&format!("`tasks` key `{key}` is neither a step id nor `step[N]`")), "{error}");
+        }
+        // Item 3 of 3 is never dispatched: items count from 0.
+        let error = format!("{:#}", play_case(map, &case("m[3]")).unwrap_err());
+        let never = "`tasks` answers `m[3]`, but the run never asked for item 3 of step `m` (items count from 0; it \
+                     asked for 3 of its items)";
+        assert!(error.contains(never), "{error}");
+        let view = play_case(map, &case("m[2]")).expect("item 2 is answered");
+        assert_eq!(view.output, Some(json!({"m": [1, 1, 2]})));
+        // A subflow step has items only with `items`.
+        let subflows = "name: f\nsteps:\n  - {id: s, kind: subflow, flow: g, items: 'input'}\n  \
+                        - {id: one, kind: subflow, flow: g, after: [s]}\n";
+        let case = "input: [1, 2]\nsubflows: {s: {output: 1}, \"s[1]\": {output: 2}, one: {output: 3}}\n";
+        let view = play_case(subflows, case).expect("item 1 is answered");
+        assert_eq!(
+            view.steps.iter().find(|step| step.id == "s").and_then(|step| step.output.clone()),
+            Some(json!([1, 2]))
+        );
+        let case = "input: [1, 2]\nsubflows: {s: {output: 1}, one: {output: 3}, \"one[0]\": {output: 4}}\n";
+        let error = format!("{:#}", play_case(subflows, case).unwrap_err());
+        assert!(error.contains("`subflows` answers `one[0]`, item 0 of step `one`, which has no items"), "{error}");
     }
 
     #[test]
