@@ -185,32 +185,45 @@ enum CommitFailure {
 /// stops and is opened again: it looks its open tasks up again, oldest first, so the first's
 /// leads again and the second's waits for it again. One worker call answers both. (A lookup
 /// left running from before would wake as the shard forgot the first's attempt, and call a
-/// worker of its own.)
-async fn the_task_with_a_worker_leads_again_after(failure: CommitFailure) -> anyhow::Result<()> {
+/// worker of its own.) With `second_timeout_ms`, the second run is of a later version of the
+/// flow whose task times out that soon: its task is due back before the first's, and still
+/// waits for it.
+async fn the_task_with_a_worker_leads_again_after(
+    failure: CommitFailure,
+    second_timeout_ms: Option<u64>,
+) -> anyhow::Result<()> {
     let mut grid = Grid::start_nats()?;
     let store = FailingStore::open(&grid)?;
     let _coordinator = spawn_coordinator(&grid, store.clone())?;
     grid.wait_shards_served_by(1, SETTLE).await?;
     grid.start_workers(&["a"], 8)?;
     let client = grid.client().await?;
-    deploy(&grid, &client, SLOW_CACHED_FLOW).await?;
+    let first_version = deploy(&grid, &client, SLOW_CACHED_FLOW).await?.version;
+    let second_version = match second_timeout_ms {
+        Some(timeout_ms) => {
+            let sooner = SLOW_CACHED_FLOW.replace("timeout_ms: 60000", &format!("timeout_ms: {timeout_ms}"));
+            deploy(&grid, &client, &sooner).await?.version
+        }
+        None => first_version,
+    };
     let (shard, keys) = idempotency_keys_of_one_shard("slow-cached", grid.shards);
-    let start = |run: usize, key: &str, ms: u32| StartRun {
+    let start = |run: usize, version: u32, key: &str, ms: u32| StartRun {
         flow: "slow-cached".into(),
+        version: Some(version),
         input: json!({"key": key, "request": run, "ms": ms}),
         idempotency_key: Some(keys[run].clone()),
         ..Default::default()
     };
 
     // The first run's task with a worker for longer than the shard takes to serve again.
-    let first = client.start(start(0, "k", 5_000)).await.or_logs(&grid)?.run_id;
+    let first = client.start(start(0, first_version, "k", 5_000)).await.or_logs(&grid)?.run_id;
     crate::cancels::wait_held(&grid, "a", (1, 0), SETTLE).await?;
     // Its start answered, the second run's lookup follows the first's (it joined in the
     // commit, before the answer).
-    let second = client.start(start(1, "k", 100)).await.or_logs(&grid)?.run_id;
+    let second = client.start(start(1, second_version, "k", 100)).await.or_logs(&grid)?.run_id;
     // A third run's start is the shard's next commit: it fails, the client tries again.
     store.fail_next_commit(shard, failure);
-    let third = client.start(start(2, "other", 1)).await.or_logs(&grid)?.run_id;
+    let third = client.start(start(2, first_version, "other", 1)).await.or_logs(&grid)?.run_id;
     assert!(store.failed(), "the shard's next commit was the third run's start, and failed");
 
     let view = grid.wait_run(&client, &second, RUN_DEADLINE).await?;
@@ -227,12 +240,19 @@ async fn the_task_with_a_worker_leads_again_after(failure: CommitFailure) -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_with_a_worker_leads_its_key_again_when_its_shard_reloads() -> anyhow::Result<()> {
-    the_task_with_a_worker_leads_again_after(CommitFailure::Transient).await
+    the_task_with_a_worker_leads_again_after(CommitFailure::Transient, None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_with_a_worker_leads_its_key_again_when_its_shard_is_opened_again() -> anyhow::Result<()> {
-    the_task_with_a_worker_leads_again_after(CommitFailure::StaleEpoch).await
+    the_task_with_a_worker_leads_again_after(CommitFailure::StaleEpoch, None).await
+}
+
+/// The shard sends its open tasks again by when each was dispatched, not by deadline: the
+/// second run's task, due back first (20 s against 60 s), does not take the lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_with_a_worker_leads_its_key_again_when_a_later_one_is_due_back_first() -> anyhow::Result<()> {
+    the_task_with_a_worker_leads_again_after(CommitFailure::Transient, Some(20_000)).await
 }
 
 /// How long shards may take to settle after a change (debug builds, 2 cores).

@@ -174,6 +174,12 @@ pub struct TaskDispatch {
     /// The evaluated task input, shared with the run's state (a task without an `input`
     /// mapping gets the run input itself).
     pub input: Arc<Value>,
+    /// When the attempt was dispatched: the time of the event that opened it, so a replay
+    /// of the run's history gives the same. A reloaded shard sends its open tasks again in
+    /// this order, oldest first (not by deadline, which a step's timeouts set apart): of
+    /// the tasks of one cache key, the one already with a worker leads again.
+    #[serde(default)]
+    pub opened_ms: Millis,
     /// Absolute start-to-close deadline of this attempt.
     pub deadline_ms: Millis,
     /// 0-9, higher first: the lane of the pool it is published to.

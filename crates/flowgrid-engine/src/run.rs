@@ -204,7 +204,8 @@ impl Run {
     }
 
     /// Every attempt that is dispatched and not finished, as it was dispatched: the driver
-    /// republishes these after reloading a shard (duplicates are harmless).
+    /// republishes these after reloading a shard (duplicates are harmless), oldest first by
+    /// when each was dispatched ([`TaskDispatch::opened_ms`]).
     pub fn open_dispatches(&self) -> Vec<TaskDispatch> {
         self.slots().filter_map(|(index, item, slot)| self.open_dispatch(index, item, slot)).collect()
     }
@@ -396,14 +397,24 @@ impl Run {
     /// The dispatch of `slot` if its attempt is out.
     fn open_dispatch(&self, index: StepIndex, item: Option<u32>, slot: &Slot) -> Option<TaskDispatch> {
         match slot.phase {
-            Phase::Open { deadline_ms, .. } => Some(self.task_dispatch(index, item, slot, deadline_ms)),
+            Phase::Open { opened_ms, deadline_ms, .. } => {
+                Some(self.task_dispatch(index, item, slot, opened_ms, deadline_ms))
+            }
             Phase::New | Phase::Retrying { .. } => None,
         }
     }
 
-    /// The task message of the current attempt of `slot`. Its deadline is the attempt's, or
-    /// the run's timeout if that comes first: the worker's work is wasted past either.
-    fn task_dispatch(&self, index: StepIndex, item: Option<u32>, slot: &Slot, deadline_ms: Millis) -> TaskDispatch {
+    /// The task message of the current attempt of `slot`, dispatched at `opened_ms`. Its
+    /// deadline is the attempt's, or the run's timeout if that comes first: the worker's
+    /// work is wasted past either.
+    fn task_dispatch(
+        &self,
+        index: StepIndex,
+        item: Option<u32>,
+        slot: &Slot,
+        opened_ms: Millis,
+        deadline_ms: Millis,
+    ) -> TaskDispatch {
         let spec = steps::task_spec(&self.plan.step(index).kind).expect("only task and map steps dispatch");
         let run_deadline_ms = self.plan.timeout_ms.map(|timeout_ms| self.went_ms().saturating_add(timeout_ms));
         let deadline_ms = run_deadline_ms.map_or(deadline_ms, |run_deadline_ms| deadline_ms.min(run_deadline_ms));
@@ -413,6 +424,7 @@ impl Run {
             pool: spec.pool.clone(),
             task: spec.task.clone(),
             input: Arc::clone(&slot.input),
+            opened_ms,
             deadline_ms,
             priority: spec.priority,
             progress: self.progress_to_send(slot),

@@ -81,10 +81,12 @@ impl<S: ShardStore> ShardActor<S> {
         self.held_back.insert(run_id, error.to_string());
     }
 
-    /// Sends again what a reload found open; tasks oldest first (the earliest deadline),
-    /// so that of the tasks of one cache key the one that went to a worker leads again.
+    /// Sends again what a reload found open; tasks oldest first, by when each was
+    /// dispatched (those dispatched at once in the order they were found), so that of the
+    /// tasks of one cache key the one that went to a worker leads again. Not by deadline:
+    /// a task dispatched later under a shorter timeout would lead, and call a worker too.
     pub(super) async fn resume(&self, mut reloaded: Reloaded) {
-        reloaded.tasks.sort_by_key(|task| task.deadline_ms);
+        reloaded.tasks.sort_by_key(|task| task.opened_ms);
         for task in reloaded.tasks {
             self.dispatch(task, None).await;
         }

@@ -200,8 +200,8 @@ impl Run {
         let slot = self.slot_mut(index, item);
         assert!(!matches!(slot.phase, Phase::Open { .. }), "one attempt of a slot is open at a time");
         slot.attempt += 1;
-        slot.phase = Phase::Open { deadline_ms, reports: 0, reported_kib: 0 };
-        let dispatch = self.task_dispatch(index, item, self.slot(index, item), deadline_ms);
+        slot.phase = Phase::Open { opened_ms: context.now, deadline_ms, reports: 0, reported_kib: 0 };
+        let dispatch = self.task_dispatch(index, item, self.slot(index, item), context.now, deadline_ms);
         let timer = TimerKey::AttemptTimeout { attempt: dispatch.attempt.clone() };
         context.effects.push(Effect::Dispatch(dispatch));
         self.arm_timer(timer, deadline_ms, context);

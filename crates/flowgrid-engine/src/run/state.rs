@@ -91,9 +91,11 @@ pub(super) enum Phase {
     /// No attempt out and none waiting: before the first dispatch, and between the end
     /// of an attempt and what follows it.
     New,
-    /// Attempt `Slot::attempt` is out, due back by `deadline_ms`; its worker sent
-    /// `reports` progress reports so far, of `reported_kib` KiB of JSON (each rounded up).
-    Open { deadline_ms: Millis, reports: u32, reported_kib: u32 },
+    /// Attempt `Slot::attempt` is out since `opened_ms` (the time of the event that
+    /// dispatched it, so that a replay rebuilds it the same), due back by `deadline_ms`;
+    /// its worker sent `reports` progress reports so far, of `reported_kib` KiB of JSON
+    /// (each rounded up).
+    Open { opened_ms: Millis, deadline_ms: Millis, reports: u32, reported_kib: u32 },
     /// Attempt `Slot::attempt` failed; the next one is dispatched at `due_ms`.
     Retrying { due_ms: Millis },
 }

@@ -61,3 +61,50 @@ fn replaying_the_history_rebuilds_the_same_run() {
     assert_eq!(harness.step("sum").output, Some(json!("BC")));
     assert_eq!(harness.step("each").output, Some(json!([null, "B", "C"])));
 }
+
+/// Two cached tasks of one key: `long` goes out first, `short` once `first` has answered,
+/// under a shorter timeout.
+const OPENED: &str = r##"
+name: opened
+steps:
+  - kind: task
+    id: long
+    pool: cpu
+    task: fetch
+    timeout_ms: 600000
+    retry: { max_attempts: 2, initial_backoff_ms: 100, jitter: 0 }
+    cache: { key: '"k"', ttl_ms: 60000 }
+  - { kind: task, id: first, pool: cpu, task: t }
+  - kind: task
+    id: short
+    after: [first]
+    pool: cpu
+    task: fetch
+    timeout_ms: 30000
+    cache: { key: '"k"', ttl_ms: 60000 }
+"##;
+
+/// The open attempts of `run`: step, when dispatched, deadline.
+fn opened(run: &Run) -> Vec<(String, u64, u64)> {
+    let open = run.open_dispatches().into_iter();
+    open.map(|dispatch| (dispatch.attempt.step, dispatch.opened_ms, dispatch.deadline_ms)).collect()
+}
+
+/// An open attempt keeps when it was dispatched (its retry: when the retry was), and a
+/// replay rebuilds it: a reload sends open tasks again oldest first by it, so the one that
+/// went out first leads its cache key again, even when one that went out later is due
+/// back earlier.
+#[test]
+fn an_open_attempt_keeps_when_it_was_dispatched_through_a_replay() {
+    let mut harness = Harness::start(OPENED, json!(null), 1_000);
+    harness.succeed(6_000, "first", None, 1, json!(1));
+    let expected = vec![("long".to_owned(), 1_000, 601_000), ("short".to_owned(), 6_000, 36_000)];
+    assert_eq!(opened(&harness.run), expected, "`long` went out first, `short` is due back first");
+    assert_eq!(opened(&replay(&harness).0), expected, "replayed");
+
+    harness.fail(6_500, "long", None, 1, error("busy", true));
+    harness.fire(6_600, TimerKey::RetryDue { attempt: super::support::attempt("long", None, 2) });
+    let expected = vec![("long".to_owned(), 6_600, 606_600), ("short".to_owned(), 6_000, 36_000)];
+    assert_eq!(opened(&harness.run), expected, "the retry went out after `short`");
+    assert_eq!(opened(&replay(&harness).0), expected, "replayed");
+}
