@@ -170,6 +170,73 @@ async fn misses_of_one_key_at_once_wait_for_one_worker_call_and_go_to_workers_if
     Ok(())
 }
 
+/// A follower whose run is cancelled leaves its flight: when its leader's run is cancelled
+/// next, it does not lead a new flight (its task would go to a worker for a run that is
+/// gone, and nothing would end that flight), so the next run of the key goes to a worker at
+/// once instead of waiting for the cancelled follower's deadline (60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_follower_leads_no_flight_when_its_leader_is_cancelled() -> anyhow::Result<()> {
+    let (grid, metrics_addr) = Grid::start_with_metrics(&["a"], 8).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, SLOW_CACHED_FLOW).await?;
+    let start = |request: u32, ms: u32| StartRun {
+        flow: "slow-cached".into(),
+        input: json!({"key": "k", "request": request, "ms": ms}),
+        ..Default::default()
+    };
+
+    let leader = client.start(start(1, 60_000)).await.or_logs(&grid)?.run_id;
+    counted(&metrics_addr, "miss", 1.0).await.or_logs(&grid)?;
+    let follower = client.start(start(2, 100)).await.or_logs(&grid)?.run_id;
+    counted(&metrics_addr, "miss", 2.0).await.or_logs(&grid)?;
+    client.cancel(&follower, "test").await.or_logs(&grid)?;
+    client.cancel(&leader, "test").await.or_logs(&grid)?;
+
+    let next = client.start(start(3, 100)).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &next, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    assert_eq!(view.output.as_ref().map(|output| &output["request"]), Some(&json!(3)), "its own worker: {view:?}");
+    Ok(())
+}
+
+/// A map step whose items' results are cached, under a key that fails for an item that
+/// is not a number.
+const CACHED_ITEMS_FLOW: &str = r#"
+name: cached-items
+output: 'steps.each.output'
+steps:
+  - id: each
+    kind: map
+    items: 'input.items'
+    pool: a
+    task: echo
+    timeout_ms: 600000
+    cache: { key: 'input.key + 1', ttl_ms: 600000 }
+"#;
+
+/// A run fails at a map item's cache key in the turn that dispatched the items before it:
+/// those never go out, and lead no flight (their run is gone, so nothing would end it). The
+/// next run with their key goes to a worker at once, instead of waiting for their deadline
+/// (10 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_closed_in_the_turn_that_dispatched_it_leads_no_flight() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, CACHED_ITEMS_FLOW).await?;
+    let start =
+        |items: Value| StartRun { flow: "cached-items".into(), input: json!({"items": items}), ..Default::default() };
+
+    let failed = client.start(start(json!([{"key": 1}, {"key": null}]))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &failed, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Failed, "item 1's key fails: {view:?}");
+
+    let next = client.start(start(json!([{"key": 1}]))).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &next, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    assert_eq!(view.output, Some(json!([{"key": 1}])), "{view:?}");
+    Ok(())
+}
+
 /// How the commit a test makes fail fails.
 #[derive(Clone, Copy, Debug)]
 enum CommitFailure {

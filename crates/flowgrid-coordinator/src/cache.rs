@@ -21,10 +21,11 @@
 //! open follow it instead of calling workers of their own: they take the leader's result
 //! when it is stored; when the leader's attempt fails, times out or is cancelled, the
 //! first of them leads a new flight (its task goes to a worker) and the others follow it.
-//! None waits past its own deadline. Coordinators do not share flights. A lookup belongs to
-//! what its shard loaded: when the shard reloads or moves, it stops (and leads nothing), and
-//! the reload or the next owner looks the shard's open tasks up again, oldest first, so the
-//! task already with a worker leads again.
+//! None waits past its own deadline, and a follower whose own attempt closes (its run
+//! cancelled, say) drops out: its task is dropped, and it leads nothing. Coordinators do
+//! not share flights. A lookup belongs to what its shard loaded: when the shard reloads or
+//! moves, it stops (and leads nothing), and the reload or the next owner looks the shard's
+//! open tasks up again, oldest first, so the task already with a worker leads again.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -82,16 +83,22 @@ pub struct TaskCache {
 #[derive(Default)]
 pub struct SingleFlight {
     flights: std::sync::Mutex<Flights>,
-    /// How many flights are open: an attempt that fails looks for its flight only when
-    /// there is one.
+    /// How many flights are open and attempts follow one (set under the lock): an attempt
+    /// that closes looks itself up only when there is one.
     open: AtomicUsize,
 }
 
-/// The open flights, by entry key and by leader.
+/// The open flights, by entry key and by leader, and the attempts that follow them.
 #[derive(Default)]
 struct Flights {
     by_key: HashMap<String, Flight>,
     by_leader: HashMap<AttemptId, String>,
+    /// Each attempt that follows a flight, from its first join until its wait ends (also
+    /// between two flights, once one ended and before it joins the next): when it closes,
+    /// it drops out, and its wait stops and leads nothing.
+    following: HashMap<AttemptId, Following>,
+    /// The number the next [`Ticket`] takes.
+    next_ticket: u64,
 }
 
 impl Flights {
@@ -100,6 +107,11 @@ impl Flights {
         self.by_leader.remove(&flight.leader);
         Some(flight)
     }
+
+    /// How many flights are open and attempts follow one.
+    fn open(&self) -> usize {
+        self.by_key.len() + self.following.len()
+    }
 }
 
 /// A worker call other lookups of its key wait for.
@@ -107,8 +119,24 @@ struct Flight {
     leader: AttemptId,
     /// The leader attempt's deadline: a flight past it is over.
     deadline: Instant,
-    /// The followers: each gets the leader's result, or `None` to go to a worker.
-    followers: Vec<oneshot::Sender<Option<Landed>>>,
+    /// The followers, by attempt: each gets the leader's result, or `None` to lead or
+    /// follow anew.
+    followers: Vec<(AttemptId, oneshot::Sender<Option<Landed>>)>,
+}
+
+/// An attempt that follows a flight of `key`.
+struct Following {
+    key: String,
+    ticket: Ticket,
+}
+
+/// A follower's hold on its place among the following attempts: its number tells its
+/// wait from another copy of its attempt's (a shard that reloads sends its open tasks
+/// again), and `closed` is cancelled when its attempt closes.
+#[derive(Clone)]
+struct Ticket {
+    number: u64,
+    closed: CancellationToken,
 }
 
 /// A result a flight's leader got: from the bucket (stored then), or from a worker (now).
@@ -130,9 +158,29 @@ impl Landed {
 pub enum Joined {
     /// Send the task to a worker; other lookups of its key follow it.
     Lead,
-    /// Wait for the leader's result (`None`: send the task to a worker after all) until
-    /// the leader's deadline.
-    Follow(oneshot::Receiver<Option<Landed>>, Instant),
+    /// Wait for the leader's result (see [`SingleFlight::follow`]).
+    Follow(Follower),
+}
+
+/// A lookup that follows a flight.
+pub struct Follower {
+    /// The leader's result; `None`: its attempt ended without one.
+    landing: oneshot::Receiver<Option<Landed>>,
+    /// The leader's deadline: past it, the flight is over.
+    until: Instant,
+    ticket: Ticket,
+}
+
+/// How a follower's wait ended.
+#[derive(Debug, PartialEq)]
+pub enum Followed {
+    /// The result of the flight it followed, fresh for its step: the attempt takes it.
+    Took(Value),
+    /// Send the task to a worker: it leads a new flight, or its own deadline passed.
+    ToWorker,
+    /// Drop the task: its attempt closed (nothing takes its result), or its shard reloaded
+    /// or moved (the reload, or the shard's next owner, sends it again).
+    Dropped,
 }
 
 /// What became of a lookup or a store, as counted in `flowgrid_task_cache_total`.
@@ -302,82 +350,121 @@ impl TaskCache {
 impl SingleFlight {
     /// Follows the flight `attempt` (due by `deadline`) `joined` for `key`, and takes its
     /// leader's result if it is fresh for `ttl_ms`. When that leader's attempt ends without
-    /// one (failed, timed out, cancelled), its followers join again: the first leads a new
-    /// flight, the others (and the failed leader's retry) follow it. `None` (the task goes to
-    /// a worker) when it leads one, and at `deadline`.
+    /// one (failed, timed out, cancelled), or its deadline passes, its followers join again:
+    /// the first leads a new flight, the others (and the failed leader's retry) follow it.
+    /// [`Followed::ToWorker`] when it leads one, and at `deadline`.
     ///
-    /// `None` too, at once and without leading a flight, once `loaded` is cancelled: the
-    /// follower's shard reloaded or moved, and the reload or the shard's next owner sends its
-    /// task again (the caller drops it). Led from here, it would take the lead from the task
-    /// that is with a worker, or open a flight that nothing ends on this coordinator.
+    /// [`Followed::Dropped`], at once and without leading a flight, once `attempt` closes
+    /// ([`SingleFlight::leader_gone`]: nothing would take its result, and a flight it led
+    /// would never end), or once `loaded` is cancelled: the follower's shard reloaded or
+    /// moved, and the reload or the shard's next owner sends its task again. Led from here,
+    /// it would take the lead from the task that is with a worker, or open a flight that
+    /// nothing ends on this coordinator.
     pub async fn follow(
         &self,
-        mut joined: Joined,
+        joined: Joined,
         key: String,
         attempt: &AttemptId,
         deadline: Instant,
         ttl_ms: Millis,
         loaded: &CancellationToken,
-    ) -> Option<Value> {
-        loop {
-            let Joined::Follow(landing, until) = joined else { return None };
+    ) -> Followed {
+        let Joined::Follow(mut follower) = joined else { return Followed::ToWorker };
+        let ticket = follower.ticket.clone();
+        let followed = loop {
+            let Follower { landing, until, .. } = follower;
             let landed = tokio::select! {
                 biased;
-                () = loaded.cancelled() => return None,
+                () = loaded.cancelled() => break Followed::Dropped,
+                () = ticket.closed.cancelled() => break Followed::Dropped,
                 landed = tokio::time::timeout_at(until.min(deadline).into(), landing) => landed,
             };
-            // Past the flight's or the task's deadline: to a worker.
-            let Ok(Ok(landed)) = landed else { return None };
             // Read with this step's own `ttl_ms`. None from the leader (its attempt ended
-            // without a result), or one too old: lead or follow anew.
-            if let Some(output) = landed.and_then(|landed| landed.fresh_for(ttl_ms)) {
-                return Some(output);
+            // without a result), one too old, or the leader's deadline passed: lead or
+            // follow anew.
+            let fresh = match landed {
+                Ok(Ok(landed)) => landed.and_then(|landed| landed.fresh_for(ttl_ms)),
+                _ => None,
+            };
+            if let Some(output) = fresh {
+                break Followed::Took(output);
             }
             if Instant::now() >= deadline {
-                return None;
+                break Followed::ToWorker;
             }
             let flights = self.flights.lock().expect("flights lock");
             // Checked under the lock: a shard cancels `loaded` before it ends the flights its
-            // attempts lead (under this lock), so a flight led past this check is ended too.
-            if loaded.is_cancelled() {
-                return None;
+            // attempts lead (under this lock), and an attempt's close cancels its ticket under
+            // it, so a flight led past this check is ended too.
+            if loaded.is_cancelled() || ticket.closed.is_cancelled() {
+                break Followed::Dropped;
             }
-            joined = self.join_locked(flights, key.clone(), attempt, deadline);
+            match self.join_locked(flights, key.clone(), attempt, deadline, Some(&ticket)) {
+                Joined::Lead => break Followed::ToWorker,
+                Joined::Follow(next) => follower = next,
+            }
+        };
+        // Its wait is over: it leaves the following attempts (unless its attempt closed
+        // meanwhile, or another copy of it took its place).
+        let mut flights = self.flights.lock().expect("flights lock");
+        if flights.following.get(attempt).is_some_and(|following| following.ticket.number == ticket.number) {
+            flights.following.remove(attempt);
+            self.open.store(flights.open(), Ordering::Relaxed);
         }
+        drop(flights);
+        if ticket.closed.is_cancelled() {
+            return Followed::Dropped;
+        }
+        followed
     }
 
     /// After a miss of `key` by `attempt` (due by `deadline`): leads a flight, or follows
     /// the one open.
     pub fn join(&self, key: String, attempt: &AttemptId, deadline: Instant) -> Joined {
         let flights = self.flights.lock().expect("flights lock");
-        self.join_locked(flights, key, attempt, deadline)
+        self.join_locked(flights, key, attempt, deadline, None)
     }
 
-    /// [`SingleFlight::join`], with the flights locked.
+    /// [`SingleFlight::join`], with the flights locked; `ticket`: the follower's, when it
+    /// joins again from [`SingleFlight::follow`].
     fn join_locked(
         &self,
         mut flights: MutexGuard<'_, Flights>,
         key: String,
         attempt: &AttemptId,
         deadline: Instant,
+        ticket: Option<&Ticket>,
     ) -> Joined {
         if let Some(flight) = flights.by_key.get_mut(&key) {
             if flight.deadline > Instant::now() && flight.leader != *attempt {
-                let (sender, receiver) = oneshot::channel();
-                flight.followers.push(sender);
-                return Joined::Follow(receiver, flight.deadline);
+                let (sender, landing) = oneshot::channel();
+                flight.followers.push((attempt.clone(), sender));
+                let until = flight.deadline;
+                let ticket = match ticket {
+                    Some(ticket) => ticket.clone(),
+                    None => {
+                        let ticket = Ticket { number: flights.next_ticket, closed: CancellationToken::new() };
+                        flights.next_ticket += 1;
+                        let following = Following { key, ticket: ticket.clone() };
+                        // Another copy of the attempt that followed (its shard reloaded) stops.
+                        if let Some(copy) = flights.following.insert(attempt.clone(), following) {
+                            copy.ticket.closed.cancel();
+                        }
+                        self.open.store(flights.open(), Ordering::Relaxed);
+                        ticket
+                    }
+                };
+                return Joined::Follow(Follower { landing, until, ticket });
             }
         }
-        // None open, one over (its followers go to workers), or the leader's task again.
+        // None open, one over (its followers lead or follow anew), or the leader's task again.
         let over = flights.remove(&key);
         flights.by_leader.insert(attempt.clone(), key.clone());
         flights.by_key.insert(key, Flight { leader: attempt.clone(), deadline, followers: Vec::new() });
+        self.open.store(flights.open(), Ordering::Relaxed);
         drop(flights);
-        match over {
-            Some(over) => land_followers(over.followers, None),
-            None => {
-                self.open.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(over) = over {
+            land_followers(over.followers, None);
         }
         Joined::Lead
     }
@@ -388,31 +475,41 @@ impl SingleFlight {
         if self.open.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let flight = self.flights.lock().expect("flights lock").remove(key);
+        let mut flights = self.flights.lock().expect("flights lock");
+        let flight = flights.remove(key);
+        self.open.store(flights.open(), Ordering::Relaxed);
+        drop(flights);
         if let Some(flight) = flight {
-            self.open.fetch_sub(1, Ordering::Relaxed);
             land_followers(flight.followers, Some((output, stored_ms)));
         }
     }
 
-    /// `attempt` closed without a result to store (failed, timed out, cancelled): if it led
-    /// a flight, its followers go to workers.
+    /// `attempt` closed without a result to store (failed, timed out, cancelled, its run
+    /// forgotten): if it led a flight, its followers lead or follow anew; if it followed
+    /// one, it drops out, and its wait stops without leading a flight.
     pub fn leader_gone(&self, attempt: &AttemptId) {
         if self.open.load(Ordering::Relaxed) == 0 {
             return;
         }
         let mut flights = self.flights.lock().expect("flights lock");
-        let Some(key) = flights.by_leader.get(attempt).cloned() else { return };
-        let flight = flights.remove(&key).expect("a leader's flight is open");
+        if let Some(Following { key, ticket }) = flights.following.remove(attempt) {
+            ticket.closed.cancel();
+            if let Some(flight) = flights.by_key.get_mut(&key) {
+                flight.followers.retain(|(follower, _)| follower != attempt);
+            }
+        }
+        let led = flights.by_leader.get(attempt).cloned().and_then(|key| flights.remove(&key));
+        self.open.store(flights.open(), Ordering::Relaxed);
         drop(flights);
-        self.open.fetch_sub(1, Ordering::Relaxed);
-        land_followers(flight.followers, None);
+        if let Some(flight) = led {
+            land_followers(flight.followers, None);
+        }
     }
 }
 
 /// Tells each follower how its flight ended (a follower that stopped waiting is gone).
-fn land_followers(followers: Vec<oneshot::Sender<Option<Landed>>>, landed: Option<(&Value, Millis)>) {
-    for follower in followers {
+fn land_followers(followers: Vec<(AttemptId, oneshot::Sender<Option<Landed>>)>, landed: Option<(&Value, Millis)>) {
+    for (_, follower) in followers {
         let _ = follower.send(landed.map(|(output, stored_ms)| Landed { output: output.clone(), stored_ms }));
     }
 }
@@ -477,11 +574,12 @@ mod tests {
 
     use flowgrid_model::{AttemptId, Millis, RunId};
     use serde_json::json;
+    use tokio::sync::oneshot::error::TryRecvError;
     use tokio_util::sync::CancellationToken;
 
     use crate::clock::now_ms;
 
-    use super::{entry_key, Joined, SingleFlight};
+    use super::{entry_key, Followed, Joined, SingleFlight};
 
     fn attempt(run: &str) -> AttemptId {
         AttemptId { run_id: RunId(run.into()), step: "fetch".into(), item: None, attempt: 1 }
@@ -493,7 +591,7 @@ mod tests {
 
     fn follow(flights: &SingleFlight, key: &str, run: &str) -> tokio::sync::oneshot::Receiver<Option<super::Landed>> {
         match flights.join(key.into(), &attempt(run), later()) {
-            Joined::Follow(landing, _) => landing,
+            Joined::Follow(follower) => follower.landing,
             Joined::Lead => panic!("{run} should follow the flight of {key}"),
         }
     }
@@ -523,8 +621,8 @@ mod tests {
         until_followers(&flights, 2).await;
         // Stored a minute ago: fresh for a day, too old for a second.
         flights.land("k", &json!("old"), now_ms() - 60_000);
-        assert_eq!(short.await.unwrap(), None, "the short ttl's task goes to a worker");
-        assert_eq!(long.await.unwrap(), Some(json!("old")));
+        assert_eq!(short.await.unwrap(), Followed::ToWorker, "the short ttl's task goes to a worker");
+        assert_eq!(long.await.unwrap(), Followed::Took(json!("old")));
     }
 
     /// A task of `run` (with a step's `ttl_ms`) that joins the flight of `k`, as a spawned task.
@@ -532,7 +630,7 @@ mod tests {
         flights: &std::sync::Arc<SingleFlight>,
         run: &'static str,
         ttl_ms: Millis,
-    ) -> tokio::task::JoinHandle<Option<serde_json::Value>> {
+    ) -> tokio::task::JoinHandle<Followed> {
         follower_of_shard(flights, run, ttl_ms, CancellationToken::new())
     }
 
@@ -542,7 +640,7 @@ mod tests {
         run: &'static str,
         ttl_ms: Millis,
         loaded: CancellationToken,
-    ) -> tokio::task::JoinHandle<Option<serde_json::Value>> {
+    ) -> tokio::task::JoinHandle<Followed> {
         let flights = std::sync::Arc::clone(flights);
         tokio::spawn(async move {
             let deadline = later();
@@ -578,8 +676,12 @@ mod tests {
         assert!(rejoined.await.is_ok(), "no new flight: each follower went to a worker on its own");
         flights.land("k", &json!("new"), now_ms());
         let mut outcomes = vec![b.await.unwrap(), c.await.unwrap()];
-        outcomes.sort_by_key(|outcome| outcome.is_some());
-        assert_eq!(outcomes, vec![None, Some(json!("new"))], "one new leader, one follower of it");
+        outcomes.sort_by_key(|outcome| matches!(outcome, Followed::Took(_)));
+        assert_eq!(
+            outcomes,
+            vec![Followed::ToWorker, Followed::Took(json!("new"))],
+            "one new leader, one follower of it"
+        );
     }
 
     /// A shard that reloads or moves stops its lookups before it ends the flights its
@@ -599,10 +701,10 @@ mod tests {
         // As the shard's reload does: its load is cancelled, then its runs are forgotten.
         reloaded.cancel();
         flights.leader_gone(&attempt("a"));
-        assert_eq!(b.await.unwrap(), None, "b stopped");
+        assert_eq!(b.await.unwrap(), Followed::Dropped, "b stopped");
         // c, of a shard that stays, leads (its task goes to a worker) and nothing else does.
         let led = tokio::time::timeout(Duration::from_secs(5), c).await;
-        assert_eq!(led.expect("c waits for a flight b led").unwrap(), None, "c leads");
+        assert_eq!(led.expect("c waits for a flight b led").unwrap(), Followed::ToWorker, "c leads");
         assert_eq!(leader_of_k(&flights).as_deref(), Some("c"));
         // A follower whose load is cancelled while it waits stops waiting at once.
         let moved = CancellationToken::new();
@@ -610,7 +712,7 @@ mod tests {
         until_followers(&flights, 1).await;
         moved.cancel();
         let stopped = tokio::time::timeout(Duration::from_secs(5), d).await;
-        assert_eq!(stopped.expect("d stops at the cancel, not at its flight's end").unwrap(), None);
+        assert_eq!(stopped.expect("d stops at the cancel, not at its flight's end").unwrap(), Followed::Dropped);
         assert_eq!(leader_of_k(&flights).as_deref(), Some("c"), "c's flight goes on");
     }
 
@@ -618,12 +720,98 @@ mod tests {
     fn followers_go_to_workers_when_the_leader_ends_without_a_result() {
         let flights = SingleFlight::default();
         assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
-        let mut b = follow(&flights, "k", "b");
+        let (mut b, mut c) = (follow(&flights, "k", "b"), follow(&flights, "k", "c"));
+        // A follower's own end takes it out of the flight, and ends nothing else.
         flights.leader_gone(&attempt("b"));
-        assert!(b.try_recv().is_err(), "a follower's own end changes nothing");
+        assert!(matches!(b.try_recv(), Err(TryRecvError::Closed)), "b left the flight");
+        assert!(matches!(c.try_recv(), Err(TryRecvError::Empty)), "c still waits");
+        assert_eq!(leader_of_k(&flights).as_deref(), Some("a"));
         flights.leader_gone(&attempt("a"));
-        assert_eq!(b.try_recv().unwrap(), None);
-        assert!(matches!(flights.join("k".into(), &attempt("c"), later()), Joined::Lead));
+        assert_eq!(c.try_recv().unwrap(), None);
+        assert!(matches!(flights.join("k".into(), &attempt("d"), later()), Joined::Lead));
+    }
+
+    /// A follower whose attempt closed (its run cancelled or failed) drops its task, and
+    /// leads no flight when its leader ends, whether it closed while it waited for the leader
+    /// or after the leader's end woke it: a flight it led would never end, and the tasks of
+    /// its key would wait for it until its deadline.
+    #[tokio::test]
+    async fn a_follower_whose_attempt_closed_leads_no_flight_when_its_leader_ends() {
+        let flights = std::sync::Arc::new(SingleFlight::default());
+        assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
+        // b follows first, so that it would be the first to lead anew.
+        let b = follower(&flights, "b", 60_000);
+        until_followers(&flights, 1).await;
+        let c = follower(&flights, "c", 60_000);
+        until_followers(&flights, 2).await;
+        flights.leader_gone(&attempt("b"));
+        let stopped = tokio::time::timeout(Duration::from_secs(5), b).await;
+        assert_eq!(stopped.expect("b stops at its close, not at its flight's end").unwrap(), Followed::Dropped);
+        flights.leader_gone(&attempt("a"));
+        assert_eq!(c.await.unwrap(), Followed::ToWorker, "c leads");
+        assert_eq!(leader_of_k(&flights).as_deref(), Some("c"));
+
+        // d closes after c's end woke it, before it joins again (this test's runtime runs
+        // one task at a time: d and e wait to run until the test's next await).
+        let d = follower(&flights, "d", 60_000);
+        until_followers(&flights, 1).await;
+        let e = follower(&flights, "e", 60_000);
+        until_followers(&flights, 2).await;
+        flights.leader_gone(&attempt("c"));
+        flights.leader_gone(&attempt("d"));
+        assert_eq!(d.await.unwrap(), Followed::Dropped);
+        assert_eq!(e.await.unwrap(), Followed::ToWorker, "e leads");
+        assert_eq!(leader_of_k(&flights).as_deref(), Some("e"));
+        // Nothing is left of b and d: e's end leaves no flight and no follower.
+        flights.leader_gone(&attempt("e"));
+        assert_eq!(flights.open.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    /// When a leader's deadline passes before its followers', one of them goes to a worker
+    /// and the others follow it, as when its attempt ends without a result.
+    #[tokio::test]
+    async fn when_a_leader_times_out_one_follower_goes_to_a_worker_and_the_others_follow_it() {
+        let flights = std::sync::Arc::new(SingleFlight::default());
+        let soon = Instant::now() + Duration::from_millis(100);
+        assert!(matches!(flights.join("k".into(), &attempt("a"), soon), Joined::Lead));
+        let followers: Vec<_> = ["b", "c", "d"]
+            .into_iter()
+            .map(|run| {
+                let joined = flights.join("k".into(), &attempt(run), later());
+                assert!(matches!(joined, Joined::Follow(_)), "{run} follows a");
+                let flights = std::sync::Arc::clone(&flights);
+                tokio::spawn(async move {
+                    let loaded = CancellationToken::new();
+                    flights.follow(joined, "k".into(), &attempt(run), later(), 60_000, &loaded).await
+                })
+            })
+            .collect();
+        // Past a's deadline: a new flight, led by one of them and followed by the two others.
+        let relayed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let open = flights
+                    .flights
+                    .lock()
+                    .unwrap()
+                    .by_key
+                    .get("k")
+                    .map(|flight| (flight.leader.run_id.as_str().to_owned(), flight.followers.len()));
+                match open {
+                    Some((leader, 2)) if leader != "a" => return leader,
+                    _ => tokio::task::yield_now().await,
+                }
+            }
+        });
+        let leader = relayed.await.expect("no new flight: each follower went to a worker on its own");
+        assert!(["b", "c", "d"].contains(&leader.as_str()), "{leader}");
+        flights.land("k", &json!("answer"), now_ms());
+        let mut outcomes = Vec::new();
+        for follower in followers {
+            outcomes.push(follower.await.unwrap());
+        }
+        outcomes.sort_by_key(|outcome| matches!(outcome, Followed::Took(_)));
+        let expected = vec![Followed::ToWorker, Followed::Took(json!("answer")), Followed::Took(json!("answer"))];
+        assert_eq!(outcomes, expected, "one new leader, two followers of it");
     }
 
     #[tokio::test]
@@ -657,13 +845,13 @@ mod tests {
         assert!(["b", "c"].contains(&flight_with(1).await.as_str()));
         let retry = AttemptId { attempt: 2, ..attempt("a") };
         let mut retried = match flights.join("k".into(), &retry, later()) {
-            Joined::Follow(landing, _) => landing,
+            Joined::Follow(follower) => follower.landing,
             Joined::Lead => panic!("the retry follows the new flight"),
         };
         flights.land("k", &json!("answer"), now_ms());
         let mut outcomes = vec![b.await.unwrap(), c.await.unwrap()];
-        outcomes.sort_by_key(|outcome| outcome.is_some());
-        assert_eq!(outcomes, vec![None, Some(json!("answer"))], "one new leader, one follower");
+        outcomes.sort_by_key(|outcome| matches!(outcome, Followed::Took(_)));
+        assert_eq!(outcomes, vec![Followed::ToWorker, Followed::Took(json!("answer"))], "one new leader, one follower");
         assert_eq!(retried.try_recv().unwrap().map(|landed| landed.output), Some(json!("answer")));
     }
 

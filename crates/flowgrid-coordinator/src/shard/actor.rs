@@ -475,10 +475,11 @@ impl<S: ShardStore> ShardActor<S> {
             deployed,
             child_starts,
             outbox,
-            cancelled,
+            mut cancelled,
             cache_stores,
             signals: _,
         } = batch;
+        let dispatches = drop_closed(dispatches, &mut cancelled);
         self.answer_refused(refused_results).await;
         if !writes.is_empty() {
             let started = Instant::now();
@@ -599,6 +600,26 @@ impl<S: ShardStore> ShardActor<S> {
         info!(shard = %self.shard, runs = self.runs.len(), "shard reloaded");
         Ok(())
     }
+}
+
+/// The dispatches of a batch, but for the attempts that the same batch closed (in
+/// `cancelled`): a map item dispatched as its run failed at a later item, a step started by
+/// a result batched with its run's cancel. Such an attempt is not published (its result
+/// would be ignored), and does not lead a task cache flight: its close came before its
+/// lookup, so nothing would end that flight, and later tasks of its key would wait for it
+/// until its deadline. It leaves `cancelled` too: no worker has it to stop.
+fn drop_closed(dispatches: Vec<Dispatch>, cancelled: &mut Vec<(Arc<str>, AttemptId)>) -> Vec<Dispatch> {
+    if dispatches.is_empty() || cancelled.is_empty() {
+        return dispatches;
+    }
+    let closed: HashSet<&AttemptId> = cancelled.iter().map(|(_, attempt)| attempt).collect();
+    let (open, unsent): (Vec<Dispatch>, Vec<Dispatch>) =
+        dispatches.into_iter().partition(|dispatch| !closed.contains(&dispatch.task.attempt));
+    if !unsent.is_empty() {
+        let unsent: HashSet<AttemptId> = unsent.into_iter().map(|dispatch| dispatch.task.attempt).collect();
+        cancelled.retain(|(_, attempt)| !unsent.contains(attempt));
+    }
+    open
 }
 
 /// What the callers of a batch whose commit failed are told.

@@ -5,7 +5,8 @@
 //! result instead (the cache's single flight).
 //! Lookups and stores run beside the actor, so a slow bucket never holds a shard's batch. A
 //! lookup stops when its shard reloads or stops, before the shard's flights end: the reload
-//! or the shard's next owner looks its open tasks up again.
+//! or the shard's next owner looks its open tasks up again. A waiting lookup stops too when
+//! its attempt closes (its run cancelled, say): its task is dropped.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::actor::ShardActor;
 use super::batch::{Batch, CacheStore};
 use super::Command;
-use crate::cache::{entry_key, Joined, TaskCache};
+use crate::cache::{entry_key, Followed, Joined, TaskCache};
 use crate::clock::now_ms;
 
 impl<S: ShardStore> ShardActor<S> {
@@ -59,7 +60,12 @@ impl<S: ShardStore> ShardActor<S> {
                 Joined::Follow(..) => {
                     drop(permit);
                     TaskCache::count_miss(&task.pool);
-                    follow(&cache, &task, joined, key, deadline, ttl_ms, &loaded).await
+                    match follow(&cache, &task, joined, key, deadline, ttl_ms, &loaded).await {
+                        Followed::Took(output) => Some(output),
+                        Followed::ToWorker => None,
+                        // Its attempt closed, or its shard reloaded or moved (which sends it again).
+                        Followed::Dropped => return,
+                    }
                 }
             };
             if loaded.is_cancelled() {
@@ -104,9 +110,9 @@ fn deadline_of(task: &TaskDispatch) -> Instant {
 }
 
 /// A task that `joined` the flight of `key` as a follower: its leader's result, or, when
-/// the leader's attempt ends without one, the result of the flight it joins next; `None`
-/// when it leads one (the task goes to a worker), at its `deadline`, or once its shard's
-/// `loaded` is cancelled.
+/// the leader's attempt ends without one, the result of the flight it joins next; to a
+/// worker when it leads one, or at its `deadline`; dropped once its attempt closes or its
+/// shard's `loaded` is cancelled.
 async fn follow(
     cache: &TaskCache,
     task: &TaskDispatch,
@@ -115,8 +121,10 @@ async fn follow(
     deadline: Instant,
     ttl_ms: Millis,
     loaded: &CancellationToken,
-) -> Option<Value> {
-    let output = cache.flights().follow(joined, key, &task.attempt, deadline, ttl_ms, loaded).await?;
-    TaskCache::count_joined(&task.pool);
-    Some(output)
+) -> Followed {
+    let followed = cache.flights().follow(joined, key, &task.attempt, deadline, ttl_ms, loaded).await;
+    if matches!(followed, Followed::Took(_)) {
+        TaskCache::count_joined(&task.pool);
+    }
+    followed
 }
