@@ -43,6 +43,26 @@ impl Default for Limits {
     }
 }
 
+/// Why the grid does not take an error code a worker sends (or a flow test answers with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCodeProblem {
+    /// Empty, or only white space: retry policies and catches match an error by its code.
+    Blank,
+    /// Longer than [`Limits::name_bytes_max`], or with control characters.
+    NotTaken,
+}
+
+impl Limits {
+    /// What is wrong with an error code, if anything: it must name the failure in a few
+    /// printable characters, as retry policies and catches match it.
+    pub fn error_code_problem(&self, code: &str) -> Option<ErrorCodeProblem> {
+        if code.trim().is_empty() {
+            return Some(ErrorCodeProblem::Blank);
+        }
+        (code.len() > self.name_bytes_max || code.chars().any(char::is_control)).then_some(ErrorCodeProblem::NotTaken)
+    }
+}
+
 /// Counts the bytes written to it.
 struct Counter(usize);
 

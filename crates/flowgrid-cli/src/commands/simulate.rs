@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use flowgrid_engine::{Applied, Effect, Event, HandlerStart, Run, RunStart, RunStatus, RunView, StepStatus, TaskError};
-use flowgrid_model::limits::{msgpack_bytes, nesting_depth};
+use flowgrid_model::limits::{msgpack_bytes, nesting_depth, ErrorCodeProblem};
 use flowgrid_model::{parse_definition, AttemptId, Evaluator, FlowPlan, Labels, Limits, Millis, PlanStepKind, RunId};
 
 use crate::output::{now_ms, out, outln, print_json};
@@ -332,15 +332,17 @@ fn answer_problem(answer: &Answer, limits: &Limits) -> Option<String> {
         ));
     }
     if let Some(error) = &answer.error {
-        let code = &error.code;
-        if code.trim().is_empty() {
-            return Some("has a blank error code: retries and catches match an error by its code".to_owned());
-        }
-        if code.len() > limits.name_bytes_max || code.chars().any(char::is_control) {
-            return Some(format!(
-                "has an error code the grid does not take (at most {} bytes, no control characters): {code:?}",
-                limits.name_bytes_max
-            ));
+        match limits.error_code_problem(&error.code) {
+            Some(ErrorCodeProblem::Blank) => {
+                return Some("has a blank error code: retries and catches match an error by its code".to_owned())
+            }
+            Some(ErrorCodeProblem::NotTaken) => {
+                return Some(format!(
+                    "has an error code the grid does not take (at most {} bytes, no control characters): {:?}",
+                    limits.name_bytes_max, error.code
+                ))
+            }
+            None => {}
         }
     }
     let depth = answer.output.as_ref().map_or(0, nesting_depth);

@@ -12,7 +12,9 @@ use flowgrid_engine::{
     Applied, Effect, Event, RedriveRefused, Redriven, Run, RunStart, RunStatus, RunView, SignalRefused, TaskDispatch,
     TaskError, TimerKey,
 };
-use flowgrid_model::limits::{json_bytes, nesting_depth, Limits, PAUSES_MAX, PROGRESS_BYTES_MAX, SUBFLOW_DEPTH_MAX};
+use flowgrid_model::limits::{
+    json_bytes, nesting_depth, ErrorCodeProblem, Limits, PAUSES_MAX, PROGRESS_BYTES_MAX, SUBFLOW_DEPTH_MAX,
+};
 use flowgrid_model::{has_labels, AttemptId, FlowPlan, Labels, Millis, PlanStepKind, RunId};
 use flowgrid_proto::{
     ApiError, ChildEndTaken, ChildRunEnded, Encoding, ErrorCode, ListRuns, PauseRun, RedriveRun, RunCancelled,
@@ -895,20 +897,16 @@ fn too_deep(what: &str, value: &Value, limits: &Limits) -> Option<String> {
 /// What is wrong with a worker's error, if anything: its code must name the failure in a
 /// few printable characters, as retry policies and catches match it.
 fn error_problem(error: &TaskError, limits: &Limits) -> Option<String> {
-    let code = &error.code;
-    if code.trim().is_empty() {
-        return Some(format!("the task failed with an empty error code ({})", cut(&error.message)));
-    }
-    if code.len() > limits.name_bytes_max || code.chars().any(char::is_control) {
-        return Some(format!(
+    Some(match limits.error_code_problem(&error.code)? {
+        ErrorCodeProblem::Blank => format!("the task failed with an empty error code ({})", cut(&error.message)),
+        ErrorCodeProblem::NotTaken => format!(
             "the task failed with an error code the grid does not take (at most {} bytes, no control characters): \
              {:?} ({})",
             limits.name_bytes_max,
-            cut(code),
+            cut(&error.code),
             cut(&error.message)
-        ));
-    }
-    None
+        ),
+    })
 }
 
 /// Why a redrive is refused, and what to do instead.
