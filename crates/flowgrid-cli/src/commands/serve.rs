@@ -179,14 +179,20 @@ async fn serve_pools<H: TaskHandler + Clone>(
 /// The most tasks a worker process holds at once per pool (`--concurrency`).
 const CONCURRENCY_MAX: usize = 100_000;
 
+/// Refuses `--pools` with a name that is no pool's or that is given twice (each pool given
+/// would get a worker of its own, doubling that pool's `--concurrency` and `--max-rate`),
+/// and a `--concurrency` out of bounds.
 fn validate_pools(pools: &[String], concurrency: usize) -> anyhow::Result<()> {
     let name_bytes_max = flowgrid_model::Limits::default().name_bytes_max;
-    for pool in pools {
+    for (index, pool) in pools.iter().enumerate() {
         if !flowgrid_model::is_name(pool) {
             bail!("--pools: {pool:?} is not a pool name; use letters, digits, '-' and '_', comma-separated");
         }
         if pool.len() > name_bytes_max {
             bail!("--pools: a pool name is at most {name_bytes_max} bytes (as in flows); {pool:?} has {}", pool.len());
+        }
+        if pools[..index].contains(pool) {
+            bail!("--pools: pool {pool:?} is given twice; list each pool once");
         }
     }
     if !(1..=CONCURRENCY_MAX).contains(&concurrency) {
@@ -233,6 +239,28 @@ pub(crate) async fn interrupted() -> std::io::Result<()> {
     #[cfg(not(unix))]
     {
         tokio::signal::ctrl_c().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{validate_pools, CONCURRENCY_MAX};
+
+    /// A pool given twice would be served by two workers of the process, each with the
+    /// whole `--concurrency` and `--max-rate`.
+    #[test]
+    fn a_pool_given_twice_is_refused() {
+        let pools = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<Vec<_>>();
+        assert!(validate_pools(&pools(&["http", "gpu-llm"]), 64).is_ok());
+        for twice in [&["http", "http"][..], &["http", "gpu-llm", "http"]] {
+            let refused = validate_pools(&pools(twice), 64).map_err(|error| error.to_string());
+            assert_eq!(
+                refused,
+                Err("--pools: pool \"http\" is given twice; list each pool once".to_owned()),
+                "{twice:?}"
+            );
+        }
+        assert!(validate_pools(&pools(&["http"]), CONCURRENCY_MAX + 1).is_err());
     }
 }
 

@@ -17,7 +17,8 @@
 //! | `POST /api/runs/{id}/redrive` | `{"reason": "...", "from": ["step"]}` or nothing | `RunRedriven` |
 //!
 //! Every answer is JSON; a refusal is `{"error": {"code", "message"}}` with the status its
-//! code calls for. Changes need `Authorization: Bearer <token>` with the token the UI was
+//! code calls for; a refusal of the grid (and every `503 unavailable`) also says whether
+//! to send the request again (`retryable`). Changes need `Authorization: Bearer <token>` with the token the UI was
 //! started with; without one the API is read-only. With `--api-cors-origin`, pages of
 //! those origins may call it from a browser (CORS: `GET` and `POST`, with
 //! `Authorization` and `Content-Type`).
@@ -453,17 +454,32 @@ fn answer<T: Serialize>(outcome: Result<T, flowgrid_sdk::Error>, status: StatusC
 }
 
 /// The grid's refusal as it gave it (code, message, issues, retryable); when the grid could
-/// not be asked, `unavailable`, and when its answer could not be read, `internal`.
+/// not be asked or did not answer, `unavailable`, and when its answer could not be read,
+/// `internal`.
 fn refusal(refused: &flowgrid_sdk::Error) -> Response {
+    let (status, body) = refusal_body(refused);
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// The status and JSON body of [`refusal`]. An `unavailable` says whether to send the
+/// request again: `retryable: false` when the grid may have applied it (a start without an
+/// idempotency key or a redrive that got no answer in time, or that the grid refused so),
+/// which the client reads back before sending it again; `retryable: true` otherwise.
+fn refusal_body(refused: &flowgrid_sdk::Error) -> (StatusCode, Value) {
     let status = super::status_of(refused);
-    match refused.api() {
-        Some(api) => {
-            let body = json!({ "error": api }).to_string();
-            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    let body = match refused.api() {
+        // Its `retryable` is false for an `unavailable` that may have been applied.
+        Some(api) => json!({ "error": api }),
+        None if status == StatusCode::INTERNAL_SERVER_ERROR => {
+            json!({"error": {"code": "internal", "message": refused.to_string(), "retryable": false}})
         }
-        None if status == StatusCode::INTERNAL_SERVER_ERROR => error(status, "internal", &refused.to_string()),
-        None => error(status, "unavailable", &refused.to_string()),
-    }
+        None => json!({"error": {
+            "code": "unavailable",
+            "message": refused.to_string(),
+            "retryable": !refused.may_have_been_applied(),
+        }}),
+    };
+    (status, body)
 }
 
 async fn method_not_allowed(method: Method) -> Response {
@@ -547,6 +563,37 @@ mod tests {
         assert!(!same_secret(b"0123456789abcdeX", b"0123456789abcdef"));
         assert!(!same_secret(b"0123456789abcde", b"0123456789abcdef"));
         assert!(!same_secret(b"", b"0123456789abcdef"));
+    }
+
+    /// A start without an idempotency key or a redrive that got no answer may have been
+    /// applied: its `503 unavailable` says not to send it again as it is; a grid that could
+    /// not be asked is worth asking again.
+    #[test]
+    fn an_unavailable_that_may_have_been_applied_is_not_retryable() {
+        use flowgrid_sdk::{ApiError, Error, ErrorCode};
+        let answered = |refused: &Error| {
+            let (status, body) = refusal_body(refused);
+            (status, body["error"]["code"].clone(), body["error"]["retryable"].clone())
+        };
+        let unavailable = |retryable: bool| (StatusCode::SERVICE_UNAVAILABLE, json!("unavailable"), json!(retryable));
+        let unanswered = |what: &str| Error::Timeout { what: what.to_owned(), after: Duration::from_secs(15) };
+        let start = unanswered(
+            "request on flowgrid.api.run.start (1 try): the grid may have applied it: list the runs before starting \
+             again",
+        );
+        assert!(start.may_have_been_applied(), "{start}");
+        let owner_silent =
+            ApiError { retryable: false, ..ApiError::new(ErrorCode::Unavailable, "shard 2 did not answer") };
+        for applied in [start, Error::Api(owner_silent)] {
+            assert_eq!(answered(&applied), unavailable(false), "{applied}");
+        }
+        // A read that timed out, a grid nobody answers, a shard moving: send it again.
+        let read = unanswered("request on flowgrid.api.run.get (3 tries)");
+        let nobody = Error::Nats { context: "no coordinator answers".into(), source: "no responders".into() };
+        let moving = Error::Api(ApiError::new(ErrorCode::Unavailable, "shard 2 is moving"));
+        for retryable in [read, nobody, moving] {
+            assert_eq!(answered(&retryable), unavailable(true), "{retryable}");
+        }
     }
 
     #[test]

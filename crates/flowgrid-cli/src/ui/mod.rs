@@ -29,11 +29,12 @@ use tokio_util::sync::CancellationToken;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use flowgrid_model::{Issue, Labels, RunId};
-use flowgrid_proto::{ListRuns, LiveOutput, StartRun};
+use flowgrid_proto::{ListRuns, StartRun, WorkerRecord};
 use flowgrid_sdk::Client;
 
 use crate::args::UiArgs;
-use crate::commands::GridReader;
+use crate::commands::{GridReader, NotJoined};
+use crate::grid_view::{self, Backlog, GridSnapshot};
 use crate::Session;
 use server::{body_too_slow, bounded_body, serve_connections, BodyTooSlow};
 
@@ -167,19 +168,52 @@ async fn overview(State(ui): State<Arc<Ui>>, UiQuery(query): UiQuery<OverviewQue
         ui.client.list(ListRuns { limit: Some(RECENT_RUNS), ..Default::default() }),
         ui.client.limits(None)
     );
-    // A grid no coordinator joined yet still has a backlog to show.
-    let snapshot = snapshot.ok();
-    let status = match backlog {
-        Ok(backlog) => {
-            let workers = workers.unwrap_or_default();
-            crate::commands::status_text(&ui.grid, snapshot.as_ref(), &backlog, &workers)
-        }
-        Err(error) => format!("cannot read the grid's streams: {error:#}"),
-    };
+    let status = grid_status(snapshot, backlog, workers, |snapshot, backlog, workers| {
+        crate::commands::status_text(&ui.grid, snapshot, backlog, workers)
+    });
     let flows = flows.map_err(|error| error.to_string());
     let recent = recent.map(|list| list.runs).map_err(|error| error.to_string());
     let limits = limits.map_err(|error| error.to_string());
     page(pages::overview(&status, &flows, &recent, &limits, ui.actions()))
+}
+
+/// The overview's account of the grid, as `flowgrid status` prints it (`status_text`): its
+/// members and shards, its backlog and its workers. A grid no coordinator joined yet
+/// ([`NotJoined`]) still has a backlog to show; a failure to read the coordinators or the
+/// workers is said as such, not taken for none of them.
+fn grid_status(
+    snapshot: anyhow::Result<GridSnapshot>,
+    backlog: anyhow::Result<Backlog>,
+    workers: anyhow::Result<Vec<WorkerRecord>>,
+    status_text: impl FnOnce(Option<&GridSnapshot>, &Backlog, &[WorkerRecord]) -> String,
+) -> String {
+    let backlog = match backlog {
+        Ok(backlog) => backlog,
+        Err(error) => return format!("cannot read the grid's streams: {error:#}"),
+    };
+    let (workers, workers_unread) = match workers {
+        Ok(workers) => (workers, None),
+        Err(error) => (Vec::new(), Some(error)),
+    };
+    let mut text = match snapshot {
+        Ok(snapshot) => status_text(Some(&snapshot), &backlog, &workers),
+        Err(error) if error.downcast_ref::<NotJoined>().is_some() => status_text(None, &backlog, &workers),
+        // The members' line, then the rest as `status_text` lays it out.
+        Err(error) => format!(
+            "members: cannot read the coordinators: {error:#}\n\n{}{}",
+            grid_view::render_backlog(&backlog),
+            grid_view::render_workers_summary(&workers)
+        ),
+    };
+    if let Some(error) = workers_unread {
+        // The text ends with the workers' line, which says none are listed: replace it.
+        let none_listed = grid_view::render_workers_summary(&[]);
+        if text.ends_with(&none_listed) {
+            text.truncate(text.len() - none_listed.len());
+        }
+        text.push_str(&format!("workers: cannot read the workers: {error:#}\n"));
+    }
+    text
 }
 
 #[derive(Deserialize)]
@@ -273,41 +307,67 @@ async fn run(State(ui): State<Arc<Ui>>, Path(run_id): Path<String>) -> Response 
     page(pages::run(&view, definition.as_ref(), history.ok().as_ref(), &live, ui.actions(), left_out.as_deref()))
 }
 
-/// The first [`pages::LIVE_PIECES_SHOWN`] pieces of live output the grid keeps of a run,
-/// and no more once they hold [`pages::LIVE_BYTES_SHOWN`]; none when it keeps none (or
-/// cannot be read: the page shows the rest of the run).
-async fn live_output(client: &Client, run_id: &RunId) -> Vec<LiveOutput> {
+/// The first pieces of live output the grid keeps of a run, as many as its page shows
+/// ([`pages::LiveShown`]); complete and empty when it keeps none. What cannot be read (the
+/// page shows the rest of the run) leaves them incomplete: the page says where to read them.
+async fn live_output(client: &Client, run_id: &RunId) -> pages::LiveShown {
+    use async_nats::jetstream::context::GetStreamErrorKind;
     let subjects = client.subjects();
-    let Ok(stream) = client.jetstream().get_stream(subjects.live_stream()).await else { return Vec::new() };
+    let stream = match client.jetstream().get_stream(subjects.live_stream()).await {
+        Ok(stream) => stream,
+        // A grid whose coordinators could not make the stream keeps no live output.
+        Err(error)
+            if matches!(error.kind(), GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return pages::LiveShown::none_kept();
+        }
+        Err(error) => {
+            tracing::debug!(run = %run_id, error = %error, "cannot open the live output stream");
+            return pages::LiveShown::default();
+        }
+    };
     let counts = async {
         let counts: Vec<(String, usize)> =
             stream.info_with_subjects(subjects.live_of_run(run_id.as_str())).await?.try_collect().await?;
         Ok::<_, async_nats::Error>(counts)
     };
-    let counts = counts.await.unwrap_or_else(|error| {
-        tracing::debug!(run = %run_id, error = %error, "cannot count the run's live output");
-        Vec::new()
-    });
-    let kept = counts.iter().map(|(_, count)| count).sum::<usize>().min(pages::LIVE_PIECES_SHOWN);
+    let kept = match counts.await {
+        Ok(counts) => counts.iter().map(|(_, count)| count).sum::<usize>(),
+        Err(error) => {
+            tracing::debug!(run = %run_id, error = %error, "cannot count the run's live output");
+            return pages::LiveShown::default();
+        }
+    };
     if kept == 0 {
-        return Vec::new();
+        return pages::LiveShown::none_kept();
     }
-    let Ok(tail) = client.tail(run_id, None).await else { return Vec::new() };
-    let mut pieces = Vec::with_capacity(kept);
+    let mut shown = pages::LiveShown::default();
+    let tail = match client.tail(run_id, None).await {
+        Ok(tail) => tail,
+        Err(error) => {
+            tracing::debug!(run = %run_id, error = %error, "cannot read the run's live output");
+            return shown;
+        }
+    };
     let reading = async {
-        let mut tail = std::pin::pin!(tail.take(kept).filter_map(|piece| async { piece.ok() }));
-        let mut bytes = 0;
+        // The tail follows the run: it is read as far as the pieces counted.
+        let mut tail = std::pin::pin!(tail.take(kept.min(pages::LIVE_PIECES_SHOWN)));
         while let Some(piece) = tail.next().await {
-            bytes += piece.text().len();
-            pieces.push(piece);
-            if bytes >= pages::LIVE_BYTES_SHOWN {
-                break;
+            match piece {
+                Ok(piece) => {
+                    if !shown.push(piece) {
+                        break;
+                    }
+                }
+                Err(error) => tracing::debug!(run = %run_id, error = %error, "cannot read a piece of live output"),
             }
         }
     };
     // What came in time is shown; the page reloads while the run goes.
-    let _ = tokio::time::timeout(LIVE_READ_TIMEOUT, reading).await;
-    pieces
+    let in_time = tokio::time::timeout(LIVE_READ_TIMEOUT, reading).await.is_ok();
+    shown.complete = in_time && shown.pieces.len() == kept;
+    shown
 }
 
 async fn deploy_form(State(ui): State<Arc<Ui>>) -> Response {
@@ -851,10 +911,47 @@ fn form_failure(status: StatusCode, message: &str, back: &str) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::{form_page, start_key, status_of, HostPolicy};
+    use super::{form_page, grid_status, start_key, status_of, HostPolicy, NotJoined};
+    use crate::grid_view::{render_backlog, render_workers_summary, Backlog, GridSnapshot};
     use axum::http::{HeaderValue, StatusCode};
+    use flowgrid_proto::WorkerRecord;
     use flowgrid_sdk::{ApiError, Error, ErrorCode};
     use serde_json::json;
+
+    /// As `flowgrid status`: only a grid no coordinator joined has no members to show; a
+    /// failure to read the coordinators or the workers is said, not taken for none.
+    #[test]
+    fn the_overview_says_when_it_cannot_read_the_coordinators_or_the_workers() {
+        // `status_text`'s lay-out: the members' line, a blank line, the backlog, the workers.
+        let laid_out = |snapshot: Option<&GridSnapshot>, backlog: &Backlog, workers: &[WorkerRecord]| {
+            let members = if snapshot.is_some() { "members: 0" } else { "members: none; no coordinator has joined" };
+            format!("{members}\n\n{}{}", render_backlog(backlog), render_workers_summary(workers))
+        };
+        let not_joined = || {
+            let (nats_url, prefix) = ("nats://127.0.0.1:4222".to_owned(), "flowgrid".to_owned());
+            anyhow::Error::from(NotJoined { nats_url, prefix, bucket: "FLOWGRID_MEMBERS".to_owned() })
+        };
+        let lost = |what: &str| anyhow::anyhow!("connection lost").context(format!("cannot read bucket {what}"));
+        let none_listed = render_workers_summary(&[]);
+
+        let text = grid_status(Err(not_joined()), Ok(Backlog::default()), Ok(Vec::new()), laid_out);
+        assert!(text.starts_with("members: none; no coordinator has joined\n") && text.ends_with(&none_listed));
+
+        let text = grid_status(Err(lost("FLOWGRID_MEMBERS")), Ok(Backlog::default()), Ok(Vec::new()), laid_out);
+        let unread = "members: cannot read the coordinators: cannot read bucket FLOWGRID_MEMBERS: connection lost\n\n";
+        assert!(text.starts_with(unread), "{text}");
+        assert!(text.contains(&render_backlog(&Backlog::default())) && text.ends_with(&none_listed), "{text}");
+        assert!(!text.contains("no coordinator has joined"), "{text}");
+
+        let snapshot = Ok(GridSnapshot::default());
+        let text = grid_status(snapshot, Ok(Backlog::default()), Err(lost("FLOWGRID_WORKERS")), laid_out);
+        assert!(text.starts_with("members: 0\n"), "{text}");
+        let unread = "\nworkers: cannot read the workers: cannot read bucket FLOWGRID_WORKERS: connection lost\n";
+        assert!(text.ends_with(unread) && !text.contains(&none_listed), "{text}");
+
+        let text = grid_status(Err(not_joined()), Err(lost("FLOWGRID_TASKS")), Err(lost("FLOWGRID_WORKERS")), laid_out);
+        assert_eq!(text, "cannot read the grid's streams: cannot read bucket FLOWGRID_TASKS: connection lost");
+    }
 
     #[test]
     fn a_start_forms_key_is_its_pages_with_what_it_asks() {

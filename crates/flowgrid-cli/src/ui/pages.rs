@@ -445,19 +445,49 @@ pub const LIVE_PIECES_SHOWN: usize = 2_000;
 /// reloads every 2 s while the run goes).
 pub const LIVE_BYTES_SHOWN: usize = 256 * 1024;
 
-/// The bytes of text of live output `pieces`.
-pub fn live_bytes(pieces: &[LiveOutput]) -> usize {
-    pieces.iter().map(|piece| piece.text().len()).sum()
+/// The live output a run's page shows: the first pieces the grid keeps of the run, at most
+/// [`LIVE_PIECES_SHOWN`] of them and [`LIVE_BYTES_SHOWN`] of their text.
+#[derive(Debug, Default)]
+pub struct LiveShown {
+    pub pieces: Vec<LiveOutput>,
+    /// The bytes of text of `pieces`.
+    bytes: usize,
+    /// Whether `pieces` are all the live output the grid kept of the run when they were
+    /// counted: not when a bound stopped them, a piece could not be read, their reading
+    /// timed out or they could not be counted. The page then says where to read them all.
+    pub complete: bool,
+}
+
+impl LiveShown {
+    /// All there is of a run of which the grid keeps no live output.
+    pub fn none_kept() -> LiveShown {
+        LiveShown { complete: true, ..LiveShown::default() }
+    }
+
+    /// Takes `piece` unless the pieces are [`LIVE_PIECES_SHOWN`] already or its text would
+    /// take theirs past [`LIVE_BYTES_SHOWN`] (the first piece is taken whatever its size);
+    /// false when it was not taken, and no later piece should be.
+    pub fn push(&mut self, piece: LiveOutput) -> bool {
+        let bytes = piece.text().len();
+        let full = self.pieces.len() >= LIVE_PIECES_SHOWN || self.bytes + bytes > LIVE_BYTES_SHOWN;
+        if full && !self.pieces.is_empty() {
+            return false;
+        }
+        self.bytes += bytes;
+        self.pieces.push(piece);
+        true
+    }
 }
 
 pub fn run(
     view: &RunView,
     definition: Option<&FlowDefinition>,
     history: Option<&RunHistory>,
-    live: &[LiveOutput],
+    live: &LiveShown,
     actions: Option<&str>,
     data_left_out: Option<&str>,
 ) -> Markup {
+    let left_out = view.data_left_out || data_left_out.is_some();
     let running = view.status == RunStatus::Running;
     // A child run is redriven through its parent; a succeeded run only from a step.
     let ended = view.status.is_terminal() && view.parent.is_none();
@@ -505,8 +535,12 @@ pub fn run(
                 "Run " code { (view.run_id) } " " (status_badge(view.status.as_str()))
                 @if view.paused.is_some() { " " (status_badge("paused")) }
             }
-            @if let Some(why) = data_left_out {
-                p { "Its input and outputs are left out (" (why) "); the history below holds them." }
+            @if left_out {
+                p.notice {
+                    "Its input and outputs are left out"
+                    @if let Some(why) = data_left_out { " (" (why) ")" }
+                    ": see " a href="#data" { "Input and outputs" } " below."
+                }
             }
             table {
                 tr { th { "Flow" } td { a href=(format!("/flows/{}?version={}", view.flow, view.version)) { (view.flow) "@" (view.version) } } }
@@ -672,27 +706,42 @@ pub fn run(
                     }
                 }
             }
-            @if !live.is_empty() {
+            @if !live.pieces.is_empty() || !live.complete {
                 h2 { "Live output" }
-                @for (attempt, text) in live_by_attempt(live) {
+                @for (attempt, text) in live_by_attempt(&live.pieces) {
                     p {
                         (attempt.step) @if let Some(item) = attempt.item { ", item " (item) } ", attempt " (attempt.attempt)
                     }
                     pre { (text) }
                 }
-                @if live.len() == LIVE_PIECES_SHOWN || live_bytes(live) >= LIVE_BYTES_SHOWN { p { "The first " (live.len()) " pieces: " code { "flowgrid run tail " (view.run_id) } " prints them all." } }
+                @if !live.complete {
+                    p {
+                        @if live.pieces.is_empty() { "It could not be read now: " } @else { "The first " (live.pieces.len()) " pieces: " }
+                        code { "flowgrid run tail " (view.run_id) } " prints them all."
+                    }
+                }
             }
-            h2 { "Input" }
-            pre { (pretty_cut(&view.input, &view.run_id)) }
-            @if let Some(output) = &view.output {
-                h2 { "Output" }
-                pre { (pretty_cut(output, &view.run_id)) }
-            }
-            @let outputs: Vec<&StepView> = view.steps.iter().filter(|step| step.output.is_some()).collect();
-            @if !outputs.is_empty() {
-                h2 { "Step outputs" }
-                @for step in outputs {
-                    details { summary { (step.id) } pre { (pretty_cut(step.output.as_ref().expect("filtered"), &view.run_id)) } }
+            @if left_out {
+                h2 #data { "Input and outputs" }
+                p.notice {
+                    "Left out: the run is too large to read in one message. Its history holds its input and what its tasks, "
+                    "signals and child runs answered: " code { "flowgrid run history " (view.run_id) " --json" }
+                    " prints it whole, as " code { "GET /api/runs/" (view.run_id) "/history" } " answers it (the history "
+                    "below shortens long values and shows its first " (HISTORY_SHOWN) " records)."
+                }
+            } @else {
+                h2 { "Input" }
+                pre { (pretty_cut(&view.input, &view.run_id)) }
+                @if let Some(output) = &view.output {
+                    h2 { "Output" }
+                    pre { (pretty_cut(output, &view.run_id)) }
+                }
+                @let outputs: Vec<&StepView> = view.steps.iter().filter(|step| step.output.is_some()).collect();
+                @if !outputs.is_empty() {
+                    h2 { "Step outputs" }
+                    @for step in outputs {
+                        details { summary { (step.id) } pre { (pretty_cut(step.output.as_ref().expect("filtered"), &view.run_id)) } }
+                    }
                 }
             }
             @if let Some(history) = history {
@@ -808,6 +857,85 @@ mod tests {
         let page = flow(&info(3), &Ok(Vec::new()), &Err("none".into()), None).into_string();
         assert_eq!(linked(&page), 2, "{page}");
         assert!(!page.contains(r#"name="version""#), "{page}");
+    }
+
+    /// A succeeded run of one task step, with an input and outputs.
+    fn succeeded_run() -> RunView {
+        serde_json::from_value(serde_json::json!({
+            "run_id": "r1", "flow": "f", "version": 1, "status": "succeeded", "created_ms": 0, "ended_ms": 1_000,
+            "input": {"given": "the-input"}, "output": {"made": "the-output"},
+            "steps": [{"id": "t", "kind": "task", "status": "succeeded", "attempts": 1, "output": {"step": "the-step-output"}}],
+        }))
+        .unwrap()
+    }
+
+    fn piece(seq: u64, text: &str) -> LiveOutput {
+        let attempt = AttemptId { run_id: RunId("r1".into()), step: "t".into(), item: None, attempt: 1 };
+        LiveOutput { attempt, seq, data: Value::String(text.to_owned()) }
+    }
+
+    /// A run read without its data (too large for one message) has a null input and no
+    /// outputs: its page says where they are instead of showing those as the run's.
+    #[test]
+    fn a_run_read_without_its_data_says_where_to_read_it() {
+        let none = LiveShown::none_kept();
+        let whole = run(&succeeded_run(), None, None, &none, None, None).into_string();
+        for shown in ["<h2>Input</h2>", "the-input", "the-output", "the-step-output"] {
+            assert!(whole.contains(shown), "{shown}: {whole}");
+        }
+        assert!(!whole.contains("left out"), "{whole}");
+        let mut brief = succeeded_run();
+        brief.drop_data();
+        let why = "the reply is 2000000 bytes, over the server's max_payload";
+        let page = run(&brief, None, None, &none, None, Some(why)).into_string();
+        assert!(page.contains(&format!("Its input and outputs are left out ({why})")), "{page}");
+        for said in ["<code>flowgrid run history r1 --json</code>", "<code>GET /api/runs/r1/history</code>"] {
+            assert!(page.contains(said), "{said}: {page}");
+        }
+        for not_shown in ["<h2>Input</h2>", "<pre>null</pre>", "<h2>Output</h2>", "Step outputs", "history below holds"]
+        {
+            assert!(!page.contains(not_shown), "{not_shown}: {page}");
+        }
+    }
+
+    /// The pieces shown stop before their text would pass the bound, the first whatever its
+    /// size, and at the bound on their number.
+    #[test]
+    fn live_output_shown_stays_within_its_bounds() {
+        let mut shown = LiveShown::default();
+        let large = "x".repeat(LIVE_BYTES_SHOWN * 2 / 5);
+        assert!(shown.push(piece(1, &large)) && shown.push(piece(2, &large)));
+        assert!(!shown.push(piece(3, &large)), "a third would pass {LIVE_BYTES_SHOWN} bytes");
+        let bytes: usize = shown.pieces.iter().map(|piece| piece.text().len()).sum();
+        assert!(shown.pieces.len() == 2 && bytes <= LIVE_BYTES_SHOWN, "{} pieces, {bytes} bytes", shown.pieces.len());
+
+        let mut shown = LiveShown::default();
+        assert!(shown.push(piece(1, &"x".repeat(LIVE_BYTES_SHOWN + 1))), "the first piece is shown whatever its size");
+        assert!(!shown.push(piece(2, "y")));
+
+        let mut shown = LiveShown::default();
+        assert!((1..=LIVE_PIECES_SHOWN as u64).all(|seq| shown.push(piece(seq, "a"))));
+        assert!(!shown.push(piece(LIVE_PIECES_SHOWN as u64 + 1, "a")));
+        assert_eq!(shown.pieces.len(), LIVE_PIECES_SHOWN);
+    }
+
+    /// Live output that is not all the grid keeps (a bound, a read that timed out, a count
+    /// that failed) is said to be only the first pieces; all of it is shown as it is.
+    #[test]
+    fn live_output_cut_short_says_where_to_read_it_all() {
+        let view = succeeded_run();
+        let note = "<code>flowgrid run tail r1</code> prints them all.";
+        let mut live = LiveShown::default();
+        assert!(live.push(piece(1, "first words")));
+        let page = run(&view, None, None, &live, None, None).into_string();
+        assert!(page.contains("first words") && page.contains(&format!("The first 1 pieces: {note}")), "{page}");
+        live.complete = true;
+        let page = run(&view, None, None, &live, None, None).into_string();
+        assert!(page.contains("first words") && !page.contains(note), "{page}");
+        let page = run(&view, None, None, &LiveShown::default(), None, None).into_string();
+        assert!(page.contains(&format!("It could not be read now: {note}")), "{page}");
+        let page = run(&view, None, None, &LiveShown::none_kept(), None, None).into_string();
+        assert!(!page.contains("Live output"), "{page}");
     }
 
     #[test]
