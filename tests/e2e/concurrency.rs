@@ -503,10 +503,19 @@ async fn cancel_oldest_turns_away_more_runs_than_one_commit_takes() -> anyhow::R
     // Every older run ends cancelled and gives its place back: only the newest is left.
     wait_counted(&grid, &client, "lowered", "", 1).await?;
     wait_admitted(&grid, &client, &[&newest], &[true]).await?;
-    let first = wait_cancelled(&grid, &client, &runs[0]).await?;
-    assert!(first.contains(&format!("run {newest} took its place")), "{first}");
-    let last = wait_cancelled(&grid, &client, &runs[WAITING - 1]).await?;
-    assert!(last.contains("took its place under flow `lowered`"), "{last}");
+    // The newest run took the place of one of them; the others were past the limit before
+    // it asked, and say so.
+    let took_its_place = format!("run {newest} took its place under flow `lowered`");
+    let mut named = Vec::new();
+    for run_id in &runs {
+        let message = wait_cancelled(&grid, &client, run_id).await?;
+        if message.contains(&took_its_place) {
+            named.push(run_id.clone());
+        } else {
+            assert!(message.contains("newer runs took its place under flow `lowered`"), "{run_id}: {message}");
+        }
+    }
+    assert_eq!(named.len(), 1, "the newest run names itself on one run (the first: {:?})", named.first());
     let body = scrape_metrics(&metrics_addr).or_logs(&grid)?;
     let turned_away = metric_value(&body, "flowgrid_runs_turned_away_total{when_full=\"cancel_oldest\"}");
     assert_eq!(turned_away, Some(WAITING as f64), "{body}");
@@ -516,6 +525,69 @@ async fn cancel_oldest_turns_away_more_runs_than_one_commit_takes() -> anyhow::R
     wait_admitted(&grid, &client, &[&newest], &[true]).await?;
     wait_counted(&grid, &client, "lowered", "", 1).await?;
     finish(&grid, &client, &newest).await
+}
+
+/// One run at once per key; a new run cancels the one going before it.
+const LATEST_WINS_FLOW: &str = r#"
+name: latest-wins
+concurrency: { max: 1, key: input.k, when_full: cancel_oldest }
+steps:
+  - { id: go, kind: signal }
+"#;
+
+/// Waits until `run_id` is admitted (its signal step waits).
+async fn wait_until_admitted(grid: &Grid, client: &Client, run_id: &RunId) -> anyhow::Result<()> {
+    wait_for(&format!("run {run_id} admitted"), RUN_DEADLINE, || async {
+        admitted(client, &[run_id]).await.ok().filter(|states| states == &[true])
+    })
+    .await
+    .or_logs(grid)?;
+    Ok(())
+}
+
+/// `verb` (`gate.acquire` or `gate.release`) sent over NATS as a coordinator sends it,
+/// and whether the limit applied it.
+async fn gate_request(grid: &Grid, verb: &str, message: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let nats = grid.nats_client().await?;
+    let reply = api_request_json(&nats, &grid.prefix, verb, &message, RUN_DEADLINE).await?;
+    let taken: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    anyhow::ensure!(taken["ok"].is_object(), "{verb} refused: {taken}");
+    Ok(taken["ok"]["applied"].clone())
+}
+
+/// An acquire that comes after its run's round ended (its outbox sent it again after the
+/// reply to the first was lost), or after a release of its round that came first, changes
+/// nothing: the run that ended takes no place, and does not turn away the run going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_of_a_round_that_ended_takes_no_place_and_cancels_nobody() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, LATEST_WINS_FLOW).await?;
+    let ended = start(&grid, &client, "latest-wins", json!({"k": "x"})).await?;
+    wait_until_admitted(&grid, &client, &ended).await?;
+    finish(&grid, &client, &ended).await?;
+    // Admitted under `max: 1`: the slot of the run that ended came back.
+    let going = start(&grid, &client, "latest-wins", json!({"k": "x"})).await?;
+    wait_until_admitted(&grid, &client, &going).await?;
+
+    // The first run's acquire again, as its outbox sends it.
+    let version = client.get(&ended).await?.version;
+    let acquire = |round: u32| {
+        json!({"flow": "latest-wins", "key": "x", "run_id": ended, "round": round, "max": 1,
+               "when_full": "cancel_oldest", "version": version})
+    };
+    assert_eq!(gate_request(&grid, "gate.acquire", acquire(0)).await?, json!(false), "a repeat of an ended round");
+    // A release that comes before its acquire (as if the run had been redriven, and its
+    // second round ended queued): the acquire, late, changes nothing either.
+    let release = json!({"flow": "latest-wins", "key": "x", "run_id": ended, "round": 1});
+    assert_eq!(gate_request(&grid, "gate.release", release).await?, json!(false), "nothing to release");
+    assert_eq!(gate_request(&grid, "gate.acquire", acquire(1)).await?, json!(false), "an acquire after its release");
+
+    wait_admitted(&grid, &client, &[&going], &[true]).await?;
+    let limits = client.limits(Some("latest-wins")).await.or_logs(&grid)?.limits;
+    let counts: Vec<_> = limits.iter().map(|limit| (limit.key.as_str(), limit.going, limit.queued)).collect();
+    assert_eq!(counts, [("x", 1, 0)], "the run going alone: {limits:?}");
+    finish(&grid, &client, &going).await
 }
 
 /// Three runs at once in its first version (one in the next); each waits for a signal.

@@ -969,6 +969,7 @@ mod tests {
             rate: None,
             when_full: WhenFull::Queue,
             version: 1,
+            cancelling: false,
         };
         for run_id in [&running, &freed, &admitted, &lost] {
             batch.set(keys::gate("f", "acme", run_id), records::encode(&place));

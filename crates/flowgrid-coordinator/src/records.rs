@@ -85,6 +85,11 @@ pub struct GateRecord {
     /// kept.
     #[serde(default, skip_serializing_if = "flowgrid_model::is_zero")]
     pub version: u32,
+    /// A holder that `cancel_oldest` turned away: it is being cancelled and keeps its slot
+    /// until its release comes, but no longer counts against `max`, so a reload does not
+    /// turn it away a second time. `false` in records written before it was kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelling: bool,
 }
 
 /// The `gate_rate` key: where a limit's start rate stands.

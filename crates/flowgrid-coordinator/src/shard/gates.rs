@@ -13,8 +13,12 @@
 //! a late message of an earlier round never counts for the current one. Receivers make
 //! repeats and reorderings harmless: the gate takes an acquire once and a release only for
 //! the round it holds; an admission for a run that ended or went again meanwhile is
-//! answered with a release of that round. So a slot taken by a run that is gone comes back,
-//! and a limit never admits more runs than `max` of the rounds it was asked for.
+//! answered with a release of that round. Acquire and release go on retry timers of their
+//! own, so either may come first: the gate remembers the rounds released (taken or found
+//! nothing) and turned away ([`EndedRounds`]), and an acquire of such a round, repeated or
+//! late, changes nothing. So a slot taken by a run that is gone comes back, a run that
+//! ended never takes a place (nor under `cancel_oldest` a live run's), and a limit never
+//! admits more runs than `max` of the rounds it was asked for.
 //!
 //! A limit's bounds (`max`, `rate`, `when_full`) come with each acquire, as the asking
 //! run's flow version gives them; the gate takes them only from a version at least as new
@@ -75,6 +79,17 @@ const ADMITS_PER_TURN: usize = 1_000;
 /// turn tens of thousands away at once: more than one transaction holds.
 const CANCELS_PER_TURN: usize = 1_000;
 
+/// Ended rounds a shard remembers at most ([`EndedRounds`]), about 150 bytes each (under
+/// 1 MB a shard, 48 MB for 64 shards all full). A repeated acquire comes within seconds of
+/// its first (an outbox tries again at least every 10 s while its receiver answers): this
+/// covers 10 s at 500 limited runs ending a second in one shard.
+const ENDED_ROUNDS_KEPT: usize = 5_000;
+
+/// How long a shard remembers an ended round ([`EndedRounds`]), while fewer than
+/// [`ENDED_ROUNDS_KEPT`] ended since: long enough also for a run's shard that stopped, and
+/// sends its outbox again as it is loaded once more.
+const ENDED_ROUNDS_KEPT_MS: Millis = 3_600_000;
+
 /// A limit: its flow and the key its runs count under.
 type GateId = (String, String);
 
@@ -88,6 +103,63 @@ pub(super) struct Gates {
     /// Limits were due but the last batch was over its bytes: the next turn lets the first
     /// one admit before it takes more events, so that admissions go on under any load.
     first_next_turn: bool,
+    /// The rounds whose acquire changes nothing any more, of all the shard's limits (it
+    /// outlives a limit forgotten while idle: a late acquire may come after that).
+    ended: EndedRounds,
+}
+
+/// The rounds of runs that a limit of the shard released (its release came, whether it
+/// found the run's place or came first and found nothing) or turned away (`cancel_new`,
+/// or `cancel_oldest` out of the queue): an acquire of such a round, or an earlier one,
+/// that comes afterwards (its outbox sent it again after a lost reply, or it was late)
+/// changes nothing. Else it would put a run that ended back in the queue, and under
+/// `cancel_oldest` cancel a live run in its favour.
+///
+/// Bounded: the [`ENDED_ROUNDS_KEPT`] latest, none longer than [`ENDED_ROUNDS_KEPT_MS`]
+/// once later ones are noted. Kept in memory only, unlike the places: stored under the
+/// places' keys, each would read as a place kept for a run that ended (to `flowgrid audit`
+/// too), and each end would cost a second write to forget it. So an acquire whose round
+/// was released before a reload of the limit's shard (a crash, a handover) and that comes
+/// after it takes a place again: its admission is answered with a release (as for any run
+/// that ended), but under `cancel_oldest` it may turn a live run away meanwhile.
+#[derive(Default)]
+struct EndedRounds {
+    /// The latest round of each run noted, and when (the gate's clock).
+    rounds: HashMap<RunId, (u32, Millis)>,
+    /// The runs in the order noted, each with its round: an entry whose run has a later
+    /// round noted since stays behind until it reaches the front.
+    order: VecDeque<(RunId, u32)>,
+}
+
+impl EndedRounds {
+    /// Whether an acquire of `round` of `run_id` comes after that round or a later one ended.
+    fn covers(&self, run_id: &RunId, round: u32) -> bool {
+        self.rounds.get(run_id).is_some_and(|(ended, _)| round <= *ended)
+    }
+
+    /// Notes that `round` of `run_id` ended at `now`, and forgets the oldest rounds noted
+    /// past the bounds.
+    fn note(&mut self, run_id: &RunId, round: u32, now: Millis) {
+        if self.covers(run_id, round) {
+            return;
+        }
+        self.rounds.insert(run_id.clone(), (round, now));
+        self.order.push_back((run_id.clone(), round));
+        while let Some((run_id, round)) = self.order.pop_front() {
+            // An entry left behind by a later round of its run is dropped as it comes.
+            let Some(&(noted, at)) = self.rounds.get(&run_id).filter(|(noted, _)| *noted == round) else { continue };
+            if self.rounds.len() <= ENDED_ROUNDS_KEPT && at.saturating_add(ENDED_ROUNDS_KEPT_MS) > now {
+                self.order.push_front((run_id, noted));
+                break;
+            }
+            self.rounds.remove(&run_id);
+        }
+        // Entries left behind are dropped once they outnumber the rounds kept.
+        if self.order.len() > 2 * self.rounds.len() + 64 {
+            let rounds = &self.rounds;
+            self.order.retain(|(run_id, round)| rounds.get(run_id).is_some_and(|(noted, _)| noted == round));
+        }
+    }
 }
 
 /// One limit: the runs that hold a slot and those waiting, each with its round.
@@ -161,7 +233,8 @@ impl Gate {
             let bounds_of = u64::from(bounds == gate.bounds());
             gate.next_seq = gate.next_seq.max(record.seq.map_or(0, |seq| seq.saturating_add(1)));
             if record.admitted {
-                let holder = Holder { round: record.round, since_ms: record.since_ms, cancelling: false, bounds_of };
+                let holder =
+                    Holder { round: record.round, since_ms: record.since_ms, cancelling: record.cancelling, bounds_of };
                 gate.hold(run_id, holder);
             } else {
                 let place = Waiting { round: record.round, seq: record.seq, since_ms: record.since_ms, bounds_of };
@@ -196,7 +269,7 @@ impl Gate {
     }
 
     /// The record of a place, with the bounds the gate holds to.
-    fn record(&self, round: u32, admitted: bool, since_ms: Millis, seq: Option<u64>) -> GateRecord {
+    fn record(&self, round: u32, admitted: bool, since_ms: Millis, seq: Option<u64>, cancelling: bool) -> GateRecord {
         GateRecord {
             round,
             admitted,
@@ -206,6 +279,7 @@ impl Gate {
             rate: self.rate,
             when_full: self.when_full,
             version: self.version,
+            cancelling,
         }
     }
 
@@ -272,12 +346,13 @@ impl Gate {
             let place = self.queue.waiting.get_mut(&run_id).expect("the queue's last run waits");
             place.bounds_of = current;
             let place = *place;
-            (run_id, self.record(place.round, false, place.since_ms, place.seq))
+            (run_id, self.record(place.round, false, place.since_ms, place.seq, false))
         } else {
             let (run_id, holder) = self.holders.iter_mut().next()?;
             holder.bounds_of = current;
-            let (run_id, round, since_ms) = (run_id.clone(), holder.round, holder.since_ms);
-            (run_id, self.record(round, true, since_ms, None))
+            let (run_id, round, since_ms, cancelling) =
+                (run_id.clone(), holder.round, holder.since_ms, holder.cancelling);
+            (run_id, self.record(round, true, since_ms, None, cancelling))
         };
         self.places_with_bounds = 1;
         Some((run_id, record))
@@ -311,9 +386,8 @@ impl Gate {
 
     /// Under `cancel_oldest`, takes up to `most` of the runs [`Gate::over_max`] counts,
     /// oldest first: the holders by when they were admitted (they are marked cancelling and
-    /// keep their slots), then the queue's front (which leaves the queue). Each with whether
-    /// it was queued (its gate record goes with it).
-    fn take_oldest(&mut self, most: usize) -> Vec<(RunId, bool)> {
+    /// keep their slots), then the queue's front (which leaves the queue).
+    fn take_oldest(&mut self, most: usize) -> Vec<(RunId, TurnedAway)> {
         let mut left = self.over_max().min(most);
         if left == 0 {
             // Every acquire of every limit asks: most have nothing to turn away.
@@ -330,14 +404,35 @@ impl Gate {
             oldest.truncate(left);
         }
         oldest.sort_unstable();
-        let mut taken: Vec<(RunId, bool)> = oldest.into_iter().map(|(_, run_id)| (run_id.clone(), false)).collect();
-        for (run_id, _) in &taken {
-            self.holders.get_mut(run_id).expect("a holder just found").cancelling = true;
+        let holders: Vec<RunId> = oldest.into_iter().map(|(_, run_id)| run_id.clone()).collect();
+        let current = self.bounds_changes;
+        let mut taken = Vec::with_capacity(left);
+        for run_id in holders {
+            let holder = self.holders.get_mut(&run_id).expect("a holder just found");
+            holder.cancelling = true;
+            // Its record is written again, with the bounds the gate holds to.
+            let was_of = std::mem::replace(&mut holder.bounds_of, current);
+            let (round, since_ms) = (holder.round, holder.since_ms);
+            self.count_out(was_of);
+            self.count_in(current);
+            let record = self.record(round, true, since_ms, None, true);
+            taken.push((run_id, TurnedAway::Holder(record)));
         }
         left -= taken.len();
-        taken.extend(std::iter::from_fn(|| self.dequeue_front().map(|(run_id, _)| (run_id, true))).take(left));
+        let queued = std::iter::from_fn(|| self.dequeue_front()).take(left);
+        taken.extend(queued.map(|(run_id, place)| (run_id, TurnedAway::Queued(place.round))));
         taken
     }
+}
+
+/// A run [`Gate::take_oldest`] turns away.
+#[derive(Debug)]
+enum TurnedAway {
+    /// A holder, now marked cancelling: it keeps its slot until its release comes. With
+    /// its record to write again, which says so, so that a reload keeps it marked.
+    Holder(GateRecord),
+    /// A queued run, waiting for this round: it left the queue, and its record goes.
+    Queued(u32),
 }
 
 /// Runs waiting for a slot, in the order asked, with their places. A run leaves from
@@ -428,20 +523,30 @@ impl Queue {
 
 /// A start rate as a token bucket in time (GCRA): each start admitted moves the time the
 /// bucket is full again on by one interval, and a start may go while that time is at most
-/// the period less one interval ahead (so `runs` go at once after a quiet period).
+/// the bucket's depth less one interval ahead (so `runs` go at once after a quiet period).
+/// The interval is the period over `runs` rounded up to a whole microsecond: rounded down,
+/// runs would start faster than the rate says (`{runs: 30000, per_ms: 1000}` one each
+/// 33 µs: 30,303 a second).
 fn interval_us(rate: StartRate) -> u64 {
-    (rate.per_ms.saturating_mul(1_000) / u64::from(rate.runs.max(1))).max(1)
+    rate.per_ms.saturating_mul(1_000).div_ceil(u64::from(rate.runs.max(1))).max(1)
+}
+
+/// The bucket's depth: `runs` intervals, the rate's period (up to `runs` µs more, as the
+/// interval is rounded up).
+fn depth_us(rate: StartRate) -> u64 {
+    u64::from(rate.runs.max(1)).saturating_mul(interval_us(rate))
 }
 
 /// The earliest time (Unix µs) the rate lets the next start go.
 fn next_start_us(rate: StartRate, full_us: u64) -> u64 {
-    full_us.saturating_sub(rate.per_ms.saturating_mul(1_000).saturating_sub(interval_us(rate)))
+    full_us.saturating_sub(depth_us(rate).saturating_sub(interval_us(rate)))
 }
 
-/// `full_us` as `rate` reads it at `now_us`: an empty bucket is full again one period
-/// later, so it is never further ahead than that, whatever rate or clock moved it there.
+/// `full_us` as `rate` reads it at `now_us`: an empty bucket is full again one depth (a
+/// period) later, so it is never further ahead than that, whatever rate or clock moved it
+/// there.
 fn bucket_full_us(rate: StartRate, full_us: u64, now_us: u64) -> u64 {
-    full_us.min(now_us.saturating_add(rate.per_ms.saturating_mul(1_000)))
+    full_us.min(now_us.saturating_add(depth_us(rate)))
 }
 
 /// The shard (by its routing key) whose gate keeps the limit of `flow` and `key`.
@@ -514,6 +619,12 @@ impl<S: ShardStore> ShardActor<S> {
     /// turned away, or turns the oldest run away). A repeat changes nothing, not even the
     /// limit's bounds; those of an older flow version than the gate holds to are not taken.
     fn acquire(&mut self, message: GateMessage, batch: &mut Batch) -> bool {
+        // This round (or a later one) was released or turned away already: a repeat whose
+        // reply was lost, or an acquire that came after its release.
+        if self.gates.ended.covers(&message.run_id, message.round) {
+            debug!(run = %message.run_id, round = message.round, "an acquire after its round ended; it changes nothing");
+            return false;
+        }
         let id = (message.flow.clone(), message.key.clone());
         let gate = self.gates.gates.entry(id.clone()).or_default();
         let run_id = message.run_id.clone();
@@ -538,6 +649,7 @@ impl<S: ShardStore> ShardActor<S> {
             }
             let reason =
                 format!("{} had no room for it (`when_full: cancel_new`)", describe_limit(&id, gate.max, gate.rate));
+            self.gates.ended.note(&run_id, message.round, now);
             self.turn_away(run_id, reason, WhenFull::CancelNew, batch);
             // Forgets the limit if it holds nothing, or admits after an earlier round left.
             self.admit_waiting(&id, batch);
@@ -545,7 +657,7 @@ impl<S: ShardStore> ShardActor<S> {
         }
         let seq = gate.next_seq;
         gate.next_seq += 1;
-        let record = gate.record(message.round, false, now, Some(seq));
+        let record = gate.record(message.round, false, now, Some(seq), false);
         let place = Waiting { round: message.round, seq: Some(seq), since_ms: now, bounds_of: gate.bounds_changes };
         gate.enqueue(run_id.clone(), place);
         batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
@@ -560,23 +672,36 @@ impl<S: ShardStore> ShardActor<S> {
     /// [`CANCELS_PER_TURN`] in one commit, the rest in the next turns ([`Self::admit_waiting`]
     /// keeps the limit due while some are left). `newest` (the run that just asked, last in
     /// the queue) is never the oldest while `max` is at least 1.
+    ///
+    /// `newest` adds one run past `max`: the youngest run this commit turns away (the last
+    /// taken) names it as the run that took its place. The others were past `max` before it
+    /// asked (a `max` lowered, a limit switched to `cancel_oldest`): newer runs took their
+    /// places, as they say, as do the runs turned away in later turns.
     fn cancel_oldest(&mut self, id: &GateId, newest: Option<&RunId>, batch: &mut Batch) {
         let Some(gate) = self.gates.gates.get_mut(id) else { return };
         let cancelled = gate.take_oldest(CANCELS_PER_TURN);
-        if cancelled.is_empty() {
-            return;
-        }
+        let Some(last) = cancelled.len().checked_sub(1) else { return };
         let limit = describe_limit(id, gate.max, gate.rate);
-        let reason = match newest {
-            Some(newest) => format!("run {newest} took its place under {limit} (`when_full: cancel_oldest`)"),
-            None => format!("newer runs took its place under {limit} (`when_full: cancel_oldest`)"),
-        };
-        for (run_id, queued) in cancelled {
-            if queued {
-                // It leaves the queue now; a holder's record goes with its release.
-                batch.writes.clear(keys::gate(&id.0, &id.1, &run_id));
+        let newer_runs = format!("newer runs took its place under {limit} (`when_full: cancel_oldest`)");
+        let now = now_ms();
+        for (n, (run_id, how)) in cancelled.into_iter().enumerate() {
+            let key = keys::gate(&id.0, &id.1, &run_id);
+            match how {
+                // It keeps its slot until its release comes; its record says it is cancelled.
+                TurnedAway::Holder(record) => batch.writes.set(key, records::encode(&record)),
+                // It leaves the queue now, with its record.
+                TurnedAway::Queued(round) => {
+                    batch.writes.clear(key);
+                    self.gates.ended.note(&run_id, round, now);
+                }
             }
-            self.turn_away(run_id, reason.clone(), WhenFull::CancelOldest, batch);
+            let reason = match newest {
+                Some(newest) if n == last => {
+                    format!("run {newest} took its place under {limit} (`when_full: cancel_oldest`)")
+                }
+                _ => newer_runs.clone(),
+            };
+            self.turn_away(run_id, reason, WhenFull::CancelOldest, batch);
         }
     }
 
@@ -590,7 +715,11 @@ impl<S: ShardStore> ShardActor<S> {
 
     /// A run gives its slot (or its place in the queue) back, for the round it names; the
     /// next runs in the queue get the room.
+    ///
+    /// Its round is noted as ended whatever the release finds ([`EndedRounds`]): it may
+    /// have come before the acquire of that round, which is then late and changes nothing.
     fn release(&mut self, message: GateMessage, batch: &mut Batch) -> bool {
+        self.gates.ended.note(&message.run_id, message.round, now_ms());
         let id = (message.flow.clone(), message.key.clone());
         let Some(gate) = self.gates.gates.get_mut(&id) else { return false };
         let run_id = &message.run_id;
@@ -710,7 +839,7 @@ impl<S: ShardStore> ShardActor<S> {
             let Some((run_id, Waiting { round, .. })) = gate.dequeue_front() else { break };
             let holder = Holder { round, since_ms: now, cancelling: false, bounds_of: gate.bounds_changes };
             gate.hold(run_id.clone(), holder);
-            let record = gate.record(round, true, now, None);
+            let record = gate.record(round, true, now, None, false);
             batch.writes.set(keys::gate(&id.0, &id.1, &run_id), records::encode(&record));
             admitted.push(GateMessage {
                 flow: id.0.clone(),
@@ -866,6 +995,15 @@ mod tests {
         std::iter::from_fn(|| queue.pop_front()).map(|(run_id, place)| (run_id, place.round)).collect()
     }
 
+    /// The runs [`Gate::take_oldest`] took, each with the round it waited for if it was queued.
+    fn turned_away(taken: Vec<(RunId, TurnedAway)>) -> Vec<(RunId, Option<u32>)> {
+        let round = |how| match how {
+            TurnedAway::Holder(_) => None,
+            TurnedAway::Queued(round) => Some(round),
+        };
+        taken.into_iter().map(|(run_id, how)| (run_id, round(how))).collect()
+    }
+
     #[test]
     fn a_queue_keeps_the_order_asked_and_lets_runs_leave_from_anywhere() {
         let mut queue = Queue::default();
@@ -946,13 +1084,17 @@ mod tests {
             gate.enqueue(run(n), waiting(0));
         }
         assert_eq!(gate.over_max(), 6);
-        let ids = |taken: Vec<(RunId, bool)>| taken.into_iter().map(|(run_id, _)| run_id).collect::<Vec<_>>();
+        let ids = |taken| turned_away(taken).into_iter().map(|(run_id, _)| run_id).collect::<Vec<_>>();
         assert_eq!(ids(gate.take_oldest(3)), vec![run(1), run(3), run(2)], "by admission, then by id");
         assert_eq!(gate.over_max(), 3, "those being cancelled do not count");
-        assert_eq!(gate.take_oldest(2), vec![(run(0), false), (run(4), true)], "a holder, then a queued run");
+        assert_eq!(
+            turned_away(gate.take_oldest(2)),
+            vec![(run(0), None), (run(4), Some(0))],
+            "a holder, then a queued run"
+        );
         assert!(gate.holders.values().all(|holder| holder.cancelling), "holders keep their slots");
         assert_eq!(ids(gate.take_oldest(5)), vec![run(5)]);
-        assert_eq!((gate.over_max(), gate.take_oldest(5)), (0, vec![]));
+        assert_eq!((gate.over_max(), gate.take_oldest(5).len()), (0, 0));
         assert_eq!(drain(&mut gate.queue), vec![(run(6), 0), (run(7), 0)], "the newest stay queued");
 
         // A limit of `max` 1 lowered under 10,000 runs: a thousand a commit.
@@ -969,7 +1111,32 @@ mod tests {
         // Other policies never turn the oldest away.
         gate.when_full = WhenFull::Queue;
         gate.enqueue(run(10_000), waiting(0));
-        assert_eq!((gate.over_max(), gate.take_oldest(5)), (0, vec![]));
+        assert_eq!((gate.over_max(), gate.take_oldest(5).len()), (0, 0));
+    }
+
+    /// A holder `cancel_oldest` turned away is written again as being cancelled, with the
+    /// bounds the gate holds to: a reload counts it as it did (not against `max`), and does
+    /// not turn it away a second time.
+    #[test]
+    fn a_holder_being_cancelled_stays_so_across_a_reload() {
+        let mut gate =
+            Gate { max: 1, when_full: WhenFull::CancelOldest, version: 1, bounds_changes: 1, ..Gate::default() };
+        // Its record carries older bounds.
+        gate.hold(run(0), holder(10));
+        let queued = gate.record(0, false, 20, Some(0), false);
+        gate.enqueue(run(1), Waiting { round: 0, seq: Some(0), since_ms: 20, bounds_of: gate.bounds_changes });
+        let taken = gate.take_oldest(CANCELS_PER_TURN);
+        let [(holder_id, TurnedAway::Holder(record))] = <[_; 1]>::try_from(taken).expect("one turned away") else {
+            panic!("the holder is turned away, not the queued run");
+        };
+        assert_eq!(holder_id, run(0));
+        assert!(record.admitted && record.cancelling && record.since_ms == 10, "{record:?}");
+        assert_eq!(gate.places_with_bounds, 2, "its record now carries the bounds the gate holds to");
+        let stored = records::decode::<GateRecord>("gate record", &records::encode(&record)).expect("it decodes");
+
+        let reloaded = Gate::restore(vec![(run(0), stored), (run(1), queued)]);
+        assert!(reloaded.holders[&run(0)].cancelling, "still being cancelled");
+        assert_eq!(reloaded.over_max(), 0, "nothing more to turn away");
     }
 
     #[test]
@@ -987,7 +1154,7 @@ mod tests {
         // A period later the bucket is full again.
         assert_eq!(full_us, now + 1_000_000);
         let odd = StartRate { runs: 3, per_ms: 1_000 };
-        assert_eq!(interval_us(odd), 333_333, "intervals are whole microseconds");
+        assert_eq!(interval_us(odd), 333_334, "intervals are whole microseconds, rounded up");
         assert_eq!(interval_us(StartRate { runs: 100_000, per_ms: 1 }), 1, "at least one");
         let absurd = StartRate { runs: 1, per_ms: u64::MAX };
         assert_eq!(next_start_us(absurd, now), now, "no overflow: one run per period");
@@ -1020,8 +1187,58 @@ mod tests {
         assert_eq!(bucket_full_us(StartRate { runs: 1, per_ms: u64::MAX }, u64::MAX, now), u64::MAX, "no overflow");
     }
 
+    /// A rate whose period is no whole number of microseconds per run lets a burst of
+    /// `runs` go, and over a long stretch no more than `runs` per period: its interval is
+    /// rounded up, not down. Each start goes at the earliest time the rate lets it, as
+    /// [`ShardActor::admit_waiting`] reads the bucket.
+    #[test]
+    fn a_start_rate_never_lets_more_runs_go_than_it_says_over_a_long_stretch() {
+        let rate = StartRate { runs: 3, per_ms: 1_000 };
+        let first = 1_000_000_000_u64;
+        let (mut now, mut full_us) = (first, 0);
+        let mut burst = 0;
+        for _ in 0..3_000 {
+            full_us = bucket_full_us(rate, full_us, now);
+            now = now.max(next_start_us(rate, full_us));
+            burst += u32::from(now == first);
+            full_us = full_us.max(now) + interval_us(rate);
+        }
+        assert_eq!(burst, 3, "a burst of `runs` after a quiet period");
+        // 2,997 starts after the burst, at most 3 a second.
+        assert!(now - first >= 999_000_000, "3,000 starts took {} µs", now - first);
+        // The same for a fast rate: 30,000 a second, not 30,303.
+        let fast = StartRate { runs: 30_000, per_ms: 1_000 };
+        assert_eq!(interval_us(fast), 34);
+        assert!(1_000_000 / interval_us(fast) <= u64::from(fast.runs));
+    }
+
+    /// Rounds released or turned away are remembered, each with the later rounds of its
+    /// run's places before it, within bounds of count and time.
+    #[test]
+    fn ended_rounds_cover_their_earlier_rounds_within_bounds() {
+        let mut ended = EndedRounds::default();
+        ended.note(&run(0), 1, 10);
+        assert!(ended.covers(&run(0), 0) && ended.covers(&run(0), 1), "the round and the earlier ones");
+        assert!(!ended.covers(&run(0), 2) && !ended.covers(&run(1), 0), "a later round asks anew; others too");
+        ended.note(&run(0), 0, 20);
+        assert!(ended.covers(&run(0), 1), "a late release of an earlier round forgets nothing");
+        ended.note(&run(0), 2, 30);
+        assert!(ended.covers(&run(0), 2) && ended.rounds.len() == 1);
+        // The latest `ENDED_ROUNDS_KEPT`.
+        for n in 1..=ENDED_ROUNDS_KEPT {
+            ended.note(&run(n), 0, 40);
+        }
+        assert!(!ended.covers(&run(0), 2) && ended.covers(&run(1), 0), "the oldest is forgotten first");
+        assert!(ended.rounds.len() == ENDED_ROUNDS_KEPT && ended.order.len() <= 2 * ENDED_ROUNDS_KEPT + 64);
+        // No longer than `ENDED_ROUNDS_KEPT_MS` once a later one is noted.
+        ended.note(&run(0), 0, 40 + ENDED_ROUNDS_KEPT_MS);
+        assert_eq!(ended.rounds.len(), 1, "those noted an hour ago are forgotten");
+        assert!(ended.covers(&run(0), 0) && ended.order.len() <= 64);
+    }
+
     fn place(admitted: bool, since_ms: Millis, seq: Option<u64>, version: u32, max: u32) -> GateRecord {
-        GateRecord { round: 0, admitted, since_ms, seq, max, rate: None, when_full: WhenFull::Queue, version }
+        let when_full = WhenFull::Queue;
+        GateRecord { round: 0, admitted, since_ms, seq, max, rate: None, when_full, version, cancelling: false }
     }
 
     /// A reloaded queue is in the order the runs asked: by their numbers, also when many
@@ -1052,6 +1269,7 @@ mod tests {
         let old = serde_json::json!({"round": 1, "admitted": false, "since_ms": 5, "max": 2});
         let record: GateRecord = records::decode("gate record", &records::encode(&old)).expect("an old record decodes");
         assert_eq!((record.seq, record.version, record.round, record.max), (None, 0, 1, 2));
+        assert!(!record.cancelling, "a holder of an older release is not being cancelled");
     }
 
     /// A reload takes the bounds of the newest version among the places, not those of the
