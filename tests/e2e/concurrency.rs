@@ -81,11 +81,7 @@ async fn wait_counted(grid: &Grid, client: &Client, flow: &str, key: &str, runs:
 async fn finish(grid: &Grid, client: &Client, run_id: &RunId) -> anyhow::Result<()> {
     // The limit's admission may still be on its way to the run's shard: the signal would find
     // its step not waiting yet.
-    wait_for("the run admitted", RUN_DEADLINE, || async {
-        admitted(client, &[run_id]).await.ok().filter(|states| states == &[true])
-    })
-    .await
-    .or_logs(grid)?;
+    wait_until_admitted(grid, client, run_id).await?;
     client.signal(run_id, "go", json!({"done": true})).await.or_logs(grid)?;
     let view = grid.wait_run(client, run_id, RUN_DEADLINE).await?;
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");

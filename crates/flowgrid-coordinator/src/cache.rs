@@ -625,6 +625,23 @@ mod tests {
         assert_eq!(long.await.unwrap(), Followed::Took(json!("old")));
     }
 
+    /// The run leading the flight of `k`, once `followers` follow it.
+    async fn flight_with(flights: &SingleFlight, followers: usize) -> String {
+        loop {
+            let open = flights
+                .flights
+                .lock()
+                .unwrap()
+                .by_key
+                .get("k")
+                .map(|flight| (flight.leader.run_id.as_str().to_owned(), flight.followers.len()));
+            match open {
+                Some((leader, count)) if count == followers => return leader,
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    }
+
     /// A task of `run` (with a step's `ttl_ms`) that joins the flight of `k`, as a spawned task.
     fn follower(
         flights: &std::sync::Arc<SingleFlight>,
@@ -786,22 +803,9 @@ mod tests {
                 })
             })
             .collect();
-        // Past a's deadline: a new flight, led by one of them and followed by the two others.
-        let relayed = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                let open = flights
-                    .flights
-                    .lock()
-                    .unwrap()
-                    .by_key
-                    .get("k")
-                    .map(|flight| (flight.leader.run_id.as_str().to_owned(), flight.followers.len()));
-                match open {
-                    Some((leader, 2)) if leader != "a" => return leader,
-                    _ => tokio::task::yield_now().await,
-                }
-            }
-        });
+        // Past a's deadline: a new flight, led by one of them and followed by the two others
+        // (a's had three followers until it ended).
+        let relayed = tokio::time::timeout(Duration::from_secs(5), flight_with(&flights, 2));
         let leader = relayed.await.expect("no new flight: each follower went to a worker on its own");
         assert!(["b", "c", "d"].contains(&leader.as_str()), "{leader}");
         flights.land("k", &json!("answer"), now_ms());
@@ -819,30 +823,11 @@ mod tests {
         let flights = std::sync::Arc::new(SingleFlight::default());
         assert!(matches!(flights.join("k".into(), &attempt("a"), later()), Joined::Lead));
         let follower = |run: &'static str| follower(&flights, run, 60_000);
-        // The flight of `k`: its leader's run and how many follow it, once it has `followers`.
-        let flight_with = |followers: usize| {
-            let flights = std::sync::Arc::clone(&flights);
-            async move {
-                loop {
-                    let open = flights
-                        .flights
-                        .lock()
-                        .unwrap()
-                        .by_key
-                        .get("k")
-                        .map(|flight| (flight.leader.run_id.as_str().to_owned(), flight.followers.len()));
-                    match open {
-                        Some((leader, count)) if count == followers => return leader,
-                        _ => tokio::task::yield_now().await,
-                    }
-                }
-            }
-        };
         let (b, c) = (follower("b"), follower("c"));
-        assert_eq!(flight_with(2).await, "a");
+        assert_eq!(flight_with(&flights, 2).await, "a");
         flights.leader_gone(&attempt("a"));
         // One of b and c leads (its task goes to a worker); the other, and a's retry, follow it.
-        assert!(["b", "c"].contains(&flight_with(1).await.as_str()));
+        assert!(["b", "c"].contains(&flight_with(&flights, 1).await.as_str()));
         let retry = AttemptId { attempt: 2, ..attempt("a") };
         let mut retried = match flights.join("k".into(), &retry, later()) {
             Joined::Follow(follower) => follower.landing,
