@@ -8,7 +8,7 @@ use async_nats::jetstream::{consumer, kv, stream};
 use flowgrid_proto::{ShardClaim, ShardState, Subjects};
 use flowgrid_sdk::broker::{self, BrokerError, BrokerLimits};
 use flowgrid_sdk::{RunStatus, StartRun};
-use flowgrid_tests::{api_request_json, step, wait_for, Grid};
+use flowgrid_tests::{api_request_json, free_port, metric_value, scrape_metrics, step, wait_for, Grid};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -70,11 +70,13 @@ async fn check_runs(grid: &Grid, client: &flowgrid_sdk::Client, ids: &[flowgrid_
     Ok(())
 }
 
-/// Two coordinators serving every shard, the slow map deployed and 8 runs started.
-async fn two_coordinators_with_runs_in_flight() -> anyhow::Result<(Grid, flowgrid_sdk::Client, Vec<flowgrid_sdk::RunId>)>
-{
+/// Two coordinators serving every shard, the second started with the flags `second`, the
+/// slow map deployed and 8 runs started.
+async fn two_coordinators_with_runs_in_flight(
+    second: &[&str],
+) -> anyhow::Result<(Grid, flowgrid_sdk::Client, Vec<flowgrid_sdk::RunId>)> {
     let mut grid = Grid::start(&["a"]).await?;
-    grid.spawn_coordinator()?;
+    grid.spawn_coordinator_with_args(second)?;
     grid.wait_shards_served_by(2, SETTLE).await?;
     let client = grid.client().await?;
     deploy(&grid, &client, SLOW_MAP).await?;
@@ -175,7 +177,7 @@ async fn scale_out_then_graceful_leave_moves_shards_without_losing_runs() -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_of_a_killed_coordinator_are_taken_over_after_its_lease() -> anyhow::Result<()> {
-    let (mut grid, client, ids) = two_coordinators_with_runs_in_flight().await?;
+    let (mut grid, client, ids) = two_coordinators_with_runs_in_flight(&[]).await?;
 
     let killed_at = Instant::now();
     grid.coordinators[1].kill_hard();
@@ -187,7 +189,8 @@ async fn shards_of_a_killed_coordinator_are_taken_over_after_its_lease() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_paused_past_its_lease_gives_its_shards_up_when_it_resumes() -> anyhow::Result<()> {
-    let (grid, client, ids) = two_coordinators_with_runs_in_flight().await?;
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+    let (grid, client, ids) = two_coordinators_with_runs_in_flight(&["--metrics-addr", &metrics_addr]).await?;
 
     let paused = grid.coordinators[1].pid().to_string();
     let signal = |name: &str| std::process::Command::new("kill").args([name, &paused]).status();
@@ -198,6 +201,11 @@ async fn a_coordinator_paused_past_its_lease_gives_its_shards_up_when_it_resumes
     signal("-CONT")?;
     grid.wait_shards_served_by(2, SETTLE).await?;
     check_runs(&grid, &client, &ids).await?;
+    // Its first heartbeat after the pause went through at once, renewing the lease in a new
+    // term: the lease it lost meanwhile is counted all the same.
+    let body = scrape_metrics(&metrics_addr)?;
+    let lost = metric_value(&body, "flowgrid_lease_lost_total ");
+    assert!(lost.is_some_and(|lost| lost >= 1.0), "flowgrid_lease_lost_total is {lost:?}\n{}", grid.logs());
     Ok(())
 }
 
@@ -395,6 +403,35 @@ async fn a_coordinator_leaves_when_one_with_another_store_joined_while_it_starte
     let members = jetstream.get_key_value(subjects.members_bucket()).await?;
     let keys: Vec<String> = futures::TryStreamExt::try_collect(members.keys().await?).await?;
     assert_eq!(keys, vec![other.id], "{stderr}");
+    Ok(())
+}
+
+/// A coordinator that cannot open the submit stream's consumer (a push consumer made by
+/// hand under its name) stops with an error naming it, before it joins: no member record
+/// is left for the others to place shards on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_cannot_open_the_submit_consumer_stops_without_joining() -> anyhow::Result<()> {
+    let grid = Grid::start_nats()?;
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let subjects = Subjects::new(grid.prefix.clone());
+    let submit = broker::submit_stream(&jetstream, &subjects, &BrokerLimits::default()).await?;
+    let by_hand = consumer::push::Config {
+        durable_name: Some(subjects.submit_consumer()),
+        deliver_subject: "by-hand.submits".to_owned(),
+        ..Default::default()
+    };
+    submit.create_consumer(by_hand).await?;
+    let (mut coordinator, read) = spawn_coordinator_reading_its_log(&grid)?;
+    let Ok(status) = tokio::time::timeout(SETTLE, coordinator.wait()).await else {
+        coordinator.kill().await?;
+        panic!("the coordinator serves without its submit consumer:\n{}", read.await?);
+    };
+    let stderr = read.await?;
+    assert_eq!(status?.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("consumer {}", subjects.submit_consumer())), "{stderr}");
+    let members = jetstream.get_key_value(subjects.members_bucket()).await?;
+    let keys: Vec<String> = futures::TryStreamExt::try_collect(members.keys().await?).await?;
+    assert!(keys.is_empty(), "member records left behind: {keys:?}\n{stderr}");
     Ok(())
 }
 

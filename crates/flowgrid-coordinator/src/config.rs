@@ -88,7 +88,7 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "FLOWGRID_RETAIN_ENDED_RUNS", default_value = "30d", value_parser = flowgrid_sdk::parse_duration)]
     pub retain_ended_runs: std::time::Duration,
     /// On shutdown, how long to wait for every shard to be handed over before leaving
-    /// anyway (the others then take the rest after the lease), in ms.
+    /// anyway (the others then take the rest at once), in ms.
     #[arg(long, env = "FLOWGRID_DRAIN_TIMEOUT_MS", default_value_t = 15_000)]
     pub drain_timeout_ms: u64,
 }

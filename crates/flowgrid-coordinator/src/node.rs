@@ -168,6 +168,8 @@ async fn serve<S: Store>(
     let evaluator = Arc::new(Evaluator::new(&limits));
     let plans = Arc::new(PlanCache::new(evaluator, limits.clone()));
     let workers_shutdown = CancellationToken::new();
+    // Stops task publishing on an early return too.
+    let _workers_stop_on_return = workers_shutdown.clone().drop_guard();
     let pools_stop = CancellationToken::new();
     // Stops the gauges on an early return too.
     let _pools_stop_on_return = pools_stop.clone().drop_guard();
@@ -207,6 +209,36 @@ async fn serve<S: Store>(
     let table = Arc::new(ShardTable::new(config.shards));
     let router = Arc::new(Router::new(context.clone(), table.clone(), config.shards));
 
+    // Whatever can fail before this coordinator serves is set up before it joins: once its
+    // record is written it may be given shards, and only the stop below hands them back.
+    let api = Arc::new(Api {
+        router: router.clone(),
+        limits,
+        requests: RequestCounters::register(),
+        fan_outs: Semaphore::new(api::FAN_OUTS_MAX),
+    });
+    let requests = nats
+        .queue_subscribe(subjects.api_all(), API_QUEUE_GROUP.to_owned())
+        .await
+        .map_err(|source| Error::Nats { what: "subscribe to the API", source: Box::new(source) })?;
+    let refused = crate::submit::Refusals::new(nats.clone(), subjects.clone(), broker_limits.clone());
+    let source = crate::submit::SubmitSource {
+        jetstream: jetstream.clone(),
+        subjects: subjects.clone(),
+        limits: broker_limits.clone(),
+    };
+    let opened = source.open().await.map_err(|error| Error::Nats {
+        what: "open the submit stream's consumer",
+        source: format!(
+            "{error}; the grid reads that stream through a pull consumer of its own: if one named {consumer} was made \
+             by hand, delete it (`nats consumer rm {stream} {consumer}`); check that NATS and its JetStream are up, \
+             then start the coordinator again",
+            stream = subjects.submit_stream(),
+            consumer = subjects.submit_consumer(),
+        )
+        .into(),
+    })?;
+
     // Join: the first heartbeat makes this member visible and starts its lease.
     let me = member_id();
     let record = MemberRecord {
@@ -231,7 +263,6 @@ async fn serve<S: Store>(
     // the one written second sees the other (both may), and leaves before it takes a shard.
     if let Err(error) = check_same_store(&members_kv, &store_id).await {
         membership.leave().await;
-        workers_shutdown.cancel();
         return Err(error);
     }
     let heartbeat_stop = CancellationToken::new();
@@ -241,7 +272,7 @@ async fn serve<S: Store>(
         ManagerContext {
             me: me.clone(),
             store,
-            router: router.clone(),
+            router,
             shards_kv,
             lease,
             membership: membership.clone(),
@@ -256,25 +287,8 @@ async fn serve<S: Store>(
     let drain = CancellationToken::new();
     let mut manager_task = tokio::spawn(manager.run(members_kv, drain.clone()));
 
-    let api = Arc::new(Api {
-        router,
-        limits,
-        requests: RequestCounters::register(),
-        fan_outs: Semaphore::new(api::FAN_OUTS_MAX),
-    });
-    let requests = nats
-        .queue_subscribe(subjects.api_all(), API_QUEUE_GROUP.to_owned())
-        .await
-        .map_err(|source| Error::Nats { what: "subscribe to the API", source: Box::new(source) })?;
     let api_stop = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(api.clone(), requests, config.api_concurrency_max, api_stop.clone()));
-    let refused = crate::submit::Refusals::new(nats.clone(), subjects.clone(), broker_limits.clone());
-    let source = crate::submit::SubmitSource {
-        jetstream: jetstream.clone(),
-        subjects: subjects.clone(),
-        limits: broker_limits.clone(),
-    };
-    let opened = source.open().await?;
     let submit_task = tokio::spawn(crate::submit::serve(api.clone(), source, opened, refused, api_stop.clone()));
     info!(
         member = %me,
@@ -323,7 +337,8 @@ async fn serve<S: Store>(
         if nats_up {
             warn!(
                 timeout_ms = config.drain_timeout_ms,
-                "shards not all handed over in time; the others take the rest when the lease runs out"
+                "shards not all handed over in time; they stop here, and the others take them as soon as this \
+                 coordinator has left"
             );
         }
         manager_task.abort();

@@ -219,7 +219,7 @@ impl<S: Store> ShardManager<S> {
                 _ = ticks.tick() => {}
                 _ = drain.cancelled(), if !self.draining => {
                     info!(shards = self.owned.len(), "draining: handing every shard to the other coordinators");
-                    self.start_draining().await;
+                    self.start_draining();
                 }
             }
             if !self.draining {
@@ -230,7 +230,7 @@ impl<S: Store> ShardManager<S> {
                         "the store takes no more commits in this process: handing every shard to the other \
                          coordinators, then stopping"
                     );
-                    self.start_draining().await;
+                    self.start_draining();
                     broken = Some(failure);
                 }
             }
@@ -269,12 +269,11 @@ impl<S: Store> ShardManager<S> {
         broken
     }
 
-    /// From now on every shard here is handed over, and none is taken.
-    async fn start_draining(&mut self) {
+    /// From now on every shard here is handed over, and none is taken. The others learn it
+    /// from the next heartbeat, sent at once; the hand-over does not wait for it.
+    fn start_draining(&mut self) {
         self.draining = true;
-        if let Err(error) = self.shared.membership.set_draining().await {
-            warn!(error = %error, "cannot announce draining; handing shards over anyway");
-        }
+        self.shared.membership.set_draining();
     }
 
     /// Starts a watch on the members bucket and reads what is there now.

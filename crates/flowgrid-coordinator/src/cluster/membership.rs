@@ -149,7 +149,10 @@ impl Membership {
         let period = self.lease.duration() / HEARTBEATS_PER_LEASE;
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut was_valid = true;
+        // The term the lease held in after the last beat (`None`: it had run out). A lease
+        // that ran out between two beats (the process was paused, or its tasks did not get
+        // to run) comes back valid at the next one, but in a new term: lost all the same.
+        let mut held = Some(self.lease.term());
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -173,14 +176,23 @@ impl Membership {
                 Ok(Err(error)) => warn!(error = %error, "member heartbeat failed"),
                 Err(_) => warn!("member heartbeat timed out"),
             }
-            let valid = self.lease.valid();
-            if was_valid && !valid {
-                ::metrics::counter!(metrics::LEASE_LOST).increment(1);
-                warn!("lease ran out before a heartbeat got through; shards stop here until it is renewed");
-            } else if !was_valid && valid {
-                info!("lease renewed again");
+            let (valid, term) = (self.lease.valid(), self.lease.term());
+            match held {
+                Some(_) if !valid => {
+                    ::metrics::counter!(metrics::LEASE_LOST).increment(1);
+                    warn!("lease ran out before a heartbeat got through; shards stop here until it is renewed");
+                }
+                Some(before) if term != before => {
+                    ::metrics::counter!(metrics::LEASE_LOST).increment(1);
+                    warn!(
+                        "lease ran out between two heartbeats (this process was paused or did not get to run); \
+                         renewed again in a new term: its shards stopped here and are taken again as placement says"
+                    );
+                }
+                None if valid => info!("lease renewed again"),
+                _ => {}
             }
-            was_valid = valid;
+            held = valid.then_some(term);
         }
     }
 
@@ -207,10 +219,13 @@ impl Membership {
         }
     }
 
-    /// Marks this member as leaving and tells the others at once.
-    pub async fn set_draining(&self) -> Result<()> {
-        self.draining.store(true, Ordering::Release);
-        self.beat().await
+    /// Marks this member as leaving; the heartbeat loop tells the others at once, within
+    /// its bounded wait. Writing the record here would hold it (and every heartbeat behind
+    /// it) for as long as NATS takes to answer, and cost the lease on one slow answer.
+    pub fn set_draining(&self) {
+        if !self.draining.swap(true, Ordering::AcqRel) {
+            self.beat_now.notify_one();
+        }
     }
 
     /// Deletes the record: the others see the member gone at once.
@@ -225,7 +240,146 @@ impl Membership {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
     use super::*;
+
+    /// The members bucket the stand-in for nats-server below knows.
+    const BUCKET: &str = "members";
+    /// How long the test waits for a heartbeat after the unanswered write before it fails.
+    const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(10);
+
+    /// A stand-in for nats-server that knows one bucket, [`BUCKET`]: it answers its stream's
+    /// info and acknowledges every write to it but the first whose record says draining
+    /// (its ack lost on the way, or NATS slow to give it). Each write is reported as
+    /// (its record says draining, acknowledged).
+    async fn nats_losing_the_first_drain_ack(
+        listener: TcpListener,
+        writes: mpsc::UnboundedSender<(bool, bool)>,
+    ) -> std::io::Result<()> {
+        let (socket, _) = listener.accept().await?;
+        let (read, mut write) = socket.into_split();
+        let mut read = BufReader::new(read);
+        write
+            .write_all(b"INFO {\"server_id\":\"stand-in\",\"proto\":1,\"headers\":true,\"max_payload\":1048576}\r\n")
+            .await?;
+        let (mut inbox_sid, mut sequence, mut drain_ack_lost) = (String::new(), 0u64, false);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if read.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+            // (subject, reply subject, header bytes, header and payload bytes)
+            let (subject, reply, header_len, total_len) = match words.iter().map(String::as_str).collect::<Vec<_>>()[..]
+            {
+                ["PING"] => {
+                    write.write_all(b"PONG\r\n").await?;
+                    continue;
+                }
+                ["SUB", _, sid] => {
+                    inbox_sid = sid.to_owned();
+                    continue;
+                }
+                ["PUB", subject, reply, len] => (subject, reply, 0, len.parse::<usize>().expect("a length")),
+                ["HPUB", subject, reply, header_len, total_len] => {
+                    (subject, reply, header_len.parse().expect("a length"), total_len.parse().expect("a length"))
+                }
+                _ => continue,
+            };
+            let mut body = vec![0; total_len + 2];
+            read.read_exact(&mut body).await?;
+            let answer = if subject.starts_with("$JS.API.STREAM.INFO.") {
+                let config = async_nats::jetstream::stream::Config {
+                    name: format!("KV_{BUCKET}"),
+                    subjects: vec![format!("$KV.{BUCKET}.>")],
+                    max_messages_per_subject: 1,
+                    ..Default::default()
+                };
+                let never = "0001-01-01T00:00:00Z";
+                serde_json::json!({
+                    "config": config,
+                    "created": "2024-01-01T00:00:00Z",
+                    "state": {"messages": 0, "bytes": 0, "first_seq": 0, "first_ts": never, "last_seq": 0,
+                              "last_ts": never, "consumer_count": 0},
+                })
+            } else if subject.starts_with(&format!("$KV.{BUCKET}.")) {
+                let record: MemberRecord =
+                    rmp_serde::from_slice(&body[header_len..total_len]).expect("a member record");
+                let lost = record.draining && !drain_ack_lost;
+                drain_ack_lost |= lost;
+                let _ = writes.send((record.draining, !lost));
+                if lost {
+                    continue;
+                }
+                sequence += 1;
+                serde_json::json!({"stream": format!("KV_{BUCKET}"), "seq": sequence})
+            } else {
+                continue;
+            };
+            let answer = answer.to_string();
+            let message = format!("MSG {reply} {inbox_sid} {}\r\n{answer}\r\n", answer.len());
+            write.write_all(message.as_bytes()).await?;
+        }
+    }
+
+    /// Announcing the drain must not hold the member record while NATS answers: the
+    /// heartbeat loop sends it, and when that write goes unanswered, it gives up on it
+    /// within its own bounded wait and writes the record again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unanswered_drain_announcement_does_not_stop_the_heartbeats() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (writes_tx, mut writes) = mpsc::unbounded_channel();
+        tokio::spawn(nats_losing_the_first_drain_ack(listener, writes_tx));
+        let client = async_nats::connect(address.to_string()).await.unwrap();
+        // A write is never given up on by the client: only the heartbeat loop's wait ends it.
+        let jetstream =
+            async_nats::jetstream::context::ContextBuilder::new().timeout(Duration::from_secs(3600)).build(client);
+        let kv = jetstream.get_key_value(BUCKET).await.unwrap();
+        let record = MemberRecord {
+            id: "host-1-0001".to_owned(),
+            host: "host".to_owned(),
+            pid: 1,
+            started_ms: now_ms(),
+            heartbeat_ms: now_ms(),
+            lease_ms: 300,
+            draining: false,
+            catching_up: false,
+            shards_serving: 0,
+            store: "redb:host:/data".to_owned(),
+            metrics_addr: None,
+        };
+        let lease = Arc::new(Lease::new(Duration::from_millis(record.lease_ms)));
+        let table = Arc::new(ShardTable::new(4));
+        let membership = Arc::new(Membership::join(kv, jetstream, record, lease, table).await.unwrap());
+        membership.beat().await.unwrap();
+        let stop = CancellationToken::new();
+        let heartbeats = tokio::spawn(membership.clone().run(stop.clone()));
+
+        membership.set_draining();
+        let written_after_the_lost_ack = tokio::time::timeout(HEARTBEAT_DEADLINE, async {
+            let mut lost = false;
+            while let Some((draining, acked)) = writes.recv().await {
+                if lost && draining && acked {
+                    return true;
+                }
+                lost |= draining && !acked;
+            }
+            false
+        })
+        .await;
+        stop.cancel();
+        assert_eq!(
+            written_after_the_lost_ack,
+            Ok(true),
+            "no heartbeat got through after the drain announcement went unanswered"
+        );
+        heartbeats.await.unwrap();
+    }
 
     /// An error JetStream answers with `err_code`.
     fn answered(err_code: u64, description: &str) -> GetStreamError {
