@@ -802,7 +802,9 @@ mod tests {
     #[tokio::test]
     async fn a_shard_is_not_opened_for_an_acquire_whose_lease_ran_out_while_it_waited() {
         let dir = tempfile::tempdir().unwrap();
-        let lease = Arc::new(Lease::new(Duration::from_millis(3)));
+        // Held 400 ms: long enough for the acquire to begin in its term on a loaded machine
+        // (it gives up at once in a lapsed one), then waited out by the store's first open.
+        let lease = Arc::new(Lease::new(Duration::from_millis(600)));
         lease.renewed(Instant::now());
         let term = lease.term();
         let store = LapsesWhileBusy {
