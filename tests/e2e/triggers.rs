@@ -136,15 +136,26 @@ async fn every_message_of_the_stream_starts_exactly_one_run() -> anyhow::Result<
 /// Makes the trigger's consumer of flow `on-order` on `stream` before its deploy, delivering
 /// every message the stream holds (as flows.md shows).
 async fn make_consumer_first(grid: &Grid, stream: &async_nats::jetstream::stream::Stream) -> anyhow::Result<()> {
-    stream
-        .create_consumer(pull::Config {
-            durable_name: Some(format!("{}_trigger_on-order", grid.prefix)),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await?;
+    make_consumer(grid, stream, AckPolicy::Explicit).await?;
     Ok(())
+}
+
+/// Makes the trigger's consumer of flow `on-order` on `stream` by hand, delivering every
+/// message the stream holds, with `ack_policy`; gives its name.
+async fn make_consumer(
+    grid: &Grid,
+    stream: &async_nats::jetstream::stream::Stream,
+    ack_policy: AckPolicy,
+) -> anyhow::Result<String> {
+    let consumer = format!("{}_trigger_on-order", grid.prefix);
+    let config = pull::Config {
+        durable_name: Some(consumer.clone()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy,
+        ..Default::default()
+    };
+    stream.create_consumer(config).await?;
+    Ok(consumer)
 }
 
 /// Makes stream `ORDERS` and deploys the flow `on-order` first without its trigger, pauses
@@ -389,14 +400,7 @@ async fn a_trigger_that_could_never_start_a_run_is_refused_at_deploy() -> anyhow
     // A consumer made by hand that does not acknowledge each message on its own would lose
     // messages, and NATS does not let its ack policy change.
     let orders = jetstream.get_stream("ORDERS").await?;
-    let consumer = format!("{}_trigger_on-order", grid.prefix);
-    let acks_all = pull::Config {
-        durable_name: Some(consumer.clone()),
-        deliver_policy: DeliverPolicy::All,
-        ack_policy: AckPolicy::All,
-        ..Default::default()
-    };
-    orders.create_consumer(acks_all).await?;
+    let consumer = make_consumer(&grid, &orders, AckPolicy::All).await?;
     let message = refused_at(&client, &triggered_by("stream: ORDERS"), "trigger.stream").await?;
     assert!(
         message.contains("ack policy `all`") && message.contains(&format!("nats consumer rm ORDERS {consumer}")),
@@ -467,14 +471,7 @@ async fn a_consumer_made_by_hand_without_explicit_acks_is_not_read() -> anyhow::
     let client = grid.client().await?;
     let jetstream = deploy_trigger_paused(&grid, &client).await?;
     let orders = jetstream.get_stream("ORDERS").await?;
-    let consumer = format!("{}_trigger_on-order", grid.prefix);
-    let config = pull::Config {
-        durable_name: Some(consumer.clone()),
-        deliver_policy: DeliverPolicy::All,
-        ack_policy: AckPolicy::All,
-        ..Default::default()
-    };
-    orders.create_consumer(config).await?;
+    let consumer = make_consumer(&grid, &orders, AckPolicy::All).await?;
     let run = publish(&jetstream, "orders.eu.created", r#"{"order": 1}"#.to_owned()).await?;
     client.resume_flow("on-order", "done").await.or_logs(&grid)?;
     let advice = format!("nats consumer rm ORDERS {consumer}");
