@@ -17,8 +17,8 @@
 //! | `POST /api/runs/{id}/redrive` | `{"reason": "...", "from": ["step"]}` or nothing | `RunRedriven` |
 //!
 //! Every answer is JSON; a refusal is `{"error": {"code", "message"}}` with the status its
-//! code calls for; a refusal of the grid (and every `503 unavailable`) also says whether
-//! to send the request again (`retryable`). Changes need `Authorization: Bearer <token>` with the token the UI was
+//! code calls for; a refusal of the grid, every `503 unavailable` and every `429 overloaded`
+//! also says whether to send the request again (`retryable`). Changes need `Authorization: Bearer <token>` with the token the UI was
 //! started with; without one the API is read-only. With `--api-cors-origin`, pages of
 //! those origins may call it from a browser (CORS: `GET` and `POST`, with
 //! `Authorization` and `Content-Type`).
@@ -259,11 +259,7 @@ async fn live(State(ui): State<Arc<Ui>>, ApiPath(run_id): ApiPath<String>) -> Re
     };
     // Each stream follows its run with reads of its own: their number is bounded.
     let Ok(slot) = Arc::clone(&ui.live_streams).try_acquire_owned() else {
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "overloaded",
-            &format!("{LIVE_STREAMS_MAX} live streams are open already: try again later"),
-        );
+        return overloaded(&format!("{LIVE_STREAMS_MAX} live streams are open already: try again later"));
     };
     let (events, mut received) = mpsc::channel::<Event>(LIVE_EVENTS_BUFFERED);
     let client = ui.client.clone();
@@ -553,6 +549,14 @@ pub(super) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// The UI's own `429 overloaded`: nothing was done, so the request may be sent again
+/// (`retryable: true`, and `Retry-After: 1`), as with the grid's own refusals.
+pub(super) fn overloaded(message: &str) -> Response {
+    let body = json!({"error": {"code": "overloaded", "message": message, "retryable": true}}).to_string();
+    let headers = [(header::CONTENT_TYPE, "application/json"), (header::RETRY_AFTER, "1")];
+    (StatusCode::TOO_MANY_REQUESTS, headers, body).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,6 +598,16 @@ mod tests {
         for retryable in [read, nobody, moving] {
             assert_eq!(answered(&retryable), unavailable(true), "{retryable}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_uis_own_overloaded_answer_says_to_send_it_again() {
+        let answer = overloaded("256 live streams are open already: try again later");
+        assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(answer.headers().get(header::RETRY_AFTER).map(|value| value.as_bytes()), Some(&b"1"[..]));
+        let body = axum::body::to_bytes(answer.into_body(), 4096).await.unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((&body["error"]["code"], &body["error"]["retryable"]), (&json!("overloaded"), &json!(true)));
     }
 
     #[test]

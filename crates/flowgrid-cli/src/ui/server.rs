@@ -128,11 +128,10 @@ pub(super) async fn bounded_body(
             "the UI is reading {BODIES_READ_MAX} requests' bodies already, the most it reads at once: send it again \
              in a moment"
         );
-        let mut refused = if request.uri().path().starts_with("/api/") {
-            api::error(StatusCode::TOO_MANY_REQUESTS, "overloaded", &message)
-        } else {
-            super::failure(StatusCode::SERVICE_UNAVAILABLE, &message)
-        };
+        if request.uri().path().starts_with("/api/") {
+            return api::overloaded(&message);
+        }
+        let mut refused = super::failure(StatusCode::SERVICE_UNAVAILABLE, &message);
         refused.headers_mut().insert(RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
         return refused;
     };
