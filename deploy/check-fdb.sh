@@ -29,7 +29,7 @@ if ! have_libclang; then
     if [[ "${1:-}" == --skip-if-missing ]]; then
         say ""
         say "################################################################################"
-        say "## SKIPPED: cargo check -p flowgrid-store-fdb --tests --features cluster-tests"
+        say "## SKIPPED: cargo check of flowgrid-store-fdb (cluster tests) and flowgrid-cli --features fdb"
         say "## reason: libclang-dev is not installed and could not be installed here"
         say "##         (make setup installs it when run as root with apt-get)."
         say "## The FoundationDB backend was NOT type-checked."
@@ -39,11 +39,11 @@ if ! have_libclang; then
     fi
     die "libclang is missing: install libclang-dev (sudo apt-get install libclang-dev, or make setup as root)"
 fi
-say "check-fdb: $CARGO check -p flowgrid-store-fdb --tests --features cluster-tests"
-"$CARGO" check -p flowgrid-store-fdb --tests --features cluster-tests
-# The coordinator's --fdb-cluster-file, built in with the `fdb` feature.
-say "check-fdb: $CARGO check -p flowgrid-cli --features fdb"
-"$CARGO" check -p flowgrid-cli --features fdb
+# The backend with its cluster tests, and the coordinator's --fdb-cluster-file (built in
+# with flowgrid-cli's `fdb` feature), in one invocation: two would check the dependencies
+# they share twice, under different feature sets.
+say "check-fdb: $CARGO check -p flowgrid-store-fdb -p flowgrid-cli --tests --features flowgrid-store-fdb/cluster-tests,flowgrid-cli/fdb"
+"$CARGO" check -p flowgrid-store-fdb -p flowgrid-cli --tests --features flowgrid-store-fdb/cluster-tests,flowgrid-cli/fdb
 
 # The store contract suite needs a running FoundationDB cluster and its client library.
 # Built with --features cluster-tests, the suite fails (never passes) without a cluster
