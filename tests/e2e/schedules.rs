@@ -1,10 +1,15 @@
 //! Scheduled runs: a flow's schedule starts one run per slot, with the slot in the run's
-//! idempotency key, goes on across a coordinator restart, and stops with a version
-//! deployed without it.
+//! idempotency key, goes on across a coordinator restart, deploys and a failed commit, and
+//! stops with a version deployed without it; `flow backfill` starts the runs of past slots.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use flowgrid_model::{shard_of, Epoch, ShardId};
 use flowgrid_sdk::{ListRuns, RunId, RunSummary};
+use flowgrid_store::{Key, KeyRange, ShardStore, Store, StoreLimits, Value, WriteBatch};
+use flowgrid_store_redb::{RedbShard, RedbStore};
 use flowgrid_tests::{wait_for, Grid};
 use serde_json::json;
 
@@ -217,6 +222,246 @@ async fn a_slot_of_a_pause_is_not_started_by_a_restart_soon_after_the_resume() -
     let skipped = RunId::from_idempotency_key("slow", &format!("schedule-{slot}"));
     assert!(runs.iter().all(|run| run.run_id != skipped), "the slot of the pause started a run: {runs:?}");
     Ok(())
+}
+
+/// A flow whose schedule starts a run every second, and whose runs need no worker.
+fn every_second(name: &str, description: &str) -> String {
+    format!(
+        "name: {name}\ndescription: {description}\nschedule: {{ every_ms: 1000 }}\n\
+         steps:\n  - {{ id: t, kind: transform, output: '1' }}\n"
+    )
+}
+
+/// The Unix time in ms.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_millis() as u64
+}
+
+/// Waits until every whole second after `after_ms` up to `until_ms` has the run its slot of
+/// `flow`'s 1 s schedule starts; fails naming the slots without one.
+async fn wait_for_a_run_per_second(
+    grid: &Grid,
+    client: &flowgrid_sdk::Client,
+    flow: &str,
+    after_ms: u64,
+    until_ms: u64,
+) -> anyhow::Result<()> {
+    let slots: Vec<u64> = (after_ms / 1000 + 1..=until_ms / 1000).map(|second| second * 1000).collect();
+    assert!(slots.len() >= 2, "the span holds {} slots", slots.len());
+    let missing = || async {
+        let runs = runs_of_flow(client, flow).await.unwrap_or_default();
+        let ids: Vec<&RunId> = runs.iter().map(|run| &run.run_id).collect();
+        slots
+            .iter()
+            .copied()
+            .filter(|slot| !ids.contains(&&RunId::from_idempotency_key(flow, &format!("schedule-{slot}"))))
+            .collect::<Vec<u64>>()
+    };
+    // The slot after the span has its run: the span's own were started before it.
+    let after = RunId::from_idempotency_key(flow, &format!("schedule-{}", slots[slots.len() - 1] + 1000));
+    let ready = wait_for("a run for every slot of the span", Duration::from_secs(15), || async {
+        let runs = runs_of_flow(client, flow).await.ok()?;
+        (runs.iter().any(|run| run.run_id == after) && missing().await.is_empty()).then_some(())
+    })
+    .await;
+    let missing = missing().await;
+    assert!(missing.is_empty(), "slots of {slots:?} without a run: {missing:?}\n{}", grid.logs());
+    ready.or_logs(grid)
+}
+
+/// Versions of a 1 s schedule deployed back to back, several in every turn of the shard:
+/// the slot due in a deploy's turn still starts its run, and so does every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_deployed_back_to_back_drop_no_slot_of_the_schedule() -> anyhow::Result<()> {
+    const DEPLOYING: Duration = Duration::from_secs(4);
+    const DEPLOYERS: usize = 4;
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, &every_second("busy", "version 0")).await?;
+    let (began, began_ms) = (Instant::now(), unix_ms());
+    let deployers: Vec<_> = (0..DEPLOYERS)
+        .map(|deployer| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut deploys = deployer;
+                while began.elapsed() < DEPLOYING {
+                    client.deploy(every_second("busy", &format!("version {}", deploys % 2))).await?;
+                    deploys += 1;
+                }
+                anyhow::Ok(deploys)
+            })
+        })
+        .collect();
+    for deployer in deployers {
+        deployer.await?.or_logs(&grid)?;
+    }
+    let ended_ms = unix_ms();
+    let versions = client.flow("busy", None).await?.version;
+    assert!(versions > 10, "{versions} versions deployed");
+    wait_for_a_run_per_second(&grid, &client, "busy", began_ms, ended_ms).await
+}
+
+/// The embedded store, but for one commit of one shard: once armed, that shard's next
+/// commit hangs for [`STALL`] and then fails (a disk that stalls, then errs), so that its
+/// turn ends late and the shard reloads.
+#[derive(Clone)]
+struct StallingStore {
+    inner: RedbStore,
+    /// The shard whose next commit stalls and fails.
+    stall: Arc<Mutex<Option<ShardId>>>,
+    /// Set once that commit failed.
+    stalled: Arc<AtomicBool>,
+}
+
+/// How long the stalled commit hangs: several slots of a 1 s schedule fall meanwhile.
+const STALL: Duration = Duration::from_millis(3_200);
+
+struct StallingShard {
+    inner: RedbShard,
+    shard: ShardId,
+    store: StallingStore,
+}
+
+impl Store for StallingStore {
+    type Shard = StallingShard;
+
+    async fn open_shard(&self, shard: ShardId) -> flowgrid_store::Result<StallingShard> {
+        let inner = self.inner.open_shard(shard).await?;
+        Ok(StallingShard { inner, shard, store: self.clone() })
+    }
+}
+
+impl ShardStore for StallingShard {
+    async fn acquire(&self) -> flowgrid_store::Result<Epoch> {
+        self.inner.acquire().await
+    }
+
+    async fn current_epoch(&self) -> flowgrid_store::Result<Epoch> {
+        self.inner.current_epoch().await
+    }
+
+    async fn get(&self, key: &[u8]) -> flowgrid_store::Result<Option<Value>> {
+        self.inner.get(key).await
+    }
+
+    async fn scan(&self, range: KeyRange, limit: usize, reverse: bool) -> flowgrid_store::Result<Vec<(Key, Value)>> {
+        self.inner.scan(range, limit, reverse).await
+    }
+
+    async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> flowgrid_store::Result<()> {
+        let stalls = {
+            let mut stall = self.store.stall.lock().unwrap();
+            stall.take_if(|shard| *shard == self.shard).is_some()
+        };
+        if stalls {
+            tokio::time::sleep(STALL).await;
+            self.store.stalled.store(true, Ordering::Relaxed);
+            return Err(flowgrid_store::Error::Backend("an I/O error the test injected after a stall".into()));
+        }
+        self.inner.commit(epoch, batch).await
+    }
+}
+
+/// A shard whose commit hung for seconds and then failed reloads from its store and then
+/// starts every slot of its schedules that fell meanwhile, as a late turn that committed
+/// would have, not only the newest one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_reloaded_after_a_late_failed_commit_starts_every_slot_that_fell_meanwhile() -> anyhow::Result<()> {
+    let grid = Grid::start_nats()?;
+    let store = StallingStore {
+        inner: RedbStore::open(grid.data_dir(), StoreLimits::default())?,
+        stall: Arc::default(),
+        stalled: Arc::default(),
+    };
+    let _coordinator = crate::store_failure::spawn_coordinator(&grid, store.clone())?;
+    grid.wait_shards_served_by(1, Duration::from_secs(30)).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, &every_second("steady", "a run a second")).await?;
+    wait_for("a scheduled run", Duration::from_secs(20), || async {
+        runs_of_flow(&client, "steady").await.ok().filter(|runs| !runs.is_empty())
+    })
+    .await?;
+
+    // The deploy of a flow whose catalog is in the same shard makes that shard commit.
+    let catalog = shard_of("steady", grid.shards);
+    let neighbour = (0..)
+        .map(|n| format!("neighbour-{n}"))
+        .find(|name| shard_of(name, grid.shards) == catalog)
+        .expect("a name in every shard");
+    *store.stall.lock().unwrap() = Some(catalog);
+    let began_ms = unix_ms();
+    let impatient = client.clone().with_retry_budget(Duration::ZERO);
+    let refused = impatient.deploy(every_second(&neighbour, "a neighbour")).await;
+    wait_for("the stalled commit to fail", Duration::from_secs(20), || async {
+        store.stalled.load(Ordering::Relaxed).then_some(())
+    })
+    .await?;
+    let ended_ms = unix_ms();
+    assert!(ended_ms - began_ms >= STALL.as_millis() as u64, "the commit stalled: {refused:?}");
+    wait_for_a_run_per_second(&grid, &client, "steady", began_ms, ended_ms).await
+}
+
+/// A backfill of a schedule whose input is large (200 KiB here, where a start may carry
+/// 1 MiB): its starts go in requests that fit the NATS server's `max_payload`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_of_a_large_input_sends_requests_that_fit_the_server() -> anyhow::Result<()> {
+    let mut grid = Grid::start_nats_with_config("max_payload: 1MB")?;
+    grid.start_coordinator().await?;
+    let client = grid.client().await?;
+    let blob = "x".repeat(200 * 1024);
+    let bulky = format!(
+        "name: bulky\nschedule: {{ every_ms: 3600000, input: {{ blob: {blob} }} }}\n\
+         steps:\n  - {{ id: t, kind: transform, output: '1' }}\n"
+    );
+    deploy(&grid, &client, &bulky).await?;
+    let (ok, stdout, stderr) =
+        grid.cli(&["flow", "backfill", "bulky", "--since", "2026-01-01T00:00:00Z", "--until", "2026-01-01T10:00:00Z"])?;
+    assert!(
+        ok && stdout.contains(
+            "10 slots of flow bulky from 2026-01-01T00:00:00Z to 2026-01-01T09:00:00Z: 10 runs started, 0 had a run \
+             already, 0 refused"
+        ),
+        "{stdout}{stderr}"
+    );
+    let runs = runs_of_flow(&client, "bulky").await?;
+    assert_eq!(runs.len(), 10, "{runs:?}");
+    let first = client.get(&RunId::from_idempotency_key("bulky", "schedule-1767225600000")).await?;
+    assert_eq!(first.input, json!({ "blob": blob }), "the schedule's input");
+    Ok(())
+}
+
+/// A backfill of a flow whose concurrency limit cancels the runs past it is refused: its
+/// slots would start at once, all but the first be cancelled, and keep their cancelled runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_of_a_flow_whose_limit_cancels_runs_is_refused() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let nightly = |when_full: &str| {
+        format!(
+            "name: nightly\nconcurrency: {{ max: 1, when_full: {when_full} }}\nschedule: {{ every_ms: 3600000 }}\n\
+             steps:\n  - {{ id: t, kind: transform, output: '1' }}\n"
+        )
+    };
+    let span = ["flow", "backfill", "nightly", "--since", "2026-01-01T00:00:00Z", "--until", "2026-01-01T05:00:00Z"];
+    for when_full in ["cancel_new", "cancel_oldest"] {
+        deploy(&grid, &client, &nightly(when_full)).await?;
+        let (ok, stdout, stderr) = grid.cli(&span)?;
+        assert!(
+            !ok && stderr.contains(&format!("`when_full: {when_full}`")) && stderr.contains("`when_full: queue`"),
+            "{stdout}{stderr}"
+        );
+        assert!(runs_of_flow(&client, "nightly").await?.is_empty(), "a refused backfill starts nothing");
+    }
+    // Deployed to queue, the same backfill starts every slot: the runs go one at a time.
+    deploy(&grid, &client, &nightly("queue")).await?;
+    let (ok, stdout, stderr) = grid.cli(&span)?;
+    assert!(ok && stdout.contains("5 runs started"), "{stdout}{stderr}");
+    wait_for("five backfilled runs to succeed", Duration::from_secs(20), || async {
+        let runs = runs_of_flow(&client, "nightly").await.ok()?;
+        (runs.len() == 5 && runs.iter().all(|run| run.status == flowgrid_sdk::RunStatus::Succeeded)).then_some(())
+    })
+    .await
+    .or_logs(&grid)
 }
 
 async fn runs_of_flow(client: &flowgrid_sdk::Client, flow: &str) -> anyhow::Result<Vec<RunSummary>> {

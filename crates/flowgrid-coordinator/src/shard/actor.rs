@@ -495,7 +495,7 @@ impl<S: ShardStore> ShardActor<S> {
         }
         self.forget_finished(finished);
         for plan in deployed {
-            self.arm_schedule(&plan, self.schedules_checked_ms);
+            self.arm_deployed_schedule(&plan);
             self.update_trigger(&plan);
             self.context.plans.insert(Arc::clone(&plan));
             self.context.plans.set_latest(plan);
@@ -590,12 +590,14 @@ impl<S: ShardStore> ShardActor<S> {
         self.context.plans.forget_latest(self.catalog.keys());
         self.catalog.clear();
         self.flow_pauses.clear();
-        self.schedules.clear();
+        // Kept for after the reload: the slots that fell meanwhile still start.
+        let armed = std::mem::take(&mut self.schedules);
         self.gates = Default::default();
         self.triggers = Default::default();
         // The failure may be transient (disk full cleared, cluster back): pause before reading.
         tokio::time::sleep(RELOAD_PAUSE).await;
         let reloaded = self.reload().await?;
+        self.keep_armed_slots(armed);
         self.resume(reloaded).await;
         info!(shard = %self.shard, runs = self.runs.len(), "shard reloaded");
         Ok(())

@@ -4,11 +4,13 @@
 //! the API like any other, with the idempotency key `schedule-<slot ms>`: the run id
 //! follows from it, so a slot starts one run however often it is fired (a retried
 //! request, a shard that moved and fires the slot again, two owners for a moment).
-//! A shard that is acquired (or reloaded) fires the newest slot of the last
-//! [`CATCH_UP_MS`] (one it may have missed during the hand-over); older ones are skipped.
-//! A shard that kept serving but whose turn ran late (a slow commit, a disk stall) starts
-//! every slot that fell meanwhile, oldest first, those of the last [`CATCH_UP_MS`].
+//! A shard that is acquired fires the newest slot of the last [`CATCH_UP_MS`] (one it may
+//! have missed during the hand-over); older ones are skipped. A shard that kept serving but
+//! whose turn ran late (a slow commit, a disk stall, a failed commit and the reload after
+//! it) starts every slot that fell meanwhile, oldest first, those of the last
+//! [`CATCH_UP_MS`]. A version deployed in the turn a slot falls due starts that slot.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use flowgrid_model::{FlowPlan, Millis};
@@ -45,6 +47,28 @@ impl<S: ShardStore> ShardActor<S> {
         }
     }
 
+    /// Arms the schedule of `plan`, a version deployed (or the latest of a flow paused or
+    /// resumed) in the turn, once it is stored: at its first slot after the turn looked at
+    /// the schedules, or, when the flow's armed slot is due by then, from that slot on, so
+    /// that the turn's [`ShardActor::start_due_schedules`] still starts it (and every one
+    /// after it), with the version now latest.
+    pub(super) fn arm_deployed_schedule(&mut self, plan: &FlowPlan) {
+        let checked_ms = self.schedules_checked_ms;
+        let after_ms = match self.schedules.get(&plan.name) {
+            Some(&due) if due <= checked_ms => due.saturating_sub(1),
+            _ => checked_ms,
+        };
+        self.arm_schedule(plan, after_ms);
+    }
+
+    /// After the reload that follows a failed commit: each schedule the reload armed goes on
+    /// from the slot `armed` before it where that one is older, so that the slots that fell
+    /// while the commit failed start as those of a late turn do (every one of the last
+    /// [`CATCH_UP_MS`], and the span skipped before that logged), not the newest only.
+    pub(super) fn keep_armed_slots(&mut self, armed: BTreeMap<String, Millis>) {
+        keep_older_slots(&mut self.schedules, armed);
+    }
+
     /// Arms the schedule of `plan` for a shard that starts serving: at the newest slot
     /// since `from_ms` that is due by `now` (it may have been missed while the shard had no
     /// owner), else at the first slot after `now`.
@@ -67,7 +91,8 @@ impl<S: ShardStore> ShardActor<S> {
     }
 
     /// Notes that the turn looks at the schedules as of `now`: a version deployed (or a flow
-    /// resumed) in the turn arms its schedule from there. A clock set back re-arms them.
+    /// resumed) in the turn arms its schedule from there, or from its slot due by then (see
+    /// [`ShardActor::arm_deployed_schedule`]). A clock set back re-arms them.
     pub(super) fn schedules_checked(&mut self, now: Millis) {
         if now.saturating_add(CLOCK_BACK_TOLERANCE_MS) < self.schedules_checked_ms {
             self.rearm_after_clock_fell_back(now);
@@ -184,6 +209,16 @@ fn due_slots(
     (slots, skipped_before)
 }
 
+/// Arms each flow of `reloaded` at its slot in `armed` where that one is older; a flow no
+/// longer in `reloaded` (its schedule gone, or paused) stays unarmed.
+fn keep_older_slots(reloaded: &mut BTreeMap<String, Millis>, armed: BTreeMap<String, Millis>) {
+    for (flow, slot) in armed {
+        if let Some(reloaded_slot) = reloaded.get_mut(&flow) {
+            *reloaded_slot = (*reloaded_slot).min(slot);
+        }
+    }
+}
+
 /// The newest slot of `timetable` due by `now`, from `slot` (due) on.
 fn newest_due(timetable: &flowgrid_model::schedule::Timetable, slot: Millis, now: Millis) -> Millis {
     let mut newest = slot;
@@ -197,7 +232,9 @@ fn newest_due(timetable: &flowgrid_model::schedule::Timetable, slot: Millis, now
 mod tests {
     use flowgrid_model::schedule::Timetable;
 
-    use super::{due_slots, newest_due, CATCH_UP_MS, SLOTS_PER_TURN_MAX};
+    use std::collections::BTreeMap;
+
+    use super::{due_slots, keep_older_slots, newest_due, CATCH_UP_MS, SLOTS_PER_TURN_MAX};
 
     #[test]
     fn a_process_that_wakes_past_its_slots_starts_the_newest_due_only() {
@@ -224,5 +261,16 @@ mod tests {
         assert_eq!(due_slots(&hourly, 36_000_000, 45_000_000), (vec![], Some(45_000_000 - CATCH_UP_MS)));
         let (slots, skipped) = due_slots(&every_1s, now - CATCH_UP_MS, now);
         assert_eq!((slots.len(), slots[0], skipped), (SLOTS_PER_TURN_MAX, now - CATCH_UP_MS, None));
+    }
+
+    /// A reload after a failed commit goes on from the slots armed before it: the reload
+    /// alone arms the newest due slot, which would skip those that fell meanwhile.
+    #[test]
+    fn a_reload_after_a_failed_commit_keeps_the_older_slots_armed() {
+        let mut reloaded = BTreeMap::from([("late".to_owned(), 9_000), ("new".to_owned(), 5_000)]);
+        let armed = BTreeMap::from([("late".to_owned(), 6_000), ("new".to_owned(), 7_000), ("gone".to_owned(), 1_000)]);
+        keep_older_slots(&mut reloaded, armed);
+        let expected = BTreeMap::from([("late".to_owned(), 6_000), ("new".to_owned(), 5_000)]);
+        assert_eq!(reloaded, expected, "a flow the reload did not arm stays unarmed");
     }
 }
