@@ -4,15 +4,22 @@
 It pulls tasks of one pool from JetStream, runs them, sends each result to the
 coordinator as a NATS request, waits for the acknowledgement, and only then acks the
 task message. Tasks of every priority: it pulls the pool's priority lanes, highest first
-(docs/protocol.md, "Priority lanes"). Tasks: `echo` (returns its input), `upper` ({"text": s} -> {"text": S}),
-`double` ({"value": n} -> {"value": 2n}, or a bare number -> its double), `big`
-({"bytes": n} -> {"blob": n x's}: an output as large as asked), `sleep`
-({"ms": n}: waits, returns its input), `steps` ({"to": n, "fail_at": k}: counts to n,
-reporting {"done": i} after each step and starting from the progress an earlier attempt
-reported; the first attempt fails after step k). Any other task name is reported as a non-retryable
-`unknown_task` error. A task whose run no longer needs it (a notice on
-`<prefix>.cancels.<pool>`) is stopped and acked without a result; one still running a second
-past its deadline is abandoned with a retryable `deadline_exceeded` error.
+(docs/protocol.md, "Priority lanes"); a lane consumer it creates takes the pool consumer's
+max_ack_pending and ack_wait, each lane's tasks are heartbeated by its own consumer's
+ack_wait, and a lane whose consumer is gone (deleted) is bound again, which creates it.
+
+Tasks: `echo` (returns its input), `upper` ({"text": s} -> {"text": S}), `double`
+({"value": n} -> {"value": 2n}, or a bare number -> its double), `big` ({"bytes": n} ->
+{"blob": n x's}: an output as large as asked, up to 4 MiB), `sleep` ({"ms": n}: waits,
+returns its input), `steps` ({"to": n, "fail_at": k}: counts to n, reporting {"done": i}
+after each step and starting from the progress an earlier attempt reported; the first
+attempt fails after step k). Any other task name is reported as a non-retryable
+`unknown_task` error, an output that cannot be encoded (an integer over 64 bits in
+MessagePack) as a non-retryable `invalid_output` error; a task message that cannot be
+decoded, or decodes to no task (a field missing or of the wrong type), is terminated. A task
+whose run no longer needs it (a notice on `<prefix>.cancels.<pool>`) is stopped and acked
+without a result; one still running a second past its deadline is abandoned with a
+retryable `deadline_exceeded` error.
 
 On SIGINT or SIGTERM it stops pulling, gives the task it runs `--shutdown-grace` seconds to
 finish, hands it back (`nak`) if it has not, and exits (docs/protocol.md, "Stopping"); also
@@ -39,7 +46,7 @@ import msgpack
 import nats
 from nats.errors import MaxPayloadError, NoRespondersError, TimeoutError as NatsTimeoutError
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 JSON_CONTENT_TYPE = "application/json"
 # Settings a pool consumer is created with when no one created it yet (docs/protocol.md).
@@ -77,8 +84,16 @@ PULL_ANSWER_SECONDS = 1.0
 # at the server (docs/protocol.md, "Priority lanes"): at its bound with tasks waiting, the
 # lane answers no such pull until a slot frees, so the pull carries an expiry there.
 BOUNDED_LANE_PULL_EXPIRES_NS = 100_000_000
+# Statuses that answer a `no_wait` pull on a lane that gave nothing: 404 no messages, 408 the
+# pull's expiry passed, 409 e.g. the consumer's bound of waiting pulls. Any other (503: no
+# consumer answers the pull) means the lane's consumer may be gone, and the lane is bound again.
+LANE_EMPTY_STATUSES = ("404", "408", "409")
 # A task's error message is cut to this many characters (a result must stay small).
 ERROR_MESSAGE_CHARS_MAX = 2_000
+# The largest output the `big` task makes (4 MiB): over a NATS server's default max_payload
+# (1 MiB), for the tests of an output too large to send, and small enough that a worker asked
+# for more does not run out of memory.
+BIG_BYTES_MAX = 4 * 1024 * 1024
 # How long to wait before trying again to bind a consumer at startup.
 BIND_RETRY_SECONDS = 1.0
 # nats-py's `max_reconnect_attempts` for reconnecting for good: a worker left with a closed
@@ -138,6 +153,34 @@ def encode(value, json_encoded):
     return json.dumps(value).encode() if json_encoded else msgpack.packb(value, use_bin_type=True)
 
 
+def is_integer(value):
+    """Whether `value` is an integer (a bool, which Python counts as one, is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def task_problem(task):
+    """What makes a decoded task message no task this worker can run and answer (the fields
+    of docs/protocol.md, "The task message", it reads), or None."""
+    if not isinstance(task, dict):
+        return f"the message is a {type(task).__name__}, not a map"
+    attempt = task.get("attempt")
+    if not isinstance(attempt, dict):
+        return "`attempt` is missing or not a map"
+    for field in ("run_id", "step"):
+        if not isinstance(attempt.get(field), str):
+            return f"`attempt.{field}` is missing or not a string"
+    if not is_integer(attempt.get("attempt")):
+        return "`attempt.attempt` is missing or not an integer"
+    if attempt.get("item") is not None and not is_integer(attempt["item"]):
+        return "`attempt.item` is not an integer"
+    for field in ("task", "reply_to"):
+        if not isinstance(task.get(field), str):
+            return f"`{field}` is missing or not a string"
+    if not is_integer(task.get("deadline_ms")):
+        return "`deadline_ms` is missing or not an integer"
+    return None
+
+
 async def run_task(name, task_input, report=None, progress=None, attempt=1):
     if name == "echo":
         return task_input
@@ -146,9 +189,13 @@ async def run_task(name, task_input, report=None, progress=None, attempt=1):
             raise TaskError("invalid_input", 'upper expects {"text": <string>}', retryable=False)
         return {"text": task_input["text"].upper()}
     if name == "big":
-        if not isinstance(task_input, dict) or not isinstance(task_input.get("bytes"), int):
+        if not isinstance(task_input, dict) or not is_integer(task_input.get("bytes")):
             raise TaskError("invalid_input", 'big expects {"bytes": <count>}', retryable=False)
-        return {"blob": "x" * task_input["bytes"]}
+        count = task_input["bytes"]
+        if not 0 <= count <= BIG_BYTES_MAX:
+            message = f"big makes from 0 to {BIG_BYTES_MAX} bytes, not {count}: ask for fewer"
+            raise TaskError("invalid_input", message, retryable=False)
+        return {"blob": "x" * count}
     if name == "double":
         if isinstance(task_input, (int, float)) and not isinstance(task_input, bool):
             return task_input * 2
@@ -203,6 +250,13 @@ async def heartbeat(msg, every=HEARTBEAT_SECONDS):
             log.warning("heartbeat failed: %s", error)
 
 
+def cannot_encode(task, error):
+    """The error result that replaces an output that cannot be encoded (e.g. an integer over
+    MessagePack's 64 bits), so the step fails at once rather than by its timeout."""
+    message = f"output cannot be encoded: {error!r}"[:ERROR_MESSAGE_CHARS_MAX]
+    return {"attempt": task["attempt"], "error": {"code": "invalid_output", "message": message, "retryable": False}}
+
+
 def too_large(task, why):
     """The error result that replaces an output too large to send (docs/protocol.md)."""
     message = f"the task's output is too large to send: {why}"[:ERROR_MESSAGE_CHARS_MAX]
@@ -215,9 +269,15 @@ async def send_result(nc, task, result, json_encoded):
     a coordinator that took the shard over still applies a result past the deadline before
     its first turn, so giving up at the deadline could lose a finished task). An output
     too large to send (refused by NATS or by the coordinator) is replaced by a
-    `payload_too_large` error result, so the step fails at once rather than by its timeout."""
+    `payload_too_large` error result, and one that cannot be encoded by an `invalid_output`
+    error result, so the step fails at once rather than by its timeout."""
     headers = {"Content-Type": JSON_CONTENT_TYPE} if json_encoded else None
-    payload = encode(result, json_encoded)
+    try:
+        payload = encode(result, json_encoded)
+    except (OverflowError, TypeError, ValueError) as error:
+        log.error("result for %s cannot be encoded: %r", task["attempt"], error)
+        result = cannot_encode(task, error)
+        payload = encode(result, json_encoded)
     while True:
         try:
             reply = await nc.request(task["reply_to"], payload, timeout=RESULT_REQUEST_TIMEOUT_SECONDS, headers=headers)
@@ -262,11 +322,16 @@ async def handle(nc, msg, heartbeat_every=HEARTBEAT_SECONDS):
         log.error("undecodable task message, terminating it: %s", error)
         await msg.term()
         return
+    problem = task_problem(task)
+    if problem is not None:
+        # A poison message must not loop: the coordinator's attempt timeout fails the attempt.
+        log.error("malformed task message, terminating it: %s", problem)
+        await msg.term()
+        return
     if time.time() * 1000 > task["deadline_ms"]:
         log.info("task %s is past its deadline, dropping it", task["attempt"])
         await msg.ack()
         return
-    beating = asyncio.create_task(heartbeat(msg, heartbeat_every))
     key = attempt_key(task["attempt"])
 
     async def report(details):
@@ -280,14 +345,17 @@ async def handle(nc, msg, heartbeat_every=HEARTBEAT_SECONDS):
             log.warning("progress report of %s not confirmed: %r", task["attempt"], error)
 
     attempt = task["attempt"]["attempt"]
-    work = asyncio.create_task(run_task(task["task"], task.get("input"), report, task.get("progress"), attempt))
-    entry = Running(work)
-    running[key] = entry
-    # Abandoned a little past its deadline, as the coordinator has timed the attempt out by then.
-    overrun = asyncio.get_running_loop().call_later(
-        handler_budget(task["deadline_ms"], time.time() * 1000), entry.cancel, CANCELLED_BY_DEADLINE
-    )
+    overrun = beating = None
     try:
+        # Heartbeats until the finally below, whatever happens in between.
+        beating = asyncio.create_task(heartbeat(msg, heartbeat_every))
+        work = asyncio.create_task(run_task(task["task"], task.get("input"), report, task.get("progress"), attempt))
+        entry = Running(work)
+        running[key] = entry
+        # Abandoned a little past its deadline, as the coordinator has timed the attempt out by then.
+        overrun = asyncio.get_running_loop().call_later(
+            handler_budget(task["deadline_ms"], time.time() * 1000), entry.cancel, CANCELLED_BY_DEADLINE
+        )
         try:
             output = await work
             result = {"attempt": task["attempt"], "output": output}
@@ -319,9 +387,11 @@ async def handle(nc, msg, heartbeat_every=HEARTBEAT_SECONDS):
         overrun.cancel()
         confirmed = await send_result(nc, task, result, json_encoded)
     finally:
-        overrun.cancel()
+        if overrun is not None:
+            overrun.cancel()
         running.pop(key, None)
-        beating.cancel()
+        if beating is not None:
+            beating.cancel()
     if not confirmed:
         # No coordinator took the result: delivered again, a new attempt carries the task on.
         await nak(msg)
@@ -372,20 +442,76 @@ async def pause(seconds, stopping=None):
         pass
 
 
-async def subscribe(js, prefix, pool, subject=None, durable=None, patient=True, stopping=None):
-    """Binds (creating it if need be) a consumer of the pool's tasks; `patient`: retries any
-    error (at startup), else only a stream not there yet. None once `stopping` is set: a
-    worker told to stop while no coordinator has made the stream yet (or the prefix is
-    wrong) exits instead of retrying for good."""
-    stream = tasks_stream_name(prefix)
-    subject = subject or f"{prefix}.tasks.{pool}"
-    durable = durable or f"pool-{pool}"
-    config = api.ConsumerConfig(
+class Lane:
+    """A bound lane of the pool: its pull subscription, its consumer's name, whether its
+    pulls carry an expiry (`bounded`) and how often its tasks are heartbeated (a third of its
+    consumer's ack_wait)."""
+
+    def __init__(self, subscription, durable, bounded, heartbeat_every=HEARTBEAT_SECONDS):
+        self.subscription = subscription
+        self.durable = durable
+        self.bounded = bounded
+        self.heartbeat_every = heartbeat_every
+
+
+class LanePullFailed(Exception):
+    """A lane's `no_wait` pull was answered with a status other than "nothing now"
+    (LANE_EMPTY_STATUSES): its consumer may be gone."""
+
+    def __init__(self, status, description):
+        # On one line: nats-py may leave a line break in a status's description.
+        super().__init__(" ".join(f"status {status} {description or ''}".split()))
+        self.status = status
+
+
+def lane_durable(pool, priority):
+    """The name of the consumer of `pool`'s lane of `priority` (docs/protocol.md)."""
+    return f"pool-{pool}" if priority == PRIORITY_DEFAULT else f"pool{priority}-{pool}"
+
+
+def lane_subject(prefix, pool, priority):
+    """The subject of `pool`'s lane of `priority` (docs/protocol.md)."""
+    return f"{prefix}.tasks.{pool}" if priority == PRIORITY_DEFAULT else f"{prefix}.tasks.{pool}.p{priority}"
+
+
+def pool_consumer_config():
+    """The settings a pool consumer is created with when no one created it yet
+    (docs/protocol.md, "Pool consumer settings")."""
+    return api.ConsumerConfig(
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=ACK_WAIT_SECONDS,
         max_deliver=DELIVERIES_MAX,
         max_ack_pending=POOL_ACK_PENDING_MAX,
     )
+
+
+async def lane_consumer_config(js, prefix, pool):
+    """The settings a lane consumer gets if this worker creates it: the pool consumer
+    `pool-<pool>`'s, its max_ack_pending (`flowgrid pool limit`) and ack_wait (which the
+    lane's heartbeats follow) copied, as the Rust SDK does (docs/protocol.md, "Priority
+    lanes"); the defaults when the pool consumer does not exist."""
+    config = pool_consumer_config()
+    try:
+        info = await js.consumer_info(tasks_stream_name(prefix), lane_durable(pool, PRIORITY_DEFAULT))
+    except NotFoundError:
+        return config
+    if info.config.max_ack_pending is not None:
+        config.max_ack_pending = info.config.max_ack_pending
+    if info.config.ack_wait is not None:
+        config.ack_wait = info.config.ack_wait
+    return config
+
+
+async def subscribe(js, prefix, pool, subject=None, durable=None, patient=True, stopping=None, config=None):
+    """Binds (creating it if need be, with `config`, by default the pool consumer's settings)
+    a consumer of the pool's tasks; `patient`: retries any error (at startup), else only a
+    stream not there yet. None once `stopping` is set: a worker told to stop while no
+    coordinator has made the stream yet (or the prefix is wrong) exits instead of retrying
+    for good."""
+    stream = tasks_stream_name(prefix)
+    subject = subject or f"{prefix}.tasks.{pool}"
+    durable = durable or f"pool-{pool}"
+    config = config or pool_consumer_config()
     while stopping is None or not stopping.is_set():
         try:
             return await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
@@ -398,6 +524,43 @@ async def subscribe(js, prefix, pool, subject=None, durable=None, patient=True, 
             log.warning("cannot bind consumer %s now: %r; retrying", durable, error)
             await pause(BIND_RETRY_SECONDS, stopping)
     return None
+
+
+async def bind_lane(js, prefix, pool, priority, patient=False, stopping=None):
+    """Binds `pool`'s lane of `priority` (creating its consumer if need be: a lane's with the
+    pool consumer's settings); None once `stopping` is set (see `subscribe`)."""
+    config = None if priority == PRIORITY_DEFAULT else await lane_consumer_config(js, prefix, pool)
+    durable = lane_durable(pool, priority)
+    subject = lane_subject(prefix, pool, priority)
+    subscription = await subscribe(js, prefix, pool, subject, durable, patient, stopping, config)
+    if subscription is None:
+        return None
+    bounded, heartbeat_every = await consumer_settings(subscription)
+    return Lane(subscription, durable, bounded, heartbeat_every)
+
+
+async def rebind_lane(js, prefix, pool, lanes, priority, why, stopping=None):
+    """Binds lane `priority` again after its pull failed (`why`): its consumer may be gone
+    (deleted, or lost with the server's data), and binding creates it as at startup
+    (docs/protocol.md, "Priority lanes"); the other lanes stay. True once bound (the old
+    subscription dropped); False, logged, when it cannot be bound now (the lane is tried
+    again at its next failed pull)."""
+    old = lanes[priority]
+    log.warning("pull on pool lane %s failed (%s); binding it again", old.durable, why)
+    try:
+        lane = await bind_lane(js, prefix, pool, priority, stopping=stopping)
+    except Exception as error:  # JetStream still unavailable: after a pause, the pull fails again
+        log.warning("cannot bind pool lane %s now: %r", old.durable, error)
+        return False
+    if lane is None:  # the worker stops
+        return False
+    lanes[priority] = lane
+    try:
+        await old.subscription.unsubscribe()
+    except Exception as error:
+        log.warning("cannot drop the old subscription of pool lane %s: %r", old.durable, error)
+    log.info("pool lane %s bound again", lane.durable)
+    return True
 
 
 async def scan_lanes(js, prefix, pool, lanes):
@@ -418,20 +581,21 @@ async def find_lanes(js, prefix, pool, lanes):
             continue
         priority = int(lane[1])
         if priority not in lanes:
-            durable = f"pool{priority}-{pool}"
-            subscription = await subscribe(js, prefix, pool, subject, durable, patient=False)
-            lanes[priority] = (subscription, durable, await is_bounded(subscription))
+            lanes[priority] = await bind_lane(js, prefix, pool, priority)
             log.info("pulling pool %s's tasks of priority %d too", pool, priority)
 
 
-async def is_bounded(subscription):
-    """Whether the lane's consumer has a bound of tasks out below the default (`flowgrid
-    pool limit`); unknown counts as bounded, whose pulls only cost an expiry."""
+async def consumer_settings(subscription):
+    """What the worker takes from the consumer behind `subscription`: whether it has a bound
+    of tasks out below the default (`flowgrid pool limit`), and the heartbeat period of its
+    ack_wait. Unknown counts as bounded, whose pulls only cost an expiry, with the default
+    heartbeat."""
     try:
-        return (await subscription.consumer_info()).config.max_ack_pending < POOL_ACK_PENDING_MAX
+        config = (await subscription.consumer_info()).config
     except Exception as error:
-        log.warning("cannot read the lane's bound of tasks out: %r", error)
-        return True
+        log.warning("cannot read the consumer's bound of tasks out and ack_wait: %r", error)
+        return True, HEARTBEAT_SECONDS
+    return config.max_ack_pending < POOL_ACK_PENDING_MAX, heartbeat_period(config.ack_wait)
 
 
 class Pulls:
@@ -461,7 +625,8 @@ async def pull_no_wait(nc, pulls, prefix, durable, bounded):
     this worker would not look at until its next turn on the lane; on a `bounded` lane with
     an expiry too, since one at its bound holds the pull until a slot frees. `pulls` is a
     `Pulls`. Raises NatsTimeoutError when no answer comes in time (PULL_ANSWER_SECONDS for a
-    pull without an expiry)."""
+    pull without an expiry), LanePullFailed when the answer is a status other than
+    LANE_EMPTY_STATUSES."""
     subject = f"$JS.API.CONSUMER.MSG.NEXT.{tasks_stream_name(prefix)}.{durable}"
     pull = {"batch": 1, "no_wait": True}
     if bounded:
@@ -470,35 +635,51 @@ async def pull_no_wait(nc, pulls, prefix, durable, bounded):
     await nc.publish(subject, request, reply=pulls.subscription.subject)
     timeout = RESULT_REQUEST_TIMEOUT_SECONDS if bounded else PULL_ANSWER_SECONDS
     answer = await pulls.subscription.next_msg(timeout=timeout)
-    if answer.headers and answer.headers.get("Status"):
-        return None  # 404 no messages, 408 request timeout
-    return answer
+    status = (answer.headers or {}).get("Status")
+    if not status:
+        return answer
+    if status in LANE_EMPTY_STATUSES:
+        return None
+    raise LanePullFailed(status, answer.headers.get("Description"))
 
 
-async def next_messages(nc, pulls, prefix, lanes):
-    """The next task: with one lane, a pull that waits up to a second; with several, a
-    `no_wait` pull on each, highest priority first. A lane whose pull gets no answer is
-    passed over; while the connection is up, that lane is at a bound of tasks out set since
-    it was bound, and its pulls carry an expiry from then on (docs/protocol.md, "Priority
-    lanes")."""
+async def next_messages(nc, js, pulls, prefix, pool, lanes, stopping=None):
+    """The next task and the `Lane` it came from: with one lane, a pull that waits up to a
+    second; with several, a `no_wait` pull on each, highest priority first. A lane whose
+    pull gets no answer is passed over; while the connection is up, that lane is at a bound
+    of tasks out set since it was bound, and its pulls carry an expiry from then on
+    (docs/protocol.md, "Priority lanes"). A lane whose pull fails (its consumer may be gone)
+    is bound again, creating its consumer, and the others still pulled. Raises
+    NatsTimeoutError when no lane had a task."""
     if len(lanes) == 1:
-        return await lanes[PRIORITY_DEFAULT][0].fetch(1, timeout=LANE_SCAN_SECONDS)
-    for priority in sorted(lanes, reverse=True):
-        subscription, durable, bounded = lanes[priority]
+        lane = lanes[PRIORITY_DEFAULT]
         try:
-            msg = await pull_no_wait(nc, pulls, prefix, durable, bounded)
+            return lane, await lane.subscription.fetch(1, timeout=LANE_SCAN_SECONDS)
+        except (ServiceUnavailableError, NotFoundError) as error:
+            if not await rebind_lane(js, prefix, pool, lanes, PRIORITY_DEFAULT, repr(error), stopping):
+                await pause(LANE_SCAN_SECONDS, stopping)
+            raise NatsTimeoutError from error
+    unbound = False
+    for priority in sorted(lanes, reverse=True):
+        lane = lanes[priority]
+        try:
+            msg = await pull_no_wait(nc, pulls, prefix, lane.durable, lane.bounded)
         except NatsTimeoutError:
             await pulls.renew()
-            if not bounded and nc.is_connected:
+            if not lane.bounded and nc.is_connected:
                 log.info(
                     "pool lane %s is at a bound of tasks out set since it was bound; its pulls expire from now on",
-                    durable,
+                    lane.durable,
                 )
-                lanes[priority] = (subscription, durable, True)
+                lane.bounded = True
+            continue
+        except LanePullFailed as error:
+            unbound |= not await rebind_lane(js, prefix, pool, lanes, priority, str(error), stopping)
             continue
         if msg is not None:
-            return [msg]
-    await asyncio.sleep(LANES_IDLE_SECONDS)
+            return lane, [msg]
+    # A lane that cannot be bound now is tried again after a pause, not at once.
+    await pause(LANE_SCAN_SECONDS if unbound else LANES_IDLE_SECONDS, stopping)
     raise NatsTimeoutError
 
 
@@ -527,15 +708,6 @@ async def keep_registered(js, prefix, pool, state):
         except Exception as error:
             log.warning("cannot write this worker's record: %s", error)
         await asyncio.sleep(5)
-
-
-async def consumer_ack_wait(subscription):
-    """The ack_wait of the consumer behind `subscription`, in seconds (None if unknown)."""
-    try:
-        return (await subscription.consumer_info()).config.ack_wait
-    except Exception as error:
-        log.warning("cannot read the consumer's ack_wait: %r", error)
-        return None
 
 
 async def finish(handling, msg, grace):
@@ -600,15 +772,16 @@ async def serve(nc, args, stopping):
     of tasks handled."""
     js = nc.jetstream()
     await listen_for_cancels(nc, args.prefix, args.pool)
-    default_lane = await subscribe(js, args.prefix, args.pool, stopping=stopping)
+    default_lane = await bind_lane(js, args.prefix, args.pool, PRIORITY_DEFAULT, patient=True, stopping=stopping)
     if default_lane is None:
         log.info("stopped before pool %s's consumer was bound", args.pool)
         return 0
-    lanes = {PRIORITY_DEFAULT: (default_lane, f"pool-{args.pool}", await is_bounded(default_lane))}
-    every = heartbeat_period(await consumer_ack_wait(lanes[PRIORITY_DEFAULT][0]))
+    lanes = {PRIORITY_DEFAULT: default_lane}
     pulls = Pulls(nc)
     await pulls.renew()
-    log.info("serving pool %s on %s (heartbeat every %.1f s)", args.pool, args.nats_url, every)
+    log.info(
+        "serving pool %s on %s (heartbeat every %.1f s)", args.pool, args.nats_url, default_lane.heartbeat_every
+    )
     done = 0
     state = {"running": 0, "done": 0}
     registry = asyncio.create_task(keep_registered(js, args.prefix, args.pool, state))
@@ -620,7 +793,7 @@ async def serve(nc, args, stopping):
                 scanned = time.monotonic()
                 await scan_lanes(js, args.prefix, args.pool, lanes)
             try:
-                messages = await next_messages(nc, pulls, args.prefix, lanes)
+                lane, messages = await next_messages(nc, js, pulls, args.prefix, args.pool, lanes, stopping)
             except NatsTimeoutError:
                 continue
             except Exception as error:  # NATS reconnecting, a JetStream 503: pull again shortly
@@ -632,7 +805,8 @@ async def serve(nc, args, stopping):
                     await nak(msg)  # taken as the worker stops: not started, handed back
                     continue
                 state["running"] = 1
-                handling = asyncio.create_task(handle(nc, msg, every))
+                # Heartbeats a third of the ack_wait of the lane's own consumer.
+                handling = asyncio.create_task(handle(nc, msg, lane.heartbeat_every))
                 await asyncio.wait([handling, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
                 if not handling.done():
                     await finish(handling, msg, args.shutdown_grace)
