@@ -6,7 +6,7 @@ Starts a run of a flow with a NATS request to `<prefix>.api.run.start` (JSON), t
 Every start carries an idempotency key (--idempotency-key, else a random one), so a start
 whose reply was lost is retried without starting a second run. Exit status 0 if the run
 succeeded (or was only started), 1 if it ended otherwise, 2 if the grid refused a request
-or did not answer.
+or did not answer, or the arguments are wrong (--input that is not JSON).
 
 usage: client.py --nats-url nats://127.0.0.1:4222 --prefix flowgrid --flow NAME
                  [--input JSON] [--idempotency-key KEY] [--wait SECONDS]
@@ -71,6 +71,11 @@ async def main(argv=None):
     )
     parser.add_argument("--wait", type=float, help="wait this many seconds for the run to end, and print it")
     args = parser.parse_args(argv)
+    try:
+        run_input = json.loads(args.input)
+    except json.JSONDecodeError as error:
+        # argparse's own usage error: exit status 2, nothing sent.
+        parser.error(f"--input is not JSON ({error}): give the run's input as JSON, such as '{{\"n\": 1}}'")
 
     nc = await nats.connect(args.nats_url)
     try:
@@ -78,7 +83,7 @@ async def main(argv=None):
         # lost may have created a run, and the retry would create another.
         start = {
             "flow": args.flow,
-            "input": json.loads(args.input),
+            "input": run_input,
             "idempotency_key": args.idempotency_key or str(uuid.uuid4()),
         }
         started = await call(nc, args.prefix, "run.start", start)

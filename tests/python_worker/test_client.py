@@ -68,6 +68,20 @@ class Start(unittest.TestCase):
         self.assertEqual(first["idempotency_key"], "order-1")
         self.assertEqual(retry, first)
 
+    def test_an_input_that_is_not_json_is_a_usage_error_and_sends_nothing(self):
+        nc = LosesFirstStartReply()
+
+        async def connect(*args, **kwargs):
+            return nc
+
+        stderr = io.StringIO()
+        with mock.patch.object(client.nats, "connect", connect), contextlib.redirect_stderr(stderr):
+            with self.assertRaises(SystemExit) as exited:
+                asyncio.run(client.main(["--flow", "chain", "--input", "{n: 1"]))
+        self.assertEqual(exited.exception.code, 2)
+        self.assertIn("--input is not JSON", stderr.getvalue())
+        self.assertEqual(nc.starts, [])
+
 
 if __name__ == "__main__":
     unittest.main()
