@@ -697,7 +697,7 @@ async fn runs_are_listed_and_paused_by_when_they_started() -> anyhow::Result<()>
     assert!(late_ms > early_ms);
     let (ok, stdout, stderr) = grid.cli(&["run", "pause", "--flow", "idle", "--since", &rfc3339(late_ms)])?;
     assert!(ok, "{stdout}{stderr}");
-    assert_eq!(stdout.trim(), format!("run {late} is paused"), "only the later run matched");
+    assert_eq!(stdout.trim(), "paused 1 of 1 run(s); 0 refused", "only the later run matched");
     assert!(client.get(&late).await.or_logs(&grid)?.paused.is_some(), "the later run is paused");
     assert!(client.get(&early).await.or_logs(&grid)?.paused.is_none(), "the earlier one is not");
     Ok(())
@@ -1241,5 +1241,94 @@ async fn a_run_list_of_runs_with_large_labels_comes_in_pages_that_fit_a_message(
     assert!(pages > 2, "1.6 MB of runs in {pages} pages");
     assert_eq!(listed.len(), 300, "each run listed once: {} listed in {pages} pages", listed.len());
     assert_eq!(listed.into_iter().collect::<HashSet<_>>(), started);
+    Ok(())
+}
+
+/// `run list` prints its table alone on stdout; where the next page starts goes to stderr
+/// with the notes, and names the `--cursor` that lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_list_says_on_stderr_where_its_next_page_starts() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, IDLE_FLOW).await?;
+    let mut started = HashSet::new();
+    for _ in 0..2 {
+        started.insert(client.start(start("idle", json!({}), None)).await.or_logs(&grid)?.run_id.to_string());
+    }
+    let (ok, stdout, stderr) = grid.cli(&["run", "list", "--flow", "idle", "--limit", "1"])?;
+    assert!(ok && !stdout.contains("cursor") && stdout.lines().count() == 2, "{stdout}");
+    let cursor = stderr.split("--cursor ").nth(1).and_then(|rest| rest.split_whitespace().next());
+    let cursor = cursor.unwrap_or_else(|| panic!("no --cursor on stderr: {stderr}"));
+    let (ok, next, stderr) = grid.cli(&["run", "list", "--flow", "idle", "--limit", "1", "--cursor", cursor])?;
+    assert!(ok, "{stderr}");
+    let listed: HashSet<String> = [&stdout, &next]
+        .iter()
+        .filter_map(|table| table.lines().nth(1).and_then(|row| row.split_whitespace().next()).map(str::to_owned))
+        .collect();
+    assert_eq!(listed, started, "one run on each page:\n{stdout}{next}");
+    Ok(())
+}
+
+/// `run history` of a history longer than a page prints it page by page: the whole of it,
+/// in one table whose pages line up or in one JSON answer as `run.history` gives a page,
+/// and once its reader has gone (`| head`) it ends at the next page, as the shell's
+/// commands do (exit 141), not after reading every page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_history_is_printed_page_by_page_and_stops_once_its_reader_is_gone() -> anyhow::Result<()> {
+    use std::io::BufRead;
+
+    // Over a page of 1,000 records, and lines long enough (about 200 bytes) that the first
+    // page alone fills a pipe.
+    const ITEMS: usize = 1_100;
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let flow = "name: many-records\nsteps:\n  - { id: each, kind: map, items: input.items, pool: a, task: echo }\n";
+    deploy(&grid, &client, flow).await?;
+    let items: Vec<Value> = (0..ITEMS).map(|item| json!({"item": item, "text": "x".repeat(150)})).collect();
+    let run_id = client.start(start("many-records", json!({"items": items}), None)).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    let mut records = Vec::new();
+    let mut after = None;
+    loop {
+        let page = client.history(&run_id, after, None).await.or_logs(&grid)?;
+        records.extend(page.records);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert!(records.len() > 1_000, "{} records", records.len());
+
+    let (ok, stdout, stderr) = grid.cli(&["--json", "run", "history", run_id.as_str()])?;
+    assert!(ok, "{stderr}");
+    let whole = flowgrid_proto::RunHistory { run_id: run_id.clone(), records: records.clone(), next: None };
+    assert_eq!(serde_json::from_str::<Value>(&stdout)?, serde_json::to_value(&whole)?);
+
+    let (ok, stdout, stderr) = grid.cli(&["run", "history", run_id.as_str()])?;
+    assert!(ok && stdout.lines().count() == records.len() + 1, "{stderr}");
+    // Where the third column starts: after the first two and the spaces after each.
+    let third_column = |line: &str| {
+        let mut at = 0;
+        for _ in 0..2 {
+            at += line[at..].find(' ')?;
+            at += line[at..].find(|character: char| character != ' ')?;
+        }
+        Some(at)
+    };
+    let columns: HashSet<Option<usize>> = stdout.lines().map(third_column).collect();
+    assert_eq!(columns.len(), 1, "every line's WHAT at one column: {columns:?}");
+
+    let mut cli = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "run", "history", run_id.as_str()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut header = String::new();
+    // The reader reads one line and goes: the pipe closes as it drops.
+    std::io::BufReader::new(cli.stdout.take().expect("a piped stdout")).read_line(&mut header)?;
+    assert!(header.starts_with("SEQ"), "{header}");
+    let status = cli.wait()?;
+    assert_eq!(status.code(), Some(141), "it ended as a command whose reader went away");
     Ok(())
 }

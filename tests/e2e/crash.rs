@@ -493,3 +493,46 @@ async fn timers_due_together_end_their_runs_over_several_commits() -> anyhow::Re
     assert!(!grid.logs().contains("reloading the shard"), "{}", grid.logs());
     Ok(())
 }
+
+/// `run start --wait` whose run started, then lost every coordinator while it waited: no
+/// coordinator answering is otherwise a failure to simply try again, but here the start
+/// was applied, and the same command again would start a second run. The JSON answer says
+/// `retryable: false` and names the run and how to follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_that_loses_every_coordinator_after_the_start_is_not_to_be_started_again() -> anyhow::Result<()> {
+    use std::io::{BufRead, Read};
+
+    let mut grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, "name: waits\nsteps:\n  - { id: go, kind: signal }\n").await?;
+    // Long enough that the coordinator is gone before the wait would end with the run
+    // still running (which is no failure).
+    let mut cli = std::process::Command::new(flowgrid_tests::flowgrid_bin())
+        .args(["--nats-url", &grid.nats_url, "--prefix", &grid.prefix, "--json"])
+        .args(["run", "start", "waits", "--wait", "--timeout", "3s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stderr = std::io::BufReader::new(cli.stderr.take().expect("a piped stderr"));
+    let mut line = String::new();
+    let run_id = loop {
+        line.clear();
+        anyhow::ensure!(stderr.read_line(&mut line)? > 0, "the CLI ended without starting the run");
+        if let Some(rest) = line.strip_prefix("started run ") {
+            break rest.split_whitespace().next().unwrap_or_default().to_owned();
+        }
+    };
+    grid.coordinators[0].kill_hard();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest)?;
+    let output = cli.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}\n{rest}");
+    let answer: Value = serde_json::from_str(&stdout).map_err(|error| anyhow::anyhow!("{error}: {stdout}\n{rest}"))?;
+    let error = &answer["error"];
+    assert_eq!((&error["code"], &error["retryable"]), (&json!("unavailable"), &json!(false)), "{answer}");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("flowgrid run watch {run_id}")), "{message}");
+    assert!(rest.contains(&format!("run {run_id} was started")), "{rest}");
+    Ok(())
+}

@@ -178,3 +178,29 @@ async fn run_watch_prints_reasons_on_one_line_and_stops_when_its_reader_goes() -
     );
     Ok(())
 }
+
+/// `run pause|resume|cancel --flow` answers in the form for many runs (`matched`, and how
+/// many it changed), however many runs match, one among them: a script reads one form for
+/// one way of asking. A run named alone gets the form for one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_selection_is_answered_for_many_runs_also_when_one_matches() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, GATED_FLOW).await?;
+    let run_id = gated_run(&grid, &client).await?;
+    let answer = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let (ok, stdout, stderr) = grid.cli(args)?;
+        anyhow::ensure!(ok, "{args:?} failed: {stdout}\n{stderr}");
+        serde_json::from_str(&stdout).map_err(|error| anyhow::anyhow!("{args:?}: {error}: {stdout}"))
+    };
+
+    let (ok, stdout, stderr) = grid.cli(&["run", "pause", "--flow", "gated"])?;
+    assert!(ok && stdout.contains("paused 1 of 1 run(s)"), "{stdout}\n{stderr}");
+    for (verb, key) in [("resume", "resumed"), ("pause", "paused"), ("resume", "resumed"), ("cancel", "cancelled")] {
+        let answer = answer(&["--json", "run", verb, "--flow", "gated"])?;
+        assert_eq!((&answer["matched"], &answer[key]), (&json!(1), &json!(1)), "{verb}: {answer}");
+    }
+    let answer = answer(&["--json", "run", "cancel", run_id.as_str()])?;
+    assert_eq!((&answer["run_id"], &answer["applied"]), (&json!(run_id.as_str()), &json!(false)), "{answer}");
+    Ok(())
+}

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use flowgrid_model::RunId;
 use flowgrid_proto::{ApiError, ErrorCode, Reply};
 
 use crate::commands::{not_joined_hint, NotJoined};
@@ -34,18 +35,54 @@ macro_rules! ensure_usage {
     };
 }
 
+/// What a command had the grid do (start a run, redrive one) before the failure after it
+/// (waiting for the run): the run goes on, and running the same command again would do it
+/// once more. Its message names the run and how to follow it; under `--json` the failure
+/// says `retryable: false`, whatever failed after.
+#[derive(Debug)]
+pub enum Applied {
+    Started(RunId),
+    Redriven(RunId),
+}
+
+impl Applied {
+    /// The run started or redriven.
+    pub fn run_id(&self) -> &RunId {
+        match self {
+            Applied::Started(run_id) | Applied::Redriven(run_id) => run_id,
+        }
+    }
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let run_id = self.run_id();
+        let (done, again) = match self {
+            Applied::Started(_) => ("started", "start another run"),
+            Applied::Redriven(_) => ("redriven", "redrive it once more"),
+        };
+        write!(
+            f,
+            "run {run_id} was {done}, but waiting for it failed: follow it with `flowgrid run watch {run_id}` \
+             (running this command again would {again})"
+        )
+    }
+}
+
+impl std::error::Error for Applied {}
+
 /// Prints `error` (and a hint) to stderr, and under `--json` a refusal as
 /// `{"error": ...}` to stdout; returns the exit code.
 pub fn report(error: &anyhow::Error, session: &Session) -> ExitCode {
-    if let Some(refusal) = find::<flowgrid_sdk::Error>(error).and_then(flowgrid_sdk::Error::api) {
+    let refusal = find::<flowgrid_sdk::Error>(error).and_then(flowgrid_sdk::Error::api);
+    if let (Some(refusal), None) = (refusal, find::<Applied>(error)) {
         return report_refusal(refusal, session);
     }
     let message = render_chain(error);
     let usage = find::<Usage>(error).is_some();
     if session.json {
         // Every failure is a JSON answer under --json, not only the grid's refusals.
-        let (code, retryable) = local_code(error, usage);
-        let _ = print_json(&Reply::<()>::Error(ApiError { retryable, ..ApiError::new(code, message.clone()) }));
+        let _ = print_json(&Reply::<()>::Error(json_error(error, message.clone(), usage)));
     }
     eprintln!("error: {message}");
     if let Some(hint) = hint(error, session) {
@@ -72,6 +109,24 @@ fn local_code(error: &anyhow::Error, usage: bool) -> (ErrorCode, bool) {
         Some(flowgrid_sdk::Error::Timeout { .. }) => (ErrorCode::Unavailable, false),
         _ => (ErrorCode::Internal, false),
     }
+}
+
+/// The `{"error": ...}` answer under `--json` of a failure [`report_refusal`] does not
+/// report: a refusal of the grid after the command's change was applied keeps its code,
+/// anything else takes [`local_code`]'s; with an [`Applied`] change it is never retryable.
+fn json_error(error: &anyhow::Error, message: String, usage: bool) -> ApiError {
+    let refusal = find::<flowgrid_sdk::Error>(error).and_then(flowgrid_sdk::Error::api);
+    let mut answer = match refusal {
+        Some(refusal) => ApiError { message, ..refusal.clone() },
+        None => {
+            let (code, retryable) = local_code(error, usage);
+            ApiError { retryable, ..ApiError::new(code, message) }
+        }
+    };
+    if find::<Applied>(error).is_some() {
+        answer.retryable = false;
+    }
+    answer
 }
 
 fn report_refusal(refusal: &ApiError, session: &Session) -> ExitCode {
@@ -114,6 +169,10 @@ fn refusal_hint(refusal: &ApiError) -> Option<&'static str> {
 }
 
 fn hint(error: &anyhow::Error, session: &Session) -> Option<String> {
+    // Its message says what to do: follow the run, not try the command again.
+    if find::<Applied>(error).is_some() {
+        return None;
+    }
     // Refused credentials or a failed TLS handshake are explained by the error itself.
     let start_nats = |url: &str, source: &async_nats::ConnectError| {
         use async_nats::ConnectErrorKind::{Io, TimedOut};
@@ -182,9 +241,10 @@ fn render_chain(error: &anyhow::Error) -> String {
     text
 }
 
-/// The first error of type `E` in the chain.
-fn find<E: std::error::Error + 'static>(error: &anyhow::Error) -> Option<&E> {
-    error.chain().find_map(|cause| cause.downcast_ref::<E>())
+/// The first error of type `E` in the chain, a context added with `.context(E)` too (whose
+/// link of the chain is anyhow's own wrapper, not an `E`).
+fn find<E: std::error::Error + Send + Sync + 'static>(error: &anyhow::Error) -> Option<&E> {
+    error.downcast_ref::<E>().or_else(|| error.chain().find_map(|cause| cause.downcast_ref::<E>()))
 }
 
 #[cfg(test)]
@@ -257,6 +317,39 @@ mod tests {
         let maybe_applied =
             ApiError { retryable: false, ..ApiError::new(ErrorCode::Unavailable, "shard 2 did not answer") };
         assert_eq!(refusal_hint(&maybe_applied), None);
+    }
+
+    #[test]
+    fn a_failure_after_the_run_was_started_or_redriven_is_not_to_be_run_again() {
+        let session = Session {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_options: Default::default(),
+            prefix: "flowgrid".into(),
+            json: true,
+        };
+        let nobody = || {
+            anyhow::Error::new(flowgrid_sdk::Error::Nats {
+                context: "no coordinator answers on flowgrid.api.run.get".into(),
+                source: Box::new(async_nats::RequestError::new(async_nats::RequestErrorKind::NoResponders)),
+            })
+        };
+        let moving = || {
+            let refusal = ApiError { retryable: true, ..ApiError::new(ErrorCode::Unavailable, "shard 2 is moving") };
+            anyhow::Error::new(flowgrid_sdk::Error::Api(refusal))
+        };
+        // Alone, either may simply be sent again.
+        assert!(json_error(&nobody(), render_chain(&nobody()), false).retryable);
+        let run_id = RunId("r-7".into());
+        for (error, again) in [
+            (nobody().context(Applied::Started(run_id.clone())), "start another run"),
+            (moving().context(Applied::Redriven(run_id.clone())), "redrive it once more"),
+        ] {
+            let answer = json_error(&error, render_chain(&error), false);
+            assert_eq!(answer.code, ErrorCode::Unavailable, "{answer:?}");
+            assert!(!answer.retryable, "the run was changed already: {answer:?}");
+            assert!(answer.message.contains("flowgrid run watch r-7") && answer.message.contains(again), "{answer:?}");
+            assert_eq!(hint(&error, &session), None, "no hint to try again");
+        }
     }
 
     #[test]

@@ -44,28 +44,67 @@ impl Table {
     /// The table as text, one line per row, without trailing spaces; a cell over
     /// [`CELL_CHARS_MAX`] is cut short with `…`.
     pub fn render(&self) -> String {
-        let rows: Vec<Vec<Cow<str>>> = std::iter::once(&self.header)
-            .chain(&self.rows)
-            .map(|row| row.iter().map(|cell| shown(cell)).collect())
-            .collect();
-        let mut widths: Vec<usize> = vec![0; self.header.len()];
-        for row in &rows {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
-            }
-        }
-        let mut text = String::new();
-        for row in &rows {
-            let mut line = String::new();
-            for (cell, width) in row.iter().zip(&widths) {
-                line.push_str(cell);
-                line.extend(std::iter::repeat_n(' ', width - cell.chars().count() + 2));
-            }
-            text.push_str(line.trim_end());
-            text.push('\n');
-        }
-        text
+        let rows = shown_rows(std::iter::once(&self.header).chain(&self.rows));
+        lines(&rows, &widths(&rows, &[]))
     }
+}
+
+/// A table printed a page of rows at a time (`run history`), for listings too long to hold
+/// whole: the header comes with the first page, whose widest cells (and `min_widths`) set
+/// the columns' widths for every page, so that the pages line up; a wider cell on a later
+/// page pushes the rest of its row over.
+#[derive(Debug)]
+pub struct PagedTable {
+    header: Vec<String>,
+    widths: Option<Vec<usize>>,
+}
+
+impl PagedTable {
+    pub fn new(header: &[&str]) -> PagedTable {
+        PagedTable { header: header.iter().map(|cell| (*cell).to_owned()).collect(), widths: None }
+    }
+
+    /// One page of rows as text, after the header for the first page; `min_widths` count
+    /// for the first page only. A first page that is the last renders as [`Table::render`].
+    pub fn page(&mut self, rows: Vec<Vec<String>>, min_widths: &[usize]) -> String {
+        let header = self.widths.is_none().then_some(&self.header);
+        let rows = shown_rows(header.into_iter().chain(&rows));
+        let widths = self.widths.get_or_insert_with(|| widths(&rows, min_widths));
+        lines(&rows, widths)
+    }
+}
+
+/// Rows as their cells are shown.
+fn shown_rows<'a>(rows: impl Iterator<Item = &'a Vec<String>>) -> Vec<Vec<Cow<'a, str>>> {
+    rows.map(|row| row.iter().map(|cell| shown(cell)).collect()).collect()
+}
+
+/// The width of each column: its widest cell, at least its `min_widths` (when given).
+fn widths(rows: &[Vec<Cow<str>>], min_widths: &[usize]) -> Vec<usize> {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths: Vec<usize> = (0..columns).map(|column| min_widths.get(column).copied().unwrap_or(0)).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    widths
+}
+
+/// Rows as lines, each cell padded to its column's width and two spaces, without trailing
+/// spaces; a cell wider than its column is followed by the two spaces only.
+fn lines(rows: &[Vec<Cow<str>>], widths: &[usize]) -> String {
+    let mut text = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(widths) {
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(' ', width.saturating_sub(cell.chars().count()) + 2));
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
 }
 
 /// The most characters a table cell shows (a flow's long description, a long error);
@@ -100,6 +139,16 @@ pub fn printable(text: &str) -> Cow<'_, str> {
     )
 }
 
+/// `text` as one word of a POSIX shell command line: as it is when it holds only characters
+/// no shell reads as special, else in single quotes (a `'` in it as `'\''`).
+pub fn shell_word(text: &str) -> Cow<'_, str> {
+    let plain = |character: char| character.is_ascii_alphanumeric() || "-_./:=@,+%".contains(character);
+    if !text.is_empty() && text.chars().all(plain) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(format!("'{}'", text.replace('\'', "'\\''")))
+}
+
 /// Set once a write to stdout found its reader gone.
 static READER_GONE: AtomicBool = AtomicBool::new(false);
 
@@ -117,10 +166,10 @@ pub fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// For commands that print until a run ends (`run tail`, `run watch`) and change nothing:
-/// ends the process, as other Unix tools do, once stdout's reader has gone
-/// (`flowgrid run watch RUN | grep -m1 failed`), instead of printing into nothing until the
-/// run ends or the command's timeout.
+/// For commands that print until a run ends (`run tail`, `run watch`), or page after page
+/// (`run history`), and change nothing: ends the process, as other Unix tools do, once
+/// stdout's reader has gone (`flowgrid run watch RUN | grep -m1 failed`), instead of
+/// printing into nothing until the run ends, the command's timeout or the last page.
 pub fn stop_if_reader_gone() {
     if READER_GONE.load(Ordering::Relaxed) {
         std::process::exit(crate::EXIT_PIPE_CLOSED);
@@ -339,6 +388,28 @@ mod tests {
         table.row(vec!["a".into(), "100".into()]);
         table.row(vec!["longer".into(), "2".into()]);
         assert_eq!(table.render(), "NAME    N\na       100\nlonger  2\n");
+    }
+
+    #[test]
+    fn a_paged_table_keeps_the_widths_of_its_first_page() {
+        let row = |seq: &str, what: &str| vec![seq.to_owned(), what.to_owned()];
+        let mut whole = Table::new(&["SEQ", "WHAT"]);
+        whole.row(row("0", "started"));
+        let mut one_page = PagedTable::new(&["SEQ", "WHAT"]);
+        assert_eq!(one_page.page(vec![row("0", "started")], &[]), whole.render(), "one page is a table");
+
+        let mut paged = PagedTable::new(&["SEQ", "WHAT"]);
+        assert_eq!(paged.page(vec![row("9", "a")], &[4]), "SEQ   WHAT\n9     a\n");
+        assert_eq!(paged.page(vec![row("10", "b\nc")], &[]), "10    b\\nc\n", "no header, the same widths");
+        assert_eq!(paged.page(vec![row("123456", "d")], &[]), "123456  d\n", "a wider cell pushes its row");
+        assert_eq!(paged.page(Vec::new(), &[]), "");
+    }
+
+    #[test]
+    fn words_a_shell_reads_as_special_are_quoted() {
+        assert_eq!(shell_word("01a2-r1"), "01a2-r1");
+        assert_eq!(shell_word("it's $HOME"), "'it'\\''s $HOME'");
+        assert_eq!(shell_word(""), "''");
     }
 
     #[test]

@@ -52,16 +52,30 @@ pub(super) struct Verb {
     pub key: &'static str,
 }
 
+/// The runs whose request [`for_each_run`] sent was refused, in the order the refusals came.
+pub(super) struct Refused(pub Vec<RunId>);
+
+impl Refused {
+    /// Exit 1 if any run was refused.
+    pub fn exit_code(&self) -> ExitCode {
+        if self.0.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Sends `act` for every run of `runs`, a few at a time, with a progress line every
 /// second; prints how many it changed (`act` answers whether it did), how many it left as
-/// they were, and every refusal. Exit 1 if any was refused.
+/// they were, and every refusal; returns the runs refused.
 pub(super) async fn for_each_run<F, Fut>(
     runs: Vec<RunId>,
     verb: Verb,
     detail: &str,
     session: &Session,
     act: F,
-) -> anyhow::Result<ExitCode>
+) -> anyhow::Result<Refused>
 where
     F: Fn(RunId) -> Fut,
     Fut: Future<Output = (RunId, flowgrid_sdk::Result<bool>)>,
@@ -105,5 +119,5 @@ where
             outln!("{run_id}: {error}")?;
         }
     }
-    Ok(if refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(Refused(refused.into_iter().map(|(run_id, _)| run_id).collect()))
 }

@@ -14,8 +14,12 @@ use flowgrid_sdk::{Client, ErrorCode};
 use super::grid::pool_backlogs;
 use super::many::{for_each_run, matching_runs, Verb};
 use crate::args::{signal_target, RunCommand, RunInput, RunSelection, SignalTarget, TaskCommand};
+use crate::failure::Applied;
 use crate::grid_view::no_worker_hint;
-use crate::output::{self, duration_ms, item_counts, now_ms, out, outln, print_json, printable, span, utc_time, Table};
+use crate::output::{
+    self, duration_ms, item_counts, now_ms, out, outln, print_json, printable, shell_word, span, utc_time, PagedTable,
+    Table,
+};
 use crate::Session;
 
 pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Session) -> anyhow::Result<ExitCode> {
@@ -38,7 +42,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 started.version,
                 duration_ms(timeout.as_millis() as u64)
             );
-            wait_and_print(client, &started.run_id, timeout, session).await
+            wait_and_print(client, Applied::Started(started.run_id), timeout, session).await
         }
         RunCommand::Get { run_id } => {
             let run_id = RunId(run_id.into());
@@ -87,7 +91,8 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 out!("{}", table.render())?;
             }
             if let Some(cursor) = &list.next_cursor {
-                outln!("next page: --cursor {cursor}")?;
+                // On stderr, as every note: stdout holds the table alone.
+                eprintln!("next page: the same command, with the same filters, and --cursor {cursor}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -127,15 +132,17 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
             Ok(ExitCode::SUCCESS)
         }
         RunCommand::Cancel { runs, reason } => {
+            let one = names_one_run(&runs);
             let mut runs = selected_runs(client, runs, "cancel", |_| true).await?;
-            if runs.len() != 1 {
+            if !one {
                 let verb = Verb { doing: "cancelling", did: "cancelled", key: "cancelled" };
                 let reason = reason.as_str();
                 return for_each_run(runs, verb, "", session, |run_id| async move {
                     let cancelled = client.cancel(&run_id, reason).await;
                     (run_id, cancelled.map(|cancelled| cancelled.applied))
                 })
-                .await;
+                .await
+                .map(|refused| refused.exit_code());
             }
             let cancelled = client.cancel(&runs.remove(0), reason).await?;
             if session.json {
@@ -190,7 +197,7 @@ pub(crate) async fn dispatch(command: RunCommand, client: &Client, session: &Ses
                 redriven.times,
                 duration_ms(timeout.as_millis() as u64)
             );
-            wait_and_print(client, &run_id, timeout, session).await
+            wait_and_print(client, Applied::Redriven(run_id), timeout, session).await
         }
         RunCommand::Pause { runs, reason } => pause_or_resume(client, true, runs, reason, session).await,
         RunCommand::Resume { runs, reason } => pause_or_resume(client, false, runs, reason, session).await,
@@ -278,14 +285,35 @@ impl Redrive {
         }
     }
 
-    /// Redrives `runs`, a few at a time, with progress; exit 1 if any was refused.
+    /// Redrives `runs`, a few at a time, with progress; exit 1 if any was refused, saying
+    /// on stderr how to redrive those alone (the same command again would redrive the
+    /// others once more: a run that succeeded again still matches `--status succeeded`).
     async fn many(&self, client: &Client, runs: Vec<RunId>, session: &Session) -> anyhow::Result<ExitCode> {
         let verb = Verb { doing: "redriving", did: "redrove", key: "redriven" };
-        for_each_run(runs, verb, &self.steps_named(), session, |run_id| async move {
+        let refused = for_each_run(runs, verb, &self.steps_named(), session, |run_id| async move {
             let outcome = self.send(client, &run_id).await.map(|_| true);
             (run_id, outcome)
         })
-        .await
+        .await?;
+        if !refused.0.is_empty() {
+            eprintln!(
+                "hint: to redrive the {} refused run(s) alone, once the reason is dealt with: {}",
+                refused.0.len(),
+                self.command_for(&refused.0)
+            );
+        }
+        Ok(refused.exit_code())
+    }
+
+    /// The `flowgrid run redrive` command that asks the same of `runs`, and of no other run.
+    fn command_for(&self, runs: &[RunId]) -> String {
+        let mut words = vec!["flowgrid".to_owned(), "run".to_owned(), "redrive".to_owned()];
+        words.extend(runs.iter().map(|run_id| shell_word(run_id.as_str()).into_owned()));
+        for step in &self.from {
+            words.extend(["--from".to_owned(), shell_word(step).into_owned()]);
+        }
+        words.extend(["--reason".to_owned(), shell_word(&self.reason).into_owned()]);
+        words.join(" ")
     }
 }
 
@@ -318,9 +346,10 @@ async fn pause_or_resume(
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
     let verb = if pause { "pause" } else { "resume" };
+    let one = names_one_run(&selection);
     let runs = selected_runs(client, selection, verb, |run| pause || run.paused).await?;
     let reason = reason.as_str();
-    if let [run_id] = runs.as_slice() {
+    if let (true, [run_id]) = (one, runs.as_slice()) {
         let outcome = if pause { client.pause(run_id, reason).await? } else { client.resume(run_id, reason).await? };
         if session.json {
             print_json(&outcome)?;
@@ -352,10 +381,9 @@ async fn pause_or_resume(
         (run_id, outcome.map(|outcome| outcome.applied))
     })
     .await
+    .map(|refused| refused.exit_code())
 }
 
-/// The runs a selection names, or with `--flow` the running runs of the flow that match its
-/// filter and `keep`; `verb` says what is done to them, for errors.
 /// Sends `data` to step `step` of every run of `runs`: a run whose step waits takes it; one
 /// whose step has not started or is over is left as it was.
 async fn signal_many(
@@ -377,8 +405,18 @@ async fn signal_many(
         (run_id, signalled)
     })
     .await
+    .map(|refused| refused.exit_code())
 }
 
+/// Whether `selection` names one run and no flow: the command answers for that run alone
+/// (`{"run_id", "status", "applied"}`), and for a flow's runs in the form of many, however
+/// many match (`{"matched", ...}`), so that a script reads one form for one way of asking.
+fn names_one_run(selection: &RunSelection) -> bool {
+    selection.flow.is_none() && selection.run_ids.len() == 1
+}
+
+/// The runs a selection names, or with `--flow` the running runs of the flow that match its
+/// filter and `keep`; `verb` says what is done to them, for errors.
 async fn selected_runs(
     client: &Client,
     selection: RunSelection,
@@ -485,8 +523,21 @@ async fn get_run(client: &Client, run_id: &RunId) -> anyhow::Result<RunView> {
     Ok(view)
 }
 
-/// Waits for the run and prints it; exit 0 only if it succeeded.
+/// Waits for the run the command started or redrove (`applied`) and prints it; exit 0 only
+/// if it succeeded. Every failure from here on carries `applied`: the run was changed
+/// already, and the same command run again would change it again.
 async fn wait_and_print(
+    client: &Client,
+    applied: Applied,
+    timeout: Duration,
+    session: &Session,
+) -> anyhow::Result<ExitCode> {
+    let run_id = applied.run_id().clone();
+    wait_and_print_run(client, &run_id, timeout, session).await.map_err(|error| error.context(applied))
+}
+
+/// [`wait_and_print`] of `run_id`.
+async fn wait_and_print_run(
     client: &Client,
     run_id: &RunId,
     timeout: Duration,
@@ -568,7 +619,14 @@ async fn hint_waiting_steps(client: &Client, view: &RunView, session: &Session) 
     }
 }
 
-/// Prints a run's history, page after page, up to `limit` records.
+/// Widths the `SEQ` and `AT` columns of `run history` keep on every page of a history
+/// longer than one page (records up to 9,999,999, times since the start up to `+99h59m`),
+/// so that its pages line up.
+const HISTORY_PAGED_WIDTHS: [usize; 3] = [7, 7, 0];
+
+/// Prints a run's history, up to `limit` records, page by page as it reads them: a long one
+/// (a map of 10,000 items has over 20,000 records) is never held whole, and a reader that
+/// stops reading (`| head`) ends the command at the next page.
 async fn history(
     client: &Client,
     run_id: &RunId,
@@ -576,40 +634,97 @@ async fn history(
     limit: Option<u64>,
     session: &Session,
 ) -> anyhow::Result<ExitCode> {
-    let mut records = Vec::new();
-    let mut next = None;
+    let mut printed = 0u64;
+    let mut table = PagedTable::new(&["SEQ", "AT", "WHAT"]);
+    let mut started_ms = None;
+    let mut next;
+    let mut first_page = true;
     loop {
-        let left = limit.map(|limit| limit.saturating_sub(records.len() as u64));
-        if left == Some(0) {
-            break;
-        }
+        let left = limit.map(|limit| limit.saturating_sub(printed));
         let page_limit = left.map(|left| left.min(1_000) as u32);
         let page = client.history(run_id, after, page_limit).await?;
-        records.extend(page.records);
+        // Written once the run is found: a refusal is the only JSON answer on stdout.
+        if session.json && first_page {
+            out!("{}", history_json::head(run_id)?)?;
+        }
+        first_page = false;
         next = page.next;
-        match next {
-            Some(last) => after = Some(last),
-            None => break,
+        let more = match (next, left) {
+            (None, _) => false,
+            (Some(_), Some(left)) => (page.records.len() as u64) < left,
+            (Some(_), None) => true,
+        };
+        if session.json {
+            let mut text = String::new();
+            for record in &page.records {
+                text.push_str(&history_json::record(record, printed == 0)?);
+                printed += 1;
+            }
+            out!("{text}")?;
+        } else {
+            if printed == 0 {
+                // Times since the start when the first page begins with it.
+                started_ms = page.records.first().filter(|record| record.seq == 0).map(|record| record.at_ms);
+            }
+            let rows: Vec<Vec<String>> = page
+                .records
+                .iter()
+                .map(|record| {
+                    let at = match started_ms {
+                        Some(started_ms) => format!("+{}", duration_ms(record.at_ms.saturating_sub(started_ms))),
+                        None => utc_time(record.at_ms),
+                    };
+                    vec![record.seq.to_string(), at, crate::history::describe(record)]
+                })
+                .collect();
+            // A history of one page: its columns as wide as it needs, as any table's.
+            let min_widths: &[usize] = if more { &HISTORY_PAGED_WIDTHS } else { &[] };
+            out!("{}", table.page(rows, min_widths))?;
+            printed += page.records.len() as u64;
+        }
+        output::stop_if_reader_gone();
+        match (next, more) {
+            (Some(last), true) => after = Some(last),
+            _ => break,
         }
     }
     if session.json {
-        print_json(&flowgrid_proto::RunHistory { run_id: run_id.clone(), records, next })?;
+        out!("{}", history_json::tail(printed > 0, next))?;
         return Ok(ExitCode::SUCCESS);
     }
-    let started_ms = records.first().filter(|record| record.seq == 0).map(|record| record.at_ms);
-    let mut table = Table::new(&["SEQ", "AT", "WHAT"]);
-    for record in &records {
-        let at = match started_ms {
-            Some(started_ms) => format!("+{}", duration_ms(record.at_ms.saturating_sub(started_ms))),
-            None => utc_time(record.at_ms),
-        };
-        table.row(vec![record.seq.to_string(), at, crate::history::describe(record)]);
-    }
-    out!("{}", table.render())?;
     if let Some(last) = next {
         eprintln!("more records follow: flowgrid run history {run_id} --after {last}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `run history --json` written a record at a time as its pages come, in the shape and
+/// layout [`print_json`] gives one `run.history` answer: `{"run_id", "records", "next"}`.
+mod history_json {
+    use flowgrid_model::RunId;
+    use flowgrid_proto::HistoryRecord;
+
+    /// How deep a record sits in the answer: inside the object, inside `records`.
+    const RECORD_INDENT: &str = "    ";
+
+    /// Up to the opening of `records`.
+    pub(super) fn head(run_id: &RunId) -> serde_json::Result<String> {
+        Ok(format!("{{\n  \"run_id\": {},\n  \"records\": [", serde_json::to_string(run_id)?))
+    }
+
+    /// One record of `records`; `first` for the first one, which no comma goes before.
+    pub(super) fn record(record: &HistoryRecord, first: bool) -> serde_json::Result<String> {
+        // A JSON string holds no line break: each line of the record is one of its own.
+        let pretty = serde_json::to_string_pretty(record)?.replace('\n', &format!("\n{RECORD_INDENT}"));
+        Ok(format!("{}\n{RECORD_INDENT}{pretty}", if first { "" } else { "," }))
+    }
+
+    /// The close of `records` (`any`: it holds a record) and `next`, when more follow.
+    pub(super) fn tail(any: bool, next: Option<u64>) -> String {
+        let records = if any { "\n  ]" } else { "]" };
+        let next = next.map(|next| format!(",\n  \"next\": {next}")).unwrap_or_default();
+        format!("{records}{next}\n}}\n")
+    }
 }
 
 fn print_run(view: &RunView, session: &Session) -> anyhow::Result<()> {
@@ -811,6 +926,54 @@ mod tests {
         assert!(text.contains("step agent runs child run c-2 (loop iteration 3)\n"), "{text}");
         assert!(text.contains("step each runs a child run per item (4): flowgrid run list --parent r-1\n"), "{text}");
         assert!(text.ends_with("output:\n{\n  \"n\": 1\n}\n"), "{text}");
+    }
+
+    #[test]
+    fn the_runs_a_redrive_left_are_named_in_a_command_of_their_own() {
+        let redrive = Redrive { from: vec!["summarize".into(), "fan out".into()], reason: "the model's bug".into() };
+        let refused = [RunId("01a2-r1".into()), RunId("01a2-r9".into())];
+        assert_eq!(
+            redrive.command_for(&refused),
+            "flowgrid run redrive 01a2-r1 01a2-r9 --from summarize --from 'fan out' --reason 'the model'\\''s bug'"
+        );
+        let plain = Redrive { from: Vec::new(), reason: "redriven from the command line".into() };
+        assert_eq!(
+            plain.command_for(&refused[..1]),
+            "flowgrid run redrive 01a2-r1 --reason 'redriven from the command line'"
+        );
+    }
+
+    #[test]
+    fn a_history_written_page_by_page_in_json_is_the_answer_printed_whole() {
+        use flowgrid_proto::{HistoryRecord, HistoryStart, RunHistory};
+        let start = HistoryStart {
+            flow: "f".into(),
+            version: 1,
+            input: json!({"text": "a\nb", "list": [1, {"deep": []}]}),
+            parent: None,
+            labels: Default::default(),
+            queued: false,
+            start_at_ms: None,
+        };
+        let records = vec![
+            HistoryRecord { seq: 0, at_ms: 5, started: Some(start), event: None },
+            HistoryRecord {
+                seq: 1,
+                at_ms: 9,
+                started: None,
+                event: Some(flowgrid_engine::Event::CancelRequested { reason: "done".into() }),
+            },
+        ];
+        let run_id = RunId("r-1".into());
+        for (records, next) in [(records, None), (Vec::new(), None), (Vec::new(), Some(12))] {
+            let whole = RunHistory { run_id: run_id.clone(), records: records.clone(), next };
+            let mut text = history_json::head(&run_id).unwrap();
+            for (index, record) in records.iter().enumerate() {
+                text.push_str(&history_json::record(record, index == 0).unwrap());
+            }
+            text.push_str(&history_json::tail(!records.is_empty(), next));
+            assert_eq!(text, format!("{}\n", serde_json::to_string_pretty(&whole).unwrap()));
+        }
     }
 
     #[test]
