@@ -3,7 +3,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use flowgrid_proto::{decode, encode, Encoding, Reply, RunStarted, CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE};
+use flowgrid_model::ParentRef;
+use flowgrid_proto::{
+    decode, encode, ChildRunEnded, Encoding, Reply, RunStarted, StartChildRun, CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE,
+};
 use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus, StartRun, StepStatus};
 use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::{json, Value};
@@ -22,6 +25,53 @@ steps:
 
 fn start(flow: &str, input: serde_json::Value, key: Option<&str>) -> StartRun {
     StartRun { flow: flow.into(), version: None, input, idempotency_key: key.map(str::to_owned), ..Default::default() }
+}
+
+/// A run id no run has, far longer than any the grid gives, is refused as an invalid
+/// request that names the field, in a short message, by every verb that looks a run up:
+/// it was looked up (a key the store may refuse, answered `unavailable` and retried for
+/// ever) and echoed whole in a `not_found`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_id_longer_than_any_the_grid_gives_is_refused_by_every_verb() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    let long = RunId("r".repeat(12_000).into());
+    let parent = ParentRef { run_id: long.clone(), step: "invoke".into(), item: None, round: 0, depth: 1 };
+    let child_start = StartChildRun {
+        flow: "idle".into(),
+        version: None,
+        input: Default::default(),
+        parent,
+        labels: Default::default(),
+    };
+    let child_end = ChildRunEnded {
+        parent: long.clone(),
+        step: "invoke".into(),
+        item: None,
+        child: RunId("c".into()),
+        status: RunStatus::Succeeded,
+        output: Some(json!(1)),
+        error: None,
+        refused: false,
+    };
+    let refusals = [
+        ("run.get", "run_id", client.get(&long).await.map(drop)),
+        ("run.history", "run_id", client.history(&long, None, None).await.map(drop)),
+        ("run.cancel", "run_id", client.cancel(&long, "").await.map(drop)),
+        ("run.pause", "run_id", client.pause(&long, "").await.map(drop)),
+        ("run.redrive", "run_id", client.redrive(&long, "").await.map(drop)),
+        ("run.signal", "run_id", client.signal(&long, "approve", json!(1)).await.map(drop)),
+        ("run.start_child", "parent.run_id", client.start_child(&child_start).await.map(drop)),
+        ("run.child_ended", "parent", client.child_ended(&child_end).await.map(drop)),
+    ];
+    for (verb, field, outcome) in refusals {
+        let error = outcome.expect_err("refused");
+        let refused = refusal(&error);
+        assert_eq!((refused.code, refused.retryable), (ErrorCode::InvalidRequest, false), "{verb}: {error:?}");
+        assert!(refused.message.len() < 1_024, "{verb}: a message of {} bytes", refused.message.len());
+        assert!(refused.message.starts_with(&format!("{field}: ")), "{verb}: {}", refused.message);
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

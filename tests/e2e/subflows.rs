@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use flowgrid_model::{shard_of, ParentRef};
-use flowgrid_sdk::{ListRuns, RunId, RunStatus, StartRun, StepStatus};
+use flowgrid_proto::ChildRunEnded;
+use flowgrid_sdk::{ErrorCode, ListRuns, RunId, RunStatus, StartRun, StepStatus, TaskError};
 use flowgrid_tests::{step, wait_for, Grid};
 use serde_json::json;
 
-use crate::{deploy, OrLogs, RUN_DEADLINE};
+use crate::{deploy, refusal, OrLogs, RUN_DEADLINE};
 
 /// The child: doubles `value` on pool `a`.
 const DOUBLER: &str = r#"
@@ -211,6 +212,61 @@ async fn cancelling_a_parent_cancels_its_child() -> anyhow::Result<()> {
     assert!(child.error.as_ref().unwrap().message.contains("cancelled"), "{child:?}");
     let parent = client.get(&run_id).await.or_logs(&grid)?;
     assert_eq!((parent.status, step(&parent, "invoke").status), (RunStatus::Cancelled, StepStatus::Cancelled));
+    Ok(())
+}
+
+/// A child's end sent through the API that the grid would never send is refused before
+/// its parent's shard sees it, and the step still waits for its child: an end larger than
+/// the grid's payload limit and room for its fields, or an error with a blank code (which
+/// no catch or retry policy could match). Both were applied: the step ended with them.
+/// An output nested deeper than a worker's may be is taken: a child's output nests a level
+/// below its steps' outputs, so the grid sends such ends itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_end_the_grid_would_not_send_is_refused_and_the_step_still_waits() -> anyhow::Result<()> {
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, WAITER).await?;
+    deploy(&grid, &client, WAITING_PARENT).await?;
+    let run_id = client.start(start("waiting-parent", json!({}))).await.or_logs(&grid)?.run_id;
+    let child = wait_child_waiting(&grid, &client, &run_id).await?;
+
+    let forged = |status, output, error| ChildRunEnded {
+        parent: run_id.clone(),
+        step: "invoke".into(),
+        item: None,
+        child: child.clone(),
+        status,
+        output,
+        error,
+        refused: false,
+    };
+    let payload_max = flowgrid_model::Limits::default().payload_bytes_max;
+    let blank = TaskError { code: " ".into(), message: "forged".into(), retryable: false };
+    let ends = [
+        (forged(RunStatus::Succeeded, Some(json!("x".repeat(payload_max + 4_096))), None), ErrorCode::PayloadTooLarge),
+        (forged(RunStatus::Failed, None, Some(blank)), ErrorCode::InvalidRequest),
+    ];
+    for (end, code) in ends {
+        let error = client.child_ended(&end).await.expect_err("refused");
+        assert_eq!((refusal(&error).code, refusal(&error).retryable), (code, false), "{error:?}");
+    }
+    let parent = client.get(&run_id).await.or_logs(&grid)?;
+    assert_eq!((parent.status, step(&parent, "invoke").status), (RunStatus::Running, StepStatus::Running));
+    assert!(client.signal(&child, "approve", json!({"by": "ops"})).await.or_logs(&grid)?.applied);
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.output, Some(json!({"by": "ops"})), "the child's own end: {view:?}\n{}", grid.logs());
+
+    // An input as deep as a start's may be, passed on by the child's one step: the child's
+    // output (`{step id: output}`) is a level deeper.
+    deploy(&grid, &client, "name: wrap\nsteps:\n  - { id: same, kind: transform, output: 'input' }\n").await?;
+    deploy(&grid, &client, "name: wrapper\nsteps:\n  - { id: invoke, kind: subflow, flow: wrap, input: 'input' }\n")
+        .await?;
+    let depth_max = flowgrid_model::Limits::default().nesting_depth_max;
+    let deep = (0..depth_max).fold(json!(1), |inner, _| json!([inner]));
+    let run_id = client.start(start("wrapper", deep.clone())).await.or_logs(&grid)?.run_id;
+    let view = grid.wait_run(&client, &run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(step(&view, "invoke").output, Some(json!({ "same": deep })), "{view:?}");
     Ok(())
 }
 

@@ -10,8 +10,8 @@ use ::metrics::Counter;
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use flowgrid_model::limits::{
-    msgpack_bytes, nesting_depth, CONCURRENCY_KEY_BYTES_MAX, CONCURRENCY_MAX, DURATION_MS_MAX, REASON_BYTES_MAX,
-    SIGNAL_ID_BYTES_MAX, SUBFLOW_DEPTH_MAX,
+    msgpack_bytes, nesting_depth, ErrorCodeProblem, CONCURRENCY_KEY_BYTES_MAX, CONCURRENCY_MAX, DURATION_MS_MAX,
+    REASON_BYTES_MAX, SIGNAL_ID_BYTES_MAX, SUBFLOW_DEPTH_MAX,
 };
 use flowgrid_model::{parse_definition, FlowPlan, InputSchema, Limits, ParentRef, RunId, ShardId};
 use flowgrid_proto::{
@@ -96,9 +96,9 @@ impl RequestCounters {
     }
 }
 
-/// The longest run id a request may name where it is not looked up (a message about a
-/// concurrency limit, a list's parent): the grid's run ids are UUIDs (36 bytes), and the
-/// id goes into a stored key or to every shard.
+/// The longest run id a request may name (see [`check_run_id`]): the grid's run ids are
+/// UUIDs (36 bytes), and the id goes into a stored key (which a store may refuse as too
+/// large), to every shard (a list's parent), or into a refusal's message.
 const RUN_ID_BYTES_MAX: usize = 64;
 /// The longest cursor of a run listing: a creation time, a dot and a run id.
 const CURSOR_BYTES_MAX: usize = 20 + 1 + RUN_ID_BYTES_MAX;
@@ -505,6 +505,7 @@ impl Api {
     /// its parent: sent again, it returns the same child.
     async fn start_child(&self, request: StartChildRun, request_bytes: Option<usize>) -> Result<RunStarted, ApiError> {
         let StartChildRun { flow, version, input, parent, labels } = request;
+        check_run_id("parent.run_id", &parent.run_id)?;
         if parent.depth > SUBFLOW_DEPTH_MAX {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
@@ -528,8 +529,10 @@ impl Api {
         self.start_run(start, Some(key), request_bytes, Some(parent)).await
     }
 
-    /// Hands a child run's end to the shard of its parent run.
+    /// Hands a child run's end to the shard of its parent run, unless it is one the grid
+    /// would not send (see [`check_child_end`]).
     async fn child_ended(&self, ended: ChildRunEnded) -> Result<ChildEndTaken, ApiError> {
+        check_child_end(&self.limits, &ended)?;
         let shard = self.router.shard_of(ended.parent.as_str());
         self.ask(shard, ShardRequest::ChildEnded(ended), |reply| match reply {
             ShardReply::ChildEndTaken(taken) => Ok(taken),
@@ -558,12 +561,7 @@ impl Api {
                 message.key.len()
             ));
         }
-        if message.run_id.as_str().is_empty() || message.run_id.as_str().len() > RUN_ID_BYTES_MAX {
-            return invalid(format!(
-                "run_id must name the run the message is about in 1 to {RUN_ID_BYTES_MAX} bytes (it has {})",
-                message.run_id.as_str().len()
-            ));
-        }
+        check_run_id("run_id", &message.run_id)?;
         // As a flow's definition may give them (a message names its limit's bounds).
         if message.max > CONCURRENCY_MAX {
             return invalid(format!("max must be at most {CONCURRENCY_MAX} (0: none), it is {}", message.max));
@@ -604,6 +602,7 @@ impl Api {
     }
 
     async fn get_run(&self, request: GetRun) -> Result<flowgrid_engine::RunView, ApiError> {
+        check_run_id("run_id", &request.run_id)?;
         let shard = self.router.shard_of(request.run_id.as_str());
         let get = ShardRequest::Get { run_id: request.run_id, without_data: request.without_data };
         self.ask(shard, get, |reply| match reply {
@@ -615,6 +614,7 @@ impl Api {
 
     async fn run_history(&self, request: GetRunHistory) -> Result<flowgrid_proto::RunHistory, ApiError> {
         let GetRunHistory { run_id, after, limit } = request;
+        check_run_id("run_id", &run_id)?;
         let limit = match limit {
             None => HISTORY_PAGE_MAX,
             Some(limit) if (1..=HISTORY_PAGE_MAX).contains(&(limit as usize)) => limit as usize,
@@ -635,6 +635,7 @@ impl Api {
 
     async fn cancel_run(&self, request: CancelRun) -> Result<flowgrid_proto::RunCancelled, ApiError> {
         let CancelRun { run_id, reason } = request;
+        check_run_id("run_id", &run_id)?;
         check_reason(&reason)?;
         let shard = self.router.shard_of(run_id.as_str());
         self.ask(shard, ShardRequest::Cancel { run_id, reason }, |reply| match reply {
@@ -645,6 +646,7 @@ impl Api {
     }
 
     async fn redrive_run(&self, request: RedriveRun) -> Result<RunRedriven, ApiError> {
+        check_run_id("run_id", &request.run_id)?;
         check_reason(&request.reason)?;
         if request.from.len() > self.limits.steps_max {
             return Err(ApiError::new(
@@ -661,6 +663,7 @@ impl Api {
     }
 
     async fn pause_run(&self, request: PauseRun, pause: bool) -> Result<RunPaused, ApiError> {
+        check_run_id("run_id", &request.run_id)?;
         check_reason(&request.reason)?;
         let shard = self.router.shard_of(request.run_id.as_str());
         self.ask(shard, ShardRequest::Pause { request, pause }, |reply| match reply {
@@ -675,6 +678,7 @@ impl Api {
         request: SignalRun,
         request_bytes: Option<usize>,
     ) -> Result<flowgrid_proto::RunSignalled, ApiError> {
+        check_run_id("run_id", &request.run_id)?;
         check_payload(&self.limits, "signal data", &request.data, request_bytes)?;
         if let Some(id) = &request.id {
             if id.is_empty() || id.len() > SIGNAL_ID_BYTES_MAX || id.chars().any(char::is_control) {
@@ -740,11 +744,8 @@ impl Api {
         if let Err(why) = flowgrid_model::check_labels(&request.labels) {
             return invalid(format!("labels: {why}"));
         }
-        if let Some(parent) = request.parent.as_ref().filter(|parent| parent.as_str().len() > RUN_ID_BYTES_MAX) {
-            return invalid(format!(
-                "parent is {} bytes; a run id has at most {RUN_ID_BYTES_MAX}",
-                parent.as_str().len()
-            ));
+        if let Some(parent) = &request.parent {
+            check_run_id("parent", parent)?;
         }
         if let Some(cursor) = request.cursor.as_ref().filter(|cursor| cursor.len() > CURSOR_BYTES_MAX) {
             return invalid(format!(
@@ -1066,6 +1067,61 @@ fn check_reason(reason: &str) -> Result<(), ApiError> {
     ))
 }
 
+/// Refuses a run id (in the request's field `field`) that no run of the grid could have:
+/// empty, or over [`RUN_ID_BYTES_MAX`] bytes. Looked up, such an id would make a key the
+/// store may refuse (an error the caller would retry for ever), and a `not_found` that
+/// echoes it whole.
+fn check_run_id(field: &str, run_id: &RunId) -> Result<(), ApiError> {
+    let bytes = run_id.as_str().len();
+    if (1..=RUN_ID_BYTES_MAX).contains(&bytes) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!(
+            "{field}: a run id has 1 to {RUN_ID_BYTES_MAX} bytes, this one {bytes}; pass the `run_id` the grid gave \
+             the run when it started"
+        ),
+    ))
+}
+
+/// Refuses a child run's end that the grid would not send, before the parent's shard sees
+/// it: run ids no run has, an end larger than the one a child's shard passes on (its
+/// payload limit and room for the end's own fields: [`flowgrid_proto::max_payload_needed`]),
+/// or an error with a blank code, which no retry policy or catch could match (a worker's
+/// becomes `invalid_output`, a `fail` step's is refused at deploy).
+///
+/// The rest of a worker's rules is not applied: the grid sends such ends itself, and one
+/// refused here would be sent again for ever while the parent waits. A `fail` step's code
+/// may be longer than a worker's or hold control characters; and a run's output nests a
+/// level below its steps' outputs (`{step id: output}`), an `output` expression's up to
+/// [`flowgrid_model::expr::VALUE_DEPTH_MAX`] levels.
+fn check_child_end(limits: &Limits, ended: &ChildRunEnded) -> Result<(), ApiError> {
+    check_run_id("parent", &ended.parent)?;
+    check_run_id("child", &ended.child)?;
+    let code_problem = ended.error.as_ref().and_then(|error| limits.error_code_problem(&error.code));
+    if code_problem == Some(ErrorCodeProblem::Blank) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "error.code is empty; a child's end carries the code its run failed with, which catches and retry \
+             policies match",
+        ));
+    }
+    let bytes_max = flowgrid_proto::max_payload_needed(limits.payload_bytes_max);
+    let bytes = msgpack_bytes(ended);
+    if bytes > bytes_max {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the child's end is {bytes} bytes as MessagePack, over the {bytes_max} a child's end may have (the \
+                 payload limit of {} bytes and room for its fields)",
+                limits.payload_bytes_max
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The refusal of a definition whose trigger has a problem at `path`.
 fn trigger_refusal(path: &str, message: String) -> ApiError {
     let mut refusal = ApiError::new(ErrorCode::InvalidDefinition, format!("invalid definition: {path}: {message}"));
@@ -1207,6 +1263,49 @@ mod tests {
         let request = float32_array(100_000);
         let input: serde_json::Value = rmp_serde::from_slice(&request).unwrap();
         assert!(check_payload(&limits, "input", &input, Some(request.len())).is_ok());
+    }
+
+    fn child_end(output: serde_json::Value, error: Option<flowgrid_engine::TaskError>) -> ChildRunEnded {
+        ChildRunEnded {
+            parent: RunId::from_parts(1, 2),
+            step: "invoke".to_owned(),
+            item: None,
+            child: RunId::from_parts(1, 3),
+            status: flowgrid_engine::RunStatus::Succeeded,
+            output: Some(output),
+            error,
+            refused: false,
+        }
+    }
+
+    /// A child's end as large as its shard passes on (the payload limit and 1 KiB), with
+    /// an output deeper than a worker's and an error code a worker's could not be, is
+    /// taken: the grid sends such ends. One past the bound, or with a blank code, is not.
+    #[test]
+    fn a_child_end_the_grid_sends_is_taken_and_one_it_would_not_is_refused() {
+        let limits = Limits::default();
+        let deep = (0..limits.nesting_depth_max + 8).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]));
+        let long_code = flowgrid_engine::TaskError { code: "x".repeat(300), message: String::new(), retryable: false };
+        assert!(check_child_end(&limits, &child_end(deep, Some(long_code))).is_ok());
+        let at_the_bound = child_end(serde_json::json!("x".repeat(limits.payload_bytes_max + 1_000)), None);
+        assert!(check_child_end(&limits, &at_the_bound).is_ok(), "{} bytes", msgpack_bytes(&at_the_bound));
+
+        let over = child_end(serde_json::json!("x".repeat(limits.payload_bytes_max + 2_048)), None);
+        let refusal = check_child_end(&limits, &over).expect_err("over the bound");
+        assert_eq!(refusal.code, ErrorCode::PayloadTooLarge, "{refusal:?}");
+        let blank = flowgrid_engine::TaskError { code: " ".to_owned(), message: String::new(), retryable: false };
+        let refusal = check_child_end(&limits, &child_end(serde_json::json!(null), Some(blank))).expect_err("blank");
+        assert!(refusal.code == ErrorCode::InvalidRequest && refusal.message.starts_with("error.code"), "{refusal:?}");
+    }
+
+    #[test]
+    fn a_run_id_is_one_to_64_bytes() {
+        assert!(check_run_id("run_id", &RunId("r".repeat(RUN_ID_BYTES_MAX).into())).is_ok());
+        for bytes in [0, RUN_ID_BYTES_MAX + 1] {
+            let refusal = check_run_id("run_id", &RunId("r".repeat(bytes).into())).expect_err("refused");
+            assert_eq!((refusal.code, refusal.retryable), (ErrorCode::InvalidRequest, false), "{refusal:?}");
+            assert!(refusal.message.starts_with("run_id: "), "{refusal:?}");
+        }
     }
 
     /// A request still being handled when the stop's wait runs out (its command queued in
