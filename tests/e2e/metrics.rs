@@ -111,6 +111,9 @@ fn the_alert_rules_use_only_metrics_the_coordinator_exports() {
                 assert!(flowgrid_coordinator::metrics::BUCKETED.contains(&base), "{alert}: {base} has no buckets");
             }
         }
+        // A run's status is matched by name: `!=` would count the runs a limit's
+        // `cancel_new` or an operator cancelled as failing.
+        assert!(!expr.contains("status!="), "{alert}: match the statuses it counts by name: {expr}");
     }
 }
 

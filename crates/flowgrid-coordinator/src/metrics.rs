@@ -129,6 +129,9 @@ pub fn describe() {
         ::metrics::gauge!(RUN_MESSAGES_PENDING, "kind" => *kind).increment(0.0);
     }
     ::metrics::gauge!(RUNS_WAITING_FOR_SLOT).increment(0.0);
+    // Exported at 0 before any shard opens, so that a grid whose coordinators serve no
+    // shard at all (none can open its store) is seen by the alert on owned shards.
+    ::metrics::gauge!(SHARDS_OWNED).increment(0.0);
     describe_counter!(RUNS_STARTED, Unit::Count, "Runs started.");
     describe_counter!(
         SUBMITS_REFUSED,
@@ -384,6 +387,15 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `FlowgridShardsUnowned` sums `flowgrid_shards_owned` over the coordinators: a
+    /// coordinator that opened no shard yet exports it at 0, not nothing.
+    #[test]
+    fn owned_shards_are_exported_before_any_shard_opens() {
+        let recording = testing::Recording::new();
+        recording.record(describe);
+        assert_eq!(recording.sample("flowgrid_shards_owned "), Some(0.0), "{}", recording.render());
+    }
 
     #[test]
     fn every_metric_named_in_this_module_is_listed_in_names() {
