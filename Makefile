@@ -14,7 +14,8 @@
 #                    METRICS_PORT+1, ...), demo workers for WORKER_POOLS, the web UI on
 #                    http://127.0.0.1:UI_PORT/; waits until every shard is served
 #   make scale       bring the running grid to COORDINATORS coordinators (required): start the missing
-#                    ones, or stop the highest-numbered ones one at a time (graceful leave); no rebuild
+#                    ones, or stop one at a time (graceful leave) those a failed scale-out started, then
+#                    the highest-numbered; no rebuild
 #   make down        stop what `make up` and `make scale` started (safe to run twice)
 #   make status      processes of the local grid, members, shards, backlog and deployed flows
 #   make schemas     regenerate the JSON Schemas in schemas/ from the Rust types
@@ -113,7 +114,7 @@ test: setup
 	@echo "==> $$(date +%T) make test: all checks passed"
 
 up: tools build
-	./deploy/grid.sh up
+	COORDINATORS_ORIGIN='$(origin COORDINATORS)' ./deploy/grid.sh up
 
 # Uses the binary the grid runs (no rebuild): one grid, one version. The script refuses
 # COORDINATORS left at the default above (origin `file`): a bare `make scale` would stop

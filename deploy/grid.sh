@@ -8,6 +8,8 @@
 # Pid files and logs live in .grid/ (coordinator-<i>.pid, coordinator-<i>.log, ...). `down`
 # stops only what `up` and `scale` started (by pid file) and is safe to run twice. The grid
 # runs the copy of $FLOWGRID_BIN that `up` takes (.grid/bin/flowgrid), `scale` included.
+# .grid/scale-started lists the coordinators a scale-out started until a scale succeeds:
+# scaling in stops those first, so going back after a failed scale-out undoes it.
 #
 # usage: deploy/grid.sh up|scale|down|status|clean
 # env:   COORDINATORS (1; `scale` needs it given) NATS_PORT (4222) METRICS_PORT (9464) UI_PORT (8480)
@@ -56,6 +58,25 @@ start_time() {
 # Writes component $1's pid file for process $2: its pid and start time.
 record_pid() {
     echo "$2 $(start_time "$2")" >"$(pid_file "$1")"
+}
+
+# The coordinators a scale-out started, one index a line, kept until a scale succeeds.
+scale_started_file() {
+    printf '%s/scale-started' "$GRID_DIR"
+}
+
+# Indices of the running coordinators that a scale-out started (see scale_started_file),
+# highest first, one per line.
+scale_started_indices() {
+    local file index
+    file=$(scale_started_file)
+    [[ -f "$file" ]] || return 0
+    while read -r index; do
+        [[ "$index" =~ ^[1-9][0-9]*$ ]] || continue
+        if [[ -n "$(live_pid "coordinator-$index")" ]]; then
+            printf '%s\n' "$index"
+        fi
+    done <"$file" | sort -nru
 }
 
 # The live pid of component $1 from its pid file, or nothing. A pid file whose process is
@@ -349,10 +370,17 @@ up() {
     if [[ -n "$nats_pid" && -n "$worker_pid" && ${#indices[@]} -gt 0 ]]; then
         load_settings
         if [[ -z "$(live_pid ui)" ]]; then
+            # The UI would fail to listen, and the other program's port would pass for it.
+            if port_open "$UI_PORT"; then
+                die "the grid is up but its web UI is not running, and 127.0.0.1:$UI_PORT (the grid's UI_PORT) is in" \
+                    "use by another program: stop that program and run 'make up' again, or move the UI with" \
+                    "'make down' and 'make up UI_PORT=...'"
+            fi
             say "the web UI is not running (its log: $GRID_DIR/ui.log); starting it again"
             start_ui || die "the web UI did not start; see $GRID_DIR/ui.log"
         fi
-        if ((${#indices[@]} == COORDINATORS)); then
+        # A plain `make up` passes the Makefile's default COORDINATORS=1: no number was asked for.
+        if ((${#indices[@]} == COORDINATORS)) || [[ -z "$COORDINATORS_GIVEN" ]]; then
             say "grid is already up (nats, worker, ${#indices[@]} coordinator(s)); 'make down' stops it"
         else
             say "grid is already up with ${#indices[@]} coordinator(s); 'make scale COORDINATORS=$COORDINATORS' changes that"
@@ -370,6 +398,8 @@ up() {
     port_open "$UI_PORT" && die "127.0.0.1:$UI_PORT is in use by another program: stop it or use UI_PORT=..."
     check_metrics_ports $(seq 1 "$COORDINATORS")
     mkdir -p "$GRID_DIR/nats" "$GRID_DIR/data" "$GRID_DIR/bin"
+    # Left by a grid that stopped without `make down` (a reboot): none of those runs now.
+    rm -f "$(scale_started_file)"
     # The grid runs a copy of the binary: a rebuild does not change what it runs, and
     # `scale` starts the same version as the coordinators already up.
     cp "$FLOWGRID_BIN" "$GRID_DIR/bin/flowgrid.new" && mv -f "$GRID_DIR/bin/flowgrid.new" "$GRID_DIR/bin/flowgrid" \
@@ -437,11 +467,13 @@ fail_up() {
 }
 
 # Brings the running grid to $COORDINATORS coordinators: starts the lowest missing indices,
-# or stops the highest ones one at a time with SIGTERM (a graceful leave). Scaling out, or
-# at the number already running (a retry), it waits until every coordinator joined and
-# every shard is served.
+# or stops coordinators one at a time with SIGTERM (a graceful leave): first those a scale-out
+# started that has not succeeded yet (so going back after a failed one stops what it added,
+# not a coordinator that served all along), then the highest. Scaling out, or at the number
+# already running (a retry), it waits until every coordinator joined and every shard is
+# served. A scale that succeeds forgets which coordinators scale-outs started.
 scale() {
-    local indices=() index pid current missing=() started=() all=() watch=""
+    local indices=() order=() index pid current missing=() started=() all=() watch=""
     [[ -n "$COORDINATORS_GIVEN" ]] || die "say how many coordinators the grid should run, e.g. 'make scale COORDINATORS=3'" \
         "(a bare 'make scale' would mean 1; 'make status' shows how many run)"
     check_coordinators "would stop every coordinator: use 'make down' to stop the grid"
@@ -467,6 +499,7 @@ scale() {
         for index in "${missing[@]}"; do
             start_coordinator "$index"
             started+=("$index")
+            printf '%s\n' "$index" >>"$(scale_started_file)"
         done
         # The coordinators already running too: a retry waits for those an earlier try started.
         mapfile -t all < <({ coordinator_indices; printf '%s\n' "${started[@]}"; } | grep -x '[0-9][0-9]*' | sort -nu)
@@ -476,8 +509,10 @@ scale() {
         fi
     else
         say "scaling in from $current to $COORDINATORS coordinators, one at a time"
+        # Those an unfinished scale-out started first, then the highest.
+        mapfile -t order < <({ scale_started_indices; printf '%s\n' "${indices[@]}" | sort -nr; } | awk '!seen[$0]++')
         while ((current > COORDINATORS)); do
-            index=${indices[current - 1]}
+            index=${order[${#indices[@]} - current]}
             pid=$(live_pid "coordinator-$index")
             if [[ -n "$pid" ]]; then
                 leave "$index" "$pid"
@@ -490,6 +525,7 @@ scale() {
                     "'make scale COORDINATORS=$COORDINATORS' goes on"
         done
     fi
+    rm -f "$(scale_started_file)"
     flowgrid shards
 }
 
@@ -509,7 +545,7 @@ scale_failed() {
         print_log_tails "$(coordinator_log "$index")"
     done
     if ((before < COORDINATORS)); then
-        back=", 'make scale COORDINATORS=$before' goes back to $before"
+        back=", 'make scale COORDINATORS=$before' goes back to $before (it stops the ones started to scale out first)"
     fi
     die "the grid did not reach $COORDINATORS coordinator(s) serving every shard (logs above). The coordinators" \
         "that run stay up: 'make status' shows them, 'make scale COORDINATORS=$COORDINATORS' waits again (and" \
@@ -558,7 +594,7 @@ down() {
         stop_pid "$pid" nats
         stopped=$((stopped + 1))
     fi
-    rm -f "$(pid_file nats)" "$(settings_file)"
+    rm -f "$(pid_file nats)" "$(settings_file)" "$(scale_started_file)"
     if ((stopped == 0)); then
         say "grid is not running"
     else

@@ -33,15 +33,21 @@ alive() {
 
 # wait_until SECONDS WHAT COMMAND...: runs COMMAND every 0.2 s until it succeeds, or fails
 # after SECONDS with a message naming WHAT. Each process id listed in WATCH_PIDS (optional,
-# space-separated) must stay alive meanwhile: a dead one fails at once.
+# space-separated) must stay alive meanwhile: a dead one fails at once, also when COMMAND
+# succeeded (another program may answer it, e.g. one that holds the port probed).
 wait_until() {
     local seconds=$1 what=$2
     shift 2
-    local deadline=$((SECONDS + seconds)) pid
-    until "$@" >/dev/null 2>&1; do
+    local deadline=$((SECONDS + seconds)) pid answered
+    while :; do
+        answered=
+        if "$@" >/dev/null 2>&1; then
+            answered=yes
+        fi
         for pid in ${WATCH_PIDS:-}; do
             alive "$pid" || { say "process $pid exited while waiting for $what"; return 1; }
         done
+        [[ -z "$answered" ]] || return 0
         if ((SECONDS >= deadline)); then
             say "timed out after ${seconds}s waiting for $what"
             return 1

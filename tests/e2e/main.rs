@@ -18,6 +18,7 @@ mod flows;
 mod harness;
 mod http_worker;
 mod live;
+mod local_grid;
 mod metrics;
 mod partition;
 mod pause;
