@@ -99,10 +99,15 @@ pub struct GridArgs {
     /// coordinator's commit and publish times from it).
     #[arg(long, env = "FLOWGRID_LT_COORDINATOR_ARGS", allow_hyphen_values = true, default_value = "")]
     pub coordinator_args: String,
-    /// Keep the started grid's logs and data in this directory instead of a temporary one.
+    /// Keep the started grid's logs and data in a new directory under this one (printed)
+    /// instead of a temporary one; each command gets its own, so that no grid starts on an
+    /// earlier one's store.
     #[arg(long, env = "FLOWGRID_LT_KEEP_DIR")]
     pub keep_dir: Option<PathBuf>,
 }
+
+/// `--tasks-per-run` at most: the items a map may have (a chain may be as long).
+pub const TASKS_PER_RUN_MAX: u32 = flowgrid_model::limits::MAP_ITEMS_MAX as u32;
 
 /// Simulated workers per pool, by default.
 pub const WORKERS_PER_POOL_DEFAULT: usize = 4;
@@ -178,7 +183,9 @@ pub struct RunArgs {
     /// Measured time, after the warm-up.
     #[arg(long, env = "FLOWGRID_LT_DURATION", default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Load before the measurement starts; nothing of it is recorded.
+    /// Load before the measurement starts; the harness records nothing of it. The
+    /// coordinator's own p50 and p99 (its exporter's last 40-60 s) reach into it when the
+    /// measured time is shorter than a minute: the report says how far.
     #[arg(long, env = "FLOWGRID_LT_WARMUP", default_value = "5s", value_parser = parse_duration)]
     pub warmup: Duration,
     /// After the measured time, how long runs still in flight may take to finish.
@@ -246,7 +253,10 @@ impl RunArgs {
     /// Checks values clap cannot, with messages that say what to change.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.tasks_per_run >= 1, "--tasks-per-run must be at least 1");
-        anyhow::ensure!(self.tasks_per_run <= 100_000, "--tasks-per-run is at most 100000 (the map item limit)");
+        anyhow::ensure!(
+            self.tasks_per_run <= TASKS_PER_RUN_MAX,
+            "--tasks-per-run is at most {TASKS_PER_RUN_MAX} (the map item limit)"
+        );
         match self.mode {
             LoopMode::Open => anyhow::ensure!(
                 self.concurrency.is_none(),
@@ -280,6 +290,11 @@ impl RunArgs {
         }
         if self.profile.is_some() {
             anyhow::ensure!(!self.profile_duration.is_zero(), "--profile-duration must be positive (e.g. 5s)");
+            anyhow::ensure!(
+                self.grid.nats_url.is_none() || self.grid.coordinator_pid.is_some(),
+                "--profile samples the coordinators by their pids, and those of a running grid (--nats-url) are not \
+                 known: give --coordinator-pid, or leave out --nats-url to let the harness start the grid"
+            );
             crate::profile::check()?;
         }
         validate_workers(&self.workers)
@@ -440,8 +455,8 @@ pub struct ChaosArgs {
     /// Subject prefix of the grid.
     #[arg(long, default_value = flowgrid_proto::DEFAULT_PREFIX)]
     pub prefix: String,
-    /// Keep logs and data in this directory (default: a temporary one, kept only when the
-    /// run finds a problem).
+    /// Keep logs and data in a new directory under this one (printed; default: a temporary
+    /// one, kept only when the run finds a problem).
     #[arg(long, env = "FLOWGRID_LT_KEEP_DIR")]
     pub keep_dir: Option<PathBuf>,
 }
@@ -551,6 +566,24 @@ mod tests {
         };
         assert!(validate(&["--steps", "single", "--duration", "1s"]).is_ok());
         assert!(validate(&["--steps", "chain,half-load", "--duration", "1s"]).unwrap_err().contains("at least 2s"));
+    }
+
+    /// The pids of a running grid's coordinators are known only from --coordinator-pid: a
+    /// profile without one is refused before the run, not after it.
+    #[test]
+    fn a_profile_of_a_running_grid_needs_the_coordinators_pid() {
+        let cli = Cli::try_parse_from([
+            "flowgrid-loadtest",
+            "run",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--profile",
+            "profile-out",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else { panic!("expected run") };
+        let refused = run.validate().unwrap_err().to_string();
+        assert!(refused.contains("give --coordinator-pid"), "{refused}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::args::WorkerArgs;
 use crate::flows::{result_ack_bytes, Plan, TASK_NAME};
 use crate::grid::Grid;
 use crate::tracker::TaskSink;
-use crate::worker::{run_worker, WorkerSpec};
+use crate::worker::{run_worker, WorkerSpec, TASKS_IN_HAND_WAIT};
 
 /// Prefix of the floor's subjects and stream.
 pub(crate) const FLOOR_PREFIX: &str = "ltfloor";
@@ -46,6 +46,9 @@ pub(crate) const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a publish that could not be sent (connection closed or reconnecting), a pause
 /// before the next one, so a broken connection is not spun on.
 const NOT_SENT_PAUSE: Duration = Duration::from_millis(10);
+/// How much longer than a worker's own wait for its tasks in hand [`FloorStream::stop`]
+/// waits for the workers before it stops them.
+const WORKERS_STOP_MARGIN: Duration = Duration::from_secs(1);
 /// Warm-up of the floor before it is measured.
 pub(crate) const FLOOR_WARMUP: Duration = Duration::from_secs(2);
 /// The creation time of the floor's run ids (2026-01-01), and the origin of its deadlines.
@@ -110,16 +113,7 @@ pub async fn measure(
     });
     let mut floor = FloorStream::start(grid, plan, workers, sink.clone()).await?;
 
-    let responder = grid.connect("flowgrid-loadtest-floor-responder").await?;
-    let mut results = responder.subscribe(format!("{FLOOR_PREFIX}.shard.*.result")).await?;
-    let ack = Bytes::from(result_ack_bytes());
-    floor.tasks.spawn(async move {
-        while let Some(message) = results.next().await {
-            if let Some(reply) = message.reply {
-                let _ = responder.publish(reply, ack.clone()).await;
-            }
-        }
-    });
+    floor.spawn_responder(grid).await?;
 
     let publisher = grid.connect("flowgrid-loadtest-floor-publisher").await?;
     let publisher =
@@ -146,7 +140,10 @@ pub(crate) struct FloorStream {
     pub subjects: Subjects,
     jetstream: jetstream::Context,
     pub shutdown: CancellationToken,
+    /// What serves the floor beside the workers (its responder, its publisher): stopped
+    /// after the workers, so that the results of the tasks they hold are still answered.
     pub tasks: JoinSet<()>,
+    workers: JoinSet<()>,
 }
 
 impl FloorStream {
@@ -168,7 +165,7 @@ impl FloorStream {
         }
         let stream = broker::tasks_stream(&jetstream, &subjects, &limits).await?;
         let shutdown = CancellationToken::new();
-        let mut tasks = JoinSet::new();
+        let mut worker_tasks = JoinSet::new();
         for pool in &plan.pools {
             let consumer = broker::pool_consumer(&stream, &subjects, pool, &limits).await?;
             for index in 0..workers.workers_per_pool {
@@ -179,20 +176,44 @@ impl FloorStream {
                     seed: 1_000 + index as u64,
                 };
                 let (consumer, sink, shutdown) = (consumer.clone(), sink.clone(), shutdown.clone());
-                tasks.spawn(async move {
+                worker_tasks.spawn(async move {
                     if let Err(error) = run_worker(nats, consumer, spec, sink, shutdown).await {
                         eprintln!("floor worker: {error:#}");
                     }
                 });
             }
         }
-        Ok(FloorStream { subjects, jetstream, shutdown, tasks })
+        Ok(FloorStream { subjects, jetstream, shutdown, tasks: JoinSet::new(), workers: worker_tasks })
     }
 
+    /// Starts the responder that stands where the coordinator would: it answers each result
+    /// with a `ResultAck` at once.
+    pub async fn spawn_responder(&mut self, grid: &Grid) -> Result<()> {
+        let responder = grid.connect("flowgrid-loadtest-floor-responder").await?;
+        let mut results = responder.subscribe(format!("{FLOOR_PREFIX}.shard.*.result")).await?;
+        responder.flush().await.context("subscribe the floor's responder")?;
+        let ack = Bytes::from(result_ack_bytes());
+        self.tasks.spawn(async move {
+            while let Some(message) = results.next().await {
+                if let Some(reply) = message.reply {
+                    let _ = responder.publish(reply, ack.clone()).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Stops the workers, which finish the tasks in hand while the responder still answers
+    /// their results (for [`TASKS_IN_HAND_WAIT`] at most, then they are stopped), then the
+    /// floor's other tasks, and deletes the stream. No result of the floor's is sent after
+    /// it returns: one left retrying would land on the engine's run.
     pub async fn stop(mut self) -> Result<()> {
         self.shutdown.cancel();
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
+        let workers_done = async { while self.workers.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(TASKS_IN_HAND_WAIT + WORKERS_STOP_MARGIN, workers_done).await;
+        // Aborted, a worker drops its tasks in hand with it.
+        self.workers.shutdown().await;
+        self.tasks.shutdown().await;
         self.jetstream
             .delete_stream(self.subjects.tasks_stream())
             .await
@@ -316,6 +337,83 @@ mod tests {
         assert_eq!(outstanding(&chain, &workers, Some(512)), 512);
         assert_eq!(outstanding(&chain, &workers, Some(4_096)), 2_048);
         assert_eq!(outstanding(&Plan::new(Workload::Map, 100), &workers, Some(8)), 800);
+    }
+
+    /// Counts what the floor's workers report.
+    #[derive(Default)]
+    struct CountingSink {
+        received: AtomicU64,
+        acked: AtomicU64,
+    }
+
+    impl TaskSink for CountingSink {
+        fn received(&self, _attempt: &AttemptId, _stored: Instant, _at: Instant) {
+            self.received.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn acked(&self, _attempt: &AttemptId, _acked: Instant, _applied: bool) {
+            self.acked.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn failed(&self, _attempt: &AttemptId, _reason: &str) {}
+    }
+
+    /// The floor stops while its workers hold tasks: their results are answered before
+    /// `stop` returns, and none is sent after it (one would land on the engine's run).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_result_of_the_floor_is_sent_after_it_stopped() {
+        const TASKS: u64 = 8;
+        /// Bound of the waits for what a working floor does at once.
+        const TEST_WAIT: Duration = Duration::from_secs(10);
+        /// How long the test listens for a result after the floor stopped.
+        const LISTEN: Duration = Duration::from_secs(1);
+        let dir = tempfile::tempdir().expect("temporary dir");
+        let (_nats, url) = crate::grid::start_nats(dir.path(), "127.0.0.1").expect("start nats-server");
+        let grid_args = crate::args::GridArgs {
+            nats_url: Some(url),
+            nats: flowgrid_sdk::NatsOptions::default(),
+            prefix: flowgrid_proto::DEFAULT_PREFIX.to_owned(),
+            coordinator_pid: None,
+            flowgrid_bin: None,
+            shards: flowgrid_model::SHARDS_DEFAULT,
+            coordinators: 1,
+            coordinator_args: String::new(),
+            keep_dir: None,
+        };
+        let grid = Grid::open(&grid_args, &[]).await.expect("the running nats-server");
+        let plan = Plan::new(Workload::Single, 1);
+        // Tasks stay in hand for a while, shorter than the test listens.
+        let workers = WorkerArgs {
+            workers_per_pool: 1,
+            worker_concurrency: TASKS as usize,
+            service_time: ServiceTime::Fixed(Duration::from_millis(300)),
+            service_time_dist: None,
+        };
+        let sink = Arc::new(CountingSink::default());
+        let mut floor = FloorStream::start(&grid, &plan, &workers, sink.clone()).await.expect("start the floor");
+        floor.spawn_responder(&grid).await.expect("start the responder");
+        let jetstream = jetstream::new(grid.connect("floor-test-publisher").await.expect("connect"));
+        for sequence in 0..TASKS {
+            let (subject, headers, payload) = floor_task(&floor.subjects, &plan, sequence).expect("encodes");
+            let stored = jetstream.publish_with_headers(subject, headers, payload).await.expect("publish");
+            stored.await.expect("stored");
+        }
+        let in_hand = tokio::time::timeout(TEST_WAIT, async {
+            while sink.received.load(Ordering::SeqCst) < TASKS {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(in_hand.is_ok(), "the workers took the {TASKS} tasks within {TEST_WAIT:?}");
+
+        floor.stop().await.expect("stop the floor");
+        let listener = grid.connect("floor-test-listener").await.expect("connect");
+        let mut late = listener.subscribe(format!("{FLOOR_PREFIX}.shard.*.result")).await.expect("subscribe");
+        listener.flush().await.expect("flush");
+        if let Ok(Some(result)) = tokio::time::timeout(LISTEN, late.next()).await {
+            panic!("a result was sent within {LISTEN:?} after the floor stopped, to {}", result.subject);
+        }
+        assert_eq!(sink.acked.load(Ordering::SeqCst), TASKS, "each task in hand was answered before the floor stopped");
     }
 
     /// The engine gives the mix's chain steps on lt-a the run input (its 1,000 items

@@ -238,13 +238,22 @@ impl Grid {
     }
 }
 
-/// The directory for a started grid's logs and data: `keep` (created if missing), else a
-/// temporary one named `prefix...`, deleted when the returned handle drops.
+/// The directory for a started grid's logs and data, named `prefix...`: with `keep`, a new
+/// one under it (created if missing), kept after the command and printed; else a temporary
+/// one, deleted when the returned handle drops. Never a directory used before: a grid started
+/// on an earlier one's store would carry its waiting runs, its streams and its journal into
+/// what is measured.
 fn work_dir(keep: Option<&Path>, prefix: &str) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
     match keep {
-        Some(path) => {
-            std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
-            Ok((None, path.to_path_buf()))
+        Some(parent) => {
+            std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+            let path = tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir_in(parent)
+                .with_context(|| format!("create a directory for this grid under {}", parent.display()))?
+                .keep();
+            eprintln!("logs and data kept in {}", path.display());
+            Ok((None, path))
         }
         None => {
             let temp = tempfile::Builder::new().prefix(prefix).tempdir()?;
@@ -478,7 +487,7 @@ pub struct ClusterSpec {
     pub shards: u32,
     /// Extra flags of every coordinator (e.g. `--lease-ms 1500`).
     pub coordinator_args: Vec<String>,
-    /// Logs and data here instead of a temporary directory.
+    /// Logs and data in a new directory under this one instead of a temporary directory.
     pub keep_dir: Option<PathBuf>,
 }
 
@@ -683,7 +692,7 @@ fn flag_value(args: &str, flag: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{flag_value, without_shell_settings};
+    use super::{flag_value, without_shell_settings, work_dir};
 
     /// A coordinator setting exported in the shell does not reach the processes the harness
     /// starts; the log level does.
@@ -696,6 +705,23 @@ mod tests {
         let removed: Vec<_> = command.get_envs().filter(|(_, value)| value.is_none()).map(|(name, _)| name).collect();
         assert!(removed.contains(&std::ffi::OsStr::new("FLOWGRID_LOADTEST_TEST_SETTING")), "{removed:?}");
         assert!(!removed.contains(&std::ffi::OsStr::new("FLOWGRID_LOG")), "{removed:?}");
+    }
+
+    /// A kept directory is not reused: a grid started on an earlier one's store would
+    /// carry its runs, its streams and its journal into what is measured.
+    #[test]
+    fn each_grid_kept_gets_a_new_directory_of_its_own() {
+        let keep = tempfile::tempdir().expect("temporary dir");
+        let (first_handle, first) = work_dir(Some(keep.path()), "flowgrid-loadtest-").expect("first dir");
+        std::fs::create_dir_all(first.join("data")).expect("an earlier grid's data");
+        drop(first_handle);
+        let (second_handle, second) = work_dir(Some(keep.path()), "flowgrid-loadtest-").expect("second dir");
+        drop(second_handle);
+        assert_ne!(first, second, "the second grid reuses the first one's directory");
+        for dir in [&first, &second] {
+            assert!(dir.starts_with(keep.path()) && dir.is_dir(), "{} kept under --keep-dir", dir.display());
+        }
+        assert!(!second.join("data").exists(), "the second grid starts on an empty directory");
     }
 
     #[test]

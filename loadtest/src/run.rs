@@ -355,6 +355,8 @@ fn summarize(
         "coordinator_commit_ms": coordinator_timing_ms(COMMIT_SECONDS, &observed.metrics_from, &observed.metrics_to),
         "coordinator_publish_ms": coordinator_timing_ms(PUBLISH_SECONDS, &observed.metrics_from, &observed.metrics_to),
         "coordinator_step_ms": coordinator_timing_ms(STEP_SECONDS, &observed.metrics_from, &observed.metrics_to),
+        "coordinator_quantiles_span": coordinator_quantiles_span(measured_s),
+        "coordinator_metrics_endpoints": observed.metrics_to.len(),
         "errors": errors.total(),
         "error_kinds": errors.kinds(),
         "runs_started": tracker.counters.runs_started.load(Ordering::Relaxed),
@@ -378,12 +380,20 @@ const COMMIT_SECONDS: &str = "flowgrid_store_commit_seconds";
 const PUBLISH_SECONDS: &str = "flowgrid_task_publish_seconds";
 const STEP_SECONDS: &str = "flowgrid_step_seconds";
 
+/// How far back the p50 and p99 of the coordinator's exporter reach: its summaries roll over
+/// 3 buckets of 20 s (metrics-exporter-prometheus's defaults, which the coordinator keeps), so
+/// when read they cover the last 40 to 60 s, whatever the measured window.
+const COORDINATOR_QUANTILES_SPAN_S: f64 = 60.0;
+/// The shortest span those quantiles cover: the rolling summary drops a bucket at a time.
+const COORDINATOR_QUANTILES_SPAN_MIN_S: f64 = 40.0;
+
 /// One of the coordinators' timing histograms, in ms: its mean over the measured window (from
 /// the change of its sum and count) and the p50 and p99 its exporter reports at the end (over
-/// about the last minute); the worst over the coordinators. `metrics_from` and `metrics_to`
-/// are each coordinator's metrics page at the start and the end of the window, by address.
-/// Null where no endpoint answered, and where the histogram never had a sample (its exporter
-/// then reports quantiles of 0).
+/// its last [`COORDINATOR_QUANTILES_SPAN_S`] at most, see [`coordinator_quantiles_span`]); the
+/// worst over the coordinators. `metrics_from` and `metrics_to` are each coordinator's metrics
+/// page at the start and the end of the window, by address. Null where no endpoint answered
+/// (the mean, where none answered at the start), and where the histogram never had a sample
+/// (its exporter then reports quantiles of 0).
 fn coordinator_timing_ms(
     metric: &str,
     metrics_from: &HashMap<String, String>,
@@ -391,8 +401,11 @@ fn coordinator_timing_ms(
 ) -> serde_json::Value {
     let (mut mean, mut p50, mut p99): (Option<f64>, Option<f64>, Option<f64>) = (None, None, None);
     for (addr, body) in metrics_to {
-        let at_start =
-            |suffix: &str| metrics_from.get(addr).and_then(|from| metric_value(from, &format!("{metric}_{suffix} ")));
+        // A page read at the start without the series: the coordinator had no sample yet
+        // (its exporter shows a series from its first), as when the window starts at once.
+        let at_start = |suffix: &str| {
+            metrics_from.get(addr).map(|from| metric_value(from, &format!("{metric}_{suffix} ")).unwrap_or(0.0))
+        };
         let at_end = |suffix: &str| metric_value(body, &format!("{metric}_{suffix} "));
         if !at_end("count").is_some_and(|count| count > 0.0) {
             continue;
@@ -416,13 +429,45 @@ fn larger(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-fn describe_coordinator_timing(value: &serde_json::Value) -> String {
-    match (value["mean"].as_f64(), value["p50"].as_f64(), value["p99"].as_f64()) {
-        (Some(mean), Some(p50), Some(p99)) => {
-            format!("mean {mean:.3} ms over the window   p50 {p50:.3} ms   p99 {p99:.3} ms (last minute)")
+/// What the coordinator's quantiles cover, for a window of `measured_s`: the exporter's last
+/// [`COORDINATOR_QUANTILES_SPAN_S`] at most, and how many seconds of them may lie before the
+/// window (its warm-up, the grid's start), where the harness records nothing.
+fn coordinator_quantiles_span(measured_s: f64) -> serde_json::Value {
+    json!({
+        "last_s_max": COORDINATOR_QUANTILES_SPAN_S as u64,
+        "before_window_s_max": round1((COORDINATOR_QUANTILES_SPAN_S - measured_s).max(0.0)),
+    })
+}
+
+/// [`coordinator_quantiles_span`] in words.
+pub fn describe_quantile_span(span: &serde_json::Value) -> String {
+    let last =
+        format!("p50 and p99 over the last {COORDINATOR_QUANTILES_SPAN_MIN_S:.0}-{COORDINATOR_QUANTILES_SPAN_S:.0} s");
+    match span["before_window_s_max"].as_f64() {
+        Some(before) if before > 0.0 => {
+            format!("{last}: up to {before:.0} s before the window (warm-up, grid start)")
         }
-        _ => "n/a (no metrics endpoint of the coordinators known)".to_owned(),
+        _ => format!("{last} of the window"),
     }
+}
+
+/// One of the coordinator's timings on a line; `endpoints`: the metrics endpoints that
+/// answered at the end of the window.
+fn describe_coordinator_timing(value: &serde_json::Value, endpoints: u64, span: &serde_json::Value) -> String {
+    let ms = |key: &str| value[key].as_f64().map_or_else(|| "n/a".to_owned(), |ms| format!("{ms:.3} ms"));
+    if endpoints == 0 {
+        return "n/a (no metrics endpoint of the coordinators known)".to_owned();
+    }
+    if ["mean", "p50", "p99"].iter().all(|key| value[key].is_null()) {
+        return "n/a (no samples)".to_owned();
+    }
+    format!(
+        "mean {} over the window   p50 {}   p99 {}; {}",
+        ms("mean"),
+        ms("p50"),
+        ms("p99"),
+        describe_quantile_span(span)
+    )
 }
 
 fn print_summary_table(summary: &serde_json::Value) {
@@ -438,6 +483,10 @@ fn print_summary_table(summary: &serde_json::Value) {
     };
     let errors: std::collections::BTreeMap<String, u64> =
         serde_json::from_value(summary["error_kinds"].clone()).unwrap_or_default();
+    let coordinator_timing = |key: &str| {
+        let endpoints = summary["coordinator_metrics_endpoints"].as_u64().unwrap_or(0);
+        describe_coordinator_timing(&summary[key], endpoints, &summary["coordinator_quantiles_span"])
+    };
     let rows = vec![
         (
             "workload".to_owned(),
@@ -485,17 +534,14 @@ fn print_summary_table(summary: &serde_json::Value) {
             "coordinator CPU".to_owned(),
             format!("{} cores, {} µs per task", text("coordinator_cpu_cores"), text("coordinator_cpu_us_per_task")),
         ),
-        ("commit (coordinator)".to_owned(), describe_coordinator_timing(&summary["coordinator_commit_ms"])),
-        (
-            "commit to publish ack (coordinator)".to_owned(),
-            describe_coordinator_timing(&summary["coordinator_publish_ms"]),
-        ),
+        ("commit (coordinator)".to_owned(), coordinator_timing("coordinator_commit_ms")),
+        ("commit to publish ack (coordinator)".to_owned(), coordinator_timing("coordinator_publish_ms")),
         (
             "step overhead (coordinator)".to_owned(),
             if summary["coordinator_step_ms"]["p50"].is_null() && !summary["coordinator_commit_ms"]["p50"].is_null() {
                 "no samples (no run had a second task)".to_owned()
             } else {
-                describe_coordinator_timing(&summary["coordinator_step_ms"])
+                coordinator_timing("coordinator_step_ms")
             },
         ),
         (
@@ -564,6 +610,37 @@ mod tests {
         let timing = coordinator_timing_ms(STEP_SECONDS, &from, &to);
         // 20 samples and 60 ms in the window.
         assert_eq!(timing, json!({ "mean": 3.0, "p50": 2.0, "p99": 2.0 }));
+    }
+
+    /// With no warm-up the window starts before the coordinator's first step: its page then
+    /// has no such series yet, which counts as no samples, not as an unknown mean.
+    #[test]
+    fn a_series_missing_at_the_window_start_counts_from_zero() {
+        let from = HashMap::from([("a".to_owned(), "flowgrid_store_commit_seconds_count 3\n".to_owned())]);
+        let to = HashMap::from([("a".to_owned(), page(20, 0.060, 0.002))]);
+        let timing = coordinator_timing_ms(STEP_SECONDS, &from, &to);
+        assert_eq!(timing, json!({ "mean": 3.0, "p50": 2.0, "p99": 2.0 }));
+        let span = json!({ "last_s_max": 60, "before_window_s_max": 30.0 });
+        let shown = describe_coordinator_timing(&timing, 1, &span);
+        assert!(shown.starts_with("mean 3.000 ms over the window"), "{shown}");
+        assert!(shown.contains("up to 30 s before the window"), "{shown}");
+        // A page that did not answer at the start leaves the mean unknown, the rest shown.
+        let timing = coordinator_timing_ms(STEP_SECONDS, &HashMap::new(), &to);
+        assert_eq!(timing, json!({ "mean": null, "p50": 2.0, "p99": 2.0 }));
+        let shown = describe_coordinator_timing(&timing, 1, &span);
+        assert!(shown.contains("p50 2.000 ms") && !shown.contains("no metrics endpoint"), "{shown}");
+    }
+
+    /// The exporter's quantiles reach back a minute: a shorter window has some of the time
+    /// before it (its warm-up, the grid's start) in them, and the report says how much.
+    #[test]
+    fn the_coordinator_quantiles_say_how_far_before_the_window_they_reach() {
+        assert_eq!(coordinator_quantiles_span(30.0), json!({ "last_s_max": 60, "before_window_s_max": 30.0 }));
+        assert_eq!(coordinator_quantiles_span(60.004), json!({ "last_s_max": 60, "before_window_s_max": 0.0 }));
+        let inside = describe_quantile_span(&coordinator_quantiles_span(90.0));
+        assert_eq!(inside, "p50 and p99 over the last 40-60 s of the window");
+        let before = describe_quantile_span(&coordinator_quantiles_span(25.0));
+        assert_eq!(before, "p50 and p99 over the last 40-60 s: up to 35 s before the window (warm-up, grid start)");
     }
 
     #[test]

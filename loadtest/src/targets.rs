@@ -4,7 +4,8 @@
 //! the result to JetStream storing the next task: an upper bound, with the result's trip
 //! to the coordinator in it) and as the coordinator measures it (`flowgrid_step_seconds`:
 //! from its shard taking the result to JetStream's ack of the next task; p50 and p99 over
-//! about the last minute, as its exporter gives them).
+//! the last 40-60 s, as its exporter gives them, so a window shorter than that has some of
+//! its warm-up and of the grid's start in them: their verdicts say how much).
 //!
 //! Each step is this harness run again as a child process (`run`, `memory`, `overload`),
 //! on a grid of its own, with the flags the figure is defined by; its table and JSON line
@@ -27,7 +28,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::args::{Step, TargetsArgs, WORKERS_PER_POOL_DEFAULT, WORKER_CONCURRENCY_DEFAULT};
 use crate::floor;
 use crate::report::{print_json_line, print_table};
-use crate::run::describe_floor_latencies;
+use crate::run::{describe_floor_latencies, describe_quantile_span};
 
 /// Tasks per second both throughput steps must sustain.
 const TASKS_PER_S_MIN: f64 = 15_000.0;
@@ -339,13 +340,25 @@ fn verdict(target: &Target, outcome: Option<&Outcome>) -> Value {
         Some((shown, Some(off))) => (false, format!("{shown}  MISSED ({off})")),
         None => (false, "not measured  MISSED".to_owned()),
     };
-    json!({
+    // The coordinator's quantiles are its exporter's, over a span of their own.
+    let span = line
+        .filter(|line| target.path[0].starts_with("coordinator_") && line["coordinator_quantiles_span"].is_object())
+        .map(|line| describe_quantile_span(&line["coordinator_quantiles_span"]));
+    let verdict = match (&span, measured.is_some_and(|measured| !measured.is_null())) {
+        (Some(span), true) => format!("{verdict}; {span}"),
+        _ => verdict,
+    };
+    let mut verdict = json!({
         "step": target.step.as_str(),
         "target": format!("{} {}", target.name, target.bound.describe()),
         "measured": measured.cloned().unwrap_or(Value::Null),
         "met": met,
         "verdict": verdict,
-    })
+    });
+    if let Some(span) = span {
+        verdict["span"] = json!(span);
+    }
+    verdict
 }
 
 impl Bound {
@@ -469,6 +482,30 @@ mod tests {
         assert_eq!(ratio["verdict"], "0.600  MISSED (its broker floor had 40 errors)");
         assert_eq!(verdict_of(&verdicts, "chain", "tasks/s")["met"], true);
         assert_eq!(verdict_of(&verdicts, "chain", "sustained s")["met"], false, "10 s is not 60");
+    }
+
+    /// The coordinator's p50 and p99 are its exporter's over up to a minute: a half-load
+    /// window of 30 s has up to 30 s from before it in them, and the verdict says so.
+    #[test]
+    fn the_coordinators_own_step_verdicts_say_what_span_they_cover() {
+        let half = json!({
+            "coordinator_step_ms": {"mean": 0.8, "p50": 0.9, "p99": 4.0},
+            "coordinator_quantiles_span": {"last_s_max": 60, "before_window_s_max": 30.0},
+            "step_overhead_ms": {"p50": 0.95},
+            "errors": 0,
+        });
+        let verdicts = verdicts(&outcomes(&[(Step::HalfLoad, Ok(half))]));
+        let p50 = verdict_of(&verdicts, "half-load", "step overhead p50 ms, coordinator");
+        assert_eq!(
+            p50["verdict"],
+            "0.900  met; p50 and p99 over the last 40-60 s: up to 30 s before the window (warm-up, grid start)"
+        );
+        assert_eq!(
+            p50["span"],
+            "p50 and p99 over the last 40-60 s: up to 30 s before the window (warm-up, grid start)"
+        );
+        let harness = verdict_of(&verdicts, "half-load", "step overhead p50 ms <=");
+        assert_eq!((harness["verdict"].clone(), harness.get("span")), (json!("0.950  met"), None));
     }
 
     #[test]

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use flowgrid_model::limits::MAP_ITEMS_MAX;
 use flowgrid_model::{AttemptId, RunId};
 
+use crate::args::TASKS_PER_RUN_MAX;
 use crate::flows::chain_position;
 
 /// Latencies are recorded in microseconds, up to an hour, with 3 significant digits.
@@ -84,9 +85,11 @@ struct RunTrack {
     /// Of `tasks_acked`, those acked while the window was open before a start reply named
     /// the run: held, and added to the counters when one does (with the rest).
     held_measured: u32,
-    /// The tasks acked so far, each once (a task delivered again is acked again): chain
-    /// positions as bits, map items in a bitset grown as they come.
+    /// The tasks acked so far, each once (a task delivered again is acked again): the
+    /// first 64 chain positions as bits of one word (no allocation for most chains), later
+    /// positions and map items in bitsets grown as they come.
     acked_positions: u64,
+    acked_positions_later: Vec<u64>,
     acked_items: Vec<u64>,
     done: Option<Instant>,
     waiter: Option<oneshot::Sender<RunEnd>>,
@@ -95,24 +98,35 @@ struct RunTrack {
 impl RunTrack {
     /// Notes `attempt`'s task acked; false if it was acked before (delivered twice).
     fn first_ack(&mut self, attempt: &AttemptId) -> bool {
-        let (word, bit) = match (attempt.item, chain_position(&attempt.step)) {
+        match (attempt.item, chain_position(&attempt.step)) {
             // No workload has more items than a map may have: a larger index is no task of
             // the harness's, counted each time rather than grown into.
-            (Some(item), _) if (item as usize) < MAP_ITEMS_MAX => {
-                let word = item as usize / 64;
-                if self.acked_items.len() <= word {
-                    self.acked_items.resize(word + 1, 0);
-                }
-                (&mut self.acked_items[word], item % 64)
+            (Some(item), _) if (item as usize) < MAP_ITEMS_MAX => first_set(&mut self.acked_items, item as usize),
+            (None, Some(position)) if position < u64::BITS => {
+                let first = self.acked_positions & (1 << position) == 0;
+                self.acked_positions |= 1 << position;
+                first
             }
-            (None, Some(position)) if position < 64 => (&mut self.acked_positions, position),
+            // No chain is longer than `--tasks-per-run` allows.
+            (None, Some(position)) if position <= TASKS_PER_RUN_MAX => {
+                first_set(&mut self.acked_positions_later, (position - u64::BITS) as usize)
+            }
             // A task the workloads do not make: counted each time.
-            _ => return true,
-        };
-        let first = *word & (1 << bit) == 0;
-        *word |= 1 << bit;
-        first
+            _ => true,
+        }
     }
+}
+
+/// Sets bit `index` of a bitset kept as words, growing it to hold the bit; false if the
+/// bit was set already.
+fn first_set(words: &mut Vec<u64>, index: usize) -> bool {
+    let (word, bit) = (index / u64::BITS as usize, index % u64::BITS as usize);
+    if words.len() <= word {
+        words.resize(word + 1, 0);
+    }
+    let first = words[word] & (1 << bit) == 0;
+    words[word] |= 1 << bit;
+    first
 }
 
 /// Latency histograms, in microseconds.
@@ -508,6 +522,27 @@ mod tests {
         assert!(histograms.run_e2e.equivalent(histograms.run_e2e.max(), 9_000));
         assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 1);
         assert_eq!(tracker.in_flight(), 0);
+    }
+
+    /// `--tasks-per-run` allows chains far longer than 64 steps: a late step delivered
+    /// again counts once, and the run does not end a step early.
+    #[test]
+    fn a_late_step_of_a_long_chain_delivered_twice_counts_once() {
+        let tracker = Tracker::new(70, None, 0.0);
+        tracker.set_measuring(true);
+        let t0 = Instant::now();
+        tracker.started(RunId("r".into()), t0, None);
+        tracker.acked(&attempt("r", "s65"), t0, true);
+        tracker.acked(&attempt("r", "s65"), t0, true);
+        assert_eq!(tracker.counters.tasks_acked.load(Ordering::Relaxed), 1);
+        assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0);
+        // Every other step once: the run ends at the seventieth distinct step, not before.
+        for position in (1..=70).filter(|position| *position != 65) {
+            assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 0, "done before s{position}");
+            tracker.acked(&attempt("r", &format!("s{position}")), t0, true);
+        }
+        assert_eq!(tracker.counters.tasks_acked.load(Ordering::Relaxed), 70);
+        assert_eq!(tracker.counters.runs_done.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use async_nats::jetstream::AckKind;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use flowgrid_proto::{decode, encode, Encoding, Reply, ResultAck, TaskMessage, TaskResult, CONTENT_TYPE_HEADER};
@@ -38,6 +39,9 @@ const RESULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the task's deadline, its result is still sent again this long (as by the SDK's
 /// worker) before the task is handed back (nak).
 const RESULT_GRACE: Duration = Duration::from_secs(30);
+/// When a worker stops, how long the tasks in hand may take to finish (a result retried
+/// with backoff among them); those still at it then are stopped.
+pub(crate) const TASKS_IN_HAND_WAIT: Duration = Duration::from_secs(10);
 /// First and largest pause between two tries of a result (the SDK worker's).
 const RESULT_RETRY_FIRST: Duration = Duration::from_millis(50);
 const RESULT_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -48,7 +52,9 @@ pub struct WorkerSpec {
     pub seed: u64,
 }
 
-/// Serves `consumer` until `shutdown`; tasks in hand are finished before it returns.
+/// Serves `consumer` until `shutdown`; tasks in hand are given [`TASKS_IN_HAND_WAIT`] to
+/// finish, and none is still running when it returns (or when it is dropped): a result is
+/// never sent after the worker stopped.
 pub async fn run_worker(
     nats: async_nats::Client,
     consumer: PullConsumer,
@@ -66,6 +72,8 @@ pub async fn run_worker(
         .context("open the pull stream")?;
     let slots = Arc::new(Semaphore::new(spec.concurrency));
     let mut random = XorShift::new(spec.seed);
+    // Dropped with the worker, which aborts what is left in it.
+    let mut in_hand = JoinSet::new();
     loop {
         let slot = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -87,13 +95,15 @@ pub async fn run_worker(
         let service = spec.service_time.sample(&mut random);
         let nats = nats.clone();
         let sink = sink.clone();
-        tokio::spawn(async move {
+        in_hand.spawn(async move {
             serve(&nats, message, service, sink.as_ref()).await;
             drop(slot);
         });
+        // Tasks served are taken out, so that the set holds only those in hand.
+        while in_hand.try_join_next().is_some() {}
     }
-    // Let the tasks in hand finish (each holds a slot).
-    let _ = tokio::time::timeout(Duration::from_secs(10), slots.acquire_many(spec.concurrency as u32)).await;
+    let _ = tokio::time::timeout(TASKS_IN_HAND_WAIT, async { while in_hand.join_next().await.is_some() {} }).await;
+    in_hand.shutdown().await;
     Ok(())
 }
 
