@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{consumer, kv, stream};
-use flowgrid_proto::{ShardClaim, ShardState, Subjects};
+use flowgrid_proto::{ApiError, Encoding, ErrorCode, Reply, ShardClaim, ShardState, Subjects};
 use flowgrid_sdk::broker::{self, BrokerError, BrokerLimits};
 use flowgrid_sdk::{RunStatus, StartRun};
 use flowgrid_tests::{api_request_json, free_port, metric_value, scrape_metrics, step, wait_for, Grid};
@@ -206,6 +206,93 @@ async fn a_coordinator_paused_past_its_lease_gives_its_shards_up_when_it_resumes
     let body = scrape_metrics(&metrics_addr)?;
     let lost = metric_value(&body, "flowgrid_lease_lost_total ");
     assert!(lost.is_some_and(|lost| lost >= 1.0), "flowgrid_lease_lost_total is {lost:?}\n{}", grid.logs());
+    Ok(())
+}
+
+/// A flow whose runs end in the commit that starts them: their shard no longer holds them
+/// in memory once that commit is made.
+const DONE_AT_ONCE: &str = "name: done-at-once\nsteps:\n  - { id: done, kind: succeed }\n";
+/// Keyless starts sent while a stale owner listens on every shard's subject.
+const STALE_OWNER_STARTS: usize = 50;
+/// Starts sent first, so that each coordinator has compiled the flow's version: a start
+/// reaches either coordinator (queue group), and one that missed both is 1 in 2^15.
+const WARM_UP_STARTS: usize = 16;
+
+/// A coordinator that lost a shard without handing it over (a stale epoch at a commit, or a
+/// stall past its lease) listens on the shard's subject until its manager stops it, beside
+/// the shard's new owner, and refuses at once as "not served": played here by a plain NATS
+/// client refusing every forwarded request. Each keyless start forwarded meanwhile reaches
+/// both; the owner applies it (its run ends in that commit) and the refusal comes first.
+/// The start is still applied once: one run per start, each with one start record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_from_a_coordinator_that_lost_the_shard_applies_no_start_twice() -> anyhow::Result<()> {
+    let mut grid = Grid::start(&[]).await?;
+    grid.spawn_coordinator()?;
+    grid.wait_shards_served_by(2, SETTLE).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, DONE_AT_ONCE).await?;
+    let start = |labels: flowgrid_model::Labels| StartRun {
+        flow: "done-at-once".into(),
+        version: Some(1),
+        labels,
+        ..Default::default()
+    };
+    for _ in 0..WARM_UP_STARTS {
+        client.start(start(Default::default())).await.or_logs(&grid)?;
+    }
+
+    let stale = grid.nats_client().await?;
+    let mut commands = stale.subscribe(format!("{}.shard.*.cmd", grid.prefix)).await?;
+    stale.flush().await?;
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let stale_owner = tokio::spawn({
+        let refused = refused.clone();
+        async move {
+            while let Some(message) = commands.next().await {
+                let Some(reply_to) = message.reply else { continue };
+                let shard = message.subject.split('.').rev().nth(1).unwrap_or_default().to_owned();
+                let refusal =
+                    ApiError::new(ErrorCode::Unavailable, format!("shard {shard} is not served right now; retry"));
+                let answer = flowgrid_proto::encode(Encoding::MsgPack, &Reply::<Value>::Error(refusal))?;
+                stale.publish(reply_to, answer.into()).await?;
+                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+    });
+
+    let labels: flowgrid_model::Labels = [("batch".to_owned(), "stale-owner".to_owned())].into();
+    let starts = (0..STALE_OWNER_STARTS).map(|_| client.start(start(labels.clone())));
+    let outcomes = futures::future::join_all(starts).await;
+    stale_owner.abort();
+    let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(refused > 0, "no start was forwarded past the stale owner\n{}", grid.logs());
+    let (mut started, mut failed) = (Vec::new(), Vec::new());
+    for outcome in outcomes {
+        match outcome {
+            Ok(run) => started.push(run.run_id),
+            Err(error) => failed.push(format!("{error:?}")),
+        }
+    }
+
+    let query = flowgrid_sdk::ListRuns { labels, limit: Some(200), ..Default::default() };
+    let listed = client.list(query).await.or_logs(&grid)?.runs;
+    let mut ids: Vec<&str> = listed.iter().map(|run| run.run_id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (listed.len(), ids.len()),
+        (STALE_OWNER_STARTS, STALE_OWNER_STARTS),
+        "runs listed (and distinct ids) for {STALE_OWNER_STARTS} keyless starts, {refused} refusals by the stale \
+         owner; {} starts failed: {failed:?}",
+        failed.len()
+    );
+    for run_id in &started {
+        let history = client.history(run_id, None, None).await.or_logs(&grid)?;
+        let starts = history.records.iter().filter(|record| record.started.is_some()).count();
+        assert_eq!(starts, 1, "run {run_id} has {starts} start records: {:?}", history.records);
+    }
+    assert!(failed.is_empty(), "starts failed: {failed:?}\n{}", grid.logs());
     Ok(())
 }
 

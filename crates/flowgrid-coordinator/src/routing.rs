@@ -5,8 +5,16 @@
 //! ([`serve_shard_commands`]). While a shard moves nobody listens for a moment: the router
 //! waits and asks again for up to [`MOVE_WAIT`], then answers `unavailable` (retryable),
 //! which the SDK and the CLI retry by themselves.
+//!
+//! A coordinator that lost a shard without handing it over (its lease ran out) may still
+//! listen on the shard's subject for a moment beside the new owner, so that both take a
+//! request. It sends no refusal that says to ask again then ([`Serving`]); the router sends
+//! a start again as idempotent and takes the owner's answer to any of its tries
+//! ([`Router::call`]); and the owner runs a start asked again after its first try
+//! ([`StartsInFlight`]): a request asked again is not applied twice.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,8 +29,10 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::debug;
 
+use crate::cluster::Lease;
 use crate::shard::{maybe_applied, Command, FlowsPage, GateVerb, NodeContext, RunsPage, ShardHandle, StartCommand};
 
 /// How long a request waits for a shard that nobody serves (it is moving) before it is
@@ -113,6 +123,19 @@ pub enum ShardRequest {
     Limits {
         flow: Option<String>,
     },
+}
+
+impl ShardRequest {
+    /// The request as sent again after a refusal that says to ask again: a start goes as
+    /// idempotent, since a coordinator that lost the shard may have refused it while the
+    /// shard's owner took it too and started the run (one that ended in that commit is no
+    /// longer in the owner's memory: only the store says it exists).
+    fn sent_again(mut self) -> ShardRequest {
+        if let ShardRequest::Start { idempotent, .. } = &mut self {
+            *idempotent = true;
+        }
+        self
+    }
 }
 
 /// The answer to a [`ShardRequest`], one variant per request.
@@ -225,38 +248,75 @@ impl Router {
         let payload = Bytes::from(flowgrid_proto::encode(Encoding::MsgPack, &request).map_err(internal)?);
         let subject = self.context.subjects.shard_commands(shard.0);
         let started = Instant::now();
+        let answer =
+            tokio::time::timeout(FORWARD_TIMEOUT, self.context.nats.request(subject.clone(), payload.clone())).await;
+        let refusal = match answer {
+            Ok(Ok(message)) => match answer_of(&message.payload) {
+                Answer::Done(outcome) => return outcome,
+                Answer::Moving(refusal) => refusal,
+            },
+            Ok(Err(error)) => {
+                let max_payload = || self.context.nats.server_info().max_payload;
+                match undelivered(shard, &error, payload.len(), max_payload) {
+                    refusal if is_moving(&refusal) => refusal,
+                    refusal => return Err(refusal),
+                }
+            }
+            Err(_) => return Err(not_answered(shard)),
+        };
+        let keyless = matches!(request, ShardRequest::Start { idempotent: false, .. });
+        match self.ask_again(shard, subject, request.sent_again(), refusal, started).await {
+            // The run id of a start without a key is new to this call: the run its owner
+            // found is the one an earlier try started.
+            Ok(ShardReply::Started(started)) if keyless => {
+                Ok(ShardReply::Started(RunStarted { created: true, ..started }))
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// Asks the owner of `shard` again, after `refusal`, until [`MOVE_WAIT`] from `started`.
+    /// Every try is answered on one inbox, read until the call ends: the owner's answer is
+    /// taken whenever it comes, also after a quicker refusal from a coordinator that lost the
+    /// shard (which may refuse every try first).
+    async fn ask_again(
+        &self,
+        shard: ShardId,
+        subject: String,
+        request: ShardRequest,
+        mut refusal: ApiError,
+        started: Instant,
+    ) -> Result<ShardReply, ApiError> {
+        let nats = &self.context.nats;
+        let payload = Bytes::from(flowgrid_proto::encode(Encoding::MsgPack, &request).map_err(internal)?);
+        let inbox = nats.new_inbox();
+        // The client is closing: nothing is sent again.
+        let Ok(mut answers) = nats.subscribe(inbox.clone()).await else { return Err(refusal) };
         let mut delay = RETRY_DELAY_FIRST;
         loop {
-            let answer =
-                tokio::time::timeout(FORWARD_TIMEOUT, self.context.nats.request(subject.clone(), payload.clone()))
-                    .await;
-            let refusal = match answer {
-                Ok(Ok(message)) => {
-                    match flowgrid_proto::decode::<Reply<ShardReply>>(Encoding::MsgPack, &message.payload) {
-                        Ok(Reply::Ok(reply)) => return Ok(reply),
-                        Ok(Reply::Error(error)) if is_moving(&error) => error,
-                        Ok(Reply::Error(error)) => return Err(error),
-                        Err(error) => return Err(internal(error)),
-                    }
-                }
-                Ok(Err(error)) => {
-                    let max_payload = || self.context.nats.server_info().max_payload;
-                    match undelivered(shard, &error, payload.len(), max_payload) {
-                        refusal if is_moving(&refusal) => refusal,
-                        refusal => return Err(refusal),
-                    }
-                }
-                Err(_) => {
-                    return Err(maybe_applied(format!("shard {shard} did not answer within {FORWARD_TIMEOUT:?}")))
-                }
-            };
             if started.elapsed() + delay > MOVE_WAIT {
                 return Err(refusal);
             }
-            tokio::time::sleep(delay).await;
+            let pause_until = Instant::now() + delay;
+            // The pause takes the answers to earlier tries: the owner's ends the call, and a
+            // refusal is one more like the one that led to this try.
+            while let Some(answer) = next_answer(shard, &mut answers, pause_until).await {
+                if let Answer::Done(outcome) = answer {
+                    return outcome;
+                }
+            }
             delay = (delay * 2).min(RETRY_DELAY_MAX);
             if let Some(handle) = self.table.get(shard) {
                 return self.execute(&handle, request).await;
+            }
+            if let Err(error) = nats.publish_with_reply(subject.clone(), inbox.clone(), payload.clone()).await {
+                // An earlier try may have reached the owner.
+                return Err(maybe_applied(format!("shard {shard} could not be reached ({error})")));
+            }
+            match next_answer(shard, &mut answers, Instant::now() + FORWARD_TIMEOUT).await {
+                Some(Answer::Done(outcome)) => return outcome,
+                Some(Answer::Moving(later)) => refusal = later,
+                None => return Err(not_answered(shard)),
             }
         }
     }
@@ -357,6 +417,13 @@ impl Router {
 
 /// Answers requests forwarded to a shard served here until `stop`; then answers what is
 /// still queued with `unavailable`, so that callers try the next owner at once.
+///
+/// Once the lease has lapsed since the shard was taken, another coordinator may serve it
+/// and take its requests too ([`Serving`]): the subscription ends at the next request, which
+/// is left unanswered as the ones queued are, and no refusal that says to ask again is sent.
+/// The owner answers them; where nobody serves the shard yet, the requests sent since are
+/// told so at once by NATS (no responders), and those taken here time out at their caller
+/// as "may have been applied".
 pub async fn serve_shard_commands(
     router: Arc<Router>,
     handle: ShardHandle,
@@ -364,6 +431,9 @@ pub async fn serve_shard_commands(
     permits: Arc<Semaphore>,
     stop: CancellationToken,
 ) {
+    // The actor read the same term as it started (the acquire stops both if it changed since).
+    let serving = Arc::new(Serving::new(router.context.lease.clone()));
+    let starts = Arc::new(StartsInFlight::default());
     loop {
         let message = tokio::select! {
             _ = stop.cancelled() => break,
@@ -372,19 +442,34 @@ pub async fn serve_shard_commands(
                 None => return,
             },
         };
+        if !serving.holds() {
+            debug!(shard = %handle.shard, "lease lapsed: forwarded requests are left to the shard's next owner");
+            let _ = requests.unsubscribe().await;
+            return;
+        }
         let Some(reply_to) = message.reply.clone() else { continue };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             let error = crate::api::overloaded("the coordinator is handling too many requests; retry later");
             reply(&router, reply_to, Reply::<ShardReply>::Error(error)).await;
             continue;
         };
-        let (router, handle) = (router.clone(), handle.clone());
+        let request = flowgrid_proto::decode::<ShardRequest>(Encoding::MsgPack, &message.payload);
+        // Taken in the order the requests came, before any of them runs.
+        let turn = request.as_ref().map(|request| starts.turn(request)).unwrap_or_default();
+        let (router, handle, serving) = (router.clone(), handle.clone(), serving.clone());
         tokio::spawn(async move {
-            let outcome = match flowgrid_proto::decode::<ShardRequest>(Encoding::MsgPack, &message.payload) {
-                Ok(request) => router.execute(&handle, request).await,
+            let outcome = match request {
+                Ok(request) => {
+                    turn.earlier_done().await;
+                    router.execute(&handle, request).await
+                }
                 Err(error) => Err(ApiError::new(ErrorCode::InvalidRequest, error.to_string())),
             };
-            reply(&router, reply_to, Reply::from(outcome)).await;
+            drop(turn);
+            let answer = Reply::from(outcome);
+            if serving.may_send(&answer) {
+                reply(&router, reply_to, answer).await;
+            }
             drop(permit);
         });
     }
@@ -394,9 +479,93 @@ pub async fn serve_shard_commands(
         format!("shard {} is moving to another coordinator; retry", handle.shard),
     ));
     while let Some(Some(message)) = futures::FutureExt::now_or_never(requests.next()) {
-        if let Some(reply_to) = message.reply {
+        if let Some(reply_to) = message.reply.filter(|_| serving.may_send(&moving)) {
             reply(&router, reply_to, moving.clone()).await;
         }
+    }
+}
+
+/// The starts forwarded to a shard served here of runs not known to exist (sent without
+/// `idempotent`: a run id made for the request), by run id, while they are executed. The
+/// same start asked again after a refusal comes later on the same connection, as idempotent,
+/// but its task may reach the shard's actor first, start the run and have it end (out of
+/// memory): the first would then start it once more. So the one asked again waits for it.
+#[derive(Default)]
+struct StartsInFlight {
+    runs: Mutex<HashMap<RunId, CancellationToken>>,
+}
+
+impl StartsInFlight {
+    /// Where forwarded `request` stands among the starts in flight.
+    fn turn(self: &Arc<Self>, request: &ShardRequest) -> StartTurn {
+        let ShardRequest::Start { run_id, idempotent, .. } = request else { return StartTurn::default() };
+        let mut runs = self.runs.lock().expect("starts in flight lock");
+        if *idempotent {
+            return StartTurn { earlier: runs.get(run_id).cloned(), _in_flight: None };
+        }
+        let done = CancellationToken::new();
+        runs.insert(run_id.clone(), done.clone());
+        let in_flight = StartInFlight { starts: self.clone(), run_id: run_id.clone(), _done: done.drop_guard() };
+        StartTurn { earlier: None, _in_flight: Some(in_flight) }
+    }
+}
+
+/// A forwarded request's place among the [`StartsInFlight`].
+#[derive(Default)]
+struct StartTurn {
+    /// The same start's earlier try, still executed here.
+    earlier: Option<CancellationToken>,
+    /// A start of a run not known to exist, in flight until this drops.
+    _in_flight: Option<StartInFlight>,
+}
+
+impl StartTurn {
+    /// Waits until the same start's earlier try, if one is executed here, is done.
+    async fn earlier_done(&self) {
+        if let Some(earlier) = &self.earlier {
+            earlier.cancelled().await;
+        }
+    }
+}
+
+/// A start of [`StartsInFlight`]: dropped once it is done, it tells the tries that wait.
+struct StartInFlight {
+    starts: Arc<StartsInFlight>,
+    run_id: RunId,
+    _done: DropGuard,
+}
+
+impl Drop for StartInFlight {
+    fn drop(&mut self) {
+        self.starts.runs.lock().expect("starts in flight lock").remove(&self.run_id);
+    }
+}
+
+/// The lease term a shard's forwarded requests are served in. While the lease has held
+/// without a gap since, no other coordinator can have taken the shard (the others wait out
+/// a whole lease from its last renewal, and it holds two thirds of that): a refusal sent
+/// here is the only answer its request gets, and asking again applies it once. Past that,
+/// the shard's next owner may have taken the same request and applied it.
+struct Serving {
+    lease: Arc<Lease>,
+    term: u64,
+}
+
+impl Serving {
+    fn new(lease: Arc<Lease>) -> Serving {
+        let term = lease.term();
+        Serving { lease, term }
+    }
+
+    /// Whether the lease has held without a gap since the term began.
+    fn holds(&self) -> bool {
+        self.lease.holds(self.term)
+    }
+
+    /// Whether `answer` may be sent: any answer but a retryable refusal (its caller, or the
+    /// SDK, would send the request again), and that one while the lease holds.
+    fn may_send(&self, answer: &Reply<ShardReply>) -> bool {
+        !matches!(answer, Reply::Error(refusal) if refusal.retryable) || self.holds()
     }
 }
 
@@ -426,13 +595,7 @@ fn undelivered(
     max_payload: impl FnOnce() -> usize,
 ) -> ApiError {
     match error.kind() {
-        async_nats::RequestErrorKind::NoResponders => ApiError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "no coordinator serves shard {shard} right now (it is moving between coordinators, or its owner \
-                 stopped answering and the others wait for its lease); retry"
-            ),
-        ),
+        async_nats::RequestErrorKind::NoResponders => no_responders(shard),
         async_nats::RequestErrorKind::MaxPayloadExceeded => {
             let limit = match max_payload() {
                 0 => "its `max_payload`".to_owned(),
@@ -451,6 +614,50 @@ fn undelivered(
     }
 }
 
+/// An answer to a forwarded request.
+enum Answer {
+    /// The owner's reply, or a refusal that is not to be asked again here.
+    Done(Result<ShardReply, ApiError>),
+    /// A refusal that says to ask again (see [`is_moving`]).
+    Moving(ApiError),
+}
+
+/// The answer an encoded reply to a forwarded request gives.
+fn answer_of(payload: &[u8]) -> Answer {
+    match flowgrid_proto::decode::<Reply<ShardReply>>(Encoding::MsgPack, payload) {
+        Ok(Reply::Ok(reply)) => Answer::Done(Ok(reply)),
+        Ok(Reply::Error(error)) if is_moving(&error) => Answer::Moving(error),
+        Ok(Reply::Error(error)) => Answer::Done(Err(error)),
+        Err(error) => Answer::Done(Err(internal(error))),
+    }
+}
+
+/// The next answer to a try of a forwarded request of shard `shard` on `answers`, its
+/// tries' inbox, before `until`; `None` past it, or once the subscription ended.
+async fn next_answer(shard: ShardId, answers: &mut async_nats::Subscriber, until: Instant) -> Option<Answer> {
+    let message = tokio::time::timeout_at(until.into(), answers.next()).await.ok()??;
+    if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        return Some(Answer::Moving(no_responders(shard)));
+    }
+    Some(answer_of(&message.payload))
+}
+
+/// The refusal of a forwarded request nobody listened for: nobody serves shard `shard`.
+fn no_responders(shard: ShardId) -> ApiError {
+    ApiError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "no coordinator serves shard {shard} right now (it is moving between coordinators, or its owner \
+             stopped answering and the others wait for its lease); retry"
+        ),
+    )
+}
+
+/// The answer to a forwarded request that shard `shard`'s owner did not answer in time.
+fn not_answered(shard: ShardId) -> ApiError {
+    maybe_applied(format!("shard {shard} did not answer within {FORWARD_TIMEOUT:?}"))
+}
+
 fn internal(error: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, format!("forwarding between coordinators failed: {error}"))
 }
@@ -465,6 +672,8 @@ pub fn unexpected(reply: &ShardReply) -> ApiError {
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt;
+
     use super::*;
 
     #[test]
@@ -494,6 +703,82 @@ mod tests {
         let bytes = flowgrid_proto::encode(Encoding::MsgPack, &request).unwrap();
         let decoded: ShardRequest = flowgrid_proto::decode(Encoding::MsgPack, &bytes).unwrap();
         assert_eq!(format!("{decoded:?}"), format!("{request:?}"));
+    }
+
+    /// A start asked again after a refusal goes as idempotent: its owner may have started the
+    /// run on the first try (a coordinator that lost the shard refused it meanwhile), and
+    /// then answers with that run instead of starting it again under the same id.
+    #[test]
+    fn a_start_asked_again_is_idempotent() {
+        let start = |idempotent| ShardRequest::Start {
+            run_id: RunId("r-1".into()),
+            flow: "media".into(),
+            version: 3,
+            input: serde_json::json!({"n": 1}),
+            idempotent,
+            parent: None,
+            labels: Labels::new(),
+            start_at: None,
+        };
+        for first in [false, true] {
+            match start(first).sent_again() {
+                ShardRequest::Start { idempotent, .. } => {
+                    assert!(idempotent, "a start first sent with idempotent: {first}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let cancel = ShardRequest::Cancel { run_id: RunId("r-1".into()), reason: String::new() };
+        assert_eq!(format!("{:?}", cancel.clone().sent_again()), format!("{cancel:?}"));
+    }
+
+    /// A start asked again waits, where the shard's owner took both, for the first try of the
+    /// same start still executed there: once that one is done, the run it started is found.
+    #[test]
+    fn a_start_asked_again_waits_for_its_first_try_in_flight() {
+        let start = |run: &str, idempotent| ShardRequest::Start {
+            run_id: RunId(run.into()),
+            flow: "media".into(),
+            version: 3,
+            input: Value::Null,
+            idempotent,
+            parent: None,
+            labels: Labels::new(),
+            start_at: None,
+        };
+        let starts = Arc::new(StartsInFlight::default());
+        let first = starts.turn(&start("r-1", false));
+        assert!(first.earlier_done().now_or_never().is_some(), "the first try waits for nothing");
+        let again = starts.turn(&start("r-1", true));
+        let other = starts.turn(&start("r-2", true));
+        let cancel = starts.turn(&ShardRequest::Cancel { run_id: RunId("r-1".into()), reason: String::new() });
+        assert!(again.earlier_done().now_or_never().is_none(), "the try asked again waits for the first");
+        assert!(other.earlier_done().now_or_never().is_some() && cancel.earlier_done().now_or_never().is_some());
+        drop(first);
+        assert!(again.earlier_done().now_or_never().is_some(), "the first try is done");
+        assert!(starts.runs.lock().unwrap().is_empty(), "a start done is forgotten");
+        assert!(starts.turn(&start("r-1", true)).earlier_done().now_or_never().is_some());
+    }
+
+    /// A coordinator whose lease lapsed after it took a shard sends no refusal that has its
+    /// request sent again (the shard's next owner may have applied it); other answers go.
+    #[test]
+    fn no_refusal_to_ask_again_is_sent_once_the_lease_lapsed() {
+        let lease = Arc::new(Lease::new(Duration::from_secs(30)));
+        lease.renewed(Instant::now());
+        let serving = Serving::new(lease.clone());
+        let moving =
+            Reply::<ShardReply>::Error(ApiError::new(ErrorCode::Unavailable, "shard 3 is not served right now"));
+        let overloaded = Reply::<ShardReply>::Error(ApiError::new(ErrorCode::Overloaded, "too many requests"));
+        let maybe = Reply::<ShardReply>::Error(maybe_applied("shard 3 did not answer".to_owned()));
+        let refused = Reply::<ShardReply>::Error(ApiError::new(ErrorCode::NotFound, "no run r-1"));
+        let listed = Reply::Ok(ShardReply::Runs(Vec::new()));
+        let all = [&moving, &overloaded, &maybe, &refused, &listed];
+        assert!(all.iter().all(|answer| serving.may_send(answer)), "the lease holds: every answer goes");
+        lease.revoke();
+        assert!(!serving.holds());
+        assert!(!serving.may_send(&moving) && !serving.may_send(&overloaded), "retryable refusals are not sent");
+        assert!([&maybe, &refused, &listed].iter().all(|answer| serving.may_send(answer)));
     }
 
     #[test]
