@@ -2,17 +2,14 @@
 //! idempotency key, goes on across a coordinator restart, deploys and a failed commit, and
 //! stops with a version deployed without it; `flow backfill` starts the runs of past slots.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flowgrid_model::{shard_of, Epoch, ShardId};
+use flowgrid_model::shard_of;
 use flowgrid_sdk::{ListRuns, RunId, RunSummary};
-use flowgrid_store::{Key, KeyRange, ShardStore, Store, StoreLimits, Value, WriteBatch};
-use flowgrid_store_redb::{RedbShard, RedbStore};
 use flowgrid_tests::{wait_for, Grid};
 use serde_json::json;
 
+use crate::store_failure::BreakableStore;
 use crate::{deploy, OrLogs};
 
 const TICKER: &str = r#"
@@ -301,66 +298,8 @@ async fn versions_deployed_back_to_back_drop_no_slot_of_the_schedule() -> anyhow
     wait_for_a_run_per_second(&grid, &client, "busy", began_ms, ended_ms).await
 }
 
-/// The embedded store, but for one commit of one shard: once armed, that shard's next
-/// commit hangs for [`STALL`] and then fails (a disk that stalls, then errs), so that its
-/// turn ends late and the shard reloads.
-#[derive(Clone)]
-struct StallingStore {
-    inner: RedbStore,
-    /// The shard whose next commit stalls and fails.
-    stall: Arc<Mutex<Option<ShardId>>>,
-    /// Set once that commit failed.
-    stalled: Arc<AtomicBool>,
-}
-
 /// How long the stalled commit hangs: several slots of a 1 s schedule fall meanwhile.
 const STALL: Duration = Duration::from_millis(3_200);
-
-struct StallingShard {
-    inner: RedbShard,
-    shard: ShardId,
-    store: StallingStore,
-}
-
-impl Store for StallingStore {
-    type Shard = StallingShard;
-
-    async fn open_shard(&self, shard: ShardId) -> flowgrid_store::Result<StallingShard> {
-        let inner = self.inner.open_shard(shard).await?;
-        Ok(StallingShard { inner, shard, store: self.clone() })
-    }
-}
-
-impl ShardStore for StallingShard {
-    async fn acquire(&self) -> flowgrid_store::Result<Epoch> {
-        self.inner.acquire().await
-    }
-
-    async fn current_epoch(&self) -> flowgrid_store::Result<Epoch> {
-        self.inner.current_epoch().await
-    }
-
-    async fn get(&self, key: &[u8]) -> flowgrid_store::Result<Option<Value>> {
-        self.inner.get(key).await
-    }
-
-    async fn scan(&self, range: KeyRange, limit: usize, reverse: bool) -> flowgrid_store::Result<Vec<(Key, Value)>> {
-        self.inner.scan(range, limit, reverse).await
-    }
-
-    async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> flowgrid_store::Result<()> {
-        let stalls = {
-            let mut stall = self.store.stall.lock().unwrap();
-            stall.take_if(|shard| *shard == self.shard).is_some()
-        };
-        if stalls {
-            tokio::time::sleep(STALL).await;
-            self.store.stalled.store(true, Ordering::Relaxed);
-            return Err(flowgrid_store::Error::Backend("an I/O error the test injected after a stall".into()));
-        }
-        self.inner.commit(epoch, batch).await
-    }
-}
 
 /// A shard whose commit hung for seconds and then failed reloads from its store and then
 /// starts every slot of its schedules that fell meanwhile, as a late turn that committed
@@ -368,11 +307,7 @@ impl ShardStore for StallingShard {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_reloaded_after_a_late_failed_commit_starts_every_slot_that_fell_meanwhile() -> anyhow::Result<()> {
     let grid = Grid::start_nats()?;
-    let store = StallingStore {
-        inner: RedbStore::open(grid.data_dir(), StoreLimits::default())?,
-        stall: Arc::default(),
-        stalled: Arc::default(),
-    };
+    let store = BreakableStore::open(&grid)?;
     let _coordinator = crate::store_failure::spawn_coordinator(&grid, store.clone())?;
     grid.wait_shards_served_by(1, Duration::from_secs(30)).await?;
     let client = grid.client().await?;
@@ -388,14 +323,11 @@ async fn a_shard_reloaded_after_a_late_failed_commit_starts_every_slot_that_fell
         .map(|n| format!("neighbour-{n}"))
         .find(|name| shard_of(name, grid.shards) == catalog)
         .expect("a name in every shard");
-    *store.stall.lock().unwrap() = Some(catalog);
+    store.stall_next_commit(catalog, STALL);
     let began_ms = unix_ms();
     let impatient = client.clone().with_retry_budget(Duration::ZERO);
     let refused = impatient.deploy(every_second(&neighbour, "a neighbour")).await;
-    wait_for("the stalled commit to fail", Duration::from_secs(20), || async {
-        store.stalled.load(Ordering::Relaxed).then_some(())
-    })
-    .await?;
+    wait_for("the stalled commit to fail", Duration::from_secs(20), || async { store.stalled().then_some(()) }).await?;
     let ended_ms = unix_ms();
     assert!(ended_ms - began_ms >= STALL.as_millis() as u64, "the commit stalled: {refused:?}");
     wait_for_a_run_per_second(&grid, &client, "steady", began_ms, ended_ms).await

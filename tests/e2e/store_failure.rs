@@ -33,10 +33,10 @@ use crate::{deploy, refusal, OrLogs, ECHO_FLOW, RUN_DEADLINE};
 /// How long shards may take to settle after a change (debug builds, 2 cores).
 const SETTLE: Duration = Duration::from_secs(30);
 
-/// The embedded store, with switches: one makes it report itself broken, the other
-/// makes every shard's commits and scans fail.
+/// The embedded store, with switches: one makes it report itself broken, one makes every
+/// shard's commits and scans fail, and one makes one shard's next commit hang and then fail.
 #[derive(Clone)]
-struct BreakableStore {
+pub(crate) struct BreakableStore {
     inner: RedbStore,
     broken: Arc<Mutex<Option<String>>>,
     failing: Arc<AtomicBool>,
@@ -44,10 +44,14 @@ struct BreakableStore {
     failed_commits: Arc<Mutex<HashSet<ShardId>>>,
     /// Shards a scan failed for while `failing`: a reload scans first, so their actors stop.
     failed_scans: Arc<Mutex<HashSet<ShardId>>>,
+    /// The shard whose next commit hangs for the time given and then fails.
+    stall: Arc<Mutex<Option<(ShardId, Duration)>>>,
+    /// Set once that commit failed.
+    stalled: Arc<AtomicBool>,
 }
 
 impl BreakableStore {
-    fn open(grid: &Grid) -> anyhow::Result<BreakableStore> {
+    pub(crate) fn open(grid: &Grid) -> anyhow::Result<BreakableStore> {
         let inner = RedbStore::open(grid.data_dir(), StoreLimits::default())?;
         Ok(BreakableStore {
             inner,
@@ -55,7 +59,20 @@ impl BreakableStore {
             failing: Arc::default(),
             failed_commits: Arc::default(),
             failed_scans: Arc::default(),
+            stall: Arc::default(),
+            stalled: Arc::default(),
         })
+    }
+
+    /// Makes the next commit of `shard` hang for `hang` and then fail (a disk that stalls,
+    /// then errs), so that its turn ends late and the shard reloads.
+    pub(crate) fn stall_next_commit(&self, shard: ShardId, hang: Duration) {
+        *self.stall.lock().unwrap() = Some((shard, hang));
+    }
+
+    /// Whether the commit [`BreakableStore::stall_next_commit`] asked for has failed.
+    pub(crate) fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 }
 
@@ -72,7 +89,7 @@ impl Store for BreakableStore {
     }
 }
 
-struct BreakableShard {
+pub(crate) struct BreakableShard {
     inner: RedbShard,
     shard: ShardId,
     store: BreakableStore,
@@ -109,6 +126,12 @@ impl ShardStore for BreakableShard {
 
     async fn commit(&self, epoch: Epoch, batch: WriteBatch) -> flowgrid_store::Result<()> {
         self.check(&self.store.failed_commits)?;
+        let hang = self.store.stall.lock().unwrap().take_if(|(shard, _)| *shard == self.shard).map(|(_, hang)| hang);
+        if let Some(hang) = hang {
+            tokio::time::sleep(hang).await;
+            self.store.stalled.store(true, Ordering::Relaxed);
+            return Err(flowgrid_store::Error::Backend("an I/O error the test injected after a stall".into()));
+        }
         self.inner.commit(epoch, batch).await
     }
 }
