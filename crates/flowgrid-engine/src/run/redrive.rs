@@ -9,11 +9,12 @@
 //! a subflow step with a new child run); one that waited for dependencies waits again. Of a
 //! run that succeeded (a `succeed` step ended it and cancelled the steps still going), only
 //! the cancelled steps that a step started anew waits for, directly or through other
-//! cancelled steps: the others were not reached and stay cancelled. A step named to run
-//! again from, and every step its edges lead to, start from scratch: each counts only the
-//! dependencies before the named steps as resolved, as they resolved then (the branch a
-//! choice took, the catch that took a failure), and waits for the others; a map runs all
-//! its items again.
+//! cancelled steps: the others were not reached and stay cancelled, even when a step that
+//! goes again leads to them (they are after it, its catch's steps or the branches of a
+//! choice that goes again): they take no edges. A step named to run again from, and every
+//! step its edges lead to, start from scratch: each counts only the dependencies before the
+//! named steps as resolved, as they resolved then (the branch a choice took, the catch that
+//! took a failure), and waits for the others; a map runs all its items again.
 //! Attempt numbers go on from where each step left them, so a late result of an earlier
 //! attempt never passes for a new one, and a child of the new round has an id of its own.
 //! The run's timeout counts from the redrive. A run cancelled before its start time
@@ -159,6 +160,16 @@ impl Run {
             }
         }
         again
+    }
+
+    /// Step `index` is one a redrive of a succeeded run left cancelled: not reached, and
+    /// waited for by no step started anew. It takes no edges, so a step that goes again and
+    /// leads to it (it is after that step, its catch's step or a branch of its choice)
+    /// neither starts nor skips it. A step is cancelled only when its run ends, so a cancelled step of a run
+    /// that goes again after a redrive is one of these.
+    pub(super) fn left_cancelled(&self, index: StepIndex) -> bool {
+        let cancelled = self.steps[usize::from(index)].status == StepStatus::Cancelled;
+        cancelled && self.redriven.is_some() && !self.status.is_terminal()
     }
 
     /// Step `target` goes again: it counts the dependencies that stay and have resolved,

@@ -5,7 +5,9 @@
 //! source's edges to it matches how the source resolved. A target whose deps have all
 //! resolved starts if it was activated, else it is skipped, which resolves it in turn
 //! with no edge activated. The work is queued on the agenda, never recursed, so a long
-//! chain of skips cannot exhaust the stack, and it is done in a fixed order.
+//! chain of skips cannot exhaust the stack, and it is done in a fixed order. A step that a
+//! redrive of a succeeded run left cancelled takes no edges: a step that goes again and
+//! leads to it neither starts nor skips it (see `Run::left_cancelled`).
 
 use flowgrid_model::plan::{Edge, EdgeWhen};
 use flowgrid_model::StepIndex;
@@ -98,6 +100,9 @@ impl Run {
     }
 
     fn dependency_resolved(&mut self, target: StepIndex, activated: bool, context: &Context<'_>) {
+        if self.left_cancelled(target) {
+            return;
+        }
         let deps = self.plan.step(target).deps.len() as u32;
         let state = self.state(target);
         assert!(state.status == StepStatus::Pending, "a step waiting for deps is pending");

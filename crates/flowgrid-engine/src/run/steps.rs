@@ -195,10 +195,13 @@ impl Run {
     }
 
     /// A task, map, signal or subflow step failed for good: a matching catch takes over, else the
-    /// run fails with the step's error.
+    /// run fails with the step's error. A catch whose step a redrive of a succeeded run left
+    /// cancelled (the step went again only for a later step) does not: its failure is the
+    /// run's, not dropped on a step that will not run.
     pub(super) fn step_failed(&mut self, index: StepIndex, error: TaskError, context: &mut Context<'_>) {
         let plan = Arc::clone(&self.plan);
-        let Some((catch, _rule)) = plan.step(index).kind.catch_for(&error.code) else {
+        let caught = plan.step(index).kind.catch_for(&error.code).filter(|(_, rule)| !self.left_cancelled(rule.next));
+        let Some((catch, _rule)) = caught else {
             // The step's own failure cancelled what it had out (a map's items, a subflow's
             // children), so the run's end has nothing more of it to cancel.
             let state = self.state(index);

@@ -596,3 +596,129 @@ fn a_succeed_step_keeps_its_output_for_the_run_view_and_a_later_end() {
     let (replayed, _) = replay(&harness);
     assert_eq!(replayed.view(), harness.run.view());
 }
+
+/// [`CHECKED_AND_JOINED`] with a step after `side` that nothing started anew waits for.
+const CHECKED_JOINED_AND_AUDITED: &str = r##"
+name: checked
+steps:
+  - { kind: task, id: check, pool: cpu, task: check }
+  - { kind: succeed, id: done, after: [check], output: "steps.check.output" }
+  - { kind: task, id: side, pool: cpu, task: side }
+  - { kind: task, id: report, after: [check, side], pool: cpu, task: report }
+  - { kind: task, id: audit, after: [side], pool: cpu, task: audit }
+"##;
+
+#[test]
+fn a_step_left_cancelled_stays_cancelled_when_a_step_going_again_leads_to_it() {
+    let mut harness = Harness::start(CHECKED_JOINED_AND_AUDITED, json!({}), 0);
+    harness.succeed(10, "check", None, 1, json!("ok"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.step_status("audit"), StepStatus::Cancelled);
+
+    // `side` goes again because `report` waits for it; `audit`, after `side` too, was not
+    // reached and stays cancelled when `side` resolves.
+    redrive_from(&mut harness, 100, &["report"]);
+    assert_eq!(harness.dispatched_names(), vec!["side"]);
+    harness.succeed(110, "side", None, 2, json!("s"));
+    assert_eq!(harness.dispatched_names(), vec!["report"], "`audit` is not started");
+    let audit = harness.step("audit");
+    assert_eq!((audit.status, audit.attempts), (StepStatus::Cancelled, 0));
+    harness.succeed(120, "report", None, 1, json!("r"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.output(), Some(&json!({"done": "ok", "report": "r"})));
+    assert_eq!(harness.step_status("audit"), StepStatus::Cancelled);
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+/// A `succeed` step that ends the run as soon as `check` succeeds, and a choice after the
+/// step beside it that `report` waits for.
+const CHECKED_AND_ROUTED: &str = r##"
+name: checked
+steps:
+  - { kind: task, id: check, pool: cpu, task: check }
+  - { kind: succeed, id: done, after: [check], output: "steps.check.output" }
+  - { kind: task, id: side, pool: cpu, task: side }
+  - kind: choice
+    id: route
+    after: [side]
+    choices:
+      - when: 'steps.side.output == "big"'
+        next: big
+    default: small
+  - { kind: task, id: big, pool: gpu, task: big }
+  - { kind: task, id: small, pool: cpu, task: small }
+  - { kind: task, id: report, after: [check, route], pool: cpu, task: report }
+"##;
+
+#[test]
+fn the_branches_of_a_choice_going_again_stay_cancelled_when_only_a_step_after_the_choice_waits_for_it() {
+    let mut harness = Harness::start(CHECKED_AND_ROUTED, json!({}), 0);
+    harness.succeed(10, "check", None, 1, json!("ok"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.step_status("big"), StepStatus::Cancelled);
+
+    // `report` waits for `route`, which waits for `side`: both go again; the branches were
+    // not reached and stay cancelled, whichever the choice takes.
+    redrive_from(&mut harness, 100, &["report"]);
+    assert_eq!(harness.dispatched_names(), vec!["side"]);
+    harness.succeed(110, "side", None, 2, json!("big"));
+    assert_eq!(harness.step_status("route"), StepStatus::Succeeded);
+    assert_eq!(harness.dispatched_names(), vec!["report"], "the branch taken is not started");
+    assert_eq!(
+        (harness.step_status("big"), harness.step_status("small")),
+        (StepStatus::Cancelled, StepStatus::Cancelled)
+    );
+    harness.succeed(120, "report", None, 1, json!("r"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.output(), Some(&json!({"done": "ok", "report": "r"})));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+/// [`CHECKED_AND_JOINED`] whose `side` has a catch.
+const CHECKED_AND_CAUGHT: &str = r##"
+name: checked
+steps:
+  - { kind: task, id: check, pool: cpu, task: check }
+  - { kind: succeed, id: done, after: [check], output: "steps.check.output" }
+  - { kind: task, id: side, pool: cpu, task: side, catch: [{ errors: [missing], next: fallback }] }
+  - { kind: task, id: fallback, pool: cpu, task: fallback }
+  - { kind: task, id: report, after: [check, side], pool: cpu, task: report }
+"##;
+
+#[test]
+fn the_catch_of_a_step_going_again_stays_cancelled_when_only_a_step_after_it_waits_for_it() {
+    let mut harness = Harness::start(CHECKED_AND_CAUGHT, json!({}), 0);
+    harness.succeed(10, "check", None, 1, json!("ok"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.step_status("fallback"), StepStatus::Cancelled);
+
+    redrive_from(&mut harness, 100, &["report"]);
+    assert_eq!(harness.dispatched_names(), vec!["side"]);
+    harness.succeed(110, "side", None, 2, json!("s"));
+    assert_eq!(harness.dispatched_names(), vec!["report"]);
+    assert_eq!(harness.step_status("fallback"), StepStatus::Cancelled, "the catch's step was not reached");
+    harness.succeed(120, "report", None, 1, json!("r"));
+    assert_eq!(harness.run.status(), RunStatus::Succeeded);
+    assert_eq!(harness.run.output(), Some(&json!({"done": "ok", "report": "r"})));
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
+
+/// The same redrive, with `side` failing again with an error its catch takes: the catch's
+/// step was left cancelled and does not run, so the failure fails the run rather than
+/// being dropped (which would leave `report` skipped in a run that says it succeeded).
+#[test]
+fn a_caught_failure_of_a_step_going_again_whose_catch_was_left_cancelled_fails_the_run() {
+    let mut harness = Harness::start(CHECKED_AND_CAUGHT, json!({}), 0);
+    harness.succeed(10, "check", None, 1, json!("ok"));
+    redrive_from(&mut harness, 100, &["report"]);
+    assert_eq!(harness.dispatched_names(), vec!["side"]);
+    harness.fail(110, "side", None, 2, error("missing", false));
+    assert_eq!(harness.run.status(), RunStatus::Failed);
+    assert_eq!(harness.run.error().map(|error| error.code.as_str()), Some("missing"));
+    assert_eq!(harness.step_status("fallback"), StepStatus::Cancelled, "the catch's step was not reached");
+    let (replayed, _) = replay(&harness);
+    assert_eq!(replayed.view(), harness.run.view());
+}
