@@ -1382,3 +1382,139 @@ async fn run_history_is_printed_page_by_page_and_stops_once_its_reader_is_gone()
     assert_eq!(status.code(), Some(141), "it ended as a command whose reader went away");
     Ok(())
 }
+
+/// A batch whose reply the grid refused as too large for one message (`payload_too_large`,
+/// which a coordinator sends in place of a reply NATS would not carry, after it applied
+/// every start): a responder plays that grid for batches of more than 4 starts. The starts
+/// without a key are not sent again (each may have started, and says so); those with one
+/// go again in smaller batches and learn their runs. Before, the batcher took the refusal
+/// for one of a request too large to send and sent both halves: each keyless start twice.
+#[tokio::test]
+async fn a_batch_whose_reply_was_too_large_sends_no_start_without_a_key_again() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    /// Starts of a batch above which the responder refuses the reply as too large.
+    const REPLY_STARTS_MAX: usize = 4;
+    let grid = Grid::start_nats()?;
+    let nats = grid.nats_client().await?;
+    let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.start_many");
+    let mut requests = nats.subscribe(subject).await?;
+    nats.flush().await?;
+    // The `n` of each start the responder was sent, as often as it was sent.
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let responder = tokio::spawn({
+        let received = received.clone();
+        async move {
+            while let Some(request) = requests.next().await {
+                let batch: flowgrid_proto::StartRuns = decode(Encoding::MsgPack, &request.payload)?;
+                received.lock().expect("not poisoned").extend(batch.runs.iter().map(|start| start.input["n"].clone()));
+                let reply = if batch.runs.len() > REPLY_STARTS_MAX {
+                    let message = "the reply is 2000000 bytes, over the 1044480 bytes a message may carry";
+                    encode(
+                        Encoding::MsgPack,
+                        &Reply::<()>::Error(flowgrid_sdk::ApiError::new(ErrorCode::PayloadTooLarge, message)),
+                    )?
+                } else {
+                    let results = batch
+                        .runs
+                        .iter()
+                        .map(|start| {
+                            let run_id = match &start.idempotency_key {
+                                Some(key) => RunId::from_idempotency_key(&start.flow, key),
+                                None => RunId(format!("run-{}", start.input["n"]).into()),
+                            };
+                            Reply::Ok(RunStarted { run_id, flow: start.flow.clone(), version: 1, created: true })
+                        })
+                        .collect();
+                    encode(Encoding::MsgPack, &Reply::Ok(flowgrid_proto::RunsStarted { results }))?
+                };
+                nats.publish(request.reply.expect("a request"), reply.into()).await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    let client = grid.client().await?;
+    let batcher = flowgrid_sdk::StartBatcher::new(client, 256, 1);
+    // Odd starts carry a key. On this one-thread runtime every start joins the queue
+    // before the batcher takes any: they share one batch of 8.
+    let key = |n: u64| (n % 2 == 1).then(|| format!("order-{n}"));
+    let outcomes =
+        futures::future::join_all((0..8).map(|n| batcher.start(start("f", json!({"n": n}), key(n).as_deref())))).await;
+    responder.abort();
+    let received = received.lock().expect("not poisoned").clone();
+    for (n, outcome) in (0..8).zip(&outcomes) {
+        match key(n) {
+            Some(key) => {
+                let started = outcome.as_ref().map_err(|error| anyhow::anyhow!("start {n}: {error}"))?;
+                assert_eq!(started.run_id, RunId::from_idempotency_key("f", &key), "{outcomes:?}");
+            }
+            None => {
+                let sent = received.iter().filter(|sent| **sent == json!(n)).count();
+                assert_eq!(sent, 1, "start {n} has no key: sent {sent} times ({received:?})");
+                let error = outcome.as_ref().expect_err("a start whose reply was lost has no run id to give");
+                assert!(error.may_have_been_applied(), "start {n}: {error:?}");
+                assert!(error.to_string().contains("the reply is 2000000 bytes"), "{error}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One start nested too deep for the grid to decode inside a batch (126 levels of its input,
+/// and the batch's own 3, over the 128 the grid reads) among 10 others that the grid takes:
+/// only that one is refused. Before, the grid refused the whole request as one it could not
+/// decode, and each of the 10 others got that refusal.
+#[tokio::test]
+async fn a_start_too_deep_to_decode_in_a_batch_is_refused_alone() -> anyhow::Result<()> {
+    const DEEP_AT: usize = 5;
+    let grid = Grid::start(&[]).await?;
+    let client = grid.client().await?;
+    deploy(&grid, &client, IDLE_FLOW).await?;
+    let deep = (0..126).fold(json!(1), |inner, _| json!([inner]));
+    let batcher = flowgrid_sdk::StartBatcher::new(client.clone(), 256, 1);
+    // On this one-thread runtime every start joins the queue before the batcher takes any:
+    // they share one batch.
+    let outcomes = futures::future::join_all((0..11).map(|n| {
+        let input = if n == DEEP_AT { deep.clone() } else { json!({"n": n}) };
+        batcher.start(start("idle", input, None))
+    }))
+    .await;
+    for (n, outcome) in outcomes.iter().enumerate() {
+        if n == DEEP_AT {
+            let error = outcome.as_ref().expect_err("an input nested 126 deep is refused");
+            assert_eq!(refusal(error).code, ErrorCode::InvalidRequest, "{error:?}");
+        } else {
+            outcome.as_ref().map_err(|error| anyhow::anyhow!("start {n}: {error}\n{}", grid.logs()))?;
+        }
+    }
+    let runs = client.list(ListRuns { flow: Some("idle".into()), ..Default::default() }).await.or_logs(&grid)?;
+    assert_eq!(runs.runs.len(), 10, "{runs:?}");
+    Ok(())
+}
+
+/// A batch of a start with an idempotency key and one without, that timed out with no
+/// budget left to send it again: the start with the key is told what `Client::start` would
+/// tell it (the timeout), not that the grid may have applied it and to add a key.
+#[tokio::test]
+async fn a_keyed_start_of_a_batch_that_timed_out_is_not_told_to_add_a_key() -> anyhow::Result<()> {
+    let grid = Grid::start_nats()?;
+    let nats = grid.nats_client().await?;
+    let subject = flowgrid_proto::Subjects::new(grid.prefix.clone()).api("run.start_many");
+    // Takes every request and answers none.
+    let _silent = nats.subscribe(subject.clone()).await?;
+    nats.flush().await?;
+    let client =
+        grid.client().await?.with_request_timeout(Duration::from_millis(300)).with_retry_budget(Duration::ZERO);
+    let batcher = flowgrid_sdk::StartBatcher::new(client, 256, 1);
+    // On this one-thread runtime both starts join the queue before the batcher takes any.
+    let (keyed, keyless) = futures::join!(
+        batcher.start(start("f", json!({}), Some("order-7"))),
+        batcher.start(start("f", json!({}), None))
+    );
+    let keyless = keyless.expect_err("nobody answered");
+    assert!(keyless.may_have_been_applied(), "{keyless:?}");
+    let keyed = keyed.expect_err("nobody answered");
+    let message = keyed.to_string();
+    assert!(message.starts_with(&format!("request on {subject} (1 try) timed out after ")), "{message}");
+    assert!(!keyed.may_have_been_applied() && !message.contains("idempotency_key"), "{message}");
+    Ok(())
+}

@@ -325,7 +325,8 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
     };
     let resubmitted = client.submit(again).await.or_logs(&grid)?;
     assert_eq!(resubmitted.run_id, submitted.run_id);
-    assert!(resubmitted.duplicate, "a republish with the same key is dropped by JetStream: {resubmitted:?}");
+    // Stored (a submit refused before would otherwise be dropped): the key keeps the two to one run.
+    assert!(!resubmitted.duplicate, "a later submit with the same key is stored: {resubmitted:?}");
     let unanswered = client.clone().with_retry_budget(Duration::ZERO).flows().await;
     assert!(unanswered.is_err_and(|error| error.is_no_responders()), "no coordinator should be serving");
     // The CLI cannot ask whether the flow is deployed, and submits all the same.
@@ -355,10 +356,12 @@ async fn durable_submit_without_a_coordinator_runs_once_one_starts() -> anyhow::
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
-    assert_eq!(view.output, Some(input), "{view:?}");
+    // The submits with the key are started together: the run is whichever was first.
+    assert!([input, json!({"order": 8}), Value::Null].contains(&view.input), "{view:?}");
+    assert_eq!(view.output.clone().unwrap_or(Value::Null), view.input, "{view:?}");
     assert_eq!(view.flow, "echo-once");
     let runs = client.list(ListRuns { flow: Some("echo-once".into()), ..Default::default() }).await?;
-    assert_eq!(runs.runs.len(), 1, "two submits with one key start one run: {runs:?}");
+    assert_eq!(runs.runs.len(), 1, "three submits with one key start one run: {runs:?}");
     // With a coordinator to ask, the CLI refuses to submit a run of a flow that is not
     // deployed (the coordinator taking it would drop it, telling no one).
     let (ok, stdout, stderr) = grid.cli(&["run", "submit", "echo-twice"])?;
@@ -534,5 +537,67 @@ async fn a_wait_that_loses_every_coordinator_after_the_start_is_not_to_be_starte
     let message = error["message"].as_str().unwrap_or_default();
     assert!(message.contains(&format!("flowgrid run watch {run_id}")), "{message}");
     assert!(rest.contains(&format!("run {run_id} was started")), "{rest}");
+    Ok(())
+}
+
+/// A durable submit the grid refused (its flow not deployed yet), submitted again with the
+/// same key once the flow is deployed, within the stream's duplicate window: it is stored
+/// and its run starts. Before, its message id was the run id alone, which JetStream still
+/// held for the refused submit: the second was acknowledged as a duplicate and dropped,
+/// with no run and no refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_sent_again_after_its_refusal_is_stored_and_runs() -> anyhow::Result<()> {
+    let grid = Grid::start(&["a"]).await?;
+    let client = grid.client().await?;
+    let input = json!({"order": 11});
+    let submit = || StartRun {
+        flow: "echo-once".into(),
+        input: input.clone(),
+        idempotency_key: Some("order-11".into()),
+        ..Default::default()
+    };
+    let refused = client.submit(submit()).await.or_logs(&grid)?;
+    wait_for("the submit's refusal to be kept", RUN_DEADLINE, || async {
+        let refused = client.refused_submits(10).await.ok()?;
+        refused.iter().any(|refused| refused.reason.contains("echo-once")).then_some(())
+    })
+    .await
+    .or_logs(&grid)?;
+    deploy(&grid, &client, ECHO_FLOW).await?;
+    let submitted = client.submit(submit()).await.or_logs(&grid)?;
+    assert_eq!(submitted.run_id, refused.run_id);
+    assert!(!submitted.duplicate, "the submit after the refusal is stored: {submitted:?}");
+    let view = grid.wait_run(&client, &submitted.run_id, RUN_DEADLINE).await?;
+    assert_eq!(view.status, RunStatus::Succeeded, "{view:?}\n{}", grid.logs());
+    assert_eq!(view.output, Some(input), "{view:?}");
+    Ok(())
+}
+
+/// A client's first durable submit while nats-server restarts, down for longer than a
+/// JetStream request of the client's connection waits for its answer: it is retried within
+/// the client's retry budget, and stored once nats-server is back. Before, the first try
+/// to make sure the submit stream exists was made once, outside the retries: the submit
+/// failed with that request's timeout, asking whether JetStream was enabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_durable_submit_rides_out_a_nats_server_restart() -> anyhow::Result<()> {
+    /// How long a request of the client's connection (a JetStream one too) waits for its
+    /// answer: short, so that the test is.
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Longer than [`REQUEST_TIMEOUT`], shorter than the client's retry budget.
+    const DOWN_FOR: Duration = Duration::from_secs(3);
+    let mut grid = Grid::start_nats()?;
+    let nats = async_nats::ConnectOptions::new().request_timeout(Some(REQUEST_TIMEOUT)).connect(&grid.nats_url).await?;
+    let client = flowgrid_sdk::Client::new(nats, grid.prefix.clone());
+    grid.nats.kill_hard();
+    let restarted = std::thread::spawn(move || grid.restart_nats(DOWN_FOR).map(|()| grid));
+    let start = StartRun { flow: "echo-once".into(), idempotency_key: Some("order-12".into()), ..Default::default() };
+    let submitted = client.submit(start).await;
+    let grid = restarted.join().map_err(|_| anyhow::anyhow!("restarting nats-server panicked"))??;
+    let submitted = submitted.or_logs(&grid)?;
+    assert_eq!(submitted.run_id, RunId::from_idempotency_key("echo-once", "order-12"));
+    let jetstream = async_nats::jetstream::new(grid.nats_client().await?);
+    let subjects = flowgrid_proto::Subjects::new(grid.prefix.clone());
+    let mut stream = jetstream.get_stream(subjects.submit_stream()).await?;
+    assert_eq!(stream.info().await?.state.messages, 1, "the submit is stored");
     Ok(())
 }

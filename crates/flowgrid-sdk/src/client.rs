@@ -98,7 +98,11 @@ pub struct Submitted {
     pub idempotency_key: String,
     /// Position in the submit stream.
     pub sequence: u64,
-    /// JetStream already held a submission with the same key (inside its duplicate window).
+    /// JetStream already held this submission: an earlier try of the same call stored it,
+    /// and its acknowledgement was lost. Each call publishes under a message id of its own
+    /// (the run id and a fresh id), so a submit sent again by a later call (after the grid
+    /// refused the first, say, for a flow not deployed yet) is stored, never dropped as a
+    /// duplicate; the idempotency key still makes the grid start one run for the two.
     pub duplicate: bool,
 }
 
@@ -275,20 +279,32 @@ impl Client {
     ///
     /// [`StartBatcher`]: crate::StartBatcher
     pub async fn start_many(&self, starts: &[StartRun]) -> Result<Vec<Result<RunStarted>>> {
+        self.try_start_many(starts).await.map_err(StartManyError::into_error)
+    }
+
+    /// [`Client::start_many`], telling a request too large to send (so none of its starts
+    /// was applied) from any other failure of the whole request.
+    pub(crate) async fn try_start_many(&self, starts: &[StartRun]) -> Result<Vec<Result<RunStarted>>, StartManyError> {
         // `StartRuns` borrowed: the starts are encoded without a copy.
         #[derive(Serialize)]
         struct StartRunsRef<'a> {
             runs: &'a [StartRun],
         }
+        let failed = StartManyError::Failed;
+        let payload =
+            encode(Encoding::MsgPack, &StartRunsRef { runs: starts }).map_err(|error| failed(error.into()))?;
+        let payload = Bytes::from(payload);
+        self.check_fits(payload.len()).map_err(StartManyError::TooLargeToSend)?;
         let on_timeout = OnTimeout::retry_if(starts.iter().all(|start| start.idempotency_key.is_some()));
-        let started: RunsStarted = self.call("run.start_many", &StartRunsRef { runs: starts }, on_timeout).await?;
+        let subject = self.subjects.api("run.start_many");
+        let started: RunsStarted = self.call_encoded(subject, payload, on_timeout).await.map_err(failed)?;
         if started.results.len() != starts.len() {
             let mismatch = format!("{} outcomes for {} starts", started.results.len(), starts.len());
-            return Err(Error::Proto(ProtoError::Malformed {
+            return Err(failed(Error::Proto(ProtoError::Malformed {
                 encoding: "msgpack",
                 expected: "RunsStarted",
                 source: mismatch.into(),
-            }));
+            })));
         }
         Ok(started.results.into_iter().map(|reply| reply.into_result().map_err(Error::Api)).collect())
     }
@@ -505,17 +521,18 @@ impl Client {
         if let Some(refusal) = start.refusal(now_ms) {
             return Err(Error::Api(refusal));
         }
-        self.ensure_submit_stream().await?;
         let key = start.idempotency_key.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
         let run_id = RunId::from_idempotency_key(&start.flow, &key);
         let payload = Bytes::from(encode(Encoding::MsgPack, &start)?);
         flowgrid_proto::check_fits_server("the submission", payload.len(), || self.nats.server_info().max_payload)
             .map_err(Error::Api)?;
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, run_id.as_str());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, submit_message_id(&run_id).as_str());
         let subject = self.subjects.submit();
         let started = Instant::now();
         let mut backoff = Client::retry_backoff();
+        // Each try makes sure the stream exists first: a JetStream out of reach for a moment
+        // (nats-server restarting) is retried within the budget, as a failed publish is.
         loop {
             let attempt = match self.ensure_submit_stream().await {
                 Ok(()) => self.publish_once(&subject, headers.clone(), payload.clone()).await,
@@ -591,8 +608,23 @@ impl Client {
         on_timeout: OnTimeout,
     ) -> Result<Response> {
         let payload = Bytes::from(encode(Encoding::MsgPack, request)?);
-        flowgrid_proto::check_fits_server("the request", payload.len(), || self.nats.server_info().max_payload)
-            .map_err(Error::Api)?;
+        self.check_fits(payload.len()).map_err(Error::Api)?;
+        self.call_encoded(subject, payload, on_timeout).await
+    }
+
+    /// Refuses a request of `bytes` over what one message may carry on this NATS server,
+    /// before it is sent.
+    fn check_fits(&self, bytes: usize) -> Result<(), ApiError> {
+        flowgrid_proto::check_fits_server("the request", bytes, || self.nats.server_info().max_payload)
+    }
+
+    /// Sends the encoded request `payload` on `subject` and retries as [`Client::call`] does.
+    async fn call_encoded<Response: DeserializeOwned>(
+        &self,
+        subject: String,
+        payload: Bytes,
+        on_timeout: OnTimeout,
+    ) -> Result<Response> {
         let started = Instant::now();
         let mut backoff = Client::retry_backoff();
         // The first try waits the whole request timeout. A retry of a call that is safe to
@@ -661,6 +693,27 @@ impl Client {
     }
 }
 
+/// How a `run.start_many` request failed as a whole ([`Client::try_start_many`]).
+#[derive(Debug)]
+pub(crate) enum StartManyError {
+    /// Over what one message may carry on this NATS server: the client did not send it, so
+    /// none of its starts was applied.
+    TooLargeToSend(ApiError),
+    /// Sent, or tried: the grid refused the whole request, it timed out, or it could not be
+    /// sent or its reply read.
+    Failed(Error),
+}
+
+impl StartManyError {
+    /// The failure as [`Client::start_many`] returns it.
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            StartManyError::TooLargeToSend(refusal) => Error::Api(refusal),
+            StartManyError::Failed(error) => error,
+        }
+    }
+}
+
 /// What to do about a start without an idempotency key whose request timed out.
 const START_TIMEOUT_ADVICE: &str = "read the run before sending it again, or give starts an idempotency_key";
 /// What to do about a redrive whose request timed out.
@@ -693,6 +746,15 @@ impl OnTimeout {
             OnTimeout::Fail(advice) => Some(advice),
         }
     }
+}
+
+/// The `Nats-Msg-Id` of a durable submit of run `run_id`: the run id and a fresh id of the
+/// call, so that JetStream drops the tries of one call after the first it stored, and no
+/// other call's. A message id of the run id alone outlived the submit in the stream's
+/// duplicate window once a coordinator refused and removed it: the same key submitted
+/// again, after the flow was deployed, was acknowledged as a duplicate and dropped.
+fn submit_message_id(run_id: &RunId) -> String {
+    format!("{run_id}:{}", uuid::Uuid::new_v4().simple())
 }
 
 /// True when a durable submit found no stream on its subject.

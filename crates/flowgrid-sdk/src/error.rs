@@ -86,6 +86,19 @@ impl Error {
         }
     }
 
+    /// [`Error::copy_for_batch`] for a call that is safe to repeat (a start with an
+    /// idempotency key) in a batch that was not: a timeout says what timed out, how often
+    /// and for how long, as that call's own would, not that the grid may have applied it.
+    pub(crate) fn copy_for_batch_safe_to_repeat(&self) -> Error {
+        match self {
+            Error::Timeout { what, after } if self.may_have_been_applied() => {
+                let timed_out = what.split_once(TIMEOUT_ADVICE).map_or(what.as_str(), |(timed_out, _)| timed_out);
+                Error::Timeout { what: timed_out.to_owned(), after: *after }
+            }
+            _ => self.copy_for_batch(),
+        }
+    }
+
     /// This failure as text, for a source that cannot be copied.
     fn as_text_for_batch(&self) -> Error {
         Error::Nats { context: "batched request failed".to_owned(), source: self.to_string().into() }
