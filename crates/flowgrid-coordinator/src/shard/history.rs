@@ -58,12 +58,31 @@ pub(super) async fn history_page<S: ShardStore>(
         return Err(not_found(&run_id));
     }
     let mut page = Vec::with_capacity(stored.records.len());
+    let mut more = stored.more;
     for (key, value) in &stored.records {
         let (_, seq) = keys::decode_history(key).map_err(internal)?;
-        page.push(history_record(seq, value).map_err(internal)?);
+        match history_record(seq, value) {
+            Ok(record) => page.push(record),
+            // The records before it are read, and the page ends there: the next page begins
+            // with it and says which it is, so a reader can step past it.
+            Err(_) if !page.is_empty() => {
+                more = true;
+                break;
+            }
+            Err(error) => return Err(undecodable(&run_id, seq, &error)),
+        }
     }
-    let next = if stored.more { page.last().map(|record| record.seq) } else { None };
+    let next = if more { page.last().map(|record| record.seq) } else { None };
     Ok(RunHistory { run_id, records: page, next })
+}
+
+/// What a reader is told when record `seq` of `run_id`'s history does not decode (a run
+/// held back for it is the one an operator reads): which record, and how to read on.
+fn undecodable(run_id: &RunId, seq: u64, error: &crate::error::Error) -> ApiError {
+    internal(format_args!(
+        "history record {seq} of run {run_id} does not decode ({error}); read the records after it \
+         with after={seq} (`flowgrid run history {run_id} --after {seq}`)"
+    ))
 }
 
 /// Whether the run whose history is `whole` has any record (its start, at least).
@@ -87,4 +106,67 @@ fn history_record(seq: u64, value: &[u8]) -> crate::error::Result<HistoryRecord>
     }
     let record: EventRecord = records::decode("history record", value)?;
     Ok(HistoryRecord { seq, at_ms: record.now_ms, started: None, event: Some(record.event) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use flowgrid_engine::Event;
+    use flowgrid_model::AttemptId;
+    use flowgrid_proto::ErrorCode;
+    use flowgrid_store::{Store, StoreLimits, WriteBatch};
+    use flowgrid_store_redb::RedbStore;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A record that does not decode ends the page before it, and the page after names it
+    /// and how to step past it, so the records after it can still be read.
+    #[tokio::test]
+    async fn paging_reads_past_a_record_that_does_not_decode() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits::default();
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        let file = store.open_shard(flowgrid_model::ShardId(0)).await.unwrap();
+        let epoch = file.acquire().await.unwrap();
+        let run_id = RunId::from_idempotency_key("held", "k");
+        let start = StartRecord {
+            flow: "held".into(),
+            version: 1,
+            input: Cow::Owned(json!({})),
+            now_ms: 1,
+            epoch: epoch.0,
+            parent: None,
+            labels: None,
+            queued: false,
+            start_at_ms: None,
+        };
+        let attempt = AttemptId { run_id: run_id.clone(), step: "a".into(), item: None, attempt: 1 };
+        let event = |seq: u64| EventRecord {
+            now_ms: 1 + seq,
+            event: Event::TaskProgress { attempt: attempt.clone(), details: json!({ "seq": seq }) },
+            epoch: epoch.0,
+        };
+        let mut batch = WriteBatch::new();
+        batch.insert_chunked(&keys::history(&run_id, 0), &records::encode(&start), &limits);
+        batch.insert_chunked(&keys::history(&run_id, 1), &records::encode(&event(1)), &limits);
+        // 0xc1 is a byte MessagePack never uses.
+        batch.insert_chunked(&keys::history(&run_id, 2), &[0xc1], &limits);
+        batch.insert_chunked(&keys::history(&run_id, 3), &records::encode(&event(3)), &limits);
+        file.commit(epoch, batch).await.unwrap();
+        let seqs = |page: &RunHistory| page.records.iter().map(|record| record.seq).collect::<Vec<_>>();
+
+        let first = history_page(&file, run_id.clone(), None, PAGE_RECORDS_MAX).await.unwrap();
+        assert_eq!((seqs(&first), first.next), (vec![0, 1], Some(1)), "the page ends before the bad record");
+
+        let error = history_page(&file, run_id.clone(), Some(1), PAGE_RECORDS_MAX).await.unwrap_err();
+        assert_eq!(error.code, ErrorCode::Internal);
+        assert!(error.message.contains("history record 2 of run"), "names the record: {}", error.message);
+        assert!(error.message.contains(run_id.as_str()), "names the run: {}", error.message);
+        assert!(error.message.contains("--after 2"), "says how to read on: {}", error.message);
+
+        let rest = history_page(&file, run_id.clone(), Some(2), PAGE_RECORDS_MAX).await.unwrap();
+        assert_eq!((seqs(&rest), rest.next), (vec![3], None), "the records after it are read");
+    }
 }
