@@ -6,12 +6,14 @@
 //!
 //! Several processes may share a data directory: each line is appended with one `write`
 //! to a file opened for appending, so lines never interleave; a file listed twice is
-//! harmless. A line cut short by a crash names no file (only a whole name counts, and no
-//! name is the start of another), and the next append begins a line of its own.
+//! harmless. A line cut short (a crash, a full disk) names no file (only a whole name
+//! counts, and no name is the start of another). Every append begins with a line break of
+//! its own, so another process's line cut short just before it never runs into it, and a
+//! short write is an error, not finished by a second write that would land after whatever
+//! another process appended meanwhile; empty lines are skipped.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use flowgrid_store::{Error, Result};
@@ -43,14 +45,22 @@ pub(crate) fn add(file: &Path) -> Result<()> {
     let (list, name) = list_and_name(file);
     let fresh = !list.exists();
     let append = |mut opened: File| -> std::io::Result<()> {
-        // After a line cut short, a line of its own.
-        let length = opened.metadata()?.len();
-        let mut last = [b'\n'];
-        if length > 0 {
-            opened.read_exact_at(&mut last, length - 1)?;
+        // A line of its own whatever came before: another process's line cut short may end
+        // the list at any moment, so the last byte read first would not do.
+        let line = format!("\n{name}\n");
+        #[cfg(test)]
+        tests::before_append();
+        let written = opened.write(line.as_bytes())?;
+        if written < line.len() {
+            return Err(std::io::Error::new(
+                ErrorKind::WriteZero,
+                format!(
+                    "the line was cut short after {written} of its {} bytes (is the disk full?); free space on the \
+                     data directory's disk and open the shard again",
+                    line.len()
+                ),
+            ));
         }
-        let start = if last[0] == b'\n' { "" } else { "\n" };
-        opened.write_all(format!("{start}{name}\n").as_bytes())?;
         opened.sync_data()
     };
     let dir = file.parent().unwrap_or(Path::new("."));
@@ -60,7 +70,6 @@ pub(crate) fn add(file: &Path) -> Result<()> {
         .map_err(|error| backend(PathError::new("sync the directory of the shard file", file, error)))?;
     OpenOptions::new()
         .create(true)
-        .read(true)
         .append(true)
         .open(&list)
         .and_then(append)
@@ -86,7 +95,21 @@ pub(crate) fn lost(file: &Path, what: &str) -> Error {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
+
     use super::*;
+
+    thread_local! {
+        /// Runs once, just before this thread's next append writes its line: what another
+        /// process may append meanwhile.
+        static BEFORE_APPEND: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+    }
+
+    pub(super) fn before_append() {
+        if let Some(meanwhile) = BEFORE_APPEND.take() {
+            meanwhile();
+        }
+    }
 
     #[test]
     fn only_whole_names_count_and_a_cut_line_is_left_behind() {
@@ -109,5 +132,23 @@ mod tests {
         add(&three).unwrap();
         assert!(listed(&three).unwrap(), "{:?}", std::fs::read_to_string(&list));
         assert!(!listed(&one).unwrap());
+    }
+
+    #[test]
+    fn a_line_cut_short_by_another_process_just_before_an_append_does_not_swallow_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, seventeen) = (dir.path().join("shard-00001.redb"), dir.path().join("shard-00017.redb"));
+        add(&one).unwrap();
+        // Another process's append, cut short by a full disk, lands after this append
+        // opened the list and before it writes.
+        let list = dir.path().join(FILE_NAME);
+        let cut_list = list.clone();
+        BEFORE_APPEND.set(Some(Box::new(move || {
+            OpenOptions::new().append(true).open(&cut_list).unwrap().write_all(b"shard-000").unwrap();
+        })));
+        add(&seventeen).unwrap();
+        let text = std::fs::read_to_string(&list).unwrap();
+        assert!(listed(&seventeen).unwrap(), "shard 17 is not listed: {text:?}");
+        assert!(listed(&one).unwrap(), "{text:?}");
     }
 }

@@ -826,7 +826,27 @@ pub(crate) struct Frame {
 }
 
 impl Frame {
-    pub(crate) fn mutations(&self) -> Result<Vec<Mutation>> {
+    /// The frame's mutations. `dir`: the writer directory it was read from, which an error
+    /// names: a frame that passes its checksum but does not decode was damaged in a way the
+    /// checksum missed, or written by a version that encodes mutations otherwise.
+    pub(crate) fn mutations(&self, dir: &Path) -> Result<Vec<Mutation>> {
+        self.decode().map_err(|what| {
+            let length = (FRAME_HEADER_BYTES + self.payload.len()) as u64;
+            let start = Position { segment: self.end.segment, offset: self.end.offset - length };
+            corrupt(
+                start,
+                format!(
+                    "a frame of shard {} in {} passes its checksum but does not decode ({what}): it was damaged, or \
+                     written by another version of flowgrid; {DAMAGED_JOURNAL_REMEDY}",
+                    self.shard,
+                    segment_path(dir, self.end.segment).display()
+                ),
+            )
+        })
+    }
+
+    /// The mutations, or what does not decode.
+    fn decode(&self) -> std::result::Result<Vec<Mutation>, String> {
         let mut reader = Reader { bytes: &self.payload[PAYLOAD_HEADER_BYTES..] };
         let mut mutations = Vec::new();
         while !reader.bytes.is_empty() {
@@ -835,7 +855,7 @@ impl Frame {
                 TAG_SET => Mutation::Set(reader.bytes()?, reader.bytes()?),
                 TAG_CLEAR => Mutation::Clear(reader.bytes()?),
                 TAG_CLEAR_RANGE => Mutation::ClearRange(KeyRange { begin: reader.bytes()?, end: reader.bytes()? }),
-                other => return Err(corrupt(self.end, format!("unknown mutation tag {other}"))),
+                other => return Err(format!("unknown mutation tag {other}")),
             });
         }
         Ok(mutations)
@@ -846,29 +866,28 @@ struct Reader<'a> {
     bytes: &'a [u8],
 }
 
+/// What a mutation that runs past the end of its frame is said to be.
+const PAST_THE_END: &str = "a mutation runs past the end of its frame";
+
 impl Reader<'_> {
-    fn byte(&mut self) -> Result<u8> {
-        let (&first, rest) = self.bytes.split_first().ok_or_else(short)?;
+    fn byte(&mut self) -> std::result::Result<u8, String> {
+        let (&first, rest) = self.bytes.split_first().ok_or_else(|| PAST_THE_END.to_owned())?;
         self.bytes = rest;
         Ok(first)
     }
 
-    fn bytes(&mut self) -> Result<Vec<u8>> {
+    fn bytes(&mut self) -> std::result::Result<Vec<u8>, String> {
         if self.bytes.len() < 4 {
-            return Err(short());
+            return Err(PAST_THE_END.to_owned());
         }
         let len = u32::from_le_bytes(self.bytes[..4].try_into().expect("four bytes")) as usize;
         let rest = &self.bytes[4..];
         if rest.len() < len {
-            return Err(short());
+            return Err(PAST_THE_END.to_owned());
         }
         self.bytes = &rest[len..];
         Ok(rest[..len].to_vec())
     }
-}
-
-fn short() -> Error {
-    Error::Corrupt { key: "journal frame".into(), detail: "a mutation runs past the end of its frame".into() }
 }
 
 fn corrupt(at: Position, detail: String) -> Error {
@@ -1177,13 +1196,32 @@ mod tests {
         fs::write(segment_path(dir.path(), 1), &bytes).unwrap();
         let mut seen = Vec::new();
         read_frames(dir.path(), Position::default(), |frame| {
-            seen.push((frame.shard, frame.epoch, frame.clean, frame.mutations().unwrap()));
+            seen.push((frame.shard, frame.epoch, frame.clean, frame.mutations(dir.path()).unwrap()));
             Ok(())
         })
         .unwrap();
         assert_eq!(seen.len(), 2, "the torn third frame is not read");
         assert_eq!(seen[0], (ShardId(7), Epoch(3), false, mutations));
         assert_eq!(seen[1], (ShardId(7), Epoch(3), true, Vec::new()));
+    }
+
+    #[test]
+    fn a_frame_that_passes_its_checksum_but_does_not_decode_names_its_segment_and_the_remedy() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = encode_data(ShardId(5), Epoch(1), &[Mutation::Clear(b"a".to_vec())]);
+        let mut undecodable = encode_data(ShardId(5), Epoch(1), &[Mutation::Clear(b"b".to_vec())]);
+        // An unknown mutation tag, under a checksum that matches it.
+        undecodable[FRAME_HEADER_BYTES + PAYLOAD_HEADER_BYTES] = 0xEE;
+        let crc = crc32fast::hash(&undecodable[FRAME_HEADER_BYTES..]);
+        undecodable[4..8].copy_from_slice(&crc.to_le_bytes());
+        fs::write(segment_path(dir.path(), 1), [first.clone(), undecodable].concat()).unwrap();
+        let error = read_frames(dir.path(), Position::default(), |frame| frame.mutations(dir.path()).map(drop))
+            .unwrap_err()
+            .to_string();
+        let segment = segment_path(dir.path(), 1).display().to_string();
+        assert!(error.contains(&format!("journal segment 1 offset {}", first.len())), "{error}");
+        assert!(error.contains(&segment) && error.contains("unknown mutation tag 238"), "{error}");
+        assert!(error.contains(DAMAGED_JOURNAL_REMEDY), "{error}");
     }
 
     #[test]
@@ -1328,7 +1366,7 @@ mod tests {
         assert!(last.offset < second);
         let mut shards = Vec::new();
         read_frames(&writer_dir, Position::default(), |frame| {
-            assert_eq!(frame.mutations().unwrap(), vec![Mutation::Set(b"k".to_vec(), mib_value())]);
+            assert_eq!(frame.mutations(&writer_dir).unwrap(), vec![Mutation::Set(b"k".to_vec(), mib_value())]);
             shards.push(frame.shard.0);
             Ok(())
         })

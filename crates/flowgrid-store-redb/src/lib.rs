@@ -65,8 +65,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use redb::{
-    AccessGuard, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError, Table,
-    TableDefinition, TransactionError, WriteTransaction,
+    AccessGuard, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
+    TransactionError, WriteTransaction,
 };
 
 use flowgrid_model::{Epoch, ShardId};
@@ -99,12 +99,14 @@ pub const CACHE_BYTES_PER_SHARD_DEFAULT: usize = 256 * 1024;
 /// are due at once: see `checkpoints_per_tick`). Longer means fewer, larger writes to the
 /// shard files and a longer replay after a crash.
 pub const CHECKPOINT_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
-/// A shard whose journal-only writes reach this many bytes is checkpointed at once:
-/// bounds the memory they hold.
+/// A shard whose journal-only writes hold this many bytes of memory (their keys and
+/// values, and what the overlay keeps for each write and range clear) is checkpointed at
+/// once: bounds the memory they hold.
 pub const CHECKPOINT_BYTES: usize = 8 << 20;
-/// A shard whose commits waiting for their checkpoint reach this many bytes refuses new
-/// ones until a checkpoint succeeds: they are held in memory, and only a checkpoint that
-/// keeps failing (or a disk far slower than the commits) lets them pile up this far.
+/// A shard whose commits waiting for their checkpoint hold this many bytes of memory
+/// (counted as for [`CHECKPOINT_BYTES`]: a write of an empty key and value counts too)
+/// refuses new ones until a checkpoint succeeds: only a checkpoint that keeps failing (or a
+/// disk far slower than the commits) lets them pile up this far.
 pub const WAITING_BYTES_MAX: usize = 4 * CHECKPOINT_BYTES;
 /// How long a shard waits after a failed checkpoint before it tries again.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
@@ -442,22 +444,28 @@ fn open_shard_file(
     let listed = created::listed(&path)?;
     let db = shared.open_database(shard, &path, cache_bytes, listed)?;
     // Create the tables once, so that reads never meet a missing table.
-    let txn = db.begin_write().map_err(backend)?;
+    const SET_UP: &str = "set up the tables of the shard file";
+    let txn = db.begin_write().map_err(file_error(SET_UP, &path))?;
     let (epoch, writer, applied) = {
-        let kv = txn.open_table(KV).map_err(backend)?;
-        let meta = txn.open_table(META).map_err(backend)?;
-        let writer =
-            meta.get(META_WRITER).map_err(backend)?.map(|guard| String::from_utf8_lossy(guard.value()).into_owned());
-        let applied = meta.get(META_APPLIED).map_err(backend)?.and_then(|guard| Position::decode(guard.value()));
-        (read_epoch(&kv)?, writer, applied.unwrap_or_default())
+        let kv = txn.open_table(KV).map_err(file_error(SET_UP, &path))?;
+        let meta = txn.open_table(META).map_err(file_error(SET_UP, &path))?;
+        let writer = meta
+            .get(META_WRITER)
+            .map_err(file_error(SET_UP, &path))?
+            .map(|guard| String::from_utf8_lossy(guard.value()).into_owned());
+        let applied = meta
+            .get(META_APPLIED)
+            .map_err(file_error(SET_UP, &path))?
+            .and_then(|guard| Position::decode(guard.value()));
+        (read_epoch(&kv, &path)?, writer, applied.unwrap_or_default())
     };
-    txn.commit().map_err(backend)?;
+    txn.commit().map_err(file_error(SET_UP, &path))?;
     if !listed {
         created::add(&path)?;
     }
     let own = writer.as_deref() == Some(shared.journal.writer());
     if let Some(writer) = writer {
-        replay(&db, shard, epoch, &shared.journal, &writer, applied)?;
+        replay(&db, &path, shard, epoch, &shared.journal, &writer, applied)?;
     }
     if own {
         // Open here again: its frames in this process's journal are this handle's to
@@ -487,11 +495,12 @@ fn open_shard_file(
     }))
 }
 
-/// Brings the file up to date with the shard's commits that only reached the journal of
-/// `writer` (the last process that owned it, which died or closed it): every data frame
-/// of the shard after `applied`, in one durable transaction.
+/// Brings the file (`db`, at `path`) up to date with the shard's commits that only reached
+/// the journal of `writer` (the last process that owned it, which died or closed it):
+/// every data frame of the shard after `applied`, in one durable transaction.
 fn replay(
     db: &Database,
+    path: &Path,
     shard: ShardId,
     epoch: Epoch,
     journal: &Journal,
@@ -514,21 +523,22 @@ fn replay(
             return Err(Error::Corrupt {
                 key: format!("journal {}", dir.display()),
                 detail: format!(
-                    "shard {shard} has a commit under epoch {} after its last checkpoint, but the file holds epoch \
-                     {epoch}: the shard file and this journal do not belong together (a file restored without its \
-                     journal?); restore the whole data directory from one backup",
-                    frame.epoch
+                    "shard {shard} has a commit under epoch {} after its last checkpoint, but its file {} holds \
+                     epoch {epoch}: the shard file and this journal do not belong together (a file restored without \
+                     its journal?); restore the whole data directory from one backup",
+                    frame.epoch,
+                    path.display()
                 ),
             });
         }
-        mutations.extend(frame.mutations()?);
+        mutations.extend(frame.mutations(&dir)?);
         through = Some(frame.end);
         Ok(())
     })?;
     if let Some(through) = through {
         let mut layer = Layer::default();
         layer.apply(mutations, through);
-        write_layer(db, &layer)?;
+        write_layer(db, path, &layer)?;
     }
     if writer == journal.writer() {
         // The shard's frames of this process are in its file now: a checkpoint that failed
@@ -540,27 +550,38 @@ fn replay(
     Ok(())
 }
 
-/// Writes a layer to the file in one durable transaction, with the journal position it
-/// covers.
-fn write_layer(db: &Database, layer: &Layer) -> Result<()> {
-    let txn = begin_durable(db)?;
-    {
-        let mut table = txn.open_table(KV).map_err(backend)?;
-        for range in layer.cleared() {
-            apply(&mut table, Mutation::ClearRange(range))?;
+/// Writes a layer to the file (`db`, at `path`) in one durable transaction, with the
+/// journal position it covers. A failure names the file.
+fn write_layer(db: &Database, path: &Path, layer: &Layer) -> Result<()> {
+    let write = || -> std::result::Result<(), redb::Error> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut table = txn.open_table(KV)?;
+            for range in layer.cleared() {
+                table.retain_in(range.begin.as_slice()..range.end.as_slice(), |_, _| false)?;
+            }
+            for (key, value) in layer.latest_by_key() {
+                match value {
+                    Some(value) => table.insert(key.as_slice(), value.as_slice())?,
+                    None => table.remove(key.as_slice())?,
+                };
+            }
+            if let Some(through) = layer.through {
+                let mut meta = txn.open_table(META)?;
+                meta.insert(META_APPLIED, through.encode().as_slice())?;
+            }
         }
-        for (key, value) in layer.latest_by_key() {
-            match value {
-                Some(value) => table.insert(key.as_slice(), value.as_slice()).map_err(backend)?,
-                None => table.remove(key.as_slice()).map_err(backend)?,
-            };
-        }
-        if let Some(through) = layer.through {
-            let mut meta = txn.open_table(META).map_err(backend)?;
-            meta.insert(META_APPLIED, through.encode().as_slice()).map_err(backend)?;
-        }
-    }
-    txn.commit().map_err(backend)
+        txn.commit()?;
+        Ok(())
+    };
+    write().map_err(file_error("write commits into the shard file", path))
+}
+
+/// What maps a redb failure on the shard file at `path` to an error that names the file
+/// and what failed on it (`action`, as in "could not {action} {path}").
+fn file_error<'a, E: Into<redb::Error>>(action: &'static str, path: &'a Path) -> impl Fn(E) -> Error + 'a {
+    move |error| backend(PathError::new(action, path, error.into()))
 }
 
 /// True when redb refuses every access to the file since a read or write of it failed.
@@ -750,7 +771,7 @@ impl ShardCore {
                     }
                 }
             };
-            self.with_db(|db| write_layer(db, &layer))?;
+            self.with_db(|db| write_layer(db, &self.path, &layer))?;
             wrote = true;
             lock(&self.overlay).frozen = None;
             if let Some(through) = layer.through {
@@ -851,8 +872,12 @@ impl ShardCore {
         drop(latched);
         // Open before, so listed: a file wiped meanwhile is refused, not created again.
         let opened = self.shared.open_database(self.shard, &self.path, self.cache_bytes, true)?;
-        let epoch =
-            opened.begin_read().map_err(backend)?.open_table(KV).map_err(backend).and_then(|kv| read_epoch(&kv))?;
+        let epoch = opened
+            .begin_read()
+            .map_err(file_error("read the epoch from the shard file", &self.path))?
+            .open_table(KV)
+            .map_err(file_error("read the epoch from the shard file", &self.path))
+            .and_then(|kv| read_epoch(&kv, &self.path))?;
         if epoch != self.epoch() {
             self.lost.store(true, Ordering::Relaxed);
             warn!(
@@ -1051,7 +1076,7 @@ impl ShardStore for RedbShard {
                 let txn = begin_durable(db)?;
                 let next = {
                     let mut table = txn.open_table(KV).map_err(backend)?;
-                    let current = read_epoch(&table)?;
+                    let current = read_epoch(&table, &core.path)?;
                     let next = Epoch(current.0.checked_add(1).expect("an epoch of 2^64 acquisitions is unreachable"));
                     table.insert(keys::epoch().as_slice(), keys::encode_epoch(next).as_slice()).map_err(backend)?;
                     let journal = &core.shared.journal;
@@ -1113,7 +1138,12 @@ impl ShardStore for RedbShard {
         if current != epoch {
             return Err(Error::StaleEpoch { shard: core.shard, epoch, current });
         }
-        let mutations = batch.into_mutations();
+        let mut mutations = batch.into_mutations();
+        // A range that holds no key (empty or inverted) clears nothing, as in FoundationDB.
+        // Journaled, it would leave a frame that no checkpoint covers (the overlay takes
+        // nothing from it, so there is nothing to write), and the journal would keep that
+        // segment and every later one.
+        mutations.retain(|mutation| !matches!(mutation, Mutation::ClearRange(range) if range.is_empty()));
         if mutations.is_empty() {
             return Ok(());
         }
@@ -1145,23 +1175,6 @@ impl ShardStore for RedbShard {
     }
 }
 
-fn apply(table: &mut Table<'_, &'static [u8], &'static [u8]>, mutation: Mutation) -> Result<()> {
-    match mutation {
-        Mutation::Set(key, value) => {
-            table.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
-        }
-        Mutation::Clear(key) => {
-            table.remove(key.as_slice()).map_err(backend)?;
-        }
-        Mutation::ClearRange(range) => {
-            if !range.is_empty() {
-                table.retain_in(range.begin.as_slice()..range.end.as_slice(), |_, _| false).map_err(backend)?;
-            }
-        }
-    }
-    Ok(())
-}
-
 type Entry<'a> = (AccessGuard<'a, &'static [u8]>, AccessGuard<'a, &'static [u8]>);
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1176,9 +1189,19 @@ fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn read_epoch(table: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<Epoch> {
-    let stored = table.get(keys::epoch().as_slice()).map_err(backend)?;
-    keys::decode_epoch(stored.as_ref().map(|guard| guard.value()))
+/// The epoch in the shard file at `path`, which an error names.
+fn read_epoch(table: &impl ReadableTable<&'static [u8], &'static [u8]>, path: &Path) -> Result<Epoch> {
+    let stored = table.get(keys::epoch().as_slice()).map_err(file_error("read the epoch from the shard file", path))?;
+    keys::decode_epoch(stored.as_ref().map(|guard| guard.value())).map_err(|error| match error {
+        Error::Corrupt { key, detail } => Error::Corrupt {
+            key: format!("{key} in {}", path.display()),
+            detail: format!(
+                "{detail}; the shard is not served until its file is restored: restore the data directory from a \
+                 backup"
+            ),
+        },
+        other => other,
+    })
 }
 
 /// Runs blocking redb work on tokio's blocking pool.
@@ -1504,6 +1527,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_commit_of_only_empty_or_inverted_range_clears_leaves_no_frame_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_checkpointed_by_hand(dir.path());
+        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(9), "k").await;
+        assert!(!store.shared.journal.keeps_frames_of(ShardId(9)));
+        let mut batch = WriteBatch::new();
+        batch.clear_range(KeyRange { begin: b"k".to_vec(), end: b"k".to_vec() });
+        batch.clear_range(KeyRange { begin: b"l".to_vec(), end: b"k".to_vec() });
+        shard.commit(epoch, batch).await.unwrap();
+        shard.core().checkpoint(true).unwrap();
+        // Kept, it would keep its segment and every later one until the shard closes.
+        assert!(
+            !store.shared.journal.keeps_frames_of(ShardId(9)),
+            "the journal keeps a frame of the shard that no checkpoint covers"
+        );
+        assert_eq!(shard.get(b"k00000").await.unwrap().map(|value| value.len()), Some(64 * 1024), "nothing cleared");
+    }
+
+    #[tokio::test]
     async fn failing_checkpoints_bound_the_commits_held_in_memory_and_recover() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path(), StoreLimits::default())
@@ -1549,6 +1591,43 @@ mod tests {
         let last = format!("k{:05}", committed - 1);
         assert_eq!(shard.get(last.as_bytes()).await.unwrap().map(|value| value.len()), Some(64 * 1024));
         assert_eq!(shard.get(b"after00000").await.unwrap().map(|value| value.len()), Some(64 * 1024));
+    }
+
+    #[tokio::test]
+    async fn failing_checkpoints_bound_the_memory_held_by_commits_of_empty_keys_and_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default())
+            .unwrap()
+            .with_checkpoint_interval(Duration::from_millis(10));
+        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(3), "before").await;
+        store.shared.faults.writes.store(true, Ordering::Relaxed);
+
+        // As many as a batch may hold with a key prefix on every key.
+        const WRITES_PER_BATCH: usize = 30_000;
+        // Each write holds its entry in memory, whatever its key and value: past this many
+        // batches they hold more than the bound.
+        let batches_to_the_bound =
+            WAITING_BYTES_MAX.div_ceil(WRITES_PER_BATCH * std::mem::size_of::<(Key, Option<Value>)>());
+        let mut refusal = None;
+        for _ in 0..=batches_to_the_bound {
+            let mut batch = WriteBatch::new();
+            for _ in 0..WRITES_PER_BATCH {
+                batch.set(Vec::new(), Vec::new());
+            }
+            if let Err(error) = shard.commit(epoch, batch).await {
+                refusal = Some(error);
+                break;
+            }
+        }
+        let held = lock(&shard.core().overlay).bytes();
+        let refusal = refusal.unwrap_or_else(|| {
+            panic!(
+                "{} writes of empty keys and values were never refused ({held} bytes counted)",
+                (batches_to_the_bound + 1) * WRITES_PER_BATCH
+            )
+        });
+        let text = refusal.to_string();
+        assert!(text.contains("new commits are refused"), "{text}");
     }
 
     #[tokio::test]
@@ -1808,7 +1887,7 @@ mod tests {
         // A file that was there before the list (an older data directory) is listed when opened.
         std::fs::remove_file(&list).unwrap();
         store.open_shard(ShardId(2)).await.unwrap().close().unwrap();
-        assert_eq!(std::fs::read_to_string(&list).unwrap(), "shard-00002.redb\n");
+        assert_eq!(std::fs::read_to_string(&list).unwrap(), "\nshard-00002.redb\n");
 
         let path = store.shard_path(ShardId(2));
         std::fs::remove_file(&path).unwrap();
@@ -1847,6 +1926,33 @@ mod tests {
         let Err(error) = store.open_shard(ShardId(4)).await else { panic!("a damaged file is refused") };
         let error = error.to_string();
         assert!(error.contains("shard-00004.redb") && error.contains("the shard file is damaged"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_shard_file_that_fails_a_checkpoint_or_holds_a_bad_epoch_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_checkpointed_by_hand(dir.path());
+        let (shard, epoch) = shard_with_a_checkpointed_value(&store, ShardId(4), "k").await;
+        let path = store.shard_path(ShardId(4));
+        let (_, refusal) = commit_values(&shard, epoch, "unchecked", 1).await;
+        assert!(refusal.is_none(), "{refusal:?}");
+        store.shared.faults.writes.store(true, Ordering::Relaxed);
+        let error = shard.core().checkpoint(true).unwrap_err().to_string();
+        assert!(error.contains(&format!("could not write commits into the shard file {}", path.display())), "{error}");
+        store.shared.faults.writes.store(false, Ordering::Relaxed);
+        shard.close().unwrap();
+
+        // An epoch that is not 8 bytes, as no version writes it.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(KV).unwrap().insert(keys::epoch().as_slice(), &b"bad"[..]).unwrap();
+            txn.commit().unwrap();
+        }
+        let Err(error) = store.open_shard(ShardId(4)).await else { panic!("a bad epoch is refused") };
+        let error = error.to_string();
+        assert!(error.contains(&path.display().to_string()) && error.contains("epoch value is 3 bytes"), "{error}");
+        assert!(error.contains("restore the data directory from a backup"), "{error}");
     }
 
     #[tokio::test]

@@ -44,6 +44,15 @@ const SCANS_BEFORE_INDEX: usize = 8;
 /// A write: the key and its value, or `None` for a tombstone.
 type Write = (Key, Option<Value>);
 
+/// What a layer holds for each write besides its key and value bytes: its entry in
+/// `writes`, and its position in the index should lookups build one. Commits of empty keys
+/// and values hold this much each all the same.
+const WRITE_OVERHEAD_BYTES: usize = std::mem::size_of::<Write>() + std::mem::size_of::<usize>();
+/// What a layer holds for one piece of its cleared ranges besides its bounds' bytes. A
+/// range clear adds up to two pieces: its own, and the part after it of a piece it falls
+/// inside, with copies of its bounds.
+const CLEARED_PIECE_OVERHEAD_BYTES: usize = std::mem::size_of::<(Key, (Key, usize))>();
+
 #[derive(Debug, Default)]
 pub(crate) struct Layer {
     /// Every write, oldest first.
@@ -53,7 +62,9 @@ pub(crate) struct Layer {
     /// Writes compared by lookups while there was no index.
     scanned: AtomicUsize,
     cleared: Cleared,
-    /// Bytes of keys and values held, for the checkpoint trigger.
+    /// Memory held by the writes and clears: their keys and values, and what the layer
+    /// keeps for each ([`WRITE_OVERHEAD_BYTES`], [`CLEARED_PIECE_OVERHEAD_BYTES`]). For the
+    /// checkpoint trigger and the bound on commits waiting for their checkpoint.
     pub bytes: usize,
     /// End of the last journal frame applied.
     pub through: Option<Position>,
@@ -77,18 +88,18 @@ impl Layer {
         for mutation in mutations {
             match mutation {
                 Mutation::Set(key, value) => {
-                    self.bytes += key.len() + value.len();
+                    self.bytes += WRITE_OVERHEAD_BYTES + key.len() + value.len();
                     self.push((key, Some(value)));
                 }
                 Mutation::Clear(key) => {
-                    self.bytes += key.len();
+                    self.bytes += WRITE_OVERHEAD_BYTES + key.len();
                     self.push((key, None));
                 }
                 Mutation::ClearRange(range) => {
                     if range.is_empty() {
                         continue;
                     }
-                    self.bytes += range.begin.len() + range.end.len();
+                    self.bytes += 2 * (CLEARED_PIECE_OVERHEAD_BYTES + range.begin.len() + range.end.len());
                     self.cleared.insert(range, self.writes.len());
                 }
             }
