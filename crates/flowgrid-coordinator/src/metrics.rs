@@ -55,6 +55,7 @@ pub const TRIGGER_MESSAGES: &str = "flowgrid_trigger_messages_total";
 pub const SCHEDULED_RUNS: &str = "flowgrid_scheduled_runs_total";
 pub const RUN_MESSAGES_PENDING: &str = "flowgrid_run_messages_pending";
 pub const RUN_MESSAGES_RETRIED: &str = "flowgrid_run_messages_retried_total";
+pub const RUN_MESSAGES_UNREADABLE: &str = "flowgrid_run_messages_unreadable_total";
 pub const POOL_TASKS_WAITING: &str = "flowgrid_pool_tasks_waiting";
 pub const POOL_TASKS_WITH_WORKERS: &str = "flowgrid_pool_tasks_with_workers";
 pub const POOL_PULLS_WAITING: &str = "flowgrid_pool_pulls_waiting";
@@ -102,6 +103,7 @@ pub const NAMES: &[&str] = &[
     SCHEDULED_RUNS,
     RUN_MESSAGES_PENDING,
     RUN_MESSAGES_RETRIED,
+    RUN_MESSAGES_UNREADABLE,
     POOL_TASKS_WAITING,
     POOL_TASKS_WITH_WORKERS,
     POOL_PULLS_WAITING,
@@ -229,6 +231,12 @@ pub fn describe() {
         RUN_MESSAGES_RETRIED,
         Unit::Count,
         "Tries of such a message that did not get through and were repeated (label: kind)."
+    );
+    describe_counter!(
+        RUN_MESSAGES_UNREADABLE,
+        Unit::Count,
+        "Messages in a shard's outbox this coordinator cannot read (they do not decode, or their chunks do not join): \
+         kept and not sent; its log names each key (label: kind)."
     );
     describe_counter!(
         SCHEDULED_RUNS,

@@ -37,7 +37,7 @@ use flowgrid_model::{ParentRef, RunId};
 use flowgrid_proto::{ChildRunEnded, ErrorCode, RunEnded, StartChildRun};
 use flowgrid_sdk::backoff::Backoff;
 use flowgrid_sdk::Error as ClientError;
-use flowgrid_store::{keys, ShardStore};
+use flowgrid_store::{keys, printable_key, ShardStore};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -60,6 +60,13 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How often a cancel that finds no child is tried again when this coordinator is not
 /// starting that child: its start may still be on its way from another one.
 const CANCEL_NOT_FOUND_TRIES: u32 = 20;
+
+/// Whether a cancel that found no child (again) is given up: `not_found` counts its answers
+/// that found none, this one included. It is tried again after the first such answer and
+/// [`CANCEL_NOT_FOUND_TRIES`] more times, then dropped.
+fn missing_child_given_up(not_found: &AtomicU32) -> bool {
+    not_found.fetch_add(1, Ordering::Relaxed) >= CANCEL_NOT_FOUND_TRIES
+}
 
 /// The child runs this coordinator is starting right now. A cancel that finds no child
 /// waits while the child's start is on its way here, so a child started just after its
@@ -301,28 +308,43 @@ pub(super) fn child_depth(run: &Run) -> u32 {
 /// What a read of an outbox message found.
 enum Read {
     Message(Box<OutboxRecord>),
-    /// Deleted (delivered by an earlier try or owner), or unreadable (logged): not sent.
+    /// Deleted (delivered by an earlier try or owner), or unreadable (logged, counted and
+    /// kept): not sent.
     Gone,
-    /// The store did not answer: tried again.
+    /// The store did not answer, for now: tried again.
     Failed,
 }
 
-/// Reads the outbox message at `key`, once.
+/// Reads the outbox message at `key`, once. A message this version cannot read (it does not
+/// decode, or the store refuses its chunks for good: they do not join) is not sent, and is
+/// kept: a coordinator of another version may read it. It is logged with its key, run and
+/// kind and counted in `flowgrid_run_messages_unreadable_total`, once per delivery (a reload
+/// of the shard, or a later write of the message, tries it again).
 async fn read_message<S: ShardStore>(store: &S, key: &[u8]) -> Read {
-    match store.get_chunked(key).await {
-        Ok(Some(bytes)) => match records::decode("outbox message", &bytes) {
-            Ok(record) => Read::Message(Box::new(record)),
-            Err(error) => {
-                warn!(error = %error, "an outbox message cannot be read; it is not sent");
-                Read::Gone
-            }
+    let error = match store.get_chunked(key).await {
+        Ok(Some(bytes)) => match records::decode::<OutboxRecord>("outbox message", &bytes) {
+            Ok(record) => return Read::Message(Box::new(record)),
+            Err(error) => error.to_string(),
         },
-        Ok(None) => Read::Gone,
-        Err(error) => {
-            debug!(error = %error, "cannot read an outbox message yet; trying again");
-            Read::Failed
+        Ok(None) => return Read::Gone,
+        Err(error) if error.may_pass_later() => {
+            debug!(key = %printable_key(key), error = %error, "cannot read an outbox message yet; trying again");
+            return Read::Failed;
         }
-    }
+        Err(error) => error.to_string(),
+    };
+    let kind = records::outbox_kind(key);
+    let run = keys::decode_outbox(key).map_or_else(|_| "unknown".to_owned(), |(run, _)| run.to_string());
+    warn!(
+        key = %printable_key(key),
+        run = %run,
+        kind,
+        error = %error,
+        "an outbox message cannot be read; it is kept and not sent (a coordinator of the version that wrote it may \
+         read it: upgrade this one, or inspect the key and delete it if no version can)"
+    );
+    ::metrics::counter!(metrics::RUN_MESSAGES_UNREADABLE, "kind" => kind).increment(1);
+    Read::Gone
 }
 
 /// Sends `record` until its receiver takes it, waiting longer between tries; `false`
@@ -437,7 +459,7 @@ async fn send(
                 if starting.contains(child) {
                     return Sent::Again;
                 }
-                if not_found.fetch_add(1, Ordering::Relaxed) + 1 >= CANCEL_NOT_FOUND_TRIES {
+                if missing_child_given_up(not_found) {
                     debug!(child = %child, "no child run to cancel: it never started");
                     return Sent::Taken;
                 }
@@ -696,6 +718,76 @@ mod tests {
             })
         });
         assert_eq!(retried(), Some(2.0), "a retry that never happened is not counted:\n{}", recording.render());
+    }
+
+    /// A cancel that finds no child is tried again after that answer and
+    /// [`CANCEL_NOT_FOUND_TRIES`] more times (while this coordinator is not starting the
+    /// child), then dropped.
+    #[test]
+    fn a_cancel_that_finds_no_child_is_tried_again_as_often_as_said() {
+        let not_found = AtomicU32::new(0);
+        let mut tried_again = 0;
+        while !missing_child_given_up(&not_found) {
+            tried_again += 1;
+            assert!(tried_again <= 2 * CANCEL_NOT_FOUND_TRIES, "never given up");
+        }
+        assert_eq!(tried_again, CANCEL_NOT_FOUND_TRIES, "tries after the first answer that found no child");
+    }
+
+    /// An outbox message this version cannot read (it does not decode, or its chunks do not
+    /// join) is not sent, stays in the store, and is counted by its kind; a readable one is
+    /// read and not counted.
+    #[test]
+    fn an_unreadable_message_is_counted_by_kind_and_kept() {
+        use flowgrid_model::ShardId;
+        use flowgrid_store::{Store, StoreLimits, WriteBatch};
+        use flowgrid_store_redb::RedbStore;
+
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits::default();
+        let store = RedbStore::open(dir.path(), limits).unwrap();
+        let file = runtime.block_on(store.open_shard(ShardId(0))).unwrap();
+        let epoch = runtime.block_on(file.acquire()).unwrap();
+        let run = RunId("unreadable".into());
+        // A release that would free a place, garbled: 0xc1 starts no MessagePack value.
+        let garbled = keys::outbox(&run, &format!("{}.2", records::OUTBOX_GATE_RELEASE));
+        let cut = keys::outbox(&run, records::OUTBOX_CHILD_ENDED);
+        let readable = OutboxRecord::CancelChild { child: run.clone(), reason: "test".into() };
+        let mut batch = WriteBatch::new();
+        batch.set_chunked(&garbled, b"\xc1 garbled", &limits);
+        // Over one value: written as several chunks, the last of which is then lost.
+        batch.set_chunked(&cut, &vec![0x90; 2 * limits.value_bytes_max], &limits);
+        batch.set_chunked(&readable.key(), &records::encode(&readable), &limits);
+        runtime.block_on(file.commit(epoch, batch)).unwrap();
+        let chunks = runtime.block_on(file.scan(keys::chunks_range(&cut), usize::MAX, false)).unwrap();
+        assert!(chunks.len() > 1, "the message is chunked");
+        let mut batch = WriteBatch::new();
+        batch.clear(chunks.last().unwrap().0.clone());
+        runtime.block_on(file.commit(epoch, batch)).unwrap();
+
+        let recording = crate::metrics::testing::Recording::new();
+        let unreadable = |kind: &str| {
+            recording.sample(&format!("flowgrid_run_messages_unreadable_total{{kind=\"{kind}\"}}")).unwrap_or(0.0)
+        };
+        recording.record(|| {
+            runtime.block_on(async {
+                assert!(matches!(read_message(&file, &garbled).await, Read::Gone), "a message that does not decode");
+                assert!(
+                    matches!(read_message(&file, &cut).await, Read::Gone),
+                    "chunks that do not join are not retried"
+                );
+                assert!(matches!(read_message(&file, &readable.key()).await, Read::Message(_)));
+            })
+        });
+        let rendered = recording.render();
+        assert_eq!(unreadable(records::OUTBOX_GATE_RELEASE), 1.0, "{rendered}");
+        assert_eq!(unreadable(records::OUTBOX_CHILD_ENDED), 1.0, "{rendered}");
+        assert_eq!(unreadable(records::OUTBOX_CANCEL_CHILD), 0.0, "{rendered}");
+        for kept in [&garbled, &cut] {
+            let left = runtime.block_on(file.scan(keys::chunks_range(kept), usize::MAX, false)).unwrap();
+            assert!(!left.is_empty(), "an unreadable message is kept: {}", printable_key(kept));
+        }
     }
 
     #[test]
