@@ -115,9 +115,10 @@ mod tests {
     use flowgrid_engine::Event;
     use flowgrid_model::AttemptId;
     use flowgrid_proto::ErrorCode;
-    use flowgrid_store::{Store, StoreLimits, WriteBatch};
-    use flowgrid_store_redb::RedbStore;
+    use flowgrid_store::{StoreLimits, WriteBatch};
     use serde_json::json;
+
+    use crate::shard::testing::{test_shard, TestShard};
 
     use super::*;
 
@@ -125,11 +126,8 @@ mod tests {
     /// and how to step past it, so the records after it can still be read.
     #[tokio::test]
     async fn paging_reads_past_a_record_that_does_not_decode() {
-        let dir = tempfile::tempdir().unwrap();
+        let TestShard { _dir, file, epoch } = test_shard().await;
         let limits = StoreLimits::default();
-        let store = RedbStore::open(dir.path(), limits).unwrap();
-        let file = store.open_shard(flowgrid_model::ShardId(0)).await.unwrap();
-        let epoch = file.acquire().await.unwrap();
         let run_id = RunId::from_idempotency_key("held", "k");
         let start = StartRecord {
             flow: "held".into(),

@@ -265,6 +265,31 @@ impl ShardHandle {
     }
 }
 
+/// A shard file of the embedded store, for tests of what a shard reads and writes.
+#[cfg(test)]
+pub(crate) mod testing {
+    use flowgrid_model::{Epoch, ShardId};
+    use flowgrid_store::{ShardStore, Store, StoreLimits};
+    use flowgrid_store_redb::{RedbShard, RedbStore};
+
+    /// Shard 0 of an embedded store in a directory of its own, acquired at `epoch`; the
+    /// directory goes when `_dir` drops.
+    pub(crate) struct TestShard {
+        pub(crate) _dir: tempfile::TempDir,
+        pub(crate) file: RedbShard,
+        pub(crate) epoch: Epoch,
+    }
+
+    /// A new [`TestShard`].
+    pub(crate) async fn test_shard() -> TestShard {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
+        let file = store.open_shard(ShardId(0)).await.unwrap();
+        let epoch = file.acquire().await.unwrap();
+        TestShard { _dir: dir, file, epoch }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

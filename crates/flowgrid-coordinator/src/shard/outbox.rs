@@ -739,16 +739,13 @@ mod tests {
     /// read and not counted.
     #[test]
     fn an_unreadable_message_is_counted_by_kind_and_kept() {
-        use flowgrid_model::ShardId;
-        use flowgrid_store::{Store, StoreLimits, WriteBatch};
-        use flowgrid_store_redb::RedbStore;
+        use flowgrid_store::{StoreLimits, WriteBatch};
+
+        use crate::shard::testing::{test_shard, TestShard};
 
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-        let dir = tempfile::tempdir().unwrap();
+        let TestShard { _dir, file, epoch } = runtime.block_on(test_shard());
         let limits = StoreLimits::default();
-        let store = RedbStore::open(dir.path(), limits).unwrap();
-        let file = runtime.block_on(store.open_shard(ShardId(0))).unwrap();
-        let epoch = runtime.block_on(file.acquire()).unwrap();
         let run = RunId("unreadable".into());
         // A release that would free a place, garbled: 0xc1 starts no MessagePack value.
         let garbled = keys::outbox(&run, &format!("{}.2", records::OUTBOX_GATE_RELEASE));

@@ -306,9 +306,10 @@ pub(super) async fn rebuild<S: ShardStore>(
 mod tests {
     use flowgrid_engine::Event;
     use flowgrid_model::{AttemptId, Limits};
-    use flowgrid_store::{Store, StoreLimits, WriteBatch};
-    use flowgrid_store_redb::RedbStore;
+    use flowgrid_store::{StoreLimits, WriteBatch};
     use serde_json::json;
+
+    use crate::shard::testing::{test_shard, TestShard};
 
     use super::*;
 
@@ -316,11 +317,8 @@ mod tests {
     /// read whole, each record once and in order, and replayed.
     #[tokio::test]
     async fn a_history_of_several_pages_is_replayed_whole_and_in_order() {
-        let dir = tempfile::tempdir().unwrap();
+        let TestShard { _dir, file, epoch } = test_shard().await;
         let limits = StoreLimits::default();
-        let store = RedbStore::open(dir.path(), limits).unwrap();
-        let file = store.open_shard(flowgrid_model::ShardId(0)).await.unwrap();
-        let epoch = file.acquire().await.unwrap();
         let evaluator = Evaluator::new(&Limits::default());
         let yaml = "name: long\nsteps:\n  - { id: a, kind: task, pool: p, task: t }\n";
         let definition = flowgrid_model::parse_definition(yaml, &Limits::default()).unwrap();

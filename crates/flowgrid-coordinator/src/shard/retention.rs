@@ -200,29 +200,29 @@ impl OutboxRuns {
 #[cfg(test)]
 mod tests {
     use flowgrid_engine::RunStatus;
-    use flowgrid_model::{Epoch, ShardId};
-    use flowgrid_store::{Store, StoreLimits};
-    use flowgrid_store_redb::{RedbShard, RedbStore};
+    use flowgrid_store::StoreLimits;
 
     use super::*;
     use crate::records::RunRecord;
+    use crate::shard::testing::{test_shard, TestShard};
 
     /// Every run of these tests ended at this time; passes look with a later cutoff.
     const ENDED_MS: Millis = 5_000;
     const CUTOFF_MS: Millis = 10_000;
 
-    struct Shard {
-        _dir: tempfile::TempDir,
-        file: RedbShard,
-        epoch: Epoch,
-    }
+    /// The shard the tests' runs are in.
+    struct Shard(TestShard);
 
     async fn shard() -> Shard {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path(), StoreLimits::default()).unwrap();
-        let file = store.open_shard(ShardId(0)).await.unwrap();
-        let epoch = file.acquire().await.unwrap();
-        Shard { _dir: dir, file, epoch }
+        Shard(test_shard().await)
+    }
+
+    impl std::ops::Deref for Shard {
+        type Target = TestShard;
+
+        fn deref(&self) -> &TestShard {
+            &self.0
+        }
     }
 
     impl Shard {

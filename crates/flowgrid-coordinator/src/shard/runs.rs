@@ -1332,15 +1332,12 @@ mod tests {
     /// reads the history page after page, and stops at the run's last record.
     #[tokio::test]
     async fn a_taken_signal_is_found_past_the_first_page_of_the_history() {
-        use flowgrid_model::Epoch;
-        use flowgrid_store::{Store, StoreLimits, WriteBatch};
-        use flowgrid_store_redb::RedbStore;
+        use flowgrid_store::{StoreLimits, WriteBatch};
 
-        let dir = tempfile::tempdir().unwrap();
+        use crate::shard::testing::{test_shard, TestShard};
+
+        let TestShard { _dir, file, epoch } = test_shard().await;
         let limits = StoreLimits::default();
-        let store = RedbStore::open(dir.path(), limits).unwrap();
-        let file = store.open_shard(flowgrid_model::ShardId(0)).await.unwrap();
-        let epoch: Epoch = file.acquire().await.unwrap();
         let run_id = RunId::from_idempotency_key("f", "long");
         let neighbour = RunId::from_idempotency_key("f", "neighbour");
         let signal = |step: &str, id: &str| Event::SignalReceived {
@@ -1382,9 +1379,10 @@ mod tests {
     /// not taken a second time.
     #[tokio::test]
     async fn a_signal_taken_before_a_redrive_is_not_taken_again_by_the_waiting_step() {
-        use flowgrid_model::{parse_definition, Epoch, Evaluator, ShardId};
-        use flowgrid_store::{Store, StoreLimits, WriteBatch};
-        use flowgrid_store_redb::RedbStore;
+        use flowgrid_model::{parse_definition, Evaluator};
+        use flowgrid_store::{StoreLimits, WriteBatch};
+
+        use crate::shard::testing::{test_shard, TestShard};
 
         const FLOW: &str = r##"
 name: approvals
@@ -1417,11 +1415,8 @@ steps:
         };
         let redriven = Event::Redriven { reason: "again".to_owned(), from: vec!["approve".to_owned()], queued: false };
         // The run's history as the actor writes it: every event it took, from record 1 on.
-        let dir = tempfile::tempdir().unwrap();
+        let TestShard { _dir, file, epoch } = test_shard().await;
         let store_limits = StoreLimits::default();
-        let store = RedbStore::open(dir.path(), store_limits).unwrap();
-        let file = store.open_shard(ShardId(0)).await.unwrap();
-        let epoch: Epoch = file.acquire().await.unwrap();
         let mut history = WriteBatch::new();
         for (seq, event) in (1..).zip([signal("a"), ship_failed, redriven]) {
             assert_eq!(run.apply(&evaluator, seq, &event, &mut Vec::new()), Applied::Accepted, "{event:?}");
