@@ -336,6 +336,21 @@ pub struct OverloadArgs {
     pub workers: WorkerArgs,
 }
 
+impl OverloadArgs {
+    /// Checks values clap cannot, with messages that say what to change.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        validate_workers(&self.workers)?;
+        anyhow::ensure!(self.rate.is_finite() && self.rate > 0.0, "--rate must be positive");
+        // Against a running grid it would be reported but not applied.
+        anyhow::ensure!(
+            self.active_runs_max.is_none() || self.grid.nats_url.is_none(),
+            "--active-runs-max sets the bound of a coordinator the harness starts: against a running grid \
+             (--nats-url) leave it out, and start that grid's coordinators with --active-runs-max instead"
+        );
+        Ok(())
+    }
+}
+
 /// A step of `targets`: one harness run and the targets it measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Step {
@@ -584,6 +599,20 @@ mod tests {
         let Command::Run(run) = cli.command else { panic!("expected run") };
         let refused = run.validate().unwrap_err().to_string();
         assert!(refused.contains("give --coordinator-pid"), "{refused}");
+    }
+
+    #[test]
+    fn an_overload_bound_is_refused_for_a_grid_the_harness_does_not_start() {
+        let parse = |more: &[&str]| {
+            let cli =
+                Cli::try_parse_from([&["flowgrid-loadtest", "overload", "--active-runs-max", "4000"], more].concat())
+                    .unwrap();
+            let Command::Overload(overload) = cli.command else { panic!("expected overload") };
+            overload.validate()
+        };
+        assert!(parse(&[]).is_ok());
+        let refused = parse(&["--nats-url", "nats://127.0.0.1:4222"]).unwrap_err().to_string();
+        assert!(refused.contains("leave it out"), "{refused}");
     }
 
     #[test]

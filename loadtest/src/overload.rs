@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{validate_workers, OverloadArgs, Workload};
+use crate::args::{OverloadArgs, Workload};
 use crate::driver::{self, Errors, Starter};
 use crate::flows::Plan;
 use crate::grid::Grid;
@@ -28,8 +28,7 @@ const PLATEAU_GROWTH_MAX: f64 = 0.05;
 const PLATEAU_SAMPLES_MIN: usize = 10;
 
 pub async fn overload(args: OverloadArgs) -> Result<()> {
-    validate_workers(&args.workers)?;
-    anyhow::ensure!(args.rate.is_finite() && args.rate > 0.0, "--rate must be positive");
+    args.validate()?;
     let extra: Vec<String> = match args.active_runs_max {
         Some(max) => vec!["--active-runs-max".to_owned(), max.to_string()],
         None => Vec::new(),
