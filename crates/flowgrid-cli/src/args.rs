@@ -146,8 +146,8 @@ pub struct WorkerArgs {
     /// Pools to serve, comma-separated.
     #[arg(long, env = "FLOWGRID_POOLS", value_delimiter = ',', required = true)]
     pub pools: Vec<String>,
-    /// Tasks held at once, per pool.
-    #[arg(long, env = "FLOWGRID_CONCURRENCY", default_value_t = 64)]
+    /// Tasks held at once, per pool (1 to 100,000).
+    #[arg(long, env = "FLOWGRID_CONCURRENCY", default_value_t = 64, value_parser = concurrency)]
     pub concurrency: usize,
     /// Scale of the simulated work time (0 = no sleeping, 2 = twice as slow; at most 1000).
     #[arg(long, env = "FLOWGRID_SPEED", default_value_t = 1.0)]
@@ -164,8 +164,8 @@ pub struct HttpWorkerArgs {
     #[arg(long = "allow", env = "FLOWGRID_HTTP_ALLOW", value_delimiter = ',', required = true,
           value_parser = crate::http_worker::parse_allowed)]
     pub allow: Vec<reqwest::Url>,
-    /// Requests out at once, per pool.
-    #[arg(long, env = "FLOWGRID_CONCURRENCY", default_value_t = 64)]
+    /// Requests out at once, per pool (1 to 100,000).
+    #[arg(long, env = "FLOWGRID_CONCURRENCY", default_value_t = 64, value_parser = concurrency)]
     pub concurrency: usize,
     /// The longest one request may take, in ms; a task's `timeout_ms` may ask for less.
     #[arg(long, env = "FLOWGRID_HTTP_TIMEOUT_MS", default_value_t = 30_000,
@@ -668,6 +668,14 @@ fn parse_rate(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A worker's tasks held at once: 1 to [`flowgrid_sdk::CONCURRENCY_MAX`].
+fn concurrency(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(tasks) if (1..=flowgrid_sdk::CONCURRENCY_MAX).contains(&tasks) => Ok(tasks),
+        _ => Err(format!("{text:?} is not a concurrency: give 1 to {} tasks at once", flowgrid_sdk::CONCURRENCY_MAX)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -677,6 +685,16 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_worker_holds_1_to_concurrency_max_tasks_at_once() {
+        let parse = |value: &str| Cli::try_parse_from(["flowgrid", "worker", "--pools", "a", "--concurrency", value]);
+        assert!(parse("1").is_ok() && parse("100000").is_ok());
+        for refused in ["0", "100001", "99999999999999999999", "many"] {
+            let error = parse(refused).expect_err(refused).to_string();
+            assert!(error.contains("give 1 to 100000 tasks at once"), "{refused}: {error}");
+        }
     }
 
     #[test]

@@ -32,7 +32,10 @@ pub use publisher::{PublishFailure, StreamPublisher, TIMEOUT_CHECK};
 pub use refused::{RefusedSubmit, REFUSED_SUBMITS_MAX};
 pub use starts::{StartBatcher, DEFAULT_START_BATCH_MAX, DEFAULT_START_REQUESTS_MAX};
 pub use token::TaskToken;
-pub use worker::{SharedHandler, Task, TaskHandler, Worker, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE, MAX_RATE_MIN};
+pub use worker::{
+    SharedHandler, Task, TaskHandler, Worker, CONCURRENCY_MAX, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_GRACE,
+    MAX_RATE_MIN,
+};
 
 /// This host's name, reduced to the characters a NATS KV key allows (`localhost` when it
 /// cannot be read): how coordinators and workers name themselves.

@@ -57,6 +57,9 @@ use report::{report, Settle};
 
 /// Default tasks held at once by one worker.
 pub const DEFAULT_CONCURRENCY: usize = 16;
+/// The most tasks one worker holds at once: past it, [`Worker::concurrency`] holds this
+/// many (a pool's consumer lets at most 20,000 out at once by default).
+pub const CONCURRENCY_MAX: usize = 100_000;
 /// How long a shutdown waits for in-flight tasks before abandoning them (handed back at
 /// once, so JetStream delivers them to another worker).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -386,9 +389,9 @@ impl Worker {
         self
     }
 
-    /// Tasks held at once (at least 1).
+    /// Tasks held at once (at least 1, at most [`CONCURRENCY_MAX`]).
     pub fn concurrency(mut self, tasks: usize) -> Worker {
-        self.concurrency = tasks.max(1);
+        self.concurrency = tasks.clamp(1, CONCURRENCY_MAX);
         self
     }
 
